@@ -1,0 +1,1 @@
+"""Personalisation data: readers, prompt templates, example building, Grain pipeline, synthetic benchmark."""

@@ -1,0 +1,110 @@
+"""Tokenised examples on disk, readable at random by index (what Grain's samplers need).
+
+Layout of one split, `DIR/<split>/`:
+
+    <field>.npy          every example's tokens of that field, concatenated           [total] int32
+    <field>_offsets.npy  example i owns <field>[offsets[i]:offsets[i+1]]              [N + 1] int64
+    reference_dce.npy    optional, float32, aligned with `target` (fixed data-side effects)
+    meta.json            {"num_examples": N, "fields": [...], ...}
+
+Fields: `prompt_with`, `prompt_without`, `target` (target tokens including EOS), plus optional
+`reference_dce`. Flat `.npy` arrays opened with `mmap_mode="r"` give O(1) random access with no extra
+dependency and no per-record decoding; ArrayRecord would add a compressed-record layer that variable-length
+int32 token arrays do not need.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+TOKEN_FIELDS = ("prompt_with", "prompt_without", "target")
+
+
+@dataclass(frozen=True)
+class TokenizedExample:
+    """One example as token ids. `reference_dce`, when given, has one value per target token."""
+
+    prompt_with: np.ndarray  # [P_w] int32
+    prompt_without: np.ndarray  # [P_o] int32
+    target: np.ndarray  # [L] int32, ends with EOS unless cut
+    reference_dce: np.ndarray | None = None  # [L] float32
+
+
+def write_split(out_dir: str | Path, split: str, examples: Iterable[TokenizedExample], **meta) -> int:
+    """Write `examples` as split `split` under `out_dir`; returns the number written.
+
+    Raises:
+        ValueError: if some examples carry `reference_dce` and others do not, or its length differs from
+            the target's.
+    """
+    split_dir = Path(out_dir) / split
+    split_dir.mkdir(parents=True, exist_ok=True)
+    chunks: dict[str, list[np.ndarray]] = {f: [] for f in (*TOKEN_FIELDS, "reference_dce")}
+    has_dce: bool | None = None
+    count = 0
+    for i, ex in enumerate(examples):
+        ex_has_dce = ex.reference_dce is not None
+        if has_dce is None:
+            has_dce = ex_has_dce
+        if ex_has_dce != has_dce:
+            raise ValueError(f"{split}: example {i} {'has' if ex_has_dce else 'lacks'} reference_dce, unlike example 0")
+        for field in TOKEN_FIELDS:
+            chunks[field].append(np.asarray(getattr(ex, field), dtype=np.int32))
+        if ex_has_dce:
+            dce = np.asarray(ex.reference_dce, dtype=np.float32)
+            if dce.shape != ex.target.shape:
+                raise ValueError(f"{split}: example {i} reference_dce {dce.shape} != target {ex.target.shape}")
+            chunks["reference_dce"].append(dce)
+        count += 1
+    fields = list(TOKEN_FIELDS) + (["reference_dce"] if has_dce else [])
+    for field in fields:
+        parts = chunks[field]
+        lengths = np.array([len(p) for p in parts], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        dtype = np.float32 if field == "reference_dce" else np.int32
+        flat = np.concatenate(parts).astype(dtype) if parts else np.zeros((0,), dtype)
+        np.save(split_dir / f"{field}.npy", flat)
+        np.save(split_dir / f"{field}_offsets.npy", offsets)
+    (split_dir / "meta.json").write_text(json.dumps({"num_examples": count, "fields": fields, **meta}, indent=1))
+    return count
+
+
+class PreparedSplit:
+    """Random-access reader of one split written by `write_split`; `split[i]` is a dict of arrays.
+
+    Raises:
+        FileNotFoundError: naming the missing file and the command that prepares it.
+    """
+
+    def __init__(self, data_dir: str | Path, split: str):
+        self.dir = Path(data_dir) / split
+        meta_path = self.dir / "meta.json"
+        if not meta_path.exists():
+            raise FileNotFoundError(
+                f"{meta_path} not found: run `nextquill-jax data prepare --config FILE --out {data_dir}` first"
+            )
+        self.meta = json.loads(meta_path.read_text())
+        self.fields: list[str] = self.meta["fields"]
+        self._flat = {f: np.load(self.dir / f"{f}.npy", mmap_mode="r") for f in self.fields}
+        self._offsets = {f: np.load(self.dir / f"{f}_offsets.npy") for f in self.fields}
+
+    def __len__(self) -> int:
+        return int(self.meta["num_examples"])
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} outside {self.dir} with {len(self)} examples")
+        out = {}
+        for f in self.fields:
+            start, stop = self._offsets[f][index], self._offsets[f][index + 1]
+            out[f] = np.asarray(self._flat[f][start:stop])
+        return out
+
+    def lengths(self, field: str) -> np.ndarray:
+        """Token count of `field` for every example, [N] int64."""
+        return np.diff(self._offsets[field])
