@@ -52,13 +52,17 @@ def write_split(out_dir: str | Path, split: str, examples: Iterable[TokenizedExa
         if has_dce is None:
             has_dce = ex_has_dce
         if ex_has_dce != has_dce:
-            raise ValueError(f"{split}: example {i} {'has' if ex_has_dce else 'lacks'} reference_dce, unlike example 0")
+            raise ValueError(
+                f"{split}: example {i} {'has' if ex_has_dce else 'lacks'} reference_dce, unlike example 0"
+            )
         for field in TOKEN_FIELDS:
             chunks[field].append(np.asarray(getattr(ex, field), dtype=np.int32))
         if ex_has_dce:
             dce = np.asarray(ex.reference_dce, dtype=np.float32)
             if dce.shape != ex.target.shape:
-                raise ValueError(f"{split}: example {i} reference_dce {dce.shape} != target {ex.target.shape}")
+                raise ValueError(
+                    f"{split}: example {i} reference_dce {dce.shape} != target {ex.target.shape}"
+                )
             chunks["reference_dce"].append(dce)
         count += 1
     fields = list(TOKEN_FIELDS) + (["reference_dce"] if has_dce else [])
@@ -70,7 +74,9 @@ def write_split(out_dir: str | Path, split: str, examples: Iterable[TokenizedExa
         flat = np.concatenate(parts).astype(dtype) if parts else np.zeros((0,), dtype)
         np.save(split_dir / f"{field}.npy", flat)
         np.save(split_dir / f"{field}_offsets.npy", offsets)
-    (split_dir / "meta.json").write_text(json.dumps({"num_examples": count, "fields": fields, **meta}, indent=1))
+    (split_dir / "meta.json").write_text(
+        json.dumps({"num_examples": count, "fields": fields, **meta}, indent=1)
+    )
     return count
 
 
@@ -86,7 +92,8 @@ class PreparedSplit:
         meta_path = self.dir / "meta.json"
         if not meta_path.exists():
             raise FileNotFoundError(
-                f"{meta_path} not found: run `nextquill-jax data prepare --config FILE --out {data_dir}` first"
+                f"{meta_path} not found: run "
+                f"`nextquill-jax data prepare --config FILE --out {data_dir}` first"
             )
         self.meta = json.loads(meta_path.read_text())
         self.fields: list[str] = self.meta["fields"]
