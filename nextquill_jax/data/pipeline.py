@@ -1,0 +1,490 @@
+"""Grain pipeline from a `PreparedSplit` to process-local batches (the contract in `batch.py`).
+
+Layout choice: the with-history and without-history sequences go into two separate streams, each packed into
+its own fixed length (T_w, T_o), and an example's two sequences always share the same row. Separate streams
+because the two forward passes are separate calls of the model anyway, and the with-history prompt is several
+times longer than the without-history one: one shared length would pad the short stream heavily, while a
+combined single stream would need attention masks between the two copies of a target and would double the
+longest sequence. Same row because the response slots of a row can then name one position in each stream for
+every target token (`assemble.py` lays this out).
+
+Two batching modes (`BatchingConfig.mode`):
+  - `pack`: examples are placed by first fit into rows of shape (T_w, T_o, R) (`packing.first_fit_rows`);
+    one compiled shape for the whole run.
+  - `bucket`: one example per row, padded to the smallest bucket that holds it (a few compiled shapes).
+
+Order and sharding: every epoch, all processes plan the *global* epoch identically (a permutation from
+(seed, epoch), then rows or buckets over integer lengths only) and cut it into global batches of
+`rows_per_batch * process_count` rows; process p takes rows [p * rows_per_batch, (p + 1) * rows_per_batch)
+of each global batch. So processes see disjoint examples whose union is the epoch, all processes run the
+same number of steps with the same shapes (no host waits on a collective another host never enters), and
+a global batch does not depend on how many hosts share it. A partly filled last batch is completed with
+empty rows (segment 0, no labels), or dropped and counted with `drop_remainder`.
+
+Examples longer than a row: with `too_long: error` (default) the pipeline refuses to start and names the
+example and the fixes; with `too_long: truncate` the target's tail is cut to fit and the cut examples and
+tokens are counted in `EpochStats`. Prompts are never cut here (history fitting belongs to `data prepare`).
+
+Resuming: the iterator is a Grain `DatasetIterator`; its state is {epoch, position in the epoch, layout}
+and `grain.checkpoint.CheckpointSave/CheckpointRestore` (or `get_state` / `set_state`) restore it so that
+the next batch is exactly the one that would have come next. Batches are built in Grain's reader threads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import grain
+import numpy as np
+
+from nextquill_jax.data.assemble import RowShape, assemble_batch
+from nextquill_jax.data.packing import bucket_batches, bucket_of, first_fit_rows
+from nextquill_jax.data.prepared import PreparedSplit
+
+Batch = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    """How examples become batches (YAML section `data.batching`).
+
+    Fields:
+        mode: "pack" (several examples per fixed-length row) or "bucket" (one example per row, padded to a
+            length bucket).
+        seq_len_with: T_w, tokens per row of the with-history stream (the largest bucket in bucket mode).
+        seq_len_without: T_o, tokens per row of the without-history stream. None: derived from the data, a
+            multiple of `length_multiple` (pack: T_w times the ratio of without- to with-stream tokens, and at
+            least the longest without-history sequence; bucket: the longest without-history sequence).
+        response_slots: R, target tokens per row. None: derived like `seq_len_without` from target lengths.
+        length_multiple: derived lengths are rounded up to a multiple of this (128 suits TPU tiles).
+        rows_per_batch: rows of one batch on ONE process; the global batch has rows_per_batch *
+            process_count rows.
+        bucket_boundaries: with-stream lengths of the buckets below `seq_len_with`, increasing (bucket mode;
+            `seq_len_with` is always the last bucket). Empty: powers of two from `length_multiple` up.
+        open_rows: rows the packer keeps open while filling (larger packs tighter, planning is O(open_rows)
+            per example).
+        too_long: "error" (refuse examples that do not fit a row) or "truncate" (cut the target, counted).
+        shuffle: shuffle the examples every epoch (by `seed` and the epoch number).
+        seed: shuffle seed.
+        num_epochs: epochs to iterate; None repeats forever.
+        drop_remainder: drop an epoch's partly filled last batches (counted) instead of padding them with
+            empty rows.
+        read_threads: Grain threads building batches (0 builds them in the calling thread).
+        prefetch_batches: batches Grain builds ahead.
+    """
+
+    mode: Literal["pack", "bucket"] = "pack"
+    seq_len_with: int = 2048
+    seq_len_without: int | None = None
+    response_slots: int | None = None
+    length_multiple: int = 128
+    rows_per_batch: int = 8
+    bucket_boundaries: tuple[int, ...] = ()
+    open_rows: int = 64
+    too_long: Literal["error", "truncate"] = "error"
+    shuffle: bool = True
+    seed: int = 42
+    num_epochs: int | None = 1
+    drop_remainder: bool = False
+    read_threads: int = 2
+    prefetch_batches: int = 4
+
+    def __post_init__(self):
+        object.__setattr__(self, "bucket_boundaries", tuple(self.bucket_boundaries))
+        for name in ("seq_len_with", "length_multiple", "rows_per_batch", "open_rows"):
+            _check_int(name, getattr(self, name), minimum=1)
+        for name in ("seq_len_without", "response_slots"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), minimum=1)
+        if self.num_epochs is not None:
+            _check_int("num_epochs", self.num_epochs, minimum=1)
+        _check_int("seed", self.seed, minimum=0)
+        _check_int("read_threads", self.read_threads, minimum=0)
+        _check_int("prefetch_batches", self.prefetch_batches, minimum=0)
+        if self.mode not in ("pack", "bucket"):
+            raise ValueError(f"data.batching.mode: {self.mode!r} is not one of 'pack', 'bucket'")
+        if self.too_long not in ("error", "truncate"):
+            raise ValueError(f"data.batching.too_long: {self.too_long!r} is not one of 'error', 'truncate'")
+        for name in ("shuffle", "drop_remainder"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"data.batching.{name}: expected true or false, got {getattr(self, name)!r}")
+        b = self.bucket_boundaries
+        for v in b:
+            _check_int("bucket_boundaries", v, minimum=1)
+        if any(x >= y for x, y in itertools.pairwise(b)):
+            raise ValueError(f"data.batching.bucket_boundaries: {list(b)} must be strictly increasing")
+        if b and b[-1] >= self.seq_len_with:
+            raise ValueError(
+                f"data.batching.bucket_boundaries: {b[-1]} >= seq_len_with {self.seq_len_with}; list only "
+                f"the boundaries below seq_len_with (it is always the last bucket)"
+            )
+
+    def with_boundaries(self) -> tuple[int, ...]:
+        """The with-stream length of every bucket, increasing, ending with `seq_len_with`."""
+        if self.mode == "pack":
+            return (self.seq_len_with,)
+        lows = self.bucket_boundaries
+        if not lows:
+            lows = tuple(
+                2**k
+                for k in range(max(0, math.ceil(math.log2(self.length_multiple))), 32)
+                if 2**k < self.seq_len_with
+            )
+        return (*lows, self.seq_len_with)
+
+
+def _check_int(name: str, value: Any, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"data.batching.{name}: expected an integer >= {minimum}, got {value!r}")
+
+
+def _round_up(x: float, multiple: int) -> int:
+    return math.ceil(x / multiple) * multiple
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    """Token accounting of one epoch over all processes (global batches). Efficiencies are real tokens /
+    token slots; `efficiency` counts both streams together."""
+
+    epoch: int
+    examples: int
+    batches: int
+    rows: int
+    tokens_with: int
+    slots_with: int
+    tokens_without: int
+    slots_without: int
+    target_tokens: int
+    slots_response: int
+    truncated_examples: int
+    truncated_tokens: int
+    dropped_examples: int
+
+    @property
+    def efficiency_with(self) -> float:
+        return self.tokens_with / max(self.slots_with, 1)
+
+    @property
+    def efficiency_without(self) -> float:
+        return self.tokens_without / max(self.slots_without, 1)
+
+    @property
+    def efficiency(self) -> float:
+        return (self.tokens_with + self.tokens_without) / max(self.slots_with + self.slots_without, 1)
+
+    @property
+    def response_slot_use(self) -> float:
+        return self.target_tokens / max(self.slots_response, 1)
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {
+            **dataclasses.asdict(self),
+            "efficiency": self.efficiency,
+            "efficiency_with": self.efficiency_with,
+            "efficiency_without": self.efficiency_without,
+            "response_slot_use": self.response_slot_use,
+        }
+
+
+@dataclass(frozen=True)
+class _EpochPlan:
+    """Global batches of one epoch: (shape index, rows of example indices; len(rows) <= global rows)."""
+
+    batches: list[tuple[int, list[np.ndarray]]]
+    stats: EpochStats
+
+
+class BatchPipeline:
+    """Batches of one `PreparedSplit` for one process.
+
+    Args:
+        split: the tokenised examples.
+        cfg: the batching settings.
+        process_index, process_count: this process and how many share the global batch; default
+            `jax.process_index()` and `jax.process_count()`.
+
+    Attributes:
+        shapes: the row shape of every bucket (one in pack mode), smallest first.
+        target_lengths: [N] int64 target tokens each example keeps (shorter than stored only when truncated).
+
+    Raises:
+        ValueError: an empty split or an example with an empty prompt or target; an example that does not
+            fit a row (naming it and the fixes); a split too small for one global batch with `drop_remainder`.
+    """
+
+    def __init__(
+        self,
+        split: PreparedSplit,
+        cfg: BatchingConfig,
+        *,
+        process_index: int | None = None,
+        process_count: int | None = None,
+    ):
+        if process_index is None or process_count is None:
+            import jax
+
+            process_index = jax.process_index() if process_index is None else process_index
+            process_count = jax.process_count() if process_count is None else process_count
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index {process_index} outside [0, process_count={process_count})")
+        self.split, self.cfg = split, cfg
+        self.process_index, self.process_count = process_index, process_count
+        self.global_rows = cfg.rows_per_batch * process_count
+        self.has_reference_dce = "reference_dce" in split.fields
+        if len(split) == 0:
+            raise ValueError(f"{split.dir}: the split holds no examples")
+        p_w = split.lengths("prompt_with")  # [N]
+        p_o = split.lengths("prompt_without")  # [N]
+        tgt = split.lengths("target")  # [N]
+        for name, lengths in (("prompt_with", p_w), ("prompt_without", p_o), ("target", tgt)):
+            empty = np.flatnonzero(lengths == 0)
+            if empty.size:
+                raise ValueError(
+                    f"{split.dir}: {empty.size} examples have an empty {name}, e.g. example {int(empty[0])}; "
+                    f"every prompt and target needs >= 1 token (prepare the data again)"
+                )
+        self.shapes = self._resolve_shapes(p_w, p_o, tgt)
+        self.target_lengths = self._fit_targets(p_w, p_o, tgt)
+        L = self.target_lengths
+        self._need = np.stack([p_w + L, p_o + L, L], axis=1)  # [N, 3]
+        self._truncated = (int((tgt > L).sum()), int((tgt - L).sum()))
+        shape_array = np.array([s.as_tuple() for s in self.shapes], dtype=np.int64)  # [S, 3]
+        self._bucket = bucket_of(self._need, shape_array) if cfg.mode == "bucket" else None
+        self._plans: dict[int, _EpochPlan] = {}
+        if cfg.drop_remainder and self.num_batches(0) == 0:
+            raise ValueError(
+                f"{split.dir}: {len(split)} examples fill no complete global batch of {self.global_rows} "
+                f"rows; set data.batching.drop_remainder: false or lower rows_per_batch"
+            )
+
+    def _resolve_shapes(self, p_w: np.ndarray, p_o: np.ndarray, tgt: np.ndarray) -> tuple[RowShape, ...]:
+        cfg = self.cfg
+        L1 = np.clip(np.minimum(tgt, cfg.seq_len_with - p_w), 0, None)  # targets as far as T_w allows
+        if cfg.mode == "pack":
+            ratio_o = float((p_o + L1).sum()) / float((p_w + L1).sum())
+            ratio_r = float(L1.sum()) / float((p_w + L1).sum())
+            base_o, base_r = ratio_o * cfg.seq_len_with, ratio_r * cfg.seq_len_with
+        else:
+            base_o = base_r = 0.0
+        t_o = cfg.seq_len_without or _round_up(max(base_o, float((p_o + L1).max())), cfg.length_multiple)
+        r = cfg.response_slots or _round_up(max(base_r, float(L1.max()), 1.0), cfg.length_multiple)
+        *lows, top = cfg.with_boundaries()
+        return (*(RowShape(b, min(b, t_o), min(b, r)) for b in lows), RowShape(top, t_o, r))
+
+    def _fit_targets(self, p_w: np.ndarray, p_o: np.ndarray, tgt: np.ndarray) -> np.ndarray:
+        """Target tokens kept per example under the largest row shape; raises per `too_long`."""
+        T_w, T_o, R = self.shapes[-1].as_tuple()
+        keep = np.minimum.reduce([tgt, T_w - p_w, T_o - p_o, np.full_like(tgt, R)])  # [N]
+        fixes = (
+            "raise data.batching.seq_len_with / seq_len_without / response_slots, or lower the data's "
+            "max_prompt_tokens / max_target_tokens and prepare again"
+        )
+        no_room = np.flatnonzero(keep < 1)
+        if no_room.size:
+            i = int(no_room[0])
+            raise ValueError(
+                f"{self.split.dir}: {no_room.size} examples leave no room for a target token, e.g. "
+                f"example {i} (prompt_with {p_w[i]}, prompt_without {p_o[i]} tokens) in rows of "
+                f"(T_w={T_w}, T_o={T_o}): {fixes}"
+            )
+        cut = np.flatnonzero(keep < tgt)
+        if cut.size and self.cfg.too_long == "error":
+            i = int(cut[0])
+            raise ValueError(
+                f"{self.split.dir}: {cut.size} examples do not fit a row (T_w={T_w}, T_o={T_o}, R={R}), "
+                f"e.g. example {i} (prompt_with {p_w[i]}, prompt_without {p_o[i]}, target {tgt[i]} tokens): "
+                f"{fixes}; or set data.batching.too_long: truncate to cut their targets (counted)"
+            )
+        return keep.astype(np.int64)
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The epoch's example order, [N] int64: a permutation seeded by (seed, epoch), or 0..N-1."""
+        n = len(self.split)
+        if not self.cfg.shuffle:
+            return np.arange(n, dtype=np.int64)
+        return np.random.default_rng([self.cfg.seed, epoch]).permutation(n).astype(np.int64)
+
+    def _plan(self, epoch: int) -> _EpochPlan:
+        if epoch in self._plans:
+            return self._plans[epoch]
+        cfg, G = self.cfg, self.global_rows
+        order = self.epoch_order(epoch)
+        if cfg.mode == "pack":
+            rows = first_fit_rows(self._need, order, self.shapes[0].as_tuple(), cfg.open_rows)
+            batches = [(0, rows[i : i + G]) for i in range(0, len(rows), G)]
+        else:
+            batches = [
+                (b, [g[i : i + 1] for i in range(len(g))]) for b, g in bucket_batches(self._bucket, order, G)
+            ]
+        dropped = 0
+        if cfg.drop_remainder:
+            dropped = sum(len(r) for _, rows in batches if len(rows) < G for r in rows)
+            batches = [(s, rows) for s, rows in batches if len(rows) == G]
+        used = np.concatenate([r for _, rows in batches for r in rows]) if batches else np.zeros(0, np.int64)
+        need = self._need[used]  # [examples, 3]
+        slots = np.array([self.shapes[s].as_tuple() for s, _ in batches], dtype=np.int64).reshape(-1, 3) * G
+        stats = EpochStats(
+            epoch=epoch,
+            examples=int(used.size),
+            batches=len(batches),
+            rows=len(batches) * G,
+            tokens_with=int(need[:, 0].sum()),
+            slots_with=int(slots[:, 0].sum()),
+            tokens_without=int(need[:, 1].sum()),
+            slots_without=int(slots[:, 1].sum()),
+            target_tokens=int(need[:, 2].sum()),
+            slots_response=int(slots[:, 2].sum()),
+            truncated_examples=self._truncated[0],
+            truncated_tokens=self._truncated[1],
+            dropped_examples=dropped,
+        )
+        plan = _EpochPlan(batches, stats)
+        self._plans = {e: p for e, p in self._plans.items() if e == epoch - 1}  # keep at most two epochs
+        self._plans[epoch] = plan
+        return plan
+
+    def epoch_stats(self, epoch: int) -> EpochStats:
+        """Padding efficiency and counts of `epoch` (global over processes; needs no iteration)."""
+        return self._plan(epoch).stats
+
+    def num_batches(self, epoch: int) -> int:
+        """Steps in `epoch` (the same on every process)."""
+        return len(self._plan(epoch).batches)
+
+    def total_batches(self) -> int:
+        """Steps over all `num_epochs` epochs (for a learning-rate schedule); plans every epoch.
+
+        Raises:
+            ValueError: when `num_epochs` is None (the pipeline repeats forever).
+        """
+        if self.cfg.num_epochs is None:
+            raise ValueError("data.batching.num_epochs is None (repeat forever): the step count is unbounded")
+        return sum(self.num_batches(e) for e in range(self.cfg.num_epochs))
+
+    def local_rows(self, epoch: int, index: int) -> list[np.ndarray]:
+        """Example indices of every row of this process's part of batch `index` of `epoch`
+        ([rows_per_batch] arrays; empty arrays are padding rows)."""
+        return self._local_rows(self._plan(epoch), index)
+
+    def _local_rows(self, plan: _EpochPlan, index: int) -> list[np.ndarray]:
+        _, rows = plan.batches[index]
+        k = self.cfg.rows_per_batch
+        mine = list(rows[self.process_index * k : (self.process_index + 1) * k])
+        return mine + [np.zeros(0, np.int64)] * (k - len(mine))
+
+    def local_batch(self, epoch: int, index: int) -> Batch:
+        """This process's part of batch `index` of `epoch`: the dict of `batch.py`, [rows_per_batch, ...]."""
+        return self._build(self._plan(epoch), index)
+
+    def _build(self, plan: _EpochPlan, index: int) -> Batch:
+        shape_index, _ = plan.batches[index]
+        rows = [[self._example(int(i)) for i in row] for row in self._local_rows(plan, index)]
+        return assemble_batch(rows, self.shapes[shape_index], with_reference_dce=self.has_reference_dce)
+
+    def _example(self, i: int) -> dict[str, np.ndarray]:
+        ex = self.split[i]
+        L = int(self.target_lengths[i])
+        ex["target"] = ex["target"][:L]
+        if self.has_reference_dce:
+            ex["reference_dce"] = ex["reference_dce"][:L]
+        return ex
+
+    def layout(self) -> dict[str, Any]:
+        """What a saved iterator state must match to be restored here."""
+        return {
+            "num_examples": len(self.split),
+            "mode": self.cfg.mode,
+            "shapes": [list(s.as_tuple()) for s in self.shapes],
+            "rows_per_batch": self.cfg.rows_per_batch,
+            "process_index": self.process_index,
+            "process_count": self.process_count,
+            "seed": self.cfg.seed,
+            "shuffle": self.cfg.shuffle,
+            "open_rows": self.cfg.open_rows,
+            "drop_remainder": self.cfg.drop_remainder,
+        }
+
+    def _epoch_iterator(self, epoch: int) -> grain.DatasetIterator | None:
+        if self.cfg.num_epochs is not None and epoch >= self.cfg.num_epochs:
+            return None
+        plan = self._plan(epoch)
+        options = grain.ReadOptions(
+            num_threads=self.cfg.read_threads, prefetch_buffer_size=self.cfg.prefetch_batches
+        )
+        ds = grain.MapDataset.range(len(plan.batches)).map(lambda k: self._build(plan, k))
+        return iter(ds.to_iter_dataset(options))
+
+    def dataset(self) -> grain.IterDataset:
+        """A Grain `IterDataset` of this process's batches over `num_epochs` epochs."""
+        return _EpochsDataset(self)
+
+    def __iter__(self) -> Iterator[Batch]:
+        return iter(self.dataset())
+
+
+class _EpochsDataset(grain.IterDataset):
+    """Epoch after epoch of a `BatchPipeline`, each a Grain `MapDataset` of batches read by threads."""
+
+    def __init__(self, pipeline: BatchPipeline):
+        super().__init__()
+        self._pipeline = pipeline
+
+    def __iter__(self) -> _EpochsIterator:
+        return _EpochsIterator(self._pipeline)
+
+    def __str__(self) -> str:
+        return f"BatchPipeline({self._pipeline.split.dir}, {self._pipeline.cfg.mode})"
+
+
+class _EpochsIterator(grain.DatasetIterator):
+    """State: {"epoch", "epoch_iterator" (Grain's state within the epoch), "layout"}."""
+
+    def __init__(self, pipeline: BatchPipeline):
+        super().__init__()
+        self._pipeline = pipeline
+        self._epoch = 0
+        self._inner = pipeline._epoch_iterator(0)
+
+    def __next__(self) -> Batch:
+        while self._inner is not None:
+            try:
+                return next(self._inner)
+            except StopIteration:
+                self._inner.close()
+                self._epoch += 1
+                self._inner = self._pipeline._epoch_iterator(self._epoch)
+        raise StopIteration
+
+    def get_state(self) -> dict[str, Any]:
+        return {
+            "epoch": self._epoch,
+            "epoch_iterator": self._inner.get_state() if self._inner is not None else {},
+            "layout": self._pipeline.layout(),
+        }
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Raises ValueError naming the first setting that differs from the one the state was saved with."""
+        saved, here = state["layout"], self._pipeline.layout()
+        for key in here:
+            if saved.get(key) != here[key]:
+                raise ValueError(
+                    f"data iterator state was saved with {key}={saved.get(key)!r} but this pipeline has "
+                    f"{key}={here[key]!r}; restore with the same data and data.batching settings"
+                )
+        if self._inner is not None:
+            self._inner.close()
+        self._epoch = int(state["epoch"])
+        self._inner = self._pipeline._epoch_iterator(self._epoch)
+        if self._inner is not None and state["epoch_iterator"]:
+            self._inner.set_state(state["epoch_iterator"])
+
+    def close(self) -> None:
+        if self._inner is not None:
+            self._inner.close()
+        super().close()

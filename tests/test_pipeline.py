@@ -1,0 +1,288 @@
+"""The Grain batch pipeline: pairing of the two streams, packing, sharding, determinism, resume.
+
+Test data: random prompts of different lengths and targets whose token ids name their example and position
+(`TARGET_BASE + i * STRIDE + j`), so every label can be traced back to the example it came from and checked
+against the arrays written to disk, independently of the pipeline's own bookkeeping.
+"""
+
+from __future__ import annotations
+
+import grain
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from nextquill_jax.data.batch import BATCH_FIELDS, IGNORE_INDEX
+from nextquill_jax.data.packing import first_fit_rows
+from nextquill_jax.data.pipeline import BatchingConfig, BatchPipeline
+from nextquill_jax.data.prepared import PreparedSplit, TokenizedExample, write_split
+
+N = 150
+TARGET_BASE, STRIDE = 10_000, 64
+
+
+def _examples(n: int, seed: int, *, max_target: int = 30, with_dce: bool = False) -> list[TokenizedExample]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        L = int(rng.integers(1, max_target + 1))
+        target = TARGET_BASE + i * STRIDE + np.arange(L)
+        out.append(
+            TokenizedExample(
+                prompt_with=rng.integers(1, 1000, int(rng.integers(5, 60))).astype(np.int32),
+                prompt_without=rng.integers(1, 1000, int(rng.integers(1, 20))).astype(np.int32),
+                target=target.astype(np.int32),
+                reference_dce=(i + np.arange(L) / 100).astype(np.float32) if with_dce else None,
+            )
+        )
+    return out
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prepared")
+    examples = _examples(N, seed=0, with_dce=True)
+    write_split(root, "train", examples)
+    write_split(root, "long", _examples(20, seed=1, max_target=60))
+    return root, examples
+
+
+def _cfg(**kw) -> BatchingConfig:
+    base = dict(seq_len_with=128, length_multiple=8, rows_per_batch=4, read_threads=2, prefetch_batches=3)
+    return BatchingConfig(**{**base, **kw})
+
+
+def _examples_in(batch: dict) -> set[int]:
+    labels = batch["labels"]
+    return {int(v - TARGET_BASE) // STRIDE for v in labels[labels != IGNORE_INDEX]}
+
+
+def _check_batch(batch: dict, examples: list[TokenizedExample], seen: set[tuple[int, int]]) -> None:
+    """Every slot against the source example: label, preceding target tokens and prompt, in both streams."""
+    for key, (dtype, _) in BATCH_FIELDS.items():
+        assert batch[key].dtype == np.dtype(dtype), key
+    B, R = batch["labels"].shape
+    for b in range(B):
+        for r in range(R):
+            label = int(batch["labels"][b, r])
+            if label == IGNORE_INDEX:
+                assert batch["response_index_with"][b, r] == 0 and batch["response_index_without"][b, r] == 0
+                assert batch["reference_dce"][b, r] == 0
+                continue
+            i, j = divmod(label - TARGET_BASE, STRIDE)
+            ex = examples[i]
+            assert (i, j) not in seen, f"target token {j} of example {i} appears twice"
+            seen.add((i, j))
+            segments = []
+            for stream, prompt in (("with", ex.prompt_with), ("without", ex.prompt_without)):
+                ids = batch[f"{stream}_ids"][b]
+                pos = batch[f"{stream}_positions"][b]
+                seg = batch[f"{stream}_segment_ids"][b]
+                idx = int(batch[f"response_index_{stream}"][b, r])
+                assert ids[idx + 1] == label
+                np.testing.assert_array_equal(ids[idx + 1 - j : idx + 1], ex.target[:j])
+                start = idx + 1 - j - len(prompt)
+                np.testing.assert_array_equal(ids[start : idx + 1 - j], prompt)
+                np.testing.assert_array_equal(pos[start : idx + 2], np.arange(len(prompt) + j + 1))
+                assert len(set(seg[start : idx + 2].tolist())) == 1 and seg[idx] > 0
+                segments.append(int(seg[idx]))
+            assert segments[0] == segments[1]
+            np.testing.assert_allclose(batch["reference_dce"][b, r], ex.reference_dce[j])
+        for stream in ("with", "without"):
+            pad = batch[f"{stream}_segment_ids"][b] == 0
+            assert not batch[f"{stream}_ids"][b][pad].any() and not batch[f"{stream}_positions"][b][pad].any()
+
+
+@pytest.mark.parametrize("mode", ["pack", "bucket"])
+def test_pairing_covers_every_target_token_once(data, mode):
+    root, examples = data
+    pipe = BatchPipeline(PreparedSplit(root, "train"), _cfg(mode=mode), process_index=0, process_count=1)
+    seen: set[tuple[int, int]] = set()
+    batches = list(pipe)
+    for batch in batches:
+        _check_batch(batch, examples, seen)
+    assert seen == {(i, j) for i, ex in enumerate(examples) for j in range(len(ex.target))}
+    if mode == "pack":
+        assert len({tuple(b["with_ids"].shape) + tuple(b["labels"].shape) for b in batches}) == 1
+        assert max(int(b["with_segment_ids"].max()) for b in batches) > 1  # rows really hold several examples
+    else:
+        assert max(int(b["with_segment_ids"].max()) for b in batches) == 1
+        assert len({b["with_ids"].shape for b in batches}) > 1  # several buckets in use
+
+
+@pytest.mark.parametrize("mode", ["pack", "bucket"])
+def test_epoch_stats_match_the_batches(data, mode):
+    root, _ = data
+    pipe = BatchPipeline(PreparedSplit(root, "train"), _cfg(mode=mode), process_index=0, process_count=1)
+    batches = list(pipe)
+    stats = pipe.epoch_stats(0)
+    real = sum(int((b[f"{s}_segment_ids"] > 0).sum()) for b in batches for s in ("with", "without"))
+    slots = sum(b[f"{s}_ids"].size for b in batches for s in ("with", "without"))
+    assert stats.batches == len(batches) and stats.examples == N
+    assert stats.efficiency == pytest.approx(real / slots, abs=1e-12)
+    assert stats.response_slot_use == pytest.approx(
+        sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
+        / sum(b["labels"].size for b in batches)
+    )
+
+
+def test_first_fit_rows_respects_capacity_and_places_everything():
+    rng = np.random.default_rng(3)
+    need = np.stack([rng.integers(1, 50, 500), rng.integers(1, 20, 500), rng.integers(1, 10, 500)], axis=1)
+    order = rng.permutation(500)
+    cap = (100, 40, 20)
+    rows = first_fit_rows(need, order, cap, open_rows=8)
+    np.testing.assert_array_equal(np.sort(np.concatenate(rows)), np.arange(500))
+    for row in rows:
+        assert (need[row].sum(axis=0) <= cap).all()
+    with pytest.raises(ValueError, match="example"):
+        first_fit_rows(need, order, (10, 40, 20), open_rows=8)
+
+
+def test_shuffle_is_deterministic_by_seed_and_epoch(data):
+    root, _ = data
+    split = PreparedSplit(root, "train")
+    a = BatchPipeline(split, _cfg(seed=7), process_index=0, process_count=1)
+    b = BatchPipeline(split, _cfg(seed=7), process_index=0, process_count=1)
+    c = BatchPipeline(split, _cfg(seed=8), process_index=0, process_count=1)
+    np.testing.assert_array_equal(a.epoch_order(0), b.epoch_order(0))
+    assert not np.array_equal(a.epoch_order(0), a.epoch_order(1))
+    assert not np.array_equal(a.epoch_order(0), c.epoch_order(0))
+    first_a, first_b = next(iter(a)), next(iter(b))
+    for key in first_a:
+        np.testing.assert_array_equal(first_a[key], first_b[key])
+
+
+@pytest.mark.parametrize("mode", ["pack", "bucket"])
+def test_processes_see_disjoint_shards_whose_union_is_the_epoch(data, mode):
+    root, _ = data
+    split = PreparedSplit(root, "train")
+    shards = [list(BatchPipeline(split, _cfg(mode=mode), process_index=p, process_count=2)) for p in (0, 1)]
+    assert len(shards[0]) == len(shards[1])
+    for b0, b1 in zip(*shards, strict=True):
+        assert {k: v.shape for k, v in b0.items()} == {k: v.shape for k, v in b1.items()}
+    seen = [set().union(*(_examples_in(b) for b in s)) for s in shards]
+    assert not seen[0] & seen[1]
+    assert seen[0] | seen[1] == set(range(N))
+    # The global batch does not depend on the host count: one process with twice the rows sees the same rows.
+    single = list(BatchPipeline(split, _cfg(mode=mode, rows_per_batch=8), process_index=0, process_count=1))
+    for b0, b1, whole in zip(*shards, single, strict=True):
+        for key in whole:
+            np.testing.assert_array_equal(whole[key], np.concatenate([b0[key], b1[key]]))
+
+
+def _take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def _assert_same(xs, ys):
+    assert len(xs) == len(ys)
+    for x, y in zip(xs, ys, strict=True):
+        assert x.keys() == y.keys()
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+
+
+@pytest.mark.parametrize("mode", ["pack", "bucket"])
+def test_orbax_restore_yields_exactly_the_next_batches(data, tmp_path, mode):
+    root, _ = data
+    cfg = _cfg(mode=mode, rows_per_batch=8 if mode == "pack" else 24, num_epochs=3)
+    pipe = BatchPipeline(PreparedSplit(root, "train"), cfg, process_index=0, process_count=1)
+    assert pipe.num_batches(0) < 10  # the 10 batches below cross an epoch boundary
+    it = iter(pipe.dataset())
+    _take(it, 5)
+    with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
+        mngr.save(5, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+        mngr.wait_until_finished()
+    expected = _take(it, 5)
+
+    fresh = BatchPipeline(PreparedSplit(root, "train"), cfg, process_index=0, process_count=1)
+    it2 = iter(fresh.dataset())
+    with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
+        mngr.restore(5, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(it2)))
+    _assert_same(_take(it2, 5), expected)
+
+
+def test_get_set_state_resumes_and_rejects_other_settings(data):
+    root, _ = data
+    split = PreparedSplit(root, "train")
+    cfg = _cfg(num_epochs=2)
+    it = iter(BatchPipeline(split, cfg, process_index=0, process_count=1))
+    _take(it, 3)
+    state = it.get_state()
+    expected = list(it)
+    it2 = iter(BatchPipeline(split, cfg, process_index=0, process_count=1))
+    it2.set_state(state)
+    _assert_same(list(it2), expected)
+    other = iter(BatchPipeline(split, _cfg(num_epochs=2, seed=1), process_index=0, process_count=1))
+    with pytest.raises(ValueError, match="seed"):
+        other.set_state(state)
+
+
+def test_num_epochs_and_drop_remainder(data):
+    root, _ = data
+    split = PreparedSplit(root, "train")
+    pipe = BatchPipeline(split, _cfg(num_epochs=2), process_index=0, process_count=1)
+    assert len(list(pipe)) == pipe.num_batches(0) + pipe.num_batches(1) == pipe.total_batches()
+    dropping = BatchPipeline(
+        split, _cfg(mode="bucket", drop_remainder=True), process_index=0, process_count=1
+    )
+    batches = list(dropping)
+    stats = dropping.epoch_stats(0)
+    assert stats.dropped_examples > 0
+    assert stats.examples + stats.dropped_examples == N
+    assert sum(len(_examples_in(b)) for b in batches) == stats.examples
+    assert all((b["with_segment_ids"] > 0).any(axis=1).all() for b in batches)  # no padding rows
+
+
+def test_too_long_examples_fail_or_are_truncated_and_counted(data):
+    root, _ = data
+    split = PreparedSplit(root, "long")
+    cfg = dict(seq_len_with=64, seq_len_without=64, response_slots=40)
+    with pytest.raises(ValueError, match="too_long: truncate"):
+        BatchPipeline(split, _cfg(**cfg), process_index=0, process_count=1)
+    pipe = BatchPipeline(split, _cfg(**cfg, too_long="truncate"), process_index=0, process_count=1)
+    stored = split.lengths("target")
+    p_w = split.lengths("prompt_with")
+    keep = np.minimum.reduce(
+        [stored, 64 - p_w, 64 - split.lengths("prompt_without"), np.full_like(stored, 40)]
+    )
+    stats = pipe.epoch_stats(0)
+    assert stats.truncated_examples == int((keep < stored).sum()) > 0
+    assert stats.truncated_tokens == int((stored - keep).sum())
+    labels = np.concatenate([b["labels"].ravel() for b in pipe])
+    assert (labels != IGNORE_INDEX).sum() == keep.sum()
+    with pytest.raises(ValueError, match="no room"):
+        BatchPipeline(split, _cfg(seq_len_with=16, too_long="truncate"), process_index=0, process_count=1)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("mode", "stack"),
+        ("seq_len_with", 0),
+        ("rows_per_batch", 2.5),
+        ("num_epochs", 0),
+        ("too_long", "drop"),
+        ("shuffle", "yes"),
+        ("bucket_boundaries", [512, 256]),
+        ("bucket_boundaries", [4096]),
+    ],
+)
+def test_config_rejects_bad_values_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=f"data.batching.{field}"):
+        BatchingConfig(**{field: value})
+
+
+def test_config_accepts_yaml_lists_and_derives_buckets():
+    cfg = BatchingConfig(mode="bucket", seq_len_with=1024, bucket_boundaries=[256, 512])
+    assert cfg.bucket_boundaries == (256, 512) and cfg.with_boundaries() == (256, 512, 1024)
+    assert BatchingConfig(mode="bucket", seq_len_with=1024).with_boundaries() == (128, 256, 512, 1024)
+
+
+def test_empty_prompt_is_refused_before_iteration(tmp_path):
+    examples = _examples(3, seed=2)
+    examples[1] = TokenizedExample(examples[1].prompt_with, np.zeros(0, np.int32), examples[1].target)
+    write_split(tmp_path, "train", examples)
+    with pytest.raises(ValueError, match=r"empty prompt_without, e\.g\. example 1"):
+        BatchPipeline(PreparedSplit(tmp_path, "train"), _cfg(), process_index=0, process_count=1)
