@@ -1,0 +1,105 @@
+"""The synthetic benchmark: deterministic, DPL-style per-user time split, consistent role spans."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+
+import pytest
+
+from nextquill_jax.data.synth import SENTIMENT, generate_synthetic
+
+ROLES = {"preference", "context", "noise"}
+TINY = dict(users=6, seed=3, reviews_per_user=7, targets_per_user=4)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth")
+    manifest = generate_synthetic(out, **TINY)
+    records = [
+        json.loads(line) for line in (out / "synthetic.jsonl").read_text(encoding="utf-8").splitlines()
+    ]
+    return out, manifest, records
+
+
+def test_same_seed_gives_identical_files_and_another_seed_does_not(tiny, tmp_path):
+    out, manifest, _ = tiny
+    generate_synthetic(tmp_path / "again", **TINY)
+    for name in [*manifest["files"], "manifest.json"]:
+        assert (tmp_path / "again" / name).read_bytes() == (out / name).read_bytes(), name
+    generate_synthetic(tmp_path / "other", **{**TINY, "seed": 4})
+    assert (tmp_path / "other" / "synthetic.jsonl").read_bytes() != (out / "synthetic.jsonl").read_bytes()
+
+
+def test_role_spans_lie_inside_the_target_and_do_not_overlap(tiny):
+    _, _, records = tiny
+    for rec in records:
+        target, spans = rec["target"], rec["meta"]["target_spans"]
+        assert {role for _, _, role in spans} == ROLES, rec["id"]
+        previous_end = 0
+        for start, end, role in spans:
+            assert role in ROLES
+            assert previous_end <= start < end <= len(target), (rec["id"], start, end)
+            piece = target[start:end]
+            assert piece == piece.strip() and piece, (rec["id"], piece)
+            previous_end = end
+        preference = [target[s:e] for s, e, role in spans if role == "preference"]
+        assert preference[-1] == rec["meta"]["sign_off"] and target.endswith(rec["meta"]["sign_off"])
+        # Every occurrence of a signature word in the target is covered by a preference span.
+        for word in rec["meta"]["signature_words"]:
+            for m in re.finditer(rf"\b{word}\b", target):
+                assert any(s <= m.start() and m.end() <= e and r == "preference" for s, e, r in spans)
+        words = len(target.split())
+        assert 20 <= words <= 60, (rec["id"], words)
+
+
+def test_split_per_user_by_time_with_history_before_the_target(tiny):
+    _, manifest, records = tiny
+    by_user = defaultdict(list)
+    for rec in records:
+        by_user[rec["user_id"]].append(rec)
+    assert len(by_user) == TINY["users"]
+    first = TINY["reviews_per_user"] - TINY["targets_per_user"]
+    for recs in by_user.values():
+        assert [r["split"] for r in recs] == ["train"] * (TINY["targets_per_user"] - 2) + ["val", "test"]
+        for k, rec in enumerate(recs):
+            times = [h["timestamp"] for h in rec["history"]]
+            assert len(times) == first + k and times == sorted(times) and times[-1] < rec["meta"]["timestamp"]
+            assert set(rec["context"]) == {"item_title", "item_description", "rating", "title"}
+            assert all(set(h) == {"text", "timestamp", *rec["context"]} for h in rec["history"])
+        # Earlier targets are part of the later targets' history, as in the DPL protocol.
+        assert recs[-1]["history"][-1]["text"] == recs[-2]["target"]
+    n = TINY["users"]
+    assert manifest["records"] == {"train": n * (TINY["targets_per_user"] - 2), "val": n, "test": n}
+
+
+def test_preference_words_are_visible_in_the_history_but_not_in_the_context(tiny):
+    out, _, records = tiny
+    users = [json.loads(line) for line in (out / "users.jsonl").read_text().splitlines()]
+    assert len({tuple(sorted(u["signature_words"])) for u in users}) > 1  # users differ: history is needed
+    for rec in records:
+        history_text = " ".join(h["text"] for h in rec["history"])
+        context_text = json.dumps(rec["context"])
+        target = rec["target"]
+        for s, e, role in rec["meta"]["target_spans"]:
+            if role == "preference":
+                assert target[s:e] in history_text, (rec["id"], target[s:e])
+                assert target[s:e] not in context_text
+            if role == "context" and target[s:e] not in context_text:
+                # Context words not copied from the prompt express the rating given in the prompt.
+                assert target[s:e] in SENTIMENT[int(rec["context"]["rating"])], (rec["id"], target[s:e])
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"users": 0}, "users"),
+        ({"targets_per_user": 2}, "targets_per_user"),
+        ({"reviews_per_user": 4}, "exceed"),
+    ],
+)
+def test_bad_sizes_are_refused_naming_the_argument(tmp_path, kw, match):
+    with pytest.raises(ValueError, match=match):
+        generate_synthetic(tmp_path, **{**TINY, **kw})
