@@ -1,0 +1,143 @@
+"""Padding efficiency (real tokens / token slots) of the batch pipeline on the synthetic benchmark, against
+the public code's fixed padding of every sequence to 4,097 tokens.
+
+The synthetic data is generated (`data.synth`), prepared with the built-in `review` template (the public
+code's prompt layout) and a real tokenizer (`data.prepare`), then planned by `BatchPipeline` in pack and
+bucket mode. Efficiency counts both streams (with and without history); the per-stream values and the use of
+the response slots are printed too. The public code pads each of the two sequences of an example to 4,097
+tokens, so its efficiency is sum(L_with + L_without) / (2 * 4,097 * examples). Also timed: building one
+epoch of batches.
+
+    python benchmarks/padding.py                                   # 800 users (3,200 training examples)
+    python benchmarks/padding.py --seq-len 2048 4096 --rows-per-batch 8 --tokenizer qwen2.5
+    python benchmarks/padding.py --max-history 4 --seq-len 1024 2048 --check-seq-len 1024
+    python benchmarks/padding.py --append-results benchmarks/RESULTS.md
+
+Exits with status 1 if packing at `--check-seq-len` stays below `--min-efficiency` (default 0.90).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grain
+import numpy as np
+
+from nextquill_jax.data.config import DataConfig
+from nextquill_jax.data.pipeline import BatchingConfig, BatchPipeline
+from nextquill_jax.data.prepare import prepare
+from nextquill_jax.data.prepared import PreparedSplit
+from nextquill_jax.data.synth import generate_synthetic
+
+PUBLIC_PAD = 4097
+
+
+def public_efficiency(split: PreparedSplit) -> float:
+    """Both sequences of every example left-padded to 4,097 tokens (the public code)."""
+    target = split.lengths("target")
+    real = (split.lengths("prompt_with") + target + split.lengths("prompt_without") + target).sum()
+    return float(real) / (2 * PUBLIC_PAD * len(split))
+
+
+def pipeline_row(split: PreparedSplit, cfg: BatchingConfig) -> dict:
+    start = time.perf_counter()
+    pipe = BatchPipeline(split, cfg, process_index=0, process_count=1)
+    stats = pipe.epoch_stats(0)
+    plan_s = time.perf_counter() - start
+    start = time.perf_counter()
+    batches = sum(1 for _ in pipe)
+    epoch_s = time.perf_counter() - start
+    assert batches == stats.batches
+    return {"shape": pipe.shapes[-1].as_tuple(), "stats": stats, "plan_s": plan_s, "epoch_s": epoch_s}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--users", type=int, default=800)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tokenizer", default="qwen2.5")
+    parser.add_argument("--max-history", type=int, default=8, help="data.max_history (history entries kept)")
+    parser.add_argument("--seq-len", type=int, nargs="+", default=[2048, 4096, 8192])
+    parser.add_argument("--rows-per-batch", type=int, default=8)
+    parser.add_argument("--length-multiple", type=int, default=128)
+    parser.add_argument("--work-dir", type=Path, help="keep the generated and prepared data here")
+    parser.add_argument("--check-seq-len", type=int, default=2048)
+    parser.add_argument("--min-efficiency", type=float, default=0.90)
+    parser.add_argument("--append-results", type=Path, help="append a markdown section to this file")
+    args = parser.parse_args(argv)
+
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="padding_bench_"))
+    generate_synthetic(work / "synthetic", users=args.users, seed=args.seed)
+    data_cfg = DataConfig(
+        format="generic",
+        sources=[str(work / "synthetic" / "synthetic.jsonl")],
+        tokenizer=args.tokenizer,
+        max_history=args.max_history,
+    )
+    prepare(data_cfg, work / "prepared", echo=lambda s: None)
+    split = PreparedSplit(work / "prepared", "train")
+    lengths = {f: split.lengths(f) for f in ("prompt_with", "prompt_without", "target")}
+
+    def cfg(mode: str, seq_len: int) -> BatchingConfig:
+        return BatchingConfig(
+            mode=mode,
+            seq_len_with=seq_len,
+            rows_per_batch=args.rows_per_batch,
+            length_multiple=args.length_multiple,
+            num_epochs=1,
+        )
+
+    rows = [("pack", s, pipeline_row(split, cfg("pack", s))) for s in args.seq_len]
+    rows.append(("bucket", max(args.seq_len), pipeline_row(split, cfg("bucket", max(args.seq_len)))))
+    public = public_efficiency(split)
+
+    command = shlex.join(["benchmarks/padding.py", *(argv if argv is not None else sys.argv[1:])])
+    lines = [
+        f"\n## Padding efficiency of the batch pipeline ({datetime.date.today().isoformat()})\n",
+        f"- command: `python {command}`",
+        f"- machine: {platform.node()} ({platform.machine()}), CPU only (no accelerator involved); python "
+        f"{platform.python_version()}, numpy {np.__version__}, grain {grain.__version__}",
+        f"- data: synthetic benchmark, {args.users} users, seed {args.seed}, `review` template, tokenizer "
+        f"`{args.tokenizer}`, max_history {args.max_history}; {len(split):,} training examples; tokens per "
+        "example (min / mean / max): "
+        + "; ".join(f"{k} {v.min()} / {v.mean():.0f} / {v.max()}" for k, v in lengths.items()),
+        f"- rows_per_batch {args.rows_per_batch} (one process), length_multiple {args.length_multiple}; "
+        "efficiency = real tokens / token slots over both streams, one epoch\n",
+        "| batching | row (T_w, T_o, R) | efficiency | with stream | without stream | response slots used "
+        "| batches | plan s | epoch build s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for mode, seq_len, row in rows:
+        s = row["stats"]
+        lines.append(
+            f"| {mode} {seq_len} | {row['shape']} | {s.efficiency:.1%} | {s.efficiency_with:.1%} "
+            f"| {s.efficiency_without:.1%} | {s.response_slot_use:.1%} | {s.batches} | {row['plan_s']:.2f} "
+            f"| {row['epoch_s']:.2f} |"
+        )
+    lines.append(
+        f"| public code: every sequence padded to {PUBLIC_PAD:,} | ({PUBLIC_PAD}, {PUBLIC_PAD}, -) "
+        f"| {public:.1%} | | | | {len(split)} | | |"
+    )
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.append_results:
+        with args.append_results.open("a") as f:
+            f.write(text)
+    checked = [r["stats"].efficiency for m, s, r in rows if m == "pack" and s == args.check_seq_len]
+    if checked and checked[0] < args.min_efficiency:
+        print(
+            f"packing efficiency {checked[0]:.1%} < {args.min_efficiency:.0%} at seq_len {args.check_seq_len}"
+        )
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
