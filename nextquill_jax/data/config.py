@@ -1,0 +1,120 @@
+"""`DataConfig`: where the records come from, how they become examples, and how they are batched.
+
+The YAML section `data:` maps onto it key for key (`data.batching.*` onto `BatchingConfig`); the loader is
+`nextquill_jax.config.build`. Source paths are relative to the working directory and may be glob patterns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from nextquill_jax.data.pipeline import BatchingConfig
+
+FORMATS = ("amazon2023", "dpl", "lamp", "generic")
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Data settings; validated on construction (ValueError naming the `data.<field>`).
+
+    Formats and what `sources` / `meta` hold:
+        amazon2023  sources: review files `<Category>.jsonl[.gz]|.parquet`; meta: `meta_<Category>.*` files.
+                    The DPL protocol (NEXTQUILL.md) runs per category with the `dpl_*` thresholds below.
+        dpl         sources: built rows (`user_id`, `profile`, `data`), one file per split (the split is read
+                    from the file name: train / val|dev|validation / test); meta: item rows (`asin`, `title`,
+                    `description`).
+        lamp        sources: question files (`id`, `input`, `profile`, optional inline `output`), split from
+                    the file name; meta: the outputs files (`golds`: `id`, `output`) of the same splits.
+        generic     sources: one JSON object per line (see CONTRACTS.md); `split` per record, else
+                    `default_split`.
+    """
+
+    format: Literal["amazon2023", "dpl", "lamp", "generic"] = "generic"
+    sources: list[str] = field(default_factory=list)
+    meta: list[str] = field(default_factory=list)
+    on_error: Literal["fail", "skip"] = "fail"
+    max_errors_shown: int = 20
+    default_split: str = "train"
+    # Prompt rendering and tokenisation.
+    template: str = (
+        "review"  # a built-in name (review, lamp_topic_writing, lamp_abstract, plain) or a YAML path
+    )
+    chat_template: bool = (
+        False  # wrap system + user with the tokenizer's own chat template instead of the frame
+    )
+    tokenizer: str = "qwen2.5"  # a local tokenizer directory or a name known to models.load_tokenizer
+    max_history: int = 8
+    max_prompt_tokens: int = 2048
+    max_target_tokens: int = 2048
+    tokenize_batch_size: int = 512
+    # DPL protocol thresholds (amazon2023); the defaults are the public protocol's.
+    dpl_min_description_chars: int = 100
+    dpl_max_description_chars: int = 2000
+    dpl_min_review_chars: int = 200
+    dpl_min_item_users: int = 8
+    dpl_min_user_reviews: int = 18
+    dpl_max_user_reviews: int = 500
+    dpl_num_targets: int = 10
+    dpl_min_profile_item_users: int = 5
+    dpl_min_profile_reviews: int = 8
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+
+    def __post_init__(self) -> None:
+        _check_choice("format", self.format, FORMATS)
+        _check_choice("on_error", self.on_error, ("fail", "skip"))
+        _check_choice("default_split", self.default_split, SPLITS)
+        for name in ("sources", "meta"):
+            value = getattr(self, name)
+            if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"data.{name} must be a list of paths or glob patterns, got {value!r}")
+        for name in ("template", "tokenizer"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"data.{name} must be a non-empty string")
+        if not isinstance(self.chat_template, bool):
+            raise ValueError(f"data.chat_template must be true or false, got {self.chat_template!r}")
+        positive = (
+            "max_errors_shown",
+            "max_prompt_tokens",
+            "max_target_tokens",
+            "tokenize_batch_size",
+            "dpl_max_description_chars",
+            "dpl_max_user_reviews",
+        )
+        for name in positive:
+            _check_int(name, getattr(self, name), minimum=1)
+        non_negative = (
+            "max_history",
+            "dpl_min_description_chars",
+            "dpl_min_review_chars",
+            "dpl_min_item_users",
+            "dpl_min_user_reviews",
+            "dpl_min_profile_item_users",
+            "dpl_min_profile_reviews",
+        )
+        for name in non_negative:
+            _check_int(name, getattr(self, name), minimum=0)
+        # The last two targets are validation and test; at least one more trains.
+        _check_int("dpl_num_targets", self.dpl_num_targets, minimum=3)
+        if self.dpl_min_description_chars > self.dpl_max_description_chars:
+            raise ValueError("data.dpl_min_description_chars must not exceed data.dpl_max_description_chars")
+        if self.dpl_min_user_reviews > self.dpl_max_user_reviews:
+            raise ValueError("data.dpl_min_user_reviews must not exceed data.dpl_max_user_reviews")
+        if not isinstance(self.batching, BatchingConfig):
+            raise ValueError(f"data.batching must be a BatchingConfig, got {type(self.batching).__name__}")
+
+    def fingerprint_fields(self) -> dict[str, Any]:
+        """The settings that decide the prepared data (everything but batching), as plain JSON values."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "batching"}
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"data.{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"data.{name} must be an integer >= {minimum}, got {value!r}")

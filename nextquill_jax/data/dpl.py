@@ -1,0 +1,103 @@
+"""Already-built DPL rows -> records.
+
+A DPL row (the `SnowCharmQ/DPL-main` layout) is `{"user_id", "profile": [review, ...], "data": review}` with
+reviews `{"rating", "title", "text", "asin", "timestamp"}`, the profile oldest first. Records carry the same
+fields as `amazon2023`'s. Item metadata rows (`DPL-meta`) are `{"asin", "title", "description"}`. The split is
+the file's (see `readers.split_from_name`); the category is the name of the directory holding the file
+(`DPL-main/Books/train.jsonl` -> `Books`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from nextquill_jax.data.amazon2023 import Item
+from nextquill_jax.data.read_jsonl import valid_rows
+from nextquill_jax.data.records import HistoryEntry, InvalidRecordError, Issue, IssueLog, Record, get_field
+
+
+def read_dpl_items(meta_files: list[Path], log: IssueLog) -> dict[str, Item]:
+    """Item title and description by `asin`; a repeated asin keeps the first row and is counted."""
+    items: dict[str, Item] = {}
+    for path in meta_files:
+        for row in valid_rows(path, log):
+            try:
+                asin = get_field(row.value, "asin", (str,), row.location)
+                title = get_field(row.value, "title", (str,), row.location)
+                description = get_field(row.value, "description", (str,), row.location)
+            except InvalidRecordError as e:
+                log.error(e.issue)
+                continue
+            if asin in items:
+                log.drop("item_duplicate")
+                continue
+            items[asin] = Item(title=title, description=description)
+    return items
+
+
+def read_dpl(path: Path, split: str, items: dict[str, Item], log: IssueLog) -> list[Record]:
+    """Records of one DPL split file."""
+    records = []
+    category = path.parent.name
+    for row in valid_rows(path, log):
+        try:
+            user_id = get_field(row.value, "user_id", (str,), row.location)
+            profile = get_field(row.value, "profile", (list,), row.location)
+            data = get_field(row.value, "data", (dict,), row.location)
+            context, target_text, _ = _review(data, "data", row.location, items)
+            history = tuple(
+                _review(r, f"profile[{i}]", row.location, items)[2] for i, r in enumerate(profile)
+            )
+        except InvalidRecordError as e:
+            log.error(e.issue)
+            continue
+        if not history:
+            log.drop("empty_history")
+            continue
+        records.append(
+            Record(
+                user_id=user_id,
+                context=context,
+                history=history,
+                target=target_text,
+                split=split,
+                source=row.location,
+                category=category,
+                id=f"{category}/{user_id}/{split}/{row.location.rsplit(':', 1)[1]}",
+            )
+        )
+    return records
+
+
+def _review(
+    review: Any, path: str, location: str, items: dict[str, Item]
+) -> tuple[dict[str, Any], str, HistoryEntry]:
+    """(the review as a target's context, its text, the review as a history entry)."""
+    if not isinstance(review, Mapping):
+        raise InvalidRecordError(Issue("wrong_type", location, path, f"`{path}` must be an object"))
+    rating = get_field(review, "rating", (int, float), location, path=f"{path}.rating")
+    title = get_field(review, "title", (str,), location, path=f"{path}.title")
+    text = get_field(review, "text", (str,), location, path=f"{path}.text")
+    asin = get_field(review, "asin", (str,), location, path=f"{path}.asin")
+    timestamp = get_field(review, "timestamp", (int, float), location, path=f"{path}.timestamp")
+    item = items.get(asin)
+    if item is None:
+        raise InvalidRecordError(
+            Issue(
+                "unknown_item",
+                location,
+                f"{path}.asin",
+                f"item {asin!r} is not in the metadata files (data.meta); add it or set data.on_error: skip",
+            )
+        )
+    # Ratings print like Python floats (`5.0`), as in the public code's data.
+    context = {
+        "item_title": item.title,
+        "item_description": item.description,
+        "rating": float(rating),
+        "title": title,
+    }
+    entry = HistoryEntry(fields={**context, "text": text}, timestamp=float(timestamp))
+    return context, text, entry

@@ -1,0 +1,139 @@
+"""Generic JSONL records (the format of CONTRACTS.md; the synthetic benchmark writes it) -> records.
+
+One object per line: `user_id` (string), `context` (a string, or an object of named string / number fields),
+`history` (a list of strings or of objects with `text`, optional `timestamp` and other named fields), `target`
+(string), optional `category`, `split` (train / val / test; else `data.default_split`), `id` and `meta` (any
+object, carried through untouched). A string context becomes the field `context`, a string entry the field
+`text`. History is oldest first, or sorted by `timestamp` when the entries carry one (then all must).
+Records with an empty history and repeats of an earlier record (same user, split, context and target) are
+counted and skipped.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from nextquill_jax.data.config import SPLITS
+from nextquill_jax.data.read_jsonl import valid_rows
+from nextquill_jax.data.records import (
+    HistoryEntry,
+    InvalidRecordError,
+    Issue,
+    IssueLog,
+    Record,
+    get_field,
+    require_fields,
+)
+from nextquill_jax.data.templates import PromptTemplate
+
+
+def read_generic(path: Path, default_split: str, template: PromptTemplate, log: IssueLog) -> list[Record]:
+    """Records of one generic file, in file order."""
+    records = []
+    seen: set[tuple[str, str, str, str]] = set()
+    for row in valid_rows(path, log):
+        try:
+            record = parse_generic(row.value, row.location, default_split, template)
+        except InvalidRecordError as e:
+            log.error(e.issue)
+            continue
+        key = (record.user_id, record.split, json.dumps(dict(record.context), sort_keys=True), record.target)
+        if key in seen:
+            log.drop("duplicate")
+            continue
+        seen.add(key)
+        if not record.history:
+            log.drop("empty_history")
+            continue
+        records.append(record)
+    return records
+
+
+def parse_generic(obj: dict[str, Any], location: str, default_split: str, template: PromptTemplate) -> Record:
+    """One validated record.
+
+    Raises:
+        InvalidRecordError: a missing or mistyped field, an unknown split, a history entry without `text`, a
+            timestamp on some entries but not all, or a field the template needs that the record lacks.
+    """
+    user_id = get_field(obj, "user_id", (str,), location)
+    target = get_field(obj, "target", (str,), location)
+    raw_context = get_field(obj, "context", (str, dict), location)
+    context = (
+        {"context": raw_context}
+        if isinstance(raw_context, str)
+        else _scalars(raw_context, location, "context")
+    )
+    require_fields(context, template.context_fields, location, "context.")
+    split = get_field(obj, "split", (str,), location) if "split" in obj else default_split
+    if split not in SPLITS:
+        raise InvalidRecordError(
+            Issue("wrong_type", location, "split", f"`split` must be one of {SPLITS}, got {split!r}")
+        )
+    history = _history(get_field(obj, "history", (list,), location), location, template)
+    meta = get_field(obj, "meta", (dict,), location) if "meta" in obj else None
+    return Record(
+        user_id=user_id,
+        context=context,
+        history=history,
+        target=target,
+        split=split,
+        source=location,
+        category=get_field(obj, "category", (str,), location) if "category" in obj else "",
+        id=get_field(obj, "id", (str,), location) if "id" in obj else "",
+        meta=meta,
+    )
+
+
+def _history(raw: list[Any], location: str, template: PromptTemplate) -> tuple[HistoryEntry, ...]:
+    entries = []
+    for i, item in enumerate(raw):
+        path = f"history[{i}]"
+        if isinstance(item, str):
+            fields: dict[str, Any] = {"text": item}
+            timestamp = None
+        elif isinstance(item, dict):
+            get_field(item, "text", (str,), location, path=f"{path}.text")
+            fields = _scalars({k: v for k, v in item.items() if k != "timestamp"}, location, path)
+            timestamp = (
+                float(get_field(item, "timestamp", (int, float), location, path=f"{path}.timestamp"))
+                if "timestamp" in item
+                else None
+            )
+        else:
+            raise InvalidRecordError(
+                Issue(
+                    "wrong_type",
+                    location,
+                    path,
+                    f"`{path}` must be a string or an object, got {type(item).__name__}",
+                )
+            )
+        require_fields(fields, template.entry_fields, location, f"{path}.")
+        entries.append(HistoryEntry(fields=fields, timestamp=timestamp))
+    timed = [e.timestamp is not None for e in entries]
+    if any(timed) and not all(timed):
+        i = timed.index(False)
+        raise InvalidRecordError(
+            Issue(
+                "missing_field",
+                location,
+                f"history[{i}].timestamp",
+                "some history entries carry a timestamp and this one does not; give all or none",
+            )
+        )
+    if all(timed):
+        entries.sort(key=lambda e: e.timestamp)
+    return tuple(entries)
+
+
+def _scalars(obj: dict[str, Any], location: str, path: str) -> dict[str, Any]:
+    """All fields of `obj`, which must be strings or numbers."""
+    for key, value in obj.items():
+        if not isinstance(value, str | int | float) or isinstance(value, bool):
+            raise InvalidRecordError(
+                Issue("wrong_type", location, f"{path}.{key}", f"`{path}.{key}` must be a string or a number")
+            )
+    return dict(obj)

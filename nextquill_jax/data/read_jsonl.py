@@ -1,0 +1,200 @@
+"""Streaming rows out of `.jsonl`, `.jsonl.gz`, `.json` (an array, or an object holding one) and Parquet.
+
+Each row comes with its location (`file:line`; for Parquet the 1-based row number) so that every later message
+can name where a bad record is. Rows that cannot be decoded are yielded as `Issue`s, not raised, so a reader
+can list all of them under `on_error: fail` or skip and count them under `skip`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Container, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nextquill_jax.data.records import Issue, IssueLog
+
+SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One decoded JSON object and where it came from."""
+
+    location: str  # "file:line"
+    line: int  # 1-based line (Parquet: row) number
+    value: Any
+
+
+def file_kind(path: str | Path) -> str:
+    """The format of `path` by suffix: one of SUFFIXES.
+
+    Raises:
+        ValueError: for any other suffix, naming the file and the supported ones.
+    """
+    name = str(path)
+    for suffix in (".jsonl.gz", ".jsonl", ".json", ".parquet"):
+        if name.endswith(suffix):
+            return suffix
+    raise ValueError(f"{path}: unsupported file type; use one of {', '.join(SUFFIXES)}")
+
+
+def file_stem(path: str | Path) -> str:
+    """The file name without its data suffix: `meta_Books.jsonl.gz` -> `meta_Books`."""
+    name = Path(path).name
+    return name[: -len(file_kind(path))]
+
+
+def iter_rows(
+    path: str | Path, *, list_key: str | None = None, lines: Container[int] | None = None
+) -> Iterator[Row | Issue]:
+    """Yield every record of `path` as a `Row`, or an `Issue` for a line that cannot be decoded.
+
+    `.json` files hold one array of objects, or an object whose `list_key` entry is that array (LaMP's
+    `{"task": ..., "golds": [...]}`); their rows are located by the line their element starts on.
+    `lines`: only these line (row) numbers; in `.jsonl` files the others are not even decoded.
+
+    Raises:
+        ValueError: for an unsupported suffix, or a `.json` file that is not valid JSON as a whole (its
+            records cannot be told apart, so it cannot be skipped record by record).
+        FileNotFoundError: when `path` does not exist.
+    """
+    kind = file_kind(path)
+    if kind == ".parquet":
+        rows = _parquet_rows(path)
+    elif kind == ".json":
+        rows = _json_array_rows(path, list_key)
+    else:
+        rows = _jsonl_rows(path, gzipped=kind == ".jsonl.gz", lines=lines)
+    if lines is None or kind in (".jsonl", ".jsonl.gz"):
+        yield from rows
+    else:
+        yield from (r for r in rows if isinstance(r, Row) and r.line in lines)
+
+
+def valid_rows(path: str | Path, log: IssueLog, *, list_key: str | None = None) -> Iterator[Row]:
+    """The decodable rows of `path`; every undecodable one goes to `log` (see `iter_rows` for what raises)."""
+    for row in iter_rows(path, list_key=list_key):
+        log.read[str(path)] += 1
+        if isinstance(row, Issue):
+            log.error(row)
+        else:
+            yield row
+
+
+def _jsonl_rows(path: str | Path, gzipped: bool, lines: Container[int] | None) -> Iterator[Row | Issue]:
+    opener = gzip.open if gzipped else open
+    with opener(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            if (lines is not None and line_no not in lines) or not raw.strip():
+                continue
+            yield _decode_line(raw, f"{path}:{line_no}", line_no)
+
+
+def _decode_line(raw: bytes, location: str, line: int) -> Row | Issue:
+    bad_utf8: UnicodeDecodeError | None = None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        # Decoded to lone surrogates instead, so the JSON still parses and the broken field can be named.
+        text = raw.decode("utf-8", errors="surrogateescape")
+        bad_utf8 = e
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        if bad_utf8 is not None:
+            return _utf8_issue(bad_utf8, location, None)
+        return Issue("malformed_json", location, None, f"not valid JSON ({e.msg} at column {e.colno})")
+    if not isinstance(value, dict):
+        return Issue(
+            "wrong_type", location, None, f"each line must be a JSON object, got {type(value).__name__}"
+        )
+    if bad_utf8 is not None:
+        return _utf8_issue(bad_utf8, location, _field_with_surrogates(value, ""))
+    return Row(location, line, value)
+
+
+def _utf8_issue(error: UnicodeDecodeError, location: str, field: str | None) -> Issue:
+    byte, column = error.object[error.start], error.start + 1
+    message = f"byte {byte:#04x} at column {column} is not UTF-8; re-encode the file as UTF-8"
+    return Issue("invalid_utf8", location, field, message)
+
+
+def _field_with_surrogates(value: Any, path: str) -> str | None:
+    """The path of the first string (key or value) holding an undecodable byte, or None."""
+    if isinstance(value, str):
+        return path if any("\udc80" <= c <= "\udcff" for c in value) else None
+    if isinstance(value, dict):
+        for k, v in value.items():
+            sub = f"{path}.{k}" if path else k
+            if _field_with_surrogates(k, sub) is not None:
+                return sub
+            found = _field_with_surrogates(v, sub)
+            if found is not None:
+                return found
+    if isinstance(value, list):
+        for i, v in enumerate(value):
+            found = _field_with_surrogates(v, f"{path}[{i}]")
+            if found is not None:
+                return found
+    return None
+
+
+def _json_array_rows(path: str | Path, list_key: str | None) -> Iterator[Row | Issue]:
+    raw = Path(path).read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ValueError(
+            f"{path}:{line}: byte {raw[e.start]:#04x} is not UTF-8; re-encode the file as UTF-8"
+        ) from e
+    decoder = json.JSONDecoder()
+    try:
+        top, _ = decoder.raw_decode(text, _skip_space(text, 0))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from e
+    if isinstance(top, dict) and list_key is not None and isinstance(top.get(list_key), list):
+        items = top[list_key]
+        # Elements are located by searching for the array's start; a nested key lookup is good enough here.
+        start = text.index("[", text.index(f'"{list_key}"'))
+    elif isinstance(top, list):
+        items = top
+        start = text.index("[")
+    else:
+        want = f"an array of objects{f' or an object with a `{list_key}` list' if list_key else ''}"
+        raise ValueError(f"{path}: expected {want}, got {type(top).__name__}")
+    # Walk the array again with raw_decode to learn the line each element starts on.
+    pos, line, counted = start + 1, 1, 0
+    for value in items:
+        pos = _skip_space(text, pos)
+        if text[pos] == ",":
+            pos = _skip_space(text, pos + 1)
+        line += text.count("\n", counted, pos)
+        counted = pos
+        _, pos = decoder.raw_decode(text, pos)
+        location = f"{path}:{line}"
+        if isinstance(value, dict):
+            yield Row(location, line, value)
+        else:
+            yield Issue(
+                "wrong_type", location, None, f"array elements must be objects, got {type(value).__name__}"
+            )
+
+
+def _skip_space(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in " \t\r\n":
+        pos += 1
+    return pos
+
+
+def _parquet_rows(path: str | Path) -> Iterator[Row | Issue]:
+    import pyarrow.parquet as pq
+
+    row_no = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+        for value in batch.to_pylist():
+            row_no += 1
+            yield Row(f"{path}:{row_no}", row_no, value)

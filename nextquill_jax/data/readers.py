@@ -1,0 +1,116 @@
+"""Choose the reader of `DataConfig.format`, expand the source patterns and read every record."""
+
+from __future__ import annotations
+
+import glob
+import re
+from pathlib import Path
+
+from nextquill_jax.data import amazon2023, dpl
+from nextquill_jax.data.config import DataConfig
+from nextquill_jax.data.generic import read_generic
+from nextquill_jax.data.lamp import read_lamp, read_lamp_outputs
+from nextquill_jax.data.read_jsonl import file_kind
+from nextquill_jax.data.records import IssueLog, Record
+from nextquill_jax.data.templates import PromptTemplate
+
+_SPLIT_WORDS = {
+    "train": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "dev": "val",
+    "test": "test",
+}
+
+
+def expand_paths(patterns: list[str], key: str) -> list[Path]:
+    """Files matching each pattern, sorted within a pattern, without repeats.
+
+    Raises:
+        ValueError: a pattern that matches no file, or a file of an unsupported type, naming `data.<key>`.
+    """
+    paths: list[Path] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        matches = [m for m in matches if Path(m).is_file()]
+        if not matches:
+            raise ValueError(f"data.{key}: no file matches {pattern!r} (paths are relative to {Path.cwd()})")
+        for m in matches:
+            try:
+                file_kind(m)
+            except ValueError as e:
+                raise ValueError(f"data.{key}: {e}") from e
+            if Path(m) not in paths:
+                paths.append(Path(m))
+    return paths
+
+
+def split_from_name(path: Path) -> str:
+    """The split a file holds, from the words of its name (`dev_questions.json` -> `val`).
+
+    Raises:
+        ValueError: when no word of the name is train / val / valid / validation / dev / test.
+    """
+    for word in re.split(r"[^a-zA-Z]+", path.name.lower()):
+        if word in _SPLIT_WORDS:
+            return _SPLIT_WORDS[word]
+    raise ValueError(
+        f"{path}: cannot tell its split from the file name; name it with train, val (or dev) or test,"
+        " e.g. train.jsonl or dev_questions.json"
+    )
+
+
+def read_records(cfg: DataConfig, template: PromptTemplate, log: IssueLog) -> list[Record]:
+    """Every kept record of the configured sources; invalid ones go to `log`.
+
+    Raises:
+        ValueError: missing files, unpaired metadata / outputs files, or a template that needs fields the
+            format does not provide (naming them).
+    """
+    if not cfg.sources:
+        raise ValueError("data.sources is empty: list the input files (paths or glob patterns)")
+    sources = expand_paths(cfg.sources, "sources")
+    meta = expand_paths(cfg.meta, "meta")
+    if cfg.format in ("amazon2023", "dpl"):
+        _check_template(
+            template, frozenset(amazon2023.CONTEXT_FIELDS), frozenset(amazon2023.ENTRY_FIELDS), cfg.format
+        )
+    if cfg.format == "amazon2023":
+        return amazon2023.read_amazon2023(sources, meta, cfg, log)
+    if cfg.format == "dpl":
+        if not meta:
+            raise ValueError(
+                "data.meta: the dpl format needs the item metadata files (asin, title, description)"
+            )
+        items = dpl.read_dpl_items(meta, log)
+        return [r for path in sources for r in dpl.read_dpl(path, split_from_name(path), items, log)]
+    if cfg.format == "lamp":
+        outputs: dict[str, dict[str, str]] = {}
+        for path in meta:
+            outputs.setdefault(split_from_name(path), {}).update(read_lamp_outputs(path, log))
+        return [
+            r
+            for path in sources
+            for r in read_lamp(
+                path, split_from_name(path), outputs.get(split_from_name(path), {}), template, log
+            )
+        ]
+    if meta:
+        raise ValueError("data.meta: the generic format takes no metadata files; remove data.meta")
+    return [r for path in sources for r in read_generic(path, cfg.default_split, template, log)]
+
+
+def _check_template(
+    template: PromptTemplate, context_fields: frozenset[str], entry_fields: frozenset[str], fmt: str
+) -> None:
+    for kind, needed, given in (
+        ("context", template.context_fields, context_fields),
+        ("entry", template.entry_fields, entry_fields),
+    ):
+        if not needed <= given:
+            raise ValueError(
+                f"data.template {template.name!r} needs {kind} fields {sorted(needed - given)} that the {fmt}"
+                f" format does not provide (it provides {sorted(given)}); use the `review` template or one"
+                " with these fields"
+            )

@@ -1,0 +1,197 @@
+"""The validated record every reader produces, and the bookkeeping of invalid or dropped input.
+
+A `Record` is one target text of one user with its context and the user's earlier texts (oldest first).
+Readers report every problem as an `Issue` naming `file:line:field` and the fix; an `IssueLog` collects them
+under the `on_error` policy and counts every record that is not kept, by reason, so nothing disappears without
+a number.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Scalar = str | int | float
+
+# Why an input record is invalid (an error under `on_error: fail`, skipped and counted under `skip`).
+ErrorReason = Literal["malformed_json", "invalid_utf8", "missing_field", "wrong_type", "unknown_item"]
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    """One earlier text of the user: named scalar fields (free text is `text`) and an optional time."""
+
+    fields: Mapping[str, Scalar]
+    timestamp: float | None = None
+
+
+@dataclass(frozen=True)
+class Record:
+    """One example before rendering.
+
+    `context` holds the named fields the prompt template fills in (item title, rating, the question, ...);
+    `history` is oldest first; `source` is the `file:line` the target came from.
+    """
+
+    user_id: str
+    context: Mapping[str, Scalar]
+    history: tuple[HistoryEntry, ...]
+    target: str
+    split: str
+    source: str
+    category: str = ""
+    id: str = ""
+    meta: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Issue:
+    """One invalid input record: where it is, which field, what is wrong and how to fix it."""
+
+    reason: ErrorReason
+    location: str  # "file:line"
+    field: str | None
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.location}:{self.field}" if self.field else self.location
+        return f"{where}: {self.message}"
+
+
+class InvalidRecordError(Exception):
+    """Raised inside a reader for one bad record; the reader hands `issue` to its `IssueLog`."""
+
+    def __init__(self, issue: Issue):
+        super().__init__(str(issue))
+        self.issue = issue
+
+
+class DataError(ValueError):
+    """The input has invalid records and `on_error` is `fail`: lists them (the first `shown`) and the fix."""
+
+    def __init__(self, issues: list[Issue], counts: Counter, shown: int):
+        total = sum(counts.values())
+        lines = [str(i) for i in issues[:shown]]
+        if total > shown:
+            lines.append(f"... and {total - shown} more")
+        summary = ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items()))
+        super().__init__(
+            f"{total} invalid input record(s) ({summary}); nothing was prepared:\n  "
+            + "\n  ".join(lines)
+            + "\nFix the records, or set `data.on_error: skip` to skip and count them."
+        )
+        self.issues = issues
+
+
+@dataclass
+class IssueLog:
+    """Counts rows read (`read`, by file), invalid records (`errors`) and deliberate drops (`dropped`).
+
+    With `on_error="skip"` an invalid record is skipped and counted; with `"fail"` the first `max_shown` are
+    kept in `issues` and `raise_if_failed` raises one `DataError` listing them and counting all by reason, so
+    one run shows every kind of problem.
+    """
+
+    on_error: Literal["fail", "skip"] = "fail"
+    max_shown: int = 20
+    issues: list[Issue] = field(default_factory=list)
+    read: Counter = field(default_factory=Counter)
+    errors: Counter = field(default_factory=Counter)
+    dropped: Counter = field(default_factory=Counter)
+
+    def error(self, issue: Issue) -> None:
+        self.errors[issue.reason] += 1
+        if self.on_error == "fail" and len(self.issues) < self.max_shown:
+            self.issues.append(issue)
+
+    def drop(self, reason: str, n: int = 1) -> None:
+        if n:
+            self.dropped[reason] += n
+
+    def raise_if_failed(self) -> None:
+        """Raises DataError when `on_error` is `fail` and any record was invalid."""
+        if self.on_error == "fail" and self.errors:
+            raise DataError(self.issues, self.errors, self.max_shown)
+
+
+def get_field(
+    obj: Mapping[str, Any],
+    name: str,
+    kinds: tuple[type, ...],
+    location: str,
+    *,
+    path: str | None = None,
+    nullable: bool = False,
+) -> Any:
+    """`obj[name]` checked against `kinds` (bool never counts as a number).
+
+    `path` is the field's name in messages (defaults to `name`, e.g. `profile[3].text` for nested fields).
+
+    Raises:
+        InvalidRecordError: `missing_field` when the key is absent (or null and not `nullable`),
+            `wrong_type` when the value has another type.
+    """
+    path = path or name
+    if name not in obj:
+        raise InvalidRecordError(
+            Issue("missing_field", location, path, f"required field `{path}` is missing")
+        )
+    value = obj[name]
+    if value is None:
+        if nullable:
+            return None
+        raise InvalidRecordError(Issue("missing_field", location, path, f"required field `{path}` is null"))
+    numeric = float in kinds or int in kinds
+    if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
+        expected = " or ".join(_KIND_NAMES[k] for k in kinds)
+        raise InvalidRecordError(
+            Issue("wrong_type", location, path, f"`{path}` must be {expected}, got {_describe(value)}")
+        )
+    if numeric and isinstance(value, float) and value != value:
+        raise InvalidRecordError(Issue("wrong_type", location, path, f"`{path}` is NaN"))
+    return value
+
+
+def scalar_fields(obj: Mapping[str, Any], location: str, path: str) -> dict[str, Scalar]:
+    """The scalar (str / int / float) fields of an object; nested lists, objects and nulls are left out.
+
+    Raises:
+        InvalidRecordError: `wrong_type` when `obj` is not an object.
+    """
+    if not isinstance(obj, Mapping):
+        raise InvalidRecordError(
+            Issue("wrong_type", location, path, f"`{path}` must be an object, got {_describe(obj)}")
+        )
+    return {k: v for k, v in obj.items() if isinstance(v, str | int | float) and not isinstance(v, bool)}
+
+
+def require_fields(fields: Mapping[str, Any], needed: frozenset[str], location: str, prefix: str) -> None:
+    """Raises InvalidRecordError (`missing_field`) naming the first needed field that `fields` lacks."""
+    missing = sorted(needed - set(fields))
+    if missing:
+        name = f"{prefix}{missing[0]}"
+        raise InvalidRecordError(
+            Issue(
+                "missing_field",
+                location,
+                name,
+                f"the prompt template needs `{name}`; add it or choose another template",
+            )
+        )
+
+
+_KIND_NAMES = {
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+    list: "a list",
+    dict: "an object",
+    bool: "true/false",
+}
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:40]}{'...' if len(text) > 40 else ''}"

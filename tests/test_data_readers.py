@@ -1,0 +1,342 @@
+"""Readers: every format's fixture, the DPL protocol against an independent statement of it, and bad input."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from data_helpers import FIXTURES
+from dpl_reference import reference_dpl
+
+from nextquill_jax.data.config import DataConfig
+from nextquill_jax.data.readers import read_records, split_from_name
+from nextquill_jax.data.records import DataError, IssueLog
+from nextquill_jax.data.templates import load_template
+
+AMAZON = FIXTURES / "amazon2023"
+# Small thresholds for the tiny fixture; description and text lengths keep the public values.
+SMALL = dict(
+    dpl_min_item_users=2,
+    dpl_min_user_reviews=5,
+    dpl_num_targets=3,
+    dpl_min_profile_item_users=2,
+    dpl_min_profile_reviews=2,
+)
+REFERENCE_T = dict(
+    min_desc=100,
+    max_desc=2000,
+    min_text=200,
+    min_item_users=2,
+    min_user_reviews=5,
+    max_user_reviews=500,
+    targets=3,
+    min_profile_item_users=2,
+    min_profile_reviews=2,
+)
+
+
+def _read(cfg: DataConfig, template: str | None = None):
+    log = IssueLog(on_error=cfg.on_error, max_shown=cfg.max_errors_shown)
+    records = read_records(cfg, load_template(template or cfg.template), log)
+    log.raise_if_failed()
+    return records, log
+
+
+def _amazon_cfg(**kw) -> DataConfig:
+    return DataConfig(
+        format="amazon2023",
+        sources=[str(AMAZON / "Books.jsonl")],
+        meta=[str(AMAZON / "meta_Books.jsonl")],
+        **{**SMALL, **kw},
+    )
+
+
+def _rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _as_dpl(record):
+    """A record in the DPL row layout, for comparison with the reference."""
+
+    def review(fields, ts):
+        return {
+            "rating": fields["rating"],
+            "title": fields["title"],
+            "text": fields["text"],
+            "item": (fields["item_title"], fields["item_description"]),
+            "timestamp": ts,
+        }
+
+    data = {**record.context, "text": record.target}
+    return {
+        "user_id": record.user_id,
+        "split": record.split,
+        "profile": [review(e.fields, e.timestamp) for e in record.history],
+        "data": {k: v for k, v in review(data, None).items() if k != "timestamp"},
+    }
+
+
+def _reference_as_dpl(out, items):
+    by_asin = {i["asin"]: (i["title"], i["description"]) for i in items}
+
+    def review(r, with_ts=True):
+        d = {"rating": r["rating"], "title": r["title"], "text": r["text"], "item": by_asin[r["asin"]]}
+        return d | ({"timestamp": float(r["timestamp"])} if with_ts else {})
+
+    return [
+        {
+            "user_id": row["user_id"],
+            "split": split,
+            "profile": [review(r) for r in row["profile"]],
+            "data": review(row["data"], with_ts=False),
+        }
+        for split, rows in out.items()
+        for row in rows
+    ]
+
+
+def _key(d):
+    return (d["split"], d["user_id"], d["data"]["text"])
+
+
+def test_amazon2023_matches_the_reference_protocol():
+    records, _ = _read(_amazon_cfg())
+    out, items = reference_dpl(_rows(AMAZON / "Books.jsonl"), _rows(AMAZON / "meta_Books.jsonl"), REFERENCE_T)
+    ours = sorted((_as_dpl(r) for r in records), key=_key)
+    ref = sorted(_reference_as_dpl(out, items), key=_key)
+    assert len(ours) == 12 and ours == ref
+    assert {r.category for r in records} == {"Books"}
+    # Per user: targets 1..n-2 train, then val, then test; each history = everything before the target.
+    by_user = {}
+    for r in records:
+        by_user.setdefault(r.user_id, []).append(r)
+    assert sorted(by_user) == ["U1", "U2", "U3", "U4"]  # U5 has 3 reviews < 5
+    for user_records in by_user.values():
+        assert [r.split for r in user_records] == ["train", "val", "test"]
+        lengths = [len(r.history) for r in user_records]
+        assert lengths == [lengths[0], lengths[0] + 1, lengths[0] + 2]
+        assert user_records[1].history[-1].fields["text"] == user_records[0].target
+
+
+def test_amazon2023_hand_checked_details():
+    records, _ = _read(_amazon_cfg())
+    u1_test = next(r for r in records if r.user_id == "U1" and r.split == "test")
+    # U1 reviewed "A Map of Bells" twice; the newer review ("Second look") is kept, the older one is gone.
+    assert u1_test.context["title"] == "Second look" and u1_test.context["rating"] == 2.0
+    assert all(e.fields["item_title"] != "A Map of Bells" for e in u1_test.history)
+    # Item 2's description starts with a "Product Description" marker entry, which is dropped.
+    meta = {m["parent_asin"]: m for m in _rows(AMAZON / "meta_Books.jsonl")}
+    assert meta["B000000002"]["description"][0] == "Product Description"
+    winter = next(e for r in records for e in r.history if e.fields["item_title"] == "Winter Orchard")
+    assert winter.fields["item_description"] == " ".join(meta["B000000002"]["description"][1:])
+    # U3's newest review repeats an older text up to whitespace: collapsed, and the older copy removed.
+    u3_texts = [e.fields["text"] for r in records if r.user_id == "U3" for e in r.history] + [
+        r.target for r in records if r.user_id == "U3"
+    ]
+    same = next(r for r in _rows(AMAZON / "Books.jsonl") if r["title"] == "Same words again")["text"]
+    assert same in u3_texts and all("  " not in t and "\n" not in t for t in u3_texts)
+    assert not any(e.fields["title"] == "Same words again" for r in records for e in r.history)
+
+
+def test_amazon2023_counts_every_dropped_review_and_item():
+    records, log = _read(_amazon_cfg())
+    assert dict(log.dropped) == {
+        # items (meta rows): 14 read, 9 kept
+        "item_description_length": 2,  # a 14-character blurb; a description that is only the marker entry
+        "item_no_categories": 1,
+        "item_no_rating_count": 1,
+        "item_no_title": 1,
+        # reviews: 40 read
+        "review_text_short": 1,
+        "review_no_rating": 1,
+        "review_no_title": 1,
+        "review_item_filtered": 2,  # on the short-description and the no-categories items
+        "review_user_review_count": 3,  # U5's three reviews
+        "review_item_too_few_users": 1,  # only U1 reviewed "A Lonely Book"
+        "review_duplicate_item": 1,  # U1's older review of "A Map of Bells"
+        "review_duplicate_text": 1,  # U3's older copy of the same text
+        "review_profile_item_too_few_users": 1,
+    }
+    assert not log.errors
+    # Nothing lost without a count: a user's test record holds all their kept reviews (history + target).
+    kept_reviews = sum(len(r.history) + 1 for r in records if r.split == "test")
+    dropped_reviews = sum(n for k, n in log.dropped.items() if k.startswith("review_"))
+    assert log.read[str(AMAZON / "Books.jsonl")] == 40 == dropped_reviews + kept_reviews
+
+
+def test_amazon2023_runs_the_protocol_per_category(tmp_path):
+    for category in ("Books", "Movies_and_TV"):
+        shutil.copy(AMAZON / "Books.jsonl", tmp_path / f"{category}.jsonl")
+        shutil.copy(AMAZON / "meta_Books.jsonl", tmp_path / f"meta_{category}.jsonl")
+    cfg = DataConfig(
+        format="amazon2023", sources=[str(tmp_path / "[BM]*.jsonl")], meta=[str(tmp_path / "meta_*")], **SMALL
+    )
+    records, log = _read(cfg)
+    books, _ = _read(_amazon_cfg())
+    assert [r.category for r in records] == ["Books"] * 12 + ["Movies_and_TV"] * 12
+    assert [r.id for r in records[12:]] == [r.id.replace("Books", "Movies_and_TV") for r in books]
+    assert log.dropped["review_duplicate_item"] == 2 and sum(log.read.values()) == 2 * (40 + 14)
+
+
+def test_dpl_rows_give_the_same_records_as_the_raw_amazon_files(tmp_path):
+    amazon, _ = _read(_amazon_cfg())
+    dpl_dir = FIXTURES / "dpl"
+    cfg = DataConfig(
+        format="dpl", sources=[str(dpl_dir / "Books" / "*.jsonl")], meta=[str(dpl_dir / "meta" / "*.jsonl")]
+    )
+    records, log = _read(cfg)
+    assert sorted(map(_as_dpl, records), key=_key) == sorted(map(_as_dpl, amazon), key=_key)
+    assert {r.category for r in records} == {"Books"} and not log.dropped
+    # The same rows as Parquet (the published DPL data is Parquet) read identically.
+    pq_dir = tmp_path / "Books"
+    pq_dir.mkdir()
+    for split in ("train", "val", "test"):
+        pq.write_table(
+            pa.Table.from_pylist(_rows(dpl_dir / "Books" / f"{split}.jsonl")),
+            pq_dir / f"{split}-00000.parquet",
+        )
+    pq.write_table(pa.Table.from_pylist(_rows(dpl_dir / "meta" / "Books.jsonl")), tmp_path / "meta.parquet")
+    cfg = DataConfig(format="dpl", sources=[str(pq_dir / "*.parquet")], meta=[str(tmp_path / "meta.parquet")])
+    from_parquet, _ = _read(cfg)
+    assert sorted(map(_as_dpl, from_parquet), key=_key) == sorted(map(_as_dpl, records), key=_key)
+    assert from_parquet[0].source.endswith("test-00000.parquet:1")
+
+
+def test_lamp_topic_writing_and_abstract():
+    tw = FIXTURES / "lamp" / "topic_writing"
+    cfg = DataConfig(
+        format="lamp",
+        template="lamp_topic_writing",
+        sources=[str(tw / "dev_questions.json")],
+        meta=[str(tw / "dev_outputs.json")],
+    )
+    records, log = _read(cfg)
+    assert [r.id for r in records] == ["tw-101", "tw-102"] and dict(log.dropped) == {"empty_history": 1}
+    r = records[0]
+    assert r.split == "val" and r.category == "topic_writing" and r.user_id == "tw-101"
+    assert r.target.startswith("Left it on the seat") and r.context["input"].endswith("watch on the train")
+    assert [e.fields["summary"] for e in r.history] == [
+        "First time baking sourdough",
+        "My cat learned to open doors",
+        "Ran my first 10k",
+    ]
+    assert r.source == f"{tw / 'dev_questions.json'}:2"  # the line its array element starts on
+    assert records[1].source == f"{tw / 'dev_questions.json'}:23"  # its "{" is on line 23
+
+    ab = FIXTURES / "lamp" / "abstract"
+    cfg = DataConfig(
+        format="lamp",
+        template="lamp_abstract",
+        sources=[str(ab / "train_questions.jsonl")],
+        meta=[str(ab / "train_outputs.json")],
+    )
+    records, log = _read(cfg)
+    assert [r.id for r in records] == ["501", "502"] and dict(log.dropped) == {"duplicate": 1}
+    assert records[1].history[0].fields["abstract"].startswith("We revisit message passing")
+    assert records[0].target.startswith("We present a sparse attention pattern")
+
+
+def test_generic_records(tmp_path):
+    path = FIXTURES / "generic" / "records.jsonl"
+    cfg = DataConfig(format="generic", template="plain", sources=[str(path)], default_split="train")
+    records, log = _read(cfg)
+    assert dict(log.dropped) == {"duplicate": 1, "empty_history": 1}
+    assert [(r.user_id, r.split) for r in records] == [
+        ("alice", "train"),
+        ("alice", "val"),
+        ("bob", "train"),
+        ("bob", "test"),
+    ]
+    assert records[0].context == {"context": "Write a short note about the weekend."}
+    assert [e.fields["text"] for e in records[0].history] == [
+        "Saturday was rainy, so I read all day.",
+        "Sunday I baked bread and it was fine.",
+    ]
+    # Timestamped entries are sorted oldest first; other fields are kept; meta is carried untouched.
+    assert [e.fields["place"] for e in records[1].history] == ["station", "home", "coast"]
+    assert records[1].context == {"topic": "holiday plans", "length": 40, "mood": "cheerful"}
+    assert records[1].meta == {
+        "target_spans": [[0, 12, "context"], [14, 19, "preference"]],
+        "note": "kept as is",
+    }
+    # .jsonl.gz reads the same.
+    gz = tmp_path / "records.jsonl.gz"
+    gz.write_bytes(gzip.compress(path.read_bytes()))
+    again, _ = _read(DataConfig(format="generic", template="plain", sources=[str(gz)]))
+    assert [(r.user_id, r.target, r.history, r.meta) for r in again] == [
+        (r.user_id, r.target, r.history, r.meta) for r in records
+    ]
+
+
+BAD_AMAZON = FIXTURES / "amazon2023_bad"
+BAD_GENERIC = FIXTURES / "generic_bad" / "records.jsonl"
+
+
+def _bad_amazon_cfg(on_error):
+    return DataConfig(
+        format="amazon2023",
+        sources=[str(BAD_AMAZON / "Books.jsonl")],
+        meta=[str(BAD_AMAZON / "meta_Books.jsonl")],
+        on_error=on_error,
+        **SMALL,
+    )
+
+
+def test_bad_input_fails_listing_every_file_line_and_field():
+    with pytest.raises(DataError) as e:
+        _read(_bad_amazon_cfg("fail"))
+    msg = str(e.value)
+    f = BAD_AMAZON / "Books.jsonl"
+    assert f"{f}:5: not valid JSON" in msg
+    assert f"{f}:12:user_id: required field `user_id` is missing" in msg
+    assert f"{f}:20:text: byte 0xff at column" in msg
+    assert f"{f}:44:parent_asin: item 'B0UNKNOWN0' is not in the metadata file" in msg
+    assert msg.startswith("4 invalid input record(s)") and "data.on_error: skip" in msg
+
+    with pytest.raises(DataError) as e:
+        _read(DataConfig(format="generic", template="plain", sources=[str(BAD_GENERIC)]))
+    msg = str(e.value)
+    assert f"{BAD_GENERIC}:2: not valid JSON" in msg
+    assert f"{BAD_GENERIC}:4:target: required field `target` is missing" in msg
+    assert f"{BAD_GENERIC}:6:history[0]: byte 0xe9 at column" in msg
+    assert f"{BAD_GENERIC}:7:history: `history` must be a list, got str" in msg
+
+
+def test_bad_input_skipped_and_counted_exactly():
+    records, log = _read(_bad_amazon_cfg("skip"))
+    assert dict(log.errors) == {"malformed_json": 1, "missing_field": 1, "invalid_utf8": 1, "unknown_item": 1}
+    good, good_log = _read(_amazon_cfg())
+    assert log.dropped == good_log.dropped and len(records) == len(good)
+    _, log = _read(
+        DataConfig(format="generic", template="plain", sources=[str(BAD_GENERIC)], on_error="skip")
+    )
+    assert dict(log.errors) == {"malformed_json": 1, "missing_field": 1, "invalid_utf8": 1, "wrong_type": 1}
+
+
+def test_fail_mode_lists_the_first_errors_and_counts_the_rest(tmp_path):
+    path = tmp_path / "many.jsonl"
+    path.write_text("".join('{"user_id": "u"}\n' for _ in range(30)))
+    with pytest.raises(DataError) as e:
+        _read(DataConfig(format="generic", template="plain", sources=[str(path)], max_errors_shown=5))
+    msg = str(e.value)
+    assert msg.count(": required field") == 5 and "... and 25 more" in msg and f"{path}:30" not in msg
+
+
+def test_configuration_errors_name_the_setting(tmp_path):
+    with pytest.raises(ValueError, match=r"data.sources: no file matches"):
+        _read(DataConfig(format="generic", template="plain", sources=[str(tmp_path / "nothing*.jsonl")]))
+    lonely = tmp_path / "Movies.jsonl"
+    shutil.copy(AMAZON / "Books.jsonl", lonely)
+    with pytest.raises(ValueError, match=r"no metadata file for reviews .*meta_Movies"):
+        _read(DataConfig(format="amazon2023", sources=[str(lonely)], meta=[str(AMAZON / "meta_Books.jsonl")]))
+    with pytest.raises(ValueError, match=r"'lamp_topic_writing' needs context fields \['input'\]"):
+        _read(_amazon_cfg(template="lamp_topic_writing"))
+    assert split_from_name(FIXTURES / "lamp" / "topic_writing" / "dev_questions.json") == "val"
+    with pytest.raises(ValueError, match="cannot tell its split"):
+        split_from_name(tmp_path / "rows.jsonl")
+    with pytest.raises(ValueError, match=r"data.max_history must be an integer >= 0"):
+        DataConfig(max_history=-1)
