@@ -1,0 +1,118 @@
+"""`nextquill-jax data`: prepare, inspect or synthesise data.
+
+    nextquill-jax data prepare --config FILE --out DIR [--force]
+    nextquill-jax data show DIR --index I [--split train|val|test]
+    nextquill-jax data synth --out DIR --users N [--seed S] [--items N] [--reviews-per-user N]
+                             [--targets-per-user N] [--signature-words N]
+
+`prepare` reads the `data:` section of FILE (or the whole file when it has no `data:` key).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+from nextquill_jax.data.config import SPLITS
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    p = sub.add_parser("prepare", help="tokenise the configured sources into DIR (reused when up to date)")
+    p.add_argument("--config", required=True, type=Path, help="YAML file with a `data:` section")
+    p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.add_argument("--force", action="store_true", help="prepare again even when DIR is up to date")
+    s = sub.add_parser("show", help="print one prepared example: both prompts, the target, token counts")
+    s.add_argument("dir", type=Path, help="a directory written by `data prepare`")
+    s.add_argument("--index", required=True, type=int, help="example index within the split (from 0)")
+    s.add_argument("--split", default="train", choices=SPLITS)
+    g = sub.add_parser("synth", help="write the synthetic benchmark (generic JSONL with ground-truth roles)")
+    g.add_argument("--out", required=True, type=Path, help="output directory")
+    g.add_argument("--users", required=True, type=int)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--items", type=int, default=None, help="catalogue size (default: from the other sizes)")
+    g.add_argument("--reviews-per-user", type=int, default=12)
+    g.add_argument("--targets-per-user", type=int, default=6)
+    g.add_argument("--signature-words", type=int, default=3)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        if args.data_command == "prepare":
+            return _prepare(args)
+        if args.data_command == "show":
+            return _show(args)
+        return _synth(args)
+    except (ValueError, TypeError, FileNotFoundError, IndexError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from nextquill_jax.config import build
+    from nextquill_jax.data.config import DataConfig
+    from nextquill_jax.data.prepare import prepare
+
+    raw = yaml.safe_load(args.config.read_text(encoding="utf-8")) or {}
+    section = raw.get("data", raw) if isinstance(raw, dict) else None
+    if not isinstance(section, dict):
+        raise ValueError(f"{args.config}: expected a mapping with a `data:` section")
+    prepare(build(DataConfig, section, "data", str(args.config)), args.out, force=args.force)
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    from nextquill_jax.data.prepared import PreparedSplit
+
+    split = PreparedSplit(args.dir, args.split)
+    tokens = split[args.index]
+    row = _jsonl_row(args.dir / f"{args.split}.jsonl", args.index)
+    lines = [
+        f"example {args.index} of {args.split} ({len(split)} examples) | user {row['user_id']}"
+        f" | category {row['category'] or '-'} | id {row['id'] or '-'}",
+        f"source: {row['source']}",
+        f"history: {row['history_used']} of {row['history_available']} entries used"
+        f" ({row['history_dropped_for_length']} dropped to fit the prompt limit)",
+        f"tokens: prompt with history {tokens['prompt_with'].size}, prompt without history"
+        f" {tokens['prompt_without'].size}, target {tokens['target'].size} (with EOS"
+        f"{', cut' if row['target_cut'] else ''})",
+    ]
+    for title, text in (
+        ("prompt with history", row["prompt_with_history"]),
+        ("prompt without history", row["prompt_without_history"]),
+        ("target", row["target"]),
+    ):
+        lines += [f"----- {title} -----", text.rstrip("\n")]
+    if row.get("meta"):
+        lines += ["----- meta -----", json.dumps(row["meta"], ensure_ascii=False)]
+    print("\n".join(lines))
+    return 0
+
+
+def _jsonl_row(path: Path, index: int) -> dict:
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if i == index:
+                return json.loads(line)
+    raise IndexError(f"{path} has no example {index}")
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from nextquill_jax.data.synth import generate_synthetic
+
+    manifest = generate_synthetic(
+        args.out,
+        users=args.users,
+        seed=args.seed,
+        items=args.items,
+        reviews_per_user=args.reviews_per_user,
+        targets_per_user=args.targets_per_user,
+        signature_words=args.signature_words,
+    )
+    counts = ", ".join(f"{s} {n}" for s, n in manifest["records"].items())
+    print(f"wrote {args.out / 'synthetic.jsonl'}: {counts} records ({manifest['users']} users)")
+    return 0

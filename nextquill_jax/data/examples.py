@@ -1,0 +1,176 @@
+"""Records -> examples: the with- and without-history prompts of one target, fitted and tokenised.
+
+The history is the `max_history` most recent entries, newest first (entry 1 is the most recent). While the
+with-history prompt has more than `max_prompt_tokens` tokens, the oldest remaining entry is dropped. The
+target is cut at `max_target_tokens` tokens and the tokenizer's EOS appended. Prompts and target are tokenised
+separately and without special tokens (special-token text in a prompt, such as `<|im_start|>`, still maps to
+its id), so the target tokens are exactly the labels. An example whose prompt does not fit even with no
+history is dropped (`prompt_too_long`). Tokenisation runs in batches through the fast tokenizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from nextquill_jax.data.config import DataConfig
+from nextquill_jax.data.prepared import TokenizedExample
+from nextquill_jax.data.records import Issue, IssueLog, Record
+from nextquill_jax.data.templates import PromptTemplate, render_prompt
+
+
+@dataclass(frozen=True)
+class Example:
+    """One rendered and tokenised example, and how its history was fitted."""
+
+    record: Record
+    prompt_with_history: str
+    prompt_without_history: str
+    history_used: int  # entries in the with-history prompt
+    history_dropped_for_length: int  # recent entries (within max_history) dropped to fit max_prompt_tokens
+    target_cut: bool  # the target had more than max_target_tokens tokens
+    tokens: TokenizedExample
+
+
+@dataclass
+class FittingStats:
+    """What example building left out, summed over all examples."""
+
+    history_entries_beyond_max_history: int = 0
+    history_entries_dropped_for_length: int = 0
+    examples_with_no_history_fitting: int = 0
+    targets_cut: int = 0
+
+
+def build_examples(
+    records: Sequence[Record],
+    template: PromptTemplate,
+    tokenizer: Any,
+    cfg: DataConfig,
+    log: IssueLog,
+    stats: FittingStats,
+) -> Iterator[Example]:
+    """Examples of `records`, in order; records that cannot become one are counted in `log`.
+
+    `tokenizer` is a fast Hugging Face tokenizer with an EOS token.
+
+    Raises:
+        ValueError: the tokenizer has no EOS token, or `cfg.chat_template` is set and it has no chat template.
+    """
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError(f"data.tokenizer {cfg.tokenizer!r} has no EOS token; targets end with EOS")
+    chat = tokenizer if cfg.chat_template else None
+    if chat is not None and not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"data.chat_template is true but tokenizer {cfg.tokenizer!r} has no chat template; set it to"
+            f" false to use the frame of template {template.name!r}"
+        )
+    for start in range(0, len(records), cfg.tokenize_batch_size):
+        yield from _build_batch(
+            records[start : start + cfg.tokenize_batch_size], template, tokenizer, chat, eos, cfg, log, stats
+        )
+
+
+def _build_batch(
+    records: Sequence[Record],
+    template: PromptTemplate,
+    tokenizer: Any,
+    chat: Any,
+    eos: int,
+    cfg: DataConfig,
+    log: IssueLog,
+    stats: FittingStats,
+) -> Iterator[Example]:
+    newest_first: list[list[dict]] = []
+    with_texts: list[str] = []
+    without: list[str] = []
+    valid: list[Record] = []
+    for record in records:
+        entries = [dict(e.fields) for e in reversed(record.history)][: cfg.max_history]
+        try:
+            text_with = render_prompt(template, record.context, entries, chat_tokenizer=chat)
+            text_without = render_prompt(template, record.context, None, chat_tokenizer=chat)
+        except KeyError as e:
+            log.error(
+                Issue("missing_field", record.source, str(e.args[0]), f"template {template.name!r} needs it")
+            )
+            continue
+        with_texts.append(text_with)
+        without.append(text_without)
+        stats.history_entries_beyond_max_history += max(0, len(record.history) - cfg.max_history)
+        newest_first.append(entries)
+        valid.append(record)
+    without_ids = _tokenize(tokenizer, without)
+    target_ids = _tokenize(tokenizer, [r.target for r in valid])
+    kept = [len(e) for e in newest_first]
+    with_ids = _tokenize(tokenizer, with_texts)
+    pending = [i for i in range(len(valid)) if len(with_ids[i]) > cfg.max_prompt_tokens and kept[i] > 0]
+    # Re-render only the prompts still over the limit, one entry shorter per round (<= max_history rounds).
+    while pending:
+        for i in pending:
+            kept[i] -= 1
+            with_texts[i] = render_prompt(
+                template, valid[i].context, newest_first[i][: kept[i]], chat_tokenizer=chat
+            )
+        for i, ids in zip(pending, _tokenize(tokenizer, [with_texts[i] for i in pending]), strict=True):
+            with_ids[i] = ids
+        pending = [i for i in pending if len(with_ids[i]) > cfg.max_prompt_tokens and kept[i] > 0]
+    for i, record in enumerate(valid):
+        if len(with_ids[i]) > cfg.max_prompt_tokens or len(without_ids[i]) > cfg.max_prompt_tokens:
+            log.drop("prompt_too_long")
+            continue
+        dropped = len(newest_first[i]) - kept[i]
+        stats.history_entries_dropped_for_length += dropped
+        stats.examples_with_no_history_fitting += kept[i] == 0
+        target = target_ids[i]
+        cut = len(target) > cfg.max_target_tokens
+        stats.targets_cut += cut
+        yield Example(
+            record=record,
+            prompt_with_history=with_texts[i],
+            prompt_without_history=without[i],
+            history_used=kept[i],
+            history_dropped_for_length=dropped,
+            target_cut=cut,
+            tokens=TokenizedExample(
+                prompt_with=np.asarray(with_ids[i], np.int32),
+                prompt_without=np.asarray(without_ids[i], np.int32),
+                target=np.asarray([*target[: cfg.max_target_tokens], eos], np.int32),
+            ),
+        )
+
+
+def _tokenize(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    if not texts:
+        return []
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def example_row(index: int, example: Example) -> dict[str, Any]:
+    """The rendered example as one JSON object of `<split>.jsonl`."""
+    r = example.record
+    return {
+        "index": index,
+        "user_id": r.user_id,
+        "id": r.id,
+        "split": r.split,
+        "category": r.category,
+        "source": r.source,
+        "prompt_with_history": example.prompt_with_history,
+        "prompt_without_history": example.prompt_without_history,
+        "target": r.target,
+        "history_used": example.history_used,
+        "history_available": len(r.history),
+        "history_dropped_for_length": example.history_dropped_for_length,
+        "target_cut": example.target_cut,
+        "tokens": {
+            "prompt_with": int(example.tokens.prompt_with.size),
+            "prompt_without": int(example.tokens.prompt_without.size),
+            "target": int(example.tokens.target.size),
+        },
+        "meta": r.meta,
+    }

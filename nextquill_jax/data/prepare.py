@@ -1,0 +1,206 @@
+"""`data prepare`: records -> examples -> token arrays on disk, with a readable copy and a summary.
+
+`DIR/<split>/` holds the token arrays (`prepared.write_split`), `DIR/<split>.jsonl` the rendered examples in
+the same order (what the model sees, as text), `DIR/summary.json` the counts (rows read per file, invalid
+records by reason, records dropped by reason, examples per split, history fitting) and token-length
+statistics.
+
+A fingerprint of the settings (DataConfig without `batching`), the template's text, the tokenizer (its full
+serialisation, EOS and chat template) and the source files (path, size, modification time) is stored in the
+summary; a later run with the same fingerprint reuses the directory instead of preparing again. The summary
+is written last, so an interrupted run is never mistaken for a finished one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nextquill_jax.data.config import SPLITS, DataConfig
+from nextquill_jax.data.examples import Example, FittingStats, build_examples, example_row
+from nextquill_jax.data.prepared import write_split
+from nextquill_jax.data.readers import expand_paths, read_records
+from nextquill_jax.data.records import IssueLog
+from nextquill_jax.data.templates import PromptTemplate, load_template
+
+FORMAT_VERSION = 1  # bump when the prepared layout or the example building changes
+
+
+def prepare(
+    cfg: DataConfig,
+    out_dir: str | Path,
+    *,
+    tokenizer: Any = None,
+    force: bool = False,
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Prepare `cfg`'s data into `out_dir` (or reuse it) and return the summary.
+
+    `tokenizer`: a fast Hugging Face tokenizer; None loads `cfg.tokenizer` with `models.load_tokenizer`.
+    The summary's `reused` is true when an identical earlier preparation was found.
+
+    Raises:
+        DataError: invalid records with `cfg.on_error == "fail"` (all listed, nothing written).
+        ValueError: configuration problems (missing files, unpaired metadata, template fields, tokenizer), or
+            no example left.
+    """
+    out = Path(out_dir)
+    template = load_template(cfg.template)
+    tokenizer = load_fast_tokenizer(cfg.tokenizer) if tokenizer is None else tokenizer
+    fingerprint, inputs = _fingerprint(cfg, template, tokenizer)
+    previous = read_summary(out)
+    if (
+        not force
+        and previous is not None
+        and previous.get("fingerprint") == fingerprint
+        and _complete(out, previous)
+    ):
+        echo(f"{out}: prepared data up to date (fingerprint {fingerprint[:12]}), reusing it")
+        return {**previous, "reused": True}
+
+    log = IssueLog(on_error=cfg.on_error, max_shown=cfg.max_errors_shown)
+    records = read_records(cfg, template, log)
+    log.raise_if_failed()
+    stats = FittingStats()
+    by_split: dict[str, list[Example]] = {s: [] for s in SPLITS}
+    for example in build_examples(records, template, tokenizer, cfg, log, stats):
+        by_split[example.record.split].append(example)
+    log.raise_if_failed()
+    splits = [s for s in SPLITS if by_split[s]]
+    if not splits:
+        raise ValueError(
+            f"no examples left to prepare: errors {dict(log.errors)}, dropped {dict(log.dropped)}; check the"
+            " sources and the filter thresholds"
+        )
+
+    _clear(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for split in splits:
+        examples = by_split[split]
+        write_split(
+            out,
+            split,
+            (e.tokens for e in examples),
+            fingerprint=fingerprint,
+            template=template.name,
+            tokenizer=cfg.tokenizer,
+            eos_token_id=int(tokenizer.eos_token_id),
+        )
+        with open(out / f"{split}.jsonl", "w", encoding="utf-8", newline="\n") as f:
+            for i, example in enumerate(examples):
+                f.write(json.dumps(example_row(i, example), ensure_ascii=False) + "\n")
+    summary = {
+        "fingerprint": fingerprint,
+        "format_version": FORMAT_VERSION,
+        "format": cfg.format,
+        "template": template.name,
+        "tokenizer": cfg.tokenizer,
+        "eos_token_id": int(tokenizer.eos_token_id),
+        "inputs": inputs,
+        "config": cfg.fingerprint_fields(),
+        "read": dict(log.read),
+        "records_kept": len(records),
+        "errors": dict(sorted(log.errors.items())),
+        "dropped": dict(sorted(log.dropped.items())),
+        "fitting": dataclasses.asdict(stats),
+        "examples": {s: len(by_split[s]) for s in splits},
+        "splits": splits,
+        "tokens": {s: _token_stats(by_split[s]) for s in splits},
+    }
+    tmp = out / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, out / "summary.json")
+    echo(_describe(out, summary))
+    return {**summary, "reused": False}
+
+
+def load_fast_tokenizer(name: str) -> Any:
+    """`models.load_tokenizer(name)` (always a fast tokenizer), checked to have an EOS token.
+
+    Raises:
+        ValueError: an unknown name, or a tokenizer without EOS, naming `data.tokenizer`.
+        TypeError: a directory holding a slow tokenizer.
+    """
+    from nextquill_jax.models import load_tokenizer
+
+    tokenizer = load_tokenizer(name)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"data.tokenizer {name!r} has no EOS token; targets end with EOS")
+    return tokenizer
+
+
+def read_summary(out_dir: str | Path) -> dict[str, Any] | None:
+    """The summary of a finished preparation in `out_dir`, or None."""
+    path = Path(out_dir) / "summary.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
+def _fingerprint(cfg: DataConfig, template: PromptTemplate, tokenizer: Any) -> tuple[str, list[dict]]:
+    inputs = []
+    for path in [*expand_paths(cfg.sources, "sources"), *expand_paths(cfg.meta, "meta")]:
+        st = path.stat()
+        inputs.append({"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+    tok = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
+    key = {
+        "format_version": FORMAT_VERSION,
+        "config": cfg.fingerprint_fields(),
+        "template": dataclasses.asdict(template),
+        "tokenizer": [tok, tokenizer.eos_token_id, getattr(tokenizer, "chat_template", None)],
+        "inputs": inputs,
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest(), inputs
+
+
+def _complete(out: Path, summary: dict[str, Any]) -> bool:
+    return all(
+        (out / s / "meta.json").exists() and (out / f"{s}.jsonl").exists() for s in summary.get("splits", [])
+    )
+
+
+def _clear(out: Path) -> None:
+    # Only the names this command writes; anything else in the directory is left alone.
+    (out / "summary.json").unlink(missing_ok=True)
+    for split in SPLITS:
+        if (out / split / "meta.json").exists():
+            shutil.rmtree(out / split)
+        (out / f"{split}.jsonl").unlink(missing_ok=True)
+
+
+def _token_stats(examples: list[Example]) -> dict[str, dict[str, float]]:
+    lengths = {
+        "prompt_with": [e.tokens.prompt_with.size for e in examples],
+        "prompt_without": [e.tokens.prompt_without.size for e in examples],
+        "target": [e.tokens.target.size for e in examples],
+        "history_used": [e.history_used for e in examples],
+    }
+    out = {}
+    for name, values in lengths.items():
+        a = np.asarray(values, dtype=np.float64)
+        out[name] = {
+            "total": int(a.sum()),
+            "min": int(a.min()),
+            "mean": round(float(a.mean()), 2),
+            "p50": float(np.percentile(a, 50)),
+            "p95": float(np.percentile(a, 95)),
+            "max": int(a.max()),
+        }
+    return out
+
+
+def _describe(out: Path, summary: dict[str, Any]) -> str:
+    lines = [f"prepared {out}: " + ", ".join(f"{s} {n} examples" for s, n in summary["examples"].items())]
+    if summary["errors"]:
+        lines.append(
+            "  skipped invalid records: " + ", ".join(f"{k} {v}" for k, v in summary["errors"].items())
+        )
+    if summary["dropped"]:
+        lines.append("  dropped: " + ", ".join(f"{k} {v}" for k, v in summary["dropped"].items()))
+    return "\n".join(lines)

@@ -1,0 +1,181 @@
+"""Prompt templates: data (YAML files), not code.
+
+A template is six strings, filled with `str.format`:
+
+    system      the system message
+    frame       wraps the turns: must contain {system} and {user}; null: use the tokenizer's chat template
+    user        the user message: the record's context fields, and {history} where the history block goes
+    history     the history block when there is history: {entries} is the rendered entries
+    no_history  the history block of the without-history prompt (the `None` placeholder)
+    entry       one history entry: {index} (1 = most recent) and the entry's fields
+
+`{context_fields}` (in `user`) and `{entry_fields}` (in `entry`) render every named field as `[name]: value`
+lines, for templates that must work with any record. These placeholder names, `history`, `entries` and `index`
+are reserved: a record field with one of these names cannot be referenced. Values are inserted with `str()`
+semantics, so a float rating prints like Python prints it (`5.0`).
+
+Built-in templates live in `nextquill_jax/data/templates/` and are chosen by name (`review`,
+`lamp_topic_writing`, `lamp_abstract`, `plain`); any other YAML file with the same keys is chosen by path.
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+TEMPLATE_DIR = Path(__file__).parent / "templates"
+KEYS = ("system", "frame", "user", "history", "no_history", "entry")
+RESERVED = frozenset({"history", "entries", "index", "context_fields", "entry_fields", "system", "user"})
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """A loaded template; see the module docstring for the meaning of each string."""
+
+    name: str
+    system: str
+    frame: str | None
+    user: str
+    history: str
+    no_history: str
+    entry: str
+
+    @property
+    def context_fields(self) -> frozenset[str]:
+        """Record context fields the `user` string needs."""
+        return _placeholders(self.user) - RESERVED
+
+    @property
+    def entry_fields(self) -> frozenset[str]:
+        """History entry fields the `entry` string needs."""
+        return _placeholders(self.entry) - RESERVED
+
+
+def builtin_templates() -> list[str]:
+    """Names of the templates shipped with the package."""
+    return sorted(p.stem for p in TEMPLATE_DIR.glob("*.yaml"))
+
+
+def load_template(name_or_path: str) -> PromptTemplate:
+    """A built-in template by name, or a YAML file by path.
+
+    Raises:
+        ValueError: unknown name, missing or unknown keys, a non-string value, a malformed placeholder, or a
+            string lacking its required placeholder (`frame`: {system} and {user}; `user`: {history};
+            `history`: {entries}); the message names the file and key.
+    """
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = TEMPLATE_DIR / f"{name_or_path}.yaml"
+        if not path.exists():
+            raise ValueError(
+                f"data.template: unknown template {name_or_path!r}; built-in:"
+                f" {', '.join(builtin_templates())}, or give the path of a YAML file"
+            )
+    if not path.exists():
+        raise ValueError(f"data.template: {path} does not exist")
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: a template is a mapping with keys {', '.join(KEYS)}")
+    unknown = sorted(set(raw) - set(KEYS))
+    missing = sorted(set(KEYS) - set(raw) - {"frame"})
+    if unknown or missing:
+        raise ValueError(
+            f"{path}: unknown keys {unknown}, missing keys {missing}; a template has {', '.join(KEYS)}"
+        )
+    for key in KEYS:
+        value = raw.get(key)
+        if not isinstance(value, str) and not (key == "frame" and value is None):
+            raise ValueError(f"{path}: `{key}` must be a string{' or null' if key == 'frame' else ''}")
+        if value is not None:
+            try:
+                _placeholders(value)
+            except ValueError as e:
+                raise ValueError(
+                    f"{path}: `{key}` is not a valid format string ({e}); write literal braces as {{{{ }}}}"
+                ) from e
+    required = {"user": {"history"}, "history": {"entries"}}
+    if raw.get("frame") is not None:
+        required["frame"] = {"system", "user"}
+    for key, names in required.items():
+        lacking = names - _placeholders(raw[key])
+        if lacking:
+            raise ValueError(
+                f"{path}: `{key}` must contain {', '.join('{' + n + '}' for n in sorted(lacking))}"
+            )
+    return PromptTemplate(name=path.stem, **{k: raw.get(k) for k in KEYS})
+
+
+def render_messages(
+    template: PromptTemplate,
+    context: Mapping[str, Any],
+    entries: Sequence[Mapping[str, Any]] | None,
+) -> tuple[str, str]:
+    """(system, user) message texts. `entries` newest first; None renders the `no_history` placeholder.
+
+    Raises:
+        KeyError: naming a field the template needs that the context or an entry lacks.
+    """
+    if entries is None:
+        history = template.no_history
+    else:
+        body = "".join(
+            template.entry.format_map(_Fields(e, index=i + 1, entry_fields=fields_block(e)))
+            for i, e in enumerate(entries)
+        )
+        history = template.history.format_map({"entries": body})
+    user = template.user.format_map(_Fields(context, history=history, context_fields=fields_block(context)))
+    return template.system, user
+
+
+def render_prompt(
+    template: PromptTemplate,
+    context: Mapping[str, Any],
+    entries: Sequence[Mapping[str, Any]] | None,
+    *,
+    chat_tokenizer: Any = None,
+) -> str:
+    """The full prompt text: the template's frame, or `chat_tokenizer.apply_chat_template` when given.
+
+    Raises:
+        KeyError: a field the template needs is missing (see `render_messages`).
+        ValueError: the template has no frame and no tokenizer chat template was given.
+    """
+    system, user = render_messages(template, context, entries)
+    if chat_tokenizer is not None:
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+        return chat_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if template.frame is None:
+        raise ValueError(
+            f"template {template.name!r} has no frame: set `data.chat_template: true` to use the"
+            " tokenizer's own"
+        )
+    return template.frame.format_map({"system": system, "user": user})
+
+
+def fields_block(fields: Mapping[str, Any]) -> str:
+    """Every field as a `[name]: value` line."""
+    return "".join(f"[{k}]: {v}\n" for k, v in fields.items())
+
+
+class _Fields(dict):
+    """Record fields plus the reserved placeholders; the reserved ones win."""
+
+    def __init__(self, fields: Mapping[str, Any], **reserved: Any):
+        super().__init__(fields)
+        self.update(reserved)
+
+
+def _placeholders(fmt: str) -> frozenset[str]:
+    names = set()
+    for _, name, _, _ in string.Formatter().parse(fmt):
+        if name is not None:
+            if not name or name.isdigit():
+                raise ValueError("positional placeholders `{}` are not allowed; name every field")
+            names.add(name.split(".")[0].split("[")[0])
+    return frozenset(names)

@@ -1,0 +1,181 @@
+"""Example building: history fitting (property test over random lengths), target cut, EOS, tokens."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from data_helpers import FIXTURES, tiny_tokenizer
+
+from nextquill_jax.data.config import DataConfig
+from nextquill_jax.data.examples import FittingStats, build_examples
+from nextquill_jax.data.readers import read_records
+from nextquill_jax.data.records import HistoryEntry, IssueLog, Record
+from nextquill_jax.data.templates import load_template
+
+WORDS = ["the", "story", "river", "pages", "quiet", "engine", "harbor", "lantern", "winter", "orchard"]
+
+
+def _plain_prompt(context: str, newest_first: list[str] | None) -> str:
+    """The `plain` template written out by hand."""
+    if newest_first is None:
+        history = "[History]:\nNone\n"
+    else:
+        history = (
+            "[History]:\n"
+            + "".join(f"[Entry {i + 1}]:\n[text]: {t}\n" for i, t in enumerate(newest_first))
+            + "\n"
+        )
+    return f"Write the user's next text.\n[context]: {context}\n{history}[Response]:\n"
+
+
+def _random_records(rng: np.random.Generator, n: int) -> list[Record]:
+    records = []
+    for r in range(n):
+        history = tuple(
+            HistoryEntry(
+                fields={"text": f"m{r}x{i} " + " ".join(rng.choice(WORDS, size=int(rng.integers(1, 40))))},
+                timestamp=float(i),
+            )
+            for i in range(int(rng.integers(0, 13)))
+        )
+        records.append(
+            Record(
+                user_id=f"u{r}",
+                context={"context": " ".join(rng.choice(WORDS, size=int(rng.integers(1, 25))))},
+                history=history,
+                target=" ".join(rng.choice(WORDS, size=int(rng.integers(1, 30)))),
+                split="train",
+                source=f"random:{r}",
+                id=str(r),
+            )
+        )
+    return records
+
+
+def _trial(seed: int) -> tuple[DataConfig, list[Record]]:
+    """Random max_history, prompt limit and records (40, in batches of 7)."""
+    rng = np.random.default_rng(seed)
+    max_history, limit = int(rng.integers(0, 9)), int(rng.integers(30, 700))
+    cfg = DataConfig(
+        template="plain", max_history=max_history, max_prompt_tokens=limit, tokenize_batch_size=7
+    )
+    return cfg, _random_records(rng, 40)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4, 5])
+def test_history_fitting_drops_oldest_first_and_never_exceeds_the_limit(seed):
+    tok = tiny_tokenizer()
+    n_tokens = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])
+    cfg, records = _trial(seed)
+    max_history, limit = cfg.max_history, cfg.max_prompt_tokens
+    log, stats = IssueLog(), FittingStats()
+    examples = {e.record.id: e for e in build_examples(records, load_template("plain"), tok, cfg, log, stats)}
+
+    expected_dropped_examples = expected_dropped_entries = 0
+    for record in records:
+        texts = [e.fields["text"] for e in reversed(record.history)]  # newest first
+        context = record.context["context"]
+        k = min(max_history, len(texts))
+        top = k
+        while k > 0 and n_tokens(_plain_prompt(context, texts[:k])) > limit:
+            k -= 1
+        fits = n_tokens(_plain_prompt(context, texts[:k])) <= limit
+        if not fits or n_tokens(_plain_prompt(context, None)) > limit:
+            expected_dropped_examples += 1
+            assert record.id not in examples
+            continue
+        expected_dropped_entries += top - k
+        example = examples[record.id]
+        assert example.history_used == k and example.history_dropped_for_length == top - k
+        assert example.prompt_with_history == _plain_prompt(context, texts[:k])
+        assert example.prompt_without_history == _plain_prompt(context, None)
+        # The kept entries are the k most recent; every older one is absent.
+        for i, text in enumerate(texts):
+            assert (text.split()[0] + " " in example.prompt_with_history) == (i < k)
+        assert example.tokens.prompt_with.size <= limit and example.tokens.prompt_without.size <= limit
+    assert log.dropped.get("prompt_too_long", 0) == expected_dropped_examples
+    assert stats.history_entries_dropped_for_length == expected_dropped_entries
+    assert stats.history_entries_beyond_max_history == sum(
+        max(0, len(r.history) - max_history) for r in records
+    )
+    assert len(examples) == len(records) - expected_dropped_examples
+
+
+def test_some_fitting_actually_happens_in_the_property_test():
+    # Guards the property test against limits that never bind: across its seeds, entries are dropped for
+    # length, some examples keep every entry, and some are dropped whole.
+    dropped_entries = kept_all = dropped_examples = 0
+    for seed in range(6):
+        cfg, records = _trial(seed)
+        log, stats = IssueLog(), FittingStats()
+        examples = list(build_examples(records, load_template("plain"), tiny_tokenizer(), cfg, log, stats))
+        dropped_entries += stats.history_entries_dropped_for_length
+        kept_all += sum(e.history_dropped_for_length == 0 and e.history_used > 0 for e in examples)
+        dropped_examples += log.dropped.get("prompt_too_long", 0)
+    assert dropped_entries > 20 and kept_all > 20 and dropped_examples > 0
+
+
+def test_target_cut_then_eos_and_tokens_match_the_text():
+    tok = tiny_tokenizer()
+    cfg = DataConfig(
+        format="amazon2023",
+        sources=[str(FIXTURES / "amazon2023" / "Books.jsonl")],
+        meta=[str(FIXTURES / "amazon2023" / "meta_Books.jsonl")],
+        max_target_tokens=20,
+        dpl_min_item_users=2,
+        dpl_min_user_reviews=5,
+        dpl_num_targets=3,
+        dpl_min_profile_item_users=2,
+        dpl_min_profile_reviews=2,
+    )
+    log, stats = IssueLog(), FittingStats()
+    template = load_template("review")
+    examples = list(build_examples(read_records(cfg, template, log), template, tok, cfg, log, stats))
+    assert len(examples) == 12
+    eos = tok.eos_token_id
+    for e in examples:
+        full = tok(e.record.target, add_special_tokens=False)["input_ids"]
+        assert len(full) > 20 and e.target_cut
+        np.testing.assert_array_equal(e.tokens.target, [*full[:20], eos])
+        # Prompt tokens are exactly the prompt text's, ChatML markers as their special-token ids.
+        np.testing.assert_array_equal(
+            e.tokens.prompt_with, tok(e.prompt_with_history, add_special_tokens=False)["input_ids"]
+        )
+        np.testing.assert_array_equal(
+            e.tokens.prompt_without, tok(e.prompt_without_history, add_special_tokens=False)["input_ids"]
+        )
+        assert e.tokens.prompt_with[0] == tok.convert_tokens_to_ids("<|im_start|>")
+        assert e.tokens.prompt_with.dtype == np.int32 and e.tokens.target.dtype == np.int32
+    assert stats.targets_cut == 12
+
+    long_cfg = DataConfig(**{**cfg.fingerprint_fields(), "max_target_tokens": 2048})
+    short = list(
+        build_examples(read_records(long_cfg, template, log), template, tok, long_cfg, log, FittingStats())
+    )
+    for e in short:
+        assert not e.target_cut
+        np.testing.assert_array_equal(
+            e.tokens.target, [*tok(e.record.target, add_special_tokens=False)["input_ids"], eos]
+        )
+
+
+def test_tokenizer_without_eos_or_chat_template_is_refused():
+    tok = tiny_tokenizer()
+    records = _random_records(np.random.default_rng(0), 2)
+    with pytest.raises(ValueError, match="has no chat template"):
+        no_chat = tok.__class__(tokenizer_object=tok.backend_tokenizer, eos_token="<|endoftext|>")
+        list(
+            build_examples(
+                records,
+                load_template("plain"),
+                no_chat,
+                DataConfig(chat_template=True),
+                IssueLog(),
+                FittingStats(),
+            )
+        )
+    with pytest.raises(ValueError, match="has no EOS token"):
+        no_eos = tok.__class__(tokenizer_object=tok.backend_tokenizer)
+        list(
+            build_examples(records, load_template("plain"), no_eos, DataConfig(), IssueLog(), FittingStats())
+        )

@@ -1,0 +1,240 @@
+"""`nextquill-jax data prepare / show / synth`: every fixture format, bad input, fingerprint reuse."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import yaml
+from data_helpers import FIXTURES, save_tiny_tokenizer, tiny_tokenizer
+
+from nextquill_jax.cli import main
+from nextquill_jax.data.config import DataConfig
+from nextquill_jax.data.prepare import prepare
+from nextquill_jax.data.prepared import PreparedSplit
+
+SMALL = dict(
+    dpl_min_item_users=2,
+    dpl_min_user_reviews=5,
+    dpl_num_targets=3,
+    dpl_min_profile_item_users=2,
+    dpl_min_profile_reviews=2,
+)
+F = FIXTURES
+FORMATS = {
+    "amazon2023": dict(
+        format="amazon2023",
+        sources=[f"{F}/amazon2023/Books.jsonl"],
+        meta=[f"{F}/amazon2023/meta_Books.jsonl"],
+        **SMALL,
+    ),
+    "dpl": dict(format="dpl", sources=[f"{F}/dpl/Books/*.jsonl"], meta=[f"{F}/dpl/meta/Books.jsonl"]),
+    "lamp_topic_writing": dict(
+        format="lamp",
+        template="lamp_topic_writing",
+        sources=[f"{F}/lamp/topic_writing/dev_questions.json"],
+        meta=[f"{F}/lamp/topic_writing/dev_outputs.json"],
+    ),
+    "lamp_abstract": dict(
+        format="lamp",
+        template="lamp_abstract",
+        sources=[f"{F}/lamp/abstract/train_questions.jsonl"],
+        meta=[f"{F}/lamp/abstract/train_outputs.json"],
+    ),
+    "generic": dict(format="generic", template="plain", sources=[f"{F}/generic/records.jsonl"]),
+}
+EXPECTED_EXAMPLES = {
+    "amazon2023": {"train": 4, "val": 4, "test": 4},
+    "dpl": {"train": 4, "val": 4, "test": 4},
+    "lamp_topic_writing": {"val": 2},
+    "lamp_abstract": {"train": 2},
+    "generic": {"train": 2, "val": 1, "test": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    return save_tiny_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+def _config_file(path, tok_dir, **data):
+    path.write_text(yaml.safe_dump({"data": {"tokenizer": str(tok_dir), **data}, "train": {"steps": 1}}))
+    return path
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_every_format_goes_through_data_prepare(tmp_path, tok_dir, name, capsys):
+    config = _config_file(tmp_path / "config.yaml", tok_dir, **FORMATS[name])
+    out = tmp_path / "prepared"
+    assert main(["data", "prepare", "--config", str(config), "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["examples"] == EXPECTED_EXAMPLES[name]
+    assert summary["errors"] == {}
+    tok = tiny_tokenizer()
+    for split, n in summary["examples"].items():
+        rows = [json.loads(line) for line in (out / f"{split}.jsonl").read_text().splitlines()]
+        arrays = PreparedSplit(out, split)
+        assert len(rows) == len(arrays) == n
+        for i, row in enumerate(rows):
+            assert {
+                "user_id",
+                "prompt_with_history",
+                "prompt_without_history",
+                "target",
+                "history_used",
+                "category",
+                "meta",
+            } <= set(row)
+            ex = arrays[i]
+            # The arrays hold exactly the rendered text's tokens, the target ends with EOS.
+            assert tok.decode(ex["prompt_with"]) == row["prompt_with_history"]
+            assert tok.decode(ex["prompt_without"]) == row["prompt_without_history"]
+            assert ex["target"][-1] == tok.eos_token_id and tok.decode(ex["target"][:-1]) == row["target"]
+            assert row["tokens"] == {k: int(ex[k].size) for k in ("prompt_with", "prompt_without", "target")}
+            assert 1 <= row["history_used"] <= 8
+        stats = summary["tokens"][split]["prompt_with"]
+        lengths = arrays.lengths("prompt_with")
+        assert (
+            stats["total"] == lengths.sum()
+            and stats["max"] == lengths.max()
+            and stats["min"] == lengths.min()
+        )
+    if name == "generic":
+        val = json.loads((out / "val.jsonl").read_text())
+        assert val["meta"] == {
+            "target_spans": [[0, 12, "context"], [14, 19, "preference"]],
+            "note": "kept as is",
+        }
+        assert summary["dropped"] == {"duplicate": 1, "empty_history": 1}
+
+
+def test_bad_input_fail_stops_and_skip_counts_each_reason(tmp_path, tok_dir, capsys):
+    bad = dict(
+        format="amazon2023",
+        sources=[f"{F}/amazon2023_bad/Books.jsonl"],
+        meta=[f"{F}/amazon2023_bad/meta_Books.jsonl"],
+        **SMALL,
+    )
+    out = tmp_path / "prepared"
+    config = _config_file(tmp_path / "fail.yaml", tok_dir, **bad)
+    assert main(["data", "prepare", "--config", str(config), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    reviews = f"{F}/amazon2023_bad/Books.jsonl"
+    for where in (
+        f"{reviews}:5:",
+        f"{reviews}:12:user_id:",
+        f"{reviews}:20:text:",
+        f"{reviews}:44:parent_asin:",
+    ):
+        assert where in err
+    assert not (out / "summary.json").exists()
+
+    config = _config_file(tmp_path / "skip.yaml", tok_dir, on_error="skip", **bad)
+    assert main(["data", "prepare", "--config", str(config), "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["errors"] == {
+        "invalid_utf8": 1,
+        "malformed_json": 1,
+        "missing_field": 1,
+        "unknown_item": 1,
+    }
+    assert summary["read"] == {f"{F}/amazon2023_bad/meta_Books.jsonl": 14, reviews: 44}
+    assert summary["examples"] == {"train": 4, "val": 4, "test": 4}
+    # The same 5 items and 12 reviews as without the bad lines (test_data_readers spells them out).
+    assert summary["dropped"]["review_duplicate_item"] == 1 and sum(summary["dropped"].values()) == 17
+
+
+def test_config_errors_name_the_key(tmp_path, tok_dir, capsys):
+    config = _config_file(tmp_path / "c.yaml", tok_dir, max_histroy=3, **FORMATS["generic"])
+    assert main(["data", "prepare", "--config", str(config), "--out", str(tmp_path / "o")]) == 1
+    assert "unknown key `data.max_histroy`. Did you mean `data.max_history`?" in capsys.readouterr().err
+    config = _config_file(tmp_path / "c.yaml", tok_dir, on_error="ignore", **FORMATS["generic"])
+    assert main(["data", "prepare", "--config", str(config), "--out", str(tmp_path / "o")]) == 1
+    assert "on_error" in capsys.readouterr().err
+
+
+def test_fingerprint_reuses_and_redoes(tmp_path, tok_dir):
+    source = tmp_path / "records.jsonl"
+    source.write_bytes((F / "generic" / "records.jsonl").read_bytes())
+    out = tmp_path / "prepared"
+    quiet = lambda _: None
+    base = dict(format="generic", template="plain", sources=[str(source)])
+    tok = tiny_tokenizer()
+    first = prepare(DataConfig(**base), out, tokenizer=tok, echo=quiet)
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    again = prepare(DataConfig(**base), out, tokenizer=tok, echo=quiet)
+    assert not first["reused"] and again["reused"] and again["fingerprint"] == first["fingerprint"]
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == mtimes  # nothing rewritten
+    # The batching section does not change the prepared data.
+    assert prepare(
+        DataConfig(**base, batching=DataConfig().batching.__class__(rows_per_batch=3)),
+        out,
+        tokenizer=tok,
+        echo=quiet,
+    )["reused"]
+
+    changed_cfg = prepare(DataConfig(**base, max_history=1), out, tokenizer=tok, echo=quiet)
+    assert not changed_cfg["reused"] and changed_cfg["fingerprint"] != first["fingerprint"]
+    assert json.loads((out / "train.jsonl").read_text().splitlines()[0])["history_used"] == 1
+
+    other_tok = tiny_tokenizer(vocab_size=500)
+    changed_tok = prepare(DataConfig(**base, max_history=1), out, tokenizer=other_tok, echo=quiet)
+    assert not changed_tok["reused"] and changed_tok["fingerprint"] != changed_cfg["fingerprint"]
+
+    with open(source, "a") as f:
+        f.write(
+            json.dumps(
+                {"user_id": "zoe", "context": "Hi.", "history": ["Yo."], "target": "Hey.", "split": "test"}
+            )
+            + "\n"
+        )
+    changed_src = prepare(DataConfig(**base, max_history=1), out, tokenizer=other_tok, echo=quiet)
+    assert not changed_src["reused"] and changed_src["examples"]["test"] == 2
+    assert prepare(DataConfig(**base, max_history=1), out, tokenizer=other_tok, echo=quiet)["reused"]
+    # A directory whose split files vanished is prepared again, not trusted.
+    os.remove(out / "test.jsonl")
+    assert not prepare(DataConfig(**base, max_history=1), out, tokenizer=other_tok, echo=quiet)["reused"]
+
+
+def test_data_show_prints_one_example(tmp_path, tok_dir, capsys):
+    config = _config_file(tmp_path / "config.yaml", tok_dir, **FORMATS["amazon2023"])
+    out = tmp_path / "prepared"
+    assert main(["data", "prepare", "--config", str(config), "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["data", "show", str(out), "--index", "1", "--split", "val"]) == 0
+    text = capsys.readouterr().out
+    row = json.loads((out / "val.jsonl").read_text().splitlines()[1])
+    ex = PreparedSplit(out, "val")[1]
+    assert f"example 1 of val (4 examples) | user {row['user_id']}" in text
+    assert (
+        f"tokens: prompt with history {ex['prompt_with'].size}, prompt without history"
+        f" {ex['prompt_without'].size}, target {ex['target'].size}" in text
+    )
+    for title, key in (
+        ("prompt with history", "prompt_with_history"),
+        ("prompt without history", "prompt_without_history"),
+    ):
+        assert f"----- {title} -----\n{row[key].rstrip()}" in text
+    assert f"----- target -----\n{row['target']}" in text
+    assert main(["data", "show", str(out), "--index", "99", "--split", "val"]) == 1
+    assert "outside" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("template", ["plain", "review"])
+def test_data_synth_then_prepare(tmp_path, tok_dir, template, capsys):
+    synth = tmp_path / "synth"
+    args = ["--users", "4", "--seed", "3", "--reviews-per-user", "6", "--targets-per-user", "3"]
+    assert main(["data", "synth", "--out", str(synth), *args]) == 0
+    sources = [str(synth / "synthetic.jsonl")]
+    config = _config_file(tmp_path / "c.yaml", tok_dir, format="generic", template=template, sources=sources)
+    out = tmp_path / "prepared"
+    assert main(["data", "prepare", "--config", str(config), "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["examples"] == {"train": 4, "val": 4, "test": 4} and summary["dropped"] == {}
+    row = json.loads((out / "train.jsonl").read_text().splitlines()[0])
+    spans = row["meta"]["target_spans"]
+    assert spans and all(0 <= s < e <= len(row["target"]) for s, e, _ in spans)
+    assert row["history_used"] == 3  # reviews 1-3 precede the first target
+    np.testing.assert_array_equal(PreparedSplit(out, "train")[0]["target"][-1], tiny_tokenizer().eos_token_id)

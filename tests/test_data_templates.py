@@ -1,0 +1,230 @@
+"""Prompt templates: the public code's review prompt character for character, LaMP and plain prompts, the
+tokenizer-chat-template mode, and templates as data (YAML by path, validated)."""
+
+from __future__ import annotations
+
+import pytest
+from data_helpers import FIXTURES, tiny_tokenizer
+
+from nextquill_jax.data.config import DataConfig
+from nextquill_jax.data.examples import FittingStats, build_examples
+from nextquill_jax.data.readers import read_records
+from nextquill_jax.data.records import IssueLog
+from nextquill_jax.data.templates import builtin_templates, load_template, render_messages, render_prompt
+
+AMAZON = FIXTURES / "amazon2023"
+SMALL = dict(
+    dpl_min_item_users=2,
+    dpl_min_user_reviews=5,
+    dpl_num_targets=3,
+    dpl_min_profile_item_users=2,
+    dpl_min_profile_reviews=2,
+)
+
+# Field values copied from tests/fixtures/amazon2023: U1's last review ("Second look", line 31 of
+# Books.jsonl) and U1's two most recent earlier reviews (Lanterns at Noon, then Paper Kings), with their
+# items' descriptions.
+MAP_OF_BELLS = (
+    "Tension hardcover war pages chapter twist detail journey hardcover river chapter ending pacing edition "
+    "chapter author setting city prose friendship journey plot river."
+)
+LANTERNS = (
+    "Illustrated detail mystery history humor memory mystery history hardcover journey plot plot pacing "
+    "edition dialogue history journey city journey family ending mystery characters mystery edition history "
+    "detail romance edition story."
+)
+LANTERNS_REVIEW = (
+    "Quirk1 prose prose river river river writing history setting ending voice1 plot prose river chapter "
+    "habit1 city pacing friendship romance romance chapter ending tension dialogue family voice habit1 "
+    "pacing writing family mystery quirk1 quirk1 memory plot scene story quirk1 city memory."
+)
+PAPER_KINGS = (
+    "Family edition writing writing hardcover river edition edition setting ending tension characters detail "
+    "dialogue edition scene plot romance family tension plot setting ending dialogue family scene journey "
+    "mystery."
+)
+PAPER_KINGS_REVIEW = (
+    "Humor quirk1 dialogue story river chapter habit1 ending chapter voice1 dialogue chapter dialogue humor "
+    "romance mystery river quirk1 friendship chapter voice1 prose pages history chapter tension detail "
+    "dialogue setting voice story voice1 author quirk1 pacing characters romance."
+)
+HISTORY_BLOCK = (
+    "[User's Past Reviews]:\n"
+    "[Review 1]:\n"
+    "- [Item Title]: Lanterns at Noon\n"
+    f"- [Item Description]: {LANTERNS}\n"
+    "- [Review Rating]: 4.0\n"
+    "- [Review Title]: U1 on Lanterns at Noon\n"
+    f"- [Review Text]: {LANTERNS_REVIEW}\n"
+    "[Review 2]:\n"
+    "- [Item Title]: Paper Kings\n"
+    f"- [Item Description]: {PAPER_KINGS}\n"
+    "- [Review Rating]: 3.0\n"
+    "- [Review Title]: U1 on Paper Kings\n"
+    f"- [Review Text]: {PAPER_KINGS_REVIEW}\n"
+    "\n"
+)
+EXPECTED_WITH = (
+    "<|im_start|>system\n"
+    "Given the title and description of an item, along with the user's past reviews and the output review"
+    " rating and review title, generate a personalized item review for the user.\n"
+    "<|im_end|><|im_start|>user\n"
+    "[Item Title]: A Map of Bells\n"
+    f"[Item Description]: {MAP_OF_BELLS}\n"
+    f"{HISTORY_BLOCK}"
+    "[Output Review Rating]: 2.0\n"
+    "[Output Review Title]: Second look\n"
+    "<|im_end|>\n"
+    "<|im_start|>assistant\n"
+)
+
+
+def _examples(cfg: DataConfig):
+    log = IssueLog()
+    template = load_template(cfg.template)
+    records = read_records(cfg, template, log)
+    return list(build_examples(records, template, tiny_tokenizer(), cfg, log, FittingStats()))
+
+
+def test_review_prompt_equals_the_public_layout_character_for_character():
+    cfg = DataConfig(
+        format="amazon2023",
+        sources=[str(AMAZON / "Books.jsonl")],
+        meta=[str(AMAZON / "meta_Books.jsonl")],
+        max_history=2,
+        **SMALL,
+    )
+    example = next(e for e in _examples(cfg) if e.record.user_id == "U1" and e.record.split == "test")
+    assert example.prompt_with_history == EXPECTED_WITH
+    assert example.history_used == 2 and len(example.record.history) == 6
+    # Without history: the same prompt except the history block, which becomes the None placeholder.
+    expected_without = EXPECTED_WITH.replace(HISTORY_BLOCK, "[User's Past Reviews]:\nNone\n")
+    assert example.prompt_without_history == expected_without
+    prefix, suffix = EXPECTED_WITH.split(HISTORY_BLOCK)
+    without = example.prompt_without_history
+    assert without.startswith(prefix) and without.endswith(suffix)
+    # The DPL rows of the same data give the same prompt.
+    dpl = DataConfig(
+        format="dpl",
+        sources=[str(FIXTURES / "dpl" / "Books" / "test.jsonl")],
+        meta=[str(FIXTURES / "dpl" / "meta" / "Books.jsonl")],
+        max_history=2,
+    )
+    same = next(e for e in _examples(dpl) if e.record.user_id == "U1")
+    assert same.prompt_with_history == EXPECTED_WITH and same.prompt_without_history == expected_without
+
+
+def test_lamp_topic_writing_prompt():
+    tw = FIXTURES / "lamp" / "topic_writing"
+    cfg = DataConfig(
+        format="lamp",
+        template="lamp_topic_writing",
+        sources=[str(tw / "dev_questions.json")],
+        meta=[str(tw / "dev_outputs.json")],
+        max_history=2,
+    )
+    example = next(e for e in _examples(cfg) if e.record.id == "tw-102")
+    frame = "<|im_start|>system\n{}<|im_end|><|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+    system = (
+        "Given the user's past Reddit posts and the summary of a new post, write the content of the new post "
+        "in the user's own style.\n"
+    )
+    request = "[Request]: Generate the content for a reddit post Why I switched from coffee to tea\n"
+    history = (
+        "[User's Past Posts]:\n"
+        "[Post 1]:\n- [Summary]: Tried cold showers for a month\n"
+        "- [Content]: Week one was misery. Week four I barely noticed. Ten out of ten would shiver again.\n"
+        "[Post 2]:\n- [Summary]: Rebuilt an old bike\n"
+        "- [Content]: New chain, new brakes, same rusty frame. It rides like a dream. Ten out of ten would"
+        " wrench again.\n"
+        "\n"
+    )
+    assert example.prompt_with_history == frame.format(system, history + request)
+    assert example.prompt_without_history == frame.format(system, "[User's Past Posts]:\nNone\n" + request)
+
+
+def test_plain_template_and_tokenizer_chat_template_mode():
+    path = FIXTURES / "generic" / "records.jsonl"
+    cfg = DataConfig(format="generic", template="plain", sources=[str(path)])
+    example = next(e for e in _examples(cfg) if e.record.user_id == "bob" and e.record.split == "test")
+    assert example.prompt_with_history == (
+        "Write the user's next text.\n"
+        "[context]: Describe your evening.\n"
+        "[History]:\n"
+        "[Entry 1]:\n[text]: Evenings are for chess.\n"
+        "[Entry 2]:\n[text]: Coffee first, always.\n"
+        "\n"
+        "[Response]:\n"
+    )
+    assert example.prompt_without_history == (
+        "Write the user's next text.\n[context]: Describe your evening.\n[History]:\nNone\n[Response]:\n"
+    )
+    # chat_template: the same system and user messages wrapped by the tokenizer's own template.
+    chat = next(
+        e
+        for e in _examples(
+            DataConfig(format="generic", template="plain", sources=[str(path)], chat_template=True)
+        )
+        if e.record.user_id == "bob" and e.record.split == "test"
+    )
+    expected = (
+        "<|im_start|>system\nWrite the user's next text.\n<|im_end|>\n"
+        "<|im_start|>user\n[context]: Describe your evening.\n[History]:\nNone\n<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    assert chat.prompt_without_history == expected
+
+
+def test_templates_are_data(tmp_path):
+    assert {"review", "lamp_topic_writing", "lamp_abstract", "plain"} <= set(builtin_templates())
+    custom = tmp_path / "mine.yaml"
+    custom.write_text(
+        'system: "S\\n"\nframe: "{system}|{user}|"\nuser: "Q={question} {history}"\n'
+        'history: "H[{entries}]"\nno_history: "H[-]"\nentry: "({index}:{text})"\n'
+    )
+    t = load_template(str(custom))
+    assert t.context_fields == {"question"} and t.entry_fields == {"text"}
+    entries = [{"text": "new"}, {"text": "old {not a field}"}]
+    assert render_prompt(t, {"question": "why?"}, entries) == "S\n|Q=why? H[(1:new)(2:old {not a field})]|"
+    assert render_prompt(t, {"question": "why?"}, None) == "S\n|Q=why? H[-]|"
+    assert render_messages(t, {"question": "q"}, None) == ("S\n", "Q=q H[-]")
+    with pytest.raises(KeyError, match="question"):
+        render_prompt(t, {}, None)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            'system: "s"\nuser: "{history}"\nhistory: "{entries}"\nno_history: ""\n',
+            r"missing keys \['entry'\]",
+        ),
+        (
+            'system: "s"\nuser: "x"\nhistory: "{entries}"\nno_history: ""\nentry: ""\n',
+            r"`user` must contain \{history\}",
+        ),
+        (
+            'system: "s"\nframe: "{user}"\nuser: "{history}"\nhistory: "{entries}"\n'
+            'no_history: ""\nentry: ""\n',
+            r"`frame` must contain \{system\}",
+        ),
+        (
+            'system: "s"\nuser: "{history} {"\nhistory: "{entries}"\nno_history: ""\nentry: ""\n',
+            r"`user` is not a valid format string",
+        ),
+        (
+            'system: "s"\nuser: "{history}"\nhistory: "{entries}"\nno_history: ""\nentry: ""\nextra: 1\n',
+            r"unknown keys \['extra'\]",
+        ),
+    ],
+)
+def test_bad_templates_are_refused_naming_the_key(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        load_template(str(path))
+
+
+def test_unknown_template_name_lists_the_builtins():
+    with pytest.raises(ValueError, match=r"unknown template 'reveiw'; built-in: .*review"):
+        load_template("reveiw")
