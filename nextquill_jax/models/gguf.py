@@ -1,0 +1,266 @@
+"""Read a llama.cpp GGUF file as a Hugging Face config dict and float32 tensors under Hugging Face names.
+
+Supported architectures: `llama` (Llama 2/3, SmolLM2, Mistral-style), `qwen2` and `qwen3`, dense only, in
+any quantisation that `gguf.quants.dequantize` implements (F32, F16, BF16, Q4_0/1, Q5_0/1, Q8_0, K-quants...).
+
+llama.cpp's `llama` graph applies RoPE to adjacent pairs of each head's query/key rows (2i, 2i+1), while
+Hugging Face's Llama rotates the two halves (i, i + head_dim/2). Its converter therefore permutes the rows of
+`attn_q` and `attn_k` when writing a GGUF file; `read_gguf` applies the inverse, giving back the original
+Hugging Face tensors. `qwen2` / `qwen3` use the half-rotation layout in llama.cpp too and are stored as is.
+"""
+
+from __future__ import annotations
+
+import re
+from os import PathLike
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("llama", "qwen2", "qwen3")
+_HF_ARCHITECTURE = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+_GLOBAL_TENSORS = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+# per-block GGUF suffix -> per-layer Hugging Face suffix
+_BLOCK_TENSORS = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_output.bias": "self_attn.o_proj.bias",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_BLOCK_NAME = re.compile(r"blk\.(\d+)\.(.+)")
+
+
+def read_gguf(path: str | PathLike[str]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Parse a GGUF checkpoint into (Hugging Face `config.json` dict, {Hugging Face name: float32 array}).
+
+    Tensors keep the Hugging Face layouts: projections are [out_features, in_features], the embedding is
+    [vocab, hidden], norms and biases are 1-D. When the file has no `output.weight` the embeddings are tied
+    (`tie_word_embeddings: true`) and no `lm_head.weight` is returned, as in a Hugging Face safetensors file.
+
+    Raises:
+        FileNotFoundError: `path` does not exist.
+        ValueError: an unsupported architecture, quantisation, RoPE scaling or mixture-of-experts model; a
+            tensor name with no Hugging Face counterpart; or a tensor whose shape disagrees with the metadata.
+            The message names the file and the field or tensor.
+    """
+    import gguf
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file {path} does not exist")
+    reader = gguf.GGUFReader(path)
+    meta = _Metadata(reader, path)
+    arch = meta.required("general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(
+            f"{path}: GGUF architecture {arch!r} is not supported; supported: {list(SUPPORTED_ARCHITECTURES)}"
+        )
+    tensors = {}
+    for tensor in reader.tensors:
+        hf_name = _hf_tensor_name(tensor.name, path)
+        tensors[hf_name] = _dequantize(tensor, path, gguf)
+    config = _hf_config(meta, arch, tensors, path)
+    _check_shapes(tensors, config, path)
+    if arch == "llama":
+        _undo_rope_permutation(tensors, config)
+    return config, tensors
+
+
+class _Metadata:
+    """Typed access to a GGUF file's key/value metadata with errors that name the file and key."""
+
+    def __init__(self, reader: Any, path: Path):
+        self.fields = reader.fields
+        self.path = path
+
+    def get(self, key: str, default: Any = None) -> Any:
+        field = self.fields.get(key)
+        return default if field is None else field.contents()
+
+    def required(self, key: str) -> Any:
+        if key not in self.fields:
+            raise ValueError(f"{self.path}: GGUF metadata has no {key!r}")
+        return self.get(key)
+
+
+def _hf_tensor_name(gguf_name: str, path: Path) -> str:
+    if gguf_name in _GLOBAL_TENSORS:
+        return _GLOBAL_TENSORS[gguf_name]
+    match = _BLOCK_NAME.fullmatch(gguf_name)
+    if match and match.group(2) in _BLOCK_TENSORS:
+        return f"model.layers.{match.group(1)}.{_BLOCK_TENSORS[match.group(2)]}"
+    if gguf_name == "rope_freqs.weight":
+        raise ValueError(
+            f"{path}: tensor 'rope_freqs.weight' holds llama.cpp's per-frequency RoPE factors (Llama 3.1+ "
+            f"'llama3' rope scaling), which cannot be turned back into a Hugging Face rope_scaling; load the "
+            f"model from its Hugging Face directory instead"
+        )
+    raise ValueError(f"{path}: GGUF tensor {gguf_name!r} has no Hugging Face counterpart in this reader")
+
+
+def _dequantize(tensor: Any, path: Path, gguf: Any) -> np.ndarray:
+    try:
+        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    except NotImplementedError as err:
+        raise ValueError(
+            f"{path}: tensor {tensor.name!r} is stored as {tensor.tensor_type.name}, which gguf "
+            f"{_gguf_version()} cannot dequantize ({err})"
+        ) from err
+    # a fresh float32 array: F32 tensors come back as read-only views of the memory-mapped file
+    return np.array(values, dtype=np.float32)
+
+
+def _gguf_version() -> str:
+    from importlib.metadata import version
+
+    return version("gguf")
+
+
+def _hf_config(meta: _Metadata, arch: str, tensors: dict[str, np.ndarray], path: Path) -> dict[str, Any]:
+    if meta.get(f"{arch}.expert_count"):
+        raise ValueError(f"{path}: mixture-of-experts GGUF models ({arch}.expert_count) are not supported")
+    rope_scaling = _rope_scaling(meta, arch, path)
+    num_heads = int(meta.required(f"{arch}.attention.head_count"))
+    num_kv_heads = meta.get(f"{arch}.attention.head_count_kv", num_heads)
+    if isinstance(num_kv_heads, list):
+        raise ValueError(f"{path}: per-layer {arch}.attention.head_count_kv is not supported")
+    hidden = int(meta.required(f"{arch}.embedding_length"))
+    head_dim = meta.get(f"{arch}.attention.key_length") or meta.get(f"{arch}.rope.dimension_count")
+    if "model.embed_tokens.weight" not in tensors:
+        raise ValueError(f"{path}: GGUF file has no 'token_embd.weight' tensor")
+    vocab_size = tensors["model.embed_tokens.weight"].shape[0]
+    declared_vocab = meta.get(f"{arch}.vocab_size")
+    if declared_vocab is not None and int(declared_vocab) != vocab_size:
+        raise ValueError(
+            f"{path}: {arch}.vocab_size is {declared_vocab} but token_embd.weight has {vocab_size} rows"
+        )
+    config: dict[str, Any] = {
+        "architectures": [_HF_ARCHITECTURE[arch]],
+        "model_type": arch,
+        "vocab_size": vocab_size,
+        "hidden_size": hidden,
+        "intermediate_size": int(meta.required(f"{arch}.feed_forward_length")),
+        "num_hidden_layers": int(meta.required(f"{arch}.block_count")),
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": int(num_kv_heads),
+        "head_dim": int(head_dim) if head_dim else hidden // num_heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": int(meta.required(f"{arch}.context_length")),
+        "rms_norm_eps": _decimal(meta.required(f"{arch}.attention.layer_norm_rms_epsilon")),
+        "rope_theta": _decimal(meta.get(f"{arch}.rope.freq_base", 10000.0)),
+        "rope_scaling": rope_scaling,
+        "tie_word_embeddings": "lm_head.weight" not in tensors,
+    }
+    if arch != "qwen2":
+        has_bias = "model.layers.0.self_attn.q_proj.bias" in tensors
+        config["attention_bias"] = has_bias
+    if arch == "llama":
+        config["mlp_bias"] = False
+    for gguf_key, hf_key in (
+        ("bos_token_id", "bos_token_id"),
+        ("eos_token_id", "eos_token_id"),
+        ("padding_token_id", "pad_token_id"),
+    ):
+        value = meta.get(f"tokenizer.ggml.{gguf_key}")
+        if value is not None:
+            config[hf_key] = int(value)
+    return config
+
+
+def _decimal(value: float) -> float:
+    """The shortest decimal that a float32 metadata value rounds from: GGUF stores 1e-5 as 9.99999974e-06,
+    and the config should read 1e-5 as the original config.json did."""
+    return float(str(np.float32(value)))
+
+
+def _rope_scaling(meta: _Metadata, arch: str, path: Path) -> dict[str, Any] | None:
+    kind = meta.get(f"{arch}.rope.scaling.type", "none")
+    if kind == "none":
+        return None
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": _decimal(meta.required(f"{arch}.rope.scaling.factor"))}
+    raise ValueError(f"{path}: {arch}.rope.scaling.type {kind!r} is not supported (only 'none' and 'linear')")
+
+
+def _undo_rope_permutation(tensors: dict[str, np.ndarray], config: dict[str, Any]) -> None:
+    """Invert llama.cpp's q/k row permutation, in place.
+
+    Within each head llama.cpp stores row 2i + j (j in {0, 1}) where Hugging Face has row i + j * head_dim/2;
+    viewing a head's rows as [j, i] in Hugging Face order and [i, j] in GGUF order, the inverse is a
+    transpose.
+    """
+    head_dim = config["head_dim"]
+    for layer in range(config["num_hidden_layers"]):
+        for proj, heads in (
+            ("q_proj", config["num_attention_heads"]),
+            ("k_proj", config["num_key_value_heads"]),
+        ):
+            for kind in ("weight", "bias"):
+                name = f"model.layers.{layer}.self_attn.{proj}.{kind}"
+                if name not in tensors:
+                    continue
+                w = tensors[name]  # [heads * head_dim, ...]
+                rest = w.shape[1:]
+                per_head = w.reshape(heads, head_dim // 2, 2, *rest)  # GGUF order [h, i, j, ...]
+                tensors[name] = np.ascontiguousarray(per_head.swapaxes(1, 2)).reshape(
+                    w.shape
+                )  # [h, j, i, ...]
+
+
+def _check_shapes(tensors: dict[str, np.ndarray], config: dict[str, Any], path: Path) -> None:
+    d, f, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    q, kv = (
+        config["num_attention_heads"] * config["head_dim"],
+        config["num_key_value_heads"] * config["head_dim"],
+    )
+    expected = {
+        "model.embed_tokens.weight": (v, d),
+        "model.norm.weight": (d,),
+        "lm_head.weight": (v, d),
+    }
+    per_layer = {
+        "input_layernorm.weight": (d,),
+        "post_attention_layernorm.weight": (d,),
+        "self_attn.q_proj.weight": (q, d),
+        "self_attn.q_proj.bias": (q,),
+        "self_attn.k_proj.weight": (kv, d),
+        "self_attn.k_proj.bias": (kv,),
+        "self_attn.v_proj.weight": (kv, d),
+        "self_attn.v_proj.bias": (kv,),
+        "self_attn.o_proj.weight": (d, q),
+        "self_attn.o_proj.bias": (d,),
+        "self_attn.q_norm.weight": (config["head_dim"],),
+        "self_attn.k_norm.weight": (config["head_dim"],),
+        "mlp.gate_proj.weight": (f, d),
+        "mlp.up_proj.weight": (f, d),
+        "mlp.down_proj.weight": (d, f),
+    }
+    for layer in range(config["num_hidden_layers"]):
+        expected.update({f"model.layers.{layer}.{k}": s for k, s in per_layer.items()})
+    for name, array in tensors.items():
+        if name not in expected:
+            raise ValueError(
+                f"{path}: tensor {name} is outside the {config['num_hidden_layers']} layers the metadata "
+                f"declares"
+            )
+        if array.shape != expected[name]:
+            raise ValueError(
+                f"{path}: tensor {name} has shape {array.shape}, the metadata implies {expected[name]}"
+            )
