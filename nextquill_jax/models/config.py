@@ -1,0 +1,315 @@
+"""ModelConfig: the architecture of a Llama / Qwen2 / Qwen3 causal LM plus the runtime choices for running it.
+
+Built from a Hugging Face `config.json` (transformers 4.x spelling `rope_theta` + `rope_scaling`, or 5.x
+spelling `rope_parameters`) and written back with `to_hf_config()`. Anything in a config.json that would
+change the network and that this package does not implement is an error naming the key, never silently
+ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import jax.numpy as jnp
+
+Family = Literal["llama", "qwen2", "qwen3"]
+
+FAMILIES: tuple[str, ...] = ("llama", "qwen2", "qwen3")
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+ROPE_TYPES = ("default", "linear", "llama3")
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+ATTENTION_IMPLS = ("xla", "cudnn", "splash")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling. `type` "linear" divides every frequency by `factor`; "llama3" is Llama 3.1's
+    wavelength-dependent scaling (needs the other three fields)."""
+
+    type: Literal["linear", "llama3"]
+    factor: float
+    low_freq_factor: float | None = None
+    high_freq_factor: float | None = None
+    original_max_position_embeddings: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.type not in ("linear", "llama3"):
+            raise ValueError(f"rope scaling type {self.type!r} is not implemented; supported: {ROPE_TYPES}")
+        if self.factor <= 0:
+            raise ValueError(f"rope scaling factor must be > 0, got {self.factor}")
+        if self.type == "llama3":
+            missing = [
+                name
+                for name in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+                if getattr(self, name) is None
+            ]
+            if missing:
+                raise ValueError(f"rope scaling type 'llama3' needs {missing}")
+            if self.high_freq_factor <= self.low_freq_factor:
+                raise ValueError(
+                    f"llama3 rope scaling needs high_freq_factor > low_freq_factor, got "
+                    f"{self.high_freq_factor} <= {self.low_freq_factor}"
+                )
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture + runtime settings of a causal LM. Frozen and hashable (usable as a static jit argument).
+
+    Family constraints (so that every config can be exported to transformers): `qwen2` has q/k/v biases and no
+    output bias; `qwen3` has per-head q/k RMSNorm; `llama` has neither norm and biases on all four projections
+    or none (`attention_bias`).
+    """
+
+    family: Family
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+    # Runtime choices (not part of the checkpoint).
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"
+    remat_policy: str = "none"
+    attention_impl: str = "xla"
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"ModelConfig.family {self.family!r} is not supported; supported: {FAMILIES}")
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "max_position_embeddings",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"ModelConfig.num_heads ({self.num_heads}) must be a multiple of "
+                f"num_kv_heads ({self.num_kv_heads})"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"ModelConfig.head_dim must be even for RoPE, got {self.head_dim}")
+        if self.rms_norm_eps <= 0 or self.rope_theta <= 0:
+            raise ValueError("ModelConfig.rms_norm_eps and rope_theta must be > 0")
+        for name, allowed in (
+            ("param_dtype", DTYPES),
+            ("compute_dtype", DTYPES),
+            ("remat_policy", REMAT_POLICIES),
+            ("attention_impl", ATTENTION_IMPLS),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"ModelConfig.{name} {getattr(self, name)!r} is not one of {allowed}")
+        if self.family == "qwen2" and (not self.qkv_bias or self.o_bias or self.qk_norm):
+            raise ValueError("family 'qwen2' means qkv_bias=True, o_bias=False, qk_norm=False")
+        if self.family == "qwen3" and not self.qk_norm:
+            raise ValueError("family 'qwen3' means qk_norm=True")
+        if self.family in ("llama", "qwen3") and self.qkv_bias != self.o_bias:
+            raise ValueError(
+                f"family {self.family!r} has biases on all of q/k/v/o or on none (attention_bias)"
+            )
+        if self.family == "llama" and self.qk_norm:
+            raise ValueError("family 'llama' has no q/k norm; use family 'qwen3'")
+        if not isinstance(self.eos_token_ids, tuple):
+            raise ValueError(
+                f"ModelConfig.eos_token_ids must be a tuple, got {type(self.eos_token_ids).__name__}"
+            )
+
+    @property
+    def param_jnp_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.param_dtype)
+
+    @property
+    def compute_jnp_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.compute_dtype)
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with `changes` applied (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> ModelConfig:
+        """The architecture of a published model: "qwen2.5-0.5b", "qwen3-1.7b", "llama3.2-1b", ...
+
+        Raises:
+            KeyError: unknown name (the message lists the known ones).
+        """
+        from .presets import PRESETS
+
+        key = name.lower()
+        if key not in PRESETS:
+            raise KeyError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}")
+        return PRESETS[key].replace(**overrides)
+
+    @classmethod
+    def from_hf_config(cls, d: Mapping[str, Any], **overrides: Any) -> ModelConfig:
+        """Read a Hugging Face `config.json` dict (transformers 4.x or 5.x spelling).
+
+        `overrides` set any field afterwards (typically the runtime ones: param_dtype, compute_dtype,
+        remat_policy, attention_impl).
+
+        Raises:
+            ValueError: unknown `model_type`, or an option that changes the network and is not implemented
+                here (rope type, partial rotary, MLP bias, sliding-window layers, activation other than silu).
+            KeyError: a required key is missing.
+        """
+        family = d.get("model_type")
+        if family not in FAMILIES:
+            raise ValueError(f"config.json model_type {family!r} is not supported; supported: {FAMILIES}")
+        for key in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+        ):
+            if key not in d:
+                raise KeyError(f"config.json (model_type {family!r}) has no {key!r}")
+        act = d.get("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"config.json hidden_act {act!r} is not supported; only 'silu'")
+        if d.get("mlp_bias", False):
+            raise ValueError("config.json mlp_bias=true is not supported")
+        if family in ("qwen2", "qwen3"):
+            _reject_sliding_window(d)
+        rope_theta, rope_scaling = _parse_rope(d)
+        num_heads = int(d["num_attention_heads"])
+        head_dim = d.get("head_dim") or int(d["hidden_size"]) // num_heads
+        attention_bias = bool(d.get("attention_bias", False))
+        eos = d.get("eos_token_id")
+        eos_ids = (
+            () if eos is None else tuple(int(e) for e in (eos if isinstance(eos, list | tuple) else [eos]))
+        )
+        cfg = cls(
+            family=family,
+            vocab_size=int(d["vocab_size"]),
+            hidden_size=int(d["hidden_size"]),
+            intermediate_size=int(d["intermediate_size"]),
+            num_layers=int(d["num_hidden_layers"]),
+            num_heads=num_heads,
+            num_kv_heads=int(d.get("num_key_value_heads") or num_heads),
+            head_dim=int(head_dim),
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            qkv_bias=True if family == "qwen2" else attention_bias,
+            o_bias=False if family == "qwen2" else attention_bias,
+            qk_norm=family == "qwen3",
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+            pad_token_id=d.get("pad_token_id"),
+        )
+        return cfg.replace(**overrides) if overrides else cfg
+
+    def to_hf_config(self) -> dict[str, Any]:
+        """A `config.json` dict that transformers (4.x and 5.x) loads as the same network.
+
+        Both rope spellings are written: 5.x reads `rope_parameters`, 4.x reads `rope_theta` / `rope_scaling`.
+        """
+        rope_scaling = None
+        rope_parameters: dict[str, Any] = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if self.rope_scaling is not None:
+            rope_scaling = {"rope_type": self.rope_scaling.type, "factor": self.rope_scaling.factor}
+            if self.rope_scaling.type == "llama3":
+                rope_scaling.update(
+                    low_freq_factor=self.rope_scaling.low_freq_factor,
+                    high_freq_factor=self.rope_scaling.high_freq_factor,
+                    original_max_position_embeddings=self.rope_scaling.original_max_position_embeddings,
+                )
+            rope_parameters = {**rope_scaling, "rope_theta": self.rope_theta}
+        eos: int | list[int] | None = None
+        if self.eos_token_ids:
+            eos = self.eos_token_ids[0] if len(self.eos_token_ids) == 1 else list(self.eos_token_ids)
+        out: dict[str, Any] = {
+            "architectures": [ARCHITECTURES[self.family]],
+            "model_type": self.family,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": rope_scaling,
+            "rope_parameters": rope_parameters,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": eos,
+            "pad_token_id": self.pad_token_id,
+            "torch_dtype": self.param_dtype,
+            "dtype": self.param_dtype,
+        }
+        if self.family != "qwen2":
+            out["attention_bias"] = self.qkv_bias
+        if self.family == "llama":
+            out["mlp_bias"] = False
+        else:
+            out["use_sliding_window"] = False
+        return out
+
+
+def _reject_sliding_window(d: Mapping[str, Any]) -> None:
+    if d.get("use_sliding_window", False):
+        raise ValueError("config.json use_sliding_window=true is not supported (full attention only)")
+    other = sorted({t for t in d.get("layer_types") or () if t != "full_attention"})
+    if other:
+        raise ValueError(f"config.json layer_types {other} are not supported (full attention only)")
+
+
+def _parse_rope(d: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
+    """(rope_theta, scaling) from `rope_parameters` (transformers 5) or `rope_theta`, `rope_scaling` (4.x)."""
+    params = d.get("rope_parameters")
+    if params is not None and not isinstance(params, Mapping):
+        raise ValueError(f"config.json rope_parameters must be an object, got {params!r}")
+    if params is not None and any(isinstance(v, Mapping) for v in params.values()):
+        raise ValueError("config.json rope_parameters nested per layer type are not supported")
+    scaling = params if params is not None else (d.get("rope_scaling") or {})
+    theta = (params or {}).get("rope_theta", d.get("rope_theta", 10000.0))
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"config.json rope type {rope_type!r} is not implemented; supported: {ROPE_TYPES}")
+    partial = scaling.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise ValueError(f"config.json partial_rotary_factor {partial} is not supported (only 1.0)")
+    if rope_type == "default":
+        return float(theta), None
+    if "factor" not in scaling:
+        raise KeyError(f"config.json rope scaling of type {rope_type!r} has no 'factor'")
+    extra = {}
+    if rope_type == "llama3":
+        for key in ("low_freq_factor", "high_freq_factor"):
+            if key not in scaling:
+                raise KeyError(f"config.json rope scaling of type 'llama3' has no {key!r}")
+            extra[key] = float(scaling[key])
+        extra["original_max_position_embeddings"] = int(
+            scaling.get("original_max_position_embeddings", d.get("max_position_embeddings", 8192))
+        )
+    return float(theta), RopeScaling(type=rope_type, factor=float(scaling["factor"]), **extra)

@@ -1,0 +1,157 @@
+"""ModelConfig: Hugging Face config.json in both transformers spellings, export, presets, clear errors.
+References: transformers' own config classes and RoPE initialisers, and published parameter counts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from transformers import AutoConfig, LlamaConfig, Qwen2Config, Qwen3Config
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from nextquill_jax.models import CausalLM, ModelConfig
+from nextquill_jax.models.layers import rope_inv_freq
+
+LEGACY_LLAMA31 = {  # transformers 4.x spelling, as in Llama 3.2 1B's config.json (sizes shrunk)
+    "model_type": "llama",
+    "vocab_size": 1000,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "hidden_act": "silu",
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": True,
+    "rope_scaling": {
+        "factor": 32.0,
+        "high_freq_factor": 4.0,
+        "low_freq_factor": 1.0,
+        "original_max_position_embeddings": 8192,
+        "rope_type": "llama3",
+    },
+    "bos_token_id": 128000,
+    "eos_token_id": [128001, 128008, 128009],
+}
+
+
+def test_transformers_4x_and_5x_spellings_give_the_same_config():
+    modern = LlamaConfig(**LEGACY_LLAMA31).to_dict()  # transformers 5 rewrites it as rope_parameters
+    assert "rope_parameters" in modern and "rope_scaling" not in modern
+    old, new = ModelConfig.from_hf_config(LEGACY_LLAMA31), ModelConfig.from_hf_config(modern)
+    assert old == new
+    assert (
+        old.rope_theta == 500000.0 and old.rope_scaling.type == "llama3" and old.rope_scaling.factor == 32.0
+    )
+    assert old.eos_token_ids == (128001, 128008, 128009) and old.tie_word_embeddings
+
+
+@pytest.mark.parametrize(
+    "preset", ["llama3.2-1b", "qwen2.5-0.5b", "qwen2.5-7b", "qwen3-0.6b", "smollm2-135m"]
+)
+def test_to_hf_config_is_read_back_by_transformers_as_the_same_network(preset):
+    cfg = ModelConfig.preset(preset)
+    hf = AutoConfig.for_model(**cfg.to_hf_config())
+    assert type(hf) is {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[cfg.family]
+    assert hf.num_hidden_layers == cfg.num_layers and hf.head_dim == cfg.head_dim
+    assert hf.num_key_value_heads == cfg.num_kv_heads and hf.tie_word_embeddings == cfg.tie_word_embeddings
+    assert hf.rope_parameters["rope_theta"] == cfg.rope_theta
+    assert ModelConfig.from_hf_config(hf.to_dict()) == cfg
+
+
+# Published totals / non-embedding counts in billions (model cards), as the strings they are printed as.
+PUBLISHED = {
+    "qwen2.5-0.5b": ("0.49", "0.36"),
+    "qwen2.5-1.5b": ("1.54", "1.31"),
+    "qwen2.5-3b": ("3.09", "2.77"),
+    "qwen2.5-7b": ("7.61", "6.53"),
+    "qwen3-0.6b": ("0.6", "0.44"),
+    "qwen3-1.7b": ("1.7", "1.4"),
+    "qwen3-4b": ("4.0", "3.6"),
+    "llama3.2-1b": ("1.23", None),
+    "llama3.2-3b": ("3.21", None),
+    "smollm2-135m": ("0.135", None),
+}
+
+
+def _agrees(count: int, published: str) -> bool:
+    """Within one unit of the last printed digit (cards round or truncate)."""
+    unit = 10.0 ** -len(published.split(".")[1])
+    return abs(count / 1e9 - float(published)) <= unit
+
+
+@pytest.mark.parametrize("preset", sorted(PUBLISHED))
+def test_presets_have_the_published_parameter_counts(preset):
+    cfg = ModelConfig.preset(preset)
+    abstract = nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0)))
+    total = sum(int(np.prod(v.get_value().shape)) for _, v in nnx.state(abstract, nnx.Param).flat_state())
+    embedding = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
+    published_total, published_non_embedding = PUBLISHED[preset]
+    assert _agrees(total, published_total), total
+    if published_non_embedding is not None:
+        assert _agrees(total - embedding, published_non_embedding), total - embedding
+
+
+def test_unknown_preset_lists_the_known_ones():
+    with pytest.raises(KeyError, match=r"qwen2\.5-0\.5b"):
+        ModelConfig.preset("qwen9-1t")
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"model_type": "gemma"}, "model_type 'gemma'"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope type 'yarn'"),
+        (
+            {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}},
+            "rope type 'dynamic'",
+        ),
+        ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
+        ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+        ({"mlp_bias": True}, "mlp_bias"),
+        ({"model_type": "qwen2", "use_sliding_window": True}, "use_sliding_window"),
+        (
+            {"model_type": "qwen3", "layer_types": ["sliding_attention", "full_attention"]},
+            "sliding_attention",
+        ),
+        ({"num_key_value_heads": 3}, "multiple of num_kv_heads"),
+    ],
+)
+def test_unsupported_options_are_errors_naming_them(change, match):
+    with pytest.raises(ValueError, match=match):
+        ModelConfig.from_hf_config({**LEGACY_LLAMA31, **change})
+
+
+def test_runtime_fields_are_validated():
+    with pytest.raises(ValueError, match="remat_policy 'sometimes'"):
+        ModelConfig.preset("smollm2-135m", remat_policy="sometimes")
+    with pytest.raises(ValueError, match="attention_impl 'flash'"):
+        ModelConfig.preset("smollm2-135m", attention_impl="flash")
+
+
+@pytest.mark.parametrize(
+    "scaling",
+    [
+        None,
+        {"rope_type": "linear", "factor": 4.0},
+        {
+            "rope_type": "llama3",
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    ],
+)
+def test_rope_frequencies_match_transformers(scaling):
+    hf = LlamaConfig(hidden_size=2048, num_attention_heads=32, rope_theta=500000.0, rope_scaling=scaling)
+    rope_type = "default" if scaling is None else scaling["rope_type"]
+    if rope_type == "default":
+        expected = 1.0 / (500000.0 ** (torch.arange(0, 64, 2, dtype=torch.float64) / 64))
+    else:
+        expected, _ = ROPE_INIT_FUNCTIONS[rope_type](hf, device=None)
+    ours = rope_inv_freq(ModelConfig.from_hf_config(hf.to_dict()))
+    np.testing.assert_allclose(ours, expected.numpy(), rtol=2e-6, atol=0)
