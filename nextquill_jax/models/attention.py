@@ -1,0 +1,202 @@
+"""Grouped-query causal attention with segment ids: the mask rule and three implementations.
+
+Shapes: q [B, T, H, Hd], k / v [B, S, K, Hd] with H a multiple of K (grouped-query attention),
+segment ids [B, T] int32 (0 = padding; a packed row numbers its examples 1, 2, ...).
+The mask rule: query slot i sees key slot j iff j <= i and both carry the same segment id. Padding tokens
+(segment 0) see only earlier padding, so no softmax row is ever empty; their outputs are meaningless
+and unused.
+
+- `xla`: einsum + explicit mask, float32 softmax; every backend. Also used with a KV cache.
+- `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")`, GPU only, bf16/fp16; segment ids become a
+  boolean mask (without them only the causal mask is applied, which is cuDNN's fastest path).
+- `splash`: Pallas splash attention, TPU only, with segment ids natively. Under `jax.set_mesh(mesh)` with
+  several devices it runs per shard in `jax.shard_map` (batch over the rules' "batch" axes, heads over
+  "heads").
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec
+
+from ..parallel import DEFAULT_RULES, logical_to_mesh_spec
+
+_BACKENDS = {"cudnn": ("gpu", "cuda"), "splash": ("tpu",)}
+_SPLASH_BLOCK = 512
+
+
+def check_attention_backend(impl: str, backend: str | None = None) -> None:
+    """Raise ValueError if attention implementation `impl` cannot run on `backend` (default: JAX's)."""
+    backend = backend or jax.default_backend()
+    allowed = _BACKENDS.get(impl)
+    if allowed is not None and backend not in allowed:
+        raise ValueError(
+            f"attention_impl={impl!r} needs a {'GPU' if impl == 'cudnn' else 'TPU'} backend, but JAX runs on "
+            f"{backend!r}. Fix: set attention_impl='xla' (works everywhere)."
+        )
+
+
+def attention_mask(
+    q_segment_ids: jax.Array, kv_segment_ids: jax.Array, q_slots: jax.Array, kv_slots: jax.Array
+) -> jax.Array:
+    """Boolean mask [B, T, S]: kv_slots[j] <= q_slots[i] and equal segment ids.
+
+    q_segment_ids [B, T], kv_segment_ids [B, S], q_slots [T], kv_slots [S] (int32 sequence indices).
+    """
+    causal = kv_slots[None, :] <= q_slots[:, None]  # [T, S]
+    same_segment = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]  # [B, T, S]
+    return causal[None] & same_segment
+
+
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """softmax(q kᵀ / sqrt(Hd), masked) v with grouped heads.
+
+    q [B, T, H, Hd], k/v [B, S, K, Hd], mask [B, T, S]. Scores and softmax in float32; probabilities cast to
+    q.dtype before the value product (as transformers does).
+    Returns [B, T, H, Hd] in q.dtype.
+    """
+    b, t, h, hd = q.shape
+    kv_heads = k.shape[2]
+    qg = q.reshape(b, t, kv_heads, h // kv_heads, hd)  # [B, T, K, G, Hd]
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) / np.sqrt(hd)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)  # [B, K, G, T, S]
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h, hd)
+
+
+def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+    """cuDNN flash attention (GPU). q [B, T, H, Hd], k/v [B, T, K, Hd], segment_ids [B, T] or None.
+
+    Raises:
+        ValueError: q is not bfloat16/float16 (cuDNN flash attention has no float32 kernel).
+    """
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(
+            f"attention_impl='cudnn' needs compute_dtype bfloat16 or float16, got {q.dtype}. "
+            "Fix: set compute_dtype='bfloat16' or attention_impl='xla'."
+        )
+    mask = None
+    if segment_ids is not None:
+        mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # [B, 1, T, T]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation="cudnn")
+
+
+def splash_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *, interpret: bool = False
+) -> jax.Array:
+    """Pallas splash attention (TPU; `interpret=True` runs the same kernel on any backend, slowly, for tests).
+
+    q [B, T, H, Hd], k/v [B, T, K, Hd], segment_ids [B, T]. T is padded internally to a multiple of the
+    kernel's block size with segment id -1, which no real token shares.
+    Returns [B, T, H, Hd].
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return _splash_local(q, k, v, segment_ids, interpret=interpret)
+    heads_axes = logical_to_mesh_spec(("heads",), _rules_for(mesh))[0]
+    head_parts = _axis_size(mesh, heads_axes)
+    if q.shape[2] % head_parts:
+        heads_axes = None
+    elif k.shape[2] % head_parts:
+        # Fewer key/value heads than head shards: give every query head its own copy.
+        k = jnp.repeat(k, q.shape[2] // k.shape[2], axis=2)
+        v = jnp.repeat(v, q.shape[2] // v.shape[2], axis=2)
+    batch_axes = logical_to_mesh_spec(("batch",), _rules_for(mesh))[0]
+    if q.shape[0] % _axis_size(mesh, batch_axes):
+        batch_axes = None
+    qkv_spec = PartitionSpec(batch_axes, None, heads_axes, None)
+    seg_spec = PartitionSpec(batch_axes, None)
+    local = functools.partial(_splash_local, interpret=interpret)
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(qkv_spec, qkv_spec, qkv_spec, seg_spec),
+        out_specs=qkv_spec,
+        check_vma=False,
+    )(q, k, v, segment_ids)
+
+
+def _rules_for(mesh) -> list:
+    """DEFAULT_RULES restricted to the mesh's axis names (a mesh may lack some of them)."""
+    names = set(mesh.axis_names)
+    rules = []
+    for logical, target in DEFAULT_RULES:
+        axes = (target,) if isinstance(target, str) else tuple(target or ())
+        kept = tuple(a for a in axes if a in names)
+        rules.append((logical, kept or None))
+    return rules
+
+
+def _axis_size(mesh, axes) -> int:
+    if axes is None:
+        return 1
+    names = (axes,) if isinstance(axes, str) else tuple(axes)
+    return int(np.prod([mesh.shape[a] for a in names]))
+
+
+def _splash_local(
+    q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *, interpret: bool
+) -> jax.Array:
+    """Splash attention on one device's arrays (same shapes as `splash_attention`)."""
+    # Imported here: the Pallas TPU stack is only needed when splash is used.
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash_kernel
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
+
+    _, t, h, hd = q.shape
+    block = min(_SPLASH_BLOCK, -(-t // 128) * 128)
+    padded = -(-t // block) * block
+    pad = padded - t
+    # Kernel layout: [B, heads, T, Hd]; the kernel expects q already scaled.
+    qh = jnp.pad(jnp.swapaxes(q, 1, 2) / np.sqrt(hd).astype(q.dtype), ((0, 0), (0, 0), (0, pad), (0, 0)))
+    kh = jnp.pad(jnp.swapaxes(k, 1, 2), ((0, 0), (0, 0), (0, pad), (0, 0)))
+    vh = jnp.pad(jnp.swapaxes(v, 1, 2), ((0, 0), (0, 0), (0, pad), (0, 0)))
+    seg = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, pad)), constant_values=-1)
+    mask = splash_mask.MultiHeadMask([splash_mask.CausalMask((padded, padded)) for _ in range(h)])
+    sizes = splash_kernel.BlockSizes(
+        block_q=block,
+        block_kv=block,
+        block_kv_compute=block,
+        block_q_dkv=block,
+        block_kv_dkv=block,
+        block_kv_dkv_compute=block,
+        block_q_dq=block,
+        block_kv_dq=block,
+    )
+    kernel = splash_kernel.make_splash_mha(
+        mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret
+    )
+    one_row = lambda qr, kr, vr, sr: kernel(qr, kr, vr, segment_ids=splash_kernel.SegmentIds(q=sr, kv=sr))
+    out = jax.vmap(one_row)(qh, kh, vh, seg)  # [B, H, padded, Hd]
+    return jnp.swapaxes(out[:, :, :t], 1, 2)
+
+
+def self_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    segment_ids: jax.Array,
+    impl: str,
+    *,
+    segments_given: bool = True,
+) -> jax.Array:
+    """Causal self-attention within segments with the chosen implementation. Shapes as in `xla_attention`.
+
+    `segments_given=False` says every token is in segment 1 (lets cuDNN use its plain causal kernel).
+
+    Raises:
+        ValueError: `impl` unknown or not runnable on this backend.
+    """
+    check_attention_backend(impl)
+    if impl == "xla":
+        slots = jnp.arange(q.shape[1], dtype=jnp.int32)
+        return xla_attention(q, k, v, attention_mask(segment_ids, segment_ids, slots, slots))
+    if impl == "cudnn":
+        return cudnn_attention(q, k, v, segment_ids if segments_given else None)
+    if impl == "splash":
+        return splash_attention(q, k, v, segment_ids)
+    raise ValueError(f"unknown attention_impl {impl!r}; known: xla, cudnn, splash")

@@ -1,0 +1,261 @@
+"""CausalLM: embedding -> scanned decoder layers -> final RMSNorm -> LM head (tied or untied), in Flax NNX.
+
+The decoder layers are one `DecoderLayer` module whose parameters carry a leading `layers` axis (built with
+`nnx.vmap`); the forward pass runs `jax.lax.scan` over that stacked state, so compile time does not grow with
+depth. The scan body is wrapped in `jax.checkpoint` with the config's named remat policy.
+
+Parameter layout (logical axes in brackets), L = layers, D = hidden, H / K = query / key-value heads:
+  embed [V, D] (vocab, embed); lm_head [D, V] (embed, vocab), absent when tied;
+  layers.attn.q_proj [L, D, H, Hd], k_proj / v_proj [L, D, K, Hd], o_proj [L, H, Hd, D]; optional biases
+  q_bias [L, H, Hd], k_bias / v_bias [L, K, Hd], o_bias [L, D]; optional q_norm / k_norm scale [L, Hd];
+  layers.mlp gate / up [L, D, F], down [L, F, D]; layers.input_norm / post_attn_norm scale [L, D];
+  final_norm scale [D].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .attention import attention_mask, self_attention, xla_attention
+from .config import ModelConfig
+from .kv_cache import KVCache, empty_cache, write_slots
+from .layers import MLP, RMSNorm, apply_rope, constant_param, normal_param, rope_inv_freq
+
+REMAT_POLICIES: dict[str, Callable | None] = {
+    "full": None,  # save nothing: recompute the whole layer in the backward pass
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+# attend(q [B,T,H,Hd], k [B,T,K,Hd], v, layer_cache) -> (out [B,T,H,Hd], new layer_cache)
+AttendFn = Callable[[jax.Array, jax.Array, jax.Array, object], tuple[jax.Array, object]]
+
+
+class Attention(nnx.Module):
+    """Projections of grouped-query attention; the attention itself is supplied by the caller (`attend`)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, h, kv, hd, dtype = (
+            cfg.hidden_size,
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            cfg.param_jnp_dtype,
+        )
+        self.cfg = cfg
+        self.q_proj = normal_param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), dtype)
+        self.k_proj = normal_param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), dtype)
+        self.v_proj = normal_param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), dtype)
+        self.o_proj = normal_param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), dtype)
+        self.q_bias = constant_param(0.0, (h, hd), ("heads", "head_dim"), dtype) if cfg.qkv_bias else None
+        self.k_bias = constant_param(0.0, (kv, hd), ("kv_heads", "head_dim"), dtype) if cfg.qkv_bias else None
+        self.v_bias = constant_param(0.0, (kv, hd), ("kv_heads", "head_dim"), dtype) if cfg.qkv_bias else None
+        self.o_bias = constant_param(0.0, (d,), ("embed",), dtype) if cfg.o_bias else None
+        self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
+
+    def qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x [B, T, D], positions [B, T] -> q [B, T, H, Hd], k, v [B, T, K, Hd] (q, k normed, rotated)."""
+        dt = x.dtype
+        q = jnp.einsum("btd,dhk->bthk", x, self.q_proj[...].astype(dt))
+        k = jnp.einsum("btd,dhk->bthk", x, self.k_proj[...].astype(dt))
+        v = jnp.einsum("btd,dhk->bthk", x, self.v_proj[...].astype(dt))
+        if self.q_bias is not None:
+            q = q + self.q_bias[...].astype(dt)
+            k = k + self.k_bias[...].astype(dt)
+            v = v + self.v_bias[...].astype(dt)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        inv_freq = rope_inv_freq(self.cfg)
+        return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
+
+    def out(self, attended: jax.Array) -> jax.Array:
+        """attended [B, T, H, Hd] -> [B, T, D]."""
+        y = jnp.einsum("bthk,hkd->btd", attended, self.o_proj[...].astype(attended.dtype))
+        if self.o_bias is not None:
+            y = y + self.o_bias[...].astype(y.dtype)
+        return y
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        dtype = cfg.param_jnp_dtype
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(
+        self, x: jax.Array, positions: jax.Array, attend: AttendFn, cache: object
+    ) -> tuple[jax.Array, object]:
+        q, k, v = self.attn.qkv(self.input_norm(x), positions)
+        attended, cache = attend(q, k, v, cache)
+        x = x + self.attn.out(attended)
+        return x + self.mlp(self.post_attn_norm(x)), cache
+
+
+class CausalLM(nnx.Module):
+    """A Llama / Qwen2 / Qwen3 decoder-only LM. See the module docstring for the parameter layout.
+
+    Forward: `model(input_ids, positions=None, segment_ids=None) -> logits [B, T, V] float32`.
+    Decoding: `cache = model.init_cache(batch, max_len)`, then `logits, cache = model.extend(ids, cache, ...)`
+    for the prompt (prefill) and again for each new token.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        dtype = cfg.param_jnp_dtype
+        self.cfg = cfg
+        with nnx.use_eager_sharding(False):
+            self.embed = normal_param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype)
+            self.layers = _stacked_layers(cfg, rngs)
+            self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+            self.lm_head = (
+                None
+                if cfg.tie_word_embeddings
+                else normal_param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype)
+            )
+
+    def __call__(
+        self, input_ids: jax.Array, positions: jax.Array | None = None, segment_ids: jax.Array | None = None
+    ) -> jax.Array:
+        """input_ids [B, T] int32 -> logits [B, T, V] float32; positions, segment_ids: see hidden_states."""
+        return self.logits(self.hidden_states(input_ids, positions, segment_ids))
+
+    def hidden_states(
+        self, input_ids: jax.Array, positions: jax.Array | None = None, segment_ids: jax.Array | None = None
+    ) -> jax.Array:
+        """Final normed hidden states [B, T, D] in the compute dtype.
+
+        input_ids [B, T] int32; positions [B, T] int32 (RoPE positions, restarting at 0 per segment; default
+        0..T-1); segment_ids [B, T] int32 (0 = padding, examples 1, 2, ... of a packed row; default all 1).
+        A token attends to earlier tokens of its own segment only.
+
+        Raises:
+            ValueError: the config's attention_impl cannot run on this backend.
+        """
+        b, t = input_ids.shape
+        segments_given = segment_ids is not None
+        positions = _default_positions(positions, b, t, 0)
+        segment_ids = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+        impl = self.cfg.attention_impl
+
+        def attend(q, k, v, cache):
+            return self_attention(q, k, v, segment_ids, impl, segments_given=segments_given), cache
+
+        x, _ = self._run_layers(self._embed(input_ids), positions, attend, None)
+        return self.final_norm(x)
+
+    def lm_head_weight(self) -> tuple[jax.Array, str]:
+        """(W, layout) in the parameter dtype: "vd" = W is the tied embedding [V, D] (logits = h @ W.T),
+        "dv" = W is the untied head kernel [D, V] (logits = h @ W)."""
+        if self.lm_head is None:
+            return self.embed[...], "vd"
+        return self.lm_head[...], "dv"
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """hidden [..., D] -> logits [..., V] float32 (products in the hidden dtype, float32 accumulation)."""
+        w, layout = self.lm_head_weight()
+        w = w.astype(hidden.dtype)
+        spec = "...d,vd->...v" if layout == "vd" else "...d,dv->...v"
+        return jnp.einsum(spec, hidden, w, preferred_element_type=jnp.float32)
+
+    def init_cache(self, batch: int, max_len: int, dtype: jnp.dtype | str | None = None) -> KVCache:
+        """An empty KV cache for `batch` rows of up to `max_len` tokens (prompt + generated).
+
+        dtype defaults to the compute dtype; k/v: [L, batch, max_len, K, Hd]."""
+        cfg = self.cfg
+        dtype = jnp.dtype(dtype) if dtype is not None else cfg.compute_jnp_dtype
+        return empty_cache(cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim, dtype)
+
+    def extend(
+        self,
+        input_ids: jax.Array,
+        cache: KVCache,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        *,
+        last_only: bool = False,
+    ) -> tuple[jax.Array, KVCache]:
+        """Run T new tokens against the cache, write their keys/values, return (logits, updated cache).
+
+        Prefill: the (left-padded) prompt ids [B, T] with segment_ids 0 on padding, 1 on tokens, and
+        positions restarting at 0 at each row's first token. Step: ids [B, 1], segment_ids 1 (default) and
+        positions = the previous position + 1 (the default, the slot index, is right only without padding).
+        Logits: [B, T, V] float32, or [B, 1, V] for the last token only with `last_only=True`.
+        Attention always uses the `xla` implementation here (any backend).
+
+        Raises:
+            ValueError: (outside jit) the T new tokens do not fit in the cache. Under jit this cannot be
+                checked before running; the logits of an overflowing call are NaN instead.
+        """
+        b, t = input_ids.shape
+        start = cache.index
+        if not isinstance(start, jax.core.Tracer) and int(start) + t > cache.max_len:
+            raise ValueError(
+                f"KV cache overflow: {int(start)} slots used + {t} new > max_len {cache.max_len}"
+            )
+        positions = _default_positions(positions, b, t, start)
+        segment_ids = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+        cache_segments = write_slots(cache.segment_ids, segment_ids, start)  # [B, S]
+        q_slots = start + jnp.arange(t, dtype=jnp.int32)
+        mask = attention_mask(
+            segment_ids, cache_segments, q_slots, jnp.arange(cache.max_len, dtype=jnp.int32)
+        )
+
+        def attend(q, k, v, layer_cache):
+            k_cache, v_cache = layer_cache
+            k_cache, v_cache = write_slots(k_cache, k, start), write_slots(v_cache, v, start)
+            return xla_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask), (
+                k_cache,
+                v_cache,
+            )
+
+        x, (k_all, v_all) = self._run_layers(self._embed(input_ids), positions, attend, (cache.k, cache.v))
+        hidden = self.final_norm(x[:, -1:] if last_only else x)
+        logits = self.logits(hidden)
+        logits = jnp.where(start + t > cache.max_len, jnp.nan, logits)
+        return logits, KVCache(k=k_all, v=v_all, segment_ids=cache_segments, index=start + t)
+
+    def _embed(self, input_ids: jax.Array) -> jax.Array:  # [B, T] -> [B, T, D]
+        return jnp.take(self.embed[...], input_ids, axis=0).astype(self.cfg.compute_jnp_dtype)
+
+    def _run_layers(
+        self, x: jax.Array, positions: jax.Array, attend: AttendFn, caches: object
+    ) -> tuple[jax.Array, object]:
+        """Scan the stacked decoder layers over x [B, T, D]; `caches` (a pytree with leading L axis, or None)
+        is scanned alongside and returned updated."""
+        graphdef, state = nnx.split(self.layers)
+
+        def body(h, xs):
+            layer_state, layer_cache = xs
+            return nnx.merge(graphdef, layer_state)(h, positions, attend, layer_cache)
+
+        policy_name = self.cfg.remat_policy
+        if policy_name != "none":
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[policy_name], prevent_cse=False)
+        return jax.lax.scan(body, x, (state, caches))
+
+
+def _stacked_layers(cfg: ModelConfig, rngs: nnx.Rngs) -> DecoderLayer:
+    """One DecoderLayer whose parameters have a leading axis of size num_layers, annotated `layers`."""
+
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(
+        in_axes=0, out_axes=0, axis_size=cfg.num_layers, transform_metadata={nnx.PARTITION_NAME: "layers"}
+    )
+    def make(layer_rngs: nnx.Rngs) -> DecoderLayer:
+        return DecoderLayer(cfg, rngs=layer_rngs)
+
+    return make(rngs)
+
+
+def _default_positions(positions: jax.Array | None, b: int, t: int, start) -> jax.Array:
+    if positions is not None:
+        return positions.astype(jnp.int32)
+    return jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))

@@ -1,0 +1,195 @@
+"""CausalLM against transformers' PyTorch models (the reference), for each family, on tiny random
+checkpoints built and saved by transformers itself: logits, left padding, packing, KV-cache decoding,
+save/load round trips, bf16 compute."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+
+from nextquill_jax.models import load_pretrained, save_pretrained
+
+VOCAB = 300
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+)
+# original_max_position_embeddings=16 with head_dim 16 puts RoPE wavelengths in all three llama3 regimes
+# (kept, interpolated, divided by the factor).
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}
+FAMILIES = {
+    "llama3_tied": lambda: LlamaConfig(
+        **COMMON, rope_scaling=LLAMA3_ROPE, rope_theta=10000.0, tie_word_embeddings=True
+    ),
+    "llama_untied": lambda: LlamaConfig(**COMMON, rope_theta=500.0, tie_word_embeddings=False),
+    "qwen2_bias": lambda: Qwen2Config(**COMMON, rope_theta=10000.0, tie_word_embeddings=False),
+    "qwen3_qknorm": lambda: Qwen3Config(**COMMON, head_dim=24, rope_theta=10000.0, tie_word_embeddings=True),
+}
+
+
+class Case:
+    """A transformers reference model, its saved directory, our model loaded from it, jitted entry points."""
+
+    def __init__(self, name: str, tmp_dir):
+        torch.manual_seed(0)
+        self.name = name
+        self.torch_model = AutoModelForCausalLM.from_config(FAMILIES[name]()).eval()
+        with torch.no_grad():  # move every parameter off its init (norms off 1, biases off 0)
+            for p in self.torch_model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        self.dir = tmp_dir / "hf"
+        self.torch_model.save_pretrained(self.dir)
+        self.model = load_pretrained(self.dir)
+        graphdef, state = nnx.split(self.model)
+        self.graphdef, self.state = graphdef, state
+        self._forward = jax.jit(lambda s, ids, pos, seg: nnx.merge(graphdef, s)(ids, pos, seg))
+        self._extend = jax.jit(
+            lambda s, ids, cache, pos, seg: nnx.merge(graphdef, s).extend(ids, cache, pos, seg)
+        )
+
+    def forward(self, ids, positions=None, segment_ids=None) -> np.ndarray:
+        # Explicit defaults keep one jit signature per shape (tests share compiled [3, 20] forwards).
+        b, t = ids.shape
+        positions = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)) if positions is None else positions
+        segment_ids = np.ones((b, t), np.int32) if segment_ids is None else segment_ids
+        return np.asarray(self._forward(self.state, ids, positions, segment_ids))
+
+    def extend(self, ids, cache, positions=None, segment_ids=None):
+        return self._extend(self.state, ids, cache, positions, segment_ids)
+
+    def reference(self, ids, attention_mask=None, position_ids=None) -> np.ndarray:
+        kwargs = {}
+        if attention_mask is not None:
+            kwargs = dict(
+                attention_mask=torch.tensor(attention_mask), position_ids=torch.tensor(position_ids)
+            )
+        with torch.no_grad():
+            return self.torch_model(torch.tensor(ids), **kwargs).logits.numpy()
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def case(request, tmp_path_factory) -> Case:
+    return Case(request.param, tmp_path_factory.mktemp(request.param))
+
+
+def random_ids(shape, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, VOCAB, shape).astype(np.int32)
+
+
+def left_padded(lengths: list[int], width: int, seed: int = 1):
+    """ids, mask (1 = token), positions restarting at 0 at each row's first token; padding on the left."""
+    ids = random_ids((len(lengths), width), seed)
+    mask = np.zeros((len(lengths), width), np.int32)
+    for row, n in enumerate(lengths):
+        mask[row, width - n :] = 1
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
+    return ids, mask, positions
+
+
+def test_logits_match_transformers(case):
+    ids = random_ids((3, 20))
+    ours = case.forward(ids)
+    ref = case.reference(ids)
+    assert ours.shape == ref.shape == (3, 20, VOCAB)
+    assert np.abs(ours - ref).max() <= 1e-4, case.name
+
+
+def test_left_padding_matches_transformers_attention_mask(case):
+    ids, mask, positions = left_padded([20, 13, 6], 20)
+    ours = case.forward(ids, positions, mask)  # segment ids: 0 on padding, 1 on tokens
+    ref = case.reference(ids, attention_mask=mask, position_ids=positions)
+    real = mask.astype(bool)
+    assert np.abs(ours[real] - ref[real]).max() <= 1e-4, case.name
+
+
+def test_packed_row_equals_each_sequence_alone(case):
+    a, b = random_ids(7, seed=2), random_ids(9, seed=3)
+    ids = np.zeros((3, 20), np.int32)
+    segments = np.zeros((3, 20), np.int32)
+    positions = np.zeros((3, 20), np.int32)
+    # Row 0: a, b and 4 padding tokens packed; row 1: a alone; row 2: b alone (rows never see each other).
+    ids[0, :16], segments[0, :16], positions[0, :16] = (
+        np.concatenate([a, b]),
+        [1] * 7 + [2] * 9,
+        [*range(7), *range(9)],
+    )
+    ids[1, :7], segments[1, :7], positions[1, :7] = a, 1, np.arange(7)
+    ids[2, :9], segments[2, :9], positions[2, :9] = b, 1, np.arange(9)
+    logits = case.forward(ids, positions, segments)
+    np.testing.assert_allclose(logits[0, :7], logits[1, :7], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(logits[0, 7:16], logits[2, :9], atol=1e-5, rtol=0)
+    # Alone in a row of its own, a matches transformers too (so the comparison above is not vacuous).
+    assert np.abs(logits[1, :7] - case.reference(a[None])[0]).max() <= 1e-4
+
+
+def test_kv_cache_decode_matches_full_forward(case):
+    prompt_len, steps = 14, 6
+    ids, mask, positions = left_padded([20, 15, 9], prompt_len + steps, seed=4)
+    # Rows are left-padded as a whole (prompt + continuation): the first `prompt_len` columns are the prompt.
+    full = case.forward(ids, positions, mask)
+    cache = case.model.init_cache(batch=3, max_len=prompt_len + steps + 3)
+    logits, cache = case.extend(ids[:, :prompt_len], cache, positions[:, :prompt_len], mask[:, :prompt_len])
+    real = mask[:, :prompt_len].astype(bool)
+    assert np.abs(np.asarray(logits)[real] - full[:, :prompt_len][real]).max() <= 1e-5
+    for t in range(prompt_len, prompt_len + steps):
+        logits, cache = case.extend(ids[:, t : t + 1], cache, positions[:, t : t + 1])
+        np.testing.assert_allclose(
+            np.asarray(logits)[:, 0], full[:, t], atol=1e-5, rtol=0, err_msg=f"step {t}"
+        )
+    assert int(cache.index) == prompt_len + steps
+
+
+def test_save_pretrained_round_trip(case, tmp_path):
+    out = save_pretrained(case.model, tmp_path / "ours", max_shard_bytes=40_000)  # force several shards
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    reloaded_torch = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = random_ids((2, 11), seed=5)
+    with torch.no_grad():
+        theirs = reloaded_torch(torch.tensor(ids)).logits.numpy()
+    assert np.abs(case.forward(ids) - theirs).max() <= 1e-5
+    assert sorted(index["weight_map"]) == sorted(
+        reloaded_torch.state_dict().keys() - _tied_head(reloaded_torch)
+    )
+
+    reloaded = load_pretrained(out)
+    ours_flat = dict(nnx.state(case.model, nnx.Param).flat_state())
+    again_flat = dict(nnx.state(reloaded, nnx.Param).flat_state())
+    assert ours_flat.keys() == again_flat.keys()
+    for path, var in ours_flat.items():
+        assert np.array_equal(np.asarray(var.get_value()), np.asarray(again_flat[path].get_value())), path
+
+
+def _tied_head(torch_model) -> set[str]:
+    return {"lm_head.weight"} if torch_model.config.tie_word_embeddings else set()
+
+
+def test_bf16_compute_with_fp32_params_close_to_fp32(case):
+    model = load_pretrained(case.dir, compute_dtype="bfloat16")
+    assert all(v.get_value().dtype == jnp.float32 for _, v in nnx.state(model, nnx.Param).flat_state())
+    ids = random_ids((3, 20), seed=6)
+    graphdef, state = nnx.split(model)
+    bf16 = np.asarray(jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, ids))
+    fp32 = case.forward(ids)
+    assert bf16.dtype == np.float32
+    rel = np.linalg.norm(bf16 - fp32) / np.linalg.norm(fp32)
+    assert 0 < rel < 2e-2, rel
