@@ -1,0 +1,386 @@
+"""Hugging Face checkpoints <-> CausalLM: safetensors import / export, one name table per family.
+
+`model_from_hf(config_dict, tensors, ...)` is the single path from "a config.json dict + tensors under Hugging
+Face names" to a CausalLM; `load_pretrained` feeds it from a safetensors directory or from a GGUF file
+(`gguf.read_gguf`). With a mesh, every parameter is created directly with its target sharding
+(`jax.make_array_from_callback`: each device receives only its slice, read from memory-mapped files), so the
+whole model never sits unsharded on one device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, PartitionSpec
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from ..parallel import DEFAULT_RULES, LogicalRules, logical_to_sharding
+from .causal_lm import CausalLM
+from .config import ModelConfig
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
+# Buffers some older checkpoints store that are not parameters (recomputed from the config here).
+_IGNORED = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How one Hugging Face tensor maps onto our (per-layer) array: shapes and the conversion both ways."""
+
+    hf_shape: Callable[[tuple[int, ...]], tuple[int, ...]]  # our shape -> HF shape
+    to_ours: Callable[[np.ndarray, tuple[int, ...]], np.ndarray]  # (HF array, our shape) -> our array
+    to_hf: Callable[[np.ndarray], np.ndarray]
+
+
+SAME = Layout(lambda s: s, lambda a, s: a, lambda a: a)
+# torch Linear stores [out, in]; ours are [in, out].
+TRANSPOSED = Layout(lambda s: s[::-1], lambda a, s: a.T, lambda a: a.T)
+# [N*Hd, D] (torch q/k/v_proj.weight) <-> [D, N, Hd]
+IN_HEADS = Layout(
+    lambda s: (s[1] * s[2], s[0]), lambda a, s: a.T.reshape(s), lambda a: a.reshape(a.shape[0], -1).T
+)
+# [D, H*Hd] (torch o_proj.weight) <-> [H, Hd, D]
+OUT_HEADS = Layout(
+    lambda s: (s[2], s[0] * s[1]), lambda a, s: a.T.reshape(s), lambda a: a.reshape(-1, a.shape[-1]).T
+)
+# [N*Hd] (q/k/v_proj.bias) <-> [N, Hd]
+HEAD_BIAS = Layout(lambda s: (s[0] * s[1],), lambda a, s: a.reshape(s), lambda a: a.reshape(-1))
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """Hugging Face name (with `{i}` = layer index for stacked parameters) <-> our parameter path."""
+
+    hf: str
+    path: tuple[str, ...]
+    layout: Layout
+
+    @property
+    def stacked(self) -> bool:
+        return "{i}" in self.hf
+
+
+_L = "model.layers.{i}."
+_BASE = (
+    Rule("model.embed_tokens.weight", ("embed",), SAME),
+    Rule("model.norm.weight", ("final_norm", "scale"), SAME),
+    Rule("lm_head.weight", ("lm_head",), TRANSPOSED),
+    Rule(_L + "input_layernorm.weight", ("layers", "input_norm", "scale"), SAME),
+    Rule(_L + "post_attention_layernorm.weight", ("layers", "post_attn_norm", "scale"), SAME),
+    Rule(_L + "self_attn.q_proj.weight", ("layers", "attn", "q_proj"), IN_HEADS),
+    Rule(_L + "self_attn.k_proj.weight", ("layers", "attn", "k_proj"), IN_HEADS),
+    Rule(_L + "self_attn.v_proj.weight", ("layers", "attn", "v_proj"), IN_HEADS),
+    Rule(_L + "self_attn.o_proj.weight", ("layers", "attn", "o_proj"), OUT_HEADS),
+    Rule(_L + "mlp.gate_proj.weight", ("layers", "mlp", "gate"), TRANSPOSED),
+    Rule(_L + "mlp.up_proj.weight", ("layers", "mlp", "up"), TRANSPOSED),
+    Rule(_L + "mlp.down_proj.weight", ("layers", "mlp", "down"), TRANSPOSED),
+)
+_QKV_BIAS = (
+    Rule(_L + "self_attn.q_proj.bias", ("layers", "attn", "q_bias"), HEAD_BIAS),
+    Rule(_L + "self_attn.k_proj.bias", ("layers", "attn", "k_bias"), HEAD_BIAS),
+    Rule(_L + "self_attn.v_proj.bias", ("layers", "attn", "v_bias"), HEAD_BIAS),
+)
+_O_BIAS = (Rule(_L + "self_attn.o_proj.bias", ("layers", "attn", "o_bias"), SAME),)
+_QK_NORM = (
+    Rule(_L + "self_attn.q_norm.weight", ("layers", "attn", "q_norm", "scale"), SAME),
+    Rule(_L + "self_attn.k_norm.weight", ("layers", "attn", "k_norm", "scale"), SAME),
+)
+
+# One table per family. A rule applies when the model has its parameter (biases only if the config has them).
+NAME_TABLES: dict[str, tuple[Rule, ...]] = {
+    "llama": _BASE + _QKV_BIAS + _O_BIAS,
+    "qwen2": _BASE + _QKV_BIAS,
+    "qwen3": _BASE + _QKV_BIAS + _O_BIAS + _QK_NORM,
+}
+
+
+class SafetensorsTensors(Mapping):
+    """Read-only mapping HF name -> np.ndarray over `model.safetensors` or a sharded index (memory-mapped)."""
+
+    def __init__(self, directory: str | Path):
+        directory = Path(directory)
+        index = directory / INDEX_FILE
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        elif (directory / SINGLE_FILE).exists():
+            with safe_open(directory / SINGLE_FILE, framework="numpy") as f:
+                weight_map = dict.fromkeys(f.keys(), SINGLE_FILE)
+        else:
+            raise FileNotFoundError(f"{directory}: neither {SINGLE_FILE} nor {INDEX_FILE} exists")
+        self._files = {
+            name: safe_open(directory / name, framework="numpy") for name in sorted(set(weight_map.values()))
+        }
+        for file, handle in self._files.items():
+            listed = {tensor for tensor, f in weight_map.items() if f == file}
+            held = set(handle.keys())
+            if listed != held:
+                raise KeyError(
+                    f"{index}: {file} does not hold what the index lists: listed but absent "
+                    f"{sorted(listed - held)[:10]}, present but not listed {sorted(held - listed)[:10]}"
+                )
+        self._weight_map = weight_map
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._files[self._weight_map[name]].get_tensor(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._weight_map)
+
+    def __len__(self) -> int:
+        return len(self._weight_map)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._files[self._weight_map[name]].get_slice(name).get_shape())
+
+
+def _shape(tensors: Mapping[str, Any], name: str) -> tuple[int, ...]:
+    return tensors.shape(name) if isinstance(tensors, SafetensorsTensors) else tuple(np.shape(tensors[name]))
+
+
+def model_from_hf(
+    hf_config: Mapping[str, Any],
+    tensors: Mapping[str, Any],
+    *,
+    dtype: str = "float32",
+    mesh: Mesh | None = None,
+    rules: LogicalRules = DEFAULT_RULES,
+    **config_overrides: Any,
+) -> CausalLM:
+    """Build a CausalLM from a HF config dict and tensors under HF names (numpy-convertible arrays).
+
+    Parameters are stored in `dtype`. With `mesh`, each parameter is placed with the NamedSharding that
+    `rules` give its logical axes. Tensor conversion happens on the host, one parameter (or one device slice
+    of it) at a time.
+
+    Raises:
+        KeyError: missing or unexpected tensors (all of them named).
+        ValueError: shape mismatches (named, with both shapes); config errors from ModelConfig.from_hf_config;
+            a mesh axis that does not divide a dimension.
+    """
+    cfg = ModelConfig.from_hf_config(hf_config, param_dtype=dtype, **config_overrides)
+    abstract = nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    flat = list(state.flat_state())
+    rules_by_path = _rules_for(cfg, [path for path, _ in flat])
+    _check_tensors(cfg, tensors, rules_by_path, dict((p, v.get_value().shape) for p, v in flat))
+    logical = dict(nnx.get_partition_spec(state).flat_state())
+    param_dtype = cfg.param_jnp_dtype
+    loaded = []
+    for path, var in flat:
+        rule = rules_by_path[path]
+        shape = var.get_value().shape
+
+        def host_slice(index: tuple[slice, ...], rule=rule, shape=shape) -> np.ndarray:
+            return _convert(tensors, rule, shape, index, cfg.num_layers).astype(param_dtype)
+
+        if mesh is None:
+            value = jnp.asarray(host_slice((slice(None),) * len(shape)))
+        else:
+            spec: PartitionSpec = logical[path].get_value()
+            sharding = logical_to_sharding(spec, mesh, rules, shapes=jax.ShapeDtypeStruct(shape, param_dtype))
+            value = jax.make_array_from_callback(shape, sharding, _memoized(host_slice))
+        loaded.append((path, var.replace(value=value)))
+    return nnx.merge(graphdef, nnx.from_flat_state(loaded))
+
+
+def _rules_for(cfg: ModelConfig, paths: list[tuple]) -> dict[tuple, Rule]:
+    table = {rule.path: rule for rule in NAME_TABLES[cfg.family]}
+    missing = [path for path in paths if path not in table]
+    if missing:
+        raise AssertionError(f"name table of family {cfg.family!r} has no rule for parameters {missing}")
+    return {path: table[path] for path in paths}
+
+
+def _hf_names(rule: Rule, num_layers: int) -> list[str]:
+    return [rule.hf.format(i=i) for i in range(num_layers)] if rule.stacked else [rule.hf]
+
+
+def _check_tensors(
+    cfg: ModelConfig, tensors: Mapping[str, Any], rules_by_path: dict[tuple, Rule], shapes: dict[tuple, tuple]
+) -> None:
+    """Every expected tensor present with the right shape, and no tensor left over."""
+    missing, mismatched, expected = [], [], set()
+    for path, rule in rules_by_path.items():
+        ours = shapes[path][1:] if rule.stacked else shapes[path]
+        want = tuple(rule.layout.hf_shape(ours))
+        for name in _hf_names(rule, cfg.num_layers):
+            expected.add(name)
+            if name not in tensors:
+                missing.append(name)
+            elif _shape(tensors, name) != want:
+                mismatched.append(f"{name}: file has {_shape(tensors, name)}, config implies {want}")
+    unexpected = sorted(n for n in tensors if n not in expected and not _IGNORED.match(n))
+    if cfg.tie_word_embeddings and "lm_head.weight" in unexpected and "model.embed_tokens.weight" in tensors:
+        if not np.array_equal(
+            np.asarray(tensors["lm_head.weight"]), np.asarray(tensors["model.embed_tokens.weight"])
+        ):
+            raise ValueError(
+                "config says tie_word_embeddings=true but lm_head.weight differs from "
+                "model.embed_tokens.weight; "
+                "fix: set tie_word_embeddings=false in config.json"
+            )
+        unexpected.remove("lm_head.weight")  # a tied checkpoint that also stores the (identical) head
+    if missing or unexpected:
+        raise KeyError(
+            f"checkpoint tensors do not match a {cfg.family!r} model with this config: "
+            f"missing {missing[:20]}{' ...' if len(missing) > 20 else ''} ({len(missing)} in all); "
+            f"unexpected {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''} ({len(unexpected)} in all)"
+        )
+    if mismatched:
+        raise ValueError("tensor shape mismatch: " + "; ".join(mismatched[:20]))
+
+
+def _convert(
+    tensors: Mapping[str, Any], rule: Rule, shape: tuple[int, ...], index: tuple[slice, ...], num_layers: int
+) -> np.ndarray:
+    """Our array (or its `index` slice) for `rule`, loading only the layers the slice covers."""
+    if not rule.stacked:
+        return rule.layout.to_ours(np.asarray(tensors[rule.hf]), shape)[index]
+    layers = range(num_layers)[index[0]]
+    per_layer = [rule.layout.to_ours(np.asarray(tensors[rule.hf.format(i=i)]), shape[1:]) for i in layers]
+    return np.stack(per_layer)[(slice(None), *index[1:])]
+
+
+def _memoized(fn: Callable[[tuple[slice, ...]], np.ndarray]) -> Callable[[tuple[slice, ...]], np.ndarray]:
+    """Devices holding the same slice (replicas) share one conversion."""
+    cache: dict[tuple, np.ndarray] = {}
+
+    def wrapped(index: tuple[slice, ...]) -> np.ndarray:
+        key = tuple((s.start, s.stop, s.step) for s in index)
+        if key not in cache:
+            cache[key] = fn(index)
+        return cache[key]
+
+    return wrapped
+
+
+def load_pretrained(
+    path_or_name: str | Path,
+    dtype: str = "float32",
+    mesh: Mesh | None = None,
+    *,
+    rules: LogicalRules = DEFAULT_RULES,
+    **config_overrides: Any,
+) -> CausalLM:
+    """Load a CausalLM from a Hugging Face directory (config.json + model.safetensors or a sharded
+    model.safetensors.index.json), a `.gguf` file, or a packaged name such as "smollm2-135m" (offline GGUF).
+
+    dtype: parameter dtype ("float32", "bfloat16", "float16"). config_overrides: ModelConfig fields, e.g.
+    compute_dtype="bfloat16", remat_policy="full", attention_impl="splash". mesh / rules: see `model_from_hf`.
+
+    Raises:
+        FileNotFoundError: not a directory with config.json, not a .gguf file, and not a packaged name.
+        KeyError / ValueError: from `model_from_hf` (tensors that do not match the config).
+    """
+    path = Path(path_or_name)
+    if path.is_dir():
+        config_file = path / "config.json"
+        if not config_file.exists():
+            raise FileNotFoundError(f"{config_file} does not exist")
+        hf_config = json.loads(config_file.read_text())
+        tensors: Mapping[str, Any] = SafetensorsTensors(path)
+    else:
+        from .gguf import read_gguf
+        from .packaged import packaged_model_names, packaged_model_path
+
+        gguf_path = (
+            path if path.is_file() and path.suffix == ".gguf" else packaged_model_path(str(path_or_name))
+        )
+        if gguf_path is None:
+            raise FileNotFoundError(
+                f"{str(path_or_name)!r} is neither a directory holding config.json, nor a .gguf file, nor a "
+                f"packaged model name (known: {packaged_model_names()})"
+            )
+        hf_config, tensors = read_gguf(gguf_path)
+    return model_from_hf(hf_config, tensors, dtype=dtype, mesh=mesh, rules=rules, **config_overrides)
+
+
+def save_pretrained(
+    model: CausalLM,
+    out_dir: str | Path,
+    tokenizer: Any = None,
+    *,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
+    """Write `model` as a Hugging Face directory that transformers' `AutoModelForCausalLM` loads.
+
+    config.json + model.safetensors, or model-0000k-of-0000n.safetensors files of at most `max_shard_bytes`
+    each (one tensor may exceed it) with model.safetensors.index.json. Tensors keep the parameter dtype.
+    `tokenizer` (anything with `save_pretrained(dir)`, e.g. a transformers tokenizer) is saved alongside.
+    Sharded parameters are gathered one at a time; in a multi-process run every process must call this and
+    process 0 writes. Returns the output directory.
+    """
+    out_dir = Path(out_dir)
+    cfg = model.cfg
+    flat = list(nnx.state(model, nnx.Param).flat_state())
+    rules_by_path = _rules_for(cfg, [path for path, _ in flat])
+    arrays = {path: var.get_value() for path, var in flat}
+    entries = [  # (hf name, param path, layer or None, bytes)
+        (name, path, layer, int(np.prod(_layer_shape(arrays[path], layer))) * arrays[path].dtype.itemsize)
+        for path, rule in rules_by_path.items()
+        for layer, name in _enumerate_names(rule, cfg.num_layers)
+    ]
+    shards: list[list[tuple]] = [[]]
+    size = 0
+    for entry in entries:
+        if shards[-1] and size + entry[3] > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += entry[3]
+    writer = jax.process_index() == 0
+    if writer:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    host: dict[tuple, np.ndarray] = {}
+    weight_map = {}
+    for k, shard in enumerate(shards):
+        file = SINGLE_FILE if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        out = {}
+        for name, path, layer, _ in shard:
+            if path not in host:
+                host.clear()  # entries of a parameter are consecutive: keep only the current one on the host
+                host[path] = _to_host(arrays[path])
+            value = host[path] if layer is None else host[path][layer]
+            out[name] = np.ascontiguousarray(rules_by_path[path].layout.to_hf(value))
+            weight_map[name] = file
+        if writer:
+            save_file(out, out_dir / file, metadata={"format": "pt"})
+    if writer:
+        if len(shards) > 1:
+            total = sum(e[3] for e in entries)
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2))
+        (out_dir / "config.json").write_text(json.dumps(cfg.to_hf_config(), indent=2))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(out_dir))
+    return out_dir
+
+
+def _enumerate_names(rule: Rule, num_layers: int) -> list[tuple[int | None, str]]:
+    if rule.stacked:
+        return [(i, rule.hf.format(i=i)) for i in range(num_layers)]
+    return [(None, rule.hf)]
+
+
+def _layer_shape(array: jax.Array, layer: int | None) -> tuple[int, ...]:
+    return array.shape if layer is None else array.shape[1:]
+
+
+def _to_host(array: jax.Array) -> np.ndarray:
+    if not array.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+    return np.asarray(jax.device_get(array))

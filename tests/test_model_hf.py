@@ -1,0 +1,135 @@
+"""Hugging Face import errors and conversions: every mismatch between a checkpoint and its config is an error
+naming the tensor; dtype conversion; directory / name resolution. Tensors come from transformers models."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+from nextquill_jax.models import load_pretrained, model_from_hf
+
+SIZES = dict(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
+
+
+def checkpoint(config) -> tuple[dict, dict[str, np.ndarray]]:
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    return config.to_dict(), {name: t.detach().numpy().copy() for name, t in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def qwen2():
+    return checkpoint(Qwen2Config(**SIZES, tie_word_embeddings=False))
+
+
+def test_missing_tensor_is_named(qwen2):
+    config, tensors = qwen2
+    broken = {k: v for k, v in tensors.items() if k != "model.layers.1.self_attn.k_proj.bias"}
+    with pytest.raises(KeyError, match=r"missing \['model.layers.1.self_attn.k_proj.bias'\]"):
+        model_from_hf(config, broken)
+
+
+def test_unexpected_tensor_is_named(qwen2):
+    config, tensors = qwen2
+    extra = {**tensors, "model.layers.0.mlp.extra_proj.weight": np.zeros((2, 2), np.float32)}
+    with pytest.raises(KeyError, match=r"unexpected \['model.layers.0.mlp.extra_proj.weight'\]"):
+        model_from_hf(config, extra)
+
+
+def test_shape_mismatch_is_named_with_both_shapes(qwen2):
+    config, tensors = qwen2
+    wrong = {**tensors, "model.layers.0.self_attn.q_proj.weight": np.zeros((32, 31), np.float32)}
+    with pytest.raises(
+        ValueError,
+        match=r"model.layers.0.self_attn.q_proj.weight: file has \(32, 31\), config implies \(32, 32\)",
+    ):
+        model_from_hf(config, wrong)
+
+
+def test_tied_checkpoint_may_store_the_identical_head_but_not_a_different_one():
+    config, tensors = checkpoint(LlamaConfig(**SIZES, tie_word_embeddings=True))
+    assert np.array_equal(
+        tensors["lm_head.weight"], tensors["model.embed_tokens.weight"]
+    )  # torch stores both
+    model = model_from_hf(config, tensors)
+    assert model.lm_head is None
+    different = {**tensors, "lm_head.weight": tensors["lm_head.weight"] + 1}
+    with pytest.raises(ValueError, match=r"lm_head\.weight differs from model\.embed_tokens\.weight"):
+        model_from_hf(config, different)
+
+
+def test_old_rotary_buffers_are_recognised_and_skipped(qwen2):
+    config, tensors = qwen2
+    with_buffer = {**tensors, "model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(4, np.float32)}
+    model_from_hf(config, with_buffer)
+
+
+def test_bfloat16_parameters_are_the_rounded_checkpoint_values(qwen2):
+    config, tensors = qwen2
+    model = model_from_hf(config, tensors, dtype="bfloat16")
+    params = dict(nnx.state(model, nnx.Param).flat_state())
+    q = np.asarray(params[("layers", "attn", "q_proj")].get_value())
+    assert q.dtype == ml_dtypes.bfloat16 and q.shape == (2, 32, 4, 8)
+    expected = (
+        tensors["model.layers.1.self_attn.q_proj.weight"].astype(ml_dtypes.bfloat16).T.reshape(32, 4, 8)
+    )
+    assert np.array_equal(q[1], expected)
+    assert model.cfg.param_dtype == "bfloat16"
+
+
+def test_unknown_name_and_directory_without_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match="smollm2-135m"):
+        load_pretrained("no-such-model")
+    with pytest.raises(FileNotFoundError, match=r"config\.json does not exist"):
+        load_pretrained(tmp_path)
+
+
+def test_save_pretrained_writes_the_tokenizer_too(qwen2, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from nextquill_jax.models import save_pretrained
+
+    vocab = {"<unk>": 0, "hello": 1, "world": 2}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+    config, tensors = qwen2
+    out = save_pretrained(model_from_hf(config, tensors), tmp_path / "out", tokenizer=tokenizer)
+    assert (out / "config.json").exists() and (out / "model.safetensors").exists()
+    # AutoTokenizer would pick Qwen2Tokenizer from config.json's model_type, which this toy vocab breaks.
+    assert PreTrainedTokenizerFast.from_pretrained(out)("hello world there")["input_ids"] == [1, 2, 0]
+
+
+def test_sharded_index_must_agree_with_its_files(qwen2, tmp_path):
+    import json
+
+    from safetensors.numpy import save_file
+
+    from nextquill_jax.models.hf import SafetensorsTensors
+
+    _, tensors = qwen2
+    names = sorted(tensors)
+    half = len(names) // 2
+    save_file({n: tensors[n] for n in names[:half]}, tmp_path / "a.safetensors")
+    save_file({n: tensors[n] for n in names[half:]}, tmp_path / "b.safetensors")
+    weight_map = {n: "a.safetensors" if i < half else "b.safetensors" for i, n in enumerate(names)}
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": weight_map}))
+    loaded = SafetensorsTensors(tmp_path)
+    assert sorted(loaded) == names and np.array_equal(loaded[names[-1]], tensors[names[-1]])
+    del weight_map[names[0]]  # still in a.safetensors, no longer listed: would be dropped silently
+    index.write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(KeyError, match=f"present but not listed \\['{names[0]}'\\]"):
+        SafetensorsTensors(tmp_path)
