@@ -1,0 +1,171 @@
+"""Causal preference effects (NEXTQUILL.md, "Causal preference effects" and "Preference-bearing tokens").
+
+Pure functions over aligned arrays: `[..., R, V]` logits and `[..., R]` labels belong to the same R target
+tokens, labels are already shifted and `IGNORE_INDEX` (-100) marks slots outside the loss. Everything is
+computed in float32 whatever the input dtype.
+
+- model-side effect MCE(t) = z_h(t) − z_∅(t), a logit vector;
+- data-side effect DCE(t) = p_h(y_t) − p_∅(y_t), a probability difference in [-1, 1] that carries no gradient;
+- preference weights: `target` (λ where DCE > δ, else ε) or `js` (KL(p_h ‖ m) + KL(p_∅ ‖ m), m the mixture);
+- summary statistics of DCE for logging.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from nextquill_jax.data.batch import IGNORE_INDEX
+from nextquill_jax.fused_head import DEFAULT_TOKEN_CHUNK, DEFAULT_VOCAB_CHUNK, HeadLayout, head_token_stats
+
+# Quantiles of DCE reported per call (aux keys dce_p10, dce_p50, dce_p90).
+DCE_QUANTILES: dict[str, float] = {"dce_p10": 0.1, "dce_p50": 0.5, "dce_p90": 0.9}
+
+
+def target_mask(labels: jax.Array) -> jax.Array:
+    """[..., R] bool: True where the slot holds a target token (label != IGNORE_INDEX)."""
+    return labels != IGNORE_INDEX
+
+
+def token_logprobs(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """log p(y_t) = z[y_t] − logsumexp(z) per token.
+
+    Args:
+        logits: [..., R, V] any float dtype.
+        labels: [..., R] int ids in [0, V) or IGNORE_INDEX.
+
+    Returns:
+        [..., R] float32, 0 at ignored slots, NaN where a label is outside [0, V) (so a bad label under jit
+        cannot pass unnoticed).
+    """
+    logits = logits.astype(jnp.float32)
+    mask = target_mask(labels)
+    in_range = (labels >= 0) & (labels < logits.shape[-1])
+    safe = jnp.where(mask & in_range, labels, 0)
+    label_logit = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
+    logprob = jnp.where(mask, label_logit - jax.nn.logsumexp(logits, axis=-1), 0.0)
+    return jnp.where(mask & ~in_range, jnp.nan, logprob)
+
+
+def model_effect(logits_with: jax.Array, logits_without: jax.Array) -> jax.Array:
+    """MCE = z_h − z_∅: [..., R, V] float32 logit difference (differentiable through both streams)."""
+    return logits_with.astype(jnp.float32) - logits_without.astype(jnp.float32)
+
+
+def data_effect(logprob_with: jax.Array, logprob_without: jax.Array, mask: jax.Array) -> jax.Array:
+    """DCE = p_h(y) − p_∅(y) from token log-probs [..., R]; no gradient, 0 where `mask` is False."""
+    dce = jnp.exp(logprob_with.astype(jnp.float32)) - jnp.exp(logprob_without.astype(jnp.float32))
+    return jax.lax.stop_gradient(jnp.where(mask, dce, 0.0))
+
+
+def dce_from_logits(logits_with: jax.Array, logits_without: jax.Array, labels: jax.Array) -> jax.Array:
+    """DCE of the label tokens from two [..., R, V] logit streams → [..., R] float32, 0 at ignored slots."""
+    mask = target_mask(labels)
+    return data_effect(token_logprobs(logits_with, labels), token_logprobs(logits_without, labels), mask)
+
+
+def dce_from_hidden(
+    hidden_with: jax.Array,
+    hidden_without: jax.Array,
+    lm_head: jax.Array,
+    labels: jax.Array,
+    *,
+    head_layout: HeadLayout = "vd",
+    token_chunk: int = DEFAULT_TOKEN_CHUNK,
+    vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
+) -> jax.Array:
+    """DCE from final hidden states of a (frozen) model, chunked over tokens and vocabulary.
+
+    Args:
+        hidden_with, hidden_without: [..., R, D] aligned hidden states of the two prompts.
+        lm_head: [V, D] ("vd", tied embedding) or [D, V] ("dv", untied kernel).
+        labels: [..., R] target ids or IGNORE_INDEX.
+
+    Returns:
+        [..., R] float32 DCE, 0 at ignored slots; no gradient. Suitable for storing as `reference_dce`.
+
+    Raises:
+        ValueError: if the two hidden streams differ in shape (see `head_token_stats` for the rest).
+    """
+    if hidden_with.shape != hidden_without.shape:
+        raise ValueError(
+            f"hidden_with {hidden_with.shape} and hidden_without {hidden_without.shape} must match"
+        )
+    hidden = jax.lax.stop_gradient(
+        jnp.stack([hidden_with.astype(jnp.float32), hidden_without.astype(jnp.float32)])
+    )
+    stats = head_token_stats(
+        hidden,
+        jax.lax.stop_gradient(lm_head),
+        labels,
+        head_layout=head_layout,
+        token_chunk=token_chunk,
+        vocab_chunk=vocab_chunk,
+    )
+    logprob = stats.label_logit - stats.lse  # [2, ..., R]
+    return data_effect(logprob[0], logprob[1], target_mask(labels))
+
+
+def target_weights(
+    dce: jax.Array, mask: jax.Array, *, threshold: float, high: float, low: float
+) -> jax.Array:
+    """ω_t = high if DCE(t) > threshold else low; [..., R] float32, 0 where `mask` is False, no gradient."""
+    weights = jnp.where(dce > threshold, high, low).astype(jnp.float32)
+    return jax.lax.stop_gradient(jnp.where(mask, weights, 0.0))
+
+
+def js_weights(
+    logits_with: jax.Array, logits_without: jax.Array, mask: jax.Array, *, detach: bool = True
+) -> jax.Array:
+    """ω_t = KL(p_h ‖ m) + KL(p_∅ ‖ m), m = (p_h + p_∅)/2, over the full vocabulary.
+
+    Args:
+        logits_with, logits_without: [..., R, V].
+        mask: [..., R] bool target mask.
+        detach: stop the gradient (default); False lets it flow into both streams as the public code does.
+
+    Returns:
+        [..., R] float32 in [0, 2 log 2], 0 where `mask` is False.
+    """
+    logp = jnp.stack(
+        [
+            jax.nn.log_softmax(logits_with.astype(jnp.float32), axis=-1),
+            jax.nn.log_softmax(logits_without.astype(jnp.float32), axis=-1),
+        ]
+    )  # [2, ..., R, V]
+    log_mid = jnp.logaddexp(logp[0], logp[1]) - jnp.log(2.0)
+    js = (jnp.exp(logp) * (logp - log_mid)).sum(axis=(0, -1))
+    js = jnp.where(mask, js, 0.0)
+    return jax.lax.stop_gradient(js) if detach else js
+
+
+def effect_stats(dce: jax.Array, mask: jax.Array, *, threshold: float) -> dict[str, jax.Array]:
+    """Summary statistics of DCE over the target tokens, as float32 scalars.
+
+    Combinable sums (add them across micro-batches and shards): `effect_count` (target tokens with a DCE),
+    `pref_count` (tokens with DCE > threshold, the preference-bearing ones), `dce_sum`, `dce_sq_sum`.
+    Per-call quantiles `dce_p10`, `dce_p50`, `dce_p90` (0 when there is no target token): quantiles of one
+    call, which no sum of parts reproduces; see `losses.combine_aux` for how they are merged for logging.
+
+    Args:
+        dce: [..., R] data-side effects. mask: [..., R] bool target mask.
+    """
+    dce = jax.lax.stop_gradient(dce.astype(jnp.float32))
+    count = mask.sum(dtype=jnp.float32)
+    stats = {
+        "effect_count": count,
+        "pref_count": (mask & (dce > threshold)).sum(dtype=jnp.float32),
+        "dce_sum": jnp.where(mask, dce, 0.0).sum(),
+        "dce_sq_sum": jnp.where(mask, dce * dce, 0.0).sum(),
+    }
+    # Linear interpolation between order statistics, as numpy.quantile's default; ignored slots sort last.
+    ordered = jnp.sort(jnp.where(mask, dce, jnp.inf).reshape(-1))
+    last = jnp.maximum(count - 1, 0)
+    for key, q in DCE_QUANTILES.items():
+        position = q * last
+        below = jnp.floor(position)
+        frac = position - below
+        lo = ordered[below.astype(jnp.int32)]
+        hi = ordered[jnp.minimum(below + 1, last).astype(jnp.int32)]
+        stats[key] = jnp.where(count > 0, lo + frac * (hi - lo), 0.0)
+    return stats

@@ -1,0 +1,152 @@
+"""Effect functions against float64 NumPy statements of NEXTQUILL.md's definitions (not calling the code)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nextquill_jax.effects import (
+    dce_from_hidden,
+    dce_from_logits,
+    effect_stats,
+    js_weights,
+    model_effect,
+    target_mask,
+    target_weights,
+    token_logprobs,
+)
+
+IGNORE = -100
+
+
+def np_logprobs(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def np_label_logprob(z: np.ndarray, y: np.ndarray) -> np.ndarray:
+    lp = np.take_along_axis(np_logprobs(z), np.where(y == IGNORE, 0, y)[..., None], -1)[..., 0]
+    return np.where(y == IGNORE, 0.0, lp)
+
+
+def np_js(zw: np.ndarray, zo: np.ndarray) -> np.ndarray:
+    pw, po = np.exp(np_logprobs(zw)), np.exp(np_logprobs(zo))
+    m = (pw + po) / 2
+    return (pw * np.log(pw / m)).sum(-1) + (po * np.log(po / m)).sum(-1)
+
+
+@pytest.fixture(scope="module")
+def logits():
+    rng = np.random.default_rng(11)
+    zw = rng.normal(scale=2.0, size=(3, 5, 17)).astype(np.float32).astype(np.float64)
+    zo = (zw + rng.normal(size=zw.shape)).astype(np.float32).astype(np.float64)
+    y = rng.integers(0, 17, size=(3, 5))
+    y[0, 3:] = IGNORE
+    y[2] = IGNORE
+    return zw, zo, y
+
+
+def test_token_logprobs_and_model_effect(logits):
+    zw, zo, y = logits
+    got = token_logprobs(jnp.asarray(zw, jnp.bfloat16).astype(jnp.float32), jnp.asarray(y))
+    want = np_label_logprob(np.asarray(jnp.asarray(zw, jnp.bfloat16).astype(jnp.float32), np.float64), y)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-6)
+    assert np.all(np.asarray(got)[y == IGNORE] == 0)
+    np.testing.assert_array_equal(np.asarray(target_mask(jnp.asarray(y))), y != IGNORE)
+    mce = model_effect(jnp.asarray(zw, jnp.bfloat16), jnp.asarray(zo, jnp.float32))
+    assert mce.dtype == jnp.float32 and mce.shape == zw.shape
+
+
+def test_dce_from_logits_is_probability_difference_without_gradient(logits):
+    zw, zo, y = logits
+    want = np.exp(np_label_logprob(zw, y)) - np.exp(np_label_logprob(zo, y))
+    want = np.where(y == IGNORE, 0.0, want)
+    zw32, zo32 = jnp.asarray(zw, jnp.float32), jnp.asarray(zo, jnp.float32)
+    np.testing.assert_allclose(np.asarray(dce_from_logits(zw32, zo32, jnp.asarray(y))), want, atol=1e-6)
+    grads = jax.grad(lambda a, b: dce_from_logits(a, b, jnp.asarray(y)).sum(), argnums=(0, 1))(zw32, zo32)
+    assert all(np.all(np.asarray(g) == 0) for g in grads)
+
+
+def test_target_weights():
+    dce = np.array([[-0.3, 0.05, 0.0501, 0.7], [0.2, -1.0, 0.06, 0.0]])
+    mask = np.array([[True, True, True, True], [True, False, True, False]])
+    got = target_weights(jnp.asarray(dce, jnp.float32), jnp.asarray(mask), threshold=0.05, high=0.9, low=0.1)
+    want = np.where(mask, np.where(dce > 0.05, 0.9, 0.1), 0.0)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-7)
+
+
+def test_js_weights_value_and_gradient_switch(logits):
+    zw, zo, y = logits
+    mask = y != IGNORE
+    zw32, zo32 = jnp.asarray(zw, jnp.float32), jnp.asarray(zo, jnp.float32)
+    got = js_weights(zw32, zo32, jnp.asarray(mask))
+    np.testing.assert_allclose(np.asarray(got), np.where(mask, np_js(zw, zo), 0.0), rtol=1e-5, atol=1e-7)
+    assert float(got.max()) <= 2 * np.log(2)
+
+    coeff = np.random.default_rng(0).normal(size=y.shape)
+
+    def weighted(a, b, detach):
+        return (js_weights(a, b, jnp.asarray(mask), detach=detach) * coeff).sum()
+
+    detached = jax.grad(weighted, argnums=(0, 1))(zw32, zo32, True)
+    assert all(np.all(np.asarray(g) == 0) for g in detached)
+    grads = jax.grad(weighted, argnums=(0, 1))(zw32, zo32, False)
+    step = 1e-6
+    for which, got_grad in enumerate(grads):
+        fd = np.zeros_like(zw)
+        for idx in np.ndindex(zw.shape):
+            pair = [zw.copy(), zo.copy()]
+            pair[which][idx] += step
+            up = (np.where(mask, np_js(*pair), 0) * coeff).sum()
+            pair[which][idx] -= 2 * step
+            down = (np.where(mask, np_js(*pair), 0) * coeff).sum()
+            fd[idx] = (up - down) / (2 * step)
+        np.testing.assert_allclose(np.asarray(got_grad), fd, rtol=1e-3, atol=1e-5 * np.abs(fd).max())
+
+
+@pytest.mark.parametrize("valid", [0, 1, 2, 23])
+def test_effect_stats_match_numpy(valid):
+    rng = np.random.default_rng(valid)
+    dce = rng.uniform(-1, 1, size=(4, 6)).astype(np.float32)
+    mask = np.zeros(24, bool)
+    mask[rng.permutation(24)[:valid]] = True
+    mask = mask.reshape(4, 6)
+    stats = {
+        k: float(v) for k, v in effect_stats(jnp.asarray(dce), jnp.asarray(mask), threshold=0.05).items()
+    }
+    values = dce[mask].astype(np.float64)
+    assert stats["effect_count"] == valid
+    assert stats["pref_count"] == (values > 0.05).sum()
+    np.testing.assert_allclose(stats["dce_sum"], values.sum(), atol=1e-6)
+    np.testing.assert_allclose(stats["dce_sq_sum"], (values**2).sum(), rtol=1e-6, atol=1e-7)
+    for key, q in (("dce_p10", 0.1), ("dce_p50", 0.5), ("dce_p90", 0.9)):
+        want = np.quantile(values, q) if valid else 0.0
+        np.testing.assert_allclose(stats[key], want, rtol=1e-6, atol=1e-7, err_msg=key)
+
+
+@pytest.mark.parametrize("layout", ["vd", "dv"])
+def test_dce_from_hidden_matches_dense_numpy(layout):
+    rng = np.random.default_rng(5)
+    b, r, d, v = 2, 7, 24, 211
+    hw = rng.normal(size=(b, r, d)).astype(np.float32)
+    ho = (hw + 0.7 * rng.normal(size=hw.shape)).astype(np.float32)
+    w = (rng.normal(size=(v, d)) * 0.4).astype(np.float32)
+    y = rng.integers(0, v, size=(b, r))
+    y[1, 5:] = IGNORE
+    zw, zo = hw.astype(np.float64) @ w.T.astype(np.float64), ho.astype(np.float64) @ w.T.astype(np.float64)
+    want = np.where(y == IGNORE, 0.0, np.exp(np_label_logprob(zw, y)) - np.exp(np_label_logprob(zo, y)))
+    head = jnp.asarray(w if layout == "vd" else w.T)
+
+    def dce(a, c):
+        return dce_from_hidden(
+            a, jnp.asarray(ho), c, jnp.asarray(y), head_layout=layout, token_chunk=3, vocab_chunk=50
+        )
+
+    got = dce(jnp.asarray(hw), head)
+    np.testing.assert_allclose(np.asarray(got), want, atol=2e-6)
+    grads = jax.grad(lambda a, c: dce(a, c).sum(), argnums=(0, 1))(jnp.asarray(hw), head)
+    assert all(np.all(np.asarray(g) == 0) for g in grads)
+    with pytest.raises(ValueError, match="must match"):
+        dce_from_hidden(jnp.asarray(hw), jnp.asarray(ho[:1]), head, jnp.asarray(y), head_layout=layout)
