@@ -1,0 +1,157 @@
+"""Memory (and optionally time) of the NextQuill loss with its gradient: fused LM head vs naive logits.
+
+The naive path builds logits = hidden @ Wᵀ for both streams and calls `loss_from_logits`; the fused path calls
+`loss_from_hidden`. Both are differentiated with respect to both hidden streams and W. Memory comes from XLA's
+compiled memory analysis (`jax.jit(f).lower(...).compile().memory_analysis()`): nothing is allocated, so the
+full Qwen vocabulary compiles on any machine. Timing (`--timing`) runs the compiled functions and excludes
+compilation.
+
+    python benchmarks/loss_memory.py                                   # V=151,936, D=1,024, 4,096 tokens
+    python benchmarks/loss_memory.py --tokens 512 2048 8192            # other token counts
+    python benchmarks/loss_memory.py --timing --vocab 32768 --hidden 512 --tokens 1024
+    python benchmarks/loss_memory.py --append-results benchmarks/RESULTS.md
+
+Exits with status 1 if a fused/naive temporary-memory ratio exceeds `--max-ratio` (default 1/8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nextquill_jax.fused_head import DEFAULT_TOKEN_CHUNK, DEFAULT_VOCAB_CHUNK
+from nextquill_jax.losses import LossConfig, loss_from_hidden, loss_from_logits
+
+MIB = 2**20
+
+
+def build(path: str, cfg: LossConfig, layout: str, token_chunk: int, vocab_chunk: int):
+    """value_and_grad over (hidden_with, hidden_without, lm_head) of the naive or the fused loss."""
+
+    def naive(hw, ho, w, labels):
+        w_vd = w if layout == "vd" else w.T
+        return loss_from_logits(hw @ w_vd.T, ho @ w_vd.T, labels, cfg)[0]
+
+    def fused(hw, ho, w, labels):
+        return loss_from_hidden(
+            hw, ho, w, labels, cfg, head_layout=layout, token_chunk=token_chunk, vocab_chunk=vocab_chunk
+        )[0]
+
+    return jax.jit(jax.value_and_grad(naive if path == "naive" else fused, argnums=(0, 1, 2)))
+
+
+def shapes(tokens: int, vocab: int, hidden: int, layout: str, dtype: str):
+    act = jax.ShapeDtypeStruct((1, tokens, hidden), jnp.dtype(dtype))
+    head = jax.ShapeDtypeStruct((vocab, hidden) if layout == "vd" else (hidden, vocab), jnp.dtype(dtype))
+    return act, act, head, jax.ShapeDtypeStruct((1, tokens), jnp.int32)
+
+
+def memory_row(tokens: int, args, cfg: LossConfig) -> dict[str, float]:
+    row: dict[str, float] = {"tokens": tokens}
+    for path in ("naive", "fused"):
+        specs = shapes(tokens, args.vocab, args.hidden, args.layout, args.dtype)
+        compiled = build(path, cfg, args.layout, args.token_chunk, args.vocab_chunk).lower(*specs).compile()
+        analysis = compiled.memory_analysis()
+        row[f"{path}_temp"] = analysis.temp_size_in_bytes / MIB
+        row[f"{path}_args"] = analysis.argument_size_in_bytes / MIB
+        row[f"{path}_out"] = analysis.output_size_in_bytes / MIB
+    row["ratio"] = row["fused_temp"] / row["naive_temp"]
+    return row
+
+
+def timing_row(tokens: int, args, cfg: LossConfig) -> dict[str, float]:
+    rng = np.random.default_rng(0)
+    dtype = jnp.dtype(args.dtype)
+    hw = jnp.asarray(rng.normal(size=(1, tokens, args.hidden)), dtype)
+    ho = hw + jnp.asarray(0.3 * rng.normal(size=hw.shape), dtype)
+    w_shape = (args.vocab, args.hidden) if args.layout == "vd" else (args.hidden, args.vocab)
+    w = jnp.asarray(rng.normal(size=w_shape) / np.sqrt(args.hidden), dtype)
+    labels = jnp.asarray(rng.integers(0, args.vocab, size=(1, tokens)), jnp.int32)
+    row: dict[str, float] = {"tokens": tokens}
+    for path in ("naive", "fused"):
+        f = build(path, cfg, args.layout, args.token_chunk, args.vocab_chunk)
+        jax.block_until_ready(f(hw, ho, w, labels))  # compile and warm up
+        start = time.perf_counter()
+        for _ in range(args.repeats):
+            out = f(hw, ho, w, labels)
+        jax.block_until_ready(out)
+        row[f"{path}_ms"] = 1e3 * (time.perf_counter() - start) / args.repeats
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--tokens", type=int, nargs="+", default=[4096], help="target tokens per batch")
+    parser.add_argument("--vocab", type=int, default=151_936)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--variant", default="nextquill")
+    parser.add_argument("--layout", choices=("vd", "dv"), default="vd")
+    parser.add_argument("--dtype", default="float32", help="dtype of the hidden states and the head")
+    parser.add_argument("--token-chunk", type=int, default=DEFAULT_TOKEN_CHUNK)
+    parser.add_argument("--vocab-chunk", type=int, default=DEFAULT_VOCAB_CHUNK)
+    parser.add_argument(
+        "--timing", action="store_true", help="also run and time both paths (no compile time)"
+    )
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--max-ratio", type=float, default=1 / 8)
+    parser.add_argument("--append-results", type=Path, help="append a markdown section to this file")
+    args = parser.parse_args(argv)
+    cfg = LossConfig(variant=args.variant)
+
+    lines = [
+        f"## Fused LM-head loss: memory and time ({datetime.date.today().isoformat()})",
+        "",
+        f"- command: `python {shlex.join(['benchmarks/loss_memory.py', *sys.argv[1:]])}`",
+        f"- machine: {platform.node()} ({platform.machine()}), backend {jax.default_backend()}, device "
+        f"{jax.devices()[0].device_kind}; jax {jax.__version__}, python {platform.python_version()}",
+        f"- variant {args.variant}, V={args.vocab:,}, D={args.hidden:,}, layout {args.layout}, {args.dtype}, "
+        f"token_chunk={args.token_chunk}, vocab_chunk={args.vocab_chunk}; value and grad wrt both hidden "
+        "streams and W; `memory_analysis()` of the compiled function, MiB",
+        "",
+        "| tokens | naive temp | fused temp | fused/naive | fused args | fused out |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    failed = False
+    for tokens in args.tokens:
+        row = memory_row(tokens, args, cfg)
+        failed |= row["ratio"] > args.max_ratio
+        lines.append(
+            f"| {tokens:,} | {row['naive_temp']:,.1f} | {row['fused_temp']:,.1f} | {row['ratio']:.4f} | "
+            f"{row['fused_args']:,.1f} | {row['fused_out']:,.1f} |"
+        )
+        print(lines[-1], flush=True)
+    if args.timing:
+        lines += [
+            "",
+            f"Timing, mean of {args.repeats} runs after a warm-up (compile excluded):",
+            "",
+            "| tokens | naive ms | fused ms |",
+            "| ---: | ---: | ---: |",
+        ]
+        for tokens in args.tokens:
+            row = timing_row(tokens, args, cfg)
+            lines.append(f"| {tokens:,} | {row['naive_ms']:,.1f} | {row['fused_ms']:,.1f} |")
+            print(lines[-1], flush=True)
+    verdict = "exceeds" if failed else "within"
+    lines += ["", f"Fused temporary memory {verdict} {args.max_ratio:.4g} of naive at every size.", ""]
+    report = "\n".join(lines)
+    print(report)
+    if args.append_results:
+        with args.append_results.open("a") as f:
+            f.write("\n" + report)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,535 @@
+"""NextQuill losses (NEXTQUILL.md, "Losses" and "Variants") as pure, jit-compatible functions.
+
+Two entry points compute the same value and the same `aux`:
+
+- `loss_from_logits(logits_with, logits_without, labels, cfg)`: the definition, over [..., R, V] logits.
+- `loss_from_hidden(hidden_with, hidden_without, lm_head, labels, cfg)`: the fused path over [..., R, D] final
+  hidden states; it never builds a [tokens, V] array (see `fused_head`), and the alignment logits z_h − z_∅
+  come from the LM head applied to h_h − h_∅.
+
+With CE(z, y) = logsumexp(z) − z[y] over the target tokens t of the batch (labels != -100) and weights ω_t:
+
+    L_n = Σ ω_t CE(z_n(t), y_t) / Σ ω_t          L_p = Σ ω'_t CE(z_h(t) − z_∅(t), y_t) / Σ ω'_t
+
+| variant       | z_n | ω_t                                        | L              |
+| sft           | z_∅ | 1                                          | L_n            |
+| context_sft   | z_h | 1                                          | L_n            |
+| mce           | z_h | 1                                          | L_n + α L_p    |
+| dce           | z_h | λ if DCE(t) > δ else ε                     | L_n            |
+| js            | z_h | KL(p_h ‖ m) + KL(p_∅ ‖ m), m = (p_h+p_∅)/2 | L_n            |
+| nextquill     | z_h | λ if DCE(t) > δ else ε                     | L_n + α L_p    |
+
+ω'_t = 1 (the public code), or with `weight_alignment` the target weights λ/ε (the paper's equation; this
+makes `mce` compute DCE too). The `js` weights are normalised like the target weights (Σ ω CE / Σ ω); with
+`js_detach=False` the gradient also flows through ω in numerator and denominator. DCE is `dynamic` (the model
+being trained, no gradient) or `fixed` (from `reference_logits` / `reference_dce`). A sum whose denominator is
+0 (no target token) contributes 0, with zero gradient.
+
+`aux` holds float32 scalars that add across micro-batches and data shards (`combine_aux`), so `loss_from_aux`
+of the combined aux is exactly the global-batch loss:
+
+- `n_sum`, `n_den`: Σ ω CE and Σ ω of L_n; `p_sum`, `p_den`: the same for L_p (variants mce, nextquill);
+- `tokens`: target tokens; `ce_with_sum`, `ce_without_sum`: Σ CE of each stream computed (for logging);
+- when a DCE is available: `effect_count`, `pref_count`, `dce_sum`, `dce_sq_sum` and the per-call quantiles
+  `dce_p10`, `dce_p50`, `dce_p90` (see `effects.effect_stats`).
+
+Counts are float32, exact up to 2**24 tokens per combined aux.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nextquill_jax.data.batch import IGNORE_INDEX
+from nextquill_jax.effects import (
+    DCE_QUANTILES,
+    data_effect,
+    dce_from_logits,
+    effect_stats,
+    js_weights,
+    model_effect,
+    target_mask,
+    target_weights,
+    token_logprobs,
+)
+from nextquill_jax.fused_head import (
+    DEFAULT_TOKEN_CHUNK,
+    DEFAULT_VOCAB_CHUNK,
+    HeadLayout,
+    head_token_stats,
+    head_vocab,
+)
+
+Variant = Literal["sft", "context_sft", "mce", "dce", "js", "nextquill"]
+DENOMINATOR_KEYS: tuple[str, ...] = ("n_den", "p_den")
+
+
+class _VariantSpec(NamedTuple):
+    next_stream: str  # "with" or "without": the stream of L_n
+    next_weights: str | None  # None (ω = 1), "target" or "js"
+    alignment: bool  # whether the variant adds α L_p
+
+
+_VARIANTS: dict[str, _VariantSpec] = {
+    "sft": _VariantSpec("without", None, False),
+    "context_sft": _VariantSpec("with", None, False),
+    "mce": _VariantSpec("with", None, True),
+    "dce": _VariantSpec("with", "target", False),
+    "js": _VariantSpec("with", "js", False),
+    "nextquill": _VariantSpec("with", "target", True),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """NextQuill loss settings (defaults: the public code).
+
+    Fields:
+        variant: one of sft, context_sft, mce, dce, js, nextquill (module docstring).
+        alpha: weight α of the alignment loss L_p (>= 0).
+        threshold: DCE threshold δ above which a token is preference-bearing (a probability difference).
+        high, low: target weights λ and ε (0 <= low <= high, high > 0).
+        weight_alignment: weight L_p by the target weights (the paper) instead of uniformly (the public code);
+            only for variants with L_p (mce, nextquill).
+        js_detach: stop the gradient through the js weights; False (the public code) is only for variant js.
+        dce: "dynamic" (the model being trained) or "fixed" (a frozen reference, passed to the loss).
+
+    Raises:
+        ValueError: naming the field, for an unknown variant or dce mode, a negative or non-finite alpha,
+            weights out of order, or a switch set for a variant it does not apply to.
+    """
+
+    variant: Variant = "nextquill"
+    alpha: float = 0.1
+    threshold: float = 0.05
+    high: float = 0.9
+    low: float = 0.1
+    weight_alignment: bool = False
+    js_detach: bool = True
+    dce: Literal["dynamic", "fixed"] = "dynamic"
+
+    def __post_init__(self) -> None:
+        if self.variant not in _VARIANTS:
+            raise ValueError(
+                f"LossConfig.variant: unknown variant {self.variant!r}; choose one of {list(_VARIANTS)}"
+            )
+        if self.dce not in ("dynamic", "fixed"):
+            raise ValueError(f"LossConfig.dce must be 'dynamic' or 'fixed', got {self.dce!r}")
+        for name in ("alpha", "threshold", "high", "low"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise ValueError(f"LossConfig.{name} must be a finite number, got {value!r}")
+        if self.alpha < 0:
+            raise ValueError(f"LossConfig.alpha must be >= 0, got {self.alpha}")
+        if self.low < 0 or self.high <= 0:
+            raise ValueError(
+                f"LossConfig weights must satisfy low >= 0 and high > 0, got high={self.high}, low={self.low}"
+            )
+        if self.high < self.low:
+            raise ValueError(
+                f"LossConfig.high ({self.high}) < LossConfig.low ({self.low}): preference-bearing "
+                "tokens must not weigh less than the others; swap them"
+            )
+        for name in ("weight_alignment", "js_detach"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"LossConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.weight_alignment and not self.spec.alignment:
+            raise ValueError(
+                f"LossConfig.weight_alignment: variant {self.variant!r} has no alignment term L_p "
+                "(only mce and nextquill do); set weight_alignment=False"
+            )
+        if not self.js_detach and self.variant != "js":
+            raise ValueError(f"LossConfig.js_detach=False only applies to variant 'js', not {self.variant!r}")
+
+    @property
+    def spec(self) -> _VariantSpec:
+        """The variant's structure: L_n's stream ("with"/"without"), its weights (None/"target"/"js") and
+        whether it adds the alignment term."""
+        return _VARIANTS[self.variant]
+
+    @property
+    def uses_target_weights(self) -> bool:
+        """Whether the loss needs the λ/ε weights, and so a DCE."""
+        return self.spec.next_weights == "target" or self.weight_alignment
+
+
+def loss_from_logits(
+    logits_with: jax.Array | None,
+    logits_without: jax.Array | None,
+    labels: jax.Array,
+    cfg: LossConfig,
+    reference_logits: tuple[jax.Array, jax.Array] | None = None,
+    reference_dce: jax.Array | None = None,
+    *,
+    denominators: Mapping[str, jax.Array] | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The NextQuill loss from two aligned logit streams: the definition (module docstring).
+
+    Args:
+        logits_with: [..., R, V] logits z_h with the history; None allowed for variant sft.
+        logits_without: [..., R, V] logits z_∅ with the placeholder; None allowed for context_sft and for
+            dce with a fixed DCE.
+        labels: [..., R] int target ids, already shifted, IGNORE_INDEX (-100) outside the loss.
+        cfg: the loss settings.
+        reference_logits: (with, without) [..., R, V] logits of a frozen model, for `cfg.dce == "fixed"`.
+        reference_dce: [..., R] precomputed DCE values, for `cfg.dce == "fixed"` (instead of
+            reference_logits).
+        denominators: global-batch denominators (`DENOMINATOR_KEYS`; a combined aux works) to normalise by
+            instead of this call's, treated as constants, so that the losses and gradients of micro-batches
+            add up to the global batch's. For js with `js_detach=False` it must also hold the global `n_sum`.
+
+    Returns:
+        (loss, aux): float32 scalar loss and the aux dict of float32 scalars (module docstring).
+
+    Raises:
+        ValueError: a stream or reference the variant needs is missing, a reference is given for a dynamic
+            DCE, shapes disagree, or (for concrete labels) a label is neither IGNORE_INDEX nor in [0, V).
+    """
+    _check_sources(
+        cfg,
+        logits_with is not None,
+        logits_without is not None,
+        reference_logits is not None or reference_dce is not None,
+        "logits",
+    )
+    if reference_logits is not None and reference_dce is not None:
+        raise ValueError("pass reference_logits or reference_dce, not both")
+    vocab = None
+    for name, logits in (("logits_with", logits_with), ("logits_without", logits_without)):
+        if logits is not None:
+            if logits.shape[:-1] != labels.shape:
+                raise ValueError(f"{name} shape {logits.shape} must be labels shape {labels.shape} + (V,)")
+            vocab = logits.shape[-1]
+    _check_labels(labels, vocab)
+    mask = target_mask(labels)
+
+    logprob_with = None if logits_with is None else token_logprobs(logits_with, labels)
+    logprob_without = None if logits_without is None else token_logprobs(logits_without, labels)
+    ce_effect = None
+    if cfg.spec.alignment:
+        ce_effect = -token_logprobs(model_effect(logits_with, logits_without), labels)
+    js = None
+    if cfg.spec.next_weights == "js":
+        js = js_weights(logits_with, logits_without, mask, detach=cfg.js_detach)
+
+    if reference_logits is not None:
+        ref_with, ref_without = reference_logits
+        for name, ref in (("reference_logits[0]", ref_with), ("reference_logits[1]", ref_without)):
+            if ref.shape[:-1] != labels.shape:
+                raise ValueError(f"{name} shape {ref.shape} must be labels shape {labels.shape} + (V,)")
+        dce = dce_from_logits(ref_with, ref_without, labels)
+    elif reference_dce is not None:
+        dce = _fixed_dce(reference_dce, labels)
+    elif logprob_with is not None and logprob_without is not None:
+        dce = data_effect(logprob_with, logprob_without, mask)
+    else:
+        dce = None
+    return _assemble(
+        cfg,
+        mask,
+        ce_with=None if logprob_with is None else -logprob_with,
+        ce_without=None if logprob_without is None else -logprob_without,
+        ce_effect=ce_effect,
+        dce=dce,
+        js=js,
+        denominators=denominators,
+    )
+
+
+def loss_from_hidden(
+    hidden_with: jax.Array | None,
+    hidden_without: jax.Array | None,
+    lm_head: jax.Array,
+    labels: jax.Array,
+    cfg: LossConfig,
+    *,
+    head_layout: HeadLayout = "vd",
+    reference_dce: jax.Array | None = None,
+    denominators: Mapping[str, jax.Array] | None = None,
+    token_chunk: int = DEFAULT_TOKEN_CHUNK,
+    vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The value of `loss_from_logits(hidden_with @ Wᵀ, hidden_without @ Wᵀ, ...)` without [tokens, V] arrays.
+
+    Per-token logsumexps and label logits come from `fused_head.head_token_stats`, tile by tile, with a
+    backward pass that recomputes tiles: memory is bounded by (token_chunk × vocab_chunk) in both passes.
+    Streams that get a gradient share one call; streams needed only for DCE (which carries no gradient) or for
+    detached js weights go through a second, forward-only call. L_p's logits are (h_h − h_∅) Wᵀ.
+
+    Args:
+        hidden_with: [..., R, D] final hidden states at the target positions with the history; None for sft.
+        hidden_without: [..., R, D] the same with the placeholder; None for context_sft (and dce with a fixed
+            DCE). Passing a stream the variant does not need adds its forward pass to log its CE and the DCE.
+        lm_head: [V, D] tied embedding (`head_layout="vd"`) or [D, V] untied kernel ("dv"); any float dtype.
+        labels: [..., R] int target ids, IGNORE_INDEX (-100) outside the loss.
+        cfg: the loss settings.
+        reference_dce: [..., R] fixed DCE values (for `cfg.dce == "fixed"`), e.g. from
+            `effects.dce_from_hidden`.
+        denominators: as in `loss_from_logits`.
+        token_chunk: tokens per tile across the leading rows (at least one slot per row).
+        vocab_chunk: vocabulary columns per tile.
+
+    Returns:
+        (loss, aux) as `loss_from_logits`; all arithmetic in float32.
+
+    Raises:
+        ValueError: as `loss_from_logits`, and for hidden states that do not match lm_head or labels.
+    """
+    spec = cfg.spec
+    have_with, have_without = hidden_with is not None, hidden_without is not None
+    _check_sources(cfg, have_with, have_without, reference_dce is not None, "hidden")
+    for name, hidden in (("hidden_with", hidden_with), ("hidden_without", hidden_without)):
+        if hidden is not None and hidden.shape[:-1] != labels.shape:
+            raise ValueError(f"{name} shape {hidden.shape} must be labels shape {labels.shape} + (D,)")
+    if have_with and have_without and hidden_with.shape != hidden_without.shape:
+        raise ValueError(f"hidden_with {hidden_with.shape} and hidden_without {hidden_without.shape} differ")
+    width = (hidden_with if have_with else hidden_without).shape[-1]
+    _check_labels(labels, head_vocab(lm_head, head_layout, width))
+    mask = target_mask(labels)
+    head = dict(head_layout=head_layout, token_chunk=token_chunk, vocab_chunk=vocab_chunk)
+
+    streams: dict[str, jax.Array] = {}
+    if have_with:
+        streams["with"] = hidden_with.astype(jnp.float32)
+    if have_without:
+        streams["without"] = hidden_without.astype(jnp.float32)
+    if spec.alignment:
+        streams["effect"] = streams["with"] - streams["without"]
+
+    js_with_grad = spec.next_weights == "js" and not cfg.js_detach
+    if spec.next_stream == "without":
+        grad_names = ["without"]
+    elif js_with_grad:
+        grad_names = ["with", "without"]
+    else:
+        grad_names = ["with", "effect"] if spec.alignment else ["with"]
+    out = head_token_stats(
+        jnp.stack([streams[n] for n in grad_names]), lm_head, labels, with_js=js_with_grad, **head
+    )
+    stats = {n: (out.lse[k], out.label_logit[k]) for k, n in enumerate(grad_names)}
+    js = out.js
+
+    js_detached = spec.next_weights == "js" and cfg.js_detach
+    if js_detached:
+        frozen_names = ["with", "without"]
+    else:  # every stream given is reported (its CE, and the dynamic DCE), with or without a gradient
+        frozen_names = [n for n in ("with", "without") if n in streams and n not in stats]
+    if frozen_names:
+        frozen = head_token_stats(
+            jax.lax.stop_gradient(jnp.stack([streams[n] for n in frozen_names])),
+            jax.lax.stop_gradient(lm_head),
+            labels,
+            with_js=js_detached,
+            **head,
+        )
+        for k, n in enumerate(frozen_names):
+            stats.setdefault(n, (frozen.lse[k], frozen.label_logit[k]))
+        if js_detached:
+            js = frozen.js
+
+    ce = {n: jnp.where(mask, lse - label_logit, 0.0) for n, (lse, label_logit) in stats.items()}
+    if reference_dce is not None:
+        dce = _fixed_dce(reference_dce, labels)
+    elif "with" in ce and "without" in ce:
+        dce = data_effect(-ce["with"], -ce["without"], mask)
+    else:
+        dce = None
+    return _assemble(
+        cfg,
+        mask,
+        ce_with=ce.get("with"),
+        ce_without=ce.get("without"),
+        ce_effect=ce.get("effect"),
+        dce=dce,
+        js=None if js is None else jnp.where(mask, js, 0.0),
+        denominators=denominators,
+    )
+
+
+def combine_aux(*auxes: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """Merge the aux dicts of micro-batches or data shards of one global batch.
+
+    Sums and counts add, so `loss_from_aux(combine_aux(*auxes), cfg)` is the global-batch loss exactly. The
+    per-call DCE quantiles (`dce_p10`, `dce_p50`, `dce_p90`) cannot be combined exactly: the result holds
+    their mean weighted by `effect_count`, an approximation for logging only. Works inside `jax.jit`.
+
+    Raises:
+        ValueError: for no argument, or aux dicts with different keys (from different configs or streams).
+    """
+    if not auxes:
+        raise ValueError("combine_aux needs at least one aux dict")
+    keys = list(auxes[0])
+    for i, aux in enumerate(auxes[1:], start=1):
+        if set(aux) != set(keys):
+            raise ValueError(
+                f"aux {i} has keys {sorted(aux)}, aux 0 has {sorted(keys)}; combine only aux dicts "
+                "of the same loss config and streams"
+            )
+    combined = {k: sum(aux[k] for aux in auxes) for k in keys if k not in DCE_QUANTILES}
+    for k in DCE_QUANTILES:
+        if k in keys:
+            weighted = sum(aux[k] * aux["effect_count"] for aux in auxes)
+            combined[k] = weighted / _safe_denominator(combined["effect_count"])
+    return {k: combined[k] for k in keys}
+
+
+def loss_from_aux(aux: Mapping[str, jax.Array], cfg: LossConfig) -> jax.Array:
+    """The loss from (combined) aux sums: L_n = n_sum / n_den, plus α p_sum / p_den for mce and nextquill.
+
+    Raises:
+        ValueError: if a key the variant needs is missing.
+    """
+    return _loss_from_sums(aux, cfg, None)
+
+
+def metrics_from_aux(aux: Mapping[str, jax.Array], cfg: LossConfig) -> dict[str, float]:
+    """Loggable numbers from a (combined) aux, as Python floats.
+
+    Always: loss, loss_n, tokens. With L_p: loss_p. Per stream computed: ce_with, ce_without (mean CE over
+    target tokens, nats). With a DCE: pref_fraction, dce_mean, dce_std and the quantiles dce_p10/p50/p90 (see
+    `combine_aux` for what they mean after combination). Means over zero tokens are reported as 0.
+    """
+    host = {k: float(v) for k, v in jax.device_get(dict(aux)).items()}
+
+    def ratio(num: float, den: float) -> float:
+        return num / den if den > 0 else 0.0
+
+    metrics = {
+        "loss": float(loss_from_aux(aux, cfg)),
+        "loss_n": ratio(host["n_sum"], host["n_den"]),
+        "tokens": host["tokens"],
+    }
+    if "p_sum" in host:
+        metrics["loss_p"] = ratio(host["p_sum"], host["p_den"])
+    for stream in ("with", "without"):
+        if f"ce_{stream}_sum" in host:
+            metrics[f"ce_{stream}"] = ratio(host[f"ce_{stream}_sum"], host["tokens"])
+    if "effect_count" in host:
+        count = host["effect_count"]
+        mean = ratio(host["dce_sum"], count)
+        metrics["pref_fraction"] = ratio(host["pref_count"], count)
+        metrics["dce_mean"] = mean
+        metrics["dce_std"] = math.sqrt(max(ratio(host["dce_sq_sum"], count) - mean * mean, 0.0))
+        metrics.update({k: host[k] for k in DCE_QUANTILES})
+    return metrics
+
+
+def _assemble(cfg: LossConfig, mask: jax.Array, *, ce_with, ce_without, ce_effect, dce, js, denominators):
+    """Per-token CE [..., R] (0 at ignored slots), DCE and js weights → (loss, aux)."""
+    spec = cfg.spec
+    ones = mask.astype(jnp.float32)
+    pref = None
+    if cfg.uses_target_weights:
+        pref = target_weights(dce, mask, threshold=cfg.threshold, high=cfg.high, low=cfg.low)
+    next_weights = {None: ones, "target": pref, "js": js}[spec.next_weights]
+    next_ce = ce_without if spec.next_stream == "without" else ce_with
+    aux = {"n_sum": (next_weights * next_ce).sum(), "n_den": next_weights.sum()}
+    if spec.alignment:
+        align_weights = pref if cfg.weight_alignment else ones
+        aux["p_sum"] = (align_weights * ce_effect).sum()
+        aux["p_den"] = align_weights.sum()
+    aux["tokens"] = ones.sum()
+    if ce_with is not None:
+        aux["ce_with_sum"] = ce_with.sum()
+    if ce_without is not None:
+        aux["ce_without_sum"] = ce_without.sum()
+    if dce is not None:
+        aux.update(effect_stats(dce, mask, threshold=cfg.threshold))
+    loss = _loss_from_sums(aux, cfg, denominators)
+    return loss, {k: jax.lax.stop_gradient(v).astype(jnp.float32) for k, v in aux.items()}
+
+
+def _loss_from_sums(
+    aux: Mapping[str, jax.Array], cfg: LossConfig, denominators: Mapping[str, jax.Array] | None
+) -> jax.Array:
+    """L from sums, normalised by aux's own denominators or by the given global ones (constants)."""
+    spec = cfg.spec
+    needed = ("n_sum", "n_den", "p_sum", "p_den") if spec.alignment else ("n_sum", "n_den")
+    missing = [k for k in needed if k not in aux]
+    if missing:
+        raise ValueError(
+            f"aux lacks {missing} needed by variant {cfg.variant!r}; was it made with another config?"
+        )
+    dens = aux
+    if denominators is not None:
+        wanted = [k for k in DENOMINATOR_KEYS if k in needed]
+        if spec.next_weights == "js" and not cfg.js_detach:
+            wanted.append("n_sum")  # the gradient through Σ ω needs the global ratio n_sum / n_den
+        missing = [k for k in wanted if k not in denominators]
+        if missing:
+            raise ValueError(
+                f"denominators lacks {missing} (variant {cfg.variant!r}); pass the combined aux of "
+                "the global batch"
+            )
+        dens = {k: jax.lax.stop_gradient(jnp.asarray(denominators[k], jnp.float32)) for k in wanted}
+    n_den = _safe_denominator(dens["n_den"])
+    loss = aux["n_sum"] / n_den
+    if denominators is not None and "n_sum" in dens:
+        # d(S/D) = dS/D − (S/D)·dD/D with the global S, D: the local share of the second term, value 0.
+        local_den = aux["n_den"]
+        loss = loss - (dens["n_sum"] / n_den) * (local_den - jax.lax.stop_gradient(local_den)) / n_den
+    if spec.alignment:
+        loss = loss + cfg.alpha * aux["p_sum"] / _safe_denominator(dens["p_den"])
+    return loss.astype(jnp.float32)
+
+
+def _safe_denominator(den: jax.Array) -> jax.Array:
+    """den where positive, else 1 (its numerator is then 0): no NaN value or gradient for empty batches."""
+    return jnp.where(den > 0, den, 1.0)
+
+
+def _fixed_dce(reference_dce: jax.Array, labels: jax.Array) -> jax.Array:
+    if reference_dce.shape != labels.shape:
+        raise ValueError(f"reference_dce shape {reference_dce.shape} must equal labels shape {labels.shape}")
+    dce = jnp.where(target_mask(labels), reference_dce.astype(jnp.float32), 0.0)
+    return jax.lax.stop_gradient(dce)
+
+
+def _check_sources(
+    cfg: LossConfig, have_with: bool, have_without: bool, have_reference: bool, kind: str
+) -> None:
+    """Raise ValueError if the variant lacks a stream it needs, or the DCE source does not match cfg.dce."""
+    spec = cfg.spec
+    needs_with = spec.next_stream == "with" or spec.alignment or spec.next_weights == "js"
+    needs_without = (
+        spec.next_stream == "without"
+        or spec.alignment
+        or spec.next_weights == "js"
+        or (cfg.uses_target_weights and cfg.dce == "dynamic")
+    )
+    for needed, have, stream in ((needs_with, have_with, "with"), (needs_without, have_without, "without")):
+        if needed and not have:
+            raise ValueError(f"variant {cfg.variant!r} (dce={cfg.dce!r}) needs {kind}_{stream}, got None")
+    if cfg.dce == "fixed" and not have_reference:
+        raise ValueError(
+            "LossConfig.dce='fixed' needs reference_dce (or reference_logits for loss_from_logits)"
+        )
+    if cfg.dce == "dynamic" and have_reference:
+        raise ValueError(
+            "a reference DCE was given but LossConfig.dce='dynamic' would ignore it; set dce='fixed'"
+        )
+
+
+def _check_labels(labels: jax.Array, vocab: int | None) -> None:
+    """For concrete labels (not under jit), raise ValueError at the first id outside [0, V) and not -100."""
+    if vocab is None:
+        return
+    try:
+        if isinstance(labels, jax.Array) and not labels.is_fully_addressable:
+            return  # other hosts hold parts of it
+        values = np.asarray(labels)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        return  # under jit: the values are unknown until run time
+    bad = (values != IGNORE_INDEX) & ((values < 0) | (values >= vocab))
+    if bad.any():
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"labels{list(where)} = {values[where]} is outside [0, {vocab}) and not {IGNORE_INDEX}"
+        )

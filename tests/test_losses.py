@@ -1,0 +1,376 @@
+"""loss_from_logits against an independent float64 NumPy statement of NEXTQUILL.md's losses; edge cases.
+
+The reference below is written from the specification's formulas and tables only; it does not call the code
+under test. Gradients are compared with central finite differences of the reference (float64).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nextquill_jax.losses import LossConfig, combine_aux, loss_from_aux, loss_from_logits, metrics_from_aux
+
+IGNORE = -100
+
+# (variant, weight_alignment, js_detach): every variant, with and without weight_alignment where it applies.
+CONFIGS = [
+    ("sft", False, True),
+    ("context_sft", False, True),
+    ("mce", False, True),
+    ("mce", True, True),
+    ("dce", False, True),
+    ("js", False, True),
+    ("js", False, False),
+    ("nextquill", False, True),
+    ("nextquill", True, True),
+]
+CONFIG_IDS = [f"{v}{'-wa' if wa else ''}{'' if det else '-jsgrad'}" for v, wa, det in CONFIGS]
+
+
+# ----------------------------------------------------------------------------------------- NumPy reference
+def np_log_softmax(z: np.ndarray) -> np.ndarray:
+    m = z.max(-1, keepdims=True)
+    return z - m - np.log(np.exp(z - m).sum(-1, keepdims=True))
+
+
+def np_label_logprob(z: np.ndarray, y: np.ndarray) -> np.ndarray:
+    return np.take_along_axis(np_log_softmax(z), np.where(y == IGNORE, 0, y)[..., None], -1)[..., 0]
+
+
+def np_dce(zw: np.ndarray, zo: np.ndarray, y: np.ndarray) -> np.ndarray:
+    return np.exp(np_label_logprob(zw, y)) - np.exp(np_label_logprob(zo, y))
+
+
+def np_js(zw: np.ndarray, zo: np.ndarray) -> np.ndarray:
+    pw, po = np.exp(np_log_softmax(zw)), np.exp(np_log_softmax(zo))
+    m = (pw + po) / 2
+
+    log_m = np.log(np.where(m > 0, m, 1.0))
+
+    def kl(p):  # 0 log 0 = 0
+        return np.where(p > 0, p * (np.log(np.where(p > 0, p, 1.0)) - log_m), 0.0).sum(-1)
+
+    return kl(pw) + kl(po)
+
+
+def np_loss(
+    zw,
+    zo,
+    y,
+    variant,
+    *,
+    alpha=0.1,
+    threshold=0.05,
+    high=0.9,
+    low=0.1,
+    weight_alignment=False,
+    dce=None,
+    js=None,
+) -> float:
+    """L = L_n (+ α L_p), NEXTQUILL.md 'Losses' and 'Variants'. `dce` / `js` given = held fixed."""
+    mask = (y != IGNORE).astype(np.float64)
+    ce_w = -np_label_logprob(zw, y)
+    ce_o = -np_label_logprob(zo, y)
+    ce_effect = -np_label_logprob(zw - zo, y)
+    dce = np_dce(zw, zo, y) if dce is None else dce
+    target = np.where(dce > threshold, high, low)
+    js = np_js(zw, zo) if js is None else js
+    ones = np.ones_like(mask)
+    w_n = {"sft": ones, "context_sft": ones, "mce": ones, "dce": target, "js": js, "nextquill": target}[
+        variant
+    ]
+    ce_n = ce_o if variant == "sft" else ce_w
+    den = (w_n * mask).sum()
+    loss = (w_n * ce_n * mask).sum() / den if den > 0 else 0.0
+    if variant in ("mce", "nextquill"):
+        w_p = target if weight_alignment else ones
+        den_p = (w_p * mask).sum()
+        loss += alpha * ((w_p * ce_effect * mask).sum() / den_p if den_p > 0 else 0.0)
+    return float(loss)
+
+
+def np_fd_grads(zw, zo, y, variant, weight_alignment, js_detach, step=1e-6, **kw):
+    """Central differences of the reference; DCE (and detached js) held at their values at (zw, zo)."""
+    fixed = dict(dce=np_dce(zw, zo, y), js=np_js(zw, zo) if js_detach else None, **kw)
+    grads = []
+    for which in (0, 1):
+        base = [zw.copy(), zo.copy()]
+        g = np.zeros_like(base[which])
+        for idx in np.ndindex(g.shape):
+            plus = [a.copy() for a in base]
+            minus = [a.copy() for a in base]
+            plus[which][idx] += step
+            minus[which][idx] -= step
+            f_plus = np_loss(*plus, y, variant, weight_alignment=weight_alignment, **fixed)
+            f_minus = np_loss(*minus, y, variant, weight_alignment=weight_alignment, **fixed)
+            g[idx] = (f_plus - f_minus) / (2 * step)
+        grads.append(g)
+    return grads
+
+
+# ----------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def data():
+    """Two rows of 6 target slots over V=13, some ignored; logits are float32 values held in float64."""
+    rng = np.random.default_rng(7)
+    b, r, v = 2, 6, 13
+    zw = rng.normal(scale=2.0, size=(b, r, v)).astype(np.float32).astype(np.float64)
+    zo = (zw + rng.normal(scale=1.5, size=zw.shape)).astype(np.float32).astype(np.float64)
+    y = rng.integers(0, v, size=(b, r))
+    y[0, 4:] = IGNORE
+    y[1, 0] = IGNORE
+    # Make some label tokens clearly more likely with the history, so both weights occur.
+    rows, cols = np.nonzero(y != IGNORE)
+    zw[rows[::2], cols[::2], y[rows[::2], cols[::2]]] += 3.0
+    dce = np_dce(zw, zo, y)[y != IGNORE]
+    assert (dce > 0.05).any() and (dce <= 0.05).any()
+    assert np.abs(dce - 0.05).min() > 1e-4  # no float32-vs-float64 flip at the threshold
+    return zw, zo, y
+
+
+def cfg_of(variant, wa, det, **kw) -> LossConfig:
+    return LossConfig(variant=variant, weight_alignment=wa, js_detach=det, **kw)
+
+
+def jax_loss(zw, zo, y, cfg, **kw):
+    return loss_from_logits(
+        jnp.asarray(zw, jnp.float32), jnp.asarray(zo, jnp.float32), jnp.asarray(y), cfg, **kw
+    )
+
+
+def value_and_grads(zw, zo, y, cfg):
+    """((loss, aux), (d/d logits_with, d/d logits_without)), run eagerly: op-by-op kernels are cached across
+    configs, which is much cheaper here than compiling one program per config."""
+    return jax.value_and_grad(lambda a, b: loss_from_logits(a, b, y, cfg), argnums=(0, 1), has_aux=True)(
+        zw, zo
+    )
+
+
+def f32(*arrays):
+    return [jnp.asarray(a, jnp.float32) for a in arrays]
+
+
+# ------------------------------------------------------------------------------------- values and gradients
+@pytest.mark.parametrize(("variant", "wa", "det"), CONFIGS, ids=CONFIG_IDS)
+def test_loss_matches_numpy_reference(data, variant, wa, det):
+    zw, zo, y = data
+    (loss, aux), _ = value_and_grads(*f32(zw, zo), y, cfg_of(variant, wa, det))
+    expected = np_loss(zw, zo, y, variant, weight_alignment=wa)
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-6)
+    assert loss.dtype == jnp.float32
+    np.testing.assert_allclose(float(loss_from_aux(aux, cfg_of(variant, wa, det))), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize(("variant", "wa", "det"), CONFIGS, ids=CONFIG_IDS)
+def test_gradients_match_finite_differences_of_reference(data, variant, wa, det):
+    zw, zo, y = data
+    _, grads = value_and_grads(*f32(zw, zo), y, cfg_of(variant, wa, det))
+    for got, want in zip(grads, np_fd_grads(zw, zo, y, variant, wa, det), strict=True):
+        scale = np.abs(want).max()
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5 * max(scale, 1e-3))
+    if variant != "js" or det:  # no gradient reaches ignored slots
+        assert np.all(np.asarray(grads[0])[y == IGNORE] == 0)
+
+
+@pytest.mark.parametrize("variant", ["dce", "nextquill"])
+def test_fixed_dce_from_reference_logits_and_values(data, variant):
+    zw, zo, y = data
+    rng = np.random.default_rng(3)
+    ref_w = zw + rng.normal(size=zw.shape).astype(np.float32)
+    ref_o = zo + rng.normal(size=zo.shape).astype(np.float32)
+    ref_dce = np_dce(ref_w, ref_o, y)
+    cfg = LossConfig(variant=variant, dce="fixed", threshold=float(np.median(ref_dce[y != IGNORE])) + 1e-3)
+    expected = np_loss(zw, zo, y, variant, threshold=cfg.threshold, dce=ref_dce)
+    assert expected != pytest.approx(np_loss(zw, zo, y, variant, threshold=cfg.threshold))
+    refs = (jnp.asarray(ref_w, jnp.float32), jnp.asarray(ref_o, jnp.float32))
+    loss, _ = jax_loss(zw, zo, y, cfg, reference_logits=refs)
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-6)
+    loss, aux = jax_loss(zw, zo, y, cfg, reference_dce=jnp.asarray(ref_dce, jnp.float32))
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-6)
+    np.testing.assert_allclose(float(aux["dce_sum"]), ref_dce[y != IGNORE].sum(), rtol=1e-5)
+    if variant == "dce":  # the without stream is optional once the DCE is fixed
+        loss, _ = loss_from_logits(
+            jnp.asarray(zw, jnp.float32),
+            None,
+            jnp.asarray(y),
+            cfg,
+            reference_dce=jnp.asarray(ref_dce, jnp.float32),
+        )
+        np.testing.assert_allclose(float(loss), expected, rtol=1e-6)
+
+
+def test_sft_uses_only_the_without_stream(data):
+    zw, zo, y = data
+    full, _ = jax_loss(zw, zo, y, LossConfig(variant="sft"))
+    alone, aux = loss_from_logits(
+        None, jnp.asarray(zo, jnp.float32), jnp.asarray(y), LossConfig(variant="sft")
+    )
+    mask = y != IGNORE
+    np.testing.assert_allclose(float(alone), -np_label_logprob(zo, y)[mask].mean(), rtol=1e-6)
+    assert float(full) == pytest.approx(float(alone), rel=1e-7)
+    assert "effect_count" not in aux and "ce_with_sum" not in aux
+
+
+# ---------------------------------------------------------------------------------------------- aux, metrics
+def test_metrics_from_aux_match_numpy(data):
+    zw, zo, y = data
+    cfg = LossConfig(variant="nextquill", weight_alignment=True)
+    _, aux = jax_loss(zw, zo, y, cfg)
+    m = metrics_from_aux(aux, cfg)
+    mask = y != IGNORE
+    dce = np_dce(zw, zo, y)[mask]
+    target = np.where(dce > cfg.threshold, cfg.high, cfg.low)
+    ce_w = -np_label_logprob(zw, y)[mask]
+    ce_o = -np_label_logprob(zo, y)[mask]
+    ce_e = -np_label_logprob(zw - zo, y)[mask]
+    want = {
+        "loss": np_loss(zw, zo, y, "nextquill", weight_alignment=True),
+        "loss_n": (target * ce_w).sum() / target.sum(),
+        "loss_p": (target * ce_e).sum() / target.sum(),
+        "tokens": mask.sum(),
+        "ce_with": ce_w.mean(),
+        "ce_without": ce_o.mean(),
+        "pref_fraction": (dce > cfg.threshold).mean(),
+        "dce_mean": dce.mean(),
+        "dce_std": dce.std(),
+        "dce_p10": np.quantile(dce, 0.1),
+        "dce_p50": np.quantile(dce, 0.5),
+        "dce_p90": np.quantile(dce, 0.9),
+    }
+    assert set(m) == set(want)
+    for k, v in want.items():
+        np.testing.assert_allclose(m[k], v, rtol=1e-5, atol=1e-7, err_msg=k)
+
+
+def test_combine_aux_adds_sums_and_weights_quantiles(data):
+    zw, zo, y = data
+    cfg = LossConfig()
+    auxes = [jax_loss(zw[i : i + 1], zo[i : i + 1], y[i : i + 1], cfg)[1] for i in range(2)]
+    _, whole = jax_loss(zw, zo, y, cfg)
+    combined = combine_aux(*auxes)
+    assert list(combined) == list(whole)
+    for k in ("n_sum", "n_den", "p_sum", "p_den", "tokens", "effect_count", "pref_count", "dce_sum"):
+        np.testing.assert_allclose(float(combined[k]), float(whole[k]), rtol=1e-6, err_msg=k)
+    np.testing.assert_allclose(
+        float(loss_from_aux(combined, cfg)), np_loss(zw, zo, y, "nextquill"), rtol=1e-6
+    )
+    counts = [float(a["effect_count"]) for a in auxes]
+    want_p50 = sum(float(a["dce_p50"]) * c for a, c in zip(auxes, counts, strict=True)) / sum(counts)
+    np.testing.assert_allclose(float(combined["dce_p50"]), want_p50, rtol=1e-6)
+    _, sft_aux = jax_loss(zw, zo, y, LossConfig(variant="sft"))
+    del sft_aux["ce_with_sum"]
+    with pytest.raises(ValueError, match="same loss config"):
+        combine_aux(whole, sft_aux)
+
+
+# --------------------------------------------------------------------------------------------- edge cases
+@pytest.mark.parametrize(("variant", "wa", "det"), CONFIGS, ids=CONFIG_IDS)
+def test_no_target_tokens_gives_zero_loss_and_zero_gradient(data, variant, wa, det):
+    zw, zo, y = data
+    empty = np.full_like(y, IGNORE)
+    cfg = cfg_of(variant, wa, det)
+    (loss, aux), grads = value_and_grads(*f32(zw, zo), empty, cfg)
+    assert float(loss) == 0.0
+    assert all(np.all(np.asarray(g) == 0) for g in grads)
+    assert all(np.isfinite(float(v)) for v in aux.values())
+    assert all(np.isfinite(v) for v in metrics_from_aux(aux, cfg).values())
+
+
+def test_all_dce_below_threshold_gives_plain_mean_ce(data):
+    zw, zo, y = data
+    mask = y != IGNORE
+    mean_ce = -np_label_logprob(zw, y)[mask].mean()
+    for cfg in (
+        LossConfig(variant="dce", threshold=1.0),
+        LossConfig(variant="nextquill", alpha=0.0, threshold=1.0),
+    ):
+        loss, aux = jax_loss(zw, zo, y, cfg)
+        np.testing.assert_allclose(float(loss), mean_ce, rtol=1e-6)
+        np.testing.assert_allclose(float(aux["n_den"]), cfg.low * mask.sum(), rtol=1e-6)
+        assert float(aux["pref_count"]) == 0
+
+
+@pytest.mark.parametrize(("variant", "wa", "det"), CONFIGS, ids=CONFIG_IDS)
+def test_bfloat16_inputs_are_computed_in_float32(data, variant, wa, det):
+    zw, zo, y = data
+    cfg = cfg_of(variant, wa, det)
+    zw16, zo16 = jnp.asarray(zw, jnp.bfloat16), jnp.asarray(zo, jnp.bfloat16)
+    (loss, _), grads = value_and_grads(zw16, zo16, y, cfg)
+    assert loss.dtype == jnp.float32 and all(g.dtype == jnp.bfloat16 for g in grads)
+    upcast = [np.asarray(z.astype(jnp.float32), np.float64) for z in (zw16, zo16)]
+    np.testing.assert_allclose(float(loss), np_loss(*upcast, y, variant, weight_alignment=wa), rtol=1e-6)
+
+
+@pytest.mark.parametrize(("variant", "wa", "det"), CONFIGS, ids=CONFIG_IDS)
+def test_huge_logits_do_not_overflow(data, variant, wa, det):
+    zw, zo, y = data
+    big_w, big_o = (
+        (zw * 1e4).astype(np.float32).astype(np.float64),
+        (zo * 1e4).astype(np.float32).astype(np.float64),
+    )
+    cfg = cfg_of(variant, wa, det)
+    (loss, aux), grads = value_and_grads(*f32(big_w, big_o), y, cfg)
+    np.testing.assert_allclose(float(loss), np_loss(big_w, big_o, y, variant, weight_alignment=wa), rtol=1e-6)
+    assert all(np.all(np.isfinite(np.asarray(g))) for g in grads)
+    assert all(np.isfinite(float(v)) for v in aux.values())
+
+
+@pytest.mark.parametrize(("variant", "wa", "det"), CONFIGS, ids=CONFIG_IDS)
+def test_an_example_of_only_ignored_labels_changes_nothing(data, variant, wa, det):
+    zw, zo, y = data
+    cfg = cfg_of(variant, wa, det)
+    padded_y = np.concatenate([y, np.full_like(y[:1], IGNORE)])
+    padded_w = np.concatenate([zw, zw[:1] * 3.0])
+    padded_o = np.concatenate([zo, zo[:1] - 1.0])
+    (loss, _), grads = value_and_grads(*f32(padded_w, padded_o), padded_y, cfg)
+    np.testing.assert_allclose(float(loss), np_loss(zw, zo, y, variant, weight_alignment=wa), rtol=1e-6)
+    assert all(np.all(np.asarray(g)[-1] == 0) for g in grads)
+
+
+# ---------------------------------------------------------------------------------------------- validation
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(variant="dpo"), "unknown variant"),
+        (dict(alpha=-0.1), "alpha must be >= 0"),
+        (dict(alpha=float("nan")), "alpha must be a finite number"),
+        (dict(high=0.1, low=0.9), r"high \(0.1\) < LossConfig.low"),
+        (dict(low=-0.1), "low >= 0"),
+        (dict(dce="frozen"), "'dynamic' or 'fixed'"),
+        (dict(variant="dce", weight_alignment=True), "no alignment term"),
+        (dict(variant="nextquill", js_detach=False), "only applies to variant 'js'"),
+        (dict(weight_alignment=1), "must be a bool"),
+    ],
+)
+def test_config_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LossConfig(**kwargs)
+
+
+def test_missing_or_unused_sources_raise(data):
+    zw, zo, y = data
+    zw32, zo32, yj = jnp.asarray(zw, jnp.float32), jnp.asarray(zo, jnp.float32), jnp.asarray(y)
+    with pytest.raises(ValueError, match="needs logits_without"):
+        loss_from_logits(zw32, None, yj, LossConfig(variant="nextquill"))
+    with pytest.raises(ValueError, match="needs logits_with"):
+        loss_from_logits(None, zo32, yj, LossConfig(variant="context_sft"))
+    with pytest.raises(ValueError, match="dce='fixed' needs reference_dce"):
+        loss_from_logits(zw32, zo32, yj, LossConfig(dce="fixed"))
+    with pytest.raises(ValueError, match="set dce='fixed'"):
+        loss_from_logits(zw32, zo32, yj, LossConfig(), reference_dce=jnp.zeros(y.shape))
+    with pytest.raises(ValueError, match="must be labels shape"):
+        loss_from_logits(zw32[:, :-1], zo32, yj, LossConfig())
+    bad = y.copy()
+    bad[1, 2] = 13
+    with pytest.raises(ValueError, match=r"labels\[1, 2\] = 13 is outside \[0, 13\)"):
+        loss_from_logits(zw32, zo32, jnp.asarray(bad), LossConfig())
+    _, aux = loss_from_logits(zw32, zo32, yj, LossConfig())
+    with pytest.raises(ValueError, match=r"denominators lacks \['n_sum'\]"):
+        loss_from_logits(
+            zw32, zo32, yj, LossConfig(variant="js", js_detach=False), denominators={"n_den": 1.0}
+        )
+    with pytest.raises(ValueError, match=r"denominators lacks \['p_den'\]"):
+        loss_from_logits(zw32, zo32, yj, LossConfig(), denominators={"n_den": aux["n_den"]})

@@ -1,0 +1,309 @@
+"""loss_from_hidden (tiled LM head, custom VJP) against loss_from_logits on dense logits, plus accumulation.
+
+loss_from_logits is itself checked against a float64 NumPy reference in test_losses.py; here the dense path is
+`loss_from_logits(hidden @ Wᵀ, ...)`, the fused path never forms those logits.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nextquill_jax.fused_head import head_token_stats
+from nextquill_jax.losses import LossConfig, combine_aux, loss_from_aux, loss_from_hidden, loss_from_logits
+
+IGNORE = -100
+CONFIGS = [
+    ("sft", False, True),
+    ("context_sft", False, True),
+    ("mce", False, True),
+    ("mce", True, True),
+    ("dce", False, True),
+    ("js", False, True),
+    ("js", False, False),
+    ("nextquill", False, True),
+    ("nextquill", True, True),
+]
+CONFIG_IDS = [f"{v}{'-wa' if wa else ''}{'' if det else '-jsgrad'}" for v, wa, det in CONFIGS]
+
+
+# The test programs are tiny: LLVM optimisation would only add compile time.
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+def fused_value_and_grads(hw, ho, w, y, cfg, layout, token_chunk, vocab_chunk, denominators=None):
+    """((loss, aux), (d hw, d ho, d W)) of loss_from_hidden."""
+
+    def loss(a, b, c):
+        return loss_from_hidden(
+            a,
+            b,
+            c,
+            y,
+            cfg,
+            head_layout=layout,
+            token_chunk=token_chunk,
+            vocab_chunk=vocab_chunk,
+            denominators=denominators,
+        )
+
+    return jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(hw, ho, w)
+
+
+def dense_value_and_grads(hw, ho, w, y, cfg, layout):
+    """The same from dense logits hidden @ Wᵀ through loss_from_logits."""
+
+    def loss(a, b, c):
+        c_vd = c if layout == "vd" else c.T
+        return loss_from_logits(a @ c_vd.T, b @ c_vd.T, y, cfg)
+
+    return jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(hw, ho, w)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("cfg", "layout", "token_chunk", "vocab_chunk"), compiler_options=FAST_COMPILE
+)
+def fused_and_dense(hw, ho, w, y, *, cfg, layout="vd", token_chunk=5, vocab_chunk=64):
+    """Both paths in one program: one compilation per config, layout and tiling."""
+    fused = fused_value_and_grads(hw, ho, w, y, cfg, layout, token_chunk, vocab_chunk)
+    return fused, dense_value_and_grads(hw, ho, w, y, cfg, layout)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",), compiler_options=FAST_COMPILE)
+def fused_only(hw, ho, w, y, denominators=None, *, cfg):
+    return fused_value_and_grads(hw, ho, w, y, cfg, "vd", 5, 40, denominators)
+
+
+@pytest.fixture(scope="module")
+def data():
+    """B=3 rows (row 1 wholly ignored), R=11 slots, D=32, V=301 (no chunk size below divides it)."""
+    rng = np.random.default_rng(1)
+    b, r, d, v = 3, 11, 32, 301
+    hw = rng.normal(size=(b, r, d)).astype(np.float32)
+    ho = (hw + 0.6 * rng.normal(size=hw.shape)).astype(np.float32)
+    w = (0.35 * rng.normal(size=(v, d))).astype(np.float32)
+    y = rng.integers(0, v, size=(b, r)).astype(np.int32)
+    y[0, 7:] = IGNORE
+    y[1] = IGNORE
+    return jnp.asarray(hw), jnp.asarray(ho), jnp.asarray(w), jnp.asarray(y)
+
+
+def assert_close(
+    fused, dense, loss_rtol=1e-5, grad_rtol=1e-4, grad_atol=1e-6, names=("hidden_with", "hidden_without", "W")
+):
+    """Loss and aux to loss_rtol; gradients elementwise to grad_rtol, plus grad_atol × their largest entry."""
+    (loss_f, aux_f), grads_f = fused
+    (loss_d, aux_d), grads_d = dense
+    np.testing.assert_allclose(float(loss_f), float(loss_d), rtol=loss_rtol)
+    assert list(aux_f) == list(aux_d)
+    for k in aux_d:
+        np.testing.assert_allclose(float(aux_f[k]), float(aux_d[k]), rtol=loss_rtol, atol=1e-6, err_msg=k)
+    for name, gf, gd in zip(names, grads_f, grads_d, strict=True):
+        gd = np.asarray(gd)
+        atol = grad_atol * np.abs(gd).max()
+        np.testing.assert_allclose(np.asarray(gf), gd, rtol=grad_rtol, atol=atol, err_msg=name)
+
+
+def cfg_of(variant, wa, det, **kw):
+    return LossConfig(variant=variant, weight_alignment=wa, js_detach=det, **kw)
+
+
+@pytest.mark.parametrize(("variant", "wa", "det"), CONFIGS, ids=CONFIG_IDS)
+def test_fused_equals_dense_tied_head_uneven_chunks(data, variant, wa, det):
+    hw, ho, w, y = data
+    cfg = cfg_of(variant, wa, det, threshold=0.0)  # DCE straddles 0 here, so both weights occur
+    fused, dense = fused_and_dense(hw, ho, w, y, cfg=cfg)
+    assert 0 < float(fused[0][1]["pref_count"]) < float(fused[0][1]["tokens"])
+    assert_close(fused, dense)
+    assert all(np.all(np.asarray(g)[1] == 0) for g in fused[1][:2])  # the wholly ignored row
+
+
+@pytest.mark.parametrize(
+    ("variant", "det", "token_chunk", "vocab_chunk"),
+    [
+        (
+            "nextquill",
+            True,
+            4,
+            100,
+        ),  # 301 = 3 × 100 + 1: the last block overlaps the one before by 99 columns
+        ("js", False, 4, 100),
+        ("sft", True, 10_000, 10_000),  # one tile holds everything
+    ],
+)
+def test_fused_equals_dense_untied_head(data, variant, det, token_chunk, vocab_chunk):
+    hw, ho, w, y = data
+    cfg = cfg_of(variant, False, det, threshold=0.0)
+    w_dv = w.T  # untied kernel [D, V]
+    assert_close(
+        *fused_and_dense(
+            hw, ho, w_dv, y, cfg=cfg, layout="dv", token_chunk=token_chunk, vocab_chunk=vocab_chunk
+        )
+    )
+
+
+def test_fused_edge_cases(data):
+    hw, ho, w, y = data
+    cfg = LossConfig(threshold=0.0)  # the nextquill config of the tied test: its program is reused
+    # no target token at all: loss 0, zero gradient, finite aux
+    ((loss, aux), grads), _ = fused_and_dense(hw, ho, w, jnp.full_like(y, IGNORE), cfg=cfg)
+    assert float(loss) == 0.0 and all(np.all(np.asarray(g) == 0) for g in grads)
+    assert all(np.isfinite(float(v)) for v in aux.values())
+    # logits of order 1e3-1e4: no overflow, still equal to the dense path (gradients to 1e-5 of their scale)
+    fused, dense = fused_and_dense(hw * 300.0, ho * 300.0, w, y, cfg=cfg)
+    assert all(np.all(np.isfinite(np.asarray(g))) for g in fused[1])
+    assert_close(fused, dense, grad_rtol=1e-4, grad_atol=1e-5)
+    # bf16 inputs: computed in float32, gradients come back in bf16
+    h16, o16, w16 = (a.astype(jnp.bfloat16) for a in (hw, ho, w))
+    ((loss16, _), grads16), _ = fused_and_dense(h16, o16, w16, y, cfg=cfg)
+    ((loss32, _), _), _ = fused_and_dense(*(a.astype(jnp.float32) for a in (h16, o16, w16)), y, cfg=cfg)
+    assert loss16.dtype == jnp.float32 and all(g.dtype == jnp.bfloat16 for g in grads16)
+    np.testing.assert_allclose(float(loss16), float(loss32), rtol=1e-6)
+    # a label outside [0, V) cannot pass unnoticed under jit: the loss is NaN on both paths
+    bad = y.at[0, 0].set(w.shape[0])
+    (fused_bad, _), (dense_bad, _) = (out[0] for out in fused_and_dense(hw, ho, w, bad, cfg=cfg))
+    assert np.isnan(float(fused_bad)) and np.isnan(float(dense_bad))
+
+
+@functools.partial(jax.jit, compiler_options=FAST_COMPILE)
+def fixed_dce_fused_and_dense(hw, w, y, reference_dce):
+    """Variant dce with a fixed DCE needs no without-history stream: loss and grads of both paths."""
+    cfg = LossConfig(variant="dce", dce="fixed")
+
+    def fused(a, c):
+        return loss_from_hidden(
+            a, None, c, y, cfg, reference_dce=reference_dce, token_chunk=5, vocab_chunk=64
+        )
+
+    def dense(a, c):
+        return loss_from_logits(a @ c.T, None, y, cfg, reference_dce=reference_dce)
+
+    return [jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(hw, w) for f in (fused, dense)]
+
+
+def test_fused_fixed_dce_without_the_second_stream(data):
+    hw, _, w, y = data
+    reference_dce = jnp.asarray(np.random.default_rng(9).uniform(-0.3, 0.3, size=y.shape), jnp.float32)
+    fused, dense = fixed_dce_fused_and_dense(hw, w, y, reference_dce)
+    assert 0 < float(fused[0][1]["pref_count"]) < float(fused[0][1]["tokens"])
+    assert_close(fused, dense, names=("hidden_with", "W"))
+
+
+@pytest.mark.parametrize(("variant", "det"), [("nextquill", True), ("js", False)])
+def test_four_micro_batches_combine_to_the_global_batch(variant, det):
+    rng = np.random.default_rng(4)
+    b, r, d, v = 8, 6, 16, 97
+    hw = jnp.asarray(rng.normal(size=(b, r, d)), jnp.float32)
+    ho = hw + jnp.asarray(0.6 * rng.normal(size=(b, r, d)), jnp.float32)
+    w = jnp.asarray(0.4 * rng.normal(size=(v, d)), jnp.float32)
+    y = rng.integers(0, v, size=(b, r)).astype(np.int32)
+    y[3] = IGNORE
+    y[5, 2:] = IGNORE
+    y = jnp.asarray(y)
+    cfg = LossConfig(variant=variant, js_detach=det, threshold=0.0)
+    (loss, aux), grads = fused_only(hw, ho, w, y, cfg=cfg)
+
+    parts = [slice(2 * i, 2 * i + 2) for i in range(4)]
+    # a no-gradient pre-pass gives the global denominators, then each micro-batch is differentiated
+    global_aux = combine_aux(*(fused_only(hw[s], ho[s], w, y[s], cfg=cfg)[0][1] for s in parts))
+    np.testing.assert_allclose(float(loss_from_aux(global_aux, cfg)), float(loss), rtol=1e-6)
+    for k in ("n_sum", "n_den", "tokens", "dce_sum"):
+        np.testing.assert_allclose(float(global_aux[k]), float(aux[k]), rtol=1e-6, err_msg=k)
+
+    total_loss = 0.0
+    total = [np.zeros(hw.shape), np.zeros(ho.shape), np.zeros(w.shape)]
+    for s in parts:
+        (part_loss, _), part_grads = fused_only(hw[s], ho[s], w, y[s], global_aux, cfg=cfg)
+        total_loss += float(part_loss)
+        total[0][s] += np.asarray(part_grads[0])
+        total[1][s] += np.asarray(part_grads[1])
+        total[2] += np.asarray(part_grads[2])
+    np.testing.assert_allclose(total_loss, float(loss), rtol=1e-6)
+    for got, want in zip(total, grads, strict=True):
+        want = np.asarray(want)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+
+
+def test_head_token_stats_with_several_leading_dims():
+    rng = np.random.default_rng(2)
+    s, lead, r, d, v = 2, (2, 3), 5, 8, 37
+    h = rng.normal(size=(s, *lead, r, d)).astype(np.float32)
+    w = rng.normal(size=(d, v)).astype(np.float32)
+    y = rng.integers(0, v, size=(*lead, r))
+    y[1, 2, 1:] = IGNORE
+    stats = jax.jit(
+        head_token_stats,
+        static_argnames=("head_layout", "with_js", "token_chunk", "vocab_chunk"),
+        compiler_options=FAST_COMPILE,
+    )(
+        jnp.asarray(h),
+        jnp.asarray(w),
+        jnp.asarray(y),
+        head_layout="dv",
+        with_js=True,
+        token_chunk=4,
+        vocab_chunk=10,
+    )
+    z = h.astype(np.float64) @ w.astype(np.float64)  # [S, 2, 3, R, V]
+    zmax = z.max(-1, keepdims=True)
+    lse = (zmax + np.log(np.exp(z - zmax).sum(-1, keepdims=True)))[..., 0]
+    label = np.where(
+        y == IGNORE, 0.0, np.take_along_axis(z, np.where(y == IGNORE, 0, y)[None, ..., None], -1)[..., 0]
+    )
+    p = np.exp(z - lse[..., None])
+    m = (p[0] + p[1]) / 2
+    js = (p * np.log(p / m)).sum((0, -1))
+    np.testing.assert_allclose(np.asarray(stats.lse), lse, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(stats.label_logit), label, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(stats.js), js, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="head_layout='vd'"):
+        head_token_stats(jnp.asarray(h), jnp.asarray(w.T), jnp.asarray(y), head_layout="dv")
+    with pytest.raises(ValueError, match="vocab_chunk must be a positive int"):
+        head_token_stats(jnp.asarray(h), jnp.asarray(w), jnp.asarray(y), head_layout="dv", vocab_chunk=0)
+    with pytest.raises(ValueError, match="labels shape"):
+        head_token_stats(jnp.asarray(h), jnp.asarray(w), jnp.asarray(y[0]), head_layout="dv")
+
+
+def test_fused_memory_is_bounded_by_tiles_not_vocabulary():
+    """Compile only: XLA temporary memory of value+grad, fused vs dense, and fused at twice the vocabulary."""
+    tokens, d = 2048, 64
+    cfg = LossConfig()
+
+    def temp_bytes(vocab, path):
+        spec = jax.ShapeDtypeStruct((1, tokens, d), jnp.float32)
+        args = (
+            spec,
+            spec,
+            jax.ShapeDtypeStruct((vocab, d), jnp.float32),
+            jax.ShapeDtypeStruct((1, tokens), jnp.int32),
+        )
+        if path == "fused":
+            f = functools.partial(
+                fused_value_and_grads, cfg=cfg, layout="vd", token_chunk=256, vocab_chunk=2048
+            )
+        else:
+            f = functools.partial(dense_value_and_grads, cfg=cfg, layout="vd")
+        compiled = jax.jit(f, compiler_options=FAST_COMPILE).lower(*args).compile()  # buffers as at -O2
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    fused, dense = temp_bytes(32_768, "fused"), temp_bytes(32_768, "dense")
+    assert fused <= dense / 8, (fused, dense)
+    assert temp_bytes(65_536, "fused") <= 1.05 * fused  # doubling V adds no temporary memory
+
+
+def test_loss_from_hidden_input_errors(data):
+    hw, ho, w, y = data
+    with pytest.raises(ValueError, match="needs hidden_with"):
+        loss_from_hidden(None, ho, w, y, LossConfig())
+    with pytest.raises(ValueError, match="must be labels shape"):
+        loss_from_hidden(hw[:, :-1], ho, w, y, LossConfig())
+    with pytest.raises(ValueError, match="differ"):
+        loss_from_hidden(hw, ho[..., :-1], w, y, LossConfig())
+    with pytest.raises(ValueError, match="head_layout='dv'"):
+        loss_from_hidden(hw, ho, w.T, y, LossConfig())
+    with pytest.raises(ValueError, match="outside"):
+        loss_from_hidden(hw, ho, w, y.at[2, 0].set(-5), LossConfig())
