@@ -24,11 +24,11 @@ INIT_STD = 0.02  # transformers' initializer_range default for these families
 def normal_param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str], dtype: jnp.dtype) -> nnx.Param:
     """A parameter drawn from N(0, INIT_STD²), annotated with logical `axes`."""
     value = INIT_STD * jax.random.normal(rngs.params(), tuple(shape), jnp.float32)
-    return nnx.Param(value.astype(dtype), sharding_names=tuple(axes))
+    return nnx.Param(value.astype(dtype), out_sharding=tuple(axes))
 
 
 def constant_param(value: float, shape: Sequence[int], axes: Sequence[str], dtype: jnp.dtype) -> nnx.Param:
-    return nnx.Param(jnp.full(tuple(shape), value, dtype), sharding_names=tuple(axes))
+    return nnx.Param(jnp.full(tuple(shape), value, dtype), out_sharding=tuple(axes))
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
