@@ -1,0 +1,454 @@
+"""Batched text generation with the KV cache: greedy or sampled, with transformers' logits processors.
+
+One compiled function serves a whole generation: prefill of the (left-padded) prompts, then a
+`lax.while_loop` of one-token steps that stops when every row has emitted an end-of-sequence token or
+`max_new_tokens` are out. Prompt lengths are rounded up to a bucket (`prompt_bucket`) by adding left padding,
+and rows are padded to a fixed count, so a split of prompts of many lengths compiles once per bucket.
+
+The logits processors follow transformers (`generation/logits_process.py`, `_get_logits_processor`),
+applied in its order to the float32 logits of the last position:
+  1. `RepetitionPenaltyLogitsProcessor`: every token already in the row (its real prompt tokens, not
+     padding, and the tokens generated so far) has its logit divided by the penalty if positive, multiplied
+     if negative.
+  2. with sampling only: `TemperatureLogitsWarper` (logits / temperature), `TopKLogitsWarper` (logits below
+     the k-th largest set to -inf; ties with it kept), `TopPLogitsWarper` (ascending sort, tokens whose
+     cumulative probability is <= 1 - top_p removed, the most probable always kept).
+Then greedy takes the first argmax, sampling draws from softmax of the processed logits. A finished row emits
+`pad_token_id` from the step after its end-of-sequence token on, as transformers does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from nextquill_jax.models import CausalLM, KVCache
+from nextquill_jax.parallel import DEFAULT_RULES, LogicalRules, batch_shard_count, logical_to_sharding
+
+SMALLEST_BUCKET = 16
+# Prompts up to POWER_OF_TWO_UP_TO tokens round up to a power of two, longer ones to a multiple of it.
+POWER_OF_TWO_UP_TO = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig:
+    """Decoding settings. Defaults: the public NextQuill code (greedy, repetition penalty 1.2; its temperature
+    0.8 and top-p 0.95 are set but unused because sampling is off; top-k is transformers' default 50).
+
+    Fields:
+        max_new_tokens: tokens generated per row at most (the end-of-sequence token included).
+        do_sample: sample from the processed distribution instead of taking the argmax.
+        temperature: divides the logits (sampling only); > 0.
+        top_k: keep the k most probable tokens (sampling only); 0 turns it off.
+        top_p: keep the smallest set of most probable tokens whose probability reaches top_p (sampling only);
+            in (0, 1], 1 turns it off.
+        repetition_penalty: > 0; 1 turns it off. Applied in greedy decoding too.
+        seed: the sampling key's seed.
+
+    Raises:
+        ValueError: naming the field, for a value out of range.
+    """
+
+    max_new_tokens: int = 512
+    do_sample: bool = False
+    temperature: float = 0.8
+    top_k: int = 50
+    top_p: float = 0.95
+    repetition_penalty: float = 1.2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        n = self.max_new_tokens
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"GenerationConfig.max_new_tokens must be an int >= 1, got {n!r}")
+        if not isinstance(self.do_sample, bool):
+            raise ValueError(f"GenerationConfig.do_sample must be true or false, got {self.do_sample!r}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(
+                f"GenerationConfig.temperature must be > 0, got {self.temperature!r}; for greedy decoding "
+                "set do_sample=False"
+            )
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"GenerationConfig.top_k must be an int >= 0 (0: off), got {self.top_k!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"GenerationConfig.top_p must be in (0, 1] (1: off), got {self.top_p!r}")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise ValueError(
+                f"GenerationConfig.repetition_penalty must be > 0 (1: off), got {self.repetition_penalty!r}"
+            )
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Logits processors: pure functions of logits [B, V] float32. Their settings may be traced scalars, so one
+# compiled decode loop serves every temperature / top-k / top-p / penalty.
+
+
+class Knobs(NamedTuple):
+    """A GenerationConfig's processor settings as arrays (traced inside the decode loop: no recompilation)."""
+
+    do_sample: jax.Array  # bool []
+    temperature: jax.Array  # float32 []
+    top_k: jax.Array  # int32 [], 0 = off
+    top_p_cut: jax.Array  # float32 [], 1 - top_p computed in float64 as transformers does; 0 = off
+    repetition_penalty: jax.Array  # float32 []
+
+    @classmethod
+    def of(cls, cfg: GenerationConfig) -> Knobs:
+        return cls(
+            do_sample=jnp.asarray(cfg.do_sample),
+            temperature=jnp.asarray(cfg.temperature, jnp.float32),
+            top_k=jnp.asarray(cfg.top_k, jnp.int32),
+            top_p_cut=jnp.asarray(1.0 - cfg.top_p, jnp.float32),
+            repetition_penalty=jnp.asarray(cfg.repetition_penalty, jnp.float32),
+        )
+
+
+def repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: float | jax.Array) -> jax.Array:
+    """logits [B, V], seen [B, V] bool (token already in the row) -> [B, V]: seen logits divided by `penalty`
+    where positive, multiplied where negative (transformers' RepetitionPenaltyLogitsProcessor). A penalty of 1
+    returns the logits unchanged (exactly)."""
+    penalised = jnp.where(logits < 0, logits * penalty, logits / penalty)
+    return jnp.where(seen, penalised, logits)
+
+
+def temperature_scale(logits: jax.Array, temperature: float | jax.Array) -> jax.Array:
+    """logits [B, V] / temperature (transformers' TemperatureLogitsWarper)."""
+    return logits / temperature
+
+
+def top_k_filter(logits: jax.Array, k: int | jax.Array) -> jax.Array:
+    """logits [B, V] with every value below the row's k-th largest set to -inf (ties with it stay), as
+    transformers' TopKLogitsWarper; k >= 1, clipped to V."""
+    k = jnp.clip(jnp.asarray(k, jnp.int32), 1, logits.shape[-1])
+    descending = -jnp.sort(-logits, axis=-1)  # [B, V]
+    kth = jnp.take_along_axis(descending, jnp.broadcast_to(k - 1, (*logits.shape[:-1], 1)), axis=-1)
+    return jnp.where(logits < kth, -jnp.inf, logits)
+
+
+def top_p_filter(logits: jax.Array, p: float) -> jax.Array:
+    """logits [B, V] with the tokens outside the nucleus set to -inf, as transformers' TopPLogitsWarper: sort
+    ascending, remove tokens whose cumulative probability is <= 1 - p, always keep the most probable one."""
+    return _remove_low_cumulative(logits, 1.0 - p)
+
+
+def _remove_low_cumulative(logits: jax.Array, cut: float | jax.Array) -> jax.Array:
+    order = jnp.argsort(logits, axis=-1)  # ascending, [B, V]
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+    remove_sorted = (cumulative <= cut).at[..., -1].set(False)
+    rows = jnp.arange(logits.shape[0])[:, None]
+    remove = jnp.zeros_like(remove_sorted).at[rows, order].set(remove_sorted)
+    return jnp.where(remove, -jnp.inf, logits)
+
+
+def _warp(logits: jax.Array, knobs: Knobs) -> jax.Array:
+    """The sampling warpers in transformers' order: temperature, top-k, top-p (each off at its neutral
+    value)."""
+    logits = temperature_scale(logits, knobs.temperature)
+    logits = jnp.where(knobs.top_k > 0, top_k_filter(logits, knobs.top_k), logits)
+    return jnp.where(knobs.top_p_cut > 0, _remove_low_cumulative(logits, knobs.top_p_cut), logits)
+
+
+def process_logits(logits: jax.Array, seen: jax.Array, cfg: GenerationConfig) -> jax.Array:
+    """transformers' processors in its order (module docstring): logits [B, V] float32, seen [B, V] bool ->
+    the processed logits [B, V] (-inf where filtered out)."""
+    knobs = Knobs.of(cfg)
+    logits = repetition_penalty(logits, seen, knobs.repetition_penalty)
+    return _warp(logits, knobs) if cfg.do_sample else logits
+
+
+def choose_tokens(logits: jax.Array, seen: jax.Array, knobs: Knobs, key: jax.Array) -> jax.Array:
+    """The next token of every row, [B] int32, from the last-position logits [B, V]: the first argmax of the
+    penalised logits, or (do_sample) a draw from the softmax of the processed ones."""
+    logits = repetition_penalty(logits.astype(jnp.float32), seen, knobs.repetition_penalty)
+    return jax.lax.cond(
+        knobs.do_sample,
+        lambda: jax.random.categorical(key, _warp(logits, knobs), axis=-1).astype(jnp.int32),
+        lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32),
+    )
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Padding and buckets (host side).
+
+
+def prompt_bucket(length: int) -> int:
+    """The padded prompt length for a prompt of `length` tokens: a power of two (at least SMALLEST_BUCKET) up
+    to POWER_OF_TWO_UP_TO, then a multiple of POWER_OF_TWO_UP_TO. Prefill wastes at most half its work, and a
+    split with prompts up to 2048 tokens compiles at most 12 shapes."""
+    if length <= POWER_OF_TWO_UP_TO:
+        return max(SMALLEST_BUCKET, 1 << max(0, length - 1).bit_length())
+    return -(-length // POWER_OF_TWO_UP_TO) * POWER_OF_TWO_UP_TO
+
+
+def left_pad(
+    prompts: Sequence[Sequence[int]], length: int, pad_token_id: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Token lists -> (input_ids [B, length] int32, attention_mask [B, length] int32), padded on the left.
+
+    Raises:
+        ValueError: an empty prompt, or one longer than `length` (naming its index).
+    """
+    ids = np.full((len(prompts), length), pad_token_id, np.int32)
+    mask = np.zeros((len(prompts), length), np.int32)
+    for i, prompt in enumerate(prompts):
+        n = len(prompt)
+        if n == 0 or n > length:
+            raise ValueError(f"prompt {i} has {n} tokens; each prompt needs 1..{length} tokens")
+        ids[i, length - n :] = np.asarray(prompt, np.int32)
+        mask[i, length - n :] = 1
+    return ids, mask
+
+
+def _check_left_padded(attention_mask: np.ndarray) -> None:
+    real = attention_mask != 0
+    if not real.any(axis=1).all():
+        raise ValueError(f"rows {np.flatnonzero(~real.any(axis=1)).tolist()} of attention_mask have no token")
+    # Left padding: once a row's tokens start, no padding follows.
+    bad = np.flatnonzero((np.diff(real.astype(np.int8), axis=1) < 0).any(axis=1))
+    if bad.size:
+        raise ValueError(
+            f"attention_mask rows {bad.tolist()} are not left-padded (padding after a token); generation "
+            "needs the padding on the left, as transformers' tokenizers give with padding_side='left'"
+        )
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The compiled decode loop.
+
+
+def _decode(
+    state: Any,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    key: jax.Array,
+    knobs: Knobs,
+    pad_token_id: jax.Array,
+    *,
+    graphdef: Any,
+    max_new_tokens: int,
+    eos_token_ids: tuple[int, ...],
+    cache_shardings: KVCache | None,
+) -> jax.Array:
+    """input_ids / attention_mask [B, P] (left-padded), pad_token_id int32 [] -> new tokens
+    [B, max_new_tokens] int32."""
+    model: CausalLM = nnx.merge(graphdef, state)
+    b, p = input_ids.shape
+    n = max_new_tokens
+
+    def constrain(cache: KVCache) -> KVCache:
+        if cache_shardings is None:
+            return cache
+        return jax.lax.with_sharding_constraint(cache, cache_shardings)
+
+    mask = attention_mask.astype(jnp.int32)
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)  # [B, P], 0 at each row's first token
+    cache = constrain(model.init_cache(b, p + n))
+    logits, cache = model.extend(input_ids, cache, positions, mask, last_only=True)  # [B, 1, V]
+    vocab = logits.shape[-1]
+    rows = jnp.arange(b)
+    # Padding is not penalised: its ids become `vocab`, out of bounds, and the scatter drops them (as it drops
+    # prompt ids beyond the logits' vocabulary, which transformers does not penalise either).
+    prompt_ids = jnp.where(mask > 0, input_ids, vocab)
+    seen = jnp.zeros((b, vocab), jnp.bool_).at[rows[:, None], prompt_ids].set(True, mode="drop")  # [B, V]
+    eos = jnp.asarray(eos_token_ids, jnp.int32)
+
+    def cond(carry):
+        i, _, _, _, finished, _, _ = carry
+        return (i < n) & ~jnp.all(finished)
+
+    def body(carry):
+        i, logits, cache, seen, finished, next_position, out = carry
+        token = choose_tokens(logits[:, -1], seen, knobs, jax.random.fold_in(key, i))  # [B]
+        token = jnp.where(finished, pad_token_id, token)
+        out = out.at[:, i].set(token)
+        seen = seen.at[rows, token].set(True)
+        finished = finished | jnp.isin(token, eos)
+        # One step more than needed at the end (its logits are unused): simpler than a conditional model call.
+        logits, cache = model.extend(token[:, None], cache, next_position[:, None], last_only=True)
+        return i + 1, logits, constrain(cache), seen, finished, next_position + 1, out
+
+    carry = (
+        jnp.zeros((), jnp.int32),
+        logits,
+        cache,
+        seen,
+        jnp.zeros((b,), jnp.bool_),
+        mask.sum(axis=1),  # the next token's position: the row's real prompt length
+        jnp.full((b, n), pad_token_id, jnp.int32),
+    )
+    return jax.lax.while_loop(cond, body, carry)[-1]
+
+
+@functools.lru_cache(maxsize=8)
+def decoder(mesh: Mesh | None = None, rules: LogicalRules = DEFAULT_RULES):
+    """The jitted decode function for `mesh` (None: one device), shared by every call with that mesh.
+
+    Its signature: `(state, input_ids [B, P], attention_mask [B, P], key, knobs, pad_token_id, *, graphdef,
+    max_new_tokens, eos_token_ids, cache_shardings) -> [B, max_new_tokens] int32` (replicated on the mesh).
+    It compiles once per (model graph, B, P, max_new_tokens, stop tokens): the processor settings and the pad
+    token are traced. `decoder(mesh)._cache_size()` counts the compiled versions.
+    """
+    out = None if mesh is None else NamedSharding(mesh, PartitionSpec())
+    static = ("graphdef", "max_new_tokens", "eos_token_ids", "cache_shardings")
+    return jax.jit(_decode, static_argnames=static, out_shardings=out)
+
+
+def _cache_shardings(model: CausalLM, batch: int, max_len: int, mesh: Mesh, rules: LogicalRules) -> KVCache:
+    """KV cache shardings: rows by the `batch` rule, key/value heads by the `kv_heads` rule."""
+    kv = PartitionSpec("layers", "batch", None, "kv_heads", "head_dim")
+    abstract = jax.eval_shape(lambda: model.init_cache(batch, max_len))
+    logical = KVCache(k=kv, v=kv, segment_ids=PartitionSpec("batch", None), index=PartitionSpec())
+    return logical_to_sharding(logical, mesh, rules, shapes=abstract)
+
+
+def generate_ids(
+    model: CausalLM,
+    input_ids: np.ndarray,
+    attention_mask: np.ndarray,
+    cfg: GenerationConfig,
+    *,
+    eos_token_ids: Sequence[int],
+    pad_token_id: int,
+    rows: int | None = None,
+    mesh: Mesh | None = None,
+    rules: LogicalRules = DEFAULT_RULES,
+) -> np.ndarray:
+    """Generate for a left-padded batch; returns the new tokens [B, max_new_tokens] int32 as transformers'
+    `generate(...)[:, P:]` lays them out: the end-of-sequence token included, `pad_token_id` after it (and in
+    every column after the last row finished).
+
+    Args:
+        model: the model (its parameters sharded on `mesh` when one is given).
+        input_ids, attention_mask: [B, P] int, left-padded (mask 0 on padding); every row has a token.
+        cfg: decoding settings.
+        eos_token_ids: tokens that end a row (one or more).
+        pad_token_id: the token emitted by finished rows (and used as left padding).
+        rows: pad the batch with dummy rows up to this many (a fixed row count keeps one compiled shape for
+            every batch of a split); None: B rounded up to a multiple of the mesh's batch shards.
+        mesh, rules: run sharded: rows over the `batch` rule's axes, parameters and the KV cache by `rules`.
+
+    The prompt length is padded on the left to `prompt_bucket(P)`, so prompts whose lengths share a bucket
+    share a compiled function.
+
+    Raises:
+        ValueError: shapes that differ, a row without tokens, padding that is not on the left, no EOS token,
+            or `rows` below B.
+    """
+    input_ids, attention_mask = np.asarray(input_ids, np.int32), np.asarray(attention_mask, np.int32)
+    if input_ids.ndim != 2 or input_ids.shape != attention_mask.shape:
+        raise ValueError(
+            f"input_ids {input_ids.shape} and attention_mask {attention_mask.shape} must both be [B, P]"
+        )
+    if not eos_token_ids:
+        raise ValueError("eos_token_ids is empty: give at least one end-of-sequence token id")
+    _check_left_padded(attention_mask)
+    b, p = input_ids.shape
+    shards = 1 if mesh is None else batch_shard_count(mesh, rules)
+    target_rows = -(-b // shards) * shards if rows is None else rows
+    if target_rows < b or target_rows % shards:
+        raise ValueError(
+            f"rows={rows} must be >= the batch's {b} rows and a multiple of the {shards} batch shards"
+        )
+    bucket = prompt_bucket(p)
+    ids = np.full((target_rows, bucket), pad_token_id, np.int32)
+    mask = np.zeros((target_rows, bucket), np.int32)
+    ids[:b, bucket - p :], mask[:b, bucket - p :] = input_ids, attention_mask
+    mask[b:, -1] = 1  # dummy rows: one padding token each, their output discarded
+
+    graphdef, state = nnx.split(model)
+    key = jax.random.key(cfg.seed)
+    cache_shardings = None
+    if mesh is not None:
+        sharding = logical_to_sharding(PartitionSpec("batch", None), mesh, rules)
+        # Every process holds the whole batch and hands each of its devices that device's rows.
+        ids, mask = (
+            jax.make_array_from_callback(a.shape, sharding, lambda index, a=a: a[index]) for a in (ids, mask)
+        )
+        cache_shardings = _cache_shardings(model, target_rows, bucket + cfg.max_new_tokens, mesh, rules)
+    out = decoder(mesh, tuple(rules))(
+        state,
+        ids,
+        mask,
+        key,
+        Knobs.of(cfg),
+        jnp.asarray(pad_token_id, jnp.int32),
+        graphdef=graphdef,
+        max_new_tokens=cfg.max_new_tokens,
+        eos_token_ids=tuple(int(t) for t in eos_token_ids),
+        cache_shardings=cache_shardings,
+    )
+    return np.asarray(jax.device_get(out))[:b]
+
+
+def strip_after_eos(tokens: np.ndarray, eos_token_ids: Sequence[int]) -> list[list[int]]:
+    """[B, N] generated tokens -> per row the tokens before its first end-of-sequence token."""
+    out = []
+    for row in np.asarray(tokens):
+        ends = np.flatnonzero(np.isin(row, list(eos_token_ids)))
+        out.append(row[: ends[0] if ends.size else len(row)].tolist())
+    return out
+
+
+def generate(
+    model: CausalLM,
+    prompts: Sequence[Sequence[int]],
+    cfg: GenerationConfig,
+    *,
+    eos_token_ids: Sequence[int],
+    pad_token_id: int,
+    batch_size: int = 8,
+    mesh: Mesh | None = None,
+    rules: LogicalRules = DEFAULT_RULES,
+    on_batch: Any = None,
+) -> list[list[int]]:
+    """Generate for any number of prompts (token lists); returns per prompt its new tokens before the first
+    end-of-sequence token, in the prompts' order.
+
+    Prompts are sorted by length and decoded `batch_size` at a time (the last batch padded with dummy rows),
+    so a batch holds prompts of similar lengths and every batch has the same row count. `on_batch(done,
+    total)` is called after each batch. Sampling uses `cfg.seed` per batch, so samples depend on
+    `batch_size`.
+
+    Raises:
+        ValueError: an empty prompt, `batch_size` < 1 or not a multiple of the mesh's batch shards; and as
+            `generate_ids`.
+    """
+    shards = 1 if mesh is None else batch_shard_count(mesh, rules)
+    if batch_size < 1 or batch_size % shards:
+        raise ValueError(
+            f"batch_size {batch_size} must be >= 1 and a multiple of the mesh's {shards} batch shards"
+        )
+    lengths = np.asarray([len(p) for p in prompts])
+    if (lengths == 0).any():
+        raise ValueError(f"prompts {np.flatnonzero(lengths == 0).tolist()[:10]} are empty")
+    order = np.argsort(lengths, kind="stable")
+    results: list[list[int]] = [[] for _ in prompts]
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        ids, mask = left_pad([prompts[i] for i in chunk], int(lengths[chunk].max()), pad_token_id)
+        tokens = generate_ids(
+            model,
+            ids,
+            mask,
+            cfg,
+            eos_token_ids=eos_token_ids,
+            pad_token_id=pad_token_id,
+            rows=batch_size,
+            mesh=mesh,
+            rules=rules,
+        )
+        for i, row in zip(chunk, strip_after_eos(tokens, eos_token_ids), strict=True):
+            results[i] = row
+        if on_batch is not None:
+            on_batch(min(start + batch_size, len(order)), len(order))
+    return results

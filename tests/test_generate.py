@@ -1,0 +1,373 @@
+"""Generation against transformers' `generate` (PyTorch, the reference): greedy with repetition penalty on a
+tiny random Qwen2 and on the packaged SmolLM2-135M, batches of prompts of different lengths (left padding +
+attention mask), per-row EOS; the logits processors against transformers' own on random logits; sampling
+limits; one compile per prompt-length bucket; sharded decoding equal to unsharded."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from multidevice import run_with_devices
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config
+
+from nextquill_jax.generate import (
+    GenerationConfig,
+    decoder,
+    generate,
+    generate_ids,
+    left_pad,
+    process_logits,
+    prompt_bucket,
+    strip_after_eos,
+)
+from nextquill_jax.models import load_pretrained, load_tokenizer, model_from_hf
+from nextquill_jax.models.gguf import read_gguf
+from nextquill_jax.models.packaged import packaged_model_path
+
+VOCAB = 300
+PAD = 0
+GREEDY = GenerationConfig(max_new_tokens=16, repetition_penalty=1.2)
+
+
+def tiny_qwen2_config() -> Qwen2Config:
+    return Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+    )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """PyTorch's two intra-op threads spin against JAX's on a 2-core machine (10x slower generate)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny random Qwen2 (with q/k/v biases), saved by transformers."""
+    torch.manual_seed(0)
+    reference = AutoModelForCausalLM.from_config(tiny_qwen2_config())
+    with torch.no_grad():  # larger weights than the init's, so the argmax is not a near tie everywhere
+        for p in reference.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    out = tmp_path_factory.mktemp("tiny_qwen2")
+    reference.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    """(transformers model, our model), both loaded from the saved directory."""
+    reference = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    return reference.eval(), load_pretrained(tiny_dir)
+
+
+def reference_generate(model, ids: np.ndarray, mask: np.ndarray, cfg: GenerationConfig, eos: int, pad: int):
+    """transformers' greedy generate: new tokens [B, max_new_tokens], `pad` after an early stop."""
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            attention_mask=torch.tensor(mask, dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=cfg.max_new_tokens,
+            repetition_penalty=cfg.repetition_penalty,
+            eos_token_id=eos,
+            pad_token_id=pad,
+        )
+    new = out[:, ids.shape[1] :].numpy()
+    return np.pad(new, ((0, 0), (0, cfg.max_new_tokens - new.shape[1])), constant_values=pad)
+
+
+def prompts_of(lengths, seed=1) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(1, VOCAB, n).tolist() for n in lengths]
+
+
+LENGTHS = [5, 11, 17, 3, 9, 20, 14]
+
+
+@pytest.fixture(scope="module")
+def tiny_case(tiny):
+    """Prompts of different lengths (left-padded to 20) and transformers' tokens for them, with an EOS token
+    chosen from transformers' own output so that row 0 stops early while other rows go on."""
+    reference, _ = tiny
+    prompts = prompts_of(LENGTHS)
+    ids, mask = left_pad(prompts, max(LENGTHS), PAD)
+    free = reference_generate(reference, ids, mask, GREEDY, eos=VOCAB + 1, pad=PAD)  # no EOS can occur
+    step = next(
+        s for s in range(3, 12) if free[0, s] not in free[1:, : s + 1] and free[0, s] not in free[0, :s]
+    )
+    eos = int(free[0, step])
+    expected = reference_generate(reference, ids, mask, GREEDY, eos=eos, pad=PAD)
+    assert expected[0, step] == eos and (expected[0, step + 1 :] == PAD).all()
+    assert (expected[:, -1] != PAD).any(), "some row should run to max_new_tokens"
+    return prompts, ids, mask, eos, expected
+
+
+def test_greedy_matches_transformers_tiny_qwen2(tiny, tiny_case):
+    _, model = tiny
+    _, ids, mask, eos, expected = tiny_case
+    ours = generate_ids(model, ids, mask, GREEDY, eos_token_ids=[eos], pad_token_id=PAD)
+    np.testing.assert_array_equal(ours, expected)
+
+
+def test_without_penalty_matches_transformers_and_penalty_matters(tiny, tiny_case):
+    reference, model = tiny
+    _, ids, mask, eos, with_penalty = tiny_case
+    cfg = GenerationConfig(max_new_tokens=16, repetition_penalty=1.0)
+    expected = reference_generate(reference, ids, mask, cfg, eos=eos, pad=PAD)
+    ours = generate_ids(model, ids, mask, cfg, eos_token_ids=[eos], pad_token_id=PAD)
+    np.testing.assert_array_equal(ours, expected)
+    assert not np.array_equal(expected, with_penalty)  # the penalty changes this model's output
+
+
+def test_left_padding_is_not_penalised(tiny, tiny_case):
+    """transformers leaves the left padding out of the repetition penalty (`prompt_ignore_length`): with the
+    pad token set to a token greedy decoding picks first in a padded row (and no prompt holds), the tokens
+    still match; penalising the padding (transformers' processor without `prompt_ignore_length`) would change
+    them."""
+    reference, model = tiny
+    prompts, _, _, eos, expected = tiny_case
+    used = {t for p in prompts for t in p} | {eos}
+    pad = next(
+        int(expected[r, 0])
+        for r in range(len(prompts))
+        if len(prompts[r]) < 20 and expected[r, 0] not in used
+    )
+    ids, mask = left_pad(prompts, max(LENGTHS), pad)
+    want = reference_generate(reference, ids, mask, GREEDY, eos=eos, pad=pad)
+    ours = generate_ids(model, ids, mask, GREEDY, eos_token_ids=[eos], pad_token_id=pad)
+    np.testing.assert_array_equal(ours, want)
+    with torch.no_grad():
+        penalising = reference.generate(
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            attention_mask=torch.tensor(mask, dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=GREEDY.max_new_tokens,
+            logits_processor=transformers.LogitsProcessorList(
+                [transformers.RepetitionPenaltyLogitsProcessor(GREEDY.repetition_penalty)]
+            ),
+            eos_token_id=eos,
+            pad_token_id=pad,
+        )[:, ids.shape[1] :].numpy()
+    assert not np.array_equal(penalising, want[:, : penalising.shape[1]])
+
+
+def test_generate_batches_by_length_with_one_compile_per_bucket(tiny, tiny_case):
+    """generate() in batches of 2 sorted by length (3,5 | 9,11 | 14,17 | 20 + a dummy row): per prompt,
+    transformers' tokens before EOS, in the prompts' order; the decode loop compiles once for the two
+    batches in bucket 16 and once for the two in bucket 32 (no other test decodes 2 rows)."""
+    _, model = tiny
+    prompts, _, _, eos, expected = tiny_case
+    jitted = decoder(None)
+    before = jitted._cache_size()
+    compiled = []
+    ours = generate(
+        model,
+        prompts,
+        GREEDY,
+        eos_token_ids=[eos],
+        pad_token_id=PAD,
+        batch_size=2,
+        on_batch=lambda done, total: compiled.append(jitted._cache_size() - before),
+    )
+    assert [prompt_bucket(n) for n in (5, 11, 17, 20)] == [16, 16, 32, 32]
+    assert compiled == [1, 1, 2, 2]
+    assert ours == strip_after_eos(expected, [eos])
+    assert len(ours[0]) < GREEDY.max_new_tokens and max(len(r) for r in ours) == GREEDY.max_new_tokens
+
+
+def test_sampling_limits_equal_greedy(tiny, tiny_case):
+    _, model = tiny
+    _, ids, mask, eos, expected = tiny_case
+    for cfg in (
+        GenerationConfig(max_new_tokens=16, do_sample=True, top_k=1, temperature=1.0, top_p=1.0, seed=3),
+        GenerationConfig(max_new_tokens=16, do_sample=True, temperature=1e-6, top_k=0, top_p=1.0, seed=4),
+    ):
+        ours = generate_ids(model, ids, mask, cfg, eos_token_ids=[eos], pad_token_id=PAD)
+        np.testing.assert_array_equal(ours, expected, err_msg=str(cfg))
+
+
+def test_sampling_draws_vary_with_seed_and_repeat_with_it(tiny, tiny_case):
+    _, model = tiny
+    _, ids, mask, eos, _ = tiny_case
+    cfg = GenerationConfig(max_new_tokens=16, do_sample=True, temperature=2.0, top_k=0, top_p=1.0, seed=0)
+    a = generate_ids(model, ids, mask, cfg, eos_token_ids=[eos], pad_token_id=PAD)
+    b = generate_ids(model, ids, mask, cfg, eos_token_ids=[eos], pad_token_id=PAD)
+    c = generate_ids(
+        model,
+        ids,
+        mask,
+        GenerationConfig(**{**cfg.__dict__, "seed": 1}),
+        eos_token_ids=[eos],
+        pad_token_id=PAD,
+    )
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_prompt_buckets():
+    assert [prompt_bucket(n) for n in (1, 16, 17, 100, 256, 257, 600, 2048)] == [
+        16,
+        16,
+        32,
+        128,
+        256,
+        512,
+        768,
+        2048,
+    ]
+
+
+def test_bad_inputs_are_refused(tiny):
+    _, model = tiny
+    ids = np.ones((1, 4))
+    with pytest.raises(ValueError, match="not left-padded"):
+        generate_ids(model, ids, np.array([[1, 1, 0, 0]]), GREEDY, eos_token_ids=[1], pad_token_id=0)
+    with pytest.raises(ValueError, match="have no token"):
+        generate_ids(model, ids, np.zeros((1, 4)), GREEDY, eos_token_ids=[1], pad_token_id=0)
+    with pytest.raises(ValueError, match="eos_token_ids is empty"):
+        generate_ids(model, ids, np.ones((1, 4)), GREEDY, eos_token_ids=[], pad_token_id=0)
+    for bad in (
+        {"max_new_tokens": 0},
+        {"temperature": 0.0},
+        {"top_p": 0.0},
+        {"top_k": -1},
+        {"repetition_penalty": 0.0},
+    ):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            GenerationConfig(**bad)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The processors against transformers' on random logits.
+
+
+def reference_processors(cfg: GenerationConfig, prompt_ignore_length) -> transformers.LogitsProcessorList:
+    """transformers' processors for `cfg`, built the way `_get_logits_processor` builds them."""
+    processors = transformers.LogitsProcessorList()
+    if cfg.repetition_penalty != 1.0:
+        processors.append(
+            transformers.RepetitionPenaltyLogitsProcessor(cfg.repetition_penalty, prompt_ignore_length)
+        )
+    if cfg.do_sample:
+        if cfg.temperature != 1.0:
+            processors.append(transformers.TemperatureLogitsWarper(cfg.temperature))
+        if cfg.top_k != 0:
+            processors.append(transformers.TopKLogitsWarper(cfg.top_k))
+        if cfg.top_p < 1.0:
+            processors.append(transformers.TopPLogitsWarper(cfg.top_p))
+    return processors
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        GenerationConfig(repetition_penalty=1.3),
+        GenerationConfig(do_sample=True, temperature=0.7, top_k=0, top_p=1.0, repetition_penalty=1.0),
+        GenerationConfig(do_sample=True, temperature=1.0, top_k=7, top_p=1.0, repetition_penalty=1.0),
+        GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=0.8, repetition_penalty=1.0),
+        GenerationConfig(do_sample=True, temperature=0.8, top_k=50, top_p=0.95, repetition_penalty=1.2),
+        GenerationConfig(do_sample=True, temperature=1.5, top_k=20, top_p=0.5, repetition_penalty=0.8),
+    ],
+    ids=["penalty", "temperature", "top_k", "top_p", "public_code_sampling", "all"],
+)
+def test_processors_match_transformers(cfg):
+    rng = np.random.default_rng(0)
+    b, v, width = 4, 97, 12
+    logits = (rng.standard_normal((b, v)) * 3).astype(np.float32)
+    history = rng.integers(0, v, (b, width))  # each row: `pad` leading padding columns, then its tokens
+    pad = np.array([0, 3, 7, 11])
+    seen = np.zeros((b, v), bool)
+    for row in range(b):
+        seen[row, history[row, pad[row] :]] = True
+    ours = np.asarray(process_logits(logits, seen, cfg))
+    theirs = reference_processors(cfg, torch.tensor(pad))(torch.tensor(history), torch.tensor(logits)).numpy()
+    np.testing.assert_array_equal(np.isneginf(ours), np.isneginf(theirs))
+    kept = ~np.isneginf(theirs)
+    np.testing.assert_allclose(ours[kept], theirs[kept], rtol=1e-6, atol=0)
+    if cfg.do_sample and (cfg.top_k or cfg.top_p < 1):
+        assert kept.sum(axis=1).min() > 0 and kept.sum(axis=1).max() < v  # the masks are not trivial
+    if cfg.repetition_penalty != 1:
+        assert (ours[seen & kept] != logits[seen & kept] / (cfg.temperature if cfg.do_sample else 1)).all()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# SmolLM2-135M (real weights, packaged GGUF).
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    """(transformers LlamaForCausalLM, our CausalLM, tokenizer), both models from ONE read of the GGUF file.
+
+    `read_gguf` equals transformers' own GGUF loader tensor for tensor (tests/test_gguf.py); reading the file
+    once instead of also through `from_pretrained(..., gguf_file=...)` saves ~15 s of CPU.
+    """
+    config, tensors = read_gguf(packaged_model_path("smollm2-135m"))
+    reference = LlamaForCausalLM.from_pretrained(
+        None,
+        config=LlamaConfig(**config),
+        state_dict={name: torch.from_numpy(t) for name, t in tensors.items()},
+        dtype=torch.float32,
+    )
+    assert reference.lm_head.weight.data_ptr() == reference.model.embed_tokens.weight.data_ptr()  # tied
+    return reference.eval(), model_from_hf(config, tensors), load_tokenizer("smollm2-135m")
+
+
+def test_greedy_matches_transformers_smollm2(smollm):
+    reference, model, tokenizer = smollm
+    texts = ["The capital of France is", "Once upon a time, a small robot", "Rain again today, so I"]
+    prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    assert len({len(p) for p in prompts}) == 3
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    ids, mask = left_pad(prompts, max(len(p) for p in prompts), pad)
+    cfg = GenerationConfig(max_new_tokens=12, repetition_penalty=1.2)
+    expected = reference_generate(reference, ids, mask, cfg, eos=eos, pad=pad)
+    ours = generate_ids(model, ids, mask, cfg, eos_token_ids=[eos], pad_token_id=pad)
+    np.testing.assert_array_equal(ours, expected)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Sharded decoding.
+
+
+def test_sharded_equals_unsharded(tiny, tiny_dir, tiny_case, tmp_path):
+    """8 CPU devices, mesh data=2 x fsdp=2 x tensor=2 (rows over data+fsdp, padded from 7 to 8; heads and
+    vocabulary over tensor): greedy tokens equal transformers' (= unsharded, above) and sampled tokens equal
+    the unsharded model's."""
+    _, model = tiny
+    _, ids, mask, eos, greedy = tiny_case
+    sampled = GenerationConfig(max_new_tokens=16, do_sample=True, temperature=1.5, top_k=40, top_p=0.9)
+    unsharded = generate_ids(model, ids, mask, sampled, eos_token_ids=[eos], pad_token_id=PAD)
+    np.savez(tmp_path / "case.npz", ids=ids, mask=mask, greedy=greedy, sampled=unsharded)
+    code = f"""
+        import numpy as np
+        from nextquill_jax.generate import GenerationConfig, generate_ids
+        from nextquill_jax.models import load_pretrained
+        from nextquill_jax.parallel import make_mesh
+
+        mesh = make_mesh({{"data": 2, "fsdp": 2, "tensor": 2}})
+        model = load_pretrained("{tiny_dir}", mesh=mesh)
+        assert len(model.layers.attn.q_proj[...].sharding.device_set) == 8
+        case = np.load("{tmp_path / "case.npz"}")
+        for cfg, name in ((GenerationConfig(max_new_tokens=16), "greedy"), ({sampled!r}, "sampled")):
+            ours = generate_ids(
+                model, case["ids"], case["mask"], cfg, eos_token_ids=[{eos}], pad_token_id={PAD}, mesh=mesh
+            )
+            np.testing.assert_array_equal(ours, case[name], err_msg=name)
+        print("OK")
+    """
+    assert run_with_devices(code, devices=8).strip().endswith("OK")
