@@ -1,0 +1,350 @@
+"""The evaluation job: generate for a prepared split, score the texts, and measure the split's loss terms.
+
+    metrics = evaluate("runs/tiny_synthetic", split="test")
+
+Writes `<out>/predictions.jsonl` (one object per example, in the split's order: `index`, `id`, `user_id`,
+`category`, `prompt`, `prediction`, `reference`, `stopped_by`) and `<out>/metrics.json`, where `<out>` is
+`<workdir>/eval/<split>` (a checkpoint) or `<workdir>/eval/<split>-<model name>` (`model_path`, e.g. the
+base model before fine-tuning). metrics.json holds `metrics.score_predictions`' dict (ROUGE-1/L, METEOR,
+BLEU overall and per category, METEOR's WordNet source) and, beside it: what was evaluated (`model`,
+`step`, `split`, `examples`, `prompt`, `generation`, `eos_token_id`, `stopped_at_max_new_tokens`) and
+`loss`, the loss terms on the same examples (see `split_losses`).
+
+The model sees the prompt its variant was trained on: the without-history prompt for `sft`, the with-history
+prompt otherwise (`prompt="with"` / `"without"` chooses). Prompts are the prepared token ids (`<split>/`), so
+they are exactly what training saw; texts and references come from the rendered `<split>.jsonl` beside them.
+Decoding defaults to the public NextQuill code's (greedy, repetition penalty 1.2; `GenerationConfig`).
+In a multi-process run every process runs the same calls; process 0 writes the files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from nextquill_jax.config import CheckpointSection, Config, load_config
+from nextquill_jax.data.global_batch import to_global_batch
+from nextquill_jax.data.pipeline import BatchPipeline
+from nextquill_jax.data.prepared import PreparedSplit, TokenizedExample, write_split
+from nextquill_jax.generate import GenerationConfig, generate
+from nextquill_jax.losses import LossConfig, combine_aux, metrics_from_aux
+from nextquill_jax.metrics import score_predictions
+from nextquill_jax.models import CausalLM
+from nextquill_jax.parallel import DEFAULT_RULES, batch_shard_count, batch_sharding
+from nextquill_jax.train import model_setup
+from nextquill_jax.train.checkpoint import Checkpointer
+from nextquill_jax.train.loop import CHECKPOINT_DIR, PREPARED_DIR, build_mesh, reference_params
+from nextquill_jax.train.step import StepSettings, make_eval_step
+
+PromptChoice = Literal["auto", "with", "without"]
+_STREAM_FIELD = {"with": "prompt_with", "without": "prompt_without"}
+_STREAM_TEXT = {"with": "prompt_with_history", "without": "prompt_without_history"}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    """A model to evaluate, placed on `mesh`, and where it came from: the run's config, the checkpoint step
+    (None for a `load_pretrained` path) and a readable `source`."""
+
+    model: CausalLM
+    config: Config
+    mesh: Mesh
+    step: int | None
+    source: str
+
+
+def load_checkpoint(workdir: str | Path, step: int | None = None, mesh: Mesh | None = None) -> LoadedModel:
+    """The model of checkpoint `step` (default: the latest) of the run in `workdir`, with the config saved
+    with that checkpoint. Parameters are placed on `mesh` by the default rules (default: the config's mesh).
+
+    Raises:
+        FileNotFoundError: no checkpoints directory, no complete checkpoint, or none at `step` (naming the
+            steps there are).
+    """
+    directory = Path(workdir) / CHECKPOINT_DIR
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory} does not exist: is {workdir} a training workdir?")
+    ckpt = Checkpointer(directory, CheckpointSection(), read_only=True)
+    try:
+        chosen = ckpt.latest_step() if step is None else step
+        if chosen is None:
+            raise FileNotFoundError(f"{directory} holds no complete checkpoint")
+        if chosen not in ckpt.all_steps():
+            raise FileNotFoundError(
+                f"no complete checkpoint for step {chosen} in {directory}; complete ones: {ckpt.all_steps()}"
+            )
+        cfg = load_config(None, base=ckpt.read_config(chosen))
+        mesh = build_mesh(cfg) if mesh is None else mesh
+        mcfg = model_setup.model_config(cfg.model)
+        graphdef, abstract = model_setup.abstract_model(mcfg)
+        shardings = model_setup.param_shardings(mcfg, mesh)
+        placed = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+        )
+        params = ckpt.restore_params(chosen, placed)
+    finally:
+        ckpt.close()
+    return LoadedModel(nnx.merge(graphdef, params), cfg, mesh, chosen, f"{directory / str(chosen)}")
+
+
+def load_model_path(workdir: str | Path, model_path: str, mesh: Mesh | None = None) -> LoadedModel:
+    """A `load_pretrained` path or packaged name, run with the runtime settings (dtypes, attention) of the
+    run's `config.yaml` in `workdir`, whose data it is evaluated on.
+
+    Raises:
+        FileNotFoundError: `workdir` has no config.yaml.
+        ConfigError: `model_path` names nothing loadable.
+    """
+    config_file = Path(workdir) / "config.yaml"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{config_file} does not exist: is {workdir} a training workdir?")
+    cfg = load_config(config_file)
+    mesh = build_mesh(cfg) if mesh is None else mesh
+    section = dataclasses.replace(cfg.model, path=model_path, preset=None, overrides={})
+    model_setup.check_model_source(section)
+    mcfg = model_setup.model_config(section)
+    graphdef, _ = model_setup.abstract_model(mcfg)
+    shardings = model_setup.param_shardings(mcfg, mesh)
+    params = model_setup.initial_params(section, mcfg, shardings, mesh, cfg.train.seed, DEFAULT_RULES)
+    return LoadedModel(nnx.merge(graphdef, params), cfg, mesh, None, model_path)
+
+
+def data_dir_of(cfg: Config, workdir: str | Path) -> Path:
+    """Where the run's prepared data lives: `train.data_dir`, else `<workdir>/prepared`."""
+    return Path(cfg.train.data_dir).expanduser() if cfg.train.data_dir else Path(workdir) / PREPARED_DIR
+
+
+def read_split(
+    data_dir: Path, split: str, max_examples: int | None = None
+) -> tuple[list[dict], PreparedSplit]:
+    """The rendered rows of `<split>.jsonl` (the first `max_examples`) and the split's token arrays.
+
+    Raises:
+        FileNotFoundError: the split was not prepared (naming the command that prepares it).
+        ValueError: the rendered file and the token arrays disagree in length (a stale or partial copy).
+    """
+    tokens = PreparedSplit(data_dir, split)
+    rendered = data_dir / f"{split}.jsonl"
+    if not rendered.exists():
+        raise FileNotFoundError(f"{rendered} not found: prepare the data with `nextquill-jax data prepare`")
+    with open(rendered, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    if len(rows) != len(tokens):
+        raise ValueError(
+            f"{rendered} has {len(rows)} examples but {tokens.dir} has {len(tokens)}: the directory is stale "
+            f"or partly written; prepare the data again"
+        )
+    if max_examples is not None:
+        rows = rows[:max_examples]
+    return rows, tokens
+
+
+def choose_stream(cfg: Config, prompt: PromptChoice) -> str:
+    """ "with" or "without": the prompt the model is evaluated on (`auto`: the one its variant trained on)."""
+    if prompt == "auto":
+        return "without" if cfg.loss.variant == "sft" else "with"
+    if prompt not in _STREAM_FIELD:
+        raise ValueError(f"prompt must be 'auto', 'with' or 'without', got {prompt!r}")
+    return prompt
+
+
+def split_losses(loaded: LoadedModel, split: PreparedSplit, count: int) -> dict[str, Any]:
+    """The loss terms of the first `count` examples of `split` under the model (forward passes only).
+
+    Returns `{"tokens", "variant", "loss", "terms", "variants", "effects"}`: `loss` is the run's own loss
+    (its `loss` section, as training's eval/loss); `terms` the mean CE with and without the history
+    (`ce_with`, `ce_without`), the preference-weighted `loss_n` and the alignment loss `loss_p`, all in nats
+    per target token; `variants` the loss every variant would have on these examples (sft = ce_without,
+    context_sft = ce_with, mce = ce_with + alpha loss_p, dce = loss_n, nextquill = loss_n + alpha loss_p, with
+    the run's alpha / threshold / weights; a `js` run's loss is only in `loss`); `effects` the DCE statistics
+    (preference-token share, mean, ...).
+    """
+    cfg, mesh = loaded.config, loaded.mesh
+    run_loss = cfg.loss.loss_config()
+    terms_loss = LossConfig(
+        variant="nextquill",
+        alpha=run_loss.alpha,
+        threshold=run_loss.threshold,
+        high=run_loss.high,
+        low=run_loss.low,
+        weight_alignment=run_loss.weight_alignment,
+        dce=run_loss.dce,
+    )
+    batching = dataclasses.replace(cfg.data.batching, shuffle=False, num_epochs=1, drop_remainder=False)
+    reference = reference_params(cfg, mesh)
+    graphdef, params = nnx.split(loaded.model)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    param_shardings = jax.tree.map(lambda x: x.sharding, params)
+    ref_shardings = None if reference is None else jax.tree.map(lambda x: x.sharding, reference[1])
+
+    def aux_of(loss_cfg: LossConfig, pipeline: BatchPipeline) -> dict:
+        settings = StepSettings(
+            loss=loss_cfg,
+            token_chunk=cfg.loss.token_chunk,
+            vocab_chunk=cfg.loss.vocab_chunk,
+            reference_graphdef=None if reference is None else reference[0],
+        )
+        step = jax.jit(
+            make_eval_step(graphdef, settings),
+            in_shardings=(param_shardings, batch_sharding(mesh), ref_shardings),
+            out_shardings=replicated,
+        )
+        ref = None if reference is None else reference[1]
+        auxes = [step(params, to_global_batch(local, mesh), ref) for local in pipeline.dataset()]
+        return combine_aux(*auxes)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if count < len(split):  # a split of exactly the evaluated examples
+            write_split(tmp, "subset", (TokenizedExample(**split[i]) for i in range(count)))
+            split = PreparedSplit(tmp, "subset")
+        pipeline = BatchPipeline(split, batching)
+        terms = metrics_from_aux(aux_of(terms_loss, pipeline), terms_loss)
+        own = terms if run_loss == terms_loss else metrics_from_aux(aux_of(run_loss, pipeline), run_loss)
+    alpha = run_loss.alpha
+    effects = {k: v for k, v in terms.items() if k.startswith("dce_") or k == "pref_fraction"}
+    return {
+        "tokens": terms["tokens"],
+        "variant": run_loss.variant,
+        "loss": own["loss"],
+        "terms": {k: terms[k] for k in ("ce_with", "ce_without", "loss_n", "loss_p")},
+        "variants": {
+            "sft": terms["ce_without"],
+            "context_sft": terms["ce_with"],
+            "mce": terms["ce_with"] + alpha * terms["loss_p"],
+            "dce": terms["loss_n"],
+            "nextquill": terms["loss_n"] + alpha * terms["loss_p"],
+        },
+        "effects": effects,
+    }
+
+
+def evaluate(
+    workdir: str | Path,
+    split: str = "test",
+    *,
+    step: int | None = None,
+    model_path: str | None = None,
+    out_dir: str | Path | None = None,
+    max_examples: int | None = None,
+    generation: GenerationConfig | None = None,
+    batch_size: int | None = None,
+    prompt: PromptChoice = "auto",
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Evaluate checkpoint `step` (default: latest) of the run in `workdir`, or `model_path` on that run's
+    data, on prepared split `split`; write predictions.jsonl and metrics.json (module docstring) and return
+    the metrics.
+
+    Args:
+        max_examples: only the split's first N examples (generation and loss alike).
+        generation: decoding settings (default: the public code's, `GenerationConfig()`).
+        batch_size: prompts decoded together (default: the run's rows per global batch, rounded up to a
+            multiple of the mesh's batch shards).
+        prompt: "auto" (without history for sft, with otherwise), "with" or "without".
+        echo: progress messages.
+
+    Raises:
+        FileNotFoundError: no checkpoint / config / prepared split (naming what to run).
+        ValueError: a bad argument, or prepared files that disagree.
+        ConfigError: the run's config cannot be used here (mesh, model source).
+    """
+    if max_examples is not None and max_examples < 1:
+        raise ValueError(f"max_examples must be >= 1, got {max_examples}")
+    generation = GenerationConfig() if generation is None else generation
+    loaded = load_checkpoint(workdir, step) if model_path is None else load_model_path(workdir, model_path)
+    cfg = loaded.config
+    stream = choose_stream(cfg, prompt)
+    mesh = loaded.mesh
+    data_dir = data_dir_of(cfg, workdir)
+    rows, tokens = read_split(data_dir, split, max_examples)
+    if out_dir is None:
+        name = split if model_path is None else f"{split}-{Path(model_path).name}"
+        out_dir = Path(workdir) / "eval" / name
+    out_dir = Path(out_dir)
+    shards = batch_shard_count(mesh)
+    if batch_size is None:
+        batch_size = cfg.data.batching.rows_per_batch * jax.process_count()
+        batch_size = -(-batch_size // shards) * shards
+
+    from nextquill_jax.data.prepare import load_fast_tokenizer
+
+    tokenizer = load_fast_tokenizer(cfg.data.tokenizer)
+    eos = int(tokens.meta.get("eos_token_id", tokenizer.eos_token_id))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    echo(f"evaluating {loaded.source} on {len(rows)} {split} examples ({stream}-history prompts)")
+
+    with jax.set_mesh(mesh):
+        losses = split_losses(loaded, tokens, len(rows))
+        echo(
+            f"{split} loss {losses['loss']:.4f} ({losses['variant']}), {int(losses['tokens'])} target tokens"
+        )
+        prompts = [tokens[i][_STREAM_FIELD[stream]].tolist() for i in range(len(rows))]
+        reports = max(1, math.ceil(len(prompts) / batch_size / 10))
+        progress = lambda done, total: (
+            echo(f"generated {done}/{total}")
+            if done == total or (done // batch_size) % reports == 0
+            else None
+        )
+        generated = generate(
+            loaded.model,
+            prompts,
+            generation,
+            eos_token_ids=[eos],
+            pad_token_id=pad,
+            batch_size=batch_size,
+            mesh=mesh,
+            on_batch=progress,
+        )
+
+    predictions = [tokenizer.decode(ids, skip_special_tokens=True) for ids in generated]
+    references = [row["target"] for row in rows]
+    categories = [row.get("category") for row in rows]
+    labelled = [c if c is not None else "(none)" for c in categories]
+    scores = score_predictions(
+        predictions, references, None if all(c is None for c in categories) else labelled
+    )
+    at_limit = sum(len(ids) == generation.max_new_tokens for ids in generated)
+    metrics = {
+        **scores,
+        "model": loaded.source,
+        "step": loaded.step,
+        "split": split,
+        "examples": len(rows),
+        "prompt": _STREAM_TEXT[stream],
+        "generation": dataclasses.asdict(generation),
+        "eos_token_id": eos,
+        "stopped_at_max_new_tokens": at_limit,
+        "loss": losses,
+    }
+    if jax.process_index() == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with open(out_dir / "predictions.jsonl", "w", encoding="utf-8", newline="\n") as f:
+            for row, text, ids in zip(rows, predictions, generated, strict=True):
+                record = {
+                    "index": row["index"],
+                    "id": row.get("id"),
+                    "user_id": row["user_id"],
+                    "category": row.get("category"),
+                    "prompt": row[_STREAM_TEXT[stream]],
+                    "prediction": text,
+                    "reference": row["target"],
+                    "stopped_by": "max_new_tokens" if len(ids) == generation.max_new_tokens else "eos",
+                }
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, ensure_ascii=False) + "\n")
+    overall = scores["overall"]
+    echo(
+        f"{split}: ROUGE-1 {overall['rouge1']:.4f}  ROUGE-L {overall['rougeL']:.4f}  "
+        f"METEOR {overall['meteor']:.4f}  BLEU {overall['bleu']:.2f}  "
+        f"({at_limit}/{len(rows)} stopped at max_new_tokens) -> {out_dir}"
+    )
+    return metrics

@@ -1,0 +1,194 @@
+"""The evaluation job on a real (tiny) training run: records -> `data prepare` -> 2 training steps of a
+tiny random model (the TRAIN loop, variant context_sft) -> evaluate. Checked against independent paths: the
+checkpoint exported by `nextquill-jax export` and loaded with `load_pretrained`, generation from that model,
+float64 cross-entropies from its logits, and `metrics.score_predictions` on the written predictions."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from data_helpers import save_tiny_tokenizer
+from train_support import tiny_config, write_config
+
+from nextquill_jax.cli import main
+from nextquill_jax.config import load_config
+from nextquill_jax.data.prepared import PreparedSplit
+from nextquill_jax.evaluate import choose_stream, evaluate
+from nextquill_jax.generate import GenerationConfig, generate
+from nextquill_jax.metrics import score_predictions
+from nextquill_jax.models import load_pretrained
+from nextquill_jax.train import loop
+from nextquill_jax.train.export_command import export
+
+GEN = GenerationConfig(max_new_tokens=6)
+WORDS = ["tea", "coffee", "rain", "books", "walk", "chess", "bread", "coast", "train", "quiet", "music"]
+
+
+def write_records(path, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(16):
+        sentence = lambda n: " ".join(rng.choice(WORDS, n)) + "."
+        rows.append(
+            {
+                "user_id": f"u{i % 5}",
+                "id": f"r{i}",
+                "context": f"Write about {rng.choice(WORDS)}.",
+                "history": [sentence(4), sentence(3)],
+                "target": sentence(int(rng.integers(3, 7))),
+                "category": ["notes", "posts"][i % 2],
+                "split": "test" if i >= 11 else "train",
+            }
+        )
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A workdir after 2 training steps, and the model of its last checkpoint loaded from an export."""
+    root = tmp_path_factory.mktemp("eval_run")
+    tok = save_tiny_tokenizer(root / "tok")
+    cfg = tiny_config(None, root / "run")
+    cfg["model"]["overrides"]["vocab_size"] = 704  # the tokenizer has 700 ids
+    cfg["data"].update(
+        format="generic",
+        template="plain",
+        sources=[str(write_records(root / "records.jsonl"))],
+        tokenizer=str(tok),
+    )
+    cfg["data"]["batching"].update(seq_len_with=160, seq_len_without=96)  # no example is cut
+    cfg["loss"]["variant"] = "context_sft"
+    cfg["train"].update(max_steps=2, data_dir=None)
+    config = load_config(write_config(cfg, root / "run.yaml"))
+    result = loop.train(config, loop.resolve_workdir(config, None), echo=lambda _: None)
+    assert result.status == "finished" and result.last_checkpoint == 2
+    exported = export(root / "run", root / "exported")
+    return root / "run", load_pretrained(exported), exported
+
+
+@pytest.fixture(scope="module")
+def evaluated(run):
+    workdir, _, _ = run
+    metrics = evaluate(workdir, "test", generation=GEN, echo=lambda _: None)
+    out = workdir / "eval" / "test"
+    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    return metrics, predictions, json.loads((out / "metrics.json").read_text())
+
+
+def test_predictions_file_pairs_every_example(run, evaluated):
+    workdir, _, _ = run
+    _, predictions, _ = evaluated
+    rendered = [json.loads(line) for line in (workdir / "prepared" / "test.jsonl").read_text().splitlines()]
+    assert len(predictions) == len(rendered) == 5
+    for p, r in zip(predictions, rendered, strict=True):
+        assert {"user_id", "prompt", "prediction", "reference", "category"} <= set(p)
+        assert (p["user_id"], p["reference"], p["category"], p["id"]) == (
+            r["user_id"],
+            r["target"],
+            r["category"],
+            r["id"],
+        )
+        assert p["prompt"] == r["prompt_with_history"]  # context_sft trains with the history
+        assert p["stopped_by"] in ("eos", "max_new_tokens")
+
+
+def test_predictions_equal_generation_from_the_exported_checkpoint(run, evaluated):
+    workdir, model, exported = run
+    _, predictions, saved = evaluated
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(exported)
+    split = PreparedSplit(workdir / "prepared", "test")
+    prompts = [split[i]["prompt_with"].tolist() for i in range(len(split))]
+    ids = generate(model, prompts, GEN, eos_token_ids=[tokenizer.eos_token_id], pad_token_id=0, batch_size=8)
+    assert [p["prediction"] for p in predictions] == [
+        tokenizer.decode(x, skip_special_tokens=True) for x in ids
+    ]
+    assert saved["stopped_at_max_new_tokens"] == sum(len(x) == GEN.max_new_tokens for x in ids)
+    assert saved["generation"]["repetition_penalty"] == 1.2 and saved["generation"]["do_sample"] is False
+
+
+def test_metrics_equal_score_predictions_on_the_written_predictions(evaluated):
+    metrics, predictions, saved = evaluated
+    expected = score_predictions(
+        [p["prediction"] for p in predictions],
+        [p["reference"] for p in predictions],
+        [p["category"] for p in predictions],
+    )
+    for key in ("overall", "per_category", "meteor_wordnet", "settings"):
+        assert saved[key] == expected[key]
+    assert set(saved["per_category"]) == {"notes", "posts"}
+    assert saved["step"] == 2 and saved["examples"] == 5 and saved["prompt"] == "prompt_with_history"
+    assert metrics["overall"] == saved["overall"]
+
+
+def test_loss_terms_equal_float64_cross_entropy_of_the_exported_model(run, evaluated):
+    """ce_with / ce_without: mean CE over all target tokens, each example alone in a row of the exported
+    model's input (right-padded, float64 log-softmax); the run's own loss (context_sft, computed through
+    LOSSES with its own config) equals the value derived from the terms."""
+    workdir, model, _ = run
+    _, _, saved = evaluated
+    examples = [PreparedSplit(workdir / "prepared", "test")[i] for i in range(5)]
+    for stream, key in (("prompt_with", "ce_with"), ("prompt_without", "ce_without")):
+        ids = np.zeros((len(examples), 160), np.int32)  # one example per row, right-padded
+        for row, ex in enumerate(examples):
+            seq = np.concatenate([ex[stream], ex["target"]])
+            ids[row, : len(seq)] = seq
+        logits = np.asarray(model(ids), np.float64)  # [5, 160, V]
+        nll = []
+        for row, ex in enumerate(examples):
+            start = len(ex[stream]) - 1  # the position that predicts the first target token
+            z = logits[row, start : start + len(ex["target"])]  # [L, V]
+            shifted = z - z.max(-1, keepdims=True)
+            logp = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+            nll.extend(-logp[np.arange(len(ex["target"])), ex["target"]])
+        assert saved["loss"]["terms"][key] == pytest.approx(np.mean(nll), rel=1e-5), key
+    count = len(nll)
+    assert saved["loss"]["tokens"] == count
+    assert saved["loss"]["variant"] == "context_sft"
+    assert saved["loss"]["loss"] == pytest.approx(saved["loss"]["variants"]["context_sft"], rel=1e-6)
+
+
+def test_cli_evaluates_a_checkpoint_and_a_model_path(run, evaluated, tmp_path, capsys):
+    workdir, _, exported = run
+    _, predictions, _ = evaluated
+    args = [
+        "evaluate",
+        "--workdir",
+        str(workdir),
+        "--split",
+        "test",
+        "--max-examples",
+        "2",
+        "--max-new-tokens",
+        "6",
+    ]
+    assert main([*args, "--out", str(tmp_path / "ckpt")]) == 0
+    from_cli = [
+        json.loads(line) for line in (tmp_path / "ckpt" / "predictions.jsonl").read_text().splitlines()
+    ]
+    assert from_cli == predictions[:2]
+    assert json.loads((tmp_path / "ckpt" / "metrics.json").read_text())["examples"] == 2
+
+    assert main([*args, "--model", str(exported)]) == 0  # the same weights through load_pretrained
+    base = workdir / "eval" / f"test-{exported.name}"
+    from_path = [json.loads(line) for line in (base / "predictions.jsonl").read_text().splitlines()]
+    assert [p["prediction"] for p in from_path] == [p["prediction"] for p in predictions[:2]]
+    assert json.loads((base / "metrics.json").read_text())["step"] is None
+
+    capsys.readouterr()
+    assert main([*args, "--step", "99"]) == 1
+    assert "complete ones: [2]" in capsys.readouterr().err
+
+
+def test_prompt_choice_follows_the_variant(run):
+    workdir, _, _ = run
+    cfg = load_config(workdir / "config.yaml")
+    assert choose_stream(cfg, "auto") == "with"
+    assert choose_stream(load_config(workdir / "config.yaml", ["loss.variant=sft"]), "auto") == "without"
+    assert choose_stream(cfg, "without") == "without"
+    with pytest.raises(ValueError, match="prompt must be"):
+        choose_stream(cfg, "both")
