@@ -1,0 +1,432 @@
+"""The training config: typed sections loaded from YAML, overridable as `section.key=value`.
+
+A config file has the sections `model`, `data`, `loss`, `optim`, `train`, `mesh`, `checkpoint`, `eval` and
+`logging`. Every section is a frozen dataclass; its type hints are the schema. Loading converts each YAML
+value to its field's type (an int where a float is expected is fine; YAML's `5e-6`, which PyYAML reads as a
+string, is read as a float) and rejects anything else with one paragraph naming the key, what it expected and
+the fix. Unknown keys are errors that suggest the nearest valid key.
+
+    cfg = load_config("configs/tiny_synthetic.yaml", ["optim.learning_rate=1e-3", "train.workdir=/tmp/run"])
+    save_config(cfg, workdir / "config.yaml")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from nextquill_jax.data.config import DataConfig
+from nextquill_jax.losses import LossConfig
+from nextquill_jax.models.config import ModelConfig
+
+
+class ConfigError(ValueError):
+    """A config value that cannot be used; the message names the key, the source and the fix."""
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    """Which model to train and how to run it.
+
+    Exactly one of `path` (a Hugging Face directory with config.json + safetensors, or a packaged name such as
+    "smollm2-135m") and `preset` (a `ModelConfig.preset` name, randomly initialised from `train.seed`) is set.
+    `overrides` replaces architecture fields of `ModelConfig` (e.g. `{hidden_size: 32, num_layers: 2}` for a
+    tiny random model); the runtime fields have their own keys. The tokenizer is `data.tokenizer`.
+    """
+
+    path: str | None = None
+    preset: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    compute_dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    remat_policy: Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"] = "none"
+    attention_impl: Literal["xla", "cudnn", "splash"] = "xla"
+
+    def __post_init__(self):
+        if (self.path is None) == (self.preset is None):
+            raise ValueError(
+                "set exactly one of model.path (a Hugging Face directory or a packaged name such as "
+                "smollm2-135m) and model.preset (a ModelConfig preset name, randomly initialised)"
+            )
+        if self.preset is not None:
+            self.model_config()
+
+    def runtime(self) -> dict[str, str]:
+        """The runtime `ModelConfig` fields chosen here."""
+        return {
+            "param_dtype": self.param_dtype,
+            "compute_dtype": self.compute_dtype,
+            "remat_policy": self.remat_policy,
+            "attention_impl": self.attention_impl,
+        }
+
+    def model_config(self) -> ModelConfig:
+        """The `ModelConfig` of `preset` with `overrides` and the runtime fields (for `preset` models only).
+
+        Raises:
+            ValueError: an unknown preset, an override that is not an architecture field (with the nearest
+                one), or an invalid value.
+        """
+        arch = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in self.runtime()]
+        for key in self.overrides:
+            if key not in arch:
+                close = difflib.get_close_matches(key, arch, n=1, cutoff=0.5)
+                hint = f"did you mean `model.overrides.{close[0]}`?" if close else f"valid: {', '.join(arch)}"
+                raise ValueError(f"`model.overrides.{key}` is not a ModelConfig architecture field; {hint}")
+        hints = typing.get_type_hints(ModelConfig)
+        overrides = {
+            k: _convert(v, hints[k], f"model.overrides.{k}", "model") for k, v in self.overrides.items()
+        }
+        try:
+            return ModelConfig.preset(self.preset, **overrides, **self.runtime())
+        except KeyError as e:
+            raise ValueError(e.args[0]) from None
+
+
+@dataclass(frozen=True)
+class LossSection(LossConfig):
+    """`LossConfig` (variant and hyper-parameters) plus how the loss is computed.
+
+    `reference_model`: for `dce: fixed` when the data carries no `reference_dce`, a Hugging Face directory,
+    packaged name or training workdir whose model (frozen, no gradient) gives the data-side effects.
+    `token_chunk` / `vocab_chunk`: the LM-head tiling of `loss_from_hidden` (memory, not results).
+    """
+
+    reference_model: str | None = None
+    token_chunk: int = 1024
+    vocab_chunk: int = 8192
+
+    def loss_config(self) -> LossConfig:
+        """The plain `LossConfig` of this section."""
+        return LossConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LossConfig)})
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with warm-up and decay; defaults are the public NextQuill code's (Hugging Face Trainer).
+
+    `warmup_steps`, when set, replaces `warmup_ratio` (a fraction of the total steps). `schedule`: after
+    warm-up, `linear` decays to `min_lr_ratio * learning_rate` at the last step, `cosine` likewise on a
+    cosine, `constant` stays. `clip_norm`: global gradient-norm clipping (None: off). Weight decay skips
+    parameters whose path matches a `no_decay` regular expression (norm scales and biases, as the Trainer
+    does).
+    `trainable`: regular expressions over parameter paths such as `layers/attn/q_proj`; when non-empty only
+    matching parameters are updated and hold optimizer state (LoRA-style partial fine-tuning).
+    """
+
+    learning_rate: float = 5e-6
+    weight_decay: float = 0.025
+    warmup_ratio: float = 0.01
+    warmup_steps: int | None = None
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    min_lr_ratio: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    clip_norm: float | None = 1.0
+    no_decay: list[str] = field(default_factory=lambda: ["norm", "bias"])
+    trainable: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.clip_norm is not None and self.clip_norm <= 0:
+            raise ValueError(f"clip_norm must be > 0 or null, got {self.clip_norm}")
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    """The run: where it writes, how long it runs, how a global batch is split.
+
+    `workdir` holds config.yaml, metrics.jsonl, TensorBoard events and checkpoints/ (`--workdir` overrides
+    it). `data_dir`: the prepared (tokenised) data; null means `<workdir>/prepared`, prepared from the `data`
+    section on the first start and reused while its fingerprint matches; with empty `data.sources` it must
+    already hold prepared data. The run lasts `data.batching.num_epochs` passes over the training split, or
+    stops at `max_steps` optimizer steps if that comes first (with `num_epochs: null`, `max_steps` is
+    required). `micro_batches` splits every global batch into that many gradient-accumulation micro-batches
+    (the update equals the one-pass update; memory falls). `nonfinite`: on a NaN/inf loss `stop` the run, or
+    `skip` the update and count it (the run stops once more than `max_skips` updates were skipped; checked
+    whenever metrics are fetched: every `logging.every_steps` steps and before saves).
+    """
+
+    workdir: str | None = None
+    data_dir: str | None = None
+    seed: int = 42
+    max_steps: int | None = None
+    micro_batches: int = 1
+    nonfinite: Literal["stop", "skip"] = "stop"
+    max_skips: int = 20
+
+    def __post_init__(self):
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1 or null, got {self.max_steps}")
+        if self.micro_batches < 1:
+            raise ValueError(f"micro_batches must be >= 1, got {self.micro_batches}")
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh sizes (`-1` fills the devices left over) and multi-host start-up.
+
+    `coordinator` ("host:port"), `num_processes` and `process_id` start a multi-process run explicitly (the
+    environment variables NEXTQUILL_COORDINATOR / NEXTQUILL_NUM_PROCESSES / NEXTQUILL_PROCESS_ID do the same);
+    without them `distributed: auto` starts it only on Cloud TPU VMs, where the pod is discovered.
+    """
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+    distributed: Literal["auto", "off"] = "auto"
+    coordinator: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+
+    def sizes(self) -> dict[str, int]:
+        """{"data": ..., "fsdp": ..., "tensor": ...} as configured (a -1 still unresolved)."""
+        return {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+
+
+@dataclass(frozen=True)
+class CheckpointSection:
+    """Orbax checkpoints under `<workdir>/checkpoints`.
+
+    Saved every `every_steps` steps (0: never on a schedule), at the end of each epoch (`on_epoch_end`) and at
+    the end of the run; asynchronously unless `async_save` is false. Kept: the last `keep`, plus the best one
+    by the evaluation metric `best_metric` (e.g. `eval/loss`; null: no best kept) in direction `best_mode`.
+    """
+
+    every_steps: int = 500
+    on_epoch_end: bool = True
+    keep: int = 2
+    best_metric: str | None = "eval/loss"
+    best_mode: Literal["min", "max"] = "min"
+    async_save: bool = True
+
+    def __post_init__(self):
+        if self.every_steps < 0 or self.keep < 1:
+            raise ValueError(f"need every_steps >= 0 and keep >= 1, got {self.every_steps}, {self.keep}")
+
+
+@dataclass(frozen=True)
+class EvalSection:
+    """Validation loss on split `split` every `every_steps` steps (0: only at the end of each epoch), over at
+    most `max_batches` batches (null: the whole split)."""
+
+    every_steps: int = 0
+    split: str = "val"
+    max_batches: int | None = None
+
+    def __post_init__(self):
+        if self.every_steps < 0:
+            raise ValueError(f"every_steps must be >= 0, got {self.every_steps}")
+
+
+@dataclass(frozen=True)
+class LoggingSection:
+    """A metrics row (metrics.jsonl, TensorBoard, progress bar) every `every_steps` steps."""
+
+    every_steps: int = 10
+    tensorboard: bool = True
+    progress_bar: bool = True
+
+    def __post_init__(self):
+        if self.every_steps < 1:
+            raise ValueError(f"every_steps must be >= 1, got {self.every_steps}")
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole training config (one field per YAML section)."""
+
+    model: ModelSection
+    data: DataConfig
+    loss: LossSection = field(default_factory=LossSection)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+
+
+def load_config(
+    path: str | Path | None, overrides: Sequence[str] = (), base: Mapping | None = None
+) -> Config:
+    """Read a YAML config, apply `section.key=value` overrides and build a validated `Config`.
+
+    `base` (a dict such as a saved config) is used instead of a file when `path` is None.
+
+    Raises:
+        ConfigError: an unreadable file, a section or key that does not exist (with the nearest valid key),
+            a value of the wrong type, or a value that a section rejects; the message names the key and file.
+        FileNotFoundError: `path` does not exist.
+    """
+    source = str(path) if path is not None else "<config>"
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    else:
+        raw = dict(base or {})
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    for item in overrides:
+        _apply_override(raw, item)
+    return build(Config, raw, "", source)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write `cfg` as YAML (every field, defaults included) so `load_config(path)` rebuilds it exactly."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """A dataclass config as plain dicts/lists/scalars (what YAML and JSON write)."""
+    return dataclasses.asdict(cfg)
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    key, sep, text = item.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) < 2 or not all(parts):
+        raise ConfigError(
+            f"override {item!r} is not of the form section.key=value (e.g. optim.learning_rate=1e-4)"
+        )
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def build(cls: type, raw: Any, where: str, source: str) -> Any:
+    """Build dataclass `cls` from the mapping `raw` found at key prefix `where` of `source`.
+
+    Raises:
+        ConfigError: as `load_config`.
+    """
+    label = where or "the top level"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{source}: `{label}` must be a mapping of keys to values, got {raw!r}. Fix: write it as a YAML "
+            f"section with keys {[f.name for f in dataclasses.fields(cls)]}."
+        )
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    for key in raw:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = (
+                f"Did you mean `{_join(where, close[0])}`?" if close else f"Valid keys: {', '.join(names)}."
+            )
+            raise ConfigError(f"{source}: unknown key `{_join(where, str(key))}`. {hint}")
+    values = {}
+    for name in names:
+        if name in raw:
+            values[name] = _convert(raw[name], hints[name], _join(where, name), source)
+        elif dataclasses.is_dataclass(hints[name]) and _required(cls, name):
+            values[name] = build(hints[name], {}, _join(where, name), source)
+    try:
+        return cls(**values)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{source}: invalid `{label}`: {e}. Fix the value under `{label}`.") from None
+
+
+def _required(cls: type, name: str) -> bool:
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def _join(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name
+
+
+def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        errors = []
+        for option in options:
+            try:
+                return _convert(value, option, key, source)
+            except ConfigError as e:
+                errors.append(e)
+        if len(errors) == 1:
+            raise errors[0]
+        raise _type_error(value, " or ".join(_type_name(a) for a in args), key, source)
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, key, source)
+    if origin is Literal:
+        if value in args:
+            return value
+        close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1, cutoff=0.5)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(
+            f"{source}: `{key}` is {value!r}, not one of {list(args)}.{hint} Fix: set `{key}` to one of them."
+        )
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise _type_error(value, _type_name(tp), key, source)
+        items = [_convert(v, args[0], f"{key}[{i}]", source) for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _type_error(value, "a mapping", key, source)
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise TypeError(f"config schema: unsupported type {tp!r} for {key}")
+    raise _type_error(value, _type_name(tp), key, source)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _type_error(value: Any, expected: str, key: str, source: str) -> ConfigError:
+    return ConfigError(
+        f"{source}: `{key}` expects {expected}, got {value!r} ({type(value).__name__}). "
+        f"Fix: write a {expected} value for `{key}` in the file or as `{key}=VALUE` on the command line."
+    )

@@ -1,0 +1,172 @@
+"""The training config: YAML loading, typed overrides, errors that name the key and the fix, and set-up errors
+that stop a run before anything is compiled."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import pytest
+import yaml
+from jax.sharding import AbstractMesh, AxisType
+from train_support import tiny_config, write_config, write_random_data
+
+from nextquill_jax.config import Config, ConfigError, load_config, save_config
+from nextquill_jax.parallel import MESH_AXES, resolve_mesh_shape
+from nextquill_jax.train import model_setup
+from nextquill_jax.train.loop import train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def cfg_file(tmp_path):
+    return write_config(tiny_config(tmp_path / "data", tmp_path / "work"), tmp_path / "cfg.yaml")
+
+
+def test_tiny_synthetic_config_loads_and_starts_with_a_comment():
+    path = REPO / "configs" / "tiny_synthetic.yaml"
+    assert path.read_text().startswith("# ")
+    cfg = load_config(path)
+    assert cfg.loss.variant == "nextquill" and cfg.optim.learning_rate == 3e-3
+    assert cfg.model.model_config().hidden_size == 64
+
+
+def test_overrides_are_converted_by_the_schema(cfg_file):
+    cfg = load_config(
+        cfg_file,
+        [
+            "optim.learning_rate=1e-4",  # a float written without a dot (PyYAML reads it as a string)
+            "train.max_steps=7",
+            "train.nonfinite=skip",
+            "loss.variant=sft",
+            "data.batching.rows_per_batch=4",
+            "optim.trainable=[q_proj, k_proj]",
+            "checkpoint.best_metric=null",
+            "model.overrides.num_layers=3",
+            "mesh.fsdp=1",
+        ],
+    )
+    assert cfg.optim.learning_rate == 1e-4 and isinstance(cfg.optim.learning_rate, float)
+    assert cfg.train.max_steps == 7 and cfg.train.nonfinite == "skip"
+    assert cfg.loss.loss_config().variant == "sft"
+    assert cfg.data.batching.rows_per_batch == 4
+    assert cfg.optim.trainable == ["q_proj", "k_proj"]
+    assert cfg.checkpoint.best_metric is None
+    assert cfg.model.model_config().num_layers == 3 and cfg.mesh.fsdp == 1
+
+
+def test_yaml_exponent_float_and_int_for_float(tmp_path):
+    raw = tiny_config(tmp_path, tmp_path)
+    raw["optim"] = {"learning_rate": "5e-6", "weight_decay": 0}
+    cfg = load_config(write_config(raw, tmp_path / "c.yaml"))
+    assert cfg.optim.learning_rate == 5e-6 and cfg.optim.weight_decay == 0.0
+
+
+@pytest.mark.parametrize(
+    "override, named, suggested",
+    [
+        ("optim.learnig_rate=1e-3", "optim.learnig_rate", "optim.learning_rate"),
+        ("optm.learning_rate=1e-3", "optm", "optim"),
+        ("data.batching.rows_per_bach=4", "data.batching.rows_per_bach", "data.batching.rows_per_batch"),
+        ("loss.variant=nextqill", "loss.variant", "'nextquill'"),
+        ("model.overrides.hiden_size=8", "model.overrides.hiden_size", "model.overrides.hidden_size"),
+    ],
+)
+def test_unknown_keys_and_values_suggest_the_nearest_valid_one(cfg_file, override, named, suggested):
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg_file, [override])
+    message = str(e.value)
+    assert named in message and suggested in message and str(cfg_file) in message, message
+
+
+@pytest.mark.parametrize(
+    "override, named, expected",
+    [
+        ("train.seed=abc", "train.seed", "int"),
+        ("optim.learning_rate=fast", "optim.learning_rate", "float"),
+        ("checkpoint.async_save=maybe", "checkpoint.async_save", "bool"),
+        ("optim.trainable=q_proj", "optim.trainable", "list"),
+        ("train.micro_batches=0", "train", "micro_batches"),
+        ("loss.alpha=-1", "loss", "alpha"),
+    ],
+)
+def test_wrong_types_and_invalid_values_name_the_key(cfg_file, override, named, expected):
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg_file, [override])
+    message = str(e.value)
+    assert f"`{named}" in message and expected in message and "Fix" in message, message
+
+
+def test_model_needs_exactly_one_source(tmp_path):
+    raw = tiny_config(tmp_path, tmp_path)
+    raw["model"]["path"] = "some/dir"
+    with pytest.raises(ConfigError, match=r"exactly one of model\.path"):
+        load_config(write_config(raw, tmp_path / "c.yaml"))
+
+
+def test_saved_config_reloads_identically(cfg_file, tmp_path):
+    cfg = load_config(cfg_file, ["optim.trainable=[q_proj]", "data.batching.bucket_boundaries=[16, 32]"])
+    save_config(cfg, tmp_path / "saved.yaml")
+    again = load_config(tmp_path / "saved.yaml")
+    assert isinstance(again, Config) and again == cfg
+    assert yaml.safe_load((tmp_path / "saved.yaml").read_text())["optim"]["weight_decay"] == 0.025
+
+
+def test_mesh_sizes_resolve_and_reject_misfits():
+    assert resolve_mesh_shape({"data": 2, "fsdp": -1, "tensor": 2}, 8) == (2, 2, 2)
+    assert resolve_mesh_shape({"data": -1, "fsdp": 1, "tensor": 1}, 4) == (4, 1, 1)
+    with pytest.raises(ValueError, match=r"has 4 devices but 8 are available.*mesh.fsdp=-1"):
+        resolve_mesh_shape({"data": 2, "fsdp": 2, "tensor": 1}, 8)
+    with pytest.raises(ValueError, match="does not divide 8"):
+        resolve_mesh_shape({"data": 3, "fsdp": -1, "tensor": 1}, 8)
+    with pytest.raises(ValueError, match="at most one axis may be -1"):
+        resolve_mesh_shape({"data": -1, "fsdp": -1, "tensor": 1}, 8)
+
+
+def test_a_mesh_axis_that_does_not_divide_a_parameter_names_it(cfg_file):
+    model = load_config(cfg_file).model.model_config()  # 4 heads, 2 kv heads
+    mesh = AbstractMesh((1, 1, 4), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+    with pytest.raises(ValueError, match=r"\['attn'\]\['k_.*cannot be split 4 ways.*Fix"):
+        model_setup.param_shardings(model, mesh)
+
+
+@pytest.fixture
+def compilations():
+    """Count XLA backend compilations while the test runs."""
+    events: list[str] = []
+
+    def listen(event: str, duration: float, **kwargs) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            events.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    yield events
+    jax.monitoring.unregister_event_duration_listener(listen)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["mesh.data=2", "mesh.fsdp=1"],
+            r"mesh: mesh \(data=2, fsdp=1, tensor=1\) has 2 devices but 1 are available",
+        ),
+        (["model.preset=null", "model.path=/no/such/model"], r"model.path '/no/such/model' does not exist"),
+        (["train.micro_batches=3"], r"train.micro_batches=3 .*Fix"),
+        (
+            ["data.batching.num_epochs=null"],
+            r"never end. Fix: set data.batching.num_epochs or train.max_steps",
+        ),
+        (["optim.trainable=[no_such_param]"], r"optim.trainable \['no_such_param'\] matches no parameter"),
+        (["loss.variant=dce", "loss.dce=fixed"], r"loss.dce is 'fixed' but .* Fix: set loss.reference_model"),
+    ],
+)
+def test_bad_setups_fail_with_one_paragraph_before_compiling(tmp_path, compilations, overrides, message):
+    data = write_random_data(tmp_path / "data", train=16, val=0)
+    path = write_config(tiny_config(data, tmp_path / "work"), tmp_path / "cfg.yaml")
+    cfg = load_config(path, overrides)
+    with pytest.raises(ConfigError, match=message) as e:
+        train(cfg, tmp_path / "work")
+    assert "\n" not in str(e.value)
+    assert compilations == [], "compiled before reporting the config error"
