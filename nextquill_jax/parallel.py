@@ -8,10 +8,13 @@ parallelism splits heads, MLP and vocabulary over `tensor`, and batches are spli
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import importlib.util
+import math
+import os
+from collections.abc import Mapping, Sequence
 
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -30,9 +33,10 @@ DEFAULT_RULES: LogicalRules = (
 )
 
 
-def logical_to_mesh_spec(logical: Sequence[str | None] | PartitionSpec, rules: LogicalRules = DEFAULT_RULES
-                         ) -> PartitionSpec:
-    """Translate a logical spec such as ("embed", "mlp") into a mesh PartitionSpec such as P("fsdp", "tensor").
+def logical_to_mesh_spec(
+    logical: Sequence[str | None] | PartitionSpec, rules: LogicalRules = DEFAULT_RULES
+) -> PartitionSpec:
+    """Translate a logical spec such as ("embed", "mlp") into a mesh spec such as P("fsdp", "tensor").
 
     A mesh axis already used by an earlier dimension is not reused (a dimension then stays replicated).
 
@@ -58,7 +62,9 @@ def logical_to_mesh_spec(logical: Sequence[str | None] | PartitionSpec, rules: L
 
 def check_divisible(shape: Sequence[int], spec: PartitionSpec, mesh: Mesh, what: str) -> None:
     """Raise ValueError naming `what` if a mesh axis in `spec` does not divide its dimension of `shape`."""
-    for dim, (size, axes) in enumerate(zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=False)):
+    for dim, (size, axes) in enumerate(
+        zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=False)
+    ):
         if axes is None:
             continue
         names = (axes,) if isinstance(axes, str) else tuple(axes)
@@ -67,7 +73,8 @@ def check_divisible(shape: Sequence[int], spec: PartitionSpec, mesh: Mesh, what:
             parts *= mesh.shape[a]
         if size % parts:
             raise ValueError(
-                f"{what}: dimension {dim} of size {size} cannot be split {parts} ways over mesh axes {names}. "
+                f"{what}: dimension {dim} of size {size} cannot be split {parts} ways over mesh axes "
+                f"{names}. "
                 f"Fix: choose mesh sizes that divide it, or map its logical axis to None in the rules."
             )
 
@@ -88,3 +95,130 @@ def logical_to_sharding(logical_tree, mesh: Mesh, rules: LogicalRules = DEFAULT_
         for (path, spec), leaf in zip(flat_specs, flat_shapes, strict=True):
             check_divisible(leaf.shape, spec, mesh, jax.tree_util.keystr(path))
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=is_spec)
+
+
+def resolve_mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
+    """Sizes of (`data`, `fsdp`, `tensor`) from `sizes`, where one axis may be -1 (fills the rest).
+
+    Raises:
+        ValueError: an unknown axis, more than one -1, a size below 1, or a product that does not equal
+            `num_devices`; the message names `mesh.<axis>` keys and sizes that would fit.
+    """
+    unknown = sorted(set(sizes) - set(MESH_AXES))
+    if unknown:
+        raise ValueError(f"mesh axes {unknown} are unknown; the mesh axes are {list(MESH_AXES)}")
+    shape = [int(sizes.get(axis, 1)) for axis in MESH_AXES]
+    fill = [axis for axis, size in zip(MESH_AXES, shape, strict=True) if size == -1]
+    bad = [
+        f"mesh.{axis}={size}" for axis, size in zip(MESH_AXES, shape, strict=True) if size == 0 or size < -1
+    ]
+    if bad or len(fill) > 1:
+        raise ValueError(
+            f"invalid mesh sizes {', '.join(bad) or ', '.join(f'mesh.{a}=-1' for a in fill)}: each axis size "
+            f"must be a positive integer, and at most one axis may be -1 (it takes the devices left over)."
+        )
+    fixed = math.prod(s for s in shape if s != -1)
+    if fill:
+        if num_devices % fixed:
+            raise ValueError(
+                f"mesh {_describe(shape)} cannot fill {num_devices} devices: the fixed axes multiply to "
+                f"{fixed}, which does not divide {num_devices}. Fix: choose sizes whose product divides "
+                f"{num_devices}."
+            )
+        shape[MESH_AXES.index(fill[0])] = num_devices // fixed
+    elif fixed != num_devices:
+        raise ValueError(
+            f"mesh {_describe(shape)} has {fixed} devices but {num_devices} are available. Fix: make "
+            f"mesh.data * mesh.fsdp * mesh.tensor = {num_devices}, or set one axis to -1 to fill the rest "
+            f"(e.g. mesh.fsdp=-1)."
+        )
+    return tuple(shape)
+
+
+def _describe(shape: Sequence[int]) -> str:
+    return "(" + ", ".join(f"{a}={s}" for a, s in zip(MESH_AXES, shape, strict=True)) + ")"
+
+
+def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh over `devices` (default: all devices of all processes) with axes `data`, `fsdp`, `tensor`.
+
+    Axis types are Auto: the compiler propagates shardings from the explicit in/out shardings of the step.
+
+    Raises:
+        ValueError: from `resolve_mesh_shape` when the sizes do not fit the devices.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    shape = resolve_mesh_shape(sizes, len(devices))
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def batch_sharding(mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> NamedSharding:
+    """Sharding of a batch array: rows (dimension 0) split by the `batch` rule, the rest replicated."""
+    return NamedSharding(mesh, logical_to_mesh_spec(("batch",), rules))
+
+
+def batch_shard_count(mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> int:
+    """How many ways the `batch` rule splits the rows of a batch on `mesh`."""
+    axes = dict(rules)["batch"]
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return math.prod(mesh.shape[a] for a in names)
+
+
+ENV_COORDINATOR = "NEXTQUILL_COORDINATOR"
+ENV_NUM_PROCESSES = "NEXTQUILL_NUM_PROCESSES"
+ENV_PROCESS_ID = "NEXTQUILL_PROCESS_ID"
+
+
+def initialize_distributed(
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    mode: str = "auto",
+) -> bool:
+    """Start JAX's multi-process runtime when the run spans several hosts; returns whether it was started.
+
+    Call before anything touches a device. Settings come from the arguments, else from the environment
+    variables NEXTQUILL_COORDINATOR ("host:port"), NEXTQUILL_NUM_PROCESSES and NEXTQUILL_PROCESS_ID. With no
+    explicit settings, `mode="auto"` starts it on Cloud TPU VMs (libtpu installed), where
+    `jax.distributed.initialize()` discovers the pod itself; `mode="off"` never starts it.
+
+    Raises:
+        ValueError: a partial explicit setting (a coordinator without the process count and id, or the
+            reverse), or a non-integer count/id in the environment.
+    """
+    if mode not in ("auto", "off"):
+        raise ValueError(f"mesh.distributed must be 'auto' or 'off', got {mode!r}")
+    if mode == "off":
+        return False
+    if jax.distributed.is_initialized():
+        return True
+    coordinator = coordinator or os.environ.get(ENV_COORDINATOR) or None
+    num_processes = num_processes if num_processes is not None else _env_int(ENV_NUM_PROCESSES)
+    process_id = process_id if process_id is not None else _env_int(ENV_PROCESS_ID)
+    explicit = {"coordinator": coordinator, "num_processes": num_processes, "process_id": process_id}
+    given = [k for k, v in explicit.items() if v is not None]
+    if given and len(given) < 3:
+        missing = [k for k in explicit if k not in given]
+        raise ValueError(
+            f"multi-host settings incomplete: {given} given but {missing} missing. Fix: set all three as "
+            f"mesh.coordinator / mesh.num_processes / mesh.process_id, or as {ENV_COORDINATOR} / "
+            f"{ENV_NUM_PROCESSES} / {ENV_PROCESS_ID}, or none of them."
+        )
+    if given:
+        jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
+        return True
+    if importlib.util.find_spec("libtpu") is not None:
+        jax.distributed.initialize()
+        return True
+    return False
+
+
+def _env_int(name: str) -> int | None:
+    raw = os.environ.get(name)
+    if raw in (None, ""):
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw!r} is not an integer") from None
