@@ -1,0 +1,102 @@
+"""The optax chain: global-norm clipping, AdamW with a warm-up/decay schedule, optional frozen parameters.
+
+Defaults follow the public NextQuill code (Hugging Face Trainer + torch AdamW): the learning rate rises
+linearly from 0 over `ceil(warmup_ratio * total_steps)` steps, then decays linearly to 0 at `total_steps`;
+weight decay is decoupled (`p -= lr * wd * p`) and skips norm scales and biases.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+
+import jax
+import optax
+
+from nextquill_jax.config import OptimConfig
+
+
+def warmup_steps(cfg: OptimConfig, total_steps: int) -> int:
+    """Warm-up length in optimizer steps: `cfg.warmup_steps`, else ceil(warmup_ratio * total_steps)."""
+    if cfg.warmup_steps is not None:
+        return min(cfg.warmup_steps, total_steps)
+    return math.ceil(cfg.warmup_ratio * total_steps)
+
+
+def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+    """Learning rate as a function of the optimizer step count (0-based: step 0's update uses `lr(0)`).
+
+    Raises:
+        ValueError: `total_steps` < 1.
+    """
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    lr, warm = cfg.learning_rate, warmup_steps(cfg, total_steps)
+    decay_steps = max(total_steps - warm, 1)
+    if cfg.schedule == "linear":
+        decay = optax.linear_schedule(lr, lr * cfg.min_lr_ratio, decay_steps)
+    elif cfg.schedule == "cosine":
+        decay = optax.cosine_decay_schedule(lr, decay_steps, alpha=cfg.min_lr_ratio)
+    else:
+        decay = optax.constant_schedule(lr)
+    if warm == 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warm), decay], [warm])
+
+
+def param_paths(params) -> object:
+    """A pytree like `params` whose leaves are "/"-joined key paths, e.g. "layers/attn/q_proj/kernel"."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path), params
+    )
+
+
+def matches(params, patterns: Sequence[str]) -> object:
+    """A bool pytree like `params`: True where the parameter path matches any regex in `patterns`."""
+    compiled = [re.compile(p) for p in patterns]
+    return jax.tree.map(lambda path: any(c.search(path) for c in compiled), param_paths(params))
+
+
+def trainable_mask(cfg: OptimConfig, params) -> object:
+    """A bool pytree like `params`: which parameters are updated (all when `cfg.trainable` is empty).
+
+    Raises:
+        ValueError: `cfg.trainable` matches no parameter (naming a few paths to choose from).
+    """
+    if not cfg.trainable:
+        return jax.tree.map(lambda _: True, params)
+    mask = matches(params, cfg.trainable)
+    if not any(jax.tree.leaves(mask)):
+        examples = jax.tree.leaves(param_paths(params))[:6]
+        raise ValueError(
+            f"optim.trainable {cfg.trainable} matches no parameter. Fix: use regular expressions over paths "
+            f"such as {examples}."
+        )
+    return mask
+
+
+def make_optimizer(cfg: OptimConfig, params, total_steps: int) -> optax.GradientTransformation:
+    """Clip → AdamW (decay masked by `cfg.no_decay`) with the schedule; frozen parameters get zero updates
+    and no optimizer state.
+
+    `params` (arrays or shape structs) fixes the masks' structure. Raises ValueError as `trainable_mask`.
+    """
+    # A callable mask: inside multi_transform the tree it sees has the frozen leaves masked out.
+    decay_mask = lambda tree: jax.tree.map(lambda skip: not skip, matches(tree, cfg.no_decay))
+    chain = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm is not None else []
+    chain.append(
+        optax.adamw(
+            learning_rate_schedule(cfg, total_steps),
+            b1=cfg.b1,
+            b2=cfg.b2,
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+            mask=decay_mask,
+        )
+    )
+    tx = optax.chain(*chain)
+    if not cfg.trainable:
+        return tx
+    labels = jax.tree.map(lambda t: "train" if t else "frozen", trainable_mask(cfg, params))
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)

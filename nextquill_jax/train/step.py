@@ -1,0 +1,261 @@
+"""The pure train step: `(state, batch) -> (state, metrics)`, compiled once with `jax.jit`.
+
+Inside: rebuild the model from the state's parameters (`nnx.merge`), run the forward passes to final hidden
+states (with and without history; only those the loss needs, e.g. one for `sft` / `context_sft`), gather the
+response positions with the batch's response indices, `loss_from_hidden`, gradients, clipping + AdamW.
+
+Gradient accumulation is a `lax.scan` over micro-batches whose losses are normalised by the GLOBAL batch's
+denominators (`n_den`, `p_den`: Σω or the token count), which carry no gradient. The micro-batch gradients
+therefore add up exactly to the gradient of the global-batch loss. Where the denominators depend on the model
+(dynamic DCE weights, JS weights), a forward-only pre-pass over the micro-batches computes them first; where
+they depend only on the labels, or on fixed DCE values, they are counted directly. Data parallelism needs
+nothing extra: the sums inside the loss run over the whole sharded global batch and XLA inserts the
+reductions.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from nextquill_jax import effects
+from nextquill_jax.losses import DENOMINATOR_KEYS, LossConfig, combine_aux, loss_from_aux, loss_from_hidden
+from nextquill_jax.parallel import DEFAULT_RULES, LogicalRules, logical_to_mesh_spec
+from nextquill_jax.train.state import TrainState
+
+Batch = dict[str, jax.Array]
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """Static settings of the step.
+
+    `micro_batches` must divide the rows of every batch shard. `reference_graphdef`: the graph of a frozen
+    reference model for `dce: fixed` when batches carry no `reference_dce` (its parameters are the step's
+    third argument).
+    """
+
+    loss: LossConfig
+    micro_batches: int = 1
+    skip_nonfinite: bool = False
+    token_chunk: int = 1024
+    vocab_chunk: int = 8192
+    reference_graphdef: Any = None
+
+
+def streams_needed(cfg: LossConfig) -> tuple[bool, bool]:
+    """(with-history pass needed, without-history pass needed) for the loss `cfg`."""
+    spec = cfg.spec
+    need_with = spec.next_stream == "with" or spec.alignment or spec.next_weights == "js"
+    need_without = (
+        spec.next_stream == "without"
+        or spec.alignment
+        or spec.next_weights == "js"
+        or (cfg.uses_target_weights and cfg.dce == "dynamic")
+    )
+    return need_with, need_without
+
+
+def response_hidden(model: nnx.Module, batch: Batch, stream: str) -> jax.Array:
+    """Final hidden states at the response positions of one stream ("with" or "without"): [B, R, D]."""
+    hidden = model.hidden_states(
+        batch[f"{stream}_ids"], batch[f"{stream}_positions"], batch[f"{stream}_segment_ids"]
+    )  # [B, T, D]
+    index = batch[f"response_index_{stream}"]  # [B, R]
+    return jnp.take_along_axis(hidden, index[..., None], axis=1)  # [B, R, D]
+
+
+def reference_dce(graphdef: Any, params: dict, batch: Batch, settings: StepSettings) -> jax.Array:
+    """Data-side effects [B, R] of the labels under a frozen reference model (no gradient)."""
+    model = nnx.merge(graphdef, jax.lax.stop_gradient(params))
+    w, layout = model.lm_head_weight()
+    return effects.dce_from_hidden(
+        response_hidden(model, batch, "with"),
+        response_hidden(model, batch, "without"),
+        w,
+        batch["labels"],
+        head_layout=layout,
+        token_chunk=settings.token_chunk,
+        vocab_chunk=settings.vocab_chunk,
+    )
+
+
+def batch_loss(
+    params: dict, graphdef: Any, batch: Batch, settings: StepSettings, denominators: dict | None = None
+) -> tuple[jax.Array, dict]:
+    """Loss and aux of `batch` [B, ...] under `params`. Fixed DCE comes from `batch["reference_dce"]`;
+    `denominators` are the global ones (None: this batch's own)."""
+    model = nnx.merge(graphdef, params)
+    need_with, need_without = streams_needed(settings.loss)
+    w, layout = model.lm_head_weight()
+    return loss_from_hidden(
+        response_hidden(model, batch, "with") if need_with else None,
+        response_hidden(model, batch, "without") if need_without else None,
+        w,
+        batch["labels"],
+        settings.loss,
+        head_layout=layout,
+        reference_dce=batch.get("reference_dce") if settings.loss.dce == "fixed" else None,
+        denominators=denominators,
+        token_chunk=settings.token_chunk,
+        vocab_chunk=settings.vocab_chunk,
+    )
+
+
+def split_micro_batches(batch: Batch, count: int, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> Batch:
+    """[B, ...] leaves -> [count, B / count, ...]; micro-batch m takes rows m, m + count, m + 2 count, ...
+
+    Interleaving keeps every micro-batch spread over all batch shards: when each shard's row count is a
+    multiple of `count`, the reshape moves no data.
+    """
+    sharding = NamedSharding(mesh, logical_to_mesh_spec((None, "batch"), rules))
+
+    def split(x: jax.Array) -> jax.Array:
+        x = x.reshape(x.shape[0] // count, count, *x.shape[1:]).swapaxes(0, 1)  # [count, B / count, ...]
+        return jax.lax.with_sharding_constraint(x, sharding)
+
+    return jax.tree.map(split, batch)
+
+
+def label_denominators(batch: Batch, cfg: LossConfig) -> dict[str, jax.Array] | None:
+    """The global denominators when they do not depend on the model: token counts for unweighted terms,
+    Σω from the batch's fixed `reference_dce` for weighted ones; None when a model pass is needed."""
+    mask = effects.target_mask(batch["labels"])
+    count = mask.sum(dtype=jnp.float32)
+    if cfg.spec.next_weights == "js":
+        return None
+    if cfg.uses_target_weights:
+        if cfg.dce != "fixed":
+            return None
+        weights = effects.target_weights(
+            batch["reference_dce"], mask, threshold=cfg.threshold, high=cfg.high, low=cfg.low
+        ).sum()
+    else:
+        weights = count
+    n_den = weights if cfg.spec.next_weights == "target" else count
+    p_den = weights if cfg.weight_alignment else count
+    return {"n_den": n_den, "p_den": p_den}
+
+
+def batch_token_stats(batch: Batch) -> dict[str, jax.Array]:
+    """Real input tokens of both streams and their padding efficiency (real / slots), float32 scalars."""
+    real = (batch["with_segment_ids"] > 0).sum() + (batch["without_segment_ids"] > 0).sum()
+    slots = batch["with_segment_ids"].size + batch["without_segment_ids"].size
+    return {"input_tokens": real.astype(jnp.float32), "padding_efficiency": real.astype(jnp.float32) / slots}
+
+
+def make_train_step(
+    graphdef: Any,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    settings: StepSettings,
+    mesh: Mesh,
+    trainable: Any = None,
+    *,
+    rules: LogicalRules = DEFAULT_RULES,
+) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+    """`step(state, batch, reference_params=None) -> (state, metrics)`, pure, to be wrapped in `jax.jit`.
+
+    `trainable`: a bool pytree like the parameters (None: all); frozen ones are stop-gradient, so no weight
+    gradient is computed for them. Metrics (float32 scalars): the combined loss aux (`losses` module: n_sum,
+    n_den, ..., effect statistics), `loss`, `grad_norm`, `learning_rate`, `nonfinite` (1 when the loss or the
+    gradient was not finite), `skipped` (updates skipped so far), `input_tokens`, `padding_efficiency`.
+    """
+    m = settings.micro_batches
+
+    def freeze(params: dict) -> dict:
+        if trainable is None:
+            return params
+        return jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
+
+    def with_fixed_dce(batch: Batch, reference_params: dict | None) -> Batch:
+        if settings.loss.dce != "fixed" or "reference_dce" in batch:
+            return batch
+        if reference_params is None:
+            raise ValueError("loss.dce is 'fixed' but the batch has no reference_dce and no reference model")
+        dce = reference_dce(settings.reference_graphdef, reference_params, batch, settings)
+        return {**batch, "reference_dce": dce}
+
+    def loss_fn(params, batch, denominators):
+        return batch_loss(freeze(params), graphdef, batch, settings, denominators)
+
+    def accumulated(params, batch, reference_params):
+        micro = split_micro_batches(batch, m, mesh, rules)
+        if settings.loss.dce == "fixed" and "reference_dce" not in micro:
+            _, dce = jax.lax.scan(
+                lambda c, mb: (c, with_fixed_dce(mb, reference_params)["reference_dce"]), 0, micro
+            )
+            micro = {**micro, "reference_dce": dce}  # [m, B / m, R]
+        denominators = label_denominators(micro, settings.loss)
+        if denominators is None:  # they depend on the model: a forward-only pre-pass
+            _, auxes = jax.lax.scan(
+                lambda c, mb: (c, loss_fn(jax.lax.stop_gradient(params), mb, None)[1]), 0, micro
+            )
+            combined = combine_stacked(auxes, m)
+            denominators = {k: combined[k] for k in (*DENOMINATOR_KEYS, "n_sum") if k in combined}
+
+        def body(acc, mb):
+            (_, aux), g = jax.value_and_grad(loss_fn, has_aux=True)(params, mb, denominators)
+            return jax.tree.map(lambda a, x: a + x.astype(a.dtype), acc, g), aux
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        grads, auxes = jax.lax.scan(body, zeros, micro)
+        return grads, combine_stacked(auxes, m)
+
+    def step(state: TrainState, batch: Batch, reference_params: dict | None = None):
+        if m == 1:
+            batch = with_fixed_dce(batch, reference_params)
+            (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, None)
+        else:
+            grads, aux = accumulated(state.params, batch, reference_params)
+        loss = loss_from_aux(aux, settings.loss)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        skipped = state.skipped
+        if settings.skip_nonfinite:
+            keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+            params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+            skipped = skipped + (~finite).astype(skipped.dtype)
+        metrics = {
+            **aux,
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
+            "nonfinite": (~finite).astype(jnp.float32),
+            "skipped": skipped.astype(jnp.float32),
+            **batch_token_stats(batch),
+        }
+        new_state = TrainState(
+            step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng, skipped=skipped
+        )
+        return new_state, metrics
+
+    return step
+
+
+def make_eval_step(graphdef: Any, settings: StepSettings) -> Callable[..., dict]:
+    """`eval_step(params, batch, reference_params=None) -> aux` (forward only); combine the auxes of all
+    batches with `combine_aux`, then `losses.metrics_from_aux`."""
+
+    def eval_step(params: dict, batch: Batch, reference_params: dict | None = None) -> dict:
+        if settings.loss.dce == "fixed" and "reference_dce" not in batch:
+            dce = reference_dce(settings.reference_graphdef, reference_params, batch, settings)
+            batch = {**batch, "reference_dce": dce}
+        return batch_loss(params, graphdef, batch, settings)[1]
+
+    return eval_step
+
+
+def combine_stacked(auxes: dict, count: int) -> dict:
+    """`combine_aux` over the leading [count] axis of stacked aux dicts."""
+    return functools.reduce(combine_aux, [jax.tree.map(lambda x, i=i: x[i], auxes) for i in range(count)])
