@@ -1,0 +1,93 @@
+"""Where a run's numbers go: `metrics.jsonl`, TensorBoard event files and a progress bar.
+
+Only process 0 writes. On resume from step S, rows of `metrics.jsonl` after S (steps that ran but were not
+checkpointed) are dropped and TensorBoard purges them too, so every step appears once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+
+import jax
+from tqdm import tqdm
+
+from nextquill_jax.config import LoggingSection
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+
+
+class MetricsLog:
+    """Writes metric rows for steps `start_step + 1 ... total_steps` of a run in `workdir`."""
+
+    def __init__(self, workdir: str | Path, cfg: LoggingSection, *, start_step: int, total_steps: int):
+        self.enabled = jax.process_index() == 0
+        self.path = Path(workdir) / METRICS_FILE
+        self._tb = None
+        self._bar = None
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _truncate_after(self.path, start_step)
+        self._file = self.path.open("a")
+        if cfg.tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(Path(workdir) / TENSORBOARD_DIR), purge_step=start_step + 1)
+        if cfg.progress_bar:
+            self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def write(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Append one row {"step": step, **metrics}; non-finite values are written as null."""
+        if not self.enabled:
+            return
+        row = {"step": step, **{k: _json_number(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for key, value in metrics.items():
+                self._tb.add_scalar(key, float(value), step)
+            self._tb.flush()
+
+    def progress(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Move the bar to `step` and show loss, tokens/s and the preference-token fraction."""
+        if self._bar is None:
+            return
+        self._bar.update(step - self._bar.n)
+        shown = {
+            "loss": metrics.get("loss"),
+            "tok/s": metrics.get("tokens_per_second"),
+            "pref": metrics.get("pref_fraction"),
+        }
+        self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items() if v is not None}, refresh=False)
+
+    def message(self, text: str) -> None:
+        """Print `text` on process 0 without breaking the bar."""
+        if self.enabled:
+            tqdm.write(text) if self._bar is not None else print(text, flush=True)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    if not path.exists():
+        return
+    kept = [
+        line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step
+    ]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _json_number(value: float) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None

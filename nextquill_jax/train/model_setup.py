@@ -1,0 +1,100 @@
+"""From the config's `model` section to a model graph, its parameter shardings and its initial parameters.
+
+Parameters travel through the train state as a plain nested dict (`nnx.to_pure_dict`); the graph definition
+(`nnx.split`) is static and `nnx.merge(graphdef, params)` rebuilds the module inside the step.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh
+
+from nextquill_jax.config import ConfigError, ModelSection
+from nextquill_jax.models import CausalLM, ModelConfig, load_pretrained
+from nextquill_jax.parallel import DEFAULT_RULES, LogicalRules, logical_to_sharding
+
+
+def check_model_source(section: ModelSection) -> None:
+    """Raise ConfigError, before anything is loaded or compiled, if `model.path` names nothing loadable."""
+    if section.path is None:
+        return
+    from nextquill_jax.models.packaged import packaged_model_names, packaged_model_path
+
+    path = Path(section.path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ConfigError(
+                f"model.path {section.path!r} is a directory without config.json. Fix: point model.path at a "
+                f"Hugging Face model directory (config.json + *.safetensors)."
+            )
+        return
+    if path.is_file() and path.suffix == ".gguf":
+        return
+    if packaged_model_path(section.path) is None:
+        raise ConfigError(
+            f"model.path {section.path!r} does not exist and is not a packaged model name. Fix: give a "
+            f"Hugging Face model directory, a .gguf file or one of {packaged_model_names()}; or use "
+            f"model.preset for a randomly initialised model."
+        )
+
+
+def model_config(section: ModelSection) -> ModelConfig:
+    """The `ModelConfig` the section describes (for a `path`, read from its config.json / GGUF header)."""
+    if section.preset is not None:
+        return section.model_config()
+    path = Path(section.path).expanduser()
+    if path.is_dir():
+        hf_config = json.loads((path / "config.json").read_text())
+    else:
+        from nextquill_jax.models.gguf import read_gguf
+        from nextquill_jax.models.packaged import packaged_model_path
+
+        hf_config, _ = read_gguf(path if path.is_file() else packaged_model_path(section.path))
+    return ModelConfig.from_hf_config(hf_config, **section.overrides, **section.runtime())
+
+
+def abstract_model(cfg: ModelConfig) -> tuple[Any, dict]:
+    """(graphdef, abstract params): the module's graph and a pure dict of `jax.ShapeDtypeStruct`."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+    return graphdef, nnx.to_pure_dict(state)
+
+
+def param_shardings(cfg: ModelConfig, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> dict:
+    """NamedShardings of the parameters (a pure dict) from their logical axes and `rules`.
+
+    Raises:
+        ValueError: a mesh axis does not divide a parameter dimension (naming the parameter and the fix).
+    """
+    abstract = nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0)))
+    state = nnx.state(abstract, nnx.Param)
+    logical = nnx.to_pure_dict(nnx.get_partition_spec(state))
+    shapes = nnx.to_pure_dict(state)
+    return logical_to_sharding(logical, mesh, rules, shapes=shapes)
+
+
+def initial_params(
+    section: ModelSection, cfg: ModelConfig, shardings: dict, mesh: Mesh, seed: int, rules: LogicalRules
+) -> dict:
+    """The starting parameters, placed by `shardings`: random (from `seed`) for a preset, else loaded."""
+    if section.preset is not None:
+
+        def init() -> dict:
+            return nnx.to_pure_dict(nnx.state(CausalLM(cfg, rngs=nnx.Rngs(seed)), nnx.Param))
+
+        return jax.jit(init, out_shardings=shardings)()
+    model = load_pretrained(
+        section.path,
+        dtype=section.param_dtype,
+        mesh=mesh,
+        rules=rules,
+        **section.overrides,
+        compute_dtype=section.compute_dtype,
+        remat_policy=section.remat_policy,
+        attention_impl=section.attention_impl,
+    )
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
