@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import shutil
@@ -340,3 +341,26 @@ def test_configuration_errors_name_the_setting(tmp_path):
         split_from_name(tmp_path / "rows.jsonl")
     with pytest.raises(ValueError, match=r"data.max_history must be an integer >= 0"):
         DataConfig(max_history=-1)
+
+
+def test_synthetic_format_reads_the_generated_benchmark(tmp_path):
+    from nextquill_jax.data.synth import generate_synthetic
+
+    generate_synthetic(tmp_path, users=3, seed=5)
+    template = load_template("review")
+    from_file = read_records(
+        DataConfig(format="generic", sources=[str(tmp_path / "synthetic.jsonl")]), template, IssueLog()
+    )
+    in_process = read_records(
+        DataConfig(format="synthetic", synthetic_users=3, synthetic_seed=5), template, IssueLog()
+    )
+    assert len(in_process) == len(from_file) > 0
+    # Equal but for `source`, which names the (temporary) file and line each record came from.
+    strip = lambda records: [dataclasses.replace(r, source="") for r in records]
+    assert strip(in_process) == strip(from_file)
+    other_seed = read_records(
+        DataConfig(format="synthetic", synthetic_users=3, synthetic_seed=6), template, IssueLog()
+    )
+    assert strip(other_seed) != strip(in_process)
+    with pytest.raises(ValueError, match="synthetic format generates its records"):
+        DataConfig(format="synthetic", sources=["x.jsonl"])

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from nextquill_jax.data.pipeline import BatchingConfig
 
-FORMATS = ("amazon2023", "dpl", "lamp", "generic")
+FORMATS = ("amazon2023", "dpl", "lamp", "generic", "synthetic")
 SPLITS = ("train", "val", "test")
 
 
@@ -30,9 +30,11 @@ class DataConfig:
                     the file name; meta: the outputs files (`golds`: `id`, `output`) of the same splits.
         generic     sources: one JSON object per line (see CONTRACTS.md); `split` per record, else
                     `default_split`.
+        synthetic   no files: the synthetic benchmark (`data.synth`) is generated in-process with
+                    `synthetic_users` users and `synthetic_seed`, then read as `generic` records.
     """
 
-    format: Literal["amazon2023", "dpl", "lamp", "generic"] = "generic"
+    format: Literal["amazon2023", "dpl", "lamp", "generic", "synthetic"] = "generic"
     sources: list[str] = field(default_factory=list)
     meta: list[str] = field(default_factory=list)
     on_error: Literal["fail", "skip"] = "fail"
@@ -60,6 +62,9 @@ class DataConfig:
     dpl_num_targets: int = 10
     dpl_min_profile_item_users: int = 5
     dpl_min_profile_reviews: int = 8
+    # The synthetic format's size and seed.
+    synthetic_users: int = 40
+    synthetic_seed: int = 0
     batching: BatchingConfig = field(default_factory=BatchingConfig)
 
     def __post_init__(self) -> None:
@@ -96,6 +101,12 @@ class DataConfig:
         )
         for name in non_negative:
             _check_int(name, getattr(self, name), minimum=0)
+        _check_int("synthetic_users", self.synthetic_users, minimum=1)
+        _check_int("synthetic_seed", self.synthetic_seed, minimum=0)
+        if self.format == "synthetic" and (self.sources or self.meta):
+            raise ValueError(
+                "data.sources / data.meta: the synthetic format generates its records; remove both"
+            )
         # The last two targets are validation and test; at least one more trains.
         _check_int("dpl_num_targets", self.dpl_num_targets, minimum=3)
         if self.dpl_min_description_chars > self.dpl_max_description_chars:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import re
+import tempfile
 from pathlib import Path
 
 from nextquill_jax.data import amazon2023, dpl
@@ -12,6 +13,7 @@ from nextquill_jax.data.generic import read_generic
 from nextquill_jax.data.lamp import read_lamp, read_lamp_outputs
 from nextquill_jax.data.read_jsonl import file_kind
 from nextquill_jax.data.records import IssueLog, Record
+from nextquill_jax.data.synth import generate_synthetic
 from nextquill_jax.data.templates import PromptTemplate
 
 _SPLIT_WORDS = {
@@ -68,6 +70,8 @@ def read_records(cfg: DataConfig, template: PromptTemplate, log: IssueLog) -> li
         ValueError: missing files, unpaired metadata / outputs files, or a template that needs fields the
             format does not provide (naming them).
     """
+    if cfg.format == "synthetic":
+        return _read_synthetic(cfg, template, log)
     if not cfg.sources:
         raise ValueError("data.sources is empty: list the input files (paths or glob patterns)")
     sources = expand_paths(cfg.sources, "sources")
@@ -99,6 +103,13 @@ def read_records(cfg: DataConfig, template: PromptTemplate, log: IssueLog) -> li
     if meta:
         raise ValueError("data.meta: the generic format takes no metadata files; remove data.meta")
     return [r for path in sources for r in read_generic(path, cfg.default_split, template, log)]
+
+
+def _read_synthetic(cfg: DataConfig, template: PromptTemplate, log: IssueLog) -> list[Record]:
+    """Generate the synthetic benchmark (deterministic in users and seed) and read it as generic records."""
+    with tempfile.TemporaryDirectory() as tmp:
+        generate_synthetic(tmp, users=cfg.synthetic_users, seed=cfg.synthetic_seed)
+        return list(read_generic(Path(tmp) / "synthetic.jsonl", cfg.default_split, template, log))
 
 
 def _check_template(

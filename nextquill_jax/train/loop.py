@@ -81,13 +81,14 @@ def build_mesh(cfg: Config) -> Mesh:
 
 
 def prepared_dir(cfg: Config, workdir: Path, echo) -> Path:
-    """The prepared data: `train.data_dir` as it is when `data.sources` is empty, else prepared (or reused by
-    fingerprint) from the `data` section into `train.data_dir` or `<workdir>/prepared`.
+    """The prepared data: `train.data_dir` as it is when `data.sources` is empty (and the format is not the
+    in-process `synthetic`), else prepared (or reused by fingerprint) from the `data` section into
+    `train.data_dir` or `<workdir>/prepared`.
 
     Process 0 prepares first; the others then find it up to date (shared disk) or prepare their own copy.
     """
     target = Path(cfg.train.data_dir).expanduser() if cfg.train.data_dir else workdir / PREPARED_DIR
-    if not cfg.data.sources:
+    if not cfg.data.sources and cfg.data.format != "synthetic":
         if not (target / "train" / "meta.json").exists():
             raise ConfigError(
                 f"data.sources is empty and {target} holds no prepared data (train/meta.json). Fix: list "
