@@ -24,6 +24,7 @@ from typing import Any, Literal
 import yaml
 
 from nextquill_jax.data.config import DataConfig
+from nextquill_jax.generate import GenerationConfig
 from nextquill_jax.losses import LossConfig
 from nextquill_jax.models.config import ModelConfig
 
@@ -222,11 +223,13 @@ class CheckpointSection:
 @dataclass(frozen=True)
 class EvalSection:
     """Validation loss on split `split` every `every_steps` steps (0: only at the end of each epoch), over at
-    most `max_batches` batches (null: the whole split)."""
+    most `max_batches` batches (null: the whole split). `generation` is the decoding `nextquill-jax evaluate`
+    uses (default: the public code's, greedy with repetition penalty 1.2); command-line flags override it."""
 
     every_steps: int = 0
     split: str = "val"
     max_batches: int | None = None
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
 
     def __post_init__(self):
         if self.every_steps < 0:

@@ -23,7 +23,7 @@ import dataclasses
 import json
 import math
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -236,6 +236,7 @@ def evaluate(
     out_dir: str | Path | None = None,
     max_examples: int | None = None,
     generation: GenerationConfig | None = None,
+    generation_overrides: Mapping[str, Any] | None = None,
     batch_size: int | None = None,
     prompt: PromptChoice = "auto",
     echo: Callable[[str], None] = print,
@@ -246,7 +247,9 @@ def evaluate(
 
     Args:
         max_examples: only the split's first N examples (generation and loss alike).
-        generation: decoding settings (default: the public code's, `GenerationConfig()`).
+        generation: the decoding settings; default: the run config's `eval.generation` (itself defaulting to
+            the public code's decoding: greedy, repetition penalty 1.2) with `generation_overrides` applied.
+        generation_overrides: `GenerationConfig` fields that replace those of `eval.generation`.
         batch_size: prompts decoded together (default: the run's rows per global batch, rounded up to a
             multiple of the mesh's batch shards).
         prompt: "auto" (without history for sft, with otherwise), "with" or "without".
@@ -259,9 +262,10 @@ def evaluate(
     """
     if max_examples is not None and max_examples < 1:
         raise ValueError(f"max_examples must be >= 1, got {max_examples}")
-    generation = GenerationConfig() if generation is None else generation
     loaded = load_checkpoint(workdir, step) if model_path is None else load_model_path(workdir, model_path)
     cfg = loaded.config
+    if generation is None:
+        generation = dataclasses.replace(cfg.eval.generation, **(generation_overrides or {}))
     stream = choose_stream(cfg, prompt)
     mesh = loaded.mesh
     data_dir = data_dir_of(cfg, workdir)

@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="history in the prompt (auto: without for the sft variant, with otherwise)",
     )
     parser.add_argument("--batch-size", type=int, default=None, help="prompts decoded together")
-    decoding = parser.add_argument_group("decoding (defaults: the public NextQuill code)")
+    decoding = parser.add_argument_group("decoding (defaults: the run config's eval.generation)")
     decoding.add_argument("--max-new-tokens", type=int, default=None, help="default 512")
     decoding.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     decoding.add_argument("--temperature", type=float, default=None, help="sampling only; default 0.8")
@@ -46,15 +46,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     decoding.add_argument("--seed", type=int, default=None, help="sampling seed; default 0")
 
 
-def generation_config(args: argparse.Namespace):
-    """The GenerationConfig of the decoding flags (unset flags keep the defaults).
-
-    Raises:
-        ValueError: a value out of range (naming the field).
-    """
-    from nextquill_jax.generate import GenerationConfig
-
+def generation_overrides(args: argparse.Namespace) -> dict:
+    """The decoding flags that were given, as `GenerationConfig` fields; the others keep the run config's
+    `eval.generation` values."""
     flags = {
+        "do_sample": True if args.do_sample else None,
         "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature,
         "top_k": args.top_k,
@@ -62,7 +58,7 @@ def generation_config(args: argparse.Namespace):
         "repetition_penalty": args.repetition_penalty,
         "seed": args.seed,
     }
-    return GenerationConfig(do_sample=args.do_sample, **{k: v for k, v in flags.items() if v is not None})
+    return {k: v for k, v in flags.items() if v is not None}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -77,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
             model_path=args.model,
             out_dir=args.out,
             max_examples=args.max_examples,
-            generation=generation_config(args),
+            generation_overrides=generation_overrides(args),
             batch_size=args.batch_size,
             prompt=args.prompt,
         )

@@ -170,3 +170,18 @@ def test_bad_setups_fail_with_one_paragraph_before_compiling(tmp_path, compilati
         train(cfg, tmp_path / "work")
     assert "\n" not in str(e.value)
     assert compilations == [], "compiled before reporting the config error"
+
+
+def test_eval_generation_is_configurable_and_cli_flags_override_only_what_they_set():
+    import argparse
+
+    from nextquill_jax.evaluate_command import add_arguments, generation_overrides
+
+    cfg = load_config(REPO / "configs" / "tiny_synthetic.yaml", ["eval.generation.max_new_tokens=64"])
+    assert cfg.eval.generation.max_new_tokens == 64
+    assert cfg.eval.generation.repetition_penalty == 1.2 and not cfg.eval.generation.do_sample
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert generation_overrides(parser.parse_args(["--workdir", "w"])) == {}
+    args = parser.parse_args(["--workdir", "w", "--repetition-penalty", "1.0", "--do-sample"])
+    assert generation_overrides(args) == {"repetition_penalty": 1.0, "do_sample": True}
