@@ -1,0 +1,452 @@
+"""The effect report: token roles from character spans, AUROC / precision / recall against hand counts and a
+pairwise count, DCE equal to `dce_from_logits` on full logits of an unpacked forward pass, the HTML's
+structure (parsed), the PNG, summary.json, and the `effects` command (--model and --workdir)."""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+from html.parser import HTMLParser
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from data_helpers import save_tiny_tokenizer, tiny_tokenizer
+from flax import nnx
+
+from nextquill_jax.cli import main
+from nextquill_jax.config import ModelSection, load_config, save_config
+from nextquill_jax.data.config import DataConfig
+from nextquill_jax.data.prepare import prepare
+from nextquill_jax.data.prepared import PreparedSplit
+from nextquill_jax.data.synth import generate_synthetic
+from nextquill_jax.effect_html import render_report
+from nextquill_jax.effect_scoring import auroc, score_roles, target_offsets, token_pieces, token_roles
+from nextquill_jax.effects import dce_from_logits, token_logprobs
+from nextquill_jax.effects_report import ExampleEffects, compute_example_effects, summarize, write_report
+from nextquill_jax.losses import LossConfig
+from nextquill_jax.models import CausalLM, save_pretrained
+
+SPLIT = "val"
+THRESHOLD = 0.0  # a random model's effects are small; this flags about half of the tokens
+LOSS = LossConfig(threshold=THRESHOLD, high=0.8, low=0.2)
+
+
+# ---------------------------------------------------------------- token roles
+
+
+def test_token_roles_word_level_hand_example():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    text = "The Silent River is superb. Cheers, friends."
+    words = ["The", "Silent", "River", "is", "superb", ".", "Cheers", ",", "friends", "<eos>"]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<eos>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>")
+    spans = [[0, 16, "context"], [20, 26, "context"], [28, 44, "preference"]]
+    ids = [0, 1, 2, 3, 4, 5, 6, 7, 8, 5, 9]
+    offsets = target_offsets(tok, text, ids, eos_id=9)
+    assert offsets == [
+        (0, 3),
+        (4, 10),
+        (11, 16),
+        (17, 19),
+        (20, 26),
+        (26, 27),
+        (28, 34),
+        (34, 35),
+        (36, 43),
+        (43, 44),
+    ]
+    roles = token_roles(offsets, spans)
+    assert roles == ["context"] * 3 + ["glue", "context", "glue"] + ["preference"] * 4
+    # Pieces carry the spaces the offsets skip, so they join to the text.
+    assert "".join(token_pieces(text, offsets)) == text
+    with pytest.raises(ValueError, match="encodes the target differently"):
+        target_offsets(tok, text, [0, 1, 3, 9], eos_id=9)
+    with pytest.raises(ValueError, match="does not end with EOS"):
+        target_offsets(tok, text, ids[:-1], eos_id=9)
+
+
+def test_token_roles_majority_ties_and_bad_spans():
+    spans = [[0, 1, "noise"], [1, 3, "preference"], [3, 4, "context"], [4, 5, "noise"]]
+    # (0,3): noise 1 char, preference 2 -> preference; (3,5): context 1, noise 1 -> tie -> context;
+    # (6,8): no span -> glue.
+    assert token_roles([(0, 3), (3, 5), (6, 8)], spans) == ["preference", "context", "glue"]
+    for bad in ([[3, 3, "context"]], [[0, 2, "style"]], [[0, 2]], [[-1, 2, "noise"]]):
+        with pytest.raises(ValueError, match="target_spans"):
+            token_roles([(0, 1)], bad)
+    # A character split over two byte-level tokens (both offsets cover it): the second adds no text.
+    assert token_pieces("x\U0001f600y", [(0, 1), (1, 2), (1, 2), (2, 3)]) == ["x", "\U0001f600", "", "y"]
+
+
+# ---------------------------------------------------------------- AUROC, precision, recall
+
+
+def test_auroc_equals_pairwise_count_with_ties():
+    rng = np.random.default_rng(0)
+    for trial in range(5):
+        n = 40 + 13 * trial
+        scores = rng.integers(0, 6, n).astype(np.float64) / 5  # many ties
+        positive = rng.random(n) < 0.3
+        pos, neg = scores[positive], scores[~positive]
+        pairs = [(1.0 if p > q else 0.5 if p == q else 0.0) for p, q in itertools.product(pos, neg)]
+        assert auroc(scores, positive) == pytest.approx(sum(pairs) / len(pairs), abs=1e-12)
+    assert auroc(np.array([0.1, 0.9, 0.5]), np.array([False, True, False])) == 1.0
+    assert auroc(np.array([0.9, 0.1]), np.array([False, True])) == 0.0
+    assert auroc(np.array([0.2, 0.2]), np.array([True, False])) == 0.5
+    assert auroc(np.array([0.1, 0.2]), np.array([True, True])) is None
+
+
+def test_precision_recall_per_role_hand_counts():
+    dce = np.array([0.3, 0.01, 0.2, -0.1, 0.07, 0.0, 0.5])
+    roles = ["preference", "preference", "context", "noise", "glue", "preference", "eos"]
+    s = score_roles(dce, roles, threshold=0.05)
+    # Scored tokens 0, 1, 2, 3, 5; flagged among them: 0 (preference) and 2 (context).
+    assert (s["tokens_scored"], s["preference_tokens"], s["flagged"], s["true_positives"]) == (5, 3, 2, 1)
+    assert s["precision"] == pytest.approx(1 / 2)
+    assert s["recall"] == pytest.approx(1 / 3)
+    assert s["f1"] == pytest.approx(0.4)
+    # Preference (0.3, 0.01, 0.0) against (0.2, -0.1): 4 of 6 pairs ordered correctly.
+    assert s["auroc"] == pytest.approx(4 / 6)
+    assert s["per_role"]["preference"] == {
+        "tokens": 3,
+        "flagged": 1,
+        "flagged_fraction": 1 / 3,
+        "mean_dce": pytest.approx(0.31 / 3),
+    }
+    assert s["per_role"]["glue"]["flagged"] == 1 and s["per_role"]["eos"]["flagged"] == 1
+    assert s["per_role"]["noise"]["flagged_fraction"] == 0.0
+    none_flagged = score_roles(dce, roles, threshold=0.9)
+    assert none_flagged["precision"] is None and none_flagged["recall"] == 0.0
+    with pytest.raises(ValueError, match="unknown roles"):
+        score_roles(dce[:1], ["style"], threshold=0.0)
+
+
+# ---------------------------------------------------------------- the report on a tiny model
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("effects")
+    generate_synthetic(
+        root / "synth", users=3, seed=1, reviews_per_user=5, targets_per_user=3, signature_words=2
+    )
+    tok_dir = save_tiny_tokenizer(root / "tok")
+    cfg = DataConfig(sources=[str(root / "synth" / "synthetic.jsonl")], tokenizer=str(tok_dir), max_history=2)
+    prepare(cfg, root / "prep", tokenizer=tiny_tokenizer(), echo=lambda _: None)
+    return root
+
+
+MODEL_SECTION = {
+    "preset": "qwen2.5-0.5b",
+    "overrides": {
+        "vocab_size": 704,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_layers": 2,
+        "num_heads": 4,
+        "num_kv_heads": 2,
+        "head_dim": 8,
+        "tie_word_embeddings": False,
+    },
+    "compute_dtype": "float32",
+}
+
+
+@pytest.fixture(scope="module")
+def model(data):
+    model = CausalLM(ModelSection(**MODEL_SECTION).model_config(), rngs=nnx.Rngs(0))
+    # A larger head makes the random model's distributions less flat, so DCE reaches ~1e-3 rather than ~1e-5.
+    model.lm_head[...] = model.lm_head[...] * 30
+    return model
+
+
+@pytest.fixture(scope="module")
+def report(data, model, tmp_path_factory):
+    indices = [0, 1, 2]
+    # 3 examples in rows of 4 per forward pass: one padding row.
+    results = compute_example_effects(model, tiny_tokenizer(), data / "prep", SPLIT, indices, LOSS)
+    out = tmp_path_factory.mktemp("report")
+    summary = write_report(results, LOSS, out, split=SPLIT, source="tiny <model>", max_shown=10)
+    return results, summary, out
+
+
+def test_report_dce_equals_dce_from_full_logits(data, model, report):
+    results, _, _ = report
+    split = PreparedSplit(data / "prep", SPLIT)
+    assert np.abs(np.concatenate([r.dce for r in results])).max() > 5e-4
+    # Every stream of every example as its own unpacked sequence (default positions, one segment), padded
+    # on the right (causal: padding after a sequence cannot change its logits), in one forward pass.
+    examples = [split[r.index] for r in results]
+    sequences = [
+        np.concatenate([e[f"prompt_{s}"], e["target"]]) for e in examples for s in ("with", "without")
+    ]
+    ids = np.zeros((len(sequences), max(map(len, sequences))), np.int32)
+    for row, seq in zip(ids, sequences, strict=True):
+        row[: len(seq)] = seq
+    graphdef, state = nnx.split(model)
+    full = jax.jit(lambda state, ids: nnx.merge(graphdef, state)(ids))(state, jnp.asarray(ids))  # [2N, T, V]
+    for n, (r, ex) in enumerate(zip(results, examples, strict=True)):
+        target = ex["target"]
+        np.testing.assert_array_equal(r.token_ids, target)
+        logits = {}
+        for k, stream in enumerate(("with", "without")):
+            start = len(ex[f"prompt_{stream}"]) - 1
+            logits[stream] = full[2 * n + k, start : start + len(target)]  # [L, V] predicting target[j]
+        labels = jnp.asarray(target)
+        want = np.asarray(dce_from_logits(logits["with"], logits["without"], labels))
+        np.testing.assert_allclose(r.dce, want, atol=1e-5)
+        np.testing.assert_allclose(r.dce, want, rtol=1e-3, atol=1e-8)  # DCE here is ~1e-4: check it closely
+        np.testing.assert_allclose(
+            np.log(r.p_with), np.asarray(token_logprobs(logits["with"], labels)), atol=1e-4
+        )
+        np.testing.assert_allclose(r.p_with - r.p_without, r.dce, atol=1e-6)
+        np.testing.assert_array_equal(r.weight, np.where(r.dce > THRESHOLD, 0.8, 0.2).astype(np.float32))
+        assert len(r.pieces) == len(target) and len(r.roles) == len(target) and r.roles[-1] == "eos"
+
+
+def test_token_roles_of_prepared_targets_agree_with_the_spans(report):
+    results, _, _ = report
+    for r in results:
+        text, spans = r.row["target"], r.row["meta"]["target_spans"]
+        char_role = ["glue"] * len(text)
+        for start, end, role in spans:
+            char_role[start:end] = [role] * (end - start)
+        offsets = target_offsets(tiny_tokenizer(), text, r.token_ids, int(r.token_ids[-1]))
+        for (start, end), role in zip(offsets, r.roles[:-1], strict=True):
+            chars = [c for c in range(start, end) if not text[c].isspace()] or range(start, end)
+            assert {char_role[c] for c in chars} == {role}, (text[start:end], role)
+        assert {"preference", "context", "noise"} <= set(r.roles)
+
+
+class _Page(HTMLParser):
+    """Collects token spans (class, title, text) and details/pre blocks per example section."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.sections: dict[str, dict] = {}
+        self.current = None
+        self.stack: list[str] = []
+        self.tags: set[str] = set()
+        self.img_src: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        self.tags.add(tag)
+        self.stack.append(tag)
+        if tag == "img":
+            self.img_src.append(a["src"])
+        if tag == "section" and "example" in a.get("class", "").split():
+            self.current = self.sections.setdefault(a["id"], {"tokens": [], "details": 0, "pre": []})
+        elif self.current is not None and tag == "span" and "tok" in a.get("class", "").split():
+            self.current["tokens"].append({"class": a["class"].split(), "title": a["title"], "text": ""})
+        elif self.current is not None and tag == "details":
+            self.current["details"] += 1
+        elif self.current is not None and tag == "pre":
+            self.current["pre"].append("")
+
+    def handle_endtag(self, tag):
+        self.stack.pop()
+        if tag == "section":
+            self.current = None
+
+    def handle_data(self, data):
+        if self.current is None or not self.stack:
+            return
+        if self.stack[-1] == "span" and self.current["tokens"]:
+            self.current["tokens"][-1]["text"] += data
+        elif self.stack[-1] == "pre":
+            self.current["pre"][-1] += data
+
+
+def _parse(text: str) -> _Page:
+    page = _Page()
+    page.feed(text)
+    page.close()
+    return page
+
+
+def test_html_structure(report):
+    results, _, out = report
+    raw = (out / "index.html").read_text(encoding="utf-8")
+    page = _parse(raw)
+    assert set(page.sections) == {f"ex-{r.index}" for r in results}
+    for r in results:
+        section = page.sections[f"ex-{r.index}"]
+        tokens = section["tokens"]
+        assert len(tokens) == len(r.token_ids)
+        assert sum("pref" in t["class"] for t in tokens) == int((r.dce > THRESHOLD).sum())
+        assert [("pref" in t["class"]) for t in tokens] == list(r.dce > THRESHOLD)
+        assert section["details"] == 2
+        assert section["pre"] == [r.row["prompt_with_history"], r.row["prompt_without_history"]]
+        # The escaped token texts read back as the target, then the EOS token's own text.
+        assert "".join(t["text"] for t in tokens) == r.row["target"] + "<|endoftext|>"
+        for t, dce, role in zip(tokens, r.dce, r.roles, strict=True):
+            assert float(t["title"].split()[1]) == pytest.approx(float(dce), rel=5e-3, abs=5e-5)
+            assert t["title"].endswith(f"role {role}")
+            assert f"gt-{role}" in t["class"]
+    # Text is escaped: the prompts' special tokens and the model name appear only as entities.
+    assert "<|im_start|>" not in raw and "&lt;|im_start|&gt;" in raw
+    assert "tiny <model>" not in raw and "tiny &lt;model&gt;" in raw
+    assert "http://" not in raw and "https://" not in raw  # nothing external
+    assert page.tags <= {
+        "html", "head", "meta", "title", "style", "body", "h1", "h2", "p", "div", "span", "table", "tr", "th",
+        "td", "img", "a", "section", "details", "summary", "pre", "label", "input", "script",
+    }  # fmt: skip
+
+
+def test_html_escapes_hostile_text():
+    n = 3
+    row = {
+        "user_id": "<u>x</u>",
+        "category": "<b>cat</b>",
+        "prompt_with_history": "<script>alert(1)</script> & more",
+        "prompt_without_history": '"quoted" <i>',
+        "target": "ignored",
+    }
+    r = ExampleEffects(
+        index=7,
+        row=row,
+        token_ids=np.arange(n, dtype=np.int32),
+        pieces=["<script>", 'a&b"', "</span>"],
+        p_with=np.full(n, 0.5, np.float32),
+        p_without=np.full(n, 0.25, np.float32),
+        dce=np.array([0.25, -0.1, 0.0], np.float32),
+        weight=np.array([0.9, 0.1, 0.1], np.float32),
+        roles=None,
+    )
+    summary = {"split": "x<y", "model": "<m>", **summarize([r], LossConfig())}
+    raw = render_report([r], summary, threshold=0.05, histogram_png_base64=base64.b64encode(b"png"))
+    page = _parse(raw)
+    assert (
+        "script" not in page.tags and "u" not in page.tags and "b" not in page.tags and "i" not in page.tags
+    )
+    section = page.sections["ex-7"]
+    assert [t["text"] for t in section["tokens"]] == r.pieces
+    assert section["pre"] == [row["prompt_with_history"], row["prompt_without_history"]]
+    assert [("pref" in t["class"]) for t in section["tokens"]] == [True, False, False]
+
+
+def test_histogram_png(report):
+    _, summary, out = report
+    from PIL import Image
+
+    png = (out / "dce_histogram.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(out / "dce_histogram.png") as image:
+        image.verify()
+    with Image.open(out / "dce_histogram.png") as image:
+        assert image.format == "PNG" and image.size[0] > 300 and image.size[1] > 150
+    page = _parse((out / "index.html").read_text(encoding="utf-8"))
+    assert page.img_src == ["data:image/png;base64," + base64.b64encode(png).decode("ascii")]
+    assert summary["files"]["histogram"] == str((out / "dce_histogram.png").absolute())
+
+
+def test_summary_json(report):
+    results, summary, out = report
+    written = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert written == json.loads(json.dumps(summary))
+    dce = np.concatenate([r.dce for r in results]).astype(np.float64)
+    roles = np.array([role for r in results for role in r.roles])
+    assert written["split"] == SPLIT and written["examples"] == [0, 1, 2] and written["examples_shown"] == 3
+    assert written["tokens"] == dce.size == sum(len(r.token_ids) for r in results)
+    assert written["preference_bearing"] == int((dce > THRESHOLD).sum())
+    assert written["loss"] == {"threshold": THRESHOLD, "high": 0.8, "low": 0.2}
+    assert written["dce"]["p50"] == pytest.approx(float(np.median(dce)), abs=1e-7)
+    gt = written["ground_truth"]
+    scored = np.isin(roles, ["preference", "context", "noise"])
+    pos = roles == "preference"
+    flagged = dce > THRESHOLD
+    assert gt["examples"] == 3 and gt["tokens_scored"] == int(scored.sum())
+    assert gt["precision"] == pytest.approx((flagged & pos).sum() / (flagged & scored).sum())
+    assert gt["recall"] == pytest.approx((flagged & pos).sum() / pos.sum())
+    p, q = dce[pos], dce[scored & ~pos]
+    pairwise = ((p[:, None] > q[None, :]).sum() + 0.5 * (p[:, None] == q[None, :]).sum()) / (p.size * q.size)
+    assert gt["auroc"] == pytest.approx(pairwise, abs=1e-12)
+    for role in ("preference", "context", "noise", "glue", "eos"):
+        assert gt["per_role"][role]["tokens"] == int((roles == role).sum())
+        assert gt["per_role"][role]["flagged"] == int((flagged & (roles == role)).sum())
+    assert [e["index"] for e in written["per_example"]] == [0, 1, 2]
+    assert [e["tokens"] for e in written["per_example"]] == [len(r.token_ids) for r in results]
+
+
+def test_effects_command_with_model_dir(data, model, report, tmp_path, capsys):
+    results, _, _ = report
+    model_dir = save_pretrained(model, tmp_path / "model")
+    out = tmp_path / "out"
+    args = ["effects", "--model", str(model_dir), "--data", str(data / "prep"), "--split", SPLIT]
+    # Five examples (repeats allowed) in rows of 4: two forward passes, the second padded.
+    chosen = [2, 0, 1, 1, 2]
+    picked = ["--examples", "2,0,1,1,2", "--max-shown", "2", "--threshold", str(THRESHOLD)]
+    assert main([*args, *picked, "--out", str(out)]) == 0
+    assert "DCE AUROC" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["examples"] == chosen and summary["loss"]["threshold"] == THRESHOLD
+    assert summary["examples_shown"] == 2
+    assert set(_parse((out / "index.html").read_text(encoding="utf-8")).sections) == {"ex-2", "ex-0"}
+    assert summary["loss"]["high"] == LossConfig().high
+    by_index = {r.index: r for r in results}
+    assert [e["index"] for e in summary["per_example"]] == chosen
+    for entry in summary["per_example"]:
+        r = by_index[entry["index"]]
+        assert entry["tokens"] == len(r.token_ids)
+        assert entry["mean_dce"] == pytest.approx(float(r.dce.mean()), abs=1e-7)
+        assert entry["max_dce"] == pytest.approx(float(r.dce.max()), abs=1e-7)
+    assert main([*args, "--examples", "0,99", "--out", str(out)]) == 1
+    assert "outside split 'val'" in capsys.readouterr().err
+    assert main(["effects", "--model", str(model_dir), "--out", str(out)]) == 1
+    assert "--model needs --data" in capsys.readouterr().err
+
+
+def test_effects_command_with_training_workdir(data, model, report, tmp_path, capsys):
+    """A workdir as training leaves it (config.yaml + an Orbax checkpoint of the train state): the command
+    restores the step's parameters, uses the run's loss settings and prepared data, and gets the same DCE."""
+    import grain
+    import optax
+
+    from nextquill_jax.train.checkpoint import Checkpointer
+    from nextquill_jax.train.state import TrainState
+
+    results, _, _ = report
+    workdir = tmp_path / "run"
+    tok_dir = json.loads((data / "prep" / "summary.json").read_text())["tokenizer"]
+    cfg = load_config(
+        None,
+        base={
+            "model": MODEL_SECTION,
+            "data": {"tokenizer": tok_dir},
+            "loss": {"threshold": THRESHOLD, "high": 0.8, "low": 0.2},
+            "train": {"data_dir": str(data / "prep")},
+        },
+    )
+    save_config(cfg, workdir / "config.yaml")
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    state = TrainState(
+        step=jnp.asarray(7, jnp.int32),
+        params=params,
+        opt_state=optax.sgd(0.1).init(params),
+        rng=jax.random.PRNGKey(0),
+        skipped=jnp.zeros((), jnp.int32),
+    )
+    ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint)
+    data_iterator = iter(grain.MapDataset.range(4).to_iter_dataset())
+    ckpt.save(7, state, data_iterator, config={}, progress={"epoch": 0}, wait=True)
+    ckpt.close()
+
+    out = tmp_path / "out"
+    assert main(["effects", "--workdir", str(workdir), "--split", SPLIT, "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["model"] == f"{workdir} step 7"
+    assert summary["loss"] == {"threshold": THRESHOLD, "high": 0.8, "low": 0.2}
+    assert summary["examples"] == [0, 1, 2]  # every example: the split has 3, fewer than --num-examples
+    np.testing.assert_allclose(
+        [e["mean_dce"] for e in summary["per_example"]], [float(r.dce.mean()) for r in results], atol=1e-7
+    )
+    assert main(["effects", "--workdir", str(workdir), "--step", "3", "--out", str(out)]) == 1
+    assert "no complete checkpoint for step 3" in capsys.readouterr().err
+    assert main(["effects", "--workdir", str(tmp_path), "--out", str(out)]) == 1
+    assert "is not a training workdir" in capsys.readouterr().err
