@@ -225,7 +225,7 @@ def test_four_micro_batches_combine_to_the_global_batch(variant, det):
     np.testing.assert_allclose(total_loss, float(loss), rtol=1e-6)
     for got, want in zip(total, grads, strict=True):
         want = np.asarray(want)
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
 
 
 def test_head_token_stats_with_several_leading_dims():
