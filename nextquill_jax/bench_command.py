@@ -1,0 +1,59 @@
+"""`nextquill-jax bench NAME [ARGS...]`: run one benchmark; ARGS go to it unchanged (`bench NAME --help`).
+
+Every benchmark but `scale` is a script in the repository's `benchmarks/` folder, also runnable on its own as
+`python benchmarks/SCRIPT.py`; it runs here in a child process of the same Python. `scale` is the scaling
+harness in `nextquill_jax.scaling` and needs only the installed package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+# name -> (script in benchmarks/, or None for the in-package harness; what it measures)
+BENCHMARKS: dict[str, tuple[str | None, str]] = {
+    "loss": ("loss_memory.py", "fused vs naive NextQuill loss: compiled temporary memory and time"),
+    "step": ("step.py", "full training step vs the public code's PyTorch step: tokens/s and peak memory"),
+    "padding": ("padding.py", "padding efficiency: packing vs bucketing vs fixed 4,097-token padding"),
+    "compile": ("compile.py", "compile time vs number of layers (scan) and vs sequence-length bucket"),
+    "mfu": ("mfu.py", "tokens/s and MFU of the training step for Qwen2.5 0.5B / 1.5B shapes"),
+    "scale": (None, "scaling sweep from a YAML file (--config configs/scaling/...yaml): CSV + PNG"),
+}
+
+
+def benchmarks_dir() -> Path:
+    """The repository's `benchmarks/` folder (next to the package in a source checkout)."""
+    return Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = __doc__.splitlines()[0]
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    listing = [f"  {name:<9} {help_}" for name, (_, help_) in BENCHMARKS.items()]
+    parser.epilog = "benchmarks:\n" + "\n".join(listing)
+    parser.add_argument("name", choices=sorted(BENCHMARKS), metavar="NAME", help="a benchmark listed below")
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the benchmark itself")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run benchmark `args.name` with `args.args`; returns its exit status.
+
+    Raises nothing: a missing `benchmarks/` folder (an installed package without the source tree) is reported
+    with the fix and status 2.
+    """
+    script, _ = BENCHMARKS[args.name]
+    if script is None:
+        from nextquill_jax import scaling
+
+        return scaling.main(args.args)
+    path = benchmarks_dir() / script
+    if not path.exists():
+        print(
+            f"error: {path} not found: benchmark {args.name!r} is a script of the source repository. "
+            "Fix: run it from a source checkout (pip install -e .).",
+            file=sys.stderr,
+        )
+        return 2
+    return subprocess.call([sys.executable, str(path), *args.args])
