@@ -1,0 +1,376 @@
+"""`nextquill-jax demo [--quick] [--out DIR] [--seed N] [--config FILE]`: NextQuill end to end on a CPU.
+
+    1. data       the synthetic personalised-review benchmark (`data.synth`): each user's signature words,
+                  favourite aspects and sign-off are visible only through their past reviews, and every target
+                  token's role (preference / context / noise) is known.
+    2. tokenizer  a byte-level BPE trained here on the training split (`demo_tokenizer`), so a tiny model
+                  has a vocabulary of ~1,300 tokens instead of Qwen's 151,936.
+    3. base       a tiny Qwen2-family model trained from scratch as a plain language model on the training
+                  users' reviews (each user's reviews, oldest first, as one document), then exported as a
+                  Hugging Face directory. Like the paper's pretrained base, it knows the language and has
+                  learnt to reuse what a document said before, but has never seen a prompt, a history block or
+                  a personalisation objective. Every variant starts from it, so they differ only in the loss.
+    4. variants   `sft`, `context_sft`, `nextquill` (and `mce`, `dce` in the full run) fine-tune the base for
+                  the same number of steps on the same batches, through `train.loop.train`, the code of
+                  `nextquill-jax train`.
+    5. evaluation `evaluate.evaluate` on the test split: greedy decoding with repetition penalty 1.2; ROUGE,
+                  METEOR, BLEU; the without-history prompt for sft, the with-history prompt otherwise.
+    6. effects    an effect report (`effects_report`) per variant: per-token DCE and its AUROC at separating
+                  the ground-truth preference tokens from context and noise tokens.
+    7. table      results.md / results.json / training_curves.png (`demo_report`), printed with a reading
+                  computed from the numbers.
+
+What runs is a demo config (configs/demo.yaml; --quick: configs/demo_quick.yaml): a `demo` section (sizes,
+variants) and two training configs, `pretrain` (the base) and `finetune` (every variant; `loss.variant` is
+set per run). The paths in them are set from --out; the seed sets the data, the initialisation and the data
+order. Everything the demo writes lives in --out, and its runs there are replaced on every start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from nextquill_jax.config import Config, ConfigError, build
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+DEFAULT_OUT = Path("demo_out")
+VARIANTS = ("sft", "context_sft", "mce", "dce", "js", "nextquill")
+SECTIONS = ("demo", "pretrain", "finetune")
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    """The `demo` section: what to generate, which variants to train and how to evaluate them.
+
+    Fields:
+        users: synthetic users (each gives 4 training, 1 validation and 1 test example).
+        variants: loss variants to fine-tune, in table order.
+        split: the prepared split that is generated for and scored.
+        eval_examples: the split's first N examples are generated and scored.
+        eval_batch_size: prompts decoded together.
+        max_new_tokens: generation limit (the synthetic reviews are at most ~90 tokens).
+        effect_examples: examples of the split in each effect report (the DCE AUROC is over their tokens).
+    """
+
+    users: int = 400
+    variants: tuple[str, ...] = ("sft", "context_sft", "nextquill")
+    split: str = "test"
+    eval_examples: int = 200
+    eval_batch_size: int = 40
+    max_new_tokens: int = 96
+    effect_examples: int = 32
+
+    def __post_init__(self) -> None:
+        for name in ("users", "eval_examples", "eval_batch_size", "max_new_tokens", "effect_examples"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"demo.{name} must be an integer >= 1, got {value!r}")
+        unknown = [v for v in self.variants if v not in VARIANTS]
+        if unknown or not self.variants or len(set(self.variants)) != len(self.variants):
+            raise ValueError(
+                f"demo.variants must be distinct names from {list(VARIANTS)}, got {list(self.variants)}"
+            )
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """A loaded demo config: the plan, the base's training config and the variants' training config
+    (its `loss.variant` and `train.workdir` are replaced per variant by `variant_config`)."""
+
+    plan: DemoPlan
+    pretrain: Config
+    finetune: Config
+    out_dir: Path
+    seed: int
+    source: str = field(default="<config>")
+
+    def variant_config(self, variant: str) -> Config:
+        """The fine-tuning config of one variant, writing to `<out>/runs/<variant>`."""
+        cfg = self.finetune
+        return dataclasses.replace(
+            cfg,
+            loss=dataclasses.replace(cfg.loss, variant=variant),
+            train=dataclasses.replace(cfg.train, workdir=str(self.out_dir / "runs" / variant)),
+        )
+
+
+def default_config(quick: bool) -> Path:
+    """configs/demo.yaml or configs/demo_quick.yaml of the source tree."""
+    return CONFIG_DIR / ("demo_quick.yaml" if quick else "demo.yaml")
+
+
+def load_demo_config(path: str | Path, out_dir: str | Path = DEFAULT_OUT, seed: int = 0) -> DemoConfig:
+    """Read and validate a demo config, with its paths under `out_dir` and its seeds set to `seed`.
+
+    The demo sets, in both training configs: `data.tokenizer` (`<out>/tokenizer`), `train.seed` and
+    `data.batching.seed` (`seed`); in `pretrain`: `data.sources` (`<out>/data/pretrain.jsonl`),
+    `train.data_dir` (`<out>/prepared_base`), `train.workdir` (`<out>/runs/base`); in `finetune`:
+    `data.sources` (`<out>/data/synthetic.jsonl`), `train.data_dir` (`<out>/prepared`), `model.path`
+    (`<out>/base`, the exported base).
+
+    Raises:
+        FileNotFoundError: `path` does not exist.
+        ConfigError: invalid YAML, a missing or unknown section or key, or an invalid value (naming it); a
+            `pretrain` model that is not a preset; a tokenizer vocabulary the model cannot hold.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"demo config {path} not found: run from a clone of the repository (configs/ beside the package) "
+            f"or pass --config FILE"
+        )
+    source = str(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict) or sorted(raw) != sorted(SECTIONS):
+        found = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
+        raise ConfigError(f"{source}: a demo config has exactly the sections {list(SECTIONS)}, found {found}")
+    out = Path(out_dir)
+    plan = build(DemoPlan, raw["demo"], "demo", source)
+    common = {
+        ("data", "tokenizer"): str(out / "tokenizer"),
+        ("train", "seed"): seed,
+        ("data", "batching", "seed"): seed,
+    }
+    pretrain_paths = {
+        ("data", "sources"): [str(out / "data" / "pretrain.jsonl")],
+        ("train", "data_dir"): str(out / "prepared_base"),
+        ("train", "workdir"): str(out / "runs" / "base"),
+    }
+    finetune_paths = {
+        ("data", "sources"): [str(out / "data" / "synthetic.jsonl")],
+        ("train", "data_dir"): str(out / "prepared"),
+        ("model", "path"): str(out / "base"),
+    }
+    pretrain = build(Config, _with_values(raw["pretrain"], {**common, **pretrain_paths}), "pretrain", source)
+    finetune = build(Config, _with_values(raw["finetune"], {**common, **finetune_paths}), "finetune", source)
+    if pretrain.model.preset is None:
+        raise ConfigError(f"{source}: `pretrain.model` must name a preset (the base is trained from scratch)")
+    return DemoConfig(plan, pretrain, finetune, out, seed, source)
+
+
+def _with_values(section: Any, values: dict[tuple[str, ...], Any]) -> dict:
+    """A copy of a training-config mapping with the values at the given key paths set."""
+    out = json.loads(json.dumps(section if isinstance(section, dict) else {}))
+    for keys, value in values.items():
+        node = out
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = value
+    return out
+
+
+def write_pretrain_documents(records_path: str | Path, out_path: str | Path) -> int:
+    """Write the base model's corpus: per user, every review up to the last training target (never a
+    validation or test target), oldest first, as one generic record whose first review is its history and
+    whose target is the others joined by newlines (the `sft` loss on it is plain language modelling of the
+    document). Returns the number of documents.
+
+    Raises:
+        ValueError: no training record in `records_path`.
+    """
+    last: dict[str, dict] = {}
+    with open(records_path, encoding="utf-8") as f:
+        for line in f:
+            record = json.loads(line)
+            if record.get("split") == "train":
+                last[record["user_id"]] = record  # records are in time order per user
+    if not last:
+        raise ValueError(f"{records_path} has no training records to build the pre-training corpus from")
+    with open(out_path, "w", encoding="utf-8", newline="\n") as f:
+        for user_id, record in last.items():
+            texts = [h["text"] for h in record["history"]] + [record["target"]]
+            doc = {
+                "user_id": user_id,
+                "context": {},
+                "history": texts[:1],
+                "target": "\n".join(texts[1:]),
+                "split": "train",
+            }
+            f.write(json.dumps(doc, ensure_ascii=False) + "\n")
+    return len(last)
+
+
+class _Clock:
+    """Wall time of each named stage, echoed as it ends."""
+
+    def __init__(self, echo: Callable[[str], None]) -> None:
+        self.echo, self.seconds, self.start = echo, {}, time.perf_counter()
+
+    def stamped(self, message: str) -> None:
+        """`message` prefixed with the seconds since the start."""
+        self.echo(f"[{time.perf_counter() - self.start:5.0f} s] {message}")
+
+    def stage(self, name: str, started: float) -> None:
+        self.seconds[name] = round(time.perf_counter() - started, 1)
+        self.stamped(f"{name}: {self.seconds[name]:.1f} s")
+
+
+def run_demo(cfg: DemoConfig, *, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the demo `cfg` describes (module docstring) and return the contents of results.json.
+
+    Raises:
+        ConfigError: a configuration problem found while setting up a run.
+        TrainingDivergedError: a run's loss became non-finite.
+    """
+    from nextquill_jax.data.prepare import prepare
+    from nextquill_jax.data.synth import generate_synthetic
+    from nextquill_jax.demo_report import markdown_table, plot_training_curves, reading, variant_row
+    from nextquill_jax.demo_tokenizer import record_texts, train_tokenizer
+    from nextquill_jax.effects_report import build_effect_report
+    from nextquill_jax.evaluate import evaluate, load_checkpoint
+    from nextquill_jax.generate import GenerationConfig
+    from nextquill_jax.train.export_command import export
+    from nextquill_jax.train.loop import train
+
+    plan, out = cfg.plan, cfg.out_dir
+    clock = _Clock(echo)
+    echo = clock.stamped
+    runs = out / "runs"
+    for name in ("base", *plan.variants):  # the demo's own earlier runs: train() would resume them
+        shutil.rmtree(runs / name, ignore_errors=True)
+        shutil.rmtree(out / "effects" / name, ignore_errors=True)
+    shutil.rmtree(out / "base", ignore_errors=True)
+
+    t = time.perf_counter()
+    data_dir = out / "data"
+    manifest = generate_synthetic(data_dir, users=plan.users, seed=cfg.seed)
+    documents = write_pretrain_documents(data_dir / "synthetic.jsonl", data_dir / "pretrain.jsonl")
+    echo(f"synthetic benchmark: {manifest['records']} records; {documents} pre-training documents")
+    clock.stage("data", t)
+
+    t = time.perf_counter()
+    vocab = cfg.pretrain.model.model_config().vocab_size
+    ft_data = cfg.finetune.data
+    texts = record_texts(data_dir / "synthetic.jsonl", ft_data.template, max_history=ft_data.max_history)
+    tokenizer = train_tokenizer(texts, out / "tokenizer", vocab_size=vocab)
+    eos_ids = cfg.pretrain.model.model_config().eos_token_ids
+    if tokenizer.eos_token_id not in eos_ids:
+        raise ConfigError(
+            f"{cfg.source}: pretrain.model.overrides.eos_token_ids {list(eos_ids)} must hold the demo "
+            f"tokenizer's EOS id {tokenizer.eos_token_id}"
+        )
+    echo(f"tokenizer: {len(tokenizer)} tokens (model vocabulary {vocab}) -> {out / 'tokenizer'}")
+    prepare(cfg.pretrain.data, cfg.pretrain.train.data_dir, tokenizer=tokenizer, echo=echo)
+    prepare(ft_data, cfg.finetune.train.data_dir, tokenizer=tokenizer, echo=echo)
+    clock.stage("tokenizer and prepared data", t)
+
+    t = time.perf_counter()
+    base = train(cfg.pretrain, runs / "base", echo=echo)
+    export(runs / "base", out / "base")
+    echo(f"base model: {base.step} steps of language modelling -> {out / 'base'}")
+    clock.stage("base pre-training", t)
+
+    generation = GenerationConfig(max_new_tokens=plan.max_new_tokens)
+    rendered = Path(cfg.finetune.train.data_dir) / f"{plan.split}.jsonl"
+    rows = []
+    for variant in plan.variants:
+        t = time.perf_counter()
+        vcfg = cfg.variant_config(variant)
+        workdir = Path(vcfg.train.workdir)
+        result = train(vcfg, workdir, echo=echo)
+        clock.stage(f"{variant}: training ({result.step} steps)", t)
+
+        t = time.perf_counter()
+        evaluate(
+            workdir,
+            plan.split,
+            max_examples=plan.eval_examples,
+            generation=generation,
+            batch_size=plan.eval_batch_size,
+            echo=echo,
+        )
+        loaded = load_checkpoint(workdir)
+        effects_dir = out / "effects" / variant
+        build_effect_report(
+            loaded.model,
+            tokenizer,
+            vcfg.train.data_dir,
+            plan.split,
+            effects_dir,
+            vcfg.loss.loss_config(),
+            num_examples=plan.effect_examples,
+            source=f"{variant} ({loaded.source})",
+        )
+        rows.append(
+            variant_row(variant, workdir / "eval" / plan.split, rendered, effects_dir / "summary.json")
+        )
+        clock.stage(f"{variant}: evaluation and effect report", t)
+
+    plot_training_curves(
+        {v: runs / v for v in plan.variants}, out / "training_curves.png", base=runs / "base"
+    )
+    effect_variant = "nextquill" if "nextquill" in plan.variants else plan.variants[-1]
+    results = {
+        "date": time.strftime("%Y-%m-%d"),
+        "config": cfg.source,
+        "seed": cfg.seed,
+        "plan": {**dataclasses.asdict(plan), "variants": list(plan.variants)},
+        "split": plan.split,
+        "rows": rows,
+        "reference_recall": rows[0]["reference_recall"],
+        "reading": reading(rows),
+        "effect_report": str((out / "effects" / effect_variant / "index.html").absolute()),
+        "training_curves": str((out / "training_curves.png").absolute()),
+        "seconds": {**clock.seconds, "total": round(time.perf_counter() - clock.start, 1)},
+    }
+    table = markdown_table(rows)
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    (out / "results.md").write_text(_results_markdown(results, table), encoding="utf-8")
+    return results
+
+
+def _results_markdown(results: dict[str, Any], table: str) -> str:
+    n = results["rows"][0]["examples"]
+    return (
+        f"# NextQuill demo ({results['date']}, seed {results['seed']}, {results['config']})\n\n"
+        f"{table}\n\n"
+        f"{n} {results['split']} examples; greedy decoding, repetition penalty 1.2. pref. recall: share of "
+        f"the user's signature words in the generation (the references themselves: "
+        f"{results['reference_recall']:.4f}). DCE AUROC: how well DCE separates the ground-truth preference "
+        f"tokens from context and noise tokens (0.5 = chance).\n\n"
+        f"Reading: {results['reading']}\n\n"
+        f"Effect report: {results['effect_report']}\n"
+        f"Training curves: {results['training_curves']}\n"
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--quick", action="store_true", help="the reduced smoke-check run (configs/demo_quick.yaml)"
+    )
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (default: demo_out/)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data, initialisation and data order")
+    parser.add_argument(
+        "--config", type=Path, default=None, help="a demo config (default: configs/demo.yaml)"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from nextquill_jax.train.loop import TrainingDivergedError
+
+    try:
+        cfg = load_demo_config(args.config or default_config(args.quick), args.out, args.seed)
+        run_demo(cfg)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except TrainingDivergedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    print()
+    print((Path(args.out) / "results.md").read_text(encoding="utf-8"))
+    return 0

@@ -1,0 +1,221 @@
+"""The demo at test size: a few synthetic users, a 2-step base, 2 fine-tuning steps per variant.
+
+The numbers mean nothing at this size; what is checked is that the table's files are complete and that every
+number in them is traceable to the file of the run that produced it (and recomputed here where it is ours).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from nextquill_jax.config import ConfigError
+from nextquill_jax.demo import load_demo_config, run_demo, write_pretrain_documents
+from nextquill_jax.demo_report import COLUMNS, signature_recall
+
+REPO = Path(__file__).resolve().parents[1]
+VARIANTS = ["sft", "context_sft", "nextquill"]
+FINETUNE_STEPS = 2
+
+
+def read_jsonl(path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _training(model: dict, data: dict, variant: str, steps: int) -> dict:
+    return {
+        "model": {**model, "compute_dtype": "float32"},
+        "data": {"format": "generic", **data},
+        "loss": {"variant": variant, "token_chunk": 256, "vocab_chunk": 512},
+        "optim": {"learning_rate": 1e-2, "warmup_steps": 1, "weight_decay": 0.0},
+        "train": {"max_steps": steps},
+        "checkpoint": {"every_steps": 0, "on_epoch_end": False, "keep": 1, "best_metric": None},
+        "eval": {"max_batches": 1},
+        "logging": {"every_steps": 1, "tensorboard": False, "progress_bar": False},
+    }
+
+
+def tiny_demo_config(path: Path) -> Path:
+    batching = {"mode": "pack", "length_multiple": 32, "rows_per_batch": 2, "read_threads": 0,
+                "prefetch_batches": 0, "num_epochs": 20}  # fmt: skip
+    arch = {"vocab_size": 512, "hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 2,
+            "num_kv_heads": 1, "head_dim": 16, "max_position_embeddings": 1024, "rope_theta": 10000.0,
+            "bos_token_id": 0, "eos_token_ids": [0], "pad_token_id": 0}  # fmt: skip
+    cfg = {
+        "demo": {
+            "users": 6,
+            "variants": VARIANTS,
+            "split": "test",
+            "eval_examples": 4,
+            "eval_batch_size": 4,
+            "max_new_tokens": 8,
+            "effect_examples": 3,
+        },
+        "pretrain": _training(
+            {"preset": "qwen2.5-0.5b", "overrides": arch},
+            {
+                "template": "plain",
+                "max_history": 0,
+                "batching": {**batching, "seq_len_with": 1024, "too_long": "truncate"},
+            },
+            "sft",
+            2,
+        ),
+        "finetune": _training(
+            {"path": "unused: the demo sets it"},
+            {"template": "review_short", "max_history": 3, "batching": {**batching, "seq_len_with": 768}},
+            "nextquill",
+            FINETUNE_STEPS,
+        ),
+    }
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    cfg = load_demo_config(tiny_demo_config(root / "demo.yaml"), root / "out", seed=3)
+    results = run_demo(cfg, echo=lambda _: None)
+    return root / "out", results
+
+
+def test_files_and_table_structure(demo_run):
+    out, results = demo_run
+    assert json.loads((out / "results.json").read_text()) == results
+    assert (out / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert Path(results["effect_report"]) == (out / "effects" / "nextquill" / "index.html").absolute()
+    assert Path(results["effect_report"]).exists()
+    assert [r["variant"] for r in results["rows"]] == VARIANTS
+    markdown = (out / "results.md").read_text()
+    table = [line for line in markdown.splitlines() if line.startswith("|")]
+    assert table[0] == "| variant | " + " | ".join(h for _, h in COLUMNS) + " |"
+    assert len(table) == 2 + len(VARIANTS)
+    for line, row in zip(table[2:], results["rows"], strict=True):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[0] == row["variant"]
+        for (key, _), cell in zip(COLUMNS, cells[1:], strict=True):
+            value = row[key]
+            assert cell == ("–" if value is None else f"{value:.2f}" if key == "bleu" else f"{value:.4f}")
+    assert f"Reading: {results['reading']}" in markdown
+
+
+def test_text_metrics_are_those_of_each_runs_metrics_json(demo_run):
+    out, results = demo_run
+    for row in results["rows"]:
+        metrics_path = Path(row["sources"]["metrics"])
+        assert metrics_path == out / "runs" / row["variant"] / "eval" / "test" / "metrics.json"
+        metrics = json.loads(metrics_path.read_text())
+        for key in ("rouge1", "rougeL", "meteor", "bleu"):
+            assert row[key] == metrics["overall"][key]
+        assert row["examples"] == metrics["examples"] == 4
+        expected_prompt = "prompt_without_history" if row["variant"] == "sft" else "prompt_with_history"
+        assert metrics["prompt"] == expected_prompt
+        assert metrics["generation"]["repetition_penalty"] == 1.2
+        assert metrics["generation"]["do_sample"] is False
+
+
+def test_preference_recall_recomputed_from_predictions_and_ground_truth(demo_run):
+    out, results = demo_run
+    truth = {
+        r["user_id"]: (r["target"], r["meta"]["signature_words"])
+        for r in read_jsonl(out / "data" / "synthetic.jsonl")
+        if r["split"] == "test"
+    }
+    for row in results["rows"]:
+        predictions = read_jsonl(row["sources"]["predictions"])
+        assert len(predictions) == 4
+        got, ref = [], []
+        for p in predictions:
+            target, words = truth[p["user_id"]]
+            assert p["reference"] == target
+            tokens = re.split(r"[^A-Za-z]+", p["prediction"])
+            got.append(np.mean([w in tokens for w in words]))
+            ref.append(np.mean([w in re.split(r"[^A-Za-z]+", target) for w in words]))
+        assert row["preference_recall"] == pytest.approx(np.mean(got), abs=1e-12)
+        assert row["reference_recall"] == pytest.approx(np.mean(ref), abs=1e-12)
+    assert results["reference_recall"] > 0  # every synthetic target uses at least one signature word
+
+
+def test_dce_auroc_is_that_of_each_effect_report(demo_run):
+    out, results = demo_run
+    for row in results["rows"]:
+        summary_path = Path(row["sources"]["effects"])
+        assert summary_path == out / "effects" / row["variant"] / "summary.json"
+        summary = json.loads(summary_path.read_text())
+        assert row["dce_auroc"] == summary["ground_truth"]["auroc"]
+        assert 0.0 <= row["dce_auroc"] <= 1.0
+        assert len(summary["examples"]) == 3
+
+
+def test_reading_follows_the_numbers(demo_run):
+    _, results = demo_run
+    by = {r["variant"]: r for r in results["rows"]}
+    nq, cs = by["nextquill"]["rouge1"], by["context_sft"]["rouge1"]
+    verb = "ties" if nq == cs else "beats" if nq > cs else "does not beat"
+    assert results["reading"].startswith(f"NextQuill {verb} ContextSFT on ROUGE-1 ({nq:.4f} vs {cs:.4f})")
+
+
+def test_variants_share_the_base_and_train_the_same_steps(demo_run):
+    out, _ = demo_run
+    base_rows = read_jsonl(out / "runs" / "base" / "metrics.jsonl")
+    assert max(r["step"] for r in base_rows) == 2
+    assert (out / "base" / "config.json").exists()
+    for variant in VARIANTS:
+        config = yaml.safe_load((out / "runs" / variant / "config.yaml").read_text())
+        assert config["model"]["path"] == str(out / "base")
+        assert config["loss"]["variant"] == variant
+        assert config["train"]["seed"] == 3 and config["data"]["batching"]["seed"] == 3
+        steps = [r["step"] for r in read_jsonl(out / "runs" / variant / "metrics.jsonl")]
+        assert max(steps) == FINETUNE_STEPS
+
+
+def test_pretraining_documents_hold_no_validation_or_test_target(tmp_path):
+    from nextquill_jax.data.synth import generate_synthetic
+
+    generate_synthetic(tmp_path, users=3, seed=1)
+    count = write_pretrain_documents(tmp_path / "synthetic.jsonl", tmp_path / "docs.jsonl")
+    records = read_jsonl(tmp_path / "synthetic.jsonl")
+    docs = {d["user_id"]: d for d in read_jsonl(tmp_path / "docs.jsonl")}
+    assert count == len(docs) == 3
+    for r in records:
+        text = "\n".join([*docs[r["user_id"]]["history"], docs[r["user_id"]]["target"]])
+        assert (r["target"] in text) == (r["split"] == "train"), r["id"]
+
+
+def test_signature_recall_counts_whole_lowercase_words():
+    assert signature_recall("The Gentle River felt bold to me.", ["gentle", "bold"]) == 0.5
+    assert signature_recall("boldly, gentleness", ["gentle", "bold"]) == 0.0
+    assert signature_recall("gentle... bold!", ["gentle", "bold", "stark"]) == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="empty"):
+        signature_recall("text", [])
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "demo_quick.yaml"])
+def test_shipped_demo_configs_load(name, tmp_path):
+    cfg = load_demo_config(REPO / "configs" / name, tmp_path, seed=0)
+    assert cfg.variant_config("sft").loss.variant == "sft"
+    assert cfg.finetune.model.path == str(tmp_path / "base")
+    assert cfg.pretrain.model.model_config().eos_token_ids == (0,)
+
+
+def test_bad_demo_configs_are_named(tmp_path):
+    good = yaml.safe_load(tiny_demo_config(tmp_path / "good.yaml").read_text())
+    bad = dict(good, extra={})
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    with pytest.raises(ConfigError, match="exactly the sections"):
+        load_demo_config(tmp_path / "bad.yaml", tmp_path)
+    bad = dict(good, demo={**good["demo"], "variants": ["sft", "contextsft"]})
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    with pytest.raises(ConfigError, match=r"demo\.variants"):
+        load_demo_config(tmp_path / "bad.yaml", tmp_path)
+    bad = dict(good, finetune={**good["finetune"], "optim": {"learning_rat": 1.0}})
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    with pytest.raises(ConfigError, match=r"finetune\.optim\.learning_rat.*learning_rate"):
+        load_demo_config(tmp_path / "bad.yaml", tmp_path)
