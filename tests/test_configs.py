@@ -23,6 +23,7 @@ import pytest
 from jax.sharding import AbstractMesh, AxisType
 
 from nextquill_jax.config import Config, ModelSection, load_config
+from nextquill_jax.demo import load_demo_config
 from nextquill_jax.models.attention import check_attention_backend
 from nextquill_jax.models.config import ModelConfig
 from nextquill_jax.models.presets import PRESETS
@@ -105,7 +106,7 @@ def read_header(path: Path) -> Header:
             )
             header.on[m.group(1)] = m.group(2).split()
         start = text.find("nextquill-jax ")
-        if start >= 0 and text[start:].split()[1:2] in (["train"], ["data"], ["bench"]):
+        if start >= 0 and text[start:].split()[1:2] in (["train"], ["data"], ["bench"], ["demo"]):
             header.commands.append(shlex.split(text[start:]))
         elif "tpu_scripts/launch.sh" in text:
             header.commands.append(shlex.split(text))
@@ -201,6 +202,9 @@ def test_config_loads_and_fits_its_hardware(path):
     if "scaling" in path.relative_to(CONFIG_DIR).parts:
         _check_scaling(path, header)
         return
+    if path.name.startswith("demo"):
+        _check_demo(path, header)
+        return
     cfg = load_config(path)
     for words in header.commands:
         kind, options, overrides = parse_command(words)
@@ -224,6 +228,30 @@ def test_config_loads_and_fits_its_hardware(path):
             target,
             f"{rel(path)} {' '.join(overrides)}".strip(),
         )
+
+
+def _check_demo(path: Path, header: Header) -> None:
+    """Demo files hold a plan and two training configs (`pretrain`, `finetune`); every variant's config must
+    load and fit the CPU the demo runs on."""
+    demo = load_demo_config(path)
+    assert demo.plan.variants, f"{rel(path)}: no variants"
+    for target, overrides in targets_with_overrides(header):
+        assert not overrides, f"{rel(path)}: demo files take no overrides ('On {target}:')"
+        for name, c in [("pretrain", demo.pretrain)] + [
+            (v, demo.variant_config(v)) for v in demo.plan.variants
+        ]:
+            assert c.loss.variant == name or name == "pretrain", (
+                f"{rel(path)}: variant {name} runs {c.loss.variant}"
+            )
+            check_fits(
+                c.mesh.sizes(),
+                c.train.micro_batches,
+                c.data.batching.rows_per_batch,
+                c.model.model_config() if c.model.preset is not None else demo.pretrain.model.model_config(),
+                c.model.attention_impl,
+                target,
+                f"{rel(path)} [{name}]",
+            )
 
 
 def _check_scaling(path: Path, header: Header) -> None:
@@ -295,7 +323,7 @@ def test_configs_sharing_prepared_data_agree_on_its_contents():
     replaces) the first's; batching is free to differ."""
     by_dir: dict[str, list[tuple[str, dict]]] = {}
     for path in CONFIG_FILES:
-        if "scaling" in path.relative_to(CONFIG_DIR).parts:
+        if "scaling" in path.relative_to(CONFIG_DIR).parts or path.name.startswith("demo"):
             continue
         cfg = load_config(path)
         if cfg.train.data_dir is not None:
