@@ -185,3 +185,14 @@ def test_eval_generation_is_configurable_and_cli_flags_override_only_what_they_s
     assert generation_overrides(parser.parse_args(["--workdir", "w"])) == {}
     args = parser.parse_args(["--workdir", "w", "--repetition-penalty", "1.0", "--do-sample"])
     assert generation_overrides(args) == {"repetition_penalty": 1.0, "do_sample": True}
+
+
+def test_url_workdir_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    from nextquill_jax.train import loop
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(REPO / "configs" / "tiny_synthetic.yaml")
+    with pytest.raises(ConfigError, match="mount the bucket"):
+        loop.resolve_workdir(cfg, "gs://bucket/runs/x")
+    assert not any(tmp_path.iterdir())
+    assert loop.resolve_workdir(cfg, "runs/x") == tmp_path / "runs" / "x"

@@ -62,11 +62,17 @@ def resolve_workdir(cfg: Config, override: str | Path | None) -> Path:
     """The run's directory: `override` (--workdir), else `train.workdir`.
 
     Raises:
-        ConfigError: neither is set.
+        ConfigError: neither is set, or it is a URL (such as gs://...), which would otherwise silently become
+            a local folder named after the URL.
     """
     chosen = override if override is not None else cfg.train.workdir
     if chosen is None:
         raise ConfigError("no workdir: set train.workdir in the config or pass --workdir DIR")
+    if "://" in str(chosen):
+        raise ConfigError(
+            f"workdir {chosen}: object-store URLs are not written directly; mount the bucket (gcsfuse, see "
+            f"tpu_scripts/mount_bucket.sh) and pass the mounted path, e.g. --workdir gcs/runs/NAME"
+        )
     return Path(chosen).expanduser().absolute()
 
 
