@@ -10,24 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from loss_configs import CONFIG_IDS, CONFIGS, IGNORE
 
 from nextquill_jax.losses import LossConfig, combine_aux, loss_from_aux, loss_from_logits, metrics_from_aux
-
-IGNORE = -100
-
-# (variant, weight_alignment, js_detach): every variant, with and without weight_alignment where it applies.
-CONFIGS = [
-    ("sft", False, True),
-    ("context_sft", False, True),
-    ("mce", False, True),
-    ("mce", True, True),
-    ("dce", False, True),
-    ("js", False, True),
-    ("js", False, False),
-    ("nextquill", False, True),
-    ("nextquill", True, True),
-]
-CONFIG_IDS = [f"{v}{'-wa' if wa else ''}{'' if det else '-jsgrad'}" for v, wa, det in CONFIGS]
 
 
 # ----------------------------------------------------------------------------------------- NumPy reference

@@ -12,24 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from loss_configs import CONFIG_IDS, CONFIGS, IGNORE
 
 from nextquill_jax.fused_head import head_token_stats
 from nextquill_jax.losses import LossConfig, combine_aux, loss_from_aux, loss_from_hidden, loss_from_logits
-
-IGNORE = -100
-CONFIGS = [
-    ("sft", False, True),
-    ("context_sft", False, True),
-    ("mce", False, True),
-    ("mce", True, True),
-    ("dce", False, True),
-    ("js", False, True),
-    ("js", False, False),
-    ("nextquill", False, True),
-    ("nextquill", True, True),
-]
-CONFIG_IDS = [f"{v}{'-wa' if wa else ''}{'' if det else '-jsgrad'}" for v, wa, det in CONFIGS]
-
 
 # The test programs are tiny: LLVM optimisation would only add compile time.
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
