@@ -10,6 +10,14 @@ import functools
 from pathlib import Path
 
 FIXTURES = Path(__file__).parent / "fixtures"
+# DPL thresholds small enough for the tiny Amazon fixtures; text and description lengths stay public.
+SMALL = dict(
+    dpl_min_item_users=2,
+    dpl_min_user_reviews=5,
+    dpl_num_targets=3,
+    dpl_min_profile_item_users=2,
+    dpl_min_profile_reviews=2,
+)
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

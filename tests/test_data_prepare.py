@@ -8,20 +8,13 @@ import os
 import numpy as np
 import pytest
 import yaml
-from data_helpers import FIXTURES, save_tiny_tokenizer, tiny_tokenizer
+from data_helpers import FIXTURES, SMALL, save_tiny_tokenizer, tiny_tokenizer
 
 from nextquill_jax.cli import main
 from nextquill_jax.data.config import DataConfig
 from nextquill_jax.data.prepare import prepare
 from nextquill_jax.data.prepared import PreparedSplit
 
-SMALL = dict(
-    dpl_min_item_users=2,
-    dpl_min_user_reviews=5,
-    dpl_num_targets=3,
-    dpl_min_profile_item_users=2,
-    dpl_min_profile_reviews=2,
-)
 F = FIXTURES
 FORMATS = {
     "amazon2023": dict(

@@ -10,7 +10,7 @@ import shutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from data_helpers import FIXTURES
+from data_helpers import FIXTURES, SMALL
 from dpl_reference import reference_dpl
 
 from nextquill_jax.data.config import DataConfig
@@ -19,14 +19,6 @@ from nextquill_jax.data.records import DataError, IssueLog
 from nextquill_jax.data.templates import load_template
 
 AMAZON = FIXTURES / "amazon2023"
-# Small thresholds for the tiny fixture; description and text lengths keep the public values.
-SMALL = dict(
-    dpl_min_item_users=2,
-    dpl_min_user_reviews=5,
-    dpl_num_targets=3,
-    dpl_min_profile_item_users=2,
-    dpl_min_profile_reviews=2,
-)
 REFERENCE_T = dict(
     min_desc=100,
     max_desc=2000,

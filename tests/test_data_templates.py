@@ -4,7 +4,7 @@ tokenizer-chat-template mode, and templates as data (YAML by path, validated).""
 from __future__ import annotations
 
 import pytest
-from data_helpers import FIXTURES, tiny_tokenizer
+from data_helpers import FIXTURES, SMALL, tiny_tokenizer
 
 from nextquill_jax.data.config import DataConfig
 from nextquill_jax.data.examples import FittingStats, build_examples
@@ -13,13 +13,6 @@ from nextquill_jax.data.records import IssueLog
 from nextquill_jax.data.templates import builtin_templates, load_template, render_messages, render_prompt
 
 AMAZON = FIXTURES / "amazon2023"
-SMALL = dict(
-    dpl_min_item_users=2,
-    dpl_min_user_reviews=5,
-    dpl_num_targets=3,
-    dpl_min_profile_item_users=2,
-    dpl_min_profile_reviews=2,
-)
 
 # Field values copied from tests/fixtures/amazon2023: U1's last review ("Second look", line 31 of
 # Books.jsonl) and U1's two most recent earlier reviews (Lanterns at Noon, then Paper Kings), with their
