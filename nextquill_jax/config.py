@@ -49,7 +49,7 @@ class ModelSection:
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     compute_dtype: Literal["float32", "bfloat16"] = "bfloat16"
     remat_policy: Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"] = "none"
-    attention_impl: Literal["xla", "cudnn", "splash"] = "xla"
+    attention_impl: Literal["xla", "xla_dense", "cudnn", "splash"] = "xla"
 
     def __post_init__(self):
         if (self.path is None) == (self.preset is None):

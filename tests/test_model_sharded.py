@@ -1,6 +1,7 @@
 """Sharded loading on 8 simulated CPU devices, mesh (data=1, fsdp=2, tensor=4): parameters land with the
 shardings the logical-axis rules give, each device holds only its slice, and the sharded forward equals the
-single-device one. Splash attention (Pallas, interpret mode) under shard_map equals the XLA attention."""
+single-device one. Splash attention (Pallas, interpret mode) under shard_map equals the XLA attention, and the
+blockwise attention on sharded inputs equals the dense attention in value and gradients."""
 
 from __future__ import annotations
 
@@ -99,5 +100,41 @@ def test_splash_attention_under_shard_map_matches_xla():
         with jax.set_mesh(mesh):
             got = jax.jit(functools.partial(splash_attention, interpret=True))(q, k, v, seg)
         assert float(jnp.abs(got - ref).max()) <= 1e-5, float(jnp.abs(got - ref).max())
+        """
+    )
+
+
+def test_blockwise_attention_on_sharded_inputs_matches_dense():
+    run_with_devices(
+        """
+        import jax, jax.numpy as jnp, numpy as np
+        from jax.sharding import NamedSharding, PartitionSpec as P
+        from nextquill_jax.models.attention import attention_mask, xla_attention
+        from nextquill_jax.models.blockwise_attention import blockwise_attention
+
+        auto = (jax.sharding.AxisType.Auto,) * 3
+        mesh = jax.make_mesh((1, 2, 4), ("data", "fsdp", "tensor"), axis_types=auto)
+        rng = np.random.default_rng(0)
+        seg = jnp.asarray(np.repeat([[1, 2, 2, 0], [1, 1, 3, 3]], 24, axis=1).astype(np.int32))  # [2, 96]
+        real = (seg > 0)[:, :, None, None]
+        slots = jnp.arange(96)
+        for kv_heads in (4, 2):  # 2 kv heads < 4 head shards
+            q = jnp.asarray(rng.standard_normal((2, 96, 8, 16)), jnp.float32)
+            k = jnp.asarray(rng.standard_normal((2, 96, kv_heads, 16)), jnp.float32)
+            v = jnp.asarray(rng.standard_normal((2, 96, kv_heads, 16)), jnp.float32)
+            w = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+            dense = lambda q, k, v: xla_attention(q, k, v, attention_mask(seg, seg, slots, slots))
+            blockwise = lambda q, k, v: blockwise_attention(q, k, v, seg, 32)
+            loss = lambda attend: lambda q, k, v: jnp.sum(jnp.where(real, attend(q, k, v), 0.0) * w)
+            ref_value, ref_grads = jax.value_and_grad(loss(dense), argnums=(0, 1, 2))(q, k, v)
+            heads = NamedSharding(mesh, P("fsdp", None, "tensor", None))
+            kv = heads if kv_heads == 4 else NamedSharding(mesh, P("fsdp", None, None, None))
+            args = [jax.device_put(a, s) for a, s in ((q, heads), (k, kv), (v, kv))]
+            with jax.set_mesh(mesh):
+                value, grads = jax.jit(jax.value_and_grad(loss(blockwise), argnums=(0, 1, 2)))(*args)
+            assert abs(float(value) - float(ref_value)) <= 1e-5 * abs(float(ref_value)), (value, ref_value)
+            for got, expected in zip(grads, ref_grads):
+                err = float(jnp.abs(got - expected).max() / jnp.abs(expected).max())
+                assert err <= 1e-5, (kv_heads, err)
         """
     )

@@ -6,7 +6,10 @@ The mask rule: query slot i sees key slot j iff j <= i and both carry the same s
 (segment 0) see only earlier padding, so no softmax row is ever empty; their outputs are meaningless
 and unused.
 
-- `xla`: einsum + explicit mask, float32 softmax; every backend. Also used with a KV cache.
+- `xla`: blockwise attention (`blockwise_attention.py`): online softmax over key blocks, memory O(T), block
+  pairs that cannot hold a visible pair skipped; plain XLA ops, every backend. Padding queries get output 0.
+- `xla_dense`: einsum + explicit mask over the full [B, K, G, T, T] score tensor, float32 softmax; every
+  backend. The reference statement of the rule; also the path used with a KV cache.
 - `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")`, GPU only, bf16/fp16; segment ids become a
   boolean mask (without them only the causal mask is applied, which is cuDNN's fastest path).
 - `splash`: Pallas splash attention, TPU only, with segment ids natively. Under `jax.set_mesh(mesh)` with
@@ -24,6 +27,7 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from ..parallel import DEFAULT_RULES, logical_to_mesh_spec
+from .blockwise_attention import DEFAULT_BLOCK, blockwise_attention
 
 _BACKENDS = {"cudnn": ("gpu", "cuda"), "splash": ("tpu",)}
 _SPLASH_BLOCK = 512
@@ -193,10 +197,13 @@ def self_attention(
     """
     check_attention_backend(impl)
     if impl == "xla":
+        # Short sequences get one block of T rounded up to 8 rather than padding to the default block.
+        return blockwise_attention(q, k, v, segment_ids, min(DEFAULT_BLOCK, -(-q.shape[1] // 8) * 8))
+    if impl == "xla_dense":
         slots = jnp.arange(q.shape[1], dtype=jnp.int32)
         return xla_attention(q, k, v, attention_mask(segment_ids, segment_ids, slots, slots))
     if impl == "cudnn":
         return cudnn_attention(q, k, v, segment_ids if segments_given else None)
     if impl == "splash":
         return splash_attention(q, k, v, segment_ids)
-    raise ValueError(f"unknown attention_impl {impl!r}; known: xla, cudnn, splash")
+    raise ValueError(f"unknown attention_impl {impl!r}; known: xla, xla_dense, cudnn, splash")
