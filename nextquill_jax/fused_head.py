@@ -5,6 +5,10 @@ tile (a chunk of response slots × a block of the vocabulary) at a time. The for
 logsumexp and the label's logit per token; the backward pass (a `jax.custom_vjp`) recomputes each tile's
 logits from h and W, so the memory of both passes is bounded by the tile size, not by tokens × V.
 
+The optional effect stream holds the statistics of the difference of the logits of streams 0 and 1,
+`z_0 − z_1` (NextQuill's alignment logits), formed tile by tile from the two streams' logits: it costs no
+matrix product of its own, and its gradient flows into streams 0 and 1 (dz_0 += dz_e, dz_1 −= dz_e).
+
 The optional Jensen–Shannon statistic between streams 0 and 1,
 `JS = KL(p_0 ‖ m) + KL(p_1 ‖ m)` with `m = (p_0 + p_1) / 2` over the full vocabulary, needs each stream's
 logsumexp first, so it takes a second sweep over the vocabulary.
@@ -36,10 +40,10 @@ DEFAULT_VOCAB_CHUNK = 8192
 
 
 class HeadStats(NamedTuple):
-    """Per-token statistics of the logits of each stream (float32).
+    """Per-token statistics of the logits of each stream (float32); S' = S, or S + 1 with the effect stream.
 
-    lse: [S, ..., R] logsumexp of the logits over the vocabulary.
-    label_logit: [S, ..., R] the logit of the token's label (0 where the label is ignored, NaN where it is
+    lse: [S', ..., R] logsumexp of the logits over the vocabulary.
+    label_logit: [S', ..., R] the logit of the token's label (0 where the label is ignored, NaN where it is
         outside [0, V)).
     js: [..., R] Jensen–Shannon weight between streams 0 and 1, or None when not requested.
     """
@@ -54,6 +58,7 @@ class _Plan(NamedTuple):
 
     layout: str
     with_js: bool
+    with_effect: bool
     rows: int
     slots: int
     chunk: int
@@ -90,6 +95,7 @@ def head_token_stats(
     *,
     head_layout: HeadLayout = "vd",
     with_js: bool = False,
+    with_effect: bool = False,
     token_chunk: int = DEFAULT_TOKEN_CHUNK,
     vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
 ) -> HeadStats:
@@ -101,16 +107,18 @@ def head_token_stats(
         labels: [..., R] int target ids in [0, V), or IGNORE_INDEX (-100) for slots outside the loss.
         head_layout: "vd" or "dv", see `lm_head`.
         with_js: also return the Jensen–Shannon weight between streams 0 and 1 (needs S >= 2).
+        with_effect: append a stream S with the statistics of the logits difference z_0 − z_1 (needs S >= 2).
         token_chunk: tokens per tile across all rows (at least one response slot per row).
         vocab_chunk: vocabulary columns per tile.
 
     Returns:
-        HeadStats with lse, label_logit [S, ..., R] and js [..., R] (or None), float32. Differentiable with
-        respect to `hidden` and `lm_head`; the gradient has their dtypes.
+        HeadStats with lse, label_logit [S, ..., R] ([S + 1, ..., R] with the effect stream) and js
+        [..., R] (or None), float32. Differentiable with respect to `hidden` and `lm_head`; the gradient
+        has their dtypes.
 
     Raises:
         ValueError: for mismatched shapes, an unknown layout, non-positive chunk sizes, or `with_js` with
-            S < 2.
+            S < 2, or `with_effect` with S < 2.
     """
     if hidden.ndim < 3:
         raise ValueError(
@@ -120,13 +128,15 @@ def head_token_stats(
     width = hidden.shape[-1]
     if labels.shape != hidden.shape[1:-1]:
         raise ValueError(f"labels shape {labels.shape} must equal hidden.shape[1:-1] = {hidden.shape[1:-1]}")
-    if with_js and hidden.shape[0] < 2:
-        raise ValueError(f"with_js needs at least 2 streams, got {hidden.shape[0]}")
+    for name, wanted in (("with_js", with_js), ("with_effect", with_effect)):
+        if wanted and hidden.shape[0] < 2:
+            raise ValueError(f"{name} needs at least 2 streams, got {hidden.shape[0]}")
     for name, size in (("token_chunk", token_chunk), ("vocab_chunk", vocab_chunk)):
         if not isinstance(size, int) or size < 1:
             raise ValueError(f"{name} must be a positive int, got {size!r}")
 
-    streams, slots = hidden.shape[0], hidden.shape[-2]
+    slots = hidden.shape[-2]
+    streams = hidden.shape[0] + with_effect
     lead = hidden.shape[1:-2]
     rows = math.prod(lead)
     chunk = max(1, min(slots, -(-token_chunk // max(rows, 1))))
@@ -134,6 +144,7 @@ def head_token_stats(
     plan = _Plan(
         layout=head_layout,
         with_js=with_js,
+        with_effect=with_effect,
         rows=rows,
         slots=slots,
         chunk=chunk,
@@ -142,7 +153,7 @@ def head_token_stats(
         block=block,
         n_blocks=-(-vocab // block),
     )
-    h = hidden.astype(jnp.float32).reshape(streams, rows, slots, width)  # [S, M, R, D]
+    h = hidden.astype(jnp.float32).reshape(hidden.shape[0], rows, slots, width)  # [S, M, R, D]
     y = labels.astype(jnp.int32).reshape(rows, slots)  # [M, R]
     lse, label_logit, js = _stats(h, lm_head, y, plan)
     bad_label = (y != IGNORE_INDEX) & ((y < 0) | (y >= vocab))  # NaN, so it cannot pass unnoticed under jit
@@ -192,14 +203,20 @@ def _add_block(dw: jax.Array, dwb: jax.Array, i: jax.Array, plan: _Plan) -> jax.
     return lax.dynamic_update_slice_in_dim(dw, current + dwb.astype(dw.dtype), start, axis=axis)
 
 
+def _tile_logits(hc: jax.Array, wb: jax.Array, plan: _Plan) -> jax.Array:
+    """hc [S, M, C, D] @ wb [Vb, D]ᵀ -> [S', M, C, Vb], with z_0 − z_1 appended as stream S if planned."""
+    z = jnp.einsum("smcd,vd->smcv", hc, wb)
+    return jnp.concatenate([z, z[:1] - z[1:2]]) if plan.with_effect else z
+
+
 def _chunk_forward(hc: jax.Array, yc: jax.Array, w: jax.Array, plan: _Plan):
-    """One token chunk: hc [S, M, C, D], yc [M, C] -> lse, label_logit [S, M, C], kl [2, M, C] or None."""
-    streams, rows, chunk = hc.shape[:3]
+    """One token chunk: hc [S, M, C, D], yc [M, C] -> lse, label_logit [S', M, C], kl [2, M, C] or None."""
+    streams, rows, chunk = hc.shape[0] + plan.with_effect, hc.shape[1], hc.shape[2]
 
     def lse_step(carry, i):
         running_max, running_sum, label_logit = carry  # each [S, M, C]
         wb, cols, fresh = _vocab_block(w, i, plan)
-        z = jnp.einsum("smcd,vd->smcv", hc, wb)  # [S, M, C, Vb]
+        z = _tile_logits(hc, wb, plan)  # [S', M, C, Vb]
         z_fresh = jnp.where(fresh, z, -jnp.inf)
         new_max = jnp.maximum(running_max, z_fresh.max(-1))
         running_sum = running_sum * jnp.exp(running_max - new_max) + jnp.exp(
@@ -228,7 +245,7 @@ def _chunk_forward(hc: jax.Array, yc: jax.Array, w: jax.Array, plan: _Plan):
 
 
 def _forward(h: jax.Array, w: jax.Array, y: jax.Array, plan: _Plan):
-    """h [S, M, R, D] f32, y [M, R] -> (lse, label_logit [S, M, R], js [M, R] | None) and the residuals."""
+    """h [S, M, R, D] f32, y [M, R] -> (lse, label_logit [S', M, R], js [M, R] | None) and the residuals."""
     h_chunks = _to_chunks(h, plan, 0.0, axis=-2)  # [nC, S, M, C, D]
     y_chunks = _to_chunks(y, plan, IGNORE_INDEX)  # [nC, M, C]
     lse, label_logit, kl = lax.map(lambda xs: _chunk_forward(*xs, w, plan), (h_chunks, y_chunks))
@@ -247,10 +264,11 @@ def _stats_fwd(h, w, y, plan):
 
 
 def _stats_bwd(plan: _Plan, residuals, cotangents):
-    """Recompute tile logits; dz = g_lse·softmax + g_label·onehot (+ the JS term); dh = dz W, dW = dzᵀ h."""
+    """Recompute tile logits; dz = g_lse·softmax + g_label·onehot (+ the JS term), the effect stream's dz
+    folded into streams 0 and 1; dh = dz W, dW = dzᵀ h."""
     h_chunks, y_chunks, w, lse, kl = residuals
     g_lse, g_label, g_js = cotangents
-    g_lse = _to_chunks(g_lse, plan, 0.0)  # [nC, S, M, C]
+    g_lse = _to_chunks(g_lse, plan, 0.0)  # [nC, S', M, C]
     g_label = _to_chunks(g_label, plan, 0.0)
     g_js = None if g_js is None else _to_chunks(g_js, plan, 0.0)  # [nC, M, C]
 
@@ -260,7 +278,7 @@ def _stats_bwd(plan: _Plan, residuals, cotangents):
 
         def token_step(dwb, xs):
             hc, yc, lse_c, kl_c, gl, gy, gj = xs
-            z = jnp.einsum("smcd,vd->smcv", hc, wb)  # [S, M, C, Vb]
+            z = _tile_logits(hc, wb, plan)  # [S', M, C, Vb]
             p = jnp.where(fresh, jnp.exp(z - lse_c[..., None]), 0.0)
             is_label = fresh & (cols == yc[..., None])  # [M, C, Vb]
             dz = gl[..., None] * p + jnp.where(is_label, gy[..., None], 0.0)
@@ -270,6 +288,9 @@ def _stats_bwd(plan: _Plan, residuals, cotangents):
                 log_mid = jnp.logaddexp(logp[0], logp[1]) - jnp.log(2.0)
                 djs = gj[..., None] * p[:2] * (logp - log_mid - kl_c[..., None])
                 dz = dz.at[:2].add(djs)
+            if plan.with_effect:
+                dz_effect = dz[-1]
+                dz = dz[:-1].at[0].add(dz_effect).at[1].add(-dz_effect)  # [S, M, C, Vb]
             dh_c = jnp.einsum("smcv,vd->smcd", dz, wb)
             return dwb + jnp.einsum("smcv,smcd->vd", dz, hc), dh_c
 

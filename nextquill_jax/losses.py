@@ -261,7 +261,8 @@ def loss_from_hidden(
     Per-token logsumexps and label logits come from `fused_head.head_token_stats`, tile by tile, with a
     backward pass that recomputes tiles: memory is bounded by (token_chunk × vocab_chunk) in both passes.
     Streams that get a gradient share one call; streams needed only for DCE (which carries no gradient) or for
-    detached js weights go through a second, forward-only call. L_p's logits are (h_h − h_∅) Wᵀ.
+    detached js weights go through a second, forward-only call. L_p's logits z_h − z_∅ are formed per tile
+    from the two streams' logits (no third matrix product).
 
     Args:
         hidden_with: [..., R, D] final hidden states at the target positions with the history; None for sft.
@@ -300,20 +301,27 @@ def loss_from_hidden(
         streams["with"] = hidden_with.astype(jnp.float32)
     if have_without:
         streams["without"] = hidden_without.astype(jnp.float32)
-    if spec.alignment:
-        streams["effect"] = streams["with"] - streams["without"]
 
     js_with_grad = spec.next_weights == "js" and not cfg.js_detach
     if spec.next_stream == "without":
         grad_names = ["without"]
-    elif js_with_grad:
+    elif js_with_grad or spec.alignment:
         grad_names = ["with", "without"]
     else:
-        grad_names = ["with", "effect"] if spec.alignment else ["with"]
+        grad_names = ["with"]
     out = head_token_stats(
-        jnp.stack([streams[n] for n in grad_names]), lm_head, labels, with_js=js_with_grad, **head
+        jnp.stack([streams[n] for n in grad_names]),
+        lm_head,
+        labels,
+        with_js=js_with_grad,
+        with_effect=spec.alignment,
+        **head,
     )
     stats = {n: (out.lse[k], out.label_logit[k]) for k, n in enumerate(grad_names)}
+    if spec.alignment:
+        stats["effect"] = (out.lse[-1], out.label_logit[-1])
+        if not js_with_grad:  # the without stream's own CE feeds only the (gradient-free) DCE
+            stats["without"] = jax.lax.stop_gradient(stats["without"])
     js = out.js
 
     js_detached = spec.next_weights == "js" and cfg.js_detach

@@ -223,7 +223,7 @@ def test_head_token_stats_with_several_leading_dims():
     y[1, 2, 1:] = IGNORE
     stats = jax.jit(
         head_token_stats,
-        static_argnames=("head_layout", "with_js", "token_chunk", "vocab_chunk"),
+        static_argnames=("head_layout", "with_js", "with_effect", "token_chunk", "vocab_chunk"),
         compiler_options=FAST_COMPILE,
     )(
         jnp.asarray(h),
@@ -231,21 +231,27 @@ def test_head_token_stats_with_several_leading_dims():
         jnp.asarray(y),
         head_layout="dv",
         with_js=True,
+        with_effect=True,
         token_chunk=4,
         vocab_chunk=10,
     )
     z = h.astype(np.float64) @ w.astype(np.float64)  # [S, 2, 3, R, V]
+    z = np.concatenate([z, z[:1] - z[1:2]])  # the effect stream z_0 - z_1 comes last
     zmax = z.max(-1, keepdims=True)
     lse = (zmax + np.log(np.exp(z - zmax).sum(-1, keepdims=True)))[..., 0]
     label = np.where(
         y == IGNORE, 0.0, np.take_along_axis(z, np.where(y == IGNORE, 0, y)[None, ..., None], -1)[..., 0]
     )
-    p = np.exp(z - lse[..., None])
+    p = np.exp(z[:2] - lse[:2, ..., None])
     m = (p[0] + p[1]) / 2
     js = (p * np.log(p / m)).sum((0, -1))
     np.testing.assert_allclose(np.asarray(stats.lse), lse, rtol=1e-6)
     np.testing.assert_allclose(np.asarray(stats.label_logit), label, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(stats.js), js, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="with_effect needs at least 2 streams"):
+        head_token_stats(
+            jnp.asarray(h[:1]), jnp.asarray(w), jnp.asarray(y), head_layout="dv", with_effect=True
+        )
     with pytest.raises(ValueError, match="head_layout='vd'"):
         head_token_stats(jnp.asarray(h), jnp.asarray(w.T), jnp.asarray(y), head_layout="dv")
     with pytest.raises(ValueError, match="vocab_chunk must be a positive int"):
