@@ -231,10 +231,11 @@ def run_demo(cfg: DemoConfig, *, echo: Callable[[str], None] = print) -> dict[st
     from nextquill_jax.demo_report import markdown_table, plot_training_curves, reading, variant_row
     from nextquill_jax.demo_tokenizer import record_texts, train_tokenizer
     from nextquill_jax.effects_report import build_effect_report
-    from nextquill_jax.evaluate import evaluate, load_checkpoint
+    from nextquill_jax.evaluate import evaluate
     from nextquill_jax.generate import GenerationConfig
     from nextquill_jax.train.export_command import export
     from nextquill_jax.train.loop import train
+    from nextquill_jax.train.workdir import restore_model
 
     plan, out = cfg.plan, cfg.out_dir
     clock = _Clock(echo)
@@ -293,7 +294,7 @@ def run_demo(cfg: DemoConfig, *, echo: Callable[[str], None] = print) -> dict[st
             batch_size=plan.eval_batch_size,
             echo=echo,
         )
-        loaded = load_checkpoint(workdir)
+        loaded = restore_model(workdir)
         effects_dir = out / "effects" / variant
         build_effect_report(
             loaded.model,

@@ -370,43 +370,6 @@ def build_effect_report(
     return write_report(results, loss_cfg, out_dir, split=split, source=source, max_shown=max_shown)
 
 
-def load_workdir_model(workdir: str | Path, step: int | None = None) -> tuple[Any, Any, int]:
-    """(model, config, step): the model of checkpoint `step` (default: the latest) of a training workdir,
-    on one device.
-
-    Raises:
-        FileNotFoundError: no config.yaml / checkpoints in `workdir`, or no complete checkpoint `step`.
-    """
-    import jax
-    from flax import nnx
-
-    from nextquill_jax.config import load_config
-    from nextquill_jax.train import model_setup
-    from nextquill_jax.train.checkpoint import Checkpointer
-    from nextquill_jax.train.loop import CHECKPOINT_DIR
-
-    root = Path(workdir).expanduser()
-    if not (root / "config.yaml").exists() or not (root / CHECKPOINT_DIR).is_dir():
-        raise FileNotFoundError(
-            f"{root} is not a training workdir (needs config.yaml and {CHECKPOINT_DIR}/); for a model "
-            f"directory use --model"
-        )
-    cfg = load_config(root / "config.yaml")
-    mcfg = model_setup.model_config(cfg.model)
-    graphdef, abstract = model_setup.abstract_model(mcfg)
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    placed = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
-    ckpt = Checkpointer(root / CHECKPOINT_DIR, cfg.checkpoint)
-    try:
-        step = ckpt.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"{root / CHECKPOINT_DIR} holds no complete checkpoint")
-        params = ckpt.restore_params(step, placed)
-    finally:
-        ckpt.close()
-    return nnx.merge(graphdef, params), cfg, step
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--workdir", type=Path, help="a training workdir (config.yaml + checkpoints/)")
@@ -443,13 +406,12 @@ def run(args: argparse.Namespace) -> int:
         if args.step is not None and args.workdir is None:
             raise ValueError("--step needs --workdir")
         if args.workdir is not None:
-            from nextquill_jax.train.loop import PREPARED_DIR
+            from nextquill_jax.train.workdir import data_dir_of, restore_model, single_device_mesh
 
-            model, cfg, step = load_workdir_model(args.workdir, args.step)
+            restored = restore_model(args.workdir, args.step, single_device_mesh())
+            model, cfg, step = restored.model, restored.config, restored.step
             loss_cfg = cfg.loss.loss_config()
-            data_dir = args.data or (
-                Path(cfg.train.data_dir).expanduser() if cfg.train.data_dir else args.workdir / PREPARED_DIR
-            )
+            data_dir = args.data or data_dir_of(cfg, args.workdir)
             source = f"{args.workdir} step {step}"
         else:
             from nextquill_jax.models import load_pretrained

@@ -31,69 +31,22 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from nextquill_jax.config import CheckpointSection, Config, load_config
+from nextquill_jax.config import Config, load_config
 from nextquill_jax.data.global_batch import to_global_batch
 from nextquill_jax.data.pipeline import BatchPipeline
 from nextquill_jax.data.prepared import PreparedSplit, TokenizedExample, write_split
 from nextquill_jax.generate import GenerationConfig, generate
 from nextquill_jax.losses import LossConfig, combine_aux, metrics_from_aux
 from nextquill_jax.metrics import score_predictions
-from nextquill_jax.models import CausalLM
 from nextquill_jax.parallel import DEFAULT_RULES, batch_shard_count, batch_sharding
 from nextquill_jax.train import model_setup
-from nextquill_jax.train.checkpoint import Checkpointer
-from nextquill_jax.train.loop import CHECKPOINT_DIR, PREPARED_DIR, build_mesh, reference_params
+from nextquill_jax.train.loop import reference_params
 from nextquill_jax.train.step import StepSettings, make_eval_step
+from nextquill_jax.train.workdir import CONFIG_FILE, LoadedModel, build_mesh, data_dir_of, restore_model
 
 PromptChoice = Literal["auto", "with", "without"]
 _STREAM_FIELD = {"with": "prompt_with", "without": "prompt_without"}
 _STREAM_TEXT = {"with": "prompt_with_history", "without": "prompt_without_history"}
-
-
-@dataclasses.dataclass(frozen=True)
-class LoadedModel:
-    """A model to evaluate, placed on `mesh`, and where it came from: the run's config, the checkpoint step
-    (None for a `load_pretrained` path) and a readable `source`."""
-
-    model: CausalLM
-    config: Config
-    mesh: Mesh
-    step: int | None
-    source: str
-
-
-def load_checkpoint(workdir: str | Path, step: int | None = None, mesh: Mesh | None = None) -> LoadedModel:
-    """The model of checkpoint `step` (default: the latest) of the run in `workdir`, with the config saved
-    with that checkpoint. Parameters are placed on `mesh` by the default rules (default: the config's mesh).
-
-    Raises:
-        FileNotFoundError: no checkpoints directory, no complete checkpoint, or none at `step` (naming the
-            steps there are).
-    """
-    directory = Path(workdir) / CHECKPOINT_DIR
-    if not directory.is_dir():
-        raise FileNotFoundError(f"{directory} does not exist: is {workdir} a training workdir?")
-    ckpt = Checkpointer(directory, CheckpointSection(), read_only=True)
-    try:
-        chosen = ckpt.latest_step() if step is None else step
-        if chosen is None:
-            raise FileNotFoundError(f"{directory} holds no complete checkpoint")
-        if chosen not in ckpt.all_steps():
-            raise FileNotFoundError(
-                f"no complete checkpoint for step {chosen} in {directory}; complete ones: {ckpt.all_steps()}"
-            )
-        cfg = load_config(None, base=ckpt.read_config(chosen))
-        mesh = build_mesh(cfg) if mesh is None else mesh
-        mcfg = model_setup.model_config(cfg.model)
-        graphdef, abstract = model_setup.abstract_model(mcfg)
-        shardings = model_setup.param_shardings(mcfg, mesh)
-        placed = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-        )
-        params = ckpt.restore_params(chosen, placed)
-    finally:
-        ckpt.close()
-    return LoadedModel(nnx.merge(graphdef, params), cfg, mesh, chosen, f"{directory / str(chosen)}")
 
 
 def load_model_path(workdir: str | Path, model_path: str, mesh: Mesh | None = None) -> LoadedModel:
@@ -104,7 +57,7 @@ def load_model_path(workdir: str | Path, model_path: str, mesh: Mesh | None = No
         FileNotFoundError: `workdir` has no config.yaml.
         ConfigError: `model_path` names nothing loadable.
     """
-    config_file = Path(workdir) / "config.yaml"
+    config_file = Path(workdir) / CONFIG_FILE
     if not config_file.exists():
         raise FileNotFoundError(f"{config_file} does not exist: is {workdir} a training workdir?")
     cfg = load_config(config_file)
@@ -116,11 +69,6 @@ def load_model_path(workdir: str | Path, model_path: str, mesh: Mesh | None = No
     shardings = model_setup.param_shardings(mcfg, mesh)
     params = model_setup.initial_params(section, mcfg, shardings, mesh, cfg.train.seed, DEFAULT_RULES)
     return LoadedModel(nnx.merge(graphdef, params), cfg, mesh, None, model_path)
-
-
-def data_dir_of(cfg: Config, workdir: str | Path) -> Path:
-    """Where the run's prepared data lives: `train.data_dir`, else `<workdir>/prepared`."""
-    return Path(cfg.train.data_dir).expanduser() if cfg.train.data_dir else Path(workdir) / PREPARED_DIR
 
 
 def read_split(
@@ -262,7 +210,7 @@ def evaluate(
     """
     if max_examples is not None and max_examples < 1:
         raise ValueError(f"max_examples must be >= 1, got {max_examples}")
-    loaded = load_checkpoint(workdir, step) if model_path is None else load_model_path(workdir, model_path)
+    loaded = restore_model(workdir, step) if model_path is None else load_model_path(workdir, model_path)
     cfg = loaded.config
     if generation is None:
         generation = dataclasses.replace(cfg.eval.generation, **(generation_overrides or {}))

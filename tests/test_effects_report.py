@@ -17,7 +17,7 @@ from data_helpers import save_tiny_tokenizer, tiny_tokenizer
 from flax import nnx
 
 from nextquill_jax.cli import main
-from nextquill_jax.config import ModelSection, load_config, save_config
+from nextquill_jax.config import ModelSection, config_to_dict, load_config, save_config
 from nextquill_jax.data.config import DataConfig
 from nextquill_jax.data.prepare import prepare
 from nextquill_jax.data.prepared import PreparedSplit
@@ -434,7 +434,7 @@ def test_effects_command_with_training_workdir(data, model, report, tmp_path, ca
     )
     ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint)
     data_iterator = iter(grain.MapDataset.range(4).to_iter_dataset())
-    ckpt.save(7, state, data_iterator, config={}, progress={"epoch": 0}, wait=True)
+    ckpt.save(7, state, data_iterator, config=config_to_dict(cfg), progress={"epoch": 0}, wait=True)
     ckpt.close()
 
     out = tmp_path / "out"

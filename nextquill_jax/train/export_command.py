@@ -24,32 +24,11 @@ def export(workdir: Path, out: Path, step: int | None = None) -> Path:
     Raises:
         FileNotFoundError: no checkpoint directory, no complete checkpoint, or no checkpoint at `step`.
     """
-    import jax
-    from flax import nnx
-
-    from nextquill_jax.config import CheckpointSection, load_config
     from nextquill_jax.models import load_tokenizer, save_pretrained
-    from nextquill_jax.train import model_setup
-    from nextquill_jax.train.checkpoint import Checkpointer
-    from nextquill_jax.train.loop import CHECKPOINT_DIR
+    from nextquill_jax.train.workdir import restore_model, single_device_mesh
 
-    directory = Path(workdir) / CHECKPOINT_DIR
-    if not directory.is_dir():
-        raise FileNotFoundError(f"{directory} does not exist: is {workdir} a training workdir?")
-    ckpt = Checkpointer(directory, CheckpointSection(), read_only=True)
-    try:
-        chosen = ckpt.latest_step() if step is None else step
-        if chosen is None:
-            raise FileNotFoundError(f"{directory} holds no complete checkpoint")
-        cfg = load_config(None, base=ckpt.read_config(chosen))
-        mcfg = model_setup.model_config(cfg.model)
-        graphdef, abstract = model_setup.abstract_model(mcfg)
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        placed = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
-        params = ckpt.restore_params(chosen, placed)
-    finally:
-        ckpt.close()
-    model = nnx.merge(graphdef, params)
+    restored = restore_model(workdir, step, single_device_mesh())
+    model, cfg = restored.model, restored.config
     save_pretrained(model, out, tokenizer=load_tokenizer(cfg.data.tokenizer))
     return Path(out)
 

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from nextquill_jax import parallel
@@ -35,9 +36,15 @@ from nextquill_jax.train.metrics_log import MetricsLog
 from nextquill_jax.train.optimizer import learning_rate_schedule, make_optimizer, trainable_mask
 from nextquill_jax.train.state import TrainState
 from nextquill_jax.train.step import StepSettings, make_eval_step, make_train_step
+from nextquill_jax.train.workdir import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    build_mesh,
+    data_dir_of,
+    is_workdir,
+    restore_model,
+)
 
-CHECKPOINT_DIR = "checkpoints"
-PREPARED_DIR = "prepared"
 # Step metrics that are not loss aux (the aux sums are logged through metrics_from_aux).
 _STEP_EXTRAS = ("grad_norm", "learning_rate", "input_tokens", "padding_efficiency", "skipped")
 
@@ -76,16 +83,6 @@ def resolve_workdir(cfg: Config, override: str | Path | None) -> Path:
     return Path(chosen).expanduser().absolute()
 
 
-def build_mesh(cfg: Config) -> Mesh:
-    """Multi-host start-up (when configured) and the mesh; errors are ConfigErrors naming `mesh.*`."""
-    m = cfg.mesh
-    try:
-        parallel.initialize_distributed(m.coordinator, m.num_processes, m.process_id, mode=m.distributed)
-        return parallel.make_mesh(m.sizes())
-    except ValueError as e:
-        raise ConfigError(f"mesh: {e}") from None
-
-
 def prepared_dir(cfg: Config, workdir: Path, echo) -> Path:
     """The prepared data: `train.data_dir` as it is when `data.sources` is empty (and the format is not the
     in-process `synthetic`), else prepared (or reused by fingerprint) from the `data` section into
@@ -93,7 +90,7 @@ def prepared_dir(cfg: Config, workdir: Path, echo) -> Path:
 
     Process 0 prepares first; the others then find it up to date (shared disk) or prepare their own copy.
     """
-    target = Path(cfg.train.data_dir).expanduser() if cfg.train.data_dir else workdir / PREPARED_DIR
+    target = data_dir_of(cfg, workdir)
     if not cfg.data.sources and cfg.data.format != "synthetic":
         if not (target / "train" / "meta.json").exists():
             raise ConfigError(
@@ -178,30 +175,21 @@ def _new_state(params: dict, tx: optax.GradientTransformation, seed: int) -> Tra
 def reference_params(cfg: Config, mesh: Mesh) -> tuple[Any, dict] | None:
     """(graphdef, params) of the frozen `loss.reference_model` for `dce: fixed`, or None when not set.
 
-    A training workdir (holding config.yaml and checkpoints/) gives its latest checkpoint's model; anything
-    else is loaded like `model.path`.
+    A training workdir (holding config.yaml and checkpoints/) gives its latest checkpoint's model (with the
+    config saved with that checkpoint); anything else is loaded like `model.path`.
     """
     source = cfg.loss.reference_model
     if cfg.loss.dce != "fixed" or source is None:
         return None
-    from nextquill_jax.config import ModelSection, load_config
+    from nextquill_jax.config import ModelSection
 
-    root = Path(source).expanduser()
-    if (root / "config.yaml").exists() and (root / CHECKPOINT_DIR).is_dir():
-        ref_cfg = load_config(root / "config.yaml")
-        mcfg = model_setup.model_config(ref_cfg.model)
-        graphdef, abstract = model_setup.abstract_model(mcfg)
-        shardings = model_setup.param_shardings(mcfg, mesh)
-        ckpt = Checkpointer(root / CHECKPOINT_DIR, ref_cfg.checkpoint, read_only=True)
-        step = ckpt.latest_step()
-        if step is None:
-            raise ConfigError(f"loss.reference_model {source!r}: the workdir has no complete checkpoint")
-        placed = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-        )
-        params = ckpt.restore_params(step, placed)
-        ckpt.close()
-        return graphdef, params
+    if is_workdir(source):
+        try:
+            restored = restore_model(source, mesh=mesh)
+        except FileNotFoundError as e:
+            raise ConfigError(f"loss.reference_model {source!r}: {e}") from None
+        graphdef, params = nnx.split(restored.model, nnx.Param)
+        return graphdef, nnx.to_pure_dict(params)
     section = ModelSection(
         path=source, param_dtype=cfg.model.param_dtype, compute_dtype=cfg.model.compute_dtype
     )
@@ -297,7 +285,7 @@ def train(cfg: Config, workdir: Path, *, echo=print) -> TrainResult:
     )
 
     # 4. Restore or initialise.
-    save_config(cfg, workdir / "config.yaml")
+    save_config(cfg, workdir / CONFIG_FILE)
     config_dict = config_to_dict(cfg)
     ckpt = Checkpointer(workdir / CHECKPOINT_DIR, cfg.checkpoint)
     iterator = iter(train_data.dataset())

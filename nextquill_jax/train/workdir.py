@@ -1,0 +1,98 @@
+"""A training workdir's layout, its mesh, and its checkpoints' models (for evaluation, export, effect
+reports and a frozen reference model).
+
+    <workdir>/config.yaml      the run's config
+    <workdir>/checkpoints/N/   Orbax checkpoints (state, data iterator, the config of that step)
+    <workdir>/prepared/        prepared data, unless `train.data_dir` points elsewhere
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh
+
+from nextquill_jax import parallel
+from nextquill_jax.config import CheckpointSection, Config, ConfigError, load_config
+from nextquill_jax.models import CausalLM
+from nextquill_jax.train import model_setup
+from nextquill_jax.train.checkpoint import Checkpointer
+
+CONFIG_FILE = "config.yaml"
+CHECKPOINT_DIR = "checkpoints"
+PREPARED_DIR = "prepared"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    """A model placed on `mesh`, and where it came from: the run's config, the checkpoint step (None for a
+    `load_pretrained` path) and a readable `source`."""
+
+    model: CausalLM
+    config: Config
+    mesh: Mesh
+    step: int | None
+    source: str
+
+
+def is_workdir(path: str | Path) -> bool:
+    """True if `path` holds a run's config.yaml and checkpoints/ directory."""
+    root = Path(path).expanduser()
+    return (root / CONFIG_FILE).is_file() and (root / CHECKPOINT_DIR).is_dir()
+
+
+def data_dir_of(cfg: Config, workdir: str | Path) -> Path:
+    """Where the run's prepared data lives: `train.data_dir`, else `<workdir>/prepared`."""
+    return Path(cfg.train.data_dir).expanduser() if cfg.train.data_dir else Path(workdir) / PREPARED_DIR
+
+
+def build_mesh(cfg: Config) -> Mesh:
+    """Multi-host start-up (when configured) and the mesh; errors are ConfigErrors naming `mesh.*`."""
+    m = cfg.mesh
+    try:
+        parallel.initialize_distributed(m.coordinator, m.num_processes, m.process_id, mode=m.distributed)
+        return parallel.make_mesh(m.sizes())
+    except ValueError as e:
+        raise ConfigError(f"mesh: {e}") from None
+
+
+def single_device_mesh() -> Mesh:
+    """A mesh of this process's first device (all axes of size 1)."""
+    return parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.local_devices()[:1])
+
+
+def restore_model(workdir: str | Path, step: int | None = None, mesh: Mesh | None = None) -> LoadedModel:
+    """The model of checkpoint `step` (default: the latest) of the run in `workdir`, with the config saved
+    with that checkpoint. Parameters are placed on `mesh` by the default rules (default: the config's mesh).
+
+    Raises:
+        FileNotFoundError: no checkpoints directory, no complete checkpoint, or none at `step` (naming the
+            steps there are).
+    """
+    directory = Path(workdir).expanduser() / CHECKPOINT_DIR
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{workdir} is not a training workdir: {directory} does not exist")
+    ckpt = Checkpointer(directory, CheckpointSection(), read_only=True)
+    try:
+        chosen = ckpt.latest_step() if step is None else step
+        if chosen is None:
+            raise FileNotFoundError(f"{directory} holds no complete checkpoint")
+        if chosen not in ckpt.all_steps():
+            raise FileNotFoundError(
+                f"no complete checkpoint for step {chosen} in {directory}; complete ones: {ckpt.all_steps()}"
+            )
+        cfg = load_config(None, base=ckpt.read_config(chosen))
+        mesh = build_mesh(cfg) if mesh is None else mesh
+        mcfg = model_setup.model_config(cfg.model)
+        graphdef, abstract = model_setup.abstract_model(mcfg)
+        shardings = model_setup.param_shardings(mcfg, mesh)
+        placed = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+        )
+        params = ckpt.restore_params(chosen, placed)
+    finally:
+        ckpt.close()
+    return LoadedModel(nnx.merge(graphdef, params), cfg, mesh, chosen, f"{directory / str(chosen)}")
