@@ -34,7 +34,6 @@ from nextquill_jax.data.config import DataConfig
 from nextquill_jax.data.pipeline import BatchingConfig, BatchPipeline
 from nextquill_jax.data.prepare import prepare
 from nextquill_jax.data.prepared import PreparedSplit
-from nextquill_jax.data.synth import generate_synthetic
 
 PUBLIC_PAD = 4097
 
@@ -74,10 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="padding_bench_"))
-    generate_synthetic(work / "synthetic", users=args.users, seed=args.seed)
     data_cfg = DataConfig(
-        format="generic",
-        sources=[str(work / "synthetic" / "synthetic.jsonl")],
+        format="synthetic",
+        synthetic_users=args.users,
+        synthetic_seed=args.seed,
         tokenizer=args.tokenizer,
         max_history=args.max_history,
     )

@@ -68,13 +68,12 @@ def build_inputs(args: argparse.Namespace, work: Path) -> int:
     from nextquill_jax.data.config import DataConfig
     from nextquill_jax.data.prepare import prepare
     from nextquill_jax.data.prepared import PreparedSplit, TokenizedExample, write_split
-    from nextquill_jax.data.synth import generate_synthetic
     from nextquill_jax.models import CausalLM, ModelConfig, save_pretrained
 
-    generate_synthetic(work / "synthetic", users=args.users, seed=args.seed)
     data_cfg = DataConfig(
-        format="generic",
-        sources=[str(work / "synthetic" / "synthetic.jsonl")],
+        format="synthetic",
+        synthetic_users=args.users,
+        synthetic_seed=args.seed,
         tokenizer=args.tokenizer,
         max_history=args.max_history,
     )
