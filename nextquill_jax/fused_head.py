@@ -203,28 +203,29 @@ def _add_block(dw: jax.Array, dwb: jax.Array, i: jax.Array, plan: _Plan) -> jax.
     return lax.dynamic_update_slice_in_dim(dw, current + dwb.astype(dw.dtype), start, axis=axis)
 
 
-def _tile_logits(hc: jax.Array, wb: jax.Array, plan: _Plan) -> jax.Array:
-    """hc [S, M, C, D] @ wb [Vb, D]ᵀ -> [S', M, C, Vb], with z_0 − z_1 appended as stream S if planned."""
-    z = jnp.einsum("smcd,vd->smcv", hc, wb)
-    return jnp.concatenate([z, z[:1] - z[1:2]]) if plan.with_effect else z
+def _lse_update(carry, z: jax.Array, fresh: jax.Array, is_label: jax.Array):
+    """Fold a logits tile z [n, M, C, Vb] into the running (max, sum of exp, label logit), each [n, M, C]."""
+    running_max, running_sum, label_logit = carry
+    z_fresh = jnp.where(fresh, z, -jnp.inf)
+    new_max = jnp.maximum(running_max, z_fresh.max(-1))
+    running_sum = running_sum * jnp.exp(running_max - new_max) + jnp.exp(z_fresh - new_max[..., None]).sum(-1)
+    return new_max, running_sum, label_logit + jnp.where(is_label, z, 0.0).sum(-1)
 
 
 def _chunk_forward(hc: jax.Array, yc: jax.Array, w: jax.Array, plan: _Plan):
     """One token chunk: hc [S, M, C, D], yc [M, C] -> lse, label_logit [S', M, C], kl [2, M, C] or None."""
-    streams, rows, chunk = hc.shape[0] + plan.with_effect, hc.shape[1], hc.shape[2]
+    n_hidden, rows, chunk = hc.shape[:3]
+    streams = n_hidden + plan.with_effect
 
     def lse_step(carry, i):
-        running_max, running_sum, label_logit = carry  # each [S, M, C]
         wb, cols, fresh = _vocab_block(w, i, plan)
-        z = _tile_logits(hc, wb, plan)  # [S', M, C, Vb]
-        z_fresh = jnp.where(fresh, z, -jnp.inf)
-        new_max = jnp.maximum(running_max, z_fresh.max(-1))
-        running_sum = running_sum * jnp.exp(running_max - new_max) + jnp.exp(
-            z_fresh - new_max[..., None]
-        ).sum(-1)
+        z = jnp.einsum("smcd,vd->smcv", hc, wb)  # [S, M, C, Vb]
         is_label = fresh & (cols == yc[..., None])  # [M, C, Vb]
-        label_logit = label_logit + jnp.where(is_label, z, 0.0).sum(-1)
-        return (new_max, running_sum, label_logit), None
+        stats = _lse_update([c[:n_hidden] for c in carry], z, fresh, is_label)
+        if plan.with_effect:  # the effect tile z_0 - z_1 is never stacked with the others
+            effect = _lse_update([c[n_hidden:] for c in carry], z[:1] - z[1:2], fresh, is_label)
+            stats = [jnp.concatenate(pair) for pair in zip(stats, effect, strict=True)]
+        return tuple(stats), None
 
     zeros = jnp.zeros((streams, rows, chunk), jnp.float32)
     init = (jnp.full_like(zeros, -jnp.inf), zeros, zeros)
@@ -278,19 +279,24 @@ def _stats_bwd(plan: _Plan, residuals, cotangents):
 
         def token_step(dwb, xs):
             hc, yc, lse_c, kl_c, gl, gy, gj = xs
-            z = _tile_logits(hc, wb, plan)  # [S', M, C, Vb]
-            p = jnp.where(fresh, jnp.exp(z - lse_c[..., None]), 0.0)
+            z = jnp.einsum("smcd,vd->smcv", hc, wb)  # [S, M, C, Vb]
+            n_hidden = z.shape[0]
             is_label = fresh & (cols == yc[..., None])  # [M, C, Vb]
-            dz = gl[..., None] * p + jnp.where(is_label, gy[..., None], 0.0)
+
+            def d_logits(z, lse, gl, gy):  # d(g_lse·lse + g_label·label_logit) / dz and softmax(z)
+                p = jnp.where(fresh, jnp.exp(z - lse[..., None]), 0.0)
+                return gl[..., None] * p + jnp.where(is_label, gy[..., None], 0.0), p
+
+            dz, p = d_logits(z, lse_c[:n_hidden], gl[:n_hidden], gy[:n_hidden])
             if plan.with_js:
                 # d JS / d z_s = p_s ⊙ (log p_s − log m − KL(p_s ‖ m)) for the two JS streams s.
                 logp = z[:2] - lse_c[:2, ..., None]
                 log_mid = jnp.logaddexp(logp[0], logp[1]) - jnp.log(2.0)
                 djs = gj[..., None] * p[:2] * (logp - log_mid - kl_c[..., None])
                 dz = dz.at[:2].add(djs)
-            if plan.with_effect:
-                dz_effect = dz[-1]
-                dz = dz[:-1].at[0].add(dz_effect).at[1].add(-dz_effect)  # [S, M, C, Vb]
+            if plan.with_effect:  # z_e = z_0 - z_1: its gradient goes to z_0 and, negated, to z_1
+                dz_e, _ = d_logits(z[0] - z[1], lse_c[n_hidden], gl[n_hidden], gy[n_hidden])
+                dz = jnp.concatenate([dz[:1] + dz_e, dz[1:2] - dz_e, dz[2:]])
             dh_c = jnp.einsum("smcv,vd->smcd", dz, wb)
             return dwb + jnp.einsum("smcv,smcd->vd", dz, hc), dh_c
 
