@@ -16,6 +16,7 @@ from pathlib import Path
 BENCHMARKS: dict[str, tuple[str | None, str]] = {
     "loss": ("loss_memory.py", "fused vs naive NextQuill loss: compiled temporary memory and time"),
     "step": ("step.py", "full training step vs the public code's PyTorch step: tokens/s and peak memory"),
+    "attention": ("attention.py", "blockwise vs dense attention (value + gradient): memory and time"),
     "padding": ("padding.py", "padding efficiency: packing vs bucketing vs fixed 4,097-token padding"),
     "compile": ("compile.py", "compile time vs number of layers (scan) and vs sequence-length bucket"),
     "mfu": ("mfu.py", "tokens/s and MFU of the training step for Qwen2.5 0.5B / 1.5B shapes"),
