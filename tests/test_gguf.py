@@ -10,7 +10,7 @@ import transformers
 from nextquill_jax.models import ModelConfig, load_pretrained, load_tokenizer
 from nextquill_jax.models import gguf as gguf_module
 from nextquill_jax.models import packaged as packaged_module
-from nextquill_jax.models.gguf import read_gguf
+from nextquill_jax.models.gguf import read_gguf, read_gguf_config
 from nextquill_jax.models.packaged import packaged_model_path
 
 SENTENCE = (
@@ -36,8 +36,9 @@ def reference(smollm_path):
     return model.eval()
 
 
-def test_packaged_name_and_alias_find_the_gguf_file(smollm_path):
+def test_packaged_name_and_alias_find_the_gguf_file(smollm_path, ours):
     assert smollm_path.is_file() and smollm_path.suffix == ".gguf"
+    assert read_gguf_config(smollm_path) == ours[0]  # the config alone, from metadata and tensor shapes
     assert packaged_model_path("SmolLM2") == smollm_path
     assert packaged_model_path("qwen2.5-0.5b") is None
 
@@ -223,6 +224,7 @@ def test_read_gguf_recovers_the_original_tensors(tmp_path, family):
         np.testing.assert_array_equal(tensors[name], value, err_msg=name)
     ours, theirs = ModelConfig.from_hf_config(config), ModelConfig.from_hf_config(hf_config)
     assert ours == theirs
+    assert read_gguf_config(path) == config  # the same config without reading the tensors
     if family == "llama":  # the permutation is not the identity here; a missing inverse fails above
         q = original["model.layers.0.self_attn.q_proj.weight"]
         assert not np.array_equal(llama_cpp_permute(q, TINY["num_attention_heads"]), q)

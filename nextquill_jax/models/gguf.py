@@ -62,6 +62,36 @@ def read_gguf(path: str | PathLike[str]) -> tuple[dict[str, Any], dict[str, np.n
     """
     import gguf
 
+    reader, meta, arch = _open(path)
+    tensors = {}
+    for tensor in reader.tensors:
+        hf_name = _hf_tensor_name(tensor.name, path)
+        tensors[hf_name] = _dequantize(tensor, path, gguf)
+    config = _hf_config(meta, arch, {name: array.shape for name, array in tensors.items()}, path)
+    _check_shapes(tensors, config, path)
+    if arch == "llama":
+        _undo_rope_permutation(tensors, config)
+    return config, tensors
+
+
+def read_gguf_config(path: str | PathLike[str]) -> dict[str, Any]:
+    """The Hugging Face `config.json` dict of a GGUF checkpoint, as `read_gguf` gives it, from the metadata
+    and the tensors' shapes only: no tensor is read or dequantized.
+
+    Raises:
+        FileNotFoundError / ValueError: as `read_gguf`, for the metadata and tensor names.
+    """
+    reader, meta, arch = _open(path)
+    path = Path(path)
+    # GGUF lists dimensions innermost first; Hugging Face layouts list them outermost first.
+    shapes = {_hf_tensor_name(t.name, path): tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors}
+    return _hf_config(meta, arch, shapes, path)
+
+
+def _open(path: str | PathLike[str]) -> tuple[Any, _Metadata, str]:
+    """(reader, metadata, architecture) of a GGUF file whose architecture we support."""
+    import gguf
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file {path} does not exist")
@@ -72,15 +102,7 @@ def read_gguf(path: str | PathLike[str]) -> tuple[dict[str, Any], dict[str, np.n
         raise ValueError(
             f"{path}: GGUF architecture {arch!r} is not supported; supported: {list(SUPPORTED_ARCHITECTURES)}"
         )
-    tensors = {}
-    for tensor in reader.tensors:
-        hf_name = _hf_tensor_name(tensor.name, path)
-        tensors[hf_name] = _dequantize(tensor, path, gguf)
-    config = _hf_config(meta, arch, tensors, path)
-    _check_shapes(tensors, config, path)
-    if arch == "llama":
-        _undo_rope_permutation(tensors, config)
-    return config, tensors
+    return reader, meta, arch
 
 
 class _Metadata:
@@ -133,7 +155,8 @@ def _gguf_version() -> str:
     return version("gguf")
 
 
-def _hf_config(meta: _Metadata, arch: str, tensors: dict[str, np.ndarray], path: Path) -> dict[str, Any]:
+def _hf_config(meta: _Metadata, arch: str, shapes: dict[str, tuple[int, ...]], path: Path) -> dict[str, Any]:
+    """config.json from the metadata and the tensors' Hugging Face names and shapes."""
     if meta.get(f"{arch}.expert_count"):
         raise ValueError(f"{path}: mixture-of-experts GGUF models ({arch}.expert_count) are not supported")
     rope_scaling = _rope_scaling(meta, arch, path)
@@ -143,9 +166,9 @@ def _hf_config(meta: _Metadata, arch: str, tensors: dict[str, np.ndarray], path:
         raise ValueError(f"{path}: per-layer {arch}.attention.head_count_kv is not supported")
     hidden = int(meta.required(f"{arch}.embedding_length"))
     head_dim = meta.get(f"{arch}.attention.key_length") or meta.get(f"{arch}.rope.dimension_count")
-    if "model.embed_tokens.weight" not in tensors:
+    if "model.embed_tokens.weight" not in shapes:
         raise ValueError(f"{path}: GGUF file has no 'token_embd.weight' tensor")
-    vocab_size = tensors["model.embed_tokens.weight"].shape[0]
+    vocab_size = shapes["model.embed_tokens.weight"][0]
     declared_vocab = meta.get(f"{arch}.vocab_size")
     if declared_vocab is not None and int(declared_vocab) != vocab_size:
         raise ValueError(
@@ -166,10 +189,10 @@ def _hf_config(meta: _Metadata, arch: str, tensors: dict[str, np.ndarray], path:
         "rms_norm_eps": _decimal(meta.required(f"{arch}.attention.layer_norm_rms_epsilon")),
         "rope_theta": _decimal(meta.get(f"{arch}.rope.freq_base", 10000.0)),
         "rope_scaling": rope_scaling,
-        "tie_word_embeddings": "lm_head.weight" not in tensors,
+        "tie_word_embeddings": "lm_head.weight" not in shapes,
     }
     if arch != "qwen2":
-        has_bias = "model.layers.0.self_attn.q_proj.bias" in tensors
+        has_bias = "model.layers.0.self_attn.q_proj.bias" in shapes
         config["attention_bias"] = has_bias
     if arch == "llama":
         config["mlp_bias"] = False

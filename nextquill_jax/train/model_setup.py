@@ -51,10 +51,10 @@ def model_config(section: ModelSection) -> ModelConfig:
     if path.is_dir():
         hf_config = json.loads((path / "config.json").read_text())
     else:
-        from nextquill_jax.models.gguf import read_gguf
+        from nextquill_jax.models.gguf import read_gguf_config
         from nextquill_jax.models.packaged import packaged_model_path
 
-        hf_config, _ = read_gguf(path if path.is_file() else packaged_model_path(section.path))
+        hf_config = read_gguf_config(path if path.is_file() else packaged_model_path(section.path))
     return ModelConfig.from_hf_config(hf_config, **section.overrides, **section.runtime())
 
 
