@@ -64,17 +64,22 @@ def _from_blocks(x: jax.Array, t: int) -> jax.Array:
     return x[:, :t]
 
 
-def _segment_blocks(segment_ids: jax.Array, block: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Segment ids [N, B, block] (padding slots 0) and each block's smallest / largest real id [N, B].
+def _segment_blocks(segment_ids: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
+    """Segment ids [N, B, block] (padding slots 0) and which block pairs to visit [N, N] bool.
 
-    A block without real tokens gets the empty range (int32 max, 0), which overlaps nothing."""
+    Pair (i, j) is visited if key block j is not above query block i and, in some row, the ranges of real
+    segment ids of the two blocks overlap (a block without real tokens has an empty range). Computed once,
+    outside the loops: with the batch sharded, the reduction over rows is one collective, not one per pair.
+    """
     b, t = segment_ids.shape
     n = -(-t // block)
     seg = jnp.pad(segment_ids, ((0, 0), (0, n * block - t))).reshape(b, n, block).transpose(1, 0, 2)
     real = seg > 0
-    lowest = jnp.where(real, seg, jnp.iinfo(jnp.int32).max).min(-1)
-    highest = jnp.where(real, seg, 0).max(-1)
-    return seg, lowest, highest
+    lowest = jnp.where(real, seg, jnp.iinfo(jnp.int32).max).min(-1)  # [N, B]
+    highest = jnp.where(real, seg, 0).max(-1)  # [N, B]
+    overlap = (lowest[None, :] <= highest[:, None]) & (lowest[:, None] <= highest[None, :])  # [Nq, Nk, B]
+    below_diagonal = jnp.arange(n)[None, :] <= jnp.arange(n)[:, None]
+    return seg, below_diagonal & jnp.any(overlap, axis=-1)
 
 
 def _masked_scores(qi, kj, si, sj, i, j, block: int) -> jax.Array:
@@ -89,12 +94,6 @@ def _masked_scores(qi, kj, si, sj, i, j, block: int) -> jax.Array:
     return jnp.where(visible[:, None, None], s, -jnp.inf)
 
 
-def _blocks_meet(lowest, highest, i, j) -> jax.Array:
-    """Scalar bool: key block j is not above query block i and their segment ranges overlap in some row."""
-    overlap = (lowest[j] <= highest[i]) & (lowest[i] <= highest[j])  # [B]
-    return (j <= i) & jnp.any(overlap)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _attention(q, k, v, segment_ids, block):
     return _forward(q, k, v, segment_ids, block)[0]
@@ -105,7 +104,7 @@ def _forward(q, k, v, segment_ids, block):
     t, kv_heads = q.shape[1], k.shape[2]
     qb = _to_blocks(q, block, kv_heads)  # [N, B, K, G, block, Hd]
     kb, vb = _to_blocks(k, block, kv_heads), _to_blocks(v, block, kv_heads)  # [N, B, K, block, Hd]
-    seg, lowest, highest = _segment_blocks(segment_ids, block)
+    seg, visit_pair = _segment_blocks(segment_ids, block)
     stats_shape = qb.shape[1:-1]  # [B, K, G, block]
 
     def query_block(i):
@@ -124,7 +123,7 @@ def _forward(q, k, v, segment_ids, block):
                 )
                 return new_max, row_sum * rescale + p.sum(-1), acc * rescale[..., None] + pv
 
-            return jax.lax.cond(_blocks_meet(lowest, highest, i, j), update, lambda c: c, carry)
+            return jax.lax.cond(visit_pair[i, j], update, lambda c: c, carry)
 
         init = (
             jnp.full(stats_shape, -jnp.inf, jnp.float32),
@@ -157,7 +156,7 @@ def _attention_bwd(block, residuals, d_out):
     dob = _to_blocks(d_out, block, kv_heads)
     # Σ_d dO·O per query [N, B, K, G, block]: the softmax backward's row term.
     row_term = jnp.sum(dob.astype(jnp.float32) * _to_blocks(out, block, kv_heads).astype(jnp.float32), -1)
-    seg, lowest, highest = _segment_blocks(segment_ids, block)
+    seg, visit_pair = _segment_blocks(segment_ids, block)
     n = qb.shape[0]
 
     def key_block(dq, j):
@@ -177,7 +176,7 @@ def _attention_bwd(block, residuals, d_out):
                 dq_i = jnp.einsum("bkgqs,bksd->bkgqd", ds, kj, preferred_element_type=jnp.float32)
                 return dq.at[i].add(dq_i), dk_j, dv_j
 
-            return jax.lax.cond(_blocks_meet(lowest, highest, i, j), update, lambda c: c, carry)
+            return jax.lax.cond(visit_pair[i, j], update, lambda c: c, carry)
 
         zeros = jnp.zeros(kj.shape, jnp.float32)
         dq, dk_j, dv_j = jax.lax.fori_loop(j, n, visit, (dq, zeros, zeros))
