@@ -78,10 +78,11 @@ BLOCK_SEGMENTS = np.array(
 )
 
 
-@pytest.mark.parametrize("block", [8, 16, 64])
-def test_blockwise_attention_matches_reference(block):
-    # T = 37 is not a multiple of any block: exercises the padding of the last block.
-    q, k, v = random_qkv(4, 37, 6, 2, 8, seed=2)
+@pytest.mark.parametrize(("block", "kv_heads"), [(8, 2), (16, 2), (64, 2), (16, 6)])
+def test_blockwise_attention_matches_reference(block, kv_heads):
+    # T = 37 is not a multiple of any block: exercises the padding of the last block. kv_heads 6 = 6 query
+    # heads: plain multi-head attention (groups of one).
+    q, k, v = random_qkv(4, 37, 6, kv_heads, 8, seed=2)
     attend = jax.jit(blockwise_attention, static_argnums=4)
     out = np.asarray(attend(q, k, v, jnp.asarray(BLOCK_SEGMENTS), block))
     real = BLOCK_SEGMENTS > 0
@@ -90,9 +91,9 @@ def test_blockwise_attention_matches_reference(block):
     assert np.all(out[~real] == 0.0)  # padding queries attend to nothing
 
 
-@pytest.mark.parametrize("block", [8, 16])
-def test_blockwise_attention_gradients_match_dense(block):
-    q, k, v = random_qkv(4, 37, 6, 2, 8, seed=3)
+@pytest.mark.parametrize(("block", "kv_heads"), [(8, 2), (16, 2), (16, 6)])
+def test_blockwise_attention_gradients_match_dense(block, kv_heads):
+    q, k, v = random_qkv(4, 37, 6, kv_heads, 8, seed=3)
     seg = jnp.asarray(BLOCK_SEGMENTS)
     real = (seg > 0)[:, :, None, None]
     weights = jnp.asarray(np.random.default_rng(4).standard_normal(q.shape), jnp.float32)

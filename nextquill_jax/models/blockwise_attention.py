@@ -48,13 +48,17 @@ def blockwise_attention(
 
 
 def _to_blocks(x: jax.Array, block: int, kv_heads: int) -> jax.Array:
-    """[B, T, heads, Hd] -> [N, B, K, heads/K, block, Hd] (or [N, B, K, block, Hd] when heads == K)."""
+    """[B, T, heads, Hd] -> [N, B, K, heads/K, block, Hd], T padded to N blocks."""
     b, t, heads, hd = x.shape
     n = -(-t // block)
     x = jnp.pad(x, ((0, 0), (0, n * block - t), (0, 0), (0, 0)))
     x = x.reshape(b, n, block, kv_heads, heads // kv_heads, hd)
-    x = jnp.transpose(x, (1, 0, 3, 4, 2, 5))  # [N, B, K, G, block, Hd]
-    return x[:, :, :, 0] if heads == kv_heads else x
+    return jnp.transpose(x, (1, 0, 3, 4, 2, 5))
+
+
+def _kv_blocks(x: jax.Array, block: int) -> jax.Array:
+    """Keys or values [B, T, K, Hd] -> [N, B, K, block, Hd]."""
+    return _to_blocks(x, block, x.shape[2])[:, :, :, 0]
 
 
 def _from_blocks(x: jax.Array, t: int) -> jax.Array:
@@ -103,7 +107,7 @@ def _forward(q, k, v, segment_ids, block):
     """Output [B, T, H, Hd] and log-sum-exp per query [N, B, K, G, block] (+inf where nothing is visible)."""
     t, kv_heads = q.shape[1], k.shape[2]
     qb = _to_blocks(q, block, kv_heads)  # [N, B, K, G, block, Hd]
-    kb, vb = _to_blocks(k, block, kv_heads), _to_blocks(v, block, kv_heads)  # [N, B, K, block, Hd]
+    kb, vb = _kv_blocks(k, block), _kv_blocks(v, block)  # [N, B, K, block, Hd]
     seg, visit_pair = _segment_blocks(segment_ids, block)
     stats_shape = qb.shape[1:-1]  # [B, K, G, block]
 
@@ -152,7 +156,7 @@ def _attention_bwd(block, residuals, d_out):
     t, kv_heads = q.shape[1], k.shape[2]
     scale = 1.0 / np.sqrt(q.shape[-1])
     qb = _to_blocks(q, block, kv_heads)  # [N, B, K, G, block, Hd]
-    kb, vb = _to_blocks(k, block, kv_heads), _to_blocks(v, block, kv_heads)  # [N, B, K, block, Hd]
+    kb, vb = _kv_blocks(k, block), _kv_blocks(v, block)  # [N, B, K, block, Hd]
     dob = _to_blocks(d_out, block, kv_heads)
     # Σ_d dO·O per query [N, B, K, G, block]: the softmax backward's row term.
     row_term = jnp.sum(dob.astype(jnp.float32) * _to_blocks(out, block, kv_heads).astype(jnp.float32), -1)
