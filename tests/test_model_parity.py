@@ -40,7 +40,10 @@ FAMILIES = {
     "llama3_tied": lambda: LlamaConfig(
         **COMMON, rope_scaling=LLAMA3_ROPE, rope_theta=10000.0, tie_word_embeddings=True
     ),
-    "llama_untied": lambda: LlamaConfig(**COMMON, rope_theta=500.0, tie_word_embeddings=False),
+    # Plain multi-head attention (as many kv heads as query heads), as in Llama 2.
+    "llama_untied": lambda: LlamaConfig(
+        **{**COMMON, "num_key_value_heads": 4}, rope_theta=500.0, tie_word_embeddings=False
+    ),
     "qwen2_bias": lambda: Qwen2Config(**COMMON, rope_theta=10000.0, tie_word_embeddings=False),
     "qwen3_qknorm": lambda: Qwen3Config(**COMMON, head_dim=24, rope_theta=10000.0, tie_word_embeddings=True),
 }
