@@ -129,7 +129,7 @@ def _compare(a: float, b: float) -> str:
 
 def reading(rows: Sequence[Mapping[str, Any]]) -> str:
     """One sentence computed from the numbers: NextQuill against ContextSFT on ROUGE-1 and preference
-    recall, and whether the history-aware variants recall more signature words than `sft`."""
+    recall, and whether the best history-aware variant beats `sft` (no history) on each of the two."""
     by = {r["variant"]: r for r in rows}
     parts = []
     if "nextquill" in by and "context_sft" in by:
@@ -142,13 +142,14 @@ def reading(rows: Sequence[Mapping[str, Any]]) -> str:
         )
     aware = [r for r in rows if r["variant"] != "sft"]
     if "sft" in by and aware:
-        best = max(aware, key=lambda r: r["preference_recall"])
-        sft = by["sft"]["preference_recall"]
-        verdict = "helps" if best["preference_recall"] > sft else "does not help"
-        parts.append(
-            f"the history {verdict}: best history-aware recall {best['preference_recall']:.4f} "
-            f"({best['variant']}) vs {sft:.4f} for sft without history"
-        )
+        clauses = []
+        for key, name in (("rouge1", "ROUGE-1"), ("preference_recall", "preference recall")):
+            best, sft = max(aware, key=lambda r: r[key]), by["sft"][key]
+            verb = "raises" if best[key] > sft else "does not raise"
+            clauses.append(
+                f"{verb} {name} (best history-aware {best[key]:.4f}, {best['variant']}, vs {sft:.4f} for sft)"
+            )
+        parts.append("the history " + " and ".join(clauses))
     return "; ".join(parts) + "." if parts else "no pair of variants to compare."
 
 

@@ -160,6 +160,13 @@ def test_reading_follows_the_numbers(demo_run):
     nq, cs = by["nextquill"]["rouge1"], by["context_sft"]["rouge1"]
     verb = "ties" if nq == cs else "beats" if nq > cs else "does not beat"
     assert results["reading"].startswith(f"NextQuill {verb} ContextSFT on ROUGE-1 ({nq:.4f} vs {cs:.4f})")
+    best = max((r for r in results["rows"] if r["variant"] != "sft"), key=lambda r: r["rouge1"])
+    sft = by["sft"]["rouge1"]
+    verb = "raises" if best["rouge1"] > sft else "does not raise"
+    assert (
+        f"the history {verb} ROUGE-1 (best history-aware {best['rouge1']:.4f}, {best['variant']}, "
+        in (results["reading"])
+    )
 
 
 def test_variants_share_the_base_and_train_the_same_steps(demo_run):
