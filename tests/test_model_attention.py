@@ -137,6 +137,38 @@ def test_splash_kernel_in_interpret_mode_matches_reference():
     np.testing.assert_allclose(out, reference_attention(q, k, v, segments), atol=1e-5, rtol=0)
 
 
+def test_model_logits_agree_between_blockwise_and_dense_attention():
+    """The default `xla` (blockwise, 200 > one block of 128) and `xla_dense` give the same logits at every
+    real token of packed and padded rows."""
+    cfg = ModelConfig(
+        family="llama",
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+    )
+    _, state = nnx.split(CausalLM(cfg, rngs=nnx.Rngs(0)))
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 200)), jnp.int32)
+    segments = np.zeros((2, 200), np.int32)
+    segments[0, :90], segments[0, 90:170] = 1, 2
+    segments[1, 30:] = 1
+    positions = np.zeros((2, 200), np.int32)
+    for row in range(2):
+        for seg in (1, 2):
+            where = np.flatnonzero(segments[row] == seg)
+            positions[row, where] = np.arange(where.size)
+    logits = {}
+    for impl in ("xla", "xla_dense"):
+        graphdef = nnx.graphdef(CausalLM(cfg.replace(attention_impl=impl), rngs=nnx.Rngs(0)))
+        forward = jax.jit(lambda s, g=graphdef: nnx.merge(g, s)(ids, positions, segments))
+        logits[impl] = np.asarray(forward(state))
+    real = segments > 0
+    np.testing.assert_allclose(logits["xla"][real], logits["xla_dense"][real], atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("impl", ["cudnn", "splash"])
 def test_accelerator_attention_on_cpu_is_a_clear_error(impl):
     with pytest.raises(ValueError, match=f"attention_impl='{impl}' needs a"):
