@@ -70,6 +70,13 @@ class Checkpointer:
         """Steps of all complete checkpoints, ascending."""
         return sorted(self.manager.all_steps())
 
+    def _require_complete(self, step: int) -> None:
+        if step not in self.manager.all_steps():
+            raise FileNotFoundError(
+                f"no complete checkpoint for step {step} in {self.directory}; complete ones: "
+                f"{self.all_steps()}"
+            )
+
     def save(
         self,
         step: int,
@@ -105,11 +112,7 @@ class Checkpointer:
         Raises:
             FileNotFoundError: no complete checkpoint at `step` (naming the ones there are).
         """
-        if step not in self.manager.all_steps():
-            raise FileNotFoundError(
-                f"no complete checkpoint for step {step} in {self.directory}; complete ones: "
-                f"{self.all_steps()}"
-            )
+        self._require_complete(step)
         restored = self.manager.restore(
             step,
             args=ocp.args.Composite(
@@ -122,12 +125,12 @@ class Checkpointer:
 
     def restore_params(self, step: int, abstract_params: Any) -> Any:
         """Only the model parameters of step `step` (for export or a frozen reference model), laid out as
-        `abstract_params` (a pytree of `jax.ShapeDtypeStruct`, optionally with shardings)."""
-        if step not in self.manager.all_steps():
-            raise FileNotFoundError(
-                f"no complete checkpoint for step {step} in {self.directory}; complete ones: "
-                f"{self.all_steps()}"
-            )
+        `abstract_params` (a pytree of `jax.ShapeDtypeStruct`, optionally with shardings).
+
+        Raises:
+            FileNotFoundError: no complete checkpoint at `step` (naming the ones there are).
+        """
+        self._require_complete(step)
         restored = self.manager.restore(
             step,
             args=ocp.args.Composite(
@@ -146,7 +149,12 @@ class Checkpointer:
         return restored["state"]["params"]
 
     def read_config(self, step: int) -> dict[str, Any]:
-        """The resolved config saved with step `step`."""
+        """The resolved config saved with step `step`.
+
+        Raises:
+            FileNotFoundError: no complete checkpoint at `step` (naming the ones there are).
+        """
+        self._require_complete(step)
         return dict(
             self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
         )

@@ -80,11 +80,7 @@ def restore_model(workdir: str | Path, step: int | None = None, mesh: Mesh | Non
         chosen = ckpt.latest_step() if step is None else step
         if chosen is None:
             raise FileNotFoundError(f"{directory} holds no complete checkpoint")
-        if chosen not in ckpt.all_steps():
-            raise FileNotFoundError(
-                f"no complete checkpoint for step {chosen} in {directory}; complete ones: {ckpt.all_steps()}"
-            )
-        cfg = load_config(None, base=ckpt.read_config(chosen))
+        cfg = load_config(None, base=ckpt.read_config(chosen))  # raises if `chosen` is not complete
         mesh = build_mesh(cfg) if mesh is None else mesh
         mcfg = model_setup.model_config(cfg.model)
         graphdef, abstract = model_setup.abstract_model(mcfg)
