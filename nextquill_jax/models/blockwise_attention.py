@@ -104,7 +104,9 @@ def _attention(q, k, v, segment_ids, block):
 
 
 def _forward(q, k, v, segment_ids, block):
-    """Output [B, T, H, Hd] and log-sum-exp per query [N, B, K, G, block] (+inf where nothing is visible)."""
+    """Output [B, T, H, Hd] and what the backward pass needs: the blocked inputs, segment ids and pairs to
+    visit (as `_to_blocks` / `_kv_blocks` / `_segment_blocks` give them), the blocked output and the
+    log-sum-exp per query [N, B, K, G, block] (+inf where nothing is visible)."""
     t, kv_heads = q.shape[1], k.shape[2]
     qb = _to_blocks(q, block, kv_heads)  # [N, B, K, G, block, Hd]
     kb, vb = _kv_blocks(k, block), _kv_blocks(v, block)  # [N, B, K, block, Hd]
@@ -141,26 +143,22 @@ def _forward(q, k, v, segment_ids, block):
         lse = jnp.where(seen, row_max + jnp.log(safe_sum), jnp.inf)
         return out.astype(q.dtype), lse
 
-    out, lse = jax.lax.map(query_block, jnp.arange(qb.shape[0]))
-    return _from_blocks(out, t), lse
-
-
-def _attention_fwd(q, k, v, segment_ids, block):
-    out, lse = _forward(q, k, v, segment_ids, block)
-    return out, (q, k, v, segment_ids, out, lse)
+    out, lse = jax.lax.map(
+        query_block, jnp.arange(qb.shape[0])
+    )  # [N, B, K, G, block, Hd], [N, B, K, G, block]
+    return _from_blocks(out, t), (qb, kb, vb, seg, visit_pair, out, lse)
 
 
 def _attention_bwd(block, residuals, d_out):
     """Gradients of q, k, v: for each key block, visit the query blocks that see it and recompute p."""
-    q, k, v, segment_ids, out, lse = residuals
-    t, kv_heads = q.shape[1], k.shape[2]
-    scale = 1.0 / np.sqrt(q.shape[-1])
-    qb = _to_blocks(q, block, kv_heads)  # [N, B, K, G, block, Hd]
-    kb, vb = _kv_blocks(k, block), _kv_blocks(v, block)  # [N, B, K, block, Hd]
-    dob = _to_blocks(d_out, block, kv_heads)
+    qb, kb, vb, seg, visit_pair, out, lse = (
+        residuals  # qb / out [N, B, K, G, block, Hd], kb / vb [N, B, K, block, Hd]
+    )
+    t = d_out.shape[1]
+    scale = 1.0 / np.sqrt(qb.shape[-1])
+    dob = _to_blocks(d_out, block, kb.shape[2])
     # Σ_d dO·O per query [N, B, K, G, block]: the softmax backward's row term.
-    row_term = jnp.sum(dob.astype(jnp.float32) * _to_blocks(out, block, kv_heads).astype(jnp.float32), -1)
-    seg, visit_pair = _segment_blocks(segment_ids, block)
+    row_term = jnp.sum(dob.astype(jnp.float32) * out.astype(jnp.float32), -1)
     n = qb.shape[0]
 
     def key_block(dq, j):
@@ -175,7 +173,7 @@ def _attention_bwd(block, residuals, d_out):
                     "bkgqs,bkgqd->bksd", p.astype(d_out.dtype), doi, preferred_element_type=jnp.float32
                 )
                 dp = jnp.einsum("bkgqd,bksd->bkgqs", doi, vj, preferred_element_type=jnp.float32)
-                ds = (p * (dp - row_term[i][..., None]) * scale).astype(q.dtype)  # d scores, scale folded in
+                ds = (p * (dp - row_term[i][..., None]) * scale).astype(qb.dtype)  # d scores, scale folded in
                 dk_j = dk_j + jnp.einsum("bkgqs,bkgqd->bksd", ds, qi, preferred_element_type=jnp.float32)
                 dq_i = jnp.einsum("bkgqs,bksd->bkgqd", ds, kj, preferred_element_type=jnp.float32)
                 return dq.at[i].add(dq_i), dk_j, dv_j
@@ -187,10 +185,10 @@ def _attention_bwd(block, residuals, d_out):
         return dq, (dk_j, dv_j)
 
     dq, (dk, dv) = jax.lax.scan(key_block, jnp.zeros(qb.shape, jnp.float32), jnp.arange(n))
-    dq = _from_blocks(dq, t).astype(q.dtype)
-    dk = _from_blocks(dk[:, :, :, None], t).astype(k.dtype)
-    dv = _from_blocks(dv[:, :, :, None], t).astype(v.dtype)
+    dq = _from_blocks(dq, t).astype(qb.dtype)
+    dk = _from_blocks(dk[:, :, :, None], t).astype(kb.dtype)
+    dv = _from_blocks(dv[:, :, :, None], t).astype(vb.dtype)
     return dq, dk, dv, None
 
 
-_attention.defvjp(_attention_fwd, _attention_bwd)
+_attention.defvjp(_forward, _attention_bwd)
