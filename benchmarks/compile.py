@@ -25,11 +25,11 @@ import jax
 import jax.numpy as jnp
 from compile_scan import compile_seconds
 
+from nextquill_jax.bench.record import append_results, results_header
 from nextquill_jax.config import OptimConfig
-from nextquill_jax.losses import LossConfig
+from nextquill_jax.loss import LossConfig
 from nextquill_jax.models import ModelConfig
 from nextquill_jax.parallel import make_mesh
-from nextquill_jax.scaling import append_results, results_header
 from nextquill_jax.train.model_setup import abstract_model
 from nextquill_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from nextquill_jax.train.state import TrainState

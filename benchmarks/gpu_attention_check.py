@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nextquill_jax.models import CausalLM, ModelConfig
+from nextquill_jax.models import CausalLM, model_preset
 from nextquill_jax.models.attention import attention_mask, cudnn_attention, xla_attention
 
 SHAPES = [  # (B, T, H, K, Hd)
@@ -106,7 +106,7 @@ def attention_row(shape: tuple[int, ...], packed: bool) -> tuple[str, float]:
 
 
 def model_row(tolerance: float) -> tuple[str, bool]:
-    cfg = ModelConfig.preset("qwen2.5-0.5b", num_layers=4, compute_dtype="bfloat16")
+    cfg = model_preset("qwen2.5-0.5b", num_layers=4, compute_dtype="bfloat16")
     _, state = nnx.split(CausalLM(cfg, rngs=nnx.Rngs(0)))
     seg_np = packed_segments(4, 1024)
     pos_np = np.concatenate([np.arange((seg_np[0] == s).sum()) for s in (1, 2, 3, 0)])[None].repeat(4, 0)

@@ -30,8 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nextquill_jax.fused_head import DEFAULT_TOKEN_CHUNK, DEFAULT_VOCAB_CHUNK
-from nextquill_jax.losses import LossConfig, loss_from_hidden, loss_from_logits
+from nextquill_jax.loss import LossConfig, loss_from_hidden, loss_from_logits
+from nextquill_jax.loss.fused_head import DEFAULT_TOKEN_CHUNK, DEFAULT_VOCAB_CHUNK
 
 MIB = 2**20
 

@@ -1,9 +1,9 @@
 """Tokens/s and MFU of the full NextQuill training step for Qwen2.5-0.5B and 1.5B shapes (random weights).
 
-The step is the project's real one (`train.step.make_train_step` via `scaling.TrainingHarness`): with- and
-without-history forward passes, fused NextQuill loss (dynamic DCE), backward through both passes, clipped
-AdamW. The batch: `--rows` rows of synthetic examples (random ids; prompt, history and target lengths
-below), packed by the pipeline's first-fit packer into rows of `--seq-len` with-stream tokens.
+The step is the project's real one (`train.step.make_train_step` via `bench.harness.TrainingHarness`):
+with- and without-history forward passes, fused NextQuill loss (dynamic DCE), backward through both
+passes, clipped AdamW. The batch: `--rows` rows of synthetic examples (random ids; prompt, history and
+target lengths below), packed by the pipeline's first-fit packer into rows of `--seq-len` with-stream tokens.
 
 Useful FLOPs per step (both forward passes and the backward pass, backward = 2 × forward):
 
@@ -13,8 +13,8 @@ P: parameters other than the embedding and LM head; N_w, N_o: real tokens of the
 streams; L layers, H query heads of size Hd; A = Σ_examples n(n+1)/2 causal query-key pairs within each
 example (padding and cross-example pairs excluded); D hidden size, V vocabulary; N_y target tokens (the LM
 head is needed only there, in both streams). Rematerialisation is not counted (it is not useful work).
-MFU = FLOPs / best step time / (devices × the chip's dense bf16 peak), peak from `scaling.PEAK_TFLOPS_BF16` or
-`--peak-tflops`.
+MFU = FLOPs / best step time / (devices × the chip's dense bf16 peak), peak from
+`bench.flops.PEAK_TFLOPS_BF16` or `--peak-tflops`.
 
     python benchmarks/mfu.py --steps 5                     # accelerator: qwen2.5-0.5b and qwen2.5-1.5b
     python benchmarks/mfu.py --models qwen2.5-1.5b --rows 2 --remat full
@@ -42,19 +42,12 @@ COLUMNS = (
 def main(argv: list[str] | None = None) -> int:
     import jax
 
-    from nextquill_jax.losses import LossConfig
-    from nextquill_jax.models import ModelConfig
+    from nextquill_jax.bench.flops import param_counts, peak_tflops, step_flops
+    from nextquill_jax.bench.harness import TrainingHarness, step_breakdown, synthetic_batch
+    from nextquill_jax.bench.record import append_results, results_header
+    from nextquill_jax.loss import LossConfig
+    from nextquill_jax.models import model_preset
     from nextquill_jax.parallel import make_mesh
-    from nextquill_jax.scaling import (
-        TrainingHarness,
-        append_results,
-        param_counts,
-        peak_tflops,
-        results_header,
-        step_breakdown,
-        step_flops,
-        synthetic_batch,
-    )
 
     accel = jax.default_backend() in ("gpu", "tpu", "cuda", "rocm")
     default_attention = {"gpu": "cudnn", "cuda": "cudnn", "tpu": "splash"}.get(jax.default_backend(), "xla")
@@ -93,9 +86,9 @@ def main(argv: list[str] | None = None) -> int:
             attention_impl=args.attention,
         )  # fmt: skip
         if name == "tiny":
-            cfg = ModelConfig.preset("qwen2.5-0.5b", **TINY, **runtime)
+            cfg = model_preset("qwen2.5-0.5b", **TINY, **runtime)
         else:
-            cfg = ModelConfig.preset(name, **runtime)
+            cfg = model_preset(name, **runtime)
         batch, shape = synthetic_batch(
             args.rows, args.seq_len, args.history, context_tokens=args.context_tokens,
             entry_tokens=args.entry_tokens, target_tokens=args.target_tokens, vocab=cfg.vocab_size,
@@ -146,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         parts = [
             "",
-            "Parts of the step, each compiled and timed alone (scaling.step_breakdown):",
+            "Parts of the step, each compiled and timed alone (bench.harness.step_breakdown):",
             "",
             *breakdowns,
         ]

@@ -30,10 +30,10 @@ from pathlib import Path
 import grain
 import numpy as np
 
-from nextquill_jax.data.config import DataConfig
-from nextquill_jax.data.pipeline import BatchingConfig, BatchPipeline
-from nextquill_jax.data.prepare import prepare
-from nextquill_jax.data.prepared import PreparedSplit
+from nextquill_jax.bench.harness import synthetic_train_split
+from nextquill_jax.data.config import BatchingConfig
+from nextquill_jax.data.pipeline import BatchPipeline
+from nextquill_jax.data.prepared_split import PreparedSplit
 
 PUBLIC_PAD = 4097
 
@@ -73,15 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="padding_bench_"))
-    data_cfg = DataConfig(
-        format="synthetic",
-        synthetic_users=args.users,
-        synthetic_seed=args.seed,
+    split = synthetic_train_split(
+        work / "prepared",
+        users=args.users,
+        seed=args.seed,
         tokenizer=args.tokenizer,
         max_history=args.max_history,
     )
-    prepare(data_cfg, work / "prepared", echo=lambda s: None)
-    split = PreparedSplit(work / "prepared", "train")
     lengths = {f: split.lengths(f) for f in ("prompt_with", "prompt_without", "target")}
 
     def cfg(mode: str, seq_len: int) -> BatchingConfig:

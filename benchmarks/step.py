@@ -65,20 +65,17 @@ def build_inputs(args: argparse.Namespace, work: Path) -> int:
     `inputs.json` (the model config and the examples' token counts) to `work`."""
     from flax import nnx
 
-    from nextquill_jax.data.config import DataConfig
-    from nextquill_jax.data.prepare import prepare
-    from nextquill_jax.data.prepared import PreparedSplit, TokenizedExample, write_split
+    from nextquill_jax.bench.harness import synthetic_train_split
+    from nextquill_jax.data.prepared_split import TokenizedExample, write_split
     from nextquill_jax.models import CausalLM, ModelConfig, save_pretrained
 
-    data_cfg = DataConfig(
-        format="synthetic",
-        synthetic_users=args.users,
-        synthetic_seed=args.seed,
+    full = synthetic_train_split(
+        work / "prepared_full",
+        users=args.users,
+        seed=args.seed,
         tokenizer=args.tokenizer,
         max_history=args.max_history,
     )
-    prepare(data_cfg, work / "prepared_full", echo=lambda s: None)
-    full = PreparedSplit(work / "prepared_full", "train")
     if len(full) < args.examples:
         raise SystemExit(f"only {len(full)} training examples; raise --users")
     chosen = np.random.default_rng(args.seed).choice(len(full), args.examples, replace=False)
@@ -123,13 +120,14 @@ def _object_array(items: list[np.ndarray]) -> np.ndarray:
 def jax_worker(args: argparse.Namespace) -> int:
     import jax
 
+    from nextquill_jax.bench.harness import TrainingHarness
     from nextquill_jax.data.assemble import RowShape, assemble_batch
-    from nextquill_jax.data.pipeline import BatchingConfig, BatchPipeline
-    from nextquill_jax.data.prepared import PreparedSplit
-    from nextquill_jax.losses import LossConfig
+    from nextquill_jax.data.config import BatchingConfig
+    from nextquill_jax.data.pipeline import BatchPipeline
+    from nextquill_jax.data.prepared_split import PreparedSplit
+    from nextquill_jax.loss import LossConfig
     from nextquill_jax.models import load_pretrained
     from nextquill_jax.parallel import make_mesh
-    from nextquill_jax.scaling import TrainingHarness
 
     if args.imports_only:
         return 0
@@ -273,7 +271,7 @@ def measure_case(case: str, args: argparse.Namespace, work: Path, baseline: dict
 def report(
     args: argparse.Namespace, results: dict, lengths: dict, cfg, command: list[str]
 ) -> tuple[list[str], bool]:
-    from nextquill_jax.scaling import results_header
+    from nextquill_jax.bench.record import results_header
 
     torch_run = next(iter(results.values()))["torch"]
 
@@ -408,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     lines, failed = report(args, results, lengths, inputs["config"], command)
     print("\n".join(lines))
     if args.append_results:
-        from nextquill_jax.scaling import append_results
+        from nextquill_jax.bench.record import append_results
 
         append_results(args.append_results, lines)
     return 1 if failed else 0

@@ -1,7 +1,7 @@
-"""The `nextquill-jax` command: a thin dispatcher over one module per subcommand.
+"""The `nextquill-jax` command: a thin dispatcher over the subpackages' `command.py` modules.
 
-Each subcommand module defines `add_arguments(parser)` and `run(args) -> int`. Modules are imported only
-when their subcommand runs, so `nextquill-jax --help` does not import JAX.
+Each of them lists its subcommands in `COMMANDS` (see `subcommand.Subcommand`); this module only collects
+them and dispatches. Command modules import JAX only when a subcommand runs, so `--help` is fast.
 """
 
 from __future__ import annotations
@@ -10,39 +10,42 @@ import argparse
 import importlib
 import sys
 
-# subcommand -> (module, one-line help)
-COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("nextquill_jax.train.command", "train a model from a YAML config"),
-    "evaluate": ("nextquill_jax.evaluate_command", "generate for a split and score it"),
-    "effects": ("nextquill_jax.effects_report", "per-token causal effect report (HTML + PNG)"),
-    "export": ("nextquill_jax.train.export_command", "write a Hugging Face directory from a checkpoint"),
-    "data": ("nextquill_jax.data.command", "prepare, inspect or synthesise data"),
-    "demo": ("nextquill_jax.demo", "the offline end-to-end demo"),
-    "bench": ("nextquill_jax.bench_command", "run a benchmark from benchmarks/"),
-}
+from nextquill_jax.subcommand import Subcommand
+
+COMMAND_MODULES = (
+    "nextquill_jax.train.command",
+    "nextquill_jax.eval.command",
+    "nextquill_jax.data.command",
+    "nextquill_jax.demo.command",
+    "nextquill_jax.bench.command",
+)
 
 
-def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, object | None]:
+def subcommands() -> dict[str, Subcommand]:
+    """Every subcommand by name, in the order of `COMMAND_MODULES`."""
+    found: dict[str, Subcommand] = {}
+    for module_name in COMMAND_MODULES:
+        found.update(importlib.import_module(module_name).COMMANDS)
+    return found
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of every subcommand; `args.command` names the one chosen."""
     parser = argparse.ArgumentParser(prog="nextquill-jax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    chosen = next((a for a in argv if not a.startswith("-")), None)
-    module = None
-    for name, (module_name, help_text) in COMMANDS.items():
-        sub_parser = sub.add_parser(name, help=help_text)
-        if name == chosen:
-            module = importlib.import_module(module_name)
-            module.add_arguments(sub_parser)
-    return parser, module
+    for name, command in subcommands().items():
+        command.add_arguments(sub.add_parser(name, help=command.help))
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser, module = build_parser(argv)
+    parser = build_parser()
     args = parser.parse_args(argv)
-    if module is None:
+    if args.command is None:
         parser.print_help()
         return 2
-    return int(module.run(args) or 0)
+    return int(subcommands()[args.command].run(args) or 0)
 
 
 if __name__ == "__main__":

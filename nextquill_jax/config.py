@@ -1,10 +1,8 @@
 """The training config: typed sections loaded from YAML, overridable as `section.key=value`.
 
 A config file has the sections `model`, `data`, `loss`, `optim`, `train`, `mesh`, `checkpoint`, `eval` and
-`logging`. Every section is a frozen dataclass; its type hints are the schema. Loading converts each YAML
-value to its field's type (an int where a float is expected is fine; YAML's `5e-6`, which PyYAML reads as a
-string, is read as a float) and rejects anything else with one paragraph naming the key, what it expected and
-the fix. Unknown keys are errors that suggest the nearest valid key.
+`logging`. Every section is a frozen `*Config` dataclass; its type hints are the schema, which
+`config_schema.build` reads (type conversion, errors naming the key and the fix, nearest-key hints).
 
     cfg = load_config("configs/tiny_synthetic.yaml", ["optim.learning_rate=1e-3", "train.workdir=/tmp/run"])
     save_config(cfg, workdir / "config.yaml")
@@ -14,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import types
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,22 +20,20 @@ from typing import Any, Literal
 
 import yaml
 
+from nextquill_jax.config_schema import ConfigError, apply_override, build, convert
 from nextquill_jax.data.config import DataConfig
-from nextquill_jax.generate import GenerationConfig
-from nextquill_jax.losses import LossConfig
+from nextquill_jax.loss.config import LossConfig
 from nextquill_jax.models.config import ModelConfig
-
-
-class ConfigError(ValueError):
-    """A config value that cannot be used; the message names the key, the source and the fix."""
+from nextquill_jax.models.generate import GenerationConfig
+from nextquill_jax.models.presets import model_preset
 
 
 @dataclass(frozen=True)
-class ModelSection:
+class ModelRunConfig:
     """Which model to train and how to run it.
 
     Exactly one of `path` (a Hugging Face directory with config.json + safetensors, or a packaged name such as
-    "smollm2-135m") and `preset` (a `ModelConfig.preset` name, randomly initialised from `train.seed`) is set.
+    "smollm2-135m") and `preset` (a `model_preset` name, randomly initialised from `train.seed`) is set.
     `overrides` replaces architecture fields of `ModelConfig` (e.g. `{hidden_size: 32, num_layers: 2}` for a
     tiny random model); the runtime fields have their own keys. The tokenizer is `data.tokenizer`.
     """
@@ -84,16 +79,16 @@ class ModelSection:
                 raise ValueError(f"`model.overrides.{key}` is not a ModelConfig architecture field; {hint}")
         hints = typing.get_type_hints(ModelConfig)
         overrides = {
-            k: _convert(v, hints[k], f"model.overrides.{k}", "model") for k, v in self.overrides.items()
+            k: convert(v, hints[k], f"model.overrides.{k}", "model") for k, v in self.overrides.items()
         }
         try:
-            return ModelConfig.preset(self.preset, **overrides, **self.runtime())
+            return model_preset(self.preset, **overrides, **self.runtime())
         except KeyError as e:
             raise ValueError(e.args[0]) from None
 
 
 @dataclass(frozen=True)
-class LossSection(LossConfig):
+class LossRunConfig(LossConfig):
     """`LossConfig` (variant and hyper-parameters) plus how the loss is computed.
 
     `reference_model`: for `dce: fixed` when the data carries no `reference_dce`, a Hugging Face directory,
@@ -148,7 +143,7 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
-class TrainSection:
+class TrainConfig:
     """The run: where it writes, how long it runs, how a global batch is split.
 
     `workdir` holds config.yaml, metrics.jsonl, TensorBoard events and checkpoints/ (`--workdir` overrides
@@ -200,7 +195,7 @@ class MeshConfig:
 
 
 @dataclass(frozen=True)
-class CheckpointSection:
+class CheckpointConfig:
     """Orbax checkpoints under `<workdir>/checkpoints`.
 
     Saved every `every_steps` steps (0: never on a schedule), at the end of each epoch (`on_epoch_end`) and at
@@ -221,7 +216,7 @@ class CheckpointSection:
 
 
 @dataclass(frozen=True)
-class EvalSection:
+class EvalConfig:
     """Validation loss on split `split` every `every_steps` steps (0: only at the end of each epoch), over at
     most `max_batches` batches (null: the whole split). `generation` is the decoding `nextquill-jax evaluate`
     uses (default: the public code's, greedy with repetition penalty 1.2); command-line flags override it."""
@@ -237,7 +232,7 @@ class EvalSection:
 
 
 @dataclass(frozen=True)
-class LoggingSection:
+class LoggingConfig:
     """A metrics row (metrics.jsonl, TensorBoard, progress bar) every `every_steps` steps."""
 
     every_steps: int = 10
@@ -253,15 +248,15 @@ class LoggingSection:
 class Config:
     """A whole training config (one field per YAML section)."""
 
-    model: ModelSection
+    model: ModelRunConfig
     data: DataConfig
-    loss: LossSection = field(default_factory=LossSection)
+    loss: LossRunConfig = field(default_factory=LossRunConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainSection = field(default_factory=TrainSection)
+    train: TrainConfig = field(default_factory=TrainConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
-    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
-    eval: EvalSection = field(default_factory=EvalSection)
-    logging: LoggingSection = field(default_factory=LoggingSection)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 def load_config(
@@ -287,7 +282,7 @@ def load_config(
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(raw).__name__}")
     for item in overrides:
-        _apply_override(raw, item)
+        apply_override(raw, item)
     return build(Config, raw, "", source)
 
 
@@ -300,136 +295,3 @@ def save_config(cfg: Config, path: str | Path) -> None:
 def config_to_dict(cfg: Any) -> dict:
     """A dataclass config as plain dicts/lists/scalars (what YAML and JSON write)."""
     return dataclasses.asdict(cfg)
-
-
-def _apply_override(raw: dict, item: str) -> None:
-    key, sep, text = item.partition("=")
-    parts = key.strip().split(".")
-    if not sep or len(parts) < 2 or not all(parts):
-        raise ConfigError(
-            f"override {item!r} is not of the form section.key=value (e.g. optim.learning_rate=1e-4)"
-        )
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        value = text
-    node = raw
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
-        node = child
-    node[parts[-1]] = value
-
-
-def build(cls: type, raw: Any, where: str, source: str) -> Any:
-    """Build dataclass `cls` from the mapping `raw` found at key prefix `where` of `source`.
-
-    Raises:
-        ConfigError: as `load_config`.
-    """
-    label = where or "the top level"
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(
-            f"{source}: `{label}` must be a mapping of keys to values, got {raw!r}. Fix: write it as a YAML "
-            f"section with keys {[f.name for f in dataclasses.fields(cls)]}."
-        )
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.init]
-    for key in raw:
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
-            hint = (
-                f"Did you mean `{_join(where, close[0])}`?" if close else f"Valid keys: {', '.join(names)}."
-            )
-            raise ConfigError(f"{source}: unknown key `{_join(where, str(key))}`. {hint}")
-    values = {}
-    for name in names:
-        if name in raw:
-            values[name] = _convert(raw[name], hints[name], _join(where, name), source)
-        elif dataclasses.is_dataclass(hints[name]) and _required(cls, name):
-            values[name] = build(hints[name], {}, _join(where, name), source)
-    try:
-        return cls(**values)
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"{source}: invalid `{label}`: {e}. Fix the value under `{label}`.") from None
-
-
-def _required(cls: type, name: str) -> bool:
-    f = next(f for f in dataclasses.fields(cls) if f.name == name)
-    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-
-
-def _join(where: str, name: str) -> str:
-    return f"{where}.{name}" if where else name
-
-
-def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        options = [a for a in args if a is not type(None)]
-        errors = []
-        for option in options:
-            try:
-                return _convert(value, option, key, source)
-            except ConfigError as e:
-                errors.append(e)
-        if len(errors) == 1:
-            raise errors[0]
-        raise _type_error(value, " or ".join(_type_name(a) for a in args), key, source)
-    if dataclasses.is_dataclass(tp):
-        return build(tp, value, key, source)
-    if origin is Literal:
-        if value in args:
-            return value
-        close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1, cutoff=0.5)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(
-            f"{source}: `{key}` is {value!r}, not one of {list(args)}.{hint} Fix: set `{key}` to one of them."
-        )
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise _type_error(value, _type_name(tp), key, source)
-        items = [_convert(v, args[0], f"{key}[{i}]", source) for i, v in enumerate(value)]
-        return items if origin is list else tuple(items)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise _type_error(value, "a mapping", key, source)
-        return dict(value)
-    if tp is Any:
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    else:
-        raise TypeError(f"config schema: unsupported type {tp!r} for {key}")
-    raise _type_error(value, _type_name(tp), key, source)
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _type_error(value: Any, expected: str, key: str, source: str) -> ConfigError:
-    return ConfigError(
-        f"{source}: `{key}` expects {expected}, got {value!r} ({type(value).__name__}). "
-        f"Fix: write a {expected} value for `{key}` in the file or as `{key}=VALUE` on the command line."
-    )

@@ -1,7 +1,7 @@
 """A plain statement of the DPL benchmark's data building (NEXTQUILL.md), written independently of
-`nextquill_jax.data.amazon2023` as the reference its records are compared with. Input: raw Amazon Reviews 2023
-review and metadata rows (dicts); output: DPL rows `{"user_id", "profile", "data"}` per split and the item
-rows `{"asin", "title", "description"}`, in the layout of the published DPL-main / DPL-meta data.
+`nextquill_jax.data.sources.amazon2023` as the reference its records are compared with. Input: raw Amazon
+Reviews 2023 review and metadata rows (dicts); output: DPL rows `{"user_id", "profile", "data"}` per split
+and the item rows `{"asin", "title", "description"}`, in the layout of the published DPL-main / DPL-meta data.
 """
 
 from __future__ import annotations

@@ -13,9 +13,10 @@ from typing import ClassVar
 import numpy as np
 import pytest
 
-from nextquill_jax import cli, scaling
-from nextquill_jax.bench_command import BENCHMARKS
-from nextquill_jax.config import ConfigError
+from nextquill_jax import cli
+from nextquill_jax.bench import flops, harness, sweep
+from nextquill_jax.bench.command import BENCHMARKS
+from nextquill_jax.config_schema import ConfigError
 
 STEP_S = 0.25
 TINY = {"vocab_size": 300, "num_heads": 4, "num_kv_heads": 2, "head_dim": 8, "num_layers": 2}
@@ -31,7 +32,7 @@ class FakeHarness:
         FakeHarness.built.append(model_cfg.hidden_size)
 
     def time(self, batch, *, warmup, steps):
-        return scaling.StepTiming(
+        return harness.StepTiming(
             compile_s=1.5,
             step_s=[STEP_S + 0.1, STEP_S],
             first_loss=5.5,
@@ -64,7 +65,7 @@ def qwen2_params(d: int, f: int, v: int, layers: int, h: int, k: int, hd: int) -
 @pytest.fixture
 def fake(monkeypatch):
     FakeHarness.built = []
-    monkeypatch.setattr(scaling, "TrainingHarness", FakeHarness)
+    monkeypatch.setattr(sweep, "TrainingHarness", FakeHarness)
     return FakeHarness
 
 
@@ -75,9 +76,9 @@ def read(path):
 
 def test_sweep_csv_values_and_plot(tmp_path, fake):
     out = tmp_path / "sweep"
-    assert scaling.main(["--config", sweep_yaml(tmp_path / "s.yaml", out, ["a", "b", "c"])]) == 0
+    assert sweep.main(["--config", sweep_yaml(tmp_path / "s.yaml", out, ["a", "b", "c"])]) == 0
     with open(out / "scaling.csv", newline="") as f:
-        assert tuple(next(csv.reader(f))) == scaling.CSV_COLUMNS
+        assert tuple(next(csv.reader(f))) == sweep.CSV_COLUMNS
     rows = read(out / "scaling.csv")
     assert [r["model"] for r in rows] == ["a", "b", "c"]
     # One example: with stream 16 + 2 * 20 + 8 = 64 tokens, without 16 + 8 = 24, target 8; two per row of 128.
@@ -110,9 +111,9 @@ def test_sweep_csv_values_and_plot(tmp_path, fake):
 
 def test_sweep_resumes_without_repeating_points(tmp_path, fake):
     out = tmp_path / "sweep"
-    scaling.main(["--config", sweep_yaml(tmp_path / "s.yaml", out, ["a", "b"])])
+    sweep.main(["--config", sweep_yaml(tmp_path / "s.yaml", out, ["a", "b"])])
     first = read(out / "scaling.csv")
-    scaling.main(["--config", sweep_yaml(tmp_path / "s.yaml", out, ["a", "b", "c"])])
+    sweep.main(["--config", sweep_yaml(tmp_path / "s.yaml", out, ["a", "b", "c"])])
     rows = read(out / "scaling.csv")
     assert fake.built == [32, 64, 96]  # a and b were not run again
     assert rows[:2] == first and [r["model"] for r in rows] == ["a", "b", "c"]
@@ -121,7 +122,7 @@ def test_sweep_resumes_without_repeating_points(tmp_path, fake):
 def test_sweep_point_runs_one_point_only(tmp_path, fake):
     out = tmp_path / "sweep"
     assert (
-        scaling.main(["--config", sweep_yaml(tmp_path / "s.yaml", out, ["a", "b", "c"]), "--point", "1"]) == 0
+        sweep.main(["--config", sweep_yaml(tmp_path / "s.yaml", out, ["a", "b", "c"]), "--point", "1"]) == 0
     )
     assert fake.built == [64] and [r["model"] for r in read(out / "scaling.csv")] == ["b"]
     assert not (out / "scaling.png").exists()  # the parent of a point's process draws the plot
@@ -132,7 +133,7 @@ def test_sweep_refuses_a_foreign_csv(tmp_path, fake):
     out.mkdir()
     (out / "scaling.csv").write_text("model,tokens_per_s\nx,1\n")
     with pytest.raises(ValueError, match="move the file away or set a new output_dir"):
-        scaling.main(["--config", sweep_yaml(tmp_path / "s.yaml", out, ["a"])])
+        sweep.main(["--config", sweep_yaml(tmp_path / "s.yaml", out, ["a"])])
 
 
 def test_config_errors_name_the_key(tmp_path):
@@ -141,23 +142,23 @@ def test_config_errors_name_the_key(tmp_path):
         "output_dir: x\nmodels: [{name: a, preset: qwen2.5-0.5b}]\nseq_len: [8]\nhistory: [1]\nrowz: 2\n"
     )
     with pytest.raises(ConfigError, match=r"rowz.*Did you mean `rows`"):
-        scaling.load_scaling_config(bad)
+        sweep.load_scaling_config(bad)
     bad.write_text("output_dir: x\nmodels: [{name: a, preset: qwen9}]\nseq_len: [8]\nhistory: [1]\n")
     with pytest.raises(ConfigError, match="qwen9"):
-        scaling.load_scaling_config(bad)
+        sweep.load_scaling_config(bad)
 
 
 def test_shipped_cpu_sweep_has_three_model_sizes():
-    cfg = scaling.load_scaling_config("configs/scaling/tiny_cpu.yaml")
-    sizes = {scaling.param_counts(cfg.model_config(m))[0] for m in cfg.models}
+    cfg = sweep.load_scaling_config("configs/scaling/tiny_cpu.yaml")
+    sizes = {flops.param_counts(cfg.model_config(m))[0] for m in cfg.models}
     assert len(sizes) == 3
-    gpu = scaling.load_scaling_config("configs/scaling/gpu_qwen.yaml")
+    gpu = sweep.load_scaling_config("configs/scaling/gpu_qwen.yaml")
     assert [m.preset for m in gpu.models] == ["qwen2.5-0.5b", "qwen2.5-1.5b"]
 
 
 def test_causal_pairs_counts_each_segment():
     seg = np.array([[1, 1, 1, 2, 2, 0], [1, 1, 1, 1, 1, 1]])
-    assert scaling.causal_pairs(seg) == (6 + 3) + 21
+    assert flops.causal_pairs(seg) == (6 + 3) + 21
 
 
 def test_bench_help_lists_every_benchmark(capsys):

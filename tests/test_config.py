@@ -11,7 +11,8 @@ import yaml
 from jax.sharding import AbstractMesh, AxisType
 from train_support import tiny_config, write_config, write_random_data
 
-from nextquill_jax.config import Config, ConfigError, load_config, save_config
+from nextquill_jax.config import Config, load_config, save_config
+from nextquill_jax.config_schema import ConfigError
 from nextquill_jax.parallel import MESH_AXES, resolve_mesh_shape
 from nextquill_jax.train import model_setup
 from nextquill_jax.train.loop import train
@@ -175,24 +176,24 @@ def test_bad_setups_fail_with_one_paragraph_before_compiling(tmp_path, compilati
 def test_eval_generation_is_configurable_and_cli_flags_override_only_what_they_set():
     import argparse
 
-    from nextquill_jax.evaluate_command import add_arguments, generation_overrides
+    from nextquill_jax.eval.command import add_evaluate_arguments, generation_overrides
 
     cfg = load_config(REPO / "configs" / "tiny_synthetic.yaml", ["eval.generation.max_new_tokens=64"])
     assert cfg.eval.generation.max_new_tokens == 64
     assert cfg.eval.generation.repetition_penalty == 1.2 and not cfg.eval.generation.do_sample
     parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    add_evaluate_arguments(parser)
     assert generation_overrides(parser.parse_args(["--workdir", "w"])) == {}
     args = parser.parse_args(["--workdir", "w", "--repetition-penalty", "1.0", "--do-sample"])
     assert generation_overrides(args) == {"repetition_penalty": 1.0, "do_sample": True}
 
 
 def test_url_workdir_is_refused_before_anything_is_written(tmp_path, monkeypatch):
-    from nextquill_jax.train import loop
+    from nextquill_jax.train import setup
 
     monkeypatch.chdir(tmp_path)
     cfg = load_config(REPO / "configs" / "tiny_synthetic.yaml")
     with pytest.raises(ConfigError, match="mount the bucket"):
-        loop.resolve_workdir(cfg, "gs://bucket/runs/x")
+        setup.resolve_workdir(cfg, "gs://bucket/runs/x")
     assert not any(tmp_path.iterdir())
-    assert loop.resolve_workdir(cfg, "runs/x") == tmp_path / "runs" / "x"
+    assert setup.resolve_workdir(cfg, "runs/x") == tmp_path / "runs" / "x"

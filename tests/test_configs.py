@@ -22,13 +22,13 @@ from pathlib import Path
 import pytest
 from jax.sharding import AbstractMesh, AxisType
 
-from nextquill_jax.config import Config, ModelSection, load_config
-from nextquill_jax.demo import load_demo_config
+from nextquill_jax.bench.sweep import ScalingConfig, load_scaling_config
+from nextquill_jax.config import Config, ModelRunConfig, load_config
+from nextquill_jax.demo.run import load_demo_config
 from nextquill_jax.models.attention import check_attention_backend
 from nextquill_jax.models.config import ModelConfig
 from nextquill_jax.models.presets import PRESETS
 from nextquill_jax.parallel import MESH_AXES, batch_shard_count, resolve_mesh_shape
-from nextquill_jax.scaling import ScalingConfig, load_scaling_config
 from nextquill_jax.train.model_setup import param_shardings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -132,7 +132,7 @@ def parse_command(words: list[str]) -> tuple[str, dict[str, str], list[str]]:
     return "launch", {"--config": env.get("CONFIG", "")}, env.get("TRAIN_ARGS", "").split()
 
 
-def architecture(section: ModelSection) -> ModelConfig:
+def architecture(section: ModelRunConfig) -> ModelConfig:
     """The model's architecture: its preset, or the preset its folder / packaged name is named after."""
     if section.preset is not None:
         return section.model_config()
@@ -142,7 +142,7 @@ def architecture(section: ModelSection) -> ModelConfig:
         f"there is none; name the folder after one of {sorted(PRESETS)} or add a preset to models/presets.py"
     )
     runtime = section.runtime()
-    return ModelSection(preset=name, overrides=section.overrides, **runtime).model_config()
+    return ModelRunConfig(preset=name, overrides=section.overrides, **runtime).model_config()
 
 
 def check_fits(

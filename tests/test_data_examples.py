@@ -8,8 +8,8 @@ from data_helpers import FIXTURES, tiny_tokenizer
 
 from nextquill_jax.data.config import DataConfig
 from nextquill_jax.data.examples import FittingStats, build_examples
-from nextquill_jax.data.readers import read_records
-from nextquill_jax.data.records import HistoryEntry, IssueLog, Record
+from nextquill_jax.data.sources.read import read_records
+from nextquill_jax.data.sources.records import HistoryEntry, IssueLog, Record
 from nextquill_jax.data.templates import load_template
 
 WORDS = ["the", "story", "river", "pages", "quiet", "engine", "harbor", "lantern", "winter", "orchard"]

@@ -13,7 +13,7 @@ from data_helpers import FIXTURES, SMALL, save_tiny_tokenizer, tiny_tokenizer
 from nextquill_jax.cli import main
 from nextquill_jax.data.config import DataConfig
 from nextquill_jax.data.prepare import prepare
-from nextquill_jax.data.prepared import PreparedSplit
+from nextquill_jax.data.prepared_split import PreparedSplit
 
 F = FIXTURES
 FORMATS = {

@@ -14,8 +14,8 @@ from data_helpers import FIXTURES, SMALL
 from dpl_reference import reference_dpl
 
 from nextquill_jax.data.config import DataConfig
-from nextquill_jax.data.readers import read_records, split_from_name
-from nextquill_jax.data.records import DataError, IssueLog
+from nextquill_jax.data.sources.read import read_records, split_from_name
+from nextquill_jax.data.sources.records import DataError, IssueLog
 from nextquill_jax.data.templates import load_template
 
 AMAZON = FIXTURES / "amazon2023"
@@ -336,7 +336,7 @@ def test_configuration_errors_name_the_setting(tmp_path):
 
 
 def test_synthetic_format_reads_the_generated_benchmark(tmp_path):
-    from nextquill_jax.data.synth import generate_synthetic
+    from nextquill_jax.data.sources.synth import generate_synthetic
 
     generate_synthetic(tmp_path, users=3, seed=5)
     template = load_template("review")

@@ -8,8 +8,8 @@ from data_helpers import FIXTURES, SMALL, tiny_tokenizer
 
 from nextquill_jax.data.config import DataConfig
 from nextquill_jax.data.examples import FittingStats, build_examples
-from nextquill_jax.data.readers import read_records
-from nextquill_jax.data.records import IssueLog
+from nextquill_jax.data.sources.read import read_records
+from nextquill_jax.data.sources.records import IssueLog
 from nextquill_jax.data.templates import builtin_templates, load_template, render_messages, render_prompt
 
 AMAZON = FIXTURES / "amazon2023"

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import yaml
 
-from nextquill_jax.config import ConfigError
-from nextquill_jax.demo import load_demo_config, run_demo, write_pretrain_documents
-from nextquill_jax.demo_report import COLUMNS, signature_recall
+from nextquill_jax.config_schema import ConfigError
+from nextquill_jax.demo.report import COLUMNS, signature_recall
+from nextquill_jax.demo.run import load_demo_config, run_demo, write_pretrain_documents
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ["sft", "context_sft", "nextquill"]
@@ -184,7 +184,7 @@ def test_variants_share_the_base_and_train_the_same_steps(demo_run):
 
 
 def test_pretraining_documents_hold_no_validation_or_test_target(tmp_path):
-    from nextquill_jax.data.synth import generate_synthetic
+    from nextquill_jax.data.sources.synth import generate_synthetic
 
     generate_synthetic(tmp_path, users=3, seed=1)
     count = write_pretrain_documents(tmp_path / "synthetic.jsonl", tmp_path / "docs.jsonl")

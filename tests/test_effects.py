@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nextquill_jax.effects import (
+from nextquill_jax.loss.effects import (
     dce_from_hidden,
     dce_from_logits,
     effect_stats,

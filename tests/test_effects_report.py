@@ -17,16 +17,16 @@ from data_helpers import save_tiny_tokenizer, tiny_tokenizer
 from flax import nnx
 
 from nextquill_jax.cli import main
-from nextquill_jax.config import ModelSection, config_to_dict, load_config, save_config
+from nextquill_jax.config import ModelRunConfig, config_to_dict, load_config, save_config
 from nextquill_jax.data.config import DataConfig
 from nextquill_jax.data.prepare import prepare
-from nextquill_jax.data.prepared import PreparedSplit
-from nextquill_jax.data.synth import generate_synthetic
-from nextquill_jax.effect_html import render_report
-from nextquill_jax.effect_scoring import auroc, score_roles, target_offsets, token_pieces, token_roles
-from nextquill_jax.effects import dce_from_logits, token_logprobs
-from nextquill_jax.effects_report import ExampleEffects, compute_example_effects, summarize, write_report
-from nextquill_jax.losses import LossConfig
+from nextquill_jax.data.prepared_split import PreparedSplit
+from nextquill_jax.data.sources.synth import generate_synthetic
+from nextquill_jax.eval.effect_html import render_report
+from nextquill_jax.eval.effect_report import ExampleEffects, compute_example_effects, summarize, write_report
+from nextquill_jax.eval.effect_scoring import auroc, score_roles, target_offsets, token_pieces, token_roles
+from nextquill_jax.loss import LossConfig
+from nextquill_jax.loss.effects import dce_from_logits, token_logprobs
 from nextquill_jax.models import CausalLM, save_pretrained
 
 SPLIT = "val"
@@ -159,7 +159,7 @@ MODEL_SECTION = {
 
 @pytest.fixture(scope="module")
 def model(data):
-    model = CausalLM(ModelSection(**MODEL_SECTION).model_config(), rngs=nnx.Rngs(0))
+    model = CausalLM(ModelRunConfig(**MODEL_SECTION).model_config(), rngs=nnx.Rngs(0))
     # A larger head makes the random model's distributions less flat, so DCE reaches ~1e-3 rather than ~1e-5.
     model.lm_head[...] = model.lm_head[...] * 30
     return model

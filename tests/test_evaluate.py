@@ -14,13 +14,13 @@ from train_support import tiny_config, write_config
 
 from nextquill_jax.cli import main
 from nextquill_jax.config import load_config
-from nextquill_jax.data.prepared import PreparedSplit
-from nextquill_jax.evaluate import choose_stream, evaluate
-from nextquill_jax.generate import GenerationConfig, generate
-from nextquill_jax.metrics import score_predictions
+from nextquill_jax.data.prepared_split import PreparedSplit
+from nextquill_jax.eval.evaluate import choose_stream, evaluate
+from nextquill_jax.eval.text_metrics import score_predictions
 from nextquill_jax.models import load_pretrained
-from nextquill_jax.train import loop
-from nextquill_jax.train.export_command import export
+from nextquill_jax.models.generate import GenerationConfig, generate
+from nextquill_jax.train import loop, setup
+from nextquill_jax.train.export import export
 
 GEN = GenerationConfig(max_new_tokens=6)
 WORDS = ["tea", "coffee", "rain", "books", "walk", "chess", "bread", "coast", "train", "quiet", "music"]
@@ -63,7 +63,7 @@ def run(tmp_path_factory):
     cfg["loss"]["variant"] = "context_sft"
     cfg["train"].update(max_steps=2, data_dir=None)
     config = load_config(write_config(cfg, root / "run.yaml"))
-    result = loop.train(config, loop.resolve_workdir(config, None), echo=lambda _: None)
+    result = loop.train(config, setup.resolve_workdir(config, None), echo=lambda _: None)
     assert result.status == "finished" and result.last_checkpoint == 2
     exported = export(root / "run", root / "exported")
     return root / "run", load_pretrained(exported), exported

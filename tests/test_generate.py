@@ -12,7 +12,8 @@ import transformers
 from multidevice import run_with_devices
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config
 
-from nextquill_jax.generate import (
+from nextquill_jax.models import load_pretrained, load_tokenizer, model_from_hf
+from nextquill_jax.models.generate import (
     GenerationConfig,
     decoder,
     generate,
@@ -22,7 +23,6 @@ from nextquill_jax.generate import (
     prompt_bucket,
     strip_after_eos,
 )
-from nextquill_jax.models import load_pretrained, load_tokenizer, model_from_hf
 from nextquill_jax.models.gguf import read_gguf
 from nextquill_jax.models.packaged import packaged_model_path
 
@@ -355,7 +355,7 @@ def test_sharded_equals_unsharded(tiny, tiny_dir, tiny_case, tmp_path):
     np.savez(tmp_path / "case.npz", ids=ids, mask=mask, greedy=greedy, sampled=unsharded)
     code = f"""
         import numpy as np
-        from nextquill_jax.generate import GenerationConfig, generate_ids
+        from nextquill_jax.models.generate import GenerationConfig, generate_ids
         from nextquill_jax.models import load_pretrained
         from nextquill_jax.parallel import make_mesh
 

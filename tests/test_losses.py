@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from loss_configs import CONFIG_IDS, CONFIGS, IGNORE
 
-from nextquill_jax.losses import LossConfig, combine_aux, loss_from_aux, loss_from_logits, metrics_from_aux
+from nextquill_jax.loss import LossConfig, combine_aux, loss_from_aux, loss_from_logits, metrics_from_aux
 
 
 # ----------------------------------------------------------------------------------------- NumPy reference

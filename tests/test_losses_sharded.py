@@ -11,7 +11,7 @@ CODE = r"""
 import json, re
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-from nextquill_jax.losses import LossConfig, loss_from_hidden, loss_from_logits
+from nextquill_jax.loss import LossConfig, loss_from_hidden, loss_from_logits
 
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
 mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))

@@ -1,4 +1,4 @@
-"""nextquill_jax.metrics against rouge-score, sacreBLEU and nltk called directly in the test."""
+"""nextquill_jax.eval.text_metrics against rouge-score, sacreBLEU and nltk called directly in the test."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from nltk.tokenize.punkt import PunktSentenceTokenizer
 from nltk.translate.meteor_score import meteor_score
 from rouge_score import rouge_scorer
 
-from nextquill_jax import metrics
+from nextquill_jax.eval import text_metrics as metrics
 
 # (prediction, reference, category). Chosen to exercise: WordNet synonyms whose Porter stem is the word
 # itself (car/auto: nltk matches synonyms after stemming), stems (loved/loving), several sentences,

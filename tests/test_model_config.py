@@ -10,7 +10,7 @@ from flax import nnx
 from transformers import AutoConfig, LlamaConfig, Qwen2Config, Qwen3Config
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from nextquill_jax.models import CausalLM, ModelConfig
+from nextquill_jax.models import CausalLM, ModelConfig, model_preset
 from nextquill_jax.models.layers import rope_inv_freq
 
 LEGACY_LLAMA31 = {  # transformers 4.x spelling, as in Llama 3.2 1B's config.json (sizes shrunk)
@@ -53,7 +53,7 @@ def test_transformers_4x_and_5x_spellings_give_the_same_config():
     "preset", ["llama3.2-1b", "qwen2.5-0.5b", "qwen2.5-7b", "qwen3-0.6b", "smollm2-135m"]
 )
 def test_to_hf_config_is_read_back_by_transformers_as_the_same_network(preset):
-    cfg = ModelConfig.preset(preset)
+    cfg = model_preset(preset)
     hf = AutoConfig.for_model(**cfg.to_hf_config())
     assert type(hf) is {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[cfg.family]
     assert hf.num_hidden_layers == cfg.num_layers and hf.head_dim == cfg.head_dim
@@ -85,7 +85,7 @@ def _agrees(count: int, published: str) -> bool:
 
 @pytest.mark.parametrize("preset", sorted(PUBLISHED))
 def test_presets_have_the_published_parameter_counts(preset):
-    cfg = ModelConfig.preset(preset)
+    cfg = model_preset(preset)
     abstract = nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0)))
     total = sum(int(np.prod(v.get_value().shape)) for _, v in nnx.state(abstract, nnx.Param).flat_state())
     embedding = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
@@ -97,7 +97,7 @@ def test_presets_have_the_published_parameter_counts(preset):
 
 def test_unknown_preset_lists_the_known_ones():
     with pytest.raises(KeyError, match=r"qwen2\.5-0\.5b"):
-        ModelConfig.preset("qwen9-1t")
+        model_preset("qwen9-1t")
 
 
 @pytest.mark.parametrize(
@@ -127,9 +127,9 @@ def test_unsupported_options_are_errors_naming_them(change, match):
 
 def test_runtime_fields_are_validated():
     with pytest.raises(ValueError, match="remat_policy 'sometimes'"):
-        ModelConfig.preset("smollm2-135m", remat_policy="sometimes")
+        model_preset("smollm2-135m", remat_policy="sometimes")
     with pytest.raises(ValueError, match="attention_impl 'flash'"):
-        ModelConfig.preset("smollm2-135m", attention_impl="flash")
+        model_preset("smollm2-135m", attention_impl="flash")
 
 
 @pytest.mark.parametrize(

@@ -13,9 +13,10 @@ import orbax.checkpoint as ocp
 import pytest
 
 from nextquill_jax.data.batch import BATCH_FIELDS, IGNORE_INDEX
+from nextquill_jax.data.config import BatchingConfig
 from nextquill_jax.data.packing import first_fit_rows
-from nextquill_jax.data.pipeline import BatchingConfig, BatchPipeline
-from nextquill_jax.data.prepared import PreparedSplit, TokenizedExample, write_split
+from nextquill_jax.data.pipeline import BatchPipeline
+from nextquill_jax.data.prepared_split import PreparedSplit, TokenizedExample, write_split
 
 N = 150
 TARGET_BASE, STRIDE = 10_000, 64

@@ -8,7 +8,7 @@ from collections import defaultdict
 
 import pytest
 
-from nextquill_jax.data.synth import SENTIMENT, generate_synthetic
+from nextquill_jax.data.sources.synth import SENTIMENT, generate_synthetic
 
 ROLES = {"preference", "context", "noise"}
 TINY = dict(users=6, seed=3, reviews_per_user=7, targets_per_user=4)

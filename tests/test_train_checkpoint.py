@@ -6,12 +6,12 @@ import grain
 import jax
 import numpy as np
 
-from nextquill_jax.config import CheckpointSection
+from nextquill_jax.config import CheckpointConfig
 from nextquill_jax.train.checkpoint import Checkpointer
 
 
 def test_keeps_the_last_k_plus_the_best_and_restores_the_data_position(tmp_path):
-    cfg = CheckpointSection(keep=2, best_metric="eval/loss", best_mode="min", async_save=False)
+    cfg = CheckpointConfig(keep=2, best_metric="eval/loss", best_mode="min", async_save=False)
     ckpt = Checkpointer(tmp_path, cfg)
     data = iter(grain.MapDataset.range(100).to_iter_dataset())
     eval_losses = {1: 5.0, 2: 1.0, 3: 4.0, 4: None, 5: 3.0, 6: None}  # None: no evaluation at that step

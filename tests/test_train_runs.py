@@ -240,7 +240,7 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step_and_last_good_checkpoin
 def test_a_workdir_serves_as_the_frozen_reference_model(runs):
     from nextquill_jax.config import load_config
     from nextquill_jax.parallel import make_mesh
-    from nextquill_jax.train.loop import reference_params
+    from nextquill_jax.train.setup import reference_params
 
     work = runs["root"] / "A"
     overrides = ["loss.variant=dce", "loss.dce=fixed", f"loss.reference_model={work}"]

@@ -20,13 +20,13 @@ import json
 import jax, jax.numpy as jnp, numpy as np, optax
 from flax import nnx
 from nextquill_jax.data.assemble import RowShape, assemble_batch
-from nextquill_jax.losses import LossConfig
-from nextquill_jax.models import CausalLM, ModelConfig
+from nextquill_jax.loss import LossConfig
+from nextquill_jax.models import CausalLM, ModelConfig, model_preset
 from nextquill_jax.parallel import make_mesh
 from nextquill_jax.train.state import TrainState
 from nextquill_jax.train.step import StepSettings, make_train_step, reference_dce
 
-cfg = ModelConfig.preset("qwen2.5-0.5b", vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2,
+cfg = model_preset("qwen2.5-0.5b", vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2,
                          num_heads=4, num_kv_heads=2, head_dim=8)
 graphdef, params = nnx.split(CausalLM(cfg, rngs=nnx.Rngs(0)), nnx.Param)
 params = nnx.to_pure_dict(params)

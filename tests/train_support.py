@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from nextquill_jax.data.prepared import TokenizedExample, write_split
+from nextquill_jax.data.prepared_split import TokenizedExample, write_split
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 128
@@ -160,7 +160,7 @@ import jax, jax.numpy as jnp, optax
 if os.environ.get("GLOO"):
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
 from nextquill_jax.config import load_config
-from nextquill_jax.train import loop
+from nextquill_jax.train import loop, setup
 from nextquill_jax.train.checkpoint import Checkpointer
 from nextquill_jax.train.metrics_log import MetricsLog
 
@@ -181,20 +181,20 @@ if fault == "sigkill":
         return started
     Checkpointer.save = save_then_sigkill
 if fault == "nan":
-    make = loop.make_train_step
+    make = setup.make_train_step
     def make_poisoned(*args, **kwargs):
         step = make(*args, **kwargs)
         def poisoned(state, batch, reference=None):
             nan_params = jax.tree.map(lambda p: jnp.where(state.step == at - 1, jnp.nan, p), state.params)
             return step(state.replace(params=nan_params), batch, reference)
         return poisoned
-    loop.make_train_step = make_poisoned
+    setup.make_train_step = make_poisoned
 if os.environ.get("CLI"):
     from nextquill_jax.cli import main
     sys.exit(main(["train", "--config", sys.argv[1]]))
 
 cfg = load_config(sys.argv[1])
-result = loop.train(cfg, loop.resolve_workdir(cfg, None))
+result = loop.train(cfg, setup.resolve_workdir(cfg, None))
 specs = {jax.tree_util.keystr(path): str(x.sharding.spec)
          for path, x in jax.tree_util.tree_flatten_with_path(result.state.params)[0]}
 mu = optax.tree_utils.tree_get(result.state.opt_state, "mu")

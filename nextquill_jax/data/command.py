@@ -18,9 +18,10 @@ from pathlib import Path
 import yaml
 
 from nextquill_jax.data.config import SPLITS
+from nextquill_jax.subcommand import Subcommand
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     p = sub.add_parser("prepare", help="tokenise the configured sources into DIR (reused when up to date)")
     p.add_argument("--config", required=True, type=Path, help="YAML file with a `data:` section")
@@ -40,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--signature-words", type=int, default=3)
 
 
-def run(args: argparse.Namespace) -> int:
+def run_data(args: argparse.Namespace) -> int:
     try:
         if args.data_command == "prepare":
             return _prepare(args)
@@ -53,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from nextquill_jax.config import build
+    from nextquill_jax.config_schema import build
     from nextquill_jax.data.config import DataConfig
     from nextquill_jax.data.prepare import prepare
 
@@ -66,7 +67,7 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from nextquill_jax.data.prepared import PreparedSplit
+    from nextquill_jax.data.prepared_split import PreparedSplit
 
     split = PreparedSplit(args.dir, args.split)
     tokens = split[args.index]
@@ -102,7 +103,7 @@ def _jsonl_row(path: Path, index: int) -> dict:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from nextquill_jax.data.synth import generate_synthetic
+    from nextquill_jax.data.sources.synth import generate_synthetic
 
     manifest = generate_synthetic(
         args.out,
@@ -116,3 +117,6 @@ def _synth(args: argparse.Namespace) -> int:
     counts = ", ".join(f"{s} {n}" for s, n in manifest["records"].items())
     print(f"wrote {args.out / 'synthetic.jsonl'}: {counts} records ({manifest['users']} users)")
     return 0
+
+
+COMMANDS = {"data": Subcommand("prepare, inspect or synthesise data", add_data_arguments, run_data)}

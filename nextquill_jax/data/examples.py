@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 
 from nextquill_jax.data.config import DataConfig
-from nextquill_jax.data.prepared import TokenizedExample
-from nextquill_jax.data.records import Issue, IssueLog, Record
+from nextquill_jax.data.prepared_split import TokenizedExample
+from nextquill_jax.data.sources.records import Issue, IssueLog, Record
 from nextquill_jax.data.templates import PromptTemplate, render_prompt
 
 

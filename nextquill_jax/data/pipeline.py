@@ -33,114 +33,20 @@ the next batch is exactly the one that would have come next. Batches are built i
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import grain
 import numpy as np
 
 from nextquill_jax.data.assemble import RowShape, assemble_batch
+from nextquill_jax.data.config import BatchingConfig
 from nextquill_jax.data.packing import bucket_batches, bucket_of, first_fit_rows
-from nextquill_jax.data.prepared import PreparedSplit
+from nextquill_jax.data.prepared_split import PreparedSplit
 
 Batch = dict[str, np.ndarray]
-
-
-@dataclass(frozen=True)
-class BatchingConfig:
-    """How examples become batches (YAML section `data.batching`).
-
-    Fields:
-        mode: "pack" (several examples per fixed-length row) or "bucket" (one example per row, padded to a
-            length bucket).
-        seq_len_with: T_w, tokens per row of the with-history stream (the largest bucket in bucket mode).
-        seq_len_without: T_o, tokens per row of the without-history stream. None: derived from the data, a
-            multiple of `length_multiple` (pack: T_w times the ratio of without- to with-stream tokens, and at
-            least the longest without-history sequence; bucket: the longest without-history sequence).
-        response_slots: R, target tokens per row. None: derived like `seq_len_without` from target lengths.
-        length_multiple: derived lengths are rounded up to a multiple of this (128 suits TPU tiles).
-        rows_per_batch: rows of one batch on ONE process; the global batch has rows_per_batch *
-            process_count rows.
-        bucket_boundaries: with-stream lengths of the buckets below `seq_len_with`, increasing (bucket mode;
-            `seq_len_with` is always the last bucket). Empty: powers of two from `length_multiple` up.
-        open_rows: rows the packer keeps open while filling (larger packs tighter, planning is O(open_rows)
-            per example).
-        too_long: "error" (refuse examples that do not fit a row) or "truncate" (cut the target, counted).
-        shuffle: shuffle the examples every epoch (by `seed` and the epoch number).
-        seed: shuffle seed.
-        num_epochs: epochs to iterate; None repeats forever.
-        drop_remainder: drop an epoch's partly filled last batches (counted) instead of padding them with
-            empty rows.
-        read_threads: Grain threads building batches (0 builds them in the calling thread).
-        prefetch_batches: batches Grain builds ahead.
-    """
-
-    mode: Literal["pack", "bucket"] = "pack"
-    seq_len_with: int = 2048
-    seq_len_without: int | None = None
-    response_slots: int | None = None
-    length_multiple: int = 128
-    rows_per_batch: int = 8
-    bucket_boundaries: tuple[int, ...] = ()
-    open_rows: int = 64
-    too_long: Literal["error", "truncate"] = "error"
-    shuffle: bool = True
-    seed: int = 42
-    num_epochs: int | None = 1
-    drop_remainder: bool = False
-    read_threads: int = 2
-    prefetch_batches: int = 4
-
-    def __post_init__(self):
-        object.__setattr__(self, "bucket_boundaries", tuple(self.bucket_boundaries))
-        for name in ("seq_len_with", "length_multiple", "rows_per_batch", "open_rows"):
-            _check_int(name, getattr(self, name), minimum=1)
-        for name in ("seq_len_without", "response_slots"):
-            if getattr(self, name) is not None:
-                _check_int(name, getattr(self, name), minimum=1)
-        if self.num_epochs is not None:
-            _check_int("num_epochs", self.num_epochs, minimum=1)
-        _check_int("seed", self.seed, minimum=0)
-        _check_int("read_threads", self.read_threads, minimum=0)
-        _check_int("prefetch_batches", self.prefetch_batches, minimum=0)
-        if self.mode not in ("pack", "bucket"):
-            raise ValueError(f"data.batching.mode: {self.mode!r} is not one of 'pack', 'bucket'")
-        if self.too_long not in ("error", "truncate"):
-            raise ValueError(f"data.batching.too_long: {self.too_long!r} is not one of 'error', 'truncate'")
-        for name in ("shuffle", "drop_remainder"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"data.batching.{name}: expected true or false, got {getattr(self, name)!r}")
-        b = self.bucket_boundaries
-        for v in b:
-            _check_int("bucket_boundaries", v, minimum=1)
-        if any(x >= y for x, y in itertools.pairwise(b)):
-            raise ValueError(f"data.batching.bucket_boundaries: {list(b)} must be strictly increasing")
-        if b and b[-1] >= self.seq_len_with:
-            raise ValueError(
-                f"data.batching.bucket_boundaries: {b[-1]} >= seq_len_with {self.seq_len_with}; list only "
-                f"the boundaries below seq_len_with (it is always the last bucket)"
-            )
-
-    def with_boundaries(self) -> tuple[int, ...]:
-        """The with-stream length of every bucket, increasing, ending with `seq_len_with`."""
-        if self.mode == "pack":
-            return (self.seq_len_with,)
-        lows = self.bucket_boundaries
-        if not lows:
-            lows = tuple(
-                2**k
-                for k in range(max(0, math.ceil(math.log2(self.length_multiple))), 32)
-                if 2**k < self.seq_len_with
-            )
-        return (*lows, self.seq_len_with)
-
-
-def _check_int(name: str, value: Any, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"data.batching.{name}: expected an integer >= {minimum}, got {value!r}")
 
 
 def _round_up(x: float, multiple: int) -> int:

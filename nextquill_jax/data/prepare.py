@@ -26,9 +26,9 @@ import numpy as np
 
 from nextquill_jax.data.config import SPLITS, DataConfig
 from nextquill_jax.data.examples import Example, FittingStats, build_examples, example_row
-from nextquill_jax.data.prepared import write_split
-from nextquill_jax.data.readers import expand_paths, read_records
-from nextquill_jax.data.records import IssueLog
+from nextquill_jax.data.prepared_split import write_split
+from nextquill_jax.data.sources.read import expand_paths, read_records
+from nextquill_jax.data.sources.records import IssueLog
 from nextquill_jax.data.templates import PromptTemplate, load_template
 
 FORMAT_VERSION = 1  # bump when the prepared layout or the example building changes

@@ -6,6 +6,7 @@ from .causal_lm import CausalLM
 from .config import ModelConfig, RopeScaling
 from .hf import load_pretrained, model_from_hf, save_pretrained
 from .kv_cache import KVCache
+from .presets import model_preset
 
 __all__ = [
     "CausalLM",
@@ -15,6 +16,7 @@ __all__ = [
     "load_pretrained",
     "load_tokenizer",
     "model_from_hf",
+    "model_preset",
     "save_pretrained",
 ]
 

@@ -150,20 +150,6 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def preset(cls, name: str, **overrides: Any) -> ModelConfig:
-        """The architecture of a published model: "qwen2.5-0.5b", "qwen3-1.7b", "llama3.2-1b", ...
-
-        Raises:
-            KeyError: unknown name (the message lists the known ones).
-        """
-        from .presets import PRESETS
-
-        key = name.lower()
-        if key not in PRESETS:
-            raise KeyError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}")
-        return PRESETS[key].replace(**overrides)
-
-    @classmethod
     def from_hf_config(cls, d: Mapping[str, Any], **overrides: Any) -> ModelConfig:
         """Read a Hugging Face `config.json` dict (transformers 4.x or 5.x spelling).
 

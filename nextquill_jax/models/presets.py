@@ -1,12 +1,14 @@
 """Architectures of published checkpoints, copied from their Hugging Face `config.json` files.
 
-Use through `ModelConfig.preset(name)`. Token ids are those of the base checkpoints for Qwen2.5 and Llama 3.2,
+Use through `model_preset(name)`. Token ids are those of the base checkpoints for Qwen2.5 and Llama 3.2,
 of the released (instruct-capable) checkpoints for Qwen3, and of SmolLM2-135M-Instruct (the packaged GGUF).
 """
 
 from __future__ import annotations
 
-from .config import ModelConfig, RopeScaling
+from typing import Any
+
+from nextquill_jax.models.config import ModelConfig, RopeScaling
 
 _QWEN_VOCAB = 151936
 _QWEN_ENDOFTEXT = 151643
@@ -119,3 +121,17 @@ PRESETS: dict[str, ModelConfig] = {
         pad_token_id=2,
     ),
 }
+
+
+def model_preset(name: str, **overrides: Any) -> ModelConfig:
+    """The architecture of a published model ("qwen2.5-0.5b", "qwen3-1.7b", "llama3.2-1b", ...) with
+    `overrides` applied to any field.
+
+    Raises:
+        KeyError: unknown name (the message lists the known ones).
+        ValueError: an override with an invalid value.
+    """
+    key = name.lower()
+    if key not in PRESETS:
+        raise KeyError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}")
+    return PRESETS[key].replace(**overrides)

@@ -20,12 +20,12 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from nextquill_jax.config import CheckpointSection
+from nextquill_jax.config import CheckpointConfig
 
 ITEMS = ("state", "data", "config", "progress")
 
 
-def preservation_policy(cfg: CheckpointSection) -> policies.PreservationPolicy:
+def preservation_policy(cfg: CheckpointConfig) -> policies.PreservationPolicy:
     """Keep the last `cfg.keep` checkpoints, plus the best one by `cfg.best_metric` when set.
 
     A checkpoint saved without that metric (no evaluation at its step) ranks worst.
@@ -51,7 +51,7 @@ class Checkpointer:
     be saving: nothing is created, deleted or cleaned up.
     """
 
-    def __init__(self, directory: str | Path, cfg: CheckpointSection, *, read_only: bool = False):
+    def __init__(self, directory: str | Path, cfg: CheckpointConfig, *, read_only: bool = False):
         self.directory = Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(
             preservation_policy=None if read_only else preservation_policy(cfg),

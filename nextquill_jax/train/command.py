@@ -1,7 +1,11 @@
-"""`nextquill-jax train --config FILE [--workdir DIR] [section.key=value ...]`.
+"""`nextquill-jax train` and `nextquill-jax export`.
 
-Trains (or resumes, when DIR holds a checkpoint) the run the config describes. Exit status: 0 finished or
-stopped by SIGTERM with a checkpoint saved, 1 bad config or data, 3 non-finite loss.
+    nextquill-jax train --config FILE [--workdir DIR] [section.key=value ...]
+    nextquill-jax export --workdir DIR [--step N] --out HF_DIR
+
+`train` trains (or resumes, when DIR holds a checkpoint) the run the config describes. Exit status: 0 finished
+or stopped by SIGTERM with a checkpoint saved, 1 bad config or data, 3 non-finite loss. `export` writes a
+checkpoint as a Hugging Face directory (see `train.export`).
 """
 
 from __future__ import annotations
@@ -10,8 +14,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from nextquill_jax.subcommand import Subcommand
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, type=Path, help="YAML config (see configs/)")
     parser.add_argument("--workdir", default=None, help="run directory (default: train.workdir)")
     parser.add_argument(
@@ -22,10 +28,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run(args: argparse.Namespace) -> int:
-    from nextquill_jax.config import ConfigError, load_config
-    from nextquill_jax.data.records import DataError
-    from nextquill_jax.train.loop import TrainingDivergedError, resolve_workdir, train
+def run_train(args: argparse.Namespace) -> int:
+    from nextquill_jax.config import load_config
+    from nextquill_jax.config_schema import ConfigError
+    from nextquill_jax.data.sources.records import DataError
+    from nextquill_jax.train.loop import TrainingDivergedError, train
+    from nextquill_jax.train.setup import resolve_workdir
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -40,3 +48,30 @@ def run(args: argparse.Namespace) -> int:
     if result.status == "finished":
         print(f"finished at step {result.step}; workdir {result.workdir}")
     return 0
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workdir", required=True, type=Path, help="a training run's directory")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    parser.add_argument("--out", required=True, type=Path, help="output Hugging Face directory")
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from nextquill_jax.config_schema import ConfigError
+    from nextquill_jax.train.export import export
+
+    try:
+        out = export(args.workdir, args.out, args.step)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"exported to {out}")
+    return 0
+
+
+COMMANDS = {
+    "train": Subcommand("train a model from a YAML config", add_train_arguments, run_train),
+    "export": Subcommand(
+        "write a Hugging Face directory from a checkpoint", add_export_arguments, run_export
+    ),
+}

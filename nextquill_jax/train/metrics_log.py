@@ -14,7 +14,7 @@ from pathlib import Path
 import jax
 from tqdm import tqdm
 
-from nextquill_jax.config import LoggingSection
+from nextquill_jax.config import LoggingConfig
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -23,7 +23,7 @@ TENSORBOARD_DIR = "tensorboard"
 class MetricsLog:
     """Writes metric rows for steps `start_step + 1 ... total_steps` of a run in `workdir`."""
 
-    def __init__(self, workdir: str | Path, cfg: LoggingSection, *, start_step: int, total_steps: int):
+    def __init__(self, workdir: str | Path, cfg: LoggingConfig, *, start_step: int, total_steps: int):
         self.enabled = jax.process_index() == 0
         self.path = Path(workdir) / METRICS_FILE
         self._tb = None

@@ -14,12 +14,13 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh
 
-from nextquill_jax.config import ConfigError, ModelSection
+from nextquill_jax.config import ModelRunConfig
+from nextquill_jax.config_schema import ConfigError
 from nextquill_jax.models import CausalLM, ModelConfig, load_pretrained
 from nextquill_jax.parallel import DEFAULT_RULES, LogicalRules, logical_to_sharding
 
 
-def check_model_source(section: ModelSection) -> None:
+def check_model_source(section: ModelRunConfig) -> None:
     """Raise ConfigError, before anything is loaded or compiled, if `model.path` names nothing loadable."""
     if section.path is None:
         return
@@ -43,7 +44,7 @@ def check_model_source(section: ModelSection) -> None:
         )
 
 
-def model_config(section: ModelSection) -> ModelConfig:
+def model_config(section: ModelRunConfig) -> ModelConfig:
     """The `ModelConfig` the section describes (for a `path`, read from its config.json / GGUF header)."""
     if section.preset is not None:
         return section.model_config()
@@ -77,16 +78,21 @@ def param_shardings(cfg: ModelConfig, mesh: Mesh, rules: LogicalRules = DEFAULT_
     return logical_to_sharding(logical, mesh, rules, shapes=shapes)
 
 
+def random_params(cfg: ModelConfig, shardings: dict, seed: int) -> dict:
+    """Randomly initialised parameters (from `seed`), created in place with `shardings` (never gathered)."""
+
+    def init() -> dict:
+        return nnx.to_pure_dict(nnx.state(CausalLM(cfg, rngs=nnx.Rngs(seed)), nnx.Param))
+
+    return jax.jit(init, out_shardings=shardings)()
+
+
 def initial_params(
-    section: ModelSection, cfg: ModelConfig, shardings: dict, mesh: Mesh, seed: int, rules: LogicalRules
+    section: ModelRunConfig, cfg: ModelConfig, shardings: dict, mesh: Mesh, seed: int, rules: LogicalRules
 ) -> dict:
     """The starting parameters, placed by `shardings`: random (from `seed`) for a preset, else loaded."""
     if section.preset is not None:
-
-        def init() -> dict:
-            return nnx.to_pure_dict(nnx.state(CausalLM(cfg, rngs=nnx.Rngs(seed)), nnx.Param))
-
-        return jax.jit(init, out_shardings=shardings)()
+        return random_params(cfg, shardings, seed)
     model = load_pretrained(
         section.path,
         dtype=section.param_dtype,
@@ -98,3 +104,18 @@ def initial_params(
         attention_impl=section.attention_impl,
     )
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def load_params(section: ModelRunConfig, mesh: Mesh, seed: int, rules: LogicalRules = DEFAULT_RULES):
+    """(graphdef, params) of the model `section` names, placed on `mesh` by `rules`: random from `seed` for
+    a preset, else loaded.
+
+    Raises:
+        ConfigError: `section.path` names nothing loadable.
+        ValueError: a mesh axis does not divide a parameter dimension.
+    """
+    check_model_source(section)
+    cfg = model_config(section)
+    graphdef, _ = abstract_model(cfg)
+    shardings = param_shardings(cfg, mesh, rules)
+    return graphdef, initial_params(section, cfg, shardings, mesh, seed, rules)

@@ -26,8 +26,15 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from nextquill_jax import effects
-from nextquill_jax.losses import DENOMINATOR_KEYS, LossConfig, combine_aux, loss_from_aux, loss_from_hidden
+from nextquill_jax.loss import (
+    DENOMINATOR_KEYS,
+    LossConfig,
+    combine_aux,
+    effects,
+    loss_from_aux,
+    loss_from_hidden,
+    streams_needed,
+)
 from nextquill_jax.parallel import DEFAULT_RULES, LogicalRules, logical_to_mesh_spec
 from nextquill_jax.train.state import TrainState
 
@@ -49,19 +56,6 @@ class StepSettings:
     token_chunk: int = 1024
     vocab_chunk: int = 8192
     reference_graphdef: Any = None
-
-
-def streams_needed(cfg: LossConfig) -> tuple[bool, bool]:
-    """(with-history pass needed, without-history pass needed) for the loss `cfg`."""
-    spec = cfg.spec
-    need_with = spec.next_stream == "with" or spec.alignment or spec.next_weights == "js"
-    need_without = (
-        spec.next_stream == "without"
-        or spec.alignment
-        or spec.next_weights == "js"
-        or (cfg.uses_target_weights and cfg.dce == "dynamic")
-    )
-    return need_with, need_without
 
 
 def response_hidden(model: nnx.Module, batch: Batch, stream: str) -> jax.Array:

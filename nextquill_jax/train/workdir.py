@@ -16,7 +16,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from nextquill_jax import parallel
-from nextquill_jax.config import CheckpointSection, Config, ConfigError, load_config
+from nextquill_jax.config import CheckpointConfig, Config, load_config
+from nextquill_jax.config_schema import ConfigError
 from nextquill_jax.models import CausalLM
 from nextquill_jax.train import model_setup
 from nextquill_jax.train.checkpoint import Checkpointer
@@ -75,7 +76,7 @@ def restore_model(workdir: str | Path, step: int | None = None, mesh: Mesh | Non
     directory = Path(workdir).expanduser() / CHECKPOINT_DIR
     if not directory.is_dir():
         raise FileNotFoundError(f"{workdir} is not a training workdir: {directory} does not exist")
-    ckpt = Checkpointer(directory, CheckpointSection(), read_only=True)
+    ckpt = Checkpointer(directory, CheckpointConfig(), read_only=True)
     try:
         chosen = ckpt.latest_step() if step is None else step
         if chosen is None:

@@ -38,17 +38,16 @@ Counts are float32, exact up to 2**24 tokens per combined aux.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from nextquill_jax.data.batch import IGNORE_INDEX
-from nextquill_jax.effects import (
+from nextquill_jax.loss.config import VARIANTS, LossConfig, streams_needed
+from nextquill_jax.loss.effects import (
     DCE_QUANTILES,
     data_effect,
     dce_from_logits,
@@ -59,7 +58,7 @@ from nextquill_jax.effects import (
     target_weights,
     token_logprobs,
 )
-from nextquill_jax.fused_head import (
+from nextquill_jax.loss.fused_head import (
     DEFAULT_TOKEN_CHUNK,
     DEFAULT_VOCAB_CHUNK,
     HeadLayout,
@@ -67,97 +66,7 @@ from nextquill_jax.fused_head import (
     head_vocab,
 )
 
-Variant = Literal["sft", "context_sft", "mce", "dce", "js", "nextquill"]
 DENOMINATOR_KEYS: tuple[str, ...] = ("n_den", "p_den")
-
-
-class _VariantSpec(NamedTuple):
-    next_stream: str  # "with" or "without": the stream of L_n
-    next_weights: str | None  # None (ω = 1), "target" or "js"
-    alignment: bool  # whether the variant adds α L_p
-
-
-_VARIANTS: dict[str, _VariantSpec] = {
-    "sft": _VariantSpec("without", None, False),
-    "context_sft": _VariantSpec("with", None, False),
-    "mce": _VariantSpec("with", None, True),
-    "dce": _VariantSpec("with", "target", False),
-    "js": _VariantSpec("with", "js", False),
-    "nextquill": _VariantSpec("with", "target", True),
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class LossConfig:
-    """NextQuill loss settings (defaults: the public code).
-
-    Fields:
-        variant: one of sft, context_sft, mce, dce, js, nextquill (module docstring).
-        alpha: weight α of the alignment loss L_p (>= 0).
-        threshold: DCE threshold δ above which a token is preference-bearing (a probability difference).
-        high, low: target weights λ and ε (0 <= low <= high, high > 0).
-        weight_alignment: weight L_p by the target weights (the paper) instead of uniformly (the public code);
-            only for variants with L_p (mce, nextquill).
-        js_detach: stop the gradient through the js weights; False (the public code) is only for variant js.
-        dce: "dynamic" (the model being trained) or "fixed" (a frozen reference, passed to the loss).
-
-    Raises:
-        ValueError: naming the field, for an unknown variant or dce mode, a negative or non-finite alpha,
-            weights out of order, or a switch set for a variant it does not apply to.
-    """
-
-    variant: Variant = "nextquill"
-    alpha: float = 0.1
-    threshold: float = 0.05
-    high: float = 0.9
-    low: float = 0.1
-    weight_alignment: bool = False
-    js_detach: bool = True
-    dce: Literal["dynamic", "fixed"] = "dynamic"
-
-    def __post_init__(self) -> None:
-        if self.variant not in _VARIANTS:
-            raise ValueError(
-                f"LossConfig.variant: unknown variant {self.variant!r}; choose one of {list(_VARIANTS)}"
-            )
-        if self.dce not in ("dynamic", "fixed"):
-            raise ValueError(f"LossConfig.dce must be 'dynamic' or 'fixed', got {self.dce!r}")
-        for name in ("alpha", "threshold", "high", "low"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-                raise ValueError(f"LossConfig.{name} must be a finite number, got {value!r}")
-        if self.alpha < 0:
-            raise ValueError(f"LossConfig.alpha must be >= 0, got {self.alpha}")
-        if self.low < 0 or self.high <= 0:
-            raise ValueError(
-                f"LossConfig weights must satisfy low >= 0 and high > 0, got high={self.high}, low={self.low}"
-            )
-        if self.high < self.low:
-            raise ValueError(
-                f"LossConfig.high ({self.high}) < LossConfig.low ({self.low}): preference-bearing "
-                "tokens must not weigh less than the others; swap them"
-            )
-        for name in ("weight_alignment", "js_detach"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"LossConfig.{name} must be a bool, got {getattr(self, name)!r}")
-        if self.weight_alignment and not self.spec.alignment:
-            raise ValueError(
-                f"LossConfig.weight_alignment: variant {self.variant!r} has no alignment term L_p "
-                "(only mce and nextquill do); set weight_alignment=False"
-            )
-        if not self.js_detach and self.variant != "js":
-            raise ValueError(f"LossConfig.js_detach=False only applies to variant 'js', not {self.variant!r}")
-
-    @property
-    def spec(self) -> _VariantSpec:
-        """The variant's structure: L_n's stream ("with"/"without"), its weights (None/"target"/"js") and
-        whether it adds the alignment term."""
-        return _VARIANTS[self.variant]
-
-    @property
-    def uses_target_weights(self) -> bool:
-        """Whether the loss needs the λ/ε weights, and so a DCE."""
-        return self.spec.next_weights == "target" or self.weight_alignment
 
 
 def loss_from_logits(
@@ -429,6 +338,20 @@ def metrics_from_aux(aux: Mapping[str, jax.Array], cfg: LossConfig) -> dict[str,
     return metrics
 
 
+def variant_losses(terms: Mapping[str, float], alpha: float) -> dict[str, float]:
+    """The loss each variant but `js` has, from the terms that `metrics_from_aux` reports for a `nextquill`
+    config (`ce_with`, `ce_without`, `loss_n`, `loss_p`, nats per target token): L_n from the variant's stream
+    and weights (the table in `config.VARIANTS`), plus `alpha` L_p where the variant has the alignment term.
+    """
+    out = {}
+    for name, spec in VARIANTS.items():
+        if spec.next_weights == "js":
+            continue
+        loss_n = terms["loss_n"] if spec.next_weights == "target" else terms[f"ce_{spec.next_stream}"]
+        out[name] = loss_n + alpha * terms["loss_p"] if spec.alignment else loss_n
+    return out
+
+
 def _assemble(cfg: LossConfig, mask: jax.Array, *, ce_with, ce_without, ce_effect, dce, js, denominators):
     """Per-token CE [..., R] (0 at ignored slots), DCE and js weights → (loss, aux)."""
     spec = cfg.spec
@@ -504,14 +427,7 @@ def _check_sources(
     cfg: LossConfig, have_with: bool, have_without: bool, have_reference: bool, kind: str
 ) -> None:
     """Raise ValueError if the variant lacks a stream it needs, or the DCE source does not match cfg.dce."""
-    spec = cfg.spec
-    needs_with = spec.next_stream == "with" or spec.alignment or spec.next_weights == "js"
-    needs_without = (
-        spec.next_stream == "without"
-        or spec.alignment
-        or spec.next_weights == "js"
-        or (cfg.uses_target_weights and cfg.dce == "dynamic")
-    )
+    needs_with, needs_without = streams_needed(cfg)
     for needed, have, stream in ((needs_with, have_with, "with"), (needs_without, have_without, "without")):
         if needed and not have:
             raise ValueError(f"variant {cfg.variant!r} (dce={cfg.dce!r}) needs {kind}_{stream}, got None")

@@ -7,6 +7,9 @@ Layout of one split, `DIR/<split>/`:
     reference_dce.npy    optional, float32, aligned with `target` (fixed data-side effects)
     meta.json            {"num_examples": N, "fields": [...], ...}
 
+Beside it, `DIR/<split>.jsonl` holds the same examples rendered as text, line i for example i (what the
+model sees, read back by `rendered_rows`).
+
 Fields: `prompt_with`, `prompt_without`, `target` (target tokens including EOS), plus optional
 `reference_dce`. Flat `.npy` arrays opened with `mmap_mode="r"` give O(1) random access with no extra
 dependency and no per-record decoding; ArrayRecord would add a compressed-record layer that variable-length
@@ -16,7 +19,7 @@ int32 token arrays do not need.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,3 +118,30 @@ class PreparedSplit:
     def lengths(self, field: str) -> np.ndarray:
         """Token count of `field` for every example, [N] int64."""
         return np.diff(self._offsets[field])
+
+
+def rendered_rows(data_dir: str | Path, split: str, indices: Sequence[int] | None = None) -> list[dict]:
+    """Lines `indices` (None: all) of `<data_dir>/<split>.jsonl`, the rendered examples, in that order.
+
+    Raises:
+        FileNotFoundError: the file is missing (naming the command that writes it).
+        ValueError: a line's `index` is not its position, or an index beyond the file's last line.
+    """
+    path = Path(data_dir) / f"{split}.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: prepare the data with `nextquill-jax data prepare`")
+    wanted = None if indices is None else set(indices)
+    rows: dict[int, dict] = {}
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f):
+            if (wanted is None or line_no in wanted) and line.strip():
+                row = json.loads(line)
+                if row.get("index") != line_no:
+                    raise ValueError(f"{path}:{line_no + 1}: index {row.get('index')!r}, expected {line_no}")
+                rows[line_no] = row
+    if indices is None:
+        return list(rows.values())
+    missing = sorted(set(indices) - set(rows))
+    if missing:
+        raise ValueError(f"{path} has no example {missing[0]} (it holds {len(rows)} of those asked for)")
+    return [rows[i] for i in indices]

@@ -2,7 +2,7 @@
 
 Every benchmark but `scale` is a script in the repository's `benchmarks/` folder, also runnable on its own as
 `python benchmarks/SCRIPT.py`; it runs here in a child process of the same Python. `scale` is the scaling
-harness in `nextquill_jax.scaling` and needs only the installed package.
+harness in `nextquill_jax.bench.sweep` and needs only the installed package.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import argparse
 import subprocess
 import sys
 from pathlib import Path
+
+from nextquill_jax.subcommand import Subcommand
 
 # name -> (script in benchmarks/, or None for the in-package harness; what it measures)
 BENCHMARKS: dict[str, tuple[str | None, str]] = {
@@ -26,10 +28,10 @@ BENCHMARKS: dict[str, tuple[str | None, str]] = {
 
 def benchmarks_dir() -> Path:
     """The repository's `benchmarks/` folder (next to the package in a source checkout)."""
-    return Path(__file__).resolve().parents[1] / "benchmarks"
+    return Path(__file__).resolve().parents[2] / "benchmarks"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__.splitlines()[0]
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     listing = [f"  {name:<9} {help_}" for name, (_, help_) in BENCHMARKS.items()]
@@ -38,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the benchmark itself")
 
 
-def run(args: argparse.Namespace) -> int:
+def run_bench(args: argparse.Namespace) -> int:
     """Run benchmark `args.name` with `args.args`; returns its exit status.
 
     Raises nothing: a missing `benchmarks/` folder (an installed package without the source tree) is reported
@@ -46,9 +48,9 @@ def run(args: argparse.Namespace) -> int:
     """
     script, _ = BENCHMARKS[args.name]
     if script is None:
-        from nextquill_jax import scaling
+        from nextquill_jax.bench import sweep
 
-        return scaling.main(args.args)
+        return sweep.main(args.args)
     path = benchmarks_dir() / script
     if not path.exists():
         print(
@@ -58,3 +60,6 @@ def run(args: argparse.Namespace) -> int:
         )
         return 2
     return subprocess.call([sys.executable, str(path), *args.args])
+
+
+COMMANDS = {"bench": Subcommand("run a benchmark from benchmarks/", add_bench_arguments, run_bench)}

@@ -26,7 +26,7 @@ Files written to `out_dir` (the same seed gives byte-identical files):
     synthetic.jsonl   one generic record per target (CONTRACTS.md layout)
     users.jsonl       every user's latent preferences (the ground truth)
     items.jsonl       every item
-    manifest.json     the knobs and the counts per split
+    manifest.json     the processors and the counts per split
 """
 
 from __future__ import annotations

@@ -16,7 +16,12 @@ import jax
 import jax.numpy as jnp
 
 from nextquill_jax.data.batch import IGNORE_INDEX
-from nextquill_jax.fused_head import DEFAULT_TOKEN_CHUNK, DEFAULT_VOCAB_CHUNK, HeadLayout, head_token_stats
+from nextquill_jax.loss.fused_head import (
+    DEFAULT_TOKEN_CHUNK,
+    DEFAULT_VOCAB_CHUNK,
+    HeadLayout,
+    head_token_stats,
+)
 
 # Quantiles of DCE reported per call (aux keys dce_p10, dce_p50, dce_p90).
 DCE_QUANTILES: dict[str, float] = {"dce_p10": 0.1, "dce_p50": 0.5, "dce_p90": 0.9}

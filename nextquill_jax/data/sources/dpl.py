@@ -13,9 +13,17 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from nextquill_jax.data.amazon2023 import Item
-from nextquill_jax.data.read_jsonl import valid_rows
-from nextquill_jax.data.records import HistoryEntry, InvalidRecordError, Issue, IssueLog, Record, get_field
+from nextquill_jax.data.sources.amazon2023 import Item
+from nextquill_jax.data.sources.records import (
+    HistoryEntry,
+    InvalidRecordError,
+    Issue,
+    IssueLog,
+    Record,
+    collect_records,
+    get_field,
+)
+from nextquill_jax.data.sources.rows import Row, valid_rows
 
 
 def read_dpl_items(meta_files: list[Path], log: IssueLog) -> dict[str, Item]:
@@ -39,36 +47,26 @@ def read_dpl_items(meta_files: list[Path], log: IssueLog) -> dict[str, Item]:
 
 def read_dpl(path: Path, split: str, items: dict[str, Item], log: IssueLog) -> list[Record]:
     """Records of one DPL split file."""
-    records = []
     category = path.parent.name
-    for row in valid_rows(path, log):
-        try:
-            user_id = get_field(row.value, "user_id", (str,), row.location)
-            profile = get_field(row.value, "profile", (list,), row.location)
-            data = get_field(row.value, "data", (dict,), row.location)
-            context, target_text, _ = _review(data, "data", row.location, items)
-            history = tuple(
-                _review(r, f"profile[{i}]", row.location, items)[2] for i, r in enumerate(profile)
-            )
-        except InvalidRecordError as e:
-            log.error(e.issue)
-            continue
-        if not history:
-            log.drop("empty_history")
-            continue
-        records.append(
-            Record(
-                user_id=user_id,
-                context=context,
-                history=history,
-                target=target_text,
-                split=split,
-                source=row.location,
-                category=category,
-                id=f"{category}/{user_id}/{split}/{row.location.rsplit(':', 1)[1]}",
-            )
+
+    def parse(row: Row) -> Record:
+        user_id = get_field(row.value, "user_id", (str,), row.location)
+        profile = get_field(row.value, "profile", (list,), row.location)
+        data = get_field(row.value, "data", (dict,), row.location)
+        context, target_text, _ = _review(data, "data", row.location, items)
+        history = tuple(_review(r, f"profile[{i}]", row.location, items)[2] for i, r in enumerate(profile))
+        return Record(
+            user_id=user_id,
+            context=context,
+            history=history,
+            target=target_text,
+            split=split,
+            source=row.location,
+            category=category,
+            id=f"{category}/{user_id}/{split}/{row.location.rsplit(':', 1)[1]}",
         )
-    return records
+
+    return collect_records(valid_rows(path, log), parse, log)
 
 
 def _review(

@@ -16,39 +16,28 @@ from pathlib import Path
 from typing import Any
 
 from nextquill_jax.data.config import SPLITS
-from nextquill_jax.data.read_jsonl import valid_rows
-from nextquill_jax.data.records import (
+from nextquill_jax.data.sources.records import (
     HistoryEntry,
     InvalidRecordError,
     Issue,
     IssueLog,
     Record,
+    collect_records,
     get_field,
     require_fields,
 )
+from nextquill_jax.data.sources.rows import valid_rows
 from nextquill_jax.data.templates import PromptTemplate
 
 
 def read_generic(path: Path, default_split: str, template: PromptTemplate, log: IssueLog) -> list[Record]:
     """Records of one generic file, in file order."""
-    records = []
-    seen: set[tuple[str, str, str, str]] = set()
-    for row in valid_rows(path, log):
-        try:
-            record = parse_generic(row.value, row.location, default_split, template)
-        except InvalidRecordError as e:
-            log.error(e.issue)
-            continue
-        key = (record.user_id, record.split, json.dumps(dict(record.context), sort_keys=True), record.target)
-        if key in seen:
-            log.drop("duplicate")
-            continue
-        seen.add(key)
-        if not record.history:
-            log.drop("empty_history")
-            continue
-        records.append(record)
-    return records
+    return collect_records(
+        valid_rows(path, log),
+        lambda row: parse_generic(row.value, row.location, default_split, template),
+        log,
+        key=lambda r: (r.user_id, r.split, json.dumps(dict(r.context), sort_keys=True), r.target),
+    )
 
 
 def parse_generic(obj: dict[str, Any], location: str, default_split: str, template: PromptTemplate) -> Record:

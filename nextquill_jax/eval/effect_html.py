@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import html
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from nextquill_jax.effects_report import ExampleEffects
+from nextquill_jax.eval.effect_tokens import ExampleEffects
 
 # ColorBrewer RdBu (7 classes), from DCE = -vmax to +vmax.
 COLOR_STOPS: tuple[tuple[int, int, int], ...] = (

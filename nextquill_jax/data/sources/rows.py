@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nextquill_jax.data.records import Issue, IssueLog
+from nextquill_jax.data.sources.records import Issue, IssueLog
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet")
 

@@ -29,19 +29,18 @@ from typing import Any, Literal
 
 import jax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from nextquill_jax.config import Config, load_config
 from nextquill_jax.data.global_batch import to_global_batch
 from nextquill_jax.data.pipeline import BatchPipeline
-from nextquill_jax.data.prepared import PreparedSplit, TokenizedExample, write_split
-from nextquill_jax.generate import GenerationConfig, generate
-from nextquill_jax.losses import LossConfig, combine_aux, metrics_from_aux
-from nextquill_jax.metrics import score_predictions
-from nextquill_jax.parallel import DEFAULT_RULES, batch_shard_count, batch_sharding
+from nextquill_jax.data.prepared_split import PreparedSplit, TokenizedExample, rendered_rows, write_split
+from nextquill_jax.eval.text_metrics import score_predictions
+from nextquill_jax.loss import LossConfig, combine_aux, metrics_from_aux, variant_losses
+from nextquill_jax.models.generate import GenerationConfig, generate
+from nextquill_jax.parallel import batch_shard_count
 from nextquill_jax.train import model_setup
-from nextquill_jax.train.loop import reference_params
-from nextquill_jax.train.step import StepSettings, make_eval_step
+from nextquill_jax.train.setup import jit_eval_step, reference_params, step_settings
 from nextquill_jax.train.workdir import CONFIG_FILE, LoadedModel, build_mesh, data_dir_of, restore_model
 
 PromptChoice = Literal["auto", "with", "without"]
@@ -63,11 +62,7 @@ def load_model_path(workdir: str | Path, model_path: str, mesh: Mesh | None = No
     cfg = load_config(config_file)
     mesh = build_mesh(cfg) if mesh is None else mesh
     section = dataclasses.replace(cfg.model, path=model_path, preset=None, overrides={})
-    model_setup.check_model_source(section)
-    mcfg = model_setup.model_config(section)
-    graphdef, _ = model_setup.abstract_model(mcfg)
-    shardings = model_setup.param_shardings(mcfg, mesh)
-    params = model_setup.initial_params(section, mcfg, shardings, mesh, cfg.train.seed, DEFAULT_RULES)
+    graphdef, params = model_setup.load_params(section, mesh, cfg.train.seed)
     return LoadedModel(nnx.merge(graphdef, params), cfg, mesh, None, model_path)
 
 
@@ -81,15 +76,11 @@ def read_split(
         ValueError: the rendered file and the token arrays disagree in length (a stale or partial copy).
     """
     tokens = PreparedSplit(data_dir, split)
-    rendered = data_dir / f"{split}.jsonl"
-    if not rendered.exists():
-        raise FileNotFoundError(f"{rendered} not found: prepare the data with `nextquill-jax data prepare`")
-    with open(rendered, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = rendered_rows(data_dir, split)
     if len(rows) != len(tokens):
         raise ValueError(
-            f"{rendered} has {len(rows)} examples but {tokens.dir} has {len(tokens)}: the directory is stale "
-            f"or partly written; prepare the data again"
+            f"{data_dir / split}.jsonl has {len(rows)} examples but {tokens.dir} has {len(tokens)}: the "
+            f"directory is stale or partly written; prepare the data again"
         )
     if max_examples is not None:
         rows = rows[:max_examples]
@@ -130,23 +121,15 @@ def split_losses(loaded: LoadedModel, split: PreparedSplit, count: int) -> dict[
     batching = dataclasses.replace(cfg.data.batching, shuffle=False, num_epochs=1, drop_remainder=False)
     reference = reference_params(cfg, mesh)
     graphdef, params = nnx.split(loaded.model)
-    replicated = NamedSharding(mesh, PartitionSpec())
     param_shardings = jax.tree.map(lambda x: x.sharding, params)
     ref_shardings = None if reference is None else jax.tree.map(lambda x: x.sharding, reference[1])
+    ref = None if reference is None else reference[1]
 
     def aux_of(loss_cfg: LossConfig, pipeline: BatchPipeline) -> dict:
-        settings = StepSettings(
-            loss=loss_cfg,
-            token_chunk=cfg.loss.token_chunk,
-            vocab_chunk=cfg.loss.vocab_chunk,
-            reference_graphdef=None if reference is None else reference[0],
+        settings = dataclasses.replace(
+            step_settings(cfg, None if reference is None else reference[0]), loss=loss_cfg
         )
-        step = jax.jit(
-            make_eval_step(graphdef, settings),
-            in_shardings=(param_shardings, batch_sharding(mesh), ref_shardings),
-            out_shardings=replicated,
-        )
-        ref = None if reference is None else reference[1]
+        step = jit_eval_step(graphdef, settings, mesh, param_shardings, ref_shardings)
         auxes = [step(params, to_global_batch(local, mesh), ref) for local in pipeline.dataset()]
         return combine_aux(*auxes)
 
@@ -164,13 +147,7 @@ def split_losses(loaded: LoadedModel, split: PreparedSplit, count: int) -> dict[
         "variant": run_loss.variant,
         "loss": own["loss"],
         "terms": {k: terms[k] for k in ("ce_with", "ce_without", "loss_n", "loss_p")},
-        "variants": {
-            "sft": terms["ce_without"],
-            "context_sft": terms["ce_with"],
-            "mce": terms["ce_with"] + alpha * terms["loss_p"],
-            "dce": terms["loss_n"],
-            "nextquill": terms["loss_n"] + alpha * terms["loss_p"],
-        },
+        "variants": variant_losses(terms, alpha),
         "effects": effects,
     }
 

@@ -92,7 +92,7 @@ class GenerationConfig:
 # compiled decode loop serves every temperature / top-k / top-p / penalty.
 
 
-class Knobs(NamedTuple):
+class ProcessorSettings(NamedTuple):
     """A GenerationConfig's processor settings as arrays (traced inside the decode loop: no recompilation)."""
 
     do_sample: jax.Array  # bool []
@@ -102,7 +102,7 @@ class Knobs(NamedTuple):
     repetition_penalty: jax.Array  # float32 []
 
     @classmethod
-    def of(cls, cfg: GenerationConfig) -> Knobs:
+    def of(cls, cfg: GenerationConfig) -> ProcessorSettings:
         return cls(
             do_sample=jnp.asarray(cfg.do_sample),
             temperature=jnp.asarray(cfg.temperature, jnp.float32),
@@ -150,29 +150,31 @@ def _remove_low_cumulative(logits: jax.Array, cut: float | jax.Array) -> jax.Arr
     return jnp.where(remove, -jnp.inf, logits)
 
 
-def _warp(logits: jax.Array, knobs: Knobs) -> jax.Array:
+def _warp(logits: jax.Array, settings: ProcessorSettings) -> jax.Array:
     """The sampling warpers in transformers' order: temperature, top-k, top-p (each off at its neutral
     value)."""
-    logits = temperature_scale(logits, knobs.temperature)
-    logits = jnp.where(knobs.top_k > 0, top_k_filter(logits, knobs.top_k), logits)
-    return jnp.where(knobs.top_p_cut > 0, _remove_low_cumulative(logits, knobs.top_p_cut), logits)
+    logits = temperature_scale(logits, settings.temperature)
+    logits = jnp.where(settings.top_k > 0, top_k_filter(logits, settings.top_k), logits)
+    return jnp.where(settings.top_p_cut > 0, _remove_low_cumulative(logits, settings.top_p_cut), logits)
 
 
 def process_logits(logits: jax.Array, seen: jax.Array, cfg: GenerationConfig) -> jax.Array:
     """transformers' processors in its order (module docstring): logits [B, V] float32, seen [B, V] bool ->
     the processed logits [B, V] (-inf where filtered out)."""
-    knobs = Knobs.of(cfg)
-    logits = repetition_penalty(logits, seen, knobs.repetition_penalty)
-    return _warp(logits, knobs) if cfg.do_sample else logits
+    settings = ProcessorSettings.of(cfg)
+    logits = repetition_penalty(logits, seen, settings.repetition_penalty)
+    return _warp(logits, settings) if cfg.do_sample else logits
 
 
-def choose_tokens(logits: jax.Array, seen: jax.Array, knobs: Knobs, key: jax.Array) -> jax.Array:
+def choose_tokens(
+    logits: jax.Array, seen: jax.Array, settings: ProcessorSettings, key: jax.Array
+) -> jax.Array:
     """The next token of every row, [B] int32, from the last-position logits [B, V]: the first argmax of the
     penalised logits, or (do_sample) a draw from the softmax of the processed ones."""
-    logits = repetition_penalty(logits.astype(jnp.float32), seen, knobs.repetition_penalty)
+    logits = repetition_penalty(logits.astype(jnp.float32), seen, settings.repetition_penalty)
     return jax.lax.cond(
-        knobs.do_sample,
-        lambda: jax.random.categorical(key, _warp(logits, knobs), axis=-1).astype(jnp.int32),
+        settings.do_sample,
+        lambda: jax.random.categorical(key, _warp(logits, settings), axis=-1).astype(jnp.int32),
         lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32),
     )
 
@@ -231,7 +233,7 @@ def _decode(
     input_ids: jax.Array,
     attention_mask: jax.Array,
     key: jax.Array,
-    knobs: Knobs,
+    settings: ProcessorSettings,
     pad_token_id: jax.Array,
     *,
     graphdef: Any,
@@ -268,7 +270,7 @@ def _decode(
 
     def body(carry):
         i, logits, cache, seen, finished, next_position, out = carry
-        token = choose_tokens(logits[:, -1], seen, knobs, jax.random.fold_in(key, i))  # [B]
+        token = choose_tokens(logits[:, -1], seen, settings, jax.random.fold_in(key, i))  # [B]
         token = jnp.where(finished, pad_token_id, token)
         out = out.at[:, i].set(token)
         seen = seen.at[rows, token].set(True)
@@ -293,7 +295,7 @@ def _decode(
 def decoder(mesh: Mesh | None = None, rules: LogicalRules = DEFAULT_RULES):
     """The jitted decode function for `mesh` (None: one device), shared by every call with that mesh.
 
-    Its signature: `(state, input_ids [B, P], attention_mask [B, P], key, knobs, pad_token_id, *, graphdef,
+    Its signature: `(state, input_ids [B, P], attention_mask [B, P], key, settings, pad_token_id, *, graphdef,
     max_new_tokens, eos_token_ids, cache_shardings) -> [B, max_new_tokens] int32` (replicated on the mesh).
     It compiles once per (model graph, B, P, max_new_tokens, stop tokens): the processor settings and the pad
     token are traced. `decoder(mesh)._cache_size()` counts the compiled versions.
@@ -380,7 +382,7 @@ def generate_ids(
         ids,
         mask,
         key,
-        Knobs.of(cfg),
+        ProcessorSettings.of(cfg),
         jnp.asarray(pad_token_id, jnp.int32),
         graphdef=graphdef,
         max_new_tokens=cfg.max_new_tokens,

@@ -27,8 +27,15 @@ from pathlib import Path
 from typing import NamedTuple
 
 from nextquill_jax.data.config import DataConfig
-from nextquill_jax.data.read_jsonl import Row, file_stem, iter_rows, valid_rows
-from nextquill_jax.data.records import HistoryEntry, InvalidRecordError, Issue, IssueLog, Record, get_field
+from nextquill_jax.data.sources.records import (
+    HistoryEntry,
+    InvalidRecordError,
+    Issue,
+    IssueLog,
+    Record,
+    get_field,
+)
+from nextquill_jax.data.sources.rows import Row, file_stem, iter_rows, valid_rows
 
 # The fields of a record's context and of its history entries, in prompt order (also for the `dpl` format).
 CONTEXT_FIELDS = ("item_title", "item_description", "rating", "title")

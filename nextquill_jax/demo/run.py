@@ -1,4 +1,4 @@
-"""`nextquill-jax demo [--quick] [--out DIR] [--seed N] [--config FILE]`: NextQuill end to end on a CPU.
+"""The offline demo (`nextquill-jax demo`): NextQuill end to end on a CPU.
 
     1. data       the synthetic personalised-review benchmark (`data.synth`): each user's signature words,
                   favourite aspects and sign-off are visible only through their past reviews, and every target
@@ -28,11 +28,9 @@ order. Everything the demo writes lives in --out, and its runs there are replace
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import shutil
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,9 +39,10 @@ from typing import Any
 
 import yaml
 
-from nextquill_jax.config import Config, ConfigError, build
+from nextquill_jax.config import Config
+from nextquill_jax.config_schema import ConfigError, build
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 DEFAULT_OUT = Path("demo_out")
 VARIANTS = ("sft", "context_sft", "mce", "dce", "js", "nextquill")
 SECTIONS = ("demo", "pretrain", "finetune")
@@ -227,13 +226,13 @@ def run_demo(cfg: DemoConfig, *, echo: Callable[[str], None] = print) -> dict[st
         TrainingDivergedError: a run's loss became non-finite.
     """
     from nextquill_jax.data.prepare import prepare
-    from nextquill_jax.data.synth import generate_synthetic
-    from nextquill_jax.demo_report import markdown_table, plot_training_curves, reading, variant_row
-    from nextquill_jax.demo_tokenizer import record_texts, train_tokenizer
-    from nextquill_jax.effects_report import build_effect_report
-    from nextquill_jax.evaluate import evaluate
-    from nextquill_jax.generate import GenerationConfig
-    from nextquill_jax.train.export_command import export
+    from nextquill_jax.data.sources.synth import generate_synthetic
+    from nextquill_jax.demo.report import markdown_table, plot_training_curves, reading, variant_row
+    from nextquill_jax.demo.tokenizer import record_texts, train_tokenizer
+    from nextquill_jax.eval.effect_report import build_effect_report
+    from nextquill_jax.eval.evaluate import evaluate
+    from nextquill_jax.models.generate import GenerationConfig
+    from nextquill_jax.train.export import export
     from nextquill_jax.train.loop import train
     from nextquill_jax.train.workdir import restore_model
 
@@ -347,31 +346,3 @@ def _results_markdown(results: dict[str, Any], table: str) -> str:
         f"Effect report: {results['effect_report']}\n"
         f"Training curves: {results['training_curves']}\n"
     )
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--quick", action="store_true", help="the reduced smoke-check run (configs/demo_quick.yaml)"
-    )
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (default: demo_out/)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the data, initialisation and data order")
-    parser.add_argument(
-        "--config", type=Path, default=None, help="a demo config (default: configs/demo.yaml)"
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    from nextquill_jax.train.loop import TrainingDivergedError
-
-    try:
-        cfg = load_demo_config(args.config or default_config(args.quick), args.out, args.seed)
-        run_demo(cfg)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except TrainingDivergedError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    print()
-    print((Path(args.out) / "results.md").read_text(encoding="utf-8"))
-    return 0

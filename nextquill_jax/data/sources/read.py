@@ -7,13 +7,13 @@ import re
 import tempfile
 from pathlib import Path
 
-from nextquill_jax.data import amazon2023, dpl
 from nextquill_jax.data.config import DataConfig
-from nextquill_jax.data.generic import read_generic
-from nextquill_jax.data.lamp import read_lamp, read_lamp_outputs
-from nextquill_jax.data.read_jsonl import file_kind
-from nextquill_jax.data.records import IssueLog, Record
-from nextquill_jax.data.synth import generate_synthetic
+from nextquill_jax.data.sources import amazon2023, dpl
+from nextquill_jax.data.sources.generic import read_generic
+from nextquill_jax.data.sources.lamp import read_lamp, read_lamp_outputs
+from nextquill_jax.data.sources.records import IssueLog, Record
+from nextquill_jax.data.sources.rows import file_kind
+from nextquill_jax.data.sources.synth import generate_synthetic
 from nextquill_jax.data.templates import PromptTemplate
 
 _SPLIT_WORDS = {

@@ -9,11 +9,12 @@ a number.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 Scalar = str | int | float
+R = TypeVar("R")
 
 # Why an input record is invalid (an error under `on_error: fail`, skipped and counted under `skip`).
 ErrorReason = Literal["malformed_json", "invalid_utf8", "missing_field", "wrong_type", "unknown_item"]
@@ -195,3 +196,36 @@ _KIND_NAMES = {
 def _describe(value: Any) -> str:
     text = repr(value)
     return f"{type(value).__name__} {text[:40]}{'...' if len(text) > 40 else ''}"
+
+
+def collect_records(
+    rows: Iterable[R],
+    parse: Callable[[R], Record],
+    log: IssueLog,
+    *,
+    key: Callable[[Record], Any] | None = None,
+) -> list[Record]:
+    """The records parsed from `rows`, in order: what every reader keeps.
+
+    A row `parse` rejects (`InvalidRecordError`) goes to `log.error`; a record whose `key` was seen before is
+    dropped as `duplicate` (no `key`: none are); a record without history is dropped as `empty_history` (an
+    example needs a history to tell its effect).
+    """
+    records: list[Record] = []
+    seen: set = set()
+    for row in rows:
+        try:
+            record = parse(row)
+        except InvalidRecordError as e:
+            log.error(e.issue)
+            continue
+        if key is not None:
+            if key(record) in seen:
+                log.drop("duplicate")
+                continue
+            seen.add(key(record))
+        if not record.history:
+            log.drop("empty_history")
+            continue
+        records.append(record)
+    return records

@@ -1,0 +1,1 @@
+"""Benchmarks of the training step: the FLOP model, the timing harness, scaling sweeps and their plots."""

@@ -1,0 +1,101 @@
+"""Useful FLOPs of one NextQuill training step, and the peak FLOP/s of the chips that run it (for MFU).
+
+FLOPs: the useful work of one step, both forward passes and the backward pass (backward = 2 × forward):
+
+    FLOPs = 6 · P · (N_w + N_o)                       decoder layers (dense matmuls)
+          + 12 · L · H · Hd · (A_w + A_o)             attention scores and values, causal, per segment
+          + 6 · D · V · 2 · N_y                       LM head at the target positions of both streams
+
+P: parameters other than the embedding and the LM head; N_w, N_o: real (non-padding) tokens of the with- and
+without-history streams; L layers, H query heads of size Hd; A = Σ over examples of n(n+1)/2 (the query-key
+pairs a causal mask leaves inside one example of n tokens: padding and cross-example pairs are not useful);
+D hidden size, V vocabulary, N_y target tokens. The difference logits z_h − z_∅ need no extra matmul in this
+count (they are a subtraction of logits already counted). MFU = FLOPs / step time / peak FLOP/s of the chips.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from nextquill_jax.models.config import ModelConfig
+
+# Dense bf16 peak TFLOP/s per chip, by a substring of the lower-case `jax.Device.device_kind`.
+PEAK_TFLOPS_BF16: tuple[tuple[str, float], ...] = (
+    ("h200", 989.4),
+    ("h100", 989.4),
+    ("a100", 312.0),
+    ("tpu v6", 918.0),
+    ("tpu v5p", 459.0),
+    ("tpu v5 lite", 197.0),
+    ("tpu v5e", 197.0),
+    ("tpu v4", 275.0),
+)
+
+
+def peak_tflops(device_kind: str) -> float | None:
+    """Dense bf16 peak TFLOP/s of one chip of this kind, or None when unknown (CPU, other chips)."""
+    kind = device_kind.lower()
+    return next((tf for key, tf in PEAK_TFLOPS_BF16 if key in kind), None)
+
+
+def param_counts(cfg: ModelConfig) -> tuple[int, int]:
+    """(all parameters, parameters other than the embedding and the LM head) of a model; allocates nothing."""
+    import jax
+    from flax import nnx
+
+    from nextquill_jax.models import CausalLM
+
+    abstract = nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0)))
+    params = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
+    total = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+    head = math.prod(params["embed"].shape) + (
+        math.prod(params["lm_head"].shape) if "lm_head" in params else 0
+    )
+    return total, total - head
+
+
+@dataclass(frozen=True)
+class FlopCount:
+    """Useful FLOPs of one training step by part (see the module docstring for the formula)."""
+
+    layers: float
+    attention: float
+    head: float
+
+    @property
+    def total(self) -> float:
+        return self.layers + self.attention + self.head
+
+
+def causal_pairs(segment_ids: np.ndarray) -> int:
+    """Σ n(n+1)/2 over the segments (examples) of every row; segment_ids [B, T] int, 0 = padding."""
+    total = 0
+    for row in np.asarray(segment_ids):
+        counts = np.bincount(row[row > 0])
+        total += int((counts * (counts + 1) // 2).sum())
+    return total
+
+
+def step_flops(
+    cfg: ModelConfig, batch: dict[str, np.ndarray], nonembed_params: int | None = None
+) -> FlopCount:
+    """Useful FLOPs of one NextQuill training step on `batch` (both streams forward and backward).
+
+    `nonembed_params`: P of the formula (computed from `cfg` when None).
+    """
+    if nonembed_params is None:
+        nonembed_params = param_counts(cfg)[1]
+    tokens = int(
+        (np.asarray(batch["with_segment_ids"]) > 0).sum()
+        + (np.asarray(batch["without_segment_ids"]) > 0).sum()
+    )
+    pairs = causal_pairs(batch["with_segment_ids"]) + causal_pairs(batch["without_segment_ids"])
+    targets = int((np.asarray(batch["labels"]) >= 0).sum())
+    return FlopCount(
+        layers=6.0 * nonembed_params * tokens,
+        attention=12.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * pairs,
+        head=6.0 * cfg.hidden_size * cfg.vocab_size * 2 * targets,
+    )

@@ -1,0 +1,280 @@
+"""The project's real training step, compiled and timed on synthetic batches: whole, or by part.
+
+`TrainingHarness` wires the step exactly as training does (`train.setup`); `synthetic_batch` packs identical
+random examples of given lengths with the pipeline's packer; `synthetic_train_split` prepares the synthetic
+benchmark with a real tokenizer; `step_breakdown` times the step's parts alone.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from nextquill_jax.config import OptimConfig
+from nextquill_jax.data.assemble import RowShape, assemble_batch
+from nextquill_jax.data.config import DataConfig
+from nextquill_jax.data.packing import first_fit_rows
+from nextquill_jax.data.prepared_split import PreparedSplit
+from nextquill_jax.loss import LossConfig
+from nextquill_jax.models.config import ModelConfig
+
+MIB = 2**20
+
+
+@dataclass
+class StepTiming:
+    """What one timed run of the step gave. Times in seconds; memory in MiB (`device_peak_mib` None on CPU,
+    whose devices keep no allocator statistics)."""
+
+    compile_s: float
+    step_s: list[float]
+    first_loss: float
+    compiled_temp_mib: float
+    compiled_total_mib: float
+    device_peak_mib: float | None
+
+    @property
+    def best_step_s(self) -> float:
+        return min(self.step_s)
+
+
+class TrainingHarness:
+    """The project's real train step for one model on one mesh, ready to compile and time.
+
+    Args:
+        model_cfg: the architecture and runtime settings (random weights from `seed` unless `model` is given).
+        mesh: the device mesh (`parallel.make_mesh`); parameters are placed by the logical-axis rules.
+        loss: the loss configuration; micro_batches: gradient-accumulation micro-batches per step.
+        optim: the optimizer settings (defaults: the public code's AdamW and clipping).
+        model: an existing `CausalLM` to train instead of a random one (e.g. loaded weights).
+    """
+
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        mesh,
+        *,
+        loss: LossConfig | None = None,
+        micro_batches: int = 1,
+        optim: OptimConfig | None = None,
+        seed: int = 0,
+        model=None,
+    ):
+        import jax
+        from flax import nnx
+
+        from nextquill_jax.parallel import batch_sharding
+        from nextquill_jax.train.model_setup import abstract_model, param_shardings, random_params
+        from nextquill_jax.train.optimizer import learning_rate_schedule, make_optimizer
+        from nextquill_jax.train.setup import init_state, jit_train_step, state_shardings
+        from nextquill_jax.train.step import StepSettings
+
+        self.cfg, self.mesh = model_cfg, mesh
+        optim = optim or OptimConfig()
+        graphdef, abstract_params = abstract_model(model_cfg)
+        p_shardings = param_shardings(model_cfg, mesh)
+        if model is None:
+            params = random_params(model_cfg, p_shardings, seed)
+        else:
+            params = jax.device_put(nnx.to_pure_dict(nnx.state(model, nnx.Param)), p_shardings)
+        total_steps = 1000  # the schedule's length; it changes the learning rate, not the cost of a step
+        tx = make_optimizer(optim, abstract_params, total_steps)
+        s_shardings = state_shardings(tx, abstract_params, p_shardings, mesh)
+        self.state = init_state(params, tx, seed, s_shardings)
+        settings = StepSettings(loss=loss or LossConfig(), micro_batches=micro_batches)
+        self.graphdef, self.tx, self.settings = graphdef, tx, settings
+        self._batch_sharding = batch_sharding(mesh)
+        schedule = learning_rate_schedule(optim, total_steps)
+        self._step = jit_train_step(graphdef, tx, schedule, settings, mesh, s_shardings)
+
+    def place(self, batch: dict[str, np.ndarray]) -> dict:
+        """The batch as global arrays, rows split over the mesh's batch axes."""
+        import jax
+
+        return jax.device_put(batch, self._batch_sharding)
+
+    def time(self, batch: dict[str, np.ndarray], *, warmup: int = 1, steps: int = 3) -> StepTiming:
+        """Compile the step for `batch`'s shapes, run `warmup` steps untimed and `steps` timed ones.
+
+        Each timed step is waited for (`block_until_ready`) before the next starts. The state advances
+        (parameters change), which does not change the step's cost.
+        """
+        import jax
+
+        placed = self.place(batch)
+        with jax.set_mesh(self.mesh):
+            start = time.perf_counter()
+            compiled = self._step.lower(self.state, placed, None).compile()
+            compile_s = time.perf_counter() - start
+            memory = compiled.memory_analysis()
+            first_loss = float("nan")
+            for i in range(max(warmup, 1)):
+                self.state, metrics = compiled(self.state, placed, None)
+                if i == 0:
+                    first_loss = float(metrics["loss"])
+            jax.block_until_ready(self.state)
+            times = []
+            for _ in range(steps):
+                start = time.perf_counter()
+                self.state, metrics = compiled(self.state, placed, None)
+                jax.block_until_ready((self.state, metrics))
+                times.append(time.perf_counter() - start)
+        stats = jax.local_devices()[0].memory_stats()
+        peak = stats.get("peak_bytes_in_use") / MIB if stats and "peak_bytes_in_use" in stats else None
+        total = (
+            memory.argument_size_in_bytes
+            + memory.temp_size_in_bytes
+            + memory.output_size_in_bytes
+            - memory.alias_size_in_bytes
+        )
+        return StepTiming(
+            compile_s=compile_s,
+            step_s=times,
+            first_loss=first_loss,
+            compiled_temp_mib=memory.temp_size_in_bytes / MIB,
+            compiled_total_mib=total / MIB,
+            device_peak_mib=peak,
+        )
+
+
+def best_seconds(fn: Callable, *args, steps: int = 3) -> float:
+    """Best wall time of `steps` calls of the compiled `fn(*args)` after a warm-up call (compile excluded)."""
+    import jax
+
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def step_breakdown(
+    harness: TrainingHarness, batch: dict[str, np.ndarray], steps: int = 3
+) -> dict[str, float]:
+    """Seconds of the step's parts, each compiled and timed alone on `batch` (what limits the step):
+
+    - "forward": both forward passes to the response hidden states;
+    - "forward+backward": both passes and their backward for a fixed linear function of those states;
+    - "loss": `loss_from_hidden` value and gradient (wrt both hidden streams and the head) alone;
+    - "optimizer": clipping + AdamW update of all parameters;
+    - "step": the whole compiled train step.
+    """
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from nextquill_jax.loss import loss_from_hidden
+    from nextquill_jax.train.step import response_hidden
+
+    placed = harness.place(batch)
+    params = harness.state.params
+    graphdef, settings = harness.graphdef, harness.settings
+
+    def streams(p, b):
+        model = nnx.merge(graphdef, p)
+        return response_hidden(model, b, "with"), response_hidden(model, b, "without")
+
+    def linear(p, b):
+        h_w, h_o = streams(p, b)
+        return (h_w.astype(jnp.float32) * 1e-3).sum() - (h_o.astype(jnp.float32) * 1e-3).sum()
+
+    def loss(h_w, h_o, w, labels):
+        layout = "dv" if "lm_head" in params else "vd"
+        return loss_from_hidden(
+            h_w, h_o, w, labels, settings.loss, head_layout=layout,
+            token_chunk=settings.token_chunk, vocab_chunk=settings.vocab_chunk,
+        )[0]  # fmt: skip
+
+    def update(p, opt_state):
+        updates, opt_state = harness.tx.update(p, opt_state, p)
+        return jax.tree.map(lambda a, u: a + u, p, updates), opt_state
+
+    with jax.set_mesh(harness.mesh):
+        h_w, h_o = jax.jit(streams)(params, placed)
+        w = params["lm_head"] if "lm_head" in params else params["embed"]
+        parts = {
+            "forward": best_seconds(jax.jit(streams), params, placed, steps=steps),
+            "forward+backward": best_seconds(jax.jit(jax.grad(linear)), params, placed, steps=steps),
+            "loss": best_seconds(
+                jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))),
+                h_w,
+                h_o,
+                w,
+                placed["labels"],
+                steps=steps,
+            ),
+            "optimizer": best_seconds(jax.jit(update), params, harness.state.opt_state, steps=steps),
+        }
+    parts["step"] = harness.time(batch, warmup=1, steps=steps).best_step_s
+    return parts
+
+
+def synthetic_batch(
+    rows: int,
+    seq_len: int,
+    history: int,
+    *,
+    context_tokens: int,
+    entry_tokens: int,
+    target_tokens: int,
+    vocab: int,
+    length_multiple: int,
+    seed: int = 0,
+) -> tuple[dict[str, np.ndarray], RowShape]:
+    """`rows` packed rows of identical synthetic examples (random ids below `vocab`).
+
+    An example has a without-history prompt of `context_tokens`, a with-history prompt of
+    `context_tokens + history * entry_tokens` and a target of `target_tokens`. The with stream holds `seq_len`
+    tokens per row; the without stream and the response slots are sized to hold the same examples, rounded up
+    to `length_multiple` (as the pipeline derives them).
+
+    Raises:
+        ValueError: one example does not fit a row of `seq_len` tokens.
+    """
+    p_w, p_o, n_y = context_tokens + history * entry_tokens, context_tokens, target_tokens
+    per_row = seq_len // (p_w + n_y)
+    if per_row < 1:
+        raise ValueError(
+            f"an example of {p_w + n_y} with-stream tokens (history {history} × {entry_tokens} + context "
+            f"{context_tokens} + target {target_tokens}) does not fit seq_len {seq_len}"
+        )
+    up = lambda x: -(-x // length_multiple) * length_multiple
+    shape = RowShape(seq_len, up(per_row * (p_o + n_y)), up(per_row * n_y))
+    count = rows * per_row
+    rng = np.random.default_rng(seed)
+    examples = [
+        {
+            "prompt_with": rng.integers(1, vocab, p_w, dtype=np.int32),
+            "prompt_without": rng.integers(1, vocab, p_o, dtype=np.int32),
+            "target": rng.integers(1, vocab, n_y, dtype=np.int32),
+        }
+        for _ in range(count)
+    ]
+    need = np.tile([p_w + n_y, p_o + n_y, n_y], (count, 1))
+    packed = first_fit_rows(need, np.arange(count), shape.as_tuple(), open_rows=rows)
+    batch = assemble_batch([[examples[i] for i in row] for row in packed], shape, with_reference_dce=False)
+    return batch, shape
+
+
+def synthetic_train_split(
+    out_dir: str | Path, *, users: int, seed: int, tokenizer: str, max_history: int
+) -> PreparedSplit:
+    """The training split of the synthetic benchmark (`users` users from `seed`) prepared into `out_dir` with
+    `tokenizer`, keeping at most `max_history` history entries (reused when already up to date)."""
+    from nextquill_jax.data.prepare import prepare
+
+    cfg = DataConfig(
+        format="synthetic",
+        synthetic_users=users,
+        synthetic_seed=seed,
+        tokenizer=tokenizer,
+        max_history=max_history,
+    )
+    prepare(cfg, out_dir, echo=lambda _: None)
+    return PreparedSplit(out_dir, "train")

@@ -1,0 +1,51 @@
+"""Where and how a number was measured: the machine description and section header of a RESULTS.md entry."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+
+def machine_description() -> dict[str, str]:
+    """Date, CPU model and cores, JAX backend and device, library versions: what RESULTS.md rows need."""
+    import jax
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        cpu = next(ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if ln.startswith("Model name"))
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        pass
+    devices = jax.devices()
+    return {
+        "date": datetime.date.today().isoformat(),
+        "cpu": f"{cpu}, {os.cpu_count()} cores",
+        "backend": jax.default_backend(),
+        "devices": f"{len(devices)} × {devices[0].device_kind}",
+        "versions": f"python {platform.python_version()}, jax {jax.__version__}, numpy {np.__version__}",
+    }
+
+
+def results_header(title: str, command: Sequence[str], extra: Sequence[str] = ()) -> list[str]:
+    """The opening lines of a RESULTS.md section: title, exact command, machine and versions."""
+    m = machine_description()
+    return [
+        f"## {title} ({m['date']})",
+        "",
+        f"- command: `{' '.join(command)}`",
+        f"- machine: {m['cpu']}; backend {m['backend']}, {m['devices']}; {m['versions']}",
+        *(f"- {line}" for line in extra),
+        "",
+    ]
+
+
+def append_results(path: str | Path, lines: Sequence[str]) -> None:
+    """Append a section (lines) to a Markdown results file, separated by a blank line."""
+    with Path(path).open("a") as f:
+        f.write("\n" + "\n".join(lines) + "\n")

@@ -1,0 +1,356 @@
+"""The scaling-study sweep (`nextquill-jax bench scale`).
+
+The sweep (a YAML file, e.g. `configs/scaling/tiny_cpu.yaml`) crosses model sizes, with-stream sequence
+lengths, history lengths and mesh shapes. For every point it builds a batch of synthetic examples (random
+token ids with fixed prompt / history / target lengths, packed into rows by the pipeline's first-fit packer),
+compiles the real train step (`train.step.make_train_step`: two forward passes, fused NextQuill loss,
+backward, clipped AdamW), runs `warmup_steps` untimed and `timed_steps` timed steps, and appends one row to
+`<output_dir>/scaling.csv`. Points already in the CSV are skipped, so an interrupted sweep resumes where it
+stopped. A PNG plot (`scaling.png`: tokens/s, memory and MFU against each swept variable) is redrawn from the
+whole CSV at the end.
+
+The FLOP model is `bench.flops`; the step is timed by `bench.harness`; the plot is `bench.plot`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import math
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nextquill_jax.bench.flops import param_counts, peak_tflops, step_flops
+from nextquill_jax.bench.harness import StepTiming, TrainingHarness, synthetic_batch
+from nextquill_jax.bench.plot import plot_rows
+from nextquill_jax.bench.record import append_results, results_header
+from nextquill_jax.config import ModelRunConfig
+from nextquill_jax.config_schema import ConfigError, build
+from nextquill_jax.data.assemble import RowShape
+from nextquill_jax.loss import LossConfig
+from nextquill_jax.models.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class SweepModel:
+    """One model size of a sweep: a preset with architecture overrides, named for the CSV and the plot."""
+
+    name: str
+    preset: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    """A scaling sweep (YAML). Every combination of `models` × `seq_len` × `history` × `mesh` is one point.
+
+    `mesh`: mesh sizes as in the train config's `mesh` section (`{data: 1, fsdp: -1, tensor: 1}`); a shape
+    that does not fit the devices present is skipped (and not written). `rows`: rows of the global batch.
+    Example lengths in tokens: `context_tokens` (the without-history prompt), `entry_tokens` per history
+    entry, `target_tokens`. `peak_tflops`: per-chip peak for MFU (None: from the device kind where known).
+    """
+
+    output_dir: str
+    models: list[SweepModel]
+    seq_len: list[int]
+    history: list[int]
+    mesh: list[dict[str, int]] = field(default_factory=lambda: [{"data": 1, "fsdp": -1, "tensor": 1}])
+    rows: int = 2
+    context_tokens: int = 64
+    entry_tokens: int = 64
+    target_tokens: int = 32
+    length_multiple: int = 128
+    loss_variant: str = "nextquill"
+    micro_batches: int = 1
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"
+    remat_policy: str = "none"
+    attention_impl: str = "xla"
+    warmup_steps: int = 1
+    timed_steps: int = 3
+    peak_tflops: float | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("models", "seq_len", "history", "mesh"):
+            if not getattr(self, name):
+                raise ValueError(f"`{name}` needs at least one value")
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"model names must be unique, got {names}")
+        for name in (
+            "rows",
+            "context_tokens",
+            "entry_tokens",
+            "target_tokens",
+            "length_multiple",
+            "timed_steps",
+            "micro_batches",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
+        if any(s < 1 for s in self.seq_len) or any(h < 0 for h in self.history):
+            raise ValueError(f"seq_len must be >= 1 and history >= 0, got {self.seq_len}, {self.history}")
+        for model in self.models:
+            try:
+                self.model_config(model)
+            except ValueError as e:
+                raise ValueError(f"model {model.name!r}: {e}") from None
+
+    def model_config(self, model: SweepModel) -> ModelConfig:
+        """The ModelConfig of one sweep model with this sweep's runtime settings."""
+        section = ModelRunConfig(
+            preset=model.preset,
+            overrides=model.overrides,
+            param_dtype=self.param_dtype,
+            compute_dtype=self.compute_dtype,
+            remat_policy=self.remat_policy,
+            attention_impl=self.attention_impl,
+        )
+        return section.model_config()
+
+
+CSV_COLUMNS: tuple[str, ...] = (
+    "model", "params", "params_nonembed", "seq_len", "history", "mesh", "devices", "rows",
+    "seq_len_without", "response_slots", "input_tokens", "target_tokens", "padding_efficiency",
+    "compile_s", "step_s", "tokens_per_s", "target_tokens_per_s", "flops_per_step", "tflops_per_s", "mfu",
+    "compiled_temp_mib", "compiled_total_mib", "device_peak_mib", "first_loss", "backend", "device_kind",
+)  # fmt: skip
+KEY_COLUMNS: tuple[str, ...] = ("model", "seq_len", "history", "mesh")
+
+
+def load_scaling_config(path: str | Path, output_dir: str | None = None) -> ScalingConfig:
+    """Read a sweep YAML file (unknown keys and wrong types are errors naming the key).
+
+    Raises:
+        ConfigError: as `config.load_config`. FileNotFoundError: `path` does not exist.
+    """
+    import yaml
+
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    if output_dir is not None:
+        raw["output_dir"] = output_dir
+    return build(ScalingConfig, raw, "", str(path))
+
+
+def mesh_label(shape: Sequence[int]) -> str:
+    """ "data=1,fsdp=2,tensor=1" for a resolved mesh shape."""
+    from nextquill_jax.parallel import MESH_AXES
+
+    return ",".join(f"{a}={s}" for a, s in zip(MESH_AXES, shape, strict=True))
+
+
+def read_rows(csv_path: Path) -> list[dict[str, str]]:
+    """The rows of an existing sweep CSV ([] when absent).
+
+    Raises:
+        ValueError: the file's header is not this harness's (naming the file and the fix).
+    """
+    if not csv_path.exists():
+        return []
+    with csv_path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        if tuple(reader.fieldnames or ()) != CSV_COLUMNS:
+            raise ValueError(
+                f"{csv_path}: its columns {reader.fieldnames} are not the scaling harness's "
+                f"{list(CSV_COLUMNS)}. "
+                "Fix: move the file away or set a new output_dir."
+            )
+        return list(reader)
+
+
+def run_sweep(
+    cfg: ScalingConfig,
+    echo: Callable[[str], None] = print,
+    *,
+    config_path: str | None = None,
+    point: int | None = None,
+) -> Path:
+    """Run every point of `cfg` not yet in `<output_dir>/scaling.csv`, then redraw the plot.
+
+    On an accelerator, given the `config_path` it came from, every point runs in a child process of its own
+    (`--point INDEX`): the device's peak-memory statistic cannot be reset, so one process per point is what
+    makes it per point, and a point that runs out of memory does not end the sweep. `point`: run only the
+    point of that index (in the order of the product models × seq_len × history × mesh), in this process.
+
+    Returns the CSV's path."""
+    import jax
+
+    from nextquill_jax.parallel import make_mesh, resolve_mesh_shape
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path = out / "scaling.csv"
+    done = {tuple(r[k] for k in KEY_COLUMNS) for r in read_rows(csv_path)}
+    device_kind = jax.devices()[0].device_kind
+    peak = cfg.peak_tflops or peak_tflops(device_kind)
+    isolate = config_path is not None and point is None and jax.default_backend() != "cpu"
+    points = itertools.product(cfg.models, cfg.seq_len, cfg.history, cfg.mesh)
+    for index, (model, seq_len, history, sizes) in enumerate(points):
+        if point is not None and index != point:
+            continue
+        try:
+            shape = resolve_mesh_shape(sizes, jax.device_count())
+        except ValueError as e:
+            echo(f"skip {model.name} seq_len {seq_len} history {history} mesh {sizes}: {e}")
+            continue
+        key = (model.name, str(seq_len), str(history), mesh_label(shape))
+        if key in done:
+            echo(f"done already: {key}")
+            continue
+        if isolate:
+            child = [sys.executable, "-m", "nextquill_jax.bench.sweep", "--config", config_path,
+                     "--output-dir", cfg.output_dir, "--point", str(index)]  # fmt: skip
+            status = subprocess.call(child)
+            if status:
+                echo(f"point {key} failed (exit status {status}); continuing with the next")
+            continue
+        model_cfg = cfg.model_config(model)
+        try:
+            batch, row_shape = synthetic_batch(
+                cfg.rows,
+                seq_len,
+                history,
+                context_tokens=cfg.context_tokens,
+                entry_tokens=cfg.entry_tokens,
+                target_tokens=cfg.target_tokens,
+                vocab=model_cfg.vocab_size,
+                length_multiple=cfg.length_multiple,
+                seed=cfg.seed,
+            )
+        except ValueError as e:
+            echo(f"skip {key}: {e}")
+            continue
+        mesh = make_mesh(sizes)
+        harness = TrainingHarness(
+            model_cfg,
+            mesh,
+            loss=LossConfig(variant=cfg.loss_variant),
+            micro_batches=cfg.micro_batches,
+            seed=cfg.seed,
+        )
+        timing = harness.time(batch, warmup=cfg.warmup_steps, steps=cfg.timed_steps)
+        del harness
+        row = point_row(cfg, model, model_cfg, key, shape, batch, row_shape, timing, peak, device_kind)
+        new_file = not csv_path.exists()
+        with csv_path.open("a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+            if new_file:
+                writer.writeheader()
+            writer.writerow(row)
+        echo(
+            f"{key}: {row['tokens_per_s']} tokens/s, step {row['step_s']} s, compile {row['compile_s']} s, "
+            f"memory {row['compiled_total_mib']} MiB, MFU {row['mfu'] or '-'}"
+        )
+    if point is not None:
+        return csv_path
+    plot_rows(read_rows(csv_path), out / "scaling.png", csv_path.name)
+    return csv_path
+
+
+def point_row(
+    cfg: ScalingConfig,
+    model: SweepModel,
+    model_cfg: ModelConfig,
+    key: tuple[str, ...],
+    shape: Sequence[int],
+    batch: dict[str, np.ndarray],
+    row_shape: RowShape,
+    timing: StepTiming,
+    peak: float | None,
+    device_kind: str,
+) -> dict[str, str]:
+    """One CSV row (all values as strings) from a timed point."""
+    import jax
+
+    total, nonembed = param_counts(model_cfg)
+    flops = step_flops(model_cfg, batch, nonembed).total
+    step_s = timing.best_step_s
+    real = int((batch["with_segment_ids"] > 0).sum() + (batch["without_segment_ids"] > 0).sum())
+    slots = batch["with_segment_ids"].size + batch["without_segment_ids"].size
+    targets = int((batch["labels"] >= 0).sum())
+    devices = math.prod(shape)
+    tflops = flops / step_s / 1e12
+    mfu = tflops / (peak * devices) if peak else None
+    values: dict[str, Any] = {
+        "model": key[0],
+        "params": total,
+        "params_nonembed": nonembed,
+        "seq_len": key[1],
+        "history": key[2],
+        "mesh": key[3],
+        "devices": devices,
+        "rows": cfg.rows,
+        "seq_len_without": row_shape.without_len,
+        "response_slots": row_shape.response_slots,
+        "input_tokens": real,
+        "target_tokens": targets,
+        "padding_efficiency": f"{real / slots:.4f}",
+        "compile_s": f"{timing.compile_s:.3f}",
+        "step_s": f"{step_s:.5f}",
+        "tokens_per_s": f"{real / step_s:.1f}",
+        "target_tokens_per_s": f"{targets / step_s:.1f}",
+        "flops_per_step": f"{flops:.4e}",
+        "tflops_per_s": f"{tflops:.4f}",
+        "mfu": "" if mfu is None else f"{mfu:.4f}",
+        "compiled_temp_mib": f"{timing.compiled_temp_mib:.2f}",
+        "compiled_total_mib": f"{timing.compiled_total_mib:.2f}",
+        "device_peak_mib": "" if timing.device_peak_mib is None else f"{timing.device_peak_mib:.1f}",
+        "first_loss": f"{timing.first_loss:.6f}",
+        "backend": jax.default_backend(),
+        "device_kind": device_kind,
+    }
+    return {k: str(values[k]) for k in CSV_COLUMNS}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`nextquill-jax bench scale --config FILE [--output-dir DIR] [--results FILE]`."""
+    parser = argparse.ArgumentParser(prog="nextquill-jax bench scale", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--config", required=True, help="a sweep YAML file, e.g. configs/scaling/tiny_cpu.yaml"
+    )
+    parser.add_argument("--output-dir", help="overrides the file's output_dir")
+    parser.add_argument("--results", type=Path, help="append the CSV as a Markdown table to this file")
+    parser.add_argument("--point", type=int, help=argparse.SUPPRESS)  # one point, in a child process
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_scaling_config(args.config, args.output_dir)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    csv_path = run_sweep(cfg, config_path=args.config, point=args.point)
+    if args.point is not None:
+        return 0
+    print(f"wrote {csv_path} and {csv_path.with_suffix('.png')}")
+    if args.results:
+        command = ["nextquill-jax", "bench", "scale", *(argv if argv is not None else sys.argv[1:])]
+        rows = read_rows(csv_path)
+        cols = (
+            "model",
+            "params",
+            "seq_len",
+            "history",
+            "mesh",
+            "tokens_per_s",
+            "compiled_total_mib",
+            "device_peak_mib",
+            "tflops_per_s",
+            "mfu",
+            "compile_s",
+        )
+        lines = results_header("Scaling sweep", command, [f"config `{args.config}`; CSV `{csv_path}`"])
+        lines += ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
+        lines += ["| " + " | ".join(r[c] or "-" for c in cols) + " |" for r in rows]
+        append_results(args.results, lines)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

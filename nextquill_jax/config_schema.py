@@ -1,0 +1,164 @@
+"""Typed YAML: dataclasses built from nested mappings, with `a.b=value` overrides and nearest-key hints.
+
+Generic: it knows dataclasses and type hints, nothing of this project's config. Values are converted to their
+field's type (an int where a float is expected is fine; YAML's `5e-6`, which PyYAML reads as a string, is read
+as a float); anything else is a `ConfigError` with one paragraph naming the key, what it expected and the fix.
+Unknown keys are errors that suggest the nearest valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value that cannot be used; the message names the key, the source and the fix."""
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Set `raw[section][...][key] = value` from one `section.key=value` item (the value read as YAML).
+
+    Raises:
+        ConfigError: the item is not of that form, or a key on its path holds a value, not a section.
+    """
+    key, sep, text = item.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) < 2 or not all(parts):
+        raise ConfigError(
+            f"override {item!r} is not of the form section.key=value (e.g. optim.learning_rate=1e-4)"
+        )
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def build(cls: type, raw: Any, where: str, source: str) -> Any:
+    """Build dataclass `cls` from the mapping `raw` found at key prefix `where` of `source`.
+
+    Raises:
+        ConfigError: as `load_config`.
+    """
+    label = where or "the top level"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{source}: `{label}` must be a mapping of keys to values, got {raw!r}. Fix: write it as a YAML "
+            f"section with keys {[f.name for f in dataclasses.fields(cls)]}."
+        )
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    for key in raw:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = (
+                f"Did you mean `{_join(where, close[0])}`?" if close else f"Valid keys: {', '.join(names)}."
+            )
+            raise ConfigError(f"{source}: unknown key `{_join(where, str(key))}`. {hint}")
+    values = {}
+    for name in names:
+        if name in raw:
+            values[name] = convert(raw[name], hints[name], _join(where, name), source)
+        elif dataclasses.is_dataclass(hints[name]) and _required(cls, name):
+            values[name] = build(hints[name], {}, _join(where, name), source)
+    try:
+        return cls(**values)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{source}: invalid `{label}`: {e}. Fix the value under `{label}`.") from None
+
+
+def _required(cls: type, name: str) -> bool:
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def _join(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name
+
+
+def convert(value: Any, tp: Any, key: str, source: str) -> Any:
+    """`value` as type `tp` (a type hint: scalar, Literal, list, tuple, dict, Optional/union or dataclass).
+
+    Raises:
+        ConfigError: a value that is not of that type, naming `key`, `source` and the fix.
+    """
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        errors = []
+        for option in options:
+            try:
+                return convert(value, option, key, source)
+            except ConfigError as e:
+                errors.append(e)
+        if len(errors) == 1:
+            raise errors[0]
+        raise _type_error(value, " or ".join(_type_name(a) for a in args), key, source)
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, key, source)
+    if origin is Literal:
+        if value in args:
+            return value
+        close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1, cutoff=0.5)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(
+            f"{source}: `{key}` is {value!r}, not one of {list(args)}.{hint} Fix: set `{key}` to one of them."
+        )
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise _type_error(value, _type_name(tp), key, source)
+        items = [convert(v, args[0], f"{key}[{i}]", source) for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _type_error(value, "a mapping", key, source)
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise TypeError(f"config schema: unsupported type {tp!r} for {key}")
+    raise _type_error(value, _type_name(tp), key, source)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _type_error(value: Any, expected: str, key: str, source: str) -> ConfigError:
+    return ConfigError(
+        f"{source}: `{key}` expects {expected}, got {value!r} ({type(value).__name__}). "
+        f"Fix: write a {expected} value for `{key}` in the file or as `{key}=VALUE` on the command line."
+    )

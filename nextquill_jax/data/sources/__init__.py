@@ -1,0 +1,1 @@
+"""One reader per data format (amazon2023, dpl, lamp, generic, synthetic); each yields validated `Record`s."""

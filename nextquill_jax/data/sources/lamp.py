@@ -1,0 +1,88 @@
+"""LaMP / LongLaMP questions with their outputs -> records.
+
+Questions: `{"id", "input", "profile": [{...}, ...]}` (a `.json` array as LaMP ships them, or one object per
+line / Parquet row as LongLaMP does), optionally with `output` inline and a `user_id`. Outputs: LaMP's
+`{"task": ..., "golds": [{"id", "output"}, ...]}` (or one `{"id", "output"}` per line), matched to questions
+of the same split by `id`. The question's scalar fields other than `id` / `output` are the context (the
+templates use `input`); every profile entry's scalar fields form one history entry (Topic Writing: `summary`,
+`content`; abstract generation: `title`, `abstract`). Profiles are kept in the order given and read as oldest
+first. The user is `user_id` when present, else the question `id`. The category is the directory holding the
+questions file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from nextquill_jax.data.sources.records import (
+    HistoryEntry,
+    InvalidRecordError,
+    Issue,
+    IssueLog,
+    Record,
+    collect_records,
+    get_field,
+    require_fields,
+    scalar_fields,
+)
+from nextquill_jax.data.sources.rows import Row, valid_rows
+from nextquill_jax.data.templates import PromptTemplate
+
+
+def read_lamp_outputs(path: Path, log: IssueLog) -> dict[str, str]:
+    """Output text by question id."""
+    outputs: dict[str, str] = {}
+    for row in valid_rows(path, log, list_key="golds"):
+        try:
+            qid = str(get_field(row.value, "id", (str, int), row.location))
+            outputs[qid] = get_field(row.value, "output", (str,), row.location)
+        except InvalidRecordError as e:
+            log.error(e.issue)
+    return outputs
+
+
+def read_lamp(
+    path: Path, split: str, outputs: dict[str, str], template: PromptTemplate, log: IssueLog
+) -> list[Record]:
+    """Records of one questions file; `outputs` holds the golds of its split (may be empty when inline)."""
+    category = path.parent.name
+
+    def parse(row: Row) -> Record:
+        loc = row.location
+        qid = str(get_field(row.value, "id", (str, int), loc))
+        get_field(row.value, "input", (str,), loc)
+        profile = get_field(row.value, "profile", (list,), loc)
+        if "output" in row.value:
+            target = get_field(row.value, "output", (str,), loc)
+        elif qid in outputs:
+            target = outputs[qid]
+        else:
+            raise InvalidRecordError(
+                Issue(
+                    "missing_field",
+                    loc,
+                    "output",
+                    f"question {qid!r} has no inline `output` and no gold with this id in the {split}"
+                    " outputs files (data.meta)",
+                )
+            )
+        user_id = get_field(row.value, "user_id", (str,), loc) if "user_id" in row.value else qid
+        context = {k: v for k, v in scalar_fields(row.value, loc, "").items() if k not in ("id", "output")}
+        require_fields(context, template.context_fields, loc, "")
+        history = []
+        for i, entry in enumerate(profile):
+            fields = scalar_fields(entry, loc, f"profile[{i}]")
+            require_fields(fields, template.entry_fields, loc, f"profile[{i}].")
+            history.append(HistoryEntry(fields=fields))
+        return Record(
+            user_id=user_id,
+            context=context,
+            history=tuple(history),
+            target=target,
+            split=split,
+            source=loc,
+            category=category,
+            id=qid,
+        )
+
+    return collect_records(valid_rows(path, log), parse, log, key=lambda r: r.id)

@@ -1,0 +1,43 @@
+"""`nextquill-jax demo [--quick] [--out DIR] [--seed N] [--config FILE]`: the offline demo (`demo.run`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from nextquill_jax.subcommand import Subcommand
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--quick", action="store_true", help="the reduced smoke-check run (configs/demo_quick.yaml)"
+    )
+    parser.add_argument("--out", type=Path, default=None, help="output directory (default: demo_out/)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data, initialisation and data order")
+    parser.add_argument(
+        "--config", type=Path, default=None, help="a demo config (default: configs/demo.yaml)"
+    )
+
+
+def run_demo_command(args: argparse.Namespace) -> int:
+    from nextquill_jax.config_schema import ConfigError
+    from nextquill_jax.demo.run import DEFAULT_OUT, default_config, load_demo_config, run_demo
+    from nextquill_jax.train.loop import TrainingDivergedError
+
+    try:
+        out = args.out if args.out is not None else DEFAULT_OUT
+        cfg = load_demo_config(args.config or default_config(args.quick), out, args.seed)
+        run_demo(cfg)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except TrainingDivergedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    print()
+    print((Path(out) / "results.md").read_text(encoding="utf-8"))
+    return 0
+
+
+COMMANDS = {"demo": Subcommand("the offline end-to-end demo", add_demo_arguments, run_demo_command)}

@@ -1,0 +1,1 @@
+"""Evaluation of trained models: generation with text metrics, and per-token causal effect reports."""

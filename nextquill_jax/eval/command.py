@@ -1,0 +1,173 @@
+"""`nextquill-jax evaluate` and `nextquill-jax effects`.
+
+    nextquill-jax evaluate --workdir DIR [--step N] --split test [--max-examples N] [--max-new-tokens N]
+    nextquill-jax effects --workdir DIR [--step N] [--data PREPARED_DIR] [--split val]
+                          [--examples 0,3,7 | --num-examples N] --out REPORT_DIR
+    nextquill-jax effects --model PATH_OR_NAME --data PREPARED_DIR ... --out REPORT_DIR
+
+`evaluate` generates for a prepared split with a run's checkpoint (or `--model PATH` on the run's data),
+scores the texts and writes `<workdir>/eval/<split>/{predictions.jsonl, metrics.json}` (`eval.evaluate`);
+decoding defaults to the public NextQuill code's (greedy, repetition penalty 1.2), flags change it. `effects`
+writes a per-token causal effect report (`eval.effect_report`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+from nextquill_jax.subcommand import Subcommand
+
+
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workdir", required=True, type=Path, help="a training run's directory")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    parser.add_argument("--split", default="test", help="prepared split to evaluate (default: test)")
+    parser.add_argument("--max-examples", type=int, default=None, help="only the split's first N examples")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="evaluate this Hugging Face directory / .gguf / packaged name instead of a checkpoint "
+        "(e.g. the base model); output goes to eval/<split>-<name>",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output directory (default: <workdir>/eval/<split>, or eval/<split>-<name> with --model)",
+    )
+    parser.add_argument(
+        "--prompt",
+        choices=("auto", "with", "without"),
+        default="auto",
+        help="history in the prompt (auto: without for the sft variant, with otherwise)",
+    )
+    parser.add_argument("--batch-size", type=int, default=None, help="prompts decoded together")
+    decoding = parser.add_argument_group("decoding (defaults: the run config's eval.generation)")
+    decoding.add_argument("--max-new-tokens", type=int, default=None, help="default 512")
+    decoding.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    decoding.add_argument("--temperature", type=float, default=None, help="sampling only; default 0.8")
+    decoding.add_argument("--top-k", type=int, default=None, help="sampling only; 0 = off; default 50")
+    decoding.add_argument("--top-p", type=float, default=None, help="sampling only; 1 = off; default 0.95")
+    decoding.add_argument("--repetition-penalty", type=float, default=None, help="1 = off; default 1.2")
+    decoding.add_argument("--seed", type=int, default=None, help="sampling seed; default 0")
+
+
+def generation_overrides(args: argparse.Namespace) -> dict:
+    """The decoding flags that were given, as `GenerationConfig` fields; the others keep the run config's
+    `eval.generation` values."""
+    flags = {
+        "do_sample": True if args.do_sample else None,
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "repetition_penalty": args.repetition_penalty,
+        "seed": args.seed,
+    }
+    return {k: v for k, v in flags.items() if v is not None}
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from nextquill_jax.config_schema import ConfigError
+    from nextquill_jax.eval.evaluate import evaluate
+
+    try:
+        evaluate(
+            args.workdir,
+            args.split,
+            step=args.step,
+            model_path=args.model,
+            out_dir=args.out,
+            max_examples=args.max_examples,
+            generation_overrides=generation_overrides(args),
+            batch_size=args.batch_size,
+            prompt=args.prompt,
+        )
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def add_effects_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--workdir", type=Path, help="a training workdir (config.yaml + checkpoints/)")
+    source.add_argument("--model", help="a Hugging Face directory, .gguf file or packaged model name")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    parser.add_argument(
+        "--data", type=Path, default=None, help="prepared data (default with --workdir: the run's own)"
+    )
+    parser.add_argument("--split", default="val", help="split of the prepared data (default: val)")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--examples", default=None, help="comma-separated example indices, e.g. 0,3,7")
+    which.add_argument("--num-examples", type=int, default=8, help="the first N examples (default: 8)")
+    parser.add_argument("--out", required=True, type=Path, help="report directory")
+    parser.add_argument("--tokenizer", default=None, help="default: the one the data was prepared with")
+    parser.add_argument("--threshold", type=float, default=None, help="δ (default: the run's loss config)")
+    parser.add_argument("--high", type=float, default=None, help="λ (default: the run's loss config)")
+    parser.add_argument("--low", type=float, default=None, help="ε (default: the run's loss config)")
+    parser.add_argument("--max-shown", type=int, default=20, help="examples drawn in the HTML")
+
+
+def _parse_indices(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"--examples {text!r}: expected comma-separated integers such as 0,3,7") from None
+
+
+def run_effects(args: argparse.Namespace) -> int:
+    from nextquill_jax.data.prepare import load_fast_tokenizer, read_summary
+    from nextquill_jax.eval.effect_report import build_effect_report, describe
+    from nextquill_jax.loss import LossConfig
+
+    try:
+        if args.step is not None and args.workdir is None:
+            raise ValueError("--step needs --workdir")
+        if args.workdir is not None:
+            from nextquill_jax.train.workdir import data_dir_of, restore_model, single_device_mesh
+
+            restored = restore_model(args.workdir, args.step, single_device_mesh())
+            model, cfg, step = restored.model, restored.config, restored.step
+            loss_cfg = cfg.loss.loss_config()
+            data_dir = args.data or data_dir_of(cfg, args.workdir)
+            source = f"{args.workdir} step {step}"
+        else:
+            from nextquill_jax.models import load_pretrained
+
+            if args.data is None:
+                raise ValueError("--model needs --data PREPARED_DIR")
+            model, loss_cfg = load_pretrained(args.model), LossConfig()
+            data_dir, source = args.data, args.model
+        overrides = {k: v for k in ("threshold", "high", "low") if (v := getattr(args, k)) is not None}
+        loss_cfg = dataclasses.replace(loss_cfg, **overrides)
+        prepared = read_summary(data_dir)
+        tokenizer_name = args.tokenizer or (prepared or {}).get("tokenizer")
+        if tokenizer_name is None:
+            raise ValueError(f"{data_dir}/summary.json names no tokenizer; pass --tokenizer")
+        summary = build_effect_report(
+            model,
+            load_fast_tokenizer(tokenizer_name),
+            data_dir,
+            args.split,
+            args.out,
+            loss_cfg,
+            examples=_parse_indices(args.examples) if args.examples is not None else None,
+            num_examples=args.num_examples,
+            max_shown=args.max_shown,
+            source=source,
+        )
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(describe(summary))
+    return 0
+
+
+COMMANDS = {
+    "evaluate": Subcommand("generate for a split and score it", add_evaluate_arguments, run_evaluate),
+    "effects": Subcommand("per-token causal effect report (HTML + PNG)", add_effects_arguments, run_effects),
+}

@@ -1,0 +1,217 @@
+"""The effect report: which target tokens does the user's history change? (`nextquill-jax effects`)
+
+For the chosen examples of a prepared split, `effect_tokens.compute_example_effects` gives every target
+token's p_h(y), p_∅(y), DCE and ω; this module summarises them and writes REPORT_DIR:
+
+    index.html          tokens coloured by DCE, preference-bearing ones (DCE > δ) marked, both prompts
+    dce_histogram.png   the DCE distribution (per ground-truth role on synthetic data), δ marked
+    summary.json        counts, DCE quantiles and, where targets carry `meta.target_spans`, precision /
+                        recall / AUROC against the ground truth (`effect_scoring`), overall and per role
+
+The Python entry point is `build_effect_report`.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nextquill_jax.eval.effect_scoring import EOS, ROLES, score_roles
+from nextquill_jax.eval.effect_tokens import ExampleEffects, compute_example_effects
+from nextquill_jax.loss import LossConfig
+
+DEFAULT_NUM_EXAMPLES = 8
+DEFAULT_MAX_SHOWN = 20
+
+
+def summarize(results: Sequence[ExampleEffects], loss_cfg: LossConfig) -> dict[str, Any]:
+    """The numbers of `summary.json`: counts, DCE statistics, ground-truth scores, one entry per example.
+
+    `ground_truth` (None when no example has `meta.target_spans`) is `effect_scoring.score_roles` over the
+    tokens of the examples that have them, plus `examples`, their count.
+    """
+    dce = np.concatenate([r.dce for r in results]).astype(np.float64)
+    flagged = dce > loss_cfg.threshold
+    quantiles = {f"p{q}": float(np.quantile(dce, q / 100)) for q in (10, 50, 90)}
+    with_roles = [r for r in results if r.roles is not None]
+    ground_truth = None
+    if with_roles:
+        ground_truth = {
+            "examples": len(with_roles),
+            **score_roles(
+                np.concatenate([r.dce for r in with_roles]),
+                [role for r in with_roles for role in r.roles],
+                loss_cfg.threshold,
+            ),
+        }
+    per_example = []
+    for r in results:
+        entry = {
+            "index": r.index,
+            "user_id": r.row.get("user_id"),
+            "category": r.row.get("category"),
+            "tokens": int(r.dce.size),
+            "preference_bearing": int((r.dce > loss_cfg.threshold).sum()),
+            "mean_dce": float(r.dce.mean()),
+            "max_dce": float(r.dce.max()),
+        }
+        if r.roles is not None:
+            scores = score_roles(r.dce, r.roles, loss_cfg.threshold)
+            entry.update({k: scores[k] for k in ("precision", "recall", "auroc")})
+        per_example.append(entry)
+    return {
+        "examples": [r.index for r in results],
+        "loss": {"threshold": loss_cfg.threshold, "high": loss_cfg.high, "low": loss_cfg.low},
+        "tokens": int(dce.size),
+        "preference_bearing": int(flagged.sum()),
+        "preference_bearing_fraction": float(flagged.mean()),
+        "dce": {
+            "mean": float(dce.mean()),
+            "std": float(dce.std()),
+            "min": float(dce.min()),
+            **quantiles,
+            "max": float(dce.max()),
+        },
+        "ground_truth": ground_truth,
+        "per_example": per_example,
+    }
+
+
+def dce_histogram_png(results: Sequence[ExampleEffects], threshold: float) -> bytes:
+    """A PNG histogram of all DCE values (one outline per ground-truth role when every example has roles),
+    counts on a log scale, δ marked by a dashed line."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    dce = np.concatenate([r.dce for r in results]).astype(np.float64)
+    lo, hi = min(dce.min(), threshold), max(dce.max(), threshold)
+    pad = max(hi - lo, 1e-6) * 0.02
+    bins = np.linspace(lo - pad, hi + pad, 61)
+    fig = Figure(figsize=(7.5, 3.6), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    if all(r.roles is not None for r in results):
+        roles = np.array([role for r in results for role in r.roles], dtype=object)
+        present = [role for role in (*ROLES, "glue", EOS) if (roles == role).any()]
+        colors = {"preference": "#b2182b", "context": "#2166ac", "noise": "#33a02c", "glue": "#bdbdbd"}
+        for role in present:  # outlines, not stacked: on a log scale stacking distorts the upper layers
+            ax.hist(
+                dce[roles == role], bins=bins, histtype="step", linewidth=1.6, label=role,
+                color=colors.get(role, "#4d4d4d"),
+            )  # fmt: skip
+    else:
+        ax.hist(dce, bins=bins, color="#4d4d4d", label="target tokens")
+    ax.axvline(threshold, color="black", linestyle="--", linewidth=1.2, label=f"δ = {threshold:g}")
+    ax.set_xlabel("DCE = p(y | with history) − p(y | without history)")
+    ax.set_yscale("log")  # most effects are near 0; a log scale keeps the tails visible
+    ax.set_ylabel("tokens (log scale)")
+    ax.set_title(f"Data-side effect of {dce.size} target tokens")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def write_report(
+    results: Sequence[ExampleEffects],
+    loss_cfg: LossConfig,
+    out_dir: str | Path,
+    *,
+    split: str,
+    source: str = "",
+    max_shown: int = DEFAULT_MAX_SHOWN,
+) -> dict[str, Any]:
+    """Write index.html, dce_histogram.png and summary.json into `out_dir` (created) and return the summary
+    (with `split`, `model` = `source`, `examples_shown` and `files`, absolute paths)."""
+    from nextquill_jax.eval.effect_html import render_report
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {"split": split, "model": source, **summarize(results, loss_cfg)}
+    summary["examples_shown"] = min(max_shown, len(results))
+    png = dce_histogram_png(results, loss_cfg.threshold)
+    files = {
+        "html": out / "index.html",
+        "histogram": out / "dce_histogram.png",
+        "summary": out / "summary.json",
+    }
+    summary["files"] = {k: str(v.absolute()) for k, v in files.items()}
+    files["histogram"].write_bytes(png)
+    html = render_report(
+        results[:max_shown], summary, threshold=loss_cfg.threshold, histogram_png_base64=base64.b64encode(png)
+    )
+    files["html"].write_text(html, encoding="utf-8")
+    files["summary"].write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    return summary
+
+
+def build_effect_report(
+    model: Any,
+    tokenizer: Any,
+    prepared_dir: str | Path,
+    split: str,
+    out_dir: str | Path,
+    loss_cfg: LossConfig | None = None,
+    *,
+    examples: Sequence[int] | None = None,
+    num_examples: int | None = DEFAULT_NUM_EXAMPLES,
+    max_shown: int = DEFAULT_MAX_SHOWN,
+    batch_rows: int = 4,
+    source: str = "",
+) -> dict[str, Any]:
+    """Compute the effects of a split's examples and write the report; returns the summary (summary.json).
+
+    Args:
+        model, tokenizer, prepared_dir, split: see `compute_example_effects`.
+        out_dir: where index.html, dce_histogram.png and summary.json go.
+        loss_cfg: δ, λ, ε (default `LossConfig()`, the public code's 0.05 / 0.9 / 0.1).
+        examples: example indices; None takes the first `num_examples` (None: every example of the split).
+        max_shown: examples drawn in the HTML (the first ones); the numbers cover all of them.
+        source: what the model is, for the page and the summary.
+
+    Returns:
+        The summary; on synthetic data `summary["ground_truth"]["auroc"]` is the AUROC of DCE separating
+        preference tokens from context and noise tokens (see `effect_scoring`).
+
+    Raises:
+        ValueError / FileNotFoundError: see `compute_example_effects`.
+    """
+    from nextquill_jax.data.prepared_split import PreparedSplit
+
+    loss_cfg = LossConfig() if loss_cfg is None else loss_cfg
+    if examples is None:
+        size = len(PreparedSplit(prepared_dir, split))
+        examples = range(size if num_examples is None else min(num_examples, size))
+    results = compute_example_effects(
+        model, tokenizer, prepared_dir, split, list(examples), loss_cfg, batch_rows=batch_rows
+    )
+    return write_report(results, loss_cfg, out_dir, split=split, source=source, max_shown=max_shown)
+
+
+def describe(summary: dict[str, Any]) -> str:
+    """A few lines for the terminal: counts, the ground-truth scores when there are some, and the files."""
+    lines = [
+        f"{len(summary['examples'])} examples of split {summary['split']}: {summary['tokens']} target "
+        f"tokens, "
+        f"{summary['preference_bearing']} preference-bearing (DCE > {summary['loss']['threshold']:g}), "
+        f"median DCE {summary['dce']['p50']:+.4f}"
+    ]
+    gt = summary["ground_truth"]
+    if gt is not None:
+        lines.append(
+            f"against the ground truth ({gt['tokens_scored']} role tokens): precision "
+            f"{_fmt(gt['precision'])}, recall {_fmt(gt['recall'])}, DCE AUROC {_fmt(gt['auroc'])}"
+        )
+    lines.append(f"report: {summary['files']['html']}")
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"

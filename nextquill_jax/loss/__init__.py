@@ -1,0 +1,26 @@
+"""NextQuill's pure loss side: settings and variants (`config`), causal effects (`effects`), the losses
+(`losses`) and the tiled LM head they run on (`fused_head`). The names below are the public API."""
+
+from nextquill_jax.loss.config import LossConfig, Variant, streams_needed
+from nextquill_jax.loss.losses import (
+    DENOMINATOR_KEYS,
+    combine_aux,
+    loss_from_aux,
+    loss_from_hidden,
+    loss_from_logits,
+    metrics_from_aux,
+    variant_losses,
+)
+
+__all__ = [
+    "DENOMINATOR_KEYS",
+    "LossConfig",
+    "Variant",
+    "combine_aux",
+    "loss_from_aux",
+    "loss_from_hidden",
+    "loss_from_logits",
+    "metrics_from_aux",
+    "streams_needed",
+    "variant_losses",
+]

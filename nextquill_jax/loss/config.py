@@ -1,0 +1,119 @@
+"""The loss settings: `LossConfig`, the table of variants, and which forward passes a variant needs.
+
+Pure configuration (no JAX): the run config loads it, and the losses, the step and evaluation read it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal, NamedTuple
+
+Variant = Literal["sft", "context_sft", "mce", "dce", "js", "nextquill"]
+
+
+class VariantSpec(NamedTuple):
+    """How a variant is built from the two streams (the table in `nextquill_jax.loss.losses`)."""
+
+    next_stream: str  # "with" or "without": the stream of L_n
+    next_weights: str | None  # None (ω = 1), "target" or "js"
+    alignment: bool  # whether the variant adds α L_p
+
+
+VARIANTS: dict[str, VariantSpec] = {
+    "sft": VariantSpec("without", None, False),
+    "context_sft": VariantSpec("with", None, False),
+    "mce": VariantSpec("with", None, True),
+    "dce": VariantSpec("with", "target", False),
+    "js": VariantSpec("with", "js", False),
+    "nextquill": VariantSpec("with", "target", True),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """NextQuill loss settings (defaults: the public code).
+
+    Fields:
+        variant: one of sft, context_sft, mce, dce, js, nextquill (module docstring).
+        alpha: weight α of the alignment loss L_p (>= 0).
+        threshold: DCE threshold δ above which a token is preference-bearing (a probability difference).
+        high, low: target weights λ and ε (0 <= low <= high, high > 0).
+        weight_alignment: weight L_p by the target weights (the paper) instead of uniformly (the public code);
+            only for variants with L_p (mce, nextquill).
+        js_detach: stop the gradient through the js weights; False (the public code) is only for variant js.
+        dce: "dynamic" (the model being trained) or "fixed" (a frozen reference, passed to the loss).
+
+    Raises:
+        ValueError: naming the field, for an unknown variant or dce mode, a negative or non-finite alpha,
+            weights out of order, or a switch set for a variant it does not apply to.
+    """
+
+    variant: Variant = "nextquill"
+    alpha: float = 0.1
+    threshold: float = 0.05
+    high: float = 0.9
+    low: float = 0.1
+    weight_alignment: bool = False
+    js_detach: bool = True
+    dce: Literal["dynamic", "fixed"] = "dynamic"
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(
+                f"LossConfig.variant: unknown variant {self.variant!r}; choose one of {list(VARIANTS)}"
+            )
+        if self.dce not in ("dynamic", "fixed"):
+            raise ValueError(f"LossConfig.dce must be 'dynamic' or 'fixed', got {self.dce!r}")
+        for name in ("alpha", "threshold", "high", "low"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise ValueError(f"LossConfig.{name} must be a finite number, got {value!r}")
+        if self.alpha < 0:
+            raise ValueError(f"LossConfig.alpha must be >= 0, got {self.alpha}")
+        if self.low < 0 or self.high <= 0:
+            raise ValueError(
+                f"LossConfig weights must satisfy low >= 0 and high > 0, got high={self.high}, low={self.low}"
+            )
+        if self.high < self.low:
+            raise ValueError(
+                f"LossConfig.high ({self.high}) < LossConfig.low ({self.low}): preference-bearing "
+                "tokens must not weigh less than the others; swap them"
+            )
+        for name in ("weight_alignment", "js_detach"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"LossConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.weight_alignment and not self.spec.alignment:
+            raise ValueError(
+                f"LossConfig.weight_alignment: variant {self.variant!r} has no alignment term L_p "
+                "(only mce and nextquill do); set weight_alignment=False"
+            )
+        if not self.js_detach and self.variant != "js":
+            raise ValueError(f"LossConfig.js_detach=False only applies to variant 'js', not {self.variant!r}")
+
+    @property
+    def spec(self) -> VariantSpec:
+        """The variant's structure: L_n's stream ("with"/"without"), its weights (None/"target"/"js") and
+        whether it adds the alignment term."""
+        return VARIANTS[self.variant]
+
+    @property
+    def uses_target_weights(self) -> bool:
+        """Whether the loss needs the λ/ε weights, and so a DCE."""
+        return self.spec.next_weights == "target" or self.weight_alignment
+
+
+def streams_needed(cfg: LossConfig) -> tuple[bool, bool]:
+    """(with-history pass needed, without-history pass needed) for the loss `cfg`.
+
+    The without-history pass serves L_n of `sft`, the alignment term, the js weights and a dynamic DCE.
+    """
+    spec = cfg.spec
+    need_with = spec.next_stream == "with" or spec.alignment or spec.next_weights == "js"
+    need_without = (
+        spec.next_stream == "without"
+        or spec.alignment
+        or spec.next_weights == "js"
+        or (cfg.uses_target_weights and cfg.dce == "dynamic")
+    )
+    return need_with, need_without

@@ -1,0 +1,336 @@
+"""A run's set-up: everything that can fail does so here, before the first compile.
+
+From a `Config` to the mesh, the data pipelines, the model graph and its parameter shardings, the
+optimizer, the train state's shardings, the frozen reference model of `dce: fixed`, and the compiled train
+and eval steps. The loop (`loop.py`), evaluation (`eval/evaluate.py`) and the benchmarks
+(`bench/harness.py`) build on it.
+
+    run = set_up_run(cfg, workdir)
+    state = init_state(run.initial_params(), run.tx, cfg.train.seed, run.state_shardings)
+    state, metrics = run.train_step(state, global_batch, run.reference_params)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from nextquill_jax import parallel
+from nextquill_jax.config import Config, ModelRunConfig
+from nextquill_jax.config_schema import ConfigError
+from nextquill_jax.data.pipeline import BatchPipeline
+from nextquill_jax.data.prepared_split import PreparedSplit
+from nextquill_jax.parallel import DEFAULT_RULES
+from nextquill_jax.train import model_setup
+from nextquill_jax.train.optimizer import learning_rate_schedule, make_optimizer, trainable_mask
+from nextquill_jax.train.state import TrainState
+from nextquill_jax.train.step import StepSettings, make_eval_step, make_train_step
+from nextquill_jax.train.workdir import build_mesh, data_dir_of, is_workdir, restore_model
+
+Echo = Callable[[str], None]
+
+
+def resolve_workdir(cfg: Config, override: str | Path | None) -> Path:
+    """The run's directory: `override` (--workdir), else `train.workdir`.
+
+    Raises:
+        ConfigError: neither is set, or it is a URL (such as gs://...), which would otherwise silently become
+            a local folder named after the URL.
+    """
+    chosen = override if override is not None else cfg.train.workdir
+    if chosen is None:
+        raise ConfigError("no workdir: set train.workdir in the config or pass --workdir DIR")
+    if "://" in str(chosen):
+        raise ConfigError(
+            f"workdir {chosen}: object-store URLs are not written directly; mount the bucket (gcsfuse, see "
+            f"tpu_scripts/mount_bucket.sh) and pass the mounted path, e.g. --workdir gcs/runs/NAME"
+        )
+    return Path(chosen).expanduser().absolute()
+
+
+def prepared_dir(cfg: Config, workdir: Path, echo: Echo) -> Path:
+    """The prepared data: `train.data_dir` as it is when `data.sources` is empty (and the format is not the
+    in-process `synthetic`), else prepared (or reused by fingerprint) from the `data` section into
+    `train.data_dir` or `<workdir>/prepared`.
+
+    Process 0 prepares first; the others then find it up to date (shared disk) or prepare their own copy.
+    """
+    target = data_dir_of(cfg, workdir)
+    if not cfg.data.sources and cfg.data.format != "synthetic":
+        if not (target / "train" / "meta.json").exists():
+            raise ConfigError(
+                f"data.sources is empty and {target} holds no prepared data (train/meta.json). Fix: list "
+                f"the record files in data.sources, or point train.data_dir at the output of "
+                f"`nextquill-jax data prepare`."
+            )
+        return target
+    from nextquill_jax.data.prepare import prepare
+
+    if jax.process_index() == 0:
+        prepare(cfg.data, target, echo=echo)
+    _sync("prepared data")
+    if jax.process_index() != 0:
+        prepare(cfg.data, target, echo=lambda _: None)
+    return target
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def plan_steps(pipeline: BatchPipeline, cfg: Config) -> tuple[int, list[int]]:
+    """(total optimizer steps, the step that ends each epoch) for the run.
+
+    Raises:
+        ConfigError: an endless data iterator (`num_epochs: null`) without `train.max_steps`.
+    """
+    epochs = cfg.data.batching.num_epochs
+    if epochs is None and cfg.train.max_steps is None:
+        raise ConfigError(
+            "data.batching.num_epochs is null (repeat forever) and train.max_steps is not set: the run would "
+            "never end. Fix: set data.batching.num_epochs or train.max_steps."
+        )
+    ends, total = [], 0
+    for epoch in range(epochs if epochs is not None else 0):
+        total += pipeline.num_batches(epoch)
+        ends.append(total)
+    if cfg.train.max_steps is not None:
+        total = min(total, cfg.train.max_steps) if epochs is not None else cfg.train.max_steps
+    return total, [e for e in ends if e <= total]
+
+
+def check_micro_batches(cfg: Config, mesh: Mesh) -> None:
+    """Raise ConfigError unless `train.micro_batches` divides the rows each batch shard holds."""
+    rows = cfg.data.batching.rows_per_batch * jax.process_count()
+    shards = parallel.batch_shard_count(mesh)
+    m, per_process = cfg.train.micro_batches, cfg.data.batching.rows_per_batch
+    if rows % shards or (rows // shards) % m:
+        raise ConfigError(
+            f"a global batch of {rows} rows (data.batching.rows_per_batch={per_process} x "
+            f"{jax.process_count()} processes) does not split into {shards} batch shards (mesh data x fsdp) "
+            f"of train.micro_batches={m} equal micro-batches. Fix: make rows_per_batch x processes a "
+            f"multiple of {shards * m}, or change train.micro_batches / the mesh."
+        )
+
+
+def state_shardings(tx: optax.GradientTransformation, abstract_params: dict, shardings: dict, mesh: Mesh):
+    """Shardings of the whole TrainState: optimizer moments like their parameters, scalars replicated."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    opt_abstract = jax.eval_shape(tx.init, abstract_params)
+    opt = optax.tree_map_params(
+        tx, lambda _, s: s, opt_abstract, shardings, transform_non_params=lambda _: replicated
+    )
+    return TrainState(step=replicated, params=shardings, opt_state=opt, rng=replicated, skipped=replicated)
+
+
+def new_state(params: dict, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    """The train state at step 0: `params`, fresh optimizer moments, a PRNG key from `seed`."""
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        rng=jax.random.PRNGKey(seed),
+        skipped=jnp.zeros((), jnp.int32),
+    )
+
+
+def init_state(
+    params: dict, tx: optax.GradientTransformation, seed: int, shardings: TrainState
+) -> TrainState:
+    """`new_state` compiled with `shardings` as its out-shardings (optimizer moments placed like their
+    parameters, never gathered on one device)."""
+    return jax.jit(lambda p: new_state(p, tx, seed), out_shardings=shardings)(params)
+
+
+def abstract_state(
+    abstract_params: dict, tx: optax.GradientTransformation, seed: int, shardings: TrainState
+) -> TrainState:
+    """The train state as `jax.ShapeDtypeStruct`s carrying `shardings` (what a checkpoint restores into)."""
+    shapes = jax.eval_shape(lambda p: new_state(p, tx, seed), abstract_params)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
+
+
+def reference_params(cfg: Config, mesh: Mesh) -> tuple[Any, dict] | None:
+    """(graphdef, params) of the frozen `loss.reference_model` for `dce: fixed`, or None when not set.
+
+    A training workdir (holding config.yaml and checkpoints/) gives its latest checkpoint's model (with the
+    config saved with that checkpoint); anything else is loaded like `model.path`.
+
+    Raises:
+        ConfigError: the reference names nothing loadable, or a workdir without a complete checkpoint.
+    """
+    source = cfg.loss.reference_model
+    if cfg.loss.dce != "fixed" or source is None:
+        return None
+    if is_workdir(source):
+        try:
+            restored = restore_model(source, mesh=mesh)
+        except FileNotFoundError as e:
+            raise ConfigError(f"loss.reference_model {source!r}: {e}") from None
+        graphdef, params = nnx.split(restored.model, nnx.Param)
+        return graphdef, nnx.to_pure_dict(params)
+    section = ModelRunConfig(
+        path=source, param_dtype=cfg.model.param_dtype, compute_dtype=cfg.model.compute_dtype
+    )
+    return model_setup.load_params(section, mesh, seed=0)
+
+
+def step_settings(cfg: Config, reference_graphdef: Any = None) -> StepSettings:
+    """The step's static settings from the config's `loss` and `train` sections."""
+    return StepSettings(
+        loss=cfg.loss.loss_config(),
+        micro_batches=cfg.train.micro_batches,
+        skip_nonfinite=cfg.train.nonfinite == "skip",
+        token_chunk=cfg.loss.token_chunk,
+        vocab_chunk=cfg.loss.vocab_chunk,
+        reference_graphdef=reference_graphdef,
+    )
+
+
+def jit_train_step(
+    graphdef: Any,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    settings: StepSettings,
+    mesh: Mesh,
+    shardings: TrainState,
+    *,
+    trainable: Any = None,
+    reference_shardings: Any = None,
+) -> Callable:
+    """`make_train_step` under `jax.jit`: the state donated and kept in `shardings`, the batch split over
+    the mesh's batch axes, metrics replicated. Called as `step(state, batch, reference_params_or_None)`."""
+    return jax.jit(
+        make_train_step(graphdef, tx, schedule, settings, mesh, trainable),
+        in_shardings=(shardings, parallel.batch_sharding(mesh), reference_shardings),
+        out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
+        donate_argnums=0,
+    )
+
+
+def jit_eval_step(
+    graphdef: Any, settings: StepSettings, mesh: Mesh, param_shardings: dict, reference_shardings: Any = None
+) -> Callable:
+    """`make_eval_step` under `jax.jit`: `eval_step(params, batch, reference_params_or_None) -> aux`."""
+    return jax.jit(
+        make_eval_step(graphdef, settings),
+        in_shardings=(param_shardings, parallel.batch_sharding(mesh), reference_shardings),
+        out_shardings=NamedSharding(mesh, PartitionSpec()),
+    )
+
+
+@dataclass(frozen=True)
+class RunSetup:
+    """What `train` needs before its first step.
+
+    `eval_data` is None when the prepared data has no `eval.split`; `reference` is (graphdef, params) of the
+    frozen reference model or None; `initial_params()` loads or initialises the starting parameters (only
+    called when there is no checkpoint to resume from).
+    """
+
+    mesh: Mesh
+    data_dir: Path
+    train_data: BatchPipeline
+    eval_data: BatchPipeline | None
+    total_steps: int
+    epoch_ends: list[int]
+    abstract_params: dict
+    tx: optax.GradientTransformation
+    state_shardings: TrainState
+    reference: tuple[Any, dict] | None
+    settings: StepSettings
+    train_step: Callable
+    eval_step: Callable
+    initial_params: Callable[[], dict]
+
+    @property
+    def reference_params(self) -> dict | None:
+        return None if self.reference is None else self.reference[1]
+
+
+def set_up_run(cfg: Config, workdir: Path, echo: Echo = print) -> RunSetup:
+    """Multi-host start-up and mesh, data, model, optimizer, shardings and compiled steps for `cfg`.
+
+    Raises:
+        ConfigError: any config problem found here (model source, mesh, micro-batches, data, optimizer,
+            fixed-DCE source), before anything is compiled.
+    """
+    mesh = build_mesh(cfg)
+    model_setup.check_model_source(cfg.model)
+    check_micro_batches(cfg, mesh)
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    data_dir = prepared_dir(cfg, workdir, echo)
+    train_data = BatchPipeline(PreparedSplit(data_dir, "train"), cfg.data.batching)
+    total_steps, epoch_ends = plan_steps(train_data, cfg)
+    eval_data = _eval_pipeline(cfg, data_dir, echo)
+    if cfg.loss.dce == "fixed" and cfg.loss.reference_model is None and not train_data.has_reference_dce:
+        raise ConfigError(
+            f"loss.dce is 'fixed' but {data_dir} carries no reference_dce and loss.reference_model is not "
+            f"set. Fix: set loss.reference_model (a training workdir, a Hugging Face directory or a packaged "
+            f"model), or prepare data with precomputed reference_dce."
+        )
+
+    mcfg = model_setup.model_config(cfg.model)
+    graphdef, abstract_params = model_setup.abstract_model(mcfg)
+    try:
+        p_shardings = model_setup.param_shardings(mcfg, mesh)
+    except ValueError as e:
+        raise ConfigError(f"mesh {dict(mesh.shape)} does not fit the model: {e}") from None
+    try:
+        tx = make_optimizer(cfg.optim, abstract_params, total_steps)
+        trainable = trainable_mask(cfg.optim, abstract_params) if cfg.optim.trainable else None
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    s_shardings = state_shardings(tx, abstract_params, p_shardings, mesh)
+    reference = reference_params(cfg, mesh)
+    ref_shardings = None if reference is None else jax.tree.map(lambda x: x.sharding, reference[1])
+    settings = step_settings(cfg, None if reference is None else reference[0])
+    schedule = learning_rate_schedule(cfg.optim, total_steps)
+    return RunSetup(
+        mesh=mesh,
+        data_dir=data_dir,
+        train_data=train_data,
+        eval_data=eval_data,
+        total_steps=total_steps,
+        epoch_ends=epoch_ends,
+        abstract_params=abstract_params,
+        tx=tx,
+        state_shardings=s_shardings,
+        reference=reference,
+        settings=settings,
+        train_step=jit_train_step(
+            graphdef,
+            tx,
+            schedule,
+            settings,
+            mesh,
+            s_shardings,
+            trainable=trainable,
+            reference_shardings=ref_shardings,
+        ),
+        eval_step=jit_eval_step(graphdef, settings, mesh, p_shardings, ref_shardings),
+        initial_params=lambda: model_setup.initial_params(
+            cfg.model, mcfg, p_shardings, mesh, cfg.train.seed, DEFAULT_RULES
+        ),
+    )
+
+
+def _eval_pipeline(cfg: Config, data_dir: Path, echo: Echo) -> BatchPipeline | None:
+    if not (data_dir / cfg.eval.split / "meta.json").exists():
+        echo(f"{data_dir} has no {cfg.eval.split!r} split: no evaluation (eval.split names the split)")
+        return None
+    batching = dataclasses.replace(cfg.data.batching, shuffle=False, num_epochs=1, drop_remainder=False)
+    return BatchPipeline(PreparedSplit(data_dir, cfg.eval.split), batching)
