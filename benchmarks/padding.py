@@ -1,12 +1,12 @@
 """Padding efficiency (real tokens / token slots) of the batch pipeline on the synthetic benchmark, against
 the public code's fixed padding of every sequence to 4,097 tokens.
 
-The synthetic data is generated (`data.synth`), prepared with the built-in `review` template (the public
-code's prompt layout) and a real tokenizer (`data.prepare`), then planned by `BatchPipeline` in pack and
-bucket mode. Efficiency counts both streams (with and without history); the per-stream values and the use of
-the response slots are printed too. The public code pads each of the two sequences of an example to 4,097
-tokens, so its efficiency is sum(L_with + L_without) / (2 * 4,097 * examples). Also timed: building one
-epoch of batches.
+The synthetic data is generated (`data.sources.synth`), prepared with the built-in `review` template (the
+public code's prompt layout) and a real tokenizer (`data.prepare`), then planned by `BatchPipeline` in pack
+and bucket mode. Efficiency counts both streams (with and without history); the per-stream values and the use
+of the response slots are printed too. The public code pads each of the two sequences of an example to 4,097
+tokens, so its efficiency is sum(L_with + L_without) / (2 * 4,097 * examples). Also timed: building one epoch
+of batches.
 
     python benchmarks/padding.py                                   # 800 users (3,200 training examples)
     python benchmarks/padding.py --seq-len 2048 4096 --rows-per-batch 8 --tokenizer qwen2.5

@@ -119,7 +119,7 @@ class DataConfig:
                     the file name; meta: the outputs files (`golds`: `id`, `output`) of the same splits.
         generic     sources: one JSON object per line (see CONTRACTS.md); `split` per record, else
                     `default_split`.
-        synthetic   no files: the synthetic benchmark (`data.synth`) is generated in-process with
+        synthetic   no files: the synthetic benchmark (`data.sources.synth`) is generated in-process with
                     `synthetic_users` users and `synthetic_seed`, then read as `generic` records.
     """
 

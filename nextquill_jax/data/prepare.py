@@ -1,8 +1,8 @@
 """`data prepare`: records -> examples -> token arrays on disk, with a readable copy and a summary.
 
-`DIR/<split>/` holds the token arrays (`prepared.write_split`), `DIR/<split>.jsonl` the rendered examples in
-the same order (what the model sees, as text), `DIR/summary.json` the counts (rows read per file, invalid
-records by reason, records dropped by reason, examples per split, history fitting) and token-length
+`DIR/<split>/` holds the token arrays (`prepared_split.write_split`), `DIR/<split>.jsonl` the rendered
+examples in the same order (what the model sees, as text), `DIR/summary.json` the counts (rows read per file,
+invalid records by reason, records dropped by reason, examples per split, history fitting) and token-length
 statistics.
 
 A fingerprint of the settings (DataConfig without `batching`), the template's text, the tokenizer (its full

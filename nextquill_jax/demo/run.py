@@ -1,9 +1,9 @@
 """The offline demo (`nextquill-jax demo`): NextQuill end to end on a CPU.
 
-    1. data       the synthetic personalised-review benchmark (`data.synth`): each user's signature words,
-                  favourite aspects and sign-off are visible only through their past reviews, and every target
-                  token's role (preference / context / noise) is known.
-    2. tokenizer  a byte-level BPE trained here on the training split (`demo_tokenizer`), so a tiny model
+    1. data       the synthetic personalised-review benchmark (`data.sources.synth`): each user's signature
+                  words, favourite aspects and sign-off are visible only through their past reviews, and every
+                  target token's role (preference / context / noise) is known.
+    2. tokenizer  a byte-level BPE trained here on the training split (`demo.tokenizer`), so a tiny model
                   has a vocabulary of ~1,300 tokens instead of Qwen's 151,936.
     3. base       a tiny Qwen2-family model trained from scratch as a plain language model on the training
                   users' reviews (each user's reviews, oldest first, as one document), then exported as a
@@ -13,11 +13,11 @@
     4. variants   `sft`, `context_sft`, `nextquill` (and `mce`, `dce` in the full run) fine-tune the base for
                   the same number of steps on the same batches, through `train.loop.train`, the code of
                   `nextquill-jax train`.
-    5. evaluation `evaluate.evaluate` on the test split: greedy decoding with repetition penalty 1.2; ROUGE,
+    5. evaluation `eval.evaluate` on the test split: greedy decoding with repetition penalty 1.2; ROUGE,
                   METEOR, BLEU; the without-history prompt for sft, the with-history prompt otherwise.
-    6. effects    an effect report (`effects_report`) per variant: per-token DCE and its AUROC at separating
-                  the ground-truth preference tokens from context and noise tokens.
-    7. table      results.md / results.json / training_curves.png (`demo_report`), printed with a reading
+    6. effects    an effect report (`eval.effect_report`) per variant: per-token DCE and its AUROC at
+                  separating the ground-truth preference tokens from context and noise tokens.
+    7. table      results.md / results.json / training_curves.png (`demo.report`), printed with a reading
                   computed from the numbers.
 
 What runs is a demo config (configs/demo.yaml; --quick: configs/demo_quick.yaml): a `demo` section (sizes,

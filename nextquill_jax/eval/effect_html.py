@@ -225,7 +225,7 @@ def render_report(
 
     Args:
         results: the examples to draw, each with [L] pieces, DCE, weights, probabilities (and roles).
-        summary: `effects_report.summarize` output plus `split`, `model`, `examples_shown`.
+        summary: `effect_report.summarize` output plus `split`, `model`, `examples_shown`.
         threshold: δ; tokens with DCE > δ are marked preference-bearing.
         histogram_png_base64: the DCE histogram, base64-encoded PNG, inlined as a data URI.
 

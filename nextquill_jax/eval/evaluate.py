@@ -5,7 +5,7 @@
 Writes `<out>/predictions.jsonl` (one object per example, in the split's order: `index`, `id`, `user_id`,
 `category`, `prompt`, `prediction`, `reference`, `stopped_by`) and `<out>/metrics.json`, where `<out>` is
 `<workdir>/eval/<split>` (a checkpoint) or `<workdir>/eval/<split>-<model name>` (`model_path`, e.g. the
-base model before fine-tuning). metrics.json holds `metrics.score_predictions`' dict (ROUGE-1/L, METEOR,
+base model before fine-tuning). metrics.json holds `text_metrics.score_predictions`' dict (ROUGE-1/L, METEOR,
 BLEU overall and per category, METEOR's WordNet source) and, beside it: what was evaluated (`model`,
 `step`, `split`, `examples`, `prompt`, `generation`, `eos_token_id`, `stopped_at_max_new_tokens`) and
 `loss`, the loss terms on the same examples (see `split_losses`).

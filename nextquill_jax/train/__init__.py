@@ -1,2 +1,2 @@
-"""Training: the typed config's runtime side (mesh, model set-up), the pure train step, the optax chain, Orbax
-checkpoints, metrics logs, the loop, and the `train` / `export` subcommands."""
+"""Training: the run's set-up (`setup`, `model_setup`), the pure step, the optax chain, Orbax checkpoints,
+workdirs, metrics logs, the loop, export, and the `train` / `export` subcommands."""

@@ -239,7 +239,7 @@ def make_train_step(
 
 def make_eval_step(graphdef: Any, settings: StepSettings) -> Callable[..., dict]:
     """`eval_step(params, batch, reference_params=None) -> aux` (forward only); combine the auxes of all
-    batches with `combine_aux`, then `losses.metrics_from_aux`."""
+    batches with `combine_aux`, then `loss.metrics_from_aux`."""
 
     def eval_step(params: dict, batch: Batch, reference_params: dict | None = None) -> dict:
         if settings.loss.dce == "fixed" and "reference_dce" not in batch:

@@ -3,7 +3,7 @@
 A DPL row (the `SnowCharmQ/DPL-main` layout) is `{"user_id", "profile": [review, ...], "data": review}` with
 reviews `{"rating", "title", "text", "asin", "timestamp"}`, the profile oldest first. Records carry the same
 fields as `amazon2023`'s. Item metadata rows (`DPL-meta`) are `{"asin", "title", "description"}`. The split is
-the file's (see `readers.split_from_name`); the category is the name of the directory holding the file
+the file's (see `read.split_from_name`); the category is the name of the directory holding the file
 (`DPL-main/Books/train.jsonl` -> `Books`).
 """
 
