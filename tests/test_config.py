@@ -9,13 +9,13 @@ import jax
 import pytest
 import yaml
 from jax.sharding import AbstractMesh, AxisType
-from train_support import tiny_config, write_config, write_random_data
 
 from nextquill_jax.config import Config, load_config, save_config
 from nextquill_jax.config_schema import ConfigError
 from nextquill_jax.parallel import MESH_AXES, resolve_mesh_shape
 from nextquill_jax.train import model_setup
 from nextquill_jax.train.loop import train
+from tests.train_support import tiny_config, write_config, write_random_data
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -8,12 +8,12 @@ import os
 import numpy as np
 import pytest
 import yaml
-from data_helpers import FIXTURES, SMALL, save_tiny_tokenizer, tiny_tokenizer
 
 from nextquill_jax.cli import main
 from nextquill_jax.data.config import DataConfig
 from nextquill_jax.data.prepare import prepare
 from nextquill_jax.data.prepared_split import PreparedSplit
+from tests.data_helpers import FIXTURES, SMALL, save_tiny_tokenizer, tiny_tokenizer
 
 F = FIXTURES
 FORMATS = {

@@ -10,9 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from loss_configs import CONFIG_IDS, CONFIGS, IGNORE
 
 from nextquill_jax.loss import LossConfig, combine_aux, loss_from_aux, loss_from_logits, metrics_from_aux
+from tests.loss_configs import CONFIG_IDS, CONFIGS, IGNORE
 
 
 # ----------------------------------------------------------------------------------------- NumPy reference

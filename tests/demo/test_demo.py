@@ -18,7 +18,7 @@ from nextquill_jax.config_schema import ConfigError
 from nextquill_jax.demo.report import COLUMNS, signature_recall
 from nextquill_jax.demo.run import load_demo_config, run_demo, write_pretrain_documents
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 VARIANTS = ["sft", "context_sft", "nextquill"]
 FINETUNE_STEPS = 2
 

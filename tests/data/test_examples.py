@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from data_helpers import FIXTURES, tiny_tokenizer
 
 from nextquill_jax.data.config import DataConfig
 from nextquill_jax.data.examples import FittingStats, build_examples
 from nextquill_jax.data.sources.read import read_records
 from nextquill_jax.data.sources.records import HistoryEntry, IssueLog, Record
 from nextquill_jax.data.templates import load_template
+from tests.data_helpers import FIXTURES, tiny_tokenizer
 
 WORDS = ["the", "story", "river", "pages", "quiet", "engine", "harbor", "lantern", "winter", "orchard"]
 

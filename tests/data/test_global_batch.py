@@ -1,6 +1,6 @@
 """Process-local batches become global jax.Arrays sharded over the mesh's batch axes (8 simulated devices)."""
 
-from multidevice import run_with_devices
+from tests.multidevice import run_with_devices
 
 
 def test_to_global_batch_places_rows_on_the_batch_axes():

@@ -10,13 +10,13 @@ import shutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from data_helpers import FIXTURES, SMALL
-from dpl_reference import reference_dpl
 
 from nextquill_jax.data.config import DataConfig
 from nextquill_jax.data.sources.read import read_records, split_from_name
 from nextquill_jax.data.sources.records import DataError, IssueLog
 from nextquill_jax.data.templates import load_template
+from tests.data.dpl_reference import reference_dpl
+from tests.data_helpers import FIXTURES, SMALL
 
 AMAZON = FIXTURES / "amazon2023"
 REFERENCE_T = dict(

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from multidevice import run_with_devices
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config
 
 from nextquill_jax.models import load_pretrained, load_tokenizer, model_from_hf
@@ -25,6 +24,7 @@ from nextquill_jax.models.generate import (
 )
 from nextquill_jax.models.gguf import read_gguf
 from nextquill_jax.models.packaged import packaged_model_path
+from tests.multidevice import run_with_devices
 
 VOCAB = 300
 PAD = 0
@@ -313,8 +313,8 @@ def test_processors_match_transformers(cfg):
 def smollm():
     """(transformers LlamaForCausalLM, our CausalLM, tokenizer), both models from ONE read of the GGUF file.
 
-    `read_gguf` equals transformers' own GGUF loader tensor for tensor (tests/test_gguf.py); reading the file
-    once instead of also through `from_pretrained(..., gguf_file=...)` saves ~15 s of CPU.
+    `read_gguf` equals transformers' own GGUF loader tensor for tensor (tests/models/test_gguf.py); reading
+    the file once instead of also through `from_pretrained(..., gguf_file=...)` saves ~15 s of CPU.
     """
     config, tensors = read_gguf(packaged_model_path("smollm2-135m"))
     reference = LlamaForCausalLM.from_pretrained(

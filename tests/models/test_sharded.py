@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from multidevice import run_with_devices
 from transformers import AutoModelForCausalLM, Qwen2Config
+
+from tests.multidevice import run_with_devices
 
 
 @pytest.fixture(scope="module")

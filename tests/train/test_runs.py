@@ -16,7 +16,8 @@ import socket
 import jax
 import numpy as np
 import pytest
-from train_support import (
+
+from tests.train_support import (
     RUNNER,
     finish,
     losses,

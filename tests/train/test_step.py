@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from train_support import run_python
 
 from nextquill_jax.config import OptimConfig
 from nextquill_jax.train.optimizer import learning_rate_schedule, make_optimizer, warmup_steps
+from tests.train_support import run_python
 
 ACCUMULATION = """
 import json

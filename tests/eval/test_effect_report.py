@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from data_helpers import save_tiny_tokenizer, tiny_tokenizer
 from flax import nnx
 
 from nextquill_jax.cli import main
@@ -28,6 +27,7 @@ from nextquill_jax.eval.effect_scoring import auroc, score_roles, target_offsets
 from nextquill_jax.loss import LossConfig
 from nextquill_jax.loss.effects import dce_from_logits, token_logprobs
 from nextquill_jax.models import CausalLM, save_pretrained
+from tests.data_helpers import save_tiny_tokenizer, tiny_tokenizer
 
 SPLIT = "val"
 THRESHOLD = 0.0  # a random model's effects are small; this flags about half of the tokens

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from multidevice import run_with_devices
+
+from tests.multidevice import run_with_devices
 
 CODE = r"""
 import json, re

@@ -12,10 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from loss_configs import CONFIG_IDS, CONFIGS, IGNORE
 
 from nextquill_jax.loss import LossConfig, combine_aux, loss_from_aux, loss_from_hidden, loss_from_logits
 from nextquill_jax.loss.fused_head import head_token_stats
+from tests.loss_configs import CONFIG_IDS, CONFIGS, IGNORE
 
 # The test programs are tiny: LLVM optimisation would only add compile time.
 FAST_COMPILE = {"xla_backend_optimization_level": 0}

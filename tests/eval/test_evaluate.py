@@ -9,8 +9,6 @@ import json
 
 import numpy as np
 import pytest
-from data_helpers import save_tiny_tokenizer
-from train_support import tiny_config, write_config
 
 from nextquill_jax.cli import main
 from nextquill_jax.config import load_config
@@ -21,6 +19,8 @@ from nextquill_jax.models import load_pretrained
 from nextquill_jax.models.generate import GenerationConfig, generate
 from nextquill_jax.train import loop, setup
 from nextquill_jax.train.export import export
+from tests.data_helpers import save_tiny_tokenizer
+from tests.train_support import tiny_config, write_config
 
 GEN = GenerationConfig(max_new_tokens=6)
 WORDS = ["tea", "coffee", "rain", "books", "walk", "chess", "bread", "coast", "train", "quiet", "music"]

@@ -4,13 +4,13 @@ tokenizer-chat-template mode, and templates as data (YAML by path, validated).""
 from __future__ import annotations
 
 import pytest
-from data_helpers import FIXTURES, SMALL, tiny_tokenizer
 
 from nextquill_jax.data.config import DataConfig
 from nextquill_jax.data.examples import FittingStats, build_examples
 from nextquill_jax.data.sources.read import read_records
 from nextquill_jax.data.sources.records import IssueLog
 from nextquill_jax.data.templates import builtin_templates, load_template, render_messages, render_prompt
+from tests.data_helpers import FIXTURES, SMALL, tiny_tokenizer
 
 AMAZON = FIXTURES / "amazon2023"
 

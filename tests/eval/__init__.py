@@ -1,0 +1,1 @@
+"""Tests of nextquill_jax.eval."""
