@@ -29,13 +29,48 @@ from nextquill_jax.models.presets import model_preset
 
 
 @dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapters on the frozen base model (`model.lora`; absent: full fine-tuning).
+
+    `targets`: regular expressions over parameter paths such as `layers/attn/q_proj` (projection kernels
+    only). The update adds (alpha / rank)·A·B to each target. `dropout`: on the adapters' input, in training.
+    `base_dtype`: how the frozen base weights are stored (`int8`: per-output-channel absmax; `nf4`: 4-bit
+    NormalFloat in blocks of 64, QLoRA's); compute stays in `model.compute_dtype`. `init_from`: a PEFT adapter
+    directory (`adapter_config.json` + `adapter_model.safetensors`) to start from instead of fresh adapters.
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["attn/(q|v)_proj"])
+    base_dtype: Literal["float32", "bfloat16", "int8", "nf4"] = "float32"
+    init_from: str | None = None
+
+    def __post_init__(self):
+        if self.rank <= 0:
+            raise ValueError(f"rank must be >= 1, got {self.rank}")
+        if self.alpha <= 0:
+            raise ValueError(f"alpha must be > 0, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not self.targets:
+            raise ValueError("targets is empty: name at least one projection kernel, e.g. 'attn/(q|v)_proj'")
+
+    @property
+    def scale(self) -> float:
+        """alpha / rank, the factor of A·B."""
+        return self.alpha / self.rank
+
+
+@dataclass(frozen=True)
 class ModelRunConfig:
     """Which model to train and how to run it.
 
     Exactly one of `path` (a Hugging Face directory with config.json + safetensors, or a packaged name such as
     "smollm2-135m") and `preset` (a `model_preset` name, randomly initialised from `train.seed`) is set.
     `overrides` replaces architecture fields of `ModelConfig` (e.g. `{hidden_size: 32, num_layers: 2}` for a
-    tiny random model); the runtime fields have their own keys. The tokenizer is `data.tokenizer`.
+    tiny random model); the runtime fields have their own keys. The tokenizer is `data.tokenizer`. `lora`
+    trains adapters on the frozen model instead of the model itself (`LoraConfig`).
     """
 
     path: str | None = None
@@ -45,6 +80,7 @@ class ModelRunConfig:
     compute_dtype: Literal["float32", "bfloat16"] = "bfloat16"
     remat_policy: Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"] = "none"
     attention_impl: Literal["xla", "xla_dense", "cudnn", "splash"] = "xla"
+    lora: LoraConfig | None = None
 
     def __post_init__(self):
         if (self.path is None) == (self.preset is None):
@@ -92,7 +128,8 @@ class LossRunConfig(LossConfig):
     """`LossConfig` (variant and hyper-parameters) plus how the loss is computed.
 
     `reference_model`: for `dce: fixed` when the data carries no `reference_dce`, a Hugging Face directory,
-    packaged name or training workdir whose model (frozen, no gradient) gives the data-side effects.
+    packaged name or training workdir whose model (frozen, no gradient) gives the data-side effects; or `base`
+    with `model.lora`: the frozen base itself with the adapters off (the same weights, no second copy).
     `token_chunk` / `vocab_chunk`: the LM-head tiling of `loss_from_hidden` (memory, not results).
     """
 
@@ -257,6 +294,18 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self):
+        if self.loss.reference_model == "base" and self.model.lora is None:
+            raise ValueError(
+                "loss.reference_model: base names the frozen base of a LoRA run, but model.lora is not set. "
+                "Fix: set model.lora, or name a model directory or training workdir"
+            )
+        if self.model.lora is not None and self.optim.trainable:
+            raise ValueError(
+                "optim.trainable and model.lora both choose what trains; with model.lora only the adapters "
+                "train. Fix: remove optim.trainable"
+            )
 
 
 def load_config(

@@ -126,11 +126,11 @@ def split_losses(loaded: LoadedModel, split: PreparedSplit, count: int) -> dict[
     ref = None if reference is None else reference[1]
 
     def aux_of(loss_cfg: LossConfig, pipeline: BatchPipeline) -> dict:
-        settings = dataclasses.replace(
-            step_settings(cfg, None if reference is None else reference[0]), loss=loss_cfg
+        settings = dataclasses.replace(  # the model is whole: a LoRA run's adapters are merged into it
+            step_settings(cfg, None if reference is None else reference[0]), loss=loss_cfg, lora_scale=None
         )
         step = jit_eval_step(graphdef, settings, mesh, param_shardings, ref_shardings)
-        auxes = [step(params, to_global_batch(local, mesh), ref) for local in pipeline.dataset()]
+        auxes = [step(params, to_global_batch(local, mesh), ref, None) for local in pipeline.dataset()]
         return combine_aux(*auxes)
 
     with tempfile.TemporaryDirectory() as tmp:

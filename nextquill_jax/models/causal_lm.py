@@ -24,6 +24,7 @@ from .attention import attention_mask, self_attention, xla_attention
 from .config import ModelConfig
 from .kv_cache import KVCache, empty_cache, write_slots
 from .layers import MLP, RMSNorm, apply_rope, constant_param, normal_param, rope_inv_freq
+from .lora import Adapters, LayerAdapters, add_adapter, layer_slices
 
 REMAT_POLICIES: dict[str, Callable | None] = {
     "full": None,  # save nothing: recompute the whole layer in the backward pass
@@ -58,12 +59,21 @@ class Attention(nnx.Module):
         self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
         self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
 
-    def qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def qkv(
+        self, x: jax.Array, positions: jax.Array, lora: LayerAdapters | None = None
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """x [B, T, D], positions [B, T] -> q [B, T, H, Hd], k, v [B, T, K, Hd] (q, k normed, rotated)."""
         dt = x.dtype
-        q = jnp.einsum("btd,dhk->bthk", x, self.q_proj[...].astype(dt))
-        k = jnp.einsum("btd,dhk->bthk", x, self.k_proj[...].astype(dt))
-        v = jnp.einsum("btd,dhk->bthk", x, self.v_proj[...].astype(dt))
+
+        def project(name: str, kernel: nnx.Param) -> jax.Array:  # [B, T, N, Hd]
+            y = jnp.einsum("btd,dhk->bthk", x, kernel[...].astype(dt))
+            return add_adapter(y, lora, "attn", name, x)
+
+        q, k, v = (
+            project("q_proj", self.q_proj),
+            project("k_proj", self.k_proj),
+            project("v_proj", self.v_proj),
+        )
         if self.q_bias is not None:
             q = q + self.q_bias[...].astype(dt)
             k = k + self.k_bias[...].astype(dt)
@@ -73,9 +83,10 @@ class Attention(nnx.Module):
         inv_freq = rope_inv_freq(self.cfg)
         return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
 
-    def out(self, attended: jax.Array) -> jax.Array:
+    def out(self, attended: jax.Array, lora: LayerAdapters | None = None) -> jax.Array:
         """attended [B, T, H, Hd] -> [B, T, D]."""
         y = jnp.einsum("bthk,hkd->btd", attended, self.o_proj[...].astype(attended.dtype))
+        y = add_adapter(y, lora, "attn", "o_proj", attended)
         if self.o_bias is not None:
             y = y + self.o_bias[...].astype(y.dtype)
         return y
@@ -92,12 +103,17 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg, rngs=rngs)
 
     def __call__(
-        self, x: jax.Array, positions: jax.Array, attend: AttendFn, cache: object
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        attend: AttendFn,
+        cache: object,
+        lora: LayerAdapters | None = None,
     ) -> tuple[jax.Array, object]:
-        q, k, v = self.attn.qkv(self.input_norm(x), positions)
+        q, k, v = self.attn.qkv(self.input_norm(x), positions, lora)
         attended, cache = attend(q, k, v, cache)
-        x = x + self.attn.out(attended)
-        return x + self.mlp(self.post_attn_norm(x)), cache
+        x = x + self.attn.out(attended, lora)
+        return x + self.mlp(self.post_attn_norm(x), lora), cache
 
 
 class CausalLM(nnx.Module):
@@ -128,13 +144,19 @@ class CausalLM(nnx.Module):
         return self.logits(self.hidden_states(input_ids, positions, segment_ids))
 
     def hidden_states(
-        self, input_ids: jax.Array, positions: jax.Array | None = None, segment_ids: jax.Array | None = None
+        self,
+        input_ids: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        *,
+        adapters: Adapters | None = None,
     ) -> jax.Array:
         """Final normed hidden states [B, T, D] in the compute dtype.
 
         input_ids [B, T] int32; positions [B, T] int32 (RoPE positions, restarting at 0 per segment; default
         0..T-1); segment_ids [B, T] int32 (0 = padding, examples 1, 2, ... of a packed row; default all 1).
-        A token attends to earlier tokens of its own segment only.
+        A token attends to earlier tokens of its own segment only. `adapters`: LoRA adapters added to the
+        projections they target (`lora.Adapters`; None: the model alone).
 
         Raises:
             ValueError: the config's attention_impl cannot run on this backend.
@@ -148,7 +170,7 @@ class CausalLM(nnx.Module):
         def attend(q, k, v, cache):
             return self_attention(q, k, v, segment_ids, impl, segments_given=segments_given), cache
 
-        x, _ = self._run_layers(self._embed(input_ids), positions, attend, None)
+        x, _ = self._run_layers(self._embed(input_ids), positions, attend, None, adapters)
         return self.final_norm(x)
 
     def lm_head_weight(self) -> tuple[jax.Array, str]:
@@ -226,20 +248,29 @@ class CausalLM(nnx.Module):
         return jnp.take(self.embed[...], input_ids, axis=0).astype(self.cfg.compute_jnp_dtype)
 
     def _run_layers(
-        self, x: jax.Array, positions: jax.Array, attend: AttendFn, caches: object
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        attend: AttendFn,
+        caches: object,
+        adapters: Adapters | None = None,
     ) -> tuple[jax.Array, object]:
         """Scan the stacked decoder layers over x [B, T, D]; `caches` (a pytree with leading L axis, or None)
-        is scanned alongside and returned updated."""
+        is scanned alongside and returned updated, and so are the adapters' per-layer weights and keys."""
         graphdef, state = nnx.split(self.layers)
+        weights, keys = layer_slices(adapters, self.cfg.num_layers)
 
         def body(h, xs):
-            layer_state, layer_cache = xs
-            return nnx.merge(graphdef, layer_state)(h, positions, attend, layer_cache)
+            layer_state, layer_cache, layer_weights, layer_key = xs
+            lora = None
+            if adapters is not None:
+                lora = LayerAdapters(layer_weights, adapters.scale, adapters.dropout, layer_key)
+            return nnx.merge(graphdef, layer_state)(h, positions, attend, layer_cache, lora)
 
         policy_name = self.cfg.remat_policy
         if policy_name != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[policy_name], prevent_cse=False)
-        return jax.lax.scan(body, x, (state, caches))
+        return jax.lax.scan(body, x, (state, caches, weights, keys))
 
 
 def _stacked_layers(cfg: ModelConfig, rngs: nnx.Rngs) -> DecoderLayer:

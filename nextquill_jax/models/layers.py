@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from .config import ModelConfig
+from .lora import LayerAdapters, add_adapter
 
 INIT_STD = 0.02  # transformers' initializer_range default for these families
 
@@ -101,8 +102,9 @@ class MLP(nnx.Module):
         self.up = normal_param(rngs, (d, f), ("embed", "mlp"), dtype)
         self.down = normal_param(rngs, (f, d), ("mlp", "embed"), dtype)
 
-    def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, D]
+    def __call__(self, x: jax.Array, lora: LayerAdapters | None = None) -> jax.Array:  # [B, T, D] -> same
         dt = x.dtype
-        gate = x @ self.gate[...].astype(dt)  # [B, T, F]
-        up = x @ self.up[...].astype(dt)
-        return (jax.nn.silu(gate) * up) @ self.down[...].astype(dt)
+        gate = add_adapter(x @ self.gate[...].astype(dt), lora, "mlp", "gate", x)  # [B, T, F]
+        up = add_adapter(x @ self.up[...].astype(dt), lora, "mlp", "up", x)
+        hidden = jax.nn.silu(gate) * up
+        return add_adapter(hidden @ self.down[...].astype(dt), lora, "mlp", "down", hidden)

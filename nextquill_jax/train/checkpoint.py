@@ -159,6 +159,17 @@ class Checkpointer:
             self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
         )
 
+    def read_progress(self, step: int) -> dict[str, Any]:
+        """The progress saved with step `step`: step, epoch and, under LoRA, the base's identity (`base`).
+
+        Raises:
+            FileNotFoundError: no complete checkpoint at `step` (naming the ones there are).
+        """
+        self._require_complete(step)
+        return dict(
+            self.manager.restore(step, args=ocp.args.Composite(progress=ocp.args.JsonRestore()))["progress"]
+        )
+
     def wait(self) -> None:
         """Block until any asynchronous save has been committed."""
         self.manager.wait_until_finished()

@@ -1,11 +1,12 @@
 """`nextquill-jax train` and `nextquill-jax export`.
 
     nextquill-jax train --config FILE [--workdir DIR] [section.key=value ...]
-    nextquill-jax export --workdir DIR [--step N] --out HF_DIR
+    nextquill-jax export --workdir DIR [--step N] --out DIR [--merged | --adapter]
 
 `train` trains (or resumes, when DIR holds a checkpoint) the run the config describes. Exit status: 0 finished
 or stopped by SIGTERM with a checkpoint saved, 1 bad config or data, 3 non-finite loss. `export` writes a
-checkpoint as a Hugging Face directory (see `train.export`).
+checkpoint as a Hugging Face directory (a LoRA run's adapters merged in), or with `--adapter` a LoRA run's
+adapters as a PEFT directory (see `train.export`).
 """
 
 from __future__ import annotations
@@ -53,15 +54,20 @@ def run_train(args: argparse.Namespace) -> int:
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", required=True, type=Path, help="a training run's directory")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-    parser.add_argument("--out", required=True, type=Path, help="output Hugging Face directory")
+    parser.add_argument("--out", required=True, type=Path, help="output directory")
+    what = parser.add_mutually_exclusive_group()
+    what.add_argument(
+        "--merged", action="store_true", help="a Hugging Face model directory (the default; LoRA merged in)"
+    )
+    what.add_argument("--adapter", action="store_true", help="a LoRA run's adapters as a PEFT directory")
 
 
 def run_export(args: argparse.Namespace) -> int:
     from nextquill_jax.config_schema import ConfigError
-    from nextquill_jax.train.export import export
+    from nextquill_jax.train.export import export, export_adapter
 
     try:
-        out = export(args.workdir, args.out, args.step)
+        out = (export_adapter if args.adapter else export)(args.workdir, args.out, args.step)
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -1,16 +1,21 @@
-"""A checkpoint as a Hugging Face directory (`nextquill-jax export`).
+"""A checkpoint as a Hugging Face directory, or a LoRA run's adapters as a PEFT directory (`export`).
 
-Writes config.json + safetensors (loadable by `transformers.AutoModelForCausalLM`) and the tokenizer of
-`data.tokenizer`. The model is rebuilt from the config saved with that checkpoint; the parameters are gathered
-on this process's first device, so the model must fit on one device (run it on one host).
+`export` writes config.json + safetensors (loadable by `transformers.AutoModelForCausalLM`; a LoRA run's
+adapters merged into its base) and the tokenizer of `data.tokenizer`. `export_adapter` writes a LoRA run's
+adapters alone as a PEFT directory that `peft.PeftModel.from_pretrained` loads onto the base. The model is
+rebuilt from the config saved with that checkpoint; the parameters are gathered on this process's first
+device, so the model must fit on one device (run it on one host).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from nextquill_jax.config_schema import ConfigError
 from nextquill_jax.models import load_tokenizer, save_pretrained
-from nextquill_jax.train.workdir import restore_model, single_device_mesh
+from nextquill_jax.models.peft import write_peft_adapter
+from nextquill_jax.train import adapters, model_setup
+from nextquill_jax.train.workdir import restore_model, restore_params, single_device_mesh
 
 
 def export(workdir: str | Path, out: str | Path, step: int | None = None) -> Path:
@@ -23,3 +28,29 @@ def export(workdir: str | Path, out: str | Path, step: int | None = None) -> Pat
     model, cfg = restored.model, restored.config
     save_pretrained(model, out, tokenizer=load_tokenizer(cfg.data.tokenizer))
     return Path(out)
+
+
+def export_adapter(workdir: str | Path, out: str | Path, step: int | None = None) -> Path:
+    """Write the LoRA adapters of checkpoint `step` (default: latest) as a PEFT directory `out`.
+
+    Raises:
+        ConfigError: the run is not a LoRA run (`model.lora` unset).
+        FileNotFoundError: as `export`.
+    """
+    restored = restore_params(workdir, step, single_device_mesh())
+    lora = restored.config.model.lora
+    if lora is None:
+        raise ConfigError(
+            f"{restored.source} is a full fine-tuning checkpoint: it has no adapters. Fix: export it with "
+            f"--merged (a Hugging Face directory)"
+        )
+    section = adapters.base_section(restored.config.model)
+    return write_peft_adapter(
+        restored.params,
+        model_setup.model_config(section),
+        out,
+        rank=lora.rank,
+        alpha=lora.alpha,
+        dropout=lora.dropout,
+        base_model=str(section.path or section.preset),
+    )

@@ -19,6 +19,7 @@ import numpy as np
 from nextquill_jax.config import Config, config_to_dict, save_config
 from nextquill_jax.data.global_batch import to_global_batch
 from nextquill_jax.loss import LossConfig, combine_aux, metrics_from_aux
+from nextquill_jax.train.adapters import check_same_base
 from nextquill_jax.train.checkpoint import Checkpointer
 from nextquill_jax.train.metrics_log import MetricsLog
 from nextquill_jax.train.setup import RunSetup, abstract_state, init_state, set_up_run
@@ -65,7 +66,8 @@ def train(cfg: Config, workdir: Path, *, echo=print) -> TrainResult:
     try:
         with jax.set_mesh(run.mesh):
             for local in iterator:
-                state, metrics = run.train_step(state, to_global_batch(local, run.mesh), run.reference_params)
+                batch = to_global_batch(local, run.mesh)
+                state, metrics = run.train_step(state, batch, run.reference_params, run.base_params)
                 step += 1
                 pending.add(step, metrics)
                 due = actions_at(step, cfg, run, stop=preemption.reached(step))
@@ -75,7 +77,11 @@ def train(cfg: Config, workdir: Path, *, echo=print) -> TrainResult:
                 if eval_metrics:
                     log.write(step, eval_metrics)
                 if due.save:
-                    progress = {"step": step, "epoch": epoch_of(step, run.epoch_ends)}
+                    progress = {
+                        "step": step,
+                        "epoch": epoch_of(step, run.epoch_ends),
+                        "base": run.base_identity,
+                    }
                     ckpt.save(
                         step, state, iterator, config=config_dict, progress=progress, metrics=eval_metrics,
                         wait=due.stop or due.last,
@@ -105,9 +111,11 @@ def start_state(run: RunSetup, cfg: Config, ckpt: Checkpointer, iterator, echo) 
     if start is None:
         params = run.initial_params()
         return init_state(params, run.tx, cfg.train.seed, run.state_shardings), 0
+    where = str(ckpt.directory / str(start))
+    check_same_base(ckpt.read_progress(start).get("base"), run.base_identity, where)
     target = abstract_state(run.abstract_params, run.tx, cfg.train.seed, run.state_shardings)
     state, _ = ckpt.restore(start, target, iterator)
-    echo(f"resuming from {ckpt.directory / str(start)} (step {start})")
+    echo(f"resuming from {where} (step {start})")
     return state, start
 
 
@@ -146,7 +154,8 @@ def evaluate_split(run: RunSetup, params: dict, max_batches: int | None) -> dict
     for k, local in enumerate(run.eval_data.dataset()):
         if max_batches is not None and k >= max_batches:
             break
-        auxes.append(run.eval_step(params, to_global_batch(local, run.mesh), run.reference_params))
+        batch = to_global_batch(local, run.mesh)
+        auxes.append(run.eval_step(params, batch, run.reference_params, run.base_params))
     values = metrics_from_aux(combine_aux(*auxes), run.settings.loss)
     return {f"eval/{k}": v for k, v in values.items()}
 

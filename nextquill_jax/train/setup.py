@@ -30,7 +30,7 @@ from nextquill_jax.config_schema import ConfigError
 from nextquill_jax.data.pipeline import BatchPipeline
 from nextquill_jax.data.prepared_split import PreparedSplit
 from nextquill_jax.parallel import DEFAULT_RULES
-from nextquill_jax.train import model_setup
+from nextquill_jax.train import adapters, model_setup
 from nextquill_jax.train.optimizer import learning_rate_schedule, make_optimizer, trainable_mask
 from nextquill_jax.train.state import TrainState
 from nextquill_jax.train.step import StepSettings, make_eval_step, make_train_step
@@ -162,11 +162,15 @@ def abstract_state(
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
 
 
-def reference_params(cfg: Config, mesh: Mesh) -> tuple[Any, dict] | None:
+def reference_params(
+    cfg: Config, mesh: Mesh, base: tuple[Any, dict] | None = None
+) -> tuple[Any, dict] | None:
     """(graphdef, params) of the frozen `loss.reference_model` for `dce: fixed`, or None when not set.
 
-    A training workdir (holding config.yaml and checkpoints/) gives its latest checkpoint's model (with the
-    config saved with that checkpoint); anything else is loaded like `model.path`.
+    `base` under LoRA is the frozen base, (graphdef, params), which `reference_model: base` names (the same
+    arrays, no copy; loaded here when not given). A training workdir (holding config.yaml and checkpoints/)
+    gives its latest checkpoint's model (with the config saved with that checkpoint); anything else is loaded
+    like `model.path`.
 
     Raises:
         ConfigError: the reference names nothing loadable, or a workdir without a complete checkpoint.
@@ -174,6 +178,12 @@ def reference_params(cfg: Config, mesh: Mesh) -> tuple[Any, dict] | None:
     source = cfg.loss.reference_model
     if cfg.loss.dce != "fixed" or source is None:
         return None
+    if source == "base":  # Config checks that model.lora is set
+        return (
+            base
+            if base is not None
+            else model_setup.load_params(adapters.base_section(cfg.model), mesh, cfg.train.seed)
+        )
     if is_workdir(source):
         try:
             restored = restore_model(source, mesh=mesh)
@@ -188,7 +198,8 @@ def reference_params(cfg: Config, mesh: Mesh) -> tuple[Any, dict] | None:
 
 
 def step_settings(cfg: Config, reference_graphdef: Any = None) -> StepSettings:
-    """The step's static settings from the config's `loss` and `train` sections."""
+    """The step's static settings from the config's `loss`, `train` and `model.lora` sections."""
+    lora = cfg.model.lora
     return StepSettings(
         loss=cfg.loss.loss_config(),
         micro_batches=cfg.train.micro_batches,
@@ -196,6 +207,8 @@ def step_settings(cfg: Config, reference_graphdef: Any = None) -> StepSettings:
         token_chunk=cfg.loss.token_chunk,
         vocab_chunk=cfg.loss.vocab_chunk,
         reference_graphdef=reference_graphdef,
+        lora_scale=None if lora is None else lora.scale,
+        lora_dropout=0.0 if lora is None else lora.dropout,
     )
 
 
@@ -209,24 +222,31 @@ def jit_train_step(
     *,
     trainable: Any = None,
     reference_shardings: Any = None,
+    base_shardings: Any = None,
 ) -> Callable:
     """`make_train_step` under `jax.jit`: the state donated and kept in `shardings`, the batch split over
-    the mesh's batch axes, metrics replicated. Called as `step(state, batch, reference_params_or_None)`."""
+    the mesh's batch axes, metrics replicated. Called as `step(state, batch, reference_params, base_params)`
+    (each None when unused)."""
     return jax.jit(
         make_train_step(graphdef, tx, schedule, settings, mesh, trainable),
-        in_shardings=(shardings, parallel.batch_sharding(mesh), reference_shardings),
+        in_shardings=(shardings, parallel.batch_sharding(mesh), reference_shardings, base_shardings),
         out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
         donate_argnums=0,
     )
 
 
 def jit_eval_step(
-    graphdef: Any, settings: StepSettings, mesh: Mesh, param_shardings: dict, reference_shardings: Any = None
+    graphdef: Any,
+    settings: StepSettings,
+    mesh: Mesh,
+    param_shardings: dict,
+    reference_shardings: Any = None,
+    base_shardings: Any = None,
 ) -> Callable:
-    """`make_eval_step` under `jax.jit`: `eval_step(params, batch, reference_params_or_None) -> aux`."""
+    """`make_eval_step` under `jax.jit`: `eval_step(params, batch, reference_params, base_params) -> aux`."""
     return jax.jit(
         make_eval_step(graphdef, settings),
-        in_shardings=(param_shardings, parallel.batch_sharding(mesh), reference_shardings),
+        in_shardings=(param_shardings, parallel.batch_sharding(mesh), reference_shardings, base_shardings),
         out_shardings=NamedSharding(mesh, PartitionSpec()),
     )
 
@@ -236,8 +256,10 @@ class RunSetup:
     """What `train` needs before its first step.
 
     `eval_data` is None when the prepared data has no `eval.split`; `reference` is (graphdef, params) of the
-    frozen reference model or None; `initial_params()` loads or initialises the starting parameters (only
-    called when there is no checkpoint to resume from).
+    frozen reference model or None; `initial_params()` loads or initialises the starting parameters, the
+    state's (only called when there is no checkpoint to resume from). Under `model.lora` the state's
+    parameters are the adapters, `base_params` the frozen base and `base_identity` its path and fingerprint
+    (both None for full fine-tuning).
     """
 
     mesh: Mesh
@@ -254,6 +276,8 @@ class RunSetup:
     train_step: Callable
     eval_step: Callable
     initial_params: Callable[[], dict]
+    base_params: dict | None = None
+    base_identity: dict | None = None
 
     @property
     def reference_params(self) -> dict | None:
@@ -283,20 +307,38 @@ def set_up_run(cfg: Config, workdir: Path, echo: Echo = print) -> RunSetup:
             f"model), or prepare data with precomputed reference_dce."
         )
 
-    mcfg = model_setup.model_config(cfg.model)
+    lora = cfg.model.lora
+    model_section = cfg.model if lora is None else adapters.base_section(cfg.model)
+    mcfg = model_setup.model_config(model_section)
     graphdef, abstract_params = model_setup.abstract_model(mcfg)
     try:
         p_shardings = model_setup.param_shardings(mcfg, mesh)
     except ValueError as e:
         raise ConfigError(f"mesh {dict(mesh.shape)} does not fit the model: {e}") from None
+    seed = cfg.train.seed
+    base, base_identity = None, None
+    if lora is None:
+        trainable_abstract, trainable_shardings = abstract_params, p_shardings
+        initial_params = lambda: model_setup.initial_params(
+            cfg.model, mcfg, p_shardings, mesh, seed, DEFAULT_RULES
+        )
+    else:
+        adapter_cfg = mcfg.replace(param_dtype=cfg.model.param_dtype)
+        trainable_abstract, trainable_shardings = adapters.adapter_layout(lora, adapter_cfg, mesh)
+        initial_params = lambda: adapters.initial_adapters(
+            lora, adapter_cfg, trainable_abstract, trainable_shardings, seed
+        )
+        base = model_setup.initial_params(model_section, mcfg, p_shardings, mesh, seed, DEFAULT_RULES)
+        base_identity = adapters.base_identity(cfg.model, seed)
     try:
-        tx = make_optimizer(cfg.optim, abstract_params, total_steps)
-        trainable = trainable_mask(cfg.optim, abstract_params) if cfg.optim.trainable else None
+        tx = make_optimizer(cfg.optim, trainable_abstract, total_steps)
+        trainable = trainable_mask(cfg.optim, trainable_abstract) if cfg.optim.trainable else None
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    s_shardings = state_shardings(tx, abstract_params, p_shardings, mesh)
-    reference = reference_params(cfg, mesh)
+    s_shardings = state_shardings(tx, trainable_abstract, trainable_shardings, mesh)
+    reference = reference_params(cfg, mesh, None if base is None else (graphdef, base))
     ref_shardings = None if reference is None else jax.tree.map(lambda x: x.sharding, reference[1])
+    base_shardings = None if base is None else p_shardings
     settings = step_settings(cfg, None if reference is None else reference[0])
     schedule = learning_rate_schedule(cfg.optim, total_steps)
     return RunSetup(
@@ -306,7 +348,7 @@ def set_up_run(cfg: Config, workdir: Path, echo: Echo = print) -> RunSetup:
         eval_data=eval_data,
         total_steps=total_steps,
         epoch_ends=epoch_ends,
-        abstract_params=abstract_params,
+        abstract_params=trainable_abstract,
         tx=tx,
         state_shardings=s_shardings,
         reference=reference,
@@ -320,11 +362,12 @@ def set_up_run(cfg: Config, workdir: Path, echo: Echo = print) -> RunSetup:
             s_shardings,
             trainable=trainable,
             reference_shardings=ref_shardings,
+            base_shardings=base_shardings,
         ),
-        eval_step=jit_eval_step(graphdef, settings, mesh, p_shardings, ref_shardings),
-        initial_params=lambda: model_setup.initial_params(
-            cfg.model, mcfg, p_shardings, mesh, cfg.train.seed, DEFAULT_RULES
-        ),
+        eval_step=jit_eval_step(graphdef, settings, mesh, trainable_shardings, ref_shardings, base_shardings),
+        initial_params=initial_params,
+        base_params=base,
+        base_identity=base_identity,
     )
 
 

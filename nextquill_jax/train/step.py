@@ -35,6 +35,7 @@ from nextquill_jax.loss import (
     loss_from_hidden,
     streams_needed,
 )
+from nextquill_jax.models.lora import Adapters
 from nextquill_jax.parallel import DEFAULT_RULES, LogicalRules, logical_to_mesh_spec
 from nextquill_jax.train.state import TrainState
 
@@ -47,7 +48,9 @@ class StepSettings:
 
     `micro_batches` must divide the rows of every batch shard. `reference_graphdef`: the graph of a frozen
     reference model for `dce: fixed` when batches carry no `reference_dce` (its parameters are the step's
-    third argument).
+    third argument). `lora_scale`: None for full fine-tuning (the state's parameters are the model's); else
+    the state's parameters are LoRA adapters (`models.lora`) on the frozen base, the step's fourth argument,
+    with this alpha / rank and `lora_dropout` on their input.
     """
 
     loss: LossConfig
@@ -56,12 +59,29 @@ class StepSettings:
     token_chunk: int = 1024
     vocab_chunk: int = 8192
     reference_graphdef: Any = None
+    lora_scale: float | None = None
+    lora_dropout: float = 0.0
 
 
-def response_hidden(model: nnx.Module, batch: Batch, stream: str) -> jax.Array:
+def model_and_adapters(
+    graphdef: Any, params: dict, base: dict | None, settings: StepSettings, key: jax.Array | None = None
+) -> tuple[nnx.Module, Adapters | None]:
+    """The model a step runs and its adapters: `params` merged into `graphdef` (full fine-tuning), or the
+    frozen `base` with `params` as LoRA adapters (dropout keyed by `key`; None: no dropout)."""
+    if settings.lora_scale is None:
+        return nnx.merge(graphdef, params), None
+    return nnx.merge(graphdef, base), Adapters(params, settings.lora_scale, settings.lora_dropout, key)
+
+
+def response_hidden(
+    model: nnx.Module, batch: Batch, stream: str, adapters: Adapters | None = None
+) -> jax.Array:
     """Final hidden states at the response positions of one stream ("with" or "without"): [B, R, D]."""
     hidden = model.hidden_states(
-        batch[f"{stream}_ids"], batch[f"{stream}_positions"], batch[f"{stream}_segment_ids"]
+        batch[f"{stream}_ids"],
+        batch[f"{stream}_positions"],
+        batch[f"{stream}_segment_ids"],
+        adapters=adapters,
     )  # [B, T, D]
     index = batch[f"response_index_{stream}"]  # [B, R]
     return jnp.take_along_axis(hidden, index[..., None], axis=1)  # [B, R, D]
@@ -83,16 +103,23 @@ def reference_dce(graphdef: Any, params: dict, batch: Batch, settings: StepSetti
 
 
 def batch_loss(
-    params: dict, graphdef: Any, batch: Batch, settings: StepSettings, denominators: dict | None = None
+    params: dict,
+    graphdef: Any,
+    batch: Batch,
+    settings: StepSettings,
+    denominators: dict | None = None,
+    base: dict | None = None,
+    key: jax.Array | None = None,
 ) -> tuple[jax.Array, dict]:
-    """Loss and aux of `batch` [B, ...] under `params`. Fixed DCE comes from `batch["reference_dce"]`;
-    `denominators` are the global ones (None: this batch's own)."""
-    model = nnx.merge(graphdef, params)
+    """Loss and aux of `batch` [B, ...] under `params` (with the frozen `base` under LoRA; `key` for the
+    adapters' dropout). Fixed DCE comes from `batch["reference_dce"]`; `denominators` are the global ones
+    (None: this batch's own)."""
+    model, adapters = model_and_adapters(graphdef, params, base, settings, key)
     need_with, need_without = streams_needed(settings.loss)
     w, layout = model.lm_head_weight()
     return loss_from_hidden(
-        response_hidden(model, batch, "with") if need_with else None,
-        response_hidden(model, batch, "without") if need_without else None,
+        response_hidden(model, batch, "with", adapters) if need_with else None,
+        response_hidden(model, batch, "without", adapters) if need_without else None,
         w,
         batch["labels"],
         settings.loss,
@@ -156,7 +183,8 @@ def make_train_step(
     *,
     rules: LogicalRules = DEFAULT_RULES,
 ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
-    """`step(state, batch, reference_params=None) -> (state, metrics)`, pure, to be wrapped in `jax.jit`.
+    """`step(state, batch, reference_params=None, base_params=None) -> (state, metrics)`, pure, to be wrapped
+    in `jax.jit` (`base_params`: the frozen base under LoRA, see `StepSettings`).
 
     `trainable`: a bool pytree like the parameters (None: all); frozen ones are stop-gradient, so no weight
     gradient is computed for them. Metrics (float32 scalars): the combined loss aux (`losses` module: n_sum,
@@ -178,11 +206,12 @@ def make_train_step(
         dce = reference_dce(settings.reference_graphdef, reference_params, batch, settings)
         return {**batch, "reference_dce": dce}
 
-    def loss_fn(params, batch, denominators):
-        return batch_loss(freeze(params), graphdef, batch, settings, denominators)
+    def loss_fn(params, batch, denominators, base, key):
+        return batch_loss(freeze(params), graphdef, batch, settings, denominators, base, key)
 
-    def accumulated(params, batch, reference_params):
+    def accumulated(params, batch, reference_params, base, key):
         micro = split_micro_batches(batch, m, mesh, rules)
+        keys = None if key is None else jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(m))
         if settings.loss.dce == "fixed" and "reference_dce" not in micro:
             _, dce = jax.lax.scan(
                 lambda c, mb: (c, with_fixed_dce(mb, reference_params)["reference_dce"]), 0, micro
@@ -191,25 +220,33 @@ def make_train_step(
         denominators = label_denominators(micro, settings.loss)
         if denominators is None:  # they depend on the model: a forward-only pre-pass
             _, auxes = jax.lax.scan(
-                lambda c, mb: (c, loss_fn(jax.lax.stop_gradient(params), mb, None)[1]), 0, micro
+                lambda c, xs: (c, loss_fn(jax.lax.stop_gradient(params), xs[0], None, base, xs[1])[1]),
+                0,
+                (micro, keys),
             )
             combined = combine_stacked(auxes, m)
             denominators = {k: combined[k] for k in (*DENOMINATOR_KEYS, "n_sum") if k in combined}
 
-        def body(acc, mb):
-            (_, aux), g = jax.value_and_grad(loss_fn, has_aux=True)(params, mb, denominators)
+        def body(acc, xs):
+            mb, mb_key = xs
+            (_, aux), g = jax.value_and_grad(loss_fn, has_aux=True)(params, mb, denominators, base, mb_key)
             return jax.tree.map(lambda a, x: a + x.astype(a.dtype), acc, g), aux
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-        grads, auxes = jax.lax.scan(body, zeros, micro)
+        grads, auxes = jax.lax.scan(body, zeros, (micro, keys))
         return grads, combine_stacked(auxes, m)
 
-    def step(state: TrainState, batch: Batch, reference_params: dict | None = None):
+    def step(state: TrainState, batch: Batch, reference_params: dict | None = None, base_params=None):
+        key = None
+        if settings.lora_scale is not None and settings.lora_dropout > 0:
+            key = jax.random.fold_in(state.rng, state.step)
         if m == 1:
             batch = with_fixed_dce(batch, reference_params)
-            (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, None)
+            (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                state.params, batch, None, base_params, key
+            )
         else:
-            grads, aux = accumulated(state.params, batch, reference_params)
+            grads, aux = accumulated(state.params, batch, reference_params, base_params, key)
         loss = loss_from_aux(aux, settings.loss)
         grad_norm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -238,14 +275,16 @@ def make_train_step(
 
 
 def make_eval_step(graphdef: Any, settings: StepSettings) -> Callable[..., dict]:
-    """`eval_step(params, batch, reference_params=None) -> aux` (forward only); combine the auxes of all
-    batches with `combine_aux`, then `loss.metrics_from_aux`."""
+    """`eval_step(params, batch, reference_params=None, base_params=None) -> aux` (forward only, no dropout);
+    combine the auxes of all batches with `combine_aux`, then `loss.metrics_from_aux`."""
 
-    def eval_step(params: dict, batch: Batch, reference_params: dict | None = None) -> dict:
+    def eval_step(
+        params: dict, batch: Batch, reference_params: dict | None = None, base_params: dict | None = None
+    ) -> dict:
         if settings.loss.dce == "fixed" and "reference_dce" not in batch:
             dce = reference_dce(settings.reference_graphdef, reference_params, batch, settings)
             batch = {**batch, "reference_dce": dce}
-        return batch_loss(params, graphdef, batch, settings)[1]
+        return batch_loss(params, graphdef, batch, settings, base=base_params)[1]
 
     return eval_step
 

@@ -18,8 +18,8 @@ from jax.sharding import Mesh
 from nextquill_jax import parallel
 from nextquill_jax.config import CheckpointConfig, Config, load_config
 from nextquill_jax.config_schema import ConfigError
-from nextquill_jax.models import CausalLM
-from nextquill_jax.train import model_setup
+from nextquill_jax.models import CausalLM, lora
+from nextquill_jax.train import adapters, model_setup
 from nextquill_jax.train.checkpoint import Checkpointer
 
 CONFIG_FILE = "config.yaml"
@@ -65,13 +65,26 @@ def single_device_mesh() -> Mesh:
     return parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.local_devices()[:1])
 
 
-def restore_model(workdir: str | Path, step: int | None = None, mesh: Mesh | None = None) -> LoadedModel:
-    """The model of checkpoint `step` (default: the latest) of the run in `workdir`, with the config saved
-    with that checkpoint. Parameters are placed on `mesh` by the default rules (default: the config's mesh).
+@dataclasses.dataclass(frozen=True)
+class RestoredParams:
+    """A checkpoint's trained parameters (the model's, or the LoRA adapters under `model.lora`), placed on
+    `mesh`, with the config saved with it."""
+
+    params: dict
+    config: Config
+    mesh: Mesh
+    step: int
+    source: str
+
+
+def restore_params(workdir: str | Path, step: int | None = None, mesh: Mesh | None = None) -> RestoredParams:
+    """The trained parameters of checkpoint `step` (default: the latest) of the run in `workdir`, placed on
+    `mesh` by the default rules (default: the config's mesh).
 
     Raises:
         FileNotFoundError: no checkpoints directory, no complete checkpoint, or none at `step` (naming the
             steps there are).
+        ConfigError: a LoRA checkpoint whose base (`model.path`) is no longer the one it was trained on.
     """
     directory = Path(workdir).expanduser() / CHECKPOINT_DIR
     if not directory.is_dir():
@@ -83,13 +96,42 @@ def restore_model(workdir: str | Path, step: int | None = None, mesh: Mesh | Non
             raise FileNotFoundError(f"{directory} holds no complete checkpoint")
         cfg = load_config(None, base=ckpt.read_config(chosen))  # raises if `chosen` is not complete
         mesh = build_mesh(cfg) if mesh is None else mesh
-        mcfg = model_setup.model_config(cfg.model)
-        graphdef, abstract = model_setup.abstract_model(mcfg)
-        shardings = model_setup.param_shardings(mcfg, mesh)
+        source = f"{directory / str(chosen)}"
+        lora_cfg = cfg.model.lora
+        if lora_cfg is None:
+            mcfg = model_setup.model_config(cfg.model)
+            abstract = model_setup.abstract_model(mcfg)[1]
+            shardings = model_setup.param_shardings(mcfg, mesh)
+        else:
+            current = adapters.base_identity(cfg.model, cfg.train.seed)
+            adapters.check_same_base(ckpt.read_progress(chosen).get("base"), current, source)
+            mcfg = model_setup.model_config(adapters.base_section(cfg.model))
+            adapter_cfg = mcfg.replace(param_dtype=cfg.model.param_dtype)
+            abstract, shardings = adapters.adapter_layout(lora_cfg, adapter_cfg, mesh)
         placed = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
         )
         params = ckpt.restore_params(chosen, placed)
     finally:
         ckpt.close()
-    return LoadedModel(nnx.merge(graphdef, params), cfg, mesh, chosen, f"{directory / str(chosen)}")
+    return RestoredParams(params, cfg, mesh, chosen, source)
+
+
+def restore_model(workdir: str | Path, step: int | None = None, mesh: Mesh | None = None) -> LoadedModel:
+    """The model of checkpoint `step` (default: the latest) of the run in `workdir`, with the config saved
+    with that checkpoint; a LoRA run's adapters are merged into its base (W + (alpha / r)·A·B). Parameters
+    are placed on `mesh` by the default rules (default: the config's mesh).
+
+    Raises:
+        FileNotFoundError / ConfigError: as `restore_params`.
+    """
+    restored = restore_params(workdir, step, mesh)
+    cfg, params = restored.config, restored.params
+    if cfg.model.lora is None:
+        graphdef = model_setup.abstract_model(model_setup.model_config(cfg.model))[0]
+    else:
+        section = adapters.base_section(cfg.model)
+        graphdef, base = model_setup.load_params(section, restored.mesh, cfg.train.seed)
+        params = lora.merge(base, params, cfg.model.lora.scale)
+    model = nnx.merge(graphdef, params)
+    return LoadedModel(model, cfg, restored.mesh, restored.step, restored.source)
