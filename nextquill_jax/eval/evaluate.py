@@ -96,8 +96,11 @@ def choose_stream(cfg: Config, prompt: PromptChoice) -> str:
     return prompt
 
 
-def split_losses(loaded: LoadedModel, split: PreparedSplit, count: int) -> dict[str, Any]:
-    """The loss terms of the first `count` examples of `split` under the model (forward passes only).
+def split_losses(
+    loaded: LoadedModel, split: PreparedSplit, count: int, reference: tuple[Any, dict] | None = None
+) -> dict[str, Any]:
+    """The loss terms of the first `count` examples of `split` under the model (forward passes only);
+    `reference`: (graphdef, params) of the run's frozen reference model for `dce: fixed` (`reference_params`).
 
     Returns `{"tokens", "variant", "loss", "terms", "variants", "effects"}`: `loss` is the run's own loss
     (its `loss` section, as training's eval/loss); `terms` the mean CE with and without the history
@@ -119,7 +122,6 @@ def split_losses(loaded: LoadedModel, split: PreparedSplit, count: int) -> dict[
         dce=run_loss.dce,
     )
     batching = dataclasses.replace(cfg.data.batching, shuffle=False, num_epochs=1, drop_remainder=False)
-    reference = reference_params(cfg, mesh)
     graphdef, params = nnx.split(loaded.model)
     param_shardings = jax.tree.map(lambda x: x.sharding, params)
     ref_shardings = None if reference is None else jax.tree.map(lambda x: x.sharding, reference[1])
@@ -211,8 +213,9 @@ def evaluate(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     echo(f"evaluating {loaded.source} on {len(rows)} {split} examples ({stream}-history prompts)")
 
+    reference = reference_params(cfg, mesh)  # outside set_mesh: model set-up reads abstract shapes
     with jax.set_mesh(mesh):
-        losses = split_losses(loaded, tokens, len(rows))
+        losses = split_losses(loaded, tokens, len(rows), reference)
         echo(
             f"{split} loss {losses['loss']:.4f} ({losses['variant']}), {int(losses['tokens'])} target tokens"
         )

@@ -179,11 +179,12 @@ def delta(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def merge(params: Mapping[str, Any], weights: Mapping[str, Any], scale: float) -> dict:
-    """`params` with every adapted kernel replaced by W + scale·A·B (in W's dtype); others unchanged."""
+    """`params` with every adapted kernel replaced by W + scale·A·B (in W's dtype, dequantized if W was
+    quantized); others unchanged."""
     layers = {m: dict(v) if isinstance(v, Mapping) else v for m, v in params["layers"].items()}
     for module, kernels in weights["layers"].items():
         for name, pair in kernels.items():
-            w = params["layers"][module][name]
-            merged = w.astype(jnp.float32) + scale * delta(pair["a"], pair["b"])
+            w = params["layers"][module][name]  # an array, or a quantized kernel (`quantize`)
+            merged = w[...].astype(jnp.float32) + scale * delta(pair["a"], pair["b"])
             layers[module][name] = merged.astype(w.dtype)
     return {**params, "layers": layers}

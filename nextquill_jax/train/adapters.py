@@ -79,6 +79,26 @@ def base_section(model: ModelRunConfig) -> ModelRunConfig:
     )
 
 
+def frozen_base(params: dict, cfg: LoraConfig) -> dict:
+    """The base parameters as training holds them: projection kernels quantized for `base_dtype` int8 / nf4
+    (`models.quantize`), else unchanged."""
+    if cfg.base_dtype not in ("int8", "nf4"):
+        return params
+    from nextquill_jax.models.quantize import quantize_base
+
+    return jax.jit(lambda p: quantize_base(p, cfg.base_dtype))(params)
+
+
+def base_as_trained(params: dict, cfg: LoraConfig) -> dict:
+    """The base parameters as the adapters saw them, as plain arrays: dequantized after the same
+    quantization (so evaluation and export see the base that training saw)."""
+    if cfg.base_dtype not in ("int8", "nf4"):
+        return params
+    from nextquill_jax.models.quantize import dequantize
+
+    return jax.jit(dequantize)(frozen_base(params, cfg))
+
+
 def base_identity(model: ModelRunConfig, seed: int) -> dict[str, Any]:
     """{"source", "fingerprint"} of the frozen base: its path (or preset) and a digest of its content.
 

@@ -179,11 +179,10 @@ def reference_params(
     if cfg.loss.dce != "fixed" or source is None:
         return None
     if source == "base":  # Config checks that model.lora is set
-        return (
-            base
-            if base is not None
-            else model_setup.load_params(adapters.base_section(cfg.model), mesh, cfg.train.seed)
-        )
+        if base is not None:
+            return base
+        graphdef, params = model_setup.load_params(adapters.base_section(cfg.model), mesh, cfg.train.seed)
+        return graphdef, adapters.frozen_base(params, cfg.model.lora)
     if is_workdir(source):
         try:
             restored = restore_model(source, mesh=mesh)
@@ -328,7 +327,9 @@ def set_up_run(cfg: Config, workdir: Path, echo: Echo = print) -> RunSetup:
         initial_params = lambda: adapters.initial_adapters(
             lora, adapter_cfg, trainable_abstract, trainable_shardings, seed
         )
-        base = model_setup.initial_params(model_section, mcfg, p_shardings, mesh, seed, DEFAULT_RULES)
+        loaded = model_setup.initial_params(model_section, mcfg, p_shardings, mesh, seed, DEFAULT_RULES)
+        base = adapters.frozen_base(loaded, lora)
+        del loaded
         base_identity = adapters.base_identity(cfg.model, seed)
     try:
         tx = make_optimizer(cfg.optim, trainable_abstract, total_steps)
@@ -338,7 +339,7 @@ def set_up_run(cfg: Config, workdir: Path, echo: Echo = print) -> RunSetup:
     s_shardings = state_shardings(tx, trainable_abstract, trainable_shardings, mesh)
     reference = reference_params(cfg, mesh, None if base is None else (graphdef, base))
     ref_shardings = None if reference is None else jax.tree.map(lambda x: x.sharding, reference[1])
-    base_shardings = None if base is None else p_shardings
+    base_shardings = None if base is None else jax.tree.map(lambda x: x.sharding, base)
     settings = step_settings(cfg, None if reference is None else reference[0])
     schedule = learning_rate_schedule(cfg.optim, total_steps)
     return RunSetup(

@@ -132,6 +132,7 @@ def restore_model(workdir: str | Path, step: int | None = None, mesh: Mesh | Non
     else:
         section = adapters.base_section(cfg.model)
         graphdef, base = model_setup.load_params(section, restored.mesh, cfg.train.seed)
+        base = adapters.base_as_trained(base, cfg.model.lora)
         params = lora.merge(base, params, cfg.model.lora.scale)
     model = nnx.merge(graphdef, params)
     return LoadedModel(model, cfg, restored.mesh, restored.step, restored.source)
