@@ -5,6 +5,9 @@ limits; one compile per prompt-length bucket; sharded decoding equal to unsharde
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -24,7 +27,6 @@ from nextquill_jax.models.generate import (
 )
 from nextquill_jax.models.gguf import read_gguf
 from nextquill_jax.models.packaged import packaged_model_path
-from tests.multidevice import run_with_devices
 
 VOCAB = 300
 PAD = 0
@@ -344,7 +346,7 @@ def test_greedy_matches_transformers_smollm2(smollm):
 # Sharded decoding.
 
 
-def test_sharded_equals_unsharded(tiny, tiny_dir, tiny_case, tmp_path):
+def test_sharded_equals_unsharded(tiny, tiny_dir, tiny_case, tmp_path, programs):
     """8 CPU devices, mesh data=2 x fsdp=2 x tensor=2 (rows over data+fsdp, padded from 7 to 8; heads and
     vocabulary over tensor): greedy tokens equal transformers' (= unsharded, above) and sampled tokens equal
     the unsharded model's."""
@@ -352,22 +354,19 @@ def test_sharded_equals_unsharded(tiny, tiny_dir, tiny_case, tmp_path):
     _, ids, mask, eos, greedy = tiny_case
     sampled = GenerationConfig(max_new_tokens=16, do_sample=True, temperature=1.5, top_k=40, top_p=0.9)
     unsharded = generate_ids(model, ids, mask, sampled, eos_token_ids=[eos], pad_token_id=PAD)
-    np.savez(tmp_path / "case.npz", ids=ids, mask=mask, greedy=greedy, sampled=unsharded)
-    code = f"""
-        import numpy as np
-        from nextquill_jax.models.generate import GenerationConfig, generate_ids
-        from nextquill_jax.models import load_pretrained
-        from nextquill_jax.parallel import make_mesh
-
-        mesh = make_mesh({{"data": 2, "fsdp": 2, "tensor": 2}})
-        model = load_pretrained("{tiny_dir}", mesh=mesh)
-        assert len(model.layers.attn.q_proj[...].sharding.device_set) == 8
-        case = np.load("{tmp_path / "case.npz"}")
-        for cfg, name in ((GenerationConfig(max_new_tokens=16), "greedy"), ({sampled!r}, "sampled")):
-            ours = generate_ids(
-                model, case["ids"], case["mask"], cfg, eos_token_ids=[{eos}], pad_token_id={PAD}, mesh=mesh
-            )
-            np.testing.assert_array_equal(ours, case[name], err_msg=name)
-        print("OK")
-    """
-    assert run_with_devices(code, devices=8).strip().endswith("OK")
+    np.savez(tmp_path / "case.npz", ids=ids, mask=mask)
+    result = programs.run(
+        "models_generate_sharded.py",
+        tiny_dir,
+        tmp_path / "case.npz",
+        "--eos",
+        eos,
+        "--pad",
+        PAD,
+        "--sampled",
+        json.dumps(dataclasses.asdict(sampled)),
+        devices=8,
+    ).result
+    assert result["q_proj_devices"] == 8
+    for name, expected in (("greedy", greedy), ("sampled", unsharded)):
+        np.testing.assert_array_equal(np.asarray(result[name]), expected, err_msg=name)

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from jax.sharding import PartitionSpec as P
 from transformers import AutoModelForCausalLM, Qwen2Config
-
-from tests.multidevice import run_with_devices
 
 
 @pytest.fixture(scope="module")
@@ -34,108 +33,44 @@ def checkpoint_dir(tmp_path_factory):
     return path
 
 
-def test_load_pretrained_on_a_mesh(checkpoint_dir):
-    out = run_with_devices(
-        f"""
-        import jax, jax.numpy as jnp, numpy as np
-        from jax.sharding import PartitionSpec as P
-        from flax import nnx
-        from nextquill_jax.models import load_pretrained
-
-        auto = (jax.sharding.AxisType.Auto,) * 3
-        mesh = jax.make_mesh((1, 2, 4), ("data", "fsdp", "tensor"), axis_types=auto)
-        single = load_pretrained({str(checkpoint_dir)!r})
-        sharded = load_pretrained({str(checkpoint_dir)!r}, mesh=mesh)
-        params = {{path: v.get_value() for path, v in nnx.state(sharded, nnx.Param).flat_state()}}
-        expected = {{
-            ("embed",): (P("tensor", "fsdp"), (80, 32)),
-            ("lm_head",): (P("fsdp", "tensor"), (32, 80)),
-            ("layers", "attn", "q_proj"): (P(None, "fsdp", "tensor", None), (2, 32, 2, 8)),
-            ("layers", "attn", "k_proj"): (P(None, "fsdp", "tensor", None), (2, 32, 1, 8)),
-            ("layers", "attn", "o_proj"): (P(None, "tensor", None, "fsdp"), (2, 2, 8, 32)),
-            ("layers", "attn", "q_bias"): (P(None, "tensor", None), (2, 2, 8)),
-            ("layers", "mlp", "down"): (P(None, "tensor", "fsdp"), (2, 32, 32)),
-            ("layers", "input_norm", "scale"): (P(None, None), (2, 64)),
-        }}
-        for path, (spec, shard_shape) in expected.items():
-            arr = params[path]
-            assert arr.sharding.mesh.shape == mesh.shape, path
-            assert arr.sharding.spec == spec, (path, arr.sharding.spec)
-            assert {{s.data.shape for s in arr.addressable_shards}} == {{shard_shape}}, path
-        single_params = dict(nnx.state(single, nnx.Param).flat_state())
-        for path, arr in params.items():
-            assert np.array_equal(np.asarray(arr), np.asarray(single_params[path].get_value())), path
-
-        ids = np.random.default_rng(0).integers(0, 320, (4, 16)).astype(np.int32)
-        segments = np.ones((4, 16), np.int32); segments[1, :5] = 0
-        positions = np.maximum(np.cumsum(segments, axis=1) - 1, 0).astype(np.int32)
-        def run(model):
-            graphdef, state = nnx.split(model)
-            forward = jax.jit(lambda s, *a: nnx.merge(graphdef, s)(*a))
-            return np.asarray(forward(state, ids, positions, segments))
-        ref = run(single)
-        with jax.set_mesh(mesh):
-            got = run(sharded)
-        print("maxdiff", float(np.abs(got - ref).max()))
-        assert np.abs(got - ref).max() <= 1e-5
-        """
-    )
-    assert "maxdiff" in out
+# Per parameter: its sharding under the logical-axis rules and the shape of each device's shard.
+EXPECTED_SHARDS = {
+    ("embed",): (P("tensor", "fsdp"), (80, 32)),
+    ("lm_head",): (P("fsdp", "tensor"), (32, 80)),
+    ("layers", "attn", "q_proj"): (P(None, "fsdp", "tensor", None), (2, 32, 2, 8)),
+    ("layers", "attn", "k_proj"): (P(None, "fsdp", "tensor", None), (2, 32, 1, 8)),
+    ("layers", "attn", "o_proj"): (P(None, "tensor", None, "fsdp"), (2, 2, 8, 32)),
+    ("layers", "attn", "q_bias"): (P(None, "tensor", None), (2, 2, 8)),
+    ("layers", "mlp", "down"): (P(None, "tensor", "fsdp"), (2, 32, 32)),
+    ("layers", "input_norm", "scale"): (P(None, None), (2, 64)),
+}
+MESH_SHAPE = [["data", 1], ["fsdp", 2], ["tensor", 4]]
 
 
-def test_splash_attention_under_shard_map_matches_xla():
-    run_with_devices(
-        """
-        import functools, jax, jax.numpy as jnp, numpy as np
-        from nextquill_jax.models.attention import attention_mask, splash_attention, xla_attention
-
-        auto = (jax.sharding.AxisType.Auto,) * 3
-        mesh = jax.make_mesh((1, 2, 4), ("data", "fsdp", "tensor"), axis_types=auto)
-        rng = np.random.default_rng(0)
-        q = jnp.asarray(rng.standard_normal((2, 64, 8, 16)), jnp.float32)
-        k = jnp.asarray(rng.standard_normal((2, 64, 2, 16)), jnp.float32)  # 2 kv heads < 4 head shards
-        v = jnp.asarray(rng.standard_normal((2, 64, 2, 16)), jnp.float32)
-        seg = jnp.asarray(np.repeat([[1, 2], [1, 1]], 32, axis=1).astype(np.int32))
-        slots = jnp.arange(64)
-        ref = xla_attention(q, k, v, attention_mask(seg, seg, slots, slots))
-        with jax.set_mesh(mesh):
-            got = jax.jit(functools.partial(splash_attention, interpret=True))(q, k, v, seg)
-        assert float(jnp.abs(got - ref).max()) <= 1e-5, float(jnp.abs(got - ref).max())
-        """
-    )
+def test_load_pretrained_on_a_mesh(checkpoint_dir, programs):
+    result = programs.run("models_sharded.py", "load", checkpoint_dir, devices=8).result
+    params = result["params"]
+    for path, (spec, shard_shape) in EXPECTED_SHARDS.items():
+        arr = params["/".join(path)]
+        assert arr["mesh"] == MESH_SHAPE, path
+        assert arr["spec"] == str(spec), (path, arr["spec"])
+        assert arr["shard_shapes"] == [list(shard_shape)], path
+    for path, arr in params.items():
+        assert arr["equals_single"], path
+    assert result["maxdiff"] <= 1e-5, result["maxdiff"]
 
 
-def test_blockwise_attention_on_sharded_inputs_matches_dense():
-    run_with_devices(
-        """
-        import jax, jax.numpy as jnp, numpy as np
-        from jax.sharding import NamedSharding, PartitionSpec as P
-        from nextquill_jax.models.attention import attention_mask, xla_attention
-        from nextquill_jax.models.blockwise_attention import blockwise_attention
+def test_splash_attention_under_shard_map_matches_xla(programs):
+    maxdiff = programs.run("models_sharded.py", "splash", devices=8).result["maxdiff"]
+    assert maxdiff <= 1e-5, maxdiff
 
-        auto = (jax.sharding.AxisType.Auto,) * 3
-        mesh = jax.make_mesh((1, 2, 4), ("data", "fsdp", "tensor"), axis_types=auto)
-        rng = np.random.default_rng(0)
-        seg = jnp.asarray(np.repeat([[1, 2, 2, 0], [1, 1, 3, 3]], 24, axis=1).astype(np.int32))  # [2, 96]
-        real = (seg > 0)[:, :, None, None]
-        slots = jnp.arange(96)
-        for kv_heads in (4, 2):  # 2 kv heads < 4 head shards
-            q = jnp.asarray(rng.standard_normal((2, 96, 8, 16)), jnp.float32)
-            k = jnp.asarray(rng.standard_normal((2, 96, kv_heads, 16)), jnp.float32)
-            v = jnp.asarray(rng.standard_normal((2, 96, kv_heads, 16)), jnp.float32)
-            w = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
-            dense = lambda q, k, v: xla_attention(q, k, v, attention_mask(seg, seg, slots, slots))
-            blockwise = lambda q, k, v: blockwise_attention(q, k, v, seg, 32)
-            loss = lambda attend: lambda q, k, v: jnp.sum(jnp.where(real, attend(q, k, v), 0.0) * w)
-            ref_value, ref_grads = jax.value_and_grad(loss(dense), argnums=(0, 1, 2))(q, k, v)
-            heads = NamedSharding(mesh, P("fsdp", None, "tensor", None))
-            kv = heads if kv_heads == 4 else NamedSharding(mesh, P("fsdp", None, None, None))
-            args = [jax.device_put(a, s) for a, s in ((q, heads), (k, kv), (v, kv))]
-            with jax.set_mesh(mesh):
-                value, grads = jax.jit(jax.value_and_grad(loss(blockwise), argnums=(0, 1, 2)))(*args)
-            assert abs(float(value) - float(ref_value)) <= 1e-5 * abs(float(ref_value)), (value, ref_value)
-            for got, expected in zip(grads, ref_grads):
-                err = float(jnp.abs(got - expected).max() / jnp.abs(expected).max())
-                assert err <= 1e-5, (kv_heads, err)
-        """
-    )
+
+def test_blockwise_attention_on_sharded_inputs_matches_dense(programs):
+    result = programs.run("models_sharded.py", "blockwise", devices=8).result
+    assert sorted(result) == ["2", "4"]  # kv heads as many as query head shards, and fewer
+    for kv_heads, r in result.items():
+        value, ref_value = r["value"], r["ref_value"]
+        assert abs(value - ref_value) <= 1e-5 * abs(ref_value), (kv_heads, value, ref_value)
+        assert len(r["grad_errors"]) == 3
+        for err in r["grad_errors"]:
+            assert err <= 1e-5, (kv_heads, err)

@@ -11,27 +11,34 @@ Runs, shared by the tests (a persistent compilation cache lets later runs reuse 
 
 from __future__ import annotations
 
+import json
 import socket
+from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
-from tests.train_support import (
-    RUNNER,
-    finish,
-    losses,
-    read_state,
-    result_of,
-    start_python,
-    tiny_config,
-    write_config,
-    write_random_data,
-)
+from tests.train_support import tiny_config, write_config, write_random_data
 
 STEPS = 12
 MESH8 = {"data": 2, "fsdp": 2, "tensor": 2}
-CLI = "import sys; from nextquill_jax.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+def losses(workdir: Path) -> dict[int, float]:
+    """step -> training loss from <workdir>/metrics.jsonl."""
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def read_state(step_dir: Path) -> dict:
+    """The TrainState saved in a checkpoint step directory, as a nested dict of numpy arrays."""
+    import orbax.checkpoint as ocp
+
+    checkpointer = ocp.PyTreeCheckpointer()
+    tree = checkpointer.metadata(step_dir / "state").item_metadata.tree
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    return checkpointer.restore(step_dir / "state", args=ocp.args.PyTreeRestore(restore_args=restore_args))
 
 
 def _free_port() -> int:
@@ -41,7 +48,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, programs):
     root = tmp_path_factory.mktemp("train_runs")
     data = write_random_data(root / "data")
     cache = {
@@ -56,37 +63,44 @@ def runs(tmp_path_factory):
         cfg["train"]["max_steps"] = STEPS
         return str(write_config(cfg, root / f"{name}.yaml"))
 
-    def two_processes(cfg: str, port: int, **env: str):
+    def start(cfg: str, devices: int, *args: str, **env: str):
+        """programs/train_run.py on `cfg` with `args`, `devices` devices and the shared compilation cache."""
+        env = {**env, **cache}
+        return programs.start("train_run.py", cfg, *args, devices=devices, fast_compile=True, env=env)
+
+    def finish(proc, expect: int = 0):
+        return programs.finish(proc, timeout=300, expect=expect)
+
+    def two_processes(cfg: str, port: int, *args: str):
         return [
-            start_python(
-                RUNNER,
+            start(
+                cfg,
                 4,
-                (cfg,),
-                GLOO="1",
+                "--gloo",
+                *args,
                 NEXTQUILL_COORDINATOR=f"127.0.0.1:{port}",
                 NEXTQUILL_NUM_PROCESSES="2",
                 NEXTQUILL_PROCESS_ID=str(i),
-                **env,
-                **cache,
             )
             for i in range(2)
         ]
 
+    sigterm_at_5 = ("--fault", "sigterm", "--fault-step", "5")
     out = {"root": root}
-    a = start_python(CLI, 1, ("train", "--config", config("A", logging={"tensorboard": True})), **cache)
-    f = start_python(RUNNER, 8, (config("F", mesh=MESH8, train={"micro_batches": 2}),), **cache)
+    a = start(config("A", logging={"tensorboard": True}), 1, "--cli")
+    f = start(config("F", mesh=MESH8, train={"micro_batches": 2}), 8)
     out["A"], out["F"] = finish(a), finish(f)
 
-    b = start_python(RUNNER, 1, (config("B"),), FAULT="sigterm", FAULT_STEP="5", **cache)
-    d = start_python(RUNNER, 1, (config("D"),), FAULT="sigkill", FAULT_STEP="6", **cache)
-    n = start_python(RUNNER, 1, (config("N"),), FAULT="nan", FAULT_STEP="5", CLI="1", **cache)
+    b = start(config("B"), 1, *sigterm_at_5)
+    d = start(config("D"), 1, "--fault", "sigkill", "--fault-step", "6")
+    n = start(config("N"), 1, "--fault", "nan", "--fault-step", "5", "--cli")
     out["B"], out["D"], out["N"] = finish(b), finish(d, expect=-9), finish(n, expect=3)
     out["D_dir_after_kill"] = sorted(p.name for p in (root / "D" / "checkpoints").iterdir())
 
     g_cfg = config("G", rows_per_batch=4, mesh=MESH8, train={"micro_batches": 2})
-    c = start_python(RUNNER, 1, (str(root / "B.yaml"),), **cache)
-    e = start_python(RUNNER, 1, (str(root / "D.yaml"),), **cache)
-    g = two_processes(g_cfg, _free_port(), FAULT="sigterm", FAULT_STEP="5")
+    c = start(str(root / "B.yaml"), 1)
+    e = start(str(root / "D.yaml"), 1)
+    g = two_processes(g_cfg, _free_port(), *sigterm_at_5)
     out["C"], out["E"], out["G"] = finish(c), finish(e), [finish(p) for p in g]
     out["H"] = [finish(p) for p in two_processes(g_cfg, _free_port())]
     return out
@@ -105,7 +119,7 @@ def _assert_same_state(a: dict, b: dict, *, exact: bool, rtol: float = 0.0, atol
 
 def test_cli_run_loss_falls_and_fills_the_workdir(runs):
     work = runs["root"] / "A"
-    assert "finished at step 12" in runs["A"][0]
+    assert "finished at step 12" in runs["A"].stdout
     curve = losses(work)
     assert sorted(curve) == list(range(1, STEPS + 1))
     first, last = curve[1], np.mean([curve[s] for s in range(STEPS - 2, STEPS + 1)])
@@ -120,11 +134,11 @@ def test_cli_run_loss_falls_and_fills_the_workdir(runs):
 
 def test_sigterm_then_resume_reproduces_the_uninterrupted_run_bitwise(runs):
     root = runs["root"]
-    stopped = result_of(runs["B"][0])
+    stopped = runs["B"].result
     assert stopped["status"] == "preempted" and stopped["step"] == 6, stopped
-    assert f"checkpoint {root / 'B' / 'checkpoints' / '6'} is complete" in runs["B"][0] + runs["B"][1]
-    assert f"resuming from {root / 'B' / 'checkpoints' / '6'}" in runs["C"][0]
-    assert result_of(runs["C"][0])["step"] == STEPS
+    assert f"checkpoint {root / 'B' / 'checkpoints' / '6'} is complete" in runs["B"].stdout + runs["B"].stderr
+    assert f"resuming from {root / 'B' / 'checkpoints' / '6'}" in runs["C"].stdout
+    assert runs["C"].result["step"] == STEPS
     assert losses(root / "B") == losses(root / "A")  # every step, same batches, same numbers
     _assert_same_state(
         read_state(root / "A" / "checkpoints" / "12"),
@@ -138,7 +152,7 @@ def test_sigkill_during_async_save_resumes_from_last_complete_checkpoint(runs):
     left = runs["D_dir_after_kill"]
     assert "3" in left and "6" not in left, left
     assert any(name.startswith("6.orbax-checkpoint-tmp") for name in left), left  # killed mid-save
-    assert f"resuming from {root / 'D' / 'checkpoints' / '3'}" in runs["E"][0]
+    assert f"resuming from {root / 'D' / 'checkpoints' / '3'}" in runs["E"].stdout
     assert not [p for p in (root / "D" / "checkpoints").iterdir() if "tmp" in p.name]
     assert losses(root / "D") == losses(root / "A")
     _assert_same_state(
@@ -175,7 +189,7 @@ def test_eight_devices_match_one_device_and_shard_as_the_rules_say(runs):
     assert sorted(eight) == sorted(one)
     for step in one:
         assert abs(eight[step] - one[step]) <= 1e-5 * abs(one[step]), (step, one[step], eight[step])
-    result = result_of(runs["F"][0])
+    result = runs["F"].result
     for name, spec in result["params"].items():
         assert spec.replace(" ", "") == _expected_spec(name).replace(" ", ""), (name, spec)
     assert result["mu"] == result["params"]  # Adam moments sharded like their parameters (FSDP)
@@ -183,13 +197,13 @@ def test_eight_devices_match_one_device_and_shard_as_the_rules_say(runs):
 
 def test_two_processes_checkpoint_resume_and_match_one_process(runs):
     root = runs["root"]
-    stopped = [result_of(out) for out, _ in runs["G"]]
+    stopped = [run.result for run in runs["G"]]
     assert {r["process"] for r in stopped} == {0, 1}
     assert {r["status"] for r in stopped} == {"preempted"}
     assert len({r["step"] for r in stopped}) == 1 and 5 <= stopped[0]["step"] < STEPS, stopped
-    finished = [result_of(out) for out, _ in runs["H"]]
+    finished = [run.result for run in runs["H"]]
     assert {(r["status"], r["step"]) for r in finished} == {("finished", STEPS)}
-    assert "resuming from" in runs["H"][0][0] and "resuming from" in runs["H"][1][0]
+    assert "resuming from" in runs["H"][0].stdout and "resuming from" in runs["H"][1].stdout
     single, multi = losses(root / "F"), losses(root / "G")
     assert sorted(multi) == sorted(single)
     for step in single:
@@ -231,7 +245,7 @@ def test_export_loads_in_transformers_with_equal_logits(runs, tmp_path):
 
 def test_a_non_finite_loss_stops_the_run_naming_the_step_and_last_good_checkpoint(runs):
     root = runs["root"]
-    message = runs["N"][1]
+    message = runs["N"].stderr
     assert "not finite at step 5" in message, message
     assert f"Last good checkpoint: {root / 'N' / 'checkpoints' / '3'}" in message, message
     assert max(losses(root / "N")) == 4  # nothing logged from the bad step on

@@ -1,0 +1,140 @@
+"""Sharded model pieces on 8 simulated CPU devices, mesh (data=1, fsdp=2, tensor=4); prints one line
+`RESULT {json}`.
+
+    models_sharded.py load CHECKPOINT
+        The checkpoint loaded with and without the mesh: per parameter ("/"-joined path) its mesh's (axis,
+        size) pairs, sharding spec, set of shard shapes and whether it equals the unsharded parameter;
+        "maxdiff": the largest difference between the sharded and unsharded forward's logits on packed and
+        padded rows.
+    models_sharded.py splash
+        Splash attention (Pallas, interpret mode) under the mesh against the XLA attention: "maxdiff".
+    models_sharded.py blockwise
+        Blockwise attention on inputs sharded over fsdp (rows) and tensor (heads) against the unsharded dense
+        attention, with 4 and 2 kv heads: per kv head count the weighted sum's value and reference value, and
+        the relative error of the q, k, v gradients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from nextquill_jax.models import load_pretrained
+from nextquill_jax.models.attention import attention_mask, splash_attention, xla_attention
+from nextquill_jax.models.blockwise_attention import blockwise_attention
+
+
+def make_mesh():
+    auto = (jax.sharding.AxisType.Auto,) * 3
+    return jax.make_mesh((1, 2, 4), ("data", "fsdp", "tensor"), axis_types=auto)
+
+
+def load(checkpoint: str) -> dict:
+    mesh = make_mesh()
+    single = load_pretrained(checkpoint)
+    sharded = load_pretrained(checkpoint, mesh=mesh)
+    params = {path: v.get_value() for path, v in nnx.state(sharded, nnx.Param).flat_state()}
+    single_params = dict(nnx.state(single, nnx.Param).flat_state())
+    report = {
+        "/".join(path): {
+            "mesh": list(arr.sharding.mesh.shape.items()),
+            "spec": str(arr.sharding.spec),
+            "shard_shapes": sorted({s.data.shape for s in arr.addressable_shards}),
+            "equals_single": bool(
+                np.array_equal(np.asarray(arr), np.asarray(single_params[path].get_value()))
+            ),
+        }
+        for path, arr in params.items()
+    }
+
+    ids = np.random.default_rng(0).integers(0, 320, (4, 16)).astype(np.int32)
+    segments = np.ones((4, 16), np.int32)
+    segments[1, :5] = 0
+    positions = np.maximum(np.cumsum(segments, axis=1) - 1, 0).astype(np.int32)
+
+    def run(model):
+        graphdef, state = nnx.split(model)
+        forward = jax.jit(lambda s, *a: nnx.merge(graphdef, s)(*a))
+        return np.asarray(forward(state, ids, positions, segments))
+
+    ref = run(single)
+    with jax.set_mesh(mesh):
+        got = run(sharded)
+    return {"params": report, "maxdiff": float(np.abs(got - ref).max())}
+
+
+def splash() -> dict:
+    mesh = make_mesh()
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.standard_normal((2, 64, 8, 16)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((2, 64, 2, 16)), jnp.float32)  # 2 kv heads < 4 head shards
+    v = jnp.asarray(rng.standard_normal((2, 64, 2, 16)), jnp.float32)
+    seg = jnp.asarray(np.repeat([[1, 2], [1, 1]], 32, axis=1).astype(np.int32))
+    slots = jnp.arange(64)
+    ref = xla_attention(q, k, v, attention_mask(seg, seg, slots, slots))
+    with jax.set_mesh(mesh):
+        got = jax.jit(functools.partial(splash_attention, interpret=True))(q, k, v, seg)
+    return {"maxdiff": float(jnp.abs(got - ref).max())}
+
+
+def weighted_sum(attend, real, w):
+    """The attention output at real tokens, weighted by `w` and summed: a scalar with dense gradients."""
+    return lambda q, k, v: jnp.sum(jnp.where(real, attend(q, k, v), 0.0) * w)
+
+
+def blockwise() -> dict:
+    mesh = make_mesh()
+    rng = np.random.default_rng(0)
+    seg = jnp.asarray(np.repeat([[1, 2, 2, 0], [1, 1, 3, 3]], 24, axis=1).astype(np.int32))  # [2, 96]
+    real = (seg > 0)[:, :, None, None]
+    slots = jnp.arange(96)
+    dense = lambda q, k, v: xla_attention(q, k, v, attention_mask(seg, seg, slots, slots))
+    by_blocks = lambda q, k, v: blockwise_attention(q, k, v, seg, 32)
+    out = {}
+    for kv_heads in (4, 2):  # 2 kv heads < 4 head shards
+        q = jnp.asarray(rng.standard_normal((2, 96, 8, 16)), jnp.float32)
+        k = jnp.asarray(rng.standard_normal((2, 96, kv_heads, 16)), jnp.float32)
+        v = jnp.asarray(rng.standard_normal((2, 96, kv_heads, 16)), jnp.float32)
+        w = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+        ref_value, ref_grads = jax.value_and_grad(weighted_sum(dense, real, w), argnums=(0, 1, 2))(q, k, v)
+        heads = NamedSharding(mesh, P("fsdp", None, "tensor", None))
+        kv = heads if kv_heads == 4 else NamedSharding(mesh, P("fsdp", None, None, None))
+        args = [jax.device_put(a, s) for a, s in ((q, heads), (k, kv), (v, kv))]
+        with jax.set_mesh(mesh):
+            loss = weighted_sum(by_blocks, real, w)
+            value, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(*args)
+        out[str(kv_heads)] = {
+            "value": float(value),
+            "ref_value": float(ref_value),
+            "grad_errors": [
+                float(jnp.abs(got - expected).max() / jnp.abs(expected).max())
+                for got, expected in zip(grads, ref_grads, strict=True)
+            ],
+        }
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("load").add_argument("checkpoint")
+    commands.add_parser("splash")
+    commands.add_parser("blockwise")
+    args = parser.parse_args()
+    if args.command == "load":
+        result = load(args.checkpoint)
+    else:
+        result = {"splash": splash, "blockwise": blockwise}[args.command]()
+    print("RESULT " + json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

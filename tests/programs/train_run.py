@@ -1,0 +1,114 @@
+"""A training process for the tests: trains with the config CONFIG, optionally with a fault injected, and
+prints one line `RESULT {json}` with the outcome and the final parameters' (and Adam moments') sharding specs.
+
+    train_run.py CONFIG [--fault {sigterm,sigkill,nan} --fault-step N] [--gloo] [--cli]
+
+--fault sigterm: a real SIGTERM to this process right after the metrics row of step N is written;
+--fault sigkill: SIGKILL right after the asynchronous save of step N has started;
+--fault nan: the parameters turn NaN as step N starts.
+--gloo: gloo CPU collectives, for runs of several processes (the environment's NEXTQUILL_COORDINATOR,
+NEXTQUILL_NUM_PROCESSES and NEXTQUILL_PROCESS_ID say which).
+--cli: run `nextquill-jax train --config CONFIG` instead and exit with its status (faults still apply).
+
+The result: {"status", "step", "process", "params": {path: spec}, "mu": {path: spec}}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("config")
+    parser.add_argument("--fault", choices=["sigterm", "sigkill", "nan"])
+    parser.add_argument("--fault-step", type=int, default=0)
+    parser.add_argument("--gloo", action="store_true")
+    parser.add_argument("--cli", action="store_true")
+    return parser.parse_args()
+
+
+def inject(fault: str | None, at: int) -> None:
+    """Patch the training code so that `fault` happens at step `at`."""
+    from nextquill_jax.train import setup
+    from nextquill_jax.train.checkpoint import Checkpointer
+    from nextquill_jax.train.metrics_log import MetricsLog
+
+    if fault == "sigterm":
+        write = MetricsLog.write
+
+        def write_then_sigterm(self, step, metrics):
+            write(self, step, metrics)
+            if step == at and "loss" in metrics:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        MetricsLog.write = write_then_sigterm
+    if fault == "sigkill":
+        save = Checkpointer.save
+
+        def save_then_sigkill(self, step, *args, **kwargs):
+            started = save(self, step, *args, **kwargs)
+            if step == at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return started
+
+        Checkpointer.save = save_then_sigkill
+    if fault == "nan":
+        make = setup.make_train_step
+
+        def make_poisoned(*args, **kwargs):
+            step = make(*args, **kwargs)
+
+            def poisoned(state, batch, *rest):  # rest: the reference and base parameters, if any
+                nan_params = jax.tree.map(lambda p: jnp.where(state.step == at - 1, jnp.nan, p), state.params)
+                return step(state.replace(params=nan_params), batch, *rest)
+
+            return poisoned
+
+        setup.make_train_step = make_poisoned
+
+
+def specs(tree) -> dict[str, str]:
+    return {
+        jax.tree_util.keystr(path): str(x.sharding.spec)
+        for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
+
+
+def main() -> int:
+    args = parse_args()
+    if args.gloo:  # before anything of the package is imported
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    inject(args.fault, args.fault_step)
+    if args.cli:
+        from nextquill_jax.cli import main as cli
+
+        return cli(["train", "--config", args.config])
+
+    from nextquill_jax.config import load_config
+    from nextquill_jax.train import loop, setup
+
+    cfg = load_config(args.config)
+    result = loop.train(cfg, setup.resolve_workdir(cfg, None))
+    mu = optax.tree_utils.tree_get(result.state.opt_state, "mu")
+    outcome = {
+        "status": result.status,
+        "step": result.step,
+        "process": jax.process_index(),
+        "params": specs(result.state.params),
+        "mu": specs(mu),
+    }
+    print("RESULT " + json.dumps(outcome))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
