@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nextquill_jax.config import OptimConfig
+from nextquill_jax.config import LoraConfig, OptimConfig
 from nextquill_jax.data.assemble import RowShape, assemble_batch
 from nextquill_jax.data.config import DataConfig
 from nextquill_jax.data.packing import first_fit_rows
@@ -51,6 +51,8 @@ class TrainingHarness:
         loss: the loss configuration; micro_batches: gradient-accumulation micro-batches per step.
         optim: the optimizer settings (defaults: the public code's AdamW and clipping).
         model: an existing `CausalLM` to train instead of a random one (e.g. loaded weights).
+        lora: train LoRA adapters on the frozen (random or given) model instead of the model itself, as
+            `model.lora` does (its `base_dtype` quantizes the base; `init_from` is not read here).
     """
 
     def __init__(
@@ -63,11 +65,13 @@ class TrainingHarness:
         optim: OptimConfig | None = None,
         seed: int = 0,
         model=None,
+        lora: LoraConfig | None = None,
     ):
         import jax
         from flax import nnx
 
         from nextquill_jax.parallel import batch_sharding
+        from nextquill_jax.train import adapters
         from nextquill_jax.train.model_setup import abstract_model, param_shardings, random_params
         from nextquill_jax.train.optimizer import learning_rate_schedule, make_optimizer
         from nextquill_jax.train.setup import init_state, jit_train_step, state_shardings
@@ -81,15 +85,29 @@ class TrainingHarness:
             params = random_params(model_cfg, p_shardings, seed)
         else:
             params = jax.device_put(nnx.to_pure_dict(nnx.state(model, nnx.Param)), p_shardings)
+        self.base = None
+        trainable, shardings = abstract_params, p_shardings
+        if lora is not None:
+            self.base = adapters.frozen_base(params, lora)
+            trainable, shardings = adapters.adapter_layout(lora, model_cfg, mesh)
+            params = adapters.initial_adapters(lora, model_cfg, trainable, shardings, seed)
         total_steps = 1000  # the schedule's length; it changes the learning rate, not the cost of a step
-        tx = make_optimizer(optim, abstract_params, total_steps)
-        s_shardings = state_shardings(tx, abstract_params, p_shardings, mesh)
+        tx = make_optimizer(optim, trainable, total_steps)
+        s_shardings = state_shardings(tx, trainable, shardings, mesh)
         self.state = init_state(params, tx, seed, s_shardings)
-        settings = StepSettings(loss=loss or LossConfig(), micro_batches=micro_batches)
+        settings = StepSettings(
+            loss=loss or LossConfig(),
+            micro_batches=micro_batches,
+            lora_scale=None if lora is None else lora.scale,
+            lora_dropout=0.0 if lora is None else lora.dropout,
+        )
         self.graphdef, self.tx, self.settings = graphdef, tx, settings
         self._batch_sharding = batch_sharding(mesh)
         schedule = learning_rate_schedule(optim, total_steps)
-        self._step = jit_train_step(graphdef, tx, schedule, settings, mesh, s_shardings)
+        base_shardings = None if self.base is None else jax.tree.map(lambda x: x.sharding, self.base)
+        self._step = jit_train_step(
+            graphdef, tx, schedule, settings, mesh, s_shardings, base_shardings=base_shardings
+        )
 
     def place(self, batch: dict[str, np.ndarray]) -> dict:
         """The batch as global arrays, rows split over the mesh's batch axes."""
@@ -108,19 +126,19 @@ class TrainingHarness:
         placed = self.place(batch)
         with jax.set_mesh(self.mesh):
             start = time.perf_counter()
-            compiled = self._step.lower(self.state, placed, None).compile()
+            compiled = self._step.lower(self.state, placed, None, self.base).compile()
             compile_s = time.perf_counter() - start
             memory = compiled.memory_analysis()
             first_loss = float("nan")
             for i in range(max(warmup, 1)):
-                self.state, metrics = compiled(self.state, placed, None)
+                self.state, metrics = compiled(self.state, placed, None, self.base)
                 if i == 0:
                     first_loss = float(metrics["loss"])
             jax.block_until_ready(self.state)
             times = []
             for _ in range(steps):
                 start = time.perf_counter()
-                self.state, metrics = compiled(self.state, placed, None)
+                self.state, metrics = compiled(self.state, placed, None, self.base)
                 jax.block_until_ready((self.state, metrics))
                 times.append(time.perf_counter() - start)
         stats = jax.local_devices()[0].memory_stats()
@@ -164,7 +182,12 @@ def step_breakdown(
     - "loss": `loss_from_hidden` value and gradient (wrt both hidden streams and the head) alone;
     - "optimizer": clipping + AdamW update of all parameters;
     - "step": the whole compiled train step.
+
+    Raises:
+        ValueError: a LoRA harness (its parts are not these).
     """
+    if harness.base is not None:
+        raise ValueError("step_breakdown times full fine-tuning harnesses (this one trains LoRA adapters)")
     import jax
     import jax.numpy as jnp
     from flax import nnx

@@ -15,10 +15,11 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 # Projection kernels that can take an adapter, and how many of their axes (after `layers`) are inputs.
 INPUT_AXES: dict[tuple[str, str], int] = {
@@ -34,23 +35,25 @@ INPUT_AXES: dict[tuple[str, str], int] = {
 _TARGET_INDEX = {name: i for i, name in enumerate(INPUT_AXES)}
 
 
-class Adapters(NamedTuple):
+@struct.dataclass
+class Adapters:
     """The adapters of a model call. `weights`: {"layers": {"attn": {"q_proj": {"a": A, "b": B}}, ...}};
     `scale` = alpha / rank; `dropout` the rate on the adapter's input; `key` its PRNG key (None: no dropout,
-    as in evaluation)."""
+    as in evaluation). A pytree whose scale and dropout are static."""
 
     weights: dict
-    scale: float
-    dropout: float = 0.0
+    scale: float = struct.field(pytree_node=False)
+    dropout: float = struct.field(pytree_node=False, default=0.0)
     key: jax.Array | None = None
 
 
-class LayerAdapters(NamedTuple):
+@struct.dataclass
+class LayerAdapters:
     """One layer's slice of `Adapters` (leading `layers` axis removed), as the scan body sees it."""
 
     weights: dict
-    scale: float
-    dropout: float
+    scale: float = struct.field(pytree_node=False)
+    dropout: float = struct.field(pytree_node=False)
     key: jax.Array | None
 
     def apply(self, module: str, name: str, x: jax.Array) -> jax.Array | None:

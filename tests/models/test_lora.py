@@ -1,0 +1,129 @@
+"""LoRA adapters (models/lora.py): the adapter term against a float64 NumPy statement, the adapted forward
+against the merged kernels, PEFT's initialisation, target selection errors, logical axes and dropout."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from nextquill_jax.models import CausalLM, ModelConfig, lora
+
+TINY = dict(
+    family="qwen2", vocab_size=80, hidden_size=32, intermediate_size=48, num_layers=3, num_heads=4,
+    num_kv_heads=2, head_dim=8, qkv_bias=True,
+)  # fmt: skip
+ALL = ["attn/(q|k|v|o)_proj", "mlp/(gate|up|down)"]
+IDS = np.random.default_rng(0).integers(0, 80, (2, 9)).astype(np.int32)
+
+
+def model_and_params(**overrides):
+    model = CausalLM(ModelConfig(**{**TINY, **overrides}), rngs=nnx.Rngs(0))
+    return model, nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def hidden(model, adapters=None):
+    """The model's hidden states on IDS, compiled (eager op-by-op runs are slow)."""
+    graphdef, state = nnx.split(model)
+    run = jax.jit(lambda s, a: nnx.merge(graphdef, s).hidden_states(jnp.asarray(IDS), adapters=a))
+    return np.asarray(run(state, adapters))
+
+
+def random_adapters(params, targets, rank=4, seed=1):
+    """Adapters with B != 0 (fresh ones have B = 0 and change nothing)."""
+    shapes = lora.adapter_shapes(params, lora.target_paths(params, targets), rank, jnp.float32)
+    leaves, tree = jax.tree.flatten(shapes)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    return jax.tree.unflatten(
+        tree, [0.1 * jax.random.normal(k, s.shape) for k, s in zip(keys, leaves, strict=True)]
+    )
+
+
+@pytest.mark.parametrize(
+    ("module", "name", "x_shape"), [("attn", "q_proj", (2, 5, 32)), ("attn", "o_proj", (2, 5, 4, 8))]
+)
+def test_adapter_term_equals_a_float64_statement(module, name, x_shape):
+    rng = np.random.default_rng(3)
+    n_in = lora.INPUT_AXES[(module, name)]
+    ins, outs = x_shape[2:], (4, 8) if name == "q_proj" else (32,)
+    a, b = rng.normal(size=(*ins, 6)), rng.normal(size=(6, *outs))
+    x = rng.normal(size=x_shape)
+    layer = lora.LayerAdapters(
+        {module: {name: {"a": jnp.asarray(a, jnp.float32), "b": jnp.asarray(b, jnp.float32)}}}, 2.5, 0.0, None
+    )
+    got = np.asarray(layer.apply(module, name, jnp.asarray(x, jnp.float32)))
+    want = 2.5 * np.tensordot(np.tensordot(x, a, axes=n_in), b, axes=1)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    assert layer.apply(module, "k_proj", jnp.asarray(x, jnp.float32)) is None
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_adapted_forward_equals_the_merged_kernels(remat):
+    model, params = model_and_params(remat_policy=remat)
+    weights = random_adapters(params, ALL)
+    adapted = hidden(model, lora.Adapters(weights, 4.0))
+    graphdef = nnx.split(model)[0]
+    merged = hidden(nnx.merge(graphdef, lora.merge(params, weights, 4.0)))
+    plain = hidden(model)
+    scale = np.abs(plain).max()
+    assert np.abs(adapted - plain).max() > 1e-2 * scale  # the adapters do something
+    np.testing.assert_allclose(adapted, merged, atol=2e-5 * scale)
+
+
+def test_fresh_adapters_leave_the_model_unchanged_and_follow_peft_init():
+    model, params = model_and_params()
+    shapes = lora.adapter_shapes(params, lora.target_paths(params, ALL), 4, jnp.float32)
+    weights = lora.init_adapters(jax.random.PRNGKey(0), shapes)
+    for module, kernels in weights["layers"].items():
+        for name, pair in kernels.items():
+            bound = 1 / math.sqrt(math.prod(pair["a"].shape[1:-1]))
+            assert float(jnp.abs(pair["a"]).max()) <= bound and float(jnp.abs(pair["a"]).max()) > bound / 2
+            assert not np.any(np.asarray(pair["b"])), (module, name)
+    np.testing.assert_array_equal(hidden(model, lora.Adapters(weights, 2.0)), hidden(model))
+
+
+def test_targets_select_projection_kernels_and_bad_ones_are_errors():
+    _, params = model_and_params()
+    assert lora.target_paths(params, ["attn/(q|v)_proj"]) == [
+        ("layers", "attn", "q_proj"),
+        ("layers", "attn", "v_proj"),
+    ]
+    with pytest.raises(ValueError, match=r"matches no parameter.*layers/attn/q_proj"):
+        lora.target_paths(params, ["attention/q"])
+    with pytest.raises(ValueError, match=r"take no adapter.*layers/mlp/down"):
+        lora.target_paths(params, ["norm"])
+    with pytest.raises(ValueError, match="take no adapter"):
+        lora.target_paths(params, ["q_bias"])
+
+
+def test_adapters_carry_their_kernels_axes():
+    model, params = model_and_params()
+    logical = nnx.to_pure_dict(nnx.get_partition_spec(nnx.state(model, nnx.Param)))
+    axes = lora.adapter_logical_axes(logical, lora.target_paths(params, ["attn/(q|o)_proj"]))
+    q, o = axes["layers"]["attn"]["q_proj"], axes["layers"]["attn"]["o_proj"]
+    assert tuple(q["a"]) == ("layers", "embed", None) and tuple(q["b"]) == (
+        "layers",
+        None,
+        "heads",
+        "head_dim",
+    )
+    assert tuple(o["a"]) == ("layers", "heads", "head_dim", None) and tuple(o["b"]) == (
+        "layers",
+        None,
+        "embed",
+    )
+
+
+def test_dropout_is_keyed_and_off_without_a_key():
+    model, params = model_and_params()
+    weights = random_adapters(params, ["attn/q_proj"])
+    run = lambda key: hidden(model, lora.Adapters(weights, 2.0, dropout=0.5, key=key))
+    no_dropout = hidden(model, lora.Adapters(weights, 2.0))
+    np.testing.assert_array_equal(run(None), no_dropout)
+    np.testing.assert_array_equal(run(jax.random.PRNGKey(1)), run(jax.random.PRNGKey(1)))
+    assert not np.allclose(run(jax.random.PRNGKey(1)), no_dropout)
+    assert not np.allclose(run(jax.random.PRNGKey(1)), run(jax.random.PRNGKey(2)))

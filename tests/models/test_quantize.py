@@ -1,0 +1,64 @@
+"""Quantized frozen base weights (models/quantize.py) against float64 NumPy statements of int8 absmax and
+NF4 blockwise quantization; their layer slices; a model run on a quantized parameter dict."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from nextquill_jax.models import CausalLM, ModelConfig, quantize
+
+W = np.random.default_rng(0).normal(scale=0.02, size=(3, 32, 4, 8)).astype(np.float32)  # [L, D, H, Hd]
+
+
+def test_int8_is_per_output_channel_absmax():
+    q = quantize.quantize_int8(jnp.asarray(W), n_in=1)
+    absmax = np.abs(W.astype(np.float64)).max(axis=1, keepdims=True)  # over the input axis D
+    codes = np.clip(np.round(W / (absmax / 127)), -127, 127)
+    np.testing.assert_array_equal(np.asarray(q.q), codes.astype(np.int8))
+    np.testing.assert_allclose(np.asarray(q[...]), codes * absmax / 127, rtol=1e-6, atol=1e-9)
+    assert np.abs(np.asarray(q[...]) - W).max() <= (absmax / 127 / 2).max() * 1.0001
+
+
+def test_nf4_is_the_nearest_level_per_block_of_64():
+    q = quantize.quantize_nf4(jnp.asarray(W))
+    blocks = W.astype(np.float64).reshape(3, -1, quantize.NF4_BLOCK)
+    absmax = np.abs(blocks).max(axis=-1, keepdims=True)
+    codes = np.abs((blocks / absmax)[..., None] - quantize.NF4_LEVELS).argmin(axis=-1)
+    want = (quantize.NF4_LEVELS[codes] * absmax).reshape(W.shape)
+    np.testing.assert_allclose(np.asarray(q[...]), want, rtol=1e-6, atol=1e-9)
+    assert q.packed.dtype == jnp.uint8 and q.packed.shape == (3, W[0].size // 64, 32)
+
+
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
+def test_a_layer_slice_dequantizes_to_that_layer(kind):
+    q = quantize.quantize_int8(jnp.asarray(W), 1) if kind == "int8" else quantize.quantize_nf4(jnp.asarray(W))
+    whole = np.asarray(q[...])
+    for layer in range(3):
+        np.testing.assert_array_equal(np.asarray(jax.tree.map(lambda x, i=layer: x[i], q)[...]), whole[layer])
+
+
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
+def test_a_model_runs_on_quantized_kernels_as_on_their_dequantized_values(kind):
+    cfg = ModelConfig(
+        family="llama", vocab_size=80, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+        num_kv_heads=2, head_dim=16,
+    )  # fmt: skip
+    model = CausalLM(cfg, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model, nnx.Param)
+    params = nnx.to_pure_dict(state)
+    quantized = quantize.quantize_base(params, kind)
+    assert quantized["embed"] is params["embed"]  # only the decoder's projection kernels
+    assert isinstance(quantized["layers"]["mlp"]["down"], quantize.Int8Weight | quantize.NF4Weight)
+    ids = jnp.asarray(np.random.default_rng(1).integers(0, 80, (2, 7)))
+    run = jax.jit(lambda p: nnx.merge(graphdef, p).hidden_states(ids))
+    np.testing.assert_allclose(
+        np.asarray(run(quantized)), np.asarray(run(quantize.dequantize(quantized))), rtol=1e-5, atol=1e-5
+    )
+    kernels = lambda p: quantize.stored_bytes([p["layers"]["attn"], p["layers"]["mlp"]])  # no biases here
+    ratio = kernels(quantized) / kernels(params)
+    # int8: 1 byte + a float32 scale per output channel; nf4: half a byte + a float32 absmax per 64 values.
+    assert (0.25 < ratio < 0.27) if kind == "int8" else (0.5 / 4 < ratio < 0.5625 / 4 * 1.01)
