@@ -1,20 +1,29 @@
 """Test-suite settings (CPU only, quiet logs) and the fixtures that tests in several folders share:
 
+- `tiny_tokenizer`, `save_tiny_tokenizer`: a tiny fast tokenizer trained on the fixture text;
+- `small_dpl`: DPL thresholds small enough for the tiny Amazon fixtures;
+- `write_random_data`, `tiny_config`, `write_config`: tiny prepared data and a tiny training config;
 - `programs`: runs the programs under tests/programs in a fresh Python with N simulated CPU devices (the
   device count is fixed when JAX starts, so multi-device and multi-process runs are subprocesses instead of
   setting XLA_FLAGS for the whole suite).
+
+Constants that `@pytest.mark.parametrize` or module-level tables need are in tests/shared.py.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 from typing import NamedTuple
 
 import pytest
+
+from tests.shared import FIXTURES
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -24,6 +33,170 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 PROGRAMS = Path(__file__).resolve().parent / "programs"
+
+# ------------------------------------------------------------------------------------------------------------
+# The tiny tokenizer.
+
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@functools.cache
+def _tiny_tokenizer(vocab_size: int = 700):
+    """A PreTrainedTokenizerFast trained on every text file under tests/fixtures (cached per vocab size).
+
+    Byte-level BPE (any text round-trips) with the ChatML special tokens, `<|endoftext|>` as EOS and a ChatML
+    chat template, so the data code runs exactly as with Qwen's tokenizer but in milliseconds."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = [p.read_bytes().decode("utf-8", errors="replace") for p in sorted(FIXTURES.rglob("*.json*"))]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    backend.train_from_iterator(texts, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>")
+    tok.chat_template = CHATML
+    return tok
+
+
+def _save_tiny_tokenizer(out_dir: Path, vocab_size: int = 700) -> Path:
+    """Save `tiny_tokenizer(vocab_size)` as a Hugging Face directory and return it."""
+    _tiny_tokenizer(vocab_size).save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """`tiny_tokenizer(vocab_size=700)`: the tiny tokenizer (one object per vocabulary size)."""
+    return _tiny_tokenizer
+
+
+@pytest.fixture(scope="session")
+def save_tiny_tokenizer():
+    """`save_tiny_tokenizer(out_dir, vocab_size=700)`: the tiny tokenizer saved to `out_dir`; returns it."""
+    return _save_tiny_tokenizer
+
+
+@pytest.fixture(scope="session")
+def small_dpl():
+    """DPL thresholds small enough for the tiny Amazon fixtures (text and description lengths stay public)."""
+    return types.MappingProxyType(
+        dict(
+            dpl_min_item_users=2,
+            dpl_min_user_reviews=5,
+            dpl_num_targets=3,
+            dpl_min_profile_item_users=2,
+            dpl_min_profile_reviews=2,
+        )
+    )
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Tiny training data and config: hidden 32, 2 layers, vocab 128, rows of 64 tokens.
+
+VOCAB = 128
+
+
+def _write_random_data(out_dir: Path, *, train: int = 48, val: int = 8, seed: int = 0) -> Path:
+    """Random token examples (ids 1..VOCAB-1) whose targets repeat a per-example pattern, so loss can fall."""
+    import numpy as np
+
+    from nextquill_jax.data.prepared_split import TokenizedExample, write_split
+
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", train), ("val", val)):
+        if count == 0:
+            continue
+        examples = []
+        for _ in range(count):
+            target = np.tile(rng.integers(1, 16, 3), 4)[: rng.integers(6, 12)]
+            examples.append(
+                TokenizedExample(
+                    prompt_with=rng.integers(1, VOCAB, rng.integers(8, 20)).astype(np.int32),
+                    prompt_without=rng.integers(1, VOCAB, rng.integers(3, 8)).astype(np.int32),
+                    target=target.astype(np.int32),
+                )
+            )
+        write_split(out_dir, split, examples)
+    return out_dir
+
+
+def _tiny_config(data_dir: Path, workdir: Path, **sections) -> dict:
+    """A config dict for a tiny random qwen2-family model on `data_dir`; `sections` update sections."""
+    cfg = {
+        "model": {
+            "preset": "qwen2.5-0.5b",
+            "overrides": {
+                "vocab_size": VOCAB,
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_layers": 2,
+                "num_heads": 4,
+                "num_kv_heads": 2,
+                "head_dim": 8,
+            },
+            "compute_dtype": "float32",
+        },
+        "data": {
+            "batching": {
+                "mode": "pack",
+                "seq_len_with": 64,
+                "seq_len_without": 32,
+                "response_slots": 32,
+                "length_multiple": 8,
+                "rows_per_batch": 8,
+                "num_epochs": 2,
+                "read_threads": 0,
+                "prefetch_batches": 0,
+            }
+        },
+        "loss": {"variant": "nextquill", "token_chunk": 64, "vocab_chunk": 64},
+        "optim": {"learning_rate": 3e-3, "warmup_steps": 1},
+        "train": {"workdir": str(workdir), "data_dir": str(data_dir), "seed": 0},
+        "mesh": {"data": 1, "fsdp": -1, "tensor": 1},
+        "checkpoint": {"every_steps": 3, "keep": 2, "async_save": True},
+        "eval": {"every_steps": 0},
+        "logging": {"every_steps": 1, "progress_bar": False, "tensorboard": False},
+    }
+    for name, values in sections.items():
+        cfg.setdefault(name, {}).update(values)
+    return cfg
+
+
+def _write_config(cfg: dict, path: Path) -> Path:
+    """Write a config dict as YAML to `path`; returns `path`."""
+    import yaml
+
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="session")
+def write_random_data():
+    """`write_random_data(out_dir, *, train=48, val=8, seed=0)`: random prepared splits of the tiny vocabulary
+    (ids 1..127) whose targets repeat a per-example pattern, so loss can fall; returns `out_dir`."""
+    return _write_random_data
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """`tiny_config(data_dir, workdir, **sections)`: a config dict for a tiny random qwen2-family model
+    (hidden 32, 2 layers, vocab 128, rows of 64 tokens) on `data_dir`; `sections` update sections."""
+    return _tiny_config
+
+
+@pytest.fixture(scope="session")
+def write_config():
+    """`write_config(cfg, path)`: the config dict as YAML at `path`; returns `path`."""
+    return _write_config
+
 
 # ------------------------------------------------------------------------------------------------------------
 # Programs in subprocesses.

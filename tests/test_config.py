@@ -15,13 +15,12 @@ from nextquill_jax.config_schema import ConfigError
 from nextquill_jax.parallel import MESH_AXES, resolve_mesh_shape
 from nextquill_jax.train import model_setup
 from nextquill_jax.train.loop import train
-from tests.train_support import tiny_config, write_config, write_random_data
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def cfg_file(tmp_path):
+def cfg_file(tmp_path, write_config, tiny_config):
     return write_config(tiny_config(tmp_path / "data", tmp_path / "work"), tmp_path / "cfg.yaml")
 
 
@@ -57,7 +56,7 @@ def test_overrides_are_converted_by_the_schema(cfg_file):
     assert cfg.model.model_config().num_layers == 3 and cfg.mesh.fsdp == 1
 
 
-def test_yaml_exponent_float_and_int_for_float(tmp_path):
+def test_yaml_exponent_float_and_int_for_float(tmp_path, tiny_config, write_config):
     raw = tiny_config(tmp_path, tmp_path)
     raw["optim"] = {"learning_rate": "5e-6", "weight_decay": 0}
     cfg = load_config(write_config(raw, tmp_path / "c.yaml"))
@@ -99,7 +98,7 @@ def test_wrong_types_and_invalid_values_name_the_key(cfg_file, override, named, 
     assert f"`{named}" in message and expected in message and "Fix" in message, message
 
 
-def test_model_needs_exactly_one_source(tmp_path):
+def test_model_needs_exactly_one_source(tmp_path, tiny_config, write_config):
     raw = tiny_config(tmp_path, tmp_path)
     raw["model"]["path"] = "some/dir"
     with pytest.raises(ConfigError, match=r"exactly one of model\.path"):
@@ -163,7 +162,9 @@ def compilations():
         (["loss.variant=dce", "loss.dce=fixed"], r"loss.dce is 'fixed' but .* Fix: set loss.reference_model"),
     ],
 )
-def test_bad_setups_fail_with_one_paragraph_before_compiling(tmp_path, compilations, overrides, message):
+def test_bad_setups_fail_with_one_paragraph_before_compiling(
+    tmp_path, compilations, overrides, message, write_random_data, write_config, tiny_config
+):
     data = write_random_data(tmp_path / "data", train=16, val=0)
     path = write_config(tiny_config(data, tmp_path / "work"), tmp_path / "cfg.yaml")
     cfg = load_config(path, overrides)

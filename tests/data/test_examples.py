@@ -10,7 +10,7 @@ from nextquill_jax.data.examples import FittingStats, build_examples
 from nextquill_jax.data.sources.read import read_records
 from nextquill_jax.data.sources.records import HistoryEntry, IssueLog, Record
 from nextquill_jax.data.templates import load_template
-from tests.data_helpers import FIXTURES, tiny_tokenizer
+from tests.shared import FIXTURES
 
 WORDS = ["the", "story", "river", "pages", "quiet", "engine", "harbor", "lantern", "winter", "orchard"]
 
@@ -63,7 +63,7 @@ def _trial(seed: int) -> tuple[DataConfig, list[Record]]:
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3, 4, 5])
-def test_history_fitting_drops_oldest_first_and_never_exceeds_the_limit(seed):
+def test_history_fitting_drops_oldest_first_and_never_exceeds_the_limit(seed, tiny_tokenizer):
     tok = tiny_tokenizer()
     n_tokens = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])
     cfg, records = _trial(seed)
@@ -101,7 +101,7 @@ def test_history_fitting_drops_oldest_first_and_never_exceeds_the_limit(seed):
     assert len(examples) == len(records) - expected_dropped_examples
 
 
-def test_some_fitting_actually_happens_in_the_property_test():
+def test_some_fitting_actually_happens_in_the_property_test(tiny_tokenizer):
     # Guards the property test against limits that never bind: across its seeds, entries are dropped for
     # length, some examples keep every entry, and some are dropped whole.
     dropped_entries = kept_all = dropped_examples = 0
@@ -115,7 +115,7 @@ def test_some_fitting_actually_happens_in_the_property_test():
     assert dropped_entries > 20 and kept_all > 20 and dropped_examples > 0
 
 
-def test_target_cut_then_eos_and_tokens_match_the_text():
+def test_target_cut_then_eos_and_tokens_match_the_text(tiny_tokenizer):
     tok = tiny_tokenizer()
     cfg = DataConfig(
         format="amazon2023",
@@ -159,7 +159,7 @@ def test_target_cut_then_eos_and_tokens_match_the_text():
         )
 
 
-def test_tokenizer_without_eos_or_chat_template_is_refused():
+def test_tokenizer_without_eos_or_chat_template_is_refused(tiny_tokenizer):
     tok = tiny_tokenizer()
     records = _random_records(np.random.default_rng(0), 2)
     with pytest.raises(ValueError, match="has no chat template"):

@@ -13,31 +13,9 @@ from nextquill_jax.cli import main
 from nextquill_jax.data.config import DataConfig
 from nextquill_jax.data.prepare import prepare
 from nextquill_jax.data.prepared_split import PreparedSplit
-from tests.data_helpers import FIXTURES, SMALL, save_tiny_tokenizer, tiny_tokenizer
+from tests.shared import FIXTURES
 
 F = FIXTURES
-FORMATS = {
-    "amazon2023": dict(
-        format="amazon2023",
-        sources=[f"{F}/amazon2023/Books.jsonl"],
-        meta=[f"{F}/amazon2023/meta_Books.jsonl"],
-        **SMALL,
-    ),
-    "dpl": dict(format="dpl", sources=[f"{F}/dpl/Books/*.jsonl"], meta=[f"{F}/dpl/meta/Books.jsonl"]),
-    "lamp_topic_writing": dict(
-        format="lamp",
-        template="lamp_topic_writing",
-        sources=[f"{F}/lamp/topic_writing/dev_questions.json"],
-        meta=[f"{F}/lamp/topic_writing/dev_outputs.json"],
-    ),
-    "lamp_abstract": dict(
-        format="lamp",
-        template="lamp_abstract",
-        sources=[f"{F}/lamp/abstract/train_questions.jsonl"],
-        meta=[f"{F}/lamp/abstract/train_outputs.json"],
-    ),
-    "generic": dict(format="generic", template="plain", sources=[f"{F}/generic/records.jsonl"]),
-}
 EXPECTED_EXAMPLES = {
     "amazon2023": {"train": 4, "val": 4, "test": 4},
     "dpl": {"train": 4, "val": 4, "test": 4},
@@ -48,7 +26,36 @@ EXPECTED_EXAMPLES = {
 
 
 @pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
+def formats(small_dpl):
+    """Per format: the data section that prepares its fixture (the keys of EXPECTED_EXAMPLES)."""
+    formats = {
+        "amazon2023": dict(
+            format="amazon2023",
+            sources=[f"{F}/amazon2023/Books.jsonl"],
+            meta=[f"{F}/amazon2023/meta_Books.jsonl"],
+            **small_dpl,
+        ),
+        "dpl": dict(format="dpl", sources=[f"{F}/dpl/Books/*.jsonl"], meta=[f"{F}/dpl/meta/Books.jsonl"]),
+        "lamp_topic_writing": dict(
+            format="lamp",
+            template="lamp_topic_writing",
+            sources=[f"{F}/lamp/topic_writing/dev_questions.json"],
+            meta=[f"{F}/lamp/topic_writing/dev_outputs.json"],
+        ),
+        "lamp_abstract": dict(
+            format="lamp",
+            template="lamp_abstract",
+            sources=[f"{F}/lamp/abstract/train_questions.jsonl"],
+            meta=[f"{F}/lamp/abstract/train_outputs.json"],
+        ),
+        "generic": dict(format="generic", template="plain", sources=[f"{F}/generic/records.jsonl"]),
+    }
+    assert list(formats) == list(EXPECTED_EXAMPLES)
+    return formats
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory, save_tiny_tokenizer):
     return save_tiny_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
@@ -57,9 +64,9 @@ def _config_file(path, tok_dir, **data):
     return path
 
 
-@pytest.mark.parametrize("name", list(FORMATS))
-def test_every_format_goes_through_data_prepare(tmp_path, tok_dir, name, capsys):
-    config = _config_file(tmp_path / "config.yaml", tok_dir, **FORMATS[name])
+@pytest.mark.parametrize("name", list(EXPECTED_EXAMPLES))
+def test_every_format_goes_through_data_prepare(tmp_path, tok_dir, name, capsys, formats, tiny_tokenizer):
+    config = _config_file(tmp_path / "config.yaml", tok_dir, **formats[name])
     out = tmp_path / "prepared"
     assert main(["data", "prepare", "--config", str(config), "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
@@ -103,12 +110,12 @@ def test_every_format_goes_through_data_prepare(tmp_path, tok_dir, name, capsys)
         assert summary["dropped"] == {"duplicate": 1, "empty_history": 1}
 
 
-def test_bad_input_fail_stops_and_skip_counts_each_reason(tmp_path, tok_dir, capsys):
+def test_bad_input_fail_stops_and_skip_counts_each_reason(tmp_path, tok_dir, capsys, small_dpl):
     bad = dict(
         format="amazon2023",
         sources=[f"{F}/amazon2023_bad/Books.jsonl"],
         meta=[f"{F}/amazon2023_bad/meta_Books.jsonl"],
-        **SMALL,
+        **small_dpl,
     )
     out = tmp_path / "prepared"
     config = _config_file(tmp_path / "fail.yaml", tok_dir, **bad)
@@ -139,16 +146,16 @@ def test_bad_input_fail_stops_and_skip_counts_each_reason(tmp_path, tok_dir, cap
     assert summary["dropped"]["review_duplicate_item"] == 1 and sum(summary["dropped"].values()) == 17
 
 
-def test_config_errors_name_the_key(tmp_path, tok_dir, capsys):
-    config = _config_file(tmp_path / "c.yaml", tok_dir, max_histroy=3, **FORMATS["generic"])
+def test_config_errors_name_the_key(tmp_path, tok_dir, capsys, formats):
+    config = _config_file(tmp_path / "c.yaml", tok_dir, max_histroy=3, **formats["generic"])
     assert main(["data", "prepare", "--config", str(config), "--out", str(tmp_path / "o")]) == 1
     assert "unknown key `data.max_histroy`. Did you mean `data.max_history`?" in capsys.readouterr().err
-    config = _config_file(tmp_path / "c.yaml", tok_dir, on_error="ignore", **FORMATS["generic"])
+    config = _config_file(tmp_path / "c.yaml", tok_dir, on_error="ignore", **formats["generic"])
     assert main(["data", "prepare", "--config", str(config), "--out", str(tmp_path / "o")]) == 1
     assert "on_error" in capsys.readouterr().err
 
 
-def test_fingerprint_reuses_and_redoes(tmp_path, tok_dir):
+def test_fingerprint_reuses_and_redoes(tmp_path, tok_dir, tiny_tokenizer):
     source = tmp_path / "records.jsonl"
     source.write_bytes((F / "generic" / "records.jsonl").read_bytes())
     out = tmp_path / "prepared"
@@ -191,8 +198,8 @@ def test_fingerprint_reuses_and_redoes(tmp_path, tok_dir):
     assert not prepare(DataConfig(**base, max_history=1), out, tokenizer=other_tok, echo=quiet)["reused"]
 
 
-def test_data_show_prints_one_example(tmp_path, tok_dir, capsys):
-    config = _config_file(tmp_path / "config.yaml", tok_dir, **FORMATS["amazon2023"])
+def test_data_show_prints_one_example(tmp_path, tok_dir, capsys, formats):
+    config = _config_file(tmp_path / "config.yaml", tok_dir, **formats["amazon2023"])
     out = tmp_path / "prepared"
     assert main(["data", "prepare", "--config", str(config), "--out", str(out)]) == 0
     capsys.readouterr()
@@ -216,7 +223,7 @@ def test_data_show_prints_one_example(tmp_path, tok_dir, capsys):
 
 
 @pytest.mark.parametrize("template", ["plain", "review"])
-def test_data_synth_then_prepare(tmp_path, tok_dir, template, capsys):
+def test_data_synth_then_prepare(tmp_path, tok_dir, template, capsys, tiny_tokenizer):
     synth = tmp_path / "synth"
     args = ["--users", "4", "--seed", "3", "--reviews-per-user", "6", "--targets-per-user", "3"]
     assert main(["data", "synth", "--out", str(synth), *args]) == 0

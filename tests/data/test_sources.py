@@ -16,7 +16,7 @@ from nextquill_jax.data.sources.read import read_records, split_from_name
 from nextquill_jax.data.sources.records import DataError, IssueLog
 from nextquill_jax.data.templates import load_template
 from tests.data.dpl_reference import reference_dpl
-from tests.data_helpers import FIXTURES, SMALL
+from tests.shared import FIXTURES
 
 AMAZON = FIXTURES / "amazon2023"
 REFERENCE_T = dict(
@@ -39,12 +39,12 @@ def _read(cfg: DataConfig, template: str | None = None):
     return records, log
 
 
-def _amazon_cfg(**kw) -> DataConfig:
+def _amazon_cfg(thresholds, **kw) -> DataConfig:
     return DataConfig(
         format="amazon2023",
         sources=[str(AMAZON / "Books.jsonl")],
         meta=[str(AMAZON / "meta_Books.jsonl")],
-        **{**SMALL, **kw},
+        **{**thresholds, **kw},
     )
 
 
@@ -96,8 +96,8 @@ def _key(d):
     return (d["split"], d["user_id"], d["data"]["text"])
 
 
-def test_amazon2023_matches_the_reference_protocol():
-    records, _ = _read(_amazon_cfg())
+def test_amazon2023_matches_the_reference_protocol(small_dpl):
+    records, _ = _read(_amazon_cfg(small_dpl))
     out, items = reference_dpl(_rows(AMAZON / "Books.jsonl"), _rows(AMAZON / "meta_Books.jsonl"), REFERENCE_T)
     ours = sorted((_as_dpl(r) for r in records), key=_key)
     ref = sorted(_reference_as_dpl(out, items), key=_key)
@@ -115,8 +115,8 @@ def test_amazon2023_matches_the_reference_protocol():
         assert user_records[1].history[-1].fields["text"] == user_records[0].target
 
 
-def test_amazon2023_hand_checked_details():
-    records, _ = _read(_amazon_cfg())
+def test_amazon2023_hand_checked_details(small_dpl):
+    records, _ = _read(_amazon_cfg(small_dpl))
     u1_test = next(r for r in records if r.user_id == "U1" and r.split == "test")
     # U1 reviewed "A Map of Bells" twice; the newer review ("Second look") is kept, the older one is gone.
     assert u1_test.context["title"] == "Second look" and u1_test.context["rating"] == 2.0
@@ -135,8 +135,8 @@ def test_amazon2023_hand_checked_details():
     assert not any(e.fields["title"] == "Same words again" for r in records for e in r.history)
 
 
-def test_amazon2023_counts_every_dropped_review_and_item():
-    records, log = _read(_amazon_cfg())
+def test_amazon2023_counts_every_dropped_review_and_item(small_dpl):
+    records, log = _read(_amazon_cfg(small_dpl))
     assert dict(log.dropped) == {
         # items (meta rows): 14 read, 9 kept
         "item_description_length": 2,  # a 14-character blurb; a description that is only the marker entry
@@ -161,22 +161,25 @@ def test_amazon2023_counts_every_dropped_review_and_item():
     assert log.read[str(AMAZON / "Books.jsonl")] == 40 == dropped_reviews + kept_reviews
 
 
-def test_amazon2023_runs_the_protocol_per_category(tmp_path):
+def test_amazon2023_runs_the_protocol_per_category(tmp_path, small_dpl):
     for category in ("Books", "Movies_and_TV"):
         shutil.copy(AMAZON / "Books.jsonl", tmp_path / f"{category}.jsonl")
         shutil.copy(AMAZON / "meta_Books.jsonl", tmp_path / f"meta_{category}.jsonl")
     cfg = DataConfig(
-        format="amazon2023", sources=[str(tmp_path / "[BM]*.jsonl")], meta=[str(tmp_path / "meta_*")], **SMALL
+        format="amazon2023",
+        sources=[str(tmp_path / "[BM]*.jsonl")],
+        meta=[str(tmp_path / "meta_*")],
+        **small_dpl,
     )
     records, log = _read(cfg)
-    books, _ = _read(_amazon_cfg())
+    books, _ = _read(_amazon_cfg(small_dpl))
     assert [r.category for r in records] == ["Books"] * 12 + ["Movies_and_TV"] * 12
     assert [r.id for r in records[12:]] == [r.id.replace("Books", "Movies_and_TV") for r in books]
     assert log.dropped["review_duplicate_item"] == 2 and sum(log.read.values()) == 2 * (40 + 14)
 
 
-def test_dpl_rows_give_the_same_records_as_the_raw_amazon_files(tmp_path):
-    amazon, _ = _read(_amazon_cfg())
+def test_dpl_rows_give_the_same_records_as_the_raw_amazon_files(tmp_path, small_dpl):
+    amazon, _ = _read(_amazon_cfg(small_dpl))
     dpl_dir = FIXTURES / "dpl"
     cfg = DataConfig(
         format="dpl", sources=[str(dpl_dir / "Books" / "*.jsonl")], meta=[str(dpl_dir / "meta" / "*.jsonl")]
@@ -269,19 +272,19 @@ BAD_AMAZON = FIXTURES / "amazon2023_bad"
 BAD_GENERIC = FIXTURES / "generic_bad" / "records.jsonl"
 
 
-def _bad_amazon_cfg(on_error):
+def _bad_amazon_cfg(thresholds, on_error):
     return DataConfig(
         format="amazon2023",
         sources=[str(BAD_AMAZON / "Books.jsonl")],
         meta=[str(BAD_AMAZON / "meta_Books.jsonl")],
         on_error=on_error,
-        **SMALL,
+        **thresholds,
     )
 
 
-def test_bad_input_fails_listing_every_file_line_and_field():
+def test_bad_input_fails_listing_every_file_line_and_field(small_dpl):
     with pytest.raises(DataError) as e:
-        _read(_bad_amazon_cfg("fail"))
+        _read(_bad_amazon_cfg(small_dpl, "fail"))
     msg = str(e.value)
     f = BAD_AMAZON / "Books.jsonl"
     assert f"{f}:5: not valid JSON" in msg
@@ -299,10 +302,10 @@ def test_bad_input_fails_listing_every_file_line_and_field():
     assert f"{BAD_GENERIC}:7:history: `history` must be a list, got str" in msg
 
 
-def test_bad_input_skipped_and_counted_exactly():
-    records, log = _read(_bad_amazon_cfg("skip"))
+def test_bad_input_skipped_and_counted_exactly(small_dpl):
+    records, log = _read(_bad_amazon_cfg(small_dpl, "skip"))
     assert dict(log.errors) == {"malformed_json": 1, "missing_field": 1, "invalid_utf8": 1, "unknown_item": 1}
-    good, good_log = _read(_amazon_cfg())
+    good, good_log = _read(_amazon_cfg(small_dpl))
     assert log.dropped == good_log.dropped and len(records) == len(good)
     _, log = _read(
         DataConfig(format="generic", template="plain", sources=[str(BAD_GENERIC)], on_error="skip")
@@ -319,7 +322,7 @@ def test_fail_mode_lists_the_first_errors_and_counts_the_rest(tmp_path):
     assert msg.count(": required field") == 5 and "... and 25 more" in msg and f"{path}:30" not in msg
 
 
-def test_configuration_errors_name_the_setting(tmp_path):
+def test_configuration_errors_name_the_setting(tmp_path, small_dpl):
     with pytest.raises(ValueError, match=r"data.sources: no file matches"):
         _read(DataConfig(format="generic", template="plain", sources=[str(tmp_path / "nothing*.jsonl")]))
     lonely = tmp_path / "Movies.jsonl"
@@ -327,7 +330,7 @@ def test_configuration_errors_name_the_setting(tmp_path):
     with pytest.raises(ValueError, match=r"no metadata file for reviews .*meta_Movies"):
         _read(DataConfig(format="amazon2023", sources=[str(lonely)], meta=[str(AMAZON / "meta_Books.jsonl")]))
     with pytest.raises(ValueError, match=r"'lamp_topic_writing' needs context fields \['input'\]"):
-        _read(_amazon_cfg(template="lamp_topic_writing"))
+        _read(_amazon_cfg(small_dpl, template="lamp_topic_writing"))
     assert split_from_name(FIXTURES / "lamp" / "topic_writing" / "dev_questions.json") == "val"
     with pytest.raises(ValueError, match="cannot tell its split"):
         split_from_name(tmp_path / "rows.jsonl")

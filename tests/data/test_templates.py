@@ -10,7 +10,7 @@ from nextquill_jax.data.examples import FittingStats, build_examples
 from nextquill_jax.data.sources.read import read_records
 from nextquill_jax.data.sources.records import IssueLog
 from nextquill_jax.data.templates import builtin_templates, load_template, render_messages, render_prompt
-from tests.data_helpers import FIXTURES, SMALL, tiny_tokenizer
+from tests.shared import FIXTURES
 
 AMAZON = FIXTURES / "amazon2023"
 
@@ -72,22 +72,24 @@ EXPECTED_WITH = (
 )
 
 
-def _examples(cfg: DataConfig):
+def _examples(cfg: DataConfig, tokenizer):
     log = IssueLog()
     template = load_template(cfg.template)
     records = read_records(cfg, template, log)
-    return list(build_examples(records, template, tiny_tokenizer(), cfg, log, FittingStats()))
+    return list(build_examples(records, template, tokenizer, cfg, log, FittingStats()))
 
 
-def test_review_prompt_equals_the_public_layout_character_for_character():
+def test_review_prompt_equals_the_public_layout_character_for_character(tiny_tokenizer, small_dpl):
     cfg = DataConfig(
         format="amazon2023",
         sources=[str(AMAZON / "Books.jsonl")],
         meta=[str(AMAZON / "meta_Books.jsonl")],
         max_history=2,
-        **SMALL,
+        **small_dpl,
     )
-    example = next(e for e in _examples(cfg) if e.record.user_id == "U1" and e.record.split == "test")
+    example = next(
+        e for e in _examples(cfg, tiny_tokenizer()) if e.record.user_id == "U1" and e.record.split == "test"
+    )
     assert example.prompt_with_history == EXPECTED_WITH
     assert example.history_used == 2 and len(example.record.history) == 6
     # Without history: the same prompt except the history block, which becomes the None placeholder.
@@ -103,11 +105,11 @@ def test_review_prompt_equals_the_public_layout_character_for_character():
         meta=[str(FIXTURES / "dpl" / "meta" / "Books.jsonl")],
         max_history=2,
     )
-    same = next(e for e in _examples(dpl) if e.record.user_id == "U1")
+    same = next(e for e in _examples(dpl, tiny_tokenizer()) if e.record.user_id == "U1")
     assert same.prompt_with_history == EXPECTED_WITH and same.prompt_without_history == expected_without
 
 
-def test_lamp_topic_writing_prompt():
+def test_lamp_topic_writing_prompt(tiny_tokenizer):
     tw = FIXTURES / "lamp" / "topic_writing"
     cfg = DataConfig(
         format="lamp",
@@ -116,7 +118,7 @@ def test_lamp_topic_writing_prompt():
         meta=[str(tw / "dev_outputs.json")],
         max_history=2,
     )
-    example = next(e for e in _examples(cfg) if e.record.id == "tw-102")
+    example = next(e for e in _examples(cfg, tiny_tokenizer()) if e.record.id == "tw-102")
     frame = "<|im_start|>system\n{}<|im_end|><|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
     system = (
         "Given the user's past Reddit posts and the summary of a new post, write the content of the new post "
@@ -136,10 +138,12 @@ def test_lamp_topic_writing_prompt():
     assert example.prompt_without_history == frame.format(system, "[User's Past Posts]:\nNone\n" + request)
 
 
-def test_plain_template_and_tokenizer_chat_template_mode():
+def test_plain_template_and_tokenizer_chat_template_mode(tiny_tokenizer):
     path = FIXTURES / "generic" / "records.jsonl"
     cfg = DataConfig(format="generic", template="plain", sources=[str(path)])
-    example = next(e for e in _examples(cfg) if e.record.user_id == "bob" and e.record.split == "test")
+    example = next(
+        e for e in _examples(cfg, tiny_tokenizer()) if e.record.user_id == "bob" and e.record.split == "test"
+    )
     assert example.prompt_with_history == (
         "Write the user's next text.\n"
         "[context]: Describe your evening.\n"
@@ -156,7 +160,8 @@ def test_plain_template_and_tokenizer_chat_template_mode():
     chat = next(
         e
         for e in _examples(
-            DataConfig(format="generic", template="plain", sources=[str(path)], chat_template=True)
+            DataConfig(format="generic", template="plain", sources=[str(path)], chat_template=True),
+            tiny_tokenizer(),
         )
         if e.record.user_id == "bob" and e.record.split == "test"
     )

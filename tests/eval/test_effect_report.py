@@ -27,7 +27,6 @@ from nextquill_jax.eval.effect_scoring import auroc, score_roles, target_offsets
 from nextquill_jax.loss import LossConfig
 from nextquill_jax.loss.effects import dce_from_logits, token_logprobs
 from nextquill_jax.models import CausalLM, save_pretrained
-from tests.data_helpers import save_tiny_tokenizer, tiny_tokenizer
 
 SPLIT = "val"
 THRESHOLD = 0.0  # a random model's effects are small; this flags about half of the tokens
@@ -130,7 +129,7 @@ def test_precision_recall_per_role_hand_counts():
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
+def data(tmp_path_factory, save_tiny_tokenizer, tiny_tokenizer):
     root = tmp_path_factory.mktemp("effects")
     generate_synthetic(
         root / "synth", users=3, seed=1, reviews_per_user=5, targets_per_user=3, signature_words=2
@@ -166,7 +165,7 @@ def model(data):
 
 
 @pytest.fixture(scope="module")
-def report(data, model, tmp_path_factory):
+def report(data, model, tmp_path_factory, tiny_tokenizer):
     indices = [0, 1, 2]
     # 3 examples in rows of 4 per forward pass: one padding row.
     results = compute_example_effects(model, tiny_tokenizer(), data / "prep", SPLIT, indices, LOSS)
@@ -209,7 +208,7 @@ def test_report_dce_equals_dce_from_full_logits(data, model, report):
         assert len(r.pieces) == len(target) and len(r.roles) == len(target) and r.roles[-1] == "eos"
 
 
-def test_token_roles_of_prepared_targets_agree_with_the_spans(report):
+def test_token_roles_of_prepared_targets_agree_with_the_spans(report, tiny_tokenizer):
     results, _, _ = report
     for r in results:
         text, spans = r.row["target"], r.row["meta"]["target_spans"]

@@ -19,8 +19,6 @@ from nextquill_jax.models import load_pretrained
 from nextquill_jax.models.generate import GenerationConfig, generate
 from nextquill_jax.train import loop, setup
 from nextquill_jax.train.export import export
-from tests.data_helpers import save_tiny_tokenizer
-from tests.train_support import tiny_config, write_config
 
 GEN = GenerationConfig(max_new_tokens=6)
 WORDS = ["tea", "coffee", "rain", "books", "walk", "chess", "bread", "coast", "train", "quiet", "music"]
@@ -47,7 +45,7 @@ def write_records(path, seed=0):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, save_tiny_tokenizer, tiny_config, write_config):
     """A workdir after 2 training steps, and the model of its last checkpoint loaded from an export."""
     root = tmp_path_factory.mktemp("eval_run")
     tok = save_tiny_tokenizer(root / "tok")

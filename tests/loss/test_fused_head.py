@@ -15,7 +15,7 @@ import pytest
 
 from nextquill_jax.loss import LossConfig, combine_aux, loss_from_aux, loss_from_hidden, loss_from_logits
 from nextquill_jax.loss.fused_head import head_token_stats
-from tests.loss_configs import CONFIG_IDS, CONFIGS, IGNORE
+from tests.shared import IGNORE, LOSS_CONFIG_IDS, LOSS_CONFIGS
 
 # The test programs are tiny: LLVM optimisation would only add compile time.
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
@@ -98,7 +98,7 @@ def cfg_of(variant, wa, det, **kw):
     return LossConfig(variant=variant, weight_alignment=wa, js_detach=det, **kw)
 
 
-@pytest.mark.parametrize(("variant", "wa", "det"), CONFIGS, ids=CONFIG_IDS)
+@pytest.mark.parametrize(("variant", "wa", "det"), LOSS_CONFIGS, ids=LOSS_CONFIG_IDS)
 def test_fused_equals_dense_tied_head_uneven_chunks(data, variant, wa, det):
     hw, ho, w, y = data
     cfg = cfg_of(variant, wa, det, threshold=0.0)  # DCE straddles 0 here, so both weights occur

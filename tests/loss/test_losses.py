@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from nextquill_jax.loss import LossConfig, combine_aux, loss_from_aux, loss_from_logits, metrics_from_aux
-from tests.loss_configs import CONFIG_IDS, CONFIGS, IGNORE
+from tests.shared import IGNORE, LOSS_CONFIG_IDS, LOSS_CONFIGS
 
 
 # ----------------------------------------------------------------------------------------- NumPy reference
@@ -139,7 +139,7 @@ def f32(*arrays):
 
 
 # ------------------------------------------------------------------------------------- values and gradients
-@pytest.mark.parametrize(("variant", "wa", "det"), CONFIGS, ids=CONFIG_IDS)
+@pytest.mark.parametrize(("variant", "wa", "det"), LOSS_CONFIGS, ids=LOSS_CONFIG_IDS)
 def test_loss_matches_numpy_reference(data, variant, wa, det):
     zw, zo, y = data
     (loss, aux), _ = value_and_grads(*f32(zw, zo), y, cfg_of(variant, wa, det))
@@ -149,7 +149,7 @@ def test_loss_matches_numpy_reference(data, variant, wa, det):
     np.testing.assert_allclose(float(loss_from_aux(aux, cfg_of(variant, wa, det))), expected, rtol=1e-6)
 
 
-@pytest.mark.parametrize(("variant", "wa", "det"), CONFIGS, ids=CONFIG_IDS)
+@pytest.mark.parametrize(("variant", "wa", "det"), LOSS_CONFIGS, ids=LOSS_CONFIG_IDS)
 def test_gradients_match_finite_differences_of_reference(data, variant, wa, det):
     zw, zo, y = data
     _, grads = value_and_grads(*f32(zw, zo), y, cfg_of(variant, wa, det))
@@ -252,7 +252,7 @@ def test_combine_aux_adds_sums_and_weights_quantiles(data):
 
 
 # --------------------------------------------------------------------------------------------- edge cases
-@pytest.mark.parametrize(("variant", "wa", "det"), CONFIGS, ids=CONFIG_IDS)
+@pytest.mark.parametrize(("variant", "wa", "det"), LOSS_CONFIGS, ids=LOSS_CONFIG_IDS)
 def test_no_target_tokens_gives_zero_loss_and_zero_gradient(data, variant, wa, det):
     zw, zo, y = data
     empty = np.full_like(y, IGNORE)
@@ -278,7 +278,7 @@ def test_all_dce_below_threshold_gives_plain_mean_ce(data):
         assert float(aux["pref_count"]) == 0
 
 
-@pytest.mark.parametrize(("variant", "wa", "det"), CONFIGS, ids=CONFIG_IDS)
+@pytest.mark.parametrize(("variant", "wa", "det"), LOSS_CONFIGS, ids=LOSS_CONFIG_IDS)
 def test_bfloat16_inputs_are_computed_in_float32(data, variant, wa, det):
     zw, zo, y = data
     cfg = cfg_of(variant, wa, det)
@@ -289,7 +289,7 @@ def test_bfloat16_inputs_are_computed_in_float32(data, variant, wa, det):
     np.testing.assert_allclose(float(loss), np_loss(*upcast, y, variant, weight_alignment=wa), rtol=1e-6)
 
 
-@pytest.mark.parametrize(("variant", "wa", "det"), CONFIGS, ids=CONFIG_IDS)
+@pytest.mark.parametrize(("variant", "wa", "det"), LOSS_CONFIGS, ids=LOSS_CONFIG_IDS)
 def test_huge_logits_do_not_overflow(data, variant, wa, det):
     zw, zo, y = data
     big_w, big_o = (
@@ -303,7 +303,7 @@ def test_huge_logits_do_not_overflow(data, variant, wa, det):
     assert all(np.isfinite(float(v)) for v in aux.values())
 
 
-@pytest.mark.parametrize(("variant", "wa", "det"), CONFIGS, ids=CONFIG_IDS)
+@pytest.mark.parametrize(("variant", "wa", "det"), LOSS_CONFIGS, ids=LOSS_CONFIG_IDS)
 def test_an_example_of_only_ignored_labels_changes_nothing(data, variant, wa, det):
     zw, zo, y = data
     cfg = cfg_of(variant, wa, det)

@@ -19,8 +19,6 @@ import jax
 import numpy as np
 import pytest
 
-from tests.train_support import tiny_config, write_config, write_random_data
-
 STEPS = 12
 MESH8 = {"data": 2, "fsdp": 2, "tensor": 2}
 
@@ -48,7 +46,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, programs):
+def runs(tmp_path_factory, programs, write_random_data, tiny_config, write_config):
     root = tmp_path_factory.mktemp("train_runs")
     data = write_random_data(root / "data")
     cache = {
