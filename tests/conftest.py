@@ -3,6 +3,8 @@
 - `tiny_tokenizer`, `save_tiny_tokenizer`: a tiny fast tokenizer trained on the fixture text;
 - `small_dpl`: DPL thresholds small enough for the tiny Amazon fixtures;
 - `write_random_data`, `tiny_config`, `write_config`: tiny prepared data and a tiny training config;
+- `tiny_hf_config`: the tiny transformers config (Llama, Qwen2, Qwen3) the model tests build checkpoints from;
+- `tiny_model_config`: our ModelConfig at test size, for tests that need no checkpoint;
 - `programs`: runs the programs under tests/programs in a fresh Python with N simulated CPU devices (the
   device count is fixed when JAX starts, so multi-device and multi-process runs are subprocesses instead of
   setting XLA_FLAGS for the whole suite).
@@ -196,6 +198,60 @@ def tiny_config():
 def write_config():
     """`write_config(cfg, path)`: the config dict as YAML at `path`; returns `path`."""
     return _write_config
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Tiny models.
+
+# Two layers, 4 query heads and 2 kv heads of 16; keyword arguments of `tiny_hf_config` change any field.
+TINY_HF = dict(
+    vocab_size=300,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+)
+
+
+def _tiny_hf_config(family: str = "qwen2", *, tied: bool = False, **fields):
+    """A transformers config of `family` ("llama", "qwen2" or "qwen3"): TINY_HF with `fields` applied."""
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+
+    config_class = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[family]
+    return config_class(**{**TINY_HF, **fields}, tie_word_embeddings=tied)
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_config():
+    """`tiny_hf_config(family="qwen2", *, tied=False, **fields)`: a tiny transformers LlamaConfig, Qwen2Config
+    or Qwen3Config (vocab 300, hidden 64, mlp 128, 2 layers, 4 heads, 2 kv heads, 256 positions, RMS eps 1e-6;
+    other fields transformers' defaults), with the word embeddings tied or not and `fields` changed."""
+    return _tiny_hf_config
+
+
+# Our ModelConfig: Llama family, 2 layers, 4 query heads and 2 kv heads of 8.
+TINY_MODEL = dict(
+    family="llama",
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_config():
+    """`tiny_model_config(**fields)`: our ModelConfig at test size (Llama family, vocab 64, hidden 32, mlp 64,
+    2 layers, 4 heads and 2 kv heads of 8) with `fields` changed."""
+    from nextquill_jax.models import ModelConfig
+
+    return lambda **fields: ModelConfig(**{**TINY_MODEL, **fields})
 
 
 # ------------------------------------------------------------------------------------------------------------

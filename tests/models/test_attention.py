@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from nextquill_jax.models import CausalLM, ModelConfig
+from nextquill_jax.models import CausalLM
 from nextquill_jax.models.attention import (
     attention_mask,
     check_attention_backend,
@@ -137,19 +137,10 @@ def test_splash_kernel_in_interpret_mode_matches_reference():
     np.testing.assert_allclose(out, reference_attention(q, k, v, segments), atol=1e-5, rtol=0)
 
 
-def test_model_logits_agree_between_blockwise_and_dense_attention():
+def test_model_logits_agree_between_blockwise_and_dense_attention(tiny_model_config):
     """The default `xla` (blockwise, 200 > one block of 128) and `xla_dense` give the same logits at every
     real token of packed and padded rows."""
-    cfg = ModelConfig(
-        family="llama",
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=8,
-    )
+    cfg = tiny_model_config()  # vocab 64, hidden 32, 2 layers, 4 heads and 2 kv heads of 8
     _, state = nnx.split(CausalLM(cfg, rngs=nnx.Rngs(0)))
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 200)), jnp.int32)
     segments = np.zeros((2, 200), np.int32)
@@ -170,20 +161,10 @@ def test_model_logits_agree_between_blockwise_and_dense_attention():
 
 
 @pytest.mark.parametrize("impl", ["cudnn", "splash"])
-def test_accelerator_attention_on_cpu_is_a_clear_error(impl):
+def test_accelerator_attention_on_cpu_is_a_clear_error(impl, tiny_model_config):
     with pytest.raises(ValueError, match=f"attention_impl='{impl}' needs a"):
         check_attention_backend(impl, "cpu")
-    cfg = ModelConfig(
-        family="llama",
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_layers=1,
-        num_heads=2,
-        num_kv_heads=1,
-        head_dim=16,
-        attention_impl=impl,
-    )
+    cfg = tiny_model_config(num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16, attention_impl=impl)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0))))
     with pytest.raises(ValueError, match="Fix: set attention_impl='xla'"):  # raised while tracing the forward
         jax.eval_shape(lambda s: nnx.merge(graphdef, s)(jnp.zeros((1, 4), jnp.int32)), state)

@@ -8,18 +8,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from nextquill_jax.models import CausalLM, ModelConfig
+from nextquill_jax.models import CausalLM
 
-TINY = dict(
-    family="llama", vocab_size=80, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-    num_kv_heads=2, head_dim=8,
-)  # fmt: skip
-IDS = np.random.default_rng(0).integers(0, 80, (2, 8)).astype(np.int32)
+# The `tiny_model_config` fixture's model (hidden 32, 2 layers, 4 heads and 2 kv heads of 8), vocab 80.
+VOCAB = 80
+IDS = np.random.default_rng(0).integers(0, VOCAB, (2, 8)).astype(np.int32)
 
 
 @pytest.mark.parametrize(("tied", "layout"), [(True, "vd"), (False, "dv")])
-def test_logits_are_hidden_states_times_the_lm_head(tied, layout):
-    model = CausalLM(ModelConfig(**TINY, tie_word_embeddings=tied), rngs=nnx.Rngs(0))
+def test_logits_are_hidden_states_times_the_lm_head(tied, layout, tiny_model_config):
+    model = CausalLM(tiny_model_config(vocab_size=VOCAB, tie_word_embeddings=tied), rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
     logits, hidden = jax.jit(
         lambda s: (nnx.merge(graphdef, s)(IDS), nnx.merge(graphdef, s).hidden_states(IDS))
@@ -33,10 +31,10 @@ def test_logits_are_hidden_states_times_the_lm_head(tied, layout):
         assert np.array_equal(np.asarray(w), np.asarray(model.embed[...]))
 
 
-def test_full_remat_gives_the_same_gradients_as_none():
+def test_full_remat_gives_the_same_gradients_as_none(tiny_model_config):
     grads = {}
     for policy in ("none", "full"):
-        model = CausalLM(ModelConfig(**TINY, remat_policy=policy), rngs=nnx.Rngs(0))
+        model = CausalLM(tiny_model_config(vocab_size=VOCAB, remat_policy=policy), rngs=nnx.Rngs(0))
         graphdef, state = nnx.split(model)
         loss = lambda s, graphdef=graphdef: jnp.mean(nnx.merge(graphdef, s)(IDS) ** 2)
         grads[policy] = jax.jit(jax.grad(loss))(state)
@@ -47,8 +45,8 @@ def test_full_remat_gives_the_same_gradients_as_none():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-7, rtol=1e-5)
 
 
-def test_cache_overflow_outside_jit_is_an_error():
-    model = CausalLM(ModelConfig(**TINY), rngs=nnx.Rngs(0))
+def test_cache_overflow_outside_jit_is_an_error(tiny_model_config):
+    model = CausalLM(tiny_model_config(vocab_size=VOCAB), rngs=nnx.Rngs(0))
     cache = model.init_cache(batch=2, max_len=6)
     assert cache.k.shape == (2, 2, 6, 2, 8) and int(cache.index) == 0
     with pytest.raises(ValueError, match="KV cache overflow: 0 slots used \\+ 8 new > max_len 6"):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from nextquill_jax.models import load_pretrained, load_tokenizer, model_from_hf
 from nextquill_jax.models.generate import (
@@ -33,21 +33,6 @@ PAD = 0
 GREEDY = GenerationConfig(max_new_tokens=16, repetition_penalty=1.2)
 
 
-def tiny_qwen2_config() -> Qwen2Config:
-    return Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        rms_norm_eps=1e-6,
-        rope_theta=10000.0,
-        tie_word_embeddings=False,
-    )
-
-
 @pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():
     """PyTorch's two intra-op threads spin against JAX's on a 2-core machine (10x slower generate)."""
@@ -58,10 +43,12 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """A tiny random Qwen2 (with q/k/v biases), saved by transformers."""
+def tiny_dir(tmp_path_factory, tiny_hf_config):
+    """A tiny random Qwen2 (with q/k/v biases, vocab VOCAB, hidden 64, 2 layers, untied head), saved by
+    transformers."""
     torch.manual_seed(0)
-    reference = AutoModelForCausalLM.from_config(tiny_qwen2_config())
+    config = tiny_hf_config("qwen2", tied=False, vocab_size=VOCAB, rope_theta=10000.0)
+    reference = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # larger weights than the init's, so the argmax is not a near tie everywhere
         for p in reference.parameters():
             p.add_(0.3 * torch.randn_like(p))

@@ -110,13 +110,12 @@ def test_load_pretrained_smollm2_logits_match_transformers(ours, reference, smol
 
 # --- synthetic files: tiny transformers models written as GGUF, as llama.cpp's converter does ---------------
 
+# What differs from the `tiny_hf_config` fixture (2 layers, 4 heads, 2 kv heads), and per family the tied head
+# and head size.
 TINY = dict(
     vocab_size=96,
     hidden_size=32,
     intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
     max_position_embeddings=128,
     rms_norm_eps=1e-5,
     rope_theta=5000.0,
@@ -124,9 +123,9 @@ TINY = dict(
     eos_token_id=2,
 )
 FAMILIES = {
-    "llama": (transformers.LlamaConfig, dict(tie_word_embeddings=False)),
-    "qwen2": (transformers.Qwen2Config, dict(tie_word_embeddings=True)),
-    "qwen3": (transformers.Qwen3Config, dict(tie_word_embeddings=False, head_dim=16)),
+    "llama": dict(tied=False),
+    "qwen2": dict(tied=True),
+    "qwen3": dict(tied=False, head_dim=16),
 }
 GGUF_BLOCK_NAMES = {  # Hugging Face per-layer suffix -> llama.cpp per-block suffix
     "input_layernorm": "attn_norm",
@@ -160,12 +159,19 @@ def gguf_name(hf_name):
     return f"blk.{layer}.{GGUF_BLOCK_NAMES[module]}.{kind}"
 
 
-def write_tiny_gguf(path, family, *, stored=None, extra_metadata=None):
-    """Write a random tiny `family` model as GGUF; returns (hf config dict, {hf name: the float32 original}).
+@pytest.fixture
+def write_tiny_gguf(tiny_hf_config):
+    """`write_tiny_gguf(path, family, *, stored=None, extra_metadata=None)` (see `write_gguf`)."""
+    return lambda path, family, **kwargs: write_gguf(
+        path, family, tiny_hf_config(family, **TINY, **FAMILIES[family]), **kwargs
+    )
+
+
+def write_gguf(path, family, hf_config, *, stored=None, extra_metadata=None):
+    """Write a random `family` model of `hf_config` as GGUF; returns (hf config dict, {hf name: the float32
+    original}).
 
     `stored` maps an HF tensor name to "f16" or "q8_0" to store it quantised instead of as F32."""
-    config_class, extra = FAMILIES[family]
-    hf_config = config_class(**TINY, **extra)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(hf_config)
     state = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
@@ -183,7 +189,7 @@ def write_tiny_gguf(path, family, *, stored=None, extra_metadata=None):
     writer.add_feed_forward_length(hf_config.intermediate_size)
     writer.add_head_count(hf_config.num_attention_heads)
     writer.add_head_count_kv(hf_config.num_key_value_heads)
-    writer.add_rope_freq_base(TINY["rope_theta"])
+    writer.add_rope_freq_base(hf_config.rope_parameters["rope_theta"])
     writer.add_layer_norm_rms_eps(hf_config.rms_norm_eps)
     writer.add_rope_dimension_count(head_dim)
     if family == "qwen3":
@@ -214,7 +220,7 @@ def write_tiny_gguf(path, family, *, stored=None, extra_metadata=None):
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_read_gguf_recovers_the_original_tensors(tmp_path, family):
+def test_read_gguf_recovers_the_original_tensors(tmp_path, family, write_tiny_gguf):
     """Exactly the Hugging Face tensors that went in, whatever llama.cpp's converter did on the way."""
     path = tmp_path / f"{family}.gguf"
     hf_config, original = write_tiny_gguf(path, family)
@@ -227,10 +233,10 @@ def test_read_gguf_recovers_the_original_tensors(tmp_path, family):
     assert read_gguf_config(path) == config  # the same config without reading the tensors
     if family == "llama":  # the permutation is not the identity here; a missing inverse fails above
         q = original["model.layers.0.self_attn.q_proj.weight"]
-        assert not np.array_equal(llama_cpp_permute(q, TINY["num_attention_heads"]), q)
+        assert not np.array_equal(llama_cpp_permute(q, hf_config["num_attention_heads"]), q)
 
 
-def test_read_gguf_dequantises_f16_and_q8_0(tmp_path):
+def test_read_gguf_dequantises_f16_and_q8_0(tmp_path, write_tiny_gguf):
     path = tmp_path / "quantised.gguf"
     half, q8 = "model.layers.1.mlp.down_proj.weight", "model.layers.0.mlp.up_proj.weight"  # q8: rows of 32
     _, original = write_tiny_gguf(path, "llama", stored={half: "f16", q8: "q8_0"})
@@ -257,7 +263,7 @@ def test_unsupported_architecture_is_named(tmp_path):
         read_gguf(path)
 
 
-def test_unsupported_tensor_type_and_rope_scaling_are_named(tmp_path):
+def test_unsupported_tensor_type_and_rope_scaling_are_named(tmp_path, write_tiny_gguf):
     path = tmp_path / "int.gguf"
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_tensor("token_embd.weight", np.zeros((8, 4), np.int32))

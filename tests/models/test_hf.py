@@ -8,18 +8,12 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+from transformers import AutoModelForCausalLM
 
 from nextquill_jax.models import load_pretrained, model_from_hf
 
-SIZES = dict(
-    vocab_size=96,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-)
+# Vocab 96, hidden 32, mlp 64 on `tiny_hf_config`'s 2 layers, 4 heads and 2 kv heads (of 8): the shapes below.
+SIZES = dict(vocab_size=96, hidden_size=32, intermediate_size=64)
 
 
 def checkpoint(config) -> tuple[dict, dict[str, np.ndarray]]:
@@ -29,8 +23,8 @@ def checkpoint(config) -> tuple[dict, dict[str, np.ndarray]]:
 
 
 @pytest.fixture(scope="module")
-def qwen2():
-    return checkpoint(Qwen2Config(**SIZES, tie_word_embeddings=False))
+def qwen2(tiny_hf_config):
+    return checkpoint(tiny_hf_config("qwen2", tied=False, **SIZES))
 
 
 def test_missing_tensor_is_named(qwen2):
@@ -57,8 +51,8 @@ def test_shape_mismatch_is_named_with_both_shapes(qwen2):
         model_from_hf(config, wrong)
 
 
-def test_tied_checkpoint_may_store_the_identical_head_but_not_a_different_one():
-    config, tensors = checkpoint(LlamaConfig(**SIZES, tie_word_embeddings=True))
+def test_tied_checkpoint_may_store_the_identical_head_but_not_a_different_one(tiny_hf_config):
+    config, tensors = checkpoint(tiny_hf_config("llama", tied=True, **SIZES))
     assert np.array_equal(
         tensors["lm_head.weight"], tensors["model.embed_tokens.weight"]
     )  # torch stores both

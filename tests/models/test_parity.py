@@ -12,21 +12,11 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+from transformers import AutoModelForCausalLM
 
 from nextquill_jax.models import load_pretrained, save_pretrained
 
 VOCAB = 300
-COMMON = dict(
-    vocab_size=VOCAB,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-    rms_norm_eps=1e-6,
-)
 # original_max_position_embeddings=16 with head_dim 16 puts RoPE wavelengths in all three llama3 regimes
 # (kept, interpolated, divided by the factor).
 LLAMA3_ROPE = {
@@ -36,26 +26,24 @@ LLAMA3_ROPE = {
     "high_freq_factor": 4.0,
     "original_max_position_embeddings": 16,
 }
+# name -> (family, what differs from the `tiny_hf_config` fixture's sizes: vocab VOCAB, hidden 64, mlp 128,
+# 2 layers, 4 heads, 2 kv heads, 256 positions, RMS eps 1e-6)
 FAMILIES = {
-    "llama3_tied": lambda: LlamaConfig(
-        **COMMON, rope_scaling=LLAMA3_ROPE, rope_theta=10000.0, tie_word_embeddings=True
-    ),
+    "llama3_tied": ("llama", dict(tied=True, rope_scaling=LLAMA3_ROPE, rope_theta=10000.0)),
     # Plain multi-head attention (as many kv heads as query heads), as in Llama 2.
-    "llama_untied": lambda: LlamaConfig(
-        **{**COMMON, "num_key_value_heads": 4}, rope_theta=500.0, tie_word_embeddings=False
-    ),
-    "qwen2_bias": lambda: Qwen2Config(**COMMON, rope_theta=10000.0, tie_word_embeddings=False),
-    "qwen3_qknorm": lambda: Qwen3Config(**COMMON, head_dim=24, rope_theta=10000.0, tie_word_embeddings=True),
+    "llama_untied": ("llama", dict(tied=False, num_key_value_heads=4, rope_theta=500.0)),
+    "qwen2_bias": ("qwen2", dict(tied=False, rope_theta=10000.0)),
+    "qwen3_qknorm": ("qwen3", dict(tied=True, head_dim=24, rope_theta=10000.0)),
 }
 
 
 class Case:
     """A transformers reference model, its saved directory, our model loaded from it, jitted entry points."""
 
-    def __init__(self, name: str, tmp_dir):
+    def __init__(self, name: str, config, tmp_dir):
         torch.manual_seed(0)
         self.name = name
-        self.torch_model = AutoModelForCausalLM.from_config(FAMILIES[name]()).eval()
+        self.torch_model = AutoModelForCausalLM.from_config(config).eval()
         with torch.no_grad():  # move every parameter off its init (norms off 1, biases off 0)
             for p in self.torch_model.parameters():
                 p.add_(0.05 * torch.randn_like(p))
@@ -90,8 +78,10 @@ class Case:
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
-def case(request, tmp_path_factory) -> Case:
-    return Case(request.param, tmp_path_factory.mktemp(request.param))
+def case(request, tmp_path_factory, tiny_hf_config) -> Case:
+    family, arguments = FAMILIES[request.param]
+    config = tiny_hf_config(family, vocab_size=VOCAB, **arguments)
+    return Case(request.param, config, tmp_path_factory.mktemp(request.param))
 
 
 def random_ids(shape, seed=0) -> np.ndarray:

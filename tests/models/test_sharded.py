@@ -8,21 +8,13 @@ from __future__ import annotations
 import pytest
 import torch
 from jax.sharding import PartitionSpec as P
-from transformers import AutoModelForCausalLM, Qwen2Config
+from transformers import AutoModelForCausalLM
 
 
 @pytest.fixture(scope="module")
-def checkpoint_dir(tmp_path_factory):
+def checkpoint_dir(tmp_path_factory, tiny_hf_config):
     # Sizes divisible by the mesh: heads 8, kv heads 4, mlp 128, vocab 320 by tensor=4; hidden 64 by fsdp=2.
-    config = Qwen2Config(
-        vocab_size=320,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        tie_word_embeddings=False,
-    )
+    config = tiny_hf_config("qwen2", tied=False, vocab_size=320, num_attention_heads=8, num_key_value_heads=4)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
