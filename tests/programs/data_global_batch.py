@@ -11,6 +11,7 @@ batch of 6 rows (not divisible over the 4 batch shards), null if none was raised
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import jax
@@ -22,6 +23,7 @@ from nextquill_jax.parallel import MESH_AXES
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()  # no arguments; --help
     mesh = jax.make_mesh((2, 2, 2), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
     rng = np.random.default_rng(0)
     local = {

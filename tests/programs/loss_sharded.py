@@ -11,6 +11,7 @@ gradient; and the element count of the largest all-gather in the sharded program
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 
@@ -41,6 +42,7 @@ def dense(cfg):
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()  # no arguments; --help
     mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     rng = np.random.default_rng(0)
     b, r, d, v = 8, 6, 16, 97

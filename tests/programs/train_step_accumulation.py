@@ -12,6 +12,7 @@ update, both losses and the token count; under "nan", what the step did with a N
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import jax
@@ -29,6 +30,7 @@ from nextquill_jax.train.step import StepSettings, make_train_step, reference_dc
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()  # no arguments; --help
     cfg = model_preset(
         "qwen2.5-0.5b",
         vocab_size=128,
