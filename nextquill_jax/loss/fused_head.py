@@ -59,6 +59,7 @@ class _Plan(NamedTuple):
     layout: str
     with_js: bool
     with_effect: bool
+    head_grad: bool
     rows: int
     slots: int
     chunk: int
@@ -96,6 +97,7 @@ def head_token_stats(
     head_layout: HeadLayout = "vd",
     with_js: bool = False,
     with_effect: bool = False,
+    frozen_head: bool = False,
     token_chunk: int = DEFAULT_TOKEN_CHUNK,
     vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
 ) -> HeadStats:
@@ -108,6 +110,8 @@ def head_token_stats(
         head_layout: "vd" or "dv", see `lm_head`.
         with_js: also return the Jensen–Shannon weight between streams 0 and 1 (needs S >= 2).
         with_effect: append a stream S with the statistics of the logits difference z_0 − z_1 (needs S >= 2).
+        frozen_head: the LM head is not trained (e.g. under LoRA): its gradient is zero and its
+            weight-gradient products (dzᵀ h per tile) are not computed.
         token_chunk: tokens per tile across all rows (at least one response slot per row).
         vocab_chunk: vocabulary columns per tile.
 
@@ -145,6 +149,7 @@ def head_token_stats(
         layout=head_layout,
         with_js=with_js,
         with_effect=with_effect,
+        head_grad=not frozen_head,
         rows=rows,
         slots=slots,
         chunk=chunk,
@@ -266,7 +271,7 @@ def _stats_fwd(h, w, y, plan):
 
 def _stats_bwd(plan: _Plan, residuals, cotangents):
     """Recompute tile logits; dz = g_lse·softmax + g_label·onehot (+ the JS term), the effect stream's dz
-    folded into streams 0 and 1; dh = dz W, dW = dzᵀ h."""
+    folded into streams 0 and 1; dh = dz W, dW = dzᵀ h (zero, not computed, for a frozen head)."""
     h_chunks, y_chunks, w, lse, kl = residuals
     g_lse, g_label, g_js = cotangents
     g_lse = _to_chunks(g_lse, plan, 0.0)  # [nC, S', M, C]
@@ -298,6 +303,8 @@ def _stats_bwd(plan: _Plan, residuals, cotangents):
                 dz_e, _ = d_logits(z[0] - z[1], lse_c[n_hidden], gl[n_hidden], gy[n_hidden])
                 dz = jnp.concatenate([dz[:1] + dz_e, dz[1:2] - dz_e, dz[2:]])
             dh_c = jnp.einsum("smcv,vd->smcd", dz, wb)
+            if not plan.head_grad:
+                return dwb, dh_c
             return dwb + jnp.einsum("smcv,smcd->vd", dz, hc), dh_c
 
         xs = (h_chunks, y_chunks, lse, kl, g_lse, g_label, g_js)

@@ -162,6 +162,7 @@ def loss_from_hidden(
     head_layout: HeadLayout = "vd",
     reference_dce: jax.Array | None = None,
     denominators: Mapping[str, jax.Array] | None = None,
+    frozen_head: bool = False,
     token_chunk: int = DEFAULT_TOKEN_CHUNK,
     vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -183,6 +184,7 @@ def loss_from_hidden(
         reference_dce: [..., R] fixed DCE values (for `cfg.dce == "fixed"`), e.g. from
             `effects.dce_from_hidden`.
         denominators: as in `loss_from_logits`.
+        frozen_head: `lm_head` is not trained (LoRA): its gradient is zero and not computed.
         token_chunk: tokens per tile across the leading rows (at least one slot per row).
         vocab_chunk: vocabulary columns per tile.
 
@@ -224,6 +226,7 @@ def loss_from_hidden(
         labels,
         with_js=js_with_grad,
         with_effect=spec.alignment,
+        frozen_head=frozen_head,
         **head,
     )
     stats = {n: (out.lse[k], out.label_logit[k]) for k, n in enumerate(grad_names)}

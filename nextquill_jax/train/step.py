@@ -126,6 +126,7 @@ def batch_loss(
         head_layout=layout,
         reference_dce=batch.get("reference_dce") if settings.loss.dce == "fixed" else None,
         denominators=denominators,
+        frozen_head=settings.lora_scale is not None,  # under LoRA the head is the base's
         token_chunk=settings.token_chunk,
         vocab_chunk=settings.vocab_chunk,
     )

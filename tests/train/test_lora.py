@@ -1,0 +1,316 @@
+"""LoRA training (`model.lora`): the step's gradients against autodiff through the merged kernels, no weight
+gradient for the frozen base, micro-batching, the state and checkpoints holding adapters only, exact resume,
+8 devices and 2 processes against 1, the base as the fixed-DCE reference, export, init_from, and the errors.
+
+Runs in subprocesses (tiny random qwen2 model and data, 12 steps, shared compilation cache):
+  A  1 device, uninterrupted;  B  as A, SIGTERM after step 5;  C  resumes B.
+  F  8 simulated devices, mesh (data=2, fsdp=2, tensor=2), 2 micro-batches;  G  2 processes x 4 devices as F.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import socket
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from nextquill_jax.bench.harness import synthetic_batch
+from nextquill_jax.config import LoraConfig, load_config
+from nextquill_jax.config_schema import ConfigError
+from nextquill_jax.loss import LossConfig
+from nextquill_jax.models import CausalLM, lora, model_preset
+from nextquill_jax.models.peft import read_peft_adapter
+from nextquill_jax.parallel import DEFAULT_RULES, logical_to_mesh_spec, make_mesh
+from nextquill_jax.train import adapters, loop, model_setup, setup
+from nextquill_jax.train.export import export_adapter
+from nextquill_jax.train.step import StepSettings, batch_loss, make_train_step
+from nextquill_jax.train.workdir import restore_model, restore_params
+
+STEPS = 12
+MESH8 = {"data": 2, "fsdp": 2, "tensor": 2}
+LORA = {"rank": 4, "alpha": 8.0, "targets": ["attn/(q|v|o)_proj", "mlp/down"]}
+TINY = dict(
+    vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+    head_dim=8, compute_dtype="float32",
+)  # fmt: skip
+
+
+def losses(workdir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def read_state(step_dir: Path) -> dict:
+    import orbax.checkpoint as ocp
+
+    checkpointer = ocp.PyTreeCheckpointer()
+    tree = checkpointer.metadata(step_dir / "state").item_metadata.tree
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    return checkpointer.restore(step_dir / "state", args=ocp.args.PyTreeRestore(restore_args=restore_args))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, programs, write_random_data, tiny_config, write_config):
+    root = tmp_path_factory.mktemp("lora_runs")
+    data = write_random_data(root / "data")
+    cache = {
+        "JAX_COMPILATION_CACHE_DIR": str(root / "jax_cache"),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    }
+
+    def config(name: str, rows_per_batch: int = 8, **sections) -> str:
+        cfg = tiny_config(data, root / name, **sections)
+        cfg["model"]["lora"] = dict(LORA)
+        cfg["data"]["batching"].update(num_epochs=4, rows_per_batch=rows_per_batch)
+        cfg["train"]["max_steps"] = STEPS
+        return str(write_config(cfg, root / f"{name}.yaml"))
+
+    def start(cfg: str, devices: int, *args: str, **env: str):
+        env = {**env, **cache}
+        return programs.start("train_run.py", cfg, *args, devices=devices, fast_compile=True, env=env)
+
+    def finish(proc):
+        return programs.finish(proc, timeout=300)
+
+    out = {"root": root}
+    a = start(config("A"), 1)
+    b = start(config("B"), 1, "--fault", "sigterm", "--fault-step", "5")
+    out["A"], out["B"] = finish(a), finish(b)
+    c = start(str(root / "B.yaml"), 1)
+    f = start(config("F", mesh=MESH8, train={"micro_batches": 2}), 8)
+    out["C"], out["F"] = finish(c), finish(f)
+    g_cfg = config("G", rows_per_batch=4, mesh=MESH8, train={"micro_batches": 2})
+    port = _free_port()
+    process = lambda i: {
+        "NEXTQUILL_COORDINATOR": f"127.0.0.1:{port}",
+        "NEXTQUILL_NUM_PROCESSES": "2",
+        "NEXTQUILL_PROCESS_ID": str(i),
+    }
+    g = [start(g_cfg, 4, "--gloo", **process(i)) for i in range(2)]
+    out["G"] = [finish(p) for p in g]
+    return out
+
+
+def test_the_state_and_checkpoints_hold_adapters_only_and_resume_is_exact(runs):
+    root = runs["root"]
+    full = read_state(root / "A" / "checkpoints" / str(STEPS))
+    resumed = read_state(root / "B" / "checkpoints" / str(STEPS))  # C resumed B in its workdir
+    names = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(full["params"])[0]}
+    assert names == {
+        f"['layers']['{m}']['{k}']['{ab}']"
+        for m, k in (("attn", "q_proj"), ("attn", "v_proj"), ("attn", "o_proj"), ("mlp", "down"))
+        for ab in "ab"
+    }
+    assert "resuming from" in runs["C"].stdout
+    for x, y in zip(jax.tree.leaves(full), jax.tree.leaves(resumed), strict=True):
+        np.testing.assert_array_equal(x, y)
+    first, last = losses(root / "A")[1], losses(root / "A")[STEPS]
+    assert last < first - 0.02, (first, last)  # the adapters learn
+
+
+def test_eight_devices_and_two_processes_match_one_device_and_shard_like_their_kernels(runs):
+    root = runs["root"]
+    one = losses(root / "A")
+    for other in ("F", "G"):
+        got = losses(root / other)
+        assert sorted(got) == sorted(one)
+        for step in one:
+            assert abs(got[step] - one[step]) <= 1e-5 * abs(one[step]), (other, step, one[step], got[step])
+    specs = runs["F"].result["params"]
+    model_cfg = model_setup.model_config(load_config(root / "F.yaml").model)
+    model = nnx.eval_shape(lambda: CausalLM(model_cfg, rngs=nnx.Rngs(0)))
+    for (module, name), n_in in lora.INPUT_AXES.items():
+        key = f"['layers']['{module}']['{name}']"
+        if f"{key}['a']" not in specs:
+            continue
+        axes = tuple(nnx.get_partition_spec(nnx.state(model, nnx.Param))["layers"][module][name].get_value())
+        want_a = logical_to_mesh_spec((*axes[: 1 + n_in], None), DEFAULT_RULES)
+        want_b = logical_to_mesh_spec((axes[0], None, *axes[1 + n_in :]), DEFAULT_RULES)
+        assert specs[f"{key}['a']"].replace(" ", "") == str(want_a).replace(" ", "")
+        assert specs[f"{key}['b']"].replace(" ", "") == str(want_b).replace(" ", "")
+
+
+def test_a_resume_with_lora_removed_or_another_base_is_an_error(runs, tmp_path):
+    workdir = tmp_path / "A"
+    shutil.copytree(runs["root"] / "A", workdir)
+    cfg = load_config(runs["root"] / "A.yaml", [f"train.workdir={workdir}", f"train.max_steps={STEPS + 1}"])
+    full = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, lora=None))
+    with pytest.raises(ConfigError, match="holds a LoRA adapters checkpoint but the config asks for full"):
+        loop.train(full, workdir, echo=lambda _: None)
+    other_seed = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=1))  # another random base
+    with pytest.raises(
+        ConfigError, match=r"was trained on the base preset qwen2\.5-0\.5b .* only fit their own"
+    ):
+        loop.train(other_seed, workdir, echo=lambda _: None)
+
+
+def test_a_lora_workdir_restores_as_its_base_with_the_adapters_merged(runs):
+    workdir = runs["root"] / "A"
+    mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.local_devices()[:1])
+    merged = restore_model(workdir, mesh=mesh)
+    restored = restore_params(workdir, mesh=mesh)
+    cfg = restored.config
+    graphdef, base = model_setup.load_params(adapters.base_section(cfg.model), mesh, cfg.train.seed)
+    ids = jnp.asarray(np.random.default_rng(0).integers(1, 128, (2, 12)))
+    with_adapters = nnx.merge(graphdef, base).hidden_states(
+        ids, adapters=lora.Adapters(restored.params, cfg.model.lora.scale)
+    )
+    np.testing.assert_allclose(merged.model.hidden_states(ids), with_adapters, rtol=1e-5, atol=1e-5)
+
+
+def test_export_adapter_and_init_from_round_trip(runs, tmp_path):
+    workdir = runs["root"] / "A"
+    out = export_adapter(workdir, tmp_path / "peft")
+    saved = restore_params(workdir).params
+    cfg = load_config(runs["root"] / "A.yaml")
+    model_cfg = model_setup.model_config(adapters.base_section(cfg.model))
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), saved)
+    read = read_peft_adapter(out, model_cfg, shapes, rank=LORA["rank"], alpha=LORA["alpha"])
+    lora_cfg = dataclasses.replace(cfg.model.lora, init_from=str(out))
+    mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.local_devices()[:1])
+    abstract, shardings = adapters.adapter_layout(lora_cfg, model_cfg, mesh)
+    started = adapters.initial_adapters(lora_cfg, model_cfg, abstract, shardings, seed=0)
+    for x, y, z in zip(jax.tree.leaves(saved), jax.tree.leaves(read), jax.tree.leaves(started), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), y)
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(z))
+    with pytest.raises(ConfigError, match=r"r=4, lora_alpha=8\.0; the config asks for rank=8"):
+        adapters.initial_adapters(
+            dataclasses.replace(lora_cfg, rank=8), model_cfg, *adapters.adapter_layout(
+                dataclasses.replace(lora_cfg, rank=8), model_cfg, mesh
+            ), seed=0,
+        )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The step, in this process.
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """(graphdef, base params, adapters with B != 0, a packed batch) of a tiny model."""
+    cfg = model_preset("qwen2.5-0.5b", **TINY)
+    model = CausalLM(cfg, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model, nnx.Param)
+    base = nnx.to_pure_dict(state)
+    shapes = lora.adapter_shapes(base, lora.target_paths(base, LORA["targets"]), 4, jnp.float32)
+    leaves, tree = jax.tree.flatten(shapes)
+    keys = jax.random.split(jax.random.PRNGKey(3), len(leaves))
+    weights = jax.tree.unflatten(
+        tree, [0.1 * jax.random.normal(k, s.shape) for k, s in zip(keys, leaves, strict=True)]
+    )
+    batch, _ = synthetic_batch(
+        4, 64, 2, context_tokens=8, entry_tokens=10, target_tokens=8, vocab=128, length_multiple=8
+    )
+    return graphdef, base, weights, jax.tree.map(jnp.asarray, batch)
+
+
+SETTINGS = StepSettings(loss=LossConfig(variant="nextquill"), token_chunk=64, vocab_chunk=64, lora_scale=2.0)
+
+
+def test_adapter_gradients_equal_autodiff_through_the_merged_kernels(tiny):
+    graphdef, base, weights, batch = tiny
+    full = dataclasses.replace(SETTINGS, lora_scale=None)
+    ours = jax.grad(lambda w: batch_loss(w, graphdef, batch, SETTINGS, base=base)[0])(weights)
+    merged = jax.grad(lambda w: batch_loss(lora.merge(base, w, 2.0), graphdef, batch, full)[0])(weights)
+    for x, y in zip(jax.tree.leaves(ours), jax.tree.leaves(merged), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6 * float(jnp.abs(y).max()))
+
+
+def _dot_output_shapes(jaxpr) -> list[tuple[int, ...]]:
+    """Output shapes of every dot_general in `jaxpr` and the jaxprs inside it (scan, remat, custom_vjp)."""
+    shapes = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            shapes.append(tuple(eqn.outvars[0].aval.shape))
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    shapes += _dot_output_shapes(inner)
+    return shapes
+
+
+def test_the_frozen_base_gets_no_weight_gradient(tiny):
+    graphdef, base, weights, batch = tiny
+    kernels = [base["layers"][module][name] for module, name in lora.INPUT_AXES]
+    kernel_shapes = {tuple(x.shape[1:]) for x in kernels}  # one layer's kernel: a weight gradient's shape
+    lora_grad = jax.make_jaxpr(jax.grad(lambda w: batch_loss(w, graphdef, batch, SETTINGS, base=base)[0]))(
+        weights
+    )
+    full = dataclasses.replace(SETTINGS, lora_scale=None)
+    full_grad = jax.make_jaxpr(jax.grad(lambda p: batch_loss(p, graphdef, batch, full)[0]))(base)
+    assert kernel_shapes & set(_dot_output_shapes(full_grad.jaxpr))  # the check sees weight gradients
+    assert kernel_shapes & set(_dot_output_shapes(lora_grad.jaxpr)) == set()
+
+
+def test_four_micro_batches_give_the_one_batch_lora_update(tiny):
+    """With plain SGD the update is the gradient itself (Adam would amplify float noise where it is ~0)."""
+    import optax
+
+    graphdef, base, weights, batch = tiny
+    mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.local_devices()[:1])
+    tx = optax.sgd(1.0)
+    updates, losses_ = [], []
+    for m in (1, 4):
+        settings = dataclasses.replace(SETTINGS, micro_batches=m)
+        step = jax.jit(make_train_step(graphdef, tx, optax.constant_schedule(1.0), settings, mesh))
+        with jax.set_mesh(mesh):
+            state, metrics = step(setup.new_state(weights, tx, 0), batch, None, base)
+        updates.append(jax.tree.map(lambda new, old: new - old, state.params, weights))
+        losses_.append(float(metrics["loss"]))
+    assert losses_[0] == pytest.approx(losses_[1], rel=1e-6)
+    # new - old loses the float32 rounding of the parameters themselves: atol is 1e-6 of their scale.
+    for x, y, w in zip(
+        jax.tree.leaves(updates[0]), jax.tree.leaves(updates[1]), jax.tree.leaves(weights), strict=True
+    ):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6 * float(jnp.abs(w).max()))
+
+
+def test_the_base_reference_equals_a_separately_loaded_frozen_base(tmp_path, write_random_data, tiny_config):
+    from nextquill_jax.models import save_pretrained
+
+    hf_dir = tmp_path / "base"
+    save_pretrained(CausalLM(model_preset("qwen2.5-0.5b", **TINY), rngs=nnx.Rngs(5)), hf_dir)
+    data = write_random_data(tmp_path / "data")
+    results = {}
+    for reference in ("base", str(hf_dir)):
+        name = "own" if reference == "base" else "separate"
+        raw = tiny_config(data, tmp_path / name, loss={"dce": "fixed", "reference_model": reference})
+        raw["model"] = {"path": str(hf_dir), "compute_dtype": "float32", "lora": dict(LORA)}
+        raw["train"]["max_steps"] = 4
+        raw["checkpoint"]["async_save"] = False
+        cfg = load_config(None, base=raw)
+        result = loop.train(cfg, tmp_path / name, echo=lambda _: None)
+        results[name] = (losses(tmp_path / name), jax.device_get(result.state.params))
+    assert results["own"][0] == results["separate"][0]
+    for x, y in zip(jax.tree.leaves(results["own"][1]), jax.tree.leaves(results["separate"][1]), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_bad_lora_settings_are_errors(tmp_path, tiny_config):
+    raw = tiny_config(tmp_path, tmp_path / "w")
+    for lora_cfg, message in (
+        ({"rank": 0}, "rank must be >= 1"),
+        ({"alpha": 0}, "alpha must be > 0"),
+        ({"targets": ["attn/query"]}, "matches no parameter"),
+    ):
+        raw["model"]["lora"] = lora_cfg
+        with pytest.raises(ConfigError, match=message):
+            cfg = load_config(None, base=raw)
+            mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.local_devices()[:1])
+            adapters.adapter_layout(cfg.model.lora, model_preset("qwen2.5-0.5b", **TINY), mesh)
+    assert LoraConfig().scale == 2.0
