@@ -43,6 +43,11 @@ class LossConfig:
             only for variants with L_p (mce, nextquill).
         js_detach: stop the gradient through the js weights; False (the public code) is only for variant js.
         dce: "dynamic" (the model being trained) or "fixed" (a frozen reference, passed to the loss).
+        counterfactual_grad: let L_p's gradient flow through the without-history logits z_∅ (the public
+            code); False treats z_∅ as a constant in L_p, so L_p cannot lower z_∅ on the label. Only for
+            variants with L_p.
+        anchor: β >= 0; adds β · CE(z_∅) (mean over target tokens), so the without-history stream stays a
+            language model. Not for sft (whose L_n is that CE already).
 
     Raises:
         ValueError: naming the field, for an unknown variant or dce mode, a negative or non-finite alpha,
@@ -57,6 +62,8 @@ class LossConfig:
     weight_alignment: bool = False
     js_detach: bool = True
     dce: Literal["dynamic", "fixed"] = "dynamic"
+    counterfactual_grad: bool = True
+    anchor: float = 0.0
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -65,12 +72,13 @@ class LossConfig:
             )
         if self.dce not in ("dynamic", "fixed"):
             raise ValueError(f"LossConfig.dce must be 'dynamic' or 'fixed', got {self.dce!r}")
-        for name in ("alpha", "threshold", "high", "low"):
+        for name in ("alpha", "threshold", "high", "low", "anchor"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
                 raise ValueError(f"LossConfig.{name} must be a finite number, got {value!r}")
-        if self.alpha < 0:
-            raise ValueError(f"LossConfig.alpha must be >= 0, got {self.alpha}")
+        for name in ("alpha", "anchor"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"LossConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.low < 0 or self.high <= 0:
             raise ValueError(
                 f"LossConfig weights must satisfy low >= 0 and high > 0, got high={self.high}, low={self.low}"
@@ -80,7 +88,7 @@ class LossConfig:
                 f"LossConfig.high ({self.high}) < LossConfig.low ({self.low}): preference-bearing "
                 "tokens must not weigh less than the others; swap them"
             )
-        for name in ("weight_alignment", "js_detach"):
+        for name in ("weight_alignment", "js_detach", "counterfactual_grad"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"LossConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.weight_alignment and not self.spec.alignment:
@@ -90,6 +98,13 @@ class LossConfig:
             )
         if not self.js_detach and self.variant != "js":
             raise ValueError(f"LossConfig.js_detach=False only applies to variant 'js', not {self.variant!r}")
+        if not self.counterfactual_grad and not self.spec.alignment:
+            raise ValueError(
+                f"LossConfig.counterfactual_grad=False: variant {self.variant!r} has no alignment term L_p "
+                "(only mce and nextquill do); leave it true"
+            )
+        if self.anchor > 0 and self.spec.next_stream == "without":
+            raise ValueError("LossConfig.anchor: sft already trains the without-history stream; set anchor=0")
 
     @property
     def spec(self) -> VariantSpec:
@@ -106,7 +121,8 @@ class LossConfig:
 def streams_needed(cfg: LossConfig) -> tuple[bool, bool]:
     """(with-history pass needed, without-history pass needed) for the loss `cfg`.
 
-    The without-history pass serves L_n of `sft`, the alignment term, the js weights and a dynamic DCE.
+    The without-history pass serves L_n of `sft`, the alignment term, the js weights, a dynamic DCE and the
+    anchor.
     """
     spec = cfg.spec
     need_with = spec.next_stream == "with" or spec.alignment or spec.next_weights == "js"
@@ -115,5 +131,6 @@ def streams_needed(cfg: LossConfig) -> tuple[bool, bool]:
         or spec.alignment
         or spec.next_weights == "js"
         or (cfg.uses_target_weights and cfg.dce == "dynamic")
+        or cfg.anchor > 0
     )
     return need_with, need_without

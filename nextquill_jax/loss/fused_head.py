@@ -59,6 +59,7 @@ class _Plan(NamedTuple):
     layout: str
     with_js: bool
     with_effect: bool
+    counterfactual_grad: bool
     head_grad: bool
     rows: int
     slots: int
@@ -97,6 +98,7 @@ def head_token_stats(
     head_layout: HeadLayout = "vd",
     with_js: bool = False,
     with_effect: bool = False,
+    counterfactual_grad: bool = True,
     frozen_head: bool = False,
     token_chunk: int = DEFAULT_TOKEN_CHUNK,
     vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
@@ -110,6 +112,8 @@ def head_token_stats(
         head_layout: "vd" or "dv", see `lm_head`.
         with_js: also return the Jensen–Shannon weight between streams 0 and 1 (needs S >= 2).
         with_effect: append a stream S with the statistics of the logits difference z_0 − z_1 (needs S >= 2).
+        counterfactual_grad: the effect stream's gradient reaches stream 1 (the z_1 of z_0 − z_1); False
+            treats z_1 as a constant there (its own statistics keep their gradient).
         frozen_head: the LM head is not trained (e.g. under LoRA): its gradient is zero and its
             weight-gradient products (dzᵀ h per tile) are not computed.
         token_chunk: tokens per tile across all rows (at least one response slot per row).
@@ -149,6 +153,7 @@ def head_token_stats(
         layout=head_layout,
         with_js=with_js,
         with_effect=with_effect,
+        counterfactual_grad=counterfactual_grad,
         head_grad=not frozen_head,
         rows=rows,
         slots=slots,
@@ -301,7 +306,8 @@ def _stats_bwd(plan: _Plan, residuals, cotangents):
                 dz = dz.at[:2].add(djs)
             if plan.with_effect:  # z_e = z_0 - z_1: its gradient goes to z_0 and, negated, to z_1
                 dz_e, _ = d_logits(z[0] - z[1], lse_c[n_hidden], gl[n_hidden], gy[n_hidden])
-                dz = jnp.concatenate([dz[:1] + dz_e, dz[1:2] - dz_e, dz[2:]])
+                dz_1 = dz[1:2] - dz_e if plan.counterfactual_grad else dz[1:2]
+                dz = jnp.concatenate([dz[:1] + dz_e, dz_1, dz[2:]])
             dh_c = jnp.einsum("smcv,vd->smcd", dz, wb)
             if not plan.head_grad:
                 return dwb, dh_c

@@ -25,6 +25,10 @@ makes `mce` compute DCE too). The `js` weights are normalised like the target we
 being trained, no gradient) or `fixed` (from `reference_logits` / `reference_dce`). A sum whose denominator is
 0 (no target token) contributes 0, with zero gradient.
 
+Two remedies for the without-history stream, off by default (the public code): `counterfactual_grad=False`
+makes L_p = CE(z_h − sg(z_∅)), so L_p cannot improve by lowering z_∅ on the label; `anchor=β` adds
+β · Σ CE(z_∅) / (target tokens), so that stream stays a language model (aux `a_sum`, `a_den`).
+
 `aux` holds float32 scalars that add across micro-batches and data shards (`combine_aux`), so `loss_from_aux`
 of the combined aux is exactly the global-batch loss:
 
@@ -66,7 +70,7 @@ from nextquill_jax.loss.fused_head import (
     head_vocab,
 )
 
-DENOMINATOR_KEYS: tuple[str, ...] = ("n_den", "p_den")
+DENOMINATOR_KEYS: tuple[str, ...] = ("n_den", "p_den", "a_den")
 
 
 def loss_from_logits(
@@ -123,7 +127,8 @@ def loss_from_logits(
     logprob_without = None if logits_without is None else token_logprobs(logits_without, labels)
     ce_effect = None
     if cfg.spec.alignment:
-        ce_effect = -token_logprobs(model_effect(logits_with, logits_without), labels)
+        counterfactual = logits_without if cfg.counterfactual_grad else jax.lax.stop_gradient(logits_without)
+        ce_effect = -token_logprobs(model_effect(logits_with, counterfactual), labels)
     js = None
     if cfg.spec.next_weights == "js":
         js = js_weights(logits_with, logits_without, mask, detach=cfg.js_detach)
@@ -216,7 +221,7 @@ def loss_from_hidden(
     js_with_grad = spec.next_weights == "js" and not cfg.js_detach
     if spec.next_stream == "without":
         grad_names = ["without"]
-    elif js_with_grad or spec.alignment:
+    elif js_with_grad or spec.alignment or cfg.anchor > 0:
         grad_names = ["with", "without"]
     else:
         grad_names = ["with"]
@@ -226,13 +231,14 @@ def loss_from_hidden(
         labels,
         with_js=js_with_grad,
         with_effect=spec.alignment,
+        counterfactual_grad=cfg.counterfactual_grad,
         frozen_head=frozen_head,
         **head,
     )
     stats = {n: (out.lse[k], out.label_logit[k]) for k, n in enumerate(grad_names)}
     if spec.alignment:
         stats["effect"] = (out.lse[-1], out.label_logit[-1])
-        if not js_with_grad:  # the without stream's own CE feeds only the (gradient-free) DCE
+        if not js_with_grad and cfg.anchor == 0:  # its own CE feeds only the (gradient-free) DCE
             stats["without"] = jax.lax.stop_gradient(stats["without"])
     js = out.js
 
@@ -328,6 +334,8 @@ def metrics_from_aux(aux: Mapping[str, jax.Array], cfg: LossConfig) -> dict[str,
     }
     if "p_sum" in host:
         metrics["loss_p"] = ratio(host["p_sum"], host["p_den"])
+    if "a_sum" in host:
+        metrics["loss_anchor"] = ratio(host["a_sum"], host["a_den"])
     for stream in ("with", "without"):
         if f"ce_{stream}_sum" in host:
             metrics[f"ce_{stream}"] = ratio(host[f"ce_{stream}_sum"], host["tokens"])
@@ -369,6 +377,9 @@ def _assemble(cfg: LossConfig, mask: jax.Array, *, ce_with, ce_without, ce_effec
         align_weights = pref if cfg.weight_alignment else ones
         aux["p_sum"] = (align_weights * ce_effect).sum()
         aux["p_den"] = align_weights.sum()
+    if cfg.anchor > 0:
+        aux["a_sum"] = ce_without.sum()
+        aux["a_den"] = ones.sum()
     aux["tokens"] = ones.sum()
     if ce_with is not None:
         aux["ce_with_sum"] = ce_with.sum()
@@ -386,6 +397,8 @@ def _loss_from_sums(
     """L from sums, normalised by aux's own denominators or by the given global ones (constants)."""
     spec = cfg.spec
     needed = ("n_sum", "n_den", "p_sum", "p_den") if spec.alignment else ("n_sum", "n_den")
+    if cfg.anchor > 0:
+        needed = (*needed, "a_sum", "a_den")
     missing = [k for k in needed if k not in aux]
     if missing:
         raise ValueError(
@@ -411,6 +424,8 @@ def _loss_from_sums(
         loss = loss - (dens["n_sum"] / n_den) * (local_den - jax.lax.stop_gradient(local_den)) / n_den
     if spec.alignment:
         loss = loss + cfg.alpha * aux["p_sum"] / _safe_denominator(dens["p_den"])
+    if cfg.anchor > 0:
+        loss = loss + cfg.anchor * aux["a_sum"] / _safe_denominator(dens["a_den"])
     return loss.astype(jnp.float32)
 
 

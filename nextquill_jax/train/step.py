@@ -164,7 +164,7 @@ def label_denominators(batch: Batch, cfg: LossConfig) -> dict[str, jax.Array] | 
         weights = count
     n_den = weights if cfg.spec.next_weights == "target" else count
     p_den = weights if cfg.weight_alignment else count
-    return {"n_den": n_den, "p_den": p_den}
+    return {"n_den": n_den, "p_den": p_den, "a_den": count}
 
 
 def batch_token_stats(batch: Batch) -> dict[str, jax.Array]:
