@@ -270,15 +270,28 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class LoggingConfig:
-    """A metrics row (metrics.jsonl, TensorBoard, progress bar) every `every_steps` steps."""
+    """A metrics row (metrics.jsonl, TensorBoard, progress bar) every `every_steps` steps.
+
+    Counterfactual health (runs that compute the without-history stream, `train.health`): a warning, once,
+    when its target CE passes `health_ce_ratio` times its first logged value, or when the preference-bearing
+    fraction passes `health_pref_fraction` (null: not checked).
+    """
 
     every_steps: int = 10
     tensorboard: bool = True
     progress_bar: bool = True
+    health_ce_ratio: float = 1.5
+    health_pref_fraction: float | None = 0.75
 
     def __post_init__(self):
         if self.every_steps < 1:
             raise ValueError(f"every_steps must be >= 1, got {self.every_steps}")
+        if self.health_ce_ratio <= 1:
+            raise ValueError(f"health_ce_ratio must be > 1, got {self.health_ce_ratio}")
+        if self.health_pref_fraction is not None and not 0 < self.health_pref_fraction < 1:
+            raise ValueError(
+                f"health_pref_fraction must be in (0, 1) or null, got {self.health_pref_fraction}"
+            )
 
 
 @dataclass(frozen=True)

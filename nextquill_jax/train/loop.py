@@ -21,6 +21,7 @@ from nextquill_jax.data.global_batch import to_global_batch
 from nextquill_jax.loss import LossConfig, combine_aux, metrics_from_aux
 from nextquill_jax.train.adapters import check_same_base
 from nextquill_jax.train.checkpoint import Checkpointer
+from nextquill_jax.train.health import HealthMonitor
 from nextquill_jax.train.metrics_log import MetricsLog
 from nextquill_jax.train.setup import RunSetup, abstract_state, init_state, set_up_run
 from nextquill_jax.train.state import TrainState
@@ -163,14 +164,19 @@ def evaluate_split(run: RunSetup, params: dict, max_batches: int | None) -> dict
 class PendingMetrics:
     """Step metrics left on the device until they are due, so steps are dispatched without waiting.
 
-    `flush` fetches them, stops the run on a non-finite loss (or too many skipped updates) and writes the
-    rows due to the log. Tokens/s covers the interval since the previous flush (compilation at first).
+    `flush` fetches them, stops the run on a non-finite loss (or too many skipped updates), writes the rows
+    due to the log and reports counterfactual health (`health.HealthMonitor`). Tokens/s covers the interval
+    since the previous flush (compilation at first).
     """
 
     def __init__(self, cfg: Config, loss_cfg: LossConfig, epoch_ends: list[int], log: MetricsLog):
         self.cfg, self.loss_cfg, self.epoch_ends, self.log = cfg, loss_cfg, epoch_ends, log
         self.steps: list[tuple[int, dict]] = []
         self.interval_start = time.perf_counter()
+        logging = cfg.logging
+        self.health = HealthMonitor(
+            logging.health_ce_ratio, logging.health_pref_fraction, baseline=log.first_value("ce_without")
+        )
 
     def __bool__(self) -> bool:
         return bool(self.steps)
@@ -200,6 +206,8 @@ class PendingMetrics:
                     "epoch": epoch_of(s, self.epoch_ends),
                 }
                 self.log.write(s, row)
+                for warning in self.health.check(s, row):
+                    self.log.message(warning)
         self.steps = []
         return row
 

@@ -53,16 +53,26 @@ class MetricsLog:
             self._tb.flush()
 
     def progress(self, step: int, metrics: Mapping[str, float]) -> None:
-        """Move the bar to `step` and show loss, tokens/s and the preference-token fraction."""
+        """Move the bar to `step` and show loss, tokens/s, the without-history CE and the preference-token
+        fraction."""
         if self._bar is None:
             return
         self._bar.update(step - self._bar.n)
         shown = {
             "loss": metrics.get("loss"),
             "tok/s": metrics.get("tokens_per_second"),
+            "ce∅": metrics.get("ce_without"),
             "pref": metrics.get("pref_fraction"),
         }
         self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items() if v is not None}, refresh=False)
+
+    def first_value(self, key: str) -> float | None:
+        """`key` in the first row of metrics.jsonl that has it (this run's rows, earlier starts included), or
+        None."""
+        if not self.enabled or not self.path.exists():
+            return None
+        with self.path.open() as f:
+            return next((row[key] for row in map(json.loads, f) if row.get(key) is not None), None)
 
     def message(self, text: str) -> None:
         """Print `text` on process 0 without breaking the bar."""

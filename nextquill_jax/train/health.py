@@ -1,0 +1,58 @@
+"""Counterfactual health while training: is the without-history stream still a language model, and does the
+dynamic DCE still single out a minority of target tokens?
+
+Under L_p (mce, nextquill) the public code's without-history forward keeps its gradient, and L_p rewards
+lowering z_∅ on the label; the stream can drift towards uniform (its CE towards ln V), and then
+DCE = p_h(y) − p_∅(y) exceeds δ almost everywhere, which turns NextQuill's weighting into a constant.
+`HealthMonitor` reads the logged rows and warns once per symptom, naming the step and the remedies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+REMEDIES = (
+    "loss.counterfactual_grad: false, loss.anchor: 0.1, or loss.dce: fixed (LoRA: reference_model: base)"
+)
+
+
+@dataclass
+class HealthMonitor:
+    """Warns when the without-history target CE (`ce_without`) exceeds `ce_ratio` times its first logged
+    value (`baseline`; on resume, the run's first row), or the preference-bearing fraction (`pref_fraction`)
+    exceeds `pref_bound` (None: not checked). Each symptom is reported once."""
+
+    ce_ratio: float
+    pref_bound: float | None
+    baseline: float | None = None
+    reported: set[str] = field(default_factory=set)
+
+    def check(self, step: int, row: Mapping[str, float]) -> list[str]:
+        """The warnings that `row` (the metrics of optimizer step `step`) raises for the first time."""
+        warnings = []
+        ce = row.get("ce_without")
+        if ce is not None and self.baseline is None:
+            self.baseline = ce
+        elif ce is not None and "ce" not in self.reported and ce > self.ce_ratio * self.baseline:
+            self.reported.add("ce")
+            warnings.append(
+                f"counterfactual health, step {step}: the without-history target CE is {ce:.3f} nats, "
+                f"{ce / self.baseline:.2f}x its first logged {self.baseline:.3f} (logging.health_ce_ratio "
+                f"{self.ce_ratio}): that stream is collapsing, and the dynamic DCE with it. "
+                f"Remedies: {REMEDIES}."
+            )
+        pref = row.get("pref_fraction")
+        if (
+            pref is not None
+            and self.pref_bound is not None
+            and "pref" not in self.reported
+            and pref > self.pref_bound
+        ):
+            self.reported.add("pref")
+            warnings.append(
+                f"counterfactual health, step {step}: {pref:.0%} of target tokens are preference-bearing "
+                f"(DCE > delta; bound logging.health_pref_fraction {self.pref_bound}): the weighting is "
+                f"close to uniform. Remedies: {REMEDIES}."
+            )
+        return warnings

@@ -1,0 +1,53 @@
+"""Counterfactual health (train/health.py): the monitor's rule, and its warning in real training runs: it
+fires in a tiny mce run whose without-history CE climbs, and stays silent when the remedies hold it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from nextquill_jax.config import load_config
+from nextquill_jax.train import loop
+from nextquill_jax.train.health import HealthMonitor
+
+
+def test_each_symptom_is_reported_once_against_the_first_logged_value():
+    monitor = HealthMonitor(ce_ratio=1.5, pref_bound=0.75)
+    assert monitor.check(1, {"ce_without": 2.0, "pref_fraction": 0.5}) == []
+    assert monitor.check(2, {"ce_without": 2.9, "pref_fraction": 0.7}) == []
+    ce_warning = monitor.check(3, {"ce_without": 3.1, "pref_fraction": 0.7})
+    assert (
+        len(ce_warning) == 1 and "step 3" in ce_warning[0] and "1.55x its first logged 2.000" in ce_warning[0]
+    )
+    assert monitor.check(4, {"ce_without": 3.5, "pref_fraction": 0.7}) == []  # once
+    pref_warning = monitor.check(5, {"ce_without": 3.5, "pref_fraction": 0.8})
+    assert len(pref_warning) == 1 and "80% of target tokens" in pref_warning[0]
+    assert HealthMonitor(1.5, None, baseline=2.0).check(1, {"ce_without": 2.9, "pref_fraction": 0.99}) == []
+    resumed = HealthMonitor(1.5, 0.75, baseline=2.0)  # the baseline read back from metrics.jsonl
+    assert len(resumed.check(9, {"ce_without": 3.2})) == 1
+
+
+@pytest.mark.parametrize(
+    ("name", "remedies", "warns"),
+    [("public", {}, True), ("remedied", {"counterfactual_grad": False, "anchor": 0.1}, False)],
+)
+def test_the_warning_fires_when_the_without_stream_degrades(
+    name, remedies, warns, tmp_path, write_random_data, tiny_config, capsys
+):
+    raw = tiny_config(
+        write_random_data(tmp_path / "data"),
+        tmp_path / name,
+        loss={"variant": "mce", "alpha": 1.0, **remedies},
+        logging={"every_steps": 4, "health_ce_ratio": 1.1},
+        checkpoint={"every_steps": 0, "async_save": False},
+    )
+    raw["data"]["batching"]["num_epochs"] = 8
+    messages = []
+    loop.train(load_config(None, base=raw), tmp_path / name, echo=messages.append)
+    rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    ce = [r["ce_without"] for r in rows if "ce_without" in r]
+    assert (max(ce) > 1.1 * ce[0]) == warns, ce  # the run degrades (or not) as the case says
+    printed = capsys.readouterr().out
+    assert ("counterfactual health" in printed) == warns, printed[-2000:]
+    assert ("the without-history target CE" in printed) == warns
