@@ -3,12 +3,13 @@
     metrics = evaluate("runs/tiny_synthetic", split="test")
 
 Writes `<out>/predictions.jsonl` (one object per example, in the split's order: `index`, `id`, `user_id`,
-`category`, `prompt`, `prediction`, `reference`, `stopped_by`) and `<out>/metrics.json`, where `<out>` is
-`<workdir>/eval/<split>` (a checkpoint) or `<workdir>/eval/<split>-<model name>` (`model_path`, e.g. the
-base model before fine-tuning). metrics.json holds `text_metrics.score_predictions`' dict (ROUGE-1/L, METEOR,
-BLEU overall and per category, METEOR's WordNet source) and, beside it: what was evaluated (`model`,
-`step`, `split`, `examples`, `prompt`, `generation`, `eos_token_id`, `stopped_at_max_new_tokens`) and
-`loss`, the loss terms on the same examples (see `split_losses`).
+`category`, `prompt`, `prediction`, `reference`, `stopped_by`, and its own `rouge1`, `rougeL`, `meteor`) and
+`<out>/metrics.json`, where `<out>` is `<workdir>/eval/<split>` (a checkpoint) or
+`<workdir>/eval/<split>-<model name>` (`model_path`, e.g. the base model before fine-tuning). metrics.json
+holds `text_metrics.score_predictions`' dict (ROUGE-1/L, METEOR, BLEU overall and per category, METEOR's
+WordNet source) and, beside it: what was evaluated (`model`, `step`, `split`, `examples`, `prompt`,
+`generation`, `eos_token_id`, `stopped_at_max_new_tokens`) and `loss`, the loss terms on the same examples
+(see `split_losses`).
 
 The model sees the prompt its variant was trained on: the without-history prompt for `sft`, the with-history
 prompt otherwise (`prompt="with"` / `"without"` chooses). Prompts are the prepared token ids (`<split>/`), so
@@ -244,6 +245,7 @@ def evaluate(
     scores = score_predictions(
         predictions, references, None if all(c is None for c in categories) else labelled
     )
+    per_example = scores.pop("per_example")
     at_limit = sum(len(ids) == generation.max_new_tokens for ids in generated)
     metrics = {
         **scores,
@@ -260,7 +262,7 @@ def evaluate(
     if jax.process_index() == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         with open(out_dir / "predictions.jsonl", "w", encoding="utf-8", newline="\n") as f:
-            for row, text, ids in zip(rows, predictions, generated, strict=True):
+            for k, (row, text, ids) in enumerate(zip(rows, predictions, generated, strict=True)):
                 record = {
                     "index": row["index"],
                     "id": row.get("id"),
@@ -270,6 +272,7 @@ def evaluate(
                     "prediction": text,
                     "reference": row["target"],
                     "stopped_by": "max_new_tokens" if len(ids) == generation.max_new_tokens else "eos",
+                    **{name: values[k] for name, values in per_example.items()},
                 }
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, ensure_ascii=False) + "\n")

@@ -217,22 +217,34 @@ def _check_inputs(
                 )
 
 
-def _score_group(
-    predictions: Sequence[str], references: Sequence[str], wordnet: Any, bleu: BLEU
-) -> dict[str, float]:
+def example_scores(predictions: Sequence[str], references: Sequence[str], wordnet: Any) -> dict[str, list]:
+    """Per pair: {"rouge1", "rougeL"} F-measures and "meteor" (the metrics that average over pairs; BLEU is
+    a corpus statistic and has none). `wordnet`: an nltk WordNet reader, or `_NoSynonyms()`."""
     rouge = [
         _ROUGE.score(target=ref, prediction=pred) for pred, ref in zip(predictions, references, strict=True)
     ]
-    meteor = [
-        meteor_score([meteor_tokenize(ref)], meteor_tokenize(pred), wordnet=wordnet)
-        for pred, ref in zip(predictions, references, strict=True)
-    ]
     return {
-        "count": len(predictions),
-        "rouge1": statistics.fmean(r["rouge1"].fmeasure for r in rouge),
-        "rougeL": statistics.fmean(r["rougeL"].fmeasure for r in rouge),
-        "meteor": statistics.fmean(meteor),
-        "bleu": bleu.corpus_score(list(predictions), [list(references)]).score,
+        "rouge1": [r["rouge1"].fmeasure for r in rouge],
+        "rougeL": [r["rougeL"].fmeasure for r in rouge],
+        "meteor": [
+            meteor_score([meteor_tokenize(ref)], meteor_tokenize(pred), wordnet=wordnet)
+            for pred, ref in zip(predictions, references, strict=True)
+        ],
+    }
+
+
+def _score_group(
+    scores: dict[str, list],
+    idx: Sequence[int],
+    predictions: Sequence[str],
+    references: Sequence[str],
+    bleu: BLEU,
+) -> dict[str, float]:
+    """Means of the pairs `idx` of `scores`, and their corpus BLEU."""
+    return {
+        "count": len(idx),
+        **{name: statistics.fmean(values[i] for i in idx) for name, values in scores.items()},
+        "bleu": bleu.corpus_score([predictions[i] for i in idx], [[references[i] for i in idx]]).score,
     }
 
 
@@ -253,10 +265,11 @@ def score_predictions(
             without synonyms; or an nltk ``WordNetCorpusReader`` to use.
 
     Returns:
-        ``{"overall": GROUP, "per_category": {name: GROUP}, "meteor_wordnet": bool, "meteor_wordnet_source":
-        str | None, "warnings": [str], "settings": {...}}`` where GROUP is ``{"count", "rouge1", "rougeL",
-        "meteor", "bleu"}`` (ROUGE and METEOR in [0, 1], BLEU in [0, 100]). ``per_category`` is empty without
-        ``categories``. ``meteor_wordnet`` is false when METEOR had no synonyms; ``warnings`` then says so.
+        ``{"overall": GROUP, "per_category": {name: GROUP}, "per_example": {"rouge1", "rougeL", "meteor":
+        [N floats]}, "meteor_wordnet": bool, "meteor_wordnet_source": str | None, "warnings": [str],
+        "settings": {...}}`` where GROUP is ``{"count", "rouge1", "rougeL", "meteor", "bleu"}`` (ROUGE and
+        METEOR in [0, 1], BLEU in [0, 100]). ``per_category`` is empty without ``categories``.
+        ``meteor_wordnet`` is false when METEOR had no synonyms; ``warnings`` then says so.
 
     Raises:
         ValueError: lengths differ, or there is nothing to score.
@@ -280,16 +293,16 @@ def score_predictions(
     matcher = wordnet if wordnet is not None else _NoSynonyms()
     bleu = BLEU()
 
+    scores = example_scores(predictions, references, matcher)
     per_category = {}
     if categories is not None:
         for name in sorted(set(categories)):
             idx = [i for i, c in enumerate(categories) if c == name]
-            per_category[name] = _score_group(
-                [predictions[i] for i in idx], [references[i] for i in idx], matcher, bleu
-            )
+            per_category[name] = _score_group(scores, idx, predictions, references, bleu)
     return {
-        "overall": _score_group(predictions, references, matcher, bleu),
+        "overall": _score_group(scores, range(len(predictions)), predictions, references, bleu),
         "per_category": per_category,
+        "per_example": scores,
         "meteor_wordnet": wordnet is not None,
         "meteor_wordnet_source": source,
         "warnings": notes,

@@ -1,0 +1,57 @@
+"""The paired bootstrap interval (eval/bootstrap.py) against a direct NumPy statement, and its coverage."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from nextquill_jax.eval.bootstrap import paired_bootstrap
+
+
+def direct_statement(a, b, resamples, seed, level):
+    """One resample at a time: N indices with replacement, the mean difference, then the percentiles."""
+    rng = np.random.default_rng(seed)
+    n = len(a)
+    means = []
+    for _ in range(resamples):
+        idx = rng.integers(0, n, size=n)
+        means.append(np.mean([a[i] - b[i] for i in idx]))
+    return np.percentile(means, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
+
+
+def test_equals_the_direct_statement():
+    rng = np.random.default_rng(4)
+    a, b = rng.normal(0.3, 1.0, 57), rng.normal(0.1, 1.0, 57)
+    got = paired_bootstrap(a, b, resamples=1500, seed=9, level=0.9)
+    low, high = direct_statement(a, b, 1500, 9, 0.9)
+    assert got.mean == pytest.approx(np.mean(a - b), abs=1e-12)
+    assert (got.low, got.high) == pytest.approx((low, high), abs=1e-12)
+    assert got.examples == 57 and got.level == 0.9
+
+
+def test_pairing_removes_the_examples_own_spread():
+    rng = np.random.default_rng(0)
+    difficulty = rng.normal(0, 5.0, 400)  # large per-example variation shared by both variants
+    a, b = difficulty + 0.2 + rng.normal(0, 0.3, 400), difficulty + rng.normal(0, 0.3, 400)
+    paired = paired_bootstrap(a, b, resamples=2000)
+    assert paired.significant and paired.low > 0.1 and paired.high < 0.3
+    assert not paired_bootstrap(b, b).significant  # no difference: the interval is [0, 0]
+
+
+def test_covers_the_true_difference_about_95_percent_of_the_time():
+    rng = np.random.default_rng(1)
+    covered = 0
+    for trial in range(200):
+        a, b = rng.normal(0.5, 1.0, 60), rng.normal(0.3, 1.0, 60)
+        interval = paired_bootstrap(a, b, resamples=1000, seed=trial)
+        covered += interval.low <= 0.2 <= interval.high
+    assert 0.88 <= covered / 200 <= 0.99
+
+
+def test_bad_inputs_are_errors():
+    with pytest.raises(ValueError, match="equal, non-empty"):
+        paired_bootstrap([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError, match="finite"):
+        paired_bootstrap([1.0, np.nan], [1.0, 2.0])
+    with pytest.raises(ValueError, match="resamples >= 1"):
+        paired_bootstrap([1.0], [2.0], resamples=0)
