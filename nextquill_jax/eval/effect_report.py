@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from nextquill_jax.eval.effect_scoring import EOS, ROLES, score_roles
+from nextquill_jax.eval.effect_scoring import ALL_ROLES, EOS, ROLES, score_roles
 from nextquill_jax.eval.effect_tokens import ExampleEffects, compute_example_effects
 from nextquill_jax.loss import LossConfig
 
@@ -34,7 +34,10 @@ def summarize(results: Sequence[ExampleEffects], loss_cfg: LossConfig) -> dict[s
     """The numbers of `summary.json`: counts, DCE statistics, ground-truth scores, one entry per example.
 
     `ground_truth` (None when no example has `meta.target_spans`) is `effect_scoring.score_roles` over the
-    tokens of the examples that have them, plus `examples`, their count.
+    tokens of the examples that have them, plus `examples`, their count, and `nll`: the teacher-forced
+    negative log-likelihood of the targets per role, with and without the history (`role_nll`). `nll` is the
+    same over all tokens (data without roles too). Each example's entry holds its own `nll_with` /
+    `nll_without` and, with roles, `preference_nll_with` / `preference_nll_without`.
     """
     dce = np.concatenate([r.dce for r in results]).astype(np.float64)
     flagged = dce > loss_cfg.threshold
@@ -49,6 +52,7 @@ def summarize(results: Sequence[ExampleEffects], loss_cfg: LossConfig) -> dict[s
                 [role for r in with_roles for role in r.roles],
                 loss_cfg.threshold,
             ),
+            "nll": role_nll(with_roles),
         }
     per_example = []
     for r in results:
@@ -60,10 +64,16 @@ def summarize(results: Sequence[ExampleEffects], loss_cfg: LossConfig) -> dict[s
             "preference_bearing": int((r.dce > loss_cfg.threshold).sum()),
             "mean_dce": float(r.dce.mean()),
             "max_dce": float(r.dce.max()),
+            "nll_with": float(-r.logp_with.astype(np.float64).mean()),
+            "nll_without": float(-r.logp_without.astype(np.float64).mean()),
         }
         if r.roles is not None:
             scores = score_roles(r.dce, r.roles, loss_cfg.threshold)
             entry.update({k: scores[k] for k in ("precision", "recall", "auroc")})
+            preference = role_nll([r]).get("preference")
+            if preference is not None:
+                entry["preference_nll_with"] = preference["with"]
+                entry["preference_nll_without"] = preference["without"]
         per_example.append(entry)
     return {
         "examples": [r.index for r in results],
@@ -79,8 +89,29 @@ def summarize(results: Sequence[ExampleEffects], loss_cfg: LossConfig) -> dict[s
             "max": float(dce.max()),
         },
         "ground_truth": ground_truth,
+        "nll": {
+            "with": float(-np.concatenate([r.logp_with for r in results]).astype(np.float64).mean()),
+            "without": float(-np.concatenate([r.logp_without for r in results]).astype(np.float64).mean()),
+        },
         "per_example": per_example,
     }
+
+
+def role_nll(results: Sequence[ExampleEffects]) -> dict[str, dict[str, float]]:
+    """{role: {"with", "without": mean −log p(y) in nats, "tokens": count}} over the target tokens of
+    `results` (which must have roles), for each role present (`effect_scoring.ALL_ROLES`)."""
+    roles = np.array([role for r in results for role in r.roles], dtype=object)
+    logp = {
+        stream: np.concatenate([getattr(r, f"logp_{stream}") for r in results]).astype(np.float64)
+        for stream in ("with", "without")
+    }
+    return {
+        role: {"with": float(-logp["with"][roles == role].mean()),
+               "without": float(-logp["without"][roles == role].mean()),
+               "tokens": int((roles == role).sum())}
+        for role in ALL_ROLES
+        if (roles == role).any()
+    }  # fmt: skip
 
 
 def dce_histogram_png(results: Sequence[ExampleEffects], threshold: float) -> bytes:

@@ -39,6 +39,8 @@ class ExampleEffects:
     pieces: list[str]  # [L]
     p_with: np.ndarray  # [L] float32, p_h(y)
     p_without: np.ndarray  # [L] float32, p_∅(y)
+    logp_with: np.ndarray  # [L] float32, log p_h(y) (finite where p_h(y) underflows)
+    logp_without: np.ndarray  # [L] float32, log p_∅(y)
     dce: np.ndarray  # [L] float32
     weight: np.ndarray  # [L] float32
     roles: list[str] | None  # [L]
@@ -50,7 +52,8 @@ def _round_up(x: int, multiple: int) -> int:
 
 @functools.lru_cache(maxsize=8)
 def _effects_fn(graphdef: Any, threshold: float, high: float, low: float):
-    """A jitted `(state, batch) -> (probs [2, B, R], dce [B, R], weight [B, R])` for the model `graphdef`.
+    """A jitted `(state, batch) -> (probs [2, B, R], log-probs [2, B, R], dce [B, R], weight [B, R])` for the
+    model `graphdef`.
 
     Cached, so reports on models of one architecture (e.g. every variant of a demo) compile once per shape."""
     import jax
@@ -61,7 +64,7 @@ def _effects_fn(graphdef: Any, threshold: float, high: float, low: float):
     from nextquill_jax.loss.fused_head import head_token_stats
     from nextquill_jax.train.step import response_hidden
 
-    def token_effects(state: Any, batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def token_effects(state: Any, batch: dict) -> tuple[jax.Array, ...]:
         model = nnx.merge(graphdef, state)
         hidden = jnp.stack([response_hidden(model, batch, "with"), response_hidden(model, batch, "without")])
         lm_head, layout = model.lm_head_weight()
@@ -70,7 +73,7 @@ def _effects_fn(graphdef: Any, threshold: float, high: float, low: float):
         mask = effects.target_mask(batch["labels"])
         dce = effects.data_effect(logprob[0], logprob[1], mask)
         weight = effects.target_weights(dce, mask, threshold=threshold, high=high, low=low)
-        return jnp.where(mask, jnp.exp(logprob), 0.0), dce, weight
+        return jnp.where(mask, jnp.exp(logprob), 0.0), jnp.where(mask, logprob, 0.0), dce, weight
 
     return jax.jit(token_effects)
 
@@ -126,15 +129,16 @@ def compute_example_effects(
     )
     graphdef, state = nnx.split(model)
     run = _effects_fn(graphdef, loss_cfg.threshold, loss_cfg.high, loss_cfg.low)
-    probs, dce, weight = [], [], []
+    probs, logps, dce, weight = [], [], [], []
     for start in range(0, len(arrays), batch_rows):
         chunk = [[a] for a in arrays[start : start + batch_rows]]
         chunk += [[] for _ in range(batch_rows - len(chunk))]  # empty rows: one compiled batch size
-        p, d, w = run(state, assemble_batch(chunk, shape, with_reference_dce=False))
+        p, lp, d, w = run(state, assemble_batch(chunk, shape, with_reference_dce=False))
         probs.append(np.asarray(p))
+        logps.append(np.asarray(lp))
         dce.append(np.asarray(d))
         weight.append(np.asarray(w))
-    probs_all = np.concatenate(probs, axis=1)  # [2, N_padded, R]
+    probs_all, logp_all = np.concatenate(probs, axis=1), np.concatenate(logps, axis=1)  # [2, N_padded, R]
     dce_all, weight_all = np.concatenate(dce), np.concatenate(weight)  # [N_padded, R]
 
     out = []
@@ -157,6 +161,8 @@ def compute_example_effects(
                 pieces=[*token_pieces(row["target"], offsets), eos_text],
                 p_with=probs_all[0, n, :L],
                 p_without=probs_all[1, n, :L],
+                logp_with=logp_all[0, n, :L],
+                logp_without=logp_all[1, n, :L],
                 dce=dce_all[n, :L],
                 weight=weight_all[n, :L],
                 roles=roles,

@@ -203,9 +203,31 @@ def test_report_dce_equals_dce_from_full_logits(data, model, report):
         np.testing.assert_allclose(
             np.log(r.p_with), np.asarray(token_logprobs(logits["with"], labels)), atol=1e-4
         )
+        for stream in ("with", "without"):
+            want_logp = np.asarray(token_logprobs(logits[stream], labels))
+            np.testing.assert_allclose(getattr(r, f"logp_{stream}"), want_logp, atol=1e-4)
         np.testing.assert_allclose(r.p_with - r.p_without, r.dce, atol=1e-6)
         np.testing.assert_array_equal(r.weight, np.where(r.dce > THRESHOLD, 0.8, 0.2).astype(np.float32))
         assert len(r.pieces) == len(target) and len(r.roles) == len(target) and r.roles[-1] == "eos"
+
+
+def test_per_role_nll_is_the_mean_negative_log_probability_of_each_role(report):
+    results, summary, _ = report
+    roles = np.array([role for r in results for role in r.roles], dtype=object)
+    logp = {
+        s: np.concatenate([getattr(r, f"logp_{s}") for r in results]).astype(np.float64)
+        for s in ("with", "without")
+    }
+    nll = summary["ground_truth"]["nll"]
+    assert set(nll) == set(roles) and sum(v["tokens"] for v in nll.values()) == roles.size
+    for role, values in nll.items():
+        for stream in ("with", "without"):
+            assert values[stream] == pytest.approx(-logp[stream][roles == role].mean(), rel=1e-12)
+    assert summary["nll"]["with"] == pytest.approx(-logp["with"].mean(), rel=1e-12)
+    first = summary["per_example"][0]
+    assert first["nll_without"] == pytest.approx(
+        -results[0].logp_without.astype(np.float64).mean(), rel=1e-12
+    )
 
 
 def test_token_roles_of_prepared_targets_agree_with_the_spans(report, tiny_tokenizer):
@@ -314,6 +336,8 @@ def test_html_escapes_hostile_text():
         pieces=["<script>", 'a&b"', "</span>"],
         p_with=np.full(n, 0.5, np.float32),
         p_without=np.full(n, 0.25, np.float32),
+        logp_with=np.full(n, np.log(0.5), np.float32),
+        logp_without=np.full(n, np.log(0.25), np.float32),
         dce=np.array([0.25, -0.1, 0.0], np.float32),
         weight=np.array([0.9, 0.1, 0.1], np.float32),
         roles=None,
