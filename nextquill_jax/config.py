@@ -10,6 +10,7 @@ A config file has the sections `model`, `data`, `loss`, `optim`, `train`, `mesh`
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import typing
@@ -340,7 +341,7 @@ def load_config(
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
     else:
-        raw = dict(base or {})
+        raw = copy.deepcopy(dict(base or {}))  # overrides must not write into the caller's mapping
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(raw).__name__}")
     for item in overrides:

@@ -10,10 +10,11 @@ prepared `<split>.jsonl` (`meta.signature_words`), and the DCE AUROC from its ef
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from nextquill_jax.eval.preference_recall import preference_recall
 
 # (key in a table row, column header)
 COLUMNS = (
@@ -24,55 +25,6 @@ COLUMNS = (
     ("preference_recall", "pref. recall"),
     ("dce_auroc", "DCE AUROC"),
 )
-_WORD = re.compile(r"[A-Za-z]+")
-
-
-def signature_recall(text: str, signature_words: Sequence[str]) -> float:
-    """Share of `signature_words` that occur in `text` as whole words, case-sensitively (the synthetic
-    signature words are lower-case; a capitalised title word such as "Gentle" is not the signature word
-    "gentle").
-
-    Raises:
-        ValueError: `signature_words` is empty.
-    """
-    if not signature_words:
-        raise ValueError("signature_words is empty: recall is undefined")
-    words = set(_WORD.findall(text))
-    return sum(w in words for w in signature_words) / len(signature_words)
-
-
-def preference_recall(predictions_path: str | Path, rendered_split_path: str | Path) -> dict[str, float]:
-    """Mean signature-word recall of the generations in `predictions_path` (evaluate's predictions.jsonl)
-    and, for comparison, of their references; each prediction is joined by `index` to the row of the
-    prepared `<split>.jsonl` holding `meta.signature_words`.
-
-    Returns `{"prediction": mean, "reference": mean, "examples": n}`.
-
-    Raises:
-        ValueError: a prediction whose index is not in the split, or a row without `meta.signature_words`
-            (naming the file and the index).
-    """
-    with open(rendered_split_path, encoding="utf-8") as f:
-        rows = {r["index"]: r for r in map(json.loads, filter(str.strip, f))}
-    with open(predictions_path, encoding="utf-8") as f:
-        predictions = [json.loads(line) for line in f if line.strip()]
-    if not predictions:
-        raise ValueError(f"{predictions_path} holds no predictions")
-    got, ceiling = [], []
-    for p in predictions:
-        row = rows.get(p["index"])
-        words = None if row is None else (row.get("meta") or {}).get("signature_words")
-        if not words:
-            raise ValueError(
-                f"{predictions_path}: index {p['index']} has no meta.signature_words in {rendered_split_path}"
-            )
-        got.append(signature_recall(p["prediction"], words))
-        ceiling.append(signature_recall(p["reference"], words))
-    return {
-        "prediction": sum(got) / len(got),
-        "reference": sum(ceiling) / len(ceiling),
-        "examples": len(got),
-    }
 
 
 def variant_row(

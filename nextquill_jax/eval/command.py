@@ -4,11 +4,13 @@
     nextquill-jax effects --workdir DIR [--step N] [--data PREPARED_DIR] [--split val]
                           [--examples 0,3,7 | --num-examples N] --out REPORT_DIR
     nextquill-jax effects --model PATH_OR_NAME --data PREPARED_DIR ... --out REPORT_DIR
+    nextquill-jax compare --config FILE [--seeds 0 1 2]
 
 `evaluate` generates for a prepared split with a run's checkpoint (or `--model PATH` on the run's data),
 scores the texts and writes `<workdir>/eval/<split>/{predictions.jsonl, metrics.json}` (`eval.evaluate`);
 decoding defaults to the public NextQuill code's (greedy, repetition penalty 1.2), flags change it. `effects`
-writes a per-token causal effect report (`eval.effect_report`).
+writes a per-token causal effect report (`eval.effect_report`); `compare` runs variants of one config and
+tabulates them against a baseline with paired bootstrap intervals (`eval.compare`).
 """
 
 from __future__ import annotations
@@ -167,7 +169,32 @@ def run_effects(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, type=Path, help="a compare file (see eval/compare.py)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="replace compare.seeds")
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from nextquill_jax.config_schema import ConfigError
+    from nextquill_jax.eval.compare import load_comparison, run_comparison
+    from nextquill_jax.train.loop import TrainingDivergedError
+
+    try:
+        comparison = load_comparison(args.config, args.seeds)
+        run_comparison(comparison)
+    except (ConfigError, FileNotFoundError, ValueError, TrainingDivergedError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print((Path(comparison.compare.out) / "results.md").read_text(encoding="utf-8"))
+    return 0
+
+
 COMMANDS = {
     "evaluate": Subcommand("generate for a split and score it", add_evaluate_arguments, run_evaluate),
     "effects": Subcommand("per-token causal effect report (HTML + PNG)", add_effects_arguments, run_effects),
+    "compare": Subcommand(
+        "variants of one config: train, evaluate, effects, one table with paired CIs",
+        add_compare_arguments,
+        run_compare,
+    ),
 }

@@ -15,8 +15,9 @@ import pytest
 import yaml
 
 from nextquill_jax.config_schema import ConfigError
-from nextquill_jax.demo.report import COLUMNS, signature_recall
+from nextquill_jax.demo.report import COLUMNS
 from nextquill_jax.demo.run import load_demo_config, run_demo, write_pretrain_documents
+from nextquill_jax.eval.preference_recall import signature_recall
 
 REPO = Path(__file__).resolve().parents[2]
 VARIANTS = ["sft", "context_sft", "nextquill"]

@@ -1,0 +1,201 @@
+"""`nextquill-jax compare --config FILE`: named variants of one base config through train, evaluate and an
+effect report, in one table, each metric's difference to a baseline variant with a paired bootstrap interval.
+
+A compare file has three sections:
+
+    compare:   {out, baseline, split: test, max_examples, effect_examples: 40, max_new_tokens, seeds: [0],
+                resamples: 2000}
+    variants:  {NAME: {overrides: [section.key=value, ...], train: true}, ...}   # train: false evaluates the
+               base config's model as it is (the "not fine-tuned" row)
+    base:      a whole training config (the sections of configs/*.yaml)
+
+Run `NAME` with seed S lives in `<out>/seed<S>/<NAME>` (its `train.seed` and `data.batching.seed` are S);
+every run shares the prepared data `<out>/prepared` unless `base.train.data_dir` names one. A run whose
+`compare_done.json` exists is not run again, so an interrupted comparison resumes. The per-example numbers
+(`compare_table.per_example_metrics`) of all runs become `<out>/results.json` and `<out>/results.md`
+(`compare_table`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from nextquill_jax.config import Config, load_config, save_config
+from nextquill_jax.config_schema import ConfigError, build
+
+DONE_FILE = "compare_done.json"
+Echo = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """The `compare` section (module docstring): where runs go, the baseline variant, the split evaluated
+    (its first `max_examples`; effect reports on the first `effect_examples`), decoding length, seeds and
+    bootstrap resamples."""
+
+    out: str
+    baseline: str
+    split: str = "test"
+    max_examples: int | None = None
+    effect_examples: int = 40
+    max_new_tokens: int | None = None
+    seeds: list[int] = field(default_factory=lambda: [0])
+    resamples: int = 2000
+
+    def __post_init__(self):
+        if not self.seeds:
+            raise ValueError("seeds is empty")
+        if self.resamples < 1000:
+            raise ValueError(f"resamples must be >= 1000 for a 95% interval, got {self.resamples}")
+
+
+@dataclass(frozen=True)
+class VariantConfig:
+    """One variant: overrides of the base config, and whether it trains (false: the base model as it is)."""
+
+    overrides: list[str] = field(default_factory=list)
+    train: bool = True
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A loaded compare file."""
+
+    compare: CompareConfig
+    variants: dict[str, VariantConfig]
+    base: dict[str, Any]
+    source: str
+
+    def run_config(self, name: str, seed: int) -> Config:
+        """The training config of variant `name` with seed `seed` (its workdir set).
+
+        Raises:
+            ConfigError: an override that does not fit the base config (naming the variant).
+        """
+        workdir = self.workdir(name, seed)
+        shared = [] if self.base.get("train", {}).get("data_dir") else [f"train.data_dir={self.prepared_dir}"]
+        overrides = [
+            *self.variants[name].overrides,
+            f"train.seed={seed}",
+            f"data.batching.seed={seed}",
+            f"train.workdir={workdir}",
+            *shared,
+        ]
+        try:
+            return load_config(None, overrides, base=self.base)
+        except ConfigError as e:
+            raise ConfigError(f"{self.source}: variant {name!r}: {e}") from None
+
+    def workdir(self, name: str, seed: int) -> Path:
+        return Path(self.compare.out) / f"seed{seed}" / name
+
+    @property
+    def prepared_dir(self) -> Path:
+        return Path(self.compare.out) / "prepared"
+
+
+def load_comparison(path: str | Path, seeds: list[int] | None = None) -> Comparison:
+    """Read a compare file; `seeds` replaces `compare.seeds`.
+
+    Raises:
+        ConfigError: missing or unknown sections or keys, a baseline that is not a variant, or a variant
+            whose overrides do not fit the base config.
+        FileNotFoundError: `path` does not exist.
+    """
+    source = str(path)
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(raw, dict) or set(raw) != {"compare", "variants", "base"}:
+        found = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
+        raise ConfigError(
+            f"{source}: a compare file has exactly the sections compare, variants, base; found {found}"
+        )
+    section = dict(raw["compare"] or {})
+    if seeds is not None:
+        section["seeds"] = list(seeds)
+    compare = build(CompareConfig, section, "compare", source)
+    if not isinstance(raw["variants"], dict) or not raw["variants"]:
+        raise ConfigError(f"{source}: `variants` must map names to {{overrides, train}}")
+    variants = {
+        str(name): build(VariantConfig, value or {}, f"variants.{name}", source)
+        for name, value in raw["variants"].items()
+    }
+    if compare.baseline not in variants:
+        raise ConfigError(
+            f"{source}: compare.baseline {compare.baseline!r} is not a variant; variants: {sorted(variants)}"
+        )
+    comparison = Comparison(compare, variants, dict(raw["base"] or {}), source)
+    for name in variants:
+        comparison.run_config(name, compare.seeds[0])  # every variant's overrides fit, before anything runs
+    return comparison
+
+
+def run_variant(comparison: Comparison, name: str, seed: int, echo: Echo = print) -> dict[str, Any]:
+    """Train (unless `train: false`), evaluate and report the effects of one run; returns what
+    `compare_done.json` holds: where its evaluation and effect report are. A finished run is not rerun."""
+    from nextquill_jax.data.prepare import load_fast_tokenizer
+    from nextquill_jax.eval.effect_report import build_effect_report
+    from nextquill_jax.eval.evaluate import evaluate, load_model_path
+    from nextquill_jax.train.loop import train
+    from nextquill_jax.train.setup import prepared_dir
+    from nextquill_jax.train.workdir import data_dir_of, restore_model
+
+    workdir = comparison.workdir(name, seed)
+    done = workdir / DONE_FILE
+    if done.exists():
+        echo(f"{name} (seed {seed}): done already ({done})")
+        return json.loads(done.read_text())
+    cfg, variant, plan = comparison.run_config(name, seed), comparison.variants[name], comparison.compare
+    if variant.train:
+        train(cfg, workdir, echo=echo)
+        model_path = None
+    else:
+        workdir.mkdir(parents=True, exist_ok=True)
+        prepared_dir(cfg, workdir, echo)
+        save_config(cfg, workdir / "config.yaml")
+        model_path = cfg.model.path or cfg.model.preset
+    generation = {} if plan.max_new_tokens is None else {"max_new_tokens": plan.max_new_tokens}
+    metrics = evaluate(
+        workdir, plan.split, model_path=model_path, out_dir=workdir / "eval" / plan.split,
+        max_examples=plan.max_examples, generation_overrides=generation, echo=echo,
+    )  # fmt: skip
+    loaded = restore_model(workdir) if variant.train else load_model_path(workdir, model_path)
+    data_dir = data_dir_of(cfg, workdir)
+    summary = build_effect_report(
+        loaded.model,
+        load_fast_tokenizer(cfg.data.tokenizer),
+        data_dir,
+        plan.split,
+        workdir / "effects",
+        cfg.loss.loss_config(),
+        num_examples=plan.effect_examples,
+        source=f"{name} ({loaded.source})",
+    )
+    record = {
+        "variant": name,
+        "seed": seed,
+        "eval_dir": str(workdir / "eval" / plan.split),
+        "effects_summary": summary["files"]["summary"],
+        "rendered_split": str(data_dir / f"{plan.split}.jsonl"),
+        "bleu": metrics["overall"]["bleu"],
+    }
+    done.write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def run_comparison(comparison: Comparison, echo: Echo = print) -> dict[str, Any]:
+    """Every variant with every seed (`run_variant`), then the table (`compare_table.write_results`);
+    returns results.json's contents."""
+    from nextquill_jax.eval.compare_table import write_results
+
+    records = [
+        run_variant(comparison, name, seed, echo)
+        for seed in comparison.compare.seeds
+        for name in comparison.variants
+    ]
+    return write_results(comparison, records)

@@ -1,0 +1,145 @@
+"""A comparison's table: per-example metrics of every run, means (± std across seeds), and each variant's
+difference to the baseline with a paired bootstrap interval (`bootstrap.paired_bootstrap`).
+
+Per example (the pairs of the bootstrap): ROUGE-1, ROUGE-L and METEOR from the run's predictions.jsonl;
+preference recall where the split's rows carry `meta.signature_words`; from the effect report, the target
+NLL with and without the history and, where targets carry ground-truth roles, the NLL of the preference tokens
+with the history. Each example's value is first averaged over the seeds; a metric's interval is over the
+examples every run has. BLEU (a corpus statistic) and the DCE AUROC come without an interval.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import statistics
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from nextquill_jax.eval.bootstrap import paired_bootstrap
+from nextquill_jax.eval.preference_recall import preference_recall
+
+# (metric, column header, higher is better)
+METRICS: tuple[tuple[str, str, bool], ...] = (
+    ("rouge1", "ROUGE-1", True),
+    ("rougeL", "ROUGE-L", True),
+    ("meteor", "METEOR", True),
+    ("preference_recall", "pref. recall", True),
+    ("preference_nll_with", "pref. NLL", False),
+    ("nll_with", "NLL (with hist.)", False),
+    ("nll_without", "NLL (without)", False),
+)
+
+
+def per_example_metrics(record: Mapping[str, Any]) -> dict[str, dict[int, float]]:
+    """{metric: {example index: value}} of one run (`compare.run_variant`'s record)."""
+    eval_dir = Path(record["eval_dir"])
+    with open(eval_dir / "predictions.jsonl", encoding="utf-8") as f:
+        predictions = [json.loads(line) for line in f if line.strip()]
+    out: dict[str, dict[int, float]] = {
+        m: {p["index"]: p[m] for p in predictions} for m in ("rouge1", "rougeL", "meteor")
+    }
+    with contextlib.suppress(ValueError):  # raised where the data has no signature words
+        recall = preference_recall(eval_dir / "predictions.jsonl", record["rendered_split"])
+        out["preference_recall"] = recall["per_example"]
+    summary = json.loads(Path(record["effects_summary"]).read_text())
+    for metric in ("nll_with", "nll_without", "preference_nll_with"):
+        values = {e["index"]: e[metric] for e in summary["per_example"] if metric in e}
+        if values:
+            out[metric] = values
+    return out
+
+
+def _seed_mean(runs: Sequence[dict[int, float]]) -> dict[int, float]:
+    common = set.intersection(*(set(r) for r in runs))
+    return {i: statistics.fmean(r[i] for r in runs) for i in sorted(common)}
+
+
+def compare_runs(
+    records: Sequence[Mapping[str, Any]], baseline: str, resamples: int = 2000
+) -> dict[str, Any]:
+    """Rows (per variant: metric means, their std across seeds, BLEU, DCE AUROC) and differences to
+    `baseline` (per variant and metric: `PairedDifference` as a dict) from run records."""
+    variants = list(dict.fromkeys(r["variant"] for r in records))
+    examples = {r["variant"]: [] for r in records}
+    for r in records:
+        examples[r["variant"]].append((r, per_example_metrics(r)))
+    rows, differences = [], {}
+    for name in variants:
+        runs = examples[name]
+        row: dict[str, Any] = {"variant": name, "seeds": [r["seed"] for r, _ in runs]}
+        for metric, _, _ in METRICS:
+            per_seed = [m[metric] for _, m in runs if metric in m]
+            if len(per_seed) != len(runs):
+                continue
+            seed_means = [statistics.fmean(v.values()) for v in per_seed]
+            row[metric] = statistics.fmean(seed_means)
+            row[f"{metric}_std"] = statistics.pstdev(seed_means) if len(seed_means) > 1 else None
+        row["bleu"] = statistics.fmean(r["bleu"] for r, _ in runs)
+        aurocs = [json.loads(Path(r["effects_summary"]).read_text())["ground_truth"] for r, _ in runs]
+        row["dce_auroc"] = None if None in aurocs else statistics.fmean(g["auroc"] for g in aurocs)
+        rows.append(row)
+    base_runs = examples[baseline]
+    for name in variants:
+        if name == baseline:
+            continue
+        differences[name] = {}
+        for metric, _, _ in METRICS:
+            ours = [m.get(metric) for _, m in examples[name]]
+            theirs = [m.get(metric) for _, m in base_runs]
+            if None in ours or None in theirs:
+                continue
+            a, b = _seed_mean(ours), _seed_mean(theirs)
+            common = sorted(set(a) & set(b))
+            diff = paired_bootstrap([a[i] for i in common], [b[i] for i in common], resamples=resamples)
+            differences[name][metric] = {**diff.__dict__, "significant": diff.significant}
+    return {"baseline": baseline, "rows": rows, "differences": differences}
+
+
+def conclusions(result: Mapping[str, Any]) -> list[str]:
+    """One sentence per variant and metric: better / worse than the baseline where the interval excludes 0,
+    "no significant difference" where it covers 0."""
+    lines = []
+    for name, metrics in result["differences"].items():
+        for metric, header, higher_better in METRICS:
+            if metric not in metrics:
+                continue
+            d = metrics[metric]
+            interval = f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}], {d['examples']} examples"
+            if not d["significant"]:
+                verdict = "no significant difference"
+            else:
+                verdict = "better" if (d["mean"] > 0) == higher_better else "worse"
+            lines.append(f"{name} vs {result['baseline']} on {header}: {verdict} ({interval})")
+    return lines
+
+
+def markdown(result: Mapping[str, Any]) -> str:
+    """The table of means (± std across seeds where there are several) and the differences with intervals."""
+    headers = [h for _, h, _ in METRICS] + ["BLEU", "DCE AUROC"]
+    lines = ["| variant | " + " | ".join(headers) + " |", "| --- |" + " ---: |" * len(headers)]
+    for row in result["rows"]:
+        cells = []
+        for metric, _, _ in METRICS:
+            value, std = row.get(metric), row.get(f"{metric}_std")
+            cells.append("-" if value is None else f"{value:.4f}" + ("" if std is None else f" ± {std:.4f}"))
+        cells += [f"{row['bleu']:.2f}", "-" if row["dce_auroc"] is None else f"{row['dce_auroc']:.4f}"]
+        lines.append(f"| {row['variant']} | " + " | ".join(cells) + " |")
+    lines += ["", f"Difference to {result['baseline']} (mean [95% paired bootstrap interval]):", ""]
+    lines += [f"- {line}" for line in conclusions(result)]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(comparison: Any, records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """`<out>/results.json` and `<out>/results.md` of a comparison's run records; returns the JSON."""
+    result = {
+        "config": comparison.source,
+        "split": comparison.compare.split,
+        **compare_runs(records, comparison.compare.baseline, comparison.compare.resamples),
+    }
+    result["conclusions"] = conclusions(result)
+    out = Path(comparison.compare.out)
+    (out / "results.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    (out / "results.md").write_text(markdown(result), encoding="utf-8")
+    return result

@@ -1,0 +1,107 @@
+"""`compare` (eval/compare.py, eval/compare_table.py): two variants of a tiny config on the synthetic
+benchmark through train, evaluate and effects; the table's differences against the per-example values the
+runs wrote; resuming; bad files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from nextquill_jax.config_schema import ConfigError
+from nextquill_jax.eval.bootstrap import paired_bootstrap
+from nextquill_jax.eval.compare import load_comparison, run_comparison
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory, save_tiny_tokenizer, tiny_config):
+    root = tmp_path_factory.mktemp("compare")
+    base = tiny_config(None, root / "unused")
+    base["model"]["overrides"]["vocab_size"] = 704  # the tiny tokenizer has 700 ids
+    base["data"].update(
+        format="synthetic",
+        synthetic_users=6,
+        template="review",
+        tokenizer=str(save_tiny_tokenizer(root / "tok")),
+        max_history=1,
+        max_prompt_tokens=900,
+        max_target_tokens=120,
+    )
+    base["data"]["batching"].update(seq_len_with=1024, seq_len_without=None, response_slots=None)
+    base["train"].update(max_steps=2, data_dir=None)
+    base["checkpoint"]["async_save"] = False
+    file = {
+        "compare": {
+            "out": str(root / "out"),
+            "baseline": "context_sft",
+            "max_examples": 6,
+            "effect_examples": 4,
+            "max_new_tokens": 6,
+            "resamples": 1000,
+        },
+        "variants": {
+            "context_sft": {"overrides": ["loss.variant=context_sft"]},
+            "nextquill": {"overrides": ["loss.variant=nextquill", "loss.counterfactual_grad=false"]},
+        },
+        "base": base,
+    }
+    path = root / "compare.yaml"
+    path.write_text(yaml.safe_dump(file))
+    messages = []
+    result = run_comparison(load_comparison(path), echo=messages.append)
+    return root, path, result, messages
+
+
+def test_the_table_and_its_intervals_come_from_the_runs_files(compared):
+    root, _, result, _ = compared
+    assert [r["variant"] for r in result["rows"]] == ["context_sft", "nextquill"]
+    per_run = {}
+    for name in ("context_sft", "nextquill"):
+        lines = (
+            (root / "out" / "seed0" / name / "eval" / "test" / "predictions.jsonl").read_text().splitlines()
+        )
+        per_run[name] = {r["index"]: r["rouge1"] for r in map(json.loads, lines)}
+        row = next(r for r in result["rows"] if r["variant"] == name)
+        assert row["rouge1"] == pytest.approx(np.mean(list(per_run[name].values())), rel=1e-12)
+        assert 0.0 <= row["dce_auroc"] <= 1.0 and row["preference_recall"] is not None
+    common = sorted(per_run["nextquill"])
+    want = paired_bootstrap(
+        [per_run["nextquill"][i] for i in common], [per_run["context_sft"][i] for i in common], resamples=1000
+    )
+    got = result["differences"]["nextquill"]["rouge1"]
+    assert (got["mean"], got["low"], got["high"]) == pytest.approx(
+        (want.mean, want.low, want.high), abs=1e-12
+    )
+    assert set(result["differences"]["nextquill"]) >= {"rouge1", "preference_recall", "preference_nll_with"}
+    text = (root / "out" / "results.md").read_text()
+    assert "| nextquill |" in text and "nextquill vs context_sft on ROUGE-1: " in text
+    verdict = (
+        "no significant difference" if not want.significant else ("better" if want.mean > 0 else "worse")
+    )
+    assert f"nextquill vs context_sft on ROUGE-1: {verdict}" in text
+
+
+def test_a_second_run_resumes_without_running_again(compared):
+    _, path, first, _ = compared
+    messages = []
+    again = run_comparison(load_comparison(path), echo=messages.append)
+    assert sum("done already" in m for m in messages) == 2
+    assert again["rows"] == first["rows"]
+
+
+def test_bad_compare_files_are_errors(compared, tmp_path):
+    _, path, _, _ = compared
+    raw = yaml.safe_load(path.read_text())
+    for change, message in (
+        (lambda r: r["compare"].update(baseline="sft"), "compare.baseline 'sft' is not a variant"),
+        (lambda r: r["variants"]["nextquill"].update(overrides=["loss.varaint=mce"]), "variant 'nextquill'"),
+        (lambda r: r.pop("base"), "exactly the sections compare, variants, base"),
+        (lambda r: r["compare"].update(resamples=10), "resamples must be >= 1000"),
+    ):
+        broken = yaml.safe_load(yaml.safe_dump(raw))
+        change(broken)
+        (tmp_path / "bad.yaml").write_text(yaml.safe_dump(broken))
+        with pytest.raises(ConfigError, match=message):
+            load_comparison(tmp_path / "bad.yaml")
