@@ -25,6 +25,7 @@ from jax.sharding import AbstractMesh, AxisType
 from nextquill_jax.bench.sweep import ScalingConfig, load_scaling_config
 from nextquill_jax.config import Config, ModelRunConfig, load_config
 from nextquill_jax.demo.run import load_demo_config
+from nextquill_jax.eval.compare import load_comparison
 from nextquill_jax.models.attention import check_attention_backend
 from nextquill_jax.models.config import ModelConfig
 from nextquill_jax.models.presets import PRESETS
@@ -106,7 +107,13 @@ def read_header(path: Path) -> Header:
             )
             header.on[m.group(1)] = m.group(2).split()
         start = text.find("nextquill-jax ")
-        if start >= 0 and text[start:].split()[1:2] in (["train"], ["data"], ["bench"], ["demo"]):
+        if start >= 0 and text[start:].split()[1:2] in (
+            ["train"],
+            ["data"],
+            ["bench"],
+            ["demo"],
+            ["compare"],
+        ):
             header.commands.append(shlex.split(text[start:]))
         elif "tpu_scripts/launch.sh" in text:
             header.commands.append(shlex.split(text))
@@ -205,6 +212,9 @@ def test_config_loads_and_fits_its_hardware(path):
     if path.name.startswith("demo"):
         _check_demo(path, header)
         return
+    if "study" in path.relative_to(CONFIG_DIR).parts:
+        _check_compare(path, header)
+        return
     cfg = load_config(path)
     for words in header.commands:
         kind, options, overrides = parse_command(words)
@@ -248,6 +258,25 @@ def _check_demo(path: Path, header: Header) -> None:
                 c.train.micro_batches,
                 c.data.batching.rows_per_batch,
                 c.model.model_config() if c.model.preset is not None else demo.pretrain.model.model_config(),
+                c.model.attention_impl,
+                target,
+                f"{rel(path)} [{name}]",
+            )
+
+
+def _check_compare(path: Path, header: Header) -> None:
+    """Compare files (configs/study/) hold a base config and variants: every variant's config must load and
+    fit the hardware the file names."""
+    comparison = load_comparison(path)
+    for target, overrides in targets_with_overrides(header):
+        assert not overrides, f"{rel(path)}: compare files take no overrides ('On {target}:')"
+        for name in comparison.variants:
+            c = comparison.run_config(name, comparison.compare.seeds[0])
+            check_fits(
+                c.mesh.sizes(),
+                c.train.micro_batches,
+                c.data.batching.rows_per_batch,
+                architecture(c.model),
                 c.model.attention_impl,
                 target,
                 f"{rel(path)} [{name}]",
@@ -323,7 +352,8 @@ def test_configs_sharing_prepared_data_agree_on_its_contents():
     replaces) the first's; batching is free to differ."""
     by_dir: dict[str, list[tuple[str, dict]]] = {}
     for path in CONFIG_FILES:
-        if "scaling" in path.relative_to(CONFIG_DIR).parts or path.name.startswith("demo"):
+        parts = path.relative_to(CONFIG_DIR).parts
+        if "scaling" in parts or "study" in parts or path.name.startswith("demo"):
             continue
         cfg = load_config(path)
         if cfg.train.data_dir is not None:
