@@ -299,3 +299,23 @@ def test_loss_from_hidden_input_errors(data):
         loss_from_hidden(hw, ho, w.T, y, LossConfig())
     with pytest.raises(ValueError, match="outside"):
         loss_from_hidden(hw, ho, w, y.at[2, 0].set(-5), LossConfig())
+
+
+def test_a_frozen_head_gets_no_gradient_and_the_hidden_states_the_same():
+    rng = np.random.default_rng(3)
+    hw, ho = (jnp.asarray(rng.normal(size=(2, 5, 16)), jnp.float32) for _ in range(2))
+    w = jnp.asarray(rng.normal(scale=0.5, size=(21, 16)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 21, size=(2, 5)))
+    cfg = LossConfig(variant="nextquill")
+    grads = {
+        frozen: jax.grad(
+            lambda a, b, c, f=frozen: loss_from_hidden(
+                a, b, c, y, cfg, frozen_head=f, token_chunk=4, vocab_chunk=8
+            )[0],
+            argnums=(0, 1, 2),
+        )(hw, ho, w)
+        for frozen in (False, True)
+    }
+    for trained, frozen in zip(grads[False][:2], grads[True][:2], strict=True):
+        np.testing.assert_array_equal(np.asarray(trained), np.asarray(frozen))
+    assert float(jnp.abs(grads[False][2]).max()) > 0 and not np.any(np.asarray(grads[True][2]))
