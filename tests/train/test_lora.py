@@ -221,8 +221,11 @@ def tiny():
 SETTINGS = StepSettings(loss=LossConfig(variant="nextquill"), token_chunk=64, vocab_chunk=64, lora_scale=2.0)
 
 
-def test_adapter_gradients_equal_autodiff_through_the_merged_kernels(tiny):
-    graphdef, base, weights, batch = tiny
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_adapter_gradients_equal_autodiff_through_the_merged_kernels(tiny, remat):
+    _, base, weights, batch = tiny
+    model_cfg = model_preset("qwen2.5-0.5b", **TINY, remat_policy=remat)
+    graphdef = nnx.split(nnx.eval_shape(lambda: CausalLM(model_cfg, rngs=nnx.Rngs(0))), nnx.Param)[0]
     full = dataclasses.replace(SETTINGS, lora_scale=None)
     ours = jax.grad(lambda w: batch_loss(w, graphdef, batch, SETTINGS, base=base)[0])(weights)
     merged = jax.grad(lambda w: batch_loss(lora.merge(base, w, 2.0), graphdef, batch, full)[0])(weights)
