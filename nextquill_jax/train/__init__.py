@@ -1,2 +1,3 @@
-"""Training: the run's set-up (`setup`, `model_setup`), the pure step, the optax chain, Orbax checkpoints,
-workdirs, metrics logs, the loop, export, and the `train` / `export` subcommands."""
+"""Training: the run's set-up (`setup`, `model_setup`, `adapters` for LoRA runs), the pure step, the optax
+chain, Orbax checkpoints, workdirs, metrics logs and counterfactual health, the loop, export, and the
+`train` / `export` subcommands."""

@@ -154,10 +154,7 @@ class Checkpointer:
         Raises:
             FileNotFoundError: no complete checkpoint at `step` (naming the ones there are).
         """
-        self._require_complete(step)
-        return dict(
-            self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-        )
+        return self._read_json(step, "config")
 
     def read_progress(self, step: int) -> dict[str, Any]:
         """The progress saved with step `step`: step, epoch and, under LoRA, the base's identity (`base`).
@@ -165,10 +162,12 @@ class Checkpointer:
         Raises:
             FileNotFoundError: no complete checkpoint at `step` (naming the ones there are).
         """
+        return self._read_json(step, "progress")
+
+    def _read_json(self, step: int, item: str) -> dict[str, Any]:
         self._require_complete(step)
-        return dict(
-            self.manager.restore(step, args=ocp.args.Composite(progress=ocp.args.JsonRestore()))["progress"]
-        )
+        restored = self.manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))
+        return dict(restored[item])
 
     def wait(self) -> None:
         """Block until any asynchronous save has been committed."""

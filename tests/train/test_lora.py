@@ -10,10 +10,7 @@ Runs in subprocesses (tiny random qwen2 model and data, 12 steps, shared compila
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
-import socket
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -42,28 +39,8 @@ TINY = dict(
 )  # fmt: skip
 
 
-def losses(workdir: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
-
-
-def read_state(step_dir: Path) -> dict:
-    import orbax.checkpoint as ocp
-
-    checkpointer = ocp.PyTreeCheckpointer()
-    tree = checkpointer.metadata(step_dir / "state").item_metadata.tree
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-    return checkpointer.restore(step_dir / "state", args=ocp.args.PyTreeRestore(restore_args=restore_args))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, programs, write_random_data, tiny_config, write_config):
+def runs(tmp_path_factory, programs, write_random_data, tiny_config, write_config, free_port):
     root = tmp_path_factory.mktemp("lora_runs")
     data = write_random_data(root / "data")
     cache = {
@@ -94,7 +71,7 @@ def runs(tmp_path_factory, programs, write_random_data, tiny_config, write_confi
     f = start(config("F", mesh=MESH8, train={"micro_batches": 2}), 8)
     out["C"], out["F"] = finish(c), finish(f)
     g_cfg = config("G", rows_per_batch=4, mesh=MESH8, train={"micro_batches": 2})
-    port = _free_port()
+    port = free_port()
     process = lambda i: {
         "NEXTQUILL_COORDINATOR": f"127.0.0.1:{port}",
         "NEXTQUILL_NUM_PROCESSES": "2",
@@ -105,7 +82,7 @@ def runs(tmp_path_factory, programs, write_random_data, tiny_config, write_confi
     return out
 
 
-def test_the_state_and_checkpoints_hold_adapters_only_and_resume_is_exact(runs):
+def test_the_state_and_checkpoints_hold_adapters_only_and_resume_is_exact(runs, run_losses, read_state):
     root = runs["root"]
     full = read_state(root / "A" / "checkpoints" / str(STEPS))
     resumed = read_state(root / "B" / "checkpoints" / str(STEPS))  # C resumed B in its workdir
@@ -118,15 +95,15 @@ def test_the_state_and_checkpoints_hold_adapters_only_and_resume_is_exact(runs):
     assert "resuming from" in runs["C"].stdout
     for x, y in zip(jax.tree.leaves(full), jax.tree.leaves(resumed), strict=True):
         np.testing.assert_array_equal(x, y)
-    first, last = losses(root / "A")[1], losses(root / "A")[STEPS]
+    first, last = run_losses(root / "A")[1], run_losses(root / "A")[STEPS]
     assert last < first - 0.02, (first, last)  # the adapters learn
 
 
-def test_eight_devices_and_two_processes_match_one_device_and_shard_like_their_kernels(runs):
+def test_eight_devices_and_two_processes_match_one_device_and_shard_like_their_kernels(runs, run_losses):
     root = runs["root"]
-    one = losses(root / "A")
+    one = run_losses(root / "A")
     for other in ("F", "G"):
-        got = losses(root / other)
+        got = run_losses(root / other)
         assert sorted(got) == sorted(one)
         for step in one:
             assert abs(got[step] - one[step]) <= 1e-5 * abs(one[step]), (other, step, one[step], got[step])
@@ -283,7 +260,9 @@ def test_four_micro_batches_give_the_one_batch_lora_update(tiny):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6 * float(jnp.abs(w).max()))
 
 
-def test_the_base_reference_equals_a_separately_loaded_frozen_base(tmp_path, write_random_data, tiny_config):
+def test_the_base_reference_equals_a_separately_loaded_frozen_base(
+    tmp_path, write_random_data, tiny_config, run_losses
+):
     from nextquill_jax.models import save_pretrained
 
     hf_dir = tmp_path / "base"
@@ -298,7 +277,7 @@ def test_the_base_reference_equals_a_separately_loaded_frozen_base(tmp_path, wri
         raw["checkpoint"]["async_save"] = False
         cfg = load_config(None, base=raw)
         result = loop.train(cfg, tmp_path / name, echo=lambda _: None)
-        results[name] = (losses(tmp_path / name), jax.device_get(result.state.params))
+        results[name] = (run_losses(tmp_path / name), jax.device_get(result.state.params))
     assert results["own"][0] == results["separate"][0]
     for x, y in zip(jax.tree.leaves(results["own"][1]), jax.tree.leaves(results["separate"][1]), strict=True):
         np.testing.assert_array_equal(x, y)

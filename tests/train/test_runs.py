@@ -11,10 +11,6 @@ Runs, shared by the tests (a persistent compilation cache lets later runs reuse 
 
 from __future__ import annotations
 
-import json
-import socket
-from pathlib import Path
-
 import jax
 import numpy as np
 import pytest
@@ -23,30 +19,8 @@ STEPS = 12
 MESH8 = {"data": 2, "fsdp": 2, "tensor": 2}
 
 
-def losses(workdir: Path) -> dict[int, float]:
-    """step -> training loss from <workdir>/metrics.jsonl."""
-    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
-
-
-def read_state(step_dir: Path) -> dict:
-    """The TrainState saved in a checkpoint step directory, as a nested dict of numpy arrays."""
-    import orbax.checkpoint as ocp
-
-    checkpointer = ocp.PyTreeCheckpointer()
-    tree = checkpointer.metadata(step_dir / "state").item_metadata.tree
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-    return checkpointer.restore(step_dir / "state", args=ocp.args.PyTreeRestore(restore_args=restore_args))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, programs, write_random_data, tiny_config, write_config):
+def runs(tmp_path_factory, programs, write_random_data, tiny_config, write_config, free_port):
     root = tmp_path_factory.mktemp("train_runs")
     data = write_random_data(root / "data")
     cache = {
@@ -98,9 +72,9 @@ def runs(tmp_path_factory, programs, write_random_data, tiny_config, write_confi
     g_cfg = config("G", rows_per_batch=4, mesh=MESH8, train={"micro_batches": 2})
     c = start(str(root / "B.yaml"), 1)
     e = start(str(root / "D.yaml"), 1)
-    g = two_processes(g_cfg, _free_port(), *sigterm_at_5)
+    g = two_processes(g_cfg, free_port(), *sigterm_at_5)
     out["C"], out["E"], out["G"] = finish(c), finish(e), [finish(p) for p in g]
-    out["H"] = [finish(p) for p in two_processes(g_cfg, _free_port())]
+    out["H"] = [finish(p) for p in two_processes(g_cfg, free_port())]
     return out
 
 
@@ -115,10 +89,10 @@ def _assert_same_state(a: dict, b: dict, *, exact: bool, rtol: float = 0.0, atol
             np.testing.assert_allclose(x, y, rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path))
 
 
-def test_cli_run_loss_falls_and_fills_the_workdir(runs):
+def test_cli_run_loss_falls_and_fills_the_workdir(runs, run_losses):
     work = runs["root"] / "A"
     assert "finished at step 12" in runs["A"].stdout
-    curve = losses(work)
+    curve = run_losses(work)
     assert sorted(curve) == list(range(1, STEPS + 1))
     first, last = curve[1], np.mean([curve[s] for s in range(STEPS - 2, STEPS + 1)])
     assert last < first - 0.3, (first, last)
@@ -130,14 +104,14 @@ def test_cli_run_loss_falls_and_fills_the_workdir(runs):
         assert (work / "checkpoints" / str(STEPS) / item).is_dir(), item
 
 
-def test_sigterm_then_resume_reproduces_the_uninterrupted_run_bitwise(runs):
+def test_sigterm_then_resume_reproduces_the_uninterrupted_run_bitwise(runs, run_losses, read_state):
     root = runs["root"]
     stopped = runs["B"].result
     assert stopped["status"] == "preempted" and stopped["step"] == 6, stopped
     assert f"checkpoint {root / 'B' / 'checkpoints' / '6'} is complete" in runs["B"].stdout + runs["B"].stderr
     assert f"resuming from {root / 'B' / 'checkpoints' / '6'}" in runs["C"].stdout
     assert runs["C"].result["step"] == STEPS
-    assert losses(root / "B") == losses(root / "A")  # every step, same batches, same numbers
+    assert run_losses(root / "B") == run_losses(root / "A")  # every step, same batches, same numbers
     _assert_same_state(
         read_state(root / "A" / "checkpoints" / "12"),
         read_state(root / "B" / "checkpoints" / "12"),
@@ -145,14 +119,14 @@ def test_sigterm_then_resume_reproduces_the_uninterrupted_run_bitwise(runs):
     )
 
 
-def test_sigkill_during_async_save_resumes_from_last_complete_checkpoint(runs):
+def test_sigkill_during_async_save_resumes_from_last_complete_checkpoint(runs, run_losses, read_state):
     root = runs["root"]
     left = runs["D_dir_after_kill"]
     assert "3" in left and "6" not in left, left
     assert any(name.startswith("6.orbax-checkpoint-tmp") for name in left), left  # killed mid-save
     assert f"resuming from {root / 'D' / 'checkpoints' / '3'}" in runs["E"].stdout
     assert not [p for p in (root / "D" / "checkpoints").iterdir() if "tmp" in p.name]
-    assert losses(root / "D") == losses(root / "A")
+    assert run_losses(root / "D") == run_losses(root / "A")
     _assert_same_state(
         read_state(root / "A" / "checkpoints" / "12"),
         read_state(root / "D" / "checkpoints" / "12"),
@@ -181,9 +155,9 @@ def _expected_spec(name: str) -> str:
     return table[name]
 
 
-def test_eight_devices_match_one_device_and_shard_as_the_rules_say(runs):
+def test_eight_devices_match_one_device_and_shard_as_the_rules_say(runs, run_losses):
     root = runs["root"]
-    one, eight = losses(root / "A"), losses(root / "F")
+    one, eight = run_losses(root / "A"), run_losses(root / "F")
     assert sorted(eight) == sorted(one)
     for step in one:
         assert abs(eight[step] - one[step]) <= 1e-5 * abs(one[step]), (step, one[step], eight[step])
@@ -193,7 +167,7 @@ def test_eight_devices_match_one_device_and_shard_as_the_rules_say(runs):
     assert result["mu"] == result["params"]  # Adam moments sharded like their parameters (FSDP)
 
 
-def test_two_processes_checkpoint_resume_and_match_one_process(runs):
+def test_two_processes_checkpoint_resume_and_match_one_process(runs, run_losses, read_state):
     root = runs["root"]
     stopped = [run.result for run in runs["G"]]
     assert {r["process"] for r in stopped} == {0, 1}
@@ -202,7 +176,7 @@ def test_two_processes_checkpoint_resume_and_match_one_process(runs):
     finished = [run.result for run in runs["H"]]
     assert {(r["status"], r["step"]) for r in finished} == {("finished", STEPS)}
     assert "resuming from" in runs["H"][0].stdout and "resuming from" in runs["H"][1].stdout
-    single, multi = losses(root / "F"), losses(root / "G")
+    single, multi = run_losses(root / "F"), run_losses(root / "G")
     assert sorted(multi) == sorted(single)
     for step in single:
         assert abs(multi[step] - single[step]) <= 1e-5 * abs(single[step]), (step, single[step], multi[step])
@@ -217,7 +191,7 @@ def test_two_processes_checkpoint_resume_and_match_one_process(runs):
     )
 
 
-def test_export_loads_in_transformers_with_equal_logits(runs, tmp_path):
+def test_export_loads_in_transformers_with_equal_logits(runs, tmp_path, read_state):
     import torch
     from flax import nnx
     from transformers import AutoModelForCausalLM
@@ -241,16 +215,16 @@ def test_export_loads_in_transformers_with_equal_logits(runs, tmp_path):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_a_non_finite_loss_stops_the_run_naming_the_step_and_last_good_checkpoint(runs):
+def test_a_non_finite_loss_stops_the_run_naming_the_step_and_last_good_checkpoint(runs, run_losses):
     root = runs["root"]
     message = runs["N"].stderr
     assert "not finite at step 5" in message, message
     assert f"Last good checkpoint: {root / 'N' / 'checkpoints' / '3'}" in message, message
-    assert max(losses(root / "N")) == 4  # nothing logged from the bad step on
+    assert max(run_losses(root / "N")) == 4  # nothing logged from the bad step on
     assert sorted(int(p.name) for p in (root / "N" / "checkpoints").iterdir()) == [3]
 
 
-def test_a_workdir_serves_as_the_frozen_reference_model(runs):
+def test_a_workdir_serves_as_the_frozen_reference_model(runs, read_state):
     from nextquill_jax.config import load_config
     from nextquill_jax.parallel import make_mesh
     from nextquill_jax.train.setup import reference_params
