@@ -296,3 +296,15 @@ def test_bad_lora_settings_are_errors(tmp_path, tiny_config):
             mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.local_devices()[:1])
             adapters.adapter_layout(cfg.model.lora, model_preset("qwen2.5-0.5b", **TINY), mesh)
     assert LoraConfig().scale == 2.0
+
+
+def test_the_base_check_names_both_directions_and_a_changed_base():
+    lora_run = {"source": "models/A", "fingerprint": "a" * 64}
+    with pytest.raises(ConfigError, match="holds a full fine-tuning checkpoint but the config asks for LoRA"):
+        adapters.check_same_base(None, lora_run, "w/checkpoints/3")
+    with pytest.raises(ConfigError, match="holds a LoRA adapters checkpoint but the config asks for full"):
+        adapters.check_same_base(lora_run, None, "w/checkpoints/3")
+    with pytest.raises(ConfigError, match=r"trained on the base models/A .* now models/B"):
+        adapters.check_same_base(lora_run, {"source": "models/B", "fingerprint": "b" * 64}, "w/checkpoints/3")
+    adapters.check_same_base(lora_run, dict(lora_run), "w/checkpoints/3")
+    adapters.check_same_base(None, None, "w/checkpoints/3")
