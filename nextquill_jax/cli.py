@@ -1,7 +1,8 @@
-"""The `nextquill-jax` command: a thin dispatcher over the subpackages' `command.py` modules.
+"""The `nextquill-jax` command line.
 
-Each of them lists its subcommands in `COMMANDS` (see `subcommand.Subcommand`); this module only collects
-them and dispatches. Command modules import JAX only when a subcommand runs, so `--help` is fast.
+Each subpackage's `command.py` lists its subcommands in `COMMANDS` (see `subcommand.Subcommand`); this
+module only collects them and dispatches. Command modules import JAX only when a subcommand runs, so `--help`
+is fast.
 """
 
 from __future__ import annotations
@@ -10,7 +11,14 @@ import argparse
 import importlib
 import sys
 
+from nextquill_jax import __version__
 from nextquill_jax.subcommand import Subcommand
+
+DESCRIPTION = (
+    "NextQuill causal preference fine-tuning of LLMs in JAX: train a model with and without the user's "
+    "history in its prompt, evaluate and compare variants, report per-token causal effects, export to "
+    "Hugging Face and PEFT, and benchmark."
+)
 
 COMMAND_MODULES = (
     "nextquill_jax.train.command",
@@ -31,10 +39,20 @@ def subcommands() -> dict[str, Subcommand]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every subcommand; `args.command` names the one chosen."""
-    parser = argparse.ArgumentParser(prog="nextquill-jax", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="nextquill-jax",
+        description=DESCRIPTION,
+        epilog="Start with `nextquill-jax demo`; `nextquill-jax COMMAND --help` explains each command.",
+    )
+    parser.add_argument("--version", action="version", version=f"nextquill-jax {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, command in subcommands().items():
-        command.add_arguments(sub.add_parser(name, help=command.help))
+        sub_parser = sub.add_parser(
+            name, help=command.help, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
+        command.add_arguments(sub_parser)
+        ending = f"example:\n  {command.example}"
+        sub_parser.epilog = f"{sub_parser.epilog}\n\n{ending}" if sub_parser.epilog else ending
     return parser
 
 

@@ -127,7 +127,7 @@ def convert(value: Any, tp: Any, key: str, source: str) -> Any:
         return items if origin is list else tuple(items)
     if origin is dict:
         if not isinstance(value, dict):
-            raise _type_error(value, "a mapping", key, source)
+            raise _type_error(value, "mapping", key, source)
         return dict(value)
     if tp is Any:
         return value
@@ -158,7 +158,9 @@ def _type_name(tp: Any) -> str:
 
 
 def _type_error(value: Any, expected: str, key: str, source: str) -> ConfigError:
+    article = "an" if expected[:1] in "aeiou" else "a"
     return ConfigError(
-        f"{source}: `{key}` expects {expected}, got {value!r} ({type(value).__name__}). "
-        f"Fix: write a {expected} value for `{key}` in the file or as `{key}=VALUE` on the command line."
+        f"{source}: `{key}` expects {article} {expected}, got {value!r} ({type(value).__name__}). "
+        f"Fix: write {article} {expected} value for `{key}` in the file or as `{key}=VALUE` on the command "
+        f"line."
     )

@@ -11,7 +11,8 @@ from typing import NamedTuple
 
 
 class Subcommand(NamedTuple):
-    """One subcommand: its one-line help, `add_arguments(parser)` and `run(args) -> exit status`.
+    """One subcommand: its one-line help, `add_arguments(parser)`, `run(args) -> exit status`, and an example
+    command line that its `--help` ends with.
 
     A command module lists its subcommands as `COMMANDS: dict[str, Subcommand]` and imports JAX only inside
     `run`, so `nextquill-jax --help` stays fast.
@@ -20,3 +21,4 @@ class Subcommand(NamedTuple):
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], int]
+    example: str

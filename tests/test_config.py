@@ -83,7 +83,8 @@ def test_unknown_keys_and_values_suggest_the_nearest_valid_one(cfg_file, overrid
 @pytest.mark.parametrize(
     "override, named, expected",
     [
-        ("train.seed=abc", "train.seed", "int"),
+        ("train.seed=abc", "train.seed", "expects an int"),
+        ("model.overrides=3", "model.overrides", "expects a mapping"),
         ("optim.learning_rate=fast", "optim.learning_rate", "float"),
         ("checkpoint.async_save=maybe", "checkpoint.async_save", "bool"),
         ("optim.trainable=q_proj", "optim.trainable", "list"),
@@ -96,6 +97,7 @@ def test_wrong_types_and_invalid_values_name_the_key(cfg_file, override, named, 
         load_config(cfg_file, [override])
     message = str(e.value)
     assert f"`{named}" in message and expected in message and "Fix" in message, message
+    assert " a int" not in message and " a a " not in message  # "an int", "a mapping"
 
 
 def test_model_needs_exactly_one_source(tmp_path, tiny_config, write_config):

@@ -66,4 +66,11 @@ def run_bench(args: argparse.Namespace) -> int:
     return subprocess.call([sys.executable, str(path), *args.args])
 
 
-COMMANDS = {"bench": Subcommand("run a benchmark from benchmarks/", add_bench_arguments, run_bench)}
+COMMANDS = {
+    "bench": Subcommand(
+        "run a benchmark from benchmarks/",
+        add_bench_arguments,
+        run_bench,
+        "nextquill-jax bench lora --rank 8",
+    )
+}

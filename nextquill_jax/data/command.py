@@ -119,4 +119,11 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"data": Subcommand("prepare, inspect or synthesise data", add_data_arguments, run_data)}
+COMMANDS = {
+    "data": Subcommand(
+        "prepare, inspect or synthesise data",
+        add_data_arguments,
+        run_data,
+        "nextquill-jax data prepare --config configs/tiny_synthetic.yaml --out data/prepared/tiny",
+    )
+}

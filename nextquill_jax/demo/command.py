@@ -40,4 +40,11 @@ def run_demo_command(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"demo": Subcommand("the offline end-to-end demo", add_demo_arguments, run_demo_command)}
+COMMANDS = {
+    "demo": Subcommand(
+        "the offline end-to-end demo",
+        add_demo_arguments,
+        run_demo_command,
+        "nextquill-jax demo --quick --out demo_quick/",
+    )
+}

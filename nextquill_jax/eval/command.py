@@ -190,11 +190,22 @@ def run_compare(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {
-    "evaluate": Subcommand("generate for a split and score it", add_evaluate_arguments, run_evaluate),
-    "effects": Subcommand("per-token causal effect report (HTML + PNG)", add_effects_arguments, run_effects),
+    "evaluate": Subcommand(
+        "generate for a split and score it",
+        add_evaluate_arguments,
+        run_evaluate,
+        "nextquill-jax evaluate --workdir runs/tiny_synthetic --split test --max-examples 20",
+    ),
+    "effects": Subcommand(
+        "per-token causal effect report (HTML + PNG)",
+        add_effects_arguments,
+        run_effects,
+        "nextquill-jax effects --workdir runs/tiny_synthetic --out runs/tiny_synthetic/effects",
+    ),
     "compare": Subcommand(
         "variants of one config: train, evaluate, effects, one table with paired CIs",
         add_compare_arguments,
         run_compare,
+        "nextquill-jax compare --config configs/study/smollm2_synthetic.yaml --seeds 0 1 2",
     ),
 }

@@ -76,8 +76,16 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {
-    "train": Subcommand("train a model from a YAML config", add_train_arguments, run_train),
+    "train": Subcommand(
+        "train a model from a YAML config",
+        add_train_arguments,
+        run_train,
+        "nextquill-jax train --config configs/tiny_synthetic.yaml optim.learning_rate=1e-3",
+    ),
     "export": Subcommand(
-        "write a Hugging Face directory from a checkpoint", add_export_arguments, run_export
+        "write a Hugging Face directory from a checkpoint",
+        add_export_arguments,
+        run_export,
+        "nextquill-jax export --workdir runs/tiny_synthetic --out hf_out/   # or --adapter for LoRA runs",
     ),
 }
