@@ -24,7 +24,8 @@ import dataclasses
 import json
 import math
 import tempfile
-from collections.abc import Callable, Mapping
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -95,6 +96,21 @@ def choose_stream(cfg: Config, prompt: PromptChoice) -> str:
     if prompt not in _STREAM_FIELD:
         raise ValueError(f"prompt must be 'auto', 'with' or 'without', got {prompt!r}")
     return prompt
+
+
+def generation_hint(generated: Sequence[Sequence[int]], max_new_tokens: int) -> str | None:
+    """A hint when most generations ran to `max_new_tokens` or repeat one token: the signs of an
+    undertrained model (or a too small `max_new_tokens`); None otherwise."""
+    n = len(generated)
+    at_limit = sum(len(ids) == max_new_tokens for ids in generated)
+    repeating = sum(len(ids) > 4 and max(Counter(ids).values()) > 0.8 * len(ids) for ids in generated)
+    if n == 0 or (at_limit <= n // 2 and repeating <= n // 2):
+        return None
+    return (
+        f"hint: {at_limit}/{n} generations stopped at max_new_tokens ({max_new_tokens}) and {repeating}/{n} "
+        f"repeat one token for over 80% of their length: the model may be undertrained (train longer or "
+        f"check the loss curve), or the texts are longer than max_new_tokens (raise --max-new-tokens)"
+    )
 
 
 def split_losses(
@@ -247,6 +263,9 @@ def evaluate(
     )
     per_example = scores.pop("per_example")
     at_limit = sum(len(ids) == generation.max_new_tokens for ids in generated)
+    hint = generation_hint(generated, generation.max_new_tokens)
+    if hint is not None:
+        echo(hint)
     metrics = {
         **scores,
         "model": loaded.source,

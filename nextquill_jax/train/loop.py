@@ -77,6 +77,7 @@ def train(cfg: Config, workdir: Path, *, echo=print) -> TrainResult:
                 eval_metrics = evaluate_split(run, state.params, cfg.eval.max_batches) if due.evaluate else {}
                 if eval_metrics:
                     log.write(step, eval_metrics)
+                    log.message(eval_line(step, eval_metrics, cfg.checkpoint.best_metric))
                 if due.save:
                     progress = {
                         "step": step,
@@ -159,6 +160,13 @@ def evaluate_split(run: RunSetup, params: dict, max_batches: int | None) -> dict
         auxes.append(run.eval_step(params, batch, run.reference_params, run.base_params))
     values = metrics_from_aux(combine_aux(*auxes), run.settings.loss)
     return {f"eval/{k}": v for k, v in values.items()}
+
+
+def eval_line(step: int, metrics: dict[str, float], tracked: str | None) -> str:
+    """The console line of one evaluation: the eval loss, CE with history, the preference-bearing fraction
+    and the tracked checkpoint metric (`checkpoint.best_metric`), those present."""
+    keys = dict.fromkeys(k for k in ("eval/loss", "eval/ce_with", "eval/pref_fraction", tracked) if k)
+    return f"step {step}: " + ", ".join(f"{k} {metrics[k]:.4f}" for k in keys if k in metrics)
 
 
 class PendingMetrics:

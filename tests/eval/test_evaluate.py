@@ -190,3 +190,14 @@ def test_prompt_choice_follows_the_variant(run):
     assert choose_stream(cfg, "without") == "without"
     with pytest.raises(ValueError, match="prompt must be"):
         choose_stream(cfg, "both")
+
+
+def test_a_hint_names_generations_that_run_out_or_repeat_one_token():
+    from nextquill_jax.eval.evaluate import generation_hint
+
+    healthy = [[5, 6, 7, 2], [8, 9, 2], [5, 7, 9, 11, 12, 13]]
+    assert generation_hint(healthy, max_new_tokens=6) is None
+    stuck = [[4] * 6, [4, 4, 4, 4, 4, 9], [5, 6, 2]]
+    hint = generation_hint(stuck, max_new_tokens=6)
+    assert hint is not None and "2/3 generations stopped at max_new_tokens (6)" in hint
+    assert "2/3 repeat one token" in hint

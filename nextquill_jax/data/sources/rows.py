@@ -102,7 +102,7 @@ def _decode_line(raw: bytes, location: str, line: int) -> Row | Issue:
         text = raw.decode("utf-8", errors="surrogateescape")
         bad_utf8 = e
     try:
-        value = json.loads(text)
+        value = json.loads(text.rstrip("\r\n"))  # a column past the line's end would name the next line
     except json.JSONDecodeError as e:
         if bad_utf8 is not None:
             return _utf8_issue(bad_utf8, location, None)
