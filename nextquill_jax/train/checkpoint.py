@@ -10,14 +10,16 @@ start deletes (tests/test_train_runs.py kills a run mid-save to check this).
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 from orbax.checkpoint import checkpoint_managers as policies
 
 from nextquill_jax.config import CheckpointConfig
@@ -43,6 +45,16 @@ def preservation_policy(cfg: CheckpointConfig) -> policies.PreservationPolicy:
     return policies.AnyPreservationPolicy([latest, best])
 
 
+@contextlib.contextmanager
+def _absl_level(level: int) -> Iterator[None]:
+    previous = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(level)
+    try:
+        yield
+    finally:
+        absl_logging.set_verbosity(previous)
+
+
 class Checkpointer:
     """Saves and restores a run's checkpoints in `directory` (created if missing).
 
@@ -53,14 +65,16 @@ class Checkpointer:
 
     def __init__(self, directory: str | Path, cfg: CheckpointConfig, *, read_only: bool = False):
         self.directory = Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(
-            preservation_policy=None if read_only else preservation_policy(cfg),
-            enable_async_checkpointing=cfg.async_save,
-            create=not read_only,
-            cleanup_tmp_directories=not read_only,
-            read_only=read_only,
-        )
-        self.manager = ocp.CheckpointManager(self.directory, item_names=ITEMS, options=options)
+        # Orbax logs two warnings for every read-only manager (that it will not save): not news to a reader.
+        with _absl_level(absl_logging.ERROR if read_only else absl_logging.get_verbosity()):
+            options = ocp.CheckpointManagerOptions(
+                preservation_policy=None if read_only else preservation_policy(cfg),
+                enable_async_checkpointing=cfg.async_save,
+                create=not read_only,
+                cleanup_tmp_directories=not read_only,
+                read_only=read_only,
+            )
+            self.manager = ocp.CheckpointManager(self.directory, item_names=ITEMS, options=options)
 
     def latest_step(self) -> int | None:
         """The newest COMPLETE checkpoint's step, or None."""

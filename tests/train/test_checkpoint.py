@@ -32,3 +32,15 @@ def test_keeps_the_last_k_plus_the_best_and_restores_the_data_position(tmp_path)
     assert progress == {"step": 2} and next(fresh) == 1 + 2
     assert ckpt.read_config(5) == {"x": 1}
     ckpt.close()
+
+
+def test_a_read_only_checkpointer_logs_no_warnings_and_reads_progress(tmp_path, caplog):
+    ckpt = Checkpointer(tmp_path, CheckpointConfig(async_save=False))
+    data = iter(grain.MapDataset.range(10).to_iter_dataset())
+    ckpt.save(1, {"w": np.zeros(2, np.float32)}, data, config={"x": 1}, progress={"step": 1, "base": None})
+    ckpt.close()
+    with caplog.at_level("WARNING"):
+        reader = Checkpointer(tmp_path, CheckpointConfig(), read_only=True)
+    assert [r.getMessage() for r in caplog.records if "read only" in r.getMessage().lower()] == []
+    assert reader.read_progress(1) == {"step": 1, "base": None} and reader.read_config(1) == {"x": 1}
+    reader.close()
