@@ -72,18 +72,18 @@ def plot(runs: dict[str, Path], png: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    for name, run in runs.items():
+    for k, (name, run) in enumerate(runs.items()):
         rows = health(run)
-        if rows:
+        if rows:  # one colour per variant in both panels
             steps = [r["step"] for r in rows]
-            axes[0].plot(steps, [r["ce_without"] for r in rows], label=name)
+            axes[0].plot(steps, [r["ce_without"] for r in rows], label=name, color=f"C{k}")
             if rows[0].get("pref_fraction") is not None:
-                axes[1].plot(steps, [r["pref_fraction"] for r in rows], label=name)
+                axes[1].plot(steps, [r["pref_fraction"] for r in rows], label=name, color=f"C{k}")
     axes[0].set(xlabel="step", ylabel="target CE without history (nats)", title="without-history stream")
     axes[1].set(xlabel="step", ylabel="share of target tokens with DCE > δ", title="preference-bearing")
     for ax in axes:
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
 
