@@ -40,45 +40,18 @@ TINY = dict(
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, programs, write_random_data, tiny_config, write_config, free_port):
+def runs(tmp_path_factory, train_runs):
     root = tmp_path_factory.mktemp("lora_runs")
-    data = write_random_data(root / "data")
-    cache = {
-        "JAX_COMPILATION_CACHE_DIR": str(root / "jax_cache"),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-    }
-
-    def config(name: str, rows_per_batch: int = 8, **sections) -> str:
-        cfg = tiny_config(data, root / name, **sections)
-        cfg["model"]["lora"] = dict(LORA)
-        cfg["data"]["batching"].update(num_epochs=4, rows_per_batch=rows_per_batch)
-        cfg["train"]["max_steps"] = STEPS
-        return str(write_config(cfg, root / f"{name}.yaml"))
-
-    def start(cfg: str, devices: int, *args: str, **env: str):
-        env = {**env, **cache}
-        return programs.start("train_run.py", cfg, *args, devices=devices, fast_compile=True, env=env)
-
-    def finish(proc):
-        return programs.finish(proc, timeout=300)
-
+    r = train_runs(root, STEPS)
     out = {"root": root}
-    a = start(config("A"), 1)
-    b = start(config("B"), 1, "--fault", "sigterm", "--fault-step", "5")
-    out["A"], out["B"] = finish(a), finish(b)
-    c = start(str(root / "B.yaml"), 1)
-    f = start(config("F", mesh=MESH8, train={"micro_batches": 2}), 8)
-    out["C"], out["F"] = finish(c), finish(f)
-    g_cfg = config("G", rows_per_batch=4, mesh=MESH8, train={"micro_batches": 2})
-    port = free_port()
-    process = lambda i: {
-        "NEXTQUILL_COORDINATOR": f"127.0.0.1:{port}",
-        "NEXTQUILL_NUM_PROCESSES": "2",
-        "NEXTQUILL_PROCESS_ID": str(i),
-    }
-    g = [start(g_cfg, 4, "--gloo", **process(i)) for i in range(2)]
-    out["G"] = [finish(p) for p in g]
+    a = r.start(r.config("A", lora=LORA), 1)
+    b = r.start(r.config("B", lora=LORA), 1, "--fault", "sigterm", "--fault-step", "5")
+    out["A"], out["B"] = r.finish(a), r.finish(b)
+    c = r.start(str(root / "B.yaml"), 1)
+    f = r.start(r.config("F", lora=LORA, mesh=MESH8, train={"micro_batches": 2}), 8)
+    out["C"], out["F"] = r.finish(c), r.finish(f)
+    g_cfg = r.config("G", rows_per_batch=4, lora=LORA, mesh=MESH8, train={"micro_batches": 2})
+    out["G"] = [r.finish(p) for p in r.two_processes(g_cfg)]
     return out
 
 

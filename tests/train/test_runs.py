@@ -20,61 +20,27 @@ MESH8 = {"data": 2, "fsdp": 2, "tensor": 2}
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, programs, write_random_data, tiny_config, write_config, free_port):
+def runs(tmp_path_factory, train_runs):
     root = tmp_path_factory.mktemp("train_runs")
-    data = write_random_data(root / "data")
-    cache = {
-        "JAX_COMPILATION_CACHE_DIR": str(root / "jax_cache"),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-    }
-
-    def config(name: str, rows_per_batch: int = 8, **sections) -> str:
-        cfg = tiny_config(data, root / name, **sections)
-        cfg["data"]["batching"].update(num_epochs=4, rows_per_batch=rows_per_batch)
-        cfg["train"]["max_steps"] = STEPS
-        return str(write_config(cfg, root / f"{name}.yaml"))
-
-    def start(cfg: str, devices: int, *args: str, **env: str):
-        """programs/train_run.py on `cfg` with `args`, `devices` devices and the shared compilation cache."""
-        env = {**env, **cache}
-        return programs.start("train_run.py", cfg, *args, devices=devices, fast_compile=True, env=env)
-
-    def finish(proc, expect: int = 0):
-        return programs.finish(proc, timeout=300, expect=expect)
-
-    def two_processes(cfg: str, port: int, *args: str):
-        return [
-            start(
-                cfg,
-                4,
-                "--gloo",
-                *args,
-                NEXTQUILL_COORDINATOR=f"127.0.0.1:{port}",
-                NEXTQUILL_NUM_PROCESSES="2",
-                NEXTQUILL_PROCESS_ID=str(i),
-            )
-            for i in range(2)
-        ]
-
+    r = train_runs(root, STEPS)
     sigterm_at_5 = ("--fault", "sigterm", "--fault-step", "5")
     out = {"root": root}
-    a = start(config("A", logging={"tensorboard": True}), 1, "--cli")
-    f = start(config("F", mesh=MESH8, train={"micro_batches": 2}), 8)
-    out["A"], out["F"] = finish(a), finish(f)
+    a = r.start(r.config("A", logging={"tensorboard": True}), 1, "--cli")
+    f = r.start(r.config("F", mesh=MESH8, train={"micro_batches": 2}), 8)
+    out["A"], out["F"] = r.finish(a), r.finish(f)
 
-    b = start(config("B"), 1, *sigterm_at_5)
-    d = start(config("D"), 1, "--fault", "sigkill", "--fault-step", "6")
-    n = start(config("N"), 1, "--fault", "nan", "--fault-step", "5", "--cli")
-    out["B"], out["D"], out["N"] = finish(b), finish(d, expect=-9), finish(n, expect=3)
+    b = r.start(r.config("B"), 1, *sigterm_at_5)
+    d = r.start(r.config("D"), 1, "--fault", "sigkill", "--fault-step", "6")
+    n = r.start(r.config("N"), 1, "--fault", "nan", "--fault-step", "5", "--cli")
+    out["B"], out["D"], out["N"] = r.finish(b), r.finish(d, expect=-9), r.finish(n, expect=3)
     out["D_dir_after_kill"] = sorted(p.name for p in (root / "D" / "checkpoints").iterdir())
 
-    g_cfg = config("G", rows_per_batch=4, mesh=MESH8, train={"micro_batches": 2})
-    c = start(str(root / "B.yaml"), 1)
-    e = start(str(root / "D.yaml"), 1)
-    g = two_processes(g_cfg, free_port(), *sigterm_at_5)
-    out["C"], out["E"], out["G"] = finish(c), finish(e), [finish(p) for p in g]
-    out["H"] = [finish(p) for p in two_processes(g_cfg, free_port())]
+    g_cfg = r.config("G", rows_per_batch=4, mesh=MESH8, train={"micro_batches": 2})
+    c = r.start(str(root / "B.yaml"), 1)
+    e = r.start(str(root / "D.yaml"), 1)
+    g = r.two_processes(g_cfg, *sigterm_at_5)
+    out["C"], out["E"], out["G"] = r.finish(c), r.finish(e), [r.finish(p) for p in g]
+    out["H"] = [r.finish(p) for p in r.two_processes(g_cfg)]
     return out
 
 
