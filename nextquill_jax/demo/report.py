@@ -1,108 +1,63 @@
-"""The demo's comparison table, its one-line reading and the training-curve plot.
+"""The demo's reading, the study's recorded table, and the training-curve plot.
 
-Every number in the table is read from a file a run wrote, and the table's JSON names that file:
-ROUGE-1, ROUGE-L, METEOR and BLEU from the variant's `eval/<split>/metrics.json` (`overall`), the
-preference-token recall recomputed from its `eval/<split>/predictions.jsonl` joined by `index` with the
-prepared `<split>.jsonl` (`meta.signature_words`), and the DCE AUROC from its effect report's `summary.json`
-(`ground_truth.auroc`). Nothing is rounded before it is stored; the Markdown shows 4 decimals (BLEU 2).
+The table itself is the comparison's (`eval.compare_table`): every number read from a run's files, each
+difference to the baseline with its paired bootstrap interval. The reading states, for each variant against
+the baseline, the verdict of those intervals on the headline metrics, never a bare difference of means.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from nextquill_jax.eval.preference_recall import preference_recall
+from nextquill_jax.eval.compare_table import METRICS
 
-# (key in a table row, column header)
-COLUMNS = (
-    ("rouge1", "ROUGE-1"),
-    ("rougeL", "ROUGE-L"),
-    ("meteor", "METEOR"),
-    ("bleu", "BLEU"),
-    ("preference_recall", "pref. recall"),
-    ("dce_auroc", "DCE AUROC"),
-)
+STUDY_FILE = Path(__file__).resolve().parents[2] / "benchmarks" / "STUDY.md"
+STUDY_COMMAND = "nextquill-jax compare --config configs/study/smollm2_synthetic.yaml"
+# the claim's metrics: text overlap, copying the user's signature words, and their likelihood
+HEADLINE = ("rouge1", "preference_recall", "preference_nll_with")
 
 
-def variant_row(
-    variant: str, eval_dir: str | Path, rendered_split_path: str | Path, effects_summary: str | Path | None
-) -> dict[str, Any]:
-    """One table row from the files of one variant (module docstring); `dce_auroc` is None without an
-    effect report or without ground truth, and `sources` names every file read."""
-    eval_dir = Path(eval_dir)
-    metrics = json.loads((eval_dir / "metrics.json").read_text(encoding="utf-8"))
-    recall = preference_recall(eval_dir / "predictions.jsonl", rendered_split_path)
-    overall = metrics["overall"]
-    auroc, sources = None, {"metrics": str(eval_dir / "metrics.json")}
-    sources["predictions"] = str(eval_dir / "predictions.jsonl")
-    if effects_summary is not None:
-        summary = json.loads(Path(effects_summary).read_text(encoding="utf-8"))
-        auroc = (summary.get("ground_truth") or {}).get("auroc")
-        sources["effects"] = str(effects_summary)
-    return {
-        "variant": variant,
-        "rouge1": overall["rouge1"],
-        "rougeL": overall["rougeL"],
-        "meteor": overall["meteor"],
-        "bleu": overall["bleu"],
-        "preference_recall": recall["prediction"],
-        "reference_recall": recall["reference"],
-        "dce_auroc": auroc,
-        "examples": metrics["examples"],
-        "prompt": metrics["prompt"],
-        "meteor_wordnet": metrics["meteor_wordnet"],
-        "sources": sources,
-    }
-
-
-def _cell(key: str, value: float | None) -> str:
-    if value is None:
-        return "–"
-    return f"{value:.2f}" if key == "bleu" else f"{value:.4f}"
-
-
-def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """The rows as a Markdown table (variant, then `COLUMNS`), "–" where a value is missing."""
-    lines = [
-        "| variant | " + " | ".join(h for _, h in COLUMNS) + " |",
-        "| --- | " + " | ".join("---:" for _ in COLUMNS) + " |",
-    ]
-    for r in rows:
-        lines.append(f"| {r['variant']} | " + " | ".join(_cell(k, r.get(k)) for k, _ in COLUMNS) + " |")
-    return "\n".join(lines)
-
-
-def _compare(a: float, b: float) -> str:
-    return "ties" if a == b else ("beats" if a > b else "does not beat")
-
-
-def reading(rows: Sequence[Mapping[str, Any]]) -> str:
-    """One sentence computed from the numbers: NextQuill against ContextSFT on ROUGE-1 and preference
-    recall, and whether the best history-aware variant beats `sft` (no history) on each of the two."""
-    by = {r["variant"]: r for r in rows}
-    parts = []
-    if "nextquill" in by and "context_sft" in by:
-        nq, cs = by["nextquill"], by["context_sft"]
-        parts.append(
-            f"NextQuill {_compare(nq['rouge1'], cs['rouge1'])} ContextSFT on ROUGE-1 "
-            f"({nq['rouge1']:.4f} vs {cs['rouge1']:.4f}) and "
-            f"{_compare(nq['preference_recall'], cs['preference_recall'])} it on preference recall "
-            f"({nq['preference_recall']:.4f} vs {cs['preference_recall']:.4f})"
-        )
-    aware = [r for r in rows if r["variant"] != "sft"]
-    if "sft" in by and aware:
-        clauses = []
-        for key, name in (("rouge1", "ROUGE-1"), ("preference_recall", "preference recall")):
-            best, sft = max(aware, key=lambda r: r[key]), by["sft"][key]
-            verb = "raises" if best[key] > sft else "does not raise"
-            clauses.append(
-                f"{verb} {name} (best history-aware {best[key]:.4f}, {best['variant']}, vs {sft:.4f} for sft)"
+def reading(result: Mapping[str, Any]) -> str:
+    """One clause per variant and headline metric (`HEADLINE`): better / worse than the baseline where the
+    paired interval excludes 0, "no significant difference" where it covers 0, with the interval."""
+    headers = {metric: (header, higher) for metric, header, higher in METRICS}
+    clauses = []
+    for name, metrics in result["differences"].items():
+        for metric in HEADLINE:
+            if metric not in metrics:
+                continue
+            d, (header, higher) = metrics[metric], headers[metric]
+            verdict = (
+                ("better than" if (d["mean"] > 0) == higher else "worse than")
+                if d["significant"]
+                else "no significant difference from"
             )
-        parts.append("the history " + " and ".join(clauses))
-    return "; ".join(parts) + "." if parts else "no pair of variants to compare."
+            clauses.append(
+                f"{name} {verdict} {result['baseline']} on {header} "
+                f"({d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}])"
+            )
+    return "; ".join(clauses) + "." if clauses else "no variant to compare with the baseline."
+
+
+def study_table(path: Path = STUDY_FILE) -> str:
+    """The real-model study's recorded table (the `### Table` section of benchmarks/STUDY.md) with the command
+    that reproduces it, as Markdown; a pointer to the file where it is absent (an install without the
+    repository's benchmarks/)."""
+    if not path.exists():
+        return f"The real-model study (SmolLM2-135M + LoRA): `{STUDY_COMMAND}`; see benchmarks/STUDY.md.\n"
+    text = path.read_text(encoding="utf-8")
+    start = text.find("### Table")
+    if start < 0:
+        return f"The real-model study: `{STUDY_COMMAND}`; see {path}.\n"
+    end = text.find("\n### ", start + 1)
+    section = text[start + len("### Table") : end if end >= 0 else len(text)].strip()
+    return (
+        f"## The real-model study, as recorded in {path.name} (SmolLM2-135M-Instruct + LoRA)\n\n"
+        f"Reproduce: `{STUDY_COMMAND}`\n\n{section}\n"
+    )
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

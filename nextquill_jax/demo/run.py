@@ -11,19 +11,20 @@
                   learnt to reuse what a document said before, but has never seen a prompt, a history block or
                   a personalisation objective. Every variant starts from it, so they differ only in the loss.
     4. variants   `sft`, `context_sft`, `nextquill` (and `mce`, `dce` in the full run) fine-tune the base for
-                  the same number of steps on the same batches, through `train.loop.train`, the code of
-                  `nextquill-jax train`.
-    5. evaluation `eval.evaluate` on the test split: greedy decoding with repetition penalty 1.2; ROUGE,
-                  METEOR, BLEU; the without-history prompt for sft, the with-history prompt otherwise.
-    6. effects    an effect report (`eval.effect_report`) per variant: per-token DCE and its AUROC at
-                  separating the ground-truth preference tokens from context and noise tokens.
-    7. table      results.md / results.json / training_curves.png (`demo.report`), printed with a reading
-                  computed from the numbers.
+                  the same number of steps on the same batches: a comparison (`eval.compare`, the code of
+                  `nextquill-jax compare`) whose variants differ only in `loss.variant`, each run through
+                  `train`, `evaluate` (greedy, repetition penalty 1.2; the without-history prompt for sft)
+                  and an effect report (per-token DCE, its AUROC against the ground-truth preference tokens).
+    5. table      the comparison's table with each variant's difference to the baseline (context_sft) and its
+                  paired bootstrap 95% interval; the reading says "no significant difference" wherever the
+                  interval covers 0. results.md / results.json / training_curves.png (`demo.report`), and the
+                  real-model study's recorded table (benchmarks/STUDY.md) beside it.
 
 What runs is a demo config (configs/demo.yaml; --quick: configs/demo_quick.yaml): a `demo` section (sizes,
-variants) and two training configs, `pretrain` (the base) and `finetune` (every variant; `loss.variant` is
-set per run). The paths in them are set from --out; the seed sets the data, the initialisation and the data
-order. Everything the demo writes lives in --out, and its runs there are replaced on every start.
+variants) and two training configs, `pretrain` (the base) and `finetune` (the comparison's base config;
+`loss.variant` is set per variant). The paths in them are set from --out; the seed sets the data, the
+initialisation and the data order. Everything the demo writes lives in --out (variant runs in
+`<out>/seed<S>/<variant>`), and its runs there are replaced on every start.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import yaml
 
 from nextquill_jax.config import Config
 from nextquill_jax.config_schema import ConfigError, build
+from nextquill_jax.eval.compare import CompareConfig, Comparison, VariantConfig
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 DEFAULT_OUT = Path("demo_out")
@@ -60,6 +62,8 @@ class DemoPlan:
         eval_batch_size: prompts decoded together.
         max_new_tokens: generation limit (the synthetic reviews are at most ~90 tokens).
         effect_examples: examples of the split in each effect report (the DCE AUROC is over their tokens).
+        baseline: the variant every other one is compared with (paired bootstrap intervals).
+        resamples: bootstrap resamples of each interval.
     """
 
     users: int = 400
@@ -69,6 +73,8 @@ class DemoPlan:
     eval_batch_size: int = 40
     max_new_tokens: int = 96
     effect_examples: int = 32
+    baseline: str = "context_sft"
+    resamples: int = 2000
 
     def __post_init__(self) -> None:
         for name in ("users", "eval_examples", "eval_batch_size", "max_new_tokens", "effect_examples"):
@@ -80,28 +86,46 @@ class DemoPlan:
             raise ValueError(
                 f"demo.variants must be distinct names from {list(VARIANTS)}, got {list(self.variants)}"
             )
+        if self.baseline not in self.variants:
+            raise ValueError(
+                f"demo.baseline {self.baseline!r} must be one of demo.variants {list(self.variants)}"
+            )
 
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """A loaded demo config: the plan, the base's training config and the variants' training config
-    (its `loss.variant` and `train.workdir` are replaced per variant by `variant_config`)."""
+    """A loaded demo config: the plan, the base's training config, and the variants' base config as a mapping
+    (`finetune`, validated as `finetune_config`), with the run paths and seed set."""
 
     plan: DemoPlan
     pretrain: Config
-    finetune: Config
+    finetune: dict[str, Any]
+    finetune_config: Config
     out_dir: Path
     seed: int
     source: str = field(default="<config>")
 
-    def variant_config(self, variant: str) -> Config:
-        """The fine-tuning config of one variant, writing to `<out>/runs/<variant>`."""
-        cfg = self.finetune
-        return dataclasses.replace(
-            cfg,
-            loss=dataclasses.replace(cfg.loss, variant=variant),
-            train=dataclasses.replace(cfg.train, workdir=str(self.out_dir / "runs" / variant)),
+    def comparison(self) -> Comparison:
+        """The variants as a comparison: `loss.variant` set per variant, runs in `<out>/seed<seed>/<variant>`,
+        every difference to `plan.baseline` with a paired bootstrap interval."""
+        plan = self.plan
+        compare = CompareConfig(
+            out=str(self.out_dir),
+            baseline=plan.baseline,
+            split=plan.split,
+            max_examples=plan.eval_examples,
+            eval_batch_size=plan.eval_batch_size,
+            effect_examples=plan.effect_examples,
+            max_new_tokens=plan.max_new_tokens,
+            seeds=[self.seed],
+            resamples=plan.resamples,
         )
+        variants = {v: VariantConfig(overrides=[f"loss.variant={v}"]) for v in plan.variants}
+        return Comparison(compare, variants, self.finetune, self.source)
+
+    def variant_config(self, variant: str) -> Config:
+        """The fine-tuning config of one variant."""
+        return self.comparison().run_config(variant, self.seed)
 
 
 def default_config(quick: bool) -> Path:
@@ -155,10 +179,11 @@ def load_demo_config(path: str | Path, out_dir: str | Path = DEFAULT_OUT, seed: 
         ("model", "path"): str(out / "base"),
     }
     pretrain = build(Config, _with_values(raw["pretrain"], {**common, **pretrain_paths}), "pretrain", source)
-    finetune = build(Config, _with_values(raw["finetune"], {**common, **finetune_paths}), "finetune", source)
+    finetune = _with_values(raw["finetune"], {**common, **finetune_paths})
+    finetune_config = build(Config, finetune, "finetune", source)
     if pretrain.model.preset is None:
         raise ConfigError(f"{source}: `pretrain.model` must name a preset (the base is trained from scratch)")
-    return DemoConfig(plan, pretrain, finetune, out, seed, source)
+    return DemoConfig(plan, pretrain, finetune, finetune_config, out, seed, source)
 
 
 def _with_values(section: Any, values: dict[tuple[str, ...], Any]) -> dict:
@@ -219,7 +244,8 @@ class _Clock:
 
 
 def run_demo(cfg: DemoConfig, *, echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the demo `cfg` describes (module docstring) and return the contents of results.json.
+    """Run the demo `cfg` describes (module docstring) and return the contents of results.json: the
+    comparison's (`compare_table.write_results`) with the demo's reading, files and stage times.
 
     Raises:
         ConfigError: a configuration problem found while setting up a run.
@@ -227,22 +253,20 @@ def run_demo(cfg: DemoConfig, *, echo: Callable[[str], None] = print) -> dict[st
     """
     from nextquill_jax.data.prepare import prepare
     from nextquill_jax.data.sources.synth import generate_synthetic
-    from nextquill_jax.demo.report import markdown_table, plot_training_curves, reading, variant_row
+    from nextquill_jax.demo.report import plot_training_curves, reading, study_table
     from nextquill_jax.demo.tokenizer import record_texts, train_tokenizer
-    from nextquill_jax.eval.effect_report import build_effect_report
-    from nextquill_jax.eval.evaluate import evaluate
-    from nextquill_jax.models.generate import GenerationConfig
+    from nextquill_jax.eval.compare import run_variant
+    from nextquill_jax.eval.compare_table import write_results
     from nextquill_jax.train.export import export
     from nextquill_jax.train.loop import train
-    from nextquill_jax.train.workdir import restore_model
 
     plan, out = cfg.plan, cfg.out_dir
     clock = _Clock(echo)
     echo = clock.stamped
-    runs = out / "runs"
-    for name in ("base", *plan.variants):  # the demo's own earlier runs: train() would resume them
-        shutil.rmtree(runs / name, ignore_errors=True)
-        shutil.rmtree(out / "effects" / name, ignore_errors=True)
+    comparison = cfg.comparison()
+    runs = {v: comparison.workdir(v, cfg.seed) for v in plan.variants}
+    for run in (out / "runs" / "base", *runs.values()):  # the demo's own earlier runs: they would resume
+        shutil.rmtree(run, ignore_errors=True)
     shutil.rmtree(out / "base", ignore_errors=True)
 
     t = time.perf_counter()
@@ -254,7 +278,7 @@ def run_demo(cfg: DemoConfig, *, echo: Callable[[str], None] = print) -> dict[st
 
     t = time.perf_counter()
     vocab = cfg.pretrain.model.model_config().vocab_size
-    ft_data = cfg.finetune.data
+    ft_data = cfg.finetune_config.data
     texts = record_texts(data_dir / "synthetic.jsonl", ft_data.template, max_history=ft_data.max_history)
     tokenizer = train_tokenizer(texts, out / "tokenizer", vocab_size=vocab)
     eos_ids = cfg.pretrain.model.model_config().eos_token_ids
@@ -265,84 +289,52 @@ def run_demo(cfg: DemoConfig, *, echo: Callable[[str], None] = print) -> dict[st
         )
     echo(f"tokenizer: {len(tokenizer)} tokens (model vocabulary {vocab}) -> {out / 'tokenizer'}")
     prepare(cfg.pretrain.data, cfg.pretrain.train.data_dir, tokenizer=tokenizer, echo=echo)
-    prepare(ft_data, cfg.finetune.train.data_dir, tokenizer=tokenizer, echo=echo)
+    prepare(ft_data, cfg.finetune_config.train.data_dir, tokenizer=tokenizer, echo=echo)
     clock.stage("tokenizer and prepared data", t)
 
     t = time.perf_counter()
-    base = train(cfg.pretrain, runs / "base", echo=echo)
-    export(runs / "base", out / "base")
+    base = train(cfg.pretrain, out / "runs" / "base", echo=echo)
+    export(out / "runs" / "base", out / "base")
     echo(f"base model: {base.step} steps of language modelling -> {out / 'base'}")
     clock.stage("base pre-training", t)
 
-    generation = GenerationConfig(max_new_tokens=plan.max_new_tokens)
-    rendered = Path(cfg.finetune.train.data_dir) / f"{plan.split}.jsonl"
-    rows = []
+    records = []
     for variant in plan.variants:
         t = time.perf_counter()
-        vcfg = cfg.variant_config(variant)
-        workdir = Path(vcfg.train.workdir)
-        result = train(vcfg, workdir, echo=echo)
-        clock.stage(f"{variant}: training ({result.step} steps)", t)
+        records.append(run_variant(comparison, variant, cfg.seed, echo))
+        clock.stage(f"{variant}: training, evaluation and effect report", t)
 
-        t = time.perf_counter()
-        evaluate(
-            workdir,
-            plan.split,
-            max_examples=plan.eval_examples,
-            generation=generation,
-            batch_size=plan.eval_batch_size,
-            echo=echo,
-        )
-        loaded = restore_model(workdir)
-        effects_dir = out / "effects" / variant
-        build_effect_report(
-            loaded.model,
-            tokenizer,
-            vcfg.train.data_dir,
-            plan.split,
-            effects_dir,
-            vcfg.loss.loss_config(),
-            num_examples=plan.effect_examples,
-            source=f"{variant} ({loaded.source})",
-        )
-        rows.append(
-            variant_row(variant, workdir / "eval" / plan.split, rendered, effects_dir / "summary.json")
-        )
-        clock.stage(f"{variant}: evaluation and effect report", t)
-
-    plot_training_curves(
-        {v: runs / v for v in plan.variants}, out / "training_curves.png", base=runs / "base"
-    )
+    result = write_results(comparison, records)
+    plot_training_curves(runs, out / "training_curves.png", base=out / "runs" / "base")
     effect_variant = "nextquill" if "nextquill" in plan.variants else plan.variants[-1]
     results = {
+        **result,
         "date": time.strftime("%Y-%m-%d"),
-        "config": cfg.source,
         "seed": cfg.seed,
         "plan": {**dataclasses.asdict(plan), "variants": list(plan.variants)},
-        "split": plan.split,
-        "rows": rows,
-        "reference_recall": rows[0]["reference_recall"],
-        "reading": reading(rows),
-        "effect_report": str((out / "effects" / effect_variant / "index.html").absolute()),
+        "reading": reading(result),
+        "effect_report": str((runs[effect_variant] / "effects" / "index.html").absolute()),
         "training_curves": str((out / "training_curves.png").absolute()),
         "seconds": {**clock.seconds, "total": round(time.perf_counter() - clock.start, 1)},
     }
-    table = markdown_table(rows)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
-    (out / "results.md").write_text(_results_markdown(results, table), encoding="utf-8")
+    table = (out / "results.md").read_text(encoding="utf-8")
+    (out / "results.md").write_text(_results_markdown(results, table, study_table()), encoding="utf-8")
     return results
 
 
-def _results_markdown(results: dict[str, Any], table: str) -> str:
-    n = results["rows"][0]["examples"]
+def _results_markdown(results: dict[str, Any], table: str, study: str) -> str:
+    plan = results["plan"]
     return (
         f"# NextQuill demo ({results['date']}, seed {results['seed']}, {results['config']})\n\n"
-        f"{table}\n\n"
-        f"{n} {results['split']} examples; greedy decoding, repetition penalty 1.2. pref. recall: share of "
-        f"the user's signature words in the generation (the references themselves: "
-        f"{results['reference_recall']:.4f}). DCE AUROC: how well DCE separates the ground-truth preference "
-        f"tokens from context and noise tokens (0.5 = chance).\n\n"
+        f"{table}\n"
+        f"The first {plan['eval_examples']} {results['split']} examples; greedy decoding, repetition "
+        f"penalty 1.2. pref. recall: share of the user's signature words in the generation. pref. NLL: "
+        f"teacher-forced NLL of the ground-truth preference tokens with the history (first "
+        f"{plan['effect_examples']} examples). DCE AUROC: how well DCE separates the preference tokens from "
+        f"context and noise tokens (0.5 = chance).\n\n"
         f"Reading: {results['reading']}\n\n"
         f"Effect report: {results['effect_report']}\n"
-        f"Training curves: {results['training_curves']}\n"
+        f"Training curves: {results['training_curves']}\n\n"
+        f"{study}"
     )

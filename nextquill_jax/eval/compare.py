@@ -3,8 +3,8 @@ effect report, in one table, each metric's difference to a baseline variant with
 
 A compare file has three sections:
 
-    compare:   {out, baseline, split: test, max_examples, effect_examples: 40, max_new_tokens, seeds: [0],
-                resamples: 2000}
+    compare:   {out, baseline, split: test, max_examples, eval_batch_size, effect_examples: 40,
+                max_new_tokens, seeds: [0], resamples: 2000}
     variants:  {NAME: {overrides: [section.key=value, ...], train: true}, ...}   # train: false evaluates the
                base config's model as it is (the "not fine-tuned" row)
     base:      a whole training config (the sections of configs/*.yaml)
@@ -36,13 +36,14 @@ Echo = Callable[[str], None]
 @dataclass(frozen=True)
 class CompareConfig:
     """The `compare` section (module docstring): where runs go, the baseline variant, the split evaluated
-    (its first `max_examples`; effect reports on the first `effect_examples`), decoding length, seeds and
-    bootstrap resamples."""
+    (its first `max_examples`, decoded `eval_batch_size` prompts at a time; effect reports on the first
+    `effect_examples`), decoding length, seeds and bootstrap resamples."""
 
     out: str
     baseline: str
     split: str = "test"
     max_examples: int | None = None
+    eval_batch_size: int | None = None
     effect_examples: int = 40
     max_new_tokens: int | None = None
     seeds: list[int] = field(default_factory=lambda: [0])
@@ -162,7 +163,8 @@ def run_variant(comparison: Comparison, name: str, seed: int, echo: Echo = print
     generation = {} if plan.max_new_tokens is None else {"max_new_tokens": plan.max_new_tokens}
     metrics = evaluate(
         workdir, plan.split, model_path=model_path, out_dir=workdir / "eval" / plan.split,
-        max_examples=plan.max_examples, generation_overrides=generation, echo=echo,
+        max_examples=plan.max_examples, generation_overrides=generation, batch_size=plan.eval_batch_size,
+        echo=echo,
     )  # fmt: skip
     loaded = restore_model(workdir) if variant.train else load_model_path(workdir, model_path)
     data_dir = data_dir_of(cfg, workdir)
