@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -45,8 +46,10 @@ def demo_block(full: dict, quick: dict, table: str) -> str:
         [
             BEGIN,
             f"A real run ({full['date']}, seed {full['seed']}, `nextquill-jax demo`: "
-            f"{_minutes(full['seconds']['total'])} on the 2-core development machine; `--quick` took "
-            f"{_minutes(quick['seconds']['total'])}), its `results.md`:",
+            f"{_minutes(full['seconds']['total'])} on a {os.cpu_count()}-core machine, load average "
+            f"{os.getloadavg()[0]:.1f} when this was written; `--quick` took "
+            f"{_minutes(quick['seconds']['total'])}), its `results.md` table and reading (every difference "
+            f"with its interval: `demo_out/results.md`):",
             "",
             table.strip(),
             "",
@@ -57,9 +60,9 @@ def demo_block(full: dict, quick: dict, table: str) -> str:
 
 
 def comparison_table(results_md: str) -> str:
-    """The comparison part of a demo's results.md: the table and its list of differences."""
+    """The table of a demo's results.md (the differences' intervals are in the reading and in results.md)."""
     start = results_md.index("| variant |")
-    end = results_md.index("\nThe first ", start)
+    end = results_md.index("\n\n", start)
     return results_md[start:end]
 
 
