@@ -138,6 +138,9 @@ class DataConfig:
     )
     tokenizer: str = "qwen2.5"  # a local tokenizer directory or a name known to models.load_tokenizer
     max_history: int = 8
+    # Too long a prompt: "drop" history entries down to none, then the example; "public" keeps >= 1 entry
+    # and cuts the prompt from the right (counted); see `data.examples`.
+    history_fit: Literal["public", "drop"] = "drop"
     max_prompt_tokens: int = 2048
     max_target_tokens: int = 2048
     tokenize_batch_size: int = 512
@@ -160,6 +163,7 @@ class DataConfig:
         _check_choice("format", self.format, FORMATS)
         _check_choice("on_error", self.on_error, ("fail", "skip"))
         _check_choice("default_split", self.default_split, SPLITS)
+        _check_choice("history_fit", self.history_fit, ("public", "drop"))
         for name in ("sources", "meta"):
             value = getattr(self, name)
             if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
