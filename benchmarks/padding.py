@@ -2,9 +2,11 @@
 the public code's fixed padding of every sequence to 4,097 tokens.
 
 The synthetic data is generated (`data.sources.synth`), prepared with the built-in `review` template (the
-public code's prompt layout) and a real tokenizer (`data.prepare`), then planned by `BatchPipeline` in pack
-and bucket mode. Efficiency counts both streams (with and without history); the per-stream values and the use
-of the response slots are printed too. The public code pads each of the two sequences of an example to 4,097
+public code's prompt layout) and a real tokenizer (`data.prepare`), then planned by `BatchPipeline` in pack,
+bucket and random mode (random: the public code's uniform batches, each padded to its longest example; the
+`shapes` column counts the distinct batch shapes, the programs a run compiles). Efficiency counts both
+streams (with and without history); the per-stream values and the use of the response slots are printed
+too. The public code pads each of the two sequences of an example to 4,097
 tokens, so its efficiency is sum(L_with + L_without) / (2 * 4,097 * examples). Also timed: building one epoch
 of batches.
 
@@ -93,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = [("pack", s, pipeline_row(split, cfg("pack", s))) for s in args.seq_len]
     rows.append(("bucket", max(args.seq_len), pipeline_row(split, cfg("bucket", max(args.seq_len)))))
+    rows.append(("random", max(args.seq_len), pipeline_row(split, cfg("random", max(args.seq_len)))))
     public = public_efficiency(split)
 
     command = shlex.join(["benchmarks/padding.py", *(argv if argv is not None else sys.argv[1:])])
@@ -108,19 +111,20 @@ def main(argv: list[str] | None = None) -> int:
         f"- rows_per_batch {args.rows_per_batch} (one process), length_multiple {args.length_multiple}; "
         "efficiency = real tokens / token slots over both streams, one epoch\n",
         "| batching | row (T_w, T_o, R) | efficiency | with stream | without stream | response slots used "
-        "| batches | plan s | epoch build s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| batches | shapes | plan s | epoch build s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for mode, seq_len, row in rows:
         s = row["stats"]
         lines.append(
             f"| {mode} {seq_len} | {row['shape']} | {s.efficiency:.1%} | {s.efficiency_with:.1%} "
-            f"| {s.efficiency_without:.1%} | {s.response_slot_use:.1%} | {s.batches} | {row['plan_s']:.2f} "
+            f"| {s.efficiency_without:.1%} | {s.response_slot_use:.1%} | {s.batches} | {s.shapes} "
+            f"| {row['plan_s']:.2f} "
             f"| {row['epoch_s']:.2f} |"
         )
     lines.append(
         f"| public code: every sequence padded to {PUBLIC_PAD:,} | ({PUBLIC_PAD}, {PUBLIC_PAD}, -) "
-        f"| {public:.1%} | | | | {len(split)} | | |"
+        f"| {public:.1%} | | | | {len(split)} | 1 | | |"
     )
     text = "\n".join(lines) + "\n"
     print(text)

@@ -51,6 +51,8 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+# The public step restated in PyTorch; the tests compare the JAX step against it too.
+TORCH_PUBLIC_STEP = HERE.parent / "tests" / "reference" / "torch_public_step.py"
 MIB_PER_KIB = 1 / 1024
 TARGETS = {"same": (1.5, 0.7), "asrun": (4.0, None)}  # (min tokens/s ratio, max memory ratio)
 CASE_TITLES = {"same": "same lengths", "asrun": "as each runs"}
@@ -209,7 +211,7 @@ def side_command(side: str, work: Path, pad_len: int, micro: int, layout: str, s
     micro-batch; jax micro-batch count."""
     if side == "torch":
         return [
-            sys.executable, str(HERE / "torch_public_step.py"), "--model-dir", str(work / "model"),
+            sys.executable, str(TORCH_PUBLIC_STEP), "--model-dir", str(work / "model"),
             "--examples", str(work / "examples.npz"), "--pad-len", str(pad_len), "--micro-batch", str(micro),
             "--steps", str(steps),
         ]  # fmt: skip
@@ -396,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.examples % args.same_micro_batch:
         parser.error("--same-micro-batch must divide --examples")
     baseline = {
-        "torch": run_child([sys.executable, str(HERE / "torch_public_step.py"), "--imports-only",
+        "torch": run_child([sys.executable, str(TORCH_PUBLIC_STEP), "--imports-only",
                             "--model-dir", "-", "--examples", "-", "--pad-len", "0"])[1],
         "jax": run_child([sys.executable, str(Path(__file__).resolve()), "--worker", "jax",
                           "--imports-only"])[1],

@@ -23,7 +23,7 @@ import pytest
 from jax.sharding import AbstractMesh, AxisType
 
 from nextquill_jax.bench.sweep import ScalingConfig, load_scaling_config
-from nextquill_jax.config import Config, ModelRunConfig, load_config
+from nextquill_jax.config import Config, ModelRunConfig, config_to_dict, load_config
 from nextquill_jax.demo.run import load_demo_config
 from nextquill_jax.eval.compare import load_comparison
 from nextquill_jax.models.attention import check_attention_backend
@@ -309,21 +309,26 @@ def _check_scaling(path: Path, header: Header) -> None:
                 )
 
 
-PAPER_FILES = [p for p in CONFIG_FILES if p.parent.name == "paper"]
+# configs/paper/<name>_fast.yaml: the twin of <name>.yaml with the project's own choices (not the protocol).
+FAST_FILES = [p for p in CONFIG_FILES if p.parent.name == "paper" and p.stem.endswith("_fast")]
+PAPER_FILES = [p for p in CONFIG_FILES if p.parent.name == "paper" and p not in FAST_FILES]
 
 
 @pytest.mark.parametrize("path", PAPER_FILES, ids=rel)
 def test_paper_configs_keep_the_public_protocol(path):
     """NEXTQUILL.md, "The public code's protocol": AdamW lr 5e-6, weight decay 0.025, warm-up 1%, linear
-    decay, 5 epochs, 16 examples per update, clipping 1.0, seed 42, bf16; 8 history entries, prompts and
-    targets of 2048 tokens; α 0.1, δ 0.05, λ 0.9, ε 0.1, unweighted L_p, dynamic DCE."""
+    decay, 5 epochs, 16 examples per update drawn at random, clipping 1.0, seed 42, bf16; 8 history entries
+    (at least one kept, prompts cut at 2048 tokens), targets of 2048 tokens; the mean of per-example means;
+    α 0.1 (0.01 for the mce ablation), δ 0.05, λ 0.9, ε 0.1, unweighted L_p, dynamic DCE."""
     header = read_header(path)
+    assert load_config(path, ["loss.variant=mce"]).loss.alpha == 0.01, f"{rel(path)}: mce takes α 0.01"
     for target, overrides in targets_with_overrides(header):
         c: Config = load_config(path, overrides)
         hosts = HARDWARE[target][1]
         b, o, d, loss = c.data.batching, c.optim, c.data, c.loss
         where = f"{rel(path)} on {target}"
-        assert b.mode == "bucket" and b.rows_per_batch * hosts == 16, f"{where}: not 16 examples per update"
+        assert b.mode == "random" and b.rows_per_batch * hosts == 16, f"{where}: not 16 random examples"
+        assert (loss.normalize, d.history_fit) == ("example", "public"), where
         assert (b.num_epochs, c.train.max_steps, c.train.seed, b.seed) == (5, None, 42, 42), where
         assert (o.learning_rate, o.weight_decay, o.warmup_ratio, o.warmup_steps) == (
             5e-6,
@@ -345,6 +350,25 @@ def test_paper_configs_keep_the_public_protocol(path):
             0.1,
         )
         assert (loss.weight_alignment, loss.dce) == (False, "dynamic"), where
+
+
+@pytest.mark.parametrize("path", FAST_FILES, ids=rel)
+def test_a_fast_twin_differs_from_its_paper_config_only_in_the_keys_its_header_names(path):
+    twin = path.with_name(path.name.replace("_fast.yaml", ".yaml"))
+    assert twin in PAPER_FILES, f"{rel(path)}: no paper config {rel(twin)} to be the twin of"
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    fast, paper = flat(config_to_dict(load_config(path))), flat(config_to_dict(load_config(twin)))
+    differ = {k for k in paper if fast[k] != paper[k]} - {"train.workdir"}
+    assert differ == {"data.batching.mode", "loss.normalize"}, (rel(path), sorted(differ))
+    header = " ".join(read_header(path).lines)
+    for key in differ:
+        assert key in header, f"{rel(path)}: the header does not say what `{key}` changes"
 
 
 def test_configs_sharing_prepared_data_agree_on_its_contents():

@@ -21,8 +21,12 @@ class BatchingConfig:
     """How examples become batches (YAML section `data.batching`).
 
     Fields:
-        mode: "pack" (several examples per fixed-length row) or "bucket" (one example per row, padded to a
-            length bucket).
+        mode: "pack" (several examples per fixed-length row), "bucket" (one example per row, padded to a
+            length bucket; every batch from one bucket) or "random" (one example per row; every global batch
+            is `rows_per_batch * process_count` consecutive examples of the epoch's random order, a uniform
+            sample as the public code's sampler draws, padded to its own longest example in each of T_w, T_o
+            and R, rounded up to `length_multiple`: each new shape compiles the step once, so a larger
+            multiple means fewer programs and more padding).
         seq_len_with: T_w, tokens per row of the with-history stream (the largest bucket in bucket mode).
         seq_len_without: T_o, tokens per row of the without-history stream. None: derived from the data, a
             multiple of `length_multiple` (pack: T_w times the ratio of without- to with-stream tokens, and at
@@ -45,7 +49,7 @@ class BatchingConfig:
         prefetch_batches: batches Grain builds ahead.
     """
 
-    mode: Literal["pack", "bucket"] = "pack"
+    mode: Literal["pack", "bucket", "random"] = "pack"
     seq_len_with: int = 2048
     seq_len_without: int | None = None
     response_slots: int | None = None
@@ -73,8 +77,8 @@ class BatchingConfig:
         _check_int("batching.seed", self.seed, minimum=0)
         _check_int("batching.read_threads", self.read_threads, minimum=0)
         _check_int("batching.prefetch_batches", self.prefetch_batches, minimum=0)
-        if self.mode not in ("pack", "bucket"):
-            raise ValueError(f"data.batching.mode: {self.mode!r} is not one of 'pack', 'bucket'")
+        if self.mode not in ("pack", "bucket", "random"):
+            raise ValueError(f"data.batching.mode: {self.mode!r} is not one of 'pack', 'bucket', 'random'")
         if self.too_long not in ("error", "truncate"):
             raise ValueError(f"data.batching.too_long: {self.too_long!r} is not one of 'error', 'truncate'")
         for name in ("shuffle", "drop_remainder"):
@@ -92,8 +96,9 @@ class BatchingConfig:
             )
 
     def with_boundaries(self) -> tuple[int, ...]:
-        """The with-stream length of every bucket, increasing, ending with `seq_len_with`."""
-        if self.mode == "pack":
+        """The with-stream length of every bucket, increasing, ending with `seq_len_with` (pack and random
+        modes: that alone, the largest row)."""
+        if self.mode != "bucket":
             return (self.seq_len_with,)
         lows = self.bucket_boundaries
         if not lows:
@@ -138,6 +143,9 @@ class DataConfig:
     )
     tokenizer: str = "qwen2.5"  # a local tokenizer directory or a name known to models.load_tokenizer
     max_history: int = 8
+    # Too long a prompt: "drop" history entries down to none, then the example; "public" keeps >= 1 entry
+    # and cuts the prompt from the right (counted); see `data.examples`.
+    history_fit: Literal["public", "drop"] = "drop"
     max_prompt_tokens: int = 2048
     max_target_tokens: int = 2048
     tokenize_batch_size: int = 512
@@ -160,6 +168,7 @@ class DataConfig:
         _check_choice("format", self.format, FORMATS)
         _check_choice("on_error", self.on_error, ("fail", "skip"))
         _check_choice("default_split", self.default_split, SPLITS)
+        _check_choice("history_fit", self.history_fit, ("public", "drop"))
         for name in ("sources", "meta"):
             value = getattr(self, name)
             if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):

@@ -1,11 +1,16 @@
 """Records -> examples: the with- and without-history prompts of one target, fitted and tokenised.
 
-The history is the `max_history` most recent entries, newest first (entry 1 is the most recent). While the
-with-history prompt has more than `max_prompt_tokens` tokens, the oldest remaining entry is dropped. The
-target is cut at `max_target_tokens` tokens and the tokenizer's EOS appended. Prompts and target are tokenised
-separately and without special tokens (special-token text in a prompt, such as `<|im_start|>`, still maps to
-its id), so the target tokens are exactly the labels. An example whose prompt does not fit even with no
-history is dropped (`prompt_too_long`). Tokenisation runs in batches through the fast tokenizer.
+The history is the `max_history` most recent entries, newest first (entry 1 is the most recent): a stable
+sort by timestamp, descending, so entries with equal timestamps keep their order in the record, as the public
+code's `sorted(profile, key=timestamp, reverse=True)` does (entries without timestamps: the record's order
+reversed). While the with-history prompt has more than `max_prompt_tokens` tokens, the oldest remaining entry
+is dropped: down to none (`history_fit: drop`; an example whose prompt does not fit even with no history is
+dropped as `prompt_too_long`), or down to one (`history_fit: public`, the public code), after which a prompt
+still too long is cut from the right to `max_prompt_tokens` tokens (its tail, the output rating and title and
+the assistant header, goes; counted as `prompts_cut`). The target is cut at `max_target_tokens` tokens and
+the tokenizer's EOS appended. Prompts and target are tokenised separately and without special tokens
+(special-token text in a prompt, such as `<|im_start|>`, still maps to its id), so the target tokens are
+exactly the labels. Tokenisation runs in batches through the fast tokenizer.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import numpy as np
 
 from nextquill_jax.data.config import DataConfig
 from nextquill_jax.data.prepared_split import TokenizedExample
-from nextquill_jax.data.sources.records import Issue, IssueLog, Record
+from nextquill_jax.data.sources.records import HistoryEntry, Issue, IssueLog, Record
 from nextquill_jax.data.templates import PromptTemplate, render_prompt
 
 
@@ -32,6 +37,7 @@ class Example:
     history_used: int  # entries in the with-history prompt
     history_dropped_for_length: int  # recent entries (within max_history) dropped to fit max_prompt_tokens
     target_cut: bool  # the target had more than max_target_tokens tokens
+    prompt_cut: bool  # a prompt was cut to max_prompt_tokens tokens (history_fit: public)
     tokens: TokenizedExample
 
 
@@ -43,6 +49,7 @@ class FittingStats:
     history_entries_dropped_for_length: int = 0
     examples_with_no_history_fitting: int = 0
     targets_cut: int = 0
+    prompts_cut: int = 0
 
 
 def build_examples(
@@ -90,7 +97,7 @@ def _build_batch(
     without: list[str] = []
     valid: list[Record] = []
     for record in records:
-        entries = [dict(e.fields) for e in reversed(record.history)][: cfg.max_history]
+        entries = [dict(e.fields) for e in recent_first(record.history)][: cfg.max_history]
         try:
             text_with = render_prompt(template, record.context, entries, chat_tokenizer=chat)
             text_without = render_prompt(template, record.context, None, chat_tokenizer=chat)
@@ -107,8 +114,9 @@ def _build_batch(
     without_ids = _tokenize(tokenizer, without)
     target_ids = _tokenize(tokenizer, [r.target for r in valid])
     kept = [len(e) for e in newest_first]
+    floor = 1 if cfg.history_fit == "public" else 0  # entries kept however long the prompt
     with_ids = _tokenize(tokenizer, with_texts)
-    pending = [i for i in range(len(valid)) if len(with_ids[i]) > cfg.max_prompt_tokens and kept[i] > 0]
+    pending = [i for i in range(len(valid)) if len(with_ids[i]) > cfg.max_prompt_tokens and kept[i] > floor]
     # Re-render only the prompts still over the limit, one entry shorter per round (<= max_history rounds).
     while pending:
         for i in pending:
@@ -118,11 +126,13 @@ def _build_batch(
             )
         for i, ids in zip(pending, _tokenize(tokenizer, [with_texts[i] for i in pending]), strict=True):
             with_ids[i] = ids
-        pending = [i for i in pending if len(with_ids[i]) > cfg.max_prompt_tokens and kept[i] > 0]
+        pending = [i for i in pending if len(with_ids[i]) > cfg.max_prompt_tokens and kept[i] > floor]
     for i, record in enumerate(valid):
-        if len(with_ids[i]) > cfg.max_prompt_tokens or len(without_ids[i]) > cfg.max_prompt_tokens:
+        too_long = len(with_ids[i]) > cfg.max_prompt_tokens or len(without_ids[i]) > cfg.max_prompt_tokens
+        if too_long and cfg.history_fit == "drop":
             log.drop("prompt_too_long")
             continue
+        stats.prompts_cut += too_long
         dropped = len(newest_first[i]) - kept[i]
         stats.history_entries_dropped_for_length += dropped
         stats.examples_with_no_history_fitting += kept[i] == 0
@@ -136,12 +146,21 @@ def _build_batch(
             history_used=kept[i],
             history_dropped_for_length=dropped,
             target_cut=cut,
+            prompt_cut=too_long,
             tokens=TokenizedExample(
-                prompt_with=np.asarray(with_ids[i], np.int32),
-                prompt_without=np.asarray(without_ids[i], np.int32),
+                prompt_with=np.asarray(with_ids[i][: cfg.max_prompt_tokens], np.int32),
+                prompt_without=np.asarray(without_ids[i][: cfg.max_prompt_tokens], np.int32),
                 target=np.asarray([*target[: cfg.max_target_tokens], eos], np.int32),
             ),
         )
+
+
+def recent_first(history: Sequence[HistoryEntry]) -> list[HistoryEntry]:
+    """`history` (oldest first) newest first: by timestamp, descending, equal timestamps in their order in
+    `history` (Python's sort is stable with `reverse=True` too); without timestamps, `history` reversed."""
+    if history and all(e.timestamp is not None for e in history):
+        return sorted(history, key=lambda e: e.timestamp, reverse=True)
+    return list(reversed(history))
 
 
 def _tokenize(tokenizer: Any, texts: list[str]) -> list[list[int]]:
@@ -167,6 +186,7 @@ def example_row(index: int, example: Example) -> dict[str, Any]:
         "history_available": len(r.history),
         "history_dropped_for_length": example.history_dropped_for_length,
         "target_cut": example.target_cut,
+        "prompt_cut": example.prompt_cut,
         "tokens": {
             "prompt_with": int(example.tokens.prompt_with.size),
             "prompt_without": int(example.tokens.prompt_without.size),

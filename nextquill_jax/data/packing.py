@@ -69,6 +69,20 @@ def first_fit_rows(
     return closed
 
 
+def padded_shape(need: np.ndarray, multiple: int, largest: Sequence[int]) -> tuple[int, ...]:
+    """The row shape that holds every example of a batch alone: the largest need per resource, rounded up
+    to `multiple`, at most `largest` (which holds every example).
+
+    Args:
+        need: [N, K] int resources of the batch's examples (N >= 1).
+        multiple: rounding of every dimension (>= 1).
+        largest: K ints, the largest row shape.
+    """
+    top = np.asarray(need, dtype=np.int64).max(axis=0)  # [K]
+    rounded = -(-top // multiple) * multiple
+    return tuple(int(x) for x in np.minimum(rounded, np.asarray(largest, dtype=np.int64)))
+
+
 def bucket_of(need: np.ndarray, shapes: np.ndarray) -> np.ndarray:
     """The smallest bucket each example fits: [N] int64, -1 where none fits.
 

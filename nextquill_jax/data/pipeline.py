@@ -8,10 +8,13 @@ combined single stream would need attention masks between the two copies of a ta
 longest sequence. Same row because the response slots of a row can then name one position in each stream for
 every target token (`assemble.py` lays this out).
 
-Two batching modes (`BatchingConfig.mode`):
+Three batching modes (`BatchingConfig.mode`):
   - `pack`: examples are placed by first fit into rows of shape (T_w, T_o, R) (`packing.first_fit_rows`);
     one compiled shape for the whole run.
   - `bucket`: one example per row, padded to the smallest bucket that holds it (a few compiled shapes).
+  - `random`: one example per row; a global batch is the next examples of the epoch's order (a uniform random
+    sample, as the public code's sampler), padded to its longest example per stream and in response slots,
+    rounded up to `length_multiple` (`packing.padded_shape`; as many compiled shapes as distinct paddings).
 
 Order and sharding: every epoch, all processes plan the *global* epoch identically (a permutation from
 (seed, epoch), then rows or buckets over integer lengths only) and cut it into global batches of
@@ -43,7 +46,7 @@ import numpy as np
 
 from nextquill_jax.data.assemble import RowShape, assemble_batch
 from nextquill_jax.data.config import BatchingConfig
-from nextquill_jax.data.packing import bucket_batches, bucket_of, first_fit_rows
+from nextquill_jax.data.packing import bucket_batches, bucket_of, first_fit_rows, padded_shape
 from nextquill_jax.data.prepared_split import PreparedSplit
 
 Batch = dict[str, np.ndarray]
@@ -71,6 +74,7 @@ class EpochStats:
     truncated_examples: int
     truncated_tokens: int
     dropped_examples: int
+    shapes: int  # distinct batch shapes (programs the step compiles for this epoch)
 
     @property
     def efficiency_with(self) -> float:
@@ -100,9 +104,9 @@ class EpochStats:
 
 @dataclass(frozen=True)
 class _EpochPlan:
-    """Global batches of one epoch: (shape index, rows of example indices; len(rows) <= global rows)."""
+    """Global batches of one epoch: (row shape, rows of example indices; len(rows) <= global rows)."""
 
-    batches: list[tuple[int, list[np.ndarray]]]
+    batches: list[tuple[RowShape, list[np.ndarray]]]
     stats: EpochStats
 
 
@@ -223,18 +227,27 @@ class BatchPipeline:
         order = self.epoch_order(epoch)
         if cfg.mode == "pack":
             rows = first_fit_rows(self._need, order, self.shapes[0].as_tuple(), cfg.open_rows)
-            batches = [(0, rows[i : i + G]) for i in range(0, len(rows), G)]
-        else:
+            batches = [(self.shapes[0], rows[i : i + G]) for i in range(0, len(rows), G)]
+        elif cfg.mode == "bucket":
             batches = [
-                (b, [g[i : i + 1] for i in range(len(g))]) for b, g in bucket_batches(self._bucket, order, G)
+                (self.shapes[b], [g[i : i + 1] for i in range(len(g))])
+                for b, g in bucket_batches(self._bucket, order, G)
             ]
+        else:
+            batches = []
+            for start in range(0, len(order), G):
+                chunk = order[start : start + G]
+                shape = RowShape(
+                    *padded_shape(self._need[chunk], cfg.length_multiple, self.shapes[-1].as_tuple())
+                )
+                batches.append((shape, [chunk[i : i + 1] for i in range(len(chunk))]))
         dropped = 0
         if cfg.drop_remainder:
             dropped = sum(len(r) for _, rows in batches if len(rows) < G for r in rows)
             batches = [(s, rows) for s, rows in batches if len(rows) == G]
         used = np.concatenate([r for _, rows in batches for r in rows]) if batches else np.zeros(0, np.int64)
         need = self._need[used]  # [examples, 3]
-        slots = np.array([self.shapes[s].as_tuple() for s, _ in batches], dtype=np.int64).reshape(-1, 3) * G
+        slots = np.array([s.as_tuple() for s, _ in batches], dtype=np.int64).reshape(-1, 3) * G
         stats = EpochStats(
             epoch=epoch,
             examples=int(used.size),
@@ -249,6 +262,7 @@ class BatchPipeline:
             truncated_examples=self._truncated[0],
             truncated_tokens=self._truncated[1],
             dropped_examples=dropped,
+            shapes=len({s for s, _ in batches}),
         )
         plan = _EpochPlan(batches, stats)
         self._plans = {e: p for e, p in self._plans.items() if e == epoch - 1}  # keep at most two epochs
@@ -289,9 +303,9 @@ class BatchPipeline:
         return self._build(self._plan(epoch), index)
 
     def _build(self, plan: _EpochPlan, index: int) -> Batch:
-        shape_index, _ = plan.batches[index]
+        shape, _ = plan.batches[index]
         rows = [[self._example(int(i)) for i in row] for row in self._local_rows(plan, index)]
-        return assemble_batch(rows, self.shapes[shape_index], with_reference_dce=self.has_reference_dce)
+        return assemble_batch(rows, shape, with_reference_dce=self.has_reference_dce)
 
     def _example(self, i: int) -> dict[str, np.ndarray]:
         ex = self.split[i]

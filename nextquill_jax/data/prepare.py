@@ -31,7 +31,7 @@ from nextquill_jax.data.sources.read import expand_paths, read_records
 from nextquill_jax.data.sources.records import IssueLog
 from nextquill_jax.data.templates import PromptTemplate, load_template
 
-FORMAT_VERSION = 1  # bump when the prepared layout or the example building changes
+FORMAT_VERSION = 2  # bump when the prepared layout or the example building changes (2: stable tie order)
 
 
 def prepare(
@@ -203,4 +203,11 @@ def _describe(out: Path, summary: dict[str, Any]) -> str:
         )
     if summary["dropped"]:
         lines.append("  dropped: " + ", ".join(f"{k} {v}" for k, v in summary["dropped"].items()))
+    cut = summary["fitting"]["prompts_cut"]
+    if cut:
+        lines.append(
+            f"  warning: {cut} prompts longer than max_prompt_tokens even with one history entry were cut "
+            "from the right (history_fit: public), losing their end: the output rating and title and the "
+            "assistant header"
+        )
     return "\n".join(lines)

@@ -5,6 +5,7 @@ from nextquill_jax.loss.config import LossConfig, Variant, streams_needed
 from nextquill_jax.loss.losses import (
     DENOMINATOR_KEYS,
     combine_aux,
+    example_count,
     loss_from_aux,
     loss_from_hidden,
     loss_from_logits,
@@ -17,6 +18,7 @@ __all__ = [
     "LossConfig",
     "Variant",
     "combine_aux",
+    "example_count",
     "loss_from_aux",
     "loss_from_hidden",
     "loss_from_logits",

@@ -10,6 +10,11 @@ import math
 from typing import Literal, NamedTuple
 
 Variant = Literal["sft", "context_sft", "mce", "dce", "js", "nextquill"]
+Normalize = Literal["token", "example"]
+
+# α of the public code's trainers when they are built without one: `CustomTrainer2` (the MCE path,
+# `causal=True`) defaults to 0.01, `CustomTrainer3` (NextQuill) to 0.1. Variants without L_p ignore α.
+PUBLIC_ALPHA: dict[str, float] = {"mce": 0.01, "nextquill": 0.1}
 
 
 class VariantSpec(NamedTuple):
@@ -36,7 +41,8 @@ class LossConfig:
 
     Fields:
         variant: one of sft, context_sft, mce, dce, js, nextquill (module docstring).
-        alpha: weight α of the alignment loss L_p (>= 0).
+        alpha: weight α of the alignment loss L_p (>= 0), or "public": the public code's α for the variant
+            (`PUBLIC_ALPHA`; 0.1 for variants without L_p, which ignore it), resolved to a number here.
         threshold: DCE threshold δ above which a token is preference-bearing (a probability difference).
         high, low: target weights λ and ε (0 <= low <= high, high > 0).
         weight_alignment: weight L_p by the target weights (the paper) instead of uniformly (the public code);
@@ -48,6 +54,10 @@ class LossConfig:
             variants with L_p.
         anchor: β >= 0; adds β · CE(z_∅) (mean over target tokens), so the without-history stream stays a
             language model. Not for sft (whose L_n is that CE already).
+        normalize: "token" divides each term's Σ over all target tokens of the global batch by its global Σ
+            of weights (long targets weigh more); "example" takes every term per example (its own weighted
+            mean) and averages those over the examples, as the public code does (one example per
+            micro-batch, a mean over accumulation steps).
 
     Raises:
         ValueError: naming the field, for an unknown variant or dce mode, a negative or non-finite alpha,
@@ -55,7 +65,7 @@ class LossConfig:
     """
 
     variant: Variant = "nextquill"
-    alpha: float = 0.1
+    alpha: float | Literal["public"] = 0.1
     threshold: float = 0.05
     high: float = 0.9
     low: float = 0.1
@@ -64,12 +74,17 @@ class LossConfig:
     dce: Literal["dynamic", "fixed"] = "dynamic"
     counterfactual_grad: bool = True
     anchor: float = 0.0
+    normalize: Normalize = "token"
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise ValueError(
                 f"LossConfig.variant: unknown variant {self.variant!r}; choose one of {list(VARIANTS)}"
             )
+        if self.alpha == "public":
+            object.__setattr__(self, "alpha", PUBLIC_ALPHA.get(self.variant, 0.1))
+        if self.normalize not in ("token", "example"):
+            raise ValueError(f"LossConfig.normalize must be 'token' or 'example', got {self.normalize!r}")
         if self.dce not in ("dynamic", "fixed"):
             raise ValueError(f"LossConfig.dce must be 'dynamic' or 'fixed', got {self.dce!r}")
         for name in ("alpha", "threshold", "high", "low", "anchor"):

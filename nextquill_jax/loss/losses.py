@@ -29,10 +29,21 @@ Two remedies for the without-history stream, off by default (the public code): `
 makes L_p = CE(z_h − sg(z_∅)), so L_p cannot improve by lowering z_∅ on the label; `anchor=β` adds
 β · Σ CE(z_∅) / (target tokens), so that stream stays a language model (aux `a_sum`, `a_den`).
 
+Normalisation (`cfg.normalize`): `token` (above) divides each term's Σ over all target tokens of the batch by
+its Σ of weights; `example` is the public code's mean of per-example means,
+
+    L_n = (1/N) Σ_e [Σ_{t∈e} ω_t CE_t / Σ_{t∈e} ω_t]      (likewise L_p and the anchor)
+
+over the N examples with at least one target token; an example whose weights sum to 0 adds 0. Examples
+are told apart by `example_ids` [..., R] (a row may pack several; the train step passes the segment id of
+each response slot); without them every row [..., R] is one example. An example lies within one row, so
+its own sums never straddle micro-batches or data shards: the per-example means add up exactly.
+
 `aux` holds float32 scalars that add across micro-batches and data shards (`combine_aux`), so `loss_from_aux`
 of the combined aux is exactly the global-batch loss:
 
 - `n_sum`, `n_den`: Σ ω CE and Σ ω of L_n; `p_sum`, `p_den`: the same for L_p (variants mce, nextquill);
+  with `normalize: example`, `*_sum` is the Σ over examples of their means and `*_den` the example count N;
 - `tokens`: target tokens; `ce_with_sum`, `ce_without_sum`: Σ CE of each stream computed (for logging);
 - when a DCE is available: `effect_count`, `pref_count`, `dce_sum`, `dce_sq_sum` and the per-call quantiles
   `dce_p10`, `dce_p50`, `dce_p90` (see `effects.effect_stats`).
@@ -82,6 +93,7 @@ def loss_from_logits(
     reference_dce: jax.Array | None = None,
     *,
     denominators: Mapping[str, jax.Array] | None = None,
+    example_ids: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The NextQuill loss from two aligned logit streams: the definition (module docstring).
 
@@ -96,7 +108,10 @@ def loss_from_logits(
             reference_logits).
         denominators: global-batch denominators (`DENOMINATOR_KEYS`; a combined aux works) to normalise by
             instead of this call's, treated as constants, so that the losses and gradients of micro-batches
-            add up to the global batch's. For js with `js_detach=False` it must also hold the global `n_sum`.
+            add up to the global batch's. For js with `js_detach=False` it must also hold the global `n_sum`
+            (normalize token).
+        example_ids: [..., R] int in [0, R], for `cfg.normalize == "example"`: slots of one row with the
+            same id belong to one example (ignored slots' ids do not matter); None: each row is one example.
 
     Returns:
         (loss, aux): float32 scalar loss and the aux dict of float32 scalars (module docstring).
@@ -154,6 +169,7 @@ def loss_from_logits(
         dce=dce,
         js=js,
         denominators=denominators,
+        example_ids=example_ids,
     )
 
 
@@ -167,6 +183,7 @@ def loss_from_hidden(
     head_layout: HeadLayout = "vd",
     reference_dce: jax.Array | None = None,
     denominators: Mapping[str, jax.Array] | None = None,
+    example_ids: jax.Array | None = None,
     frozen_head: bool = False,
     token_chunk: int = DEFAULT_TOKEN_CHUNK,
     vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
@@ -188,7 +205,7 @@ def loss_from_hidden(
         cfg: the loss settings.
         reference_dce: [..., R] fixed DCE values (for `cfg.dce == "fixed"`), e.g. from
             `effects.dce_from_hidden`.
-        denominators: as in `loss_from_logits`.
+        denominators, example_ids: as in `loss_from_logits`.
         frozen_head: `lm_head` is not trained (LoRA): its gradient is zero and not computed.
         token_chunk: tokens per tile across the leading rows (at least one slot per row).
         vocab_chunk: vocabulary columns per tile.
@@ -276,6 +293,7 @@ def loss_from_hidden(
         dce=dce,
         js=None if js is None else jnp.where(mask, js, 0.0),
         denominators=denominators,
+        example_ids=example_ids,
     )
 
 
@@ -363,7 +381,9 @@ def variant_losses(terms: Mapping[str, float], alpha: float) -> dict[str, float]
     return out
 
 
-def _assemble(cfg: LossConfig, mask: jax.Array, *, ce_with, ce_without, ce_effect, dce, js, denominators):
+def _assemble(
+    cfg: LossConfig, mask: jax.Array, *, ce_with, ce_without, ce_effect, dce, js, denominators, example_ids
+):
     """Per-token CE [..., R] (0 at ignored slots), DCE and js weights → (loss, aux)."""
     spec = cfg.spec
     ones = mask.astype(jnp.float32)
@@ -372,14 +392,24 @@ def _assemble(cfg: LossConfig, mask: jax.Array, *, ce_with, ce_without, ce_effec
         pref = target_weights(dce, mask, threshold=cfg.threshold, high=cfg.high, low=cfg.low)
     next_weights = {None: ones, "target": pref, "js": js}[spec.next_weights]
     next_ce = ce_without if spec.next_stream == "without" else ce_with
-    aux = {"n_sum": (next_weights * next_ce).sum(), "n_den": next_weights.sum()}
+    terms = {"n": (next_weights, next_ce)}
     if spec.alignment:
-        align_weights = pref if cfg.weight_alignment else ones
-        aux["p_sum"] = (align_weights * ce_effect).sum()
-        aux["p_den"] = align_weights.sum()
+        terms["p"] = (pref if cfg.weight_alignment else ones, ce_effect)
     if cfg.anchor > 0:
-        aux["a_sum"] = ce_without.sum()
-        aux["a_den"] = ones.sum()
+        terms["a"] = (ones, ce_without)
+    aux = {}
+    if cfg.normalize == "example":
+        slots = example_slots(mask, example_ids)
+        examples = example_count(mask, example_ids)
+        for name, (weights, ce) in terms.items():
+            # An example's weights sum to 0 only where all its slots are 0 (ignored or ε = 0): it adds 0.
+            means = example_sums(weights * ce, slots) / _safe_denominator(example_sums(weights, slots))
+            aux[f"{name}_sum"] = means.sum()
+            aux[f"{name}_den"] = examples
+    else:
+        for name, (weights, ce) in terms.items():
+            aux[f"{name}_sum"] = (weights * ce).sum()
+            aux[f"{name}_den"] = weights.sum()
     aux["tokens"] = ones.sum()
     if ce_with is not None:
         aux["ce_with_sum"] = ce_with.sum()
@@ -407,7 +437,7 @@ def _loss_from_sums(
     dens = aux
     if denominators is not None:
         wanted = [k for k in DENOMINATOR_KEYS if k in needed]
-        if spec.next_weights == "js" and not cfg.js_detach:
+        if spec.next_weights == "js" and not cfg.js_detach and cfg.normalize == "token":
             wanted.append("n_sum")  # the gradient through Σ ω needs the global ratio n_sum / n_den
         missing = [k for k in wanted if k not in denominators]
         if missing:
@@ -427,6 +457,31 @@ def _loss_from_sums(
     if cfg.anchor > 0:
         loss = loss + cfg.anchor * aux["a_sum"] / _safe_denominator(dens["a_den"])
     return loss.astype(jnp.float32)
+
+
+def example_slots(mask: jax.Array, example_ids: jax.Array | None) -> jax.Array:
+    """[..., R] int32: 1 + the example id of every target slot (example 0 when `example_ids` is None), 0 at
+    ignored slots; the segment ids `example_sums` sums over."""
+    ids = jnp.zeros(mask.shape, jnp.int32) if example_ids is None else example_ids.astype(jnp.int32)
+    if ids.shape != mask.shape:
+        raise ValueError(f"example_ids shape {ids.shape} must equal labels shape {mask.shape}")
+    return jnp.where(mask, ids + 1, 0)
+
+
+def example_count(mask: jax.Array, example_ids: jax.Array | None) -> jax.Array:
+    """Examples with at least one target slot in `mask` [..., R] (`example_ids` as in `loss_from_logits`):
+    the denominators of `normalize: example`, a float32 scalar."""
+    slots = example_slots(mask, example_ids)
+    return (example_sums(mask.astype(jnp.float32), slots) > 0).sum(dtype=jnp.float32)
+
+
+def example_sums(x: jax.Array, slots: jax.Array) -> jax.Array:
+    """Σ of x [..., R] over the slots of each example of its row: [rows, R + 1] (rows = the leading dims
+    flattened; column k - 1 holds slot id k of `example_slots`, ignored slots are left out)."""
+    r = x.shape[-1]
+    flat_x, flat_slots = x.reshape(-1, r), slots.reshape(-1, r)  # [rows, R]
+    sums = jax.vmap(lambda v, s: jax.ops.segment_sum(v, s, num_segments=r + 2))(flat_x, flat_slots)
+    return sums[:, 1:]  # [rows, R + 1]
 
 
 def _safe_denominator(den: jax.Array) -> jax.Array:

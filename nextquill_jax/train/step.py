@@ -8,9 +8,10 @@ Gradient accumulation is a `lax.scan` over micro-batches whose losses are normal
 denominators (`n_den`, `p_den`: Σω or the token count), which carry no gradient. The micro-batch gradients
 therefore add up exactly to the gradient of the global-batch loss. Where the denominators depend on the model
 (dynamic DCE weights, JS weights), a forward-only pre-pass over the micro-batches computes them first; where
-they depend only on the labels, or on fixed DCE values, they are counted directly. Data parallelism needs
-nothing extra: the sums inside the loss run over the whole sharded global batch and XLA inserts the
-reductions.
+they depend only on the labels, or on fixed DCE values, they are counted directly. With `loss.normalize:
+example` the denominators are example counts (from the labels and segment ids) and each example's own sums
+stay within its row, so no pre-pass is needed. Data parallelism needs nothing extra: the sums inside the
+loss run over the whole sharded global batch and XLA inserts the reductions.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from nextquill_jax.loss import (
     LossConfig,
     combine_aux,
     effects,
+    example_count,
     loss_from_aux,
     loss_from_hidden,
     streams_needed,
@@ -87,6 +89,11 @@ def response_hidden(
     return jnp.take_along_axis(hidden, index[..., None], axis=1)  # [B, R, D]
 
 
+def response_examples(batch: Batch) -> jax.Array:
+    """The example (segment id within its row) of every response slot: [..., B, R] int32."""
+    return jnp.take_along_axis(batch["with_segment_ids"], batch["response_index_with"], axis=-1)
+
+
 def reference_dce(graphdef: Any, params: dict, batch: Batch, settings: StepSettings) -> jax.Array:
     """Data-side effects [B, R] of the labels under a frozen reference model (no gradient)."""
     model = nnx.merge(graphdef, jax.lax.stop_gradient(params))
@@ -126,6 +133,7 @@ def batch_loss(
         head_layout=layout,
         reference_dce=batch.get("reference_dce") if settings.loss.dce == "fixed" else None,
         denominators=denominators,
+        example_ids=response_examples(batch) if settings.loss.normalize == "example" else None,
         frozen_head=settings.lora_scale is not None,  # under LoRA the head is the base's
         token_chunk=settings.token_chunk,
         vocab_chunk=settings.vocab_chunk,
@@ -149,9 +157,13 @@ def split_micro_batches(batch: Batch, count: int, mesh: Mesh, rules: LogicalRule
 
 def label_denominators(batch: Batch, cfg: LossConfig) -> dict[str, jax.Array] | None:
     """The global denominators when they do not depend on the model: token counts for unweighted terms,
-    Σω from the batch's fixed `reference_dce` for weighted ones; None when a model pass is needed."""
+    Σω from the batch's fixed `reference_dce` for weighted ones, example counts with `normalize: example`;
+    None when a model pass is needed. `batch` leaves may carry a leading micro-batch axis."""
     mask = effects.target_mask(batch["labels"])
     count = mask.sum(dtype=jnp.float32)
+    if cfg.normalize == "example":
+        examples = example_count(mask, response_examples(batch))
+        return {"n_den": examples, "p_den": examples, "a_den": examples}
     if cfg.spec.next_weights == "js":
         return None
     if cfg.uses_target_weights:

@@ -1,4 +1,5 @@
-"""Example building: history fitting (property test over random lengths), target cut, EOS, tokens."""
+"""Example building: history fitting in both modes (property test over random lengths), the order of history
+entries with equal timestamps, target cut, EOS, tokens."""
 
 from __future__ import annotations
 
@@ -52,48 +53,62 @@ def _random_records(rng: np.random.Generator, n: int) -> list[Record]:
     return records
 
 
-def _trial(seed: int) -> tuple[DataConfig, list[Record]]:
+def _trial(seed: int, history_fit: str = "drop") -> tuple[DataConfig, list[Record]]:
     """Random max_history, prompt limit and records (40, in batches of 7)."""
     rng = np.random.default_rng(seed)
     max_history, limit = int(rng.integers(0, 9)), int(rng.integers(30, 700))
     cfg = DataConfig(
-        template="plain", max_history=max_history, max_prompt_tokens=limit, tokenize_batch_size=7
+        template="plain",
+        max_history=max_history,
+        max_prompt_tokens=limit,
+        tokenize_batch_size=7,
+        history_fit=history_fit,
     )
     return cfg, _random_records(rng, 40)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4, 5])
-def test_history_fitting_drops_oldest_first_and_never_exceeds_the_limit(seed, tiny_tokenizer):
+@pytest.mark.parametrize(
+    ("seed", "history_fit"), [*((s, "drop") for s in range(6)), *((s, "public") for s in (2, 3, 11))]
+)
+def test_history_fitting_drops_oldest_first_and_never_exceeds_the_limit(seed, history_fit, tiny_tokenizer):
+    """drop: entries go oldest first down to none, then the example; public (the public code): down to one
+    entry, then the prompt's tokens are cut from the right to the limit."""
     tok = tiny_tokenizer()
-    n_tokens = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])
-    cfg, records = _trial(seed)
+    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]
+    cfg, records = _trial(seed, history_fit)
     max_history, limit = cfg.max_history, cfg.max_prompt_tokens
+    floor = 1 if history_fit == "public" else 0
     log, stats = IssueLog(), FittingStats()
     examples = {e.record.id: e for e in build_examples(records, load_template("plain"), tok, cfg, log, stats)}
 
-    expected_dropped_examples = expected_dropped_entries = 0
+    expected_dropped_examples = expected_dropped_entries = expected_cut = 0
     for record in records:
         texts = [e.fields["text"] for e in reversed(record.history)]  # newest first
         context = record.context["context"]
         k = min(max_history, len(texts))
         top = k
-        while k > 0 and n_tokens(_plain_prompt(context, texts[:k])) > limit:
+        while k > floor and len(ids(_plain_prompt(context, texts[:k]))) > limit:
             k -= 1
-        fits = n_tokens(_plain_prompt(context, texts[:k])) <= limit
-        if not fits or n_tokens(_plain_prompt(context, None)) > limit:
+        full_with, full_without = ids(_plain_prompt(context, texts[:k])), ids(_plain_prompt(context, None))
+        fits = len(full_with) <= limit and len(full_without) <= limit
+        if not fits and history_fit == "drop":
             expected_dropped_examples += 1
             assert record.id not in examples
             continue
+        expected_cut += not fits
         expected_dropped_entries += top - k
         example = examples[record.id]
         assert example.history_used == k and example.history_dropped_for_length == top - k
         assert example.prompt_with_history == _plain_prompt(context, texts[:k])
         assert example.prompt_without_history == _plain_prompt(context, None)
+        assert example.prompt_cut == (not fits)
+        np.testing.assert_array_equal(example.tokens.prompt_with, full_with[:limit])
+        np.testing.assert_array_equal(example.tokens.prompt_without, full_without[:limit])
         # The kept entries are the k most recent; every older one is absent.
         for i, text in enumerate(texts):
             assert (text.split()[0] + " " in example.prompt_with_history) == (i < k)
-        assert example.tokens.prompt_with.size <= limit and example.tokens.prompt_without.size <= limit
     assert log.dropped.get("prompt_too_long", 0) == expected_dropped_examples
+    assert stats.prompts_cut == expected_cut
     assert stats.history_entries_dropped_for_length == expected_dropped_entries
     assert stats.history_entries_beyond_max_history == sum(
         max(0, len(r.history) - max_history) for r in records
@@ -104,6 +119,7 @@ def test_history_fitting_drops_oldest_first_and_never_exceeds_the_limit(seed, ti
 def test_some_fitting_actually_happens_in_the_property_test(tiny_tokenizer):
     # Guards the property test against limits that never bind: across its seeds, entries are dropped for
     # length, some examples keep every entry, and some are dropped whole.
+    # With history_fit public (seeds 2, 3 and 11), prompts are cut: 32 in seed 3, where drop loses 2 examples.
     dropped_entries = kept_all = dropped_examples = 0
     for seed in range(6):
         cfg, records = _trial(seed)
@@ -113,6 +129,31 @@ def test_some_fitting_actually_happens_in_the_property_test(tiny_tokenizer):
         kept_all += sum(e.history_dropped_for_length == 0 and e.history_used > 0 for e in examples)
         dropped_examples += log.dropped.get("prompt_too_long", 0)
     assert dropped_entries > 20 and kept_all > 20 and dropped_examples > 0
+    cut = 0
+    for seed in (3, 11):
+        cfg, records = _trial(seed, "public")
+        stats = FittingStats()
+        list(build_examples(records, load_template("plain"), tiny_tokenizer(), cfg, IssueLog(), stats))
+        cut += stats.prompts_cut
+    assert cut > 20
+
+
+def test_entries_with_equal_timestamps_keep_their_order_as_the_public_sort(tiny_tokenizer):
+    # The public code: sorted(profile, key=timestamp, reverse=True), stable: ties keep the profile's order.
+    times = {"a": 1.0, "b": 2.0, "c": 2.0, "d": 3.0, "e": 2.0}  # in the record's (oldest-first) order
+    record = Record(
+        user_id="u",
+        context={"context": "x"},
+        history=tuple(HistoryEntry(fields={"text": t}, timestamp=ts) for t, ts in times.items()),
+        target="y",
+        split="train",
+        source="s:1",
+    )
+    cfg = DataConfig(template="plain", max_history=8)
+    (example,) = build_examples(
+        [record], load_template("plain"), tiny_tokenizer(), cfg, IssueLog(), FittingStats()
+    )
+    assert example.prompt_with_history == _plain_prompt("x", ["d", "b", "c", "e", "a"])
 
 
 def test_target_cut_then_eos_and_tokens_match_the_text(tiny_tokenizer):

@@ -94,7 +94,7 @@ def _check_batch(batch: dict, examples: list[TokenizedExample], seen: set[tuple[
             assert not batch[f"{stream}_ids"][b][pad].any() and not batch[f"{stream}_positions"][b][pad].any()
 
 
-@pytest.mark.parametrize("mode", ["pack", "bucket"])
+@pytest.mark.parametrize("mode", ["pack", "bucket", "random"])
 def test_pairing_covers_every_target_token_once(data, mode):
     root, examples = data
     pipe = BatchPipeline(PreparedSplit(root, "train"), _cfg(mode=mode), process_index=0, process_count=1)
@@ -111,7 +111,7 @@ def test_pairing_covers_every_target_token_once(data, mode):
         assert len({b["with_ids"].shape for b in batches}) > 1  # several buckets in use
 
 
-@pytest.mark.parametrize("mode", ["pack", "bucket"])
+@pytest.mark.parametrize("mode", ["pack", "bucket", "random"])
 def test_epoch_stats_match_the_batches(data, mode):
     root, _ = data
     pipe = BatchPipeline(PreparedSplit(root, "train"), _cfg(mode=mode), process_index=0, process_count=1)
@@ -120,11 +120,41 @@ def test_epoch_stats_match_the_batches(data, mode):
     real = sum(int((b[f"{s}_segment_ids"] > 0).sum()) for b in batches for s in ("with", "without"))
     slots = sum(b[f"{s}_ids"].size for b in batches for s in ("with", "without"))
     assert stats.batches == len(batches) and stats.examples == N
+    assert stats.shapes == len(
+        {tuple(b[k].shape[1] for k in ("with_ids", "without_ids", "labels")) for b in batches}
+    )
     assert stats.efficiency == pytest.approx(real / slots, abs=1e-12)
     assert stats.response_slot_use == pytest.approx(
         sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
         / sum(b["labels"].size for b in batches)
     )
+
+
+def test_random_batches_are_the_epoch_order_padded_to_their_longest_example(data):
+    """Global batch k holds examples k*G .. k*G + G - 1 of the epoch's permutation, one per row, and each
+    stream and the response slots are padded to the batch's longest, rounded up to length_multiple (8)."""
+    root, examples = data
+    split = PreparedSplit(root, "train")
+    pipe = BatchPipeline(split, _cfg(mode="random", rows_per_batch=8), process_index=0, process_count=1)
+    order = pipe.epoch_order(0)
+    up = lambda n: -(-n // 8) * 8
+    batches = list(pipe)
+    assert len(batches) == -(-N // 8)
+    spans = []
+    for k, batch in enumerate(batches):
+        chosen = order[8 * k : 8 * k + 8]
+        rows = [_examples_in({"labels": batch["labels"][i]}) for i in range(len(chosen))]
+        assert rows == [{int(i)} for i in chosen]
+        exs = [examples[i] for i in chosen]
+        L = [len(e.target) for e in exs]
+        want = (
+            up(max(len(e.prompt_with) + n for e, n in zip(exs, L, strict=True))),
+            up(max(len(e.prompt_without) + n for e, n in zip(exs, L, strict=True))),
+            up(max(L)),
+        )
+        assert (batch["with_ids"].shape[1], batch["without_ids"].shape[1], batch["labels"].shape[1]) == want
+        spans.append(max(len(e.prompt_with) for e in exs) - min(len(e.prompt_with) for e in exs))
+    assert max(spans) > 30  # a batch mixes short and long examples (no length grouping)
 
 
 def test_first_fit_rows_respects_capacity_and_places_everything():
@@ -154,7 +184,7 @@ def test_shuffle_is_deterministic_by_seed_and_epoch(data):
         np.testing.assert_array_equal(first_a[key], first_b[key])
 
 
-@pytest.mark.parametrize("mode", ["pack", "bucket"])
+@pytest.mark.parametrize("mode", ["pack", "bucket", "random"])
 def test_processes_see_disjoint_shards_whose_union_is_the_epoch(data, mode):
     root, _ = data
     split = PreparedSplit(root, "train")

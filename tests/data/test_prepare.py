@@ -238,3 +238,24 @@ def test_data_synth_then_prepare(tmp_path, tok_dir, template, capsys, tiny_token
     assert spans and all(0 <= s < e <= len(row["target"]) for s, e, _ in spans)
     assert row["history_used"] == 3  # reviews 1-3 precede the first target
     np.testing.assert_array_equal(PreparedSplit(out, "train")[0]["target"][-1], tiny_tokenizer().eos_token_id)
+
+
+def test_public_history_fit_warns_with_the_count_of_cut_prompts(tmp_path, tiny_tokenizer):
+    source = tmp_path / "records.jsonl"
+    source.write_bytes((F / "generic" / "records.jsonl").read_bytes())
+    lines: list[str] = []
+    base = dict(format="generic", template="plain", sources=[str(source)], max_prompt_tokens=60)
+    dropped = prepare(DataConfig(**base), tmp_path / "drop", tokenizer=tiny_tokenizer(), echo=lines.append)
+    public = prepare(
+        DataConfig(**base, history_fit="public"),
+        tmp_path / "public",
+        tokenizer=tiny_tokenizer(),
+        echo=lines.append,
+    )
+    cut = public["fitting"]["prompts_cut"]
+    # public keeps one entry where drop would go down to none, so it cuts at least the prompts drop drops
+    assert cut >= dropped["dropped"]["prompt_too_long"] > 0 and "prompt_too_long" not in public["dropped"]
+    assert public["examples"]["train"] > dropped["examples"]["train"]
+    assert f"warning: {cut} prompts longer than max_prompt_tokens" in lines[-1]
+    rows = [json.loads(x) for x in (tmp_path / "public" / "train.jsonl").read_text().splitlines()]
+    assert all(r["tokens"]["prompt_with"] <= 60 for r in rows) and any(r["prompt_cut"] for r in rows)

@@ -1,4 +1,5 @@
-"""The losses under jit on 8 simulated CPU devices, batch sharded on a 1-D mesh: the single-device numbers."""
+"""The losses under jit on 8 simulated CPU devices, batch sharded on a 1-D mesh: the single-device numbers
+(also with `normalize: example` over packed rows)."""
 
 from __future__ import annotations
 
@@ -21,3 +22,5 @@ def test_sharded_batch_gives_the_single_device_numbers(programs):
         assert res["largest_all_gather"] < hidden_elements, (name, res["largest_all_gather"])
     fused, dense = results["nextquill-fused"]["runs"]["single"], results["nextquill-dense"]["runs"]["single"]
     np.testing.assert_allclose(fused["loss"], dense["loss"], rtol=1e-5)
+    # 8 rows of two examples; row 2 has no target token and row 6 only its first example's
+    assert results["nextquill-example-fused"]["runs"]["sharded"]["aux"]["n_den"] == 13

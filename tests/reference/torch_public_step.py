@@ -1,4 +1,6 @@
-"""The public NextQuill code's training step, restated in PyTorch + transformers (the benchmark baseline).
+"""The public NextQuill code's training step, restated in PyTorch + transformers: the baseline of
+benchmarks/step.py and the reference tests/train/test_public_step.py compares the JAX step with. Not part of
+the package (torch is only a test dependency).
 
 Written from the description in NEXTQUILL.md ("The public code's protocol", "Known defects"), not copied:
 
@@ -15,7 +17,8 @@ Written from the description in NEXTQUILL.md ("The public code's protocol", "Kno
 As in the Trainer, no `position_ids` are passed, so positions count from the first (padding) slot; RoPE sees
 only differences of positions, so left padding leaves the outputs unchanged.
 
-    python benchmarks/torch_public_step.py --model-dir DIR --examples FILE.npz --pad-len 4097 --micro-batch 1
+    python tests/reference/torch_public_step.py --model-dir DIR --examples FILE.npz --pad-len 4097 \
+        --micro-batch 1
 
 runs timed steps on the examples in FILE.npz (`prompt_with`, `prompt_without`, `target` as object arrays of
 int arrays) and prints one JSON line; `benchmarks/step.py` drives it.
@@ -96,15 +99,22 @@ def make_optimizer(
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
 
 
-def train_step(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batches: Sequence[dict[str, torch.Tensor]]
-) -> float:
-    """One optimizer step over a global batch given as micro-batches; returns the mean micro-batch loss."""
+def accumulate_gradients(model: torch.nn.Module, micro_batches: Sequence[dict[str, torch.Tensor]]) -> float:
+    """Backward of every micro-batch's loss divided by their count, into the parameters' `.grad` (the
+    Trainer's mean of micro-batch means); returns that mean loss."""
     total = 0.0
     for mb in micro_batches:
         loss = public_loss(model, mb) / len(micro_batches)
         loss.backward()
         total += float(loss.detach())
+    return total
+
+
+def train_step(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batches: Sequence[dict[str, torch.Tensor]]
+) -> float:
+    """One optimizer step over a global batch given as micro-batches; returns the mean micro-batch loss."""
+    total = accumulate_gradients(model, micro_batches)
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
