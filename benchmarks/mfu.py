@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     from nextquill_jax.bench.harness import TrainingHarness, step_breakdown, synthetic_batch
     from nextquill_jax.bench.record import append_results, results_header
     from nextquill_jax.loss import LossConfig
+    from nextquill_jax.loss.fused_head import OPERAND_DTYPES
     from nextquill_jax.models import model_preset
     from nextquill_jax.parallel import make_mesh
 
@@ -65,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--remat", default="full" if accel else "none", help="ModelConfig.remat_policy")
     parser.add_argument("--attention", default=default_attention, help="ModelConfig.attention_impl")
     parser.add_argument("--micro-batches", type=int, default=1)
+    parser.add_argument(
+        "--operand-dtype", choices=OPERAND_DTYPES, default="float32",
+        help="fused loss: operands of the with/without logits products (loss.operand_dtype)",
+    )  # fmt: skip
     parser.add_argument("--steps", type=int, default=5, help="timed steps (after --warmup)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--peak-tflops", type=float, help="per-chip peak (default: by device kind)")
@@ -95,8 +100,9 @@ def main(argv: list[str] | None = None) -> int:
             length_multiple=128 if accel else 32,
         )  # fmt: skip
         harness = TrainingHarness(
-            cfg, mesh, loss=LossConfig(variant="nextquill"), micro_batches=args.micro_batches
-        )
+            cfg, mesh, loss=LossConfig(variant="nextquill"), micro_batches=args.micro_batches,
+            operand_dtype=args.operand_dtype,
+        )  # fmt: skip
         timing = harness.time(batch, warmup=args.warmup, steps=args.steps)
         if args.breakdown:
             parts = step_breakdown(harness, batch, steps=args.steps)
@@ -109,8 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         tflops = flops / step_s / 1e12
         mfu = f"{tflops / (peak * mesh.size):.1%}" if peak else "-"
         memory = timing.device_peak_mib if timing.device_peak_mib is not None else timing.compiled_total_mib
+        compute = args.compute_dtype + ("" if args.operand_dtype == "float32" else ", head operands bf16")
         row = (
-            f"| {mesh.size} × {device_kind} | {name} | {args.compute_dtype} | {args.remat} "
+            f"| {mesh.size} × {device_kind} | {name} | {compute} | {args.remat} "
             f"| {args.attention} | "
             f"{args.rows} × {shape.as_tuple()} | {tokens:,} | {step_s:.4f} | {tokens / step_s:,.0f} | "
             f"{flops / 1e12:.4g} | {tflops:.4g} | {mfu} | {memory:,.0f} | {timing.compile_s:.1f} |"

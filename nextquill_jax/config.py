@@ -132,11 +132,16 @@ class LossRunConfig(LossConfig):
     packaged name or training workdir whose model (frozen, no gradient) gives the data-side effects; or `base`
     with `model.lora`: the frozen base itself with the adapters off (the same weights, no second copy).
     `token_chunk` / `vocab_chunk`: the LM-head tiling of `loss_from_hidden` (memory, not results).
+    `operand_dtype`: the operands of its with/without logits products, `float32` (default, exact) or
+    `bfloat16` (faster on accelerators; it rounds the head's float32 weights as `CausalLM.logits` does under a
+    bfloat16 compute dtype, so values move by bfloat16 rounding); the alignment logits and gradients stay
+    float32.
     """
 
     reference_model: str | None = None
     token_chunk: int = 1024
     vocab_chunk: int = 8192
+    operand_dtype: Literal["float32", "bfloat16"] = "float32"
 
     def loss_config(self) -> LossConfig:
         """The plain `LossConfig` of this section."""

@@ -53,6 +53,7 @@ class TrainingHarness:
         model: an existing `CausalLM` to train instead of a random one (e.g. loaded weights).
         lora: train LoRA adapters on the frozen (random or given) model instead of the model itself, as
             `model.lora` does (its `base_dtype` quantizes the base; `init_from` is not read here).
+        operand_dtype: the operands of the fused loss's with/without logits products (`loss.operand_dtype`).
     """
 
     def __init__(
@@ -66,6 +67,7 @@ class TrainingHarness:
         seed: int = 0,
         model=None,
         lora: LoraConfig | None = None,
+        operand_dtype: str = "float32",
     ):
         import jax
         from flax import nnx
@@ -98,6 +100,7 @@ class TrainingHarness:
         settings = StepSettings(
             loss=loss or LossConfig(),
             micro_batches=micro_batches,
+            operand_dtype=operand_dtype,
             lora_scale=None if lora is None else lora.scale,
             lora_dropout=0.0 if lora is None else lora.dropout,
         )
@@ -212,6 +215,7 @@ def step_breakdown(
         return loss_from_hidden(
             h_w, h_o, w, labels, settings.loss, head_layout=layout,
             token_chunk=settings.token_chunk, vocab_chunk=settings.vocab_chunk,
+            operand_dtype=settings.operand_dtype,
         )[0]  # fmt: skip
 
     def update(p, opt_state):

@@ -46,11 +46,12 @@ Batch = dict[str, jax.Array]
 class StepSettings:
     """Static settings of the step.
 
-    `micro_batches` must divide the rows of every batch shard. `reference_graphdef`: the graph of a frozen
-    reference model for `dce: fixed` when batches carry no `reference_dce` (its parameters are the step's
-    third argument). `lora_scale`: None for full fine-tuning (the state's parameters are the model's); else
-    the state's parameters are LoRA adapters (`models.lora`) on the frozen base, the step's fourth argument,
-    with this alpha / rank and `lora_dropout` on their input.
+    `micro_batches` must divide the rows of every batch shard. `token_chunk`, `vocab_chunk`, `operand_dtype`:
+    the fused LM head's tiling and logits operands (`loss_from_hidden`). `reference_graphdef`: the graph of a
+    frozen reference model for `dce: fixed` when batches carry no `reference_dce` (its parameters are the
+    step's third argument). `lora_scale`: None for full fine-tuning (the state's parameters are the model's);
+    else the state's parameters are LoRA adapters (`models.lora`) on the frozen base, the step's fourth
+    argument, with this alpha / rank and `lora_dropout` on their input.
     """
 
     loss: LossConfig
@@ -58,6 +59,7 @@ class StepSettings:
     skip_nonfinite: bool = False
     token_chunk: int = 1024
     vocab_chunk: int = 8192
+    operand_dtype: str = "float32"
     reference_graphdef: Any = None
     lora_scale: float | None = None
     lora_dropout: float = 0.0
@@ -129,6 +131,7 @@ def batch_loss(
         frozen_head=settings.lora_scale is not None,  # under LoRA the head is the base's
         token_chunk=settings.token_chunk,
         vocab_chunk=settings.vocab_chunk,
+        operand_dtype=settings.operand_dtype,
     )
 
 
