@@ -23,10 +23,13 @@ logsumexp first, so it takes a second sweep over the vocabulary.
 
 Layout of the tiles: the leading dimensions of h (after the stream axis) are flattened into M rows that
 every tile keeps whole, so a batch-sharded input stays data-parallel under `jax.jit`; the response axis R
-is cut into chunks of C slots (M × C ≈ `token_chunk` tokens per tile, at least one slot per row) and
-padded with ignored slots; the vocabulary is cut into blocks of `vocab_chunk` columns. When the block size
-does not divide V, the last block is shifted back to end at V and its columns already covered by the block
-before it are masked, so W is never padded or copied.
+is cut into the fewest chunks of at most ⌈token_chunk / M⌉ slots (at least one slot per row), all of one
+size C = ⌈R / chunks⌉, padded with ignored slots (fewer than one per chunk); the vocabulary is cut into the
+fewest blocks of at most `vocab_chunk` columns, all of one size rounded up to a multiple of 128 (the
+matrix units' tile). Sizes balanced this way keep the products' padding small: at R = 384, M = 4 and the
+default tiles, chunks of 256 slots would pad R to 512 (a third more work in every pass). When the block
+size does not divide V, the last block is shifted back to end at V and its columns already covered by the
+block before it are masked, so W is never padded or copied.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ HEAD_LAYOUTS: tuple[str, ...] = ("vd", "dv")
 OPERAND_DTYPES: tuple[str, ...] = ("float32", "bfloat16")
 DEFAULT_TOKEN_CHUNK = 1024
 DEFAULT_VOCAB_CHUNK = 8192
+_ALIGN = 128  # vocabulary blocks are rounded up to a multiple of this (matrix-unit tile)
 
 
 class HeadStats(NamedTuple):
@@ -162,8 +166,10 @@ def head_token_stats(
     streams = hidden.shape[0] + with_effect
     lead = hidden.shape[1:-2]
     rows = math.prod(lead)
-    chunk = max(1, min(slots, -(-token_chunk // max(rows, 1))))
-    block = min(vocab_chunk, vocab)
+    max_chunk = max(1, min(slots, -(-token_chunk // max(rows, 1))))
+    chunk = -(-slots // -(-slots // max_chunk)) if slots else max_chunk
+    n_blocks = -(-vocab // min(vocab_chunk, vocab))
+    block = min(vocab_chunk, vocab, -(-vocab // n_blocks // _ALIGN) * _ALIGN)
     plan = _Plan(
         layout=head_layout,
         operands=operand_dtype,
