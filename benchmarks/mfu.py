@@ -97,8 +97,9 @@ def model_batch(cfg, args: argparse.Namespace, accel: bool):
 
 
 def compute_label(args: argparse.Namespace) -> str:
-    """The compute column: the compute dtype, and the fused head's operands when not float32."""
-    return args.compute_dtype + ("" if args.operand_dtype == "float32" else ", head operands bf16")
+    """The compute column: the compute dtype, the fused head's operands when not float32, joint forward."""
+    head = "" if args.operand_dtype == "float32" else ", head operands bf16"
+    return args.compute_dtype + head + (", joint forward" if args.joint_forward else "")
 
 
 def cost_analysis(args: argparse.Namespace, argv: list[str] | None) -> int:
@@ -140,7 +141,7 @@ def cost_analysis(args: argparse.Namespace, argv: list[str] | None) -> int:
         batch, shape = model_batch(cfg, args, accel=False)
         harness = TrainingHarness(
             cfg, mesh, loss=LossConfig(variant="nextquill"), micro_batches=args.micro_batches,
-            operand_dtype=args.operand_dtype, abstract=True,
+            operand_dtype=args.operand_dtype, joint_forward=args.joint_forward, abstract=True,
         )  # fmt: skip
         useful = step_flops(cfg, batch, param_counts(cfg)[1])
         compiled = harness.compile(batch)
@@ -219,6 +220,10 @@ def main(argv: list[str] | None = None) -> int:
         "--operand-dtype", choices=OPERAND_DTYPES, default="float32",
         help="fused loss: operands of the with/without logits products (loss.operand_dtype)",
     )  # fmt: skip
+    parser.add_argument(
+        "--joint-forward", action="store_true",
+        help="both forward passes as one call on a joined batch (train.joint_forward)",
+    )  # fmt: skip
     parser.add_argument("--steps", type=int, default=5, help="timed steps (after --warmup)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--peak-tflops", type=float, help="per-chip peak (default: by device kind)")
@@ -245,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         batch, shape = model_batch(cfg, args, accel)
         harness = TrainingHarness(
             cfg, mesh, loss=LossConfig(variant="nextquill"), micro_batches=args.micro_batches,
-            operand_dtype=args.operand_dtype,
+            operand_dtype=args.operand_dtype, joint_forward=args.joint_forward,
         )  # fmt: skip
         timing = harness.time(batch, warmup=args.warmup, steps=args.steps)
         if args.breakdown:

@@ -197,7 +197,9 @@ class TrainConfig:
     required). `micro_batches` splits every global batch into that many gradient-accumulation micro-batches
     (the update equals the one-pass update; memory falls). `nonfinite`: on a NaN/inf loss `stop` the run, or
     `skip` the update and count it (the run stops once more than `max_skips` updates were skipped; checked
-    whenever metrics are fetched: every `logging.every_steps` steps and before saves).
+    whenever metrics are fetched: every `logging.every_steps` steps and before saves). `joint_forward`: run
+    the with- and without-history passes as one forward call on a joined batch (`train.step.
+    joint_response_hidden`: one read of the weights, larger matmuls; the same values).
     """
 
     workdir: str | None = None
@@ -207,6 +209,7 @@ class TrainConfig:
     micro_batches: int = 1
     nonfinite: Literal["stop", "skip"] = "stop"
     max_skips: int = 20
+    joint_forward: bool = False
 
     def __post_init__(self):
         if self.max_steps is not None and self.max_steps < 1:

@@ -54,6 +54,7 @@ class TrainingHarness:
         lora: train LoRA adapters on the frozen (random or given) model instead of the model itself, as
             `model.lora` does (its `base_dtype` quantizes the base; `init_from` is not read here).
         operand_dtype: the operands of the fused loss's with/without logits products (`loss.operand_dtype`).
+        joint_forward: both forward passes as one call on a joined batch (`train.joint_forward`).
         abstract: hold the state as `jax.ShapeDtypeStruct`s (nothing allocated): the step can be compiled and
             analysed (`compile`), not run.
 
@@ -73,6 +74,7 @@ class TrainingHarness:
         model=None,
         lora: LoraConfig | None = None,
         operand_dtype: str = "float32",
+        joint_forward: bool = False,
         abstract: bool = False,
     ):
         import jax
@@ -114,6 +116,7 @@ class TrainingHarness:
             loss=loss or LossConfig(),
             micro_batches=micro_batches,
             operand_dtype=operand_dtype,
+            joint_forward=joint_forward,
             lora_scale=None if lora is None else lora.scale,
             lora_dropout=0.0 if lora is None else lora.dropout,
         )
@@ -223,7 +226,7 @@ def step_breakdown(
 ) -> dict[str, float]:
     """Seconds of the step's parts, each compiled and timed alone on `batch` (what limits the step):
 
-    - "forward": both forward passes to the response hidden states;
+    - "forward": both forward passes to the response hidden states (one call with `joint_forward`);
     - "forward+backward": both passes and their backward for a fixed linear function of those states;
     - "loss": `loss_from_hidden` value and gradient (wrt both hidden streams and the head) alone;
     - "optimizer": clipping + AdamW update of all parameters;
@@ -238,15 +241,14 @@ def step_breakdown(
     import jax.numpy as jnp
     from flax import nnx
 
-    from nextquill_jax.train.step import response_hidden
+    from nextquill_jax.train.step import stream_hidden
 
     placed = harness.place(batch)
     params = harness.state.params
     graphdef = harness.graphdef
 
     def streams(p, b):
-        model = nnx.merge(graphdef, p)
-        return response_hidden(model, b, "with"), response_hidden(model, b, "without")
+        return stream_hidden(nnx.merge(graphdef, p), b, harness.settings)
 
     def linear(p, b):
         h_w, h_o = streams(p, b)
