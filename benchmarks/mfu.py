@@ -19,8 +19,18 @@ MFU = FLOPs / best step time / (devices × the chip's dense bf16 peak), peak fro
     python benchmarks/mfu.py --steps 5                     # accelerator: qwen2.5-0.5b and qwen2.5-1.5b
     python benchmarks/mfu.py --models qwen2.5-1.5b --rows 2 --remat full
     python benchmarks/mfu.py                               # CPU: a tiny shape; FLOPs and tokens/s only
+    python benchmarks/mfu.py --models qwen2.5-1.5b --remat dots_with_no_batch_dims_saveable --breakdown \
+        --operand-dtype bfloat16 --joint-forward           # the step's parts; bf16 head operands, one call
+    python benchmarks/mfu.py --cost-analysis               # any backend, compile only: executed vs useful
 
-Prints one Markdown table row per model (and appends a section with `--append-results FILE`).
+`--remat` takes several policies (a row each). `--cost-analysis` compiles the step (nothing allocated) for
+the accelerator shape (Qwen2.5-1.5B, 4 × 4,096 tokens) at remat none and full, and the fused loss alone, and
+prints the matmul FLOPs the compiled programs execute (`bench.hlo_flops`: loops counted by their trip
+counts, which `compiled.cost_analysis()` does not do) against the useful count, whole and for layers,
+attention and LM head. It uses `xla_dense` attention by default: the blockwise `xla` path's loops have
+data-dependent trip counts.
+
+Prints one Markdown table row per model and remat policy (and appends a section with `--append-results FILE`).
 """
 
 from __future__ import annotations
