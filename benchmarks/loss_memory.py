@@ -10,6 +10,7 @@ compilation.
     python benchmarks/loss_memory.py --tokens 512 2048 8192            # other token counts
     python benchmarks/loss_memory.py --timing --vocab 32768 --hidden 512 --tokens 1024
     python benchmarks/loss_memory.py --append-results benchmarks/RESULTS.md
+    python benchmarks/loss_memory.py --timing --dtype bfloat16 --operand-dtype bfloat16  # bf16 operands
 
 Exits with status 1 if a fused/naive temporary-memory ratio exceeds `--max-ratio` (default 1/8) or, with
 `--timing`, a fused/naive time ratio exceeds `--max-time-ratio` (default 1.5). Timing alternates the two
@@ -31,12 +32,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from nextquill_jax.loss import LossConfig, loss_from_hidden, loss_from_logits
-from nextquill_jax.loss.fused_head import DEFAULT_TOKEN_CHUNK, DEFAULT_VOCAB_CHUNK
+from nextquill_jax.loss.fused_head import DEFAULT_TOKEN_CHUNK, DEFAULT_VOCAB_CHUNK, OPERAND_DTYPES
 
 MIB = 2**20
 
 
-def build(path: str, cfg: LossConfig, layout: str, token_chunk: int, vocab_chunk: int):
+def build(path: str, cfg: LossConfig, layout: str, token_chunk: int, vocab_chunk: int, operand_dtype: str):
     """value_and_grad over (hidden_with, hidden_without, lm_head) of the naive or the fused loss."""
 
     def naive(hw, ho, w, labels):
@@ -45,10 +46,16 @@ def build(path: str, cfg: LossConfig, layout: str, token_chunk: int, vocab_chunk
 
     def fused(hw, ho, w, labels):
         return loss_from_hidden(
-            hw, ho, w, labels, cfg, head_layout=layout, token_chunk=token_chunk, vocab_chunk=vocab_chunk
-        )[0]
+            hw, ho, w, labels, cfg, head_layout=layout, token_chunk=token_chunk, vocab_chunk=vocab_chunk,
+            operand_dtype=operand_dtype,
+        )[0]  # fmt: skip
 
     return jax.jit(jax.value_and_grad(naive if path == "naive" else fused, argnums=(0, 1, 2)))
+
+
+def build_from_args(path: str, cfg: LossConfig, args: argparse.Namespace):
+    """`build` with the command line's layout, tiling and operand dtype."""
+    return build(path, cfg, args.layout, args.token_chunk, args.vocab_chunk, args.operand_dtype)
 
 
 def shapes(tokens: int, vocab: int, hidden: int, layout: str, dtype: str):
@@ -61,7 +68,7 @@ def memory_row(tokens: int, args, cfg: LossConfig) -> dict[str, float]:
     row: dict[str, float] = {"tokens": tokens}
     for path in ("naive", "fused"):
         specs = shapes(tokens, args.vocab, args.hidden, args.layout, args.dtype)
-        compiled = build(path, cfg, args.layout, args.token_chunk, args.vocab_chunk).lower(*specs).compile()
+        compiled = build_from_args(path, cfg, args).lower(*specs).compile()
         analysis = compiled.memory_analysis()
         row[f"{path}_temp"] = analysis.temp_size_in_bytes / MIB
         row[f"{path}_args"] = analysis.argument_size_in_bytes / MIB
@@ -79,7 +86,7 @@ def timing_row(tokens: int, args, cfg: LossConfig) -> dict[str, float]:
     w = jnp.asarray(rng.normal(size=w_shape) / np.sqrt(args.hidden), dtype)
     labels = jnp.asarray(rng.integers(0, args.vocab, size=(1, tokens)), jnp.int32)
     row: dict[str, float] = {"tokens": tokens}
-    paths = {p: build(p, cfg, args.layout, args.token_chunk, args.vocab_chunk) for p in ("naive", "fused")}
+    paths = {p: build_from_args(p, cfg, args) for p in ("naive", "fused")}
     for f in paths.values():
         jax.block_until_ready(f(hw, ho, w, labels))  # compile and warm up
     # Alternate the two paths and keep each one's best run, so load from other jobs biases neither.
@@ -112,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--token-chunk", type=int, default=DEFAULT_TOKEN_CHUNK)
     parser.add_argument("--vocab-chunk", type=int, default=DEFAULT_VOCAB_CHUNK)
     parser.add_argument(
+        "--operand-dtype", choices=OPERAND_DTYPES, default="float32",
+        help="operands of the fused path's with/without logits products (loss.operand_dtype)",
+    )  # fmt: skip
+    parser.add_argument(
         "--timing", action="store_true", help="also run and time both paths (no compile time)"
     )
     parser.add_argument("--repeats", type=int, default=5)
@@ -128,8 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         f"- machine: {platform.node()} ({platform.machine()}), backend {jax.default_backend()}, device "
         f"{jax.devices()[0].device_kind}; jax {jax.__version__}, python {platform.python_version()}",
         f"- variant {args.variant}, V={args.vocab:,}, D={args.hidden:,}, layout {args.layout}, {args.dtype}, "
-        f"token_chunk={args.token_chunk}, vocab_chunk={args.vocab_chunk}; value and grad wrt both hidden "
-        "streams and W; `memory_analysis()` of the compiled function, MiB",
+        f"token_chunk={args.token_chunk}, vocab_chunk={args.vocab_chunk}, "
+        f"fused operands {args.operand_dtype}; value and grad wrt both hidden streams and W; "
+        "`memory_analysis()` of the compiled function, MiB",
         "",
         "| tokens | naive temp | fused temp | fused/naive | fused args | fused out |",
         "| ---: | ---: | ---: | ---: | ---: | ---: |",

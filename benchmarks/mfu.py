@@ -19,13 +19,24 @@ MFU = FLOPs / best step time / (devices × the chip's dense bf16 peak), peak fro
     python benchmarks/mfu.py --steps 5                     # accelerator: qwen2.5-0.5b and qwen2.5-1.5b
     python benchmarks/mfu.py --models qwen2.5-1.5b --rows 2 --remat full
     python benchmarks/mfu.py                               # CPU: a tiny shape; FLOPs and tokens/s only
+    python benchmarks/mfu.py --models qwen2.5-1.5b --remat dots_with_no_batch_dims_saveable --breakdown \
+        --operand-dtype bfloat16 --joint-forward           # the step's parts; bf16 head operands, one call
+    python benchmarks/mfu.py --cost-analysis               # any backend, compile only: executed vs useful
 
-Prints one Markdown table row per model (and appends a section with `--append-results FILE`).
+`--remat` takes several policies (a row each). `--cost-analysis` compiles the step (nothing allocated) for
+the accelerator shape (Qwen2.5-1.5B, 4 × 4,096 tokens) at remat none and full, and the fused loss alone, and
+prints the matmul FLOPs the compiled programs execute (`bench.hlo_flops`: loops counted by their trip
+counts, which `compiled.cost_analysis()` does not do) against the useful count, whole and for layers,
+attention and LM head. It uses `xla_dense` attention by default: the blockwise `xla` path's loops have
+data-dependent trip counts.
+
+Prints one Markdown table row per model and remat policy (and appends a section with `--append-results FILE`).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from pathlib import Path
 
@@ -39,39 +50,203 @@ COLUMNS = (
 )
 
 
+ACCEL_SHAPE = {  # the accelerator measurement's batch (and the cost analysis's, which sizes that run)
+    "rows": 4, "seq_len": 4096, "history": 8, "context_tokens": 256, "entry_tokens": 192,
+    "target_tokens": 160,
+}  # fmt: skip
+CPU_SHAPE = {
+    "rows": 2, "seq_len": 512, "history": 2, "context_tokens": 64, "entry_tokens": 64, "target_tokens": 48,
+}  # fmt: skip
+COST_COLUMNS = (
+    "| model | compute | remat | attention | rows × (T_w, T_o, R) | useful TFLOP | executed TFLOP "
+    "| executed / useful | layers | attention | LM head | cost_analysis() TFLOP |"
+)
+
+
+def resolve_defaults(args: argparse.Namespace, accel: bool, backend: str) -> None:
+    """Fill the options left unset: the accelerator shape on an accelerator or for `--cost-analysis` (it
+    analyses the accelerator run), else the CPU one; the backend's attention, or `xla_dense` for the cost
+    analysis (the blockwise `xla` loops have data-dependent trip counts, which cannot be counted)."""
+    big = accel or args.cost_analysis
+    for key, value in (ACCEL_SHAPE if big else CPU_SHAPE).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.models is None:
+        args.models = ["qwen2.5-1.5b"] if args.cost_analysis else (
+            ["qwen2.5-0.5b", "qwen2.5-1.5b"] if accel else ["tiny"]
+        )  # fmt: skip
+    args.compute_dtype = args.compute_dtype or ("bfloat16" if big else "float32")
+    args.remat = args.remat or (["none", "full"] if args.cost_analysis else ["full" if accel else "none"])
+    if args.attention is None:
+        backend_attention = {"gpu": "cudnn", "cuda": "cudnn", "tpu": "splash"}.get(backend, "xla")
+        args.attention = "xla_dense" if args.cost_analysis else backend_attention
+
+
+def model_config(name: str, args: argparse.Namespace, remat: str):
+    """The ModelConfig of preset `name` (or the tiny CPU shape), float32 parameters, the run's runtime."""
+    from nextquill_jax.models import model_preset
+
+    runtime = dict(
+        param_dtype="float32", compute_dtype=args.compute_dtype, remat_policy=remat,
+        attention_impl=args.attention,
+    )  # fmt: skip
+    if name == "tiny":
+        return model_preset("qwen2.5-0.5b", **TINY, **runtime)
+    return model_preset(name, **runtime)
+
+
+def model_batch(cfg, args: argparse.Namespace, accel: bool):
+    """(batch, RowShape) of synthetic packed examples for `cfg`'s vocabulary."""
+    from nextquill_jax.bench.harness import synthetic_batch
+
+    return synthetic_batch(
+        args.rows, args.seq_len, args.history, context_tokens=args.context_tokens,
+        entry_tokens=args.entry_tokens, target_tokens=args.target_tokens, vocab=cfg.vocab_size,
+        length_multiple=128 if accel or args.cost_analysis else 32,
+    )  # fmt: skip
+
+
+def compute_label(args: argparse.Namespace) -> str:
+    """The compute column: the compute dtype, the fused head's operands when not float32, joint forward."""
+    head = "" if args.operand_dtype == "float32" else ", head operands bf16"
+    return args.compute_dtype + head + (", joint forward" if args.joint_forward else "")
+
+
+def cost_analysis(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """Compile the step (abstract state: nothing allocated) per model and remat policy, and the fused loss
+    alone; print executed matmul FLOPs (`bench.hlo_flops`, loops counted by trip count) against the useful
+    count (`bench.flops.step_flops`), whole and per part. Returns 0."""
+    import jax
+    import jax.numpy as jnp
+
+    from nextquill_jax.bench.flops import executed_flops, param_counts, step_flops
+    from nextquill_jax.bench.harness import TrainingHarness
+    from nextquill_jax.bench.hlo_flops import dot_costs
+    from nextquill_jax.bench.record import append_results, results_header
+    from nextquill_jax.loss import LossConfig
+    from nextquill_jax.parallel import make_mesh
+
+    mesh = make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
+    separator = "|" + " --- |" * (COST_COLUMNS.count("|") - 1)
+    rows = [COST_COLUMNS, separator]
+    print(*rows, sep="\n", flush=True)
+
+    def row(name, remat, shape, useful, executed, raw_flops) -> str:
+        ratios = [
+            f"{e / u:.3f}" if u else "-"
+            for e, u in zip(
+                (executed.total, executed.layers, executed.attention, executed.head),
+                (useful.total, useful.layers, useful.attention, useful.head),
+                strict=True,
+            )
+        ]
+        return (
+            f"| {name} | {compute_label(args)} | {remat} | {args.attention} "
+            f"| {args.rows} × {shape.as_tuple()} | {useful.total / 1e12:.4g} | {executed.total / 1e12:.4g} "
+            f"| {' | '.join(ratios)} | {raw_flops / 1e12:.4g} |"
+        )
+
+    for name, remat in itertools.product(args.models, args.remat):
+        cfg = model_config(name, args, remat)
+        batch, shape = model_batch(cfg, args, accel=False)
+        harness = TrainingHarness(
+            cfg, mesh, loss=LossConfig(variant="nextquill"), micro_batches=args.micro_batches,
+            operand_dtype=args.operand_dtype, joint_forward=args.joint_forward, abstract=True,
+        )  # fmt: skip
+        useful = step_flops(cfg, batch, param_counts(cfg)[1])
+        compiled = harness.compile(batch)
+        rows.append(row(name, remat, shape, useful, executed_flops(dot_costs(compiled.as_text())),
+                        compiled.cost_analysis()["flops"]))  # fmt: skip
+        print(rows[-1], flush=True)
+        if remat == args.remat[0]:  # the fused loss alone: value and gradient, the step's shapes
+            hidden = jax.ShapeDtypeStruct((*batch["labels"].shape, cfg.hidden_size), cfg.compute_jnp_dtype)
+            head = harness.head_weight(harness.state.params)
+            head = jax.ShapeDtypeStruct(head.shape, head.dtype)
+            labels = jax.ShapeDtypeStruct(batch["labels"].shape, jnp.int32)
+            with jax.set_mesh(mesh):
+                loss = harness.loss_value_and_grad().lower(hidden, hidden, head, labels).compile()
+            loss_useful = type(useful)(layers=0.0, attention=0.0, head=useful.head)
+            executed = executed_flops(dot_costs(loss.as_text()))
+            rows.append(
+                row(
+                    f"{name}: fused loss alone",
+                    "-",
+                    shape,
+                    loss_useful,
+                    executed,
+                    loss.cost_analysis()["flops"],
+                )
+            )
+            print(rows[-1], flush=True)
+    if args.append_results:
+        command = ["python", "benchmarks/mfu.py", *(argv if argv is not None else sys.argv[1:])]
+        header = results_header(
+            "Executed vs useful FLOPs of the training step (XLA cost analysis)",
+            command,
+            [
+                "compile only, abstract state (nothing allocated or run); useful FLOPs: "
+                "bench.flops.step_flops (the MFU numerator; the fused loss alone: its LM-head term "
+                "6·D·V·2·N_y)",
+                "executed: every dot of the optimised HLO (`compiled.as_text()`), 2 × output × contracted "
+                "elements, times the known trip counts of the loops around it (bench.hlo_flops); attributed "
+                "to a part by the source files of its call stack (bench.flops.executed_flops); elementwise "
+                "work not counted",
+                "cost_analysis() TFLOP: XLA's own `compiled.cost_analysis()['flops']`, which counts every "
+                "loop body once (so far below the executed count for scanned layers and the tiled loss)",
+                f"examples: context {args.context_tokens}, history {args.history} × {args.entry_tokens}, "
+                f"target {args.target_tokens} tokens",
+            ],
+        )
+        append_results(args.append_results, [*header, *rows])
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     import jax
 
     from nextquill_jax.bench.flops import param_counts, peak_tflops, step_flops
-    from nextquill_jax.bench.harness import TrainingHarness, step_breakdown, synthetic_batch
+    from nextquill_jax.bench.harness import TrainingHarness, step_breakdown
     from nextquill_jax.bench.record import append_results, results_header
     from nextquill_jax.loss import LossConfig
-    from nextquill_jax.models import model_preset
+    from nextquill_jax.loss.fused_head import OPERAND_DTYPES
     from nextquill_jax.parallel import make_mesh
 
     accel = jax.default_backend() in ("gpu", "tpu", "cuda", "rocm")
-    default_attention = {"gpu": "cudnn", "cuda": "cudnn", "tpu": "splash"}.get(jax.default_backend(), "xla")
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--models", nargs="+", help="presets (default: qwen2.5-0.5b qwen2.5-1.5b; CPU: tiny)")
-    parser.add_argument("--rows", type=int, default=4 if accel else 2)
-    parser.add_argument("--seq-len", type=int, default=4096 if accel else 512)
-    parser.add_argument("--history", type=int, default=8 if accel else 2)
-    parser.add_argument("--context-tokens", type=int, default=256 if accel else 64)
-    parser.add_argument("--entry-tokens", type=int, default=192 if accel else 64)
-    parser.add_argument("--target-tokens", type=int, default=160 if accel else 48)
-    parser.add_argument("--compute-dtype", default="bfloat16" if accel else "float32")
-    parser.add_argument("--remat", default="full" if accel else "none", help="ModelConfig.remat_policy")
-    parser.add_argument("--attention", default=default_attention, help="ModelConfig.attention_impl")
+    parser.add_argument("--rows", type=int)
+    parser.add_argument("--seq-len", type=int)
+    parser.add_argument("--history", type=int)
+    parser.add_argument("--context-tokens", type=int)
+    parser.add_argument("--entry-tokens", type=int)
+    parser.add_argument("--target-tokens", type=int)
+    parser.add_argument("--compute-dtype")
+    parser.add_argument("--remat", nargs="+", help="ModelConfig.remat_policy, one row each")
+    parser.add_argument("--attention", help="ModelConfig.attention_impl")
     parser.add_argument("--micro-batches", type=int, default=1)
+    parser.add_argument(
+        "--operand-dtype", choices=OPERAND_DTYPES, default="float32",
+        help="fused loss: operands of the with/without logits products (loss.operand_dtype)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--joint-forward", action="store_true",
+        help="both forward passes as one call on a joined batch (train.joint_forward)",
+    )  # fmt: skip
     parser.add_argument("--steps", type=int, default=5, help="timed steps (after --warmup)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--peak-tflops", type=float, help="per-chip peak (default: by device kind)")
     parser.add_argument("--breakdown", action="store_true", help="also time the step's parts alone")
+    parser.add_argument(
+        "--cost-analysis", action="store_true",
+        help="compile only (any backend, nothing allocated): executed vs useful matmul FLOPs per part",
+    )  # fmt: skip
     parser.add_argument("--append-results", type=Path, help="append a Markdown section to this file")
     args = parser.parse_args(argv)
-    models = args.models or (["qwen2.5-0.5b", "qwen2.5-1.5b"] if accel else ["tiny"])
+    resolve_defaults(args, accel, jax.default_backend())
+    if args.cost_analysis:
+        return cost_analysis(args, argv)
 
     device_kind = jax.devices()[0].device_kind
     peak = args.peak_tflops or peak_tflops(device_kind)
@@ -80,27 +255,19 @@ def main(argv: list[str] | None = None) -> int:
     separator = "|" + " --- |" * (COLUMNS.count("|") - 1)
     print(COLUMNS)
     print(separator)
-    for name in models:
-        runtime = dict(
-            param_dtype="float32", compute_dtype=args.compute_dtype, remat_policy=args.remat,
-            attention_impl=args.attention,
-        )  # fmt: skip
-        if name == "tiny":
-            cfg = model_preset("qwen2.5-0.5b", **TINY, **runtime)
-        else:
-            cfg = model_preset(name, **runtime)
-        batch, shape = synthetic_batch(
-            args.rows, args.seq_len, args.history, context_tokens=args.context_tokens,
-            entry_tokens=args.entry_tokens, target_tokens=args.target_tokens, vocab=cfg.vocab_size,
-            length_multiple=128 if accel else 32,
-        )  # fmt: skip
+    for name, remat in itertools.product(args.models, args.remat):
+        cfg = model_config(name, args, remat)
+        batch, shape = model_batch(cfg, args, accel)
         harness = TrainingHarness(
-            cfg, mesh, loss=LossConfig(variant="nextquill"), micro_batches=args.micro_batches
-        )
+            cfg, mesh, loss=LossConfig(variant="nextquill"), micro_batches=args.micro_batches,
+            operand_dtype=args.operand_dtype, joint_forward=args.joint_forward,
+        )  # fmt: skip
         timing = harness.time(batch, warmup=args.warmup, steps=args.steps)
         if args.breakdown:
             parts = step_breakdown(harness, batch, steps=args.steps)
-            breakdowns.append(f"- {name}: " + ", ".join(f"{k} {v * 1e3:,.1f} ms" for k, v in parts.items()))
+            breakdowns.append(
+                f"- {name}, remat {remat}: " + ", ".join(f"{k} {v * 1e3:,.1f} ms" for k, v in parts.items())
+            )
             print(breakdowns[-1], flush=True)
         del harness
         flops = step_flops(cfg, batch, param_counts(cfg)[1]).total
@@ -110,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         mfu = f"{tflops / (peak * mesh.size):.1%}" if peak else "-"
         memory = timing.device_peak_mib if timing.device_peak_mib is not None else timing.compiled_total_mib
         row = (
-            f"| {mesh.size} × {device_kind} | {name} | {args.compute_dtype} | {args.remat} "
+            f"| {mesh.size} × {device_kind} | {name} | {compute_label(args)} | {remat} "
             f"| {args.attention} | "
             f"{args.rows} × {shape.as_tuple()} | {tokens:,} | {step_s:.4f} | {tokens / step_s:,.0f} | "
             f"{flops / 1e12:.4g} | {tflops:.4g} | {mfu} | {memory:,.0f} | {timing.compile_s:.1f} |"

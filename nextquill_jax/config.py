@@ -132,11 +132,16 @@ class LossRunConfig(LossConfig):
     packaged name or training workdir whose model (frozen, no gradient) gives the data-side effects; or `base`
     with `model.lora`: the frozen base itself with the adapters off (the same weights, no second copy).
     `token_chunk` / `vocab_chunk`: the LM-head tiling of `loss_from_hidden` (memory, not results).
+    `operand_dtype`: the operands of its with/without logits products, `float32` (default, exact) or
+    `bfloat16` (faster on accelerators; it rounds the head's float32 weights as `CausalLM.logits` does under a
+    bfloat16 compute dtype, so values move by bfloat16 rounding); the alignment logits and gradients stay
+    float32.
     """
 
     reference_model: str | None = None
     token_chunk: int = 1024
     vocab_chunk: int = 8192
+    operand_dtype: Literal["float32", "bfloat16"] = "float32"
 
     def loss_config(self) -> LossConfig:
         """The plain `LossConfig` of this section."""
@@ -192,7 +197,9 @@ class TrainConfig:
     required). `micro_batches` splits every global batch into that many gradient-accumulation micro-batches
     (the update equals the one-pass update; memory falls). `nonfinite`: on a NaN/inf loss `stop` the run, or
     `skip` the update and count it (the run stops once more than `max_skips` updates were skipped; checked
-    whenever metrics are fetched: every `logging.every_steps` steps and before saves).
+    whenever metrics are fetched: every `logging.every_steps` steps and before saves). `joint_forward`: run
+    the with- and without-history passes as one forward call on a joined batch (`train.step.
+    joint_response_hidden`: one read of the weights, larger matmuls; the same values).
     """
 
     workdir: str | None = None
@@ -202,6 +209,7 @@ class TrainConfig:
     micro_batches: int = 1
     nonfinite: Literal["stop", "skip"] = "stop"
     max_skips: int = 20
+    joint_forward: bool = False
 
     def __post_init__(self):
         if self.max_steps is not None and self.max_steps < 1:

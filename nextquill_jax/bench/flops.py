@@ -11,15 +11,21 @@ without-history streams; L layers, H query heads of size Hd; A = Σ over example
 pairs a causal mask leaves inside one example of n tokens: padding and cross-example pairs are not useful);
 D hidden size, V vocabulary, N_y target tokens. The difference logits z_h − z_∅ need no extra matmul in this
 count (they are a subtraction of logits already counted). MFU = FLOPs / step time / peak FLOP/s of the chips.
+
+`executed_flops` splits the matmul FLOPs a compiled program executes (`hlo_flops`) into the same parts, so
+each part's executed / useful ratio shows where work beyond the useful count goes (recomputation, padding,
+masked attention pairs, the fused head's extra passes).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 
+from nextquill_jax.bench.hlo_flops import DotCost
 from nextquill_jax.models.config import ModelConfig
 
 # Dense bf16 peak TFLOP/s per chip, by a substring of the lower-case `jax.Device.device_kind`.
@@ -99,3 +105,20 @@ def step_flops(
         attention=12.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * pairs,
         head=6.0 * cfg.hidden_size * cfg.vocab_size * 2 * targets,
     )
+
+
+def executed_flops(costs: Iterable[DotCost]) -> FlopCount:
+    """Executed matmul FLOPs by part, from the dots of a compiled program (`hlo_flops.dot_costs`): `head` the
+    fused LM head's (a frame in loss/fused_head.py), `attention` the score and value products (a frame in
+    models/attention.py or models/blockwise_attention.py), `layers` every other dot (projections, MLP)."""
+    parts = {"layers": 0.0, "attention": 0.0, "head": 0.0}
+    for cost in costs:
+        files = [f.replace("\\", "/") for f in cost.files]
+        if any(f.endswith("loss/fused_head.py") for f in files):
+            part = "head"
+        elif any(f.endswith(("models/attention.py", "models/blockwise_attention.py")) for f in files):
+            part = "attention"
+        else:
+            part = "layers"
+        parts[part] += cost.executed
+    return FlopCount(**parts)

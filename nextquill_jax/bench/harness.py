@@ -53,6 +53,13 @@ class TrainingHarness:
         model: an existing `CausalLM` to train instead of a random one (e.g. loaded weights).
         lora: train LoRA adapters on the frozen (random or given) model instead of the model itself, as
             `model.lora` does (its `base_dtype` quantizes the base; `init_from` is not read here).
+        operand_dtype: the operands of the fused loss's with/without logits products (`loss.operand_dtype`).
+        joint_forward: both forward passes as one call on a joined batch (`train.joint_forward`).
+        abstract: hold the state as `jax.ShapeDtypeStruct`s (nothing allocated): the step can be compiled and
+            analysed (`compile`), not run.
+
+    Raises:
+        ValueError: `abstract` with `model` or `lora`.
     """
 
     def __init__(
@@ -66,6 +73,9 @@ class TrainingHarness:
         seed: int = 0,
         model=None,
         lora: LoraConfig | None = None,
+        operand_dtype: str = "float32",
+        joint_forward: bool = False,
+        abstract: bool = False,
     ):
         import jax
         from flax import nnx
@@ -74,14 +84,18 @@ class TrainingHarness:
         from nextquill_jax.train import adapters
         from nextquill_jax.train.model_setup import abstract_model, param_shardings, random_params
         from nextquill_jax.train.optimizer import learning_rate_schedule, make_optimizer
-        from nextquill_jax.train.setup import init_state, jit_train_step, state_shardings
+        from nextquill_jax.train.setup import abstract_state, init_state, jit_train_step, state_shardings
         from nextquill_jax.train.step import StepSettings
 
+        if abstract and (model is not None or lora is not None):
+            raise ValueError("an abstract harness takes neither a model nor lora (it holds no parameters)")
         self.cfg, self.mesh = model_cfg, mesh
         optim = optim or OptimConfig()
         graphdef, abstract_params = abstract_model(model_cfg)
         p_shardings = param_shardings(model_cfg, mesh)
-        if model is None:
+        if abstract:
+            params = None
+        elif model is None:
             params = random_params(model_cfg, p_shardings, seed)
         else:
             params = jax.device_put(nnx.to_pure_dict(nnx.state(model, nnx.Param)), p_shardings)
@@ -94,10 +108,15 @@ class TrainingHarness:
         total_steps = 1000  # the schedule's length; it changes the learning rate, not the cost of a step
         tx = make_optimizer(optim, trainable, total_steps)
         s_shardings = state_shardings(tx, trainable, shardings, mesh)
-        self.state = init_state(params, tx, seed, s_shardings)
+        if abstract:
+            self.state = abstract_state(abstract_params, tx, seed, s_shardings)
+        else:
+            self.state = init_state(params, tx, seed, s_shardings)
         settings = StepSettings(
             loss=loss or LossConfig(),
             micro_batches=micro_batches,
+            operand_dtype=operand_dtype,
+            joint_forward=joint_forward,
             lora_scale=None if lora is None else lora.scale,
             lora_dropout=0.0 if lora is None else lora.dropout,
         )
@@ -115,6 +134,36 @@ class TrainingHarness:
 
         return jax.device_put(batch, self._batch_sharding)
 
+    def compile(self, batch: dict[str, np.ndarray]):
+        """The step compiled for `batch`'s shapes (`jax.stages.Compiled`); runs nothing."""
+        import jax
+
+        with jax.set_mesh(self.mesh):
+            return self._step.lower(self.state, self.place(batch), None, self.base).compile()
+
+    def head_weight(self, params: dict):
+        """The LM head in `params` (the untied kernel [D, V], else the tied embedding [V, D])."""
+        return params["lm_head"] if "lm_head" in params else params["embed"]
+
+    def loss_value_and_grad(self) -> Callable:
+        """`jax.jit` of the step's fused loss, value and gradient wrt both hidden streams and the head:
+        f(hidden_with [B, R, D], hidden_without [B, R, D], head, labels [B, R]) -> (loss, grads)."""
+        import jax
+
+        from nextquill_jax.loss import loss_from_hidden
+
+        settings = self.settings
+        layout = "dv" if "lm_head" in self.state.params else "vd"
+
+        def loss(h_w, h_o, w, labels):
+            return loss_from_hidden(
+                h_w, h_o, w, labels, settings.loss, head_layout=layout,
+                token_chunk=settings.token_chunk, vocab_chunk=settings.vocab_chunk,
+                operand_dtype=settings.operand_dtype,
+            )[0]  # fmt: skip
+
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+
     def time(self, batch: dict[str, np.ndarray], *, warmup: int = 1, steps: int = 3) -> StepTiming:
         """Compile the step for `batch`'s shapes, run `warmup` steps untimed and `steps` timed ones.
 
@@ -126,7 +175,7 @@ class TrainingHarness:
         placed = self.place(batch)
         with jax.set_mesh(self.mesh):
             start = time.perf_counter()
-            compiled = self._step.lower(self.state, placed, None, self.base).compile()
+            compiled = self.compile(batch)
             compile_s = time.perf_counter() - start
             memory = compiled.memory_analysis()
             first_loss = float("nan")
@@ -177,7 +226,7 @@ def step_breakdown(
 ) -> dict[str, float]:
     """Seconds of the step's parts, each compiled and timed alone on `batch` (what limits the step):
 
-    - "forward": both forward passes to the response hidden states;
+    - "forward": both forward passes to the response hidden states (one call with `joint_forward`);
     - "forward+backward": both passes and their backward for a fixed linear function of those states;
     - "loss": `loss_from_hidden` value and gradient (wrt both hidden streams and the head) alone;
     - "optimizer": clipping + AdamW update of all parameters;
@@ -192,27 +241,18 @@ def step_breakdown(
     import jax.numpy as jnp
     from flax import nnx
 
-    from nextquill_jax.loss import loss_from_hidden
-    from nextquill_jax.train.step import response_hidden
+    from nextquill_jax.train.step import stream_hidden
 
     placed = harness.place(batch)
     params = harness.state.params
-    graphdef, settings = harness.graphdef, harness.settings
+    graphdef = harness.graphdef
 
     def streams(p, b):
-        model = nnx.merge(graphdef, p)
-        return response_hidden(model, b, "with"), response_hidden(model, b, "without")
+        return stream_hidden(nnx.merge(graphdef, p), b, harness.settings)
 
     def linear(p, b):
         h_w, h_o = streams(p, b)
         return (h_w.astype(jnp.float32) * 1e-3).sum() - (h_o.astype(jnp.float32) * 1e-3).sum()
-
-    def loss(h_w, h_o, w, labels):
-        layout = "dv" if "lm_head" in params else "vd"
-        return loss_from_hidden(
-            h_w, h_o, w, labels, settings.loss, head_layout=layout,
-            token_chunk=settings.token_chunk, vocab_chunk=settings.vocab_chunk,
-        )[0]  # fmt: skip
 
     def update(p, opt_state):
         updates, opt_state = harness.tx.update(p, opt_state, p)
@@ -220,12 +260,12 @@ def step_breakdown(
 
     with jax.set_mesh(harness.mesh):
         h_w, h_o = jax.jit(streams)(params, placed)
-        w = params["lm_head"] if "lm_head" in params else params["embed"]
+        w = harness.head_weight(params)
         parts = {
             "forward": best_seconds(jax.jit(streams), params, placed, steps=steps),
             "forward+backward": best_seconds(jax.jit(jax.grad(linear)), params, placed, steps=steps),
             "loss": best_seconds(
-                jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))),
+                harness.loss_value_and_grad(),
                 h_w,
                 h_o,
                 w,

@@ -9,16 +9,27 @@ The optional effect stream holds the statistics of the difference of the logits 
 `z_0 − z_1` (NextQuill's alignment logits), formed tile by tile from the two streams' logits: it costs no
 matrix product of its own, and its gradient flows into streams 0 and 1 (dz_0 += dz_e, dz_1 −= dz_e).
 
+Operands: the logits of the S streams are products of `operand_dtype` operands accumulated in float32
+(`float32` by default; `bfloat16` rounds h and W to bfloat16 first, as `CausalLM.logits` does under a
+bfloat16 compute dtype, and is exact when both already are bfloat16: a product of two bfloat16 values is
+exact in float32). Every pass that forms a stream's logits (forward, JS sweep, backward recompute) uses the
+same operands, so the recomputed softmax is normalised by the logsumexp it came from. The effect stream is
+the float32 difference of two such float32 logit tiles; the gradient passes (dh = dz W, dW = dzᵀ h) take a
+float32 dz and float32 operands whatever `operand_dtype` is.
+
 The optional Jensen–Shannon statistic between streams 0 and 1,
 `JS = KL(p_0 ‖ m) + KL(p_1 ‖ m)` with `m = (p_0 + p_1) / 2` over the full vocabulary, needs each stream's
 logsumexp first, so it takes a second sweep over the vocabulary.
 
 Layout of the tiles: the leading dimensions of h (after the stream axis) are flattened into M rows that
 every tile keeps whole, so a batch-sharded input stays data-parallel under `jax.jit`; the response axis R
-is cut into chunks of C slots (M × C ≈ `token_chunk` tokens per tile, at least one slot per row) and
-padded with ignored slots; the vocabulary is cut into blocks of `vocab_chunk` columns. When the block size
-does not divide V, the last block is shifted back to end at V and its columns already covered by the block
-before it are masked, so W is never padded or copied.
+is cut into the fewest chunks of at most ⌈token_chunk / M⌉ slots (at least one slot per row), all of one
+size C = ⌈R / chunks⌉, padded with ignored slots (fewer than one per chunk); the vocabulary is cut into the
+fewest blocks of at most `vocab_chunk` columns, all of one size rounded up to a multiple of 128 (the
+matrix units' tile). Sizes balanced this way keep the products' padding small: at R = 384, M = 4 and the
+default tiles, chunks of 256 slots would pad R to 512 (a third more work in every pass). When the block
+size does not divide V, the last block is shifted back to end at V and its columns already covered by the
+block before it are masked, so W is never padded or copied.
 """
 
 from __future__ import annotations
@@ -35,8 +46,10 @@ from nextquill_jax.data.batch import IGNORE_INDEX
 
 HeadLayout = Literal["vd", "dv"]
 HEAD_LAYOUTS: tuple[str, ...] = ("vd", "dv")
+OPERAND_DTYPES: tuple[str, ...] = ("float32", "bfloat16")
 DEFAULT_TOKEN_CHUNK = 1024
 DEFAULT_VOCAB_CHUNK = 8192
+_ALIGN = 128  # vocabulary blocks are rounded up to a multiple of this (matrix-unit tile)
 
 
 class HeadStats(NamedTuple):
@@ -57,6 +70,7 @@ class _Plan(NamedTuple):
     """Static tiling of one call: rows M, slots R in n_chunks chunks of `chunk`, V in n_blocks of `block`."""
 
     layout: str
+    operands: str
     with_js: bool
     with_effect: bool
     counterfactual_grad: bool
@@ -102,6 +116,7 @@ def head_token_stats(
     frozen_head: bool = False,
     token_chunk: int = DEFAULT_TOKEN_CHUNK,
     vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
+    operand_dtype: str = "float32",
 ) -> HeadStats:
     """Logsumexp and label logit of `hidden @ Wᵀ` per token and stream, with a memory-bounded custom VJP.
 
@@ -118,6 +133,8 @@ def head_token_stats(
             weight-gradient products (dzᵀ h per tile) are not computed.
         token_chunk: tokens per tile across all rows (at least one response slot per row).
         vocab_chunk: vocabulary columns per tile.
+        operand_dtype: "float32" or "bfloat16": the operands of the streams' logits products (module
+            docstring); the effect stream and the gradient stay float32.
 
     Returns:
         HeadStats with lse, label_logit [S, ..., R] ([S + 1, ..., R] with the effect stream) and js
@@ -125,8 +142,8 @@ def head_token_stats(
         has their dtypes.
 
     Raises:
-        ValueError: for mismatched shapes, an unknown layout, non-positive chunk sizes, or `with_js` with
-            S < 2, or `with_effect` with S < 2.
+        ValueError: for mismatched shapes, an unknown layout or operand dtype, non-positive chunk sizes, or
+            `with_js` with S < 2, or `with_effect` with S < 2.
     """
     if hidden.ndim < 3:
         raise ValueError(
@@ -142,15 +159,20 @@ def head_token_stats(
     for name, size in (("token_chunk", token_chunk), ("vocab_chunk", vocab_chunk)):
         if not isinstance(size, int) or size < 1:
             raise ValueError(f"{name} must be a positive int, got {size!r}")
+    if operand_dtype not in OPERAND_DTYPES:
+        raise ValueError(f"operand_dtype must be one of {OPERAND_DTYPES}, got {operand_dtype!r}")
 
     slots = hidden.shape[-2]
     streams = hidden.shape[0] + with_effect
     lead = hidden.shape[1:-2]
     rows = math.prod(lead)
-    chunk = max(1, min(slots, -(-token_chunk // max(rows, 1))))
-    block = min(vocab_chunk, vocab)
+    max_chunk = max(1, min(slots, -(-token_chunk // max(rows, 1))))
+    chunk = -(-slots // -(-slots // max_chunk)) if slots else max_chunk
+    n_blocks = -(-vocab // min(vocab_chunk, vocab))
+    block = min(vocab_chunk, vocab, -(-vocab // n_blocks // _ALIGN) * _ALIGN)
     plan = _Plan(
         layout=head_layout,
+        operands=operand_dtype,
         with_js=with_js,
         with_effect=with_effect,
         counterfactual_grad=counterfactual_grad,
@@ -204,6 +226,12 @@ def _vocab_block(w: jax.Array, i: jax.Array, plan: _Plan):
     return wb.astype(jnp.float32), cols, cols >= i * plan.block
 
 
+def _logits(h: jax.Array, wb: jax.Array, plan: _Plan) -> jax.Array:
+    """Streams' logits tile h [S, M, C, D] · wb [Vb, D]ᵀ -> [S, M, C, Vb] float32 from `plan.operands`."""
+    dtype = jnp.dtype(plan.operands)
+    return jnp.einsum("smcd,vd->smcv", h.astype(dtype), wb.astype(dtype), preferred_element_type=jnp.float32)
+
+
 def _add_block(dw: jax.Array, dwb: jax.Array, i: jax.Array, plan: _Plan) -> jax.Array:
     """dw[block i] += dwb ([Vb, D] float32), in the head's layout and dtype."""
     start = jnp.minimum(i * plan.block, plan.vocab - plan.block)
@@ -229,7 +257,7 @@ def _chunk_forward(hc: jax.Array, yc: jax.Array, w: jax.Array, plan: _Plan):
 
     def lse_step(carry, i):
         wb, cols, fresh = _vocab_block(w, i, plan)
-        z = jnp.einsum("smcd,vd->smcv", hc, wb)  # [S, M, C, Vb]
+        z = _logits(hc, wb, plan)  # [S, M, C, Vb]
         is_label = fresh & (cols == yc[..., None])  # [M, C, Vb]
         stats = _lse_update([c[:n_hidden] for c in carry], z, fresh, is_label)
         if plan.with_effect:  # the effect tile z_0 - z_1 is never stacked with the others
@@ -246,7 +274,7 @@ def _chunk_forward(hc: jax.Array, yc: jax.Array, w: jax.Array, plan: _Plan):
 
     def kl_step(kl, i):
         wb, _, fresh = _vocab_block(w, i, plan)
-        logp = jnp.einsum("smcd,vd->smcv", hc[:2], wb) - lse[:2, ..., None]  # [2, M, C, Vb]
+        logp = _logits(hc[:2], wb, plan) - lse[:2, ..., None]  # [2, M, C, Vb]
         log_mid = jnp.logaddexp(logp[0], logp[1]) - jnp.log(2.0)
         terms = jnp.where(fresh, jnp.exp(logp) * (logp - log_mid), 0.0)
         return kl + terms.sum(-1), None
@@ -289,7 +317,7 @@ def _stats_bwd(plan: _Plan, residuals, cotangents):
 
         def token_step(dwb, xs):
             hc, yc, lse_c, kl_c, gl, gy, gj = xs
-            z = jnp.einsum("smcd,vd->smcv", hc, wb)  # [S, M, C, Vb]
+            z = _logits(hc, wb, plan)  # [S, M, C, Vb]
             n_hidden = z.shape[0]
             is_label = fresh & (cols == yc[..., None])  # [M, C, Vb]
 

@@ -187,6 +187,7 @@ def loss_from_hidden(
     frozen_head: bool = False,
     token_chunk: int = DEFAULT_TOKEN_CHUNK,
     vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
+    operand_dtype: str = "float32",
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The value of `loss_from_logits(hidden_with @ Wᵀ, hidden_without @ Wᵀ, ...)` without [tokens, V] arrays.
 
@@ -209,9 +210,12 @@ def loss_from_hidden(
         frozen_head: `lm_head` is not trained (LoRA): its gradient is zero and not computed.
         token_chunk: tokens per tile across the leading rows (at least one slot per row).
         vocab_chunk: vocabulary columns per tile.
+        operand_dtype: "float32" (default) or "bfloat16": the operands of the with/without logits products
+            (float32 accumulation; `fused_head`). The alignment logits and the gradient stay float32.
 
     Returns:
-        (loss, aux) as `loss_from_logits`; all arithmetic in float32.
+        (loss, aux) as `loss_from_logits`; all arithmetic in float32 (the logits products' operands in
+        `operand_dtype`).
 
     Raises:
         ValueError: as `loss_from_logits`, and for hidden states that do not match lm_head or labels.
@@ -227,7 +231,9 @@ def loss_from_hidden(
     width = (hidden_with if have_with else hidden_without).shape[-1]
     _check_labels(labels, head_vocab(lm_head, head_layout, width))
     mask = target_mask(labels)
-    head = dict(head_layout=head_layout, token_chunk=token_chunk, vocab_chunk=vocab_chunk)
+    head = dict(
+        head_layout=head_layout, token_chunk=token_chunk, vocab_chunk=vocab_chunk, operand_dtype=operand_dtype
+    )
 
     streams: dict[str, jax.Array] = {}
     if have_with:

@@ -205,6 +205,8 @@ def step_settings(cfg: Config, reference_graphdef: Any = None) -> StepSettings:
         skip_nonfinite=cfg.train.nonfinite == "skip",
         token_chunk=cfg.loss.token_chunk,
         vocab_chunk=cfg.loss.vocab_chunk,
+        operand_dtype=cfg.loss.operand_dtype,
+        joint_forward=cfg.train.joint_forward,
         reference_graphdef=reference_graphdef,
         lora_scale=None if lora is None else lora.scale,
         lora_dropout=0.0 if lora is None else lora.dropout,

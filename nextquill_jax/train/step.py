@@ -48,11 +48,13 @@ Batch = dict[str, jax.Array]
 class StepSettings:
     """Static settings of the step.
 
-    `micro_batches` must divide the rows of every batch shard. `reference_graphdef`: the graph of a frozen
-    reference model for `dce: fixed` when batches carry no `reference_dce` (its parameters are the step's
-    third argument). `lora_scale`: None for full fine-tuning (the state's parameters are the model's); else
-    the state's parameters are LoRA adapters (`models.lora`) on the frozen base, the step's fourth argument,
-    with this alpha / rank and `lora_dropout` on their input.
+    `micro_batches` must divide the rows of every batch shard. `token_chunk`, `vocab_chunk`, `operand_dtype`:
+    the fused LM head's tiling and logits operands (`loss_from_hidden`). `joint_forward`: both streams in one
+    forward call (`joint_response_hidden`) when the loss needs both. `reference_graphdef`: the graph of a
+    frozen reference model for `dce: fixed` when batches carry no `reference_dce` (its parameters are the
+    step's third argument). `lora_scale`: None for full fine-tuning (the state's parameters are the model's);
+    else the state's parameters are LoRA adapters (`models.lora`) on the frozen base, the step's fourth
+    argument, with this alpha / rank and `lora_dropout` on their input.
     """
 
     loss: LossConfig
@@ -60,6 +62,8 @@ class StepSettings:
     skip_nonfinite: bool = False
     token_chunk: int = 1024
     vocab_chunk: int = 8192
+    operand_dtype: str = "float32"
+    joint_forward: bool = False
     reference_graphdef: Any = None
     lora_scale: float | None = None
     lora_dropout: float = 0.0
@@ -94,6 +98,50 @@ def response_examples(batch: Batch) -> jax.Array:
     return jnp.take_along_axis(batch["with_segment_ids"], batch["response_index_with"], axis=-1)
 
 
+def joint_response_hidden(
+    model: nnx.Module, batch: Batch, adapters: Adapters | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """Both streams' response hidden states ([B, R, D] each) from one forward call: one pass over the
+    weights, matmuls over both streams' tokens at once. The values are those of two `response_hidden` calls
+    (each token sees the same tokens at the same positions); with LoRA dropout the masks are another draw.
+
+    Streams of one length T are interleaved into [2B, T] rows (row 2i with history, 2i + 1 without: a pair
+    stays on the device that holds row i). Otherwise each row is the with-history row followed by the
+    without-history row, [B, T_w + T_o], the latter's segment ids shifted past the former's so that no token
+    attends across streams (its attention covers (T_w + T_o)² slot pairs, not T_w² + T_o²).
+    """
+    ids, pos, seg = ((batch[f"with_{k}"], batch[f"without_{k}"]) for k in ("ids", "positions", "segment_ids"))
+    index_w, index_o = batch["response_index_with"], batch["response_index_without"]  # [B, R]
+    rows, t_w = ids[0].shape
+    if ids[0].shape == ids[1].shape:
+        interleave = lambda pair: jnp.stack(pair, axis=1).reshape(2 * rows, t_w)  # [2B, T]
+        hidden = model.hidden_states(interleave(ids), interleave(pos), interleave(seg), adapters=adapters)
+        hidden = hidden.reshape(rows, 2, t_w, -1)  # [B, 2, T, D]
+        h_w, h_o, offset = hidden[:, 0], hidden[:, 1], 0
+    else:
+        shift = seg[0].max(axis=1, keepdims=True)  # [B, 1]
+        seg = (seg[0], jnp.where(seg[1] > 0, seg[1] + shift, 0))
+        join = lambda pair: jnp.concatenate(pair, axis=1)  # [B, T_w + T_o]
+        h_w = h_o = model.hidden_states(join(ids), join(pos), join(seg), adapters=adapters)
+        offset = t_w
+    gather = lambda h, index: jnp.take_along_axis(h, index[..., None], axis=1)  # [B, R, D]
+    return gather(h_w, index_w), gather(h_o, index_o + offset)
+
+
+def stream_hidden(
+    model: nnx.Module, batch: Batch, settings: StepSettings, adapters: Adapters | None = None
+) -> tuple[jax.Array | None, jax.Array | None]:
+    """(with, without) response hidden states [B, R, D] of the streams the loss needs (None for the other),
+    from one forward call when `settings.joint_forward` and both are needed, else one call each."""
+    need_with, need_without = streams_needed(settings.loss)
+    if settings.joint_forward and need_with and need_without:
+        return joint_response_hidden(model, batch, adapters)
+    return (
+        response_hidden(model, batch, "with", adapters) if need_with else None,
+        response_hidden(model, batch, "without", adapters) if need_without else None,
+    )
+
+
 def reference_dce(graphdef: Any, params: dict, batch: Batch, settings: StepSettings) -> jax.Array:
     """Data-side effects [B, R] of the labels under a frozen reference model (no gradient)."""
     model = nnx.merge(graphdef, jax.lax.stop_gradient(params))
@@ -122,11 +170,9 @@ def batch_loss(
     adapters' dropout). Fixed DCE comes from `batch["reference_dce"]`; `denominators` are the global ones
     (None: this batch's own)."""
     model, adapters = model_and_adapters(graphdef, params, base, settings, key)
-    need_with, need_without = streams_needed(settings.loss)
     w, layout = model.lm_head_weight()
     return loss_from_hidden(
-        response_hidden(model, batch, "with", adapters) if need_with else None,
-        response_hidden(model, batch, "without", adapters) if need_without else None,
+        *stream_hidden(model, batch, settings, adapters),
         w,
         batch["labels"],
         settings.loss,
@@ -137,6 +183,7 @@ def batch_loss(
         frozen_head=settings.lora_scale is not None,  # under LoRA the head is the base's
         token_chunk=settings.token_chunk,
         vocab_chunk=settings.vocab_chunk,
+        operand_dtype=settings.operand_dtype,
     )
 
 

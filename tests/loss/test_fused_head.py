@@ -14,14 +14,16 @@ import numpy as np
 import pytest
 
 from nextquill_jax.loss import LossConfig, combine_aux, loss_from_aux, loss_from_hidden, loss_from_logits
-from nextquill_jax.loss.fused_head import head_token_stats
+from nextquill_jax.loss.fused_head import OPERAND_DTYPES, head_token_stats
 from tests.shared import IGNORE, LOSS_CONFIG_IDS, LOSS_CONFIGS
 
 # The test programs are tiny: LLVM optimisation would only add compile time.
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
-def fused_value_and_grads(hw, ho, w, y, cfg, layout, token_chunk, vocab_chunk, denominators=None):
+def fused_value_and_grads(
+    hw, ho, w, y, cfg, layout, token_chunk, vocab_chunk, denominators=None, operand_dtype="float32"
+):
     """((loss, aux), (d hw, d ho, d W)) of loss_from_hidden."""
 
     def loss(a, b, c):
@@ -35,6 +37,7 @@ def fused_value_and_grads(hw, ho, w, y, cfg, layout, token_chunk, vocab_chunk, d
             token_chunk=token_chunk,
             vocab_chunk=vocab_chunk,
             denominators=denominators,
+            operand_dtype=operand_dtype,
         )
 
     return jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(hw, ho, w)
@@ -258,6 +261,8 @@ def test_head_token_stats_with_several_leading_dims():
         head_token_stats(jnp.asarray(h), jnp.asarray(w), jnp.asarray(y), head_layout="dv", vocab_chunk=0)
     with pytest.raises(ValueError, match="labels shape"):
         head_token_stats(jnp.asarray(h), jnp.asarray(w), jnp.asarray(y[0]), head_layout="dv")
+    with pytest.raises(ValueError, match="operand_dtype must be one of"):
+        head_token_stats(jnp.asarray(h), jnp.asarray(w.T), jnp.asarray(y), operand_dtype="float16")
 
 
 def test_fused_memory_is_bounded_by_tiles_not_vocabulary():
@@ -319,3 +324,74 @@ def test_a_frozen_head_gets_no_gradient_and_the_hidden_states_the_same():
     for trained, frozen in zip(grads[False][:2], grads[True][:2], strict=True):
         np.testing.assert_array_equal(np.asarray(trained), np.asarray(frozen))
     assert float(jnp.abs(grads[False][2]).max()) > 0 and not np.any(np.asarray(grads[True][2]))
+
+
+def bf16_round(x: jax.Array) -> jax.Array:
+    """x rounded to the nearest bfloat16, back in float32."""
+    return jnp.asarray(x, jnp.bfloat16).astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "operand_dtype"), compiler_options=FAST_COMPILE)
+def fused_operands(hw, ho, w, y, *, cfg, operand_dtype):
+    return fused_value_and_grads(hw, ho, w, y, cfg, "vd", 5, 64, operand_dtype=operand_dtype)
+
+
+@pytest.mark.parametrize(("variant", "det"), [("nextquill", True), ("js", False)])
+def test_bfloat16_operands_are_the_definition_on_rounded_operands(data, variant, det):
+    """bf16 logits operands: the value is the dense definition on bf16-rounded h and W, within bf16 rounding
+    of the float32 path; the gradients (float32 passes) within bf16 rounding of float32's."""
+    hw, ho, w, y = data
+    cfg = cfg_of(variant, False, det, threshold=0.0)
+    exact = fused_operands(hw, ho, w, y, cfg=cfg, operand_dtype="float32")
+    rounded = fused_operands(hw, ho, w, y, cfg=cfg, operand_dtype="bfloat16")
+    dense = jax.jit(dense_value_and_grads, static_argnums=(4, 5), compiler_options=FAST_COMPILE)
+    definition = dense(bf16_round(hw), bf16_round(ho), bf16_round(w), y, cfg, "vd")
+    (loss_r, aux_r), (loss_d, aux_d), (loss_e, _) = rounded[0], definition[0], exact[0]
+    np.testing.assert_allclose(float(loss_r), float(loss_d), rtol=1e-5)
+    for k in aux_d:
+        np.testing.assert_allclose(float(aux_r[k]), float(aux_d[k]), rtol=1e-5, atol=1e-6, err_msg=k)
+    assert float(loss_r) != float(loss_e)  # the operands were rounded...
+    np.testing.assert_allclose(float(loss_r), float(loss_e), rtol=4e-3)  # ...by bf16's 2**-8
+    for name, g_r, g_e in zip(("hidden_with", "hidden_without", "W"), rounded[1], exact[1], strict=True):
+        g_e = np.asarray(g_e)
+        np.testing.assert_allclose(np.asarray(g_r), g_e, rtol=0, atol=2e-2 * np.abs(g_e).max(), err_msg=name)
+
+
+def test_bfloat16_operands_are_exact_on_bfloat16_values(data):
+    """Inputs already bfloat16 (a bf16 model's hidden states and head): products are exact in float32, so
+    the bf16-operand path gives the float32 path's values and gradients."""
+    hw, ho, w, y = data
+    hw, ho, w = bf16_round(hw), bf16_round(ho), bf16_round(w)
+    cfg = cfg_of("nextquill", False, True, threshold=0.0)
+    paths = [fused_operands(hw, ho, w, y, cfg=cfg, operand_dtype=dt) for dt in ("bfloat16", "float32")]
+    assert_close(*paths, loss_rtol=1e-6, grad_rtol=1e-5)
+
+
+def test_bfloat16_operands_keep_the_dce_threshold_decisions():
+    """DCE per token from bf16-operand statistics: the float64 DCE of the rounded operands, within 5e-3 of
+    the float32 path's, and every threshold decision (DCE > 0.05) the same on a batch whose DCE spreads
+    over both sides of the threshold."""
+    rng = np.random.default_rng(4)
+    b, r, d, v = 4, 16, 64, 301
+    hw = rng.normal(size=(b, r, d)).astype(np.float32)
+    ho = (hw + 0.5 * rng.normal(size=hw.shape)).astype(np.float32)
+    w = (0.25 * rng.normal(size=(v, d))).astype(np.float32)
+    # Half the labels are the with-history argmax, so label probabilities (and DCE) spread over [-1, 1].
+    y = np.where(rng.random((b, r)) < 0.5, (hw @ w.T).argmax(-1), rng.integers(0, v, (b, r))).astype(np.int32)
+    stats_fn = jax.jit(
+        head_token_stats, static_argnames=("token_chunk", "vocab_chunk", "operand_dtype"),
+        compiler_options=FAST_COMPILE,
+    )  # fmt: skip
+    h = jnp.asarray(np.stack([hw, ho]))
+    dce = {}
+    for dt in OPERAND_DTYPES:
+        stats = stats_fn(h, jnp.asarray(w), jnp.asarray(y), token_chunk=16, vocab_chunk=64, operand_dtype=dt)
+        logprob = np.asarray(stats.label_logit - stats.lse, np.float64)  # [2, B, R]
+        dce[dt] = np.exp(logprob[0]) - np.exp(logprob[1])
+    z = np.asarray(bf16_round(h), np.float64) @ np.asarray(bf16_round(jnp.asarray(w)), np.float64).T
+    logprob = np.take_along_axis(z, y[None, ..., None], -1)[..., 0] - np.log(np.exp(z).sum(-1))
+    np.testing.assert_allclose(dce["bfloat16"], np.exp(logprob[0]) - np.exp(logprob[1]), atol=1e-5)
+    np.testing.assert_allclose(dce["bfloat16"], dce["float32"], atol=5e-3)
+    preference = {dt: x > 0.05 for dt, x in dce.items()}
+    assert 0.1 < preference["float32"].mean() < 0.9
+    np.testing.assert_array_equal(preference["bfloat16"], preference["float32"])

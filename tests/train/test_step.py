@@ -3,6 +3,7 @@ code's learning-rate schedule, weight-decay masking and frozen parameters."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -112,3 +113,64 @@ def test_frozen_parameters_do_not_move_and_hold_no_adam_state():
     assert sum(x.size for x in adam_leaves) == 2 * 4  # mu and nu of q_proj only
     with pytest.raises(ValueError, match="matches no parameter"):
         make_optimizer(OptimConfig(trainable=["nothing_like_this"]), params, total_steps=10)
+
+
+def _joint_forward_batch(equal_lengths: bool) -> dict:
+    """Two packed rows of synthetic examples (vocab 64); with `equal_lengths` the without-history stream is
+    padded to the with-history length, so the joint forward interleaves rows instead of joining them."""
+    from nextquill_jax.bench.harness import synthetic_batch
+
+    batch, _ = synthetic_batch(
+        2, 96, 2, context_tokens=8, entry_tokens=8, target_tokens=6, vocab=64, length_multiple=8
+    )
+    if equal_lengths:
+        pad = batch["with_ids"].shape[1] - batch["without_ids"].shape[1]
+        for key in ("without_ids", "without_positions", "without_segment_ids"):
+            batch[key] = np.pad(batch[key], ((0, 0), (0, pad)))
+    return batch
+
+
+@pytest.mark.parametrize("equal_lengths", [False, True], ids=["joined-rows", "interleaved-rows"])
+def test_joint_forward_gives_the_two_call_loss_and_gradient(tiny_model_config, monkeypatch, equal_lengths):
+    """float32 on CPU: loss and aux of one joint forward call equal the two-call path's (bitwise here), every
+    parameter gradient too up to float32 summation order (max difference ~2e-8), and the joint path calls
+    the model once."""
+    from flax import nnx
+
+    from nextquill_jax.loss import LossConfig
+    from nextquill_jax.models import CausalLM
+    from nextquill_jax.train.step import StepSettings, batch_loss
+
+    cfg = tiny_model_config(attention_impl="xla", compute_dtype="float32")
+    graphdef, params = nnx.split(CausalLM(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+    params = nnx.to_pure_dict(params)
+    batch = jax.tree.map(jnp.asarray, _joint_forward_batch(equal_lengths))
+    assert (batch["with_ids"].shape == batch["without_ids"].shape) == equal_lengths
+    calls = []
+    hidden_states = CausalLM.hidden_states
+    monkeypatch.setattr(
+        CausalLM,
+        "hidden_states",
+        lambda self, *a, **k: calls.append(a[0].shape) or hidden_states(self, *a, **k),
+    )
+    results = {}
+    for joint in (False, True):
+        settings = StepSettings(
+            loss=LossConfig(variant="nextquill", threshold=0.0), token_chunk=1024, vocab_chunk=64,
+            joint_forward=joint,
+        )  # fmt: skip
+        f = jax.value_and_grad(lambda p, s=settings: batch_loss(p, graphdef, batch, s), has_aux=True)
+        calls.clear()
+        results[joint] = jax.jit(f, compiler_options={"xla_backend_optimization_level": 0})(params)
+        assert len(calls) == (1 if joint else 2)
+    (loss_2, aux_2), grads_2 = results[False]
+    (loss_1, aux_1), grads_1 = results[True]
+    assert 0 < float(aux_2["pref_count"]) < float(aux_2["tokens"])
+    assert float(loss_1) == float(loss_2)
+    for k in aux_2:
+        np.testing.assert_allclose(float(aux_1[k]), float(aux_2[k]), rtol=1e-6, atol=1e-7, err_msg=k)
+    for path, g_2 in jax.tree_util.tree_leaves_with_path(grads_2):
+        g_1 = np.asarray(functools.reduce(lambda d, key: d[key.key], path, grads_1))
+        np.testing.assert_allclose(
+            g_1, np.asarray(g_2), rtol=1e-5, atol=1e-6 * np.abs(g_2).max(), err_msg=str(path)
+        )
