@@ -81,12 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compute-dtype", default="bfloat16" if accel else "float32")
     parser.add_argument("--attention", default=default_attention, help="ModelConfig.attention_impl")
     parser.add_argument("--repeats", type=int, default=3 if accel else 2)
-    parser.add_argument("--tolerance", type=float, help="default: 1e-4 in float32, 5e-2 in 16-bit")
+    parser.add_argument("--tolerance", type=float, help="default: 1e-4 in float32, 1e-1 in 16-bit")
     parser.add_argument("--append-results", type=Path, help="append a Markdown section to this file")
     args = parser.parse_args(argv)
     models = args.models or (["qwen2.5-0.5b", "qwen2.5-1.5b"] if accel else ["qwen2.5-0.5b"])
     layers = args.layers or (None if accel else 2)
-    tolerance = args.tolerance or (1e-4 if args.compute_dtype == "float32" else 5e-2)
+    tolerance = args.tolerance or (1e-4 if args.compute_dtype == "float32" else 1e-1)
 
     separator = "|" + " --- |" * (COLUMNS.count("|") - 1)
     print(COLUMNS)
@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         new, dense = f"prefill ({args.attention})", "dense extend"
         paths = {new: "prefill", dense: "extend"}
         for length in args.lengths:
-            ids, mask, positions = prompt_batch(args.batch, length, cfg.vocab_size)
+            # On the device before timing: the timed calls then move no input from the host.
+            ids, mask, positions = map(jax.device_put, prompt_batch(args.batch, length, cfg.vocab_size))
             max_len = length + args.new_tokens
             compiled, logits, temp, best = {}, {}, {}, {}
             for label, method in paths.items():
