@@ -268,7 +268,10 @@ class CausalLM(nnx.Module):
         """
         b, t = input_ids.shape
         if t > cache.max_len:
-            raise ValueError(f"prompt of {t} tokens does not fit the KV cache's max_len {cache.max_len}")
+            raise ValueError(
+                f"prompt of {t} tokens does not fit the KV cache's max_len {cache.max_len}. Fix: "
+                f"init_cache(batch, max_len) with max_len >= {t} + the tokens to generate"
+            )
         segments_given = segment_ids is not None
         positions = _default_positions(positions, b, t, 0)
         segment_ids = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)

@@ -319,7 +319,8 @@ def test_prefill_through_configured_attention_equals_dense_prefill(family_weight
     """Prefill through blockwise attention (`xla`, the default) gives the dense whole-cache prefill's
     (`extend`'s) logits at every real token and its keys/values at every real slot, without its float32
     scores [B, H, T, S] (compiled temporary memory), and greedy decoding after it gives the dense path's
-    tokens. `cudnn` is refused on CPU: prefill runs the configured attention."""
+    tokens. `cudnn` is refused on CPU: prefill runs the configured attention. A prompt longer than the cache
+    is refused."""
     ids, mask, positions = prefill_batch
     model = model_from_hf(*family_weights)
     assert model.cfg.attention_impl == "xla"
@@ -343,6 +344,8 @@ def test_prefill_through_configured_attention_equals_dense_prefill(family_weight
     cudnn = model_from_hf(*family_weights, attention_impl="cudnn")
     with pytest.raises(ValueError, match="needs a GPU"):
         cudnn.prefill(ids, cache, positions, mask)
+    with pytest.raises(ValueError, match="512 tokens does not fit the KV cache's max_len 511"):
+        model.prefill(ids, model.init_cache(len(ids), 511), positions, mask)
 
 
 # ------------------------------------------------------------------------------------------------------------
