@@ -22,6 +22,7 @@ BENCHMARKS: dict[str, tuple[str | None, str]] = {
     "padding": ("padding.py", "padding efficiency: packing vs bucketing vs fixed 4,097-token padding"),
     "compile": ("compile.py", "compile time vs number of layers (scan) and vs sequence-length bucket"),
     "mfu": ("mfu.py", "tokens/s and MFU of the training step for Qwen2.5 0.5B / 1.5B shapes"),
+    "prefill": ("prefill.py", "generation's prefill through the configured attention vs dense: memory, time"),
     "lora": (
         "lora.py",
         "LoRA vs full fine-tuning: step time, gradient + optimizer memory, base in int8 / nf4",

@@ -9,7 +9,8 @@ and unused.
 - `xla`: blockwise attention (`blockwise_attention.py`): online softmax over key blocks, memory O(T), block
   pairs that cannot hold a visible pair skipped; plain XLA ops, every backend. Padding queries get output 0.
 - `xla_dense`: einsum + explicit mask over the full [B, K, G, T, T] score tensor, float32 softmax; every
-  backend. The reference statement of the rule; also the path used with a KV cache.
+  backend. The reference statement of the rule; also the decode steps' attention over a KV cache
+  (`CausalLM.extend`). A prompt's prefill (`CausalLM.prefill`) uses the configured implementation.
 - `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")`, GPU only, bf16/fp16; segment ids become a
   boolean mask (without them only the causal mask is applied, which is cuDNN's fastest path).
 - `splash`: Pallas splash attention, TPU only, with segment ids natively. Under `jax.set_mesh(mesh)` with

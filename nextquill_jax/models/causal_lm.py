@@ -120,8 +120,9 @@ class CausalLM(nnx.Module):
     """A Llama / Qwen2 / Qwen3 decoder-only LM. See the module docstring for the parameter layout.
 
     Forward: `model(input_ids, positions=None, segment_ids=None) -> logits [B, T, V] float32`.
-    Decoding: `cache = model.init_cache(batch, max_len)`, then `logits, cache = model.extend(ids, cache, ...)`
-    for the prompt (prefill) and again for each new token.
+    Decoding: `logits, cache = model.prefill(prompt_ids, model.init_cache(batch, max_len), ...)` for the
+    prompt (through the configured attention), then `logits, cache = model.extend(ids, cache, ...)` for each
+    new token.
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -206,11 +207,11 @@ class CausalLM(nnx.Module):
     ) -> tuple[jax.Array, KVCache]:
         """Run T new tokens against the cache, write their keys/values, return (logits, updated cache).
 
-        Prefill: the (left-padded) prompt ids [B, T] with segment_ids 0 on padding, 1 on tokens, and
-        positions restarting at 0 at each row's first token. Step: ids [B, 1], segment_ids 1 (default) and
-        positions = the previous position + 1 (the default, the slot index, is right only without padding).
-        Logits: [B, T, V] float32, or [B, 1, V] for the last token only with `last_only=True`.
-        Attention always uses the `xla` implementation here (any backend).
+        Step: ids [B, 1], segment_ids 1 (default) and positions = the previous position + 1 (the default, the
+        slot index, is right only without padding). A prompt may go through here too (as for `prefill`), but
+        its attention is then dense over the whole cache: float32 scores [B, H, T, max_len] (`prefill` avoids
+        them). Logits: [B, T, V] float32, or [B, 1, V] for the last token only with `last_only=True`.
+        Attention is the dense masked einsum (`xla_attention`, any backend) whatever `attention_impl` says.
 
         Raises:
             ValueError: (outside jit) the T new tokens do not fit in the cache. Under jit this cannot be
@@ -239,10 +240,57 @@ class CausalLM(nnx.Module):
             )
 
         x, (k_all, v_all) = self._run_layers(self._embed(input_ids), positions, attend, (cache.k, cache.v))
-        hidden = self.final_norm(x[:, -1:] if last_only else x)
-        logits = self.logits(hidden)
-        logits = jnp.where(start + t > cache.max_len, jnp.nan, logits)
+        logits = jnp.where(start + t > cache.max_len, jnp.nan, self._head(x, last_only))
         return logits, KVCache(k=k_all, v=v_all, segment_ids=cache_segments, index=start + t)
+
+    def prefill(
+        self,
+        input_ids: jax.Array,
+        cache: KVCache,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        *,
+        last_only: bool = False,
+    ) -> tuple[jax.Array, KVCache]:
+        """Run a prompt through the configured attention (`attention_impl`) and fill the cache with it.
+
+        input_ids [B, T] int32, left-padded, with segment_ids [B, T] 0 on padding and 1 on tokens (default all
+        1) and positions [B, T] restarting at 0 at each row's first token (default 0..T-1). The prompt attends
+        only to itself, so attention is `self_attention` as in `hidden_states`: with `xla` (blockwise) or
+        `cudnn` / `splash` no [B, H, T, max_len] score tensor is formed, unlike `extend` over the whole cache.
+        Keys and values are rounded to the cache dtype before attending, so the prompt sees what the decode
+        steps read back. The cache's slots 0..T-1 get the prompt, its other slots are marked unwritten
+        (segment 0) and its index becomes T: earlier contents are discarded.
+        Returns logits [B, T, V] float32 ([B, 1, V] with `last_only=True`) and the filled cache.
+
+        Raises:
+            ValueError: T > cache.max_len, or the config's attention_impl cannot run on this backend.
+        """
+        b, t = input_ids.shape
+        if t > cache.max_len:
+            raise ValueError(
+                f"prompt of {t} tokens does not fit the KV cache's max_len {cache.max_len}. Fix: "
+                f"init_cache(batch, max_len) with max_len >= {t} + the tokens to generate"
+            )
+        segments_given = segment_ids is not None
+        positions = _default_positions(positions, b, t, 0)
+        segment_ids = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+        impl = self.cfg.attention_impl
+
+        def attend(q, k, v, layer_cache):
+            k_cache, v_cache = (write_slots(c, new, 0) for c, new in zip(layer_cache, (k, v), strict=True))
+            k, v = (x.astype(k_cache.dtype).astype(q.dtype) for x in (k, v))  # [B, T, K, Hd]
+            attended = self_attention(q, k, v, segment_ids, impl, segments_given=segments_given)
+            return attended, (k_cache, v_cache)
+
+        x, (k_all, v_all) = self._run_layers(self._embed(input_ids), positions, attend, (cache.k, cache.v))
+        segments = write_slots(jnp.zeros_like(cache.segment_ids), segment_ids, 0)  # [B, S]
+        filled = KVCache(k=k_all, v=v_all, segment_ids=segments, index=jnp.asarray(t, jnp.int32))
+        return self._head(x, last_only), filled
+
+    def _head(self, x: jax.Array, last_only: bool) -> jax.Array:
+        """Last layer's output x [B, T, D] -> logits [B, T, V] float32, or [B, 1, V] for the last slot."""
+        return self.logits(self.final_norm(x[:, -1:] if last_only else x))
 
     def _embed(self, input_ids: jax.Array) -> jax.Array:  # [B, T] -> [B, T, D]
         return jnp.take(self.embed[...], input_ids, axis=0).astype(self.cfg.compute_jnp_dtype)

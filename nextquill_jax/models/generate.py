@@ -1,9 +1,11 @@
 """Batched text generation with the KV cache: greedy or sampled, with transformers' logits processors.
 
-One compiled function serves a whole generation: prefill of the (left-padded) prompts, then a
-`lax.while_loop` of one-token steps that stops when every row has emitted an end-of-sequence token or
-`max_new_tokens` are out. Prompt lengths are rounded up to a bucket (`prompt_bucket`) by adding left padding,
-and rows are padded to a fixed count, so a split of prompts of many lengths compiles once per bucket.
+One compiled function serves a whole generation: prefill of the (left-padded) prompts through the model's
+configured attention (`CausalLM.prefill`: blockwise, cuDNN or splash never form scores over the whole cache),
+then a `lax.while_loop` of one-token steps (dense attention over the cache) that stops when every row has
+emitted an end-of-sequence token or `max_new_tokens` are out. Prompt lengths are rounded up to a bucket
+(`prompt_bucket`) by adding left padding, and rows are padded to a fixed count, so a split of prompts of many
+lengths compiles once per bucket.
 
 The logits processors follow transformers (`generation/logits_process.py`, `_get_logits_processor`),
 applied in its order to the float32 logits of the last position:
@@ -255,7 +257,7 @@ def _decode(
     mask = attention_mask.astype(jnp.int32)
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)  # [B, P], 0 at each row's first token
     cache = constrain(model.init_cache(b, p + n))
-    logits, cache = model.extend(input_ids, cache, positions, mask, last_only=True)  # [B, 1, V]
+    logits, cache = model.prefill(input_ids, cache, positions, mask, last_only=True)  # [B, 1, V]
     vocab = logits.shape[-1]
     rows = jnp.arange(b)
     # Padding is not penalised: its ids become `vocab`, out of bounds, and the scatter drops them (as it drops

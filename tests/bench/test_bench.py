@@ -166,6 +166,6 @@ def test_bench_help_lists_every_benchmark(capsys):
         cli.main(["bench", "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for name in ("loss", "step", "attention", "padding", "compile", "mfu", "scale"):
+    for name in ("loss", "step", "attention", "padding", "compile", "mfu", "prefill", "scale"):
         assert name in BENCHMARKS
         assert f"\n  {name} " in text

@@ -8,10 +8,12 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import jax
 import numpy as np
 import pytest
 import torch
 import transformers
+from flax import nnx
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from nextquill_jax.models import load_pretrained, load_tokenizer, model_from_hf
@@ -239,6 +241,111 @@ def test_bad_inputs_are_refused(tiny):
     ):
         with pytest.raises(ValueError, match=next(iter(bad))):
             GenerationConfig(**bad)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Prefill through the configured attention against the dense prefill over the whole cache (`extend`, the only
+# path before `prefill`).
+
+PREFILL_FAMILIES = {
+    "llama": dict(tied=False),
+    "qwen2": dict(tied=False),  # q/k/v biases
+    "qwen3": dict(tied=True, head_dim=24),  # q/k norms
+}
+# Left-padded to prompt_bucket(300) = 512 slots: the first 212 are padding in every row (blockwise skips its
+# pad-only blocks), blocks 1-3 mix padding and tokens, row 1 is 503 padding slots and 9 tokens.
+PREFILL_LENGTHS = [300, 9, 140]
+PREFILL_STEPS = 8
+
+
+@pytest.fixture(scope="module", params=list(PREFILL_FAMILIES))
+def family_weights(request, tiny_hf_config):
+    """(HF config dict, tensors by HF name) of a tiny random transformers model of the family, weights moved
+    well off their init so that greedy decoding has no near ties."""
+    torch.manual_seed(0)
+    config = tiny_hf_config(
+        request.param, vocab_size=VOCAB, rope_theta=10000.0, max_position_embeddings=1024,
+        **PREFILL_FAMILIES[request.param],
+    )  # fmt: skip
+    reference = AutoModelForCausalLM.from_config(config)
+    tensors = {}
+    for name, p in reference.state_dict().items():
+        if not (config.tie_word_embeddings and name == "lm_head.weight"):
+            tensors[name] = (p + 0.3 * torch.randn_like(p)).numpy()
+    return config.to_dict(), tensors
+
+
+@pytest.fixture(scope="module")
+def prefill_batch():
+    """ids, mask [3, 512] left-padded as generate_ids pads them, and positions from 0 at each first token."""
+    prompts = prompts_of(PREFILL_LENGTHS, seed=5)
+    ids, mask = left_pad(prompts, prompt_bucket(max(PREFILL_LENGTHS)), PAD)
+    return ids, mask, np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
+
+
+def compiled_calls(model, ids, mask, positions) -> tuple[dict, dict]:
+    """`prefill` and `extend` of `model` compiled for the prompt batch, each as f(cache) -> (logits [B, T, V],
+    cache), and their compiled temporary memory {name: bytes}."""
+    graphdef, state = nnx.split(model)
+    cache = model.init_cache(len(ids), ids.shape[1] + PREFILL_STEPS)
+    calls, temp = {}, {}
+    for method in ("prefill", "extend"):
+        f = jax.jit(lambda s, *args, m=method: getattr(nnx.merge(graphdef, s), m)(*args))
+        compiled = f.lower(state, ids, cache, positions, mask).compile()
+        calls[method] = lambda c, compiled=compiled: compiled(state, ids, c, positions, mask)
+        temp[method] = compiled.memory_analysis().temp_size_in_bytes
+    return calls, temp
+
+
+def greedy(model, prefill, mask: np.ndarray, steps: int) -> np.ndarray:
+    """Greedy tokens [B, steps] (no penalty, no EOS) as `generate_ids` decodes them: the prompt through
+    `prefill` (f(cache) -> (logits, cache)), then one-token `extend` steps from each row's next position."""
+    graphdef, state = nnx.split(model)
+    step = jax.jit(lambda s, ids, cache, pos: nnx.merge(graphdef, s).extend(ids, cache, pos, last_only=True))
+    logits, cache = prefill(model.init_cache(len(mask), mask.shape[1] + steps))
+    next_position, tokens = mask.sum(axis=1).astype(np.int32), []
+    for i in range(steps):
+        tokens.append(np.asarray(logits[:, -1].argmax(-1), np.int32))
+        logits, cache = step(state, tokens[-1][:, None], cache, (next_position + i)[:, None])
+    return np.stack(tokens, axis=1)
+
+
+def max_rel_diff(got, want) -> float:
+    got, want = np.asarray(got), np.asarray(want)
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+def test_prefill_through_configured_attention_equals_dense_prefill(family_weights, prefill_batch):
+    """Prefill through blockwise attention (`xla`, the default) gives the dense whole-cache prefill's
+    (`extend`'s) logits at every real token and its keys/values at every real slot, without its float32
+    scores [B, H, T, S] (compiled temporary memory), and greedy decoding after it gives the dense path's
+    tokens. `cudnn` is refused on CPU: prefill runs the configured attention. A prompt longer than the cache
+    is refused."""
+    ids, mask, positions = prefill_batch
+    model = model_from_hf(*family_weights)
+    assert model.cfg.attention_impl == "xla"
+    calls, temp = compiled_calls(model, ids, mask, positions)
+    cache = model.init_cache(len(ids), ids.shape[1] + PREFILL_STEPS)
+    (ours, our_cache), (dense, dense_cache) = calls["prefill"](cache), calls["extend"](cache)
+    real = mask.astype(bool)
+    assert max_rel_diff(np.asarray(ours)[real], np.asarray(dense)[real]) <= 1e-5
+    t = ids.shape[1]  # the prompt's slots; the PREFILL_STEPS after them are unwritten
+    for got, want in ((our_cache.k, dense_cache.k), (our_cache.v, dense_cache.v)):
+        assert max_rel_diff(np.asarray(got)[:, :, :t][:, real], np.asarray(want)[:, :, :t][:, real]) <= 1e-5
+    np.testing.assert_array_equal(our_cache.segment_ids, dense_cache.segment_ids)
+    assert int(our_cache.index) == int(dense_cache.index) == t
+    scores = len(ids) * model.cfg.num_heads * t * cache.max_len * 4
+    assert temp["extend"] >= scores > 2 * temp["prefill"], (temp, scores)
+
+    expected = greedy(model, calls["extend"], mask, PREFILL_STEPS)
+    np.testing.assert_array_equal(greedy(model, calls["prefill"], mask, PREFILL_STEPS), expected)
+    assert len(np.unique(expected)) > PREFILL_STEPS  # not one repeated token: the comparison can fail
+
+    cudnn = model_from_hf(*family_weights, attention_impl="cudnn")
+    with pytest.raises(ValueError, match="needs a GPU"):
+        cudnn.prefill(ids, cache, positions, mask)
+    with pytest.raises(ValueError, match="512 tokens does not fit the KV cache's max_len 511"):
+        model.prefill(ids, model.init_cache(len(ids), 511), positions, mask)
 
 
 # ------------------------------------------------------------------------------------------------------------
