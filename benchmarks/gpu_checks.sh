@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Every pending GPU measurement in one command, for a short lease of one NVIDIA GPU (H100/H200): the training
+# step's MFU at the Qwen2.5-1.5B shape with its breakdown, then with bf16 operands in the fused loss, the joint
+# forward, remat none; the fused loss alone in float32 and bf16 operands; generation's prefill. Each check has
+# its own time limit, so one failure leaves the others' results, and every result lands in OUT_DIR as it is made.
+#
+#   bash benchmarks/gpu_checks.sh OUT_DIR
+#
+# Run from the repository root under the machine's own JAX (the package on PYTHONPATH; grain and its two
+# dependencies missing there travel as wheels). Sections are appended to OUT_DIR/RESULTS_gpu.md in
+# benchmarks/RESULTS.md's format, to be copied there.
+set -uo pipefail
+out=${1:?usage: gpu_checks.sh OUT_DIR}
+mkdir -p "$out"
+results=$out/RESULTS_gpu.md
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+py=${PYTHON:-python3}
+
+check() {  # check NAME SECONDS COMMAND...: one check under a time limit, its whole output in OUT_DIR/NAME.log
+  local name=$1 limit=$2 start=$SECONDS
+  shift 2
+  echo "== $name (limit ${limit} s): $*"
+  timeout "$limit" "$@" >"$out/$name.log" 2>&1
+  echo "== $name: exit $? after $((SECONDS - start)) s"
+  grep -E '^\|.*(qwen|tokens|prefill)|^- |ms|error|Error' "$out/$name.log" | tail -n 12
+}
+
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv >"$out/gpu.txt" 2>&1
+"$py" -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" \
+  >>"$out/gpu.txt" 2>&1
+cat "$out/gpu.txt"
+
+mfu=("$py" benchmarks/mfu.py --models qwen2.5-1.5b --steps 5 --warmup 2 --append-results "$results")
+check mfu_breakdown 150 "${mfu[@]}" --remat dots_with_no_batch_dims_saveable --breakdown
+check mfu_bf16_head 70 "${mfu[@]}" --remat dots_with_no_batch_dims_saveable --operand-dtype bfloat16
+check mfu_bf16_joint 70 "${mfu[@]}" --remat dots_with_no_batch_dims_saveable --operand-dtype bfloat16 \
+  --joint-forward
+check mfu_remat_none 70 "${mfu[@]}" --remat none --operand-dtype bfloat16
+loss=("$py" benchmarks/loss_memory.py --tokens 4096 --hidden 1536 --dtype bfloat16 --timing
+  --append-results "$results")
+check loss_f32_operands 40 "${loss[@]}" --operand-dtype float32
+check loss_bf16_operands 40 "${loss[@]}" --operand-dtype bfloat16
+if [ -f benchmarks/prefill.py ]; then
+  check prefill 100 "$py" benchmarks/prefill.py --append-results "$results"
+fi
+echo "== done in $SECONDS s"
