@@ -88,7 +88,7 @@ class Comparison:
             *shared,
         ]
         try:
-            return load_config(None, overrides, base=self.base)
+            return load_config(None, overrides, base=self.base, overrides_source="variant")
         except ConfigError as e:
             raise ConfigError(f"{self.source}: variant {name!r}: {e}") from None
 
