@@ -56,14 +56,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def expected_errors() -> tuple[type[Exception], ...]:
+    """The errors a user fixes, not a bug: a bad config, bad data, a missing file or checkpoint, a packaged
+    model whose pip package is not installed. Their messages name the fix. Imported on use: `--help` imports
+    no JAX."""
+    from nextquill_jax.config_schema import ConfigError
+    from nextquill_jax.data.sources.records import DataError
+    from nextquill_jax.models.packaged import MissingPackageError
+
+    return (ConfigError, DataError, FileNotFoundError, MissingPackageError)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line `argv`; returns the exit status (1: an expected error, printed as `error: ...`
+    on stderr without a traceback; other statuses as each subcommand documents)."""
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
-    return int(subcommands()[args.command].run(args) or 0)
+    try:
+        return int(subcommands()[args.command].run(args) or 0)
+    except Exception as e:
+        if not isinstance(e, expected_errors()):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

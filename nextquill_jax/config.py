@@ -21,7 +21,14 @@ from typing import Any, Literal
 
 import yaml
 
-from nextquill_jax.config_schema import ConfigError, apply_override, build, check_override, convert
+from nextquill_jax.config_schema import (
+    ConfigError,
+    apply_override,
+    build,
+    check_override,
+    convert,
+    read_yaml,
+)
 from nextquill_jax.data.config import DataConfig
 from nextquill_jax.loss.config import LossConfig
 from nextquill_jax.models.config import ModelConfig
@@ -339,18 +346,8 @@ def load_config(
             key and where it came from: the file, or `overrides_source` for an override.
     """
     source = str(path) if path is not None else "<config>"
-    if path is not None:
-        try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(
-                f"config file {path} does not exist (relative paths start at {Path.cwd()}). Fix: pass the "
-                "path of a YAML config, e.g. configs/tiny_synthetic.yaml."
-            ) from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    else:
-        raw = copy.deepcopy(dict(base or {}))  # overrides must not write into the caller's mapping
+    # A copy of `base`: overrides must not write into the caller's mapping.
+    raw = read_yaml(path) if path is not None else copy.deepcopy(dict(base or {}))
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(raw).__name__}")
     for item in overrides:

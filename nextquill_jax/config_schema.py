@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import types
 import typing
+from pathlib import Path
 from typing import Any, Literal
 
 import yaml
@@ -19,6 +20,23 @@ import yaml
 
 class ConfigError(ValueError):
     """A config value that cannot be used; the message names the key, the source and the fix."""
+
+
+def read_yaml(path: str | Path) -> Any:
+    """The YAML file at `path`, parsed (an empty file: {}).
+
+    Raises:
+        ConfigError: `path` does not exist, or is not valid YAML (naming the file and the fix).
+    """
+    try:
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError(
+            f"config file {path} does not exist (relative paths start at {Path.cwd()}). Fix: pass the path "
+            "of an existing YAML file, e.g. one under configs/."
+        ) from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}. Fix the YAML syntax at the line it names.") from None
 
 
 def apply_override(raw: dict, item: str) -> None:

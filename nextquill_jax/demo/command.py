@@ -21,7 +21,6 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_demo_command(args: argparse.Namespace) -> int:
-    from nextquill_jax.config_schema import ConfigError
     from nextquill_jax.demo.run import DEFAULT_OUT, default_config, load_demo_config, run_demo
     from nextquill_jax.train.loop import TrainingDivergedError
 
@@ -29,7 +28,7 @@ def run_demo_command(args: argparse.Namespace) -> int:
         out = args.out if args.out is not None else DEFAULT_OUT
         cfg = load_demo_config(args.config or default_config(args.quick), out, args.seed)
         run_demo(cfg)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except TrainingDivergedError as e:

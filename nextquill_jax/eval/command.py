@@ -73,7 +73,6 @@ def generation_overrides(args: argparse.Namespace) -> dict:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from nextquill_jax.config_schema import ConfigError
     from nextquill_jax.eval.evaluate import evaluate
 
     try:
@@ -88,7 +87,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             prompt=args.prompt,
         )
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
@@ -162,7 +161,7 @@ def run_effects(args: argparse.Namespace) -> int:
             max_shown=args.max_shown,
             source=source,
         )
-    except (ValueError, FileNotFoundError) as e:
+    except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(describe(summary))
@@ -175,14 +174,13 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    from nextquill_jax.config_schema import ConfigError
     from nextquill_jax.eval.compare import load_comparison, run_comparison
     from nextquill_jax.train.loop import TrainingDivergedError
 
     try:
         comparison = load_comparison(args.config, args.seeds)
         run_comparison(comparison)
-    except (ConfigError, FileNotFoundError, ValueError, TrainingDivergedError) as e:
+    except (ValueError, TrainingDivergedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print((Path(comparison.compare.out) / "results.md").read_text(encoding="utf-8"))

@@ -38,7 +38,10 @@ def expand_paths(patterns: list[str], key: str) -> list[Path]:
         matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
         matches = [m for m in matches if Path(m).is_file()]
         if not matches:
-            raise ValueError(f"data.{key}: no file matches {pattern!r} (paths are relative to {Path.cwd()})")
+            raise ValueError(
+                f"data.{key}: no file matches {pattern!r} (paths are relative to {Path.cwd()}). Fix: correct "
+                f"the path or pattern in data.{key}."
+            )
         for m in matches:
             try:
                 file_kind(m)
