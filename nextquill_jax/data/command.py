@@ -15,6 +15,7 @@ import json
 import sys
 from pathlib import Path
 
+from nextquill_jax import third_party_logs
 from nextquill_jax.data.config import SPLITS
 from nextquill_jax.subcommand import Subcommand
 
@@ -56,6 +57,7 @@ def _prepare(args: argparse.Namespace) -> int:
     from nextquill_jax.data.config import DataConfig
     from nextquill_jax.data.prepare import prepare
 
+    third_party_logs.log_to(args.out)
     raw = read_yaml(args.config)
     section = raw.get("data", raw) if isinstance(raw, dict) else None
     if not isinstance(section, dict):

@@ -20,6 +20,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
+from nextquill_jax import third_party_logs
 from nextquill_jax.subcommand import Subcommand
 
 
@@ -75,6 +76,7 @@ def generation_overrides(args: argparse.Namespace) -> dict:
 def run_evaluate(args: argparse.Namespace) -> int:
     from nextquill_jax.eval.evaluate import evaluate
 
+    third_party_logs.log_to(args.workdir)
     try:
         evaluate(
             args.workdir,
@@ -125,6 +127,7 @@ def run_effects(args: argparse.Namespace) -> int:
     from nextquill_jax.eval.effect_report import build_effect_report, describe
     from nextquill_jax.loss import LossConfig
 
+    third_party_logs.log_to(args.out)
     try:
         if args.step is not None and args.workdir is None:
             raise ValueError("--step needs --workdir")
@@ -179,6 +182,7 @@ def run_compare(args: argparse.Namespace) -> int:
 
     try:
         comparison = load_comparison(args.config, args.seeds)
+        third_party_logs.log_to(comparison.compare.out)
         run_comparison(comparison)
     except (ValueError, TrainingDivergedError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -15,6 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from nextquill_jax import third_party_logs
 from nextquill_jax.subcommand import Subcommand
 
 
@@ -37,6 +38,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     workdir = resolve_workdir(cfg, args.workdir)
+    third_party_logs.log_to(workdir)
     try:
         result = train(cfg, workdir)
     except TrainingDivergedError as e:
@@ -62,6 +64,7 @@ def run_export(args: argparse.Namespace) -> int:
     """Export; a missing workdir or checkpoint reaches `cli.main`, which prints it (status 1)."""
     from nextquill_jax.train.export import export, export_adapter
 
+    third_party_logs.log_to(args.workdir)
     out = (export_adapter if args.adapter else export)(args.workdir, args.out, args.step)
     print(f"exported to {out}")
     return 0
