@@ -11,13 +11,18 @@ import argparse
 import importlib
 import sys
 
-from nextquill_jax import __version__
+from nextquill_jax import __version__, third_party_logs
 from nextquill_jax.subcommand import Subcommand
 
 DESCRIPTION = (
     "NextQuill causal preference fine-tuning of LLMs in JAX: train a model with and without the user's "
     "history in its prompt, evaluate and compare variants, report per-token causal effects, export to "
     "Hugging Face and PEFT, and benchmark."
+)
+
+VERBOSE_HELP = (
+    "also show third-party log lines (absl/Orbax, JAX, transformers, warnings) on the console; they "
+    "always go to logs/third_party.log in the run's directory"
 )
 
 COMMAND_MODULES = (
@@ -45,25 +50,57 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Start with `nextquill-jax demo`; `nextquill-jax COMMAND --help` explains each command.",
     )
     parser.add_argument("--version", action="version", version=f"nextquill-jax {__version__}")
+    parser.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, command in subcommands().items():
         sub_parser = sub.add_parser(
             name, help=command.help, formatter_class=argparse.RawDescriptionHelpFormatter
         )
         command.add_arguments(sub_parser)
+        _accept_verbose(sub_parser)
         ending = f"example:\n  {command.example}"
         sub_parser.epilog = f"{sub_parser.epilog}\n\n{ending}" if sub_parser.epilog else ending
     return parser
 
 
+def _accept_verbose(parser: argparse.ArgumentParser) -> None:
+    """`--verbose` after a subcommand (and after an action such as `data synth`) too; SUPPRESS keeps a
+    `--verbose` given earlier on the line."""
+    parser.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for nested in action.choices.values():
+                _accept_verbose(nested)
+
+
+def expected_errors() -> tuple[type[Exception], ...]:
+    """The errors a user fixes, not a bug: a bad config, bad data, a missing file or checkpoint, a packaged
+    model whose pip package is not installed. Their messages name the fix. Imported on use: `--help` imports
+    no JAX."""
+    from nextquill_jax.config_schema import ConfigError
+    from nextquill_jax.data.sources.records import DataError
+    from nextquill_jax.models.packaged import MissingPackageError
+
+    return (ConfigError, DataError, FileNotFoundError, MissingPackageError)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line `argv`; returns the exit status (1: an expected error, printed as `error: ...`
+    on stderr without a traceback; other statuses as each subcommand documents)."""
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
-    return int(subcommands()[args.command].run(args) or 0)
+    with third_party_logs.captured(verbose=args.verbose):
+        try:
+            return int(subcommands()[args.command].run(args) or 0)
+        except Exception as e:
+            if not isinstance(e, expected_errors()):
+                raise
+            print(f"error: {e}", file=sys.stderr)
+            return 1
 
 
 if __name__ == "__main__":

@@ -21,7 +21,14 @@ from typing import Any, Literal
 
 import yaml
 
-from nextquill_jax.config_schema import ConfigError, apply_override, build, convert
+from nextquill_jax.config_schema import (
+    ConfigError,
+    apply_override,
+    build,
+    check_override,
+    convert,
+    read_yaml,
+)
 from nextquill_jax.data.config import DataConfig
 from nextquill_jax.loss.config import LossConfig
 from nextquill_jax.models.config import ModelConfig
@@ -331,30 +338,36 @@ class Config:
 
 
 def load_config(
-    path: str | Path | None, overrides: Sequence[str] = (), base: Mapping | None = None
+    path: str | Path | None,
+    overrides: Sequence[str] = (),
+    base: Mapping | None = None,
+    overrides_source: str = "command line",
 ) -> Config:
     """Read a YAML config, apply `section.key=value` overrides and build a validated `Config`.
 
-    `base` (a dict such as a saved config) is used instead of a file when `path` is None.
+    `base` (a dict such as a saved config) is used instead of a file when `path` is None. `overrides_source`
+    names where the overrides came from in error messages.
 
     Raises:
-        ConfigError: an unreadable file, a section or key that does not exist (with the nearest valid key),
-            a value of the wrong type, or a value that a section rejects; the message names the key and file.
-        FileNotFoundError: `path` does not exist.
+        ConfigError: a missing or unreadable file, a section or key that does not exist (with the nearest
+            valid keys), a value of the wrong type, or a value that a section rejects; the message names the
+            key and where it came from: the file, or `overrides_source` for an override.
     """
     source = str(path) if path is not None else "<config>"
-    if path is not None:
-        try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    else:
-        raw = copy.deepcopy(dict(base or {}))  # overrides must not write into the caller's mapping
+    # A copy of `base`: overrides must not write into the caller's mapping.
+    raw = read_yaml(path) if path is not None else copy.deepcopy(dict(base or {}))
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(raw).__name__}")
     for item in overrides:
         apply_override(raw, item)
-    return build(Config, raw, "", source)
+        check_override(Config, item, overrides_source)
+    try:
+        return build(Config, raw, "", source)
+    except ConfigError as e:
+        if not overrides:
+            raise
+        # A section's own checks see file and overrides together: name both.
+        raise ConfigError(f"{e} ({overrides_source} overrides applied: {' '.join(overrides)})") from None
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

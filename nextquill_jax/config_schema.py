@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import types
 import typing
+from pathlib import Path
 from typing import Any, Literal
 
 import yaml
@@ -19,6 +20,23 @@ import yaml
 
 class ConfigError(ValueError):
     """A config value that cannot be used; the message names the key, the source and the fix."""
+
+
+def read_yaml(path: str | Path) -> Any:
+    """The YAML file at `path`, parsed (an empty file: {}).
+
+    Raises:
+        ConfigError: `path` does not exist, or is not valid YAML (naming the file and the fix).
+    """
+    try:
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError(
+            f"config file {path} does not exist (relative paths start at {Path.cwd()}). Fix: pass the path "
+            "of an existing YAML file, e.g. one under configs/."
+        ) from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}. Fix the YAML syntax at the line it names.") from None
 
 
 def apply_override(raw: dict, item: str) -> None:
@@ -33,10 +51,7 @@ def apply_override(raw: dict, item: str) -> None:
         raise ConfigError(
             f"override {item!r} is not of the form section.key=value (e.g. optim.learning_rate=1e-4)"
         )
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        value = text
+    value = _read_value(text)
     node = raw
     for part in parts[:-1]:
         child = node.setdefault(part, {})
@@ -44,6 +59,90 @@ def apply_override(raw: dict, item: str) -> None:
             raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
         node = child
     node[parts[-1]] = value
+
+
+def check_override(cls: type, item: str, source: str) -> None:
+    """Check one `section.key=value` item against dataclass `cls`: the key exists and the value fits its type.
+
+    Keys beneath a free-form mapping field (`dict` or `Any`) are not checked. `source` says where the item
+    came from (e.g. "command line") so errors are not blamed on the file it overrides.
+
+    Raises:
+        ConfigError: an unknown key, with the nearest keys of its own section and of other sections
+            (`train.lerning_rate` -> `optim.learning_rate`); a key on the path that holds a value, not a
+            section; or a value that is not of the key's type.
+    """
+    key, _, text = item.partition("=")
+    parts = key.strip().split(".")
+    tp: Any = cls
+    for i, part in enumerate(parts):
+        section = _dataclass_of(tp)
+        if section is None:
+            if typing.get_origin(tp) is dict or tp is Any:
+                return
+            raise ConfigError(
+                f"{source}: `{item}`: `{'.'.join(parts[:i])}` is a value, not a section. Fix: set "
+                f"`{'.'.join(parts[:i])}=VALUE`."
+            )
+        names = [f.name for f in dataclasses.fields(section) if f.init]
+        if part not in names:
+            near = _nearest_keys(cls, parts, i, names)
+            hint = (
+                f"Did you mean {' or '.join(f'`{k}`' for k in near)}?"
+                if near
+                else f"Valid keys here: {', '.join(names)}."
+            )
+            raise ConfigError(
+                f"{source}: unknown key `{'.'.join(parts)}` (in `{item}`). {hint} Fix: correct the key."
+            )
+        tp = typing.get_type_hints(section)[part]
+    convert(_read_value(text), tp, ".".join(parts), source)
+
+
+def _dataclass_of(tp: Any) -> type | None:
+    """`tp` when it is a dataclass, the dataclass of an optional one (`LoraConfig | None`), else None."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    options = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
+    return options[0] if typing.get_origin(tp) in (typing.Union, types.UnionType) and options else None
+
+
+def key_paths(cls: type, where: str = "") -> list[str]:
+    """Every dotted key of dataclass `cls`, nested sections included (`optim.learning_rate`, ...)."""
+    paths = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.init:
+            path = _join(where, f.name)
+            paths.append(path)
+            section = _dataclass_of(hints[f.name])
+            if section is not None:
+                paths += key_paths(section, path)
+    return paths
+
+
+def _nearest_keys(cls: type, parts: list[str], i: int, names: list[str]) -> list[str]:
+    """Up to three keys for the unknown `parts[i]`: the nearest in its own section, then keys anywhere in
+    `cls` whose last part is nearest to the last part of `parts` (a key put in the wrong section)."""
+    close = difflib.get_close_matches(parts[i], names, n=2, cutoff=0.5)
+    here = [".".join([*parts[:i], n, *parts[i + 1 :]]) for n in close]
+    by_last: dict[str, list[str]] = {}
+    for path in key_paths(cls):
+        by_last.setdefault(path.rpartition(".")[2], []).append(path)
+    elsewhere = [
+        path
+        for last in difflib.get_close_matches(parts[-1], list(by_last), n=3, cutoff=0.75)
+        for path in by_last[last]
+    ]
+    return list(dict.fromkeys([*here, *elsewhere]))[:3]
+
+
+def _read_value(text: str) -> Any:
+    """A command-line value read as YAML (`1e-3`, `[a, b]`, `null`), or the text itself when not YAML."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
 
 
 def build(cls: type, raw: Any, where: str, source: str) -> Any:

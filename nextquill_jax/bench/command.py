@@ -49,7 +49,7 @@ def run_bench(args: argparse.Namespace) -> int:
     """Run benchmark `args.name` with `args.args`; returns its exit status.
 
     Raises nothing: a missing `benchmarks/` folder (an installed package without the source tree) is reported
-    with the fix and status 2.
+    with the fix and status 1.
     """
     script, _ = BENCHMARKS[args.name]
     if script is None:
@@ -63,7 +63,7 @@ def run_bench(args: argparse.Namespace) -> int:
             "Fix: run it from a source checkout (pip install -e .).",
             file=sys.stderr,
         )
-        return 2
+        return 1
     return subprocess.call([sys.executable, str(path), *args.args])
 
 

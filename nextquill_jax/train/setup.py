@@ -63,6 +63,11 @@ def prepared_dir(cfg: Config, workdir: Path, echo: Echo) -> Path:
     `train.data_dir` or `<workdir>/prepared`.
 
     Process 0 prepares first; the others then find it up to date (shared disk) or prepare their own copy.
+
+    Raises:
+        DataError: invalid records (`data.on_error: fail`).
+        ConfigError: what `data.prepare.prepare` rejects as a `data` section problem (files that match
+            nothing, template fields a format lacks, no example left, ...).
     """
     target = data_dir_of(cfg, workdir)
     if not cfg.data.sources and cfg.data.format != "synthetic":
@@ -74,12 +79,18 @@ def prepared_dir(cfg: Config, workdir: Path, echo: Echo) -> Path:
             )
         return target
     from nextquill_jax.data.prepare import prepare
+    from nextquill_jax.data.sources.records import DataError
 
-    if jax.process_index() == 0:
-        prepare(cfg.data, target, echo=echo)
-    _sync("prepared data")
-    if jax.process_index() != 0:
-        prepare(cfg.data, target, echo=lambda _: None)
+    try:
+        if jax.process_index() == 0:
+            prepare(cfg.data, target, echo=echo)
+        _sync("prepared data")
+        if jax.process_index() != 0:
+            prepare(cfg.data, target, echo=lambda _: None)
+    except DataError:
+        raise
+    except ValueError as e:  # prepare's ValueErrors are problems of the `data` section
+        raise ConfigError(str(e)) from None
     return target
 
 

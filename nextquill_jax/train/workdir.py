@@ -88,12 +88,18 @@ def restore_params(workdir: str | Path, step: int | None = None, mesh: Mesh | No
     """
     directory = Path(workdir).expanduser() / CHECKPOINT_DIR
     if not directory.is_dir():
-        raise FileNotFoundError(f"{workdir} is not a training workdir: {directory} does not exist")
+        raise FileNotFoundError(
+            f"{workdir} is not a training workdir: {directory} does not exist. Fix: pass the workdir of a "
+            "`nextquill-jax train` run (it holds config.yaml and checkpoints/)."
+        )
     ckpt = Checkpointer(directory, CheckpointConfig(), read_only=True)
     try:
         chosen = ckpt.latest_step() if step is None else step
         if chosen is None:
-            raise FileNotFoundError(f"{directory} holds no complete checkpoint")
+            raise FileNotFoundError(
+                f"{directory} holds no complete checkpoint. Fix: train until the run saves one "
+                "(checkpoint.every_steps, or the end of an epoch), then run this again."
+            )
         cfg = load_config(None, base=ckpt.read_config(chosen))  # raises if `chosen` is not complete
         mesh = build_mesh(cfg) if mesh is None else mesh
         source = f"{directory / str(chosen)}"

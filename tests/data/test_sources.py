@@ -354,6 +354,13 @@ def test_synthetic_format_reads_the_generated_benchmark(tmp_path):
     # Equal but for `source`, which names the (temporary) file and line each record came from.
     strip = lambda records: [dataclasses.replace(r, source="") for r in records]
     assert strip(in_process) == strip(from_file)
+    # The temporary file is gone after reading, so `source` names the generator, seed, line and user instead.
+    lines = (tmp_path / "synthetic.jsonl").read_text(encoding="utf-8").splitlines()
+    for generated, read in zip(in_process, from_file, strict=True):
+        line = int(read.source.rpartition(":")[2])
+        row = json.loads(lines[line - 1])
+        assert (row["user_id"], row["target"]) == (generated.user_id, generated.target)
+        assert generated.source == f"synthetic(users=3, seed=5):{line} user {generated.user_id}"
     other_seed = read_records(
         DataConfig(format="synthetic", synthetic_users=3, synthetic_seed=6), template, IssueLog()
     )

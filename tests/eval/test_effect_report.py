@@ -470,6 +470,7 @@ def test_effects_command_with_training_workdir(data, model, report, tmp_path, ca
         [e["mean_dce"] for e in summary["per_example"]], [float(r.dce.mean()) for r in results], atol=1e-7
     )
     assert main(["effects", "--workdir", str(workdir), "--step", "3", "--out", str(out)]) == 1
-    assert "no complete checkpoint for step 3" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no complete checkpoint for step 3" in err and "[7]. Fix: choose one of those steps" in err, err
     assert main(["effects", "--workdir", str(tmp_path), "--out", str(out)]) == 1
     assert "is not a training workdir" in capsys.readouterr().err

@@ -11,6 +11,10 @@ Runs, shared by the tests (a persistent compilation cache lets later runs reuse 
 
 from __future__ import annotations
 
+import collections
+import json
+import shutil
+
 import jax
 import numpy as np
 import pytest
@@ -98,6 +102,39 @@ def test_sigkill_during_async_save_resumes_from_last_complete_checkpoint(runs, r
         read_state(root / "D" / "checkpoints" / "12"),
         exact=True,
     )
+
+
+def _metric_rows(workdir) -> dict[tuple[int, str], float]:
+    """(step, key) -> value of every row of `workdir`/metrics.jsonl, asserting that no (step, key) repeats."""
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    pairs = [((r["step"], k), v) for r in rows for k, v in r.items() if k != "step"]
+    repeated = [p for p, n in collections.Counter(p for p, _ in pairs).items() if n > 1]
+    assert not repeated, (workdir, repeated)
+    return dict(pairs)
+
+
+def test_each_step_and_key_is_logged_once_evaluations_and_resumed_runs_included(runs, tmp_path):
+    from nextquill_jax.config import load_config
+    from nextquill_jax.train import loop
+
+    root = runs["root"]
+    uninterrupted, spread = _metric_rows(root / "A"), _metric_rows(root / "F")
+    evaluated = sorted(step for step, key in uninterrupted if key == "eval/loss")
+    assert len(evaluated) >= 2 and evaluated[-1] == STEPS, evaluated  # epoch ends and the last step
+    timing = lambda rows: {k: v for k, v in rows.items() if k[1] != "tokens_per_second"}
+    for resumed in ("B", "D"):  # resumed after SIGTERM, after SIGKILL mid-save: the same rows, same numbers
+        assert timing(_metric_rows(root / resumed)) == timing(uninterrupted), resumed
+    assert _metric_rows(root / "G").keys() == spread.keys() == uninterrupted.keys()
+
+    # Running a finished run again trains, evaluates and logs nothing.
+    shutil.copytree(root / "A", tmp_path / "A")
+    before = sorted(p.name for p in (tmp_path / "A" / "checkpoints").iterdir())
+    messages = []
+    result = loop.train(load_config(root / "A.yaml"), tmp_path / "A", echo=messages.append)
+    assert (result.status, result.step, result.last_checkpoint) == ("finished", STEPS, STEPS)
+    assert f"already finished at step {STEPS} of {STEPS}" in messages[-1], messages
+    assert (tmp_path / "A" / "metrics.jsonl").read_bytes() == (root / "A" / "metrics.jsonl").read_bytes()
+    assert sorted(p.name for p in (tmp_path / "A" / "checkpoints").iterdir()) == before
 
 
 def _expected_spec(name: str) -> str:

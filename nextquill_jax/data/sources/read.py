@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import re
 import tempfile
@@ -37,7 +38,10 @@ def expand_paths(patterns: list[str], key: str) -> list[Path]:
         matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
         matches = [m for m in matches if Path(m).is_file()]
         if not matches:
-            raise ValueError(f"data.{key}: no file matches {pattern!r} (paths are relative to {Path.cwd()})")
+            raise ValueError(
+                f"data.{key}: no file matches {pattern!r} (paths are relative to {Path.cwd()}). Fix: correct "
+                f"the path or pattern in data.{key}."
+            )
         for m in matches:
             try:
                 file_kind(m)
@@ -106,10 +110,23 @@ def read_records(cfg: DataConfig, template: PromptTemplate, log: IssueLog) -> li
 
 
 def _read_synthetic(cfg: DataConfig, template: PromptTemplate, log: IssueLog) -> list[Record]:
-    """Generate the synthetic benchmark (deterministic in users and seed) and read it as generic records."""
+    """Generate the synthetic benchmark (deterministic in users and seed) and read it as generic records.
+
+    The file is temporary, so each record's `source` names the generator, its seed and size, the user and the
+    line instead: `nextquill-jax data synth --users N --seed S` writes that same line again.
+    """
+    generator = f"synthetic(users={cfg.synthetic_users}, seed={cfg.synthetic_seed})"
     with tempfile.TemporaryDirectory() as tmp:
         generate_synthetic(tmp, users=cfg.synthetic_users, seed=cfg.synthetic_seed)
-        return list(read_generic(Path(tmp) / "synthetic.jsonl", cfg.default_split, template, log))
+        records = read_generic(Path(tmp) / "synthetic.jsonl", cfg.default_split, template, log)
+        return [
+            dataclasses.replace(r, source=f"{generator}:{_line(r.source)} user {r.user_id}") for r in records
+        ]
+
+
+def _line(location: str) -> str:
+    """The line number of a `file:line` location."""
+    return location.rpartition(":")[2]
 
 
 def _check_template(

@@ -1,0 +1,68 @@
+"""Third-party log lines (absl/Orbax, transformers, JAX, Python warnings) go to <dir>/logs/third_party.log,
+not the console; `--verbose` shows them on the console too; the package's own lines stay on the console
+(third_party_logs.py, wired in cli.main)."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import pytest
+from absl import logging as absl_logging
+from transformers.utils import logging as hf_logging
+
+from nextquill_jax import cli
+from nextquill_jax.data import prepare as prepare_module
+
+CHATTER = [
+    "INFO absl: an Orbax-style info line",
+    "WARNING absl: an Orbax-style warning line",
+    "WARNING transformers.tokenization_utils_base: a transformers line",
+    "WARNING jax._src.xla_bridge: a JAX line",
+    "WARNING py.warnings: ",  # then the file and line of the warning
+    "UserWarning: a third-party warning",
+]
+
+
+def chatty_prepare(cfg, out_dir, **kwargs) -> None:
+    """Stands in for data preparation: logs through each third-party route and prints a line of ours."""
+    absl_logging.info("an Orbax-style info line")
+    absl_logging.warning("an Orbax-style warning line")
+    hf_logging.get_logger("transformers.tokenization_utils_base").warning("a transformers line")
+    logging.getLogger("jax._src.xla_bridge").warning("a JAX line")
+    warnings.warn("a third-party warning", UserWarning, stacklevel=1)
+    print("our own line")
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_third_party_lines_go_to_the_workdir_log_and_to_the_console_only_with_verbose(
+    verbose, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setattr(prepare_module, "prepare", chatty_prepare)
+    (tmp_path / "c.yaml").write_text("data: {format: generic}\n")
+    argv = ["data", "prepare", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "out")]
+    handlers = list(logging.getLogger().handlers)
+    absl_level = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.INFO)  # Orbax's INFO lines reach the absl logger in a run
+    try:
+        assert cli.main([*argv, *(["--verbose"] if verbose else [])]) == 0
+    finally:
+        absl_logging.set_verbosity(absl_level)
+    out, err = capsys.readouterr()
+    assert out == "our own line\n"
+    log = (tmp_path / "out" / "logs" / "third_party.log").read_text()
+    for line in CHATTER:
+        assert line in log, (line, log)
+        assert (line in err) == verbose, (line, err)
+    assert "our own line" not in log
+    assert logging.getLogger().handlers == handlers  # the set-up is restored after the command
+
+
+def test_verbose_is_accepted_before_and_after_the_subcommand_and_its_action():
+    parser = cli.build_parser()
+    for argv in (
+        ["--verbose", "data", "show", "d", "--index", "0"],
+        ["data", "show", "d", "--index", "0", "--verbose"],
+    ):
+        assert parser.parse_args(argv).verbose
+    assert not parser.parse_args(["data", "show", "d", "--index", "0"]).verbose
