@@ -7,9 +7,16 @@ Runs, shared by the tests (a persistent compilation cache lets later runs reuse 
   F  8 simulated devices, mesh (data=2, fsdp=2, tensor=2), each batch as 2 accumulated micro-batches.
   G  2 processes x 4 devices (gloo), as F, SIGTERM to process 0 after step 5;  H  resumes G.
   N  as A, the parameters turn NaN at step 5: the run must stop and name the last good checkpoint.
+  K  as B (stops at 6), then a byte of checkpoint 6 flipped;  K2  resumes K: falls back to 3, to the end.
+  S  as A, the disk full while checkpoint 6 is written: the run stops (checkpoint.on_save_error: stop).
+  W  as S with on_save_error: continue: trains on to the end without checkpoint 6.
+  L  as G, process 1 SIGKILLed at step 3: process 0 must exit within mesh.peer_timeout_s (3 s), naming it.
 """
 
 from __future__ import annotations
+
+import os
+import time
 
 import jax
 import numpy as np
@@ -29,19 +36,49 @@ def runs(tmp_path_factory, train_runs):
     f = r.start(r.config("F", mesh=MESH8, train={"micro_batches": 2}), 8)
     out["A"], out["F"] = r.finish(a), r.finish(f)
 
+    enospc_at_6 = ("--fault", "enospc", "--fault-step", "6", "--cli")
     b = r.start(r.config("B"), 1, *sigterm_at_5)
     d = r.start(r.config("D"), 1, "--fault", "sigkill", "--fault-step", "6")
     n = r.start(r.config("N"), 1, "--fault", "nan", "--fault-step", "5", "--cli")
+    k = r.start(r.config("K"), 1, *sigterm_at_5)
+    s = r.start(r.config("S"), 1, *enospc_at_6)
+    w = r.start(r.config("W", checkpoint={"on_save_error": "continue"}), 1, *enospc_at_6)
     out["B"], out["D"], out["N"] = r.finish(b), r.finish(d, expect=-9), r.finish(n, expect=3)
+    out["K"], out["S"], out["W"] = r.finish(k), r.finish(s, expect=5), r.finish(w)
     out["D_dir_after_kill"] = sorted(p.name for p in (root / "D" / "checkpoints").iterdir())
+    out["K_damaged"] = _flip_a_byte(_largest_file(root / "K" / "checkpoints" / "6" / "state"))
 
     g_cfg = r.config("G", rows_per_batch=4, mesh=MESH8, train={"micro_batches": 2})
     c = r.start(str(root / "B.yaml"), 1)
     e = r.start(str(root / "D.yaml"), 1)
+    k2 = r.start(str(root / "K.yaml"), 1, "--cli")
     g = r.two_processes(g_cfg, *sigterm_at_5)
     out["C"], out["E"], out["G"] = r.finish(c), r.finish(e), [r.finish(p) for p in g]
+    out["K2"] = r.finish(k2)
     out["H"] = [r.finish(p) for p in r.two_processes(g_cfg)]
+
+    l_cfg = r.config("L", rows_per_batch=4, mesh={**MESH8, "peer_timeout_s": 3}, train={"micro_batches": 2})
+    survivor, victim = r.two_processes(
+        l_cfg, "--fault", "sigkill", "--fault-step", "4", "--fault-process", "1"
+    )
+    out["L_victim"] = r.finish(victim, expect=-9)
+    killed = time.monotonic()
+    out["L_survivor"] = r.finish(survivor, expect=4)
+    out["L_seconds"] = time.monotonic() - killed
     return out
+
+
+def _largest_file(directory):
+    return max((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def _flip_a_byte(path):
+    """Damage `path` as failing storage would: one byte in its middle inverted, size and mtime kept."""
+    raw, stat = bytearray(path.read_bytes()), path.stat()
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    return path
 
 
 def _assert_same_state(a: dict, b: dict, *, exact: bool, rtol: float = 0.0, atol: float = 0.0) -> None:
@@ -200,3 +237,56 @@ def test_a_workdir_serves_as_the_frozen_reference_model(runs, read_state):
     cfg = load_config(work / "config.yaml", overrides)
     _, params = reference_params(cfg, make_mesh({"data": 1, "fsdp": -1, "tensor": 1}))
     _assert_same_state(jax.device_get(params), read_state(work / "checkpoints" / "12")["params"], exact=True)
+
+
+def test_a_damaged_checkpoint_is_named_and_the_run_falls_back_to_the_newest_verified_one(
+    runs, run_losses, read_state
+):
+    root, damaged = runs["root"], runs["K_damaged"]
+    said = runs["K2"].stdout + runs["K2"].stderr
+    ckpts = root / "K" / "checkpoints"
+    assert f"checkpoint {ckpts / '6'} is damaged and not restorable: {damaged}: blake2b-128 checksum" in said
+    assert f"(moved aside to {ckpts / '6.corrupt'}); trying the previous checkpoint" in said
+    assert f"resuming from {ckpts / '3'} (step 3)" in said
+    assert "finished at step 12" in said
+    # Steps 4-6 ran again on the same batches (the data position came back with checkpoint 3).
+    assert run_losses(root / "K") == run_losses(root / "A")
+    _assert_same_state(read_state(root / "A" / "checkpoints" / "12"), read_state(ckpts / "12"), exact=True)
+
+
+def test_a_full_disk_during_a_save_stops_the_run_and_keeps_the_previous_checkpoint(runs):
+    from nextquill_jax.config import CheckpointConfig
+    from nextquill_jax.train.checkpoint import Checkpointer
+
+    ckpts = runs["root"] / "S" / "checkpoints"
+    message = runs["S"].stderr
+    assert f"saving checkpoint 6 in {ckpts} failed: [Errno 28] No space left on device" in message, message
+    kept = f"the newest complete one, {ckpts / '3'}, is intact"
+    assert f"Step 6 is not marked complete (its partial files were removed); {kept}" in message
+    assert "Training stopped (checkpoint.on_save_error: stop)" in message
+    assert sorted(p.name for p in ckpts.iterdir()) == ["3"]
+    reader = Checkpointer(ckpts, CheckpointConfig(), read_only=True)
+    assert reader.check(3).status == "ok"
+    reader.close()
+
+
+def test_a_full_disk_with_on_save_error_continue_trains_on_without_that_checkpoint(
+    runs, run_losses, read_state
+):
+    root = runs["root"]
+    ckpts = root / "W" / "checkpoints"
+    said = runs["W"].stdout + runs["W"].stderr
+    assert f"saving checkpoint 6 in {ckpts} failed: [Errno 28] No space left on device" in said
+    assert "Training goes on without it (checkpoint.on_save_error: continue)" in said
+    assert "finished at step 12" in said
+    steps = sorted(p.name for p in ckpts.iterdir())
+    assert "6" not in steps and "12" in steps and not [s for s in steps if "tmp" in s], steps
+    assert run_losses(root / "W") == run_losses(root / "A")
+    _assert_same_state(read_state(root / "A" / "checkpoints" / "12"), read_state(ckpts / "12"), exact=True)
+
+
+def test_a_lost_process_ends_the_other_within_the_peer_timeout_naming_it(runs):
+    message = runs["L_survivor"].stderr
+    assert "error: process 1 of this 2-process run has not answered for" in message, message[-3000:]
+    assert "(mesh.peer_timeout_s=3): its host died or it was killed. Process 0 exits with status 4" in message
+    assert runs["L_seconds"] < 3 + 10, runs["L_seconds"]  # the timeout, plus a watchdog period and slack
