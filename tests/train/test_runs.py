@@ -16,6 +16,7 @@ Runs, shared by the tests (a persistent compilation cache lets later runs reuse 
 from __future__ import annotations
 
 import os
+import shutil
 import time
 
 import jax
@@ -59,7 +60,7 @@ def runs(tmp_path_factory, train_runs):
 
     l_cfg = r.config("L", rows_per_batch=4, mesh={**MESH8, "peer_timeout_s": 3}, train={"micro_batches": 2})
     survivor, victim = r.two_processes(
-        l_cfg, "--fault", "sigkill", "--fault-step", "4", "--fault-process", "1"
+        l_cfg, "--fault", "sigkill", "--fault-step", "3", "--fault-process", "1"
     )
     out["L_victim"] = r.finish(victim, expect=-9)
     killed = time.monotonic()
@@ -290,3 +291,38 @@ def test_a_lost_process_ends_the_other_within_the_peer_timeout_naming_it(runs):
     assert "error: process 1 of this 2-process run has not answered for" in message, message[-3000:]
     assert "(mesh.peer_timeout_s=3): its host died or it was killed. Process 0 exits with status 4" in message
     assert runs["L_seconds"] < 3 + 10, runs["L_seconds"]  # the timeout, plus a watchdog period and slack
+
+
+def test_checkpoint_verify_prints_a_table_and_readers_skip_a_damaged_checkpoint(
+    runs, tmp_path, capsys, read_state
+):
+    from nextquill_jax.cli import main
+    from nextquill_jax.train.workdir import restore_params
+
+    work = tmp_path / "A"
+    shutil.copytree(runs["root"] / "A", work)
+    ckpts = work / "checkpoints"
+    steps = sorted(int(p.name) for p in ckpts.iterdir())
+    older = steps[-2]
+    assert main(["checkpoint", "verify", "--workdir", str(work)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[:2] == ["| step | status | files | MB | problems |", "| ---: | --- | ---: | ---: | --- |"]
+    assert [row.split(" | ")[:2] for row in table[2:]] == [[f"| {s}", "ok"] for s in steps]
+
+    damaged = _flip_a_byte(_largest_file(ckpts / "12" / "state"))
+    assert main(["checkpoint", "verify", "--workdir", str(work)]) == 1
+    rows = {row.split(" | ")[0]: row for row in capsys.readouterr().out.splitlines()[2:]}
+    assert rows["| 12"].startswith("| 12 | failed | ") and f"{damaged}: blake2b-128 checksum" in rows["| 12"]
+    assert rows[f"| {older}"].startswith(f"| {older} | ok | ")
+
+    # evaluate, effects, export and a frozen reference model all read checkpoints through restore_params.
+    restored = restore_params(work)
+    assert restored.step == older
+    assert f"checkpoint {ckpts / '12'} is damaged and not restorable: {damaged}" in capsys.readouterr().err
+    _assert_same_state(jax.device_get(restored.params), read_state(ckpts / str(older))["params"], exact=True)
+    assert (ckpts / "12").is_dir()  # readers move nothing
+    assert main(["export", "--workdir", str(work), "--step", "12", "--out", str(tmp_path / "hf")]) == 1
+    assert (
+        f"error: checkpoint {ckpts / '12'} is damaged and not restorable: {damaged}"
+        in capsys.readouterr().err
+    )
