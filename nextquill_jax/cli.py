@@ -74,14 +74,15 @@ def _accept_verbose(parser: argparse.ArgumentParser) -> None:
 
 
 def expected_errors() -> tuple[type[Exception], ...]:
-    """The errors a user fixes, not a bug: a bad config, bad data, a missing file or checkpoint, a packaged
-    model whose pip package is not installed. Their messages name the fix. Imported on use: `--help` imports
-    no JAX."""
+    """The errors a user fixes, not a bug: a bad config, bad data, a missing file or checkpoint, damaged
+    prepared data or checkpoints, a packaged model whose pip package is not installed. Their messages name
+    the fix. Imported on use: `--help` imports no JAX."""
     from nextquill_jax.config_schema import ConfigError
+    from nextquill_jax.data.checksums import IntegrityError
     from nextquill_jax.data.sources.records import DataError
     from nextquill_jax.models.packaged import MissingPackageError
 
-    return (ConfigError, DataError, FileNotFoundError, MissingPackageError)
+    return (ConfigError, DataError, FileNotFoundError, IntegrityError, MissingPackageError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -231,7 +231,10 @@ class MeshConfig:
 
     `coordinator` ("host:port"), `num_processes` and `process_id` start a multi-process run explicitly (the
     environment variables NEXTQUILL_COORDINATOR / NEXTQUILL_NUM_PROCESSES / NEXTQUILL_PROCESS_ID do the same);
-    without them `distributed: auto` starts it only on Cloud TPU VMs, where the pod is discovered.
+    without them `distributed: auto` starts it only on Cloud TPU VMs, where the pod is discovered. In a
+    multi-process run, when a process stops answering for `peer_timeout_s` seconds (its host died, it was
+    killed), every other process exits with status 4 and a message naming it, instead of waiting in a
+    collective forever; the scheduler restarts the job, which resumes from its last complete checkpoint.
     """
 
     data: int = 1
@@ -241,6 +244,11 @@ class MeshConfig:
     coordinator: str | None = None
     num_processes: int | None = None
     process_id: int | None = None
+    peer_timeout_s: float = 180.0
+
+    def __post_init__(self):
+        if self.peer_timeout_s <= 0:
+            raise ValueError(f"peer_timeout_s must be > 0, got {self.peer_timeout_s}")
 
     def sizes(self) -> dict[str, int]:
         """{"data": ..., "fsdp": ..., "tensor": ...} as configured (a -1 still unresolved)."""
@@ -254,6 +262,10 @@ class CheckpointConfig:
     Saved every `every_steps` steps (0: never on a schedule), at the end of each epoch (`on_epoch_end`) and at
     the end of the run; asynchronously unless `async_save` is false. Kept: the last `keep`, plus the best one
     by the evaluation metric `best_metric` (e.g. `eval/loss`; null: no best kept) in direction `best_mode`.
+    Each step carries a manifest of its files' checksums; a resume skips steps that fail it (naming the
+    files) for the newest that passes. A save that fails (a full disk) leaves earlier checkpoints intact and
+    the failed step incomplete; `on_save_error: stop` ends the run (exit status 5), `continue` logs it and
+    trains on.
     """
 
     every_steps: int = 500
@@ -262,6 +274,7 @@ class CheckpointConfig:
     best_metric: str | None = "eval/loss"
     best_mode: Literal["min", "max"] = "min"
     async_save: bool = True
+    on_save_error: Literal["stop", "continue"] = "stop"
 
     def __post_init__(self):
         if self.every_steps < 0 or self.keep < 1:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
-from collections.abc import Mapping, Sequence
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
@@ -175,13 +177,15 @@ def initialize_distributed(
     process_id: int | None = None,
     *,
     mode: str = "auto",
+    peer_timeout_s: float = 180.0,
 ) -> bool:
     """Start JAX's multi-process runtime when the run spans several hosts; returns whether it was started.
 
     Call before anything touches a device. Settings come from the arguments, else from the environment
     variables NEXTQUILL_COORDINATOR ("host:port"), NEXTQUILL_NUM_PROCESSES and NEXTQUILL_PROCESS_ID. With no
     explicit settings, `mode="auto"` starts it on Cloud TPU VMs (libtpu installed), where
-    `jax.distributed.initialize()` discovers the pod itself; `mode="off"` never starts it.
+    `jax.distributed.initialize()` discovers the pod itself; `mode="off"` never starts it. Once started, a
+    `PeerWatchdog` ends this process when another one stops answering for `peer_timeout_s` seconds.
 
     Raises:
         ValueError: a partial explicit setting (a coordinator without the process count and id, or the
@@ -205,13 +209,96 @@ def initialize_distributed(
             f"mesh.coordinator / mesh.num_processes / mesh.process_id, or as {ENV_COORDINATOR} / "
             f"{ENV_NUM_PROCESSES} / {ENV_PROCESS_ID}, or none of them."
         )
+    # JAX's own heartbeat check would abort this process with a runtime error after its timeout; it is set
+    # well beyond ours, so that the watchdog's message (naming the lost process) comes first.
+    heartbeat = {"heartbeat_timeout_seconds": int(2 * peer_timeout_s) + 10}
     if given:
-        jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
-        return True
-    if importlib.util.find_spec("libtpu") is not None:
-        jax.distributed.initialize()
-        return True
-    return False
+        jax.distributed.initialize(
+            coordinator, num_processes=num_processes, process_id=process_id, **heartbeat
+        )
+    elif importlib.util.find_spec("libtpu") is not None:
+        jax.distributed.initialize(**heartbeat)
+    else:
+        return False
+    from jax._src import distributed  # the runtime's key-value client (no public handle in jax 0.10)
+
+    PeerWatchdog(
+        distributed.global_state.client, jax.process_index(), jax.process_count(), peer_timeout_s
+    ).start()
+    return True
+
+
+EXIT_PEER_LOST = 4  # the exit status of a process whose peer was lost
+
+
+class PeerWatchdog(threading.Thread):
+    """A daemon thread that ends this process when another process of the run stops answering.
+
+    Every process writes a counter to the runtime's key-value store every `timeout_s / 6` seconds and reads
+    the others'; a counter that has not moved for `timeout_s` seconds (or a store that has not answered for
+    that long: process 0, which holds it, is gone) means that process is lost. The main thread may then be
+    blocked in a collective that will never complete, so the watchdog writes one line naming the lost process
+    to stderr and ends the process at once with `exit(EXIT_PEER_LOST)` (default `os._exit`): a scheduler then
+    restarts the job, which resumes from its last complete checkpoint.
+    """
+
+    def __init__(
+        self,
+        client,
+        process_id: int,
+        num_processes: int,
+        timeout_s: float,
+        *,
+        exit: Callable[[int], None] = os._exit,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        super().__init__(name="nextquill-peer-watchdog", daemon=True)
+        self.client, self.me, self.n, self.timeout_s = client, process_id, num_processes, timeout_s
+        self.exit, self.clock = exit, clock
+
+    def run(self) -> None:
+        start = self.clock()
+        # process -> (its last counter, when that counter last moved)
+        seen = {p: (None, start) for p in range(self.n) if p != self.me}
+        store_ok, beat = start, 0
+        while True:
+            beat += 1
+            now = self.clock()
+            try:
+                self.client.key_value_set(f"nextquill/alive/{self.me}", str(beat), allow_overwrite=True)
+                store_ok = now
+            except Exception:  # the store (on process 0) does not answer; judged below by how long
+                pass
+            for p, (last, _) in seen.items():
+                value = self._read(p)
+                if value is not None and value != last:
+                    seen[p] = (value, now)
+            silent = {p: now - since for p, (_, since) in seen.items()}
+            if self.me != 0:
+                silent[0] = max(silent[0], now - store_ok)
+            lost = {p: s for p, s in silent.items() if s > self.timeout_s}
+            if lost:
+                self._end(lost)
+                return
+            time.sleep(self.timeout_s / 6)
+
+    def _read(self, process: int) -> str | None:
+        try:
+            return self.client.key_value_try_get(f"nextquill/alive/{process}")
+        except Exception:  # not written yet, or the store does not answer
+            return None
+
+    def _end(self, lost: dict[int, float]) -> None:
+        names = ", ".join(str(p) for p in sorted(lost))
+        message = (
+            f"error: process {names} of this {self.n}-process run has not answered for "
+            f"{max(lost.values()):.0f} s "
+            f"(mesh.peer_timeout_s={self.timeout_s:g}): its host died or it was killed. Process {self.me} "
+            f"exits with status {EXIT_PEER_LOST} instead of waiting for it in a collective; restart the job "
+            f"and it resumes from its last complete checkpoint.\n"
+        )
+        os.write(2, message.encode())
+        self.exit(EXIT_PEER_LOST)
 
 
 def _env_int(name: str) -> int | None:

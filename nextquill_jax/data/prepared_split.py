@@ -5,7 +5,7 @@ Layout of one split, `DIR/<split>/`:
     <field>.npy          every example's tokens of that field, concatenated           [total] int32
     <field>_offsets.npy  example i owns <field>[offsets[i]:offsets[i+1]]              [N + 1] int64
     reference_dce.npy    optional, float32, aligned with `target` (fixed data-side effects)
-    meta.json            {"num_examples": N, "fields": [...], ...}
+    meta.json            {"num_examples": N, "fields": [...], "checksums": {file: {size, blake2b}}, ...}
 
 Beside it, `DIR/<split>.jsonl` holds the same examples rendered as text, line i for example i (what the
 model sees, read back by `rendered_rows`).
@@ -14,6 +14,10 @@ Fields: `prompt_with`, `prompt_without`, `target` (target tokens including EOS),
 `reference_dce`. Flat `.npy` arrays opened with `mmap_mode="r"` give O(1) random access with no extra
 dependency and no per-record decoding; ArrayRecord would add a compressed-record layer that variable-length
 int32 token arrays do not need.
+
+`PreparedSplit` checks every array file against the checksums in meta.json when it opens the split (about
+1 s per GB, once per open; `benchmarks/RESULTS.md`, "Checksums"), so a corrupted file stops the run with its
+name instead of training on changed tokens.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from nextquill_jax.data import checksums
 
 TOKEN_FIELDS = ("prompt_with", "prompt_without", "target")
 
@@ -77,8 +83,9 @@ def write_split(out_dir: str | Path, split: str, examples: Iterable[TokenizedExa
         flat = np.concatenate(parts).astype(dtype) if parts else np.zeros((0,), dtype)
         np.save(split_dir / f"{field}.npy", flat)
         np.save(split_dir / f"{field}_offsets.npy", offsets)
+    files = checksums.manifest(split_dir, [f"{f}{suffix}.npy" for f in fields for suffix in ("", "_offsets")])
     (split_dir / "meta.json").write_text(
-        json.dumps({"num_examples": count, "fields": fields, **meta}, indent=1)
+        json.dumps({"num_examples": count, "fields": fields, **meta, "checksums": files}, indent=1)
     )
     return count
 
@@ -86,8 +93,13 @@ def write_split(out_dir: str | Path, split: str, examples: Iterable[TokenizedExa
 class PreparedSplit:
     """Random-access reader of one split written by `write_split`; `split[i]` is a dict of arrays.
 
+    Every array file is checked against the checksums meta.json holds before it is read.
+
     Raises:
         FileNotFoundError: naming the missing file and the command that prepares it.
+        checksums.IntegrityError: an array file that is missing, or has another size or checksum than
+            meta.json says (naming the files), or a meta.json without checksums (written before they
+            existed); the fix is to prepare the data again.
     """
 
     def __init__(self, data_dir: str | Path, split: str):
@@ -99,6 +111,18 @@ class PreparedSplit:
                 f"`nextquill-jax data prepare --config FILE --out {data_dir}` first"
             )
         self.meta = json.loads(meta_path.read_text())
+        again = (
+            f"Fix: prepare it again (`nextquill-jax data prepare --config FILE --out {data_dir} --force`)."
+        )
+        if "checksums" not in self.meta:
+            raise checksums.IntegrityError(
+                f"{meta_path} lists no checksums (prepared by an older version). {again}"
+            )
+        damaged = checksums.problems(self.dir, self.meta["checksums"])
+        if damaged:
+            raise checksums.IntegrityError(
+                f"prepared split {self.dir} is damaged: {'; '.join(damaged)}. {again}"
+            )
         self.fields: list[str] = self.meta["fields"]
         self._flat = {f: np.load(self.dir / f"{f}.npy", mmap_mode="r") for f in self.fields}
         self._offsets = {f: np.load(self.dir / f"{f}_offsets.npy") for f in self.fields}

@@ -26,7 +26,9 @@ from nextquill_jax.subcommand import Subcommand
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", required=True, type=Path, help="a training run's directory")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    parser.add_argument(
+        "--step", type=int, default=None, help="checkpoint step (default: the newest verified)"
+    )
     parser.add_argument("--split", default="test", help="prepared split to evaluate (default: test)")
     parser.add_argument("--max-examples", type=int, default=None, help="only the split's first N examples")
     parser.add_argument(
@@ -99,7 +101,9 @@ def add_effects_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--workdir", type=Path, help="a training workdir (config.yaml + checkpoints/)")
     source.add_argument("--model", help="a Hugging Face directory, .gguf file or packaged model name")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    parser.add_argument(
+        "--step", type=int, default=None, help="checkpoint step (default: the newest verified)"
+    )
     parser.add_argument(
         "--data", type=Path, default=None, help="prepared data (default with --workdir: the run's own)"
     )

@@ -5,26 +5,54 @@ sharded arrays written by every process), `data` (the Grain iterator's position,
 `config` (the resolved config), `progress` (step and epoch) and Orbax's `metrics`. Saves are asynchronous;
 Orbax writes each step into `<step>.orbax-checkpoint-tmp*` and renames it only once every item is complete,
 so a process killed mid-save leaves a temporary directory that `latest_step` never returns and the next
-start deletes (tests/test_train_runs.py kills a run mid-save to check this).
+start deletes (tests/train/test_runs.py kills a run mid-save to check this).
+
+Integrity: once every process has written its files, and before the rename that commits the step, the
+primary process writes `<step>/manifest.json` (every file of the step with its size and BLAKE2b-128
+checksum, `data.checksums`), so a committed step always carries its manifest. `verify` checks a step
+against it; `newest_verified` is the newest step that passes (the others reported, file by file), which is
+what training resumes from and what evaluation, export and effect reports read. A step without a manifest
+(saved before manifests existed) is used as it is, with a warning.
+
+A failed save (a full disk, say) raises `CheckpointSaveError`: from `save` itself, or from the next `save`,
+`poll`, `wait` or `close` when it failed in the background. Its partial directory is removed and never
+marked complete; earlier steps are untouched.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
-from collections.abc import Iterator, Mapping
+import shutil
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 from orbax.checkpoint import checkpoint_managers as policies
 
 from nextquill_jax.config import CheckpointConfig
+from nextquill_jax.data import checksums
 
 ITEMS = ("state", "data", "config", "progress")
+MANIFEST = "manifest.json"
+TMP_MARK = ".orbax-checkpoint-tmp"  # Orbax's suffix of a step directory still being written
+CORRUPT_SUFFIX = ".corrupt"
+# Orbax's own bookkeeping at a step's top level, rewritten after the commit (timestamps, a commit marker):
+# the only files a manifest does not list. The state, data position, config and progress are all listed.
+ORBAX_BOOKKEEPING = ("_CHECKPOINT_METADATA", "commit_success.txt")
+
+
+class CheckpointSaveError(RuntimeError):
+    """Saving a step failed (e.g. the disk is full); the message names the step, the cause and the newest
+    complete checkpoint, which is intact."""
 
 
 def preservation_policy(cfg: CheckpointConfig) -> policies.PreservationPolicy:
@@ -55,21 +83,66 @@ def _absl_level(level: int) -> Iterator[None]:
         absl_logging.set_verbosity(previous)
 
 
+@dataclass(frozen=True)
+class StepCheck:
+    """One step directory against its manifest: `status` "ok", "failed" or "no manifest"; `problems` names
+    each missing or differing file; `files` and `size` (bytes) are what the manifest lists."""
+
+    step: int
+    status: str
+    problems: list[str]
+    files: int
+    size: int
+
+
+def write_manifest(step_dir: Path) -> None:
+    """Write `<step_dir>/manifest.json`: every file below `step_dir` (but `ORBAX_BOOKKEEPING`) with its size
+    and checksum."""
+    names = sorted(p.relative_to(step_dir).as_posix() for p in step_dir.rglob("*") if p.is_file())
+    files = checksums.manifest(step_dir, [n for n in names if n not in ORBAX_BOOKKEEPING])
+    (step_dir / MANIFEST).write_text(json.dumps({"algorithm": checksums.ALGORITHM, "files": files}, indent=1))
+
+
+def check_step(step_dir: Path) -> StepCheck:
+    """`step_dir` (a complete step's directory) checked against its manifest."""
+    step = int(step_dir.name)
+    path = step_dir / MANIFEST
+    if not path.is_file():
+        return StepCheck(step, "no manifest", [], 0, 0)
+    try:
+        files = json.loads(path.read_text())["files"]
+    except (ValueError, KeyError) as e:
+        return StepCheck(step, "failed", [f"{path}: unreadable ({e})"], 0, 0)
+    found = checksums.problems(step_dir, files)
+    size = sum(int(f["size"]) for f in files.values())
+    return StepCheck(step, "failed" if found else "ok", found, len(files), size)
+
+
+def _to_stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
 class Checkpointer:
     """Saves and restores a run's checkpoints in `directory` (created if missing).
 
-    Every process of a multi-process run constructs it and calls `save` / `restore` at the same steps.
-    `read_only`: for reading another run's checkpoints (export, a reference model) while that run may still
-    be saving: nothing is created, deleted or cleaned up.
+    Every process of a multi-process run constructs it and calls `save` / `restore` / `newest_verified` at
+    the same steps. `read_only`: for reading another run's checkpoints (export, a reference model) while that
+    run may still be saving: nothing is created, deleted, moved or cleaned up.
     """
 
     def __init__(self, directory: str | Path, cfg: CheckpointConfig, *, read_only: bool = False):
         self.directory = Path(directory).absolute()
+        self.read_only = read_only
+        self.async_save = cfg.async_save
+        self._saving: int | None = None  # the step whose save may still be in flight
         # Orbax logs two warnings for every read-only manager (that it will not save): not news to a reader.
         with _absl_level(absl_logging.ERROR if read_only else absl_logging.get_verbosity()):
             options = ocp.CheckpointManagerOptions(
                 preservation_policy=None if read_only else preservation_policy(cfg),
-                enable_async_checkpointing=cfg.async_save,
+                # Always Orbax's asynchronous path, whose commit callback writes the manifest before the
+                # step is renamed into place; `async_save: false` waits for each save instead.
+                enable_async_checkpointing=True,
+                async_options=ocp.AsyncOptions(post_finalization_callback=self._write_saving_manifest),
                 create=not read_only,
                 cleanup_tmp_directories=not read_only,
                 read_only=read_only,
@@ -77,7 +150,7 @@ class Checkpointer:
             self.manager = ocp.CheckpointManager(self.directory, item_names=ITEMS, options=options)
 
     def latest_step(self) -> int | None:
-        """The newest COMPLETE checkpoint's step, or None."""
+        """The newest COMPLETE checkpoint's step (verified or not), or None."""
         return self.manager.latest_step()
 
     def all_steps(self) -> list[int]:
@@ -92,6 +165,82 @@ class Checkpointer:
                 "latest."
             )
 
+    def check(self, step: int) -> StepCheck:
+        """Step `step` checked against its manifest (reads every file of the step once).
+
+        Raises:
+            FileNotFoundError: no complete checkpoint at `step` (naming the ones there are).
+        """
+        self._require_complete(step)
+        return check_step(self.directory / str(step))
+
+    def require_verified(self, step: int, report: Callable[[str], None] = _to_stderr) -> None:
+        """Return if step `step` matches its manifest (or has none: `report`ed as unverified).
+
+        Raises:
+            FileNotFoundError: no complete checkpoint at `step`.
+            checksums.IntegrityError: a file of the step is missing or differs (naming each).
+        """
+        result = self.check(step)
+        if result.status == "failed":
+            raise checksums.IntegrityError(
+                f"checkpoint {self.directory / str(step)} is damaged and not restorable: "
+                f"{'; '.join(result.problems)}. Fix: choose another step (complete ones: {self.all_steps()})."
+            )
+        if result.status == "no manifest":
+            report(self._unverified_line(step))
+
+    def newest_verified(self, report: Callable[[str], None] = _to_stderr) -> int | None:
+        """The newest step that matches its manifest (or has none, `report`ed as unverified), or None.
+
+        Newer steps that fail are `report`ed file by file and, unless read-only, moved aside to
+        `<step>.corrupt` so that the run saves that step afresh when it gets there again. Process 0 checks
+        and the others take its answer.
+        """
+        chosen = None
+        if jax.process_index() == 0:
+            chosen = self._scan(report)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            answer = int(multihost_utils.broadcast_one_to_all(np.int32(-1 if chosen is None else chosen)))
+            chosen = None if answer < 0 else answer
+            self.manager.reload()
+        return chosen
+
+    def _scan(self, report: Callable[[str], None]) -> int | None:
+        for step in reversed(self.all_steps()):
+            result = check_step(self.directory / str(step))
+            if result.status == "ok":
+                return step
+            if result.status == "no manifest":
+                report(self._unverified_line(step))
+                return step
+            where = self.directory / str(step)
+            line = f"checkpoint {where} is damaged and not restorable: {'; '.join(result.problems)}"
+            if not self.read_only:
+                aside = where.with_name(f"{step}{CORRUPT_SUFFIX}")
+                shutil.rmtree(aside, ignore_errors=True)
+                where.rename(aside)
+                self.manager.reload()
+                line += f" (moved aside to {aside})"
+            report(line + "; trying the previous checkpoint")
+        return None
+
+    def _unverified_line(self, step: int) -> str:
+        return (
+            f"warning: checkpoint {self.directory / str(step)} has no {MANIFEST} (saved before checkpoints "
+            f"carried one); it is used unverified"
+        )
+
+    def _write_saving_manifest(self) -> None:
+        # Orbax's commit callback, on the primary process once every process has written its files: the
+        # step is still in its temporary directory, which the rename that follows commits.
+        found = [p for p in self.directory.glob(f"{self._saving}{TMP_MARK}*") if p.is_dir()]
+        if len(found) != 1:
+            raise RuntimeError(f"cannot find the directory of step {self._saving} being saved: {found}")
+        write_manifest(found[0])
+
     def save(
         self,
         step: int,
@@ -103,10 +252,15 @@ class Checkpointer:
         metrics: Mapping[str, float] | None = None,
         wait: bool = False,
     ) -> bool:
-        """Start saving step `step` (return at once unless `wait`); returns False if it is already saved.
+        """Start saving step `step` (return at once unless `wait` or `async_save: false`); returns False if it
+        is already saved. The previous save is finished first.
 
         The data iterator's position is captured before this returns, so the caller may advance it at once.
+
+        Raises:
+            CheckpointSaveError: this save failed, or the previous one did in the background.
         """
+        self.wait()
         if step in self.manager.all_steps():
             return False
         args = ocp.args.Composite(
@@ -115,14 +269,57 @@ class Checkpointer:
             config=ocp.args.JsonSave(dict(config)),
             progress=ocp.args.JsonSave(dict(progress)),
         )
-        saved = self.manager.save(step, args=args, metrics=dict(metrics or {}), force=True)
-        if wait:
-            self.manager.wait_until_finished()
+        self._saving = step
+        try:
+            saved = self.manager.save(step, args=args, metrics=dict(metrics or {}), force=True)
+        except Exception as e:  # whatever the writer raised (ENOSPC: OSError), the step must not count
+            self._failed(e)
+        if wait or not self.async_save:
+            self.wait()
         return saved
+
+    def poll(self) -> None:
+        """Return at once, unless the save in flight has failed.
+
+        Raises:
+            CheckpointSaveError: it failed.
+        """
+        if self._saving is not None and not self.manager.is_saving_in_progress():
+            self.wait()
+
+    def wait(self) -> None:
+        """Block until any asynchronous save has been committed.
+
+        Raises:
+            CheckpointSaveError: it failed.
+        """
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # Orbax re-raises the background writer's error as it was
+            self._failed(e)
+        self._saving = None
+
+    def _failed(self, error: Exception) -> None:
+        step, self._saving = self._saving, None
+        if jax.process_index() == 0:
+            for partial in self.directory.glob(f"{step}{TMP_MARK}*"):
+                shutil.rmtree(partial, ignore_errors=True)
+        self.manager.reload()
+        latest = self.latest_step()
+        kept = (
+            "no earlier checkpoint"
+            if latest is None
+            else f"the newest complete one, {self.directory / str(latest)}, is intact"
+        )
+        raise CheckpointSaveError(
+            f"saving checkpoint {step} in {self.directory} failed: {error}. Step {step} is not marked "
+            f"complete (its partial files were removed); {kept}."
+        ) from error
 
     def restore(self, step: int, abstract_state: Any, data_iterator: Any) -> tuple[Any, dict[str, Any]]:
         """Load step `step`: the state laid out as `abstract_state` (a pytree of `jax.ShapeDtypeStruct` with
-        shardings), the data iterator's position (set in place), and the progress dict.
+        shardings), the data iterator's position (set in place), and the progress dict. Choose `step` with
+        `newest_verified` (or check it with `require_verified`) first.
 
         Raises:
             FileNotFoundError: no complete checkpoint at `step` (naming the ones there are).
@@ -184,11 +381,12 @@ class Checkpointer:
         restored = self.manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))
         return dict(restored[item])
 
-    def wait(self) -> None:
-        """Block until any asynchronous save has been committed."""
-        self.manager.wait_until_finished()
-
     def close(self) -> None:
-        """Finish pending saves and release the manager's threads."""
-        self.manager.wait_until_finished()
+        """Finish pending saves and release the manager's threads. A save that failed in the background was
+        already reported by `wait` or `poll` on every path that ends a run normally; here it must not mask the
+        error that ends a run early, so it is only logged."""
+        try:
+            self.wait()
+        except CheckpointSaveError as e:
+            absl_logging.error("%s", e)
         self.manager.close()

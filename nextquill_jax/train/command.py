@@ -1,12 +1,16 @@
-"""`nextquill-jax train` and `nextquill-jax export`.
+"""`nextquill-jax train`, `nextquill-jax export` and `nextquill-jax checkpoint verify`.
 
     nextquill-jax train --config FILE [--workdir DIR] [section.key=value ...]
     nextquill-jax export --workdir DIR [--step N] --out DIR [--merged | --adapter]
+    nextquill-jax checkpoint verify --workdir DIR
 
 `train` trains (or resumes, when DIR holds a checkpoint) the run the config describes. Exit status: 0 finished
-or stopped by SIGTERM with a checkpoint saved, 1 bad config or data, 3 non-finite loss. `export` writes a
-checkpoint as a Hugging Face directory (a LoRA run's adapters merged in), or with `--adapter` a LoRA run's
-adapters as a PEFT directory (see `train.export`).
+or stopped by SIGTERM with a checkpoint saved, 1 bad config or data (damaged prepared data or checkpoints
+included), 3 non-finite loss, 4 another process of a multi-process run was lost (`mesh.peer_timeout_s`), 5 a
+checkpoint could not be saved (`checkpoint.on_save_error: stop`). `export` writes a checkpoint as a Hugging
+Face directory (a LoRA run's adapters merged in), or with `--adapter` a LoRA run's adapters as a PEFT
+directory (see `train.export`). `checkpoint verify` checks every checkpoint of a workdir against its manifest
+and prints a table; exit status 1 if any is damaged.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 def run_train(args: argparse.Namespace) -> int:
     """Train; a bad config, data or missing package reaches `cli.main`, which prints it (status 1)."""
     from nextquill_jax.config import load_config
+    from nextquill_jax.train.checkpoint import CheckpointSaveError
     from nextquill_jax.train.loop import TrainingDivergedError, train
     from nextquill_jax.train.setup import resolve_workdir
 
@@ -44,6 +49,14 @@ def run_train(args: argparse.Namespace) -> int:
     except TrainingDivergedError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except CheckpointSaveError as e:
+        print(
+            f"error: {e} Training stopped (checkpoint.on_save_error: stop): free space and run the same "
+            f"command again to resume from it, or set checkpoint.on_save_error: continue to train on "
+            f"without the checkpoints that fail.",
+            file=sys.stderr,
+        )
+        return 5
     if result.status == "finished":
         print(f"finished at step {result.step}; workdir {result.workdir}")
     return 0
@@ -51,7 +64,9 @@ def run_train(args: argparse.Namespace) -> int:
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", required=True, type=Path, help="a training run's directory")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    parser.add_argument(
+        "--step", type=int, default=None, help="checkpoint step (default: the newest verified)"
+    )
     parser.add_argument("--out", required=True, type=Path, help="output directory")
     what = parser.add_mutually_exclusive_group()
     what.add_argument(
@@ -70,6 +85,35 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="checkpoint_command", metavar="ACTION", required=True)
+    v = sub.add_parser("verify", help="check every checkpoint against its manifest and print a table")
+    v.add_argument("--workdir", required=True, type=Path, help="a training run's directory")
+
+
+def run_checkpoint(args: argparse.Namespace) -> int:
+    from nextquill_jax.config import CheckpointConfig
+    from nextquill_jax.train.checkpoint import Checkpointer
+    from nextquill_jax.train.workdir import CHECKPOINT_DIR
+
+    directory = args.workdir.expanduser() / CHECKPOINT_DIR
+    if not directory.is_dir():
+        print(f"error: {args.workdir} is not a training workdir: {directory} does not exist", file=sys.stderr)
+        return 1
+    ckpt = Checkpointer(directory, CheckpointConfig(), read_only=True)
+    try:
+        checks = [ckpt.check(step) for step in ckpt.all_steps()]
+    finally:
+        ckpt.close()
+    if not checks:
+        print(f"error: {directory} holds no complete checkpoint", file=sys.stderr)
+        return 1
+    print("| step | status | files | MB | problems |\n| ---: | --- | ---: | ---: | --- |")
+    for c in checks:
+        print(f"| {c.step} | {c.status} | {c.files} | {c.size / 1e6:.1f} | {'; '.join(c.problems)} |")
+    return 1 if any(c.status == "failed" for c in checks) else 0
+
+
 COMMANDS = {
     "train": Subcommand(
         "train a model from a YAML config",
@@ -82,5 +126,11 @@ COMMANDS = {
         add_export_arguments,
         run_export,
         "nextquill-jax export --workdir runs/tiny_synthetic --out hf_out/   # or --adapter for LoRA runs",
+    ),
+    "checkpoint": Subcommand(
+        "check a run's checkpoints against their manifests (sizes and checksums of every file)",
+        add_checkpoint_arguments,
+        run_checkpoint,
+        "nextquill-jax checkpoint verify --workdir runs/tiny_synthetic",
     ),
 }

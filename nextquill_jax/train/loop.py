@@ -1,5 +1,9 @@
 """The training loop: step, log, evaluate, checkpoint, and stop cleanly on SIGTERM.
 
+It resumes from the newest checkpoint that verifies against its manifest (damaged newer ones are named and
+moved aside; the data iterator's position comes with the state, so the same batches follow). A checkpoint
+that cannot be saved (a full disk) stops the run or is skipped, by `checkpoint.on_save_error`.
+
     result = train(load_config("configs/tiny_synthetic.yaml"), workdir)
 
 Set-up (mesh, data, model, shardings, compiled steps) is `setup.set_up_run`; the step is pure
@@ -8,8 +12,10 @@ Set-up (mesh, data, model, shardings, compiled steps) is `setup.set_up_run`; the
 
 from __future__ import annotations
 
+import functools
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,10 +23,11 @@ import jax
 import numpy as np
 
 from nextquill_jax.config import Config, config_to_dict, save_config
+from nextquill_jax.data.checksums import IntegrityError
 from nextquill_jax.data.global_batch import to_global_batch
 from nextquill_jax.loss import LossConfig, combine_aux, metrics_from_aux
 from nextquill_jax.train.adapters import check_same_base
-from nextquill_jax.train.checkpoint import Checkpointer
+from nextquill_jax.train.checkpoint import CORRUPT_SUFFIX, Checkpointer, CheckpointSaveError
 from nextquill_jax.train.health import HealthMonitor
 from nextquill_jax.train.metrics_log import MetricsLog
 from nextquill_jax.train.setup import RunSetup, abstract_state, init_state, set_up_run
@@ -53,6 +60,9 @@ def train(cfg: Config, workdir: Path, *, echo=print) -> TrainResult:
     Raises:
         ConfigError: a config problem found during set-up (before compiling).
         TrainingDivergedError: a non-finite loss with `train.nonfinite: stop`, or too many skipped updates.
+        CheckpointSaveError: a checkpoint could not be saved, with `checkpoint.on_save_error: stop`.
+        checksums.IntegrityError: the workdir holds checkpoints but none verifies, or the prepared data is
+            damaged.
     """
     run = set_up_run(cfg, workdir, echo)
     save_config(cfg, workdir / CONFIG_FILE)
@@ -69,6 +79,7 @@ def train(cfg: Config, workdir: Path, *, echo=print) -> TrainResult:
     pending = PendingMetrics(cfg, run.settings.loss, run.epoch_ends, log)
     preemption = _Preemption()
     config_dict = config_to_dict(cfg)
+    last_good = lambda: _newest_verified_name(ckpt, log)
     try:
         with jax.set_mesh(run.mesh):
             for local in iterator:
@@ -76,9 +87,10 @@ def train(cfg: Config, workdir: Path, *, echo=print) -> TrainResult:
                 state, metrics = run.train_step(state, batch, run.reference_params, run.base_params)
                 step += 1
                 pending.add(step, metrics)
+                _on_save_error(ckpt.poll, cfg, log)
                 due = actions_at(step, cfg, run, stop=preemption.reached(step))
                 if due.fetch:
-                    log.progress(step, pending.flush(_checkpoint_name(ckpt, last_saved)))
+                    log.progress(step, pending.flush(last_good))
                 eval_metrics = evaluate_split(run, state.params, cfg.eval.max_batches) if due.evaluate else {}
                 if eval_metrics:
                     log.write(step, eval_metrics)
@@ -89,21 +101,23 @@ def train(cfg: Config, workdir: Path, *, echo=print) -> TrainResult:
                         "epoch": epoch_of(step, run.epoch_ends),
                         "base": run.base_identity,
                     }
-                    ckpt.save(
-                        step, state, iterator, config=config_dict, progress=progress, metrics=eval_metrics,
-                        wait=due.stop or due.last,
+                    save = functools.partial(
+                        ckpt.save, step, state, iterator, config=config_dict, progress=progress,
+                        metrics=eval_metrics, wait=due.stop or due.last,
                     )  # fmt: skip
-                    last_saved = step
+                    saved = _on_save_error(save, cfg, log)
+                    last_saved = step if saved else last_saved
                 if due.stop:
+                    where = ckpt.directory / str(step) if saved else last_good()
                     log.message(
-                        f"SIGTERM: stopped at step {step}; checkpoint {ckpt.directory / str(step)} is "
-                        f"complete. Resume by running the same command again (workdir {workdir})."
+                        f"SIGTERM: stopped at step {step}; checkpoint {where} is complete. Resume by running "
+                        f"the same command again (workdir {workdir})."
                     )
-                    return TrainResult("preempted", step, workdir, step, state)
+                    return TrainResult("preempted", step, workdir, last_saved, state)
                 if due.last:
                     break
         if pending:
-            pending.flush(_checkpoint_name(ckpt, last_saved))
+            pending.flush(last_good)
         return TrainResult("finished", step, workdir, last_saved, state)
     finally:
         preemption.restore()
@@ -112,9 +126,20 @@ def train(cfg: Config, workdir: Path, *, echo=print) -> TrainResult:
 
 
 def start_state(run: RunSetup, cfg: Config, ckpt: Checkpointer, iterator, echo) -> tuple[TrainState, int]:
-    """(state, step): the latest complete checkpoint restored (the data iterator too), else step 0 with the
-    initial parameters."""
-    start = ckpt.latest_step()
+    """(state, step): the newest checkpoint that verifies restored (the data iterator too; damaged newer ones
+    are `echo`ed file by file and moved aside), else step 0 with the initial parameters.
+
+    Raises:
+        checksums.IntegrityError: checkpoints exist but none verifies (rather than silently start afresh).
+    """
+    complete = ckpt.all_steps()
+    start = ckpt.newest_verified(echo)
+    if start is None and complete:
+        raise IntegrityError(
+            f"no checkpoint in {ckpt.directory} verifies (damaged: steps {complete}, moved aside to "
+            f"<step>{CORRUPT_SUFFIX}). Fix: restore them from a backup, or move the checkpoints directory "
+            f"away to train from the start."
+        )
     if start is None:
         params = run.initial_params()
         return init_state(params, run.tx, cfg.train.seed, run.state_shardings), 0
@@ -197,11 +222,12 @@ class PendingMetrics:
     def add(self, step: int, metrics: dict) -> None:
         self.steps.append((step, metrics))
 
-    def flush(self, last_good: str) -> dict[str, float]:
+    def flush(self, last_good: Callable[[], str]) -> dict[str, float]:
         """Fetch, check and log the pending steps; returns the last row written ({} if none was due).
 
         Raises:
-            TrainingDivergedError: naming the step and `last_good` (the last complete checkpoint).
+            TrainingDivergedError: naming the step and `last_good()` (the newest verified checkpoint, only
+                looked for then).
         """
         fetched = jax.device_get([m for _, m in self.steps])
         now = time.perf_counter()
@@ -224,23 +250,46 @@ class PendingMetrics:
         self.steps = []
         return row
 
-    def _check(self, step: int, m: dict, last_good: str) -> None:
+    def _check(self, step: int, m: dict, last_good: Callable[[], str]) -> None:
         train = self.cfg.train
         if m["nonfinite"] and train.nonfinite == "stop":
             raise TrainingDivergedError(
                 f"the loss or gradient is not finite at step {step} (loss {float(m['loss'])}, grad norm "
-                f"{float(m['grad_norm'])}). Last good checkpoint: {last_good}. Fix: lower "
+                f"{float(m['grad_norm'])}). Last good checkpoint: {last_good()}. Fix: lower "
                 f"optim.learning_rate, or set train.nonfinite: skip to skip such updates."
             )
         if m["skipped"] > train.max_skips:
             raise TrainingDivergedError(
                 f"{int(m['skipped'])} updates skipped for non-finite losses by step {step} (limit "
-                f"train.max_skips={train.max_skips}). Last good checkpoint: {last_good}."
+                f"train.max_skips={train.max_skips}). Last good checkpoint: {last_good()}."
             )
 
 
-def _checkpoint_name(ckpt: Checkpointer, step: int | None) -> str:
-    return str(ckpt.directory / str(step)) if step is not None else "none"
+def _newest_verified_name(ckpt: Checkpointer, log: MetricsLog) -> str:
+    """The newest checkpoint that verifies (once any save in flight has finished), or "none"."""
+    try:
+        ckpt.wait()
+    except CheckpointSaveError as e:
+        log.message(f"error: {e}")
+    step = ckpt.newest_verified(log.message)
+    return "none" if step is None else str(ckpt.directory / str(step))
+
+
+def _on_save_error(action: Callable[[], object], cfg: Config, log: MetricsLog) -> bool:
+    """Run a checkpoint `action`; True unless it failed and `checkpoint.on_save_error` is `continue` (then
+    the error is logged and training goes on).
+
+    Raises:
+        CheckpointSaveError: it failed and `on_save_error` is `stop`.
+    """
+    try:
+        action()
+    except CheckpointSaveError as e:
+        if cfg.checkpoint.on_save_error == "stop":
+            raise
+        log.message(f"error: {e} Training goes on without it (checkpoint.on_save_error: continue).")
+        return False
+    return True
 
 
 def epoch_of(step: int, epoch_ends: list[int]) -> int:

@@ -27,6 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from nextquill_jax import parallel
 from nextquill_jax.config import Config, ModelRunConfig
 from nextquill_jax.config_schema import ConfigError
+from nextquill_jax.data.checksums import IntegrityError
 from nextquill_jax.data.pipeline import BatchPipeline
 from nextquill_jax.data.prepared_split import PreparedSplit
 from nextquill_jax.parallel import DEFAULT_RULES
@@ -180,11 +181,12 @@ def reference_params(
 
     `base` under LoRA is the frozen base, (graphdef, params), which `reference_model: base` names (the same
     arrays, no copy; loaded here when not given). A training workdir (holding config.yaml and checkpoints/)
-    gives its latest checkpoint's model (with the config saved with that checkpoint); anything else is loaded
-    like `model.path`.
+    gives its newest verified checkpoint's model (with the config saved with that checkpoint); anything else
+    is loaded like `model.path`.
 
     Raises:
-        ConfigError: the reference names nothing loadable, or a workdir without a complete checkpoint.
+        ConfigError: the reference names nothing loadable, or a workdir without a complete checkpoint that
+            verifies.
     """
     source = cfg.loss.reference_model
     if cfg.loss.dce != "fixed" or source is None:
@@ -197,7 +199,7 @@ def reference_params(
     if is_workdir(source):
         try:
             restored = restore_model(source, mesh=mesh)
-        except FileNotFoundError as e:
+        except (FileNotFoundError, IntegrityError) as e:
             raise ConfigError(f"loss.reference_model {source!r}: {e}") from None
         graphdef, params = nnx.split(restored.model, nnx.Param)
         return graphdef, nnx.to_pure_dict(params)

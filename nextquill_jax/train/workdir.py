@@ -18,6 +18,7 @@ from jax.sharding import Mesh
 from nextquill_jax import parallel
 from nextquill_jax.config import CheckpointConfig, Config, load_config
 from nextquill_jax.config_schema import ConfigError
+from nextquill_jax.data.checksums import IntegrityError
 from nextquill_jax.models import CausalLM, lora
 from nextquill_jax.train import adapters, model_setup
 from nextquill_jax.train.checkpoint import Checkpointer
@@ -54,7 +55,9 @@ def build_mesh(cfg: Config) -> Mesh:
     """Multi-host start-up (when configured) and the mesh; errors are ConfigErrors naming `mesh.*`."""
     m = cfg.mesh
     try:
-        parallel.initialize_distributed(m.coordinator, m.num_processes, m.process_id, mode=m.distributed)
+        parallel.initialize_distributed(
+            m.coordinator, m.num_processes, m.process_id, mode=m.distributed, peer_timeout_s=m.peer_timeout_s
+        )
         return parallel.make_mesh(m.sizes())
     except ValueError as e:
         raise ConfigError(f"mesh: {e}") from None
@@ -78,12 +81,15 @@ class RestoredParams:
 
 
 def restore_params(workdir: str | Path, step: int | None = None, mesh: Mesh | None = None) -> RestoredParams:
-    """The trained parameters of checkpoint `step` (default: the latest) of the run in `workdir`, placed on
-    `mesh` by the default rules (default: the config's mesh).
+    """The trained parameters of checkpoint `step` (default: the newest that verifies against its manifest;
+    damaged newer ones are named on stderr) of the run in `workdir`, placed on `mesh` by the default rules
+    (default: the config's mesh).
 
     Raises:
         FileNotFoundError: no checkpoints directory, no complete checkpoint, or none at `step` (naming the
             steps there are).
+        checksums.IntegrityError: checkpoint `step` is damaged, or (no `step`) no checkpoint verifies; the
+            message names the files.
         ConfigError: a LoRA checkpoint whose base (`model.path`) is no longer the one it was trained on.
     """
     directory = Path(workdir).expanduser() / CHECKPOINT_DIR
@@ -94,7 +100,11 @@ def restore_params(workdir: str | Path, step: int | None = None, mesh: Mesh | No
         )
     ckpt = Checkpointer(directory, CheckpointConfig(), read_only=True)
     try:
-        chosen = ckpt.latest_step() if step is None else step
+        if step is not None:
+            ckpt.require_verified(step)
+        chosen = ckpt.newest_verified() if step is None else step
+        if chosen is None and ckpt.all_steps():
+            raise IntegrityError(f"no checkpoint in {directory} verifies (see the lines above)")
         if chosen is None:
             raise FileNotFoundError(
                 f"{directory} holds no complete checkpoint. Fix: train until the run saves one "
@@ -124,12 +134,12 @@ def restore_params(workdir: str | Path, step: int | None = None, mesh: Mesh | No
 
 
 def restore_model(workdir: str | Path, step: int | None = None, mesh: Mesh | None = None) -> LoadedModel:
-    """The model of checkpoint `step` (default: the latest) of the run in `workdir`, with the config saved
-    with that checkpoint; a LoRA run's adapters are merged into its base (W + (alpha / r)·A·B). Parameters
-    are placed on `mesh` by the default rules (default: the config's mesh).
+    """The model of checkpoint `step` (default: the newest that verifies) of the run in `workdir`, with the
+    config saved with that checkpoint; a LoRA run's adapters are merged into its base (W + (alpha / r)·A·B).
+    Parameters are placed on `mesh` by the default rules (default: the config's mesh).
 
     Raises:
-        FileNotFoundError / ConfigError: as `restore_params`.
+        FileNotFoundError / IntegrityError / ConfigError: as `restore_params`.
     """
     restored = restore_params(workdir, step, mesh)
     cfg, params = restored.config, restored.params

@@ -1,7 +1,9 @@
-"""`nextquill-jax data prepare / show / synth`: every fixture format, bad input, fingerprint reuse."""
+"""`nextquill-jax data prepare / show / synth`: every fixture format, bad input, fingerprint reuse (by
+content), damaged token arrays refused."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -10,6 +12,7 @@ import pytest
 import yaml
 
 from nextquill_jax.cli import main
+from nextquill_jax.data.checksums import IntegrityError
 from nextquill_jax.data.config import DataConfig
 from nextquill_jax.data.prepare import prepare
 from nextquill_jax.data.prepared_split import PreparedSplit
@@ -259,3 +262,58 @@ def test_public_history_fit_warns_with_the_count_of_cut_prompts(tmp_path, tiny_t
     assert f"warning: {cut} prompts longer than max_prompt_tokens" in lines[-1]
     rows = [json.loads(x) for x in (tmp_path / "public" / "train.jsonl").read_text().splitlines()]
     assert all(r["tokens"]["prompt_with"] <= 60 for r in rows) and any(r["prompt_cut"] for r in rows)
+
+
+def test_sources_are_fingerprinted_by_content_so_a_change_that_keeps_size_and_mtime_is_noticed(
+    tmp_path, tiny_tokenizer
+):
+    source = tmp_path / "records.jsonl"
+    source.write_bytes((F / "generic" / "records.jsonl").read_bytes())
+    cfg, out, tok = (
+        DataConfig(format="generic", template="plain", sources=[str(source)]),
+        tmp_path / "p",
+        tiny_tokenizer(),
+    )
+    first = prepare(cfg, out, tokenizer=tok, echo=lambda _: None)
+    raw = source.read_bytes()
+    assert first["inputs"] == [
+        {"path": str(source), "size": len(raw), "blake2b": hashlib.blake2b(raw, digest_size=16).hexdigest()}
+    ]
+    stat = source.stat()
+    source.write_bytes(
+        raw.replace(b'"target": "', b'"target": "X', 1)[:-1]
+    )  # same size: one byte in, one out
+    os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert source.stat().st_size == stat.st_size and source.stat().st_mtime_ns == stat.st_mtime_ns
+    again = prepare(cfg, out, tokenizer=tok, echo=lambda _: None)
+    assert not again["reused"] and again["fingerprint"] != first["fingerprint"]
+
+
+def test_a_damaged_prepared_split_is_refused_naming_the_file(tmp_path, write_random_data):
+    data = write_random_data(tmp_path / "data", train=8, val=0)
+    split = data / "train"
+    meta = json.loads((split / "meta.json").read_text())
+    for name, entry in meta["checksums"].items():
+        raw = (split / name).read_bytes()
+        assert entry == {"size": len(raw), "blake2b": hashlib.blake2b(raw, digest_size=16).hexdigest()}, name
+    assert sorted(meta["checksums"]) == sorted(p.name for p in split.glob("*.npy"))
+    assert len(PreparedSplit(data, "train")) == 8
+
+    target = split / "target.npy"
+    good = target.read_bytes()
+    target.write_bytes(good[:-4] + bytes(b ^ 0xFF for b in good[-4:]))  # the last token changed
+    with pytest.raises(
+        IntegrityError, match=rf"{split} is damaged: {target}: blake2b-128 checksum \w+, expected"
+    ):
+        PreparedSplit(data, "train")
+    target.write_bytes(good[:-4])
+    with pytest.raises(IntegrityError, match=f"{target}: {len(good) - 4} bytes, expected {len(good)}"):
+        PreparedSplit(data, "train")
+    target.unlink()
+    with pytest.raises(IntegrityError, match=f"{target}: missing.*--force"):
+        PreparedSplit(data, "train")
+    target.write_bytes(good)
+    del meta["checksums"]
+    (split / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(IntegrityError, match="lists no checksums"):
+        PreparedSplit(data, "train")

@@ -1,11 +1,15 @@
 """A training process for the tests: trains with the config CONFIG, optionally with a fault injected, and
 prints one line `RESULT {json}` with the outcome and the final parameters' (and Adam moments') sharding specs.
 
-    train_run.py CONFIG [--fault {sigterm,sigkill,nan} --fault-step N] [--gloo] [--cli]
+    train_run.py CONFIG [--fault {sigterm,sigkill,nan,enospc} --fault-step N [--fault-process P]] [--gloo]
+                 [--cli]
 
 --fault sigterm: a real SIGTERM to this process right after the metrics row of step N is written;
 --fault sigkill: SIGKILL right after the asynchronous save of step N has started;
---fault nan: the parameters turn NaN as step N starts.
+--fault nan: the parameters turn NaN as step N starts;
+--fault enospc: the disk is full while step N's checkpoint is written: its manifest, the last file written
+before the commit, gets a few bytes and then ENOSPC.
+--fault-process P: only process P (NEXTQUILL_PROCESS_ID) suffers the fault.
 --gloo: gloo CPU collectives, for runs of several processes (the environment's NEXTQUILL_COORDINATOR,
 NEXTQUILL_NUM_PROCESSES and NEXTQUILL_PROCESS_ID say which).
 --cli: run `nextquill-jax train --config CONFIG` instead and exit with its status (faults still apply).
@@ -16,6 +20,7 @@ The result: {"status", "step", "process", "params": {path: spec}, "mu": {path: s
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import signal
@@ -29,8 +34,9 @@ import optax
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("config")
-    parser.add_argument("--fault", choices=["sigterm", "sigkill", "nan"])
+    parser.add_argument("--fault", choices=["sigterm", "sigkill", "nan", "enospc"])
     parser.add_argument("--fault-step", type=int, default=0)
+    parser.add_argument("--fault-process", type=int, default=None)
     parser.add_argument("--gloo", action="store_true")
     parser.add_argument("--cli", action="store_true")
     return parser.parse_args()
@@ -38,7 +44,7 @@ def parse_args() -> argparse.Namespace:
 
 def inject(fault: str | None, at: int) -> None:
     """Patch the training code so that `fault` happens at step `at`."""
-    from nextquill_jax.train import setup
+    from nextquill_jax.train import checkpoint, setup
     from nextquill_jax.train.checkpoint import Checkpointer
     from nextquill_jax.train.metrics_log import MetricsLog
 
@@ -74,6 +80,16 @@ def inject(fault: str | None, at: int) -> None:
             return poisoned
 
         setup.make_train_step = make_poisoned
+    if fault == "enospc":
+        write = checkpoint.write_manifest
+
+        def disk_full_at(step_dir):
+            if int(step_dir.name.split(".")[0]) != at:
+                return write(step_dir)
+            (step_dir / checkpoint.MANIFEST).write_text('{"algorithm": "bla')
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(step_dir / checkpoint.MANIFEST))
+
+        checkpoint.write_manifest = disk_full_at
 
 
 def specs(tree) -> dict[str, str]:
@@ -87,7 +103,8 @@ def main() -> int:
     args = parse_args()
     if args.gloo:  # before anything of the package is imported
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    inject(args.fault, args.fault_step)
+    if args.fault_process in (None, int(os.environ.get("NEXTQUILL_PROCESS_ID", "0"))):
+        inject(args.fault, args.fault_step)
     if args.cli:
         from nextquill_jax.cli import main as cli
 

@@ -1,13 +1,21 @@
-"""Checkpoint retention (the last K plus the best by an eval metric); restoring state and data position."""
+"""Checkpoint retention (the last K plus the best by an eval metric); restoring state and data position;
+manifests and verification (damaged steps skipped); a full disk during a save."""
 
 from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
 
 import grain
 import jax
 import numpy as np
+import pytest
 
 from nextquill_jax.config import CheckpointConfig
-from nextquill_jax.train.checkpoint import Checkpointer
+from nextquill_jax.data.checksums import IntegrityError
+from nextquill_jax.train.checkpoint import Checkpointer, CheckpointSaveError
 
 
 def test_keeps_the_last_k_plus_the_best_and_restores_the_data_position(tmp_path):
@@ -44,3 +52,92 @@ def test_a_read_only_checkpointer_logs_no_warnings_and_reads_progress(tmp_path, 
     assert [r.getMessage() for r in caplog.records if "read only" in r.getMessage().lower()] == []
     assert reader.read_progress(1) == {"step": 1, "base": None} and reader.read_config(1) == {"x": 1}
     reader.close()
+
+
+def _save_steps(ckpt: Checkpointer, steps, size: int = 64) -> None:
+    data = iter(grain.MapDataset.range(100).to_iter_dataset())
+    for step in steps:
+        next(data)
+        state = {"w": np.arange(size, dtype=np.float32) * step}
+        ckpt.save(step, state, data, config={"x": 1}, progress={"step": step})
+    ckpt.wait()
+
+
+def _largest_file(step_dir):
+    return max((p for p in (step_dir / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def test_every_step_carries_a_manifest_of_its_files_with_independent_checksums(tmp_path):
+    ckpt = Checkpointer(tmp_path, CheckpointConfig(keep=3))
+    _save_steps(ckpt, [1, 2])
+    step_dir = tmp_path / "2"
+    manifest = json.loads((step_dir / "manifest.json").read_text())
+    assert manifest["algorithm"] == "blake2b-128"
+    on_disk = {p.relative_to(step_dir).as_posix() for p in step_dir.rglob("*") if p.is_file()}
+    # Orbax rewrites its step metadata and adds a commit marker after the rename; every other file is listed.
+    assert set(manifest["files"]) == on_disk - {"manifest.json", "commit_success.txt", "_CHECKPOINT_METADATA"}
+    assert any(name.startswith("state/") for name in manifest["files"])
+    for name, entry in manifest["files"].items():
+        raw = (step_dir / name).read_bytes()
+        assert entry == {"size": len(raw), "blake2b": hashlib.blake2b(raw, digest_size=16).hexdigest()}, name
+    assert ckpt.check(2).status == "ok" and ckpt.newest_verified() == 2
+    ckpt.close()
+
+
+def test_a_damaged_step_is_reported_by_file_and_the_newest_verified_step_is_used(tmp_path):
+    ckpt = Checkpointer(tmp_path, CheckpointConfig(keep=3))
+    _save_steps(ckpt, [1, 2, 3])
+    damaged = _largest_file(tmp_path / "3")
+    raw = bytearray(damaged.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    damaged.write_bytes(bytes(raw))
+    (tmp_path / "2" / "progress" / "metadata").unlink()
+    ckpt.close()
+
+    reader = Checkpointer(tmp_path, CheckpointConfig(), read_only=True)
+    lines = []
+    assert reader.newest_verified(lines.append) == 1
+    assert lines[0].startswith(f"checkpoint {tmp_path / '3'} is damaged and not restorable: {damaged}: ")
+    assert "blake2b-128 checksum" in lines[0] and lines[0].endswith("trying the previous checkpoint")
+    assert f"{tmp_path / '2' / 'progress' / 'metadata'}: missing" in lines[1]
+    with pytest.raises(IntegrityError, match=f"{tmp_path / '3'} is damaged and not restorable: {damaged}"):
+        reader.require_verified(3)
+    assert reader.all_steps() == [1, 2, 3]  # a reader moves nothing
+    reader.close()
+
+    writer = Checkpointer(tmp_path, CheckpointConfig(keep=3))
+    assert writer.newest_verified(lambda _: None) == 1
+    assert (
+        writer.all_steps() == [1] and (tmp_path / "3.corrupt").is_dir() and (tmp_path / "2.corrupt").is_dir()
+    )
+    _save_steps(writer, [2])  # the step is saved afresh when the run reaches it again
+    assert writer.newest_verified() == 2
+    writer.close()
+
+
+def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint_and_marks_nothing_complete(
+    tmp_path, monkeypatch
+):
+    from nextquill_jax.train import checkpoint
+
+    ckpt = Checkpointer(tmp_path, CheckpointConfig(keep=3))
+    _save_steps(ckpt, [1])
+    before = {p: p.read_bytes() for p in (tmp_path / "1").rglob("*") if p.is_file()}
+    write = checkpoint.write_manifest
+
+    def disk_full(step_dir):
+        (step_dir / "manifest.json").write_text('{"algorithm": "blak')  # the bytes that fitted
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(step_dir / "manifest.json"))
+
+    monkeypatch.setattr(checkpoint, "write_manifest", disk_full)
+    with pytest.raises(CheckpointSaveError) as failed:
+        _save_steps(ckpt, [2])
+    assert str(failed.value).startswith(f"saving checkpoint 2 in {tmp_path} failed: [Errno 28] No space left")
+    assert f"the newest complete one, {tmp_path / '1'}, is intact" in str(failed.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1"]  # no step 2, not even a partial one
+    assert ckpt.all_steps() == [1] and ckpt.newest_verified() == 1
+    assert {p: p.read_bytes() for p in (tmp_path / "1").rglob("*") if p.is_file()} == before
+    monkeypatch.setattr(checkpoint, "write_manifest", write)
+    _save_steps(ckpt, [3])  # the disk has room again: saving goes on
+    assert ckpt.all_steps() == [1, 3] and ckpt.check(3).status == "ok"
+    ckpt.close()

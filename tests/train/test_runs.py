@@ -3,17 +3,23 @@
 Runs, shared by the tests (a persistent compilation cache lets later runs reuse earlier compilations):
   A  1 device, via the `nextquill-jax train` CLI, uninterrupted: the reference.
   B  as A, a real SIGTERM after step 5 → stops with a checkpoint;  C  resumes B to the end.
-  D  as A, SIGKILL while the asynchronous save of step 6 is in flight;  E  resumes D to the end.
+  D  as A, SIGKILL while the asynchronous save of step 9 is in flight, then a byte of its newest complete
+     checkpoint (6) flipped;  E  resumes D: names checkpoint 6 as damaged, falls back to 3, runs to the end.
   F  8 simulated devices, mesh (data=2, fsdp=2, tensor=2), each batch as 2 accumulated micro-batches.
   G  2 processes x 4 devices (gloo), as F, SIGTERM to process 0 after step 5;  H  resumes G.
   N  as A, the parameters turn NaN at step 5: the run must stop and name the last good checkpoint.
+  S  as A, the disk full while checkpoint 6 is written: the run stops (checkpoint.on_save_error: stop).
+  W  as S with on_save_error: continue: trains on to the end without checkpoint 6.
+  L  as G (beside H), process 1 SIGKILLed at step 3: process 0 exits within mesh.peer_timeout_s, naming it.
 """
 
 from __future__ import annotations
 
 import collections
 import json
+import os
 import shutil
+import time
 
 import jax
 import numpy as np
@@ -33,19 +39,46 @@ def runs(tmp_path_factory, train_runs):
     f = r.start(r.config("F", mesh=MESH8, train={"micro_batches": 2}), 8)
     out["A"], out["F"] = r.finish(a), r.finish(f)
 
+    enospc_at_6 = ("--fault", "enospc", "--fault-step", "6", "--cli")
     b = r.start(r.config("B"), 1, *sigterm_at_5)
-    d = r.start(r.config("D"), 1, "--fault", "sigkill", "--fault-step", "6")
+    d = r.start(r.config("D"), 1, "--fault", "sigkill", "--fault-step", "9")
     n = r.start(r.config("N"), 1, "--fault", "nan", "--fault-step", "5", "--cli")
+    s = r.start(r.config("S"), 1, *enospc_at_6)
+    w = r.start(r.config("W", checkpoint={"on_save_error": "continue"}), 1, *enospc_at_6)
     out["B"], out["D"], out["N"] = r.finish(b), r.finish(d, expect=-9), r.finish(n, expect=3)
+    out["S"], out["W"] = r.finish(s, expect=5), r.finish(w)
     out["D_dir_after_kill"] = sorted(p.name for p in (root / "D" / "checkpoints").iterdir())
+    out["D_damaged"] = _flip_a_byte(_largest_file(root / "D" / "checkpoints" / "6" / "state"))
 
     g_cfg = r.config("G", rows_per_batch=4, mesh=MESH8, train={"micro_batches": 2})
     c = r.start(str(root / "B.yaml"), 1)
     e = r.start(str(root / "D.yaml"), 1)
     g = r.two_processes(g_cfg, *sigterm_at_5)
     out["C"], out["E"], out["G"] = r.finish(c), r.finish(e), [r.finish(p) for p in g]
-    out["H"] = [r.finish(p) for p in r.two_processes(g_cfg)]
+    h = r.two_processes(g_cfg)
+    l_cfg = r.config("L", rows_per_batch=4, mesh={**MESH8, "peer_timeout_s": 3}, train={"micro_batches": 2})
+    survivor, victim = r.two_processes(
+        l_cfg, "--fault", "sigkill", "--fault-step", "3", "--fault-process", "1"
+    )
+    out["L_victim"] = r.finish(victim, expect=-9)
+    killed = time.monotonic()
+    out["L_survivor"] = r.finish(survivor, expect=4)
+    out["L_seconds"] = time.monotonic() - killed
+    out["H"] = [r.finish(p) for p in h]
     return out
+
+
+def _largest_file(directory):
+    return max((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def _flip_a_byte(path):
+    """Damage `path` as failing storage would: one byte in its middle inverted, size and mtime kept."""
+    raw, stat = bytearray(path.read_bytes()), path.stat()
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    return path
 
 
 def _assert_same_state(a: dict, b: dict, *, exact: bool, rtol: float = 0.0, atol: float = 0.0) -> None:
@@ -92,9 +125,9 @@ def test_sigterm_then_resume_reproduces_the_uninterrupted_run_bitwise(runs, run_
 def test_sigkill_during_async_save_resumes_from_last_complete_checkpoint(runs, run_losses, read_state):
     root = runs["root"]
     left = runs["D_dir_after_kill"]
-    assert "3" in left and "6" not in left, left
-    assert any(name.startswith("6.orbax-checkpoint-tmp") for name in left), left  # killed mid-save
-    assert f"resuming from {root / 'D' / 'checkpoints' / '3'}" in runs["E"].stdout
+    assert "6" in left and "9" not in left, left
+    assert any(name.startswith("9.orbax-checkpoint-tmp") for name in left), left  # killed mid-save
+    assert f"resuming from {root / 'D' / 'checkpoints' / '3'}" in runs["E"].stdout  # 6 was damaged after
     assert not [p for p in (root / "D" / "checkpoints").iterdir() if "tmp" in p.name]
     assert run_losses(root / "D") == run_losses(root / "A")
     _assert_same_state(
@@ -237,3 +270,91 @@ def test_a_workdir_serves_as_the_frozen_reference_model(runs, read_state):
     cfg = load_config(work / "config.yaml", overrides)
     _, params = reference_params(cfg, make_mesh({"data": 1, "fsdp": -1, "tensor": 1}))
     _assert_same_state(jax.device_get(params), read_state(work / "checkpoints" / "12")["params"], exact=True)
+
+
+def test_a_damaged_checkpoint_is_named_and_the_run_falls_back_to_the_newest_verified_one(
+    runs, run_losses, read_state
+):
+    root, damaged = runs["root"], runs["D_damaged"]
+    said = runs["E"].stdout + runs["E"].stderr
+    ckpts = root / "D" / "checkpoints"
+    assert f"checkpoint {ckpts / '6'} is damaged and not restorable: {damaged}: blake2b-128 checksum" in said
+    assert f"(moved aside to {ckpts / '6.corrupt'}); trying the previous checkpoint" in said
+    assert f"resuming from {ckpts / '3'} (step 3)" in said
+    assert '"status": "finished", "step": 12' in said
+    # Steps 4-6 ran again on the same batches (the data position came back with checkpoint 3).
+    assert run_losses(root / "D") == run_losses(root / "A")
+    _assert_same_state(read_state(root / "A" / "checkpoints" / "12"), read_state(ckpts / "12"), exact=True)
+
+
+def test_a_full_disk_during_a_save_stops_the_run_and_keeps_the_previous_checkpoint(runs):
+    from nextquill_jax.config import CheckpointConfig
+    from nextquill_jax.train.checkpoint import Checkpointer
+
+    ckpts = runs["root"] / "S" / "checkpoints"
+    message = runs["S"].stderr
+    assert f"saving checkpoint 6 in {ckpts} failed: [Errno 28] No space left on device" in message, message
+    kept = f"the newest complete one, {ckpts / '3'}, is intact"
+    assert f"Step 6 is not marked complete (its partial files were removed); {kept}" in message
+    assert "Training stopped (checkpoint.on_save_error: stop)" in message
+    assert sorted(p.name for p in ckpts.iterdir()) == ["3"]
+    reader = Checkpointer(ckpts, CheckpointConfig(), read_only=True)
+    assert reader.check(3).status == "ok"
+    reader.close()
+
+
+def test_a_full_disk_with_on_save_error_continue_trains_on_without_that_checkpoint(
+    runs, run_losses, read_state
+):
+    root = runs["root"]
+    ckpts = root / "W" / "checkpoints"
+    said = runs["W"].stdout + runs["W"].stderr
+    assert f"saving checkpoint 6 in {ckpts} failed: [Errno 28] No space left on device" in said
+    assert "Training goes on without it (checkpoint.on_save_error: continue)" in said
+    assert "finished at step 12" in said
+    steps = sorted(p.name for p in ckpts.iterdir())
+    assert "6" not in steps and "12" in steps and not [s for s in steps if "tmp" in s], steps
+    assert run_losses(root / "W") == run_losses(root / "A")
+    _assert_same_state(read_state(root / "A" / "checkpoints" / "12"), read_state(ckpts / "12"), exact=True)
+
+
+def test_a_lost_process_ends_the_other_within_the_peer_timeout_naming_it(runs):
+    message = runs["L_survivor"].stderr
+    assert "error: process 1 of this 2-process run has not answered for" in message, message[-3000:]
+    assert "(mesh.peer_timeout_s=3): its host died or it was killed. Process 0 exits with status 4" in message
+    assert runs["L_seconds"] < 3 + 10, runs["L_seconds"]  # the timeout, plus a watchdog period and slack
+
+
+def test_checkpoint_verify_prints_a_table_and_readers_skip_a_damaged_checkpoint(
+    runs, tmp_path, capsys, read_state
+):
+    from nextquill_jax.cli import main
+    from nextquill_jax.train.workdir import restore_params
+
+    work = tmp_path / "A"
+    shutil.copytree(runs["root"] / "A", work)
+    ckpts = work / "checkpoints"
+    steps = sorted(int(p.name) for p in ckpts.iterdir())
+    older = steps[-2]
+    assert main(["checkpoint", "verify", "--workdir", str(work)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[:2] == ["| step | status | files | MB | problems |", "| ---: | --- | ---: | ---: | --- |"]
+    assert [row.split(" | ")[:2] for row in table[2:]] == [[f"| {s}", "ok"] for s in steps]
+
+    damaged = _flip_a_byte(_largest_file(ckpts / "12" / "state"))
+    assert main(["checkpoint", "verify", "--workdir", str(work)]) == 1
+    rows = {row.split(" | ")[0]: row for row in capsys.readouterr().out.splitlines()[2:]}
+    assert rows["| 12"].startswith("| 12 | failed | ") and f"{damaged}: blake2b-128 checksum" in rows["| 12"]
+    assert rows[f"| {older}"].startswith(f"| {older} | ok | ")
+
+    # evaluate, effects, export and a frozen reference model all read checkpoints through restore_params.
+    restored = restore_params(work)
+    assert restored.step == older
+    assert f"checkpoint {ckpts / '12'} is damaged and not restorable: {damaged}" in capsys.readouterr().err
+    _assert_same_state(jax.device_get(restored.params), read_state(ckpts / str(older))["params"], exact=True)
+    assert (ckpts / "12").is_dir()  # readers move nothing
+    assert main(["export", "--workdir", str(work), "--step", "12", "--out", str(tmp_path / "hf")]) == 1
+    assert (
+        f"error: checkpoint {ckpts / '12'} is damaged and not restorable: {damaged}"
+        in capsys.readouterr().err
+    )

@@ -1,0 +1,68 @@
+"""Checksums of files, to notice storage that corrupts them (gcsfuse, NFS, a failing disk).
+
+BLAKE2b with a 16-byte digest (`hashlib`, no extra dependency): about 0.9 GB/s on one core of the
+development machine, whatever the CPU's SHA extensions (`benchmarks/RESULTS.md`, "Checksums"). A
+manifest maps each file's path, relative to a root directory, to {"size": bytes, "blake2b": hex digest}.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ALGORITHM = "blake2b-128"
+
+
+class IntegrityError(ValueError):
+    """Files are missing or differ from the sizes and checksums recorded when they were written (the
+    message names them and the fix)."""
+
+
+def file_digest(path: str | Path) -> str:
+    """The BLAKE2b-128 hex digest of the bytes of `path` (read in chunks; any size)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
+
+
+def describe_file(path: str | Path) -> dict[str, int | str]:
+    """{"size": bytes, "blake2b": hex digest} of `path`."""
+    return {"size": os.path.getsize(path), "blake2b": file_digest(path)}
+
+
+def manifest(root: str | Path, names: Iterable[str] | None = None) -> dict[str, dict[str, int | str]]:
+    """{relative path: describe_file} for `names` under `root` (None: every file below it), hashed on
+    several threads (hashlib releases the GIL while it hashes)."""
+    root = Path(root)
+    if names is None:
+        names = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    names = list(names)
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        described = list(pool.map(lambda name: describe_file(root / name), names))
+    return dict(zip(names, described, strict=True))
+
+
+def problems(root: str | Path, expected: Mapping[str, Mapping[str, int | str]]) -> list[str]:
+    """What differs between the files under `root` and `expected` (a `manifest`): one line per missing
+    file, wrong size or wrong checksum, naming the file; [] when every file matches. Files that
+    `expected` does not list are not checked. Sizes are compared first, so a truncated file costs no
+    hashing."""
+    root = Path(root)
+    found, sized = [], []
+    for name, want in expected.items():
+        path = root / name
+        if not path.is_file():
+            found.append(f"{path}: missing")
+        elif (size := path.stat().st_size) != want["size"]:
+            found.append(f"{path}: {size} bytes, expected {want['size']}")
+        else:
+            sized.append(name)
+    actual = manifest(root, sized)
+    found += [
+        f"{root / name}: {ALGORITHM} checksum {actual[name]['blake2b']}, expected {expected[name]['blake2b']}"
+        for name in sized
+        if actual[name]["blake2b"] != expected[name]["blake2b"]
+    ]
+    return found
