@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every pending GPU measurement in one command, for a short lease of one NVIDIA GPU (H100/H200): the training
 # step's MFU at the Qwen2.5-1.5B shape with its breakdown, then with bf16 operands in the fused loss, the joint
-# forward, remat none; the fused loss alone in float32 and bf16 operands; generation's prefill. Each check has
+# forward, remat none; the fused loss alone in float32 and bf16 operands; generation's prefill; what the
+# packed-segment mask costs cuDNN attention (benchmarks/cudnn_mask.py, not yet run on a GPU). Each check has
 # its own time limit, so one failure leaves the others' results, and every result lands in OUT_DIR as it is made.
 #
 #   bash benchmarks/gpu_checks.sh OUT_DIR
@@ -40,7 +41,7 @@ loss=("$py" benchmarks/loss_memory.py --tokens 4096 --hidden 1536 --dtype bfloat
   --append-results "$results")
 check loss_f32_operands 40 "${loss[@]}" --operand-dtype float32
 check loss_bf16_operands 40 "${loss[@]}" --operand-dtype bfloat16
-if [ -f benchmarks/prefill.py ]; then
-  check prefill 100 "$py" benchmarks/prefill.py --append-results "$results"
-fi
+check prefill 100 "$py" benchmarks/prefill.py --append-results "$results"
+check cudnn_mask 60 "$py" benchmarks/cudnn_mask.py --append-results "$results"
+check cudnn_mask_one_segment 60 "$py" benchmarks/cudnn_mask.py --segments 1 --append-results "$results"
 echo "== done in $SECONDS s"
