@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 import pytest
 
-from tests.shared import FIXTURES
+from tests.shared import FIXTURES, TINY_HF
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -202,18 +202,6 @@ def write_config():
 
 # ------------------------------------------------------------------------------------------------------------
 # Tiny models.
-
-# Two layers, 4 query heads and 2 kv heads of 16; keyword arguments of `tiny_hf_config` change any field.
-TINY_HF = dict(
-    vocab_size=300,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-    rms_norm_eps=1e-6,
-)
 
 
 def _tiny_hf_config(family: str = "qwen2", *, tied: bool = False, **fields):

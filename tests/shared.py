@@ -1,6 +1,7 @@
 """Values that test modules need while they are imported, where a fixture cannot serve: tables that
-`@pytest.mark.parametrize` expands and paths that module-level tables are built from. Everything else the
-folders share is a fixture in tests/conftest.py."""
+`@pytest.mark.parametrize` expands, paths that module-level tables are built from, and settings the subprocess
+programs (tests/programs) share with the fixtures. Everything else the folders share is a fixture in
+tests/conftest.py."""
 
 from pathlib import Path
 
@@ -25,3 +26,16 @@ LOSS_CONFIGS = [
     ("nextquill", True, True),
 ]
 LOSS_CONFIG_IDS = [f"{v}{'-wa' if wa else ''}{'' if det else '-jsgrad'}" for v, wa, det in LOSS_CONFIGS]
+
+# The tiny transformers model's fields (two layers, 4 query heads and 2 kv heads of 16): `tiny_hf_config` in
+# tests/conftest.py, and the subprocess programs that cannot take that fixture, build from it.
+TINY_HF = dict(
+    vocab_size=300,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+)

@@ -38,6 +38,7 @@ from nextquill_jax.parallel import batch_sharding, make_mesh
 from nextquill_jax.train.state import TrainState
 from nextquill_jax.train.step import StepSettings, make_train_step
 from tests.reference.torch_public_step import accumulate_gradients, micro_batches_of
+from tests.shared import TINY_HF
 
 VOCAB = 48
 
@@ -98,14 +99,7 @@ def main() -> None:
     torch.manual_seed(0)
     torch.set_num_threads(2)
     hf = Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        rms_norm_eps=1e-6,
+        **{**TINY_HF, "vocab_size": VOCAB},
         tie_word_embeddings=True,
         initializer_range=0.3,  # peaked next-token distributions, so both DCE weights occur
     )
