@@ -22,8 +22,9 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
 def fused_value_and_grads(
-    hw, ho, w, y, cfg, layout, token_chunk, vocab_chunk, denominators=None, operand_dtype="float32"
-):
+    hw, ho, w, y, cfg, layout, token_chunk, vocab_chunk, denominators=None, operand_dtype="float32",
+    example_ids=None,
+):  # fmt: skip
     """((loss, aux), (d hw, d ho, d W)) of loss_from_hidden."""
 
     def loss(a, b, c):
@@ -38,17 +39,18 @@ def fused_value_and_grads(
             vocab_chunk=vocab_chunk,
             denominators=denominators,
             operand_dtype=operand_dtype,
+            example_ids=example_ids,
         )
 
     return jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(hw, ho, w)
 
 
-def dense_value_and_grads(hw, ho, w, y, cfg, layout):
+def dense_value_and_grads(hw, ho, w, y, cfg, layout, example_ids=None):
     """The same from dense logits hidden @ Wᵀ through loss_from_logits."""
 
     def loss(a, b, c):
         c_vd = c if layout == "vd" else c.T
-        return loss_from_logits(a @ c_vd.T, b @ c_vd.T, y, cfg)
+        return loss_from_logits(a @ c_vd.T, b @ c_vd.T, y, cfg, example_ids=example_ids)
 
     return jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(hw, ho, w)
 
@@ -56,10 +58,12 @@ def dense_value_and_grads(hw, ho, w, y, cfg, layout):
 @functools.partial(
     jax.jit, static_argnames=("cfg", "layout", "token_chunk", "vocab_chunk"), compiler_options=FAST_COMPILE
 )
-def fused_and_dense(hw, ho, w, y, *, cfg, layout="vd", token_chunk=5, vocab_chunk=64):
+def fused_and_dense(hw, ho, w, y, example_ids=None, *, cfg, layout="vd", token_chunk=5, vocab_chunk=64):
     """Both paths in one program: one compilation per config, layout and tiling."""
-    fused = fused_value_and_grads(hw, ho, w, y, cfg, layout, token_chunk, vocab_chunk)
-    return fused, dense_value_and_grads(hw, ho, w, y, cfg, layout)
+    fused = fused_value_and_grads(
+        hw, ho, w, y, cfg, layout, token_chunk, vocab_chunk, example_ids=example_ids
+    )
+    return fused, dense_value_and_grads(hw, ho, w, y, cfg, layout, example_ids)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",), compiler_options=FAST_COMPILE)

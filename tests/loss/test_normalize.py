@@ -18,9 +18,9 @@ from nextquill_jax.loss import (
     combine_aux,
     example_count,
     loss_from_aux,
-    loss_from_hidden,
     loss_from_logits,
 )
+from tests.loss.test_fused_head import assert_close, fused_and_dense
 from tests.loss.test_losses import np_dce, np_js, np_label_logprob
 from tests.shared import IGNORE
 
@@ -137,16 +137,8 @@ def test_the_fused_path_equals_the_logits_path(data):
     y = jnp.asarray(np.where(EXAMPLE_IDS == 0, IGNORE, rng.integers(0, 21, size=EXAMPLE_IDS.shape)))
     ids = jnp.asarray(EXAMPLE_IDS)
     cfg = LossConfig(normalize="example")
-    tiles = dict(token_chunk=4, vocab_chunk=8)
-    fused = lambda a, b, c: loss_from_hidden(a, b, c, y, cfg, example_ids=ids, **tiles)[0]
-    naive = lambda a, b, c: loss_from_logits(a @ c.T, b @ c.T, y, cfg, example_ids=ids)[0]
-    v1, g1 = jax.value_and_grad(fused, argnums=(0, 1, 2))(hw, ho, w)
-    v2, g2 = jax.value_and_grad(naive, argnums=(0, 1, 2))(hw, ho, w)
-    assert float(v1) == pytest.approx(float(v2), rel=1e-5)
-    for a, b in zip(g1, g2, strict=True):
-        np.testing.assert_allclose(
-            np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max())
-        )
+    fused, dense = fused_and_dense(hw, ho, w, y, ids, cfg=cfg, token_chunk=4, vocab_chunk=8)
+    assert_close(fused, dense, grad_atol=1e-5)
 
 
 def test_one_example_gives_the_token_loss_and_several_do_not(data):
