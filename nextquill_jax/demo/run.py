@@ -251,7 +251,7 @@ def run_demo(cfg: DemoConfig, *, echo: Callable[[str], None] = print) -> dict[st
     from nextquill_jax.demo.report import plot_training_curves, reading, study_table
     from nextquill_jax.demo.tokenizer import record_texts, train_tokenizer
     from nextquill_jax.eval.compare import run_variant
-    from nextquill_jax.eval.compare_table import write_results
+    from nextquill_jax.eval.compare_table import markdown, write_results
     from nextquill_jax.train.export import export
     from nextquill_jax.train.loop import train
 
@@ -313,8 +313,9 @@ def run_demo(cfg: DemoConfig, *, echo: Callable[[str], None] = print) -> dict[st
         "seconds": {**clock.seconds, "total": round(time.perf_counter() - clock.start, 1)},
     }
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
-    table = (out / "results.md").read_text(encoding="utf-8")
-    (out / "results.md").write_text(_results_markdown(results, table, study_table()), encoding="utf-8")
+    (out / "results.md").write_text(
+        _results_markdown(results, markdown(result), study_table()), encoding="utf-8"
+    )
     return results
 
 
