@@ -36,6 +36,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 PROGRAMS = Path(__file__).resolve().parent / "programs"
 
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files marked `slow` first (a stable sort, so the order within each group stays): with several xdist
+    workers taking whole files in this order, the long fixtures start early instead of finishing last."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # The tiny tokenizer.
 

@@ -19,6 +19,8 @@ from nextquill_jax.demo.run import load_demo_config, run_demo, write_pretrain_do
 from nextquill_jax.eval.compare_table import METRICS
 from nextquill_jax.eval.preference_recall import signature_recall
 
+pytestmark = pytest.mark.slow  # run first: see tests/conftest.py
+
 REPO = Path(__file__).resolve().parents[2]
 VARIANTS = ["sft", "context_sft", "nextquill"]
 FINETUNE_STEPS = 2

@@ -14,6 +14,8 @@ from nextquill_jax.config_schema import ConfigError
 from nextquill_jax.eval.bootstrap import paired_bootstrap
 from nextquill_jax.eval.compare import load_comparison, run_comparison
 
+pytestmark = pytest.mark.slow  # run first: see tests/conftest.py
+
 
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory, save_tiny_tokenizer, tiny_config):

@@ -20,6 +20,8 @@ from nextquill_jax.models.generate import GenerationConfig, generate
 from nextquill_jax.train import loop, setup
 from nextquill_jax.train.export import export
 
+pytestmark = pytest.mark.slow  # run first: see tests/conftest.py
+
 GEN = GenerationConfig(max_new_tokens=6)
 WORDS = ["tea", "coffee", "rain", "books", "walk", "chess", "bread", "coast", "train", "quiet", "music"]
 

@@ -30,6 +30,8 @@ from nextquill_jax.models.generate import (
 from nextquill_jax.models.gguf import read_gguf
 from nextquill_jax.models.packaged import packaged_model_path
 
+pytestmark = pytest.mark.slow  # run first: see tests/conftest.py
+
 VOCAB = 300
 PAD = 0
 GREEDY = GenerationConfig(max_new_tokens=16, repetition_penalty=1.2)

@@ -13,6 +13,8 @@ from nextquill_jax.models import packaged as packaged_module
 from nextquill_jax.models.gguf import read_gguf, read_gguf_config
 from nextquill_jax.models.packaged import packaged_model_path
 
+pytestmark = pytest.mark.slow  # run first: see tests/conftest.py
+
 SENTENCE = (
     "The old lighthouse keeper climbed the stairs every evening to watch the ships return to the harbour."
 )

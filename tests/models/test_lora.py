@@ -13,6 +13,8 @@ from flax import nnx
 
 from nextquill_jax.models import CausalLM, ModelConfig, lora
 
+pytestmark = pytest.mark.slow  # run first: see tests/conftest.py
+
 TINY = dict(
     family="qwen2", vocab_size=80, hidden_size=32, intermediate_size=48, num_layers=3, num_heads=4,
     num_kv_heads=2, head_dim=8, qkv_bias=True,

@@ -11,6 +11,8 @@ from nextquill_jax.config import load_config
 from nextquill_jax.train import loop
 from nextquill_jax.train.health import HealthMonitor
 
+pytestmark = pytest.mark.slow  # run first: see tests/conftest.py
+
 
 def test_each_symptom_is_reported_once_against_the_first_logged_value():
     monitor = HealthMonitor(ce_ratio=1.5, pref_bound=0.75)

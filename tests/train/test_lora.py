@@ -30,6 +30,8 @@ from nextquill_jax.train.export import export_adapter
 from nextquill_jax.train.step import StepSettings, batch_loss, make_train_step
 from nextquill_jax.train.workdir import restore_model, restore_params
 
+pytestmark = pytest.mark.slow  # run first: see tests/conftest.py
+
 STEPS = 12
 MESH8 = {"data": 2, "fsdp": 2, "tensor": 2}
 LORA = {"rank": 4, "alpha": 8.0, "targets": ["attn/(q|v|o)_proj", "mlp/down"]}

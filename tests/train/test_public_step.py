@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import pytest
 
+pytestmark = pytest.mark.slow  # run first: see tests/conftest.py
+
 
 def test_the_step_equals_the_public_step_in_pytorch(programs):
     result = programs.run("train_public_step.py", devices=8, fast_compile=True, timeout=300).result

@@ -25,6 +25,8 @@ import jax
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # run first: see tests/conftest.py
+
 STEPS = 12
 MESH8 = {"data": 2, "fsdp": 2, "tensor": 2}
 

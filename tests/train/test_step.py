@@ -15,6 +15,8 @@ import pytest
 from nextquill_jax.config import OptimConfig
 from nextquill_jax.train.optimizer import learning_rate_schedule, make_optimizer, warmup_steps
 
+pytestmark = pytest.mark.slow  # run first: see tests/conftest.py
+
 
 @pytest.fixture(scope="module")
 def accumulation(programs):
