@@ -31,7 +31,7 @@ from nextquill_jax.config_schema import (
 )
 from nextquill_jax.data.config import DataConfig
 from nextquill_jax.loss.config import LossConfig
-from nextquill_jax.models.config import ModelConfig
+from nextquill_jax.models.config import ModelConfig, remat_saved_names
 from nextquill_jax.models.generate import GenerationConfig
 from nextquill_jax.models.presets import model_preset
 
@@ -79,6 +79,12 @@ class ModelRunConfig:
     `overrides` replaces architecture fields of `ModelConfig` (e.g. `{hidden_size: 32, num_layers: 2}` for a
     tiny random model); the runtime fields have their own keys. The tokenizer is `data.tokenizer`. `lora`
     trains adapters on the frozen model instead of the model itself (`LoraConfig`).
+
+    `remat_policy`: what the scanned layers keep for the backward pass (`ModelConfig`): `none` (everything),
+    `full` (each layer's input only), `dots_saveable`, `dots_with_no_batch_dims_saveable`, or
+    `save:NAME[,NAME...]` with names from `qkv` (q, k, v after RoPE), `attention` (the attention output before
+    the out-projection), `attn_out` (the out-projection) and `mlp_hidden` (the MLP's silu(gate) * up), e.g.
+    `save:qkv,attention`: those are kept, the rest recomputed.
     """
 
     path: str | None = None
@@ -86,11 +92,13 @@ class ModelRunConfig:
     overrides: dict[str, Any] = field(default_factory=dict)
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     compute_dtype: Literal["float32", "bfloat16"] = "bfloat16"
-    remat_policy: Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"] = "none"
+    # A string, not a Literal: `save:NAME,...` spells a set of names (checked in __post_init__).
+    remat_policy: str = "none"
     attention_impl: Literal["xla", "xla_dense", "cudnn", "splash"] = "xla"
     lora: LoraConfig | None = None
 
     def __post_init__(self):
+        remat_saved_names(self.remat_policy)
         if (self.path is None) == (self.preset is None):
             raise ValueError(
                 "set exactly one of model.path (a Hugging Face directory or a packaged name such as "

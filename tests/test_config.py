@@ -130,6 +130,17 @@ def test_wrong_types_and_invalid_values_name_the_key(cfg_file, override, named, 
     assert " a int" not in message and " a a " not in message  # "an int", "a mapping"
 
 
+@pytest.mark.parametrize("source", [[], ["model.preset=null", "model.path=some/dir"]])
+def test_a_save_remat_policy_is_read_and_a_bad_name_in_it_is_a_config_error(cfg_file, source):
+    cfg = load_config(cfg_file, [*source, "model.remat_policy=save:qkv,attention"])
+    assert cfg.model.remat_policy == "save:qkv,attention"
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg_file, [*source, "model.remat_policy=save:qkv,atention"])
+    message = str(e.value)
+    assert "invalid `model`: remat_policy 'save:qkv,atention': 'atention' is not a checkpoint name" in message
+    assert "allowed: qkv, attention, attn_out, mlp_hidden" in message and "Fix" in message, message
+
+
 def test_model_needs_exactly_one_source(tmp_path, tiny_config, write_config):
     raw = tiny_config(tmp_path, tmp_path)
     raw["model"]["path"] = "some/dir"

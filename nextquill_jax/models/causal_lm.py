@@ -2,7 +2,8 @@
 
 The decoder layers are one `DecoderLayer` module whose parameters carry a leading `layers` axis (built with
 `nnx.vmap`); the forward pass runs `jax.lax.scan` over that stacked state, so compile time does not grow with
-depth. The scan body is wrapped in `jax.checkpoint` with the config's named remat policy.
+depth. The scan body is wrapped in `jax.checkpoint` with the config's remat policy: a named one, or
+`save:NAME,...` over the values the layer names with `checkpoint_name` (`config.REMAT_NAMES`).
 
 Parameter layout (logical axes in brackets), L = layers, D = hidden, H / K = query / key-value heads:
   embed [V, D] (vocab, embed); lm_head [D, V] (embed, vocab), absent when tied;
@@ -19,9 +20,10 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from .attention import attention_mask, self_attention, xla_attention
-from .config import ModelConfig
+from .config import ModelConfig, remat_saved_names
 from .kv_cache import KVCache, empty_cache, write_slots
 from .layers import MLP, RMSNorm, apply_rope, constant_param, normal_param, rope_inv_freq
 from .lora import Adapters, LayerAdapters, add_adapter, layer_slices
@@ -31,6 +33,20 @@ REMAT_POLICIES: dict[str, Callable | None] = {
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+
+def remat_policy(name: str) -> Callable | None:
+    """The `jax.checkpoint` policy of `ModelConfig.remat_policy` `name` (any but "none"): a named policy, or
+    for `save:NAME,...` `save_only_these_names` over those checkpoint names. None means save nothing.
+
+    Raises:
+        ValueError: `name` is not a remat policy (`config.remat_saved_names`).
+    """
+    saved = remat_saved_names(name)
+    if saved is None:
+        return REMAT_POLICIES[name]
+    return jax.checkpoint_policies.save_only_these_names(*saved)
+
 
 # attend(q [B,T,H,Hd], k [B,T,K,Hd], v, layer_cache) -> (out [B,T,H,Hd], new layer_cache)
 AttendFn = Callable[[jax.Array, jax.Array, jax.Array, object], tuple[jax.Array, object]]
@@ -81,7 +97,8 @@ class Attention(nnx.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         inv_freq = rope_inv_freq(self.cfg)
-        return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        return checkpoint_name((q, k, v), "qkv")
 
     def out(self, attended: jax.Array, lora: LayerAdapters | None = None) -> jax.Array:
         """attended [B, T, H, Hd] -> [B, T, D]."""
@@ -89,7 +106,7 @@ class Attention(nnx.Module):
         y = add_adapter(y, lora, "attn", "o_proj", attended)
         if self.o_bias is not None:
             y = y + self.o_bias[...].astype(y.dtype)
-        return y
+        return checkpoint_name(y, "attn_out")
 
 
 class DecoderLayer(nnx.Module):
@@ -112,7 +129,7 @@ class DecoderLayer(nnx.Module):
     ) -> tuple[jax.Array, object]:
         q, k, v = self.attn.qkv(self.input_norm(x), positions, lora)
         attended, cache = attend(q, k, v, cache)
-        x = x + self.attn.out(attended, lora)
+        x = x + self.attn.out(checkpoint_name(attended, "attention"), lora)
         return x + self.mlp(self.post_attn_norm(x), lora), cache
 
 
@@ -317,7 +334,7 @@ class CausalLM(nnx.Module):
 
         policy_name = self.cfg.remat_policy
         if policy_name != "none":
-            body = jax.checkpoint(body, policy=REMAT_POLICIES[policy_name], prevent_cse=False)
+            body = jax.checkpoint(body, policy=remat_policy(policy_name), prevent_cse=False)
         return jax.lax.scan(body, x, (state, caches, weights, keys))
 
 

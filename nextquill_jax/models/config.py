@@ -20,6 +20,13 @@ FAMILIES: tuple[str, ...] = ("llama", "qwen2", "qwen3")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 ROPE_TYPES = ("default", "linear", "llama3")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+# The decoder layer's values named with `jax.ad_checkpoint.checkpoint_name` (causal_lm.py, layers.py), in
+# layer order: q, k, v after RoPE; the attention output before the out-projection; the out-projection; the
+# MLP's silu(gate) * up. A remat policy `save:NAME[,NAME...]` keeps those and recomputes the rest. The MLP's
+# output has no name: the backward pass never needs it (the layer's output is the next layer's input, which
+# the scan keeps under every policy), so saving it would change nothing.
+REMAT_NAMES = ("qkv", "attention", "attn_out", "mlp_hidden")
+SAVE_PREFIX = "save:"
 ATTENTION_IMPLS = ("xla", "xla_dense", "cudnn", "splash")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -62,6 +69,11 @@ class ModelConfig:
     Family constraints (so that every config can be exported to transformers): `qwen2` has q/k/v biases and no
     output bias; `qwen3` has per-head q/k RMSNorm; `llama` has neither norm and biases on all four projections
     or none (`attention_bias`).
+
+    `remat_policy` (runtime): what the scanned decoder layers keep for the backward pass. `none` keeps
+    everything; `full` keeps only each layer's input and recomputes the layer; `dots_saveable` and
+    `dots_with_no_batch_dims_saveable` are `jax.checkpoint_policies` of those names; `save:NAME[,NAME...]`
+    keeps only the named values of `REMAT_NAMES` (e.g. `save:qkv,attention`) and recomputes the rest.
     """
 
     family: Family
@@ -114,10 +126,10 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.head_dim must be even for RoPE, got {self.head_dim}")
         if self.rms_norm_eps <= 0 or self.rope_theta <= 0:
             raise ValueError("ModelConfig.rms_norm_eps and rope_theta must be > 0")
+        remat_saved_names(self.remat_policy)
         for name, allowed in (
             ("param_dtype", DTYPES),
             ("compute_dtype", DTYPES),
-            ("remat_policy", REMAT_POLICIES),
             ("attention_impl", ATTENTION_IMPLS),
         ):
             if getattr(self, name) not in allowed:
@@ -260,6 +272,36 @@ class ModelConfig:
         else:
             out["use_sliding_window"] = False
         return out
+
+
+def remat_saved_names(policy: str) -> tuple[str, ...] | None:
+    """The checkpoint names a `save:NAME[,NAME...]` remat policy keeps (in the order written; spaces around
+    names ignored), or None for one of the named policies (`REMAT_POLICIES`).
+
+    Raises:
+        ValueError: `policy` is neither a named policy nor `save:` followed by one or more of `REMAT_NAMES`;
+            the message names the offending name and the allowed ones.
+    """
+    if not policy.startswith(SAVE_PREFIX):
+        if policy in REMAT_POLICIES:
+            return None
+        raise ValueError(
+            f"remat_policy {policy!r} is not one of {REMAT_POLICIES} or '{SAVE_PREFIX}NAME[,NAME...]' with "
+            f"NAME from {REMAT_NAMES}"
+        )
+    names = tuple(name.strip() for name in policy[len(SAVE_PREFIX) :].split(","))
+    if names == ("",):
+        raise ValueError(
+            f"remat_policy {policy!r} names nothing to save: write '{SAVE_PREFIX}NAME[,NAME...]' with NAME "
+            f"from {REMAT_NAMES} (or 'full' to save nothing)"
+        )
+    for name in names:
+        if name not in REMAT_NAMES:
+            raise ValueError(
+                f"remat_policy {policy!r}: {name!r} is not a checkpoint name of the decoder layer; allowed: "
+                f"{', '.join(REMAT_NAMES)}"
+            )
+    return names
 
 
 def _reject_sliding_window(d: Mapping[str, Any]) -> None:

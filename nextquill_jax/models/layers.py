@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from .config import ModelConfig
 from .lora import LayerAdapters, add_adapter
@@ -106,5 +107,5 @@ class MLP(nnx.Module):
         dt = x.dtype
         gate = add_adapter(x @ self.gate[...].astype(dt), lora, "mlp", "gate", x)  # [B, T, F]
         up = add_adapter(x @ self.up[...].astype(dt), lora, "mlp", "up", x)
-        hidden = jax.nn.silu(gate) * up
+        hidden = checkpoint_name(jax.nn.silu(gate) * up, "mlp_hidden")
         return add_adapter(hidden @ self.down[...].astype(dt), lora, "mlp", "down", hidden)

@@ -31,18 +31,83 @@ def test_logits_are_hidden_states_times_the_lm_head(tied, layout, tiny_model_con
         assert np.array_equal(np.asarray(w), np.asarray(model.embed[...]))
 
 
-def test_full_remat_gives_the_same_gradients_as_none(tiny_model_config):
-    grads = {}
-    for policy in ("none", "full"):
-        model = CausalLM(tiny_model_config(vocab_size=VOCAB, remat_policy=policy), rngs=nnx.Rngs(0))
-        graphdef, state = nnx.split(model)
-        loss = lambda s, graphdef=graphdef: jnp.mean(nnx.merge(graphdef, s)(IDS) ** 2)
-        grads[policy] = jax.jit(jax.grad(loss))(state)
-    leaves_none, leaves_full = jax.tree.leaves(grads["none"]), jax.tree.leaves(grads["full"])
-    assert len(leaves_none) == len(leaves_full) > 0
+# `full` and per-part policies: one name, two names, every name the decoder layer sets.
+EVERY_NAME = "save:qkv,attention,attn_out,mlp_hidden"
+REMAT_CASES = [
+    "full",
+    "dots_with_no_batch_dims_saveable",
+    "save:attention",
+    "save:qkv,mlp_hidden",
+    EVERY_NAME,
+]
+
+
+def _loss_fn(tiny_model_config, policy: str):
+    """(loss(state), state) of the tiny model under remat `policy`: mean squared logits of IDS."""
+    model = CausalLM(tiny_model_config(vocab_size=VOCAB, remat_policy=policy), rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    return (lambda s: jnp.mean(nnx.merge(graphdef, s)(IDS) ** 2)), state
+
+
+def _value_and_grad(tiny_model_config, policy: str):
+    loss, state = _loss_fn(tiny_model_config, policy)
+    return jax.jit(jax.value_and_grad(loss))(state)
+
+
+@pytest.fixture(scope="module")
+def without_remat(tiny_model_config):
+    """(loss, gradients) of the tiny model at remat `none`, computed once for the comparisons."""
+    return _value_and_grad(tiny_model_config, "none")
+
+
+@pytest.mark.parametrize("policy", REMAT_CASES)
+def test_remat_policies_give_the_same_loss_and_gradients_as_none(policy, tiny_model_config, without_remat):
+    loss_none, grads_none = without_remat
+    loss_remat, grads_remat = _value_and_grad(tiny_model_config, policy)
+    np.testing.assert_allclose(float(loss_remat), float(loss_none), rtol=1e-6)
+    leaves_none, leaves_remat = jax.tree.leaves(grads_none), jax.tree.leaves(grads_remat)
+    assert len(leaves_none) == len(leaves_remat) > 0
     assert any(float(jnp.abs(g).max()) > 0 for g in leaves_none)
-    for a, b in zip(leaves_none, leaves_full, strict=True):
+    for a, b in zip(leaves_none, leaves_remat, strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-7, rtol=1e-5)
+
+
+def _names_saved_by_scans(jaxpr) -> set[str]:
+    """Checkpoint names of the values a `scan` in `jaxpr` (or in a jaxpr nested in it) hands out of its body:
+    in a vjp's forward pass, those are the residuals kept for the backward pass. A kept value may leave
+    through `reduce_precision` (what remat puts on saved values), so it is looked through, as
+    `jax.ad_checkpoint.print_saved_residuals` does."""
+    names = set()
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "scan":
+            body = eqn.params["jaxpr"].jaxpr
+            producer = {v: e for e in body.eqns for v in e.outvars}
+            for var in body.outvars:
+                e = producer.get(var)
+                if e is not None and e.primitive.name == "reduce_precision":
+                    e = producer.get(e.invars[0])
+                if e is not None and e.primitive.name == "name":
+                    names.add(e.params["name"])
+        for param in eqn.params.values():
+            if isinstance(param, jax.extend.core.ClosedJaxpr):
+                names |= _names_saved_by_scans(param.jaxpr)
+    return names
+
+
+@pytest.mark.parametrize(
+    ("policy", "saved"),
+    [
+        ("full", set()),
+        ("save:attention", {"attention"}),
+        ("save:qkv,mlp_hidden", {"qkv", "mlp_hidden"}),
+        (EVERY_NAME, {"qkv", "attention", "attn_out", "mlp_hidden"}),
+    ],
+)
+def test_save_policies_keep_exactly_the_named_values_of_the_layer(policy, saved, tiny_model_config):
+    # Fails if a checkpoint_name call is missing: its value would be recomputed, not kept.
+    loss, state = _loss_fn(tiny_model_config, policy)
+    forward = jax.make_jaxpr(lambda s: jax.vjp(loss, s))(state)
+    assert _names_saved_by_scans(forward.jaxpr) == saved
 
 
 def test_cache_overflow_outside_jit_is_an_error(tiny_model_config):

@@ -11,6 +11,7 @@ from transformers import AutoConfig, LlamaConfig, Qwen2Config, Qwen3Config
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from nextquill_jax.models import CausalLM, ModelConfig, model_preset
+from nextquill_jax.models.config import remat_saved_names
 from nextquill_jax.models.layers import rope_inv_freq
 
 LEGACY_LLAMA31 = {  # transformers 4.x spelling, as in Llama 3.2 1B's config.json (sizes shrunk)
@@ -128,6 +129,15 @@ def test_unsupported_options_are_errors_naming_them(change, match):
 def test_runtime_fields_are_validated():
     with pytest.raises(ValueError, match="remat_policy 'sometimes'"):
         model_preset("smollm2-135m", remat_policy="sometimes")
+    with pytest.raises(
+        ValueError, match=r"'atention' is not a checkpoint name .*; allowed: qkv, attention, "
+    ):
+        model_preset("smollm2-135m", remat_policy="save:qkv,atention")
+    with pytest.raises(ValueError, match=r"remat_policy 'save:' names nothing to save"):
+        model_preset("smollm2-135m", remat_policy="save:")
+    cfg = model_preset("smollm2-135m", remat_policy="save:qkv, attention")
+    assert remat_saved_names(cfg.remat_policy) == ("qkv", "attention")
+    assert remat_saved_names("full") is None
     with pytest.raises(ValueError, match="attention_impl 'flash'"):
         model_preset("smollm2-135m", attention_impl="flash")
 
