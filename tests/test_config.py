@@ -138,7 +138,7 @@ def test_a_save_remat_policy_is_read_and_a_bad_name_in_it_is_a_config_error(cfg_
         load_config(cfg_file, [*source, "model.remat_policy=save:qkv,atention"])
     message = str(e.value)
     assert "invalid `model`: remat_policy 'save:qkv,atention': 'atention' is not a checkpoint name" in message
-    assert "allowed: qkv, attention, attn_out, mlp_hidden" in message and "Fix" in message, message
+    assert "allowed: qkv, attention, attn_out, mlp_gate_up" in message and "Fix" in message, message
 
 
 def test_model_needs_exactly_one_source(tmp_path, tiny_config, write_config):

@@ -22,10 +22,11 @@ ROPE_TYPES = ("default", "linear", "llama3")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 # The decoder layer's values named with `jax.ad_checkpoint.checkpoint_name` (causal_lm.py, layers.py), in
 # layer order: q, k, v after RoPE; the attention output before the out-projection; the out-projection; the
-# MLP's silu(gate) * up. A remat policy `save:NAME[,NAME...]` keeps those and recomputes the rest. The MLP's
-# output has no name: the backward pass never needs it (the layer's output is the next layer's input, which
-# the scan keeps under every policy), so saving it would change nothing.
-REMAT_NAMES = ("qkv", "attention", "attn_out", "mlp_hidden")
+# MLP's gate and up projections. A remat policy `save:NAME[,NAME...]` keeps those and recomputes the rest.
+# Not named, because keeping them would save no matmul: the MLP's silu(gate) * up (its backward needs gate
+# and up, so they would be recomputed anyway) and the MLP's output (the layer's output is the next layer's
+# input, which the scan keeps under every policy).
+REMAT_NAMES = ("qkv", "attention", "attn_out", "mlp_gate_up")
 SAVE_PREFIX = "save:"
 ATTENTION_IMPLS = ("xla", "xla_dense", "cudnn", "splash")
 DTYPES = ("float32", "bfloat16", "float16")

@@ -95,7 +95,8 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
 
 
 class MLP(nnx.Module):
-    """SwiGLU feed-forward: down(silu(x @ gate) * (x @ up)). Kernels gate/up [D, F], down [F, D]."""
+    """SwiGLU feed-forward: down(silu(x @ gate) * (x @ up)). Kernels gate/up [D, F], down [F, D]. The two
+    projections x @ gate, x @ up are the checkpoint name `mlp_gate_up` (a remat policy may keep them)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         d, f, dtype = cfg.hidden_size, cfg.intermediate_size, cfg.param_jnp_dtype
@@ -107,5 +108,6 @@ class MLP(nnx.Module):
         dt = x.dtype
         gate = add_adapter(x @ self.gate[...].astype(dt), lora, "mlp", "gate", x)  # [B, T, F]
         up = add_adapter(x @ self.up[...].astype(dt), lora, "mlp", "up", x)
-        hidden = checkpoint_name(jax.nn.silu(gate) * up, "mlp_hidden")
+        gate, up = checkpoint_name((gate, up), "mlp_gate_up")
+        hidden = jax.nn.silu(gate) * up
         return add_adapter(hidden @ self.down[...].astype(dt), lora, "mlp", "down", hidden)

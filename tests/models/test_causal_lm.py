@@ -32,12 +32,12 @@ def test_logits_are_hidden_states_times_the_lm_head(tied, layout, tiny_model_con
 
 
 # `full` and per-part policies: one name, two names, every name the decoder layer sets.
-EVERY_NAME = "save:qkv,attention,attn_out,mlp_hidden"
+EVERY_NAME = "save:qkv,attention,attn_out,mlp_gate_up"
 REMAT_CASES = [
     "full",
     "dots_with_no_batch_dims_saveable",
     "save:attention",
-    "save:qkv,mlp_hidden",
+    "save:qkv,mlp_gate_up",
     EVERY_NAME,
 ]
 
@@ -99,8 +99,8 @@ def _names_saved_by_scans(jaxpr) -> set[str]:
     [
         ("full", set()),
         ("save:attention", {"attention"}),
-        ("save:qkv,mlp_hidden", {"qkv", "mlp_hidden"}),
-        (EVERY_NAME, {"qkv", "attention", "attn_out", "mlp_hidden"}),
+        ("save:qkv,mlp_gate_up", {"qkv", "mlp_gate_up"}),
+        (EVERY_NAME, {"qkv", "attention", "attn_out", "mlp_gate_up"}),
     ],
 )
 def test_save_policies_keep_exactly_the_named_values_of_the_layer(policy, saved, tiny_model_config):
