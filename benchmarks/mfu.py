@@ -27,8 +27,9 @@ MFU = FLOPs / best step time / (devices × the chip's dense bf16 peak), peak fro
 the accelerator shape (Qwen2.5-1.5B, 4 × 4,096 tokens) at remat none and full, and the fused loss alone, and
 prints the matmul FLOPs the compiled programs execute (`bench.hlo_flops`: loops counted by their trip
 counts, which `compiled.cost_analysis()` does not do) against the useful count, whole and for layers,
-attention and LM head. It uses `xla_dense` attention by default: the blockwise `xla` path's loops have
-data-dependent trip counts.
+attention and LM head, and XLA's temporary buffers of the compiled program (`memory_analysis()`: what a
+remat policy trades against the recomputed FLOPs; parameters, optimizer state and batch excluded). It uses
+`xla_dense` attention by default: the blockwise `xla` path's loops have data-dependent trip counts.
 
 Prints one Markdown table row per model and remat policy (and appends a section with `--append-results FILE`).
 """
@@ -59,8 +60,9 @@ CPU_SHAPE = {
 }  # fmt: skip
 COST_COLUMNS = (
     "| model | compute | remat | attention | rows × (T_w, T_o, R) | useful TFLOP | executed TFLOP "
-    "| executed / useful | layers | attention | LM head | cost_analysis() TFLOP |"
+    "| executed / useful | layers | attention | LM head | cost_analysis() TFLOP | temp GiB |"
 )
+GIB = 2**30
 
 
 def resolve_defaults(args: argparse.Namespace, accel: bool, backend: str) -> None:
@@ -115,7 +117,7 @@ def compute_label(args: argparse.Namespace) -> str:
 def cost_analysis(args: argparse.Namespace, argv: list[str] | None) -> int:
     """Compile the step (abstract state: nothing allocated) per model and remat policy, and the fused loss
     alone; print executed matmul FLOPs (`bench.hlo_flops`, loops counted by trip count) against the useful
-    count (`bench.flops.step_flops`), whole and per part. Returns 0."""
+    count (`bench.flops.step_flops`), whole and per part, and the compiled temporary memory. Returns 0."""
     import jax
     import jax.numpy as jnp
 
@@ -131,7 +133,7 @@ def cost_analysis(args: argparse.Namespace, argv: list[str] | None) -> int:
     rows = [COST_COLUMNS, separator]
     print(*rows, sep="\n", flush=True)
 
-    def row(name, remat, shape, useful, executed, raw_flops) -> str:
+    def row(name, remat, shape, useful, executed, compiled) -> str:
         ratios = [
             f"{e / u:.3f}" if u else "-"
             for e, u in zip(
@@ -143,7 +145,8 @@ def cost_analysis(args: argparse.Namespace, argv: list[str] | None) -> int:
         return (
             f"| {name} | {compute_label(args)} | {remat} | {args.attention} "
             f"| {args.rows} × {shape.as_tuple()} | {useful.total / 1e12:.4g} | {executed.total / 1e12:.4g} "
-            f"| {' | '.join(ratios)} | {raw_flops / 1e12:.4g} |"
+            f"| {' | '.join(ratios)} | {compiled.cost_analysis()['flops'] / 1e12:.4g} "
+            f"| {compiled.memory_analysis().temp_size_in_bytes / GIB:.2f} |"
         )
 
     for name, remat in itertools.product(args.models, args.remat):
@@ -155,8 +158,7 @@ def cost_analysis(args: argparse.Namespace, argv: list[str] | None) -> int:
         )  # fmt: skip
         useful = step_flops(cfg, batch, param_counts(cfg)[1])
         compiled = harness.compile(batch)
-        rows.append(row(name, remat, shape, useful, executed_flops(dot_costs(compiled.as_text())),
-                        compiled.cost_analysis()["flops"]))  # fmt: skip
+        rows.append(row(name, remat, shape, useful, executed_flops(dot_costs(compiled.as_text())), compiled))
         print(rows[-1], flush=True)
         if remat == args.remat[0]:  # the fused loss alone: value and gradient, the step's shapes
             hidden = jax.ShapeDtypeStruct((*batch["labels"].shape, cfg.hidden_size), cfg.compute_jnp_dtype)
@@ -167,16 +169,7 @@ def cost_analysis(args: argparse.Namespace, argv: list[str] | None) -> int:
                 loss = harness.loss_value_and_grad().lower(hidden, hidden, head, labels).compile()
             loss_useful = type(useful)(layers=0.0, attention=0.0, head=useful.head)
             executed = executed_flops(dot_costs(loss.as_text()))
-            rows.append(
-                row(
-                    f"{name}: fused loss alone",
-                    "-",
-                    shape,
-                    loss_useful,
-                    executed,
-                    loss.cost_analysis()["flops"],
-                )
-            )
+            rows.append(row(f"{name}: fused loss alone", "-", shape, loss_useful, executed, loss))
             print(rows[-1], flush=True)
     if args.append_results:
         command = ["python", "benchmarks/mfu.py", *(argv if argv is not None else sys.argv[1:])]
@@ -193,6 +186,9 @@ def cost_analysis(args: argparse.Namespace, argv: list[str] | None) -> int:
                 "work not counted",
                 "cost_analysis() TFLOP: XLA's own `compiled.cost_analysis()['flops']`, which counts every "
                 "loop body once (so far below the executed count for scanned layers and the tiled loss)",
+                "temp GiB: `compiled.memory_analysis().temp_size_in_bytes`, XLA's temporary buffers of the "
+                "compiled program on this backend (activations kept for the backward pass among them; "
+                "parameters, optimizer state and the batch are arguments, not counted)",
                 f"examples: context {args.context_tokens}, history {args.history} × {args.entry_tokens}, "
                 f"target {args.target_tokens} tokens",
             ],
@@ -223,7 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--entry-tokens", type=int)
     parser.add_argument("--target-tokens", type=int)
     parser.add_argument("--compute-dtype")
-    parser.add_argument("--remat", nargs="+", help="ModelConfig.remat_policy, one row each")
+    parser.add_argument(
+        "--remat", nargs="+", help="ModelConfig.remat_policy (save:NAME,... too), one row each"
+    )
     parser.add_argument("--attention", help="ModelConfig.attention_impl")
     parser.add_argument("--micro-batches", type=int, default=1)
     parser.add_argument(
