@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Every pending GPU measurement in one command, for a short lease of one NVIDIA GPU (H100/H200): the training
 # step's MFU at the Qwen2.5-1.5B shape with its breakdown, then with bf16 operands in the fused loss, the joint
-# forward, remat none; the fused loss alone in float32 and bf16 operands; generation's prefill; what the
-# packed-segment mask costs cuDNN attention (benchmarks/cudnn_mask.py, not yet run on a GPU). Each check has
-# its own time limit, so one failure leaves the others' results, and every result lands in OUT_DIR as it is made.
+# forward, remat none, and three remat policies per part of the layer (`save:...`, not yet run on a GPU; their
+# FLOPs and memory on CPU: RESULTS.md); the fused loss alone in float32 and bf16 operands; generation's
+# prefill; what the packed-segment mask costs cuDNN attention (benchmarks/cudnn_mask.py, not yet run on a GPU).
+# Each check has its own time limit, so one failure leaves the others' results, and every result lands in
+# OUT_DIR as it is made.
 #
 #   bash benchmarks/gpu_checks.sh OUT_DIR
 #
@@ -37,6 +39,11 @@ check mfu_bf16_head 70 "${mfu[@]}" --remat dots_with_no_batch_dims_saveable --op
 check mfu_bf16_joint 70 "${mfu[@]}" --remat dots_with_no_batch_dims_saveable --operand-dtype bfloat16 \
   --joint-forward
 check mfu_remat_none 70 "${mfu[@]}" --remat none --operand-dtype bfloat16
+# Remat per part of the layer, against dots_with_no_batch_dims_saveable (mfu_breakdown): every name, the MLP's
+# gate/up only, the attention output and the MLP input only (fewest FLOPs, most memory first).
+check mfu_save_all 70 "${mfu[@]}" --remat save:qkv,attention,attn_out,mlp_gate_up
+check mfu_save_mlp 70 "${mfu[@]}" --remat save:mlp_gate_up
+check mfu_save_attn 70 "${mfu[@]}" --remat save:attention,attn_out
 loss=("$py" benchmarks/loss_memory.py --tokens 4096 --hidden 1536 --dtype bfloat16 --timing
   --append-results "$results")
 check loss_f32_operands 40 "${loss[@]}" --operand-dtype float32
