@@ -310,9 +310,16 @@ class EvalConfig:
 class LoggingConfig:
     """A metrics row (metrics.jsonl, TensorBoard, progress bar) every `every_steps` steps.
 
+    Besides the loss terms, each row has `tokens_per_second` and `data_wait_fraction`, both over the wall
+    time since the previous row (compilation included in the first): the fraction of it the loop spent
+    waiting for its next batch (the data iterator and placing the batch on the devices), the host-side gap
+    a slow input pipeline leaves.
     Counterfactual health (runs that compute the without-history stream, `train.health`): a warning, once,
     when its target CE passes `health_ce_ratio` times its first logged value, or when the preference-bearing
     fraction passes `health_pref_fraction` (null: not checked).
+    `profile_steps: [first, last]` records a `jax.profiler` trace of optimizer steps first..last (1-based,
+    inclusive; null: none) into `<workdir>/profile/` (view it with TensorBoard's profile plugin or XProf);
+    the run prints where it is.
     """
 
     every_steps: int = 10
@@ -320,10 +327,18 @@ class LoggingConfig:
     progress_bar: bool = True
     health_ce_ratio: float = 1.5
     health_pref_fraction: float | None = 0.75
+    profile_steps: list[int] | None = None
 
     def __post_init__(self):
         if self.every_steps < 1:
             raise ValueError(f"every_steps must be >= 1, got {self.every_steps}")
+        if self.profile_steps is not None and (
+            len(self.profile_steps) != 2 or not 1 <= self.profile_steps[0] <= self.profile_steps[1]
+        ):
+            raise ValueError(
+                f"profile_steps must be [first, last] with 1 <= first <= last (optimizer steps), got "
+                f"{self.profile_steps}"
+            )
         if self.health_ce_ratio <= 1:
             raise ValueError(f"health_ce_ratio must be > 1, got {self.health_ce_ratio}")
         if self.health_pref_fraction is not None and not 0 < self.health_pref_fraction < 1:

@@ -119,6 +119,7 @@ def test_a_missing_config_file_says_so(tmp_path):
         ("optim.trainable=q_proj", "optim.trainable", "list"),
         ("train.micro_batches=0", "train", "micro_batches"),
         ("loss.alpha=-1", "loss", "alpha"),
+        ("logging.profile_steps=[3, 2]", "logging", "profile_steps must be [first, last]"),
     ],
 )
 def test_wrong_types_and_invalid_values_name_the_key(cfg_file, override, named, expected):

@@ -7,7 +7,8 @@ that cannot be saved (a full disk) stops the run or is skipped, by `checkpoint.o
     result = train(load_config("configs/tiny_synthetic.yaml"), workdir)
 
 Set-up (mesh, data, model, shardings, compiled steps) is `setup.set_up_run`; the step is pure
-(`step.make_train_step`). The loop owns the I/O: the metrics log, checkpoints and the data iterator.
+(`step.make_train_step`). The loop owns the I/O: the metrics log, checkpoints, the data iterator (and the
+time spent waiting for it) and an optional `jax.profiler` trace of chosen steps.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from nextquill_jax.train.metrics_log import MetricsLog
 from nextquill_jax.train.setup import RunSetup, abstract_state, init_state, set_up_run
 from nextquill_jax.train.state import TrainState
 from nextquill_jax.train.workdir import CHECKPOINT_DIR, CONFIG_FILE
+
+PROFILE_DIR = "profile"
 
 # Step metrics that are not loss aux (the aux sums are logged through metrics_from_aux).
 _STEP_EXTRAS = ("grad_norm", "learning_rate", "input_tokens", "padding_efficiency", "skipped")
@@ -77,16 +80,24 @@ def train(cfg: Config, workdir: Path, *, echo=print) -> TrainResult:
         return TrainResult("finished", step, workdir, last_saved, state)
     log = MetricsLog(workdir, cfg.logging, start_step=step, total_steps=run.total_steps)
     pending = PendingMetrics(cfg, run.settings.loss, run.epoch_ends, log)
+    profile = _Profile(cfg.logging.profile_steps, workdir / PROFILE_DIR, log)
     preemption = _Preemption()
     config_dict = config_to_dict(cfg)
     last_good = lambda: _newest_verified_name(ckpt, log)
     try:
         with jax.set_mesh(run.mesh):
-            for local in iterator:
+            while True:
+                waiting = time.perf_counter()
+                local = next(iterator, None)
+                if local is None:
+                    break
                 batch = to_global_batch(local, run.mesh)
+                waited = time.perf_counter() - waiting
+                profile.before(step + 1)
                 state, metrics = run.train_step(state, batch, run.reference_params, run.base_params)
                 step += 1
-                pending.add(step, metrics)
+                profile.after(step, state)
+                pending.add(step, metrics, waited)
                 _on_save_error(ckpt.poll, cfg, log)
                 due = actions_at(step, cfg, run, stop=preemption.reached(step))
                 if due.fetch:
@@ -120,6 +131,7 @@ def train(cfg: Config, workdir: Path, *, echo=print) -> TrainResult:
             pending.flush(last_good)
         return TrainResult("finished", step, workdir, last_saved, state)
     finally:
+        profile.stop()
         preemption.restore()
         ckpt.close()
         log.close()
@@ -203,14 +215,16 @@ class PendingMetrics:
     """Step metrics left on the device until they are due, so steps are dispatched without waiting.
 
     `flush` fetches them, stops the run on a non-finite loss (or too many skipped updates), writes the rows
-    due to the log and reports counterfactual health (`health.HealthMonitor`). Tokens/s covers the interval
-    since the previous flush (compilation at first).
+    due to the log and reports counterfactual health (`health.HealthMonitor`). Tokens/s and the data-wait
+    fraction (the share of the wall time spent waiting for batches) cover the interval since the previous
+    flush (compilation at first).
     """
 
     def __init__(self, cfg: Config, loss_cfg: LossConfig, epoch_ends: list[int], log: MetricsLog):
         self.cfg, self.loss_cfg, self.epoch_ends, self.log = cfg, loss_cfg, epoch_ends, log
         self.steps: list[tuple[int, dict]] = []
         self.interval_start = time.perf_counter()
+        self.data_wait_s = 0.0
         logging = cfg.logging
         self.health = HealthMonitor(
             logging.health_ce_ratio, logging.health_pref_fraction, baseline=log.first_value("ce_without")
@@ -219,8 +233,10 @@ class PendingMetrics:
     def __bool__(self) -> bool:
         return bool(self.steps)
 
-    def add(self, step: int, metrics: dict) -> None:
+    def add(self, step: int, metrics: dict, data_wait_s: float) -> None:
+        """Hold `step`'s metrics (device arrays) and count the `data_wait_s` seconds its batch took."""
         self.steps.append((step, metrics))
+        self.data_wait_s += data_wait_s
 
     def flush(self, last_good: Callable[[], str]) -> dict[str, float]:
         """Fetch, check and log the pending steps; returns the last row written ({} if none was due).
@@ -231,8 +247,10 @@ class PendingMetrics:
         """
         fetched = jax.device_get([m for _, m in self.steps])
         now = time.perf_counter()
-        rate = sum(float(m["input_tokens"]) for m in fetched) / max(now - self.interval_start, 1e-9)
-        self.interval_start = now
+        wall = max(now - self.interval_start, 1e-9)
+        rate = sum(float(m["input_tokens"]) for m in fetched) / wall
+        data_wait = self.data_wait_s / wall
+        self.interval_start, self.data_wait_s = now, 0.0
         row: dict[str, float] = {}
         for (s, _), m in zip(self.steps, fetched, strict=True):
             self._check(s, m, last_good)
@@ -242,6 +260,7 @@ class PendingMetrics:
                     **metrics_from_aux(aux, self.loss_cfg),
                     **{k: float(m[k]) for k in _STEP_EXTRAS},
                     "tokens_per_second": rate,
+                    "data_wait_fraction": data_wait,
                     "epoch": epoch_of(s, self.epoch_ends),
                 }
                 self.log.write(s, row)
@@ -295,6 +314,45 @@ def _on_save_error(action: Callable[[], object], cfg: Config, log: MetricsLog) -
 def epoch_of(step: int, epoch_ends: list[int]) -> int:
     """0-based epoch that `step` (1-based) belongs to."""
     return int(np.searchsorted(np.asarray(epoch_ends), step, side="left")) if epoch_ends else 0
+
+
+class _Profile:
+    """A `jax.profiler` trace of optimizer steps first..last (`logging.profile_steps`) into `directory`.
+
+    Started before the first of those steps that this run executes (a resumed run traces the rest of the
+    window), stopped once the last has finished on the device, or when the run ends inside the window.
+    """
+
+    def __init__(self, steps: list[int] | None, directory: Path, log: MetricsLog):
+        self.first, self.last = steps if steps is not None else (None, None)
+        self.directory, self.log = directory, log
+        self.started: int | None = None
+        self.step = 0
+
+    def before(self, step: int) -> None:
+        """Start tracing if `step` (about to be dispatched) is in the window and no trace runs yet."""
+        if self.started is None and self.first is not None and self.first <= step <= self.last:
+            jax.profiler.start_trace(str(self.directory))
+            self.started = step
+
+    def after(self, step: int, state: TrainState) -> None:
+        """Stop after the window's last step, once `state` (that step's output) is computed: dispatch is
+        asynchronous, so without the wait the trace would miss the device work of the last steps."""
+        self.step = step
+        if self.started is not None and step >= self.last:
+            jax.block_until_ready(state)
+            self.stop()
+
+    def stop(self) -> None:
+        """End a running trace (writes it) and say where it is; nothing if none runs."""
+        if self.started is None:
+            return
+        jax.profiler.stop_trace()
+        self.log.message(
+            f"profile of steps {self.started}-{self.step} written to {self.directory} (open it with "
+            f"TensorBoard's profile plugin or XProf)"
+        )
+        self.started = None
 
 
 class _Preemption:

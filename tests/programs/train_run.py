@@ -2,7 +2,7 @@
 prints one line `RESULT {json}` with the outcome and the final parameters' (and Adam moments') sharding specs.
 
     train_run.py CONFIG [--fault {sigterm,sigkill,nan,enospc} --fault-step N [--fault-process P]] [--gloo]
-                 [--cli]
+                 [--cli] [--batch-delay SECONDS]
 
 --fault sigterm: a real SIGTERM to this process right after the metrics row of step N is written;
 --fault sigkill: SIGKILL right after the asynchronous save of step N has started;
@@ -13,6 +13,7 @@ before the commit, gets a few bytes and then ENOSPC.
 --gloo: gloo CPU collectives, for runs of several processes (the environment's NEXTQUILL_COORDINATOR,
 NEXTQUILL_NUM_PROCESSES and NEXTQUILL_PROCESS_ID say which).
 --cli: run `nextquill-jax train --config CONFIG` instead and exit with its status (faults still apply).
+--batch-delay SECONDS: every batch reaches the step SECONDS late (a slow input pipeline).
 
 The result: {"status", "step", "process", "params": {path: spec}, "mu": {path: spec}}.
 """
@@ -25,6 +26,7 @@ import json
 import os
 import signal
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +41,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--fault-process", type=int, default=None)
     parser.add_argument("--gloo", action="store_true")
     parser.add_argument("--cli", action="store_true")
+    parser.add_argument("--batch-delay", type=float, default=0.0)
     return parser.parse_args()
 
 
@@ -92,6 +95,19 @@ def inject(fault: str | None, at: int) -> None:
         checkpoint.write_manifest = disk_full_at
 
 
+def delay_batches(seconds: float) -> None:
+    """Patch the loop so that every batch is handed to the step `seconds` late."""
+    from nextquill_jax.train import loop
+
+    place = loop.to_global_batch
+
+    def slow_place(local, mesh):
+        time.sleep(seconds)
+        return place(local, mesh)
+
+    loop.to_global_batch = slow_place
+
+
 def specs(tree) -> dict[str, str]:
     return {
         jax.tree_util.keystr(path): str(x.sharding.spec)
@@ -105,6 +121,8 @@ def main() -> int:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if args.fault_process in (None, int(os.environ.get("NEXTQUILL_PROCESS_ID", "0"))):
         inject(args.fault, args.fault_step)
+    if args.batch_delay:
+        delay_batches(args.batch_delay)
     if args.cli:
         from nextquill_jax.cli import main as cli
 

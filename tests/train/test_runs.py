@@ -1,7 +1,8 @@
 """Whole training runs in subprocesses, compared with each other (tiny random model and data, 12 steps).
 
 Runs, shared by the tests (a persistent compilation cache lets later runs reuse earlier compilations):
-  A  1 device, via the `nextquill-jax train` CLI, uninterrupted: the reference.
+  A  1 device, via the `nextquill-jax train` CLI, uninterrupted: the reference. Its batches arrive
+     BATCH_DELAY_S late (a slow input pipeline) and steps 2-3 are profiled (`logging.profile_steps`).
   B  as A, a real SIGTERM after step 5 → stops with a checkpoint;  C  resumes B to the end.
   D  as A, SIGKILL while the asynchronous save of step 9 is in flight, then a byte of its newest complete
      checkpoint (6) flipped;  E  resumes D: names checkpoint 6 as damaged, falls back to 3, runs to the end.
@@ -29,6 +30,7 @@ pytestmark = pytest.mark.slow  # run first: see tests/conftest.py
 
 STEPS = 12
 MESH8 = {"data": 2, "fsdp": 2, "tensor": 2}
+BATCH_DELAY_S = 0.3
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +39,8 @@ def runs(tmp_path_factory, train_runs):
     r = train_runs(root, STEPS)
     sigterm_at_5 = ("--fault", "sigterm", "--fault-step", "5")
     out = {"root": root}
-    a = r.start(r.config("A", logging={"tensorboard": True}), 1, "--cli")
+    a_cfg = r.config("A", logging={"tensorboard": True, "profile_steps": [2, 3]})
+    a = r.start(a_cfg, 1, "--cli", "--batch-delay", str(BATCH_DELAY_S))
     f = r.start(r.config("F", mesh=MESH8, train={"micro_batches": 2}), 8)
     out["A"], out["F"] = r.finish(a), r.finish(f)
 
@@ -156,7 +159,9 @@ def test_each_step_and_key_is_logged_once_evaluations_and_resumed_runs_included(
     uninterrupted, spread = _metric_rows(root / "A"), _metric_rows(root / "F")
     evaluated = sorted(step for step, key in uninterrupted if key == "eval/loss")
     assert len(evaluated) >= 2 and evaluated[-1] == STEPS, evaluated  # epoch ends and the last step
-    timing = lambda rows: {k: v for k, v in rows.items() if k[1] != "tokens_per_second"}
+    timing = lambda rows: {
+        k: v for k, v in rows.items() if k[1] not in ("tokens_per_second", "data_wait_fraction")
+    }
     for resumed in ("B", "D"):  # resumed after SIGTERM, after SIGKILL mid-save: the same rows, same numbers
         assert timing(_metric_rows(root / resumed)) == timing(uninterrupted), resumed
     assert _metric_rows(root / "G").keys() == spread.keys() == uninterrupted.keys()
@@ -170,6 +175,24 @@ def test_each_step_and_key_is_logged_once_evaluations_and_resumed_runs_included(
     assert f"already finished at step {STEPS} of {STEPS}" in messages[-1], messages
     assert (tmp_path / "A" / "metrics.jsonl").read_bytes() == (root / "A" / "metrics.jsonl").read_bytes()
     assert sorted(p.name for p in (tmp_path / "A" / "checkpoints").iterdir()) == before
+
+
+def test_profile_steps_write_a_trace_and_a_slow_dataset_shows_in_the_data_wait_fraction(runs):
+    work = runs["root"] / "A"
+    profile = work / "profile"
+    assert list(profile.rglob("*.xplane.pb")), sorted(profile.rglob("*"))
+    assert f"profile of steps 2-3 written to {profile}" in runs["A"].stdout
+    rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "loss" in r]  # not the evaluations' rows
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    for r in rows:
+        # One step per row (logging.every_steps 1): the row's wall time is its tokens over its rate, and the
+        # loop waited at least BATCH_DELAY_S of it for the batch.
+        wall = r["input_tokens"] / r["tokens_per_second"]
+        assert BATCH_DELAY_S / wall * (1 - 1e-9) <= r["data_wait_fraction"] <= 1, r
+    # Past compilation (step 1) and the trace (2-3), a tiny step takes milliseconds against the 300 ms wait;
+    # the median skips the rows that also hold an evaluation or a save.
+    assert np.median([r["data_wait_fraction"] for r in rows[3:]]) > 0.5, rows
 
 
 def _expected_spec(name: str) -> str:
