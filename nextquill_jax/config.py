@@ -79,6 +79,12 @@ class ModelRunConfig:
     `overrides` replaces architecture fields of `ModelConfig` (e.g. `{hidden_size: 32, num_layers: 2}` for a
     tiny random model); the runtime fields have their own keys. The tokenizer is `data.tokenizer`. `lora`
     trains adapters on the frozen model instead of the model itself (`LoraConfig`).
+    `cudnn_max_segments` (with `attention_impl: cudnn`; opt-in, not yet verified on a GPU): cuDNN's packed
+    attention, segments passed as lengths and offsets instead of a [T, T] mask, for rows of at most this many
+    examples; a row with more makes the step non-finite (models/cudnn_packed.py). Every example takes at
+    least one response slot, so `data.batching.response_slots` is a safe value; a tighter one (the most
+    examples the packer puts in a row) saves memory: cuDNN keeps [rows × this, heads, T] float32 statistics
+    per attention call.
     """
 
     path: str | None = None
@@ -88,6 +94,7 @@ class ModelRunConfig:
     compute_dtype: Literal["float32", "bfloat16"] = "bfloat16"
     remat_policy: Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"] = "none"
     attention_impl: Literal["xla", "xla_dense", "cudnn", "splash"] = "xla"
+    cudnn_max_segments: int | None = None
     lora: LoraConfig | None = None
 
     def __post_init__(self):
@@ -99,13 +106,14 @@ class ModelRunConfig:
         if self.preset is not None:
             self.model_config()
 
-    def runtime(self) -> dict[str, str]:
+    def runtime(self) -> dict[str, Any]:
         """The runtime `ModelConfig` fields chosen here."""
         return {
             "param_dtype": self.param_dtype,
             "compute_dtype": self.compute_dtype,
             "remat_policy": self.remat_policy,
             "attention_impl": self.attention_impl,
+            "cudnn_max_segments": self.cudnn_max_segments,
         }
 
     def model_config(self) -> ModelConfig:

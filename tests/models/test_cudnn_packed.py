@@ -8,9 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from jax._src.cudnn import fused_attention_stablehlo as fused
 
-from nextquill_jax.models import cudnn_packed
+from nextquill_jax.models import CausalLM, attention, cudnn_packed
 from nextquill_jax.models.attention import self_attention
 from nextquill_jax.models.cudnn_packed import cudnn_packed_attention, segment_offsets
 from tests.models.cudnn_emulation import emulated_packed_attention
@@ -172,3 +173,21 @@ def test_a_jax_without_the_private_api_is_an_import_error_naming_the_version(mon
 def test_the_pinned_jax_scales_kv_offsets_by_query_heads():
     """jax 0.10.2 still has the grouped-query kv-offset bug, so the packed path repeats k / v there."""
     assert not cudnn_packed.kv_offsets_respect_kv_heads()
+
+
+def test_model_with_cudnn_max_segments_runs_the_packed_path(emulated, monkeypatch, tiny_model_config):
+    """ModelConfig.cudnn_max_segments reaches the attention: a bf16 CausalLM on packed and left-padded rows
+    gives the blockwise path's logits at every real token (backend check lifted; the emulation stands in)."""
+    emulated(False)
+    monkeypatch.setattr(attention, "check_attention_backend", lambda impl: None)
+    cfg = tiny_model_config(compute_dtype="bfloat16")  # 4 heads, 2 kv heads of 8
+    _, state = nnx.split(CausalLM(cfg, rngs=nnx.Rngs(0)))
+    seg = jnp.asarray(ROWS[:4])
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, seg.shape), jnp.int32)
+    logits = {}
+    for impl, max_segments in (("xla", None), ("cudnn", 3)):
+        model_cfg = cfg.replace(attention_impl=impl, cudnn_max_segments=max_segments)
+        graphdef = nnx.graphdef(CausalLM(model_cfg, rngs=nnx.Rngs(0)))
+        logits[impl] = np.asarray(jax.jit(lambda s, g=graphdef: nnx.merge(g, s)(ids, None, seg))(state))
+    real = ROWS[:4] > 0
+    np.testing.assert_allclose(logits["cudnn"][real], logits["xla"][real], atol=5e-2, rtol=0)
