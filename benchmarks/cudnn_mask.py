@@ -1,20 +1,42 @@
-"""What the packed-segment mask costs cuDNN attention (GPU): forward and forward+backward time of
-`models.attention.cudnn_attention` on packed rows (segment ids: a dense [B, 1, T, T] boolean mask) against the
-same call without segment ids (causal only, cuDNN's fastest path), at the MFU benchmark's shape.
+r"""What the packed-segment mask costs cuDNN attention (GPU); whether cuDNN's packed mode is right and faster.
 
     python benchmarks/cudnn_mask.py [--rows 4 --seq-len 4096 --heads 12 --kv-heads 2 --head-dim 128]
-        [--segments 4] [--append-results FILE]
+        [--segments 4] [--max-segments M] [--tolerance 0.02] [--append-results FILE]
 
-The causal-only call computes a different function (tokens see earlier examples of their row); it is timed as
-the floor that a packed-sequence kernel (segment ids or per-example offsets instead of a mask) could reach.
-Times are of one layer's attention; multiply by the layers and both streams for the step's share.
+1. Check: `models.attention.cudnn_attention` in its packed mode (segment ids as per-segment lengths and
+   offsets, `ModelConfig.cudnn_max_segments` = M, private JAX API) against float32 blockwise XLA attention
+   on the same bf16 values, outputs at real tokens and q/k/v gradients (a random cotangent, zero at padding),
+   on rows of unequal segments: M examples then padding, a left-padded single example (a prefill prompt),
+   all padding, min(2, M) examples filling the row. The dense-mask path's errors on the same rows are shown
+   as the bf16 level the incumbent reaches. Exit 1 (after printing and appending the results) unless every
+   packed output and gradient is finite, padding outputs are 0, and each error (max |error| / max
+   |reference|) is within max(--tolerance, 2 × the dense-mask path's).
+2. Timing, on rows of `--segments` equal examples: forward and forward+backward of the dense mask, the packed
+   mode and no segment ids at all (causal only, cuDNN's fastest path; it computes a different function, tokens
+   seeing earlier examples of their row, and is timed as the floor a packed kernel could reach). Times are of
+   one layer's attention; multiply by the layers and both streams for the step's share.
+
+Without a GPU the script's own logic runs against the tests' emulation of the private API (the packed calls go
+through the real wrapper, the dense-mask and causal calls through `xla_dense`), at a small shape:
+
+    PYTHONPATH=. JAX_PLATFORMS=cpu python - --rows 4 --seq-len 256 --heads 4 --kv-heads 2 --head-dim 64 \
+        --repeats 2 <<'EOF'
+    import runpy
+    from tests.models import cudnn_emulation
+    cudnn_emulation.install()
+    runpy.run_path("benchmarks/cudnn_mask.py", run_name="__main__")
+    EOF
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
+import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 
 def _time(fn, args, repeats: int) -> float:
@@ -30,6 +52,90 @@ def _time(fn, args, repeats: int) -> float:
     return best
 
 
+def check_rows(rows: int, t: int, max_segments: int) -> np.ndarray:
+    """Segment ids [rows, t] cycling through four layouts: `max_segments` unequal examples (lengths 1 : 2 :
+    ...) over 95% of the row then padding; 25% left padding then one example; all padding; min(2,
+    max_segments) unequal examples filling the row."""
+    seg = np.zeros((rows, t), np.int32)
+    for r in range(rows):
+        layout = r % 4
+        if layout == 2:
+            continue
+        n, start, end = {
+            0: (max_segments, 0, t * 95 // 100),
+            1: (1, t // 4, t),
+            3: (min(2, max_segments), 0, t),
+        }[layout]
+        weights = np.cumsum(np.arange(n + 1))  # 0, 1, 3, 6, ...: unequal lengths
+        cuts = start + (end - start) * weights // weights[-1]
+        for k in range(n):
+            seg[r, cuts[k] : cuts[k + 1]] = k + 1
+    return seg
+
+
+def check_packed(
+    attention, qkv, seg: np.ndarray, max_segments: int, tolerance: float
+) -> tuple[list[str], bool]:
+    """Table lines of the packed and dense-mask paths' errors against float32 blockwise XLA; the verdict."""
+    import jax
+    import jax.numpy as jnp
+
+    real = seg > 0
+    seg_j = jnp.asarray(seg)
+    cotangent = jnp.asarray(np.random.default_rng(1).standard_normal(qkv[0].shape) * real[..., None, None])
+    paths = {
+        "blockwise xla, float32 (reference)": lambda q, k, v: attention.self_attention(q, k, v, seg_j, "xla"),
+        "cuDNN packed offsets": lambda q, k, v: attention.cudnn_attention(q, k, v, seg_j, max_segments),
+        "cuDNN dense mask": lambda q, k, v: attention.cudnn_attention(q, k, v, seg_j),
+    }
+
+    def value_and_grads(fn, *args):
+        out, vjp = jax.vjp(fn, *args)
+        return out, *vjp(cotangent.astype(out.dtype))
+
+    results = {}
+    for name, fn in paths.items():
+        args = [x.astype(jnp.float32) for x in qkv] if "reference" in name else qkv
+        got = jax.jit(lambda *a, fn=fn: value_and_grads(fn, *a))(*args)
+        results[name] = [np.asarray(x, np.float32) for x in got]
+    reference = results.pop(next(iter(paths)))
+    where = [real, slice(None), slice(None), slice(None)]  # outputs at real tokens; gradients everywhere
+    errors = {
+        name: [
+            np.abs(x[w] - r[w]).max() / np.abs(r[w]).max()
+            for x, r, w in zip(got, reference, where, strict=True)
+        ]
+        for name, got in results.items()
+    }
+    packed, mask = results["cuDNN packed offsets"], errors["cuDNN dense mask"]
+    limits = [max(tolerance, 2 * e) for e in mask]
+    finite = all(np.isfinite(x).all() for x in packed)
+    zero_padding = bool((packed[0][~real] == 0).all())
+    ok = (
+        finite
+        and zero_padding
+        and all(e <= lim for e, lim in zip(errors["cuDNN packed offsets"], limits, strict=True))
+    )
+    lines = [
+        "| attention call | output | dq | dk | dv |",
+        "| --- | ---: | ---: | ---: | ---: |",
+        *(f"| {name} | " + " | ".join(f"{e:.2e}" for e in errs) + " |" for name, errs in errors.items()),
+        "| packed limit | " + " | ".join(f"{e:.2e}" for e in limits) + " |",
+        "",
+        f"Packed offsets: {'PASS' if ok else 'FAIL'} (finite outputs and gradients: {finite}; padding "
+        f"outputs 0: {zero_padding}; errors within the limit row).",
+    ]
+    return lines, ok
+
+
+def _mask_backward_computes_dbias() -> bool:
+    """Whether jax's cuDNN backward computes a [B, 1, T, T] gradient for a boolean mask (until jax PR #39512,
+    after 0.11.0, it did, and discarded it): part of what the dense-mask path costs here."""
+    from jax._src.cudnn import fused_attention_stablehlo as fused
+
+    return "bias_is_differentiable" not in inspect.getsource(fused)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=4)
@@ -37,30 +143,44 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--kv-heads", type=int, default=2)
     parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--segments", type=int, default=4, help="examples packed per row (equal lengths)")
+    parser.add_argument("--segments", type=int, default=4, help="examples packed per row when timing (equal)")
+    parser.add_argument("--max-segments", type=int, help="the packed mode's M (default: --segments)")
+    parser.add_argument("--tolerance", type=float, default=2e-2, help="packed error allowed, of max |ref|")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--append-results", type=Path)
     args = parser.parse_args(argv)
+    max_segments = args.max_segments or args.segments
 
     import jax
     import jax.numpy as jnp
 
     from nextquill_jax.bench.record import append_results, results_header
-    from nextquill_jax.models.attention import cudnn_attention
+    from nextquill_jax.models import attention, cudnn_packed
 
     b, t, h, k, hd = args.rows, args.seq_len, args.heads, args.kv_heads, args.head_dim
     keys = jax.random.split(jax.random.key(0), 3)
     q = jax.random.normal(keys[0], (b, t, h, hd), jnp.bfloat16)
     kv = [jax.random.normal(key, (b, t, k, hd), jnp.bfloat16) for key in keys[1:]]
+
+    check_lines, ok = check_packed(
+        attention, (q, *kv), check_rows(b, t, max_segments), max_segments, args.tolerance
+    )
+    print("\n".join(check_lines))
+
     segment_ids = jnp.broadcast_to(1 + jnp.arange(t) * args.segments // t, (b, t)).astype(jnp.int32)
 
-    def loss(q, k, v, seg):
-        return cudnn_attention(q, k, v, seg).astype(jnp.float32).sum()
+    def loss(q, k, v, seg, m):
+        return attention.cudnn_attention(q, k, v, seg, m).astype(jnp.float32).sum()
 
     rows = []
-    for label, seg in (("packed: segment mask", segment_ids), ("causal only (floor)", None)):
-        forward = jax.jit(lambda q, k, v, s=seg: cudnn_attention(q, k, v, s))
-        backward = jax.jit(jax.grad(lambda q, k, v, s=seg: loss(q, k, v, s), argnums=(0, 1, 2)))
+    calls = (
+        ("packed: segment mask", segment_ids, None),
+        (f"packed: segment offsets (M = {max_segments})", segment_ids, max_segments),
+        ("causal only (floor)", None, None),
+    )
+    for label, seg, m in calls:
+        forward = jax.jit(lambda q, k, v, s=seg, m=m: attention.cudnn_attention(q, k, v, s, m))
+        backward = jax.jit(jax.grad(lambda q, k, v, s=seg, m=m: loss(q, k, v, s, m), argnums=(0, 1, 2)))
         fwd = _time(forward, (q, *kv), args.repeats)
         both = _time(backward, (q, *kv), args.repeats)
         rows.append((label, fwd, both))
@@ -74,17 +194,24 @@ def main(argv: list[str] | None = None) -> int:
     ]
     print("\n".join(lines))
     if args.append_results:
-        command = ["python", "benchmarks/cudnn_mask.py", *(argv if argv is not None else [])]
+        command = ["python", "benchmarks/cudnn_mask.py", *(argv if argv is not None else sys.argv[1:])]
+        repeated = h != k and not cudnn_packed.kv_offsets_respect_kv_heads()
         header = results_header(
-            "cuDNN attention: the packed-segment mask's cost",
+            "cuDNN attention: the packed-segment mask against cuDNN's packed mode (segment offsets)",
             command,
             [
-                f"shape: {b} rows × {t} tokens, {h} query heads ({k} kv) of {hd}, bf16, {args.segments} "
-                f"equal examples per row; one layer; best of {args.repeats} after a warm-up"
+                f"shape: {b} rows × {t} tokens, {h} query heads ({k} kv) of {hd}, bf16; one layer; best of "
+                f"{args.repeats} after a warm-up",
+                f"check rows: `check_rows({b}, {t}, {max_segments})` (M unequal examples + padding, "
+                f"left-padded prompt, all padding, min(2, M) examples); errors = max |error| / max |float32 "
+                f"blockwise reference|, outputs at real tokens, gradients everywhere",
+                f"timing rows: {args.segments} equal examples per row",
+                f"this jax: packed mode repeats k/v to the query heads (kv-offset bug): {repeated}; the "
+                f"dense mask's backward computes a bias gradient: {_mask_backward_computes_dbias()}",
             ],
         )
-        append_results(args.append_results, [*header, *lines])
-    return 0
+        append_results(args.append_results, [*header, *check_lines, "", *lines])
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

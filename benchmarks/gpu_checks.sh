@@ -2,12 +2,18 @@
 # Every pending GPU measurement in one command, for a short lease of one NVIDIA GPU (H100/H200): the training
 # step's MFU at the Qwen2.5-1.5B shape with its breakdown, then with bf16 operands in the fused loss, the joint
 # forward, remat none, and three remat policies per part of the layer (`save:...`, not yet run on a GPU; their
-# FLOPs and memory on CPU: RESULTS.md); the fused loss alone in float32 and bf16 operands; generation's
-# prefill; what the packed-segment mask costs cuDNN attention (benchmarks/cudnn_mask.py, not yet run on a GPU).
-# Each check has its own time limit, so one failure leaves the others' results, and every result lands in
-# OUT_DIR as it is made.
+# FLOPs and memory on CPU: RESULTS.md); the fused loss alone in float32 and bf16 operands; generation's prefill;
+# what the packed-segment mask costs cuDNN attention and whether cuDNN's packed mode (segment offsets,
+# model.cudnn_max_segments) matches blockwise XLA attention in outputs and gradients and is faster
+# (benchmarks/cudnn_mask.py, exit 1 on a mismatch; not yet run on a GPU), and the step with that mode. Each check
+# has its own time limit, so one failure leaves the others' results, and every result lands in OUT_DIR as it is
+# made.
 #
-#   bash benchmarks/gpu_checks.sh OUT_DIR
+#   bash benchmarks/gpu_checks.sh OUT_DIR [NAMES]
+#
+# NAMES (an extended regular expression) runs only the checks whose names match, e.g. 'cudnn|mfu_breakdown'
+# for the cuDNN packed-mode checks and the step they compare with (an estimated 6 min with compiles; the packed
+# mode needs a Hopper or newer GPU).
 #
 # Run from the repository root under the machine's own JAX (the package on PYTHONPATH; grain and its two
 # dependencies missing there travel as wheels). Sections are appended to OUT_DIR/RESULTS_gpu.md in
@@ -16,16 +22,18 @@ set -uo pipefail
 out=${1:?usage: gpu_checks.sh OUT_DIR}
 mkdir -p "$out"
 results=$out/RESULTS_gpu.md
+only=${2:-.}
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
 
 check() {  # check NAME SECONDS COMMAND...: one check under a time limit, its whole output in OUT_DIR/NAME.log
   local name=$1 limit=$2 start=$SECONDS
   shift 2
+  [[ $name =~ $only ]] || return 0
   echo "== $name (limit ${limit} s): $*"
   timeout "$limit" "$@" >"$out/$name.log" 2>&1
   echo "== $name: exit $? after $((SECONDS - start)) s"
-  grep -E '^\|.*(qwen|tokens|prefill)|^- |ms|error|Error' "$out/$name.log" | tail -n 12
+  grep -E '^\|.*(qwen|tokens|prefill|cuDNN|packed)|^- |ms|PASS|FAIL|error|Error' "$out/$name.log" | tail -n 12
 }
 
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv >"$out/gpu.txt" 2>&1
@@ -49,6 +57,8 @@ loss=("$py" benchmarks/loss_memory.py --tokens 4096 --hidden 1536 --dtype bfloat
 check loss_f32_operands 40 "${loss[@]}" --operand-dtype float32
 check loss_bf16_operands 40 "${loss[@]}" --operand-dtype bfloat16
 check prefill 100 "$py" benchmarks/prefill.py --append-results "$results"
-check cudnn_mask 60 "$py" benchmarks/cudnn_mask.py --append-results "$results"
-check cudnn_mask_one_segment 60 "$py" benchmarks/cudnn_mask.py --segments 1 --append-results "$results"
+check cudnn_mask 120 "$py" benchmarks/cudnn_mask.py --append-results "$results"
+check cudnn_mask_one_segment 120 "$py" benchmarks/cudnn_mask.py --segments 1 --append-results "$results"
+check cudnn_mfu_offsets 150 "${mfu[@]}" --remat dots_with_no_batch_dims_saveable --attention cudnn \
+  --cudnn-max-segments 2 --breakdown
 echo "== done in $SECONDS s"

@@ -90,7 +90,7 @@ def model_config(name: str, args: argparse.Namespace, remat: str):
 
     runtime = dict(
         param_dtype="float32", compute_dtype=args.compute_dtype, remat_policy=remat,
-        attention_impl=args.attention,
+        attention_impl=args.attention, cudnn_max_segments=args.cudnn_max_segments,
     )  # fmt: skip
     if name == "tiny":
         return model_preset("qwen2.5-0.5b", **TINY, **runtime)
@@ -106,6 +106,12 @@ def model_batch(cfg, args: argparse.Namespace, accel: bool):
         entry_tokens=args.entry_tokens, target_tokens=args.target_tokens, vocab=cfg.vocab_size,
         length_multiple=128 if accel or args.cost_analysis else 32,
     )  # fmt: skip
+
+
+def attention_label(args: argparse.Namespace) -> str:
+    """The attention column: the implementation, and cuDNN's packed mode's bound when set."""
+    m = args.cudnn_max_segments
+    return args.attention + ("" if m is None else f", segment offsets (M = {m})")
 
 
 def compute_label(args: argparse.Namespace) -> str:
@@ -143,7 +149,7 @@ def cost_analysis(args: argparse.Namespace, argv: list[str] | None) -> int:
             )
         ]
         return (
-            f"| {name} | {compute_label(args)} | {remat} | {args.attention} "
+            f"| {name} | {compute_label(args)} | {remat} | {attention_label(args)} "
             f"| {args.rows} × {shape.as_tuple()} | {useful.total / 1e12:.4g} | {executed.total / 1e12:.4g} "
             f"| {' | '.join(ratios)} | {compiled.cost_analysis()['flops'] / 1e12:.4g} "
             f"| {compiled.memory_analysis().temp_size_in_bytes / GIB:.2f} |"
@@ -205,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     from nextquill_jax.bench.record import append_results, results_header
     from nextquill_jax.loss import LossConfig
     from nextquill_jax.loss.fused_head import OPERAND_DTYPES
+    from nextquill_jax.models.cudnn_packed import segment_offsets
     from nextquill_jax.parallel import make_mesh
 
     accel = jax.default_backend() in ("gpu", "tpu", "cuda", "rocm")
@@ -223,6 +230,11 @@ def main(argv: list[str] | None = None) -> int:
         "--remat", nargs="+", help="ModelConfig.remat_policy (save:NAME,... too), one row each"
     )
     parser.add_argument("--attention", help="ModelConfig.attention_impl")
+    parser.add_argument(
+        "--cudnn-max-segments", type=int,
+        help="ModelConfig.cudnn_max_segments (with --attention cudnn: its packed mode; the default "
+        "shape's rows hold 2 examples)",
+    )  # fmt: skip
     parser.add_argument("--micro-batches", type=int, default=1)
     parser.add_argument(
         "--operand-dtype", choices=OPERAND_DTYPES, default="float32",
@@ -256,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, remat in itertools.product(args.models, args.remat):
         cfg = model_config(name, args, remat)
         batch, shape = model_batch(cfg, args, accel)
+        if args.cudnn_max_segments is not None:  # a row with more examples would only be NaN under jit
+            for stream in ("with", "without"):
+                segment_offsets(batch[f"{stream}_segment_ids"], args.cudnn_max_segments)
         harness = TrainingHarness(
             cfg, mesh, loss=LossConfig(variant="nextquill"), micro_batches=args.micro_batches,
             operand_dtype=args.operand_dtype, joint_forward=args.joint_forward,
@@ -276,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         memory = timing.device_peak_mib if timing.device_peak_mib is not None else timing.compiled_total_mib
         row = (
             f"| {mesh.size} × {device_kind} | {name} | {compute_label(args)} | {remat} "
-            f"| {args.attention} | "
+            f"| {attention_label(args)} | "
             f"{args.rows} × {shape.as_tuple()} | {tokens:,} | {step_s:.4f} | {tokens / step_s:,.0f} | "
             f"{flops / 1e12:.4g} | {tflops:.4g} | {mfu} | {memory:,.0f} | {timing.compile_s:.1f} |"
         )

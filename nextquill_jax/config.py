@@ -86,6 +86,13 @@ class ModelRunConfig:
     the out-projection), `attn_out` (the out-projection) and `mlp_gate_up` (the MLP's gate and up
     projections, before silu), e.g. `save:qkv,attention`: those are kept, the rest recomputed. What each
     costs in memory and saves in FLOPs at the Qwen2.5-1.5B shape: `benchmarks/RESULTS.md`.
+
+    `cudnn_max_segments` (with `attention_impl: cudnn`; opt-in, not yet verified on a GPU): cuDNN's packed
+    attention, segments passed as lengths and offsets instead of a [T, T] mask, for rows of at most this many
+    examples; a row with more makes the step non-finite (models/cudnn_packed.py). Every example takes at
+    least one response slot, so `data.batching.response_slots` is a safe value; a tighter one (the most
+    examples the packer puts in a row) saves memory: cuDNN keeps [rows × this, heads, T] float32 statistics
+    per attention call.
     """
 
     path: str | None = None
@@ -96,6 +103,7 @@ class ModelRunConfig:
     # A string, not a Literal: `save:NAME,...` spells a set of names (checked in __post_init__).
     remat_policy: str = "none"
     attention_impl: Literal["xla", "xla_dense", "cudnn", "splash"] = "xla"
+    cudnn_max_segments: int | None = None
     lora: LoraConfig | None = None
 
     def __post_init__(self):
@@ -108,13 +116,14 @@ class ModelRunConfig:
         if self.preset is not None:
             self.model_config()
 
-    def runtime(self) -> dict[str, str]:
+    def runtime(self) -> dict[str, Any]:
         """The runtime `ModelConfig` fields chosen here."""
         return {
             "param_dtype": self.param_dtype,
             "compute_dtype": self.compute_dtype,
             "remat_policy": self.remat_policy,
             "attention_impl": self.attention_impl,
+            "cudnn_max_segments": self.cudnn_max_segments,
         }
 
     def model_config(self) -> ModelConfig:

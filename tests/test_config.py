@@ -56,6 +56,13 @@ def test_overrides_are_converted_by_the_schema(cfg_file):
     assert cfg.model.model_config().num_layers == 3 and cfg.mesh.fsdp == 1
 
 
+def test_cudnn_max_segments_reaches_the_model_config_only_with_cudnn(cfg_file):
+    cfg = load_config(cfg_file, ["model.attention_impl=cudnn", "model.cudnn_max_segments=4"])
+    assert cfg.model.model_config().cudnn_max_segments == 4
+    with pytest.raises(ConfigError, match="Fix: set attention_impl='cudnn'"):
+        load_config(cfg_file, ["model.cudnn_max_segments=4"])
+
+
 def test_yaml_exponent_float_and_int_for_float(tmp_path, tiny_config, write_config):
     raw = tiny_config(tmp_path, tmp_path)
     raw["optim"] = {"learning_rate": "5e-6", "weight_decay": 0}

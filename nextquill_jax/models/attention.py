@@ -12,7 +12,9 @@ and unused.
   backend. The reference statement of the rule; also the decode steps' attention over a KV cache
   (`CausalLM.extend`). A prompt's prefill (`CausalLM.prefill`) uses the configured implementation.
 - `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")`, GPU only, bf16/fp16; segment ids become a
-  boolean mask (without them only the causal mask is applied, which is cuDNN's fastest path).
+  boolean mask (without them only the causal mask is applied, which is cuDNN's fastest path). With
+  `max_segments` set (`ModelConfig.cudnn_max_segments`, opt-in) they become per-segment lengths and offsets
+  for cuDNN's packed mode instead (`cudnn_packed.py`: private JAX API, no [T, T] mask).
 - `splash`: Pallas splash attention, TPU only, with segment ids natively. Under `jax.set_mesh(mesh)` with
   several devices it runs per shard in `jax.shard_map` (batch over the rules' "batch" axes, heads over
   "heads").
@@ -29,6 +31,7 @@ from jax.sharding import PartitionSpec
 
 from ..parallel import DEFAULT_RULES, logical_to_mesh_spec
 from .blockwise_attention import DEFAULT_BLOCK, blockwise_attention
+from .cudnn_packed import cudnn_packed_attention
 
 _BACKENDS = {"cudnn": ("gpu", "cuda"), "splash": ("tpu",)}
 _SPLASH_BLOCK = 512
@@ -74,17 +77,31 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> 
     return out.reshape(b, t, h, hd)
 
 
-def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+def cudnn_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    segment_ids: jax.Array | None,
+    max_segments: int | None = None,
+) -> jax.Array:
     """cuDNN flash attention (GPU). q [B, T, H, Hd], k/v [B, T, K, Hd], segment_ids [B, T] or None.
 
+    segment_ids None: causal only. Given, with `max_segments` None: a dense [B, 1, T, T] segment mask; with
+    `max_segments` an int: cuDNN's packed mode (`cudnn_packed.cudnn_packed_attention`, whose contract on the
+    segment ids applies; padding outputs are 0 there).
+
     Raises:
-        ValueError: q is not bfloat16/float16 (cuDNN flash attention has no float32 kernel).
+        ValueError: q is not bfloat16/float16 (cuDNN flash attention has no float32 kernel); from
+            `cudnn_packed.segment_offsets` in the packed mode.
+        ImportError: packed mode, and the installed jax lacks the private API it calls.
     """
     if q.dtype not in (jnp.bfloat16, jnp.float16):
         raise ValueError(
             f"attention_impl='cudnn' needs compute_dtype bfloat16 or float16, got {q.dtype}. "
             "Fix: set compute_dtype='bfloat16' or attention_impl='xla'."
         )
+    if segment_ids is not None and max_segments is not None:
+        return cudnn_packed_attention(q, k, v, segment_ids, max_segments)
     mask = None
     if segment_ids is not None:
         mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # [B, 1, T, T]
@@ -188,10 +205,13 @@ def self_attention(
     impl: str,
     *,
     segments_given: bool = True,
+    cudnn_max_segments: int | None = None,
 ) -> jax.Array:
     """Causal self-attention within segments with the chosen implementation. Shapes as in `xla_attention`.
 
     `segments_given=False` says every token is in segment 1 (lets cuDNN use its plain causal kernel).
+    `cudnn_max_segments`: for `cudnn`, use its packed mode with at most this many segments per row
+    (`cudnn_attention`); the other implementations take segment ids natively and ignore it.
 
     Raises:
         ValueError: `impl` unknown or not runnable on this backend.
@@ -204,7 +224,7 @@ def self_attention(
         slots = jnp.arange(q.shape[1], dtype=jnp.int32)
         return xla_attention(q, k, v, attention_mask(segment_ids, segment_ids, slots, slots))
     if impl == "cudnn":
-        return cudnn_attention(q, k, v, segment_ids if segments_given else None)
+        return cudnn_attention(q, k, v, segment_ids if segments_given else None, cudnn_max_segments)
     if impl == "splash":
         return splash_attention(q, k, v, segment_ids)
     raise ValueError(f"unknown attention_impl {impl!r}; known: xla, xla_dense, cudnn, splash")

@@ -183,10 +183,13 @@ class CausalLM(nnx.Module):
         segments_given = segment_ids is not None
         positions = _default_positions(positions, b, t, 0)
         segment_ids = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
-        impl = self.cfg.attention_impl
+        impl, max_segments = self.cfg.attention_impl, self.cfg.cudnn_max_segments
 
         def attend(q, k, v, cache):
-            return self_attention(q, k, v, segment_ids, impl, segments_given=segments_given), cache
+            attended = self_attention(
+                q, k, v, segment_ids, impl, segments_given=segments_given, cudnn_max_segments=max_segments
+            )
+            return attended, cache
 
         x, _ = self._run_layers(self._embed(input_ids), positions, attend, None, adapters)
         return self.final_norm(x)
@@ -292,12 +295,14 @@ class CausalLM(nnx.Module):
         segments_given = segment_ids is not None
         positions = _default_positions(positions, b, t, 0)
         segment_ids = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
-        impl = self.cfg.attention_impl
+        impl, max_segments = self.cfg.attention_impl, self.cfg.cudnn_max_segments
 
         def attend(q, k, v, layer_cache):
             k_cache, v_cache = (write_slots(c, new, 0) for c, new in zip(layer_cache, (k, v), strict=True))
             k, v = (x.astype(k_cache.dtype).astype(q.dtype) for x in (k, v))  # [B, T, K, Hd]
-            attended = self_attention(q, k, v, segment_ids, impl, segments_given=segments_given)
+            attended = self_attention(
+                q, k, v, segment_ids, impl, segments_given=segments_given, cudnn_max_segments=max_segments
+            )
             return attended, (k_cache, v_cache)
 
         x, (k_all, v_all) = self._run_layers(self._embed(input_ids), positions, attend, (cache.k, cache.v))

@@ -101,6 +101,9 @@ class ModelConfig:
     compute_dtype: str = "float32"
     remat_policy: str = "none"
     attention_impl: str = "xla"
+    # cuDNN's packed mode (segment lengths and offsets instead of a [T, T] mask) for rows of at most this many
+    # segments; only with attention_impl "cudnn". None: the dense mask. See models/cudnn_packed.py.
+    cudnn_max_segments: int | None = None
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -135,6 +138,16 @@ class ModelConfig:
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"ModelConfig.{name} {getattr(self, name)!r} is not one of {allowed}")
+        if self.cudnn_max_segments is not None:
+            m = self.cudnn_max_segments
+            if not isinstance(m, int) or isinstance(m, bool) or m < 1:
+                raise ValueError(f"ModelConfig.cudnn_max_segments must be an int >= 1 or None, got {m!r}")
+            if self.attention_impl != "cudnn":
+                raise ValueError(
+                    f"ModelConfig.cudnn_max_segments={m} chooses cuDNN's packed attention, but "
+                    f"attention_impl is {self.attention_impl!r}. Fix: set attention_impl='cudnn', or "
+                    f"cudnn_max_segments=None"
+                )
         if self.family == "qwen2" and (not self.qkv_bias or self.o_bias or self.qk_norm):
             raise ValueError("family 'qwen2' means qkv_bias=True, o_bias=False, qk_norm=False")
         if self.family == "qwen3" and not self.qk_norm:
@@ -167,7 +180,7 @@ class ModelConfig:
         """Read a Hugging Face `config.json` dict (transformers 4.x or 5.x spelling).
 
         `overrides` set any field afterwards (typically the runtime ones: param_dtype, compute_dtype,
-        remat_policy, attention_impl).
+        remat_policy, attention_impl, cudnn_max_segments).
 
         Raises:
             ValueError: unknown `model_type`, or an option that changes the network and is not implemented

@@ -76,6 +76,7 @@ def base_section(model: ModelRunConfig) -> ModelRunConfig:
         compute_dtype=model.compute_dtype,
         remat_policy=model.remat_policy,
         attention_impl=model.attention_impl,
+        cudnn_max_segments=model.cudnn_max_segments,
     )
 
 

@@ -102,6 +102,7 @@ def initial_params(
         compute_dtype=section.compute_dtype,
         remat_policy=section.remat_policy,
         attention_impl=section.attention_impl,
+        cudnn_max_segments=section.cudnn_max_segments,
     )
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 

@@ -140,6 +140,12 @@ def test_runtime_fields_are_validated():
     assert remat_saved_names("full") is None
     with pytest.raises(ValueError, match="attention_impl 'flash'"):
         model_preset("smollm2-135m", attention_impl="flash")
+    for bad in (0, True, 2.5):
+        with pytest.raises(ValueError, match="cudnn_max_segments must be an int >= 1"):
+            model_preset("smollm2-135m", attention_impl="cudnn", cudnn_max_segments=bad)
+    with pytest.raises(ValueError, match=r"but attention_impl is 'xla'\. Fix: set attention_impl='cudnn'"):
+        model_preset("smollm2-135m", cudnn_max_segments=4)
+    assert model_preset("smollm2-135m", attention_impl="cudnn", cudnn_max_segments=4).cudnn_max_segments == 4
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,193 @@
+"""cuDNN's packed attention path without a GPU: the segment lengths / offsets against a NumPy statement, the
+contract on segment ids (ValueError outside jit, NaN rows under it), and the wrapper around the private API
+with that API replaced by a CPU emulation of its documented semantics (tests/models/cudnn_emulation.py)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax._src.cudnn import fused_attention_stablehlo as fused
+
+from nextquill_jax.models import CausalLM, attention, cudnn_packed
+from nextquill_jax.models.attention import self_attention
+from nextquill_jax.models.cudnn_packed import cudnn_packed_attention, segment_offsets
+from tests.models.cudnn_emulation import emulated_packed_attention
+from tests.models.test_attention import random_qkv
+
+# Rows of 12 slots: three segments and end padding; a full row of max (3) segments; one segment; a left-padded
+# prompt (CausalLM.prefill); all padding.
+ROWS = np.array(
+    [
+        [1, 1, 1, 2, 2, 2, 2, 3, 3, 0, 0, 0],
+        [1, 1, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3],
+        [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1],
+        [0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1],
+        [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+    ],
+    np.int32,
+)
+
+
+def numpy_offsets(seg: np.ndarray, max_segments: int) -> tuple[np.ndarray, np.ndarray]:
+    """The API's statement: seqlens [B, M] and offsets [B, M + 1], -1 where a row has no such segment."""
+    seqlens = np.full((seg.shape[0], max_segments), -1)
+    offsets = np.full((seg.shape[0], max_segments + 1), -1)
+    for row in range(seg.shape[0]):
+        for k in range(1, max_segments + 1):
+            slots = np.flatnonzero(seg[row] == k)
+            if slots.size:
+                seqlens[row, k - 1], offsets[row, k - 1] = slots.size, slots[0]
+    return seqlens, offsets
+
+
+@pytest.mark.parametrize("max_segments, rows", [(3, slice(None)), (4, slice(None)), (1, slice(2, 5))])
+def test_segment_offsets_match_the_numpy_statement(max_segments, rows):
+    seg = ROWS[rows]
+    expected = numpy_offsets(seg, max_segments)
+    for got in (
+        segment_offsets(seg, max_segments),
+        jax.jit(segment_offsets, static_argnums=1)(seg, max_segments),
+    ):
+        assert got.seqlens.dtype == got.offsets.dtype == jnp.int32
+        np.testing.assert_array_equal(got.seqlens, expected[0])
+        np.testing.assert_array_equal(got.offsets, expected[1])
+        assert np.asarray(got.fits).all()
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ([1, 2, 3, 0], "segment ids 0..3, outside 0..2"),  # more segments than max_segments
+        ([1, 1, 2, 1], r"runs \[1, 2, 1\]"),  # an id in two runs
+        ([2, 2, 1, 0], r"runs \[2, 1\]"),  # ids out of row order
+        ([1, -1, 0, 0], "outside 0..2"),
+    ],
+)
+def test_rows_breaking_the_contract_raise_outside_jit_and_are_marked_under_it(row, message):
+    seg = np.array([[1, 1, 2, 0], row], np.int32)
+    with pytest.raises(ValueError, match=f"row 1 .*{message}"):
+        segment_offsets(seg, 2)
+    fits = jax.jit(lambda s: segment_offsets(s, 2).fits)(seg)
+    np.testing.assert_array_equal(fits, [True, False])
+
+
+@pytest.mark.parametrize("max_segments", [0, True, 2.0])
+def test_max_segments_must_be_a_positive_int(max_segments):
+    with pytest.raises(ValueError, match="max_segments must be an int >= 1"):
+        segment_offsets(ROWS, max_segments)
+    with pytest.raises(ValueError, match=r"must be \[B, T\]"):
+        segment_offsets(ROWS[0], 3)
+
+
+@pytest.fixture
+def emulated(monkeypatch):
+    """Install the CPU emulation of the private API; call with whether its kv offsets respect kv heads."""
+
+    def install(kv_offsets_use_kv_heads: bool, detected: bool | None = None) -> None:
+        monkeypatch.setattr(
+            fused, "dot_product_attention", emulated_packed_attention(kv_offsets_use_kv_heads)
+        )
+        answer = kv_offsets_use_kv_heads if detected is None else detected
+        monkeypatch.setattr(cudnn_packed, "kv_offsets_respect_kv_heads", lambda: answer)
+
+    return install
+
+
+def packed_and_dense(seg: np.ndarray, max_segments: int):
+    """(packed, dense) attention functions of (q, k, v) over the segment ids `seg`."""
+    seg = jnp.asarray(seg)
+    return (
+        jax.jit(lambda q, k, v: cudnn_packed_attention(q, k, v, seg, max_segments)),
+        jax.jit(lambda q, k, v: self_attention(q, k, v, seg, "xla_dense")),
+    )
+
+
+@pytest.mark.parametrize("kv_offsets_use_kv_heads", [True, False])
+def test_packed_attention_and_gradients_match_dense_attention(emulated, kv_offsets_use_kv_heads):
+    """Grouped heads (4 query, 2 kv): exact at real tokens whether jax's kv offsets count kv heads (k / v
+    passed as they are) or query heads (jax <= 0.11.0: k / v repeated to the query heads); padding outputs are
+    0 and padding gradients 0, although the emulated cuDNN leaves NaN there."""
+    emulated(kv_offsets_use_kv_heads)
+    q, k, v = random_qkv(5, 12, 4, 2, 8)
+    real = ROWS > 0
+    cotangent = (
+        jnp.asarray(np.random.default_rng(1).standard_normal(q.shape), jnp.float32) * real[..., None, None]
+    )
+    packed, dense = packed_and_dense(ROWS, 3)
+    out = np.asarray(packed(q, k, v))
+    np.testing.assert_allclose(out[real], np.asarray(dense(q, k, v))[real], atol=1e-6, rtol=0)
+    assert (out[~real] == 0).all()
+    grads = [
+        jax.grad(lambda q, k, v, f=f: (f(q, k, v) * cotangent).sum(), (0, 1, 2))(q, k, v)
+        for f in (packed, dense)
+    ]
+    for got, want in zip(*grads, strict=True):
+        assert np.isfinite(got).all() and (np.asarray(got)[~real] == 0).all()
+        np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
+
+
+def test_the_emulated_grouped_query_bug_is_what_the_repeat_avoids(emulated):
+    emulated(kv_offsets_use_kv_heads=False, detected=True)  # trusting buggy kv offsets
+    q, k, v = random_qkv(5, 12, 4, 2, 8)
+    packed, dense = packed_and_dense(ROWS, 3)
+    real = ROWS > 0
+    assert not np.allclose(np.asarray(packed(q, k, v))[real], np.asarray(dense(q, k, v))[real], atol=1e-3)
+
+
+def test_rows_breaking_the_contract_are_nan_under_jit_and_the_others_exact(emulated):
+    emulated(True)
+    q, k, v = random_qkv(5, 12, 4, 2, 8)
+    packed, dense = packed_and_dense(ROWS, 2)  # rows 0 and 1 hold 3 segments
+    out, want = np.asarray(packed(q, k, v)), np.asarray(dense(q, k, v))
+    assert np.isnan(out[:2]).all()
+    real = ROWS[2:] > 0
+    np.testing.assert_allclose(out[2:][real], want[2:][real], atol=1e-6, rtol=0)
+
+
+def test_one_segment_rows_keep_the_packed_mode(emulated):
+    """max_segments=1 passes a spare empty segment (the emulation asserts M > 1), so a left-padded prompt's
+    segment keeps its offset."""
+    emulated(True)
+    q, k, v = random_qkv(3, 12, 4, 2, 8)
+    packed, dense = packed_and_dense(ROWS[2:], 1)
+    real = ROWS[2:] > 0
+    np.testing.assert_allclose(np.asarray(packed(q, k, v))[real], np.asarray(dense(q, k, v))[real], atol=1e-6)
+
+
+def test_a_jax_without_the_private_api_is_an_import_error_naming_the_version(monkeypatch):
+    monkeypatch.setattr(fused, "dot_product_attention", lambda query, key, value, mask=None: query)
+    q, k, v = random_qkv(1, 4, 2, 1, 8)
+    written_for = (
+        r"lacks \['q_seqlen'.*Fix: unset model\.cudnn_max_segments.*jax 0\.10\.2, which this path was"
+    )
+    with pytest.raises(ImportError, match=written_for):
+        cudnn_packed_attention(q, k, v, jnp.ones((1, 4), jnp.int32), 2)
+
+
+@pytest.mark.skipif(
+    jax.__version__ != cudnn_packed.WRITTEN_FOR_JAX, reason="states the pinned jax's behaviour"
+)
+def test_the_pinned_jax_scales_kv_offsets_by_query_heads():
+    """jax 0.10.2 still has the grouped-query kv-offset bug, so the packed path repeats k / v there."""
+    assert not cudnn_packed.kv_offsets_respect_kv_heads()
+
+
+def test_model_with_cudnn_max_segments_runs_the_packed_path(emulated, monkeypatch, tiny_model_config):
+    """ModelConfig.cudnn_max_segments reaches the attention: a bf16 CausalLM on packed and left-padded rows
+    gives the blockwise path's logits at every real token (backend check lifted; the emulation stands in)."""
+    emulated(False)
+    monkeypatch.setattr(attention, "check_attention_backend", lambda impl: None)
+    cfg = tiny_model_config(compute_dtype="bfloat16")  # 4 heads, 2 kv heads of 8
+    _, state = nnx.split(CausalLM(cfg, rngs=nnx.Rngs(0)))
+    seg = jnp.asarray(ROWS[:4])
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, seg.shape), jnp.int32)
+    logits = {}
+    for impl, max_segments in (("xla", None), ("cudnn", 3)):
+        model_cfg = cfg.replace(attention_impl=impl, cudnn_max_segments=max_segments)
+        graphdef = nnx.graphdef(CausalLM(model_cfg, rngs=nnx.Rngs(0)))
+        logits[impl] = np.asarray(jax.jit(lambda s, g=graphdef: nnx.merge(g, s)(ids, None, seg))(state))
+    real = ROWS[:4] > 0
+    np.testing.assert_allclose(logits["cudnn"][real], logits["xla"][real], atol=5e-2, rtol=0)
