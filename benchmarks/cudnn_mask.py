@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     import jax.numpy as jnp
 
     from nextquill_jax.bench.record import append_results, results_header
-    from nextquill_jax.models import attention, cudnn_packed
+    from nextquill_jax.models import attention
 
     b, t, h, k, hd = args.rows, args.seq_len, args.heads, args.kv_heads, args.head_dim
     keys = jax.random.split(jax.random.key(0), 3)
@@ -195,7 +195,6 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(lines))
     if args.append_results:
         command = ["python", "benchmarks/cudnn_mask.py", *(argv if argv is not None else sys.argv[1:])]
-        repeated = h != k and not cudnn_packed.kv_offsets_respect_kv_heads()
         header = results_header(
             "cuDNN attention: the packed-segment mask against cuDNN's packed mode (segment offsets)",
             command,
@@ -206,8 +205,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"left-padded prompt, all padding, min(2, M) examples); errors = max |error| / max |float32 "
                 f"blockwise reference|, outputs at real tokens, gradients everywhere",
                 f"timing rows: {args.segments} equal examples per row",
-                f"this jax: packed mode repeats k/v to the query heads (kv-offset bug): {repeated}; the "
-                f"dense mask's backward computes a bias gradient: {_mask_backward_computes_dbias()}",
+                f"packed mode repeats k/v to the query heads (jax <= 0.11.0's kv-offset bug): {h != k}; this "
+                f"jax's dense-mask backward computes a bias gradient: {_mask_backward_computes_dbias()}",
             ],
         )
         append_results(args.append_results, [*header, *check_lines, "", *lines])

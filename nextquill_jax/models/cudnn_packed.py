@@ -128,7 +128,10 @@ def cudnn_packed_attention(
     # Zeroed inputs make the gradient at padding slots zero whatever cuDNN writes there (select's
     # transpose drops the other branch, NaN or not).
     q, k, v = (jnp.where(real, x, jnp.zeros((), x.dtype)) for x in (q, k, v))
-    if k.shape[2] != q.shape[2] and not kv_offsets_respect_kv_heads():
+    if k.shape[2] != q.shape[2]:
+        # Up to jax 0.11.0 the API scales kv_offsets by the query's heads, not the key's (fixed by jax PR
+        # #39521), so with fewer kv heads it reads keys from the wrong tokens without an error. k / v repeated
+        # to the query heads are right under either scaling; no version check, since none marks the fix.
         k, v = (jnp.repeat(x, q.shape[2] // x.shape[2], axis=2) for x in (k, v))
     out = fused.dot_product_attention(
         q,
@@ -144,23 +147,6 @@ def cudnn_packed_attention(
     )
     out = jnp.where(real, out, jnp.zeros((), out.dtype))
     return jnp.where(packed.fits[:, None, None, None], out, jnp.full((), jnp.nan, out.dtype))
-
-
-def kv_offsets_respect_kv_heads() -> bool:
-    """Whether the installed jax scales `kv_offsets` by the key's own heads (grouped-query safe).
-
-    Up to jax 0.11.0 the private API multiplied both offsets by the query's heads × head_dim, so with fewer
-    key/value heads than query heads its kv offsets point past each segment's start and the output is wrong
-    without an error (fixed by jax PR #39521). No version attribute marks the fix, so this reads the helper's
-    source; when it cannot tell, it answers False and the caller repeats k / v to the query heads (correct
-    either way, only slower).
-    """
-    fused = _fused_attention_module()
-    try:
-        source = inspect.getsource(fused._fix_seqlen_offsets)
-    except (AttributeError, OSError, TypeError):
-        return False
-    return "kv_offsets * N_kv" in source
 
 
 def _fused_attention_module():

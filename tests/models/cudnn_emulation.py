@@ -111,7 +111,6 @@ def install(kv_offsets_use_kv_heads: bool = True) -> None:
     from nextquill_jax.models import attention, cudnn_packed
 
     fused.dot_product_attention = emulated_packed_attention(kv_offsets_use_kv_heads)
-    cudnn_packed.kv_offsets_respect_kv_heads = lambda: kv_offsets_use_kv_heads
 
     def cudnn_attention(q, k, v, segment_ids, max_segments=None):
         if segment_ids is not None and max_segments is not None:

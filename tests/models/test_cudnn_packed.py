@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 from jax._src.cudnn import fused_attention_stablehlo as fused
 
-from nextquill_jax.models import CausalLM, attention, cudnn_packed
+from nextquill_jax.models import CausalLM, attention
 from nextquill_jax.models.attention import self_attention
 from nextquill_jax.models.cudnn_packed import cudnn_packed_attention, segment_offsets
 from tests.models.cudnn_emulation import emulated_packed_attention
@@ -86,12 +86,10 @@ def test_max_segments_must_be_a_positive_int(max_segments):
 def emulated(monkeypatch):
     """Install the CPU emulation of the private API; call with whether its kv offsets respect kv heads."""
 
-    def install(kv_offsets_use_kv_heads: bool, detected: bool | None = None) -> None:
+    def install(kv_offsets_use_kv_heads: bool) -> None:
         monkeypatch.setattr(
             fused, "dot_product_attention", emulated_packed_attention(kv_offsets_use_kv_heads)
         )
-        answer = kv_offsets_use_kv_heads if detected is None else detected
-        monkeypatch.setattr(cudnn_packed, "kv_offsets_respect_kv_heads", lambda: answer)
 
     return install
 
@@ -130,11 +128,18 @@ def test_packed_attention_and_gradients_match_dense_attention(emulated, kv_offse
 
 
 def test_the_emulated_grouped_query_bug_is_what_the_repeat_avoids(emulated):
-    emulated(kv_offsets_use_kv_heads=False, detected=True)  # trusting buggy kv offsets
+    """Called directly with grouped k / v (not repeated), the buggy API is wrong: the repeat is needed."""
+    emulated(kv_offsets_use_kv_heads=False)
     q, k, v = random_qkv(5, 12, 4, 2, 8)
-    packed, dense = packed_and_dense(ROWS, 3)
+    packed = segment_offsets(jnp.asarray(ROWS), 3)
+    direct = fused.dot_product_attention(
+        q, k, v, q_seqlen=packed.seqlens, kv_seqlen=packed.seqlens, q_offsets=packed.offsets,
+        kv_offsets=packed.offsets, scale=float(1 / np.sqrt(8)), mask_type=fused.MaskType.PADDING_CAUSAL,
+        qkv_layout="BTNH",
+    )  # fmt: skip
+    _, dense = packed_and_dense(ROWS, 3)
     real = ROWS > 0
-    assert not np.allclose(np.asarray(packed(q, k, v))[real], np.asarray(dense(q, k, v))[real], atol=1e-3)
+    assert not np.allclose(np.asarray(direct)[real], np.asarray(dense(q, k, v))[real], atol=1e-3)
 
 
 def test_rows_breaking_the_contract_are_nan_under_jit_and_the_others_exact(emulated):
@@ -165,14 +170,6 @@ def test_a_jax_without_the_private_api_is_an_import_error_naming_the_version(mon
     )
     with pytest.raises(ImportError, match=written_for):
         cudnn_packed_attention(q, k, v, jnp.ones((1, 4), jnp.int32), 2)
-
-
-@pytest.mark.skipif(
-    jax.__version__ != cudnn_packed.WRITTEN_FOR_JAX, reason="states the pinned jax's behaviour"
-)
-def test_the_pinned_jax_scales_kv_offsets_by_query_heads():
-    """jax 0.10.2 still has the grouped-query kv-offset bug, so the packed path repeats k / v there."""
-    assert not cudnn_packed.kv_offsets_respect_kv_heads()
 
 
 def test_model_with_cudnn_max_segments_runs_the_packed_path(emulated, monkeypatch, tiny_model_config):
