@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every pending GPU measurement in one command, for a short lease of one NVIDIA GPU (H100/H200): the training
-# step's MFU at the Qwen2.5-1.5B shape with its breakdown, then with bf16 operands in the fused loss, the joint
+# step's MFU at the Qwen2.5-1.5B shape with its breakdown and a jax.profiler trace, then with bf16 operands in the fused loss, the joint
 # forward, remat none, and three remat policies per part of the layer (`save:...`, not yet run on a GPU; their
 # FLOPs and memory on CPU: RESULTS.md); the fused loss alone in float32 and bf16 operands; generation's prefill;
 # what the packed-segment mask costs cuDNN attention and whether cuDNN's packed mode (segment offsets,
@@ -43,6 +43,10 @@ cat "$out/gpu.txt"
 
 mfu=("$py" benchmarks/mfu.py --models qwen2.5-1.5b --steps 5 --warmup 2 --append-results "$results")
 check mfu_breakdown 150 "${mfu[@]}" --remat dots_with_no_batch_dims_saveable --breakdown
+# A jax.profiler trace of 3 steps (host gaps, the backward's kernels), not appended to the results: the
+# tracer's overhead is in its times. Open OUT_DIR/profile with XProf or TensorBoard's profile plugin.
+check mfu_profile 120 "$py" benchmarks/mfu.py --models qwen2.5-1.5b --steps 3 --warmup 2 \
+  --remat dots_with_no_batch_dims_saveable --profile "$out/profile"
 check mfu_bf16_head 70 "${mfu[@]}" --remat dots_with_no_batch_dims_saveable --operand-dtype bfloat16
 check mfu_bf16_joint 70 "${mfu[@]}" --remat dots_with_no_batch_dims_saveable --operand-dtype bfloat16 \
   --joint-forward

@@ -22,6 +22,7 @@ MFU = FLOPs / best step time / (devices × the chip's dense bf16 peak), peak fro
     python benchmarks/mfu.py --models qwen2.5-1.5b --remat dots_with_no_batch_dims_saveable --breakdown \
         --operand-dtype bfloat16 --joint-forward           # the step's parts; bf16 head operands, one call
     python benchmarks/mfu.py --cost-analysis               # any backend, compile only: executed vs useful
+    python benchmarks/mfu.py --models qwen2.5-1.5b --steps 3 --profile traces   # + a jax.profiler trace
 
 `--remat` takes several policies (a row each). `--cost-analysis` compiles the step (nothing allocated) for
 the accelerator shape (Qwen2.5-1.5B, 4 × 4,096 tokens) at remat none and full, and the fused loss alone, and
@@ -252,6 +253,12 @@ def main(argv: list[str] | None = None) -> int:
         "--cost-analysis", action="store_true",
         help="compile only (any backend, nothing allocated): executed vs useful matmul FLOPs per part",
     )  # fmt: skip
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="write a jax.profiler trace of the timed steps to DIR/<model>-<remat> (the tracer's overhead is "
+        "in those steps' times)",
+    )
     parser.add_argument("--append-results", type=Path, help="append a Markdown section to this file")
     args = parser.parse_args(argv)
     resolve_defaults(args, accel, jax.default_backend())
@@ -275,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg, mesh, loss=LossConfig(variant="nextquill"), micro_batches=args.micro_batches,
             operand_dtype=args.operand_dtype, joint_forward=args.joint_forward,
         )  # fmt: skip
-        timing = harness.time(batch, warmup=args.warmup, steps=args.steps)
+        profile_dir = args.profile / f"{name}-{remat}" if args.profile else None
+        timing = harness.time(batch, warmup=args.warmup, steps=args.steps, profile_dir=profile_dir)
         if args.breakdown:
             parts = step_breakdown(harness, batch, steps=args.steps)
             breakdowns.append(

@@ -164,12 +164,22 @@ class TrainingHarness:
 
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
 
-    def time(self, batch: dict[str, np.ndarray], *, warmup: int = 1, steps: int = 3) -> StepTiming:
+    def time(
+        self,
+        batch: dict[str, np.ndarray],
+        *,
+        warmup: int = 1,
+        steps: int = 3,
+        profile_dir: Path | None = None,
+    ) -> StepTiming:
         """Compile the step for `batch`'s shapes, run `warmup` steps untimed and `steps` timed ones.
 
         Each timed step is waited for (`block_until_ready`) before the next starts. The state advances
-        (parameters change), which does not change the step's cost.
+        (parameters change), which does not change the step's cost. `profile_dir`: a `jax.profiler` trace of
+        the timed steps is written there (the tracer's overhead is in their times).
         """
+        import contextlib
+
         import jax
 
         placed = self.place(batch)
@@ -185,11 +195,13 @@ class TrainingHarness:
                     first_loss = float(metrics["loss"])
             jax.block_until_ready(self.state)
             times = []
-            for _ in range(steps):
-                start = time.perf_counter()
-                self.state, metrics = compiled(self.state, placed, None, self.base)
-                jax.block_until_ready((self.state, metrics))
-                times.append(time.perf_counter() - start)
+            trace = jax.profiler.trace(str(profile_dir)) if profile_dir else contextlib.nullcontext()
+            with trace:
+                for _ in range(steps):
+                    start = time.perf_counter()
+                    self.state, metrics = compiled(self.state, placed, None, self.base)
+                    jax.block_until_ready((self.state, metrics))
+                    times.append(time.perf_counter() - start)
         stats = jax.local_devices()[0].memory_stats()
         peak = stats.get("peak_bytes_in_use") / MIB if stats and "peak_bytes_in_use" in stats else None
         total = (
