@@ -89,10 +89,11 @@ class ModelRunConfig:
 
     `cudnn_max_segments` (with `attention_impl: cudnn`; opt-in, not yet verified on a GPU): cuDNN's packed
     attention, segments passed as lengths and offsets instead of a [T, T] mask, for rows of at most this many
-    examples; a row with more makes the step non-finite (models/cudnn_packed.py). Every example takes at
-    least one response slot, so `data.batching.response_slots` is a safe value; a tighter one (the most
-    examples the packer puts in a row) saves memory: cuDNN keeps [rows × this, heads, T] float32 statistics
-    per attention call.
+    examples; a row with more would make the step non-finite (models/cudnn_packed.py), so set-up refuses
+    a value below the most examples a planned row holds (`train.setup.check_packed_segments`). Every example
+    takes at least one response slot, so `data.batching.response_slots` is a safe value; a tighter one (the
+    most examples the packer puts in a row) saves memory: cuDNN keeps [rows × this, heads, T] float32
+    statistics per attention call.
     """
 
     path: str | None = None

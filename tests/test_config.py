@@ -225,6 +225,29 @@ def test_bad_setups_fail_with_one_paragraph_before_compiling(
     assert compilations == [], "compiled before reporting the config error"
 
 
+def test_packed_rows_with_more_examples_than_cudnn_max_segments_are_a_config_error(
+    tmp_path, compilations, write_random_data, write_config, tiny_config
+):
+    from nextquill_jax.data.pipeline import BatchPipeline
+    from nextquill_jax.data.prepared_split import PreparedSplit
+    from nextquill_jax.train.setup import check_packed_segments
+
+    data = write_random_data(tmp_path / "data", train=16, val=0)
+    path = write_config(tiny_config(data, tmp_path / "work"), tmp_path / "cfg.yaml")
+    cudnn = ["model.attention_impl=cudnn", "model.compute_dtype=bfloat16"]
+    cfg = load_config(path, [*cudnn, "model.cudnn_max_segments=1"])
+    pipeline = BatchPipeline(PreparedSplit(data, "train"), cfg.data.batching)
+    most = max(int(batch["with_segment_ids"].max()) for batch in pipeline)  # over both epochs' batches
+    assert most > 1
+    fix = rf"packs up to {most} examples into one train row .* set model.cudnn_max_segments to {most} or more"
+    with pytest.raises(ConfigError, match=fix):
+        train(cfg, tmp_path / "work")
+    assert compilations == [], "compiled before reporting the config error"
+    check_packed_segments(
+        load_config(path, [*cudnn, f"model.cudnn_max_segments={most}"]), {"train": pipeline}
+    )
+
+
 def test_eval_generation_is_configurable_and_cli_flags_override_only_what_they_set():
     import argparse
 

@@ -75,6 +75,7 @@ class EpochStats:
     truncated_tokens: int
     dropped_examples: int
     shapes: int  # distinct batch shapes (programs the step compiles for this epoch)
+    max_examples_per_row: int  # the most examples packed into one row (segments per row; 1 unless pack)
 
     @property
     def efficiency_with(self) -> float:
@@ -263,6 +264,7 @@ class BatchPipeline:
             truncated_tokens=self._truncated[1],
             dropped_examples=dropped,
             shapes=len({s for s, _ in batches}),
+            max_examples_per_row=max((len(r) for _, rows in batches for r in rows), default=0),
         )
         plan = _EpochPlan(batches, stats)
         self._plans = {e: p for e, p in self._plans.items() if e == epoch - 1}  # keep at most two epochs

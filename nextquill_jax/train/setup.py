@@ -123,6 +123,28 @@ def plan_steps(pipeline: BatchPipeline, cfg: Config) -> tuple[int, list[int]]:
     return total, [e for e in ends if e <= total]
 
 
+def check_packed_segments(cfg: Config, pipelines: dict[str, BatchPipeline]) -> None:
+    """Raise ConfigError if `model.cudnn_max_segments` is set and a planned row holds more examples.
+
+    cuDNN's packed attention takes at most that many segments per row and makes a row with more non-finite
+    under jit, which would look like divergence. `pipelines` maps a name (`train`, `eval`) to its pipeline;
+    every epoch of its `num_epochs` is planned (the first only, when that is null: later epochs of an endless
+    run are not checked).
+    """
+    limit = cfg.model.cudnn_max_segments
+    if limit is None:
+        return
+    for name, pipeline in pipelines.items():
+        epochs = range(pipeline.cfg.num_epochs or 1)
+        most, epoch = max((pipeline.epoch_stats(e).max_examples_per_row, e) for e in epochs)
+        if most > limit:
+            raise ConfigError(
+                f"data.batching packs up to {most} examples into one {name} row (epoch {epoch}), more than "
+                f"model.cudnn_max_segments={limit}: cuDNN's packed attention would make those rows "
+                f"non-finite. Fix: set model.cudnn_max_segments to {most} or more."
+            )
+
+
 def check_micro_batches(cfg: Config, mesh: Mesh) -> None:
     """Raise ConfigError unless `train.micro_batches` divides the rows each batch shard holds."""
     rows = cfg.data.batching.rows_per_batch * jax.process_count()
@@ -314,6 +336,7 @@ def set_up_run(cfg: Config, workdir: Path, echo: Echo = print) -> RunSetup:
     train_data = BatchPipeline(PreparedSplit(data_dir, "train"), cfg.data.batching)
     total_steps, epoch_ends = plan_steps(train_data, cfg)
     eval_data = _eval_pipeline(cfg, data_dir, echo)
+    check_packed_segments(cfg, {"train": train_data, **({"eval": eval_data} if eval_data else {})})
     if cfg.loss.dce == "fixed" and cfg.loss.reference_model is None and not train_data.has_reference_dce:
         raise ConfigError(
             f"loss.dce is 'fixed' but {data_dir} carries no reference_dce and loss.reference_model is not "

@@ -124,6 +124,7 @@ def test_epoch_stats_match_the_batches(data, mode):
         {tuple(b[k].shape[1] for k in ("with_ids", "without_ids", "labels")) for b in batches}
     )
     assert stats.efficiency == pytest.approx(real / slots, abs=1e-12)
+    assert stats.max_examples_per_row == max(int(b["with_segment_ids"].max()) for b in batches)
     assert stats.response_slot_use == pytest.approx(
         sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
         / sum(b["labels"].size for b in batches)
