@@ -13,7 +13,8 @@
 #
 # NAMES (an extended regular expression) runs only the checks whose names match, e.g. 'cudnn|mfu_breakdown'
 # for the cuDNN packed-mode checks and the step they compare with (an estimated 6 min with compiles; the packed
-# mode needs a Hopper or newer GPU).
+# mode needs a Hopper or newer GPU). Every check together is estimated at ~12 min, more than one 600 s device
+# call: run it in two calls, e.g. then 'mfu_profile|mfu_save|bf16|remat_none|loss|prefill'.
 #
 # Run from the repository root under the machine's own JAX (the package on PYTHONPATH; grain and its two
 # dependencies missing there travel as wheels). Sections are appended to OUT_DIR/RESULTS_gpu.md in
