@@ -15,6 +15,7 @@ Parameter layout (logical axes in brackets), L = layers, D = hidden, H / K = que
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -179,17 +180,10 @@ class CausalLM(nnx.Module):
         Raises:
             ValueError: the config's attention_impl cannot run on this backend.
         """
-        b, t = input_ids.shape
-        segments_given = segment_ids is not None
-        positions = _default_positions(positions, b, t, 0)
-        segment_ids = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
-        impl, max_segments = self.cfg.attention_impl, self.cfg.cudnn_max_segments
+        positions, _, attend_self = self._own_sequence(input_ids, positions, segment_ids)
 
         def attend(q, k, v, cache):
-            attended = self_attention(
-                q, k, v, segment_ids, impl, segments_given=segments_given, cudnn_max_segments=max_segments
-            )
-            return attended, cache
+            return attend_self(q, k, v), cache
 
         x, _ = self._run_layers(self._embed(input_ids), positions, attend, None, adapters)
         return self.final_norm(x)
@@ -286,29 +280,39 @@ class CausalLM(nnx.Module):
         Raises:
             ValueError: T > cache.max_len, or the config's attention_impl cannot run on this backend.
         """
-        b, t = input_ids.shape
+        t = input_ids.shape[1]
         if t > cache.max_len:
             raise ValueError(
                 f"prompt of {t} tokens does not fit the KV cache's max_len {cache.max_len}. Fix: "
                 f"init_cache(batch, max_len) with max_len >= {t} + the tokens to generate"
             )
-        segments_given = segment_ids is not None
-        positions = _default_positions(positions, b, t, 0)
-        segment_ids = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
-        impl, max_segments = self.cfg.attention_impl, self.cfg.cudnn_max_segments
+        positions, segment_ids, attend_self = self._own_sequence(input_ids, positions, segment_ids)
 
         def attend(q, k, v, layer_cache):
             k_cache, v_cache = (write_slots(c, new, 0) for c, new in zip(layer_cache, (k, v), strict=True))
             k, v = (x.astype(k_cache.dtype).astype(q.dtype) for x in (k, v))  # [B, T, K, Hd]
-            attended = self_attention(
-                q, k, v, segment_ids, impl, segments_given=segments_given, cudnn_max_segments=max_segments
-            )
-            return attended, (k_cache, v_cache)
+            return attend_self(q, k, v), (k_cache, v_cache)
 
         x, (k_all, v_all) = self._run_layers(self._embed(input_ids), positions, attend, (cache.k, cache.v))
         segments = write_slots(jnp.zeros_like(cache.segment_ids), segment_ids, 0)  # [B, S]
         filled = KVCache(k=k_all, v=v_all, segment_ids=segments, index=jnp.asarray(t, jnp.int32))
         return self._head(x, last_only), filled
+
+    def _own_sequence(
+        self, input_ids: jax.Array, positions: jax.Array | None, segment_ids: jax.Array | None
+    ) -> tuple[jax.Array, jax.Array, Callable[[jax.Array, jax.Array, jax.Array], jax.Array]]:
+        """For input_ids [B, T] attending to themselves (`hidden_states`, `prefill`): positions [B, T] int32
+        (default 0..T-1), segment_ids [B, T] int32 (default all 1) and attend(q, k, v) -> [B, T, H, Hd]
+        through the configured attention (cuDNN's plain causal kernel when no segment ids were given)."""
+        b, t = input_ids.shape
+        given = segment_ids is not None
+        segment_ids = segment_ids.astype(jnp.int32) if given else jnp.ones((b, t), jnp.int32)
+        cfg = self.cfg
+        attend = functools.partial(
+            self_attention, segment_ids=segment_ids, impl=cfg.attention_impl, segments_given=given,
+            cudnn_max_segments=cfg.cudnn_max_segments,
+        )  # fmt: skip
+        return _default_positions(positions, b, t, 0), segment_ids, attend
 
     def _head(self, x: jax.Array, last_only: bool) -> jax.Array:
         """Last layer's output x [B, T, D] -> logits [B, T, V] float32, or [B, 1, V] for the last slot."""
