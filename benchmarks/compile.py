@@ -18,14 +18,13 @@ Exits 1 if the deepest model's compile time exceeds `--max-ratio` (default 2) ti
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 from compile_scan import compile_seconds
 
-from nextquill_jax.bench.record import append_results, results_header
+from nextquill_jax.bench.record import append_results, invoked_command, results_header
 from nextquill_jax.config import OptimConfig
 from nextquill_jax.loss import LossConfig
 from nextquill_jax.models import ModelConfig
@@ -111,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     ok = ratio <= args.max_ratio
     lines = results_header(
         "Compile time of the training step",
-        ["python", "benchmarks/compile.py", *(argv if argv is not None else sys.argv[1:])],
+        invoked_command(["python", "benchmarks/compile.py"], argv),
         [
             f"tiny Qwen2 (hidden 64, 4/2 heads, MLP 192, vocab 2,048), {args.rows} rows, "
             f"remat {args.remat!r}; "

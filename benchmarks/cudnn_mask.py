@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import sys
 import time
 from pathlib import Path
 
@@ -154,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     import jax
     import jax.numpy as jnp
 
-    from nextquill_jax.bench.record import append_results, results_header
+    from nextquill_jax.bench.record import append_results, invoked_command, results_header
     from nextquill_jax.models import attention
 
     b, t, h, k, hd = args.rows, args.seq_len, args.heads, args.kv_heads, args.head_dim
@@ -194,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     print("\n".join(lines))
     if args.append_results:
-        command = ["python", "benchmarks/cudnn_mask.py", *(argv if argv is not None else sys.argv[1:])]
+        command = invoked_command(["python", "benchmarks/cudnn_mask.py"], argv)
         header = results_header(
             "cuDNN attention: the packed-segment mask against cuDNN's packed mode (segment offsets)",
             command,

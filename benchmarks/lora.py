@@ -17,8 +17,6 @@ Exits 1 unless the step-time ratio is <= --max-time-ratio (0.75) and the gradien
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +25,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from nextquill_jax.bench.harness import TrainingHarness, synthetic_batch
-from nextquill_jax.bench.record import append_results, results_header
+from nextquill_jax.bench.record import append_results, invoked_command, results_header
 from nextquill_jax.config import LoraConfig
 from nextquill_jax.models import model_preset
 from nextquill_jax.models.quantize import stored_bytes
@@ -125,10 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     ]
     print("\n".join([*rows, "", *base_rows, "", *checks]))
     if args.append_results:
-        command = shlex.join(["python", "benchmarks/lora.py", *(argv if argv is not None else sys.argv[1:])])
         lines = results_header(
             "LoRA vs full fine-tuning, SmolLM2-135M shape (CPU, float32)",
-            shlex.split(command),
+            invoked_command(["python", "benchmarks/lora.py"], argv),
             [
                 f"LoRA r = {args.rank}, alpha = {2 * args.rank}, targets {args.targets}; batch {args.rows} "
                 f"packed rows of {args.seq_len} with-stream tokens ({shape.as_tuple()}); NextQuill loss, "

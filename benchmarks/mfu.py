@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import sys
 from pathlib import Path
 
 TINY = {  # the CPU shape: Qwen2.5 layout, tiny sizes
@@ -131,7 +130,7 @@ def cost_analysis(args: argparse.Namespace, argv: list[str] | None) -> int:
     from nextquill_jax.bench.flops import executed_flops, param_counts, step_flops
     from nextquill_jax.bench.harness import TrainingHarness
     from nextquill_jax.bench.hlo_flops import dot_costs
-    from nextquill_jax.bench.record import append_results, results_header
+    from nextquill_jax.bench.record import append_results, invoked_command, results_header
     from nextquill_jax.loss import LossConfig
     from nextquill_jax.parallel import make_mesh
 
@@ -179,7 +178,7 @@ def cost_analysis(args: argparse.Namespace, argv: list[str] | None) -> int:
             rows.append(row(f"{name}: fused loss alone", "-", shape, loss_useful, executed, loss))
             print(rows[-1], flush=True)
     if args.append_results:
-        command = ["python", "benchmarks/mfu.py", *(argv if argv is not None else sys.argv[1:])]
+        command = invoked_command(["python", "benchmarks/mfu.py"], argv)
         header = results_header(
             "Executed vs useful FLOPs of the training step (XLA cost analysis)",
             command,
@@ -209,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from nextquill_jax.bench.flops import param_counts, peak_tflops, step_flops
     from nextquill_jax.bench.harness import TrainingHarness, step_breakdown
-    from nextquill_jax.bench.record import append_results, results_header
+    from nextquill_jax.bench.record import append_results, invoked_command, results_header
     from nextquill_jax.loss import LossConfig
     from nextquill_jax.loss.fused_head import OPERAND_DTYPES
     from nextquill_jax.models.cudnn_packed import segment_offsets
@@ -306,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         print(row, flush=True)
         rows.append(row)
     if args.append_results:
-        command = ["python", "benchmarks/mfu.py", *(argv if argv is not None else sys.argv[1:])]
+        command = invoked_command(["python", "benchmarks/mfu.py"], argv)
         lines = results_header(
             "Training-step throughput and MFU",
             command,

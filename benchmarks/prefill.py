@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     from flax import nnx
 
     from nextquill_jax.bench.harness import best_seconds
-    from nextquill_jax.bench.record import append_results, results_header
+    from nextquill_jax.bench.record import append_results, invoked_command, results_header
     from nextquill_jax.models import CausalLM, model_preset
 
     backend = jax.default_backend()
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
             del compiled
     if args.append_results:
-        command = ["python", "benchmarks/prefill.py", *(argv if argv is not None else sys.argv[1:])]
+        command = invoked_command(["python", "benchmarks/prefill.py"], argv)
         lines = results_header(
             "Prefill through the configured attention vs dense prefill over the cache",
             command,

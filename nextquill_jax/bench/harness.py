@@ -7,6 +7,7 @@ benchmark with a real tokenizer; `step_breakdown` times the step's parts alone.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -178,8 +179,6 @@ class TrainingHarness:
         (parameters change), which does not change the step's cost. `profile_dir`: a `jax.profiler` trace of
         the timed steps is written there (the tracer's overhead is in their times).
         """
-        import contextlib
-
         import jax
 
         placed = self.place(batch)

@@ -6,6 +6,7 @@ import datetime
 import os
 import platform
 import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,6 +31,12 @@ def machine_description() -> dict[str, str]:
         "devices": f"{len(devices)} × {devices[0].device_kind}",
         "versions": f"python {platform.python_version()}, jax {jax.__version__}, numpy {np.__version__}",
     }
+
+
+def invoked_command(program: Sequence[str], argv: Sequence[str] | None) -> list[str]:
+    """The command line a results section records: `program` (e.g. ["python", "benchmarks/mfu.py"]) and
+    its arguments, `argv` where a caller passed them (a call from Python), else this process's own."""
+    return [*program, *(argv if argv is not None else sys.argv[1:])]
 
 
 def results_header(title: str, command: Sequence[str], extra: Sequence[str] = ()) -> list[str]:

@@ -30,7 +30,7 @@ import numpy as np
 from nextquill_jax.bench.flops import param_counts, peak_tflops, step_flops
 from nextquill_jax.bench.harness import StepTiming, TrainingHarness, synthetic_batch
 from nextquill_jax.bench.plot import plot_rows
-from nextquill_jax.bench.record import append_results, results_header
+from nextquill_jax.bench.record import append_results, invoked_command, results_header
 from nextquill_jax.config import ModelRunConfig
 from nextquill_jax.config_schema import ConfigError, build, read_yaml
 from nextquill_jax.data.assemble import RowShape
@@ -328,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"wrote {csv_path} and {csv_path.with_suffix('.png')}")
     if args.results:
-        command = ["nextquill-jax", "bench", "scale", *(argv if argv is not None else sys.argv[1:])]
+        command = invoked_command(["nextquill-jax", "bench", "scale"], argv)
         rows = read_rows(csv_path)
         cols = (
             "model",
