@@ -5,6 +5,8 @@
 - `write_random_data`, `tiny_config`, `write_config`: tiny prepared data and a tiny training config;
 - `tiny_hf_config`: the tiny transformers config (Llama, Qwen2, Qwen3) the model tests build checkpoints from;
 - `tiny_model_config`: our ModelConfig at test size, for tests that need no checkpoint;
+- `trained_run`: one tiny run trained once per session (records -> prepare -> 2 steps -> export), which the
+  evaluation and effect-report tests read;
 - `programs`: runs the programs under tests/programs in a fresh Python with N simulated CPU devices (the
   device count is fixed when JAX starts, so multi-device and multi-process runs are subprocesses instead of
   setting XLA_FLAGS for the whole suite).
@@ -17,6 +19,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import types
@@ -247,6 +250,88 @@ def tiny_model_config():
     from nextquill_jax.models import ModelConfig
 
     return lambda **fields: ModelConfig(**{**TINY_MODEL, **fields})
+
+
+# ------------------------------------------------------------------------------------------------------------
+# One trained run, shared by every module that reads a finished workdir.
+
+RECORD_WORDS = ["tea", "coffee", "rain", "books", "walk", "chess", "bread", "coast", "train", "quiet"]
+# Loss settings other than the defaults, so a reader of the run can show it used the run's own.
+TRAINED_RUN_LOSS = {"variant": "context_sft", "threshold": 0.0, "high": 0.8, "low": 0.2}
+
+
+def _write_records(path: Path, seed: int = 0) -> Path:
+    """16 generic records (5 users, 2 history entries each, categories notes/posts); the last 5 are `test`."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(16):
+        sentence = lambda n: " ".join(rng.choice(RECORD_WORDS, n)) + "."
+        rows.append(
+            {
+                "user_id": f"u{i % 5}",
+                "id": f"r{i}",
+                "context": f"Write about {rng.choice(RECORD_WORDS)}.",
+                "history": [sentence(4), sentence(3)],
+                "target": sentence(int(rng.integers(3, 7))),
+                "category": ["notes", "posts"][i % 2],
+                "split": "test" if i >= 11 else "train",
+            }
+        )
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+class TrainedRun(NamedTuple):
+    """A finished tiny run: `workdir` (config.yaml, prepared/, checkpoints/2) and `exported`, its last
+    checkpoint as a Hugging Face directory. Shared: copy the workdir before writing into it."""
+
+    workdir: Path
+    exported: Path
+
+
+def _train_tiny_run(root: Path) -> None:
+    """The generic records -> `data prepare` (tiny tokenizer) -> 2 training steps of a tiny random model
+    (context_sft, every example whole in its row) -> `export`: `root`/run and `root`/exported."""
+    from nextquill_jax.config import load_config
+    from nextquill_jax.train import loop, setup
+    from nextquill_jax.train.export import export
+
+    cfg = _tiny_config(None, root / "run")
+    cfg["model"]["overrides"]["vocab_size"] = 704  # the tokenizer has 700 ids
+    cfg["data"].update(
+        format="generic",
+        template="plain",
+        sources=[str(_write_records(root / "records.jsonl"))],
+        tokenizer=str(_save_tiny_tokenizer(root / "tok")),
+    )
+    cfg["data"]["batching"].update(seq_len_with=160, seq_len_without=96)  # no example is cut
+    cfg["loss"].update(TRAINED_RUN_LOSS)
+    cfg["train"].update(max_steps=2, data_dir=None)
+    config = load_config(_write_config(cfg, root / "run.yaml"))
+    result = loop.train(config, setup.resolve_workdir(config, None), echo=lambda _: None)
+    assert result.status == "finished" and result.last_checkpoint == 2, result
+    export(root / "run", root / "exported")
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> TrainedRun:
+    """`TrainedRun` of `_train_tiny_run`, trained once per test session: under pytest-xdist the first worker
+    to ask trains it (the others wait on a file lock) in the directory all workers' temporary dirs share."""
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    root, done = shared / "trained_run", shared / "trained_run.done"
+    with FileLock(str(shared / "trained_run.lock")):
+        if not done.exists():
+            shutil.rmtree(root, ignore_errors=True)  # a worker that died while training left it
+            root.mkdir()
+            _train_tiny_run(root)
+            done.touch()
+    return TrainedRun(root / "run", root / "exported")
 
 
 # ------------------------------------------------------------------------------------------------------------

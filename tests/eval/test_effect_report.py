@@ -1,6 +1,7 @@
 """The effect report: token roles from character spans, AUROC / precision / recall against hand counts and a
 pairwise count, DCE equal to `dce_from_logits` on full logits of an unpacked forward pass, the HTML's
-structure (parsed), the PNG, summary.json, and the `effects` command (--model and --workdir)."""
+structure (parsed), the PNG, summary.json, and the `effects` command (--model, and --workdir on the session's
+trained run)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import pytest
 from flax import nnx
 
 from nextquill_jax.cli import main
-from nextquill_jax.config import ModelRunConfig, config_to_dict, load_config, save_config
+from nextquill_jax.config import ModelRunConfig
 from nextquill_jax.data.config import DataConfig
 from nextquill_jax.data.prepare import prepare
 from nextquill_jax.data.prepared_split import PreparedSplit
@@ -26,7 +27,7 @@ from nextquill_jax.eval.effect_report import ExampleEffects, compute_example_eff
 from nextquill_jax.eval.effect_scoring import auroc, score_roles, target_offsets, token_pieces, token_roles
 from nextquill_jax.loss import LossConfig
 from nextquill_jax.loss.effects import dce_from_logits, token_logprobs
-from nextquill_jax.models import CausalLM, save_pretrained
+from nextquill_jax.models import CausalLM, load_pretrained, save_pretrained
 
 SPLIT = "val"
 THRESHOLD = 0.0  # a random model's effects are small; this flags about half of the tokens
@@ -425,52 +426,29 @@ def test_effects_command_with_model_dir(data, model, report, tmp_path, capsys):
     assert "--model needs --data" in capsys.readouterr().err
 
 
-def test_effects_command_with_training_workdir(data, model, report, tmp_path, capsys):
-    """A workdir as training leaves it (config.yaml + an Orbax checkpoint of the train state): the command
-    restores the step's parameters, uses the run's loss settings and prepared data, and gets the same DCE."""
-    import grain
-    import optax
+def test_effects_command_with_training_workdir(trained_run, tmp_path, capsys):
+    """The session's trained run (tests/conftest.py): the command restores the checkpoint's parameters from
+    Orbax and uses the run's loss settings and prepared data; its DCE equals that of the same weights loaded
+    from the run's export."""
+    from transformers import AutoTokenizer
 
-    from nextquill_jax.train.checkpoint import Checkpointer
-    from nextquill_jax.train.state import TrainState
-
-    results, _, _ = report
-    workdir = tmp_path / "run"
-    tok_dir = json.loads((data / "prep" / "summary.json").read_text())["tokenizer"]
-    cfg = load_config(
-        None,
-        base={
-            "model": MODEL_SECTION,
-            "data": {"tokenizer": tok_dir},
-            "loss": {"threshold": THRESHOLD, "high": 0.8, "low": 0.2},
-            "train": {"data_dir": str(data / "prep")},
-        },
-    )
-    save_config(cfg, workdir / "config.yaml")
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    state = TrainState(
-        step=jnp.asarray(7, jnp.int32),
-        params=params,
-        opt_state=optax.sgd(0.1).init(params),
-        rng=jax.random.PRNGKey(0),
-        skipped=jnp.zeros((), jnp.int32),
-    )
-    ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint)
-    data_iterator = iter(grain.MapDataset.range(4).to_iter_dataset())
-    ckpt.save(7, state, data_iterator, config=config_to_dict(cfg), progress={"epoch": 0}, wait=True)
-    ckpt.close()
-
-    out = tmp_path / "out"
-    assert main(["effects", "--workdir", str(workdir), "--split", SPLIT, "--out", str(out)]) == 0
+    workdir, out = trained_run.workdir, tmp_path / "out"
+    assert main(["effects", "--workdir", str(workdir), "--split", "test", "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["model"] == f"{workdir} step 7"
-    assert summary["loss"] == {"threshold": THRESHOLD, "high": 0.8, "low": 0.2}
-    assert summary["examples"] == [0, 1, 2]  # every example: the split has 3, fewer than --num-examples
-    np.testing.assert_allclose(
-        [e["mean_dce"] for e in summary["per_example"]], [float(r.dce.mean()) for r in results], atol=1e-7
-    )
+    assert summary["model"] == f"{workdir} step 2"
+    assert summary["loss"] == {"threshold": 0.0, "high": 0.8, "low": 0.2}  # the run's, not the defaults
+    assert summary["examples"] == [0, 1, 2, 3, 4]  # every example: the split has 5, fewer than --num-examples
+    loss_cfg = LossConfig(threshold=0.0, high=0.8, low=0.2)
+    tokenizer = AutoTokenizer.from_pretrained(trained_run.exported)
+    exported = load_pretrained(trained_run.exported)
+    results = compute_example_effects(exported, tokenizer, workdir / "prepared", "test", range(5), loss_cfg)
+    # Two steps from random weights leave DCE ~1e-5: compare relative to that, mean and maximum per example.
+    got = [(e["mean_dce"], e["max_dce"]) for e in summary["per_example"]]
+    want = [(float(r.dce.mean()), float(r.dce.max())) for r in results]
+    assert np.abs(want).max() > 1e-6  # the comparison sees effects
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
     assert main(["effects", "--workdir", str(workdir), "--step", "3", "--out", str(out)]) == 1
     err = capsys.readouterr().err
-    assert "no complete checkpoint for step 3" in err and "[7]. Fix: choose one of those steps" in err, err
+    assert "no complete checkpoint for step 3" in err and "[2]. Fix: choose one of those steps" in err, err
     assert main(["effects", "--workdir", str(tmp_path), "--out", str(out)]) == 1
     assert "is not a training workdir" in capsys.readouterr().err

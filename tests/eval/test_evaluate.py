@@ -1,11 +1,13 @@
-"""The evaluation job on a real (tiny) training run: records -> `data prepare` -> 2 training steps of a
-tiny random model (the TRAIN loop, variant context_sft) -> evaluate. Checked against independent paths: the
-checkpoint exported by `nextquill-jax export` and loaded with `load_pretrained`, generation from that model,
-float64 cross-entropies from its logits, and `metrics.score_predictions` on the written predictions."""
+"""The evaluation job on a real (tiny) training run, the session's `trained_run` (tests/conftest.py):
+records -> `data prepare` -> 2 training steps of a tiny random model (the TRAIN loop, variant context_sft) ->
+evaluate. Checked against independent paths: the checkpoint exported by `nextquill-jax export` and loaded
+with `load_pretrained`, generation from that model, float64 cross-entropies from its logits, and
+`metrics.score_predictions` on the written predictions."""
 
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -17,56 +19,19 @@ from nextquill_jax.eval.evaluate import choose_stream, evaluate
 from nextquill_jax.eval.text_metrics import score_predictions
 from nextquill_jax.models import load_pretrained
 from nextquill_jax.models.generate import GenerationConfig, generate
-from nextquill_jax.train import loop, setup
-from nextquill_jax.train.export import export
 
 pytestmark = pytest.mark.slow  # run first: see tests/conftest.py
 
 GEN = GenerationConfig(max_new_tokens=6)
-WORDS = ["tea", "coffee", "rain", "books", "walk", "chess", "bread", "coast", "train", "quiet", "music"]
-
-
-def write_records(path, seed=0):
-    rng = np.random.default_rng(seed)
-    rows = []
-    for i in range(16):
-        sentence = lambda n: " ".join(rng.choice(WORDS, n)) + "."
-        rows.append(
-            {
-                "user_id": f"u{i % 5}",
-                "id": f"r{i}",
-                "context": f"Write about {rng.choice(WORDS)}.",
-                "history": [sentence(4), sentence(3)],
-                "target": sentence(int(rng.integers(3, 7))),
-                "category": ["notes", "posts"][i % 2],
-                "split": "test" if i >= 11 else "train",
-            }
-        )
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, save_tiny_tokenizer, tiny_config, write_config):
-    """A workdir after 2 training steps, and the model of its last checkpoint loaded from an export."""
-    root = tmp_path_factory.mktemp("eval_run")
-    tok = save_tiny_tokenizer(root / "tok")
-    cfg = tiny_config(None, root / "run")
-    cfg["model"]["overrides"]["vocab_size"] = 704  # the tokenizer has 700 ids
-    cfg["data"].update(
-        format="generic",
-        template="plain",
-        sources=[str(write_records(root / "records.jsonl"))],
-        tokenizer=str(tok),
-    )
-    cfg["data"]["batching"].update(seq_len_with=160, seq_len_without=96)  # no example is cut
-    cfg["loss"]["variant"] = "context_sft"
-    cfg["train"].update(max_steps=2, data_dir=None)
-    config = load_config(write_config(cfg, root / "run.yaml"))
-    result = loop.train(config, setup.resolve_workdir(config, None), echo=lambda _: None)
-    assert result.status == "finished" and result.last_checkpoint == 2
-    exported = export(root / "run", root / "exported")
-    return root / "run", load_pretrained(exported), exported
+def run(trained_run, tmp_path_factory):
+    """A copy of the session's trained run (evaluation writes into its workdir), and the model of its last
+    checkpoint loaded from the export."""
+    workdir = tmp_path_factory.mktemp("eval_run") / "run"
+    shutil.copytree(trained_run.workdir, workdir)
+    return workdir, load_pretrained(trained_run.exported), trained_run.exported
 
 
 @pytest.fixture(scope="module")

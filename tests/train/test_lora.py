@@ -179,8 +179,11 @@ def test_adapter_gradients_equal_autodiff_through_the_merged_kernels(tiny, remat
     model_cfg = model_preset("qwen2.5-0.5b", **TINY, remat_policy=remat)
     graphdef = nnx.split(nnx.eval_shape(lambda: CausalLM(model_cfg, rngs=nnx.Rngs(0))), nnx.Param)[0]
     full = dataclasses.replace(SETTINGS, lora_scale=None)
-    ours = jax.grad(lambda w: batch_loss(w, graphdef, batch, SETTINGS, base=base)[0])(weights)
-    merged = jax.grad(lambda w: batch_loss(lora.merge(base, w, 2.0), graphdef, batch, full)[0])(weights)
+    # Compiled: op by op, the scans over layers and loss tiles dispatch for tens of seconds.
+    ours = jax.jit(jax.grad(lambda w: batch_loss(w, graphdef, batch, SETTINGS, base=base)[0]))(weights)
+    merged = jax.jit(jax.grad(lambda w: batch_loss(lora.merge(base, w, 2.0), graphdef, batch, full)[0]))(
+        weights
+    )
     for x, y in zip(jax.tree.leaves(ours), jax.tree.leaves(merged), strict=True):
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6 * float(jnp.abs(y).max()))
 
