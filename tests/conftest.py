@@ -6,7 +6,7 @@
 - `tiny_hf_config`: the tiny transformers config (Llama, Qwen2, Qwen3) the model tests build checkpoints from;
 - `tiny_model_config`: our ModelConfig at test size, for tests that need no checkpoint;
 - `trained_run`: one tiny run trained once per session (records -> prepare -> 2 steps -> export), which the
-  evaluation and effect-report tests read;
+  evaluation, effect-report and README export-check tests read;
 - `programs`: runs the programs under tests/programs in a fresh Python with N simulated CPU devices (the
   device count is fixed when JAX starts, so multi-device and multi-process runs are subprocesses instead of
   setting XLA_FLAGS for the whole suite).
