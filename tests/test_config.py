@@ -126,6 +126,7 @@ def test_a_missing_config_file_says_so(tmp_path):
         ("optim.trainable=q_proj", "optim.trainable", "list"),
         ("train.micro_batches=0", "train", "micro_batches"),
         ("loss.alpha=-1", "loss", "alpha"),
+        ("loss.alpha=foo", "loss.alpha", "expects a float or 'public', got 'foo'"),  # a Literal's values
         ("logging.profile_steps=[3, 2]", "logging", "profile_steps must be [first, last]"),
     ],
 )
