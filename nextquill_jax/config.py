@@ -90,9 +90,11 @@ class ModelRunConfig:
     `cudnn_max_segments` (with `attention_impl: cudnn`; opt-in, not yet verified on a GPU): cuDNN's packed
     attention, segments passed as lengths and offsets instead of a [T, T] mask, for rows of at most this many
     examples; a row with more would make the step non-finite (models/cudnn_packed.py), so set-up refuses
-    a value below the most examples a planned row holds (`train.setup.check_packed_segments`). Every example
-    takes at least one response slot, so `data.batching.response_slots` is a safe value; a tighter one (the
-    most examples the packer puts in a row) saves memory: cuDNN keeps [rows × this, heads, T] float32
+    a value below the most examples a planned row holds (`train.setup.check_packed_segments`). `auto`: the
+    training set-up chooses it from the data (`train.setup.resolve_packed_segments`): the most examples a
+    planned train or eval row holds, or, with `data.batching.num_epochs: null`, the most of the training
+    examples that fit one row together (a bound for every epoch); it prints the value and saves it in the
+    workdir's config.yaml. A smaller value saves memory: cuDNN keeps [rows × this, heads, T] float32
     statistics per attention call.
     """
 
@@ -104,7 +106,7 @@ class ModelRunConfig:
     # A string, not a Literal: `save:NAME,...` spells a set of names (checked in __post_init__).
     remat_policy: str = "none"
     attention_impl: Literal["xla", "xla_dense", "cudnn", "splash"] = "xla"
-    cudnn_max_segments: int | None = None
+    cudnn_max_segments: int | Literal["auto"] | None = None
     lora: LoraConfig | None = None
 
     def __post_init__(self):
@@ -114,8 +116,25 @@ class ModelRunConfig:
                 "set exactly one of model.path (a Hugging Face directory or a packaged name such as "
                 "smollm2-135m) and model.preset (a ModelConfig preset name, randomly initialised)"
             )
+        m = self.cudnn_max_segments
+        if m is not None:
+            if m != "auto" and (not isinstance(m, int) or isinstance(m, bool) or m < 1):
+                raise ValueError(f"model.cudnn_max_segments must be an int >= 1, auto or null, got {m!r}")
+            if self.attention_impl != "cudnn":
+                raise ValueError(
+                    f"model.cudnn_max_segments: {m} chooses cuDNN's packed attention, but "
+                    f"model.attention_impl is {self.attention_impl!r}. Fix: set attention_impl: cudnn, or "
+                    f"cudnn_max_segments: null"
+                )
         if self.preset is not None:
-            self.model_config()
+            # `auto` stands for an int >= 1 that set-up chooses; any such value checks the rest alike.
+            self.resolved(1).model_config()
+
+    def resolved(self, max_segments: int) -> ModelRunConfig:
+        """This section with `cudnn_max_segments: auto` replaced by `max_segments` (itself otherwise)."""
+        if self.cudnn_max_segments != "auto":
+            return self
+        return dataclasses.replace(self, cudnn_max_segments=max_segments)
 
     def runtime(self) -> dict[str, Any]:
         """The runtime `ModelConfig` fields chosen here."""
@@ -128,11 +147,12 @@ class ModelRunConfig:
         }
 
     def model_config(self) -> ModelConfig:
-        """The `ModelConfig` of `preset` with `overrides` and the runtime fields (for `preset` models only).
+        """The `ModelConfig` of `preset` with `overrides` and the runtime fields (for `preset` models only;
+        `cudnn_max_segments: auto` must be `resolved` first).
 
         Raises:
             ValueError: an unknown preset, an override that is not an architecture field (with the nearest
-                one), or an invalid value.
+                one), or an invalid value (an unresolved `auto` included).
         """
         arch = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in self.runtime()]
         for key in self.overrides:

@@ -253,6 +253,11 @@ def convert(value: Any, tp: Any, key: str, source: str) -> Any:
 
 
 def _type_name(tp: Any) -> str:
+    # A Literal's values and YAML's null, as a config is written (not `Literal`, `NoneType`).
+    if typing.get_origin(tp) is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 

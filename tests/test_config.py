@@ -3,6 +3,9 @@ that stop a run before anything is compiled."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import itertools
 from pathlib import Path
 
 import jax
@@ -12,11 +15,14 @@ from jax.sharding import AbstractMesh, AxisType
 
 from nextquill_jax.config import Config, load_config, save_config
 from nextquill_jax.config_schema import ConfigError
+from nextquill_jax.data.pipeline import BatchPipeline
+from nextquill_jax.data.prepared_split import PreparedSplit
 from nextquill_jax.parallel import MESH_AXES, resolve_mesh_shape
 from nextquill_jax.train import model_setup
 from nextquill_jax.train.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
+CUDNN = ["model.attention_impl=cudnn", "model.compute_dtype=bfloat16"]  # cuDNN's attention takes bf16
 
 
 @pytest.fixture
@@ -59,8 +65,19 @@ def test_overrides_are_converted_by_the_schema(cfg_file):
 def test_cudnn_max_segments_reaches_the_model_config_only_with_cudnn(cfg_file):
     cfg = load_config(cfg_file, ["model.attention_impl=cudnn", "model.cudnn_max_segments=4"])
     assert cfg.model.model_config().cudnn_max_segments == 4
-    with pytest.raises(ConfigError, match="Fix: set attention_impl='cudnn'"):
-        load_config(cfg_file, ["model.cudnn_max_segments=4"])
+    for value in (4, "auto"):
+        with pytest.raises(ConfigError, match=r"attention_impl is 'xla'\. Fix: set attention_impl: cudnn"):
+            load_config(cfg_file, [f"model.cudnn_max_segments={value}"])
+
+
+@pytest.mark.parametrize("source", [[], ["model.preset=null", "model.path=some/dir"]])
+@pytest.mark.parametrize("value", ["0", "-1", "foo", "1.5", "true"])
+def test_a_bad_cudnn_max_segments_names_the_key_and_the_allowed_values(cfg_file, source, value):
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg_file, [*source, "model.attention_impl=cudnn", f"model.cudnn_max_segments={value}"])
+    message = str(e.value)
+    assert "model.cudnn_max_segments" in message and "Fix" in message, message
+    assert "int" in message and "auto" in message and "null" in message, message
 
 
 def test_yaml_exponent_float_and_int_for_float(tmp_path, tiny_config, write_config):
@@ -126,6 +143,7 @@ def test_a_missing_config_file_says_so(tmp_path):
         ("optim.trainable=q_proj", "optim.trainable", "list"),
         ("train.micro_batches=0", "train", "micro_batches"),
         ("loss.alpha=-1", "loss", "alpha"),
+        ("loss.alpha=foo", "loss.alpha", "expects a float or 'public', got 'foo'"),  # a Literal's values
         ("logging.profile_steps=[3, 2]", "logging", "profile_steps must be [first, last]"),
     ],
 )
@@ -228,14 +246,11 @@ def test_bad_setups_fail_with_one_paragraph_before_compiling(
 def test_packed_rows_with_more_examples_than_cudnn_max_segments_are_a_config_error(
     tmp_path, compilations, write_random_data, write_config, tiny_config
 ):
-    from nextquill_jax.data.pipeline import BatchPipeline
-    from nextquill_jax.data.prepared_split import PreparedSplit
     from nextquill_jax.train.setup import check_packed_segments
 
     data = write_random_data(tmp_path / "data", train=16, val=0)
     path = write_config(tiny_config(data, tmp_path / "work"), tmp_path / "cfg.yaml")
-    cudnn = ["model.attention_impl=cudnn", "model.compute_dtype=bfloat16"]
-    cfg = load_config(path, [*cudnn, "model.cudnn_max_segments=1"])
+    cfg = load_config(path, [*CUDNN, "model.cudnn_max_segments=1"])
     pipeline = BatchPipeline(PreparedSplit(data, "train"), cfg.data.batching)
     most = max(int(batch["with_segment_ids"].max()) for batch in pipeline)  # over both epochs' batches
     assert most > 1
@@ -244,8 +259,95 @@ def test_packed_rows_with_more_examples_than_cudnn_max_segments_are_a_config_err
         train(cfg, tmp_path / "work")
     assert compilations == [], "compiled before reporting the config error"
     check_packed_segments(
-        load_config(path, [*cudnn, f"model.cudnn_max_segments={most}"]), {"train": pipeline}
+        load_config(path, [*CUDNN, f"model.cudnn_max_segments={most}"]), {"train": pipeline}
     )
+
+
+def _most_examples_yielded(pipeline: BatchPipeline, epochs: int = 1) -> int:
+    """The most examples in one row of the batches `pipeline` yields in its first `epochs` epochs, counted
+    from their segment ids (a row's examples are numbered 1, 2, ...)."""
+    batches = itertools.islice(pipeline, sum(pipeline.num_batches(e) for e in range(epochs)))
+    return max(int(batch["with_segment_ids"].max()) for batch in batches)
+
+
+@pytest.mark.parametrize("num_epochs", [2, None])
+def test_cudnn_max_segments_auto_covers_every_row_the_run_yields(
+    tmp_path, write_random_data, write_config, tiny_config, num_epochs
+):
+    """Finite epochs: `auto` is exactly the most examples a train or eval row holds, counted from the batches
+    the run's pipelines yield. Endless (`num_epochs: null`): at least that many over several epochs."""
+    from nextquill_jax.train.setup import set_up_run
+
+    data = write_random_data(tmp_path / "data", train=24, val=8)
+    path = write_config(tiny_config(data, tmp_path / "work"), tmp_path / "cfg.yaml")
+    auto = [
+        *CUDNN,
+        "model.cudnn_max_segments=auto",
+        f"data.batching.num_epochs={num_epochs or 'null'}",
+        "train.max_steps=4",
+    ]
+    lines = []
+    run = set_up_run(load_config(path, auto), tmp_path / "work", echo=lines.append)
+    chosen = run.config.model.cudnn_max_segments
+    train_most = _most_examples_yielded(run.train_data, epochs=num_epochs or 5)
+    yielded = max(train_most, _most_examples_yielded(run.eval_data))
+    assert train_most > 1  # rows really hold several examples
+    if num_epochs is None:
+        assert chosen >= yielded
+        assert lines[-1].startswith(f"model.cudnn_max_segments: auto chose {chosen}: at most that many train")
+    else:
+        assert chosen == yielded
+        assert lines[-1].startswith(f"model.cudnn_max_segments: auto chose {chosen}: the most examples a")
+
+
+def test_an_auto_run_records_its_choice_and_a_resume_compiles_the_same(
+    tmp_path, monkeypatch, write_random_data, write_config, tiny_config
+):
+    """A run with `auto` trains (cuDNN's private API emulated on CPU), its step is compiled for the chosen
+    bound, config.yaml and the checkpoint record it; resuming chooses and compiles the same bound."""
+    from jax._src.cudnn import fused_attention_stablehlo as fused
+
+    from nextquill_jax.models import attention
+    from nextquill_jax.train.workdir import restore_params
+    from tests.models.cudnn_emulation import emulated_packed_attention
+
+    emulation = emulated_packed_attention(kv_offsets_use_kv_heads=True)
+    traced_bounds = []  # M of q_seqlen [B, M] in every traced packed attention call
+
+    @functools.wraps(emulation)  # the signature the packed path checks for
+    def recording(*args, **kwargs):
+        traced_bounds.append(kwargs["q_seqlen"].shape[1])
+        return emulation(*args, **kwargs)
+
+    monkeypatch.setattr(fused, "dot_product_attention", recording)
+    monkeypatch.setattr(attention, "check_attention_backend", lambda impl: None)
+    data = write_random_data(tmp_path / "data", train=24, val=8)
+    workdir = tmp_path / "work"
+    path = write_config(tiny_config(data, workdir), tmp_path / "cfg.yaml")
+    auto = [*CUDNN, "model.cudnn_max_segments=auto"]
+    cfg = load_config(path, [*auto, "train.max_steps=2"])
+    train_data = BatchPipeline(PreparedSplit(data, "train"), cfg.data.batching)
+    eval_batching = dataclasses.replace(
+        cfg.data.batching, shuffle=False, num_epochs=1, drop_remainder=False
+    )  # as set-up batches the eval split
+    most = max(
+        _most_examples_yielded(train_data, epochs=2),
+        _most_examples_yielded(BatchPipeline(PreparedSplit(data, "val"), eval_batching)),
+    )
+    assert most > 1  # so M is `most`, not the spare segment a bound of 1 is given
+
+    lines = []
+    assert train(cfg, workdir, echo=lines.append).status == "finished"
+    saved = lambda: load_config(workdir / "config.yaml").model.cudnn_max_segments
+    assert saved() == most and restore_params(workdir).config.model.cudnn_max_segments == most
+    assert traced_bounds and set(traced_bounds) == {most}
+
+    traced_bounds.clear()
+    resumed = train(load_config(path, [*auto, "train.max_steps=3"]), workdir, echo=lines.append)
+    assert resumed.step == 3 and any(line.startswith("resuming from") for line in lines)
+    assert saved() == most and restore_params(workdir).config.model.cudnn_max_segments == most
+    assert traced_bounds and set(traced_bounds) == {most}
+    assert sum(line.startswith(f"model.cudnn_max_segments: auto chose {most}:") for line in lines) == 2
 
 
 def test_eval_generation_is_configurable_and_cli_flags_override_only_what_they_set():

@@ -23,7 +23,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -55,6 +55,9 @@ class ScalingConfig:
     that does not fit the devices present is skipped (and not written). `rows`: rows of the global batch.
     Example lengths in tokens: `context_tokens` (the without-history prompt), `entry_tokens` per history
     entry, `target_tokens`. `peak_tflops`: per-chip peak for MFU (None: from the device kind where known).
+    `cudnn_max_segments` (with `attention_impl: cudnn`): cuDNN's packed mode with at most this many examples
+    per row (`model.cudnn_max_segments`); `auto`: the most examples a row of the point's batch holds; a point
+    whose rows hold more than a number set here is skipped.
     """
 
     output_dir: str
@@ -73,6 +76,7 @@ class ScalingConfig:
     compute_dtype: str = "float32"
     remat_policy: str = "none"
     attention_impl: str = "xla"
+    cudnn_max_segments: int | Literal["auto"] | None = None
     warmup_steps: int = 1
     timed_steps: int = 3
     peak_tflops: float | None = None
@@ -98,6 +102,12 @@ class ScalingConfig:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
         if any(s < 1 for s in self.seq_len) or any(h < 0 for h in self.history):
             raise ValueError(f"seq_len must be >= 1 and history >= 0, got {self.seq_len}, {self.history}")
+        m = self.cudnn_max_segments
+        if m is not None and (self.attention_impl != "cudnn" or (m != "auto" and m < 1)):
+            raise ValueError(
+                f"`cudnn_max_segments` ({m!r}) must be an int >= 1 or auto, with `attention_impl: cudnn` "
+                f"(got {self.attention_impl!r}); null: cuDNN's dense segment mask"
+            )
         for model in self.models:
             try:
                 self.model_config(model)
@@ -105,7 +115,8 @@ class ScalingConfig:
                 raise ValueError(f"model {model.name!r}: {e}") from None
 
     def model_config(self, model: SweepModel) -> ModelConfig:
-        """The ModelConfig of one sweep model with this sweep's runtime settings."""
+        """The ModelConfig of one sweep model with this sweep's runtime settings but `cudnn_max_segments`,
+        which each point sets (`packed_bound`: `auto` depends on the point's rows)."""
         section = ModelRunConfig(
             preset=model.preset,
             overrides=model.overrides,
@@ -126,8 +137,11 @@ CSV_COLUMNS: tuple[str, ...] = (
 KEY_COLUMNS: tuple[str, ...] = ("model", "seq_len", "history", "mesh")
 
 
-def load_scaling_config(path: str | Path, output_dir: str | None = None) -> ScalingConfig:
-    """Read a sweep YAML file (unknown keys and wrong types are errors naming the key).
+def load_scaling_config(
+    path: str | Path, output_dir: str | None = None, cudnn_max_segments: int | str | None = None
+) -> ScalingConfig:
+    """Read a sweep YAML file (unknown keys and wrong types are errors naming the key); `output_dir` and
+    `cudnn_max_segments`, when given, replace the file's.
 
     Raises:
         ConfigError: as `config.load_config` (a missing file included).
@@ -135,7 +149,30 @@ def load_scaling_config(path: str | Path, output_dir: str | None = None) -> Scal
     raw = read_yaml(path)
     if output_dir is not None:
         raw["output_dir"] = output_dir
+    if cudnn_max_segments is not None:
+        raw["cudnn_max_segments"] = cudnn_max_segments
     return build(ScalingConfig, raw, "", str(path))
+
+
+def packed_bound(cfg: ScalingConfig, batch: dict[str, np.ndarray]) -> int | None:
+    """The point's `ModelConfig.cudnn_max_segments`: `cfg.cudnn_max_segments`, `auto` made the most examples
+    a row of `batch` holds (its largest segment id: a row numbers its examples 1, 2, ...).
+
+    Raises:
+        ValueError: a row of `batch` holds more examples than the number set (cuDNN's packed attention would
+            make its step non-finite).
+    """
+    if cfg.cudnn_max_segments is None:
+        return None
+    most = int(batch["with_segment_ids"].max())
+    if cfg.cudnn_max_segments == "auto":
+        return most
+    if most > cfg.cudnn_max_segments:
+        raise ValueError(
+            f"its rows hold up to {most} examples, more than cudnn_max_segments={cfg.cudnn_max_segments} "
+            f"(cuDNN's packed attention would make them non-finite); set it to {most} or more, or auto"
+        )
+    return cfg.cudnn_max_segments
 
 
 def mesh_label(shape: Sequence[int]) -> str:
@@ -206,6 +243,8 @@ def run_sweep(
         if isolate:
             child = [sys.executable, "-m", "nextquill_jax.bench.sweep", "--config", config_path,
                      "--output-dir", cfg.output_dir, "--point", str(index)]  # fmt: skip
+            if cfg.cudnn_max_segments is not None:  # it may come from the command line, not the file
+                child += ["--cudnn-max-segments", str(cfg.cudnn_max_segments)]
             status = subprocess.call(child)
             if status:
                 echo(f"point {key} failed (exit status {status}); continuing with the next")
@@ -223,9 +262,14 @@ def run_sweep(
                 length_multiple=cfg.length_multiple,
                 seed=cfg.seed,
             )
+            bound = packed_bound(cfg, batch)
         except ValueError as e:
             echo(f"skip {key}: {e}")
             continue
+        if bound is not None:
+            model_cfg = model_cfg.replace(cudnn_max_segments=bound)
+            chosen = " (auto: the most examples a row holds)" if cfg.cudnn_max_segments == "auto" else ""
+            echo(f"{key}: cudnn_max_segments {bound}{chosen}")
         mesh = make_mesh(sizes)
         harness = TrainingHarness(
             model_cfg,
@@ -308,18 +352,35 @@ def point_row(
     return {k: str(values[k]) for k in CSV_COLUMNS}
 
 
+def _max_segments_arg(text: str) -> int | str:
+    """--cudnn-max-segments: `auto` or an int >= 1 (argparse reports anything else)."""
+    if text == "auto":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1 or auto, got {text!r}")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`nextquill-jax bench scale --config FILE [--output-dir DIR] [--results FILE]`."""
+    """`nextquill-jax bench scale --config FILE [--output-dir DIR] [--cudnn-max-segments N|auto]
+    [--results FILE]`."""
     parser = argparse.ArgumentParser(prog="nextquill-jax bench scale", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--config", required=True, help="a sweep YAML file, e.g. configs/scaling/tiny_cpu.yaml"
     )
     parser.add_argument("--output-dir", help="overrides the file's output_dir")
+    parser.add_argument(
+        "--cudnn-max-segments",
+        type=_max_segments_arg,
+        metavar="N|auto",
+        help="overrides the file's cudnn_max_segments (with attention_impl: cudnn: its packed mode for rows "
+        "of at most N examples; auto: the most a row of each point holds)",
+    )
     parser.add_argument("--results", type=Path, help="append the CSV as a Markdown table to this file")
     parser.add_argument("--point", type=int, help=argparse.SUPPRESS)  # one point, in a child process
     args = parser.parse_args(argv)
     try:
-        cfg = load_scaling_config(args.config, args.output_dir)
+        cfg = load_scaling_config(args.config, args.output_dir, args.cudnn_max_segments)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

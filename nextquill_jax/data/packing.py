@@ -69,6 +69,24 @@ def first_fit_rows(
     return closed
 
 
+def most_per_row(need: np.ndarray, capacity: Sequence[int]) -> int:
+    """The most examples one row of `first_fit_rows` can hold, for any order and any `open_rows`.
+
+    Why it bounds every packing: a row holds distinct examples (each index of `order` lands in exactly one
+    row) and an example joins a row only where all its counts fit the free space, so a row's examples sum to
+    at most `capacity` in every resource. Any k distinct examples need at least the sum of the k smallest
+    counts of each resource; so a row holds at most the largest k for which those sums fit in every
+    resource at once.
+
+    Args:
+        need: [N, K] int, resources each example needs (>= 0).
+        capacity: K ints, what one row offers.
+    """
+    smallest_first = np.sort(np.asarray(need, dtype=np.int64), axis=0)  # [N, K], each resource ascending
+    fits = (np.cumsum(smallest_first, axis=0) <= np.asarray(capacity, dtype=np.int64)).all(axis=1)  # [N]
+    return int(fits.sum())  # the sums only grow with k, so the ks that fit are 1..this
+
+
 def padded_shape(need: np.ndarray, multiple: int, largest: Sequence[int]) -> tuple[int, ...]:
     """The row shape that holds every example of a batch alone: the largest need per resource, rounded up
     to `multiple`, at most `largest` (which holds every example).

@@ -46,7 +46,7 @@ import numpy as np
 
 from nextquill_jax.data.assemble import RowShape, assemble_batch
 from nextquill_jax.data.config import BatchingConfig
-from nextquill_jax.data.packing import bucket_batches, bucket_of, first_fit_rows, padded_shape
+from nextquill_jax.data.packing import bucket_batches, bucket_of, first_fit_rows, most_per_row, padded_shape
 from nextquill_jax.data.prepared_split import PreparedSplit
 
 Batch = dict[str, np.ndarray]
@@ -274,6 +274,15 @@ class BatchPipeline:
     def epoch_stats(self, epoch: int) -> EpochStats:
         """Padding efficiency and counts of `epoch` (global over processes; needs no iteration)."""
         return self._plan(epoch).stats
+
+    def examples_per_row_bound(self) -> int:
+        """The most examples a row of any epoch can hold, without planning one: 1 unless `pack`; in pack mode
+        the most of the split's examples that fit one row together (`packing.most_per_row`). It holds for
+        every epoch because each epoch packs a permutation of the same examples (whatever its seed) into rows
+        of the same shape; `epoch_stats(e).max_examples_per_row` is the count of one planned epoch."""
+        if self.cfg.mode != "pack":
+            return 1
+        return most_per_row(self._need, self.shapes[0].as_tuple())
 
     def num_batches(self, epoch: int) -> int:
         """Steps in `epoch` (the same on every process)."""

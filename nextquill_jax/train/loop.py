@@ -68,6 +68,7 @@ def train(cfg: Config, workdir: Path, *, echo=print) -> TrainResult:
             damaged.
     """
     run = set_up_run(cfg, workdir, echo)
+    cfg = run.config  # as resolved: config.yaml and every checkpoint record what the steps were built from
     save_config(cfg, workdir / CONFIG_FILE)
     ckpt = Checkpointer(workdir / CHECKPOINT_DIR, cfg.checkpoint)
     iterator = iter(run.train_data.dataset())

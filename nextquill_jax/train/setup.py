@@ -123,20 +123,54 @@ def plan_steps(pipeline: BatchPipeline, cfg: Config) -> tuple[int, list[int]]:
     return total, [e for e in ends if e <= total]
 
 
+def planned_examples_per_row(pipeline: BatchPipeline) -> tuple[int, int]:
+    """(the most examples a planned row of `pipeline` holds, an epoch where it does), over every epoch of its
+    `num_epochs` (the first only, when that is null: later epochs of an endless run are not planned)."""
+    epochs = range(pipeline.cfg.num_epochs or 1)
+    return max((pipeline.epoch_stats(e).max_examples_per_row, e) for e in epochs)
+
+
+def resolve_packed_segments(cfg: Config, pipelines: dict[str, BatchPipeline], echo: Echo) -> Config:
+    """`cfg` with `model.cudnn_max_segments: auto` replaced by the most examples a row of `pipelines` holds,
+    and one line `echo`ed saying which value and from what (`cfg` itself when not `auto`).
+
+    `pipelines` maps a name (`train`, `eval`) to its pipeline. One with `num_epochs` set gives the most
+    examples a planned row holds (`planned_examples_per_row`, the count `check_packed_segments` checks); an
+    endless one (`num_epochs: null`) gives `BatchPipeline.examples_per_row_bound`, which holds for every
+    epoch: the epochs after the first are never planned here.
+
+    The value depends only on the prepared data and `data.batching`, so resuming the same run chooses the
+    same value and compiles the same step. It is chosen again rather than read back from config.yaml so that
+    a resume with more epochs, whose rows may hold more examples, still gets a value that holds.
+    """
+    if cfg.model.cudnn_max_segments != "auto":
+        return cfg
+    found = []
+    for name, pipeline in pipelines.items():
+        if pipeline.cfg.num_epochs is None:
+            why = f"at most that many {name} examples fit one row (num_epochs: null: a bound for every epoch)"
+            found.append((pipeline.examples_per_row_bound(), why))
+        else:
+            most, epoch = planned_examples_per_row(pipeline)
+            found.append((most, f"the most examples a planned {name} row holds (epoch {epoch})"))
+    chosen, why = max(found, key=lambda f: f[0])
+    echo(f"model.cudnn_max_segments: auto chose {chosen}: {why}")
+    return dataclasses.replace(cfg, model=cfg.model.resolved(chosen))
+
+
 def check_packed_segments(cfg: Config, pipelines: dict[str, BatchPipeline]) -> None:
     """Raise ConfigError if `model.cudnn_max_segments` is set and a planned row holds more examples.
 
     cuDNN's packed attention takes at most that many segments per row and makes a row with more non-finite
     under jit, which would look like divergence. `pipelines` maps a name (`train`, `eval`) to its pipeline;
-    every epoch of its `num_epochs` is planned (the first only, when that is null: later epochs of an endless
-    run are not checked).
+    its planned epochs are checked (`planned_examples_per_row`). `cfg` has `auto` resolved
+    (`resolve_packed_segments`).
     """
     limit = cfg.model.cudnn_max_segments
     if limit is None:
         return
     for name, pipeline in pipelines.items():
-        epochs = range(pipeline.cfg.num_epochs or 1)
-        most, epoch = max((pipeline.epoch_stats(e).max_examples_per_row, e) for e in epochs)
+        most, epoch = planned_examples_per_row(pipeline)
         if most > limit:
             raise ConfigError(
                 f"data.batching packs up to {most} examples into one {name} row (epoch {epoch}), more than "
@@ -291,13 +325,15 @@ def jit_eval_step(
 class RunSetup:
     """What `train` needs before its first step.
 
-    `eval_data` is None when the prepared data has no `eval.split`; `reference` is (graphdef, params) of the
-    frozen reference model or None; `initial_params()` loads or initialises the starting parameters, the
-    state's (only called when there is no checkpoint to resume from). Under `model.lora` the state's
-    parameters are the adapters, `base_params` the frozen base and `base_identity` its path and fingerprint
-    (both None for full fine-tuning).
+    `config` is the run's config as set-up resolved it (`model.cudnn_max_segments: auto` chosen): what the
+    steps were built from and what the workdir records. `eval_data` is None when the prepared data has no
+    `eval.split`; `reference` is (graphdef, params) of the frozen reference model or None;
+    `initial_params()` loads or initialises the starting parameters, the state's (only called when there is
+    no checkpoint to resume from). Under `model.lora` the state's parameters are the adapters, `base_params`
+    the frozen base and `base_identity` its path and fingerprint (both None for full fine-tuning).
     """
 
+    config: Config
     mesh: Mesh
     data_dir: Path
     train_data: BatchPipeline
@@ -321,7 +357,8 @@ class RunSetup:
 
 
 def set_up_run(cfg: Config, workdir: Path, echo: Echo = print) -> RunSetup:
-    """Multi-host start-up and mesh, data, model, optimizer, shardings and compiled steps for `cfg`.
+    """Multi-host start-up and mesh, data, model, optimizer, shardings and compiled steps for `cfg`
+    (`model.cudnn_max_segments: auto` resolved: `RunSetup.config`).
 
     Raises:
         ConfigError: any config problem found here (model source, mesh, micro-batches, data, optimizer,
@@ -336,7 +373,9 @@ def set_up_run(cfg: Config, workdir: Path, echo: Echo = print) -> RunSetup:
     train_data = BatchPipeline(PreparedSplit(data_dir, "train"), cfg.data.batching)
     total_steps, epoch_ends = plan_steps(train_data, cfg)
     eval_data = _eval_pipeline(cfg, data_dir, echo)
-    check_packed_segments(cfg, {"train": train_data, **({"eval": eval_data} if eval_data else {})})
+    pipelines = {"train": train_data, **({"eval": eval_data} if eval_data else {})}
+    cfg = resolve_packed_segments(cfg, pipelines, echo)  # before any ModelConfig is built from cfg.model
+    check_packed_segments(cfg, pipelines)
     if cfg.loss.dce == "fixed" and cfg.loss.reference_model is None and not train_data.has_reference_dce:
         raise ConfigError(
             f"loss.dce is 'fixed' but {data_dir} carries no reference_dce and loss.reference_model is not "
@@ -381,6 +420,7 @@ def set_up_run(cfg: Config, workdir: Path, echo: Echo = print) -> RunSetup:
     settings = step_settings(cfg, None if reference is None else reference[0])
     schedule = learning_rate_schedule(cfg.optim, total_steps)
     return RunSetup(
+        config=cfg,
         mesh=mesh,
         data_dir=data_dir,
         train_data=train_data,

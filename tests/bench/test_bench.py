@@ -24,14 +24,21 @@ SIZES = {"a": (32, 48), "b": (64, 96), "c": (96, 160)}  # name -> (hidden, mlp)
 
 
 class FakeHarness:
-    """Stands in for TrainingHarness: records the models it is built for, returns a fixed timing."""
+    """Stands in for TrainingHarness: records the models it is built for (hidden size, cuDNN's packed bound)
+    and the most examples a row of each timed batch holds, returns a fixed timing."""
 
     built: ClassVar[list[int]] = []
+    bounds: ClassVar[list[int | None]] = []
+    examples_per_row: ClassVar[list[int]] = []
 
     def __init__(self, model_cfg, mesh, **kwargs):
         FakeHarness.built.append(model_cfg.hidden_size)
+        FakeHarness.bounds.append(model_cfg.cudnn_max_segments)
 
     def time(self, batch, *, warmup, steps):
+        FakeHarness.examples_per_row.append(
+            int(batch["with_segment_ids"].max())
+        )  # rows number them 1, 2, ...
         return harness.StepTiming(
             compile_s=1.5,
             step_s=[STEP_S + 0.1, STEP_S],
@@ -42,7 +49,7 @@ class FakeHarness:
         )
 
 
-def sweep_yaml(path, out, names) -> str:
+def sweep_yaml(path, out, names, extra: str = "") -> str:
     models = "\n".join(
         f"  - {{name: {n}, preset: qwen2.5-0.5b, overrides: {{hidden_size: {SIZES[n][0]}, "
         f"intermediate_size: {SIZES[n][1]}, " + ", ".join(f"{k}: {v}" for k, v in TINY.items()) + "}}"
@@ -50,7 +57,7 @@ def sweep_yaml(path, out, names) -> str:
     )
     path.write_text(
         f"output_dir: {out}\nmodels:\n{models}\nseq_len: [128]\nhistory: [2]\nrows: 2\ncontext_tokens: 16\n"
-        "entry_tokens: 20\ntarget_tokens: 8\nlength_multiple: 16\ntimed_steps: 2\n"
+        "entry_tokens: 20\ntarget_tokens: 8\nlength_multiple: 16\ntimed_steps: 2\n" + extra
     )
     return str(path)
 
@@ -64,7 +71,7 @@ def qwen2_params(d: int, f: int, v: int, layers: int, h: int, k: int, hd: int) -
 
 @pytest.fixture
 def fake(monkeypatch):
-    FakeHarness.built = []
+    FakeHarness.built, FakeHarness.bounds, FakeHarness.examples_per_row = [], [], []
     monkeypatch.setattr(sweep, "TrainingHarness", FakeHarness)
     return FakeHarness
 
@@ -134,6 +141,49 @@ def test_sweep_refuses_a_foreign_csv(tmp_path, fake):
     (out / "scaling.csv").write_text("model,tokens_per_s\nx,1\n")
     with pytest.raises(ValueError, match="move the file away or set a new output_dir"):
         sweep.main(["--config", sweep_yaml(tmp_path / "s.yaml", out, ["a"])])
+
+
+def test_sweep_cudnn_max_segments_reaches_every_point_and_auto_is_what_its_rows_hold(tmp_path, fake, capsys):
+    cudnn = "attention_impl: cudnn\ncompute_dtype: bfloat16\n"
+    config = sweep_yaml(tmp_path / "s.yaml", tmp_path / "unused", ["a", "b"], extra=cudnn)
+    run = lambda out, *flags: sweep.main(["--config", config, "--output-dir", str(tmp_path / out), *flags])
+    # Rows of 128 with-stream tokens hold two examples of 16 + 2 * 20 + 8 = 64 tokens.
+    assert run("auto", "--cudnn-max-segments", "auto") == 0
+    assert fake.examples_per_row == [2, 2] and fake.bounds == fake.examples_per_row
+    assert "cudnn_max_segments 2 (auto: the most examples a row holds)" in capsys.readouterr().out
+    assert run("three", "--cudnn-max-segments", "3") == 0 and run("unset") == 0
+    assert fake.bounds == [2, 2, 3, 3, None, None]  # unset: cuDNN's dense segment mask
+    assert run("one", "--cudnn-max-segments", "1") == 0
+    assert fake.bounds == [2, 2, 3, 3, None, None]  # both points skipped, neither built nor written
+    assert "rows hold up to 2 examples, more than cudnn_max_segments=1" in capsys.readouterr().out
+    assert not (tmp_path / "one" / "scaling.csv").exists()
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "foo", "2.5"])
+def test_sweep_refuses_a_bad_cudnn_max_segments(tmp_path, fake, capsys, value):
+    config = sweep_yaml(tmp_path / "s.yaml", tmp_path / "out", ["a"], extra="attention_impl: cudnn\n")
+    with pytest.raises(SystemExit):
+        sweep.main(["--config", config, "--cudnn-max-segments", value])
+    assert "--cudnn-max-segments: expected an int >= 1 or auto" in capsys.readouterr().err
+    xla = sweep_yaml(tmp_path / "x.yaml", tmp_path / "out", ["a"], extra="cudnn_max_segments: auto\n")
+    with pytest.raises(ConfigError, match=r"`cudnn_max_segments` \('auto'\) .* with `attention_impl: cudnn`"):
+        sweep.load_scaling_config(xla)
+    assert fake.built == []
+
+
+def test_sweep_passes_cudnn_max_segments_to_each_point_process(tmp_path, fake, monkeypatch):
+    """On an accelerator every point runs in a child process; the option, given on the command line, reaches
+    each."""
+    import jax
+
+    children = []
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(sweep.subprocess, "call", lambda command: children.append(command) or 0)
+    config = sweep_yaml(tmp_path / "s.yaml", tmp_path / "out", ["a", "b"], extra="attention_impl: cudnn\n")
+    sweep.run_sweep(sweep.load_scaling_config(config, cudnn_max_segments="auto"), config_path=config)
+    assert [c[c.index("--point") + 1] for c in children] == ["0", "1"]
+    assert all(c[c.index("--cudnn-max-segments") + 1] == "auto" for c in children)
+    assert fake.built == []
 
 
 def test_config_errors_name_the_key(tmp_path):

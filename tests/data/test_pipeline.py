@@ -7,6 +7,8 @@ against the arrays written to disk, independently of the pipeline's own bookkeep
 
 from __future__ import annotations
 
+import itertools
+
 import grain
 import numpy as np
 import orbax.checkpoint as ocp
@@ -14,7 +16,7 @@ import pytest
 
 from nextquill_jax.data.batch import BATCH_FIELDS, IGNORE_INDEX
 from nextquill_jax.data.config import BatchingConfig
-from nextquill_jax.data.packing import first_fit_rows
+from nextquill_jax.data.packing import first_fit_rows, most_per_row
 from nextquill_jax.data.pipeline import BatchPipeline
 from nextquill_jax.data.prepared_split import PreparedSplit, TokenizedExample, write_split
 
@@ -169,6 +171,44 @@ def test_first_fit_rows_respects_capacity_and_places_everything():
         assert (need[row].sum(axis=0) <= cap).all()
     with pytest.raises(ValueError, match="example"):
         first_fit_rows(need, order, (10, 40, 20), open_rows=8)
+
+
+def test_most_per_row_bounds_every_packing():
+    """Against brute force over every subset of a few examples, and against first fit in random orders."""
+    rng = np.random.default_rng(5)
+    cap = (40, 20, 10)
+    for _ in range(40):
+        n = int(rng.integers(1, 9))
+        need = np.stack([rng.integers(1, 25, n), rng.integers(1, 12, n), rng.integers(1, 6, n)], axis=1)
+        bound = most_per_row(need, cap)
+        fitting = (
+            len(s)
+            for k in range(n + 1)
+            for s in itertools.combinations(range(n), k)
+            if (need[list(s)].sum(axis=0) <= cap).all()
+        )
+        assert bound >= max(fitting)
+        for open_rows in (1, n):
+            assert bound >= max(len(r) for r in first_fit_rows(need, rng.permutation(n), cap, open_rows))
+    # Equal examples reach the bound, set by the tightest resources (40 // 7 = 5, 20 // 3 = 6, 10 // 2 = 5).
+    assert most_per_row(np.tile([7, 3, 2], (9, 1)), cap) == 5
+    assert most_per_row(np.tile([7, 3, 2], (4, 1)), cap) == 4  # no more than there are examples
+
+
+@pytest.mark.parametrize("mode", ["pack", "bucket", "random"])
+def test_examples_per_row_bound_holds_for_every_epoch_of_an_endless_pipeline(data, mode):
+    root, _ = data
+    cfg = _cfg(mode=mode, num_epochs=None)
+    pipe = BatchPipeline(PreparedSplit(root, "train"), cfg, process_index=0, process_count=1)
+    epochs = 6
+    batches = itertools.islice(pipe, sum(pipe.num_batches(e) for e in range(epochs)))
+    most = max(int(b["with_segment_ids"].max()) for b in batches)  # counted from what the pipeline yields
+    bound = pipe.examples_per_row_bound()
+    assert most <= bound
+    if mode == "pack":
+        assert most > 1  # rows really hold several examples
+    else:
+        assert bound == 1
 
 
 def test_shuffle_is_deterministic_by_seed_and_epoch(data):
