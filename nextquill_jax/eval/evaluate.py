@@ -39,10 +39,11 @@ from nextquill_jax.data.pipeline import BatchPipeline
 from nextquill_jax.data.prepared_split import PreparedSplit, TokenizedExample, rendered_rows, write_split
 from nextquill_jax.eval.text_metrics import score_predictions
 from nextquill_jax.loss import LossConfig, combine_aux, metrics_from_aux, variant_losses
+from nextquill_jax.models.causal_lm import CausalLM
 from nextquill_jax.models.generate import GenerationConfig, generate
 from nextquill_jax.parallel import batch_shard_count
 from nextquill_jax.train import model_setup
-from nextquill_jax.train.setup import jit_eval_step, reference_params, step_settings
+from nextquill_jax.train.setup import jit_eval_step, planned_examples_per_row, reference_params, step_settings
 from nextquill_jax.train.workdir import CONFIG_FILE, LoadedModel, build_mesh, data_dir_of, restore_model
 
 PromptChoice = Literal["auto", "with", "without"]
@@ -113,6 +114,25 @@ def generation_hint(generated: Sequence[Sequence[int]], max_new_tokens: int) -> 
     )
 
 
+def eval_graphdef(model: CausalLM, pipeline: BatchPipeline) -> Any:
+    """The graphdef `model`'s parameters are evaluated with on `pipeline`'s rows: `model`'s own, except that
+    a set `cudnn_max_segments` (M) is raised to the most examples a row of `pipeline` holds when that is more.
+
+    cuDNN's packed attention takes at most M examples per row and makes a row with more NaN under jit; M is
+    only the static bound of that call, not part of the parameters, and training checked it against its own
+    pipelines only, so a split evaluated later (often `test`) may pack more examples into a row.
+    """
+    limit = model.cfg.cudnn_max_segments
+    graphdef = nnx.graphdef(model)
+    if limit is None:
+        return graphdef
+    most, _ = planned_examples_per_row(pipeline)
+    if most <= limit:
+        return graphdef
+    with jax.set_mesh(None):  # abstract_model would read the logical axes as axes of a mesh in context
+        return model_setup.abstract_model(model.cfg.replace(cudnn_max_segments=most))[0]
+
+
 def split_losses(
     loaded: LoadedModel, split: PreparedSplit, count: int, reference: tuple[Any, dict] | None = None
 ) -> dict[str, Any]:
@@ -126,6 +146,9 @@ def split_losses(
     context_sft = ce_with, mce = ce_with + alpha loss_p, dce = loss_n, nextquill = loss_n + alpha loss_p, with
     the run's alpha / threshold / weights; a `js` run's loss is only in `loss`); `effects` the DCE statistics
     (preference-token share, mean, ...).
+
+    A model run with cuDNN's packed attention (`cudnn_max_segments` M) whose M is below the most examples a
+    row of the split holds is run with M raised to that (`eval_graphdef`): its losses would be NaN otherwise.
     """
     cfg, mesh = loaded.config, loaded.mesh
     run_loss = cfg.loss.loss_config()
@@ -139,12 +162,12 @@ def split_losses(
         dce=run_loss.dce,
     )
     batching = dataclasses.replace(cfg.data.batching, shuffle=False, num_epochs=1, drop_remainder=False)
-    graphdef, params = nnx.split(loaded.model)
+    _, params = nnx.split(loaded.model)
     param_shardings = jax.tree.map(lambda x: x.sharding, params)
     ref_shardings = None if reference is None else jax.tree.map(lambda x: x.sharding, reference[1])
     ref = None if reference is None else reference[1]
 
-    def aux_of(loss_cfg: LossConfig, pipeline: BatchPipeline) -> dict:
+    def aux_of(loss_cfg: LossConfig, pipeline: BatchPipeline, graphdef: Any) -> dict:
         settings = dataclasses.replace(  # the model is whole: a LoRA run's adapters are merged into it
             step_settings(cfg, None if reference is None else reference[0]), loss=loss_cfg, lora_scale=None
         )
@@ -157,8 +180,12 @@ def split_losses(
             write_split(tmp, "subset", (TokenizedExample(**split[i]) for i in range(count)))
             split = PreparedSplit(tmp, "subset")
         pipeline = BatchPipeline(split, batching)
-        terms = metrics_from_aux(aux_of(terms_loss, pipeline), terms_loss)
-        own = terms if run_loss == terms_loss else metrics_from_aux(aux_of(run_loss, pipeline), run_loss)
+        graphdef = eval_graphdef(loaded.model, pipeline)
+        terms = metrics_from_aux(aux_of(terms_loss, pipeline, graphdef), terms_loss)
+        if run_loss == terms_loss:
+            own = terms
+        else:
+            own = metrics_from_aux(aux_of(run_loss, pipeline, graphdef), run_loss)
     alpha = run_loss.alpha
     effects = {k: v for k, v in terms.items() if k.startswith("dce_") or k == "pref_fraction"}
     return {

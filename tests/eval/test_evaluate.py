@@ -6,6 +6,7 @@ with `load_pretrained`, generation from that model, float64 cross-entropies from
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -168,3 +169,51 @@ def test_a_hint_names_generations_that_run_out_or_repeat_one_token():
     hint = generation_hint(stuck, max_new_tokens=6)
     assert hint is not None and "2/3 generations stopped at max_new_tokens (6)" in hint
     assert "2/3 repeat one token" in hint
+
+
+def test_split_losses_raise_a_too_small_cudnn_max_segments_to_the_split_rows(
+    tmp_path, monkeypatch, write_random_data, write_config, tiny_config
+):
+    """A model whose config runs cuDNN's packed attention with at most M=1 example per row (as a run trained
+    on unpacked rows records; the private API emulated on CPU) is evaluated on a split that packs more: the
+    losses are finite and equal those of the same parameters with a bound that holds (M=8), where without
+    raising M the rows over it would make them NaN under jit."""
+    import jax
+    from flax import nnx
+    from jax._src.cudnn import fused_attention_stablehlo as fused
+
+    from nextquill_jax.data.pipeline import BatchPipeline
+    from nextquill_jax.eval.evaluate import split_losses
+    from nextquill_jax.models import attention
+    from nextquill_jax.train import model_setup
+    from nextquill_jax.train.setup import planned_examples_per_row
+    from nextquill_jax.train.workdir import LoadedModel, build_mesh
+    from tests.models.cudnn_emulation import emulated_packed_attention
+
+    monkeypatch.setattr(
+        fused, "dot_product_attention", emulated_packed_attention(kv_offsets_use_kv_heads=True)
+    )
+    monkeypatch.setattr(attention, "check_attention_backend", lambda impl: None)
+    data = write_random_data(tmp_path / "data", train=8, val=8)
+    path = write_config(tiny_config(data, tmp_path / "work"), tmp_path / "cfg.yaml")
+    split = PreparedSplit(data, "val")
+
+    def losses(bound: int) -> dict:
+        cudnn = ["model.attention_impl=cudnn", "model.compute_dtype=bfloat16"]
+        cfg = load_config(path, [*cudnn, f"model.cudnn_max_segments={bound}"])
+        mesh = build_mesh(cfg)
+        graphdef, params = model_setup.load_params(cfg.model, mesh, seed=0)  # the same random parameters
+        loaded = LoadedModel(nnx.merge(graphdef, params), cfg, mesh, None, "tiny")
+        assert loaded.model.cfg.cudnn_max_segments == bound
+        with jax.set_mesh(mesh):
+            return split_losses(loaded, split, len(split))
+
+    cfg = load_config(path)
+    batching = dataclasses.replace(cfg.data.batching, shuffle=False, num_epochs=1, drop_remainder=False)
+    most, _ = planned_examples_per_row(BatchPipeline(split, batching))  # as split_losses batches the split
+    assert 1 < most < 8  # the evaluated rows hold more examples than M=1, fewer than M=8
+    small, large = losses(1), losses(8)
+    values = lambda r: [r["loss"], *r["terms"].values(), *r["variants"].values()]
+    assert all(np.isfinite(values(small)))
+    np.testing.assert_allclose(values(small), values(large), rtol=1e-5)
+    assert small["tokens"] == large["tokens"]
