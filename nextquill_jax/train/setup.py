@@ -163,8 +163,8 @@ def check_packed_segments(cfg: Config, pipelines: dict[str, BatchPipeline]) -> N
 
     cuDNN's packed attention takes at most that many segments per row and makes a row with more non-finite
     under jit, which would look like divergence. `pipelines` maps a name (`train`, `eval`) to its pipeline;
-    its planned epochs are checked (`planned_examples_per_row`). `cfg` has `auto` resolved
-    (`resolve_packed_segments`).
+    its planned epochs are checked (`planned_examples_per_row`). For a number set in the config: `auto` is
+    resolved instead (`resolve_packed_segments`), to a value that covers every planned row.
     """
     limit = cfg.model.cudnn_max_segments
     if limit is None:
@@ -374,8 +374,10 @@ def set_up_run(cfg: Config, workdir: Path, echo: Echo = print) -> RunSetup:
     total_steps, epoch_ends = plan_steps(train_data, cfg)
     eval_data = _eval_pipeline(cfg, data_dir, echo)
     pipelines = {"train": train_data, **({"eval": eval_data} if eval_data else {})}
-    cfg = resolve_packed_segments(cfg, pipelines, echo)  # before any ModelConfig is built from cfg.model
-    check_packed_segments(cfg, pipelines)
+    if cfg.model.cudnn_max_segments == "auto":  # before any ModelConfig is built from cfg.model
+        cfg = resolve_packed_segments(cfg, pipelines, echo)  # covers every planned row: nothing to check
+    else:
+        check_packed_segments(cfg, pipelines)
     if cfg.loss.dce == "fixed" and cfg.loss.reference_model is None and not train_data.has_reference_dce:
         raise ConfigError(
             f"loss.dce is 'fixed' but {data_dir} carries no reference_dce and loss.reference_model is not "
