@@ -76,7 +76,7 @@ def check_override(cls: type, item: str, source: str) -> None:
     parts = key.strip().split(".")
     tp: Any = cls
     for i, part in enumerate(parts):
-        section = _dataclass_of(tp)
+        section = dataclass_of(tp)
         if section is None:
             if typing.get_origin(tp) is dict or tp is Any:
                 return
@@ -99,7 +99,7 @@ def check_override(cls: type, item: str, source: str) -> None:
     convert(_read_value(text), tp, ".".join(parts), source)
 
 
-def _dataclass_of(tp: Any) -> type | None:
+def dataclass_of(tp: Any) -> type | None:
     """`tp` when it is a dataclass, the dataclass of an optional one (`LoraConfig | None`), else None."""
     if dataclasses.is_dataclass(tp):
         return tp
@@ -115,7 +115,7 @@ def key_paths(cls: type, where: str = "") -> list[str]:
         if f.init:
             path = _join(where, f.name)
             paths.append(path)
-            section = _dataclass_of(hints[f.name])
+            section = dataclass_of(hints[f.name])
             if section is not None:
                 paths += key_paths(section, path)
     return paths
