@@ -40,11 +40,21 @@ from nextquill_jax.models.presets import model_preset
 class LoraConfig:
     """LoRA adapters on the frozen base model (`model.lora`; absent: full fine-tuning).
 
-    `targets`: regular expressions over parameter paths such as `layers/attn/q_proj` (projection kernels
-    only). The update adds (alpha / rank)·A·B to each target. `dropout`: on the adapters' input, in training.
-    `base_dtype`: how the frozen base weights are stored (`int8`: per-output-channel absmax; `nf4`: 4-bit
-    NormalFloat in blocks of 64, QLoRA's); compute stays in `model.compute_dtype`. `init_from`: a PEFT adapter
-    directory (`adapter_config.json` + `adapter_model.safetensors`) to start from instead of fresh adapters.
+    Only the adapters train; each target kernel's output gains (alpha / rank)·x·A·B. Fresh adapters start
+    with A random (from `train.seed`) and B = 0, so the model starts as the base.
+
+    Fields:
+        `rank`: r, the inner size of each adapter pair A [in, r], B [r, out]; an int >= 1.
+        `alpha`: α > 0; the adapters' product is scaled by alpha / rank.
+        `dropout`: the probability of dropout on the adapters' input, in training only; in [0, 1).
+        `targets`: regular expressions searched in parameter paths such as `layers/attn/q_proj`; every
+            projection kernel whose path matches one gets an adapter (a pattern that matches nothing, or
+            matches a parameter other than a projection kernel, is an error).
+        `base_dtype`: how the frozen base weights are stored: `float32`, `bfloat16`, `int8`
+            (per-output-channel absmax) or `nf4` (4-bit NormalFloat in blocks of 64, QLoRA's); compute stays
+            in `model.compute_dtype`.
+        `init_from`: a PEFT adapter directory (`adapter_config.json` + `adapter_model.safetensors`) to start
+            from instead of fresh adapters; null: fresh adapters.
     """
 
     rank: int = 8
@@ -74,28 +84,40 @@ class LoraConfig:
 class ModelRunConfig:
     """Which model to train and how to run it.
 
-    Exactly one of `path` (a Hugging Face directory with config.json + safetensors, or a packaged name such as
-    "smollm2-135m") and `preset` (a `model_preset` name, randomly initialised from `train.seed`) is set.
-    `overrides` replaces architecture fields of `ModelConfig` (e.g. `{hidden_size: 32, num_layers: 2}` for a
-    tiny random model); the runtime fields have their own keys. The tokenizer is `data.tokenizer`. `lora`
-    trains adapters on the frozen model instead of the model itself (`LoraConfig`).
+    Exactly one of `path` and `preset` is set. The tokenizer is `data.tokenizer`.
 
-    `remat_policy`: what the scanned layers keep for the backward pass (`ModelConfig`): `none` (everything),
-    `full` (each layer's input only), `dots_saveable`, `dots_with_no_batch_dims_saveable`, or
-    `save:NAME[,NAME...]` with names from `qkv` (q, k, v after RoPE), `attention` (the attention output before
-    the out-projection), `attn_out` (the out-projection) and `mlp_gate_up` (the MLP's gate and up
-    projections, before silu), e.g. `save:qkv,attention`: those are kept, the rest recomputed. What each
-    costs in memory and saves in FLOPs at the Qwen2.5-1.5B shape: `benchmarks/RESULTS.md`.
-
-    `cudnn_max_segments` (with `attention_impl: cudnn`; opt-in, not yet verified on a GPU): cuDNN's packed
-    attention, segments passed as lengths and offsets instead of a [T, T] mask, for rows of at most this many
-    examples; a row with more would make the step non-finite (models/cudnn_packed.py), so set-up refuses
-    a value below the most examples a planned row holds (`train.setup.check_packed_segments`). `auto`: the
-    training set-up chooses it from the data (`train.setup.resolve_packed_segments`): the most examples a
-    planned train or eval row holds, or, with `data.batching.num_epochs: null`, the most of the training
-    examples that fit one row together (a bound for every epoch); it prints the value and saves it in the
-    workdir's config.yaml. A smaller value saves memory: cuDNN keeps [rows × this, heads, T] float32
-    statistics per attention call.
+    Fields:
+        `path`: the model to fine-tune: a Hugging Face directory (config.json + safetensors) of a Llama,
+            Qwen2/2.5 or Qwen3 model, or a packaged name such as `smollm2-135m`; null with `preset`.
+        `preset`: a `model_preset` name (`nextquill_jax/models/presets.py`) of a model randomly initialised
+            from `train.seed`; null with `path`.
+        `overrides`: architecture fields of `ModelConfig` (`nextquill_jax/models/config.py`) that replace the
+            preset's or those read from `path`, e.g. `{hidden_size: 32, num_layers: 2}` for a tiny random
+            model (the runtime fields have their own keys below).
+        `param_dtype`: the dtype the trained parameters (and so the optimizer's update) are stored in.
+        `compute_dtype`: the dtype of activations and matmuls; parameters are cast to it where used (RMSNorm
+            statistics and RoPE angles stay float32).
+        `remat_policy`: what the scanned layers keep for the backward pass: `none` (everything), `full`
+            (each layer's input only), `dots_saveable`, `dots_with_no_batch_dims_saveable` (the
+            `jax.checkpoint_policies` of those names), or `save:NAME[,NAME...]` with names from `qkv` (q, k,
+            v after RoPE), `attention` (the attention output before the out-projection), `attn_out` (the
+            out-projection) and `mlp_gate_up` (the MLP's gate and up projections, before silu), e.g.
+            `save:qkv,attention`: those are kept, the rest recomputed. What each costs in memory and saves
+            in FLOPs at the Qwen2.5-1.5B shape: `benchmarks/RESULTS.md`.
+        `attention_impl`: `xla` (blockwise, memory O(T), every backend), `xla_dense` (the full [T, T] score
+            tensor, every backend), `cudnn` (GPU only, with a bfloat16 `compute_dtype`) or `splash` (Pallas
+            splash attention, TPU only); `nextquill_jax/models/attention.py`.
+        `cudnn_max_segments`: with `attention_impl: cudnn` (opt-in, not yet verified on a GPU): cuDNN's packed
+            attention, segments passed as lengths and offsets instead of a [T, T] mask, for rows of at most
+            this many examples; null: the dense mask. A row with more would make the step non-finite
+            (`nextquill_jax/models/cudnn_packed.py`), so set-up refuses a value below the most examples a
+            planned row holds (`train.setup.check_packed_segments`). `auto`: the training set-up chooses it
+            from the data (`train.setup.resolve_packed_segments`): the most examples a planned train or eval
+            row holds, or, with `data.batching.num_epochs: null`, the most of the training examples that fit
+            one row together (a bound for every epoch); it prints the value and saves it in the workdir's
+            config.yaml. A smaller value saves memory: cuDNN keeps [rows × this, heads, T] float32
+            statistics per attention call.
+        `lora`: train LoRA adapters on the frozen model instead of the model itself; null: full fine-tuning.
     """
 
     path: str | None = None
@@ -174,14 +196,18 @@ class ModelRunConfig:
 class LossRunConfig(LossConfig):
     """`LossConfig` (variant and hyper-parameters) plus how the loss is computed.
 
-    `reference_model`: for `dce: fixed` when the data carries no `reference_dce`, a Hugging Face directory,
-    packaged name or training workdir whose model (frozen, no gradient) gives the data-side effects; or `base`
-    with `model.lora`: the frozen base itself with the adapters off (the same weights, no second copy).
-    `token_chunk` / `vocab_chunk`: the LM-head tiling of `loss_from_hidden` (memory, not results).
-    `operand_dtype`: the operands of its with/without logits products, `float32` (default, exact) or
-    `bfloat16` (faster on accelerators; it rounds the head's float32 weights as `CausalLM.logits` does under a
-    bfloat16 compute dtype, so values move by bfloat16 rounding); the alignment logits and gradients stay
-    float32.
+    Fields:
+        `reference_model`: for `dce: fixed` when the data carries no `reference_dce`: a Hugging Face
+            directory, packaged name or training workdir whose model (frozen, no gradient) gives the data-side
+            effects; or `base` with `model.lora`: the frozen base itself with the adapters off (the same
+            weights, no second copy). null: none.
+        `token_chunk`: target tokens per tile of the fused LM head in `loss_from_hidden` (memory, not
+            results).
+        `vocab_chunk`: vocabulary entries per tile of the fused LM head (memory, not results).
+        `operand_dtype`: the operands of the fused head's with/without logits products, `float32` (exact) or
+            `bfloat16` (faster on accelerators; it rounds the head's float32 weights as `CausalLM.logits`
+            does under a bfloat16 compute dtype, so values move by bfloat16 rounding); the alignment logits
+            and gradients stay float32.
     """
 
     reference_model: str | None = None
@@ -198,13 +224,26 @@ class LossRunConfig(LossConfig):
 class OptimConfig:
     """AdamW with warm-up and decay; defaults are the public NextQuill code's (Hugging Face Trainer).
 
-    `warmup_steps`, when set, replaces `warmup_ratio` (a fraction of the total steps). `schedule`: after
-    warm-up, `linear` decays to `min_lr_ratio * learning_rate` at the last step, `cosine` likewise on a
-    cosine, `constant` stays. `clip_norm`: global gradient-norm clipping (None: off). Weight decay skips
-    parameters whose path matches a `no_decay` regular expression (norm scales and biases, as the Trainer
-    does).
-    `trainable`: regular expressions over parameter paths such as `layers/attn/q_proj`; when non-empty only
-    matching parameters are updated and hold optimizer state (LoRA-style partial fine-tuning).
+    The learning rate rises linearly from 0 over the warm-up, then follows `schedule` to the last optimizer
+    step (`nextquill_jax/train/optimizer.py`).
+
+    Fields:
+        `learning_rate`: the peak learning rate (> 0), reached at the end of the warm-up.
+        `weight_decay`: AdamW's decoupled weight decay (`p -= learning_rate * weight_decay * p` per step).
+        `warmup_ratio`: the warm-up as a fraction of the run's optimizer steps, in [0, 1) (rounded up to whole
+            steps).
+        `warmup_steps`: the warm-up in optimizer steps (>= 0); when set it replaces `warmup_ratio`.
+        `schedule`: after warm-up, `linear` decays to `min_lr_ratio * learning_rate` at the last step,
+            `cosine` likewise on a cosine, `constant` stays at `learning_rate`.
+        `min_lr_ratio`: the final learning rate of `linear` and `cosine`, as a fraction of `learning_rate`.
+        `b1`: Adam's β1, the decay of the gradient's moving average.
+        `b2`: Adam's β2, the decay of the squared gradient's moving average.
+        `eps`: Adam's ε, added to the root of the second moment.
+        `clip_norm`: clip the gradient to this global L2 norm before the update (> 0); null: no clipping.
+        `no_decay`: regular expressions searched in parameter paths (e.g. `layers/attn/q_proj/kernel`); a
+            matching parameter gets no weight decay (norm scales and biases, as the Trainer does).
+        `trainable`: regular expressions over the same paths; when non-empty only matching parameters are
+            updated and hold optimizer state (partial fine-tuning); empty: all. Not with `model.lora`.
     """
 
     learning_rate: float = 5e-6
@@ -235,17 +274,26 @@ class OptimConfig:
 class TrainConfig:
     """The run: where it writes, how long it runs, how a global batch is split.
 
-    `workdir` holds config.yaml, metrics.jsonl, TensorBoard events and checkpoints/ (`--workdir` overrides
-    it). `data_dir`: the prepared (tokenised) data; null means `<workdir>/prepared`, prepared from the `data`
-    section on the first start and reused while its fingerprint matches; with empty `data.sources` it must
-    already hold prepared data. The run lasts `data.batching.num_epochs` passes over the training split, or
-    stops at `max_steps` optimizer steps if that comes first (with `num_epochs: null`, `max_steps` is
-    required). `micro_batches` splits every global batch into that many gradient-accumulation micro-batches
-    (the update equals the one-pass update; memory falls). `nonfinite`: on a NaN/inf loss `stop` the run, or
-    `skip` the update and count it (the run stops once more than `max_skips` updates were skipped; checked
-    whenever metrics are fetched: every `logging.every_steps` steps and before saves). `joint_forward`: run
-    the with- and without-history passes as one forward call on a joined batch (`train.step.
-    joint_response_hidden`: one read of the weights, larger matmuls; the same values).
+    The run lasts `data.batching.num_epochs` passes over the training split, or stops at `max_steps` optimizer
+    steps if that comes first.
+
+    Fields:
+        `workdir`: the run's directory: config.yaml, metrics.jsonl, TensorBoard events and checkpoints/
+            (`--workdir` on the command line overrides it); a run in a workdir with checkpoints resumes.
+        `data_dir`: the prepared (tokenised) data; null means `<workdir>/prepared`, prepared from the `data`
+            section on the first start and reused while its fingerprint matches; with empty `data.sources`
+            it must already hold prepared data.
+        `seed`: the seed of a `model.preset` model's random weights, of fresh LoRA adapters and of the
+            step's random key (LoRA dropout); the data order has its own, `data.batching.seed`.
+        `max_steps`: stop after this many optimizer steps (>= 1) if the epochs last longer; null: run the
+            epochs out (required with `data.batching.num_epochs: null`).
+        `micro_batches`: split every global batch into this many gradient-accumulation micro-batches (the
+            update equals the one-pass update; memory falls).
+        `nonfinite`: on a NaN/inf loss, `stop` the run, or `skip` the update and count it.
+        `max_skips`: with `nonfinite: skip`, the run stops once more than this many updates were skipped;
+            checked whenever metrics are fetched: every `logging.every_steps` steps and before saves.
+        `joint_forward`: run the with- and without-history passes as one forward call on a joined batch
+            (`train.step.joint_response_hidden`: one read of the weights, larger matmuls; the same values).
     """
 
     workdir: str | None = None
@@ -266,14 +314,28 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh sizes (`-1` fills the devices left over) and multi-host start-up.
+    """Device mesh sizes and multi-host start-up (`nextquill_jax/parallel.py`).
 
-    `coordinator` ("host:port"), `num_processes` and `process_id` start a multi-process run explicitly (the
-    environment variables NEXTQUILL_COORDINATOR / NEXTQUILL_NUM_PROCESSES / NEXTQUILL_PROCESS_ID do the same);
-    without them `distributed: auto` starts it only on Cloud TPU VMs, where the pod is discovered. In a
-    multi-process run, when a process stops answering for `peer_timeout_s` seconds (its host died, it was
-    killed), every other process exits with status 4 and a message naming it, instead of waiting in a
-    collective forever; the scheduler restarts the job, which resumes from its last complete checkpoint.
+    The product of the three axis sizes is the number of devices; one of them may be `-1` to fill the
+    devices left over. Batches are split over `data` and `fsdp`.
+
+    Fields:
+        `data`: devices along the data-parallel axis (parameters replicated).
+        `fsdp`: devices along the FSDP axis: parameters and optimizer state sharded over them.
+        `tensor`: devices along the tensor-parallel axis: attention heads, MLP and vocabulary split over them.
+        `distributed`: `auto` starts a multi-process run when `coordinator`, `num_processes` and
+            `process_id` are set (all three, here or as their environment variables), else on Cloud TPU VMs
+            (libtpu installed), where the pod is discovered; `off` never starts one.
+        `coordinator`: "host:port" of process 0, to start a multi-process run explicitly (or the environment
+            variable NEXTQUILL_COORDINATOR); null: not set.
+        `num_processes`: the number of processes of an explicit multi-process run (or
+            NEXTQUILL_NUM_PROCESSES).
+        `process_id`: this process's index in an explicit multi-process run, 0-based (or
+            NEXTQUILL_PROCESS_ID).
+        `peer_timeout_s`: in a multi-process run, when a process stops answering for this many seconds (its
+            host died, it was killed), every other process exits with status 4 and a message naming it,
+            instead of waiting in a collective forever; the scheduler restarts the job, which resumes from its
+            last complete checkpoint.
     """
 
     data: int = 1
@@ -298,13 +360,20 @@ class MeshConfig:
 class CheckpointConfig:
     """Orbax checkpoints under `<workdir>/checkpoints`.
 
-    Saved every `every_steps` steps (0: never on a schedule), at the end of each epoch (`on_epoch_end`) and at
-    the end of the run; asynchronously unless `async_save` is false. Kept: the last `keep`, plus the best one
-    by the evaluation metric `best_metric` (e.g. `eval/loss`; null: no best kept) in direction `best_mode`.
+    A checkpoint is also saved at the end of the run, and after every evaluation while `best_metric` is set.
     Each step carries a manifest of its files' checksums; a resume skips steps that fail it (naming the
-    files) for the newest that passes. A save that fails (a full disk) leaves earlier checkpoints intact and
-    the failed step incomplete; `on_save_error: stop` ends the run (exit status 5), `continue` logs it and
-    trains on.
+    files) for the newest that passes.
+
+    Fields:
+        `every_steps`: save every this many optimizer steps; 0: never on a schedule.
+        `on_epoch_end`: save at the end of each epoch.
+        `keep`: how many of the most recent checkpoints are kept (>= 1), besides the best one.
+        `best_metric`: the evaluation metric whose best checkpoint is kept too (e.g. `eval/loss`); null: no
+            best kept.
+        `best_mode`: whether the best `best_metric` is the `min` or the `max`.
+        `async_save`: write checkpoints in the background while training goes on; false: wait for each.
+        `on_save_error`: a save that fails (a full disk) leaves earlier checkpoints intact and the failed
+            step incomplete; `stop` ends the run (exit status 5), `continue` logs it and trains on.
     """
 
     every_steps: int = 500
@@ -322,9 +391,19 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Validation loss on split `split` every `every_steps` steps (0: only at the end of each epoch), over at
-    most `max_batches` batches (null: the whole split). `generation` is the decoding `nextquill-jax evaluate`
-    uses (default: the public code's, greedy with repetition penalty 1.2); command-line flags override it."""
+    """Validation during training, and the decoding of `nextquill-jax evaluate`.
+
+    The validation loss is computed at the end of each epoch, at the end of the run, and every
+    `every_steps` optimizer steps when that is set.
+
+    Fields:
+        `every_steps`: evaluate every this many optimizer steps too; 0: only at epoch ends and the end.
+        `split`: the name of the prepared split evaluated (`val`, `test` or `train`); when the prepared data
+            has no such split, the run does not evaluate.
+        `max_batches`: evaluate on the split's first this many batches; null: the whole split.
+        `generation`: the decoding `nextquill-jax evaluate` uses (default: the public code's, greedy with
+            repetition penalty 1.2); its command-line flags override it.
+    """
 
     every_steps: int = 0
     split: str = "val"
@@ -338,18 +417,26 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class LoggingConfig:
-    """A metrics row (metrics.jsonl, TensorBoard, progress bar) every `every_steps` steps.
+    """Metrics, progress and profiling.
 
-    Besides the loss terms, each row has `tokens_per_second` and `data_wait_fraction`, both over the wall
-    time since the previous row (compilation included in the first): the fraction of it the loop spent
+    Besides the loss terms, each metrics row has `tokens_per_second` and `data_wait_fraction`, both over the
+    wall time since the previous row (compilation included in the first): the fraction of it the loop spent
     waiting for its next batch (the data iterator and placing the batch on the devices), the host-side gap
     a slow input pipeline leaves.
-    Counterfactual health (runs that compute the without-history stream, `train.health`): a warning, once,
-    when its target CE passes `health_ce_ratio` times its first logged value, or when the preference-bearing
-    fraction passes `health_pref_fraction` (null: not checked).
-    `profile_steps: [first, last]` records a `jax.profiler` trace of optimizer steps first..last (1-based,
-    inclusive; null: none) into `<workdir>/profile/` (view it with TensorBoard's profile plugin or XProf);
-    the run prints where it is.
+
+    Fields:
+        `every_steps`: write a metrics row (metrics.jsonl, TensorBoard, progress bar) every this many
+            optimizer steps (>= 1); rows are also written at saves and evaluations.
+        `tensorboard`: also write the rows as TensorBoard events under `<workdir>/tensorboard`.
+        `progress_bar`: show a progress bar of the optimizer steps on the console.
+        `health_ce_ratio`: counterfactual health (runs that compute the without-history stream,
+            `train.health`): warn, once, when the without-history target CE passes this many times its
+            first logged value (> 1).
+        `health_pref_fraction`: warn, once, when the fraction of target tokens that are preference-bearing
+            (DCE > `loss.threshold`) passes this, in (0, 1); null: not checked.
+        `profile_steps`: `[first, last]` records a `jax.profiler` trace of optimizer steps first..last
+            (1-based, inclusive) into `<workdir>/profile/` (view it with TensorBoard's profile plugin or
+            XProf); the run prints where it is. null: no trace.
     """
 
     every_steps: int = 10
@@ -379,7 +466,19 @@ class LoggingConfig:
 
 @dataclass(frozen=True)
 class Config:
-    """A whole training config (one field per YAML section)."""
+    """A whole training config: one field per YAML section.
+
+    Fields:
+        `model`: which model to train and how to run it (required).
+        `data`: where the records come from, how they become examples and batches (required).
+        `loss`: the loss variant, its hyper-parameters and how it is computed.
+        `optim`: the optimizer and its learning-rate schedule.
+        `train`: the run: workdir, length, seed, micro-batches, non-finite losses.
+        `mesh`: the device mesh and multi-host start-up.
+        `checkpoint`: when checkpoints are saved and which are kept.
+        `eval`: validation during training and the decoding of `nextquill-jax evaluate`.
+        `logging`: metrics rows, health warnings and profiling.
+    """
 
     model: ModelRunConfig
     data: DataConfig

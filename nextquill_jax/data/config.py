@@ -21,32 +21,33 @@ class BatchingConfig:
     """How examples become batches (YAML section `data.batching`).
 
     Fields:
-        mode: "pack" (several examples per fixed-length row), "bucket" (one example per row, padded to a
-            length bucket; every batch from one bucket) or "random" (one example per row; every global batch
+        `mode`: `pack` (several examples per fixed-length row), `bucket` (one example per row, padded to a
+            length bucket; every batch from one bucket) or `random` (one example per row; every global batch
             is `rows_per_batch * process_count` consecutive examples of the epoch's random order, a uniform
             sample as the public code's sampler draws, padded to its own longest example in each of T_w, T_o
             and R, rounded up to `length_multiple`: each new shape compiles the step once, so a larger
             multiple means fewer programs and more padding).
-        seq_len_with: T_w, tokens per row of the with-history stream (the largest bucket in bucket mode).
-        seq_len_without: T_o, tokens per row of the without-history stream. None: derived from the data, a
+        `seq_len_with`: T_w, tokens per row of the with-history stream (the largest bucket in bucket mode).
+        `seq_len_without`: T_o, tokens per row of the without-history stream. null: derived from the data, a
             multiple of `length_multiple` (pack: T_w times the ratio of without- to with-stream tokens, and at
             least the longest without-history sequence; bucket: the longest without-history sequence).
-        response_slots: R, target tokens per row. None: derived like `seq_len_without` from target lengths.
-        length_multiple: derived lengths are rounded up to a multiple of this (128 suits TPU tiles).
-        rows_per_batch: rows of one batch on ONE process; the global batch has rows_per_batch *
+        `response_slots`: R, target tokens per row. null: derived like `seq_len_without` from target
+            lengths.
+        `length_multiple`: derived lengths are rounded up to a multiple of this (128 suits TPU tiles).
+        `rows_per_batch`: rows of one batch on ONE process; the global batch has rows_per_batch *
             process_count rows.
-        bucket_boundaries: with-stream lengths of the buckets below `seq_len_with`, increasing (bucket mode;
+        `bucket_boundaries`: with-stream lengths of the buckets below `seq_len_with`, increasing (bucket mode;
             `seq_len_with` is always the last bucket). Empty: powers of two from `length_multiple` up.
-        open_rows: rows the packer keeps open while filling (larger packs tighter, planning is O(open_rows)
+        `open_rows`: rows the packer keeps open while filling (larger packs tighter, planning is O(open_rows)
             per example).
-        too_long: "error" (refuse examples that do not fit a row) or "truncate" (cut the target, counted).
-        shuffle: shuffle the examples every epoch (by `seed` and the epoch number).
-        seed: shuffle seed.
-        num_epochs: epochs to iterate; None repeats forever.
-        drop_remainder: drop an epoch's partly filled last batches (counted) instead of padding them with
+        `too_long`: `error` (refuse examples that do not fit a row) or `truncate` (cut the target, counted).
+        `shuffle`: shuffle the examples every epoch (by `seed` and the epoch number).
+        `seed`: the shuffle seed (>= 0).
+        `num_epochs`: epochs to iterate; null repeats forever (then `train.max_steps` ends the run).
+        `drop_remainder`: drop an epoch's partly filled last batches (counted) instead of padding them with
             empty rows.
-        read_threads: Grain threads building batches (0 builds them in the calling thread).
-        prefetch_batches: batches Grain builds ahead.
+        `read_threads`: Grain threads building batches (0 builds them in the calling thread).
+        `prefetch_batches`: batches Grain builds ahead.
     """
 
     mode: Literal["pack", "bucket", "random"] = "pack"
@@ -114,18 +115,69 @@ class BatchingConfig:
 class DataConfig:
     """Data settings; validated on construction (ValueError naming the `data.<field>`).
 
-    Formats and what `sources` / `meta` hold:
-        amazon2023  sources: review files `<Category>.jsonl[.gz]|.parquet`; meta: `meta_<Category>.*` files.
-                    The DPL protocol (NEXTQUILL.md) runs per category with the `dpl_*` thresholds below.
-        dpl         sources: built rows (`user_id`, `profile`, `data`), one file per split (the split is read
-                    from the file name: train / val|dev|validation / test); meta: item rows (`asin`, `title`,
-                    `description`).
-        lamp        sources: question files (`id`, `input`, `profile`, optional inline `output`), split from
-                    the file name; meta: the outputs files (`golds`: `id`, `output`) of the same splits.
-        generic     sources: one JSON object per line (see CONTRACTS.md); `split` per record, else
-                    `default_split`.
-        synthetic   no files: the synthetic benchmark (`data.sources.synth`) is generated in-process with
-                    `synthetic_users` users and `synthetic_seed`, then read as `generic` records.
+    `nextquill-jax data prepare` (or the first `train` start) reads the records of `sources` and `meta`,
+    renders each target's prompt with and without the user's history, tokenises them and writes the prepared
+    splits (`nextquill_jax/data/prepare.py`); `batching` then decides how training reads them. The `dpl_*`
+    defaults are the public DPL protocol's.
+
+    Fields:
+        `format`: how `sources` and `meta` are read: `amazon2023` (raw Amazon Reviews 2023 files, turned into
+            records by the DPL protocol per category, NEXTQUILL.md, with the `dpl_*` thresholds), `dpl`
+            (DPL-built rows), `lamp` (LaMP / LongLaMP), `generic` (one JSON object per line, CONTRACTS.md) or
+            `synthetic` (the synthetic benchmark, generated in-process).
+        `sources`: the record files, paths or glob patterns relative to the working directory. amazon2023:
+            review files `<Category>.jsonl[.gz]|.parquet`; dpl: built rows (`user_id`, `profile`, `data`),
+            one file per split, the split read from the file name (train; val, valid, validation or dev;
+            test); lamp: question files (`id`, `input`, `profile`, optional inline `output`), split from the
+            file name; generic: JSON lines, each record's split its `split`, else `default_split`;
+            synthetic: none.
+        `meta`: the metadata files, paths or glob patterns. amazon2023: `meta_<Category>.*`, one per review
+            file; dpl: item rows (`asin`, `title`, `description`); lamp: the outputs files (`golds`: `id`,
+            `output`) of the same splits; generic and synthetic: none.
+        `on_error`: an invalid record: `fail` lists them all (the first `max_errors_shown`) and prepares
+            nothing; `skip` skips and counts them by reason in the prepared data's `summary.json`.
+        `max_errors_shown`: with `on_error: fail`, how many invalid records the error lists (all are
+            counted).
+        `default_split`: the split (`train`, `val` or `test`) of a generic or synthetic record that names
+            none.
+        `template`: the prompt template: a built-in name (`review`, `review_short`, `lamp_topic_writing`,
+            `lamp_abstract`, `plain`; `nextquill_jax/data/templates/`) or the path of a YAML file with the
+            same keys.
+        `chat_template`: wrap the template's system and user messages with the tokenizer's own chat template
+            instead of the template's frame.
+        `tokenizer`: a local Hugging Face tokenizer directory, a `.gguf` file, or a packaged name (`qwen2.5`,
+            `qwen3`, `smollm2-135m`; `nextquill_jax/models/tokenizers.py`).
+        `max_history`: the most recent history entries a prompt may hold (>= 0).
+        `history_fit`: while the with-history prompt has more than `max_prompt_tokens` tokens, its oldest
+            entry is dropped: `drop` down to none (an example that still does not fit is dropped as
+            `prompt_too_long`), or `public` (the public code) down to one, after which a prompt still too
+            long is cut from the right (counted as `prompts_cut`); `nextquill_jax/data/examples.py`.
+        `max_prompt_tokens`: the most tokens a prompt (with or without history) may have.
+        `max_target_tokens`: targets are cut to this many tokens (counted) before the tokenizer's EOS is
+            appended.
+        `tokenize_batch_size`: records rendered and tokenised per call of the fast tokenizer (speed and
+            memory, not results).
+        `dpl_min_description_chars`: amazon2023: an item is kept only if its description has at least this
+            many characters.
+        `dpl_max_description_chars`: amazon2023: an item is kept only if its description has at most this
+            many characters.
+        `dpl_min_review_chars`: amazon2023: a review is kept only if its text has at least this many
+            characters.
+        `dpl_min_item_users`: amazon2023: items need reviews by at least this many distinct users; applied
+            with `dpl_min_user_reviews` and `dpl_max_user_reviews` until the number of reviews stops
+            changing.
+        `dpl_min_user_reviews`: amazon2023: users need at least this many reviews, counted after removing
+            repeated items and identical texts.
+        `dpl_max_user_reviews`: amazon2023: users need at most this many reviews, counted likewise.
+        `dpl_num_targets`: amazon2023: each user's last this many reviews are targets (>= 3): the last tests,
+            the one before validates, the rest train; the earlier reviews are the profile.
+        `dpl_min_profile_item_users`: amazon2023: profile reviews of items with fewer profile users than this
+            are removed; applied with `dpl_min_profile_reviews` until the number of users stops changing.
+        `dpl_min_profile_reviews`: amazon2023: users left with fewer profile reviews than this are dropped.
+        `synthetic_users`: synthetic: how many users are generated (>= 1).
+        `synthetic_seed`: synthetic: the generator's seed (`nextquill-jax data synth --users N --seed S`
+            writes the same records to a file).
+        `batching`: how examples become batches.
     """
 
     format: Literal["amazon2023", "dpl", "lamp", "generic", "synthetic"] = "generic"
@@ -134,22 +186,14 @@ class DataConfig:
     on_error: Literal["fail", "skip"] = "fail"
     max_errors_shown: int = 20
     default_split: str = "train"
-    # Prompt rendering and tokenisation.
-    template: str = (
-        "review"  # a built-in name (review, lamp_topic_writing, lamp_abstract, plain) or a YAML path
-    )
-    chat_template: bool = (
-        False  # wrap system + user with the tokenizer's own chat template instead of the frame
-    )
-    tokenizer: str = "qwen2.5"  # a local tokenizer directory or a name known to models.load_tokenizer
+    template: str = "review"
+    chat_template: bool = False
+    tokenizer: str = "qwen2.5"
     max_history: int = 8
-    # Too long a prompt: "drop" history entries down to none, then the example; "public" keeps >= 1 entry
-    # and cuts the prompt from the right (counted); see `data.examples`.
     history_fit: Literal["public", "drop"] = "drop"
     max_prompt_tokens: int = 2048
     max_target_tokens: int = 2048
     tokenize_batch_size: int = 512
-    # DPL protocol thresholds (amazon2023); the defaults are the public protocol's.
     dpl_min_description_chars: int = 100
     dpl_max_description_chars: int = 2000
     dpl_min_review_chars: int = 200
@@ -159,7 +203,6 @@ class DataConfig:
     dpl_num_targets: int = 10
     dpl_min_profile_item_users: int = 5
     dpl_min_profile_reviews: int = 8
-    # The synthetic format's size and seed.
     synthetic_users: int = 40
     synthetic_seed: int = 0
     batching: BatchingConfig = field(default_factory=BatchingConfig)

@@ -37,25 +37,32 @@ VARIANTS: dict[str, VariantSpec] = {
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    """NextQuill loss settings (defaults: the public code).
+    """NextQuill loss settings (defaults: the public code). The formulas: `nextquill_jax/loss/losses.py`.
 
     Fields:
-        variant: one of sft, context_sft, mce, dce, js, nextquill (module docstring).
-        alpha: weight α of the alignment loss L_p (>= 0), or "public": the public code's α for the variant
-            (`PUBLIC_ALPHA`; 0.1 for variants without L_p, which ignore it), resolved to a number here.
-        threshold: DCE threshold δ above which a token is preference-bearing (a probability difference).
-        high, low: target weights λ and ε (0 <= low <= high, high > 0).
-        weight_alignment: weight L_p by the target weights (the paper) instead of uniformly (the public code);
-            only for variants with L_p (mce, nextquill).
-        js_detach: stop the gradient through the js weights; False (the public code) is only for variant js.
-        dce: "dynamic" (the model being trained) or "fixed" (a frozen reference, passed to the loss).
-        counterfactual_grad: let L_p's gradient flow through the without-history logits z_∅ (the public
-            code); False treats z_∅ as a constant in L_p, so L_p cannot lower z_∅ on the label. Only for
+        `variant`: the loss: `sft` (CE of the without-history stream), `context_sft` (CE of the with-history
+            stream), `mce` (context_sft + α L_p), `dce` (CE weighted by the target weights), `js` (CE weighted
+            by KL(p_h ‖ m) + KL(p_∅ ‖ m), m the mean of the two streams' distributions) or `nextquill`
+            (dce + α L_p).
+        `alpha`: weight α of the alignment loss L_p (>= 0), or `public`: the public code's α for the variant
+            (`PUBLIC_ALPHA`: 0.01 for mce, 0.1 for nextquill; 0.1 for variants without L_p, which ignore
+            it), resolved to a number on loading.
+        `threshold`: DCE threshold δ: a target token whose data-side effect DCE (a probability difference,
+            in [-1, 1]) exceeds it is preference-bearing.
+        `high`: target weight λ of a preference-bearing token (> 0, >= `low`).
+        `low`: target weight ε of every other target token (>= 0).
+        `weight_alignment`: weight L_p by the target weights (the paper) instead of uniformly (the public
+            code); only for variants with L_p (mce, nextquill).
+        `js_detach`: stop the gradient through the js weights; false (the public code) is only for variant js.
+        `dce`: where DCE comes from: `dynamic` (the model being trained, no gradient) or `fixed` (a frozen
+            reference: the data's `reference_dce`, or `loss.reference_model`).
+        `counterfactual_grad`: let L_p's gradient flow through the without-history logits z_∅ (the public
+            code); false treats z_∅ as a constant in L_p, so L_p cannot lower z_∅ on the label. Only for
             variants with L_p.
-        anchor: β >= 0; adds β · CE(z_∅) (mean over target tokens), so the without-history stream stays a
-            language model. Not for sft (whose L_n is that CE already).
-        normalize: "token" divides each term's Σ over all target tokens of the global batch by its global Σ
-            of weights (long targets weigh more); "example" takes every term per example (its own weighted
+        `anchor`: β >= 0; adds β · CE(z_∅) (mean over target tokens), so the without-history stream stays a
+            language model; 0: off. Not for sft (whose L_n is that CE already).
+        `normalize`: `token` divides each term's Σ over all target tokens of the global batch by its global Σ
+            of weights (long targets weigh more); `example` takes every term per example (its own weighted
             mean) and averages those over the examples, as the public code does (one example per
             micro-batch, a mean over accumulation steps).
 

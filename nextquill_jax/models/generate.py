@@ -47,14 +47,16 @@ class GenerationConfig:
     0.8 and top-p 0.95 are set but unused because sampling is off; top-k is transformers' default 50).
 
     Fields:
-        max_new_tokens: tokens generated per row at most (the end-of-sequence token included).
-        do_sample: sample from the processed distribution instead of taking the argmax.
-        temperature: divides the logits (sampling only); > 0.
-        top_k: keep the k most probable tokens (sampling only); 0 turns it off.
-        top_p: keep the smallest set of most probable tokens whose probability reaches top_p (sampling only);
-            in (0, 1], 1 turns it off.
-        repetition_penalty: > 0; 1 turns it off. Applied in greedy decoding too.
-        seed: the sampling key's seed.
+        `max_new_tokens`: tokens generated per row at most (the end-of-sequence token included; >= 1).
+        `do_sample`: sample from the processed distribution instead of taking the argmax.
+        `temperature`: divides the logits (sampling only); > 0.
+        `top_k`: keep the k most probable tokens (sampling only); 0 turns it off.
+        `top_p`: keep the smallest set of most probable tokens whose probability reaches top_p (sampling
+            only); in (0, 1], 1 turns it off.
+        `repetition_penalty`: > 0; the logits of tokens already in the row (prompt included) are divided by
+            it where positive and multiplied where negative (transformers'); 1 turns it off. Applied in
+            greedy decoding too.
+        `seed`: the sampling key's seed.
 
     Raises:
         ValueError: naming the field, for a value out of range.
