@@ -5,6 +5,8 @@ on what a run happens to import. Layers, top to bottom (README, "Architecture"):
 
     cli -> demo -> {eval, bench} -> train -> config -> loss -> data -> models -> parallel
 
+`config_reference` (the generator of configs/REFERENCE.md) imports only `config` and stands beside `train`.
+
 `config_schema`, `subcommand` and `third_party_logs` import nothing of the package; any layer may use them.
 """
 
@@ -23,6 +25,7 @@ LAYER_OF = {
     "eval": 7,
     "bench": 7,
     "train": 6,
+    "config_reference": 6,
     "config": 5,
     "loss": 4,
     "data": 3,
