@@ -279,10 +279,11 @@ class TrainConfig:
 
     Fields:
         `workdir`: the run's directory: config.yaml, metrics.jsonl, TensorBoard events and checkpoints/
-            (`--workdir` on the command line overrides it); a run in a workdir with checkpoints resumes.
+            (`--workdir` on the command line overrides it; null: `--workdir` is required); a run in a workdir
+            with checkpoints resumes. A local path: mount an object store (gs://...) and give the mount.
         `data_dir`: the prepared (tokenised) data; null means `<workdir>/prepared`, prepared from the `data`
             section on the first start and reused while its fingerprint matches; with empty `data.sources`
-            it must already hold prepared data.
+            (and a format other than `synthetic`) it must already hold prepared data.
         `seed`: the seed of a `model.preset` model's random weights, of fresh LoRA adapters and of the
             step's random key (LoRA dropout); the data order has its own, `data.batching.seed`.
         `max_steps`: stop after this many optimizer steps (>= 1) if the epochs last longer; null: run the
