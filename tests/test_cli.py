@@ -43,8 +43,12 @@ print(sorted({"jax", "transformers"} & set(sys.modules)))
 """
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["checkpoint", "--help"], ["data", "show"]])
-def test_help_and_argument_errors_import_neither_jax_nor_transformers(argv):
+@pytest.mark.parametrize(
+    "argv",
+    [["--help"], ["checkpoint", "--help"], ["data", "show"], ["data", "show", "{tmp}/none", "--index", "0"]],
+)
+def test_help_argument_errors_and_a_missing_data_dir_import_neither_jax_nor_transformers(argv, tmp_path):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     run = subprocess.run([sys.executable, "-c", HELP_IMPORTS, *argv], capture_output=True, text=True)
     assert run.returncode == 0 and run.stdout.splitlines()[-1] == "[]", (run.stdout, run.stderr)
 
