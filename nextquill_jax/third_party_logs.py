@@ -12,11 +12,15 @@ Imports nothing of this package, so any layer may name it.
 from __future__ import annotations
 
 import contextlib
+import importlib.abc
+import importlib.machinery
 import io
 import logging
 import sys
-from collections.abc import Iterator
+import types
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 LOG_FILE = Path("logs") / "third_party.log"
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -61,8 +65,10 @@ _sink: _Sink | None = None
 @contextlib.contextmanager
 def captured(verbose: bool) -> Iterator[None]:
     """Route third-party logging (INFO and above) and Python warnings to the log file while the block runs;
-    with `verbose` also to stderr. Restores the logging set-up afterwards, except that transformers' records
-    keep propagating to the root logger instead of its own stderr handler."""
+    with `verbose` also to stderr. transformers is not imported for this (half a second or more, which
+    commands such as `data show` need not pay): its records are routed when it is first imported inside the
+    block, or at once if it already is. Restores the logging set-up afterwards, except that transformers'
+    records keep propagating to the root logger instead of its own stderr handler."""
     global _sink
     root = logging.getLogger()
     sink, console = _Sink(), logging.StreamHandler(sys.stderr)
@@ -74,10 +80,16 @@ def captured(verbose: bool) -> Iterator[None]:
     root.setLevel(logging.INFO)
     logging.captureWarnings(True)
     _sink = sink
+    finder = _TransformersFinder()
     try:
-        _route_transformers()
+        if "transformers" in sys.modules:
+            _route_transformers(printed="")
+        else:
+            sys.meta_path.insert(0, finder)
         yield
     finally:
+        if finder in sys.meta_path:
+            sys.meta_path.remove(finder)
         _sink = None
         logging.captureWarnings(False)
         root.setLevel(level)
@@ -96,13 +108,51 @@ def log_to(directory: str | Path) -> Path | None:
     return path
 
 
-def _route_transformers() -> None:
-    """Send transformers' records to the root logger. It prints advisories such as "PyTorch was not found..."
-    while being imported, through a stderr handler of its own: those are caught and logged here."""
-    printed = io.StringIO()
-    with contextlib.redirect_stderr(printed):
-        from transformers.utils import logging as hf_logging
+class _TransformersFinder(importlib.abc.MetaPathFinder):
+    """First on `sys.meta_path` inside `captured`: finds `transformers` with the finders after it and hands
+    its import to `_RoutingLoader`; any other name is left to those finders."""
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: types.ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        if fullname != "transformers":
+            return None
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None)
+            spec = None if finder is self or find is None else find(fullname, path, target)
+            if spec is not None and spec.loader is not None:
+                spec.loader = _RoutingLoader(spec.loader)
+                return spec
+        return None
+
+
+class _RoutingLoader:
+    """Loads transformers with its own loader, catching what it prints to stderr while being imported (the
+    advisory "PyTorch was not found..." goes through a stderr handler of its own), then routes it."""
+
+    def __init__(self, loader: importlib.abc.Loader) -> None:
+        self.loader = loader
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType | None:
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        printed = io.StringIO()
+        with contextlib.redirect_stderr(printed):
+            self.loader.exec_module(module)
+        _route_transformers(printed.getvalue())
+
+    def __getattr__(self, name: str) -> Any:
+        # The rest of the loader API (is_package, get_resource_reader, ...) is the wrapped loader's.
+        return getattr(self.loader, name)
+
+
+def _route_transformers(printed: str) -> None:
+    """Send transformers' records to the root logger instead of its own stderr handler, and log the lines
+    it `printed` while being imported as its warnings. Needs transformers imported."""
+    from transformers.utils import logging as hf_logging
+
     hf_logging.disable_default_handler()
     hf_logging.enable_propagation()
-    for line in printed.getvalue().splitlines():
+    for line in printed.splitlines():
         logging.getLogger("transformers").warning(line)

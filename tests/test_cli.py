@@ -32,6 +32,27 @@ def test_help_lists_every_subcommand_without_importing_jax():
         assert name in text
 
 
+HELP_IMPORTS = """
+import sys
+from nextquill_jax import cli
+try:
+    cli.main(sys.argv[1:])
+except SystemExit:
+    pass
+print(sorted({"jax", "transformers"} & set(sys.modules)))
+"""
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--help"], ["checkpoint", "--help"], ["data", "show"], ["data", "show", "{tmp}/none", "--index", "0"]],
+)
+def test_help_argument_errors_and_a_missing_data_dir_import_neither_jax_nor_transformers(argv, tmp_path):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    run = subprocess.run([sys.executable, "-c", HELP_IMPORTS, *argv], capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.splitlines()[-1] == "[]", (run.stdout, run.stderr)
+
+
 @pytest.mark.parametrize("name", sorted(cli.subcommands()))
 def test_every_subcommand_help_ends_with_an_example_the_parser_accepts(name):
     parser = cli.build_parser()

@@ -5,6 +5,8 @@ not the console; `--verbose` shows them on the console too; the package's own li
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -66,3 +68,26 @@ def test_verbose_is_accepted_before_and_after_the_subcommand_and_its_action():
     ):
         assert parser.parse_args(argv).verbose
     assert not parser.parse_args(["data", "show", "d", "--index", "0"]).verbose
+
+
+# A fresh interpreter: transformers is imported in this process already. torch hidden as on an install
+# without it (the `test` extra has it), so that importing transformers prints its advisory on stderr.
+ADVISORY_RUN = """
+import logging, sys
+sys.modules["torch"] = None
+from nextquill_jax import third_party_logs
+with third_party_logs.captured(verbose=False):
+    assert "transformers" not in sys.modules, "captured imported transformers"
+    third_party_logs.log_to(sys.argv[1])
+    import transformers
+    transformers.utils.logging.get_logger("transformers.models").warning("a later transformers line")
+assert not [f for f in sys.meta_path if type(f).__module__ == third_party_logs.__name__], sys.meta_path
+"""
+
+
+def test_transformers_advisory_at_its_first_import_inside_captured_goes_to_the_log_not_the_console(tmp_path):
+    run = subprocess.run([sys.executable, "-c", ADVISORY_RUN, str(tmp_path)], capture_output=True, text=True)
+    assert run.returncode == 0 and run.stderr == "", run.stderr
+    log = (tmp_path / "logs" / "third_party.log").read_text()
+    assert "WARNING transformers: [transformers] PyTorch was not found." in log, log
+    assert "WARNING transformers.models: a later transformers line" in log, log
