@@ -43,7 +43,7 @@ from pathlib import Path
 
 TINY = {  # the CPU shape: Qwen2.5 layout, tiny sizes
     "vocab_size": 4096, "hidden_size": 64, "intermediate_size": 192, "num_layers": 2, "num_heads": 4,
-    "num_kv_heads": 2, "head_dim": 16,
+    "num_kv_heads": 2, "head_dim": 16, "bos_token_id": 0, "eos_token_ids": (0,),  # Qwen's ids lie beyond 4096
 }  # fmt: skip
 COLUMNS = (
     "| device | model | compute | remat | attention | rows × (T_w, T_o, R) | tokens/step | step s | tokens/s "

@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 import pytest
 
-from tests.shared import FIXTURES, TINY_HF
+from tests.shared import FIXTURES, TINY_EOS_ID, TINY_HF
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -153,6 +153,8 @@ def _tiny_config(data_dir: Path, workdir: Path, **sections) -> dict:
                 "num_heads": 4,
                 "num_kv_heads": 2,
                 "head_dim": 8,
+                "bos_token_id": TINY_EOS_ID,
+                "eos_token_ids": [TINY_EOS_ID],
             },
             "compute_dtype": "float32",
         },

@@ -8,6 +8,10 @@ from pathlib import Path
 # The data files the data tests read, and the tiny tokenizer is trained on (tests/fixtures).
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
+# The tiny tokenizer's `<|endoftext|>` (its first special token, id 0): the BOS and EOS of every tiny model
+# made from a preset, whose own ids (Qwen's 151643) lie beyond a tiny vocabulary.
+TINY_EOS_ID = 0
+
 # The label value the losses ignore (the public code's -100).
 IGNORE = -100
 

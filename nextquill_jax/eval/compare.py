@@ -157,13 +157,13 @@ def run_variant(comparison: Comparison, name: str, seed: int, echo: Echo = print
         prepared_dir(cfg, workdir, echo)
         save_config(cfg, workdir / "config.yaml")
         model_path = cfg.model.path or cfg.model.preset
+    # One model serves the evaluation and the effect report: its checkpoint is read and verified once.
+    loaded = restore_model(workdir) if variant.train else load_model_path(workdir, model_path)
     generation = {} if plan.max_new_tokens is None else {"max_new_tokens": plan.max_new_tokens}
     metrics = evaluate(
-        workdir, plan.split, model_path=model_path, out_dir=workdir / "eval" / plan.split,
-        max_examples=plan.max_examples, generation_overrides=generation, batch_size=plan.eval_batch_size,
-        echo=echo,
+        workdir, plan.split, out_dir=workdir / "eval" / plan.split, max_examples=plan.max_examples,
+        generation_overrides=generation, batch_size=plan.eval_batch_size, loaded=loaded, echo=echo,
     )  # fmt: skip
-    loaded = restore_model(workdir) if variant.train else load_model_path(workdir, model_path)
     data_dir = data_dir_of(cfg, workdir)
     summary = build_effect_report(
         loaded.model,

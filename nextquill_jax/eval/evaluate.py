@@ -210,11 +210,12 @@ def evaluate(
     generation_overrides: Mapping[str, Any] | None = None,
     batch_size: int | None = None,
     prompt: PromptChoice = "auto",
+    loaded: LoadedModel | None = None,
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Evaluate checkpoint `step` (default: latest) of the run in `workdir`, or `model_path` on that run's
-    data, on prepared split `split`; write predictions.jsonl and metrics.json (module docstring) and return
-    the metrics.
+    """Evaluate checkpoint `step` (default: the newest that verifies) of the run in `workdir`, or `model_path`
+    on that run's data, or `loaded`, on prepared split `split`; write predictions.jsonl and metrics.json
+    (module docstring) and return the metrics.
 
     Args:
         max_examples: only the split's first N examples (generation and loss alike).
@@ -224,6 +225,9 @@ def evaluate(
         batch_size: prompts decoded together (default: the run's rows per global batch, rounded up to a
             multiple of the mesh's batch shards).
         prompt: "auto" (without history for sft, with otherwise), "with" or "without".
+        loaded: a model already loaded from this run (`restore_model`, its checkpoint verified then, or
+            `load_model_path`), evaluated instead of loading one, so that a caller that goes on to use it
+            reads and verifies the checkpoint once; not with `step` or `model_path`.
         echo: progress messages.
 
     Raises:
@@ -233,7 +237,10 @@ def evaluate(
     """
     if max_examples is not None and max_examples < 1:
         raise ValueError(f"max_examples must be >= 1, got {max_examples}")
-    loaded = restore_model(workdir, step) if model_path is None else load_model_path(workdir, model_path)
+    if loaded is not None and (step is not None or model_path is not None):
+        raise ValueError("evaluate: pass `loaded`, or `step` / `model_path` to load a model, not both")
+    if loaded is None:
+        loaded = restore_model(workdir, step) if model_path is None else load_model_path(workdir, model_path)
     cfg = loaded.config
     if generation is None:
         generation = dataclasses.replace(cfg.eval.generation, **(generation_overrides or {}))

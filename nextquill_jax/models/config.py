@@ -162,6 +162,29 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig.eos_token_ids must be a tuple, got {type(self.eos_token_ids).__name__}"
             )
+        self._check_special_ids()
+
+    def _check_special_ids(self) -> None:
+        # An EOS id past the embedding can never be generated, so a generation would never end on it, and
+        # transformers warns about such ids in an exported config.json: typically a preset's ids kept when
+        # `vocab_size` was made small. `pad_token_id` is not checked: Hub configs write -1 for "none".
+        ids = {
+            "bos_token_id": [] if self.bos_token_id is None else [self.bos_token_id],
+            "eos_token_ids": list(self.eos_token_ids),
+        }
+        outside = {
+            name: found
+            for name, values in ids.items()
+            if (found := [i for i in values if not 0 <= i < self.vocab_size])
+        }
+        if outside:
+            named = ", ".join(f"{name} {value}" for name, value in outside.items())
+            raise ValueError(
+                f"ModelConfig special token ids outside the vocabulary (vocab_size {self.vocab_size}): "
+                f"{named}. Fix: set them to the tokenizer's ids (in a config: model.overrides."
+                f"{', model.overrides.'.join(outside)}; e.g. eos_token_ids: [the tokenizer's eos_token_id]): "
+                f"a preset whose vocab_size is overridden keeps its own ids. Or use a larger vocab_size"
+            )
 
     @property
     def param_jnp_dtype(self) -> jnp.dtype:

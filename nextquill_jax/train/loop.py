@@ -107,6 +107,10 @@ def train(cfg: Config, workdir: Path, *, echo=print) -> TrainResult:
                 if eval_metrics:
                     log.write(step, eval_metrics)
                     log.message(eval_line(step, eval_metrics, cfg.checkpoint.best_metric))
+                # True only once this step's own checkpoint is saved: a stop step is a save step
+                # (`actions_at`), but should that save fail (`on_save_error: continue`) or the schedule
+                # change, the stop names the newest verified checkpoint instead, never an unsaved step.
+                saved = False
                 if due.save:
                     progress = {
                         "step": step,

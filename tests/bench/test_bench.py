@@ -17,9 +17,11 @@ from nextquill_jax import cli
 from nextquill_jax.bench import flops, harness, sweep
 from nextquill_jax.bench.command import BENCHMARKS
 from nextquill_jax.config_schema import ConfigError
+from tests.shared import TINY_EOS_ID
 
 STEP_S = 0.25
-TINY = {"vocab_size": 300, "num_heads": 4, "num_kv_heads": 2, "head_dim": 8, "num_layers": 2}
+TINY = {"vocab_size": 300, "num_heads": 4, "num_kv_heads": 2, "head_dim": 8, "num_layers": 2,
+        "bos_token_id": TINY_EOS_ID, "eos_token_ids": [TINY_EOS_ID]}  # fmt: skip
 SIZES = {"a": (32, 48), "b": (64, 96), "c": (96, 160)}  # name -> (hidden, mlp)
 
 

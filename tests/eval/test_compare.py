@@ -13,6 +13,7 @@ import yaml
 from nextquill_jax.config_schema import ConfigError
 from nextquill_jax.eval.bootstrap import paired_bootstrap
 from nextquill_jax.eval.compare import load_comparison, run_comparison
+from nextquill_jax.train import checkpoint
 
 pytestmark = pytest.mark.slow  # run first: see tests/conftest.py
 
@@ -51,13 +52,17 @@ def compared(tmp_path_factory, save_tiny_tokenizer, tiny_config):
     }
     path = root / "compare.yaml"
     path.write_text(yaml.safe_dump(file))
-    messages = []
-    result = run_comparison(load_comparison(path), echo=messages.append)
-    return root, path, result, messages
+    messages, checked, check_step = [], [], checkpoint.check_step
+    with pytest.MonkeyPatch.context() as patch:  # every verification of a step directory, recorded
+        patch.setattr(
+            checkpoint, "check_step", lambda step_dir: checked.append(step_dir) or check_step(step_dir)
+        )
+        result = run_comparison(load_comparison(path), echo=messages.append)
+    return root, path, result, messages, checked
 
 
 def test_the_table_and_its_intervals_come_from_the_runs_files(compared):
-    root, _, result, _ = compared
+    root, _, result, _, _ = compared
     assert [r["variant"] for r in result["rows"]] == ["context_sft", "nextquill"]
     per_run = {}
     for name in ("context_sft", "nextquill"):
@@ -85,8 +90,14 @@ def test_the_table_and_its_intervals_come_from_the_runs_files(compared):
     assert f"nextquill vs context_sft on ROUGE-1: {verdict}" in text
 
 
+def test_each_runs_checkpoint_is_verified_once_for_its_evaluation_and_effect_report(compared):
+    root, _, _, _, checked = compared
+    final = [root / "out" / "seed0" / name / "checkpoints" / "2" for name in ("context_sft", "nextquill")]
+    assert sorted(checked) == final
+
+
 def test_a_second_run_resumes_without_running_again(compared):
-    _, path, first, _ = compared
+    _, path, first, _, _ = compared
     messages = []
     again = run_comparison(load_comparison(path), echo=messages.append)
     assert sum("done already" in m for m in messages) == 2
@@ -94,7 +105,7 @@ def test_a_second_run_resumes_without_running_again(compared):
 
 
 def test_bad_compare_files_are_errors(compared, tmp_path):
-    _, path, _, _ = compared
+    _, path, _, _, _ = compared
     raw = yaml.safe_load(path.read_text())
     for change, message in (
         (lambda r: r["compare"].update(baseline="sft"), "compare.baseline 'sft' is not a variant"),

@@ -28,6 +28,7 @@ from nextquill_jax.eval.effect_scoring import auroc, score_roles, target_offsets
 from nextquill_jax.loss import LossConfig
 from nextquill_jax.loss.effects import dce_from_logits, token_logprobs
 from nextquill_jax.models import CausalLM, load_pretrained, save_pretrained
+from tests.shared import TINY_EOS_ID
 
 SPLIT = "val"
 THRESHOLD = 0.0  # a random model's effects are small; this flags about half of the tokens
@@ -152,6 +153,8 @@ MODEL_SECTION = {
         "num_kv_heads": 2,
         "head_dim": 8,
         "tie_word_embeddings": False,
+        "bos_token_id": TINY_EOS_ID,
+        "eos_token_ids": [TINY_EOS_ID],
     },
     "compute_dtype": "float32",
 }

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import shutil
 
 import numpy as np
@@ -20,6 +21,7 @@ from nextquill_jax.eval.evaluate import choose_stream, evaluate
 from nextquill_jax.eval.text_metrics import score_predictions
 from nextquill_jax.models import load_pretrained
 from nextquill_jax.models.generate import GenerationConfig, generate
+from tests.shared import TINY_EOS_ID
 
 pytestmark = pytest.mark.slow  # run first: see tests/conftest.py
 
@@ -75,6 +77,26 @@ def test_predictions_equal_generation_from_the_exported_checkpoint(run, evaluate
     ]
     assert saved["stopped_at_max_new_tokens"] == sum(len(x) == GEN.max_new_tokens for x in ids)
     assert saved["generation"]["repetition_penalty"] == 1.2 and saved["generation"]["do_sample"] is False
+
+
+def test_the_export_has_its_tokenizers_special_ids_and_loads_in_transformers_without_a_warning(run):
+    _, _, exported = run
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    tokenizer = AutoTokenizer.from_pretrained(exported)
+    written = json.loads((exported / "config.json").read_text())
+    assert written["eos_token_id"] == written["bos_token_id"] == tokenizer.eos_token_id == TINY_EOS_ID
+    warnings = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    hf_logging.warning_once.cache_clear()  # a warning given earlier in the session would not be given again
+    hf_logging.get_logger().addHandler(handler)
+    try:
+        AutoModelForCausalLM.from_pretrained(exported)
+    finally:
+        hf_logging.get_logger().removeHandler(handler)
+    assert [w for w in warnings if "token_id" in w] == []
 
 
 def test_metrics_equal_score_predictions_on_the_written_predictions(evaluated):

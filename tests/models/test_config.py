@@ -10,13 +10,15 @@ from flax import nnx
 from transformers import AutoConfig, LlamaConfig, Qwen2Config, Qwen3Config
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from nextquill_jax.config import load_config
+from nextquill_jax.config_schema import ConfigError
 from nextquill_jax.models import CausalLM, ModelConfig, model_preset
 from nextquill_jax.models.config import remat_saved_names
 from nextquill_jax.models.layers import rope_inv_freq
 
-LEGACY_LLAMA31 = {  # transformers 4.x spelling, as in Llama 3.2 1B's config.json (sizes shrunk)
+LEGACY_LLAMA31 = {  # transformers 4.x spelling, as in Llama 3.2 1B's config.json (layer sizes shrunk)
     "model_type": "llama",
-    "vocab_size": 1000,
+    "vocab_size": 128256,
     "hidden_size": 64,
     "intermediate_size": 128,
     "num_hidden_layers": 2,
@@ -124,6 +126,25 @@ def test_unknown_preset_lists_the_known_ones():
 def test_unsupported_options_are_errors_naming_them(change, match):
     with pytest.raises(ValueError, match=match):
         ModelConfig.from_hf_config({**LEGACY_LLAMA31, **change})
+
+
+def test_special_ids_outside_the_vocabulary_are_errors_naming_the_fields_and_the_fix():
+    # A preset's vocabulary shrunk but its ids kept: Qwen's <|endoftext|> (151643) lies past 704 ids.
+    fix = r"Fix: set them to the tokenizer's ids \(in a config: model\.overrides\.bos_token_id, model\."
+    with pytest.raises(
+        ValueError, match=r"\(vocab_size 704\): bos_token_id \[151643\], eos_token_ids \[151643\]\. " + fix
+    ):
+        model_preset("qwen2.5-0.5b", vocab_size=704)
+    with pytest.raises(ValueError, match=r": eos_token_ids \[704\]\. "):
+        model_preset("qwen2.5-0.5b", vocab_size=704, bos_token_id=0, eos_token_ids=(0, 704))
+    with pytest.raises(
+        ValueError, match=r"bos_token_id \[128000\], eos_token_ids \[128001, 128008, 128009\]"
+    ):
+        ModelConfig.from_hf_config({**LEGACY_LLAMA31, "vocab_size": 1000})
+    with pytest.raises(ConfigError, match=r"invalid `model`: .*model\.overrides\.eos_token_ids"):
+        load_config(None, base={"model": {"preset": "qwen2.5-0.5b", "overrides": {"vocab_size": 704}}})
+    small = model_preset("qwen2.5-0.5b", vocab_size=704, bos_token_id=0, eos_token_ids=(0,))
+    assert (small.bos_token_id, small.eos_token_ids) == (0, (0,))
 
 
 def test_runtime_fields_are_validated():

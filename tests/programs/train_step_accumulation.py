@@ -27,6 +27,7 @@ from nextquill_jax.models import CausalLM, model_preset
 from nextquill_jax.parallel import make_mesh
 from nextquill_jax.train.state import TrainState
 from nextquill_jax.train.step import StepSettings, make_train_step, reference_dce
+from tests.shared import TINY_EOS_ID
 
 
 def main() -> None:
@@ -40,6 +41,8 @@ def main() -> None:
         num_heads=4,
         num_kv_heads=2,
         head_dim=8,
+        bos_token_id=TINY_EOS_ID,
+        eos_token_ids=(TINY_EOS_ID,),
     )
     graphdef, params = nnx.split(CausalLM(cfg, rngs=nnx.Rngs(0)), nnx.Param)
     params = nnx.to_pure_dict(params)
