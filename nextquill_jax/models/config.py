@@ -30,6 +30,9 @@ REMAT_NAMES = ("qkv", "attention", "attn_out", "mlp_gate_up")
 SAVE_PREFIX = "save:"
 ATTENTION_IMPLS = ("xla", "xla_dense", "cudnn", "splash")
 DTYPES = ("float32", "bfloat16", "float16")
+# ModelConfig's fields that choose how to run the network, not what it is: a checkpoint's config.json has
+# none of them, and a training config sets each as a `model.*` key of its own.
+RUNTIME_FIELDS = ("param_dtype", "compute_dtype", "remat_policy", "attention_impl", "cudnn_max_segments")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -286,6 +289,12 @@ class ModelConfig:
         else:
             out["use_sliding_window"] = False
         return out
+
+
+# The fields `from_hf_config` reads from a config.json (and a training config's `model.overrides` may set).
+ARCHITECTURE_FIELDS: tuple[str, ...] = tuple(
+    f.name for f in dataclasses.fields(ModelConfig) if f.name not in RUNTIME_FIELDS
+)
 
 
 def remat_saved_names(policy: str) -> tuple[str, ...] | None:
