@@ -415,15 +415,18 @@ class EvalConfig:
 
     Fields:
         `every_steps`: evaluate every this many optimizer steps too; 0: only at epoch ends and the end.
-        `split`: the name of the prepared split evaluated (`val`, `test` or `train`); when the prepared data
-            has no such split, the run does not evaluate.
+        `split`: the prepared split evaluated: `val`, `test` or `train` (the splits `data prepare` writes,
+            `data.config.SPLITS`); another value is an error when the config is loaded. When the prepared data
+            has no such split (`data prepare` writes only the splits that have examples), the run does not
+            evaluate.
         `max_batches`: evaluate on the split's first this many batches; null: the whole split.
         `generation`: the decoding `nextquill-jax evaluate` uses (default: the public code's, greedy with
             repetition penalty 1.2); its command-line flags override it.
     """
 
     every_steps: int = 0
-    split: str = "val"
+    # The values of `data.config.SPLITS` (a test checks they agree).
+    split: Literal["train", "val", "test"] = "val"
     max_batches: int | None = None
     generation: GenerationConfig = field(default_factory=GenerationConfig)
 

@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import itertools
 import json
+import typing
 from pathlib import Path
 
 import jax
@@ -14,8 +15,9 @@ import pytest
 import yaml
 from jax.sharding import AbstractMesh, AxisType
 
-from nextquill_jax.config import Config, load_config, save_config
+from nextquill_jax.config import Config, EvalConfig, load_config, save_config
 from nextquill_jax.config_schema import ConfigError
+from nextquill_jax.data.config import SPLITS
 from nextquill_jax.data.pipeline import BatchPipeline
 from nextquill_jax.data.prepared_split import PreparedSplit
 from nextquill_jax.models.config import ModelConfig, RopeScaling
@@ -205,6 +207,24 @@ def test_a_path_model_gets_its_overrides_as_typed_values(cfg_file, tmp_path):
         eos_token_ids=(5, 6), rope_scaling=RopeScaling(type="linear", factor=2.0), num_layers=3
     )
     assert model_setup.model_config(section) == expected
+
+
+def test_eval_split_takes_exactly_the_prepared_splits(cfg_file, tmp_path, tiny_config, write_config):
+    assert typing.get_args(typing.get_type_hints(EvalConfig)["split"]) == SPLITS
+    raw = tiny_config(tmp_path, tmp_path)
+    raw["eval"].pop("split", None)
+    assert load_config(write_config(raw, tmp_path / "absent.yaml")).eval.split == "val"
+    assert load_config(cfg_file, ["eval.split=test"]).eval.split == "test"
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg_file, ["eval.split=vall"])
+    message = str(e.value)
+    assert message.startswith("command line: `eval.split` is 'vall', not one of ['train', 'val', 'test']")
+    assert "Did you mean 'val'?" in message and "Fix" in message, message
+    raw["eval"]["split"] = "validation"
+    with pytest.raises(ConfigError, match=r"wrong\.yaml: `eval\.split` is 'validation', not one of"):
+        load_config(write_config(raw, tmp_path / "wrong.yaml"))
+    with pytest.raises(ConfigError, match=r"`eval\.split` is None, not one of"):  # null is no split either
+        load_config(cfg_file, ["eval.split=null"])
 
 
 def test_model_needs_exactly_one_source(tmp_path, tiny_config, write_config):
