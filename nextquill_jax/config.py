@@ -31,7 +31,12 @@ from nextquill_jax.config_schema import (
 )
 from nextquill_jax.data.config import DataConfig
 from nextquill_jax.loss.config import LossConfig
-from nextquill_jax.models.config import ModelConfig, remat_saved_names
+from nextquill_jax.models.config import (
+    ARCHITECTURE_FIELDS,
+    RUNTIME_FIELDS,
+    ModelConfig,
+    remat_saved_names,
+)
 from nextquill_jax.models.generate import GenerationConfig
 from nextquill_jax.models.presets import model_preset
 
@@ -93,7 +98,10 @@ class ModelRunConfig:
             from `train.seed`; null with `path`.
         `overrides`: architecture fields of `ModelConfig` (`nextquill_jax/models/config.py`) that replace the
             preset's or those read from `path`, e.g. `{hidden_size: 32, num_layers: 2}` for a tiny random
-            model (the runtime fields have their own keys below).
+            model. A key that is not an architecture field, or a value not of its field's type, is an error
+            when the config is loaded. The runtime fields are keys of their own (`model.param_dtype`,
+            `model.compute_dtype`, `model.remat_policy`, `model.attention_impl`, `model.cudnn_max_segments`),
+            not overrides.
         `param_dtype`: the dtype the trained parameters (and so the optimizer's update) are stored in.
         `compute_dtype`: the dtype of activations and matmuls; parameters are cast to it where used (RMSNorm
             statistics and RoPE angles stay float32).
@@ -133,6 +141,7 @@ class ModelRunConfig:
 
     def __post_init__(self):
         remat_saved_names(self.remat_policy)
+        self.architecture_overrides()
         if (self.path is None) == (self.preset is None):
             raise ValueError(
                 "set exactly one of model.path (a Hugging Face directory or a packaged name such as "
@@ -160,13 +169,30 @@ class ModelRunConfig:
 
     def runtime(self) -> dict[str, Any]:
         """The runtime `ModelConfig` fields chosen here."""
-        return {
-            "param_dtype": self.param_dtype,
-            "compute_dtype": self.compute_dtype,
-            "remat_policy": self.remat_policy,
-            "attention_impl": self.attention_impl,
-            "cudnn_max_segments": self.cudnn_max_segments,
-        }
+        return {name: getattr(self, name) for name in RUNTIME_FIELDS}
+
+    def architecture_overrides(self) -> dict[str, Any]:
+        """`overrides` with each value converted to its `ModelConfig` field's type (a `rope_scaling` mapping
+        to a `RopeScaling`, an `eos_token_ids` list to a tuple), for a preset and a `path` model alike.
+
+        Raises:
+            ValueError: a key that is not one of `ARCHITECTURE_FIELDS` (naming the nearest one), or a value
+                not of its field's type (a `ConfigError` naming `model.overrides.KEY`).
+        """
+        for key in self.overrides:
+            if key not in ARCHITECTURE_FIELDS:
+                close = difflib.get_close_matches(key, ARCHITECTURE_FIELDS, n=1, cutoff=0.5)
+                hint = (
+                    f"did you mean `model.overrides.{close[0]}`?"
+                    if close
+                    else f"valid: {', '.join(ARCHITECTURE_FIELDS)}"
+                )
+                runtime = f" (`model.{key}` is a key of its own)" if key in RUNTIME_FIELDS else ""
+                raise ValueError(
+                    f"`model.overrides.{key}` is not a ModelConfig architecture field{runtime}; {hint}"
+                )
+        hints = typing.get_type_hints(ModelConfig)
+        return {k: convert(v, hints[k], f"model.overrides.{k}", "model") for k, v in self.overrides.items()}
 
     def model_config(self) -> ModelConfig:
         """The `ModelConfig` of `preset` with `overrides` and the runtime fields (for `preset` models only;
@@ -176,18 +202,8 @@ class ModelRunConfig:
             ValueError: an unknown preset, an override that is not an architecture field (with the nearest
                 one), or an invalid value (an unresolved `auto` included).
         """
-        arch = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in self.runtime()]
-        for key in self.overrides:
-            if key not in arch:
-                close = difflib.get_close_matches(key, arch, n=1, cutoff=0.5)
-                hint = f"did you mean `model.overrides.{close[0]}`?" if close else f"valid: {', '.join(arch)}"
-                raise ValueError(f"`model.overrides.{key}` is not a ModelConfig architecture field; {hint}")
-        hints = typing.get_type_hints(ModelConfig)
-        overrides = {
-            k: convert(v, hints[k], f"model.overrides.{k}", "model") for k, v in self.overrides.items()
-        }
         try:
-            return model_preset(self.preset, **overrides, **self.runtime())
+            return model_preset(self.preset, **self.architecture_overrides(), **self.runtime())
         except KeyError as e:
             raise ValueError(e.args[0]) from None
 
@@ -399,15 +415,18 @@ class EvalConfig:
 
     Fields:
         `every_steps`: evaluate every this many optimizer steps too; 0: only at epoch ends and the end.
-        `split`: the name of the prepared split evaluated (`val`, `test` or `train`); when the prepared data
-            has no such split, the run does not evaluate.
+        `split`: the prepared split evaluated: `val`, `test` or `train` (the splits `data prepare` writes,
+            `data.config.SPLITS`); another value is an error when the config is loaded. When the prepared data
+            has no such split (`data prepare` writes only the splits that have examples), the run does not
+            evaluate.
         `max_batches`: evaluate on the split's first this many batches; null: the whole split.
         `generation`: the decoding `nextquill-jax evaluate` uses (default: the public code's, greedy with
             repetition penalty 1.2); its command-line flags override it.
     """
 
     every_steps: int = 0
-    split: str = "val"
+    # The values of `data.config.SPLITS` (a test checks they agree).
+    split: Literal["train", "val", "test"] = "val"
     max_batches: int | None = None
     generation: GenerationConfig = field(default_factory=GenerationConfig)
 

@@ -7,8 +7,10 @@ entry per key, continuation lines indented further:
         `key`: what it does, in which units, which values it takes.
             More of the same entry.
 
-A class inherits its bases' entries (`LossRunConfig` those of `LossConfig`). After changing a section,
-regenerate the file with `python -m nextquill_jax.config_reference configs/REFERENCE.md`.
+A class inherits its bases' entries (`LossRunConfig` those of `LossConfig`). A free-form mapping key whose
+keys are fields of another dataclass (`model.overrides`: `ModelConfig`'s architecture fields) has a table
+of its own, listed in `MAPPINGS`. After changing a section, regenerate the file with
+`python -m nextquill_jax.config_reference configs/REFERENCE.md`.
 """
 
 from __future__ import annotations
@@ -27,22 +29,42 @@ import yaml
 
 from nextquill_jax.config import Config
 from nextquill_jax.config_schema import dataclass_of
+from nextquill_jax.models.config import ARCHITECTURE_FIELDS, ModelConfig
 
 REGENERATE = "python -m nextquill_jax.config_reference configs/REFERENCE.md"
 FIELDS_HEADER = "Fields:"
 _ENTRY = re.compile(r"`(\w+)`: (.+)")
+# Mapping keys (typed `dict` in their section) that take fields of a dataclass: key -> (the dataclass, the
+# fields it takes). Their values are set on top of another source's (a preset, a config.json), so their
+# tables have no defaults.
+MAPPINGS: dict[str, tuple[type, tuple[str, ...]]] = {"model.overrides": (ModelConfig, ARCHITECTURE_FIELDS)}
 
 
-def sections(cls: type = Config, where: str = "") -> list[tuple[str, type]]:
-    """Every section dataclass below `cls` with its dotted path, depth first in field order:
-    [("model", ModelRunConfig), ("model.lora", LoraConfig), ("data", DataConfig), ...]."""
-    found = []
+@dataclasses.dataclass(frozen=True)
+class Table:
+    """One table of the reference: the keys `path.NAME` for NAME in `keys`, fields of `cls`; `mapping`: the
+    table of a `MAPPINGS` key (no default column)."""
+
+    path: str
+    cls: type
+    keys: tuple[str, ...]
+    mapping: bool = False
+
+
+def tables(cls: type = Config, where: str = "", mapping: bool = False) -> list[Table]:
+    """The tables of the reference below `cls` (`where` its dotted path, "" for `Config`, which has none),
+    depth first in field order: a section's table is followed by those of its sections and `MAPPINGS` keys,
+    e.g. model, model.overrides, model.overrides.rope_scaling, model.lora, data, ..."""
+    keys = MAPPINGS[where][1] if mapping else tuple(f.name for f in dataclasses.fields(cls))
+    found = [Table(where, cls, keys, mapping)] if where else []
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        section = dataclass_of(hints[f.name])
+    for name in keys:
+        path = f"{where}.{name}" if where else name
+        section = dataclass_of(hints[name])
         if section is not None:
-            path = f"{where}.{f.name}" if where else f.name
-            found += [(path, section), *sections(section, path)]
+            found += tables(section, path)
+        elif path in MAPPINGS:
+            found += tables(MAPPINGS[path][0], path, mapping=True)
     return found
 
 
@@ -154,8 +176,8 @@ def cell(text: str) -> str:
 
 def render() -> str:
     """The whole of `configs/REFERENCE.md`."""
-    all_sections = sections()
-    path_of = {cls: path for path, cls in all_sections}
+    all_tables = tables()
+    cls_of = {"": Config} | {t.path: t.cls for t in all_tables}
     lines = [
         "# Config reference",
         "",
@@ -169,22 +191,35 @@ def render() -> str:
         "Sections:",
         "",
     ]
-    for path, cls in all_sections:
-        parent, _, name = path.rpartition(".")
-        parent_cls = dict(all_sections)[parent] if parent else Config
-        lines.append(f"- [{path}]({anchor(path)}) (`{cls.__name__}`): {cell(key_docs(parent_cls)[name])}")
-    for path, cls in all_sections:
-        lines += ["", f"## {path}", "", markdown(summary(cls)), ""]
-        lines += ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
-        hints, entries = typing.get_type_hints(cls), key_docs(cls)
-        for f in dataclasses.fields(cls):
-            kind = yaml_type(hints[f.name])
-            section = dataclass_of(hints[f.name])
-            if section is not None:
-                kind += f" ([{path_of[section]}]({anchor(path_of[section])}))"
-            row = [f"`{path}.{f.name}`", kind, yaml_default(f), entries.get(f.name, "")]
-            lines.append("| " + " | ".join(cell(c) for c in row) + " |")
+    for t in all_tables:
+        parent, _, name = t.path.rpartition(".")
+        lines.append(
+            f"- [{t.path}]({anchor(t.path)}) (`{t.cls.__name__}`): {cell(key_docs(cls_of[parent])[name])}"
+        )
+    for t in all_tables:
+        lines += ["", f"## {t.path}", "", *_table(t, cls_of)]
     return "\n".join(lines) + "\n"
+
+
+def _table(t: Table, cls_of: dict[str, type]) -> list[str]:
+    """The introduction and the rows of one table; a key with a table of its own links to it."""
+    intro = markdown(summary(t.cls))
+    if t.mapping:
+        parent, _, name = t.path.rpartition(".")
+        intro = f"`{t.path}`: {markdown(key_docs(cls_of[parent])[name])}\n\n{intro}"
+    header = ["key", "type", "meaning"] if t.mapping else ["key", "type", "default", "meaning"]
+    lines = [intro, "", f"| {' | '.join(header)} |", "|" + " --- |" * len(header)]
+    hints, entries = typing.get_type_hints(t.cls), key_docs(t.cls)
+    fields = {f.name: f for f in dataclasses.fields(t.cls)}
+    for name in t.keys:
+        path = f"{t.path}.{name}"
+        kind = yaml_type(hints[name])
+        if path in cls_of:
+            kind += f" ([{path}]({anchor(path)}))"
+        default = [] if t.mapping else [yaml_default(fields[name])]
+        row = [f"`{path}`", kind, *default, entries.get(name, "")]
+        lines.append("| " + " | ".join(cell(c) for c in row) + " |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

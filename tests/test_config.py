@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import json
+import typing
 from pathlib import Path
 
 import jax
@@ -13,10 +15,13 @@ import pytest
 import yaml
 from jax.sharding import AbstractMesh, AxisType
 
-from nextquill_jax.config import Config, load_config, save_config
+from nextquill_jax.config import Config, EvalConfig, load_config, save_config
 from nextquill_jax.config_schema import ConfigError
+from nextquill_jax.data.config import SPLITS
 from nextquill_jax.data.pipeline import BatchPipeline
 from nextquill_jax.data.prepared_split import PreparedSplit
+from nextquill_jax.models.config import ModelConfig, RopeScaling
+from nextquill_jax.models.presets import model_preset
 from nextquill_jax.parallel import MESH_AXES, resolve_mesh_shape
 from nextquill_jax.train import model_setup
 from nextquill_jax.train.loop import train
@@ -165,6 +170,61 @@ def test_a_save_remat_policy_is_read_and_a_bad_name_in_it_is_a_config_error(cfg_
     message = str(e.value)
     assert "invalid `model`: remat_policy 'save:qkv,atention': 'atention' is not a checkpoint name" in message
     assert "allowed: qkv, attention, attn_out, mlp_gate_up" in message and "Fix" in message, message
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("model.overrides.param_dtype=bfloat16", "(`model.param_dtype` is a key of its own)"),
+        ("model.overrides.num_layer=3", "did you mean `model.overrides.num_layers`?"),
+        ("model.overrides.eos_token_ids=7", "`model.overrides.eos_token_ids` expects a tuple"),
+    ],
+)
+@pytest.mark.parametrize("source", [[], ["model.preset=null", "model.path=some/dir"]])
+def test_a_bad_model_override_is_a_load_time_error_for_a_preset_and_a_path_model(
+    cfg_file, source, override, expected
+):
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg_file, [*source, override])
+    message = str(e.value)
+    assert "invalid `model`" in message and expected in message, message
+
+
+def test_a_path_model_gets_its_overrides_as_typed_values(cfg_file, tmp_path):
+    """A YAML list and mapping become the tuple and `RopeScaling` the fields hold, as for a preset."""
+    hf = model_preset("llama3.2-1b").to_hf_config()
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps(hf))
+    section = load_config(
+        cfg_file,
+        [
+            "model.preset=null",
+            f"model.path={tmp_path / 'model'}",
+            "model.overrides={eos_token_ids: [5, 6], rope_scaling: {type: linear, factor: 2}, num_layers: 3}",
+        ],
+    ).model
+    expected = ModelConfig.from_hf_config(hf, **section.runtime()).replace(
+        eos_token_ids=(5, 6), rope_scaling=RopeScaling(type="linear", factor=2.0), num_layers=3
+    )
+    assert model_setup.model_config(section) == expected
+
+
+def test_eval_split_takes_exactly_the_prepared_splits(cfg_file, tmp_path, tiny_config, write_config):
+    assert typing.get_args(typing.get_type_hints(EvalConfig)["split"]) == SPLITS
+    raw = tiny_config(tmp_path, tmp_path)
+    raw["eval"].pop("split", None)
+    assert load_config(write_config(raw, tmp_path / "absent.yaml")).eval.split == "val"
+    assert load_config(cfg_file, ["eval.split=test"]).eval.split == "test"
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg_file, ["eval.split=vall"])
+    message = str(e.value)
+    assert message.startswith("command line: `eval.split` is 'vall', not one of ['train', 'val', 'test']")
+    assert "Did you mean 'val'?" in message and "Fix" in message, message
+    raw["eval"]["split"] = "validation"
+    with pytest.raises(ConfigError, match=r"wrong\.yaml: `eval\.split` is 'validation', not one of"):
+        load_config(write_config(raw, tmp_path / "wrong.yaml"))
+    with pytest.raises(ConfigError, match=r"`eval\.split` is None, not one of"):  # null is no split either
+        load_config(cfg_file, ["eval.split=null"])
 
 
 def test_model_needs_exactly_one_source(tmp_path, tiny_config, write_config):

@@ -30,12 +30,31 @@ REMAT_NAMES = ("qkv", "attention", "attn_out", "mlp_gate_up")
 SAVE_PREFIX = "save:"
 ATTENTION_IMPLS = ("xla", "xla_dense", "cudnn", "splash")
 DTYPES = ("float32", "bfloat16", "float16")
+# ModelConfig's fields that choose how to run the network, not what it is: a checkpoint's config.json has
+# none of them, and a training config sets each as a `model.*` key of its own.
+RUNTIME_FIELDS = ("param_dtype", "compute_dtype", "remat_policy", "attention_impl", "cudnn_max_segments")
 
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-    """RoPE frequency scaling. `type` "linear" divides every frequency by `factor`; "llama3" is Llama 3.1's
-    wavelength-dependent scaling (needs the other three fields)."""
+    """RoPE frequency scaling (`nextquill_jax/models/layers.py` `rope_inv_freq`, transformers' formulas).
+    Its config.json keys are those of the `rope_scaling` object (transformers 4) or the `rope_parameters`
+    object (transformers 5).
+
+    Fields:
+        `type`: `linear` divides every frequency by `factor`; `llama3` is Llama 3.1's wavelength-dependent
+            scaling (needs the other three fields). config.json `rope_type` (or `type`).
+        `factor`: > 0; how much the frequencies are slowed (all of them for `linear`, the long wavelengths
+            for `llama3`). config.json `factor`.
+        `low_freq_factor`: `llama3` only: wavelengths longer than `original_max_position_embeddings /
+            low_freq_factor` are divided by `factor`. config.json `low_freq_factor`.
+        `high_freq_factor`: `llama3` only, > `low_freq_factor`: wavelengths shorter than
+            `original_max_position_embeddings / high_freq_factor` are kept; those between are interpolated.
+            config.json `high_freq_factor`.
+        `original_max_position_embeddings`: `llama3` only: the context length the frequencies were trained
+            for. config.json `original_max_position_embeddings` (absent: the model's
+            `max_position_embeddings`, else 8192).
+    """
 
     type: Literal["linear", "llama3"]
     factor: float
@@ -71,10 +90,61 @@ class ModelConfig:
     output bias; `qwen3` has per-head q/k RMSNorm; `llama` has neither norm and biases on all four projections
     or none (`attention_bias`).
 
-    `remat_policy` (runtime): what the scanned decoder layers keep for the backward pass. `none` keeps
-    everything; `full` keeps only each layer's input and recomputes the layer; `dots_saveable` and
-    `dots_with_no_batch_dims_saveable` are `jax.checkpoint_policies` of those names; `save:NAME[,NAME...]`
-    keeps only the named values of `REMAT_NAMES` (e.g. `save:qkv,attention`) and recomputes the rest.
+    The architecture fields are what `from_hf_config` reads from a Hugging Face config.json and `to_hf_config`
+    writes back (each entry names its config.json key); the `RUNTIME_FIELDS` choose how to run the network
+    and are no part of a checkpoint.
+
+    Fields:
+        `family`: the model family, which fixes the checkpoint's tensor names (`models/hf.py` `NAME_TABLES`),
+            the transformers class of an export (`ARCHITECTURES`) and the constraints above. config.json
+            `model_type`.
+        `vocab_size`: V, the rows of the embedding and the columns of the LM head. config.json `vocab_size`.
+        `hidden_size`: D, the width of the residual stream. config.json `hidden_size`.
+        `intermediate_size`: F, the inner width of the SwiGLU MLP (gate and up [D, F], down [F, D]).
+            config.json `intermediate_size`.
+        `num_layers`: L, the number of decoder layers. config.json `num_hidden_layers`.
+        `num_heads`: H, the query heads. config.json `num_attention_heads`.
+        `num_kv_heads`: K, the key/value heads (grouped-query attention), a divisor of `num_heads`.
+            config.json `num_key_value_heads` (absent or null: `num_heads`).
+        `head_dim`: Hd, the width of one head (even, for RoPE); need not be D / H. config.json `head_dim`
+            (absent or null: `hidden_size // num_heads`).
+        `rms_norm_eps`: ε > 0 of every RMSNorm. config.json `rms_norm_eps` (absent: 1e-6).
+        `rope_theta`: the RoPE base θ > 0 (frequencies θ^(-2i/Hd)). config.json `rope_theta`, or
+            `rope_theta` inside config.json `rope_parameters` (transformers 5, which wins); absent: 10000.
+        `rope_scaling`: RoPE frequency scaling (`RopeScaling`); null: none. config.json `rope_scaling`
+            (transformers 4) or config.json `rope_parameters` (transformers 5, which wins) with a `rope_type`
+            other than `default`.
+        `max_position_embeddings`: the context length the checkpoint declares; carried to the exported
+            config.json (nothing here limits a sequence to it). config.json `max_position_embeddings`
+            (absent: 4096).
+        `tie_word_embeddings`: the LM head is the embedding matrix (no `lm_head` parameter). config.json
+            `tie_word_embeddings` (absent: false).
+        `qkv_bias`: the q, k and v projections have biases. config.json `attention_bias` (`qwen2`: always
+            true).
+        `o_bias`: the output projection has a bias. config.json `attention_bias` (`qwen2`: always false).
+        `qk_norm`: q and k are RMS-normalised per head before RoPE; true exactly for `qwen3`. No config.json
+            key of its own: config.json `model_type` `qwen3` implies it.
+        `bos_token_id`: the beginning-of-sequence token id, or null; carried to the exported config.json.
+            config.json `bos_token_id`.
+        `eos_token_ids`: the end-of-sequence token ids (a list in YAML); carried to the exported config.json
+            (training evaluation stops generation at the tokenizer's own end-of-sequence token). config.json
+            `eos_token_id` (an int or a list).
+        `pad_token_id`: the padding token id, or null; carried to the exported config.json. config.json
+            `pad_token_id`.
+        `param_dtype`: runtime (`model.param_dtype` in a training config): the dtype parameters are stored
+            in, one of `DTYPES`.
+        `compute_dtype`: runtime (`model.compute_dtype`): the dtype of activations and matmuls, one of
+            `DTYPES`.
+        `remat_policy`: runtime (`model.remat_policy`): what the scanned decoder layers keep for the backward
+            pass. `none` keeps everything; `full` keeps only each layer's input and recomputes the layer;
+            `dots_saveable` and `dots_with_no_batch_dims_saveable` are `jax.checkpoint_policies` of those
+            names; `save:NAME[,NAME...]` keeps only the named values of `REMAT_NAMES` (e.g.
+            `save:qkv,attention`) and recomputes the rest.
+        `attention_impl`: runtime (`model.attention_impl`): one of `ATTENTION_IMPLS`
+            (`nextquill_jax/models/attention.py`).
+        `cudnn_max_segments`: runtime (`model.cudnn_max_segments`): cuDNN's packed mode (segment lengths and
+            offsets instead of a [T, T] mask) for rows of at most this many segments; only with
+            `attention_impl` `cudnn`. None: the dense mask. See `nextquill_jax/models/cudnn_packed.py`.
     """
 
     family: Family
@@ -96,13 +166,10 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
-    # Runtime choices (not part of the checkpoint).
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     remat_policy: str = "none"
     attention_impl: str = "xla"
-    # cuDNN's packed mode (segment lengths and offsets instead of a [T, T] mask) for rows of at most this many
-    # segments; only with attention_impl "cudnn". None: the dense mask. See models/cudnn_packed.py.
     cudnn_max_segments: int | None = None
 
     def __post_init__(self) -> None:
@@ -309,6 +376,12 @@ class ModelConfig:
         else:
             out["use_sliding_window"] = False
         return out
+
+
+# The fields `from_hf_config` reads from a config.json (and a training config's `model.overrides` may set).
+ARCHITECTURE_FIELDS: tuple[str, ...] = tuple(
+    f.name for f in dataclasses.fields(ModelConfig) if f.name not in RUNTIME_FIELDS
+)
 
 
 def remat_saved_names(policy: str) -> tuple[str, ...] | None:

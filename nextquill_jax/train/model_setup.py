@@ -56,7 +56,7 @@ def model_config(section: ModelRunConfig) -> ModelConfig:
         from nextquill_jax.models.packaged import packaged_model_path
 
         hf_config = read_gguf_config(path if path.is_file() else packaged_model_path(section.path))
-    return ModelConfig.from_hf_config(hf_config, **section.overrides, **section.runtime())
+    return ModelConfig.from_hf_config(hf_config, **section.architecture_overrides(), **section.runtime())
 
 
 def abstract_model(cfg: ModelConfig) -> tuple[Any, dict]:
@@ -98,7 +98,7 @@ def initial_params(
         dtype=section.param_dtype,
         mesh=mesh,
         rules=rules,
-        **section.overrides,
+        **section.architecture_overrides(),
         compute_dtype=section.compute_dtype,
         remat_policy=section.remat_policy,
         attention_impl=section.attention_impl,
