@@ -66,7 +66,9 @@ def test_cudnn_max_segments_reaches_the_model_config_only_with_cudnn(cfg_file):
     cfg = load_config(cfg_file, ["model.attention_impl=cudnn", "model.cudnn_max_segments=4"])
     assert cfg.model.model_config().cudnn_max_segments == 4
     for value in (4, "auto"):
-        with pytest.raises(ConfigError, match=r"attention_impl is 'xla'\. Fix: set attention_impl: cudnn"):
+        with pytest.raises(
+            ConfigError, match=r"attention_impl is 'xla'\. Fix: set model\.attention_impl: cudnn"
+        ):
             load_config(cfg_file, [f"model.cudnn_max_segments={value}"])
 
 

@@ -31,7 +31,7 @@ from nextquill_jax.bench.flops import param_counts, peak_tflops, step_flops
 from nextquill_jax.bench.harness import StepTiming, TrainingHarness, synthetic_batch
 from nextquill_jax.bench.plot import plot_rows
 from nextquill_jax.bench.record import append_results, invoked_command, results_header
-from nextquill_jax.config import ModelRunConfig
+from nextquill_jax.config import ModelRunConfig, check_cudnn_max_segments
 from nextquill_jax.config_schema import ConfigError, build, read_yaml
 from nextquill_jax.data.assemble import RowShape
 from nextquill_jax.loss import LossConfig
@@ -102,12 +102,7 @@ class ScalingConfig:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
         if any(s < 1 for s in self.seq_len) or any(h < 0 for h in self.history):
             raise ValueError(f"seq_len must be >= 1 and history >= 0, got {self.seq_len}, {self.history}")
-        m = self.cudnn_max_segments
-        if m is not None and (self.attention_impl != "cudnn" or (m != "auto" and m < 1)):
-            raise ValueError(
-                f"`cudnn_max_segments` ({m!r}) must be an int >= 1 or auto, with `attention_impl: cudnn` "
-                f"(got {self.attention_impl!r}); null: cuDNN's dense segment mask"
-            )
+        check_cudnn_max_segments(self.cudnn_max_segments, self.attention_impl, "")
         for model in self.models:
             try:
                 self.model_config(model)

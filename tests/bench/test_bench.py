@@ -166,9 +166,39 @@ def test_sweep_refuses_a_bad_cudnn_max_segments(tmp_path, fake, capsys, value):
         sweep.main(["--config", config, "--cudnn-max-segments", value])
     assert "--cudnn-max-segments: expected an int >= 1 or auto" in capsys.readouterr().err
     xla = sweep_yaml(tmp_path / "x.yaml", tmp_path / "out", ["a"], extra="cudnn_max_segments: auto\n")
-    with pytest.raises(ConfigError, match=r"`cudnn_max_segments` \('auto'\) .* with `attention_impl: cudnn`"):
+    with pytest.raises(ConfigError, match=r"but attention_impl is 'xla'\. Fix: set attention_impl: cudnn"):
         sweep.load_scaling_config(xla)
     assert fake.built == []
+
+
+@pytest.mark.parametrize(
+    ("value", "impl"), [("0", "cudnn"), ("-3", "cudnn"), ("auto", "xla"), ("4", "splash")]
+)
+def test_sweep_and_training_config_refuse_cudnn_max_segments_alike(tmp_path, value, impl):
+    """A sweep file's `cudnn_max_segments` is refused with the training config's message (one check), its key
+    spelt without the training config's `model.` section."""
+    from nextquill_jax.config import load_config
+
+    file = sweep_yaml(
+        tmp_path / "s.yaml",
+        tmp_path / "out",
+        ["a"],
+        extra=f"attention_impl: {impl}\ncudnn_max_segments: {value}\n",
+    )
+    with pytest.raises(ConfigError) as in_sweep:
+        sweep.load_scaling_config(file)
+    training = tmp_path / "train.yaml"
+    training.write_text(
+        f"model: {{preset: qwen2.5-0.5b, attention_impl: {impl}, cudnn_max_segments: {value}}}\n"
+    )
+    with pytest.raises(ConfigError) as in_training:
+        load_config(training)
+    # The check's own message: from the key on, before the schema's note on where the key sits.
+    said = lambda e: str(e.value)[str(e.value).index("cudnn_max_segments") :].split(". Fix the value under")[
+        0
+    ]
+    assert said(in_sweep) == said(in_training).replace("model.", "")
+    assert "Fix: set" in said(in_sweep) and value in said(in_sweep)
 
 
 def test_sweep_passes_cudnn_max_segments_to_each_point_process(tmp_path, fake, monkeypatch):
