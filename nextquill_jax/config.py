@@ -110,13 +110,13 @@ class ModelRunConfig:
 
     `cudnn_max_segments` (with `attention_impl: cudnn`; opt-in, not yet verified on a GPU): cuDNN's packed
     attention, segments passed as lengths and offsets instead of a [T, T] mask, for rows of at most this many
-    examples; a row with more would make the step non-finite (models/cudnn_packed.py), so set-up refuses
-    a value below the most examples a planned row holds (`train.setup.check_packed_segments`). `auto`: the
-    training set-up chooses it from the data (`train.setup.resolve_packed_segments`): the most examples a
-    planned train or eval row holds, or, with `data.batching.num_epochs: null`, the most of the training
-    examples that fit one row together (a bound for every epoch); it prints the value and saves it in the
-    workdir's config.yaml. A smaller value saves memory: cuDNN keeps [rows × this, heads, T] float32
-    statistics per attention call.
+    examples; a row with more would make the step non-finite (models/cudnn_packed.py), so set-up refuses a
+    value below the most examples a planned row holds, or, with `data.batching.num_epochs: null`, below the
+    bound for every epoch that `auto` takes (`train.setup.check_packed_segments`). `auto`: the training set-up
+    chooses it from the data (`train.setup.resolve_packed_segments`): the most examples a planned train or
+    eval row holds, or, with `data.batching.num_epochs: null`, the most of the training examples that fit one
+    row together (a bound for every epoch); it prints the value and saves it in the workdir's config.yaml. A
+    smaller value saves memory: cuDNN keeps [rows × this, heads, T] float32 statistics per attention call.
     """
 
     path: str | None = None

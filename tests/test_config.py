@@ -272,6 +272,36 @@ def _most_examples_yielded(pipeline: BatchPipeline, epochs: int = 1) -> int:
     return max(int(batch["with_segment_ids"].max()) for batch in batches)
 
 
+def test_an_endless_run_checks_cudnn_max_segments_against_every_epoch_not_the_first(
+    tmp_path, compilations, write_random_data, write_config, tiny_config
+):
+    """With `num_epochs: null` a number that holds for the first epoch's rows but not for a later epoch's
+    (counted from the batches the pipeline yields) is refused, naming the bound for every epoch, which
+    passes."""
+    from nextquill_jax.train.setup import check_packed_segments
+
+    data = write_random_data(tmp_path / "data", train=16, val=0)
+    path = write_config(tiny_config(data, tmp_path / "work"), tmp_path / "cfg.yaml")
+    endless = [*CUDNN, "data.batching.num_epochs=null", "train.max_steps=4"]
+    pipeline = BatchPipeline(PreparedSplit(data, "train"), load_config(path, endless).data.batching)
+    first = _most_examples_yielded(pipeline, epochs=1)
+    later = _most_examples_yielded(pipeline, epochs=4)
+    assert later > first  # a later epoch packs a row with more examples than any of the first's
+    cfg = load_config(path, [*endless, f"model.cudnn_max_segments={first}"])
+    bound = pipeline.examples_per_row_bound()
+    fix = (
+        rf"num_epochs is null, so any epoch may pack up to {bound} examples into one train row .* more than "
+        rf"model.cudnn_max_segments={first}: .* Fix: set model.cudnn_max_segments to {bound} or more, or auto"
+    )
+    with pytest.raises(ConfigError, match=fix):
+        train(cfg, tmp_path / "work")
+    assert compilations == [], "compiled before reporting the config error"
+    assert bound >= later
+    check_packed_segments(
+        load_config(path, [*endless, f"model.cudnn_max_segments={bound}"]), {"train": pipeline}
+    )
+
+
 @pytest.mark.parametrize("num_epochs", [2, None])
 def test_cudnn_max_segments_auto_covers_every_row_the_run_yields(
     tmp_path, write_random_data, write_config, tiny_config, num_epochs
