@@ -283,6 +283,24 @@ def reference_params(
     return model_setup.load_params(section, mesh, seed=0)
 
 
+def reference_for_rows(reference: tuple[Any, dict], pipelines: dict[str, BatchPipeline]) -> tuple[Any, dict]:
+    """`reference` (graphdef, params) made to run on the rows of `pipelines` (name -> pipeline): a
+    `cudnn_max_segments` (M) of the reference model below the most examples a row may hold
+    (`examples_per_row`, what the run's own M is checked against or `auto` chooses) is raised to that.
+
+    A training workdir's model keeps the runtime settings saved with it, M included; M was checked against
+    that run's rows, and this run's may pack more, which cuDNN's packed attention would make NaN (the
+    reference's DCE, and so the loss). The run's M cannot serve: it is null when the run itself does not use
+    the packed mode. The same parameters with a larger bound compute the same attention.
+    """
+    graphdef, params = reference
+    model = nnx.merge(graphdef, params)
+    if model.cfg.cudnn_max_segments is None:
+        return reference
+    most = max(examples_per_row(pipeline)[0] for pipeline in pipelines.values())
+    return model_setup.covering_graphdef(model, most), params
+
+
 def step_settings(cfg: Config, reference_graphdef: Any = None) -> StepSettings:
     """The step's static settings from the config's `loss`, `train` and `model.lora` sections."""
     lora = cfg.model.lora
@@ -435,6 +453,8 @@ def set_up_run(cfg: Config, workdir: Path, echo: Echo = print) -> RunSetup:
         raise ConfigError(str(e)) from None
     s_shardings = state_shardings(tx, trainable_abstract, trainable_shardings, mesh)
     reference = reference_params(cfg, mesh, None if base is None else (graphdef, base))
+    if reference is not None:
+        reference = reference_for_rows(reference, pipelines)
     ref_shardings = None if reference is None else jax.tree.map(lambda x: x.sharding, reference[1])
     base_shardings = None if base is None else jax.tree.map(lambda x: x.sharding, base)
     settings = step_settings(cfg, None if reference is None else reference[0])
