@@ -43,7 +43,13 @@ from nextquill_jax.models.causal_lm import CausalLM
 from nextquill_jax.models.generate import GenerationConfig, generate
 from nextquill_jax.parallel import batch_shard_count
 from nextquill_jax.train import model_setup
-from nextquill_jax.train.setup import jit_eval_step, planned_examples_per_row, reference_params, step_settings
+from nextquill_jax.train.setup import (
+    evaluation_pipeline,
+    jit_eval_step,
+    planned_examples_per_row,
+    reference_params,
+    step_settings,
+)
 from nextquill_jax.train.workdir import CONFIG_FILE, LoadedModel, build_mesh, data_dir_of, restore_model
 
 PromptChoice = Literal["auto", "with", "without"]
@@ -154,7 +160,6 @@ def split_losses(
         weight_alignment=run_loss.weight_alignment,
         dce=run_loss.dce,
     )
-    batching = dataclasses.replace(cfg.data.batching, shuffle=False, num_epochs=1, drop_remainder=False)
     _, params = nnx.split(loaded.model)
     param_shardings = jax.tree.map(lambda x: x.sharding, params)
     ref_shardings = None if reference is None else jax.tree.map(lambda x: x.sharding, reference[1])
@@ -172,7 +177,7 @@ def split_losses(
         if count < len(split):  # a split of exactly the evaluated examples
             write_split(tmp, "subset", (TokenizedExample(**split[i]) for i in range(count)))
             split = PreparedSplit(tmp, "subset")
-        pipeline = BatchPipeline(split, batching)
+        pipeline = evaluation_pipeline(cfg, split)
         graphdef = eval_graphdef(loaded.model, pipeline)
         ref_graphdef = None if reference is None else eval_graphdef(nnx.merge(*reference), pipeline)
         terms = metrics_from_aux(aux_of(terms_loss, pipeline, graphdef, ref_graphdef), terms_loss)

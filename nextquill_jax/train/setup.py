@@ -490,9 +490,15 @@ def set_up_run(cfg: Config, workdir: Path, echo: Echo = print) -> RunSetup:
     )
 
 
+def evaluation_pipeline(cfg: Config, split: PreparedSplit) -> BatchPipeline:
+    """`split` batched as evaluation batches it: `data.batching` in the split's order, once, the last
+    partial batch kept."""
+    batching = dataclasses.replace(cfg.data.batching, shuffle=False, num_epochs=1, drop_remainder=False)
+    return BatchPipeline(split, batching)
+
+
 def _eval_pipeline(cfg: Config, data_dir: Path, echo: Echo) -> BatchPipeline | None:
     if not (data_dir / cfg.eval.split / "meta.json").exists():
         echo(f"{data_dir} has no {cfg.eval.split!r} split: no evaluation (eval.split names the split)")
         return None
-    batching = dataclasses.replace(cfg.data.batching, shuffle=False, num_epochs=1, drop_remainder=False)
-    return BatchPipeline(PreparedSplit(data_dir, cfg.eval.split), batching)
+    return evaluation_pipeline(cfg, PreparedSplit(data_dir, cfg.eval.split))
