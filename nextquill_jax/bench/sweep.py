@@ -149,25 +149,26 @@ def load_scaling_config(
     return build(ScalingConfig, raw, "", str(path))
 
 
-def packed_bound(cfg: ScalingConfig, batch: dict[str, np.ndarray]) -> int | None:
-    """The point's `ModelConfig.cudnn_max_segments`: `cfg.cudnn_max_segments`, `auto` made the most examples
-    a row of `batch` holds (its largest segment id: a row numbers its examples 1, 2, ...).
+def packed_bound(setting: int | str | None, batch: dict[str, np.ndarray]) -> int | None:
+    """The `ModelConfig.cudnn_max_segments` for `batch` of a `cudnn_max_segments` setting (a sweep's or
+    `benchmarks/mfu.py --cudnn-max-segments`): None stays None, `auto` becomes the most examples a row of
+    `batch` holds (its largest segment id: a row numbers its examples 1, 2, ...), a number is itself.
 
     Raises:
         ValueError: a row of `batch` holds more examples than the number set (cuDNN's packed attention would
             make its step non-finite).
     """
-    if cfg.cudnn_max_segments is None:
+    if setting is None:
         return None
     most = int(batch["with_segment_ids"].max())
-    if cfg.cudnn_max_segments == "auto":
+    if setting == "auto":
         return most
-    if most > cfg.cudnn_max_segments:
+    if most > setting:
         raise ValueError(
-            f"its rows hold up to {most} examples, more than cudnn_max_segments={cfg.cudnn_max_segments} "
+            f"the batch's rows hold up to {most} examples, more than cudnn_max_segments={setting} "
             f"(cuDNN's packed attention would make them non-finite); set it to {most} or more, or auto"
         )
-    return cfg.cudnn_max_segments
+    return setting
 
 
 def mesh_label(shape: Sequence[int]) -> str:
@@ -257,7 +258,7 @@ def run_sweep(
                 length_multiple=cfg.length_multiple,
                 seed=cfg.seed,
             )
-            bound = packed_bound(cfg, batch)
+            bound = packed_bound(cfg.cudnn_max_segments, batch)
         except ValueError as e:
             echo(f"skip {key}: {e}")
             continue
@@ -347,8 +348,9 @@ def point_row(
     return {k: str(values[k]) for k in CSV_COLUMNS}
 
 
-def _max_segments_arg(text: str) -> int | str:
-    """--cudnn-max-segments: `auto` or an int >= 1 (argparse reports anything else)."""
+def max_segments_arg(text: str) -> int | str:
+    """The argparse type of --cudnn-max-segments (here and in `benchmarks/mfu.py`): `auto` or an int >= 1
+    (argparse reports anything else)."""
     if text == "auto":
         return text
     if not text.isdigit() or int(text) < 1:
@@ -366,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", help="overrides the file's output_dir")
     parser.add_argument(
         "--cudnn-max-segments",
-        type=_max_segments_arg,
+        type=max_segments_arg,
         metavar="N|auto",
         help="overrides the file's cudnn_max_segments (with attention_impl: cudnn: its packed mode for rows "
         "of at most N examples; auto: the most a row of each point holds)",

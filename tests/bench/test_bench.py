@@ -249,3 +249,41 @@ def test_bench_help_lists_every_benchmark(capsys):
     for name in ("loss", "step", "attention", "padding", "compile", "mfu", "prefill", "scale"):
         assert name in BENCHMARKS
         assert f"\n  {name} " in text
+
+
+def test_mfu_takes_cudnn_max_segments_auto_as_what_its_rows_hold(monkeypatch, capsys):
+    """benchmarks/mfu.py --cudnn-max-segments N|auto (its step timed by the fake): `auto` builds the model for
+    the most examples a row of its batch holds, as `bench scale` does; a number below that is refused."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "mfu.py"
+    spec = importlib.util.spec_from_file_location("mfu_benchmark", path)
+    mfu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mfu)
+
+    class Timed(FakeHarness):
+        def time(self, batch, *, warmup, steps, profile_dir=None):
+            return super().time(batch, warmup=warmup, steps=steps)
+
+    FakeHarness.built, FakeHarness.bounds, FakeHarness.examples_per_row = [], [], []
+    monkeypatch.setattr(harness, "TrainingHarness", Timed)
+    run = lambda *flags: mfu.main(
+        ["--attention", "cudnn", "--compute-dtype", "bfloat16", "--steps", "1", *flags]
+    )
+    assert run("--cudnn-max-segments", "auto") == 0
+    most = FakeHarness.examples_per_row[-1]
+    assert most > 1 and FakeHarness.bounds == [most]  # the CPU shape packs several examples into a row
+    assert f"| cudnn, segment offsets (M = {most}, auto) |" in capsys.readouterr().out
+    assert run("--cudnn-max-segments", str(most + 1)) == 0 and FakeHarness.bounds[-1] == most + 1
+    with pytest.raises(SystemExit):
+        run("--cudnn-max-segments", str(most - 1))
+    said = capsys.readouterr().err
+    assert f"rows hold up to {most} examples, more than cudnn_max_segments={most - 1}" in said
+    with pytest.raises(SystemExit):
+        mfu.main(["--cudnn-max-segments", "auto"])  # CPU: the xla attention
+    assert (
+        "--cudnn-max-segments chooses cuDNN's packed attention: add --attention cudnn"
+        in capsys.readouterr().err
+    )
+    assert len(FakeHarness.bounds) == 2
