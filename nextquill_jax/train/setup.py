@@ -289,9 +289,10 @@ def reference_for_rows(reference: tuple[Any, dict], pipelines: dict[str, BatchPi
     (`examples_per_row`, what the run's own M is checked against or `auto` chooses) is raised to that.
 
     A training workdir's model keeps the runtime settings saved with it, M included; M was checked against
-    that run's rows, and this run's may pack more, which cuDNN's packed attention would make NaN (the
-    reference's DCE, and so the loss). The run's M cannot serve: it is null when the run itself does not use
-    the packed mode. The same parameters with a larger bound compute the same attention.
+    that run's rows, and this run's may pack more, which cuDNN's packed attention would make NaN. A NaN DCE
+    does not show in the loss: it fails the threshold the loss weights compare it with, so it silently
+    shifts the weights. The run's M cannot serve: it is null when the run itself does not use the packed
+    mode. The same parameters with a larger bound compute the same attention.
     """
     graphdef, params = reference
     model = nnx.merge(graphdef, params)
