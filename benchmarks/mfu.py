@@ -85,12 +85,13 @@ def resolve_defaults(args: argparse.Namespace, accel: bool, backend: str) -> Non
 
 
 def model_config(name: str, args: argparse.Namespace, remat: str):
-    """The ModelConfig of preset `name` (or the tiny CPU shape), float32 parameters, the run's runtime."""
+    """The ModelConfig of preset `name` (or the tiny CPU shape), float32 parameters, the run's runtime but
+    `cudnn_max_segments`, which `model_batch` sets from the batch (`auto` is what its rows hold)."""
     from nextquill_jax.models import model_preset
 
     runtime = dict(
         param_dtype="float32", compute_dtype=args.compute_dtype, remat_policy=remat,
-        attention_impl=args.attention, cudnn_max_segments=args.cudnn_max_segments,
+        attention_impl=args.attention,
     )  # fmt: skip
     if name == "tiny":
         return model_preset("qwen2.5-0.5b", **TINY, **runtime)
@@ -98,20 +99,30 @@ def model_config(name: str, args: argparse.Namespace, remat: str):
 
 
 def model_batch(cfg, args: argparse.Namespace, accel: bool):
-    """(batch, RowShape) of synthetic packed examples for `cfg`'s vocabulary."""
-    from nextquill_jax.bench.harness import synthetic_batch
+    """(`cfg` with `--cudnn-max-segments` resolved for the batch, batch, RowShape): synthetic packed examples
+    for `cfg`'s vocabulary.
 
-    return synthetic_batch(
+    Raises:
+        ValueError: a row holds more examples than `--cudnn-max-segments` (`bench.sweep.packed_bound`).
+    """
+    from nextquill_jax.bench.harness import synthetic_batch
+    from nextquill_jax.bench.sweep import packed_bound
+
+    batch, shape = synthetic_batch(
         args.rows, args.seq_len, args.history, context_tokens=args.context_tokens,
         entry_tokens=args.entry_tokens, target_tokens=args.target_tokens, vocab=cfg.vocab_size,
         length_multiple=128 if accel or args.cost_analysis else 32,
     )  # fmt: skip
+    bound = packed_bound(args.cudnn_max_segments, batch)
+    return (cfg if bound is None else cfg.replace(cudnn_max_segments=bound)), batch, shape
 
 
-def attention_label(args: argparse.Namespace) -> str:
-    """The attention column: the implementation, and cuDNN's packed mode's bound when set."""
-    m = args.cudnn_max_segments
-    return args.attention + ("" if m is None else f", segment offsets (M = {m})")
+def attention_label(args: argparse.Namespace, cfg) -> str:
+    """The attention column: the implementation, and cuDNN's packed mode's bound when set (and whether
+    `auto` chose it)."""
+    m = cfg.cudnn_max_segments
+    chosen = ", auto" if args.cudnn_max_segments == "auto" else ""
+    return args.attention + ("" if m is None else f", segment offsets (M = {m}{chosen})")
 
 
 def compute_label(args: argparse.Namespace) -> str:
@@ -149,15 +160,14 @@ def cost_analysis(args: argparse.Namespace, argv: list[str] | None) -> int:
             )
         ]
         return (
-            f"| {name} | {compute_label(args)} | {remat} | {attention_label(args)} "
+            f"| {name} | {compute_label(args)} | {remat} | {attention_label(args, cfg)} "
             f"| {args.rows} × {shape.as_tuple()} | {useful.total / 1e12:.4g} | {executed.total / 1e12:.4g} "
             f"| {' | '.join(ratios)} | {compiled.cost_analysis()['flops'] / 1e12:.4g} "
             f"| {compiled.memory_analysis().temp_size_in_bytes / GIB:.2f} |"
         )
 
     for name, remat in itertools.product(args.models, args.remat):
-        cfg = model_config(name, args, remat)
-        batch, shape = model_batch(cfg, args, accel=False)
+        cfg, batch, shape = model_batch(model_config(name, args, remat), args, accel=False)
         harness = TrainingHarness(
             cfg, mesh, loss=LossConfig(variant="nextquill"), micro_batches=args.micro_batches,
             operand_dtype=args.operand_dtype, joint_forward=args.joint_forward, abstract=True,
@@ -209,9 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     from nextquill_jax.bench.flops import param_counts, peak_tflops, step_flops
     from nextquill_jax.bench.harness import TrainingHarness, step_breakdown
     from nextquill_jax.bench.record import append_results, invoked_command, results_header
+    from nextquill_jax.bench.sweep import max_segments_arg
     from nextquill_jax.loss import LossConfig
     from nextquill_jax.loss.fused_head import OPERAND_DTYPES
-    from nextquill_jax.models.cudnn_packed import segment_offsets
     from nextquill_jax.parallel import make_mesh
 
     accel = jax.default_backend() in ("gpu", "tpu", "cuda", "rocm")
@@ -231,9 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--attention", help="ModelConfig.attention_impl")
     parser.add_argument(
-        "--cudnn-max-segments", type=int,
-        help="ModelConfig.cudnn_max_segments (with --attention cudnn: its packed mode; the default "
-        "shape's rows hold 2 examples)",
+        "--cudnn-max-segments", type=max_segments_arg, metavar="N|auto",
+        help="ModelConfig.cudnn_max_segments (with --attention cudnn: its packed mode for rows of at most N "
+        "examples; auto: the most a row of the batch holds, 2 in the default shape)",
     )  # fmt: skip
     parser.add_argument("--micro-batches", type=int, default=1)
     parser.add_argument(
@@ -261,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--append-results", type=Path, help="append a Markdown section to this file")
     args = parser.parse_args(argv)
     resolve_defaults(args, accel, jax.default_backend())
+    if args.cudnn_max_segments is not None and args.attention != "cudnn":
+        parser.error(f"--cudnn-max-segments chooses cuDNN's packed attention: add --attention cudnn "
+                     f"(the attention is {args.attention})")  # fmt: skip
     if args.cost_analysis:
         return cost_analysis(args, argv)
 
@@ -272,11 +285,10 @@ def main(argv: list[str] | None = None) -> int:
     print(COLUMNS)
     print(separator)
     for name, remat in itertools.product(args.models, args.remat):
-        cfg = model_config(name, args, remat)
-        batch, shape = model_batch(cfg, args, accel)
-        if args.cudnn_max_segments is not None:  # a row with more examples would only be NaN under jit
-            for stream in ("with", "without"):
-                segment_offsets(batch[f"{stream}_segment_ids"], args.cudnn_max_segments)
+        try:
+            cfg, batch, shape = model_batch(model_config(name, args, remat), args, accel)
+        except ValueError as e:  # a row with more examples would only be NaN under jit
+            parser.error(f"--cudnn-max-segments: {e}")
         harness = TrainingHarness(
             cfg, mesh, loss=LossConfig(variant="nextquill"), micro_batches=args.micro_batches,
             operand_dtype=args.operand_dtype, joint_forward=args.joint_forward,
@@ -298,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         memory = timing.device_peak_mib if timing.device_peak_mib is not None else timing.compiled_total_mib
         row = (
             f"| {mesh.size} × {device_kind} | {name} | {compute_label(args)} | {remat} "
-            f"| {attention_label(args)} | "
+            f"| {attention_label(args, cfg)} | "
             f"{args.rows} × {shape.as_tuple()} | {tokens:,} | {step_s:.4f} | {tokens / step_s:,.0f} | "
             f"{flops / 1e12:.4g} | {tflops:.4g} | {mfu} | {memory:,.0f} | {timing.compile_s:.1f} |"
         )

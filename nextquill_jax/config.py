@@ -41,6 +41,27 @@ from nextquill_jax.models.generate import GenerationConfig
 from nextquill_jax.models.presets import model_preset
 
 
+def check_cudnn_max_segments(value: Any, attention_impl: str, prefix: str) -> None:
+    """Raise ValueError unless `value` (a `cudnn_max_segments` setting) is null, `auto` or an int >= 1
+    and, when set, `attention_impl` is `cudnn` (the packed mode is cuDNN's). The message names the keys as
+    `{prefix}cudnn_max_segments` and `{prefix}attention_impl` (`model.` in a training config, empty in a
+    sweep file), the value and the fix.
+    """
+    key, impl_key = f"{prefix}cudnn_max_segments", f"{prefix}attention_impl"
+    if value is None:
+        return
+    if value != "auto" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ValueError(
+            f"{key} must be an int >= 1, auto or null, got {value!r}. Fix: set it to the most examples a "
+            f"packed row may hold, auto (chosen from the rows) or null (cuDNN's dense segment mask)"
+        )
+    if attention_impl != "cudnn":
+        raise ValueError(
+            f"{key}: {value} chooses cuDNN's packed attention, but {impl_key} is {attention_impl!r}. "
+            f"Fix: set {impl_key}: cudnn, or {key}: null"
+        )
+
+
 @dataclass(frozen=True)
 class LoraConfig:
     """LoRA adapters on the frozen base model (`model.lora`; absent: full fine-tuning).
@@ -119,7 +140,8 @@ class ModelRunConfig:
             attention, segments passed as lengths and offsets instead of a [T, T] mask, for rows of at most
             this many examples; null: the dense mask. A row with more would make the step non-finite
             (`nextquill_jax/models/cudnn_packed.py`), so set-up refuses a value below the most examples a
-            planned row holds (`train.setup.check_packed_segments`). `auto`: the training set-up chooses it
+            planned row holds, or, with `data.batching.num_epochs: null`, below the bound for every epoch
+            that `auto` takes (`train.setup.check_packed_segments`). `auto`: the training set-up chooses it
             from the data (`train.setup.resolve_packed_segments`): the most examples a planned train or eval
             row holds, or, with `data.batching.num_epochs: null`, the most of the training examples that fit
             one row together (a bound for every epoch); it prints the value and saves it in the workdir's
@@ -147,16 +169,7 @@ class ModelRunConfig:
                 "set exactly one of model.path (a Hugging Face directory or a packaged name such as "
                 "smollm2-135m) and model.preset (a ModelConfig preset name, randomly initialised)"
             )
-        m = self.cudnn_max_segments
-        if m is not None:
-            if m != "auto" and (not isinstance(m, int) or isinstance(m, bool) or m < 1):
-                raise ValueError(f"model.cudnn_max_segments must be an int >= 1, auto or null, got {m!r}")
-            if self.attention_impl != "cudnn":
-                raise ValueError(
-                    f"model.cudnn_max_segments: {m} chooses cuDNN's packed attention, but "
-                    f"model.attention_impl is {self.attention_impl!r}. Fix: set attention_impl: cudnn, or "
-                    f"cudnn_max_segments: null"
-                )
+        check_cudnn_max_segments(self.cudnn_max_segments, self.attention_impl, "model.")
         if self.preset is not None:
             # `auto` stands for an int >= 1 that set-up chooses; any such value checks the rest alike.
             self.resolved(1).model_config()

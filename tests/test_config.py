@@ -11,6 +11,7 @@ import typing
 from pathlib import Path
 
 import jax
+import numpy as np
 import pytest
 import yaml
 from jax.sharding import AbstractMesh, AxisType
@@ -71,7 +72,9 @@ def test_cudnn_max_segments_reaches_the_model_config_only_with_cudnn(cfg_file):
     cfg = load_config(cfg_file, ["model.attention_impl=cudnn", "model.cudnn_max_segments=4"])
     assert cfg.model.model_config().cudnn_max_segments == 4
     for value in (4, "auto"):
-        with pytest.raises(ConfigError, match=r"attention_impl is 'xla'\. Fix: set attention_impl: cudnn"):
+        with pytest.raises(
+            ConfigError, match=r"attention_impl is 'xla'\. Fix: set model\.attention_impl: cudnn"
+        ):
             load_config(cfg_file, [f"model.cudnn_max_segments={value}"])
 
 
@@ -330,6 +333,36 @@ def _most_examples_yielded(pipeline: BatchPipeline, epochs: int = 1) -> int:
     return max(int(batch["with_segment_ids"].max()) for batch in batches)
 
 
+def test_an_endless_run_checks_cudnn_max_segments_against_every_epoch_not_the_first(
+    tmp_path, compilations, write_random_data, write_config, tiny_config
+):
+    """With `num_epochs: null` a number that holds for the first epoch's rows but not for a later epoch's
+    (counted from the batches the pipeline yields) is refused, naming the bound for every epoch, which
+    passes."""
+    from nextquill_jax.train.setup import check_packed_segments
+
+    data = write_random_data(tmp_path / "data", train=16, val=0)
+    path = write_config(tiny_config(data, tmp_path / "work"), tmp_path / "cfg.yaml")
+    endless = [*CUDNN, "data.batching.num_epochs=null", "train.max_steps=4"]
+    pipeline = BatchPipeline(PreparedSplit(data, "train"), load_config(path, endless).data.batching)
+    first = _most_examples_yielded(pipeline, epochs=1)
+    later = _most_examples_yielded(pipeline, epochs=4)
+    assert later > first  # a later epoch packs a row with more examples than any of the first's
+    cfg = load_config(path, [*endless, f"model.cudnn_max_segments={first}"])
+    bound = pipeline.examples_per_row_bound()
+    fix = (
+        rf"num_epochs is null, so any epoch may pack up to {bound} examples into one train row .* more than "
+        rf"model.cudnn_max_segments={first}: .* Fix: set model.cudnn_max_segments to {bound} or more, or auto"
+    )
+    with pytest.raises(ConfigError, match=fix):
+        train(cfg, tmp_path / "work")
+    assert compilations == [], "compiled before reporting the config error"
+    assert bound >= later
+    check_packed_segments(
+        load_config(path, [*endless, f"model.cudnn_max_segments={bound}"]), {"train": pipeline}
+    )
+
+
 @pytest.mark.parametrize("num_epochs", [2, None])
 def test_cudnn_max_segments_auto_covers_every_row_the_run_yields(
     tmp_path, write_random_data, write_config, tiny_config, num_epochs
@@ -408,6 +441,47 @@ def test_an_auto_run_records_its_choice_and_a_resume_compiles_the_same(
     assert saved() == most and restore_params(workdir).config.model.cudnn_max_segments == most
     assert traced_bounds and set(traced_bounds) == {most}
     assert sum(line.startswith(f"model.cudnn_max_segments: auto chose {most}:") for line in lines) == 2
+
+
+def test_a_workdir_reference_model_runs_with_a_cudnn_max_segments_that_holds_for_this_runs_rows(
+    tmp_path, monkeypatch, write_random_data, write_config, tiny_config
+):
+    """A run trained on unpacked rows with cuDNN's packed attention records M=1 (the private API emulated on
+    CPU). Serving as the frozen reference model of a run on packed rows (xla attention: its own M is null),
+    it runs with M raised to the most examples those rows may hold: its DCE on a packed batch is finite and
+    equals that of the same parameters under the `xla` attention."""
+    from flax import nnx
+    from jax._src.cudnn import fused_attention_stablehlo as fused
+
+    from nextquill_jax.models import attention
+    from nextquill_jax.train.setup import examples_per_row, set_up_run
+    from nextquill_jax.train.step import reference_dce
+    from tests.models.cudnn_emulation import emulated_packed_attention
+
+    monkeypatch.setattr(
+        fused, "dot_product_attention", emulated_packed_attention(kv_offsets_use_kv_heads=True)
+    )
+    monkeypatch.setattr(attention, "check_attention_backend", lambda impl: None)
+    data = write_random_data(tmp_path / "data", train=16, val=0)
+    path = write_config(tiny_config(data, tmp_path / "unused"), tmp_path / "cfg.yaml")
+    unpacked = [*CUDNN, "model.cudnn_max_segments=1", "data.batching.mode=bucket", "train.max_steps=1"]
+    reference_dir = tmp_path / "reference"
+    assert train(load_config(path, unpacked), reference_dir, echo=lambda _: None).status == "finished"
+
+    fixed = ["loss.variant=dce", "loss.dce=fixed", f"loss.reference_model={reference_dir}"]
+    run = set_up_run(load_config(path, fixed), tmp_path / "work", echo=lambda _: None)
+    graphdef, params = run.reference
+    batch = next(iter(run.train_data))
+    assert batch["with_segment_ids"].max() > 1  # the rows really are packed: M=1 would make them NaN
+    dce = lambda g: np.asarray(jax.jit(lambda p, b: reference_dce(g, p, b, run.settings))(params, batch))
+    used = nnx.merge(graphdef, params).cfg
+    xla = model_setup.abstract_model(used.replace(attention_impl="xla", cudnn_max_segments=None))[0]
+    packed, expected = dce(graphdef), dce(xla)
+    assert np.isfinite(packed).all() and np.abs(expected).max() > 1e-4
+    # bf16 attention inputs (cuDNN's) round differently in the two implementations: 2% of the largest DCE.
+    np.testing.assert_allclose(packed, expected, rtol=0, atol=0.02 * np.abs(expected).max())
+    assert load_config(reference_dir / "config.yaml").model.cudnn_max_segments == 1
+    assert used.cudnn_max_segments == examples_per_row(run.train_data)[0]
 
 
 def test_eval_generation_is_configurable_and_cli_flags_override_only_what_they_set():

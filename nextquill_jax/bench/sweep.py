@@ -31,7 +31,7 @@ from nextquill_jax.bench.flops import param_counts, peak_tflops, step_flops
 from nextquill_jax.bench.harness import StepTiming, TrainingHarness, synthetic_batch
 from nextquill_jax.bench.plot import plot_rows
 from nextquill_jax.bench.record import append_results, invoked_command, results_header
-from nextquill_jax.config import ModelRunConfig
+from nextquill_jax.config import ModelRunConfig, check_cudnn_max_segments
 from nextquill_jax.config_schema import ConfigError, build, read_yaml
 from nextquill_jax.data.assemble import RowShape
 from nextquill_jax.loss import LossConfig
@@ -102,12 +102,7 @@ class ScalingConfig:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
         if any(s < 1 for s in self.seq_len) or any(h < 0 for h in self.history):
             raise ValueError(f"seq_len must be >= 1 and history >= 0, got {self.seq_len}, {self.history}")
-        m = self.cudnn_max_segments
-        if m is not None and (self.attention_impl != "cudnn" or (m != "auto" and m < 1)):
-            raise ValueError(
-                f"`cudnn_max_segments` ({m!r}) must be an int >= 1 or auto, with `attention_impl: cudnn` "
-                f"(got {self.attention_impl!r}); null: cuDNN's dense segment mask"
-            )
+        check_cudnn_max_segments(self.cudnn_max_segments, self.attention_impl, "")
         for model in self.models:
             try:
                 self.model_config(model)
@@ -154,25 +149,26 @@ def load_scaling_config(
     return build(ScalingConfig, raw, "", str(path))
 
 
-def packed_bound(cfg: ScalingConfig, batch: dict[str, np.ndarray]) -> int | None:
-    """The point's `ModelConfig.cudnn_max_segments`: `cfg.cudnn_max_segments`, `auto` made the most examples
-    a row of `batch` holds (its largest segment id: a row numbers its examples 1, 2, ...).
+def packed_bound(setting: int | str | None, batch: dict[str, np.ndarray]) -> int | None:
+    """The `ModelConfig.cudnn_max_segments` for `batch` of a `cudnn_max_segments` setting (a sweep's or
+    `benchmarks/mfu.py --cudnn-max-segments`): None stays None, `auto` becomes the most examples a row of
+    `batch` holds (its largest segment id: a row numbers its examples 1, 2, ...), a number is itself.
 
     Raises:
         ValueError: a row of `batch` holds more examples than the number set (cuDNN's packed attention would
             make its step non-finite).
     """
-    if cfg.cudnn_max_segments is None:
+    if setting is None:
         return None
     most = int(batch["with_segment_ids"].max())
-    if cfg.cudnn_max_segments == "auto":
+    if setting == "auto":
         return most
-    if most > cfg.cudnn_max_segments:
+    if most > setting:
         raise ValueError(
-            f"its rows hold up to {most} examples, more than cudnn_max_segments={cfg.cudnn_max_segments} "
+            f"the batch's rows hold up to {most} examples, more than cudnn_max_segments={setting} "
             f"(cuDNN's packed attention would make them non-finite); set it to {most} or more, or auto"
         )
-    return cfg.cudnn_max_segments
+    return setting
 
 
 def mesh_label(shape: Sequence[int]) -> str:
@@ -262,7 +258,7 @@ def run_sweep(
                 length_multiple=cfg.length_multiple,
                 seed=cfg.seed,
             )
-            bound = packed_bound(cfg, batch)
+            bound = packed_bound(cfg.cudnn_max_segments, batch)
         except ValueError as e:
             echo(f"skip {key}: {e}")
             continue
@@ -352,8 +348,9 @@ def point_row(
     return {k: str(values[k]) for k in CSV_COLUMNS}
 
 
-def _max_segments_arg(text: str) -> int | str:
-    """--cudnn-max-segments: `auto` or an int >= 1 (argparse reports anything else)."""
+def max_segments_arg(text: str) -> int | str:
+    """The argparse type of --cudnn-max-segments (here and in `benchmarks/mfu.py`): `auto` or an int >= 1
+    (argparse reports anything else)."""
     if text == "auto":
         return text
     if not text.isdigit() or int(text) < 1:
@@ -371,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", help="overrides the file's output_dir")
     parser.add_argument(
         "--cudnn-max-segments",
-        type=_max_segments_arg,
+        type=max_segments_arg,
         metavar="N|auto",
         help="overrides the file's cudnn_max_segments (with attention_impl: cudnn: its packed mode for rows "
         "of at most N examples; auto: the most a row of each point holds)",

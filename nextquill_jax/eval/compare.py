@@ -133,6 +133,27 @@ def load_comparison(path: str | Path, seeds: list[int] | None = None) -> Compari
     return comparison
 
 
+def untrained_config(cfg: Config, workdir: Path, split: str, echo: Echo = print) -> Config:
+    """The config a `train: false` variant is evaluated with, saved as `workdir`/config.yaml once its data is
+    prepared: `cfg` with `model.cudnn_max_segments: auto` resolved from the rows of the evaluated `split`
+    (`train.setup.resolve_packed_segments`; the set-up that resolves it for training does not run here).
+
+    Raises:
+        FileNotFoundError: with `auto`, the prepared data has no `split`.
+        DataError / ConfigError: as `train.setup.prepared_dir`.
+    """
+    from nextquill_jax.data.prepared_split import PreparedSplit
+    from nextquill_jax.train.setup import evaluation_pipeline, prepared_dir, resolve_packed_segments
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    data_dir = prepared_dir(cfg, workdir, echo)
+    if cfg.model.cudnn_max_segments == "auto":
+        pipeline = evaluation_pipeline(cfg, PreparedSplit(data_dir, split))
+        cfg = resolve_packed_segments(cfg, {split: pipeline}, echo)
+    save_config(cfg, workdir / "config.yaml")
+    return cfg
+
+
 def run_variant(comparison: Comparison, name: str, seed: int, echo: Echo = print) -> dict[str, Any]:
     """Train (unless `train: false`), evaluate and report the effects of one run; returns what
     `compare_done.json` holds: where its evaluation and effect report are. A finished run is not rerun."""
@@ -140,7 +161,6 @@ def run_variant(comparison: Comparison, name: str, seed: int, echo: Echo = print
     from nextquill_jax.eval.effect_report import build_effect_report
     from nextquill_jax.eval.evaluate import evaluate, load_model_path
     from nextquill_jax.train.loop import train
-    from nextquill_jax.train.setup import prepared_dir
     from nextquill_jax.train.workdir import data_dir_of, restore_model
 
     workdir = comparison.workdir(name, seed)
@@ -153,9 +173,7 @@ def run_variant(comparison: Comparison, name: str, seed: int, echo: Echo = print
         train(cfg, workdir, echo=echo)
         model_path = None
     else:
-        workdir.mkdir(parents=True, exist_ok=True)
-        prepared_dir(cfg, workdir, echo)
-        save_config(cfg, workdir / "config.yaml")
+        cfg = untrained_config(cfg, workdir, plan.split, echo)
         model_path = cfg.model.path or cfg.model.preset
     # One model serves the evaluation and the effect report: its checkpoint is read and verified once.
     loaded = restore_model(workdir) if variant.train else load_model_path(workdir, model_path)

@@ -43,7 +43,13 @@ from nextquill_jax.models.causal_lm import CausalLM
 from nextquill_jax.models.generate import GenerationConfig, generate
 from nextquill_jax.parallel import batch_shard_count
 from nextquill_jax.train import model_setup
-from nextquill_jax.train.setup import jit_eval_step, planned_examples_per_row, reference_params, step_settings
+from nextquill_jax.train.setup import (
+    evaluation_pipeline,
+    jit_eval_step,
+    planned_examples_per_row,
+    reference_params,
+    step_settings,
+)
 from nextquill_jax.train.workdir import CONFIG_FILE, LoadedModel, build_mesh, data_dir_of, restore_model
 
 PromptChoice = Literal["auto", "with", "without"]
@@ -116,21 +122,13 @@ def generation_hint(generated: Sequence[Sequence[int]], max_new_tokens: int) -> 
 
 def eval_graphdef(model: CausalLM, pipeline: BatchPipeline) -> Any:
     """The graphdef `model`'s parameters are evaluated with on `pipeline`'s rows: `model`'s own, except that
-    a set `cudnn_max_segments` (M) is raised to the most examples a row of `pipeline` holds when that is more.
-
-    cuDNN's packed attention takes at most M examples per row and makes a row with more NaN under jit; M is
-    only the static bound of that call, not part of the parameters, and training checked it against its own
-    pipelines only, so a split evaluated later (often `test`) may pack more examples into a row.
+    a set `cudnn_max_segments` (M) is raised to the most examples a row of `pipeline` holds when that is more
+    (`model_setup.covering_graphdef`): training checked M against its own pipelines only, so a split
+    evaluated later (often `test`) may pack more examples into a row.
     """
-    limit = model.cfg.cudnn_max_segments
-    graphdef = nnx.graphdef(model)
-    if limit is None:
-        return graphdef
-    most, _ = planned_examples_per_row(pipeline)
-    if most <= limit:
-        return graphdef
-    with jax.set_mesh(None):  # abstract_model would read the logical axes as axes of a mesh in context
-        return model_setup.abstract_model(model.cfg.replace(cudnn_max_segments=most))[0]
+    if model.cfg.cudnn_max_segments is None:
+        return nnx.graphdef(model)
+    return model_setup.covering_graphdef(model, planned_examples_per_row(pipeline)[0])
 
 
 def split_losses(
@@ -148,7 +146,8 @@ def split_losses(
     (preference-token share, mean, ...).
 
     A model run with cuDNN's packed attention (`cudnn_max_segments` M) whose M is below the most examples a
-    row of the split holds is run with M raised to that (`eval_graphdef`): its losses would be NaN otherwise.
+    row of the split holds is run with M raised to that (`eval_graphdef`): its losses would be NaN otherwise;
+    so is the reference model (a workdir's keeps the M saved with it).
     """
     cfg, mesh = loaded.config, loaded.mesh
     run_loss = cfg.loss.loss_config()
@@ -161,15 +160,14 @@ def split_losses(
         weight_alignment=run_loss.weight_alignment,
         dce=run_loss.dce,
     )
-    batching = dataclasses.replace(cfg.data.batching, shuffle=False, num_epochs=1, drop_remainder=False)
     _, params = nnx.split(loaded.model)
     param_shardings = jax.tree.map(lambda x: x.sharding, params)
     ref_shardings = None if reference is None else jax.tree.map(lambda x: x.sharding, reference[1])
     ref = None if reference is None else reference[1]
 
-    def aux_of(loss_cfg: LossConfig, pipeline: BatchPipeline, graphdef: Any) -> dict:
+    def aux_of(loss_cfg: LossConfig, pipeline: BatchPipeline, graphdef: Any, ref_graphdef: Any) -> dict:
         settings = dataclasses.replace(  # the model is whole: a LoRA run's adapters are merged into it
-            step_settings(cfg, None if reference is None else reference[0]), loss=loss_cfg, lora_scale=None
+            step_settings(cfg, ref_graphdef), loss=loss_cfg, lora_scale=None
         )
         step = jit_eval_step(graphdef, settings, mesh, param_shardings, ref_shardings)
         auxes = [step(params, to_global_batch(local, mesh), ref, None) for local in pipeline.dataset()]
@@ -179,13 +177,14 @@ def split_losses(
         if count < len(split):  # a split of exactly the evaluated examples
             write_split(tmp, "subset", (TokenizedExample(**split[i]) for i in range(count)))
             split = PreparedSplit(tmp, "subset")
-        pipeline = BatchPipeline(split, batching)
+        pipeline = evaluation_pipeline(cfg, split)
         graphdef = eval_graphdef(loaded.model, pipeline)
-        terms = metrics_from_aux(aux_of(terms_loss, pipeline, graphdef), terms_loss)
+        ref_graphdef = None if reference is None else eval_graphdef(nnx.merge(*reference), pipeline)
+        terms = metrics_from_aux(aux_of(terms_loss, pipeline, graphdef, ref_graphdef), terms_loss)
         if run_loss == terms_loss:
             own = terms
         else:
-            own = metrics_from_aux(aux_of(run_loss, pipeline, graphdef), run_loss)
+            own = metrics_from_aux(aux_of(run_loss, pipeline, graphdef, ref_graphdef), run_loss)
     alpha = run_loss.alpha
     effects = {k: v for k, v in terms.items() if k.startswith("dce_") or k == "pref_fraction"}
     return {

@@ -65,6 +65,22 @@ def abstract_model(cfg: ModelConfig) -> tuple[Any, dict]:
     return graphdef, nnx.to_pure_dict(state)
 
 
+def covering_graphdef(model: CausalLM, examples_per_row: int) -> Any:
+    """The graphdef `model`'s parameters run with on rows of up to `examples_per_row` examples: `model`'s own,
+    except that a set `cudnn_max_segments` (M) below `examples_per_row` is raised to it.
+
+    cuDNN's packed attention takes at most M examples per row and makes a row with more NaN under jit; M is
+    only the static bound of that call, not part of the parameters, so a model whose M was chosen for other
+    rows (a checkpoint evaluated on another split, a workdir serving as the reference model) runs its same
+    parameters with the larger bound.
+    """
+    limit = model.cfg.cudnn_max_segments
+    if limit is None or examples_per_row <= limit:
+        return nnx.graphdef(model)
+    with jax.set_mesh(None):  # abstract_model would read the logical axes as axes of a mesh in context
+        return abstract_model(model.cfg.replace(cudnn_max_segments=examples_per_row))[0]
+
+
 def param_shardings(cfg: ModelConfig, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> dict:
     """NamedShardings of the parameters (a pure dict) from their logical axes and `rules`.
 

@@ -130,14 +130,22 @@ def planned_examples_per_row(pipeline: BatchPipeline) -> tuple[int, int]:
     return max((pipeline.epoch_stats(e).max_examples_per_row, e) for e in epochs)
 
 
-def resolve_packed_segments(cfg: Config, pipelines: dict[str, BatchPipeline], echo: Echo) -> Config:
-    """`cfg` with `model.cudnn_max_segments: auto` replaced by the most examples a row of `pipelines` holds,
-    and one line `echo`ed saying which value and from what (`cfg` itself when not `auto`).
+def examples_per_row(pipeline: BatchPipeline) -> tuple[int, int | None]:
+    """(the most examples a row of `pipeline` holds in any epoch it yields, an epoch where it does).
 
-    `pipelines` maps a name (`train`, `eval`) to its pipeline. One with `num_epochs` set gives the most
-    examples a planned row holds (`planned_examples_per_row`, the count `check_packed_segments` checks); an
-    endless one (`num_epochs: null`) gives `BatchPipeline.examples_per_row_bound`, which holds for every
-    epoch: the epochs after the first are never planned here.
+    With `num_epochs` set: over its planned epochs (`planned_examples_per_row`). Endless (`num_epochs: null`):
+    `BatchPipeline.examples_per_row_bound`, which holds for every epoch (the epoch is None): later epochs
+    are never planned, and the first epoch's count does not bound them.
+    """
+    if pipeline.cfg.num_epochs is None:
+        return pipeline.examples_per_row_bound(), None
+    return planned_examples_per_row(pipeline)
+
+
+def resolve_packed_segments(cfg: Config, pipelines: dict[str, BatchPipeline], echo: Echo) -> Config:
+    """`cfg` with `model.cudnn_max_segments: auto` replaced by the most examples a row of `pipelines` holds
+    (`examples_per_row`: the count `check_packed_segments` checks), and one line `echo`ed saying which value
+    and from what (`cfg` itself when not `auto`). `pipelines` maps a name (`train`, `eval`) to its pipeline.
 
     The value depends only on the prepared data and `data.batching`, so resuming the same run chooses the
     same value and compiles the same step. It is chosen again rather than read back from config.yaml so that
@@ -147,36 +155,46 @@ def resolve_packed_segments(cfg: Config, pipelines: dict[str, BatchPipeline], ec
         return cfg
     found = []
     for name, pipeline in pipelines.items():
-        if pipeline.cfg.num_epochs is None:
+        most, epoch = examples_per_row(pipeline)
+        if epoch is None:
             why = f"at most that many {name} examples fit one row (num_epochs: null: a bound for every epoch)"
-            found.append((pipeline.examples_per_row_bound(), why))
         else:
-            most, epoch = planned_examples_per_row(pipeline)
-            found.append((most, f"the most examples a planned {name} row holds (epoch {epoch})"))
+            why = f"the most examples a planned {name} row holds (epoch {epoch})"
+        found.append((most, why))
     chosen, why = max(found, key=lambda f: f[0])
     echo(f"model.cudnn_max_segments: auto chose {chosen}: {why}")
     return dataclasses.replace(cfg, model=cfg.model.resolved(chosen))
 
 
 def check_packed_segments(cfg: Config, pipelines: dict[str, BatchPipeline]) -> None:
-    """Raise ConfigError if `model.cudnn_max_segments` is set and a planned row holds more examples.
+    """Raise ConfigError if `model.cudnn_max_segments` is set and a row may hold more examples.
 
     cuDNN's packed attention takes at most that many segments per row and makes a row with more non-finite
     under jit, which would look like divergence. `pipelines` maps a name (`train`, `eval`) to its pipeline;
-    its planned epochs are checked (`planned_examples_per_row`). For a number set in the config: `auto` is
-    resolved instead (`resolve_packed_segments`), to a value that covers every planned row.
+    each is checked against `examples_per_row`: its planned epochs, or, with `num_epochs: null`, the bound
+    for every epoch. For a number set in the config: `auto` is resolved instead (`resolve_packed_segments`),
+    to a value that covers every row.
     """
     limit = cfg.model.cudnn_max_segments
     if limit is None:
         return
     for name, pipeline in pipelines.items():
-        most, epoch = planned_examples_per_row(pipeline)
-        if most > limit:
+        most, epoch = examples_per_row(pipeline)
+        if most <= limit:
+            continue
+        fix = f"Fix: set model.cudnn_max_segments to {most} or more, or auto."
+        if epoch is None:
             raise ConfigError(
-                f"data.batching packs up to {most} examples into one {name} row (epoch {epoch}), more than "
-                f"model.cudnn_max_segments={limit}: cuDNN's packed attention would make those rows "
-                f"non-finite. Fix: set model.cudnn_max_segments to {most} or more."
+                f"data.batching.num_epochs is null, so any epoch may pack up to {most} examples into one "
+                f"{name} row (the most of them that fit one row together: the first epoch's plan does not "
+                f"bound the later ones), more than model.cudnn_max_segments={limit}: cuDNN's packed "
+                f"attention would make such rows non-finite. {fix}"
             )
+        raise ConfigError(
+            f"data.batching packs up to {most} examples into one {name} row (epoch {epoch}), more than "
+            f"model.cudnn_max_segments={limit}: cuDNN's packed attention would make those rows "
+            f"non-finite. {fix}"
+        )
 
 
 def check_micro_batches(cfg: Config, mesh: Mesh) -> None:
@@ -263,6 +281,25 @@ def reference_params(
         path=source, param_dtype=cfg.model.param_dtype, compute_dtype=cfg.model.compute_dtype
     )
     return model_setup.load_params(section, mesh, seed=0)
+
+
+def reference_for_rows(reference: tuple[Any, dict], pipelines: dict[str, BatchPipeline]) -> tuple[Any, dict]:
+    """`reference` (graphdef, params) made to run on the rows of `pipelines` (name -> pipeline): a
+    `cudnn_max_segments` (M) of the reference model below the most examples a row may hold
+    (`examples_per_row`, what the run's own M is checked against or `auto` chooses) is raised to that.
+
+    A training workdir's model keeps the runtime settings saved with it, M included; M was checked against
+    that run's rows, and this run's may pack more, which cuDNN's packed attention would make NaN. A NaN DCE
+    does not show in the loss: it fails the threshold the loss weights compare it with, so it silently
+    shifts the weights. The run's M cannot serve: it is null when the run itself does not use the packed
+    mode. The same parameters with a larger bound compute the same attention.
+    """
+    graphdef, params = reference
+    model = nnx.merge(graphdef, params)
+    if model.cfg.cudnn_max_segments is None:
+        return reference
+    most = max(examples_per_row(pipeline)[0] for pipeline in pipelines.values())
+    return model_setup.covering_graphdef(model, most), params
 
 
 def step_settings(cfg: Config, reference_graphdef: Any = None) -> StepSettings:
@@ -417,6 +454,8 @@ def set_up_run(cfg: Config, workdir: Path, echo: Echo = print) -> RunSetup:
         raise ConfigError(str(e)) from None
     s_shardings = state_shardings(tx, trainable_abstract, trainable_shardings, mesh)
     reference = reference_params(cfg, mesh, None if base is None else (graphdef, base))
+    if reference is not None:
+        reference = reference_for_rows(reference, pipelines)
     ref_shardings = None if reference is None else jax.tree.map(lambda x: x.sharding, reference[1])
     base_shardings = None if base is None else jax.tree.map(lambda x: x.sharding, base)
     settings = step_settings(cfg, None if reference is None else reference[0])
@@ -452,9 +491,15 @@ def set_up_run(cfg: Config, workdir: Path, echo: Echo = print) -> RunSetup:
     )
 
 
+def evaluation_pipeline(cfg: Config, split: PreparedSplit) -> BatchPipeline:
+    """`split` batched as evaluation batches it: `data.batching` in the split's order, once, the last
+    partial batch kept."""
+    batching = dataclasses.replace(cfg.data.batching, shuffle=False, num_epochs=1, drop_remainder=False)
+    return BatchPipeline(split, batching)
+
+
 def _eval_pipeline(cfg: Config, data_dir: Path, echo: Echo) -> BatchPipeline | None:
     if not (data_dir / cfg.eval.split / "meta.json").exists():
         echo(f"{data_dir} has no {cfg.eval.split!r} split: no evaluation (eval.split names the split)")
         return None
-    batching = dataclasses.replace(cfg.data.batching, shuffle=False, num_epochs=1, drop_remainder=False)
-    return BatchPipeline(PreparedSplit(data_dir, cfg.eval.split), batching)
+    return evaluation_pipeline(cfg, PreparedSplit(data_dir, cfg.eval.split))

@@ -168,9 +168,39 @@ def test_sweep_refuses_a_bad_cudnn_max_segments(tmp_path, fake, capsys, value):
         sweep.main(["--config", config, "--cudnn-max-segments", value])
     assert "--cudnn-max-segments: expected an int >= 1 or auto" in capsys.readouterr().err
     xla = sweep_yaml(tmp_path / "x.yaml", tmp_path / "out", ["a"], extra="cudnn_max_segments: auto\n")
-    with pytest.raises(ConfigError, match=r"`cudnn_max_segments` \('auto'\) .* with `attention_impl: cudnn`"):
+    with pytest.raises(ConfigError, match=r"but attention_impl is 'xla'\. Fix: set attention_impl: cudnn"):
         sweep.load_scaling_config(xla)
     assert fake.built == []
+
+
+@pytest.mark.parametrize(
+    ("value", "impl"), [("0", "cudnn"), ("-3", "cudnn"), ("auto", "xla"), ("4", "splash")]
+)
+def test_sweep_and_training_config_refuse_cudnn_max_segments_alike(tmp_path, value, impl):
+    """A sweep file's `cudnn_max_segments` is refused with the training config's message (one check), its key
+    spelt without the training config's `model.` section."""
+    from nextquill_jax.config import load_config
+
+    file = sweep_yaml(
+        tmp_path / "s.yaml",
+        tmp_path / "out",
+        ["a"],
+        extra=f"attention_impl: {impl}\ncudnn_max_segments: {value}\n",
+    )
+    with pytest.raises(ConfigError) as in_sweep:
+        sweep.load_scaling_config(file)
+    training = tmp_path / "train.yaml"
+    training.write_text(
+        f"model: {{preset: qwen2.5-0.5b, attention_impl: {impl}, cudnn_max_segments: {value}}}\n"
+    )
+    with pytest.raises(ConfigError) as in_training:
+        load_config(training)
+    # The check's own message: from the key on, before the schema's note on where the key sits.
+    said = lambda e: str(e.value)[str(e.value).index("cudnn_max_segments") :].split(". Fix the value under")[
+        0
+    ]
+    assert said(in_sweep) == said(in_training).replace("model.", "")
+    assert "Fix: set" in said(in_sweep) and value in said(in_sweep)
 
 
 def test_sweep_passes_cudnn_max_segments_to_each_point_process(tmp_path, fake, monkeypatch):
@@ -221,3 +251,41 @@ def test_bench_help_lists_every_benchmark(capsys):
     for name in ("loss", "step", "attention", "padding", "compile", "mfu", "prefill", "scale"):
         assert name in BENCHMARKS
         assert f"\n  {name} " in text
+
+
+def test_mfu_takes_cudnn_max_segments_auto_as_what_its_rows_hold(monkeypatch, capsys):
+    """benchmarks/mfu.py --cudnn-max-segments N|auto (its step timed by the fake): `auto` builds the model for
+    the most examples a row of its batch holds, as `bench scale` does; a number below that is refused."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "mfu.py"
+    spec = importlib.util.spec_from_file_location("mfu_benchmark", path)
+    mfu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mfu)
+
+    class Timed(FakeHarness):
+        def time(self, batch, *, warmup, steps, profile_dir=None):
+            return super().time(batch, warmup=warmup, steps=steps)
+
+    FakeHarness.built, FakeHarness.bounds, FakeHarness.examples_per_row = [], [], []
+    monkeypatch.setattr(harness, "TrainingHarness", Timed)
+    run = lambda *flags: mfu.main(
+        ["--attention", "cudnn", "--compute-dtype", "bfloat16", "--steps", "1", *flags]
+    )
+    assert run("--cudnn-max-segments", "auto") == 0
+    most = FakeHarness.examples_per_row[-1]
+    assert most > 1 and FakeHarness.bounds == [most]  # the CPU shape packs several examples into a row
+    assert f"| cudnn, segment offsets (M = {most}, auto) |" in capsys.readouterr().out
+    assert run("--cudnn-max-segments", str(most + 1)) == 0 and FakeHarness.bounds[-1] == most + 1
+    with pytest.raises(SystemExit):
+        run("--cudnn-max-segments", str(most - 1))
+    said = capsys.readouterr().err
+    assert f"rows hold up to {most} examples, more than cudnn_max_segments={most - 1}" in said
+    with pytest.raises(SystemExit):
+        mfu.main(["--cudnn-max-segments", "auto"])  # CPU: the xla attention
+    assert (
+        "--cudnn-max-segments chooses cuDNN's packed attention: add --attention cudnn"
+        in capsys.readouterr().err
+    )
+    assert len(FakeHarness.bounds) == 2

@@ -118,3 +118,47 @@ def test_bad_compare_files_are_errors(compared, tmp_path):
         (tmp_path / "bad.yaml").write_text(yaml.safe_dump(broken))
         with pytest.raises(ConfigError, match=message):
             load_comparison(tmp_path / "bad.yaml")
+
+
+def test_an_untrained_variant_resolves_cudnn_max_segments_auto_from_the_evaluated_split(
+    tmp_path, write_random_data, tiny_config
+):
+    """A `train: false` variant with `model.cudnn_max_segments: auto` (no training set-up to resolve it) is
+    saved with the most examples a row of the evaluated split holds, counted from the batches evaluation
+    yields, and its model loads with that bound."""
+    import dataclasses
+
+    from flax import nnx
+
+    from nextquill_jax.config import load_config
+    from nextquill_jax.data.pipeline import BatchPipeline
+    from nextquill_jax.data.prepared_split import PreparedSplit
+    from nextquill_jax.eval.compare import untrained_config
+    from nextquill_jax.eval.evaluate import load_model_path
+    from nextquill_jax.models import CausalLM, model_preset, save_pretrained
+
+    data = write_random_data(tmp_path / "data", train=8, val=8)
+    raw = tiny_config(data, tmp_path / "unused")
+    hf_dir = tmp_path / "base"
+    save_pretrained(
+        CausalLM(model_preset("qwen2.5-0.5b", **raw["model"]["overrides"]), rngs=nnx.Rngs(0)), hf_dir
+    )
+    raw["model"] = {
+        "path": str(hf_dir),
+        "attention_impl": "cudnn",
+        "compute_dtype": "bfloat16",
+        "cudnn_max_segments": "auto",
+    }
+    cfg = load_config(None, base=raw)
+    batching = dataclasses.replace(cfg.data.batching, shuffle=False, num_epochs=1, drop_remainder=False)
+    most = max(int(b["with_segment_ids"].max()) for b in BatchPipeline(PreparedSplit(data, "val"), batching))
+    assert most > 1  # the evaluated rows are packed
+
+    workdir, lines = tmp_path / "work", []
+    saved = untrained_config(cfg, workdir, "val", lines.append)
+    assert saved.model.cudnn_max_segments == most
+    assert lines[-1].startswith(
+        f"model.cudnn_max_segments: auto chose {most}: the most examples a planned val"
+    )
+    assert load_config(workdir / "config.yaml").model.cudnn_max_segments == most
+    assert load_model_path(workdir, str(hf_dir)).model.cfg.cudnn_max_segments == most

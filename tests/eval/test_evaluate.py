@@ -193,13 +193,14 @@ def test_a_hint_names_generations_that_run_out_or_repeat_one_token():
     assert "2/3 repeat one token" in hint
 
 
-def test_split_losses_raise_a_too_small_cudnn_max_segments_to_the_split_rows(
+def test_split_losses_raise_a_too_small_cudnn_max_segments_of_model_and_reference_to_the_split_rows(
     tmp_path, monkeypatch, write_random_data, write_config, tiny_config
 ):
     """A model whose config runs cuDNN's packed attention with at most M=1 example per row (as a run trained
-    on unpacked rows records; the private API emulated on CPU) is evaluated on a split that packs more: the
+    on unpacked rows records; the private API emulated on CPU) is evaluated on a split that packs more, with
+    itself as the frozen reference model of `dce: fixed` (as a workdir reference keeps its saved M): the
     losses are finite and equal those of the same parameters with a bound that holds (M=8), where without
-    raising M the rows over it would make them NaN under jit."""
+    raising M, the model's or the reference's, the rows over it would make them NaN under jit."""
     import jax
     from flax import nnx
     from jax._src.cudnn import fused_attention_stablehlo as fused
@@ -222,20 +223,21 @@ def test_split_losses_raise_a_too_small_cudnn_max_segments_to_the_split_rows(
 
     def losses(bound: int) -> dict:
         cudnn = ["model.attention_impl=cudnn", "model.compute_dtype=bfloat16"]
-        cfg = load_config(path, [*cudnn, f"model.cudnn_max_segments={bound}"])
+        cfg = load_config(path, [*cudnn, f"model.cudnn_max_segments={bound}", "loss.dce=fixed"])
         mesh = build_mesh(cfg)
         graphdef, params = model_setup.load_params(cfg.model, mesh, seed=0)  # the same random parameters
         loaded = LoadedModel(nnx.merge(graphdef, params), cfg, mesh, None, "tiny")
         assert loaded.model.cfg.cudnn_max_segments == bound
         with jax.set_mesh(mesh):
-            return split_losses(loaded, split, len(split))
+            return split_losses(loaded, split, len(split), reference=(graphdef, params))
 
     cfg = load_config(path)
     batching = dataclasses.replace(cfg.data.batching, shuffle=False, num_epochs=1, drop_remainder=False)
     most, _ = planned_examples_per_row(BatchPipeline(split, batching))  # as split_losses batches the split
     assert 1 < most < 8  # the evaluated rows hold more examples than M=1, fewer than M=8
     small, large = losses(1), losses(8)
-    values = lambda r: [r["loss"], *r["terms"].values(), *r["variants"].values()]
+    # The effects are the reference's DCE statistics: a NaN DCE would only shift the loss's weights.
+    values = lambda r: [r["loss"], *r["terms"].values(), *r["variants"].values(), *r["effects"].values()]
     assert all(np.isfinite(values(small)))
     np.testing.assert_allclose(values(small), values(large), rtol=1e-5)
     assert small["tokens"] == large["tokens"]
