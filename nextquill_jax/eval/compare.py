@@ -22,7 +22,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from nextquill_jax.config import Config, load_config, save_config
 from nextquill_jax.config_schema import ConfigError, build, read_yaml
@@ -39,7 +39,8 @@ class CompareConfig:
 
     out: str
     baseline: str
-    split: str = "test"
+    # The values of `data.config.SPLITS` (a test checks they agree).
+    split: Literal["train", "val", "test"] = "test"
     max_examples: int | None = None
     eval_batch_size: int | None = None
     effect_examples: int = 40
