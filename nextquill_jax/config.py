@@ -205,7 +205,8 @@ class ModelRunConfig:
                     f"`model.overrides.{key}` is not a ModelConfig architecture field{runtime}; {hint}"
                 )
         hints = typing.get_type_hints(ModelConfig)
-        return {k: convert(v, hints[k], f"model.overrides.{k}", "model") for k, v in self.overrides.items()}
+        # No source: `build` names the file when this runs as the section's check.
+        return {k: convert(v, hints[k], f"model.overrides.{k}", "") for k, v in self.overrides.items()}
 
     def model_config(self) -> ModelConfig:
         """The `ModelConfig` of `preset` with `overrides` and the runtime fields (for `preset` models only;

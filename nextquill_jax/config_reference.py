@@ -1,7 +1,8 @@
-"""`configs/REFERENCE.md`, generated: every key of a training config with its type, default and meaning.
+"""`configs/REFERENCE.md`, generated: every key of the YAML files the commands read (a training config, a
+compare file, a scaling sweep), with its type, default and meaning.
 
-The meanings are the section dataclasses' own docstrings. Each documents its keys in a `Fields:` block, one
-entry per key, continuation lines indented further:
+The meanings are the dataclasses' own docstrings. Each documents its keys in a `Fields:` block, one entry per
+key, continuation lines indented further:
 
     Fields:
         `key`: what it does, in which units, which values it takes.
@@ -9,8 +10,11 @@ entry per key, continuation lines indented further:
 
 A class inherits its bases' entries (`LossRunConfig` those of `LossConfig`). A free-form mapping key whose
 keys are fields of another dataclass (`model.overrides`: `ModelConfig`'s architecture fields) has a table
-of its own, listed in `MAPPINGS`. After changing a section, regenerate the file with
+of its own, listed in `MAPPINGS`; a key that takes what another table documents links to it (a `Part`'s
+`links`). After changing a documented class, regenerate the file with
 `python -m nextquill_jax.config_reference configs/REFERENCE.md`.
+
+It documents the schemas of `eval` (compare files) and `bench` (sweeps), so it sits above both layers.
 """
 
 from __future__ import annotations
@@ -27,8 +31,10 @@ from typing import Any, Literal
 
 import yaml
 
+from nextquill_jax.bench.sweep import ScalingConfig
 from nextquill_jax.config import Config
 from nextquill_jax.config_schema import dataclass_of
+from nextquill_jax.eval.compare import Comparison
 from nextquill_jax.models.config import ARCHITECTURE_FIELDS, ModelConfig
 
 REGENERATE = "python -m nextquill_jax.config_reference configs/REFERENCE.md"
@@ -41,31 +47,110 @@ MAPPINGS: dict[str, tuple[type, tuple[str, ...]]] = {"model.overrides": (ModelCo
 
 
 @dataclasses.dataclass(frozen=True)
+class Part:
+    """One kind of YAML file: its heading `title`, `intro` (Markdown), the dataclass `root` its top level is
+    built as, the root's fields that are keys of the file (`keys`; None: all), whether those keys get a
+    table (`root_table`; a file of sections lists its sections instead), and `links`: key -> the heading of
+    the table or part that documents what the key takes."""
+
+    title: str
+    intro: str
+    root: type
+    keys: tuple[str, ...] | None = None
+    root_table: bool = True
+    links: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
 class Table:
-    """One table of the reference: the keys `path.NAME` for NAME in `keys`, fields of `cls`; `mapping`: the
-    table of a `MAPPINGS` key (no default column)."""
+    """One table of the reference: the keys `path.NAME` for NAME in `keys`, fields of `cls`; `path` is ""
+    for a part's top level, `a.NAME` for the sections of a mapping `a` (any name), `a[]` for the items of
+    a list `a`. `parent`: the class whose field `field` takes what the table documents (None at the top
+    level); `mapping`: the table of a `MAPPINGS` key (no default column)."""
 
     path: str
     cls: type
     keys: tuple[str, ...]
     mapping: bool = False
+    parent: type | None = None
+    field: str = ""
 
 
-def tables(cls: type = Config, where: str = "", mapping: bool = False) -> list[Table]:
-    """The tables of the reference below `cls` (`where` its dotted path, "" for `Config`, which has none),
-    depth first in field order: a section's table is followed by those of its sections and `MAPPINGS` keys,
-    e.g. model, model.overrides, model.overrides.rope_scaling, model.lora, data, ..."""
-    keys = MAPPINGS[where][1] if mapping else tuple(f.name for f in dataclasses.fields(cls))
-    found = [Table(where, cls, keys, mapping)] if where else []
+TRAINING = Part(
+    "Training config",
+    "A `nextquill-jax train --config FILE` config; a run's workdir keeps it as `config.yaml`, which "
+    "`evaluate` and `effects` read. A key can also be set on the command line as `a.b.c=VALUE` (the value "
+    "read as YAML).",
+    Config,
+    root_table=False,
+)
+PARTS = (
+    TRAINING,
+    Part(
+        "Compare file",
+        "A `nextquill-jax compare --config FILE` file (`nextquill_jax/eval/compare.py`; examples in "
+        "`configs/study/`).",
+        Comparison,
+        keys=("compare", "variants", "base"),
+        links={"base": TRAINING.title},
+    ),
+    Part(
+        "Scaling sweep",
+        "A `nextquill-jax bench scale --config FILE` sweep (`nextquill_jax/bench/sweep.py`; examples in "
+        "`configs/scaling/`).",
+        ScalingConfig,
+        links={"models[].overrides": "model.overrides"},
+    ),
+)
+
+
+def tables(part: Part = TRAINING) -> list[Table]:
+    """The tables of `part`, depth first in field order: its top level's (unless `root_table` is false),
+    then a section's table followed by those of its sections and `MAPPINGS` keys, e.g. model,
+    model.overrides, model.overrides.rope_scaling, model.lora, data, ..."""
+    keys = part.keys or _fields(part.root)
+    found = _tables(part.root, "", keys)
+    return found if part.root_table else found[1:]
+
+
+def _tables(
+    cls: type, where: str, keys: tuple[str, ...], mapping: bool = False, parent: type | None = None
+) -> list[Table]:
+    found = [Table(where, cls, keys, mapping, parent, _field_of(where))]
     hints = typing.get_type_hints(cls)
     for name in keys:
         path = f"{where}.{name}" if where else name
-        section = dataclass_of(hints[name])
-        if section is not None:
-            found += tables(section, path)
+        nested = _nested(hints[name])
+        if nested is not None:
+            section, suffix = nested
+            found += _tables(section, path + suffix, _fields(section), parent=cls)
         elif path in MAPPINGS:
-            found += tables(MAPPINGS[path][0], path, mapping=True)
+            found += _tables(MAPPINGS[path][0], path, MAPPINGS[path][1], mapping=True, parent=cls)
     return found
+
+
+def _fields(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+def _field_of(path: str) -> str:
+    """The field a table's `path` documents: `b` for `a.b`, `a.b.NAME` and `a.b[]`."""
+    return path.removesuffix(".NAME").removesuffix("[]").rpartition(".")[2]
+
+
+def _nested(tp: Any) -> tuple[type, str] | None:
+    """The dataclass a field of type `tp` holds and how a table of it is named after the field's path: ""
+    for a section (optional or not), ".NAME" for a mapping of names to sections, "[]" for a list of them;
+    None for anything else."""
+    section = dataclass_of(tp)
+    if section is not None:
+        return section, ""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is dict and dataclasses.is_dataclass(args[1]):
+        return args[1], ".NAME"
+    if origin is list and dataclasses.is_dataclass(args[0]):
+        return args[0], "[]"
+    return None
 
 
 def key_docs(cls: type) -> dict[str, str]:
@@ -176,46 +261,55 @@ def cell(text: str) -> str:
 
 def render() -> str:
     """The whole of `configs/REFERENCE.md`."""
-    all_tables = tables()
-    cls_of = {"": Config} | {t.path: t.cls for t in all_tables}
+    parts = ", ".join(f"[{p.title}]({anchor(p.title)})" for p in PARTS)
     lines = [
         "# Config reference",
         "",
-        f"<!-- Generated by `{REGENERATE}` from the docstrings of the section dataclasses; edit those, "
+        f"<!-- Generated by `{REGENERATE}` from the docstrings of the config dataclasses; edit those, "
         "not this file (tests/test_config_reference.py checks that it is current). -->",
         "",
-        "Every key of a `nextquill-jax train` config. A key `a.b.c` is written in the YAML file as `c` under "
-        "`b` under section `a`, or on the command line as `a.b.c=VALUE` (the value read as YAML). Types are "
-        "YAML's (`null` is YAML's null); a word in backticks is a literal value.",
-        "",
-        "Sections:",
-        "",
+        f"Every key of the YAML files the commands read: {parts}. A key `a.b.c` is written in the YAML file "
+        "as `c` under `b` under `a`; `a.NAME.c` as `c` under a name of your choosing under `a`; `a[].c` as "
+        "`c` in each item of the list `a`. Types are YAML's (`null` is YAML's null); a word in backticks is "
+        "a literal value.",
     ]
-    for t in all_tables:
-        parent, _, name = t.path.rpartition(".")
-        lines.append(
-            f"- [{t.path}]({anchor(t.path)}) (`{t.cls.__name__}`): {cell(key_docs(cls_of[parent])[name])}"
-        )
-    for t in all_tables:
-        lines += ["", f"## {t.path}", "", *_table(t, cls_of)]
+    for part in PARTS:
+        lines += ["", *_part(part)]
     return "\n".join(lines) + "\n"
 
 
-def _table(t: Table, cls_of: dict[str, type]) -> list[str]:
-    """The introduction and the rows of one table; a key with a table of its own links to it."""
+def _part(part: Part) -> list[str]:
+    """A part's heading, introduction and tables; without a top-level table, a list of its sections."""
+    found = tables(part)
+    lines = [f"## {part.title}", "", markdown(part.intro)]
+    if not part.root_table:
+        lines += ["", "Sections:", ""]
+        for t in found:
+            meaning = cell(key_docs(t.parent)[t.field])
+            lines.append(f"- [{t.path}]({anchor(t.path)}) (`{t.cls.__name__}`): {meaning}")
+    for t in found:
+        lines += ["", f"### {t.path}", ""] if t.path else [""]
+        lines += _table(t, found, part.links)
+    return lines
+
+
+def _table(t: Table, found: list[Table], links: dict[str, str]) -> list[str]:
+    """The introduction and the rows of one table; a key with a table of its own, or one in `links`, links
+    to it."""
     intro = markdown(summary(t.cls))
     if t.mapping:
-        parent, _, name = t.path.rpartition(".")
-        intro = f"`{t.path}`: {markdown(key_docs(cls_of[parent])[name])}\n\n{intro}"
+        intro = f"`{t.path}`: {markdown(key_docs(t.parent)[t.field])}\n\n{intro}"
     header = ["key", "type", "meaning"] if t.mapping else ["key", "type", "default", "meaning"]
     lines = [intro, "", f"| {' | '.join(header)} |", "|" + " --- |" * len(header)]
     hints, entries = typing.get_type_hints(t.cls), key_docs(t.cls)
     fields = {f.name: f for f in dataclasses.fields(t.cls)}
+    targets = {u.path.removesuffix(".NAME").removesuffix("[]"): u.path for u in found if u.path}
     for name in t.keys:
-        path = f"{t.path}.{name}"
+        path = f"{t.path}.{name}" if t.path else name
         kind = yaml_type(hints[name])
-        if path in cls_of:
-            kind += f" ([{path}]({anchor(path)}))"
+        target = targets.get(path, links.get(path))
+        if target is not None:
+            kind += f" ([{target}]({anchor(target)}))"
         default = [] if t.mapping else [yaml_default(fields[name])]
         row = [f"`{path}`", kind, *default, entries.get(name, "")]
         lines.append("| " + " | ".join(cell(c) for c in row) + " |")

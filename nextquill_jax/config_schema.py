@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -177,7 +178,18 @@ def build(cls: type, raw: Any, where: str, source: str) -> Any:
     try:
         return cls(**values)
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"{source}: invalid `{label}`: {e}. Fix the value under `{label}`.") from None
+        raise _section_error(str(e), where, source) from None
+
+
+def _section_error(message: str, where: str, source: str) -> ConfigError:
+    """A section's own check (`message`, from its `__post_init__`) as a `ConfigError` that says each thing
+    once: `source`; the section `where`, unless the message starts with one of its keys; the message; and a
+    fix, unless the message gives one."""
+    named = not where or re.match(rf"`?{re.escape(where)}\.", message)
+    head = "" if named else f"invalid `{where}`: "
+    end = "" if message.endswith((".", "?", "!")) else "."
+    fix = "" if "Fix" in message else f" Fix the value under `{where}`." if where else " Fix the value."
+    return ConfigError(f"{source}: {head}{message}{end}{fix}")
 
 
 def _required(cls: type, name: str) -> bool:
@@ -191,6 +203,8 @@ def _join(where: str, name: str) -> str:
 
 def convert(value: Any, tp: Any, key: str, source: str) -> Any:
     """`value` as type `tp` (a type hint: scalar, Literal, list, tuple, dict, Optional/union or dataclass).
+
+    `source` begins each message; "" for none (a section's own check, whose message `build` prefixes).
 
     Raises:
         ConfigError: a value that is not of that type, naming `key`, `source` and the fix.
@@ -217,7 +231,8 @@ def convert(value: Any, tp: Any, key: str, source: str) -> Any:
         close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1, cutoff=0.5)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ConfigError(
-            f"{source}: `{key}` is {value!r}, not one of {list(args)}.{hint} Fix: set `{key}` to one of them."
+            f"{_prefix(source)}`{key}` is {value!r}, not one of {list(args)}.{hint} "
+            f"Fix: set `{key}` to one of them."
         )
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
@@ -253,9 +268,15 @@ def convert(value: Any, tp: Any, key: str, source: str) -> Any:
 
 
 def _type_name(tp: Any) -> str:
-    # A Literal's values and YAML's null, as a config is written (not `Literal`, `NoneType`).
-    if typing.get_origin(tp) is Literal:
+    # As a config is written: a Literal's values, YAML's null, a list (for a tuple too) and a mapping (not
+    # `Literal`, `NoneType`, `tuple`, `dict`).
+    origin = typing.get_origin(tp)
+    if origin is Literal:
         return " or ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (list, tuple):
+        return "list"
+    if origin is dict:
+        return "mapping"
     if tp is type(None):
         return "null"
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
@@ -264,7 +285,11 @@ def _type_name(tp: Any) -> str:
 def _type_error(value: Any, expected: str, key: str, source: str) -> ConfigError:
     article = "an" if expected[:1] in "aeiou" else "a"
     return ConfigError(
-        f"{source}: `{key}` expects {article} {expected}, got {value!r} ({type(value).__name__}). "
+        f"{_prefix(source)}`{key}` expects {article} {expected}, got {value!r} ({type(value).__name__}). "
         f"Fix: write {article} {expected} value for `{key}` in the file or as `{key}=VALUE` on the command "
         f"line."
     )
+
+
+def _prefix(source: str) -> str:
+    return f"{source}: " if source else ""

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from nextquill_jax import __version__, cli
+from nextquill_jax.data.config import SPLITS
 
 
 def test_version(capsys):
@@ -62,6 +63,22 @@ def test_every_subcommand_help_ends_with_an_example_the_parser_accepts(name):
     words = shlex.split(command.example, comments=True)
     assert words[:2] == ["nextquill-jax", name]
     assert parser.parse_args(words[1:]).command == name
+
+
+@pytest.mark.parametrize("command", ["evaluate", "effects"])
+def test_a_split_flag_takes_exactly_the_prepared_splits(command, tmp_path, capsys):
+    argv = [command, "--workdir", str(tmp_path / "w")]
+    if command == "effects":
+        argv += ["--out", str(tmp_path / "o")]  # a failed parse still opens the log under it
+    parser = cli.build_parser()
+    assert [parser.parse_args([*argv, "--split", s]).split for s in SPLITS] == list(SPLITS)
+    with pytest.raises(SystemExit) as e:
+        cli.main([*argv, "--split", "tset"])
+    err = capsys.readouterr().err
+    allowed = ", ".join(repr(s) for s in SPLITS)
+    assert e.value.code == 2 and f"argument --split: invalid choice: 'tset' (choose from {allowed})" in err, (
+        err
+    )
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ import yaml
 from jax.sharding import AbstractMesh, AxisType
 
 from nextquill_jax.config import Config, EvalConfig, load_config, save_config
-from nextquill_jax.config_schema import ConfigError
+from nextquill_jax.config_schema import ConfigError, convert
 from nextquill_jax.data.config import SPLITS
 from nextquill_jax.data.pipeline import BatchPipeline
 from nextquill_jax.data.prepared_split import PreparedSplit
@@ -180,7 +180,7 @@ def test_a_save_remat_policy_is_read_and_a_bad_name_in_it_is_a_config_error(cfg_
     [
         ("model.overrides.param_dtype=bfloat16", "(`model.param_dtype` is a key of its own)"),
         ("model.overrides.num_layer=3", "did you mean `model.overrides.num_layers`?"),
-        ("model.overrides.eos_token_ids=7", "`model.overrides.eos_token_ids` expects a tuple"),
+        ("model.overrides.eos_token_ids=7", "`model.overrides.eos_token_ids` expects a list, got 7 (int)"),
     ],
 )
 @pytest.mark.parametrize("source", [[], ["model.preset=null", "model.path=some/dir"]])
@@ -190,7 +190,67 @@ def test_a_bad_model_override_is_a_load_time_error_for_a_preset_and_a_path_model
     with pytest.raises(ConfigError) as e:
         load_config(cfg_file, [*source, override])
     message = str(e.value)
-    assert "invalid `model`" in message and expected in message, message
+    # The message starts with the key it names: no `invalid `model`` or second source before it.
+    assert message.startswith(f"{cfg_file}: `model.overrides."), message
+    assert expected in message and message.count("Fix") == 1, message
+
+
+@pytest.mark.parametrize(
+    "override, start, fix",
+    [
+        # A check whose message names its key and its fix: the file, then the message, once each.
+        (
+            "model.overrides.eos_token_ids=7",
+            "`model.overrides.eos_token_ids` expects a list, got 7 (int). Fix: write a list value",
+            "Fix: write",
+        ),
+        (
+            "model.cudnn_max_segments=4",
+            "model.cudnn_max_segments: 4 chooses cuDNN's packed attention",
+            "Fix: set attention_impl: cudnn, or cudnn_max_segments: null. (",
+        ),
+        (
+            "model.overrides.num_layer=3",
+            "`model.overrides.num_layer` is not a ModelConfig architecture field; did you mean "
+            "`model.overrides.num_layers`?",
+            "`model.overrides.num_layers`? Fix the value under `model`. (",
+        ),
+        # A check that names neither: the section and a fix added.
+        (
+            "optim.learning_rate=-1",
+            "invalid `optim`: learning_rate must be > 0, got -1.0",
+            "-1.0. Fix the value ",
+        ),
+        (
+            "loss.reference_model=base",
+            "loss.reference_model: base names the frozen base",
+            "Fix: set model.lora",
+        ),
+    ],
+)
+def test_a_section_check_error_says_each_thing_once(cfg_file, override, start, fix):
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg_file, [override])
+    message = str(e.value)
+    assert message.startswith(f"{cfg_file}: {start}"), message
+    assert fix in message and message.count("Fix") == 1 and message.count(str(cfg_file)) == 1, message
+    assert ".." not in message and "?." not in message and "`: model" not in message, message
+    assert message.endswith(f" (command line overrides applied: {override})"), message
+
+
+@pytest.mark.parametrize(
+    "hint, value, expected",
+    [
+        (tuple[int, ...], 7, "`k` expects a list, got 7 (int)"),
+        (dict[str, int] | None, 3, "`k` expects a mapping, got 3 (int)"),
+        (int | tuple[int, ...] | None, "a", "`k` expects an int or list or null, got 'a' (str)"),
+    ],
+)
+def test_type_errors_name_types_as_yaml_writes_them(hint, value, expected):
+    with pytest.raises(ConfigError) as e:
+        convert(value, hint, "k", "f.yaml")
+    assert str(e.value).startswith(f"f.yaml: {expected}. Fix: write a"), str(e.value)
+    assert "tuple" not in str(e.value) and "dict" not in str(e.value)
 
 
 def test_a_path_model_gets_its_overrides_as_typed_values(cfg_file, tmp_path):

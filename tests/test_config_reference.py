@@ -1,5 +1,5 @@
-"""Every config key is documented in its section's docstring, and configs/REFERENCE.md is what those
-docstrings generate (so it cannot fall behind the code)."""
+"""Every key of a training config, a compare file and a scaling sweep is documented in its dataclass's
+docstring, and configs/REFERENCE.md is what those docstrings generate (so it cannot fall behind the code)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,11 @@ from typing import Any, Literal
 import pytest
 import yaml
 
+from nextquill_jax.bench.sweep import ScalingConfig, SweepModel
 from nextquill_jax.config import Config, ModelRunConfig
 from nextquill_jax.config_reference import (
     MAPPINGS,
+    PARTS,
     REGENERATE,
     anchor,
     cell,
@@ -26,15 +28,38 @@ from nextquill_jax.config_reference import (
     tables,
     yaml_type,
 )
-from nextquill_jax.config_schema import key_paths
+from nextquill_jax.config_schema import ConfigError, key_paths
+from nextquill_jax.eval.compare import CompareConfig, VariantConfig, load_comparison
 from nextquill_jax.models.config import ModelConfig, RopeScaling
 from nextquill_jax.models.presets import model_preset
 
-REFERENCE = Path(__file__).resolve().parents[1] / "configs" / "REFERENCE.md"
-TREE = [("", Config), *((t.path, t.cls) for t in tables())]
+REPO = Path(__file__).resolve().parents[1]
+REFERENCE = REPO / "configs" / "REFERENCE.md"
+TRAINING, COMPARE, SWEEP = PARTS
+TREE = [
+    *((p.title, p.root) for p in PARTS),
+    *((f"{p.title}: {t.path}", t.cls) for p in PARTS for t in tables(p) if t.path),
+]
+# Each part's keys as `config_schema.key_paths` walks them (it does not enter mappings or lists of sections,
+# so those are walked by hand here), plus the keys of `model.overrides`.
+OVERRIDES = {
+    *(f"model.overrides.{k}" for k in MAPPINGS["model.overrides"][1]),
+    *key_paths(RopeScaling, "model.overrides.rope_scaling"),
+}
+EXPECTED = {
+    TRAINING.title: {*key_paths(Config), *OVERRIDES},
+    COMPARE.title: {
+        "compare",
+        "variants",
+        "base",
+        *key_paths(CompareConfig, "compare"),
+        *key_paths(VariantConfig, "variants.NAME"),
+    },
+    SWEEP.title: {*key_paths(ScalingConfig), *key_paths(SweepModel, "models[]")},
+}
 
 
-@pytest.mark.parametrize(("path", "cls"), TREE, ids=[p or "Config" for p, _ in TREE])
+@pytest.mark.parametrize(("path", "cls"), TREE, ids=[p for p, _ in TREE])
 def test_every_key_is_named_in_backticks_in_its_docstring_and_has_an_entry(path, cls):
     names = [f.name for f in dataclasses.fields(cls)]
     docstrings = "".join(inspect.getdoc(k) or "" for k in cls.__mro__ if dataclasses.is_dataclass(k))
@@ -47,13 +72,44 @@ def test_every_key_is_named_in_backticks_in_its_docstring_and_has_an_entry(path,
     assert all(docs[n].strip() for n in names)
 
 
-def test_the_tables_cover_every_key_the_schema_knows_and_the_overrides():
-    """`tables` against `config_schema.key_paths`, an independent walk of the same tree, plus the keys of
-    `model.overrides` (its nested `rope_scaling` walked by `key_paths` too)."""
-    overrides = [f"model.overrides.{k}" for k in MAPPINGS["model.overrides"][1]]
-    expected = {*key_paths(Config), *overrides, *key_paths(RopeScaling, "model.overrides.rope_scaling")}
-    documented = {*key_docs(Config)} | {f"{t.path}.{k}" for t in tables() for k in t.keys}
-    assert documented == expected
+@pytest.mark.parametrize("part", PARTS, ids=[p.title for p in PARTS])
+def test_the_tables_cover_every_key_the_schema_knows_and_the_overrides(part):
+    """`tables` against `config_schema.key_paths`, an independent walk of the same classes (`EXPECTED`)."""
+    top = set(key_docs(part.root)) if not part.root_table else set()  # a file of sections: its sections
+    documented = top | {f"{t.path}.{k}" if t.path else k for t in tables(part) for k in t.keys}
+    assert documented == EXPECTED[part.title]
+
+
+def test_the_compare_files_top_level_is_what_load_comparison_demands(tmp_path):
+    (tmp_path / "c.yaml").write_text("{}")
+    with pytest.raises(ConfigError, match=r"exactly the sections ([\w, ]+); found") as e:
+        load_comparison(tmp_path / "c.yaml")
+    assert e.value.args[0].split("exactly the sections ")[1].split(";")[0].split(", ") == list(COMPARE.keys)
+    assert tables(COMPARE)[0].keys == COMPARE.keys
+
+
+def test_the_shipped_sweeps_and_compare_files_use_only_documented_keys():
+    """Every key written in configs/scaling/ and configs/study/ has a row (a mapping's names as NAME)."""
+
+    def written(value: Any, where: str) -> set[str]:
+        if isinstance(value, list):
+            return {k for item in value if isinstance(item, dict) for k in written(item, f"{where}[]")}
+        if not isinstance(value, dict) or where in ("base", "mesh[]") or where.endswith(".overrides"):
+            return set()
+        keys = set()
+        for key, item in value.items():
+            path = f"{where}.{key}" if where else key
+            path = "variants.NAME" if where == "variants" else path
+            keys |= {path} | written(item, path)
+        return keys - {"variants.NAME"}
+
+    rows = _rows()
+    for folder in ("scaling", "study"):
+        files = sorted((REPO / "configs" / folder).glob("*.yaml"))
+        assert files, folder
+        for file in files:
+            keys = written(yaml.safe_load(file.read_text()), "")
+            assert keys and keys <= set(rows), (file.name, keys - set(rows))
 
 
 def _yaml_value(value: Any) -> Any:
@@ -80,8 +136,21 @@ def test_the_overrides_table_lists_exactly_the_fields_model_overrides_accepts(pr
             else:
                 with pytest.raises(ValueError, match=rf"`model.overrides.{f.name}` .*`model.{f.name}`"):
                     ModelRunConfig(**source, overrides={f.name: value})
+        # A sweep model's overrides link to this table: the same fields are taken and refused.
+        sweep = {"output_dir": "o", "seq_len": [8], "history": [0]}
+        one = SweepModel("m", preset, {f.name: value})
+        if listed:
+            assert getattr(ScalingConfig(**sweep, models=[one]).model_config(one), f.name) == getattr(
+                model, f.name
+            )
+        else:
+            with pytest.raises(
+                ValueError, match=rf"model 'm': `model.overrides.{f.name}` .*`model.{f.name}`"
+            ):
+                ScalingConfig(**sweep, models=[one])
     assert rows["model.overrides.eos_token_ids"][0] == "list of ints"
     assert "default" not in rows["model.overrides.family"]  # a mapping's table has no default column
+    assert rows["models[].overrides"][0] == "mapping ([model.overrides](#modeloverrides))"
 
 
 def test_each_architecture_entry_names_config_json_keys_that_an_export_writes():
@@ -171,36 +240,63 @@ def test_main_writes_the_reference(tmp_path):
     assert (tmp_path / "ref.md").read_text(encoding="utf-8") == render()
 
 
-def _rows() -> dict[str, list[str]]:
+def _rows(part: str | None = None) -> dict[str, list[str]]:
     """Key -> its row's cells (type, default, meaning; a mapping's: type, meaning), read back from the
-    rendered Markdown."""
-    rows = {}
+    rendered Markdown: of the part titled `part`, or of all."""
+    rows, title = {}, None
     for line in render().splitlines():
-        if line.startswith("| `"):
+        if line.startswith("## "):
+            title = line.removeprefix("## ")
+        elif line.startswith("| `") and part in (None, title):
             cells = [c.strip() for c in line.strip("|").replace("\\|", "\0").split("|")]
+            assert cells[0].strip("`") not in rows, f"two rows for {cells[0]}"
             rows[cells[0].strip("`")] = [c.replace("\0", "|") for c in cells[1:]]
     return rows
 
 
-def test_every_key_has_one_row_whose_default_reads_back_as_the_default():
-    rows = {k: v for k, v in _rows().items() if not k.startswith("model.overrides.")}
-    assert sorted(rows) == sorted(k for k in key_paths(Config) if "." in k)
-    for t in tables():
-        if t.path.startswith("model.overrides"):
+@pytest.mark.parametrize("part", PARTS, ids=[p.title for p in PARTS])
+def test_every_key_has_one_row_whose_default_reads_back_as_the_default(part):
+    rows = {k: v for k, v in _rows(part.title).items() if not k.startswith("model.overrides.")}
+    expected = {k for k in EXPECTED[part.title] - OVERRIDES if "." in k or part.root_table}
+    assert sorted(rows) == sorted(expected)
+    for t in tables(part):
+        if t.path.startswith("model.overrides"):  # no defaults: its values replace a preset's
             continue
         hints = typing.get_type_hints(t.cls)
-        for f in dataclasses.fields(t.cls):
-            kind, default, meaning = rows[f"{t.path}.{f.name}"]
-            assert meaning, f"{t.path}.{f.name}"
+        fields = {f.name: f for f in dataclasses.fields(t.cls)}
+        for name in t.keys:
+            f = fields[name]
+            kind, default, meaning = rows[f"{t.path}.{name}" if t.path else name]
+            assert meaning, f"{t.path}.{name}"
             if kind.startswith("section"):
                 continue
+            if default == "required":
+                assert f.default is f.default_factory is dataclasses.MISSING, (t.path, name)
+                continue
             value = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
-            expected = list(value) if isinstance(value, tuple) else value
-            assert yaml.safe_load(default.strip("`")) == expected, (t.path, f.name, default)
-            assert kind.partition(" ([")[0] == yaml_type(hints[f.name])
+            expected_value = list(value) if isinstance(value, tuple) else value
+            assert yaml.safe_load(default.strip("`")) == expected_value, (t.path, name, default)
+            assert kind.partition(" ([")[0] == yaml_type(hints[name])
+
+
+def test_some_rows_read_as_written():
+    rows = _rows()
     assert rows["logging.profile_steps"][:2] == ["list of ints or null", "`null`"]
     assert rows["model.lora.targets"][1] == "`[attn/(q|v)_proj]`"
     assert rows["model.overrides"][0] == "mapping ([model.overrides](#modeloverrides))"
+    assert rows["variants"][:2] == ["mapping ([variants.NAME](#variantsname))", "required"]
+    assert rows["base"][0] == "mapping ([Training config](#training-config))"
+    assert rows["models"][0] == "list of sections ([models[]](#models))"
+    assert rows["mesh"][:2] == ["list of mappings", "`[{data: 1, fsdp: -1, tensor: 1}]`"]
+    assert rows["compare.split"][:2] == ["`train`, `val` or `test`", "`test`"]
+
+
+def test_every_heading_has_its_own_anchor_and_every_link_reaches_one():
+    text = render()
+    headings = [anchor(line.lstrip("#").strip()) for line in text.splitlines() if line.startswith("#")]
+    assert len(headings) == len(set(headings)), headings
+    links = set(re.findall(r"\]\((#[^)]*)\)", text))
+    assert links and links <= set(headings), links - set(headings)
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,8 @@ on what a run happens to import. Layers, top to bottom (README, "Architecture"):
 
     cli -> demo -> {eval, bench} -> train -> config -> loss -> data -> models -> parallel
 
-`config_reference` (the generator of configs/REFERENCE.md) imports only `config` and stands beside `train`.
+`config_reference` (the generator of configs/REFERENCE.md, which documents the schemas of `config`, `eval`'s
+compare files and `bench`'s sweeps) stands above `eval` and `bench`, beside `demo`.
 
 `config_schema`, `subcommand` and `third_party_logs` import nothing of the package; any layer may use them.
 """
@@ -22,10 +23,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "nextquill_jax"
 LAYER_OF = {
     "cli": 9,
     "demo": 8,
+    "config_reference": 8,
     "eval": 7,
     "bench": 7,
     "train": 6,
-    "config_reference": 6,
     "config": 5,
     "loss": 4,
     "data": 3,

@@ -40,7 +40,14 @@ from nextquill_jax.models.config import ModelConfig
 
 @dataclass(frozen=True)
 class SweepModel:
-    """One model size of a sweep: a preset with architecture overrides, named for the CSV and the plot."""
+    """One model size of a sweep: a preset with architecture overrides, named for the CSV and the plot.
+
+    Fields:
+        `name`: the model's name in the CSV and the plot; unique within the sweep.
+        `preset`: a `model_preset` name (`nextquill_jax/models/presets.py`), randomly initialised.
+        `overrides`: architecture fields that replace the preset's, as `model.overrides` of a training
+            config (the same keys and checks), e.g. `{hidden_size: 64, num_layers: 2}`.
+    """
 
     name: str
     preset: str
@@ -51,13 +58,35 @@ class SweepModel:
 class ScalingConfig:
     """A scaling sweep (YAML). Every combination of `models` × `seq_len` × `history` × `mesh` is one point.
 
-    `mesh`: mesh sizes as in the train config's `mesh` section (`{data: 1, fsdp: -1, tensor: 1}`); a shape
-    that does not fit the devices present is skipped (and not written). `rows`: rows of the global batch.
-    Example lengths in tokens: `context_tokens` (the without-history prompt), `entry_tokens` per history
-    entry, `target_tokens`. `peak_tflops`: per-chip peak for MFU (None: from the device kind where known).
-    `cudnn_max_segments` (with `attention_impl: cudnn`): cuDNN's packed mode with at most this many examples
-    per row (`model.cudnn_max_segments`); `auto`: the most examples a row of the point's batch holds; a point
-    whose rows hold more than a number set here is skipped.
+    Fields:
+        `output_dir`: where `scaling.csv` (one row per point) and `scaling.png` go; `--output-dir` replaces
+            it.
+        `models`: the model sizes, at least one.
+        `seq_len`: with-stream tokens per row, at least one value; each >= 1.
+        `history`: history entries per example, at least one value; each >= 0.
+        `mesh`: mesh sizes as in the train config's `mesh` section (`{data: 1, fsdp: -1, tensor: 1}`); a
+            shape that does not fit the devices present is skipped (and not written).
+        `rows`: rows of the global batch.
+        `context_tokens`: tokens of an example's without-history prompt.
+        `entry_tokens`: tokens per history entry (the with-history prompt: `context_tokens` + `history` ×
+            this).
+        `target_tokens`: tokens of an example's target.
+        `length_multiple`: the without stream and the response slots are rounded up to a multiple of this
+            (as the pipeline's `data.batching.length_multiple`).
+        `loss_variant`: the loss variant timed (`loss.variant`).
+        `micro_batches`: micro-batches per step (`train.micro_batches`).
+        `param_dtype`: as `model.param_dtype`.
+        `compute_dtype`: as `model.compute_dtype`.
+        `remat_policy`: as `model.remat_policy`.
+        `attention_impl`: as `model.attention_impl`.
+        `cudnn_max_segments`: with `attention_impl: cudnn`: cuDNN's packed mode with at most this many
+            examples per row (`model.cudnn_max_segments`); `auto`: the most examples a row of the point's
+            batch holds; a point whose rows hold more than a number set here is skipped. null: the dense
+            mask. `--cudnn-max-segments` replaces it.
+        `warmup_steps`: untimed steps after compilation.
+        `timed_steps`: timed steps; the fastest gives the point's step time.
+        `peak_tflops`: per-chip peak TFLOP/s for MFU; null: from the device kind where known.
+        `seed`: seed of the synthetic examples and the random weights.
     """
 
     output_dir: str

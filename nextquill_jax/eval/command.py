@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from nextquill_jax import third_party_logs
+from nextquill_jax.data.config import SPLITS
 from nextquill_jax.subcommand import Subcommand
 
 
@@ -29,7 +30,9 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--step", type=int, default=None, help="checkpoint step (default: the newest verified)"
     )
-    parser.add_argument("--split", default="test", help="prepared split to evaluate (default: test)")
+    parser.add_argument(
+        "--split", default="test", choices=SPLITS, help="prepared split to evaluate (default: test)"
+    )
     parser.add_argument("--max-examples", type=int, default=None, help="only the split's first N examples")
     parser.add_argument(
         "--model",
@@ -107,7 +110,9 @@ def add_effects_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data", type=Path, default=None, help="prepared data (default with --workdir: the run's own)"
     )
-    parser.add_argument("--split", default="val", help="split of the prepared data (default: val)")
+    parser.add_argument(
+        "--split", default="val", choices=SPLITS, help="split of the prepared data (default: val)"
+    )
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--examples", default=None, help="comma-separated example indices, e.g. 0,3,7")
     which.add_argument("--num-examples", type=int, default=8, help="the first N examples (default: 8)")

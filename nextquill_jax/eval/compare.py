@@ -22,7 +22,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from nextquill_jax.config import Config, load_config, save_config
 from nextquill_jax.config_schema import ConfigError, build, read_yaml
@@ -33,13 +33,31 @@ Echo = Callable[[str], None]
 
 @dataclass(frozen=True)
 class CompareConfig:
-    """The `compare` section (module docstring): where runs go, the baseline variant, the split evaluated
-    (its first `max_examples`, decoded `eval_batch_size` prompts at a time; effect reports on the first
-    `effect_examples`), decoding length, seeds and bootstrap resamples."""
+    """The `compare` section: where the runs go, the baseline variant, what is evaluated and how the
+    differences are bootstrapped.
+
+    Fields:
+        `out`: the comparison's directory: run NAME with seed S in `<out>/seed<S>/<NAME>`, the prepared data
+            the runs share in `<out>/prepared` (unless `base.train.data_dir` names one), the table in
+            `<out>/results.json` and `<out>/results.md`.
+        `baseline`: the variant every other one is compared to (a name under `variants`).
+        `split`: the prepared split evaluated and reported on: `test`, `val` or `train` (the splits `data
+            prepare` writes, `data.config.SPLITS`); another value is an error when the file is loaded.
+        `max_examples`: evaluate the split's first this many examples; null: all of them.
+        `eval_batch_size`: prompts decoded together; null: `evaluate`'s default (the run's rows per global
+            batch).
+        `effect_examples`: the effect report covers the split's first this many examples.
+        `max_new_tokens`: the most tokens generated per prompt; null: the base config's
+            `eval.generation.max_new_tokens`.
+        `seeds`: every variant runs once per seed (its `train.seed` and `data.batching.seed`); at least one.
+            `--seeds` on the command line replaces them.
+        `resamples`: paired bootstrap resamples behind each difference's 95% interval; at least 1000.
+    """
 
     out: str
     baseline: str
-    split: str = "test"
+    # The values of `data.config.SPLITS` (a test checks they agree).
+    split: Literal["train", "val", "test"] = "test"
     max_examples: int | None = None
     eval_batch_size: int | None = None
     effect_examples: int = 40
@@ -56,7 +74,14 @@ class CompareConfig:
 
 @dataclass(frozen=True)
 class VariantConfig:
-    """One variant: overrides of the base config, and whether it trains (false: the base model as it is)."""
+    """One variant: overrides of the base config, and whether it trains.
+
+    Fields:
+        `overrides`: `section.key=value` items applied to `base` (as on the `nextquill-jax train` command
+            line), e.g. `[loss.variant=sft]`; each must fit the base config, checked when the file is loaded.
+        `train`: fine-tune, then evaluate the checkpoint; false: evaluate the base config's model as it is
+            (the "not fine-tuned" row).
+    """
 
     overrides: list[str] = field(default_factory=list)
     train: bool = True
@@ -64,7 +89,14 @@ class VariantConfig:
 
 @dataclass(frozen=True)
 class Comparison:
-    """A loaded compare file."""
+    """A compare file, loaded: exactly the sections `compare`, `variants` and `base`, each required.
+
+    Fields:
+        `compare`: where the runs go, the baseline, the split evaluated, seeds and bootstrap resamples.
+        `variants`: the variants compared, by name (at least one): each a mapping of `overrides` and `train`.
+        `base`: a whole training config, which every variant's overrides change.
+        `source`: the path the file was read from (not a key of the file; errors name it).
+    """
 
     compare: CompareConfig
     variants: dict[str, VariantConfig]

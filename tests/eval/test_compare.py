@@ -5,14 +5,16 @@ runs wrote; resuming; bad files."""
 from __future__ import annotations
 
 import json
+import typing
 
 import numpy as np
 import pytest
 import yaml
 
-from nextquill_jax.config_schema import ConfigError
+from nextquill_jax.config_schema import ConfigError, build
+from nextquill_jax.data.config import SPLITS
 from nextquill_jax.eval.bootstrap import paired_bootstrap
-from nextquill_jax.eval.compare import load_comparison, run_comparison
+from nextquill_jax.eval.compare import CompareConfig, load_comparison, run_comparison
 from nextquill_jax.train import checkpoint
 
 pytestmark = pytest.mark.slow  # run first: see tests/conftest.py
@@ -162,3 +164,20 @@ def test_an_untrained_variant_resolves_cudnn_max_segments_auto_from_the_evaluate
     )
     assert load_config(workdir / "config.yaml").model.cudnn_max_segments == most
     assert load_model_path(workdir, str(hf_dir)).model.cfg.cudnn_max_segments == most
+
+
+def test_the_compare_split_is_one_of_the_prepared_splits_checked_at_load(tmp_path):
+    """Checked before the variants and the base config: a misspelt split fails at once, not after training."""
+    assert typing.get_args(typing.get_type_hints(CompareConfig)["split"]) == SPLITS
+    for split in SPLITS:
+        assert (
+            build(CompareConfig, {"out": "o", "baseline": "a", "split": split}, "compare", "f").split == split
+        )
+    file = tmp_path / "c.yaml"
+    compare = {"out": str(tmp_path / "out"), "baseline": "a", "split": "tset"}
+    file.write_text(yaml.safe_dump({"compare": compare, "variants": {"a": {}}, "base": {}}))
+    with pytest.raises(ConfigError) as e:
+        load_comparison(file)
+    message = str(e.value)
+    expected = f"{file}: `compare.split` is 'tset', not one of {list(SPLITS)}. Did you mean 'test'? Fix: set"
+    assert message.startswith(expected), message
