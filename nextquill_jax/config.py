@@ -461,7 +461,12 @@ class LoggingConfig:
     Fields:
         `every_steps`: write a metrics row (metrics.jsonl, TensorBoard, progress bar) every this many
             optimizer steps (>= 1); rows are also written at saves and evaluations.
-        `tensorboard`: also write the rows as TensorBoard events under `<workdir>/tensorboard`.
+        `tensorboard`: also write the rows as TensorBoard events, into `tensorboard_dir`.
+        `tensorboard_dir`: where the TensorBoard event files go; null: `<workdir>/tensorboard`. A relative
+            path is relative to the current directory, as every other path in a config (`train.data_dir`,
+            `model.path`), not to the workdir; `~` is expanded. Point it at a local disk when the workdir is
+            on a Cloud Storage FUSE mount, where a file open for the whole run reaches the bucket only when it
+            is closed (tpu_scripts/launch.sh does, and copies the files into `<workdir>/tensorboard`).
         `progress_bar`: show a progress bar of the optimizer steps on the console.
         `health_ce_ratio`: counterfactual health (runs that compute the without-history stream,
             `train.health`): warn, once, when the without-history target CE passes this many times its
@@ -475,6 +480,7 @@ class LoggingConfig:
 
     every_steps: int = 10
     tensorboard: bool = True
+    tensorboard_dir: str | None = None
     progress_bar: bool = True
     health_ce_ratio: float = 1.5
     health_pref_fraction: float | None = 0.75

@@ -2,9 +2,9 @@
 paths (spot recovery, the queued-resource wait) run against a scripted `gcloud`.
 
 The remote command strings that the scripts send over ssh are also run here, in a fake worker home with a fake
-`nextquill-jax`, so their quoting, environment, detaching, log copies and stopping are exercised, not just
-printed. The SLURM file runs as a job of two tasks started together, each with the SLURM_* variables srun
-sets and 4 CPU devices, through the multi-host start-up that training uses (tpu_scripts/check_hosts.py).
+`nextquill-jax`, so their quoting, environment, detaching, log and event copies and stopping are exercised,
+not just printed. The SLURM file runs as a job of two tasks started together, each with the SLURM_* variables
+srun sets and 4 CPU devices, through the multi-host start-up that training uses (tpu_scripts/check_hosts.py).
 """
 
 from __future__ import annotations
@@ -27,14 +27,23 @@ LOCATION = "--zone=us-east5-a --project=my-project"
 LIBTPU_FLAGS = "--xla_tpu_enable_async_collective_fusion=true --xla_enable_async_all_gather=true"
 
 # A stand-in for the trained program: records its arguments and the settings that reach it, prints a line
-# (the log), then runs until SIGTERM (as training does), which it acknowledges in the record.
+# (the log), writes a TensorBoard event file into logging.tensorboard_dir (as process 0 does), then runs
+# until SIGTERM (as training does), which it acknowledges in the record, adding a last line to the event file.
 FAKE_TRAIN = """#!/bin/bash
 out="$(dirname "$0")/../../calls"
 { printf 'args:'; printf ' %s' "$@"; echo; env | grep -E '^(NEXTQUILL_|LIBTPU_|PYTHONUNBUFFERED=|NOTE=)' \
     | sort; } >> "$out"
 echo "training output from $(hostname)"
+events=/dev/null
+for arg in "$@"; do
+    if [[ "$arg" == logging.tensorboard_dir=* ]]; then
+        mkdir -p "${arg#*=}"
+        events="${arg#*=}/events.out.tfevents.2.$(hostname)"
+    fi
+done
+echo "step 10" > "$events"
 if [[ "${FAKE_TRAIN_WAIT:-0}" == 1 ]]; then
-    trap 'echo terminated >> "$out"; exit 0' TERM
+    trap 'echo terminated >> "$out"; echo "step 20" >> "$events"; exit 0' TERM
     for _ in $(seq 300); do sleep 0.1; done  # never outlives a failed test by more than 30 s
 fi
 """
@@ -131,8 +140,10 @@ def test_launch_dry_run_prints_the_exact_commands(launch_env, tmp_path):
     train = (
         f"env PYTHONUNBUFFERED=1 'LIBTPU_INIT_ARGS={LIBTPU_FLAGS}' 'NOTE=it'\\''s \"quoted\"' "
         "bash bin/worker_train.sh "
-        "'gcs/runs/books 3b/logs' 60 venv/bin/nextquill-jax train --config configs/books_3b.yaml --workdir "
-        "'gcs/runs/books 3b' model.path=model data.tokenizer=model train.max_steps=5"
+        "'gcs/runs/books 3b/logs' 60 'logs/tensorboard/gcs/runs/books 3b' 'gcs/runs/books 3b/tensorboard' "
+        "venv/bin/nextquill-jax train --config configs/books_3b.yaml --workdir 'gcs/runs/books 3b' "
+        "'logging.tensorboard_dir=logs/tensorboard/gcs/runs/books 3b' "
+        "model.path=model data.tokenizer=model train.max_steps=5"
     )
     start = (
         'set -euo pipefail; cd nextquill; if [ -f logs/train.pid ] && kill -0 "$(cat logs/train.pid)" '
@@ -169,18 +180,26 @@ def fake_worker(tmp_path: Path) -> Path:
     return home
 
 
-def wait_for(path: Path, seconds: float = 10) -> None:
+def wait_for(path: Path, seconds: float = 10, text: str | None = None) -> None:
+    """Wait until `path` exists (and holds `text`, if given)."""
+    ready = lambda: path.exists() and (text is None or path.read_text() == text)
     deadline = time.monotonic() + seconds
-    while not path.exists() and time.monotonic() < deadline:
+    while not ready() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert path.exists(), path
+    assert ready(), (path, path.read_text() if path.exists() else "missing")
 
 
 def test_launched_command_runs_on_a_worker_and_stop_terminates_it(launch_env, tmp_path):
     """Run the remote strings of launch.sh and stop.sh in a fake worker home: train starts detached with the
-    exact arguments and TRAIN_ENV values, its log is copied beside the workdir while it runs and at exit, a
-    second launch refuses while it runs, and stop delivers SIGTERM."""
+    exact arguments and TRAIN_ENV values, its log and its TensorBoard events (written locally) are copied into
+    the workdir while it runs and at exit, an earlier VM's event file there is kept, a second launch refuses
+    while it runs, and stop delivers SIGTERM."""
     home = fake_worker(tmp_path)
+    host = socket.gethostname()
+    bucket_events = home / "nextquill" / "gcs" / "runs" / "books 3b" / "tensorboard"
+    earlier = bucket_events / "events.out.tfevents.1.earlier-vm"
+    earlier.parent.mkdir(parents=True)
+    earlier.write_text("the preempted run's steps\n")
     worker_env = {"PATH": os.environ["PATH"], "HOME": str(home), "FAKE_TRAIN_WAIT": "1"}
     mkdir, _, _, start = dry_run("launch.sh", {**launch_env, "LOG_COPY_SECONDS": "0.2"}, tmp_path)
     subprocess.run(["bash", "-c", remote(mkdir)], cwd=home, env=worker_env, check=True)
@@ -191,11 +210,24 @@ def test_launched_command_runs_on_a_worker_and_stop_terminates_it(launch_env, tm
     assert started.returncode == 0, started.stderr
     assert "started pid" in started.stdout
     calls = home / "nextquill" / "calls"
-    log_copy = home / "nextquill" / "gcs" / "runs" / "books 3b" / "logs" / f"{socket.gethostname()}.log"
+    log_copy = home / "nextquill" / "gcs" / "runs" / "books 3b" / "logs" / f"{host}.log"
+    events = (
+        home
+        / "nextquill"
+        / "logs"
+        / "tensorboard"
+        / "gcs"
+        / "runs"
+        / "books 3b"
+        / f"events.out.tfevents.2.{host}"
+    )
+    events_copy = bucket_events / events.name
     wait_for(calls)
-    wait_for(log_copy)  # the periodic copy, while training runs
+    wait_for(log_copy)  # the periodic copies, while training runs
+    wait_for(events_copy, text="step 10\n")
     assert calls.read_text().splitlines() == [
         "args: train --config configs/books_3b.yaml --workdir gcs/runs/books 3b "
+        "logging.tensorboard_dir=logs/tensorboard/gcs/runs/books 3b "
         "model.path=model data.tokenizer=model train.max_steps=5",
         f"LIBTPU_INIT_ARGS={LIBTPU_FLAGS}",
         'NOTE=it\'s "quoted"',
@@ -219,6 +251,31 @@ def test_launched_command_runs_on_a_worker_and_stop_terminates_it(launch_env, tm
     log = (home / "nextquill" / "logs" / "train.log").read_text()
     assert f"training output from {socket.gethostname()}" in log
     assert log_copy.read_text() == log  # the copy at exit
+    assert events.read_text() == "step 10\nstep 20\n"
+    assert events_copy.read_text() == events.read_text()
+    assert sorted(bucket_events.iterdir()) == [earlier, events_copy]
+    assert earlier.read_text() == "the preempted run's steps\n"
+
+
+def test_a_worker_without_event_files_copies_its_log_quietly(tmp_path):
+    """Only process 0 writes TensorBoard files: on the other workers the event copies find none, create
+    nothing and print nothing; the exit status is the command's."""
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "train.log").write_text("a line\n")
+    command = ["bash", "-c", "sleep 0.5; exit 3"]  # long enough for several periodic copies
+    args = ["bucket/logs", "0.1", "logs/tensorboard/run", "bucket/tensorboard", *command]
+    result = subprocess.run(
+        ["bash", str(SCRIPTS / "worker_train.sh"), *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert (result.returncode, result.stderr) == (3, "")
+    assert [p.relative_to(tmp_path).as_posix() for p in sorted((tmp_path / "bucket").rglob("*"))] == [
+        "bucket/logs",
+        f"bucket/logs/{socket.gethostname()}.log",
+    ]
 
 
 def test_create_dry_run_prints_the_exact_commands(tmp_path):

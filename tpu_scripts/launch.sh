@@ -13,7 +13,9 @@ settings for the run, one VAR=value per line; the value is everything after the 
 workers, relative to REMOTE_DIR: a path under the bucket mount of mount_bucket.sh (e.g. gcs/runs/NAME), not a
 gs:// URI. Every worker writes its part of each checkpoint there; a later launch with the same WORKDIR resumes.
 Output goes to REMOTE_DIR/logs/train.log on each worker (follow it with tpu_scripts/logs.sh), and a copy of
-each worker's log to LOG_COPY_DIR/<host>.log every LOG_COPY_SECONDS and at exit."
+each worker's log to LOG_COPY_DIR/<host>.log every LOG_COPY_SECONDS and at exit. The TensorBoard event files
+are written on the worker's disk, in REMOTE_DIR/logs/tensorboard/WORKDIR (logging.tensorboard_dir), and
+copied into WORKDIR/tensorboard at the same times."
 # shellcheck source=common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 parse_args "$@"
@@ -54,13 +56,19 @@ while IFS= read -r setting; do
 done <<<"${TRAIN_ENV:-}"
 
 remote_config="configs/$(basename "$CONFIG")"
+# Event files stay open for the whole run, so through the bucket mount they would reach the bucket only at the
+# end; they are written locally instead and worker_train.sh copies them. One folder per workdir keeps the
+# files of another run on this VM out of this run's copies.
+events_dir="logs/tensorboard/${WORKDIR#/}"
 on_workers all "mkdir -p $(shell_words "$REMOTE_DIR/configs" "$REMOTE_DIR/logs" "$REMOTE_DIR/bin")"
 copy_to_workers "$CONFIG" "$REMOTE_DIR/$remote_config"
 copy_to_workers "$SCRIPT_DIR/worker_train.sh" "$REMOTE_DIR/bin/worker_train.sh"
 
 # PYTHONUNBUFFERED: the log shows each line when it is printed, and a preempted run loses none.
+# The user's overrides come last, so a logging.tensorboard_dir of their own wins (and nothing is copied).
 train=(env PYTHONUNBUFFERED=1 "${environment[@]}" bash bin/worker_train.sh "$LOG_COPY_DIR" "$LOG_COPY_SECONDS"
-    venv/bin/nextquill-jax train --config "$remote_config" --workdir "$WORKDIR" "${overrides[@]}")
+    "$events_dir" "$WORKDIR/tensorboard" venv/bin/nextquill-jax train --config "$remote_config"
+    --workdir "$WORKDIR" "logging.tensorboard_dir=$events_dir" "${overrides[@]}")
 start="set -euo pipefail; cd $(shell_words "$REMOTE_DIR")"
 start+="; if [ -f logs/train.pid ] && kill -0 \"\$(cat logs/train.pid)\" 2>/dev/null; then"
 start+=" echo \"training already runs here (pid \$(cat logs/train.pid)); stop it with tpu_scripts/stop.sh\" >&2; exit 1; fi"

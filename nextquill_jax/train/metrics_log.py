@@ -1,10 +1,14 @@
 """Where a run's numbers go: `metrics.jsonl`, TensorBoard event files and a progress bar.
 
 Only process 0 writes. On resume from step S, rows of `metrics.jsonl` after S (steps that ran but were not
-checkpointed) are dropped and TensorBoard purges them too, so every step appears once. `metrics.jsonl` is
-opened and closed for each row: on a bucket mounted with Cloud Storage FUSE a file reaches the bucket only
-when it is closed, so a file held open for the whole run would be invisible there until the end, and lost on
-a kill.
+checkpointed) are dropped and TensorBoard purges them too, so every step appears once: the resumed writer
+starts a new event file (tensorboardX names it `events.out.tfevents.<unix seconds>.<hostname>`, so it sorts
+after the earlier ones and replaces none) with a session-start event at step S + 1, and TensorBoard, reading a
+directory's files in name order, drops the steps >= S + 1 it read before. `metrics.jsonl` is opened and closed
+for each row: on a bucket mounted with Cloud Storage FUSE a file reaches the bucket only when it is closed, so
+a file held open for the whole run would be invisible there until the end, and lost on a kill. The event files
+are held open, so on such a mount `logging.tensorboard_dir` puts them on a local disk, from which
+tpu_scripts/worker_train.sh copies them into the workdir.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ class MetricsLog:
         if cfg.tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(str(Path(workdir) / TENSORBOARD_DIR), purge_step=start_step + 1)
+            self._tb = SummaryWriter(str(tensorboard_dir(cfg, workdir)), purge_step=start_step + 1)
         if cfg.progress_bar:
             self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
@@ -88,6 +92,12 @@ class MetricsLog:
             self._tb.close()
         if self._bar is not None:
             self._bar.close()
+
+
+def tensorboard_dir(cfg: LoggingConfig, workdir: str | Path) -> Path:
+    """The folder of the run's TensorBoard event files: `cfg.tensorboard_dir` with `~` expanded (a relative
+    path stays relative to the current directory), or `<workdir>/tensorboard` when it is null."""
+    return Path(cfg.tensorboard_dir).expanduser() if cfg.tensorboard_dir else Path(workdir) / TENSORBOARD_DIR
 
 
 def _truncate_after(path: Path, step: int) -> None:

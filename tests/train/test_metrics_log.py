@@ -1,11 +1,18 @@
 """metrics.jsonl: each row is written with the file closed afterwards (a Cloud Storage FUSE mount uploads a
-file only when it is closed), and a resume drops the rows after the checkpointed step."""
+file only when it is closed), and a resume drops the rows after the checkpointed step. TensorBoard events go
+to `logging.tensorboard_dir`, and a resume's events, copied beside a preempted run's, show every step once."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import struct
+import time
 from pathlib import Path
+
+import pytest
+from tensorboardX.proto.event_pb2 import Event, SessionLog
 
 from nextquill_jax.config import LoggingConfig
 from nextquill_jax.train.metrics_log import METRICS_FILE, MetricsLog
@@ -39,3 +46,73 @@ def test_each_row_is_closed_into_the_file_and_resume_drops_later_rows(tmp_path):
         {"step": 30, "loss": None},
     ]
     resumed.close()
+
+
+def events(path: Path) -> list[Event]:
+    """The records of a TensorBoard event file, read by the TFRecord framing (u64 length, u32 CRC, payload,
+    u32 CRC), independently of the writer."""
+    data, out, at = path.read_bytes(), [], 0
+    while at < len(data):
+        (length,) = struct.unpack("<Q", data[at : at + 8])
+        out.append(Event.FromString(data[at + 12 : at + 12 + length]))
+        at += 12 + length + 4
+    return out
+
+
+def tensorboard_view(folder: Path) -> dict[int, float]:
+    """step -> `loss` as TensorBoard shows the folder: its files read in name order, a session-start event at
+    step S dropping the values read before at steps >= S (tensorboard/backend/event_processing/
+    event_accumulator.py, `_CheckForRestartAndMaybePurge`)."""
+    shown: dict[int, float] = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        for event in events(path):
+            if event.HasField("session_log") and event.session_log.status == SessionLog.START:
+                shown = {step: v for step, v in shown.items() if step < event.step}
+            for value in event.summary.value:
+                if value.tag == "loss":
+                    shown[event.step] = value.simple_value
+    return shown
+
+
+def logging_to(folder: Path, workdir: Path, start_step: int) -> MetricsLog:
+    """A 40-step run's log whose TensorBoard events go to `folder`."""
+    cfg = LoggingConfig(tensorboard_dir=str(folder), progress_bar=False)
+    return MetricsLog(workdir, cfg, start_step=start_step, total_steps=40)
+
+
+def test_events_go_to_the_configured_folder_relative_to_the_current_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = LoggingConfig(tensorboard=True, tensorboard_dir="local/tb", progress_bar=False)
+    log = MetricsLog(tmp_path / "work", cfg, start_step=0, total_steps=20)
+    log.write(10, {"loss": 0.5})
+    log.write(20, {"loss": 0.25})
+    log.close()
+    assert tensorboard_view(tmp_path / "local" / "tb") == {10: 0.5, 20: 0.25}
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == [METRICS_FILE]  # no tensorboard/ there
+
+
+def test_a_resume_adds_a_file_and_tensorboard_shows_every_step_once(tmp_path):
+    """A preempted run's events, in the shared folder, are kept; the resumed run's file sorts after them and
+    its purge hides the steps after the checkpoint that the first run logged."""
+    shared = tmp_path / "bucket"
+    first = logging_to(shared, tmp_path / "work", start_step=0)
+    for step in (10, 20, 30, 35):  # 35: the row of a preemption save that did not finish
+        first.write(step, {"loss": 1.0 / step})
+    first.close()
+    (earlier,) = shared.iterdir()
+    earlier_bytes = earlier.read_bytes()
+    # tensorboardX names a file by the whole second it was opened in: a new VM resumes minutes later.
+    time.sleep(1 - time.time() % 1 + 0.01)
+
+    local = tmp_path / "new-vm"
+    resumed = logging_to(local, tmp_path / "work", start_step=20)
+    resumed.write(30, {"loss": 3.0})
+    resumed.write(40, {"loss": 4.0})
+    resumed.close()
+    for path in local.iterdir():
+        shutil.copy(path, shared)  # what worker_train.sh does
+    assert earlier.read_bytes() == earlier_bytes
+    assert len(list(shared.iterdir())) == 2
+    assert tensorboard_view(shared) == pytest.approx(
+        {10: 0.1, 20: 0.05, 30: 3.0, 40: 4.0}, rel=1e-6
+    )  # float32
