@@ -207,7 +207,7 @@ def test_a_bad_model_override_is_a_load_time_error_for_a_preset_and_a_path_model
         (
             "model.cudnn_max_segments=4",
             "model.cudnn_max_segments: 4 chooses cuDNN's packed attention",
-            "Fix: set attention_impl: cudnn, or cudnn_max_segments: null. (",
+            "Fix: set model.attention_impl: cudnn, or model.cudnn_max_segments: null. (",
         ),
         (
             "model.overrides.num_layer=3",

@@ -137,14 +137,12 @@ def test_an_untrained_variant_resolves_cudnn_max_segments_auto_from_the_evaluate
     from nextquill_jax.data.prepared_split import PreparedSplit
     from nextquill_jax.eval.compare import untrained_config
     from nextquill_jax.eval.evaluate import load_model_path
-    from nextquill_jax.models import CausalLM, model_preset, save_pretrained
+    from nextquill_jax.models import CausalLM, save_pretrained
 
     data = write_random_data(tmp_path / "data", train=8, val=8)
     raw = tiny_config(data, tmp_path / "unused")
     hf_dir = tmp_path / "base"
-    save_pretrained(
-        CausalLM(model_preset("qwen2.5-0.5b", **raw["model"]["overrides"]), rngs=nnx.Rngs(0)), hf_dir
-    )
+    save_pretrained(CausalLM(load_config(None, base=raw).model.model_config(), rngs=nnx.Rngs(0)), hf_dir)
     raw["model"] = {
         "path": str(hf_dir),
         "attention_impl": "cudnn",
