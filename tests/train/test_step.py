@@ -134,9 +134,10 @@ def _joint_forward_batch(equal_lengths: bool) -> dict:
 
 @pytest.mark.parametrize("equal_lengths", [False, True], ids=["joined-rows", "interleaved-rows"])
 def test_joint_forward_gives_the_two_call_loss_and_gradient(tiny_model_config, monkeypatch, equal_lengths):
-    """float32 on CPU: loss and aux of one joint forward call equal the two-call path's (bitwise here), every
-    parameter gradient too up to float32 summation order (max difference ~2e-8), and the joint path calls
-    the model once."""
+    """float32 on CPU: loss, aux and every parameter gradient of one joint forward call equal the two-call
+    path's up to float32 summation order, and the joint path calls the model once. The loss is bitwise equal
+    on some CPUs and 1 ulp apart on others (XLA's CPU code depends on the vector extensions), so it is
+    compared at float32 rounding, not bitwise."""
     from flax import nnx
 
     from nextquill_jax.loss import LossConfig
@@ -168,7 +169,7 @@ def test_joint_forward_gives_the_two_call_loss_and_gradient(tiny_model_config, m
     (loss_2, aux_2), grads_2 = results[False]
     (loss_1, aux_1), grads_1 = results[True]
     assert 0 < float(aux_2["pref_count"]) < float(aux_2["tokens"])
-    assert float(loss_1) == float(loss_2)
+    np.testing.assert_allclose(float(loss_1), float(loss_2), rtol=4 * np.finfo(np.float32).eps)
     for k in aux_2:
         np.testing.assert_allclose(float(aux_1[k]), float(aux_2[k]), rtol=1e-6, atol=1e-7, err_msg=k)
     for path, g_2 in jax.tree_util.tree_leaves_with_path(grads_2):
