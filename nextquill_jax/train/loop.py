@@ -36,6 +36,8 @@ from nextquill_jax.train.state import TrainState
 from nextquill_jax.train.workdir import CHECKPOINT_DIR, CONFIG_FILE
 
 PROFILE_DIR = "profile"
+# What a message names as the last good checkpoint when none has been saved (or none verifies).
+NO_CHECKPOINT = "none"
 
 # Step metrics that are not loss aux (the aux sums are logged through metrics_from_aux).
 _STEP_EXTRAS = ("grad_norm", "learning_rate", "input_tokens", "padding_efficiency", "skipped")
@@ -124,10 +126,15 @@ def train(cfg: Config, workdir: Path, *, echo=print) -> TrainResult:
                     saved = _on_save_error(save, cfg, log)
                     last_saved = step if saved else last_saved
                 if due.stop:
-                    where = ckpt.directory / str(step) if saved else last_good()
+                    where = str(ckpt.directory / str(step)) if saved else last_good()
+                    saved_state = (
+                        f"checkpoint {where} is complete. Resume by running"
+                        if where != NO_CHECKPOINT
+                        else "no checkpoint is saved yet. Start again from step 0 by running"
+                    )
                     log.message(
-                        f"SIGTERM: stopped at step {step}; checkpoint {where} is complete. Resume by running "
-                        f"the same command again (workdir {workdir})."
+                        f"SIGTERM: stopped at step {step}; {saved_state} the same command again "
+                        f"(workdir {workdir})."
                     )
                     return TrainResult("preempted", step, workdir, last_saved, state)
                 if due.last:
@@ -290,13 +297,13 @@ class PendingMetrics:
 
 
 def _newest_verified_name(ckpt: Checkpointer, log: MetricsLog) -> str:
-    """The newest checkpoint that verifies (once any save in flight has finished), or "none"."""
+    """The newest checkpoint that verifies (once any save in flight has finished), or `NO_CHECKPOINT`."""
     try:
         ckpt.wait()
     except CheckpointSaveError as e:
         log.message(f"error: {e}")
     step = ckpt.newest_verified(log.message)
-    return "none" if step is None else str(ckpt.directory / str(step))
+    return NO_CHECKPOINT if step is None else str(ckpt.directory / str(step))
 
 
 def _on_save_error(action: Callable[[], object], cfg: Config, log: MetricsLog) -> bool:

@@ -42,3 +42,26 @@ def test_a_stop_without_its_own_save_names_the_newest_saved_checkpoint(
     assert (
         f"SIGTERM: stopped at step 2; checkpoint {checkpoints / '1'} is complete." in capsys.readouterr().out
     )
+
+
+def test_a_stop_before_any_save_says_no_checkpoint_is_saved(
+    tmp_path, monkeypatch, capsys, write_random_data, tiny_config
+):
+    # A SIGTERM at step 1 whose save is dropped: there is nothing to resume from, and the message must not
+    # claim that a checkpoint "none" is complete.
+    raw = tiny_config(write_random_data(tmp_path / "data"), tmp_path / "run")
+    raw["checkpoint"].update(every_steps=100, async_save=False)
+    raw["train"]["max_steps"] = 3
+    schedule = loop.actions_at
+    monkeypatch.setattr(
+        loop,
+        "actions_at",
+        lambda step, cfg, run, *, stop: dataclasses.replace(
+            schedule(step, cfg, run, stop=stop), stop=step == 1, save=False
+        ),
+    )
+    result = loop.train(load_config(None, base=raw), tmp_path / "run", echo=lambda _: None)
+    assert (result.status, result.step, result.last_checkpoint) == ("preempted", 1, None)
+    out = capsys.readouterr().out
+    assert "SIGTERM: stopped at step 1; no checkpoint is saved yet. Start again from step 0" in out
+    assert "is complete" not in out
