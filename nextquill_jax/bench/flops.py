@@ -110,7 +110,8 @@ def step_flops(
 def executed_flops(costs: Iterable[DotCost]) -> FlopCount:
     """Executed matmul FLOPs by part, from the dots of a compiled program (`hlo_flops.dot_costs`): `head` the
     fused LM head's (a frame in loss/fused_head.py), `attention` the score and value products (a frame in
-    models/attention.py or models/blockwise_attention.py), `layers` every other dot (projections, MLP)."""
+    models/attention.py or models/blockwise_attention.py), `layers` every other dot (projections, MLP), and
+    dots without a source location too (`unattributed_flops` counts those)."""
     parts = {"layers": 0.0, "attention": 0.0, "head": 0.0}
     for cost in costs:
         files = [f.replace("\\", "/") for f in cost.files]
@@ -122,3 +123,10 @@ def executed_flops(costs: Iterable[DotCost]) -> FlopCount:
             part = "layers"
         parts[part] += cost.executed
     return FlopCount(**parts)
+
+
+def unattributed_flops(costs: Iterable[DotCost]) -> float:
+    """Executed FLOPs of the dots that carry no source location, which `executed_flops` can only count in
+    `layers`. XLA passes can drop a dot's metadata: its batch-dot simplification does when it removes a
+    batch dimension of size 1 (one row per step), which leaves the attention products without a source."""
+    return sum(cost.executed for cost in costs if not cost.files)

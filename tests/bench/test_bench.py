@@ -253,9 +253,16 @@ def test_bench_help_lists_every_benchmark(capsys):
         assert f"\n  {name} " in text
 
 
-def test_mfu_takes_cudnn_max_segments_auto_as_what_its_rows_hold(monkeypatch, capsys):
-    """benchmarks/mfu.py --cudnn-max-segments N|auto (its step timed by the fake): `auto` builds the model for
-    the most examples a row of its batch holds, as `bench scale` does; a number below that is refused."""
+# The tiny model at a small packed shape, two rows (compile only: a few seconds a program; a later --rows
+# wins).
+TINY_COST_SHAPE = [
+    *("--models", "tiny", "--rows", "2", "--seq-len", "512", "--history", "2", "--context-tokens", "64"),
+    *("--entry-tokens", "64", "--target-tokens", "48", "--compute-dtype", "float32"),
+]
+
+
+def mfu_benchmark():
+    """benchmarks/mfu.py as a module (benchmarks/ is not a package)."""
     import importlib.util
     from pathlib import Path
 
@@ -263,6 +270,13 @@ def test_mfu_takes_cudnn_max_segments_auto_as_what_its_rows_hold(monkeypatch, ca
     spec = importlib.util.spec_from_file_location("mfu_benchmark", path)
     mfu = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mfu)
+    return mfu
+
+
+def test_mfu_takes_cudnn_max_segments_auto_as_what_its_rows_hold(monkeypatch, capsys):
+    """benchmarks/mfu.py --cudnn-max-segments N|auto (its step timed by the fake): `auto` builds the model for
+    the most examples a row of its batch holds, as `bench scale` does; a number below that is refused."""
+    mfu = mfu_benchmark()
 
     class Timed(FakeHarness):
         def time(self, batch, *, warmup, steps, profile_dir=None):
@@ -289,3 +303,55 @@ def test_mfu_takes_cudnn_max_segments_auto_as_what_its_rows_hold(monkeypatch, ca
         in capsys.readouterr().err
     )
     assert len(FakeHarness.bounds) == 2
+
+
+def test_mfu_cost_analysis_command_counts_the_recomputed_forward_and_appends_its_section(tmp_path, capsys):
+    """`benchmarks/mfu.py --cost-analysis` end to end on the tiny shape (compile only): a row for remat none,
+    the fused loss alone and remat full, in the appended section too. The executed matmul FLOPs are at least
+    the useful count in every part, dense attention executes the masked pairs too (ratio > 1), full remat
+    executes the layers' forward again (more FLOPs, less temporary memory), and the fused loss alone is the
+    step's LM-head work. Every dot has a source, so no note is printed."""
+    mfu = mfu_benchmark()
+    results = tmp_path / "RESULTS.md"
+    assert mfu.main(["--cost-analysis", *TINY_COST_SHAPE, "--append-results", str(results)]) == 0
+    printed = capsys.readouterr().out
+    assert "note:" not in printed
+    rows = [line for line in printed.splitlines() if line.startswith("| tiny")]
+    cells = {}
+    for line in rows:
+        c = [x.strip() for x in line.strip("|").split("|")]
+        cells[(c[0], c[2])] = dict(
+            useful=float(c[5]), executed=float(c[6]), ratio=float(c[7]), layers=c[8], attention=c[9],
+            head=float(c[10]), temp=float(c[12]),
+        )  # fmt: skip
+    assert list(cells) == [("tiny", "none"), ("tiny: fused loss alone", "-"), ("tiny", "full")]
+    none, full, loss = (
+        cells[("tiny", "none")],
+        cells[("tiny", "full")],
+        cells[("tiny: fused loss alone", "-")],
+    )
+    for row in (none, full, loss):
+        assert row["executed"] >= row["useful"] > 0 and row["ratio"] >= 1.0 and row["head"] >= 1.0
+        assert row["ratio"] == pytest.approx(row["executed"] / row["useful"], rel=2e-3)
+    for row in (none, full):
+        assert float(row["layers"]) >= 1.0 and float(row["attention"]) > 1.0
+    assert none["useful"] == full["useful"] and full["executed"] > none["executed"]
+    assert float(full["layers"]) > float(none["layers"]) and full["temp"] < none["temp"]
+    assert loss["head"] == none["head"] == full["head"]
+    section = results.read_text()
+    assert "Executed vs useful FLOPs of the training step (XLA cost analysis)" in section
+    assert all(line in section for line in rows) and "note:" not in section
+
+
+def test_mfu_cost_analysis_notes_dots_without_a_source(tmp_path, capsys):
+    """With one row per step XLA's batch-dot simplification drops the attention products' source location,
+    so `executed_flops` can only count them in `layers`: the command says so, with their share, in its output
+    and in the appended section, instead of printing an attention ratio of 0 as if it were measured."""
+    results = tmp_path / "RESULTS.md"
+    argv = ["--cost-analysis", *TINY_COST_SHAPE, "--rows", "1", "--remat", "none"]
+    assert mfu_benchmark().main([*argv, "--append-results", str(results)]) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and notes[0].startswith("note: tiny, remat none: ")
+    share = float(notes[0].split(": ")[2].split("%")[0])
+    assert 0 < share < 100
+    assert f"\n\n- {notes[0]}\n" in results.read_text()
