@@ -23,18 +23,51 @@ class ConfigError(ValueError):
     """A config value that cannot be used; the message names the key, the source and the fix."""
 
 
+class _DuplicateKeyError(Exception):
+    """A key written twice in one YAML mapping (lines 1-based)."""
+
+    def __init__(self, key: Any, line: int, first_line: int):
+        super().__init__(key, line, first_line)
+        self.key, self.line, self.first_line = key, line, first_line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but a key written twice in one mapping is an error: PyYAML keeps the last value,
+    so a config with a repeated key would lose the first one silently."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first_lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` merges may be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, typing.Hashable):
+                continue  # SafeLoader reports an unhashable key itself
+            line = key_node.start_mark.line + 1
+            if key in first_lines:
+                raise _DuplicateKeyError(key, line, first_lines[key])
+            first_lines[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path) -> Any:
     """The YAML file at `path`, parsed (an empty file: {}).
 
     Raises:
-        ConfigError: `path` does not exist, or is not valid YAML (naming the file and the fix).
+        ConfigError: `path` does not exist, is not valid YAML, or writes a key twice in one mapping (naming
+            the file, the line and the fix).
     """
     try:
-        return yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        return yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
     except FileNotFoundError:
         raise ConfigError(
             f"config file {path} does not exist (relative paths start at {Path.cwd()}). Fix: pass the path "
             "of an existing YAML file, e.g. one under configs/."
+        ) from None
+    except _DuplicateKeyError as e:
+        raise ConfigError(
+            f"{path}, line {e.line}: key `{e.key}` is written a second time in the same mapping (first at "
+            f"line {e.first_line}); YAML would keep only the last value. Fix: delete one of the two."
         ) from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}. Fix the YAML syntax at the line it names.") from None

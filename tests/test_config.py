@@ -44,6 +44,35 @@ def test_tiny_synthetic_config_loads_and_starts_with_a_comment():
     assert cfg.model.model_config().hidden_size == 64
 
 
+def test_a_key_written_twice_is_an_error_naming_both_lines(tmp_path, cfg_file):
+    """PyYAML keeps the last of two equal keys: the loader refuses instead of dropping the first silently, in
+    a nested section as at the top, and names the file, both lines and the fix."""
+    lines = cfg_file.read_text().splitlines()
+    train_at = lines.index("train:")
+    lines.insert(train_at + 1, "  max_steps: 5")
+    lines.insert(train_at + 2, "  max_steps: 7")
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(twice)
+    assert str(e.value) == (
+        f"{twice}, line {train_at + 3}: key `max_steps` is written a second time in the same mapping "
+        f"(first at line {train_at + 2}); YAML would keep only the last value. Fix: delete one of the two."
+    )
+
+
+def test_equal_keys_in_different_mappings_and_merge_keys_are_not_duplicates(tmp_path):
+    """The same key in two items of a list, or in two sections, is not a repeat; neither is a key that
+    overrides one merged in with `<<: *anchor` (YAML's own override)."""
+    from nextquill_jax.config_schema import read_yaml
+
+    path = tmp_path / "ok.yaml"
+    path.write_text("base: &base {a: 1, b: 2}\nx: {<<: *base, a: 3}\ny: [{a: 1}, {a: 2}]\nz: {a: 4}\n")
+    assert read_yaml(path) == {
+        "base": {"a": 1, "b": 2}, "x": {"a": 3, "b": 2}, "y": [{"a": 1}, {"a": 2}], "z": {"a": 4}
+    }  # fmt: skip
+
+
 def test_overrides_are_converted_by_the_schema(cfg_file):
     cfg = load_config(
         cfg_file,

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
+from nextquill_jax.config_schema import read_yaml
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 KEYS = ("system", "frame", "user", "history", "no_history", "entry")
@@ -79,7 +79,7 @@ def load_template(name_or_path: str) -> PromptTemplate:
             )
     if not path.exists():
         raise ValueError(f"data.template: {path} does not exist")
-    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: a template is a mapping with keys {', '.join(KEYS)}")
     unknown = sorted(set(raw) - set(KEYS))
