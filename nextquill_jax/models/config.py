@@ -269,8 +269,9 @@ class ModelConfig:
     def from_hf_config(cls, d: Mapping[str, Any], **overrides: Any) -> ModelConfig:
         """Read a Hugging Face `config.json` dict (transformers 4.x or 5.x spelling).
 
-        `overrides` set any field afterwards (typically the runtime ones: param_dtype, compute_dtype,
-        remat_policy, attention_impl, cudnn_max_segments).
+        `overrides` replace fields read from `d` before the config is validated (typically the runtime ones:
+        param_dtype, compute_dtype, remat_policy, attention_impl, cudnn_max_segments; or architecture fields
+        from `model.overrides`).
 
         Raises:
             ValueError: unknown `model_type`, or an option that changes the network and is not implemented
@@ -304,7 +305,7 @@ class ModelConfig:
         eos_ids = (
             () if eos is None else tuple(int(e) for e in (eos if isinstance(eos, list | tuple) else [eos]))
         )
-        cfg = cls(
+        fields = dict(
             family=family,
             vocab_size=int(d["vocab_size"]),
             hidden_size=int(d["hidden_size"]),
@@ -325,7 +326,9 @@ class ModelConfig:
             eos_token_ids=eos_ids,
             pad_token_id=d.get("pad_token_id"),
         )
-        return cfg.replace(**overrides) if overrides else cfg
+        # Overrides join before the one validation, so an override can mend what config.json gets wrong for
+        # this use (e.g. special ids past a shrunk vocabulary).
+        return cls(**{**fields, **overrides})
 
     def to_hf_config(self) -> dict[str, Any]:
         """A `config.json` dict that transformers (4.x and 5.x) loads as the same network.

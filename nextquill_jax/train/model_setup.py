@@ -45,7 +45,13 @@ def check_model_source(section: ModelRunConfig) -> None:
 
 
 def model_config(section: ModelRunConfig) -> ModelConfig:
-    """The `ModelConfig` the section describes (for a `path`, read from its config.json / GGUF header)."""
+    """The `ModelConfig` the section describes (for a `path`, read from its config.json / GGUF header, with
+    `model.overrides` and the runtime fields applied).
+
+    Raises:
+        ConfigError: the path's config describes a network this package does not implement, lacks a required
+            key, or is invalid even with the overrides (naming `model.path` and the problem's own fix).
+    """
     if section.preset is not None:
         return section.model_config()
     path = Path(section.path).expanduser()
@@ -56,7 +62,12 @@ def model_config(section: ModelRunConfig) -> ModelConfig:
         from nextquill_jax.models.packaged import packaged_model_path
 
         hf_config = read_gguf_config(path if path.is_file() else packaged_model_path(section.path))
-    return ModelConfig.from_hf_config(hf_config, **section.architecture_overrides(), **section.runtime())
+    overrides = section.architecture_overrides()
+    try:
+        return ModelConfig.from_hf_config(hf_config, **overrides, **section.runtime())
+    except (KeyError, ValueError) as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        raise ConfigError(f"model.path {section.path}: {message}") from None
 
 
 def abstract_model(cfg: ModelConfig) -> tuple[Any, dict]:

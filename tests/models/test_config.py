@@ -147,6 +147,28 @@ def test_special_ids_outside_the_vocabulary_are_errors_naming_the_fields_and_the
     assert (small.bos_token_id, small.eos_token_ids) == (0, (0,))
 
 
+def test_a_path_models_overrides_mend_its_special_ids_and_its_errors_name_the_path(tmp_path):
+    """A config.json whose ids lie past its vocabulary: `model.overrides` is applied before the check (so the
+    fix the error names works), and without it the error is a ConfigError naming `model.path` (the CLI
+    prints it as a user error, not a traceback)."""
+    import json
+    import re
+
+    from nextquill_jax.config import ModelRunConfig
+    from nextquill_jax.train.model_setup import model_config
+
+    (tmp_path / "config.json").write_text(json.dumps({**LEGACY_LLAMA31, "vocab_size": 1000}))
+    at = rf"^model\.path {re.escape(str(tmp_path))}: "
+    with pytest.raises(ConfigError, match=at + r".*bos_token_id \[128000\]"):
+        model_config(ModelRunConfig(path=str(tmp_path)))
+    mended = ModelRunConfig(path=str(tmp_path), overrides={"bos_token_id": 1, "eos_token_ids": [2, 3]})
+    cfg = model_config(mended)
+    assert (cfg.vocab_size, cfg.bos_token_id, cfg.eos_token_ids) == (1000, 1, (2, 3))
+    (tmp_path / "config.json").write_text(json.dumps({**LEGACY_LLAMA31, "model_type": "gpt2"}))
+    with pytest.raises(ConfigError, match=at + r"config\.json model_type 'gpt2'"):
+        model_config(ModelRunConfig(path=str(tmp_path)))
+
+
 def test_runtime_fields_are_validated():
     with pytest.raises(ValueError, match="remat_policy 'sometimes'"):
         model_preset("smollm2-135m", remat_policy="sometimes")
