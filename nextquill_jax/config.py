@@ -106,6 +106,40 @@ class LoraConfig:
         return self.alpha / self.rank
 
 
+# The parameter and compute dtypes a run may choose, and the attention implementations (ModelConfig's own
+# checks take float16 too, which no run config offers).
+RunDtype = Literal["float32", "bfloat16"]
+AttentionImpl = Literal["xla", "xla_dense", "cudnn", "splash"]
+
+
+def typed_architecture_overrides(
+    overrides: Mapping[str, Any], key_prefix: str, runtime_prefix: str
+) -> dict[str, Any]:
+    """`overrides` (architecture fields of `ModelConfig`) with each value converted to its field's type.
+
+    `key_prefix` is how the file spells the mapping's keys (`model.overrides.` in a training config,
+    `models[0].overrides.` in a sweep file); `runtime_prefix` how it spells a runtime field (`model.`, or ""
+    where those are top-level keys).
+
+    Raises:
+        ConfigError: a key that is not one of `ARCHITECTURE_FIELDS` (naming the nearest one, or the key of its
+            own for a runtime field), or a value not of its field's type; no source: `build` names the file
+            when this runs as a section's check.
+    """
+    for key in overrides:
+        if key not in ARCHITECTURE_FIELDS:
+            close = difflib.get_close_matches(key, ARCHITECTURE_FIELDS, n=1, cutoff=0.5)
+            hint = (
+                f"did you mean `{key_prefix}{close[0]}`?"
+                if close
+                else f"valid: {', '.join(ARCHITECTURE_FIELDS)}"
+            )
+            runtime = f" (`{runtime_prefix}{key}` is a key of its own)" if key in RUNTIME_FIELDS else ""
+            raise ConfigError(f"`{key_prefix}{key}` is not a ModelConfig architecture field{runtime}; {hint}")
+    hints = typing.get_type_hints(ModelConfig)
+    return {k: convert(v, hints[k], f"{key_prefix}{k}", "") for k, v in overrides.items()}
+
+
 @dataclass(frozen=True)
 class ModelRunConfig:
     """Which model to train and how to run it.
@@ -153,11 +187,11 @@ class ModelRunConfig:
     path: str | None = None
     preset: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
-    param_dtype: Literal["float32", "bfloat16"] = "float32"
-    compute_dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    param_dtype: RunDtype = "float32"
+    compute_dtype: RunDtype = "bfloat16"
     # A string, not a Literal: `save:NAME,...` spells a set of names (checked in __post_init__).
     remat_policy: str = "none"
-    attention_impl: Literal["xla", "xla_dense", "cudnn", "splash"] = "xla"
+    attention_impl: AttentionImpl = "xla"
     cudnn_max_segments: int | Literal["auto"] | None = None
     lora: LoraConfig | None = None
 
@@ -189,24 +223,9 @@ class ModelRunConfig:
         to a `RopeScaling`, an `eos_token_ids` list to a tuple), for a preset and a `path` model alike.
 
         Raises:
-            ValueError: a key that is not one of `ARCHITECTURE_FIELDS` (naming the nearest one), or a value
-                not of its field's type (a `ConfigError` naming `model.overrides.KEY`).
+            ConfigError: as `typed_architecture_overrides`, naming `model.overrides.KEY`.
         """
-        for key in self.overrides:
-            if key not in ARCHITECTURE_FIELDS:
-                close = difflib.get_close_matches(key, ARCHITECTURE_FIELDS, n=1, cutoff=0.5)
-                hint = (
-                    f"did you mean `model.overrides.{close[0]}`?"
-                    if close
-                    else f"valid: {', '.join(ARCHITECTURE_FIELDS)}"
-                )
-                runtime = f" (`model.{key}` is a key of its own)" if key in RUNTIME_FIELDS else ""
-                raise ValueError(
-                    f"`model.overrides.{key}` is not a ModelConfig architecture field{runtime}; {hint}"
-                )
-        hints = typing.get_type_hints(ModelConfig)
-        # No source: `build` names the file when this runs as the section's check.
-        return {k: convert(v, hints[k], f"model.overrides.{k}", "") for k, v in self.overrides.items()}
+        return typed_architecture_overrides(self.overrides, "model.overrides.", "model.")
 
     def model_config(self) -> ModelConfig:
         """The `ModelConfig` of `preset` with `overrides` and the runtime fields (for `preset` models only;

@@ -319,8 +319,7 @@ def _type_error(value: Any, expected: str, key: str, source: str) -> ConfigError
     article = "an" if expected[:1] in "aeiou" else "a"
     return ConfigError(
         f"{_prefix(source)}`{key}` expects {article} {expected}, got {value!r} ({type(value).__name__}). "
-        f"Fix: write {article} {expected} value for `{key}` in the file or as `{key}=VALUE` on the command "
-        f"line."
+        f"Fix: write {article} {expected} value for `{key}`."
     )
 
 

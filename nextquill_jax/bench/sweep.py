@@ -31,10 +31,16 @@ from nextquill_jax.bench.flops import param_counts, peak_tflops, step_flops
 from nextquill_jax.bench.harness import StepTiming, TrainingHarness, synthetic_batch
 from nextquill_jax.bench.plot import plot_rows
 from nextquill_jax.bench.record import append_results, invoked_command, results_header
-from nextquill_jax.config import ModelRunConfig, check_cudnn_max_segments
+from nextquill_jax.config import (
+    AttentionImpl,
+    ModelRunConfig,
+    RunDtype,
+    check_cudnn_max_segments,
+    typed_architecture_overrides,
+)
 from nextquill_jax.config_schema import ConfigError, build, read_yaml
 from nextquill_jax.data.assemble import RowShape
-from nextquill_jax.loss import LossConfig
+from nextquill_jax.loss import LossConfig, Variant
 from nextquill_jax.models.config import ModelConfig
 
 
@@ -99,12 +105,12 @@ class ScalingConfig:
     entry_tokens: int = 64
     target_tokens: int = 32
     length_multiple: int = 128
-    loss_variant: str = "nextquill"
+    loss_variant: Variant = "nextquill"
     micro_batches: int = 1
-    param_dtype: str = "float32"
-    compute_dtype: str = "float32"
+    param_dtype: RunDtype = "float32"
+    compute_dtype: RunDtype = "float32"
     remat_policy: str = "none"
-    attention_impl: str = "xla"
+    attention_impl: AttentionImpl = "xla"
     cudnn_max_segments: int | Literal["auto"] | None = None
     warmup_steps: int = 1
     timed_steps: int = 3
@@ -132,7 +138,8 @@ class ScalingConfig:
         if any(s < 1 for s in self.seq_len) or any(h < 0 for h in self.history):
             raise ValueError(f"seq_len must be >= 1 and history >= 0, got {self.seq_len}, {self.history}")
         check_cudnn_max_segments(self.cudnn_max_segments, self.attention_impl, "")
-        for model in self.models:
+        for i, model in enumerate(self.models):
+            typed_architecture_overrides(model.overrides, f"models[{i}].overrides.", "")
             try:
                 self.model_config(model)
             except ValueError as e:

@@ -230,6 +230,36 @@ def test_config_errors_name_the_key(tmp_path):
         sweep.load_scaling_config(bad)
 
 
+@pytest.mark.parametrize(
+    "line, expected",
+    [
+        # Refused when the file is loaded, naming the sweep file's own key (no training-config key, no
+        # command line, which `bench scale` does not take).
+        ("loss_variant: nextquil", "`loss_variant` is 'nextquil', not one of ["),
+        ("compute_dtype: flaot32", "`compute_dtype` is 'flaot32', not one of ['float32', 'bfloat16']"),
+        ("attention_impl: cuda", "`attention_impl` is 'cuda', not one of ['xla', 'xla_dense', 'cudnn',"),
+        ("models: [{name: a, preset: qwen2.5-0.5b, overrides: {hidden_size: big}}]",
+         "`models[0].overrides.hidden_size` expects an int, got 'big' (str). Fix: write an int value for "
+         "`models[0].overrides.hidden_size`."),
+        ("models: [{name: a, preset: qwen2.5-0.5b, overrides: {num_layer: 2}}]",
+         "`models[0].overrides.num_layer` is not a ModelConfig architecture field; did you mean "
+         "`models[0].overrides.num_layers`? Fix the value."),
+        ("models: [{name: a, preset: qwen2.5-0.5b, overrides: {compute_dtype: float32}}]",
+         "`models[0].overrides.compute_dtype` is not a ModelConfig architecture field (`compute_dtype` is a "
+         "key of its own)"),
+    ],
+)  # fmt: skip
+def test_sweep_file_errors_name_the_sweep_files_keys(tmp_path, line, expected):
+    bad = tmp_path / "bad.yaml"
+    models = "" if line.startswith("models:") else "models: [{name: a, preset: qwen2.5-0.5b}]\n"
+    bad.write_text(f"output_dir: x\n{models}seq_len: [8]\nhistory: [1]\n{line}\n")
+    with pytest.raises(ConfigError) as e:
+        sweep.load_scaling_config(bad)
+    message = str(e.value)
+    assert message.startswith(f"{bad}: {expected}"), message
+    assert "model.overrides" not in message and "command line" not in message, message
+
+
 def test_shipped_cpu_sweep_has_three_model_sizes():
     cfg = sweep.load_scaling_config("configs/scaling/tiny_cpu.yaml")
     sizes = {flops.param_counts(cfg.model_config(m))[0] for m in cfg.models}
