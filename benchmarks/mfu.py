@@ -42,6 +42,13 @@ from __future__ import annotations
 import argparse
 import itertools
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the package is imported lazily, so that --help stays fast
+    import numpy as np
+
+    from nextquill_jax.data.assemble import RowShape
+    from nextquill_jax.models.config import ModelConfig
 
 TINY = {  # the CPU shape: Qwen2.5 layout, tiny sizes
     "vocab_size": 4096, "hidden_size": 64, "intermediate_size": 192, "num_layers": 2, "num_heads": 4,
@@ -86,7 +93,7 @@ def resolve_defaults(args: argparse.Namespace, accel: bool, backend: str) -> Non
         args.attention = "xla_dense" if args.cost_analysis else backend_attention
 
 
-def model_config(name: str, args: argparse.Namespace, remat: str):
+def model_config(name: str, args: argparse.Namespace, remat: str) -> ModelConfig:
     """The ModelConfig of preset `name` (or the tiny CPU shape), float32 parameters, the run's runtime but
     `cudnn_max_segments`, which `model_batch` sets from the batch (`auto` is what its rows hold)."""
     from nextquill_jax.models import model_preset
@@ -100,7 +107,9 @@ def model_config(name: str, args: argparse.Namespace, remat: str):
     return model_preset(name, **runtime)
 
 
-def model_batch(cfg, args: argparse.Namespace, accel: bool):
+def model_batch(
+    cfg: ModelConfig, args: argparse.Namespace, accel: bool
+) -> tuple[ModelConfig, dict[str, np.ndarray], RowShape]:
     """(`cfg` with `--cudnn-max-segments` resolved for the batch, batch, RowShape): synthetic packed examples
     for `cfg`'s vocabulary.
 
@@ -119,12 +128,23 @@ def model_batch(cfg, args: argparse.Namespace, accel: bool):
     return (cfg if bound is None else cfg.replace(cudnn_max_segments=bound)), batch, shape
 
 
-def attention_label(args: argparse.Namespace, cfg) -> str:
+def attention_label(args: argparse.Namespace, cfg: ModelConfig) -> str:
     """The attention column: the implementation, and cuDNN's packed mode's bound when set (and whether
     `auto` chose it)."""
     m = cfg.cudnn_max_segments
     chosen = ", auto" if args.cudnn_max_segments == "auto" else ""
     return args.attention + ("" if m is None else f", segment offsets (M = {m}{chosen})")
+
+
+def checked_model_batch(
+    parser: argparse.ArgumentParser, name: str, args: argparse.Namespace, remat: str, accel: bool
+) -> tuple[ModelConfig, dict[str, np.ndarray], RowShape]:
+    """`model_batch` for model `name`; a `--cudnn-max-segments` below what the batch's rows hold is a usage
+    error (`parser.error`, exit 2): under jit such a row would only be NaN."""
+    try:
+        return model_batch(model_config(name, args, remat), args, accel)
+    except ValueError as e:
+        parser.error(f"--cudnn-max-segments: {e}")
 
 
 def compute_label(args: argparse.Namespace) -> str:
@@ -133,7 +153,7 @@ def compute_label(args: argparse.Namespace) -> str:
     return args.compute_dtype + head + (", joint forward" if args.joint_forward else "")
 
 
-def cost_analysis(args: argparse.Namespace, argv: list[str] | None) -> int:
+def cost_analysis(args: argparse.Namespace, argv: list[str] | None, parser: argparse.ArgumentParser) -> int:
     """Compile the step (abstract state: nothing allocated) per model and remat policy, and the fused loss
     alone; print executed matmul FLOPs (`bench.hlo_flops`, loops counted by trip count) against the useful
     count (`bench.flops.step_flops`), whole and per part, and the compiled temporary memory. Returns 0."""
@@ -153,7 +173,7 @@ def cost_analysis(args: argparse.Namespace, argv: list[str] | None) -> int:
     notes: list[str] = []
     print(*rows, sep="\n", flush=True)
 
-    def row(name, remat, shape, useful, executed, compiled) -> str:
+    def row(name, cfg, remat, shape, useful, executed, compiled) -> str:
         ratios = [
             f"{e / u:.3f}" if u else "-"
             for e, u in zip(
@@ -180,7 +200,7 @@ def cost_analysis(args: argparse.Namespace, argv: list[str] | None) -> int:
             print(f"note: {notes[-1]}", flush=True)
 
     for name, remat in itertools.product(args.models, args.remat):
-        cfg, batch, shape = model_batch(model_config(name, args, remat), args, accel=False)
+        cfg, batch, shape = checked_model_batch(parser, name, args, remat, accel=False)
         harness = TrainingHarness(
             cfg, mesh, loss=LossConfig(variant="nextquill"), micro_batches=args.micro_batches,
             operand_dtype=args.operand_dtype, joint_forward=args.joint_forward, abstract=True,
@@ -189,7 +209,7 @@ def cost_analysis(args: argparse.Namespace, argv: list[str] | None) -> int:
         compiled = harness.compile(batch)
         costs = dot_costs(compiled.as_text())
         executed = executed_flops(costs)
-        rows.append(row(name, remat, shape, useful, executed, compiled))
+        rows.append(row(name, cfg, remat, shape, useful, executed, compiled))
         print(rows[-1], flush=True)
         note_unattributed(f"{name}, remat {remat}", costs, executed.total)
         if remat == args.remat[0]:  # the fused loss alone: value and gradient, the step's shapes
@@ -202,7 +222,7 @@ def cost_analysis(args: argparse.Namespace, argv: list[str] | None) -> int:
             loss_useful = type(useful)(layers=0.0, attention=0.0, head=useful.head)
             costs = dot_costs(loss.as_text())
             executed = executed_flops(costs)
-            rows.append(row(f"{name}: fused loss alone", "-", shape, loss_useful, executed, loss))
+            rows.append(row(f"{name}: fused loss alone", cfg, "-", shape, loss_useful, executed, loss))
             print(rows[-1], flush=True)
             note_unattributed(f"{name}: fused loss alone", costs, executed.total)
     if args.append_results:
@@ -294,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--cudnn-max-segments chooses cuDNN's packed attention: add --attention cudnn "
                      f"(the attention is {args.attention})")  # fmt: skip
     if args.cost_analysis:
-        return cost_analysis(args, argv)
+        return cost_analysis(args, argv, parser)
 
     device_kind = jax.devices()[0].device_kind
     peak = args.peak_tflops or peak_tflops(device_kind)
@@ -304,10 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     print(COLUMNS)
     print(separator)
     for name, remat in itertools.product(args.models, args.remat):
-        try:
-            cfg, batch, shape = model_batch(model_config(name, args, remat), args, accel)
-        except ValueError as e:  # a row with more examples would only be NaN under jit
-            parser.error(f"--cudnn-max-segments: {e}")
+        cfg, batch, shape = checked_model_batch(parser, name, args, remat, accel)
         harness = TrainingHarness(
             cfg, mesh, loss=LossConfig(variant="nextquill"), micro_batches=args.micro_batches,
             operand_dtype=args.operand_dtype, joint_forward=args.joint_forward,

@@ -376,7 +376,7 @@ def test_mfu_cost_analysis_command_counts_the_recomputed_forward_and_appends_its
 def test_mfu_cost_analysis_notes_dots_without_a_source(tmp_path, capsys):
     """With one row per step XLA's batch-dot simplification drops the attention products' source location,
     so `executed_flops` can only count them in `layers`: the command says so, with their share, in its output
-    and in the appended section, instead of printing an attention ratio of 0 as if it were measured."""
+    and in the appended section, so that the row's attention ratio of 0 is not read as measured."""
     results = tmp_path / "RESULTS.md"
     argv = ["--cost-analysis", *TINY_COST_SHAPE, "--rows", "1", "--remat", "none"]
     assert mfu_benchmark().main([*argv, "--append-results", str(results)]) == 0
@@ -385,3 +385,21 @@ def test_mfu_cost_analysis_notes_dots_without_a_source(tmp_path, capsys):
     share = float(notes[0].split(": ")[2].split("%")[0])
     assert 0 < share < 100
     assert f"\n\n- {notes[0]}\n" in results.read_text()
+
+
+def test_mfu_cost_analysis_refuses_a_packed_bound_below_the_rows_before_compiling(capsys):
+    """As the timed path: `--cudnn-max-segments` below the examples a row holds is a usage error (exit 2),
+    not a traceback."""
+    argv = [
+        *TINY_COST_SHAPE,
+        "--attention",
+        "cudnn",
+        "--compute-dtype",
+        "bfloat16",
+        "--cudnn-max-segments",
+        "1",
+    ]
+    with pytest.raises(SystemExit) as e:
+        mfu_benchmark().main(["--cost-analysis", *argv])
+    assert e.value.code == 2
+    assert "error: --cudnn-max-segments: the batch's rows hold up to " in capsys.readouterr().err
