@@ -127,15 +127,13 @@ def train(cfg: Config, workdir: Path, *, echo=print) -> TrainResult:
                     last_saved = step if saved else last_saved
                 if due.stop:
                     where = str(ckpt.directory / str(step)) if saved else last_good()
-                    saved_state = (
-                        f"checkpoint {where} is complete. Resume by running"
+                    resume = (
+                        f"checkpoint {where} is complete. Resume by running the same command again"
                         if where != NO_CHECKPOINT
-                        else "no checkpoint is saved yet. Start again from step 0 by running"
+                        else "no checkpoint is saved or verifies, so the same command starts again from "
+                        "step 0"
                     )
-                    log.message(
-                        f"SIGTERM: stopped at step {step}; {saved_state} the same command again "
-                        f"(workdir {workdir})."
-                    )
+                    log.message(f"SIGTERM: stopped at step {step}; {resume} (workdir {workdir}).")
                     return TrainResult("preempted", step, workdir, last_saved, state)
                 if due.last:
                     break

@@ -63,5 +63,8 @@ def test_a_stop_before_any_save_says_no_checkpoint_is_saved(
     result = loop.train(load_config(None, base=raw), tmp_path / "run", echo=lambda _: None)
     assert (result.status, result.step, result.last_checkpoint) == ("preempted", 1, None)
     out = capsys.readouterr().out
-    assert "SIGTERM: stopped at step 1; no checkpoint is saved yet. Start again from step 0" in out
+    assert (
+        "SIGTERM: stopped at step 1; no checkpoint is saved or verifies, so the same command starts again "
+        f"from step 0 (workdir {tmp_path / 'run'})." in out
+    )
     assert "is complete" not in out
