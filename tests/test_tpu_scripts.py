@@ -37,8 +37,12 @@ echo "training output from $(hostname)"
 events=/dev/null
 for arg in "$@"; do
     if [[ "$arg" == logging.tensorboard_dir=* ]]; then
-        mkdir -p "${arg#*=}"
-        events="${arg#*=}/events.out.tfevents.2.$(hostname)"
+        dir="${arg#*=}"  # a single-quoted YAML string, as launch.sh writes it
+        dir="${dir#\\'}"
+        dir="${dir%\\'}"
+        dir="${dir//\\'\\'/\\'}"
+        mkdir -p "$dir"
+        events="$dir/events.out.tfevents.2.$(hostname)"
     fi
 done
 echo "step 10" > "$events"
@@ -142,7 +146,7 @@ def test_launch_dry_run_prints_the_exact_commands(launch_env, tmp_path):
         "bash bin/worker_train.sh "
         "'gcs/runs/books 3b/logs' 60 'logs/tensorboard/gcs/runs/books 3b' 'gcs/runs/books 3b/tensorboard' "
         "venv/bin/nextquill-jax train --config configs/books_3b.yaml --workdir 'gcs/runs/books 3b' "
-        "'logging.tensorboard_dir=logs/tensorboard/gcs/runs/books 3b' "
+        "'logging.tensorboard_dir='\\''logs/tensorboard/gcs/runs/books 3b'\\''' "
         "model.path=model data.tokenizer=model train.max_steps=5"
     )
     start = (
@@ -227,7 +231,7 @@ def test_launched_command_runs_on_a_worker_and_stop_terminates_it(launch_env, tm
     wait_for(events_copy, text="step 10\n")
     assert calls.read_text().splitlines() == [
         "args: train --config configs/books_3b.yaml --workdir gcs/runs/books 3b "
-        "logging.tensorboard_dir=logs/tensorboard/gcs/runs/books 3b "
+        "logging.tensorboard_dir='logs/tensorboard/gcs/runs/books 3b' "
         "model.path=model data.tokenizer=model train.max_steps=5",
         f"LIBTPU_INIT_ARGS={LIBTPU_FLAGS}",
         'NOTE=it\'s "quoted"',
@@ -542,3 +546,20 @@ def test_slurm_job_gives_every_process_all_its_devices_and_one_global_mesh(tmp_p
             f"process {i}/2: 4 local devices (cpu), 8 global, mesh data=1 fsdp=8 tensor=1, "
             "all-reduce 8 of 8, GPUs visible: 0,1,2,3"
         ]
+
+
+def test_the_tensorboard_override_reads_back_as_the_workdirs_folder(launch_env, tmp_path):
+    """launch.sh's `logging.tensorboard_dir=...` is read as YAML by the trainer: for a WORKDIR with ' #', ': '
+    and a quote in it, the value the config loader takes is still the folder worker_train.sh copies from
+    (unquoted, ' #2: x' would be a comment or a mapping, and the events would never reach the bucket)."""
+    from nextquill_jax.config_schema import apply_override
+
+    workdir = "gcs/runs/it's #2: x"
+    lines = dry_run("launch.sh", {**launch_env, "WORKDIR": workdir}, tmp_path)
+    words = shlex.split(remote(lines[3]))
+    (override,) = [w for w in words if w.startswith("logging.tensorboard_dir=")]
+    raw: dict = {}
+    apply_override(raw, override)
+    assert raw == {"logging": {"tensorboard_dir": f"logs/tensorboard/{workdir}"}}
+    copier = words.index("bin/worker_train.sh")
+    assert words[copier + 3 : copier + 5] == [f"logs/tensorboard/{workdir}", f"{workdir}/tensorboard"]

@@ -60,15 +60,19 @@ remote_config="configs/$(basename "$CONFIG")"
 # end; they are written locally instead and worker_train.sh copies them. One folder per workdir keeps the
 # files of another run on this VM out of this run's copies.
 events_dir="logs/tensorboard/${WORKDIR#/}"
+# The trainer reads an override's value as YAML: single-quoted (quotes doubled inside), a WORKDIR with ' #' or
+# ': ' in it stays one string instead of losing its tail to a comment or becoming a mapping.
+events_value="'${events_dir//\'/\'\'}'"
 on_workers all "mkdir -p $(shell_words "$REMOTE_DIR/configs" "$REMOTE_DIR/logs" "$REMOTE_DIR/bin")"
 copy_to_workers "$CONFIG" "$REMOTE_DIR/$remote_config"
 copy_to_workers "$SCRIPT_DIR/worker_train.sh" "$REMOTE_DIR/bin/worker_train.sh"
 
 # PYTHONUNBUFFERED: the log shows each line when it is printed, and a preempted run loses none.
-# The user's overrides come last, so a logging.tensorboard_dir of their own wins (and nothing is copied).
+# The user's overrides come last, so a logging.tensorboard_dir of their own wins (and nothing is copied);
+# one in the config file is replaced by this one.
 train=(env PYTHONUNBUFFERED=1 "${environment[@]}" bash bin/worker_train.sh "$LOG_COPY_DIR" "$LOG_COPY_SECONDS"
     "$events_dir" "$WORKDIR/tensorboard" venv/bin/nextquill-jax train --config "$remote_config"
-    --workdir "$WORKDIR" "logging.tensorboard_dir=$events_dir" "${overrides[@]}")
+    --workdir "$WORKDIR" "logging.tensorboard_dir=$events_value" "${overrides[@]}")
 start="set -euo pipefail; cd $(shell_words "$REMOTE_DIR")"
 start+="; if [ -f logs/train.pid ] && kill -0 \"\$(cat logs/train.pid)\" 2>/dev/null; then"
 start+=" echo \"training already runs here (pid \$(cat logs/train.pid)); stop it with tpu_scripts/stop.sh\" >&2; exit 1; fi"
