@@ -138,8 +138,13 @@ class _RoutingLoader:
 
     def exec_module(self, module: types.ModuleType) -> None:
         printed = io.StringIO()
-        with contextlib.redirect_stderr(printed):
-            self.loader.exec_module(module)
+        try:
+            with contextlib.redirect_stderr(printed):
+                self.loader.exec_module(module)
+        except BaseException:
+            # transformers did not load, so nothing can route its lines; what it printed may say why.
+            sys.stderr.write(printed.getvalue())
+            raise
         _route_transformers(printed.getvalue())
 
     def __getattr__(self, name: str) -> Any:

@@ -13,7 +13,7 @@ import pytest
 from absl import logging as absl_logging
 from transformers.utils import logging as hf_logging
 
-from nextquill_jax import cli
+from nextquill_jax import cli, third_party_logs
 from nextquill_jax.data import prepare as prepare_module
 
 CHATTER = [
@@ -91,3 +91,19 @@ def test_transformers_advisory_at_its_first_import_inside_captured_goes_to_the_l
     log = (tmp_path / "logs" / "third_party.log").read_text()
     assert "WARNING transformers: [transformers] PyTorch was not found." in log, log
     assert "WARNING transformers.models: a later transformers line" in log, log
+
+
+def test_a_failed_transformers_import_still_shows_what_it_printed(capsys):
+    """Inside `captured` transformers' import prints into a buffer that is routed once the import is done; an
+    import that fails is not done, so what it printed (often the reason) goes to stderr, and the error
+    propagates."""
+    import types
+
+    class Failing:
+        def exec_module(self, module):
+            print("transformers needs package X", file=sys.stderr)
+            raise ImportError("no X")
+
+    with pytest.raises(ImportError, match="no X"):
+        third_party_logs._RoutingLoader(Failing()).exec_module(types.ModuleType("transformers"))
+    assert capsys.readouterr().err == "transformers needs package X\n"
