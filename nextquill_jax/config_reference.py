@@ -146,9 +146,9 @@ def _nested(tp: Any) -> tuple[type, str] | None:
     if section is not None:
         return section, ""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is dict and dataclasses.is_dataclass(args[1]):
+    if origin is dict and len(args) == 2 and dataclasses.is_dataclass(args[1]):
         return args[1], ".NAME"
-    if origin is list and dataclasses.is_dataclass(args[0]):
+    if origin is list and len(args) == 1 and dataclasses.is_dataclass(args[0]):
         return args[0], "[]"
     return None
 
@@ -211,18 +211,30 @@ def yaml_type(tp: Any) -> str:
 
 
 def _options(tp: Any) -> list[str]:
+    """The YAML spellings of `tp`'s options (see `yaml_type`).
+
+    Raises:
+        TypeError: a type the config schema does not convert either (`config_schema.convert`), such as a
+            `Path` or a bare `list`: a new config field must use a type both know.
+    """
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         return [o for a in args for o in _options(a)]
     if origin is Literal:
         return [f"`{a}`" for a in args]
-    if origin in (list, tuple):
+    if origin in (list, tuple) and args:
         return [f"list of {yaml_type(args[0])}s"]
     if origin is dict:
         return ["mapping"]
     if dataclasses.is_dataclass(tp):
         return ["section"]
     names = {int: "int", float: "float", bool: "bool", str: "string", type(None): "null"}
+    if tp not in names:
+        raise TypeError(
+            f"config reference: no YAML spelling for the field type {tp!r}; a config field is an int, "
+            "float, bool or str, a Literal, a list, tuple or dict with its item types, a section, or a union "
+            "of those"
+        )
     return [names[tp]]
 
 

@@ -69,7 +69,7 @@ def test_every_subcommand_help_ends_with_an_example_the_parser_accepts(name):
 def test_a_split_flag_takes_exactly_the_prepared_splits(command, tmp_path, capsys):
     argv = [command, "--workdir", str(tmp_path / "w")]
     if command == "effects":
-        argv += ["--out", str(tmp_path / "o")]  # a failed parse still opens the log under it
+        argv += ["--out", str(tmp_path / "o")]  # effects requires --out
     parser = cli.build_parser()
     assert [parser.parse_args([*argv, "--split", s]).split for s in SPLITS] == list(SPLITS)
     with pytest.raises(SystemExit) as e:

@@ -319,3 +319,9 @@ def test_cells_escape_pipes_and_html_but_not_code():
     assert cell("a|b `x|y` <w> `<z>`") == "a\\|b `x\\|y` &lt;w> `<z>`"
     assert anchor("data.batching") == "#databatching"
     assert anchor("eval.generation") == "#evalgeneration"
+
+
+@pytest.mark.parametrize("tp", [Path, list, list[Path]])
+def test_a_field_type_without_a_yaml_spelling_is_a_named_error(tp):
+    with pytest.raises(TypeError, match=r"config reference: no YAML spelling for the field type .*a Literal"):
+        yaml_type(tp)
