@@ -1,11 +1,12 @@
 """`nextquill-jax data`: prepare, inspect or synthesise data.
 
-    nextquill-jax data prepare --config FILE --out DIR [--force]
+    nextquill-jax data prepare --config FILE --out DIR [--force] [data.key=value ...]
     nextquill-jax data show DIR --index I [--split train|val|test]
     nextquill-jax data synth --out DIR --users N [--seed S] [--items N] [--reviews-per-user N]
                              [--targets-per-user N] [--signature-words N]
 
-`prepare` reads the `data:` section of FILE (or the whole file when it has no `data:` key).
+`prepare` reads the `data:` section of FILE (or the whole file when it has no `data:` key), with `data.*`
+overrides applied as `train` applies its own.
 """
 
 from __future__ import annotations
@@ -13,11 +14,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from nextquill_jax import third_party_logs
-from nextquill_jax.data.config import SPLITS
+from nextquill_jax.data.config import SPLITS, DataConfig
 from nextquill_jax.subcommand import Subcommand
+
+
+@dataclass(frozen=True)
+class _DataFile:
+    """What `data prepare`'s overrides are checked against: a file holding only the data section."""
+
+    data: DataConfig
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,6 +35,10 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, type=Path, help="YAML file with a `data:` section")
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.add_argument("--force", action="store_true", help="prepare again even when DIR is up to date")
+    p.add_argument(
+        "overrides", nargs="*", metavar="data.key=value",
+        help="overrides of the data section, e.g. 'data.sources=[mine.jsonl]' data.template=plain",
+    )  # fmt: skip
     s = sub.add_parser("show", help="print one prepared example: both prompts, the target, token counts")
     s.add_argument("dir", type=Path, help="a directory written by `data prepare`")
     s.add_argument("--index", required=True, type=int, help="example index within the split (from 0)")
@@ -53,8 +66,7 @@ def run_data(args: argparse.Namespace) -> int:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from nextquill_jax.config_schema import build, read_yaml
-    from nextquill_jax.data.config import DataConfig
+    from nextquill_jax.config_schema import ConfigError, apply_override, build, check_override, read_yaml
     from nextquill_jax.data.prepare import prepare
 
     third_party_logs.log_to(args.out)
@@ -62,7 +74,17 @@ def _prepare(args: argparse.Namespace) -> int:
     section = raw.get("data", raw) if isinstance(raw, dict) else None
     if not isinstance(section, dict):
         raise ValueError(f"{args.config}: expected a mapping with a `data:` section")
-    prepare(build(DataConfig, section, "data", str(args.config)), args.out, force=args.force)
+    wrapped = {"data": section}
+    for item in args.overrides:
+        apply_override(wrapped, item)
+        check_override(_DataFile, item, "command line")
+    try:
+        cfg = build(DataConfig, wrapped["data"], "data", str(args.config))
+    except ConfigError as e:
+        if not args.overrides:
+            raise
+        raise ConfigError(f"{e} (command line overrides applied: {' '.join(args.overrides)})") from None
+    prepare(cfg, args.out, force=args.force)
     return 0
 
 

@@ -122,9 +122,9 @@ class DataConfig:
 
     Fields:
         `format`: how `sources` and `meta` are read: `amazon2023` (raw Amazon Reviews 2023 files, turned into
-            records by the DPL protocol per category, NEXTQUILL.md, with the `dpl_*` thresholds), `dpl`
-            (DPL-built rows), `lamp` (LaMP / LongLaMP), `generic` (one JSON object per line, CONTRACTS.md) or
-            `synthetic` (the synthetic benchmark, generated in-process).
+            records by the DPL benchmark's protocol per category, `data/sources/amazon2023.py`, with the
+            `dpl_*` thresholds), `dpl` (DPL-built rows), `lamp` (LaMP / LongLaMP), `generic` (one JSON object
+            per line; README, "Your own data") or `synthetic` (the synthetic benchmark, generated in-process).
         `sources`: the record files, paths or glob patterns relative to the working directory. amazon2023:
             review files `<Category>.jsonl[.gz]|.parquet`; dpl: built rows (`user_id`, `profile`, `data`),
             one file per split, the split read from the file name (train; val, valid, validation or dev;

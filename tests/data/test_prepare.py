@@ -317,3 +317,25 @@ def test_a_damaged_prepared_split_is_refused_naming_the_file(tmp_path, write_ran
     (split / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(IntegrityError, match="lists no checksums"):
         PreparedSplit(data, "train")
+
+
+def test_prepare_takes_data_overrides_as_train_does(tmp_path, tok_dir, capsys):
+    """`data prepare --config FILE ... data.key=value`: the overrides replace the file's values (here a source
+    that does not exist and the template), a key outside the data section or misspelt is refused naming the
+    command line, and a section check names the overrides it saw."""
+    config = _config_file(tmp_path / "c.yaml", tok_dir, format="generic", sources=["missing.jsonl"])
+    out = tmp_path / "prepared"
+    argv = ["data", "prepare", "--config", str(config), "--out", str(out)]
+    records = f"{F}/generic/records.jsonl"
+    assert main([*argv, f"data.sources=[{records}]", "data.template=plain"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["examples"] == EXPECTED_EXAMPLES["generic"]
+    capsys.readouterr()
+    assert main([*argv, "data.sourcez=[x]"]) == 1
+    said = capsys.readouterr().err
+    assert "error: command line: unknown key `data.sourcez` (in `data.sourcez=[x]`). Did you mean" in said
+    assert "`data.sources`?" in said
+    assert main([*argv, "train.max_steps=3"]) == 1
+    assert "error: command line: unknown key `train.max_steps`" in capsys.readouterr().err
+    assert main([*argv, "data.max_history=-3"]) == 1
+    assert capsys.readouterr().err.rstrip().endswith("(command line overrides applied: data.max_history=-3)")

@@ -1,4 +1,4 @@
-"""Generic JSONL records (the format of CONTRACTS.md; the synthetic benchmark writes it) -> records.
+"""Generic JSONL records (README, "Your own data"; the synthetic benchmark writes it) -> records.
 
 One object per line: `user_id` (string), `context` (a string, or an object of named string / number fields),
 `history` (a list of strings or of objects with `text`, optional `timestamp` and other named fields), `target`

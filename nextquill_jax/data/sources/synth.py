@@ -23,7 +23,7 @@ Field names follow the built-in `review` template: context {item_title, item_des
 (title = the review's title), history entries {text, timestamp, item_title, item_description, rating, title}.
 
 Files written to `out_dir` (the same seed gives byte-identical files):
-    synthetic.jsonl   one generic record per target (CONTRACTS.md layout)
+    synthetic.jsonl   one generic record per target (the `generic` format)
     users.jsonl       every user's latent preferences (the ground truth)
     items.jsonl       every item
     manifest.json     the processors and the counts per split
