@@ -27,31 +27,39 @@ FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 class _Sink(logging.Handler):
-    """Holds records until `open(path)` names the file, then appends them (and every later one) there."""
+    """Holds records until `open(path)` names the file, then appends them (and every later one) there. The
+    file and its folder are made at the first record, so a command that fails before any (a misspelt workdir)
+    leaves nothing behind."""
 
     def __init__(self) -> None:
         super().__init__(logging.INFO)
         self.setFormatter(logging.Formatter(FORMAT))
         self.held: list[logging.LogRecord] = []
+        self.path: Path | None = None
         self.file: logging.FileHandler | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
-        if self.file is None:
+        if self.path is None:
             self.held.append(record)
         else:
-            self.file.emit(record)
+            self._opened().emit(record)
 
     def open(self, path: Path) -> None:
-        if self.file is not None and Path(self.file.baseFilename) == path.absolute():
+        if self.path == path.absolute():
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
         if self.file is not None:
             self.file.close()
-        self.file = logging.FileHandler(path, encoding="utf-8")
-        self.file.setFormatter(self.formatter)
+        self.path, self.file = path.absolute(), None
         for record in self.held:
-            self.file.emit(record)
+            self._opened().emit(record)
         self.held = []
+
+    def _opened(self) -> logging.FileHandler:
+        if self.file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = logging.FileHandler(self.path, encoding="utf-8")
+            self.file.setFormatter(self.formatter)
+        return self.file
 
     def close(self) -> None:
         if self.file is not None:

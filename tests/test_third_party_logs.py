@@ -107,3 +107,22 @@ def test_a_failed_transformers_import_still_shows_what_it_printed(capsys):
     with pytest.raises(ImportError, match="no X"):
         third_party_logs._RoutingLoader(Failing()).exec_module(types.ModuleType("transformers"))
     assert capsys.readouterr().err == "transformers needs package X\n"
+
+
+def test_the_log_file_and_its_folder_appear_only_with_a_record(tmp_path):
+    """A command that names its directory and then fails before any third-party record (a misspelt
+    `evaluate --workdir`) leaves no folder behind; the first record makes the file, held records first."""
+    quiet, chatty = tmp_path / "quiet", tmp_path / "chatty"
+    with third_party_logs.captured(verbose=False):
+        logging.getLogger("absl").warning("held before the folder is named")
+        assert third_party_logs.log_to(chatty) == chatty / "logs" / "third_party.log"
+    with third_party_logs.captured(verbose=False):
+        third_party_logs.log_to(quiet)
+    assert not quiet.exists()
+    assert (
+        "WARNING absl: held before the folder is named" in (chatty / "logs" / "third_party.log").read_text()
+    )
+    with third_party_logs.captured(verbose=False):
+        third_party_logs.log_to(quiet)
+        logging.getLogger("jax").info("a later record")
+    assert "INFO jax: a later record" in (quiet / "logs" / "third_party.log").read_text()
