@@ -10,7 +10,6 @@ A config file has the sections `model`, `data`, `loss`, `optim`, `train`, `mesh`
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import difflib
 import typing
@@ -23,9 +22,7 @@ import yaml
 
 from nextquill_jax.config_schema import (
     ConfigError,
-    apply_override,
-    build,
-    check_override,
+    build_with_overrides,
     convert,
     read_yaml,
 )
@@ -576,23 +573,14 @@ def load_config(
     Raises:
         ConfigError: a missing or unreadable file, a section or key that does not exist (with the nearest
             valid keys), a value of the wrong type, or a value that a section rejects; the message names the
-            key and where it came from: the file, or `overrides_source` for an override.
+            key and where it came from: the file, or `overrides_source` for an override (also for a section's
+            check that the file alone passes).
     """
     source = str(path) if path is not None else "<config>"
-    # A copy of `base`: overrides must not write into the caller's mapping.
-    raw = read_yaml(path) if path is not None else copy.deepcopy(dict(base or {}))
+    raw = read_yaml(path) if path is not None else dict(base or {})
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(raw).__name__}")
-    for item in overrides:
-        apply_override(raw, item)
-        check_override(Config, item, overrides_source)
-    try:
-        return build(Config, raw, "", source)
-    except ConfigError as e:
-        if not overrides:
-            raise
-        # A section's own checks see file and overrides together: name both.
-        raise ConfigError(f"{e} ({overrides_source} overrides applied: {' '.join(overrides)})") from None
+    return build_with_overrides(Config, raw, source, overrides, overrides_source)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -8,11 +8,13 @@ Unknown keys are errors that suggest the nearest valid key.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import re
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -93,6 +95,36 @@ def apply_override(raw: dict, item: str) -> None:
             raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
         node = child
     node[parts[-1]] = value
+
+
+def build_with_overrides(
+    cls: type, raw: dict, source: str, overrides: Sequence[str], overrides_source: str = "command line"
+) -> Any:
+    """Build dataclass `cls` from the mapping `raw` read from `source`, with `section.key=value` overrides
+    applied (each checked against `cls` first; `raw` is left as it was).
+
+    Raises:
+        ConfigError: an override naming an unknown key or a value of the wrong type (blamed on
+            `overrides_source`), or a value `cls` rejects. A section's own check sees the file and the
+            overrides together: when the file alone passes it, the overrides are what to fix and the message
+            starts with `overrides_source`; otherwise it starts with `source` and lists the overrides.
+    """
+    merged = copy.deepcopy(raw)
+    for item in overrides:
+        apply_override(merged, item)
+        check_override(cls, item, overrides_source)
+    try:
+        return build(cls, merged, "", source)
+    except ConfigError as e:
+        if not overrides:
+            raise
+        applied = " ".join(overrides)
+        try:
+            build(cls, raw, "", source)
+        except ConfigError:
+            raise ConfigError(f"{e} ({overrides_source} overrides applied: {applied})") from None
+        message = str(e).removeprefix(f"{source}: ")
+        raise ConfigError(f"{overrides_source}: {message} (overrides: {applied})") from None
 
 
 def check_override(cls: type, item: str, source: str) -> None:

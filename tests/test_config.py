@@ -162,7 +162,22 @@ def test_a_section_check_failing_on_an_override_names_the_override(cfg_file):
         load_config(cfg_file, ["model.overrides.hiden_size=8"])
     message = str(e.value)
     assert "`model.overrides.hidden_size`" in message, message
-    assert message.endswith("(command line overrides applied: model.overrides.hiden_size=8)"), message
+    # The file alone is valid, so the override is what to fix: the message starts there, not at the file.
+    assert message.startswith("command line: `model.overrides.hiden_size`"), message
+    assert message.endswith(" (overrides: model.overrides.hiden_size=8)") and str(cfg_file) not in message
+
+
+def test_a_section_check_the_file_fails_too_names_the_file_and_the_overrides(tmp_path, cfg_file):
+    """When the file alone already fails the check, the file is the source and the overrides are listed."""
+    broken = tmp_path / "broken.yaml"
+    raw = yaml.safe_load(cfg_file.read_text())
+    raw["optim"]["learning_rate"] = -1
+    broken.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError) as e:
+        load_config(broken, ["train.max_steps=3"])
+    message = str(e.value)
+    assert message.startswith(f"{broken}: invalid `optim`: learning_rate must be > 0"), message
+    assert message.endswith(" (command line overrides applied: train.max_steps=3)"), message
 
 
 def test_a_missing_config_file_says_so(tmp_path):
@@ -219,9 +234,10 @@ def test_a_bad_model_override_is_a_load_time_error_for_a_preset_and_a_path_model
     with pytest.raises(ConfigError) as e:
         load_config(cfg_file, [*source, override])
     message = str(e.value)
-    # The message starts with the key it names: no `invalid `model`` or second source before it.
-    assert message.startswith(f"{cfg_file}: `model.overrides."), message
-    assert expected in message and message.count("Fix") == 1, message
+    # The message starts with the key it names: no `invalid `model`` or second source before it; the file
+    # alone is valid, so the source is the command line.
+    assert message.startswith("command line: `model.overrides."), message
+    assert expected in message and message.count("Fix") == 1 and str(cfg_file) not in message, message
 
 
 @pytest.mark.parametrize(
@@ -261,10 +277,11 @@ def test_a_section_check_error_says_each_thing_once(cfg_file, override, start, f
     with pytest.raises(ConfigError) as e:
         load_config(cfg_file, [override])
     message = str(e.value)
-    assert message.startswith(f"{cfg_file}: {start}"), message
-    assert fix in message and message.count("Fix") == 1 and message.count(str(cfg_file)) == 1, message
+    # The file alone is valid: the override is named as the source, once, and the file not at all.
+    assert message.startswith(f"command line: {start}"), message
+    assert fix in message and message.count("Fix") == 1 and str(cfg_file) not in message, message
     assert ".." not in message and "?." not in message and "`: model" not in message, message
-    assert message.endswith(f" (command line overrides applied: {override})"), message
+    assert message.endswith(f" (overrides: {override})"), message
 
 
 @pytest.mark.parametrize(

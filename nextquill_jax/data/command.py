@@ -66,7 +66,7 @@ def run_data(args: argparse.Namespace) -> int:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from nextquill_jax.config_schema import ConfigError, apply_override, build, check_override, read_yaml
+    from nextquill_jax.config_schema import build_with_overrides, read_yaml
     from nextquill_jax.data.prepare import prepare
 
     third_party_logs.log_to(args.out)
@@ -74,16 +74,7 @@ def _prepare(args: argparse.Namespace) -> int:
     section = raw.get("data", raw) if isinstance(raw, dict) else None
     if not isinstance(section, dict):
         raise ValueError(f"{args.config}: expected a mapping with a `data:` section")
-    wrapped = {"data": section}
-    for item in args.overrides:
-        apply_override(wrapped, item)
-        check_override(_DataFile, item, "command line")
-    try:
-        cfg = build(DataConfig, wrapped["data"], "data", str(args.config))
-    except ConfigError as e:
-        if not args.overrides:
-            raise
-        raise ConfigError(f"{e} (command line overrides applied: {' '.join(args.overrides)})") from None
+    cfg = build_with_overrides(_DataFile, {"data": section}, str(args.config), args.overrides).data
     prepare(cfg, args.out, force=args.force)
     return 0
 

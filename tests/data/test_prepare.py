@@ -322,7 +322,7 @@ def test_a_damaged_prepared_split_is_refused_naming_the_file(tmp_path, write_ran
 def test_prepare_takes_data_overrides_as_train_does(tmp_path, tok_dir, capsys):
     """`data prepare --config FILE ... data.key=value`: the overrides replace the file's values (here a source
     that does not exist and the template), a key outside the data section or misspelt is refused naming the
-    command line, and a section check names the overrides it saw."""
+    command line, and so is a value the section's check refuses."""
     config = _config_file(tmp_path / "c.yaml", tok_dir, format="generic", sources=["missing.jsonl"])
     out = tmp_path / "prepared"
     argv = ["data", "prepare", "--config", str(config), "--out", str(out)]
@@ -338,4 +338,6 @@ def test_prepare_takes_data_overrides_as_train_does(tmp_path, tok_dir, capsys):
     assert main([*argv, "train.max_steps=3"]) == 1
     assert "error: command line: unknown key `train.max_steps`" in capsys.readouterr().err
     assert main([*argv, "data.max_history=-3"]) == 1
-    assert capsys.readouterr().err.rstrip().endswith("(command line overrides applied: data.max_history=-3)")
+    said = capsys.readouterr().err.rstrip()  # the file alone is valid: the override is what to fix
+    assert said.startswith("error: command line: data.max_history must be an integer >= 0, got -3"), said
+    assert said.endswith(" (overrides: data.max_history=-3)"), said
