@@ -105,18 +105,25 @@ def choose_stream(cfg: Config, prompt: PromptChoice) -> str:
     return prompt
 
 
-def generation_hint(generated: Sequence[Sequence[int]], max_new_tokens: int) -> str | None:
+def generation_hint(
+    generated: Sequence[Sequence[int]], max_new_tokens: int, longest_reference: int | None = None
+) -> str | None:
     """A hint when most generations ran to `max_new_tokens` or repeat one token: the signs of an
-    undertrained model (or a too small `max_new_tokens`); None otherwise."""
+    undertrained model (or of a too small `max_new_tokens`, unless it already exceeds `longest_reference`,
+    the longest reference target in tokens); None otherwise."""
     n = len(generated)
     at_limit = sum(len(ids) == max_new_tokens for ids in generated)
     repeating = sum(len(ids) > 4 and max(Counter(ids).values()) > 0.8 * len(ids) for ids in generated)
     if n == 0 or (at_limit <= n // 2 and repeating <= n // 2):
         return None
+    if longest_reference is not None and max_new_tokens > longest_reference:
+        length = f"max_new_tokens already exceeds the longest reference ({longest_reference} tokens)"
+    else:
+        length = "or the texts are longer than max_new_tokens (raise --max-new-tokens)"
     return (
         f"hint: {at_limit}/{n} generations stopped at max_new_tokens ({max_new_tokens}) and {repeating}/{n} "
         f"repeat one token for over 80% of their length: the model may be undertrained (train longer or "
-        f"check the loss curve), or the texts are longer than max_new_tokens (raise --max-new-tokens)"
+        f"check the loss curve), {length}"
     )
 
 
@@ -296,7 +303,8 @@ def evaluate(
     )
     per_example = scores.pop("per_example")
     at_limit = sum(len(ids) == generation.max_new_tokens for ids in generated)
-    hint = generation_hint(generated, generation.max_new_tokens)
+    longest = max((row["tokens"]["target"] for row in rows if "tokens" in row), default=None)
+    hint = generation_hint(generated, generation.max_new_tokens, longest)
     if hint is not None:
         echo(hint)
     metrics = {

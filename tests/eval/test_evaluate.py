@@ -190,7 +190,12 @@ def test_a_hint_names_generations_that_run_out_or_repeat_one_token():
     stuck = [[4] * 6, [4, 4, 4, 4, 4, 9], [5, 6, 2]]
     hint = generation_hint(stuck, max_new_tokens=6)
     assert hint is not None and "2/3 generations stopped at max_new_tokens (6)" in hint
-    assert "2/3 repeat one token" in hint
+    assert "2/3 repeat one token" in hint and "(raise --max-new-tokens)" in hint
+    # References of at most 5 tokens: a limit of 6 was not what cut them short.
+    hint = generation_hint(stuck, max_new_tokens=6, longest_reference=5)
+    assert "max_new_tokens already exceeds the longest reference (5 tokens)" in hint
+    assert "raise --max-new-tokens" not in hint
+    assert "raise --max-new-tokens" in generation_hint(stuck, max_new_tokens=6, longest_reference=6)
 
 
 def test_split_losses_raise_a_too_small_cudnn_max_segments_of_model_and_reference_to_the_split_rows(
