@@ -30,6 +30,9 @@ METRICS: tuple[tuple[str, str, bool], ...] = (
     ("nll_with", "NLL (with hist.)", False),
     ("nll_without", "NLL (without)", False),
 )
+# Below this many paired examples results.md warns that its intervals are too narrow to trust (a rule of
+# thumb for the percentile bootstrap, whose coverage falls short of 95% on small samples).
+FEW_EXAMPLES = 30
 
 
 def per_example_metrics(record: Mapping[str, Any]) -> dict[str, dict[int, float]]:
@@ -128,6 +131,14 @@ def markdown(result: Mapping[str, Any]) -> str:
         lines.append(f"| {row['variant']} | " + " | ".join(cells) + " |")
     lines += ["", f"Difference to {result['baseline']} (mean [95% paired bootstrap interval]):", ""]
     lines += [f"- {line}" for line in conclusions(result)]
+    fewest = min((d["examples"] for m in result["differences"].values() for d in m.values()), default=None)
+    if fewest is not None and fewest < FEW_EXAMPLES:
+        # A percentile bootstrap over a handful of pairs gives intervals narrower than the real uncertainty.
+        lines += [
+            "",
+            f"Only {fewest} paired examples: at fewer than {FEW_EXAMPLES} the bootstrap intervals are too "
+            "narrow to trust; evaluate more examples before reading a verdict.",
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -15,6 +15,7 @@ from nextquill_jax.config_schema import ConfigError, build
 from nextquill_jax.data.config import SPLITS
 from nextquill_jax.eval.bootstrap import paired_bootstrap
 from nextquill_jax.eval.compare import CompareConfig, load_comparison, run_comparison
+from nextquill_jax.eval.compare_table import FEW_EXAMPLES
 from nextquill_jax.train import checkpoint
 
 pytestmark = pytest.mark.slow  # run first: see tests/conftest.py
@@ -90,6 +91,10 @@ def test_the_table_and_its_intervals_come_from_the_runs_files(compared):
         "no significant difference" if not want.significant else ("better" if want.mean > 0 else "worse")
     )
     assert f"nextquill vs context_sft on ROUGE-1: {verdict}" in text
+    # This tiny comparison evaluates a handful of examples: results.md says not to trust its intervals.
+    fewest = min(d["examples"] for d in result["differences"]["nextquill"].values())
+    assert fewest < FEW_EXAMPLES
+    assert f"Only {fewest} paired examples: at fewer than {FEW_EXAMPLES} the bootstrap intervals" in text
 
 
 def test_each_runs_checkpoint_is_verified_once_for_its_evaluation_and_effect_report(compared):
