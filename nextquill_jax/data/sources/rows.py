@@ -117,8 +117,8 @@ def _decode_line(raw: bytes, location: str, line: int) -> Row | Issue:
 
 
 def _json_problem(error: json.JSONDecodeError) -> str:
-    """ "Expecting value at column 3": some of json's messages end in "at" themselves ("Unterminated string
-    starting at"), which would read "at at"."""
+    """The decoder's complaint and column, e.g. `Expecting value at column 3`. Some of its messages end in
+    "at" themselves (`Unterminated string starting at`), which would otherwise read "at at"."""
     return f"{error.msg.removesuffix(' at')} at column {error.colno}"
 
 
