@@ -374,14 +374,17 @@ class _Preemption:
     Single-process: our own handlers. Multi-process: JAX's preemption sync service (it traps SIGTERM and
     makes all processes agree on the step), so a SIGINT is passed on to it as a SIGTERM to this process."""
 
+    _SIGINT_ACK = b"SIGINT: stopping after this step to save a checkpoint; Ctrl-C again aborts, unsaved\n"
+
     def __init__(self) -> None:
         self.requested = False
         self.signal_name = "SIGTERM"  # what the stop message names: the signal that arrived first
         self._previous: dict[int, object] = {}
         if jax.process_count() == 1:
             self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._handle)
-        # An ignored SIGINT (a job started in the background, `nohup`) stays ignored.
-        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        # An ignored SIGINT (a job started in the background, `nohup`) stays ignored; None is a handler set
+        # outside Python, which could be neither handed the second Ctrl-C nor put back.
+        if signal.getsignal(signal.SIGINT) not in (signal.SIG_IGN, None):
             self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._handle)
 
     def _handle(self, signum, frame) -> None:
@@ -390,10 +393,9 @@ class _Preemption:
         self.requested = True
         if signum == signal.SIGINT:
             signal.signal(signal.SIGINT, self._previous[signal.SIGINT])
-            # os.write, not print: a print here could re-enter a print the loop was in the middle of.
-            os.write(
-                2, b"SIGINT: stopping after this step to save a checkpoint; Ctrl-C again aborts, unsaved\n"
-            )
+            # os.write, not print: a print here could re-enter a print the loop was in the middle of. On a
+            # terminal the progress bar holds the line without a newline: start a line of our own.
+            os.write(2, (b"\n" if os.isatty(2) else b"") + self._SIGINT_ACK)
             if jax.process_count() > 1:
                 os.kill(os.getpid(), signal.SIGTERM)
 
@@ -409,4 +411,5 @@ class _Preemption:
 
     def restore(self) -> None:
         for signum, previous in self._previous.items():
-            signal.signal(signum, previous)
+            if previous is not None:  # None: a handler set outside Python, which `signal` cannot put back
+                signal.signal(signum, previous)
