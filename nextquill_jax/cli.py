@@ -90,7 +90,8 @@ def expected_errors() -> tuple[type[Exception], ...]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line `argv`; returns the exit status (1: an expected error, printed as `error: ...`
-    on stderr without a traceback; other statuses as each subcommand documents)."""
+    on stderr without a traceback; 130: interrupted by Ctrl-C; other statuses as each subcommand
+    documents)."""
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -100,6 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     with third_party_logs.captured(verbose=args.verbose):
         try:
             return int(subcommands()[args.command].run(args) or 0)
+        except KeyboardInterrupt:
+            # A Ctrl-C no command turned into a clean stop (during set-up, or training's second one): one
+            # line, not a traceback; 130 is what a shell reports for a process ended by SIGINT.
+            print("interrupted (Ctrl-C)", file=sys.stderr)
+            return 130
         except Exception as e:
             if not isinstance(e, expected_errors()):
                 raise

@@ -150,3 +150,19 @@ def test_config_data_and_checkpoint_errors_name_the_fix(
         save_tiny_tokenizer(tmp_path / "tok")
     message = _run_cli(argv, tmp_path, capsys)
     assert re.search(expected, message), message
+
+
+def test_ctrl_c_is_one_line_and_status_130_not_a_traceback(monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    commands = cli.subcommands()
+    monkeypatch.setattr(
+        cli, "subcommands", lambda: {**commands, "train": commands["train"]._replace(run=interrupted)}
+    )
+    try:
+        status = cli.main(["train", "--config", "any.yaml"])
+    except KeyboardInterrupt:  # would end the whole pytest session, not fail this test
+        pytest.fail("main let KeyboardInterrupt through (a traceback)")
+    assert status == 130
+    assert capsys.readouterr().err == "interrupted (Ctrl-C)\n"

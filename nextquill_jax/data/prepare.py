@@ -70,6 +70,19 @@ def prepare(
     ):
         echo(f"{out}: prepared data up to date (fingerprint {fingerprint[:12]}), reusing it")
         return {**previous, "reused": True}
+    if previous is not None and not force:
+        # Runs may share a data directory: say why its contents are about to change under them.
+        changes = "; ".join(_changes(previous, cfg, inputs))
+        if previous.get("fingerprint") == fingerprint:
+            why = f"{out}: some of its split files are missing"
+        elif changes:
+            why = f"{out} was prepared with other settings ({changes})"
+        else:
+            why = (
+                f"{out}: its fingerprint {str(previous.get('fingerprint'))[:12]} differs from this config's "
+                f"{fingerprint[:12]} (the template's text or the tokenizer changed)"
+            )
+        echo(f"{why}: preparing again, replacing its contents")
 
     log = IssueLog(on_error=cfg.on_error, max_shown=cfg.max_errors_shown)
     records = read_records(cfg, template, log)
@@ -161,6 +174,33 @@ def _fingerprint(cfg: DataConfig, template: PromptTemplate, tokenizer: Any) -> t
         "inputs": inputs,
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest(), inputs
+
+
+def _changes(previous: dict[str, Any], cfg: DataConfig, inputs: list[dict]) -> list[str]:
+    """What the summary `previous` records differently from `cfg` and its `inputs` (settings as
+    "data.KEY: old -> new", sources added, gone or changed); empty when the difference is not recorded."""
+    changes = []
+    if previous.get("format_version") != FORMAT_VERSION:
+        changes.append(f"prepared-data format {previous.get('format_version')} -> {FORMAT_VERSION}")
+    old_config = previous.get("config") or {}
+    new_config = json.loads(
+        json.dumps(cfg.fingerprint_fields())
+    )  # as the summary holds it: lists, not tuples
+    for key in sorted(old_config.keys() | new_config.keys()):
+        if old_config.get(key) != new_config.get(key):
+            changes.append(f"data.{key}: {old_config.get(key)!r} -> {new_config.get(key)!r}")
+    old_inputs = {i.get("path"): i for i in previous.get("inputs") or []}
+    new_inputs = {i["path"]: i for i in inputs}
+    for path in sorted(old_inputs.keys() | new_inputs.keys()):
+        if path not in new_inputs:
+            changes.append(f"{path} no longer read")
+        elif path not in old_inputs:
+            changes.append(f"{path} newly read")
+        elif old_inputs[path] != new_inputs[path]:
+            changes.append(
+                f"{path} changed ({old_inputs[path].get('size')} -> {new_inputs[path]['size']} bytes)"
+            )
+    return changes
 
 
 def _complete(out: Path, summary: dict[str, Any]) -> bool:

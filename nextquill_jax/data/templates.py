@@ -70,15 +70,13 @@ def load_template(name_or_path: str) -> PromptTemplate:
             `history`: {entries}); the message names the file and key.
     """
     path = Path(name_or_path)
+    choices = f"built-in: {', '.join(builtin_templates())}, or give the path of a YAML file"
     if not path.suffix:
         path = TEMPLATE_DIR / f"{name_or_path}.yaml"
         if not path.exists():
-            raise ValueError(
-                f"data.template: unknown template {name_or_path!r}; built-in:"
-                f" {', '.join(builtin_templates())}, or give the path of a YAML file"
-            )
+            raise ValueError(f"data.template: unknown template {name_or_path!r}; {choices}")
     if not path.exists():
-        raise ValueError(f"data.template: {path} does not exist")
+        raise ValueError(f"data.template: {path} does not exist; {choices}")
     raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: a template is a mapping with keys {', '.join(KEYS)}")

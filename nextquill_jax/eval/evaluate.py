@@ -9,7 +9,8 @@ Writes `<out>/predictions.jsonl` (one object per example, in the split's order: 
 holds `text_metrics.score_predictions`' dict (ROUGE-1/L, METEOR, BLEU overall and per category, METEOR's
 WordNet source) and, beside it: what was evaluated (`model`, `step`, `split`, `examples`, `prompt`,
 `generation`, `eos_token_id`, `stopped_at_max_new_tokens`) and `loss`, the loss terms on the same examples
-(see `split_losses`).
+(see `split_losses`). An earlier evaluation's files in `<out>` are replaced, with a line saying what they
+held.
 
 The model sees the prompt its variant was trained on: the without-history prompt for `sft`, the with-history
 prompt otherwise (`prompt="with"` / `"without"` chooses). Prompts are the prepared token ids (`<split>/`), so
@@ -204,6 +205,26 @@ def split_losses(
     }
 
 
+def replacing_line(out_dir: Path, metrics: Mapping[str, Any]) -> str | None:
+    """The line that says an evaluation with `metrics` is about to replace the results already in `out_dir`
+    (what they held, from their metrics.json), or None when it holds none: a default `out_dir` is shared by
+    every evaluation of a split, so a quick one would otherwise silently overwrite a full one."""
+    old = next((out_dir / n for n in ("metrics.json", "predictions.jsonl") if (out_dir / n).is_file()), None)
+    if old is None:
+        return None
+    try:
+        held = f" ({_results_of(json.loads((out_dir / 'metrics.json').read_text(encoding='utf-8')))})"
+    except (OSError, ValueError, AttributeError):  # absent, unreadable or not an object: name the file only
+        held = ""
+    return f"replacing {old}{held} with {_results_of(metrics)}; pass --out DIR to keep both"
+
+
+def _results_of(metrics: Mapping[str, Any]) -> str:
+    """ "step 6, 4 examples" (or the model's name for a model that is not a checkpoint)."""
+    source = f"step {metrics['step']}" if metrics.get("step") is not None else metrics.get("model")
+    return f"{source}, {metrics.get('examples')} examples"
+
+
 def evaluate(
     workdir: str | Path,
     split: str = "test",
@@ -320,6 +341,9 @@ def evaluate(
         "loss": losses,
     }
     if jax.process_index() == 0:
+        replacing = replacing_line(out_dir, metrics)
+        if replacing is not None:
+            echo(replacing)
         out_dir.mkdir(parents=True, exist_ok=True)
         with open(out_dir / "predictions.jsonl", "w", encoding="utf-8", newline="\n") as f:
             for k, (row, text, ids) in enumerate(zip(rows, predictions, generated, strict=True)):

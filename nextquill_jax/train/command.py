@@ -5,12 +5,12 @@
     nextquill-jax checkpoint verify --workdir DIR
 
 `train` trains (or resumes, when DIR holds a checkpoint) the run the config describes. Exit status: 0 finished
-or stopped by SIGTERM with a checkpoint saved, 1 bad config or data (damaged prepared data or checkpoints
-included), 3 non-finite loss, 4 another process of a multi-process run was lost (`mesh.peer_timeout_s`), 5 a
-checkpoint could not be saved (`checkpoint.on_save_error: stop`). `export` writes a checkpoint as a Hugging
-Face directory (a LoRA run's adapters merged in), or with `--adapter` a LoRA run's adapters as a PEFT
-directory (see `train.export`). `checkpoint verify` checks every checkpoint of a workdir against its manifest
-and prints a table; exit status 1 if any is damaged.
+or stopped by SIGTERM or Ctrl-C with a checkpoint saved, 1 bad config or data (damaged prepared data or
+checkpoints included), 3 non-finite loss, 4 another process of a multi-process run was lost
+(`mesh.peer_timeout_s`), 5 a checkpoint could not be saved (`checkpoint.on_save_error: stop`). `export` writes
+a checkpoint as a Hugging Face directory (a LoRA run's adapters merged in), or with `--adapter` a LoRA run's
+adapters as a PEFT directory (see `train.export`). `checkpoint verify` checks every checkpoint of a workdir
+against its manifest and prints a table; exit status 1 if any is damaged.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ time spent waiting for it) and an optional `jax.profiler` trace of chosen steps.
 from __future__ import annotations
 
 import functools
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -133,7 +134,9 @@ def train(cfg: Config, workdir: Path, *, echo=print) -> TrainResult:
                         else "no checkpoint is saved or verifies, so the same command starts again from "
                         "step 0"
                     )
-                    log.message(f"SIGTERM: stopped at step {step}; {resume} (workdir {workdir}).")
+                    log.message(
+                        f"{preemption.signal_name}: stopped at step {step}; {resume} (workdir {workdir})."
+                    )
                     return TrainResult("preempted", step, workdir, last_saved, state)
                 if due.last:
                     break
@@ -366,17 +369,35 @@ class _Profile:
 
 
 class _Preemption:
-    """SIGTERM → stop after the current step. Single-process: our own handler. Multi-process: JAX's
-    preemption sync service (it traps SIGTERM and makes all processes agree on the step)."""
+    """SIGTERM or a first SIGINT (Ctrl-C) → stop after the current step; a second SIGINT goes to the handler
+    that was there before (Python's KeyboardInterrupt), so a user is never stuck waiting for a step.
+    Single-process: our own handlers. Multi-process: JAX's preemption sync service (it traps SIGTERM and
+    makes all processes agree on the step), so a SIGINT is passed on to it as a SIGTERM to this process."""
+
+    _SIGINT_ACK = b"SIGINT: stopping after this step to save a checkpoint; Ctrl-C again aborts, unsaved\n"
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous = None
+        self.signal_name = "SIGTERM"  # what the stop message names: the signal that arrived first
+        self._previous: dict[int, object] = {}
         if jax.process_count() == 1:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._handle)
+        # An ignored SIGINT (a job started in the background, `nohup`) stays ignored; None is a handler set
+        # outside Python, which could be neither handed the second Ctrl-C nor put back.
+        if signal.getsignal(signal.SIGINT) not in (signal.SIG_IGN, None):
+            self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        if not self.requested:
+            self.signal_name = signal.Signals(signum).name
         self.requested = True
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, self._previous[signal.SIGINT])
+            # os.write, not print: a print here could re-enter a print the loop was in the middle of. On a
+            # terminal the progress bar holds the line without a newline: start a line of our own.
+            os.write(2, (b"\n" if os.isatty(2) else b"") + self._SIGINT_ACK)
+            if jax.process_count() > 1:
+                os.kill(os.getpid(), signal.SIGTERM)
 
     def reached(self, step: int) -> bool:
         if jax.process_count() == 1:
@@ -389,5 +410,6 @@ class _Preemption:
             return False
 
     def restore(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            if previous is not None:  # None: a handler set outside Python, which `signal` cannot put back
+                signal.signal(signum, previous)

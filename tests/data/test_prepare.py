@@ -163,6 +163,10 @@ def test_fingerprint_reuses_and_redoes(tmp_path, tok_dir, tiny_tokenizer):
     source.write_bytes((F / "generic" / "records.jsonl").read_bytes())
     out = tmp_path / "prepared"
     quiet = lambda _: None
+    lines = []
+    again_because = lambda: lines[-2].removesuffix(
+        ": preparing again, replacing its contents"
+    )  # [-1]: counts
     base = dict(format="generic", template="plain", sources=[str(source)])
     tok = tiny_tokenizer()
     first = prepare(DataConfig(**base), out, tokenizer=tok, echo=quiet)
@@ -178,14 +182,26 @@ def test_fingerprint_reuses_and_redoes(tmp_path, tok_dir, tiny_tokenizer):
         echo=quiet,
     )["reused"]
 
-    changed_cfg = prepare(DataConfig(**base, max_history=1), out, tokenizer=tok, echo=quiet)
+    changed_cfg = prepare(DataConfig(**base, max_history=1), out, tokenizer=tok, echo=lines.append)
     assert not changed_cfg["reused"] and changed_cfg["fingerprint"] != first["fingerprint"]
+    assert (
+        again_because()
+        == f"{out} was prepared with other settings (data.max_history: {DataConfig().max_history} -> 1)"
+    )
     assert json.loads((out / "train.jsonl").read_text().splitlines()[0])["history_used"] == 1
 
     other_tok = tiny_tokenizer(vocab_size=500)
-    changed_tok = prepare(DataConfig(**base, max_history=1), out, tokenizer=other_tok, echo=quiet)
+    changed_tok = prepare(DataConfig(**base, max_history=1), out, tokenizer=other_tok, echo=lines.append)
     assert not changed_tok["reused"] and changed_tok["fingerprint"] != changed_cfg["fingerprint"]
+    assert (
+        again_because()
+        == (  # the tokenizer's content is not recorded, only its fingerprint
+            f"{out}: its fingerprint {changed_cfg['fingerprint'][:12]} differs from this config's "
+            f"{changed_tok['fingerprint'][:12]} (the template's text or the tokenizer changed)"
+        )
+    )
 
+    size_before = source.stat().st_size
     with open(source, "a") as f:
         f.write(
             json.dumps(
@@ -193,12 +209,19 @@ def test_fingerprint_reuses_and_redoes(tmp_path, tok_dir, tiny_tokenizer):
             )
             + "\n"
         )
-    changed_src = prepare(DataConfig(**base, max_history=1), out, tokenizer=other_tok, echo=quiet)
+    size = source.stat().st_size
+    changed_src = prepare(DataConfig(**base, max_history=1), out, tokenizer=other_tok, echo=lines.append)
     assert not changed_src["reused"] and changed_src["examples"]["test"] == 2
+    assert again_because() == (
+        f"{out} was prepared with other settings ({source.resolve()} changed ({size_before} -> {size} bytes))"
+    )
     assert prepare(DataConfig(**base, max_history=1), out, tokenizer=other_tok, echo=quiet)["reused"]
     # A directory whose split files vanished is prepared again, not trusted.
     os.remove(out / "test.jsonl")
-    assert not prepare(DataConfig(**base, max_history=1), out, tokenizer=other_tok, echo=quiet)["reused"]
+    assert not prepare(DataConfig(**base, max_history=1), out, tokenizer=other_tok, echo=lines.append)[
+        "reused"
+    ]
+    assert again_because() == f"{out}: some of its split files are missing"
 
 
 def test_data_show_prints_one_example(tmp_path, tok_dir, capsys, formats):

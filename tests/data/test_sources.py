@@ -367,3 +367,14 @@ def test_synthetic_format_reads_the_generated_benchmark(tmp_path):
     assert strip(other_seed) != strip(in_process)
     with pytest.raises(ValueError, match="synthetic format generates its records"):
         DataConfig(format="synthetic", sources=["x.jsonl"])
+
+
+@pytest.mark.parametrize("array", [False, True], ids=["jsonl", "json"])
+def test_a_json_message_ending_in_at_is_not_doubled(tmp_path, array):
+    # json's "Unterminated string starting at" must not read "... starting at at column 13".
+    path = tmp_path / ("records.json" if array else "records.jsonl")
+    path.write_text('[{"user_id": "x' if array else '{"user_id": "x\n')
+    with pytest.raises((DataError, ValueError)) as e:
+        _read(DataConfig(format="generic", template="plain", sources=[str(path)]))
+    column = 14 if array else 13
+    assert f"not valid JSON (Unterminated string starting at column {column})" in str(e.value)

@@ -226,3 +226,10 @@ def test_bad_templates_are_refused_naming_the_key(tmp_path, text, message):
 def test_unknown_template_name_lists_the_builtins():
     with pytest.raises(ValueError, match=r"unknown template 'reveiw'; built-in: .*review"):
         load_template("reveiw")
+
+
+def test_a_missing_template_file_lists_the_builtins_too(tmp_path):
+    with pytest.raises(
+        ValueError, match=r"mytpl.yaml does not exist; built-in: .*review.*, or give the path"
+    ):
+        load_template(str(tmp_path / "mytpl.yaml"))

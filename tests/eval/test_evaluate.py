@@ -17,7 +17,7 @@ import pytest
 from nextquill_jax.cli import main
 from nextquill_jax.config import load_config
 from nextquill_jax.data.prepared_split import PreparedSplit
-from nextquill_jax.eval.evaluate import choose_stream, evaluate
+from nextquill_jax.eval.evaluate import choose_stream, evaluate, replacing_line
 from nextquill_jax.eval.text_metrics import score_predictions
 from nextquill_jax.models import load_pretrained
 from nextquill_jax.models.generate import GenerationConfig, generate
@@ -170,6 +170,25 @@ def test_cli_evaluates_a_checkpoint_and_a_model_path(run, evaluated, tmp_path, c
     capsys.readouterr()
     assert main([*args, "--step", "99"]) == 1
     assert "complete ones: [2]" in capsys.readouterr().err
+
+
+def test_an_evaluation_says_which_earlier_results_it_replaces(run, evaluated, tmp_path):
+    workdir, _, _ = run
+    _, _, full = evaluated
+    out = tmp_path / "out"
+    assert replacing_line(out, full) is None  # nothing there yet: no line
+    shutil.copytree(workdir / "eval" / "test", out)
+    lines = []
+    evaluate(workdir, "test", out_dir=out, max_examples=1, generation=GEN, echo=lines.append)
+    assert (
+        f"replacing {out / 'metrics.json'} (step 2, {full['examples']} examples) with step 2, 1 examples; "
+        "pass --out DIR to keep both"
+    ) in lines
+    (out / "metrics.json").unlink()  # only predictions left: the line names that file
+    assert replacing_line(out, full) == (
+        f"replacing {out / 'predictions.jsonl'} with step 2, {full['examples']} examples; pass --out DIR to "
+        "keep both"
+    )
 
 
 def test_prompt_choice_follows_the_variant(run):

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
+
+import jax
+import numpy as np
+import pytest
 
 from nextquill_jax.config import load_config
 from nextquill_jax.train import loop
@@ -68,3 +74,66 @@ def test_a_stop_before_any_save_says_no_checkpoint_is_saved(
         f"from step 0 (workdir {tmp_path / 'run'})." in out
     )
     assert "is complete" not in out
+
+
+def _signal_after_step(monkeypatch, at: int, *signals: signal.Signals) -> None:
+    """Deliver `signals` to this process, in order, as the loop schedules step `at`'s actions."""
+    schedule = loop.actions_at
+
+    def schedule_then_signal(step, cfg, run, *, stop):
+        if step == at:
+            for signum in signals:
+                os.kill(os.getpid(), signum)
+        return schedule(step, cfg, run, stop=stop)
+
+    monkeypatch.setattr(loop, "actions_at", schedule_then_signal)
+
+
+def test_ctrl_c_stops_like_sigterm_and_the_run_resumes_to_the_same_end(
+    tmp_path, monkeypatch, capfd, write_random_data, tiny_config, read_state
+):
+    # The SIGINT arrives during step 1's actions, so the stop is step 2, saved, and named as a SIGINT.
+    data = write_random_data(tmp_path / "data")
+    raw = tiny_config(data, tmp_path / "run")
+    raw["checkpoint"].update(every_steps=100, async_save=False)
+    raw["train"]["max_steps"] = 3
+    before = signal.getsignal(signal.SIGINT)
+    with monkeypatch.context() as patch:
+        _signal_after_step(patch, 1, signal.SIGINT)
+        try:
+            stopped = loop.train(load_config(None, base=raw), tmp_path / "run", echo=lambda _: None)
+        except KeyboardInterrupt:  # would end the whole pytest session, not fail this test
+            pytest.fail("the first Ctrl-C raised KeyboardInterrupt instead of stopping after the step")
+    assert (stopped.status, stopped.step, stopped.last_checkpoint) == ("preempted", 2, 2)
+    assert signal.getsignal(signal.SIGINT) is before
+    checkpoints = (tmp_path / "run" / "checkpoints").absolute()
+    out = capfd.readouterr()  # capfd: the acknowledgement is an os.write
+    assert f"SIGINT: stopped at step 2; checkpoint {checkpoints / '2'} is complete." in out.out
+    assert "Ctrl-C again aborts, unsaved" in out.err
+    resumed = loop.train(load_config(None, base=raw), tmp_path / "run", echo=print)
+    assert (resumed.status, resumed.step) == ("finished", 3)
+    assert f"resuming from {checkpoints / '2'}" in capfd.readouterr().out
+    whole = tiny_config(data, tmp_path / "whole")
+    whole["checkpoint"].update(every_steps=100, async_save=False)
+    whole["train"]["max_steps"] = 3
+    loop.train(load_config(None, base=whole), tmp_path / "whole", echo=lambda _: None)
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        read_state(tmp_path / "whole" / "checkpoints" / "3"),
+        read_state(checkpoints / "3"),
+    )
+
+
+def test_a_second_ctrl_c_aborts_at_once_and_restores_the_handlers(
+    tmp_path, monkeypatch, capfd, write_random_data, tiny_config
+):
+    raw = tiny_config(write_random_data(tmp_path / "data"), tmp_path / "run")
+    raw["checkpoint"].update(every_steps=100, async_save=False)
+    raw["train"]["max_steps"] = 3
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    _signal_after_step(monkeypatch, 1, signal.SIGINT, signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(load_config(None, base=raw), tmp_path / "run", echo=lambda _: None)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    assert not (tmp_path / "run" / "checkpoints" / "2").exists()
+    assert "Ctrl-C again aborts, unsaved" in capfd.readouterr().err  # the first one was a stop request

@@ -106,7 +106,7 @@ def _decode_line(raw: bytes, location: str, line: int) -> Row | Issue:
     except json.JSONDecodeError as e:
         if bad_utf8 is not None:
             return _utf8_issue(bad_utf8, location, None)
-        return Issue("malformed_json", location, None, f"not valid JSON ({e.msg} at column {e.colno})")
+        return Issue("malformed_json", location, None, f"not valid JSON ({_json_problem(e)})")
     if not isinstance(value, dict):
         return Issue(
             "wrong_type", location, None, f"each line must be a JSON object, got {type(value).__name__}"
@@ -114,6 +114,12 @@ def _decode_line(raw: bytes, location: str, line: int) -> Row | Issue:
     if bad_utf8 is not None:
         return _utf8_issue(bad_utf8, location, _field_with_surrogates(value, ""))
     return Row(location, line, value)
+
+
+def _json_problem(error: json.JSONDecodeError) -> str:
+    """The decoder's complaint and column, e.g. `Expecting value at column 3`. Some of its messages end in
+    "at" themselves (`Unterminated string starting at`), which would otherwise read "at at"."""
+    return f"{error.msg.removesuffix(' at')} at column {error.colno}"
 
 
 def _utf8_issue(error: UnicodeDecodeError, location: str, field: str | None) -> Issue:
@@ -155,7 +161,7 @@ def _json_array_rows(path: str | Path, list_key: str | None) -> Iterator[Row | I
     try:
         top, _ = decoder.raw_decode(text, _skip_space(text, 0))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from e
+        raise ValueError(f"{path}:{e.lineno}: not valid JSON ({_json_problem(e)})") from e
     if isinstance(top, dict) and list_key is not None and isinstance(top.get(list_key), list):
         items = top[list_key]
         # Elements are located by searching for the array's start; a nested key lookup is good enough here.
