@@ -75,7 +75,7 @@ def train(cfg: Config, workdir: Path, *, echo=print) -> TrainResult:
     """
     run = set_up_run(cfg, workdir, echo)
     # As resolved (config.yaml and every checkpoint record what the steps were built from), with the workdir
-    # this run uses: `--config <workdir>/config.yaml` then repeats this run, not the config file's workdir.
+    # this run uses: `--config <workdir>/config.yaml` then resumes this run, not the config file's workdir.
     # Absolute, so that it names the same directory from any current directory.
     cfg = dataclasses.replace(
         run.config, train=dataclasses.replace(run.config.train, workdir=str(Path(workdir).absolute()))
