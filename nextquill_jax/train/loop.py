@@ -182,8 +182,10 @@ def start_state(run: RunSetup, cfg: Config, ckpt: Checkpointer, iterator, echo) 
         params = run.initial_params()
         return init_state(params, run.tx, cfg.train.seed, run.state_shardings), 0
     where = str(ckpt.directory / str(start))
-    check_resumable(ckpt.read_config(start), cfg, ckpt.directory.parent, start)
+    # The base first: its message names a changed LoRA base, or LoRA added or removed, and its fix; then every
+    # other key. Both read only the checkpoint's JSON items, before Orbax restores any array.
     check_same_base(ckpt.read_progress(start).get("base"), run.base_identity, where)
+    check_resumable(ckpt.read_config(start), cfg, ckpt.directory.parent, start)
     target = abstract_state(run.abstract_params, run.tx, cfg.train.seed, run.state_shardings)
     state, _ = ckpt.restore(start, target, iterator)
     echo(f"resuming from {where} (step {start})")
