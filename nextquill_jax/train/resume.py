@@ -103,5 +103,5 @@ def check_resumable(recorded: Mapping[str, Any], cfg: Config, workdir: Path, ste
         f"workdir {workdir} holds checkpoint {step} of a run with another config, so resuming would train a "
         f"different run on top of it; differing, the checkpoint's value first: {'; '.join(listed)}{more}. "
         f"A resume may change only {', '.join(MAY_CHANGE)}. Fix: run the same config again (`nextquill-jax "
-        f"train --config {workdir / CONFIG_FILE}` repeats it), or use a new --workdir for the new config."
+        f"train --config {workdir / CONFIG_FILE}` resumes it), or use a new --workdir for the new config."
     )
