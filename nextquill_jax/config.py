@@ -326,7 +326,10 @@ class TrainConfig:
     Fields:
         `workdir`: the run's directory: config.yaml, metrics.jsonl, TensorBoard events and checkpoints/
             (`--workdir` on the command line overrides it; null: `--workdir` is required); a run in a workdir
-            with checkpoints resumes. A local path: mount an object store (gs://...) and give the mount.
+            with checkpoints resumes, and is refused when its config differs from theirs in a key that
+            changes what is trained (all but those `train.resume.MAY_CHANGE` lists: logging, eval cadence,
+            checkpoint, mesh, workdir, data_dir, memory-only settings). config.yaml records the workdir the
+            run used, absolute. A local path: mount an object store (gs://...) and give the mount.
         `data_dir`: the prepared (tokenised) data; null means `<workdir>/prepared`, prepared from the `data`
             section on the first start and reused while its fingerprint matches; with empty `data.sources`
             (and a format other than `synthetic`) it must already hold prepared data.

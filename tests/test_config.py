@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import itertools
 import json
+import shutil
 import typing
 from pathlib import Path
 
@@ -503,7 +504,8 @@ def test_an_auto_run_records_its_choice_and_a_resume_compiles_the_same(
     tmp_path, monkeypatch, write_random_data, write_config, tiny_config
 ):
     """A run with `auto` trains (cuDNN's private API emulated on CPU), its step is compiled for the chosen
-    bound, config.yaml and the checkpoint record it; resuming chooses and compiles the same bound."""
+    bound, config.yaml and the checkpoint record it; resuming the same config chooses and compiles the same
+    bound, which the checkpoint's recorded value then matches (a resume with another would be refused)."""
     from jax._src.cudnn import fused_attention_stablehlo as fused
 
     from nextquill_jax.models import attention
@@ -524,7 +526,9 @@ def test_an_auto_run_records_its_choice_and_a_resume_compiles_the_same(
     workdir = tmp_path / "work"
     path = write_config(tiny_config(data, workdir), tmp_path / "cfg.yaml")
     auto = [*CUDNN, "model.cudnn_max_segments=auto"]
-    cfg = load_config(path, [*auto, "train.max_steps=2"])
+    # Both steps saved, so that dropping step 2's checkpoint leaves a run stopped at step 1 to resume.
+    run_overrides = [*auto, "train.max_steps=2", "checkpoint.every_steps=1"]
+    cfg = load_config(path, run_overrides)
     train_data = BatchPipeline(PreparedSplit(data, "train"), cfg.data.batching)
     eval_batching = dataclasses.replace(
         cfg.data.batching, shuffle=False, num_epochs=1, drop_remainder=False
@@ -542,8 +546,9 @@ def test_an_auto_run_records_its_choice_and_a_resume_compiles_the_same(
     assert traced_bounds and set(traced_bounds) == {most}
 
     traced_bounds.clear()
-    resumed = train(load_config(path, [*auto, "train.max_steps=3"]), workdir, echo=lines.append)
-    assert resumed.step == 3 and any(line.startswith("resuming from") for line in lines)
+    shutil.rmtree(workdir / "checkpoints" / "2")
+    resumed = train(load_config(path, run_overrides), workdir, echo=lines.append)
+    assert resumed.step == 2 and any(line.startswith("resuming from") for line in lines)
     assert saved() == most and restore_params(workdir).config.model.cudnn_max_segments == most
     assert traced_bounds and set(traced_bounds) == {most}
     assert sum(line.startswith(f"model.cudnn_max_segments: auto chose {most}:") for line in lines) == 2

@@ -1,7 +1,8 @@
 """The training loop: step, log, evaluate, checkpoint, and stop cleanly on SIGTERM.
 
 It resumes from the newest checkpoint that verifies against its manifest (damaged newer ones are named and
-moved aside; the data iterator's position comes with the state, so the same batches follow). A checkpoint
+moved aside; the data iterator's position comes with the state, so the same batches follow), once the
+config agrees with that checkpoint's in every key a resume may not change (`resume.MAY_CHANGE`). A checkpoint
 that cannot be saved (a full disk) stops the run or is skipped, by `checkpoint.on_save_error`.
 
     result = train(load_config("configs/tiny_synthetic.yaml"), workdir)
@@ -13,6 +14,7 @@ time spent waiting for it) and an optional `jax.profiler` trace of chosen steps.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import signal
@@ -32,6 +34,7 @@ from nextquill_jax.train.adapters import check_same_base
 from nextquill_jax.train.checkpoint import CORRUPT_SUFFIX, Checkpointer, CheckpointSaveError
 from nextquill_jax.train.health import HealthMonitor
 from nextquill_jax.train.metrics_log import MetricsLog
+from nextquill_jax.train.resume import check_resumable
 from nextquill_jax.train.setup import RunSetup, abstract_state, init_state, set_up_run
 from nextquill_jax.train.state import TrainState
 from nextquill_jax.train.workdir import CHECKPOINT_DIR, CONFIG_FILE
@@ -64,18 +67,29 @@ def train(cfg: Config, workdir: Path, *, echo=print) -> TrainResult:
     """Run (or resume) the training `cfg` describes in `workdir`.
 
     Raises:
-        ConfigError: a config problem found during set-up (before compiling).
+        ConfigError: a config problem found during set-up (before compiling), or a resume whose config
+            differs from its checkpoint's (`resume.check_resumable`); config.yaml is then left as it was.
         TrainingDivergedError: a non-finite loss with `train.nonfinite: stop`, or too many skipped updates.
         CheckpointSaveError: a checkpoint could not be saved, with `checkpoint.on_save_error: stop`.
         checksums.IntegrityError: the workdir holds checkpoints but none verifies, or the prepared data is
             damaged.
     """
     run = set_up_run(cfg, workdir, echo)
-    cfg = run.config  # as resolved: config.yaml and every checkpoint record what the steps were built from
-    save_config(cfg, workdir / CONFIG_FILE)
+    # As resolved (config.yaml and every checkpoint record what the steps were built from), with the workdir
+    # this run uses: `--config <workdir>/config.yaml` then resumes this run, not the config file's workdir.
+    # Absolute, so that it names the same directory from any current directory.
+    cfg = dataclasses.replace(
+        run.config, train=dataclasses.replace(run.config.train, workdir=str(Path(workdir).absolute()))
+    )
     ckpt = Checkpointer(workdir / CHECKPOINT_DIR, cfg.checkpoint)
     iterator = iter(run.train_data.dataset())
-    state, step = start_state(run, cfg, ckpt, iterator, echo)
+    try:
+        state, step = start_state(run, cfg, ckpt, iterator, echo)
+    except BaseException:
+        ckpt.close()
+        raise
+    # Only now that the start is settled: a refused or failed resume leaves the config of the run that ran.
+    save_config(cfg, workdir / CONFIG_FILE)
     last_saved = step if step > 0 else None
     if step >= run.total_steps:
         # Running a finished run again must not train (and log, and evaluate) one step past its end.
@@ -156,6 +170,8 @@ def start_state(run: RunSetup, cfg: Config, ckpt: Checkpointer, iterator, echo) 
 
     Raises:
         checksums.IntegrityError: checkpoints exist but none verifies (rather than silently start afresh).
+        ConfigError: `cfg` differs from the checkpoint's config in a key a resume may not change
+            (`resume.check_resumable`), found before anything is restored.
     """
     complete = ckpt.all_steps()
     start = ckpt.newest_verified(echo)
@@ -169,7 +185,10 @@ def start_state(run: RunSetup, cfg: Config, ckpt: Checkpointer, iterator, echo) 
         params = run.initial_params()
         return init_state(params, run.tx, cfg.train.seed, run.state_shardings), 0
     where = str(ckpt.directory / str(start))
+    # The base first: its message names a changed LoRA base, or LoRA added or removed, and its fix; then every
+    # other key. Both read only the checkpoint's JSON items, before Orbax restores any array.
     check_same_base(ckpt.read_progress(start).get("base"), run.base_identity, where)
+    check_resumable(ckpt.read_config(start), cfg, ckpt.directory.parent, start)
     target = abstract_state(run.abstract_params, run.tx, cfg.train.seed, run.state_shardings)
     state, _ = ckpt.restore(start, target, iterator)
     echo(f"resuming from {where} (step {start})")

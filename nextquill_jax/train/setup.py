@@ -148,8 +148,9 @@ def resolve_packed_segments(cfg: Config, pipelines: dict[str, BatchPipeline], ec
     and from what (`cfg` itself when not `auto`). `pipelines` maps a name (`train`, `eval`) to its pipeline.
 
     The value depends only on the prepared data and `data.batching`, so resuming the same run chooses the
-    same value and compiles the same step. It is chosen again rather than read back from config.yaml so that
-    a resume with more epochs, whose rows may hold more examples, still gets a value that holds.
+    same value and compiles the same step. It is chosen again rather than read back from config.yaml: a resume
+    must keep the data and `data.batching` (`train.resume`), so it chooses the value its checkpoint recorded,
+    which the resume check then finds equal.
     """
     if cfg.model.cudnn_max_segments != "auto":
         return cfg

@@ -1,0 +1,107 @@
+"""What a resume may change: the config a checkpoint was saved with against the config of the run now.
+
+A workdir's checkpoints continue one run. Resuming them with another model, loss, optimizer, data or length
+would train a different run on top of them (a new `train.max_steps` recomputes the learning-rate schedule,
+and metrics.jsonl would mix both runs), and a changed model shape would only fail deep inside Orbax. So a
+resume is refused, before any state is restored, unless the two configs agree on every key but those of
+`MAY_CHANGE`.
+
+    check_resumable(ckpt.read_config(step), cfg, workdir, step)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from nextquill_jax.config import Config, config_to_dict, load_config
+from nextquill_jax.config_schema import ConfigError
+from nextquill_jax.train.workdir import CONFIG_FILE
+
+# Dotted keys (a section or a field; a key covers everything below it) that a resume may change, because they
+# do not change what is trained: where and how often the run logs, evaluates and saves, how it is laid out on
+# the devices, and where it is. Paths that name content (`model.path`, `data.sources`,
+# `loss.reference_model`, ...) are not here: a new path may hold another model or data.
+MAY_CHANGE = (
+    "logging",  # metrics rows, TensorBoard, progress bar, health warnings, profiling
+    "eval.every_steps",  # how often and how much of the split is validated, and the decoding of `evaluate`
+    "eval.max_batches",
+    "eval.generation",
+    "checkpoint",  # when checkpoints are saved and which are kept
+    "mesh",  # the device layout: Orbax reshards the state onto another slice
+    "train.workdir",  # where the run is; config.yaml records the one it used
+    # Where the prepared data is. With `data.sources` set, the `data` section (which must match) is prepared
+    # into it or reused only while its fingerprint (settings, tokenizer, sources' contents) matches.
+    "train.data_dir",
+    # Memory and speed settings documented to compute the same values.
+    "model.remat_policy",
+    "train.joint_forward",
+    "loss.token_chunk",
+    "loss.vocab_chunk",
+)
+# The differing keys a refusal lists before it only counts the rest.
+MAX_LISTED = 10
+_ABSENT = "<absent>"
+
+
+def may_change(key: str) -> bool:
+    """True if the dotted config `key` is one `MAY_CHANGE` covers (itself or a key below one)."""
+    return any(key == k or key.startswith(k + ".") for k in MAY_CHANGE)
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{dotted key: value} of every leaf of nested mappings (lists are leaves), e.g. `model.overrides.x`."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_changes(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(dotted key, recorded value, current value) of every leaf that differs and that `MAY_CHANGE` does not
+    cover, by key; a key only one side has gets `"<absent>"` on the other. Both are config dicts as
+    `config_to_dict` writes them; values are compared as JSON stores them (a tuple equals its list)."""
+    as_json = lambda d: flatten(json.loads(json.dumps(d)))
+    before, after = as_json(recorded), as_json(current)
+    keys = sorted((before.keys() | after.keys()), key=lambda k: k.split("."))
+    return [
+        (k, before.get(k, _ABSENT), after.get(k, _ABSENT))
+        for k in keys
+        if not may_change(k) and before.get(k, _ABSENT) != after.get(k, _ABSENT)
+    ]
+
+
+def _normalised(recorded: Mapping[str, Any]) -> Mapping[str, Any]:
+    # Rebuilt through the schema, a checkpoint saved before a field existed compares with that field's
+    # default; one the schema no longer reads is compared as it was saved (its extra keys then differ).
+    try:
+        return config_to_dict(load_config(None, base=recorded))
+    except ConfigError:
+        return recorded
+
+
+def check_resumable(recorded: Mapping[str, Any], cfg: Config, workdir: Path, step: int) -> None:
+    """Return if `cfg` (resolved as set-up resolves it) may resume checkpoint `step` of `workdir`, whose saved
+    config is `recorded`: the two agree on every key outside `MAY_CHANGE`.
+
+    Raises:
+        ConfigError: naming each differing key as `section.key: <checkpoint value> -> <new value>` (the first
+            `MAX_LISTED`, then how many more), the workdir and the fix.
+    """
+    changes = config_changes(_normalised(recorded), config_to_dict(cfg))
+    if not changes:
+        return
+    spell = lambda v: v if v == _ABSENT else json.dumps(v)
+    listed = [f"{k}: {spell(old)} -> {spell(new)}" for k, old, new in changes[:MAX_LISTED]]
+    more = f" and {len(changes) - MAX_LISTED} more" if len(changes) > MAX_LISTED else ""
+    raise ConfigError(
+        f"workdir {workdir} holds checkpoint {step} of a run with another config, so resuming would train a "
+        f"different run on top of it; differing, the checkpoint's value first: {'; '.join(listed)}{more}. "
+        f"A resume may change only {', '.join(MAY_CHANGE)}. Fix: run the same config again (`nextquill-jax "
+        f"train --config {workdir / CONFIG_FILE}` resumes it), or use a new --workdir for the new config."
+    )

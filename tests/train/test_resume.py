@@ -1,0 +1,117 @@
+"""A resume continues the run its checkpoints hold: a config that differs in what is trained is refused
+before anything is restored (train/resume.py), and config.yaml records the run that ran."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+
+import pytest
+
+from nextquill_jax import cli
+from nextquill_jax.config import config_to_dict, load_config
+from nextquill_jax.config_schema import ConfigError
+from nextquill_jax.train import loop
+from nextquill_jax.train.checkpoint import Checkpointer
+from nextquill_jax.train.resume import MAX_LISTED, check_resumable
+
+
+def _stopped_run(tmp_path, monkeypatch, write_random_data, tiny_config, write_config):
+    """A 3-step run stopped (as by SIGTERM) after step 1, whose checkpoint is saved; the config file's
+    train.workdir names another directory than the one the run uses. Returns (config path, workdir)."""
+    raw = tiny_config(write_random_data(tmp_path / "data", train=24, val=8), tmp_path / "named_in_file")
+    raw["train"]["max_steps"] = 3
+    path = write_config(raw, tmp_path / "cfg.yaml")
+    schedule = loop.actions_at
+    monkeypatch.setattr(
+        loop, "actions_at", lambda step, cfg, run, *, stop: schedule(step, cfg, run, stop=stop or step == 1)
+    )
+    workdir = tmp_path / "run"
+    result = loop.train(load_config(path), workdir, echo=lambda _: None)
+    assert (result.status, result.step, result.last_checkpoint) == ("preempted", 1, 1)
+    return path, workdir
+
+
+def test_a_resume_with_another_learning_rate_and_loss_is_refused_and_leaves_the_workdir_as_it_was(
+    tmp_path, monkeypatch, write_random_data, tiny_config, write_config
+):
+    path, workdir = _stopped_run(tmp_path, monkeypatch, write_random_data, tiny_config, write_config)
+    before = {name: (workdir / name).read_bytes() for name in ("config.yaml", "metrics.jsonl")}
+    changed = load_config(path, ["optim.learning_rate=0.1", "loss.variant=sft"])
+    with pytest.raises(ConfigError) as refused:
+        loop.train(changed, workdir, echo=lambda _: None)
+    message = str(refused.value)
+    assert "optim.learning_rate: 0.003 -> 0.1" in message and 'loss.variant: "nextquill" -> "sft"' in message
+    assert message.count(" -> ") == 2 and f"workdir {workdir.absolute()}" in message
+    assert "run the same config again" in message and "new --workdir" in message
+    assert {name: (workdir / name).read_bytes() for name in before} == before
+
+
+def test_a_resume_that_changes_only_logging_eval_checkpoint_and_data_dir_trains_on(
+    tmp_path, monkeypatch, write_random_data, tiny_config, write_config
+):
+    path, workdir = _stopped_run(tmp_path, monkeypatch, write_random_data, tiny_config, write_config)
+    moved = shutil.copytree(tmp_path / "data", tmp_path / "data_moved")
+    allowed = [
+        "logging.every_steps=2",
+        "eval.every_steps=1",
+        "eval.max_batches=1",
+        "checkpoint.every_steps=1",
+        "checkpoint.keep=3",
+        f"train.data_dir={moved}",
+    ]
+    lines = []
+    result = loop.train(load_config(path, allowed), workdir, echo=lines.append)
+    assert (result.status, result.step) == ("finished", 3)
+    assert any(line.startswith("resuming from") and line.endswith("(step 1)") for line in lines)
+    saved = load_config(workdir / "config.yaml")
+    assert (saved.logging.every_steps, saved.eval.every_steps, saved.train.data_dir) == (2, 1, str(moved))
+
+
+def test_the_saved_config_records_the_workdir_the_run_used(
+    tmp_path, monkeypatch, write_random_data, tiny_config, write_config
+):
+    path, workdir = _stopped_run(tmp_path, monkeypatch, write_random_data, tiny_config, write_config)
+    assert load_config(path).train.workdir == str(tmp_path / "named_in_file")
+    saved = load_config(workdir / "config.yaml")
+    assert saved.train.workdir == str(workdir.absolute())
+    # So the saved config alone (no --workdir) resumes this run.
+    lines = []
+    assert loop.train(saved, workdir, echo=lines.append).step == 3
+    assert any(line.startswith(f"resuming from {workdir.absolute() / 'checkpoints' / '1'}") for line in lines)
+
+
+def test_a_changed_model_shape_is_one_error_line_before_orbax_restores_anything(
+    tmp_path, monkeypatch, capsys, write_random_data, tiny_config, write_config
+):
+    path, workdir = _stopped_run(tmp_path, monkeypatch, write_random_data, tiny_config, write_config)
+    restores = []
+    monkeypatch.setattr(Checkpointer, "restore", lambda self, *a, **k: restores.append(a))
+    capsys.readouterr()
+    argv = ["train", "--config", str(path), "--workdir", str(workdir), "model.overrides.hidden_size=64"]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    assert "model.overrides.hidden_size: 32 -> 64" in err and restores == []
+
+
+def test_a_refusal_lists_the_first_differing_keys_and_counts_the_rest(tmp_path, tiny_config):
+    cfg = load_config(None, base=tiny_config(tmp_path / "data", tmp_path / "run"))
+    recorded = config_to_dict(cfg)
+    # Twelve differing keys a resume may not change, and allowed ones that must not be listed.
+    recorded["model"]["overrides"] = {**recorded["model"]["overrides"], "hidden_size": 16, "num_layers": 1}
+    recorded["optim"].update(learning_rate=1.0, weight_decay=0.5, schedule="cosine", eps=1e-6)
+    recorded["train"].update(seed=7, max_steps=9, micro_batches=2, workdir="/elsewhere")
+    recorded["data"]["batching"].update(num_epochs=5, seq_len_with=128, rows_per_batch=4)
+    recorded["logging"]["every_steps"] = 99
+    recorded["mesh"]["fsdp"] = 4
+    with pytest.raises(ConfigError) as refused:
+        check_resumable(recorded, cfg, tmp_path / "run", 4)
+    message = str(refused.value)
+    assert message.count(" -> ") == MAX_LISTED and f"and {12 - MAX_LISTED} more" in message
+    assert "data.batching.num_epochs: 5 -> 2" in message  # listed sorted by key: data first
+    assert "train.workdir:" not in message and "logging." not in message.split("A resume may")[0]
+    # The same config, and one that differs only in allowed keys, may resume.
+    check_resumable(config_to_dict(cfg), cfg, tmp_path / "run", 4)
+    allowed = dataclasses.replace(cfg, logging=dataclasses.replace(cfg.logging, every_steps=99))
+    check_resumable(config_to_dict(cfg), allowed, tmp_path / "run", 4)
