@@ -1,4 +1,4 @@
-"""The training loop: step, log, evaluate, checkpoint, and stop cleanly on SIGTERM.
+"""The training loop: step, log, evaluate, checkpoint, and stop cleanly on SIGTERM or Ctrl-C.
 
 It resumes from the newest checkpoint that verifies against its manifest (damaged newer ones are named and
 moved aside; the data iterator's position comes with the state, so the same batches follow), once the
@@ -53,8 +53,8 @@ class TrainingDivergedError(RuntimeError):
 
 @dataclass(frozen=True)
 class TrainResult:
-    """How a run ended: `status` "finished" or "preempted" (SIGTERM: saved, resume by running again), the
-    last step, the last checkpoint's step and the final train state (sharded arrays)."""
+    """How a run ended: `status` "finished" or "preempted" (SIGTERM or Ctrl-C: saved, resume by running
+    again), the last step, the last checkpoint's step and the final train state (sharded arrays)."""
 
     status: str
     step: int
@@ -198,7 +198,7 @@ def start_state(run: RunSetup, cfg: Config, ckpt: Checkpointer, iterator, echo) 
 @dataclass(frozen=True)
 class StepActions:
     """What is due after a step: `fetch` the pending metrics (and log them), `evaluate`, `save`; `last` step
-    of the run; `stop` on SIGTERM."""
+    of the run; `stop` on SIGTERM or a first Ctrl-C."""
 
     fetch: bool
     evaluate: bool
