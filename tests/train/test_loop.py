@@ -23,25 +23,28 @@ def test_the_eval_line_shows_the_loss_and_the_tracked_metric():
     assert eval_line(7, {"eval/loss": 1.0}, "eval/loss") == "step 7: eval/loss 1.0000"
 
 
+def _train_with_an_unsaved_stop(raw: dict, workdir, monkeypatch, *, every_steps: int, stop_step: int):
+    """Train `raw` for up to 3 steps, saving every `every_steps` (synchronously), with step `stop_step` made a
+    stop whose own save is dropped (which `actions_at` never schedules); returns the TrainResult."""
+    raw["checkpoint"].update(every_steps=every_steps, async_save=False)
+    raw["train"]["max_steps"] = 3
+    schedule = loop.actions_at
+
+    def actions_at(step, cfg, run, *, stop):
+        due = schedule(step, cfg, run, stop=stop)
+        return dataclasses.replace(due, stop=True, save=False) if step == stop_step else due
+
+    monkeypatch.setattr(loop, "actions_at", actions_at)
+    return loop.train(load_config(None, base=raw), workdir, echo=lambda _: None)
+
+
 def test_a_stop_without_its_own_save_names_the_newest_saved_checkpoint(
     tmp_path, monkeypatch, capsys, write_random_data, tiny_config
 ):
     # Step 1 saves (every_steps: 1); step 2 is made a stop that does not save, which `actions_at` never
     # schedules: the stop must name step 1's checkpoint, not claim one for step 2.
     raw = tiny_config(write_random_data(tmp_path / "data"), tmp_path / "run")
-    raw["checkpoint"].update(every_steps=1, async_save=False)
-    raw["train"]["max_steps"] = 3
-    schedule = loop.actions_at
-    monkeypatch.setattr(
-        loop,
-        "actions_at",
-        lambda step, cfg, run, *, stop: (
-            schedule(step, cfg, run, stop=stop)
-            if step != 2
-            else dataclasses.replace(schedule(step, cfg, run, stop=stop), stop=True, save=False)
-        ),
-    )
-    result = loop.train(load_config(None, base=raw), tmp_path / "run", echo=lambda _: None)
+    result = _train_with_an_unsaved_stop(raw, tmp_path / "run", monkeypatch, every_steps=1, stop_step=2)
     assert (result.status, result.step, result.last_checkpoint) == ("preempted", 2, 1)
     checkpoints = (tmp_path / "run" / "checkpoints").absolute()
     assert [p.name for p in checkpoints.iterdir() if p.is_dir()] == ["1"]
@@ -56,17 +59,7 @@ def test_a_stop_before_any_save_says_no_checkpoint_is_saved(
     # A SIGTERM at step 1 whose save is dropped: there is nothing to resume from, and the message must not
     # claim that a checkpoint "none" is complete.
     raw = tiny_config(write_random_data(tmp_path / "data"), tmp_path / "run")
-    raw["checkpoint"].update(every_steps=100, async_save=False)
-    raw["train"]["max_steps"] = 3
-    schedule = loop.actions_at
-    monkeypatch.setattr(
-        loop,
-        "actions_at",
-        lambda step, cfg, run, *, stop: dataclasses.replace(
-            schedule(step, cfg, run, stop=stop), stop=step == 1, save=False
-        ),
-    )
-    result = loop.train(load_config(None, base=raw), tmp_path / "run", echo=lambda _: None)
+    result = _train_with_an_unsaved_stop(raw, tmp_path / "run", monkeypatch, every_steps=100, stop_step=1)
     assert (result.status, result.step, result.last_checkpoint) == ("preempted", 1, None)
     out = capsys.readouterr().out
     assert (
