@@ -190,9 +190,9 @@ def cost_analysis(args: argparse.Namespace, argv: list[str] | None, parser: argp
         )
 
     def note_unattributed(label, costs, total) -> None:
-        if unattributed_flops(costs):
+        if unattributed := unattributed_flops(costs):
             notes.append(
-                f"{label}: {unattributed_flops(costs) / total:.1%} of the executed FLOPs are dots XLA left "
+                f"{label}: {unattributed / total:.1%} of the executed FLOPs are dots XLA left "
                 "without a source location (its batch-dot simplification drops it with a batch dimension of "
                 "size 1, e.g. --rows 1): the layers column counts them, so its ratio is too high and the "
                 "attention or LM-head ratio too low"
