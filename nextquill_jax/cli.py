@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from nextquill_jax import __version__, third_party_logs
@@ -90,9 +91,22 @@ def expected_errors() -> tuple[type[Exception], ...]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line `argv`; returns the exit status (1: an expected error, printed as `error: ...`
-    on stderr without a traceback; 130: interrupted by Ctrl-C; other statuses as each subcommand
-    documents)."""
-    argv = sys.argv[1:] if argv is None else argv
+    on stderr without a traceback; 130: interrupted by Ctrl-C; 141: stdout's reader went away, as in
+    `nextquill-jax data show DIR --index 0 | head`; other statuses as each subcommand documents)."""
+    try:
+        try:
+            return _dispatch(sys.argv[1:] if argv is None else argv)
+        finally:
+            # Flushed here, not at interpreter exit, so that a closed pipe is met inside the handler below.
+            sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader took what it wanted (`| head`); later writes, including the exit-time flush, go to
+        # /dev/null. 141 = 128 + SIGPIPE, what a shell reports for `yes | head`.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+
+
+def _dispatch(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

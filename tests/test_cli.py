@@ -5,6 +5,7 @@ printed as one `error:` paragraph with the fix and exit status 1, never a traceb
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import re
 import shlex
 import subprocess
@@ -166,3 +167,19 @@ def test_ctrl_c_is_one_line_and_status_130_not_a_traceback(monkeypatch, capsys):
         pytest.fail("main let KeyboardInterrupt through (a traceback)")
     assert status == 130
     assert capsys.readouterr().err == "interrupted (Ctrl-C)\n"
+
+
+def test_a_closed_stdout_pipe_ends_quietly_with_status_141(tmp_path):
+    argv = ["data", "synth", "--out", str(tmp_path / "synth"), "--users", "2"]
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader (`| head`) is gone before anything is written
+    try:
+        run = subprocess.run(
+            [sys.executable, "-m", "nextquill_jax.cli", *argv],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    finally:
+        os.close(write_end)
+    assert (run.returncode, run.stderr) == (141, "")
