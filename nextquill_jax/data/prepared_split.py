@@ -22,6 +22,7 @@ name instead of training on changed tokens.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -138,6 +139,13 @@ class PreparedSplit:
             start, stop = self._offsets[f][index], self._offsets[f][index + 1]
             out[f] = np.asarray(self._flat[f][start:stop])
         return out
+
+    @property
+    def content_digest(self) -> str:
+        """SHA-256 (hex) of the split's checksum manifest: two splits share it exactly when their array files
+        have the same names, sizes and BLAKE2b hashes, wherever they lie (the manifest was checked against
+        the files when the split was opened)."""
+        return hashlib.sha256(json.dumps(self.meta["checksums"], sort_keys=True).encode()).hexdigest()
 
     def lengths(self, field: str) -> np.ndarray:
         """Token count of `field` for every example, [N] int64."""

@@ -34,7 +34,7 @@ from nextquill_jax.train.adapters import check_same_base
 from nextquill_jax.train.checkpoint import CORRUPT_SUFFIX, Checkpointer, CheckpointSaveError
 from nextquill_jax.train.health import HealthMonitor
 from nextquill_jax.train.metrics_log import MetricsLog
-from nextquill_jax.train.resume import check_resumable
+from nextquill_jax.train.resume import check_resumable, check_same_data
 from nextquill_jax.train.setup import RunSetup, abstract_state, init_state, set_up_run
 from nextquill_jax.train.state import TrainState
 from nextquill_jax.train.workdir import CHECKPOINT_DIR, CONFIG_FILE
@@ -133,6 +133,7 @@ def train(cfg: Config, workdir: Path, *, echo=print) -> TrainResult:
                         "step": step,
                         "epoch": epoch_of(step, run.epoch_ends),
                         "base": run.base_identity,
+                        "data": run.data_identity,
                     }
                     save = functools.partial(
                         ckpt.save, step, state, iterator, config=config_dict, progress=progress,
@@ -171,7 +172,8 @@ def start_state(run: RunSetup, cfg: Config, ckpt: Checkpointer, iterator, echo) 
     Raises:
         checksums.IntegrityError: checkpoints exist but none verifies (rather than silently start afresh).
         ConfigError: `cfg` differs from the checkpoint's config in a key a resume may not change
-            (`resume.check_resumable`), found before anything is restored.
+            (`resume.check_resumable`), or the prepared data's content from what the checkpoint was trained
+            on (`resume.check_same_data`), found before anything is restored.
     """
     complete = ckpt.all_steps()
     start = ckpt.newest_verified(echo)
@@ -186,9 +188,12 @@ def start_state(run: RunSetup, cfg: Config, ckpt: Checkpointer, iterator, echo) 
         return init_state(params, run.tx, cfg.train.seed, run.state_shardings), 0
     where = str(ckpt.directory / str(start))
     # The base first: its message names a changed LoRA base, or LoRA added or removed, and its fix; then every
-    # other key. Both read only the checkpoint's JSON items, before Orbax restores any array.
-    check_same_base(ckpt.read_progress(start).get("base"), run.base_identity, where)
+    # other key; then the data's content, which can change under the same config. All read only the
+    # checkpoint's JSON items, before Orbax restores any array.
+    progress = ckpt.read_progress(start)
+    check_same_base(progress.get("base"), run.base_identity, where)
     check_resumable(ckpt.read_config(start), cfg, ckpt.directory.parent, start)
+    check_same_data(progress.get("data"), run.data_identity, where)
     target = abstract_state(run.abstract_params, run.tx, cfg.train.seed, run.state_shardings)
     state, _ = ckpt.restore(start, target, iterator)
     echo(f"resuming from {where} (step {start})")

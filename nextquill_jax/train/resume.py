@@ -4,9 +4,12 @@ A workdir's checkpoints continue one run. Resuming them with another model, loss
 would train a different run on top of them (a new `train.max_steps` recomputes the learning-rate schedule,
 and metrics.jsonl would mix both runs), and a changed model shape would only fail deep inside Orbax. So a
 resume is refused, before any state is restored, unless the two configs agree on every key but those of
-`MAY_CHANGE`.
+`MAY_CHANGE`. Nor may the data change under the same config (a moved `train.data_dir`, sources prepared
+again after an edit): each checkpoint records the content digests of the prepared splits it was trained and
+validated on (`data_identity`), which must match.
 
     check_resumable(ckpt.read_config(step), cfg, workdir, step)
+    check_same_data(ckpt.read_progress(step).get("data"), data_identity(data_dir, splits), where)
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 
 from nextquill_jax.config import Config, config_to_dict, load_config
 from nextquill_jax.config_schema import ConfigError
+from nextquill_jax.data.prepared_split import PreparedSplit
 from nextquill_jax.train.workdir import CONFIG_FILE
 
 # Dotted keys (a section or a field; a key covers everything below it) that a resume may change, because they
@@ -32,8 +36,7 @@ MAY_CHANGE = (
     "checkpoint",  # when checkpoints are saved and which are kept
     "mesh",  # the device layout: Orbax reshards the state onto another slice
     "train.workdir",  # where the run is; config.yaml records the one it used
-    # Where the prepared data is. With `data.sources` set, the `data` section (which must match) is prepared
-    # into it or reused only while its fingerprint (settings, tokenizer, sources' contents) matches.
+    # Where the prepared data is; its content must match what the checkpoint records (`check_same_data`).
     "train.data_dir",
     # Memory and speed settings documented to compute the same values.
     "model.remat_policy",
@@ -104,4 +107,38 @@ def check_resumable(recorded: Mapping[str, Any], cfg: Config, workdir: Path, ste
         f"different run on top of it; differing, the checkpoint's value first: {'; '.join(listed)}{more}. "
         f"A resume may change only {', '.join(MAY_CHANGE)}. Fix: run the same config again (`nextquill-jax "
         f"train --config {workdir / CONFIG_FILE}` resumes it), or use a new --workdir for the new config."
+    )
+
+
+def data_identity(data_dir: Path, splits: Mapping[str, PreparedSplit]) -> dict[str, Any]:
+    """{"dir": `data_dir` as text, "splits": {split name: `PreparedSplit.content_digest`}}: what a checkpoint
+    records of the prepared data its run trains and validates on (`splits`, opened from `data_dir`)."""
+    return {"dir": str(data_dir), "splits": {name: split.content_digest for name, split in splits.items()}}
+
+
+def check_same_data(saved: Mapping[str, Any] | None, current: Mapping[str, Any], where: str) -> None:
+    """Return if the checkpoint at `where`, whose recorded `data_identity` is `saved`, was trained on splits
+    with the content of `current`'s, wherever they lie now; a checkpoint saved before checkpoints recorded
+    it (`saved` None) is not checked.
+
+    Raises:
+        ConfigError: naming both directories, the splits whose content differs (or that only one side has)
+            and the fix.
+    """
+    if saved is None:
+        return
+    before, after = saved["splits"], current["splits"]
+    changed = sorted(name for name in before.keys() | after.keys() if before.get(name) != after.get(name))
+    if not changed:
+        return
+    now = (
+        f"the data in {current['dir']} has changed since"
+        if saved["dir"] == current["dir"]
+        else f"{current['dir']} holds other data than {saved['dir']}, which it was trained on"
+    )
+    raise ConfigError(
+        f"{where} was trained on other prepared data: {now} (split{'s' if len(changed) > 1 else ''} "
+        f"{', '.join(changed)}: other content, or present on one side only), so resuming would continue the "
+        f"run on other examples. Fix: point train.data_dir at the data the run was trained on (or restore "
+        f"the sources prepared into it), or use a new --workdir for the new data."
     )

@@ -33,6 +33,7 @@ from nextquill_jax.data.prepared_split import PreparedSplit
 from nextquill_jax.parallel import DEFAULT_RULES
 from nextquill_jax.train import adapters, model_setup
 from nextquill_jax.train.optimizer import learning_rate_schedule, make_optimizer, trainable_mask
+from nextquill_jax.train.resume import data_identity
 from nextquill_jax.train.state import TrainState
 from nextquill_jax.train.step import StepSettings, make_eval_step, make_train_step
 from nextquill_jax.train.workdir import build_mesh, data_dir_of, is_workdir, restore_model
@@ -369,6 +370,7 @@ class RunSetup:
     `initial_params()` loads or initialises the starting parameters, the state's (only called when there is
     no checkpoint to resume from). Under `model.lora` the state's parameters are the adapters, `base_params`
     the frozen base and `base_identity` its path and fingerprint (both None for full fine-tuning).
+    `data_identity` is `resume.data_identity` of the train and eval splits, which each checkpoint records.
     """
 
     config: Config
@@ -386,6 +388,7 @@ class RunSetup:
     train_step: Callable
     eval_step: Callable
     initial_params: Callable[[], dict]
+    data_identity: dict
     base_params: dict | None = None
     base_identity: dict | None = None
 
@@ -489,6 +492,7 @@ def set_up_run(cfg: Config, workdir: Path, echo: Echo = print) -> RunSetup:
         initial_params=initial_params,
         base_params=base,
         base_identity=base_identity,
+        data_identity=data_identity(data_dir, {p.split.dir.name: p.split for p in pipelines.values()}),
     )
 
 

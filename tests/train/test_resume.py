@@ -13,7 +13,7 @@ from nextquill_jax.config import config_to_dict, load_config
 from nextquill_jax.config_schema import ConfigError
 from nextquill_jax.train import loop
 from nextquill_jax.train.checkpoint import Checkpointer
-from nextquill_jax.train.resume import MAX_LISTED, check_resumable
+from nextquill_jax.train.resume import MAX_LISTED, check_resumable, check_same_data
 
 
 def _stopped_run(tmp_path, monkeypatch, write_random_data, tiny_config, write_config):
@@ -66,6 +66,35 @@ def test_a_resume_that_changes_only_logging_eval_checkpoint_and_data_dir_trains_
     assert any(line.startswith("resuming from") and line.endswith("(step 1)") for line in lines)
     saved = load_config(workdir / "config.yaml")
     assert (saved.logging.every_steps, saved.eval.every_steps, saved.train.data_dir) == (2, 1, str(moved))
+
+
+def test_a_resume_on_other_data_under_the_same_config_is_refused_before_orbax_restores_anything(
+    tmp_path, monkeypatch, write_random_data, tiny_config, write_config
+):
+    path, workdir = _stopped_run(tmp_path, monkeypatch, write_random_data, tiny_config, write_config)
+    restores = []
+    monkeypatch.setattr(Checkpointer, "restore", lambda self, *a, **k: restores.append(a))
+    other = write_random_data(tmp_path / "other", train=24, val=8, seed=1)
+    with pytest.raises(ConfigError) as moved:
+        loop.train(load_config(path, [f"train.data_dir={other}"]), workdir, echo=lambda _: None)
+    message = str(moved.value)
+    assert f"{other} holds other data than {tmp_path / 'data'}" in message and "splits train, val" in message
+    # The same directory prepared again with other examples: still refused.
+    shutil.rmtree(tmp_path / "data")
+    write_random_data(tmp_path / "data", train=24, val=8, seed=1)
+    with pytest.raises(ConfigError) as changed:
+        loop.train(load_config(path), workdir, echo=lambda _: None)
+    assert f"the data in {tmp_path / 'data'} has changed since" in str(changed.value)
+    assert "Fix: point train.data_dir at the data the run was trained on" in str(changed.value)
+    assert restores == []
+
+
+def test_check_same_data_compares_split_contents_wherever_they_lie():
+    saved = {"dir": "/a", "splits": {"train": "t1", "val": "v1"}}
+    check_same_data(saved, {"dir": "/b", "splits": {"train": "t1", "val": "v1"}}, "ckpt")
+    check_same_data(None, {"dir": "/b", "splits": {"train": "t2"}}, "ckpt")  # saved before it was recorded
+    with pytest.raises(ConfigError, match=r"^ckpt was trained on other prepared data: /b .*\(split val: "):
+        check_same_data(saved, {"dir": "/b", "splits": {"train": "t1"}}, "ckpt")
 
 
 def test_the_saved_config_records_the_workdir_the_run_used(
