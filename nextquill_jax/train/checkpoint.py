@@ -2,7 +2,7 @@
 
 One directory per step under `<workdir>/checkpoints/<step>/` with the items `state` (the TrainState pytree,
 sharded arrays written by every process), `data` (the Grain iterator's position, one file per process),
-`config` (the resolved config), `progress` (step and epoch) and Orbax's `metrics`. Saves are asynchronous;
+`config` (the resolved config), `progress` (step, epoch, LoRA base and data identities) and Orbax's `metrics`. Saves are asynchronous;
 Orbax writes each step into `<step>.orbax-checkpoint-tmp*` and renames it only once every item is complete,
 so a process killed mid-save leaves a temporary directory that `latest_step` never returns and the next
 start deletes (tests/train/test_runs.py kills a run mid-save to check this).
@@ -369,7 +369,8 @@ class Checkpointer:
         return self._read_json(step, "config")
 
     def read_progress(self, step: int) -> dict[str, Any]:
-        """The progress saved with step `step`: step, epoch and, under LoRA, the base's identity (`base`).
+        """The progress saved with step `step`: step, epoch, under LoRA the base's identity (`base`), and the
+        prepared data's (`data`, `resume.data_identity`; absent from checkpoints saved before it was recorded).
 
         Raises:
             FileNotFoundError: no complete checkpoint at `step` (naming the ones there are).
