@@ -2,10 +2,11 @@
 
 One directory per step under `<workdir>/checkpoints/<step>/` with the items `state` (the TrainState pytree,
 sharded arrays written by every process), `data` (the Grain iterator's position, one file per process),
-`config` (the resolved config), `progress` (step, epoch, LoRA base and data identities) and Orbax's `metrics`. Saves are asynchronous;
-Orbax writes each step into `<step>.orbax-checkpoint-tmp*` and renames it only once every item is complete,
-so a process killed mid-save leaves a temporary directory that `latest_step` never returns and the next
-start deletes (tests/train/test_runs.py kills a run mid-save to check this).
+`config` (the resolved config), `progress` (step, epoch, the LoRA base's and the data's identities) and
+Orbax's `metrics`. Saves are asynchronous; Orbax writes each step into `<step>.orbax-checkpoint-tmp*` and
+renames it only once every item is complete, so a process killed mid-save leaves a temporary directory that
+`latest_step` never returns and the next start deletes (tests/train/test_runs.py kills a run mid-save to
+check this).
 
 Integrity: once every process has written its files, and before the rename that commits the step, the
 primary process writes `<step>/manifest.json` (every file of the step with its size and BLAKE2b-128
@@ -370,7 +371,8 @@ class Checkpointer:
 
     def read_progress(self, step: int) -> dict[str, Any]:
         """The progress saved with step `step`: step, epoch, under LoRA the base's identity (`base`), and the
-        prepared data's (`data`, `resume.data_identity`; absent from checkpoints saved before it was recorded).
+        prepared data's (`data`, `resume.data_identity`; absent from checkpoints saved before it was
+        recorded).
 
         Raises:
             FileNotFoundError: no complete checkpoint at `step` (naming the ones there are).
