@@ -140,6 +140,7 @@ def test_a_missing_packaged_model_is_an_error_with_the_install_command(
          r"^data\.sources: no file matches .*no\.jsonl.* Fix: correct the path"),
         (["data", "show", "{tmp}", "--index", "0"], r"train/meta\.json not found: run `nextquill-jax data"),
         (["export", "--workdir", "{tmp}", "--out", "{tmp}/hf"], r"is not a training workdir: .* Fix: pass"),
+        (["checkpoint", "verify", "--workdir", "{tmp}"], r"is not a training workdir: .* Fix: pass"),
         (["evaluate", "--workdir", "{tmp}/empty"], r"checkpoints holds no complete checkpoint\. Fix: train"),
     ],
 )  # fmt: skip
@@ -183,3 +184,17 @@ def test_a_closed_stdout_pipe_ends_quietly_with_status_141(tmp_path):
     finally:
         os.close(write_end)
     assert (run.returncode, run.stderr) == (141, "")
+
+
+def test_effects_on_a_mistyped_workdir_leaves_no_report_directory(tmp_path):
+    # A fresh process without the suite's JAX_PLATFORMS, as in a user's shell: JAX's first log line, on
+    # probing the TPU backend at start-up, would create OUT/logs/.
+    argv = ["effects", "--workdir", str(tmp_path / "typo"), "--out", str(tmp_path / "report")]
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    run = subprocess.run(
+        [sys.executable, "-m", "nextquill_jax.cli", *argv], capture_output=True, text=True, env=env
+    )
+    assert (
+        run.returncode == 1 and run.stderr.startswith("error: ") and "is not a training workdir" in run.stderr
+    )
+    assert "Traceback" not in run.stderr and not (tmp_path / "report").exists()

@@ -141,8 +141,14 @@ def run_effects(args: argparse.Namespace) -> int:
         if args.step is not None and args.workdir is None:
             raise ValueError("--step needs --workdir")
         if args.workdir is not None:
-            from nextquill_jax.train.workdir import data_dir_of, restore_model, single_device_mesh
+            from nextquill_jax.train.workdir import (
+                checkpoints_dir,
+                data_dir_of,
+                restore_model,
+                single_device_mesh,
+            )
 
+            checkpoints_dir(args.workdir)  # before the mesh starts JAX, whose first log line makes OUT/logs
             restored = restore_model(args.workdir, args.step, single_device_mesh())
             model, cfg, step = restored.model, restored.config, restored.step
             loss_cfg = cfg.loss.loss_config()

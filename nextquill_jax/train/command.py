@@ -94,12 +94,9 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
 def run_checkpoint(args: argparse.Namespace) -> int:
     from nextquill_jax.config import CheckpointConfig
     from nextquill_jax.train.checkpoint import Checkpointer
-    from nextquill_jax.train.workdir import CHECKPOINT_DIR
+    from nextquill_jax.train.workdir import checkpoints_dir
 
-    directory = args.workdir.expanduser() / CHECKPOINT_DIR
-    if not directory.is_dir():
-        print(f"error: {args.workdir} is not a training workdir: {directory} does not exist", file=sys.stderr)
-        return 1
+    directory = checkpoints_dir(args.workdir)
     ckpt = Checkpointer(directory, CheckpointConfig(), read_only=True)
     try:
         checks = [ckpt.check(step) for step in ckpt.all_steps()]

@@ -46,6 +46,21 @@ def is_workdir(path: str | Path) -> bool:
     return (root / CONFIG_FILE).is_file() and (root / CHECKPOINT_DIR).is_dir()
 
 
+def checkpoints_dir(workdir: str | Path) -> Path:
+    """`workdir`'s checkpoints directory, which must exist.
+
+    Raises:
+        FileNotFoundError: `workdir` is not a training workdir (naming the missing directory and the fix).
+    """
+    directory = Path(workdir).expanduser() / CHECKPOINT_DIR
+    if not directory.is_dir():
+        raise FileNotFoundError(
+            f"{workdir} is not a training workdir: {directory} does not exist. Fix: pass the workdir of a "
+            "`nextquill-jax train` run (it holds config.yaml and checkpoints/)."
+        )
+    return directory
+
+
 def data_dir_of(cfg: Config, workdir: str | Path) -> Path:
     """Where the run's prepared data lives: `train.data_dir`, else `<workdir>/prepared`."""
     return Path(cfg.train.data_dir).expanduser() if cfg.train.data_dir else Path(workdir) / PREPARED_DIR
@@ -92,12 +107,7 @@ def restore_params(workdir: str | Path, step: int | None = None, mesh: Mesh | No
             message names the files.
         ConfigError: a LoRA checkpoint whose base (`model.path`) is no longer the one it was trained on.
     """
-    directory = Path(workdir).expanduser() / CHECKPOINT_DIR
-    if not directory.is_dir():
-        raise FileNotFoundError(
-            f"{workdir} is not a training workdir: {directory} does not exist. Fix: pass the workdir of a "
-            "`nextquill-jax train` run (it holds config.yaml and checkpoints/)."
-        )
+    directory = checkpoints_dir(workdir)
     ckpt = Checkpointer(directory, CheckpointConfig(), read_only=True)
     try:
         if step is not None:
