@@ -45,17 +45,21 @@ def prepare(
     *,
     tokenizer: Any = None,
     force: bool = False,
+    protected: str | None = None,
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Prepare `cfg`'s data into `out_dir` (or reuse it) and return the summary.
 
     `tokenizer`: a fast Hugging Face tokenizer; None loads `cfg.tokenizer` with `models.load_tokenizer`.
-    The summary's `reused` is true when an identical earlier preparation was found.
+    The summary's `reused` is true when an identical earlier preparation was found. `protected`: None
+    replaces data prepared with other settings (saying why); else why that data must be kept and the fix,
+    which the ValueError raised instead ends with.
 
     Raises:
         DataError: invalid records with `cfg.on_error == "fail"` (all listed, nothing written).
-        ValueError: configuration problems (missing files, unpaired metadata, template fields, tokenizer), or
-            no example left.
+        ValueError: configuration problems (missing files, unpaired metadata, template fields, tokenizer), no
+            example left, or (`protected`) `out_dir` holds data prepared with other settings, which are
+            listed; nothing is written then.
     """
     out = Path(out_dir)
     template = load_template(cfg.template)
@@ -82,6 +86,8 @@ def prepare(
                 f"{out}: its fingerprint {str(previous.get('fingerprint'))[:12]} differs from this config's "
                 f"{fingerprint[:12]} (the template's text or the tokenizer changed)"
             )
+        if protected is not None and previous.get("fingerprint") != fingerprint:
+            raise ValueError(f"{why}; it is not replaced: {protected}")
         echo(f"{why}: preparing again, replacing its contents")
 
     log = IssueLog(on_error=cfg.on_error, max_shown=cfg.max_errors_shown)

@@ -36,7 +36,14 @@ from nextquill_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from nextquill_jax.train.resume import data_identity
 from nextquill_jax.train.state import TrainState
 from nextquill_jax.train.step import StepSettings, make_eval_step, make_train_step
-from nextquill_jax.train.workdir import build_mesh, data_dir_of, is_workdir, restore_model
+from nextquill_jax.train.workdir import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    build_mesh,
+    data_dir_of,
+    is_workdir,
+    restore_model,
+)
 
 Echo = Callable[[str], None]
 
@@ -64,12 +71,17 @@ def prepared_dir(cfg: Config, workdir: Path, echo: Echo) -> Path:
     in-process `synthetic`), else prepared (or reused by fingerprint) from the `data` section into
     `train.data_dir` or `<workdir>/prepared`.
 
+    Data prepared with other settings is replaced only in `<workdir>/prepared` of a workdir without
+    checkpoints: a directory `train.data_dir` names may serve other runs or hold a `data prepare` with
+    overrides, and checkpoints were trained on their workdir's data.
+
     Process 0 prepares first; the others then find it up to date (shared disk) or prepare their own copy.
 
     Raises:
         DataError: invalid records (`data.on_error: fail`).
         ConfigError: what `data.prepare.prepare` rejects as a `data` section problem (files that match
-            nothing, template fields a format lacks, no example left, ...).
+            nothing, template fields a format lacks, no example left, ...), or data prepared with other
+            settings that is not replaced (naming what differs and the fix).
     """
     target = data_dir_of(cfg, workdir)
     if not cfg.data.sources and cfg.data.format != "synthetic":
@@ -83,12 +95,27 @@ def prepared_dir(cfg: Config, workdir: Path, echo: Echo) -> Path:
     from nextquill_jax.data.prepare import prepare
     from nextquill_jax.data.sources.records import DataError
 
+    checkpoints = workdir / CHECKPOINT_DIR
+    if cfg.train.data_dir:
+        protected = (
+            "train.data_dir names it, and train does not replace data it is pointed at. Fix: give the data "
+            "settings it was prepared with, prepare it again on purpose (`nextquill-jax data prepare "
+            f"--config FILE --out {target} --force`), or point train.data_dir at another directory."
+        )
+    elif checkpoints.is_dir() and any(checkpoints.iterdir()):
+        protected = (
+            f"the checkpoints in {checkpoints} were trained on it. Fix: run with the data settings the run "
+            f"was trained on (`nextquill-jax train --config {workdir / CONFIG_FILE}` resumes it), or use a "
+            f"new --workdir."
+        )
+    else:
+        protected = None
     try:
         if jax.process_index() == 0:
-            prepare(cfg.data, target, echo=echo)
+            prepare(cfg.data, target, protected=protected, echo=echo)
         _sync("prepared data")
         if jax.process_index() != 0:
-            prepare(cfg.data, target, echo=lambda _: None)
+            prepare(cfg.data, target, protected=protected, echo=lambda _: None)
     except DataError:
         raise
     except ValueError as e:  # prepare's ValueErrors are problems of the `data` section

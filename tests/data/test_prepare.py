@@ -364,3 +364,26 @@ def test_prepare_takes_data_overrides_as_train_does(tmp_path, tok_dir, capsys):
     said = capsys.readouterr().err.rstrip()  # the file alone is valid: the override is what to fix
     assert said.startswith("error: command line: data.max_history must be an integer >= 0, got -3"), said
     assert said.endswith(" (overrides: data.max_history=-3)"), said
+
+
+def test_protected_data_prepared_with_other_settings_is_refused_and_left_as_it_was(tmp_path, tiny_tokenizer):
+    source = tmp_path / "records.jsonl"
+    source.write_bytes((F / "generic" / "records.jsonl").read_bytes())
+    out = tmp_path / "prepared"
+    base = dict(format="generic", template="plain", sources=[str(source)])
+    tok = tiny_tokenizer()
+    first = prepare(DataConfig(**base, max_history=1), out, tokenizer=tok, echo=lambda _: None)
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(ValueError) as refused:
+        prepare(DataConfig(**base), out, tokenizer=tok, protected="WHY. Fix: X.", echo=lambda _: None)
+    assert str(refused.value) == (
+        f"{out} was prepared with other settings (data.max_history: 1 -> {DataConfig().max_history}); it is "
+        "not replaced: WHY. Fix: X."
+    )
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
+    # The same settings are reused, and missing split files are written again: neither changes the data.
+    same = DataConfig(**base, max_history=1)
+    assert prepare(same, out, tokenizer=tok, protected="WHY", echo=lambda _: None)["reused"]
+    os.remove(out / "test.jsonl")
+    again = prepare(same, out, tokenizer=tok, protected="WHY", echo=lambda _: None)
+    assert not again["reused"] and again["fingerprint"] == first["fingerprint"]

@@ -11,9 +11,12 @@ import pytest
 from nextquill_jax import cli
 from nextquill_jax.config import config_to_dict, load_config
 from nextquill_jax.config_schema import ConfigError
+from nextquill_jax.data.prepare import prepare
 from nextquill_jax.train import loop
 from nextquill_jax.train.checkpoint import Checkpointer
 from nextquill_jax.train.resume import MAX_LISTED, check_resumable, check_same_data
+from nextquill_jax.train.setup import prepared_dir
+from tests.shared import FIXTURES
 
 
 def _stopped_run(tmp_path, monkeypatch, write_random_data, tiny_config, write_config):
@@ -95,6 +98,37 @@ def test_check_same_data_compares_split_contents_wherever_they_lie():
     check_same_data(None, {"dir": "/b", "splits": {"train": "t2"}}, "ckpt")  # saved before it was recorded
     with pytest.raises(ConfigError, match=r"^ckpt was trained on other prepared data: /b .*\(split val: "):
         check_same_data(saved, {"dir": "/b", "splits": {"train": "t1"}}, "ckpt")
+
+
+@pytest.mark.parametrize("named", [True, False], ids=["train.data_dir", "workdir_with_checkpoints"])
+def test_train_does_not_replace_data_it_is_pointed_at_or_that_checkpoints_were_trained_on(
+    named, tmp_path, tiny_config, save_tiny_tokenizer
+):
+    source = tmp_path / "records.jsonl"
+    source.write_bytes((FIXTURES / "generic" / "records.jsonl").read_bytes())
+    data = {"format": "generic", "template": "plain", "sources": [str(source)]}
+    data["tokenizer"] = str(save_tiny_tokenizer(tmp_path / "tok"))
+    workdir = tmp_path / "run"
+    raw = tiny_config(tmp_path / "named", workdir)
+    raw["data"].update(data)
+    raw["train"]["data_dir"] = raw["train"]["data_dir"] if named else None
+    cfg = load_config(None, base=raw)
+    target = tmp_path / "named" if named else workdir / "prepared"
+    # Prepared as `data prepare ... data.max_history=1` would.
+    prepare(dataclasses.replace(cfg.data, max_history=1), target, echo=lambda _: None)
+    if not named:
+        (workdir / "checkpoints" / "3").mkdir(parents=True)
+    files = {p: p.read_bytes() for p in target.rglob("*") if p.is_file()}
+    with pytest.raises(ConfigError) as refused:
+        prepared_dir(cfg, workdir, echo=lambda _: None)
+    message = str(refused.value)
+    assert f"{target} was prepared with other settings (data.max_history: 1 -> " in message
+    assert ("train.data_dir names it" if named else "the checkpoints in") in message and "Fix: " in message
+    assert {p: p.read_bytes() for p in target.rglob("*") if p.is_file()} == files
+    if not named:  # without checkpoints, the workdir's own data is the run's to replace
+        shutil.rmtree(workdir / "checkpoints")
+        assert prepared_dir(cfg, workdir, echo=lambda _: None) == target
+        assert {p: p.read_bytes() for p in target.rglob("*") if p.is_file()} != files
 
 
 def test_the_saved_config_records_the_workdir_the_run_used(
