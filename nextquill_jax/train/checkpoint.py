@@ -140,6 +140,44 @@ def check_step(step_dir: Path) -> StepCheck:
     return StepCheck(step, "failed" if found else "ok", found, len(files), size)
 
 
+def moved_aside(directory: Path) -> list[Path]:
+    """The step directories in `directory` that a resume moved aside as damaged (`<step>.corrupt`), by
+    step."""
+    steps = {p: p.name.removesuffix(CORRUPT_SUFFIX) for p in directory.glob(f"*{CORRUPT_SUFFIX}")}
+    return sorted((p for p, s in steps.items() if s.isdigit()), key=lambda p: int(steps[p]))
+
+
+def verify_error(directory: Path, checks: list[StepCheck], aside: list[Path]) -> str | None:
+    """What `checkpoint verify` finds wrong with the checkpoints in `directory` (`checks`, one per step, and
+    `aside`, the steps moved aside as damaged), as one line naming the step directories and the fix; None
+    when no step is damaged or incomplete and at least one verifies."""
+    if not checks and aside:
+        return (
+            f"{directory} holds no complete checkpoint: a resume moved the damaged "
+            f"{', '.join(map(str, aside))} aside. Fix: restore the checkpoints from a backup, or run "
+            "`nextquill-jax train` again to train from the start."
+        )
+    if not checks:
+        return (
+            f"{directory} holds no complete checkpoint. Fix: train until the run saves one "
+            "(checkpoint.every_steps, or the end of an epoch)."
+        )
+    failed = [str(directory / str(c.step)) for c in checks if c.status == "failed"]
+    if failed:
+        return (
+            f"damaged or incomplete: {', '.join(failed)} (see the table). Fix: restore them from a backup, "
+            "or delete them (`nextquill-jax train` moves them aside and resumes from the newest step that "
+            "verifies)."
+        )
+    if not any(c.status == "ok" for c in checks):
+        return (
+            f"no checkpoint in {directory} verifies: steps {[c.step for c in checks]} have no {MANIFEST} "
+            "(saved before checkpoints carried one). Fix: evaluation and export still use them, unverified; "
+            "for a verified one, train the run on (`nextquill-jax train`) until it saves a checkpoint."
+        )
+    return None
+
+
 def _to_stderr(message: str) -> None:
     print(message, file=sys.stderr)
 
