@@ -13,7 +13,8 @@ primary process writes `<step>/manifest.json` (every file of the step with its s
 checksum, `data.checksums`), so a committed step always carries its manifest. `verify` checks a step
 against it; `newest_verified` is the newest step that passes (the others reported, file by file), which is
 what training resumes from and what evaluation, export and effect reports read. A step without a manifest
-(saved before manifests existed) is used as it is, with a warning.
+(saved before manifests existed) is used as it is, with a warning, if it holds every item; one that lacks an
+item (an empty or partly copied step directory) is damaged like a step that fails its manifest.
 
 A failed save (a full disk, say) raises `CheckpointSaveError`: from `save` itself, or from the next `save`,
 `poll`, `wait` or `close` when it failed in the background. Its partial directory is removed and never
@@ -86,8 +87,10 @@ def _absl_level(level: int) -> Iterator[None]:
 
 @dataclass(frozen=True)
 class StepCheck:
-    """One step directory against its manifest: `status` "ok", "failed" or "no manifest"; `problems` names
-    each missing or differing file; `files` and `size` (bytes) are what the manifest lists."""
+    """One step directory against its manifest: `status` "ok", "failed" (a file differs or is missing, or
+    there is no manifest and an item is missing) or "no manifest" (every item there, as an older version
+    saved it); `problems` names each missing or differing file or item; `files` and `size` (bytes) are what
+    the manifest lists."""
 
     step: int
     status: str
@@ -104,11 +107,29 @@ def write_manifest(step_dir: Path) -> None:
     (step_dir / MANIFEST).write_text(json.dumps({"algorithm": checksums.ALGORITHM, "files": files}, indent=1))
 
 
+def _missing_items(step_dir: Path) -> list[str]:
+    """One line per item of `ITEMS` that `step_dir` lacks or holds no file of."""
+    found = []
+    for item in ITEMS:
+        where = step_dir / item
+        if not where.is_dir():
+            found.append(f"{where}: missing")
+        elif not any(p.is_file() for p in where.rglob("*")):
+            found.append(f"{where}: empty")
+    return found
+
+
 def check_step(step_dir: Path) -> StepCheck:
-    """`step_dir` (a complete step's directory) checked against its manifest."""
+    """`step_dir` (a step's directory, as Orbax lists it) checked against its manifest, or without one for
+    every item."""
     step = int(step_dir.name)
     path = step_dir / MANIFEST
     if not path.is_file():
+        # Every version has saved all of `ITEMS` in one commit, so an item missing here means a copy or
+        # sync that stopped part-way (Orbax lists any directory named as a step), not an older save.
+        missing = _missing_items(step_dir)
+        if missing:
+            return StepCheck(step, "failed", [f"{path}: missing", *missing], 0, 0)
         return StepCheck(step, "no manifest", [], 0, 0)
     try:
         files = json.loads(path.read_text())["files"]
@@ -117,6 +138,44 @@ def check_step(step_dir: Path) -> StepCheck:
     found = checksums.problems(step_dir, files)
     size = sum(int(f["size"]) for f in files.values())
     return StepCheck(step, "failed" if found else "ok", found, len(files), size)
+
+
+def moved_aside(directory: Path) -> list[Path]:
+    """The step directories in `directory` that a resume moved aside as damaged (`<step>.corrupt`), by
+    step."""
+    steps = {p: p.name.removesuffix(CORRUPT_SUFFIX) for p in directory.glob(f"*{CORRUPT_SUFFIX}")}
+    return sorted((p for p, s in steps.items() if s.isdigit()), key=lambda p: int(steps[p]))
+
+
+def verify_error(directory: Path, checks: list[StepCheck], aside: list[Path]) -> str | None:
+    """What `checkpoint verify` finds wrong with the checkpoints in `directory` (`checks`, one per step, and
+    `aside`, the steps moved aside as damaged), as one line naming the step directories and the fix; None
+    when no step is damaged or incomplete and at least one verifies."""
+    if not checks and aside:
+        return (
+            f"{directory} holds no complete checkpoint: a resume moved the damaged "
+            f"{', '.join(map(str, aside))} aside. Fix: restore the checkpoints from a backup, or run "
+            "`nextquill-jax train` again to train from the start."
+        )
+    if not checks:
+        return (
+            f"{directory} holds no complete checkpoint. Fix: train until the run saves one "
+            "(checkpoint.every_steps, or the end of an epoch)."
+        )
+    failed = [str(directory / str(c.step)) for c in checks if c.status == "failed"]
+    if failed:
+        return (
+            f"damaged or incomplete: {', '.join(failed)} (see the table). Fix: restore them from a backup, "
+            "or delete them (`nextquill-jax train` moves them aside and resumes from the newest step that "
+            "verifies)."
+        )
+    if not any(c.status == "ok" for c in checks):
+        return (
+            f"no checkpoint in {directory} verifies: steps {[c.step for c in checks]} have no {MANIFEST} "
+            "(saved before checkpoints carried one). Fix: evaluation and export still use them, unverified; "
+            "for a verified one, train the run on (`nextquill-jax train`) until it saves a checkpoint."
+        )
+    return None
 
 
 def _to_stderr(message: str) -> None:
@@ -176,11 +235,13 @@ class Checkpointer:
         return check_step(self.directory / str(step))
 
     def require_verified(self, step: int, report: Callable[[str], None] = _to_stderr) -> None:
-        """Return if step `step` matches its manifest (or has none: `report`ed as unverified).
+        """Return if step `step` matches its manifest (or has none but holds every item: `report`ed as
+        unverified).
 
         Raises:
             FileNotFoundError: no complete checkpoint at `step`.
-            checksums.IntegrityError: a file of the step is missing or differs (naming each).
+            checksums.IntegrityError: a file of the step is missing or differs, or it has no manifest and
+                lacks an item (naming each).
         """
         result = self.check(step)
         if result.status == "failed":
@@ -192,11 +253,12 @@ class Checkpointer:
             report(self._unverified_line(step))
 
     def newest_verified(self, report: Callable[[str], None] = _to_stderr) -> int | None:
-        """The newest step that matches its manifest (or has none, `report`ed as unverified), or None.
+        """The newest step that matches its manifest (or has none but holds every item, `report`ed as
+        unverified), or None.
 
-        Newer steps that fail are `report`ed file by file and, unless read-only, moved aside to
-        `<step>.corrupt` so that the run saves that step afresh when it gets there again. Process 0 checks
-        and the others take its answer.
+        Newer steps that fail (a missing item counts) are `report`ed file by file and, unless read-only,
+        moved aside to `<step>.corrupt` so that the run saves that step afresh when it gets there again.
+        Process 0 checks and the others take its answer.
         """
         chosen = None
         if jax.process_index() == 0:

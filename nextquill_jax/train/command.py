@@ -10,7 +10,9 @@ checkpoints included), 3 non-finite loss, 4 another process of a multi-process r
 (`mesh.peer_timeout_s`), 5 a checkpoint could not be saved (`checkpoint.on_save_error: stop`). `export` writes
 a checkpoint as a Hugging Face directory (a LoRA run's adapters merged in), or with `--adapter` a LoRA run's
 adapters as a PEFT directory (see `train.export`). `checkpoint verify` checks every checkpoint of a workdir
-against its manifest and prints a table; exit status 1 if any is damaged.
+against its manifest and prints a table; exit status 1, with an `error:` line naming the steps and the fix,
+if any is damaged or incomplete, if none verifies (steps saved before manifests existed cannot), or if there
+is none (naming the steps a resume moved aside as damaged).
 """
 
 from __future__ import annotations
@@ -92,8 +94,14 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_checkpoint(args: argparse.Namespace) -> int:
+    """`checkpoint verify`: the table of every step, the steps moved aside, and status 1 with `verify_error`'s
+    line when it finds something wrong.
+
+    Raises:
+        FileNotFoundError: `args.workdir` is not a training workdir.
+    """
     from nextquill_jax.config import CheckpointConfig
-    from nextquill_jax.train.checkpoint import Checkpointer
+    from nextquill_jax.train.checkpoint import Checkpointer, moved_aside, verify_error
     from nextquill_jax.train.workdir import checkpoints_dir
 
     directory = checkpoints_dir(args.workdir)
@@ -102,13 +110,18 @@ def run_checkpoint(args: argparse.Namespace) -> int:
         checks = [ckpt.check(step) for step in ckpt.all_steps()]
     finally:
         ckpt.close()
-    if not checks:
-        print(f"error: {directory} holds no complete checkpoint", file=sys.stderr)
-        return 1
-    print("| step | status | files | MB | problems |\n| ---: | --- | ---: | ---: | --- |")
-    for c in checks:
-        print(f"| {c.step} | {c.status} | {c.files} | {c.size / 1e6:.1f} | {'; '.join(c.problems)} |")
-    return 1 if any(c.status == "failed" for c in checks) else 0
+    aside = moved_aside(directory)
+    if checks:
+        print("| step | status | files | MB | problems |\n| ---: | --- | ---: | ---: | --- |")
+        for c in checks:
+            print(f"| {c.step} | {c.status} | {c.files} | {c.size / 1e6:.1f} | {'; '.join(c.problems)} |")
+        if aside:
+            print(f"moved aside by a resume as damaged: {', '.join(map(str, aside))}", file=sys.stderr)
+    error = verify_error(directory, checks, aside)
+    if error is None:
+        return 0
+    print(f"error: {error}", file=sys.stderr)
+    return 1
 
 
 COMMANDS = {

@@ -1,5 +1,6 @@
 """Checkpoint retention (the last K plus the best by an eval metric); restoring state and data position;
-manifests and verification (damaged steps skipped); a full disk during a save."""
+manifests and verification (damaged and incomplete steps skipped), `checkpoint verify`'s exit status; a full
+disk during a save."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 
 import grain
 import jax
@@ -113,6 +115,86 @@ def test_a_damaged_step_is_reported_by_file_and_the_newest_verified_step_is_used
     _save_steps(writer, [2])  # the step is saved afresh when the run reaches it again
     assert writer.newest_verified() == 2
     writer.close()
+
+
+def test_a_step_lacking_items_is_damaged_and_only_one_with_every_item_is_used_without_a_manifest(tmp_path):
+    ckpt = Checkpointer(tmp_path, CheckpointConfig(keep=3))
+    _save_steps(ckpt, [1, 2])
+    ckpt.close()
+    (tmp_path / "2" / "manifest.json").unlink()  # as saved before manifests existed: every item is there
+    shutil.copytree(tmp_path / "2" / "state", tmp_path / "3" / "state")  # a copy that stopped part-way
+    (tmp_path / "3" / "config").mkdir()
+    (tmp_path / "4").mkdir()  # `mkdir -p checkpoints/4` and nothing copied into it
+
+    reader = Checkpointer(tmp_path, CheckpointConfig(), read_only=True)
+    lines = []
+    assert reader.newest_verified(lines.append) == 2
+    assert len(lines) == 3, lines
+    missing = "; ".join(
+        f"{tmp_path / '4' / item}: missing" for item in ("state", "data", "config", "progress")
+    )
+    assert lines[0] == (
+        f"checkpoint {tmp_path / '4'} is damaged and not restorable: {tmp_path / '4' / 'manifest.json'}: "
+        f"missing; {missing}; trying the previous checkpoint"
+    )
+    step3 = tmp_path / "3"
+    assert f"{step3 / 'data'}: missing; {step3 / 'config'}: empty; {step3 / 'progress'}: missing;" in lines[1]
+    assert f"{step3 / 'state'}:" not in lines[1]
+    assert lines[2].startswith(f"warning: checkpoint {tmp_path / '2'} has no manifest.json")
+    assert reader.read_config(2) == {"x": 1}  # what evaluation reads first
+    with pytest.raises(IntegrityError, match=f"{tmp_path / '3'} is damaged and not restorable: "):
+        reader.require_verified(3)
+    assert reader.all_steps() == [1, 2, 3, 4]  # a reader moves nothing
+    reader.close()
+
+    writer = Checkpointer(tmp_path, CheckpointConfig(keep=3))
+    assert writer.newest_verified(lambda _: None) == 2
+    assert writer.all_steps() == [1, 2]
+    assert (tmp_path / "3.corrupt" / "state").is_dir() and (tmp_path / "4.corrupt").is_dir()
+    writer.close()
+
+
+def test_checkpoint_verify_fails_on_an_incomplete_step_or_none_verified_and_names_steps_moved_aside(
+    tmp_path, capsys
+):
+    from nextquill_jax.cli import main
+
+    ckpts = tmp_path / "checkpoints"
+    ckpt = Checkpointer(ckpts, CheckpointConfig(keep=3))
+    _save_steps(ckpt, [4])
+    ckpt.close()
+    verify = ["checkpoint", "verify", "--workdir", str(tmp_path)]
+    assert main(verify) == 0
+    assert capsys.readouterr().out.splitlines()[2].startswith("| 4 | ok | ")
+
+    (ckpts / "6").mkdir()  # an interrupted copy
+    assert main(verify) == 1
+    out, err = capsys.readouterr()
+    assert out.splitlines()[2].startswith("| 4 | ok | ")
+    assert out.splitlines()[3].startswith(
+        f"| 6 | failed | 0 | 0.0 | {ckpts / '6' / 'manifest.json'}: missing; "
+    )
+    assert err.startswith(f"error: damaged or incomplete: {ckpts / '6'} (see the table). Fix: restore them")
+    assert len(err.splitlines()) == 1
+
+    shutil.rmtree(ckpts / "6")
+    (ckpts / "4" / "manifest.json").unlink()  # as saved before manifests existed: usable, not verifiable
+    assert main(verify) == 1
+    out, err = capsys.readouterr()
+    assert out.splitlines()[2] == "| 4 | no manifest | 0 | 0.0 |  |"
+    assert err.startswith(f"error: no checkpoint in {ckpts} verifies: steps [4] have no manifest.json ")
+
+    (ckpts / "4").rename(ckpts / "4.corrupt")  # as a resume moves a damaged step aside
+    assert main(verify) == 1
+    out, err = capsys.readouterr()
+    moved = f"a resume moved the damaged {ckpts / '4.corrupt'} aside. Fix: restore"
+    assert out == "" and err.startswith(f"error: {ckpts} holds no complete checkpoint: {moved}")
+
+    ckpt = Checkpointer(ckpts, CheckpointConfig(keep=3))
+    _save_steps(ckpt, [2])
+    ckpt.close()
+    assert main(verify) == 0
+    assert capsys.readouterr().err == f"moved aside by a resume as damaged: {ckpts / '4.corrupt'}\n"
 
 
 def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint_and_marks_nothing_complete(
