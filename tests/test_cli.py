@@ -198,3 +198,39 @@ def test_effects_on_a_mistyped_workdir_leaves_no_report_directory(tmp_path):
         run.returncode == 1 and run.stderr.startswith("error: ") and "is not a training workdir" in run.stderr
     )
     assert "Traceback" not in run.stderr and not (tmp_path / "report").exists()
+
+
+# {file} is an existing regular file. {tmp}/run is a workdir without a checkpoint, so a command that went on
+# to restore one would fail with another message: each must refuse the file first, before any work.
+FILE_AS_OUTPUT_DIR = [
+    (["train", "--config", TINY, "--workdir", "{file}"], "--workdir {file}"),
+    (["train", "--config", "{tmp}/run.yaml"], "{tmp}/run.yaml: train.workdir {file}"),
+    (["evaluate", "--workdir", "{tmp}/run", "--out", "{file}"], "--out {file}"),
+    (["effects", "--workdir", "{tmp}/run", "--out", "{file}"], "--out {file}"),
+    (["export", "--workdir", "{tmp}/run", "--out", "{file}"], "--out {file}"),
+    (["export", "--workdir", "{tmp}/run", "--out", "{file}", "--adapter"], "--out {file}"),
+    (["data", "prepare", "--config", TINY, "--out", "{file}"], "--out {file}"),
+    (["data", "synth", "--out", "{file}", "--users", "2"], "--out {file}"),
+    (["data", "synth", "--out", "{file}/synth", "--users", "2"], "--out {file}/synth: {file}"),
+    (["compare", "--config", "{tmp}/compare.yaml"], "{tmp}/compare.yaml: compare.out {file}"),
+    (["demo", "--quick", "--out", "{file}"], "--out {file}"),
+]
+
+
+@pytest.mark.parametrize("argv, named", FILE_AS_OUTPUT_DIR)
+def test_a_file_given_as_an_output_directory_is_one_error_naming_the_flag_or_key(
+    argv, named, tmp_path, capsys, tiny_config, write_config
+):
+    file = tmp_path / "afile"
+    file.write_text("mine\n")
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    write_config(tiny_config(tmp_path, tmp_path / "run"), tmp_path / "run" / "config.yaml")
+    write_config(tiny_config(tmp_path, file), tmp_path / "run.yaml")
+    compare = {"out": str(file), "baseline": "a"}
+    write_config({"compare": compare, "variants": {"a": {}}, "base": tiny_config(tmp_path, file)},
+                 tmp_path / "compare.yaml")  # fmt: skip
+    message = _run_cli([a.replace("{file}", str(file)) for a in argv], tmp_path, capsys)
+    expected = named.replace("{file}", str(file)).replace("{tmp}", str(tmp_path))
+    fix = "Fix: pass a directory (a missing one is made) or move the file."
+    assert message == f"{expected} is a file, not a directory. {fix}", message
+    assert file.read_text() == "mine\n"

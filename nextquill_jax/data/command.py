@@ -69,7 +69,7 @@ def _prepare(args: argparse.Namespace) -> int:
     from nextquill_jax.config_schema import build_with_overrides, read_yaml
     from nextquill_jax.data.prepare import prepare
 
-    third_party_logs.log_to(args.out)
+    third_party_logs.log_to(args.out, named="--out")
     raw = read_yaml(args.config)
     section = raw.get("data", raw) if isinstance(raw, dict) else None
     if not isinstance(section, dict):
@@ -117,7 +117,9 @@ def _jsonl_row(path: Path, index: int) -> dict:
 
 def _synth(args: argparse.Namespace) -> int:
     from nextquill_jax.data.sources.synth import generate_synthetic
+    from nextquill_jax.output_dir import check_output_dir
 
+    check_output_dir(args.out, "--out")
     manifest = generate_synthetic(
         args.out,
         users=args.users,

@@ -80,8 +80,11 @@ def generation_overrides(args: argparse.Namespace) -> dict:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from nextquill_jax.eval.evaluate import evaluate
+    from nextquill_jax.output_dir import check_output_dir
 
-    third_party_logs.log_to(args.workdir)
+    third_party_logs.log_to(args.workdir, named="--workdir")
+    if args.out is not None:
+        check_output_dir(args.out, "--out")
     try:
         evaluate(
             args.workdir,
@@ -136,7 +139,7 @@ def run_effects(args: argparse.Namespace) -> int:
     from nextquill_jax.eval.effect_report import build_effect_report, describe
     from nextquill_jax.loss import LossConfig
 
-    third_party_logs.log_to(args.out)
+    third_party_logs.log_to(args.out, named="--out")
     try:
         if args.step is not None and args.workdir is None:
             raise ValueError("--step needs --workdir")
@@ -197,7 +200,7 @@ def run_compare(args: argparse.Namespace) -> int:
 
     try:
         comparison = load_comparison(args.config, args.seeds)
-        third_party_logs.log_to(comparison.compare.out)
+        third_party_logs.log_to(comparison.compare.out, named=f"{args.config}: compare.out")
         run_comparison(comparison)
     except (ValueError, TrainingDivergedError) as e:
         print(f"error: {e}", file=sys.stderr)
