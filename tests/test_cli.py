@@ -234,3 +234,35 @@ def test_a_file_given_as_an_output_directory_is_one_error_naming_the_flag_or_key
     fix = "Fix: pass a directory (a missing one is made) or move the file."
     assert message == f"{expected} is a file, not a directory. {fix}", message
     assert file.read_text() == "mine\n"
+
+
+# Counts that must be >= 1 (0 or less is meaningless) and indices or counts where 0 means off (>= 0).
+EVALUATE = ["evaluate", "--workdir", "{tmp}/run"]
+EFFECTS = ["effects", "--workdir", "{tmp}/run", "--out", "{tmp}/report"]
+SYNTH = ["data", "synth", "--out", "{tmp}/synth"]
+COUNT_FLAGS = [
+    *((EVALUATE, flag, 1) for flag in ("--batch-size", "--max-examples", "--max-new-tokens")),
+    (EVALUATE, "--top-k", 0),
+    *((EFFECTS, flag, 1) for flag in ("--num-examples", "--max-shown")),
+    *(
+        ([*SYNTH, "--users", "2"], flag, 1)
+        for flag in ("--items", "--reviews-per-user", "--targets-per-user", "--signature-words")
+    ),
+    (SYNTH, "--users", 1),
+    (["data", "show", "{tmp}/prepared"], "--index", 0),
+]
+
+
+@pytest.mark.parametrize("argv, flag, minimum", COUNT_FLAGS)
+def test_a_count_flag_below_its_minimum_is_refused_while_parsing(argv, flag, minimum, tmp_path, capsys):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    parsed = cli.build_parser().parse_args([*argv, flag, str(minimum)])
+    assert getattr(parsed, flag.removeprefix("--").replace("-", "_")) == minimum
+    for value in (str(minimum - 1), "-2", "x"):
+        with pytest.raises(SystemExit) as e:
+            cli.main([*argv, flag, value])
+        err = capsys.readouterr().err
+        assert (
+            e.value.code == 2 and f"argument {flag}: expected an integer >= {minimum}, got {value!r}" in err
+        ), err
+    assert list(tmp_path.iterdir()) == []  # refused before any work

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from nextquill_jax import third_party_logs
 from nextquill_jax.data.config import SPLITS
-from nextquill_jax.subcommand import Subcommand
+from nextquill_jax.subcommand import Subcommand, non_negative_int, positive_int
 
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,7 +33,9 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--split", default="test", choices=SPLITS, help="prepared split to evaluate (default: test)"
     )
-    parser.add_argument("--max-examples", type=int, default=None, help="only the split's first N examples")
+    parser.add_argument(
+        "--max-examples", type=positive_int, default=None, help="only the split's first N examples"
+    )
     parser.add_argument(
         "--model",
         default=None,
@@ -52,12 +54,14 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="history in the prompt (auto: without for the sft variant, with otherwise)",
     )
-    parser.add_argument("--batch-size", type=int, default=None, help="prompts decoded together")
+    parser.add_argument("--batch-size", type=positive_int, default=None, help="prompts decoded together")
     decoding = parser.add_argument_group("decoding (defaults: the run config's eval.generation)")
-    decoding.add_argument("--max-new-tokens", type=int, default=None, help="default 512")
+    decoding.add_argument("--max-new-tokens", type=positive_int, default=None, help="default 512")
     decoding.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     decoding.add_argument("--temperature", type=float, default=None, help="sampling only; default 0.8")
-    decoding.add_argument("--top-k", type=int, default=None, help="sampling only; 0 = off; default 50")
+    decoding.add_argument(
+        "--top-k", type=non_negative_int, default=None, help="sampling only; 0 = off; default 50"
+    )
     decoding.add_argument("--top-p", type=float, default=None, help="sampling only; 1 = off; default 0.95")
     decoding.add_argument("--repetition-penalty", type=float, default=None, help="1 = off; default 1.2")
     decoding.add_argument("--seed", type=int, default=None, help="sampling seed; default 0")
@@ -118,13 +122,15 @@ def add_effects_arguments(parser: argparse.ArgumentParser) -> None:
     )
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--examples", default=None, help="comma-separated example indices, e.g. 0,3,7")
-    which.add_argument("--num-examples", type=int, default=8, help="the first N examples (default: 8)")
+    which.add_argument(
+        "--num-examples", type=positive_int, default=8, help="the first N examples (default: 8)"
+    )
     parser.add_argument("--out", required=True, type=Path, help="report directory")
     parser.add_argument("--tokenizer", default=None, help="default: the one the data was prepared with")
     parser.add_argument("--threshold", type=float, default=None, help="δ (default: the run's loss config)")
     parser.add_argument("--high", type=float, default=None, help="λ (default: the run's loss config)")
     parser.add_argument("--low", type=float, default=None, help="ε (default: the run's loss config)")
-    parser.add_argument("--max-shown", type=int, default=20, help="examples drawn in the HTML")
+    parser.add_argument("--max-shown", type=positive_int, default=20, help="examples drawn in the HTML")
 
 
 def _parse_indices(text: str) -> list[int]:
