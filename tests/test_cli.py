@@ -295,3 +295,31 @@ def test_a_count_flag_below_its_minimum_is_refused_while_parsing(argv, flag, min
             e.value.code == 2 and f"argument {flag}: expected an integer >= {minimum}, got {value!r}" in err
         ), err
     assert list(tmp_path.iterdir()) == []  # refused before any work
+
+
+@pytest.mark.parametrize("mode", ["--merged", "--adapter"])
+@pytest.mark.parametrize(
+    "stale",
+    [
+        ["model.safetensors.index.json", "model-00001-of-00002.safetensors"],  # a sharded export's
+        ["model.safetensors"],
+        ["adapter_config.json", "adapter_model.safetensors"],  # a PEFT export's
+        ["pytorch_model.bin"],
+    ],
+)
+def test_export_refuses_an_out_that_holds_weights_naming_them_before_restoring(
+    stale, mode, tmp_path, capsys, tiny_config, write_config
+):
+    # A loader would read the old files instead of the new ones: ours prefers a sharded index, transformers
+    # model.safetensors. They are a user's files, so they are named, not removed.
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)  # no checkpoint: restoring would fail otherwise
+    write_config(tiny_config(tmp_path, tmp_path / "run"), tmp_path / "run" / "config.yaml")
+    dirty = tmp_path / "dirty"
+    dirty.mkdir()
+    for name in [*stale, "README.md"]:
+        (dirty / name).write_text("old\n")
+    message = _run_cli(["export", "--workdir", "{tmp}/run", "--out", "{tmp}/dirty", mode], tmp_path, capsys)
+    assert message.startswith(f"{dirty} already holds weight files: {', '.join(sorted(stale))}. "), message
+    assert message.endswith(f"Fix: empty {dirty} or pass another --out."), message
+    assert sorted(p.name for p in dirty.iterdir()) == sorted([*stale, "README.md"])
+    assert all((dirty / name).read_text() == "old\n" for name in stale)

@@ -67,7 +67,9 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--step", type=int, default=None, help="checkpoint step (default: the newest verified)"
     )
-    parser.add_argument("--out", required=True, type=Path, help="output directory")
+    parser.add_argument(
+        "--out", required=True, type=Path, help="output directory; one that holds weight files is refused"
+    )
     what = parser.add_mutually_exclusive_group()
     what.add_argument(
         "--merged", action="store_true", help="a Hugging Face model directory (the default; LoRA merged in)"
