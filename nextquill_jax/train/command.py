@@ -45,7 +45,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     workdir = resolve_workdir(cfg, args.workdir)
-    third_party_logs.log_to(workdir)
+    third_party_logs.log_to(workdir, named="--workdir" if args.workdir else f"{args.config}: train.workdir")
     try:
         result = train(cfg, workdir)
     except TrainingDivergedError as e:
@@ -69,7 +69,9 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--step", type=int, default=None, help="checkpoint step (default: the newest verified)"
     )
-    parser.add_argument("--out", required=True, type=Path, help="output directory")
+    parser.add_argument(
+        "--out", required=True, type=Path, help="output directory; one that holds weight files is refused"
+    )
     what = parser.add_mutually_exclusive_group()
     what.add_argument(
         "--merged", action="store_true", help="a Hugging Face model directory (the default; LoRA merged in)"
@@ -79,9 +81,11 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_export(args: argparse.Namespace) -> int:
     """Export; a missing workdir or checkpoint reaches `cli.main`, which prints it (status 1)."""
+    from nextquill_jax.output_dir import check_output_dir
     from nextquill_jax.train.export import export, export_adapter
 
-    third_party_logs.log_to(args.workdir)
+    third_party_logs.log_to(args.workdir, named="--workdir")
+    check_output_dir(args.out, "--out")
     out = (export_adapter if args.adapter else export)(args.workdir, args.out, args.step)
     print(f"exported to {out}")
     return 0

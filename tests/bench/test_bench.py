@@ -15,8 +15,9 @@ import pytest
 
 from nextquill_jax import cli
 from nextquill_jax.bench import flops, harness, sweep
-from nextquill_jax.bench.command import BENCHMARKS
+from nextquill_jax.bench.command import BENCHMARKS, benchmarks_dir
 from nextquill_jax.config_schema import ConfigError
+from tests.conftest import REPO
 from tests.shared import TINY_EOS_ID
 
 STEP_S = 0.25
@@ -281,6 +282,21 @@ def test_bench_help_lists_every_benchmark(capsys):
     for name in ("loss", "step", "attention", "padding", "compile", "mfu", "prefill", "scale"):
         assert name in BENCHMARKS
         assert f"\n  {name} " in text
+
+
+def test_the_readme_names_the_script_of_each_bench_name_that_is_not_name_py():
+    """README, "Benchmarks": `python benchmarks/NAME.py` runs `bench NAME`, except for the names it lists with
+    their script (`loss`: loss_memory.py; `scale`: in the package). Every listed script exists."""
+    readme = (REPO / "README.md").read_text()
+    section = " ".join(readme[readme.index("## Benchmarks") :].split())
+    assert "`python benchmarks/NAME.py` for every NAME but" in section
+    for name, (script, _) in BENCHMARKS.items():
+        if script is None:
+            assert f"`{name}`, the harness in the package, `nextquill_jax/bench/sweep.py`" in section
+        else:
+            assert (benchmarks_dir() / script).is_file(), script
+            if script != f"{name}.py":
+                assert f"`{name}`, whose script is `benchmarks/{script}`" in section
 
 
 # The tiny model at a small packed shape, two rows (compile only: a few seconds a program; a later --rows

@@ -406,9 +406,9 @@ def test_effects_command_with_model_dir(data, model, report, tmp_path, capsys):
     model_dir = save_pretrained(model, tmp_path / "model")
     out = tmp_path / "out"
     args = ["effects", "--model", str(model_dir), "--data", str(data / "prep"), "--split", SPLIT]
-    # Five examples (repeats allowed) in rows of 4: two forward passes, the second padded.
-    chosen = [2, 0, 1, 1, 2]
-    picked = ["--examples", "2,0,1,1,2", "--max-shown", "2", "--threshold", str(THRESHOLD)]
+    # Every example of the split, out of order (several forward passes: the test after this one).
+    chosen = [2, 0, 1]
+    picked = ["--examples", "2,0,1", "--max-shown", "2", "--threshold", str(THRESHOLD)]
     assert main([*args, *picked, "--out", str(out)]) == 0
     assert "DCE AUROC" in capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
@@ -427,6 +427,21 @@ def test_effects_command_with_model_dir(data, model, report, tmp_path, capsys):
     assert "outside split 'val'" in capsys.readouterr().err
     assert main(["effects", "--model", str(model_dir), "--out", str(out)]) == 1
     assert "--model needs --data" in capsys.readouterr().err
+
+
+def test_effects_in_several_padded_passes_equal_those_of_one_pass(data, model, report, tiny_tokenizer):
+    """Three examples in rows of 2: two forward passes, the second padded, give each example the effects of
+    the one pass of `report` (rows of 4); an example named twice would count twice, so it is refused."""
+    results, _, _ = report
+    by_index = {r.index: r for r in results}
+    passes = compute_example_effects(
+        model, tiny_tokenizer(), data / "prep", SPLIT, [2, 0, 1], LOSS, batch_rows=2
+    )
+    assert [r.index for r in passes] == [2, 0, 1]
+    for r in passes:
+        np.testing.assert_allclose(r.dce, by_index[r.index].dce, rtol=0, atol=1e-7)
+    with pytest.raises(ValueError, match=r"example indices \[0, 1, 0\] name an example more than once"):
+        compute_example_effects(model, tiny_tokenizer(), data / "prep", SPLIT, [0, 1, 0], LOSS)
 
 
 def test_effects_command_with_training_workdir(trained_run, tmp_path, capsys):
@@ -455,3 +470,7 @@ def test_effects_command_with_training_workdir(trained_run, tmp_path, capsys):
     assert "no complete checkpoint for step 3" in err and "[2]. Fix: choose one of those steps" in err, err
     assert main(["effects", "--workdir", str(tmp_path), "--out", str(out)]) == 1
     assert "is not a training workdir" in capsys.readouterr().err
+    assert main(["effects", "--workdir", str(workdir), "--out", str(out)]) == 1  # the default split, val
+    err = capsys.readouterr().err
+    assert f"{workdir}'s data {workdir / 'prepared'} holds no prepared 'val' split" in err, err
+    assert "it holds train, test). Fix: pass --split train or test." in err, err

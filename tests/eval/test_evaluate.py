@@ -191,6 +191,12 @@ def test_an_evaluation_says_which_earlier_results_it_replaces(run, evaluated, tm
     )
 
 
+def test_a_batch_size_below_1_is_refused_before_a_model_is_loaded(tmp_path):
+    # Not a workdir: loading a model first would raise FileNotFoundError instead.
+    with pytest.raises(ValueError, match=r"^batch_size must be >= 1, got 0$"):
+        evaluate(tmp_path / "no_run", "test", batch_size=0)
+
+
 def test_prompt_choice_follows_the_variant(run):
     workdir, _, _ = run
     cfg = load_config(workdir / "config.yaml")
