@@ -4,7 +4,7 @@ directory, `<dir>/logs/third_party.log`, instead of the console, which keeps thi
 
     with third_party_logs.captured(verbose=False):   # cli.main, around a subcommand
         ...                                          # records are held in memory until
-        third_party_logs.log_to(out, named="--out")  # the command knows its directory (held ones go first)
+        third_party_logs.log_to(out, named="--out")  # the command names its directory and has made it
 
 Imports only `output_dir`, which imports nothing of this package, so any layer may name it.
 """
@@ -29,22 +29,22 @@ FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 class _Sink(logging.Handler):
-    """Holds records until `open(path)` names the file, then appends them (and every later one) there. The
-    file and its folder are made at the first record, so a command that fails before any (a misspelt workdir)
-    leaves nothing behind."""
+    """Holds records until `open(path)` names the file and the command has made the directory the file's
+    `logs/` folder goes in, then appends them (and every later one) there. So a command that fails before
+    making its directory (a misspelt `--workdir`) leaves nothing behind: at `close`, records still held are
+    dropped, except warnings and errors, which go to stderr unless the console has shown them (`shown`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, shown: bool) -> None:
         super().__init__(logging.INFO)
+        self.shown = shown
         self.setFormatter(logging.Formatter(FORMAT))
         self.held: list[logging.LogRecord] = []
         self.path: Path | None = None
         self.file: logging.FileHandler | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
-        if self.path is None:
-            self.held.append(record)
-        else:
-            self._opened().emit(record)
+        self.held.append(record)
+        self._flush_held()
 
     def open(self, path: Path) -> None:
         if self.path == path.absolute():
@@ -52,18 +52,25 @@ class _Sink(logging.Handler):
         if self.file is not None:
             self.file.close()
         self.path, self.file = path.absolute(), None
-        for record in self.held:
-            self._opened().emit(record)
-        self.held = []
+        self._flush_held()
 
-    def _opened(self) -> logging.FileHandler:
+    def _flush_held(self) -> None:
+        if self.path is None or not (self.file is not None or self.path.parent.parent.is_dir()):
+            return
         if self.file is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.parent.mkdir(exist_ok=True)
             self.file = logging.FileHandler(self.path, encoding="utf-8")
             self.file.setFormatter(self.formatter)
-        return self.file
+        for record in self.held:
+            self.file.emit(record)
+        self.held = []
 
     def close(self) -> None:
+        self._flush_held()
+        for record in self.held:
+            if record.levelno >= logging.WARNING and not self.shown:
+                print(self.format(record), file=sys.stderr)
+        self.held = []
         if self.file is not None:
             self.file.close()
         super().close()
@@ -81,7 +88,7 @@ def captured(verbose: bool) -> Iterator[None]:
     records keep propagating to the root logger instead of its own stderr handler."""
     global _sink
     root = logging.getLogger()
-    sink, console = _Sink(), logging.StreamHandler(sys.stderr)
+    sink, console = _Sink(shown=verbose), logging.StreamHandler(sys.stderr)
     console.setFormatter(logging.Formatter(FORMAT))
     handlers = [sink, console] if verbose else [sink]
     level = root.level
@@ -109,8 +116,9 @@ def captured(verbose: bool) -> Iterator[None]:
 
 
 def log_to(directory: str | Path, named: str) -> Path | None:
-    """Write the captured records to `directory/logs/third_party.log` from now on (appending; those held so
-    far first). Returns the file, or None outside `captured` (nothing is captured then).
+    """Write the captured records to `directory/logs/third_party.log` (appending; those held so far first)
+    once the command has made `directory`. Returns the file, or None outside `captured` (nothing is captured
+    then).
 
     Every command calls this with the directory it writes into, first, so it is also where that directory is
     checked, before any work: `named` is where it came from (`--out`, `FILE: compare.out`).

@@ -27,7 +27,9 @@ CHATTER = [
 
 
 def chatty_prepare(cfg, out_dir, **kwargs) -> None:
-    """Stands in for data preparation: logs through each third-party route and prints a line of ours."""
+    """Stands in for data preparation: logs through each third-party route, makes its directory and prints
+    a line of ours."""
+    out_dir.mkdir()
     absl_logging.info("an Orbax-style info line")
     absl_logging.warning("an Orbax-style warning line")
     hf_logging.get_logger("transformers.tokenization_utils_base").warning("a transformers line")
@@ -109,20 +111,27 @@ def test_a_failed_transformers_import_still_shows_what_it_printed(capsys):
     assert capsys.readouterr().err == "transformers needs package X\n"
 
 
-def test_the_log_file_and_its_folder_appear_only_with_a_record(tmp_path):
-    """A command that names its directory and then fails before any third-party record (a misspelt
-    `evaluate --workdir`) leaves no folder behind; the first record makes the file, held records first."""
-    quiet, chatty = tmp_path / "quiet", tmp_path / "chatty"
+def test_the_log_goes_only_into_a_directory_the_command_made_and_unkept_warnings_reach_stderr(
+    tmp_path, capsys
+):
+    """A command that names its directory and fails before making it (a misspelt `evaluate --workdir`)
+    leaves nothing behind: its held INFO lines are dropped, its warnings shown; once the command has made
+    the directory, the log file takes the held records first."""
+    made, never = tmp_path / "made", tmp_path / "never"
     with third_party_logs.captured(verbose=False):
         logging.getLogger("absl").warning("held before the folder is named")
-        assert third_party_logs.log_to(chatty, named="--out") == chatty / "logs" / "third_party.log"
-    with third_party_logs.captured(verbose=False):
-        third_party_logs.log_to(quiet, named="--out")
-    assert not quiet.exists()
-    assert (
-        "WARNING absl: held before the folder is named" in (chatty / "logs" / "third_party.log").read_text()
-    )
-    with third_party_logs.captured(verbose=False):
-        third_party_logs.log_to(quiet, named="--out")
+        assert third_party_logs.log_to(made, named="--out") == made / "logs" / "third_party.log"
+        logging.getLogger("jax").info("held until the command makes its folder")
+        assert not made.exists()
+        made.mkdir()
         logging.getLogger("jax").info("a later record")
-    assert "INFO jax: a later record" in (quiet / "logs" / "third_party.log").read_text()
+    log = (made / "logs" / "third_party.log").read_text()
+    assert log.index("held before the folder") < log.index("held until the command") < log.index("a later")
+    assert capsys.readouterr().err == ""
+    with third_party_logs.captured(verbose=False):
+        third_party_logs.log_to(never, named="--out")
+        logging.getLogger("jax").info("backend chatter")
+        logging.getLogger("absl").warning("a warning the user should see")
+    assert not never.exists()
+    err = capsys.readouterr().err
+    assert "WARNING absl: a warning the user should see" in err and "backend chatter" not in err
