@@ -179,8 +179,15 @@ def content_fingerprint(
     # threads themselves, so they go one at a time.
     with ThreadPoolExecutor(max_workers=1 if sampled else min(8, os.cpu_count() or 1)) as pool:
         described = dict(zip((file.name for file in files), pool.map(describe, files), strict=True))
-    scheme = f"{checksums.ALGORITHM} whole to {whole_bytes} bytes, else {block} every {stride}"
+    scheme = _content_scheme(whole_bytes, stride, block)
     return scheme, hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
+
+
+def _content_scheme(whole_bytes: int, stride: int, block: int) -> str:
+    return f"{checksums.ALGORITHM} whole to {whole_bytes} bytes, else {block} every {stride}"
+
+
+CONTENT_SCHEME = _content_scheme(WHOLE_BYTES, SAMPLE_STRIDE, SAMPLE_BYTES)  # what base_identity records
 
 
 def _sampled_digest(file: Path, size: int, stride: int, block: int) -> str:
@@ -268,7 +275,7 @@ def check_same_base(
 
     Raises:
         ConfigError: LoRA added or removed, a base whose fingerprint differs, or a `saved` scheme this
-            version does not compute (a checkpoint from a newer version); each names the fix.
+            version does not know (a checkpoint from a newer version); each names the fix.
     """
     if (saved is None) != (current is None):
         kind = lambda identity: "LoRA adapters" if identity is not None else "full fine-tuning"
@@ -280,12 +287,14 @@ def check_same_base(
     if saved is None or current is None:
         return None
     scheme = saved.get("scheme")
-    if scheme is not None and scheme != current["scheme"]:
+    if scheme is not None and scheme not in (PRESET_SCHEME, CONTENT_SCHEME):
         raise ConfigError(
             f"{where} recorded its base {saved['source']} with the fingerprint scheme {scheme!r}, which this "
-            f"version does not compute (it computes {current['scheme']!r}), so it cannot check the base. "
+            f"version does not know (it computes {current['scheme']!r}), so it cannot check the base. "
             f"Fix: use the version of nextquill-jax that saved the checkpoint, or a new workdir"
         )
+    # Known schemes digest different things (a preset's settings, files' content): across them, fingerprints
+    # differ as their bases do.
     fingerprint = current["fingerprint"] if scheme is not None else legacy()
     if saved["fingerprint"] != fingerprint:
         raise ConfigError(

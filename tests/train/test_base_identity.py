@@ -118,7 +118,7 @@ def test_a_checkpoint_with_the_earlier_fingerprint_is_checked_against_it_with_a_
         adapters.check_same_base(other, current, "w/checkpoints/3", legacy)
     assert adapters.check_same_base(current, dict(current), "w/checkpoints/3", legacy) is None
     newer = {**current, "scheme": "sha3 of everything"}
-    with pytest.raises(ConfigError, match="scheme 'sha3 of everything', which this version does not compute"):
+    with pytest.raises(ConfigError, match="scheme 'sha3 of everything', which this version does not know"):
         adapters.check_same_base(newer, current, "w/checkpoints/3", legacy)
 
 
@@ -132,3 +132,14 @@ def test_a_preset_base_keeps_its_exact_fingerprint_across_the_upgrade():
     other_seed = adapters.base_identity(model, seed=8)
     with pytest.raises(ConfigError, match="only fit their own base"):
         adapters.check_same_base(other_seed, current, "w/checkpoints/3", legacy)
+
+
+def test_a_preset_base_in_place_of_a_directory_is_another_base_not_an_unknown_scheme(tmp_path):
+    directory = adapters.base_identity(
+        ModelRunConfig(path=str(_write_base(tmp_path / "base", _tensors()))), 0
+    )
+    preset = adapters.base_identity(ModelRunConfig(path=None, preset="qwen2.5-0.5b"), seed=0)
+    assert directory["scheme"] == adapters.CONTENT_SCHEME
+    for saved, current in ((directory, preset), (preset, directory)):
+        with pytest.raises(ConfigError, match="only fit their own base"):
+            adapters.check_same_base(saved, current, "w/checkpoints/3", lambda: pytest.fail("legacy read"))

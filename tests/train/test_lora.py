@@ -316,9 +316,8 @@ def test_bad_lora_settings_are_errors(tmp_path, tiny_config):
 
 
 def test_the_base_check_names_both_directions_and_a_changed_base():
-    scheme = "blake2b-128 whole to 536870912 bytes, else 4096 every 1048576"
-    lora_run = {"source": "models/A", "scheme": scheme, "fingerprint": "a" * 64}
-    other = {"source": "models/B", "scheme": scheme, "fingerprint": "b" * 64}
+    lora_run = {"source": "models/A", "scheme": adapters.CONTENT_SCHEME, "fingerprint": "a" * 64}
+    other = {"source": "models/B", "scheme": adapters.CONTENT_SCHEME, "fingerprint": "b" * 64}
     legacy = lambda: pytest.fail("only a checkpoint without a scheme reads the earlier fingerprint")
     with pytest.raises(ConfigError, match="holds a full fine-tuning checkpoint but the config asks for LoRA"):
         adapters.check_same_base(None, lora_run, "w/checkpoints/3", legacy)
