@@ -10,6 +10,7 @@ Runs in subprocesses (tiny random qwen2 model and data, 12 steps, shared compila
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 
 import jax
@@ -128,6 +129,8 @@ def test_a_lora_workdir_restores_as_its_base_with_the_adapters_merged(runs):
 def test_export_adapter_and_init_from_round_trip(runs, tmp_path):
     workdir = runs["root"] / "A"
     out = export_adapter(workdir, tmp_path / "peft")
+    # A random preset base (qwen2.5-0.5b's architecture at test size): no name loads it, so none is given.
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] is None
     saved = restore_params(workdir).params
     cfg = load_config(runs["root"] / "A.yaml")
     model_cfg = model_setup.model_config(adapters.base_section(cfg.model))
