@@ -41,10 +41,14 @@ def write_peft_adapter(
     rank: int,
     alpha: float,
     dropout: float = 0.0,
-    base_model: str = "",
+    base_model: str | None = None,
 ) -> Path:
     """Write adapters {"layers": {module: {kernel: {"a": [L, *in, r], "b": [L, r, *out]}}}} (host or device
-    arrays) as a PEFT LoRA directory for a base model of config `cfg`; returns `out_dir`."""
+    arrays) as a PEFT LoRA directory for a base model of config `cfg`; returns `out_dir`.
+
+    `base_model` becomes `base_model_name_or_path`, which `AutoPeftModel*.from_pretrained(out_dir)` loads as
+    the base: None writes null (PEFT's own default: no base named), for a base that no name or path loads.
+    """
     names = _module_names(cfg)
     tensors, modules = {}, []
     for module, kernels in weights["layers"].items():

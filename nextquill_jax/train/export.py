@@ -60,6 +60,11 @@ def export(workdir: str | Path, out: str | Path, step: int | None = None) -> Pat
 def export_adapter(workdir: str | Path, out: str | Path, step: int | None = None) -> Path:
     """Write the LoRA adapters of checkpoint `step` (default: latest) as a PEFT directory `out`.
 
+    Its `base_model_name_or_path` is the run's `model.path` as configured; for a `model.preset` base it is
+    null: that base is a random model built from the preset's architecture (with `model.overrides`) and
+    `train.seed`, which no hub or packaged name loads, so naming the preset (e.g. smollm2-135m) would lead
+    `AutoPeftModel` to pair the adapters with another model.
+
     Raises:
         ConfigError: the run is not a LoRA run (`model.lora` unset).
         FileExistsError, FileNotFoundError: as `export`.
@@ -80,5 +85,5 @@ def export_adapter(workdir: str | Path, out: str | Path, step: int | None = None
         rank=lora.rank,
         alpha=lora.alpha,
         dropout=lora.dropout,
-        base_model=str(section.path or section.preset),
+        base_model=section.path,
     )

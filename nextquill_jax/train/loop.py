@@ -30,7 +30,7 @@ from nextquill_jax.config import Config, config_to_dict, save_config
 from nextquill_jax.data.checksums import IntegrityError
 from nextquill_jax.data.global_batch import to_global_batch
 from nextquill_jax.loss import LossConfig, combine_aux, metrics_from_aux
-from nextquill_jax.train.adapters import check_same_base
+from nextquill_jax.train.adapters import check_same_base, legacy_fingerprint
 from nextquill_jax.train.checkpoint import CORRUPT_SUFFIX, Checkpointer, CheckpointSaveError
 from nextquill_jax.train.health import HealthMonitor
 from nextquill_jax.train.metrics_log import MetricsLog
@@ -173,7 +173,8 @@ def start_state(run: RunSetup, cfg: Config, ckpt: Checkpointer, iterator, echo) 
         checksums.IntegrityError: checkpoints exist but none verifies (rather than silently start afresh).
         ConfigError: `cfg` differs from the checkpoint's config in a key a resume may not change
             (`resume.check_resumable`), or the prepared data's content from what the checkpoint was trained
-            on (`resume.check_same_data`), found before anything is restored.
+            on (`resume.check_same_data`), or the LoRA base from its (`adapters.check_same_base`, whose note
+            on a checkpoint with the earlier base fingerprint is `echo`ed), found before anything is restored.
     """
     complete = ckpt.all_steps()
     start = ckpt.newest_verified(echo)
@@ -191,7 +192,9 @@ def start_state(run: RunSetup, cfg: Config, ckpt: Checkpointer, iterator, echo) 
     # other key; then the data's content, which can change under the same config. All read only the
     # checkpoint's JSON items, before Orbax restores any array.
     progress = ckpt.read_progress(start)
-    check_same_base(progress.get("base"), run.base_identity, where)
+    legacy = lambda: legacy_fingerprint(cfg.model, cfg.train.seed)
+    if note := check_same_base(progress.get("base"), run.base_identity, where, legacy):
+        echo(note)
     check_resumable(ckpt.read_config(start), cfg, ckpt.directory.parent, start)
     check_same_data(progress.get("data"), run.data_identity, where)
     target = abstract_state(run.abstract_params, run.tx, cfg.train.seed, run.state_shardings)

@@ -9,6 +9,7 @@ reports and a frozen reference model).
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 
 import jax
@@ -105,7 +106,8 @@ def restore_params(workdir: str | Path, step: int | None = None, mesh: Mesh | No
             steps there are).
         checksums.IntegrityError: checkpoint `step` is damaged, or (no `step`) no checkpoint verifies; the
             message names the files.
-        ConfigError: a LoRA checkpoint whose base (`model.path`) is no longer the one it was trained on.
+        ConfigError: a LoRA checkpoint whose base (`model.path`) is no longer the one it was trained on
+            (`adapters.check_same_base`; its note on a checkpoint with the earlier fingerprint: to stderr).
     """
     directory = checkpoints_dir(workdir)
     ckpt = Checkpointer(directory, CheckpointConfig(), read_only=True)
@@ -130,7 +132,11 @@ def restore_params(workdir: str | Path, step: int | None = None, mesh: Mesh | No
             shardings = model_setup.param_shardings(mcfg, mesh)
         else:
             current = adapters.base_identity(cfg.model, cfg.train.seed)
-            adapters.check_same_base(ckpt.read_progress(chosen).get("base"), current, source)
+            legacy = lambda: adapters.legacy_fingerprint(cfg.model, cfg.train.seed)
+            if note := adapters.check_same_base(
+                ckpt.read_progress(chosen).get("base"), current, source, legacy
+            ):
+                print(note, file=sys.stderr)
             mcfg = model_setup.model_config(adapters.base_section(cfg.model))
             adapter_cfg = mcfg.replace(param_dtype=cfg.model.param_dtype)
             abstract, shardings = adapters.adapter_layout(lora_cfg, adapter_cfg, mesh)

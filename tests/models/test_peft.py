@@ -41,6 +41,8 @@ def base(request, tiny_hf_config, tmp_path_factory):
 def test_peft_loads_our_adapters_with_equal_logits(base, tmp_path):
     hf, ours, weights, _ = base
     write_peft_adapter(weights, ours.cfg, tmp_path, rank=4, alpha=16.0)
+    # No base named: null, PEFT's own default, which PEFT reads back as None.
+    assert peft.PeftConfig.from_pretrained(tmp_path).base_model_name_or_path is None
     adapted = peft.PeftModel.from_pretrained(hf, tmp_path).eval()
     with torch.no_grad():
         theirs = adapted(torch.tensor(IDS)).logits.numpy()

@@ -10,6 +10,7 @@ Runs in subprocesses (tiny random qwen2 model and data, 12 steps, shared compila
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 
 import jax
@@ -128,6 +129,8 @@ def test_a_lora_workdir_restores_as_its_base_with_the_adapters_merged(runs):
 def test_export_adapter_and_init_from_round_trip(runs, tmp_path):
     workdir = runs["root"] / "A"
     out = export_adapter(workdir, tmp_path / "peft")
+    # A random preset base (qwen2.5-0.5b's architecture at test size): no name loads it, so none is given.
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] is None
     saved = restore_params(workdir).params
     cfg = load_config(runs["root"] / "A.yaml")
     model_cfg = model_setup.model_config(adapters.base_section(cfg.model))
@@ -262,6 +265,44 @@ def test_the_base_reference_equals_a_separately_loaded_frozen_base(
         np.testing.assert_array_equal(x, y)
 
 
+def test_a_run_saved_before_the_content_fingerprint_resumes_with_a_note_and_a_merged_base_is_refused(
+    tmp_path, monkeypatch, write_random_data, tiny_config
+):
+    from safetensors.numpy import load_file, save_file
+
+    from nextquill_jax.models import save_pretrained
+
+    base, workdir = tmp_path / "base", tmp_path / "w"
+    save_pretrained(CausalLM(model_preset("qwen2.5-0.5b", **TINY), rngs=nnx.Rngs(5)), base)
+    raw = tiny_config(write_random_data(tmp_path / "data"), workdir)
+    raw["model"] = {"path": str(base), "compute_dtype": "float32", "lora": dict(LORA)}
+    raw["checkpoint"]["async_save"] = False
+    raw["train"]["max_steps"] = 2
+    cfg = load_config(None, base=raw)
+    earlier = lambda model, seed: {
+        "source": model.path,
+        "fingerprint": adapters.legacy_fingerprint(model, seed),
+    }
+    schedule = loop.actions_at
+    with monkeypatch.context() as patch:  # step 1 saved as earlier versions saved it (no "scheme"), then stop
+        patch.setattr(adapters, "base_identity", earlier)
+        patch.setattr(loop, "actions_at", lambda *a, stop: schedule(*a, stop=stop or a[0] == 1))
+        assert loop.train(cfg, workdir, echo=lambda _: None).status == "preempted"
+    notes = []
+    assert loop.train(cfg, workdir, echo=notes.append).last_checkpoint == 2
+    assert any("recorded its base with the fingerprint of earlier versions" in note for note in notes)
+    # The reported case: the base overwritten in place by an export of the same shapes, v projections merged.
+    weights = load_file(base / "model.safetensors")
+    for name in [name for name in weights if name.endswith("v_proj.weight")]:
+        weights[name] = weights[name] + np.float32(1e-3) * np.ones_like(weights[name])
+    save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
+    for step in (2, 1):  # the content fingerprint, and the earlier one (which reads all of so small a file)
+        with pytest.raises(
+            ConfigError, match=rf"checkpoints/{step} was trained on the base .* their own base"
+        ):
+            restore_params(workdir, step)
+
+
 def test_bad_lora_settings_are_errors(tmp_path, tiny_config):
     raw = tiny_config(tmp_path, tmp_path / "w")
     for lora_cfg, message in (
@@ -278,12 +319,14 @@ def test_bad_lora_settings_are_errors(tmp_path, tiny_config):
 
 
 def test_the_base_check_names_both_directions_and_a_changed_base():
-    lora_run = {"source": "models/A", "fingerprint": "a" * 64}
+    lora_run = {"source": "models/A", "scheme": adapters.CONTENT_SCHEME, "fingerprint": "a" * 64}
+    other = {"source": "models/B", "scheme": adapters.CONTENT_SCHEME, "fingerprint": "b" * 64}
+    legacy = lambda: pytest.fail("only a checkpoint without a scheme reads the earlier fingerprint")
     with pytest.raises(ConfigError, match="holds a full fine-tuning checkpoint but the config asks for LoRA"):
-        adapters.check_same_base(None, lora_run, "w/checkpoints/3")
+        adapters.check_same_base(None, lora_run, "w/checkpoints/3", legacy)
     with pytest.raises(ConfigError, match="holds a LoRA adapters checkpoint but the config asks for full"):
-        adapters.check_same_base(lora_run, None, "w/checkpoints/3")
+        adapters.check_same_base(lora_run, None, "w/checkpoints/3", legacy)
     with pytest.raises(ConfigError, match=r"trained on the base models/A .* now models/B"):
-        adapters.check_same_base(lora_run, {"source": "models/B", "fingerprint": "b" * 64}, "w/checkpoints/3")
-    adapters.check_same_base(lora_run, dict(lora_run), "w/checkpoints/3")
-    adapters.check_same_base(None, None, "w/checkpoints/3")
+        adapters.check_same_base(lora_run, other, "w/checkpoints/3", legacy)
+    assert adapters.check_same_base(lora_run, dict(lora_run), "w/checkpoints/3", legacy) is None
+    assert adapters.check_same_base(None, None, "w/checkpoints/3", legacy) is None
