@@ -143,6 +143,8 @@ def test_a_missing_packaged_model_is_an_error_with_the_install_command(
         (["export", "--workdir", "{tmp}", "--out", "{tmp}/hf"], r"is not a training workdir: .* Fix: pass"),
         (["checkpoint", "verify", "--workdir", "{tmp}"], r"is not a training workdir: .* Fix: pass"),
         (["evaluate", "--workdir", "{tmp}/empty"], r"checkpoints holds no complete checkpoint\. Fix: train"),
+        (["export", "--workdir", "{tmp}/aside", "--out", "{tmp}/hf"],
+         r"checkpoints holds no complete checkpoint: a resume moved the damaged .*4\.corrupt aside\. Fix"),
         # --data is checked before the workdir's checkpoint or the model is loaded (neither exists here)
         (["effects", "--workdir", "{tmp}/empty", "--data", "{tmp}/nodir", "--out", "{tmp}/o"],
          r"^--data \S*nodir does not exist\. Fix: pass a directory that `nextquill-jax data prepare"),
@@ -157,6 +159,7 @@ def test_config_data_and_checkpoint_errors_name_the_fix(
     argv, expected, tmp_path, capsys, save_tiny_tokenizer, write_random_data
 ):
     (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "aside" / "checkpoints" / "4.corrupt").mkdir(parents=True)
     if any("{tmp}/tok" in a for a in argv):
         save_tiny_tokenizer(tmp_path / "tok")
     write_random_data(tmp_path / "prepared", train=2, val=0)

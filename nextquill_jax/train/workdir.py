@@ -22,7 +22,7 @@ from nextquill_jax.config_schema import ConfigError
 from nextquill_jax.data.checksums import IntegrityError
 from nextquill_jax.models import CausalLM, lora
 from nextquill_jax.train import adapters, model_setup
-from nextquill_jax.train.checkpoint import Checkpointer
+from nextquill_jax.train.checkpoint import Checkpointer, moved_aside, verify_error
 
 CONFIG_FILE = "config.yaml"
 CHECKPOINT_DIR = "checkpoints"
@@ -117,11 +117,8 @@ def restore_params(workdir: str | Path, step: int | None = None, mesh: Mesh | No
         chosen = ckpt.newest_verified() if step is None else step
         if chosen is None and ckpt.all_steps():
             raise IntegrityError(f"no checkpoint in {directory} verifies (see the lines above)")
-        if chosen is None:
-            raise FileNotFoundError(
-                f"{directory} holds no complete checkpoint. Fix: train until the run saves one "
-                "(checkpoint.every_steps, or the end of an epoch), then run this again."
-            )
+        if chosen is None:  # no step at all: say so, naming any a resume moved aside as damaged
+            raise FileNotFoundError(verify_error(directory, [], moved_aside(directory)))
         cfg = load_config(None, base=ckpt.read_config(chosen))  # raises if `chosen` is not complete
         mesh = build_mesh(cfg) if mesh is None else mesh
         source = f"{directory / str(chosen)}"
