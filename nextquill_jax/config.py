@@ -330,9 +330,11 @@ class TrainConfig:
             changes what is trained (all but those `train.resume.MAY_CHANGE` lists: logging, eval cadence,
             checkpoint, mesh, workdir, data_dir, memory-only settings). config.yaml records the workdir the
             run used, absolute. A local path: mount an object store (gs://...) and give the mount.
-        `data_dir`: the prepared (tokenised) data; null means `<workdir>/prepared`, prepared from the `data`
-            section on the first start and reused while its fingerprint matches; with empty `data.sources`
-            (and a format other than `synthetic`) it must already hold prepared data.
+        `data_dir`: the prepared (tokenised) data; null means `<workdir>/prepared`. With `data.sources` set
+            (or the `synthetic` format) the `data` section is prepared into it, or reused while its
+            fingerprint matches; data prepared otherwise is refused, not replaced, in a directory named here
+            or one the workdir's checkpoints were trained on. With empty `data.sources` it must already hold
+            prepared data. Each checkpoint records the prepared splits' content, which a resume must match.
         `seed`: the seed of a `model.preset` model's random weights, of fresh LoRA adapters and of the
             step's random key (LoRA dropout); the data order has its own, `data.batching.seed`.
         `max_steps`: stop after this many optimizer steps (>= 1) if the epochs last longer; null: run the
