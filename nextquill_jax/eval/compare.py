@@ -6,7 +6,7 @@ A compare file has three sections:
     compare:   {out, baseline, split: test, max_examples, eval_batch_size, effect_examples: 40,
                 max_new_tokens, seeds: [0], resamples: 2000}
     variants:  {NAME: {overrides: [section.key=value, ...], train: true}, ...}   # train: false evaluates the
-               base config's model as it is (the "not fine-tuned" row)
+               model its config starts training from (the "not fine-tuned" row)
     base:      a whole training config (the sections of configs/*.yaml)
 
 Run `NAME` with seed S lives in `<out>/seed<S>/<NAME>` (its `train.seed` and `data.batching.seed` are S);
@@ -79,8 +79,11 @@ class VariantConfig:
     Fields:
         `overrides`: `section.key=value` items applied to `base` (as on the `nextquill-jax train` command
             line), e.g. `[loss.variant=sft]`; each must fit the base config, checked when the file is loaded.
-        `train`: fine-tune, then evaluate the checkpoint; false: evaluate the base config's model as it is
-            (the "not fine-tuned" row).
+        `train`: fine-tune, then evaluate the checkpoint; false: evaluate the model the variant's config
+            starts training from (the "not fine-tuned" row): step 0, as `train` would initialise it (a
+            `model.preset` with its overrides, random from `train.seed`; a `model.path` with its overrides;
+            under LoRA the base merged with the initial adapters), so that it is the model the trained
+            variants of the same base start from.
     """
 
     overrides: list[str] = field(default_factory=list)
@@ -191,9 +194,9 @@ def run_variant(comparison: Comparison, name: str, seed: int, echo: Echo = print
     `compare_done.json` holds: where its evaluation and effect report are. A finished run is not rerun."""
     from nextquill_jax.data.prepare import load_fast_tokenizer
     from nextquill_jax.eval.effect_report import build_effect_report
-    from nextquill_jax.eval.evaluate import evaluate, load_model_path
+    from nextquill_jax.eval.evaluate import evaluate
     from nextquill_jax.train.loop import train
-    from nextquill_jax.train.workdir import data_dir_of, restore_model
+    from nextquill_jax.train.workdir import data_dir_of, initial_model, restore_model
 
     workdir = comparison.workdir(name, seed)
     done = workdir / DONE_FILE
@@ -203,12 +206,10 @@ def run_variant(comparison: Comparison, name: str, seed: int, echo: Echo = print
     cfg, variant, plan = comparison.run_config(name, seed), comparison.variants[name], comparison.compare
     if variant.train:
         train(cfg, workdir, echo=echo)
-        model_path = None
     else:
         cfg = untrained_config(cfg, workdir, plan.split, echo)
-        model_path = cfg.model.path or cfg.model.preset
     # One model serves the evaluation and the effect report: its checkpoint is read and verified once.
-    loaded = restore_model(workdir) if variant.train else load_model_path(workdir, model_path)
+    loaded = restore_model(workdir) if variant.train else initial_model(workdir)
     generation = {} if plan.max_new_tokens is None else {"max_new_tokens": plan.max_new_tokens}
     metrics = evaluate(
         workdir, plan.split, out_dir=workdir / "eval" / plan.split, max_examples=plan.max_examples,

@@ -1,18 +1,22 @@
-"""`compare` (eval/compare.py, eval/compare_table.py): two variants of a tiny config on the synthetic
-benchmark through train, evaluate and effects; the table's differences against the per-example values the
-runs wrote; resuming; bad files."""
+"""`compare` (eval/compare.py, eval/compare_table.py): two trained variants and an untrained one of a tiny
+config on the synthetic benchmark through train, evaluate and effects; the table's differences against the
+per-example values the runs wrote; the untrained variant's model against the trained ones' start; resuming;
+bad files."""
 
 from __future__ import annotations
 
 import json
 import typing
 
+import jax
 import numpy as np
 import pytest
 import yaml
+from flax import nnx
 
 from nextquill_jax.config_schema import ConfigError, build
 from nextquill_jax.data.config import SPLITS
+from nextquill_jax.eval import evaluate
 from nextquill_jax.eval.bootstrap import paired_bootstrap
 from nextquill_jax.eval.compare import CompareConfig, load_comparison, run_comparison
 from nextquill_jax.eval.compare_table import FEW_EXAMPLES
@@ -50,23 +54,34 @@ def compared(tmp_path_factory, save_tiny_tokenizer, tiny_config):
         "variants": {
             "context_sft": {"overrides": ["loss.variant=context_sft"]},
             "nextquill": {"overrides": ["loss.variant=nextquill", "loss.counterfactual_grad=false"]},
+            # The base's model is a preset (qwen2.5-0.5b) made tiny by overrides: evaluated as that tiny
+            # random model, not anything the preset's name names.
+            "untrained": {"train": False},
         },
         "base": base,
     }
     path = root / "compare.yaml"
     path.write_text(yaml.safe_dump(file))
     messages, checked, check_step = [], [], checkpoint.check_step
-    with pytest.MonkeyPatch.context() as patch:  # every verification of a step directory, recorded
+    evaluated, evaluate_run = {}, evaluate.evaluate
+
+    def recording_evaluate(workdir, *args, loaded, **kwargs):
+        evaluated[workdir.name] = jax.device_get(nnx.to_pure_dict(nnx.state(loaded.model, nnx.Param)))
+        return evaluate_run(workdir, *args, loaded=loaded, **kwargs)
+
+    # Every verification of a step directory, and the parameters each run is evaluated with, recorded.
+    with pytest.MonkeyPatch.context() as patch:
         patch.setattr(
             checkpoint, "check_step", lambda step_dir: checked.append(step_dir) or check_step(step_dir)
         )
+        patch.setattr(evaluate, "evaluate", recording_evaluate)
         result = run_comparison(load_comparison(path), echo=messages.append)
-    return root, path, result, messages, checked
+    return root, path, result, messages, checked, evaluated
 
 
 def test_the_table_and_its_intervals_come_from_the_runs_files(compared):
-    root, _, result, _, _ = compared
-    assert [r["variant"] for r in result["rows"]] == ["context_sft", "nextquill"]
+    root, _, result, _, _, _ = compared
+    assert [r["variant"] for r in result["rows"]] == ["context_sft", "nextquill", "untrained"]
     per_run = {}
     for name in ("context_sft", "nextquill"):
         lines = (
@@ -98,21 +113,40 @@ def test_the_table_and_its_intervals_come_from_the_runs_files(compared):
 
 
 def test_each_runs_checkpoint_is_verified_once_for_its_evaluation_and_effect_report(compared):
-    root, _, _, _, checked = compared
+    root, _, _, _, checked, _ = compared
     final = [root / "out" / "seed0" / name / "checkpoints" / "2" for name in ("context_sft", "nextquill")]
     assert sorted(checked) == final
 
 
 def test_a_second_run_resumes_without_running_again(compared):
-    _, path, first, _, _ = compared
+    _, path, first, _, _, _ = compared
     messages = []
     again = run_comparison(load_comparison(path), echo=messages.append)
-    assert sum("done already" in m for m in messages) == 2
+    assert sum("done already" in m for m in messages) == 3
     assert again["rows"] == first["rows"]
 
 
+def test_an_untrained_variant_evaluates_the_parameters_the_trained_variants_start_from(compared):
+    """`train: false` on a `model.preset` base: the preset with its overrides, initialised from `train.seed`
+    exactly as `train` initialises the trained variants (their step 0), and recorded as step 0."""
+    from nextquill_jax.train.setup import set_up_run
+
+    _, path, _, _, _, evaluated = compared
+    comparison = load_comparison(path)
+    run = set_up_run(comparison.run_config("nextquill", 0), comparison.workdir("nextquill", 0), echo=print)
+    start = jax.device_get(run.initial_params())
+    assert jax.tree.structure(evaluated["untrained"]) == jax.tree.structure(start)
+    for got, want in zip(jax.tree.leaves(evaluated["untrained"]), jax.tree.leaves(start), strict=True):
+        np.testing.assert_array_equal(got, want)
+    # The trained runs were evaluated with other (trained) parameters: the comparison above is not vacuous.
+    trained = zip(jax.tree.leaves(evaluated["nextquill"]), jax.tree.leaves(start), strict=True)
+    assert any(not np.array_equal(got, want) for got, want in trained)
+    metrics = json.loads((comparison.workdir("untrained", 0) / "eval" / "test" / "metrics.json").read_text())
+    assert metrics["step"] == 0 and metrics["model"].startswith("preset qwen2.5-0.5b untrained")
+
+
 def test_bad_compare_files_are_errors(compared, tmp_path):
-    _, path, _, _, _ = compared
+    _, path, _, _, _, _ = compared
     raw = yaml.safe_load(path.read_text())
     for change, message in (
         (lambda r: r["compare"].update(baseline="sft"), "compare.baseline 'sft' is not a variant"),
@@ -141,8 +175,8 @@ def test_an_untrained_variant_resolves_cudnn_max_segments_auto_from_the_evaluate
     from nextquill_jax.data.pipeline import BatchPipeline
     from nextquill_jax.data.prepared_split import PreparedSplit
     from nextquill_jax.eval.compare import untrained_config
-    from nextquill_jax.eval.evaluate import load_model_path
     from nextquill_jax.models import CausalLM, save_pretrained
+    from nextquill_jax.train.workdir import initial_model
 
     data = write_random_data(tmp_path / "data", train=8, val=8)
     raw = tiny_config(data, tmp_path / "unused")
@@ -166,7 +200,7 @@ def test_an_untrained_variant_resolves_cudnn_max_segments_auto_from_the_evaluate
         f"model.cudnn_max_segments: auto chose {most}: the most examples a planned val"
     )
     assert load_config(workdir / "config.yaml").model.cudnn_max_segments == most
-    assert load_model_path(workdir, str(hf_dir)).model.cfg.cudnn_max_segments == most
+    assert initial_model(workdir).model.cfg.cudnn_max_segments == most
 
 
 def test_the_compare_split_is_one_of_the_prepared_splits_checked_at_load(tmp_path):
