@@ -218,3 +218,122 @@ def test_the_compare_split_is_one_of_the_prepared_splits_checked_at_load(tmp_pat
     message = str(e.value)
     expected = f"{file}: `compare.split` is 'tset', not one of {list(SPLITS)}. Did you mean 'test'? Fix: set"
     assert message.startswith(expected), message
+
+
+# The tests below change the finished runs of `compared` (they evaluate some again), so they come after every
+# test that reads them as the first comparison left them.
+
+
+def _edited(path, tmp_path, change):
+    """The compare file at `path` with `change(raw dict)` applied, written to `tmp_path`/edited.yaml."""
+    raw = yaml.safe_load(path.read_text())
+    change(raw)
+    edited = tmp_path / "edited.yaml"
+    edited.write_text(yaml.safe_dump(raw))
+    return edited
+
+
+def _only(raw, name):
+    """Keep variant `name` alone, as the baseline: only its run is looked at."""
+    raw["variants"] = {name: raw["variants"][name]}
+    raw["compare"]["baseline"] = name
+
+
+def test_settings_that_change_no_number_reuse_the_finished_runs(compared, tmp_path):
+    from nextquill_jax.eval.compare import finished_changes
+
+    _, path, _, _, _, _ = compared
+
+    def change(raw):
+        raw["base"]["logging"]["every_steps"] = 5
+        raw["base"]["checkpoint"]["keep"] = 1
+        raw["compare"].update(resamples=3000, baseline="nextquill")
+
+    comparison = load_comparison(_edited(path, tmp_path, change))
+    for name in comparison.variants:
+        assert finished_changes(comparison, name, 0, comparison.run_config(name, 0)) == []
+
+
+def test_a_run_trained_under_other_settings_is_refused_before_anything_runs(compared, tmp_path):
+    """The user's report: `nextquill` becomes `loss.variant=mce` and max_examples changes. Nothing runs (not
+    even the evaluation settings' re-evaluation of the other variants): the error names the run, every
+    differing key with the finished run's value first, and the fix."""
+    root, path, _, _, _, _ = compared
+
+    def change(raw):
+        raw["variants"]["nextquill"]["overrides"] = ["loss.variant=mce"]
+        raw["compare"]["max_examples"] = 5
+
+    records = {p: p.read_text() for p in (root / "out").glob("seed0/*/compare_done.json")}
+    assert len(records) == 3
+    messages = []
+    with pytest.raises(ConfigError) as e:
+        run_comparison(load_comparison(_edited(path, tmp_path, change)), echo=messages.append)
+    message, workdir = str(e.value), root / "out" / "seed0" / "nextquill"
+    assert message.startswith(f"{tmp_path / 'edited.yaml'}: variant 'nextquill' (seed 0) finished training")
+    assert 'loss.variant: "nextquill" -> "mce"' in message
+    assert "loss.counterfactual_grad: false -> true" in message
+    assert "compare.max_examples: 6 -> 5" in message
+    assert f"Fix: use a new compare.out for the changed file, or delete {workdir} to run" in message
+    assert message.count("variant '") == 1  # the others trained with the same settings
+    assert messages == [] and {p: p.read_text() for p in records} == records
+
+
+def test_a_run_whose_evaluation_settings_changed_is_evaluated_again_without_training(compared, tmp_path):
+    """The user's other report: only `max_new_tokens` changes (and here the decoding of one variant): its
+    checkpoint is evaluated again with the new settings, not reused and not trained again."""
+    root, path, _, _, _, _ = compared
+    workdir = root / "out" / "seed0" / "nextquill"
+
+    def change(raw):
+        _only(raw, "nextquill")
+        raw["variants"]["nextquill"]["overrides"].append("eval.generation.repetition_penalty=1.0")
+        raw["compare"]["max_new_tokens"] = 5
+
+    edited = _edited(path, tmp_path, change)
+    trained = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+    log = (workdir / "metrics.jsonl").read_text()
+    messages = []
+    result = run_comparison(load_comparison(edited), echo=messages.append)
+    assert messages[0] == (
+        "nextquill (seed 0): evaluating its checkpoint again: settings changed since it finished: "
+        "eval.generation.repetition_penalty: 1.2 -> 1.0; compare.max_new_tokens: 6 -> 5"
+    )
+    assert not any("already finished" in m for m in messages)  # `train` did not run
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == trained
+    assert (workdir / "metrics.jsonl").read_text() == log
+    metrics = json.loads((workdir / "eval" / "test" / "metrics.json").read_text())
+    assert metrics["step"] == 2
+    assert (metrics["generation"]["max_new_tokens"], metrics["generation"]["repetition_penalty"]) == (5, 1.0)
+    record = json.loads((workdir / "compare_done.json").read_text())
+    assert record["settings"]["evaluation"]["max_new_tokens"] == 5
+    assert [r["variant"] for r in result["rows"]] == ["nextquill"]
+    messages = []
+    run_comparison(load_comparison(edited), echo=messages.append)
+    assert messages == [f"nextquill (seed 0): done already ({workdir / 'compare_done.json'})"]
+
+
+def test_a_record_without_its_settings_is_run_again_and_then_records_them(compared, tmp_path):
+    """compare_done.json written before it recorded settings: the trained run goes through `train` (which
+    checks its checkpoint's config and finds it finished), the untrained one is evaluated again."""
+    root, path, _, _, _, _ = compared
+
+    def change(raw):
+        raw["variants"].pop("context_sft")
+        raw["compare"]["baseline"] = "nextquill"
+
+    for name in ("nextquill", "untrained"):
+        done = root / "out" / "seed0" / name / "compare_done.json"
+        record = json.loads(done.read_text())
+        record.pop("settings")
+        done.write_text(json.dumps(record))
+    messages = []
+    run_comparison(load_comparison(_edited(path, tmp_path, change)), echo=messages.append)
+    old = "does not record the settings it ran with (an older version wrote it)"
+    assert any(m.startswith(f"nextquill (seed 0): {root / 'out'}") and old in m for m in messages)
+    untrained = f"untrained (seed 0): {root / 'out' / 'seed0' / 'untrained' / 'compare_done.json'} {old}"
+    assert f"{untrained}: evaluating it again" in messages
+    assert any("already finished at step 2 of 2: nothing to train" in m for m in messages)
+    for name in ("nextquill", "untrained"):
+        done = root / "out" / "seed0" / name / "compare_done.json"
+        assert json.loads(done.read_text())["settings"]["evaluation"]["max_new_tokens"] == 6
