@@ -203,6 +203,28 @@ def test_an_untrained_variant_resolves_cudnn_max_segments_auto_from_the_evaluate
     assert initial_model(workdir).model.cfg.cudnn_max_segments == most
 
 
+def test_an_untrained_lora_variant_evaluates_the_base_training_starts_from(
+    tmp_path, write_random_data, tiny_config
+):
+    """Under `model.lora` the step-0 model is the frozen base training holds, merged with the fresh adapters
+    (B = 0, so unchanged): the same arrays, in the base's dtype."""
+    from nextquill_jax.config import load_config
+    from nextquill_jax.eval.compare import untrained_config
+    from nextquill_jax.train.setup import set_up_run
+    from nextquill_jax.train.workdir import initial_model
+
+    raw = tiny_config(write_random_data(tmp_path / "data", train=8, val=8), tmp_path / "unused")
+    raw["model"]["lora"] = {"rank": 2, "alpha": 4.0, "targets": ["attn/(q|v)_proj"], "base_dtype": "float32"}
+    workdir = tmp_path / "work"
+    cfg = untrained_config(load_config(None, base=raw), workdir, "val", print)
+    start = jax.device_get(nnx.to_pure_dict(nnx.state(initial_model(workdir).model, nnx.Param)))
+    base = jax.device_get(set_up_run(cfg, workdir, echo=print).base_params)
+    assert jax.tree.structure(start) == jax.tree.structure(base)
+    for got, want in zip(jax.tree.leaves(start), jax.tree.leaves(base), strict=True):
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)
+
+
 def test_the_compare_split_is_one_of_the_prepared_splits_checked_at_load(tmp_path):
     """Checked before the variants and the base config: a misspelt split fails at once, not after training."""
     assert typing.get_args(typing.get_type_hints(CompareConfig)["split"]) == SPLITS
