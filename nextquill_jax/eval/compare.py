@@ -6,29 +6,44 @@ A compare file has three sections:
     compare:   {out, baseline, split: test, max_examples, eval_batch_size, effect_examples: 40,
                 max_new_tokens, seeds: [0], resamples: 2000}
     variants:  {NAME: {overrides: [section.key=value, ...], train: true}, ...}   # train: false evaluates the
-               base config's model as it is (the "not fine-tuned" row)
+               model its config starts training from (the "not fine-tuned" row)
     base:      a whole training config (the sections of configs/*.yaml)
 
 Run `NAME` with seed S lives in `<out>/seed<S>/<NAME>` (its `train.seed` and `data.batching.seed` are S);
-every run shares the prepared data `<out>/prepared` unless `base.train.data_dir` names one. A run whose
-`compare_done.json` exists is not run again, so an interrupted comparison resumes. The per-example numbers
+every run shares the prepared data `<out>/prepared` unless `base.train.data_dir` names one. A finished run
+writes `compare_done.json`, which records what its numbers depend on (`run_settings`), so an interrupted
+comparison resumes. Running the file again reuses a finished run whose settings are unchanged; evaluates it
+again when only evaluation settings changed (`compare.*`, `eval.generation`; any setting of a `train: false`
+variant, which trains nothing); and refuses, before any run starts, one trained under other training settings,
+naming each key and the fix (a new `compare.out`, or deleting that run's directory). A record from before
+records held settings is run again: `train` refuses a checkpoint of another config, or finds the run finished
+and trains nothing; then it is evaluated again. The per-example numbers
 (`compare_table.per_example_metrics`) of all runs become `<out>/results.json` and `<out>/results.md`
 (`compare_table`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from nextquill_jax.config import Config, load_config, save_config
+from nextquill_jax.config import Config, config_to_dict, load_config, save_config
 from nextquill_jax.config_schema import ConfigError, build, read_yaml
+from nextquill_jax.train.resume import config_changes, listed_changes, may_change, normalised
 
 DONE_FILE = "compare_done.json"
 Echo = Callable[[str], None]
+Change = tuple[str, Any, Any]  # (dotted key, recorded value, current value), as `resume.config_changes`
+# The `compare` fields that change a run's numbers, recorded with it; `out`, `baseline`, `seeds` and
+# `resamples` only decide where the runs are and how the table is built from them.
+EVALUATION_FIELDS = ("split", "max_examples", "eval_batch_size", "effect_examples", "max_new_tokens")
+# Config keys a resume may change (`resume.MAY_CHANGE`) that still change a compare run's numbers: the
+# decoding its evaluation uses, and where its prepared data lies (the record holds the path, not the content).
+_RESULT_KEYS = ("eval.generation", "train.data_dir")
 
 
 @dataclass(frozen=True)
@@ -79,8 +94,11 @@ class VariantConfig:
     Fields:
         `overrides`: `section.key=value` items applied to `base` (as on the `nextquill-jax train` command
             line), e.g. `[loss.variant=sft]`; each must fit the base config, checked when the file is loaded.
-        `train`: fine-tune, then evaluate the checkpoint; false: evaluate the base config's model as it is
-            (the "not fine-tuned" row).
+        `train`: fine-tune, then evaluate the checkpoint; false: evaluate the model the variant's config
+            starts training from (the "not fine-tuned" row): step 0, as `train` would initialise it (a
+            `model.preset` with its overrides, random from `train.seed`; a `model.path` with its overrides;
+            under LoRA the base merged with the initial adapters), so that it is the model the trained
+            variants of the same base start from.
     """
 
     overrides: list[str] = field(default_factory=list)
@@ -186,33 +204,119 @@ def untrained_config(cfg: Config, workdir: Path, split: str, echo: Echo = print)
     return cfg
 
 
-def run_variant(comparison: Comparison, name: str, seed: int, echo: Echo = print) -> dict[str, Any]:
-    """Train (unless `train: false`), evaluate and report the effects of one run; returns what
-    `compare_done.json` holds: where its evaluation and effect report are. A finished run is not rerun."""
-    from nextquill_jax.data.prepare import load_fast_tokenizer
-    from nextquill_jax.eval.effect_report import build_effect_report
-    from nextquill_jax.eval.evaluate import evaluate, load_model_path
-    from nextquill_jax.train.loop import train
-    from nextquill_jax.train.workdir import data_dir_of, restore_model
+def run_settings(comparison: Comparison, name: str, cfg: Config) -> dict[str, Any]:
+    """What the numbers of variant `name`'s run with config `cfg` (`Comparison.run_config`) depend on, as its
+    compare_done.json records them: {"train": the variant's `train`, "config": `cfg` as `config_to_dict`
+    writes it, "evaluation": the `EVALUATION_FIELDS` of the `compare` section}."""
+    return {
+        "train": comparison.variants[name].train,
+        "config": config_to_dict(cfg),
+        "evaluation": {f: getattr(comparison.compare, f) for f in EVALUATION_FIELDS},
+    }
 
+
+def _no_effect(key: str) -> bool:
+    return may_change(key) and not any(key == k or key.startswith(k + ".") for k in _RESULT_KEYS)
+
+
+def settings_changes(
+    recorded: Mapping[str, Any], current: Mapping[str, Any], name: str
+) -> tuple[list[Change], list[Change]]:
+    """(training changes, evaluation changes) from the `run_settings` a run of variant `name` recorded to
+    `current`'s. Training: `variants.<name>.train` and every config key that changes what is trained;
+    evaluation: `compare.<field>` of `EVALUATION_FIELDS` and `eval.generation.*`. Keys that change neither
+    (`resume.MAY_CHANGE` but `_RESULT_KEYS`: logging, checkpointing, the mesh, ...) are left out."""
+    config = config_changes(normalised(recorded["config"]), current["config"], ignore=_no_effect)
+    evaluation = config_changes(
+        {"compare": recorded["evaluation"]}, {"compare": current["evaluation"]}, ignore=lambda _: False
+    )
+    flag = (f"variants.{name}.train", recorded["train"], current["train"])
+    decoding = lambda change: change[0].startswith("eval.generation.")
+    training = ([flag] if flag[1] != flag[2] else []) + [c for c in config if not decoding(c)]
+    return training, [c for c in config if decoding(c)] + evaluation
+
+
+def finished_changes(comparison: Comparison, name: str, seed: int, cfg: Config) -> list[Change] | None:
+    """The settings of run (`name`, `seed`), with config `cfg`, that differ from those its compare_done.json
+    records, every one of which only needs the run evaluated again: [] when none differ; None when the run
+    has not finished, or finished before compare_done.json recorded its settings.
+
+    Raises:
+        ConfigError: the run trained, and the file now gives it other training settings (or `train:
+            false`): naming the run, each differing key (the recorded value first) and the fix.
+    """
     workdir = comparison.workdir(name, seed)
     done = workdir / DONE_FILE
-    if done.exists():
-        echo(f"{name} (seed {seed}): done already ({done})")
-        return json.loads(done.read_text())
+    recorded = json.loads(done.read_text()).get("settings") if done.exists() else None
+    if recorded is None:
+        return None
+    training, evaluation = settings_changes(recorded, run_settings(comparison, name, cfg), name)
+    if training and recorded["train"]:
+        raise ConfigError(
+            f"{comparison.source}: variant {name!r} (seed {seed}) finished training in {workdir} with other "
+            f"settings than the file now gives it: its checkpoint cannot stand for the new ones (nor does "
+            f"`train` continue a run under another config); differing, the finished run's value first: "
+            f"{listed_changes(training + evaluation)}. Fix: use a new compare.out for the changed file, or "
+            f"delete {workdir} to run that variant again (the other runs are kept)."
+        )
+    return training + evaluation
+
+
+def run_variant(comparison: Comparison, name: str, seed: int, echo: Echo = print) -> dict[str, Any]:
+    """Train (unless `train: false`), evaluate and report the effects of one run; returns what
+    `compare_done.json` holds: where its evaluation and effect report are, and the settings it ran with. A
+    finished run with the same settings is not rerun, one whose evaluation settings changed is evaluated
+    again (module docstring).
+
+    Raises:
+        ConfigError: the run finished training with other training settings (`finished_changes`), or the
+            config cannot be used (as `train`).
+    """
+    from nextquill_jax.data.prepare import load_fast_tokenizer
+    from nextquill_jax.eval.effect_report import build_effect_report
+    from nextquill_jax.eval.evaluate import evaluate
+    from nextquill_jax.train.loop import train
+    from nextquill_jax.train.workdir import data_dir_of, initial_model, restore_model
+
+    workdir = comparison.workdir(name, seed)
+    done, label = workdir / DONE_FILE, f"{name} (seed {seed})"
     cfg, variant, plan = comparison.run_config(name, seed), comparison.variants[name], comparison.compare
-    if variant.train:
+    settings = run_settings(comparison, name, cfg)
+    changes = finished_changes(comparison, name, seed, cfg)
+    trained = False  # whether the workdir holds this run's finished training, which need not run again
+    if changes == []:
+        echo(f"{label}: done already ({done})")
+        return json.loads(done.read_text())
+    if changes is None and done.exists():
+        again = (
+            "resuming its training (`train` refuses a checkpoint of another config and trains nothing when "
+            "the run finished), then evaluating it again"
+            if variant.train
+            else "evaluating it again"
+        )
+        echo(f"{label}: {done} does not record the settings it ran with (an older version wrote it): {again}")
+    elif changes is not None:
+        trained = variant.train and json.loads(done.read_text())["settings"]["train"]
+        again = (
+            "evaluating its checkpoint again"
+            if trained
+            else ("training it, then evaluating it" if variant.train else "evaluating it again")
+        )
+        echo(f"{label}: {again}: settings changed since it finished: {listed_changes(changes)}")
+    # Until this run finishes again, an interrupted one must not leave the old record to stand for it.
+    done.unlink(missing_ok=True)
+    if variant.train and not trained:
         train(cfg, workdir, echo=echo)
-        model_path = None
-    else:
+    elif not variant.train:
         cfg = untrained_config(cfg, workdir, plan.split, echo)
-        model_path = cfg.model.path or cfg.model.preset
     # One model serves the evaluation and the effect report: its checkpoint is read and verified once.
-    loaded = restore_model(workdir) if variant.train else load_model_path(workdir, model_path)
-    generation = {} if plan.max_new_tokens is None else {"max_new_tokens": plan.max_new_tokens}
+    loaded = restore_model(workdir) if variant.train else initial_model(workdir)
+    # The decoding of this file's config: a checkpoint evaluated again would otherwise decode as saved.
+    overrides = {} if plan.max_new_tokens is None else {"max_new_tokens": plan.max_new_tokens}
+    generation = dataclasses.replace(cfg.eval.generation, **overrides)
     metrics = evaluate(
         workdir, plan.split, out_dir=workdir / "eval" / plan.split, max_examples=plan.max_examples,
-        generation_overrides=generation, batch_size=plan.eval_batch_size, loaded=loaded, echo=echo,
+        generation=generation, batch_size=plan.eval_batch_size, loaded=loaded, echo=echo,
     )  # fmt: skip
     data_dir = data_dir_of(cfg, workdir)
     summary = build_effect_report(
@@ -232,6 +336,7 @@ def run_variant(comparison: Comparison, name: str, seed: int, echo: Echo = print
         "effects_summary": summary["files"]["summary"],
         "rendered_split": str(data_dir / f"{plan.split}.jsonl"),
         "bleu": metrics["overall"]["bleu"],
+        "settings": settings,
     }
     done.write_text(json.dumps(record, indent=1) + "\n")
     return record
@@ -239,12 +344,21 @@ def run_variant(comparison: Comparison, name: str, seed: int, echo: Echo = print
 
 def run_comparison(comparison: Comparison, echo: Echo = print) -> dict[str, Any]:
     """Every variant with every seed (`run_variant`), then the table (`compare_table.write_results`);
-    returns results.json's contents."""
+    returns results.json's contents.
+
+    Raises:
+        ConfigError: before any run starts, every finished run trained with other training settings than
+            the file now gives it (`finished_changes`), one line each; as `run_variant`.
+    """
     from nextquill_jax.eval.compare_table import write_results
 
-    records = [
-        run_variant(comparison, name, seed, echo)
-        for seed in comparison.compare.seeds
-        for name in comparison.variants
-    ]
-    return write_results(comparison, records)
+    runs = [(name, seed) for seed in comparison.compare.seeds for name in comparison.variants]
+    refused = []
+    for name, seed in runs:  # all of them first: no run is evaluated again only for a later one to refuse
+        try:
+            finished_changes(comparison, name, seed, comparison.run_config(name, seed))
+        except ConfigError as e:
+            refused.append(str(e))
+    if refused:
+        raise ConfigError("\n".join(refused))
+    return write_results(comparison, [run_variant(comparison, name, seed, echo) for name, seed in runs])

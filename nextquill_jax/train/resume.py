@@ -15,7 +15,7 @@ validated on (`data_identity`), which must match.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,23 +65,36 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def config_changes(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
-    """(dotted key, recorded value, current value) of every leaf that differs and that `MAY_CHANGE` does not
-    cover, by key; a key only one side has gets `"<absent>"` on the other. Both are config dicts as
-    `config_to_dict` writes them; values are compared as JSON stores them (a tuple equals its list)."""
+def config_changes(
+    recorded: Mapping[str, Any], current: Mapping[str, Any], ignore: Callable[[str], bool] = may_change
+) -> list[tuple[str, Any, Any]]:
+    """(dotted key, recorded value, current value) of every leaf that differs and that `ignore` does not
+    cover (default: the keys `MAY_CHANGE` covers), by key; a key only one side has gets `"<absent>"` on the
+    other. Both are config dicts as `config_to_dict` writes them; values are compared as JSON stores them (a
+    tuple equals its list)."""
     as_json = lambda d: flatten(json.loads(json.dumps(d)))
     before, after = as_json(recorded), as_json(current)
     keys = sorted((before.keys() | after.keys()), key=lambda k: k.split("."))
     return [
         (k, before.get(k, _ABSENT), after.get(k, _ABSENT))
         for k in keys
-        if not may_change(k) and before.get(k, _ABSENT) != after.get(k, _ABSENT)
+        if not ignore(k) and before.get(k, _ABSENT) != after.get(k, _ABSENT)
     ]
 
 
-def _normalised(recorded: Mapping[str, Any]) -> Mapping[str, Any]:
-    # Rebuilt through the schema, a checkpoint saved before a field existed compares with that field's
-    # default; one the schema no longer reads is compared as it was saved (its extra keys then differ).
+def listed_changes(changes: Sequence[tuple[str, Any, Any]]) -> str:
+    """`changes` (as `config_changes` returns them) as `key: <recorded value> -> <current value>` items
+    joined by "; ", the first `MAX_LISTED` of them, then how many more."""
+    spell = lambda v: v if v == _ABSENT else json.dumps(v)
+    listed = [f"{k}: {spell(old)} -> {spell(new)}" for k, old, new in changes[:MAX_LISTED]]
+    more = f" and {len(changes) - MAX_LISTED} more" if len(changes) > MAX_LISTED else ""
+    return "; ".join(listed) + more
+
+
+def normalised(recorded: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A config dict saved earlier, as this version's schema reads it, so that it compares key by key with
+    `config_to_dict` of a current config: one saved before a field existed gets that field's default; one
+    the schema no longer reads is returned as it was saved (its extra keys then differ)."""
     try:
         return config_to_dict(load_config(None, base=recorded))
     except ConfigError:
@@ -96,15 +109,12 @@ def check_resumable(recorded: Mapping[str, Any], cfg: Config, workdir: Path, ste
         ConfigError: naming each differing key as `section.key: <checkpoint value> -> <new value>` (the first
             `MAX_LISTED`, then how many more), the workdir and the fix.
     """
-    changes = config_changes(_normalised(recorded), config_to_dict(cfg))
+    changes = config_changes(normalised(recorded), config_to_dict(cfg))
     if not changes:
         return
-    spell = lambda v: v if v == _ABSENT else json.dumps(v)
-    listed = [f"{k}: {spell(old)} -> {spell(new)}" for k, old, new in changes[:MAX_LISTED]]
-    more = f" and {len(changes) - MAX_LISTED} more" if len(changes) > MAX_LISTED else ""
     raise ConfigError(
         f"workdir {workdir} holds checkpoint {step} of a run with another config, so resuming would train a "
-        f"different run on top of it; differing, the checkpoint's value first: {'; '.join(listed)}{more}. "
+        f"different run on top of it; differing, the checkpoint's value first: {listed_changes(changes)}. "
         f"A resume may change only {', '.join(MAY_CHANGE)}. Fix: run the same config again (`nextquill-jax "
         f"train --config {workdir / CONFIG_FILE}` resumes it), or use a new --workdir for the new config."
     )

@@ -165,3 +165,31 @@ def restore_model(workdir: str | Path, step: int | None = None, mesh: Mesh | Non
         params = lora.merge(base, params, cfg.model.lora.scale)
     model = nnx.merge(graphdef, params)
     return LoadedModel(model, cfg, restored.mesh, restored.step, restored.source)
+
+
+def initial_model(workdir: str | Path, mesh: Mesh | None = None) -> LoadedModel:
+    """The model the run in `workdir` (its config.yaml) starts training from, as `restore_model` would give a
+    checkpoint of step 0: a `model.preset` with its `model.overrides`, randomly initialised from `train.seed`
+    as training initialises it, or `model.path` loaded with them; under `model.lora`, the base as the
+    adapters see it merged with the initial adapters (fresh ones leave it unchanged). Parameters are placed
+    on `mesh` by the default rules (default: the config's mesh).
+
+    Raises:
+        FileNotFoundError: `workdir` has no config.yaml.
+        ConfigError: `model.path` names nothing loadable, or `model.lora.init_from` no fitting adapter.
+    """
+    config_file = Path(workdir) / CONFIG_FILE
+    if not config_file.exists():
+        raise FileNotFoundError(f"{config_file} does not exist: is {workdir} a training workdir?")
+    cfg = load_config(config_file)
+    mesh = build_mesh(cfg) if mesh is None else mesh
+    lora_cfg, seed = cfg.model.lora, cfg.train.seed
+    section = cfg.model if lora_cfg is None else adapters.base_section(cfg.model)
+    graphdef, params = model_setup.load_params(section, mesh, seed)
+    if lora_cfg is not None:
+        adapter_cfg = model_setup.model_config(section).replace(param_dtype=cfg.model.param_dtype)
+        abstract, shardings = adapters.adapter_layout(lora_cfg, adapter_cfg, mesh)
+        weights = adapters.initial_adapters(lora_cfg, adapter_cfg, abstract, shardings, seed)
+        params = lora.merge(adapters.base_as_trained(params, lora_cfg), weights, lora_cfg.scale)
+    source = cfg.model.path if cfg.model.preset is None else f"preset {cfg.model.preset}"
+    return LoadedModel(nnx.merge(graphdef, params), cfg, mesh, 0, f"{source} untrained (step 0 of {workdir})")

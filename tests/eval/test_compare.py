@@ -1,18 +1,22 @@
-"""`compare` (eval/compare.py, eval/compare_table.py): two variants of a tiny config on the synthetic
-benchmark through train, evaluate and effects; the table's differences against the per-example values the
-runs wrote; resuming; bad files."""
+"""`compare` (eval/compare.py, eval/compare_table.py): two trained variants and an untrained one of a tiny
+config on the synthetic benchmark through train, evaluate and effects; the table's differences against the
+per-example values the runs wrote; the untrained variant's model against the trained ones' start; resuming;
+bad files."""
 
 from __future__ import annotations
 
 import json
 import typing
 
+import jax
 import numpy as np
 import pytest
 import yaml
+from flax import nnx
 
 from nextquill_jax.config_schema import ConfigError, build
 from nextquill_jax.data.config import SPLITS
+from nextquill_jax.eval import evaluate
 from nextquill_jax.eval.bootstrap import paired_bootstrap
 from nextquill_jax.eval.compare import CompareConfig, load_comparison, run_comparison
 from nextquill_jax.eval.compare_table import FEW_EXAMPLES
@@ -50,23 +54,34 @@ def compared(tmp_path_factory, save_tiny_tokenizer, tiny_config):
         "variants": {
             "context_sft": {"overrides": ["loss.variant=context_sft"]},
             "nextquill": {"overrides": ["loss.variant=nextquill", "loss.counterfactual_grad=false"]},
+            # The base's model is a preset (qwen2.5-0.5b) made tiny by overrides: evaluated as that tiny
+            # random model, not anything the preset's name names.
+            "untrained": {"train": False},
         },
         "base": base,
     }
     path = root / "compare.yaml"
     path.write_text(yaml.safe_dump(file))
     messages, checked, check_step = [], [], checkpoint.check_step
-    with pytest.MonkeyPatch.context() as patch:  # every verification of a step directory, recorded
+    evaluated, evaluate_run = {}, evaluate.evaluate
+
+    def recording_evaluate(workdir, *args, loaded, **kwargs):
+        evaluated[workdir.name] = jax.device_get(nnx.to_pure_dict(nnx.state(loaded.model, nnx.Param)))
+        return evaluate_run(workdir, *args, loaded=loaded, **kwargs)
+
+    # Every verification of a step directory, and the parameters each run is evaluated with, recorded.
+    with pytest.MonkeyPatch.context() as patch:
         patch.setattr(
             checkpoint, "check_step", lambda step_dir: checked.append(step_dir) or check_step(step_dir)
         )
+        patch.setattr(evaluate, "evaluate", recording_evaluate)
         result = run_comparison(load_comparison(path), echo=messages.append)
-    return root, path, result, messages, checked
+    return root, path, result, messages, checked, evaluated
 
 
 def test_the_table_and_its_intervals_come_from_the_runs_files(compared):
-    root, _, result, _, _ = compared
-    assert [r["variant"] for r in result["rows"]] == ["context_sft", "nextquill"]
+    root, _, result, _, _, _ = compared
+    assert [r["variant"] for r in result["rows"]] == ["context_sft", "nextquill", "untrained"]
     per_run = {}
     for name in ("context_sft", "nextquill"):
         lines = (
@@ -98,21 +113,40 @@ def test_the_table_and_its_intervals_come_from_the_runs_files(compared):
 
 
 def test_each_runs_checkpoint_is_verified_once_for_its_evaluation_and_effect_report(compared):
-    root, _, _, _, checked = compared
+    root, _, _, _, checked, _ = compared
     final = [root / "out" / "seed0" / name / "checkpoints" / "2" for name in ("context_sft", "nextquill")]
     assert sorted(checked) == final
 
 
 def test_a_second_run_resumes_without_running_again(compared):
-    _, path, first, _, _ = compared
+    _, path, first, _, _, _ = compared
     messages = []
     again = run_comparison(load_comparison(path), echo=messages.append)
-    assert sum("done already" in m for m in messages) == 2
+    assert sum("done already" in m for m in messages) == 3
     assert again["rows"] == first["rows"]
 
 
+def test_an_untrained_variant_evaluates_the_parameters_the_trained_variants_start_from(compared):
+    """`train: false` on a `model.preset` base: the preset with its overrides, initialised from `train.seed`
+    exactly as `train` initialises the trained variants (their step 0), and recorded as step 0."""
+    from nextquill_jax.train.setup import set_up_run
+
+    _, path, _, _, _, evaluated = compared
+    comparison = load_comparison(path)
+    run = set_up_run(comparison.run_config("nextquill", 0), comparison.workdir("nextquill", 0), echo=print)
+    start = jax.device_get(run.initial_params())
+    assert jax.tree.structure(evaluated["untrained"]) == jax.tree.structure(start)
+    for got, want in zip(jax.tree.leaves(evaluated["untrained"]), jax.tree.leaves(start), strict=True):
+        np.testing.assert_array_equal(got, want)
+    # The trained runs were evaluated with other (trained) parameters: the comparison above is not vacuous.
+    trained = zip(jax.tree.leaves(evaluated["nextquill"]), jax.tree.leaves(start), strict=True)
+    assert any(not np.array_equal(got, want) for got, want in trained)
+    metrics = json.loads((comparison.workdir("untrained", 0) / "eval" / "test" / "metrics.json").read_text())
+    assert metrics["step"] == 0 and metrics["model"].startswith("preset qwen2.5-0.5b untrained")
+
+
 def test_bad_compare_files_are_errors(compared, tmp_path):
-    _, path, _, _, _ = compared
+    _, path, _, _, _, _ = compared
     raw = yaml.safe_load(path.read_text())
     for change, message in (
         (lambda r: r["compare"].update(baseline="sft"), "compare.baseline 'sft' is not a variant"),
@@ -141,8 +175,8 @@ def test_an_untrained_variant_resolves_cudnn_max_segments_auto_from_the_evaluate
     from nextquill_jax.data.pipeline import BatchPipeline
     from nextquill_jax.data.prepared_split import PreparedSplit
     from nextquill_jax.eval.compare import untrained_config
-    from nextquill_jax.eval.evaluate import load_model_path
     from nextquill_jax.models import CausalLM, save_pretrained
+    from nextquill_jax.train.workdir import initial_model
 
     data = write_random_data(tmp_path / "data", train=8, val=8)
     raw = tiny_config(data, tmp_path / "unused")
@@ -166,7 +200,29 @@ def test_an_untrained_variant_resolves_cudnn_max_segments_auto_from_the_evaluate
         f"model.cudnn_max_segments: auto chose {most}: the most examples a planned val"
     )
     assert load_config(workdir / "config.yaml").model.cudnn_max_segments == most
-    assert load_model_path(workdir, str(hf_dir)).model.cfg.cudnn_max_segments == most
+    assert initial_model(workdir).model.cfg.cudnn_max_segments == most
+
+
+def test_an_untrained_lora_variant_evaluates_the_base_training_starts_from(
+    tmp_path, write_random_data, tiny_config
+):
+    """Under `model.lora` the step-0 model is the frozen base training holds, merged with the fresh adapters
+    (B = 0, so unchanged): the same arrays, in the base's dtype."""
+    from nextquill_jax.config import load_config
+    from nextquill_jax.eval.compare import untrained_config
+    from nextquill_jax.train.setup import set_up_run
+    from nextquill_jax.train.workdir import initial_model
+
+    raw = tiny_config(write_random_data(tmp_path / "data", train=8, val=8), tmp_path / "unused")
+    raw["model"]["lora"] = {"rank": 2, "alpha": 4.0, "targets": ["attn/(q|v)_proj"], "base_dtype": "float32"}
+    workdir = tmp_path / "work"
+    cfg = untrained_config(load_config(None, base=raw), workdir, "val", print)
+    start = jax.device_get(nnx.to_pure_dict(nnx.state(initial_model(workdir).model, nnx.Param)))
+    base = jax.device_get(set_up_run(cfg, workdir, echo=print).base_params)
+    assert jax.tree.structure(start) == jax.tree.structure(base)
+    for got, want in zip(jax.tree.leaves(start), jax.tree.leaves(base), strict=True):
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)
 
 
 def test_the_compare_split_is_one_of_the_prepared_splits_checked_at_load(tmp_path):
@@ -184,3 +240,122 @@ def test_the_compare_split_is_one_of_the_prepared_splits_checked_at_load(tmp_pat
     message = str(e.value)
     expected = f"{file}: `compare.split` is 'tset', not one of {list(SPLITS)}. Did you mean 'test'? Fix: set"
     assert message.startswith(expected), message
+
+
+# The tests below change the finished runs of `compared` (they evaluate some again), so they come after every
+# test that reads them as the first comparison left them.
+
+
+def _edited(path, tmp_path, change):
+    """The compare file at `path` with `change(raw dict)` applied, written to `tmp_path`/edited.yaml."""
+    raw = yaml.safe_load(path.read_text())
+    change(raw)
+    edited = tmp_path / "edited.yaml"
+    edited.write_text(yaml.safe_dump(raw))
+    return edited
+
+
+def _only(raw, name):
+    """Keep variant `name` alone, as the baseline: only its run is looked at."""
+    raw["variants"] = {name: raw["variants"][name]}
+    raw["compare"]["baseline"] = name
+
+
+def test_settings_that_change_no_number_reuse_the_finished_runs(compared, tmp_path):
+    from nextquill_jax.eval.compare import finished_changes
+
+    _, path, _, _, _, _ = compared
+
+    def change(raw):
+        raw["base"]["logging"]["every_steps"] = 5
+        raw["base"]["checkpoint"]["keep"] = 1
+        raw["compare"].update(resamples=3000, baseline="nextquill")
+
+    comparison = load_comparison(_edited(path, tmp_path, change))
+    for name in comparison.variants:
+        assert finished_changes(comparison, name, 0, comparison.run_config(name, 0)) == []
+
+
+def test_a_run_trained_under_other_settings_is_refused_before_anything_runs(compared, tmp_path):
+    """The user's report: `nextquill` becomes `loss.variant=mce` and max_examples changes. Nothing runs (not
+    even the evaluation settings' re-evaluation of the other variants): the error names the run, every
+    differing key with the finished run's value first, and the fix."""
+    root, path, _, _, _, _ = compared
+
+    def change(raw):
+        raw["variants"]["nextquill"]["overrides"] = ["loss.variant=mce"]
+        raw["compare"]["max_examples"] = 5
+
+    records = {p: p.read_text() for p in (root / "out").glob("seed0/*/compare_done.json")}
+    assert len(records) == 3
+    messages = []
+    with pytest.raises(ConfigError) as e:
+        run_comparison(load_comparison(_edited(path, tmp_path, change)), echo=messages.append)
+    message, workdir = str(e.value), root / "out" / "seed0" / "nextquill"
+    assert message.startswith(f"{tmp_path / 'edited.yaml'}: variant 'nextquill' (seed 0) finished training")
+    assert 'loss.variant: "nextquill" -> "mce"' in message
+    assert "loss.counterfactual_grad: false -> true" in message
+    assert "compare.max_examples: 6 -> 5" in message
+    assert f"Fix: use a new compare.out for the changed file, or delete {workdir} to run" in message
+    assert message.count("variant '") == 1  # the others trained with the same settings
+    assert messages == [] and {p: p.read_text() for p in records} == records
+
+
+def test_a_run_whose_evaluation_settings_changed_is_evaluated_again_without_training(compared, tmp_path):
+    """The user's other report: only `max_new_tokens` changes (and here the decoding of one variant): its
+    checkpoint is evaluated again with the new settings, not reused and not trained again."""
+    root, path, _, _, _, _ = compared
+    workdir = root / "out" / "seed0" / "nextquill"
+
+    def change(raw):
+        _only(raw, "nextquill")
+        raw["variants"]["nextquill"]["overrides"].append("eval.generation.repetition_penalty=1.0")
+        raw["compare"]["max_new_tokens"] = 5
+
+    edited = _edited(path, tmp_path, change)
+    trained = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+    log = (workdir / "metrics.jsonl").read_text()
+    messages = []
+    result = run_comparison(load_comparison(edited), echo=messages.append)
+    assert messages[0] == (
+        "nextquill (seed 0): evaluating its checkpoint again: settings changed since it finished: "
+        "eval.generation.repetition_penalty: 1.2 -> 1.0; compare.max_new_tokens: 6 -> 5"
+    )
+    assert not any("already finished" in m for m in messages)  # `train` did not run
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == trained
+    assert (workdir / "metrics.jsonl").read_text() == log
+    metrics = json.loads((workdir / "eval" / "test" / "metrics.json").read_text())
+    assert metrics["step"] == 2
+    assert (metrics["generation"]["max_new_tokens"], metrics["generation"]["repetition_penalty"]) == (5, 1.0)
+    record = json.loads((workdir / "compare_done.json").read_text())
+    assert record["settings"]["evaluation"]["max_new_tokens"] == 5
+    assert [r["variant"] for r in result["rows"]] == ["nextquill"]
+    messages = []
+    run_comparison(load_comparison(edited), echo=messages.append)
+    assert messages == [f"nextquill (seed 0): done already ({workdir / 'compare_done.json'})"]
+
+
+def test_a_record_without_its_settings_is_run_again_and_then_records_them(compared, tmp_path):
+    """compare_done.json written before it recorded settings: the trained run goes through `train` (which
+    checks its checkpoint's config and finds it finished), the untrained one is evaluated again."""
+    root, path, _, _, _, _ = compared
+
+    def change(raw):
+        raw["variants"].pop("context_sft")
+        raw["compare"]["baseline"] = "nextquill"
+
+    for name in ("nextquill", "untrained"):
+        done = root / "out" / "seed0" / name / "compare_done.json"
+        record = json.loads(done.read_text())
+        record.pop("settings")
+        done.write_text(json.dumps(record))
+    messages = []
+    run_comparison(load_comparison(_edited(path, tmp_path, change)), echo=messages.append)
+    old = "does not record the settings it ran with (an older version wrote it)"
+    assert any(m.startswith(f"nextquill (seed 0): {root / 'out'}") and old in m for m in messages)
+    untrained = f"untrained (seed 0): {root / 'out' / 'seed0' / 'untrained' / 'compare_done.json'} {old}"
+    assert f"{untrained}: evaluating it again" in messages
+    assert any("already finished at step 2 of 2: nothing to train" in m for m in messages)
+    for name in ("nextquill", "untrained"):
+        done = root / "out" / "seed0" / name / "compare_done.json"
+        assert json.loads(done.read_text())["settings"]["evaluation"]["max_new_tokens"] == 6
