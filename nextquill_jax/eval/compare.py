@@ -10,7 +10,8 @@ A compare file has three sections:
     base:      a whole training config (the sections of configs/*.yaml)
 
 Run `NAME` with seed S lives in `<out>/seed<S>/<NAME>` (its `train.seed` and `data.batching.seed` are S);
-every run shares the prepared data `<out>/prepared` unless `base.train.data_dir` names one. A finished run
+every run shares the prepared data `<out>/prepared` unless `base.train.data_dir` names one (a variant whose
+`data` overrides change what is prepared has its own, in its workdir). A finished run
 writes `compare_done.json`, which records what its numbers depend on (`run_settings`), so an interrupted
 comparison resumes. Running the file again reuses a finished run whose settings are unchanged; evaluates it
 again when only evaluation settings changed (`compare.*`, `eval.generation`; any setting of a `train: false`
@@ -53,7 +54,8 @@ class CompareConfig:
 
     Fields:
         `out`: the comparison's directory: run NAME with seed S in `<out>/seed<S>/<NAME>`, the prepared data
-            the runs share in `<out>/prepared` (unless `base.train.data_dir` names one), the table in
+            the runs share in `<out>/prepared` (unless `base.train.data_dir` names one; a variant whose `data`
+            overrides change what is prepared has its own in its run's directory), the table in
             `<out>/results.json` and `<out>/results.md`.
         `baseline`: the variant every other one is compared to (a name under `variants`).
         `split`: the prepared split evaluated and reported on: `test`, `val` or `train` (the splits `data
@@ -122,24 +124,29 @@ class Comparison:
     source: str
 
     def run_config(self, name: str, seed: int) -> Config:
-        """The training config of variant `name` with seed `seed` (its workdir set).
+        """The training config of variant `name` with seed `seed` (its workdir set, and `train.data_dir` the
+        shared `prepared_dir` unless the base names one or the variant prepares its data otherwise, which
+        then goes in its own `<workdir>/prepared`).
 
         Raises:
             ConfigError: an override that does not fit the base config (naming the variant).
         """
-        workdir = self.workdir(name, seed)
-        shared = [] if self.base.get("train", {}).get("data_dir") else [f"train.data_dir={self.prepared_dir}"]
         overrides = [
             *self.variants[name].overrides,
             f"train.seed={seed}",
             f"data.batching.seed={seed}",
-            f"train.workdir={workdir}",
-            *shared,
+            f"train.workdir={self.workdir(name, seed)}",
         ]
         try:
-            return load_config(None, overrides, base=self.base, overrides_source="variant")
+            cfg = load_config(None, overrides, base=self.base, overrides_source="variant")
         except ConfigError as e:
             raise ConfigError(f"{self.source}: variant {name!r}: {e}") from None
+        shared_data = load_config(None, base=self.base).data.fingerprint_fields()
+        if cfg.train.data_dir is None and cfg.data.fingerprint_fields() == shared_data:
+            cfg = dataclasses.replace(
+                cfg, train=dataclasses.replace(cfg.train, data_dir=str(self.prepared_dir))
+            )
+        return cfg
 
     def workdir(self, name: str, seed: int) -> Path:
         return Path(self.compare.out) / f"seed{seed}" / name

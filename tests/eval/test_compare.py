@@ -242,6 +242,23 @@ def test_the_compare_split_is_one_of_the_prepared_splits_checked_at_load(tmp_pat
     assert message.startswith(expected), message
 
 
+def test_variants_share_the_prepared_data_unless_their_data_overrides_change_it(tmp_path, tiny_config):
+    base = tiny_config(tmp_path / "unused", tmp_path / "unused_run")
+    base["train"]["data_dir"] = None
+    variants = {
+        "a": {},
+        "batching": {"overrides": ["data.batching.rows_per_batch=4"]},  # not part of the prepared data
+        "history": {"overrides": ["data.max_history=1"]},
+    }
+    file = tmp_path / "c.yaml"
+    compare = {"out": str(tmp_path / "out"), "baseline": "a"}
+    file.write_text(yaml.safe_dump({"compare": compare, "variants": variants, "base": base}))
+    comparison = load_comparison(file)
+    data_dirs = {name: comparison.run_config(name, 3).train.data_dir for name in variants}
+    shared = str(tmp_path / "out" / "prepared")
+    assert data_dirs == {"a": shared, "batching": shared, "history": None}  # None: <workdir>/prepared
+
+
 # The tests below change the finished runs of `compared` (they evaluate some again), so they come after every
 # test that reads them as the first comparison left them.
 
