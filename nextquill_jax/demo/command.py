@@ -23,7 +23,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_demo_command(args: argparse.Namespace) -> int:
     from nextquill_jax.demo.run import DEFAULT_OUT, default_config, load_demo_config, run_demo
-    from nextquill_jax.train.loop import TrainingDivergedError
+    from nextquill_jax.train.loop import TrainingDivergedError, TrainingStoppedError
 
     try:
         out = args.out if args.out is not None else DEFAULT_OUT
@@ -36,6 +36,9 @@ def run_demo_command(args: argparse.Namespace) -> int:
     except TrainingDivergedError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except TrainingStoppedError:  # status 0, as `train` stopped this way
+        print("demo stopped before its end; `nextquill-jax demo` starts over when run again")
+        return 0
     print()
     print((Path(out) / "results.md").read_text(encoding="utf-8"))
     return 0

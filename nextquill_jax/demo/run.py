@@ -245,6 +245,7 @@ def run_demo(cfg: DemoConfig, *, echo: Callable[[str], None] = print) -> dict[st
     Raises:
         ConfigError: a configuration problem found while setting up a run.
         TrainingDivergedError: a run's loss became non-finite.
+        TrainingStoppedError: a run's training stopped on SIGTERM or Ctrl-C.
     """
     from nextquill_jax.data.prepare import prepare
     from nextquill_jax.data.sources.synth import generate_synthetic
@@ -253,7 +254,7 @@ def run_demo(cfg: DemoConfig, *, echo: Callable[[str], None] = print) -> dict[st
     from nextquill_jax.eval.compare import run_variant
     from nextquill_jax.eval.compare_table import markdown, write_results
     from nextquill_jax.train.export import export
-    from nextquill_jax.train.loop import train
+    from nextquill_jax.train.loop import train_to_the_end
 
     plan, out = cfg.plan, cfg.out_dir
     clock = _Clock(echo)
@@ -288,7 +289,7 @@ def run_demo(cfg: DemoConfig, *, echo: Callable[[str], None] = print) -> dict[st
     clock.stage("tokenizer and prepared data", t)
 
     t = time.perf_counter()
-    base = train(cfg.pretrain, out / "runs" / "base", echo=echo)
+    base = train_to_the_end(cfg.pretrain, out / "runs" / "base", echo=echo)
     export(out / "runs" / "base", out / "base")
     echo(f"base model: {base.step} steps of language modelling -> {out / 'base'}")
     clock.stage("base pre-training", t)

@@ -197,7 +197,7 @@ def run_effects(args: argparse.Namespace) -> int:
                 single_device_mesh,
             )
 
-            checkpoints_dir(args.workdir)  # before the mesh starts JAX, whose first log line makes OUT/logs
+            checkpoints_dir(args.workdir)  # a mistyped --workdir is named before JAX starts (seconds)
             restored = restore_model(args.workdir, args.step, single_device_mesh())
             model, cfg, step = restored.model, restored.config, restored.step
             loss_cfg = cfg.loss.loss_config()
@@ -244,7 +244,7 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_compare(args: argparse.Namespace) -> int:
     from nextquill_jax.eval.compare import load_comparison, run_comparison
-    from nextquill_jax.train.loop import TrainingDivergedError
+    from nextquill_jax.train.loop import TrainingDivergedError, TrainingStoppedError
 
     try:
         comparison = load_comparison(args.config, args.seeds)
@@ -253,6 +253,9 @@ def run_compare(args: argparse.Namespace) -> int:
     except (ValueError, TrainingDivergedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except TrainingStoppedError as e:  # status 0, as `train` stopped this way: a resumable stop
+        print(f"compare stopped: {e}")
+        return 0
     print((Path(comparison.compare.out) / "results.md").read_text(encoding="utf-8"))
     return 0
 

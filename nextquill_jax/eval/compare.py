@@ -278,11 +278,12 @@ def run_variant(comparison: Comparison, name: str, seed: int, echo: Echo = print
     Raises:
         ConfigError: the run finished training with other training settings (`finished_changes`), or the
             config cannot be used (as `train`).
+        TrainingStoppedError: its training stopped on SIGTERM or Ctrl-C; nothing is evaluated or recorded.
     """
     from nextquill_jax.data.prepare import load_fast_tokenizer
     from nextquill_jax.eval.effect_report import build_effect_report
     from nextquill_jax.eval.evaluate import evaluate
-    from nextquill_jax.train.loop import train
+    from nextquill_jax.train.loop import train_to_the_end
     from nextquill_jax.train.workdir import data_dir_of, initial_model, restore_model
 
     workdir = comparison.workdir(name, seed)
@@ -313,7 +314,7 @@ def run_variant(comparison: Comparison, name: str, seed: int, echo: Echo = print
     # Until this run finishes again, an interrupted one must not leave the old record to stand for it.
     done.unlink(missing_ok=True)
     if variant.train and not trained:
-        train(cfg, workdir, echo=echo)
+        train_to_the_end(cfg, workdir, echo=echo)
     elif not variant.train:
         cfg = untrained_config(cfg, workdir, plan.split, echo)
     # One model serves the evaluation and the effect report: its checkpoint is read and verified once.

@@ -51,6 +51,11 @@ class TrainingDivergedError(RuntimeError):
     """The loss or gradient became NaN/inf (the message names the step and the last good checkpoint)."""
 
 
+class TrainingStoppedError(RuntimeError):
+    """Training stopped on SIGTERM or Ctrl-C, its checkpoint saved, inside a longer job (`compare`, `demo`)
+    that must stop with it rather than go on with a partly trained model (`train_to_the_end`)."""
+
+
 @dataclass(frozen=True)
 class TrainResult:
     """How a run ended: `status` "finished" or "preempted" (SIGTERM or Ctrl-C: saved, resume by running
@@ -163,6 +168,23 @@ def train(cfg: Config, workdir: Path, *, echo=print) -> TrainResult:
         preemption.restore()
         ckpt.close()
         log.close()
+
+
+def train_to_the_end(cfg: Config, workdir: Path, *, echo=print) -> TrainResult:
+    """`train`, for a job that goes on to use the trained model.
+
+    Raises:
+        TrainingStoppedError: training stopped on SIGTERM or Ctrl-C (`train` has said where it saved);
+            the message says that running the job again resumes it.
+        as `train`.
+    """
+    result = train(cfg, workdir, echo=echo)
+    if result.status != "finished":
+        raise TrainingStoppedError(
+            f"training in {workdir} stopped at step {result.step} before its end, so nothing that needs the "
+            f"trained model was run; run the same command again to resume"
+        )
+    return result
 
 
 def start_state(run: RunSetup, cfg: Config, ckpt: Checkpointer, iterator, echo) -> tuple[TrainState, int]:

@@ -14,13 +14,14 @@ import pytest
 import yaml
 from flax import nnx
 
+from nextquill_jax import cli
 from nextquill_jax.config_schema import ConfigError, build
 from nextquill_jax.data.config import SPLITS
 from nextquill_jax.eval import evaluate
 from nextquill_jax.eval.bootstrap import paired_bootstrap
-from nextquill_jax.eval.compare import CompareConfig, load_comparison, run_comparison
+from nextquill_jax.eval.compare import DONE_FILE, CompareConfig, load_comparison, run_comparison
 from nextquill_jax.eval.compare_table import FEW_EXAMPLES
-from nextquill_jax.train import checkpoint
+from nextquill_jax.train import checkpoint, loop
 
 pytestmark = pytest.mark.slow  # run first: see tests/conftest.py
 
@@ -257,6 +258,28 @@ def test_variants_share_the_prepared_data_unless_their_data_overrides_change_it(
     data_dirs = {name: comparison.run_config(name, 3).train.data_dir for name in variants}
     shared = str(tmp_path / "out" / "prepared")
     assert data_dirs == {"a": shared, "batching": shared, "history": None}  # None: <workdir>/prepared
+
+
+def test_a_run_whose_training_stops_on_a_signal_stops_the_comparison_unevaluated(
+    tmp_path, tiny_config, monkeypatch, capsys
+):
+    base = tiny_config(tmp_path / "data", tmp_path / "unused_run")
+    file = tmp_path / "c.yaml"
+    compare = {"out": str(tmp_path / "out"), "baseline": "a"}
+    file.write_text(yaml.safe_dump({"compare": compare, "variants": {"a": {}, "b": {}}, "base": base}))
+    started = []
+
+    def stopped(cfg, workdir, *, echo):  # as a SIGTERM or Ctrl-C after step 2
+        started.append(workdir)
+        return loop.TrainResult("preempted", 2, workdir, 2, None)
+
+    monkeypatch.setattr(loop, "train", stopped)
+    assert cli.main(["compare", "--config", str(file)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("compare stopped: training in ") and "stopped at step 2 before its end" in out
+    assert "run the same command again to resume" in out
+    assert started == [tmp_path / "out" / "seed0" / "a"]  # variant b never started
+    assert not list((tmp_path / "out").rglob(DONE_FILE)) and not (tmp_path / "out" / "results.md").exists()
 
 
 # The tests below change the finished runs of `compared` (they evaluate some again), so they come after every
