@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import gzip
 import json
@@ -378,3 +379,22 @@ def test_a_json_message_ending_in_at_is_not_doubled(tmp_path, array):
         _read(DataConfig(format="generic", template="plain", sources=[str(path)]))
     column = 14 if array else 13
     assert f"not valid JSON (Unterminated string starting at column {column})" in str(e.value)
+
+
+@pytest.mark.parametrize("kind", [".jsonl", ".jsonl.gz", ".json"])
+def test_a_utf8_byte_order_mark_is_accepted(tmp_path, kind):
+    # Windows editors start UTF-8 files with a BOM; line 1 used to be invalid ("Unexpected UTF-8 BOM").
+    path = FIXTURES / "generic" / "records.jsonl"
+    expected, _ = _read(DataConfig(format="generic", template="plain", sources=[str(path)]))
+    text = path.read_text(encoding="utf-8")
+    if kind == ".json":
+        text = "[" + ",\n".join(text.splitlines()) + "]"
+    data = codecs.BOM_UTF8 + text.encode("utf-8")
+    with_bom = tmp_path / f"records{kind}"
+    with_bom.write_bytes(gzip.compress(data) if kind == ".jsonl.gz" else data)
+    records, log = _read(DataConfig(format="generic", template="plain", sources=[str(with_bom)]))
+    assert dict(log.errors) == {}
+    assert [dataclasses.replace(r, source="") for r in records] == [
+        dataclasses.replace(r, source="") for r in expected
+    ]
+    assert records[0].source == f"{with_bom}:1"

@@ -2,11 +2,13 @@
 
 Each row comes with its location (`file:line`; for Parquet the 1-based row number) so that every later message
 can name where a bad record is. Rows that cannot be decoded are yielded as `Issue`s, not raised, so a reader
-can list all of them under `on_error: fail` or skip and count them under `skip`.
+can list all of them under `on_error: fail` or skip and count them under `skip`. A UTF-8 byte order mark at
+the start of a text file is skipped.
 """
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import json
 from collections.abc import Container, Iterator
@@ -88,6 +90,9 @@ def _jsonl_rows(path: str | Path, gzipped: bool, lines: Container[int] | None) -
     opener = gzip.open if gzipped else open
     with opener(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
+            if line_no == 1:
+                # Editors on Windows start UTF-8 files with a byte order mark; it is not part of the JSON.
+                raw = raw.removeprefix(codecs.BOM_UTF8)
             if (lines is not None and line_no not in lines) or not raw.strip():
                 continue
             yield _decode_line(raw, f"{path}:{line_no}", line_no)
@@ -149,7 +154,8 @@ def _field_with_surrogates(value: Any, path: str) -> str | None:
 
 
 def _json_array_rows(path: str | Path, list_key: str | None) -> Iterator[Row | Issue]:
-    raw = Path(path).read_bytes()
+    # A leading byte order mark (Windows editors write one) is not part of the JSON.
+    raw = Path(path).read_bytes().removeprefix(codecs.BOM_UTF8)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
