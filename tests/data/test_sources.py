@@ -327,6 +327,18 @@ def test_fail_mode_lists_the_first_errors_and_counts_the_rest(tmp_path):
 def test_configuration_errors_name_the_setting(tmp_path, small_dpl):
     with pytest.raises(ValueError, match=r"data.sources: no file matches"):
         _read(DataConfig(format="generic", template="plain", sources=[str(tmp_path / "nothing*.jsonl")]))
+    # A directory is not a file: say so and give a glob for its files (by their suffix).
+    (tmp_path / "my").mkdir()
+    with pytest.raises(ValueError) as e:
+        _read(DataConfig(format="generic", template="plain", sources=[str(tmp_path / "my")]))
+    assert f"{str(tmp_path / 'my')!r} is a directory, not a file" in str(e.value)
+    assert repr(str(tmp_path / "my" / "*.jsonl")) in str(e.value)
+    (tmp_path / "my" / "a.jsonl.gz").write_bytes(b"")
+    (tmp_path / "my" / "notes.txt").write_text("")
+    with pytest.raises(
+        ValueError, match=r"matches only directories \(.*my\), no files.*e\.g\. '.*my/\*\.jsonl\.gz'"
+    ):
+        _read(DataConfig(format="generic", template="plain", sources=[str(tmp_path / "m*")]))
     lonely = tmp_path / "Movies.jsonl"
     shutil.copy(AMAZON / "Books.jsonl", lonely)
     with pytest.raises(ValueError, match=r"no metadata file for reviews .*meta_Movies"):

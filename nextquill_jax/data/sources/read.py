@@ -6,6 +6,7 @@ import dataclasses
 import glob
 import re
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 from nextquill_jax.data.config import DataConfig
@@ -31,12 +32,25 @@ def expand_paths(patterns: list[str], key: str) -> list[Path]:
     """Files matching each pattern, sorted within a pattern, without repeats.
 
     Raises:
-        ValueError: a pattern that matches no file, or a file of an unsupported type, naming `data.<key>`.
+        ValueError: a pattern that matches no file (saying so when it names directories, with a glob for their
+            files), or a file of an unsupported type, naming `data.<key>`.
     """
     paths: list[Path] = []
     for pattern in patterns:
-        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
-        matches = [m for m in matches if Path(m).is_file()]
+        found = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        matches = [m for m in found if Path(m).is_file()]
+        directories = [m for m in found if Path(m).is_dir()]
+        if not matches and directories:
+            what = (
+                "is a directory, not a file"
+                if directories == [pattern]
+                else f"matches only directories ({', '.join(directories[:3])}"
+                f"{', ...' if len(directories) > 3 else ''}), no files"
+            )
+            raise ValueError(
+                f"data.{key}: {pattern!r} {what}. Fix: name the files with a glob pattern, e.g. "
+                f"{_files_glob(directories[0])!r}."
+            )
         if not matches:
             raise ValueError(
                 f"data.{key}: no file matches {pattern!r} (paths are relative to {Path.cwd()}). Fix: correct "
@@ -50,6 +64,22 @@ def expand_paths(patterns: list[str], key: str) -> list[Path]:
             if Path(m) not in paths:
                 paths.append(Path(m))
     return paths
+
+
+def _files_glob(directory: str) -> str:
+    """A glob for the data files in `directory`: by the suffix most of them have, `*.jsonl` when none."""
+    kinds = Counter(
+        kind for p in Path(directory).iterdir() if p.is_file() and (kind := _data_suffix(p)) is not None
+    )
+    suffix = kinds.most_common(1)[0][0] if kinds else ".jsonl"
+    return str(Path(directory) / f"*{suffix}")
+
+
+def _data_suffix(path: Path) -> str | None:
+    try:
+        return file_kind(path)
+    except ValueError:
+        return None
 
 
 def split_from_name(path: Path) -> str:
