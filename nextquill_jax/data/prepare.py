@@ -74,6 +74,7 @@ def prepare(
     ):
         echo(f"{out}: prepared data up to date (fingerprint {fingerprint[:12]}), reusing it")
         return {**previous, "reused": True}
+    replacing = None
     if previous is not None and not force:
         # Runs may share a data directory: say why its contents are about to change under them.
         changes = "; ".join(_changes(previous, cfg, inputs))
@@ -88,7 +89,7 @@ def prepare(
             )
         if protected is not None and previous.get("fingerprint") != fingerprint:
             raise ValueError(f"{why}; it is not replaced: {protected}")
-        echo(f"{why}: preparing again, replacing its contents")
+        replacing = f"{why}: preparing again, replacing its contents"
 
     log = IssueLog(on_error=cfg.on_error, max_shown=cfg.max_errors_shown)
     records = read_records(cfg, template, log)
@@ -105,6 +106,10 @@ def prepare(
             " sources and the filter thresholds"
         )
 
+    if replacing is not None:
+        # Said only now that every record is read and every example built: an error before this point
+        # leaves the directory as it was.
+        echo(replacing)
     _clear(out)
     out.mkdir(parents=True, exist_ok=True)
     for split in splits:

@@ -387,3 +387,33 @@ def test_protected_data_prepared_with_other_settings_is_refused_and_left_as_it_w
     os.remove(out / "test.jsonl")
     again = prepare(same, out, tokenizer=tok, protected="WHY", echo=lambda _: None)
     assert not again["reused"] and again["fingerprint"] == first["fingerprint"]
+
+
+def test_a_failed_preparation_does_not_announce_replacing_the_directory(tmp_path, tok_dir, capsys):
+    """`preparing again, replacing its contents` is said only when it happens: a run that stops on its
+    configuration, on invalid records or with no example left says only why, and leaves the data as it was."""
+    source = tmp_path / "records.jsonl"
+    source.write_bytes((F / "generic" / "records.jsonl").read_bytes())
+    config = _config_file(
+        tmp_path / "c.yaml", tok_dir, format="generic", template="plain", sources=[str(source)]
+    )
+    out = tmp_path / "prepared"
+    argv = ["data", "prepare", "--config", str(config), "--out", str(out)]
+    assert main(argv) == 0
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"user_id": "u"}\n')
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    for override, error in (
+        ("data.sources=[]", "error: data.sources is empty"),
+        (f"data.sources=[{bad}]", "1 invalid input record(s)"),
+        (f"data.sources=[{empty}]", "error: no examples left to prepare"),
+    ):
+        capsys.readouterr()
+        assert main([*argv, override]) == 1
+        said = capsys.readouterr()
+        assert error in said.err and "replacing its contents" not in said.out + said.err, said
+        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
+    assert main([*argv, "data.max_history=1"]) == 0
+    assert f"{out} was prepared with other settings" in capsys.readouterr().out
