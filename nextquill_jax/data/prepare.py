@@ -2,8 +2,8 @@
 
 `DIR/<split>/` holds the token arrays (`prepared_split.write_split`), `DIR/<split>.jsonl` the rendered
 examples in the same order (what the model sees, as text), `DIR/summary.json` the counts (rows read per file,
-invalid records by reason, records dropped by reason, examples per split, history fitting) and token-length
-statistics.
+0 for an empty one, invalid records by reason, records dropped by reason, examples per split, history fitting)
+and token-length statistics.
 
 A fingerprint of the settings (DataConfig without `batching`), the template's text, the tokenizer (its full
 serialisation, EOS and chat template) and the source files (path, size and BLAKE2b content hash, so a file
@@ -101,9 +101,10 @@ def prepare(
     log.raise_if_failed()
     splits = [s for s in SPLITS if by_split[s]]
     if not splits:
+        empty = "".join(f"{path}: 0 records; " for path in _empty_files(log.read))
         raise ValueError(
-            f"no examples left to prepare: errors {dict(log.errors)}, dropped {dict(log.dropped)}; check the"
-            " sources and the filter thresholds"
+            f"no examples left to prepare: {empty}errors {dict(log.errors)}, dropped {dict(log.dropped)};"
+            " check the sources and the filter thresholds"
         )
 
     if replacing is not None:
@@ -250,8 +251,16 @@ def _token_stats(examples: list[Example]) -> dict[str, dict[str, float]]:
     return out
 
 
+def _empty_files(read: dict[str, int]) -> list[str]:
+    """The files that held no record, from the rows read per file."""
+    return [path for path, n in read.items() if n == 0]
+
+
 def _describe(out: Path, summary: dict[str, Any]) -> str:
     lines = [f"prepared {out}: " + ", ".join(f"{s} {n} examples" for s, n in summary["examples"].items())]
+    empty = _empty_files(summary["read"])
+    if empty:
+        lines.append(f"  warning: {', '.join(empty)}: 0 records")
     if summary["errors"]:
         lines.append(
             "  skipped invalid records: " + ", ".join(f"{k} {v}" for k, v in summary["errors"].items())

@@ -417,3 +417,21 @@ def test_a_failed_preparation_does_not_announce_replacing_the_directory(tmp_path
         assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
     assert main([*argv, "data.max_history=1"]) == 0
     assert f"{out} was prepared with other settings" in capsys.readouterr().out
+
+
+def test_a_source_without_records_is_named(tmp_path, tok_dir, capsys):
+    """An empty source file (or one of blank lines) is named with its 0 records: in the error when nothing
+    is left to prepare, else as a warning and in the summary's rows read per file."""
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    records = f"{F}/generic/records.jsonl"
+    config = _config_file(
+        tmp_path / "c.yaml", tok_dir, format="generic", template="plain", sources=[str(empty)]
+    )
+    argv = ["data", "prepare", "--config", str(config), "--out", str(tmp_path / "prepared")]
+    assert main(argv) == 1
+    assert f"error: no examples left to prepare: {empty}: 0 records; errors {{}}" in capsys.readouterr().err
+    assert main([*argv, f"data.sources=[{empty}, {records}]"]) == 0
+    assert f"  warning: {empty}: 0 records\n" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "prepared" / "summary.json").read_text())
+    assert summary["read"] == {str(empty): 0, records: 6}

@@ -77,7 +77,10 @@ def iter_rows(
 
 
 def valid_rows(path: str | Path, log: IssueLog, *, list_key: str | None = None) -> Iterator[Row]:
-    """The decodable rows of `path`; every undecodable one goes to `log` (see `iter_rows` for what raises)."""
+    """The decodable rows of `path`; every undecodable one goes to `log` (see `iter_rows` for what raises).
+
+    `log.read` counts the rows by file, a file without any as 0 (so an empty source can be named)."""
+    log.read[str(path)] += 0
     for row in iter_rows(path, list_key=list_key):
         log.read[str(path)] += 1
         if isinstance(row, Issue):
