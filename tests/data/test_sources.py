@@ -410,3 +410,50 @@ def test_a_utf8_byte_order_mark_is_accepted(tmp_path, kind):
         dataclasses.replace(r, source="") for r in expected
     ]
     assert records[0].source == f"{with_bom}:1"
+
+
+def test_every_field_a_template_needs_and_a_record_lacks_is_named_in_one_message(tmp_path):
+    path = tmp_path / "records.jsonl"
+    record = {
+        "user_id": "u",
+        "context": {"item_title": "Dune", "title": "Slow start"},
+        # Entries are named as written (file order), although timestamps sort them oldest first.
+        "history": [
+            {"text": "a", "item_title": "X", "rating": 4, "timestamp": 2},
+            {
+                "text": "b",
+                "item_title": "Y",
+                "item_description": "d",
+                "rating": 5,
+                "title": "t",
+                "timestamp": 1,
+            },
+        ],
+        "target": "t",
+    }
+    path.write_text(json.dumps(record) + "\n")
+    with pytest.raises(DataError) as e:
+        _read(DataConfig(format="generic", template="review", sources=[str(path)]))
+    assert (
+        f"{path}:1:context.item_description: the prompt template 'review' needs `context.item_description`, "
+        "`context.rating`, `history[0].item_description`, `history[0].title`, which the record lacks; add "
+        "them or choose another template"
+    ) in str(e.value)
+    assert str(e.value).startswith("1 invalid input record(s) (1 missing_field)")
+    # A long history lacking a field in every entry: the first ten are named, the rest counted.
+    record = {"user_id": "u", "context": "c", "history": [{"text": str(i)} for i in range(12)], "target": "t"}
+    path.write_text(json.dumps(record) + "\n")
+    with pytest.raises(DataError) as e:
+        _read(DataConfig(format="generic", template="review", sources=[str(path)]))
+    assert "`history[1].item_title` and 42 more, which the record lacks" in str(e.value)
+
+    questions = tmp_path / "train_questions.jsonl"
+    questions.write_text(
+        json.dumps({"id": "q1", "input": "i", "output": "o", "profile": [{}, {"summary": "s"}]}) + "\n"
+    )
+    with pytest.raises(DataError) as e:
+        _read(DataConfig(format="lamp", template="lamp_topic_writing", sources=[str(questions)]))
+    assert (
+        f"{questions}:1:profile[0].content: the prompt template 'lamp_topic_writing' needs "
+        "`profile[0].content`, `profile[0].summary`, `profile[1].content`, which the record lacks"
+    ) in str(e.value)

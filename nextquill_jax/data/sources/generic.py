@@ -24,6 +24,7 @@ from nextquill_jax.data.sources.records import (
     Record,
     collect_records,
     get_field,
+    missing_fields,
     require_fields,
 )
 from nextquill_jax.data.sources.rows import valid_rows
@@ -55,13 +56,22 @@ def parse_generic(obj: dict[str, Any], location: str, default_split: str, templa
         if isinstance(raw_context, str)
         else _scalars(raw_context, location, "context")
     )
-    require_fields(context, template.context_fields, location, "context.")
     split = get_field(obj, "split", (str,), location) if "split" in obj else default_split
     if split not in SPLITS:
         raise InvalidRecordError(
             Issue("wrong_type", location, "split", f"`split` must be one of {SPLITS}, got {split!r}")
         )
-    history = _history(get_field(obj, "history", (list,), location), location, template)
+    entries = _history(get_field(obj, "history", (list,), location), location)
+    missing = missing_fields(context, template.context_fields, "context.")
+    for i, entry in enumerate(entries):  # file order, so `history[i]` names the entry as written
+        missing += missing_fields(entry.fields, template.entry_fields, f"history[{i}].")
+    require_fields(missing, location, template.name)
+    # Entries carry a timestamp all or none (`_history`); with timestamps they are sorted oldest first.
+    history = (
+        tuple(sorted(entries, key=lambda e: e.timestamp))
+        if all(e.timestamp is not None for e in entries)
+        else entries
+    )
     meta = get_field(obj, "meta", (dict,), location) if "meta" in obj else None
     return Record(
         user_id=user_id,
@@ -76,7 +86,13 @@ def parse_generic(obj: dict[str, Any], location: str, default_split: str, templa
     )
 
 
-def _history(raw: list[Any], location: str, template: PromptTemplate) -> tuple[HistoryEntry, ...]:
+def _history(raw: list[Any], location: str) -> tuple[HistoryEntry, ...]:
+    """The entries in file order.
+
+    Raises:
+        InvalidRecordError: an entry that is not a string or an object with `text`, a mistyped field, or a
+            timestamp on some entries but not all.
+    """
     entries = []
     for i, item in enumerate(raw):
         path = f"history[{i}]"
@@ -100,7 +116,6 @@ def _history(raw: list[Any], location: str, template: PromptTemplate) -> tuple[H
                     f"`{path}` must be a string or an object, got {type(item).__name__}",
                 )
             )
-        require_fields(fields, template.entry_fields, location, f"{path}.")
         entries.append(HistoryEntry(fields=fields, timestamp=timestamp))
     timed = [e.timestamp is not None for e in entries]
     if any(timed) and not all(timed):
@@ -113,8 +128,6 @@ def _history(raw: list[Any], location: str, template: PromptTemplate) -> tuple[H
                 "some history entries carry a timestamp and this one does not; give all or none",
             )
         )
-    if all(timed):
-        entries.sort(key=lambda e: e.timestamp)
     return tuple(entries)
 
 

@@ -22,6 +22,7 @@ from nextquill_jax.data.sources.records import (
     Record,
     collect_records,
     get_field,
+    missing_fields,
     require_fields,
     scalar_fields,
 )
@@ -68,12 +69,13 @@ def read_lamp(
             )
         user_id = get_field(row.value, "user_id", (str,), loc) if "user_id" in row.value else qid
         context = {k: v for k, v in scalar_fields(row.value, loc, "").items() if k not in ("id", "output")}
-        require_fields(context, template.context_fields, loc, "")
-        history = []
-        for i, entry in enumerate(profile):
-            fields = scalar_fields(entry, loc, f"profile[{i}]")
-            require_fields(fields, template.entry_fields, loc, f"profile[{i}].")
-            history.append(HistoryEntry(fields=fields))
+        history = [
+            HistoryEntry(fields=scalar_fields(entry, loc, f"profile[{i}]")) for i, entry in enumerate(profile)
+        ]
+        missing = missing_fields(context, template.context_fields, "")
+        for i, entry in enumerate(history):
+            missing += missing_fields(entry.fields, template.entry_fields, f"profile[{i}].")
+        require_fields(missing, loc, template.name)
         return Record(
             user_id=user_id,
             context=context,

@@ -168,19 +168,38 @@ def scalar_fields(obj: Mapping[str, Any], location: str, path: str) -> dict[str,
     return {k: v for k, v in obj.items() if isinstance(v, str | int | float) and not isinstance(v, bool)}
 
 
-def require_fields(fields: Mapping[str, Any], needed: frozenset[str], location: str, prefix: str) -> None:
-    """Raises InvalidRecordError (`missing_field`) naming the first needed field that `fields` lacks."""
-    missing = sorted(needed - set(fields))
-    if missing:
-        name = f"{prefix}{missing[0]}"
-        raise InvalidRecordError(
-            Issue(
-                "missing_field",
-                location,
-                name,
-                f"the prompt template needs `{name}`; add it or choose another template",
-            )
+def missing_fields(fields: Mapping[str, Any], needed: frozenset[str], prefix: str) -> list[str]:
+    """The `needed` field names that `fields` lacks, sorted, each as `prefix` + name (`context.rating`)."""
+    return [f"{prefix}{name}" for name in sorted(needed - set(fields))]
+
+
+def require_fields(missing: list[str], location: str, template: str) -> None:
+    """Check that one record has every field the prompt template named `template` needs.
+
+    `missing`: the record's lacking fields (`missing_fields` of its context and of each history entry), all
+    named in one message (the first `_MAX_NAMED`, then how many more) so one fix mends the record.
+
+    Raises:
+        InvalidRecordError: `missing_field` when `missing` is not empty, its field the first missing one.
+    """
+    if not missing:
+        return
+    named = ", ".join(f"`{name}`" for name in missing[:_MAX_NAMED])
+    if len(missing) > _MAX_NAMED:
+        named += f" and {len(missing) - _MAX_NAMED} more"
+    them = "them" if len(missing) > 1 else "it"
+    raise InvalidRecordError(
+        Issue(
+            "missing_field",
+            location,
+            missing[0],
+            f"the prompt template {template!r} needs {named}, which the record lacks; add {them} or choose"
+            " another template",
         )
+    )
+
+
+_MAX_NAMED = 10  # missing fields named in one message; a long history may lack one field per entry
 
 
 _KIND_NAMES = {
