@@ -302,6 +302,18 @@ def test_bad_input_fails_listing_every_file_line_and_field(small_dpl):
     assert f"{BAD_GENERIC}:4:target: required field `target` is missing" in msg
     assert f"{BAD_GENERIC}:6:history[0]: byte 0xe9 at column" in msg
     assert f"{BAD_GENERIC}:7:history: `history` must be a list, got str" in msg
+    # A misspelt key would have put line 9 in the default split (train) instead of test.
+    assert (
+        f"{BAD_GENERIC}:9:spilt: unknown field `spilt` (did you mean `split`?); a generic record has "
+        "user_id, context, history, target, category, split, id, meta. Fix: rename it, or move extra data "
+        "into `meta`"
+    ) in msg
+    # Empty texts would train on EOS alone, or on entries that tell nothing about the user.
+    assert f"{BAD_GENERIC}:10:target: `target` is empty; the example would learn only the end-of-text" in msg
+    assert f"{BAD_GENERIC}:11:user_id: `user_id` is empty; records are grouped" in msg
+    assert f"{BAD_GENERIC}:12:history[1]: `history[1]` is empty; an entry without text tells nothing" in msg
+    assert f"{BAD_GENERIC}:13:history[0].text: `history[0].text` is empty; " in msg
+    assert msg.startswith("9 invalid input record(s) (4 empty_field, ")
 
 
 def test_bad_input_skipped_and_counted_exactly(small_dpl):
@@ -309,10 +321,18 @@ def test_bad_input_skipped_and_counted_exactly(small_dpl):
     assert dict(log.errors) == {"malformed_json": 1, "missing_field": 1, "invalid_utf8": 1, "unknown_item": 1}
     good, good_log = _read(_amazon_cfg(small_dpl))
     assert log.dropped == good_log.dropped and len(records) == len(good)
-    _, log = _read(
+    records, log = _read(
         DataConfig(format="generic", template="plain", sources=[str(BAD_GENERIC)], on_error="skip")
     )
-    assert dict(log.errors) == {"malformed_json": 1, "missing_field": 1, "invalid_utf8": 1, "wrong_type": 1}
+    assert dict(log.errors) == {
+        "malformed_json": 1,
+        "missing_field": 1,
+        "invalid_utf8": 1,
+        "wrong_type": 1,
+        "unknown_field": 1,
+        "empty_field": 4,
+    }
+    assert [r.source for r in records] == [f"{BAD_GENERIC}:{line}" for line in (1, 3, 5, 8)]
 
 
 def test_fail_mode_lists_the_first_errors_and_counts_the_rest(tmp_path):
@@ -456,4 +476,17 @@ def test_every_field_a_template_needs_and_a_record_lacks_is_named_in_one_message
     assert (
         f"{questions}:1:profile[0].content: the prompt template 'lamp_topic_writing' needs "
         "`profile[0].content`, `profile[0].summary`, `profile[1].content`, which the record lacks"
+    ) in str(e.value)
+
+
+def test_unknown_generic_keys_are_all_named_with_the_nearest_unused_field(tmp_path):
+    path = tmp_path / "records.jsonl"
+    base = {"user_id": "u", "context": "c", "history": ["h"], "target": "t"}
+    path.write_text(json.dumps({**base, "split": "test", "spilt": "val", "usr": "x", "Category": "c"}) + "\n")
+    with pytest.raises(DataError) as e:
+        _read(DataConfig(format="generic", template="plain", sources=[str(path)]))
+    # `split` is there already, so `spilt` is not taken for it; `Category` is near the unused `category`.
+    assert (
+        f"{path}:1:spilt: unknown fields `spilt`, `usr`, `Category` (did you mean `category`?); a generic "
+        "record has user_id, context, history, target, category, split, id, meta. Fix: rename them"
     ) in str(e.value)

@@ -5,12 +5,15 @@ One object per line: `user_id` (string), `context` (a string, or an object of na
 (string), optional `category`, `split` (train / val / test; else `data.default_split`), `id` and `meta` (any
 object, carried through untouched). A string context becomes the field `context`, a string entry the field
 `text`. History is oldest first, or sorted by `timestamp` when the entries carry one (then all must).
-Records with an empty history and repeats of an earlier record (same user, split, context and target) are
-counted and skipped.
+Any other top-level key is an invalid record (`unknown_field`; a misspelt `split` would silently train on a
+test record), and so is an empty or whitespace-only `user_id`, `target` or history entry text (`empty_field`);
+extra data belongs in `meta`. Records with an empty history and repeats of an earlier record (same user,
+split, context and target) are counted and skipped.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 from pathlib import Path
 from typing import Any
@@ -26,9 +29,13 @@ from nextquill_jax.data.sources.records import (
     get_field,
     missing_fields,
     require_fields,
+    require_text,
 )
 from nextquill_jax.data.sources.rows import valid_rows
 from nextquill_jax.data.templates import PromptTemplate
+
+# Every top-level key a generic record may have; any other is an invalid record (`unknown_field`).
+FIELDS = ("user_id", "context", "history", "target", "category", "split", "id", "meta")
 
 
 def read_generic(path: Path, default_split: str, template: PromptTemplate, log: IssueLog) -> list[Record]:
@@ -45,11 +52,24 @@ def parse_generic(obj: dict[str, Any], location: str, default_split: str, templa
     """One validated record.
 
     Raises:
-        InvalidRecordError: a missing or mistyped field, an unknown split, a history entry without `text`, a
-            timestamp on some entries but not all, or a field the template needs that the record lacks.
+        InvalidRecordError: an unknown top-level key, a missing or mistyped field, an empty `user_id`,
+            `target` or entry text, an unknown split, a history entry without `text`, a timestamp on some
+            entries but not all, or fields the template needs that the record lacks.
     """
-    user_id = get_field(obj, "user_id", (str,), location)
-    target = get_field(obj, "target", (str,), location)
+    _check_keys(obj, location)
+    user_id = require_text(
+        get_field(obj, "user_id", (str,), location),
+        location,
+        "user_id",
+        "records are grouped and de-duplicated by user. Fix: give the user's id, or remove the record",
+    )
+    target = require_text(
+        get_field(obj, "target", (str,), location),
+        location,
+        "target",
+        "the example would learn only the end-of-text token. Fix: write the target text, or remove the"
+        " record",
+    )
     raw_context = get_field(obj, "context", (str, dict), location)
     context = (
         {"context": raw_context}
@@ -90,17 +110,18 @@ def _history(raw: list[Any], location: str) -> tuple[HistoryEntry, ...]:
     """The entries in file order.
 
     Raises:
-        InvalidRecordError: an entry that is not a string or an object with `text`, a mistyped field, or a
-            timestamp on some entries but not all.
+        InvalidRecordError: an entry that is not a string or an object with `text`, an empty text, a mistyped
+            field, or a timestamp on some entries but not all.
     """
     entries = []
     for i, item in enumerate(raw):
         path = f"history[{i}]"
         if isinstance(item, str):
-            fields: dict[str, Any] = {"text": item}
+            fields: dict[str, Any] = {"text": require_text(item, location, path, _EMPTY_ENTRY)}
             timestamp = None
         elif isinstance(item, dict):
-            get_field(item, "text", (str,), location, path=f"{path}.text")
+            text = get_field(item, "text", (str,), location, path=f"{path}.text")
+            require_text(text, location, f"{path}.text", _EMPTY_ENTRY)
             fields = _scalars({k: v for k, v in item.items() if k != "timestamp"}, location, path)
             timestamp = (
                 float(get_field(item, "timestamp", (int, float), location, path=f"{path}.timestamp"))
@@ -129,6 +150,32 @@ def _history(raw: list[Any], location: str) -> tuple[HistoryEntry, ...]:
             )
         )
     return tuple(entries)
+
+
+_EMPTY_ENTRY = "an entry without text tells nothing about the user. Fix: remove the entry, or give its text"
+
+
+def _check_keys(obj: dict[str, Any], location: str) -> None:
+    """Raises InvalidRecordError (`unknown_field`) naming every key that is not one of FIELDS, with the
+    nearest unused valid key: a misspelt `split` would otherwise put the record in the default split."""
+    unknown = [key for key in obj if key not in FIELDS]
+    if not unknown:
+        return
+    unused = [name for name in FIELDS if name not in obj]
+    named = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, unused, n=1, cutoff=0.6)
+        named.append(f"`{key}`" + (f" (did you mean `{close[0]}`?)" if close else ""))
+    raise InvalidRecordError(
+        Issue(
+            "unknown_field",
+            location,
+            unknown[0],
+            f"unknown field{'s' if len(unknown) > 1 else ''} {', '.join(named)}; a generic record has "
+            f"{', '.join(FIELDS)}. Fix: rename {'them' if len(unknown) > 1 else 'it'}, or move extra data "
+            "into `meta` (carried through untouched)",
+        )
+    )
 
 
 def _scalars(obj: dict[str, Any], location: str, path: str) -> dict[str, Any]:

@@ -17,7 +17,15 @@ Scalar = str | int | float
 R = TypeVar("R")
 
 # Why an input record is invalid (an error under `on_error: fail`, skipped and counted under `skip`).
-ErrorReason = Literal["malformed_json", "invalid_utf8", "missing_field", "wrong_type", "unknown_item"]
+ErrorReason = Literal[
+    "malformed_json",
+    "invalid_utf8",
+    "missing_field",
+    "wrong_type",
+    "unknown_item",
+    "unknown_field",
+    "empty_field",
+]
 
 
 @dataclass(frozen=True)
@@ -152,6 +160,17 @@ def get_field(
         )
     if numeric and isinstance(value, float) and value != value:
         raise InvalidRecordError(Issue("wrong_type", location, path, f"`{path}` is NaN"))
+    return value
+
+
+def require_text(value: str, location: str, path: str, why: str) -> str:
+    """`value`, the string field `path`, when it holds more than whitespace.
+
+    Raises:
+        InvalidRecordError: `empty_field` for an empty or whitespace-only `value`, saying `why` it needs text.
+    """
+    if not value.strip():
+        raise InvalidRecordError(Issue("empty_field", location, path, f"`{path}` is empty; {why}"))
     return value
 
 
