@@ -8,6 +8,8 @@ derives from a timing: token counts, the FLOP formula, throughput, resumption an
 from __future__ import annotations
 
 import csv
+import json
+from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -129,6 +131,83 @@ def test_sweep_resumes_without_repeating_points(tmp_path, fake):
     assert rows[:2] == first and [r["model"] for r in rows] == ["a", "b", "c"]
 
 
+@pytest.mark.parametrize(
+    ("before", "after", "listed"),
+    [
+        ("rows: 2", "rows: 4", "sweep.rows: 2 -> 4"),
+        ("timed_steps: 2", "timed_steps: 3", "sweep.timed_steps: 2 -> 3"),
+        ("timed_steps: 2", "timed_steps: 2\nloss_variant: sft", 'sweep.loss_variant: "nextquill" -> "sft"'),
+        ("timed_steps: 2", "timed_steps: 2\ncompute_dtype: bfloat16",
+         'sweep.compute_dtype: "float32" -> "bfloat16"'),
+        ("hidden_size: 32", "hidden_size: 40", "models.a.overrides.hidden_size: 32 -> 40"),
+    ],
+)  # fmt: skip
+def test_sweep_refuses_a_csv_measured_with_other_settings(tmp_path, fake, capsys, before, after, listed):
+    """A point's key (model name, seq_len, history, mesh) is not all its numbers depend on: a CSV whose rows
+    were measured with other settings is refused, on the command line as one error line, and left as is."""
+    out = tmp_path / "sweep"
+    config = sweep_yaml(tmp_path / "s.yaml", out, ["a"])
+    assert sweep.main(["--config", config]) == 0
+    measured = (out / "scaling.csv").read_text()
+    (tmp_path / "s.yaml").write_text((tmp_path / "s.yaml").read_text().replace(before, after))
+    capsys.readouterr()
+    assert cli.main(["bench", "scale", "--config", config]) == 1
+    captured = capsys.readouterr()
+    csv_path = out / "scaling.csv"
+    assert captured.err == (
+        f"error: {csv_path} holds points measured with other settings than the sweep's, so its rows would "
+        f"stand for numbers they are not; differing, the CSV's value first: {listed}. Fix: set a new "
+        f"output_dir (or --output-dir) for the changed sweep, or delete {csv_path} to measure every point "
+        "again.\n"
+    )
+    assert "done already" not in captured.out
+    assert fake.built == [32] and (out / "scaling.csv").read_text() == measured
+    # The fix: a new output directory measures the changed sweep.
+    assert sweep.main(["--config", config, "--output-dir", str(tmp_path / "new")]) == 0
+    assert len(fake.built) == 2 and len(read(tmp_path / "new" / "scaling.csv")) == 1
+
+
+def test_sweep_checks_the_models_its_csv_measured_even_when_a_sweep_left_them_out(tmp_path, fake):
+    """A model the CSV has rows of keeps its recorded settings while a sweep without it adds rows; one not yet
+    measured may change."""
+    out = tmp_path / "sweep"
+    assert sweep.main(["--config", sweep_yaml(tmp_path / "s.yaml", out, ["a"])]) == 0
+    assert sweep.main(["--config", sweep_yaml(tmp_path / "s.yaml", out, ["b"])]) == 0
+    assert fake.built == [32, 64]
+    changed = tmp_path / "s.yaml"
+    sweep_yaml(changed, out, ["a", "c"])
+    changed.write_text(changed.read_text().replace("hidden_size: 32", "hidden_size: 40"))
+    with pytest.raises(ConfigError, match=r"models\.a\.overrides\.hidden_size: 32 -> 40\. Fix"):
+        sweep.main(["--config", str(changed)])
+    sweep_yaml(changed, out, ["c"])
+    changed.write_text(changed.read_text().replace("hidden_size: 96", "hidden_size: 128"))
+    assert sweep.main(["--config", str(changed)]) == 0
+    assert fake.built == [32, 64, 128] and [r["model"] for r in read(out / "scaling.csv")] == ["a", "b", "c"]
+
+
+def test_sweep_refuses_a_csv_without_the_settings_it_was_measured_with(tmp_path, fake):
+    out = tmp_path / "sweep"
+    config = sweep_yaml(tmp_path / "s.yaml", out, ["a"])
+    sweep.main(["--config", config])
+    (out / sweep.SETTINGS_FILE).unlink()
+    with pytest.raises(
+        ConfigError, match=r"holds measured points but no scaling_settings\.json .* Fix: set a new"
+    ):
+        sweep.main(["--config", config])
+    assert fake.built == [32]
+
+
+def test_sweep_settings_differ_on_another_device():
+    cfg = sweep.load_scaling_config("configs/scaling/tiny_cpu.yaml")
+    recorded = json.loads(json.dumps(sweep.sweep_settings(cfg, "cpu", "cpu")))
+    rows, same = [{"model": "tiny-32"}], sweep.sweep_settings(cfg, "cpu", "cpu")
+    assert sweep.settings_to_record(recorded, same, rows, Path("x.csv")) == same
+    with pytest.raises(
+        ConfigError, match=r'device\.backend: "cpu" -> "gpu"; device\.device_kind: "cpu" -> "H100"'
+    ):
+        sweep.settings_to_record(recorded, sweep.sweep_settings(cfg, "gpu", "H100"), rows, Path("x.csv"))
+
+
 def test_sweep_point_runs_one_point_only(tmp_path, fake):
     out = tmp_path / "sweep"
     assert (
@@ -142,7 +221,7 @@ def test_sweep_refuses_a_foreign_csv(tmp_path, fake):
     out = tmp_path / "sweep"
     out.mkdir()
     (out / "scaling.csv").write_text("model,tokens_per_s\nx,1\n")
-    with pytest.raises(ValueError, match="move the file away or set a new output_dir"):
+    with pytest.raises(ConfigError, match="move the file away or set a new output_dir"):
         sweep.main(["--config", sweep_yaml(tmp_path / "s.yaml", out, ["a"])])
 
 
