@@ -386,22 +386,55 @@ TINY_COST_SHAPE = [
 ]
 
 
-def mfu_benchmark():
-    """benchmarks/mfu.py as a module (benchmarks/ is not a package)."""
+def benchmark_script(name: str):
+    """benchmarks/NAME.py as a module (benchmarks/ is not a package)."""
     import importlib.util
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "mfu.py"
-    spec = importlib.util.spec_from_file_location("mfu_benchmark", path)
-    mfu = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mfu)
-    return mfu
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class PreparedLengths:
+    """Stands in for a PreparedSplit of two examples with these token counts (what benchmarks/padding.py
+    checks before it plans batches)."""
+
+    def lengths(self, field):
+        return {"prompt_with": np.array([100, 1121]), "prompt_without": np.array([40, 111]),
+                "target": np.array([30, 68])}[field]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("flags", "said"),
+    [
+        (["--seq-len", "1024", "2048"],
+         "error: --seq-len 1024 is below the longest example of this data (1189 with-stream tokens: "
+         "prompt_with + target), which would fit no row. Fix: pass --seq-len values of at least 1189, e.g. "
+         "--seq-len 1280, or lower --max-history.\n"),
+        (["--seq-len", "2048", "--check-seq-len", "1024"],
+         "error: --check-seq-len 1024 is not one of --seq-len [2048], so nothing would be checked. Fix: add "
+         "1024 to --seq-len, or pass one of them as --check-seq-len.\n"),
+        (["--rows-per-batch", "0"], "error: argument --rows-per-batch: expected an integer >= 1, got '0'\n"),
+    ],
+)  # fmt: skip
+def test_padding_refuses_flags_that_fit_no_row_or_check_nothing(monkeypatch, capsys, flags, said):
+    """A --seq-len below the longest example is an argument error naming a length that fits (it was the
+    pipeline's traceback), before any batch is planned."""
+    padding = benchmark_script("padding")
+    monkeypatch.setattr(padding, "synthetic_train_split", lambda *a, **k: PreparedLengths())
+    monkeypatch.setattr(padding, "pipeline_row", lambda *a: pytest.fail("planned batches"))
+    with pytest.raises(SystemExit) as exit_info:
+        padding.main(flags)
+    assert exit_info.value.code == 2 and capsys.readouterr().err.endswith(f": {said}")
+    assert padding.too_short(PreparedLengths(), [1189, 2048], 128) is None  # the longest example fits whole
 
 
 def test_mfu_takes_cudnn_max_segments_auto_as_what_its_rows_hold(monkeypatch, capsys):
     """benchmarks/mfu.py --cudnn-max-segments N|auto (its step timed by the fake): `auto` builds the model for
     the most examples a row of its batch holds, as `bench scale` does; a number below that is refused."""
-    mfu = mfu_benchmark()
+    mfu = benchmark_script("mfu")
 
     class Timed(FakeHarness):
         def time(self, batch, *, warmup, steps, profile_dir=None):
@@ -436,7 +469,7 @@ def test_mfu_cost_analysis_command_counts_the_recomputed_forward_and_appends_its
     the useful count in every part, dense attention executes the masked pairs too (ratio > 1), full remat
     executes the layers' forward again (more FLOPs, less temporary memory), and the fused loss alone is the
     step's LM-head work. Every dot has a source, so no note is printed."""
-    mfu = mfu_benchmark()
+    mfu = benchmark_script("mfu")
     results = tmp_path / "RESULTS.md"
     assert mfu.main(["--cost-analysis", *TINY_COST_SHAPE, "--append-results", str(results)]) == 0
     printed = capsys.readouterr().out
@@ -474,7 +507,7 @@ def test_mfu_cost_analysis_notes_dots_without_a_source(tmp_path, capsys):
     and in the appended section, so that the row's attention ratio of 0 is not read as measured."""
     results = tmp_path / "RESULTS.md"
     argv = ["--cost-analysis", *TINY_COST_SHAPE, "--rows", "1", "--remat", "none"]
-    assert mfu_benchmark().main([*argv, "--append-results", str(results)]) == 0
+    assert benchmark_script("mfu").main([*argv, "--append-results", str(results)]) == 0
     notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
     assert len(notes) == 1 and notes[0].startswith("note: tiny, remat none: ")
     share = float(notes[0].split(": ")[2].split("%")[0])
@@ -495,6 +528,6 @@ def test_mfu_cost_analysis_refuses_a_packed_bound_below_the_rows_before_compilin
         "1",
     ]
     with pytest.raises(SystemExit) as e:
-        mfu_benchmark().main(["--cost-analysis", *argv])
+        benchmark_script("mfu").main(["--cost-analysis", *argv])
     assert e.value.code == 2
     assert "error: --cudnn-max-segments: the batch's rows hold up to " in capsys.readouterr().err
