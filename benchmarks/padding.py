@@ -63,9 +63,9 @@ def pipeline_row(split: PreparedSplit, cfg: BatchingConfig) -> dict:
 
 
 def too_short(split: PreparedSplit, seq_lens: list[int], length_multiple: int) -> str | None:
-    """Why the smallest of `seq_lens` fits no row of `split`'s longest example (prompt_with + target: the
-    pipeline refuses an example whose target is not whole, `too_long: error`), with a value that fits (the
-    longest rounded up to `length_multiple`); None when every one fits."""
+    """Why `split`'s longest example (prompt_with + target: the pipeline refuses an example whose target is
+    not whole, `too_long: error`) fits no row of the smallest of `seq_lens`, naming a value that fits (the
+    longest rounded up to `length_multiple`); None when it fits every one."""
     longest = int((split.lengths("prompt_with") + split.lengths("target")).max())
     if min(seq_lens) >= longest:
         return None

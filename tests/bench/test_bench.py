@@ -431,6 +431,21 @@ def test_padding_refuses_flags_that_fit_no_row_or_check_nothing(monkeypatch, cap
     assert padding.too_short(PreparedLengths(), [1189, 2048], 128) is None  # the longest example fits whole
 
 
+@pytest.mark.parametrize(
+    ("script", "flag"),
+    [("loss_memory", "--tokens"), ("step", "--examples"), ("attention", "--seq-len"), ("compile", "--rows"),
+     ("mfu", "--rows"), ("prefill", "--lengths"), ("lora", "--rank"), ("padding", "--users")],
+)  # fmt: skip
+def test_benchmarks_refuse_a_count_below_one_as_an_argument_error(monkeypatch, capsys, script, flag):
+    """A count of 0 is refused while the command line is parsed, naming the flag (it was a traceback from
+    deep inside the benchmark, or in mfu.py an error naming --cudnn-max-segments)."""
+    monkeypatch.syspath_prepend(str(benchmarks_dir()))  # compile.py imports compile_scan beside it
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark_script(script).main([flag, "0"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.endswith(f"error: argument {flag}: expected an integer >= 1, got '0'\n")
+
+
 def test_mfu_takes_cudnn_max_segments_auto_as_what_its_rows_hold(monkeypatch, capsys):
     """benchmarks/mfu.py --cudnn-max-segments N|auto (its step timed by the fake): `auto` builds the model for
     the most examples a row of its batch holds, as `bench scale` does; a number below that is refused."""
