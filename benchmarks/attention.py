@@ -30,6 +30,7 @@ import numpy as np
 
 from nextquill_jax.models.attention import attention_mask, xla_attention
 from nextquill_jax.models.blockwise_attention import blockwise_attention
+from nextquill_jax.subcommand import positive_int
 
 MIB = 2**20
 
@@ -52,14 +53,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=2048)
-    parser.add_argument("--heads", type=int, default=14)
-    parser.add_argument("--kv-heads", type=int, default=2)
-    parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--examples", type=int, default=2, help="packed examples per row")
-    parser.add_argument("--blocks", type=int, nargs="+", default=[64, 128, 256, 512])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=positive_int, default=4)
+    parser.add_argument("--seq-len", type=positive_int, default=2048)
+    parser.add_argument("--heads", type=positive_int, default=14)
+    parser.add_argument("--kv-heads", type=positive_int, default=2)
+    parser.add_argument("--head-dim", type=positive_int, default=64)
+    parser.add_argument("--examples", type=positive_int, default=2, help="packed examples per row")
+    parser.add_argument("--blocks", type=positive_int, nargs="+", default=[64, 128, 256, 512])
+    parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--append-results", type=Path, help="append a markdown section to this file")
     args = parser.parse_args(argv)
 

@@ -29,6 +29,7 @@ from nextquill_jax.config import OptimConfig
 from nextquill_jax.loss import LossConfig
 from nextquill_jax.models import ModelConfig
 from nextquill_jax.parallel import make_mesh
+from nextquill_jax.subcommand import positive_int
 from nextquill_jax.train.model_setup import abstract_model
 from nextquill_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from nextquill_jax.train.state import TrainState
@@ -80,12 +81,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--layers", type=int, nargs="+", default=[2, 4, 8, 16])
-    parser.add_argument("--seq-len", type=int, default=512, help="with-stream length of the depth sweep")
-    parser.add_argument("--buckets", type=int, nargs="*", default=[256, 512, 1024, 2048])
-    parser.add_argument("--rows", type=int, default=2)
+    parser.add_argument("--layers", type=positive_int, nargs="+", default=[2, 4, 8, 16])
+    parser.add_argument(
+        "--seq-len", type=positive_int, default=512, help="with-stream length of the depth sweep"
+    )
+    parser.add_argument("--buckets", type=positive_int, nargs="*", default=[256, 512, 1024, 2048])
+    parser.add_argument("--rows", type=positive_int, default=2)
     parser.add_argument("--remat", default="none", help="ModelConfig.remat_policy")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--max-ratio", type=float, default=2.0)
     parser.add_argument("--append-results", type=Path, help="append a Markdown section to this file")
     args = parser.parse_args(argv)

@@ -30,6 +30,7 @@ from nextquill_jax.config import LoraConfig
 from nextquill_jax.models import model_preset
 from nextquill_jax.models.quantize import stored_bytes
 from nextquill_jax.parallel import make_mesh
+from nextquill_jax.subcommand import positive_int
 from nextquill_jax.train.adapters import frozen_base
 
 MIB = 2**20
@@ -72,11 +73,11 @@ def best_step_seconds(harnesses: dict[str, TrainingHarness], batch: dict, rounds
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--rank", type=positive_int, default=8)
     parser.add_argument("--targets", nargs="+", default=["attn/(q|v)_proj"])
-    parser.add_argument("--rows", type=int, default=2)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--rows", type=positive_int, default=2)
+    parser.add_argument("--seq-len", type=positive_int, default=256)
+    parser.add_argument("--rounds", type=positive_int, default=4)
     parser.add_argument("--max-time-ratio", type=float, default=0.75)
     parser.add_argument("--max-state-ratio", type=float, default=0.05)
     parser.add_argument("--append-results", type=Path, help="append a markdown section to this file")

@@ -33,6 +33,7 @@ import numpy as np
 
 from nextquill_jax.loss import LossConfig, loss_from_hidden, loss_from_logits
 from nextquill_jax.loss.fused_head import DEFAULT_TOKEN_CHUNK, DEFAULT_VOCAB_CHUNK, OPERAND_DTYPES
+from nextquill_jax.subcommand import positive_int
 
 MIB = 2**20
 
@@ -110,14 +111,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--tokens", type=int, nargs="+", default=[4096], help="target tokens per batch")
-    parser.add_argument("--vocab", type=int, default=151_936)
-    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument(
+        "--tokens", type=positive_int, nargs="+", default=[4096], help="target tokens per batch"
+    )
+    parser.add_argument("--vocab", type=positive_int, default=151_936)
+    parser.add_argument("--hidden", type=positive_int, default=1024)
     parser.add_argument("--variant", default="nextquill")
     parser.add_argument("--layout", choices=("vd", "dv"), default="vd")
     parser.add_argument("--dtype", default="float32", help="dtype of the hidden states and the head")
-    parser.add_argument("--token-chunk", type=int, default=DEFAULT_TOKEN_CHUNK)
-    parser.add_argument("--vocab-chunk", type=int, default=DEFAULT_VOCAB_CHUNK)
+    parser.add_argument("--token-chunk", type=positive_int, default=DEFAULT_TOKEN_CHUNK)
+    parser.add_argument("--vocab-chunk", type=positive_int, default=DEFAULT_VOCAB_CHUNK)
     parser.add_argument(
         "--operand-dtype", choices=OPERAND_DTYPES, default="float32",
         help="operands of the fused path's with/without logits products (loss.operand_dtype)",
@@ -125,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--timing", action="store_true", help="also run and time both paths (no compile time)"
     )
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--max-ratio", type=float, default=1 / 8)
     parser.add_argument("--max-time-ratio", type=float, default=1.5, help="with --timing: fused/naive bound")
     parser.add_argument("--append-results", type=Path, help="append a markdown section to this file")

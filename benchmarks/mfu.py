@@ -44,6 +44,8 @@ import itertools
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from nextquill_jax.subcommand import non_negative_int, positive_int
+
 if TYPE_CHECKING:  # the package is imported lazily, so that --help stays fast
     import numpy as np
 
@@ -268,12 +270,12 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--models", nargs="+", help="presets (default: qwen2.5-0.5b qwen2.5-1.5b; CPU: tiny)")
-    parser.add_argument("--rows", type=int)
-    parser.add_argument("--seq-len", type=int)
-    parser.add_argument("--history", type=int)
-    parser.add_argument("--context-tokens", type=int)
-    parser.add_argument("--entry-tokens", type=int)
-    parser.add_argument("--target-tokens", type=int)
+    parser.add_argument("--rows", type=positive_int)
+    parser.add_argument("--seq-len", type=positive_int)
+    parser.add_argument("--history", type=non_negative_int)
+    parser.add_argument("--context-tokens", type=positive_int)
+    parser.add_argument("--entry-tokens", type=positive_int)
+    parser.add_argument("--target-tokens", type=positive_int)
     parser.add_argument("--compute-dtype")
     parser.add_argument(
         "--remat", nargs="+", help="ModelConfig.remat_policy (save:NAME,... too), one row each"
@@ -284,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         help="ModelConfig.cudnn_max_segments (with --attention cudnn: its packed mode for rows of at most N "
         "examples; auto: the most a row of the batch holds, 2 in the default shape)",
     )  # fmt: skip
-    parser.add_argument("--micro-batches", type=int, default=1)
+    parser.add_argument("--micro-batches", type=positive_int, default=1)
     parser.add_argument(
         "--operand-dtype", choices=OPERAND_DTYPES, default="float32",
         help="fused loss: operands of the with/without logits products (loss.operand_dtype)",
@@ -293,8 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         "--joint-forward", action="store_true",
         help="both forward passes as one call on a joined batch (train.joint_forward)",
     )  # fmt: skip
-    parser.add_argument("--steps", type=int, default=5, help="timed steps (after --warmup)")
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=positive_int, default=5, help="timed steps (after --warmup)")
+    parser.add_argument("--warmup", type=non_negative_int, default=2)
     parser.add_argument("--peak-tflops", type=float, help="per-chip peak (default: by device kind)")
     parser.add_argument("--breakdown", action="store_true", help="also time the step's parts alone")
     parser.add_argument(

@@ -15,7 +15,9 @@ of batches.
     python benchmarks/padding.py --max-history 4 --seq-len 1024 2048 --check-seq-len 1024
     python benchmarks/padding.py --append-results benchmarks/RESULTS.md
 
-Exits with status 1 if packing at `--check-seq-len` stays below `--min-efficiency` (default 0.90).
+Exits with status 1 if packing at `--check-seq-len` (default: the smallest `--seq-len`) stays below
+`--min-efficiency` (default 0.90); with status 2 (argparse's) if a `--seq-len` is below the data's longest
+example, which fits no row.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from nextquill_jax.bench.harness import synthetic_train_split
 from nextquill_jax.data.config import BatchingConfig
 from nextquill_jax.data.pipeline import BatchPipeline
 from nextquill_jax.data.prepared_split import PreparedSplit
+from nextquill_jax.subcommand import non_negative_int, positive_int
 
 PUBLIC_PAD = 4097
 
@@ -59,20 +62,45 @@ def pipeline_row(split: PreparedSplit, cfg: BatchingConfig) -> dict:
     return {"shape": pipe.shapes[-1].as_tuple(), "stats": stats, "plan_s": plan_s, "epoch_s": epoch_s}
 
 
+def too_short(split: PreparedSplit, seq_lens: list[int], length_multiple: int) -> str | None:
+    """Why `split`'s longest example (prompt_with + target: the pipeline refuses an example whose target is
+    not whole, `too_long: error`) fits no row of the smallest of `seq_lens`, naming a value that fits (the
+    longest rounded up to `length_multiple`); None when it fits every one."""
+    longest = int((split.lengths("prompt_with") + split.lengths("target")).max())
+    if min(seq_lens) >= longest:
+        return None
+    fits = -(-longest // length_multiple) * length_multiple
+    return (
+        f"--seq-len {min(seq_lens)} is below the longest example of this data ({longest} with-stream tokens: "
+        f"prompt_with + target), which would fit no row. Fix: pass --seq-len values of at least {longest}, "
+        f"e.g. --seq-len {fits}, or lower --max-history."
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--users", type=int, default=800)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--users", type=positive_int, default=800)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--tokenizer", default="qwen2.5")
-    parser.add_argument("--max-history", type=int, default=8, help="data.max_history (history entries kept)")
-    parser.add_argument("--seq-len", type=int, nargs="+", default=[2048, 4096, 8192])
-    parser.add_argument("--rows-per-batch", type=int, default=8)
-    parser.add_argument("--length-multiple", type=int, default=128)
+    parser.add_argument(
+        "--max-history", type=non_negative_int, default=8, help="data.max_history (history entries kept)"
+    )
+    parser.add_argument("--seq-len", type=positive_int, nargs="+", default=[2048, 4096, 8192])
+    parser.add_argument("--rows-per-batch", type=positive_int, default=8)
+    parser.add_argument("--length-multiple", type=positive_int, default=128)
     parser.add_argument("--work-dir", type=Path, help="keep the generated and prepared data here")
-    parser.add_argument("--check-seq-len", type=int, default=2048)
+    parser.add_argument("--check-seq-len", type=positive_int, help="one of --seq-len (default: the smallest)")
     parser.add_argument("--min-efficiency", type=float, default=0.90)
     parser.add_argument("--append-results", type=Path, help="append a markdown section to this file")
     args = parser.parse_args(argv)
+    if args.check_seq_len is None:
+        args.check_seq_len = min(args.seq_len)
+    elif args.check_seq_len not in args.seq_len:
+        # Packing is measured only at --seq-len: the check would pass without checking anything.
+        parser.error(
+            f"--check-seq-len {args.check_seq_len} is not one of --seq-len {args.seq_len}, so nothing would "
+            f"be checked. Fix: add {args.check_seq_len} to --seq-len, or pass one of them as --check-seq-len."
+        )
 
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="padding_bench_"))
     split = synthetic_train_split(
@@ -82,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer=args.tokenizer,
         max_history=args.max_history,
     )
+    problem = too_short(split, args.seq_len, args.length_multiple)
+    if problem:
+        parser.error(problem)
     lengths = {f: split.lengths(f) for f in ("prompt_with", "prompt_without", "target")}
 
     def cfg(mode: str, seq_len: int) -> BatchingConfig:

@@ -24,6 +24,8 @@ import os
 import sys
 from pathlib import Path
 
+from nextquill_jax.subcommand import non_negative_int, positive_int
+
 MIB = 2**20
 COLUMNS = (
     "| model | layers | compute | B × P (cache S) | path | temp MiB | temp / dense | best s | time / dense "
@@ -74,13 +76,19 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--models", nargs="+", help="presets (default: qwen2.5-0.5b qwen2.5-1.5b; CPU: 0.5b)")
-    parser.add_argument("--layers", type=int, help="cut each preset to this many layers (CPU default: 2)")
-    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096], help="prompt slots P")
-    parser.add_argument("--batch", type=int, default=8 if accel else 1)
-    parser.add_argument("--new-tokens", type=int, default=512, help="cache slots after the prompt")
+    parser.add_argument(
+        "--layers", type=positive_int, help="cut each preset to this many layers (CPU default: 2)"
+    )
+    parser.add_argument(
+        "--lengths", type=positive_int, nargs="+", default=[2048, 4096], help="prompt slots P"
+    )
+    parser.add_argument("--batch", type=positive_int, default=8 if accel else 1)
+    parser.add_argument(
+        "--new-tokens", type=non_negative_int, default=512, help="cache slots after the prompt"
+    )
     parser.add_argument("--compute-dtype", default="bfloat16" if accel else "float32")
     parser.add_argument("--attention", default=default_attention, help="ModelConfig.attention_impl")
-    parser.add_argument("--repeats", type=int, default=3 if accel else 2)
+    parser.add_argument("--repeats", type=positive_int, default=3 if accel else 2)
     parser.add_argument("--tolerance", type=float, help="default: 1e-4 in float32, 1e-1 in 16-bit")
     parser.add_argument("--append-results", type=Path, help="append a Markdown section to this file")
     args = parser.parse_args(argv)

@@ -50,6 +50,8 @@ from pathlib import Path
 
 import numpy as np
 
+from nextquill_jax.subcommand import non_negative_int, positive_int
+
 HERE = Path(__file__).resolve().parent
 # The public step restated in PyTorch; the tests compare the JAX step against it too.
 TORCH_PUBLIC_STEP = HERE.parent / "tests" / "reference" / "torch_public_step.py"
@@ -334,37 +336,41 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--cases", nargs="+", choices=("same", "asrun"), default=["same", "asrun"])
-    parser.add_argument("--examples", type=int, default=8, help="global batch (examples per optimizer step)")
-    parser.add_argument("--users", type=int, default=40)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--examples", type=positive_int, default=8, help="global batch (examples per optimizer step)"
+    )
+    parser.add_argument("--users", type=positive_int, default=40)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--tokenizer", default="qwen2.5")
-    parser.add_argument("--max-history", type=int, default=8)
-    parser.add_argument("--vocab", type=int, default=8192)
-    parser.add_argument("--hidden", type=int, default=64)
-    parser.add_argument("--intermediate", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--max-history", type=non_negative_int, default=8)
+    parser.add_argument("--vocab", type=positive_int, default=8192)
+    parser.add_argument("--hidden", type=positive_int, default=64)
+    parser.add_argument("--intermediate", type=positive_int, default=256)
+    parser.add_argument("--layers", type=positive_int, default=2)
+    parser.add_argument("--heads", type=positive_int, default=4)
+    parser.add_argument("--kv-heads", type=positive_int, default=2)
     parser.add_argument(
-        "--same-pad-len", type=int, help="T of the same-lengths case (default: longest, ↑128)"
+        "--same-pad-len", type=positive_int, help="T of the same-lengths case (default: longest, ↑128)"
     )
-    parser.add_argument("--same-micro-batch", type=int, help="examples per pass, same lengths (default: all)")
-    parser.add_argument("--public-pad-len", type=int, default=4097)
-    parser.add_argument("--public-micro-batch", type=int, default=1)
     parser.add_argument(
-        "--pack-len", type=int, default=2048, help="our with-stream row length (as each runs)"
+        "--same-micro-batch", type=positive_int, help="examples per pass, same lengths (default: all)"
     )
-    parser.add_argument("--pack-micro-batches", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per run")
-    parser.add_argument("--repeats", type=int, default=1, help="alternating runs per side")
+    parser.add_argument("--public-pad-len", type=positive_int, default=4097)
+    parser.add_argument("--public-micro-batch", type=positive_int, default=1)
+    parser.add_argument(
+        "--pack-len", type=positive_int, default=2048, help="our with-stream row length (as each runs)"
+    )
+    parser.add_argument("--pack-micro-batches", type=positive_int, default=1)
+    parser.add_argument("--steps", type=positive_int, default=3, help="timed steps per run")
+    parser.add_argument("--repeats", type=positive_int, default=1, help="alternating runs per side")
     parser.add_argument(
         "--work-dir", type=Path, help="keep data and model here (default: a temporary folder)"
     )
     parser.add_argument("--append-results", type=Path, help="append a Markdown section to this file")
     parser.add_argument("--worker", choices=("jax", "build"), help=argparse.SUPPRESS)
     parser.add_argument("--layout", choices=("padded", "packed"), help=argparse.SUPPRESS)
-    parser.add_argument("--pad-len", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--micro-batches", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--pad-len", type=positive_int, help=argparse.SUPPRESS)
+    parser.add_argument("--micro-batches", type=positive_int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--imports-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--remat", nargs="+", default=["none", "full"], help="our remat policies to run")
     args = parser.parse_args(argv)

@@ -5,9 +5,16 @@ lengths, history lengths and mesh shapes. For every point it builds a batch of s
 token ids with fixed prompt / history / target lengths, packed into rows by the pipeline's first-fit packer),
 compiles the real train step (`train.step.make_train_step`: two forward passes, fused NextQuill loss,
 backward, clipped AdamW), runs `warmup_steps` untimed and `timed_steps` timed steps, and appends one row to
-`<output_dir>/scaling.csv`. Points already in the CSV are skipped, so an interrupted sweep resumes where it
-stopped. A PNG plot (`scaling.png`: tokens/s, memory and MFU against each swept variable) is redrawn from the
-whole CSV at the end.
+`<output_dir>/scaling.csv`. A PNG plot (`scaling.png`: tokens/s, memory and MFU against each swept variable)
+is redrawn from the whole CSV at the end.
+
+A CSV row is keyed by its point (model name, seq_len, history, mesh); everything else its numbers depend on
+(the other fields of the file, each measured model's preset and overrides, the backend and device kind) is
+recorded next to it in `scaling_settings.json` (`sweep_settings`). Points already in the CSV are skipped, so
+an interrupted sweep resumes where it stopped, and a sweep may add points (a model, a seq_len, ...) to an
+existing CSV. A sweep whose settings differ from those the CSV's rows were measured with is refused before
+any point runs, listing `key: old -> new`: re-measuring would discard rows that may have cost hours of
+accelerator time, and keeping them would put numbers of two settings in one table and plot.
 
 The FLOP model is `bench.flops`; the step is timed by `bench.harness`; the plot is `bench.plot`.
 """
@@ -17,7 +24,9 @@ from __future__ import annotations
 import argparse
 import csv
 import itertools
+import json
 import math
+import os
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -42,6 +51,7 @@ from nextquill_jax.config_schema import ConfigError, build, read_yaml
 from nextquill_jax.data.assemble import RowShape
 from nextquill_jax.loss import LossConfig, Variant
 from nextquill_jax.models.config import ModelConfig
+from nextquill_jax.train.resume import config_changes, listed_changes
 
 
 @dataclass(frozen=True)
@@ -65,8 +75,9 @@ class ScalingConfig:
     """A scaling sweep (YAML). Every combination of `models` × `seq_len` × `history` × `mesh` is one point.
 
     Fields:
-        `output_dir`: where `scaling.csv` (one row per point) and `scaling.png` go; `--output-dir` replaces
-            it.
+        `output_dir`: where `scaling.csv` (one row per point), `scaling_settings.json` (the settings its rows
+            were measured with) and `scaling.png` go; `--output-dir` replaces it. A CSV measured with other
+            settings is refused, naming them.
         `models`: the model sizes, at least one.
         `seq_len`: with-stream tokens per row, at least one value; each >= 1.
         `history`: history entries per example, at least one value; each >= 0.
@@ -166,6 +177,11 @@ CSV_COLUMNS: tuple[str, ...] = (
     "compiled_temp_mib", "compiled_total_mib", "device_peak_mib", "first_loss", "backend", "device_kind",
 )  # fmt: skip
 KEY_COLUMNS: tuple[str, ...] = ("model", "seq_len", "history", "mesh")
+SETTINGS_FILE = "scaling_settings.json"
+# Fields of a sweep that are no setting of a point: where it is written, and the axes, whose values are in
+# each row's key (KEY_COLUMNS) and which a sweep may extend. A model's preset and overrides are recorded by
+# its name.
+_NOT_SETTINGS = ("output_dir", "models", "seq_len", "history", "mesh")
 
 
 def load_scaling_config(
@@ -218,19 +234,66 @@ def read_rows(csv_path: Path) -> list[dict[str, str]]:
     """The rows of an existing sweep CSV ([] when absent).
 
     Raises:
-        ValueError: the file's header is not this harness's (naming the file and the fix).
+        ConfigError: the file's header is not this harness's (naming the file and the fix).
     """
     if not csv_path.exists():
         return []
     with csv_path.open(newline="") as f:
         reader = csv.DictReader(f)
         if tuple(reader.fieldnames or ()) != CSV_COLUMNS:
-            raise ValueError(
+            raise ConfigError(
                 f"{csv_path}: its columns {reader.fieldnames} are not the scaling harness's "
                 f"{list(CSV_COLUMNS)}. "
                 "Fix: move the file away or set a new output_dir."
             )
         return list(reader)
+
+
+def sweep_settings(cfg: ScalingConfig, backend: str, device_kind: str) -> dict[str, Any]:
+    """What the numbers of a point of `cfg` depend on besides the point's key, as `scaling_settings.json`
+    records them: {"sweep": every field of `cfg` but `output_dir` and the axes, "models": {name: {"preset",
+    "overrides"}}, "device": {"backend", "device_kind"}}."""
+    sweep = {name: getattr(cfg, name) for name in cfg.__dataclass_fields__ if name not in _NOT_SETTINGS}
+    return {
+        "sweep": sweep,
+        "models": {m.name: {"preset": m.preset, "overrides": m.overrides} for m in cfg.models},
+        "device": {"backend": backend, "device_kind": device_kind},
+    }
+
+
+def settings_to_record(
+    recorded: dict[str, Any] | None, current: dict[str, Any], rows: Sequence[dict[str, str]], csv_path: Path
+) -> dict[str, Any]:
+    """The `scaling_settings.json` to write before a sweep with settings `current` (`sweep_settings`) adds
+    rows to `csv_path`, whose rows are `rows` and whose recorded settings are `recorded` (None: no file):
+    `current`, with the recorded settings of models the sweep no longer names (their rows stay in the CSV).
+    Only models with rows are compared: a model not yet measured may change.
+
+    Raises:
+        ConfigError: `rows` were measured with other settings than `current` (naming each differing key, the
+            recorded value first, and the fix), or the CSV has rows and `recorded` is None.
+    """
+    fix = (
+        f"Fix: set a new output_dir (or --output-dir) for the changed sweep, or delete {csv_path} to measure "
+        "every point again."
+    )
+    if rows and recorded is None:
+        raise ConfigError(
+            f"{csv_path} holds measured points but no {SETTINGS_FILE} next to it records the settings "
+            f"they were measured with (an older version wrote it, or the file was deleted), so they cannot "
+            f"be reused. {fix}"
+        )
+    if not rows:
+        return current
+    measured = {r["model"] for r in rows} & current["models"].keys()
+    only_measured = lambda s: {**s, "models": {n: m for n, m in s["models"].items() if n in measured}}
+    changes = config_changes(only_measured(recorded), only_measured(current), ignore=lambda _: False)
+    if changes:
+        raise ConfigError(
+            f"{csv_path} holds points measured with other settings than the sweep's, so its rows would stand "
+            f"for numbers they are not; differing, the CSV's value first: {listed_changes(changes)}. {fix}"
+        )
+    return {**current, "models": {**recorded["models"], **current["models"]}}
 
 
 def run_sweep(
@@ -247,7 +310,12 @@ def run_sweep(
     makes it per point, and a point that runs out of memory does not end the sweep. `point`: run only the
     point of that index (in the order of the product models × seq_len × history × mesh), in this process.
 
-    Returns the CSV's path."""
+    Returns the CSV's path.
+
+    Raises:
+        ConfigError: the CSV is not this harness's, or its rows were measured with other settings than
+            `cfg`'s on this device, or it has no `scaling_settings.json` (`settings_to_record`).
+    """
     import jax
 
     from nextquill_jax.parallel import make_mesh, resolve_mesh_shape
@@ -255,8 +323,18 @@ def run_sweep(
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "scaling.csv"
-    done = {tuple(r[k] for k in KEY_COLUMNS) for r in read_rows(csv_path)}
+    rows = read_rows(csv_path)
     device_kind = jax.devices()[0].device_kind
+    settings_path = out / SETTINGS_FILE
+    recorded = json.loads(settings_path.read_text()) if settings_path.exists() else None
+    record = settings_to_record(
+        recorded, sweep_settings(cfg, jax.default_backend(), device_kind), rows, csv_path
+    )
+    # Written before the first point, replaced whole: an interrupted run leaves rows it describes.
+    tmp = settings_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    os.replace(tmp, settings_path)
+    done = {tuple(r[k] for k in KEY_COLUMNS) for r in rows}
     peak = cfg.peak_tflops or peak_tflops(device_kind)
     isolate = config_path is not None and point is None and jax.default_backend() != "cpu"
     points = itertools.product(cfg.models, cfg.seq_len, cfg.history, cfg.mesh)

@@ -8,6 +8,8 @@ derives from a timing: token counts, the FLOP formula, throughput, resumption an
 from __future__ import annotations
 
 import csv
+import json
+from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -129,6 +131,83 @@ def test_sweep_resumes_without_repeating_points(tmp_path, fake):
     assert rows[:2] == first and [r["model"] for r in rows] == ["a", "b", "c"]
 
 
+@pytest.mark.parametrize(
+    ("before", "after", "listed"),
+    [
+        ("rows: 2", "rows: 4", "sweep.rows: 2 -> 4"),
+        ("timed_steps: 2", "timed_steps: 3", "sweep.timed_steps: 2 -> 3"),
+        ("timed_steps: 2", "timed_steps: 2\nloss_variant: sft", 'sweep.loss_variant: "nextquill" -> "sft"'),
+        ("timed_steps: 2", "timed_steps: 2\ncompute_dtype: bfloat16",
+         'sweep.compute_dtype: "float32" -> "bfloat16"'),
+        ("hidden_size: 32", "hidden_size: 40", "models.a.overrides.hidden_size: 32 -> 40"),
+    ],
+)  # fmt: skip
+def test_sweep_refuses_a_csv_measured_with_other_settings(tmp_path, fake, capsys, before, after, listed):
+    """A point's key (model name, seq_len, history, mesh) is not all its numbers depend on: a CSV whose rows
+    were measured with other settings is refused, on the command line as one error line, and left as is."""
+    out = tmp_path / "sweep"
+    config = sweep_yaml(tmp_path / "s.yaml", out, ["a"])
+    assert sweep.main(["--config", config]) == 0
+    measured = (out / "scaling.csv").read_text()
+    (tmp_path / "s.yaml").write_text((tmp_path / "s.yaml").read_text().replace(before, after))
+    capsys.readouterr()
+    assert cli.main(["bench", "scale", "--config", config]) == 1
+    captured = capsys.readouterr()
+    csv_path = out / "scaling.csv"
+    assert captured.err == (
+        f"error: {csv_path} holds points measured with other settings than the sweep's, so its rows would "
+        f"stand for numbers they are not; differing, the CSV's value first: {listed}. Fix: set a new "
+        f"output_dir (or --output-dir) for the changed sweep, or delete {csv_path} to measure every point "
+        "again.\n"
+    )
+    assert "done already" not in captured.out
+    assert fake.built == [32] and (out / "scaling.csv").read_text() == measured
+    # The fix: a new output directory measures the changed sweep.
+    assert sweep.main(["--config", config, "--output-dir", str(tmp_path / "new")]) == 0
+    assert len(fake.built) == 2 and len(read(tmp_path / "new" / "scaling.csv")) == 1
+
+
+def test_sweep_checks_the_models_its_csv_measured_even_when_a_sweep_left_them_out(tmp_path, fake):
+    """A model the CSV has rows of keeps its recorded settings while a sweep without it adds rows; one not yet
+    measured may change."""
+    out = tmp_path / "sweep"
+    assert sweep.main(["--config", sweep_yaml(tmp_path / "s.yaml", out, ["a"])]) == 0
+    assert sweep.main(["--config", sweep_yaml(tmp_path / "s.yaml", out, ["b"])]) == 0
+    assert fake.built == [32, 64]
+    changed = tmp_path / "s.yaml"
+    sweep_yaml(changed, out, ["a", "c"])
+    changed.write_text(changed.read_text().replace("hidden_size: 32", "hidden_size: 40"))
+    with pytest.raises(ConfigError, match=r"models\.a\.overrides\.hidden_size: 32 -> 40\. Fix"):
+        sweep.main(["--config", str(changed)])
+    sweep_yaml(changed, out, ["c"])
+    changed.write_text(changed.read_text().replace("hidden_size: 96", "hidden_size: 128"))
+    assert sweep.main(["--config", str(changed)]) == 0
+    assert fake.built == [32, 64, 128] and [r["model"] for r in read(out / "scaling.csv")] == ["a", "b", "c"]
+
+
+def test_sweep_refuses_a_csv_without_the_settings_it_was_measured_with(tmp_path, fake):
+    out = tmp_path / "sweep"
+    config = sweep_yaml(tmp_path / "s.yaml", out, ["a"])
+    sweep.main(["--config", config])
+    (out / sweep.SETTINGS_FILE).unlink()
+    with pytest.raises(
+        ConfigError, match=r"holds measured points but no scaling_settings\.json .* Fix: set a new"
+    ):
+        sweep.main(["--config", config])
+    assert fake.built == [32]
+
+
+def test_sweep_settings_differ_on_another_device():
+    cfg = sweep.load_scaling_config("configs/scaling/tiny_cpu.yaml")
+    recorded = json.loads(json.dumps(sweep.sweep_settings(cfg, "cpu", "cpu")))
+    rows, same = [{"model": "tiny-32"}], sweep.sweep_settings(cfg, "cpu", "cpu")
+    assert sweep.settings_to_record(recorded, same, rows, Path("x.csv")) == same
+    with pytest.raises(
+        ConfigError, match=r'device\.backend: "cpu" -> "gpu"; device\.device_kind: "cpu" -> "H100"'
+    ):
+        sweep.settings_to_record(recorded, sweep.sweep_settings(cfg, "gpu", "H100"), rows, Path("x.csv"))
+
+
 def test_sweep_point_runs_one_point_only(tmp_path, fake):
     out = tmp_path / "sweep"
     assert (
@@ -142,7 +221,7 @@ def test_sweep_refuses_a_foreign_csv(tmp_path, fake):
     out = tmp_path / "sweep"
     out.mkdir()
     (out / "scaling.csv").write_text("model,tokens_per_s\nx,1\n")
-    with pytest.raises(ValueError, match="move the file away or set a new output_dir"):
+    with pytest.raises(ConfigError, match="move the file away or set a new output_dir"):
         sweep.main(["--config", sweep_yaml(tmp_path / "s.yaml", out, ["a"])])
 
 
@@ -307,22 +386,70 @@ TINY_COST_SHAPE = [
 ]
 
 
-def mfu_benchmark():
-    """benchmarks/mfu.py as a module (benchmarks/ is not a package)."""
+def benchmark_script(name: str):
+    """benchmarks/NAME.py as a module (benchmarks/ is not a package)."""
     import importlib.util
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "mfu.py"
-    spec = importlib.util.spec_from_file_location("mfu_benchmark", path)
-    mfu = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mfu)
-    return mfu
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class PreparedLengths:
+    """Stands in for a PreparedSplit of two examples with these token counts (what benchmarks/padding.py
+    checks before it plans batches)."""
+
+    def lengths(self, field):
+        return {"prompt_with": np.array([100, 1121]), "prompt_without": np.array([40, 111]),
+                "target": np.array([30, 68])}[field]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("flags", "said"),
+    [
+        (["--seq-len", "1024", "2048"],
+         "error: --seq-len 1024 is below the longest example of this data (1189 with-stream tokens: "
+         "prompt_with + target), which would fit no row. Fix: pass --seq-len values of at least 1189, e.g. "
+         "--seq-len 1280, or lower --max-history.\n"),
+        (["--seq-len", "2048", "--check-seq-len", "1024"],
+         "error: --check-seq-len 1024 is not one of --seq-len [2048], so nothing would be checked. Fix: add "
+         "1024 to --seq-len, or pass one of them as --check-seq-len.\n"),
+        (["--rows-per-batch", "0"], "error: argument --rows-per-batch: expected an integer >= 1, got '0'\n"),
+    ],
+)  # fmt: skip
+def test_padding_refuses_flags_that_fit_no_row_or_check_nothing(monkeypatch, capsys, flags, said):
+    """A --seq-len below the longest example is an argument error naming a length that fits (it was the
+    pipeline's traceback), before any batch is planned."""
+    padding = benchmark_script("padding")
+    monkeypatch.setattr(padding, "synthetic_train_split", lambda *a, **k: PreparedLengths())
+    monkeypatch.setattr(padding, "pipeline_row", lambda *a: pytest.fail("planned batches"))
+    with pytest.raises(SystemExit) as exit_info:
+        padding.main(flags)
+    assert exit_info.value.code == 2 and capsys.readouterr().err.endswith(f": {said}")
+    assert padding.too_short(PreparedLengths(), [1189, 2048], 128) is None  # the longest example fits whole
+
+
+@pytest.mark.parametrize(
+    ("script", "flag"),
+    [("loss_memory", "--tokens"), ("step", "--examples"), ("attention", "--seq-len"), ("compile", "--rows"),
+     ("mfu", "--rows"), ("prefill", "--lengths"), ("lora", "--rank"), ("padding", "--users")],
+)  # fmt: skip
+def test_benchmarks_refuse_a_count_below_one_as_an_argument_error(monkeypatch, capsys, script, flag):
+    """A count of 0 is refused while the command line is parsed, naming the flag (it was a traceback from
+    deep inside the benchmark, or in mfu.py an error naming --cudnn-max-segments)."""
+    monkeypatch.syspath_prepend(str(benchmarks_dir()))  # compile.py imports compile_scan beside it
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark_script(script).main([flag, "0"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.endswith(f"error: argument {flag}: expected an integer >= 1, got '0'\n")
 
 
 def test_mfu_takes_cudnn_max_segments_auto_as_what_its_rows_hold(monkeypatch, capsys):
     """benchmarks/mfu.py --cudnn-max-segments N|auto (its step timed by the fake): `auto` builds the model for
     the most examples a row of its batch holds, as `bench scale` does; a number below that is refused."""
-    mfu = mfu_benchmark()
+    mfu = benchmark_script("mfu")
 
     class Timed(FakeHarness):
         def time(self, batch, *, warmup, steps, profile_dir=None):
@@ -357,7 +484,7 @@ def test_mfu_cost_analysis_command_counts_the_recomputed_forward_and_appends_its
     the useful count in every part, dense attention executes the masked pairs too (ratio > 1), full remat
     executes the layers' forward again (more FLOPs, less temporary memory), and the fused loss alone is the
     step's LM-head work. Every dot has a source, so no note is printed."""
-    mfu = mfu_benchmark()
+    mfu = benchmark_script("mfu")
     results = tmp_path / "RESULTS.md"
     assert mfu.main(["--cost-analysis", *TINY_COST_SHAPE, "--append-results", str(results)]) == 0
     printed = capsys.readouterr().out
@@ -395,7 +522,7 @@ def test_mfu_cost_analysis_notes_dots_without_a_source(tmp_path, capsys):
     and in the appended section, so that the row's attention ratio of 0 is not read as measured."""
     results = tmp_path / "RESULTS.md"
     argv = ["--cost-analysis", *TINY_COST_SHAPE, "--rows", "1", "--remat", "none"]
-    assert mfu_benchmark().main([*argv, "--append-results", str(results)]) == 0
+    assert benchmark_script("mfu").main([*argv, "--append-results", str(results)]) == 0
     notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
     assert len(notes) == 1 and notes[0].startswith("note: tiny, remat none: ")
     share = float(notes[0].split(": ")[2].split("%")[0])
@@ -416,6 +543,6 @@ def test_mfu_cost_analysis_refuses_a_packed_bound_below_the_rows_before_compilin
         "1",
     ]
     with pytest.raises(SystemExit) as e:
-        mfu_benchmark().main(["--cost-analysis", *argv])
+        benchmark_script("mfu").main(["--cost-analysis", *argv])
     assert e.value.code == 2
     assert "error: --cudnn-max-segments: the batch's rows hold up to " in capsys.readouterr().err
