@@ -11,6 +11,11 @@ the assistant header, goes; counted as `prompts_cut`). The target is cut at `max
 the tokenizer's EOS appended. Prompts and target are tokenised separately and without special tokens
 (special-token text in a prompt, such as `<|im_start|>`, still maps to its id), so the target tokens are
 exactly the labels. Tokenisation runs in batches through the fast tokenizer.
+
+The count of entries kept is the one dropping an entry at a time finds, but `FitSearch` finds it in
+O(log max_history) rendered and tokenised prompts (galloping, then bisection) rather than one per dropped
+entry (with thousands of entries, minutes per record); the same count wherever adding entries never lowers a
+prompt's token count by more than `DIP_SLACK_TOKENS` (BPE merges across an entry's joins lower it by a few).
 """
 
 from __future__ import annotations
@@ -116,17 +121,36 @@ def _build_batch(
     kept = [len(e) for e in newest_first]
     floor = 1 if cfg.history_fit == "public" else 0  # entries kept however long the prompt
     with_ids = _tokenize(tokenizer, with_texts)
-    pending = [i for i in range(len(valid)) if len(with_ids[i]) > cfg.max_prompt_tokens and kept[i] > floor]
-    # Re-render only the prompts still over the limit, one entry shorter per round (<= max_history rounds).
-    while pending:
-        for i in pending:
-            kept[i] -= 1
-            with_texts[i] = render_prompt(
-                template, valid[i].context, newest_first[i][: kept[i]], chat_tokenizer=chat
-            )
-        for i, ids in zip(pending, _tokenize(tokenizer, [with_texts[i] for i in pending]), strict=True):
-            with_ids[i] = ids
-        pending = [i for i in pending if len(with_ids[i]) > cfg.max_prompt_tokens and kept[i] > floor]
+    searches = {
+        i: FitSearch(kept[i], floor, cfg.max_prompt_tokens)
+        for i in range(len(valid))
+        if len(with_ids[i]) > cfg.max_prompt_tokens and kept[i] > floor
+    }
+    fitted: dict[int, tuple[str, list[int]]] = {}  # the prompt of each search's best probe so far
+    probes = _next_probes(searches)
+    # The searches run in step, one tokenizer call per round for all of them (O(log max_history) rounds).
+    while probes:
+        texts = [
+            render_prompt(template, valid[i].context, newest_first[i][:k], chat_tokenizer=chat)
+            for i, k in probes.items()
+        ]
+        for i, text, ids in zip(probes, texts, _tokenize(tokenizer, texts), strict=True):
+            searches[i].observe(len(ids))
+            if len(ids) <= cfg.max_prompt_tokens:  # a search's later probes are larger than a fitting one
+                fitted[i] = (text, ids)
+        probes = _next_probes(searches)
+    for i, search in searches.items():
+        kept[i] = search.best
+        if i in fitted:
+            with_texts[i], with_ids[i] = fitted[i]
+    # A search with no fitting probe answers the floor, which it never probes.
+    at_floor = [i for i in searches if i not in fitted]
+    for i in at_floor:
+        with_texts[i] = render_prompt(
+            template, valid[i].context, newest_first[i][:floor], chat_tokenizer=chat
+        )
+    for i, ids in zip(at_floor, _tokenize(tokenizer, [with_texts[i] for i in at_floor]), strict=True):
+        with_ids[i] = ids
     for i, record in enumerate(valid):
         too_long = len(with_ids[i]) > cfg.max_prompt_tokens or len(without_ids[i]) > cfg.max_prompt_tokens
         if too_long and cfg.history_fit == "drop":
@@ -153,6 +177,62 @@ def _build_batch(
                 target=np.asarray([*target[: cfg.max_target_tokens], eos], np.int32),
             ),
         )
+
+
+# How far a prompt's token count may fall below that of a prompt with fewer entries (see FitSearch). Adding
+# text lowers a BPE count only where merges change across the join (a few tokens: at most 3 were seen on
+# adversarial entries with SmolLM2's tokenizer); 64 is generous, and only costs probes near the limit.
+DIP_SLACK_TOKENS = 64
+
+
+class FitSearch:
+    """The most history entries whose prompt fits the limit, as the one-entry-per-round scan would find it.
+
+    The scan drops the oldest entry while the prompt is over the limit: its answer is the largest count in
+    (floor, entries) whose prompt has at most `limit` tokens, else `floor` (the prompt with all `entries` is
+    known not to fit). This search finds the same count in O(log entries) probes: it gallops up from the
+    floor (counts floor+1, +2, +4, ...) and then bisects. The scan's answer is reproduced exactly whenever no
+    prompt has more than `slack` fewer tokens than a prompt with fewer entries: a probe over `limit + slack`
+    then proves that no larger count fits, and the counts above a probe over `limit` by at most `slack` are
+    searched too, so the search is exact even where the count dips near the limit.
+
+    Use: while `next_probe()` gives a count, render and tokenise that many entries and `observe(tokens)`;
+    then `best` is the answer.
+    """
+
+    def __init__(self, entries: int, floor: int, limit: int, slack: int = DIP_SLACK_TOKENS):
+        self.limit, self.slack = limit, slack
+        self.best = floor  # the largest fitting count probed, else the floor
+        # Open intervals (a, b) of counts still to search, each with its galloping step; disjoint, the
+        # highest last, all above `best`.
+        self._open: list[tuple[int, int, int]] = [(floor, entries, 1)]
+
+    def next_probe(self) -> int | None:
+        """The count to probe next, or None when `best` is the answer."""
+        while self._open:
+            a, b, step = self._open[-1]
+            if b - a > 1:
+                return min(a + step, (a + b) // 2)
+            self._open.pop()
+        return None
+
+    def observe(self, tokens: int) -> None:
+        """Record that the prompt with `next_probe()` entries has `tokens` tokens."""
+        a, b, step = self._open.pop()
+        probe = min(a + step, (a + b) // 2)
+        if tokens <= self.limit:
+            # Every interval left is below the probe: none can hold the answer.
+            self.best, self._open = probe, [(probe, b, 2 * step)]
+        elif tokens > self.limit + self.slack:
+            self._open.append((a, probe, step))
+        else:
+            # Over the limit but within the slack: a larger count may still fit; search above first.
+            self._open += [(a, probe, step), (probe, b, 2 * step)]
+
+
+def _next_probes(searches: dict[int, FitSearch]) -> dict[int, int]:
+    """The next count of every search that has not ended."""
+    return {i: k for i, search in searches.items() if (k := search.next_probe()) is not None}
 
 
 def recent_first(history: Sequence[HistoryEntry]) -> list[HistoryEntry]:
