@@ -22,14 +22,14 @@ import sys
 from pathlib import Path
 
 from nextquill_jax import third_party_logs
-from nextquill_jax.subcommand import Subcommand
+from nextquill_jax.subcommand import OVERRIDES, Subcommand
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, type=Path, help="YAML config (see configs/)")
     parser.add_argument("--workdir", default=None, help="run directory (default: train.workdir)")
     parser.add_argument(
-        "overrides",
+        OVERRIDES,
         nargs="*",
         metavar="section.key=value",
         help="config overrides, e.g. optim.learning_rate=1e-4",
