@@ -408,6 +408,10 @@ def compilations():
         ),
         (["optim.trainable=[no_such_param]"], r"optim.trainable \['no_such_param'\] matches no parameter"),
         (["loss.variant=dce", "loss.dce=fixed"], r"loss.dce is 'fixed' but .* Fix: set loss.reference_model"),
+        (["checkpoint.best_metric=eval/lss"], r"^checkpoint.best_metric `eval/lss` is not a .*`eval/loss`"),
+        # sft computes no DCE, so it reports no pref_fraction; the message lists what it reports.
+        (["loss.variant=sft", "checkpoint.best_metric=eval/pref_fraction"],
+         r"variant sft\), .* kept\. Fix: .* of eval/loss, eval/loss_n, eval/tokens, eval/ce_without, or"),
         # The tests run on CPU.
         (CUDNN, r"^model.attention_impl='cudnn' needs an NVIDIA GPU .* 'cpu'. Fix: set model.attention"),
         (["model.attention_impl=splash"], r"^model.attention_impl='splash' needs a TPU .* 'cpu'. Fix: set"),
