@@ -13,7 +13,7 @@ import os
 import sys
 
 from nextquill_jax import __version__, third_party_logs
-from nextquill_jax.subcommand import Subcommand
+from nextquill_jax.subcommand import OVERRIDES, Subcommand
 
 DESCRIPTION = (
     "NextQuill causal preference fine-tuning of LLMs in JAX: train a model with and without the user's "
@@ -116,9 +116,44 @@ def main(argv: list[str] | None = None) -> int:
         return 141
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """`parser.parse_args(argv)`, but a command's `section.key=value` overrides may stand anywhere among its
+    options (`train --config F a=1 --workdir D b=2`), in the order given.
+
+    argparse fills a `nargs="*"` positional from one run of words only, so the words after the next option
+    would be left over, and `parse_intermixed_args` refuses a parser with subcommands (Python 3.11). Each
+    leftover word that is not an option goes to the chosen command's `overrides`, as it would have in the
+    first run; `load_config` then checks every one alike.
+
+    Raises:
+        SystemExit: status 2 with the chosen command's usage (argparse's `error`), for a word argparse refuses
+            or a leftover one the command does not take: an unknown option, or any word for a command
+            without overrides.
+    """
+    args, extra = parser.parse_known_args(argv)
+    if not extra:
+        return args
+    chosen = _chosen_parser(parser, args)
+    takes_overrides = any(a.dest == OVERRIDES for a in chosen._get_positional_actions())
+    if takes_overrides and not any(word.startswith("-") for word in extra):
+        setattr(args, OVERRIDES, [*getattr(args, OVERRIDES), *extra])
+        return args
+    chosen.error(f"unrecognized arguments: {' '.join(extra)}")
+
+
+def _chosen_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the innermost (sub)command `args` chose, such as `data prepare`'s; `parser` if none."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            name = getattr(args, action.dest, None)
+            if name in action.choices:
+                return _chosen_parser(action.choices[name], args)
+    return parser
+
+
 def _dispatch(argv: list[str]) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     if args.command is None:
         parser.print_help()
         return 2

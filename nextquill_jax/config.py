@@ -420,8 +420,10 @@ class CheckpointConfig:
         `every_steps`: save every this many optimizer steps; 0: never on a schedule.
         `on_epoch_end`: save at the end of each epoch.
         `keep`: how many of the most recent checkpoints are kept (>= 1), besides the best one.
-        `best_metric`: the evaluation metric whose best checkpoint is kept too (e.g. `eval/loss`); null: no
-            best kept.
+        `best_metric`: the evaluation metric whose best checkpoint is kept too: `eval/` and a metric the
+            run's loss reports (`eval/loss`, `eval/ce_with`, ...: README.md's metrics.jsonl table); a name
+            evaluation never reports under the `loss` section is refused before the run starts. null: no best
+            kept.
         `best_mode`: whether the best `best_metric` is the `min` or the `max`.
         `async_save`: write checkpoints in the background while training goes on; false: wait for each.
         `on_save_error`: a save that fails (a full disk) leaves earlier checkpoints intact and the failed
@@ -474,10 +476,10 @@ class EvalConfig:
 class LoggingConfig:
     """Metrics, progress and profiling.
 
-    Besides the loss terms, each metrics row has `tokens_per_second` and `data_wait_fraction`, both over the
-    wall time since the previous row (compilation included in the first): the fraction of it the loop spent
-    waiting for its next batch (the data iterator and placing the batch on the devices), the host-side gap
-    a slow input pipeline leaves.
+    README.md's metrics.jsonl table lists every field of a metrics row. Besides the loss terms, each row has
+    `tokens_per_second` and `data_wait_fraction`, both over the wall time since the previous row (compilation
+    included in the first): the fraction of it the loop spent waiting for its next batch (the data iterator
+    and placing the batch on the devices), the host-side gap a slow input pipeline leaves.
 
     Fields:
         `every_steps`: write a metrics row (metrics.jsonl, TensorBoard, progress bar) every this many

@@ -10,6 +10,10 @@ import argparse
 from collections.abc import Callable
 from typing import NamedTuple
 
+# The positional that takes a command's `section.key=value` config overrides (`train`, `data prepare`):
+# `cli.parse_args` gives it those written after an option too.
+OVERRIDES = "overrides"
+
 
 class Subcommand(NamedTuple):
     """One subcommand: its one-line help, `add_arguments(parser)`, `run(args) -> exit status`, and an example

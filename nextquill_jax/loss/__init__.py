@@ -9,6 +9,7 @@ from nextquill_jax.loss.losses import (
     loss_from_aux,
     loss_from_hidden,
     loss_from_logits,
+    metric_names,
     metrics_from_aux,
     variant_losses,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "loss_from_aux",
     "loss_from_hidden",
     "loss_from_logits",
+    "metric_names",
     "metrics_from_aux",
     "streams_needed",
     "variant_losses",

@@ -55,7 +55,8 @@ class LossConfig:
             code); only for variants with L_p (mce, nextquill).
         `js_detach`: stop the gradient through the js weights; false (the public code) is only for variant js.
         `dce`: where DCE comes from: `dynamic` (the model being trained, no gradient) or `fixed` (a frozen
-            reference: the data's `reference_dce`, or `loss.reference_model`).
+            reference: the data's `reference_dce`, or `loss.reference_model`); `fixed` only for variants that
+            weight tokens by DCE (dce, nextquill, and mce with `weight_alignment`).
         `counterfactual_grad`: let L_p's gradient flow through the without-history logits z_∅ (the public
             code); false treats z_∅ as a constant in L_p, so L_p cannot lower z_∅ on the label. Only for
             variants with L_p.
@@ -124,6 +125,13 @@ class LossConfig:
             raise ValueError(
                 f"LossConfig.counterfactual_grad=False: variant {self.variant!r} has no alignment term L_p "
                 "(only mce and nextquill do); leave it true"
+            )
+        if self.dce == "fixed" and not self.uses_target_weights:
+            # A fixed DCE costs a frozen reference model's forward passes (or precomputed data) and would feed
+            # nothing but the logged DCE statistics.
+            raise ValueError(
+                f"LossConfig.dce='fixed': variant {self.variant!r} does not weight tokens by DCE (only dce "
+                "and nextquill do, and mce with weight_alignment); set dce='dynamic'"
             )
         if self.anchor > 0 and self.spec.next_stream == "without":
             raise ValueError("LossConfig.anchor: sft already trains the without-history stream; set anchor=0")

@@ -347,12 +347,17 @@ def metrics_from_aux(aux: Mapping[str, jax.Array], cfg: LossConfig) -> dict[str,
     `combine_aux` for what they mean after combination). Means over zero tokens are reported as 0.
     """
     host = {k: float(v) for k, v in jax.device_get(dict(aux)).items()}
+    return _metrics_from_sums(host, float(loss_from_aux(aux, cfg)))
+
+
+def _metrics_from_sums(host: Mapping[str, float], loss: float) -> dict[str, float]:
+    """`metrics_from_aux` from the aux as floats and its loss: plain Python, no JAX op."""
 
     def ratio(num: float, den: float) -> float:
         return num / den if den > 0 else 0.0
 
     metrics = {
-        "loss": float(loss_from_aux(aux, cfg)),
+        "loss": loss,
         "loss_n": ratio(host["n_sum"], host["n_den"]),
         "tokens": host["tokens"],
     }
@@ -371,6 +376,26 @@ def metrics_from_aux(aux: Mapping[str, jax.Array], cfg: LossConfig) -> dict[str,
         metrics["dce_std"] = math.sqrt(max(ratio(host["dce_sq_sum"], count) - mean * mean, 0.0))
         metrics.update({k: host[k] for k in DCE_QUANTILES})
     return metrics
+
+
+def metric_names(cfg: LossConfig) -> tuple[str, ...]:
+    """The names `metrics_from_aux` reports, in its order, for the aux of a batch that the train and eval
+    steps compute under `cfg`: `loss_from_hidden` given the streams `streams_needed(cfg)` names and, with a
+    fixed DCE, `reference_dce`. Found by tracing `loss_from_hidden` on [1, 1] shapes (nothing computed or
+    compiled), so the names are the code's own, for every variant and switch.
+    """
+    need_with, need_without = streams_needed(cfg)
+    hidden = jax.ShapeDtypeStruct((1, 1, 1), jnp.float32)
+    labels = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    _, aux = jax.eval_shape(
+        lambda w, o, head, y, dce: loss_from_hidden(w, o, head, y, cfg, reference_dce=dce),
+        hidden if need_with else None,
+        hidden if need_without else None,
+        jax.ShapeDtypeStruct((1, 1), jnp.float32),
+        labels,
+        jax.ShapeDtypeStruct((1, 1), jnp.float32) if cfg.dce == "fixed" else None,
+    )
+    return tuple(_metrics_from_sums(dict.fromkeys(aux, 0.0), 0.0))
 
 
 def variant_losses(terms: Mapping[str, float], alpha: float) -> dict[str, float]:

@@ -33,18 +33,21 @@ from ..parallel import DEFAULT_RULES, logical_to_mesh_spec
 from .blockwise_attention import DEFAULT_BLOCK, blockwise_attention
 from .cudnn_packed import cudnn_packed_attention
 
+# The JAX backends each accelerator-only implementation runs on, and the hardware that means.
 _BACKENDS = {"cudnn": ("gpu", "cuda"), "splash": ("tpu",)}
+_HARDWARE = {"cudnn": "an NVIDIA GPU (cuDNN)", "splash": "a TPU (Pallas)"}
 _SPLASH_BLOCK = 512
 
 
-def check_attention_backend(impl: str, backend: str | None = None) -> None:
-    """Raise ValueError if attention implementation `impl` cannot run on `backend` (default: JAX's)."""
+def check_attention_backend(impl: str, backend: str | None = None, key: str = "attention_impl") -> None:
+    """Raise ValueError if attention implementation `impl` cannot run on `backend` (default: JAX's); the
+    message names the setting as `key` (`model.attention_impl` in a training config) and the fix."""
     backend = backend or jax.default_backend()
     allowed = _BACKENDS.get(impl)
     if allowed is not None and backend not in allowed:
         raise ValueError(
-            f"attention_impl={impl!r} needs a {'GPU' if impl == 'cudnn' else 'TPU'} backend, but JAX runs on "
-            f"{backend!r}. Fix: set attention_impl='xla' (works everywhere)."
+            f"{key}={impl!r} needs {_HARDWARE[impl]}, but JAX runs on {backend!r}. Fix: set {key}='xla' "
+            f"(works everywhere)."
         )
 
 

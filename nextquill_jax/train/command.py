@@ -7,7 +7,8 @@
 `train` trains (or resumes, when DIR holds a checkpoint) the run the config describes. Exit status: 0 finished
 or stopped by SIGTERM or Ctrl-C with a checkpoint saved, 1 bad config or data (damaged prepared data or
 checkpoints included), 3 non-finite loss, 4 another process of a multi-process run was lost
-(`mesh.peer_timeout_s`), 5 a checkpoint could not be saved (`checkpoint.on_save_error: stop`). `export` writes
+(`mesh.peer_timeout_s`), 5 a checkpoint could not be saved (`checkpoint.on_save_error: stop`); those and
+`cli.main`'s 2, 130 and 141 end `train --help` (`TRAIN_EXIT_STATUSES`). `export` writes
 a checkpoint as a Hugging Face directory (a LoRA run's adapters merged in), or with `--adapter` a LoRA run's
 adapters as a PEFT directory (see `train.export`). `checkpoint verify` checks every checkpoint of a workdir
 against its manifest and prints a table; exit status 1, with an `error:` line naming the steps and the fix,
@@ -22,14 +23,26 @@ import sys
 from pathlib import Path
 
 from nextquill_jax import third_party_logs
-from nextquill_jax.subcommand import Subcommand
+from nextquill_jax.subcommand import OVERRIDES, Subcommand
+
+# `train --help` ends with these (README.md lists them too; 2 is argparse's, 130 and 141 are `cli.main`'s).
+TRAIN_EXIT_STATUSES = """exit status:
+  0    finished, or stopped by SIGTERM or Ctrl-C with a checkpoint saved (the same command resumes)
+  1    an error you fix (config, data, damaged prepared data or checkpoints), printed as one error: line
+  2    a command line that cannot be parsed
+  3    non-finite loss or gradient (train.nonfinite: stop), or more than train.max_skips skipped updates
+  4    another process of a multi-process run was lost (mesh.peer_timeout_s)
+  5    a checkpoint could not be saved (checkpoint.on_save_error: stop)
+  130  Ctrl-C during set-up, or a second Ctrl-C during training (nothing saved)
+  141  stdout's reader went away (a closed pipe)"""
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = TRAIN_EXIT_STATUSES
     parser.add_argument("--config", required=True, type=Path, help="YAML config (see configs/)")
     parser.add_argument("--workdir", default=None, help="run directory (default: train.workdir)")
     parser.add_argument(
-        "overrides",
+        OVERRIDES,
         nargs="*",
         metavar="section.key=value",
         help="config overrides, e.g. optim.learning_rate=1e-4",

@@ -15,6 +15,7 @@ time spent waiting for it) and an optional `jax.profiler` trace of chosen steps.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import os
 import signal
@@ -27,9 +28,10 @@ import jax
 import numpy as np
 
 from nextquill_jax.config import Config, config_to_dict, save_config
+from nextquill_jax.config_schema import ConfigError
 from nextquill_jax.data.checksums import IntegrityError
 from nextquill_jax.data.global_batch import to_global_batch
-from nextquill_jax.loss import LossConfig, combine_aux, metrics_from_aux
+from nextquill_jax.loss import LossConfig, combine_aux, metric_names, metrics_from_aux
 from nextquill_jax.train.adapters import check_same_base, legacy_fingerprint
 from nextquill_jax.train.checkpoint import CORRUPT_SUFFIX, Checkpointer, CheckpointSaveError
 from nextquill_jax.train.health import HealthMonitor
@@ -40,6 +42,8 @@ from nextquill_jax.train.state import TrainState
 from nextquill_jax.train.workdir import CHECKPOINT_DIR, CONFIG_FILE
 
 PROFILE_DIR = "profile"
+# What an evaluation's metrics are named with in metrics.jsonl and `checkpoint.best_metric`: eval/loss, ...
+EVAL_PREFIX = "eval/"
 # What a message names as the last good checkpoint when none has been saved (or none verifies).
 NO_CHECKPOINT = "none"
 
@@ -72,13 +76,15 @@ def train(cfg: Config, workdir: Path, *, echo=print) -> TrainResult:
     """Run (or resume) the training `cfg` describes in `workdir`.
 
     Raises:
-        ConfigError: a config problem found during set-up (before compiling), or a resume whose config
-            differs from its checkpoint's (`resume.check_resumable`); config.yaml is then left as it was.
+        ConfigError: a config problem found during set-up (before compiling; `checkpoint.best_metric`
+            first, `check_best_metric`), or a resume whose config differs from its checkpoint's
+            (`resume.check_resumable`); config.yaml is then left as it was.
         TrainingDivergedError: a non-finite loss with `train.nonfinite: stop`, or too many skipped updates.
         CheckpointSaveError: a checkpoint could not be saved, with `checkpoint.on_save_error: stop`.
         checksums.IntegrityError: the workdir holds checkpoints but none verifies, or the prepared data is
             damaged.
     """
+    check_best_metric(cfg)
     run = set_up_run(cfg, workdir, echo)
     # As resolved (config.yaml and every checkpoint record what the steps were built from), with the workdir
     # this run uses: `--config <workdir>/config.yaml` then resumes this run, not the config file's workdir.
@@ -254,8 +260,28 @@ def actions_at(step: int, cfg: Config, run: RunSetup, *, stop: bool) -> StepActi
     return StepActions(fetch=fetch, evaluate=evaluate, save=save, last=last, stop=stop)
 
 
+def check_best_metric(cfg: Config) -> None:
+    """Raise ConfigError if `checkpoint.best_metric` is set to a name evaluation never reports under `cfg`'s
+    loss (`EVAL_PREFIX` + `loss.metric_names`, what `evaluate_split` returns): a misspelt name would keep no
+    best checkpoint, silently. The message names the nearest valid names and lists them all.
+    """
+    tracked = cfg.checkpoint.best_metric
+    names = metric_names(cfg.loss.loss_config())
+    valid = [EVAL_PREFIX + name for name in names]
+    if tracked is None or tracked in valid:
+        return
+    # Matched without the prefix, which every valid name shares: `loss` and `eval/lss` both find eval/loss.
+    close = difflib.get_close_matches(tracked.removeprefix(EVAL_PREFIX), names, n=2, cutoff=0.6)
+    hint = f" Did you mean {' or '.join(f'`{EVAL_PREFIX}{c}`' for c in close)}?" if close else ""
+    raise ConfigError(
+        f"checkpoint.best_metric `{tracked}` is not a metric evaluation reports for this run's loss "
+        f"(loss.variant {cfg.loss.variant}), so no best checkpoint would be kept.{hint} Fix: set "
+        f"checkpoint.best_metric to one of {', '.join(valid)}, or null."
+    )
+
+
 def evaluate_split(run: RunSetup, params: dict, max_batches: int | None) -> dict[str, float]:
-    """`eval/<metric>` over the eval split (its first `max_batches` batches; None: all)."""
+    """`EVAL_PREFIX<metric>` over the eval split (its first `max_batches` batches; None: all)."""
     auxes = []
     for k, local in enumerate(run.eval_data.dataset()):
         if max_batches is not None and k >= max_batches:
@@ -263,7 +289,7 @@ def evaluate_split(run: RunSetup, params: dict, max_batches: int | None) -> dict
         batch = to_global_batch(local, run.mesh)
         auxes.append(run.eval_step(params, batch, run.reference_params, run.base_params))
     values = metrics_from_aux(combine_aux(*auxes), run.settings.loss)
-    return {f"eval/{k}": v for k, v in values.items()}
+    return {EVAL_PREFIX + k: v for k, v in values.items()}
 
 
 def eval_line(step: int, metrics: dict[str, float], tracked: str | None) -> str:

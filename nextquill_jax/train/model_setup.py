@@ -16,7 +16,7 @@ from jax.sharding import Mesh
 
 from nextquill_jax.config import ModelRunConfig
 from nextquill_jax.config_schema import ConfigError
-from nextquill_jax.models import CausalLM, ModelConfig, load_pretrained
+from nextquill_jax.models import CausalLM, ModelConfig, attention, load_pretrained
 from nextquill_jax.parallel import DEFAULT_RULES, LogicalRules, logical_to_sharding
 
 
@@ -41,6 +41,25 @@ def check_model_source(section: ModelRunConfig) -> None:
             f"model.path {section.path!r} does not exist and is not a packaged model name. Fix: give a "
             f"Hugging Face model directory, a .gguf file or one of {packaged_model_names()}; or use "
             f"model.preset for a randomly initialised model."
+        )
+
+
+def check_attention(section: ModelRunConfig) -> None:
+    """Raise ConfigError, before anything is compiled, if `model.attention_impl` cannot run on JAX's backend
+    (`cudnn` needs an NVIDIA GPU, `splash` a TPU), or is `cudnn` with a float32 `model.compute_dtype` (cuDNN's
+    flash attention has no float32 kernel): the forward pass raises either only while the first step is
+    traced. The backend check is looked up in the `attention` module when called, so that tests that emulate
+    cuDNN on CPU lift it by replacing `attention.check_attention_backend`.
+    """
+    try:
+        attention.check_attention_backend(section.attention_impl, key="model.attention_impl")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if section.attention_impl == "cudnn" and section.compute_dtype != "bfloat16":
+        raise ConfigError(
+            f"model.attention_impl='cudnn' needs model.compute_dtype='bfloat16', got "
+            f"{section.compute_dtype!r} (cuDNN's flash attention has no float32 kernel). Fix: set "
+            f"model.compute_dtype='bfloat16', or model.attention_impl='xla'."
         )
 
 

@@ -429,11 +429,12 @@ def set_up_run(cfg: Config, workdir: Path, echo: Echo = print) -> RunSetup:
     (`model.cudnn_max_segments: auto` resolved: `RunSetup.config`).
 
     Raises:
-        ConfigError: any config problem found here (model source, mesh, micro-batches, data, optimizer,
-            fixed-DCE source), before anything is compiled.
+        ConfigError: any config problem found here (model source, an attention implementation the backend
+            cannot run, mesh, micro-batches, data, optimizer, fixed-DCE source), before anything is compiled.
     """
     mesh = build_mesh(cfg)
     model_setup.check_model_source(cfg.model)
+    model_setup.check_attention(cfg.model)
     check_micro_batches(cfg, mesh)
     workdir.mkdir(parents=True, exist_ok=True)
 

@@ -328,11 +328,22 @@ def test_an_example_of_only_ignored_labels_changes_nothing(data, variant, wa, de
         (dict(variant="dce", weight_alignment=True), "no alignment term"),
         (dict(variant="nextquill", js_detach=False), "only applies to variant 'js'"),
         (dict(weight_alignment=1), "must be a bool"),
+        *[
+            (dict(variant=v, dce="fixed"), f"variant '{v}' does not weight tokens by DCE.*set dce='dynamic'")
+            for v in ("sft", "context_sft", "mce", "js")
+        ],
     ],
 )
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         LossConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [dict(variant="dce"), dict(variant="nextquill"), dict(variant="mce", weight_alignment=True)]
+)
+def test_a_fixed_dce_is_accepted_where_the_loss_weights_tokens_by_it(kwargs):
+    assert LossConfig(dce="fixed", **kwargs).uses_target_weights
 
 
 def test_missing_or_unused_sources_raise(data):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 import time
@@ -116,3 +117,28 @@ def test_a_resume_adds_a_file_and_tensorboard_shows_every_step_once(tmp_path):
     assert tensorboard_view(shared) == pytest.approx(
         {10: 0.1, 20: 0.05, 30: 3.0, 40: 4.0}, rel=1e-6
     )  # float32
+
+
+def readme_metrics_fields() -> set[str]:
+    """The field names in the first column of README.md's metrics.jsonl table (`eval/<field>` as is)."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index("### metrics.jsonl") :].split("\n## ")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    return {name for row in rows for name in re.findall(r"`([^`]+)`", row.split(" | ")[0])}
+
+
+def test_every_field_a_run_writes_is_in_the_readme_table(trained_run):
+    """The fields of a tiny run's metrics.jsonl, and the loss fields of every variant and switch
+    (`loss.metric_names`: what the train and eval steps report; an eval row's are `eval/<field>`), are each a
+    row of README.md's table."""
+    from nextquill_jax.loss import LossConfig, metric_names
+    from tests.train.test_step import METRIC_CONFIGS
+
+    rows = [json.loads(line) for line in (trained_run.workdir / METRICS_FILE).read_text().splitlines()]
+    written = {key for row in rows for key in row}
+    assert {"loss", "grad_norm", "tokens_per_second", "epoch"} <= written
+    fields = {key.removeprefix("eval/") for key in written}
+    fields |= {name for kw in METRIC_CONFIGS for name in metric_names(LossConfig(**kw))}
+    documented = readme_metrics_fields()
+    assert "eval/<field>" in documented
+    assert fields - documented == set(), "document these in README.md's metrics.jsonl table"

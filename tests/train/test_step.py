@@ -14,6 +14,7 @@ import pytest
 
 from nextquill_jax.config import OptimConfig
 from nextquill_jax.train.optimizer import learning_rate_schedule, make_optimizer, warmup_steps
+from tests.shared import LOSS_CONFIGS
 
 pytestmark = pytest.mark.slow  # run first: see tests/conftest.py
 
@@ -177,3 +178,34 @@ def test_joint_forward_gives_the_two_call_loss_and_gradient(tiny_model_config, m
         np.testing.assert_allclose(
             g_1, np.asarray(g_2), rtol=1e-5, atol=1e-6 * np.abs(g_2).max(), err_msg=str(path)
         )
+
+
+METRIC_CONFIGS = [
+    *(dict(variant=v, weight_alignment=wa, js_detach=det) for v, wa, det in LOSS_CONFIGS),
+    dict(variant="dce", dce="fixed"),
+    dict(variant="nextquill", dce="fixed"),
+    dict(variant="mce", weight_alignment=True, dce="fixed"),
+    dict(variant="context_sft", anchor=0.1),
+]
+
+
+@pytest.mark.parametrize("loss", METRIC_CONFIGS, ids=lambda kw: "-".join(map(str, kw.values())))
+def test_metric_names_are_what_the_eval_step_reports(tiny_model_config, loss):
+    """`loss.metric_names` (which `checkpoint.best_metric` is checked against) equals what `metrics_from_aux`
+    makes of the eval step's aux, traced (not compiled) on a tiny model; a fixed DCE from a frozen reference
+    model (the same parameters)."""
+    from flax import nnx
+
+    from nextquill_jax.loss import LossConfig, metric_names, metrics_from_aux
+    from nextquill_jax.models import CausalLM
+    from nextquill_jax.train.step import StepSettings, make_eval_step
+
+    graphdef, params = nnx.split(CausalLM(tiny_model_config(), rngs=nnx.Rngs(0)), nnx.Param)
+    params = nnx.to_pure_dict(params)
+    cfg = LossConfig(**loss)
+    settings = StepSettings(loss=cfg, token_chunk=1024, vocab_chunk=64, reference_graphdef=graphdef)
+    batch = jax.tree.map(jnp.asarray, _joint_forward_batch(equal_lengths=False))
+    reference = params if cfg.dce == "fixed" else None
+    aux = jax.eval_shape(make_eval_step(graphdef, settings), params, batch, reference)
+    reported = metrics_from_aux({k: np.zeros((), np.float32) for k in aux}, cfg)
+    assert metric_names(cfg) == tuple(reported)
