@@ -344,7 +344,7 @@ def test_prefill_through_configured_attention_equals_dense_prefill(family_weight
     assert len(np.unique(expected)) > PREFILL_STEPS  # not one repeated token: the comparison can fail
 
     cudnn = model_from_hf(*family_weights, attention_impl="cudnn")
-    with pytest.raises(ValueError, match="needs a GPU"):
+    with pytest.raises(ValueError, match="needs an NVIDIA GPU"):
         cudnn.prefill(ids, cache, positions, mask)
     with pytest.raises(ValueError, match="512 tokens does not fit the KV cache's max_len 511"):
         model.prefill(ids, model.init_cache(len(ids), 511), positions, mask)
