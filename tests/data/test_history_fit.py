@@ -26,10 +26,6 @@ from nextquill_jax.data.prepared_split import TokenizedExample
 from nextquill_jax.data.sources.read import read_records
 from nextquill_jax.data.sources.records import HistoryEntry, IssueLog, Record
 from nextquill_jax.data.templates import PromptTemplate, load_template, render_prompt
-from tests.shared import FIXTURES
-
-F = FIXTURES
-
 
 # ------------------------------------------------------------------------------------------------------------
 # The reference: the scan the search replaced, one record at a time, written plainly.
@@ -167,40 +163,13 @@ def test_search_probes_o_log_n_counts_when_counts_rise():
 
 
 @pytest.fixture(scope="module")
-def fixture_records(small_dpl) -> dict[str, tuple[list[Record], PromptTemplate, dict]]:
+def fixture_records(formats) -> dict[str, tuple[list[Record], PromptTemplate, dict]]:
     """Per fixture format: its records, template and the data settings that read them."""
-    settings = {
-        "amazon2023": dict(
-            format="amazon2023",
-            template="review",
-            sources=[f"{F}/amazon2023/Books.jsonl"],
-            meta=[f"{F}/amazon2023/meta_Books.jsonl"],
-            **small_dpl,
-        ),
-        "dpl": dict(
-            format="dpl",
-            template="review",
-            sources=[f"{F}/dpl/Books/*.jsonl"],
-            meta=[f"{F}/dpl/meta/Books.jsonl"],
-        ),
-        "lamp_topic_writing": dict(
-            format="lamp",
-            template="lamp_topic_writing",
-            sources=[f"{F}/lamp/topic_writing/dev_questions.json"],
-            meta=[f"{F}/lamp/topic_writing/dev_outputs.json"],
-        ),
-        "lamp_abstract": dict(
-            format="lamp",
-            template="lamp_abstract",
-            sources=[f"{F}/lamp/abstract/train_questions.jsonl"],
-            meta=[f"{F}/lamp/abstract/train_outputs.json"],
-        ),
-        "generic": dict(format="generic", template="plain", sources=[f"{F}/generic/records.jsonl"]),
-    }
     out = {}
-    for name, data in settings.items():
-        template = load_template(data["template"])
-        records = list(read_records(DataConfig(**data), template, IssueLog()))
+    for name, data in formats.items():
+        cfg = DataConfig(**data)
+        template = load_template(cfg.template)
+        records = list(read_records(cfg, template, IssueLog()))
         assert records
         out[name] = (records, template, data)
     return out
