@@ -34,7 +34,7 @@ from typing import Any, Literal
 
 from nextquill_jax.config import Config, config_to_dict, load_config, save_config
 from nextquill_jax.config_schema import ConfigError, build, read_yaml
-from nextquill_jax.train.resume import config_changes, listed_changes, may_change, normalised
+from nextquill_jax.train.resume import config_changes, covered, listed_changes, may_change, normalised
 
 DONE_FILE = "compare_done.json"
 Echo = Callable[[str], None]
@@ -223,7 +223,7 @@ def run_settings(comparison: Comparison, name: str, cfg: Config) -> dict[str, An
 
 
 def _no_effect(key: str) -> bool:
-    return may_change(key) and not any(key == k or key.startswith(k + ".") for k in _RESULT_KEYS)
+    return may_change(key) and not covered(key, _RESULT_KEYS)
 
 
 def settings_changes(

@@ -266,9 +266,11 @@ def check_best_metric(cfg: Config) -> None:
     best checkpoint, silently. The message names the nearest valid names and lists them all.
     """
     tracked = cfg.checkpoint.best_metric
+    if tracked is None:
+        return
     names = metric_names(cfg.loss.loss_config())
     valid = [EVAL_PREFIX + name for name in names]
-    if tracked is None or tracked in valid:
+    if tracked in valid:
         return
     # Matched without the prefix, which every valid name shares: `loss` and `eval/lss` both find eval/loss.
     close = difflib.get_close_matches(tracked.removeprefix(EVAL_PREFIX), names, n=2, cutoff=0.6)

@@ -49,9 +49,15 @@ MAX_LISTED = 10
 _ABSENT = "<absent>"
 
 
+def covered(key: str, keys: Sequence[str]) -> bool:
+    """True if the dotted config `key` is one of `keys` or below one (`model.lora.rank` is below
+    `model.lora`)."""
+    return any(key == k or key.startswith(k + ".") for k in keys)
+
+
 def may_change(key: str) -> bool:
     """True if the dotted config `key` is one `MAY_CHANGE` covers (itself or a key below one)."""
-    return any(key == k or key.startswith(k + ".") for k in MAY_CHANGE)
+    return covered(key, MAY_CHANGE)
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
