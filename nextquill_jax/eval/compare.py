@@ -356,17 +356,26 @@ def run_comparison(comparison: Comparison, echo: Echo = print) -> dict[str, Any]
 
     Raises:
         ConfigError: before any run starts, every finished run trained with other training settings than
-            the file now gives it (`finished_changes`), one line each; as `run_variant`.
+            the file now gives it (`finished_changes`) and every variant whose `checkpoint.best_metric`
+            evaluation never reports (`loop.check_best_metric`), one line each; as `run_variant`.
     """
     from nextquill_jax.eval.compare_table import write_results
+    from nextquill_jax.train.loop import check_best_metric
 
     runs = [(name, seed) for seed in comparison.compare.seeds for name in comparison.variants]
     refused = []
     for name, seed in runs:  # all of them first: no run is evaluated again only for a later one to refuse
         try:
-            finished_changes(comparison, name, seed, comparison.run_config(name, seed))
+            cfg = comparison.run_config(name, seed)
+            finished_changes(comparison, name, seed, cfg)
         except ConfigError as e:
             refused.append(str(e))
+            continue
+        if comparison.variants[name].train and seed == comparison.compare.seeds[0]:
+            try:  # a misspelt metric would otherwise stop the comparison only when this variant starts
+                check_best_metric(cfg)
+            except ConfigError as e:
+                refused.append(f"{comparison.source}: variant {name!r}: {e}")
     if refused:
         raise ConfigError("\n".join(refused))
     return write_results(comparison, [run_variant(comparison, name, seed, echo) for name, seed in runs])

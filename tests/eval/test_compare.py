@@ -282,6 +282,25 @@ def test_a_run_whose_training_stops_on_a_signal_stops_the_comparison_unevaluated
     assert not list((tmp_path / "out").rglob(DONE_FILE)) and not (tmp_path / "out" / "results.md").exists()
 
 
+def test_a_misspelt_best_metric_of_any_variant_is_refused_before_the_first_run_starts(
+    tmp_path, tiny_config, monkeypatch
+):
+    base = tiny_config(tmp_path / "data", tmp_path / "unused_run")
+    file = tmp_path / "c.yaml"
+    variants = {"a": {}, "b": {"overrides": ["checkpoint.best_metric=eval/lss"]}, "c": {"train": False}}
+    compare = {"out": str(tmp_path / "out"), "baseline": "a"}
+    file.write_text(yaml.safe_dump({"compare": compare, "variants": variants, "base": base}))
+    started = []
+    monkeypatch.setattr(loop, "train", lambda cfg, workdir, *, echo: started.append(workdir))
+    with pytest.raises(ConfigError) as e:
+        run_comparison(load_comparison(file), echo=lambda _: None)
+    message = str(e.value)
+    expected = f"{file}: variant 'b': checkpoint.best_metric `eval/lss` is not a metric"
+    assert message.startswith(expected), message
+    assert "Did you mean `eval/loss`" in message and message.count("variant '") == 1
+    assert started == [] and not (tmp_path / "out").exists()
+
+
 # The tests below change the finished runs of `compared` (they evaluate some again), so they come after every
 # test that reads them as the first comparison left them.
 
