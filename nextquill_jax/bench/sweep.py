@@ -261,6 +261,32 @@ def sweep_settings(cfg: ScalingConfig, backend: str, device_kind: str) -> dict[s
     }
 
 
+def read_recorded_settings(settings_path: Path, csv_path: Path) -> dict[str, Any] | None:
+    """The settings `settings_path` (`scaling_settings.json`) records for the rows of `csv_path`; None when
+    there is no such file.
+
+    Raises:
+        ConfigError: the file is not JSON, or not an object with `sweep`, `models` and `device` (naming the
+            file, what is wrong and the fix).
+    """
+    if not settings_path.exists():
+        return None
+    fix = (
+        f"Fix: restore it from a copy, or delete {csv_path} and {settings_path} to measure every point "
+        "again; the CSV's rows cannot be reused without the settings they were measured with."
+    )
+    try:
+        recorded = json.loads(settings_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{settings_path} is damaged: it is not JSON ({e}). {fix}") from None
+    keys = recorded if isinstance(recorded, dict) else {}
+    missing = [k for k in ("sweep", "models", "device") if k not in keys]
+    if missing or not isinstance(recorded["models"], dict):
+        what = f"no {', '.join(f'`{k}`' for k in missing)}" if missing else "`models` is not an object"
+        raise ConfigError(f"{settings_path} is damaged: {what}, which {SETTINGS_FILE} always records. {fix}")
+    return recorded
+
+
 def settings_to_record(
     recorded: dict[str, Any] | None, current: dict[str, Any], rows: Sequence[dict[str, str]], csv_path: Path
 ) -> dict[str, Any]:
@@ -314,7 +340,8 @@ def run_sweep(
 
     Raises:
         ConfigError: the CSV is not this harness's, or its rows were measured with other settings than
-            `cfg`'s on this device, or it has no `scaling_settings.json` (`settings_to_record`).
+            `cfg`'s on this device, or it has no `scaling_settings.json` (`settings_to_record`), or that
+            file is damaged (`read_recorded_settings`).
     """
     import jax
 
@@ -326,7 +353,7 @@ def run_sweep(
     rows = read_rows(csv_path)
     device_kind = jax.devices()[0].device_kind
     settings_path = out / SETTINGS_FILE
-    recorded = json.loads(settings_path.read_text()) if settings_path.exists() else None
+    recorded = read_recorded_settings(settings_path, csv_path)
     record = settings_to_record(
         recorded, sweep_settings(cfg, jax.default_backend(), device_kind), rows, csv_path
     )

@@ -197,6 +197,28 @@ def test_sweep_refuses_a_csv_without_the_settings_it_was_measured_with(tmp_path,
     assert fake.built == [32]
 
 
+@pytest.mark.parametrize(
+    "damaged, said",
+    [
+        ('{"sweep": {', "it is not JSON (Expecting property name enclosed in double quotes: line 1"),
+        ("[1, 2]", "no `sweep`, `models`, `device`, which scaling_settings.json always records"),
+        ('{"sweep": {}, "device": {}}', "no `models`, which"),
+        ('{"sweep": {}, "models": [], "device": {}}', "`models` is not an object"),
+    ],
+)
+def test_sweep_names_a_damaged_settings_file_and_measures_nothing(tmp_path, fake, damaged, said):
+    out = tmp_path / "sweep"
+    config = sweep_yaml(tmp_path / "s.yaml", out, ["a"])
+    sweep.main(["--config", config])
+    (out / sweep.SETTINGS_FILE).write_text(damaged)
+    rows = (out / "scaling.csv").read_text()
+    with pytest.raises(ConfigError) as e:
+        sweep.main(["--config", config])
+    assert str(e.value).startswith(f"{out / sweep.SETTINGS_FILE} is damaged: {said}"), str(e.value)
+    assert f"or delete {out / 'scaling.csv'} and {out / sweep.SETTINGS_FILE} to measure" in str(e.value)
+    assert fake.built == [32] and (out / "scaling.csv").read_text() == rows
+
+
 def test_sweep_settings_differ_on_another_device():
     cfg = sweep.load_scaling_config("configs/scaling/tiny_cpu.yaml")
     recorded = json.loads(json.dumps(sweep.sweep_settings(cfg, "cpu", "cpu")))
