@@ -37,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
+from nextquill_jax.subcommand import positive_int
+
 
 def _time(fn, args, repeats: int) -> float:
     """Best wall seconds of `fn(*args)` after one warm-up call (compile excluded)."""
@@ -137,15 +139,17 @@ def _mask_backward_computes_dbias() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=4096)
-    parser.add_argument("--heads", type=int, default=12)
-    parser.add_argument("--kv-heads", type=int, default=2)
-    parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--segments", type=int, default=4, help="examples packed per row when timing (equal)")
-    parser.add_argument("--max-segments", type=int, help="the packed mode's M (default: --segments)")
+    parser.add_argument("--rows", type=positive_int, default=4)
+    parser.add_argument("--seq-len", type=positive_int, default=4096)
+    parser.add_argument("--heads", type=positive_int, default=12)
+    parser.add_argument("--kv-heads", type=positive_int, default=2)
+    parser.add_argument("--head-dim", type=positive_int, default=128)
+    parser.add_argument(
+        "--segments", type=positive_int, default=4, help="examples packed per row when timing (equal)"
+    )
+    parser.add_argument("--max-segments", type=positive_int, help="the packed mode's M (default: --segments)")
     parser.add_argument("--tolerance", type=float, default=2e-2, help="packed error allowed, of max |ref|")
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=positive_int, default=10)
     parser.add_argument("--append-results", type=Path)
     args = parser.parse_args(argv)
     max_segments = args.max_segments or args.segments

@@ -456,7 +456,8 @@ def test_padding_refuses_flags_that_fit_no_row_or_check_nothing(monkeypatch, cap
 @pytest.mark.parametrize(
     ("script", "flag"),
     [("loss_memory", "--tokens"), ("step", "--examples"), ("attention", "--seq-len"), ("compile", "--rows"),
-     ("mfu", "--rows"), ("prefill", "--lengths"), ("lora", "--rank"), ("padding", "--users")],
+     ("mfu", "--rows"), ("prefill", "--lengths"), ("lora", "--rank"), ("padding", "--users"),
+     ("cudnn_mask", "--max-segments")],
 )  # fmt: skip
 def test_benchmarks_refuse_a_count_below_one_as_an_argument_error(monkeypatch, capsys, script, flag):
     """A count of 0 is refused while the command line is parsed, naming the flag (it was a traceback from
