@@ -490,3 +490,14 @@ def test_unknown_generic_keys_are_all_named_with_the_nearest_unused_field(tmp_pa
         f"{path}:1:spilt: unknown fields `spilt`, `usr`, `Category` (did you mean `category`?); a generic "
         "record has user_id, context, history, target, category, split, id, meta. Fix: rename them"
     ) in str(e.value)
+
+
+def test_every_missing_required_generic_field_is_named_at_once(tmp_path):
+    path = tmp_path / "records.jsonl"
+    path.write_text(json.dumps({"context": "c", "history": ["h"]}) + "\n")
+    with pytest.raises(DataError) as e:
+        _read(DataConfig(format="generic", template="plain", sources=[str(path)]))
+    assert (
+        f"{path}:1:user_id: required fields `user_id`, `target` are missing; a generic record needs user_id, "
+        "context, history, target"
+    ) in str(e.value)

@@ -36,6 +36,7 @@ from nextquill_jax.data.templates import PromptTemplate
 
 # Every top-level key a generic record may have; any other is an invalid record (`unknown_field`).
 FIELDS = ("user_id", "context", "history", "target", "category", "split", "id", "meta")
+REQUIRED = ("user_id", "context", "history", "target")
 
 
 def read_generic(path: Path, default_split: str, template: PromptTemplate, log: IssueLog) -> list[Record]:
@@ -52,11 +53,22 @@ def parse_generic(obj: dict[str, Any], location: str, default_split: str, templa
     """One validated record.
 
     Raises:
-        InvalidRecordError: an unknown top-level key, a missing or mistyped field, an empty `user_id`,
-            `target` or entry text, an unknown split, a history entry without `text`, a timestamp on some
-            entries but not all, or fields the template needs that the record lacks.
+        InvalidRecordError: an unknown top-level key, missing fields (all named), a mistyped field, an
+            empty `user_id`, `target` or entry text, an unknown split, a history entry without `text`, a
+            timestamp on some entries but not all, or fields the template needs that the record lacks.
     """
     _check_keys(obj, location)
+    absent = [name for name in REQUIRED if name not in obj]
+    if len(absent) > 1:  # all named at once, so that one fix mends the record; one alone: get_field's error
+        raise InvalidRecordError(
+            Issue(
+                "missing_field",
+                location,
+                absent[0],
+                f"required fields {', '.join(f'`{name}`' for name in absent)} are missing; a generic record "
+                f"needs {', '.join(REQUIRED)}",
+            )
+        )
     user_id = require_text(
         get_field(obj, "user_id", (str,), location),
         location,
