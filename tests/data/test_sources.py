@@ -501,3 +501,28 @@ def test_every_missing_required_generic_field_is_named_at_once(tmp_path):
         f"{path}:1:user_id: required fields `user_id`, `target` are missing; a generic record needs user_id, "
         "context, history, target"
     ) in str(e.value)
+
+
+def test_an_empty_dpl_review_text_or_lamp_output_is_an_invalid_record(tmp_path):
+    rows = (FIXTURES / "dpl" / "Books" / "train.jsonl").read_text().splitlines()
+    first = json.loads(rows[0])
+    first["data"]["text"] = "  "
+    first["profile"][1]["text"] = ""
+    dpl = tmp_path / "Books" / "train.jsonl"
+    dpl.parent.mkdir()
+    dpl.write_text("\n".join([json.dumps(first), *rows[1:]]) + "\n")
+    meta = str(FIXTURES / "dpl" / "meta" / "Books.jsonl")
+    with pytest.raises(DataError) as e:
+        _read(DataConfig(format="dpl", sources=[str(dpl)], meta=[meta]))
+    assert str(e.value).startswith("1 invalid input record(s) (1 empty_field)"), str(e.value)
+    assert f"{dpl}:1:data.text: `data.text` is empty; the DPL protocol keeps only reviews of at least" in str(
+        e.value
+    )
+
+    questions = tmp_path / "train_questions.jsonl"
+    questions.write_text(json.dumps({"id": "q1", "input": "i", "output": " ", "profile": [{"summary": "s"}]}))
+    with pytest.raises(DataError) as e:
+        _read(DataConfig(format="lamp", template="lamp_topic_writing", sources=[str(questions)]))
+    assert f"{questions}:1:output: `output` is empty; the example would learn only the end-of-text" in str(
+        e.value
+    )

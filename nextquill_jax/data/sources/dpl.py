@@ -4,7 +4,8 @@ A DPL row (the `SnowCharmQ/DPL-main` layout) is `{"user_id", "profile": [review,
 reviews `{"rating", "title", "text", "asin", "timestamp"}`, the profile oldest first. Records carry the same
 fields as `amazon2023`'s. Item metadata rows (`DPL-meta`) are `{"asin", "title", "description"}`. The split is
 the file's (see `read.split_from_name`); the category is the name of the directory holding the file
-(`DPL-main/Books/train.jsonl` -> `Books`).
+(`DPL-main/Books/train.jsonl` -> `Books`). A review with an empty or whitespace-only text is an invalid
+record (`empty_field`): the protocol never builds one.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from nextquill_jax.data.sources.records import (
     Record,
     collect_records,
     get_field,
+    require_text,
 )
 from nextquill_jax.data.sources.rows import Row, valid_rows
 
@@ -77,7 +79,13 @@ def _review(
         raise InvalidRecordError(Issue("wrong_type", location, path, f"`{path}` must be an object"))
     rating = get_field(review, "rating", (int, float), location, path=f"{path}.rating")
     title = get_field(review, "title", (str,), location, path=f"{path}.title")
-    text = get_field(review, "text", (str,), location, path=f"{path}.text")
+    text = require_text(
+        get_field(review, "text", (str,), location, path=f"{path}.text"),
+        location,
+        f"{path}.text",
+        "the DPL protocol keeps only reviews of at least dpl_min_review_chars characters. Fix: give the "
+        "review's text, or remove it",
+    )
     asin = get_field(review, "asin", (str,), location, path=f"{path}.asin")
     timestamp = get_field(review, "timestamp", (int, float), location, path=f"{path}.timestamp")
     item = items.get(asin)

@@ -7,7 +7,7 @@ of the same split by `id`. The question's scalar fields other than `id` / `outpu
 templates use `input`); every profile entry's scalar fields form one history entry (Topic Writing: `summary`,
 `content`; abstract generation: `title`, `abstract`). Profiles are kept in the order given and read as oldest
 first. The user is `user_id` when present, else the question `id`. The category is the directory holding the
-questions file.
+questions file. An empty or whitespace-only output is an invalid record (`empty_field`).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from nextquill_jax.data.sources.records import (
     get_field,
     missing_fields,
     require_fields,
+    require_text,
     scalar_fields,
 )
 from nextquill_jax.data.sources.rows import Row, valid_rows
@@ -67,6 +68,13 @@ def read_lamp(
                     " outputs files (data.meta)",
                 )
             )
+        require_text(
+            target,
+            loc,
+            "output",
+            "the example would learn only the end-of-text token. Fix: give the output text, or remove the "
+            "question",
+        )
         user_id = get_field(row.value, "user_id", (str,), loc) if "user_id" in row.value else qid
         context = {k: v for k, v in scalar_fields(row.value, loc, "").items() if k not in ("id", "output")}
         history = [
