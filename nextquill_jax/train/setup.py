@@ -75,13 +75,15 @@ def prepared_dir(cfg: Config, workdir: Path, echo: Echo) -> Path:
     checkpoints: a directory `train.data_dir` names may serve other runs or hold a `data prepare` with
     overrides, and checkpoints were trained on their workdir's data.
 
-    Process 0 prepares first; the others then find it up to date (shared disk) or prepare their own copy.
+    Process 0 prepares first; the others then find it up to date (shared disk) or prepare their own copy,
+    or, when process 0 failed, raise ConfigError at once.
 
     Raises:
         DataError: invalid records (`data.on_error: fail`).
         ConfigError: what `data.prepare.prepare` rejects as a `data` section problem (files that match
             nothing, template fields a format lacks, no example left, ...), or data prepared with other
-            settings that is not replaced (naming what differs and the fix).
+            settings that is not replaced (naming what differs and the fix); in processes other than 0, that
+            process 0 failed to prepare the data.
     """
     target = data_dir_of(cfg, workdir)
     if not cfg.data.sources and cfg.data.format != "synthetic":
@@ -112,9 +114,18 @@ def prepared_dir(cfg: Config, workdir: Path, echo: Echo) -> Path:
         protected = None
     try:
         if jax.process_index() == 0:
-            prepare(cfg.data, target, protected=protected, echo=echo)
-        _sync("prepared data")
-        if jax.process_index() != 0:
+            prepared = False
+            try:
+                prepare(cfg.data, target, protected=protected, echo=echo)
+                prepared = True
+            finally:  # raising or not, the others wait for this answer
+                _answer_of_process_0(prepared)
+        elif not _answer_of_process_0(True):
+            raise ConfigError(
+                f"process 0 could not prepare the data in {target}, so process {jax.process_index()} stops "
+                f"too: process 0's error above (or in its log) names the problem and the fix."
+            )
+        else:
             prepare(cfg.data, target, protected=protected, echo=lambda _: None)
     except DataError:
         raise
@@ -123,11 +134,16 @@ def prepared_dir(cfg: Config, workdir: Path, echo: Echo) -> Path:
     return target
 
 
-def _sync(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
+def _answer_of_process_0(answer: bool) -> bool:
+    """Process 0's `answer`, in every process of the run; a collective, so every process must call it.
 
-        multihost_utils.sync_global_devices(name)
+    Process 0 prepares the data alone first: a failure there has to reach the others, which would otherwise
+    wait in a collective until the peer timeout and then report process 0 as lost."""
+    if jax.process_count() == 1:
+        return answer
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(jnp.asarray(answer, jnp.int32)))
 
 
 def plan_steps(pipeline: BatchPipeline, cfg: Config) -> tuple[int, list[int]]:

@@ -12,6 +12,9 @@ Runs, shared by the tests (a persistent compilation cache lets later runs reuse 
   S  as A, the disk full while checkpoint 6 is written: the run stops (checkpoint.on_save_error: stop).
   W  as S with on_save_error: continue: trains on to the end without checkpoint 6.
   L  as G (beside H), process 1 SIGKILLed at step 3: process 0 exits within mesh.peer_timeout_s, naming it.
+  P  2 processes (beside H) whose data.tokenizer does not exist: process 0, which prepares the data first,
+     fails; process 1 must stop with it, saying so (it used to wait in a collective until gloo gave up with a
+     traceback, or until the peer timeout named process 0 as lost).
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import time
 import jax
 import numpy as np
 import pytest
+
+from tests.shared import FIXTURES
 
 pytestmark = pytest.mark.slow  # run first: see tests/conftest.py
 
@@ -69,6 +74,16 @@ def runs(tmp_path_factory, train_runs):
     killed = time.monotonic()
     out["L_survivor"] = r.finish(survivor, expect=4)
     out["L_seconds"] = time.monotonic() - killed
+    no_tokenizer = {
+        "format": "generic",
+        "template": "plain",
+        "sources": [str(FIXTURES / "generic" / "records.jsonl")],
+        "tokenizer": str(root / "no_tokenizer"),
+    }
+    p_cfg = r.config("P", data=no_tokenizer, mesh={"peer_timeout_s": 600})
+    started = time.monotonic()
+    out["P"] = [r.finish(p, expect=1) for p in r.two_processes(p_cfg, "--cli")]
+    out["P_seconds"] = time.monotonic() - started
     out["H"] = [r.finish(p) for p in h]
     return out
 
@@ -383,3 +398,12 @@ def test_checkpoint_verify_prints_a_table_and_readers_skip_a_damaged_checkpoint(
         f"error: checkpoint {ckpts / '12'} is damaged and not restorable: {damaged}"
         in capsys.readouterr().err
     )
+
+
+def test_a_data_error_on_process_0_stops_the_other_process_too_saying_why(runs):
+    first, second = runs["P"]
+    assert "error: no tokenizer" in first.stderr and "no_tokenizer" in first.stderr, first.stderr[-3000:]
+    assert "error: process 0 could not prepare the data in" in second.stderr, second.stderr[-3000:]
+    assert "process 0's error above (or in its log) names the problem" in second.stderr
+    assert "has not answered" not in first.stderr + second.stderr and "Traceback" not in second.stderr
+    assert runs["P_seconds"] < 120, runs["P_seconds"]  # set-up only; the peer timeout is 600 s
