@@ -381,16 +381,23 @@ def as_on_a_gpu(monkeypatch):
 
 @pytest.fixture
 def compilations():
-    """Count XLA backend compilations while the test runs."""
+    """Count the executables obtained while the test runs: XLA backend compilations, and executables read
+    from the persistent compilation cache instead (`compilation_cache` in tests/conftest.py)."""
     events: list[str] = []
 
-    def listen(event: str, duration: float, **kwargs) -> None:
+    def on_duration(event: str, duration: float, **kwargs) -> None:
         if event == "/jax/core/compile/backend_compile_duration":
             events.append(event)
 
-    jax.monitoring.register_event_duration_secs_listener(listen)
+    def on_event(event: str, **kwargs) -> None:
+        if event == "/jax/compilation_cache/cache_hits":
+            events.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(on_duration)
+    jax.monitoring.register_event_listener(on_event)
     yield events
-    jax.monitoring.unregister_event_duration_listener(listen)
+    jax.monitoring.unregister_event_duration_listener(on_duration)
+    jax.monitoring.unregister_event_listener(on_event)
 
 
 @pytest.mark.parametrize(
