@@ -231,6 +231,44 @@ def initialize_distributed(
 EXIT_PEER_LOST = 4  # the exit status of a process whose peer was lost
 
 
+class Process0FailedError(RuntimeError):
+    """Process 0 failed at work it does alone for the whole run (`process_0_result`); this process stops too.
+    Process 0's own error names the problem and the fix."""
+
+
+_FAILED = -(2**31)  # the int32 `process_0_result` broadcasts when process 0's work raised
+
+
+def process_0_result(work: Callable[[], int], what: str) -> int:
+    """`work()`, run on process 0 alone, and its result in every process of the run.
+
+    A collective: every process must call it. Process 0 answers whether `work` returns or raises, so that a
+    failure there does not leave the others waiting in a collective until gloo or the peer timeout gives up.
+    `work` returns an int32 other than -2**31; `what` completes "process 0 failed ..." (e.g. "to prepare the
+    data in DIR").
+
+    Raises:
+        Whatever `work` raises, on process 0. Process0FailedError, on the other processes, when it raised.
+    """
+    if jax.process_count() == 1:
+        return work()
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    result = _FAILED
+    try:
+        if jax.process_index() == 0:
+            result = work()
+    finally:  # raising or not, the others wait for this answer
+        shared = int(multihost_utils.broadcast_one_to_all(np.int32(result)))
+    if shared == _FAILED:
+        raise Process0FailedError(
+            f"process 0 failed {what}, so process {jax.process_index()} stops too: process 0's error (above, "
+            f"or in its log) names the problem and the fix."
+        )
+    return shared
+
+
 class PeerWatchdog(threading.Thread):
     """A daemon thread that ends this process when another process of the run stops answering.
 

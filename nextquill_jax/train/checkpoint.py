@@ -35,11 +35,11 @@ from typing import Any
 
 import grain
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 from orbax.checkpoint import checkpoint_managers as policies
 
+from nextquill_jax import parallel
 from nextquill_jax.config import CheckpointConfig
 from nextquill_jax.data import checksums
 
@@ -258,18 +258,18 @@ class Checkpointer:
 
         Newer steps that fail (a missing item counts) are `report`ed file by file and, unless read-only,
         moved aside to `<step>.corrupt` so that the run saves that step afresh when it gets there again.
-        Process 0 checks and the others take its answer.
+        Process 0 checks and the others take its answer (raising `parallel.Process0FailedError` when its
+        check raised).
         """
-        chosen = None
-        if jax.process_index() == 0:
-            chosen = self._scan(report)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
 
-            answer = int(multihost_utils.broadcast_one_to_all(np.int32(-1 if chosen is None else chosen)))
-            chosen = None if answer < 0 else answer
+        def scan() -> int:
+            chosen = self._scan(report)
+            return -1 if chosen is None else chosen
+
+        answer = parallel.process_0_result(scan, f"to check the checkpoints in {self.directory}")
+        if jax.process_count() > 1:
             self.manager.reload()
-        return chosen
+        return None if answer < 0 else answer
 
     def _scan(self, report: Callable[[str], None]) -> int | None:
         for step in reversed(self.all_steps()):

@@ -76,14 +76,14 @@ def prepared_dir(cfg: Config, workdir: Path, echo: Echo) -> Path:
     overrides, and checkpoints were trained on their workdir's data.
 
     Process 0 prepares first; the others then find it up to date (shared disk) or prepare their own copy,
-    or, when process 0 failed, raise ConfigError at once.
+    or, when process 0 failed, raise `parallel.Process0FailedError` at once.
 
     Raises:
         DataError: invalid records (`data.on_error: fail`).
         ConfigError: what `data.prepare.prepare` rejects as a `data` section problem (files that match
             nothing, template fields a format lacks, no example left, ...), or data prepared with other
-            settings that is not replaced (naming what differs and the fix); in processes other than 0, that
-            process 0 failed to prepare the data.
+            settings that is not replaced (naming what differs and the fix).
+        parallel.Process0FailedError: in processes other than 0, when process 0 failed to prepare the data.
     """
     target = data_dir_of(cfg, workdir)
     if not cfg.data.sources and cfg.data.format != "synthetic":
@@ -112,38 +112,20 @@ def prepared_dir(cfg: Config, workdir: Path, echo: Echo) -> Path:
         )
     else:
         protected = None
+
+    def prepare_first() -> int:
+        prepare(cfg.data, target, protected=protected, echo=echo)
+        return 0
+
     try:
-        if jax.process_index() == 0:
-            prepared = False
-            try:
-                prepare(cfg.data, target, protected=protected, echo=echo)
-                prepared = True
-            finally:  # raising or not, the others wait for this answer
-                _answer_of_process_0(prepared)
-        elif not _answer_of_process_0(True):
-            raise ConfigError(
-                f"process 0 could not prepare the data in {target}, so process {jax.process_index()} stops "
-                f"too: process 0's error above (or in its log) names the problem and the fix."
-            )
-        else:
+        parallel.process_0_result(prepare_first, f"to prepare the data in {target}")
+        if jax.process_index() != 0:
             prepare(cfg.data, target, protected=protected, echo=lambda _: None)
     except DataError:
         raise
     except ValueError as e:  # prepare's ValueErrors are problems of the `data` section
         raise ConfigError(str(e)) from None
     return target
-
-
-def _answer_of_process_0(answer: bool) -> bool:
-    """Process 0's `answer`, in every process of the run; a collective, so every process must call it.
-
-    Process 0 prepares the data alone first: a failure there has to reach the others, which would otherwise
-    wait in a collective until the peer timeout and then report process 0 as lost."""
-    if jax.process_count() == 1:
-        return answer
-    from jax.experimental import multihost_utils
-
-    return bool(multihost_utils.broadcast_one_to_all(jnp.asarray(answer, jnp.int32)))
 
 
 def plan_steps(pipeline: BatchPipeline, cfg: Config) -> tuple[int, list[int]]:
