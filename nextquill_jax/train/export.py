@@ -11,13 +11,15 @@ Both refuse an output directory that already holds weights (`refuse_existing_wei
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from pathlib import Path
 
 from nextquill_jax.config_schema import ConfigError
 from nextquill_jax.models import load_tokenizer, save_pretrained
 from nextquill_jax.models.peft import write_peft_adapter
 from nextquill_jax.train import adapters, model_setup
-from nextquill_jax.train.workdir import restore_model, restore_params, single_device_mesh
+from nextquill_jax.train.workdir import data_dir_of, restore_model, restore_params, single_device_mesh
 
 # Files that loaders read as a model's or an adapter's weights. One left from an earlier export would sit
 # beside the new one and be loaded instead of it by some loader: ours prefers model.safetensors.index.json to
@@ -43,8 +45,15 @@ def refuse_existing_weights(out: str | Path) -> None:
         )
 
 
-def export(workdir: str | Path, out: str | Path, step: int | None = None) -> Path:
+def export(
+    workdir: str | Path, out: str | Path, step: int | None = None, echo: Callable[[str], None] = print
+) -> Path:
     """Export checkpoint `step` (default: latest) of the run in `workdir` to `out`; returns `out`.
+
+    config.json's `eos_token_id` also lists the token the run's targets end in (its prepared data's
+    `eos_token_id`, the tokenizer's end token) when the model's own end tokens lack it, with a note `echo`ed:
+    generation in transformers stops at those ids, and the model learnt to end with that one. A LoRA run with
+    an int8 / nf4 base gets a note that the merged weights are that quantized base plus the adapters.
 
     Raises:
         FileExistsError: `out` already holds weight files (`refuse_existing_weights`).
@@ -54,7 +63,36 @@ def export(workdir: str | Path, out: str | Path, step: int | None = None) -> Pat
     restored = restore_model(workdir, step, single_device_mesh())
     model, cfg = restored.model, restored.config
     save_pretrained(model, out, tokenizer=load_tokenizer(cfg.data.tokenizer))
+    ends = targets_end_token(data_dir_of(cfg, workdir))
+    if ends is not None and ends not in model.cfg.eos_token_ids:
+        config_file = Path(out) / "config.json"
+        hf_config = json.loads(config_file.read_text())
+        hf_config["eos_token_id"] = [*model.cfg.eos_token_ids, ends]
+        config_file.write_text(json.dumps(hf_config, indent=2))
+        echo(
+            f"note: the run's targets end in token {ends} (its tokenizer's end token), which the model's "
+            f"eos_token_id {list(model.cfg.eos_token_ids)} lacks; {config_file} lists "
+            f"{hf_config['eos_token_id']}, so that generation stops where the model learnt to end."
+        )
+    lora = cfg.model.lora
+    if lora is not None and lora.base_dtype in ("int8", "nf4"):
+        echo(
+            f"note: the base was stored as {lora.base_dtype} (model.lora.base_dtype), so the merged weights "
+            "are that base dequantized plus the adapters: the model the run trained and evaluated, which "
+            "differs from the original base weights by the quantization error in every layer. `export "
+            "--adapter` writes the adapters alone, to load onto the original base."
+        )
     return Path(out)
+
+
+def targets_end_token(data_dir: Path) -> int | None:
+    """The token id the prepared targets in `data_dir` end in (its train split's `eos_token_id`), or None
+    when that split or the record is not there (moved data, or data prepared without a tokenizer)."""
+    meta = data_dir / "train" / "meta.json"
+    if not meta.exists():
+        return None
+    ends = json.loads(meta.read_text()).get("eos_token_id")
+    return None if ends is None else int(ends)
 
 
 def export_adapter(workdir: str | Path, out: str | Path, step: int | None = None) -> Path:

@@ -1,0 +1,37 @@
+"""`export`'s config.json end tokens: the token the run's targets end in is listed, as transformers'
+generation reads it, whether or not the model's own config named it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+from transformers import AutoConfig, GenerationConfig
+
+from nextquill_jax.train.export import export
+from tests.shared import TINY_EOS_ID
+
+
+def test_the_token_the_targets_end_in_is_an_end_token_of_the_export(trained_run, tmp_path):
+    notes = []
+    same = export(trained_run.workdir, tmp_path / "same", echo=notes.append)
+    assert json.loads((same / "config.json").read_text())["eos_token_id"] == TINY_EOS_ID
+    assert notes == []  # the tiny model's end token is its tokenizer's
+
+    # The same run, had its data been prepared with a tokenizer whose end token is 2, as a model whose
+    # config.json names another end token than its tokenizer's would be.
+    workdir = tmp_path / "run"
+    shutil.copytree(trained_run.workdir, workdir)
+    meta_file = workdir / "prepared" / "train" / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    assert meta["eos_token_id"] == TINY_EOS_ID
+    meta_file.write_text(json.dumps({**meta, "eos_token_id": 2}))
+    other = export(workdir, tmp_path / "other", echo=notes.append)
+    # What transformers' generate stops at, for a directory without generation_config.json.
+    generation = GenerationConfig.from_model_config(AutoConfig.from_pretrained(other))
+    assert generation.eos_token_id == [TINY_EOS_ID, 2]
+    assert notes == [
+        f"note: the run's targets end in token 2 (its tokenizer's end token), which the model's eos_token_id "
+        f"[{TINY_EOS_ID}] lacks; {other / 'config.json'} lists [{TINY_EOS_ID}, 2], so that generation stops "
+        "where the model learnt to end."
+    ]
