@@ -150,8 +150,10 @@ class DataConfig:
         `max_history`: the most recent history entries a prompt may hold (>= 0).
         `history_fit`: while the with-history prompt has more than `max_prompt_tokens` tokens, its oldest
             entry is dropped: `drop` down to none (an example that still does not fit is dropped as
-            `prompt_too_long`), or `public` (the public code) down to one, after which a prompt still too
-            long is cut from the right (counted as `prompts_cut`); `nextquill_jax/data/examples.py`.
+            `prompt_too_long`, one that fits only with none of its entries as `no_history_fits`: its two
+            prompts would differ by the placeholder alone), or `public` (the public code) down to one, after
+            which a prompt still too long is cut from the right (counted as `prompts_cut`);
+            `nextquill_jax/data/examples.py`.
         `max_prompt_tokens`: the most tokens a prompt (with or without history) may have.
         `max_target_tokens`: targets are cut to this many tokens (counted) before the tokenizer's EOS is
             appended.

@@ -52,7 +52,6 @@ class FittingStats:
 
     history_entries_beyond_max_history: int = 0
     history_entries_dropped_for_length: int = 0
-    examples_with_no_history_fitting: int = 0
     targets_cut: int = 0
     prompts_cut: int = 0
 
@@ -156,10 +155,15 @@ def _build_batch(
         if too_long and cfg.history_fit == "drop":
             log.drop("prompt_too_long")
             continue
+        if kept[i] == 0 and newest_first[i]:
+            # Not one entry fits (`drop` only: `public` keeps one): the with-history prompt would hold an
+            # empty history section, so the two prompts differ by a placeholder, not by the user's history.
+            # (`max_history: 0` asks for no history, as a pre-training does: such examples are kept.)
+            log.drop("no_history_fits")
+            continue
         stats.prompts_cut += too_long
         dropped = len(newest_first[i]) - kept[i]
         stats.history_entries_dropped_for_length += dropped
-        stats.examples_with_no_history_fitting += kept[i] == 0
         target = target_ids[i]
         cut = len(target) > cfg.max_target_tokens
         stats.targets_cut += cut

@@ -71,8 +71,9 @@ def _trial(seed: int, history_fit: str = "drop") -> tuple[DataConfig, list[Recor
     ("seed", "history_fit"), [*((s, "drop") for s in range(6)), *((s, "public") for s in (2, 3, 11))]
 )
 def test_history_fitting_drops_oldest_first_and_never_exceeds_the_limit(seed, history_fit, tiny_tokenizer):
-    """drop: entries go oldest first down to none, then the example; public (the public code): down to one
-    entry, then the prompt's tokens are cut from the right to the limit."""
+    """drop: entries go oldest first down to none, then the example; an example left with no entry is dropped
+    too (`no_history_fits`); public (the public code): down to one entry, then the prompt's tokens are cut
+    from the right to the limit."""
     tok = tiny_tokenizer()
     ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]
     cfg, records = _trial(seed, history_fit)
@@ -81,7 +82,7 @@ def test_history_fitting_drops_oldest_first_and_never_exceeds_the_limit(seed, hi
     log, stats = IssueLog(), FittingStats()
     examples = {e.record.id: e for e in build_examples(records, load_template("plain"), tok, cfg, log, stats)}
 
-    expected_dropped_examples = expected_dropped_entries = expected_cut = 0
+    expected_dropped_examples = expected_no_history = expected_dropped_entries = expected_cut = 0
     for record in records:
         texts = [e.fields["text"] for e in reversed(record.history)]  # newest first
         context = record.context["context"]
@@ -93,6 +94,10 @@ def test_history_fitting_drops_oldest_first_and_never_exceeds_the_limit(seed, hi
         fits = len(full_with) <= limit and len(full_without) <= limit
         if not fits and history_fit == "drop":
             expected_dropped_examples += 1
+            assert record.id not in examples
+            continue
+        if k == 0 and top > 0:  # drop only: public keeps one entry; max_history 0 asks for none
+            expected_no_history += 1
             assert record.id not in examples
             continue
         expected_cut += not fits
@@ -113,14 +118,15 @@ def test_history_fitting_drops_oldest_first_and_never_exceeds_the_limit(seed, hi
     assert stats.history_entries_beyond_max_history == sum(
         max(0, len(r.history) - max_history) for r in records
     )
-    assert len(examples) == len(records) - expected_dropped_examples
+    assert log.dropped.get("no_history_fits", 0) == expected_no_history
+    assert len(examples) == len(records) - expected_dropped_examples - expected_no_history
 
 
 def test_some_fitting_actually_happens_in_the_property_test(tiny_tokenizer):
     # Guards the property test against limits that never bind: across its seeds, entries are dropped for
-    # length, some examples keep every entry, and some are dropped whole.
+    # length, some examples keep every entry, and some are dropped whole, too long or left with no entry.
     # With history_fit public (seeds 2, 3 and 11), prompts are cut: 32 in seed 3, where drop loses 2 examples.
-    dropped_entries = kept_all = dropped_examples = 0
+    dropped_entries = kept_all = dropped_examples = no_history = 0
     for seed in range(6):
         cfg, records = _trial(seed)
         log, stats = IssueLog(), FittingStats()
@@ -128,7 +134,8 @@ def test_some_fitting_actually_happens_in_the_property_test(tiny_tokenizer):
         dropped_entries += stats.history_entries_dropped_for_length
         kept_all += sum(e.history_dropped_for_length == 0 and e.history_used > 0 for e in examples)
         dropped_examples += log.dropped.get("prompt_too_long", 0)
-    assert dropped_entries > 20 and kept_all > 20 and dropped_examples > 0
+        no_history += log.dropped.get("no_history_fits", 0)
+    assert dropped_entries > 20 and kept_all > 20 and dropped_examples > 0 and no_history > 0
     cut = 0
     for seed in (3, 11):
         cfg, records = _trial(seed, "public")

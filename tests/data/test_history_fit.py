@@ -33,9 +33,10 @@ from nextquill_jax.data.templates import PromptTemplate, load_template, render_p
 
 def _reference_examples(
     records: Sequence[Record], template: PromptTemplate, tok: Any, cfg: DataConfig
-) -> tuple[list[Example], FittingStats, int]:
-    """(examples, stats, prompts dropped as too long) as the scan made them: drop the oldest entry, render and
-    tokenise the whole prompt again, while it is over the limit and more than the floor is left."""
+) -> tuple[list[Example], FittingStats, dict[str, int]]:
+    """(examples, stats, examples dropped by reason) as the scan made them: drop the oldest entry, render and
+    tokenise the whole prompt again, while it is over the limit and more than the floor is left; an example
+    still too long (`drop`) or left with no entry is dropped."""
     chat = tok if cfg.chat_template else None
     floor = 1 if cfg.history_fit == "public" else 0
     limit = cfg.max_prompt_tokens
@@ -43,7 +44,7 @@ def _reference_examples(
     def ids(text: str) -> list[int]:
         return tok(text, add_special_tokens=False)["input_ids"]
 
-    examples, stats, too_long_dropped = [], FittingStats(), 0
+    examples, stats, dropped = [], FittingStats(), {"prompt_too_long": 0, "no_history_fits": 0}
     for record in records:
         entries = [dict(e.fields) for e in recent_first(record.history)][: cfg.max_history]
         stats.history_entries_beyond_max_history += max(0, len(record.history) - cfg.max_history)
@@ -58,12 +59,14 @@ def _reference_examples(
         without_ids = ids(without_text)
         too_long = len(with_ids) > limit or len(without_ids) > limit
         if too_long and cfg.history_fit == "drop":
-            too_long_dropped += 1
+            dropped["prompt_too_long"] += 1
+            continue
+        if kept == 0 and entries:
+            dropped["no_history_fits"] += 1
             continue
         target = ids(record.target)
         stats.prompts_cut += too_long
         stats.history_entries_dropped_for_length += len(entries) - kept
-        stats.examples_with_no_history_fitting += kept == 0
         stats.targets_cut += len(target) > cfg.max_target_tokens
         examples.append(
             Example(
@@ -81,7 +84,7 @@ def _reference_examples(
                 ),
             )
         )
-    return examples, stats, too_long_dropped
+    return examples, stats, dropped
 
 
 def _assert_same_as_reference(
@@ -97,7 +100,7 @@ def _assert_same_as_reference(
             a, b = getattr(g.tokens, name), getattr(w.tokens, name)
             assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
     assert stats == want_stats
-    assert log.dropped.get("prompt_too_long", 0) == want_dropped
+    assert {reason: log.dropped.get(reason, 0) for reason in want_dropped} == want_dropped
     return got
 
 
