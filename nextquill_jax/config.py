@@ -277,7 +277,8 @@ class OptimConfig:
         `learning_rate`: the peak learning rate (> 0), reached at the end of the warm-up.
         `weight_decay`: AdamW's decoupled weight decay (`p -= learning_rate * weight_decay * p` per step).
         `warmup_ratio`: the warm-up as a fraction of the run's optimizer steps, in [0, 1) (rounded up to whole
-            steps).
+            steps). The warm-up rises linearly from 0, so the first update of a run with a warm-up has
+            learning rate 0 (a one-step run trains nothing; set `warmup_steps: 0`).
         `warmup_steps`: the warm-up in optimizer steps (>= 0); when set it replaces `warmup_ratio`.
         `schedule`: after warm-up, `linear` decays to `min_lr_ratio * learning_rate` at the last step,
             `cosine` likewise on a cosine, `constant` stays at `learning_rate`.
