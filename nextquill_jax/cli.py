@@ -55,7 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, command in subcommands().items():
         sub_parser = sub.add_parser(
-            name, help=command.help, formatter_class=argparse.RawDescriptionHelpFormatter
+            name,
+            help=command.help,
+            description=command.help[0].upper() + command.help[1:] + ".",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         command.add_arguments(sub_parser)
         _accept_verbose(sub_parser)

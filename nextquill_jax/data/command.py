@@ -47,14 +47,24 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--split", default="train", choices=SPLITS)
     g = sub.add_parser("synth", help="write the synthetic benchmark (generic JSONL with ground-truth roles)")
     g.add_argument("--out", required=True, type=Path, help="output directory")
-    g.add_argument("--users", required=True, type=positive_int)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--users", required=True, type=positive_int, help="synthetic users to generate")
+    g.add_argument("--seed", type=int, default=0, help="random seed (the same seed writes the same records)")
     g.add_argument(
         "--items", type=positive_int, default=None, help="catalogue size (default: from the other sizes)"
     )
-    g.add_argument("--reviews-per-user", type=positive_int, default=12)
-    g.add_argument("--targets-per-user", type=positive_int, default=6)
-    g.add_argument("--signature-words", type=positive_int, default=3)
+    g.add_argument(
+        "--reviews-per-user", type=positive_int, default=12, help="reviews of each user, oldest first"
+    )
+    g.add_argument(
+        "--targets-per-user",
+        type=positive_int,
+        default=6,
+        help="each user's last reviews that become examples (all but the last two train, then one val, one "
+        "test; >= 3)",
+    )
+    g.add_argument(
+        "--signature-words", type=positive_int, default=3, help="words each user's reviews habitually use"
+    )
 
 
 def run_data(args: argparse.Namespace) -> int:

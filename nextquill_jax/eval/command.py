@@ -238,7 +238,9 @@ def run_effects(args: argparse.Namespace) -> int:
 
 
 def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, type=Path, help="a compare file (see eval/compare.py)")
+    parser.add_argument(
+        "--config", required=True, type=Path, help="a compare file (its keys: configs/REFERENCE.md)"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="replace compare.seeds")
 
 
