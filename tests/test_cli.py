@@ -5,6 +5,7 @@ printed as one `error:` paragraph with the fix and exit status 1, never a traceb
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import re
 import shlex
@@ -153,8 +154,18 @@ def test_a_missing_packaged_model_is_an_error_with_the_install_command(
         (["effects", "--model", "{tmp}/nomodel", "--data", "{tmp}/nodir", "--out", "{tmp}/o"],
          r"^--data \S*nodir does not exist\. Fix: pass a directory that `nextquill-jax data prepare"),
         (["effects", "--model", "{tmp}/nomodel", "--data", "{tmp}/prepared", "--out", "{tmp}/o"],
-         r"^--data \S*prepared holds no prepared 'val' split \(.*val/meta\.json not found; it holds "
-         r"train\)\. Fix: pass --split train\.$"),
+         r"^--data \S*prepared holds no prepared 'val' split: no 'val' example was prepared there \(.*val/"
+         r"meta\.json not found; it holds train\)\. Fix: pass --split train, or add records of the 'val' "
+         r"split to data\.sources and prepare again\.$"),
+        (["data", "show", "{tmp}/prepared", "--split", "test", "--index", "0"],
+         r"^\S*prepared holds no prepared 'test' split: .*it holds train\)\. Fix: pass --split train, or"),
+        # a prepared directory without train examples, given as it is or prepared from val-only records
+        ([*RUN, "data.format=generic", "data.sources=[]", "train.data_dir={tmp}/vonly"],
+         r"^\S*vonly holds no prepared 'train' split: .*it holds val\)\. Fix: add records of the 'train' "
+         r"split to data\.sources and prepare again\.$"),
+        ([*RUN, "data.format=generic", "data.template=plain", "data.sources=[{tmp}/val.jsonl]",
+          "data.tokenizer={tmp}/tok", "train.data_dir={tmp}/from_val"],
+         r"^\S*from_val holds no prepared 'train' split: .*it holds val\)\. Fix: add records of the"),
     ],
 )  # fmt: skip
 def test_config_data_and_checkpoint_errors_name_the_fix(
@@ -165,6 +176,9 @@ def test_config_data_and_checkpoint_errors_name_the_fix(
     if any("{tmp}/tok" in a for a in argv):
         save_tiny_tokenizer(tmp_path / "tok")
     write_random_data(tmp_path / "prepared", train=2, val=0)
+    write_random_data(tmp_path / "vonly", train=0, val=2)
+    record = {"user_id": "u", "context": "c", "history": ["h"], "target": "t", "split": "val"}
+    (tmp_path / "val.jsonl").write_text(json.dumps(record) + "\n")
     message = _run_cli(argv, tmp_path, capsys)
     assert re.search(expected, message), message
 
