@@ -140,6 +140,16 @@ def test_a_missing_packaged_model_is_an_error_with_the_install_command(
         (["compare", "--config", "{tmp}/no.yaml"], r"^config file .*no\.yaml does not exist.* Fix"),
         (["bench", "scale", "--config", "{tmp}/no.yaml"], r"^config file .*no\.yaml does not exist.* Fix"),
         (["demo", "--config", "{tmp}/no.yaml"], r"^demo config .*no\.yaml not found\. Fix"),
+        # another command's file, named as such rather than by its sections as unknown keys
+        (["train", "--config", "configs/demo.yaml"],
+         r"^configs/demo\.yaml is a demo file \(sections demo, pretrain, finetune\), not a training config\. "
+         r"Fix: run `nextquill-jax demo --config configs/demo\.yaml`, or pass a training config\.$"),
+        (["train", "--config", "configs/study/smollm2_synthetic.yaml"],
+         r"^\S+ is a compare file \(sections compare, variants, base\), not a training config\. Fix: run "
+         r"`nextquill-jax compare --config configs/study/smollm2_synthetic\.yaml`, or pass a training"),
+        (["data", "prepare", "--config", "configs/demo.yaml", "--out", "{tmp}/p"],
+         r"^configs/demo\.yaml is a demo file .*, not a file with a `data:` section\. Fix: run "
+         r"`nextquill-jax demo --config configs/demo\.yaml`"),
         ([*RUN, "data.format=generic", "data.sources=[{tmp}/no.jsonl]", "data.tokenizer={tmp}/tok"],
          r"^data\.sources: no file matches .*no\.jsonl.* Fix: correct the path"),
         (["data", "show", "{tmp}", "--index", "0"], r"train/meta\.json not found: run `nextquill-jax data"),
