@@ -23,6 +23,7 @@ import yaml
 from nextquill_jax.config_schema import (
     ConfigError,
     build_with_overrides,
+    check_not_command_file,
     convert,
     read_yaml,
 )
@@ -582,12 +583,13 @@ def load_config(
         ConfigError: a missing or unreadable file, a section or key that does not exist (with the nearest
             valid keys), a value of the wrong type, or a value that a section rejects; the message names the
             key and where it came from: the file, or `overrides_source` for an override (also for a section's
-            check that the file alone passes).
+            check that the file alone passes); a demo or compare file, naming the command that reads it.
     """
     source = str(path) if path is not None else "<config>"
     raw = read_yaml(path) if path is not None else dict(base or {})
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    check_not_command_file(raw, source)
     return build_with_overrides(Config, raw, source, overrides, overrides_source)
 
 

@@ -75,6 +75,23 @@ def read_yaml(path: str | Path) -> Any:
         raise ConfigError(f"{path}: not valid YAML: {e}. Fix the YAML syntax at the line it names.") from None
 
 
+def check_not_command_file(raw: Any, source: str, wanted: str = "a training config") -> None:
+    """Refuse a demo file or a compare file (known by its `demo` / `compare` section) where `wanted` was
+    expected: its sections would be reported as unknown keys, which does not say which command reads it.
+
+    Raises:
+        ConfigError: naming the kind of file and the command that reads it.
+    """
+    if not isinstance(raw, dict):
+        return
+    for command in ("demo", "compare"):
+        if command in raw:
+            raise ConfigError(
+                f"{source} is a {command} file (sections {', '.join(map(str, raw))}), not {wanted}. Fix: run"
+                f" `nextquill-jax {command} --config {source}`, or pass {wanted}."
+            )
+
+
 def apply_override(raw: dict, item: str) -> None:
     """Set `raw[section][...][key] = value` from one `section.key=value` item (the value read as YAML).
 

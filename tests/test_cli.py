@@ -5,6 +5,7 @@ printed as one `error:` paragraph with the fix and exit status 1, never a traceb
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import re
 import shlex
@@ -139,6 +140,16 @@ def test_a_missing_packaged_model_is_an_error_with_the_install_command(
         (["compare", "--config", "{tmp}/no.yaml"], r"^config file .*no\.yaml does not exist.* Fix"),
         (["bench", "scale", "--config", "{tmp}/no.yaml"], r"^config file .*no\.yaml does not exist.* Fix"),
         (["demo", "--config", "{tmp}/no.yaml"], r"^demo config .*no\.yaml not found\. Fix"),
+        # another command's file, named as such rather than by its sections as unknown keys
+        (["train", "--config", "configs/demo.yaml"],
+         r"^configs/demo\.yaml is a demo file \(sections demo, pretrain, finetune\), not a training config\. "
+         r"Fix: run `nextquill-jax demo --config configs/demo\.yaml`, or pass a training config\.$"),
+        (["train", "--config", "configs/study/smollm2_synthetic.yaml"],
+         r"^\S+ is a compare file \(sections compare, variants, base\), not a training config\. Fix: run "
+         r"`nextquill-jax compare --config configs/study/smollm2_synthetic\.yaml`, or pass a training"),
+        (["data", "prepare", "--config", "configs/demo.yaml", "--out", "{tmp}/p"],
+         r"^configs/demo\.yaml is a demo file .*, not a file with a `data:` section\. Fix: run "
+         r"`nextquill-jax demo --config configs/demo\.yaml`"),
         ([*RUN, "data.format=generic", "data.sources=[{tmp}/no.jsonl]", "data.tokenizer={tmp}/tok"],
          r"^data\.sources: no file matches .*no\.jsonl.* Fix: correct the path"),
         (["data", "show", "{tmp}", "--index", "0"], r"train/meta\.json not found: run `nextquill-jax data"),
@@ -153,8 +164,18 @@ def test_a_missing_packaged_model_is_an_error_with_the_install_command(
         (["effects", "--model", "{tmp}/nomodel", "--data", "{tmp}/nodir", "--out", "{tmp}/o"],
          r"^--data \S*nodir does not exist\. Fix: pass a directory that `nextquill-jax data prepare"),
         (["effects", "--model", "{tmp}/nomodel", "--data", "{tmp}/prepared", "--out", "{tmp}/o"],
-         r"^--data \S*prepared holds no prepared 'val' split \(.*val/meta\.json not found; it holds "
-         r"train\)\. Fix: pass --split train\.$"),
+         r"^--data \S*prepared holds no prepared 'val' split: no 'val' example was prepared there \(.*val/"
+         r"meta\.json not found; it holds train\)\. Fix: pass --split train, or add records of the 'val' "
+         r"split to data\.sources and prepare again\.$"),
+        (["data", "show", "{tmp}/prepared", "--split", "test", "--index", "0"],
+         r"^\S*prepared holds no prepared 'test' split: .*it holds train\)\. Fix: pass --split train, or"),
+        # a prepared directory without train examples, given as it is or prepared from val-only records
+        ([*RUN, "data.format=generic", "data.sources=[]", "train.data_dir={tmp}/vonly"],
+         r"^\S*vonly holds no prepared 'train' split: .*it holds val\)\. Fix: add records of the 'train' "
+         r"split to data\.sources and prepare again\.$"),
+        ([*RUN, "data.format=generic", "data.template=plain", "data.sources=[{tmp}/val.jsonl]",
+          "data.tokenizer={tmp}/tok", "train.data_dir={tmp}/from_val"],
+         r"^\S*from_val holds no prepared 'train' split: .*it holds val\)\. Fix: add records of the"),
     ],
 )  # fmt: skip
 def test_config_data_and_checkpoint_errors_name_the_fix(
@@ -165,6 +186,9 @@ def test_config_data_and_checkpoint_errors_name_the_fix(
     if any("{tmp}/tok" in a for a in argv):
         save_tiny_tokenizer(tmp_path / "tok")
     write_random_data(tmp_path / "prepared", train=2, val=0)
+    write_random_data(tmp_path / "vonly", train=0, val=2)
+    record = {"user_id": "u", "context": "c", "history": ["h"], "target": "t", "split": "val"}
+    (tmp_path / "val.jsonl").write_text(json.dumps(record) + "\n")
     message = _run_cli(argv, tmp_path, capsys)
     assert re.search(expected, message), message
 

@@ -319,6 +319,26 @@ def test_a_path_model_gets_its_overrides_as_typed_values(cfg_file, tmp_path):
     assert model_setup.model_config(section) == expected
 
 
+def test_a_file_of_a_model_directory_as_model_path_names_the_directory(cfg_file, tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(model_preset("llama3.2-1b").to_hf_config()))
+    (model / "model.safetensors").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("")
+    for file, fix in [
+        (model / "model.safetensors", f"pass the directory holding it (model.path={str(model)!r})"),
+        (model / "config.json", f"pass the directory holding it (model.path={str(model)!r})"),
+        (tmp_path / "notes.txt", "pass a Hugging Face model directory (config.json + *.safetensors)"),
+    ]:
+        section = load_config(cfg_file, ["model.preset=null", f"model.path={file}"]).model
+        with pytest.raises(ConfigError) as e:
+            model_setup.check_model_source(section)
+        assert str(e.value) == (
+            f"model.path {str(file)!r} is a file, not a model directory (only a .gguf file is a model by"
+            f" itself). Fix: {fix}, or a .gguf file."
+        )
+
+
 def test_eval_split_takes_exactly_the_prepared_splits(cfg_file, tmp_path, tiny_config, write_config):
     assert typing.get_args(typing.get_type_hints(EvalConfig)["split"]) == SPLITS
     raw = tiny_config(tmp_path, tmp_path)

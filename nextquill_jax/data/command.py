@@ -80,11 +80,12 @@ def run_data(args: argparse.Namespace) -> int:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from nextquill_jax.config_schema import build_with_overrides, read_yaml
+    from nextquill_jax.config_schema import build_with_overrides, check_not_command_file, read_yaml
     from nextquill_jax.data.prepare import prepare
 
     third_party_logs.log_to(args.out, named="--out")
     raw = read_yaml(args.config)
+    check_not_command_file(raw, str(args.config), "a file with a `data:` section")
     section = raw.get("data", raw) if isinstance(raw, dict) else None
     if not isinstance(section, dict):
         raise ValueError(f"{args.config}: expected a mapping with a `data:` section")

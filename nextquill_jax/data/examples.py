@@ -69,7 +69,9 @@ def build_examples(
     `tokenizer` is a fast Hugging Face tokenizer with an EOS token.
 
     Raises:
-        ValueError: the tokenizer has no EOS token, or `cfg.chat_template` is set and it has no chat template.
+        ValueError: the tokenizer has no EOS token, or `cfg.chat_template` is set and it has no chat template
+            or its chat template refuses a prompt (as Gemma's refuses a system message), with the template's
+            own message.
     """
     eos = tokenizer.eos_token_id
     if eos is None:
@@ -80,10 +82,25 @@ def build_examples(
             f"data.chat_template is true but tokenizer {cfg.tokenizer!r} has no chat template; set it to"
             f" false to use the frame of template {template.name!r}"
         )
-    for start in range(0, len(records), cfg.tokenize_batch_size):
-        yield from _build_batch(
-            records[start : start + cfg.tokenize_batch_size], template, tokenizer, chat, eos, cfg, log, stats
-        )
+    refused: tuple[type[Exception], ...] = ()
+    if chat is not None:
+        # Imported only here: jinja2 is transformers' optional dependency, which apply_chat_template needs.
+        from jinja2 import TemplateError
+
+        refused = (TemplateError,)
+    try:
+        for start in range(0, len(records), cfg.tokenize_batch_size):
+            batch = records[start : start + cfg.tokenize_batch_size]
+            yield from _build_batch(batch, template, tokenizer, chat, eos, cfg, log, stats)
+    except refused as e:
+        # The template's own message (raise_exception's text) is the cause; jinja2's traceback adds nothing.
+        fix = "use a tokenizer whose chat template accepts a system message"
+        if template.frame is not None:
+            fix = f"set data.chat_template: false to use the frame of template {template.name!r}, or {fix}"
+        raise ValueError(
+            f"data.chat_template: the chat template of data.tokenizer {cfg.tokenizer!r} refused the prompt (a"
+            f" system and a user message): {e}; {fix}"
+        ) from e
 
 
 def _build_batch(

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from nextquill_jax.data import checksums
+from nextquill_jax.data.config import SPLITS
 
 TOKEN_FIELDS = ("prompt_with", "prompt_without", "target")
 
@@ -91,13 +92,48 @@ def write_split(out_dir: str | Path, split: str, examples: Iterable[TokenizedExa
     return count
 
 
+def prepared_splits(data_dir: str | Path) -> list[str]:
+    """The splits `data_dir` holds (those with a meta.json), in `SPLITS` order."""
+    return [s for s in SPLITS if (Path(data_dir) / s / "meta.json").is_file()]
+
+
+def check_split(data_dir: str | Path, split: str, named: str = "", *, other_split: bool = True) -> None:
+    """`data_dir` holds prepared split `split`. `named` (such as `--data`) says where `data_dir` came from;
+    `other_split`: the command has a --split option, which the fix then offers.
+
+    Raises:
+        FileNotFoundError: the split's meta.json is missing: when `data_dir` was prepared (it holds
+            summary.json or other splits), its preparation had no example of that split (naming the splits
+            it holds, and the fix: another --split, or records of that split in the sources); otherwise the
+            command that prepares it.
+    """
+    data_dir = Path(data_dir)
+    meta_path = data_dir / split / "meta.json"
+    if meta_path.is_file():
+        return
+    held = prepared_splits(data_dir)
+    if not held and not (data_dir / "summary.json").is_file():
+        raise FileNotFoundError(
+            f"{f'{named} {data_dir}: ' if named else ''}{meta_path} not found: run "
+            f"`nextquill-jax data prepare --config FILE --out {data_dir}` first"
+        )
+    # `prepare` writes no split without examples: preparing again from the same records would not help.
+    fixes = [f"pass --split {' or '.join(held)}"] if other_split and held else []
+    fixes.append(f"add records of the {split!r} split to data.sources and prepare again")
+    raise FileNotFoundError(
+        f"{f'{named} ' if named else ''}{data_dir} holds no prepared {split!r} split: no {split!r} example"
+        f" was prepared there ({meta_path} not found; it holds {', '.join(held) or 'none'}). Fix:"
+        f" {', or '.join(fixes)}."
+    )
+
+
 class PreparedSplit:
     """Random-access reader of one split written by `write_split`; `split[i]` is a dict of arrays.
 
     Every array file is checked against the checksums meta.json holds before it is read.
 
     Raises:
-        FileNotFoundError: naming the missing file and the command that prepares it.
+        FileNotFoundError: the split is missing, with the fix (`check_split`).
         checksums.IntegrityError: an array file that is missing, or has another size or checksum than
             meta.json says (naming the files), or a meta.json without checksums (written before they
             existed); the fix is to prepare the data again.
@@ -106,11 +142,7 @@ class PreparedSplit:
     def __init__(self, data_dir: str | Path, split: str):
         self.dir = Path(data_dir) / split
         meta_path = self.dir / "meta.json"
-        if not meta_path.exists():
-            raise FileNotFoundError(
-                f"{meta_path} not found: run "
-                f"`nextquill-jax data prepare --config FILE --out {data_dir}` first"
-            )
+        check_split(data_dir, split)
         self.meta = json.loads(meta_path.read_text())
         again = (
             f"Fix: prepare it again (`nextquill-jax data prepare --config FILE --out {data_dir} --force`)."

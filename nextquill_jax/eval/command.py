@@ -162,20 +162,16 @@ def _check_prepared(data_dir: Path, split: str, named: str) -> None:
     from, for the message.
 
     Raises:
-        FileNotFoundError: `data_dir` is missing, not a directory, or lacks the split (naming the splits it
-            holds), with the fix.
+        FileNotFoundError: `data_dir` is missing, not a directory, or lacks the split (`check_split`), with
+            the fix.
     """
+    from nextquill_jax.data.prepared_split import check_split
+
     prepare = "Fix: pass a directory that `nextquill-jax data prepare --config FILE --out DIR` wrote"
     if not data_dir.is_dir():
         state = "is not a directory" if data_dir.exists() else "does not exist"
         raise FileNotFoundError(f"{named} {data_dir} {state}. {prepare}.")
-    held = [s for s in SPLITS if (data_dir / s / "meta.json").is_file()]
-    if split not in held:
-        fix = f"Fix: pass --split {' or '.join(held)}" if held else prepare
-        raise FileNotFoundError(
-            f"{named} {data_dir} holds no prepared {split!r} split ({data_dir / split / 'meta.json'} not "
-            f"found; it holds {', '.join(held) or 'none'}). {fix}."
-        )
+    check_split(data_dir, split, named)
 
 
 def run_effects(args: argparse.Namespace) -> int:

@@ -36,6 +36,17 @@ def check_model_source(section: ModelRunConfig) -> None:
         return
     if path.is_file() and path.suffix == ".gguf":
         return
+    if path.is_file():  # such as a model directory's config.json or model.safetensors
+        holder = path.parent
+        fix = (
+            f"pass the directory holding it (model.path={str(holder)!r})"
+            if (holder / "config.json").is_file()
+            else "pass a Hugging Face model directory (config.json + *.safetensors)"
+        )
+        raise ConfigError(
+            f"model.path {section.path!r} is a file, not a model directory (only a .gguf file is a model by"
+            f" itself). Fix: {fix}, or a .gguf file."
+        )
     if packaged_model_path(section.path) is None:
         raise ConfigError(
             f"model.path {section.path!r} does not exist and is not a packaged model name. Fix: give a "

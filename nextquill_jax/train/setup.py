@@ -29,7 +29,7 @@ from nextquill_jax.config import Config, ModelRunConfig
 from nextquill_jax.config_schema import ConfigError
 from nextquill_jax.data.checksums import IntegrityError
 from nextquill_jax.data.pipeline import BatchPipeline
-from nextquill_jax.data.prepared_split import PreparedSplit
+from nextquill_jax.data.prepared_split import PreparedSplit, check_split, prepared_splits
 from nextquill_jax.parallel import DEFAULT_RULES
 from nextquill_jax.train import adapters, model_setup
 from nextquill_jax.train.optimizer import learning_rate_schedule, make_optimizer, trainable_mask
@@ -84,9 +84,12 @@ def prepared_dir(cfg: Config, workdir: Path, echo: Echo) -> Path:
             nothing, template fields a format lacks, no example left, ...), or data prepared with other
             settings that is not replaced (naming what differs and the fix).
         parallel.Process0FailedError: in processes other than 0, when process 0 failed to prepare the data.
+        FileNotFoundError: `train.data_dir` as it is was prepared with no train record (`check_split`).
     """
     target = data_dir_of(cfg, workdir)
     if not cfg.data.sources and cfg.data.format != "synthetic":
+        if prepared_splits(target):  # prepared, but perhaps with no train record
+            check_split(target, "train", other_split=False)
         if not (target / "train" / "meta.json").exists():
             raise ConfigError(
                 f"data.sources is empty and {target} holds no prepared data (train/meta.json). Fix: list "
@@ -429,6 +432,7 @@ def set_up_run(cfg: Config, workdir: Path, echo: Echo = print) -> RunSetup:
     Raises:
         ConfigError: any config problem found here (model source, an attention implementation the backend
             cannot run, mesh, micro-batches, data, optimizer, fixed-DCE source), before anything is compiled.
+        FileNotFoundError: the prepared data holds no train split (`check_split`).
     """
     mesh = build_mesh(cfg)
     model_setup.check_model_source(cfg.model)
@@ -437,6 +441,7 @@ def set_up_run(cfg: Config, workdir: Path, echo: Echo = print) -> RunSetup:
     workdir.mkdir(parents=True, exist_ok=True)
 
     data_dir = prepared_dir(cfg, workdir, echo)
+    check_split(data_dir, "train", other_split=False)  # train has no --split to offer
     train_data = BatchPipeline(PreparedSplit(data_dir, "train"), cfg.data.batching)
     total_steps, epoch_ends = plan_steps(train_data, cfg)
     eval_data = _eval_pipeline(cfg, data_dir, echo)

@@ -227,3 +227,23 @@ def test_tokenizer_without_eos_or_chat_template_is_refused(tiny_tokenizer):
         list(
             build_examples(records, load_template("plain"), no_eos, DataConfig(), IssueLog(), FittingStats())
         )
+
+
+def test_chat_template_refusing_the_system_message_is_one_error(tiny_tokenizer):
+    # Gemma's templates raise for a system message; the error is the template's message and the fix, not
+    # jinja2's traceback.
+    tok = tiny_tokenizer()
+    no_system = tok.__class__(tokenizer_object=tok.backend_tokenizer, eos_token="<|endoftext|>")
+    no_system.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported')"
+        " }}{% endif %}{{ m['content'] }}{% endfor %}"
+    )
+    records = _random_records(np.random.default_rng(0), 2)
+    cfg = DataConfig(chat_template=True, tokenizer="tok_nosys")
+    with pytest.raises(ValueError) as info:
+        list(build_examples(records, load_template("plain"), no_system, cfg, IssueLog(), FittingStats()))
+    assert str(info.value) == (
+        "data.chat_template: the chat template of data.tokenizer 'tok_nosys' refused the prompt (a system"
+        " and a user message): System role not supported; set data.chat_template: false to use the frame"
+        " of template 'plain', or use a tokenizer whose chat template accepts a system message"
+    )

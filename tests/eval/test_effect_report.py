@@ -476,4 +476,4 @@ def test_effects_command_with_training_workdir(trained_run, tmp_path, capsys):
     assert main(["effects", "--workdir", str(workdir), "--out", str(out)]) == 1  # the default split, val
     err = capsys.readouterr().err
     assert f"{workdir}'s data {workdir / 'prepared'} holds no prepared 'val' split" in err, err
-    assert "it holds train, test). Fix: pass --split train or test." in err, err
+    assert "it holds train, test). Fix: pass --split train or test, or add records of the 'val'" in err, err
