@@ -260,7 +260,8 @@ def evaluate(
     Raises:
         FileNotFoundError: no checkpoint / config / prepared split (naming what to run).
         ValueError: a bad argument, or prepared files that disagree.
-        ConfigError: the run's config cannot be used here (mesh, model source).
+        ConfigError: the run's config cannot be used here (mesh, model source), or the split holds a token
+            id outside the vocabulary of the model or of its reference model (`model_setup.check_token_ids`).
     """
     if max_examples is not None and max_examples < 1:
         raise ValueError(f"max_examples must be >= 1, got {max_examples}")
@@ -277,6 +278,11 @@ def evaluate(
     mesh = loaded.mesh
     data_dir = data_dir_of(cfg, workdir)
     rows, tokens = read_split(data_dir, split, max_examples)
+    if model_path is None:
+        origin = f"{model_setup.vocab_origin(cfg.model)} in the config of {loaded.source}"
+    else:
+        origin = f"the config.json or GGUF header of {model_path!r}"
+    model_setup.check_token_ids(tokens, loaded.model.cfg.vocab_size, origin)  # before anything compiles
     if out_dir is None:
         name = split if model_path is None else f"{split}-{Path(model_path).name}"
         out_dir = Path(workdir) / "eval" / name
@@ -293,7 +299,8 @@ def evaluate(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     echo(f"evaluating {loaded.source} on {len(rows)} {split} examples ({stream}-history prompts)")
 
-    reference = reference_params(cfg, mesh)  # outside set_mesh: model set-up reads abstract shapes
+    # Outside set_mesh: model set-up reads abstract shapes.
+    reference = reference_params(cfg, mesh, splits=[tokens])
     with jax.set_mesh(mesh):
         losses = split_losses(loaded, tokens, len(rows), reference)
         echo(

@@ -13,7 +13,7 @@ and eval steps. The loop (`loop.py`), evaluation (`eval/evaluate.py`) and the be
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -276,18 +276,24 @@ def abstract_state(
 
 
 def reference_params(
-    cfg: Config, mesh: Mesh, base: tuple[Any, dict] | None = None
+    cfg: Config,
+    mesh: Mesh,
+    base: tuple[Any, dict] | None = None,
+    splits: Sequence[PreparedSplit] = (),
 ) -> tuple[Any, dict] | None:
     """(graphdef, params) of the frozen `loss.reference_model` for `dce: fixed`, or None when not set.
 
     `base` under LoRA is the frozen base, (graphdef, params), which `reference_model: base` names (the same
     arrays, no copy; loaded here when not given). A training workdir (holding config.yaml and checkpoints/)
     gives its newest verified checkpoint's model (with the config saved with that checkpoint); anything else
-    is loaded like `model.path`.
+    is loaded like `model.path`. The reference model reads the same token ids as the run's model, so
+    `splits`, the prepared splits it will read, are checked against its vocabulary
+    (`model_setup.check_token_ids`; `base` is the run's own model, checked as such by the caller): a model
+    path before it is loaded, a workdir's model once restored.
 
     Raises:
-        ConfigError: the reference names nothing loadable, or a workdir without a complete checkpoint that
-            verifies.
+        ConfigError: the reference names nothing loadable, a workdir without a complete checkpoint that
+            verifies, or a split with a token id outside the reference model's vocabulary.
     """
     source = cfg.loss.reference_model
     if cfg.loss.dce != "fixed" or source is None:
@@ -302,11 +308,21 @@ def reference_params(
             restored = restore_model(source, mesh=mesh)
         except (FileNotFoundError, IntegrityError) as e:
             raise ConfigError(f"loss.reference_model {source!r}: {e}") from None
+        origin = model_setup.vocab_origin(restored.config.model)
+        origin = f"{origin} in the config of loss.reference_model {source!r}"
+        for split in splits:
+            model_setup.check_token_ids(split, restored.model.cfg.vocab_size, origin)
         graphdef, params = nnx.split(restored.model, nnx.Param)
         return graphdef, nnx.to_pure_dict(params)
     section = ModelRunConfig(
         path=source, param_dtype=cfg.model.param_dtype, compute_dtype=cfg.model.compute_dtype
     )
+    if splits:  # from its config alone: loading the weights can take minutes
+        model_setup.check_model_source(section)
+        vocab_size = model_setup.model_config(section).vocab_size
+        origin = f"the config.json or GGUF header of loss.reference_model {source!r}"
+        for split in splits:
+            model_setup.check_token_ids(split, vocab_size, origin)
     return model_setup.load_params(section, mesh, seed=0)
 
 
@@ -455,6 +471,9 @@ def set_up_run(cfg: Config, workdir: Path, echo: Echo = print) -> RunSetup:
     lora = cfg.model.lora
     model_section = cfg.model if lora is None else adapters.base_section(cfg.model)
     mcfg = model_setup.model_config(model_section)
+    origin = model_setup.vocab_origin(model_section)
+    for pipeline in pipelines.values():  # before any weights are loaded or steps compiled
+        model_setup.check_token_ids(pipeline.split, mcfg.vocab_size, origin)
     graphdef, abstract_params = model_setup.abstract_model(mcfg)
     try:
         p_shardings = model_setup.param_shardings(mcfg, mesh)
@@ -483,7 +502,8 @@ def set_up_run(cfg: Config, workdir: Path, echo: Echo = print) -> RunSetup:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     s_shardings = state_shardings(tx, trainable_abstract, trainable_shardings, mesh)
-    reference = reference_params(cfg, mesh, None if base is None else (graphdef, base))
+    splits = [pipeline.split for pipeline in pipelines.values()]
+    reference = reference_params(cfg, mesh, None if base is None else (graphdef, base), splits)
     if reference is not None:
         reference = reference_for_rows(reference, pipelines)
     ref_shardings = None if reference is None else jax.tree.map(lambda x: x.sharding, reference[1])
