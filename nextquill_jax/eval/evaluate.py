@@ -45,6 +45,7 @@ from nextquill_jax.models.generate import GenerationConfig, generate
 from nextquill_jax.parallel import batch_shard_count
 from nextquill_jax.train import model_setup
 from nextquill_jax.train.setup import (
+    check_reference_token_ids,
     evaluation_pipeline,
     jit_eval_step,
     planned_examples_per_row,
@@ -283,6 +284,7 @@ def evaluate(
     else:
         origin = f"the config.json or GGUF header of {model_path!r}"
     model_setup.check_token_ids(tokens, loaded.model.cfg.vocab_size, origin)  # before anything compiles
+    check_reference_token_ids(cfg, [tokens])
     if out_dir is None:
         name = split if model_path is None else f"{split}-{Path(model_path).name}"
         out_dir = Path(workdir) / "eval" / name
@@ -299,8 +301,7 @@ def evaluate(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     echo(f"evaluating {loaded.source} on {len(rows)} {split} examples ({stream}-history prompts)")
 
-    # Outside set_mesh: model set-up reads abstract shapes.
-    reference = reference_params(cfg, mesh, splits=[tokens])
+    reference = reference_params(cfg, mesh)  # outside set_mesh: model set-up reads abstract shapes
     with jax.set_mesh(mesh):
         losses = split_losses(loaded, tokens, len(rows), reference)
         echo(

@@ -25,7 +25,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from nextquill_jax import parallel
-from nextquill_jax.config import Config, ModelRunConfig
+from nextquill_jax.config import Config, ModelRunConfig, load_config
 from nextquill_jax.config_schema import ConfigError
 from nextquill_jax.data.checksums import IntegrityError
 from nextquill_jax.data.pipeline import BatchPipeline
@@ -276,24 +276,18 @@ def abstract_state(
 
 
 def reference_params(
-    cfg: Config,
-    mesh: Mesh,
-    base: tuple[Any, dict] | None = None,
-    splits: Sequence[PreparedSplit] = (),
+    cfg: Config, mesh: Mesh, base: tuple[Any, dict] | None = None
 ) -> tuple[Any, dict] | None:
     """(graphdef, params) of the frozen `loss.reference_model` for `dce: fixed`, or None when not set.
 
     `base` under LoRA is the frozen base, (graphdef, params), which `reference_model: base` names (the same
     arrays, no copy; loaded here when not given). A training workdir (holding config.yaml and checkpoints/)
     gives its newest verified checkpoint's model (with the config saved with that checkpoint); anything else
-    is loaded like `model.path`. The reference model reads the same token ids as the run's model, so
-    `splits`, the prepared splits it will read, are checked against its vocabulary
-    (`model_setup.check_token_ids`; `base` is the run's own model, checked as such by the caller): a model
-    path before it is loaded, a workdir's model once restored.
+    is loaded like `model.path`.
 
     Raises:
-        ConfigError: the reference names nothing loadable, a workdir without a complete checkpoint that
-            verifies, or a split with a token id outside the reference model's vocabulary.
+        ConfigError: the reference names nothing loadable, or a workdir without a complete checkpoint that
+            verifies.
     """
     source = cfg.loss.reference_model
     if cfg.loss.dce != "fixed" or source is None:
@@ -308,22 +302,40 @@ def reference_params(
             restored = restore_model(source, mesh=mesh)
         except (FileNotFoundError, IntegrityError) as e:
             raise ConfigError(f"loss.reference_model {source!r}: {e}") from None
-        origin = model_setup.vocab_origin(restored.config.model)
-        origin = f"{origin} in the config of loss.reference_model {source!r}"
-        for split in splits:
-            model_setup.check_token_ids(split, restored.model.cfg.vocab_size, origin)
         graphdef, params = nnx.split(restored.model, nnx.Param)
         return graphdef, nnx.to_pure_dict(params)
     section = ModelRunConfig(
         path=source, param_dtype=cfg.model.param_dtype, compute_dtype=cfg.model.compute_dtype
     )
-    if splits:  # from its config alone: loading the weights can take minutes
-        model_setup.check_model_source(section)
-        vocab_size = model_setup.model_config(section).vocab_size
-        origin = f"the config.json or GGUF header of loss.reference_model {source!r}"
-        for split in splits:
-            model_setup.check_token_ids(split, vocab_size, origin)
     return model_setup.load_params(section, mesh, seed=0)
+
+
+def check_reference_token_ids(cfg: Config, splits: Sequence[PreparedSplit]) -> None:
+    """Raise ConfigError if `splits` hold a token id outside the vocabulary of the `dce: fixed` reference
+    model (`model_setup.check_token_ids`): it reads the same ids as the run's model.
+
+    Its vocab_size is read from its config alone, before `reference_params` loads its weights (minutes for a
+    large model): a path's config.json or GGUF header, a training workdir's config.yaml. `base` is the run's
+    own model, checked as such; nothing is checked without a reference model.
+
+    Raises:
+        ConfigError: such an id (naming the split, the id, the reference's vocab_size and where it comes
+            from, and the fix), or a reference path that names nothing loadable.
+    """
+    source = cfg.loss.reference_model
+    if cfg.loss.dce != "fixed" or source in (None, "base"):
+        return
+    if is_workdir(source):
+        config_file = Path(source).expanduser() / CONFIG_FILE
+        section = load_config(config_file).model.resolved(1)  # the vocabulary does not depend on M
+        origin = f"{model_setup.vocab_origin(section)} in {config_file} (loss.reference_model)"
+    else:
+        section = ModelRunConfig(path=source)
+        model_setup.check_model_source(section)
+        origin = f"the config.json or GGUF header of loss.reference_model {source!r}"
+    vocab_size = model_setup.model_config(section).vocab_size
+    for split in splits:
+        model_setup.check_token_ids(split, vocab_size, origin)
 
 
 def reference_for_rows(reference: tuple[Any, dict], pipelines: dict[str, BatchPipeline]) -> tuple[Any, dict]:
@@ -472,8 +484,10 @@ def set_up_run(cfg: Config, workdir: Path, echo: Echo = print) -> RunSetup:
     model_section = cfg.model if lora is None else adapters.base_section(cfg.model)
     mcfg = model_setup.model_config(model_section)
     origin = model_setup.vocab_origin(model_section)
-    for pipeline in pipelines.values():  # before any weights are loaded or steps compiled
-        model_setup.check_token_ids(pipeline.split, mcfg.vocab_size, origin)
+    splits = [pipeline.split for pipeline in pipelines.values()]
+    for split in splits:  # before any weights are loaded or steps compiled
+        model_setup.check_token_ids(split, mcfg.vocab_size, origin)
+    check_reference_token_ids(cfg, splits)
     graphdef, abstract_params = model_setup.abstract_model(mcfg)
     try:
         p_shardings = model_setup.param_shardings(mcfg, mesh)
@@ -502,8 +516,7 @@ def set_up_run(cfg: Config, workdir: Path, echo: Echo = print) -> RunSetup:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     s_shardings = state_shardings(tx, trainable_abstract, trainable_shardings, mesh)
-    splits = [pipeline.split for pipeline in pipelines.values()]
-    reference = reference_params(cfg, mesh, None if base is None else (graphdef, base), splits)
+    reference = reference_params(cfg, mesh, None if base is None else (graphdef, base))
     if reference is not None:
         reference = reference_for_rows(reference, pipelines)
     ref_shardings = None if reference is None else jax.tree.map(lambda x: x.sharding, reference[1])
