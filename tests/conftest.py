@@ -5,6 +5,7 @@
 - `write_random_data`, `tiny_config`, `write_config`: tiny prepared data and a tiny training config;
 - `tiny_hf_config`: the tiny transformers config (Llama, Qwen2, Qwen3) the model tests build checkpoints from;
 - `tiny_model_config`: our ModelConfig at test size, for tests that need no checkpoint;
+- `compilations`: the executables compiled (or read from the compilation cache) while a test runs;
 - `trained_run`: one tiny run trained once per session (records -> prepare -> 2 steps -> export), which the
   evaluation, effect-report and README export-check tests read;
 - `programs`: runs the programs under tests/programs in a fresh Python with N simulated CPU devices (the
@@ -55,7 +56,7 @@ def compilation_cache(tmp_path_factory) -> Path:
     for the same program and flags, so no result changes. Source locations are not part of the key (they hold
     the calling test's frames, so no test would reuse another's): a program's HLO may name the frames of the
     test that compiled it first, below the same library frames. A test that counts compilations counts cache
-    hits too (`compilations` in tests/test_config.py)."""
+    hits too (`compilations` below)."""
     import jax
 
     shared = tmp_path_factory.getbasetemp()
@@ -64,6 +65,30 @@ def compilation_cache(tmp_path_factory) -> Path:
     jax.config.update("jax_compilation_cache_dir", str(shared / "jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     return shared / "jax_cache"
+
+
+@pytest.fixture
+def compilations():
+    """Count the executables obtained while the test runs: XLA backend compilations, and executables read
+    from the persistent compilation cache instead (`compilation_cache` above). Set-up errors are checked to
+    come before anything is compiled with it."""
+    import jax
+
+    events: list[str] = []
+
+    def on_duration(event: str, duration: float, **kwargs) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            events.append(event)
+
+    def on_event(event: str, **kwargs) -> None:
+        if event == "/jax/compilation_cache/cache_hits":
+            events.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(on_duration)
+    jax.monitoring.register_event_listener(on_event)
+    yield events
+    jax.monitoring.unregister_event_duration_listener(on_duration)
+    jax.monitoring.unregister_event_listener(on_event)
 
 
 # ------------------------------------------------------------------------------------------------------------

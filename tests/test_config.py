@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import itertools
 import json
+import re
 import shutil
 import typing
 from pathlib import Path
@@ -21,7 +22,7 @@ from nextquill_jax.config import Config, EvalConfig, load_config, save_config
 from nextquill_jax.config_schema import ConfigError, convert
 from nextquill_jax.data.config import SPLITS
 from nextquill_jax.data.pipeline import BatchPipeline
-from nextquill_jax.data.prepared_split import PreparedSplit
+from nextquill_jax.data.prepared_split import TOKEN_FIELDS, PreparedSplit, TokenizedExample, write_split
 from nextquill_jax.models.config import ModelConfig, RopeScaling
 from nextquill_jax.models.presets import model_preset
 from nextquill_jax.parallel import MESH_AXES, resolve_mesh_shape
@@ -399,27 +400,6 @@ def as_on_a_gpu(monkeypatch):
     monkeypatch.setattr(attention, "check_attention_backend", lambda impl, **_: None)
 
 
-@pytest.fixture
-def compilations():
-    """Count the executables obtained while the test runs: XLA backend compilations, and executables read
-    from the persistent compilation cache instead (`compilation_cache` in tests/conftest.py)."""
-    events: list[str] = []
-
-    def on_duration(event: str, duration: float, **kwargs) -> None:
-        if event == "/jax/core/compile/backend_compile_duration":
-            events.append(event)
-
-    def on_event(event: str, **kwargs) -> None:
-        if event == "/jax/compilation_cache/cache_hits":
-            events.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(on_duration)
-    jax.monitoring.register_event_listener(on_event)
-    yield events
-    jax.monitoring.unregister_event_duration_listener(on_duration)
-    jax.monitoring.unregister_event_listener(on_event)
-
-
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -454,6 +434,100 @@ def test_bad_setups_fail_with_one_paragraph_before_compiling(
         train(cfg, tmp_path / "work")
     assert "\n" not in str(e.value)
     assert compilations == [], "compiled before reporting the config error"
+
+
+def _with_token(data: Path, split: str, token: int) -> None:
+    """Prepared `split` of `data` written again with the last prompt token of its first example set to
+    `token` (the other examples unchanged)."""
+    old = PreparedSplit(data, split)
+    examples = [{k: np.array(v) for k, v in old[i].items()} for i in range(len(old))]
+    examples[0]["prompt_with"][-1] = token
+    write_split(data, split, (TokenizedExample(**e) for e in examples))
+
+
+def _largest_id(data: Path, split: str) -> int:
+    """The largest token id of the split, read from its .npy files directly."""
+    return max(int(np.load(data / split / f"{f}.npy").max()) for f in TOKEN_FIELDS)
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_a_token_id_outside_the_vocabulary_fails_set_up_before_compiling(
+    tmp_path, compilations, split, write_random_data, write_config, tiny_config
+):
+    """An id >= vocab_size in the train or the eval split (a tokenizer larger than the model's) would index
+    past the embedding and make the loss NaN; set-up names the split, the id, the vocab_size and its source,
+    and the fix."""
+    data = write_random_data(tmp_path / "data", train=16, val=8)
+    vocab = tiny_config(data, tmp_path / "work")["model"]["overrides"]["vocab_size"]
+    _with_token(data, split, vocab)
+    cfg = load_config(write_config(tiny_config(data, tmp_path / "work"), tmp_path / "cfg.yaml"))
+    message = (
+        rf"^prepared split {re.escape(str(data / split))} holds token id {vocab}, but the model's vocab_size "
+        rf"is {vocab} \(from model.overrides.vocab_size\): .* Fix: set data.tokenizer to the model's own "
+        rf"tokenizer .* \(vocab_size > {vocab}\)\.$"
+    )
+    with pytest.raises(ConfigError, match=message) as e:
+        train(cfg, tmp_path / "work")
+    assert "\n" not in str(e.value)
+    assert compilations == [], "compiled before reporting the config error"
+
+
+def test_a_token_id_outside_a_reference_models_vocabulary_fails_before_it_is_loaded(
+    tmp_path, compilations, write_random_data, write_config, tiny_config, tiny_hf_config
+):
+    """A `dce: fixed` reference model reads the same ids: a path is checked from its config.json, before
+    its weights are read (the directory holds none here)."""
+    data = write_random_data(tmp_path / "data", train=16, val=0)
+    largest = _largest_id(data, "train")
+    reference = tmp_path / "reference"
+    tiny_hf_config(vocab_size=largest, bos_token_id=0, eos_token_id=0).save_pretrained(reference)
+    path = write_config(tiny_config(data, tmp_path / "work"), tmp_path / "cfg.yaml")
+    fixed = ["loss.variant=dce", "loss.dce=fixed", f"loss.reference_model={reference}"]
+    message = (
+        rf"holds token id {largest}, but the model's vocab_size is {largest} \(from the config.json or GGUF "
+        rf"header of loss.reference_model '{re.escape(str(reference))}'\): .* Fix:"
+    )
+    with pytest.raises(ConfigError, match=message):
+        train(load_config(path, fixed), tmp_path / "work")
+    assert compilations == [], "compiled before reporting the config error"
+
+
+def test_data_whose_largest_id_is_vocab_size_minus_1_is_accepted(
+    tmp_path, write_random_data, write_config, tiny_config
+):
+    from nextquill_jax.train.setup import set_up_run
+
+    data = write_random_data(tmp_path / "data", train=16, val=8)
+    largest = max(_largest_id(data, s) for s in ("train", "val"))
+    assert PreparedSplit(data, "train").max_token_id == _largest_id(data, "train")
+    path = write_config(tiny_config(data, tmp_path / "work"), tmp_path / "cfg.yaml")
+    cfg = load_config(path, [f"model.overrides.vocab_size={largest + 1}"])
+    run = set_up_run(cfg, tmp_path / "work", echo=lambda _: None)
+    assert run.eval_data is not None  # both splits were checked
+    with pytest.raises(
+        ConfigError, match=rf"holds token id {largest}, but the model's vocab_size is {largest} "
+    ):
+        set_up_run(load_config(path, [f"model.overrides.vocab_size={largest}"]), tmp_path / "w2", echo=print)
+
+
+def test_vocab_origin_names_the_key_the_vocab_size_comes_from():
+    from nextquill_jax.config import ModelRunConfig
+
+    assert model_setup.vocab_origin(ModelRunConfig(preset="qwen2.5-0.5b")) == "model.preset 'qwen2.5-0.5b'"
+    overridden = ModelRunConfig(
+        preset="qwen2.5-0.5b", overrides={"vocab_size": 1000, "bos_token_id": 0, "eos_token_ids": [0]}
+    )
+    assert model_setup.vocab_origin(overridden) == "model.overrides.vocab_size"
+    assert (
+        model_setup.vocab_origin(ModelRunConfig(path="/m"))
+        == "the config.json or GGUF header of model.path '/m'"
+    )
+
+
+def test_the_largest_id_of_an_empty_split_is_minus_1(tmp_path):
+    write_split(tmp_path, "val", [])
+    assert PreparedSplit(tmp_path, "val").max_token_id == -1
+    model_setup.check_token_ids(PreparedSplit(tmp_path, "val"), 1, "anything")
 
 
 def test_cudnn_attention_in_float32_fails_before_compiling(

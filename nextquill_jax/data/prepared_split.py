@@ -22,6 +22,7 @@ name instead of training on changed tokens.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Iterable, Sequence
@@ -178,6 +179,15 @@ class PreparedSplit:
         have the same names, sizes and BLAKE2b hashes, wherever they lie (the manifest was checked against
         the files when the split was opened)."""
         return hashlib.sha256(json.dumps(self.meta["checksums"], sort_keys=True).encode()).hexdigest()
+
+    @functools.cached_property
+    def max_token_id(self) -> int:
+        """The largest token id in the split's token fields (prompts and targets), -1 when it holds none.
+
+        One vectorised pass over each memory-mapped array, computed on first use (the checksums read every
+        file already when the split was opened), so data prepared before anything recorded it is covered.
+        """
+        return max((int(self._flat[f].max()) for f in TOKEN_FIELDS if self._flat[f].size), default=-1)
 
     def lengths(self, field: str) -> np.ndarray:
         """Token count of `field` for every example, [N] int64."""

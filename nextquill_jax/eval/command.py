@@ -178,6 +178,7 @@ def run_effects(args: argparse.Namespace) -> int:
     from nextquill_jax.data.prepare import load_fast_tokenizer, read_summary
     from nextquill_jax.eval.effect_report import build_effect_report, describe
     from nextquill_jax.loss import LossConfig
+    from nextquill_jax.train import model_setup
 
     third_party_logs.log_to(args.out, named="--out")
     try:
@@ -201,6 +202,7 @@ def run_effects(args: argparse.Namespace) -> int:
             if args.data is None:  # the run's own, known once its config is read
                 _check_prepared(data_dir, args.split, f"{args.workdir}'s data")
             source = f"{args.workdir} step {step}"
+            vocab_origin = f"{model_setup.vocab_origin(cfg.model)} in the config of {restored.source}"
         else:
             from nextquill_jax.models import load_pretrained
 
@@ -208,6 +210,7 @@ def run_effects(args: argparse.Namespace) -> int:
                 raise ValueError("--model needs --data PREPARED_DIR")
             model, loss_cfg = load_pretrained(args.model), LossConfig()
             data_dir, source = args.data, args.model
+            vocab_origin = f"the config.json or GGUF header of --model {args.model!r}"
         overrides = {k: v for k in ("threshold", "high", "low") if (v := getattr(args, k)) is not None}
         loss_cfg = dataclasses.replace(loss_cfg, **overrides)
         prepared = read_summary(data_dir)
@@ -225,6 +228,7 @@ def run_effects(args: argparse.Namespace) -> int:
             num_examples=args.num_examples,
             max_shown=args.max_shown,
             source=source,
+            vocab_origin=vocab_origin,
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

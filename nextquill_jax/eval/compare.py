@@ -283,6 +283,7 @@ def run_variant(comparison: Comparison, name: str, seed: int, echo: Echo = print
     from nextquill_jax.data.prepare import load_fast_tokenizer
     from nextquill_jax.eval.effect_report import build_effect_report
     from nextquill_jax.eval.evaluate import evaluate
+    from nextquill_jax.train import model_setup
     from nextquill_jax.train.loop import train_to_the_end
     from nextquill_jax.train.workdir import data_dir_of, initial_model, restore_model
 
@@ -336,6 +337,7 @@ def run_variant(comparison: Comparison, name: str, seed: int, echo: Echo = print
         cfg.loss.loss_config(),
         num_examples=plan.effect_examples,
         source=f"{name} ({loaded.source})",
+        vocab_origin=f"{model_setup.vocab_origin(cfg.model)} in the config of {loaded.source}",
     )
     record = {
         "variant": name,

@@ -196,6 +196,7 @@ def build_effect_report(
     max_shown: int = DEFAULT_MAX_SHOWN,
     batch_rows: int = 4,
     source: str = "",
+    vocab_origin: str | None = None,
 ) -> dict[str, Any]:
     """Compute the effects of a split's examples and write the report; returns the summary (summary.json).
 
@@ -206,6 +207,8 @@ def build_effect_report(
         examples: example indices; None takes the first `num_examples` (None: every example of the split).
         max_shown: examples drawn in the HTML (the first ones); the numbers cover all of them.
         source: what the model is, for the page and the summary.
+        vocab_origin: where the model's vocab_size comes from, for the error of a split with a token id
+            outside it (`model_setup.vocab_origin`; default: the model `source`).
 
     Returns:
         The summary; on synthetic data `summary["ground_truth"]["auroc"]` is the AUROC of DCE separating
@@ -213,13 +216,17 @@ def build_effect_report(
 
     Raises:
         ValueError / FileNotFoundError: see `compute_example_effects`.
+        ConfigError: the split holds a token id outside the model's vocabulary (`check_token_ids`), found
+            before anything is compiled.
     """
     from nextquill_jax.data.prepared_split import PreparedSplit
+    from nextquill_jax.train.model_setup import check_token_ids
 
     loss_cfg = LossConfig() if loss_cfg is None else loss_cfg
+    data = PreparedSplit(prepared_dir, split)
+    check_token_ids(data, model.cfg.vocab_size, vocab_origin or f"the model {source or '(unnamed)'}")
     if examples is None:
-        size = len(PreparedSplit(prepared_dir, split))
-        examples = range(size if num_examples is None else min(num_examples, size))
+        examples = range(len(data) if num_examples is None else min(num_examples, len(data)))
     results = compute_example_effects(
         model, tokenizer, prepared_dir, split, list(examples), loss_cfg, batch_rows=batch_rows
     )

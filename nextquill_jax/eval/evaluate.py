@@ -9,7 +9,8 @@ Writes `<out>/predictions.jsonl` (one object per example, in the split's order: 
 holds `text_metrics.score_predictions`' dict (ROUGE-1/L, METEOR, BLEU overall and per category, METEOR's
 WordNet source) and, beside it: what was evaluated (`model`, `step`, `split`, `examples`, `prompt`,
 `generation`, `eos_token_id`, `stopped_at_max_new_tokens`) and `loss`, the loss terms on the same examples
-(see `split_losses`). An earlier evaluation's files in `<out>` are replaced, with a line saying what they
+(see `split_losses`); a number that is not finite (the loss of a diverged checkpoint) is written null, as
+metrics.jsonl writes it. An earlier evaluation's files in `<out>` are replaced, with a line saying what they
 held.
 
 The model sees the prompt its variant was trained on: the without-history prompt for `sft`, the with-history
@@ -44,7 +45,9 @@ from nextquill_jax.models.causal_lm import CausalLM
 from nextquill_jax.models.generate import GenerationConfig, generate
 from nextquill_jax.parallel import batch_shard_count
 from nextquill_jax.train import model_setup
+from nextquill_jax.train.metrics_log import nonfinite_to_null
 from nextquill_jax.train.setup import (
+    check_reference_token_ids,
     evaluation_pipeline,
     jit_eval_step,
     planned_examples_per_row,
@@ -260,7 +263,8 @@ def evaluate(
     Raises:
         FileNotFoundError: no checkpoint / config / prepared split (naming what to run).
         ValueError: a bad argument, or prepared files that disagree.
-        ConfigError: the run's config cannot be used here (mesh, model source).
+        ConfigError: the run's config cannot be used here (mesh, model source), or the split holds a token
+            id outside the vocabulary of the model or of its reference model (`model_setup.check_token_ids`).
     """
     if max_examples is not None and max_examples < 1:
         raise ValueError(f"max_examples must be >= 1, got {max_examples}")
@@ -277,6 +281,12 @@ def evaluate(
     mesh = loaded.mesh
     data_dir = data_dir_of(cfg, workdir)
     rows, tokens = read_split(data_dir, split, max_examples)
+    if model_path is None:
+        origin = f"{model_setup.vocab_origin(cfg.model)} in the config of {loaded.source}"
+    else:
+        origin = f"the config.json or GGUF header of {model_path!r}"
+    model_setup.check_token_ids(tokens, loaded.model.cfg.vocab_size, origin)  # before anything compiles
+    check_reference_token_ids(cfg, [tokens])
     if out_dir is None:
         name = split if model_path is None else f"{split}-{Path(model_path).name}"
         out_dir = Path(workdir) / "eval" / name
@@ -361,7 +371,9 @@ def evaluate(
                     **{name: values[k] for name, values in per_example.items()},
                 }
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, ensure_ascii=False) + "\n")
+        # A NaN loss (a diverged checkpoint) is written null, as metrics.jsonl does: bare NaN is not JSON.
+        text = json.dumps(nonfinite_to_null(metrics), indent=1, ensure_ascii=False, allow_nan=False)
+        (out_dir / "metrics.json").write_text(text + "\n")
     overall = scores["overall"]
     echo(
         f"{split}: ROUGE-1 {overall['rouge1']:.4f}  ROUGE-L {overall['rougeL']:.4f}  "

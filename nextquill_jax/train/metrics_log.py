@@ -17,6 +17,7 @@ import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import jax
 from tqdm import tqdm
@@ -112,3 +113,16 @@ def _truncate_after(path: Path, step: int) -> None:
 def _json_number(value: float) -> float | None:
     value = float(value)
     return value if math.isfinite(value) else None
+
+
+def nonfinite_to_null(value: Any) -> Any:
+    """`value` (numbers nested in dicts, lists and tuples) with every non-finite float replaced by None, as
+    metrics.jsonl writes it: `json.dumps` would write NaN / Infinity, which is not JSON and which strict
+    readers (jq, JavaScript) refuse. Other values are returned as they are."""
+    if isinstance(value, Mapping):
+        return {k: nonfinite_to_null(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [nonfinite_to_null(v) for v in value]
+    if isinstance(value, float):
+        return _json_number(value)
+    return value

@@ -16,6 +16,7 @@ from jax.sharding import Mesh
 
 from nextquill_jax.config import ModelRunConfig
 from nextquill_jax.config_schema import ConfigError
+from nextquill_jax.data.prepared_split import PreparedSplit
 from nextquill_jax.models import CausalLM, ModelConfig, attention, load_pretrained
 from nextquill_jax.parallel import DEFAULT_RULES, LogicalRules, logical_to_sharding
 
@@ -98,6 +99,43 @@ def model_config(section: ModelRunConfig) -> ModelConfig:
     except (KeyError, ValueError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         raise ConfigError(f"model.path {section.path}: {message}") from None
+
+
+def vocab_origin(section: ModelRunConfig, key: str = "model") -> str:
+    """Where the `vocab_size` of the model `section` describes comes from, for messages: its
+    `<key>.overrides.vocab_size`, else its preset, else the config of its path. `key` is how the file spells
+    the section (`model`, or the reference model's `loss.reference_model`)."""
+    if "vocab_size" in section.overrides:
+        return f"{key}.overrides.vocab_size"
+    if section.preset is not None:
+        return f"{key}.preset {section.preset!r}"
+    return f"the config.json or GGUF header of {key}.path {section.path!r}"
+
+
+def check_token_ids(split: PreparedSplit, vocab_size: int, origin: str) -> None:
+    """Raise ConfigError if prepared `split` holds a token id the model cannot embed (>= `vocab_size`).
+
+    Such an id indexes past the embedding and the LM head: JAX's gather returns NaN there instead of
+    failing, so the loss turns non-finite (training would stop as if diverged, evaluation report a NaN
+    loss). Every command that feeds prepared ids to a model checks them first. `origin` says where
+    `vocab_size` comes from (`vocab_origin`, or a command's flag).
+
+    Raises:
+        ConfigError: naming the split's directory, its largest id and tokenizer, the model's vocab_size and
+            `origin`, and the fix.
+    """
+    largest = split.max_token_id
+    if largest < vocab_size:
+        return
+    tokenizer = split.meta.get("tokenizer")
+    prepared_with = f" (prepared with tokenizer {tokenizer!r})" if tokenizer else ""
+    raise ConfigError(
+        f"prepared split {split.dir}{prepared_with} holds token id {largest}, but the model's vocab_size is "
+        f"{vocab_size} (from {origin}): ids >= {vocab_size} have no embedding and would make the loss NaN. "
+        f"Fix: set data.tokenizer to the model's own tokenizer (for a Hugging Face directory, usually the "
+        f"directory itself) and prepare the data again, or use a model whose vocabulary covers the "
+        f"tokenizer's ids (vocab_size > {largest})."
+    )
 
 
 def abstract_model(cfg: ModelConfig) -> tuple[Any, dict]:

@@ -13,7 +13,7 @@ and eval steps. The loop (`loop.py`), evaluation (`eval/evaluate.py`) and the be
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from nextquill_jax import parallel
-from nextquill_jax.config import Config, ModelRunConfig
+from nextquill_jax.config import Config, ModelRunConfig, load_config
 from nextquill_jax.config_schema import ConfigError
 from nextquill_jax.data.checksums import IntegrityError
 from nextquill_jax.data.pipeline import BatchPipeline
@@ -313,6 +313,34 @@ def reference_params(
     return model_setup.load_params(section, mesh, seed=0)
 
 
+def check_reference_token_ids(cfg: Config, splits: Sequence[PreparedSplit]) -> None:
+    """Raise ConfigError if `splits` hold a token id outside the vocabulary of the `dce: fixed` reference
+    model (`model_setup.check_token_ids`): it reads the same ids as the run's model.
+
+    Its vocab_size is read from its config alone, before `reference_params` loads its weights (minutes for a
+    large model): a path's config.json or GGUF header, a training workdir's config.yaml. `base` is the run's
+    own model, checked as such; nothing is checked without a reference model.
+
+    Raises:
+        ConfigError: such an id (naming the split, the id, the reference's vocab_size and where it comes
+            from, and the fix), or a reference path that names nothing loadable.
+    """
+    source = cfg.loss.reference_model
+    if cfg.loss.dce != "fixed" or source in (None, "base"):
+        return
+    if is_workdir(source):
+        config_file = Path(source).expanduser() / CONFIG_FILE
+        section = load_config(config_file).model.resolved(1)  # the vocabulary does not depend on M
+        origin = f"{model_setup.vocab_origin(section)} in {config_file} (loss.reference_model)"
+    else:
+        section = ModelRunConfig(path=source)
+        model_setup.check_model_source(section)
+        origin = f"the config.json or GGUF header of loss.reference_model {source!r}"
+    vocab_size = model_setup.model_config(section).vocab_size
+    for split in splits:
+        model_setup.check_token_ids(split, vocab_size, origin)
+
+
 def reference_for_rows(reference: tuple[Any, dict], pipelines: dict[str, BatchPipeline]) -> tuple[Any, dict]:
     """`reference` (graphdef, params) made to run on the rows of `pipelines` (name -> pipeline): a
     `cudnn_max_segments` (M) of the reference model below the most examples a row may hold
@@ -460,6 +488,11 @@ def set_up_run(cfg: Config, workdir: Path, echo: Echo = print) -> RunSetup:
     lora = cfg.model.lora
     model_section = cfg.model if lora is None else adapters.base_section(cfg.model)
     mcfg = model_setup.model_config(model_section)
+    origin = model_setup.vocab_origin(model_section)
+    splits = [pipeline.split for pipeline in pipelines.values()]
+    for split in splits:  # before any weights are loaded or steps compiled
+        model_setup.check_token_ids(split, mcfg.vocab_size, origin)
+    check_reference_token_ids(cfg, splits)
     graphdef, abstract_params = model_setup.abstract_model(mcfg)
     try:
         p_shardings = model_setup.param_shardings(mcfg, mesh)

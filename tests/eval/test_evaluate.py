@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
+import re
 import shutil
 
 import numpy as np
@@ -16,7 +18,8 @@ import pytest
 
 from nextquill_jax.cli import main
 from nextquill_jax.config import load_config
-from nextquill_jax.data.prepared_split import PreparedSplit
+from nextquill_jax.config_schema import ConfigError
+from nextquill_jax.data.prepared_split import PreparedSplit, TokenizedExample, write_split
 from nextquill_jax.eval.evaluate import choose_stream, evaluate, replacing_line
 from nextquill_jax.eval.text_metrics import score_predictions
 from nextquill_jax.models import load_pretrained
@@ -271,3 +274,81 @@ def test_split_losses_raise_a_too_small_cudnn_max_segments_of_model_and_referenc
     assert all(np.isfinite(values(small)))
     np.testing.assert_allclose(values(small), values(large), rtol=1e-5)
     assert small["tokens"] == large["tokens"]
+
+
+def test_a_nan_loss_is_written_null_in_metrics_json(run, tmp_path, monkeypatch):
+    """A diverged checkpoint's NaN loss: metrics.json stays JSON (null, as metrics.jsonl writes it), where
+    `json.dumps` would write a bare NaN; the returned metrics keep the number."""
+    from nextquill_jax.eval import evaluate as evaluate_module
+
+    real = evaluate_module.split_losses
+
+    def nan_losses(*args, **kwargs):
+        losses = real(*args, **kwargs)
+        return {**losses, "loss": float("nan"), "terms": {**losses["terms"], "ce_with": float("inf")}}
+
+    monkeypatch.setattr(evaluate_module, "split_losses", nan_losses)
+    workdir, _, _ = run
+    out = tmp_path / "out"
+    metrics = evaluate(workdir, "test", out_dir=out, max_examples=1, generation=GEN, echo=lambda _: None)
+
+    def not_json(constant: str):
+        raise AssertionError(f"metrics.json holds {constant}, which is not JSON")
+
+    saved = json.loads((out / "metrics.json").read_text(), parse_constant=not_json)
+    assert saved["loss"]["loss"] is None and saved["loss"]["terms"]["ce_with"] is None
+    assert saved["loss"]["terms"]["ce_without"] == metrics["loss"]["terms"]["ce_without"]  # finite: kept
+    assert math.isnan(metrics["loss"]["loss"])
+
+
+def test_a_split_with_ids_outside_the_models_vocabulary_is_refused_before_compiling(
+    trained_run, tmp_path, compilations, capsys
+):
+    """The run's model has vocab_size 704 (model.overrides); a test example holding id 704 (a tokenizer
+    larger than the model's) would index past the embedding and make the loss NaN. evaluate (a checkpoint or
+    --model) and effects (--workdir or --model) refuse the split before anything is compiled, naming the
+    split, the id, the vocab_size and where it comes from, and the fix; nothing is written."""
+    workdir = tmp_path / "run"
+    shutil.copytree(trained_run.workdir, workdir)
+    prepared, exported = workdir / "prepared", trained_run.exported
+    meta = json.loads((prepared / "test" / "meta.json").read_text())
+    old = PreparedSplit(prepared, "test")
+    examples = [{k: np.array(v) for k, v in old[i].items()} for i in range(len(old))]
+    examples[1]["target"][0] = 704
+    kept = {k: v for k, v in meta.items() if k not in ("num_examples", "fields", "checksums")}
+    write_split(prepared, "test", (TokenizedExample(**e) for e in examples), **kept)
+    split = re.escape(f"prepared split {prepared / 'test'} (prepared with tokenizer {meta['tokenizer']!r}) ")
+    fix = r": ids >= 704 have no embedding .* Fix: set data.tokenizer to the model's own tokenizer .*"
+    from_run = rf"\(from model.overrides.vocab_size in the config of {re.escape(str(workdir))}.*\)"
+
+    with pytest.raises(
+        ConfigError, match=rf"^{split}holds token id 704, but the model's vocab_size is 704 {from_run}{fix}"
+    ):
+        evaluate(workdir, "test", generation=GEN, echo=lambda _: None)
+    assert compilations == [], "compiled before reporting the config error"
+    assert not (workdir / "eval").exists()
+
+    from_model = re.escape(f"(from the config.json or GGUF header of '{exported}')")
+    args = ["evaluate", "--workdir", str(workdir), "--split", "test", "--model", str(exported)]
+    assert main(args) == 1
+    assert re.search(rf"^error: {split}holds token id 704, .* 704 {from_model}{fix}", capsys.readouterr().err)
+
+    out = tmp_path / "effects"
+    assert main(["effects", "--workdir", str(workdir), "--split", "test", "--out", str(out)]) == 1
+    assert re.search(rf"^error: {split}holds token id 704, .* 704 {from_run}{fix}", capsys.readouterr().err)
+    args = [
+        "effects",
+        "--model",
+        str(exported),
+        "--data",
+        str(prepared),
+        "--split",
+        "test",
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 1
+    from_flag = re.escape(f"(from the config.json or GGUF header of --model '{exported}')")
+    assert re.search(rf"^error: {split}holds token id 704, .* 704 {from_flag}{fix}", capsys.readouterr().err)
+    assert compilations == [], "compiled before reporting the config error"
+    assert not (out / "summary.json").exists()

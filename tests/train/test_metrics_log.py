@@ -16,7 +16,7 @@ import pytest
 from tensorboardX.proto.event_pb2 import Event, SessionLog
 
 from nextquill_jax.config import LoggingConfig
-from nextquill_jax.train.metrics_log import METRICS_FILE, MetricsLog
+from nextquill_jax.train.metrics_log import METRICS_FILE, MetricsLog, nonfinite_to_null
 
 QUIET = LoggingConfig(tensorboard=False, progress_bar=False)
 
@@ -79,6 +79,20 @@ def logging_to(folder: Path, workdir: Path, start_step: int) -> MetricsLog:
     """A 40-step run's log whose TensorBoard events go to `folder`."""
     cfg = LoggingConfig(tensorboard_dir=str(folder), progress_bar=False)
     return MetricsLog(workdir, cfg, start_step=start_step, total_steps=40)
+
+
+def test_nonfinite_numbers_become_null_at_any_depth_as_in_a_row(tmp_path):
+    nested = {
+        "loss": float("nan"),
+        "terms": {"ce": float("inf"), "n": 3, "ok": 0.5},
+        "l": [1.0, -float("inf")],
+    }
+    cleaned = nonfinite_to_null(nested)
+    assert cleaned == {"loss": None, "terms": {"ce": None, "n": 3, "ok": 0.5}, "l": [1.0, None]}
+    json.dumps(cleaned, allow_nan=False)  # valid JSON
+    log = MetricsLog(tmp_path, QUIET, start_step=0, total_steps=1)
+    log.write(1, {"loss": float("nan")})  # the rows' own rule, which nonfinite_to_null shares
+    assert rows(tmp_path) == [{"step": 1, "loss": None}]
 
 
 def test_events_go_to_the_configured_folder_relative_to_the_current_directory(tmp_path, monkeypatch):
