@@ -118,7 +118,17 @@ class SafetensorsTensors(Mapping):
             with safe_open(directory / SINGLE_FILE, framework="numpy") as f:
                 weight_map = dict.fromkeys(f.keys(), SINGLE_FILE)
         else:
-            raise FileNotFoundError(f"{directory}: neither {SINGLE_FILE} nor {INDEX_FILE} exists")
+            torch_files = sorted(p.name for p in directory.glob("pytorch_model*.bin*"))
+            fix = (
+                f"it holds {', '.join(torch_files)}, which are not read: save the model as safetensors "
+                "(transformers' save_pretrained does by default)"
+                if torch_files
+                else "put the model's weights there, or name the directory that holds them"
+            )
+            raise FileNotFoundError(
+                f"{directory}: neither {SINGLE_FILE} nor {INDEX_FILE} exists, so it has no weights to load. "
+                f"Fix: {fix}."
+            )
         self._files = {
             name: safe_open(directory / name, framework="numpy") for name in sorted(set(weight_map.values()))
         }

@@ -89,6 +89,18 @@ def test_unknown_name_and_directory_without_config(tmp_path):
         load_pretrained(tmp_path)
 
 
+def test_a_directory_without_safetensors_weights_says_so_and_what_to_do(tmp_path):
+    from nextquill_jax.models.hf import SafetensorsTensors
+
+    with pytest.raises(FileNotFoundError, match=r"has no weights to load\. Fix: put the model's weights"):
+        SafetensorsTensors(tmp_path)
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(
+        FileNotFoundError, match=r"Fix: it holds pytorch_model\.bin, which are not read: save the model as"
+    ):
+        SafetensorsTensors(tmp_path)
+
+
 def test_save_pretrained_writes_the_tokenizer_too(qwen2, tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
