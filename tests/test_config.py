@@ -28,6 +28,7 @@ from nextquill_jax.models.presets import model_preset
 from nextquill_jax.parallel import MESH_AXES, resolve_mesh_shape
 from nextquill_jax.train import model_setup
 from nextquill_jax.train.loop import train
+from tests.shared import FIXTURES
 
 REPO = Path(__file__).resolve().parents[1]
 CUDNN = ["model.attention_impl=cudnn", "model.compute_dtype=bfloat16"]  # cuDNN's attention takes bf16
@@ -434,6 +435,31 @@ def test_bad_setups_fail_with_one_paragraph_before_compiling(
         train(cfg, tmp_path / "work")
     assert "\n" not in str(e.value)
     assert compilations == [], "compiled before reporting the config error"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [({"model_type": "gpt2"}, r"config\.json model_type 'gpt2'"), ({"mlp_bias": True}, r"mlp_bias")],
+)
+def test_a_models_architecture_is_refused_before_the_data_is_prepared(
+    tmp_path, change, message, tiny_config, write_config, save_tiny_tokenizer, tiny_hf_config
+):
+    """A model.path whose config.json describes a network this package lacks (no weights needed to tell)."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({**tiny_hf_config("llama").to_dict(), **change}))
+    cfg = tiny_config(None, tmp_path / "work")
+    cfg["model"] = {"path": str(model), "compute_dtype": "float32"}
+    cfg["data"].update(
+        format="generic",
+        template="plain",
+        sources=[str(FIXTURES / "generic" / "records.jsonl")],
+        tokenizer=str(save_tiny_tokenizer(tmp_path / "tok")),
+    )
+    cfg["train"]["data_dir"] = None
+    with pytest.raises(ConfigError, match=rf"^model\.path {re.escape(str(model))}: .*{message}"):
+        train(load_config(write_config(cfg, tmp_path / "cfg.yaml")), tmp_path / "work")
+    assert not (tmp_path / "work" / "prepared").exists()
 
 
 def _with_token(data: Path, split: str, token: int) -> None:

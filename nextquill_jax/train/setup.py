@@ -466,6 +466,11 @@ def set_up_run(cfg: Config, workdir: Path, echo: Echo = print) -> RunSetup:
     model_setup.check_model_source(cfg.model)
     model_setup.check_attention(cfg.model)
     check_micro_batches(cfg, mesh)
+    lora = cfg.model.lora
+    model_section = cfg.model if lora is None else adapters.base_section(cfg.model)
+    # The architecture (a path's config.json) is checked before the data is prepared, which takes minutes
+    # on a real dataset; `cudnn_max_segments: auto` is chosen from the data below, so 1 stands in for it.
+    model_setup.model_config(model_section.resolved(1))
     workdir.mkdir(parents=True, exist_ok=True)
 
     data_dir = prepared_dir(cfg, workdir, echo)
@@ -485,8 +490,7 @@ def set_up_run(cfg: Config, workdir: Path, echo: Echo = print) -> RunSetup:
             f"model), or prepare data with precomputed reference_dce."
         )
 
-    lora = cfg.model.lora
-    model_section = cfg.model if lora is None else adapters.base_section(cfg.model)
+    model_section = cfg.model if lora is None else adapters.base_section(cfg.model)  # `auto` resolved
     mcfg = model_setup.model_config(model_section)
     origin = model_setup.vocab_origin(model_section)
     splits = [pipeline.split for pipeline in pipelines.values()]
