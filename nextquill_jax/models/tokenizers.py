@@ -83,6 +83,8 @@ _QWEN_VARIANTS = {
     "qwen3": _QwenVariant("qwen3", _QWEN3_ADDED_TOKENS, "qwen3.jinja"),
 }
 _QWEN_ALIASES = {"qwen": "qwen2.5", "qwen2.5": "qwen2.5", "qwen3": "qwen3"}
+# A directory holds a tokenizer that transformers can load when it has one of these.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def tokenizer_names() -> list[str]:
@@ -104,8 +106,8 @@ def load_tokenizer(path_or_name: str | PathLike[str]) -> PreTrainedTokenizerFast
         the `enable_thinking` switch). `<|endoftext|>` is the eos and pad token, as in the base models.
 
     Raises:
-        ValueError: `path_or_name` is none of the above (the message lists the names), or a GGUF tokenizer of
-            a kind not rebuilt here.
+        ValueError: `path_or_name` is none of the above (the message lists the names), a directory without
+            tokenizer files, or a GGUF tokenizer of a kind not rebuilt here.
         ModuleNotFoundError: the package that ships the named tokenizer is not installed (the message says
             how).
         TypeError: a directory's tokenizer is not a fast (Rust `tokenizers`) tokenizer.
@@ -114,6 +116,14 @@ def load_tokenizer(path_or_name: str | PathLike[str]) -> PreTrainedTokenizerFast
 
     path = Path(path_or_name).expanduser()
     if path.is_dir():
+        if not any((path / name).is_file() for name in TOKENIZER_FILES):
+            # transformers would go on to suggest installing sentencepiece or tiktoken, which cannot help.
+            raise ValueError(
+                f"{path} holds no tokenizer files (none of {', '.join(TOKENIZER_FILES)}). Fix: name the "
+                "directory that holds the model's tokenizer (for a Hugging Face model, usually the model's "
+                "own directory, when its tokenizer was saved with it), or a packaged tokenizer name "
+                f"({', '.join(tokenizer_names())})."
+            )
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         if not isinstance(tokenizer, PreTrainedTokenizerFast):
             raise TypeError(f"{path}: the tokenizer is a {type(tokenizer).__name__}, not a fast tokenizer")

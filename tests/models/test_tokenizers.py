@@ -256,3 +256,12 @@ def test_smollm2_tokenizer_follows_llama_cpp_smollm_pre_tokenizer(smollm, smollm
         ids = smollm(text)["input_ids"]
         assert ids == llama_cpp_smollm_encode(text, spec["vocab"], merge_ranks), repr(text)
         assert smollm.decode(ids) == text
+
+
+def test_a_directory_without_tokenizer_files_is_named_with_the_fix(tmp_path, save_tiny_tokenizer):
+    """A model directory holding only config.json: transformers' own error suggested installing packages."""
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"holds no tokenizer files \(none of tokenizer\.json, .*Fix: name"):
+        load_tokenizer(tmp_path)
+    saved = save_tiny_tokenizer(tmp_path / "tok")
+    assert load_tokenizer(saved).eos_token == "<|endoftext|>"
