@@ -262,6 +262,12 @@ class LossRunConfig(LossConfig):
     vocab_chunk: int = 8192
     operand_dtype: Literal["float32", "bfloat16"] = "float32"
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("token_chunk", "vocab_chunk"):  # else an error while the first step is traced
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
     def loss_config(self) -> LossConfig:
         """The plain `LossConfig` of this section."""
         return LossConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LossConfig)})
