@@ -775,3 +775,31 @@ def test_url_workdir_is_refused_before_anything_is_written(tmp_path, monkeypatch
         setup.resolve_workdir(cfg, "gs://bucket/runs/x")
     assert not any(tmp_path.iterdir())
     assert setup.resolve_workdir(cfg, "runs/x") == tmp_path / "runs" / "x"
+
+
+@pytest.mark.parametrize("override", ["loss.token_chunk=0", "loss.vocab_chunk=-3"])
+def test_a_fused_head_tile_below_one_is_a_config_error(tmp_path, override, tiny_config, write_config):
+    """It was a traceback from the loss while the first step was traced, after the workdir was written."""
+    path = write_config(tiny_config(tmp_path / "data", tmp_path / "work"), tmp_path / "cfg.yaml")
+    key, value = override.split("=")
+    with pytest.raises(
+        ConfigError, match=rf"invalid `loss`: {key.split('.')[1]} must be >= 1, got {value}\. Fix the value"
+    ):
+        load_config(path, [override])
+
+
+def test_a_run_is_read_on_the_devices_at_hand_when_its_mesh_names_others(tmp_path, tiny_config, capsys):
+    """evaluate and effects read a run trained on 8 devices (data=2, fsdp=2, tensor=2) on this 1-device
+    process: parameters replicated along `data`, with a note; training itself keeps refusing such a mesh."""
+    from nextquill_jax.train.workdir import reading_mesh
+
+    raw = tiny_config(tmp_path / "data", tmp_path / "work", mesh={"data": 2, "fsdp": 2, "tensor": 2})
+    cfg = load_config(None, base=raw)
+    mesh = reading_mesh(cfg)
+    assert dict(mesh.shape) == {"data": jax.device_count(), "fsdp": 1, "tensor": 1}
+    assert "note: the run's mesh (data=2, fsdp=2, tensor=2) needs other than the 1 device(s) here" in (
+        capsys.readouterr().err
+    )
+    one = load_config(None, base=tiny_config(tmp_path / "data", tmp_path / "work"))
+    assert dict(reading_mesh(one).shape) == {"data": 1, "fsdp": 1, "tensor": 1}
+    assert capsys.readouterr().err == ""

@@ -54,7 +54,7 @@ from nextquill_jax.train.setup import (
     reference_params,
     step_settings,
 )
-from nextquill_jax.train.workdir import CONFIG_FILE, LoadedModel, build_mesh, data_dir_of, restore_model
+from nextquill_jax.train.workdir import CONFIG_FILE, LoadedModel, data_dir_of, reading_mesh, restore_model
 
 PromptChoice = Literal["auto", "with", "without"]
 _STREAM_FIELD = {"with": "prompt_with", "without": "prompt_without"}
@@ -73,7 +73,7 @@ def load_model_path(workdir: str | Path, model_path: str, mesh: Mesh | None = No
     if not config_file.exists():
         raise FileNotFoundError(f"{config_file} does not exist: is {workdir} a training workdir?")
     cfg = load_config(config_file)
-    mesh = build_mesh(cfg) if mesh is None else mesh
+    mesh = reading_mesh(cfg) if mesh is None else mesh
     section = dataclasses.replace(cfg.model, path=model_path, preset=None, overrides={})
     graphdef, params = model_setup.load_params(section, mesh, cfg.train.seed)
     return LoadedModel(nnx.merge(graphdef, params), cfg, mesh, None, model_path)

@@ -79,6 +79,32 @@ def build_mesh(cfg: Config) -> Mesh:
         raise ConfigError(f"mesh: {e}") from None
 
 
+# Data parallel over every device: the parameters replicated, so it fits any model's shapes.
+READING_FALLBACK = {"data": -1, "fsdp": 1, "tensor": 1}
+
+
+def reading_mesh(cfg: Config) -> Mesh:
+    """The mesh to read a trained run on (evaluate, effects, a reference model): the run's own (`build_mesh`)
+    where this machine has the devices it names, else every device along `data` (parameters replicated,
+    which any model's shapes allow), with a note on stderr. A run trained on 8 devices is then read on 1.
+
+    Raises:
+        ConfigError: incomplete multi-host settings (`build_mesh`).
+    """
+    try:
+        return build_mesh(cfg)
+    except ConfigError:
+        if jax.process_count() > 1 or cfg.mesh.sizes() == READING_FALLBACK:
+            raise
+    sizes = ", ".join(f"{k}={v}" for k, v in cfg.mesh.sizes().items())
+    print(
+        f"note: the run's mesh ({sizes}) needs other than the {jax.device_count()} device(s) here; reading "
+        "it with every device along `data` instead",
+        file=sys.stderr,
+    )
+    return parallel.make_mesh(READING_FALLBACK)
+
+
 def single_device_mesh() -> Mesh:
     """A mesh of this process's first device (all axes of size 1)."""
     return parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.local_devices()[:1])
@@ -120,7 +146,7 @@ def restore_params(workdir: str | Path, step: int | None = None, mesh: Mesh | No
         if chosen is None:  # no step at all: say so, naming any a resume moved aside as damaged
             raise FileNotFoundError(verify_error(directory, [], moved_aside(directory)))
         cfg = load_config(None, base=ckpt.read_config(chosen))  # raises if `chosen` is not complete
-        mesh = build_mesh(cfg) if mesh is None else mesh
+        mesh = reading_mesh(cfg) if mesh is None else mesh
         source = f"{directory / str(chosen)}"
         lora_cfg = cfg.model.lora
         if lora_cfg is None:
@@ -182,7 +208,7 @@ def initial_model(workdir: str | Path, mesh: Mesh | None = None) -> LoadedModel:
     if not config_file.exists():
         raise FileNotFoundError(f"{config_file} does not exist: is {workdir} a training workdir?")
     cfg = load_config(config_file)
-    mesh = build_mesh(cfg) if mesh is None else mesh
+    mesh = reading_mesh(cfg) if mesh is None else mesh
     lora_cfg, seed = cfg.model.lora, cfg.train.seed
     section = cfg.model if lora_cfg is None else adapters.base_section(cfg.model)
     graphdef, params = model_setup.load_params(section, mesh, seed)
