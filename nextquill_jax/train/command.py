@@ -57,7 +57,7 @@ def run_train(args: argparse.Namespace) -> int:
     from nextquill_jax.train.setup import resolve_workdir
 
     cfg = load_config(args.config, args.overrides)
-    workdir = resolve_workdir(cfg, args.workdir)
+    workdir = resolve_workdir(cfg, args.workdir, args.config)
     third_party_logs.log_to(workdir, named="--workdir" if args.workdir else f"{args.config}: train.workdir")
     try:
         result = train(cfg, workdir)

@@ -48,13 +48,27 @@ from nextquill_jax.train.workdir import (
 Echo = Callable[[str], None]
 
 
-def resolve_workdir(cfg: Config, override: str | Path | None) -> Path:
-    """The run's directory: `override` (--workdir), else `train.workdir`.
+def resolve_workdir(
+    cfg: Config, override: str | Path | None, config_path: str | Path | None = None, echo: Echo = print
+) -> Path:
+    """The run's directory: `override` (--workdir); else, when `config_path` (the --config file) is the
+    config.yaml of a run's workdir, that workdir, so that a moved or copied run resumes where it is (with a
+    note `echo`ed when its `train.workdir` names another place); else `train.workdir`.
 
     Raises:
-        ConfigError: neither is set, or it is a URL (such as gs://...), which would otherwise silently become
+        ConfigError: none is set, or it is a URL (such as gs://...), which would otherwise silently become
             a local folder named after the URL.
     """
+    if override is None and config_path is not None and Path(config_path).name == CONFIG_FILE:
+        home = Path(config_path).expanduser().absolute().parent
+        if is_workdir(home):
+            recorded = cfg.train.workdir
+            if recorded is None or Path(recorded).expanduser().absolute() != home:
+                echo(
+                    f"note: {config_path} is the config of the run in {home}, which records its workdir as "
+                    f"{recorded} (moved or copied): it resumes in {home}; pass --workdir to train elsewhere"
+                )
+            return home
     chosen = override if override is not None else cfg.train.workdir
     if chosen is None:
         raise ConfigError("no workdir: set train.workdir in the config or pass --workdir DIR")

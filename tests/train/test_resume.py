@@ -178,3 +178,19 @@ def test_a_refusal_lists_the_first_differing_keys_and_counts_the_rest(tmp_path, 
     check_resumable(config_to_dict(cfg), cfg, tmp_path / "run", 4)
     allowed = dataclasses.replace(cfg, logging=dataclasses.replace(cfg.logging, every_steps=99))
     check_resumable(config_to_dict(cfg), allowed, tmp_path / "run", 4)
+
+
+def test_a_moved_workdir_resumes_where_its_config_yaml_is_not_where_it_was(trained_run, tmp_path, capsys):
+    """Its config.yaml records the old absolute workdir; training there would have started a new run from
+    step 0 (or continued the original, had it still existed)."""
+    moved = tmp_path / "moved"
+    shutil.copytree(trained_run.workdir, moved)
+    before = sorted(p.name for p in (trained_run.workdir / "checkpoints").iterdir())
+    assert cli.main(["train", "--config", str(moved / "config.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert (
+        f"note: {moved / 'config.yaml'} is the config of the run in {moved}, which records its workdir as "
+        f"{trained_run.workdir} (moved or copied): it resumes in {moved}"
+    ) in out
+    assert f"{moved} already finished at step 2 of 2: nothing to train" in out
+    assert sorted(p.name for p in (trained_run.workdir / "checkpoints").iterdir()) == before
