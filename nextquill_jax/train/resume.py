@@ -41,6 +41,7 @@ MAY_CHANGE = (
     # Memory and speed settings documented to compute the same values.
     "model.remat_policy",
     "train.joint_forward",
+    "train.micro_batches",  # what a resume on fewer devices needs
     "loss.token_chunk",
     "loss.vocab_chunk",
 )

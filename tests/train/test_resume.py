@@ -50,7 +50,7 @@ def test_a_resume_with_another_learning_rate_and_loss_is_refused_and_leaves_the_
     assert {name: (workdir / name).read_bytes() for name in before} == before
 
 
-def test_a_resume_that_changes_only_logging_eval_checkpoint_and_data_dir_trains_on(
+def test_a_resume_that_changes_only_logging_eval_checkpoint_data_dir_and_micro_batches_trains_on(
     tmp_path, monkeypatch, write_random_data, tiny_config, write_config
 ):
     path, workdir = _stopped_run(tmp_path, monkeypatch, write_random_data, tiny_config, write_config)
@@ -62,6 +62,7 @@ def test_a_resume_that_changes_only_logging_eval_checkpoint_and_data_dir_trains_
         "checkpoint.every_steps=1",
         "checkpoint.keep=3",
         f"train.data_dir={moved}",
+        "train.micro_batches=2",
     ]
     lines = []
     result = loop.train(load_config(path, allowed), workdir, echo=lines.append)
@@ -69,6 +70,7 @@ def test_a_resume_that_changes_only_logging_eval_checkpoint_and_data_dir_trains_
     assert any(line.startswith("resuming from") and line.endswith("(step 1)") for line in lines)
     saved = load_config(workdir / "config.yaml")
     assert (saved.logging.every_steps, saved.eval.every_steps, saved.train.data_dir) == (2, 1, str(moved))
+    assert saved.train.micro_batches == 2
 
 
 def test_a_resume_on_other_data_under_the_same_config_is_refused_before_orbax_restores_anything(
