@@ -295,6 +295,13 @@ def evaluate(
     if batch_size is None:
         batch_size = cfg.data.batching.rows_per_batch * jax.process_count()
         batch_size = -(-batch_size // shards) * shards
+    elif batch_size % shards:  # generation would refuse it, but only after the loss pass
+        fitting = -(-batch_size // shards) * shards
+        raise ValueError(
+            f"--batch-size {batch_size} is not a multiple of the {shards} batch shards of the mesh "
+            f"{dict(mesh.shape)}, over which each batch of prompts is split. Fix: pass a multiple of "
+            f"{shards}, such as {fitting}, or leave --batch-size out."
+        )
 
     from nextquill_jax.data.prepare import load_fast_tokenizer
 

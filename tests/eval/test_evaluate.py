@@ -200,6 +200,22 @@ def test_a_batch_size_below_1_is_refused_before_a_model_is_loaded(tmp_path):
         evaluate(tmp_path / "no_run", "test", batch_size=0)
 
 
+def test_a_batch_size_that_does_not_split_over_the_batch_shards_is_refused_before_the_loss_pass(
+    trained_run, tmp_path, monkeypatch
+):
+    """As on a mesh of 4 batch shards (data x fsdp): generation would refuse --batch-size 3, after the loss
+    pass over the whole split."""
+    from nextquill_jax.eval import evaluate as module
+
+    monkeypatch.setattr(module, "batch_shard_count", lambda mesh: 4)
+    monkeypatch.setattr(module, "split_losses", lambda *a: pytest.fail("ran the loss pass"))
+    with pytest.raises(
+        ValueError, match=r"^--batch-size 3 is not a multiple of the 4 batch shards of the mesh"
+    ):
+        evaluate(trained_run.workdir, "test", batch_size=3, out_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_prompt_choice_follows_the_variant(run):
     workdir, _, _ = run
     cfg = load_config(workdir / "config.yaml")
