@@ -62,8 +62,12 @@ def logical_to_mesh_spec(
     return PartitionSpec(*out)
 
 
-def check_divisible(shape: Sequence[int], spec: PartitionSpec, mesh: Mesh, what: str) -> None:
-    """Raise ValueError naming `what` if a mesh axis in `spec` does not divide its dimension of `shape`."""
+def check_divisible(
+    shape: Sequence[int], spec: PartitionSpec, mesh: Mesh, what: str, logical: PartitionSpec | None = None
+) -> None:
+    """Raise ValueError naming `what` (and the dimension's logical axis, from `logical`, such as `kv_heads`)
+    if a mesh axis in `spec` does not divide its dimension of `shape`."""
+    logical_axes = tuple(logical or ()) + (None,) * len(shape)
     for dim, (size, axes) in enumerate(
         zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=False)
     ):
@@ -74,10 +78,12 @@ def check_divisible(shape: Sequence[int], spec: PartitionSpec, mesh: Mesh, what:
         for a in names:
             parts *= mesh.shape[a]
         if size % parts:
+            axis = f" (`{logical_axes[dim]}`)" if isinstance(logical_axes[dim], str) else ""
+            keys = " x ".join(f"mesh.{a}" for a in names)
             raise ValueError(
-                f"{what}: dimension {dim} of size {size} cannot be split {parts} ways over mesh axes "
-                f"{names}. "
-                f"Fix: choose mesh sizes that divide it, or map its logical axis to None in the rules."
+                f"{what}: dimension {dim}{axis} of size {size} cannot be split {parts} ways over mesh axes "
+                f"{names}. Fix: make {keys} a divisor of {size}, or map that logical axis to None in the "
+                "rules."
             )
 
 
@@ -94,8 +100,9 @@ def logical_to_sharding(logical_tree, mesh: Mesh, rules: LogicalRules = DEFAULT_
     if shapes is not None:
         flat_specs, _ = jax.tree_util.tree_flatten_with_path(specs, is_leaf=is_spec)
         flat_shapes = jax.tree.leaves(shapes)
-        for (path, spec), leaf in zip(flat_specs, flat_shapes, strict=True):
-            check_divisible(leaf.shape, spec, mesh, jax.tree_util.keystr(path))
+        flat_logical = jax.tree.leaves(logical_tree, is_leaf=is_spec)
+        for (path, spec), leaf, logical in zip(flat_specs, flat_shapes, flat_logical, strict=True):
+            check_divisible(leaf.shape, spec, mesh, jax.tree_util.keystr(path), logical)
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=is_spec)
 
 

@@ -388,7 +388,11 @@ def test_mesh_sizes_resolve_and_reject_misfits():
 def test_a_mesh_axis_that_does_not_divide_a_parameter_names_it(cfg_file):
     model = load_config(cfg_file).model.model_config()  # 4 heads, 2 kv heads
     mesh = AbstractMesh((1, 1, 4), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
-    with pytest.raises(ValueError, match=r"\['attn'\]\['k_.*cannot be split 4 ways.*Fix"):
+    with pytest.raises(
+        ValueError,
+        match=r"\['attn'\]\['k_.*dimension \d \(`kv_heads`\) of size 2 cannot be split 4 ways .*Fix: make "
+        r"mesh\.tensor a divisor of 2",
+    ):
         model_setup.param_shardings(model, mesh)
 
 
