@@ -77,6 +77,30 @@ def initial_adapters(cfg: LoraConfig, model_cfg: ModelConfig, abstract: dict, sh
     return jax.device_put(weights, shardings)
 
 
+def init_from_note(model: ModelRunConfig) -> str | None:
+    """A note when the PEFT directory `model.lora.init_from` names another base model than this run's (its
+    adapter_config.json's `base_model_name_or_path`), else None: adapters fit the base they were trained on,
+    and neither this package nor peft can tell from the tensors' shapes alone."""
+    if model.lora is None or model.lora.init_from is None:
+        return None
+    config = Path(model.lora.init_from) / "adapter_config.json"
+    named = json.loads(config.read_text()).get("base_model_name_or_path") if config.is_file() else None
+    if named is None:
+        return None
+    if (
+        model.path is not None
+        and Path(named).expanduser().resolve() == Path(model.path).expanduser().resolve()
+    ):
+        return None
+    ours = (
+        f"model.path {model.path!r}" if model.path is not None else f"a random model.preset {model.preset!r}"
+    )
+    return (
+        f"note: model.lora.init_from {model.lora.init_from!r} holds adapters made for the base {named!r} "
+        f"(its adapter_config.json's base_model_name_or_path); this run's base is {ours}"
+    )
+
+
 def base_section(model: ModelRunConfig) -> ModelRunConfig:
     """The `model` section of the frozen base: stored in `lora.base_dtype` where that is a float type."""
     assert model.lora is not None

@@ -526,9 +526,13 @@ def set_up_run(cfg: Config, workdir: Path, echo: Echo = print) -> RunSetup:
     else:
         adapter_cfg = mcfg.replace(param_dtype=cfg.model.param_dtype)
         trainable_abstract, trainable_shardings = adapters.adapter_layout(lora, adapter_cfg, mesh)
-        initial_params = lambda: adapters.initial_adapters(
-            lora, adapter_cfg, trainable_abstract, trainable_shardings, seed
-        )
+
+        def initial_params() -> dict:  # a fresh run's adapters; a resume restores its own instead
+            note = adapters.init_from_note(cfg.model)
+            if note is not None:
+                echo(note)
+            return adapters.initial_adapters(lora, adapter_cfg, trainable_abstract, trainable_shardings, seed)
+
         loaded = model_setup.initial_params(model_section, mcfg, p_shardings, mesh, seed, DEFAULT_RULES)
         base = adapters.frozen_base(loaded, lora)
         del loaded

@@ -143,6 +143,16 @@ def test_export_adapter_and_init_from_round_trip(runs, tmp_path):
     for x, y, z in zip(jax.tree.leaves(saved), jax.tree.leaves(read), jax.tree.leaves(started), strict=True):
         np.testing.assert_array_equal(np.asarray(x), y)
         np.testing.assert_array_equal(np.asarray(x), np.asarray(z))
+    assert adapters.init_from_note(dataclasses.replace(cfg.model, lora=lora_cfg)) is None  # no base named
+    config = json.loads((out / "adapter_config.json").read_text())
+    (out / "adapter_config.json").write_text(
+        json.dumps({**config, "base_model_name_or_path": "/models/other"})
+    )
+    assert adapters.init_from_note(dataclasses.replace(cfg.model, lora=lora_cfg)) == (
+        f"note: model.lora.init_from {str(out)!r} holds adapters made for the base '/models/other' (its "
+        "adapter_config.json's base_model_name_or_path); this run's base is a random model.preset "
+        "'qwen2.5-0.5b'"
+    )
     with pytest.raises(ConfigError, match=r"r=4, lora_alpha=8\.0; the config asks for rank=8"):
         adapters.initial_adapters(
             dataclasses.replace(lora_cfg, rank=8), model_cfg, *adapters.adapter_layout(
