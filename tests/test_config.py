@@ -807,3 +807,7 @@ def test_a_run_is_read_on_the_devices_at_hand_when_its_mesh_names_others(tmp_pat
     one = load_config(None, base=tiny_config(tmp_path / "data", tmp_path / "work"))
     assert dict(reading_mesh(one).shape) == {"data": 1, "fsdp": 1, "tensor": 1}
     assert capsys.readouterr().err == ""
+    # Incomplete multi-host settings are an error, not read around.
+    partial = tiny_config(tmp_path / "data", tmp_path / "work", mesh={"coordinator": "localhost:1234"})
+    with pytest.raises(ConfigError, match=r"^mesh: multi-host settings incomplete"):
+        reading_mesh(load_config(None, base=partial))

@@ -69,12 +69,19 @@ def data_dir_of(cfg: Config, workdir: str | Path) -> Path:
 
 def build_mesh(cfg: Config) -> Mesh:
     """Multi-host start-up (when configured) and the mesh; errors are ConfigErrors naming `mesh.*`."""
+    _start_distributed(cfg)
+    try:
+        return parallel.make_mesh(cfg.mesh.sizes())
+    except ValueError as e:
+        raise ConfigError(f"mesh: {e}") from None
+
+
+def _start_distributed(cfg: Config) -> None:
     m = cfg.mesh
     try:
         parallel.initialize_distributed(
             m.coordinator, m.num_processes, m.process_id, mode=m.distributed, peer_timeout_s=m.peer_timeout_s
         )
-        return parallel.make_mesh(m.sizes())
     except ValueError as e:
         raise ConfigError(f"mesh: {e}") from None
 
@@ -91,11 +98,12 @@ def reading_mesh(cfg: Config) -> Mesh:
     Raises:
         ConfigError: incomplete multi-host settings (`build_mesh`).
     """
+    _start_distributed(cfg)  # its errors (incomplete multi-host settings) are raised, not read around
     try:
-        return build_mesh(cfg)
-    except ConfigError:
+        return parallel.make_mesh(cfg.mesh.sizes())
+    except ValueError as e:
         if jax.process_count() > 1 or cfg.mesh.sizes() == READING_FALLBACK:
-            raise
+            raise ConfigError(f"mesh: {e}") from None
     sizes = ", ".join(f"{k}={v}" for k, v in cfg.mesh.sizes().items())
     print(
         f"note: the run's mesh ({sizes}) needs other than the {jax.device_count()} device(s) here; reading "
