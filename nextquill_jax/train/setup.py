@@ -102,14 +102,13 @@ def prepared_dir(cfg: Config, workdir: Path, echo: Echo) -> Path:
     """
     target = data_dir_of(cfg, workdir)
     if not cfg.data.sources and cfg.data.format != "synthetic":
-        if prepared_splits(target):  # prepared, but perhaps with no train record
-            check_split(target, "train", other_split=False)
-        if not (target / "train" / "meta.json").exists():
+        if not prepared_splits(target):
             raise ConfigError(
                 f"data.sources is empty and {target} holds no prepared data (train/meta.json). Fix: list "
                 f"the record files in data.sources, or point train.data_dir at the output of "
                 f"`nextquill-jax data prepare`."
             )
+        check_split(target, "train", other_split=False)  # prepared, but perhaps with no train record
         return target
     from nextquill_jax.data.prepare import prepare
     from nextquill_jax.data.sources.records import DataError
