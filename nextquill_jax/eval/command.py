@@ -202,7 +202,7 @@ def run_effects(args: argparse.Namespace) -> int:
             if args.data is None:  # the run's own, known once its config is read
                 _check_prepared(data_dir, args.split, f"{args.workdir}'s data")
             source = f"{args.workdir} step {step}"
-            vocab_origin = f"{model_setup.vocab_origin(cfg.model)} in the config of {restored.source}"
+            vocab_origin = model_setup.vocab_origin(cfg.model, saved_with=restored.source)
         else:
             from nextquill_jax.models import load_pretrained
 

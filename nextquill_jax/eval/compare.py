@@ -337,7 +337,7 @@ def run_variant(comparison: Comparison, name: str, seed: int, echo: Echo = print
         cfg.loss.loss_config(),
         num_examples=plan.effect_examples,
         source=f"{name} ({loaded.source})",
-        vocab_origin=f"{model_setup.vocab_origin(cfg.model)} in the config of {loaded.source}",
+        vocab_origin=model_setup.vocab_origin(cfg.model, saved_with=loaded.source),
     )
     record = {
         "variant": name,

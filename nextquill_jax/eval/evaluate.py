@@ -282,7 +282,7 @@ def evaluate(
     data_dir = data_dir_of(cfg, workdir)
     rows, tokens = read_split(data_dir, split, max_examples)
     if model_path is None:
-        origin = f"{model_setup.vocab_origin(cfg.model)} in the config of {loaded.source}"
+        origin = model_setup.vocab_origin(cfg.model, saved_with=loaded.source)
     else:
         origin = f"the config.json or GGUF header of {model_path!r}"
     model_setup.check_token_ids(tokens, loaded.model.cfg.vocab_size, origin)  # before anything compiles

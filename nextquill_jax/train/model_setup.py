@@ -101,15 +101,18 @@ def model_config(section: ModelRunConfig) -> ModelConfig:
         raise ConfigError(f"model.path {section.path}: {message}") from None
 
 
-def vocab_origin(section: ModelRunConfig, key: str = "model") -> str:
+def vocab_origin(section: ModelRunConfig, key: str = "model", saved_with: str | None = None) -> str:
     """Where the `vocab_size` of the model `section` describes comes from, for messages: its
     `<key>.overrides.vocab_size`, else its preset, else the config of its path. `key` is how the file spells
-    the section (`model`, or the reference model's `loss.reference_model`)."""
+    the section (`model`, or the reference model's `loss.reference_model`); `saved_with`, a checkpoint or
+    run whose saved config holds `section` (named after the origin)."""
     if "vocab_size" in section.overrides:
-        return f"{key}.overrides.vocab_size"
-    if section.preset is not None:
-        return f"{key}.preset {section.preset!r}"
-    return f"the config.json or GGUF header of {key}.path {section.path!r}"
+        origin = f"{key}.overrides.vocab_size"
+    elif section.preset is not None:
+        origin = f"{key}.preset {section.preset!r}"
+    else:
+        origin = f"the config.json or GGUF header of {key}.path {section.path!r}"
+    return origin if saved_with is None else f"{origin} in the config of {saved_with}"
 
 
 def check_token_ids(split: PreparedSplit, vocab_size: int, origin: str) -> None:
