@@ -35,7 +35,8 @@ def role_table(runs: dict[str, Path]) -> list[str]:
     lines.append("| --- |" + " ---: |" * len(ROLES))
     for name, run in runs.items():
         nll = json.loads((run / "effects" / "summary.json").read_text())["ground_truth"]["nll"]
-        cells = [f"{nll[r]['with']:.3f} / {nll[r]['without']:.3f}" if r in nll else "-" for r in ROLES]
+        nats = lambda v: "n/a" if v is None else f"{v:.3f}"  # null: not finite (a diverged run)
+        cells = [f"{nats(nll[r]['with'])} / {nats(nll[r]['without'])}" if r in nll else "-" for r in ROLES]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 

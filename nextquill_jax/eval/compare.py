@@ -348,8 +348,20 @@ def run_variant(comparison: Comparison, name: str, seed: int, echo: Echo = print
         "bleu": metrics["overall"]["bleu"],
         "settings": settings,
     }
-    done.write_text(json.dumps(record, indent=1) + "\n")
-    return record
+    return write_done(done, record)
+
+
+def write_done(path: Path, record: Mapping[str, Any]) -> dict[str, Any]:
+    """Write a run's compare_done.json `record` (`run_variant`) to `path` and return it as read back: a
+    non-finite measured number (a diverged run's BLEU) is written null (`compare_table.read_number` reads it
+    as NaN), since bare NaN is not JSON. `settings` is written as the config gives it, so that
+    `finished_changes` compares it exactly (a config's `.inf` stays Infinity there)."""
+    from nextquill_jax.train.metrics_log import nonfinite_to_null
+
+    measured = nonfinite_to_null({k: v for k, v in record.items() if k != "settings"})
+    written = {**measured, "settings": record["settings"]}
+    path.write_text(json.dumps(written, indent=1) + "\n")
+    return written
 
 
 def run_comparison(comparison: Comparison, echo: Echo = print) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -35,6 +36,12 @@ METRICS: tuple[tuple[str, str, bool], ...] = (
 FEW_EXAMPLES = 30
 
 
+def read_number(value: float | None) -> float:
+    """A number the effect report or compare_done.json wrote: null there is a non-finite value
+    (`metrics_log.nonfinite_to_null`, as strict JSON must write it), read back as NaN."""
+    return math.nan if value is None else value
+
+
 def per_example_metrics(record: Mapping[str, Any]) -> dict[str, dict[int, float]]:
     """{metric: {example index: value}} of one run (`compare.run_variant`'s record)."""
     eval_dir = Path(record["eval_dir"])
@@ -48,7 +55,7 @@ def per_example_metrics(record: Mapping[str, Any]) -> dict[str, dict[int, float]
         out["preference_recall"] = recall["per_example"]
     summary = json.loads(Path(record["effects_summary"]).read_text())
     for metric in ("nll_with", "nll_without", "preference_nll_with"):
-        values = {e["index"]: e[metric] for e in summary["per_example"] if metric in e}
+        values = {e["index"]: read_number(e[metric]) for e in summary["per_example"] if metric in e}
         if values:
             out[metric] = values
     return out
@@ -63,7 +70,9 @@ def compare_runs(
     records: Sequence[Mapping[str, Any]], baseline: str, resamples: int = 2000
 ) -> dict[str, Any]:
     """Rows (per variant: metric means, their std across seeds, BLEU, DCE AUROC) and differences to
-    `baseline` (per variant and metric: `PairedDifference` as a dict) from run records."""
+    `baseline` (per variant and metric: `PairedDifference` as a dict, with `nonfinite`, the pairs left out
+    because a value is not finite; no entry where none is left) from run records. A null number in a run's
+    files (a non-finite value, `read_number`) makes its means NaN."""
     variants = list(dict.fromkeys(r["variant"] for r in records))
     examples = {r["variant"]: [] for r in records}
     for r in records:
@@ -79,9 +88,11 @@ def compare_runs(
             seed_means = [statistics.fmean(v.values()) for v in per_seed]
             row[metric] = statistics.fmean(seed_means)
             row[f"{metric}_std"] = statistics.pstdev(seed_means) if len(seed_means) > 1 else None
-        row["bleu"] = statistics.fmean(r["bleu"] for r, _ in runs)
+        row["bleu"] = statistics.fmean(read_number(r["bleu"]) for r, _ in runs)
         aurocs = [json.loads(Path(r["effects_summary"]).read_text())["ground_truth"] for r, _ in runs]
-        row["dce_auroc"] = None if None in aurocs else statistics.fmean(g["auroc"] for g in aurocs)
+        row["dce_auroc"] = (
+            None if None in aurocs else statistics.fmean(read_number(g["auroc"]) for g in aurocs)
+        )
         rows.append(row)
     base_runs = examples[baseline]
     for name in variants:
@@ -94,9 +105,18 @@ def compare_runs(
             if None in ours or None in theirs:
                 continue
             a, b = _seed_mean(ours), _seed_mean(theirs)
-            common = sorted(set(a) & set(b))
+            paired = set(a) & set(b)
+            # A diverged run's NaN (null in its files) has no difference: its pairs are left out, counted.
+            common = sorted(i for i in paired if math.isfinite(a[i]) and math.isfinite(b[i]))
+            if not common:  # nothing to compare: the table shows the run's mean as n/a
+                continue
             diff = paired_bootstrap([a[i] for i in common], [b[i] for i in common], resamples=resamples)
-            differences[name][metric] = {**diff.__dict__, "significant": diff.significant}
+            left_out = len(paired) - len(common)
+            differences[name][metric] = {
+                **diff.__dict__,
+                "significant": diff.significant,
+                "nonfinite": left_out,
+            }
     return {"baseline": baseline, "rows": rows, "differences": differences}
 
 
@@ -110,12 +130,21 @@ def conclusions(result: Mapping[str, Any]) -> list[str]:
                 continue
             d = metrics[metric]
             interval = f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}], {d['examples']} examples"
+            if d["nonfinite"]:
+                interval += f", {d['nonfinite']} left out: not finite"
             if not d["significant"]:
                 verdict = "no significant difference"
             else:
                 verdict = "better" if (d["mean"] > 0) == higher_better else "worse"
             lines.append(f"{name} vs {result['baseline']} on {header}: {verdict} ({interval})")
     return lines
+
+
+def _cell(value: float | None, spec: str) -> str:
+    """A table cell: "-" where the metric is absent, "n/a" where it is not finite (a diverged run's NaN)."""
+    if value is None:
+        return "-"
+    return format(value, spec) if math.isfinite(value) else "n/a"
 
 
 def markdown(result: Mapping[str, Any]) -> str:
@@ -126,8 +155,10 @@ def markdown(result: Mapping[str, Any]) -> str:
         cells = []
         for metric, _, _ in METRICS:
             value, std = row.get(metric), row.get(f"{metric}_std")
-            cells.append("-" if value is None else f"{value:.4f}" + ("" if std is None else f" ± {std:.4f}"))
-        cells += [f"{row['bleu']:.2f}", "-" if row["dce_auroc"] is None else f"{row['dce_auroc']:.4f}"]
+            cells.append(
+                _cell(value, ".4f") + ("" if value is None or std is None else f" ± {_cell(std, '.4f')}")
+            )
+        cells += [_cell(row["bleu"], ".2f"), _cell(row["dce_auroc"], ".4f")]
         lines.append(f"| {row['variant']} | " + " | ".join(cells) + " |")
     lines += ["", f"Difference to {result['baseline']} (mean [95% paired bootstrap interval]):", ""]
     lines += [f"- {line}" for line in conclusions(result)]
@@ -144,6 +175,8 @@ def markdown(result: Mapping[str, Any]) -> str:
 
 def write_results(comparison: Any, records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """`<out>/results.json` and `<out>/results.md` of a comparison's run records; returns the JSON."""
+    from nextquill_jax.train.metrics_log import nonfinite_to_null
+
     result = {
         "config": comparison.source,
         "split": comparison.compare.split,
@@ -151,6 +184,8 @@ def write_results(comparison: Any, records: Sequence[Mapping[str, Any]]) -> dict
     }
     result["conclusions"] = conclusions(result)
     out = Path(comparison.compare.out)
-    (out / "results.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    # A diverged run's NaN is written null: bare NaN is not JSON.
+    text = json.dumps(nonfinite_to_null(result), indent=1, allow_nan=False)
+    (out / "results.json").write_text(text + "\n", encoding="utf-8")
     (out / "results.md").write_text(markdown(result), encoding="utf-8")
     return result

@@ -25,6 +25,7 @@ import numpy as np
 from nextquill_jax.eval.effect_scoring import ALL_ROLES, EOS, ROLES, score_roles
 from nextquill_jax.eval.effect_tokens import ExampleEffects, compute_example_effects
 from nextquill_jax.loss import LossConfig
+from nextquill_jax.train.metrics_log import nonfinite_to_null
 
 DEFAULT_NUM_EXAMPLES = 8
 DEFAULT_MAX_SHOWN = 20
@@ -179,7 +180,9 @@ def write_report(
         results[:max_shown], summary, threshold=loss_cfg.threshold, histogram_png_base64=base64.b64encode(png)
     )
     files["html"].write_text(html, encoding="utf-8")
-    files["summary"].write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    # A diverged model's NaN is written null (`compare_table.read_number` reads it as NaN): NaN is not JSON.
+    text = json.dumps(nonfinite_to_null(summary), indent=1, ensure_ascii=False, allow_nan=False)
+    files["summary"].write_text(text + "\n", encoding="utf-8")
     return summary
 
 

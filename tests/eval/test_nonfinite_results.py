@@ -1,0 +1,125 @@
+"""A diverged run's NaN in the files a comparison writes and reads: the effect report's summary.json,
+compare_done.json and results.json are strict JSON (null, no bare NaN), and the comparison reads the nulls
+back as NaN: the table shows n/a, and a difference leaves out, and counts, the pairs that are not finite."""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from nextquill_jax.eval.bootstrap import paired_bootstrap
+from nextquill_jax.eval.compare import write_done
+from nextquill_jax.eval.compare_table import write_results
+from nextquill_jax.eval.effect_report import ExampleEffects, write_report
+from nextquill_jax.loss import LossConfig
+
+N = 5  # examples per run
+
+
+def strict_json(path):
+    """The file's JSON, refusing NaN / Infinity (which `json.loads` would otherwise accept)."""
+
+    def refuse(constant):
+        raise AssertionError(f"{path} holds {constant}, which is not JSON")
+
+    return json.loads(path.read_text(encoding="utf-8"), parse_constant=refuse)
+
+
+def effects(index: int, nll_with: float) -> ExampleEffects:
+    """One example of 2 tokens whose with-history log-probabilities average to -nll_with."""
+    n = 2
+    return ExampleEffects(
+        index=index,
+        row={"user_id": "u", "prompt_with_history": "h", "prompt_without_history": "", "target": "t"},
+        token_ids=np.arange(n, dtype=np.int32),
+        pieces=["a", "b"],
+        p_with=np.full(n, 0.5, np.float32),
+        p_without=np.full(n, 0.25, np.float32),
+        logp_with=np.full(n, -nll_with, np.float32),
+        logp_without=np.full(n, np.log(0.25), np.float32),
+        dce=np.array([0.25, -0.1], np.float32),
+        weight=np.array([0.9, 0.1], np.float32),
+        roles=None,
+    )
+
+
+def run_files(root, name: str, rouge: list[float], nll: list[float], bleu: float) -> dict:
+    """A finished run's files (predictions, rendered split, effect report, compare_done.json) as a
+    comparison leaves them; returns its record as read back from compare_done.json."""
+    run = root / name
+    (run / "eval").mkdir(parents=True)
+    with open(run / "eval" / "predictions.jsonl", "w", encoding="utf-8") as f:
+        for i, value in enumerate(rouge):
+            f.write(json.dumps({"index": i, "rouge1": value, "rougeL": value, "meteor": value}) + "\n")
+    (run / "test.jsonl").write_text("".join(json.dumps({"index": i}) + "\n" for i in range(N)))
+    summary = write_report(
+        [effects(i, v) for i, v in enumerate(nll)], LossConfig(), run / "effects", split="test"
+    )
+    record = {
+        "variant": name,
+        "seed": 0,
+        "eval_dir": str(run / "eval"),
+        "effects_summary": summary["files"]["summary"],
+        "rendered_split": str(run / "test.jsonl"),
+        "bleu": bleu,
+        "settings": {"train": True, "config": {"clip_norm": 1.0}},
+    }
+    returned = write_done(run / "compare_done.json", record)
+    assert json.loads((run / "compare_done.json").read_text()) == returned
+    return returned
+
+
+def test_nonfinite_numbers_are_written_null_and_read_back_as_nan(tmp_path):
+    base_nll = [1.0, 2.0, 3.0, 4.0, 5.0]
+    diverged_nll = [1.5, math.nan, 2.5, 3.5, 4.0]
+    rouge_a, rouge_b = [0.1, 0.2, 0.3, 0.4, 0.5], [0.2, 0.2, 0.1, 0.6, 0.5]
+    records = [
+        run_files(tmp_path, "base", rouge_a, base_nll, bleu=12.5),
+        run_files(tmp_path, "diverged", rouge_b, diverged_nll, bleu=math.nan),
+    ]
+    summary = strict_json(tmp_path / "diverged" / "effects" / "summary.json")
+    assert [e["nll_with"] for e in summary["per_example"]] == [1.5, None, 2.5, 3.5, 4.0]
+    done = strict_json(tmp_path / "diverged" / "compare_done.json")
+    assert done["bleu"] is None and records[1]["bleu"] is None and records[0]["bleu"] == 12.5
+
+    out = tmp_path / "out"
+    out.mkdir()
+    compare = SimpleNamespace(out=str(out), split="test", baseline="base", resamples=1000)
+    result = write_results(SimpleNamespace(source="compare.yaml", compare=compare), records)
+
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert rows["base"]["bleu"] == 12.5 and math.isnan(rows["diverged"]["bleu"])
+    assert rows["base"]["nll_with"] == pytest.approx(np.mean(base_nll), rel=1e-6)
+    assert math.isnan(rows["diverged"]["nll_with"])
+    written = strict_json(out / "results.json")
+    assert written["rows"][1]["bleu"] is None and written["rows"][1]["nll_with"] is None
+    assert written["rows"][0]["bleu"] == 12.5
+
+    # The NLL difference: over the 4 pairs that are finite, the fifth left out and counted.
+    finite = [i for i in range(N) if not math.isnan(diverged_nll[i])]
+    want = paired_bootstrap([diverged_nll[i] for i in finite], [base_nll[i] for i in finite], resamples=1000)
+    got = result["differences"]["diverged"]["nll_with"]
+    assert (got["mean"], got["low"], got["high"]) == pytest.approx((want.mean, want.low, want.high), abs=1e-6)
+    assert got["examples"] == 4 and got["nonfinite"] == 1
+    assert result["differences"]["diverged"]["rouge1"]["nonfinite"] == 0
+    assert result["differences"]["diverged"]["rouge1"]["examples"] == N
+
+    table = (out / "results.md").read_text()
+    diverged_row = next(line for line in table.splitlines() if line.startswith("| diverged |"))
+    assert diverged_row.count("n/a") == 2  # NLL (with history) and BLEU
+    assert "| 12.50 |" in next(line for line in table.splitlines() if line.startswith("| base |"))
+    assert "diverged vs base on NLL (with hist.): " in table and "4 examples, 1 left out: not finite" in table
+
+
+def test_compare_done_keeps_the_settings_as_the_config_gives_them(tmp_path):
+    """Only measured numbers become null: a config's `.inf` must read back as inf, or `finished_changes`
+    would see a changed setting where there is none."""
+    record = {"variant": "v", "bleu": math.inf, "settings": {"config": {"clip_norm": math.inf}}}
+    returned = write_done(tmp_path / "done.json", record)
+    read = json.loads((tmp_path / "done.json").read_text())
+    assert read == returned and read["bleu"] is None
+    assert read["settings"]["config"]["clip_norm"] == math.inf
