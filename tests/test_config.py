@@ -529,7 +529,8 @@ def test_data_whose_largest_id_is_vocab_size_minus_1_is_accepted(
 
     data = write_random_data(tmp_path / "data", train=16, val=8)
     largest = max(_largest_id(data, s) for s in ("train", "val"))
-    assert PreparedSplit(data, "train").max_token_id == _largest_id(data, "train")
+    smallest = min(int(np.load(data / "train" / f"{f}.npy").min()) for f in TOKEN_FIELDS)
+    assert PreparedSplit(data, "train").token_id_range == (smallest, _largest_id(data, "train"))
     path = write_config(tiny_config(data, tmp_path / "work"), tmp_path / "cfg.yaml")
     cfg = load_config(path, [f"model.overrides.vocab_size={largest + 1}"])
     run = set_up_run(cfg, tmp_path / "work", echo=lambda _: None)
@@ -554,10 +555,33 @@ def test_vocab_origin_names_the_key_the_vocab_size_comes_from():
     )
 
 
-def test_the_largest_id_of_an_empty_split_is_minus_1(tmp_path):
+def test_an_empty_split_has_no_id_range_and_passes_the_check(tmp_path):
     write_split(tmp_path, "val", [])
-    assert PreparedSplit(tmp_path, "val").max_token_id == -1
+    assert PreparedSplit(tmp_path, "val").token_id_range is None
     model_setup.check_token_ids(PreparedSplit(tmp_path, "val"), 1, "anything")
+
+
+def test_a_negative_token_id_is_refused_whatever_the_vocab_size(tmp_path):
+    """JAX's gather wraps a negative id around to the end of the embedding: such data is refused, naming
+    the id, though every id is below vocab_size."""
+    ids = lambda *v: np.array(v, np.int32)
+    examples = [
+        TokenizedExample(prompt_with=ids(4, 5), prompt_without=ids(5), target=ids(6, 0)),
+        TokenizedExample(prompt_with=ids(7, 8), prompt_without=ids(8, -3), target=ids(9, 0)),
+    ]
+    write_split(tmp_path, "val", examples, tokenizer="tok")
+    split = PreparedSplit(tmp_path, "val")
+    assert split.token_id_range == (-3, 9)
+    message = (
+        rf"^prepared split {re.escape(str(tmp_path / 'val'))} \(prepared with tokenizer 'tok'\) holds token "
+        rf"id -3: token ids are >= 0, .* Fix: prepare the data again with data.tokenizer set to the model's "
+        rf"own tokenizer .*\)\.$"
+    )
+    with pytest.raises(ConfigError, match=message):
+        model_setup.check_token_ids(split, 1000, "anything")
+    write_split(tmp_path, "test", examples[:1])  # without the negative id: accepted
+    assert PreparedSplit(tmp_path, "test").token_id_range == (0, 6)
+    model_setup.check_token_ids(PreparedSplit(tmp_path, "test"), 7, "anything")
 
 
 def test_cudnn_attention_in_float32_fails_before_compiling(

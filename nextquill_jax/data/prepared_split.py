@@ -181,13 +181,17 @@ class PreparedSplit:
         return hashlib.sha256(json.dumps(self.meta["checksums"], sort_keys=True).encode()).hexdigest()
 
     @functools.cached_property
-    def max_token_id(self) -> int:
-        """The largest token id in the split's token fields (prompts and targets), -1 when it holds none.
+    def token_id_range(self) -> tuple[int, int] | None:
+        """(smallest, largest) token id in the split's token fields (prompts and targets), None when it holds
+        none.
 
-        One vectorised pass over each memory-mapped array, computed on first use (the checksums read every
+        Vectorised passes over each memory-mapped array, computed on first use (the checksums read every
         file already when the split was opened), so data prepared before anything recorded it is covered.
         """
-        return max((int(self._flat[f].max()) for f in TOKEN_FIELDS if self._flat[f].size), default=-1)
+        held = [self._flat[f] for f in TOKEN_FIELDS if self._flat[f].size]
+        if not held:
+            return None
+        return min(int(a.min()) for a in held), max(int(a.max()) for a in held)
 
     def lengths(self, field: str) -> np.ndarray:
         """Token count of `field` for every example, [N] int64."""

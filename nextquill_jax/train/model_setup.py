@@ -116,22 +116,32 @@ def vocab_origin(section: ModelRunConfig, key: str = "model", saved_with: str | 
 
 
 def check_token_ids(split: PreparedSplit, vocab_size: int, origin: str) -> None:
-    """Raise ConfigError if prepared `split` holds a token id the model cannot embed (>= `vocab_size`).
+    """Raise ConfigError if prepared `split` holds a token id the model cannot embed (< 0 or >= `vocab_size`).
 
-    Such an id indexes past the embedding and the LM head: JAX's gather returns NaN there instead of
-    failing, so the loss turns non-finite (training would stop as if diverged, evaluation report a NaN
-    loss). Every command that feeds prepared ids to a model checks them first. `origin` says where
-    `vocab_size` comes from (`vocab_origin`, or a command's flag).
+    Such an id indexes outside the embedding and the LM head: JAX's gather returns NaN there instead of
+    failing (a negative one wraps around to another token's row), so the loss turns non-finite or wrong
+    (training would stop as if diverged, evaluation report a NaN loss). Every command that feeds prepared ids
+    to a model checks them first. `origin` says where `vocab_size` comes from (`vocab_origin`, or a command's
+    flag).
 
     Raises:
-        ConfigError: naming the split's directory, its largest id and tokenizer, the model's vocab_size and
-            `origin`, and the fix.
+        ConfigError: naming the split's directory, its smallest / largest id and tokenizer, the model's
+            vocab_size and `origin`, and the fix.
     """
-    largest = split.max_token_id
-    if largest < vocab_size:
+    if split.token_id_range is None:
         return
+    smallest, largest = split.token_id_range
     tokenizer = split.meta.get("tokenizer")
     prepared_with = f" (prepared with tokenizer {tokenizer!r})" if tokenizer else ""
+    if smallest < 0:
+        raise ConfigError(
+            f"prepared split {split.dir}{prepared_with} holds token id {smallest}: token ids are >= 0, and a "
+            f"negative one would index another token's embedding. Fix: prepare the data again with "
+            f"data.tokenizer set to the model's own tokenizer (a tokenizer or file that yields negative ids "
+            f"is not one the model can read)."
+        )
+    if largest < vocab_size:
+        return
     raise ConfigError(
         f"prepared split {split.dir}{prepared_with} holds token id {largest}, but the model's vocab_size is "
         f"{vocab_size} (from {origin}): ids >= {vocab_size} have no embedding and would make the loss NaN. "
