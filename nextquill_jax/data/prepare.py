@@ -2,8 +2,8 @@
 
 `DIR/<split>/` holds the token arrays (`prepared_split.write_split`), `DIR/<split>.jsonl` the rendered
 examples in the same order (what the model sees, as text), `DIR/summary.json` the counts (rows read per file,
-0 for an empty one, invalid records by reason, records dropped by reason, examples per split, history fitting)
-and token-length statistics.
+0 for an empty one, invalid records by reason, records dropped by reason, `notes`: records kept but probably
+not read as meant, by message, examples per split, history fitting) and token-length statistics.
 
 A fingerprint of the settings (DataConfig without `batching`), the template's text, the tokenizer (its full
 serialisation, EOS and chat template) and the source files (path, size and BLAKE2b content hash, so a file
@@ -140,6 +140,7 @@ def prepare(
         "records_kept": len(records),
         "errors": dict(sorted(log.errors.items())),
         "dropped": dict(sorted(log.dropped.items())),
+        "notes": dict(sorted(log.notes.items())),
         "fitting": dataclasses.asdict(stats),
         "examples": {s: len(by_split[s]) for s in splits},
         "splits": splits,
@@ -267,6 +268,7 @@ def _describe(out: Path, summary: dict[str, Any]) -> str:
         )
     if summary["dropped"]:
         lines.append("  dropped: " + ", ".join(f"{k} {v}" for k, v in summary["dropped"].items()))
+    lines += [f"  warning: {message} ({n} records)" for message, n in summary["notes"].items()]
     cut = summary["fitting"]["prompts_cut"]
     if cut:
         lines.append(

@@ -49,7 +49,7 @@ def test_every_format_goes_through_data_prepare(tmp_path, tok_dir, name, capsys,
     assert main(["data", "prepare", "--config", str(config), "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["examples"] == EXPECTED_EXAMPLES[name]
-    assert summary["errors"] == {}
+    assert summary["errors"] == {} and summary["notes"] == {}
     tok = tiny_tokenizer()
     for split, n in summary["examples"].items():
         rows = [json.loads(line) for line in (out / f"{split}.jsonl").read_text().splitlines()]
@@ -262,6 +262,26 @@ def test_public_history_fit_warns_with_the_count_of_cut_prompts(tmp_path, tiny_t
     assert f"warning: {cut} prompts longer than max_prompt_tokens" in lines[-1]
     rows = [json.loads(x) for x in (tmp_path / "public" / "train.jsonl").read_text().splitlines()]
     assert all(r["tokens"]["prompt_with"] <= 90 for r in rows) and any(r["prompt_cut"] for r in rows)
+
+
+def test_records_read_but_probably_not_as_meant_are_counted_in_the_summary_and_warned(
+    tmp_path, tiny_tokenizer
+):
+    source = tmp_path / "train_questions.jsonl"
+    question = {"id": "q", "input": "i", "output": "o", "profile": [{"summary": "s", "content": "c"}]}
+    source.write_text(
+        "".join(json.dumps({**question, "id": f"q{i}", "userid": "u1"}) + "\n" for i in range(3))
+    )
+    lines: list[str] = []
+    cfg = DataConfig(format="lamp", template="lamp_topic_writing", sources=[str(source)])
+    summary = prepare(cfg, tmp_path / "out", tokenizer=tiny_tokenizer(), echo=lines.append)
+    message = (
+        f"{source}: field `userid` was read as context and the user is the question id; if it names the "
+        "user, rename it `user_id`"
+    )
+    assert summary["notes"] == {message: 3} and summary["examples"] == {"train": 3}
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["notes"] == {message: 3}
+    assert f"  warning: {message} (3 records)" in lines[-1].splitlines()
 
 
 def test_sources_are_fingerprinted_by_content_so_a_change_that_keeps_size_and_mtime_is_noticed(

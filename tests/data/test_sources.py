@@ -520,9 +520,60 @@ def test_an_empty_dpl_review_text_or_lamp_output_is_an_invalid_record(tmp_path):
     )
 
     questions = tmp_path / "train_questions.jsonl"
-    questions.write_text(json.dumps({"id": "q1", "input": "i", "output": " ", "profile": [{"summary": "s"}]}))
+    questions.write_text(
+        json.dumps({"id": "q1", "input": "i", "output": " ", "profile": [{"summary": "s", "content": "c"}]})
+    )
     with pytest.raises(DataError) as e:
         _read(DataConfig(format="lamp", template="lamp_topic_writing", sources=[str(questions)]))
     assert f"{questions}:1:output: `output` is empty; the example would learn only the end-of-text" in str(
         e.value
     )
+
+
+def test_a_lamp_user_id_under_a_near_name_is_read_as_context_and_counted_with_the_fix(tmp_path):
+    """`userid` is not `user_id`: the question's id stays the user (as documented), and each such question
+    is counted under one note naming the file, the field and the fix; an unrelated field is not noted."""
+    questions = tmp_path / "train_questions.jsonl"
+    rows = [
+        {
+            "id": "q1",
+            "input": "i",
+            "output": "o",
+            "userId": "u7",
+            "profile": [{"summary": "s", "content": "c"}],
+        },
+        {
+            "id": "q2",
+            "input": "i",
+            "output": "o",
+            "userId": "u7",
+            "profile": [{"summary": "s", "content": "c"}],
+        },
+        {
+            "id": "q3",
+            "input": "i",
+            "output": "o",
+            "user": "u8",
+            "profile": [{"summary": "s", "content": "c"}],
+        },
+        {
+            "id": "q4",
+            "input": "i",
+            "output": "o",
+            "user_id": "u9",
+            "profile": [{"summary": "s", "content": "c"}],
+        },
+    ]
+    questions.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    records, log = _read(DataConfig(format="lamp", template="lamp_topic_writing", sources=[str(questions)]))
+    assert [(r.user_id, r.context.get("userId")) for r in records] == [
+        ("q1", "u7"),
+        ("q2", "u7"),
+        ("q3", None),
+        ("u9", None),
+    ]
+    message = (
+        f"{questions}: field `userId` was read as context and the user is the question id; if it names the "
+        "user, rename it `user_id`"
+    )
+    assert dict(log.notes) == {message: 2}

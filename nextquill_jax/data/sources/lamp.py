@@ -6,12 +6,15 @@ line / Parquet row as LongLaMP does), optionally with `output` inline and a `use
 of the same split by `id`. The question's scalar fields other than `id` / `output` are the context (the
 templates use `input`); every profile entry's scalar fields form one history entry (Topic Writing: `summary`,
 `content`; abstract generation: `title`, `abstract`). Profiles are kept in the order given and read as oldest
-first. The user is `user_id` when present, else the question `id`. The category is the directory holding the
-questions file. An empty or whitespace-only output is an invalid record (`empty_field`).
+first. The user is `user_id` when present, else the question `id`; a question without `user_id` but with a
+field whose name is close to it (`userid`, `userId`, `user-id`) is read so and counted in the prepared data's
+`notes`, with the fix. The category is the directory holding the questions file. An empty or whitespace-only
+output is an invalid record (`empty_field`).
 """
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 
 from nextquill_jax.data.sources.records import (
@@ -75,7 +78,11 @@ def read_lamp(
             "the example would learn only the end-of-text token. Fix: give the output text, or remove the "
             "question",
         )
-        user_id = get_field(row.value, "user_id", (str,), loc) if "user_id" in row.value else qid
+        if "user_id" in row.value:
+            user_id = get_field(row.value, "user_id", (str,), loc)
+        else:
+            user_id = qid
+            _note_near_user_id(row.value, path, log)
         context = {k: v for k, v in scalar_fields(row.value, loc, "").items() if k not in ("id", "output")}
         history = [
             HistoryEntry(fields=scalar_fields(entry, loc, f"profile[{i}]")) for i, entry in enumerate(profile)
@@ -96,3 +103,15 @@ def read_lamp(
         )
 
     return collect_records(valid_rows(path, log), parse, log, key=lambda r: r.id)
+
+
+def _note_near_user_id(question: dict, path: Path, log: IssueLog) -> None:
+    """Count a question whose field names the user under a misspelt name (`userid`): read as a context
+    field, it would leave each question a user of its own."""
+    by_lower = {str(k).lower(): k for k in question if k not in ("id", "input", "output", "profile")}
+    close = difflib.get_close_matches("user_id", list(by_lower), n=1, cutoff=0.8)
+    if close:
+        log.note(
+            f"{path}: field `{by_lower[close[0]]}` was read as context and the user is the question id; "
+            f"if it names the user, rename it `user_id`"
+        )

@@ -96,7 +96,8 @@ class DataError(ValueError):
 
 @dataclass
 class IssueLog:
-    """Counts rows read (`read`, by file), invalid records (`errors`) and deliberate drops (`dropped`).
+    """Counts rows read (`read`, by file), invalid records (`errors`), deliberate drops (`dropped`) and
+    records read as given but probably not as meant (`notes`, by message: a field name close to a known one).
 
     With `on_error="skip"` an invalid record is skipped and counted; with `"fail"` the first `max_shown` are
     kept in `issues` and `raise_if_failed` raises one `DataError` listing them and counting all by reason, so
@@ -109,6 +110,7 @@ class IssueLog:
     read: Counter = field(default_factory=Counter)
     errors: Counter = field(default_factory=Counter)
     dropped: Counter = field(default_factory=Counter)
+    notes: Counter = field(default_factory=Counter)
 
     def error(self, issue: Issue) -> None:
         self.errors[issue.reason] += 1
@@ -118,6 +120,10 @@ class IssueLog:
     def drop(self, reason: str, n: int = 1) -> None:
         if n:
             self.dropped[reason] += n
+
+    def note(self, message: str) -> None:
+        """Count one record that `message` describes (kept, but probably not read as meant)."""
+        self.notes[message] += 1
 
     def raise_if_failed(self) -> None:
         """Raises DataError when `on_error` is `fail` and any record was invalid."""
