@@ -64,14 +64,15 @@ class MetricsLog:
         fraction."""
         if self._bar is None:
             return
-        self._bar.update(step - self._bar.n)
         shown = {
             "loss": metrics.get("loss"),
             "tok/s": metrics.get("tokens_per_second"),
             "ce∅": metrics.get("ce_without"),
             "pref": metrics.get("pref_fraction"),
         }
+        # The numbers first: `update` redraws the line, which would show the new step with the last row's.
         self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items() if v is not None}, refresh=False)
+        self._bar.update(step - self._bar.n)
 
     def first_value(self, key: str) -> float | None:
         """`key` in the first row of metrics.jsonl that has it (this run's rows, earlier starts included), or

@@ -49,6 +49,17 @@ def test_each_row_is_closed_into_the_file_and_resume_drops_later_rows(tmp_path):
     resumed.close()
 
 
+def test_the_progress_bar_shows_each_step_with_its_own_numbers(tmp_path, capsys):
+    log = MetricsLog(tmp_path, LoggingConfig(tensorboard=False), start_step=0, total_steps=30)
+    log._bar.mininterval = 0  # draw on every update, as a slow step would
+    for step in (10, 20, 30):
+        log.progress(step, {"loss": float(step)})
+    log.close()
+    frames = [f for f in capsys.readouterr().err.split("\r") if re.search(r"\b[123]0/30\b", f)]
+    shown = {int(m[1]): m[2] for f in frames if (m := re.search(r"\b(\d+)/30\b.*loss=([\d.]+)", f))}
+    assert shown == {10: "10", 20: "20", 30: "30"}, frames
+
+
 def events(path: Path) -> list[Event]:
     """The records of a TensorBoard event file, read by the TFRecord framing (u64 length, u32 CRC, payload,
     u32 CRC), independently of the writer."""
