@@ -2,11 +2,12 @@
 
 One directory per step under `<workdir>/checkpoints/<step>/` with the items `state` (the TrainState pytree,
 sharded arrays written by every process), `data` (the Grain iterator's position, one file per process),
-`config` (the resolved config), `progress` (step, epoch, the LoRA base's and the data's identities) and
-Orbax's `metrics`. Saves are asynchronous; Orbax writes each step into `<step>.orbax-checkpoint-tmp*` and
-renames it only once every item is complete, so a process killed mid-save leaves a temporary directory that
-`latest_step` never returns and the next start deletes (tests/train/test_runs.py kills a run mid-save to
-check this).
+`config` (the resolved config), `progress` (step, epoch, the LoRA base's and the data's identities) and,
+while `checkpoint.best_metric` is set, Orbax's `metrics` (the step's evaluation metrics, `{}` without one),
+which ranks the steps for retention after a restart as well. Saves are asynchronous; Orbax writes each step
+into `<step>.orbax-checkpoint-tmp*` and renames it only once every item is complete, so a process killed
+mid-save leaves a temporary directory that `latest_step` never returns and the next start deletes
+(tests/train/test_runs.py kills a run mid-save to check this).
 
 Integrity: once every process has written its files, and before the rename that commits the step, the
 primary process writes `<step>/manifest.json` (every file of the step with its size and BLAKE2b-128
@@ -57,20 +58,27 @@ class CheckpointSaveError(RuntimeError):
     complete checkpoint, which is intact."""
 
 
+def best_metric_fn(cfg: CheckpointConfig) -> Callable[[Mapping[str, float]], float]:
+    """A step's saved metrics -> its `cfg.best_metric` (set), the worst value by `cfg.best_mode` when the step
+    has none (no evaluation at its step)."""
+    worst = math.inf if cfg.best_mode == "min" else -math.inf
+    return lambda m: float(m.get(cfg.best_metric, worst))
+
+
 def preservation_policy(cfg: CheckpointConfig) -> policies.PreservationPolicy:
     """Keep the last `cfg.keep` checkpoints, plus the best one by `cfg.best_metric` when set.
 
-    A checkpoint saved without that metric (no evaluation at its step) ranks worst.
+    A step saved without a metric ranks worst. A step with no `metrics` item at all (saved before this
+    version recorded it, or while `best_metric` was unset) is kept: whether it was the best is unknown.
     """
     latest = policies.LatestN(n=cfg.keep)
     if cfg.best_metric is None:
         return latest
-    worst = math.inf if cfg.best_mode == "min" else -math.inf
     best = policies.BestN(
-        get_metric_fn=lambda m: float(m.get(cfg.best_metric, worst)),
+        get_metric_fn=best_metric_fn(cfg),
         reverse=cfg.best_mode == "min",
         n=1,
-        keep_checkpoints_without_metrics=False,
+        keep_checkpoints_without_metrics=True,
     )
     return policies.AnyPreservationPolicy([latest, best])
 
@@ -199,6 +207,11 @@ class Checkpointer:
         with _absl_level(absl_logging.ERROR if read_only else absl_logging.get_verbosity()):
             options = ocp.CheckpointManagerOptions(
                 preservation_policy=None if read_only else preservation_policy(cfg),
+                # Orbax writes a step's metrics (its `metrics` item, before the commit, so the manifest lists
+                # it) only with a `best_fn`; the preservation policy ranks steps by them, and after a restart
+                # they are all it has.
+                best_fn=None if read_only or cfg.best_metric is None else best_metric_fn(cfg),
+                best_mode=cfg.best_mode,
                 # Always Orbax's asynchronous path, whose commit callback writes the manifest before the
                 # step is renamed into place; `async_save: false` waits for each save instead.
                 enable_async_checkpointing=True,

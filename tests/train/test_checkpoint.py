@@ -44,6 +44,48 @@ def test_keeps_the_last_k_plus_the_best_and_restores_the_data_position(tmp_path)
     ckpt.close()
 
 
+def _save_losses(ckpt: Checkpointer, eval_losses: dict[int, float | None]) -> None:
+    data = iter(grain.MapDataset.range(100).to_iter_dataset())
+    for step, loss in eval_losses.items():
+        metrics = {} if loss is None else {"eval/loss": loss}
+        state = {"w": np.full((3,), step, np.float32)}
+        ckpt.save(step, state, data, config={"x": 1}, progress={"step": step}, metrics=metrics)
+    ckpt.wait()
+
+
+def test_the_best_checkpoint_survives_a_resume_and_its_metric_is_in_the_manifest(tmp_path):
+    cfg = CheckpointConfig(keep=1, best_metric="eval/loss", best_mode="min", async_save=False)
+    ckpt = Checkpointer(tmp_path, cfg)
+    _save_losses(ckpt, {1: 5.0, 2: 1.0, 3: 3.0, 4: 4.0})
+    assert ckpt.all_steps() == [2, 4]
+    ckpt.close()
+
+    resumed = Checkpointer(tmp_path, cfg)  # a new process: the metrics come from disk, not memory
+    _save_losses(resumed, {5: 6.0, 6: None})
+    assert resumed.all_steps() == [2, 6]  # step 2 (eval/loss 1.0) is still the best; 6 is the last
+    assert json.loads((tmp_path / "2" / "metrics" / "metrics").read_text()) == {"eval/loss": 1.0}
+    assert "metrics/metrics" in json.loads((tmp_path / "6" / "manifest.json").read_text())["files"]
+    assert [resumed.check(s).status for s in (2, 6)] == ["ok", "ok"] and resumed.newest_verified() == 6
+    resumed.close()
+
+    resumed = Checkpointer(tmp_path, CheckpointConfig(keep=1, best_metric="eval/loss", best_mode="max"))
+    _save_losses(resumed, {7: 2.0})
+    assert resumed.all_steps() == [7]  # the best by the new mode: 2.0 beats 1.0 and the empty metrics
+    resumed.close()
+
+
+def test_steps_saved_without_a_metrics_item_are_kept_since_which_was_best_is_unknown(tmp_path):
+    # best_metric unset writes no `metrics` item: the layout of every step saved before it was recorded
+    before = Checkpointer(tmp_path, CheckpointConfig(keep=3, best_metric=None))
+    _save_losses(before, {1: 5.0, 2: 1.0, 3: 3.0})
+    before.close()
+    assert not (tmp_path / "2" / "metrics").exists()
+    resumed = Checkpointer(tmp_path, CheckpointConfig(keep=1, best_metric="eval/loss", best_mode="min"))
+    _save_losses(resumed, {4: 4.0, 5: 6.0, 6: 7.0})
+    assert resumed.all_steps() == [1, 2, 3, 4, 6]  # 4 is the best recorded, 6 the last; 5 goes
+    resumed.close()
+
+
 def test_a_read_only_checkpointer_logs_no_warnings_and_reads_progress(tmp_path, caplog):
     ckpt = Checkpointer(tmp_path, CheckpointConfig(async_save=False))
     data = iter(grain.MapDataset.range(10).to_iter_dataset())
