@@ -163,7 +163,8 @@ def test_a_step_lacking_items_is_damaged_and_only_one_with_every_item_is_used_wi
     ckpt = Checkpointer(tmp_path, CheckpointConfig(keep=3))
     _save_steps(ckpt, [1, 2])
     ckpt.close()
-    (tmp_path / "2" / "manifest.json").unlink()  # as saved before manifests existed: every item is there
+    for step in (1, 2):  # as saved before manifests existed: every item is there
+        (tmp_path / str(step) / "manifest.json").unlink()
     shutil.copytree(tmp_path / "2" / "state", tmp_path / "3" / "state")  # a copy that stopped part-way
     (tmp_path / "3" / "config").mkdir()
     (tmp_path / "4").mkdir()  # `mkdir -p checkpoints/4` and nothing copied into it
@@ -196,6 +197,61 @@ def test_a_step_lacking_items_is_damaged_and_only_one_with_every_item_is_used_wi
     writer.close()
 
 
+def test_a_step_that_lost_its_manifest_while_an_older_step_has_one_is_damaged(tmp_path, capsys):
+    from nextquill_jax.cli import main
+
+    ckpts = tmp_path / "checkpoints"
+    ckpt = Checkpointer(ckpts, CheckpointConfig(keep=3))
+    _save_steps(ckpt, [1, 2, 3])
+    ckpt.close()
+    (ckpts / "3" / "manifest.json").unlink()
+    flipped = _largest_file(ckpts / "3")
+    raw = bytearray(flipped.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    flipped.write_bytes(bytes(raw))
+    (ckpts / "1" / "manifest.json").unlink()  # the oldest: nothing older shows it had one
+
+    reader = Checkpointer(ckpts, CheckpointConfig(), read_only=True)
+    lines = []
+    assert reader.newest_verified(lines.append) == 2
+    assert lines == [
+        f"checkpoint {ckpts / '3'} is damaged and not restorable: {ckpts / '3' / 'manifest.json'}: missing, "
+        f"though the older {ckpts / '2' / 'manifest.json'} shows the run saves manifests; trying the "
+        "previous checkpoint"
+    ]
+    assert [reader.check(s).status for s in (1, 2, 3)] == ["no manifest", "ok", "failed"]
+    reader.close()
+    assert main(["checkpoint", "verify", "--workdir", str(tmp_path)]) == 1
+    assert capsys.readouterr().err.startswith(f"error: damaged or incomplete: {ckpts / '3'} (see the table)")
+
+
+def test_a_step_without_a_manifest_that_cannot_be_restored_is_one_integrity_error(tmp_path):
+    ckpt = Checkpointer(tmp_path, CheckpointConfig(keep=3))
+    _save_steps(ckpt, [1])
+    ckpt.close()
+    (tmp_path / "1" / "manifest.json").unlink()
+    shutil.rmtree(tmp_path / "1" / "state" / "d")  # the arrays; the item still holds other files
+    reader = Checkpointer(tmp_path, CheckpointConfig(), read_only=True)
+    lines = []
+    assert reader.newest_verified(lines.append) == 1
+    assert lines == [
+        f"warning: checkpoint {tmp_path / '1'} has no manifest.json, nor has any older step (it may predate "
+        "manifests); it is used unverified"
+    ]
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = {"w": jax.ShapeDtypeStruct((64,), np.float32, sharding=device)}
+    with pytest.raises(IntegrityError) as failed:
+        reader.restore(1, abstract, iter(grain.MapDataset.range(100).to_iter_dataset()))
+    message = str(failed.value)
+    assert message.startswith(f"checkpoint {tmp_path / '1'} could not be read (")
+    assert message.endswith(
+        "); it has no manifest.json, so its files were never checked, and it is probably damaged. Fix: "
+        "choose another step (complete ones: [1]), or restore it from a backup."
+    )
+    assert "\n" not in message
+    reader.close()
+
+
 def test_checkpoint_verify_fails_on_an_incomplete_step_or_none_verified_and_names_steps_moved_aside(
     tmp_path, capsys
 ):
@@ -214,7 +270,8 @@ def test_checkpoint_verify_fails_on_an_incomplete_step_or_none_verified_and_name
     out, err = capsys.readouterr()
     assert out.splitlines()[2].startswith("| 4 | ok | ")
     assert out.splitlines()[3].startswith(
-        f"| 6 | failed | 0 | 0.0 | {ckpts / '6' / 'manifest.json'}: missing; "
+        f"| 6 | failed | 0 | 0.0 | {ckpts / '6' / 'manifest.json'}: missing, though the older "
+        f"{ckpts / '4' / 'manifest.json'} shows the run saves manifests; {ckpts / '6' / 'state'}: missing; "
     )
     assert err.startswith(f"error: damaged or incomplete: {ckpts / '6'} (see the table). Fix: restore them")
     assert len(err.splitlines()) == 1
