@@ -157,10 +157,16 @@ def check_step(step_dir: Path) -> StepCheck:
         return StepCheck(step, "no manifest", [], 0, 0)
     try:
         files = json.loads(path.read_text())["files"]
-    except (ValueError, KeyError) as e:
-        return StepCheck(step, "failed", [f"{path}: unreadable ({e})"], 0, 0)
-    found = checksums.problems(step_dir, files)
-    size = sum(int(f["size"]) for f in files.values())
+        found = checksums.problems(step_dir, files)
+        size = sum(int(f["size"]) for f in files.values())
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # not JSON, or not the manifest's layout
+        return StepCheck(step, "failed", [f"{path}: unreadable ({type(e).__name__}: {e})"], 0, 0)
+    # Every item is saved with at least one file: a manifest listing none of one is not the one saved here.
+    found += [
+        f"{path}: lists no file of {step_dir / item}"
+        for item in ITEMS
+        if not any(name.startswith(f"{item}/") for name in files)
+    ]
     return StepCheck(step, "failed" if found else "ok", found, len(files), size)
 
 

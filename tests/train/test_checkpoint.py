@@ -252,6 +252,28 @@ def test_a_step_without_a_manifest_that_cannot_be_restored_is_one_integrity_erro
     reader.close()
 
 
+def test_a_manifest_that_lists_no_file_of_an_item_or_is_not_a_mapping_fails(tmp_path):
+    ckpt = Checkpointer(tmp_path, CheckpointConfig(keep=3))
+    _save_steps(ckpt, [1])
+    manifest = tmp_path / "1" / "manifest.json"
+    listed = json.loads(manifest.read_text())
+    listed["files"] = {k: v for k, v in listed["files"].items() if not k.startswith("data/")}
+    manifest.write_text(json.dumps(listed))
+    assert ckpt.check(1).problems == [f"{manifest}: lists no file of {tmp_path / '1' / 'data'}"]
+    manifest.write_text('{"algorithm": "blake2b-128", "files": {}}')
+    result = ckpt.check(1)
+    assert result.status == "failed" and len(result.problems) == 4, result
+    for body, error in (
+        ('{"files": []}', "AttributeError"),
+        ("[1]", "TypeError"),
+        ('{"files": {"a": 3}}', "TypeError"),
+    ):
+        manifest.write_text(body)
+        result = ckpt.check(1)
+        assert result.status == "failed" and result.problems[0].startswith(f"{manifest}: unreadable ({error}")
+    ckpt.close()
+
+
 def test_checkpoint_verify_fails_on_an_incomplete_step_or_none_verified_and_names_steps_moved_aside(
     tmp_path, capsys
 ):
