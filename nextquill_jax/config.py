@@ -431,7 +431,9 @@ class CheckpointConfig:
         `best_metric`: the evaluation metric whose best checkpoint is kept too: `eval/` and a metric the
             run's loss reports (`eval/loss`, `eval/ce_with`, ...: README.md's metrics.jsonl table); a name
             evaluation never reports under the `loss` section is refused before the run starts. null: no best
-            kept.
+            kept. Each step records its metrics (its `metrics` item), so the best is still known after a
+            resume; a step that has none (saved by an earlier version, or while this was null) is never
+            deleted automatically, since whether it was the best is unknown: delete it by hand.
         `best_mode`: whether the best `best_metric` is the `min` or the `max`.
         `async_save`: write checkpoints in the background while training goes on; false: wait for each.
         `on_save_error`: a save that fails (a full disk) leaves earlier checkpoints intact and the failed

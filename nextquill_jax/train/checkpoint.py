@@ -2,19 +2,21 @@
 
 One directory per step under `<workdir>/checkpoints/<step>/` with the items `state` (the TrainState pytree,
 sharded arrays written by every process), `data` (the Grain iterator's position, one file per process),
-`config` (the resolved config), `progress` (step, epoch, the LoRA base's and the data's identities) and
-Orbax's `metrics`. Saves are asynchronous; Orbax writes each step into `<step>.orbax-checkpoint-tmp*` and
-renames it only once every item is complete, so a process killed mid-save leaves a temporary directory that
-`latest_step` never returns and the next start deletes (tests/train/test_runs.py kills a run mid-save to
-check this).
+`config` (the resolved config), `progress` (step, epoch, the LoRA base's and the data's identities) and,
+while `checkpoint.best_metric` is set, Orbax's `metrics` (the step's evaluation metrics, `{}` without one),
+which ranks the steps for retention after a restart as well. Saves are asynchronous; Orbax writes each step
+into `<step>.orbax-checkpoint-tmp*` and renames it only once every item is complete, so a process killed
+mid-save leaves a temporary directory that `latest_step` never returns and the next start deletes
+(tests/train/test_runs.py kills a run mid-save to check this).
 
 Integrity: once every process has written its files, and before the rename that commits the step, the
 primary process writes `<step>/manifest.json` (every file of the step with its size and BLAKE2b-128
 checksum, `data.checksums`), so a committed step always carries its manifest. `verify` checks a step
 against it; `newest_verified` is the newest step that passes (the others reported, file by file), which is
-what training resumes from and what evaluation, export and effect reports read. A step without a manifest
-(saved before manifests existed) is used as it is, with a warning, if it holds every item; one that lacks an
-item (an empty or partly copied step directory) is damaged like a step that fails its manifest.
+what training resumes from and what evaluation, export and effect reports read. A step without a manifest is
+damaged like a step that fails its manifest if an older step has one (the run saved manifests: this one was
+lost) or if it lacks an item (an empty or partly copied step directory); otherwise (it may predate manifests)
+it is used as it is, with a warning, and a read that fails there is reported as damage too.
 
 A failed save (a full disk, say) raises `CheckpointSaveError`: from `save` itself, or from the next `save`,
 `poll`, `wait` or `close` when it failed in the background. Its partial directory is removed and never
@@ -57,20 +59,27 @@ class CheckpointSaveError(RuntimeError):
     complete checkpoint, which is intact."""
 
 
+def best_metric_fn(cfg: CheckpointConfig) -> Callable[[Mapping[str, float]], float]:
+    """A step's saved metrics -> its `cfg.best_metric` (set), the worst value by `cfg.best_mode` when the step
+    has none (no evaluation at its step)."""
+    worst = math.inf if cfg.best_mode == "min" else -math.inf
+    return lambda m: float(m.get(cfg.best_metric, worst))
+
+
 def preservation_policy(cfg: CheckpointConfig) -> policies.PreservationPolicy:
     """Keep the last `cfg.keep` checkpoints, plus the best one by `cfg.best_metric` when set.
 
-    A checkpoint saved without that metric (no evaluation at its step) ranks worst.
+    A step saved without a metric ranks worst. A step with no `metrics` item at all (saved before this
+    version recorded it, or while `best_metric` was unset) is kept: whether it was the best is unknown.
     """
     latest = policies.LatestN(n=cfg.keep)
     if cfg.best_metric is None:
         return latest
-    worst = math.inf if cfg.best_mode == "min" else -math.inf
     best = policies.BestN(
-        get_metric_fn=lambda m: float(m.get(cfg.best_metric, worst)),
+        get_metric_fn=best_metric_fn(cfg),
         reverse=cfg.best_mode == "min",
         n=1,
-        keep_checkpoints_without_metrics=False,
+        keep_checkpoints_without_metrics=True,
     )
     return policies.AnyPreservationPolicy([latest, best])
 
@@ -88,9 +97,9 @@ def _absl_level(level: int) -> Iterator[None]:
 @dataclass(frozen=True)
 class StepCheck:
     """One step directory against its manifest: `status` "ok", "failed" (a file differs or is missing, or
-    there is no manifest and an item is missing) or "no manifest" (every item there, as an older version
-    saved it); `problems` names each missing or differing file or item; `files` and `size` (bytes) are what
-    the manifest lists."""
+    there is no manifest and an older step has one or an item is missing) or "no manifest" (every item
+    there, no older manifest: as an older version saved it); `problems` names each missing or differing file
+    or item; `files` and `size` (bytes) are what the manifest lists."""
 
     step: int
     status: str
@@ -119,24 +128,45 @@ def _missing_items(step_dir: Path) -> list[str]:
     return found
 
 
+def _older_manifest(step_dir: Path) -> Path | None:
+    """The manifest of the newest step older than `step_dir` in the same directory, or None."""
+    step = int(step_dir.name)
+    older = [int(p.name) for p in step_dir.parent.iterdir() if p.name.isdigit() and int(p.name) < step]
+    found = (step_dir.parent / str(s) / MANIFEST for s in sorted(older, reverse=True))
+    return next((m for m in found if m.is_file()), None)
+
+
 def check_step(step_dir: Path) -> StepCheck:
     """`step_dir` (a step's directory, as Orbax lists it) checked against its manifest, or without one for
-    every item."""
+    every item when no older step of the directory has a manifest either."""
     step = int(step_dir.name)
     path = step_dir / MANIFEST
     if not path.is_file():
         # Every version has saved all of `ITEMS` in one commit, so an item missing here means a copy or
-        # sync that stopped part-way (Orbax lists any directory named as a step), not an older save.
+        # sync that stopped part-way (Orbax lists any directory named as a step), not an older save. And a
+        # run that saved an older step with a manifest saved this one with a manifest too: it was lost.
+        # (A newer step with one proves nothing: a run begun before manifests may have been resumed since.)
         missing = _missing_items(step_dir)
+        older = _older_manifest(step_dir)
+        if older is not None:
+            missing.insert(0, f"{path}: missing, though the older {older} shows the run saves manifests")
+        elif missing:
+            missing.insert(0, f"{path}: missing")
         if missing:
-            return StepCheck(step, "failed", [f"{path}: missing", *missing], 0, 0)
+            return StepCheck(step, "failed", missing, 0, 0)
         return StepCheck(step, "no manifest", [], 0, 0)
     try:
         files = json.loads(path.read_text())["files"]
-    except (ValueError, KeyError) as e:
-        return StepCheck(step, "failed", [f"{path}: unreadable ({e})"], 0, 0)
-    found = checksums.problems(step_dir, files)
-    size = sum(int(f["size"]) for f in files.values())
+        found = checksums.problems(step_dir, files)
+        size = sum(int(f["size"]) for f in files.values())
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # not JSON, or not the manifest's layout
+        return StepCheck(step, "failed", [f"{path}: unreadable ({type(e).__name__}: {e})"], 0, 0)
+    # Every item is saved with at least one file: a manifest listing none of one is not the one saved here.
+    found += [
+        f"{path}: lists no file of {step_dir / item}"
+        for item in ITEMS
+        if not any(name.startswith(f"{item}/") for name in files)
+    ]
     return StepCheck(step, "failed" if found else "ok", found, len(files), size)
 
 
@@ -172,7 +202,7 @@ def verify_error(directory: Path, checks: list[StepCheck], aside: list[Path]) ->
     if not any(c.status == "ok" for c in checks):
         return (
             f"no checkpoint in {directory} verifies: steps {[c.step for c in checks]} have no {MANIFEST} "
-            "(saved before checkpoints carried one). Fix: evaluation and export still use them, unverified; "
+            "(they may predate manifests). Fix: evaluation and export still use them, unverified; "
             "for a verified one, train the run on (`nextquill-jax train`) until it saves a checkpoint."
         )
     return None
@@ -199,6 +229,11 @@ class Checkpointer:
         with _absl_level(absl_logging.ERROR if read_only else absl_logging.get_verbosity()):
             options = ocp.CheckpointManagerOptions(
                 preservation_policy=None if read_only else preservation_policy(cfg),
+                # Orbax writes a step's metrics (its `metrics` item, before the commit, so the manifest lists
+                # it) only with a `best_fn`; the preservation policy ranks steps by them, and after a restart
+                # they are all it has.
+                best_fn=None if read_only or cfg.best_metric is None else best_metric_fn(cfg),
+                best_mode=cfg.best_mode,
                 # Always Orbax's asynchronous path, whose commit callback writes the manifest before the
                 # step is renamed into place; `async_save: false` waits for each save instead.
                 enable_async_checkpointing=True,
@@ -235,13 +270,13 @@ class Checkpointer:
         return check_step(self.directory / str(step))
 
     def require_verified(self, step: int, report: Callable[[str], None] = _to_stderr) -> None:
-        """Return if step `step` matches its manifest (or has none but holds every item: `report`ed as
-        unverified).
+        """Return if step `step` matches its manifest (or has none, nor has an older step, but holds every
+        item: `report`ed as unverified).
 
         Raises:
             FileNotFoundError: no complete checkpoint at `step`.
-            checksums.IntegrityError: a file of the step is missing or differs, or it has no manifest and
-                lacks an item (naming each).
+            checksums.IntegrityError: a file of the step is missing or differs, or it has no manifest and an
+                older step has one or it lacks an item (naming each).
         """
         result = self.check(step)
         if result.status == "failed":
@@ -253,8 +288,8 @@ class Checkpointer:
             report(self._unverified_line(step))
 
     def newest_verified(self, report: Callable[[str], None] = _to_stderr) -> int | None:
-        """The newest step that matches its manifest (or has none but holds every item, `report`ed as
-        unverified), or None.
+        """The newest step that matches its manifest (or has none, nor has an older step, but holds every
+        item: `report`ed as unverified), or None.
 
         Newer steps that fail (a missing item counts) are `report`ed file by file and, unless read-only,
         moved aside to `<step>.corrupt` so that the run saves that step afresh when it gets there again.
@@ -292,8 +327,8 @@ class Checkpointer:
 
     def _unverified_line(self, step: int) -> str:
         return (
-            f"warning: checkpoint {self.directory / str(step)} has no {MANIFEST} (saved before checkpoints "
-            f"carried one); it is used unverified"
+            f"warning: checkpoint {self.directory / str(step)} has no {MANIFEST}, nor has any older step (it "
+            f"may predate manifests); it is used unverified"
         )
 
     def _write_saving_manifest(self) -> None:
@@ -386,16 +421,18 @@ class Checkpointer:
 
         Raises:
             FileNotFoundError: no complete checkpoint at `step` (naming the ones there are).
+            checksums.IntegrityError: a step without a manifest that cannot be read (naming the error).
         """
         self._require_complete(step)
-        restored = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state),
-                data=grain.checkpoint.CheckpointRestore(data_iterator),
-                progress=ocp.args.JsonRestore(),
-            ),
-        )
+        with self._reading_unverified(step):
+            restored = self.manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state),
+                    data=grain.checkpoint.CheckpointRestore(data_iterator),
+                    progress=ocp.args.JsonRestore(),
+                ),
+            )
         return restored["state"], dict(restored["progress"])
 
     def restore_params(self, step: int, abstract_params: Any) -> Any:
@@ -404,23 +441,25 @@ class Checkpointer:
 
         Raises:
             FileNotFoundError: no complete checkpoint at `step` (naming the ones there are).
+            checksums.IntegrityError: a step without a manifest that cannot be read (naming the error).
         """
         self._require_complete(step)
-        restored = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.PyTreeRestore(
-                    item={"params": abstract_params},
-                    restore_args=jax.tree.map(
-                        lambda s: ocp.ArrayRestoreArgs(
-                            sharding=s.sharding, global_shape=s.shape, dtype=s.dtype
+        with self._reading_unverified(step):
+            restored = self.manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.PyTreeRestore(
+                        item={"params": abstract_params},
+                        restore_args=jax.tree.map(
+                            lambda s: ocp.ArrayRestoreArgs(
+                                sharding=s.sharding, global_shape=s.shape, dtype=s.dtype
+                            ),
+                            {"params": abstract_params},
                         ),
-                        {"params": abstract_params},
-                    ),
-                    partial_restore=True,
-                )
-            ),
-        )
+                        partial_restore=True,
+                    )
+                ),
+            )
         return restored["state"]["params"]
 
     def read_config(self, step: int) -> dict[str, Any]:
@@ -428,6 +467,7 @@ class Checkpointer:
 
         Raises:
             FileNotFoundError: no complete checkpoint at `step` (naming the ones there are).
+            checksums.IntegrityError: a step without a manifest that cannot be read (naming the error).
         """
         return self._read_json(step, "config")
 
@@ -438,13 +478,33 @@ class Checkpointer:
 
         Raises:
             FileNotFoundError: no complete checkpoint at `step` (naming the ones there are).
+            checksums.IntegrityError: a step without a manifest that cannot be read (naming the error).
         """
         return self._read_json(step, "progress")
 
     def _read_json(self, step: int, item: str) -> dict[str, Any]:
         self._require_complete(step)
-        restored = self.manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))
+        with self._reading_unverified(step):
+            restored = self.manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))
         return dict(restored[item])
+
+    @contextlib.contextmanager
+    def _reading_unverified(self, step: int) -> Iterator[None]:
+        # A step without a manifest was never checked: what fails to read there is most likely damage, which
+        # the user fixes like any other (another step, a backup), not a traceback.
+        try:
+            yield
+        except Exception as e:
+            where = self.directory / str(step)
+            if (where / MANIFEST).is_file():
+                raise
+            first = next(iter(str(e).splitlines()), "")
+            first = first if len(first) <= 300 else first[:300] + " ..."  # TensorStore's lines run long
+            raise checksums.IntegrityError(
+                f"checkpoint {where} could not be read ({type(e).__name__}: {first}); it has no {MANIFEST}, "
+                f"so its files were never checked, and it is probably damaged. Fix: choose another step "
+                f"(complete ones: {self.all_steps()}), or restore it from a backup."
+            ) from e
 
     def close(self) -> None:
         """Finish pending saves and release the manager's threads. A save that failed in the background was

@@ -99,8 +99,8 @@ def run_export(args: argparse.Namespace) -> int:
 
     third_party_logs.log_to(args.workdir, named="--workdir")
     check_output_dir(args.out, "--out")
-    out = (export_adapter if args.adapter else export)(args.workdir, args.out, args.step)
-    print(f"exported to {out}")
+    step = (export_adapter if args.adapter else export)(args.workdir, args.out, args.step)
+    print(f"exported step {step} of {args.workdir} to {args.out}")
     return 0
 
 

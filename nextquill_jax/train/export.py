@@ -47,8 +47,9 @@ def refuse_existing_weights(out: str | Path) -> None:
 
 def export(
     workdir: str | Path, out: str | Path, step: int | None = None, echo: Callable[[str], None] = print
-) -> Path:
-    """Export checkpoint `step` (default: latest) of the run in `workdir` to `out`; returns `out`.
+) -> int:
+    """Export checkpoint `step` (default: the newest that verifies) of the run in `workdir` to `out`; returns
+    the step exported.
 
     config.json's `eos_token_id` also lists the token the run's targets end in (its prepared data's
     `eos_token_id`, the tokenizer's end token) when the model's own end tokens lack it, with a note `echo`ed:
@@ -82,7 +83,7 @@ def export(
             "differs from the original base weights by the quantization error in every layer. `export "
             "--adapter` writes the adapters alone, to load onto the original base."
         )
-    return Path(out)
+    return restored.step
 
 
 def targets_end_token(data_dir: Path) -> int | None:
@@ -95,8 +96,9 @@ def targets_end_token(data_dir: Path) -> int | None:
     return None if ends is None else int(ends)
 
 
-def export_adapter(workdir: str | Path, out: str | Path, step: int | None = None) -> Path:
-    """Write the LoRA adapters of checkpoint `step` (default: latest) as a PEFT directory `out`.
+def export_adapter(workdir: str | Path, out: str | Path, step: int | None = None) -> int:
+    """Write the LoRA adapters of checkpoint `step` (default: the newest that verifies) as a PEFT directory
+    `out`; returns the step exported.
 
     Its `base_model_name_or_path` is the run's `model.path` as configured; for a `model.preset` base it is
     null: that base is a random model built from the preset's architecture (with `model.overrides`) and
@@ -116,7 +118,7 @@ def export_adapter(workdir: str | Path, out: str | Path, step: int | None = None
             f"--merged (a Hugging Face directory)"
         )
     section = adapters.base_section(restored.config.model)
-    return write_peft_adapter(
+    write_peft_adapter(
         restored.params,
         model_setup.model_config(section),
         out,
@@ -125,3 +127,4 @@ def export_adapter(workdir: str | Path, out: str | Path, step: int | None = None
         dropout=lora.dropout,
         base_model=section.path,
     )
+    return restored.step

@@ -4,7 +4,9 @@ Only process 0 writes. On resume from step S, rows of `metrics.jsonl` after S (s
 checkpointed) are dropped and TensorBoard purges them too, so every step appears once: the resumed writer
 starts a new event file (tensorboardX names it `events.out.tfevents.<unix seconds>.<hostname>`, so it sorts
 after the earlier ones and replaces none) with a session-start event at step S + 1, and TensorBoard, reading a
-directory's files in name order, drops the steps >= S + 1 it read before. `metrics.jsonl` is opened and closed
+directory's files in name order, drops the steps >= S + 1 it read before. Lines that are not a JSON row (a
+write cut short by a full disk or a kill, NUL bytes after a power loss) are dropped then too, and counted in
+a warning naming the file. `metrics.jsonl` is opened and closed
 for each row: on a bucket mounted with Cloud Storage FUSE a file reaches the bucket only when it is closed, so
 a file held open for the whole run would be invisible there until the end, and lost on a kill. The event files
 are held open, so on such a mount `logging.tensorboard_dir` puts them on a local disk, from which
@@ -39,7 +41,12 @@ class MetricsLog:
         if not self.enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        _truncate_after(self.path, start_step)
+        if unreadable := _truncate_after(self.path, start_step):
+            shown = ", ".join(map(str, unreadable[:5])) + (", ..." if len(unreadable) > 5 else "")
+            self.message(
+                f"warning: {self.path}: dropped {len(unreadable)} line(s) that are not a JSON row with a "
+                f"step (line {shown}: a write cut short, e.g. by a full disk, a kill or a power loss)"
+            )
         if cfg.tensorboard:
             from tensorboardX import SummaryWriter
 
@@ -80,7 +87,8 @@ class MetricsLog:
         if not self.enabled or not self.path.exists():
             return None
         with self.path.open() as f:
-            return next((row[key] for row in map(json.loads, f) if row.get(key) is not None), None)
+            found = (row[key] for row in map(_row, f) if row is not None and row.get(key) is not None)
+            return next(found, None)
 
     def message(self, text: str) -> None:
         """Print `text` on process 0 without breaking the bar."""
@@ -102,13 +110,27 @@ def tensorboard_dir(cfg: LoggingConfig, workdir: str | Path) -> Path:
     return Path(cfg.tensorboard_dir).expanduser() if cfg.tensorboard_dir else Path(workdir) / TENSORBOARD_DIR
 
 
-def _truncate_after(path: Path, step: int) -> None:
+def _row(line: str) -> dict[str, Any] | None:
+    """`line` of metrics.jsonl as a row, or None if it is not a JSON object with an integer step."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) and isinstance(row.get("step"), int) else None
+
+
+def _truncate_after(path: Path, step: int) -> list[int]:
+    """Keep the rows of `path` up to `step`; return the (1-based) numbers of the non-blank lines dropped as
+    unreadable (`_row`)."""
     if not path.exists():
-        return
-    kept = [
-        line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step
+        return []
+    lines = [
+        (n, line) for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1) if line.strip()
     ]
+    rows = [(n, line, _row(line)) for n, line in lines]
+    kept = [line for _, line, row in rows if row is not None and row["step"] <= step]
     path.write_text("".join(line + "\n" for line in kept))
+    return [n for n, _, row in rows if row is None]
 
 
 def _json_number(value: float) -> float | None:

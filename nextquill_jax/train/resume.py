@@ -44,6 +44,10 @@ MAY_CHANGE = (
     "train.micro_batches",  # what a resume on fewer devices needs
     "loss.token_chunk",
     "loss.vocab_chunk",
+    # Grain's threads and read-ahead: batches come in index order and the saved iterator state is the next
+    # index alone, whatever these are (tests/data/test_pipeline.py resumes under others).
+    "data.batching.read_threads",
+    "data.batching.prefetch_batches",
 )
 # The differing keys a refusal lists before it only counts the rest.
 MAX_LISTED = 10

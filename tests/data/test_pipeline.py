@@ -291,6 +291,20 @@ def test_get_set_state_resumes_and_rejects_other_settings(data):
         other.set_state(state)
 
 
+def test_a_state_resumes_the_same_batches_under_other_read_threads_and_prefetch(data):
+    root, _ = data
+    split = PreparedSplit(root, "train")
+    uninterrupted = list(BatchPipeline(split, _cfg(num_epochs=2), process_index=0, process_count=1))
+    it = iter(BatchPipeline(split, _cfg(num_epochs=2), process_index=0, process_count=1))
+    _take(it, 5)
+    state = it.get_state()
+    for threads, prefetch in ((0, 0), (4, 1), (1, 8)):
+        other = _cfg(num_epochs=2, read_threads=threads, prefetch_batches=prefetch)
+        resumed = iter(BatchPipeline(split, other, process_index=0, process_count=1))
+        resumed.set_state(state)
+        _assert_same(list(resumed), uninterrupted[5:])
+
+
 def test_num_epochs_and_drop_remainder(data):
     root, _ = data
     split = PreparedSplit(root, "train")

@@ -44,6 +44,48 @@ def test_keeps_the_last_k_plus_the_best_and_restores_the_data_position(tmp_path)
     ckpt.close()
 
 
+def _save_losses(ckpt: Checkpointer, eval_losses: dict[int, float | None]) -> None:
+    data = iter(grain.MapDataset.range(100).to_iter_dataset())
+    for step, loss in eval_losses.items():
+        metrics = {} if loss is None else {"eval/loss": loss}
+        state = {"w": np.full((3,), step, np.float32)}
+        ckpt.save(step, state, data, config={"x": 1}, progress={"step": step}, metrics=metrics)
+    ckpt.wait()
+
+
+def test_the_best_checkpoint_survives_a_resume_and_its_metric_is_in_the_manifest(tmp_path):
+    cfg = CheckpointConfig(keep=1, best_metric="eval/loss", best_mode="min", async_save=False)
+    ckpt = Checkpointer(tmp_path, cfg)
+    _save_losses(ckpt, {1: 5.0, 2: 1.0, 3: 3.0, 4: 4.0})
+    assert ckpt.all_steps() == [2, 4]
+    ckpt.close()
+
+    resumed = Checkpointer(tmp_path, cfg)  # a new process: the metrics come from disk, not memory
+    _save_losses(resumed, {5: 6.0, 6: None})
+    assert resumed.all_steps() == [2, 6]  # step 2 (eval/loss 1.0) is still the best; 6 is the last
+    assert json.loads((tmp_path / "2" / "metrics" / "metrics").read_text()) == {"eval/loss": 1.0}
+    assert "metrics/metrics" in json.loads((tmp_path / "6" / "manifest.json").read_text())["files"]
+    assert [resumed.check(s).status for s in (2, 6)] == ["ok", "ok"] and resumed.newest_verified() == 6
+    resumed.close()
+
+    resumed = Checkpointer(tmp_path, CheckpointConfig(keep=1, best_metric="eval/loss", best_mode="max"))
+    _save_losses(resumed, {7: 2.0})
+    assert resumed.all_steps() == [7]  # the best by the new mode: 2.0 beats 1.0 and the empty metrics
+    resumed.close()
+
+
+def test_steps_saved_without_a_metrics_item_are_kept_since_which_was_best_is_unknown(tmp_path):
+    # best_metric unset writes no `metrics` item: the layout of every step saved before it was recorded
+    before = Checkpointer(tmp_path, CheckpointConfig(keep=3, best_metric=None))
+    _save_losses(before, {1: 5.0, 2: 1.0, 3: 3.0})
+    before.close()
+    assert not (tmp_path / "2" / "metrics").exists()
+    resumed = Checkpointer(tmp_path, CheckpointConfig(keep=1, best_metric="eval/loss", best_mode="min"))
+    _save_losses(resumed, {4: 4.0, 5: 6.0, 6: 7.0})
+    assert resumed.all_steps() == [1, 2, 3, 4, 6]  # 4 is the best recorded, 6 the last; 5 goes
+    resumed.close()
+
+
 def test_a_read_only_checkpointer_logs_no_warnings_and_reads_progress(tmp_path, caplog):
     ckpt = Checkpointer(tmp_path, CheckpointConfig(async_save=False))
     data = iter(grain.MapDataset.range(10).to_iter_dataset())
@@ -121,7 +163,8 @@ def test_a_step_lacking_items_is_damaged_and_only_one_with_every_item_is_used_wi
     ckpt = Checkpointer(tmp_path, CheckpointConfig(keep=3))
     _save_steps(ckpt, [1, 2])
     ckpt.close()
-    (tmp_path / "2" / "manifest.json").unlink()  # as saved before manifests existed: every item is there
+    for step in (1, 2):  # as saved before manifests existed: every item is there
+        (tmp_path / str(step) / "manifest.json").unlink()
     shutil.copytree(tmp_path / "2" / "state", tmp_path / "3" / "state")  # a copy that stopped part-way
     (tmp_path / "3" / "config").mkdir()
     (tmp_path / "4").mkdir()  # `mkdir -p checkpoints/4` and nothing copied into it
@@ -154,6 +197,83 @@ def test_a_step_lacking_items_is_damaged_and_only_one_with_every_item_is_used_wi
     writer.close()
 
 
+def test_a_step_that_lost_its_manifest_while_an_older_step_has_one_is_damaged(tmp_path, capsys):
+    from nextquill_jax.cli import main
+
+    ckpts = tmp_path / "checkpoints"
+    ckpt = Checkpointer(ckpts, CheckpointConfig(keep=3))
+    _save_steps(ckpt, [1, 2, 3])
+    ckpt.close()
+    (ckpts / "3" / "manifest.json").unlink()
+    flipped = _largest_file(ckpts / "3")
+    raw = bytearray(flipped.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    flipped.write_bytes(bytes(raw))
+    (ckpts / "1" / "manifest.json").unlink()  # the oldest: nothing older shows it had one
+
+    reader = Checkpointer(ckpts, CheckpointConfig(), read_only=True)
+    lines = []
+    assert reader.newest_verified(lines.append) == 2
+    assert lines == [
+        f"checkpoint {ckpts / '3'} is damaged and not restorable: {ckpts / '3' / 'manifest.json'}: missing, "
+        f"though the older {ckpts / '2' / 'manifest.json'} shows the run saves manifests; trying the "
+        "previous checkpoint"
+    ]
+    assert [reader.check(s).status for s in (1, 2, 3)] == ["no manifest", "ok", "failed"]
+    reader.close()
+    assert main(["checkpoint", "verify", "--workdir", str(tmp_path)]) == 1
+    assert capsys.readouterr().err.startswith(f"error: damaged or incomplete: {ckpts / '3'} (see the table)")
+
+
+def test_a_step_without_a_manifest_that_cannot_be_restored_is_one_integrity_error(tmp_path):
+    ckpt = Checkpointer(tmp_path, CheckpointConfig(keep=3))
+    _save_steps(ckpt, [1])
+    ckpt.close()
+    (tmp_path / "1" / "manifest.json").unlink()
+    shutil.rmtree(tmp_path / "1" / "state" / "d")  # the arrays; the item still holds other files
+    reader = Checkpointer(tmp_path, CheckpointConfig(), read_only=True)
+    lines = []
+    assert reader.newest_verified(lines.append) == 1
+    assert lines == [
+        f"warning: checkpoint {tmp_path / '1'} has no manifest.json, nor has any older step (it may predate "
+        "manifests); it is used unverified"
+    ]
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = {"w": jax.ShapeDtypeStruct((64,), np.float32, sharding=device)}
+    with pytest.raises(IntegrityError) as failed:
+        reader.restore(1, abstract, iter(grain.MapDataset.range(100).to_iter_dataset()))
+    message = str(failed.value)
+    assert message.startswith(f"checkpoint {tmp_path / '1'} could not be read (")
+    assert message.endswith(
+        "); it has no manifest.json, so its files were never checked, and it is probably damaged. Fix: "
+        "choose another step (complete ones: [1]), or restore it from a backup."
+    )
+    assert "\n" not in message
+    reader.close()
+
+
+def test_a_manifest_that_lists_no_file_of_an_item_or_is_not_a_mapping_fails(tmp_path):
+    ckpt = Checkpointer(tmp_path, CheckpointConfig(keep=3))
+    _save_steps(ckpt, [1])
+    manifest = tmp_path / "1" / "manifest.json"
+    listed = json.loads(manifest.read_text())
+    listed["files"] = {k: v for k, v in listed["files"].items() if not k.startswith("data/")}
+    manifest.write_text(json.dumps(listed))
+    assert ckpt.check(1).problems == [f"{manifest}: lists no file of {tmp_path / '1' / 'data'}"]
+    manifest.write_text('{"algorithm": "blake2b-128", "files": {}}')
+    result = ckpt.check(1)
+    assert result.status == "failed" and len(result.problems) == 4, result
+    for body, error in (
+        ('{"files": []}', "AttributeError"),
+        ("[1]", "TypeError"),
+        ('{"files": {"a": 3}}', "TypeError"),
+    ):
+        manifest.write_text(body)
+        result = ckpt.check(1)
+        assert result.status == "failed" and result.problems[0].startswith(f"{manifest}: unreadable ({error}")
+    ckpt.close()
+
+
 def test_checkpoint_verify_fails_on_an_incomplete_step_or_none_verified_and_names_steps_moved_aside(
     tmp_path, capsys
 ):
@@ -172,7 +292,8 @@ def test_checkpoint_verify_fails_on_an_incomplete_step_or_none_verified_and_name
     out, err = capsys.readouterr()
     assert out.splitlines()[2].startswith("| 4 | ok | ")
     assert out.splitlines()[3].startswith(
-        f"| 6 | failed | 0 | 0.0 | {ckpts / '6' / 'manifest.json'}: missing; "
+        f"| 6 | failed | 0 | 0.0 | {ckpts / '6' / 'manifest.json'}: missing, though the older "
+        f"{ckpts / '4' / 'manifest.json'} shows the run saves manifests; {ckpts / '6' / 'state'}: missing; "
     )
     assert err.startswith(f"error: damaged or incomplete: {ckpts / '6'} (see the table). Fix: restore them")
     assert len(err.splitlines()) == 1

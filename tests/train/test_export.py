@@ -1,5 +1,6 @@
 """`export`'s config.json end tokens: the token the run's targets end in is listed, as transformers'
-generation reads it, whether or not the model's own config named it."""
+generation reads it, whether or not the model's own config named it; the step exported is named (a damaged
+newer one skipped)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from tests.shared import TINY_EOS_ID
 
 def test_the_token_the_targets_end_in_is_an_end_token_of_the_export(trained_run, tmp_path):
     notes = []
-    same = export(trained_run.workdir, tmp_path / "same", echo=notes.append)
+    same = tmp_path / "same"
+    assert export(trained_run.workdir, same, echo=notes.append) == 2
     assert json.loads((same / "config.json").read_text())["eos_token_id"] == TINY_EOS_ID
     assert notes == []  # the tiny model's end token is its tokenizer's
 
@@ -26,7 +28,8 @@ def test_the_token_the_targets_end_in_is_an_end_token_of_the_export(trained_run,
     meta = json.loads(meta_file.read_text())
     assert meta["eos_token_id"] == TINY_EOS_ID
     meta_file.write_text(json.dumps({**meta, "eos_token_id": 2}))
-    other = export(workdir, tmp_path / "other", echo=notes.append)
+    other = tmp_path / "other"
+    export(workdir, other, echo=notes.append)
     # What transformers' generate stops at, for a directory without generation_config.json.
     generation = GenerationConfig.from_model_config(AutoConfig.from_pretrained(other))
     assert generation.eos_token_id == [TINY_EOS_ID, 2]
@@ -35,3 +38,19 @@ def test_the_token_the_targets_end_in_is_an_end_token_of_the_export(trained_run,
         f"[{TINY_EOS_ID}] lacks; {other / 'config.json'} lists [{TINY_EOS_ID}, 2], so that generation stops "
         "where the model learnt to end."
     ]
+
+
+def test_export_names_the_step_it_exported_after_falling_back_from_a_damaged_one(
+    trained_run, tmp_path, capsys
+):
+    from nextquill_jax.cli import main
+
+    workdir = tmp_path / "run"
+    shutil.copytree(trained_run.workdir, workdir)
+    ckpts = workdir / "checkpoints"
+    shutil.copytree(ckpts / "2", ckpts / "1")  # an older step that verifies
+    (ckpts / "2" / "config" / "metadata").write_text("{}")  # the newer one no longer matches its manifest
+    assert main(["export", "--workdir", str(workdir), "--out", str(tmp_path / "hf")]) == 0
+    out, err = capsys.readouterr()
+    assert f"checkpoint {ckpts / '2'} is damaged and not restorable: " in err
+    assert out.splitlines()[-1] == f"exported step 1 of {workdir} to {tmp_path / 'hf'}"

@@ -128,7 +128,8 @@ def test_a_lora_workdir_restores_as_its_base_with_the_adapters_merged(runs):
 
 def test_export_adapter_and_init_from_round_trip(runs, tmp_path):
     workdir = runs["root"] / "A"
-    out = export_adapter(workdir, tmp_path / "peft")
+    out = tmp_path / "peft"
+    export_adapter(workdir, out)
     # A random preset base (qwen2.5-0.5b's architecture at test size): no name loads it, so none is given.
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] is None
     saved = restore_params(workdir).params

@@ -60,6 +60,33 @@ def test_the_progress_bar_shows_each_step_with_its_own_numbers(tmp_path, capsys)
     assert shown == {10: "10", 20: "20", 30: "30"}, frames
 
 
+def test_a_resume_drops_and_reports_lines_cut_short_and_first_value_skips_them(tmp_path, capsys):
+    log = MetricsLog(tmp_path, QUIET, start_step=0, total_steps=30)
+    for step in (10, 20, 30):
+        log.write(step, {"loss": 1.0 / step, "ce_without": float(step)})
+    log.close()
+    path = tmp_path / METRICS_FILE
+    lines = path.read_text().splitlines()
+    nul_and_bad_byte, torn = "\x00" * 7 + "\udcff", '{"step": 35, "loss": 3.7'
+    garbled = [lines[0], nul_and_bad_byte, lines[1], '["not a row"]', lines[2], torn]
+    path.write_bytes("\n".join(garbled).encode("utf-8", "surrogateescape"))
+
+    resumed = MetricsLog(tmp_path, QUIET, start_step=20, total_steps=40)
+    assert capsys.readouterr().out == (
+        f"warning: {path}: dropped 3 line(s) that are not a JSON row with a step (line 2, 4, 6: a write cut "
+        "short, e.g. by a full disk, a kill or a power loss)\n"
+    )
+    resumed.write(30, {"loss": 0.5})
+    assert rows(tmp_path) == [
+        {"step": 10, "loss": 0.1, "ce_without": 10.0},
+        {"step": 20, "loss": 0.05, "ce_without": 20.0},
+        {"step": 30, "loss": 0.5},
+    ]
+    path.write_text('{"step": 5, "loss": 1.0, "ce_with\n' + path.read_text())  # cut short before the rest
+    assert resumed.first_value("ce_without") == 10.0
+    resumed.close()
+
+
 def events(path: Path) -> list[Event]:
     """The records of a TensorBoard event file, read by the TFRecord framing (u64 length, u32 CRC, payload,
     u32 CRC), independently of the writer."""

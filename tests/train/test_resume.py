@@ -63,6 +63,8 @@ def test_a_resume_that_changes_only_logging_eval_checkpoint_data_dir_and_micro_b
         "checkpoint.keep=3",
         f"train.data_dir={moved}",
         "train.micro_batches=2",
+        "data.batching.read_threads=2",
+        "data.batching.prefetch_batches=1",
     ]
     lines = []
     result = loop.train(load_config(path, allowed), workdir, echo=lines.append)
