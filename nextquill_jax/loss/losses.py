@@ -58,12 +58,11 @@ from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from nextquill_jax.data.batch import IGNORE_INDEX
 from nextquill_jax.loss.config import VARIANTS, LossConfig, streams_needed
 from nextquill_jax.loss.effects import (
     DCE_QUANTILES,
+    check_labels,
     data_effect,
     dce_from_logits,
     effect_stats,
@@ -135,7 +134,7 @@ def loss_from_logits(
             if logits.shape[:-1] != labels.shape:
                 raise ValueError(f"{name} shape {logits.shape} must be labels shape {labels.shape} + (V,)")
             vocab = logits.shape[-1]
-    _check_labels(labels, vocab)
+    check_labels(labels, vocab)
     mask = target_mask(labels)
 
     logprob_with = None if logits_with is None else token_logprobs(logits_with, labels)
@@ -151,8 +150,11 @@ def loss_from_logits(
     if reference_logits is not None:
         ref_with, ref_without = reference_logits
         for name, ref in (("reference_logits[0]", ref_with), ("reference_logits[1]", ref_without)):
-            if ref.shape[:-1] != labels.shape:
-                raise ValueError(f"{name} shape {ref.shape} must be labels shape {labels.shape} + (V,)")
+            if ref.shape[:-1] != labels.shape or ref.shape[-1] != vocab:
+                raise ValueError(
+                    f"{name} shape {ref.shape} must be labels shape {labels.shape} + the streams' vocabulary "
+                    f"({vocab},): the reference model must share the trained model's vocabulary"
+                )
         dce = dce_from_logits(ref_with, ref_without, labels)
     elif reference_dce is not None:
         dce = _fixed_dce(reference_dce, labels)
@@ -229,7 +231,7 @@ def loss_from_hidden(
     if have_with and have_without and hidden_with.shape != hidden_without.shape:
         raise ValueError(f"hidden_with {hidden_with.shape} and hidden_without {hidden_without.shape} differ")
     width = (hidden_with if have_with else hidden_without).shape[-1]
-    _check_labels(labels, head_vocab(lm_head, head_layout, width))
+    check_labels(labels, head_vocab(lm_head, head_layout, width))
     mask = target_mask(labels)
     head = dict(
         head_layout=head_layout, token_chunk=token_chunk, vocab_chunk=vocab_chunk, operand_dtype=operand_dtype
@@ -542,22 +544,4 @@ def _check_sources(
     if cfg.dce == "dynamic" and have_reference:
         raise ValueError(
             "a reference DCE was given but LossConfig.dce='dynamic' would ignore it; set dce='fixed'"
-        )
-
-
-def _check_labels(labels: jax.Array, vocab: int | None) -> None:
-    """For concrete labels (not under jit), raise ValueError at the first id outside [0, V) and not -100."""
-    if vocab is None:
-        return
-    try:
-        if isinstance(labels, jax.Array) and not labels.is_fully_addressable:
-            return  # other hosts hold parts of it
-        values = np.asarray(labels)
-    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
-        return  # under jit: the values are unknown until run time
-    bad = (values != IGNORE_INDEX) & ((values < 0) | (values >= vocab))
-    if bad.any():
-        where = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise ValueError(
-            f"labels{list(where)} = {values[where]} is outside [0, {vocab}) and not {IGNORE_INDEX}"
         )

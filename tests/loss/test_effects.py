@@ -77,6 +77,40 @@ def test_target_weights():
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-7)
 
 
+def test_a_nan_dce_gives_a_nan_weight_at_target_slots_only():
+    """NaN > δ is False: without propagation a NaN DCE (a label outside a vocabulary, under jit) would
+    silently weigh ε."""
+    dce = np.array([[np.nan, 0.7, np.nan, -0.2]], np.float32)
+    mask = np.array([[True, True, False, True]])
+    got = np.asarray(target_weights(jnp.asarray(dce), jnp.asarray(mask), threshold=0.05, high=0.9, low=0.1))
+    np.testing.assert_array_equal(got, np.array([[np.nan, 0.9, 0.0, 0.1]], np.float32))
+
+
+def test_dce_functions_refuse_concrete_labels_outside_the_vocabulary_and_give_nan_under_jit(logits):
+    zw, zo, _ = logits
+    v = zw.shape[-1]
+    zw32, zo32 = jnp.asarray(zw, jnp.float32), jnp.asarray(zo, jnp.float32)
+    y = np.zeros(zw.shape[:-1], np.int64)
+    y[1, 2] = v
+    rng = np.random.default_rng(2)
+    hw, ho = (jnp.asarray(rng.normal(size=(*y.shape, 6)), jnp.float32) for _ in range(2))
+    head = jnp.asarray(rng.normal(size=(v, 6)), jnp.float32)
+    for bad in (v, -1):
+        y[1, 2] = bad
+        with pytest.raises(ValueError, match=rf"labels\[1, 2\] = {bad} is outside \[0, {v}\)"):
+            dce_from_logits(zw32, zo32, jnp.asarray(y))
+        with pytest.raises(ValueError, match=rf"labels\[1, 2\] = {bad} is outside \[0, {v}\)"):
+            dce_from_hidden(hw, ho, head, jnp.asarray(y))
+        for got in (
+            jax.jit(dce_from_logits)(zw32, zo32, jnp.asarray(y)),
+            jax.jit(dce_from_hidden)(hw, ho, head, jnp.asarray(y)),
+        ):
+            nan = np.isnan(np.asarray(got))
+            assert nan[1, 2] and nan.sum() == 1
+    with pytest.raises(ValueError, match=r"must both be labels shape \(3, 5\) \+ \(V,\)"):
+        dce_from_logits(zw32, zo32[..., :-1], jnp.asarray(y % v))
+
+
 def test_js_weights_value_and_gradient_switch(logits):
     zw, zo, y = logits
     mask = y != IGNORE
