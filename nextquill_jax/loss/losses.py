@@ -128,12 +128,10 @@ def loss_from_logits(
     )
     if reference_logits is not None and reference_dce is not None:
         raise ValueError("pass reference_logits or reference_dce, not both")
-    vocab = None
-    for name, logits in (("logits_with", logits_with), ("logits_without", logits_without)):
-        if logits is not None:
-            if logits.shape[:-1] != labels.shape:
-                raise ValueError(f"{name} shape {logits.shape} must be labels shape {labels.shape} + (V,)")
-            vocab = logits.shape[-1]
+    given = {"logits_with": logits_with, "logits_without": logits_without}
+    if reference_logits is not None:
+        given.update({"reference_logits[0]": reference_logits[0], "reference_logits[1]": reference_logits[1]})
+    vocab = _check_logit_shapes({k: v for k, v in given.items() if v is not None}, labels)
     check_labels(labels, vocab)
     mask = target_mask(labels)
 
@@ -148,14 +146,7 @@ def loss_from_logits(
         js = js_weights(logits_with, logits_without, mask, detach=cfg.js_detach)
 
     if reference_logits is not None:
-        ref_with, ref_without = reference_logits
-        for name, ref in (("reference_logits[0]", ref_with), ("reference_logits[1]", ref_without)):
-            if ref.shape[:-1] != labels.shape or ref.shape[-1] != vocab:
-                raise ValueError(
-                    f"{name} shape {ref.shape} must be labels shape {labels.shape} + the streams' vocabulary "
-                    f"({vocab},): the reference model must share the trained model's vocabulary"
-                )
-        dce = dce_from_logits(ref_with, ref_without, labels)
+        dce = dce_from_logits(*reference_logits, labels)
     elif reference_dce is not None:
         dce = _fixed_dce(reference_dce, labels)
     elif logprob_with is not None and logprob_without is not None:
@@ -527,6 +518,25 @@ def _fixed_dce(reference_dce: jax.Array, labels: jax.Array) -> jax.Array:
         raise ValueError(f"reference_dce shape {reference_dce.shape} must equal labels shape {labels.shape}")
     dce = jnp.where(target_mask(labels), reference_dce.astype(jnp.float32), 0.0)
     return jax.lax.stop_gradient(dce)
+
+
+def _check_logit_shapes(logits: Mapping[str, jax.Array], labels: jax.Array) -> int | None:
+    """The vocabulary V of the given [..., R, V] logits (None if none is given); raise ValueError naming the
+    array unless each is labels' shape + (V,) with one V for all: the streams and a reference model must
+    share one vocabulary (a V of 1 would otherwise broadcast)."""
+    vocab, first = None, None
+    for name, z in logits.items():
+        if z.shape[:-1] != labels.shape:
+            raise ValueError(f"{name} shape {z.shape} must be labels shape {labels.shape} + (V,)")
+        if vocab is None:
+            vocab, first = z.shape[-1], name
+        elif z.shape[-1] != vocab:
+            raise ValueError(
+                f"{name} shape {z.shape} and {first} shape {logits[first].shape} differ in their vocabulary "
+                "size: the two streams and the reference logits must all come from models with one "
+                "vocabulary"
+            )
+    return vocab
 
 
 def _check_sources(
