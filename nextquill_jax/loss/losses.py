@@ -58,11 +58,13 @@ from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from nextquill_jax.loss.config import VARIANTS, LossConfig, streams_needed
 from nextquill_jax.loss.effects import (
     DCE_QUANTILES,
     check_labels,
+    concrete_values,
     data_effect,
     dce_from_logits,
     effect_stats,
@@ -111,13 +113,16 @@ def loss_from_logits(
             (normalize token).
         example_ids: [..., R] int in [0, R], for `cfg.normalize == "example"`: slots of one row with the
             same id belong to one example (ignored slots' ids do not matter); None: each row is one example.
+            Concrete ids outside [0, R] at target slots raise ValueError (under jit those slots would be
+            left out).
 
     Returns:
         (loss, aux): float32 scalar loss and the aux dict of float32 scalars (module docstring).
 
     Raises:
         ValueError: a stream or reference the variant needs is missing, a reference is given for a dynamic
-            DCE, shapes disagree, or (for concrete labels) a label is neither IGNORE_INDEX nor in [0, V).
+            DCE, shapes disagree, or (for concrete values) a label is neither IGNORE_INDEX nor in [0, V), or
+            an example id at a target slot is outside [0, R].
     """
     _check_sources(
         cfg,
@@ -485,11 +490,34 @@ def _loss_from_sums(
 
 def example_slots(mask: jax.Array, example_ids: jax.Array | None) -> jax.Array:
     """[..., R] int32: 1 + the example id of every target slot (example 0 when `example_ids` is None), 0 at
-    ignored slots; the segment ids `example_sums` sums over."""
+    ignored slots; the segment ids `example_sums` sums over.
+
+    Raises:
+        ValueError: `example_ids` of another shape than `mask`, or (concrete ids, not under jit) an id outside
+            [0, R] at a target slot, naming the slot. Under jit such a slot is left out of every sum.
+    """
     ids = jnp.zeros(mask.shape, jnp.int32) if example_ids is None else example_ids.astype(jnp.int32)
     if ids.shape != mask.shape:
         raise ValueError(f"example_ids shape {ids.shape} must equal labels shape {mask.shape}")
+    if example_ids is not None:
+        _check_example_ids(concrete_values(example_ids), concrete_values(mask))
     return jnp.where(mask, ids + 1, 0)
+
+
+def _check_example_ids(ids: np.ndarray | None, mask: np.ndarray | None) -> None:
+    """Raise ValueError at the first target slot (mask True) whose example id is outside [0, R]; nothing when
+    either is unknown (traced)."""
+    if ids is None or mask is None:
+        return
+    r = mask.shape[-1]
+    bad = mask & ((ids < 0) | (ids > r))
+    if bad.any():
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"example_ids{list(where)} = {ids[where]} is outside [0, {r}] (R = {r} response slots per row): "
+            "example ids number the examples within a row, e.g. each slot's segment id. Fix: renumber "
+            "dataset-wide ids per row (np.unique(row_ids, return_inverse=True)[1])"
+        )
 
 
 def example_count(mask: jax.Array, example_ids: jax.Array | None) -> jax.Array:
