@@ -80,7 +80,8 @@ def token_logprobs(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def model_effect(logits_with: jax.Array, logits_without: jax.Array) -> jax.Array:
-    """MCE = z_h − z_∅: [..., R, V] float32 logit difference (differentiable through both streams)."""
+    """MCE = z_h − z_∅: [..., R, V] float32 logit difference (differentiable through both streams). Needs
+    finite logits: a column that is -inf in both streams gives NaN (-inf + inf), and so does L_p."""
     return logits_with.astype(jnp.float32) - logits_without.astype(jnp.float32)
 
 
@@ -177,7 +178,8 @@ def js_weights(
         detach: stop the gradient (default); False lets it flow into both streams as the public code does.
 
     Returns:
-        [..., R] float32 in [0, 2 log 2], 0 where `mask` is False.
+        [..., R] float32 in [0, 2 log 2], 0 where `mask` is False. A token of probability 0 (a -inf logit,
+        e.g. a masked vocabulary column, or an underflow) adds 0 log 0 = 0, with a finite gradient.
     """
     logp = jnp.stack(
         [
@@ -185,7 +187,11 @@ def js_weights(
             jax.nn.log_softmax(logits_without.astype(jnp.float32), axis=-1),
         ]
     )  # [2, ..., R, V]
-    log_mid = jnp.logaddexp(logp[0], logp[1]) - jnp.log(2.0)
+    # log 0 = -inf becomes the lowest finite float: p = 0 there still, but p (log p − log m) is 0 · finite
+    # instead of 0 · (-inf + inf) = NaN, and logaddexp's gradient stays finite. Finite values pass unchanged
+    # (NaN too), and so does every value and gradient of finite logits.
+    logp = jnp.where(jnp.isneginf(logp), jnp.finfo(jnp.float32).min, logp)
+    log_mid = jnp.logaddexp(logp[0], logp[1]) - jnp.log(2.0)  # [..., R, V]
     js = (jnp.exp(logp) * (logp - log_mid)).sum(axis=(0, -1))
     js = jnp.where(mask, js, 0.0)
     return jax.lax.stop_gradient(js) if detach else js

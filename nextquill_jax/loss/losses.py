@@ -101,7 +101,9 @@ def loss_from_logits(
     Args:
         logits_with: [..., R, V] logits z_h with the history; None allowed for variant sft.
         logits_without: [..., R, V] logits z_∅ with the placeholder; None allowed for context_sft and for
-            dce with a fixed DCE.
+            dce with a fixed DCE. -inf logits (masked vocabulary columns) are fine for L_n, the DCE and the
+            js weights; the alignment term L_p (mce, nextquill) needs finite ones: z_h − z_∅ is NaN where
+            both are -inf.
         labels: [..., R] int target ids, already shifted, IGNORE_INDEX (-100) outside the loss.
         cfg: the loss settings.
         reference_logits: (with, without) [..., R, V] logits of a frozen model, for `cfg.dce == "fixed"`.
