@@ -128,8 +128,8 @@ def dce_from_hidden(
 
     Returns:
         [..., R] float32 DCE, 0 at ignored slots, NaN where a (traced) label is outside [0, V); no gradient.
-        Suitable for storing as `reference_dce`. Reverse mode only (`head_token_stats` is a custom_vjp), but
-        it carries no gradient anyway.
+        Suitable for storing as `reference_dce`. (Its inputs' gradients are stopped, so unlike
+        `head_token_stats` it also passes through `jax.jvp`, with zero tangents.)
 
     Raises:
         ValueError: if the two hidden streams differ in shape, or (for concrete labels) a label is neither

@@ -217,6 +217,9 @@ def loss_from_hidden(
         (loss, aux) as `loss_from_logits`; all arithmetic in float32 (the logits products' operands in
         `operand_dtype`).
 
+    Reverse mode only: `head_token_stats` is a `jax.custom_vjp`, so `jax.grad` / `vjp` work and `jax.jvp` /
+    `jacfwd` raise TypeError; for forward mode use `loss_from_logits` on `hidden @ Wᵀ`.
+
     Raises:
         ValueError: as `loss_from_logits`, and for hidden states that do not match lm_head or labels.
     """
@@ -331,7 +334,8 @@ def combine_aux(*auxes: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
 
 
 def loss_from_aux(aux: Mapping[str, jax.Array], cfg: LossConfig) -> jax.Array:
-    """The loss from (combined) aux sums: L_n = n_sum / n_den, plus α p_sum / p_den for mce and nextquill.
+    """The loss from (combined) aux sums: L_n = n_sum / n_den, plus α p_sum / p_den for mce and nextquill,
+    plus β a_sum / a_den with an anchor (`cfg.anchor` = β > 0).
 
     Raises:
         ValueError: if a key the variant needs is missing.
