@@ -42,6 +42,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -105,6 +106,8 @@ def build_inputs(args: argparse.Namespace, work: Path) -> int:
         qkv_bias=True,
         pad_token_id=0,
     )
+    # An earlier build's random model in a reused --work-dir: save_pretrained refuses to write beside it.
+    shutil.rmtree(work / "model", ignore_errors=True)
     save_pretrained(CausalLM(cfg, rngs=nnx.Rngs(args.seed)), work / "model")
     lengths = {f: [len(ex[f]) for ex in examples] for f in fields}
     (work / "inputs.json").write_text(json.dumps({"config": cfg.to_hf_config(), "lengths": lengths}))

@@ -67,6 +67,10 @@ class LossConfig:
             mean) and averages those over the examples, as the public code does (one example per
             micro-batch, a mean over accumulation steps).
 
+    A frozen, hashable dataclass: under `jax.jit` pass it as a static argument (`static_argnames`; each
+    distinct config compiles once). Its fields are Python numbers, not arrays: they cannot be traced, so
+    `vmap` or `grad` over `alpha`, `threshold` or the weights is not supported (build one config per value).
+
     Raises:
         ValueError: naming the field, for an unknown variant or dce mode, a negative or non-finite alpha,
             weights out of order, or a switch set for a variant it does not apply to.

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from nextquill_jax.data.batch import IGNORE_INDEX
 from nextquill_jax.loss.fused_head import (
@@ -21,10 +22,36 @@ from nextquill_jax.loss.fused_head import (
     DEFAULT_VOCAB_CHUNK,
     HeadLayout,
     head_token_stats,
+    head_vocab,
 )
 
 # Quantiles of DCE reported per call (aux keys dce_p10, dce_p50, dce_p90).
 DCE_QUANTILES: dict[str, float] = {"dce_p10": 0.1, "dce_p50": 0.5, "dce_p90": 0.9}
+
+
+def concrete_values(x: jax.Array) -> np.ndarray | None:
+    """x's values on the host, or None when they are not known here: under jit (a tracer) or spread over
+    hosts. For checks that cost nothing inside a compiled step."""
+    try:
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return None  # other hosts hold parts of it
+        return np.asarray(x)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        return None  # under jit: the values are unknown until run time
+
+
+def check_labels(labels: jax.Array, vocab: int | None) -> None:
+    """For concrete labels (not under jit), raise ValueError at the first id outside [0, vocab) and not
+    IGNORE_INDEX; nothing for traced labels (they give NaN, see `token_logprobs`) or `vocab` None."""
+    values = None if vocab is None else concrete_values(labels)
+    if values is None:
+        return
+    bad = (values != IGNORE_INDEX) & ((values < 0) | (values >= vocab))
+    if bad.any():
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"labels{list(where)} = {values[where]} is outside [0, {vocab}) and not {IGNORE_INDEX}"
+        )
 
 
 def target_mask(labels: jax.Array) -> jax.Array:
@@ -53,7 +80,8 @@ def token_logprobs(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def model_effect(logits_with: jax.Array, logits_without: jax.Array) -> jax.Array:
-    """MCE = z_h − z_∅: [..., R, V] float32 logit difference (differentiable through both streams)."""
+    """MCE = z_h − z_∅: [..., R, V] float32 logit difference (differentiable through both streams). Needs
+    finite logits: a column that is -inf in both streams gives NaN (-inf + inf), and so does L_p."""
     return logits_with.astype(jnp.float32) - logits_without.astype(jnp.float32)
 
 
@@ -64,7 +92,19 @@ def data_effect(logprob_with: jax.Array, logprob_without: jax.Array, mask: jax.A
 
 
 def dce_from_logits(logits_with: jax.Array, logits_without: jax.Array, labels: jax.Array) -> jax.Array:
-    """DCE of the label tokens from two [..., R, V] logit streams → [..., R] float32, 0 at ignored slots."""
+    """DCE of the label tokens from two [..., R, V] logit streams → [..., R] float32, 0 at ignored slots, NaN
+    where a (traced) label is outside [0, V).
+
+    Raises:
+        ValueError: streams whose shapes differ or are not labels' shape + (V,), or (for concrete labels) a
+            label neither IGNORE_INDEX nor in [0, V).
+    """
+    if logits_with.shape != logits_without.shape or logits_with.shape[:-1] != labels.shape:
+        raise ValueError(
+            f"logits_with {logits_with.shape} and logits_without {logits_without.shape} must both be labels "
+            f"shape {labels.shape} + (V,)"
+        )
+    check_labels(labels, logits_with.shape[-1])
     mask = target_mask(labels)
     return data_effect(token_logprobs(logits_with, labels), token_logprobs(logits_without, labels), mask)
 
@@ -87,15 +127,19 @@ def dce_from_hidden(
         labels: [..., R] target ids or IGNORE_INDEX.
 
     Returns:
-        [..., R] float32 DCE, 0 at ignored slots; no gradient. Suitable for storing as `reference_dce`.
+        [..., R] float32 DCE, 0 at ignored slots, NaN where a (traced) label is outside [0, V); no gradient.
+        Suitable for storing as `reference_dce`. (Its inputs' gradients are stopped, so unlike
+        `head_token_stats` it also passes through `jax.jvp`, with zero tangents.)
 
     Raises:
-        ValueError: if the two hidden streams differ in shape (see `head_token_stats` for the rest).
+        ValueError: if the two hidden streams differ in shape, or (for concrete labels) a label is neither
+            IGNORE_INDEX nor in [0, V) of `lm_head` (see `head_token_stats` for the rest).
     """
     if hidden_with.shape != hidden_without.shape:
         raise ValueError(
             f"hidden_with {hidden_with.shape} and hidden_without {hidden_without.shape} must match"
         )
+    check_labels(labels, head_vocab(lm_head, head_layout, hidden_with.shape[-1]))
     hidden = jax.lax.stop_gradient(
         jnp.stack([hidden_with.astype(jnp.float32), hidden_without.astype(jnp.float32)])
     )
@@ -114,8 +158,12 @@ def dce_from_hidden(
 def target_weights(
     dce: jax.Array, mask: jax.Array, *, threshold: float, high: float, low: float
 ) -> jax.Array:
-    """ω_t = high if DCE(t) > threshold else low; [..., R] float32, 0 where `mask` is False, no gradient."""
+    """ω_t = high if DCE(t) > threshold else low; [..., R] float32, 0 where `mask` is False, no gradient.
+
+    A NaN DCE at a target slot (a label outside a stream's or reference's vocabulary under jit) gives a NaN
+    weight, so the loss is NaN instead of silently weighting that token `low`."""
     weights = jnp.where(dce > threshold, high, low).astype(jnp.float32)
+    weights = jnp.where(jnp.isnan(dce), jnp.nan, weights)
     return jax.lax.stop_gradient(jnp.where(mask, weights, 0.0))
 
 
@@ -130,7 +178,8 @@ def js_weights(
         detach: stop the gradient (default); False lets it flow into both streams as the public code does.
 
     Returns:
-        [..., R] float32 in [0, 2 log 2], 0 where `mask` is False.
+        [..., R] float32 in [0, 2 log 2], 0 where `mask` is False. A token of probability 0 (a -inf logit,
+        e.g. a masked vocabulary column, or an underflow) adds 0 log 0 = 0, with a finite gradient.
     """
     logp = jnp.stack(
         [
@@ -138,7 +187,11 @@ def js_weights(
             jax.nn.log_softmax(logits_without.astype(jnp.float32), axis=-1),
         ]
     )  # [2, ..., R, V]
-    log_mid = jnp.logaddexp(logp[0], logp[1]) - jnp.log(2.0)
+    # log 0 = -inf becomes the lowest finite float: p = 0 there still, but p (log p − log m) is 0 · finite
+    # instead of 0 · (-inf + inf) = NaN, and logaddexp's gradient stays finite. Finite values pass unchanged
+    # (NaN too), and so does every value and gradient of finite logits.
+    logp = jnp.where(jnp.isneginf(logp), jnp.finfo(jnp.float32).min, logp)
+    log_mid = jnp.logaddexp(logp[0], logp[1]) - jnp.log(2.0)  # [..., R, V]
     js = (jnp.exp(logp) * (logp - log_mid)).sum(axis=(0, -1))
     js = jnp.where(mask, js, 0.0)
     return jax.lax.stop_gradient(js) if detach else js

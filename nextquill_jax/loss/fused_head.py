@@ -138,7 +138,8 @@ def head_token_stats(
 
     Returns:
         HeadStats with lse, label_logit [S, ..., R] ([S + 1, ..., R] with the effect stream) and js
-        [..., R] (or None), float32. Differentiable with respect to `hidden` and `lm_head`; the gradient
+        [..., R] (or None), float32. Differentiable with respect to `hidden` and `lm_head` in reverse mode
+        only (`jax.grad`, `vjp`; a `jax.custom_vjp`: `jax.jvp` / `jacfwd` raise TypeError); the gradient
         has their dtypes.
 
     Raises:

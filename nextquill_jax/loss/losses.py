@@ -60,10 +60,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nextquill_jax.data.batch import IGNORE_INDEX
 from nextquill_jax.loss.config import VARIANTS, LossConfig, streams_needed
 from nextquill_jax.loss.effects import (
     DCE_QUANTILES,
+    check_labels,
+    concrete_values,
     data_effect,
     dce_from_logits,
     effect_stats,
@@ -100,7 +101,9 @@ def loss_from_logits(
     Args:
         logits_with: [..., R, V] logits z_h with the history; None allowed for variant sft.
         logits_without: [..., R, V] logits z_∅ with the placeholder; None allowed for context_sft and for
-            dce with a fixed DCE.
+            dce with a fixed DCE. -inf logits (masked vocabulary columns) are fine for L_n, the DCE and the
+            js weights; the alignment term L_p (mce, nextquill) needs finite ones: z_h − z_∅ is NaN where
+            both are -inf.
         labels: [..., R] int target ids, already shifted, IGNORE_INDEX (-100) outside the loss.
         cfg: the loss settings.
         reference_logits: (with, without) [..., R, V] logits of a frozen model, for `cfg.dce == "fixed"`.
@@ -112,13 +115,16 @@ def loss_from_logits(
             (normalize token).
         example_ids: [..., R] int in [0, R], for `cfg.normalize == "example"`: slots of one row with the
             same id belong to one example (ignored slots' ids do not matter); None: each row is one example.
+            Concrete ids outside [0, R] at target slots raise ValueError (under jit those slots would be
+            left out).
 
     Returns:
         (loss, aux): float32 scalar loss and the aux dict of float32 scalars (module docstring).
 
     Raises:
         ValueError: a stream or reference the variant needs is missing, a reference is given for a dynamic
-            DCE, shapes disagree, or (for concrete labels) a label is neither IGNORE_INDEX nor in [0, V).
+            DCE, shapes disagree, or (for concrete values) a label is neither IGNORE_INDEX nor in [0, V), or
+            an example id at a target slot is outside [0, R].
     """
     _check_sources(
         cfg,
@@ -129,13 +135,11 @@ def loss_from_logits(
     )
     if reference_logits is not None and reference_dce is not None:
         raise ValueError("pass reference_logits or reference_dce, not both")
-    vocab = None
-    for name, logits in (("logits_with", logits_with), ("logits_without", logits_without)):
-        if logits is not None:
-            if logits.shape[:-1] != labels.shape:
-                raise ValueError(f"{name} shape {logits.shape} must be labels shape {labels.shape} + (V,)")
-            vocab = logits.shape[-1]
-    _check_labels(labels, vocab)
+    given = {"logits_with": logits_with, "logits_without": logits_without}
+    if reference_logits is not None:
+        given.update({"reference_logits[0]": reference_logits[0], "reference_logits[1]": reference_logits[1]})
+    vocab = _check_logit_shapes({k: v for k, v in given.items() if v is not None}, labels)
+    check_labels(labels, vocab)
     mask = target_mask(labels)
 
     logprob_with = None if logits_with is None else token_logprobs(logits_with, labels)
@@ -149,11 +153,7 @@ def loss_from_logits(
         js = js_weights(logits_with, logits_without, mask, detach=cfg.js_detach)
 
     if reference_logits is not None:
-        ref_with, ref_without = reference_logits
-        for name, ref in (("reference_logits[0]", ref_with), ("reference_logits[1]", ref_without)):
-            if ref.shape[:-1] != labels.shape:
-                raise ValueError(f"{name} shape {ref.shape} must be labels shape {labels.shape} + (V,)")
-        dce = dce_from_logits(ref_with, ref_without, labels)
+        dce = dce_from_logits(*reference_logits, labels)
     elif reference_dce is not None:
         dce = _fixed_dce(reference_dce, labels)
     elif logprob_with is not None and logprob_without is not None:
@@ -217,6 +217,9 @@ def loss_from_hidden(
         (loss, aux) as `loss_from_logits`; all arithmetic in float32 (the logits products' operands in
         `operand_dtype`).
 
+    Reverse mode only: `head_token_stats` is a `jax.custom_vjp`, so `jax.grad` / `vjp` work and `jax.jvp` /
+    `jacfwd` raise TypeError; for forward mode use `loss_from_logits` on `hidden @ Wᵀ`.
+
     Raises:
         ValueError: as `loss_from_logits`, and for hidden states that do not match lm_head or labels.
     """
@@ -229,7 +232,7 @@ def loss_from_hidden(
     if have_with and have_without and hidden_with.shape != hidden_without.shape:
         raise ValueError(f"hidden_with {hidden_with.shape} and hidden_without {hidden_without.shape} differ")
     width = (hidden_with if have_with else hidden_without).shape[-1]
-    _check_labels(labels, head_vocab(lm_head, head_layout, width))
+    check_labels(labels, head_vocab(lm_head, head_layout, width))
     mask = target_mask(labels)
     head = dict(
         head_layout=head_layout, token_chunk=token_chunk, vocab_chunk=vocab_chunk, operand_dtype=operand_dtype
@@ -331,7 +334,8 @@ def combine_aux(*auxes: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
 
 
 def loss_from_aux(aux: Mapping[str, jax.Array], cfg: LossConfig) -> jax.Array:
-    """The loss from (combined) aux sums: L_n = n_sum / n_den, plus α p_sum / p_den for mce and nextquill.
+    """The loss from (combined) aux sums: L_n = n_sum / n_den, plus α p_sum / p_den for mce and nextquill,
+    plus β a_sum / a_den with an anchor (`cfg.anchor` = β > 0).
 
     Raises:
         ValueError: if a key the variant needs is missing.
@@ -492,11 +496,34 @@ def _loss_from_sums(
 
 def example_slots(mask: jax.Array, example_ids: jax.Array | None) -> jax.Array:
     """[..., R] int32: 1 + the example id of every target slot (example 0 when `example_ids` is None), 0 at
-    ignored slots; the segment ids `example_sums` sums over."""
+    ignored slots; the segment ids `example_sums` sums over.
+
+    Raises:
+        ValueError: `example_ids` of another shape than `mask`, or (concrete ids, not under jit) an id outside
+            [0, R] at a target slot, naming the slot. Under jit such a slot is left out of every sum.
+    """
     ids = jnp.zeros(mask.shape, jnp.int32) if example_ids is None else example_ids.astype(jnp.int32)
     if ids.shape != mask.shape:
         raise ValueError(f"example_ids shape {ids.shape} must equal labels shape {mask.shape}")
+    if example_ids is not None:
+        _check_example_ids(concrete_values(example_ids), concrete_values(mask))
     return jnp.where(mask, ids + 1, 0)
+
+
+def _check_example_ids(ids: np.ndarray | None, mask: np.ndarray | None) -> None:
+    """Raise ValueError at the first target slot (mask True) whose example id is outside [0, R]; nothing when
+    either is unknown (traced)."""
+    if ids is None or mask is None:
+        return
+    r = mask.shape[-1]
+    bad = mask & ((ids < 0) | (ids > r))
+    if bad.any():
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"example_ids{list(where)} = {ids[where]} is outside [0, {r}] (R = {r} response slots per row): "
+            "example ids number the examples within a row, e.g. each slot's segment id. Fix: renumber "
+            "dataset-wide ids per row (np.unique(row_ids, return_inverse=True)[1])"
+        )
 
 
 def example_count(mask: jax.Array, example_ids: jax.Array | None) -> jax.Array:
@@ -527,6 +554,25 @@ def _fixed_dce(reference_dce: jax.Array, labels: jax.Array) -> jax.Array:
     return jax.lax.stop_gradient(dce)
 
 
+def _check_logit_shapes(logits: Mapping[str, jax.Array], labels: jax.Array) -> int | None:
+    """The vocabulary V of the given [..., R, V] logits (None if none is given); raise ValueError naming the
+    array unless each is labels' shape + (V,) with one V for all: the streams and a reference model must
+    share one vocabulary (a V of 1 would otherwise broadcast)."""
+    vocab, first = None, None
+    for name, z in logits.items():
+        if z.shape[:-1] != labels.shape:
+            raise ValueError(f"{name} shape {z.shape} must be labels shape {labels.shape} + (V,)")
+        if vocab is None:
+            vocab, first = z.shape[-1], name
+        elif z.shape[-1] != vocab:
+            raise ValueError(
+                f"{name} shape {z.shape} and {first} shape {logits[first].shape} differ in their vocabulary "
+                "size: the two streams and the reference logits must all come from models with one "
+                "vocabulary"
+            )
+    return vocab
+
+
 def _check_sources(
     cfg: LossConfig, have_with: bool, have_without: bool, have_reference: bool, kind: str
 ) -> None:
@@ -542,22 +588,4 @@ def _check_sources(
     if cfg.dce == "dynamic" and have_reference:
         raise ValueError(
             "a reference DCE was given but LossConfig.dce='dynamic' would ignore it; set dce='fixed'"
-        )
-
-
-def _check_labels(labels: jax.Array, vocab: int | None) -> None:
-    """For concrete labels (not under jit), raise ValueError at the first id outside [0, V) and not -100."""
-    if vocab is None:
-        return
-    try:
-        if isinstance(labels, jax.Array) and not labels.is_fully_addressable:
-            return  # other hosts hold parts of it
-        values = np.asarray(labels)
-    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
-        return  # under jit: the values are unknown until run time
-    bad = (values != IGNORE_INDEX) & ((values < 0) | (values >= vocab))
-    if bad.any():
-        where = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise ValueError(
-            f"labels{list(where)} = {values[where]} is outside [0, {vocab}) and not {IGNORE_INDEX}"
         )

@@ -228,6 +228,28 @@ def _check_left_padded(attention_mask: np.ndarray) -> None:
         )
 
 
+def _check_token_ids(
+    input_ids: np.ndarray, attention_mask: np.ndarray, eos_token_ids: Sequence[int], vocab_size: int
+) -> None:
+    """Refuse prompt tokens (mask != 0) and end-of-sequence ids outside [0, vocab_size): the embedding of an
+    id >= V is NaN and a negative id wraps around to another token, both silently. Padding may hold any id."""
+    real = attention_mask != 0
+    bad = real & ((input_ids < 0) | (input_ids >= vocab_size))  # [B, P]
+    if bad.any():
+        row, col = (int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"prompt token id {int(input_ids[row, col])} (row {row}, position {col}) is outside the model's "
+            f"vocabulary [0, {vocab_size}); {int(bad.sum())} such tokens in all. Fix: tokenize with the "
+            "model's own tokenizer, or load a model whose vocab_size covers the tokenizer's ids"
+        )
+    outside = [int(t) for t in eos_token_ids if not 0 <= int(t) < vocab_size]
+    if outside:
+        raise ValueError(
+            f"eos_token_ids {outside} are outside the model's vocabulary [0, {vocab_size}): such a token "
+            "can never be generated, so no row would stop. Fix: pass the tokenizer's end-of-sequence ids"
+        )
+
+
 # ------------------------------------------------------------------------------------------------------------
 # The compiled decode loop.
 
@@ -259,7 +281,10 @@ def _decode(
     mask = attention_mask.astype(jnp.int32)
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)  # [B, P], 0 at each row's first token
     cache = constrain(model.init_cache(b, p + n))
-    logits, cache = model.prefill(input_ids, cache, positions, mask, last_only=True)  # [B, 1, V]
+    # Padding enters the model as token 0: a pad id outside the vocabulary would embed as NaN, and masked
+    # attention weights of 0 times NaN values are NaN. Its value is otherwise unused (masked out).
+    prefill_ids = jnp.where(mask > 0, input_ids, 0)  # [B, P]
+    logits, cache = model.prefill(prefill_ids, cache, positions, mask, last_only=True)  # [B, 1, V]
     vocab = logits.shape[-1]
     rows = jnp.arange(b)
     # Padding is not penalised: its ids become `vocab`, out of bounds, and the scatter drops them (as it drops
@@ -338,7 +363,9 @@ def generate_ids(
         input_ids, attention_mask: [B, P] int, left-padded (mask 0 on padding); every row has a token.
         cfg: decoding settings.
         eos_token_ids: tokens that end a row (one or more).
-        pad_token_id: the token emitted by finished rows (and used as left padding).
+        pad_token_id: the token emitted by finished rows (and used as left padding). Any int32 id, inside
+            the vocabulary or not (e.g. a tokenizer's added <pad> at len(tokenizer)): padding enters the
+            model as token 0 under mask 0, so it does not change the tokens.
         rows: pad the batch with dummy rows up to this many (a fixed row count keeps one compiled shape for
             every batch of a split); None: B rounded up to a multiple of the mesh's batch shards.
         mesh, rules: run sharded: rows over the `batch` rule's axes, parameters and the KV cache by `rules`.
@@ -348,7 +375,7 @@ def generate_ids(
 
     Raises:
         ValueError: shapes that differ, a row without tokens, padding that is not on the left, no EOS token,
-            or `rows` below B.
+            a prompt token (mask != 0) or EOS id outside [0, vocab_size) (naming it), or `rows` below B.
     """
     input_ids, attention_mask = np.asarray(input_ids, np.int32), np.asarray(attention_mask, np.int32)
     if input_ids.ndim != 2 or input_ids.shape != attention_mask.shape:
@@ -358,6 +385,7 @@ def generate_ids(
     if not eos_token_ids:
         raise ValueError("eos_token_ids is empty: give at least one end-of-sequence token id")
     _check_left_padded(attention_mask)
+    _check_token_ids(input_ids, attention_mask, eos_token_ids, model.cfg.vocab_size)
     b, p = input_ids.shape
     shards = 1 if mesh is None else batch_shard_count(mesh, rules)
     target_rows = -(-b // shards) * shards if rows is None else rows
@@ -369,7 +397,7 @@ def generate_ids(
     ids = np.full((target_rows, bucket), pad_token_id, np.int32)
     mask = np.zeros((target_rows, bucket), np.int32)
     ids[:b, bucket - p :], mask[:b, bucket - p :] = input_ids, attention_mask
-    mask[b:, -1] = 1  # dummy rows: one padding token each, their output discarded
+    ids[b:, -1], mask[b:, -1] = 0, 1  # dummy rows: one token (id 0) each, their output discarded
 
     graphdef, state = nnx.split(model)
     key = jax.random.key(cfg.seed)
@@ -426,8 +454,8 @@ def generate(
     `batch_size`.
 
     Raises:
-        ValueError: an empty prompt, `batch_size` < 1 or not a multiple of the mesh's batch shards; and as
-            `generate_ids`.
+        ValueError: an empty prompt, a prompt token outside [0, vocab_size) (naming the prompt), `batch_size`
+            < 1 or not a multiple of the mesh's batch shards; and as `generate_ids`.
     """
     shards = 1 if mesh is None else batch_shard_count(mesh, rules)
     if batch_size < 1 or batch_size % shards:
@@ -437,6 +465,15 @@ def generate(
     lengths = np.asarray([len(p) for p in prompts])
     if (lengths == 0).any():
         raise ValueError(f"prompts {np.flatnonzero(lengths == 0).tolist()[:10]} are empty")
+    vocab = model.cfg.vocab_size
+    for i, prompt in enumerate(prompts):
+        ids = np.asarray(prompt, np.int64)  # [n]
+        if ((ids < 0) | (ids >= vocab)).any():
+            outside = ids[(ids < 0) | (ids >= vocab)].tolist()
+            raise ValueError(
+                f"prompt {i} holds token ids {outside[:10]} outside the model's vocabulary [0, {vocab}). "
+                "Fix: tokenize with the model's own tokenizer, or load a model whose vocab_size covers them"
+            )
     order = np.argsort(lengths, kind="stable")
     results: list[list[int]] = [[] for _ in prompts]
     for start in range(0, len(order), batch_size):

@@ -32,6 +32,12 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 # Buffers some older checkpoints store that are not parameters (recomputed from the config here).
+# Files that loaders read as a model's or an adapter's weights. One left from an earlier save would sit beside
+# the new one and be loaded instead of it by some loader: ours prefers model.safetensors.index.json to
+# model.safetensors, transformers the reverse, and an adapter_config.json makes transformers (with peft) load
+# the directory as an adapter on its base model.
+WEIGHT_FILES = ("model*.safetensors*", "pytorch_model*.bin*", "adapter_model.*", "adapter_config.json")
+
 _IGNORED = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
 
 
@@ -317,6 +323,22 @@ def load_pretrained(
     return model_from_hf(hf_config, tensors, dtype=dtype, mesh=mesh, rules=rules, **config_overrides)
 
 
+def refuse_existing_weights(out: str | Path, *, fix: str = "save to another directory") -> None:
+    """Check that `out` holds no weight files (`WEIGHT_FILES`) before weights are written there. They are not
+    removed: they may be a user's only copy.
+
+    Raises:
+        FileExistsError: naming the files and the fix (an empty directory, or `fix`).
+    """
+    out = Path(out)
+    found = sorted({p.name for pattern in WEIGHT_FILES for p in out.glob(pattern)}) if out.is_dir() else []
+    if found:
+        raise FileExistsError(
+            f"{out} already holds weight files: {', '.join(found)}. Writing beside them would leave weights "
+            f"that disagree, which loaders choose between differently. Fix: empty {out} or {fix}."
+        )
+
+
 def save_pretrained(
     model: CausalLM,
     out_dir: str | Path,
@@ -331,8 +353,16 @@ def save_pretrained(
     `tokenizer` (anything with `save_pretrained(dir)`, e.g. a transformers tokenizer) is saved alongside.
     Sharded parameters are gathered one at a time; in a multi-process run every process must call this and
     process 0 writes. Returns the output directory.
+
+    `out_dir` may exist but must hold no weight files (`WEIGHT_FILES`): a new save beside an earlier one
+    (say a sharded one, then a single file) would leave two sets of weights, and our loader and transformers
+    would each load a different one. Nothing is removed; every process checks before any work.
+
+    Raises:
+        FileExistsError: `out_dir` already holds weight files, naming them (`refuse_existing_weights`).
     """
     out_dir = Path(out_dir)
+    refuse_existing_weights(out_dir)
     cfg = model.cfg
     flat = list(nnx.state(model, nnx.Param).flat_state())
     rules_by_path = _rules_for(cfg, [path for path, _ in flat])

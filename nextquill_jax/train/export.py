@@ -17,32 +17,10 @@ from pathlib import Path
 
 from nextquill_jax.config_schema import ConfigError
 from nextquill_jax.models import load_tokenizer, save_pretrained
+from nextquill_jax.models.hf import refuse_existing_weights
 from nextquill_jax.models.peft import write_peft_adapter
 from nextquill_jax.train import adapters, model_setup
 from nextquill_jax.train.workdir import data_dir_of, restore_model, restore_params, single_device_mesh
-
-# Files that loaders read as a model's or an adapter's weights. One left from an earlier export would sit
-# beside the new one and be loaded instead of it by some loader: ours prefers model.safetensors.index.json to
-# model.safetensors, transformers the reverse, and an adapter_config.json makes transformers (with peft) load
-# the directory as an adapter on its base model.
-WEIGHT_FILES = ("model*.safetensors*", "pytorch_model*.bin*", "adapter_model.*", "adapter_config.json")
-
-
-def refuse_existing_weights(out: str | Path) -> None:
-    """Check that `out` holds no weight files (`WEIGHT_FILES`) before an export writes there. They are not
-    removed: they may be a user's only copy.
-
-    Raises:
-        FileExistsError: naming the files and the fix (an empty or new directory).
-    """
-    out = Path(out)
-    found = sorted({p.name for pattern in WEIGHT_FILES for p in out.glob(pattern)}) if out.is_dir() else []
-    if found:
-        raise FileExistsError(
-            f"{out} already holds weight files: {', '.join(found)}. An export beside them would leave "
-            f"weights that disagree, which loaders choose between differently. Fix: empty {out} or pass "
-            "another --out."
-        )
 
 
 def export(
@@ -60,7 +38,7 @@ def export(
         FileExistsError: `out` already holds weight files (`refuse_existing_weights`).
         FileNotFoundError: no checkpoint directory, no complete checkpoint, or no checkpoint at `step`.
     """
-    refuse_existing_weights(out)
+    refuse_existing_weights(out, fix="pass another --out")
     restored = restore_model(workdir, step, single_device_mesh())
     model, cfg = restored.model, restored.config
     save_pretrained(model, out, tokenizer=load_tokenizer(cfg.data.tokenizer))
@@ -109,7 +87,7 @@ def export_adapter(workdir: str | Path, out: str | Path, step: int | None = None
         ConfigError: the run is not a LoRA run (`model.lora` unset).
         FileExistsError, FileNotFoundError: as `export`.
     """
-    refuse_existing_weights(out)
+    refuse_existing_weights(out, fix="pass another --out")
     restored = restore_params(workdir, step, single_device_mesh())
     lora = restored.config.model.lora
     if lora is None:

@@ -77,6 +77,40 @@ def test_target_weights():
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-7)
 
 
+def test_a_nan_dce_gives_a_nan_weight_at_target_slots_only():
+    """NaN > δ is False: without propagation a NaN DCE (a label outside a vocabulary, under jit) would
+    silently weigh ε."""
+    dce = np.array([[np.nan, 0.7, np.nan, -0.2]], np.float32)
+    mask = np.array([[True, True, False, True]])
+    got = np.asarray(target_weights(jnp.asarray(dce), jnp.asarray(mask), threshold=0.05, high=0.9, low=0.1))
+    np.testing.assert_array_equal(got, np.array([[np.nan, 0.9, 0.0, 0.1]], np.float32))
+
+
+def test_dce_functions_refuse_concrete_labels_outside_the_vocabulary_and_give_nan_under_jit(logits):
+    zw, zo, _ = logits
+    v = zw.shape[-1]
+    zw32, zo32 = jnp.asarray(zw, jnp.float32), jnp.asarray(zo, jnp.float32)
+    y = np.zeros(zw.shape[:-1], np.int64)
+    y[1, 2] = v
+    rng = np.random.default_rng(2)
+    hw, ho = (jnp.asarray(rng.normal(size=(*y.shape, 6)), jnp.float32) for _ in range(2))
+    head = jnp.asarray(rng.normal(size=(v, 6)), jnp.float32)
+    for bad in (v, -1):
+        y[1, 2] = bad
+        with pytest.raises(ValueError, match=rf"labels\[1, 2\] = {bad} is outside \[0, {v}\)"):
+            dce_from_logits(zw32, zo32, jnp.asarray(y))
+        with pytest.raises(ValueError, match=rf"labels\[1, 2\] = {bad} is outside \[0, {v}\)"):
+            dce_from_hidden(hw, ho, head, jnp.asarray(y))
+        for got in (
+            jax.jit(dce_from_logits)(zw32, zo32, jnp.asarray(y)),
+            jax.jit(dce_from_hidden)(hw, ho, head, jnp.asarray(y)),
+        ):
+            nan = np.isnan(np.asarray(got))
+            assert nan[1, 2] and nan.sum() == 1
+    with pytest.raises(ValueError, match=r"must both be labels shape \(3, 5\) \+ \(V,\)"):
+        dce_from_logits(zw32, zo32[..., :-1], jnp.asarray(y % v))
+
+
 def test_js_weights_value_and_gradient_switch(logits):
     zw, zo, y = logits
     mask = y != IGNORE
@@ -104,6 +138,70 @@ def test_js_weights_value_and_gradient_switch(logits):
             down = (np.where(mask, np_js(*pair), 0) * coeff).sum()
             fd[idx] = (up - down) / (2 * step)
         np.testing.assert_allclose(np.asarray(got_grad), fd, rtol=1e-3, atol=1e-5 * np.abs(fd).max())
+
+
+def np_js_0log0(zw: np.ndarray, zo: np.ndarray) -> np.ndarray:
+    """JS with 0 log 0 = 0, for streams with -inf logits (probability 0)."""
+    pw, po = np.exp(np_logprobs(zw)), np.exp(np_logprobs(zo))
+    log_m = np.log(np.where(pw + po > 0, (pw + po) / 2, 1.0))
+
+    def kl(p):
+        return np.where(p > 0, p * (np.log(np.where(p > 0, p, 1.0)) - log_m), 0.0).sum(-1)
+
+    return kl(pw) + kl(po)
+
+
+def test_js_weights_with_minus_inf_logits_are_finite_with_finite_gradients(logits):
+    """Masked vocabulary columns (-inf in both streams, or in one) gave NaN: 0 · (-inf − -inf). Now they add
+    0 log 0 = 0, the value of the streams without the columns masked in both, and get a zero gradient."""
+    zw, zo, y = logits
+    mask = y != IGNORE
+    both, one = [3, 11, 16], 5
+    zw_inf, zo_inf = zw.copy(), zo.copy()
+    zw_inf[..., both] = zo_inf[..., both] = -np.inf
+    zw_inf[..., one] = -np.inf
+    kept = [c for c in range(zw.shape[-1]) if c not in both]
+    want = np.where(mask, np_js_0log0(zw_inf[..., kept], zo_inf[..., kept]), 0.0)
+    assert np.isfinite(want).all() and want[mask].min() > 0
+    args = [jnp.asarray(a, jnp.float32) for a in (zw_inf, zo_inf)]
+    np.testing.assert_allclose(np.asarray(js_weights(*args, jnp.asarray(mask))), want, rtol=1e-5, atol=1e-7)
+
+    coeff = jnp.asarray(np.random.default_rng(1).normal(size=y.shape), jnp.float32)
+
+    def weighted(a, b):
+        return (js_weights(a, b, jnp.asarray(mask), detach=False) * coeff).sum()
+
+    grads = jax.grad(weighted, argnums=(0, 1))(*args)
+    dropped = jax.grad(weighted, argnums=(0, 1))(*(a[..., jnp.asarray(kept)] for a in args))
+    for got, reduced in zip(grads, dropped, strict=True):
+        got = np.asarray(got)
+        assert np.isfinite(got).all()
+        np.testing.assert_array_equal(got[..., both], 0.0)
+        np.testing.assert_allclose(got[..., kept], np.asarray(reduced), rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(np.asarray(grads[0])[..., one], 0.0)
+
+
+def test_js_weights_of_finite_logits_are_the_plain_formula_exactly():
+    """The -inf guard changes no value or gradient of finite logits, also where a probability underflows to 0
+    (logits spread over more than ~100), eagerly or jitted: the plain formula, written out here."""
+    rng = np.random.default_rng(4)
+    zw, zo = (jnp.asarray(rng.normal(scale=40.0, size=(4, 6, 33)), jnp.float32) for _ in range(2))
+    assert float((jax.nn.softmax(zw, axis=-1) == 0).mean()) > 0.1  # underflows occur
+    mask = jnp.asarray(rng.random((4, 6)) > 0.2)
+
+    def plain(a, b):
+        logp = jnp.stack([jax.nn.log_softmax(a, axis=-1), jax.nn.log_softmax(b, axis=-1)])
+        log_mid = jnp.logaddexp(logp[0], logp[1]) - jnp.log(2.0)
+        return jnp.where(mask, (jnp.exp(logp) * (logp - log_mid)).sum(axis=(0, -1)), 0.0)
+
+    coeff = jnp.asarray(rng.normal(size=(4, 6)), jnp.float32)
+    ours = jax.value_and_grad(lambda a, b: (js_weights(a, b, mask, detach=False) * coeff).sum(), (0, 1))
+    theirs = jax.value_and_grad(lambda a, b: (plain(a, b) * coeff).sum(), (0, 1))
+    np.testing.assert_array_equal(np.asarray(js_weights(zw, zo, mask)), np.asarray(plain(zw, zo)))
+    for transform in (lambda f: f, jax.jit):
+        got_all, want_all = (jax.tree.leaves(transform(f)(zw, zo)) for f in (ours, theirs))
+        for got, want in zip(got_all, want_all, strict=True):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 @pytest.mark.parametrize("valid", [0, 1, 2, 23])

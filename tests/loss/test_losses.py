@@ -187,6 +187,38 @@ def test_fixed_dce_from_reference_logits_and_values(data, variant):
         np.testing.assert_allclose(float(loss), expected, rtol=1e-6)
 
 
+def test_fixed_dce_refuses_a_reference_of_another_vocabulary_and_a_nan_dce_makes_the_loss_nan(data):
+    """A reference with a smaller vocabulary than the labels need gave NaN DCE that silently weighed ε."""
+    zw, zo, y = data
+    zw32, zo32, yj = jnp.asarray(zw, jnp.float32), jnp.asarray(zo, jnp.float32), jnp.asarray(y)
+    cfg = LossConfig(variant="dce", dce="fixed")
+    for refs in ((zw32[..., :-1], zo32[..., :-1]), (zw32, zo32[..., :-1])):
+        with pytest.raises(
+            ValueError,
+            match=r"reference_logits\[\d\] shape \(2, 6, 12\) and logits_with shape \(2, 6, 13\) differ",
+        ):
+            loss_from_logits(zw32, zo32, yj, cfg, reference_logits=refs)
+    dce = np_dce(zw, zo, y)
+    rows, cols = np.nonzero(y != IGNORE)
+    dce[rows[0], cols[0]] = np.nan  # what a reference vocabulary without that label gives under jit
+    for variant in ("dce", "nextquill"):
+        loss, aux = loss_from_logits(
+            zw32, zo32, yj, LossConfig(variant=variant, dce="fixed"), reference_dce=jnp.asarray(dce)
+        )
+        assert np.isnan(float(loss)) and np.isnan(float(aux["n_sum"])), variant
+
+
+def test_streams_of_different_vocabularies_are_refused(data):
+    """logits_without with V = 1 broadcast silently against logits_with (only shape[:-1] was checked)."""
+    zw, zo, y = data
+    zw32, zo32 = jnp.asarray(zw, jnp.float32), jnp.asarray(zo, jnp.float32)
+    for v in (1, 12):
+        with pytest.raises(
+            ValueError, match=rf"logits_without shape \(2, 6, {v}\) and logits_with shape \(2, 6, 13"
+        ):
+            loss_from_logits(zw32, zo32[..., :v], jnp.asarray(y % v), LossConfig())
+
+
 def test_sft_uses_only_the_without_stream(data):
     zw, zo, y = data
     full, _ = jax_loss(zw, zo, y, LossConfig(variant="sft"))

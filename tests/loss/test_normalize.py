@@ -161,6 +161,27 @@ def test_bad_settings_are_errors(data):
         _loss(zw, zo, y, LossConfig(normalize="example"), EXAMPLE_IDS[:, :6])
 
 
+def test_example_ids_outside_0_to_r_at_target_slots_are_refused(data):
+    """Ids outside [0, R] were dropped by the segment sums: dataset-wide ids 17/18/40 gave a loss of 0."""
+    zw, zo, y = (jnp.asarray(a, jnp.float32) if a.dtype == np.float64 else a for a in data)
+    cfg = LossConfig(normalize="example")
+    want = float(_loss(zw, zo, y, cfg)[0])
+    ignored = EXAMPLE_IDS == 0
+    assert float(_loss(zw, zo, y, cfg, np.where(EXAMPLE_IDS == 3, 7, EXAMPLE_IDS))[0]) == want  # R = 7 is in
+    assert float(_loss(zw, zo, y, cfg, np.where(ignored, 99, EXAMPLE_IDS))[0]) == want  # ignored: any id
+    for shifted, bad in (
+        (EXAMPLE_IDS + 16, 17),
+        (EXAMPLE_IDS - 2, -1),
+        (np.where(EXAMPLE_IDS == 3, 8, EXAMPLE_IDS), 8),
+    ):
+        first = tuple(int(i) for i in np.argwhere(~ignored & (shifted == bad))[0])
+        match = rf"example_ids\[{first[0]}, {first[1]}\] = {bad} is outside \[0, 7\]"
+        with pytest.raises(ValueError, match=match):
+            _loss(zw, zo, y, cfg, shifted)
+        with pytest.raises(ValueError, match=match):
+            example_count(jnp.asarray(y) != IGNORE, jnp.asarray(shifted))
+
+
 def test_public_alpha_follows_the_variant():
     assert LossConfig(variant="mce", alpha="public").alpha == 0.01
     assert LossConfig(variant="nextquill", alpha="public").alpha == 0.1

@@ -212,6 +212,36 @@ def test_sampling_draws_vary_with_seed_and_repeat_with_it(tiny, tiny_case):
     assert not np.array_equal(a, c)
 
 
+def test_pad_id_outside_the_vocabulary_gives_the_same_tokens(tiny, tiny_case):
+    """A tokenizer's added <pad> at len(tokenizer) >= V (or a negative one) is only padding and the token of
+    finished rows: the tokens before EOS are transformers' (with pad 0), and after EOS each row holds the pad
+    id. (Fed into the model, the pad id's NaN embedding reached every row through masked attention.)"""
+    _, model = tiny
+    prompts, ids, mask, eos, expected = tiny_case
+    for pad in (VOCAB, VOCAB + 200, -1):
+        padded = np.where(mask > 0, ids, pad)
+        ours = generate_ids(model, padded, mask, GREEDY, eos_token_ids=[eos], pad_token_id=pad)
+        np.testing.assert_array_equal(np.where(ours == pad, PAD, ours), expected, err_msg=f"pad {pad}")
+        assert (ours == pad).any()
+    assert generate(model, prompts, GREEDY, eos_token_ids=[eos], pad_token_id=VOCAB, batch_size=4) == (
+        strip_after_eos(expected, [eos])
+    )
+
+
+def test_token_ids_outside_the_vocabulary_are_refused(tiny):
+    """Prompt tokens (under mask 1) and EOS ids must be in [0, V): an id >= V embeds as NaN, a negative id
+    wraps around to another token's embedding. Padding (mask 0) may hold any id."""
+    _, model = tiny
+    mask, ok = np.array([[0, 1, 1, 1]]), np.array([[7, 5, 4, 6]])
+    for bad in (VOCAB, -3):
+        with pytest.raises(ValueError, match=rf"prompt token id {bad} \(row 0, position 2\).*\[0, {VOCAB}\)"):
+            generate_ids(model, np.array([[7, 5, bad, 6]]), mask, GREEDY, eos_token_ids=[1], pad_token_id=0)
+        with pytest.raises(ValueError, match=rf"prompt 1 holds token ids \[{bad}\].*\[0, {VOCAB}\)"):
+            generate(model, [[5, 6], [5, bad]], GREEDY, eos_token_ids=[1], pad_token_id=0)
+        with pytest.raises(ValueError, match=rf"eos_token_ids \[{bad}\] are outside .*\[0, {VOCAB}\)"):
+            generate_ids(model, ok, mask, GREEDY, eos_token_ids=[1, bad], pad_token_id=0)
+
+
 def test_prompt_buckets():
     assert [prompt_bucket(n) for n in (1, 16, 17, 100, 256, 257, 600, 2048)] == [
         16,

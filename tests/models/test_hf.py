@@ -118,6 +118,34 @@ def test_save_pretrained_writes_the_tokenizer_too(qwen2, tmp_path):
     assert PreTrainedTokenizerFast.from_pretrained(out)("hello world there")["input_ids"] == [1, 2, 0]
 
 
+def test_save_pretrained_refuses_a_directory_that_holds_weights(qwen2, tmp_path):
+    """A single-file save beside an earlier sharded one left both: our loader read the sharded index,
+    transformers model.safetensors. The earlier files are named and kept; other files are no obstacle."""
+    from nextquill_jax.models import save_pretrained
+
+    config, tensors = qwen2
+    model = model_from_hf(config, tensors)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "README.md").write_text("notes\n")
+    save_pretrained(model, out, max_shard_bytes=40_000)  # several shards
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    shards = sorted(n for n in before if n.startswith("model-"))
+    assert len(shards) > 1 and "model.safetensors.index.json" in before
+    with pytest.raises(FileExistsError) as caught:
+        save_pretrained(model, out)
+    names = ", ".join(sorted([*shards, "model.safetensors.index.json"]))
+    assert str(caught.value).startswith(f"{out} already holds weight files: {names}. "), caught.value
+    assert str(caught.value).endswith(f"Fix: empty {out} or save to another directory."), caught.value
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    for stale in ("model.safetensors", "pytorch_model.bin", "adapter_config.json"):
+        other = tmp_path / stale
+        other.mkdir()
+        (other / stale).write_text("old\n")
+        with pytest.raises(FileExistsError, match=f"already holds weight files: {stale}\\. "):
+            save_pretrained(model, other)
+
+
 def test_sharded_index_must_agree_with_its_files(qwen2, tmp_path):
     import json
 

@@ -1,0 +1,37 @@
+"""The README's "Python API for research extensions" snippet from token ids to aligned hidden states, run as
+written on the session's trained run: it must run, and slot j of `h_with` must give the model's own logits at
+the position that predicts `labels[:, j]`."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from tests.conftest import REPO
+
+
+def readme_snippet() -> str:
+    """The python block that follows "From token ids to the aligned" in the README."""
+    readme = (REPO / "README.md").read_text()
+    after = readme[readme.index("From token ids to the aligned") :]
+    return re.search(r"```python\n(.*?)```", after, re.S).group(1)
+
+
+def test_the_readme_hidden_state_snippet_runs_and_aligns_with_the_labels(trained_run):
+    code = readme_snippet()
+    assert code.count('"runs/my_run"') == 1, code
+    namespace = {}
+    prelude = "from nextquill_jax.loss import LossConfig, loss_from_hidden\ncfg = LossConfig()\n"
+    exec(prelude + code.replace('"runs/my_run"', repr(str(trained_run.workdir))), namespace)
+    model, batch, labels = namespace["model"], namespace["batch"], namespace["labels"]
+    h_with, w, layout = namespace["h_with"], namespace["W"], namespace["layout"]
+    assert h_with.shape == namespace["h_without"].shape == (*labels.shape, model.cfg.hidden_size)
+    assert np.isfinite(float(namespace["loss"]))
+    logits = model(batch["with_ids"], batch["with_positions"], batch["with_segment_ids"])  # [B, T, V]
+    want = np.take_along_axis(np.asarray(logits), batch["response_index_with"][..., None], axis=1)
+    got = np.asarray(h_with @ (w.T if layout == "vd" else w))  # [B, R, V]
+    used = labels != -100
+    assert used.sum() == 9
+    np.testing.assert_allclose(got[used], want[used], rtol=1e-4, atol=1e-4)
+    assert (labels[used] == np.concatenate([np.array([21, 22, 23])] * 3)).all()
