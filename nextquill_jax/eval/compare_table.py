@@ -5,7 +5,9 @@ Per example (the pairs of the bootstrap): ROUGE-1, ROUGE-L and METEOR from the r
 preference recall where the split's rows carry `meta.signature_words`; from the effect report, the target
 NLL with and without the history and, where targets carry ground-truth roles, the NLL of the preference tokens
 with the history. Each example's value is first averaged over the seeds; a metric's interval is over the
-examples every run has. BLEU (a corpus statistic) and the DCE AUROC come without an interval.
+examples every run has, paired by example id (`example_keys`), not by position, since variants whose data
+was prepared differently number the examples differently. BLEU (a corpus statistic) and the DCE AUROC come
+without an interval.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import contextlib
 import json
 import math
 import statistics
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,28 +45,54 @@ def read_number(value: float | None) -> float:
     return math.nan if value is None else value
 
 
-def per_example_metrics(record: Mapping[str, Any]) -> dict[str, dict[int, float]]:
-    """{metric: {example index: value}} of one run (`compare.run_variant`'s record)."""
+def example_keys(rendered_split: str | Path) -> dict[int, str]:
+    """{row index: the example's key} of a prepared `<split>.jsonl`: its `id`, or where a source gives none,
+    its `source` (the file:line its target came from). Runs whose data was prepared differently (a variant's
+    `data` overrides) number the same example differently; its key names it in all of them.
+
+    Raises:
+        ValueError: two rows with one key (naming the file and the key): their values could not be paired.
+    """
+    keys: dict[int, str] = {}
+    with open(rendered_split, encoding="utf-8") as f:
+        for row in map(json.loads, filter(str.strip, f)):
+            keys[row["index"]] = row.get("id") or row["source"]
+    repeated = [k for k, n in Counter(keys.values()).items() if n > 1]
+    if repeated:
+        raise ValueError(
+            f"{rendered_split}: examples share the id {repeated[0]!r}, so compare cannot pair them across "
+            f"runs. Fix: give every record of the data a unique `id`."
+        )
+    return keys
+
+
+def per_example_metrics(record: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    """{metric: {example key: value}} of one run (`compare.run_variant`'s record), in the split's order: each
+    example keyed by `example_keys` of the run's prepared split, so that runs pair on the same example."""
+    keys = example_keys(record["rendered_split"])
+    by_key = lambda values: {keys[i]: values[i] for i in sorted(values)}
     eval_dir = Path(record["eval_dir"])
     with open(eval_dir / "predictions.jsonl", encoding="utf-8") as f:
         predictions = [json.loads(line) for line in f if line.strip()]
-    out: dict[str, dict[int, float]] = {
-        m: {p["index"]: p[m] for p in predictions} for m in ("rouge1", "rougeL", "meteor")
+    out: dict[str, dict[str, float]] = {
+        m: by_key({p["index"]: p[m] for p in predictions}) for m in ("rouge1", "rougeL", "meteor")
     }
     with contextlib.suppress(ValueError):  # raised where the data has no signature words
         recall = preference_recall(eval_dir / "predictions.jsonl", record["rendered_split"])
-        out["preference_recall"] = recall["per_example"]
+        out["preference_recall"] = by_key(recall["per_example"])
     summary = json.loads(Path(record["effects_summary"]).read_text())
     for metric in ("nll_with", "nll_without", "preference_nll_with"):
         values = {e["index"]: read_number(e[metric]) for e in summary["per_example"] if metric in e}
         if values:
-            out[metric] = values
+            out[metric] = by_key(values)
     return out
 
 
-def _seed_mean(runs: Sequence[dict[int, float]]) -> dict[int, float]:
+def _seed_mean(runs: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Each example's value averaged over the seeds' runs, for the examples every run has, in the first
+    run's order."""
     common = set.intersection(*(set(r) for r in runs))
-    return {i: statistics.fmean(r[i] for r in runs) for i in sorted(common)}
+    return {k: statistics.fmean(r[k] for r in runs) for k in runs[0] if k in common}
 
 
 def compare_runs(
@@ -105,9 +134,10 @@ def compare_runs(
             if None in ours or None in theirs:
                 continue
             a, b = _seed_mean(ours), _seed_mean(theirs)
-            paired = set(a) & set(b)
-            # A diverged run's NaN (null in its files) has no difference: its pairs are left out, counted.
-            common = sorted(i for i in paired if math.isfinite(a[i]) and math.isfinite(b[i]))
+            # Paired by example key, in the baseline's split order. A diverged run's NaN (null in its files)
+            # has no difference: its pairs are left out, counted.
+            paired = [k for k in b if k in a]
+            common = [k for k in paired if math.isfinite(a[k]) and math.isfinite(b[k])]
             if not common:  # nothing to compare: the table shows the run's mean as n/a
                 continue
             diff = paired_bootstrap([a[i] for i in common], [b[i] for i in common], resamples=resamples)
@@ -116,6 +146,8 @@ def compare_runs(
                 **diff.__dict__,
                 "significant": diff.significant,
                 "nonfinite": left_out,
+                # Examples only one of the two evaluated (their data was prepared differently).
+                "unpaired": len(a.keys() | b.keys()) - len(paired),
             }
     return {"baseline": baseline, "rows": rows, "differences": differences}
 
@@ -132,6 +164,9 @@ def conclusions(result: Mapping[str, Any]) -> list[str]:
             interval = f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}], {d['examples']} examples"
             if d["nonfinite"]:
                 interval += f", {d['nonfinite']} left out: not finite"
+            if d["unpaired"]:
+                paired = d["examples"] + d["nonfinite"]
+                interval += f", {paired} paired of {paired + d['unpaired']}: the rest in one run's data only"
             if not d["significant"]:
                 verdict = "no significant difference"
             else:
@@ -162,6 +197,12 @@ def markdown(result: Mapping[str, Any]) -> str:
         lines.append(f"| {row['variant']} | " + " | ".join(cells) + " |")
     lines += ["", f"Difference to {result['baseline']} (mean [95% paired bootstrap interval]):", ""]
     lines += [f"- {line}" for line in conclusions(result)]
+    if any(d["unpaired"] for m in result["differences"].values() for d in m.values()):
+        lines += [
+            "",
+            "Some variants evaluated examples the baseline did not (their data was prepared differently): "
+            "each difference pairs only the examples both evaluated, by id, and says how many.",
+        ]
     fewest = min((d["examples"] for m in result["differences"].values() for d in m.values()), default=None)
     if fewest is not None and fewest < FEW_EXAMPLES:
         # A percentile bootstrap over a handful of pairs gives intervals narrower than the real uncertainty.

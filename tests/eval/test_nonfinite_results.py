@@ -47,15 +47,20 @@ def effects(index: int, nll_with: float) -> ExampleEffects:
     )
 
 
-def run_files(root, name: str, rouge: list[float], nll: list[float], bleu: float) -> dict:
+def run_files(
+    root, name: str, rouge: list[float], nll: list[float], bleu: float, ids: list[str] | None = None
+) -> dict:
     """A finished run's files (predictions, rendered split, effect report, compare_done.json) as a
-    comparison leaves them; returns its record as read back from compare_done.json."""
+    comparison leaves them, example i of its split with id `ids[i]` (default `e<i>`); returns its record as
+    read back from compare_done.json."""
+    ids = ids or [f"e{i}" for i in range(len(rouge))]
     run = root / name
     (run / "eval").mkdir(parents=True)
     with open(run / "eval" / "predictions.jsonl", "w", encoding="utf-8") as f:
         for i, value in enumerate(rouge):
             f.write(json.dumps({"index": i, "rouge1": value, "rougeL": value, "meteor": value}) + "\n")
-    (run / "test.jsonl").write_text("".join(json.dumps({"index": i}) + "\n" for i in range(N)))
+    rows = [{"index": i, "id": example_id, "source": "s"} for i, example_id in enumerate(ids)]
+    (run / "test.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     summary = write_report(
         [effects(i, v) for i, v in enumerate(nll)], LossConfig(), run / "effects", split="test"
     )

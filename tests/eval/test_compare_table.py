@@ -1,0 +1,66 @@
+"""`compare_table`: the table of a comparison from its runs' files, written by hand here (no training)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from nextquill_jax.eval.compare_table import example_keys, write_results
+from tests.eval.test_nonfinite_results import run_files
+
+
+def _results(tmp_path, records, baseline):
+    out = tmp_path / "out"
+    out.mkdir()
+    compare = SimpleNamespace(out=str(out), split="test", baseline=baseline, resamples=1000)
+    return write_results(SimpleNamespace(source="compare.yaml", compare=compare), records), out
+
+
+def test_runs_whose_data_was_prepared_differently_are_paired_by_example_id(tmp_path):
+    """A variant whose `data` overrides prepared its split otherwise holds the examples in another order, and
+    not all of them: each of its shared examples scores the baseline's value + 0.1 (ROUGE-1) and + 0.5 (NLL),
+    so pairing by id gives exactly those differences; pairing by row index would pair u4 with u0 and so on."""
+    base_ids = ["u0", "u1", "u2", "u3", "u4"]
+    base_rouge, base_nll = [0.1, 0.2, 0.3, 0.4, 0.5], [1.0, 2.0, 3.0, 4.0, 5.0]
+    rouge, nll = dict(zip(base_ids, base_rouge, strict=True)), dict(zip(base_ids, base_nll, strict=True))
+    rouge["u9"], nll["u9"] = 0.9, 9.0  # only the variant's data holds u9; only the baseline's holds u3
+    other_ids = ["u4", "u0", "u1", "u2", "u9"]
+    records = [
+        run_files(tmp_path, "base", base_rouge, base_nll, bleu=1.0, ids=base_ids),
+        run_files(
+            tmp_path,
+            "short",
+            [rouge[k] + (k != "u9") * 0.1 for k in other_ids],
+            [nll[k] + (k != "u9") * 0.5 for k in other_ids],
+            bleu=1.0,
+            ids=other_ids,
+        ),
+    ]
+    result, out = _results(tmp_path, records, "base")
+    for metric, step in (("rouge1", 0.1), ("nll_with", 0.5)):
+        got = result["differences"]["short"][metric]
+        assert (got["mean"], got["low"], got["high"]) == pytest.approx((step, step, step), abs=1e-6)
+        assert (got["examples"], got["nonfinite"], got["unpaired"]) == (4, 0, 2)
+    text = (out / "results.md").read_text()
+    assert "short vs base on ROUGE-1: better (+0.1000 [+0.1000, +0.1000], 4 examples, 4 paired of 6:" in text
+    assert "each difference pairs only the examples both evaluated, by id, and says how many" in text
+    # Each run's own mean still covers every example it evaluated.
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert rows["short"]["rouge1"] == pytest.approx((0.6 + 0.2 + 0.3 + 0.4 + 0.9) / 5, abs=1e-12)
+
+
+def test_runs_of_the_same_data_say_nothing_of_unpaired_examples(tmp_path):
+    records = [run_files(tmp_path, n, [0.1, 0.2, 0.4], [1.0, 2.0, 3.0], bleu=1.0) for n in ("a", "b")]
+    result, out = _results(tmp_path, records, "a")
+    assert result["differences"]["b"]["rouge1"]["unpaired"] == 0
+    assert "paired of" not in (out / "results.md").read_text()
+
+
+def test_examples_sharing_an_id_are_refused(tmp_path):
+    split = tmp_path / "test.jsonl"
+    split.write_text('{"index": 0, "id": "x", "source": "a:1"}\n{"index": 1, "id": "x", "source": "a:2"}\n')
+    with pytest.raises(ValueError, match=r"test.jsonl: examples share the id 'x'.* Fix: give every record"):
+        example_keys(split)
+    split.write_text('{"index": 0, "id": "", "source": "a:1"}\n{"index": 1, "id": "", "source": "a:2"}\n')
+    assert example_keys(split) == {0: "a:1", 1: "a:2"}  # no ids: the file:line each target came from
