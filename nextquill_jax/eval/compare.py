@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,8 @@ from nextquill_jax.config_schema import ConfigError, build, read_yaml
 from nextquill_jax.train.resume import config_changes, covered, listed_changes, may_change, normalised
 
 DONE_FILE = "compare_done.json"
+# A variant's name is a directory name under `compare.out` (and not `.` or `..`): no separators, no escape.
+VARIANT_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 Echo = Callable[[str], None]
 Change = tuple[str, Any, Any]  # (dotted key, recorded value, current value), as `resume.config_changes`
 # The `compare` fields that change a run's numbers, recorded with it; `out`, `baseline`, `seeds` and
@@ -45,6 +48,16 @@ EVALUATION_FIELDS = ("split", "max_examples", "eval_batch_size", "effect_example
 # Config keys a resume may change (`resume.MAY_CHANGE`) that still change a compare run's numbers: the
 # decoding its evaluation uses, and where its prepared data lies (the record holds the path, not the content).
 _RESULT_KEYS = ("eval.generation", "train.data_dir")
+
+
+# The `compare` counts that must be >= 1 (checked when the file is loaded, not after a variant has trained),
+# with what null means for those that may be null.
+_AT_LEAST_ONE = {
+    "max_examples": "all of the split's examples",
+    "eval_batch_size": "evaluate's default",
+    "effect_examples": None,
+    "max_new_tokens": "the base config's eval.generation.max_new_tokens",
+}
 
 
 @dataclass(frozen=True)
@@ -60,13 +73,14 @@ class CompareConfig:
         `baseline`: the variant every other one is compared to (a name under `variants`).
         `split`: the prepared split evaluated and reported on: `test`, `val` or `train` (the splits `data
             prepare` writes, `data.config.SPLITS`); another value is an error when the file is loaded.
-        `max_examples`: evaluate the split's first this many examples; null: all of them.
-        `eval_batch_size`: prompts decoded together; null: `evaluate`'s default (the run's rows per global
-            batch).
-        `effect_examples`: the effect report covers the split's first this many examples.
-        `max_new_tokens`: the most tokens generated per prompt; null: the base config's
+        `max_examples`: evaluate the split's first this many examples (>= 1); null: all of them.
+        `eval_batch_size`: prompts decoded together (>= 1); null: `evaluate`'s default (the run's rows per
+            global batch).
+        `effect_examples`: the effect report covers the split's first this many examples (>= 1).
+        `max_new_tokens`: the most tokens generated per prompt (>= 1); null: the base config's
             `eval.generation.max_new_tokens`.
-        `seeds`: every variant runs once per seed (its `train.seed` and `data.batching.seed`); at least one.
+        `seeds`: every variant runs once per seed (its `train.seed` and `data.batching.seed`); at least one,
+            each listed once.
             `--seeds` on the command line replaces them.
         `resamples`: paired bootstrap resamples behind each difference's 95% interval; at least 1000.
     """
@@ -85,6 +99,18 @@ class CompareConfig:
     def __post_init__(self):
         if not self.seeds:
             raise ValueError("seeds is empty")
+        if len(set(self.seeds)) != len(self.seeds):
+            repeated = sorted({s for s in self.seeds if self.seeds.count(s) > 1})
+            raise ValueError(
+                f"compare.seeds lists seed{'s' if len(repeated) > 1 else ''} {repeated} more than once "
+                f"({self.seeds}): a seed run again is the same run, which would count twice in the means and "
+                f"give a std across seeds of 0. Fix: list each seed once (in the file, or after --seeds)"
+            )
+        for key, null_means in _AT_LEAST_ONE.items():
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                null = "" if null_means is None else f", or null for {null_means}"
+                raise ValueError(f"compare.{key} must be >= 1, got {value}. Fix: set a count >= 1{null}")
         if self.resamples < 1000:
             raise ValueError(f"resamples must be >= 1000 for a 95% interval, got {self.resamples}")
 
@@ -114,6 +140,7 @@ class Comparison:
     Fields:
         `compare`: where the runs go, the baseline, the split evaluated, seeds and bootstrap resamples.
         `variants`: the variants compared, by name (at least one): each a mapping of `overrides` and `train`.
+            A name is its runs' directory name: letters, digits, `_`, `.` and `-` only, not `.` or `..`.
         `base`: a whole training config, which every variant's overrides change.
         `source`: the path the file was read from (not a key of the file; errors name it).
     """
@@ -180,6 +207,13 @@ def load_comparison(path: str | Path, seeds: list[int] | None = None) -> Compari
         str(name): build(VariantConfig, value or {}, f"variants.{name}", source)
         for name, value in raw["variants"].items()
     }
+    for name in variants:
+        if not VARIANT_NAME.fullmatch(name) or name in (".", ".."):
+            raise ConfigError(
+                f"{source}: variant name {name!r} cannot name its runs' directories (<out>/seed<S>/<NAME>): "
+                f"a name holds only letters, digits, '_', '.' and '-', and is not '.' or '..'. Fix: rename "
+                f"the variant under `variants`."
+            )
     if compare.baseline not in variants:
         raise ConfigError(
             f"{source}: compare.baseline {compare.baseline!r} is not a variant; variants: {sorted(variants)}"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import typing
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -241,6 +242,37 @@ def test_the_compare_split_is_one_of_the_prepared_splits_checked_at_load(tmp_pat
     message = str(e.value)
     expected = f"{file}: `compare.split` is 'tset', not one of {list(SPLITS)}. Did you mean 'test'? Fix: set"
     assert message.startswith(expected), message
+
+
+def test_repeated_seeds_counts_below_one_and_path_like_variant_names_are_refused_at_load(
+    tmp_path, tiny_config
+):
+    """Refused when the file is loaded, before any variant trains: each message names the key and the fix."""
+    base = tiny_config(tmp_path / "unused", tmp_path / "unused_run")
+    file = tmp_path / "c.yaml"
+
+    def refused(compare=None, variants=None, seeds=None):
+        section = {"out": str(tmp_path / "out"), "baseline": "a", **(compare or {})}
+        file.write_text(yaml.safe_dump({"compare": section, "variants": variants or {"a": {}}, "base": base}))
+        with pytest.raises(ConfigError) as e:
+            load_comparison(file, seeds)
+        return str(e.value)
+
+    message = refused({"seeds": [0, 1, 0]})
+    assert message.startswith(f"{file}: compare.seeds lists seed [0] more than once ([0, 1, 0])"), message
+    assert refused(seeds=[3, 3]).startswith(f"{file}: compare.seeds lists seed [3] more than once ([3, 3])")
+    for key in ("max_examples", "eval_batch_size", "effect_examples", "max_new_tokens"):
+        for value in (0, -2):
+            message = refused({key: value})
+            assert message.startswith(f"{file}: compare.{key} must be >= 1, got {value}. Fix: set"), message
+    for name in ("../../escaped", "a/b", "..", ".", "with space"):
+        message = refused({"baseline": name}, {name: {}})
+        assert message.startswith(f"{file}: variant name {name!r} cannot name its runs' directories"), message
+        assert "letters, digits, '_', '.' and '-', and is not '.' or '..'. Fix: rename" in message
+    for name in ("v1.5_lr-3e-4", "..a"):  # allowed: a plain directory name under <out>/seed<S>
+        compare = {"out": "o", "baseline": name}
+        file.write_text(yaml.safe_dump({"compare": compare, "variants": {name: {}}, "base": base}))
+        assert load_comparison(file, [0, 1]).workdir(name, 1) == Path("o") / "seed1" / name
 
 
 def test_variants_share_the_prepared_data_unless_their_data_overrides_change_it(tmp_path, tiny_config):
