@@ -56,7 +56,12 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--batch-size", type=positive_int, default=None, help="prompts decoded together")
     decoding = parser.add_argument_group("decoding (defaults: the run config's eval.generation)")
-    decoding.add_argument("--max-new-tokens", type=positive_int, default=None, help="default 512")
+    decoding.add_argument(
+        "--max-new-tokens",
+        type=positive_int,
+        default=None,
+        help="default: the run config's eval.generation.max_new_tokens",
+    )
     decoding.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     decoding.add_argument("--temperature", type=float, default=None, help="sampling only; default 0.8")
     decoding.add_argument(

@@ -359,7 +359,8 @@ def run_variant(comparison: Comparison, name: str, seed: int, echo: Echo = print
     generation = dataclasses.replace(cfg.eval.generation, **overrides)
     metrics = evaluate(
         workdir, plan.split, out_dir=workdir / "eval" / plan.split, max_examples=plan.max_examples,
-        generation=generation, batch_size=plan.eval_batch_size, loaded=loaded, echo=echo,
+        generation=generation, batch_size=plan.eval_batch_size, loaded=loaded,
+        max_new_tokens_setting="compare.max_new_tokens", echo=echo,
     )  # fmt: skip
     data_dir = data_dir_of(cfg, workdir)
     summary = build_effect_report(

@@ -195,8 +195,11 @@ def markdown(result: Mapping[str, Any]) -> str:
             )
         cells += [_cell(row["bleu"], ".2f"), _cell(row["dce_auroc"], ".4f")]
         lines.append(f"| {row['variant']} | " + " | ".join(cells) + " |")
-    lines += ["", f"Difference to {result['baseline']} (mean [95% paired bootstrap interval]):", ""]
-    lines += [f"- {line}" for line in conclusions(result)]
+    if not result["differences"]:
+        lines += ["", f"Only one variant ({result['baseline']}): no other to compare with it."]
+    else:
+        lines += ["", f"Difference to {result['baseline']} (mean [95% paired bootstrap interval]):", ""]
+        lines += [f"- {line}" for line in conclusions(result)]
     if any(d["unpaired"] for m in result["differences"].values() for d in m.values()):
         lines += [
             "",

@@ -110,11 +110,15 @@ def choose_stream(cfg: Config, prompt: PromptChoice) -> str:
 
 
 def generation_hint(
-    generated: Sequence[Sequence[int]], max_new_tokens: int, longest_reference: int | None = None
+    generated: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    longest_reference: int | None = None,
+    setting: str = "--max-new-tokens",
 ) -> str | None:
     """A hint when most generations ran to `max_new_tokens` or repeat one token: the signs of an
     undertrained model (or of a too small `max_new_tokens`, unless it already exceeds `longest_reference`,
-    the longest reference target in tokens); None otherwise."""
+    the longest reference target in tokens: raise `setting`, the option or key that sets it); None
+    otherwise."""
     n = len(generated)
     at_limit = sum(len(ids) == max_new_tokens for ids in generated)
     repeating = sum(len(ids) > 4 and max(Counter(ids).values()) > 0.8 * len(ids) for ids in generated)
@@ -123,7 +127,7 @@ def generation_hint(
     if longest_reference is not None and max_new_tokens > longest_reference:
         length = f"max_new_tokens already exceeds the longest reference ({longest_reference} tokens)"
     else:
-        length = "or the texts are longer than max_new_tokens (raise --max-new-tokens)"
+        length = f"or the texts are longer than max_new_tokens (raise {setting})"
     return (
         f"hint: {at_limit}/{n} generations stopped at max_new_tokens ({max_new_tokens}) and {repeating}/{n} "
         f"repeat one token for over 80% of their length: the model may be undertrained (train longer or "
@@ -241,6 +245,7 @@ def evaluate(
     batch_size: int | None = None,
     prompt: PromptChoice = "auto",
     loaded: LoadedModel | None = None,
+    max_new_tokens_setting: str = "--max-new-tokens",
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Evaluate checkpoint `step` (default: the newest that verifies) of the run in `workdir`, or `model_path`
@@ -258,6 +263,8 @@ def evaluate(
         loaded: a model already loaded from this run (`restore_model`, its checkpoint verified then, or
             `load_model_path`), evaluated instead of loading one, so that a caller that goes on to use it
             reads and verifies the checkpoint once; not with `step` or `model_path`.
+        max_new_tokens_setting: what the hint on generations cut at max_new_tokens tells the user to raise
+            (`compare` names its `compare.max_new_tokens`).
         echo: progress messages.
 
     Raises:
@@ -344,7 +351,7 @@ def evaluate(
     per_example = scores.pop("per_example")
     at_limit = sum(len(ids) == generation.max_new_tokens for ids in generated)
     longest = max((row["tokens"]["target"] for row in rows if "tokens" in row), default=None)
-    hint = generation_hint(generated, generation.max_new_tokens, longest)
+    hint = generation_hint(generated, generation.max_new_tokens, longest, max_new_tokens_setting)
     if hint is not None:
         echo(hint)
     metrics = {

@@ -64,3 +64,11 @@ def test_examples_sharing_an_id_are_refused(tmp_path):
         example_keys(split)
     split.write_text('{"index": 0, "id": "", "source": "a:1"}\n{"index": 1, "id": "", "source": "a:2"}\n')
     assert example_keys(split) == {0: "a:1", 1: "a:2"}  # no ids: the file:line each target came from
+
+
+def test_a_one_variant_comparison_says_there_is_nothing_to_compare(tmp_path):
+    result, out = _results(tmp_path, [run_files(tmp_path, "a", [0.1, 0.2], [1.0, 2.0], bleu=1.0)], "a")
+    assert result["differences"] == {}
+    text = (out / "results.md").read_text()
+    assert text.endswith("\nOnly one variant (a): no other to compare with it.\n")
+    assert "Difference to" not in text

@@ -240,6 +240,9 @@ def test_a_hint_names_generations_that_run_out_or_repeat_one_token():
     assert "max_new_tokens already exceeds the longest reference (5 tokens)" in hint
     assert "raise --max-new-tokens" not in hint
     assert "raise --max-new-tokens" in generation_hint(stuck, max_new_tokens=6, longest_reference=6)
+    # `compare` has no --max-new-tokens: its hint names its key.
+    hint = generation_hint(stuck, max_new_tokens=6, setting="compare.max_new_tokens")
+    assert "(raise compare.max_new_tokens)" in hint and "--max-new-tokens" not in hint
 
 
 def test_split_losses_raise_a_too_small_cudnn_max_segments_of_model_and_reference_to_the_split_rows(
