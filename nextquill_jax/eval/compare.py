@@ -73,14 +73,18 @@ class CompareConfig:
         `baseline`: the variant every other one is compared to (a name under `variants`).
         `split`: the prepared split evaluated and reported on: `test`, `val` or `train` (the splits `data
             prepare` writes, `data.config.SPLITS`); another value is an error when the file is loaded.
-        `max_examples`: evaluate the split's first this many examples (>= 1); null: all of them.
+        `max_examples`: evaluate the split's first this many examples (>= 1); null: all of them. ROUGE-1/L,
+            METEOR, BLEU and preference recall cover these (`compare_table`).
         `eval_batch_size`: prompts decoded together (>= 1); null: `evaluate`'s default (the run's rows per
             global batch).
-        `effect_examples`: the effect report covers the split's first this many examples (>= 1).
+        `effect_examples`: the effect report covers the split's first this many examples (>= 1); the NLL
+            columns (each example's mean over its target tokens, then the mean over examples, not the report's
+            token-weighted `nll`) and the DCE AUROC cover these.
         `max_new_tokens`: the most tokens generated per prompt (>= 1); null: the base config's
             `eval.generation.max_new_tokens`.
         `seeds`: every variant runs once per seed (its `train.seed` and `data.batching.seed`); at least one,
-            each listed once.
+            each listed once. With several, each mean is over the seeds, shown ± the sample std (n - 1) of the
+            per-seed means.
             `--seeds` on the command line replaces them.
         `resamples`: paired bootstrap resamples behind each difference's 95% interval; at least 1000.
     """

@@ -1,6 +1,14 @@
 """A comparison's table: per-example metrics of every run, means (± std across seeds), and each variant's
 difference to the baseline with a paired bootstrap interval (`bootstrap.paired_bootstrap`).
 
+Which examples each column covers: ROUGE-1/L, METEOR, preference recall and BLEU the split's first
+`compare.max_examples` (the evaluation); the NLL columns and the DCE AUROC its first `compare.effect_examples`
+(the effect report). A column's mean is, per seed, the mean over examples of each example's value (an
+example's NLL being the mean over its target tokens), then the mean over seeds: a mean of per-example means,
+which differs from effects/summary.json's `nll`, which pools every target token (token-weighted). BLEU is the
+evaluation's corpus BLEU and the DCE AUROC the effect report's (`ground_truth.auroc`), each averaged over
+seeds. "± std" is the sample standard deviation (n - 1) of the per-seed means, shown with two seeds or more.
+
 Per example (the pairs of the bootstrap): ROUGE-1, ROUGE-L and METEOR from the run's predictions.jsonl;
 preference recall where the split's rows carry `meta.signature_words`; from the effect report, the target
 NLL with and without the history and, where targets carry ground-truth roles, the NLL of the preference tokens
@@ -98,7 +106,7 @@ def _seed_mean(runs: Sequence[dict[str, float]]) -> dict[str, float]:
 def compare_runs(
     records: Sequence[Mapping[str, Any]], baseline: str, resamples: int = 2000
 ) -> dict[str, Any]:
-    """Rows (per variant: metric means, their std across seeds, BLEU, DCE AUROC) and differences to
+    """Rows (per variant: metric means, their sample std across seeds, BLEU, DCE AUROC) and differences to
     `baseline` (per variant and metric: `PairedDifference` as a dict, with `nonfinite`, the pairs left out
     because a value is not finite; no entry where none is left) from run records. A null number in a run's
     files (a non-finite value, `read_number`) makes its means NaN."""
@@ -116,7 +124,7 @@ def compare_runs(
                 continue
             seed_means = [statistics.fmean(v.values()) for v in per_seed]
             row[metric] = statistics.fmean(seed_means)
-            row[f"{metric}_std"] = statistics.pstdev(seed_means) if len(seed_means) > 1 else None
+            row[f"{metric}_std"] = statistics.stdev(seed_means) if len(seed_means) > 1 else None
         row["bleu"] = statistics.fmean(read_number(r["bleu"]) for r, _ in runs)
         aurocs = [json.loads(Path(r["effects_summary"]).read_text())["ground_truth"] for r, _ in runs]
         row["dce_auroc"] = (
@@ -183,7 +191,8 @@ def _cell(value: float | None, spec: str) -> str:
 
 
 def markdown(result: Mapping[str, Any]) -> str:
-    """The table of means (± std across seeds where there are several) and the differences with intervals."""
+    """The table of means (± sample std across seeds where there are several) and the differences with
+    intervals."""
     headers = [h for _, h, _ in METRICS] + ["BLEU", "DCE AUROC"]
     lines = ["| variant | " + " | ".join(headers) + " |", "| --- |" + " ---: |" * len(headers)]
     for row in result["rows"]:

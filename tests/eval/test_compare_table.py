@@ -72,3 +72,16 @@ def test_a_one_variant_comparison_says_there_is_nothing_to_compare(tmp_path):
     text = (out / "results.md").read_text()
     assert text.endswith("\nOnly one variant (a): no other to compare with it.\n")
     assert "Difference to" not in text
+
+
+def test_the_std_across_seeds_is_the_sample_std(tmp_path):
+    """Two seeds whose ROUGE-1 means are 0.1 and 0.3: the sample std is sqrt(2 * 0.1**2 / 1) = 0.1414 (the
+    population std would be 0.1)."""
+    records = []
+    for seed, value in ((0, 0.1), (1, 0.3)):
+        record = run_files(tmp_path / f"seed{seed}", "a", [value, value], [1.0, 2.0], bleu=1.0)
+        records.append({**record, "seed": seed})
+    result, out = _results(tmp_path, records, "a")
+    assert result["rows"][0]["rouge1"] == pytest.approx(0.2, abs=1e-12)
+    assert result["rows"][0]["rouge1_std"] == pytest.approx(2**0.5 * 0.1, abs=1e-12)
+    assert "| a | 0.2000 ± 0.1414 |" in (out / "results.md").read_text()
