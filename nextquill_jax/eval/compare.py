@@ -297,12 +297,20 @@ def finished_changes(comparison: Comparison, name: str, seed: int, cfg: Config) 
         return None
     training, evaluation = settings_changes(recorded, run_settings(comparison, name, cfg), name)
     if training and recorded["train"]:
+        # Unlike `train`, which compares the data's content digests, a run's record holds its data's path.
+        moved = (
+            " (a moved or copied comparison? compare_done.json records the prepared data's path, not its "
+            "content, so a run whose data now lies elsewhere is not reused even where that data is the same: "
+            "to reuse the runs, run the file with the compare.out they ran in)"
+            if any(key == "train.data_dir" for key, _, _ in training)
+            else ""
+        )
         raise ConfigError(
             f"{comparison.source}: variant {name!r} (seed {seed}) finished training in {workdir} with other "
             f"settings than the file now gives it: its checkpoint cannot stand for the new ones (nor does "
             f"`train` continue a run under another config); differing, the finished run's value first: "
-            f"{listed_changes(training + evaluation)}. Fix: use a new compare.out for the changed file, or "
-            f"delete {workdir} to run that variant again (the other runs are kept)."
+            f"{listed_changes(training + evaluation)}{moved}. Fix: use a new compare.out for the changed "
+            f"file, or delete {workdir} to run that variant again (the other runs are kept)."
         )
     return training + evaluation
 

@@ -275,6 +275,39 @@ def test_repeated_seeds_counts_below_one_and_path_like_variant_names_are_refused
         assert load_comparison(file, [0, 1]).workdir(name, 1) == Path("o") / "seed1" / name
 
 
+def test_a_finished_run_whose_prepared_data_moved_is_refused_with_the_reason(tmp_path, tiny_config):
+    """A copied comparison (`cp -r cmp1 cmpX`, then `out: cmpX`): compare_done.json holds the prepared data's
+    path, so the run is refused, and the message says why and how to reuse the runs."""
+    import dataclasses
+
+    from nextquill_jax.eval.compare import finished_changes, run_settings, write_done
+
+    base = tiny_config(tmp_path / "unused", tmp_path / "unused_run")
+    base["train"]["data_dir"] = None
+    file = tmp_path / "c.yaml"
+    compare = {"out": str(tmp_path / "cmpX"), "baseline": "a"}
+    file.write_text(yaml.safe_dump({"compare": compare, "variants": {"a": {}}, "base": base}))
+    comparison = load_comparison(file)
+    cfg = comparison.run_config("a", 0)
+    ran = dataclasses.replace(
+        cfg, train=dataclasses.replace(cfg.train, data_dir=str(tmp_path / "cmp1" / "prepared"))
+    )
+    comparison.workdir("a", 0).mkdir(parents=True)
+    write_done(
+        comparison.workdir("a", 0) / DONE_FILE,
+        {"variant": "a", "settings": run_settings(comparison, "a", ran)},
+    )
+    with pytest.raises(ConfigError) as e:
+        finished_changes(comparison, "a", 0, cfg)
+    message = str(e.value)
+    assert (
+        f'train.data_dir: "{tmp_path / "cmp1" / "prepared"}" -> "{tmp_path / "cmpX" / "prepared"}" (a moved'
+        in message
+    )
+    assert "records the prepared data's path, not its content" in message
+    assert "to reuse the runs, run the file with the compare.out they ran in). Fix: use a new" in message
+
+
 def test_variants_share_the_prepared_data_unless_their_data_overrides_change_it(tmp_path, tiny_config):
     base = tiny_config(tmp_path / "unused", tmp_path / "unused_run")
     base["train"]["data_dir"] = None
