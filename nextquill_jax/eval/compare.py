@@ -15,8 +15,9 @@ every run shares the prepared data `<out>/prepared` unless `base.train.data_dir`
 writes `compare_done.json`, which records what its numbers depend on (`run_settings`), so an interrupted
 comparison resumes. Running the file again reuses a finished run whose settings are unchanged; evaluates it
 again when only evaluation settings changed (`compare.*`, `eval.generation`; any setting of a `train: false`
-variant, which trains nothing); and refuses, before any run starts, one trained under other training settings,
-naming each key and the fix (a new `compare.out`, or deleting that run's directory). A record from before
+variant, which trains nothing); and refuses, before any run starts, one trained under other training settings
+(or an interrupted training that `train` would not resume under them), naming each key and the fix (a new
+`compare.out`, or deleting that run's directory). A record from before
 records held settings is run again: `train` refuses a checkpoint of another config, or finds the run finished
 and trains nothing; then it is evaluated again. The per-example numbers
 (`compare_table.per_example_metrics`) of all runs become `<out>/results.json` and `<out>/results.md`
@@ -315,6 +316,38 @@ def finished_changes(comparison: Comparison, name: str, seed: int, cfg: Config) 
     return training + evaluation
 
 
+def check_interrupted_run(comparison: Comparison, name: str, seed: int, cfg: Config) -> None:
+    """Return unless run (`name`, `seed`), with config `cfg`, trains and its workdir holds checkpoints of an
+    unfinished run (no compare_done.json with settings) saved under another config: the check `train` makes
+    when it resumes (`resume.check_resumable`, against the config.yaml the run saved), made before any run
+    starts. `model.cudnn_max_segments: auto` is left to `train`, which resolves it from the data.
+
+    Raises:
+        ConfigError: naming the run, each differing key (the saved run's value first) and compare's fix.
+    """
+    from nextquill_jax.train.workdir import CHECKPOINT_DIR, CONFIG_FILE
+
+    workdir = comparison.workdir(name, seed)
+    checkpoints = workdir / CHECKPOINT_DIR
+    saved = workdir / CONFIG_FILE
+    if not comparison.variants[name].train or not saved.is_file() or not checkpoints.is_dir():
+        return
+    if not any(p.name.isdigit() for p in checkpoints.iterdir()):
+        return
+    auto = lambda key: key == "model.cudnn_max_segments" and cfg.model.cudnn_max_segments == "auto"
+    changes = config_changes(
+        normalised(read_yaml(saved)), config_to_dict(cfg), ignore=lambda k: may_change(k) or auto(k)
+    )
+    if changes:
+        raise ConfigError(
+            f"{comparison.source}: variant {name!r} (seed {seed}) has an unfinished training in {workdir} "
+            f"under other settings than the file now gives it, which `train` would refuse to resume; "
+            f"differing, the saved run's value first: {listed_changes(changes)}. Fix: use a new compare.out "
+            f"for the changed file, or delete {workdir} to train that variant afresh (the other runs are "
+            f"kept)."
+        )
+
+
 def run_variant(comparison: Comparison, name: str, seed: int, echo: Echo = print) -> dict[str, Any]:
     """Train (unless `train: false`), evaluate and report the effects of one run; returns what
     `compare_done.json` holds: where its evaluation and effect report are, and the settings it ran with. A
@@ -417,7 +450,8 @@ def run_comparison(comparison: Comparison, echo: Echo = print) -> dict[str, Any]
 
     Raises:
         ConfigError: before any run starts, every finished run trained with other training settings than
-            the file now gives it (`finished_changes`) and every variant whose `checkpoint.best_metric`
+            the file now gives it (`finished_changes`), every unfinished one whose checkpoints `train` would
+            not resume under them (`check_interrupted_run`) and every variant whose `checkpoint.best_metric`
             evaluation never reports (`loop.check_best_metric`), one line each; as `run_variant`.
     """
     from nextquill_jax.eval.compare_table import write_results
@@ -428,7 +462,8 @@ def run_comparison(comparison: Comparison, echo: Echo = print) -> dict[str, Any]
     for name, seed in runs:  # all of them first: no run is evaluated again only for a later one to refuse
         try:
             cfg = comparison.run_config(name, seed)
-            finished_changes(comparison, name, seed, cfg)
+            if finished_changes(comparison, name, seed, cfg) is None:
+                check_interrupted_run(comparison, name, seed, cfg)
         except ConfigError as e:
             refused.append(str(e))
             continue

@@ -366,6 +366,43 @@ def test_a_misspelt_best_metric_of_any_variant_is_refused_before_the_first_run_s
     assert started == [] and not (tmp_path / "out").exists()
 
 
+def test_an_interrupted_run_under_other_settings_is_refused_before_the_first_run_starts(
+    tmp_path, tiny_config, monkeypatch
+):
+    """Variant b's training was interrupted (checkpoints, no compare_done.json) under `loss.variant=mce`;
+    the file now says sft: refused up front, not when b starts after a has trained, with compare's fix. The
+    same settings pass."""
+    import dataclasses
+
+    from nextquill_jax.config import save_config
+    from nextquill_jax.eval.compare import check_interrupted_run
+
+    base = tiny_config(tmp_path / "data", tmp_path / "unused_run")
+    file = tmp_path / "c.yaml"
+    variants = {"a": {}, "b": {"overrides": ["loss.variant=sft"]}}
+    compare = {"out": str(tmp_path / "out"), "baseline": "a"}
+    file.write_text(yaml.safe_dump({"compare": compare, "variants": variants, "base": base}))
+    comparison = load_comparison(file)
+    cfg, workdir = comparison.run_config("b", 0), comparison.workdir("b", 0)
+    (workdir / "checkpoints" / "2").mkdir(parents=True)
+    save_config(cfg, workdir / "config.yaml")
+    assert check_interrupted_run(comparison, "b", 0, cfg) is None
+    save_config(
+        dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, variant="mce")), workdir / "config.yaml"
+    )
+    started = []
+    monkeypatch.setattr(loop, "train", lambda cfg, workdir, *, echo: started.append(workdir))
+    with pytest.raises(ConfigError) as e:
+        run_comparison(comparison, echo=lambda _: None)
+    message = str(e.value)
+    assert message.startswith(f"{file}: variant 'b' (seed 0) has an unfinished training in {workdir}"), (
+        message
+    )
+    assert 'loss.variant: "mce" -> "sft"' in message and "--workdir" not in message
+    assert f"Fix: use a new compare.out for the changed file, or delete {workdir} to train" in message
+    assert started == []
+
+
 # The tests below change the finished runs of `compared` (they evaluate some again), so they come after every
 # test that reads them as the first comparison left them.
 
