@@ -8,7 +8,7 @@
 or stopped by SIGTERM or Ctrl-C with a checkpoint saved, 1 bad config or data (damaged prepared data or
 checkpoints included), 3 non-finite loss, 4 another process of a multi-process run was lost
 (`mesh.peer_timeout_s`), 5 a checkpoint could not be saved (`checkpoint.on_save_error: stop`); those and
-`cli.main`'s 2, 130 and 141 end `train --help` (`TRAIN_EXIT_STATUSES`). `export` writes
+`cli.main`'s 2, 130 and 141, and the signal's 143, end `train --help` (`TRAIN_EXIT_STATUSES`). `export` writes
 a checkpoint as a Hugging Face directory (a LoRA run's adapters merged in), or with `--adapter` a LoRA run's
 adapters as a PEFT directory (see `train.export`). `checkpoint verify` checks every checkpoint of a workdir
 against its manifest and prints a table; exit status 1, with an `error:` line naming the steps and the fix,
@@ -34,7 +34,8 @@ TRAIN_EXIT_STATUSES = """exit status:
   4    another process of a multi-process run was lost (mesh.peer_timeout_s)
   5    a checkpoint could not be saved (checkpoint.on_save_error: stop)
   130  Ctrl-C during set-up, or a second Ctrl-C during training (nothing saved)
-  141  stdout's reader went away (a closed pipe)"""
+  141  stdout's reader went away (a closed pipe)
+  143  SIGTERM during set-up or data preparation (the default signal exit, nothing saved)"""
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
