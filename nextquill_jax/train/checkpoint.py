@@ -2,7 +2,8 @@
 
 One directory per step under `<workdir>/checkpoints/<step>/` with the items `state` (the TrainState pytree,
 sharded arrays written by every process), `data` (the Grain iterator's position, one file per process),
-`config` (the resolved config), `progress` (step, epoch, the LoRA base's and the data's identities) and,
+`config` (the resolved config), `progress` (step, epoch, the LoRA base's and the data's identities, and
+`"manifest": true`: the step was saved with a manifest) and,
 while `checkpoint.best_metric` is set, Orbax's `metrics` (the step's evaluation metrics, `{}` without one),
 which ranks the steps for retention after a restart as well. Saves are asynchronous; Orbax writes each step
 into `<step>.orbax-checkpoint-tmp*` and renames it only once every item is complete, so a process killed
@@ -14,9 +15,10 @@ primary process writes `<step>/manifest.json` (every file of the step with its s
 checksum, `data.checksums`), so a committed step always carries its manifest. `verify` checks a step
 against it; `newest_verified` is the newest step that passes (the others reported, file by file), which is
 what training resumes from and what evaluation, export and effect reports read. A step without a manifest is
-damaged like a step that fails its manifest if an older step has one (the run saved manifests: this one was
-lost) or if it lacks an item (an empty or partly copied step directory); otherwise (it may predate manifests)
-it is used as it is, with a warning, and a read that fails there is reported as damage too.
+damaged like a step that fails its manifest if its progress records one or an older step has one (the run
+saved manifests: this one was lost), or if it lacks an item (an empty or partly copied step directory);
+otherwise (it may predate manifests: its progress has no such key, or cannot be read) it is used as it is,
+with a warning, and a read that fails there is reported as damage too.
 
 A failed save (a full disk, say) raises `CheckpointSaveError`: from `save` itself, or from the next `save`,
 `poll`, `wait` or `close` when it failed in the background. Its partial directory is removed and never
@@ -47,6 +49,8 @@ from nextquill_jax.data import checksums
 
 ITEMS = ("state", "data", "config", "progress")
 MANIFEST = "manifest.json"
+PROGRESS_FILE = "progress/metadata"  # where Orbax's JsonSave writes the progress item
+PROGRESS_MANIFEST = "manifest"  # the progress key recording that the step was saved with a manifest
 TMP_MARK = ".orbax-checkpoint-tmp"  # Orbax's suffix of a step directory still being written
 CORRUPT_SUFFIX = ".corrupt"
 # Orbax's own bookkeeping at a step's top level, rewritten after the commit (timestamps, a commit marker):
@@ -97,9 +101,9 @@ def _absl_level(level: int) -> Iterator[None]:
 @dataclass(frozen=True)
 class StepCheck:
     """One step directory against its manifest: `status` "ok", "failed" (a file differs or is missing, or
-    there is no manifest and an older step has one or an item is missing) or "no manifest" (every item
-    there, no older manifest: as an older version saved it); `problems` names each missing or differing file
-    or item; `files` and `size` (bytes) are what the manifest lists."""
+    there is no manifest and its progress records one, an older step has one or an item is missing) or "no
+    manifest" (every item there, no manifest recorded nor older: as an older version saved it); `problems`
+    names each missing or differing file or item; `files` and `size` (bytes) are what the manifest lists."""
 
     step: int
     status: str
@@ -136,20 +140,32 @@ def _older_manifest(step_dir: Path) -> Path | None:
     return next((m for m in found if m.is_file()), None)
 
 
+def _progress_records_manifest(step_dir: Path) -> bool:
+    """Whether the progress item of `step_dir` (Orbax's JsonSave writes it to `progress/metadata`) records
+    that the step was saved with a manifest; False when it does not or cannot be read."""
+    try:
+        return json.loads((step_dir / PROGRESS_FILE).read_text()).get(PROGRESS_MANIFEST) is True
+    except (OSError, ValueError, AttributeError):  # missing or unreadable, not JSON, not a mapping
+        return False
+
+
 def check_step(step_dir: Path) -> StepCheck:
     """`step_dir` (a step's directory, as Orbax lists it) checked against its manifest, or without one for
-    every item when no older step of the directory has a manifest either."""
+    every item when neither its progress records a manifest nor an older step of the directory has one."""
     step = int(step_dir.name)
     path = step_dir / MANIFEST
     if not path.is_file():
         # Every version has saved all of `ITEMS` in one commit, so an item missing here means a copy or
         # sync that stopped part-way (Orbax lists any directory named as a step), not an older save. And a
-        # run that saved an older step with a manifest saved this one with a manifest too: it was lost.
+        # run that saved an older step with a manifest saved this one with a manifest too: it was lost; so was
+        # the manifest of a step whose progress records one (the oldest or only step has no older witness).
         # (A newer step with one proves nothing: a run begun before manifests may have been resumed since.)
         missing = _missing_items(step_dir)
         older = _older_manifest(step_dir)
         if older is not None:
             missing.insert(0, f"{path}: missing, though the older {older} shows the run saves manifests")
+        elif _progress_records_manifest(step_dir):
+            missing.insert(0, f"{path}: missing, though its progress records a manifest: it was lost")
         elif missing:
             missing.insert(0, f"{path}: missing")
         if missing:
@@ -365,7 +381,7 @@ class Checkpointer:
             state=ocp.args.StandardSave(state),
             data=grain.checkpoint.CheckpointSave(data_iterator),
             config=ocp.args.JsonSave(dict(config)),
-            progress=ocp.args.JsonSave(dict(progress)),
+            progress=ocp.args.JsonSave({**progress, PROGRESS_MANIFEST: True}),
         )
         self._saving = step
         try:
@@ -472,9 +488,9 @@ class Checkpointer:
         return self._read_json(step, "config")
 
     def read_progress(self, step: int) -> dict[str, Any]:
-        """The progress saved with step `step`: step, epoch, under LoRA the base's identity (`base`), and the
-        prepared data's (`data`, `resume.data_identity`; absent from checkpoints saved before it was
-        recorded).
+        """The progress saved with step `step`: step, epoch, under LoRA the base's identity (`base`), the
+        prepared data's (`data`, `resume.data_identity`) and `manifest` (true: saved with a manifest); the
+        last two are absent from checkpoints saved before they were recorded.
 
         Raises:
             FileNotFoundError: no complete checkpoint at `step` (naming the ones there are).

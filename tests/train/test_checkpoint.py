@@ -39,7 +39,7 @@ def test_keeps_the_last_k_plus_the_best_and_restores_the_data_position(tmp_path)
     abstract = {"w": jax.ShapeDtypeStruct((3,), np.float32, sharding=device)}
     state, progress = ckpt.restore(2, abstract, fresh)
     np.testing.assert_array_equal(np.asarray(state["w"]), [2, 2, 2])
-    assert progress == {"step": 2} and next(fresh) == 1 + 2
+    assert progress == {"step": 2, "manifest": True} and next(fresh) == 1 + 2
     assert ckpt.read_config(5) == {"x": 1}
     ckpt.close()
 
@@ -94,7 +94,8 @@ def test_a_read_only_checkpointer_logs_no_warnings_and_reads_progress(tmp_path, 
     with caplog.at_level("WARNING"):
         reader = Checkpointer(tmp_path, CheckpointConfig(), read_only=True)
     assert [r.getMessage() for r in caplog.records if "read only" in r.getMessage().lower()] == []
-    assert reader.read_progress(1) == {"step": 1, "base": None} and reader.read_config(1) == {"x": 1}
+    assert reader.read_progress(1) == {"step": 1, "base": None, "manifest": True}
+    assert reader.read_config(1) == {"x": 1}
     reader.close()
 
 
@@ -105,6 +106,15 @@ def _save_steps(ckpt: Checkpointer, steps, size: int = 64) -> None:
         state = {"w": np.arange(size, dtype=np.float32) * step}
         ckpt.save(step, state, data, config={"x": 1}, progress={"step": step})
     ckpt.wait()
+
+
+def _as_saved_before_manifests(step_dir) -> None:
+    """Make `step_dir` as an older version saved it: no manifest, nor its record in the progress item."""
+    (step_dir / "manifest.json").unlink()
+    progress = step_dir / "progress" / "metadata"
+    saved = json.loads(progress.read_text())
+    assert saved.pop("manifest") is True  # the layout `check_step` reads
+    progress.write_text(json.dumps(saved))
 
 
 def _largest_file(step_dir):
@@ -164,7 +174,7 @@ def test_a_step_lacking_items_is_damaged_and_only_one_with_every_item_is_used_wi
     _save_steps(ckpt, [1, 2])
     ckpt.close()
     for step in (1, 2):  # as saved before manifests existed: every item is there
-        (tmp_path / str(step) / "manifest.json").unlink()
+        _as_saved_before_manifests(tmp_path / str(step))
     shutil.copytree(tmp_path / "2" / "state", tmp_path / "3" / "state")  # a copy that stopped part-way
     (tmp_path / "3" / "config").mkdir()
     (tmp_path / "4").mkdir()  # `mkdir -p checkpoints/4` and nothing copied into it
@@ -209,7 +219,7 @@ def test_a_step_that_lost_its_manifest_while_an_older_step_has_one_is_damaged(tm
     raw = bytearray(flipped.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     flipped.write_bytes(bytes(raw))
-    (ckpts / "1" / "manifest.json").unlink()  # the oldest: nothing older shows it had one
+    _as_saved_before_manifests(ckpts / "1")  # the oldest: nothing older shows it had one
 
     reader = Checkpointer(ckpts, CheckpointConfig(), read_only=True)
     lines = []
@@ -225,11 +235,31 @@ def test_a_step_that_lost_its_manifest_while_an_older_step_has_one_is_damaged(tm
     assert capsys.readouterr().err.startswith(f"error: damaged or incomplete: {ckpts / '3'} (see the table)")
 
 
+def test_the_only_step_that_lost_its_manifest_is_damaged_since_its_progress_records_one(tmp_path):
+    ckpt = Checkpointer(tmp_path, CheckpointConfig(keep=3))
+    _save_steps(ckpt, [1])
+    ckpt.close()
+    (tmp_path / "1" / "manifest.json").unlink()  # no older step to show the run saves manifests
+    reader = Checkpointer(tmp_path, CheckpointConfig(), read_only=True)
+    assert reader.check(1).problems == [
+        f"{tmp_path / '1' / 'manifest.json'}: missing, though its progress records a manifest: it was lost"
+    ]
+    lines = []
+    assert reader.newest_verified(lines.append) is None
+    assert lines[0].startswith(f"checkpoint {tmp_path / '1'} is damaged and not restorable: ")
+    with pytest.raises(IntegrityError, match="its progress records a manifest: it was lost"):
+        reader.require_verified(1)
+
+    (tmp_path / "1" / "progress" / "metadata").write_text("{not json")  # unreadable: the rules without it
+    assert reader.check(1).status == "no manifest"
+    reader.close()
+
+
 def test_a_step_without_a_manifest_that_cannot_be_restored_is_one_integrity_error(tmp_path):
     ckpt = Checkpointer(tmp_path, CheckpointConfig(keep=3))
     _save_steps(ckpt, [1])
     ckpt.close()
-    (tmp_path / "1" / "manifest.json").unlink()
+    _as_saved_before_manifests(tmp_path / "1")
     shutil.rmtree(tmp_path / "1" / "state" / "d")  # the arrays; the item still holds other files
     reader = Checkpointer(tmp_path, CheckpointConfig(), read_only=True)
     lines = []
@@ -299,7 +329,7 @@ def test_checkpoint_verify_fails_on_an_incomplete_step_or_none_verified_and_name
     assert len(err.splitlines()) == 1
 
     shutil.rmtree(ckpts / "6")
-    (ckpts / "4" / "manifest.json").unlink()  # as saved before manifests existed: usable, not verifiable
+    _as_saved_before_manifests(ckpts / "4")  # usable, not verifiable
     assert main(verify) == 1
     out, err = capsys.readouterr()
     assert out.splitlines()[2] == "| 4 | no manifest | 0 | 0.0 |  |"
