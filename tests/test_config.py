@@ -466,6 +466,19 @@ def test_a_models_architecture_is_refused_before_the_data_is_prepared(
     assert not (tmp_path / "work" / "prepared").exists()
 
 
+def test_lora_targets_matching_no_parameter_are_refused_before_the_workdir_is_created(
+    tmp_path, write_random_data, write_config, tiny_config
+):
+    from nextquill_jax.train.setup import set_up_run
+
+    data = write_random_data(tmp_path / "data", train=16, val=8)
+    cfg = tiny_config(data, tmp_path / "work")
+    cfg["model"]["lora"] = {"targets": ["no_such_param"]}
+    with pytest.raises(ConfigError, match="no_such_param"):
+        set_up_run(load_config(write_config(cfg, tmp_path / "cfg.yaml")), tmp_path / "work", echo=print)
+    assert not (tmp_path / "work").exists()
+
+
 def _with_token(data: Path, split: str, token: int) -> None:
     """Prepared `split` of `data` written again with the last prompt token of its first example set to
     `token` (the other examples unchanged)."""

@@ -38,6 +38,30 @@ LEGACY_BLOCKS = 16
 LEGACY_BLOCK_BYTES = 1 << 16
 
 
+def _abstract_params(model_cfg: ModelConfig) -> nnx.State:
+    """The parameters of `model_cfg`'s model as shapes (no arrays made)."""
+    return nnx.state(nnx.eval_shape(lambda: CausalLM(model_cfg, rngs=nnx.Rngs(0))), nnx.Param)
+
+
+def _target_paths(cfg: LoraConfig, shapes: dict) -> list[tuple[str, str, str]]:
+    """The parameter paths of `shapes` that `cfg.targets` names; a ConfigError for a target that matches
+    no parameter or one that takes no adapter."""
+    try:
+        return lora.target_paths(shapes, cfg.targets)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def check_targets(cfg: LoraConfig, model_cfg: ModelConfig) -> None:
+    """Return if every target of `cfg.targets` names parameters of `model_cfg`'s model that take adapters
+    (shapes only: no weights, no data needed).
+
+    Raises:
+        ConfigError: a target that matches no parameter or one that takes no adapter (listing the paths).
+    """
+    _target_paths(cfg, nnx.to_pure_dict(_abstract_params(model_cfg)))
+
+
 def adapter_layout(
     cfg: LoraConfig, model_cfg: ModelConfig, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES
 ) -> tuple[dict, dict]:
@@ -47,12 +71,9 @@ def adapter_layout(
     Raises:
         ConfigError: a target that matches no parameter or one that takes no adapter (listing the paths).
     """
-    state = nnx.state(nnx.eval_shape(lambda: CausalLM(model_cfg, rngs=nnx.Rngs(0))), nnx.Param)
+    state = _abstract_params(model_cfg)
     shapes = nnx.to_pure_dict(state)
-    try:
-        paths = lora.target_paths(shapes, cfg.targets)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    paths = _target_paths(cfg, shapes)
     abstract = lora.adapter_shapes(shapes, paths, cfg.rank, model_cfg.param_jnp_dtype)
     logical = lora.adapter_logical_axes(nnx.to_pure_dict(nnx.get_partition_spec(state)), paths)
     return abstract, logical_to_sharding(logical, mesh, rules, shapes=abstract)
