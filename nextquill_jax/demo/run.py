@@ -255,7 +255,7 @@ def run_demo(cfg: DemoConfig, *, echo: Callable[[str], None] = print) -> dict[st
     from nextquill_jax.eval.compare_table import markdown, write_results
     from nextquill_jax.train.export import export
     from nextquill_jax.train.loop import train_to_the_end
-    from nextquill_jax.train.metrics_log import nonfinite_to_null
+    from nextquill_jax.train.metrics_log import strict_json
 
     plan, out = cfg.plan, cfg.out_dir
     clock = _Clock(echo)
@@ -314,9 +314,7 @@ def run_demo(cfg: DemoConfig, *, echo: Callable[[str], None] = print) -> dict[st
         "training_curves": str((out / "training_curves.png").absolute()),
         "seconds": {**clock.seconds, "total": round(time.perf_counter() - clock.start, 1)},
     }
-    # A diverged run's NaN is written null: bare NaN is not JSON.
-    text = json.dumps(nonfinite_to_null(results), indent=1, allow_nan=False)
-    (out / "results.json").write_text(text + "\n", encoding="utf-8")
+    (out / "results.json").write_text(strict_json(results), encoding="utf-8")
     (out / "results.md").write_text(
         _results_markdown(results, markdown(result), study_table()), encoding="utf-8"
     )

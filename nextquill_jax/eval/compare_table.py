@@ -228,7 +228,7 @@ def markdown(result: Mapping[str, Any]) -> str:
 
 def write_results(comparison: Any, records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """`<out>/results.json` and `<out>/results.md` of a comparison's run records; returns the JSON."""
-    from nextquill_jax.train.metrics_log import nonfinite_to_null
+    from nextquill_jax.train.metrics_log import strict_json
 
     result = {
         "config": comparison.source,
@@ -237,8 +237,6 @@ def write_results(comparison: Any, records: Sequence[Mapping[str, Any]]) -> dict
     }
     result["conclusions"] = conclusions(result)
     out = Path(comparison.compare.out)
-    # A diverged run's NaN is written null: bare NaN is not JSON.
-    text = json.dumps(nonfinite_to_null(result), indent=1, allow_nan=False)
-    (out / "results.json").write_text(text + "\n", encoding="utf-8")
+    (out / "results.json").write_text(strict_json(result), encoding="utf-8")
     (out / "results.md").write_text(markdown(result), encoding="utf-8")
     return result

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ import numpy as np
 from nextquill_jax.eval.effect_scoring import ALL_ROLES, EOS, ROLES, score_roles
 from nextquill_jax.eval.effect_tokens import ExampleEffects, compute_example_effects
 from nextquill_jax.loss import LossConfig
-from nextquill_jax.train.metrics_log import nonfinite_to_null
+from nextquill_jax.train.metrics_log import strict_json
 
 DEFAULT_NUM_EXAMPLES = 8
 DEFAULT_MAX_SHOWN = 20
@@ -180,9 +179,8 @@ def write_report(
         results[:max_shown], summary, threshold=loss_cfg.threshold, histogram_png_base64=base64.b64encode(png)
     )
     files["html"].write_text(html, encoding="utf-8")
-    # A diverged model's NaN is written null (`compare_table.read_number` reads it as NaN): NaN is not JSON.
-    text = json.dumps(nonfinite_to_null(summary), indent=1, ensure_ascii=False, allow_nan=False)
-    files["summary"].write_text(text + "\n", encoding="utf-8")
+    # A diverged model's NaN is written null, which `compare_table.read_number` reads back as NaN.
+    files["summary"].write_text(strict_json(summary, ensure_ascii=False), encoding="utf-8")
     return summary
 
 

@@ -45,7 +45,7 @@ from nextquill_jax.models.causal_lm import CausalLM
 from nextquill_jax.models.generate import GenerationConfig, generate
 from nextquill_jax.parallel import batch_shard_count
 from nextquill_jax.train import model_setup
-from nextquill_jax.train.metrics_log import nonfinite_to_null
+from nextquill_jax.train.metrics_log import strict_json
 from nextquill_jax.train.setup import (
     check_reference_token_ids,
     evaluation_pipeline,
@@ -385,9 +385,7 @@ def evaluate(
                     **{name: values[k] for name, values in per_example.items()},
                 }
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        # A NaN loss (a diverged checkpoint) is written null, as metrics.jsonl does: bare NaN is not JSON.
-        text = json.dumps(nonfinite_to_null(metrics), indent=1, ensure_ascii=False, allow_nan=False)
-        (out_dir / "metrics.json").write_text(text + "\n")
+        (out_dir / "metrics.json").write_text(strict_json(metrics, ensure_ascii=False))
     overall = scores["overall"]
     echo(
         f"{split}: ROUGE-1 {overall['rouge1']:.4f}  ROUGE-L {overall['rougeL']:.4f}  "

@@ -149,3 +149,13 @@ def nonfinite_to_null(value: Any) -> Any:
     if isinstance(value, float):
         return _json_number(value)
     return value
+
+
+def strict_json(value: Any, *, ensure_ascii: bool = True) -> str:
+    """`value` as indented JSON text ending in a newline, every non-finite float written null
+    (`nonfinite_to_null`): the numbers of a diverged run, which `json.dumps` would write as bare NaN.
+
+    Raises:
+        ValueError: a non-finite float that `nonfinite_to_null` does not reach (inside another type).
+    """
+    return json.dumps(nonfinite_to_null(value), indent=1, ensure_ascii=ensure_ascii, allow_nan=False) + "\n"
