@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -45,6 +46,12 @@ os.environ.setdefault("XLA_FLAGS", FAST_COMPILE)
 
 REPO = Path(__file__).resolve().parents[1]
 PROGRAMS = Path(__file__).resolve().parent / "programs"
+
+
+def readme_python_block(after: str) -> str:
+    """The README's first ```python block after the text `after`: a snippet the tests run as written."""
+    readme = (REPO / "README.md").read_text()
+    return re.search(r"```python\n(.*?)```", readme[readme.index(after) :], re.S).group(1)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -4,22 +4,13 @@ the position that predicts `labels[:, j]`."""
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 
-from tests.conftest import REPO
-
-
-def readme_snippet() -> str:
-    """The python block that follows "From token ids to the aligned" in the README."""
-    readme = (REPO / "README.md").read_text()
-    after = readme[readme.index("From token ids to the aligned") :]
-    return re.search(r"```python\n(.*?)```", after, re.S).group(1)
+from tests.conftest import readme_python_block
 
 
 def test_the_readme_hidden_state_snippet_runs_and_aligns_with_the_labels(trained_run):
-    code = readme_snippet()
+    code = readme_python_block("From token ids to the aligned")
     assert code.count('"runs/my_run"') == 1, code
     namespace = {}
     prelude = "from nextquill_jax.loss import LossConfig, loss_from_hidden\ncfg = LossConfig()\n"

@@ -5,20 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import io
-import re
 
-from tests.conftest import REPO
-
-
-def readme_snippet() -> str:
-    """The python block that follows "To check an export" in the README."""
-    readme = (REPO / "README.md").read_text()
-    after = readme[readme.index("To check an export") :]
-    return re.search(r"```python\n(.*?)```", after, re.S).group(1)
+from tests.conftest import readme_python_block
 
 
 def test_the_readme_export_check_runs_and_prints_a_small_difference(trained_run):
-    code = readme_snippet()
+    code = readme_python_block("To check an export")
     assert code.count('"hf_out/"') == 2, code  # both loaders read the export the README names
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
