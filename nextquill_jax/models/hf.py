@@ -31,13 +31,12 @@ from .config import ModelConfig
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
-# Buffers some older checkpoints store that are not parameters (recomputed from the config here).
 # Files that loaders read as a model's or an adapter's weights. One left from an earlier save would sit beside
 # the new one and be loaded instead of it by some loader: ours prefers model.safetensors.index.json to
 # model.safetensors, transformers the reverse, and an adapter_config.json makes transformers (with peft) load
 # the directory as an adapter on its base model.
 WEIGHT_FILES = ("model*.safetensors*", "pytorch_model*.bin*", "adapter_model.*", "adapter_config.json")
-
+# Buffers some older checkpoints store that are not parameters (recomputed from the config here).
 _IGNORED = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
 
 
