@@ -286,13 +286,13 @@ class Checkpointer:
         return check_step(self.directory / str(step))
 
     def require_verified(self, step: int, report: Callable[[str], None] = _to_stderr) -> None:
-        """Return if step `step` matches its manifest (or has none, nor has an older step, but holds every
-        item: `report`ed as unverified).
+        """Return if step `step` matches its manifest (or has none but holds every item, and neither its
+        progress nor an older step shows that it was saved with one: `report`ed as unverified).
 
         Raises:
             FileNotFoundError: no complete checkpoint at `step`.
-            checksums.IntegrityError: a file of the step is missing or differs, or it has no manifest and an
-                older step has one or it lacks an item (naming each).
+            checksums.IntegrityError: a file of the step is missing or differs, or it has no manifest and its
+                progress or an older step shows it had one, or it lacks an item (naming each).
         """
         result = self.check(step)
         if result.status == "failed":
@@ -304,8 +304,8 @@ class Checkpointer:
             report(self._unverified_line(step))
 
     def newest_verified(self, report: Callable[[str], None] = _to_stderr) -> int | None:
-        """The newest step that matches its manifest (or has none, nor has an older step, but holds every
-        item: `report`ed as unverified), or None.
+        """The newest step that matches its manifest (or has none but holds every item, and neither its
+        progress nor an older step shows that it was saved with one: `report`ed as unverified), or None.
 
         Newer steps that fail (a missing item counts) are `report`ed file by file and, unless read-only,
         moved aside to `<step>.corrupt` so that the run saves that step afresh when it gets there again.
