@@ -534,35 +534,12 @@ def test_a_lamp_user_id_under_a_near_name_is_read_as_context_and_counted_with_th
     """`userid` is not `user_id`: the question's id stays the user (as documented), and each such question
     is counted under one note naming the file, the field and the fix; an unrelated field is not noted."""
     questions = tmp_path / "train_questions.jsonl"
+    profile = [{"summary": "s", "content": "c"}]
     rows = [
-        {
-            "id": "q1",
-            "input": "i",
-            "output": "o",
-            "userId": "u7",
-            "profile": [{"summary": "s", "content": "c"}],
-        },
-        {
-            "id": "q2",
-            "input": "i",
-            "output": "o",
-            "userId": "u7",
-            "profile": [{"summary": "s", "content": "c"}],
-        },
-        {
-            "id": "q3",
-            "input": "i",
-            "output": "o",
-            "user": "u8",
-            "profile": [{"summary": "s", "content": "c"}],
-        },
-        {
-            "id": "q4",
-            "input": "i",
-            "output": "o",
-            "user_id": "u9",
-            "profile": [{"summary": "s", "content": "c"}],
-        },
+        {"id": "q1", "input": "i", "output": "o", "userId": "u7", "profile": profile},
+        {"id": "q2", "input": "i", "output": "o", "userId": "u7", "profile": profile},
+        {"id": "q3", "input": "i", "output": "o", "user": "u8", "profile": profile},
+        {"id": "q4", "input": "i", "output": "o", "user_id": "u9", "profile": profile},
     ]
     questions.write_text("".join(json.dumps(r) + "\n" for r in rows))
     records, log = _read(DataConfig(format="lamp", template="lamp_topic_writing", sources=[str(questions)]))
