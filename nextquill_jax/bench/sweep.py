@@ -26,7 +26,6 @@ import csv
 import itertools
 import json
 import math
-import os
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -36,6 +35,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from nextquill_jax.atomic_file import write_text_atomic
 from nextquill_jax.bench.flops import param_counts, peak_tflops, step_flops
 from nextquill_jax.bench.harness import StepTiming, TrainingHarness, synthetic_batch
 from nextquill_jax.bench.plot import plot_rows
@@ -358,9 +358,7 @@ def run_sweep(
         recorded, sweep_settings(cfg, jax.default_backend(), device_kind), rows, csv_path
     )
     # Written before the first point, replaced whole: an interrupted run leaves rows it describes.
-    tmp = settings_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    os.replace(tmp, settings_path)
+    write_text_atomic(settings_path, json.dumps(record, indent=1) + "\n")
     done = {tuple(r[k] for k in KEY_COLUMNS) for r in rows}
     peak = cfg.peak_tflops or peak_tflops(device_kind)
     isolate = config_path is not None and point is None and jax.default_backend() != "cpu"

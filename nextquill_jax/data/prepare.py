@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from nextquill_jax.atomic_file import write_text_atomic
 from nextquill_jax.data import checksums
 from nextquill_jax.data.config import SPLITS, DataConfig
 from nextquill_jax.data.examples import Example, FittingStats, build_examples, example_row
@@ -146,9 +146,7 @@ def prepare(
         "splits": splits,
         "tokens": {s: _token_stats(by_split[s]) for s in splits},
     }
-    tmp = out / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, out / "summary.json")
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
     echo(_describe(out, summary))
     return {**summary, "reused": False}
 

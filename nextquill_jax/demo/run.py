@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nextquill_jax.atomic_file import write_text_atomic
 from nextquill_jax.config import Config
 from nextquill_jax.config_schema import ConfigError, build, read_yaml
 from nextquill_jax.eval.compare import CompareConfig, Comparison, VariantConfig
@@ -314,10 +315,8 @@ def run_demo(cfg: DemoConfig, *, echo: Callable[[str], None] = print) -> dict[st
         "training_curves": str((out / "training_curves.png").absolute()),
         "seconds": {**clock.seconds, "total": round(time.perf_counter() - clock.start, 1)},
     }
-    (out / "results.json").write_text(strict_json(results), encoding="utf-8")
-    (out / "results.md").write_text(
-        _results_markdown(results, markdown(result), study_table()), encoding="utf-8"
-    )
+    write_text_atomic(out / "results.json", strict_json(results))
+    write_text_atomic(out / "results.md", _results_markdown(results, markdown(result), study_table()))
     return results
 
 

@@ -436,11 +436,12 @@ def write_done(path: Path, record: Mapping[str, Any]) -> dict[str, Any]:
     non-finite measured number (a diverged run's BLEU) is written null (`compare_table.read_number` reads it
     as NaN), since bare NaN is not JSON. `settings` is written as the config gives it, so that
     `finished_changes` compares it exactly (a config's `.inf` stays Infinity there)."""
+    from nextquill_jax.atomic_file import write_text_atomic
     from nextquill_jax.train.metrics_log import nonfinite_to_null
 
     measured = nonfinite_to_null({k: v for k, v in record.items() if k != "settings"})
     written = {**measured, "settings": record["settings"]}
-    path.write_text(json.dumps(written, indent=1) + "\n")
+    write_text_atomic(path, json.dumps(written, indent=1) + "\n")
     return written
 
 

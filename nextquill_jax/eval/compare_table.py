@@ -29,6 +29,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from nextquill_jax.atomic_file import write_text_atomic
 from nextquill_jax.eval.bootstrap import paired_bootstrap
 from nextquill_jax.eval.preference_recall import preference_recall
 
@@ -237,6 +238,6 @@ def write_results(comparison: Any, records: Sequence[Mapping[str, Any]]) -> dict
     }
     result["conclusions"] = conclusions(result)
     out = Path(comparison.compare.out)
-    (out / "results.json").write_text(strict_json(result), encoding="utf-8")
-    (out / "results.md").write_text(markdown(result), encoding="utf-8")
+    write_text_atomic(out / "results.json", strict_json(result))
+    write_text_atomic(out / "results.md", markdown(result))
     return result

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from nextquill_jax.atomic_file import write_text_atomic
 from nextquill_jax.eval.effect_scoring import ALL_ROLES, EOS, ROLES, score_roles
 from nextquill_jax.eval.effect_tokens import ExampleEffects, compute_example_effects
 from nextquill_jax.loss import LossConfig
@@ -180,7 +181,7 @@ def write_report(
     )
     files["html"].write_text(html, encoding="utf-8")
     # A diverged model's NaN is written null, which `compare_table.read_number` reads back as NaN.
-    files["summary"].write_text(strict_json(summary, ensure_ascii=False), encoding="utf-8")
+    write_text_atomic(files["summary"], strict_json(summary, ensure_ascii=False))
     return summary
 
 

@@ -35,6 +35,7 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh
 
+from nextquill_jax.atomic_file import write_text_atomic
 from nextquill_jax.config import Config, load_config
 from nextquill_jax.data.global_batch import to_global_batch
 from nextquill_jax.data.pipeline import BatchPipeline
@@ -371,21 +372,25 @@ def evaluate(
         if replacing is not None:
             echo(replacing)
         out_dir.mkdir(parents=True, exist_ok=True)
-        with open(out_dir / "predictions.jsonl", "w", encoding="utf-8", newline="\n") as f:
-            for k, (row, text, ids) in enumerate(zip(rows, predictions, generated, strict=True)):
-                record = {
-                    "index": row["index"],
-                    "id": row.get("id"),
-                    "user_id": row["user_id"],
-                    "category": row.get("category"),
-                    "prompt": row[_STREAM_TEXT[stream]],
-                    "prediction": text,
-                    "reference": row["target"],
-                    "stopped_by": "max_new_tokens" if len(ids) == generation.max_new_tokens else "eos",
-                    **{name: values[k] for name, values in per_example.items()},
-                }
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        (out_dir / "metrics.json").write_text(strict_json(metrics, ensure_ascii=False))
+        # metrics.json is written last and marks a finished evaluation: a kill in between must not leave an
+        # earlier run's metrics beside these predictions.
+        (out_dir / "metrics.json").unlink(missing_ok=True)
+        lines = []
+        for k, (row, text, ids) in enumerate(zip(rows, predictions, generated, strict=True)):
+            record = {
+                "index": row["index"],
+                "id": row.get("id"),
+                "user_id": row["user_id"],
+                "category": row.get("category"),
+                "prompt": row[_STREAM_TEXT[stream]],
+                "prediction": text,
+                "reference": row["target"],
+                "stopped_by": "max_new_tokens" if len(ids) == generation.max_new_tokens else "eos",
+                **{name: values[k] for name, values in per_example.items()},
+            }
+            lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+        write_text_atomic(out_dir / "predictions.jsonl", "".join(lines))
+        write_text_atomic(out_dir / "metrics.json", strict_json(metrics, ensure_ascii=False))
     overall = scores["overall"]
     echo(
         f"{split}: ROUGE-1 {overall['rouge1']:.4f}  ROUGE-L {overall['rougeL']:.4f}  "

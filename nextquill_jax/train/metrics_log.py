@@ -24,6 +24,7 @@ from typing import Any
 import jax
 from tqdm import tqdm
 
+from nextquill_jax.atomic_file import write_text_atomic
 from nextquill_jax.config import LoggingConfig
 
 METRICS_FILE = "metrics.jsonl"
@@ -129,7 +130,8 @@ def _truncate_after(path: Path, step: int) -> list[int]:
     ]
     rows = [(n, line, _row(line)) for n, line in lines]
     kept = [line for _, line, row in rows if row is not None and row["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
+    # Replaced whole: a kill while rewriting must not lose the rows of every step before `step`.
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
     return [n for n, _, row in rows if row is None]
 
 

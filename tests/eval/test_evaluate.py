@@ -194,6 +194,30 @@ def test_an_evaluation_says_which_earlier_results_it_replaces(run, evaluated, tm
     )
 
 
+def test_an_evaluation_cut_short_leaves_no_earlier_metrics_beside_its_predictions(
+    run, evaluated, tmp_path, monkeypatch
+):
+    """metrics.json marks a finished evaluation: a kill after the new predictions are written must not leave
+    the earlier run's metrics.json to stand for them."""
+    from nextquill_jax.eval import evaluate as evaluate_module
+
+    workdir, _, _ = run
+    out = tmp_path / "out"
+    shutil.copytree(workdir / "eval" / "test", out)
+    real = evaluate_module.write_text_atomic
+
+    def killed_at_metrics(path, text):
+        if path.name == "metrics.json":
+            raise KeyboardInterrupt
+        real(path, text)
+
+    monkeypatch.setattr(evaluate_module, "write_text_atomic", killed_at_metrics)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(workdir, "test", out_dir=out, max_examples=1, generation=GEN, echo=lambda _: None)
+    assert not (out / "metrics.json").exists()
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == 1
+
+
 def test_a_batch_size_below_1_is_refused_before_a_model_is_loaded(tmp_path):
     # Not a workdir: loading a model first would raise FileNotFoundError instead.
     with pytest.raises(ValueError, match=r"^batch_size must be >= 1, got 0$"):

@@ -4,6 +4,7 @@ to `logging.tensorboard_dir`, and a resume's events, copied beside a preempted r
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -47,6 +48,26 @@ def test_each_row_is_closed_into_the_file_and_resume_drops_later_rows(tmp_path):
         {"step": 30, "loss": None},
     ]
     resumed.close()
+
+
+def test_a_resume_cut_short_while_dropping_later_rows_keeps_every_row(tmp_path, monkeypatch):
+    """The resume rewrites metrics.jsonl; a kill or a full disk during that rewrite must not lose the rows of
+    the steps before the checkpoint (an in-place rewrite truncates the file first)."""
+    from nextquill_jax import atomic_file
+
+    log = MetricsLog(tmp_path, QUIET, start_step=0, total_steps=30)
+    for step in (10, 20, 30):
+        log.write(step, {"loss": 1.0 / step})
+    log.close()
+    before = (tmp_path / METRICS_FILE).read_bytes()
+
+    def full_disk(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(atomic_file.os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        MetricsLog(tmp_path, QUIET, start_step=20, total_steps=30)
+    assert (tmp_path / METRICS_FILE).read_bytes() == before
 
 
 def test_the_progress_bar_shows_each_step_with_its_own_numbers(tmp_path, capsys):

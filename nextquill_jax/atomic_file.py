@@ -1,0 +1,31 @@
+"""Replacing a file whole, so that a crash while writing it (SIGKILL, a full disk, power loss) leaves the old
+file or the new one, never a torn or truncated one.
+
+Imports nothing of this package, so any layer may name it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def write_text_atomic(path: str | Path, text: str, encoding: str = "utf-8") -> None:
+    """Replace `path` (made if missing) by `text`: written to `<path>.tmp` beside it, flushed to disk, then
+    renamed over it (a rename within one directory is atomic on POSIX file systems).
+
+    Raises:
+        OSError: the write, flush or rename failed (e.g. ENOSPC); `path` is then as it was, and the temporary
+            file is removed.
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w", encoding=encoding, newline="\n") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
