@@ -28,7 +28,10 @@ from nextquill_jax.subcommand import Subcommand, non_negative_int, positive_int
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", required=True, type=Path, help="a training run's directory")
     parser.add_argument(
-        "--step", type=int, default=None, help="checkpoint step (default: the newest verified)"
+        "--step",
+        type=int,
+        default=None,
+        help="checkpoint step (default: the newest verified; 0: the untrained model the run starts from)",
     )
     parser.add_argument(
         "--split", default="test", choices=SPLITS, help="prepared split to evaluate (default: test)"
@@ -117,7 +120,10 @@ def add_effects_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--workdir", type=Path, help="a training workdir (config.yaml + checkpoints/)")
     source.add_argument("--model", help="a Hugging Face directory, .gguf file or packaged model name")
     parser.add_argument(
-        "--step", type=int, default=None, help="checkpoint step (default: the newest verified)"
+        "--step",
+        type=int,
+        default=None,
+        help="checkpoint step (default: the newest verified; 0: the untrained model the run starts from)",
     )
     parser.add_argument(
         "--data", type=Path, default=None, help="prepared data (default with --workdir: the run's own)"
@@ -199,7 +205,8 @@ def run_effects(args: argparse.Namespace) -> int:
                 single_device_mesh,
             )
 
-            checkpoints_dir(args.workdir)  # a mistyped --workdir is named before JAX starts (seconds)
+            if args.step != 0:  # a mistyped --workdir named before JAX starts; step 0 reads config.yaml only
+                checkpoints_dir(args.workdir)
             restored = restore_model(args.workdir, args.step, single_device_mesh())
             model, cfg, step = restored.model, restored.config, restored.step
             loss_cfg = cfg.loss.loss_config()

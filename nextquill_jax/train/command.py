@@ -81,7 +81,10 @@ def run_train(args: argparse.Namespace) -> int:
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", required=True, type=Path, help="a training run's directory")
     parser.add_argument(
-        "--step", type=int, default=None, help="checkpoint step (default: the newest verified)"
+        "--step",
+        type=int,
+        default=None,
+        help="checkpoint step (default: the newest verified; 0: the untrained model the run starts from)",
     )
     parser.add_argument(
         "--out", required=True, type=Path, help="output directory; one that holds weight files is refused"
@@ -100,7 +103,11 @@ def run_export(args: argparse.Namespace) -> int:
 
     third_party_logs.log_to(args.workdir, named="--workdir")
     check_output_dir(args.out, "--out")
-    step = (export_adapter if args.adapter else export)(args.workdir, args.out, args.step)
+    try:
+        step = (export_adapter if args.adapter else export)(args.workdir, args.out, args.step)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(f"exported step {step} of {args.workdir} to {args.out}")
     return 0
 

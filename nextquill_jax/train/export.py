@@ -86,7 +86,13 @@ def export_adapter(workdir: str | Path, out: str | Path, step: int | None = None
     Raises:
         ConfigError: the run is not a LoRA run (`model.lora` unset).
         FileExistsError, FileNotFoundError: as `export`.
+        ValueError: `step` 0: the adapters a run starts from are untrained.
     """
+    if step == 0:
+        raise ValueError(
+            "--adapter --step 0: the adapters a run starts from are untrained (B = 0, or the files of "
+            "`model.lora.init_from`). Fix: --merged --step 0 exports the model the run starts from."
+        )
     refuse_existing_weights(out, fix="pass another --out")
     restored = restore_params(workdir, step, single_device_mesh())
     lora = restored.config.model.lora

@@ -27,6 +27,8 @@ from nextquill_jax.train.checkpoint import Checkpointer, moved_aside, verify_err
 CONFIG_FILE = "config.yaml"
 CHECKPOINT_DIR = "checkpoints"
 PREPARED_DIR = "prepared"
+# Where a run has no checkpoint, what evaluate / effects / export can still read from it.
+STEP_0_HINT = "The model the run starts from (untrained) is its step 0: pass `--step 0`."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +56,11 @@ def checkpoints_dir(workdir: str | Path) -> Path:
         FileNotFoundError: `workdir` is not a training workdir (naming the missing directory and the fix).
     """
     directory = Path(workdir).expanduser() / CHECKPOINT_DIR
+    if not directory.is_dir() and (Path(workdir).expanduser() / CONFIG_FILE).is_file():
+        raise FileNotFoundError(
+            f"{workdir} holds a run's {CONFIG_FILE} but no checkpoints ({directory} does not exist): a "
+            f"compare `train: false` variant, or a run stopped before its first save. {STEP_0_HINT}"
+        )
     if not directory.is_dir():
         raise FileNotFoundError(
             f"{workdir} is not a training workdir: {directory} does not exist. Fix: pass the workdir of a "
@@ -152,7 +159,7 @@ def restore_params(workdir: str | Path, step: int | None = None, mesh: Mesh | No
         if chosen is None and ckpt.all_steps():
             raise IntegrityError(f"no checkpoint in {directory} verifies (see the lines above)")
         if chosen is None:  # no step at all: say so, naming any a resume moved aside as damaged
-            raise FileNotFoundError(verify_error(directory, [], moved_aside(directory)))
+            raise FileNotFoundError(f"{verify_error(directory, [], moved_aside(directory))} {STEP_0_HINT}")
         cfg = load_config(None, base=ckpt.read_config(chosen))  # raises if `chosen` is not complete
         mesh = reading_mesh(cfg) if mesh is None else mesh
         source = f"{directory / str(chosen)}"
@@ -183,11 +190,16 @@ def restore_params(workdir: str | Path, step: int | None = None, mesh: Mesh | No
 def restore_model(workdir: str | Path, step: int | None = None, mesh: Mesh | None = None) -> LoadedModel:
     """The model of checkpoint `step` (default: the newest that verifies) of the run in `workdir`, with the
     config saved with that checkpoint; a LoRA run's adapters are merged into its base (W + (alpha / r)·A·B).
-    Parameters are placed on `mesh` by the default rules (default: the config's mesh).
+    Step 0 is the model the run starts from (`initial_model`): no checkpoint holds it, since training saves
+    after a step, and a compare `train: false` variant's directory has only that one. Parameters are placed
+    on `mesh` by the default rules (default: the config's mesh).
 
     Raises:
-        FileNotFoundError / IntegrityError / ConfigError: as `restore_params`.
+        FileNotFoundError / IntegrityError / ConfigError: as `restore_params`, or for step 0 as
+            `initial_model`.
     """
+    if step == 0:
+        return initial_model(workdir, mesh)
     restored = restore_params(workdir, step, mesh)
     cfg, params = restored.config, restored.params
     if cfg.model.lora is None:

@@ -147,6 +147,41 @@ def test_an_untrained_variant_evaluates_the_parameters_the_trained_variants_star
     assert metrics["step"] == 0 and metrics["model"].startswith("preset qwen2.5-0.5b untrained")
 
 
+def test_step_0_evaluates_the_untrained_model_in_an_untrained_variants_and_a_trained_runs_directory(
+    compared, tmp_path, capsys
+):
+    """A `train: false` variant's directory has no checkpoint: `evaluate` says so and names `--step 0`, which
+    evaluates the model compare evaluated there; a trained run's `--step 0` is that same start, not its
+    checkpoint (whose loss differs)."""
+    _, path, _, _, _, _ = compared
+    comparison = load_comparison(path)
+    untrained, trained = comparison.workdir("untrained", 0), comparison.workdir("nextquill", 0)
+    flags = ["--max-examples", "6", "--max-new-tokens", "6"]
+    assert cli.main(["evaluate", "--workdir", str(untrained), "--out", str(tmp_path / "x"), *flags]) == 1
+    error = capsys.readouterr().err
+    assert "holds a run's config.yaml but no checkpoints" in error and "its step 0: pass `--step 0`" in error
+
+    def results(out: Path) -> tuple[list[str], float]:
+        predictions = [json.loads(line)["prediction"] for line in (out / "predictions.jsonl").open()]
+        return predictions, json.loads((out / "metrics.json").read_text())["loss"]["loss"]
+
+    recorded, recorded_loss = results(untrained / "eval" / "test")
+    trained_loss = results(trained / "eval" / "test")[1]
+    assert trained_loss != pytest.approx(recorded_loss, rel=1e-6)
+    for workdir, out in ((untrained, tmp_path / "untrained"), (trained, tmp_path / "trained")):
+        assert (
+            cli.main(["evaluate", "--workdir", str(workdir), "--step", "0", "--out", str(out), *flags]) == 0
+        )
+        predictions, loss = results(out)
+        assert predictions == recorded and loss == pytest.approx(recorded_loss, rel=1e-6)
+        assert json.loads((out / "metrics.json").read_text())["step"] == 0
+    effects = ["effects", "--workdir", str(untrained), "--step", "0", "--split", "test"]
+    assert cli.main([*effects, "--num-examples", "4", "--out", str(tmp_path / "effects")]) == 0
+    got = json.loads((tmp_path / "effects" / "summary.json").read_text())
+    want = json.loads((untrained / "effects" / "summary.json").read_text())
+    assert got["per_example"] == want["per_example"] and got["dce"] == want["dce"]
+
+
 def test_bad_compare_files_are_errors(compared, tmp_path):
     _, path, _, _, _, _ = compared
     raw = yaml.safe_load(path.read_text())

@@ -54,3 +54,13 @@ def test_export_names_the_step_it_exported_after_falling_back_from_a_damaged_one
     out, err = capsys.readouterr()
     assert f"checkpoint {ckpts / '2'} is damaged and not restorable: " in err
     assert out.splitlines()[-1] == f"exported step 1 of {workdir} to {tmp_path / 'hf'}"
+
+
+def test_the_adapters_of_step_0_are_refused_naming_the_merged_export(tmp_path, capsys):
+    """Step 0 is the untrained start: its adapters are B = 0 (or `init_from`'s files), nothing to export."""
+    from nextquill_jax.cli import main
+
+    out = tmp_path / "out"
+    assert main(["export", "--workdir", str(tmp_path), "--out", str(out), "--adapter", "--step", "0"]) == 1
+    assert "Fix: --merged --step 0 exports the model the run starts from" in capsys.readouterr().err
+    assert not out.exists()
