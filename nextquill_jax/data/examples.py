@@ -29,7 +29,7 @@ import numpy as np
 from nextquill_jax.data.config import DataConfig
 from nextquill_jax.data.prepared_split import TokenizedExample
 from nextquill_jax.data.sources.records import HistoryEntry, Issue, IssueLog, Record
-from nextquill_jax.data.templates import PromptTemplate, render_prompt
+from nextquill_jax.data.templates import FieldFormatError, PromptTemplate, render_prompt
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,9 @@ def build_examples(
     log: IssueLog,
     stats: FittingStats,
 ) -> Iterator[Example]:
-    """Examples of `records`, in order; records that cannot become one are counted in `log`.
+    """Examples of `records`, in order; records that cannot become one are counted in `log` (a field the
+    template needs and the record lacks: `missing_field`; a value its placeholder cannot format, such as a
+    string in `{rating:.1f}`: `wrong_type`).
 
     `tokenizer` is a fast Hugging Face tokenizer with an EOS token.
 
@@ -126,6 +128,9 @@ def _build_batch(
             log.error(
                 Issue("missing_field", record.source, str(e.args[0]), f"template {template.name!r} needs it")
             )
+            continue
+        except FieldFormatError as e:
+            log.error(Issue("wrong_type", record.source, e.field, str(e)))
             continue
         with_texts.append(text_with)
         without.append(text_without)

@@ -162,7 +162,7 @@ def get_field(
     if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
         expected = " or ".join(_KIND_NAMES[k] for k in kinds)
         raise InvalidRecordError(
-            Issue("wrong_type", location, path, f"`{path}` must be {expected}, got {_describe(value)}")
+            Issue("wrong_type", location, path, f"`{path}` must be {expected}, got {describe_value(value)}")
         )
     if numeric and isinstance(value, float) and value != value:
         raise InvalidRecordError(Issue("wrong_type", location, path, f"`{path}` is NaN"))
@@ -188,7 +188,7 @@ def scalar_fields(obj: Mapping[str, Any], location: str, path: str) -> dict[str,
     """
     if not isinstance(obj, Mapping):
         raise InvalidRecordError(
-            Issue("wrong_type", location, path, f"`{path}` must be an object, got {_describe(obj)}")
+            Issue("wrong_type", location, path, f"`{path}` must be an object, got {describe_value(obj)}")
         )
     return {k: v for k, v in obj.items() if isinstance(v, str | int | float) and not isinstance(v, bool)}
 
@@ -237,7 +237,8 @@ _KIND_NAMES = {
 }
 
 
-def _describe(value: Any) -> str:
+def describe_value(value: Any) -> str:
+    """A value for a message: its type and its repr, cut at 40 characters (`str 'five'`)."""
     text = repr(value)
     return f"{type(value).__name__} {text[:40]}{'...' if len(text) > 40 else ''}"
 
