@@ -3,6 +3,7 @@ content), damaged token arrays refused."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -16,6 +17,7 @@ from nextquill_jax.data.checksums import IntegrityError
 from nextquill_jax.data.config import DataConfig
 from nextquill_jax.data.prepare import prepare
 from nextquill_jax.data.prepared_split import PreparedSplit
+from nextquill_jax.data.templates import load_template
 from tests.shared import FIXTURES
 
 F = FIXTURES
@@ -239,6 +241,71 @@ def test_data_synth_then_prepare(tmp_path, tok_dir, template, capsys, tiny_token
     assert spans and all(0 <= s < e <= len(row["target"]) for s, e, _ in spans)
     assert row["history_used"] == 3  # reviews 1-3 precede the first target
     np.testing.assert_array_equal(PreparedSplit(out, "train")[0]["target"][-1], tiny_tokenizer().eos_token_id)
+
+
+def test_the_tokenizer_batch_size_and_errors_shown_change_no_byte_and_are_not_fingerprinted(
+    tmp_path, formats, tiny_tokenizer
+):
+    # A prompt limit that makes history fitting search, so its probes run in batches too.
+    base = dict(formats["amazon2023"], max_prompt_tokens=400)
+    tok = tiny_tokenizer()
+    whole = prepare(DataConfig(**base), tmp_path / "whole", tokenizer=tok, echo=lambda _: None)
+    one = DataConfig(**base, tokenize_batch_size=1, max_errors_shown=1)
+    single = prepare(one, tmp_path / "single", tokenizer=tok, echo=lambda _: None)
+    assert whole["fitting"]["history_entries_dropped_for_length"] == 34
+    files = lambda d: {p.relative_to(d): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+    assert files(tmp_path / "single") == files(tmp_path / "whole")  # summaries and fingerprints too
+    assert single["fingerprint"] == whole["fingerprint"]
+    out = tmp_path / "whole"
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    lines: list[str] = []
+    assert prepare(one, out, tokenizer=tok, protected="WHY", echo=lines.append)["reused"]
+    assert lines == [f"{out}: prepared data up to date (fingerprint {whole['fingerprint'][:12]}), reusing it"]
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == mtimes
+
+
+def _fingerprint_of_earlier_versions(summary: dict, template: str, tok) -> str:
+    """The fingerprint versions before RESULT_NEUTRAL_FIELDS left it recorded: `prepare._fingerprint` as it
+    was, with `summary`'s config (which then held tokenize_batch_size and max_errors_shown)."""
+    key = {
+        "format_version": summary["format_version"],
+        "config": summary["config"],
+        "template": dataclasses.asdict(load_template(template)),
+        "tokenizer": [
+            hashlib.sha256(tok.backend_tokenizer.to_str().encode()).hexdigest(),
+            tok.eos_token_id,
+            tok.chat_template,
+        ],
+        "inputs": summary["inputs"],
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def test_data_prepared_while_the_batch_size_was_fingerprinted_is_still_reused(tmp_path, tiny_tokenizer):
+    source = tmp_path / "records.jsonl"
+    source.write_bytes((F / "generic" / "records.jsonl").read_bytes())
+    out = tmp_path / "prepared"
+    base = dict(format="generic", template="plain", sources=[str(source)])
+    tok = tiny_tokenizer()
+    prepare(DataConfig(**base), out, tokenizer=tok, echo=lambda _: None)
+    # The summary as the earlier version wrote it: prepared at tokenize_batch_size 512, max_errors_shown 20.
+    summary = json.loads((out / "summary.json").read_text())
+    summary["config"].update(tokenize_batch_size=512, max_errors_shown=20)
+    summary["fingerprint"] = old = _fingerprint_of_earlier_versions(summary, "plain", tok)
+    (out / "summary.json").write_text(json.dumps(summary))
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    lines: list[str] = []
+    cfg = DataConfig(**base, tokenize_batch_size=256, max_errors_shown=5)
+    assert prepare(cfg, out, tokenizer=tok, protected="WHY", echo=lines.append)["reused"]
+    assert lines == [f"{out}: prepared data up to date (fingerprint {old[:12]}), reusing it"]
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
+    # A setting that does change the data is still refused, and the recorded batch size is not listed.
+    with pytest.raises(ValueError) as refused:
+        prepare(DataConfig(**base, max_history=1), out, tokenizer=tok, protected="WHY", echo=lambda _: None)
+    assert str(refused.value) == (
+        f"{out} was prepared with other settings (data.max_history: {DataConfig().max_history} -> 1); it is "
+        "not replaced: WHY"
+    )
 
 
 def test_public_history_fit_warns_with_the_count_of_cut_prompts(tmp_path, tiny_tokenizer):
