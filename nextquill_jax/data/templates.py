@@ -189,6 +189,26 @@ def render_prompt(
     return _fill(template, "frame", {"system": system, "user": user}, "the messages")
 
 
+def inserted_values(
+    template: PromptTemplate, context: Mapping[str, Any], entries: Sequence[Mapping[str, Any]]
+) -> list[Any]:
+    """The values of `context` and `entries` that `render_messages` inserts into the prompt: the fields the
+    `user` string names (all with {context_fields}), and those the `entry` string names of each entry (all
+    with {entry_fields})."""
+    values = []
+    for fmt, reserved, items in (
+        (template.user, "context_fields", [context]),
+        (template.entry, "entry_fields", entries),
+    ):
+        names = _placeholders(fmt)
+        for fields in items:
+            if reserved in names:
+                values += fields.values()
+            else:
+                values += [fields[name] for name in names - RESERVED]
+    return values
+
+
 def fields_block(fields: Mapping[str, Any]) -> str:
     """Every field as a `[name]: value` line."""
     return "".join(f"[{k}]: {v}\n" for k, v in fields.items())

@@ -41,7 +41,8 @@ class Record:
     """One example before rendering.
 
     `context` holds the named fields the prompt template fills in (item title, rating, the question, ...);
-    `history` is oldest first; `source` is the `file:line` the target came from.
+    `history` is oldest first; `source` is the `file:line` the target came from, `target_field` the field
+    there that holds it (for messages).
     """
 
     user_id: str
@@ -53,6 +54,7 @@ class Record:
     category: str = ""
     id: str = ""
     meta: Mapping[str, Any] | None = None
+    target_field: str = "target"
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,8 @@ class DataError(ValueError):
 @dataclass
 class IssueLog:
     """Counts rows read (`read`, by file), invalid records (`errors`), deliberate drops (`dropped`) and
-    records read as given but probably not as meant (`notes`, by message: a field name close to a known one).
+    records read as given but probably not as meant (`notes`, by message: a field name close to a known one,
+    special-token text in a record's values).
 
     With `on_error="skip"` an invalid record is skipped and counted; with `"fail"` the first `max_shown` are
     kept in `issues` and `raise_if_failed` raises one `DataError` listing them and counting all by reason, so
