@@ -14,6 +14,10 @@ from typing import Any, Literal
 
 FORMATS = ("amazon2023", "dpl", "lamp", "generic", "synthetic")
 SPLITS = ("train", "val", "test")
+# DataConfig fields that do not change the prepared data, so a change to one does not prepare it again: how
+# many records one tokenizer call takes (speed and memory) and how many invalid records an error lists. Data
+# prepared before they left the fingerprint recorded one that holds them (`prepare.py` still accepts it).
+RESULT_NEUTRAL_FIELDS = ("tokenize_batch_size", "max_errors_shown")
 
 
 @dataclass(frozen=True)
@@ -137,7 +141,7 @@ class DataConfig:
         `on_error`: an invalid record: `fail` lists them all (the first `max_errors_shown`) and prepares
             nothing; `skip` skips and counts them by reason in the prepared data's `summary.json`.
         `max_errors_shown`: with `on_error: fail`, how many invalid records the error lists (all are
-            counted).
+            counted; not part of the prepared data's fingerprint).
         `default_split`: the split (`train`, `val` or `test`) of a generic or synthetic record that names
             none.
         `template`: the prompt template: a built-in name (`review`, `review_short`, `lamp_topic_writing`,
@@ -158,7 +162,8 @@ class DataConfig:
         `max_target_tokens`: targets are cut to this many tokens (counted) before the tokenizer's EOS is
             appended.
         `tokenize_batch_size`: records rendered and tokenised per call of the fast tokenizer (speed and
-            memory, not results).
+            memory, not results: not part of the prepared data's fingerprint, so data prepared with another
+            value is reused).
         `dpl_min_description_chars`: amazon2023: an item is kept only if its description has at least this
             many characters.
         `dpl_max_description_chars`: amazon2023: an item is kept only if its description has at most this
@@ -260,8 +265,10 @@ class DataConfig:
             raise ValueError(f"data.batching must be a BatchingConfig, got {type(self.batching).__name__}")
 
     def fingerprint_fields(self) -> dict[str, Any]:
-        """The settings that decide the prepared data (everything but batching), as plain JSON values."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "batching"}
+        """The settings that decide the prepared data (all but `batching` and `RESULT_NEUTRAL_FIELDS`), as
+        plain JSON values."""
+        left_out = {"batching", *RESULT_NEUTRAL_FIELDS}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in left_out}
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:

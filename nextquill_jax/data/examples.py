@@ -12,6 +12,12 @@ the tokenizer's EOS appended. Prompts and target are tokenised separately and wi
 (special-token text in a prompt, such as `<|im_start|>`, still maps to its id), so the target tokens are
 exactly the labels. Tokenisation runs in batches through the fast tokenizer.
 
+Special-token text in a record's own values maps to its id too (a review quoting `<|endoftext|>` holds an
+end-of-text token), as the public code's tokenizer call does, so it is kept, but counted: every example whose
+target, or a value its prompts insert, holds the text of one of the tokenizer's special tokens is a `note` per
+token and place (`summary.json`, and a warning). A target that is nothing but such text (and whitespace) is
+an invalid record (`empty_field`), as an empty one is: the example would learn only control tokens.
+
 The count of entries kept is the one dropping an entry at a time finds, but `FitSearch` finds it in
 O(log max_history) rendered and tokenised prompts (galloping, then bisection) rather than one per dropped
 entry (with thousands of entries, minutes per record); the same count wherever adding entries never lowers a
@@ -20,6 +26,7 @@ prompt's token count by more than `DIP_SLACK_TOKENS` (BPE merges across an entry
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +36,7 @@ import numpy as np
 from nextquill_jax.data.config import DataConfig
 from nextquill_jax.data.prepared_split import TokenizedExample
 from nextquill_jax.data.sources.records import HistoryEntry, Issue, IssueLog, Record
-from nextquill_jax.data.templates import PromptTemplate, render_prompt
+from nextquill_jax.data.templates import FieldFormatError, PromptTemplate, inserted_values, render_prompt
 
 
 @dataclass(frozen=True)
@@ -64,7 +71,10 @@ def build_examples(
     log: IssueLog,
     stats: FittingStats,
 ) -> Iterator[Example]:
-    """Examples of `records`, in order; records that cannot become one are counted in `log`.
+    """Examples of `records`, in order; records that cannot become one are counted in `log` (a field the
+    template needs and the record lacks: `missing_field`; a value its placeholder cannot format, such as a
+    string in `{rating:.1f}`: `wrong_type`; a target of special-token text alone: `empty_field`), and so is
+    special-token text in the examples (`log.notes`).
 
     `tokenizer` is a fast Hugging Face tokenizer with an EOS token.
 
@@ -88,10 +98,11 @@ def build_examples(
         from jinja2 import TemplateError
 
         refused = (TemplateError,)
+    special = _special_token_text(tokenizer)
     try:
         for start in range(0, len(records), cfg.tokenize_batch_size):
             batch = records[start : start + cfg.tokenize_batch_size]
-            yield from _build_batch(batch, template, tokenizer, chat, eos, cfg, log, stats)
+            yield from _build_batch(batch, template, tokenizer, chat, eos, special, cfg, log, stats)
     except refused as e:
         # The template's own message (raise_exception's text) is the cause; jinja2's traceback adds nothing.
         fix = "use a tokenizer whose chat template accepts a system message"
@@ -109,6 +120,7 @@ def _build_batch(
     tokenizer: Any,
     chat: Any,
     eos: int,
+    special: re.Pattern[str],
     cfg: DataConfig,
     log: IssueLog,
     stats: FittingStats,
@@ -118,6 +130,19 @@ def _build_batch(
     without: list[str] = []
     valid: list[Record] = []
     for record in records:
+        if special.search(record.target) and not special.sub("", record.target).strip():
+            tokens = ", ".join(sorted(set(special.findall(record.target))))
+            log.error(
+                Issue(
+                    "empty_field",
+                    record.source,
+                    record.target_field,
+                    f"`{record.target_field}` holds nothing but the text of special tokens ({tokens}), which"
+                    " the tokenizer reads as those tokens: the example would learn only control tokens. Fix:"
+                    " write the target text, or remove the record",
+                )
+            )
+            continue
         entries = [dict(e.fields) for e in recent_first(record.history)][: cfg.max_history]
         try:
             text_with = render_prompt(template, record.context, entries, chat_tokenizer=chat)
@@ -126,6 +151,9 @@ def _build_batch(
             log.error(
                 Issue("missing_field", record.source, str(e.args[0]), f"template {template.name!r} needs it")
             )
+            continue
+        except FieldFormatError as e:
+            log.error(Issue("wrong_type", record.source, e.field, str(e)))
             continue
         with_texts.append(text_with)
         without.append(text_without)
@@ -178,6 +206,9 @@ def _build_batch(
             # (`max_history: 0` asks for no history, as a pre-training does: such examples are kept.)
             log.drop("no_history_fits")
             continue
+        _note_special_text(
+            record, inserted_values(template, record.context, newest_first[i][: kept[i]]), special, log
+        )
         stats.prompts_cut += too_long
         dropped = len(newest_first[i]) - kept[i]
         stats.history_entries_dropped_for_length += dropped
@@ -262,6 +293,38 @@ def recent_first(history: Sequence[HistoryEntry]) -> list[HistoryEntry]:
     if history and all(e.timestamp is not None for e in history):
         return sorted(history, key=lambda e: e.timestamp, reverse=True)
     return list(reversed(history))
+
+
+def _special_token_text(tokenizer: Any) -> re.Pattern[str]:
+    """A pattern matching the text of `tokenizer`'s special tokens (`all_special_tokens`, and added tokens
+    marked special), which its calls here map to the tokens' ids; longest first, so a token is never matched
+    by a shorter one it starts with."""
+    texts = {
+        *tokenizer.all_special_tokens,
+        *(t.content for t in tokenizer.added_tokens_decoder.values() if t.special),
+    }
+    return re.compile("|".join(re.escape(t) for t in sorted(texts, key=len, reverse=True)))
+
+
+def _note_special_text(
+    record: Record, prompt_values: list[Any], special: re.Pattern[str], log: IssueLog
+) -> None:
+    """Count the example of `record` once per special token whose text its target, or one of the
+    `prompt_values` its prompts insert, holds: kept, tokenised as the public code does, but probably not
+    meant."""
+    in_prompt = {t for v in prompt_values if isinstance(v, str) for t in special.findall(v)}
+    for token in sorted(in_prompt):
+        log.note(
+            f"a prompt value (context or history) holds the text of the special token {token}, which is"
+            " tokenised as that token (as the public code does); if it is meant as text, remove it from the"
+            " data"
+        )
+    for token in sorted(set(special.findall(record.target))):
+        log.note(
+            f"a target holds the text of the special token {token}, which is tokenised as that token (as the"
+            " public code does), so the model learns to write it; if it is meant as text, remove it from the"
+            " data"
+        )
 
 
 def _tokenize(tokenizer: Any, texts: list[str]) -> list[list[int]]:

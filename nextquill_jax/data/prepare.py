@@ -5,10 +5,13 @@ examples in the same order (what the model sees, as text), `DIR/summary.json` th
 0 for an empty one, invalid records by reason, records dropped by reason, `notes`: records kept but probably
 not read as meant, by message, examples per split, history fitting) and token-length statistics.
 
-A fingerprint of the settings (DataConfig without `batching`), the template's text, the tokenizer (its full
+A fingerprint of the settings (`DataConfig.fingerprint_fields`: all but `batching`, `tokenize_batch_size` and
+`max_errors_shown`, which do not change the prepared data), the template's text, the tokenizer (its full
 serialisation, EOS and chat template) and the source files (path, size and BLAKE2b content hash, so a file
 changed without a new modification time, or corrupted in storage, is noticed) is stored in the summary; a
-later run with the same fingerprint reuses the directory instead of preparing again. Rechecking the hashes
+later run with the same fingerprint reuses the directory instead of preparing again. A summary written while
+`tokenize_batch_size` and `max_errors_shown` were fingerprinted holds a fingerprint of them too: it is
+recomputed with the values that summary records, and reused when it matches. Rechecking the hashes
 reads every source once (about 1 s per GB, far below the cost of preparing; `benchmarks/RESULTS.md`,
 "Checksums"). The summary is written last, so an interrupted run is never mistaken for a finished one. The
 token arrays carry their own checksums (`prepared_split`).
@@ -28,7 +31,7 @@ import numpy as np
 
 from nextquill_jax.atomic_file import write_text_atomic
 from nextquill_jax.data import checksums
-from nextquill_jax.data.config import SPLITS, DataConfig
+from nextquill_jax.data.config import RESULT_NEUTRAL_FIELDS, SPLITS, DataConfig
 from nextquill_jax.data.examples import Example, FittingStats, build_examples, example_row
 from nextquill_jax.data.prepared_split import write_split
 from nextquill_jax.data.sources.read import expand_paths, read_records
@@ -64,21 +67,16 @@ def prepare(
     out = Path(out_dir)
     template = load_template(cfg.template)
     tokenizer = load_fast_tokenizer(cfg.tokenizer) if tokenizer is None else tokenizer
-    fingerprint, inputs = _fingerprint(cfg, template, tokenizer)
     previous = read_summary(out)
-    if (
-        not force
-        and previous is not None
-        and previous.get("fingerprint") == fingerprint
-        and _complete(out, previous)
-    ):
-        echo(f"{out}: prepared data up to date (fingerprint {fingerprint[:12]}), reusing it")
+    fingerprint, same, inputs = _fingerprint(cfg, template, tokenizer, previous)
+    if not force and same and _complete(out, previous):
+        echo(f"{out}: prepared data up to date (fingerprint {previous['fingerprint'][:12]}), reusing it")
         return {**previous, "reused": True}
     replacing = None
     if previous is not None and not force:
         # Runs may share a data directory: say why its contents are about to change under them.
         changes = "; ".join(_changes(previous, cfg, inputs))
-        if previous.get("fingerprint") == fingerprint:
+        if same:
             why = f"{out}: some of its split files are missing"
         elif changes:
             why = f"{out} was prepared with other settings ({changes})"
@@ -87,7 +85,7 @@ def prepare(
                 f"{out}: its fingerprint {str(previous.get('fingerprint'))[:12]} differs from this config's "
                 f"{fingerprint[:12]} (the template's text or the tokenizer changed)"
             )
-        if protected is not None and previous.get("fingerprint") != fingerprint:
+        if protected is not None and not same:
             raise ValueError(f"{why}; it is not replaced: {protected}")
         replacing = f"{why}: preparing again, replacing its contents"
 
@@ -172,19 +170,38 @@ def read_summary(out_dir: str | Path) -> dict[str, Any] | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
 
 
-def _fingerprint(cfg: DataConfig, template: PromptTemplate, tokenizer: Any) -> tuple[str, list[dict]]:
+def _fingerprint(
+    cfg: DataConfig, template: PromptTemplate, tokenizer: Any, previous: dict[str, Any] | None
+) -> tuple[str, bool, list[dict]]:
+    """(the fingerprint of `cfg`'s data, whether the summary `previous` has it, the inputs' descriptions).
+
+    A `previous` summary that records `RESULT_NEUTRAL_FIELDS` in its config was fingerprinted with them
+    (earlier versions): it has this data's fingerprint when the fingerprint of `cfg` with its recorded values
+    for them is its own."""
     inputs = []
     for path in [*expand_paths(cfg.sources, "sources"), *expand_paths(cfg.meta, "meta")]:
         inputs.append({"path": str(path.resolve()), **checksums.describe_file(path)})
     tok = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
-    key = {
-        "format_version": FORMAT_VERSION,
-        "config": cfg.fingerprint_fields(),
-        "template": dataclasses.asdict(template),
-        "tokenizer": [tok, tokenizer.eos_token_id, getattr(tokenizer, "chat_template", None)],
-        "inputs": inputs,
-    }
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest(), inputs
+
+    def digest(config: dict[str, Any]) -> str:
+        key = {
+            "format_version": FORMAT_VERSION,
+            "config": config,
+            "template": dataclasses.asdict(template),
+            "tokenizer": [tok, tokenizer.eos_token_id, getattr(tokenizer, "chat_template", None)],
+            "inputs": inputs,
+        }
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+    fingerprint = digest(cfg.fingerprint_fields())
+    if previous is None:
+        return fingerprint, False, inputs
+    same = previous.get("fingerprint") == fingerprint
+    recorded = previous.get("config") or {}
+    if not same and all(name in recorded for name in RESULT_NEUTRAL_FIELDS):
+        neutral = {name: recorded[name] for name in RESULT_NEUTRAL_FIELDS}
+        same = previous.get("fingerprint") == digest({**cfg.fingerprint_fields(), **neutral})
+    return fingerprint, same, inputs
 
 
 def _changes(previous: dict[str, Any], cfg: DataConfig, inputs: list[dict]) -> list[str]:
@@ -193,7 +210,8 @@ def _changes(previous: dict[str, Any], cfg: DataConfig, inputs: list[dict]) -> l
     changes = []
     if previous.get("format_version") != FORMAT_VERSION:
         changes.append(f"prepared-data format {previous.get('format_version')} -> {FORMAT_VERSION}")
-    old_config = previous.get("config") or {}
+    # Summaries of earlier versions also record RESULT_NEUTRAL_FIELDS, which are no setting of the data.
+    old_config = {k: v for k, v in (previous.get("config") or {}).items() if k not in RESULT_NEUTRAL_FIELDS}
     new_config = json.loads(
         json.dumps(cfg.fingerprint_fields())
     )  # as the summary holds it: lists, not tuples

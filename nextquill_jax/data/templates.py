@@ -12,7 +12,10 @@ A template is six strings, filled with `str.format`:
 `{context_fields}` (in `user`) and `{entry_fields}` (in `entry`) render every named field as `[name]: value`
 lines, for templates that must work with any record. These placeholder names, `history`, `entries` and `index`
 are reserved: a record field with one of these names cannot be referenced. Values are inserted with `str()`
-semantics, so a float rating prints like Python prints it (`5.0`).
+semantics, so a float rating prints like Python prints it (`5.0`). A placeholder may carry a format spec or a
+conversion (`{rating:.1f}`, `{title!r}`): one that fits no value (`{rating:zz}`) is refused when the template
+is loaded; one that does not fit a record's value (`{rating:.1f}` given the string `five`) makes that record
+invalid (`FieldFormatError`, reason `wrong_type`).
 
 Built-in templates live in `nextquill_jax/data/templates/` and are chosen by name (`review`,
 `lamp_topic_writing`, `lamp_abstract`, `plain`); any other YAML file with the same keys is chosen by path.
@@ -27,10 +30,30 @@ from pathlib import Path
 from typing import Any
 
 from nextquill_jax.config_schema import read_yaml
+from nextquill_jax.data.sources.records import describe_value
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 KEYS = ("system", "frame", "user", "history", "no_history", "entry")
 RESERVED = frozenset({"history", "entries", "index", "context_fields", "entry_fields", "system", "user"})
+# What str.format raises for a value its placeholder cannot format: a format spec or conversion that does not
+# fit the value's type, an index past a string's end, an attribute the value lacks.
+_FORMAT_ERRORS = (ValueError, TypeError, IndexError, AttributeError)
+# Values of each kind a placeholder may format: record fields are str, int or float; `index` is an int; the
+# other reserved placeholders are rendered text.
+_SAMPLE_VALUES: dict[str, tuple[Any, ...]] = {"index": (0,), **{name: ("",) for name in RESERVED - {"index"}}}
+_FIELD_SAMPLES: tuple[Any, ...] = ("", 0, 0.0)
+
+
+class FieldFormatError(ValueError):
+    """A record's value that its template placeholder cannot format (`{rating:.1f}` given a string).
+
+    `field` is the record field; the message says where the value is, how the template formats it, why that
+    fails, and the fix.
+    """
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass(frozen=True)
@@ -65,9 +88,10 @@ def load_template(name_or_path: str) -> PromptTemplate:
     """A built-in template by name, or a YAML file by path.
 
     Raises:
-        ValueError: unknown name, missing or unknown keys, a non-string value, a malformed placeholder, or a
-            string lacking its required placeholder (`frame`: {system} and {user}; `user`: {history};
-            `history`: {entries}); the message names the file and key.
+        ValueError: unknown name, missing or unknown keys, a non-string value, a malformed placeholder, a
+            placeholder whose conversion or format spec fits no value it can be given, or a string lacking its
+            required placeholder (`frame`: {system} and {user}; `user`: {history}; `history`: {entries}); the
+            message names the file and key.
     """
     path = Path(name_or_path)
     choices = f"built-in: {', '.join(builtin_templates())}, or give the path of a YAML file"
@@ -97,6 +121,7 @@ def load_template(name_or_path: str) -> PromptTemplate:
                 raise ValueError(
                     f"{path}: `{key}` is not a valid format string ({e}); write literal braces as {{{{ }}}}"
                 ) from e
+            _check_format_specs(value, f"{path}: `{key}`")
     required = {"user": {"history"}, "history": {"entries"}}
     if raw.get("frame") is not None:
         required["frame"] = {"system", "user"}
@@ -118,16 +143,23 @@ def render_messages(
 
     Raises:
         KeyError: naming a field the template needs that the context or an entry lacks.
+        FieldFormatError: a value of the context or an entry that its placeholder cannot format.
     """
     if entries is None:
         history = template.no_history
     else:
         body = "".join(
-            template.entry.format_map(_Fields(e, index=i + 1, entry_fields=fields_block(e)))
+            _fill(
+                template,
+                "entry",
+                _Fields(e, index=i + 1, entry_fields=fields_block(e)),
+                f"history entry {i + 1} (1 = the most recent)",
+            )
             for i, e in enumerate(entries)
         )
-        history = template.history.format_map({"entries": body})
-    user = template.user.format_map(_Fields(context, history=history, context_fields=fields_block(context)))
+        history = _fill(template, "history", {"entries": body}, "the history block")
+    fields = _Fields(context, history=history, context_fields=fields_block(context))
+    user = _fill(template, "user", fields, "the context")
     return template.system, user
 
 
@@ -142,6 +174,7 @@ def render_prompt(
 
     Raises:
         KeyError: a field the template needs is missing (see `render_messages`).
+        FieldFormatError: a value its placeholder cannot format (see `render_messages`).
         ValueError: the template has no frame and no tokenizer chat template was given.
     """
     system, user = render_messages(template, context, entries)
@@ -153,7 +186,27 @@ def render_prompt(
             f"template {template.name!r} has no frame: set `data.chat_template: true` to use the"
             " tokenizer's own"
         )
-    return template.frame.format_map({"system": system, "user": user})
+    return _fill(template, "frame", {"system": system, "user": user}, "the messages")
+
+
+def inserted_values(
+    template: PromptTemplate, context: Mapping[str, Any], entries: Sequence[Mapping[str, Any]]
+) -> list[Any]:
+    """The values of `context` and `entries` that `render_messages` inserts into the prompt: the fields the
+    `user` string names (all with {context_fields}), and those the `entry` string names of each entry (all
+    with {entry_fields})."""
+    values = []
+    for fmt, reserved, items in (
+        (template.user, "context_fields", [context]),
+        (template.entry, "entry_fields", entries),
+    ):
+        names = _placeholders(fmt)
+        for fields in items:
+            if reserved in names:
+                values += fields.values()
+            else:
+                values += [fields[name] for name in names - RESERVED]
+    return values
 
 
 def fields_block(fields: Mapping[str, Any]) -> str:
@@ -169,11 +222,84 @@ class _Fields(dict):
         self.update(reserved)
 
 
+def _fill(template: PromptTemplate, key: str, fields: Mapping[str, Any], where: str) -> str:
+    """`template`'s string `key` filled from `fields`, which are those of `where` (for messages).
+
+    Raises:
+        KeyError: a placeholder's field is not in `fields`.
+        FieldFormatError: a value its placeholder cannot format.
+    """
+    fmt = getattr(template, key)
+    try:
+        return fmt.format_map(fields)
+    except _FORMAT_ERRORS as e:
+        error = e
+    # str.format's message names neither the placeholder nor the value: format each placeholder alone to
+    # find the one that fails.
+    formatter = string.Formatter()
+    for _, name, spec, conversion in formatter.parse(fmt):
+        if name is None:
+            continue
+        try:
+            value = formatter.get_field(name, (), fields)[0]
+            formatter.format_field(formatter.convert_field(value, conversion), spec)
+        except _FORMAT_ERRORS as e:
+            field, written = _root(name), _written(name, spec, conversion)
+            raise FieldFormatError(
+                field,
+                f"the template {template.name!r} formats `{field}` of {where} as `{written}` (its `{key}`"
+                f" string), which fails for {describe_value(fields[field])}: {e}. Fix: give `{field}` a value"
+                " that format fits, or change the placeholder in the template",
+            ) from e
+    raise error
+
+
+def _check_format_specs(fmt: str, where: str) -> None:
+    """Refuse a placeholder of `fmt` whose conversion or format spec fits no value it can be given (a mistake
+    in the template, which would make every record invalid); one that fits some types is checked per record.
+
+    Raises:
+        ValueError: naming `where`, the placeholder and the fix.
+    """
+    for _, name, spec, conversion in string.Formatter().parse(fmt):
+        if name is None or (not spec and conversion is None):
+            continue
+        written = _written(name, spec, conversion)
+        if conversion not in (None, "r", "s", "a"):
+            raise ValueError(
+                f"{where}: `{written}` has the unknown conversion `!{conversion}`; use !r, !s or !a"
+            )
+        if "{" in spec:
+            raise ValueError(f"{where}: `{written}`: a format spec may not hold a placeholder; write it out")
+        samples = ("",) if conversion else _SAMPLE_VALUES.get(_root(name), _FIELD_SAMPLES)
+        errors = []
+        for sample in samples:
+            try:
+                format(sample, spec)
+            except ValueError as e:
+                errors.append(f"{type(sample).__name__}: {e}")
+        if len(errors) == len(samples):
+            raise ValueError(
+                f"{where}: the format spec of `{written}` fits no value ({'; '.join(errors)}); correct it, or"
+                f" remove it to print the value as str() does"
+            )
+
+
+def _written(name: str, spec: str, conversion: str | None) -> str:
+    """A placeholder as the template writes it."""
+    return "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+
+
+def _root(name: str) -> str:
+    """The field a placeholder names (`text` of `text[0]` or `text.upper`)."""
+    return name.split(".")[0].split("[")[0]
+
+
 def _placeholders(fmt: str) -> frozenset[str]:
     names = set()
     for _, name, _, _ in string.Formatter().parse(fmt):
         if name is not None:
             if not name or name.isdigit():
                 raise ValueError("positional placeholders `{}` are not allowed; name every field")
-            names.add(name.split(".")[0].split("[")[0])
+            names.add(_root(name))
     return frozenset(names)

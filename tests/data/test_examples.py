@@ -9,7 +9,7 @@ import pytest
 from nextquill_jax.data.config import DataConfig
 from nextquill_jax.data.examples import FittingStats, build_examples
 from nextquill_jax.data.sources.read import read_records
-from nextquill_jax.data.sources.records import HistoryEntry, IssueLog, Record
+from nextquill_jax.data.sources.records import DataError, HistoryEntry, IssueLog, Record
 from nextquill_jax.data.templates import load_template
 from tests.shared import FIXTURES
 
@@ -246,4 +246,44 @@ def test_chat_template_refusing_the_system_message_is_one_error(tiny_tokenizer):
         "data.chat_template: the chat template of data.tokenizer 'tok_nosys' refused the prompt (a system"
         " and a user message): System role not supported; set data.chat_template: false to use the frame"
         " of template 'plain', or use a tokenizer whose chat template accepts a system message"
+    )
+
+
+@pytest.mark.parametrize("on_error", ["fail", "skip"])
+def test_a_value_the_template_cannot_format_is_an_invalid_record_under_on_error(
+    on_error, tiny_tokenizer, tmp_path
+):
+    path = tmp_path / "fmt.yaml"
+    path.write_text(
+        'system: "S"\nframe: "{system}{user}"\nuser: "r={rating:.1f} {history}"\nhistory: "{entries}"\n'
+        'no_history: "-"\nentry: "{text}"\n'
+    )
+    records = [
+        Record(
+            user_id="u",
+            context={"rating": rating},
+            history=(HistoryEntry({"text": "h"}),),
+            target="t",
+            split="train",
+            source=f"recs.jsonl:{line}",
+        )
+        for line, rating in ((1, 4), (2, "five"), (3, 2.5))
+    ]
+    log = IssueLog(on_error=on_error)
+    kept = list(
+        build_examples(records, load_template(str(path)), tiny_tokenizer(), DataConfig(), log, FittingStats())
+    )
+    assert [e.record.source for e in kept] == ["recs.jsonl:1", "recs.jsonl:3"]
+    assert log.errors == {"wrong_type": 1}
+    if on_error == "skip":
+        log.raise_if_failed()  # skipped and counted, nothing raised
+        return
+    with pytest.raises(DataError) as info:
+        log.raise_if_failed()
+    assert str(info.value) == (
+        "1 invalid input record(s) (1 wrong_type); nothing was prepared:\n"
+        "  recs.jsonl:2:rating: the template 'fmt' formats `rating` of the context as `{rating:.1f}` (its"
+        " `user` string), which fails for str 'five': Unknown format code 'f' for object of type 'str'. Fix:"
+        " give `rating` a value that format fits, or change the placeholder in the template\n"
+        "Fix the records, or set `data.on_error: skip` to skip and count them."
     )

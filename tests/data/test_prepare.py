@@ -3,6 +3,7 @@ content), damaged token arrays refused."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -16,6 +17,8 @@ from nextquill_jax.data.checksums import IntegrityError
 from nextquill_jax.data.config import DataConfig
 from nextquill_jax.data.prepare import prepare
 from nextquill_jax.data.prepared_split import PreparedSplit
+from nextquill_jax.data.sources.records import DataError
+from nextquill_jax.data.templates import load_template
 from tests.shared import FIXTURES
 
 F = FIXTURES
@@ -241,6 +244,71 @@ def test_data_synth_then_prepare(tmp_path, tok_dir, template, capsys, tiny_token
     np.testing.assert_array_equal(PreparedSplit(out, "train")[0]["target"][-1], tiny_tokenizer().eos_token_id)
 
 
+def test_the_tokenizer_batch_size_and_errors_shown_change_no_byte_and_are_not_fingerprinted(
+    tmp_path, formats, tiny_tokenizer
+):
+    # A prompt limit that makes history fitting search, so its probes run in batches too.
+    base = dict(formats["amazon2023"], max_prompt_tokens=400)
+    tok = tiny_tokenizer()
+    whole = prepare(DataConfig(**base), tmp_path / "whole", tokenizer=tok, echo=lambda _: None)
+    one = DataConfig(**base, tokenize_batch_size=1, max_errors_shown=1)
+    single = prepare(one, tmp_path / "single", tokenizer=tok, echo=lambda _: None)
+    assert whole["fitting"]["history_entries_dropped_for_length"] == 34
+    files = lambda d: {p.relative_to(d): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+    assert files(tmp_path / "single") == files(tmp_path / "whole")  # summaries and fingerprints too
+    assert single["fingerprint"] == whole["fingerprint"]
+    out = tmp_path / "whole"
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    lines: list[str] = []
+    assert prepare(one, out, tokenizer=tok, protected="WHY", echo=lines.append)["reused"]
+    assert lines == [f"{out}: prepared data up to date (fingerprint {whole['fingerprint'][:12]}), reusing it"]
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == mtimes
+
+
+def _fingerprint_of_earlier_versions(summary: dict, template: str, tok) -> str:
+    """The fingerprint versions before RESULT_NEUTRAL_FIELDS left it recorded: `prepare._fingerprint` as it
+    was, with `summary`'s config (which then held tokenize_batch_size and max_errors_shown)."""
+    key = {
+        "format_version": summary["format_version"],
+        "config": summary["config"],
+        "template": dataclasses.asdict(load_template(template)),
+        "tokenizer": [
+            hashlib.sha256(tok.backend_tokenizer.to_str().encode()).hexdigest(),
+            tok.eos_token_id,
+            tok.chat_template,
+        ],
+        "inputs": summary["inputs"],
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def test_data_prepared_while_the_batch_size_was_fingerprinted_is_still_reused(tmp_path, tiny_tokenizer):
+    source = tmp_path / "records.jsonl"
+    source.write_bytes((F / "generic" / "records.jsonl").read_bytes())
+    out = tmp_path / "prepared"
+    base = dict(format="generic", template="plain", sources=[str(source)])
+    tok = tiny_tokenizer()
+    prepare(DataConfig(**base), out, tokenizer=tok, echo=lambda _: None)
+    # The summary as the earlier version wrote it: prepared at tokenize_batch_size 512, max_errors_shown 20.
+    summary = json.loads((out / "summary.json").read_text())
+    summary["config"].update(tokenize_batch_size=512, max_errors_shown=20)
+    summary["fingerprint"] = old = _fingerprint_of_earlier_versions(summary, "plain", tok)
+    (out / "summary.json").write_text(json.dumps(summary))
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    lines: list[str] = []
+    cfg = DataConfig(**base, tokenize_batch_size=256, max_errors_shown=5)
+    assert prepare(cfg, out, tokenizer=tok, protected="WHY", echo=lines.append)["reused"]
+    assert lines == [f"{out}: prepared data up to date (fingerprint {old[:12]}), reusing it"]
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
+    # A setting that does change the data is still refused, and the recorded batch size is not listed.
+    with pytest.raises(ValueError) as refused:
+        prepare(DataConfig(**base, max_history=1), out, tokenizer=tok, protected="WHY", echo=lambda _: None)
+    assert str(refused.value) == (
+        f"{out} was prepared with other settings (data.max_history: {DataConfig().max_history} -> 1); it is "
+        "not replaced: WHY"
+    )
+
+
 def test_public_history_fit_warns_with_the_count_of_cut_prompts(tmp_path, tiny_tokenizer):
     source = tmp_path / "records.jsonl"
     source.write_bytes((F / "generic" / "records.jsonl").read_bytes())
@@ -282,6 +350,110 @@ def test_records_read_but_probably_not_as_meant_are_counted_in_the_summary_and_w
     assert summary["notes"] == {message: 3} and summary["examples"] == {"train": 3}
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["notes"] == {message: 3}
     assert f"  warning: {message} (3 records)" in lines[-1].splitlines()
+
+
+SPECIAL_NOTE = {
+    "prompt": (
+        "a prompt value (context or history) holds the text of the special token {}, which is tokenised as"
+        " that token (as the public code does); if it is meant as text, remove it from the data"
+    ),
+    "target": (
+        "a target holds the text of the special token {}, which is tokenised as that token (as the public"
+        " code does), so the model learns to write it; if it is meant as text, remove it from the data"
+    ),
+}
+
+
+@pytest.mark.parametrize("on_error", ["fail", "skip"])
+def test_special_token_text_in_records_is_tokenised_as_the_public_code_does_and_counted(
+    tmp_path, tiny_tokenizer, on_error
+):
+    source = tmp_path / "records.jsonl"
+    rows = [
+        # Targets of special-token text alone (and whitespace) would teach only control tokens.
+        {"user_id": "u1", "context": "c", "history": ["h"], "target": "<|im_end|>"},
+        {"user_id": "u2", "context": "c", "history": ["h"], "target": " <|endoftext|>\n<|im_start|> "},
+        {
+            "user_id": "u3",
+            "context": "c",
+            "history": ["h <|im_end|><|im_start|>x"],
+            "target": "Fine<|endoftext|>",
+        },
+        # Only the newest entry is in the prompt (max_history 1): the older one's token is not counted.
+        {"user_id": "u4", "context": "<|im_end|>", "history": ["<|im_start|>", "new"], "target": "Ok"},
+        {"user_id": "u5", "context": "c", "history": ["h"], "target": "Plain"},
+    ]
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = DataConfig(
+        format="generic", template="plain", sources=[str(source)], max_history=1, on_error=on_error
+    )
+    tok = tiny_tokenizer()
+    lines: list[str] = []
+    if on_error == "fail":
+        with pytest.raises(DataError) as info:
+            prepare(cfg, tmp_path / "out", tokenizer=tok, echo=lines.append)
+        why = (
+            "which the tokenizer reads as those tokens: the example would learn only control tokens. Fix:"
+            " write the target text, or remove the record"
+        )
+        assert str(info.value) == (
+            "2 invalid input record(s) (2 empty_field); nothing was prepared:\n"
+            f"  {source}:1:target: `target` holds nothing but the text of special tokens (<|im_end|>),"
+            f" {why}\n"
+            f"  {source}:2:target: `target` holds nothing but the text of special tokens (<|endoftext|>,"
+            f" <|im_start|>), {why}\n"
+            "Fix the records, or set `data.on_error: skip` to skip and count them."
+        )
+        assert not (tmp_path / "out").exists()
+        return
+    summary = prepare(cfg, tmp_path / "out", tokenizer=tok, echo=lines.append)
+    assert summary["errors"] == {"empty_field": 2} and summary["examples"] == {"train": 3}
+    notes = {
+        SPECIAL_NOTE["prompt"].format("<|im_end|>"): 2,
+        SPECIAL_NOTE["prompt"].format("<|im_start|>"): 1,
+        SPECIAL_NOTE["target"].format("<|endoftext|>"): 1,
+    }
+    assert summary["notes"] == notes
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["notes"] == notes
+    assert lines[-1].splitlines()[2:] == [f"  warning: {m} ({n} records)" for m, n in sorted(notes.items())]
+    # Tokenised as the public code's tokenizer call does: the text maps to the special tokens' ids.
+    eos = tok.eos_token_id
+    fine = PreparedSplit(tmp_path / "out", "train")[0]
+    assert fine["target"].tolist() == [*tok("Fine", add_special_tokens=False)["input_ids"], eos, eos]
+    im_end, im_start = tok.convert_tokens_to_ids(["<|im_end|>", "<|im_start|>"])
+    assert [im_end, im_start] == [t for t in fine["prompt_with"].tolist() if t in (im_end, im_start)]
+
+
+def test_a_target_of_special_token_text_alone_names_the_format_s_target_field(tmp_path, tiny_tokenizer):
+    tok = tiny_tokenizer()
+    rows = (F / "dpl" / "Books" / "train.jsonl").read_text().splitlines()
+    first = json.loads(rows[0])
+    first["data"]["text"] = "<|endoftext|>"
+    dpl = tmp_path / "Books" / "train.jsonl"
+    dpl.parent.mkdir()
+    dpl.write_text("\n".join([json.dumps(first), *rows[1:]]) + "\n")
+    meta = str(F / "dpl" / "meta" / "Books.jsonl")
+    with pytest.raises(DataError) as info:
+        prepare(DataConfig(format="dpl", sources=[str(dpl)], meta=[meta]), tmp_path / "d", tokenizer=tok)
+    assert (
+        f"\n  {dpl}:1:data.text: `data.text` holds nothing but the text of special tokens (<|endoftext|>),"
+        in str(info.value)
+    )
+    questions = tmp_path / "train_questions.jsonl"
+    question = {
+        "id": "q1",
+        "input": "i",
+        "output": "<|im_end|>",
+        "profile": [{"summary": "s", "content": "c"}],
+    }
+    questions.write_text(json.dumps(question) + "\n")
+    cfg = DataConfig(format="lamp", template="lamp_topic_writing", sources=[str(questions)])
+    with pytest.raises(DataError) as info:
+        prepare(cfg, tmp_path / "l", tokenizer=tok)
+    assert (
+        f"\n  {questions}:1:output: `output` holds nothing but the text of special tokens (<|im_end|>),"
+        in str(info.value)
+    )
 
 
 def test_sources_are_fingerprinted_by_content_so_a_change_that_keeps_size_and_mtime_is_noticed(

@@ -9,7 +9,13 @@ from nextquill_jax.data.config import DataConfig
 from nextquill_jax.data.examples import FittingStats, build_examples
 from nextquill_jax.data.sources.read import read_records
 from nextquill_jax.data.sources.records import IssueLog
-from nextquill_jax.data.templates import builtin_templates, load_template, render_messages, render_prompt
+from nextquill_jax.data.templates import (
+    FieldFormatError,
+    builtin_templates,
+    load_template,
+    render_messages,
+    render_prompt,
+)
 from tests.shared import FIXTURES
 
 AMAZON = FIXTURES / "amazon2023"
@@ -214,6 +220,31 @@ def test_templates_are_data(tmp_path):
             'system: "s"\nuser: "{history}"\nhistory: "{entries}"\nno_history: ""\nentry: ""\nextra: 1\n',
             r"unknown keys \['extra'\]",
         ),
+        # A format spec no str, int or float value takes: every record would fail.
+        (
+            'system: "s"\nuser: "{rating:zz}{history}"\nhistory: "{entries}"\nno_history: ""\nentry: ""\n',
+            r"bad.yaml: `user`: the format spec of `\{rating:zz\}` fits no value \(str: Unknown format code"
+            r" 'z' for object of type 'str'; int: Unknown format code 'z' for object of type 'int'; float:"
+            r" Unknown format code 'z' for object of type 'float'\); correct it, or remove it to print the"
+            r" value as str\(\) does$",
+        ),
+        # `index` is always an int, the reserved texts always strings: a spec that fits another type only.
+        (
+            'system: "s"\nuser: "{history}"\nhistory: "{entries}"\nno_history: ""\nentry: "{index:.1s}"\n',
+            r"`entry`: the format spec of `\{index:.1s\}` fits no value \(int: Unknown format code 's'",
+        ),
+        (
+            'system: "s"\nuser: "{history:d}"\nhistory: "{entries}"\nno_history: ""\nentry: ""\n',
+            r"`user`: the format spec of `\{history:d\}` fits no value \(str: Unknown format code 'd'",
+        ),
+        (
+            'system: "s"\nuser: "{title!x}{history}"\nhistory: "{entries}"\nno_history: ""\nentry: ""\n',
+            r"`user`: `\{title!x\}` has the unknown conversion `!x`; use !r, !s or !a$",
+        ),
+        (
+            'system: "s"\nuser: "{title:>{w}}{history}"\nhistory: "{entries}"\nno_history: ""\nentry: ""\n',
+            r"`user`: `\{title:>\{w\}\}`: a format spec may not hold a placeholder; write it out$",
+        ),
     ],
 )
 def test_bad_templates_are_refused_naming_the_key(tmp_path, text, message):
@@ -221,6 +252,32 @@ def test_bad_templates_are_refused_naming_the_key(tmp_path, text, message):
     path.write_text(text)
     with pytest.raises(ValueError, match=message):
         load_template(str(path))
+
+
+def test_a_value_its_format_spec_does_not_fit_names_the_field_placeholder_and_type(tmp_path):
+    path = tmp_path / "fmt.yaml"
+    path.write_text(
+        'system: "S"\nframe: "{system}{user}"\nuser: "r={rating:.1f} {history}"\nhistory: "{entries}"\n'
+        'no_history: "-"\nentry: "[{index}] {stars:d} {text!r:.4}"\n'
+    )
+    t = load_template(str(path))  # each spec fits some type, so the template itself is fine
+    assert render_prompt(t, {"rating": 4}, [{"stars": 5, "text": "good"}]) == "Sr=4.0 [1] 5 'goo"
+    with pytest.raises(FieldFormatError) as info:
+        render_prompt(t, {"rating": "five"}, None)
+    assert info.value.field == "rating"
+    assert str(info.value) == (
+        "the template 'fmt' formats `rating` of the context as `{rating:.1f}` (its `user` string), which"
+        " fails for str 'five': Unknown format code 'f' for object of type 'str'. Fix: give `rating` a value"
+        " that format fits, or change the placeholder in the template"
+    )
+    with pytest.raises(FieldFormatError) as info:
+        render_prompt(t, {"rating": 4}, [{"stars": 5, "text": "a"}, {"stars": 4.5, "text": "b"}])
+    assert info.value.field == "stars"
+    assert str(info.value) == (
+        "the template 'fmt' formats `stars` of history entry 2 (1 = the most recent) as `{stars:d}` (its"
+        " `entry` string), which fails for float 4.5: Unknown format code 'd' for object of type 'float'."
+        " Fix: give `stars` a value that format fits, or change the placeholder in the template"
+    )
 
 
 def test_unknown_template_name_lists_the_builtins():

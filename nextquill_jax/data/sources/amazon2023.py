@@ -226,6 +226,7 @@ def dpl_protocol(
                     source=f"{path}:{target.line}",
                     category=category,
                     id=f"{category}/{user_id}/{k + 1}",
+                    target_field="text",
                 )
             )
     return records

@@ -66,6 +66,7 @@ def read_dpl(path: Path, split: str, items: dict[str, Item], log: IssueLog) -> l
             source=row.location,
             category=category,
             id=f"{category}/{user_id}/{split}/{row.location.rsplit(':', 1)[1]}",
+            target_field="data.text",
         )
 
     return collect_records(valid_rows(path, log), parse, log)

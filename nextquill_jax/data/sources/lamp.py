@@ -100,6 +100,7 @@ def read_lamp(
             source=loc,
             category=category,
             id=qid,
+            target_field="output",
         )
 
     return collect_records(valid_rows(path, log), parse, log, key=lambda r: r.id)

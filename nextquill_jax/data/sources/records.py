@@ -41,7 +41,8 @@ class Record:
     """One example before rendering.
 
     `context` holds the named fields the prompt template fills in (item title, rating, the question, ...);
-    `history` is oldest first; `source` is the `file:line` the target came from.
+    `history` is oldest first; `source` is the `file:line` the target came from, `target_field` the field
+    there that holds it (for messages).
     """
 
     user_id: str
@@ -53,6 +54,7 @@ class Record:
     category: str = ""
     id: str = ""
     meta: Mapping[str, Any] | None = None
+    target_field: str = "target"
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,8 @@ class DataError(ValueError):
 @dataclass
 class IssueLog:
     """Counts rows read (`read`, by file), invalid records (`errors`), deliberate drops (`dropped`) and
-    records read as given but probably not as meant (`notes`, by message: a field name close to a known one).
+    records read as given but probably not as meant (`notes`, by message: a field name close to a known one,
+    special-token text in a record's values).
 
     With `on_error="skip"` an invalid record is skipped and counted; with `"fail"` the first `max_shown` are
     kept in `issues` and `raise_if_failed` raises one `DataError` listing them and counting all by reason, so
@@ -162,7 +165,7 @@ def get_field(
     if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
         expected = " or ".join(_KIND_NAMES[k] for k in kinds)
         raise InvalidRecordError(
-            Issue("wrong_type", location, path, f"`{path}` must be {expected}, got {_describe(value)}")
+            Issue("wrong_type", location, path, f"`{path}` must be {expected}, got {describe_value(value)}")
         )
     if numeric and isinstance(value, float) and value != value:
         raise InvalidRecordError(Issue("wrong_type", location, path, f"`{path}` is NaN"))
@@ -188,7 +191,7 @@ def scalar_fields(obj: Mapping[str, Any], location: str, path: str) -> dict[str,
     """
     if not isinstance(obj, Mapping):
         raise InvalidRecordError(
-            Issue("wrong_type", location, path, f"`{path}` must be an object, got {_describe(obj)}")
+            Issue("wrong_type", location, path, f"`{path}` must be an object, got {describe_value(obj)}")
         )
     return {k: v for k, v in obj.items() if isinstance(v, str | int | float) and not isinstance(v, bool)}
 
@@ -237,7 +240,8 @@ _KIND_NAMES = {
 }
 
 
-def _describe(value: Any) -> str:
+def describe_value(value: Any) -> str:
+    """A value for a message: its type and its repr, cut at 40 characters (`str 'five'`)."""
     text = repr(value)
     return f"{type(value).__name__} {text[:40]}{'...' if len(text) > 40 else ''}"
 
