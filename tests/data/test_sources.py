@@ -554,3 +554,32 @@ def test_a_lamp_user_id_under_a_near_name_is_read_as_context_and_counted_with_th
         "user, rename it `user_id`"
     )
     assert dict(log.notes) == {message: 2}
+
+
+def _generic_line(user_id: str, **fields) -> str:
+    """One valid generic record (template `plain`) as a JSON line; `fields` replace or add keys."""
+    return json.dumps({"user_id": user_id, "context": "c", "history": ["h"], "target": "t", **fields}) + "\n"
+
+
+def test_double_star_in_a_source_pattern_matches_files_at_every_depth(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "a" / "b").mkdir(parents=True)
+    for name in ("data/top.jsonl", "data/a/mid.jsonl", "data/a/b/low.jsonl"):
+        (tmp_path / name).write_text(_generic_line(name))
+    records, log = _read(DataConfig(format="generic", template="plain", sources=["data/**/*.jsonl"]))
+    assert dict(log.read) == {"data/a/b/low.jsonl": 1, "data/a/mid.jsonl": 1, "data/top.jsonl": 1}
+    assert len(records) == 3
+
+
+def test_a_file_named_twice_in_other_spellings_is_read_once(tmp_path, monkeypatch):
+    """Relative, absolute, through `..`, through a symlink, and by an overlapping glob: one file, read once
+    under the spelling that named it first."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "g1.jsonl").write_text(_generic_line("u1") + _generic_line("u2"))
+    (tmp_path / "link.jsonl").symlink_to(tmp_path / "g1.jsonl")
+    (tmp_path / "g2.jsonl").write_text(_generic_line("u3"))
+    sources = ["g1.jsonl", str(tmp_path / "g1.jsonl"), "sub/../g1.jsonl", "link.jsonl", "*.jsonl"]
+    records, log = _read(DataConfig(format="generic", template="plain", sources=sources))
+    assert dict(log.read) == {"g1.jsonl": 2, "g2.jsonl": 1}
+    assert [r.user_id for r in records] == ["u1", "u2", "u3"] and dict(log.dropped) == {}

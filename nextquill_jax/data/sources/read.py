@@ -29,15 +29,20 @@ _SPLIT_WORDS = {
 
 
 def expand_paths(patterns: list[str], key: str) -> list[Path]:
-    """Files matching each pattern, sorted within a pattern, without repeats.
+    """Files matching each pattern, sorted within a pattern, each file once.
+
+    `**` in a pattern matches any number of directories (none included). A file matched again, by another
+    pattern or under another spelling of its path (relative or absolute, through a symlink), is the same
+    file: it is kept once, under the spelling that matched it first, so its records are not read twice.
 
     Raises:
         ValueError: a pattern that matches no file (saying so when it names directories, with a glob for their
             files), or a file of an unsupported type, naming `data.<key>`.
     """
     paths: list[Path] = []
+    resolved: set[Path] = set()
     for pattern in patterns:
-        found = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        found = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
         matches = [m for m in found if Path(m).is_file()]
         directories = [m for m in found if Path(m).is_dir()]
         if not matches and directories:
@@ -61,7 +66,8 @@ def expand_paths(patterns: list[str], key: str) -> list[Path]:
                 file_kind(m)
             except ValueError as e:
                 raise ValueError(f"data.{key}: {e}") from e
-            if Path(m) not in paths:
+            if Path(m).resolve() not in resolved:
+                resolved.add(Path(m).resolve())
                 paths.append(Path(m))
     return paths
 
