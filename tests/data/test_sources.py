@@ -583,3 +583,59 @@ def test_a_file_named_twice_in_other_spellings_is_read_once(tmp_path, monkeypatc
     records, log = _read(DataConfig(format="generic", template="plain", sources=sources))
     assert dict(log.read) == {"g1.jsonl": 2, "g2.jsonl": 1}
     assert [r.user_id for r in records] == ["u1", "u2", "u3"] and dict(log.dropped) == {}
+
+
+def test_a_generic_record_repeated_in_another_file_is_dropped_and_counted(tmp_path):
+    """A copied file repeats every record; a record of another split is not a repeat."""
+    g1 = tmp_path / "g1.jsonl"
+    g1.write_text(_generic_line("u1") + _generic_line("u2"))
+    copy = tmp_path / "copy.jsonl"
+    shutil.copy(g1, copy)
+    other = tmp_path / "other.jsonl"
+    other.write_text(_generic_line("u1", split="test") + _generic_line("u2"))
+    sources = [str(g1), str(copy), str(other)]
+    records, log = _read(DataConfig(format="generic", template="plain", sources=sources))
+    assert [(r.user_id, r.split, r.source) for r in records] == [
+        ("u1", "train", f"{g1}:1"),
+        ("u2", "train", f"{g1}:2"),
+        ("u1", "test", f"{other}:1"),
+    ]
+    assert dict(log.dropped) == {"duplicate": 3}
+
+
+def test_a_dpl_row_repeated_in_another_file_of_its_category_is_dropped_and_counted(tmp_path):
+    """A copy of a split file in the same category repeats its rows; in another category's directory the same
+    rows are that category's (the protocol runs per category), so they are kept."""
+    train = FIXTURES / "dpl" / "Books" / "train.jsonl"
+    for name in ("Books/train.jsonl", "Books/train_copy.jsonl", "Movies/train.jsonl"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        shutil.copy(train, tmp_path / name)
+    meta = [str(FIXTURES / "dpl" / "meta" / "Books.jsonl")]
+    records, log = _read(DataConfig(format="dpl", sources=[str(tmp_path / "*" / "*.jsonl")], meta=meta))
+    # The fixture's 4 rows, each once per category; the copy's 4 are repeats.
+    books, movies = tmp_path / "Books" / "train.jsonl", tmp_path / "Movies" / "train.jsonl"
+    assert [r.source for r in records] == [f"{f}:{i}" for f in (books, movies) for i in range(1, 5)]
+    assert dict(log.dropped) == {"duplicate": 4}
+
+
+def test_a_lamp_question_repeated_in_another_file_of_its_split_is_dropped_and_counted(tmp_path):
+    """Questions are told apart by id within a split (golds are matched so); the same id in another split's
+    file is another question."""
+    profile = [{"summary": "s", "content": "c"}]
+    line = lambda qid: json.dumps({"id": qid, "input": "i", "output": "o", "profile": profile}) + "\n"
+    files = {
+        "train_questions.jsonl": "q1 q2",
+        "train_more_questions.jsonl": "q2 q3",
+        "dev_questions.jsonl": "q1",
+    }
+    for name, ids in files.items():
+        (tmp_path / name).write_text("".join(line(qid) for qid in ids.split()))
+    sources = [str(tmp_path / name) for name in files]
+    records, log = _read(DataConfig(format="lamp", template="lamp_topic_writing", sources=sources))
+    assert [(r.split, r.id) for r in records] == [
+        ("train", "q1"),
+        ("train", "q2"),
+        ("train", "q3"),
+        ("val", "q1"),
+    ]
+    assert dict(log.dropped) == {"duplicate": 1}

@@ -8,13 +8,12 @@ object, carried through untouched). A string context becomes the field `context`
 Any other top-level key is an invalid record (`unknown_field`; a misspelt `split` would silently train on a
 test record), and so is an empty or whitespace-only `user_id`, `target` or history entry text (`empty_field`);
 extra data belongs in `meta`. Records with an empty history and repeats of an earlier record (same user,
-split, context and target) are counted and skipped.
+split, context and target) in any file of the run are counted and skipped.
 """
 
 from __future__ import annotations
 
 import difflib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from nextquill_jax.data.sources.records import (
     collect_records,
     get_field,
     missing_fields,
+    repeat_key,
     require_fields,
     require_text,
 )
@@ -39,13 +39,16 @@ FIELDS = ("user_id", "context", "history", "target", "category", "split", "id", 
 REQUIRED = ("user_id", "context", "history", "target")
 
 
-def read_generic(path: Path, default_split: str, template: PromptTemplate, log: IssueLog) -> list[Record]:
-    """Records of one generic file, in file order."""
+def read_generic(
+    paths: list[Path], default_split: str, template: PromptTemplate, log: IssueLog
+) -> list[Record]:
+    """Records of the generic files, in order; a repeat of an earlier record, in the same file or another
+    (a copy of a file, say), is dropped and counted as `duplicate`."""
     return collect_records(
-        valid_rows(path, log),
+        (row for path in paths for row in valid_rows(path, log)),
         lambda row: parse_generic(row.value, row.location, default_split, template),
         log,
-        key=lambda r: (r.user_id, r.split, json.dumps(dict(r.context), sort_keys=True), r.target),
+        key=repeat_key,
     )
 
 

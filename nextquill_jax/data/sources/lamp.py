@@ -9,7 +9,8 @@ templates use `input`); every profile entry's scalar fields form one history ent
 first. The user is `user_id` when present, else the question `id`; a question without `user_id` but with a
 field whose name is close to it (`userid`, `userId`, `user-id`) is read so and counted in the prepared data's
 `notes`, with the fix. The category is the directory holding the questions file. An empty or whitespace-only
-output is an invalid record (`empty_field`).
+output is an invalid record (`empty_field`). A question whose id an earlier question of the same split had, in
+any file of the run, is counted (`duplicate`) and skipped.
 """
 
 from __future__ import annotations
@@ -47,62 +48,77 @@ def read_lamp_outputs(path: Path, log: IssueLog) -> dict[str, str]:
 
 
 def read_lamp(
-    path: Path, split: str, outputs: dict[str, str], template: PromptTemplate, log: IssueLog
+    files: list[tuple[Path, str]], outputs: dict[str, dict[str, str]], template: PromptTemplate, log: IssueLog
 ) -> list[Record]:
-    """Records of one questions file; `outputs` holds the golds of its split (may be empty when inline)."""
+    """Records of the questions files, each given with its split, in order; `outputs` holds the golds by
+    split (empty for questions with inline outputs). A question whose id an earlier question of its split
+    had, in the same file or another, is dropped and counted as `duplicate`."""
+    return collect_records(
+        ((path, split, row) for path, split in files for row in valid_rows(path, log)),
+        lambda file_row: _parse(*file_row, outputs.get(file_row[1], {}), template, log),
+        log,
+        key=lambda r: (r.split, r.id),
+    )
+
+
+def _parse(
+    path: Path, split: str, row: Row, outputs: dict[str, str], template: PromptTemplate, log: IssueLog
+) -> Record:
+    """One question of the file `path` (holding `split`) as a record; `outputs`: the golds of the split.
+
+    Raises:
+        InvalidRecordError: a missing or mistyped field, no output (inline or gold), an empty output, or
+            fields the template needs that the question or its profile lacks.
+    """
     category = path.parent.name
-
-    def parse(row: Row) -> Record:
-        loc = row.location
-        qid = str(get_field(row.value, "id", (str, int), loc))
-        get_field(row.value, "input", (str,), loc)
-        profile = get_field(row.value, "profile", (list,), loc)
-        if "output" in row.value:
-            target = get_field(row.value, "output", (str,), loc)
-        elif qid in outputs:
-            target = outputs[qid]
-        else:
-            raise InvalidRecordError(
-                Issue(
-                    "missing_field",
-                    loc,
-                    "output",
-                    f"question {qid!r} has no inline `output` and no gold with this id in the {split}"
-                    " outputs files (data.meta)",
-                )
+    loc = row.location
+    qid = str(get_field(row.value, "id", (str, int), loc))
+    get_field(row.value, "input", (str,), loc)
+    profile = get_field(row.value, "profile", (list,), loc)
+    if "output" in row.value:
+        target = get_field(row.value, "output", (str,), loc)
+    elif qid in outputs:
+        target = outputs[qid]
+    else:
+        raise InvalidRecordError(
+            Issue(
+                "missing_field",
+                loc,
+                "output",
+                f"question {qid!r} has no inline `output` and no gold with this id in the {split}"
+                " outputs files (data.meta)",
             )
-        require_text(
-            target,
-            loc,
-            "output",
-            "the example would learn only the end-of-text token. Fix: give the output text, or remove the "
-            "question",
         )
-        if "user_id" in row.value:
-            user_id = get_field(row.value, "user_id", (str,), loc)
-        else:
-            user_id = qid
-            _note_near_user_id(row.value, path, log)
-        context = {k: v for k, v in scalar_fields(row.value, loc, "").items() if k not in ("id", "output")}
-        history = [
-            HistoryEntry(fields=scalar_fields(entry, loc, f"profile[{i}]")) for i, entry in enumerate(profile)
-        ]
-        missing = missing_fields(context, template.context_fields, "")
-        for i, entry in enumerate(history):
-            missing += missing_fields(entry.fields, template.entry_fields, f"profile[{i}].")
-        require_fields(missing, loc, template.name)
-        return Record(
-            user_id=user_id,
-            context=context,
-            history=tuple(history),
-            target=target,
-            split=split,
-            source=loc,
-            category=category,
-            id=qid,
-        )
-
-    return collect_records(valid_rows(path, log), parse, log, key=lambda r: r.id)
+    require_text(
+        target,
+        loc,
+        "output",
+        "the example would learn only the end-of-text token. Fix: give the output text, or remove the "
+        "question",
+    )
+    if "user_id" in row.value:
+        user_id = get_field(row.value, "user_id", (str,), loc)
+    else:
+        user_id = qid
+        _note_near_user_id(row.value, path, log)
+    context = {k: v for k, v in scalar_fields(row.value, loc, "").items() if k not in ("id", "output")}
+    history = [
+        HistoryEntry(fields=scalar_fields(entry, loc, f"profile[{i}]")) for i, entry in enumerate(profile)
+    ]
+    missing = missing_fields(context, template.context_fields, "")
+    for i, entry in enumerate(history):
+        missing += missing_fields(entry.fields, template.entry_fields, f"profile[{i}].")
+    require_fields(missing, loc, template.name)
+    return Record(
+        user_id=user_id,
+        context=context,
+        history=tuple(history),
+        target=target,
+        split=split,
+        source=loc,
+        category=category,
+        id=qid,
+    )
 
 
 def _note_near_user_id(question: dict, path: Path, log: IssueLog) -> None:

@@ -128,21 +128,15 @@ def read_records(cfg: DataConfig, template: PromptTemplate, log: IssueLog) -> li
                 "data.meta: the dpl format needs the item metadata files (asin, title, description)"
             )
         items = dpl.read_dpl_items(meta, log)
-        return [r for path in sources for r in dpl.read_dpl(path, split_from_name(path), items, log)]
+        return dpl.read_dpl([(path, split_from_name(path)) for path in sources], items, log)
     if cfg.format == "lamp":
         outputs: dict[str, dict[str, str]] = {}
         for path in meta:
             outputs.setdefault(split_from_name(path), {}).update(read_lamp_outputs(path, log))
-        return [
-            r
-            for path in sources
-            for r in read_lamp(
-                path, split_from_name(path), outputs.get(split_from_name(path), {}), template, log
-            )
-        ]
+        return read_lamp([(path, split_from_name(path)) for path in sources], outputs, template, log)
     if meta:
         raise ValueError("data.meta: the generic format takes no metadata files; remove data.meta")
-    return [r for path in sources for r in read_generic(path, cfg.default_split, template, log)]
+    return read_generic(sources, cfg.default_split, template, log)
 
 
 def _read_synthetic(cfg: DataConfig, template: PromptTemplate, log: IssueLog) -> list[Record]:
@@ -154,7 +148,7 @@ def _read_synthetic(cfg: DataConfig, template: PromptTemplate, log: IssueLog) ->
     generator = f"synthetic(users={cfg.synthetic_users}, seed={cfg.synthetic_seed})"
     with tempfile.TemporaryDirectory() as tmp:
         generate_synthetic(tmp, users=cfg.synthetic_users, seed=cfg.synthetic_seed)
-        records = read_generic(Path(tmp) / "synthetic.jsonl", cfg.default_split, template, log)
+        records = read_generic([Path(tmp) / "synthetic.jsonl"], cfg.default_split, template, log)
         return [
             dataclasses.replace(r, source=f"{generator}:{_line(r.source)} user {r.user_id}") for r in records
         ]

@@ -8,6 +8,7 @@ a number.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -242,6 +243,11 @@ def _describe(value: Any) -> str:
     return f"{type(value).__name__} {text[:40]}{'...' if len(text) > 40 else ''}"
 
 
+def repeat_key(record: Record) -> tuple[str, ...]:
+    """What makes a record a repeat of an earlier one: the same user, split, context and target."""
+    return (record.user_id, record.split, json.dumps(dict(record.context), sort_keys=True), record.target)
+
+
 def collect_records(
     rows: Iterable[R],
     parse: Callable[[R], Record],
@@ -251,9 +257,10 @@ def collect_records(
 ) -> list[Record]:
     """The records parsed from `rows`, in order: what every reader keeps.
 
-    A row `parse` rejects (`InvalidRecordError`) goes to `log.error`; a record whose `key` was seen before is
-    dropped as `duplicate` (no `key`: none are); a record without history is dropped as `empty_history` (an
-    example needs a history to tell its effect).
+    A row `parse` rejects (`InvalidRecordError`) goes to `log.error`; a record whose `key` was seen before in
+    `rows` is dropped as `duplicate` (no `key`: none are), so readers pass the rows of all their files at once
+    to find a repeat in another file too; a record without history is dropped as `empty_history` (an example
+    needs a history to tell its effect).
     """
     records: list[Record] = []
     seen: set = set()
