@@ -639,3 +639,25 @@ def test_a_lamp_question_repeated_in_another_file_of_its_split_is_dropped_and_co
         ("val", "q1"),
     ]
     assert dict(log.dropped) == {"duplicate": 1}
+
+
+def test_a_generic_id_that_an_earlier_record_has_is_invalid_in_any_file_or_split(tmp_path):
+    """Another record under an earlier record's id is invalid (compare could not pair it); an exact repeat,
+    id and all, is only a repeat; records without an id are not compared."""
+    a = tmp_path / "a.jsonl"
+    a.write_text(_generic_line("u1", id="X") + _generic_line("u2", id="Y") + _generic_line("u5"))
+    b = tmp_path / "b.jsonl"
+    b.write_text(
+        _generic_line("u3", id="X", split="test") + _generic_line("u1", id="X") + _generic_line("u4")
+    )
+    cfg = DataConfig(format="generic", template="plain", sources=[str(a), str(b)])
+    with pytest.raises(DataError) as e:
+        _read(cfg)
+    assert str(e.value).startswith("1 invalid input record(s) (1 duplicate_id); nothing was prepared:\n  ")
+    assert (
+        f"{b}:1:id: the id 'X' is already the id of the record at {a}:1; ids must be unique across all files"
+        " and splits (compare pairs examples by id). Fix: give one of them another id\n"
+    ) in str(e.value)
+    records, log = _read(dataclasses.replace(cfg, on_error="skip"))
+    assert [r.source for r in records] == [f"{a}:1", f"{a}:2", f"{a}:3", f"{b}:3"]
+    assert dict(log.errors) == {"duplicate_id": 1} and dict(log.dropped) == {"duplicate": 1}

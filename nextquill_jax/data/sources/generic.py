@@ -6,9 +6,10 @@ One object per line: `user_id` (string), `context` (a string, or an object of na
 object, carried through untouched). A string context becomes the field `context`, a string entry the field
 `text`. History is oldest first, or sorted by `timestamp` when the entries carry one (then all must).
 Any other top-level key is an invalid record (`unknown_field`; a misspelt `split` would silently train on a
-test record), and so is an empty or whitespace-only `user_id`, `target` or history entry text (`empty_field`);
-extra data belongs in `meta`. Records with an empty history and repeats of an earlier record (same user,
-split, context and target) in any file of the run are counted and skipped.
+test record), and so is an empty or whitespace-only `user_id`, `target` or history entry text (`empty_field`)
+and an `id` that an earlier record of any file or split has (`duplicate_id`); extra data belongs in `meta`.
+Records with an empty history and repeats of an earlier record (same user, split, context and target) in any
+file of the run are counted and skipped.
 """
 
 from __future__ import annotations
@@ -43,12 +44,14 @@ def read_generic(
     paths: list[Path], default_split: str, template: PromptTemplate, log: IssueLog
 ) -> list[Record]:
     """Records of the generic files, in order; a repeat of an earlier record, in the same file or another
-    (a copy of a file, say), is dropped and counted as `duplicate`."""
+    (a copy of a file, say), is dropped and counted as `duplicate`, and another record with an earlier
+    record's `id` is invalid (`duplicate_id`)."""
     return collect_records(
         (row for path in paths for row in valid_rows(path, log)),
         lambda row: parse_generic(row.value, row.location, default_split, template),
         log,
         key=repeat_key,
+        unique_ids=True,
     )
 
 

@@ -26,6 +26,7 @@ ErrorReason = Literal[
     "unknown_item",
     "unknown_field",
     "empty_field",
+    "duplicate_id",
 ]
 
 
@@ -254,16 +255,20 @@ def collect_records(
     log: IssueLog,
     *,
     key: Callable[[Record], Any] | None = None,
+    unique_ids: bool = False,
 ) -> list[Record]:
     """The records parsed from `rows`, in order: what every reader keeps.
 
     A row `parse` rejects (`InvalidRecordError`) goes to `log.error`; a record whose `key` was seen before in
     `rows` is dropped as `duplicate` (no `key`: none are), so readers pass the rows of all their files at once
-    to find a repeat in another file too; a record without history is dropped as `empty_history` (an example
-    needs a history to tell its effect).
+    to find a repeat in another file too. With `unique_ids`, a record that is no repeat but has the `id` of an
+    earlier one is invalid (`duplicate_id`, naming both places): `compare` pairs examples by id, so two
+    examples under one id could not be told apart. A record without history is dropped as `empty_history` (an
+    example needs a history to tell its effect).
     """
     records: list[Record] = []
     seen: set = set()
+    id_source: dict[str, str] = {}  # the `source` of the first record with each id
     for row in rows:
         try:
             record = parse(row)
@@ -275,6 +280,20 @@ def collect_records(
                 log.drop("duplicate")
                 continue
             seen.add(key(record))
+        if unique_ids and record.id:
+            if record.id in id_source:
+                log.error(
+                    Issue(
+                        "duplicate_id",
+                        record.source,
+                        "id",
+                        f"the id {record.id!r} is already the id of the record at {id_source[record.id]}; "
+                        "ids must be unique across all files and splits (compare pairs examples by id). Fix: "
+                        "give one of them another id",
+                    )
+                )
+                continue
+            id_source[record.id] = record.source
         if not record.history:
             log.drop("empty_history")
             continue
