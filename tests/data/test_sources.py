@@ -661,3 +661,38 @@ def test_a_generic_id_that_an_earlier_record_has_is_invalid_in_any_file_or_split
     records, log = _read(dataclasses.replace(cfg, on_error="skip"))
     assert [r.source for r in records] == [f"{a}:1", f"{a}:2", f"{a}:3", f"{b}:3"]
     assert dict(log.errors) == {"duplicate_id": 1} and dict(log.dropped) == {"duplicate": 1}
+
+
+def test_lamp_golds_repeated_conflicting_or_without_a_question_are_counted_or_invalid(tmp_path):
+    """A gold id given twice in a split: the same output is a counted repeat, another output is invalid
+    (naming both places); golds no question of their split asks for are counted, per split."""
+    profile = [{"summary": "s", "content": "c"}]
+    questions = tmp_path / "train_questions.jsonl"
+    questions.write_text(
+        "".join(json.dumps({"id": q, "input": "i", "profile": profile}) + "\n" for q in "abd")
+    )
+    golds = lambda *pairs: [{"id": q, "output": o} for q, o in pairs]
+    first = tmp_path / "train_outputs.json"
+    first.write_text(json.dumps({"task": "t", "golds": golds(("a", "oa"), ("b", "ob"))}, indent=1))
+    more = tmp_path / "train_more_outputs.jsonl"
+    more.write_text("".join(json.dumps(g) + "\n" for g in golds(("a", "oa"), ("b", "other"), ("z", "oz"))))
+    (tmp_path / "dev_outputs.jsonl").write_text(json.dumps({"id": "a", "output": "oa"}) + "\n")
+    meta = [str(first), str(more), str(tmp_path / "dev_outputs.jsonl")]
+    cfg = DataConfig(format="lamp", template="lamp_topic_writing", sources=[str(questions)], meta=meta)
+    with pytest.raises(DataError) as e:
+        _read(cfg)
+    msg = str(e.value)
+    assert msg.startswith("2 invalid input record(s) (1 duplicate_id, 1 missing_field)"), msg
+    # `b`'s element starts on line 8 of the indented array.
+    assert (
+        f"{more}:2:id: the train gold 'b' was given before, with another output, at {first}:8; a question "
+        "has one gold. Fix: remove the wrong one, or correct its id\n"
+    ) in msg
+    assert (
+        f"{questions}:3:output: question 'd' has no inline `output` and no gold with this id in the train "
+        "outputs files (data.meta)\n"
+    ) in msg
+    records, log = _read(dataclasses.replace(cfg, on_error="skip"))
+    assert [(r.id, r.target) for r in records] == [("a", "oa"), ("b", "ob")]
+    assert dict(log.errors) == {"duplicate_id": 1, "missing_field": 1}
+    assert dict(log.dropped) == {"gold_duplicate": 1, "gold_without_question": 2}

@@ -10,7 +10,9 @@ first. The user is `user_id` when present, else the question `id`; a question wi
 field whose name is close to it (`userid`, `userId`, `user-id`) is read so and counted in the prepared data's
 `notes`, with the fix. The category is the directory holding the questions file. An empty or whitespace-only
 output is an invalid record (`empty_field`). A question whose id an earlier question of the same split had, in
-any file of the run, is counted (`duplicate`) and skipped.
+any file of the run, is counted (`duplicate`) and skipped. A gold id given twice in one split is counted
+(`gold_duplicate`) when both outputs are the same, else invalid (`duplicate_id`); a gold whose id no question
+of its split has is counted (`gold_without_question`).
 """
 
 from __future__ import annotations
@@ -35,15 +37,39 @@ from nextquill_jax.data.sources.rows import Row, valid_rows
 from nextquill_jax.data.templates import PromptTemplate
 
 
-def read_lamp_outputs(path: Path, log: IssueLog) -> dict[str, str]:
-    """Output text by question id."""
-    outputs: dict[str, str] = {}
-    for row in valid_rows(path, log, list_key="golds"):
-        try:
-            qid = str(get_field(row.value, "id", (str, int), row.location))
-            outputs[qid] = get_field(row.value, "output", (str,), row.location)
-        except InvalidRecordError as e:
-            log.error(e.issue)
+def read_lamp_outputs(files: list[tuple[Path, str]], log: IssueLog) -> dict[str, dict[str, str]]:
+    """Output text by split and question id, from the outputs files, each given with its split.
+
+    A gold id repeated within a split (in the same file or another) with the same output is counted
+    (`gold_duplicate`); with another output it is invalid (`duplicate_id`, naming both places: which one is
+    the question's would be a guess), and under `on_error: skip` the first is kept.
+    """
+    outputs: dict[str, dict[str, str]] = {split: {} for _, split in files}
+    first: dict[tuple[str, str], str] = {}  # (split, id) -> where its gold was read first
+    for path, split in files:
+        for row in valid_rows(path, log, list_key="golds"):
+            try:
+                qid = str(get_field(row.value, "id", (str, int), row.location))
+                output = get_field(row.value, "output", (str,), row.location)
+            except InvalidRecordError as e:
+                log.error(e.issue)
+                continue
+            if qid not in outputs[split]:
+                outputs[split][qid] = output
+                first[split, qid] = row.location
+            elif output == outputs[split][qid]:
+                log.drop("gold_duplicate")
+            else:
+                log.error(
+                    Issue(
+                        "duplicate_id",
+                        row.location,
+                        "id",
+                        f"the {split} gold {qid!r} was given before, with another output, at "
+                        f"{first[split, qid]}; a question has one gold. Fix: remove the wrong one, or "
+                        "correct its id",
+                    )
+                )
     return outputs
 
 
@@ -52,19 +78,34 @@ def read_lamp(
 ) -> list[Record]:
     """Records of the questions files, each given with its split, in order; `outputs` holds the golds by
     split (empty for questions with inline outputs). A question whose id an earlier question of its split
-    had, in the same file or another, is dropped and counted as `duplicate`."""
-    return collect_records(
+    had, in the same file or another, is dropped and counted as `duplicate`; a gold whose id no question of
+    its split has is counted as `gold_without_question`."""
+    asked: set[tuple[str, str]] = set()
+    records = collect_records(
         ((path, split, row) for path, split in files for row in valid_rows(path, log)),
-        lambda file_row: _parse(*file_row, outputs.get(file_row[1], {}), template, log),
+        lambda file_row: _parse(*file_row, outputs.get(file_row[1], {}), template, log, asked),
         log,
         key=lambda r: (r.split, r.id),
     )
+    log.drop(
+        "gold_without_question",
+        sum((split, qid) not in asked for split, golds in outputs.items() for qid in golds),
+    )
+    return records
 
 
 def _parse(
-    path: Path, split: str, row: Row, outputs: dict[str, str], template: PromptTemplate, log: IssueLog
+    path: Path,
+    split: str,
+    row: Row,
+    outputs: dict[str, str],
+    template: PromptTemplate,
+    log: IssueLog,
+    asked: set[tuple[str, str]],
 ) -> Record:
     """One question of the file `path` (holding `split`) as a record; `outputs`: the golds of the split.
+    `asked` gets the (split, id) of the question as soon as its id is read, valid or not, so that only the
+    golds no question names are counted as without one.
 
     Raises:
         InvalidRecordError: a missing or mistyped field, no output (inline or gold), an empty output, or
@@ -73,6 +114,7 @@ def _parse(
     category = path.parent.name
     loc = row.location
     qid = str(get_field(row.value, "id", (str, int), loc))
+    asked.add((split, qid))
     get_field(row.value, "input", (str,), loc)
     profile = get_field(row.value, "profile", (list,), loc)
     if "output" in row.value:

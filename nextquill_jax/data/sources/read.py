@@ -130,9 +130,7 @@ def read_records(cfg: DataConfig, template: PromptTemplate, log: IssueLog) -> li
         items = dpl.read_dpl_items(meta, log)
         return dpl.read_dpl([(path, split_from_name(path)) for path in sources], items, log)
     if cfg.format == "lamp":
-        outputs: dict[str, dict[str, str]] = {}
-        for path in meta:
-            outputs.setdefault(split_from_name(path), {}).update(read_lamp_outputs(path, log))
+        outputs = read_lamp_outputs([(path, split_from_name(path)) for path in meta], log)
         return read_lamp([(path, split_from_name(path)) for path in sources], outputs, template, log)
     if meta:
         raise ValueError("data.meta: the generic format takes no metadata files; remove data.meta")
