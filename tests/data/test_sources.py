@@ -696,3 +696,36 @@ def test_lamp_golds_repeated_conflicting_or_without_a_question_are_counted_or_in
     assert [(r.id, r.target) for r in records] == [("a", "oa"), ("b", "ob")]
     assert dict(log.errors) == {"duplicate_id": 1, "missing_field": 1}
     assert dict(log.dropped) == {"gold_duplicate": 1, "gold_without_question": 2}
+
+
+def test_an_optional_field_set_to_null_is_absent(tmp_path):
+    """Parquet fills a column's missing values with null, and JSON writers often do: null `split`, `id`,
+    `category`, `meta`, entry `timestamp` (generic) and inline `output`, `user_id` (lamp) mean absent."""
+    nulls = dict(split=None, id=None, category=None, meta=None)
+    jsonl = tmp_path / "records.jsonl"
+    jsonl.write_text(_generic_line("u1", history=[{"text": "h", "timestamp": None}], **nulls))
+    parquet = tmp_path / "records.parquet"
+    rows = [
+        {"user_id": "u2", "context": "c", "history": ["h"], "target": "t", "split": "test", "id": "A"},
+        {"user_id": "u3", "context": "c", "history": ["h"], "target": "t", "split": None, "id": None},
+    ]
+    pq.write_table(pa.Table.from_pylist(rows), parquet)
+    cfg = DataConfig(
+        format="generic", template="plain", sources=[str(jsonl), str(parquet)], default_split="val"
+    )
+    records, _ = _read(cfg)
+    assert [(r.user_id, r.split, r.id, r.category, r.meta) for r in records] == [
+        ("u1", "val", "", "", None),
+        ("u2", "test", "A", "", None),
+        ("u3", "val", "", "", None),
+    ]
+    assert records[0].history[0].timestamp is None
+
+    questions = tmp_path / "train_questions.jsonl"
+    question = {"id": "q1", "input": "i", "output": None, "user_id": None, "profile": [{"summary": "s"}]}
+    questions.write_text(json.dumps(question) + "\n")
+    outputs = tmp_path / "train_outputs.jsonl"
+    outputs.write_text(json.dumps({"id": "q1", "output": "gold"}) + "\n")
+    cfg = DataConfig(format="lamp", template="plain", sources=[str(questions)], meta=[str(outputs)])
+    records, log = _read(cfg)
+    assert [(r.user_id, r.target) for r in records] == [("q1", "gold")] and dict(log.notes) == {}

@@ -1,18 +1,18 @@
 """LaMP / LongLaMP questions with their outputs -> records.
 
 Questions: `{"id", "input", "profile": [{...}, ...]}` (a `.json` array as LaMP ships them, or one object per
-line / Parquet row as LongLaMP does), optionally with `output` inline and a `user_id`. Outputs: LaMP's
-`{"task": ..., "golds": [{"id", "output"}, ...]}` (or one `{"id", "output"}` per line), matched to questions
-of the same split by `id`. The question's scalar fields other than `id` / `output` are the context (the
-templates use `input`); every profile entry's scalar fields form one history entry (Topic Writing: `summary`,
-`content`; abstract generation: `title`, `abstract`). Profiles are kept in the order given and read as oldest
-first. The user is `user_id` when present, else the question `id`; a question without `user_id` but with a
-field whose name is close to it (`userid`, `userId`, `user-id`) is read so and counted in the prepared data's
-`notes`, with the fix. The category is the directory holding the questions file. An empty or whitespace-only
-output is an invalid record (`empty_field`). A question whose id an earlier question of the same split had, in
-any file of the run, is counted (`duplicate`) and skipped. A gold id given twice in one split is counted
-(`gold_duplicate`) when both outputs are the same, else invalid (`duplicate_id`); a gold whose id no question
-of its split has is counted (`gold_without_question`).
+line / Parquet row as LongLaMP does), optionally with `output` inline and a `user_id` (either set to null is
+absent). Outputs: LaMP's `{"task": ..., "golds": [{"id", "output"}, ...]}` (or one `{"id", "output"}` per
+line), matched to questions of the same split by `id`. The question's scalar fields other than `id` / `output`
+are the context (the templates use `input`); every profile entry's scalar fields form one history entry (Topic
+Writing: `summary`, `content`; abstract generation: `title`, `abstract`). Profiles are kept in the order given
+and read as oldest first. The user is `user_id` when present, else the question `id`; a question without
+`user_id` but with a field whose name is close to it (`userid`, `userId`, `user-id`) is read so and counted in
+the prepared data's `notes`, with the fix. The category is the directory holding the questions file. An empty
+or whitespace-only output is an invalid record (`empty_field`). A question whose id an earlier question of the
+same split had, in any file of the run, is counted (`duplicate`) and skipped. A gold id given twice in one
+split is counted (`gold_duplicate`) when both outputs are the same, else invalid (`duplicate_id`); a gold
+whose id no question of its split has is counted (`gold_without_question`).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from nextquill_jax.data.sources.records import (
     Record,
     collect_records,
     get_field,
+    get_optional,
     missing_fields,
     require_fields,
     require_text,
@@ -117,8 +118,9 @@ def _parse(
     asked.add((split, qid))
     get_field(row.value, "input", (str,), loc)
     profile = get_field(row.value, "profile", (list,), loc)
-    if "output" in row.value:
-        target = get_field(row.value, "output", (str,), loc)
+    inline = get_optional(row.value, "output", (str,), loc)
+    if inline is not None:
+        target = inline
     elif qid in outputs:
         target = outputs[qid]
     else:
@@ -138,9 +140,8 @@ def _parse(
         "the example would learn only the end-of-text token. Fix: give the output text, or remove the "
         "question",
     )
-    if "user_id" in row.value:
-        user_id = get_field(row.value, "user_id", (str,), loc)
-    else:
+    user_id = get_optional(row.value, "user_id", (str,), loc)
+    if user_id is None:
         user_id = qid
         _note_near_user_id(row.value, path, log)
     context = {k: v for k, v in scalar_fields(row.value, loc, "").items() if k not in ("id", "output")}
@@ -166,7 +167,9 @@ def _parse(
 def _note_near_user_id(question: dict, path: Path, log: IssueLog) -> None:
     """Count a question whose field names the user under a misspelt name (`userid`): read as a context
     field, it would leave each question a user of its own."""
-    by_lower = {str(k).lower(): k for k in question if k not in ("id", "input", "output", "profile")}
+    by_lower = {
+        str(k).lower(): k for k in question if k not in ("id", "input", "output", "profile", "user_id")
+    }
     close = difflib.get_close_matches("user_id", list(by_lower), n=1, cutoff=0.8)
     if close:
         log.note(

@@ -171,6 +171,20 @@ def get_field(
     return value
 
 
+def get_optional(
+    obj: Mapping[str, Any], name: str, kinds: tuple[type, ...], location: str, *, path: str | None = None
+) -> Any:
+    """`obj[name]` checked as `get_field` does, or None when the optional field is absent or null: null
+    means absent, as Parquet and other writers fill the rows that lack a column's value.
+
+    Raises:
+        InvalidRecordError: `wrong_type` when the value has another type.
+    """
+    if name not in obj:
+        return None
+    return get_field(obj, name, kinds, location, path=path, nullable=True)
+
+
 def require_text(value: str, location: str, path: str, why: str) -> str:
     """`value`, the string field `path`, when it holds more than whitespace.
 
