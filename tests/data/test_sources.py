@@ -554,3 +554,178 @@ def test_a_lamp_user_id_under_a_near_name_is_read_as_context_and_counted_with_th
         "user, rename it `user_id`"
     )
     assert dict(log.notes) == {message: 2}
+
+
+def _generic_line(user_id: str, **fields) -> str:
+    """One valid generic record (template `plain`) as a JSON line; `fields` replace or add keys."""
+    return json.dumps({"user_id": user_id, "context": "c", "history": ["h"], "target": "t", **fields}) + "\n"
+
+
+def test_double_star_in_a_source_pattern_matches_files_at_every_depth(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "a" / "b").mkdir(parents=True)
+    for name in ("data/top.jsonl", "data/a/mid.jsonl", "data/a/b/low.jsonl"):
+        (tmp_path / name).write_text(_generic_line(name))
+    records, log = _read(DataConfig(format="generic", template="plain", sources=["data/**/*.jsonl"]))
+    assert dict(log.read) == {"data/a/b/low.jsonl": 1, "data/a/mid.jsonl": 1, "data/top.jsonl": 1}
+    assert len(records) == 3
+
+
+def test_a_file_named_twice_in_other_spellings_is_read_once(tmp_path, monkeypatch):
+    """Relative, absolute, through `..`, through a symlink, and by an overlapping glob: one file, read once
+    under the spelling that named it first."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "g1.jsonl").write_text(_generic_line("u1") + _generic_line("u2"))
+    (tmp_path / "link.jsonl").symlink_to(tmp_path / "g1.jsonl")
+    (tmp_path / "g2.jsonl").write_text(_generic_line("u3"))
+    sources = ["g1.jsonl", str(tmp_path / "g1.jsonl"), "sub/../g1.jsonl", "link.jsonl", "*.jsonl"]
+    records, log = _read(DataConfig(format="generic", template="plain", sources=sources))
+    assert dict(log.read) == {"g1.jsonl": 2, "g2.jsonl": 1}
+    assert [r.user_id for r in records] == ["u1", "u2", "u3"] and dict(log.dropped) == {}
+
+
+def test_a_generic_record_repeated_in_another_file_is_dropped_and_counted(tmp_path):
+    """A copied file repeats every record; a record of another split is not a repeat."""
+    g1 = tmp_path / "g1.jsonl"
+    g1.write_text(_generic_line("u1") + _generic_line("u2"))
+    copy = tmp_path / "copy.jsonl"
+    shutil.copy(g1, copy)
+    other = tmp_path / "other.jsonl"
+    other.write_text(_generic_line("u1", split="test") + _generic_line("u2"))
+    sources = [str(g1), str(copy), str(other)]
+    records, log = _read(DataConfig(format="generic", template="plain", sources=sources))
+    assert [(r.user_id, r.split, r.source) for r in records] == [
+        ("u1", "train", f"{g1}:1"),
+        ("u2", "train", f"{g1}:2"),
+        ("u1", "test", f"{other}:1"),
+    ]
+    assert dict(log.dropped) == {"duplicate": 3}
+
+
+def test_a_dpl_row_repeated_in_another_file_of_its_category_is_dropped_and_counted(tmp_path):
+    """A copy of a split file in the same category repeats its rows; in another category's directory the same
+    rows are that category's (the protocol runs per category), so they are kept."""
+    train = FIXTURES / "dpl" / "Books" / "train.jsonl"
+    for name in ("Books/train.jsonl", "Books/train_copy.jsonl", "Movies/train.jsonl"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        shutil.copy(train, tmp_path / name)
+    meta = [str(FIXTURES / "dpl" / "meta" / "Books.jsonl")]
+    records, log = _read(DataConfig(format="dpl", sources=[str(tmp_path / "*" / "*.jsonl")], meta=meta))
+    # The fixture's 4 rows, each once per category; the copy's 4 are repeats.
+    books, movies = tmp_path / "Books" / "train.jsonl", tmp_path / "Movies" / "train.jsonl"
+    assert [r.source for r in records] == [f"{f}:{i}" for f in (books, movies) for i in range(1, 5)]
+    assert dict(log.dropped) == {"duplicate": 4}
+
+
+def test_a_lamp_question_repeated_in_another_file_of_its_split_is_dropped_and_counted(tmp_path):
+    """Questions are told apart by id within a split (golds are matched so); the same id in another split's
+    file is another question."""
+    profile = [{"summary": "s", "content": "c"}]
+    line = lambda qid: json.dumps({"id": qid, "input": "i", "output": "o", "profile": profile}) + "\n"
+    files = {
+        "train_questions.jsonl": "q1 q2",
+        "train_more_questions.jsonl": "q2 q3",
+        "dev_questions.jsonl": "q1",
+    }
+    for name, ids in files.items():
+        (tmp_path / name).write_text("".join(line(qid) for qid in ids.split()))
+    sources = [str(tmp_path / name) for name in files]
+    records, log = _read(DataConfig(format="lamp", template="lamp_topic_writing", sources=sources))
+    assert [(r.split, r.id) for r in records] == [
+        ("train", "q1"),
+        ("train", "q2"),
+        ("train", "q3"),
+        ("val", "q1"),
+    ]
+    assert dict(log.dropped) == {"duplicate": 1}
+
+
+def test_a_generic_id_that_an_earlier_record_has_is_invalid_in_any_file_or_split(tmp_path):
+    """Another record under an earlier record's id is invalid (compare could not pair it); an exact repeat,
+    id and all, is only a repeat; records without an id are not compared."""
+    a = tmp_path / "a.jsonl"
+    a.write_text(_generic_line("u1", id="X") + _generic_line("u2", id="Y") + _generic_line("u5"))
+    b = tmp_path / "b.jsonl"
+    b.write_text(
+        _generic_line("u3", id="X", split="test") + _generic_line("u1", id="X") + _generic_line("u4")
+    )
+    cfg = DataConfig(format="generic", template="plain", sources=[str(a), str(b)])
+    with pytest.raises(DataError) as e:
+        _read(cfg)
+    assert str(e.value).startswith("1 invalid input record(s) (1 duplicate_id); nothing was prepared:\n  ")
+    assert (
+        f"{b}:1:id: the id 'X' is already the id of the record at {a}:1; ids must be unique across all files"
+        " and splits (compare pairs examples by id). Fix: give one of them another id\n"
+    ) in str(e.value)
+    records, log = _read(dataclasses.replace(cfg, on_error="skip"))
+    assert [r.source for r in records] == [f"{a}:1", f"{a}:2", f"{a}:3", f"{b}:3"]
+    assert dict(log.errors) == {"duplicate_id": 1} and dict(log.dropped) == {"duplicate": 1}
+
+
+def test_lamp_golds_repeated_conflicting_or_without_a_question_are_counted_or_invalid(tmp_path):
+    """A gold id given twice in a split: the same output is a counted repeat, another output is invalid
+    (naming both places); golds no question of their split asks for are counted, per split."""
+    profile = [{"summary": "s", "content": "c"}]
+    questions = tmp_path / "train_questions.jsonl"
+    questions.write_text(
+        "".join(json.dumps({"id": q, "input": "i", "profile": profile}) + "\n" for q in "abd")
+    )
+    golds = lambda *pairs: [{"id": q, "output": o} for q, o in pairs]
+    first = tmp_path / "train_outputs.json"
+    first.write_text(json.dumps({"task": "t", "golds": golds(("a", "oa"), ("b", "ob"))}, indent=1))
+    more = tmp_path / "train_more_outputs.jsonl"
+    more.write_text("".join(json.dumps(g) + "\n" for g in golds(("a", "oa"), ("b", "other"), ("z", "oz"))))
+    (tmp_path / "dev_outputs.jsonl").write_text(json.dumps({"id": "a", "output": "oa"}) + "\n")
+    meta = [str(first), str(more), str(tmp_path / "dev_outputs.jsonl")]
+    cfg = DataConfig(format="lamp", template="lamp_topic_writing", sources=[str(questions)], meta=meta)
+    with pytest.raises(DataError) as e:
+        _read(cfg)
+    msg = str(e.value)
+    assert msg.startswith("2 invalid input record(s) (1 duplicate_id, 1 missing_field)"), msg
+    # `b`'s element starts on line 8 of the indented array.
+    assert (
+        f"{more}:2:id: the train gold 'b' was given before, with another output, at {first}:8; a question "
+        "has one gold. Fix: remove the wrong one, or correct its id\n"
+    ) in msg
+    assert (
+        f"{questions}:3:output: question 'd' has no inline `output` and no gold with this id in the train "
+        "outputs files (data.meta)\n"
+    ) in msg
+    records, log = _read(dataclasses.replace(cfg, on_error="skip"))
+    assert [(r.id, r.target) for r in records] == [("a", "oa"), ("b", "ob")]
+    assert dict(log.errors) == {"duplicate_id": 1, "missing_field": 1}
+    assert dict(log.dropped) == {"gold_duplicate": 1, "gold_without_question": 2}
+
+
+def test_an_optional_field_set_to_null_is_absent(tmp_path):
+    """Parquet fills a column's missing values with null, and JSON writers often do: null `split`, `id`,
+    `category`, `meta`, entry `timestamp` (generic) and inline `output`, `user_id` (lamp) mean absent."""
+    nulls = dict(split=None, id=None, category=None, meta=None)
+    jsonl = tmp_path / "records.jsonl"
+    jsonl.write_text(_generic_line("u1", history=[{"text": "h", "timestamp": None}], **nulls))
+    parquet = tmp_path / "records.parquet"
+    rows = [
+        {"user_id": "u2", "context": "c", "history": ["h"], "target": "t", "split": "test", "id": "A"},
+        {"user_id": "u3", "context": "c", "history": ["h"], "target": "t", "split": None, "id": None},
+    ]
+    pq.write_table(pa.Table.from_pylist(rows), parquet)
+    cfg = DataConfig(
+        format="generic", template="plain", sources=[str(jsonl), str(parquet)], default_split="val"
+    )
+    records, _ = _read(cfg)
+    assert [(r.user_id, r.split, r.id, r.category, r.meta) for r in records] == [
+        ("u1", "val", "", "", None),
+        ("u2", "test", "A", "", None),
+        ("u3", "val", "", "", None),
+    ]
+    assert records[0].history[0].timestamp is None
+
+    questions = tmp_path / "train_questions.jsonl"
+    question = {"id": "q1", "input": "i", "output": None, "user_id": None, "profile": [{"summary": "s"}]}
+    questions.write_text(json.dumps(question) + "\n")
+    outputs = tmp_path / "train_outputs.jsonl"
+    outputs.write_text(json.dumps({"id": "q1", "output": "gold"}) + "\n")
+    cfg = DataConfig(format="lamp", template="plain", sources=[str(questions)], meta=[str(outputs)])
+    records, log = _read(cfg)
+    assert [(r.user_id, r.target) for r in records] == [("q1", "gold")] and dict(log.notes) == {}

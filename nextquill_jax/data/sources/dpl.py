@@ -5,7 +5,8 @@ reviews `{"rating", "title", "text", "asin", "timestamp"}`, the profile oldest f
 fields as `amazon2023`'s. Item metadata rows (`DPL-meta`) are `{"asin", "title", "description"}`. The split is
 the file's (see `read.split_from_name`); the category is the name of the directory holding the file
 (`DPL-main/Books/train.jsonl` -> `Books`). A review with an empty or whitespace-only text is an invalid
-record (`empty_field`): the protocol never builds one.
+record (`empty_field`): the protocol never builds one. A repeat of an earlier row, in any file of the run,
+is counted (`duplicate`) and skipped.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from nextquill_jax.data.sources.records import (
     Record,
     collect_records,
     get_field,
+    repeat_key,
     require_text,
 )
 from nextquill_jax.data.sources.rows import Row, valid_rows
@@ -47,29 +49,45 @@ def read_dpl_items(meta_files: list[Path], log: IssueLog) -> dict[str, Item]:
     return items
 
 
-def read_dpl(path: Path, split: str, items: dict[str, Item], log: IssueLog) -> list[Record]:
-    """Records of one DPL split file."""
+def read_dpl(files: list[tuple[Path, str]], items: dict[str, Item], log: IssueLog) -> list[Record]:
+    """Records of the DPL split files, each given with its split, in order.
+
+    A repeat of an earlier row (same category, user, split, target review and context), in the same file or
+    another (a copy of a file), is dropped and counted as `duplicate`: the protocol never builds one, as it
+    keeps one review per text for each user.
+    """
+    return collect_records(
+        ((path, split, row) for path, split in files for row in valid_rows(path, log)),
+        lambda file_row: _parse(*file_row, items),
+        log,
+        key=lambda r: (r.category, *repeat_key(r)),
+    )
+
+
+def _parse(path: Path, split: str, row: Row, items: dict[str, Item]) -> Record:
+    """One DPL row of the file `path` (holding `split`) as a record.
+
+    Raises:
+        InvalidRecordError: a missing or mistyped field, an empty review text, or an item that is not in the
+            metadata files.
+    """
     category = path.parent.name
-
-    def parse(row: Row) -> Record:
-        user_id = get_field(row.value, "user_id", (str,), row.location)
-        profile = get_field(row.value, "profile", (list,), row.location)
-        data = get_field(row.value, "data", (dict,), row.location)
-        context, target_text, _ = _review(data, "data", row.location, items)
-        history = tuple(_review(r, f"profile[{i}]", row.location, items)[2] for i, r in enumerate(profile))
-        return Record(
-            user_id=user_id,
-            context=context,
-            history=history,
-            target=target_text,
-            split=split,
-            source=row.location,
-            category=category,
-            id=f"{category}/{user_id}/{split}/{row.location.rsplit(':', 1)[1]}",
-            target_field="data.text",
-        )
-
-    return collect_records(valid_rows(path, log), parse, log)
+    user_id = get_field(row.value, "user_id", (str,), row.location)
+    profile = get_field(row.value, "profile", (list,), row.location)
+    data = get_field(row.value, "data", (dict,), row.location)
+    context, target_text, _ = _review(data, "data", row.location, items)
+    history = tuple(_review(r, f"profile[{i}]", row.location, items)[2] for i, r in enumerate(profile))
+    return Record(
+        user_id=user_id,
+        context=context,
+        history=history,
+        target=target_text,
+        split=split,
+        source=row.location,
+        category=category,
+        id=f"{category}/{user_id}/{split}/{row.location.rsplit(':', 1)[1]}",
+        target_field="data.text",
+    )
 
 
 def _review(

@@ -3,18 +3,19 @@
 One object per line: `user_id` (string), `context` (a string, or an object of named string / number fields),
 `history` (a list of strings or of objects with `text`, optional `timestamp` and other named fields), `target`
 (string), optional `category`, `split` (train / val / test; else `data.default_split`), `id` and `meta` (any
-object, carried through untouched). A string context becomes the field `context`, a string entry the field
-`text`. History is oldest first, or sorted by `timestamp` when the entries carry one (then all must).
+object, carried through untouched); an optional field (an entry's `timestamp` too) set to null is absent.
+A string context becomes the field `context`, a string entry the field `text`. History is oldest first, or
+sorted by `timestamp` when the entries carry one (then all must).
 Any other top-level key is an invalid record (`unknown_field`; a misspelt `split` would silently train on a
-test record), and so is an empty or whitespace-only `user_id`, `target` or history entry text (`empty_field`);
-extra data belongs in `meta`. Records with an empty history and repeats of an earlier record (same user,
-split, context and target) are counted and skipped.
+test record), and so is an empty or whitespace-only `user_id`, `target` or history entry text (`empty_field`)
+and an `id` that an earlier record of any file or split has (`duplicate_id`); extra data belongs in `meta`.
+Records with an empty history and repeats of an earlier record (same user, split, context and target) in any
+file of the run are counted and skipped.
 """
 
 from __future__ import annotations
 
 import difflib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,9 @@ from nextquill_jax.data.sources.records import (
     Record,
     collect_records,
     get_field,
+    get_optional,
     missing_fields,
+    repeat_key,
     require_fields,
     require_text,
 )
@@ -39,13 +42,18 @@ FIELDS = ("user_id", "context", "history", "target", "category", "split", "id", 
 REQUIRED = ("user_id", "context", "history", "target")
 
 
-def read_generic(path: Path, default_split: str, template: PromptTemplate, log: IssueLog) -> list[Record]:
-    """Records of one generic file, in file order."""
+def read_generic(
+    paths: list[Path], default_split: str, template: PromptTemplate, log: IssueLog
+) -> list[Record]:
+    """Records of the generic files, in order; a repeat of an earlier record, in the same file or another
+    (a copy of a file, say), is dropped and counted as `duplicate`, and another record with an earlier
+    record's `id` is invalid (`duplicate_id`)."""
     return collect_records(
-        valid_rows(path, log),
+        (row for path in paths for row in valid_rows(path, log)),
         lambda row: parse_generic(row.value, row.location, default_split, template),
         log,
-        key=lambda r: (r.user_id, r.split, json.dumps(dict(r.context), sort_keys=True), r.target),
+        key=repeat_key,
+        unique_ids=True,
     )
 
 
@@ -88,7 +96,9 @@ def parse_generic(obj: dict[str, Any], location: str, default_split: str, templa
         if isinstance(raw_context, str)
         else _scalars(raw_context, location, "context")
     )
-    split = get_field(obj, "split", (str,), location) if "split" in obj else default_split
+    split = get_optional(obj, "split", (str,), location)
+    if split is None:
+        split = default_split
     if split not in SPLITS:
         raise InvalidRecordError(
             Issue("wrong_type", location, "split", f"`split` must be one of {SPLITS}, got {split!r}")
@@ -104,7 +114,9 @@ def parse_generic(obj: dict[str, Any], location: str, default_split: str, templa
         if all(e.timestamp is not None for e in entries)
         else entries
     )
-    meta = get_field(obj, "meta", (dict,), location) if "meta" in obj else None
+    meta = get_optional(obj, "meta", (dict,), location)
+    category = get_optional(obj, "category", (str,), location)
+    record_id = get_optional(obj, "id", (str,), location)
     return Record(
         user_id=user_id,
         context=context,
@@ -112,8 +124,8 @@ def parse_generic(obj: dict[str, Any], location: str, default_split: str, templa
         target=target,
         split=split,
         source=location,
-        category=get_field(obj, "category", (str,), location) if "category" in obj else "",
-        id=get_field(obj, "id", (str,), location) if "id" in obj else "",
+        category=category if category is not None else "",
+        id=record_id if record_id is not None else "",
         meta=meta,
     )
 
@@ -135,11 +147,8 @@ def _history(raw: list[Any], location: str) -> tuple[HistoryEntry, ...]:
             text = get_field(item, "text", (str,), location, path=f"{path}.text")
             require_text(text, location, f"{path}.text", _EMPTY_ENTRY)
             fields = _scalars({k: v for k, v in item.items() if k != "timestamp"}, location, path)
-            timestamp = (
-                float(get_field(item, "timestamp", (int, float), location, path=f"{path}.timestamp"))
-                if "timestamp" in item
-                else None
-            )
+            raw_time = get_optional(item, "timestamp", (int, float), location, path=f"{path}.timestamp")
+            timestamp = None if raw_time is None else float(raw_time)
         else:
             raise InvalidRecordError(
                 Issue(

@@ -1,15 +1,18 @@
 """LaMP / LongLaMP questions with their outputs -> records.
 
 Questions: `{"id", "input", "profile": [{...}, ...]}` (a `.json` array as LaMP ships them, or one object per
-line / Parquet row as LongLaMP does), optionally with `output` inline and a `user_id`. Outputs: LaMP's
-`{"task": ..., "golds": [{"id", "output"}, ...]}` (or one `{"id", "output"}` per line), matched to questions
-of the same split by `id`. The question's scalar fields other than `id` / `output` are the context (the
-templates use `input`); every profile entry's scalar fields form one history entry (Topic Writing: `summary`,
-`content`; abstract generation: `title`, `abstract`). Profiles are kept in the order given and read as oldest
-first. The user is `user_id` when present, else the question `id`; a question without `user_id` but with a
-field whose name is close to it (`userid`, `userId`, `user-id`) is read so and counted in the prepared data's
-`notes`, with the fix. The category is the directory holding the questions file. An empty or whitespace-only
-output is an invalid record (`empty_field`).
+line / Parquet row as LongLaMP does), optionally with `output` inline and a `user_id` (either set to null is
+absent). Outputs: LaMP's `{"task": ..., "golds": [{"id", "output"}, ...]}` (or one `{"id", "output"}` per
+line), matched to questions of the same split by `id`. The question's scalar fields other than `id` / `output`
+are the context (the templates use `input`); every profile entry's scalar fields form one history entry (Topic
+Writing: `summary`, `content`; abstract generation: `title`, `abstract`). Profiles are kept in the order given
+and read as oldest first. The user is `user_id` when present, else the question `id`; a question without
+`user_id` but with a field whose name is close to it (`userid`, `userId`, `user-id`) is read so and counted in
+the prepared data's `notes`, with the fix. The category is the directory holding the questions file. An empty
+or whitespace-only output is an invalid record (`empty_field`). A question whose id an earlier question of the
+same split had, in any file of the run, is counted (`duplicate`) and skipped. A gold id given twice in one
+split is counted (`gold_duplicate`) when both outputs are the same, else invalid (`duplicate_id`); a gold
+whose id no question of its split has is counted (`gold_without_question`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from nextquill_jax.data.sources.records import (
     Record,
     collect_records,
     get_field,
+    get_optional,
     missing_fields,
     require_fields,
     require_text,
@@ -34,82 +38,139 @@ from nextquill_jax.data.sources.rows import Row, valid_rows
 from nextquill_jax.data.templates import PromptTemplate
 
 
-def read_lamp_outputs(path: Path, log: IssueLog) -> dict[str, str]:
-    """Output text by question id."""
-    outputs: dict[str, str] = {}
-    for row in valid_rows(path, log, list_key="golds"):
-        try:
-            qid = str(get_field(row.value, "id", (str, int), row.location))
-            outputs[qid] = get_field(row.value, "output", (str,), row.location)
-        except InvalidRecordError as e:
-            log.error(e.issue)
+def read_lamp_outputs(files: list[tuple[Path, str]], log: IssueLog) -> dict[str, dict[str, str]]:
+    """Output text by split and question id, from the outputs files, each given with its split.
+
+    A gold id repeated within a split (in the same file or another) with the same output is counted
+    (`gold_duplicate`); with another output it is invalid (`duplicate_id`, naming both places: which one is
+    the question's would be a guess), and under `on_error: skip` the first is kept.
+    """
+    outputs: dict[str, dict[str, str]] = {split: {} for _, split in files}
+    first: dict[tuple[str, str], str] = {}  # (split, id) -> where its gold was read first
+    for path, split in files:
+        for row in valid_rows(path, log, list_key="golds"):
+            try:
+                qid = str(get_field(row.value, "id", (str, int), row.location))
+                output = get_field(row.value, "output", (str,), row.location)
+            except InvalidRecordError as e:
+                log.error(e.issue)
+                continue
+            if qid not in outputs[split]:
+                outputs[split][qid] = output
+                first[split, qid] = row.location
+            elif output == outputs[split][qid]:
+                log.drop("gold_duplicate")
+            else:
+                log.error(
+                    Issue(
+                        "duplicate_id",
+                        row.location,
+                        "id",
+                        f"the {split} gold {qid!r} was given before, with another output, at "
+                        f"{first[split, qid]}; a question has one gold. Fix: remove the wrong one, or "
+                        "correct its id",
+                    )
+                )
     return outputs
 
 
 def read_lamp(
-    path: Path, split: str, outputs: dict[str, str], template: PromptTemplate, log: IssueLog
+    files: list[tuple[Path, str]], outputs: dict[str, dict[str, str]], template: PromptTemplate, log: IssueLog
 ) -> list[Record]:
-    """Records of one questions file; `outputs` holds the golds of its split (may be empty when inline)."""
+    """Records of the questions files, each given with its split, in order; `outputs` holds the golds by
+    split (empty for questions with inline outputs). A question whose id an earlier question of its split
+    had, in the same file or another, is dropped and counted as `duplicate`; a gold whose id no question of
+    its split has is counted as `gold_without_question`."""
+    asked: set[tuple[str, str]] = set()
+    records = collect_records(
+        ((path, split, row) for path, split in files for row in valid_rows(path, log)),
+        lambda file_row: _parse(*file_row, outputs.get(file_row[1], {}), template, log, asked),
+        log,
+        key=lambda r: (r.split, r.id),
+    )
+    log.drop(
+        "gold_without_question",
+        sum((split, qid) not in asked for split, golds in outputs.items() for qid in golds),
+    )
+    return records
+
+
+def _parse(
+    path: Path,
+    split: str,
+    row: Row,
+    outputs: dict[str, str],
+    template: PromptTemplate,
+    log: IssueLog,
+    asked: set[tuple[str, str]],
+) -> Record:
+    """One question of the file `path` (holding `split`) as a record; `outputs`: the golds of the split.
+    `asked` gets the (split, id) of the question as soon as its id is read, valid or not, so that only the
+    golds no question names are counted as without one.
+
+    Raises:
+        InvalidRecordError: a missing or mistyped field, no output (inline or gold), an empty output, or
+            fields the template needs that the question or its profile lacks.
+    """
     category = path.parent.name
-
-    def parse(row: Row) -> Record:
-        loc = row.location
-        qid = str(get_field(row.value, "id", (str, int), loc))
-        get_field(row.value, "input", (str,), loc)
-        profile = get_field(row.value, "profile", (list,), loc)
-        if "output" in row.value:
-            target = get_field(row.value, "output", (str,), loc)
-        elif qid in outputs:
-            target = outputs[qid]
-        else:
-            raise InvalidRecordError(
-                Issue(
-                    "missing_field",
-                    loc,
-                    "output",
-                    f"question {qid!r} has no inline `output` and no gold with this id in the {split}"
-                    " outputs files (data.meta)",
-                )
+    loc = row.location
+    qid = str(get_field(row.value, "id", (str, int), loc))
+    asked.add((split, qid))
+    get_field(row.value, "input", (str,), loc)
+    profile = get_field(row.value, "profile", (list,), loc)
+    inline = get_optional(row.value, "output", (str,), loc)
+    if inline is not None:
+        target = inline
+    elif qid in outputs:
+        target = outputs[qid]
+    else:
+        raise InvalidRecordError(
+            Issue(
+                "missing_field",
+                loc,
+                "output",
+                f"question {qid!r} has no inline `output` and no gold with this id in the {split}"
+                " outputs files (data.meta)",
             )
-        require_text(
-            target,
-            loc,
-            "output",
-            "the example would learn only the end-of-text token. Fix: give the output text, or remove the "
-            "question",
         )
-        if "user_id" in row.value:
-            user_id = get_field(row.value, "user_id", (str,), loc)
-        else:
-            user_id = qid
-            _note_near_user_id(row.value, path, log)
-        context = {k: v for k, v in scalar_fields(row.value, loc, "").items() if k not in ("id", "output")}
-        history = [
-            HistoryEntry(fields=scalar_fields(entry, loc, f"profile[{i}]")) for i, entry in enumerate(profile)
-        ]
-        missing = missing_fields(context, template.context_fields, "")
-        for i, entry in enumerate(history):
-            missing += missing_fields(entry.fields, template.entry_fields, f"profile[{i}].")
-        require_fields(missing, loc, template.name)
-        return Record(
-            user_id=user_id,
-            context=context,
-            history=tuple(history),
-            target=target,
-            split=split,
-            source=loc,
-            category=category,
-            id=qid,
-            target_field="output",
-        )
-
-    return collect_records(valid_rows(path, log), parse, log, key=lambda r: r.id)
+    require_text(
+        target,
+        loc,
+        "output",
+        "the example would learn only the end-of-text token. Fix: give the output text, or remove the "
+        "question",
+    )
+    user_id = get_optional(row.value, "user_id", (str,), loc)
+    if user_id is None:
+        user_id = qid
+        _note_near_user_id(row.value, path, log)
+    context = {k: v for k, v in scalar_fields(row.value, loc, "").items() if k not in ("id", "output")}
+    history = [
+        HistoryEntry(fields=scalar_fields(entry, loc, f"profile[{i}]")) for i, entry in enumerate(profile)
+    ]
+    missing = missing_fields(context, template.context_fields, "")
+    for i, entry in enumerate(history):
+        missing += missing_fields(entry.fields, template.entry_fields, f"profile[{i}].")
+    require_fields(missing, loc, template.name)
+    return Record(
+        user_id=user_id,
+        context=context,
+        history=tuple(history),
+        target=target,
+        split=split,
+        source=loc,
+        category=category,
+        id=qid,
+        target_field="output",
+    )
 
 
 def _note_near_user_id(question: dict, path: Path, log: IssueLog) -> None:
     """Count a question whose field names the user under a misspelt name (`userid`): read as a context
     field, it would leave each question a user of its own."""
-    by_lower = {str(k).lower(): k for k in question if k not in ("id", "input", "output", "profile")}
+    by_lower = {
+        str(k).lower(): k for k in question if k not in ("id", "input", "output", "profile", "user_id")
+    }
     close = difflib.get_close_matches("user_id", list(by_lower), n=1, cutoff=0.8)
     if close:
         log.note(

@@ -29,15 +29,20 @@ _SPLIT_WORDS = {
 
 
 def expand_paths(patterns: list[str], key: str) -> list[Path]:
-    """Files matching each pattern, sorted within a pattern, without repeats.
+    """Files matching each pattern, sorted within a pattern, each file once.
+
+    `**` in a pattern matches any number of directories (none included). A file matched again, by another
+    pattern or under another spelling of its path (relative or absolute, through a symlink), is the same
+    file: it is kept once, under the spelling that matched it first, so its records are not read twice.
 
     Raises:
         ValueError: a pattern that matches no file (saying so when it names directories, with a glob for their
             files), or a file of an unsupported type, naming `data.<key>`.
     """
     paths: list[Path] = []
+    resolved: set[Path] = set()
     for pattern in patterns:
-        found = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        found = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
         matches = [m for m in found if Path(m).is_file()]
         directories = [m for m in found if Path(m).is_dir()]
         if not matches and directories:
@@ -61,7 +66,8 @@ def expand_paths(patterns: list[str], key: str) -> list[Path]:
                 file_kind(m)
             except ValueError as e:
                 raise ValueError(f"data.{key}: {e}") from e
-            if Path(m) not in paths:
+            if Path(m).resolve() not in resolved:
+                resolved.add(Path(m).resolve())
                 paths.append(Path(m))
     return paths
 
@@ -122,21 +128,13 @@ def read_records(cfg: DataConfig, template: PromptTemplate, log: IssueLog) -> li
                 "data.meta: the dpl format needs the item metadata files (asin, title, description)"
             )
         items = dpl.read_dpl_items(meta, log)
-        return [r for path in sources for r in dpl.read_dpl(path, split_from_name(path), items, log)]
+        return dpl.read_dpl([(path, split_from_name(path)) for path in sources], items, log)
     if cfg.format == "lamp":
-        outputs: dict[str, dict[str, str]] = {}
-        for path in meta:
-            outputs.setdefault(split_from_name(path), {}).update(read_lamp_outputs(path, log))
-        return [
-            r
-            for path in sources
-            for r in read_lamp(
-                path, split_from_name(path), outputs.get(split_from_name(path), {}), template, log
-            )
-        ]
+        outputs = read_lamp_outputs([(path, split_from_name(path)) for path in meta], log)
+        return read_lamp([(path, split_from_name(path)) for path in sources], outputs, template, log)
     if meta:
         raise ValueError("data.meta: the generic format takes no metadata files; remove data.meta")
-    return [r for path in sources for r in read_generic(path, cfg.default_split, template, log)]
+    return read_generic(sources, cfg.default_split, template, log)
 
 
 def _read_synthetic(cfg: DataConfig, template: PromptTemplate, log: IssueLog) -> list[Record]:
@@ -148,7 +146,7 @@ def _read_synthetic(cfg: DataConfig, template: PromptTemplate, log: IssueLog) ->
     generator = f"synthetic(users={cfg.synthetic_users}, seed={cfg.synthetic_seed})"
     with tempfile.TemporaryDirectory() as tmp:
         generate_synthetic(tmp, users=cfg.synthetic_users, seed=cfg.synthetic_seed)
-        records = read_generic(Path(tmp) / "synthetic.jsonl", cfg.default_split, template, log)
+        records = read_generic([Path(tmp) / "synthetic.jsonl"], cfg.default_split, template, log)
         return [
             dataclasses.replace(r, source=f"{generator}:{_line(r.source)} user {r.user_id}") for r in records
         ]

@@ -8,6 +8,7 @@ a number.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ ErrorReason = Literal[
     "unknown_item",
     "unknown_field",
     "empty_field",
+    "duplicate_id",
 ]
 
 
@@ -172,6 +174,20 @@ def get_field(
     return value
 
 
+def get_optional(
+    obj: Mapping[str, Any], name: str, kinds: tuple[type, ...], location: str, *, path: str | None = None
+) -> Any:
+    """`obj[name]` checked as `get_field` does, or None when the optional field is absent or null: null
+    means absent, as Parquet and other writers fill the rows that lack a column's value.
+
+    Raises:
+        InvalidRecordError: `wrong_type` when the value has another type.
+    """
+    if name not in obj:
+        return None
+    return get_field(obj, name, kinds, location, path=path, nullable=True)
+
+
 def require_text(value: str, location: str, path: str, why: str) -> str:
     """`value`, the string field `path`, when it holds more than whitespace.
 
@@ -246,21 +262,31 @@ def describe_value(value: Any) -> str:
     return f"{type(value).__name__} {text[:40]}{'...' if len(text) > 40 else ''}"
 
 
+def repeat_key(record: Record) -> tuple[str, ...]:
+    """What makes a record a repeat of an earlier one: the same user, split, context and target."""
+    return (record.user_id, record.split, json.dumps(dict(record.context), sort_keys=True), record.target)
+
+
 def collect_records(
     rows: Iterable[R],
     parse: Callable[[R], Record],
     log: IssueLog,
     *,
     key: Callable[[Record], Any] | None = None,
+    unique_ids: bool = False,
 ) -> list[Record]:
     """The records parsed from `rows`, in order: what every reader keeps.
 
-    A row `parse` rejects (`InvalidRecordError`) goes to `log.error`; a record whose `key` was seen before is
-    dropped as `duplicate` (no `key`: none are); a record without history is dropped as `empty_history` (an
+    A row `parse` rejects (`InvalidRecordError`) goes to `log.error`; a record whose `key` was seen before in
+    `rows` is dropped as `duplicate` (no `key`: none are), so readers pass the rows of all their files at once
+    to find a repeat in another file too. With `unique_ids`, a record that is no repeat but has the `id` of an
+    earlier one is invalid (`duplicate_id`, naming both places): `compare` pairs examples by id, so two
+    examples under one id could not be told apart. A record without history is dropped as `empty_history` (an
     example needs a history to tell its effect).
     """
     records: list[Record] = []
     seen: set = set()
+    id_source: dict[str, str] = {}  # the `source` of the first record with each id
     for row in rows:
         try:
             record = parse(row)
@@ -272,6 +298,20 @@ def collect_records(
                 log.drop("duplicate")
                 continue
             seen.add(key(record))
+        if unique_ids and record.id:
+            if record.id in id_source:
+                log.error(
+                    Issue(
+                        "duplicate_id",
+                        record.source,
+                        "id",
+                        f"the id {record.id!r} is already the id of the record at {id_source[record.id]}; "
+                        "ids must be unique across all files and splits (compare pairs examples by id). Fix: "
+                        "give one of them another id",
+                    )
+                )
+                continue
+            id_source[record.id] = record.source
         if not record.history:
             log.drop("empty_history")
             continue
