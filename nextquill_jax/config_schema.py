@@ -56,8 +56,8 @@ def read_yaml(path: str | Path) -> Any:
     """The YAML file at `path`, parsed (an empty file: {}).
 
     Raises:
-        ConfigError: `path` does not exist, is not valid YAML, or writes a key twice in one mapping (naming
-            the file, the line and the fix).
+        ConfigError: `path` does not exist, is a directory, cannot be read, is not UTF-8 text, is not valid
+            YAML, or writes a key twice in one mapping (naming the file, the line and the fix).
     """
     try:
         return yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
@@ -65,6 +65,24 @@ def read_yaml(path: str | Path) -> Any:
         raise ConfigError(
             f"config file {path} does not exist (relative paths start at {Path.cwd()}). Fix: pass the path "
             "of an existing YAML file, e.g. one under configs/."
+        ) from None
+    except IsADirectoryError:
+        inside = sorted(p.name for p in Path(path).glob("*.y*ml"))
+        fix = (
+            f"one of the YAML files in it ({', '.join(inside[:3])}{', ...' * (len(inside) > 3)})"
+            if inside
+            else "a YAML file"
+        )
+        raise ConfigError(f"config file {path} is a directory, not a YAML file. Fix: pass {fix}.") from None
+    except UnicodeDecodeError as e:
+        line = e.object[: e.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path}, line {line}: not UTF-8 text (byte 0x{e.object[e.start]:02x}: {e.reason}). Fix: save "
+            "the file as UTF-8, e.g. `iconv -f latin1 -t utf-8 OLD > NEW` for a Latin-1 file."
+        ) from None
+    except OSError as e:  # a permission denied, an unreadable mount: the system's own reason says which
+        raise ConfigError(
+            f"config file {path} cannot be read: {e.strerror or e}. Fix: make it readable, or pass another."
         ) from None
     except _DuplicateKeyError as e:
         raise ConfigError(

@@ -194,6 +194,32 @@ def test_config_data_and_checkpoint_errors_name_the_fix(
 
 
 @pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "--config", "{config}", "--workdir", "{tmp}/run"],
+        ["data", "prepare", "--config", "{config}", "--out", "{tmp}/p"],
+        ["compare", "--config", "{config}"],
+        ["bench", "scale", "--config", "{config}"],
+        ["demo", "--config", "{config}", "--out", "{tmp}/o"],
+    ],
+)
+def test_a_config_that_is_a_directory_or_not_utf8_is_one_error_naming_it(argv, tmp_path, capsys):
+    (tmp_path / "cfgs").mkdir()
+    (tmp_path / "cfgs" / "a.yaml").write_text("{}")
+    (tmp_path / "latin1.yaml").write_bytes(b"data:\n  sources: [caf\xe9.jsonl]\n")
+    folder = _run_cli([a.replace("{config}", "{tmp}/cfgs") for a in argv], tmp_path, capsys)
+    assert folder == (
+        f"config file {tmp_path}/cfgs is a directory, not a YAML file. Fix: pass one of the YAML files in it "
+        "(a.yaml)."
+    )
+    latin1 = _run_cli([a.replace("{config}", "{tmp}/latin1.yaml") for a in argv], tmp_path, capsys)
+    assert latin1 == (
+        f"{tmp_path}/latin1.yaml, line 2: not UTF-8 text (byte 0xe9: invalid continuation byte). Fix: "
+        "save the file as UTF-8, e.g. `iconv -f latin1 -t utf-8 OLD > NEW` for a Latin-1 file."
+    )
+
+
+@pytest.mark.parametrize(
     "argv, overrides",
     [
         (["train", "--config", "c.yaml", "a.b=1", "--workdir", "w", "c.d=2"], ["a.b=1", "c.d=2"]),

@@ -189,6 +189,38 @@ def test_a_missing_config_file_says_so(tmp_path):
 
 
 @pytest.mark.parametrize(
+    "yaml_files, fix",
+    [
+        ([], "a YAML file"),
+        (
+            ["d.yml", "c.yaml", "b.yaml", "a.yaml"],
+            "one of the YAML files in it (a.yaml, b.yaml, c.yaml, ...)",
+        ),
+    ],
+)
+def test_a_config_directory_names_the_yaml_files_in_it(tmp_path, yaml_files, fix):
+    for name in [*yaml_files, "notes.txt"]:
+        (tmp_path / name).write_text("{}")
+    with pytest.raises(ConfigError) as e:
+        load_config(tmp_path)
+    assert str(e.value) == f"config file {tmp_path} is a directory, not a YAML file. Fix: pass {fix}."
+
+
+def test_an_unreadable_config_file_gives_the_systems_reason(tmp_path, monkeypatch):
+    # The suite may run as root, which reads a file whatever its permissions: the OS error is raised here.
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_text", refuse)
+    with pytest.raises(ConfigError) as e:
+        load_config(tmp_path / "cfg.yaml")
+    assert str(e.value) == (
+        f"config file {tmp_path}/cfg.yaml cannot be read: Permission denied. Fix: make it readable, or pass "
+        "another."
+    )
+
+
+@pytest.mark.parametrize(
     "override, named, expected",
     [
         ("train.seed=abc", "train.seed", "expects an int"),
