@@ -3,7 +3,8 @@
 Generic: it knows dataclasses and type hints, nothing of this project's config. Values are converted to their
 field's type (an int where a float is expected is fine; YAML's `5e-6`, which PyYAML reads as a string, is read
 as a float); anything else is a `ConfigError` with one paragraph naming the key, what it expected and the fix.
-Unknown keys are errors that suggest the nearest valid key.
+A float is finite: NaN and infinity (`.nan`, `.inf`, `nan`, `inf`) are refused, since no key gives them a
+meaning (a "no limit" is written as null). Unknown keys are errors that suggest the nearest valid key.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -307,9 +309,18 @@ def convert(value: Any, tp: Any, key: str, source: str) -> Any:
     `source` begins each message; "" for none (a section's own check, whose message `build` prefixes).
 
     Raises:
-        ConfigError: a value that is not of that type, naming `key`, `source` and the fix.
+        ConfigError: a value that is not of that type, or NaN or infinity for a float, naming `key`, `source`
+            and the fix.
     """
     origin, args = typing.get_origin(tp), typing.get_args(tp)
+    options = args if origin in (typing.Union, types.UnionType) else (tp,)
+    if float in options and (number := _non_finite(value)) is not None:
+        # Checked before a union's options are tried, so `loss.alpha: .nan` says this, not "expects a float".
+        null = ", or null" if type(None) in options else ""
+        raise ConfigError(
+            f"{_prefix(source)}`{key}` is {number}, not a finite number. Fix: write a finite number for "
+            f"`{key}`{null}."
+        )
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -365,6 +376,16 @@ def convert(value: Any, tp: Any, key: str, source: str) -> Any:
     else:
         raise TypeError(f"config schema: unsupported type {tp!r} for {key}")
     raise _type_error(value, _type_name(tp), key, source)
+
+
+def _non_finite(value: Any) -> float | None:
+    """`value` as the NaN or infinity it writes (YAML's `.nan`, `.inf`; the text `nan`, `inf`), else None."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return None
+    return value if isinstance(value, float) and not math.isfinite(value) else None
 
 
 def _type_name(tp: Any) -> str:

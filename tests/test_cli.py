@@ -137,6 +137,10 @@ def test_a_missing_packaged_model_is_an_error_with_the_install_command(
     [
         (["train", "--config", "{tmp}/no.yaml"], r"^config file .*no\.yaml does not exist.* Fix: pass"),
         ([*RUN, "train.lerning_rate=1e-3"], r"^command line: unknown key `train\.lerning_rate`.*`optim\."),
+        # a NaN learning rate trained NaN weights and exited 0
+        ([*RUN, "optim.learning_rate=nan"],
+         r"^command line: `optim\.learning_rate` is nan, not a finite number\. Fix: write a finite number "
+         r"for `optim\.learning_rate`\.$"),
         (["compare", "--config", "{tmp}/no.yaml"], r"^config file .*no\.yaml does not exist.* Fix"),
         (["bench", "scale", "--config", "{tmp}/no.yaml"], r"^config file .*no\.yaml does not exist.* Fix"),
         (["demo", "--config", "{tmp}/no.yaml"], r"^demo config .*no\.yaml not found\. Fix"),
