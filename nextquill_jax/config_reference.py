@@ -80,7 +80,8 @@ TRAINING = Part(
     "Training config",
     "A `nextquill-jax train --config FILE` config; a run's workdir keeps it as `config.yaml`, which "
     "`evaluate` and `effects` read. A key can also be set on the command line as `a.b.c=VALUE` (the value "
-    "read as YAML).",
+    "read as YAML, but a key that takes text gets the text as typed: `data.template=no` is the template "
+    "`no`; `a.b.c=` with no value is refused, write `null` for null).",
     Config,
     root_table=False,
 )

@@ -113,6 +113,99 @@ def test_overrides_are_converted_by_the_schema(cfg_file):
     assert cfg.model.model_config().num_layers == 3 and cfg.mesh.fsdp == 1
 
 
+@pytest.mark.parametrize(
+    "override, value",
+    [
+        ("data.template=no", "no"),  # YAML: false
+        ("train.workdir=2024-01-01", "2024-01-01"),  # a date
+        ("data.tokenizer=123", "123"),  # an int
+        ("logging.tensorboard_dir=0x1F", "0x1F"),  # an int (31) for a string-or-null key
+        ("mesh.distributed=off", "off"),  # false for a choice of words
+    ],
+)
+def test_a_key_that_takes_text_gets_the_text_typed_where_yaml_reads_another_type(cfg_file, override, value):
+    key, _, _ = override.partition("=")
+    cfg = load_config(cfg_file, [override])
+    section, name = key.split(".")
+    assert getattr(getattr(cfg, section), name) == value
+
+
+def test_a_key_whose_type_yaml_reads_keeps_it_and_null_stays_null(cfg_file):
+    cfg = load_config(cfg_file, ["train.max_steps=5", "logging.tensorboard_dir=null", "model.lora=null"])
+    assert cfg.train.max_steps == 5 and cfg.logging.tensorboard_dir is None and cfg.model.lora is None
+
+
+# The end of an error for a value YAML typed where the key takes text.
+QUOTE = (
+    "; YAML reads unquoted yes, no, on, off, true and false as bools, and numbers and dates as such: put the "
+    "value in quotes."
+)
+# How to quote list items, in an error for a list override that is not valid YAML.
+QUOTE_ITEMS = (
+    "Fix: put in double quotes each item that starts with a character YAML reserves (*, &, !, %, @, `) or "
+    "holds ': ' or ' #', e.g. "
+)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        # an unset shell variable: `train.max_steps=$STEPS` became null, running the epochs out
+        ("train.max_steps=",
+         "`train.max_steps=` gives `train.max_steps` no value (an unset shell variable?). Fix: write its "
+         "value after `=`, or `train.max_steps=null` for null."),
+        ("data.template= ",
+         "`data.template= ` gives `data.template` no value (an unset shell variable?). Fix: write its value "
+         "after `=`."),
+        # null reset the file's batching section to the defaults
+        ("data.batching=null",
+         "`data.batching=null`: `data.batching` is a section, which cannot be null (null would reset each of "
+         "its keys to its default, dropping the file's). Fix: set its keys, `data.batching.KEY=VALUE`."),
+        # a glob item is a YAML alias: "expects a list, got '[*.jsonl, b.jsonl]' (str)" did not say why
+        ("data.sources=[*.jsonl, b.jsonl]",
+         "`data.sources=[*.jsonl, b.jsonl]`: `data.sources` takes a list, and the value is not valid YAML "
+         "(while scanning an alias: expected alphabetic or numeric character, but found '.'). "
+         f"{QUOTE_ITEMS}'data.sources=[\"*.jsonl\", \"b.jsonl\"]'."),
+        ("optim.no_decay=[@x]",
+         "`optim.no_decay=[@x]`: `optim.no_decay` takes a list, and the value is not valid YAML (while "
+         "scanning for the next token: found character '@' that cannot start any token). "
+         f"{QUOTE_ITEMS}'optim.no_decay=[\"@x\"]'."),
+        # text YAML cannot read, for a key that is no list: the type error as before
+        ("train.max_steps=@3",
+         "`train.max_steps` expects an int, got '@3' (str). Fix: write an int value for `train.max_steps`."),
+        # an item YAML reads as a bool, in a list of strings
+        ("optim.no_decay=[no]",
+         f"`optim.no_decay[0]` expects a str, got False (bool). Fix: write a str value for "
+         f"`optim.no_decay[0]`{QUOTE}"),
+    ],
+)  # fmt: skip
+def test_an_override_yaml_cannot_give_the_key_says_why(cfg_file, override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg_file, [override])
+    assert str(e.value) == f"command line: {message}"
+
+
+@pytest.mark.parametrize(
+    "section, key, text, message",
+    [
+        ("data", "template", "no",
+         "`data.template` expects a str, got False (bool). Fix: write a str value for "
+         f"`data.template`{QUOTE}"),
+        ("mesh", "distributed", "off",
+         f"`mesh.distributed` is False, not one of ['auto', 'off']. Fix: set `mesh.distributed` to one of "
+         f"them{QUOTE}"),
+    ],
+)  # fmt: skip
+def test_a_file_value_yaml_typed_says_to_quote_it(tmp_path, tiny_config, section, key, text, message):
+    raw = tiny_config(tmp_path / "data", tmp_path / "work")
+    raw.setdefault(section, {})[key] = "UNQUOTED"
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(raw).replace("UNQUOTED", text))
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value) == f"{path}: {message}"
+
+
 def test_cudnn_max_segments_reaches_the_model_config_only_with_cudnn(cfg_file):
     cfg = load_config(cfg_file, ["model.attention_impl=cudnn", "model.cudnn_max_segments=4"])
     assert cfg.model.model_config().cudnn_max_segments == 4
