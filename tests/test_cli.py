@@ -198,6 +198,30 @@ def test_config_data_and_checkpoint_errors_name_the_fix(
 
 
 @pytest.mark.parametrize(
+    "text, message",
+    [
+        # a misspelt section was reported as the unknown data key `data.Data`, "Did you mean `data.meta`?"
+        ("Data: {format: generic}\nmodel: {preset: x}\n",
+         "{path}: unknown top-level section `Data`. Did you mean `data`? Fix: rename it `data`."),
+        # a training config without one was reported as the unknown key `data.model`
+        ("model: {preset: x}\ntrain: {max_steps: 2}\n",
+         "{path} has no `data` section (its top-level keys: model, train). Fix: add one (its keys: "
+         "configs/REFERENCE.md), or pass a config that has one."),
+        ("", "{path} has no `data` section (it is empty). Fix: add one (its keys: configs/REFERENCE.md), or "
+         "pass a config that has one."),
+        # a file that is a bare data section, with a misspelt key: still its nearest data key
+        ("format: generic\nsorces: [a.jsonl]\n",
+         "{path}: unknown key `data.sorces`. Did you mean `data.sources`?"),
+    ],
+)  # fmt: skip
+def test_data_prepare_names_a_missing_or_misspelt_data_section(text, message, tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    argv = ["data", "prepare", "--config", str(path), "--out", "{tmp}/p"]
+    assert _run_cli(argv, tmp_path, capsys) == message.format(path=path)
+
+
+@pytest.mark.parametrize(
     "argv",
     [
         ["train", "--config", "{config}", "--workdir", "{tmp}/run"],
