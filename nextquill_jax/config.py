@@ -91,7 +91,7 @@ class LoraConfig:
     def __post_init__(self):
         if self.rank <= 0:
             raise ValueError(f"rank must be >= 1, got {self.rank}")
-        if self.alpha <= 0:
+        if not self.alpha > 0:  # `not >`: NaN fails it too
             raise ValueError(f"alpha must be > 0, got {self.alpha}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
@@ -282,17 +282,19 @@ class OptimConfig:
 
     Fields:
         `learning_rate`: the peak learning rate (> 0), reached at the end of the warm-up.
-        `weight_decay`: AdamW's decoupled weight decay (`p -= learning_rate * weight_decay * p` per step).
+        `weight_decay`: AdamW's decoupled weight decay (`p -= learning_rate * weight_decay * p` per step);
+            >= 0.
         `warmup_ratio`: the warm-up as a fraction of the run's optimizer steps, in [0, 1) (rounded up to whole
             steps). The warm-up rises linearly from 0, so the first update of a run with a warm-up has
             learning rate 0 (a one-step run trains nothing; set `warmup_steps: 0`).
         `warmup_steps`: the warm-up in optimizer steps (>= 0); when set it replaces `warmup_ratio`.
         `schedule`: after warm-up, `linear` decays to `min_lr_ratio * learning_rate` at the last step,
             `cosine` likewise on a cosine, `constant` stays at `learning_rate`.
-        `min_lr_ratio`: the final learning rate of `linear` and `cosine`, as a fraction of `learning_rate`.
-        `b1`: Adam's β1, the decay of the gradient's moving average.
-        `b2`: Adam's β2, the decay of the squared gradient's moving average.
-        `eps`: Adam's ε, added to the root of the second moment.
+        `min_lr_ratio`: the final learning rate of `linear` and `cosine`, as a fraction of `learning_rate`,
+            in [0, 1].
+        `b1`: Adam's β1, the decay of the gradient's moving average, in [0, 1).
+        `b2`: Adam's β2, the decay of the squared gradient's moving average, in [0, 1).
+        `eps`: Adam's ε (> 0), added to the root of the second moment.
         `clip_norm`: clip the gradient to this global L2 norm before the update (> 0); null: no clipping.
         `no_decay`: regular expressions searched in parameter paths (e.g. `layers/attn/q_proj/kernel`); a
             matching parameter gets no weight decay (norm scales and biases, as the Trainer does).
@@ -314,13 +316,23 @@ class OptimConfig:
     trainable: list[str] = field(default_factory=list)
 
     def __post_init__(self):
-        if self.learning_rate <= 0:
+        # Each range written so that NaN fails it (every comparison with NaN is false).
+        if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.clip_norm is not None and self.clip_norm <= 0:
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        for name in ("b1", "b2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if not self.eps > 0:
+            raise ValueError(f"eps must be > 0, got {self.eps}")
+        if self.clip_norm is not None and not self.clip_norm > 0:
             raise ValueError(f"clip_norm must be > 0 or null, got {self.clip_norm}")
 
 
@@ -392,8 +404,8 @@ class MeshConfig:
             NEXTQUILL_NUM_PROCESSES).
         `process_id`: this process's index in an explicit multi-process run, 0-based (or
             NEXTQUILL_PROCESS_ID).
-        `peer_timeout_s`: in a multi-process run, when a process stops answering for this many seconds (its
-            host died, it was killed), every other process exits with status 4 and a message naming it,
+        `peer_timeout_s`: in a multi-process run, when a process stops answering for this many seconds (> 0;
+            its host died, it was killed), every other process exits with status 4 and a message naming it,
             instead of waiting in a collective forever; the scheduler restarts the job, which resumes from its
             last complete checkpoint.
     """
@@ -408,7 +420,7 @@ class MeshConfig:
     peer_timeout_s: float = 180.0
 
     def __post_init__(self):
-        if self.peer_timeout_s <= 0:
+        if not self.peer_timeout_s > 0:  # `not >`: NaN fails it too
             raise ValueError(f"peer_timeout_s must be > 0, got {self.peer_timeout_s}")
 
     def sizes(self) -> dict[str, int]:
@@ -529,7 +541,7 @@ class LoggingConfig:
                 f"profile_steps must be [first, last] with 1 <= first <= last (optimizer steps), got "
                 f"{self.profile_steps}"
             )
-        if self.health_ce_ratio <= 1:
+        if not self.health_ce_ratio > 1:  # `not >`: NaN fails it too
             raise ValueError(f"health_ce_ratio must be > 1, got {self.health_ce_ratio}")
         if self.health_pref_fraction is not None and not 0 < self.health_pref_fraction < 1:
             raise ValueError(

@@ -80,7 +80,8 @@ TRAINING = Part(
     "Training config",
     "A `nextquill-jax train --config FILE` config; a run's workdir keeps it as `config.yaml`, which "
     "`evaluate` and `effects` read. A key can also be set on the command line as `a.b.c=VALUE` (the value "
-    "read as YAML).",
+    "read as YAML, but a key that takes text gets the text as typed: `data.template=no` is the template "
+    "`no`; `a.b.c=` with no value is refused, write `null` for null).",
     Config,
     root_table=False,
 )
@@ -282,8 +283,9 @@ def render() -> str:
         "",
         f"Every key of the YAML files the commands read: {parts}. A key `a.b.c` is written in the YAML file "
         "as `c` under `b` under `a`; `a.NAME.c` as `c` under a name of your choosing under `a`; `a[].c` as "
-        "`c` in each item of the list `a`. Types are YAML's (`null` is YAML's null); a word in backticks is "
-        "a literal value. The demo's files (`configs/demo.yaml`, `configs/demo_quick.yaml`, read by "
+        "`c` in each item of the list `a`. Types are YAML's (`null` is YAML's null); a float is a finite "
+        "number (NaN and infinity, `.nan` and `.inf`, are refused); a word in backticks is a literal value. "
+        "The demo's files (`configs/demo.yaml`, `configs/demo_quick.yaml`, read by "
         "`nextquill-jax demo --config FILE`) are not listed: they hold a `demo` section (`DemoPlan` in "
         "`nextquill_jax/demo/run.py`, whose docstring names each key) and two training configs, `pretrain` "
         "and `finetune`.",

@@ -3,14 +3,18 @@
 Generic: it knows dataclasses and type hints, nothing of this project's config. Values are converted to their
 field's type (an int where a float is expected is fine; YAML's `5e-6`, which PyYAML reads as a string, is read
 as a float); anything else is a `ConfigError` with one paragraph naming the key, what it expected and the fix.
-Unknown keys are errors that suggest the nearest valid key.
+A float is finite: NaN and infinity (`.nan`, `.inf`, `nan`, `inf`) are refused, since no key gives them a
+meaning (a "no limit" is written as null). Unknown keys are errors that suggest the nearest valid key.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import datetime
 import difflib
+import json
+import math
 import re
 import types
 import typing
@@ -56,8 +60,8 @@ def read_yaml(path: str | Path) -> Any:
     """The YAML file at `path`, parsed (an empty file: {}).
 
     Raises:
-        ConfigError: `path` does not exist, is not valid YAML, or writes a key twice in one mapping (naming
-            the file, the line and the fix).
+        ConfigError: `path` does not exist, is a directory, cannot be read, is not UTF-8 text, is not valid
+            YAML, or writes a key twice in one mapping (naming the file, the line and the fix).
     """
     try:
         return yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
@@ -65,6 +69,24 @@ def read_yaml(path: str | Path) -> Any:
         raise ConfigError(
             f"config file {path} does not exist (relative paths start at {Path.cwd()}). Fix: pass the path "
             "of an existing YAML file, e.g. one under configs/."
+        ) from None
+    except IsADirectoryError:
+        inside = sorted(p.name for p in Path(path).glob("*.y*ml"))
+        fix = (
+            f"one of the YAML files in it ({', '.join(inside[:3])}{', ...' * (len(inside) > 3)})"
+            if inside
+            else "a YAML file"
+        )
+        raise ConfigError(f"config file {path} is a directory, not a YAML file. Fix: pass {fix}.") from None
+    except UnicodeDecodeError as e:
+        line = e.object[: e.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path}, line {line}: not UTF-8 text (byte 0x{e.object[e.start]:02x}: {e.reason}). Fix: save "
+            "the file as UTF-8, e.g. `iconv -f latin1 -t utf-8 OLD > NEW` for a Latin-1 file."
+        ) from None
+    except OSError as e:  # a permission denied, an unreadable mount: the system's own reason says which
+        raise ConfigError(
+            f"config file {path} cannot be read: {e.strerror or e}. Fix: make it readable, or pass another."
         ) from None
     except _DuplicateKeyError as e:
         raise ConfigError(
@@ -92,19 +114,14 @@ def check_not_command_file(raw: Any, source: str, wanted: str = "a training conf
             )
 
 
-def apply_override(raw: dict, item: str) -> None:
-    """Set `raw[section][...][key] = value` from one `section.key=value` item (the value read as YAML).
+def apply_override(raw: dict, item: str, value: Any) -> None:
+    """Set `raw[section][...][key] = value` for the key of one `section.key=value` item (`value`: its text as
+    `check_override` reads it).
 
     Raises:
         ConfigError: the item is not of that form, or a key on its path holds a value, not a section.
     """
-    key, sep, text = item.partition("=")
-    parts = key.strip().split(".")
-    if not sep or len(parts) < 2 or not all(parts):
-        raise ConfigError(
-            f"override {item!r} is not of the form section.key=value (e.g. optim.learning_rate=1e-4)"
-        )
-    value = _read_value(text)
+    parts, _ = _override_parts(item)
     node = raw
     for part in parts[:-1]:
         child = node.setdefault(part, {})
@@ -121,15 +138,14 @@ def build_with_overrides(
     applied (each checked against `cls` first; `raw` is left as it was).
 
     Raises:
-        ConfigError: an override naming an unknown key or a value of the wrong type (blamed on
-            `overrides_source`), or a value `cls` rejects. A section's own check sees the file and the
-            overrides together: when the file alone passes it, the overrides are what to fix and the message
-            starts with `overrides_source`; otherwise it starts with `source` and lists the overrides.
+        ConfigError: an override that `check_override` refuses (blamed on `overrides_source`), or a value
+            `cls` rejects. A section's own check sees the file and the overrides together: when the file
+            alone passes it, the overrides are what to fix and the message starts with `overrides_source`;
+            otherwise it starts with `source` and lists the overrides.
     """
     merged = copy.deepcopy(raw)
     for item in overrides:
-        apply_override(merged, item)
-        check_override(cls, item, overrides_source)
+        apply_override(merged, item, check_override(cls, item, overrides_source))
     try:
         return build(cls, merged, "", source)
     except ConfigError as e:
@@ -144,25 +160,84 @@ def build_with_overrides(
         raise ConfigError(f"{overrides_source}: {message} (overrides: {applied})") from None
 
 
-def check_override(cls: type, item: str, source: str) -> None:
-    """Check one `section.key=value` item against dataclass `cls`: the key exists and the value fits its type.
+def check_override(cls: type, item: str, source: str) -> Any:
+    """Check one `section.key=value` item against dataclass `cls` and return its value: the text read as
+    YAML, or the text itself where the key takes text but YAML reads another type (`data.template=no`, a
+    bool; `train.workdir=2024-01-01`, a date): what was typed.
 
-    Keys beneath a free-form mapping field (`dict` or `Any`) are not checked. `source` says where the item
-    came from (e.g. "command line") so errors are not blamed on the file it overrides.
+    Keys beneath a free-form mapping field (`dict` or `Any`) are not checked; their value is the text read as
+    YAML. `source` says where the item came from (e.g. "command line") so errors are not blamed on the file
+    it overrides.
 
     Raises:
-        ConfigError: an unknown key, with the nearest keys of its own section and of other sections
-            (`train.lerning_rate` -> `optim.learning_rate`); a key on the path that holds a value, not a
-            section; or a value that is not of the key's type.
+        ConfigError: an item not of the form `section.key=value`; an unknown key, with the nearest keys of
+            its own section and of other sections (`train.lerning_rate` -> `optim.learning_rate`); a key on
+            the path that holds a value, not a section; no value (`key=`, as an unset shell variable leaves
+            it); null for a section that cannot be null (it would drop the file's keys of it); or a value
+            that is not of the key's type (for text that is not valid YAML, saying why and how to quote it).
     """
-    key, _, text = item.partition("=")
+    parts, text = _override_parts(item)
+    key, text = ".".join(parts), text.strip()
+    tp = _override_type(cls, parts, item, source)
+    null = type(None) in _options(tp)
+    if not text:
+        or_null = f", or `{key}=null` for null" if null else ""
+        raise ConfigError(
+            f"{source}: `{item}` gives `{key}` no value (an unset shell variable?). Fix: write its value "
+            f"after `=`{or_null}."
+        )
+    try:
+        value, problem = yaml.safe_load(text), None
+    except yaml.YAMLError as e:
+        value, problem = text, e
+    if value is None and dataclass_of(tp) is not None and not null:
+        raise ConfigError(
+            f"{source}: `{item}`: `{key}` is a section, which cannot be null (null would reset each of its "
+            f"keys to its default, dropping the file's). Fix: set its keys, `{key}.KEY=VALUE`."
+        )
+    try:
+        convert(value, tp, key, source)
+        return value
+    except ConfigError as e:
+        error = e
+    if not isinstance(value, (str, list, dict, type(None))):  # YAML typed the text: a bool, number or date
+        try:
+            convert(text, tp, key, source)
+            return text
+        except ConfigError:
+            pass
+    if problem is not None and any(typing.get_origin(option) in (list, tuple) for option in _options(tp)):
+        raise _unquoted_list_items(item, key, text, problem, source) from None
+    raise error
+
+
+def _override_parts(item: str) -> tuple[list[str], str]:
+    """The key of one `section.key=value` item, split at its dots, and its value's text.
+
+    Raises:
+        ConfigError: the item is not of that form.
+    """
+    key, sep, text = item.partition("=")
     parts = key.strip().split(".")
+    if not sep or len(parts) < 2 or not all(parts):
+        raise ConfigError(
+            f"override {item!r} is not of the form section.key=value (e.g. optim.learning_rate=1e-4)"
+        )
+    return parts, text
+
+
+def _override_type(cls: type, parts: list[str], item: str, source: str) -> Any:
+    """The type hint of the key `parts` of dataclass `cls`; `Any` beneath a free-form mapping field.
+
+    Raises:
+        ConfigError: an unknown key (with the nearest keys), or a key on the path that holds a value.
+    """
     tp: Any = cls
     for i, part in enumerate(parts):
         section = dataclass_of(tp)
         if section is None:
             if typing.get_origin(tp) is dict or tp is Any:
-                return
+                return Any
             raise ConfigError(
                 f"{source}: `{item}`: `{'.'.join(parts[:i])}` is a value, not a section. Fix: set "
                 f"`{'.'.join(parts[:i])}=VALUE`."
@@ -179,7 +254,22 @@ def check_override(cls: type, item: str, source: str) -> None:
                 f"{source}: unknown key `{'.'.join(parts)}` (in `{item}`). {hint} Fix: correct the key."
             )
         tp = typing.get_type_hints(section)[part]
-    convert(_read_value(text), tp, ".".join(parts), source)
+    return tp
+
+
+def _unquoted_list_items(item: str, key: str, text: str, problem: yaml.YAMLError, source: str) -> ConfigError:
+    """The error for an override of a list key whose text is not valid YAML (`[*.jsonl]`: YAML reads `*` as
+    an alias): why YAML refused it, how to quote, and for a `[...]` text the value with each item quoted (a
+    JSON array, which YAML reads as a list of those strings)."""
+    why = ": ".join(filter(None, (getattr(problem, "context", None), getattr(problem, "problem", None))))
+    example = ""
+    if text.startswith("[") and text.endswith("]"):
+        example = f", e.g. '{key}=[{', '.join(json.dumps(i.strip()) for i in text[1:-1].split(','))}]'"
+    return ConfigError(
+        f"{source}: `{item}`: `{key}` takes a list, and the value is not valid YAML ({why or problem}). Fix: "
+        "put in double quotes each item that starts with a character YAML reserves (*, &, !, %, @, `) or "
+        f"holds ': ' or ' #'{example}."
+    )
 
 
 def dataclass_of(tp: Any) -> type | None:
@@ -218,14 +308,6 @@ def _nearest_keys(cls: type, parts: list[str], i: int, names: list[str]) -> list
         for path in by_last[last]
     ]
     return list(dict.fromkeys([*here, *elsewhere]))[:3]
-
-
-def _read_value(text: str) -> Any:
-    """A command-line value read as YAML (`1e-3`, `[a, b]`, `null`), or the text itself when not YAML."""
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
 
 
 def build(cls: type, raw: Any, where: str, source: str) -> Any:
@@ -289,9 +371,18 @@ def convert(value: Any, tp: Any, key: str, source: str) -> Any:
     `source` begins each message; "" for none (a section's own check, whose message `build` prefixes).
 
     Raises:
-        ConfigError: a value that is not of that type, naming `key`, `source` and the fix.
+        ConfigError: a value that is not of that type, or NaN or infinity for a float, naming `key`, `source`
+            and the fix.
     """
     origin, args = typing.get_origin(tp), typing.get_args(tp)
+    options = _options(tp)
+    if float in options and (number := _non_finite(value)) is not None:
+        # Checked before a union's options are tried, so `loss.alpha: .nan` says this, not "expects a float".
+        null = ", or null" if type(None) in options else ""
+        raise ConfigError(
+            f"{_prefix(source)}`{key}` is {number}, not a finite number. Fix: write a finite number for "
+            f"`{key}`{null}."
+        )
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -312,9 +403,10 @@ def convert(value: Any, tp: Any, key: str, source: str) -> Any:
             return value
         close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1, cutoff=0.5)
         hint = f" Did you mean {close[0]!r}?" if close else ""
+        quote = _QUOTE if isinstance(value, bool) and any(isinstance(a, str) for a in args) else ""
         raise ConfigError(
             f"{_prefix(source)}`{key}` is {value!r}, not one of {list(args)}.{hint} "
-            f"Fix: set `{key}` to one of them."
+            f"Fix: set `{key}` to one of them{quote}."
         )
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
@@ -344,9 +436,26 @@ def convert(value: Any, tp: Any, key: str, source: str) -> Any:
     elif tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, (bool, int, float, datetime.date)):
+            raise _type_error(value, "str", key, source, _QUOTE)
     else:
         raise TypeError(f"config schema: unsupported type {tp!r} for {key}")
     raise _type_error(value, _type_name(tp), key, source)
+
+
+def _options(tp: Any) -> tuple[Any, ...]:
+    """The types a union type hint allows (`float | None` -> float, NoneType); any other hint alone."""
+    return typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+
+
+def _non_finite(value: Any) -> float | None:
+    """`value` as the NaN or infinity it writes (YAML's `.nan`, `.inf`; the text `nan`, `inf`), else None."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return None
+    return value if isinstance(value, float) and not math.isfinite(value) else None
 
 
 def _type_name(tp: Any) -> str:
@@ -364,11 +473,18 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _type_error(value: Any, expected: str, key: str, source: str) -> ConfigError:
+# Where YAML typed text that a key takes as text (`template: no`, `distributed: off`, `workdir: 2024-01-01`).
+_QUOTE = (
+    "; YAML reads unquoted yes, no, on, off, true and false as bools, and numbers and dates as such: put the "
+    "value in quotes"
+)
+
+
+def _type_error(value: Any, expected: str, key: str, source: str, hint: str = "") -> ConfigError:
     article = "an" if expected[:1] in "aeiou" else "a"
     return ConfigError(
         f"{_prefix(source)}`{key}` expects {article} {expected}, got {value!r} ({type(value).__name__}). "
-        f"Fix: write {article} {expected} value for `{key}`."
+        f"Fix: write {article} {expected} value for `{key}`{hint}."
     )
 
 

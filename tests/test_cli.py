@@ -137,6 +137,10 @@ def test_a_missing_packaged_model_is_an_error_with_the_install_command(
     [
         (["train", "--config", "{tmp}/no.yaml"], r"^config file .*no\.yaml does not exist.* Fix: pass"),
         ([*RUN, "train.lerning_rate=1e-3"], r"^command line: unknown key `train\.lerning_rate`.*`optim\."),
+        # a NaN learning rate trained NaN weights and exited 0
+        ([*RUN, "optim.learning_rate=nan"],
+         r"^command line: `optim\.learning_rate` is nan, not a finite number\. Fix: write a finite number "
+         r"for `optim\.learning_rate`\.$"),
         (["compare", "--config", "{tmp}/no.yaml"], r"^config file .*no\.yaml does not exist.* Fix"),
         (["bench", "scale", "--config", "{tmp}/no.yaml"], r"^config file .*no\.yaml does not exist.* Fix"),
         (["demo", "--config", "{tmp}/no.yaml"], r"^demo config .*no\.yaml not found\. Fix"),
@@ -191,6 +195,56 @@ def test_config_data_and_checkpoint_errors_name_the_fix(
     (tmp_path / "val.jsonl").write_text(json.dumps(record) + "\n")
     message = _run_cli(argv, tmp_path, capsys)
     assert re.search(expected, message), message
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        # a misspelt section was reported as the unknown data key `data.Data`, "Did you mean `data.meta`?"
+        ("Data: {format: generic}\nmodel: {preset: x}\n",
+         "{path}: unknown top-level section `Data`. Did you mean `data`? Fix: rename it `data`."),
+        # a training config without one was reported as the unknown key `data.model`
+        ("model: {preset: x}\ntrain: {max_steps: 2}\n",
+         "{path} has no `data` section (its top-level keys: model, train). Fix: add one (its keys: "
+         "configs/REFERENCE.md), or pass a config that has one."),
+        ("", "{path} has no `data` section (it is empty). Fix: add one (its keys: configs/REFERENCE.md), or "
+         "pass a config that has one."),
+        # a file that is a bare data section, with a misspelt key: still its nearest data key
+        ("format: generic\nsorces: [a.jsonl]\n",
+         "{path}: unknown key `data.sorces`. Did you mean `data.sources`?"),
+    ],
+)  # fmt: skip
+def test_data_prepare_names_a_missing_or_misspelt_data_section(text, message, tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    argv = ["data", "prepare", "--config", str(path), "--out", "{tmp}/p"]
+    assert _run_cli(argv, tmp_path, capsys) == message.format(path=path)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "--config", "{config}", "--workdir", "{tmp}/run"],
+        ["data", "prepare", "--config", "{config}", "--out", "{tmp}/p"],
+        ["compare", "--config", "{config}"],
+        ["bench", "scale", "--config", "{config}"],
+        ["demo", "--config", "{config}", "--out", "{tmp}/o"],
+    ],
+)
+def test_a_config_that_is_a_directory_or_not_utf8_is_one_error_naming_it(argv, tmp_path, capsys):
+    (tmp_path / "cfgs").mkdir()
+    (tmp_path / "cfgs" / "a.yaml").write_text("{}")
+    (tmp_path / "latin1.yaml").write_bytes(b"data:\n  sources: [caf\xe9.jsonl]\n")
+    folder = _run_cli([a.replace("{config}", "{tmp}/cfgs") for a in argv], tmp_path, capsys)
+    assert folder == (
+        f"config file {tmp_path}/cfgs is a directory, not a YAML file. Fix: pass one of the YAML files in it "
+        "(a.yaml)."
+    )
+    latin1 = _run_cli([a.replace("{config}", "{tmp}/latin1.yaml") for a in argv], tmp_path, capsys)
+    assert latin1 == (
+        f"{tmp_path}/latin1.yaml, line 2: not UTF-8 text (byte 0xe9: invalid continuation byte). Fix: "
+        "save the file as UTF-8, e.g. `iconv -f latin1 -t utf-8 OLD > NEW` for a Latin-1 file."
+    )
 
 
 @pytest.mark.parametrize(

@@ -3,12 +3,14 @@ that stop a run before anything is compiled."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import itertools
 import json
 import re
 import shutil
+import types
 import typing
 from pathlib import Path
 
@@ -18,7 +20,18 @@ import pytest
 import yaml
 from jax.sharding import AbstractMesh, AxisType
 
-from nextquill_jax.config import Config, EvalConfig, load_config, save_config
+from nextquill_jax import config_reference
+from nextquill_jax.bench.sweep import load_scaling_config
+from nextquill_jax.config import (
+    Config,
+    EvalConfig,
+    LoggingConfig,
+    LoraConfig,
+    MeshConfig,
+    OptimConfig,
+    load_config,
+    save_config,
+)
 from nextquill_jax.config_schema import ConfigError, convert
 from nextquill_jax.data.config import SPLITS
 from nextquill_jax.data.pipeline import BatchPipeline
@@ -98,6 +111,99 @@ def test_overrides_are_converted_by_the_schema(cfg_file):
     assert cfg.optim.trainable == ["q_proj", "k_proj"]
     assert cfg.checkpoint.best_metric is None
     assert cfg.model.model_config().num_layers == 3 and cfg.mesh.fsdp == 1
+
+
+@pytest.mark.parametrize(
+    "override, value",
+    [
+        ("data.template=no", "no"),  # YAML: false
+        ("train.workdir=2024-01-01", "2024-01-01"),  # a date
+        ("data.tokenizer=123", "123"),  # an int
+        ("logging.tensorboard_dir=0x1F", "0x1F"),  # an int (31) for a string-or-null key
+        ("mesh.distributed=off", "off"),  # false for a choice of words
+    ],
+)
+def test_a_key_that_takes_text_gets_the_text_typed_where_yaml_reads_another_type(cfg_file, override, value):
+    key, _, _ = override.partition("=")
+    cfg = load_config(cfg_file, [override])
+    section, name = key.split(".")
+    assert getattr(getattr(cfg, section), name) == value
+
+
+def test_a_key_whose_type_yaml_reads_keeps_it_and_null_stays_null(cfg_file):
+    cfg = load_config(cfg_file, ["train.max_steps=5", "logging.tensorboard_dir=null", "model.lora=null"])
+    assert cfg.train.max_steps == 5 and cfg.logging.tensorboard_dir is None and cfg.model.lora is None
+
+
+# The end of an error for a value YAML typed where the key takes text.
+QUOTE = (
+    "; YAML reads unquoted yes, no, on, off, true and false as bools, and numbers and dates as such: put the "
+    "value in quotes."
+)
+# How to quote list items, in an error for a list override that is not valid YAML.
+QUOTE_ITEMS = (
+    "Fix: put in double quotes each item that starts with a character YAML reserves (*, &, !, %, @, `) or "
+    "holds ': ' or ' #', e.g. "
+)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        # an unset shell variable: `train.max_steps=$STEPS` became null, running the epochs out
+        ("train.max_steps=",
+         "`train.max_steps=` gives `train.max_steps` no value (an unset shell variable?). Fix: write its "
+         "value after `=`, or `train.max_steps=null` for null."),
+        ("data.template= ",
+         "`data.template= ` gives `data.template` no value (an unset shell variable?). Fix: write its value "
+         "after `=`."),
+        # null reset the file's batching section to the defaults
+        ("data.batching=null",
+         "`data.batching=null`: `data.batching` is a section, which cannot be null (null would reset each of "
+         "its keys to its default, dropping the file's). Fix: set its keys, `data.batching.KEY=VALUE`."),
+        # a glob item is a YAML alias: "expects a list, got '[*.jsonl, b.jsonl]' (str)" did not say why
+        ("data.sources=[*.jsonl, b.jsonl]",
+         "`data.sources=[*.jsonl, b.jsonl]`: `data.sources` takes a list, and the value is not valid YAML "
+         "(while scanning an alias: expected alphabetic or numeric character, but found '.'). "
+         f"{QUOTE_ITEMS}'data.sources=[\"*.jsonl\", \"b.jsonl\"]'."),
+        ("optim.no_decay=[@x]",
+         "`optim.no_decay=[@x]`: `optim.no_decay` takes a list, and the value is not valid YAML (while "
+         "scanning for the next token: found character '@' that cannot start any token). "
+         f"{QUOTE_ITEMS}'optim.no_decay=[\"@x\"]'."),
+        # text YAML cannot read, for a key that is no list: the type error as before
+        ("train.max_steps=@3",
+         "`train.max_steps` expects an int, got '@3' (str). Fix: write an int value for `train.max_steps`."),
+        # an item YAML reads as a bool, in a list of strings
+        ("optim.no_decay=[no]",
+         f"`optim.no_decay[0]` expects a str, got False (bool). Fix: write a str value for "
+         f"`optim.no_decay[0]`{QUOTE}"),
+    ],
+)  # fmt: skip
+def test_an_override_yaml_cannot_give_the_key_says_why(cfg_file, override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg_file, [override])
+    assert str(e.value) == f"command line: {message}"
+
+
+@pytest.mark.parametrize(
+    "section, key, text, message",
+    [
+        ("data", "template", "no",
+         "`data.template` expects a str, got False (bool). Fix: write a str value for "
+         f"`data.template`{QUOTE}"),
+        ("mesh", "distributed", "off",
+         f"`mesh.distributed` is False, not one of ['auto', 'off']. Fix: set `mesh.distributed` to one of "
+         f"them{QUOTE}"),
+    ],
+)  # fmt: skip
+def test_a_file_value_yaml_typed_says_to_quote_it(tmp_path, tiny_config, section, key, text, message):
+    raw = tiny_config(tmp_path / "data", tmp_path / "work")
+    raw.setdefault(section, {})[key] = "UNQUOTED"
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(raw).replace("UNQUOTED", text))
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value) == f"{path}: {message}"
 
 
 def test_cudnn_max_segments_reaches_the_model_config_only_with_cudnn(cfg_file):
@@ -186,6 +292,188 @@ def test_a_section_check_the_file_fails_too_names_the_file_and_the_overrides(tmp
 def test_a_missing_config_file_says_so(tmp_path):
     with pytest.raises(ConfigError, match=r"config file .*nope\.yaml does not exist.*Fix"):
         load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize(
+    "yaml_files, fix",
+    [
+        ([], "a YAML file"),
+        (
+            ["d.yml", "c.yaml", "b.yaml", "a.yaml"],
+            "one of the YAML files in it (a.yaml, b.yaml, c.yaml, ...)",
+        ),
+    ],
+)
+def test_a_config_directory_names_the_yaml_files_in_it(tmp_path, yaml_files, fix):
+    for name in [*yaml_files, "notes.txt"]:
+        (tmp_path / name).write_text("{}")
+    with pytest.raises(ConfigError) as e:
+        load_config(tmp_path)
+    assert str(e.value) == f"config file {tmp_path} is a directory, not a YAML file. Fix: pass {fix}."
+
+
+def test_an_unreadable_config_file_gives_the_systems_reason(tmp_path, monkeypatch):
+    # The suite may run as root, which reads a file whatever its permissions: the OS error is raised here.
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_text", refuse)
+    with pytest.raises(ConfigError) as e:
+        load_config(tmp_path / "cfg.yaml")
+    assert str(e.value) == (
+        f"config file {tmp_path}/cfg.yaml cannot be read: Permission denied. Fix: make it readable, or pass "
+        "another."
+    )
+
+
+def _float_keys() -> list[tuple[str, str, bool]]:
+    """(part title, key, whether null is allowed) for every float key of configs/REFERENCE.md's tables: the
+    keys the schema documents, so a float key added to any of them is walked by the test below."""
+    found = []
+    for part in config_reference.PARTS:
+        for table in config_reference.tables(part):
+            hints = typing.get_type_hints(table.cls)
+            for name in table.keys:
+                tp = hints[name]
+                options = (
+                    typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+                )
+                if float in options:
+                    found.append((part.title, f"{table.path}.{name}".lstrip("."), type(None) in options))
+    return found
+
+
+FLOAT_KEYS = _float_keys()
+
+
+def test_the_float_key_walk_finds_every_kind_of_float_key():
+    keys = {key for _, key, _ in FLOAT_KEYS}
+    # a plain float, a nullable one, a float or a word, a section's, a mapping's, another file kind's
+    assert {"optim.learning_rate", "optim.clip_norm", "loss.alpha", "model.lora.alpha"} <= keys, keys
+    assert {"model.overrides.rope_theta", "model.overrides.rope_scaling.factor", "peak_tflops"} <= keys, keys
+
+
+@pytest.mark.parametrize("part, key, nullable", FLOAT_KEYS, ids=[key for _, key, _ in FLOAT_KEYS])
+def test_every_float_key_refuses_nan_and_infinity(part, key, nullable, tmp_path, tiny_config):
+    # The file each part is loaded from, and the loader of its command. A float key in another part (the
+    # compare file has none yet) fails here with a KeyError: add that part's file and loader.
+    base, load = {
+        "Training config": (tiny_config(tmp_path / "data", tmp_path / "work"), load_config),
+        "Scaling sweep": (
+            yaml.safe_load((REPO / "configs/scaling/tiny_cpu.yaml").read_text()),
+            load_scaling_config,
+        ),
+    }[part]
+    path = tmp_path / "f.yaml"
+    for value, shown in (
+        (float("nan"), "nan"),
+        (float("inf"), "inf"),
+        (float("-inf"), "-inf"),
+        ("nan", "nan"),
+    ):
+        raw = copy.deepcopy(base)
+        *sections, name = key.split(".")
+        node = raw
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[name] = value
+        path.write_text(yaml.safe_dump(raw))
+        with pytest.raises(ConfigError) as e:
+            load(path)
+        null = ", or null" if nullable else ""
+        assert str(e.value) == (
+            f"{path}: `{key}` is {shown}, not a finite number. Fix: write a finite number for `{key}`{null}."
+        ), value
+
+
+@pytest.mark.parametrize(
+    "override, shown, null",
+    [
+        ("optim.learning_rate=nan", "nan", ""),
+        ("optim.learning_rate=.inf", "inf", ""),
+        ("optim.learning_rate=inf", "inf", ""),
+        ("optim.clip_norm=nan", "nan", ", or null"),
+        ("mesh.peer_timeout_s=.inf", "inf", ""),
+        ("logging.health_ce_ratio=nan", "nan", ""),
+        ("loss.alpha=.nan", "nan", ""),  # not "expects a float or 'public'"
+    ],
+)
+def test_a_nan_or_infinite_override_is_refused_naming_the_key(cfg_file, override, shown, null):
+    key = override.partition("=")[0]
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg_file, [override])
+    assert str(e.value) == (
+        f"command line: `{key}` is {shown}, not a finite number. Fix: write a finite number for "
+        f"`{key}`{null}."
+    )
+
+
+@pytest.mark.parametrize(
+    "override, section, message",
+    [
+        ("optim.weight_decay=-5", "optim", "weight_decay must be >= 0, got -5.0"),
+        ("optim.b1=7", "optim", "b1 must be in [0, 1), got 7.0"),
+        ("optim.b1=1", "optim", "b1 must be in [0, 1), got 1.0"),
+        ("optim.b2=-0.1", "optim", "b2 must be in [0, 1), got -0.1"),
+        ("optim.eps=-1", "optim", "eps must be > 0, got -1.0"),
+        ("optim.eps=0", "optim", "eps must be > 0, got 0.0"),
+        ("optim.min_lr_ratio=1.5", "optim", "min_lr_ratio must be in [0, 1], got 1.5"),
+        ("optim.min_lr_ratio=-0.5", "optim", "min_lr_ratio must be in [0, 1], got -0.5"),
+        ("mesh.peer_timeout_s=0", "mesh", "peer_timeout_s must be > 0, got 0.0"),
+    ],
+)
+def test_a_value_outside_its_documented_range_is_refused(cfg_file, override, section, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg_file, [override])
+    assert str(e.value) == (
+        f"command line: invalid `{section}`: {message}. Fix the value under `{section}`. "
+        f"(overrides: {override})"
+    )
+
+
+def test_the_ends_of_the_documented_ranges_are_accepted(cfg_file):
+    cfg = load_config(cfg_file, ["optim.weight_decay=0", "optim.b1=0", "optim.b2=0", "optim.min_lr_ratio=1"])
+    assert (cfg.optim.weight_decay, cfg.optim.b1, cfg.optim.b2, cfg.optim.min_lr_ratio) == (0, 0, 0, 1)
+
+
+@pytest.mark.parametrize(
+    "section, field, message",
+    [
+        (LoraConfig, "alpha", "alpha must be > 0, got nan"),
+        (OptimConfig, "learning_rate", "learning_rate must be > 0, got nan"),
+        (OptimConfig, "weight_decay", "weight_decay must be >= 0, got nan"),
+        (OptimConfig, "eps", "eps must be > 0, got nan"),
+        (OptimConfig, "clip_norm", "clip_norm must be > 0 or null, got nan"),
+        (MeshConfig, "peer_timeout_s", "peer_timeout_s must be > 0, got nan"),
+        (LoggingConfig, "health_ce_ratio", "health_ce_ratio must be > 1, got nan"),
+    ],
+)
+def test_a_section_built_in_python_refuses_nan_too(section, field, message):
+    # The schema refuses NaN in a file; a section made in code (`dataclasses.replace`) is checked by its own
+    # ranges, written so that NaN fails them.
+    with pytest.raises(ValueError) as e:
+        dataclasses.replace(section(), **{field: float("nan")})
+    assert str(e.value) == message
+
+
+def test_a_model_config_refuses_a_nan_from_config_json():
+    with pytest.raises(ValueError) as e:
+        dataclasses.replace(model_preset("qwen2.5-0.5b"), rope_theta=float("nan"))
+    assert str(e.value) == "ModelConfig.rms_norm_eps and rope_theta must be > 0, got 1e-06 and nan"
+    with pytest.raises(ValueError) as e:
+        RopeScaling(type="linear", factor=float("nan"))
+    assert str(e.value) == "rope scaling factor must be > 0, got nan"
+    with pytest.raises(ValueError) as e:
+        RopeScaling("llama3", 8.0, float("nan"), 4.0, 8192)
+    assert str(e.value) == "llama3 rope scaling needs high_freq_factor > low_freq_factor, got 4.0 <= nan"
+
+
+def test_a_sweep_refuses_a_peak_tflops_that_is_not_positive():
+    cfg = load_scaling_config(REPO / "configs/scaling/tiny_cpu.yaml")
+    for value in (0.0, float("nan")):
+        with pytest.raises(ValueError) as e:
+            dataclasses.replace(cfg, peak_tflops=value)
+        assert str(e.value) == f"`peak_tflops` must be > 0 or null, got {value}"
 
 
 @pytest.mark.parametrize(

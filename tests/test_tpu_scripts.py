@@ -552,14 +552,15 @@ def test_the_tensorboard_override_reads_back_as_the_workdirs_folder(launch_env, 
     """launch.sh's `logging.tensorboard_dir=...` is read as YAML by the trainer: for a WORKDIR with ' #', ': '
     and a quote in it, the value the config loader takes is still the folder worker_train.sh copies from
     (unquoted, ' #2: x' would be a comment or a mapping, and the events would never reach the bucket)."""
-    from nextquill_jax.config_schema import apply_override
+    from nextquill_jax.config import Config
+    from nextquill_jax.config_schema import apply_override, check_override
 
     workdir = "gcs/runs/it's #2: x"
     lines = dry_run("launch.sh", {**launch_env, "WORKDIR": workdir}, tmp_path)
     words = shlex.split(remote(lines[3]))
     (override,) = [w for w in words if w.startswith("logging.tensorboard_dir=")]
     raw: dict = {}
-    apply_override(raw, override)
+    apply_override(raw, override, check_override(Config, override, "launch.sh"))
     assert raw == {"logging": {"tensorboard_dir": f"logs/tensorboard/{workdir}"}}
     copier = words.index("bin/worker_train.sh")
     assert words[copier + 3 : copier + 5] == [f"logs/tensorboard/{workdir}", f"{workdir}/tensorboard"]

@@ -102,7 +102,7 @@ class ScalingConfig:
             mask. `--cudnn-max-segments` replaces it.
         `warmup_steps`: untimed steps after compilation.
         `timed_steps`: timed steps; the fastest gives the point's step time.
-        `peak_tflops`: per-chip peak TFLOP/s for MFU; null: from the device kind where known.
+        `peak_tflops`: per-chip peak TFLOP/s for MFU (> 0); null: from the device kind where known.
         `seed`: seed of the synthetic examples and the random weights.
     """
 
@@ -146,6 +146,8 @@ class ScalingConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
+        if self.peak_tflops is not None and not self.peak_tflops > 0:  # `not >`: NaN fails it too
+            raise ValueError(f"`peak_tflops` must be > 0 or null, got {self.peak_tflops}")
         if any(s < 1 for s in self.seq_len) or any(h < 0 for h in self.history):
             raise ValueError(f"seq_len must be >= 1 and history >= 0, got {self.seq_len}, {self.history}")
         check_cudnn_max_segments(self.cudnn_max_segments, self.attention_impl, "")

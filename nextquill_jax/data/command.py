@@ -5,13 +5,15 @@
     nextquill-jax data synth --out DIR --users N [--seed S] [--items N] [--reviews-per-user N]
                              [--targets-per-user N] [--signature-words N]
 
-`prepare` reads the `data:` section of FILE (or the whole file when it has no `data:` key), with `data.*`
-overrides applied as `train` applies its own.
+`prepare` reads the `data:` section of FILE (or the whole file when it has no `data:` key but keys of one),
+with `data.*` overrides applied as `train` applies its own.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import difflib
 import json
 import sys
 from dataclasses import dataclass
@@ -86,12 +88,38 @@ def _prepare(args: argparse.Namespace) -> int:
     third_party_logs.log_to(args.out, named="--out")
     raw = read_yaml(args.config)
     check_not_command_file(raw, str(args.config), "a file with a `data:` section")
+    if isinstance(raw, dict):
+        _check_has_data(raw, args.config)
     section = raw.get("data", raw) if isinstance(raw, dict) else None
     if not isinstance(section, dict):
         raise ValueError(f"{args.config}: expected a mapping with a `data:` section")
     cfg = build_with_overrides(_DataFile, {"data": section}, str(args.config), args.overrides).data
     prepare(cfg, args.out, force=args.force)
     return 0
+
+
+def _check_has_data(raw: dict, path: Path) -> None:
+    """Refuse a file with no `data` key that is no bare data section either (none of its keys is a data key):
+    its keys would be reported as unknown keys `data.KEY`, not as the missing section.
+
+    Raises:
+        ConfigError: naming a key that is near `data` (`Data:`), else the file's keys.
+    """
+    from nextquill_jax.config_schema import ConfigError
+
+    data_keys = {f.name for f in dataclasses.fields(DataConfig)}
+    if "data" in raw or data_keys & set(raw):
+        return
+    for key in raw:
+        if difflib.get_close_matches(str(key).lower(), ["data"], n=1, cutoff=0.75):
+            raise ConfigError(
+                f"{path}: unknown top-level section `{key}`. Did you mean `data`? Fix: rename it `data`."
+            )
+    found = f"its top-level keys: {', '.join(map(str, raw))}" if raw else "it is empty"
+    raise ConfigError(
+        f"{path} has no `data` section ({found}). Fix: add one (its keys: configs/REFERENCE.md), or pass a "
+        "config that has one."
+    )
 
 
 def _show(args: argparse.Namespace) -> int:

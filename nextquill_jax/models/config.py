@@ -65,7 +65,7 @@ class RopeScaling:
     def __post_init__(self) -> None:
         if self.type not in ("linear", "llama3"):
             raise ValueError(f"rope scaling type {self.type!r} is not implemented; supported: {ROPE_TYPES}")
-        if self.factor <= 0:
+        if not self.factor > 0:  # `not >`: NaN fails it too, as in the checks below
             raise ValueError(f"rope scaling factor must be > 0, got {self.factor}")
         if self.type == "llama3":
             missing = [
@@ -75,7 +75,7 @@ class RopeScaling:
             ]
             if missing:
                 raise ValueError(f"rope scaling type 'llama3' needs {missing}")
-            if self.high_freq_factor <= self.low_freq_factor:
+            if not self.high_freq_factor > self.low_freq_factor:
                 raise ValueError(
                     f"llama3 rope scaling needs high_freq_factor > low_freq_factor, got "
                     f"{self.high_freq_factor} <= {self.low_freq_factor}"
@@ -195,8 +195,11 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"ModelConfig.head_dim must be even for RoPE, got {self.head_dim}")
-        if self.rms_norm_eps <= 0 or self.rope_theta <= 0:
-            raise ValueError("ModelConfig.rms_norm_eps and rope_theta must be > 0")
+        if not (self.rms_norm_eps > 0 and self.rope_theta > 0):  # `not >`: NaN (a config.json's) fails it too
+            raise ValueError(
+                f"ModelConfig.rms_norm_eps and rope_theta must be > 0, got {self.rms_norm_eps} and "
+                f"{self.rope_theta}"
+            )
         remat_saved_names(self.remat_policy)
         for name, allowed in (
             ("param_dtype", DTYPES),
