@@ -114,9 +114,12 @@ def check_not_command_file(raw: Any, source: str, wanted: str = "a training conf
             )
 
 
-def apply_override(raw: dict, item: str, value: Any) -> None:
+def apply_override(raw: dict, item: str, value: Any, cls: type | None = None) -> None:
     """Set `raw[section][...][key] = value` for the key of one `section.key=value` item (`value`: its text as
-    `check_override` reads it).
+    `check_override` reads it). With the dataclass `cls` that `raw` is read as, a mapping given to a section
+    (`data.batching={mode: bucket}`) sets the keys it names and keeps the file's others; a free-form mapping
+    (`model.overrides`) is a value and replaced whole. A section the file sets to
+    null (an optional one, `lora: null`) is started empty by an override of one of its keys.
 
     Raises:
         ConfigError: the item is not of that form, or a key on its path holds a value, not a section.
@@ -124,10 +127,16 @@ def apply_override(raw: dict, item: str, value: Any) -> None:
     parts, _ = _override_parts(item)
     node = raw
     for part in parts[:-1]:
-        child = node.setdefault(part, {})
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
         if not isinstance(child, dict):
             raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
         node = child
+    section = None if cls is None else dataclass_of(_override_type(cls, parts, item, "override"))
+    old = node.get(parts[-1])
+    if section is not None and isinstance(value, dict) and isinstance(old, dict):
+        value = {**old, **value}
     node[parts[-1]] = value
 
 
@@ -145,7 +154,7 @@ def build_with_overrides(
     """
     merged = copy.deepcopy(raw)
     for item in overrides:
-        apply_override(merged, item, check_override(cls, item, overrides_source))
+        apply_override(merged, item, check_override(cls, item, overrides_source), cls)
     try:
         return build(cls, merged, "", source)
     except ConfigError as e:

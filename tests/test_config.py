@@ -113,6 +113,36 @@ def test_overrides_are_converted_by_the_schema(cfg_file):
     assert cfg.model.model_config().num_layers == 3 and cfg.mesh.fsdp == 1
 
 
+def test_a_mapping_given_to_a_section_sets_its_keys_and_keeps_the_files_others(cfg_file):
+    """`data.batching={mode: bucket}` must not reset the file's other batching keys to their defaults; a
+    free-form mapping (`model.overrides`) is a value, replaced whole."""
+    file = load_config(cfg_file).data
+    cfg = load_config(
+        cfg_file,
+        [
+            "data.batching={mode: bucket, rows_per_batch: 3}",
+            "data.batching={num_epochs: 4}",
+            "model.overrides={num_layers: 3}",
+        ],
+    )
+    assert (cfg.data.batching.mode, cfg.data.batching.rows_per_batch, cfg.data.batching.num_epochs) == (
+        "bucket",
+        3,
+        4,
+    )
+    kept = ("seq_len_with", "length_multiple", "read_threads")
+    assert [getattr(cfg.data.batching, k) for k in kept] == [getattr(file.batching, k) for k in kept]
+    assert cfg.model.overrides == {"num_layers": 3}
+
+
+def test_an_override_of_a_key_of_a_section_the_file_sets_to_null_starts_it(cfg_file):
+    raw = yaml.safe_load(cfg_file.read_text())
+    raw["model"]["lora"] = None
+    cfg_file.write_text(yaml.safe_dump(raw))
+    cfg = load_config(cfg_file, ["model.lora.rank=4"])
+    assert cfg.model.lora is not None and cfg.model.lora.rank == 4
+
+
 @pytest.mark.parametrize(
     "override, value",
     [
