@@ -11,7 +11,8 @@ changed without a new modification time, or corrupted in storage, is noticed) is
 later run with the same fingerprint reuses the directory instead of preparing again. Rechecking the hashes
 reads every source once (about 1 s per GB, far below the cost of preparing; `benchmarks/RESULTS.md`,
 "Checksums"). The summary is written last, so an interrupted run is never mistaken for a finished one. The
-token arrays carry their own checksums (`prepared_split`).
+token arrays carry their own checksums (`prepared_split`). A `DIR` where these files would overwrite or delete
+a source or metadata file is refused before anything is read.
 """
 
 from __future__ import annotations
@@ -58,13 +59,16 @@ def prepare(
     Raises:
         DataError: invalid records with `cfg.on_error == "fail"` (all listed, nothing written).
         ValueError: configuration problems (missing files, unpaired metadata, template fields, tokenizer), no
-            example left, or (`protected`) `out_dir` holds data prepared with other settings, which are
-            listed; nothing is written then.
+            example left, a source or metadata file that preparing into `out_dir` would overwrite or delete
+            (`_check_out_spares_inputs`), or (`protected`) `out_dir` holds data prepared with other settings,
+            which are listed; nothing is written then.
     """
     out = Path(out_dir)
+    paths = {key: expand_paths(getattr(cfg, key), key) for key in ("sources", "meta")}
+    _check_out_spares_inputs(out, paths)  # before anything is read or written
     template = load_template(cfg.template)
     tokenizer = load_fast_tokenizer(cfg.tokenizer) if tokenizer is None else tokenizer
-    fingerprint, inputs = _fingerprint(cfg, template, tokenizer)
+    fingerprint, inputs = _fingerprint(cfg, template, tokenizer, [*paths["sources"], *paths["meta"]])
     previous = read_summary(out)
     if (
         not force
@@ -172,9 +176,43 @@ def read_summary(out_dir: str | Path) -> dict[str, Any] | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
 
 
-def _fingerprint(cfg: DataConfig, template: PromptTemplate, tokenizer: Any) -> tuple[str, list[dict]]:
+def _check_out_spares_inputs(out: Path, paths: dict[str, list[Path]]) -> None:
+    """Preparing into `out` leaves every input file alone: none of `paths` (the files of each `data.<key>`)
+    is, by resolved real path, a file `prepare` writes or deletes there (summary.json, `<split>.jsonl`) or
+    lies in a split's token-array directory `<split>/` (replaced whole).
+
+    Raises:
+        ValueError: naming the first such input file, its `data.<key>`, the file of `out` it would be lost
+            to, and the fix.
+    """
+    real_out = out.resolve()
+    written = {real_out / "summary.json": "the summary"}
+    for split in SPLITS:
+        written[real_out / f"{split}.jsonl"] = f"the rendered {split} examples"
+    for key, files in paths.items():
+        for path in files:
+            real = path.resolve()
+            if real in written:
+                lost = f"{out / real.name} ({written[real]})"
+            else:
+                split = next((s for s in SPLITS if real.is_relative_to(real_out / s)), None)
+                if split is None:
+                    continue
+                lost = f"{out / split}/ (the {split} token arrays) whole"
+            linked = f" (a link to {real})" if real != path.absolute() else ""
+            raise ValueError(
+                f"data.{key} file {path}{linked} would be lost: preparing into {out} replaces {lost}. Fix:"
+                f" prepare into a directory that holds no source (such as {out / 'prepared'}), or move"
+                f" {path} out of {out} and name its new path in data.{key}."
+            )
+
+
+def _fingerprint(
+    cfg: DataConfig, template: PromptTemplate, tokenizer: Any, paths: list[Path]
+) -> tuple[str, list[dict]]:
+    """The fingerprint of preparing `cfg` from the input files `paths`, and those files' descriptions."""
     inputs = []
-    for path in [*expand_paths(cfg.sources, "sources"), *expand_paths(cfg.meta, "meta")]:
+    for path in paths:
         inputs.append({"path": str(path.resolve()), **checksums.describe_file(path)})
     tok = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
     key = {

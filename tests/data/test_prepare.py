@@ -432,3 +432,63 @@ def test_a_source_without_records_is_named(tmp_path, tok_dir, capsys):
     assert f"  warning: {empty}: 0 records\n" in capsys.readouterr().out
     summary = json.loads((tmp_path / "prepared" / "summary.json").read_text())
     assert summary["read"] == {str(empty): 0, records: 6}
+
+
+def test_an_out_dir_holding_a_source_is_refused_before_anything_is_read(tmp_path, tok_dir, capsys):
+    """`data prepare --out mydata` with `data.sources=[mydata/train.jsonl]` used to replace the source with
+    the rendered rows: a source that is a file prepare writes there is refused, naming the source, the
+    directory and the fix, and the directory is left as it was; a directory beside the source is fine."""
+    mydata = tmp_path / "mydata"
+    mydata.mkdir()
+    source = mydata / "train.jsonl"
+    source.write_bytes((F / "generic" / "records.jsonl").read_bytes())
+    config = _config_file(tmp_path / "c.yaml", tok_dir, format="generic", template="plain")
+    argv = ["data", "prepare", "--config", str(config), f"data.sources=[{source}]"]
+    assert main([*argv, "--out", str(mydata)]) == 1
+    assert capsys.readouterr().err == (
+        f"error: data.sources file {source} would be lost: preparing into {mydata} replaces {source} (the "
+        f"rendered train examples). Fix: prepare into a directory that holds no source (such as "
+        f"{mydata / 'prepared'}), or move {source} out of {mydata} and name its new path in data.sources.\n"
+    )
+    # logs/ holds the command's third-party log, written into --out as always
+    assert sorted(p.name for p in mydata.iterdir()) == ["logs", "train.jsonl"]
+    assert source.read_bytes() == (F / "generic" / "records.jsonl").read_bytes()
+    assert main([*argv, "--out", str(mydata / "prepared")]) == 0
+    assert source.read_bytes() == (F / "generic" / "records.jsonl").read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("key", "where", "lost"),
+    [
+        ("sources", "val/records.jsonl", "{out}/val/ (the val token arrays) whole"),
+        ("meta", "summary.json", "{out}/summary.json (the summary)"),
+    ],
+)
+def test_an_input_where_prepare_writes_is_refused_naming_it(tmp_path, tiny_tokenizer, key, where, lost):
+    """A metadata file is an input too, and a file in a split's token-array directory (removed whole)."""
+    out = tmp_path / "out"
+    path = out / where
+    path.parent.mkdir(parents=True)
+    path.write_text("{}\n")
+    other = {"sources": [f"{F}/amazon2023/Books.jsonl"], "meta": [f"{F}/amazon2023/meta_Books.jsonl"]}
+    cfg = DataConfig(format="amazon2023", **{**other, key: [str(path)]})
+    with pytest.raises(ValueError) as refused:
+        prepare(cfg, out, tokenizer=tiny_tokenizer(), echo=lambda _: None)
+    assert str(refused.value).startswith(
+        f"data.{key} file {path} would be lost: preparing into {out} replaces {lost.format(out=out)}. Fix:"
+    )
+    assert path.read_text() == "{}\n"
+
+
+def test_a_link_to_a_file_prepare_replaces_is_refused(tmp_path, tiny_tokenizer):
+    """Paths are compared resolved: a source reached through a link is still the file it points to."""
+    out = tmp_path / "out"
+    out.mkdir()
+    real = out / "test.jsonl"
+    real.write_bytes((F / "generic" / "records.jsonl").read_bytes())
+    link = tmp_path / "records.jsonl"
+    link.symlink_to(real)
+    cfg = DataConfig(format="generic", template="plain", sources=[str(link)])
+    with pytest.raises(ValueError, match=rf"^data.sources file {link} \(a link to {real}\) would be lost: "):
+        prepare(cfg, out, tokenizer=tiny_tokenizer(), echo=lambda _: None)
+    assert real.read_bytes() == (F / "generic" / "records.jsonl").read_bytes()
