@@ -95,8 +95,9 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from nextquill_jax.data.prepared_split import PreparedSplit
+    from nextquill_jax.data.prepared_split import PreparedSplit, check_finished
 
+    check_finished(args.dir)
     split = PreparedSplit(args.dir, args.split)
     tokens = split[args.index]
     row = _jsonl_row(args.dir / f"{args.split}.jsonl", args.index)

@@ -10,9 +10,10 @@ serialisation, EOS and chat template) and the source files (path, size and BLAKE
 changed without a new modification time, or corrupted in storage, is noticed) is stored in the summary; a
 later run with the same fingerprint reuses the directory instead of preparing again. Rechecking the hashes
 reads every source once (about 1 s per GB, far below the cost of preparing; `benchmarks/RESULTS.md`,
-"Checksums"). The summary is written last, so an interrupted run is never mistaken for a finished one. The
-token arrays carry their own checksums (`prepared_split`). A `DIR` where these files would overwrite or delete
-a source or metadata file is refused before anything is read.
+"Checksums"). The summary is written last, and removed first when a directory is prepared again; readers
+refuse split files without it (`prepared_split.check_finished`), so an interrupted run is never mistaken for
+a finished one. The token arrays carry their own checksums (`prepared_split`). A `DIR` where these files
+would overwrite or delete a source or metadata file is refused before anything is read.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from nextquill_jax.atomic_file import write_text_atomic
 from nextquill_jax.data import checksums
 from nextquill_jax.data.config import SPLITS, DataConfig
 from nextquill_jax.data.examples import Example, FittingStats, build_examples, example_row
-from nextquill_jax.data.prepared_split import write_split
+from nextquill_jax.data.prepared_split import SUMMARY_FILE, write_split
 from nextquill_jax.data.sources.read import expand_paths, read_records
 from nextquill_jax.data.sources.records import IssueLog
 from nextquill_jax.data.templates import PromptTemplate, load_template
@@ -150,7 +151,7 @@ def prepare(
         "splits": splits,
         "tokens": {s: _token_stats(by_split[s]) for s in splits},
     }
-    write_text_atomic(out / "summary.json", json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
+    write_text_atomic(out / SUMMARY_FILE, json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
     echo(_describe(out, summary))
     return {**summary, "reused": False}
 
@@ -172,7 +173,7 @@ def load_fast_tokenizer(name: str) -> Any:
 
 def read_summary(out_dir: str | Path) -> dict[str, Any] | None:
     """The summary of a finished preparation in `out_dir`, or None."""
-    path = Path(out_dir) / "summary.json"
+    path = Path(out_dir) / SUMMARY_FILE
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
 
 
@@ -186,7 +187,7 @@ def _check_out_spares_inputs(out: Path, paths: dict[str, list[Path]]) -> None:
             to, and the fix.
     """
     real_out = out.resolve()
-    written = {real_out / "summary.json": "the summary"}
+    written = {real_out / SUMMARY_FILE: "the summary"}
     for split in SPLITS:
         written[real_out / f"{split}.jsonl"] = f"the rendered {split} examples"
     for key, files in paths.items():
@@ -259,8 +260,9 @@ def _complete(out: Path, summary: dict[str, Any]) -> bool:
 
 
 def _clear(out: Path) -> None:
-    # Only the names this command writes; anything else in the directory is left alone.
-    (out / "summary.json").unlink(missing_ok=True)
+    # Only the names this command writes; anything else in the directory is left alone. The summary goes
+    # first: a run killed after this leaves split files without one, which readers refuse (`check_finished`).
+    (out / SUMMARY_FILE).unlink(missing_ok=True)
     for split in SPLITS:
         if (out / split / "meta.json").exists():
             shutil.rmtree(out / split)

@@ -492,3 +492,81 @@ def test_a_link_to_a_file_prepare_replaces_is_refused(tmp_path, tiny_tokenizer):
     with pytest.raises(ValueError, match=rf"^data.sources file {link} \(a link to {real}\) would be lost: "):
         prepare(cfg, out, tokenizer=tiny_tokenizer(), echo=lambda _: None)
     assert real.read_bytes() == (F / "generic" / "records.jsonl").read_bytes()
+
+
+class _KilledError(Exception):
+    """Stands for a kill -9 of `data prepare` part way through writing."""
+
+
+def test_an_interrupted_preparation_is_refused_by_every_reader(
+    tmp_path, tiny_tokenizer, monkeypatch, capsys, tiny_config, write_config
+):
+    """`data prepare` stopped after the train split (here replacing an earlier preparation) leaves the train
+    token arrays without summary.json (the old one is removed first) and without val/test: train, data
+    show, effects, evaluate's reader and the effect report refuse it, naming the fix, where they used to
+    train or report on the partial data. Preparing again finishes it."""
+    import nextquill_jax.data.prepare as prepare_module
+    from nextquill_jax.eval.effect_report import build_effect_report, compute_example_effects
+    from nextquill_jax.eval.evaluate import read_split
+    from nextquill_jax.loss import LossConfig
+
+    source = tmp_path / "records.jsonl"
+    source.write_bytes((F / "generic" / "records.jsonl").read_bytes())
+    out = tmp_path / "prepared"
+    base = dict(format="generic", template="plain", sources=[str(source)])
+    tok = tiny_tokenizer()
+    prepare(DataConfig(**base, max_history=1), out, tokenizer=tok, echo=lambda _: None)
+    write_split = prepare_module.write_split
+
+    def killed_after_train(out_dir, split, *args, **kwargs):
+        if split != "train":
+            raise _KilledError
+        return write_split(out_dir, split, *args, **kwargs)
+
+    monkeypatch.setattr(prepare_module, "write_split", killed_after_train)
+    with pytest.raises(_KilledError):
+        prepare(DataConfig(**base), out, tokenizer=tok, echo=lambda _: None)
+    monkeypatch.undo()
+    assert sorted(p.name for p in out.iterdir()) == ["train", "train.jsonl"]
+
+    unfinished = (
+        f"{out} was not finished (no summary.json; it holds the train token arrays): an interrupted `data "
+        f"prepare`? Its data may be partial or missing. Fix: run `nextquill-jax data prepare --config FILE "
+        f"--out {out}` again."
+    )
+    config = write_config(tiny_config(out, tmp_path / "run"), tmp_path / "train.yaml")
+    for argv, named in (
+        (["train", "--config", str(config)], "train.data_dir "),
+        (["data", "show", str(out), "--index", "0"], ""),
+        (
+            [
+                "effects",
+                "--model",
+                "smollm2",
+                "--data",
+                str(out),
+                "--split",
+                "train",
+                "--out",
+                str(tmp_path / "r"),
+            ],
+            "--data ",
+        ),
+    ):
+        assert main(argv) == 1, argv
+        assert capsys.readouterr().err == f"error: {named}{unfinished}\n", argv
+    for read in (
+        lambda: read_split(out, "train"),
+        lambda: build_effect_report(None, tok, out, "train", tmp_path / "report"),
+        lambda: compute_example_effects(None, tok, out, "train", [0], LossConfig()),
+    ):
+        with pytest.raises(FileNotFoundError) as refused:
+            read()
+        assert str(refused.value) == unfinished
+
+    prepare(DataConfig(**base), out, tokenizer=tok, echo=lambda _: None)
+    assert (
+        len(read_split(out, "train")[0])
+        == json.loads((out / "summary.json").read_text())["examples"]["train"]
+    )
+    assert main(["data", "show", str(out), "--index", "0"]) == 0
