@@ -1,7 +1,8 @@
 """`data prepare`: records -> examples -> token arrays on disk, with a readable copy and a summary.
 
 `DIR/<split>/` holds the token arrays (`prepared_split.write_split`), `DIR/<split>.jsonl` the rendered
-examples in the same order (what the model sees, as text), `DIR/summary.json` the counts (rows read per file,
+examples in the same order (`examples.example_row`: the texts before any cut to max_prompt_tokens /
+max_target_tokens, with the token counts the model sees), `DIR/summary.json` the counts (rows read per file,
 0 for an empty one, invalid records by reason, records dropped by reason, `notes`: records kept but probably
 not read as meant, by message, examples per split, history fitting) and token-length statistics.
 
@@ -311,7 +312,13 @@ def _describe(out: Path, summary: dict[str, Any]) -> str:
     if cut:
         lines.append(
             f"  warning: {cut} prompts longer than max_prompt_tokens even with one history entry were cut "
-            "from the right (history_fit: public), losing their end: the output rating and title and the "
-            "assistant header"
+            "from the right (history_fit: public), losing their end, where the "
+            f"{summary['template']} template puts what follows the history and the cue to answer"
+        )
+    cut = summary["fitting"]["targets_cut"]
+    if cut:
+        lines.append(
+            f"  warning: {cut} targets longer than max_target_tokens were cut to that many tokens (the model "
+            "learns only their start; `target_cut` marks them in <split>.jsonl)"
         )
     return "\n".join(lines)

@@ -7,8 +7,8 @@ Layout of one split, `DIR/<split>/`:
     reference_dce.npy    optional, float32, aligned with `target` (fixed data-side effects)
     meta.json            {"num_examples": N, "fields": [...], "checksums": {file: {size, blake2b}}, ...}
 
-Beside it, `DIR/<split>.jsonl` holds the same examples rendered as text, line i for example i (what the
-model sees, read back by `rendered_rows`).
+Beside it, `DIR/<split>.jsonl` holds the same examples rendered as text, line i for example i (before any
+cut to the token limits; read back by `rendered_rows`).
 
 Fields: `prompt_with`, `prompt_without`, `target` (target tokens including EOS), plus optional
 `reference_dce`. Flat `.npy` arrays opened with `mmap_mode="r"` give O(1) random access with no extra

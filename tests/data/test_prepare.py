@@ -259,9 +259,42 @@ def test_public_history_fit_warns_with_the_count_of_cut_prompts(tmp_path, tiny_t
     gone = dropped["dropped"].get("prompt_too_long", 0) + dropped["dropped"].get("no_history_fits", 0)
     assert cut >= gone > 0 and not {"prompt_too_long", "no_history_fits"} & public["dropped"].keys()
     assert public["examples"]["train"] > dropped["examples"]["train"]
-    assert f"warning: {cut} prompts longer than max_prompt_tokens" in lines[-1]
+    # what the cut loses is the template's (here `plain`: no output rating or title), not `review`'s
+    assert lines[-1].splitlines()[-1] == (
+        f"  warning: {cut} prompts longer than max_prompt_tokens even with one history entry were cut from "
+        "the right (history_fit: public), losing their end, where the plain template puts what follows the "
+        "history and the cue to answer"
+    )
     rows = [json.loads(x) for x in (tmp_path / "public" / "train.jsonl").read_text().splitlines()]
     assert all(r["tokens"]["prompt_with"] <= 90 for r in rows) and any(r["prompt_cut"] for r in rows)
+
+
+def test_cut_targets_are_counted_on_the_console_and_kept_whole_in_the_rendered_rows(tmp_path, tiny_tokenizer):
+    """Targets longer than max_target_tokens are cut in the token arrays: the console says how many (it used
+    to say so only in summary.json), and `<split>.jsonl` keeps the record's whole target, marked cut."""
+    source = tmp_path / "records.jsonl"
+    source.write_bytes((F / "generic" / "records.jsonl").read_bytes())
+    lines: list[str] = []
+    cfg = DataConfig(format="generic", template="plain", sources=[str(source)], max_target_tokens=4)
+    summary = prepare(cfg, tmp_path / "out", tokenizer=tiny_tokenizer(), echo=lines.append)
+    rows = [json.loads(x) for x in (tmp_path / "out" / "train.jsonl").read_text().splitlines()]
+    cut = summary["fitting"]["targets_cut"]
+    assert cut == sum(summary["examples"].values()) == 4
+    assert lines[-1].splitlines()[-1] == (
+        f"  warning: {cut} targets longer than max_target_tokens were cut to that many tokens (the model "
+        "learns only their start; `target_cut` marks them in <split>.jsonl)"
+    )
+    tok = tiny_tokenizer()
+    for row, ex in zip(rows, PreparedSplit(tmp_path / "out", "train"), strict=True):
+        assert row["target_cut"] and row["tokens"]["target"] == ex["target"].size == 4 + 1  # with EOS
+        assert len(tok(row["target"], add_special_tokens=False)["input_ids"]) > 4
+    whole = prepare(
+        DataConfig(format="generic", template="plain", sources=[str(source)]),
+        tmp_path / "whole",
+        tokenizer=tok,
+        echo=lines.append,
+    )
+    assert whole["fitting"]["targets_cut"] == 0 and "targets longer" not in lines[-1]
 
 
 def test_records_read_but_probably_not_as_meant_are_counted_in_the_summary_and_warned(
