@@ -124,6 +124,14 @@ def test_bad_input_fail_stops_and_skip_counts_each_reason(tmp_path, tok_dir, cap
     assert summary["dropped"]["review_duplicate_item"] == 1 and sum(summary["dropped"].values()) == 17
 
 
+def test_prepare_help_names_the_output_directory_as_its_options_do(capsys):
+    """`--force`'s help spoke of DIR while the usage line called the --out value OUT."""
+    with pytest.raises(SystemExit):
+        main(["data", "prepare", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--out DIR output directory --force prepare again even when DIR is up to date" in text
+
+
 def test_config_errors_name_the_key(tmp_path, tok_dir, capsys, formats):
     config = _config_file(tmp_path / "c.yaml", tok_dir, max_histroy=3, **formats["generic"])
     assert main(["data", "prepare", "--config", str(config), "--out", str(tmp_path / "o")]) == 1
