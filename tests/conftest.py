@@ -177,15 +177,15 @@ VOCAB = 128
 
 
 def _write_random_data(out_dir: Path, *, train: int = 48, val: int = 8, seed: int = 0) -> Path:
-    """Random token examples (ids 1..VOCAB-1) whose targets repeat a per-example pattern, so loss can fall."""
+    """Random token examples (ids 1..VOCAB-1) whose targets repeat a per-example pattern, so loss can fall,
+    with the summary.json `data prepare` finishes with (its example counts; no sources were read)."""
     import numpy as np
 
-    from nextquill_jax.data.prepared_split import TokenizedExample, write_split
+    from nextquill_jax.data.prepared_split import SUMMARY_FILE, TokenizedExample, write_split
 
     rng = np.random.default_rng(seed)
-    for split, count in (("train", train), ("val", val)):
-        if count == 0:
-            continue
+    counts = {split: count for split, count in (("train", train), ("val", val)) if count}
+    for split, count in counts.items():
         examples = []
         for _ in range(count):
             target = np.tile(rng.integers(1, 16, 3), 4)[: rng.integers(6, 12)]
@@ -197,6 +197,7 @@ def _write_random_data(out_dir: Path, *, train: int = 48, val: int = 8, seed: in
                 )
             )
         write_split(out_dir, split, examples)
+    (out_dir / SUMMARY_FILE).write_text(json.dumps({"examples": counts, "splits": list(counts)}))
     return out_dir
 
 

@@ -35,7 +35,7 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     p = sub.add_parser("prepare", help="tokenise the configured sources into DIR (reused when up to date)")
     p.add_argument("--config", required=True, type=Path, help="YAML file with a `data:` section")
-    p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory")
     p.add_argument("--force", action="store_true", help="prepare again even when DIR is up to date")
     p.add_argument(
         OVERRIDES, nargs="*", metavar="data.key=value",
@@ -123,8 +123,9 @@ def _check_has_data(raw: dict, path: Path) -> None:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from nextquill_jax.data.prepared_split import PreparedSplit
+    from nextquill_jax.data.prepared_split import PreparedSplit, check_finished
 
+    check_finished(args.dir)
     split = PreparedSplit(args.dir, args.split)
     tokens = split[args.index]
     row = _jsonl_row(args.dir / f"{args.split}.jsonl", args.index)

@@ -6,9 +6,10 @@ code's `sorted(profile, key=timestamp, reverse=True)` does (entries without time
 reversed). While the with-history prompt has more than `max_prompt_tokens` tokens, the oldest remaining entry
 is dropped: down to none (`history_fit: drop`; an example whose prompt does not fit even with no history is
 dropped as `prompt_too_long`), or down to one (`history_fit: public`, the public code), after which a prompt
-still too long is cut from the right to `max_prompt_tokens` tokens (its tail, the output rating and title and
-the assistant header, goes; counted as `prompts_cut`). The target is cut at `max_target_tokens` tokens and
-the tokenizer's EOS appended. Prompts and target are tokenised separately and without special tokens
+still too long is cut from the right to `max_prompt_tokens` tokens (its tail goes: what the template puts
+after the history, such as `review`'s output rating and title, and the assistant header; counted as
+`prompts_cut`). The target is cut at `max_target_tokens` tokens (counted as `targets_cut`) and the
+tokenizer's EOS appended. Prompts and target are tokenised separately and without special tokens
 (special-token text in a prompt, such as `<|im_start|>`, still maps to its id), so the target tokens are
 exactly the labels. Tokenisation runs in batches through the fast tokenizer.
 
@@ -334,7 +335,9 @@ def _tokenize(tokenizer: Any, texts: list[str]) -> list[list[int]]:
 
 
 def example_row(index: int, example: Example) -> dict[str, Any]:
-    """The rendered example as one JSON object of `<split>.jsonl`."""
+    """The rendered example as one JSON object of `<split>.jsonl`: the prompts and the record's target as
+    text before any cut (`prompt_cut`, `target_cut` say which were cut), `tokens` the lengths of the token
+    arrays the model sees."""
     r = example.record
     return {
         "index": index,

@@ -1,7 +1,8 @@
 """`data prepare`: records -> examples -> token arrays on disk, with a readable copy and a summary.
 
 `DIR/<split>/` holds the token arrays (`prepared_split.write_split`), `DIR/<split>.jsonl` the rendered
-examples in the same order (what the model sees, as text), `DIR/summary.json` the counts (rows read per file,
+examples in the same order (`examples.example_row`: the texts before any cut to max_prompt_tokens /
+max_target_tokens, with the token counts the model sees), `DIR/summary.json` the counts (rows read per file,
 0 for an empty one, invalid records by reason, records dropped by reason, `notes`: records kept but probably
 not read as meant, by message, examples per split, history fitting) and token-length statistics.
 
@@ -13,8 +14,10 @@ later run with the same fingerprint reuses the directory instead of preparing ag
 `tokenize_batch_size` and `max_errors_shown` were fingerprinted holds a fingerprint of them too: it is
 recomputed with the values that summary records, and reused when it matches. Rechecking the hashes
 reads every source once (about 1 s per GB, far below the cost of preparing; `benchmarks/RESULTS.md`,
-"Checksums"). The summary is written last, so an interrupted run is never mistaken for a finished one. The
-token arrays carry their own checksums (`prepared_split`).
+"Checksums"). The summary is written last, and removed first when a directory is prepared again; readers
+refuse split files without it (`prepared_split.check_finished`), so an interrupted run is never mistaken for
+a finished one. The token arrays carry their own checksums (`prepared_split`). A `DIR` where these files
+would overwrite or delete a source or metadata file is refused before anything is read.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from nextquill_jax.atomic_file import write_text_atomic
 from nextquill_jax.data import checksums
 from nextquill_jax.data.config import RESULT_NEUTRAL_FIELDS, SPLITS, DataConfig
 from nextquill_jax.data.examples import Example, FittingStats, build_examples, example_row
-from nextquill_jax.data.prepared_split import write_split
+from nextquill_jax.data.prepared_split import SUMMARY_FILE, write_split
 from nextquill_jax.data.sources.read import expand_paths, read_records
 from nextquill_jax.data.sources.records import IssueLog
 from nextquill_jax.data.templates import PromptTemplate, load_template
@@ -61,14 +64,19 @@ def prepare(
     Raises:
         DataError: invalid records with `cfg.on_error == "fail"` (all listed, nothing written).
         ValueError: configuration problems (missing files, unpaired metadata, template fields, tokenizer), no
-            example left, or (`protected`) `out_dir` holds data prepared with other settings, which are
-            listed; nothing is written then.
+            example left, a source or metadata file that preparing into `out_dir` would overwrite or delete
+            (`_check_out_spares_inputs`), or (`protected`) `out_dir` holds data prepared with other settings,
+            which are listed; nothing is written then.
     """
     out = Path(out_dir)
+    paths = {key: expand_paths(getattr(cfg, key), key) for key in ("sources", "meta")}
+    _check_out_spares_inputs(out, paths)  # before anything is read or written
     template = load_template(cfg.template)
     tokenizer = load_fast_tokenizer(cfg.tokenizer) if tokenizer is None else tokenizer
     previous = read_summary(out)
-    fingerprint, same, inputs = _fingerprint(cfg, template, tokenizer, previous)
+    fingerprint, same, inputs = _fingerprint(
+        cfg, template, tokenizer, [*paths["sources"], *paths["meta"]], previous
+    )
     if not force and same and _complete(out, previous):
         echo(f"{out}: prepared data up to date (fingerprint {previous['fingerprint'][:12]}), reusing it")
         return {**previous, "reused": True}
@@ -144,7 +152,7 @@ def prepare(
         "splits": splits,
         "tokens": {s: _token_stats(by_split[s]) for s in splits},
     }
-    write_text_atomic(out / "summary.json", json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
+    write_text_atomic(out / SUMMARY_FILE, json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
     echo(_describe(out, summary))
     return {**summary, "reused": False}
 
@@ -166,20 +174,56 @@ def load_fast_tokenizer(name: str) -> Any:
 
 def read_summary(out_dir: str | Path) -> dict[str, Any] | None:
     """The summary of a finished preparation in `out_dir`, or None."""
-    path = Path(out_dir) / "summary.json"
+    path = Path(out_dir) / SUMMARY_FILE
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
 
 
+def _check_out_spares_inputs(out: Path, paths: dict[str, list[Path]]) -> None:
+    """Preparing into `out` leaves every input file alone: none of `paths` (the files of each `data.<key>`)
+    is, by resolved real path, a file `prepare` writes or deletes there (summary.json, `<split>.jsonl`) or
+    lies in a split's token-array directory `<split>/` (replaced whole).
+
+    Raises:
+        ValueError: naming the first such input file, its `data.<key>`, the file of `out` it would be lost
+            to, and the fix.
+    """
+    real_out = out.resolve()
+    written = {real_out / SUMMARY_FILE: "the summary"}
+    for split in SPLITS:
+        written[real_out / f"{split}.jsonl"] = f"the rendered {split} examples"
+    for key, files in paths.items():
+        for path in files:
+            real = path.resolve()
+            if real in written:
+                lost = f"{out / real.name} ({written[real]})"
+            else:
+                split = next((s for s in SPLITS if real.is_relative_to(real_out / s)), None)
+                if split is None:
+                    continue
+                lost = f"{out / split}/ (the {split} token arrays) whole"
+            linked = f" (a link to {real})" if real != path.absolute() else ""
+            raise ValueError(
+                f"data.{key} file {path}{linked} would be lost: preparing into {out} replaces {lost}. Fix:"
+                f" prepare into a directory that holds no source (such as {out / 'prepared'}), or move"
+                f" {path} out of {out} and name its new path in data.{key}."
+            )
+
+
 def _fingerprint(
-    cfg: DataConfig, template: PromptTemplate, tokenizer: Any, previous: dict[str, Any] | None
+    cfg: DataConfig,
+    template: PromptTemplate,
+    tokenizer: Any,
+    paths: list[Path],
+    previous: dict[str, Any] | None,
 ) -> tuple[str, bool, list[dict]]:
-    """(the fingerprint of `cfg`'s data, whether the summary `previous` has it, the inputs' descriptions).
+    """(the fingerprint of preparing `cfg` from the input files `paths`, whether the summary `previous` has
+    it, those files' descriptions).
 
     A `previous` summary that records `RESULT_NEUTRAL_FIELDS` in its config was fingerprinted with them
     (earlier versions): it has this data's fingerprint when the fingerprint of `cfg` with its recorded values
     for them is its own."""
     inputs = []
-    for path in [*expand_paths(cfg.sources, "sources"), *expand_paths(cfg.meta, "meta")]:
+    for path in paths:
         inputs.append({"path": str(path.resolve()), **checksums.describe_file(path)})
     tok = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
 
@@ -239,8 +283,9 @@ def _complete(out: Path, summary: dict[str, Any]) -> bool:
 
 
 def _clear(out: Path) -> None:
-    # Only the names this command writes; anything else in the directory is left alone.
-    (out / "summary.json").unlink(missing_ok=True)
+    # Only the names this command writes; anything else in the directory is left alone. The summary goes
+    # first: a run killed after this leaves split files without one, which readers refuse (`check_finished`).
+    (out / SUMMARY_FILE).unlink(missing_ok=True)
     for split in SPLITS:
         if (out / split / "meta.json").exists():
             shutil.rmtree(out / split)
@@ -289,7 +334,13 @@ def _describe(out: Path, summary: dict[str, Any]) -> str:
     if cut:
         lines.append(
             f"  warning: {cut} prompts longer than max_prompt_tokens even with one history entry were cut "
-            "from the right (history_fit: public), losing their end: the output rating and title and the "
-            "assistant header"
+            "from the right (history_fit: public), losing their end, where the "
+            f"{summary['template']} template puts what follows the history and the cue to answer"
+        )
+    cut = summary["fitting"]["targets_cut"]
+    if cut:
+        lines.append(
+            f"  warning: {cut} targets longer than max_target_tokens were cut to that many tokens (the model "
+            "learns only their start; `target_cut` marks them in <split>.jsonl)"
         )
     return "\n".join(lines)

@@ -7,8 +7,8 @@ Layout of one split, `DIR/<split>/`:
     reference_dce.npy    optional, float32, aligned with `target` (fixed data-side effects)
     meta.json            {"num_examples": N, "fields": [...], "checksums": {file: {size, blake2b}}, ...}
 
-Beside it, `DIR/<split>.jsonl` holds the same examples rendered as text, line i for example i (what the
-model sees, read back by `rendered_rows`).
+Beside it, `DIR/<split>.jsonl` holds the same examples rendered as text, line i for example i (before any
+cut to the token limits; read back by `rendered_rows`).
 
 Fields: `prompt_with`, `prompt_without`, `target` (target tokens including EOS), plus optional
 `reference_dce`. Flat `.npy` arrays opened with `mmap_mode="r"` give O(1) random access with no extra
@@ -35,6 +35,7 @@ from nextquill_jax.data import checksums
 from nextquill_jax.data.config import SPLITS
 
 TOKEN_FIELDS = ("prompt_with", "prompt_without", "target")
+SUMMARY_FILE = "summary.json"  # `data prepare`'s counts, written last: the mark of a finished preparation
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,26 @@ def prepared_splits(data_dir: str | Path) -> list[str]:
     return [s for s in SPLITS if (Path(data_dir) / s / "meta.json").is_file()]
 
 
+def check_finished(data_dir: str | Path, named: str = "") -> None:
+    """`data_dir` is not a `data prepare` that stopped part way: when it holds a split readers would take
+    (`prepared_splits`), it holds summary.json, which `data prepare` writes last and removes first. `named`
+    (such as `--data`) says where `data_dir` came from. A directory holding no split is left to
+    `check_split`, which names the command that prepares it.
+
+    Raises:
+        FileNotFoundError: prepared splits without summary.json, naming the splits and the fix (prepare it
+            again).
+    """
+    data_dir = Path(data_dir)
+    held = prepared_splits(data_dir)
+    if held and not (data_dir / SUMMARY_FILE).is_file():
+        raise FileNotFoundError(
+            f"{f'{named} ' if named else ''}{data_dir} was not finished (no {SUMMARY_FILE}; it holds the "
+            f"{', '.join(held)} token arrays): an interrupted `data prepare`? Its data may be partial or "
+            f"missing. Fix: run `nextquill-jax data prepare --config FILE --out {data_dir}` again."
+        )
+
+
 def check_split(data_dir: str | Path, split: str, named: str = "", *, other_split: bool = True) -> None:
     """`data_dir` holds prepared split `split`. `named` (such as `--data`) says where `data_dir` came from;
     `other_split`: the command has a --split option, which the fix then offers.
@@ -113,7 +134,7 @@ def check_split(data_dir: str | Path, split: str, named: str = "", *, other_spli
     if meta_path.is_file():
         return
     held = prepared_splits(data_dir)
-    if not held and not (data_dir / "summary.json").is_file():
+    if not held and not (data_dir / SUMMARY_FILE).is_file():
         raise FileNotFoundError(
             f"{f'{named} {data_dir}: ' if named else ''}{meta_path} not found: run "
             f"`nextquill-jax data prepare --config FILE --out {data_dir}` first"

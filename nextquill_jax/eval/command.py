@@ -169,19 +169,20 @@ def _example_indices(text: str) -> list[int]:
 
 
 def _check_prepared(data_dir: Path, split: str, named: str) -> None:
-    """Before a model is loaded: `data_dir` holds prepared split `split`. `named` says where `data_dir` came
-    from, for the message.
+    """Before a model is loaded: `data_dir` holds prepared split `split` of a finished preparation. `named`
+    says where `data_dir` came from, for the message.
 
     Raises:
-        FileNotFoundError: `data_dir` is missing, not a directory, or lacks the split (`check_split`), with
-            the fix.
+        FileNotFoundError: `data_dir` is missing, not a directory, an interrupted preparation
+            (`check_finished`), or lacks the split (`check_split`), with the fix.
     """
-    from nextquill_jax.data.prepared_split import check_split
+    from nextquill_jax.data.prepared_split import check_finished, check_split
 
     prepare = "Fix: pass a directory that `nextquill-jax data prepare --config FILE --out DIR` wrote"
     if not data_dir.is_dir():
         state = "is not a directory" if data_dir.exists() else "does not exist"
         raise FileNotFoundError(f"{named} {data_dir} {state}. {prepare}.")
+    check_finished(data_dir, named)
     check_split(data_dir, split, named)
 
 

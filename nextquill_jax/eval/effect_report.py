@@ -221,10 +221,11 @@ def build_effect_report(
         ConfigError: the split holds a token id outside the model's vocabulary (`check_token_ids`), found
             before anything is compiled.
     """
-    from nextquill_jax.data.prepared_split import PreparedSplit
+    from nextquill_jax.data.prepared_split import PreparedSplit, check_finished
     from nextquill_jax.train.model_setup import check_token_ids
 
     loss_cfg = LossConfig() if loss_cfg is None else loss_cfg
+    check_finished(prepared_dir)  # before its token ids are checked
     data = PreparedSplit(prepared_dir, split)
     check_token_ids(data, model.cfg.vocab_size, vocab_origin or f"the model {source or '(unnamed)'}")
     if examples is None:

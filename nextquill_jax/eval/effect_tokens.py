@@ -101,13 +101,14 @@ def compute_example_effects(
     Raises:
         ValueError: an index outside the split or named twice, no index, a tokenizer that does not reproduce
             the prepared target tokens, or malformed `meta.target_spans` (naming the example).
-        FileNotFoundError: the split is not prepared.
+        FileNotFoundError: the split is not prepared, or its preparation did not finish (`check_finished`).
     """
     from flax import nnx
 
     from nextquill_jax.data.assemble import RowShape, assemble_batch
-    from nextquill_jax.data.prepared_split import PreparedSplit
+    from nextquill_jax.data.prepared_split import PreparedSplit, check_finished
 
+    check_finished(prepared_dir)
     data = PreparedSplit(prepared_dir, split)
     indices = [int(i) for i in indices]
     if not indices:

@@ -39,7 +39,13 @@ from nextquill_jax.atomic_file import write_text_atomic
 from nextquill_jax.config import Config, load_config
 from nextquill_jax.data.global_batch import to_global_batch
 from nextquill_jax.data.pipeline import BatchPipeline
-from nextquill_jax.data.prepared_split import PreparedSplit, TokenizedExample, rendered_rows, write_split
+from nextquill_jax.data.prepared_split import (
+    PreparedSplit,
+    TokenizedExample,
+    check_finished,
+    rendered_rows,
+    write_split,
+)
 from nextquill_jax.eval.text_metrics import score_predictions
 from nextquill_jax.loss import LossConfig, combine_aux, metrics_from_aux, variant_losses
 from nextquill_jax.models.causal_lm import CausalLM
@@ -86,9 +92,11 @@ def read_split(
     """The rendered rows of `<split>.jsonl` (the first `max_examples`) and the split's token arrays.
 
     Raises:
-        FileNotFoundError: the split was not prepared (naming the command that prepares it).
+        FileNotFoundError: the split was not prepared, or its preparation did not finish (`check_finished`),
+            naming the command that prepares it.
         ValueError: the rendered file and the token arrays disagree in length (a stale or partial copy).
     """
+    check_finished(data_dir)
     tokens = PreparedSplit(data_dir, split)
     rows = rendered_rows(data_dir, split)
     if len(rows) != len(tokens):

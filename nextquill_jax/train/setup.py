@@ -29,7 +29,7 @@ from nextquill_jax.config import Config, ModelRunConfig, load_config
 from nextquill_jax.config_schema import ConfigError
 from nextquill_jax.data.checksums import IntegrityError
 from nextquill_jax.data.pipeline import BatchPipeline
-from nextquill_jax.data.prepared_split import PreparedSplit, check_split, prepared_splits
+from nextquill_jax.data.prepared_split import PreparedSplit, check_finished, check_split, prepared_splits
 from nextquill_jax.parallel import DEFAULT_RULES
 from nextquill_jax.train import adapters, model_setup
 from nextquill_jax.train.optimizer import learning_rate_schedule, make_optimizer, trainable_mask
@@ -98,7 +98,8 @@ def prepared_dir(cfg: Config, workdir: Path, echo: Echo) -> Path:
             nothing, template fields a format lacks, no example left, ...), or data prepared with other
             settings that is not replaced (naming what differs and the fix).
         parallel.Process0FailedError: in processes other than 0, when process 0 failed to prepare the data.
-        FileNotFoundError: `train.data_dir` as it is was prepared with no train record (`check_split`).
+        FileNotFoundError: `train.data_dir` as it is holds a preparation that did not finish
+            (`check_finished`), or was prepared with no train record (`check_split`).
     """
     target = data_dir_of(cfg, workdir)
     if not cfg.data.sources and cfg.data.format != "synthetic":
@@ -108,6 +109,7 @@ def prepared_dir(cfg: Config, workdir: Path, echo: Echo) -> Path:
                 f"the record files in data.sources, or point train.data_dir at the output of "
                 f"`nextquill-jax data prepare`."
             )
+        check_finished(target, "train.data_dir")
         check_split(target, "train", other_split=False)  # prepared, but perhaps with no train record
         return target
     from nextquill_jax.data.prepare import prepare

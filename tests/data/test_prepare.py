@@ -127,6 +127,14 @@ def test_bad_input_fail_stops_and_skip_counts_each_reason(tmp_path, tok_dir, cap
     assert summary["dropped"]["review_duplicate_item"] == 1 and sum(summary["dropped"].values()) == 17
 
 
+def test_prepare_help_names_the_output_directory_as_its_options_do(capsys):
+    """`--force`'s help spoke of DIR while the usage line called the --out value OUT."""
+    with pytest.raises(SystemExit):
+        main(["data", "prepare", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--out DIR output directory --force prepare again even when DIR is up to date" in text
+
+
 def test_config_errors_name_the_key(tmp_path, tok_dir, capsys, formats):
     config = _config_file(tmp_path / "c.yaml", tok_dir, max_histroy=3, **formats["generic"])
     assert main(["data", "prepare", "--config", str(config), "--out", str(tmp_path / "o")]) == 1
@@ -327,9 +335,42 @@ def test_public_history_fit_warns_with_the_count_of_cut_prompts(tmp_path, tiny_t
     gone = dropped["dropped"].get("prompt_too_long", 0) + dropped["dropped"].get("no_history_fits", 0)
     assert cut >= gone > 0 and not {"prompt_too_long", "no_history_fits"} & public["dropped"].keys()
     assert public["examples"]["train"] > dropped["examples"]["train"]
-    assert f"warning: {cut} prompts longer than max_prompt_tokens" in lines[-1]
+    # what the cut loses is the template's (here `plain`: no output rating or title), not `review`'s
+    assert lines[-1].splitlines()[-1] == (
+        f"  warning: {cut} prompts longer than max_prompt_tokens even with one history entry were cut from "
+        "the right (history_fit: public), losing their end, where the plain template puts what follows the "
+        "history and the cue to answer"
+    )
     rows = [json.loads(x) for x in (tmp_path / "public" / "train.jsonl").read_text().splitlines()]
     assert all(r["tokens"]["prompt_with"] <= 90 for r in rows) and any(r["prompt_cut"] for r in rows)
+
+
+def test_cut_targets_are_counted_on_the_console_and_kept_whole_in_the_rendered_rows(tmp_path, tiny_tokenizer):
+    """Targets longer than max_target_tokens are cut in the token arrays: the console says how many (it used
+    to say so only in summary.json), and `<split>.jsonl` keeps the record's whole target, marked cut."""
+    source = tmp_path / "records.jsonl"
+    source.write_bytes((F / "generic" / "records.jsonl").read_bytes())
+    lines: list[str] = []
+    cfg = DataConfig(format="generic", template="plain", sources=[str(source)], max_target_tokens=4)
+    summary = prepare(cfg, tmp_path / "out", tokenizer=tiny_tokenizer(), echo=lines.append)
+    rows = [json.loads(x) for x in (tmp_path / "out" / "train.jsonl").read_text().splitlines()]
+    cut = summary["fitting"]["targets_cut"]
+    assert cut == sum(summary["examples"].values()) == 4
+    assert lines[-1].splitlines()[-1] == (
+        f"  warning: {cut} targets longer than max_target_tokens were cut to that many tokens (the model "
+        "learns only their start; `target_cut` marks them in <split>.jsonl)"
+    )
+    tok = tiny_tokenizer()
+    for row, ex in zip(rows, PreparedSplit(tmp_path / "out", "train"), strict=True):
+        assert row["target_cut"] and row["tokens"]["target"] == ex["target"].size == 4 + 1  # with EOS
+        assert len(tok(row["target"], add_special_tokens=False)["input_ids"]) > 4
+    whole = prepare(
+        DataConfig(format="generic", template="plain", sources=[str(source)]),
+        tmp_path / "whole",
+        tokenizer=tok,
+        echo=lines.append,
+    )
+    assert whole["fitting"]["targets_cut"] == 0 and "targets longer" not in lines[-1]
 
 
 def test_records_read_but_probably_not_as_meant_are_counted_in_the_summary_and_warned(
@@ -604,3 +645,141 @@ def test_a_source_without_records_is_named(tmp_path, tok_dir, capsys):
     assert f"  warning: {empty}: 0 records\n" in capsys.readouterr().out
     summary = json.loads((tmp_path / "prepared" / "summary.json").read_text())
     assert summary["read"] == {str(empty): 0, records: 6}
+
+
+def test_an_out_dir_holding_a_source_is_refused_before_anything_is_read(tmp_path, tok_dir, capsys):
+    """`data prepare --out mydata` with `data.sources=[mydata/train.jsonl]` used to replace the source with
+    the rendered rows: a source that is a file prepare writes there is refused, naming the source, the
+    directory and the fix, and the directory is left as it was; a directory beside the source is fine."""
+    mydata = tmp_path / "mydata"
+    mydata.mkdir()
+    source = mydata / "train.jsonl"
+    source.write_bytes((F / "generic" / "records.jsonl").read_bytes())
+    config = _config_file(tmp_path / "c.yaml", tok_dir, format="generic", template="plain")
+    argv = ["data", "prepare", "--config", str(config), f"data.sources=[{source}]"]
+    assert main([*argv, "--out", str(mydata)]) == 1
+    assert capsys.readouterr().err == (
+        f"error: data.sources file {source} would be lost: preparing into {mydata} replaces {source} (the "
+        f"rendered train examples). Fix: prepare into a directory that holds no source (such as "
+        f"{mydata / 'prepared'}), or move {source} out of {mydata} and name its new path in data.sources.\n"
+    )
+    # logs/ holds the command's third-party log, written into --out as always
+    assert sorted(p.name for p in mydata.iterdir()) == ["logs", "train.jsonl"]
+    assert source.read_bytes() == (F / "generic" / "records.jsonl").read_bytes()
+    assert main([*argv, "--out", str(mydata / "prepared")]) == 0
+    assert source.read_bytes() == (F / "generic" / "records.jsonl").read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("key", "where", "lost"),
+    [
+        ("sources", "val/records.jsonl", "{out}/val/ (the val token arrays) whole"),
+        ("meta", "summary.json", "{out}/summary.json (the summary)"),
+    ],
+)
+def test_an_input_where_prepare_writes_is_refused_naming_it(tmp_path, tiny_tokenizer, key, where, lost):
+    """A metadata file is an input too, and a file in a split's token-array directory (removed whole)."""
+    out = tmp_path / "out"
+    path = out / where
+    path.parent.mkdir(parents=True)
+    path.write_text("{}\n")
+    other = {"sources": [f"{F}/amazon2023/Books.jsonl"], "meta": [f"{F}/amazon2023/meta_Books.jsonl"]}
+    cfg = DataConfig(format="amazon2023", **{**other, key: [str(path)]})
+    with pytest.raises(ValueError) as refused:
+        prepare(cfg, out, tokenizer=tiny_tokenizer(), echo=lambda _: None)
+    assert str(refused.value).startswith(
+        f"data.{key} file {path} would be lost: preparing into {out} replaces {lost.format(out=out)}. Fix:"
+    )
+    assert path.read_text() == "{}\n"
+
+
+def test_a_link_to_a_file_prepare_replaces_is_refused(tmp_path, tiny_tokenizer):
+    """Paths are compared resolved: a source reached through a link is still the file it points to."""
+    out = tmp_path / "out"
+    out.mkdir()
+    real = out / "test.jsonl"
+    real.write_bytes((F / "generic" / "records.jsonl").read_bytes())
+    link = tmp_path / "records.jsonl"
+    link.symlink_to(real)
+    cfg = DataConfig(format="generic", template="plain", sources=[str(link)])
+    with pytest.raises(ValueError, match=rf"^data.sources file {link} \(a link to {real}\) would be lost: "):
+        prepare(cfg, out, tokenizer=tiny_tokenizer(), echo=lambda _: None)
+    assert real.read_bytes() == (F / "generic" / "records.jsonl").read_bytes()
+
+
+class _KilledError(Exception):
+    """Stands for a kill -9 of `data prepare` part way through writing."""
+
+
+def test_an_interrupted_preparation_is_refused_by_every_reader(
+    tmp_path, tiny_tokenizer, monkeypatch, capsys, tiny_config, write_config
+):
+    """`data prepare` stopped after the train split (here replacing an earlier preparation) leaves the train
+    token arrays without summary.json (the old one is removed first) and without val/test: train, data
+    show, effects, evaluate's reader and the effect report refuse it, naming the fix, where they used to
+    train or report on the partial data. Preparing again finishes it."""
+    import nextquill_jax.data.prepare as prepare_module
+    from nextquill_jax.eval.effect_report import build_effect_report, compute_example_effects
+    from nextquill_jax.eval.evaluate import read_split
+    from nextquill_jax.loss import LossConfig
+
+    source = tmp_path / "records.jsonl"
+    source.write_bytes((F / "generic" / "records.jsonl").read_bytes())
+    out = tmp_path / "prepared"
+    base = dict(format="generic", template="plain", sources=[str(source)])
+    tok = tiny_tokenizer()
+    prepare(DataConfig(**base, max_history=1), out, tokenizer=tok, echo=lambda _: None)
+    write_split = prepare_module.write_split
+
+    def killed_after_train(out_dir, split, *args, **kwargs):
+        if split != "train":
+            raise _KilledError
+        return write_split(out_dir, split, *args, **kwargs)
+
+    monkeypatch.setattr(prepare_module, "write_split", killed_after_train)
+    with pytest.raises(_KilledError):
+        prepare(DataConfig(**base), out, tokenizer=tok, echo=lambda _: None)
+    monkeypatch.undo()
+    assert sorted(p.name for p in out.iterdir()) == ["train", "train.jsonl"]
+
+    unfinished = (
+        f"{out} was not finished (no summary.json; it holds the train token arrays): an interrupted `data "
+        f"prepare`? Its data may be partial or missing. Fix: run `nextquill-jax data prepare --config FILE "
+        f"--out {out}` again."
+    )
+    config = write_config(tiny_config(out, tmp_path / "run"), tmp_path / "train.yaml")
+    for argv, named in (
+        (["train", "--config", str(config)], "train.data_dir "),
+        (["data", "show", str(out), "--index", "0"], ""),
+        (
+            [
+                "effects",
+                "--model",
+                "smollm2",
+                "--data",
+                str(out),
+                "--split",
+                "train",
+                "--out",
+                str(tmp_path / "r"),
+            ],
+            "--data ",
+        ),
+    ):
+        assert main(argv) == 1, argv
+        assert capsys.readouterr().err == f"error: {named}{unfinished}\n", argv
+    for read in (
+        lambda: read_split(out, "train"),
+        lambda: build_effect_report(None, tok, out, "train", tmp_path / "report"),
+        lambda: compute_example_effects(None, tok, out, "train", [0], LossConfig()),
+    ):
+        with pytest.raises(FileNotFoundError) as refused:
+            read()
+        assert str(refused.value) == unfinished
+
+    prepare(DataConfig(**base), out, tokenizer=tok, echo=lambda _: None)
+    assert (
+        len(read_split(out, "train")[0])
+        == json.loads((out / "summary.json").read_text())["examples"]["train"]
+    )
+    assert main(["data", "show", str(out), "--index", "0"]) == 0
