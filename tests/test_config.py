@@ -466,16 +466,29 @@ def test_a_models_architecture_is_refused_before_the_data_is_prepared(
     assert not (tmp_path / "work" / "prepared").exists()
 
 
-def test_lora_targets_matching_no_parameter_are_refused_before_the_workdir_is_created(
-    tmp_path, write_random_data, write_config, tiny_config
+@pytest.mark.parametrize(
+    ("lora", "message"),
+    [
+        ({"targets": ["no_such_param"]}, r"^model\.lora\.targets: 'no_such_param' matches no parameter"),
+        # re.error is no ValueError: it used to escape as a traceback.
+        (
+            {"targets": ["attn/(q"]},
+            r"^model\.lora\.targets: 'attn/\(q' is not a valid regular expression \(missing \), "
+            r"unterminated subpattern at position 5\)\. Fix: correct the pattern",
+        ),
+    ],
+)
+def test_bad_lora_settings_are_refused_in_one_line_before_the_workdir_is_created(
+    tmp_path, write_random_data, write_config, tiny_config, lora, message
 ):
     from nextquill_jax.train.setup import set_up_run
 
     data = write_random_data(tmp_path / "data", train=16, val=8)
     cfg = tiny_config(data, tmp_path / "work")
-    cfg["model"]["lora"] = {"targets": ["no_such_param"]}
-    with pytest.raises(ConfigError, match="no_such_param"):
+    cfg["model"]["lora"] = lora
+    with pytest.raises(ConfigError, match=message) as e:
         set_up_run(load_config(write_config(cfg, tmp_path / "cfg.yaml")), tmp_path / "work", echo=print)
+    assert "\n" not in str(e.value)
     assert not (tmp_path / "work").exists()
 
 

@@ -96,8 +96,8 @@ def target_paths(params: Mapping[str, Any], targets: Sequence[str]) -> list[tupl
     """The kernels (("layers", module, name)) whose path matches one of the regexes `targets`.
 
     Raises:
-        ValueError: a regex matching no parameter, or matching a parameter that cannot take an adapter
-            (naming the paths that can).
+        ValueError: a pattern that is not a valid regex (with `re`'s reason), a regex matching no parameter,
+            or one matching a parameter that cannot take an adapter (naming the paths that can).
     """
     layers = params.get("layers", {})
     kernels = [("layers", m, n) for (m, n) in INPUT_AXES if n in layers.get(m, {})]
@@ -105,7 +105,13 @@ def target_paths(params: Mapping[str, Any], targets: Sequence[str]) -> list[tupl
     allowed = [path_name(p) for p in kernels]
     chosen = []
     for pattern in targets:
-        regex = re.compile(pattern)
+        try:
+            regex = re.compile(pattern)
+        except re.error as e:  # not a ValueError: without this it escapes the config checks as a traceback
+            raise ValueError(
+                f"model.lora.targets: {pattern!r} is not a valid regular expression ({e}). Fix: correct the "
+                f"pattern, e.g. 'attn/(q|v)_proj'"
+            ) from None
         hits = [p for p in every if regex.search(p)]
         if not hits:
             raise ValueError(

@@ -44,8 +44,8 @@ def _abstract_params(model_cfg: ModelConfig) -> nnx.State:
 
 
 def _target_paths(cfg: LoraConfig, shapes: dict) -> list[tuple[str, str, str]]:
-    """The parameter paths of `shapes` that `cfg.targets` names; a ConfigError for a target that matches
-    no parameter or one that takes no adapter."""
+    """The parameter paths of `shapes` that `cfg.targets` names; a ConfigError for a target that is no valid
+    regex, matches no parameter or matches one that takes no adapter."""
     try:
         return lora.target_paths(shapes, cfg.targets)
     except ValueError as e:
@@ -57,7 +57,8 @@ def check_targets(cfg: LoraConfig, model_cfg: ModelConfig) -> None:
     (shapes only: no weights, no data needed).
 
     Raises:
-        ConfigError: a target that matches no parameter or one that takes no adapter (listing the paths).
+        ConfigError: a target that is no valid regex, matches no parameter or one that takes no adapter
+            (listing the paths).
     """
     _target_paths(cfg, nnx.to_pure_dict(_abstract_params(model_cfg)))
 
@@ -69,7 +70,8 @@ def adapter_layout(
     parameter dtype, sharded like their kernels.
 
     Raises:
-        ConfigError: a target that matches no parameter or one that takes no adapter (listing the paths).
+        ConfigError: a target that is no valid regex, matches no parameter or one that takes no adapter
+            (listing the paths).
     """
     state = _abstract_params(model_cfg)
     shapes = nnx.to_pure_dict(state)

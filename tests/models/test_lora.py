@@ -100,6 +100,8 @@ def test_targets_select_projection_kernels_and_bad_ones_are_errors():
         lora.target_paths(params, ["norm"])
     with pytest.raises(ValueError, match="take no adapter"):
         lora.target_paths(params, ["q_bias"])
+    with pytest.raises(ValueError, match=r"'mlp/\[up' is not a valid regular expression \(unterminated"):
+        lora.target_paths(params, ["attn/q_proj", "mlp/[up"])
 
 
 def test_adapters_carry_their_kernels_axes():
