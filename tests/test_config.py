@@ -476,15 +476,34 @@ def test_a_models_architecture_is_refused_before_the_data_is_prepared(
             r"^model\.lora\.targets: 'attn/\(q' is not a valid regular expression \(missing \), "
             r"unterminated subpattern at position 5\)\. Fix: correct the pattern",
         ),
+        # init_from (a directory under tmp_path) used to be read only after the data was prepared, leaving a
+        # workdir behind.
+        (
+            {"init_from": "nowhere"},
+            r"^model\.lora\.init_from '.*/nowhere': .*/nowhere does not exist\. Fix: point it at a PEFT",
+        ),
+        (
+            {"init_from": "rank4"},
+            r"^model\.lora\.init_from '.*/rank4': the adapter has r=4, lora_alpha=16; the config asks for "
+            r"rank=8, alpha=16\.0\. Fix",
+        ),
     ],
 )
 def test_bad_lora_settings_are_refused_in_one_line_before_the_workdir_is_created(
     tmp_path, write_random_data, write_config, tiny_config, lora, message
 ):
+    from safetensors.numpy import save_file
+
     from nextquill_jax.train.setup import set_up_run
 
+    adapter = tmp_path / "rank4"  # a PEFT directory of another rank (its tensors are not read to tell)
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 16}))
+    save_file({}, adapter / "adapter_model.safetensors")
     data = write_random_data(tmp_path / "data", train=16, val=8)
     cfg = tiny_config(data, tmp_path / "work")
+    if "init_from" in lora:  # a directory under tmp_path
+        lora = {**lora, "init_from": str(tmp_path / lora["init_from"])}
     cfg["model"]["lora"] = lora
     with pytest.raises(ConfigError, match=message) as e:
         set_up_run(load_config(write_config(cfg, tmp_path / "cfg.yaml")), tmp_path / "work", echo=print)

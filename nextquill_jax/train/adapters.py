@@ -7,10 +7,11 @@ which resume and evaluation check.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -52,15 +53,32 @@ def _target_paths(cfg: LoraConfig, shapes: dict) -> list[tuple[str, str, str]]:
         raise ConfigError(str(e)) from None
 
 
-def check_targets(cfg: LoraConfig, model_cfg: ModelConfig) -> None:
+def check_lora(cfg: LoraConfig, model_cfg: ModelConfig) -> None:
     """Return if every target of `cfg.targets` names parameters of `model_cfg`'s model that take adapters
-    (shapes only: no weights, no data needed).
+    and `cfg.init_from`, if set, holds adapters that fit them (its config and tensor shapes: no weights, no
+    data needed), so that set-up refuses either before it creates the workdir.
 
     Raises:
         ConfigError: a target that is no valid regex, matches no parameter or one that takes no adapter
-            (listing the paths).
+            (listing the paths), or an `init_from` that `initial_adapters` would refuse.
     """
-    _target_paths(cfg, nnx.to_pure_dict(_abstract_params(model_cfg)))
+    shapes = nnx.to_pure_dict(_abstract_params(model_cfg))
+    paths = _target_paths(cfg, shapes)
+    if cfg.init_from is not None:
+        from nextquill_jax.models.peft import check_peft_adapter
+
+        abstract = lora.adapter_shapes(shapes, paths, cfg.rank, model_cfg.param_jnp_dtype)
+        with _init_from_errors(cfg):
+            check_peft_adapter(cfg.init_from, model_cfg, abstract, rank=cfg.rank, alpha=cfg.alpha)
+
+
+@contextlib.contextmanager
+def _init_from_errors(cfg: LoraConfig) -> Iterator[None]:
+    """Turn the errors `models.peft` raises for the directory `cfg.init_from` into ConfigErrors naming it."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"model.lora.init_from {cfg.init_from!r}: {e}") from None
 
 
 def adapter_layout(
@@ -86,17 +104,17 @@ def initial_adapters(cfg: LoraConfig, model_cfg: ModelConfig, abstract: dict, sh
     else fresh (A random from `seed`, B = 0).
 
     Raises:
-        ConfigError: an `init_from` directory that does not hold an adapter of this rank on these targets.
+        ConfigError: an `init_from` directory that does not hold plain LoRA adapters of this rank and alpha
+            for exactly these targets on every layer of this base (`peft.check_peft_adapter`; naming the
+            setting or tensor and the fix).
     """
     if cfg.init_from is None:
         init = lambda: lora.init_adapters(jax.random.PRNGKey(seed), abstract)
         return jax.jit(init, out_shardings=shardings)()
     from nextquill_jax.models.peft import read_peft_adapter
 
-    try:
+    with _init_from_errors(cfg):
         weights = read_peft_adapter(cfg.init_from, model_cfg, abstract, rank=cfg.rank, alpha=cfg.alpha)
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        raise ConfigError(f"model.lora.init_from {cfg.init_from!r}: {e}") from None
     return jax.device_put(weights, shardings)
 
 
