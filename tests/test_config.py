@@ -412,7 +412,9 @@ def as_on_a_gpu(monkeypatch):
             ["mesh.data=2", "mesh.fsdp=1"],
             r"mesh: mesh \(data=2, fsdp=1, tensor=1\) has 2 devices but 1 are available",
         ),
-        (["model.preset=null", "model.path=/no/such/model"], r"model.path '/no/such/model' does not exist"),
+        (["model.preset=null", "model.path=/no/such"], r"model.path '/no/such' does not exist and is not a"),
+        (["model.preset=null", "model.path=no/such"],
+         r"model.path 'no/such' does not exist \(relative to the current directory, /.*\) and is not a"),
         (["train.micro_batches=3"], r"train.micro_batches=3 .*Fix"),
         (
             ["data.batching.num_epochs=null"],

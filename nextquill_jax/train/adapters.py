@@ -25,6 +25,7 @@ from nextquill_jax.config_schema import ConfigError
 from nextquill_jax.data import checksums
 from nextquill_jax.models import CausalLM, ModelConfig, lora
 from nextquill_jax.parallel import DEFAULT_RULES, LogicalRules, logical_to_sharding
+from nextquill_jax.train.model_setup import relative_to_cwd
 
 # `content_fingerprint`: weight files hashed whole up to WHOLE_BYTES in all, else sampled SAMPLE_BYTES every
 # SAMPLE_STRIDE, READ_THREADS threads reading READ_GROUP samples each at a time.
@@ -187,6 +188,8 @@ def base_identity(model: ModelRunConfig, seed: int) -> dict[str, Any]:
     `content_fingerprint`.
 
     Raises:
+        ConfigError: `model.path` is neither a path that exists nor a packaged model name (naming it, the
+            directory a relative one is read from, and the fix).
         MissingPackageError, FileNotFoundError: `model.path` names a packaged model that is not installed
             properly (`packaged_model_path`).
         OSError: a weight file cannot be read.
@@ -320,6 +323,14 @@ def _base_files(model: ModelRunConfig) -> tuple[list[Path], list[Path]]:
     path = Path(model.path).expanduser()
     if not path.exists():
         path = packaged_model_path(model.path)
+    if path is None:  # moved or deleted since training, or a relative path read from another directory
+        relative = relative_to_cwd(model.path)
+        place = f"put the base at {Path(model.path).expanduser().absolute()}"
+        raise ConfigError(
+            f"the LoRA base model.path {model.path!r} does not exist{relative} and is not a packaged model "
+            f"name, and the adapters only fit the base they were trained on. Fix: "
+            + (f"run this command from the directory `train` ran in, or {place}" if relative else place)
+        )
     if path.is_dir():
         return sorted(path.glob("*.safetensors")), [path / "config.json"]
     return [path], []
