@@ -78,7 +78,10 @@ class LoraConfig:
             (per-output-channel absmax) or `nf4` (4-bit NormalFloat in blocks of 64, QLoRA's); compute stays
             in `model.compute_dtype`.
         `init_from`: a PEFT adapter directory (`adapter_config.json` + `adapter_model.safetensors`) to start
-            from instead of fresh adapters; null: fresh adapters.
+            from instead of fresh adapters: plain LoRA of this `rank` and `alpha` on exactly `targets` in
+            every layer of this base (one that sets anything that changes what it computes, such as
+            lora_bias, modules_to_save, layers_to_transform or rank_pattern, is refused, naming it); checked
+            before the workdir is created. null: fresh adapters.
     """
 
     rank: int = 8

@@ -730,7 +730,9 @@ def as_on_a_gpu(monkeypatch):
             ["mesh.data=2", "mesh.fsdp=1"],
             r"mesh: mesh \(data=2, fsdp=1, tensor=1\) has 2 devices but 1 are available",
         ),
-        (["model.preset=null", "model.path=/no/such/model"], r"model.path '/no/such/model' does not exist"),
+        (["model.preset=null", "model.path=/no/such"], r"model.path '/no/such' does not exist and is not a"),
+        (["model.preset=null", "model.path=no/such"],
+         r"model.path 'no/such' does not exist \(relative to the current directory, /.*\) and is not a"),
         (["train.micro_batches=3"], r"train.micro_batches=3 .*Fix"),
         (
             ["data.batching.num_epochs=null"],
@@ -784,16 +786,48 @@ def test_a_models_architecture_is_refused_before_the_data_is_prepared(
     assert not (tmp_path / "work" / "prepared").exists()
 
 
-def test_lora_targets_matching_no_parameter_are_refused_before_the_workdir_is_created(
-    tmp_path, write_random_data, write_config, tiny_config
+@pytest.mark.parametrize(
+    ("lora", "message"),
+    [
+        ({"targets": ["no_such_param"]}, r"^model\.lora\.targets: 'no_such_param' matches no parameter"),
+        # re.error is no ValueError: it used to escape as a traceback.
+        (
+            {"targets": ["attn/(q"]},
+            r"^model\.lora\.targets: 'attn/\(q' is not a valid regular expression \(missing \), "
+            r"unterminated subpattern at position 5\)\. Fix: correct the pattern",
+        ),
+        # init_from (a directory under tmp_path) used to be read only after the data was prepared, leaving a
+        # workdir behind.
+        (
+            {"init_from": "nowhere"},
+            r"^model\.lora\.init_from '.*/nowhere': .*/nowhere does not exist\. Fix: point it at a PEFT",
+        ),
+        (
+            {"init_from": "rank4"},
+            r"^model\.lora\.init_from '.*/rank4': the adapter has r=4, lora_alpha=16; the config asks for "
+            r"rank=8, alpha=16\.0\. Fix",
+        ),
+    ],
+)
+def test_bad_lora_settings_are_refused_in_one_line_before_the_workdir_is_created(
+    tmp_path, write_random_data, write_config, tiny_config, lora, message
 ):
+    from safetensors.numpy import save_file
+
     from nextquill_jax.train.setup import set_up_run
 
+    adapter = tmp_path / "rank4"  # a PEFT directory of another rank (its tensors are not read to tell)
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 16}))
+    save_file({}, adapter / "adapter_model.safetensors")
     data = write_random_data(tmp_path / "data", train=16, val=8)
     cfg = tiny_config(data, tmp_path / "work")
-    cfg["model"]["lora"] = {"targets": ["no_such_param"]}
-    with pytest.raises(ConfigError, match="no_such_param"):
+    if "init_from" in lora:  # a directory under tmp_path
+        lora = {**lora, "init_from": str(tmp_path / lora["init_from"])}
+    cfg["model"]["lora"] = lora
+    with pytest.raises(ConfigError, match=message) as e:
         set_up_run(load_config(write_config(cfg, tmp_path / "cfg.yaml")), tmp_path / "work", echo=print)
+    assert "\n" not in str(e.value)
     assert not (tmp_path / "work").exists()
 
 

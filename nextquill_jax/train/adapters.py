@@ -7,10 +7,11 @@ which resume and evaluation check.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from nextquill_jax.config_schema import ConfigError
 from nextquill_jax.data import checksums
 from nextquill_jax.models import CausalLM, ModelConfig, lora
 from nextquill_jax.parallel import DEFAULT_RULES, LogicalRules, logical_to_sharding
+from nextquill_jax.train.model_setup import relative_to_cwd
 
 # `content_fingerprint`: weight files hashed whole up to WHOLE_BYTES in all, else sampled SAMPLE_BYTES every
 # SAMPLE_STRIDE, READ_THREADS threads reading READ_GROUP samples each at a time.
@@ -44,22 +46,40 @@ def _abstract_params(model_cfg: ModelConfig) -> nnx.State:
 
 
 def _target_paths(cfg: LoraConfig, shapes: dict) -> list[tuple[str, str, str]]:
-    """The parameter paths of `shapes` that `cfg.targets` names; a ConfigError for a target that matches
-    no parameter or one that takes no adapter."""
+    """The parameter paths of `shapes` that `cfg.targets` names; a ConfigError for a target that is no valid
+    regex, matches no parameter or matches one that takes no adapter."""
     try:
         return lora.target_paths(shapes, cfg.targets)
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
 
-def check_targets(cfg: LoraConfig, model_cfg: ModelConfig) -> None:
+def check_lora(cfg: LoraConfig, model_cfg: ModelConfig) -> None:
     """Return if every target of `cfg.targets` names parameters of `model_cfg`'s model that take adapters
-    (shapes only: no weights, no data needed).
+    and `cfg.init_from`, if set, holds adapters that fit them (its config and tensor shapes: no weights, no
+    data needed), so that set-up refuses either before it creates the workdir.
 
     Raises:
-        ConfigError: a target that matches no parameter or one that takes no adapter (listing the paths).
+        ConfigError: a target that is no valid regex, matches no parameter or one that takes no adapter
+            (listing the paths), or an `init_from` that `initial_adapters` would refuse.
     """
-    _target_paths(cfg, nnx.to_pure_dict(_abstract_params(model_cfg)))
+    shapes = nnx.to_pure_dict(_abstract_params(model_cfg))
+    paths = _target_paths(cfg, shapes)
+    if cfg.init_from is not None:
+        from nextquill_jax.models.peft import check_peft_adapter
+
+        abstract = lora.adapter_shapes(shapes, paths, cfg.rank, model_cfg.param_jnp_dtype)
+        with _init_from_errors(cfg):
+            check_peft_adapter(cfg.init_from, model_cfg, abstract, rank=cfg.rank, alpha=cfg.alpha)
+
+
+@contextlib.contextmanager
+def _init_from_errors(cfg: LoraConfig) -> Iterator[None]:
+    """Turn the errors `models.peft` raises for the directory `cfg.init_from` into ConfigErrors naming it."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"model.lora.init_from {cfg.init_from!r}: {e}") from None
 
 
 def adapter_layout(
@@ -69,7 +89,8 @@ def adapter_layout(
     parameter dtype, sharded like their kernels.
 
     Raises:
-        ConfigError: a target that matches no parameter or one that takes no adapter (listing the paths).
+        ConfigError: a target that is no valid regex, matches no parameter or one that takes no adapter
+            (listing the paths).
     """
     state = _abstract_params(model_cfg)
     shapes = nnx.to_pure_dict(state)
@@ -84,17 +105,17 @@ def initial_adapters(cfg: LoraConfig, model_cfg: ModelConfig, abstract: dict, sh
     else fresh (A random from `seed`, B = 0).
 
     Raises:
-        ConfigError: an `init_from` directory that does not hold an adapter of this rank on these targets.
+        ConfigError: an `init_from` directory that does not hold plain LoRA adapters of this rank and alpha
+            for exactly these targets on every layer of this base (`peft.check_peft_adapter`; naming the
+            setting or tensor and the fix).
     """
     if cfg.init_from is None:
         init = lambda: lora.init_adapters(jax.random.PRNGKey(seed), abstract)
         return jax.jit(init, out_shardings=shardings)()
     from nextquill_jax.models.peft import read_peft_adapter
 
-    try:
+    with _init_from_errors(cfg):
         weights = read_peft_adapter(cfg.init_from, model_cfg, abstract, rank=cfg.rank, alpha=cfg.alpha)
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        raise ConfigError(f"model.lora.init_from {cfg.init_from!r}: {e}") from None
     return jax.device_put(weights, shardings)
 
 
@@ -167,6 +188,8 @@ def base_identity(model: ModelRunConfig, seed: int) -> dict[str, Any]:
     `content_fingerprint`.
 
     Raises:
+        ConfigError: `model.path` is neither a path that exists nor a packaged model name (naming it, the
+            directory a relative one is read from, and the fix).
         MissingPackageError, FileNotFoundError: `model.path` names a packaged model that is not installed
             properly (`packaged_model_path`).
         OSError: a weight file cannot be read.
@@ -300,6 +323,14 @@ def _base_files(model: ModelRunConfig) -> tuple[list[Path], list[Path]]:
     path = Path(model.path).expanduser()
     if not path.exists():
         path = packaged_model_path(model.path)
+    if path is None:  # moved or deleted since training, or a relative path read from another directory
+        relative = relative_to_cwd(model.path)
+        place = f"put the base at {Path(model.path).expanduser().absolute()}"
+        raise ConfigError(
+            f"the LoRA base model.path {model.path!r} does not exist{relative} and is not a packaged model "
+            f"name, and the adapters only fit the base they were trained on. Fix: "
+            + (f"run this command from the directory `train` ran in, or {place}" if relative else place)
+        )
     if path.is_dir():
         return sorted(path.glob("*.safetensors")), [path / "config.json"]
     return [path], []

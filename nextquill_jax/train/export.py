@@ -1,10 +1,10 @@
 """A checkpoint as a Hugging Face directory, or a LoRA run's adapters as a PEFT directory (`export`).
 
 `export` writes config.json + safetensors (loadable by `transformers.AutoModelForCausalLM`; a LoRA run's
-adapters merged into its base) and the tokenizer of `data.tokenizer`. `export_adapter` writes a LoRA run's
-adapters alone as a PEFT directory that `peft.PeftModel.from_pretrained` loads onto the base. The model is
-rebuilt from the config saved with that checkpoint; the parameters are gathered on this process's first
-device, so the model must fit on one device (run it on one host).
+adapters merged into its base, the merged kernels in float32) and the tokenizer of `data.tokenizer`.
+`export_adapter` writes a LoRA run's adapters alone as a PEFT directory that `peft.PeftModel.from_pretrained`
+loads onto the base. The model is rebuilt from the config saved with that checkpoint; the parameters are
+gathered on this process's first device, so the model must fit on one device (run it on one host).
 
 Both refuse an output directory that already holds weights (`refuse_existing_weights`), before restoring.
 """
@@ -31,8 +31,10 @@ def export(
 
     config.json's `eos_token_id` also lists the token the run's targets end in (its prepared data's
     `eos_token_id`, the tokenizer's end token) when the model's own end tokens lack it, with a note `echo`ed:
-    generation in transformers stops at those ids, and the model learnt to end with that one. A LoRA run with
-    an int8 / nf4 base gets a note that the merged weights are that quantized base plus the adapters.
+    generation in transformers stops at those ids, and the model learnt to end with that one. A LoRA run's
+    adapted kernels are written merged in float32 (`workdir.restore_model`); one whose base was stored in
+    bfloat16, int8 or nf4 gets a note saying so (`merged_dtype_note`), and with int8 / nf4 that the merged
+    weights are that quantized base plus the adapters.
 
     Raises:
         FileExistsError: `out` already holds weight files (`refuse_existing_weights`).
@@ -54,14 +56,27 @@ def export(
             f"{hf_config['eos_token_id']}, so that generation stops where the model learnt to end."
         )
     lora = cfg.model.lora
-    if lora is not None and lora.base_dtype in ("int8", "nf4"):
-        echo(
-            f"note: the base was stored as {lora.base_dtype} (model.lora.base_dtype), so the merged weights "
-            "are that base dequantized plus the adapters: the model the run trained and evaluated, which "
-            "differs from the original base weights by the quantization error in every layer. `export "
-            "--adapter` writes the adapters alone, to load onto the original base."
-        )
+    if lora is not None and lora.base_dtype != "float32":
+        echo(merged_dtype_note(lora.base_dtype))
     return restored.step
+
+
+def merged_dtype_note(base_dtype: str) -> str:
+    """The note `export` gives for a LoRA run whose base was stored as `base_dtype` (bfloat16, int8 or nf4):
+    what the merged weights are, and why the adapted kernels are float32 (`lora.merge`)."""
+    quantized = (
+        "; the merged weights are that base dequantized plus the adapters: the model the run trained and "
+        "evaluated, which differs from the original base weights by the quantization error in every layer "
+        "(`export --adapter` writes the adapters alone, to load onto the original base)"
+        if base_dtype in ("int8", "nf4")
+        else ""
+    )
+    return (
+        f"note: the base was stored as {base_dtype} (model.lora.base_dtype){quantized}. The adapted kernels "
+        f"are written in float32, W + (alpha / r)·A·B unrounded (rounded to bfloat16, a small trained update "
+        f"is partly lost), the other tensors in bfloat16, and config.json declares float32 so that "
+        f"transformers loads them unrounded."
+    )
 
 
 def targets_end_token(data_dir: Path) -> int | None:

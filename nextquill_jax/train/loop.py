@@ -200,9 +200,10 @@ def start_state(run: RunSetup, cfg: Config, ckpt: Checkpointer, iterator, echo) 
     Raises:
         checksums.IntegrityError: checkpoints exist but none verifies (rather than silently start afresh).
         ConfigError: `cfg` differs from the checkpoint's config in a key a resume may not change
-            (`resume.check_resumable`), or the prepared data's content from what the checkpoint was trained
-            on (`resume.check_same_data`), or the LoRA base from its (`adapters.check_same_base`, whose note
-            on a checkpoint with the earlier base fingerprint is `echo`ed), found before anything is restored.
+            (`resume.check_resumable`), or, under the same config, the LoRA base's content from the one the
+            checkpoint was trained on (`adapters.check_same_base`, whose note on a checkpoint with the earlier
+            base fingerprint is `echo`ed) or the prepared data's (`resume.check_same_data`); in that order,
+            found before anything is restored.
     """
     complete = ckpt.all_steps()
     start = ckpt.newest_verified(echo)
@@ -216,14 +217,15 @@ def start_state(run: RunSetup, cfg: Config, ckpt: Checkpointer, iterator, echo) 
         params = run.initial_params()
         return init_state(params, run.tx, cfg.train.seed, run.state_shardings), 0
     where = str(ckpt.directory / str(start))
-    # The base first: its message names a changed LoRA base, or LoRA added or removed, and its fix; then every
-    # other key; then the data's content, which can change under the same config. All read only the
-    # checkpoint's JSON items, before Orbax restores any array.
+    # The config first: it names each changed key (LoRA added or removed, a preset base's seed or overrides,
+    # another model.path), where the base check could only say that the base differs; then the LoRA base's
+    # content and the data's, which can change under the same config. All read only the checkpoint's JSON
+    # items, before Orbax restores any array.
+    check_resumable(ckpt.read_config(start), cfg, ckpt.directory.parent, start)
     progress = ckpt.read_progress(start)
     legacy = lambda: legacy_fingerprint(cfg.model, cfg.train.seed)
     if note := check_same_base(progress.get("base"), run.base_identity, where, legacy):
         echo(note)
-    check_resumable(ckpt.read_config(start), cfg, ckpt.directory.parent, start)
     check_same_data(progress.get("data"), run.data_identity, where)
     target = abstract_state(run.abstract_params, run.tx, cfg.train.seed, run.state_shardings)
     state, _ = ckpt.restore(start, target, iterator)

@@ -50,10 +50,18 @@ def check_model_source(section: ModelRunConfig) -> None:
         )
     if packaged_model_path(section.path) is None:
         raise ConfigError(
-            f"model.path {section.path!r} does not exist and is not a packaged model name. Fix: give a "
-            f"Hugging Face model directory, a .gguf file or one of {packaged_model_names()}; or use "
-            f"model.preset for a randomly initialised model."
+            f"model.path {section.path!r} does not exist{relative_to_cwd(section.path)} and is not a "
+            f"packaged model name. Fix: give a Hugging Face model directory, a .gguf file or one of "
+            f"{packaged_model_names()}; or use model.preset for a randomly initialised model."
         )
+
+
+def relative_to_cwd(path: str) -> str:
+    """For a relative `path`, " (relative to the current directory, CWD)", else "": what a message about a
+    path that is not there says, since the same relative path names another place from another directory."""
+    if Path(path).expanduser().is_absolute():
+        return ""
+    return f" (relative to the current directory, {Path.cwd()})"
 
 
 def check_attention(section: ModelRunConfig) -> None:

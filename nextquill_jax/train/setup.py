@@ -474,8 +474,8 @@ def set_up_run(cfg: Config, workdir: Path, echo: Echo = print) -> RunSetup:
 
     Raises:
         ConfigError: any config problem found here (model source, an attention implementation the backend
-            cannot run, mesh, micro-batches, LoRA targets, data, optimizer, fixed-DCE source), before anything
-            is compiled.
+            cannot run, mesh, micro-batches, LoRA targets and init_from, data, optimizer, fixed-DCE source),
+            before anything is compiled.
         FileNotFoundError: the prepared data holds no train split (`check_split`).
     """
     mesh = build_mesh(cfg)
@@ -484,12 +484,13 @@ def set_up_run(cfg: Config, workdir: Path, echo: Echo = print) -> RunSetup:
     check_micro_batches(cfg, mesh)
     lora = cfg.model.lora
     model_section = cfg.model if lora is None else adapters.base_section(cfg.model)
-    # The architecture (a path's config.json) and the LoRA targets are checked before the workdir is created
-    # and the data prepared, which takes minutes on a real dataset; `cudnn_max_segments: auto` is chosen from
-    # the data below, so 1 stands in for it (the parameters do not depend on it).
+    # The architecture (a path's config.json), the LoRA targets and the init_from adapter are checked before
+    # the workdir is created and the data prepared, which takes minutes on a real dataset;
+    # `cudnn_max_segments: auto` is chosen from the data below, so 1 stands in for it (the parameters do not
+    # depend on it).
     stand_in = model_setup.model_config(model_section.resolved(1))
     if lora is not None:
-        adapters.check_targets(lora, stand_in)
+        adapters.check_lora(lora, stand_in)
     workdir.mkdir(parents=True, exist_ok=True)
 
     data_dir = prepared_dir(cfg, workdir, echo)

@@ -189,7 +189,8 @@ def restore_params(workdir: str | Path, step: int | None = None, mesh: Mesh | No
 
 def restore_model(workdir: str | Path, step: int | None = None, mesh: Mesh | None = None) -> LoadedModel:
     """The model of checkpoint `step` (default: the newest that verifies) of the run in `workdir`, with the
-    config saved with that checkpoint; a LoRA run's adapters are merged into its base (W + (alpha / r)·A·B).
+    config saved with that checkpoint; a LoRA run's adapters are merged into its base (W + (alpha / r)·A·B,
+    the merged kernels in float32: `_merged_lora_model`).
     Step 0 is the model the run starts from (`initial_model`): no checkpoint holds it, since training saves
     after a step, and a compare `train: false` variant's directory has only that one. Parameters are placed
     on `mesh` by the default rules (default: the config's mesh).
@@ -201,23 +202,35 @@ def restore_model(workdir: str | Path, step: int | None = None, mesh: Mesh | Non
     if step == 0:
         return initial_model(workdir, mesh)
     restored = restore_params(workdir, step, mesh)
-    cfg, params = restored.config, restored.params
+    cfg = restored.config
     if cfg.model.lora is None:
         graphdef = model_setup.abstract_model(model_setup.model_config(cfg.model))[0]
+        model = nnx.merge(graphdef, restored.params)
     else:
-        section = adapters.base_section(cfg.model)
-        graphdef, base = model_setup.load_params(section, restored.mesh, cfg.train.seed)
-        base = adapters.base_as_trained(base, cfg.model.lora)
-        params = lora.merge(base, params, cfg.model.lora.scale)
-    model = nnx.merge(graphdef, params)
+        base = model_setup.load_params(adapters.base_section(cfg.model), restored.mesh, cfg.train.seed)[1]
+        model = _merged_lora_model(cfg, base, restored.params)
     return LoadedModel(model, cfg, restored.mesh, restored.step, restored.source)
+
+
+def _merged_lora_model(cfg: Config, base: dict, weights: dict) -> CausalLM:
+    """The LoRA run `cfg`'s base `base` (as `model_setup.load_params` gives it) as its adapters saw it
+    (`adapters.base_as_trained`), with the adapters `weights` merged in: W + (alpha / r)·A·B in float32
+    (`lora.merge`), so it computes what the run trained to float32 rounding whatever `model.lora.base_dtype`.
+    Its config's `param_dtype` is that of the merged kernels (`lora.MERGED_DTYPE`): `save_pretrained` declares
+    it in config.json, so transformers' dtype="auto" does not round them back to the base's bfloat16; the
+    other parameters keep the base's dtype (widened exactly where loaded as float32)."""
+    lora_cfg = cfg.model.lora
+    params = lora.merge(adapters.base_as_trained(base, lora_cfg), weights, lora_cfg.scale)
+    mcfg = model_setup.model_config(adapters.base_section(cfg.model)).replace(param_dtype=lora.MERGED_DTYPE)
+    return nnx.merge(model_setup.abstract_model(mcfg)[0], params)
 
 
 def initial_model(workdir: str | Path, mesh: Mesh | None = None) -> LoadedModel:
     """The model the run in `workdir` (its config.yaml) starts training from, as `restore_model` would give a
     checkpoint of step 0: a `model.preset` with its `model.overrides`, randomly initialised from `train.seed`
     as training initialises it, or `model.path` loaded with them; under `model.lora`, the base as the
-    adapters see it merged with the initial adapters (fresh ones leave it unchanged). Parameters are placed
+    adapters see it merged with the initial adapters (`_merged_lora_model`; fresh ones leave its values
+    unchanged). Parameters are placed
     on `mesh` by the default rules (default: the config's mesh).
 
     Raises:
@@ -232,10 +245,12 @@ def initial_model(workdir: str | Path, mesh: Mesh | None = None) -> LoadedModel:
     lora_cfg, seed = cfg.model.lora, cfg.train.seed
     section = cfg.model if lora_cfg is None else adapters.base_section(cfg.model)
     graphdef, params = model_setup.load_params(section, mesh, seed)
-    if lora_cfg is not None:
+    if lora_cfg is None:
+        model = nnx.merge(graphdef, params)
+    else:
         adapter_cfg = model_setup.model_config(section).replace(param_dtype=cfg.model.param_dtype)
         abstract, shardings = adapters.adapter_layout(lora_cfg, adapter_cfg, mesh)
         weights = adapters.initial_adapters(lora_cfg, adapter_cfg, abstract, shardings, seed)
-        params = lora.merge(adapters.base_as_trained(params, lora_cfg), weights, lora_cfg.scale)
+        model = _merged_lora_model(cfg, params, weights)
     source = cfg.model.path if cfg.model.preset is None else f"preset {cfg.model.preset}"
-    return LoadedModel(nnx.merge(graphdef, params), cfg, mesh, 0, f"{source} untrained (step 0 of {workdir})")
+    return LoadedModel(model, cfg, mesh, 0, f"{source} untrained (step 0 of {workdir})")

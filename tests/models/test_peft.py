@@ -3,6 +3,9 @@ the transformers base with logits equal to ours; `read_peft_adapter` reads it ba
 
 from __future__ import annotations
 
+import json
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +14,7 @@ import pytest
 import torch
 import transformers
 from flax import nnx
+from safetensors.numpy import load_file, save_file
 
 from nextquill_jax.models import load_pretrained, lora
 from nextquill_jax.models.peft import read_peft_adapter, write_peft_adapter
@@ -65,5 +69,125 @@ def test_read_gives_back_what_was_written_and_mismatches_are_errors(base, tmp_pa
     only_q = {"layers": {"attn": {"q_proj": shapes["layers"]["attn"]["q_proj"]}}}
     with pytest.raises(ValueError, match=r"model\.lora\.targets select"):
         read_peft_adapter(tmp_path, ours.cfg, only_q, rank=4, alpha=16.0)
-    with pytest.raises(FileNotFoundError, match="not a PEFT adapter directory"):
+    with pytest.raises(FileNotFoundError, match=r"nothing does not exist\. Fix: point it at a PEFT adapter"):
         read_peft_adapter(tmp_path / "nothing", ours.cfg, shapes, rank=4, alpha=16.0)
+    (tmp_path / "adapter_config.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"adapter_config\.json does not exist, so .* is not a PEFT"):
+        read_peft_adapter(tmp_path, ours.cfg, shapes, rank=4, alpha=16.0)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Adapters peft itself made: plain LoRA reads to peft's logits; anything else is refused by name.
+
+PEFT_TARGETS = ["q_proj", "v_proj", "down_proj"]
+OUR_TARGETS = ["attn/(q|v)_proj", "mlp/down"]
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tiny_hf_config, tmp_path_factory):
+    """A tiny llama base saved as a Hugging Face directory."""
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("llama_base")
+    transformers.AutoModelForCausalLM.from_config(tiny_hf_config("llama")).save_pretrained(directory)
+    return directory
+
+
+def peft_adapter(base_dir, out, hf_config=None, **settings):
+    """A peft LoRA adapter (r=4, lora_alpha=12 on PEFT_TARGETS, `settings` added) on the base in `base_dir`
+    (or a random model of `hf_config`), every trainable tensor moved off its initial value, saved to `out`;
+    returns (the peft model, `out`)."""
+    torch.manual_seed(1)
+    hf = (
+        transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        if hf_config is None
+        else transformers.AutoModelForCausalLM.from_config(hf_config)
+    )
+    config = peft.LoraConfig(r=4, lora_alpha=12, target_modules=PEFT_TARGETS, **settings)
+    adapted = peft.get_peft_model(hf, config)
+    with torch.no_grad():
+        for _, p in adapted.named_parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    adapted.save_pretrained(out)
+    return adapted.eval(), out
+
+
+def our_shapes(base_dir):
+    ours = load_pretrained(base_dir, compute_dtype="float32")
+    params = nnx.to_pure_dict(nnx.state(ours, nnx.Param))
+    return ours, lora.adapter_shapes(params, lora.target_paths(params, OUR_TARGETS), 4, jnp.float32)
+
+
+def test_a_plain_adapter_peft_made_reads_to_peft_logits(llama_dir, tmp_path):
+    adapted, out = peft_adapter(llama_dir, tmp_path / "plain")
+    ours, shapes = our_shapes(llama_dir)
+    weights = read_peft_adapter(out, ours.cfg, shapes, rank=4, alpha=12)
+    with torch.no_grad():
+        theirs = adapted(torch.tensor(IDS)).logits.numpy()
+        with adapted.disable_adapter():
+            plain = adapted(torch.tensor(IDS)).logits.numpy()
+    got = np.asarray(ours.logits(ours.hidden_states(jnp.asarray(IDS), adapters=lora.Adapters(weights, 3.0))))
+    assert np.abs(theirs - plain).max() > 1e-2 * np.abs(theirs).max()  # the adapters matter
+    np.testing.assert_allclose(got, theirs, rtol=1e-4, atol=1e-4 * np.abs(theirs).max())
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"lora_bias": True}, "sets lora_bias: true (a trained bias on every lora_B"),
+        ({"bias": "all"}, 'sets bias: "all" (the base model\'s biases trained too)'),
+        ({"modules_to_save": ["lm_head"]}, 'sets modules_to_save: ["lm_head"] (full trained copies'),
+        ({"layers_to_transform": [0]}, "sets layers_to_transform: [0] (adapters on these layers only)"),
+        ({"rank_pattern": {"down_proj": 2}}, 'sets rank_pattern: {"down_proj": 2} (another rank'),
+        ({"alpha_pattern": {"down_proj": 4}}, 'sets alpha_pattern: {"down_proj": 4} (another lora_alpha'),
+        ({"use_rslora": True}, "sets use_rslora: true (scales A·B by lora_alpha / sqrt(r)"),
+        ({"use_dora": True}, "sets use_dora: true (DoRA"),
+    ],
+)
+def test_a_setting_that_changes_what_the_adapter_computes_is_refused_by_name(
+    llama_dir, tmp_path, settings, message
+):
+    _, out = peft_adapter(llama_dir, tmp_path / "a", **settings)
+    ours, shapes = our_shapes(llama_dir)
+    field = next(iter(settings))
+    with pytest.raises(ValueError, match=re.escape(message)) as e:
+        read_peft_adapter(out, ours.cfg, shapes, rank=4, alpha=12)
+    assert str(e.value).endswith(f"Fix: start from a plain LoRA adapter (trained without {field})")
+
+
+def test_tensors_the_run_would_not_apply_are_refused_whatever_the_config_says(llama_dir, tmp_path):
+    """lora_B.bias tensors under an adapter_config.json that no longer says lora_bias: refused by name."""
+    _, out = peft_adapter(llama_dir, tmp_path / "a", lora_bias=True)
+    config = json.loads((out / "adapter_config.json").read_text())
+    (out / "adapter_config.json").write_text(json.dumps({**config, "lora_bias": False}))
+    ours, shapes = our_shapes(llama_dir)
+    with pytest.raises(
+        ValueError,
+        match=r"holds tensors that are not LoRA A or B matrices .*: base_model\.model\.model\.layers\.0\."
+        r"mlp\.down_proj\.lora_B\.bias, .* and 3 more\. Fix",
+    ):
+        read_peft_adapter(out, ours.cfg, shapes, rank=4, alpha=12)
+
+
+def test_an_adapter_for_another_base_is_refused_naming_the_tensor_or_the_layers(
+    llama_dir, tiny_hf_config, tmp_path
+):
+    ours, shapes = our_shapes(llama_dir)
+    read = lambda out: read_peft_adapter(out, ours.cfg, shapes, rank=4, alpha=12)
+    _, wider = peft_adapter(None, tmp_path / "wider", tiny_hf_config("llama", intermediate_size=256))
+    with pytest.raises(
+        ValueError,
+        match=r"tensor base_model\.model\.model\.layers\.0\.mlp\.down_proj\.lora_A\.weight has shape "
+        r"\[4, 256\], but this base's down_proj needs \[4, 128\] \(r = 4\): the adapter was made for a base "
+        r"of other shapes",
+    ):
+        read(wider)
+    _, deeper = peft_adapter(None, tmp_path / "deeper", tiny_hf_config("llama", num_hidden_layers=3))
+    with pytest.raises(ValueError, match=r"q_proj adapters for layers up to 2, but the base has 2 layers"):
+        read(deeper)
+    _, plain = peft_adapter(llama_dir, tmp_path / "plain")
+    tensors = load_file(plain / "adapter_model.safetensors")
+    save_file({k: v for k, v in tensors.items() if ".layers.1.self_attn.q_proj." not in k}, plain / "x")
+    (plain / "x").replace(plain / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=r"no q_proj lora_A and lora_B for layers \[1\] of the base's 2"):
+        read(plain)

@@ -143,3 +143,29 @@ def test_a_preset_base_in_place_of_a_directory_is_another_base_not_an_unknown_sc
     for saved, current in ((directory, preset), (preset, directory)):
         with pytest.raises(ConfigError, match="only fit their own base"):
             adapters.check_same_base(saved, current, "w/checkpoints/3", lambda: pytest.fail("legacy read"))
+
+
+def test_a_base_that_is_not_there_is_named_with_the_directory_a_relative_path_is_read_from(
+    tmp_path, monkeypatch
+):
+    """As `export` / `evaluate` of a LoRA run meet it: the base moved, or the run's relative model.path read
+    from another directory (it used to be an AttributeError on None)."""
+    _write_base(tmp_path / "run" / "base", _tensors())
+    relative = ModelRunConfig(path="base")
+    monkeypatch.chdir(tmp_path / "run")
+    assert adapters.base_identity(relative, 0)["source"] == "base"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    for identity in (adapters.base_identity, adapters.legacy_fingerprint):
+        with pytest.raises(ConfigError) as e:
+            identity(relative, 0)
+        assert str(e.value) == (
+            f"the LoRA base model.path 'base' does not exist (relative to the current directory, "
+            f"{elsewhere}) and is not a packaged model name, and the adapters only fit the base they were "
+            f"trained on. Fix: run this command from the directory `train` ran in, or put the base at "
+            f"{elsewhere / 'base'}"
+        )
+    gone = tmp_path / "gone"
+    with pytest.raises(ConfigError, match=rf"'{gone}' does not exist and .* Fix: put the base at {gone}$"):
+        adapters.base_identity(ModelRunConfig(path=str(gone)), 0)

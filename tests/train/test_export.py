@@ -1,15 +1,29 @@
 """`export`'s config.json end tokens: the token the run's targets end in is listed, as transformers'
 generation reads it, whether or not the model's own config named it; the step exported is named (a damaged
-newer one skipped)."""
+newer one skipped); a LoRA run on a bfloat16 or nf4 base is evaluated and exported as it trained (float32
+merged kernels)."""
 
 from __future__ import annotations
 
 import json
 import shutil
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+import peft
+import pytest
+import torch
+import transformers
+from flax import nnx
 from transformers import AutoConfig, GenerationConfig
 
+from nextquill_jax.config import load_config
+from nextquill_jax.models import CausalLM, load_pretrained, lora, model_preset, save_pretrained
+from nextquill_jax.models.peft import write_peft_adapter
+from nextquill_jax.train import adapters, model_setup
 from nextquill_jax.train.export import export
+from nextquill_jax.train.workdir import restore_model, single_device_mesh
 from tests.shared import TINY_EOS_ID
 
 
@@ -64,3 +78,68 @@ def test_the_adapters_of_step_0_are_refused_naming_the_merged_export(tmp_path, c
     assert main(["export", "--workdir", str(tmp_path), "--out", str(out), "--adapter", "--step", "0"]) == 1
     assert "Fix: --merged --step 0 exports the model the run starts from" in capsys.readouterr().err
     assert not out.exists()
+
+
+TINY_LORA_BASE = dict(
+    vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+    head_dim=8, bos_token_id=TINY_EOS_ID, eos_token_ids=(TINY_EOS_ID,), compute_dtype="float32",
+)  # fmt: skip
+LORA_TARGETS = ["attn/(q|k|v|o)_proj", "mlp/(gate|up|down)"]
+
+
+@pytest.mark.parametrize("base_dtype", ["bfloat16", "nf4"])
+def test_a_lora_run_on_a_bfloat16_or_nf4_base_is_evaluated_and_exported_as_it_trained(
+    tmp_path, base_dtype, save_tiny_tokenizer, tiny_config, write_config
+):
+    """The model `evaluate` / `effects` read (`restore_model`, here step 0 of a run starting from init_from
+    adapters with a small update, B ~ 2e-4) and the `export --merged` directory transformers loads compute
+    what training computes (the base as stored, the adapters apart) to float32 rounding. With the merged
+    kernels rounded to the base's bfloat16, as they were, about half of the update was lost (0.0005 of
+    0.0011)."""
+    hf_dir, adapter_dir, workdir = tmp_path / "base", tmp_path / "adapter", tmp_path / "run"
+    save_pretrained(CausalLM(model_preset("qwen2.5-0.5b", **TINY_LORA_BASE), rngs=nnx.Rngs(5)), hf_dir)
+    ours = load_pretrained(hf_dir, compute_dtype="float32")
+    params = nnx.to_pure_dict(nnx.state(ours, nnx.Param))
+    shapes = lora.adapter_shapes(params, lora.target_paths(params, LORA_TARGETS), 4, jnp.float32)
+    leaves, tree = jax.tree.flatten(shapes)
+    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+    draw = lambda k, s: (0.1 if s.shape[-1] == 4 else 2e-4) * jax.random.normal(k, s.shape)  # a, then b
+    weights = jax.tree.unflatten(tree, [draw(k, s) for k, s in zip(keys, leaves, strict=True)])
+    write_peft_adapter(weights, ours.cfg, adapter_dir, rank=4, alpha=8.0)
+    raw = tiny_config(None, workdir)
+    lora_cfg = {"rank": 4, "alpha": 8.0, "targets": LORA_TARGETS, "base_dtype": base_dtype}
+    raw["model"] = {"path": str(hf_dir), "compute_dtype": "float32", "lora": lora_cfg}
+    raw["model"]["lora"]["init_from"] = str(adapter_dir)
+    raw["data"]["tokenizer"] = str(save_tiny_tokenizer(tmp_path / "tok"))
+    workdir.mkdir()
+    write_config(raw, workdir / "config.yaml")  # a run's directory before its first checkpoint: step 0
+
+    # What training computes: the base as stored (bfloat16, or nf4 codes), the adapters apart.
+    cfg = load_config(workdir / "config.yaml")
+    mesh = single_device_mesh()
+    graphdef, base = model_setup.load_params(adapters.base_section(cfg.model), mesh, cfg.train.seed)
+    trained = nnx.merge(graphdef, adapters.frozen_base(base, cfg.model.lora))
+    ids = np.random.default_rng(0).integers(1, 128, (2, 11))
+    want = np.asarray(
+        trained.logits(trained.hidden_states(jnp.asarray(ids), adapters=lora.Adapters(weights, 2.0)))
+    )
+    plain = np.asarray(trained(jnp.asarray(ids)))
+    tolerance = 1e-5 * np.abs(want).max()  # float32 rounding, with room
+    assert np.abs(want - plain).max() > 100 * tolerance  # the update matters at this tolerance
+
+    evaluated = np.asarray(restore_model(workdir, 0, mesh).model(jnp.asarray(ids)))
+    np.testing.assert_allclose(evaluated, want, rtol=0, atol=tolerance)
+    notes = []
+    export(workdir, tmp_path / "hf", step=0, echo=notes.append)
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["dtype"] == "float32"
+    assert notes[-1].startswith(f"note: the base was stored as {base_dtype} (model.lora.base_dtype)")
+    assert "The adapted kernels are written in float32" in notes[-1]
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()  # dtype as declared
+    with torch.no_grad():
+        got = exported(torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(got, want, rtol=0, atol=tolerance)
+    if base_dtype == "bfloat16":  # and peft's own forward, on the base rounded to bfloat16 as stored
+        hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.bfloat16).float()
+        with torch.no_grad():
+            theirs = peft.PeftModel.from_pretrained(hf, adapter_dir).eval()(torch.tensor(ids)).logits.numpy()
+        np.testing.assert_allclose(theirs, want, rtol=0, atol=tolerance)
