@@ -250,6 +250,31 @@ def _check_token_ids(
         )
 
 
+def _stop_and_pad_ids(eos_token_ids: int | Sequence[int], pad_token_id: int) -> tuple[tuple[int, ...], int]:
+    """`eos_token_ids` as a tuple of ints (a bare int, transformers' `eos_token_id` spelling, is one id) and
+    `pad_token_id` as an int.
+
+    Raises:
+        ValueError: `eos_token_ids` empty or holding anything but ints, or `pad_token_id` not an int (None
+            included), naming the argument and the fix.
+    """
+    is_id = lambda x: isinstance(x, int | np.integer) and not isinstance(x, bool | np.bool_)
+    ids = [eos_token_ids] if is_id(eos_token_ids) else eos_token_ids
+    if isinstance(ids, str | bytes) or not isinstance(ids, Sequence | np.ndarray) or not all(map(is_id, ids)):
+        raise ValueError(
+            f"eos_token_ids must be a token id (int) or a list of them, got {eos_token_ids!r}. Fix: pass the "
+            "tokenizer's eos_token_id"
+        )
+    if len(ids) == 0:
+        raise ValueError("eos_token_ids is empty: give at least one end-of-sequence token id")
+    if not is_id(pad_token_id):
+        raise ValueError(
+            f"pad_token_id must be a token id (int), got {pad_token_id!r}. Fix: pass the tokenizer's "
+            "pad_token_id, or its eos_token_id when it has none"
+        )
+    return tuple(int(t) for t in ids), int(pad_token_id)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # The compiled decode loop.
 
@@ -348,7 +373,7 @@ def generate_ids(
     attention_mask: np.ndarray,
     cfg: GenerationConfig,
     *,
-    eos_token_ids: Sequence[int],
+    eos_token_ids: int | Sequence[int],
     pad_token_id: int,
     rows: int | None = None,
     mesh: Mesh | None = None,
@@ -362,7 +387,8 @@ def generate_ids(
         model: the model (its parameters sharded on `mesh` when one is given).
         input_ids, attention_mask: [B, P] int, left-padded (mask 0 on padding); every row has a token.
         cfg: decoding settings.
-        eos_token_ids: tokens that end a row (one or more).
+        eos_token_ids: tokens that end a row: a list of one or more ids, or one id as an int (transformers'
+            `eos_token_id` spelling).
         pad_token_id: the token emitted by finished rows (and used as left padding). Any int32 id, inside
             the vocabulary or not (e.g. a tokenizer's added <pad> at len(tokenizer)): padding enters the
             model as token 0 under mask 0, so it does not change the tokens.
@@ -375,15 +401,15 @@ def generate_ids(
 
     Raises:
         ValueError: shapes that differ, a row without tokens, padding that is not on the left, no EOS token,
-            a prompt token (mask != 0) or EOS id outside [0, vocab_size) (naming it), or `rows` below B.
+            an EOS or pad id that is not an int, a prompt token (mask != 0) or EOS id outside
+            [0, vocab_size) (naming it), or `rows` below B.
     """
     input_ids, attention_mask = np.asarray(input_ids, np.int32), np.asarray(attention_mask, np.int32)
     if input_ids.ndim != 2 or input_ids.shape != attention_mask.shape:
         raise ValueError(
             f"input_ids {input_ids.shape} and attention_mask {attention_mask.shape} must both be [B, P]"
         )
-    if not eos_token_ids:
-        raise ValueError("eos_token_ids is empty: give at least one end-of-sequence token id")
+    eos_token_ids, pad_token_id = _stop_and_pad_ids(eos_token_ids, pad_token_id)
     _check_left_padded(attention_mask)
     _check_token_ids(input_ids, attention_mask, eos_token_ids, model.cfg.vocab_size)
     b, p = input_ids.shape
@@ -418,17 +444,18 @@ def generate_ids(
         jnp.asarray(pad_token_id, jnp.int32),
         graphdef=graphdef,
         max_new_tokens=cfg.max_new_tokens,
-        eos_token_ids=tuple(int(t) for t in eos_token_ids),
+        eos_token_ids=eos_token_ids,
         cache_shardings=cache_shardings,
     )
     return np.asarray(jax.device_get(out))[:b]
 
 
-def strip_after_eos(tokens: np.ndarray, eos_token_ids: Sequence[int]) -> list[list[int]]:
-    """[B, N] generated tokens -> per row the tokens before its first end-of-sequence token."""
+def strip_after_eos(tokens: np.ndarray, eos_token_ids: int | Sequence[int]) -> list[list[int]]:
+    """[B, N] generated tokens -> per row the tokens before its first end-of-sequence token (`eos_token_ids`:
+    a list of ids, or one as an int)."""
     out = []
     for row in np.asarray(tokens):
-        ends = np.flatnonzero(np.isin(row, list(eos_token_ids)))
+        ends = np.flatnonzero(np.isin(row, eos_token_ids))
         out.append(row[: ends[0] if ends.size else len(row)].tolist())
     return out
 
@@ -438,7 +465,7 @@ def generate(
     prompts: Sequence[Sequence[int]],
     cfg: GenerationConfig,
     *,
-    eos_token_ids: Sequence[int],
+    eos_token_ids: int | Sequence[int],
     pad_token_id: int,
     batch_size: int = 8,
     mesh: Mesh | None = None,
@@ -455,8 +482,10 @@ def generate(
 
     Raises:
         ValueError: an empty prompt, a prompt token outside [0, vocab_size) (naming the prompt), `batch_size`
-            < 1 or not a multiple of the mesh's batch shards; and as `generate_ids`.
+            < 1 or not a multiple of the mesh's batch shards; and as `generate_ids` (whose `eos_token_ids`
+            and `pad_token_id` these are).
     """
+    eos_token_ids, pad_token_id = _stop_and_pad_ids(eos_token_ids, pad_token_id)
     shards = 1 if mesh is None else batch_shard_count(mesh, rules)
     if batch_size < 1 or batch_size % shards:
         raise ValueError(

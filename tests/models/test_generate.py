@@ -242,6 +242,47 @@ def test_token_ids_outside_the_vocabulary_are_refused(tiny):
             generate_ids(model, ok, mask, GREEDY, eos_token_ids=[1, bad], pad_token_id=0)
 
 
+def test_an_int_eos_is_one_id_and_ids_that_are_not_ints_are_refused_by_name(tiny, tiny_case):
+    """transformers spells one end token as a bare int (`eos_token_id=7`): it is the list of that id, id 0
+    included (it was 'not iterable', and 0 'empty'); None or a non-int EOS or pad id is refused by name."""
+    _, model = tiny
+    prompts, ids, mask, eos, expected = tiny_case
+    np.testing.assert_array_equal(
+        generate_ids(model, ids, mask, GREEDY, eos_token_ids=eos, pad_token_id=PAD), expected
+    )
+    np.testing.assert_array_equal(
+        generate_ids(model, ids, mask, GREEDY, eos_token_ids=np.int64(eos), pad_token_id=np.int32(PAD)),
+        expected,
+    )
+    assert generate(model, prompts, GREEDY, eos_token_ids=eos, pad_token_id=PAD, batch_size=4) == (
+        strip_after_eos(expected, [eos])
+    )
+    assert strip_after_eos(expected, eos) == strip_after_eos(expected, [eos])
+    zero = GenerationConfig(max_new_tokens=4)
+    np.testing.assert_array_equal(
+        generate_ids(model, ids, mask, zero, eos_token_ids=0, pad_token_id=PAD),
+        generate_ids(model, ids, mask, zero, eos_token_ids=[0], pad_token_id=PAD),
+    )
+    fix_eos = "Fix: pass the tokenizer's eos_token_id"
+    for bad in (None, "7", [eos, None], 7.0, True):
+        message = f"eos_token_ids must be a token id (int) or a list of them, got {bad!r}. {fix_eos}"
+        with pytest.raises(ValueError) as e:
+            generate_ids(model, ids, mask, GREEDY, eos_token_ids=bad, pad_token_id=PAD)
+        assert str(e.value) == message
+        with pytest.raises(ValueError) as e:
+            generate(model, prompts, GREEDY, eos_token_ids=bad, pad_token_id=PAD)
+        assert str(e.value) == message
+    fix_pad = "Fix: pass the tokenizer's pad_token_id, or its eos_token_id when it has none"
+    for bad in (None, 0.0, "0"):
+        message = f"pad_token_id must be a token id (int), got {bad!r}. {fix_pad}"
+        with pytest.raises(ValueError) as e:
+            generate_ids(model, ids, mask, GREEDY, eos_token_ids=[eos], pad_token_id=bad)
+        assert str(e.value) == message
+        with pytest.raises(ValueError) as e:
+            generate(model, prompts, GREEDY, eos_token_ids=[eos], pad_token_id=bad)
+        assert str(e.value) == message
+
+
 def test_prompt_buckets():
     assert [prompt_bucket(n) for n in (1, 16, 17, 100, 256, 257, 600, 2048)] == [
         16,
