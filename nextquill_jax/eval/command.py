@@ -72,7 +72,13 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     )
     decoding.add_argument("--top-p", type=float, default=None, help="sampling only; 1 = off; default 0.95")
     decoding.add_argument("--repetition-penalty", type=float, default=None, help="1 = off; default 1.2")
-    decoding.add_argument("--seed", type=int, default=None, help="sampling seed; default 0")
+    decoding.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="sampling seed: an example's sample depends on it and the example's index in the split, not on "
+        "--batch-size or --max-examples; default 0",
+    )
 
 
 def generation_overrides(args: argparse.Namespace) -> dict:
