@@ -286,7 +286,8 @@ def evaluate(
 
     Raises:
         FileNotFoundError: no checkpoint / config / prepared split (naming what to run).
-        ValueError: a bad argument, or prepared files that disagree.
+        ValueError: a bad argument (a `generation_overrides` value out of range: before a model is loaded),
+            or prepared files that disagree.
         ConfigError: the run's config cannot be used here (mesh, model source), or the split holds a token
             id outside the vocabulary of the model or of its reference model (`model_setup.check_token_ids`).
     """
@@ -296,6 +297,8 @@ def evaluate(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if loaded is not None and (step is not None or model_path is not None):
         raise ValueError("evaluate: pass `loaded`, or `step` / `model_path` to load a model, not both")
+    if generation is None and generation_overrides:  # GenerationConfig checks each field alone: a bad value
+        dataclasses.replace(GenerationConfig(), **generation_overrides)  # is refused before the restore
     if loaded is None:
         loaded = restore_model(workdir, step) if model_path is None else load_model_path(workdir, model_path)
     cfg = loaded.config

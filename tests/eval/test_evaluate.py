@@ -224,6 +224,27 @@ def test_a_batch_size_below_1_is_refused_before_a_model_is_loaded(tmp_path):
         evaluate(tmp_path / "no_run", "test", batch_size=0)
 
 
+def test_a_decoding_override_out_of_range_is_refused_before_a_model_is_loaded(tmp_path):
+    # Not a workdir: loading a model first would raise FileNotFoundError instead.
+    with pytest.raises(ValueError) as e:
+        evaluate(tmp_path / "no_run", "test", generation_overrides={"temperature": 0.0})
+    assert str(e.value) == (
+        "GenerationConfig.temperature must be > 0, got 0.0; for greedy decoding set do_sample=False"
+    )
+
+
+def test_effects_names_a_low_flag_above_the_runs_high(trained_run, tmp_path, capsys):
+    """--low alone against the run's loss.high (0.8), known once the checkpoint is read: its flag named, where
+    LossConfig's field names were."""
+    out = tmp_path / "report"
+    assert main(["effects", "--workdir", str(trained_run.workdir), "--low", "0.85", "--out", str(out)]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "error: --low 0.85 is above the run's loss.high 0.8: preference-bearing tokens must not weigh less "
+        "than the others. Fix: pass --high too, or a --low <= 0.8"
+    )
+    assert not (out / "summary.json").exists()
+
+
 def test_a_batch_size_that_does_not_split_over_the_batch_shards_is_refused_before_the_loss_pass(
     trained_run, tmp_path, monkeypatch
 ):
