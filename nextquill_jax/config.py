@@ -170,7 +170,9 @@ class ModelRunConfig:
             in FLOPs at the Qwen2.5-1.5B shape: `benchmarks/RESULTS.md`.
         `attention_impl`: `xla` (blockwise, memory O(T), every backend), `xla_dense` (the full [T, T] score
             tensor, every backend), `cudnn` (GPU only, with a bfloat16 `compute_dtype`) or `splash` (Pallas
-            splash attention, TPU only); `nextquill_jax/models/attention.py`.
+            splash attention, TPU only); `nextquill_jax/models/attention.py`. Training refuses one the
+            machine cannot run; `evaluate`, `effects`, `export` and a reference model read such a run with
+            `xla` (the same attention), with a note.
         `cudnn_max_segments`: with `attention_impl: cudnn` (opt-in, not yet verified on a GPU): cuDNN's packed
             attention, segments passed as lengths and offsets instead of a [T, T] mask, for rows of at most
             this many examples; null: the dense mask. A row with more would make the step non-finite

@@ -1,5 +1,6 @@
 """What a subcommand of `nextquill-jax` is: the contract between `cli.py` and each `<subpackage>/command.py`,
-and the argparse types those modules share for counts (`positive_int`, `non_negative_int`).
+and the argparse types those modules share for counts (`positive_int`, `non_negative_int`) and settings
+(`positive_float`, `non_negative_float`, `finite_float`, `probability`).
 
 Imports nothing of this package, so every layer's command module can name it.
 """
@@ -7,6 +8,7 @@ Imports nothing of this package, so every layer's command module can name it.
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -55,4 +57,52 @@ def _int_at_least(text: str, minimum: int) -> int:
         value = None
     if value is None or value < minimum:
         raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """An argparse `type` for a finite number > 0 (`evaluate --temperature`, `--repetition-penalty`).
+
+    Raises:
+        argparse.ArgumentTypeError: `text` is not a finite number > 0.
+    """
+    return _float_where(text, lambda x: x > 0, "> 0")
+
+
+def non_negative_float(text: str) -> float:
+    """An argparse `type` for a finite number >= 0 (`effects --low`).
+
+    Raises:
+        argparse.ArgumentTypeError: `text` is not a finite number >= 0.
+    """
+    return _float_where(text, lambda x: x >= 0, ">= 0")
+
+
+def finite_float(text: str) -> float:
+    """An argparse `type` for any finite number (`effects --threshold`): `float` alone takes nan and inf.
+
+    Raises:
+        argparse.ArgumentTypeError: `text` is not a finite number.
+    """
+    return _float_where(text, lambda x: True, "")
+
+
+def probability(text: str) -> float:
+    """An argparse `type` for a probability in (0, 1] (`evaluate --top-p`).
+
+    Raises:
+        argparse.ArgumentTypeError: `text` is not a number in (0, 1].
+    """
+    return _float_where(text, lambda x: 0 < x <= 1, "in (0, 1]")
+
+
+def _float_where(text: str, holds: Callable[[float], bool], wanted: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and holds(value)):
+        raise argparse.ArgumentTypeError(
+            f"expected a finite number{f' {wanted}' if wanted else ''}, got {text!r}"
+        )
     return value

@@ -4,6 +4,7 @@ printed as one `error:` paragraph with the fix and exit status 1, never a traceb
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import json
 import os
@@ -422,6 +423,94 @@ def test_a_count_flag_below_its_minimum_is_refused_while_parsing(argv, flag, min
             e.value.code == 2 and f"argument {flag}: expected an integer >= {minimum}, got {value!r}" in err
         ), err
     assert list(tmp_path.iterdir()) == []  # refused before any work
+
+
+# Settings with a range: refused while parsing, by the flag's name, before the checkpoint is restored (they
+# were refused after it, by GenerationConfig's or LossConfig's field name).
+GREEDY_HINT = "; for greedy decoding pass --no-do-sample"
+RANGE_FLAGS = [
+    *((EVALUATE, "--temperature", bad, "> 0", GREEDY_HINT) for bad in ("0", "-0.5", "nan", "x")),
+    *((EVALUATE, "--repetition-penalty", bad, "> 0", "") for bad in ("0", "-1", "inf")),
+    *((EVALUATE, "--top-p", bad, "in (0, 1]", "") for bad in ("0", "1.5", "nan")),
+    *((EFFECTS, "--threshold", bad, "", "") for bad in ("nan", "inf", "x")),
+    *((EFFECTS, "--high", bad, "> 0", "") for bad in ("0", "-1")),
+    *((EFFECTS, "--low", bad, ">= 0", "") for bad in ("-0.1", "inf")),
+]
+
+
+@pytest.mark.parametrize("argv, flag, bad, wanted, hint", RANGE_FLAGS)
+def test_a_setting_out_of_its_range_is_refused_by_its_flag_while_parsing(
+    argv, flag, bad, wanted, hint, tmp_path, capsys
+):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    with pytest.raises(SystemExit) as e:
+        cli.main([*argv, flag, bad])
+    err = capsys.readouterr().err
+    expected = f"argument {flag}: expected a finite number{f' {wanted}' if wanted else ''}, got {bad!r}{hint}"
+    assert e.value.code == 2 and err.splitlines()[-1].endswith(expected), err
+    assert list(tmp_path.iterdir()) == []  # refused before any work
+
+
+def test_decoding_flags_replace_only_their_keys_and_no_do_sample_asks_for_greedy():
+    """A run config that samples is evaluated greedily with --no-do-sample (there was only --do-sample);
+    the edges of each range are accepted."""
+    from nextquill_jax.eval.command import generation_overrides
+    from nextquill_jax.models.generate import GenerationConfig
+
+    parse = lambda *flags: cli.build_parser().parse_args(["evaluate", "--workdir", "w", *flags])
+    sampling = GenerationConfig(do_sample=True, temperature=1.3, seed=4)
+    assert generation_overrides(parse()) == {}
+    greedy = generation_overrides(parse("--no-do-sample"))
+    assert greedy == {"do_sample": False}
+    assert dataclasses.replace(sampling, **greedy) == dataclasses.replace(sampling, do_sample=False)
+    edges = parse("--do-sample", "--top-p", "1", "--temperature", "1e-6", "--repetition-penalty", "0.01")
+    assert generation_overrides(edges) == {
+        "do_sample": True, "top_p": 1.0, "temperature": 1e-6, "repetition_penalty": 0.01
+    }  # fmt: skip
+    effects = cli.build_parser().parse_args(
+        ["effects", "--workdir", "w", "--out", "o", "--low", "0", "--high", "0.5", "--threshold", "-1"]
+    )
+    assert (effects.low, effects.high, effects.threshold) == (0.0, 0.5, -1.0)
+
+
+def test_help_states_the_config_defaults_the_flags_fall_back_to():
+    """Each decoding flag's default is the run config's eval.generation key, and GenerationConfig's own value
+    where the config leaves it out (the help said "default 0.8" as if the config did not count); each
+    effects loss flag's is the run's loss key, or with --model LossConfig's."""
+    from nextquill_jax.loss import LossConfig
+    from nextquill_jax.models.generate import GenerationConfig
+
+    parser = cli.build_parser()
+    commands = next(a for a in parser._subparsers._group_actions if a.dest == "command").choices
+    text = lambda name: " ".join(commands[name].format_help().split())  # argparse wraps lines
+    evaluate = text("evaluate")
+    for field in dataclasses.fields(GenerationConfig):
+        value = getattr(GenerationConfig(), field.name)
+        value = str(value).lower() if isinstance(value, bool) else value
+        assert f"default: the run config's eval.generation.{field.name} ({value} unless set)" in evaluate
+    assert "--do-sample, --no-do-sample" in evaluate and "default 0.8" not in evaluate
+    effects = text("effects")
+    for key in ("threshold", "high", "low"):
+        assert f"default: the run's loss.{key}; with --model {getattr(LossConfig(), key)}" in effects
+
+
+def test_effects_refuses_high_below_low_naming_the_flags_before_loading_a_model(
+    tmp_path, capsys, write_random_data
+):
+    """Both flags given, or one against LossConfig's default (--model): refused before the model is loaded
+    (a --model that does not exist would fail there), naming the flags and the fix."""
+    write_random_data(tmp_path / "prepared")
+    argv = ["effects", "--model", "{tmp}/nomodel", "--data", "{tmp}/prepared", "--out", "{tmp}/o"]
+    preference = "preference-bearing tokens must not weigh less than the others"
+    for flags, expected in (
+        (["--high", "0.2", "--low", "0.5"], f"--high 0.2 is below --low 0.5: {preference}. Fix: swap them"),
+        (["--low", "0.95"], f"--low 0.95 is above the default high 0.9: {preference}. Fix: pass --high too, "
+         "or a --low <= 0.9"),
+        (["--high", "0.05"], f"--high 0.05 is below the default low 0.1: {preference}. Fix: pass --low too, "
+         "or a --high >= 0.1"),
+    ):  # fmt: skip
+        assert _run_cli([*argv, *flags], tmp_path, capsys) == expected
+    assert not (tmp_path / "o" / "summary.json").exists()
 
 
 @pytest.mark.parametrize("mode", ["--merged", "--adapter"])

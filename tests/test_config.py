@@ -1157,6 +1157,9 @@ def test_eval_generation_is_configurable_and_cli_flags_override_only_what_they_s
     assert generation_overrides(parser.parse_args(["--workdir", "w"])) == {}
     args = parser.parse_args(["--workdir", "w", "--repetition-penalty", "1.0", "--do-sample"])
     assert generation_overrides(args) == {"repetition_penalty": 1.0, "do_sample": True}
+    assert generation_overrides(parser.parse_args(["--workdir", "w", "--no-do-sample"])) == {
+        "do_sample": False
+    }
 
 
 def test_url_workdir_is_refused_before_anything_is_written(tmp_path, monkeypatch):

@@ -8,7 +8,8 @@
 
 `evaluate` generates for a prepared split with a run's checkpoint (or `--model PATH` on the run's data),
 scores the texts and writes `<workdir>/eval/<split>/{predictions.jsonl, metrics.json}` (`eval.evaluate`);
-decoding defaults to the public NextQuill code's (greedy, repetition penalty 1.2), flags change it. `effects`
+decoding is the run config's `eval.generation` (unless set, the public NextQuill code's: greedy, repetition
+penalty 1.2), each decoding flag replacing one of its keys. `effects`
 writes a per-token causal effect report (`eval.effect_report`); `compare` runs variants of one config and
 tabulates them against a baseline with paired bootstrap intervals (`eval.compare`).
 """
@@ -17,12 +18,22 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 from pathlib import Path
+from typing import Any
 
 from nextquill_jax import third_party_logs
 from nextquill_jax.data.config import SPLITS
-from nextquill_jax.subcommand import Subcommand, non_negative_int, positive_int
+from nextquill_jax.subcommand import (
+    Subcommand,
+    finite_float,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    probability,
+)
 
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,28 +69,75 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         help="history in the prompt (auto: without for the sft variant, with otherwise)",
     )
     parser.add_argument("--batch-size", type=positive_int, default=None, help="prompts decoded together")
-    decoding = parser.add_argument_group("decoding (defaults: the run config's eval.generation)")
+    decoding = parser.add_argument_group(
+        "decoding (each flag replaces one key of the run config's eval.generation; the others keep it)"
+    )
     decoding.add_argument(
-        "--max-new-tokens",
-        type=positive_int,
+        "--max-new-tokens", type=positive_int, default=None, help=_run_default("max_new_tokens", 512)
+    )
+    decoding.add_argument(
+        "--do-sample",
+        action=argparse.BooleanOptionalAction,
         default=None,
-        help="default: the run config's eval.generation.max_new_tokens",
+        help="sample, or (--no-do-sample) decode greedily, the argmax; " + _run_default("do_sample", "false"),
     )
-    decoding.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    decoding.add_argument("--temperature", type=float, default=None, help="sampling only; default 0.8")
     decoding.add_argument(
-        "--top-k", type=non_negative_int, default=None, help="sampling only; 0 = off; default 50"
+        "--temperature",
+        type=_temperature,
+        default=None,
+        help="> 0; sampling only; " + _run_default("temperature", 0.8),
     )
-    decoding.add_argument("--top-p", type=float, default=None, help="sampling only; 1 = off; default 0.95")
-    decoding.add_argument("--repetition-penalty", type=float, default=None, help="1 = off; default 1.2")
-    decoding.add_argument("--seed", type=int, default=None, help="sampling seed; default 0")
+    decoding.add_argument(
+        "--top-k",
+        type=non_negative_int,
+        default=None,
+        help="sampling only; 0 = off; " + _run_default("top_k", 50),
+    )
+    decoding.add_argument(
+        "--top-p",
+        type=probability,
+        default=None,
+        help="in (0, 1]; sampling only; 1 = off; " + _run_default("top_p", 0.95),
+    )
+    decoding.add_argument(
+        "--repetition-penalty",
+        type=positive_float,
+        default=None,
+        help="> 0; 1 = off; applied in greedy decoding too; " + _run_default("repetition_penalty", 1.2),
+    )
+    decoding.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="sampling seed: an example's sample depends on it and the example's index in the split, not on "
+        "--batch-size or --max-examples (up to rounding); " + _run_default("seed", 0),
+    )
+
+
+def _run_default(key: str, value: object) -> str:
+    """The help's default of a decoding flag: the run config's key, and `GenerationConfig`'s own `value`
+    (stated here, since this module does not import JAX; tests check them against GenerationConfig)."""
+    return f"default: the run config's eval.generation.{key} ({value} unless set)"
+
+
+def _temperature(text: str) -> float:
+    """The argparse `type` of `evaluate --temperature`: a finite number > 0 (`positive_float`); 0, which some
+    tools read as greedy decoding, is refused with the flag that asks for it.
+
+    Raises:
+        argparse.ArgumentTypeError: `text` is not a finite number > 0.
+    """
+    try:
+        return positive_float(text)
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"{e}; for greedy decoding pass --no-do-sample") from None
 
 
 def generation_overrides(args: argparse.Namespace) -> dict:
     """The decoding flags that were given, as `GenerationConfig` fields; the others keep the run config's
     `eval.generation` values."""
     flags = {
-        "do_sample": True if args.do_sample else None,
+        "do_sample": args.do_sample,
         "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature,
         "top_k": args.top_k,
@@ -140,10 +198,67 @@ def add_effects_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", required=True, type=Path, help="report directory")
     parser.add_argument("--tokenizer", default=None, help="default: the one the data was prepared with")
-    parser.add_argument("--threshold", type=float, default=None, help="δ (default: the run's loss config)")
-    parser.add_argument("--high", type=float, default=None, help="λ (default: the run's loss config)")
-    parser.add_argument("--low", type=float, default=None, help="ε (default: the run's loss config)")
+    parser.add_argument(
+        "--threshold",
+        type=finite_float,
+        default=None,
+        help="DCE threshold δ; " + _loss_default("threshold", 0.05),
+    )
+    parser.add_argument(
+        "--high",
+        type=positive_float,
+        default=None,
+        help="weight λ of a preference-bearing token, > 0, >= --low; " + _loss_default("high", 0.9),
+    )
+    parser.add_argument(
+        "--low",
+        type=non_negative_float,
+        default=None,
+        help="weight ε of the other target tokens, >= 0; " + _loss_default("low", 0.1),
+    )
     parser.add_argument("--max-shown", type=positive_int, default=20, help="examples drawn in the HTML")
+
+
+def _loss_default(key: str, value: float) -> str:
+    """The help's default of an `effects` loss flag: the run's `loss.<key>`, or with --model `LossConfig`'s
+    own `value` (stated here, since this module does not import JAX; tests check them against LossConfig)."""
+    return f"default: the run's loss.{key}; with --model {value}"
+
+
+def _loss_overrides(args: argparse.Namespace) -> dict[str, float]:
+    """The loss flags of `effects` that were given, as `LossConfig` fields. Each flag's range is checked while
+    parsing; here, before a model is loaded, that --high is not below --low.
+
+    Raises:
+        ValueError: --high below --low, naming both and the fix.
+    """
+    given = {k: v for k in ("threshold", "high", "low") if (v := getattr(args, k)) is not None}
+    if given.get("high", math.inf) < given.get("low", -math.inf):
+        raise ValueError(
+            f"--high {given['high']} is below --low {given['low']}: preference-bearing tokens must not weigh "
+            "less than the others. Fix: swap them"
+        )
+    return given
+
+
+def _with_loss_flags(loss_cfg: Any, given: dict[str, float], origin: str) -> Any:
+    """`loss_cfg` (a `LossConfig`) with the `effects` loss flags `given` (`_loss_overrides`) applied; `origin`
+    says where its own values come from: "the run's loss." or "the default ".
+
+    Raises:
+        ValueError: one of --high / --low given, which leaves high below low, naming the flag, the value it
+            meets and the fix.
+    """
+    high, low = given.get("high", loss_cfg.high), given.get("low", loss_cfg.low)
+    if high < low:  # only one was given: `_loss_overrides` refused a pair
+        if "high" in given:
+            clash, fix = f"--high {high} is below {origin}low {low}", f"pass --low too, or a --high >= {low}"
+        else:
+            clash, fix = f"--low {low} is above {origin}high {high}", f"pass --high too, or a --low <= {high}"
+        raise ValueError(
+            f"{clash}: preference-bearing tokens must not weigh less than the others. Fix: {fix}"
+        )
+    return dataclasses.replace(loss_cfg, **given)
 
 
 def _example_indices(text: str) -> list[int]:
@@ -196,6 +311,7 @@ def run_effects(args: argparse.Namespace) -> int:
     try:
         if args.step is not None and args.workdir is None:
             raise ValueError("--step needs --workdir")
+        loss_flags = _loss_overrides(args)
         if args.data is not None:  # before a model is loaded, which can take minutes
             _check_prepared(args.data, args.split, "--data")
         if args.workdir is not None:
@@ -210,7 +326,7 @@ def run_effects(args: argparse.Namespace) -> int:
                 checkpoints_dir(args.workdir)
             restored = restore_model(args.workdir, args.step, single_device_mesh())
             model, cfg, step = restored.model, restored.config, restored.step
-            loss_cfg = cfg.loss.loss_config()
+            loss_cfg = _with_loss_flags(cfg.loss.loss_config(), loss_flags, "the run's loss.")
             data_dir = args.data or data_dir_of(cfg, args.workdir)
             if args.data is None:  # the run's own, known once its config is read
                 _check_prepared(data_dir, args.split, f"{args.workdir}'s data")
@@ -221,11 +337,10 @@ def run_effects(args: argparse.Namespace) -> int:
 
             if args.data is None:
                 raise ValueError("--model needs --data PREPARED_DIR")
-            model, loss_cfg = load_pretrained(args.model), LossConfig()
+            loss_cfg = _with_loss_flags(LossConfig(), loss_flags, "the default ")  # before the model loads
+            model = load_pretrained(args.model)
             data_dir, source = args.data, args.model
             vocab_origin = f"the config.json or GGUF header of --model {args.model!r}"
-        overrides = {k: v for k in ("threshold", "high", "low") if (v := getattr(args, k)) is not None}
-        loss_cfg = dataclasses.replace(loss_cfg, **overrides)
         prepared = read_summary(data_dir)
         tokenizer_name = args.tokenizer or (prepared or {}).get("tokenizer")
         if tokenizer_name is None:

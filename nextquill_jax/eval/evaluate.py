@@ -61,7 +61,14 @@ from nextquill_jax.train.setup import (
     reference_params,
     step_settings,
 )
-from nextquill_jax.train.workdir import CONFIG_FILE, LoadedModel, data_dir_of, reading_mesh, restore_model
+from nextquill_jax.train.workdir import (
+    CONFIG_FILE,
+    LoadedModel,
+    data_dir_of,
+    reading_config,
+    reading_mesh,
+    restore_model,
+)
 
 PromptChoice = Literal["auto", "with", "without"]
 _STREAM_FIELD = {"with": "prompt_with", "without": "prompt_without"}
@@ -70,7 +77,8 @@ _STREAM_TEXT = {"with": "prompt_with_history", "without": "prompt_without_histor
 
 def load_model_path(workdir: str | Path, model_path: str, mesh: Mesh | None = None) -> LoadedModel:
     """A `load_pretrained` path or packaged name, run with the runtime settings (dtypes, attention) of the
-    run's `config.yaml` in `workdir`, whose data it is evaluated on.
+    run's `config.yaml` in `workdir`, whose data it is evaluated on (an attention this backend cannot run
+    replaced by `xla`: `reading_config`).
 
     Raises:
         FileNotFoundError: `workdir` has no config.yaml.
@@ -79,7 +87,7 @@ def load_model_path(workdir: str | Path, model_path: str, mesh: Mesh | None = No
     config_file = Path(workdir) / CONFIG_FILE
     if not config_file.exists():
         raise FileNotFoundError(f"{config_file} does not exist: is {workdir} a training workdir?")
-    cfg = load_config(config_file)
+    cfg = reading_config(load_config(config_file), str(config_file))
     mesh = reading_mesh(cfg) if mesh is None else mesh
     section = dataclasses.replace(cfg.model, path=model_path, preset=None, overrides={})
     graphdef, params = model_setup.load_params(section, mesh, cfg.train.seed)
@@ -278,7 +286,8 @@ def evaluate(
 
     Raises:
         FileNotFoundError: no checkpoint / config / prepared split (naming what to run).
-        ValueError: a bad argument, or prepared files that disagree.
+        ValueError: a bad argument (a `generation_overrides` value out of range: before a model is loaded),
+            or prepared files that disagree.
         ConfigError: the run's config cannot be used here (mesh, model source), or the split holds a token
             id outside the vocabulary of the model or of its reference model (`model_setup.check_token_ids`).
     """
@@ -288,6 +297,8 @@ def evaluate(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if loaded is not None and (step is not None or model_path is not None):
         raise ValueError("evaluate: pass `loaded`, or `step` / `model_path` to load a model, not both")
+    if generation is None and generation_overrides:  # GenerationConfig checks each field alone: a bad value
+        dataclasses.replace(GenerationConfig(), **generation_overrides)  # is refused before the restore
     if loaded is None:
         loaded = restore_model(workdir, step) if model_path is None else load_model_path(workdir, model_path)
     cfg = loaded.config

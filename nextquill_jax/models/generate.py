@@ -15,7 +15,8 @@ applied in its order to the float32 logits of the last position:
   2. with sampling only: `TemperatureLogitsWarper` (logits / temperature), `TopKLogitsWarper` (logits below
      the k-th largest set to -inf; ties with it kept), `TopPLogitsWarper` (ascending sort, tokens whose
      cumulative probability is <= 1 - top_p removed, the most probable always kept).
-Then greedy takes the first argmax, sampling draws from softmax of the processed logits. A finished row emits
+Then greedy takes the first argmax, sampling draws from softmax of the processed logits (each row with its
+own key: the seed folded with its example's index, then with the step). A finished row emits
 `pad_token_id` from the step after its end-of-sequence token on, as transformers does.
 """
 
@@ -56,7 +57,9 @@ class GenerationConfig:
         `repetition_penalty`: > 0; the logits of tokens already in the row (prompt included) are divided by
             it where positive and multiplied where negative (transformers'); 1 turns it off. Applied in
             greedy decoding too.
-        `seed`: the sampling key's seed.
+        `seed`: the sampling seed; each prompt draws its noise from it and the prompt's index among those
+            generated for (in `evaluate`, its index in the split), so the same seed, prompts, order and
+            settings give the same samples, whatever the batch size (`generate`).
 
     Raises:
         ValueError: naming the field, for a value out of range.
@@ -171,14 +174,16 @@ def process_logits(logits: jax.Array, seen: jax.Array, cfg: GenerationConfig) ->
 
 
 def choose_tokens(
-    logits: jax.Array, seen: jax.Array, settings: ProcessorSettings, key: jax.Array
+    logits: jax.Array, seen: jax.Array, settings: ProcessorSettings, keys: jax.Array
 ) -> jax.Array:
     """The next token of every row, [B] int32, from the last-position logits [B, V]: the first argmax of the
-    penalised logits, or (do_sample) a draw from the softmax of the processed ones."""
+    penalised logits, or (do_sample) a draw from the softmax of the processed ones, row b's with `keys[b]`
+    (keys [B])."""
     logits = repetition_penalty(logits.astype(jnp.float32), seen, settings.repetition_penalty)
+    draw = jax.vmap(jax.random.categorical)  # one key per row: a row's draw does not depend on the others
     return jax.lax.cond(
         settings.do_sample,
-        lambda: jax.random.categorical(key, _warp(logits, settings), axis=-1).astype(jnp.int32),
+        lambda: draw(keys, _warp(logits, settings)).astype(jnp.int32),
         lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32),
     )
 
@@ -250,6 +255,31 @@ def _check_token_ids(
         )
 
 
+def _stop_and_pad_ids(eos_token_ids: int | Sequence[int], pad_token_id: int) -> tuple[tuple[int, ...], int]:
+    """`eos_token_ids` as a tuple of ints (a bare int, transformers' `eos_token_id` spelling, is one id) and
+    `pad_token_id` as an int.
+
+    Raises:
+        ValueError: `eos_token_ids` empty or holding anything but ints, or `pad_token_id` not an int (None
+            included), naming the argument and the fix.
+    """
+    is_id = lambda x: isinstance(x, int | np.integer) and not isinstance(x, bool | np.bool_)
+    ids = [eos_token_ids] if is_id(eos_token_ids) else eos_token_ids
+    if isinstance(ids, str | bytes) or not isinstance(ids, Sequence | np.ndarray) or not all(map(is_id, ids)):
+        raise ValueError(
+            f"eos_token_ids must be a token id (int) or a list of them, got {eos_token_ids!r}. Fix: pass the "
+            "tokenizer's eos_token_id"
+        )
+    if len(ids) == 0:
+        raise ValueError("eos_token_ids is empty: give at least one end-of-sequence token id")
+    if not is_id(pad_token_id):
+        raise ValueError(
+            f"pad_token_id must be a token id (int), got {pad_token_id!r}. Fix: pass the tokenizer's "
+            "pad_token_id, or its eos_token_id when it has none"
+        )
+    return tuple(int(t) for t in ids), int(pad_token_id)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # The compiled decode loop.
 
@@ -259,6 +289,7 @@ def _decode(
     input_ids: jax.Array,
     attention_mask: jax.Array,
     key: jax.Array,
+    example_ids: jax.Array,
     settings: ProcessorSettings,
     pad_token_id: jax.Array,
     *,
@@ -267,7 +298,8 @@ def _decode(
     eos_token_ids: tuple[int, ...],
     cache_shardings: KVCache | None,
 ) -> jax.Array:
-    """input_ids / attention_mask [B, P] (left-padded), pad_token_id int32 [] -> new tokens
+    """input_ids / attention_mask [B, P] (left-padded), example_ids [B] int32 (row b samples with
+    fold_in(key, example_ids[b]) folded with the step), pad_token_id int32 [] -> new tokens
     [B, max_new_tokens] int32."""
     model: CausalLM = nnx.merge(graphdef, state)
     b, p = input_ids.shape
@@ -292,6 +324,8 @@ def _decode(
     prompt_ids = jnp.where(mask > 0, input_ids, vocab)
     seen = jnp.zeros((b, vocab), jnp.bool_).at[rows[:, None], prompt_ids].set(True, mode="drop")  # [B, V]
     eos = jnp.asarray(eos_token_ids, jnp.int32)
+    example_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, example_ids)  # [B]
+    step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))
 
     def cond(carry):
         i, _, _, _, finished, _, _ = carry
@@ -299,7 +333,7 @@ def _decode(
 
     def body(carry):
         i, logits, cache, seen, finished, next_position, out = carry
-        token = choose_tokens(logits[:, -1], seen, settings, jax.random.fold_in(key, i))  # [B]
+        token = choose_tokens(logits[:, -1], seen, settings, step_keys(example_keys, i))  # [B]
         token = jnp.where(finished, pad_token_id, token)
         out = out.at[:, i].set(token)
         seen = seen.at[rows, token].set(True)
@@ -324,10 +358,11 @@ def _decode(
 def decoder(mesh: Mesh | None = None, rules: LogicalRules = DEFAULT_RULES):
     """The jitted decode function for `mesh` (None: one device), shared by every call with that mesh.
 
-    Its signature: `(state, input_ids [B, P], attention_mask [B, P], key, settings, pad_token_id, *, graphdef,
-    max_new_tokens, eos_token_ids, cache_shardings) -> [B, max_new_tokens] int32` (replicated on the mesh).
-    It compiles once per (model graph, B, P, max_new_tokens, stop tokens): the processor settings and the pad
-    token are traced. `decoder(mesh)._cache_size()` counts the compiled versions.
+    Its signature: `(state, input_ids [B, P], attention_mask [B, P], key, example_ids [B], settings,
+    pad_token_id, *, graphdef, max_new_tokens, eos_token_ids, cache_shardings) -> [B, max_new_tokens] int32`
+    (replicated on the mesh). It compiles once per (model graph, B, P, max_new_tokens, stop tokens): the
+    processor settings, the example ids and the pad token are traced. `decoder(mesh)._cache_size()` counts
+    the compiled versions.
     """
     out = None if mesh is None else NamedSharding(mesh, PartitionSpec())
     static = ("graphdef", "max_new_tokens", "eos_token_ids", "cache_shardings")
@@ -348,9 +383,10 @@ def generate_ids(
     attention_mask: np.ndarray,
     cfg: GenerationConfig,
     *,
-    eos_token_ids: Sequence[int],
+    eos_token_ids: int | Sequence[int],
     pad_token_id: int,
     rows: int | None = None,
+    example_ids: Sequence[int] | None = None,
     mesh: Mesh | None = None,
     rules: LogicalRules = DEFAULT_RULES,
 ) -> np.ndarray:
@@ -362,12 +398,16 @@ def generate_ids(
         model: the model (its parameters sharded on `mesh` when one is given).
         input_ids, attention_mask: [B, P] int, left-padded (mask 0 on padding); every row has a token.
         cfg: decoding settings.
-        eos_token_ids: tokens that end a row (one or more).
+        eos_token_ids: tokens that end a row: a list of one or more ids, or one id as an int (transformers'
+            `eos_token_id` spelling).
         pad_token_id: the token emitted by finished rows (and used as left padding). Any int32 id, inside
             the vocabulary or not (e.g. a tokenizer's added <pad> at len(tokenizer)): padding enters the
             model as token 0 under mask 0, so it does not change the tokens.
         rows: pad the batch with dummy rows up to this many (a fixed row count keeps one compiled shape for
             every batch of a split); None: B rounded up to a multiple of the mesh's batch shards.
+        example_ids: [B] ints in [0, 2**31): row b samples with the key `fold_in(key(cfg.seed),
+            example_ids[b])` (folded with the step), so its draws do not depend on the other rows; `generate`
+            passes each prompt's index. None: 0..B-1, the rows' own indices. Greedy decoding ignores them.
         mesh, rules: run sharded: rows over the `batch` rule's axes, parameters and the KV cache by `rules`.
 
     The prompt length is padded on the left to `prompt_bucket(P)`, so prompts whose lengths share a bucket
@@ -375,15 +415,15 @@ def generate_ids(
 
     Raises:
         ValueError: shapes that differ, a row without tokens, padding that is not on the left, no EOS token,
-            a prompt token (mask != 0) or EOS id outside [0, vocab_size) (naming it), or `rows` below B.
+            an EOS or pad id that is not an int, a prompt token (mask != 0) or EOS id outside
+            [0, vocab_size) (naming it), `rows` below B, or `example_ids` not B ints in [0, 2**31).
     """
     input_ids, attention_mask = np.asarray(input_ids, np.int32), np.asarray(attention_mask, np.int32)
     if input_ids.ndim != 2 or input_ids.shape != attention_mask.shape:
         raise ValueError(
             f"input_ids {input_ids.shape} and attention_mask {attention_mask.shape} must both be [B, P]"
         )
-    if not eos_token_ids:
-        raise ValueError("eos_token_ids is empty: give at least one end-of-sequence token id")
+    eos_token_ids, pad_token_id = _stop_and_pad_ids(eos_token_ids, pad_token_id)
     _check_left_padded(attention_mask)
     _check_token_ids(input_ids, attention_mask, eos_token_ids, model.cfg.vocab_size)
     b, p = input_ids.shape
@@ -398,6 +438,8 @@ def generate_ids(
     mask = np.zeros((target_rows, bucket), np.int32)
     ids[:b, bucket - p :], mask[:b, bucket - p :] = input_ids, attention_mask
     ids[b:, -1], mask[b:, -1] = 0, 1  # dummy rows: one token (id 0) each, their output discarded
+    examples = np.zeros(target_rows, np.int32)  # the dummy rows' noise is discarded with their output
+    examples[:b] = _example_ids(example_ids, b)
 
     graphdef, state = nnx.split(model)
     key = jax.random.key(cfg.seed)
@@ -408,27 +450,47 @@ def generate_ids(
         ids, mask = (
             jax.make_array_from_callback(a.shape, sharding, lambda index, a=a: a[index]) for a in (ids, mask)
         )
+        by_row = logical_to_sharding(PartitionSpec("batch"), mesh, rules)
+        examples = jax.make_array_from_callback(examples.shape, by_row, lambda index, a=examples: a[index])
         cache_shardings = _cache_shardings(model, target_rows, bucket + cfg.max_new_tokens, mesh, rules)
     out = decoder(mesh, tuple(rules))(
         state,
         ids,
         mask,
         key,
+        examples,
         ProcessorSettings.of(cfg),
         jnp.asarray(pad_token_id, jnp.int32),
         graphdef=graphdef,
         max_new_tokens=cfg.max_new_tokens,
-        eos_token_ids=tuple(int(t) for t in eos_token_ids),
+        eos_token_ids=eos_token_ids,
         cache_shardings=cache_shardings,
     )
     return np.asarray(jax.device_get(out))[:b]
 
 
-def strip_after_eos(tokens: np.ndarray, eos_token_ids: Sequence[int]) -> list[list[int]]:
-    """[B, N] generated tokens -> per row the tokens before its first end-of-sequence token."""
+def _example_ids(example_ids: Sequence[int] | None, b: int) -> np.ndarray:
+    """`generate_ids`' `example_ids` as [b] int32 (default 0..b-1).
+
+    Raises:
+        ValueError: not b ints in [0, 2**31).
+    """
+    if example_ids is None:
+        return np.arange(b, dtype=np.int32)
+    given = np.asarray(example_ids)
+    if given.shape != (b,) or given.dtype.kind not in "iu" or ((given < 0) | (given >= 2**31)).any():
+        raise ValueError(
+            f"example_ids must be {b} ints in [0, 2**31), one per row of input_ids, got {example_ids!r}"
+        )
+    return given.astype(np.int32)
+
+
+def strip_after_eos(tokens: np.ndarray, eos_token_ids: int | Sequence[int]) -> list[list[int]]:
+    """[B, N] generated tokens -> per row the tokens before its first end-of-sequence token (`eos_token_ids`:
+    a list of ids, or one as an int)."""
     out = []
     for row in np.asarray(tokens):
-        ends = np.flatnonzero(np.isin(row, list(eos_token_ids)))
+        ends = np.flatnonzero(np.isin(row, eos_token_ids))
         out.append(row[: ends[0] if ends.size else len(row)].tolist())
     return out
 
@@ -438,7 +500,7 @@ def generate(
     prompts: Sequence[Sequence[int]],
     cfg: GenerationConfig,
     *,
-    eos_token_ids: Sequence[int],
+    eos_token_ids: int | Sequence[int],
     pad_token_id: int,
     batch_size: int = 8,
     mesh: Mesh | None = None,
@@ -450,13 +512,22 @@ def generate(
 
     Prompts are sorted by length and decoded `batch_size` at a time (the last batch padded with dummy rows),
     so a batch holds prompts of similar lengths and every batch has the same row count. `on_batch(done,
-    total)` is called after each batch. Sampling uses `cfg.seed` per batch, so samples depend on
-    `batch_size`.
+    total)` is called after each batch.
+
+    Sampling draws a prompt's noise from `cfg.seed` and the prompt's index in `prompts` (`generate_ids`'
+    `example_ids`), not from its row: the same seed, prompts in the same order and decoding settings give the
+    same samples with any `batch_size`, and a prompt keeps its sample when prompts after it are left out
+    (`evaluate --max-examples`). Its batch still sets how much left padding it gets (the bucket of the
+    batch's longest prompt), which can move its logits by floating-point rounding and so, rarely, change a
+    sampled token; and a prompt at another index (another split, or the prompts reordered) draws other
+    noise.
 
     Raises:
         ValueError: an empty prompt, a prompt token outside [0, vocab_size) (naming the prompt), `batch_size`
-            < 1 or not a multiple of the mesh's batch shards; and as `generate_ids`.
+            < 1 or not a multiple of the mesh's batch shards; and as `generate_ids` (whose `eos_token_ids`
+            and `pad_token_id` these are).
     """
+    eos_token_ids, pad_token_id = _stop_and_pad_ids(eos_token_ids, pad_token_id)
     shards = 1 if mesh is None else batch_shard_count(mesh, rules)
     if batch_size < 1 or batch_size % shards:
         raise ValueError(
@@ -487,6 +558,7 @@ def generate(
             eos_token_ids=eos_token_ids,
             pad_token_id=pad_token_id,
             rows=batch_size,
+            example_ids=chunk,
             mesh=mesh,
             rules=rules,
         )

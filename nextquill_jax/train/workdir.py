@@ -20,7 +20,7 @@ from nextquill_jax import parallel
 from nextquill_jax.config import CheckpointConfig, Config, load_config
 from nextquill_jax.config_schema import ConfigError
 from nextquill_jax.data.checksums import IntegrityError
-from nextquill_jax.models import CausalLM, lora
+from nextquill_jax.models import CausalLM, attention, lora
 from nextquill_jax.train import adapters, model_setup
 from nextquill_jax.train.checkpoint import Checkpointer, moved_aside, verify_error
 
@@ -120,6 +120,34 @@ def reading_mesh(cfg: Config) -> Mesh:
     return parallel.make_mesh(READING_FALLBACK)
 
 
+def reading_config(cfg: Config, source: str) -> Config:
+    """The config to read a trained run with here (evaluate, effects, export, a reference model): `cfg`, but
+    where its `model.attention_impl` cannot run on JAX's backend (a `cudnn` run read without an NVIDIA GPU, a
+    `splash` one without a TPU), `xla` instead, with a note on stderr naming `source` (where `cfg` was read)
+    and the setting. `xla` applies the same mask rule (causal, within a segment; padding outputs unused), so
+    the model's outputs are the same up to rounding; `model.cudnn_max_segments`, a setting of cuDNN's packed
+    mode, is dropped with it. Training keeps refusing such a setting (`model_setup.check_attention`): a run
+    is not silently trained with another kernel than its config names.
+    """
+    impl = cfg.model.attention_impl
+    try:  # looked up when called, so that tests emulating cuDNN on CPU (replacing it) keep `cudnn`
+        attention.check_attention_backend(impl)
+    except ValueError:
+        pass
+    else:
+        return cfg
+    segments = cfg.model.cudnn_max_segments
+    dropped = "" if segments is None else f" (without its model.cudnn_max_segments: {segments})"
+    print(
+        f"note: {source} sets model.attention_impl={impl!r}, which JAX cannot run on "
+        f"{jax.default_backend()!r}; reading the model with model.attention_impl='xla'{dropped}, the same "
+        "attention computed blockwise in XLA",
+        file=sys.stderr,
+    )
+    model = dataclasses.replace(cfg.model, attention_impl="xla", cudnn_max_segments=None)
+    return dataclasses.replace(cfg, model=model)
+
+
 def single_device_mesh() -> Mesh:
     """A mesh of this process's first device (all axes of size 1)."""
     return parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.local_devices()[:1])
@@ -128,7 +156,7 @@ def single_device_mesh() -> Mesh:
 @dataclasses.dataclass(frozen=True)
 class RestoredParams:
     """A checkpoint's trained parameters (the model's, or the LoRA adapters under `model.lora`), placed on
-    `mesh`, with the config saved with it."""
+    `mesh`, with the config saved with it (as `reading_config` reads it here)."""
 
     params: dict
     config: Config
@@ -140,7 +168,7 @@ class RestoredParams:
 def restore_params(workdir: str | Path, step: int | None = None, mesh: Mesh | None = None) -> RestoredParams:
     """The trained parameters of checkpoint `step` (default: the newest that verifies against its manifest;
     damaged newer ones are named on stderr) of the run in `workdir`, placed on `mesh` by the default rules
-    (default: the config's mesh).
+    (default: the config's mesh); the config saved with it as `reading_config` reads it here.
 
     Raises:
         FileNotFoundError: no checkpoints directory, no complete checkpoint, or none at `step` (naming the
@@ -160,9 +188,10 @@ def restore_params(workdir: str | Path, step: int | None = None, mesh: Mesh | No
             raise IntegrityError(f"no checkpoint in {directory} verifies (see the lines above)")
         if chosen is None:  # no step at all: say so, naming any a resume moved aside as damaged
             raise FileNotFoundError(f"{verify_error(directory, [], moved_aside(directory))} {STEP_0_HINT}")
-        cfg = load_config(None, base=ckpt.read_config(chosen))  # raises if `chosen` is not complete
-        mesh = reading_mesh(cfg) if mesh is None else mesh
         source = f"{directory / str(chosen)}"
+        cfg = load_config(None, base=ckpt.read_config(chosen))  # raises if `chosen` is not complete
+        cfg = reading_config(cfg, f"the config saved with checkpoint {source}")
+        mesh = reading_mesh(cfg) if mesh is None else mesh
         lora_cfg = cfg.model.lora
         if lora_cfg is None:
             mcfg = model_setup.model_config(cfg.model)
@@ -189,11 +218,11 @@ def restore_params(workdir: str | Path, step: int | None = None, mesh: Mesh | No
 
 def restore_model(workdir: str | Path, step: int | None = None, mesh: Mesh | None = None) -> LoadedModel:
     """The model of checkpoint `step` (default: the newest that verifies) of the run in `workdir`, with the
-    config saved with that checkpoint; a LoRA run's adapters are merged into its base (W + (alpha / r)·A·B,
-    the merged kernels in float32: `_merged_lora_model`).
-    Step 0 is the model the run starts from (`initial_model`): no checkpoint holds it, since training saves
-    after a step, and a compare `train: false` variant's directory has only that one. Parameters are placed
-    on `mesh` by the default rules (default: the config's mesh).
+    config saved with that checkpoint (its attention one that runs here: `reading_config`); a LoRA run's
+    adapters are merged into its base (W + (alpha / r)·A·B, the merged kernels in float32:
+    `_merged_lora_model`). Step 0 is the model the run starts from (`initial_model`): no checkpoint holds it,
+    since training saves after a step, and a compare `train: false` variant's directory has only that one.
+    Parameters are placed on `mesh` by the default rules (default: the config's mesh).
 
     Raises:
         FileNotFoundError / IntegrityError / ConfigError: as `restore_params`, or for step 0 as
@@ -230,8 +259,8 @@ def initial_model(workdir: str | Path, mesh: Mesh | None = None) -> LoadedModel:
     checkpoint of step 0: a `model.preset` with its `model.overrides`, randomly initialised from `train.seed`
     as training initialises it, or `model.path` loaded with them; under `model.lora`, the base as the
     adapters see it merged with the initial adapters (`_merged_lora_model`; fresh ones leave its values
-    unchanged). Parameters are placed
-    on `mesh` by the default rules (default: the config's mesh).
+    unchanged). Parameters are placed on `mesh` by the default rules (default: the config's mesh); the config
+    is read by `reading_config`.
 
     Raises:
         FileNotFoundError: `workdir` has no config.yaml.
@@ -240,7 +269,7 @@ def initial_model(workdir: str | Path, mesh: Mesh | None = None) -> LoadedModel:
     config_file = Path(workdir) / CONFIG_FILE
     if not config_file.exists():
         raise FileNotFoundError(f"{config_file} does not exist: is {workdir} a training workdir?")
-    cfg = load_config(config_file)
+    cfg = reading_config(load_config(config_file), str(config_file))
     mesh = reading_mesh(cfg) if mesh is None else mesh
     lora_cfg, seed = cfg.model.lora, cfg.train.seed
     section = cfg.model if lora_cfg is None else adapters.base_section(cfg.model)

@@ -199,11 +199,12 @@ def test_bad_compare_files_are_errors(compared, tmp_path):
 
 
 def test_an_untrained_variant_resolves_cudnn_max_segments_auto_from_the_evaluated_split(
-    tmp_path, write_random_data, tiny_config
+    tmp_path, write_random_data, tiny_config, monkeypatch
 ):
     """A `train: false` variant with `model.cudnn_max_segments: auto` (no training set-up to resolve it) is
     saved with the most examples a row of the evaluated split holds, counted from the batches evaluation
-    yields, and its model loads with that bound."""
+    yields, and its model loads with that bound (on a GPU: the backend check lifted, as there; on CPU it
+    would be read with xla, `reading_config`)."""
     import dataclasses
 
     from flax import nnx
@@ -212,8 +213,10 @@ def test_an_untrained_variant_resolves_cudnn_max_segments_auto_from_the_evaluate
     from nextquill_jax.data.pipeline import BatchPipeline
     from nextquill_jax.data.prepared_split import PreparedSplit
     from nextquill_jax.eval.compare import untrained_config
-    from nextquill_jax.models import CausalLM, save_pretrained
+    from nextquill_jax.models import CausalLM, attention, save_pretrained
     from nextquill_jax.train.workdir import initial_model
+
+    monkeypatch.setattr(attention, "check_attention_backend", lambda impl, **_: None)
 
     data = write_random_data(tmp_path / "data", train=8, val=8)
     raw = tiny_config(data, tmp_path / "unused")

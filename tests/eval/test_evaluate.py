@@ -224,6 +224,27 @@ def test_a_batch_size_below_1_is_refused_before_a_model_is_loaded(tmp_path):
         evaluate(tmp_path / "no_run", "test", batch_size=0)
 
 
+def test_a_decoding_override_out_of_range_is_refused_before_a_model_is_loaded(tmp_path):
+    # Not a workdir: loading a model first would raise FileNotFoundError instead.
+    with pytest.raises(ValueError) as e:
+        evaluate(tmp_path / "no_run", "test", generation_overrides={"temperature": 0.0})
+    assert str(e.value) == (
+        "GenerationConfig.temperature must be > 0, got 0.0; for greedy decoding set do_sample=False"
+    )
+
+
+def test_effects_names_a_low_flag_above_the_runs_high(trained_run, tmp_path, capsys):
+    """--low alone against the run's loss.high (0.8), known once the checkpoint is read: its flag named, where
+    LossConfig's field names were."""
+    out = tmp_path / "report"
+    assert main(["effects", "--workdir", str(trained_run.workdir), "--low", "0.85", "--out", str(out)]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "error: --low 0.85 is above the run's loss.high 0.8: preference-bearing tokens must not weigh less "
+        "than the others. Fix: pass --high too, or a --low <= 0.8"
+    )
+    assert not (out / "summary.json").exists()
+
+
 def test_a_batch_size_that_does_not_split_over_the_batch_shards_is_refused_before_the_loss_pass(
     trained_run, tmp_path, monkeypatch
 ):
@@ -317,6 +338,72 @@ def test_split_losses_raise_a_too_small_cudnn_max_segments_of_model_and_referenc
     assert all(np.isfinite(values(small)))
     np.testing.assert_allclose(values(small), values(large), rtol=1e-5)
     assert small["tokens"] == large["tokens"]
+
+
+def _as_saved_with(workdir, **model) -> None:
+    """Rewrite the `model` keys of `workdir`'s config.yaml and of its checkpoint 2's saved config (re-hashed
+    in its manifest): the files a run with those settings (e.g. on a GPU) writes."""
+    import yaml
+
+    from nextquill_jax.train.checkpoint import MANIFEST, write_manifest
+
+    config_file = workdir / "config.yaml"
+    cfg = yaml.safe_load(config_file.read_text())
+    cfg["model"].update(model)
+    config_file.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    saved = workdir / "checkpoints" / "2" / "config" / "metadata"
+    cfg = json.loads(saved.read_text())
+    cfg["model"].update(model)
+    saved.write_text(json.dumps(cfg))
+    (saved.parents[1] / MANIFEST).unlink()  # else listed in the new one
+    write_manifest(saved.parents[1])
+
+
+def test_a_run_saved_with_an_attention_this_backend_lacks_is_read_with_xla(trained_run, tmp_path, capsys):
+    """A GPU run's checkpoint (model.attention_impl: cudnn in bfloat16, cuDNN's packed mode with at most 1
+    example per row) evaluated on CPU: read with `xla` and a note naming the saved setting, its predictions
+    and loss equal those of the same checkpoint saved with `xla`. It was refused after the restore, with a
+    fix no flag could apply. Training such a config still refuses it (tests/test_config.py)."""
+    from nextquill_jax.eval.evaluate import load_model_path
+    from nextquill_jax.train.workdir import initial_model
+
+    workdirs = {}
+    for impl, segments in (("xla", None), ("cudnn", 1)):
+        workdirs[impl] = tmp_path / impl
+        shutil.copytree(trained_run.workdir, workdirs[impl])
+        _as_saved_with(
+            workdirs[impl], compute_dtype="bfloat16", attention_impl=impl, cudnn_max_segments=segments
+        )
+    capsys.readouterr()
+    results = {
+        impl: evaluate(workdir, "test", generation=GEN, out_dir=workdir / "out", echo=lambda _: None)
+        for impl, workdir in workdirs.items()
+    }
+    checkpoint = workdirs["cudnn"] / "checkpoints" / "2"
+    backend = "JAX cannot run on 'cpu'; reading the model with model.attention_impl='xla'"
+    same = "the same attention computed blockwise in XLA"
+    assert capsys.readouterr().err.splitlines() == [
+        f"note: the config saved with checkpoint {checkpoint} sets model.attention_impl='cudnn', which "
+        f"{backend} (without its model.cudnn_max_segments: 1), {same}"
+    ]
+    predictions = {
+        impl: (workdir / "out" / "predictions.jsonl").read_text() for impl, workdir in workdirs.items()
+    }
+    assert predictions["cudnn"] == predictions["xla"] and predictions["xla"].count("\n") == 5
+    xla, cudnn = results["xla"]["loss"], results["cudnn"]["loss"]
+    assert cudnn["tokens"] == xla["tokens"] > 0
+    assert cudnn["loss"] == pytest.approx(xla["loss"], abs=1e-6)
+    assert cudnn["terms"] == pytest.approx(xla["terms"], abs=1e-6)
+
+    # The run's untrained model (step 0, from config.yaml) and a --model path run with its settings.
+    config_file = workdirs["cudnn"] / "config.yaml"
+    note = f"note: {config_file} sets model.attention_impl='cudnn', which {backend} (without its "
+    assert initial_model(workdirs["cudnn"]).model.cfg.attention_impl == "xla"
+    assert capsys.readouterr().err.startswith(note)
+    loaded = load_model_path(workdirs["cudnn"], str(trained_run.exported))
+    assert (loaded.model.cfg.attention_impl, loaded.model.cfg.cudnn_max_segments) == ("xla", None)
+    assert loaded.config.model.compute_dtype == "bfloat16"
+    assert capsys.readouterr().err.startswith(note)
 
 
 def test_a_nan_loss_is_written_null_in_metrics_json(run, tmp_path, monkeypatch):

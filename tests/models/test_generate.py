@@ -212,6 +212,41 @@ def test_sampling_draws_vary_with_seed_and_repeat_with_it(tiny, tiny_case):
     assert not np.array_equal(a, c)
 
 
+def test_a_prompts_sample_depends_on_its_index_not_on_its_batch(tiny, tiny_case):
+    """Sampling keys each prompt by the seed and its index in `prompts`: the same samples with any batch size,
+    alone or among the others, when later prompts are left out (the 5, 17 and 3-token prompts also get
+    another amount of left padding). The first draws equal jax.random.categorical with that key (seed,
+    index, step 0) on transformers' logits of each prompt / temperature."""
+    reference, model = tiny
+    prompts, ids, mask, eos, _ = tiny_case
+    cfg = GenerationConfig(
+        max_new_tokens=8, do_sample=True, temperature=2.0, top_k=0, top_p=1.0, repetition_penalty=1.0, seed=7
+    )
+    sample = lambda batch, size: generate(
+        model, batch, cfg, eos_token_ids=[eos], pad_token_id=PAD, batch_size=size
+    )
+    together = sample(prompts, 8)
+    assert sample(prompts, 2) == sample(prompts, 1) == together
+    assert sample(prompts[:3], 4) == together[:3] and sample(prompts[:1], 4) == together[:1]
+    assert len({tuple(t) for t in together}) == len(prompts)  # the draws differ: the check has teeth
+
+    first = GenerationConfig(**{**cfg.__dict__, "max_new_tokens": 1})
+    drawn = generate_ids(model, ids, mask, first, eos_token_ids=[eos], pad_token_id=PAD)[:, 0]
+    with torch.no_grad():
+        logits = reference(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits[:, -1]
+    keys = [jax.random.fold_in(jax.random.fold_in(jax.random.key(7), i), 0) for i in range(len(prompts))]
+    expected = [int(jax.random.categorical(k, z / 2.0)) for k, z in zip(keys, logits.numpy(), strict=True)]
+    assert drawn.tolist() == expected
+    assert generate(model, prompts, first, eos_token_ids=[eos], pad_token_id=PAD, batch_size=3) == [
+        [t] if t != eos else [] for t in expected
+    ]
+    with pytest.raises(ValueError) as e:
+        generate_ids(model, ids, mask, cfg, eos_token_ids=[eos], pad_token_id=PAD, example_ids=[0, 1])
+    assert str(e.value) == (
+        f"example_ids must be {len(prompts)} ints in [0, 2**31), one per row of input_ids, got [0, 1]"
+    )
+
+
 def test_pad_id_outside_the_vocabulary_gives_the_same_tokens(tiny, tiny_case):
     """A tokenizer's added <pad> at len(tokenizer) >= V (or a negative one) is only padding and the token of
     finished rows: the tokens before EOS are transformers' (with pad 0), and after EOS each row holds the pad
@@ -240,6 +275,47 @@ def test_token_ids_outside_the_vocabulary_are_refused(tiny):
             generate(model, [[5, 6], [5, bad]], GREEDY, eos_token_ids=[1], pad_token_id=0)
         with pytest.raises(ValueError, match=rf"eos_token_ids \[{bad}\] are outside .*\[0, {VOCAB}\)"):
             generate_ids(model, ok, mask, GREEDY, eos_token_ids=[1, bad], pad_token_id=0)
+
+
+def test_an_int_eos_is_one_id_and_ids_that_are_not_ints_are_refused_by_name(tiny, tiny_case):
+    """transformers spells one end token as a bare int (`eos_token_id=7`): it is the list of that id, id 0
+    included (it was 'not iterable', and 0 'empty'); None or a non-int EOS or pad id is refused by name."""
+    _, model = tiny
+    prompts, ids, mask, eos, expected = tiny_case
+    np.testing.assert_array_equal(
+        generate_ids(model, ids, mask, GREEDY, eos_token_ids=eos, pad_token_id=PAD), expected
+    )
+    np.testing.assert_array_equal(
+        generate_ids(model, ids, mask, GREEDY, eos_token_ids=np.int64(eos), pad_token_id=np.int32(PAD)),
+        expected,
+    )
+    assert generate(model, prompts, GREEDY, eos_token_ids=eos, pad_token_id=PAD, batch_size=4) == (
+        strip_after_eos(expected, [eos])
+    )
+    assert strip_after_eos(expected, eos) == strip_after_eos(expected, [eos])
+    zero = GenerationConfig(max_new_tokens=4)
+    np.testing.assert_array_equal(
+        generate_ids(model, ids, mask, zero, eos_token_ids=0, pad_token_id=PAD),
+        generate_ids(model, ids, mask, zero, eos_token_ids=[0], pad_token_id=PAD),
+    )
+    fix_eos = "Fix: pass the tokenizer's eos_token_id"
+    for bad in (None, "7", [eos, None], 7.0, True):
+        message = f"eos_token_ids must be a token id (int) or a list of them, got {bad!r}. {fix_eos}"
+        with pytest.raises(ValueError) as e:
+            generate_ids(model, ids, mask, GREEDY, eos_token_ids=bad, pad_token_id=PAD)
+        assert str(e.value) == message
+        with pytest.raises(ValueError) as e:
+            generate(model, prompts, GREEDY, eos_token_ids=bad, pad_token_id=PAD)
+        assert str(e.value) == message
+    fix_pad = "Fix: pass the tokenizer's pad_token_id, or its eos_token_id when it has none"
+    for bad in (None, 0.0, "0"):
+        message = f"pad_token_id must be a token id (int), got {bad!r}. {fix_pad}"
+        with pytest.raises(ValueError) as e:
+            generate_ids(model, ids, mask, GREEDY, eos_token_ids=[eos], pad_token_id=bad)
+        assert str(e.value) == message
+        with pytest.raises(ValueError) as e:
+            generate(model, prompts, GREEDY, eos_token_ids=[eos], pad_token_id=bad)
+        assert str(e.value) == message
 
 
 def test_prompt_buckets():
