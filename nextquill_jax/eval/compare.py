@@ -130,7 +130,7 @@ class VariantConfig:
         `train`: fine-tune, then evaluate the checkpoint; false: evaluate the model the variant's config
             starts training from (the "not fine-tuned" row): step 0, as `train` would initialise it (a
             `model.preset` with its overrides, random from `train.seed`; a `model.path` with its overrides;
-            under LoRA the base merged with the initial adapters), so that it is the model the trained
+            under LoRA the base carrying the initial adapters), so that it is the model the trained
             variants of the same base start from.
     """
 

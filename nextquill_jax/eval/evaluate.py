@@ -198,7 +198,7 @@ def split_losses(
     ref = None if reference is None else reference[1]
 
     def aux_of(loss_cfg: LossConfig, pipeline: BatchPipeline, graphdef: Any, ref_graphdef: Any) -> dict:
-        settings = dataclasses.replace(  # the model is whole: a LoRA run's adapters are merged into it
+        settings = dataclasses.replace(  # a LoRA run's model carries its adapters (`attach_adapters`)
             step_settings(cfg, ref_graphdef), loss=loss_cfg, lora_scale=None
         )
         step = jit_eval_step(graphdef, settings, mesh, param_shardings, ref_shardings)

@@ -27,7 +27,7 @@ from .attention import attention_mask, self_attention, xla_attention
 from .config import ModelConfig, remat_saved_names
 from .kv_cache import KVCache, empty_cache, write_slots
 from .layers import MLP, RMSNorm, apply_rope, constant_param, normal_param, rope_inv_freq
-from .lora import Adapters, LayerAdapters, add_adapter, layer_slices
+from .lora import Adapters, LayerAdapters, LoraWeight, add_adapter, layer_slices
 
 REMAT_POLICIES: dict[str, Callable | None] = {
     "full": None,  # save nothing: recompute the whole layer in the backward pass
@@ -141,11 +141,14 @@ class CausalLM(nnx.Module):
     Decoding: `logits, cache = model.prefill(prompt_ids, model.init_cache(batch, max_len), ...)` for the
     prompt (through the configured attention), then `logits, cache = model.extend(ids, cache, ...)` for each
     new token.
+    A LoRA run's loaded model carries its adapters (`attach_adapters`), which every forward then applies.
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         dtype = cfg.param_jnp_dtype
         self.cfg = cfg
+        self.lora_weights = None  # adapters this model carries (`attach_adapters`), and their alpha / r
+        self.lora_scale = None
         with nnx.use_eager_sharding(False):
             self.embed = normal_param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype)
             self.layers = _stacked_layers(cfg, rngs)
@@ -175,7 +178,7 @@ class CausalLM(nnx.Module):
         input_ids [B, T] int32; positions [B, T] int32 (RoPE positions, restarting at 0 per segment; default
         0..T-1); segment_ids [B, T] int32 (0 = padding, examples 1, 2, ... of a packed row; default all 1).
         A token attends to earlier tokens of its own segment only. `adapters`: LoRA adapters added to the
-        projections they target (`lora.Adapters`; None: the model alone).
+        projections they target (`lora.Adapters`; None: those the model carries, `attach_adapters`, if any).
 
         Raises:
             ValueError: the config's attention_impl cannot run on this backend.
@@ -187,6 +190,23 @@ class CausalLM(nnx.Module):
 
         x, _ = self._run_layers(self._embed(input_ids), positions, attend, None, adapters)
         return self.final_norm(x)
+
+    def attach_adapters(self, weights: dict, scale: float) -> None:
+        """Carry the LoRA adapters `weights` (as `lora.Adapters.weights`) with scale alpha / r: from then on
+        every forward (`__call__`, `hidden_states`, `prefill`, `extend`) given no `adapters` adds them to
+        the projections they target as training's does, x·W + scale·(x·A)·B in the compute dtype (no
+        dropout), and not merged into the kernels, where a small update would be rounded away in a bfloat16
+        compute dtype. They are `lora.LoraWeight` state: `nnx.split(model)` / `nnx.merge` carry them and
+        `nnx.state(model, nnx.Param)` is the base's parameters alone."""
+        self.lora_weights = nnx.data(jax.tree.map(LoraWeight, weights))
+        self.lora_scale = scale
+
+    def attached_adapters(self) -> Adapters | None:
+        """The adapters this model carries (`attach_adapters`), without dropout; None when it has none."""
+        if self.lora_weights is None:
+            return None
+        is_weight = lambda x: isinstance(x, LoraWeight)
+        return Adapters(jax.tree.map(lambda v: v[...], self.lora_weights, is_leaf=is_weight), self.lora_scale)
 
     def lm_head_weight(self) -> tuple[jax.Array, str]:
         """(W, layout) in the parameter dtype: "vd" = W is the tied embedding [V, D] (logits = h @ W.T),
@@ -330,8 +350,10 @@ class CausalLM(nnx.Module):
         adapters: Adapters | None = None,
     ) -> tuple[jax.Array, object]:
         """Scan the stacked decoder layers over x [B, T, D]; `caches` (a pytree with leading L axis, or None)
-        is scanned alongside and returned updated, and so are the adapters' per-layer weights and keys."""
+        is scanned alongside and returned updated, and so are the adapters' per-layer weights and keys
+        (`adapters`, else those the model carries)."""
         graphdef, state = nnx.split(self.layers)
+        adapters = self.attached_adapters() if adapters is None else adapters
         weights, keys = layer_slices(adapters, self.cfg.num_layers)
 
         def body(h, xs):

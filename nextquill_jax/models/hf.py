@@ -359,7 +359,14 @@ def save_pretrained(
 
     Raises:
         FileExistsError: `out_dir` already holds weight files, naming them (`refuse_existing_weights`).
+        ValueError: `model` carries LoRA adapters (`CausalLM.attach_adapters`), which a Hugging Face
+            directory cannot hold: its parameters alone would be the base.
     """
+    if model.attached_adapters() is not None:
+        raise ValueError(
+            "save_pretrained: the model carries LoRA adapters, which a Hugging Face directory cannot hold. "
+            "Fix: save `workdir.merged_model(model)` (the adapters merged into the kernels)"
+        )
     out_dir = Path(out_dir)
     refuse_existing_weights(out_dir)
     cfg = model.cfg

@@ -7,7 +7,9 @@ logical axes of their kernel (the rank axis unsharded), so they shard by the sam
 
 The adapters travel beside the model, not inside it: `CausalLM.hidden_states(..., adapters=Adapters(...))`
 scans them with the layers, so training differentiates them alone and the frozen base gets no weight gradient.
-`merge` folds them into the kernels (W + (alpha / r)·A·B, in float32) for export, evaluation and decoding.
+A loaded LoRA run's model carries its adapters (`CausalLM.attach_adapters`, as `LoraWeight` state) and applies
+them apart the same way in every forward (evaluation, effect reports, decoding). `merge` folds them into the
+kernels (W + (alpha / r)·A·B, in float32) for `export --merged`.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import struct
+from flax import nnx, struct
 
 # Projection kernels that can take an adapter, and how many of their axes (after `layers`) are inputs.
 INPUT_AXES: dict[tuple[str, str], int] = {
@@ -35,6 +37,11 @@ INPUT_AXES: dict[tuple[str, str], int] = {
 MERGED_DTYPE = "float32"
 # A stable index per kernel, so each target draws its own dropout mask.
 _TARGET_INDEX = {name: i for i, name in enumerate(INPUT_AXES)}
+
+
+class LoraWeight(nnx.Variable):
+    """An adapter matrix (A or B) a model carries (`CausalLM.attach_adapters`): state that `nnx.split` and
+    `nnx.merge` carry with the model, but not an `nnx.Param`: `nnx.state(model, nnx.Param)` is the base's."""
 
 
 @struct.dataclass

@@ -20,7 +20,13 @@ from nextquill_jax.models import load_tokenizer, save_pretrained
 from nextquill_jax.models.hf import refuse_existing_weights
 from nextquill_jax.models.peft import write_peft_adapter
 from nextquill_jax.train import adapters, model_setup
-from nextquill_jax.train.workdir import data_dir_of, restore_model, restore_params, single_device_mesh
+from nextquill_jax.train.workdir import (
+    data_dir_of,
+    merged_model,
+    restore_model,
+    restore_params,
+    single_device_mesh,
+)
 
 
 def export(
@@ -32,7 +38,7 @@ def export(
     config.json's `eos_token_id` also lists the token the run's targets end in (its prepared data's
     `eos_token_id`, the tokenizer's end token) when the model's own end tokens lack it, with a note `echo`ed:
     generation in transformers stops at those ids, and the model learnt to end with that one. A LoRA run's
-    adapted kernels are written merged in float32 (`workdir.restore_model`); one whose base was stored in
+    adapted kernels are written merged in float32 (`workdir.merged_model`); one whose base was stored in
     bfloat16, int8 or nf4 gets a note saying so (`merged_dtype_note`), and with int8 / nf4 that the merged
     weights are that quantized base plus the adapters.
 
@@ -42,7 +48,7 @@ def export(
     """
     refuse_existing_weights(out, fix="pass another --out")
     restored = restore_model(workdir, step, single_device_mesh())
-    model, cfg = restored.model, restored.config
+    model, cfg = merged_model(restored.model), restored.config  # a LoRA run's adapters merged in
     save_pretrained(model, out, tokenizer=load_tokenizer(cfg.data.tokenizer))
     ends = targets_end_token(data_dir_of(cfg, workdir))
     if ends is not None and ends not in model.cfg.eos_token_ids:

@@ -177,8 +177,14 @@ def covering_graphdef(model: CausalLM, examples_per_row: int) -> Any:
     limit = model.cfg.cudnn_max_segments
     if limit is None or examples_per_row <= limit:
         return nnx.graphdef(model)
-    with jax.set_mesh(None):  # abstract_model would read the logical axes as axes of a mesh in context
-        return abstract_model(model.cfg.replace(cudnn_max_segments=examples_per_row))[0]
+    cfg = model.cfg.replace(cudnn_max_segments=examples_per_row)
+    with jax.set_mesh(None):  # eval_shape would read the logical axes as axes of a mesh in context
+        abstract = nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0)))
+    attached = model.attached_adapters()  # a LoRA run's adapters, which the graphdef then carries too
+    if attached is not None:
+        shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), attached.weights)
+        abstract.attach_adapters(shapes, attached.scale)
+    return nnx.graphdef(abstract)
 
 
 def param_shardings(cfg: ModelConfig, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> dict:

@@ -300,8 +300,8 @@ def reference_params(
 
     `base` under LoRA is the frozen base, (graphdef, params), which `reference_model: base` names (the same
     arrays, no copy; loaded here when not given). A training workdir (holding config.yaml and checkpoints/)
-    gives its newest verified checkpoint's model (with the config saved with that checkpoint); anything else
-    is loaded like `model.path`.
+    gives its newest verified checkpoint's model (with the config saved with that checkpoint; a LoRA run's
+    carries its adapters, `workdir.restore_model`); anything else is loaded like `model.path`.
 
     Raises:
         ConfigError: the reference names nothing loadable, or a workdir without a complete checkpoint that
@@ -320,8 +320,8 @@ def reference_params(
             restored = restore_model(source, mesh=mesh)
         except (FileNotFoundError, IntegrityError) as e:
             raise ConfigError(f"loss.reference_model {source!r}: {e}") from None
-        graphdef, params = nnx.split(restored.model, nnx.Param)
-        return graphdef, nnx.to_pure_dict(params)
+        graphdef, state = nnx.split(restored.model)  # a LoRA run's adapters too, applied apart
+        return graphdef, nnx.to_pure_dict(state)
     section = ModelRunConfig(
         path=source, param_dtype=cfg.model.param_dtype, compute_dtype=cfg.model.compute_dtype
     )

@@ -34,7 +34,8 @@ STEP_0_HINT = "The model the run starts from (untrained) is its step 0: pass `--
 @dataclasses.dataclass(frozen=True)
 class LoadedModel:
     """A model placed on `mesh`, and where it came from: the run's config, the checkpoint step (None for a
-    `load_pretrained` path) and a readable `source`."""
+    `load_pretrained` path) and a readable `source`. A LoRA run's model is its base carrying the adapters
+    (`CausalLM.attach_adapters`), which it applies apart as training does; `merged_model` folds them in."""
 
     model: CausalLM
     config: Config
@@ -218,11 +219,11 @@ def restore_params(workdir: str | Path, step: int | None = None, mesh: Mesh | No
 
 def restore_model(workdir: str | Path, step: int | None = None, mesh: Mesh | None = None) -> LoadedModel:
     """The model of checkpoint `step` (default: the newest that verifies) of the run in `workdir`, with the
-    config saved with that checkpoint (its attention one that runs here: `reading_config`); a LoRA run's
-    adapters are merged into its base (W + (alpha / r)·A·B, the merged kernels in float32:
-    `_merged_lora_model`). Step 0 is the model the run starts from (`initial_model`): no checkpoint holds it,
-    since training saves after a step, and a compare `train: false` variant's directory has only that one.
-    Parameters are placed on `mesh` by the default rules (default: the config's mesh).
+    config saved with that checkpoint (its attention one that runs here: `reading_config`); a LoRA run's is
+    its base as training saw it carrying the adapters, applied apart as training applies them (`_lora_model`;
+    `merged_model` merges them). Step 0 is the model the run starts from (`initial_model`): no checkpoint
+    holds it, since training saves after a step, and a compare `train: false` variant's directory has only
+    that one. Parameters are placed on `mesh` by the default rules (default: the config's mesh).
 
     Raises:
         FileNotFoundError / IntegrityError / ConfigError: as `restore_params`, or for step 0 as
@@ -237,28 +238,46 @@ def restore_model(workdir: str | Path, step: int | None = None, mesh: Mesh | Non
         model = nnx.merge(graphdef, restored.params)
     else:
         base = model_setup.load_params(adapters.base_section(cfg.model), restored.mesh, cfg.train.seed)[1]
-        model = _merged_lora_model(cfg, base, restored.params)
+        model = _lora_model(cfg, base, restored.params)
     return LoadedModel(model, cfg, restored.mesh, restored.step, restored.source)
 
 
-def _merged_lora_model(cfg: Config, base: dict, weights: dict) -> CausalLM:
+def _lora_model(cfg: Config, base: dict, weights: dict) -> CausalLM:
     """The LoRA run `cfg`'s base `base` (as `model_setup.load_params` gives it) as its adapters saw it
-    (`adapters.base_as_trained`), with the adapters `weights` merged in: W + (alpha / r)·A·B in float32
-    (`lora.merge`), so it computes what the run trained to float32 rounding whatever `model.lora.base_dtype`.
-    Its config's `param_dtype` is that of the merged kernels (`lora.MERGED_DTYPE`): `save_pretrained` declares
-    it in config.json, so transformers' dtype="auto" does not round them back to the base's bfloat16; the
-    other parameters keep the base's dtype (widened exactly where loaded as float32)."""
+    (`adapters.base_as_trained`), carrying the adapters `weights` (`CausalLM.attach_adapters`): every
+    forward adds x·(alpha / r)·A·B to the adapted projections apart, in the compute dtype, as training's
+    does. Merged into the kernels instead, a small trained update would be rounded away where a bfloat16
+    compute dtype reads them (most of it, in a probe), so evaluation would not see the trained model."""
     lora_cfg = cfg.model.lora
-    params = lora.merge(adapters.base_as_trained(base, lora_cfg), weights, lora_cfg.scale)
-    mcfg = model_setup.model_config(adapters.base_section(cfg.model)).replace(param_dtype=lora.MERGED_DTYPE)
-    return nnx.merge(model_setup.abstract_model(mcfg)[0], params)
+    mcfg = model_setup.model_config(adapters.base_section(cfg.model))
+    model = nnx.merge(model_setup.abstract_model(mcfg)[0], adapters.base_as_trained(base, lora_cfg))
+    model.attach_adapters(weights, lora_cfg.scale)
+    return model
+
+
+def merged_model(model: CausalLM) -> CausalLM:
+    """`model` with the adapters it carries (`CausalLM.attach_adapters`; a LoRA run's `restore_model`)
+    merged into its kernels, for `export --merged`; `model` itself when it carries none.
+
+    The merged kernels are W + (alpha / r)·A·B in float32 (`lora.merge`), so it computes what the run
+    trained to float32 rounding (in a float32 compute dtype) whatever `model.lora.base_dtype`. Its config's
+    `param_dtype` is that of the merged kernels (`lora.MERGED_DTYPE`): `save_pretrained` declares it in
+    config.json, so transformers' dtype="auto" does not round them back to the base's bfloat16; the other
+    parameters keep the base's dtype (widened exactly where loaded as float32)."""
+    attached = model.attached_adapters()
+    if attached is None:
+        return model
+    params = lora.merge(nnx.to_pure_dict(nnx.state(model, nnx.Param)), attached.weights, attached.scale)
+    with jax.set_mesh(None):  # abstract_model would read the logical axes as axes of a mesh in context
+        graphdef = model_setup.abstract_model(model.cfg.replace(param_dtype=lora.MERGED_DTYPE))[0]
+    return nnx.merge(graphdef, params)
 
 
 def initial_model(workdir: str | Path, mesh: Mesh | None = None) -> LoadedModel:
     """The model the run in `workdir` (its config.yaml) starts training from, as `restore_model` would give a
     checkpoint of step 0: a `model.preset` with its `model.overrides`, randomly initialised from `train.seed`
     as training initialises it, or `model.path` loaded with them; under `model.lora`, the base as the
-    adapters see it merged with the initial adapters (`_merged_lora_model`; fresh ones leave its values
+    adapters see it carrying the initial adapters (`_lora_model`; fresh ones, B = 0, leave its outputs
     unchanged). Parameters are placed on `mesh` by the default rules (default: the config's mesh); the config
     is read by `reading_config`.
 
@@ -280,6 +299,6 @@ def initial_model(workdir: str | Path, mesh: Mesh | None = None) -> LoadedModel:
         adapter_cfg = model_setup.model_config(section).replace(param_dtype=cfg.model.param_dtype)
         abstract, shardings = adapters.adapter_layout(lora_cfg, adapter_cfg, mesh)
         weights = adapters.initial_adapters(lora_cfg, adapter_cfg, abstract, shardings, seed)
-        model = _merged_lora_model(cfg, params, weights)
+        model = _lora_model(cfg, params, weights)
     source = cfg.model.path if cfg.model.preset is None else f"preset {cfg.model.preset}"
     return LoadedModel(model, cfg, mesh, 0, f"{source} untrained (step 0 of {workdir})")

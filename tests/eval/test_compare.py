@@ -246,8 +246,8 @@ def test_an_untrained_variant_resolves_cudnn_max_segments_auto_from_the_evaluate
 def test_an_untrained_lora_variant_evaluates_the_base_training_starts_from(
     tmp_path, write_random_data, tiny_config
 ):
-    """Under `model.lora` the step-0 model is the frozen base training holds, merged with the fresh adapters
-    (B = 0, so unchanged): the same arrays, in the base's dtype."""
+    """Under `model.lora` the step-0 model is the frozen base training holds, carrying the fresh adapters
+    (B = 0, so unchanged): its parameters are the same arrays, in the base's dtype."""
     from nextquill_jax.config import load_config
     from nextquill_jax.eval.compare import untrained_config
     from nextquill_jax.train.setup import set_up_run

@@ -131,10 +131,10 @@ def test_a_resume_that_changes_a_preset_base_names_the_changed_key(tmp_path, wri
             loop.train(load_config(None, [change], base=raw), workdir, echo=lambda _: None)
 
 
-def test_a_lora_workdir_restores_as_its_base_with_the_adapters_merged(runs):
+def test_a_lora_workdir_restores_as_its_base_carrying_the_adapters(runs):
     workdir = runs["root"] / "A"
     mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.local_devices()[:1])
-    merged = restore_model(workdir, mesh=mesh)
+    loaded = restore_model(workdir, mesh=mesh)
     restored = restore_params(workdir, mesh=mesh)
     cfg = restored.config
     graphdef, base = model_setup.load_params(adapters.base_section(cfg.model), mesh, cfg.train.seed)
@@ -142,7 +142,19 @@ def test_a_lora_workdir_restores_as_its_base_with_the_adapters_merged(runs):
     with_adapters = nnx.merge(graphdef, base).hidden_states(
         ids, adapters=lora.Adapters(restored.params, cfg.model.lora.scale)
     )
-    np.testing.assert_allclose(merged.model.hidden_states(ids), with_adapters, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(loaded.model.hidden_states(ids), with_adapters, rtol=1e-5, atol=1e-5)
+    for got, want in zip(
+        jax.tree.leaves(nnx.to_pure_dict(nnx.state(loaded.model, nnx.Param))),
+        jax.tree.leaves(base),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(got, want)  # the base itself: the adapters are carried apart
+    # The run as another run's fixed-DCE reference model: the same model, its adapters carried along.
+    overrides = ["loss.variant=dce", "loss.dce=fixed", f"loss.reference_model={workdir}"]
+    reference = setup.reference_params(load_config(workdir / "config.yaml", overrides), mesh)
+    reference_model = nnx.merge(*reference)
+    assert reference_model.attached_adapters() is not None
+    np.testing.assert_allclose(reference_model.hidden_states(ids), with_adapters, rtol=1e-5, atol=1e-5)
 
 
 def test_export_adapter_and_init_from_round_trip(runs, tmp_path):
