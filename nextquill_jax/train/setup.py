@@ -260,8 +260,16 @@ def state_shardings(tx: optax.GradientTransformation, abstract_params: dict, sha
     """Shardings of the whole TrainState: optimizer moments like their parameters, scalars replicated."""
     replicated = NamedSharding(mesh, PartitionSpec())
     opt_abstract = jax.eval_shape(tx.init, abstract_params)
+    # Under `optim.trainable` (optax.multi_transform) a frozen parameter's moments are an empty MaskedNode:
+    # it stays one (it holds no array), the others take their parameter's sharding.
+    masked = lambda x: isinstance(x, optax.MaskedNode)
     opt = optax.tree_map_params(
-        tx, lambda _, s: s, opt_abstract, shardings, transform_non_params=lambda _: replicated
+        tx,
+        lambda leaf, s: leaf if masked(leaf) else s,
+        opt_abstract,
+        shardings,
+        transform_non_params=lambda _: replicated,
+        is_leaf=masked,
     )
     return TrainState(step=replicated, params=shardings, opt_state=opt, rng=replicated, skipped=replicated)
 
