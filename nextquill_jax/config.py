@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -300,9 +301,11 @@ class OptimConfig:
         `eps`: Adam's ε (> 0), added to the root of the second moment.
         `clip_norm`: clip the gradient to this global L2 norm before the update (> 0); null: no clipping.
         `no_decay`: regular expressions searched in parameter paths (e.g. `layers/attn/q_proj/kernel`); a
-            matching parameter gets no weight decay (norm scales and biases, as the Trainer does).
+            matching parameter gets no weight decay (norm scales and biases, as the Trainer does). A pattern
+            other than the defaults `norm` and `bias` that matches no parameter is refused at set-up.
         `trainable`: regular expressions over the same paths; when non-empty only matching parameters are
-            updated and hold optimizer state (partial fine-tuning); empty: all. Not with `model.lora`.
+            updated and hold optimizer state (partial fine-tuning); empty: all. Each pattern must match a
+            parameter (refused at set-up otherwise). Not with `model.lora`.
     """
 
     learning_rate: float = 5e-6
@@ -337,6 +340,16 @@ class OptimConfig:
             raise ValueError(f"eps must be > 0, got {self.eps}")
         if self.clip_norm is not None and not self.clip_norm > 0:
             raise ValueError(f"clip_norm must be > 0 or null, got {self.clip_norm}")
+        for name in ("no_decay", "trainable"):
+            for pattern in getattr(self, name):
+                try:
+                    re.compile(pattern)
+                except re.error as e:
+                    raise ValueError(
+                        f"optim.{name} pattern {pattern!r} is not a regular expression ({e}). "
+                        f"Fix: correct it (Python `re` syntax; a backslash escapes a literal character such "
+                        f"as ( or [)."
+                    ) from None
 
 
 @dataclass(frozen=True)

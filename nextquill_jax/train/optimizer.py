@@ -76,6 +76,26 @@ def trainable_mask(cfg: OptimConfig, params) -> object:
     return mask
 
 
+DEFAULT_NO_DECAY = ("norm", "bias")  # architecture-neutral defaults: a model may have no biases
+
+
+def check_patterns(cfg: OptimConfig, params) -> None:
+    """Raise ValueError naming each `cfg.trainable` pattern, and each `cfg.no_decay` pattern other than the
+    defaults ("norm", "bias"), that matches no parameter path of `params` (listing a few real paths)."""
+    paths = jax.tree.leaves(param_paths(params))
+    for name, patterns, exempt in (
+        ("trainable", cfg.trainable, ()),
+        ("no_decay", cfg.no_decay, DEFAULT_NO_DECAY),
+    ):
+        for pattern in patterns:
+            if pattern not in exempt and not any(re.search(pattern, path) for path in paths):
+                raise ValueError(
+                    f"optim.{name} pattern {pattern!r} matches no parameter. "
+                    f"Fix: remove it, or write a regular expression searched in parameter paths such as "
+                    f"{paths[:6]}."
+                )
+
+
 def make_optimizer(cfg: OptimConfig, params, total_steps: int) -> optax.GradientTransformation:
     """Clip → AdamW (decay masked by `cfg.no_decay`) with the schedule; frozen parameters get zero updates
     and no optimizer state.
