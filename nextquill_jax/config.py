@@ -377,7 +377,11 @@ class TrainConfig:
             epochs out (required with `data.batching.num_epochs: null`).
         `micro_batches`: split every global batch into this many gradient-accumulation micro-batches (the
             update equals the one-pass update; memory falls).
-        `nonfinite`: on a NaN/inf loss, `stop` the run, or `skip` the update and count it.
+        `nonfinite`: on a NaN/inf loss, `stop` the run, or `skip` the update and count it. A skipped update
+            leaves the parameters and the optimizer state as they were, the schedule's count included: the
+            learning-rate schedule does not advance at a skip (each skip delays the rest of the schedule by
+            one step, so a run with skips ends short of its last rates), and the logged `learning_rate` is
+            the rate of the optimizer's count.
         `max_skips`: with `nonfinite: skip`, the run stops once more than this many updates were skipped;
             checked whenever metrics are fetched: every `logging.every_steps` steps and before saves.
         `joint_forward`: run the with- and without-history passes as one forward call on a joined batch

@@ -76,6 +76,20 @@ def trainable_mask(cfg: OptimConfig, params) -> object:
     return mask
 
 
+def schedule_count(opt_state) -> jax.Array:
+    """The step count the learning-rate schedule of `make_optimizer`'s state reads (optax's own, in its
+    `ScaleByScheduleState`): the number of updates applied, which a skipped non-finite update leaves as is.
+
+    Raises:
+        ValueError: `opt_state` holds no schedule count, or more than one.
+    """
+    is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)
+    found = [x.count for x in jax.tree.leaves(opt_state, is_leaf=is_schedule) if is_schedule(x)]
+    if len(found) != 1:
+        raise ValueError(f"expected one ScaleByScheduleState in the optimizer state, found {len(found)}")
+    return found[0]
+
+
 DEFAULT_NO_DECAY = ("norm", "bias")  # architecture-neutral defaults: a model may have no biases
 
 

@@ -39,6 +39,7 @@ from nextquill_jax.loss import (
 )
 from nextquill_jax.models.lora import Adapters
 from nextquill_jax.parallel import DEFAULT_RULES, LogicalRules, logical_to_mesh_spec
+from nextquill_jax.train.optimizer import schedule_count
 from nextquill_jax.train.state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -321,7 +322,9 @@ def make_train_step(
             **aux,
             "loss": loss,
             "grad_norm": grad_norm,
-            "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
+            # The rate this update applies (or would have, when skipped): the schedule at the optimizer's own
+            # count, which skipped updates do not advance (state.step does).
+            "learning_rate": jnp.asarray(schedule(schedule_count(state.opt_state)), jnp.float32),
             "nonfinite": (~finite).astype(jnp.float32),
             "skipped": skipped.astype(jnp.float32),
             **batch_token_stats(batch),
