@@ -281,8 +281,9 @@ class LossRunConfig(LossConfig):
 class OptimConfig:
     """AdamW with warm-up and decay; defaults are the public NextQuill code's (Hugging Face Trainer).
 
-    The learning rate rises linearly from 0 over the warm-up, then follows `schedule` to the last optimizer
-    step (`nextquill_jax/train/optimizer.py`).
+    The learning rate rises linearly from 0 over the warm-up, then follows `schedule` over the rest of the
+    run's T optimizer steps (`nextquill_jax/train/optimizer.py`). Update k (0-based) uses lr(k), so the last
+    update uses lr(T-1), one step short of the schedule's end value, as in the Hugging Face Trainer.
 
     Fields:
         `learning_rate`: the peak learning rate (> 0), reached at the end of the warm-up.
@@ -292,10 +293,11 @@ class OptimConfig:
             steps). The warm-up rises linearly from 0, so the first update of a run with a warm-up has
             learning rate 0 (a one-step run trains nothing; set `warmup_steps: 0`).
         `warmup_steps`: the warm-up in optimizer steps (>= 0); when set it replaces `warmup_ratio`.
-        `schedule`: after warm-up, `linear` decays to `min_lr_ratio * learning_rate` at the last step,
-            `cosine` likewise on a cosine, `constant` stays at `learning_rate`.
-        `min_lr_ratio`: the final learning rate of `linear` and `cosine`, as a fraction of `learning_rate`,
-            in [0, 1].
+        `schedule`: after warm-up, `linear` decays toward `min_lr_ratio * learning_rate`, the value of
+            lr(T) one step past the last update (that update uses lr(T-1)); `cosine` likewise on a cosine;
+            `constant` stays at `learning_rate`.
+        `min_lr_ratio`: the end value of `linear` and `cosine` (lr(T), one step past the last update), as a
+            fraction of `learning_rate`, in [0, 1].
         `b1`: Adam's β1, the decay of the gradient's moving average, in [0, 1).
         `b2`: Adam's β2, the decay of the squared gradient's moving average, in [0, 1).
         `eps`: Adam's ε (> 0), added to the root of the second moment.

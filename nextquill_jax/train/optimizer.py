@@ -1,8 +1,9 @@
 """The optax chain: global-norm clipping, AdamW with a warm-up/decay schedule, optional frozen parameters.
 
 Defaults follow the public NextQuill code (Hugging Face Trainer + torch AdamW): the learning rate rises
-linearly from 0 over `ceil(warmup_ratio * total_steps)` steps, then decays linearly to 0 at `total_steps`;
-weight decay is decoupled (`p -= lr * wd * p`) and skips norm scales and biases.
+linearly from 0 over `ceil(warmup_ratio * total_steps)` steps, then decays linearly to 0 at `total_steps`
+(the last update, step total_steps - 1, uses the rate one decay step above 0); weight decay is decoupled
+(`p -= lr * wd * p`) and skips norm scales and biases.
 """
 
 from __future__ import annotations
