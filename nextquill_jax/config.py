@@ -289,9 +289,11 @@ class OptimConfig:
         `learning_rate`: the peak learning rate (> 0), reached at the end of the warm-up.
         `weight_decay`: AdamW's decoupled weight decay (`p -= learning_rate * weight_decay * p` per step);
             >= 0.
-        `warmup_ratio`: the warm-up as a fraction of the run's optimizer steps, in [0, 1) (rounded up to whole
-            steps). The warm-up rises linearly from 0, so the first update of a run with a warm-up has
-            learning rate 0 (a one-step run trains nothing; set `warmup_steps: 0`).
+        `warmup_ratio`: the warm-up as a fraction of the run's optimizer steps, in [0, 1), rounded up to whole
+            steps after rounding the product to 9 decimals (0.07 of 100 steps is 7 steps; float arithmetic,
+            and so the Hugging Face Trainer, would give 8). The warm-up rises linearly from 0, so the first
+            update of a run with a warm-up has learning rate 0 (a one-step run trains nothing; set
+            `warmup_steps: 0`).
         `warmup_steps`: the warm-up in optimizer steps (>= 0); when set it replaces `warmup_ratio`.
         `schedule`: after warm-up, `linear` decays toward `min_lr_ratio * learning_rate`, the value of
             lr(T) one step past the last update (that update uses lr(T-1)); `cosine` likewise on a cosine;

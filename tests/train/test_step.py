@@ -76,6 +76,18 @@ def test_schedule_matches_the_trainer(schedule, reference):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-12)
 
 
+@pytest.mark.parametrize("ratio", [0.07, 0.1, 0.15, 0.29, 0.3, 0.57, 0.01, 0.123, 0.333])
+def test_warmup_ratio_rounds_up_the_decimal_product_not_its_float_error(ratio):
+    # 0.07 * 100 == 7.000000000000001 in floats, which a plain ceil made 8 steps. Reference: the exact
+    # product of the ratio as written in decimal and the step count, rounded up.
+    from fractions import Fraction
+
+    for total in (1, 7, 100, 1000, 12345):
+        want = math.ceil(Fraction(repr(ratio)) * total)
+        assert warmup_steps(OptimConfig(warmup_ratio=ratio), total) == want, (ratio, total)
+    assert warmup_steps(OptimConfig(warmup_ratio=0.07), 100) == 7
+
+
 def _params():
     return {
         "embed": jnp.ones((4, 2)),
