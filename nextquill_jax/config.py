@@ -304,7 +304,7 @@ class OptimConfig:
         `b2`: Adam's β2, the decay of the squared gradient's moving average, in [0, 1).
         `eps`: Adam's ε (> 0), added to the root of the second moment.
         `clip_norm`: clip the gradient to this global L2 norm before the update (> 0); null: no clipping.
-        `no_decay`: regular expressions searched in parameter paths (e.g. `layers/attn/q_proj/kernel`); a
+        `no_decay`: regular expressions searched in parameter paths (e.g. `layers/attn/q_proj`); a
             matching parameter gets no weight decay (norm scales and biases, as the Trainer does). A pattern
             other than the defaults `norm` and `bias` that matches no parameter is refused at set-up.
         `trainable`: regular expressions over the same paths; when non-empty only matching parameters are

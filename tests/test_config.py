@@ -1248,3 +1248,15 @@ def test_a_run_is_read_on_the_devices_at_hand_when_its_mesh_names_others(tmp_pat
     partial = tiny_config(tmp_path / "data", tmp_path / "work", mesh={"coordinator": "localhost:1234"})
     with pytest.raises(ConfigError, match=r"^mesh: multi-host settings incomplete"):
         reading_mesh(load_config(None, base=partial))
+
+
+def test_the_optim_docs_example_path_is_a_parameter_path(cfg_file):
+    # The docs said `layers/attn/q_proj/kernel`; the parameters are plain arrays, so paths end at the module.
+    from nextquill_jax.config import OptimConfig
+    from nextquill_jax.train.optimizer import param_paths
+
+    example = re.search(r"parameter paths \(e\.g\. `([^`]+)`\)", " ".join(OptimConfig.__doc__.split())).group(
+        1
+    )
+    params = model_setup.abstract_model(load_config(cfg_file).model.model_config())[1]
+    assert example in jax.tree.leaves(param_paths(params)), example

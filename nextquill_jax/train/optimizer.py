@@ -49,7 +49,7 @@ def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule
 
 
 def param_paths(params) -> object:
-    """A pytree like `params` whose leaves are "/"-joined key paths, e.g. "layers/attn/q_proj/kernel"."""
+    """A pytree like `params` whose leaves are "/"-joined key paths, e.g. "layers/attn/q_proj"."""
     return jax.tree_util.tree_map_with_path(
         lambda path, _: "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path), params
     )
