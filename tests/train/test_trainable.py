@@ -42,3 +42,44 @@ def test_a_partial_fine_tune_trains_only_its_parameters(tmp_path, write_random_d
     everything = _params_after(tmp_path, data, tiny_config, read_state, "all", trainable=["embed", "."])
     plain = _params_after(tmp_path, data, tiny_config, read_state, "plain")
     jax.tree.map(np.testing.assert_array_equal, everything, plain)
+
+
+def test_a_partial_fine_tune_resumes_to_the_uninterrupted_state(
+    tmp_path, monkeypatch, write_random_data, tiny_config, read_state
+):
+    """The optimizer state with frozen (MaskedNode) entries saves and restores: stopped after step 2 and
+    resumed, a 3-step run ends with the state of the same run uninterrupted."""
+    import dataclasses
+
+    data = write_random_data(tmp_path / "data")
+
+    def config(name: str):
+        raw = tiny_config(data, tmp_path / name)
+        raw["optim"].update(warmup_steps=0, trainable=["embed", "q_proj"])
+        raw["checkpoint"].update(every_steps=100, async_save=False)
+        raw["train"]["max_steps"] = 3
+        return load_config(None, base=raw)
+
+    whole = loop.train(config("whole"), tmp_path / "whole", echo=lambda _: None)
+    schedule = loop.actions_at
+
+    def stop_at_2(step, cfg, run, *, stop):
+        due = schedule(step, cfg, run, stop=stop)
+        return dataclasses.replace(due, stop=True, save=True) if step == 2 else due
+
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "actions_at", stop_at_2)
+        stopped = loop.train(config("split"), tmp_path / "split", echo=lambda _: None)
+    said: list[str] = []
+    resumed = loop.train(config("split"), tmp_path / "split", echo=said.append)
+    assert f"resuming from {tmp_path / 'split' / 'checkpoints' / '2'} (step 2)" in said, said
+    assert [(r.status, r.step) for r in (whole, stopped, resumed)] == [
+        ("finished", 3),
+        ("preempted", 2),
+        ("finished", 3),
+    ]
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        read_state(tmp_path / "whole" / "checkpoints" / "3"),
+        read_state(tmp_path / "split" / "checkpoints" / "3"),
+    )
