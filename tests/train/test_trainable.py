@@ -13,15 +13,15 @@ from nextquill_jax.train.optimizer import param_paths
 from nextquill_jax.train.setup import build_mesh
 
 
-def _params_after(tmp_path, data, tiny_config, read_state, name: str, **optim) -> dict:
-    """The parameters a 2-step run `name` of the tiny config (with `optim` changes) ends with."""
+def _params_after(tmp_path, data, tiny_config, read_state, name: str, steps: int = 2, **optim) -> dict:
+    """The parameters a `steps`-step run `name` of the tiny config (with `optim` changes) ends with."""
     raw = tiny_config(data, tmp_path / name)
     raw["optim"].update(warmup_steps=0, **optim)  # step 0's update is a real one
     raw["checkpoint"].update(every_steps=100, async_save=False)
-    raw["train"]["max_steps"] = 2
+    raw["train"]["max_steps"] = steps
     result = loop.train(load_config(None, base=raw), tmp_path / name, echo=lambda _: None)
-    assert (result.status, result.step) == ("finished", 2)
-    return read_state(tmp_path / name / "checkpoints" / "2")["params"]
+    assert (result.status, result.step) == ("finished", steps)
+    return read_state(tmp_path / name / "checkpoints" / str(steps))["params"]
 
 
 def test_a_partial_fine_tune_trains_only_its_parameters(tmp_path, write_random_data, tiny_config, read_state):
@@ -83,3 +83,27 @@ def test_a_partial_fine_tune_resumes_to_the_uninterrupted_state(
         read_state(tmp_path / "whole" / "checkpoints" / "3"),
         read_state(tmp_path / "split" / "checkpoints" / "3"),
     )
+
+
+def test_a_partial_fine_tunes_first_update_is_adamws_restricted_to_its_parameters(
+    tmp_path, write_random_data, tiny_config, read_state
+):
+    """Without clipping (which couples all trained gradients through their norm) AdamW updates each
+    parameter from its own gradient alone, so the first update of the trained parameters equals a run
+    training all of them, and the frozen ones keep their initial values."""
+    data = write_random_data(tmp_path / "data")
+    cfg = load_config(None, base=tiny_config(data, tmp_path / "start"))
+    start = jax.device_get(load_params(cfg.model, build_mesh(cfg), cfg.train.seed)[1])
+    part = _params_after(
+        tmp_path, data, tiny_config, read_state, "part", 1, trainable=["q_proj"], clip_norm=None
+    )
+    plain = _params_after(tmp_path, data, tiny_config, read_state, "plain", 1, clip_norm=None)
+    paths = jax.tree.leaves(param_paths(start))
+    for path, before, after, full in zip(
+        paths, jax.tree.leaves(start), jax.tree.leaves(part), jax.tree.leaves(plain), strict=True
+    ):
+        if "q_proj" in path:  # weight-decayed: AdamW's first step moves every entry by about lr
+            assert np.abs(after - before).max() > 1e-3, path
+            np.testing.assert_allclose(after, full, rtol=0, atol=1e-7, err_msg=path)
+        else:
+            np.testing.assert_array_equal(after, before, err_msg=path)
