@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -282,29 +283,35 @@ class LossRunConfig(LossConfig):
 class OptimConfig:
     """AdamW with warm-up and decay; defaults are the public NextQuill code's (Hugging Face Trainer).
 
-    The learning rate rises linearly from 0 over the warm-up, then follows `schedule` to the last optimizer
-    step (`nextquill_jax/train/optimizer.py`).
+    The learning rate rises linearly from 0 over the warm-up, then follows `schedule` over the rest of the
+    run's T optimizer steps (`nextquill_jax/train/optimizer.py`). Update k (0-based) uses lr(k), so the last
+    update uses lr(T-1), one step short of the schedule's end value, as in the Hugging Face Trainer.
 
     Fields:
         `learning_rate`: the peak learning rate (> 0), reached at the end of the warm-up.
         `weight_decay`: AdamW's decoupled weight decay (`p -= learning_rate * weight_decay * p` per step);
             >= 0.
-        `warmup_ratio`: the warm-up as a fraction of the run's optimizer steps, in [0, 1) (rounded up to whole
-            steps). The warm-up rises linearly from 0, so the first update of a run with a warm-up has
-            learning rate 0 (a one-step run trains nothing; set `warmup_steps: 0`).
+        `warmup_ratio`: the warm-up as a fraction of the run's optimizer steps, in [0, 1), rounded up to whole
+            steps after rounding the product to 9 decimals (0.07 of 100 steps is 7 steps; float arithmetic,
+            and so the Hugging Face Trainer, would give 8). The warm-up rises linearly from 0, so the first
+            update of a run with a warm-up has learning rate 0 (a one-step run trains nothing; set
+            `warmup_steps: 0`).
         `warmup_steps`: the warm-up in optimizer steps (>= 0); when set it replaces `warmup_ratio`.
-        `schedule`: after warm-up, `linear` decays to `min_lr_ratio * learning_rate` at the last step,
-            `cosine` likewise on a cosine, `constant` stays at `learning_rate`.
-        `min_lr_ratio`: the final learning rate of `linear` and `cosine`, as a fraction of `learning_rate`,
-            in [0, 1].
+        `schedule`: after warm-up, `linear` decays toward `min_lr_ratio * learning_rate`, the value of
+            lr(T) one step past the last update (that update uses lr(T-1)); `cosine` likewise on a cosine;
+            `constant` stays at `learning_rate`.
+        `min_lr_ratio`: the end value of `linear` and `cosine` (lr(T), one step past the last update), as a
+            fraction of `learning_rate`, in [0, 1].
         `b1`: Adam's β1, the decay of the gradient's moving average, in [0, 1).
         `b2`: Adam's β2, the decay of the squared gradient's moving average, in [0, 1).
         `eps`: Adam's ε (> 0), added to the root of the second moment.
         `clip_norm`: clip the gradient to this global L2 norm before the update (> 0); null: no clipping.
-        `no_decay`: regular expressions searched in parameter paths (e.g. `layers/attn/q_proj/kernel`); a
-            matching parameter gets no weight decay (norm scales and biases, as the Trainer does).
+        `no_decay`: regular expressions searched in parameter paths (e.g. `layers/attn/q_proj`); a
+            matching parameter gets no weight decay (norm scales and biases, as the Trainer does). A pattern
+            other than the defaults `norm` and `bias` that matches no parameter is refused at set-up.
         `trainable`: regular expressions over the same paths; when non-empty only matching parameters are
-            updated and hold optimizer state (partial fine-tuning); empty: all. Not with `model.lora`.
+            updated and hold optimizer state (partial fine-tuning); empty: all. Each pattern must match a
+            parameter (refused at set-up otherwise). Not with `model.lora`.
     """
 
     learning_rate: float = 5e-6
@@ -339,6 +346,16 @@ class OptimConfig:
             raise ValueError(f"eps must be > 0, got {self.eps}")
         if self.clip_norm is not None and not self.clip_norm > 0:
             raise ValueError(f"clip_norm must be > 0 or null, got {self.clip_norm}")
+        for name in ("no_decay", "trainable"):
+            for pattern in getattr(self, name):
+                try:
+                    re.compile(pattern)
+                except re.error as e:
+                    raise ValueError(
+                        f"optim.{name} pattern {pattern!r} is not a regular expression ({e}). "
+                        f"Fix: correct it (Python `re` syntax; a backslash escapes a literal character such "
+                        f"as ( or [)."
+                    ) from None
 
 
 @dataclass(frozen=True)
@@ -366,7 +383,11 @@ class TrainConfig:
             epochs out (required with `data.batching.num_epochs: null`).
         `micro_batches`: split every global batch into this many gradient-accumulation micro-batches (the
             update equals the one-pass update; memory falls).
-        `nonfinite`: on a NaN/inf loss, `stop` the run, or `skip` the update and count it.
+        `nonfinite`: on a NaN/inf loss, `stop` the run, or `skip` the update and count it. A skipped update
+            leaves the parameters and the optimizer state as they were, the schedule's count included: the
+            learning-rate schedule does not advance at a skip (each skip delays the rest of the schedule by
+            one step, so a run with skips ends short of its last rates), and the logged `learning_rate` is
+            the rate of the optimizer's count.
         `max_skips`: with `nonfinite: skip`, the run stops once more than this many updates were skipped;
             checked whenever metrics are fetched: every `logging.every_steps` steps and before saves.
         `joint_forward`: run the with- and without-history passes as one forward call on a joined batch

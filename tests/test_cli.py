@@ -539,3 +539,16 @@ def test_export_refuses_an_out_that_holds_weights_naming_them_before_restoring(
     assert message.endswith(f"Fix: empty {dirty} or pass another --out."), message
     assert sorted(p.name for p in dirty.iterdir()) == sorted([*stale, "README.md"])
     assert all((dirty / name).read_text() == "old\n" for name in stale)
+
+
+def test_training_data_smaller_than_one_batch_with_drop_remainder_is_one_error_line(
+    tmp_path, capsys, write_random_data, tiny_config, write_config
+):
+    # It was a ValueError, which the CLI does not expect: a traceback.
+    cfg = tiny_config(write_random_data(tmp_path / "data", train=16, val=0), tmp_path / "run")
+    cfg["data"]["batching"].update(rows_per_batch=64, drop_remainder=True)
+    path = write_config(cfg, tmp_path / "cfg.yaml")
+    err = _run_cli(["train", "--config", str(path)], tmp_path, capsys)
+    assert "examples fill no complete global batch of 64 rows" in err, err
+    assert "Fix: set data.batching.drop_remainder: false, or lower data.batching.rows_per_batch" in err, err
+    assert "\n" not in err

@@ -738,7 +738,7 @@ def as_on_a_gpu(monkeypatch):
             ["data.batching.num_epochs=null"],
             r"never end. Fix: set data.batching.num_epochs or train.max_steps",
         ),
-        (["optim.trainable=[no_such_param]"], r"optim.trainable \['no_such_param'\] matches no parameter"),
+        (["optim.trainable=[no_such_param]"], r"optim.trainable pattern 'no_such_param' matches no param"),
         (["loss.variant=dce", "loss.dce=fixed"], r"loss.dce is 'fixed' but .* Fix: set loss.reference_model"),
         (["checkpoint.best_metric=eval/lss"], r"^checkpoint.best_metric `eval/lss` is not a .*`eval/loss`"),
         # sft computes no DCE, so it reports no pref_fraction; the message lists what it reports.
@@ -784,6 +784,54 @@ def test_a_models_architecture_is_refused_before_the_data_is_prepared(
     with pytest.raises(ConfigError, match=rf"^model\.path {re.escape(str(model))}: .*{message}"):
         train(load_config(write_config(cfg, tmp_path / "cfg.yaml")), tmp_path / "work")
     assert not (tmp_path / "work" / "prepared").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "pattern", "error"),
+    [
+        ("optim.trainable=['(']", "trainable", "(", "missing ), unterminated subpattern at position 0"),
+        ("optim.no_decay=[norm, '[bias']", "no_decay", "[bias", "unterminated character set at position 0"),
+    ],
+)
+def test_an_optim_pattern_that_is_no_regular_expression_is_refused_at_load(
+    cfg_file, override, key, pattern, error
+):
+    # re.error is no ValueError: it escaped set-up as a traceback.
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg_file, [override])
+    message = str(e.value)
+    assert (
+        f"optim.{key} pattern {pattern!r} is not a regular expression ({error}). Fix: correct it" in message
+    )
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("optim", "message"),
+    [
+        # One useless pattern among useful ones used to pass.
+        (
+            {"trainable": ["embed", "no_such"]},
+            r"^optim\.trainable pattern 'no_such' matches no parameter\. Fix: remove it,.* \['embed', 'final",
+        ),
+        # A no_decay pattern that matches nothing was accepted silently (the defaults are exempt: a model may
+        # have no biases).
+        (
+            {"no_decay": ["norm", "bias", "layernorm"]},
+            r"^optim\.no_decay pattern 'layernorm' matches no parameter",
+        ),
+    ],
+)
+def test_an_optim_pattern_matching_no_parameter_is_refused_before_the_workdir_is_created(
+    tmp_path, write_random_data, write_config, tiny_config, optim, message
+):
+    from nextquill_jax.train.setup import set_up_run
+
+    cfg = tiny_config(write_random_data(tmp_path / "data", train=16, val=0), tmp_path / "work", optim=optim)
+    with pytest.raises(ConfigError, match=message) as e:
+        set_up_run(load_config(write_config(cfg, tmp_path / "cfg.yaml")), tmp_path / "work", echo=print)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "work").exists()
 
 
 @pytest.mark.parametrize(
@@ -1203,3 +1251,15 @@ def test_a_run_is_read_on_the_devices_at_hand_when_its_mesh_names_others(tmp_pat
     partial = tiny_config(tmp_path / "data", tmp_path / "work", mesh={"coordinator": "localhost:1234"})
     with pytest.raises(ConfigError, match=r"^mesh: multi-host settings incomplete"):
         reading_mesh(load_config(None, base=partial))
+
+
+def test_the_optim_docs_example_path_is_a_parameter_path(cfg_file):
+    # The docs said `layers/attn/q_proj/kernel`; the parameters are plain arrays, so paths end at the module.
+    from nextquill_jax.config import OptimConfig
+    from nextquill_jax.train.optimizer import param_paths
+
+    example = re.search(r"parameter paths \(e\.g\. `([^`]+)`\)", " ".join(OptimConfig.__doc__.split())).group(
+        1
+    )
+    params = model_setup.abstract_model(load_config(cfg_file).model.model_config())[1]
+    assert example in jax.tree.leaves(param_paths(params)), example

@@ -44,6 +44,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from nextquill_jax.config_schema import ConfigError
 from nextquill_jax.data.assemble import RowShape, assemble_batch
 from nextquill_jax.data.config import BatchingConfig
 from nextquill_jax.data.packing import bucket_batches, bucket_of, first_fit_rows, most_per_row, padded_shape
@@ -126,7 +127,8 @@ class BatchPipeline:
 
     Raises:
         ValueError: an empty split or an example with an empty prompt or target; an example that does not
-            fit a row (naming it and the fixes); a split too small for one global batch with `drop_remainder`.
+            fit a row (naming it and the fixes).
+        ConfigError: a split too small for one global batch with `drop_remainder`.
     """
 
     def __init__(
@@ -169,9 +171,11 @@ class BatchPipeline:
         self._bucket = bucket_of(self._need, shape_array) if cfg.mode == "bucket" else None
         self._plans: dict[int, _EpochPlan] = {}
         if cfg.drop_remainder and self.num_batches(0) == 0:
-            raise ValueError(
+            raise ConfigError(  # a config problem: the CLI prints it as one `error:` line
                 f"{split.dir}: {len(split)} examples fill no complete global batch of {self.global_rows} "
-                f"rows; set data.batching.drop_remainder: false or lower rows_per_batch"
+                f"rows, and data.batching.drop_remainder is true, so there is nothing to train on. Fix: set "
+                f"data.batching.drop_remainder: false, or lower data.batching.rows_per_batch "
+                f"(now {cfg.rows_per_batch})."
             )
 
     def _resolve_shapes(self, p_w: np.ndarray, p_o: np.ndarray, tgt: np.ndarray) -> tuple[RowShape, ...]:

@@ -366,13 +366,16 @@ class PendingMetrics:
         if m["nonfinite"] and train.nonfinite == "stop":
             raise TrainingDivergedError(
                 f"the loss or gradient is not finite at step {step} (loss {float(m['loss'])}, grad norm "
-                f"{float(m['grad_norm'])}). Last good checkpoint: {last_good()}. Fix: lower "
-                f"optim.learning_rate, or set train.nonfinite: skip to skip such updates."
+                f"{float(m['grad_norm'])}). Last good checkpoint: {last_good()}. Fix: train again "
+                f"in a new --workdir (a resume in this one may not change these keys) with a lower "
+                f"optim.learning_rate, or with train.nonfinite: skip to skip such updates."
             )
         if m["skipped"] > train.max_skips:
             raise TrainingDivergedError(
                 f"{int(m['skipped'])} updates skipped for non-finite losses by step {step} (limit "
-                f"train.max_skips={train.max_skips}). Last good checkpoint: {last_good()}."
+                f"train.max_skips={train.max_skips}). Last good checkpoint: {last_good()}. Fix: train again "
+                f"in a new --workdir (a resume in this one may not change these keys) with a lower "
+                f"optim.learning_rate, or a higher train.max_skips if the skipped updates are rare outliers."
             )
 
 

@@ -1,8 +1,9 @@
 """The optax chain: global-norm clipping, AdamW with a warm-up/decay schedule, optional frozen parameters.
 
 Defaults follow the public NextQuill code (Hugging Face Trainer + torch AdamW): the learning rate rises
-linearly from 0 over `ceil(warmup_ratio * total_steps)` steps, then decays linearly to 0 at `total_steps`;
-weight decay is decoupled (`p -= lr * wd * p`) and skips norm scales and biases.
+linearly from 0 over `ceil(warmup_ratio * total_steps)` steps, then decays linearly to 0 at `total_steps`
+(the last update, step total_steps - 1, uses the rate one decay step above 0); weight decay is decoupled
+(`p -= lr * wd * p`) and skips norm scales and biases.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from nextquill_jax.config import OptimConfig
 
 
 def warmup_steps(cfg: OptimConfig, total_steps: int) -> int:
-    """Warm-up length in optimizer steps: `cfg.warmup_steps`, else ceil(warmup_ratio * total_steps)."""
+    """Warm-up length in optimizer steps: `cfg.warmup_steps`, else ceil(warmup_ratio * total_steps), the
+    product rounded to 9 decimals first so that float error does not add a step (0.07 * 100 is
+    7.000000000000001 in floats: 7 steps, where the Trainer's plain ceil gives 8)."""
     if cfg.warmup_steps is not None:
         return min(cfg.warmup_steps, total_steps)
-    return math.ceil(cfg.warmup_ratio * total_steps)
+    return math.ceil(round(cfg.warmup_ratio * total_steps, 9))
 
 
 def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
@@ -46,7 +49,7 @@ def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule
 
 
 def param_paths(params) -> object:
-    """A pytree like `params` whose leaves are "/"-joined key paths, e.g. "layers/attn/q_proj/kernel"."""
+    """A pytree like `params` whose leaves are "/"-joined key paths, e.g. "layers/attn/q_proj"."""
     return jax.tree_util.tree_map_with_path(
         lambda path, _: "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path), params
     )
@@ -74,6 +77,43 @@ def trainable_mask(cfg: OptimConfig, params) -> object:
             f"such as {examples}."
         )
     return mask
+
+
+def schedule_count(opt_state) -> jax.Array | None:
+    """The step count the learning-rate schedule of `make_optimizer`'s state reads (optax's own, in its
+    `ScaleByScheduleState`): the number of updates applied, which a skipped non-finite update leaves as is.
+    None when the state holds none (an optimizer with a fixed rate, as some tests and benchmarks use).
+
+    Raises:
+        ValueError: `opt_state` holds more than one schedule count.
+    """
+    is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)
+    found = [x.count for x in jax.tree.leaves(opt_state, is_leaf=is_schedule) if is_schedule(x)]
+    if len(found) > 1:
+        raise ValueError(
+            f"expected at most one ScaleByScheduleState in the optimizer state, found {len(found)}"
+        )
+    return found[0] if found else None
+
+
+DEFAULT_NO_DECAY = ("norm", "bias")  # architecture-neutral defaults: a model may have no biases
+
+
+def check_patterns(cfg: OptimConfig, params) -> None:
+    """Raise ValueError naming each `cfg.trainable` pattern, and each `cfg.no_decay` pattern other than the
+    defaults ("norm", "bias"), that matches no parameter path of `params` (listing a few real paths)."""
+    paths = jax.tree.leaves(param_paths(params))
+    for name, patterns, exempt in (
+        ("trainable", cfg.trainable, ()),
+        ("no_decay", cfg.no_decay, DEFAULT_NO_DECAY),
+    ):
+        for pattern in patterns:
+            if pattern not in exempt and not any(re.search(pattern, path) for path in paths):
+                raise ValueError(
+                    f"optim.{name} pattern {pattern!r} matches no parameter. "
+                    f"Fix: remove it, or write a regular expression searched in parameter paths such as "
+                    f"{paths[:6]}."
+                )
 
 
 def make_optimizer(cfg: OptimConfig, params, total_steps: int) -> optax.GradientTransformation:

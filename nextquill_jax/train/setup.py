@@ -32,7 +32,12 @@ from nextquill_jax.data.pipeline import BatchPipeline
 from nextquill_jax.data.prepared_split import PreparedSplit, check_finished, check_split, prepared_splits
 from nextquill_jax.parallel import DEFAULT_RULES
 from nextquill_jax.train import adapters, model_setup
-from nextquill_jax.train.optimizer import learning_rate_schedule, make_optimizer, trainable_mask
+from nextquill_jax.train.optimizer import (
+    check_patterns,
+    learning_rate_schedule,
+    make_optimizer,
+    trainable_mask,
+)
 from nextquill_jax.train.resume import data_identity
 from nextquill_jax.train.state import TrainState
 from nextquill_jax.train.step import StepSettings, make_eval_step, make_train_step
@@ -260,8 +265,16 @@ def state_shardings(tx: optax.GradientTransformation, abstract_params: dict, sha
     """Shardings of the whole TrainState: optimizer moments like their parameters, scalars replicated."""
     replicated = NamedSharding(mesh, PartitionSpec())
     opt_abstract = jax.eval_shape(tx.init, abstract_params)
+    # Under `optim.trainable` (optax.multi_transform) a frozen parameter's moments are an empty MaskedNode:
+    # it stays one (it holds no array), the others take their parameter's sharding.
+    masked = lambda x: isinstance(x, optax.MaskedNode)
     opt = optax.tree_map_params(
-        tx, lambda _, s: s, opt_abstract, shardings, transform_non_params=lambda _: replicated
+        tx,
+        lambda leaf, s: leaf if masked(leaf) else s,
+        opt_abstract,
+        shardings,
+        transform_non_params=lambda _: replicated,
+        is_leaf=masked,
     )
     return TrainState(step=replicated, params=shardings, opt_state=opt, rng=replicated, skipped=replicated)
 
@@ -491,6 +504,13 @@ def set_up_run(cfg: Config, workdir: Path, echo: Echo = print) -> RunSetup:
     stand_in = model_setup.model_config(model_section.resolved(1))
     if lora is not None:
         adapters.check_lora(lora, stand_in)
+        trained = adapters.adapter_layout(lora, stand_in.replace(param_dtype=cfg.model.param_dtype), mesh)[0]
+    else:
+        trained = model_setup.abstract_model(stand_in)[1]
+    try:
+        check_patterns(cfg.optim, trained)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     workdir.mkdir(parents=True, exist_ok=True)
 
     data_dir = prepared_dir(cfg, workdir, echo)

@@ -39,6 +39,7 @@ from nextquill_jax.loss import (
 )
 from nextquill_jax.models.lora import Adapters
 from nextquill_jax.parallel import DEFAULT_RULES, LogicalRules, logical_to_mesh_spec
+from nextquill_jax.train.optimizer import schedule_count
 from nextquill_jax.train.state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -317,11 +318,15 @@ def make_train_step(
             keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
             params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
             skipped = skipped + (~finite).astype(skipped.dtype)
+        # The logged rate is the one this update applies (or would have, when skipped): the schedule at the
+        # optimizer's own count, which skipped updates do not advance (state.step does). An optimizer
+        # without a schedule state (a fixed rate) logs schedule(state.step).
+        count = schedule_count(state.opt_state)
         metrics = {
             **aux,
             "loss": loss,
             "grad_norm": grad_norm,
-            "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
+            "learning_rate": jnp.asarray(schedule(state.step if count is None else count), jnp.float32),
             "nonfinite": (~finite).astype(jnp.float32),
             "skipped": skipped.astype(jnp.float32),
             **batch_token_stats(batch),

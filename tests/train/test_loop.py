@@ -130,3 +130,28 @@ def test_a_second_ctrl_c_aborts_at_once_and_restores_the_handlers(
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
     assert not (tmp_path / "run" / "checkpoints" / "2").exists()
     assert "Ctrl-C again aborts, unsaved" in capfd.readouterr().err  # the first one was a stop request
+
+
+@pytest.mark.parametrize(
+    ("nonfinite", "skipped", "keys"),
+    [
+        ("stop", 0, ["optim.learning_rate", "train.nonfinite"]),
+        ("skip", 21, ["optim.learning_rate", "train.max_skips"]),
+    ],
+)
+def test_a_divergence_stop_gives_a_fix_that_a_new_workdir_allows(nonfinite, skipped, keys):
+    """The fix used to say "lower optim.learning_rate, or set train.nonfinite: skip", which a resume in the
+    same workdir refuses; the max_skips stop gave no fix at all."""
+    from types import SimpleNamespace
+
+    from nextquill_jax.config import TrainConfig
+    from nextquill_jax.train.resume import may_change
+
+    pending = SimpleNamespace(cfg=SimpleNamespace(train=TrainConfig(nonfinite=nonfinite, max_skips=20)))
+    metrics = {"nonfinite": 1.0, "skipped": float(skipped), "loss": float("nan"), "grad_norm": float("nan")}
+    with pytest.raises(loop.TrainingDivergedError) as e:
+        loop.PendingMetrics._check(pending, 5, metrics, lambda: "/w/checkpoints/3")
+    message = str(e.value)
+    assert "Last good checkpoint: /w/checkpoints/3. Fix: train again in a new --workdir" in message, message
+    for key in keys:  # each key the fix changes is one a resume refuses, hence the new workdir
+        assert key in message and not may_change(key), (key, message)

@@ -76,6 +76,18 @@ def test_schedule_matches_the_trainer(schedule, reference):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-12)
 
 
+@pytest.mark.parametrize("ratio", [0.07, 0.1, 0.15, 0.29, 0.3, 0.57, 0.01, 0.123, 0.333])
+def test_warmup_ratio_rounds_up_the_decimal_product_not_its_float_error(ratio):
+    # 0.07 * 100 == 7.000000000000001 in floats, which a plain ceil made 8 steps. Reference: the exact
+    # product of the ratio as written in decimal and the step count, rounded up.
+    from fractions import Fraction
+
+    for total in (1, 7, 100, 1000, 12345):
+        want = math.ceil(Fraction(repr(ratio)) * total)
+        assert warmup_steps(OptimConfig(warmup_ratio=ratio), total) == want, (ratio, total)
+    assert warmup_steps(OptimConfig(warmup_ratio=0.07), 100) == 7
+
+
 def _params():
     return {
         "embed": jnp.ones((4, 2)),
@@ -209,3 +221,44 @@ def test_metric_names_are_what_the_eval_step_reports(tiny_model_config, loss):
     aux = jax.eval_shape(make_eval_step(graphdef, settings), params, batch, reference)
     reported = metrics_from_aux({k: np.zeros((), np.float32) for k in aux}, cfg)
     assert metric_names(cfg) == tuple(reported)
+
+
+def test_the_logged_learning_rate_is_the_one_applied_after_a_skipped_update(
+    tmp_path, write_random_data, tiny_config
+):
+    """train.nonfinite: skip keeps the optimizer state, its schedule count included; the logged rate used to
+    follow the step counter, off by one per skip. Reference: the linear schedule in float64 NumPy at the
+    number of updates applied so far."""
+    from nextquill_jax.config import load_config
+    from nextquill_jax.data.global_batch import to_global_batch
+    from nextquill_jax.train.optimizer import schedule_count
+    from nextquill_jax.train.setup import init_state, set_up_run
+
+    raw = tiny_config(write_random_data(tmp_path / "data"), tmp_path / "run")
+    raw["optim"].update(learning_rate=1e-3, warmup_steps=0, schedule="linear")
+    raw["train"].update(max_steps=10, nonfinite="skip")
+    cfg = load_config(None, base=raw)
+    run = set_up_run(cfg, tmp_path / "run", echo=lambda _: None)
+    state = init_state(run.initial_params(), run.tx, cfg.train.seed, run.state_shardings)
+    batches = iter(run.train_data.dataset())
+    total = run.total_steps  # the data's epochs end before max_steps
+    assert total >= 4
+    applied, logged, want = 0, [], []
+    with jax.set_mesh(run.mesh):
+        for k in range(4):
+            batch = to_global_batch(next(batches), run.mesh)
+            if k == 1:  # one poisoned step: NaN parameters for this call only
+                good = state.params
+                state, m = run.train_step(
+                    state.replace(params=jax.tree.map(lambda x: x * jnp.nan, good)), batch, None, None
+                )
+                state = state.replace(params=good)
+            else:
+                state, m = run.train_step(state, batch, None, None)
+            logged.append(float(m["learning_rate"]))
+            want.append(1e-3 * (1.0 - applied / total))  # linear from 1e-3 to 0 at `applied` updates
+            applied += k != 1
+            assert int(schedule_count(state.opt_state)) == applied
+    assert [float(m["skipped"]), int(state.step)] == [1.0, 4]
+    np.testing.assert_allclose(logged, want, rtol=1e-6)
+    assert want[1] == want[2] > want[3]  # the skip held the schedule at count 1 for step 2
