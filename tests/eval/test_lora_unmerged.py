@@ -28,6 +28,8 @@ from nextquill_jax.train import adapters, loop, model_setup, setup
 from nextquill_jax.train.workdir import restore_model, single_device_mesh
 from tests.shared import TINY_EOS_ID
 
+pytestmark = pytest.mark.slow  # run first: see tests/conftest.py
+
 TARGETS = ["attn/(q|k|v|o)_proj", "mlp/(gate|up|down)"]
 RANK, ALPHA = 4, 8.0
 TINY_BASE = dict(
@@ -147,12 +149,20 @@ def test_greedy_generation_and_extend_equal_step_by_step_recomputation_with_the_
     )
 
     def recomputed(with_adapters: lora.Adapters | None) -> list[list[int]]:
+        width = max(map(len, prompts)) + n_new
+
+        @jax.jit
+        def next_logits(ids: jax.Array, last: jax.Array) -> jax.Array:
+            # ids [1, width] right-padded: attention is causal, so the padding changes no logit up to `last`,
+            # and one compilation serves every length.
+            return base.logits(base.hidden_states(ids, adapters=with_adapters)[0, last])
+
         out = []
         for prompt in prompts:
             seq, new = list(prompt), []
             for _ in range(n_new):
-                hidden = base.hidden_states(jnp.asarray([seq], jnp.int32), adapters=with_adapters)
-                token = int(jnp.argmax(base.logits(hidden[:, -1])))
+                padded = jnp.asarray([seq + [0] * (width - len(seq))], jnp.int32)
+                token = int(jnp.argmax(next_logits(padded, len(seq) - 1)))
                 if token == TINY_EOS_ID:
                     break
                 seq.append(token)
