@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+import pytest
 
 from nextquill_jax.config import load_config
 from nextquill_jax.train import loop
@@ -24,24 +25,42 @@ def _params_after(tmp_path, data, tiny_config, read_state, name: str, steps: int
     return read_state(tmp_path / name / "checkpoints" / str(steps))["params"]
 
 
-def test_a_partial_fine_tune_trains_only_its_parameters(tmp_path, write_random_data, tiny_config, read_state):
+@pytest.fixture(scope="module")
+def one_step(tmp_path_factory, write_random_data, tiny_config, read_state):
+    """The start and one unclipped step (clipping couples all trained gradients through their norm) of the
+    tiny config: training `embed` and `q_proj`, everything by patterns, and without `optim.trainable`."""
+    tmp_path = tmp_path_factory.mktemp("trainable")
     data = write_random_data(tmp_path / "data")
     cfg = load_config(None, base=tiny_config(data, tmp_path / "start"))
     start = jax.device_get(load_params(cfg.model, build_mesh(cfg), cfg.train.seed)[1])  # a run starts here
-    part = _params_after(tmp_path, data, tiny_config, read_state, "part", trainable=["embed", "q_proj"])
+    runs = {
+        name: _params_after(tmp_path, data, tiny_config, read_state, name, 1, clip_norm=None, **trainable)
+        for name, trainable in (
+            ("part", {"trainable": ["embed", "q_proj"]}),
+            ("everything", {"trainable": ["embed", "."]}),
+            ("plain", {}),
+        )
+    }
+    return start, runs
+
+
+def test_a_partial_fine_tune_trains_only_its_parameters_as_adamw_on_all_would(one_step):
+    """AdamW (unclipped) updates each parameter from its own gradient alone, so the trained parameters take
+    the update a run training all of them gives, and the frozen ones keep their initial values; patterns
+    that together match every parameter train exactly what a run without `optim.trainable` does."""
+    start, runs = one_step
     paths = jax.tree.leaves(param_paths(start))
-    assert jax.tree.leaves(param_paths(part)) == paths
+    assert jax.tree.leaves(param_paths(runs["part"])) == paths
     trained = [p for p in paths if "embed" in p or "q_proj" in p]
     assert trained and len(trained) < len(paths), paths
-    for path, before, after in zip(paths, jax.tree.leaves(start), jax.tree.leaves(part), strict=True):
-        if path in trained:
-            assert not np.array_equal(before, after), path
+    leaves = (jax.tree.leaves(t) for t in (start, runs["part"], runs["plain"]))
+    for path, before, after, full in zip(paths, *leaves, strict=True):
+        if path in trained:  # weight-decayed: AdamW's first step moves every entry by about lr
+            assert np.abs(after - before).max() > 1e-3, path
+            np.testing.assert_allclose(after, full, rtol=0, atol=1e-7, err_msg=path)
         else:
             np.testing.assert_array_equal(after, before, err_msg=path)
-    # Patterns that together match every parameter train exactly what a run without optim.trainable does.
-    everything = _params_after(tmp_path, data, tiny_config, read_state, "all", trainable=["embed", "."])
-    plain = _params_after(tmp_path, data, tiny_config, read_state, "plain")
-    jax.tree.map(np.testing.assert_array_equal, everything, plain)
+    jax.tree.map(np.testing.assert_array_equal, runs["everything"], runs["plain"])
 
 
 def test_a_partial_fine_tune_resumes_to_the_uninterrupted_state(
@@ -83,27 +102,3 @@ def test_a_partial_fine_tune_resumes_to_the_uninterrupted_state(
         read_state(tmp_path / "whole" / "checkpoints" / "3"),
         read_state(tmp_path / "split" / "checkpoints" / "3"),
     )
-
-
-def test_a_partial_fine_tunes_first_update_is_adamws_restricted_to_its_parameters(
-    tmp_path, write_random_data, tiny_config, read_state
-):
-    """Without clipping (which couples all trained gradients through their norm) AdamW updates each
-    parameter from its own gradient alone, so the first update of the trained parameters equals a run
-    training all of them, and the frozen ones keep their initial values."""
-    data = write_random_data(tmp_path / "data")
-    cfg = load_config(None, base=tiny_config(data, tmp_path / "start"))
-    start = jax.device_get(load_params(cfg.model, build_mesh(cfg), cfg.train.seed)[1])
-    part = _params_after(
-        tmp_path, data, tiny_config, read_state, "part", 1, trainable=["q_proj"], clip_norm=None
-    )
-    plain = _params_after(tmp_path, data, tiny_config, read_state, "plain", 1, clip_norm=None)
-    paths = jax.tree.leaves(param_paths(start))
-    for path, before, after, full in zip(
-        paths, jax.tree.leaves(start), jax.tree.leaves(part), jax.tree.leaves(plain), strict=True
-    ):
-        if "q_proj" in path:  # weight-decayed: AdamW's first step moves every entry by about lr
-            assert np.abs(after - before).max() > 1e-3, path
-            np.testing.assert_allclose(after, full, rtol=0, atol=1e-7, err_msg=path)
-        else:
-            np.testing.assert_array_equal(after, before, err_msg=path)
