@@ -111,24 +111,25 @@ def test_a_resume_with_lora_removed_is_an_error_naming_the_key(runs, tmp_path):
         loop.train(full, workdir, echo=lambda _: None)
 
 
-def test_a_resume_that_changes_a_preset_base_names_the_changed_key(tmp_path, write_random_data, tiny_config):
+def test_a_resume_that_changes_a_preset_base_names_the_changed_key(runs, tmp_path):
     """A random preset base is made from train.seed and model.overrides: changing either makes another base,
     which the config check names (the base check ran first and named the same preset twice, with the fix
-    'point model.path at that base again' for a run without one)."""
-    workdir = tmp_path / "w"
-    raw = tiny_config(write_random_data(tmp_path / "data"), workdir)
-    raw["model"]["lora"] = dict(LORA)
-    raw["checkpoint"]["async_save"] = False
-    raw["train"]["max_steps"] = 1
-    assert loop.train(load_config(None, base=raw), workdir, echo=lambda _: None).last_checkpoint == 1
+    'point model.path at that base again' for a run without one). On a copy of run A's workdir."""
+    workdir = tmp_path / "A"
+    shutil.copytree(runs["root"] / "A", workdir)
+    saved = load_config(workdir / "config.yaml")
+    seed, width = saved.train.seed, saved.model.overrides["intermediate_size"]
     for change, listed in (
-        ("train.seed=1", "train.seed: 0 -> 1"),
-        ("model.overrides.intermediate_size=96", "model.overrides.intermediate_size: 64 -> 96"),
+        (f"train.seed={seed + 1}", f"train.seed: {seed} -> {seed + 1}"),
+        (
+            f"model.overrides.intermediate_size={width + 32}",
+            f"model.overrides.intermediate_size: {width} -> {width + 32}",
+        ),
     ):
         with pytest.raises(
             ConfigError, match=rf"value first: {re.escape(listed)}\. A resume may change only"
         ):
-            loop.train(load_config(None, [change], base=raw), workdir, echo=lambda _: None)
+            loop.train(load_config(workdir / "config.yaml", [change]), workdir, echo=lambda _: None)
 
 
 def test_a_lora_workdir_restores_as_its_base_carrying_the_adapters(runs):
