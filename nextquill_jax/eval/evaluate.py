@@ -36,7 +36,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from nextquill_jax.atomic_file import write_text_atomic
-from nextquill_jax.config import Config, load_config
+from nextquill_jax.config import Config
 from nextquill_jax.data.global_batch import to_global_batch
 from nextquill_jax.data.pipeline import BatchPipeline
 from nextquill_jax.data.prepared_split import (
@@ -62,12 +62,11 @@ from nextquill_jax.train.setup import (
     step_settings,
 )
 from nextquill_jax.train.workdir import (
-    CONFIG_FILE,
     LoadedModel,
     data_dir_of,
-    reading_config,
     reading_mesh,
     restore_model,
+    saved_config,
 )
 
 PromptChoice = Literal["auto", "with", "without"]
@@ -77,17 +76,14 @@ _STREAM_TEXT = {"with": "prompt_with_history", "without": "prompt_without_histor
 
 def load_model_path(workdir: str | Path, model_path: str, mesh: Mesh | None = None) -> LoadedModel:
     """A `load_pretrained` path or packaged name, run with the runtime settings (dtypes, attention) of the
-    run's `config.yaml` in `workdir`, whose data it is evaluated on (an attention this backend cannot run
-    replaced by `xla`: `reading_config`).
+    run's `config.yaml` in `workdir`, whose data it is evaluated on (`workdir.saved_config`: an attention
+    this backend cannot run replaced by `xla`).
 
     Raises:
         FileNotFoundError: `workdir` has no config.yaml.
         ConfigError: `model_path` names nothing loadable.
     """
-    config_file = Path(workdir) / CONFIG_FILE
-    if not config_file.exists():
-        raise FileNotFoundError(f"{config_file} does not exist: is {workdir} a training workdir?")
-    cfg = reading_config(load_config(config_file), str(config_file))
+    cfg = saved_config(workdir)
     mesh = reading_mesh(cfg) if mesh is None else mesh
     section = dataclasses.replace(cfg.model, path=model_path, preset=None, overrides={})
     graphdef, params = model_setup.load_params(section, mesh, cfg.train.seed)

@@ -149,6 +149,18 @@ def reading_config(cfg: Config, source: str) -> Config:
     return dataclasses.replace(cfg, model=model)
 
 
+def saved_config(workdir: str | Path) -> Config:
+    """The config the run in `workdir` saved as its config.yaml, as `reading_config` reads it here.
+
+    Raises:
+        FileNotFoundError: `workdir` has no config.yaml.
+    """
+    config_file = Path(workdir) / CONFIG_FILE
+    if not config_file.exists():
+        raise FileNotFoundError(f"{config_file} does not exist: is {workdir} a training workdir?")
+    return reading_config(load_config(config_file), str(config_file))
+
+
 def single_device_mesh() -> Mesh:
     """A mesh of this process's first device (all axes of size 1)."""
     return parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.local_devices()[:1])
@@ -279,16 +291,13 @@ def initial_model(workdir: str | Path, mesh: Mesh | None = None) -> LoadedModel:
     as training initialises it, or `model.path` loaded with them; under `model.lora`, the base as the
     adapters see it carrying the initial adapters (`_lora_model`; fresh ones, B = 0, leave its outputs
     unchanged). Parameters are placed on `mesh` by the default rules (default: the config's mesh); the config
-    is read by `reading_config`.
+    is `saved_config`'s.
 
     Raises:
         FileNotFoundError: `workdir` has no config.yaml.
         ConfigError: `model.path` names nothing loadable, or `model.lora.init_from` no fitting adapter.
     """
-    config_file = Path(workdir) / CONFIG_FILE
-    if not config_file.exists():
-        raise FileNotFoundError(f"{config_file} does not exist: is {workdir} a training workdir?")
-    cfg = reading_config(load_config(config_file), str(config_file))
+    cfg = saved_config(workdir)
     mesh = reading_mesh(cfg) if mesh is None else mesh
     lora_cfg, seed = cfg.model.lora, cfg.train.seed
     section = cfg.model if lora_cfg is None else adapters.base_section(cfg.model)
