@@ -54,23 +54,24 @@ def _target_paths(cfg: LoraConfig, shapes: dict) -> list[tuple[str, str, str]]:
         raise ConfigError(str(e)) from None
 
 
-def check_lora(cfg: LoraConfig, model_cfg: ModelConfig) -> None:
-    """Return if every target of `cfg.targets` names parameters of `model_cfg`'s model that take adapters
-    and `cfg.init_from`, if set, holds adapters that fit them (its config and tensor shapes: no weights, no
-    data needed), so that set-up refuses either before it creates the workdir.
+def check_lora(cfg: LoraConfig, model_cfg: ModelConfig) -> dict:
+    """The adapters' shapes (`lora.adapter_shapes`, in `model_cfg`'s parameter dtype), once every target of
+    `cfg.targets` names parameters of `model_cfg`'s model that take adapters and `cfg.init_from`, if set,
+    holds adapters that fit them (its config and tensor shapes: no weights, no data needed), so that set-up
+    refuses either before it creates the workdir.
 
     Raises:
         ConfigError: a target that is no valid regex, matches no parameter or one that takes no adapter
             (listing the paths), or an `init_from` that `initial_adapters` would refuse.
     """
     shapes = nnx.to_pure_dict(_abstract_params(model_cfg))
-    paths = _target_paths(cfg, shapes)
+    abstract = lora.adapter_shapes(shapes, _target_paths(cfg, shapes), cfg.rank, model_cfg.param_jnp_dtype)
     if cfg.init_from is not None:
         from nextquill_jax.models.peft import check_peft_adapter
 
-        abstract = lora.adapter_shapes(shapes, paths, cfg.rank, model_cfg.param_jnp_dtype)
         with _init_from_errors(cfg):
             check_peft_adapter(cfg.init_from, model_cfg, abstract, rank=cfg.rank, alpha=cfg.alpha)
+    return abstract
 
 
 @contextlib.contextmanager

@@ -502,9 +502,9 @@ def set_up_run(cfg: Config, workdir: Path, echo: Echo = print) -> RunSetup:
     # `cudnn_max_segments: auto` is chosen from the data below, so 1 stands in for it (the parameters do not
     # depend on it).
     stand_in = model_setup.model_config(model_section.resolved(1))
+    # What the optimizer trains, as shapes, for its patterns: the adapters under LoRA, else the parameters.
     if lora is not None:
-        adapters.check_lora(lora, stand_in)
-        trained = adapters.adapter_layout(lora, stand_in.replace(param_dtype=cfg.model.param_dtype), mesh)[0]
+        trained = adapters.check_lora(lora, stand_in)
     else:
         trained = model_setup.abstract_model(stand_in)[1]
     try:
