@@ -118,8 +118,8 @@ def apply_override(raw: dict, item: str, value: Any, cls: type | None = None) ->
     """Set `raw[section][...][key] = value` for the key of one `section.key=value` item (`value`: its text as
     `check_override` reads it). With the dataclass `cls` that `raw` is read as, a mapping given to a section
     (`data.batching={mode: bucket}`) sets the keys it names and keeps the file's others; a free-form mapping
-    (`model.overrides`) is a value and replaced whole. A section the file sets to
-    null (an optional one, `lora: null`) is started empty by an override of one of its keys.
+    (`model.overrides`) is a value and replaced whole. A section the file sets to null (an optional one,
+    `lora: null`) is started empty by an override of one of its keys.
 
     Raises:
         ConfigError: the item is not of that form, or a key on its path holds a value, not a section.
