@@ -18,11 +18,150 @@ from tests.shared import LOSS_CONFIGS
 
 pytestmark = pytest.mark.slow  # run first: see tests/conftest.py
 
+# For the steps this file compiles itself: XLA's CPU fusion emitters off compile these steps in about a third
+# of the CPU time (8.4 -> 2.5 CPU-s for one accumulation step, 2026-12-01), and the backend's fast level (the
+# suite's FAST_COMPILE, stated again for the joint-forward test, which compiled with it before the suite did).
+# Every comparison here is between programs compiled with the same options.
+FAST_COMPILE_OPTIONS = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
+
+
+def _accumulation() -> dict:
+    """The train step on one batch in one pass and in 4 accumulated micro-batches, per loss variant, and the
+    step on a batch whose loss is NaN.
+
+    A tiny random qwen2-family model (vocab 128, hidden 32, 2 layers; dense attention: the claim is about the
+    step's accumulation, and the blockwise default's scans add ~20% to the compile of each of the 8 steps),
+    one batch of 8 rows of random packed examples, plain SGD with learning rate 1 (so an update is minus the
+    gradient and updates compare directly). For each variant (nextquill, context_sft, js with gradient
+    through its weights, and nextquill with fixed DCE from a frozen reference model) the result holds the
+    largest difference between the two updates, the largest update, both losses and the token count; under
+    "nan", what the step did with a NaN parameter. In this process: one device and the suite's XLA flags
+    (tests/conftest.py) are all it needs, so a subprocess would only add its start-up.
+    """
+    from flax import nnx
+
+    from nextquill_jax.data.assemble import RowShape, assemble_batch
+    from nextquill_jax.loss import LossConfig
+    from nextquill_jax.models import CausalLM, model_preset
+    from nextquill_jax.parallel import make_mesh
+    from nextquill_jax.train.state import TrainState
+    from nextquill_jax.train.step import StepSettings, make_train_step, reference_dce
+    from tests.shared import TINY_EOS_ID
+
+    cfg = model_preset(
+        "qwen2.5-0.5b",
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        bos_token_id=TINY_EOS_ID,
+        eos_token_ids=(TINY_EOS_ID,),
+        attention_impl="xla_dense",
+    )
+    graphdef, params = nnx.split(CausalLM(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+    params = nnx.to_pure_dict(params)
+    rng = np.random.default_rng(0)
+    rows = [
+        [
+            {
+                "prompt_with": rng.integers(1, 128, rng.integers(8, 30)).astype(np.int32),
+                "prompt_without": rng.integers(1, 128, rng.integers(2, 10)).astype(np.int32),
+                "target": rng.integers(1, 128, rng.integers(3, 16)).astype(np.int32),
+            }
+            for _ in range(rng.integers(1, 3))
+        ]
+        for _ in range(8)
+    ]
+    batch = assemble_batch(rows, RowShape(96, 48, 40), with_reference_dce=False)
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    mesh = make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
+    sgd = optax.sgd(1.0)  # the update is minus the gradient: compare updates directly
+    # A frozen reference model for fixed DCE: the one-pass step reads its DCE from the batch (precomputed
+    # here), the accumulated step runs the reference model itself.
+    ref_params = nnx.to_pure_dict(nnx.state(CausalLM(cfg, rngs=nnx.Rngs(1)), nnx.Param))
+    ref_settings = StepSettings(
+        loss=LossConfig(variant="nextquill", dce="fixed"), token_chunk=48, vocab_chunk=48
+    )
+    dce = jax.jit(
+        lambda p, b: reference_dce(graphdef, p, b, ref_settings), compiler_options=FAST_COMPILE_OPTIONS
+    )
+    ref_batch = dict(batch, reference_dce=dce(ref_params, batch))
+
+    def start(p: dict) -> TrainState:
+        return TrainState(
+            step=jnp.int32(0),
+            params=p,
+            opt_state=sgd.init(params),
+            rng=jax.random.PRNGKey(0),
+            skipped=jnp.int32(0),
+        )
+
+    out = {}
+    for name, loss in [
+        ("nextquill", LossConfig()),
+        ("context_sft", LossConfig(variant="context_sft")),
+        ("js_grad_through_weights", LossConfig(variant="js", js_detach=False)),
+        ("reference_model", LossConfig(variant="nextquill", dce="fixed")),
+    ]:
+        results = []
+        for m in (1, 4):
+            settings = StepSettings(
+                loss=loss,
+                micro_batches=m,
+                skip_nonfinite=True,
+                token_chunk=48,
+                vocab_chunk=48,
+                reference_graphdef=graphdef,
+            )
+            step = jax.jit(
+                make_train_step(graphdef, sgd, lambda s: 1.0, settings, mesh),
+                compiler_options=FAST_COMPILE_OPTIONS,
+            )
+            if name != "reference_model":
+                results.append(step(start(params), batch))
+            elif m == 1:
+                results.append(step(start(params), ref_batch))
+            else:
+                results.append(step(start(params), batch, ref_params))
+            if name == "nextquill" and m == 1:  # a NaN loss: the update is skipped and counted
+                poisoned = dict(
+                    params, final_norm={"scale": params["final_norm"]["scale"].at[0].set(jnp.nan)}
+                )
+                kept, bad_metrics = step(start(poisoned), batch)
+                out["nan"] = {
+                    "skipped": int(kept.skipped),
+                    "nonfinite": float(bad_metrics["nonfinite"]),
+                    "unchanged": all(
+                        np.array_equal(np.asarray(a), np.asarray(b), equal_nan=True)
+                        for a, b in zip(jax.tree.leaves(kept.params), jax.tree.leaves(poisoned), strict=True)
+                    ),
+                }
+        (one, m1), (four, m4) = results
+        leaves = jax.tree.leaves
+        diff = max(
+            float(jnp.max(jnp.abs(a - b)))
+            for a, b in zip(leaves(one.params), leaves(four.params), strict=True)
+        )
+        scale = max(
+            float(jnp.max(jnp.abs(a - p))) for a, p in zip(leaves(one.params), leaves(params), strict=True)
+        )
+        out[name] = {
+            "max_update_diff": diff,
+            "max_update": scale,
+            "loss1": float(m1["loss"]),
+            "loss4": float(m4["loss"]),
+            "tokens": float(m1["tokens"]),
+        }
+    return out
+
 
 @pytest.fixture(scope="module")
-def accumulation(programs):
-    """One batch in one pass and in 4 micro-batches per loss variant (programs/train_step_accumulation.py)."""
-    return programs.run("train_step_accumulation.py", fast_compile=True, timeout=300).result
+def accumulation():
+    """One batch in one pass and in 4 micro-batches per loss variant (`_accumulation`)."""
+    return _accumulation()
 
 
 @pytest.mark.parametrize(
@@ -145,12 +284,14 @@ def _joint_forward_batch(equal_lengths: bool) -> dict:
     return batch
 
 
-@pytest.mark.parametrize("equal_lengths", [False, True], ids=["joined-rows", "interleaved-rows"])
-def test_joint_forward_gives_the_two_call_loss_and_gradient(tiny_model_config, monkeypatch, equal_lengths):
-    """float32 on CPU: loss, aux and every parameter gradient of one joint forward call equal the two-call
-    path's up to float32 summation order, and the joint path calls the model once. The loss is bitwise equal
-    on some CPUs and 1 ulp apart on others (XLA's CPU code depends on the vector extensions), so it is
-    compared at float32 rounding, not bitwise."""
+@pytest.fixture(scope="module")
+def joint_forward(tiny_model_config):
+    """(`run`, the two-call result on the unpadded batch). `run(batch, joint) -> (((loss, aux), grads), model
+    calls)`: the value and gradient of `batch_loss` (nextquill, float32, blockwise attention) through one
+    joint forward call or two calls, compiled. The two-call result is the reference for both layouts of the
+    joint call: padding the without-history stream changes none of the two-call path's values (measured:
+    the loss bitwise, gradients within 2e-7 of the largest, well inside the tolerances below), and one
+    two-call compile serves both."""
     from flax import nnx
 
     from nextquill_jax.loss import LossConfig
@@ -160,27 +301,40 @@ def test_joint_forward_gives_the_two_call_loss_and_gradient(tiny_model_config, m
     cfg = tiny_model_config(attention_impl="xla", compute_dtype="float32")
     graphdef, params = nnx.split(CausalLM(cfg, rngs=nnx.Rngs(0)), nnx.Param)
     params = nnx.to_pure_dict(params)
-    batch = jax.tree.map(jnp.asarray, _joint_forward_batch(equal_lengths))
-    assert (batch["with_ids"].shape == batch["without_ids"].shape) == equal_lengths
-    calls = []
     hidden_states = CausalLM.hidden_states
-    monkeypatch.setattr(
-        CausalLM,
-        "hidden_states",
-        lambda self, *a, **k: calls.append(a[0].shape) or hidden_states(self, *a, **k),
-    )
-    results = {}
-    for joint in (False, True):
+
+    def run(batch: dict, joint: bool):
         settings = StepSettings(
             loss=LossConfig(variant="nextquill", threshold=0.0), token_chunk=1024, vocab_chunk=64,
             joint_forward=joint,
         )  # fmt: skip
-        f = jax.value_and_grad(lambda p, s=settings: batch_loss(p, graphdef, batch, s), has_aux=True)
-        calls.clear()
-        results[joint] = jax.jit(f, compiler_options={"xla_backend_optimization_level": 0})(params)
-        assert len(calls) == (1 if joint else 2)
-    (loss_2, aux_2), grads_2 = results[False]
-    (loss_1, aux_1), grads_1 = results[True]
+        f = jax.value_and_grad(lambda p: batch_loss(p, graphdef, batch, settings), has_aux=True)
+        calls = []
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(
+                CausalLM,
+                "hidden_states",
+                lambda self, *a, **k: calls.append(a[0].shape) or hidden_states(self, *a, **k),
+            )
+            result = jax.jit(f, compiler_options=FAST_COMPILE_OPTIONS)(params)
+        return result, len(calls)
+
+    two_call, calls = run(jax.tree.map(jnp.asarray, _joint_forward_batch(equal_lengths=False)), joint=False)
+    assert calls == 2
+    return run, two_call
+
+
+@pytest.mark.parametrize("equal_lengths", [False, True], ids=["joined-rows", "interleaved-rows"])
+def test_joint_forward_gives_the_two_call_loss_and_gradient(joint_forward, equal_lengths):
+    """float32 on CPU: loss, aux and every parameter gradient of one joint forward call equal the two-call
+    path's up to float32 summation order, and the joint path calls the model once. The loss is bitwise equal
+    on some CPUs and 1 ulp apart on others (XLA's CPU code depends on the vector extensions), so it is
+    compared at float32 rounding, not bitwise."""
+    run, ((loss_2, aux_2), grads_2) = joint_forward
+    batch = jax.tree.map(jnp.asarray, _joint_forward_batch(equal_lengths))
+    assert (batch["with_ids"].shape == batch["without_ids"].shape) == equal_lengths
+    ((loss_1, aux_1), grads_1), calls = run(batch, joint=True)
+    assert calls == 1
     assert 0 < float(aux_2["pref_count"]) < float(aux_2["tokens"])
     np.testing.assert_allclose(float(loss_1), float(loss_2), rtol=4 * np.finfo(np.float32).eps)
     for k in aux_2:
@@ -237,6 +391,7 @@ def test_the_logged_learning_rate_is_the_one_applied_after_a_skipped_update(
     raw = tiny_config(write_random_data(tmp_path / "data"), tmp_path / "run")
     raw["optim"].update(learning_rate=1e-3, warmup_steps=0, schedule="linear")
     raw["train"].update(max_steps=10, nonfinite="skip")
+    raw["model"]["attention_impl"] = "xla_dense"  # not what is tested; compiles faster than blockwise
     cfg = load_config(None, base=raw)
     run = set_up_run(cfg, tmp_path / "run", echo=lambda _: None)
     state = init_state(run.initial_params(), run.tx, cfg.train.seed, run.state_shardings)
