@@ -4,6 +4,7 @@ target selection errors, logical axes and dropout."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -30,11 +31,17 @@ def model_and_params(**overrides):
     return model, nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _hidden_states(graphdef, state, adapters):
+    return nnx.merge(graphdef, state).hidden_states(jnp.asarray(IDS), adapters=adapters)
+
+
 def hidden(model, adapters=None):
-    """The model's hidden states on IDS, compiled (eager op-by-op runs are slow)."""
+    """The model's hidden states on IDS, compiled (eager op-by-op runs are slow). One jitted function for the
+    module, the graph static: models of one structure (the plain and the merged model, each test's
+    `model_and_params()`) reuse one program instead of compiling a new closure per call."""
     graphdef, state = nnx.split(model)
-    run = jax.jit(lambda s, a: nnx.merge(graphdef, s).hidden_states(jnp.asarray(IDS), adapters=a))
-    return np.asarray(run(state, adapters))
+    return np.asarray(_hidden_states(graphdef, state, adapters))
 
 
 def random_adapters(params, targets, rank=4, seed=1):
