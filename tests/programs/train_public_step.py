@@ -76,9 +76,7 @@ def jax_gradients(model_dir: Path, batch: dict, micro_batches: int, devices: lis
         loss=LossConfig(normalize="example"), micro_batches=micro_batches, token_chunk=32, vocab_chunk=32
     )
     sgd = optax.sgd(1.0)
-    # XLA's CPU fusion emitters off: the step compiles in about a third of the CPU time (as in test_step.py)
-    fast = {"xla_cpu_use_fusion_emitters": False}
-    step = jax.jit(make_train_step(graphdef, sgd, lambda s: 1.0, settings, mesh), compiler_options=fast)
+    step = jax.jit(make_train_step(graphdef, sgd, lambda s: 1.0, settings, mesh))
     params = jax.device_put(params, NamedSharding(mesh, P()))
     train_state = TrainState(
         step=jnp.int32(0), params=params, opt_state=sgd.init(params), rng=jax.random.PRNGKey(0), skipped=0

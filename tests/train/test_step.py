@@ -18,12 +18,6 @@ from tests.shared import LOSS_CONFIGS
 
 pytestmark = pytest.mark.slow  # run first: see tests/conftest.py
 
-# For the steps this file compiles itself: XLA's CPU fusion emitters off compile these steps in about a third
-# of the CPU time (8.4 -> 2.5 CPU-s for one accumulation step, 2026-12-01), and the backend's fast level (the
-# suite's FAST_COMPILE, stated again for the joint-forward test, which compiled with it before the suite did).
-# Every comparison here is between programs compiled with the same options.
-FAST_COMPILE_OPTIONS = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
-
 
 def _accumulation() -> dict:
     """The train step on one batch in one pass and in 4 accumulated micro-batches, per loss variant, and the
@@ -85,9 +79,7 @@ def _accumulation() -> dict:
     ref_settings = StepSettings(
         loss=LossConfig(variant="nextquill", dce="fixed"), token_chunk=48, vocab_chunk=48
     )
-    dce = jax.jit(
-        lambda p, b: reference_dce(graphdef, p, b, ref_settings), compiler_options=FAST_COMPILE_OPTIONS
-    )
+    dce = jax.jit(lambda p, b: reference_dce(graphdef, p, b, ref_settings))
     ref_batch = dict(batch, reference_dce=dce(ref_params, batch))
 
     def start(p: dict) -> TrainState:
@@ -116,10 +108,7 @@ def _accumulation() -> dict:
                 vocab_chunk=48,
                 reference_graphdef=graphdef,
             )
-            step = jax.jit(
-                make_train_step(graphdef, sgd, lambda s: 1.0, settings, mesh),
-                compiler_options=FAST_COMPILE_OPTIONS,
-            )
+            step = jax.jit(make_train_step(graphdef, sgd, lambda s: 1.0, settings, mesh))
             if name != "reference_model":
                 results.append(step(start(params), batch))
             elif m == 1:
@@ -316,7 +305,7 @@ def joint_forward(tiny_model_config):
                 "hidden_states",
                 lambda self, *a, **k: calls.append(a[0].shape) or hidden_states(self, *a, **k),
             )
-            result = jax.jit(f, compiler_options=FAST_COMPILE_OPTIONS)(params)
+            result = jax.jit(f, compiler_options={"xla_backend_optimization_level": 0})(params)
         return result, len(calls)
 
     two_call, calls = run(jax.tree.map(jnp.asarray, _joint_forward_batch(equal_lengths=False)), joint=False)
