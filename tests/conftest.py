@@ -39,7 +39,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # Compilation dominates the suite on CPU. XLA's backend optimisation level 0 compiles faster (~3x: first
 # written at 875d5df, measurement not recorded) and cut the suite's CPU time by a quarter (28 -> 21
-# CPU-minutes on the 2-core VM, 2026-12-01: the README's figure, a fresh clone of 04f1d37). Every value is
+# CPU-minutes on the 2-core VM, 2026-12-01, a fresh clone of 04f1d37). Every value is
 # still compared with a reference, or with another run under the same flags; the cost-analysis and memory
 # tests pass under it too.
 # Turning XLA's CPU fusion emitters off cut compilation by about a third again (four training test files,
