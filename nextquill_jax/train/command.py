@@ -6,11 +6,12 @@
 
 `train` trains (or resumes, when DIR holds a checkpoint) the run the config describes. Exit status: 0 finished
 or stopped by SIGTERM or Ctrl-C with a checkpoint saved, 1 bad config or data (damaged prepared data or
-checkpoints included), 3 non-finite loss, 4 another process of a multi-process run was lost
-(`mesh.peer_timeout_s`), 5 a checkpoint could not be saved (`checkpoint.on_save_error: stop`); those and
-`cli.main`'s 2, 130 and 141, and the signal's 143, end `train --help` (`TRAIN_EXIT_STATUSES`). `export` writes
-a checkpoint as a Hugging Face directory (a LoRA run's adapters merged in), or with `--adapter` a LoRA run's
-adapters as a PEFT directory (see `train.export`). `checkpoint verify` checks every checkpoint of a workdir
+checkpoints included) or a workdir another `train` is running in (`workdir_lock`), 3 non-finite loss, 4
+another process of a multi-process run was lost (`mesh.peer_timeout_s`), 5 a checkpoint could not be saved
+(`checkpoint.on_save_error: stop`); those and `cli.main`'s 2, 130 and 141, and the signal's 143, end
+`train --help` (`TRAIN_EXIT_STATUSES`). `export` writes a checkpoint as a Hugging Face directory (a LoRA
+run's adapters merged in), or with `--adapter` a LoRA run's adapters as a PEFT directory (see
+`train.export`). `checkpoint verify` checks every checkpoint of a workdir
 against its manifest and prints a table; exit status 1, with an `error:` line naming the steps and the fix,
 if any is damaged or incomplete, if none verifies (steps saved before manifests existed cannot), or if there
 is none (naming the steps a resume moved aside as damaged).
@@ -28,7 +29,8 @@ from nextquill_jax.subcommand import OVERRIDES, Subcommand
 # `train --help` ends with these (README.md lists them too; 2 is argparse's, 130 and 141 are `cli.main`'s).
 TRAIN_EXIT_STATUSES = """exit status:
   0    finished, or stopped by SIGTERM or Ctrl-C with a checkpoint saved (the same command resumes)
-  1    an error you fix (config, data, damaged prepared data or checkpoints), printed as one error: line
+  1    an error you fix (config, data, damaged prepared data or checkpoints, a workdir another train is
+       running in), printed as one error: line
   2    a command line that cannot be parsed
   3    non-finite loss or gradient (train.nonfinite: stop), or more than train.max_skips skipped updates
   4    another process of a multi-process run was lost (mesh.peer_timeout_s)

@@ -40,6 +40,7 @@ from nextquill_jax.train.resume import check_resumable, check_same_data
 from nextquill_jax.train.setup import RunSetup, abstract_state, init_state, set_up_run
 from nextquill_jax.train.state import TrainState
 from nextquill_jax.train.workdir import CHECKPOINT_DIR, CONFIG_FILE
+from nextquill_jax.train.workdir_lock import WorkdirLock
 
 PROFILE_DIR = "profile"
 # What an evaluation's metrics are named with in metrics.jsonl and `checkpoint.best_metric`: eval/loss, ...
@@ -75,7 +76,11 @@ class TrainResult:
 def train(cfg: Config, workdir: Path, *, echo=print) -> TrainResult:
     """Run (or resume) the training `cfg` describes in `workdir`.
 
+    Only one `train` at a time writes a workdir: process 0 holds `<workdir>/train.lock` (`workdir_lock`)
+    from before set-up writes there until the run ends.
+
     Raises:
+        WorkdirLockedError: another `train` is running in `workdir` (nothing there is changed).
         ConfigError: a config problem found during set-up (before compiling; `checkpoint.best_metric`
             first, `check_best_metric`), or a resume whose config differs from its checkpoint's
             (`resume.check_resumable`); config.yaml is then left as it was.
@@ -85,7 +90,16 @@ def train(cfg: Config, workdir: Path, *, echo=print) -> TrainResult:
             damaged.
     """
     check_best_metric(cfg)
-    run = set_up_run(cfg, workdir, echo)
+    # Held from before anything is written in the workdir (`set_up_run` takes it on process 0) to the end.
+    lock = WorkdirLock(workdir)
+    try:
+        return _train(cfg, workdir, lock, echo)
+    finally:
+        lock.release()
+
+
+def _train(cfg: Config, workdir: Path, lock: WorkdirLock, echo) -> TrainResult:
+    run = set_up_run(cfg, workdir, echo, lock=lock)
     # As resolved (config.yaml and every checkpoint record what the steps were built from), with the workdir
     # this run uses: `--config <workdir>/config.yaml` then resumes this run, not the config file's workdir.
     # Absolute, so that it names the same directory from any current directory.

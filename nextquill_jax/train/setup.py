@@ -49,6 +49,7 @@ from nextquill_jax.train.workdir import (
     is_workdir,
     restore_model,
 )
+from nextquill_jax.train.workdir_lock import WorkdirLock
 
 Echo = Callable[[str], None]
 
@@ -481,11 +482,16 @@ class RunSetup:
         return None if self.reference is None else self.reference[1]
 
 
-def set_up_run(cfg: Config, workdir: Path, echo: Echo = print) -> RunSetup:
+def set_up_run(
+    cfg: Config, workdir: Path, echo: Echo = print, *, lock: WorkdirLock | None = None
+) -> RunSetup:
     """Multi-host start-up and mesh, data, model, optimizer, shardings and compiled steps for `cfg`
-    (`model.cudnn_max_segments: auto` resolved: `RunSetup.config`).
+    (`model.cudnn_max_segments: auto` resolved: `RunSetup.config`). With `lock` (`train`'s), process 0 takes
+    it once the config checks have passed, before anything is written in `workdir`; the caller releases it.
 
     Raises:
+        WorkdirLockedError: another `train` holds `lock` (on the other processes of a multi-process run,
+            Process0FailedError), before the workdir is written or the data prepared.
         ConfigError: any config problem found here (model source, an attention implementation the backend
             cannot run, mesh, micro-batches, LoRA targets and init_from, data, optimizer, fixed-DCE source),
             before anything is compiled.
@@ -511,6 +517,12 @@ def set_up_run(cfg: Config, workdir: Path, echo: Echo = print) -> RunSetup:
         check_patterns(cfg.optim, trained)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if lock is not None:
+        # Process 0 alone (the others share its workdir, `WorkdirLock`); should it be refused, the others
+        # stop too rather than wait for it in the next collective.
+        parallel.process_0_result(
+            lambda: int(lock.acquire(jax.process_index(), echo)), f"to lock the workdir {workdir}"
+        )
     workdir.mkdir(parents=True, exist_ok=True)
 
     data_dir = prepared_dir(cfg, workdir, echo)

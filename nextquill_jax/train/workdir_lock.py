@@ -1,0 +1,115 @@
+"""One `train` at a time in a workdir: an exclusive lock on `<workdir>/train.lock`, held until the run ends.
+
+Two runs writing one workdir at once (the same command started twice, `compare` and a hand-started `train`)
+would interleave their checkpoints and metrics.jsonl. `train` takes this lock (`fcntl.flock`, exclusive and
+non-blocking) before it writes anything there, and a second `train` is refused at once with
+`WorkdirLockedError`, naming the holder the file records (pid, host, start time). The kernel drops the lock
+when its process ends, SIGKILL included, so it is never stale; the file stays behind, harmless. Only process 0
+of a multi-process run takes it: the others share the workdir by design. Where the filesystem does not
+support flock (some network filesystems), the run goes on unlocked, with a warning. Readers (evaluate,
+effects, export, checkpoint verify) take no lock.
+
+    lock = WorkdirLock(workdir)
+    lock.acquire(jax.process_index(), echo)  # WorkdirLockedError if another run holds it
+    ...
+    lock.release()
+
+No JAX here: the CLI names `WorkdirLockedError` among the errors a user fixes.
+"""
+
+from __future__ import annotations
+
+import datetime
+import fcntl
+import json
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+LOCK_FILE = "train.lock"
+
+
+class WorkdirLockedError(RuntimeError):
+    """Another `train` holds the workdir's lock; the message names the workdir, the holder and the fix."""
+
+
+class WorkdirLock:
+    """The lock on `<workdir>/train.lock` (`LOCK_FILE`); `acquire` takes it, `release` (or the end of the
+    process) drops it. flock locks belong to an open file, so a second `WorkdirLock` on the same workdir is
+    refused even within one process."""
+
+    def __init__(self, workdir: str | Path) -> None:
+        self.workdir = Path(workdir)
+        self.path = self.workdir / LOCK_FILE
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self, process_index: int = 0, echo: Callable[[str], None] = print) -> bool:
+        """On process 0, create the workdir if need be and take the lock, recording this process in the file;
+        on any other process, do nothing (it shares process 0's workdir). Returns whether the lock is held.
+
+        Where the filesystem refuses flock itself (ENOLCK, EOPNOTSUPP, ... on some network filesystems), says
+        so once through `echo` and returns False: the run goes on without the lock.
+
+        Raises:
+            WorkdirLockedError: another process holds the lock; nothing in the workdir was changed.
+        """
+        if process_index != 0 or self._fd is not None:
+            return self._fd is not None
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # EWOULDBLOCK: held by another open file, in this process or another
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise WorkdirLockedError(_locked_message(self.workdir, self.path, holder)) from None
+        except OSError as e:
+            os.close(fd)
+            echo(
+                f"warning: cannot lock {self.path} ({e.strerror or e}; the filesystem may not support "
+                f"flock): training without the workdir lock, so nothing stops a second `train` from writing "
+                f"{self.workdir} at the same time"
+            )
+            return False
+        record = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        """Drop the lock (closing the file drops it); the file stays. A no-op when not held."""
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+
+
+def _read_holder(fd: int) -> dict | None:
+    """The holder the lock file records, or None where it has not written itself yet (or is unreadable)."""
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0).decode())
+    except (OSError, ValueError):
+        return None
+    return holder if isinstance(holder, dict) else None
+
+
+def _locked_message(workdir: Path, path: Path, holder: dict | None) -> str:
+    if holder is None:
+        who, kill = "a process that has not recorded itself yet", ""
+    else:
+        pid, host, since = holder.get("pid", "?"), holder.get("host", "?"), holder.get("since", "?")
+        who, kill = f"pid {pid} on host {host}, since {since}", f"`kill {pid}` on {host}: "
+    return (
+        f"{workdir} is in use by another `train` ({who}; lock {path}): two runs writing one workdir "
+        f"would interleave their checkpoints and metrics.jsonl. Fix: wait for that run to end, or stop it "
+        f"({kill}it saves a checkpoint that the same command resumes from), or train in another --workdir."
+    )

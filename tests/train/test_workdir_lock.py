@@ -1,0 +1,147 @@
+"""One `train` at a time in a workdir (train/workdir_lock.py): a second one is refused at once, before it
+writes anything there or prepares data or builds a model; the lock dies with its holder (SIGKILL included);
+only process 0 of a run takes it; a filesystem without flock trains on unlocked, with a warning."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import socket
+
+import jax
+import pytest
+
+from nextquill_jax import cli
+from nextquill_jax.config import load_config
+from nextquill_jax.train import loop, setup, workdir_lock
+from nextquill_jax.train.workdir_lock import LOCK_FILE, WorkdirLock, WorkdirLockedError
+
+
+class PastTheLockError(Exception):
+    """Raised where set-up goes on after the lock (data preparation): the run got past the lock step."""
+
+
+@pytest.fixture
+def no_set_up_past_the_lock(monkeypatch):
+    """Set-up stops with `PastTheLockError` where it would first write in the workdir after locking it (data
+    preparation, before any model is built): a refusal must come before that."""
+
+    def prepared_dir(*args, **kwargs):
+        raise PastTheLockError
+
+    monkeypatch.setattr(setup, "prepared_dir", prepared_dir)
+
+
+@pytest.fixture
+def holder(programs, tmp_path):
+    """A subprocess holding `tmp_path / "run"`'s lock (programs/hold_workdir_lock.py): (Popen, its pid)."""
+    proc = programs.start("hold_workdir_lock.py", tmp_path / "run")
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("RESULT "), (line, proc.stderr.read() if proc.poll() is not None else "")
+        yield proc, json.loads(line[len("RESULT ") :])["pid"]
+    finally:
+        proc.kill()
+        proc.communicate(timeout=30)
+
+
+def _listing(directory):
+    return {p.relative_to(directory): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def _config(tmp_path, write_random_data, tiny_config, write_config):
+    raw = tiny_config(write_random_data(tmp_path / "data", train=16, val=8), tmp_path / "run")
+    raw["train"]["data_dir"] = str(tmp_path / "data")
+    return load_config(write_config(raw, tmp_path / "cfg.yaml"))
+
+
+def test_a_second_train_on_a_locked_workdir_is_refused_at_once_and_writes_nothing(
+    tmp_path, holder, no_set_up_past_the_lock, write_random_data, tiny_config, write_config
+):
+    _, pid = holder
+    workdir = tmp_path / "run"
+    (workdir / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')  # as a running run's
+    cfg = _config(tmp_path, write_random_data, tiny_config, write_config)
+    before = _listing(workdir)
+    with pytest.raises(WorkdirLockedError) as refused:
+        loop.train(cfg, workdir, echo=lambda _: None)
+    message = str(refused.value)
+    assert message.startswith(
+        f"{workdir} is in use by another `train` (pid {pid} on host {socket.gethostname()}, since "
+    )
+    assert f"lock {workdir / LOCK_FILE}" in message
+    assert (
+        f"Fix: wait for that run to end, or stop it (`kill {pid}` on " in message
+        and "another --workdir" in message
+    )
+    assert _listing(workdir) == before
+
+
+def test_a_holder_killed_by_sigkill_leaves_no_stale_lock(
+    tmp_path, holder, no_set_up_past_the_lock, write_random_data, tiny_config, write_config
+):
+    proc, pid = holder
+    workdir = tmp_path / "run"
+    with pytest.raises(WorkdirLockedError):
+        WorkdirLock(workdir).acquire(0, echo=lambda _: None)
+    # The kernel drops the lock with the process (the file stays, naming the dead holder).
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert json.loads((workdir / LOCK_FILE).read_text())["pid"] == pid
+    lock = WorkdirLock(workdir)
+    try:
+        assert lock.acquire(0, echo=lambda _: None)
+        assert json.loads((workdir / LOCK_FILE).read_text())["pid"] == os.getpid()
+    finally:
+        lock.release()
+    # Now train gets past the lock, to data preparation (stopped there), and releases it on the way out.
+    cfg = _config(tmp_path, write_random_data, tiny_config, write_config)
+    with pytest.raises(PastTheLockError):
+        loop.train(cfg, workdir, echo=lambda _: None)
+    again = WorkdirLock(workdir)
+    assert again.acquire(0, echo=lambda _: None)
+    again.release()
+
+
+def test_the_cli_prints_a_locked_workdir_as_one_error_line_with_status_1(
+    tmp_path, holder, no_set_up_past_the_lock, write_random_data, tiny_config, write_config, capsys
+):
+    _, pid = holder
+    _config(tmp_path, write_random_data, tiny_config, write_config)
+    status = cli.main(["train", "--config", str(tmp_path / "cfg.yaml"), "--workdir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert status == 1
+    assert err.startswith(f"error: {tmp_path / 'run'} is in use by another `train` (pid {pid} ")
+    assert "Fix: " in err and "Traceback" not in err
+
+
+def test_only_process_0_takes_the_lock(
+    tmp_path, holder, no_set_up_past_the_lock, monkeypatch, write_random_data, tiny_config, write_config
+):
+    workdir = tmp_path / "run"
+    # Another process of a multi-process run neither takes nor waits for the lock process 0 holds.
+    other = WorkdirLock(workdir)
+    assert other.acquire(1, echo=lambda _: None) is False and not other.held
+    fresh = tmp_path / "fresh"
+    assert WorkdirLock(fresh).acquire(3, echo=lambda _: None) is False
+    assert not fresh.exists()
+    # Through train's set-up too: as process 1, the held lock does not stop it (it goes on to the data).
+    cfg = _config(tmp_path, write_random_data, tiny_config, write_config)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    with pytest.raises(PastTheLockError):
+        loop.train(cfg, workdir, echo=lambda _: None)
+
+
+def test_a_filesystem_without_flock_trains_on_unlocked_with_one_warning(tmp_path, monkeypatch):
+    def flock(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(workdir_lock.fcntl, "flock", flock)
+    lines = []
+    lock = WorkdirLock(tmp_path / "run")
+    assert lock.acquire(0, echo=lines.append) is False and not lock.held
+    assert len(lines) == 1
+    assert lines[0].startswith(f"warning: cannot lock {tmp_path / 'run' / LOCK_FILE} (")
+    assert "training without the workdir lock" in lines[0]
