@@ -414,7 +414,7 @@ def convert(value: Any, tp: Any, key: str, source: str) -> Any:
         hint = f" Did you mean {close[0]!r}?" if close else ""
         quote = _QUOTE if isinstance(value, bool) and any(isinstance(a, str) for a in args) else ""
         raise ConfigError(
-            f"{_prefix(source)}`{key}` is {value!r}, not one of {list(args)}.{hint} "
+            f"{_prefix(source)}`{key}` is {_written(value)}, not one of {list(args)}.{hint} "
             f"Fix: set `{key}` to one of them{quote}."
         )
     if origin in (list, tuple):
@@ -491,10 +491,17 @@ _QUOTE = (
 
 def _type_error(value: Any, expected: str, key: str, source: str, hint: str = "") -> ConfigError:
     article = "an" if expected[:1] in "aeiou" else "a"
+    got = "null" if value is None else f"{value!r} ({type(value).__name__})"  # as YAML writes it
     return ConfigError(
-        f"{_prefix(source)}`{key}` expects {article} {expected}, got {value!r} ({type(value).__name__}). "
+        f"{_prefix(source)}`{key}` expects {article} {expected}, got {got}. "
         f"Fix: write {article} {expected} value for `{key}`{hint}."
     )
+
+
+def _written(value: Any) -> str:
+    """`value` in a message: YAML's `null` for None (as the config wrote it, not Python's `None`), else its
+    repr."""
+    return "null" if value is None else repr(value)
 
 
 def _prefix(source: str) -> str:

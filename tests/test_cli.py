@@ -117,7 +117,8 @@ def _run_cli(argv: list[str], tmp_path, capsys) -> str:
     [
         RUN,  # the tokenizer
         [*RUN, "model.preset=null", "model.path=smollm2-135m"],  # the model
-        ["effects", "--model", "smollm2", "--data", "{tmp}/prepared", "--out", "{tmp}/out"],
+        # a tokenizer named: effects refuses data without one before it loads the model
+        ["effects", "--model", "smollm2", "--data", "{tmp}/prepared", "--tokenizer", "t", "--out", "{tmp}/o"],
         ["evaluate", "--workdir", "{tmp}", "--model", "smollm2"],
         ["data", "prepare", "--config", TINY, "--out", "{tmp}/prepared"],
     ],
@@ -511,6 +512,42 @@ def test_effects_refuses_high_below_low_naming_the_flags_before_loading_a_model(
     ):  # fmt: skip
         assert _run_cli([*argv, *flags], tmp_path, capsys) == expected
     assert not (tmp_path / "o" / "summary.json").exists()
+
+
+def test_effects_refuses_one_loss_flag_against_the_runs_loss_before_restoring(
+    tmp_path, capsys, monkeypatch, tiny_config, write_config
+):
+    """--high or --low alone against the run's loss.low / loss.high, read from its config.yaml: refused with
+    the message the restored checkpoint's config gives, before the checkpoint is restored (minutes for a real
+    model), so the restore must not be called."""
+    from nextquill_jax.train import workdir
+
+    monkeypatch.setattr(workdir, "restore_model", lambda *a, **k: pytest.fail("restored the checkpoint"))
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    cfg = tiny_config(tmp_path / "prepared", run, loss={"high": 0.8, "low": 0.2})
+    write_config(cfg, run / "config.yaml")
+    argv = ["effects", "--workdir", "{tmp}/run", "--out", "{tmp}/o"]
+    preference = "preference-bearing tokens must not weigh less than the others"
+    for flags, expected in (
+        (["--low", "0.85"], f"--low 0.85 is above the run's loss.high 0.8: {preference}. Fix: pass --high "
+         "too, or a --low <= 0.8"),
+        (["--high", "0.1"], f"--high 0.1 is below the run's loss.low 0.2: {preference}. Fix: pass --low too, "
+         "or a --high >= 0.2"),
+    ):  # fmt: skip
+        assert _run_cli([*argv, *flags], tmp_path, capsys) == expected
+    assert not (tmp_path / "o" / "summary.json").exists()
+
+
+def test_effects_names_a_missing_tokenizer_of_its_data_before_loading_a_model(
+    tmp_path, capsys, write_random_data
+):
+    # write_random_data's summary.json names no tokenizer; loading the (missing) --model first would fail.
+    write_random_data(tmp_path / "prepared")
+    argv = ["effects", "--model", "{tmp}/nomodel", "--data", "{tmp}/prepared", "--out", "{tmp}/o"]
+    assert _run_cli(argv, tmp_path, capsys) == (
+        f"{tmp_path / 'prepared'}/summary.json names no tokenizer; pass --tokenizer"
+    )
 
 
 @pytest.mark.parametrize("mode", ["--merged", "--adapter"])

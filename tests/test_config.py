@@ -620,6 +620,37 @@ def test_type_errors_name_types_as_yaml_writes_them(hint, value, expected):
     assert "tuple" not in str(e.value) and "dict" not in str(e.value)
 
 
+@pytest.mark.parametrize(
+    "override, key, expected",
+    [
+        ("optim.learning_rate=null", "optim.learning_rate", "a float"),
+        ("train.seed=null", "train.seed", "an int"),
+        ("model.overrides=null", "model.overrides", "a mapping"),
+        ("optim.no_decay=[null]", "optim.no_decay[0]", "a str"),
+    ],
+)
+def test_a_null_for_a_key_that_refuses_it_is_named_null_as_yaml_writes_it(cfg_file, override, key, expected):
+    """null is refused for these keys (no default stands in for it), and named `null` as the config wrote it,
+    not Python's "None (NoneType)"."""
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg_file, [override])
+    assert str(e.value) == (
+        f"command line: `{key}` expects {expected}, got null. Fix: write {expected} value for `{key}`."
+    )
+
+
+def test_a_null_in_a_yaml_file_for_an_int_key_is_named_null(cfg_file, tmp_path, write_config):
+    raw = yaml.safe_load(cfg_file.read_text())
+    raw["train"]["seed"] = None
+    path = write_config(raw, tmp_path / "null_seed.yaml")
+    assert "seed: null" in path.read_text()
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value) == (
+        f"{path}: `train.seed` expects an int, got null. Fix: write an int value for `train.seed`."
+    )
+
+
 def test_a_path_model_gets_its_overrides_as_typed_values(cfg_file, tmp_path):
     """A YAML list and mapping become the tuple and `RopeScaling` the fields hold, as for a preset."""
     hf = model_preset("llama3.2-1b").to_hf_config()
@@ -673,7 +704,7 @@ def test_eval_split_takes_exactly_the_prepared_splits(cfg_file, tmp_path, tiny_c
     raw["eval"]["split"] = "validation"
     with pytest.raises(ConfigError, match=r"wrong\.yaml: `eval\.split` is 'validation', not one of"):
         load_config(write_config(raw, tmp_path / "wrong.yaml"))
-    with pytest.raises(ConfigError, match=r"`eval\.split` is None, not one of"):  # null is no split either
+    with pytest.raises(ConfigError, match=r"`eval\.split` is null, not one of"):  # null is no split either
         load_config(cfg_file, ["eval.split=null"])
 
 

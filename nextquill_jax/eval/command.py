@@ -261,6 +261,38 @@ def _with_loss_flags(loss_cfg: Any, given: dict[str, float], origin: str) -> Any
     return dataclasses.replace(loss_cfg, **given)
 
 
+def _check_loss_flags_against_run(workdir: Path, given: dict[str, float]) -> None:
+    """Before the checkpoint is restored: the `effects` loss flags `given` (`_loss_overrides`) against the
+    loss of the run's config.yaml in `workdir`, as `_with_loss_flags` checks them against the restored
+    checkpoint's. A resume refuses a changed `loss` section (`train.resume.MAY_CHANGE`), so config.yaml's is
+    every checkpoint's; without a config.yaml nothing is checked here, and the restore reports what it finds.
+
+    Raises:
+        ValueError: as `_with_loss_flags`; ConfigError: config.yaml cannot be read as a config.
+    """
+    from nextquill_jax.config import load_config
+    from nextquill_jax.train.workdir import CONFIG_FILE
+
+    config_file = Path(workdir).expanduser() / CONFIG_FILE
+    if config_file.is_file():
+        _with_loss_flags(load_config(config_file).loss.loss_config(), given, "the run's loss.")
+
+
+def _tokenizer_name(data_dir: Path, tokenizer: str | None) -> str:
+    """The tokenizer of an `effects` report on `data_dir`: --tokenizer (`tokenizer`), else the one its
+    summary.json says the data was prepared with.
+
+    Raises:
+        ValueError: no --tokenizer, and the summary names none.
+    """
+    from nextquill_jax.data.prepare import read_summary
+
+    name = tokenizer or (read_summary(data_dir) or {}).get("tokenizer")
+    if name is None:
+        raise ValueError(f"{data_dir}/summary.json names no tokenizer; pass --tokenizer")
+    return name
+
+
 def _example_indices(text: str) -> list[int]:
     """The argparse `type` of `effects --examples`: comma-separated example indices, each named once.
 
@@ -302,7 +334,7 @@ def _check_prepared(data_dir: Path, split: str, named: str) -> None:
 
 
 def run_effects(args: argparse.Namespace) -> int:
-    from nextquill_jax.data.prepare import load_fast_tokenizer, read_summary
+    from nextquill_jax.data.prepare import load_fast_tokenizer
     from nextquill_jax.eval.effect_report import build_effect_report, describe
     from nextquill_jax.loss import LossConfig
     from nextquill_jax.train import model_setup
@@ -324,6 +356,10 @@ def run_effects(args: argparse.Namespace) -> int:
 
             if args.step != 0:  # a mistyped --workdir named before JAX starts; step 0 reads config.yaml only
                 checkpoints_dir(args.workdir)
+            if loss_flags:  # before the restore, which can take minutes: config.yaml's loss is the run's
+                _check_loss_flags_against_run(args.workdir, loss_flags)
+            if args.data is not None:  # (the run's own data is checked once the restore has read its config)
+                _tokenizer_name(args.data, args.tokenizer)
             restored = restore_model(args.workdir, args.step, single_device_mesh())
             model, cfg, step = restored.model, restored.config, restored.step
             loss_cfg = _with_loss_flags(cfg.loss.loss_config(), loss_flags, "the run's loss.")
@@ -338,13 +374,11 @@ def run_effects(args: argparse.Namespace) -> int:
             if args.data is None:
                 raise ValueError("--model needs --data PREPARED_DIR")
             loss_cfg = _with_loss_flags(LossConfig(), loss_flags, "the default ")  # before the model loads
+            _tokenizer_name(args.data, args.tokenizer)
             model = load_pretrained(args.model)
             data_dir, source = args.data, args.model
             vocab_origin = f"the config.json or GGUF header of --model {args.model!r}"
-        prepared = read_summary(data_dir)
-        tokenizer_name = args.tokenizer or (prepared or {}).get("tokenizer")
-        if tokenizer_name is None:
-            raise ValueError(f"{data_dir}/summary.json names no tokenizer; pass --tokenizer")
+        tokenizer_name = _tokenizer_name(data_dir, args.tokenizer)
         summary = build_effect_report(
             model,
             load_fast_tokenizer(tokenizer_name),

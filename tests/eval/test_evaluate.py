@@ -234,8 +234,8 @@ def test_a_decoding_override_out_of_range_is_refused_before_a_model_is_loaded(tm
 
 
 def test_effects_names_a_low_flag_above_the_runs_high(trained_run, tmp_path, capsys):
-    """--low alone against the run's loss.high (0.8), known once the checkpoint is read: its flag named, where
-    LossConfig's field names were."""
+    """--low alone against the run's loss.high (0.8), read from its config.yaml before the restore (and from
+    the restored checkpoint's config after it): its flag named, where LossConfig's field names were."""
     out = tmp_path / "report"
     assert main(["effects", "--workdir", str(trained_run.workdir), "--low", "0.85", "--out", str(out)]) == 1
     assert capsys.readouterr().err.splitlines()[-1] == (
