@@ -59,6 +59,25 @@ def readme_python_block(after: str) -> str:
     return re.search(r"```python\n(.*?)```", readme[readme.index(after) :], re.S).group(1)
 
 
+def as_saved_with(workdir, **model) -> None:
+    """Rewrite the `model` keys of `workdir`'s config.yaml and of its checkpoint 2's saved config (re-hashed
+    in its manifest): the files a run with those settings (e.g. on a GPU) writes."""
+    import yaml
+
+    from nextquill_jax.train.checkpoint import MANIFEST, write_manifest
+
+    config_file = workdir / "config.yaml"
+    cfg = yaml.safe_load(config_file.read_text())
+    cfg["model"].update(model)
+    config_file.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    saved = workdir / "checkpoints" / "2" / "config" / "metadata"
+    cfg = json.loads(saved.read_text())
+    cfg["model"].update(model)
+    saved.write_text(json.dumps(cfg))
+    (saved.parents[1] / MANIFEST).unlink()  # else listed in the new one
+    write_manifest(saved.parents[1])
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Files marked `slow` first (a stable sort, so the order within each group stays): with several xdist
     workers taking whole files in this order, the long fixtures start early instead of finishing last."""

@@ -121,14 +121,16 @@ def reading_mesh(cfg: Config) -> Mesh:
     return parallel.make_mesh(READING_FALLBACK)
 
 
-def reading_config(cfg: Config, source: str) -> Config:
+def reading_config(cfg: Config, source: str, runs_attention: bool = True) -> Config:
     """The config to read a trained run with here (evaluate, effects, export, a reference model): `cfg`, but
     where its `model.attention_impl` cannot run on JAX's backend (a `cudnn` run read without an NVIDIA GPU, a
     `splash` one without a TPU), `xla` instead, with a note on stderr naming `source` (where `cfg` was read)
     and the setting. `xla` applies the same mask rule (causal, within a segment; padding outputs unused), so
     the model's outputs are the same up to rounding; `model.cudnn_max_segments`, a setting of cuDNN's packed
     mode, is dropped with it. Training keeps refusing such a setting (`model_setup.check_attention`): a run
-    is not silently trained with another kernel than its config names.
+    is not silently trained with another kernel than its config names. Without `runs_attention` (export,
+    which only writes the weights and runs no attention) the note is left out: nothing is computed with
+    either kernel, so it would only alarm.
     """
     impl = cfg.model.attention_impl
     try:  # looked up when called, so that tests emulating cuDNN on CPU (replacing it) keep `cudnn`
@@ -139,18 +141,20 @@ def reading_config(cfg: Config, source: str) -> Config:
         return cfg
     segments = cfg.model.cudnn_max_segments
     dropped = "" if segments is None else f" (without its model.cudnn_max_segments: {segments})"
-    print(
+    note = (
         f"note: {source} sets model.attention_impl={impl!r}, which JAX cannot run on "
         f"{jax.default_backend()!r}; reading the model with model.attention_impl='xla'{dropped}, the same "
-        "attention computed blockwise in XLA",
-        file=sys.stderr,
+        "attention computed blockwise in XLA"
     )
+    if runs_attention:
+        print(note, file=sys.stderr)
     model = dataclasses.replace(cfg.model, attention_impl="xla", cudnn_max_segments=None)
     return dataclasses.replace(cfg, model=model)
 
 
-def saved_config(workdir: str | Path) -> Config:
-    """The config the run in `workdir` saved as its config.yaml, as `reading_config` reads it here.
+def saved_config(workdir: str | Path, runs_attention: bool = True) -> Config:
+    """The config the run in `workdir` saved as its config.yaml, as `reading_config` reads it here (its note
+    left out without `runs_attention`).
 
     Raises:
         FileNotFoundError: `workdir` has no config.yaml.
@@ -158,7 +162,7 @@ def saved_config(workdir: str | Path) -> Config:
     config_file = Path(workdir) / CONFIG_FILE
     if not config_file.exists():
         raise FileNotFoundError(f"{config_file} does not exist: is {workdir} a training workdir?")
-    return reading_config(load_config(config_file), str(config_file))
+    return reading_config(load_config(config_file), str(config_file), runs_attention)
 
 
 def single_device_mesh() -> Mesh:
@@ -178,10 +182,13 @@ class RestoredParams:
     source: str
 
 
-def restore_params(workdir: str | Path, step: int | None = None, mesh: Mesh | None = None) -> RestoredParams:
+def restore_params(
+    workdir: str | Path, step: int | None = None, mesh: Mesh | None = None, runs_attention: bool = True
+) -> RestoredParams:
     """The trained parameters of checkpoint `step` (default: the newest that verifies against its manifest;
     damaged newer ones are named on stderr) of the run in `workdir`, placed on `mesh` by the default rules
-    (default: the config's mesh); the config saved with it as `reading_config` reads it here.
+    (default: the config's mesh); the config saved with it as `reading_config` reads it here (its note left
+    out without `runs_attention`: export, which runs no attention).
 
     Raises:
         FileNotFoundError: no checkpoints directory, no complete checkpoint, or none at `step` (naming the
@@ -203,7 +210,7 @@ def restore_params(workdir: str | Path, step: int | None = None, mesh: Mesh | No
             raise FileNotFoundError(f"{verify_error(directory, [], moved_aside(directory))} {STEP_0_HINT}")
         source = f"{directory / str(chosen)}"
         cfg = load_config(None, base=ckpt.read_config(chosen))  # raises if `chosen` is not complete
-        cfg = reading_config(cfg, f"the config saved with checkpoint {source}")
+        cfg = reading_config(cfg, f"the config saved with checkpoint {source}", runs_attention)
         mesh = reading_mesh(cfg) if mesh is None else mesh
         lora_cfg = cfg.model.lora
         if lora_cfg is None:
@@ -229,21 +236,24 @@ def restore_params(workdir: str | Path, step: int | None = None, mesh: Mesh | No
     return RestoredParams(params, cfg, mesh, chosen, source)
 
 
-def restore_model(workdir: str | Path, step: int | None = None, mesh: Mesh | None = None) -> LoadedModel:
+def restore_model(
+    workdir: str | Path, step: int | None = None, mesh: Mesh | None = None, runs_attention: bool = True
+) -> LoadedModel:
     """The model of checkpoint `step` (default: the newest that verifies) of the run in `workdir`, with the
     config saved with that checkpoint (its attention one that runs here: `reading_config`); a LoRA run's is
     its base as training saw it carrying the adapters, applied apart as training applies them (`_lora_model`;
     `merged_model` merges them). Step 0 is the model the run starts from (`initial_model`): no checkpoint
     holds it, since training saves after a step, and a compare `train: false` variant's directory has only
-    that one. Parameters are placed on `mesh` by the default rules (default: the config's mesh).
+    that one. Parameters are placed on `mesh` by the default rules (default: the config's mesh). Without
+    `runs_attention` (export) `reading_config`'s note is left out.
 
     Raises:
         FileNotFoundError / IntegrityError / ConfigError: as `restore_params`, or for step 0 as
             `initial_model`.
     """
     if step == 0:
-        return initial_model(workdir, mesh)
-    restored = restore_params(workdir, step, mesh)
+        return initial_model(workdir, mesh, runs_attention)
+    restored = restore_params(workdir, step, mesh, runs_attention)
     cfg = restored.config
     if cfg.model.lora is None:
         graphdef = model_setup.abstract_model(model_setup.model_config(cfg.model))[0]
@@ -285,19 +295,19 @@ def merged_model(model: CausalLM) -> CausalLM:
     return nnx.merge(graphdef, params)
 
 
-def initial_model(workdir: str | Path, mesh: Mesh | None = None) -> LoadedModel:
+def initial_model(workdir: str | Path, mesh: Mesh | None = None, runs_attention: bool = True) -> LoadedModel:
     """The model the run in `workdir` (its config.yaml) starts training from, as `restore_model` would give a
     checkpoint of step 0: a `model.preset` with its `model.overrides`, randomly initialised from `train.seed`
     as training initialises it, or `model.path` loaded with them; under `model.lora`, the base as the
     adapters see it carrying the initial adapters (`_lora_model`; fresh ones, B = 0, leave its outputs
     unchanged). Parameters are placed on `mesh` by the default rules (default: the config's mesh); the config
-    is `saved_config`'s.
+    is `saved_config(workdir, runs_attention)`'s.
 
     Raises:
         FileNotFoundError: `workdir` has no config.yaml.
         ConfigError: `model.path` names nothing loadable, or `model.lora.init_from` no fitting adapter.
     """
-    cfg = saved_config(workdir)
+    cfg = saved_config(workdir, runs_attention)
     mesh = reading_mesh(cfg) if mesh is None else mesh
     lora_cfg, seed = cfg.model.lora, cfg.train.seed
     section = cfg.model if lora_cfg is None else adapters.base_section(cfg.model)

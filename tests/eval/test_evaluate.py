@@ -24,6 +24,7 @@ from nextquill_jax.eval.evaluate import choose_stream, evaluate, replacing_line
 from nextquill_jax.eval.text_metrics import score_predictions
 from nextquill_jax.models import load_pretrained
 from nextquill_jax.models.generate import GenerationConfig, generate
+from tests.conftest import as_saved_with
 from tests.shared import TINY_EOS_ID
 
 pytestmark = pytest.mark.slow  # run first: see tests/conftest.py
@@ -340,25 +341,6 @@ def test_split_losses_raise_a_too_small_cudnn_max_segments_of_model_and_referenc
     assert small["tokens"] == large["tokens"]
 
 
-def _as_saved_with(workdir, **model) -> None:
-    """Rewrite the `model` keys of `workdir`'s config.yaml and of its checkpoint 2's saved config (re-hashed
-    in its manifest): the files a run with those settings (e.g. on a GPU) writes."""
-    import yaml
-
-    from nextquill_jax.train.checkpoint import MANIFEST, write_manifest
-
-    config_file = workdir / "config.yaml"
-    cfg = yaml.safe_load(config_file.read_text())
-    cfg["model"].update(model)
-    config_file.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    saved = workdir / "checkpoints" / "2" / "config" / "metadata"
-    cfg = json.loads(saved.read_text())
-    cfg["model"].update(model)
-    saved.write_text(json.dumps(cfg))
-    (saved.parents[1] / MANIFEST).unlink()  # else listed in the new one
-    write_manifest(saved.parents[1])
-
-
 def test_a_run_saved_with_an_attention_this_backend_lacks_is_read_with_xla(trained_run, tmp_path, capsys):
     """A GPU run's checkpoint (model.attention_impl: cudnn in bfloat16, cuDNN's packed mode with at most 1
     example per row) evaluated on CPU: read with `xla` and a note naming the saved setting, its predictions
@@ -371,7 +353,7 @@ def test_a_run_saved_with_an_attention_this_backend_lacks_is_read_with_xla(train
     for impl, segments in (("xla", None), ("cudnn", 1)):
         workdirs[impl] = tmp_path / impl
         shutil.copytree(trained_run.workdir, workdirs[impl])
-        _as_saved_with(
+        as_saved_with(
             workdirs[impl], compute_dtype="bfloat16", attention_impl=impl, cudnn_max_segments=segments
         )
     capsys.readouterr()

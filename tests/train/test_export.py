@@ -70,6 +70,40 @@ def test_export_names_the_step_it_exported_after_falling_back_from_a_damaged_one
     assert out.splitlines()[-1] == f"exported step 1 of {workdir} to {tmp_path / 'hf'}"
 
 
+def test_a_run_saved_with_an_attention_this_backend_lacks_is_exported_without_the_xla_note(
+    trained_run, tmp_path, capsys
+):
+    """A GPU run (model.attention_impl: cudnn) exported on CPU: the same weights as its `xla` twin's export,
+    and no note that the model is read with `xla` attention: export runs no attention. Reading it to run
+    the model still gives the note (here `restore_model`; evaluate, initial_model and a --model path:
+    tests/eval/test_evaluate.py::test_a_run_saved_with_an_attention_this_backend_lacks_is_read_with_xla)."""
+    from nextquill_jax.cli import main
+    from nextquill_jax.config_schema import ConfigError
+    from nextquill_jax.train.export import export_adapter
+    from tests.conftest import as_saved_with
+
+    workdir = tmp_path / "cudnn"
+    shutil.copytree(trained_run.workdir, workdir)
+    as_saved_with(workdir, compute_dtype="bfloat16", attention_impl="cudnn", cudnn_max_segments=1)
+    note = "sets model.attention_impl='cudnn', which JAX cannot run on 'cpu'"
+    capsys.readouterr()
+    for step in ("2", "0"):  # a checkpoint's saved config; config.yaml (the model the run starts from)
+        out = tmp_path / f"hf{step}"
+        assert main(["export", "--workdir", str(workdir), "--step", step, "--out", str(out)]) == 0
+        assert note not in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="full fine-tuning checkpoint"):
+        export_adapter(workdir, tmp_path / "adapter")
+    assert note not in capsys.readouterr().err
+    exported = load_pretrained(tmp_path / "hf2", dtype="float32")
+    reference = load_pretrained(trained_run.exported, dtype="float32")
+    leaves = lambda m: jax.tree.leaves(nnx.to_pure_dict(nnx.state(m, nnx.Param)))
+    for a, b in zip(leaves(exported), leaves(reference), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    assert restore_model(workdir, mesh=single_device_mesh()).model.cfg.attention_impl == "xla"
+    assert note in capsys.readouterr().err
+
+
 def test_the_adapters_of_step_0_are_refused_naming_the_merged_export(tmp_path, capsys):
     """Step 0 is the untrained start: its adapters are B = 0 (or `init_from`'s files), nothing to export."""
     from nextquill_jax.cli import main
