@@ -407,7 +407,7 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    from nextquill_jax.eval.compare import load_comparison, run_comparison
+    from nextquill_jax.eval.compare import ComparisonStoppedError, load_comparison, run_comparison
     from nextquill_jax.train.loop import TrainingDivergedError, TrainingStoppedError
 
     try:
@@ -417,8 +417,8 @@ def run_compare(args: argparse.Namespace) -> int:
     except (ValueError, TrainingDivergedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except TrainingStoppedError as e:  # status 0, as `train` stopped this way: a resumable stop
-        print(f"compare stopped: {e}")
+    except (TrainingStoppedError, ComparisonStoppedError) as e:  # status 0, as `train` stopped this way:
+        print(f"compare stopped: {e}")  # a resumable stop (SIGTERM or Ctrl-C, in training or outside it)
         return 0
     print((Path(comparison.compare.out) / "results.md").read_text(encoding="utf-8"))
     return 0

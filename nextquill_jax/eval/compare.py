@@ -22,14 +22,25 @@ records held settings is run again: `train` refuses a checkpoint of another conf
 and trains nothing; then it is evaluated again. The per-example numbers
 (`compare_table.per_example_metrics`) of all runs become `<out>/results.json` and `<out>/results.md`
 (`compare_table`).
+
+SIGTERM or Ctrl-C during a run's training is `train`'s (it saves a checkpoint and stops:
+`TrainingStoppedError`). Outside training (the checks, data preparation, evaluation, an effect report, the
+table) `run_comparison` abandons the stage it is in and raises `ComparisonStoppedError` naming it: only
+compare_done.json, written atomically after everything else, marks a run done, so an abandoned stage runs
+again when the same command is run again. A second signal while it stops gets the handler there was before
+(SIGTERM's default exit, Ctrl-C's KeyboardInterrupt).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import re
-from collections.abc import Callable, Mapping
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -348,7 +359,85 @@ def check_interrupted_run(comparison: Comparison, name: str, seed: int, cfg: Con
         )
 
 
-def run_variant(comparison: Comparison, name: str, seed: int, echo: Echo = print) -> dict[str, Any]:
+class ComparisonStoppedError(RuntimeError):
+    """SIGTERM or Ctrl-C stopped `run_comparison` outside training; the message names the signal, the run and
+    stage it stopped in, the runs finished, and that running the same command again resumes."""
+
+
+class _Signalled(BaseException):
+    """Raised by `_StopOnSignal`'s handler wherever the main thread is: a BaseException, as KeyboardInterrupt,
+    so that no `except Exception` on the way takes it for an error and goes on."""
+
+    def __init__(self, signal_name: str) -> None:
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+
+
+def _distributed() -> bool:
+    """Whether JAX's multi-process runtime has started (its preemption service then owns SIGTERM)."""
+    jax = sys.modules.get("jax")
+    return jax is not None and jax.distributed.is_initialized()
+
+
+class _StopOnSignal:
+    """While entered: SIGTERM and SIGINT (Ctrl-C) raise `_Signalled` (once: the handler puts back the
+    handlers there were before), and `where` names the stage the comparison is in (`at`). `suspended()`
+    puts the earlier handlers back for a block, so that training's own (`loop._Preemption`) are what they
+    would be under `train`. Left alone: an ignored signal (`nohup`, a background job), a handler set outside
+    Python, SIGTERM once JAX's multi-process runtime has started, and every signal off the main thread
+    (where `signal` cannot set handlers)."""
+
+    def __init__(self) -> None:
+        self.where = "the checks of every run's settings, before any run starts"
+        self._previous: dict[int, Any] = {}
+
+    def at(self, where: str) -> None:
+        self.where = where
+
+    def __enter__(self) -> _StopOnSignal:
+        self._install()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._restore()
+
+    @contextlib.contextmanager
+    def suspended(self) -> Iterator[None]:
+        self._restore()
+        try:
+            yield
+        finally:
+            self._install()
+
+    def _install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            if signal.getsignal(signum) in (signal.SIG_IGN, None):
+                continue
+            if signum == signal.SIGTERM and _distributed():
+                continue
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def _restore(self) -> None:
+        previous, self._previous = self._previous, {}
+        for signum, handler in previous.items():
+            if not (signum == signal.SIGTERM and _distributed()):  # JAX's service has set its own since
+                signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self._restore()
+        raise _Signalled(signal.Signals(signum).name)
+
+
+def run_variant(
+    comparison: Comparison,
+    name: str,
+    seed: int,
+    echo: Echo = print,
+    *,
+    stop: _StopOnSignal | None = None,
+) -> dict[str, Any]:
     """Train (unless `train: false`), evaluate and report the effects of one run; returns what
     `compare_done.json` holds: where its evaluation and effect report are, and the settings it ran with. A
     finished run with the same settings is not rerun, one whose evaluation settings changed is evaluated
@@ -358,6 +447,8 @@ def run_variant(comparison: Comparison, name: str, seed: int, echo: Echo = print
         ConfigError: the run finished training with other training settings (`finished_changes`), or the
             config cannot be used (as `train`).
         TrainingStoppedError: its training stopped on SIGTERM or Ctrl-C; nothing is evaluated or recorded.
+
+    `stop` (`run_comparison`'s) is told each stage, and its handlers are suspended while the run trains.
     """
     from nextquill_jax.data.prepare import load_fast_tokenizer
     from nextquill_jax.eval.effect_report import build_effect_report
@@ -368,6 +459,8 @@ def run_variant(comparison: Comparison, name: str, seed: int, echo: Echo = print
 
     workdir = comparison.workdir(name, seed)
     done, label = workdir / DONE_FILE, f"{name} (seed {seed})"
+    at = (lambda stage: stop.at(f"{label}'s {stage}")) if stop else (lambda stage: None)
+    at("settings check")
     cfg, variant, plan = comparison.run_config(name, seed), comparison.variants[name], comparison.compare
     settings = run_settings(comparison, name, cfg)
     changes = finished_changes(comparison, name, seed, cfg)
@@ -394,20 +487,27 @@ def run_variant(comparison: Comparison, name: str, seed: int, echo: Echo = print
     # Until this run finishes again, an interrupted one must not leave the old record to stand for it.
     done.unlink(missing_ok=True)
     if variant.train and not trained:
-        train_to_the_end(cfg, workdir, echo=echo)
+        at("training")
+        with stop.suspended() if stop else contextlib.nullcontext():
+            train_to_the_end(cfg, workdir, echo=echo)
+            at("model loading")  # before a signal is ours again
     elif not variant.train:
+        at("data preparation")
         cfg = untrained_config(cfg, workdir, plan.split, echo)
+    at("model loading")
     # One model serves the evaluation and the effect report: its checkpoint is read and verified once.
     loaded = restore_model(workdir) if variant.train else initial_model(workdir)
     # The decoding of this file's config: a checkpoint evaluated again would otherwise decode as saved.
     overrides = {} if plan.max_new_tokens is None else {"max_new_tokens": plan.max_new_tokens}
     generation = dataclasses.replace(cfg.eval.generation, **overrides)
+    at("evaluation")
     metrics = evaluate(
         workdir, plan.split, out_dir=workdir / "eval" / plan.split, max_examples=plan.max_examples,
         generation=generation, batch_size=plan.eval_batch_size, loaded=loaded,
         max_new_tokens_setting="compare.max_new_tokens", echo=echo,
     )  # fmt: skip
     data_dir = data_dir_of(cfg, workdir)
+    at("effect report")
     summary = build_effect_report(
         loaded.model,
         load_fast_tokenizer(cfg.data.tokenizer),
@@ -428,6 +528,7 @@ def run_variant(comparison: Comparison, name: str, seed: int, echo: Echo = print
         "bleu": metrics["overall"]["bleu"],
         "settings": settings,
     }
+    at(f"record ({DONE_FILE})")
     return write_done(done, record)
 
 
@@ -454,11 +555,33 @@ def run_comparison(comparison: Comparison, echo: Echo = print) -> dict[str, Any]
             the file now gives it (`finished_changes`), every unfinished one whose checkpoints `train` would
             not resume under them (`check_interrupted_run`) and every variant whose `checkpoint.best_metric`
             evaluation never reports (`loop.check_best_metric`), one line each; as `run_variant`.
+        ComparisonStoppedError: SIGTERM or Ctrl-C outside training (module docstring); the stage it arrived
+            in is abandoned and not recorded as done.
     """
     from nextquill_jax.eval.compare_table import write_results
-    from nextquill_jax.train.loop import check_best_metric
 
     runs = [(name, seed) for seed in comparison.compare.seeds for name in comparison.variants]
+    records: list[dict[str, Any]] = []
+    with _StopOnSignal() as stop:
+        try:
+            _check_runs(comparison, runs)
+            for name, seed in runs:
+                records.append(run_variant(comparison, name, seed, echo, stop=stop))
+            stop.at("the table (results.json, results.md)")
+            return write_results(comparison, records)
+        except _Signalled as e:
+            finished = ", ".join(f"{r['variant']} (seed {r['seed']})" for r in records) or "none"
+            raise ComparisonStoppedError(
+                f"{e.signal_name} during {stop.where} (outside training; nothing unfinished is recorded as "
+                f"done); runs finished: {finished}; run the same command again to resume (finished runs are "
+                f"not run again)"
+            ) from None
+
+
+def _check_runs(comparison: Comparison, runs: list[tuple[str, int]]) -> None:
+    """`run_comparison`'s checks of every run before any starts (its Raises: ConfigError)."""
+    from nextquill_jax.train.loop import check_best_metric
+
     refused = []
     for name, seed in runs:  # all of them first: no run is evaluated again only for a later one to refuse
         try:
@@ -475,4 +598,3 @@ def run_comparison(comparison: Comparison, echo: Echo = print) -> dict[str, Any]
                 refused.append(f"{comparison.source}: variant {name!r}: {e}")
     if refused:
         raise ConfigError("\n".join(refused))
-    return write_results(comparison, [run_variant(comparison, name, seed, echo) for name, seed in runs])

@@ -6,6 +6,7 @@ bad files."""
 from __future__ import annotations
 
 import json
+import signal
 import typing
 from pathlib import Path
 
@@ -377,9 +378,11 @@ def test_a_run_whose_training_stops_on_a_signal_stops_the_comparison_unevaluated
     file = tmp_path / "c.yaml"
     compare = {"out": str(tmp_path / "out"), "baseline": "a"}
     file.write_text(yaml.safe_dump({"compare": compare, "variants": {"a": {}, "b": {}}, "base": base}))
-    started = []
+    started, handlers = [], lambda: (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT))
+    outside = handlers()
 
     def stopped(cfg, workdir, *, echo):  # as a SIGTERM or Ctrl-C after step 2
+        assert handlers() == outside  # training finds the handlers `train` would: its own handling unchanged
         started.append(workdir)
         return loop.TrainResult("preempted", 2, workdir, 2, None)
 
@@ -390,6 +393,98 @@ def test_a_run_whose_training_stops_on_a_signal_stops_the_comparison_unevaluated
     assert "run the same command again to resume" in out
     assert started == [tmp_path / "out" / "seed0" / "a"]  # variant b never started
     assert not list((tmp_path / "out").rglob(DONE_FILE)) and not (tmp_path / "out" / "results.md").exists()
+    assert handlers() == outside
+
+
+class _SignalReachedTheTestError(Exception):
+    pass
+
+
+def test_a_signal_outside_training_stops_the_comparison_cleanly_and_running_it_again_resumes(
+    tmp_path, write_random_data, tiny_config, monkeypatch, capsys
+):
+    """SIGTERM during a run's evaluation, then Ctrl-C (SIGINT) while the table is written: each stops
+    `compare` with status 0 (as `train` stopped by them) and one line naming the signal, the run and stage,
+    the runs finished and that the same command resumes; the handlers there were before are put back, the
+    stopped stage is not recorded as done, and each run again redoes only what was not finished. Evaluation,
+    the effect report, the model and the table are stand-ins (nothing here depends on their numbers)."""
+    import os
+    from types import SimpleNamespace
+
+    from nextquill_jax.data import prepare
+    from nextquill_jax.eval import compare_table, effect_report
+    from nextquill_jax.train import workdir as workdir_module
+
+    base = tiny_config(write_random_data(tmp_path / "data", train=8, val=8), tmp_path / "unused")
+    file = tmp_path / "c.yaml"
+    compare = {"out": str(tmp_path / "out"), "baseline": "a", "split": "val"}
+    variants = {"a": {"train": False}, "b": {"train": False}}
+    file.write_text(yaml.safe_dump({"compare": compare, "variants": variants, "base": base}))
+    out = tmp_path / "out"
+    stages, signals = [], {}  # (stage, run) in order; stage -> the signal sent when it starts
+
+    def stage(name, workdir=None):
+        stages.append((name, workdir and workdir.name))
+        if name in signals:
+            os.kill(os.getpid(), signals.pop(name))
+
+    def evaluated(workdir, *args, **kwargs):
+        stage("evaluate", workdir) if workdir.name == "b" else stages.append(("evaluate", workdir.name))
+        return {"overall": {"bleu": 1.0}}
+
+    def reported(model, tokenizer, data_dir, split, out_dir, *args, **kwargs):
+        stages.append(("effects", out_dir.parent.name))
+        return {"files": {"summary": str(out_dir / "summary.json")}}
+
+    def tabulated(comparison, records):
+        stage("table")
+        (out / "results.md").write_text("the table\n")
+        return {}
+
+    monkeypatch.setattr(evaluate, "evaluate", evaluated)
+    monkeypatch.setattr(effect_report, "build_effect_report", reported)
+    monkeypatch.setattr(compare_table, "write_results", tabulated)
+    monkeypatch.setattr(prepare, "load_fast_tokenizer", lambda name: None)
+    monkeypatch.setattr(
+        workdir_module, "initial_model", lambda w: SimpleNamespace(model=None, source="step 0")
+    )
+
+    def reached(signum, frame):  # where compare lets a signal through (without the fix: everywhere)
+        raise _SignalReachedTheTestError(signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, reached) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        signals["evaluate"] = signal.SIGTERM
+        assert cli.main(["compare", "--config", str(file)]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[-1] == (
+            "compare stopped: SIGTERM during b (seed 0)'s evaluation (outside training; nothing unfinished "
+            "is recorded as done); runs finished: a (seed 0); run the same command again to resume "
+            "(finished runs are not run again)"
+        )
+        assert stages == [("evaluate", "a"), ("effects", "a"), ("evaluate", "b")]
+        assert (out / "seed0" / "a" / DONE_FILE).is_file() and not (out / "seed0" / "b" / DONE_FILE).exists()
+        assert all(signal.getsignal(s) is reached for s in previous)
+
+        stages.clear()
+        signals["table"] = signal.SIGINT
+        assert cli.main(["compare", "--config", str(file)]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[0] == f"a (seed 0): done already ({out / 'seed0' / 'a' / DONE_FILE})"
+        assert lines[-1].startswith(
+            "compare stopped: SIGINT during the table (results.json, results.md) (outside training; "
+        ) and lines[-1].endswith("runs finished: a (seed 0), b (seed 0); run the same command again to "
+            "resume (finished runs are not run again)")  # fmt: skip
+        assert stages == [("evaluate", "b"), ("effects", "b"), ("table", None)]
+        assert all(signal.getsignal(s) is reached for s in previous)
+
+        stages.clear()
+        assert cli.main(["compare", "--config", str(file)]) == 0
+        assert capsys.readouterr().out.endswith("the table\n\n")
+        assert stages == [("table", None)]
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def test_a_misspelt_best_metric_of_any_variant_is_refused_before_the_first_run_starts(
