@@ -17,7 +17,8 @@ reads every source once (about 1 s per GB, far below the cost of preparing; `ben
 "Checksums"). The summary is written last, and removed first when a directory is prepared again; readers
 refuse split files without it (`prepared_split.check_finished`), so an interrupted run is never mistaken for
 a finished one. The token arrays carry their own checksums (`prepared_split`). A `DIR` where these files
-would overwrite or delete a source or metadata file is refused before anything is read.
+would overwrite or delete a source or metadata file (by path, or by identity: a hard link) is refused before
+anything is read.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -181,11 +184,13 @@ def read_summary(out_dir: str | Path) -> dict[str, Any] | None:
 def _check_out_spares_inputs(out: Path, paths: dict[str, list[Path]]) -> None:
     """Preparing into `out` leaves every input file alone: none of `paths` (the files of each `data.<key>`)
     is, by resolved real path, a file `prepare` writes or deletes there (summary.json, `<split>.jsonl`) or
-    lies in a split's token-array directory `<split>/` (replaced whole).
+    lies in a split's token-array directory `<split>/` (replaced whole), nor is the same file (device and
+    inode) as one of those in `out` under another name: a hard link, which paths do not show (a token array
+    is written in place, through it).
 
     Raises:
         ValueError: naming the first such input file, its `data.<key>`, the file of `out` it would be lost
-            to, and the fix.
+            to (or its other name there), and the fix.
     """
     real_out = out.resolve()
     written = {real_out / SUMMARY_FILE: "the summary"}
@@ -207,6 +212,42 @@ def _check_out_spares_inputs(out: Path, paths: dict[str, list[Path]]) -> None:
                 f" prepare into a directory that holds no source (such as {out / 'prepared'}), or move"
                 f" {path} out of {out} and name its new path in data.{key}."
             )
+    replaced = _replaced_files(out)
+    for key, files in paths.items():
+        for path in files:
+            try:
+                info = path.stat()
+            except OSError:
+                continue  # a missing input is reported where it is read
+            other = replaced.get((info.st_dev, info.st_ino))
+            if other is None:
+                continue
+            name, what = other
+            kind = "a link" if name.is_symlink() else "a hard link"
+            raise ValueError(
+                f"data.{key} file {path} is also {name} ({kind} to it), which preparing into {out} replaces"
+                f" ({what}). Fix: prepare into a directory that holds no source (such as {out / 'prepared'}),"
+                f" or remove {name} (its contents stay in {path})."
+            )
+
+
+def _replaced_files(out: Path) -> dict[tuple[int, int], tuple[Path, str]]:
+    """The existing files of `out` that `prepare` writes, replaces or deletes, by (st_dev, st_ino) of what
+    they name: (the name in `out`, what it holds). Links are followed, as writing through them would."""
+    names = [(out / SUMMARY_FILE, "the summary"), (out / f"{SUMMARY_FILE}.tmp", "the summary")]
+    for split in SPLITS:
+        names.append((out / f"{split}.jsonl", f"the rendered {split} examples"))
+        for root, _, files in os.walk(out / split):
+            names += [(Path(root) / f, f"the {split} token arrays") for f in sorted(files)]
+    replaced: dict[tuple[int, int], tuple[Path, str]] = {}
+    for name, what in names:
+        try:
+            info = name.stat()
+        except OSError:
+            continue
+        if stat.S_ISREG(info.st_mode):
+            replaced.setdefault((info.st_dev, info.st_ino), (name, what))
+    return replaced
 
 
 def _fingerprint(

@@ -707,6 +707,35 @@ def test_a_link_to_a_file_prepare_replaces_is_refused(tmp_path, tiny_tokenizer):
     assert real.read_bytes() == (F / "generic" / "records.jsonl").read_bytes()
 
 
+@pytest.mark.parametrize(
+    ("where", "what"),
+    [
+        ("train.jsonl", "the rendered train examples"),
+        ("train/prompt_with.npy", "the train token arrays"),
+    ],
+)
+def test_a_hard_link_to_a_source_where_prepare_writes_is_refused(tmp_path, tiny_tokenizer, where, what):
+    """A hard link in `out` to a source is the source under another name, which comparing paths does not
+    see: files are compared by identity too (a token array is written in place, through the link). The
+    refusal names both names and the fix; the source is left as it was."""
+    source = tmp_path / "records.jsonl"
+    source.write_bytes((F / "generic" / "records.jsonl").read_bytes())
+    out = tmp_path / "out"
+    link = out / where
+    link.parent.mkdir(parents=True)
+    os.link(source, link)
+    cfg = DataConfig(format="generic", template="plain", sources=[str(source)])
+    with pytest.raises(ValueError) as refused:
+        prepare(cfg, out, tokenizer=tiny_tokenizer(), echo=lambda _: None)
+    assert str(refused.value) == (
+        f"data.sources file {source} is also {link} (a hard link to it), which preparing into {out} replaces"
+        f" ({what}). Fix: prepare into a directory that holds no source (such as {out / 'prepared'}), or"
+        f" remove {link} (its contents stay in {source})."
+    )
+    assert source.read_bytes() == (F / "generic" / "records.jsonl").read_bytes()
+    assert link.samefile(source)
+
+
 class _KilledError(Exception):
     """Stands for a kill -9 of `data prepare` part way through writing."""
 

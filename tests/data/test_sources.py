@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from nextquill_jax.data.config import DataConfig
+from nextquill_jax.data.prepare import prepare
 from nextquill_jax.data.sources.read import read_records, split_from_name
 from nextquill_jax.data.sources.records import DataError, IssueLog
 from nextquill_jax.data.templates import load_template
@@ -661,6 +662,32 @@ def test_a_generic_id_that_an_earlier_record_has_is_invalid_in_any_file_or_split
     records, log = _read(dataclasses.replace(cfg, on_error="skip"))
     assert [r.source for r in records] == [f"{a}:1", f"{a}:2", f"{a}:3", f"{b}:3"]
     assert dict(log.errors) == {"duplicate_id": 1} and dict(log.dropped) == {"duplicate": 1}
+
+
+def test_a_lamp_gold_for_a_question_with_an_inline_output_is_counted_as_ignored(tmp_path, tiny_tokenizer):
+    """A question with an inline `output` is answered by it, as before; a gold for it in the outputs files
+    goes unused and is counted (`dropped.gold_ignored_inline_output`), also in the prepare summary and its
+    message, where it used to be ignored without a word."""
+    tw = tmp_path / "topic_writing"
+    shutil.copytree(FIXTURES / "lamp" / "topic_writing", tw)
+    questions = json.loads((tw / "dev_questions.json").read_text())
+    assert questions[0]["id"] == "tw-101"
+    questions[0]["output"] = "The inline answer."
+    (tw / "dev_questions.json").write_text(json.dumps(questions, indent=1))
+    cfg = DataConfig(
+        format="lamp",
+        template="lamp_topic_writing",
+        sources=[str(tw / "dev_questions.json")],
+        meta=[str(tw / "dev_outputs.json")],
+    )
+    records, log = _read(cfg)
+    assert [r.id for r in records] == ["tw-101", "tw-102"] and records[0].target == "The inline answer."
+    assert records[1].target.startswith("The jitters got old")  # from its gold, as before
+    assert dict(log.dropped) == {"empty_history": 1, "gold_ignored_inline_output": 1}
+    said = []
+    summary = prepare(cfg, tmp_path / "prepared", tokenizer=tiny_tokenizer(), echo=said.append)
+    assert summary["dropped"] == {"empty_history": 1, "gold_ignored_inline_output": 1}
+    assert "  dropped: empty_history 1, gold_ignored_inline_output 1" in said[-1].splitlines()
 
 
 def test_lamp_golds_repeated_conflicting_or_without_a_question_are_counted_or_invalid(tmp_path):

@@ -12,7 +12,9 @@ the prepared data's `notes`, with the fix. The category is the directory holding
 or whitespace-only output is an invalid record (`empty_field`). A question whose id an earlier question of the
 same split had, in any file of the run, is counted (`duplicate`) and skipped. A gold id given twice in one
 split is counted (`gold_duplicate`) when both outputs are the same, else invalid (`duplicate_id`); a gold
-whose id no question of its split has is counted (`gold_without_question`).
+whose id no question of its split has is counted (`gold_without_question`). A question with an inline `output`
+is answered by it; a gold for it in the outputs files is then not used and is counted
+(`gold_ignored_inline_output`).
 """
 
 from __future__ import annotations
@@ -80,17 +82,23 @@ def read_lamp(
     """Records of the questions files, each given with its split, in order; `outputs` holds the golds by
     split (empty for questions with inline outputs). A question whose id an earlier question of its split
     had, in the same file or another, is dropped and counted as `duplicate`; a gold whose id no question of
-    its split has is counted as `gold_without_question`."""
+    its split has is counted as `gold_without_question`, and one for a question answered inline (the record
+    kept for its id: the first read valid) as `gold_ignored_inline_output`, the inline output being used."""
     asked: set[tuple[str, str]] = set()
+    inline: dict[tuple[str, str], bool] = {}
     records = collect_records(
         ((path, split, row) for path, split in files for row in valid_rows(path, log)),
-        lambda file_row: _parse(*file_row, outputs.get(file_row[1], {}), template, log, asked),
+        lambda file_row: _parse(*file_row, outputs.get(file_row[1], {}), template, log, asked, inline),
         log,
         key=lambda r: (r.split, r.id),
     )
     log.drop(
         "gold_without_question",
         sum((split, qid) not in asked for split, golds in outputs.items() for qid in golds),
+    )
+    log.drop(
+        "gold_ignored_inline_output",
+        sum(inline.get((split, qid), False) for split, golds in outputs.items() for qid in golds),
     )
     return records
 
@@ -103,10 +111,12 @@ def _parse(
     template: PromptTemplate,
     log: IssueLog,
     asked: set[tuple[str, str]],
+    inline: dict[tuple[str, str], bool],
 ) -> Record:
     """One question of the file `path` (holding `split`) as a record; `outputs`: the golds of the split.
     `asked` gets the (split, id) of the question as soon as its id is read, valid or not, so that only the
-    golds no question names are counted as without one.
+    golds no question names are counted as without one. `inline` gets, for the first valid question of each
+    (split, id), the one `collect_records` keeps, whether its output was inline (so its gold went unused).
 
     Raises:
         InvalidRecordError: a missing or mistyped field, no output (inline or gold), an empty output, or
@@ -118,9 +128,9 @@ def _parse(
     asked.add((split, qid))
     get_field(row.value, "input", (str,), loc)
     profile = get_field(row.value, "profile", (list,), loc)
-    inline = get_optional(row.value, "output", (str,), loc)
-    if inline is not None:
-        target = inline
+    inline_output = get_optional(row.value, "output", (str,), loc)
+    if inline_output is not None:
+        target = inline_output
     elif qid in outputs:
         target = outputs[qid]
     else:
@@ -152,6 +162,7 @@ def _parse(
     for i, entry in enumerate(history):
         missing += missing_fields(entry.fields, template.entry_fields, f"profile[{i}].")
     require_fields(missing, loc, template.name)
+    inline.setdefault((split, qid), inline_output is not None)
     return Record(
         user_id=user_id,
         context=context,
