@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 import pytest
 
-from tests.shared import FIXTURES, TINY_EOS_ID, TINY_HF
+from tests.shared import FIXTURES, TINY_EOS_ID, TINY_HF, TINY_QWEN
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -195,7 +195,7 @@ def small_dpl():
 # ------------------------------------------------------------------------------------------------------------
 # Tiny training data and config: hidden 32, 2 layers, vocab 128, rows of 64 tokens.
 
-VOCAB = 128
+VOCAB = TINY_QWEN["vocab_size"]
 
 
 def _write_random_data(out_dir: Path, *, train: int = 48, val: int = 8, seed: int = 0) -> Path:
@@ -228,17 +228,7 @@ def _tiny_config(data_dir: Path, workdir: Path, **sections) -> dict:
     cfg = {
         "model": {
             "preset": "qwen2.5-0.5b",
-            "overrides": {
-                "vocab_size": VOCAB,
-                "hidden_size": 32,
-                "intermediate_size": 64,
-                "num_layers": 2,
-                "num_heads": 4,
-                "num_kv_heads": 2,
-                "head_dim": 8,
-                "bos_token_id": TINY_EOS_ID,
-                "eos_token_ids": [TINY_EOS_ID],
-            },
+            "overrides": {**TINY_QWEN, "eos_token_ids": [TINY_EOS_ID]},
             "compute_dtype": "float32",
         },
         "data": {

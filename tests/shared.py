@@ -12,6 +12,21 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 # made from a preset, whose own ids (Qwen's 151643) lie beyond a tiny vocabulary.
 TINY_EOS_ID = 0
 
+# The tiny qwen2-family model of the training tests, as keyword overrides of the qwen2.5-0.5b preset (hidden
+# 32, 2 layers, 4 query heads and 2 kv heads of 8, 128 ids): `tiny_config` in tests/conftest.py writes them
+# into a config's `model.overrides` with `eos_token_ids: [TINY_EOS_ID]`; tests that build the ModelConfig
+# directly add `eos_token_ids=(TINY_EOS_ID,)` (a tuple: the config is hashed).
+TINY_QWEN = dict(
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    bos_token_id=TINY_EOS_ID,
+)
+
 # The label value the losses ignore (the public code's -100).
 IGNORE = -100
 

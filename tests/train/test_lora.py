@@ -32,17 +32,14 @@ from nextquill_jax.train import adapters, loop, model_setup, setup
 from nextquill_jax.train.export import export_adapter
 from nextquill_jax.train.step import StepSettings, batch_loss, make_train_step
 from nextquill_jax.train.workdir import restore_model, restore_params
-from tests.shared import TINY_EOS_ID
+from tests.shared import TINY_EOS_ID, TINY_QWEN
 
 pytestmark = pytest.mark.slow  # run first: see tests/conftest.py
 
 STEPS = 12
 MESH8 = {"data": 2, "fsdp": 2, "tensor": 2}
 LORA = {"rank": 4, "alpha": 8.0, "targets": ["attn/(q|v|o)_proj", "mlp/down"]}
-TINY = dict(
-    vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-    head_dim=8, bos_token_id=TINY_EOS_ID, eos_token_ids=(TINY_EOS_ID,), compute_dtype="float32",
-)  # fmt: skip
+TINY = dict(**TINY_QWEN, eos_token_ids=(TINY_EOS_ID,), compute_dtype="float32")
 
 
 @pytest.fixture(scope="module")

@@ -40,21 +40,9 @@ def _accumulation() -> dict:
     from nextquill_jax.parallel import make_mesh
     from nextquill_jax.train.state import TrainState
     from nextquill_jax.train.step import StepSettings, make_train_step, reference_dce
-    from tests.shared import TINY_EOS_ID
+    from tests.shared import TINY_EOS_ID, TINY_QWEN
 
-    cfg = model_preset(
-        "qwen2.5-0.5b",
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=8,
-        bos_token_id=TINY_EOS_ID,
-        eos_token_ids=(TINY_EOS_ID,),
-        attention_impl="xla_dense",
-    )
+    cfg = model_preset("qwen2.5-0.5b", **TINY_QWEN, eos_token_ids=(TINY_EOS_ID,), attention_impl="xla_dense")
     graphdef, params = nnx.split(CausalLM(cfg, rngs=nnx.Rngs(0)), nnx.Param)
     params = nnx.to_pure_dict(params)
     rng = np.random.default_rng(0)
