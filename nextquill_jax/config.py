@@ -370,8 +370,9 @@ class TrainConfig:
             (`--workdir` on the command line overrides it; null: `--workdir` is required); a run in a workdir
             with checkpoints resumes, and is refused when its config differs from theirs in a key that
             changes what is trained (all but those `train.resume.MAY_CHANGE` lists: logging, eval cadence,
-            checkpoint, mesh, workdir, data_dir, memory-only settings). config.yaml records the workdir the
-            run used, absolute. A local path: mount an object store (gs://...) and give the mount.
+            checkpoint, mesh, workdir, data_dir, memory-only settings, the non-finite policy). config.yaml
+            records the workdir the run used, absolute. A local path: mount an object store (gs://...) and
+            give the mount.
         `data_dir`: the prepared (tokenised) data; null means `<workdir>/prepared`. With `data.sources` set
             (or the `synthetic` format) the `data` section is prepared into it, or reused while its
             fingerprint matches; data prepared otherwise is refused, not replaced, in a directory named here
@@ -387,7 +388,8 @@ class TrainConfig:
             leaves the parameters and the optimizer state as they were, the schedule's count included: the
             learning-rate schedule does not advance at a skip (each skip delays the rest of the schedule by
             one step, so a run with skips ends short of its last rates), and the logged `learning_rate` is
-            the rate of the optimizer's count.
+            the rate of the optimizer's count. A resume may change it: a run stopped here resumes from its
+            last checkpoint with `train.nonfinite=skip`.
         `max_skips`: with `nonfinite: skip`, the run stops once more than this many updates were skipped;
             checked whenever metrics are fetched: every `logging.every_steps` steps and before saves.
         `joint_forward`: run the with- and without-history passes as one forward call on a joined batch

@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 import pytest
 
-from tests.shared import FIXTURES, TINY_EOS_ID, TINY_HF, TINY_QWEN
+from tests.shared import FIXTURES, MARKED_TARGET, TINY_EOS_ID, TINY_HF, TINY_QWEN
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -198,9 +198,12 @@ def small_dpl():
 VOCAB = TINY_QWEN["vocab_size"]
 
 
-def _write_random_data(out_dir: Path, *, train: int = 48, val: int = 8, seed: int = 0) -> Path:
+def _write_random_data(
+    out_dir: Path, *, train: int = 48, val: int = 8, seed: int = 0, marked: int | None = None
+) -> Path:
     """Random token examples (ids 1..VOCAB-1) whose targets repeat a per-example pattern, so loss can fall,
-    with the summary.json `data prepare` finishes with (its example counts; no sources were read)."""
+    with the summary.json `data prepare` finishes with (its example counts; no sources were read).
+    `marked`: the training example whose targets are all `MARKED_TARGET`."""
     import numpy as np
 
     from nextquill_jax.data.prepared_split import SUMMARY_FILE, TokenizedExample, write_split
@@ -211,6 +214,8 @@ def _write_random_data(out_dir: Path, *, train: int = 48, val: int = 8, seed: in
         examples = []
         for _ in range(count):
             target = np.tile(rng.integers(1, 16, 3), 4)[: rng.integers(6, 12)]
+            if split == "train" and len(examples) == marked:
+                target = np.full_like(target, MARKED_TARGET)
             examples.append(
                 TokenizedExample(
                     prompt_with=rng.integers(1, VOCAB, rng.integers(8, 20)).astype(np.int32),
@@ -267,8 +272,9 @@ def _write_config(cfg: dict, path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def write_random_data():
-    """`write_random_data(out_dir, *, train=48, val=8, seed=0)`: random prepared splits of the tiny vocabulary
-    (ids 1..127) whose targets repeat a per-example pattern, so loss can fall; returns `out_dir`."""
+    """`write_random_data(out_dir, *, train=48, val=8, seed=0, marked=None)`: random prepared splits of the
+    tiny vocabulary (ids 1..127) whose targets repeat a per-example pattern, so loss can fall (training
+    example `marked`'s targets are all `MARKED_TARGET`); returns `out_dir`."""
     return _write_random_data
 
 

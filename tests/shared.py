@@ -27,6 +27,10 @@ TINY_QWEN = dict(
     bos_token_id=TINY_EOS_ID,
 )
 
+# A target id no target of `write_random_data`'s examples has (they use 1..15): its `marked=i` gives
+# training example i only this target, so a test can tell the batches that hold that example.
+MARKED_TARGET = 16
+
 # The label value the losses ignore (the public code's -100).
 IGNORE = -100
 

@@ -58,8 +58,9 @@ Change = tuple[str, Any, Any]  # (dotted key, recorded value, current value), as
 # `resamples` only decide where the runs are and how the table is built from them.
 EVALUATION_FIELDS = ("split", "max_examples", "eval_batch_size", "effect_examples", "max_new_tokens")
 # Config keys a resume may change (`resume.MAY_CHANGE`) that still change a compare run's numbers: the
-# decoding its evaluation uses, and where its prepared data lies (the record holds the path, not the content).
-_RESULT_KEYS = ("eval.generation", "train.data_dir")
+# decoding its evaluation uses, where its prepared data lies (the record holds the path, not the content), and
+# the non-finite policy (a finished run's numbers depend on it once an update was not finite).
+_RESULT_KEYS = ("eval.generation", "train.data_dir", "train.nonfinite", "train.max_skips")
 
 
 # The `compare` counts that must be >= 1 (checked when the file is loaded, not after a variant has trained),

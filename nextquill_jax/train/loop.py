@@ -380,16 +380,17 @@ class PendingMetrics:
         if m["nonfinite"] and train.nonfinite == "stop":
             raise TrainingDivergedError(
                 f"the loss or gradient is not finite at step {step} (loss {float(m['loss'])}, grad norm "
-                f"{float(m['grad_norm'])}). Last good checkpoint: {last_good()}. Fix: train again "
-                f"in a new --workdir (a resume in this one may not change these keys) with a lower "
-                f"optim.learning_rate, or with train.nonfinite: skip to skip such updates."
+                f"{float(m['grad_norm'])}). Last good checkpoint: {last_good()}. Fix: run the same command "
+                f"with the override train.nonfinite=skip to resume from it skipping such updates, or train "
+                f"again in a new --workdir (a resume may not change it) with a lower optim.learning_rate."
             )
         if m["skipped"] > train.max_skips:
             raise TrainingDivergedError(
                 f"{int(m['skipped'])} updates skipped for non-finite losses by step {step} (limit "
-                f"train.max_skips={train.max_skips}). Last good checkpoint: {last_good()}. Fix: train again "
-                f"in a new --workdir (a resume in this one may not change these keys) with a lower "
-                f"optim.learning_rate, or a higher train.max_skips if the skipped updates are rare outliers."
+                f"train.max_skips={train.max_skips}). Last good checkpoint: {last_good()}. Fix: if the "
+                f"skipped updates are rare outliers, run the same command with a higher train.max_skips "
+                f"(an override) to resume from it; otherwise train again in a new --workdir (a resume may "
+                f"not change it) with a lower optim.learning_rate."
             )
 
 

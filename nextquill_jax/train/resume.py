@@ -48,6 +48,11 @@ MAY_CHANGE = (
     # index alone, whatever these are (tests/data/test_pipeline.py resumes under others).
     "data.batching.read_threads",
     "data.batching.prefetch_batches",
+    # What the run does at a non-finite update. A checkpoint holds only finite updates' results (a stop
+    # is checked before each save), so resuming a diverged run with `skip` trains exactly what `skip`
+    # from the start would have; a resume that tightens the policy only stops sooner.
+    "train.nonfinite",
+    "train.max_skips",
 )
 # The differing keys a refusal lists before it only counts the rest.
 MAX_LISTED = 10

@@ -354,6 +354,35 @@ def test_a_finished_run_whose_prepared_data_moved_is_refused_with_the_reason(tmp
     assert "to reuse the runs, run the file with the compare.out they ran in). Fix: use a new" in message
 
 
+def test_a_finished_run_trained_under_another_nonfinite_policy_is_refused(tmp_path, tiny_config):
+    """A resume may change `train.nonfinite` and `train.max_skips` (a diverged run resumes skipping), but a
+    finished run's numbers depend on them once an update was skipped, so compare does not reuse the run."""
+    import dataclasses
+
+    from nextquill_jax.eval.compare import finished_changes, run_settings, write_done
+    from nextquill_jax.train.resume import may_change
+
+    base = tiny_config(tmp_path / "unused", tmp_path / "unused_run")
+    file = tmp_path / "c.yaml"
+    file.write_text(
+        yaml.safe_dump(
+            {"compare": {"out": str(tmp_path / "o"), "baseline": "a"}, "variants": {"a": {}}, "base": base}
+        )
+    )
+    comparison = load_comparison(file)
+    cfg = comparison.run_config("a", 0)
+    ran = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, nonfinite="skip", max_skips=3))
+    comparison.workdir("a", 0).mkdir(parents=True)
+    write_done(
+        comparison.workdir("a", 0) / DONE_FILE,
+        {"variant": "a", "settings": run_settings(comparison, "a", ran)},
+    )
+    with pytest.raises(ConfigError) as e:
+        finished_changes(comparison, "a", 0, cfg)
+    assert 'train.nonfinite: "skip" -> "stop"' in str(e.value) and "train.max_skips: 3 -> 20" in str(e.value)
+    assert may_change("train.nonfinite") and may_change("train.max_skips")
+
+
 def test_variants_share_the_prepared_data_unless_their_data_overrides_change_it(tmp_path, tiny_config):
     base = tiny_config(tmp_path / "unused", tmp_path / "unused_run")
     base["train"]["data_dir"] = None

@@ -167,8 +167,9 @@ def test_a_refusal_lists_the_first_differing_keys_and_counts_the_rest(tmp_path, 
     recorded = config_to_dict(cfg)
     # Twelve differing keys a resume may not change, and allowed ones that must not be listed.
     recorded["model"]["overrides"] = {**recorded["model"]["overrides"], "hidden_size": 16, "num_layers": 1}
-    recorded["optim"].update(learning_rate=1.0, weight_decay=0.5, schedule="cosine", eps=1e-6)
-    recorded["train"].update(seed=7, max_steps=9, nonfinite="skip", micro_batches=2, workdir="/elsewhere")
+    recorded["optim"].update(learning_rate=1.0, weight_decay=0.5, schedule="cosine", eps=1e-6, clip_norm=9.0)
+    recorded["train"].update(seed=7, max_steps=9, nonfinite="skip", max_skips=3, micro_batches=2)
+    recorded["train"]["workdir"] = "/elsewhere"
     recorded["data"]["batching"].update(num_epochs=5, seq_len_with=128, rows_per_batch=4)
     recorded["logging"]["every_steps"] = 99
     recorded["mesh"]["fsdp"] = 4
@@ -178,7 +179,8 @@ def test_a_refusal_lists_the_first_differing_keys_and_counts_the_rest(tmp_path, 
     assert message.count(" -> ") == MAX_LISTED and f"and {12 - MAX_LISTED} more" in message
     assert "data.batching.num_epochs: 5 -> 2" in message  # listed sorted by key: data first
     assert "train.workdir:" not in message and "logging." not in message.split("A resume may")[0]
-    assert "train.micro_batches:" not in message
+    assert "train.micro_batches:" not in message and "train.nonfinite:" not in message
+    assert "train.max_skips:" not in message
     # The same config, and one that differs only in allowed keys, may resume.
     check_resumable(config_to_dict(cfg), cfg, tmp_path / "run", 4)
     allowed = dataclasses.replace(cfg, logging=dataclasses.replace(cfg.logging, every_steps=99))
