@@ -309,7 +309,7 @@ def make_train_step(
         else:
             grads, aux = accumulated(state.params, batch, reference_params, base_params, key)
         loss = loss_from_aux(aux, settings.loss)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
