@@ -55,15 +55,20 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 def run_train(args: argparse.Namespace) -> int:
     """Train; a bad config, data or missing package reaches `cli.main`, which prints it (status 1)."""
     from nextquill_jax.config import load_config
+    from nextquill_jax.output_dir import check_output_dir
     from nextquill_jax.train.checkpoint import CheckpointSaveError
     from nextquill_jax.train.loop import TrainingDivergedError, train
     from nextquill_jax.train.setup import resolve_workdir
 
     cfg = load_config(args.config, args.overrides)
     workdir = resolve_workdir(cfg, args.workdir, args.config)
-    third_party_logs.log_to(workdir, named="--workdir" if args.workdir else f"{args.config}: train.workdir")
+    named = "--workdir" if args.workdir else f"{args.config}: train.workdir"
+    check_output_dir(workdir, named)
+    # The log goes into the workdir only once this run holds its lock (records are held until then): a run
+    # refused there would otherwise append its lines to the log of the run that holds it.
+    log_to = lambda: third_party_logs.log_to(workdir, named)
     try:
-        result = train(cfg, workdir)
+        result = train(cfg, workdir, on_locked=log_to)
     except TrainingDivergedError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3

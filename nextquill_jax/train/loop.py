@@ -73,11 +73,16 @@ class TrainResult:
     state: TrainState
 
 
-def train(cfg: Config, workdir: Path, *, echo=print) -> TrainResult:
+def train(
+    cfg: Config, workdir: Path, *, echo=print, on_locked: Callable[[], object] | None = None
+) -> TrainResult:
     """Run (or resume) the training `cfg` describes in `workdir`.
 
     Only one `train` at a time writes a workdir: process 0 holds `<workdir>/train.lock` (`workdir_lock`)
-    from before set-up writes there until the run ends.
+    from before set-up writes there until the run ends. `on_locked` is called once past the lock (on every
+    process, `setup.set_up_run`), before set-up writes in `workdir`: a caller that writes there itself (the
+    CLI opens its third-party log) starts there, so that a run refused the lock writes nothing in the
+    workdir of the run that holds it.
 
     Raises:
         WorkdirLockedError: another `train` is running in `workdir` (nothing there is changed).
@@ -93,13 +98,15 @@ def train(cfg: Config, workdir: Path, *, echo=print) -> TrainResult:
     # Held from before anything is written in the workdir (`set_up_run` takes it on process 0) to the end.
     lock = WorkdirLock(workdir)
     try:
-        return _train(cfg, workdir, lock, echo)
+        return _train(cfg, workdir, lock, echo, on_locked)
     finally:
         lock.release()
 
 
-def _train(cfg: Config, workdir: Path, lock: WorkdirLock, echo) -> TrainResult:
-    run = set_up_run(cfg, workdir, echo, lock=lock)
+def _train(
+    cfg: Config, workdir: Path, lock: WorkdirLock, echo, on_locked: Callable[[], object] | None
+) -> TrainResult:
+    run = set_up_run(cfg, workdir, echo, lock=lock, on_locked=on_locked)
     # As resolved (config.yaml and every checkpoint record what the steps were built from), with the workdir
     # this run uses: `--config <workdir>/config.yaml` then resumes this run, not the config file's workdir.
     # Absolute, so that it names the same directory from any current directory.

@@ -483,11 +483,18 @@ class RunSetup:
 
 
 def set_up_run(
-    cfg: Config, workdir: Path, echo: Echo = print, *, lock: WorkdirLock | None = None
+    cfg: Config,
+    workdir: Path,
+    echo: Echo = print,
+    *,
+    lock: WorkdirLock | None = None,
+    on_locked: Callable[[], object] | None = None,
 ) -> RunSetup:
     """Multi-host start-up and mesh, data, model, optimizer, shardings and compiled steps for `cfg`
     (`model.cudnn_max_segments: auto` resolved: `RunSetup.config`). With `lock` (`train`'s), process 0 takes
     it once the config checks have passed, before anything is written in `workdir`; the caller releases it.
+    `on_locked` (the CLI's: it opens the third-party log in `workdir`) is called next, on every process,
+    once `workdir` exists and before set-up writes there; not at all when the lock is refused.
 
     Raises:
         WorkdirLockedError: another `train` holds `lock` (on the other processes of a multi-process run,
@@ -524,6 +531,8 @@ def set_up_run(
             lambda: int(lock.acquire(jax.process_index(), echo)), f"to lock the workdir {workdir}"
         )
     workdir.mkdir(parents=True, exist_ok=True)
+    if on_locked is not None:
+        on_locked()
 
     data_dir = prepared_dir(cfg, workdir, echo)
     check_split(data_dir, "train", other_split=False)  # train has no --split to offer

@@ -2,12 +2,12 @@
 
 Two runs writing one workdir at once (the same command started twice, `compare` and a hand-started `train`)
 would interleave their checkpoints and metrics.jsonl. `train` takes this lock (`fcntl.flock`, exclusive and
-non-blocking) before it writes anything there, and a second `train` is refused at once with
-`WorkdirLockedError`, naming the holder the file records (pid, host, start time). The kernel drops the lock
-when its process ends, SIGKILL included, so it is never stale; the file stays behind, harmless. Only process 0
-of a multi-process run takes it: the others share the workdir by design. Where the filesystem does not
-support flock (some network filesystems), the run goes on unlocked, with a warning. Readers (evaluate,
-effects, export, checkpoint verify) take no lock.
+non-blocking) before it writes anything there (the CLI's third-party log included: `loop.train`'s
+`on_locked`), and a second `train` is refused at once with `WorkdirLockedError`, naming the holder the file
+records (pid, host, start time). The kernel drops the lock when its process ends, SIGKILL included, so it is
+never stale; the file stays behind, harmless. Only process 0 of a multi-process run takes it: the others
+share the workdir by design. Where the filesystem does not support flock (some network filesystems), the run
+goes on unlocked, with a warning. Readers (evaluate, effects, export, checkpoint verify) take no lock.
 
     lock = WorkdirLock(workdir)
     lock.acquire(jax.process_index(), echo)  # WorkdirLockedError if another run holds it

@@ -1,11 +1,13 @@
 """One `train` at a time in a workdir (train/workdir_lock.py): a second one is refused at once, before it
-writes anything there or prepares data or builds a model; the lock dies with its holder (SIGKILL included);
-only process 0 of a run takes it; a filesystem without flock trains on unlocked, with a warning."""
+writes anything there (its third-party log lines included) or prepares data or builds a model; the lock dies
+with its holder (SIGKILL included); only process 0 of a run takes it; a filesystem without flock trains on
+unlocked, with a warning."""
 
 from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import signal
 import socket
@@ -13,7 +15,7 @@ import socket
 import jax
 import pytest
 
-from nextquill_jax import cli
+from nextquill_jax import cli, third_party_logs
 from nextquill_jax.config import load_config
 from nextquill_jax.train import loop, setup, workdir_lock
 from nextquill_jax.train.workdir_lock import LOCK_FILE, WorkdirLock, WorkdirLockedError
@@ -115,6 +117,59 @@ def test_the_cli_prints_a_locked_workdir_as_one_error_line_with_status_1(
     assert status == 1
     assert err.startswith(f"error: {tmp_path / 'run'} is in use by another `train` (pid {pid} ")
     assert "Fix: " in err and "Traceback" not in err
+
+
+PRE_LOCK_RECORD = "a third-party record logged during set-up, before the lock"
+
+
+@pytest.fixture
+def a_record_before_the_lock(monkeypatch):
+    """Set-up logs one third-party record (as JAX's backend start-up does) in a step before the lock step,
+    so that a `train` refused at the lock has a record it could wrongly append to the holder's log."""
+    check = setup.check_micro_batches
+
+    def logging_check(*args, **kwargs):
+        logging.getLogger("jax._src.xla_bridge").info(PRE_LOCK_RECORD)
+        return check(*args, **kwargs)
+
+    monkeypatch.setattr(setup, "check_micro_batches", logging_check)
+
+
+HOLDER_LOG = b"2026-01-01 00:00:00,000 INFO absl: the holder's own line\n"
+
+
+@pytest.mark.parametrize("holder_log", [None, HOLDER_LOG], ids=["no_log_yet", "holder_log"])
+def test_the_cli_refused_on_a_locked_workdir_leaves_the_holders_third_party_log_as_it_was(
+    holder_log,
+    tmp_path,
+    holder,
+    a_record_before_the_lock,
+    no_set_up_past_the_lock,
+    write_random_data,
+    tiny_config,
+    write_config,
+):
+    log = tmp_path / "run" / third_party_logs.LOG_FILE
+    if holder_log is not None:
+        log.parent.mkdir()
+        log.write_bytes(holder_log)
+    _config(tmp_path, write_random_data, tiny_config, write_config)
+    status = cli.main(["train", "--config", str(tmp_path / "cfg.yaml"), "--workdir", str(tmp_path / "run")])
+    assert status == 1
+    if holder_log is None:
+        assert not log.parent.exists()
+    else:
+        assert log.read_bytes() == holder_log
+
+
+def test_the_cli_writes_the_records_held_before_the_lock_once_it_holds_it(
+    tmp_path, a_record_before_the_lock, no_set_up_past_the_lock, write_random_data, tiny_config, write_config
+):
+    _config(tmp_path, write_random_data, tiny_config, write_config)
+    with pytest.raises(PastTheLockError):
+        cli.main(["train", "--config", str(tmp_path / "cfg.yaml"), "--workdir", str(tmp_path / "run")])
+    log = (tmp_path / "run" / third_party_logs.LOG_FILE).read_text()
+    assert f"INFO jax._src.xla_bridge: {PRE_LOCK_RECORD}\n" in log, log
 
 
 def test_only_process_0_takes_the_lock(
