@@ -14,6 +14,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
@@ -87,7 +88,9 @@ def check_divisible(
             )
 
 
-def logical_to_sharding(logical_tree, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES, shapes=None):
+def logical_to_sharding(
+    logical_tree: Any, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES, shapes: Any = None
+) -> Any:
     """Map a pytree of logical PartitionSpecs to NamedShardings on `mesh`.
 
     `shapes`, a matching pytree of arrays or ShapeDtypeStructs, enables the divisibility check.

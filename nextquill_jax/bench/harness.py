@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -22,6 +23,9 @@ from nextquill_jax.data.packing import first_fit_rows
 from nextquill_jax.data.prepared_split import PreparedSplit
 from nextquill_jax.loss import LossConfig
 from nextquill_jax.models.config import ModelConfig
+
+if TYPE_CHECKING:  # jax is imported where it is used, after the command has set its platform flags
+    import jax
 
 MIB = 2**20
 
@@ -135,14 +139,14 @@ class TrainingHarness:
 
         return jax.device_put(batch, self._batch_sharding)
 
-    def compile(self, batch: dict[str, np.ndarray]):
+    def compile(self, batch: dict[str, np.ndarray]) -> jax.stages.Compiled:
         """The step compiled for `batch`'s shapes (`jax.stages.Compiled`); runs nothing."""
         import jax
 
         with jax.set_mesh(self.mesh):
             return self._step.lower(self.state, self.place(batch), None, self.base).compile()
 
-    def head_weight(self, params: dict):
+    def head_weight(self, params: dict) -> jax.Array:
         """The LM head in `params` (the untied kernel [D, V], else the tied embedding [V, D])."""
         return params["lm_head"] if "lm_head" in params else params["embed"]
 

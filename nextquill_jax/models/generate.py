@@ -355,7 +355,7 @@ def _decode(
 
 
 @functools.lru_cache(maxsize=8)
-def decoder(mesh: Mesh | None = None, rules: LogicalRules = DEFAULT_RULES):
+def decoder(mesh: Mesh | None = None, rules: LogicalRules = DEFAULT_RULES) -> Any:
     """The jitted decode function for `mesh` (None: one device), shared by every call with that mesh.
 
     Its signature: `(state, input_ids [B, P], attention_mask [B, P], key, example_ids [B], settings,

@@ -101,7 +101,9 @@ def adapter_layout(
     return abstract, logical_to_sharding(logical, mesh, rules, shapes=abstract)
 
 
-def initial_adapters(cfg: LoraConfig, model_cfg: ModelConfig, abstract: dict, shardings: dict, seed: int):
+def initial_adapters(
+    cfg: LoraConfig, model_cfg: ModelConfig, abstract: dict, shardings: dict, seed: int
+) -> dict:
     """The adapters a run starts from, placed by `shardings`: read from the PEFT directory `cfg.init_from`,
     else fresh (A random from `seed`, B = 0).
 

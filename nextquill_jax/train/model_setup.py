@@ -229,7 +229,9 @@ def initial_params(
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
-def load_params(section: ModelRunConfig, mesh: Mesh, seed: int, rules: LogicalRules = DEFAULT_RULES):
+def load_params(
+    section: ModelRunConfig, mesh: Mesh, seed: int, rules: LogicalRules = DEFAULT_RULES
+) -> tuple[Any, dict]:
     """(graphdef, params) of the model `section` names, placed on `mesh` by `rules`: random from `seed` for
     a preset, else loaded.
 

@@ -262,7 +262,9 @@ def check_micro_batches(cfg: Config, mesh: Mesh) -> None:
         )
 
 
-def state_shardings(tx: optax.GradientTransformation, abstract_params: dict, shardings: dict, mesh: Mesh):
+def state_shardings(
+    tx: optax.GradientTransformation, abstract_params: dict, shardings: dict, mesh: Mesh
+) -> TrainState:
     """Shardings of the whole TrainState: optimizer moments like their parameters, scalars replicated."""
     replicated = NamedSharding(mesh, PartitionSpec())
     opt_abstract = jax.eval_shape(tx.init, abstract_params)
