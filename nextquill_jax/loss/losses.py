@@ -39,16 +39,20 @@ are told apart by `example_ids` [..., R] (a row may pack several; the train step
 each response slot); without them every row [..., R] is one example. An example lies within one row, so
 its own sums never straddle micro-batches or data shards: the per-example means add up exactly.
 
-`aux` holds float32 scalars that add across micro-batches and data shards (`combine_aux`), so `loss_from_aux`
-of the combined aux is exactly the global-batch loss:
+`aux` holds scalars that add across micro-batches and data shards (`combine_aux`), so `loss_from_aux` of the
+combined aux is exactly the global-batch loss (float32, but `tokens` int32):
 
 - `n_sum`, `n_den`: Σ ω CE and Σ ω of L_n; `p_sum`, `p_den`: the same for L_p (variants mce, nextquill);
   with `normalize: example`, `*_sum` is the Σ over examples of their means and `*_den` the example count N;
-- `tokens`: target tokens; `ce_with_sum`, `ce_without_sum`: Σ CE of each stream computed (for logging);
+- `tokens`: target tokens, int32, so that it stays exact when summed over a whole evaluation split (float32
+  counts exactly only up to 2**24 = 16,777,216; int32 up to 2**31 - 1); `ce_with_sum`, `ce_without_sum`:
+  Σ CE of each stream computed (for logging);
 - when a DCE is available: `effect_count`, `pref_count`, `dce_sum`, `dce_sq_sum` and the per-call quantiles
   `dce_p10`, `dce_p50`, `dce_p90` (see `effects.effect_stats`).
 
-Counts are float32, exact up to 2**24 tokens per combined aux.
+The other counts (`effect_count`, `pref_count`, and `*_den` where they count tokens or examples) are
+float32, exact up to 2**24 per combined aux; they are logged only as the denominators of ratios, where
+rounding past that changes the ratio by at most 2**-24 relatively.
 """
 
 from __future__ import annotations
@@ -344,13 +348,14 @@ def loss_from_aux(aux: Mapping[str, jax.Array], cfg: LossConfig) -> jax.Array:
 
 
 def metrics_from_aux(aux: Mapping[str, jax.Array], cfg: LossConfig) -> dict[str, float]:
-    """Loggable numbers from a (combined) aux, as Python floats.
+    """Loggable numbers from a (combined) aux, as Python numbers: `tokens` an int (a count), the others
+    floats.
 
     Always: loss, loss_n, tokens. With L_p: loss_p. Per stream computed: ce_with, ce_without (mean CE over
     target tokens, nats). With a DCE: pref_fraction, dce_mean, dce_std and the quantiles dce_p10/p50/p90 (see
     `combine_aux` for what they mean after combination). Means over zero tokens are reported as 0.
     """
-    host = {k: float(v) for k, v in jax.device_get(dict(aux)).items()}
+    host = {k: np.asarray(v).item() for k, v in jax.device_get(dict(aux)).items()}  # int32 -> int
     return _metrics_from_sums(host, float(loss_from_aux(aux, cfg)))
 
 
@@ -445,7 +450,7 @@ def _assemble(
         for name, (weights, ce) in terms.items():
             aux[f"{name}_sum"] = (weights * ce).sum()
             aux[f"{name}_den"] = weights.sum()
-    aux["tokens"] = ones.sum()
+    aux["tokens"] = mask.sum(dtype=jnp.int32)
     if ce_with is not None:
         aux["ce_with_sum"] = ce_with.sum()
     if ce_without is not None:
@@ -453,7 +458,8 @@ def _assemble(
     if dce is not None:
         aux.update(effect_stats(dce, mask, threshold=cfg.threshold))
     loss = _loss_from_sums(aux, cfg, denominators)
-    return loss, {k: jax.lax.stop_gradient(v).astype(jnp.float32) for k, v in aux.items()}
+    float_aux = lambda v: jax.lax.stop_gradient(v).astype(jnp.float32)
+    return loss, {k: v if k == "tokens" else float_aux(v) for k, v in aux.items()}
 
 
 def _loss_from_sums(

@@ -35,7 +35,7 @@ from nextquill_jax.loss import LossConfig, combine_aux, metric_names, metrics_fr
 from nextquill_jax.train.adapters import check_same_base, legacy_fingerprint
 from nextquill_jax.train.checkpoint import CORRUPT_SUFFIX, Checkpointer, CheckpointSaveError
 from nextquill_jax.train.health import HealthMonitor
-from nextquill_jax.train.metrics_log import MetricsLog
+from nextquill_jax.train.metrics_log import EVAL_PREFIX, MetricsLog
 from nextquill_jax.train.resume import check_resumable, check_same_data
 from nextquill_jax.train.setup import RunSetup, abstract_state, init_state, set_up_run
 from nextquill_jax.train.state import TrainState
@@ -43,8 +43,6 @@ from nextquill_jax.train.workdir import CHECKPOINT_DIR, CONFIG_FILE
 from nextquill_jax.train.workdir_lock import WorkdirLock
 
 PROFILE_DIR = "profile"
-# What an evaluation's metrics are named with in metrics.jsonl and `checkpoint.best_metric`: eval/loss, ...
-EVAL_PREFIX = "eval/"
 # What a message names as the last good checkpoint when none has been saved (or none verifies).
 NO_CHECKPOINT = "none"
 

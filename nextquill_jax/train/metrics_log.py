@@ -6,11 +6,14 @@ starts a new event file (tensorboardX names it `events.out.tfevents.<unix second
 after the earlier ones and replaces none) with a session-start event at step S + 1, and TensorBoard, reading a
 directory's files in name order, drops the steps >= S + 1 it read before. Lines that are not a JSON row (a
 write cut short by a full disk or a kill, NUL bytes after a power loss) are dropped then too, and counted in
-a warning naming the file. `metrics.jsonl` is opened and closed
-for each row: on a bucket mounted with Cloud Storage FUSE a file reaches the bucket only when it is closed, so
-a file held open for the whole run would be invisible there until the end, and lost on a kill. The event files
-are held open, so on such a mount `logging.tensorboard_dir` puts them on a local disk, from which
-tpu_scripts/worker_train.sh copies them into the workdir.
+a warning naming the file. `metrics.jsonl` is opened and closed for each row: on a bucket mounted with Cloud
+Storage FUSE a file reaches the bucket only when it is closed, so a file held open for the whole run would be
+invisible there until the end, and lost on a kill. The event files are held open, so on such a mount
+`logging.tensorboard_dir` puts them on a local disk, from which tpu_scripts/worker_train.sh copies them into
+the workdir.
+
+The fields `INTEGER_FIELDS` names (the counts `tokens`, `input_tokens`, `skipped`, and `epoch`), an evaluation
+row's `eval/tokens` too, are written as JSON integers, every other number as a float.
 """
 
 from __future__ import annotations
@@ -29,6 +32,11 @@ from nextquill_jax.config import LoggingConfig
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
+# What an evaluation's metrics are named with in metrics.jsonl and `checkpoint.best_metric`: eval/loss, ...
+EVAL_PREFIX = "eval/"
+# The fields of a row (with or without `EVAL_PREFIX`) that are whole numbers by construction, written as JSON
+# integers: target tokens, real input tokens and skipped updates (counts), and the 0-based epoch.
+INTEGER_FIELDS = ("tokens", "input_tokens", "skipped", "epoch")
 
 
 class MetricsLog:
@@ -56,16 +64,34 @@ class MetricsLog:
             self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
     def write(self, step: int, metrics: Mapping[str, float]) -> None:
-        """Append one row {"step": step, **metrics}; non-finite values are written as null."""
+        """Append one row {"step": step, **metrics}: the `INTEGER_FIELDS` as integers, the other values as
+        floats, non-finite ones as null.
+
+        Raises:
+            ValueError: an `INTEGER_FIELDS` value that is not a whole number (nothing is written).
+        """
         if not self.enabled:
             return
-        row = {"step": step, **{k: _json_number(v) for k, v in metrics.items()}}
+        row = {"step": step, **{k: self._json_value(k, v) for k, v in metrics.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         if self._tb is not None:
             for key, value in metrics.items():
                 self._tb.add_scalar(key, float(value), step)
             self._tb.flush()
+
+    def _json_value(self, key: str, value: float) -> int | float | None:
+        """`value` as the row writes field `key`: an int for `INTEGER_FIELDS`, else `_json_number`."""
+        if key.removeprefix(EVAL_PREFIX) not in INTEGER_FIELDS:
+            return _json_number(value)
+        number = float(value)  # exact: the counts stay far below 2**53
+        if not number.is_integer():
+            raise ValueError(
+                f"{self.path}: field {key!r} is written as an integer (metrics_log.INTEGER_FIELDS) but its "
+                f"value is {value!r}. Fix: compute it as a whole number, or take {key!r} out of "
+                f"INTEGER_FIELDS if it is not one by construction."
+            )
+        return int(number)
 
     def progress(self, step: int, metrics: Mapping[str, float]) -> None:
         """Move the bar to `step` and show loss, tokens/s, the without-history CE and the preference-token

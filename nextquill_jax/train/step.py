@@ -228,10 +228,11 @@ def label_denominators(batch: Batch, cfg: LossConfig) -> dict[str, jax.Array] | 
 
 
 def batch_token_stats(batch: Batch) -> dict[str, jax.Array]:
-    """Real input tokens of both streams and their padding efficiency (real / slots), float32 scalars."""
-    real = (batch["with_segment_ids"] > 0).sum() + (batch["without_segment_ids"] > 0).sum()
+    """Real input tokens of both streams (int32: a large global batch of long rows passes the 2**24 that
+    float32 counts exactly) and their padding efficiency (real / slots, float32), as scalars."""
+    real = sum((batch[f"{s}_segment_ids"] > 0).sum(dtype=jnp.int32) for s in ("with", "without"))
     slots = batch["with_segment_ids"].size + batch["without_segment_ids"].size
-    return {"input_tokens": real.astype(jnp.float32), "padding_efficiency": real.astype(jnp.float32) / slots}
+    return {"input_tokens": real, "padding_efficiency": real.astype(jnp.float32) / slots}
 
 
 def make_train_step(
@@ -248,9 +249,10 @@ def make_train_step(
     in `jax.jit` (`base_params`: the frozen base under LoRA, see `StepSettings`).
 
     `trainable`: a bool pytree like the parameters (None: all); frozen ones are stop-gradient, so no weight
-    gradient is computed for them. Metrics (float32 scalars): the combined loss aux (`losses` module: n_sum,
-    n_den, ..., effect statistics), `loss`, `grad_norm`, `learning_rate`, `nonfinite` (1 when the loss or the
-    gradient was not finite), `skipped` (updates skipped so far), `input_tokens`, `padding_efficiency`.
+    gradient is computed for them. Metrics (float32 scalars, the counts `tokens`, `skipped` and `input_tokens`
+    int32): the combined loss aux (`losses` module: n_sum, n_den, tokens, ..., effect statistics), `loss`,
+    `grad_norm`, `learning_rate`, `nonfinite` (1 when the loss or the gradient was not finite), `skipped`
+    (updates skipped so far), `input_tokens`, `padding_efficiency`.
     """
     m = settings.micro_batches
 
@@ -328,7 +330,7 @@ def make_train_step(
             "grad_norm": grad_norm,
             "learning_rate": jnp.asarray(schedule(state.step if count is None else count), jnp.float32),
             "nonfinite": (~finite).astype(jnp.float32),
-            "skipped": skipped.astype(jnp.float32),
+            "skipped": skipped,
             **batch_token_stats(batch),
         }
         new_state = TrainState(

@@ -140,6 +140,7 @@ def test_loss_terms_equal_float64_cross_entropy_of_the_exported_model(run, evalu
         assert saved["loss"]["terms"][key] == pytest.approx(np.mean(nll), rel=1e-5), key
     count = len(nll)
     assert saved["loss"]["tokens"] == count
+    assert type(saved["loss"]["tokens"]) is int  # a count: 154, not 154.0
     assert saved["loss"]["variant"] == "context_sft"
     assert saved["loss"]["loss"] == pytest.approx(saved["loss"]["variants"]["context_sft"], rel=1e-6)
 

@@ -260,6 +260,8 @@ def test_metrics_from_aux_match_numpy(data):
     assert set(m) == set(want)
     for k, v in want.items():
         np.testing.assert_allclose(m[k], v, rtol=1e-5, atol=1e-7, err_msg=k)
+    # A count: int32 on the device (exact when summed over an evaluation split past 2**24), an int here.
+    assert aux["tokens"].dtype == jnp.int32 and type(m["tokens"]) is int
 
 
 def test_combine_aux_adds_sums_and_weights_quantiles(data):

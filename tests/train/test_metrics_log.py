@@ -1,6 +1,7 @@
 """metrics.jsonl: each row is written with the file closed afterwards (a Cloud Storage FUSE mount uploads a
 file only when it is closed), and a resume drops the rows after the checkpointed step. TensorBoard events go
-to `logging.tensorboard_dir`, and a resume's events, copied beside a preempted run's, show every step once."""
+to `logging.tensorboard_dir`, and a resume's events, copied beside a preempted run's, show every step once.
+Counts are JSON integers, the other numbers floats."""
 
 from __future__ import annotations
 
@@ -13,11 +14,12 @@ import struct
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from tensorboardX.proto.event_pb2 import Event, SessionLog
 
 from nextquill_jax.config import LoggingConfig
-from nextquill_jax.train.metrics_log import METRICS_FILE, MetricsLog, nonfinite_to_null
+from nextquill_jax.train.metrics_log import INTEGER_FIELDS, METRICS_FILE, MetricsLog, nonfinite_to_null
 
 QUIET = LoggingConfig(tensorboard=False, progress_bar=False)
 
@@ -48,6 +50,45 @@ def test_each_row_is_closed_into_the_file_and_resume_drops_later_rows(tmp_path):
         {"step": 30, "loss": None},
     ]
     resumed.close()
+
+
+def test_counts_are_written_as_integers_other_numbers_as_floats_and_a_fractional_count_is_refused(tmp_path):
+    log = MetricsLog(tmp_path, QUIET, start_step=0, total_steps=30)
+    log.write(
+        10, {"tokens": 154.0, "input_tokens": 602, "skipped": 0.0, "epoch": 1, "loss": 3, "grad_norm": 2.0}
+    )
+    # An int32 count from the device past 2**24, which float32 would round to 16777216.
+    log.write(20, {"eval/tokens": np.asarray(2**24 + 1, np.int32), "eval/loss": 1.5})
+    with pytest.raises(
+        ValueError, match=r"metrics.jsonl: field 'eval/tokens' is written as an integer.*153.5"
+    ):
+        log.write(30, {"eval/tokens": 153.5})
+    log.close()
+    text = (tmp_path / METRICS_FILE).read_text()
+    assert text == (
+        '{"step": 10, "tokens": 154, "input_tokens": 602, "skipped": 0, "epoch": 1, "loss": 3.0, '
+        '"grad_norm": 2.0}\n{"step": 20, "eval/tokens": 16777217, "eval/loss": 1.5}\n'
+    )
+
+
+def test_a_tiny_runs_counts_are_json_integers_that_add_up_to_its_prepared_examples(trained_run):
+    """The tiny run's two steps are its first epoch, each train example once, so their `tokens` add up to the
+    targets of the prepared train split and their `input_tokens` to its prompts and targets (a target is in
+    both streams), counted with NumPy; the counts are JSON integers, the other numbers floats."""
+    from nextquill_jax.data.prepared_split import PreparedSplit
+
+    written = rows(trained_run.workdir)
+    split = PreparedSplit(trained_run.workdir / "prepared", "train")
+    examples = [split[i] for i in range(len(split))]
+    assert [r["epoch"] for r in written] == [0, 0]
+    assert sum(r["tokens"] for r in written) == sum(ex["target"].size for ex in examples)
+    inputs = [ex["prompt_with"].size + ex["prompt_without"].size + 2 * ex["target"].size for ex in examples]
+    assert sum(r["input_tokens"] for r in written) == sum(inputs)
+    for row in written:
+        assert {k: type(row[k]) for k in INTEGER_FIELDS} == dict.fromkeys(INTEGER_FIELDS, int), row
+        others = {k for k in row if k not in (*INTEGER_FIELDS, "step")}
+        assert {"loss", "ce_with", "learning_rate", "padding_efficiency", "tokens_per_second"} <= others
+        assert {k: type(row[k]) for k in others} == dict.fromkeys(others, float), row
 
 
 def test_a_resume_cut_short_while_dropping_later_rows_keeps_every_row(tmp_path, monkeypatch):

@@ -131,6 +131,9 @@ def _accumulation() -> dict:
             "loss1": float(m1["loss"]),
             "loss4": float(m4["loss"]),
             "tokens": float(m1["tokens"]),
+            "count_dtypes": {
+                str(m[k].dtype) for m in (m1, m4) for k in ("tokens", "input_tokens", "skipped")
+            },
         }
     return out
 
@@ -160,6 +163,7 @@ def test_four_micro_batches_give_the_one_batch_update(accumulation, variant, tol
     assert r["tokens"] > 50 and r["max_update"] > 0.01, r  # a real batch and a real update
     assert r["max_update_diff"] <= tolerance, r
     assert abs(r["loss1"] - r["loss4"]) <= 1e-6 * abs(r["loss1"]), r
+    assert r["count_dtypes"] == {"int32"}, r  # counts exact past 2**24, where float32 would round
 
 
 def test_a_non_finite_update_is_skipped_and_counted(accumulation):
