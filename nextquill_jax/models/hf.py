@@ -187,10 +187,10 @@ def model_from_hf(
     cfg = ModelConfig.from_hf_config(hf_config, param_dtype=dtype, **config_overrides)
     abstract = nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
-    flat = list(state.flat_state())
+    flat = list(nnx.to_flat_state(state))
     rules_by_path = _rules_for(cfg, [path for path, _ in flat])
     _check_tensors(cfg, tensors, rules_by_path, dict((p, v.get_value().shape) for p, v in flat))
-    logical = dict(nnx.get_partition_spec(state).flat_state())
+    logical = dict(nnx.to_flat_state(nnx.get_partition_spec(state)))
     param_dtype = cfg.param_jnp_dtype
     loaded = []
     for path, var in flat:
@@ -370,7 +370,7 @@ def save_pretrained(
     out_dir = Path(out_dir)
     refuse_existing_weights(out_dir)
     cfg = model.cfg
-    flat = list(nnx.state(model, nnx.Param).flat_state())
+    flat = list(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     rules_by_path = _rules_for(cfg, [path for path, _ in flat])
     arrays = {path: var.get_value() for path, var in flat}
     entries = [  # (hf name, param path, layer or None, bytes)

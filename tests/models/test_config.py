@@ -90,7 +90,9 @@ def _agrees(count: int, published: str) -> bool:
 def test_presets_have_the_published_parameter_counts(preset):
     cfg = model_preset(preset)
     abstract = nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0)))
-    total = sum(int(np.prod(v.get_value().shape)) for _, v in nnx.state(abstract, nnx.Param).flat_state())
+    total = sum(
+        int(np.prod(v.get_value().shape)) for _, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))
+    )
     embedding = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
     published_total, published_non_embedding = PUBLISHED[preset]
     assert _agrees(total, published_total), total

@@ -72,7 +72,7 @@ def test_old_rotary_buffers_are_recognised_and_skipped(qwen2):
 def test_bfloat16_parameters_are_the_rounded_checkpoint_values(qwen2):
     config, tensors = qwen2
     model = model_from_hf(config, tensors, dtype="bfloat16")
-    params = dict(nnx.state(model, nnx.Param).flat_state())
+    params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     q = np.asarray(params[("layers", "attn", "q_proj")].get_value())
     assert q.dtype == ml_dtypes.bfloat16 and q.shape == (2, 32, 4, 8)
     expected = (

@@ -165,8 +165,8 @@ def test_save_pretrained_round_trip(case, tmp_path):
     )
 
     reloaded = load_pretrained(out)
-    ours_flat = dict(nnx.state(case.model, nnx.Param).flat_state())
-    again_flat = dict(nnx.state(reloaded, nnx.Param).flat_state())
+    ours_flat = dict(nnx.to_flat_state(nnx.state(case.model, nnx.Param)))
+    again_flat = dict(nnx.to_flat_state(nnx.state(reloaded, nnx.Param)))
     assert ours_flat.keys() == again_flat.keys()
     for path, var in ours_flat.items():
         assert np.array_equal(np.asarray(var.get_value()), np.asarray(again_flat[path].get_value())), path
@@ -178,7 +178,7 @@ def _tied_head(torch_model) -> set[str]:
 
 def test_bf16_compute_with_fp32_params_close_to_fp32(case):
     model = load_pretrained(case.dir, compute_dtype="bfloat16")
-    assert all(v.get_value().dtype == jnp.float32 for _, v in nnx.state(model, nnx.Param).flat_state())
+    assert all(v.get_value().dtype == jnp.float32 for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
     ids = random_ids((3, 20), seed=6)
     graphdef, state = nnx.split(model)
     bf16 = np.asarray(jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, ids))

@@ -41,8 +41,8 @@ def load(checkpoint: str) -> dict:
     mesh = make_mesh()
     single = load_pretrained(checkpoint)
     sharded = load_pretrained(checkpoint, mesh=mesh)
-    params = {path: v.get_value() for path, v in nnx.state(sharded, nnx.Param).flat_state()}
-    single_params = dict(nnx.state(single, nnx.Param).flat_state())
+    params = {path: v.get_value() for path, v in nnx.to_flat_state(nnx.state(sharded, nnx.Param))}
+    single_params = dict(nnx.to_flat_state(nnx.state(single, nnx.Param)))
     report = {
         "/".join(path): {
             "mesh": list(arr.sharding.mesh.shape.items()),
