@@ -121,10 +121,11 @@ def log_to(directory: str | Path, named: str) -> Path | None:
     then).
 
     Every command calls this with the directory it writes into, first, so it is also where that directory is
-    checked, before any work: `named` is where it came from (`--out`, `FILE: compare.out`). Except `train`:
-    it checks its workdir first (`output_dir.check_output_dir`) and calls this once it holds the workdir's
-    lock (`loop.train`'s `on_locked`), so that a run refused there appends nothing to the log of the run
-    that holds it.
+    checked, before any work: `named` is where it came from (`--out`, `FILE: compare.out`). Except the
+    commands that lock their directory, `train`, `compare` and `demo`: they check it first
+    (`output_dir.check_output_dir`) and call this once they hold its lock (the `on_locked` of `loop.train`,
+    `compare.run_comparison` and `demo.run.run_demo`), so that a run refused there appends nothing to the log
+    of the run that holds it.
 
     Raises:
         NotADirectoryError: `directory` (or a folder above it) is a file (`output_dir.check_output_dir`).

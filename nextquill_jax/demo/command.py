@@ -1,4 +1,8 @@
-"""`nextquill-jax demo [--quick] [--out DIR] [--seed N] [--config FILE]`: the offline demo (`demo.run`)."""
+"""`nextquill-jax demo [--quick] [--out DIR] [--seed N] [--config FILE]`: the offline demo (`demo.run`).
+
+An --out another demo is running in is refused at once with one `error:` line and status 1 (`demo.run.LOCK`),
+before anything there is deleted or written, the third-party log included.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import sys
 from pathlib import Path
 
 from nextquill_jax import third_party_logs
+from nextquill_jax.output_dir import check_output_dir
 from nextquill_jax.subcommand import Subcommand
 
 
@@ -27,9 +32,11 @@ def run_demo_command(args: argparse.Namespace) -> int:
 
     try:
         out = args.out if args.out is not None else DEFAULT_OUT
-        third_party_logs.log_to(out, named="--out")
+        check_output_dir(out, named="--out")
         cfg = load_demo_config(args.config or default_config(args.quick), out, args.seed)
-        run_demo(cfg)
+        # The log in --out is opened only under the demo's lock: a demo refused there (another one is running
+        # in --out) appends nothing to the running one's log.
+        run_demo(cfg, on_locked=lambda: third_party_logs.log_to(out, named="--out"))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -24,7 +24,11 @@ What runs is a demo config (configs/demo.yaml; --quick: configs/demo_quick.yaml)
 variants) and two training configs, `pretrain` (the base) and `finetune` (the comparison's base config;
 `loss.variant` is set per variant). The paths in them are set from --out; the seed sets the data, the
 initialisation and the data order. Everything the demo writes lives in --out (variant runs in
-`<out>/seed<S>/<variant>`), and its runs there are replaced on every start.
+`<out>/seed<S>/<variant>`), and its runs there are replaced on every start. So one demo at a time owns --out:
+it holds `<out>/demo.lock` (`LOCK`, `train.workdir_lock`) from before it deletes or writes anything there
+until it ends, and a second demo on the same --out is refused at once instead of deleting the running one's
+runs. The demo is a single-process command (it generates and prepares its data without the coordination
+`train` gives a multi-process run), so it takes the lock as process 0.
 """
 
 from __future__ import annotations
@@ -42,11 +46,21 @@ from nextquill_jax.atomic_file import write_text_atomic
 from nextquill_jax.config import Config
 from nextquill_jax.config_schema import ConfigError, build, read_yaml
 from nextquill_jax.eval.compare import CompareConfig, Comparison, VariantConfig
+from nextquill_jax.train.workdir_lock import LockUse, WorkdirLock
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 DEFAULT_OUT = Path("demo_out")
 VARIANTS = ("sft", "context_sft", "mce", "dce", "js", "nextquill")
 SECTIONS = ("demo", "pretrain", "finetune")
+# The lock on --out. The runs below it take their own (`train.lock` in each run's workdir), another file.
+LOCK = LockUse(
+    command="demo",
+    file_name="demo.lock",
+    clash="a second demo there would delete the running one's runs (every demo starts its runs over)",
+    on_stop="the demo starts over when run again",
+    elsewhere="use another --out",
+    unlocked="running the demo without the --out lock",
+)
 
 
 @dataclass(frozen=True)
@@ -239,15 +253,34 @@ class _Clock:
         self.stamped(f"{name}: {self.seconds[name]:.1f} s")
 
 
-def run_demo(cfg: DemoConfig, *, echo: Callable[[str], None] = print) -> dict[str, Any]:
+def run_demo(
+    cfg: DemoConfig, *, echo: Callable[[str], None] = print, on_locked: Callable[[], object] | None = None
+) -> dict[str, Any]:
     """Run the demo `cfg` describes (module docstring) and return the contents of results.json: the
     comparison's (`compare_table.write_results`) with the demo's reading, files and stage times.
 
+    Holds `<out>/demo.lock` (`LOCK`) from before anything in `cfg.out_dir` is deleted or written until it
+    returns or raises. `on_locked` (the CLI's: it opens the third-party log in --out) is called once the lock
+    is held, and not at all when it is refused.
+
     Raises:
+        WorkdirLockedError: another demo is running in `cfg.out_dir` (nothing there is changed).
         ConfigError: a configuration problem found while setting up a run.
         TrainingDivergedError: a run's loss became non-finite.
         TrainingStoppedError: a run's training stopped on SIGTERM or Ctrl-C.
     """
+    lock = WorkdirLock(cfg.out_dir, LOCK)
+    lock.acquire(0, echo)
+    try:
+        if on_locked is not None:
+            on_locked()
+        return _run_demo(cfg, echo)
+    finally:
+        lock.release()
+
+
+def _run_demo(cfg: DemoConfig, echo: Callable[[str], None]) -> dict[str, Any]:
+    """`run_demo`'s stages, once it holds the lock on --out."""
     from nextquill_jax.data.prepare import prepare
     from nextquill_jax.data.sources.synth import generate_synthetic
     from nextquill_jax.demo.report import plot_training_curves, reading, study_table

@@ -11,7 +11,8 @@ scores the texts and writes `<workdir>/eval/<split>/{predictions.jsonl, metrics.
 decoding is the run config's `eval.generation` (unless set, the public NextQuill code's: greedy, repetition
 penalty 1.2), each decoding flag replacing one of its keys. `effects`
 writes a per-token causal effect report (`eval.effect_report`); `compare` runs variants of one config and
-tabulates them against a baseline with paired bootstrap intervals (`eval.compare`).
+tabulates them against a baseline with paired bootstrap intervals (`eval.compare`); a `compare.out` another
+`compare` is running in is refused at once with one `error:` line and status 1 (`eval.compare.LOCK`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 
 from nextquill_jax import third_party_logs
 from nextquill_jax.data.config import SPLITS
+from nextquill_jax.output_dir import check_output_dir
 from nextquill_jax.subcommand import (
     Subcommand,
     finite_float,
@@ -412,8 +414,11 @@ def run_compare(args: argparse.Namespace) -> int:
 
     try:
         comparison = load_comparison(args.config, args.seeds)
-        third_party_logs.log_to(comparison.compare.out, named=f"{args.config}: compare.out")
-        run_comparison(comparison)
+        out, named = comparison.compare.out, f"{args.config}: compare.out"
+        check_output_dir(out, named)
+        # The log in compare.out is opened only under compare's lock: a comparison refused there (another
+        # one is running in compare.out) appends nothing to the running one's log.
+        run_comparison(comparison, on_locked=lambda: third_party_logs.log_to(out, named=named))
     except (ValueError, TrainingDivergedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

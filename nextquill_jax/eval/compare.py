@@ -29,6 +29,13 @@ table) `run_comparison` abandons the stage it is in and raises `ComparisonStoppe
 compare_done.json, written atomically after everything else, marks a run done, so an abandoned stage runs
 again when the same command is run again. A second signal while it stops gets the handler there was before
 (SIGTERM's default exit, Ctrl-C's KeyboardInterrupt).
+
+One comparison at a time owns `compare.out`: `run_comparison` holds `<out>/compare.lock` (`LOCK`,
+`train.workdir_lock`) from once its checks have passed (they only read) until it ends, before it deletes or
+writes anything there (a run's compare_done.json, an untrained variant's data and config.yaml, the table), so
+a second one on the same `compare.out` is refused at once with `WorkdirLockedError`. Each run's training
+locks its own workdir below (`train.lock`, another file). As with `train`, only process 0 of a multi-process
+run takes it (the runtime is started first, as the first run's training would start it).
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ from typing import Any, Literal
 from nextquill_jax.config import Config, config_to_dict, load_config, save_config
 from nextquill_jax.config_schema import ConfigError, build, read_yaml
 from nextquill_jax.train.resume import config_changes, covered, listed_changes, may_change, normalised
+from nextquill_jax.train.workdir_lock import LockUse, WorkdirLock
 
 DONE_FILE = "compare_done.json"
 # A variant's name is a directory name under `compare.out` (and not `.` or `..`): no separators, no escape.
@@ -61,6 +69,20 @@ EVALUATION_FIELDS = ("split", "max_examples", "eval_batch_size", "effect_example
 # decoding its evaluation uses, where its prepared data lies (the record holds the path, not the content), and
 # the non-finite policy (a finished run's numbers depend on it once an update was not finite).
 _RESULT_KEYS = ("eval.generation", "train.data_dir", "train.nonfinite", "train.max_skips")
+
+
+# The lock on `compare.out`. The runs below it take their own (`train.lock` in each run's workdir).
+LOCK = LockUse(
+    command="compare",
+    file_name="compare.lock",
+    clash=(
+        "two comparisons in one compare.out would train, evaluate and record the same runs at once, and both "
+        "write its table"
+    ),
+    on_stop="running the same command again resumes it",
+    elsewhere="set another compare.out",
+    unlocked="comparing without the compare.out lock",
+)
 
 
 # The `compare` counts that must be >= 1 (checked when the file is loaded, not after a variant has trained),
@@ -547,11 +569,20 @@ def write_done(path: Path, record: Mapping[str, Any]) -> dict[str, Any]:
     return written
 
 
-def run_comparison(comparison: Comparison, echo: Echo = print) -> dict[str, Any]:
+def run_comparison(
+    comparison: Comparison, echo: Echo = print, *, on_locked: Callable[[], object] | None = None
+) -> dict[str, Any]:
     """Every variant with every seed (`run_variant`), then the table (`compare_table.write_results`);
     returns results.json's contents.
 
+    Holds `<out>/compare.lock` (`LOCK`; on process 0 of a multi-process run alone) from once the checks of
+    every run have passed, before anything in `compare.out` is deleted or written, until it returns or raises.
+    `on_locked` (the CLI's: it opens the third-party log in `compare.out`) is called once the lock is held, on
+    every process, and not at all when it is refused.
+
     Raises:
+        WorkdirLockedError: another `compare` is running in `compare.out` (nothing there is changed); on the
+            other processes of a multi-process run, `parallel.Process0FailedError`.
         ConfigError: before any run starts, every finished run trained with other training settings than
             the file now gives it (`finished_changes`), every unfinished one whose checkpoints `train` would
             not resume under them (`check_interrupted_run`) and every variant whose `checkpoint.best_metric`
@@ -563,9 +594,13 @@ def run_comparison(comparison: Comparison, echo: Echo = print) -> dict[str, Any]
 
     runs = [(name, seed) for seed in comparison.compare.seeds for name in comparison.variants]
     records: list[dict[str, Any]] = []
+    lock = WorkdirLock(comparison.compare.out, LOCK)
     with _StopOnSignal() as stop:
         try:
             _check_runs(comparison, runs)
+            _lock(comparison, runs[0], lock, echo)
+            if on_locked is not None:
+                on_locked()
             for name, seed in runs:
                 records.append(run_variant(comparison, name, seed, echo, stop=stop))
             stop.at("the table (results.json, results.md)")
@@ -577,6 +612,21 @@ def run_comparison(comparison: Comparison, echo: Echo = print) -> dict[str, Any]
                 f"done); runs finished: {finished}; run the same command again to resume (finished runs are "
                 f"not run again)"
             ) from None
+        finally:
+            lock.release()
+
+
+def _lock(comparison: Comparison, first: tuple[str, int], lock: WorkdirLock, echo: Echo) -> None:
+    """Take `run_comparison`'s `lock` on process 0 (its Raises: WorkdirLockedError, Process0FailedError).
+    Which process is 0 is known only once the multi-process runtime has started, so it is started here, with
+    the config of the `first` run, as that run's training or reading would start it."""
+    import jax
+
+    from nextquill_jax import parallel
+    from nextquill_jax.train.workdir import start_distributed
+
+    start_distributed(comparison.run_config(*first))
+    parallel.process_0_result(lambda: int(lock.acquire(jax.process_index(), echo)), f"to lock {lock.path}")
 
 
 def _check_runs(comparison: Comparison, runs: list[tuple[str, int]]) -> None:

@@ -77,14 +77,20 @@ def data_dir_of(cfg: Config, workdir: str | Path) -> Path:
 
 def build_mesh(cfg: Config) -> Mesh:
     """Multi-host start-up (when configured) and the mesh; errors are ConfigErrors naming `mesh.*`."""
-    _start_distributed(cfg)
+    start_distributed(cfg)
     try:
         return parallel.make_mesh(cfg.mesh.sizes())
     except ValueError as e:
         raise ConfigError(f"mesh: {e}") from None
 
 
-def _start_distributed(cfg: Config) -> None:
+def start_distributed(cfg: Config) -> None:
+    """Start JAX's multi-process runtime where `cfg.mesh` (or the environment) asks for it
+    (`parallel.initialize_distributed`); a no-op once started. Call before anything touches a device.
+
+    Raises:
+        ConfigError: incomplete multi-host settings, naming `mesh.*`.
+    """
     m = cfg.mesh
     try:
         parallel.initialize_distributed(
@@ -106,7 +112,7 @@ def reading_mesh(cfg: Config) -> Mesh:
     Raises:
         ConfigError: incomplete multi-host settings (`build_mesh`).
     """
-    _start_distributed(cfg)  # its errors (incomplete multi-host settings) are raised, not read around
+    start_distributed(cfg)  # its errors (incomplete multi-host settings) are raised, not read around
     try:
         return parallel.make_mesh(cfg.mesh.sizes())
     except ValueError as e:

@@ -1,15 +1,21 @@
-"""One `train` at a time in a workdir: an exclusive lock on `<workdir>/train.lock`, held until the run ends.
+"""One command at a time in a directory it owns: an exclusive lock on a file there, held until the run ends.
 
 Two runs writing one workdir at once (the same command started twice, `compare` and a hand-started `train`)
-would interleave their checkpoints and metrics.jsonl. `train` takes this lock (`fcntl.flock`, exclusive and
-non-blocking) before it writes anything there (the CLI's third-party log included: `loop.train`'s
-`on_locked`), and a second `train` is refused at once with `WorkdirLockedError`, naming the holder the file
-records (pid, host, start time). The kernel drops the lock when its process ends, SIGKILL included, so it is
-never stale; the file stays behind, harmless. Only process 0 of a multi-process run takes it: the others
-share the workdir by design. Where the filesystem does not support flock (some network filesystems), the run
-goes on unlocked, with a warning. Readers (evaluate, effects, export, checkpoint verify) take no lock.
+would interleave their checkpoints and metrics.jsonl. `train` takes this lock on `<workdir>/train.lock`
+(`fcntl.flock`, exclusive and non-blocking) before it writes anything there (the CLI's third-party log
+included: `loop.train`'s `on_locked`), and a second `train` is refused at once with `WorkdirLockedError`,
+naming the holder the file records (pid, host, start time). The kernel drops the lock when its process ends,
+SIGKILL included, so it is never stale; the file stays behind, harmless. Only process 0 of a multi-process run
+takes it: the others share the workdir by design. Where the filesystem does not support flock (some network
+filesystems), the run goes on unlocked, with a warning. Readers (evaluate, effects, export, checkpoint verify)
+take no lock.
 
-    lock = WorkdirLock(workdir)
+The commands that own a whole output directory lock it the same way, each on its own file and with its own
+words (a `LockUse`): `demo` (`<out>/demo.lock`, `demo.run.LOCK`), which deletes its earlier runs there, and
+`compare` (`<compare.out>/compare.lock`, `eval.compare.LOCK`). Their trainings lock their own workdirs below
+with `train.lock`, another file, so the two locks never meet.
+
+    lock = WorkdirLock(workdir)              # train's; `WorkdirLock(out, LOCK)`: demo's or compare's
     lock.acquire(jax.process_index(), echo)  # WorkdirLockedError if another run holds it
     ...
     lock.release()
@@ -25,23 +31,57 @@ import json
 import os
 import socket
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 LOCK_FILE = "train.lock"
 
 
+@dataclass(frozen=True)
+class LockUse:
+    """Which command locks a directory: the lock file's name there and the words of its messages.
+
+    Fields:
+        command: the command a refusal names ("another `train`").
+        file_name: the lock file in the directory.
+        clash: what two runs in the directory at once would do (the refusal's reason).
+        on_stop: what stopping the holder costs, after "stop it (`kill PID` on HOST: ".
+        elsewhere: the fix of running beside it ("train in another --workdir").
+        unlocked: what goes on without the lock, in the warning where flock is not supported.
+    """
+
+    command: str
+    file_name: str
+    clash: str
+    on_stop: str
+    elsewhere: str
+    unlocked: str
+
+
+TRAIN = LockUse(
+    command="train",
+    file_name=LOCK_FILE,
+    clash="two runs writing one workdir would interleave their checkpoints and metrics.jsonl",
+    on_stop="it saves a checkpoint that the same command resumes from",
+    elsewhere="train in another --workdir",
+    unlocked="training without the workdir lock",
+)
+
+
 class WorkdirLockedError(RuntimeError):
-    """Another `train` holds the workdir's lock; the message names the workdir, the holder and the fix."""
+    """Another run holds the directory's lock; the message names the directory, the holder and the fix."""
 
 
 class WorkdirLock:
-    """The lock on `<workdir>/train.lock` (`LOCK_FILE`); `acquire` takes it, `release` (or the end of the
-    process) drops it. flock locks belong to an open file, so a second `WorkdirLock` on the same workdir is
-    refused even within one process."""
+    """The lock on `<workdir>/<use.file_name>` (`train.lock`, `LOCK_FILE`, by default); `acquire` takes it,
+    `release` (or the end of the process) drops it. flock locks belong to an open file, so a second
+    `WorkdirLock` on the same file is refused even within one process; locks on other files of the same
+    directory (`demo.lock` and the `train.lock` of a run below it) are independent."""
 
-    def __init__(self, workdir: str | Path) -> None:
+    def __init__(self, workdir: str | Path, use: LockUse = TRAIN) -> None:
         self.workdir = Path(workdir)
-        self.path = self.workdir / LOCK_FILE
+        self.use = use
+        self.path = self.workdir / use.file_name
         self._fd: int | None = None
 
     @property
@@ -49,14 +89,15 @@ class WorkdirLock:
         return self._fd is not None
 
     def acquire(self, process_index: int = 0, echo: Callable[[str], None] = print) -> bool:
-        """On process 0, create the workdir if need be and take the lock, recording this process in the file;
-        on any other process, do nothing (it shares process 0's workdir). Returns whether the lock is held.
+        """On process 0, create the directory if need be and take the lock, recording this process in the
+        file; on any other process, do nothing (it shares process 0's directory). Returns whether the lock is
+        held.
 
         Where the filesystem refuses flock itself (ENOLCK, EOPNOTSUPP, ... on some network filesystems), says
         so once through `echo` and returns False: the run goes on without the lock.
 
         Raises:
-            WorkdirLockedError: another process holds the lock; nothing in the workdir was changed.
+            WorkdirLockedError: another process holds the lock; nothing in the directory was changed.
         """
         if process_index != 0 or self._fd is not None:
             return self._fd is not None
@@ -67,12 +108,12 @@ class WorkdirLock:
         except BlockingIOError:  # EWOULDBLOCK: held by another open file, in this process or another
             holder = _read_holder(fd)
             os.close(fd)
-            raise WorkdirLockedError(_locked_message(self.workdir, self.path, holder)) from None
+            raise WorkdirLockedError(_locked_message(self.use, self.workdir, self.path, holder)) from None
         except OSError as e:
             os.close(fd)
             echo(
                 f"warning: cannot lock {self.path} ({e.strerror or e}; the filesystem may not support "
-                f"flock): training without the workdir lock, so nothing stops a second `train` from writing "
+                f"flock): {self.use.unlocked}, so nothing stops a second `{self.use.command}` from writing "
                 f"{self.workdir} at the same time"
             )
             return False
@@ -102,14 +143,13 @@ def _read_holder(fd: int) -> dict | None:
     return holder if isinstance(holder, dict) else None
 
 
-def _locked_message(workdir: Path, path: Path, holder: dict | None) -> str:
+def _locked_message(use: LockUse, workdir: Path, path: Path, holder: dict | None) -> str:
     if holder is None:
         who, kill = "a process that has not recorded itself yet", ""
     else:
         pid, host, since = holder.get("pid", "?"), holder.get("host", "?"), holder.get("since", "?")
         who, kill = f"pid {pid} on host {host}, since {since}", f"`kill {pid}` on {host}: "
     return (
-        f"{workdir} is in use by another `train` ({who}; lock {path}): two runs writing one workdir "
-        f"would interleave their checkpoints and metrics.jsonl. Fix: wait for that run to end, or stop it "
-        f"({kill}it saves a checkpoint that the same command resumes from), or train in another --workdir."
+        f"{workdir} is in use by another `{use.command}` ({who}; lock {path}): {use.clash}. Fix: wait for "
+        f"that run to end, or stop it ({kill}{use.on_stop}), or {use.elsewhere}."
     )
