@@ -537,9 +537,10 @@ class LoggingConfig:
         `tensorboard`: also write the rows as TensorBoard events, into `tensorboard_dir`.
         `tensorboard_dir`: where the TensorBoard event files go; null: `<workdir>/tensorboard`. A relative
             path is relative to the current directory, as every other path in a config (`train.data_dir`,
-            `model.path`), not to the workdir; `~` is expanded. Point it at a local disk when the workdir is
-            on a Cloud Storage FUSE mount, where a file open for the whole run reaches the bucket only when it
-            is closed (tpu_scripts/launch.sh does, and copies the files into `<workdir>/tensorboard`).
+            `model.path`), not to the workdir; `~` is expanded; config.yaml records it absolute. Point it at a
+            local disk when the workdir is on a Cloud Storage FUSE mount, where a file open for the whole run
+            reaches the bucket only when it is closed (tpu_scripts/launch.sh does, and copies the files into
+            `<workdir>/tensorboard`).
         `progress_bar`: show a progress bar of the optimizer steps on the console.
         `health_ce_ratio`: counterfactual health (runs that compute the without-history stream,
             `train.health`): warn, once, when the without-history target CE passes this many times its
@@ -580,6 +581,10 @@ class LoggingConfig:
 @dataclass(frozen=True)
 class Config:
     """A whole training config: one field per YAML section.
+
+    A path in any section is relative to the directory the command runs in; `train` joins each to it
+    (`nextquill_jax/config_paths.py`: `PATH_FIELDS` lists them), so config.yaml and the checkpoints record
+    them absolute.
 
     Fields:
         `model`: which model to train and how to run it (required).

@@ -6,7 +6,9 @@
                              [--targets-per-user N] [--signature-words N]
 
 `prepare` reads the `data:` section of FILE (or the whole file when it has no `data:` key but keys of one),
-with `data.*` overrides applied as `train` applies its own.
+with `data.*` overrides applied as `train` applies its own, and its relative paths joined to the current
+directory as `train` joins them (`config_paths.absolute_data_paths`), so that summary.json records them
+absolute.
 """
 
 from __future__ import annotations
@@ -82,6 +84,7 @@ def run_data(args: argparse.Namespace) -> int:
 
 
 def _prepare(args: argparse.Namespace) -> int:
+    from nextquill_jax.config_paths import absolute_data_paths
     from nextquill_jax.config_schema import build_with_overrides, check_not_command_file, read_yaml
     from nextquill_jax.data.prepare import prepare
 
@@ -94,7 +97,7 @@ def _prepare(args: argparse.Namespace) -> int:
     if not isinstance(section, dict):
         raise ValueError(f"{args.config}: expected a mapping with a `data:` section")
     cfg = build_with_overrides(_DataFile, {"data": section}, str(args.config), args.overrides).data
-    prepare(cfg, args.out, force=args.force)
+    prepare(absolute_data_paths(cfg, Path.cwd()), args.out, force=args.force)
     return 0
 
 

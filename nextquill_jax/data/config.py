@@ -1,7 +1,8 @@
 """`DataConfig`: where the records come from, how they become examples, and how they are batched.
 
 The YAML section `data:` maps onto it key for key (`data.batching.*` onto `BatchingConfig`); the loader is
-`nextquill_jax.config.build`. Source paths are relative to the working directory and may be glob patterns.
+`nextquill_jax.config.build`. Source paths are relative to the working directory and may be glob patterns;
+`train` and `data prepare` join them to it (`nextquill_jax/config_paths.py`).
 """
 
 from __future__ import annotations

@@ -12,7 +12,11 @@ serialisation, EOS and chat template) and the source files (path, size and BLAKE
 changed without a new modification time, or corrupted in storage, is noticed) is stored in the summary; a
 later run with the same fingerprint reuses the directory instead of preparing again. A summary written while
 `tokenize_batch_size` and `max_errors_shown` were fingerprinted holds a fingerprint of them too: it is
-recomputed with the values that summary records, and reused when it matches. Rechecking the hashes
+recomputed with the values that summary records, and reused when it matches. The settings that name files
+(`config_paths.DATA_PATH_FIELDS`: sources, meta, template, tokenizer) are fingerprinted as spelled, and the
+files they name by content (the inputs, the template's text, the tokenizer); so a summary that spells them
+otherwise (relative, as earlier versions recorded them; `train` and `data prepare` now record them absolute)
+has this data's fingerprint when the fingerprint with its spellings is its own. Rechecking the hashes
 reads every source once (about 1 s per GB, far below the cost of preparing; `benchmarks/RESULTS.md`,
 "Checksums"). The summary is written last, and removed first when a directory is prepared again; readers
 refuse split files without it (`prepared_split.check_finished`), so an interrupted run is never mistaken for
@@ -36,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from nextquill_jax.atomic_file import write_text_atomic
+from nextquill_jax.config_paths import DATA_PATH_FIELDS, absolute_value
 from nextquill_jax.data import checksums
 from nextquill_jax.data.config import RESULT_NEUTRAL_FIELDS, SPLITS, DataConfig
 from nextquill_jax.data.examples import Example, FittingStats, build_examples, example_row
@@ -261,8 +266,10 @@ def _fingerprint(
     it, those files' descriptions).
 
     A `previous` summary that records `RESULT_NEUTRAL_FIELDS` in its config was fingerprinted with them
-    (earlier versions): it has this data's fingerprint when the fingerprint of `cfg` with its recorded values
-    for them is its own."""
+    (earlier versions), and one may spell the `DATA_PATH_FIELDS` otherwise (relative where `cfg` is
+    absolute): it has this data's fingerprint when the fingerprint of `cfg` with its recorded values for
+    those is its own. A spelling alone never makes the data differ: the fingerprint holds the content of
+    the files these fields name (`inputs`, the template, the tokenizer), which must still match."""
     inputs = []
     for path in paths:
         inputs.append({"path": str(path.resolve()), **checksums.describe_file(path)})
@@ -283,9 +290,14 @@ def _fingerprint(
         return fingerprint, False, inputs
     same = previous.get("fingerprint") == fingerprint
     recorded = previous.get("config") or {}
-    if not same and all(name in recorded for name in RESULT_NEUTRAL_FIELDS):
-        neutral = {name: recorded[name] for name in RESULT_NEUTRAL_FIELDS}
-        same = previous.get("fingerprint") == digest({**cfg.fingerprint_fields(), **neutral})
+    if not same:
+        spelled = {name: recorded[name] for name in DATA_PATH_FIELDS if name in recorded}
+        neutral = (
+            {name: recorded[name] for name in RESULT_NEUTRAL_FIELDS}
+            if all(name in recorded for name in RESULT_NEUTRAL_FIELDS)
+            else {}
+        )
+        same = previous.get("fingerprint") == digest({**cfg.fingerprint_fields(), **spelled, **neutral})
     return fingerprint, same, inputs
 
 
@@ -295,11 +307,17 @@ def _changes(previous: dict[str, Any], cfg: DataConfig, inputs: list[dict]) -> l
     changes = []
     if previous.get("format_version") != FORMAT_VERSION:
         changes.append(f"prepared-data format {previous.get('format_version')} -> {FORMAT_VERSION}")
+    # Paths compared as the files they name from here: a summary of an earlier version spells them relative.
+    absolute = lambda config: {
+        k: absolute_value(v, Path.cwd(), DATA_PATH_FIELDS[k]) if k in DATA_PATH_FIELDS else v
+        for k, v in config.items()
+    }
     # Summaries of earlier versions also record RESULT_NEUTRAL_FIELDS, which are no setting of the data.
-    old_config = {k: v for k, v in (previous.get("config") or {}).items() if k not in RESULT_NEUTRAL_FIELDS}
-    new_config = json.loads(
-        json.dumps(cfg.fingerprint_fields())
-    )  # as the summary holds it: lists, not tuples
+    old_config = absolute(
+        {k: v for k, v in (previous.get("config") or {}).items() if k not in RESULT_NEUTRAL_FIELDS}
+    )
+    # As the summary holds it: lists, not tuples.
+    new_config = absolute(json.loads(json.dumps(cfg.fingerprint_fields())))
     for key in sorted(old_config.keys() | new_config.keys()):
         if old_config.get(key) != new_config.get(key):
             changes.append(f"data.{key}: {old_config.get(key)!r} -> {new_config.get(key)!r}")

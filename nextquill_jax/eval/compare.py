@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from nextquill_jax.config import Config, config_to_dict, load_config, save_config
+from nextquill_jax.config_paths import absolute_paths
 from nextquill_jax.config_schema import ConfigError, build, read_yaml
 from nextquill_jax.train.resume import config_changes, covered, listed_changes, may_change, normalised
 from nextquill_jax.train.workdir_lock import LockUse, WorkdirLock
@@ -192,7 +193,9 @@ class Comparison:
     def run_config(self, name: str, seed: int) -> Config:
         """The training config of variant `name` with seed `seed` (its workdir set, and `train.data_dir` the
         shared `prepared_dir` unless the base names one or the variant prepares its data otherwise, which
-        then goes in its own `<workdir>/prepared`).
+        then goes in its own `<workdir>/prepared`), its relative paths joined to the current directory as
+        `train` joins them (`config_paths.absolute_paths`), so that compare_done.json records what the run's
+        config.yaml does.
 
         Raises:
             ConfigError: an override that does not fit the base config (naming the variant).
@@ -212,7 +215,7 @@ class Comparison:
             cfg = dataclasses.replace(
                 cfg, train=dataclasses.replace(cfg.train, data_dir=str(self.prepared_dir))
             )
-        return cfg
+        return absolute_paths(cfg, Path.cwd())
 
     def workdir(self, name: str, seed: int) -> Path:
         return Path(self.compare.out) / f"seed{seed}" / name

@@ -100,7 +100,8 @@ def export_adapter(workdir: str | Path, out: str | Path, step: int | None = None
     """Write the LoRA adapters of checkpoint `step` (default: the newest that verifies) as a PEFT directory
     `out`; returns the step exported.
 
-    Its `base_model_name_or_path` is the run's `model.path` as configured; for a `model.preset` base it is
+    Its `base_model_name_or_path` is the run's `model.path` as the run recorded it (a local directory or file
+    absolute, a packaged name as written); for a `model.preset` base it is
     null: that base is a random model built from the preset's architecture (with `model.overrides`) and
     `train.seed`, which no hub or packaged name loads, so naming the preset (e.g. smollm2-135m) would lead
     `AutoPeftModel` to pair the adapters with another model.

@@ -28,6 +28,7 @@ import jax
 import numpy as np
 
 from nextquill_jax.config import Config, config_to_dict, save_config
+from nextquill_jax.config_paths import absolute_paths
 from nextquill_jax.config_schema import ConfigError
 from nextquill_jax.data.checksums import IntegrityError
 from nextquill_jax.data.global_batch import to_global_batch
@@ -76,6 +77,9 @@ def train(
 ) -> TrainResult:
     """Run (or resume) the training `cfg` describes in `workdir`.
 
+    The config's relative paths are relative to the current directory: the run uses them joined to it
+    (`config_paths.absolute_paths`), so config.yaml and every checkpoint record them absolute.
+
     Only one `train` at a time writes a workdir: process 0 holds `<workdir>/train.lock` (`workdir_lock`)
     from before set-up writes there until the run ends. `on_locked` is called once past the lock (on every
     process, `setup.set_up_run`), before set-up writes in `workdir`: a caller that writes there itself (the
@@ -92,6 +96,7 @@ def train(
         checksums.IntegrityError: the workdir holds checkpoints but none verifies, or the prepared data is
             damaged.
     """
+    cfg = absolute_paths(cfg, Path.cwd())
     check_best_metric(cfg)
     # Held from before anything is written in the workdir (`set_up_run` takes it on process 0) to the end.
     lock = WorkdirLock(workdir)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from nextquill_jax.config import Config, config_to_dict, load_config
+from nextquill_jax.config_paths import absolute_paths
 from nextquill_jax.config_schema import ConfigError
 from nextquill_jax.data.prepared_split import PreparedSplit
 from nextquill_jax.train.workdir import CONFIG_FILE
@@ -109,10 +110,12 @@ def listed_changes(changes: Sequence[tuple[str, Any, Any]]) -> str:
 
 def normalised(recorded: Mapping[str, Any]) -> Mapping[str, Any]:
     """A config dict saved earlier, as this version's schema reads it, so that it compares key by key with
-    `config_to_dict` of a current config: one saved before a field existed gets that field's default; one
-    the schema no longer reads is returned as it was saved (its extra keys then differ)."""
+    `config_to_dict` of a current config (whose paths `train` makes absolute): one saved before a field
+    existed gets that field's default; a relative path (recorded by an earlier version, which ran from the
+    directory it meant) is joined to the current directory (`config_paths.absolute_paths`); one the schema
+    no longer reads is returned as it was saved (its extra keys then differ)."""
     try:
-        return config_to_dict(load_config(None, base=recorded))
+        return config_to_dict(absolute_paths(load_config(None, base=recorded), Path.cwd()))
     except ConfigError:
         return recorded
 

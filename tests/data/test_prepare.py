@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from nextquill_jax.cli import main
+from nextquill_jax.config_paths import absolute_data_paths
 from nextquill_jax.data.checksums import IntegrityError
 from nextquill_jax.data.config import DataConfig
 from nextquill_jax.data.prepare import prepare
@@ -812,3 +813,46 @@ def test_an_interrupted_preparation_is_refused_by_every_reader(
         == json.loads((out / "summary.json").read_text())["examples"]["train"]
     )
     assert main(["data", "show", str(out), "--index", "0"]) == 0
+
+
+def test_data_prepared_with_relative_paths_is_reused_under_their_absolute_spelling(
+    tmp_path, monkeypatch, tiny_tokenizer
+):
+    """`train` and `data prepare` join a config's relative paths to the current directory; data an earlier
+    version prepared from the same config and directory (its summary spells them relative) is the same data.
+    The files are still compared by content: the same spelling from another directory is other data."""
+    a, c = tmp_path / "a", tmp_path / "c"
+    records = (F / "generic" / "records.jsonl").read_text().splitlines(keepends=True)
+    for where, lines in ((a, records), (c, records[:-1])):  # in c, other records under the same name
+        where.mkdir()
+        (where / "records.jsonl").write_text("".join(lines))
+    cfg, tok = DataConfig(format="generic", template="plain", sources=["records.jsonl"]), tiny_tokenizer()
+    monkeypatch.chdir(a)
+    first = prepare(cfg, "prep", tokenizer=tok, echo=lambda _: None)
+    files = {p: p.read_bytes() for p in (a / "prep").rglob("*") if p.is_file()}
+    lines: list[str] = []
+    absolute = absolute_data_paths(cfg, a)
+    assert absolute.sources == [str(a / "records.jsonl")]
+    assert prepare(absolute, a / "prep", tokenizer=tok, protected="WHY", echo=lines.append)["reused"]
+    assert lines == [
+        f"{a / 'prep'}: prepared data up to date (fingerprint {first['fingerprint'][:12]}), reusing it"
+    ]
+    assert {p: p.read_bytes() for p in (a / "prep").rglob("*") if p.is_file()} == files
+    monkeypatch.chdir(c)
+    with pytest.raises(ValueError) as refused:
+        prepare(absolute_data_paths(cfg, c), a / "prep", tokenizer=tok, protected="WHY", echo=lambda _: None)
+    assert str(refused.value) == (
+        f"{a / 'prep'} was prepared with other settings ({a / 'records.jsonl'} no longer read; "
+        f"{c / 'records.jsonl'} newly read); it is not replaced: WHY"
+    )
+
+
+def test_data_prepare_records_the_sources_absolute(tmp_path, tok_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "records.jsonl").write_bytes((F / "generic" / "records.jsonl").read_bytes())
+    _config_file(
+        tmp_path / "cfg.yaml", tok_dir, format="generic", template="plain", sources=["records.jsonl"]
+    )
+    assert main(["data", "prepare", "--config", "cfg.yaml", "--out", "prep"]) == 0
+    summary = json.loads((tmp_path / "prep" / "summary.json").read_text())
+    assert summary["config"]["sources"] == [str(tmp_path / "records.jsonl")]

@@ -354,6 +354,35 @@ def test_a_finished_run_whose_prepared_data_moved_is_refused_with_the_reason(tmp
     assert "to reuse the runs, run the file with the compare.out they ran in). Fix: use a new" in message
 
 
+def test_a_record_with_relative_paths_from_the_directory_it_ran_in_is_not_a_change(
+    tmp_path, tiny_config, monkeypatch
+):
+    """A run's config joins the compare file's relative paths to the current directory, as `train` does, so
+    that compare_done.json records what the run's config.yaml does; a record of an earlier version, which
+    kept them relative (`compare.out`, the data and workdir below it), read from the same directory is the
+    same run."""
+    from nextquill_jax.eval.compare import finished_changes, run_settings, write_done
+
+    monkeypatch.chdir(tmp_path)
+    base = tiny_config("unused", "unused_run")
+    base["train"]["data_dir"] = None
+    file = tmp_path / "c.yaml"
+    file.write_text(
+        yaml.safe_dump({"compare": {"out": "cmp", "baseline": "a"}, "variants": {"a": {}}, "base": base})
+    )
+    comparison = load_comparison(file)
+    cfg = comparison.run_config("a", 0)
+    assert (cfg.train.data_dir, cfg.train.workdir) == (
+        str(tmp_path / "cmp" / "prepared"),
+        str(tmp_path / "cmp" / "seed0" / "a"),
+    )
+    earlier = run_settings(comparison, "a", cfg)
+    earlier["config"]["train"].update(data_dir="cmp/prepared", workdir="cmp/seed0/a")
+    comparison.workdir("a", 0).mkdir(parents=True)
+    write_done(comparison.workdir("a", 0) / DONE_FILE, {"variant": "a", "settings": earlier})
+    assert finished_changes(comparison, "a", 0, cfg) == []
+
+
 def test_a_finished_run_trained_under_another_nonfinite_policy_is_refused(tmp_path, tiny_config):
     """A resume may change `train.nonfinite` and `train.max_skips` (a diverged run resumes skipping), but a
     finished run's numbers depend on them once an update was skipped, so compare does not reuse the run."""

@@ -4,9 +4,12 @@ before anything is restored (train/resume.py), and config.yaml records the run t
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import shutil
 
 import pytest
+import yaml
 
 from nextquill_jax import cli
 from nextquill_jax.config import config_to_dict, load_config
@@ -201,3 +204,76 @@ def test_a_moved_workdir_resumes_where_its_config_yaml_is_not_where_it_was(train
     ) in out
     assert f"{moved} already finished at step 2 of 2: nothing to train" in out
     assert sorted(p.name for p in (trained_run.workdir / "checkpoints").iterdir()) == before
+
+
+def _saved_with(workdir, **sections) -> None:
+    """Update `sections` of `workdir`'s config.yaml and of its checkpoint 2's saved config (re-hashed in its
+    manifest): the records of a run with those settings."""
+    from nextquill_jax.train.checkpoint import MANIFEST, write_manifest
+
+    saved = workdir / "checkpoints" / "2" / "config" / "metadata"
+    for path, read, write in (
+        (workdir / "config.yaml", yaml.safe_load, lambda c: yaml.safe_dump(c, sort_keys=False)),
+        (saved, json.loads, json.dumps),
+    ):
+        cfg = read(path.read_text())
+        for name, values in sections.items():
+            cfg[name].update(values)
+        path.write_text(write(cfg))
+    (saved.parents[1] / MANIFEST).unlink()  # else listed in the new one
+    write_manifest(saved.parents[1])
+
+
+def test_a_run_records_its_relative_paths_absolute_so_its_config_yaml_resumes_it_from_anywhere(
+    trained_run, tmp_path, monkeypatch, capsys
+):
+    """Paths in a config are the current directory's. A run started in `a` with relative sources, tokenizer
+    and data_dir records them joined to `a`, so `train --config a/wd/config.yaml` from `b` is the same run on
+    the same data, reused (not prepared again into `b/prep`, as when config.yaml kept them relative), and
+    writes nothing in `b`. A record of an earlier version, relative, still resumes from `a`."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    b.mkdir()
+    shutil.copytree(trained_run.workdir, a / "wd")
+    (a / "wd" / "prepared").rename(a / "prep")
+    recorded = yaml.safe_load((a / "wd" / "config.yaml").read_text())["data"]
+    relative = {
+        "data": {
+            "sources": [os.path.relpath(recorded["sources"][0], a)],
+            "tokenizer": os.path.relpath(recorded["tokenizer"], a),
+        },
+        "train": {"data_dir": "prep"},
+    }
+    absolute = {
+        "data": {
+            "sources": [str(a / relative["data"]["sources"][0])],
+            "tokenizer": str(a / relative["data"]["tokenizer"]),
+        },
+        "train": {"data_dir": str(a / "prep")},
+    }
+    # The checkpoint as this version records a run started in `a` with the relative config.
+    _saved_with(a / "wd", **absolute)
+    raw = yaml.safe_load((a / "wd" / "config.yaml").read_text())
+    for name, values in relative.items():
+        raw[name].update(values)
+    (a / "run.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    summary = (a / "prep" / "summary.json").read_bytes()
+    reused = f"{a / 'prep'}: prepared data up to date"
+
+    monkeypatch.chdir(a)
+    capsys.readouterr()
+    assert cli.main(["train", "--config", "run.yaml", "--workdir", "wd"]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "already finished at step 2 of 2" in out and reused in out
+    saved = yaml.safe_load((a / "wd" / "config.yaml").read_text())
+    assert {name: {k: saved[name][k] for k in values} for name, values in absolute.items()} == absolute
+
+    monkeypatch.chdir(b)
+    assert cli.main(["train", "--config", str(a / "wd" / "config.yaml")]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "already finished at step 2 of 2" in out and reused in out
+    assert list(b.iterdir()) == [] and (a / "prep" / "summary.json").read_bytes() == summary
+
+    _saved_with(a / "wd", **relative)  # as an earlier version recorded the run
+    monkeypatch.chdir(a)
+    assert cli.main(["train", "--config", "wd/config.yaml"]) == 0, capsys.readouterr().err
+    assert "already finished at step 2 of 2" in capsys.readouterr().out

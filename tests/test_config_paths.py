@@ -1,0 +1,83 @@
+"""`config_paths.absolute_paths`: a config's relative local paths joined to the directory given, names and
+everything else as written."""
+
+from __future__ import annotations
+
+from nextquill_jax.config import load_config
+from nextquill_jax.config_paths import absolute_paths
+
+
+def _config(**sections):
+    """A valid config dict (a tiny preset model) with `sections` updating its sections."""
+    raw = {
+        "model": {"preset": "qwen2.5-0.5b", "overrides": {"num_layers": 1}},
+        "data": {"format": "generic"},
+        "train": {},
+        "loss": {},
+        "logging": {},
+    }
+    for name, values in sections.items():
+        raw[name].update(values)
+    return raw
+
+
+def test_relative_local_paths_are_joined_to_the_base_and_names_absolute_paths_and_nulls_are_kept(
+    tmp_path, monkeypatch
+):
+    base, home = tmp_path / "base", tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    (base / "models" / "mine").mkdir(parents=True)
+    (base / "ref").mkdir()
+    (base / "tpl").mkdir()
+    (base / "tpl" / "mine.yaml").write_text("")
+    (base / "qwen2.5").write_text("")  # a file, not a tokenizer directory: `qwen2.5` stays the packaged name
+    given = _config(
+        model={
+            "preset": None,
+            "overrides": {},
+            "path": "models/mine",
+            "lora": {"init_from": "adapters"},  # a path, existing or not
+        },
+        data={
+            "sources": ["data/**/*.jsonl", "/abs/records.jsonl", "~/more/*.jsonl"],
+            "meta": ["meta.jsonl"],
+            "template": "tpl/mine.yaml",
+            "tokenizer": "qwen2.5",
+        },
+        loss={"reference_model": "ref"},
+        train={"workdir": "/runs/one", "data_dir": "prep"},
+        logging={"tensorboard_dir": None},
+    )
+    expected = _config(
+        model={
+            "preset": None,
+            "overrides": {},
+            "path": f"{base}/models/mine",
+            "lora": {"init_from": f"{base}/adapters"},
+        },
+        data={
+            "sources": [f"{base}/data/**/*.jsonl", "/abs/records.jsonl", f"{home}/more/*.jsonl"],
+            "meta": [f"{base}/meta.jsonl"],
+            "template": f"{base}/tpl/mine.yaml",
+            "tokenizer": "qwen2.5",
+        },
+        loss={"reference_model": f"{base}/ref"},
+        train={"workdir": "/runs/one", "data_dir": f"{base}/prep"},
+        logging={"tensorboard_dir": None},
+    )
+    assert absolute_paths(load_config(None, base=given), base) == load_config(None, base=expected)
+
+
+def test_packaged_and_built_in_names_urls_and_defaults_are_left_as_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing there: every name stays a name
+    given = load_config(
+        None,
+        base=_config(
+            model={"preset": None, "overrides": {}, "path": "smollm2-135m", "lora": {"rank": 4}},
+            data={"template": "plain", "tokenizer": "smollm2-135m"},
+            loss={"reference_model": "base", "dce": "fixed", "variant": "dce"},
+            logging={"tensorboard_dir": "gs://bucket/tb"},
+        ),
+    )
+    assert given.train.data_dir is None and given.data.sources == [] and given.model.lora.init_from is None
+    assert absolute_paths(given, tmp_path) == given
