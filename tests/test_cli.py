@@ -12,6 +12,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -307,6 +308,36 @@ def test_ctrl_c_is_one_line_and_status_130_not_a_traceback(monkeypatch, capsys):
         pytest.fail("main let KeyboardInterrupt through (a traceback)")
     assert status == 130
     assert capsys.readouterr().err == "interrupted (Ctrl-C)\n"
+
+
+def test_ctrl_c_inside_a_gc_callback_is_not_lost(monkeypatch, capsys):
+    # A Ctrl-C that lands in a garbage-collector callback (JAX's runs at every collection while it is
+    # imported) raises where Python cannot propagate it: before the fix the command ran on to status 0.
+    import gc
+
+    def interrupted_once(phase, info):
+        gc.callbacks.remove(interrupted_once)
+        raise KeyboardInterrupt
+
+    def setting_up(args):
+        gc.callbacks.append(interrupted_once)
+        gc.collect()
+        for _ in range(100):  # the rest of set-up (1 s at most): where the interrupt is delivered again
+            time.sleep(0.01)
+        return 0
+
+    commands = cli.subcommands()
+    monkeypatch.setattr(
+        cli, "subcommands", lambda: {**commands, "train": commands["train"]._replace(run=setting_up)}
+    )
+    previous_hook = sys.unraisablehook
+    try:
+        status = cli.main(["train", "--config", "any.yaml"])
+    except KeyboardInterrupt:
+        pytest.fail("main let KeyboardInterrupt through (a traceback)")
+    assert status == 130
+    assert capsys.readouterr().err == "interrupted (Ctrl-C)\n"
+    assert sys.unraisablehook is previous_hook
 
 
 def test_a_closed_stdout_pipe_ends_quietly_with_status_141(tmp_path):
