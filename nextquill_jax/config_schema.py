@@ -93,8 +93,28 @@ def read_yaml(path: str | Path) -> Any:
             f"{path}, line {e.line}: key `{e.key}` is written a second time in the same mapping (first at "
             f"line {e.first_line}); YAML would keep only the last value. Fix: delete one of the two."
         ) from None
+    except yaml.MarkedYAMLError as e:
+        raise ConfigError(_syntax_error(path, e)) from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}. Fix the YAML syntax at the line it names.") from None
+
+
+def _syntax_error(path: str | Path, e: yaml.MarkedYAMLError) -> str:
+    """PyYAML's syntax error as one paragraph naming `path`, the line and column (1-based) where the parser
+    stopped, and where the construct it was reading began: PyYAML's own text names the file
+    `"<unicode string>"` and ends in a caret drawing."""
+    mark = e.problem_mark or e.context_mark
+    where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    began = ""
+    if e.context:
+        at = e.context_mark
+        began = f" ({e.context}{f' at line {at.line + 1}, column {at.column + 1}' if at else ''})"
+    fix = (
+        "Fix: indent with spaces; YAML allows no tab there."
+        if "'\\t'" in (e.problem or "")
+        else "Fix the YAML syntax there (an unclosed bracket or quote shows only where the parser gave up)."
+    )
+    return f"{path}{where}: not valid YAML: {e.problem}{began}. {fix}"
 
 
 def check_not_command_file(raw: Any, source: str, wanted: str = "a training config") -> None:

@@ -77,6 +77,32 @@ def test_a_key_written_twice_is_an_error_naming_both_lines(tmp_path, cfg_file):
     )
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "optim:\n  learning_rate: 1.0e-3\nloss:\n  alpha: [0.1\ntrain:\n  seed: 1\n",
+            "line 5, column 6: not valid YAML: expected ',' or ']', but got ':' (while parsing a flow "
+            "sequence at line 4, column 10). Fix the YAML syntax there (an unclosed bracket or quote shows "
+            "only where the parser gave up).",
+        ),
+        (
+            "loss:\n\talpha: 0.1\n",
+            "line 2, column 1: not valid YAML: found character '\\t' that cannot start any token (while "
+            "scanning for the next token). Fix: indent with spaces; YAML allows no tab there.",
+        ),
+    ],
+)
+def test_a_yaml_syntax_error_names_the_file_line_and_column(tmp_path, text, expected):
+    """PyYAML's own message calls the file "<unicode string>" and draws a caret over two lines: the error
+    names the file, the line and column (1-based) and where the unclosed construct began, in one paragraph."""
+    path = tmp_path / "broken.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value) == f"{path}, {expected}"
+
+
 def test_equal_keys_in_different_mappings_and_merge_keys_are_not_duplicates(tmp_path):
     """The same key in two items of a list, or in two sections, is not a repeat; neither is a key that
     overrides one merged in with `<<: *anchor` (YAML's own override)."""
