@@ -214,7 +214,7 @@ def test_config_data_and_checkpoint_errors_name_the_fix(
          "pass a config that has one."),
         # a file that is a bare data section, with a misspelt key: still its nearest data key
         ("format: generic\nsorces: [a.jsonl]\n",
-         "{path}: unknown key `data.sorces`. Did you mean `data.sources`?"),
+         "{path}, line 2: unknown key `data.sorces`. Did you mean `data.sources`?"),
     ],
 )  # fmt: skip
 def test_data_prepare_names_a_missing_or_misspelt_data_section(text, message, tmp_path, capsys):

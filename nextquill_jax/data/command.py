@@ -82,7 +82,13 @@ def run_data(args: argparse.Namespace) -> int:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from nextquill_jax.config_schema import build_with_overrides, check_not_command_file, read_yaml
+    from nextquill_jax.config_schema import (
+        ConfigError,
+        build_with_overrides,
+        check_not_command_file,
+        read_yaml,
+        with_line,
+    )
     from nextquill_jax.data.prepare import prepare
 
     third_party_logs.log_to(args.out, named="--out")
@@ -93,7 +99,10 @@ def _prepare(args: argparse.Namespace) -> int:
     section = raw.get("data", raw) if isinstance(raw, dict) else None
     if not isinstance(section, dict):
         raise ValueError(f"{args.config}: expected a mapping with a `data:` section")
-    cfg = build_with_overrides(_DataFile, {"data": section}, str(args.config), args.overrides).data
+    try:
+        cfg = build_with_overrides(_DataFile, {"data": section}, str(args.config), args.overrides).data
+    except ConfigError as e:
+        raise with_line(e, args.config, under="" if section is raw.get("data") else "data") from None
     prepare(cfg, args.out, force=args.force)
     return 0
 
