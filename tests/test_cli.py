@@ -70,6 +70,18 @@ def test_every_subcommand_help_ends_with_an_example_the_parser_accepts(name):
     assert parser.parse_args(words[1:]).command == name
 
 
+@pytest.mark.parametrize("command", ["evaluate", "effects", "export"])
+def test_a_negative_step_is_refused_by_the_flag(command, tmp_path, capsys):
+    # `--step -1` was taken, and the workdir searched for a checkpoint -1 (step 0 is the untrained model)
+    argv = [command, "--workdir", str(tmp_path / "w"), "--out", str(tmp_path / "o")]
+    parser = cli.build_parser()
+    assert parser.parse_args([*argv, "--step", "0"]).step == 0
+    with pytest.raises(SystemExit) as e:
+        parser.parse_args([*argv, "--step", "-1"])
+    assert e.value.code == 2
+    assert "argument --step: expected an integer >= 0, got '-1'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("command", ["evaluate", "effects"])
 def test_a_split_flag_takes_exactly_the_prepared_splits(command, tmp_path, capsys):
     argv = [command, "--workdir", str(tmp_path / "w")]

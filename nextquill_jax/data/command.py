@@ -136,6 +136,11 @@ def _show(args: argparse.Namespace) -> int:
 
     check_finished(args.dir)
     split = PreparedSplit(args.dir, args.split)
+    if args.index >= len(split):
+        raise IndexError(
+            f"--index {args.index}: {args.dir} holds {len(split)} {args.split} example(s). Fix: pass an "
+            f"index from 0 to {len(split) - 1}."
+        )
     tokens = split[args.index]
     row = _jsonl_row(args.dir / f"{args.split}.jsonl", args.index)
     lines = [

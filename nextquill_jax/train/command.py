@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from nextquill_jax import third_party_logs
-from nextquill_jax.subcommand import OVERRIDES, Subcommand
+from nextquill_jax.subcommand import OVERRIDES, Subcommand, non_negative_int
 
 # `train --help` ends with these (README.md lists them too; 2 is argparse's, 130 and 141 are `cli.main`'s).
 TRAIN_EXIT_STATUSES = """exit status:
@@ -89,7 +89,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", required=True, type=Path, help="a training run's directory")
     parser.add_argument(
         "--step",
-        type=int,
+        type=non_negative_int,
         default=None,
         help="checkpoint step (default: the newest verified; 0: the untrained model the run starts from)",
     )
