@@ -4,6 +4,7 @@ printed as one `error:` paragraph with the fix and exit status 1, never a traceb
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import importlib.metadata
 import json
@@ -68,6 +69,34 @@ def test_every_subcommand_help_ends_with_an_example_the_parser_accepts(name):
     words = shlex.split(command.example, comments=True)
     assert words[:2] == ["nextquill-jax", name]
     assert parser.parse_args(words[1:]).command == name
+
+
+def _actions() -> list[tuple[str, str, argparse.ArgumentParser]]:
+    """(command, action, the action's parser) for every action of a command with actions (`data prepare`)."""
+    commands = next(a for a in cli.build_parser()._subparsers._group_actions if a.dest == "command").choices
+    return [
+        (name, action, parser)
+        for name, command in commands.items()
+        for group in command._actions
+        if isinstance(group, argparse._SubParsersAction)
+        for action, parser in group.choices.items()
+    ]
+
+
+def test_every_action_help_says_what_it_does_and_ends_with_an_example_the_parser_accepts():
+    # `data prepare --help`, `checkpoint verify --help`, ... had neither a description nor an example
+    actions = _actions()
+    named = {(command, action) for command, action, _ in actions}
+    assert named >= {("data", "prepare"), ("data", "show"), ("data", "synth"), ("checkpoint", "verify")}
+    for command, action, parser in actions:
+        text = parser.format_help()
+        description = text.split("\n\n")[1]  # after the usage
+        assert description[0].isupper() and description.endswith("."), (command, action, description)
+        example = text.rstrip().rpartition("example:\n  ")[2]
+        words = shlex.split(example, comments=True)
+        assert words[:3] == ["nextquill-jax", command, action], (command, action, text)
+        args = cli.build_parser().parse_args(words[1:])
+        assert args.command == command, (command, action)
 
 
 @pytest.mark.parametrize("command", ["evaluate", "effects", "export"])
