@@ -7,10 +7,14 @@ is fast.
 
 from __future__ import annotations
 
+import _thread
 import argparse
+import contextlib
 import importlib
 import os
 import sys
+import threading
+from collections.abc import Iterator
 
 from nextquill_jax import __version__, third_party_logs
 from nextquill_jax.subcommand import OVERRIDES, Subcommand
@@ -167,7 +171,7 @@ def _dispatch(argv: list[str]) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    with third_party_logs.captured(verbose=args.verbose):
+    with third_party_logs.captured(verbose=args.verbose), _lost_interrupts_redelivered():
         try:
             return int(subcommands()[args.command].run(args) or 0)
         except KeyboardInterrupt:
@@ -180,6 +184,35 @@ def _dispatch(argv: list[str]) -> int:
                 raise
             print(f"error: {e}", file=sys.stderr)
             return 1
+
+
+@contextlib.contextmanager
+def _lost_interrupts_redelivered() -> Iterator[None]:
+    """While entered, a Ctrl-C whose KeyboardInterrupt Python could not raise is delivered again.
+
+    Python raises a signal's exception wherever the main thread is. Inside a garbage-collector callback (JAX
+    registers one, `_xla_gc_callback`, which runs at every collection: often while JAX is imported and
+    traced) or a `__del__`, the exception cannot propagate: Python prints "Exception ignored in ..." and goes
+    on, so a Ctrl-C during set-up was lost and the command ran to its end. `sys.unraisablehook` sees it
+    there, and a timer thread makes the SIGINT pending again 10 ms later, so it surfaces in the main thread's
+    next ordinary Python line (if that is again such a callback, it comes back here). Not from the hook
+    itself: a signal made pending there would be raised inside the hook, where it is lost for good.
+    """
+    previous = sys.unraisablehook
+
+    def redeliver(unraisable: sys.UnraisableHookArgs) -> None:
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            again = threading.Timer(0.01, _thread.interrupt_main)
+            again.daemon = True
+            again.start()
+        else:
+            previous(unraisable)
+
+    sys.unraisablehook = redeliver
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous
 
 
 if __name__ == "__main__":

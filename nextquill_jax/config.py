@@ -27,6 +27,7 @@ from nextquill_jax.config_schema import (
     check_not_command_file,
     convert,
     read_yaml,
+    with_line,
 )
 from nextquill_jax.data.config import DataConfig
 from nextquill_jax.loss.config import LossConfig
@@ -635,15 +636,19 @@ def load_config(
     Raises:
         ConfigError: a missing or unreadable file, a section or key that does not exist (with the nearest
             valid keys), a value of the wrong type, or a value that a section rejects; the message names the
-            key and where it came from: the file, or `overrides_source` for an override (also for a section's
-            check that the file alone passes); a demo or compare file, naming the command that reads it.
+            key and where it came from: the file and the key's line, or `overrides_source` for an override
+            (also for a section's check that the file alone passes); a demo or compare file, naming the
+            command that reads it.
     """
     source = str(path) if path is not None else "<config>"
     raw = read_yaml(path) if path is not None else dict(base or {})
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(raw).__name__}")
     check_not_command_file(raw, source)
-    return build_with_overrides(Config, raw, source, overrides, overrides_source)
+    try:
+        return build_with_overrides(Config, raw, source, overrides, overrides_source)
+    except ConfigError as e:
+        raise (e if path is None else with_line(e, path)) from None
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

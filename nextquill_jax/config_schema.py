@@ -5,6 +5,7 @@ field's type (an int where a float is expected is fine; YAML's `5e-6`, which PyY
 as a float); anything else is a `ConfigError` with one paragraph naming the key, what it expected and the fix.
 A float is finite: NaN and infinity (`.nan`, `.inf`, `nan`, `inf`) are refused, since no key gives them a
 meaning (a "no limit" is written as null). Unknown keys are errors that suggest the nearest valid key.
+`with_line` adds the line of the file that holds the key an error names.
 """
 
 from __future__ import annotations
@@ -93,8 +94,72 @@ def read_yaml(path: str | Path) -> Any:
             f"{path}, line {e.line}: key `{e.key}` is written a second time in the same mapping (first at "
             f"line {e.first_line}); YAML would keep only the last value. Fix: delete one of the two."
         ) from None
+    except yaml.MarkedYAMLError as e:
+        raise ConfigError(_syntax_error(path, e)) from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}. Fix the YAML syntax at the line it names.") from None
+
+
+def _syntax_error(path: str | Path, e: yaml.MarkedYAMLError) -> str:
+    """PyYAML's syntax error as one paragraph naming `path`, the line and column (1-based) where the parser
+    stopped, and where the construct it was reading began: PyYAML's own text names the file
+    `"<unicode string>"` and ends in a caret drawing."""
+    mark = e.problem_mark or e.context_mark
+    where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    began = ""
+    if e.context:
+        at = e.context_mark
+        began = f" ({e.context}{f' at line {at.line + 1}, column {at.column + 1}' if at else ''})"
+    fix = (
+        "Fix: indent with spaces; YAML allows no tab there."
+        if "'\\t'" in (e.problem or "")
+        else "Fix the YAML syntax there (an unclosed bracket or quote shows only where the parser gave up)."
+    )
+    return f"{path}{where}: not valid YAML: {e.problem}{began}. {fix}"
+
+
+def with_line(error: ConfigError, path: str | Path, under: str = "") -> ConfigError:
+    """`error` with the line of the file `path` that holds the key it names: `{path}, line N: ...`.
+
+    Only an error blamed on the file (its message starts with `{path}: `) is changed; one blamed on the
+    command line, or naming no key the file writes, is returned as it is. The key is the first one in
+    backticks that the file writes; for a section's own check ("invalid `optim`: learning_rate must be
+    ..."), the key the check names if the file writes it, else the section. `under` is the key path that the
+    file's top level is read as (`data` for a file that is a bare data section); a file that cannot be read
+    again leaves `error` as it is.
+    """
+    head = f"{path}: "
+    message = str(error)
+    if not message.startswith(head):
+        return error
+    try:
+        root = yaml.compose(Path(path).read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return error
+    lines: dict[str, int] = {}
+    _key_lines(root, under, lines)
+    body = message.removeprefix(head)
+    for key in re.findall(r"`([^`\s]+)`", body):
+        named = re.search(rf"`{re.escape(key)}`: ([A-Za-z_]\w*)", body)
+        for candidate in ([_join(key, named[1])] if named else []) + [key]:
+            if candidate in lines:
+                return ConfigError(f"{path}, line {lines[candidate]}: {body}")
+    return error
+
+
+def _key_lines(node: yaml.Node | None, where: str, lines: dict[str, int]) -> None:
+    """Fill `lines` with the 1-based line of every key under `node` by its path (`optim.learning_rate`, a
+    list item as `optim.no_decay[0]`, as `convert` names them)."""
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                key = _join(where, key_node.value)
+                lines.setdefault(key, key_node.start_mark.line + 1)
+                _key_lines(value_node, key, lines)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            lines.setdefault(f"{where}[{i}]", item.start_mark.line + 1)
+            _key_lines(item, f"{where}[{i}]", lines)
 
 
 def check_not_command_file(raw: Any, source: str, wanted: str = "a training config") -> None:

@@ -1,5 +1,6 @@
 """What a subcommand of `nextquill-jax` is: the contract between `cli.py` and each `<subpackage>/command.py`,
-and the argparse types those modules share for counts (`positive_int`, `non_negative_int`) and settings
+how a command with actions adds one (`add_action`), and the argparse types those modules share for counts
+(`positive_int`, `non_negative_int`) and settings
 (`positive_float`, `non_negative_float`, `finite_float`, `probability`).
 
 Imports nothing of this package, so every layer's command module can name it.
@@ -29,6 +30,21 @@ class Subcommand(NamedTuple):
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], int]
     example: str
+
+
+def add_action(
+    sub: argparse._SubParsersAction, name: str, help: str, example: str
+) -> argparse.ArgumentParser:
+    """Add the action `name` of a command with actions (`data prepare`, `checkpoint verify`) to `sub`, the
+    command's subparsers: its `--help` opens with `help` as a sentence and ends with `example`, as a
+    command's own does (`cli.build_parser`). Returns the action's parser, for its arguments."""
+    return sub.add_parser(
+        name,
+        help=help,
+        description=help[0].upper() + help[1:] + ".",
+        epilog=f"example:\n  {example}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
 
 def positive_int(text: str) -> int:

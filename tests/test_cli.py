@@ -4,6 +4,7 @@ printed as one `error:` paragraph with the fix and exit status 1, never a traceb
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import importlib.metadata
 import json
@@ -12,6 +13,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -67,6 +69,46 @@ def test_every_subcommand_help_ends_with_an_example_the_parser_accepts(name):
     words = shlex.split(command.example, comments=True)
     assert words[:2] == ["nextquill-jax", name]
     assert parser.parse_args(words[1:]).command == name
+
+
+def _actions() -> list[tuple[str, str, argparse.ArgumentParser]]:
+    """(command, action, the action's parser) for every action of a command with actions (`data prepare`)."""
+    commands = next(a for a in cli.build_parser()._subparsers._group_actions if a.dest == "command").choices
+    return [
+        (name, action, parser)
+        for name, command in commands.items()
+        for group in command._actions
+        if isinstance(group, argparse._SubParsersAction)
+        for action, parser in group.choices.items()
+    ]
+
+
+def test_every_action_help_says_what_it_does_and_ends_with_an_example_the_parser_accepts():
+    # `data prepare --help`, `checkpoint verify --help`, ... had neither a description nor an example
+    actions = _actions()
+    named = {(command, action) for command, action, _ in actions}
+    assert named >= {("data", "prepare"), ("data", "show"), ("data", "synth"), ("checkpoint", "verify")}
+    for command, action, parser in actions:
+        text = parser.format_help()
+        description = text.split("\n\n")[1]  # after the usage
+        assert description[0].isupper() and description.endswith("."), (command, action, description)
+        example = text.rstrip().rpartition("example:\n  ")[2]
+        words = shlex.split(example, comments=True)
+        assert words[:3] == ["nextquill-jax", command, action], (command, action, text)
+        args = cli.build_parser().parse_args(words[1:])
+        assert args.command == command, (command, action)
+
+
+@pytest.mark.parametrize("command", ["evaluate", "effects", "export"])
+def test_a_negative_step_is_refused_by_the_flag(command, tmp_path, capsys):
+    # `--step -1` was taken, and the workdir searched for a checkpoint -1 (step 0 is the untrained model)
+    argv = [command, "--workdir", str(tmp_path / "w"), "--out", str(tmp_path / "o")]
+    parser = cli.build_parser()
+    assert parser.parse_args([*argv, "--step", "0"]).step == 0
+    with pytest.raises(SystemExit) as e:
+        parser.parse_args([*argv, "--step", "-1"])
+    assert e.value.code == 2
+    assert "argument --step: expected an integer >= 0, got '-1'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", ["evaluate", "effects"])
@@ -213,7 +255,7 @@ def test_config_data_and_checkpoint_errors_name_the_fix(
          "pass a config that has one."),
         # a file that is a bare data section, with a misspelt key: still its nearest data key
         ("format: generic\nsorces: [a.jsonl]\n",
-         "{path}: unknown key `data.sorces`. Did you mean `data.sources`?"),
+         "{path}, line 2: unknown key `data.sorces`. Did you mean `data.sources`?"),
     ],
 )  # fmt: skip
 def test_data_prepare_names_a_missing_or_misspelt_data_section(text, message, tmp_path, capsys):
@@ -307,6 +349,36 @@ def test_ctrl_c_is_one_line_and_status_130_not_a_traceback(monkeypatch, capsys):
         pytest.fail("main let KeyboardInterrupt through (a traceback)")
     assert status == 130
     assert capsys.readouterr().err == "interrupted (Ctrl-C)\n"
+
+
+def test_ctrl_c_inside_a_gc_callback_is_not_lost(monkeypatch, capsys):
+    # A Ctrl-C that lands in a garbage-collector callback (JAX's runs at every collection while it is
+    # imported) raises where Python cannot propagate it: before the fix the command ran on to status 0.
+    import gc
+
+    def interrupted_once(phase, info):
+        gc.callbacks.remove(interrupted_once)
+        raise KeyboardInterrupt
+
+    def setting_up(args):
+        gc.callbacks.append(interrupted_once)
+        gc.collect()
+        for _ in range(100):  # the rest of set-up (1 s at most): where the interrupt is delivered again
+            time.sleep(0.01)
+        return 0
+
+    commands = cli.subcommands()
+    monkeypatch.setattr(
+        cli, "subcommands", lambda: {**commands, "train": commands["train"]._replace(run=setting_up)}
+    )
+    previous_hook = sys.unraisablehook
+    try:
+        status = cli.main(["train", "--config", "any.yaml"])
+    except KeyboardInterrupt:
+        pytest.fail("main let KeyboardInterrupt through (a traceback)")
+    assert status == 130
+    assert capsys.readouterr().err == "interrupted (Ctrl-C)\n"
+    assert sys.unraisablehook is previous_hook
 
 
 def test_a_closed_stdout_pipe_ends_quietly_with_status_141(tmp_path):

@@ -52,6 +52,17 @@ def cfg_file(tmp_path, write_config, tiny_config):
     return write_config(tiny_config(tmp_path / "data", tmp_path / "work"), tmp_path / "cfg.yaml")
 
 
+def _line_of(path: Path, key: str) -> int:
+    """The 1-based line of `key` (`optim.learning_rate`) in a block-style YAML file indented by two spaces
+    (as `yaml.safe_dump` writes it), found by reading the text: each part of the key is the first line after
+    its section's that starts with the part at its depth."""
+    lines = path.read_text().splitlines()
+    at = -1
+    for depth, part in enumerate(key.split(".")):
+        at = next(i for i in range(at + 1, len(lines)) if lines[i].startswith("  " * depth + f"{part}:"))
+    return at + 1
+
+
 def test_tiny_synthetic_config_loads_and_starts_with_a_comment():
     path = REPO / "configs" / "tiny_synthetic.yaml"
     assert path.read_text().startswith("# ")
@@ -75,6 +86,32 @@ def test_a_key_written_twice_is_an_error_naming_both_lines(tmp_path, cfg_file):
         f"{twice}, line {train_at + 3}: key `max_steps` is written a second time in the same mapping "
         f"(first at line {train_at + 2}); YAML would keep only the last value. Fix: delete one of the two."
     )
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "optim:\n  learning_rate: 1.0e-3\nloss:\n  alpha: [0.1\ntrain:\n  seed: 1\n",
+            "line 5, column 6: not valid YAML: expected ',' or ']', but got ':' (while parsing a flow "
+            "sequence at line 4, column 10). Fix the YAML syntax there (an unclosed bracket or quote shows "
+            "only where the parser gave up).",
+        ),
+        (
+            "loss:\n\talpha: 0.1\n",
+            "line 2, column 1: not valid YAML: found character '\\t' that cannot start any token (while "
+            "scanning for the next token). Fix: indent with spaces; YAML allows no tab there.",
+        ),
+    ],
+)
+def test_a_yaml_syntax_error_names_the_file_line_and_column(tmp_path, text, expected):
+    """PyYAML's own message calls the file "<unicode string>" and draws a caret over two lines: the error
+    names the file, the line and column (1-based) and where the unclosed construct began, in one paragraph."""
+    path = tmp_path / "broken.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value) == f"{path}, {expected}"
 
 
 def test_equal_keys_in_different_mappings_and_merge_keys_are_not_duplicates(tmp_path):
@@ -233,7 +270,7 @@ def test_a_file_value_yaml_typed_says_to_quote_it(tmp_path, tiny_config, section
     path.write_text(yaml.safe_dump(raw).replace("UNQUOTED", text))
     with pytest.raises(ConfigError) as e:
         load_config(path)
-    assert str(e.value) == f"{path}: {message}"
+    assert str(e.value) == f"{path}, line {_line_of(path, f'{section}.{key}')}: {message}"
 
 
 def test_cudnn_max_segments_reaches_the_model_config_only_with_cudnn(cfg_file):
@@ -290,10 +327,36 @@ def test_unknown_file_keys_are_blamed_on_the_file(tmp_path, tiny_config, write_c
     raw = tiny_config(tmp_path, tmp_path)
     raw["optim"]["learnig_rate"] = 1e-3
     path = write_config(raw, tmp_path / "c.yaml")
+    line = _line_of(path, "optim.learnig_rate")
     with pytest.raises(
-        ConfigError, match=rf"^{path}: unknown key `optim.learnig_rate`.*`optim.learning_rate`"
+        ConfigError, match=rf"^{path}, line {line}: unknown key `optim.learnig_rate`.*`optim.learning_rate`"
     ):
         load_config(path, ["train.max_steps=3"])
+
+
+@pytest.mark.parametrize(
+    ("section", "text", "expected"),
+    [
+        # a misspelt section, a list item of the wrong type in flow style, a section's own check: each
+        # message named the file but not the line (the file's last lines are `text`; line 1 is its first)
+        ("optim", "optimizer:\n  learning_rate: 1.0e-3\n", "line 1: unknown key `optimizer`. Did you mean"),
+        ("optim", "optim:\n  learning_rate: 1.0e-3\n  no_decay: [bias,\n    5]\n",
+         "line 4: `optim.no_decay[1]` expects a str, got 5 (int)"),
+        ("train", "train:\n  seed: 1\n  max_steps: 0\n",
+         "line 3: invalid `train`: max_steps must be >= 1 or null, got 0"),
+    ],
+)  # fmt: skip
+def test_a_bad_file_key_or_value_names_its_line(tmp_path, tiny_config, write_config, section, text, expected):
+    raw = tiny_config(tmp_path / "data", tmp_path / "work")
+    raw.pop(section, None)
+    path = write_config(raw, tmp_path / "c.yaml")
+    before = len(path.read_text().splitlines())
+    path.write_text(path.read_text() + text)
+    line = int(re.match(r"line (\d+)", expected)[1])
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    message = str(e.value)
+    assert message.startswith(f"{path}, line {before + line}: {expected.partition(': ')[2]}"), message
 
 
 def test_a_section_check_failing_on_an_override_names_the_override(cfg_file):
@@ -315,7 +378,8 @@ def test_a_section_check_the_file_fails_too_names_the_file_and_the_overrides(tmp
     with pytest.raises(ConfigError) as e:
         load_config(broken, ["train.max_steps=3"])
     message = str(e.value)
-    assert message.startswith(f"{broken}: invalid `optim`: learning_rate must be > 0"), message
+    line = _line_of(broken, "optim.learning_rate")  # the key the check names, not its section's line
+    assert message.startswith(f"{broken}, line {line}: invalid `optim`: learning_rate must be > 0"), message
     assert message.endswith(" (command line overrides applied: train.max_steps=3)"), message
 
 
@@ -412,7 +476,8 @@ def test_every_float_key_refuses_nan_and_infinity(part, key, nullable, tmp_path,
             load(path)
         null = ", or null" if nullable else ""
         assert str(e.value) == (
-            f"{path}: `{key}` is {shown}, not a finite number. Fix: write a finite number for `{key}`{null}."
+            f"{path}, line {_line_of(path, key)}: `{key}` is {shown}, not a finite number. Fix: write a "
+            f"finite number for `{key}`{null}."
         ), value
 
 
@@ -647,7 +712,8 @@ def test_a_null_in_a_yaml_file_for_an_int_key_is_named_null(cfg_file, tmp_path, 
     with pytest.raises(ConfigError) as e:
         load_config(path)
     assert str(e.value) == (
-        f"{path}: `train.seed` expects an int, got null. Fix: write an int value for `train.seed`."
+        f"{path}, line {_line_of(path, 'train.seed')}: `train.seed` expects an int, got null. Fix: write an "
+        "int value for `train.seed`."
     )
 
 
@@ -702,8 +768,10 @@ def test_eval_split_takes_exactly_the_prepared_splits(cfg_file, tmp_path, tiny_c
     assert message.startswith("command line: `eval.split` is 'vall', not one of ['train', 'val', 'test']")
     assert "Did you mean 'val'?" in message and "Fix" in message, message
     raw["eval"]["split"] = "validation"
-    with pytest.raises(ConfigError, match=r"wrong\.yaml: `eval\.split` is 'validation', not one of"):
-        load_config(write_config(raw, tmp_path / "wrong.yaml"))
+    wrong = write_config(raw, tmp_path / "wrong.yaml")
+    line = _line_of(wrong, "eval.split")
+    with pytest.raises(ConfigError, match=rf"wrong\.yaml, line {line}: `eval\.split` is 'validation', not"):
+        load_config(wrong)
     with pytest.raises(ConfigError, match=r"`eval\.split` is null, not one of"):  # null is no split either
         load_config(cfg_file, ["eval.split=null"])
 

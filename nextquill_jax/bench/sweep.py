@@ -47,7 +47,7 @@ from nextquill_jax.config import (
     check_cudnn_max_segments,
     typed_architecture_overrides,
 )
-from nextquill_jax.config_schema import ConfigError, build, read_yaml
+from nextquill_jax.config_schema import ConfigError, build, read_yaml, with_line
 from nextquill_jax.data.assemble import RowShape
 from nextquill_jax.loss import LossConfig, Variant
 from nextquill_jax.models.config import ModelConfig
@@ -200,7 +200,10 @@ def load_scaling_config(
         raw["output_dir"] = output_dir
     if cudnn_max_segments is not None:
         raw["cudnn_max_segments"] = cudnn_max_segments
-    return build(ScalingConfig, raw, "", str(path))
+    try:
+        return build(ScalingConfig, raw, "", str(path))
+    except ConfigError as e:
+        raise with_line(e, path) from None
 
 
 def packed_bound(setting: int | str | None, batch: dict[str, np.ndarray]) -> int | None:

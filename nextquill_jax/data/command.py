@@ -23,7 +23,7 @@ from pathlib import Path
 
 from nextquill_jax import third_party_logs
 from nextquill_jax.data.config import SPLITS, DataConfig
-from nextquill_jax.subcommand import OVERRIDES, Subcommand, non_negative_int, positive_int
+from nextquill_jax.subcommand import OVERRIDES, Subcommand, add_action, non_negative_int, positive_int
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,10 @@ class _DataFile:
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="data_command", metavar="ACTION", required=True)
-    p = sub.add_parser("prepare", help="tokenise the configured sources into DIR (reused when up to date)")
+    p = add_action(
+        sub, "prepare", "tokenise the configured sources into DIR (reused when up to date)",
+        "nextquill-jax data prepare --config configs/tiny_synthetic.yaml --out data/prepared/tiny",
+    )  # fmt: skip
     p.add_argument("--config", required=True, type=Path, help="YAML file with a `data:` section")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory")
     p.add_argument("--force", action="store_true", help="prepare again even when DIR is up to date")
@@ -43,13 +46,19 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
         OVERRIDES, nargs="*", metavar="data.key=value",
         help="overrides of the data section, e.g. 'data.sources=[mine.jsonl]' data.template=plain",
     )  # fmt: skip
-    s = sub.add_parser("show", help="print one prepared example: both prompts, the target, token counts")
+    s = add_action(
+        sub, "show", "print one prepared example: both prompts, the target, token counts",
+        "nextquill-jax data show data/prepared/tiny --index 0 --split val",
+    )  # fmt: skip
     s.add_argument("dir", type=Path, help="a directory written by `data prepare`")
     s.add_argument(
         "--index", required=True, type=non_negative_int, help="example index within the split (from 0)"
     )
     s.add_argument("--split", default="train", choices=SPLITS)
-    g = sub.add_parser("synth", help="write the synthetic benchmark (generic JSONL with ground-truth roles)")
+    g = add_action(
+        sub, "synth", "write the synthetic benchmark (generic JSONL with ground-truth roles)",
+        "nextquill-jax data synth --out data/synthetic --users 40 --seed 0",
+    )  # fmt: skip
     g.add_argument("--out", required=True, type=Path, help="output directory")
     g.add_argument("--users", required=True, type=positive_int, help="synthetic users to generate")
     g.add_argument("--seed", type=int, default=0, help="random seed (the same seed writes the same records)")
@@ -85,7 +94,13 @@ def run_data(args: argparse.Namespace) -> int:
 
 def _prepare(args: argparse.Namespace) -> int:
     from nextquill_jax.config_paths import absolute_data_paths
-    from nextquill_jax.config_schema import build_with_overrides, check_not_command_file, read_yaml
+    from nextquill_jax.config_schema import (
+        ConfigError,
+        build_with_overrides,
+        check_not_command_file,
+        read_yaml,
+        with_line,
+    )
     from nextquill_jax.data.prepare import prepare
 
     third_party_logs.log_to(args.out, named="--out")
@@ -96,7 +111,10 @@ def _prepare(args: argparse.Namespace) -> int:
     section = raw.get("data", raw) if isinstance(raw, dict) else None
     if not isinstance(section, dict):
         raise ValueError(f"{args.config}: expected a mapping with a `data:` section")
-    cfg = build_with_overrides(_DataFile, {"data": section}, str(args.config), args.overrides).data
+    try:
+        cfg = build_with_overrides(_DataFile, {"data": section}, str(args.config), args.overrides).data
+    except ConfigError as e:
+        raise with_line(e, args.config, under="" if section is raw.get("data") else "data") from None
     prepare(absolute_data_paths(cfg, Path.cwd()), args.out, force=args.force)
     return 0
 
@@ -130,6 +148,11 @@ def _show(args: argparse.Namespace) -> int:
 
     check_finished(args.dir)
     split = PreparedSplit(args.dir, args.split)
+    if args.index >= len(split):
+        raise IndexError(
+            f"--index {args.index}: {args.dir} holds {len(split)} {args.split} example(s). Fix: pass an "
+            f"index from 0 to {len(split) - 1}."
+        )
     tokens = split[args.index]
     row = _jsonl_row(args.dir / f"{args.split}.jsonl", args.index)
     lines = [

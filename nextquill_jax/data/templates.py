@@ -23,6 +23,7 @@ Built-in templates live in `nextquill_jax/data/templates/` and are chosen by nam
 
 from __future__ import annotations
 
+import difflib
 import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -98,7 +99,12 @@ def load_template(name_or_path: str) -> PromptTemplate:
     if not path.suffix:
         path = TEMPLATE_DIR / f"{name_or_path}.yaml"
         if not path.exists():
-            raise ValueError(f"data.template: unknown template {name_or_path!r}; {choices}")
+            close = difflib.get_close_matches(name_or_path, builtin_templates(), n=1, cutoff=0.6)
+            nearest = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(
+                f"data.template: unknown template {name_or_path!r}; {choices}. Fix: set data.template to one "
+                f"of them{nearest}."
+            )
     if not path.exists():
         raise ValueError(f"data.template: {path} does not exist; {choices}")
     raw = read_yaml(path)

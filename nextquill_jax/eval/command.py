@@ -42,7 +42,7 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", required=True, type=Path, help="a training run's directory")
     parser.add_argument(
         "--step",
-        type=int,
+        type=non_negative_int,
         default=None,
         help="checkpoint step (default: the newest verified; 0: the untrained model the run starts from)",
     )
@@ -181,7 +181,7 @@ def add_effects_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--model", help="a Hugging Face directory, .gguf file or packaged model name")
     parser.add_argument(
         "--step",
-        type=int,
+        type=non_negative_int,
         default=None,
         help="checkpoint step (default: the newest verified; 0: the untrained model the run starts from)",
     )

@@ -236,8 +236,18 @@ def load_comparison(path: str | Path, seeds: list[int] | None = None) -> Compari
     raw = read_yaml(path)
     if not isinstance(raw, dict) or set(raw) != {"compare", "variants", "base"}:
         found = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
+        kind = None
+        if isinstance(raw, dict) and "compare" not in raw:
+            kind = "demo" if "demo" in raw else "train" if {"model", "data"} & set(raw) else None
+        fix = (
+            f"Fix: this is a {'demo file' if kind == 'demo' else 'training config'}; run `nextquill-jax "
+            f"{kind} --config {source}`, or pass a compare file"
+            if kind
+            else "Fix: give it exactly those sections"
+        )
         raise ConfigError(
-            f"{source}: a compare file has exactly the sections compare, variants, base; found {found}"
+            f"{source}: a compare file has exactly the sections compare, variants, base; found {found}. "
+            f"{fix} (configs/study/smollm2_synthetic.yaml is one; its keys: configs/REFERENCE.md)."
         )
     section = dict(raw["compare"] or {})
     if seeds is not None:

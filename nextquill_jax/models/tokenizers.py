@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import difflib
 import importlib.metadata
 import importlib.resources
 import os
@@ -136,9 +137,12 @@ def load_tokenizer(path_or_name: str | PathLike[str]) -> PreTrainedTokenizerFast
     gguf_path = packaged_model_path(key)
     if gguf_path is not None:
         return _gguf_tokenizer(gguf_path)
+    close = difflib.get_close_matches(key, tokenizer_names(), n=1, cutoff=0.6)
     raise ValueError(
         f"no tokenizer {str(path_or_name)!r}: it is not a local directory, not a .gguf file and not a known "
-        f"name; known names: {tokenizer_names()}"
+        f"name; known names: {tokenizer_names()}. Fix: name one of them"
+        + (f" (did you mean {close[0]!r}?)" if close else "")
+        + f", or the directory or .gguf file that holds the model's tokenizer (relative to {Path.cwd()})."
     )
 
 

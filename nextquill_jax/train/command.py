@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from nextquill_jax import third_party_logs
-from nextquill_jax.subcommand import OVERRIDES, Subcommand
+from nextquill_jax.subcommand import OVERRIDES, Subcommand, add_action, non_negative_int
 
 # `train --help` ends with these (README.md lists them too; 2 is argparse's, 130 and 141 are `cli.main`'s).
 TRAIN_EXIT_STATUSES = """exit status:
@@ -89,7 +89,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", required=True, type=Path, help="a training run's directory")
     parser.add_argument(
         "--step",
-        type=int,
+        type=non_negative_int,
         default=None,
         help="checkpoint step (default: the newest verified; 0: the untrained model the run starts from)",
     )
@@ -121,7 +121,10 @@ def run_export(args: argparse.Namespace) -> int:
 
 def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="checkpoint_command", metavar="ACTION", required=True)
-    v = sub.add_parser("verify", help="check every checkpoint against its manifest and print a table")
+    v = add_action(
+        sub, "verify", "check every checkpoint against its manifest and print a table",
+        "nextquill-jax checkpoint verify --workdir runs/tiny_synthetic",
+    )  # fmt: skip
     v.add_argument("--workdir", required=True, type=Path, help="a training run's directory")
 
 

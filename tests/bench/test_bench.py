@@ -366,7 +366,8 @@ def test_sweep_file_errors_name_the_sweep_files_keys(tmp_path, line, expected):
     with pytest.raises(ConfigError) as e:
         sweep.load_scaling_config(bad)
     message = str(e.value)
-    assert message.startswith(f"{bad}: {expected}"), message
+    at = 4 if line.startswith("models:") else 5  # the line the test writes, counted in the text above
+    assert message.startswith(f"{bad}, line {at}: {expected}"), message
     assert "model.overrides" not in message and "command line" not in message, message
 
 

@@ -232,7 +232,9 @@ def test_data_show_prints_one_example(tmp_path, tok_dir, capsys, formats):
         assert f"----- {title} -----\n{row[key].rstrip()}" in text
     assert f"----- target -----\n{row['target']}" in text
     assert main(["data", "show", str(out), "--index", "99", "--split", "val"]) == 1
-    assert "outside" in capsys.readouterr().err
+    assert capsys.readouterr().err == (  # was "index 99 outside DIR/val with 4 examples", without the fix
+        f"error: --index 99: {out} holds 4 val example(s). Fix: pass an index from 0 to 3.\n"
+    )
 
 
 @pytest.mark.parametrize("template", ["plain", "review"])

@@ -283,6 +283,13 @@ def test_a_value_its_format_spec_does_not_fit_names_the_field_placeholder_and_ty
 def test_unknown_template_name_lists_the_builtins():
     with pytest.raises(ValueError, match=r"unknown template 'reveiw'; built-in: .*review"):
         load_template("reveiw")
+    # and names the fix, with the nearest built-in when there is one (there was neither)
+    with pytest.raises(
+        ValueError, match=r"\. Fix: set data\.template to one of them \(did you mean 'review'\?\)\.$"
+    ):
+        load_template("reveiw")
+    with pytest.raises(ValueError, match=r"\. Fix: set data\.template to one of them\.$"):
+        load_template("zzz")
 
 
 def test_a_missing_template_file_lists_the_builtins_too(tmp_path):

