@@ -24,13 +24,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
-
-if TYPE_CHECKING:  # `data prepare` imports this module, and `nextquill_jax.config` imports JAX
-    from nextquill_jax.config import Config
-    from nextquill_jax.data.config import DataConfig
+from typing import Any, Literal, TypeVar
 
 PathKind = Literal["path", "paths", "model", "tokenizer", "template", "reference"]
+# A config dataclass. This module serves every layer (`data prepare` reads it, below `config`), so it names
+# the sections by their dotted keys, not by their classes.
+Section = TypeVar("Section")
 
 # Every config field that names local files, by dotted key. `mesh.coordinator` (host:port) is no path.
 PATH_FIELDS: dict[str, PathKind] = {
@@ -103,14 +102,14 @@ def _absolute(obj: Any, fields: Mapping[str, PathKind], base: Path) -> Any:
     return obj
 
 
-def absolute_paths(cfg: Config, base: Path) -> Config:
-    """`cfg` with every relative local path of `PATH_FIELDS` joined to `base` (an absolute directory: the
-    one the command runs in), `~` expanded; absolute paths, URLs, names that are no local path there, and
-    None unchanged, as is every other field."""
+def absolute_paths(cfg: Section, base: Path) -> Section:
+    """`cfg` (a `config.Config`) with every relative local path of `PATH_FIELDS` joined to `base` (an
+    absolute directory: the one the command runs in), `~` expanded; absolute paths, URLs, names that are no
+    local path there, and None unchanged, as is every other field."""
     return _absolute(cfg, PATH_FIELDS, base)
 
 
-def absolute_data_paths(data: DataConfig, base: Path) -> DataConfig:
-    """`data` (a config's `data` section) with its relative local paths joined to `base`, as
-    `absolute_paths` does."""
+def absolute_data_paths(data: Section, base: Path) -> Section:
+    """`data` (a config's `data` section, a `data.config.DataConfig`) with its relative local paths joined
+    to `base`, as `absolute_paths` does."""
     return _absolute(data, DATA_PATH_FIELDS, base)
