@@ -40,6 +40,7 @@ run takes it (the runtime is started first, as the first run's training would st
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import dataclasses
 import json
@@ -404,9 +405,10 @@ class _Signalled(BaseException):
     """Raised by `_StopOnSignal`'s handler wherever the main thread is: a BaseException, as KeyboardInterrupt,
     so that no `except Exception` on the way takes it for an error and goes on."""
 
-    def __init__(self, signal_name: str) -> None:
-        super().__init__(signal_name)
-        self.signal_name = signal_name
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        self.signal_name = signal.Signals(signum).name
+        super().__init__(self.signal_name)
 
 
 def _distributed() -> bool:
@@ -421,21 +423,42 @@ class _StopOnSignal:
     puts the earlier handlers back for a block, so that training's own (`loop._Preemption`) are what they
     would be under `train`. Left alone: an ignored signal (`nohup`, a background job), a handler set outside
     Python, SIGTERM once JAX's multi-process runtime has started, and every signal off the main thread
-    (where `signal` cannot set handlers)."""
+    (where `signal` cannot set handlers).
+
+    A handler's exception is raised wherever the main thread is. Inside a garbage-collector callback (JAX
+    runs one at every collection, often while it loads and traces) or a `__del__` it cannot propagate:
+    Python hands it to `sys.unraisablehook` and goes on. While entered, that hook takes such a `_Signalled`,
+    installs the handler for its signal again and makes the signal pending from a timer thread 10 ms later
+    (not from the hook, where the exception would be lost again), so that it is raised at the main thread's
+    next ordinary line; `cli` does the same for a plain Ctrl-C."""
 
     def __init__(self) -> None:
         self.where = "the checks of every run's settings, before any run starts"
         self._previous: dict[int, Any] = {}
+        self._unraisable: Callable[[Any], Any] | None = None
 
     def at(self, where: str) -> None:
         self.where = where
 
     def __enter__(self) -> _StopOnSignal:
         self._install()
+        self._unraisable, sys.unraisablehook = sys.unraisablehook, self._lost
         return self
 
     def __exit__(self, *exc: object) -> None:
+        sys.unraisablehook = self._unraisable
         self._restore()
+
+    def _lost(self, unraisable: Any) -> None:
+        signalled = unraisable.exc_value
+        # Under JAX's multi-process runtime SIGTERM is its service's (`_install` leaves it alone too).
+        if not isinstance(signalled, _Signalled) or (signalled.signum == signal.SIGTERM and _distributed()):
+            self._unraisable(unraisable)
+            return
+        self._previous[signalled.signum] = signal.signal(signalled.signum, self._handle)
+        again = threading.Timer(0.01, _thread.interrupt_main, args=(signalled.signum,))
+        again.daemon = True
+        again.start()
 
     @contextlib.contextmanager
     def suspended(self) -> Iterator[None]:
@@ -463,7 +486,7 @@ class _StopOnSignal:
 
     def _handle(self, signum: int, frame: object) -> None:
         self._restore()
-        raise _Signalled(signal.Signals(signum).name)
+        raise _Signalled(signum)
 
 
 def run_variant(

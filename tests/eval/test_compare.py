@@ -558,6 +558,71 @@ def test_a_signal_outside_training_stops_the_comparison_cleanly_and_running_it_a
             signal.signal(signum, handler)
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_raised_inside_a_gc_callback_still_stops_the_comparison(
+    signum, tmp_path, write_random_data, tiny_config, monkeypatch, capsys
+):
+    """The signal arrives while a garbage-collector callback runs (JAX runs one at every collection), where
+    the handler's exception cannot propagate: before the fix Python printed "Exception ignored" and compare
+    ran on to its end with the handlers already put back. Now it stops at the stage it was in, as a signal
+    anywhere else does. Evaluation, the effect report, the model and the table are stand-ins."""
+    import gc
+    import os
+    import sys
+    import time
+    from types import SimpleNamespace
+
+    from nextquill_jax.data import prepare
+    from nextquill_jax.eval import compare_table, effect_report
+    from nextquill_jax.train import workdir as workdir_module
+
+    base = tiny_config(write_random_data(tmp_path / "data", train=8, val=8), tmp_path / "unused")
+    file = tmp_path / "c.yaml"
+    compare = {"out": str(tmp_path / "out"), "baseline": "a", "split": "val"}
+    file.write_text(yaml.safe_dump({"compare": compare, "variants": {"a": {"train": False}}, "base": base}))
+
+    def signalled_in_a_callback(phase, info):
+        gc.callbacks.remove(signalled_in_a_callback)
+        os.kill(os.getpid(), signum)  # its handler runs at the callback's next line
+        time.sleep(0.01)
+
+    def evaluated(workdir, *args, **kwargs):
+        gc.callbacks.append(signalled_in_a_callback)
+        gc.collect()
+        for _ in range(100):  # the rest of the evaluation (1 s at most): where the signal comes again
+            time.sleep(0.01)
+        return {"overall": {"bleu": 1.0}}
+
+    tabulated = []
+
+    def tabulate(comparison, records):
+        tabulated.append(records)
+        (tmp_path / "out" / "results.md").write_text("the table\n")
+        return {}
+
+    monkeypatch.setattr(evaluate, "evaluate", evaluated)
+    monkeypatch.setattr(
+        effect_report,
+        "build_effect_report",
+        lambda model, tok, data, split, out_dir, *a, **k: {"files": {"summary": str(out_dir / "s.json")}},
+    )
+    monkeypatch.setattr(compare_table, "write_results", tabulate)
+    monkeypatch.setattr(prepare, "load_fast_tokenizer", lambda name: None)
+    monkeypatch.setattr(
+        workdir_module, "initial_model", lambda w: SimpleNamespace(model=None, source="step 0")
+    )
+    before = sys.unraisablehook, signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    assert cli.main(["compare", "--config", str(file)]) == 0
+    name = signal.Signals(signum).name
+    assert (
+        capsys.readouterr()
+        .out.splitlines()[-1]
+        .startswith(f"compare stopped: {name} during a (seed 0)'s evaluation (outside training; ")
+    )
+    assert tabulated == [] and not (tmp_path / "out" / "seed0" / "a" / DONE_FILE).exists()
+    assert (sys.unraisablehook, signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
 def test_a_misspelt_best_metric_of_any_variant_is_refused_before_the_first_run_starts(
     tmp_path, tiny_config, monkeypatch
 ):
