@@ -204,9 +204,17 @@ class ModelRunConfig:
         remat_saved_names(self.remat_policy)
         self.architecture_overrides()
         if (self.path is None) == (self.preset is None):
+            # Both set is often a `model.path=...` override on a file that sets a preset: say how to unset.
+            fix = (
+                f"both are set (model.path={self.path!r}, model.preset={self.preset!r}). Fix: unset the one "
+                "you do not want: delete its line from the file, or override it with `model.preset=null` "
+                "(or `model.path=null`)."
+                if self.path is not None
+                else "neither is set. Fix: add one, such as `model.path=smollm2-135m`."
+            )
             raise ValueError(
                 "set exactly one of model.path (a Hugging Face directory or a packaged name such as "
-                "smollm2-135m) and model.preset (a ModelConfig preset name, randomly initialised)"
+                f"smollm2-135m) and model.preset (a ModelConfig preset name, randomly initialised): {fix}"
             )
         check_cudnn_max_segments(self.cudnn_max_segments, self.attention_impl, "model.")
         if self.preset is not None:

@@ -133,14 +133,15 @@ def resolve_mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int,
     if fill:
         if num_devices % fixed:
             raise ValueError(
-                f"mesh {_describe(shape)} cannot fill {num_devices} devices: the fixed axes multiply to "
+                f"mesh {_describe(shape)} cannot fill {_devices(num_devices)}: the fixed axes multiply to "
                 f"{fixed}, which does not divide {num_devices}. Fix: choose sizes whose product divides "
-                f"{num_devices}."
+                f"{num_devices}, e.g. {_fitting(shape, num_devices)}."
             )
         shape[MESH_AXES.index(fill[0])] = num_devices // fixed
     elif fixed != num_devices:
         raise ValueError(
-            f"mesh {_describe(shape)} has {fixed} devices but {num_devices} are available. Fix: make "
+            f"mesh {_describe(shape)} has {_devices(fixed)} but {num_devices} "
+            f"{'is' if num_devices == 1 else 'are'} available. Fix: make "
             f"mesh.data * mesh.fsdp * mesh.tensor = {num_devices}, or set one axis to -1 to fill the rest "
             f"(e.g. mesh.fsdp=-1)."
         )
@@ -149,6 +150,25 @@ def resolve_mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int,
 
 def _describe(shape: Sequence[int]) -> str:
     return "(" + ", ".join(f"{a}={s}" for a, s in zip(MESH_AXES, shape, strict=True)) + ")"
+
+
+def _devices(n: int) -> str:
+    return f"{n} device" if n == 1 else f"{n} devices"
+
+
+def _fitting(shape: Sequence[int], num_devices: int) -> str:
+    """Overrides (`mesh.data=1 mesh.tensor=2`) that make the fixed sizes of `shape` (one axis -1) divide
+    `num_devices`: each fixed axis shrunk, in order, to its greatest common divisor with the devices that the
+    axes before it leave; only the axes that change are named."""
+    left, changes = num_devices, []
+    for axis, size in zip(MESH_AXES, shape, strict=True):
+        if size == -1:
+            continue
+        fits = math.gcd(size, left)
+        left //= fits
+        if fits != size:
+            changes.append(f"mesh.{axis}={fits}")
+    return " ".join(changes)
 
 
 def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:

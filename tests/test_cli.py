@@ -203,6 +203,12 @@ def test_a_missing_packaged_model_is_an_error_with_the_install_command(
         (["data", "show", "{tmp}", "--index", "0"], r"train/meta\.json not found: run `nextquill-jax data"),
         (["export", "--workdir", "{tmp}", "--out", "{tmp}/hf"], r"is not a training workdir: .* Fix: pass"),
         (["checkpoint", "verify", "--workdir", "{tmp}"], r"is not a training workdir: .* Fix: pass"),
+        # a workdir that is not there is named as such, not by its missing checkpoints/
+        (["evaluate", "--workdir", "{tmp}/nowhere"],
+         r"^\S+/nowhere does not exist, so it is not a training workdir\. Fix: pass the workdir of a"),
+        (["checkpoint", "verify", "--workdir", "no_such_run"],
+         r"^no_such_run does not exist \(relative to the current directory, /\S*\), so it is not a training "
+         r"workdir\. Fix: pass"),
         (["evaluate", "--workdir", "{tmp}/empty"], r"checkpoints holds no complete checkpoint\. Fix: train"),
         (["export", "--workdir", "{tmp}/aside", "--out", "{tmp}/hf"],
          r"checkpoints holds no complete checkpoint: a resume moved the damaged .*4\.corrupt aside\. Fix"),
@@ -650,14 +656,15 @@ def test_export_refuses_an_out_that_holds_weights_naming_them_before_restoring(
     assert all((dirty / name).read_text() == "old\n" for name in stale)
 
 
+@pytest.mark.parametrize("train, examples", [(16, "16 examples"), (1, "1 example")])  # was "1 examples"
 def test_training_data_smaller_than_one_batch_with_drop_remainder_is_one_error_line(
-    tmp_path, capsys, write_random_data, tiny_config, write_config
+    train, examples, tmp_path, capsys, write_random_data, tiny_config, write_config
 ):
     # It was a ValueError, which the CLI does not expect: a traceback.
-    cfg = tiny_config(write_random_data(tmp_path / "data", train=16, val=0), tmp_path / "run")
+    cfg = tiny_config(write_random_data(tmp_path / "data", train=train, val=0), tmp_path / "run")
     cfg["data"]["batching"].update(rows_per_batch=64, drop_remainder=True)
     path = write_config(cfg, tmp_path / "cfg.yaml")
     err = _run_cli(["train", "--config", str(path)], tmp_path, capsys)
-    assert "examples fill no complete global batch of 64 rows" in err, err
+    assert f"data/train ({examples}) fills no complete global batch of 64 rows" in err, err
     assert "Fix: set data.batching.drop_remainder: false, or lower data.batching.rows_per_batch" in err, err
     assert "\n" not in err

@@ -781,6 +781,21 @@ def test_model_needs_exactly_one_source(tmp_path, tiny_config, write_config):
     raw["model"]["path"] = "some/dir"
     with pytest.raises(ConfigError, match=r"exactly one of model\.path"):
         load_config(write_config(raw, tmp_path / "c.yaml"))
+    # a path given on the command line over a file's preset: the fix says how to unset the other
+    preset = tiny_config(tmp_path, tmp_path)["model"]["preset"]
+    with pytest.raises(
+        ConfigError,
+        match=rf"^command line: .*: both are set \(model\.path='some/dir', model\.preset='{preset}'\)\. Fix: "
+        r"unset the one you do not want: delete its line from the file, or override it with "
+        r"`model\.preset=null` \(or `model\.path=null`\)\. \(overrides: model\.path=some/dir\)$",
+    ):
+        load_config(
+            write_config(tiny_config(tmp_path, tmp_path), tmp_path / "p.yaml"), ["model.path=some/dir"]
+        )
+    with pytest.raises(
+        ConfigError, match=r": neither is set\. Fix: add one, such as `model\.path=smollm2-135m`\."
+    ):
+        load_config(tmp_path / "p.yaml", ["model.preset=null"])
 
 
 def test_saved_config_reloads_identically(cfg_file, tmp_path):
@@ -796,8 +811,23 @@ def test_mesh_sizes_resolve_and_reject_misfits():
     assert resolve_mesh_shape({"data": -1, "fsdp": 1, "tensor": 1}, 4) == (4, 1, 1)
     with pytest.raises(ValueError, match=r"has 4 devices but 8 are available.*mesh.fsdp=-1"):
         resolve_mesh_shape({"data": 2, "fsdp": 2, "tensor": 1}, 8)
-    with pytest.raises(ValueError, match="does not divide 8"):
+    with pytest.raises(ValueError, match=r"does not divide 8\. Fix: .* e\.g\. mesh\.data=1\.$"):
         resolve_mesh_shape({"data": 3, "fsdp": -1, "tensor": 1}, 8)
+    # one device said as such, and the fix names the overrides that fit: each fixed axis cut to what divides
+    with pytest.raises(
+        ValueError,
+        match=r"^mesh \(data=3, fsdp=-1, tensor=1\) cannot fill 1 device: the fixed axes multiply to 3, "
+        r"which does not divide 1\. Fix: choose sizes whose product divides 1, e\.g\. mesh\.data=1\.$",
+    ):
+        resolve_mesh_shape({"data": 3, "fsdp": -1, "tensor": 1}, 1)
+    with pytest.raises(
+        ValueError, match=r"multiply to 8, which does not divide 4\. .* e\.g\. mesh\.tensor=2\.$"
+    ):
+        resolve_mesh_shape({"data": 2, "fsdp": -1, "tensor": 4}, 4)
+    assert resolve_mesh_shape({"data": 2, "fsdp": -1, "tensor": 2}, 4) == (2, 1, 2)  # what that fix gives
+    with pytest.raises(ValueError, match=r"e\.g\. mesh\.data=2 mesh\.tensor=3\.$"):
+        resolve_mesh_shape({"data": 4, "fsdp": -1, "tensor": 9}, 6)
+    assert resolve_mesh_shape({"data": 2, "fsdp": -1, "tensor": 3}, 6) == (2, 1, 3)
     with pytest.raises(ValueError, match="at most one axis may be -1"):
         resolve_mesh_shape({"data": -1, "fsdp": -1, "tensor": 1}, 8)
 
@@ -827,7 +857,7 @@ def as_on_a_gpu(monkeypatch):
     [
         (
             ["mesh.data=2", "mesh.fsdp=1"],
-            r"mesh: mesh \(data=2, fsdp=1, tensor=1\) has 2 devices but 1 are available",
+            r"mesh: mesh \(data=2, fsdp=1, tensor=1\) has 2 devices but 1 is available\. Fix",
         ),
         (["model.preset=null", "model.path=/no/such"], r"model.path '/no/such' does not exist and is not a"),
         (["model.preset=null", "model.path=no/such"],

@@ -155,8 +155,9 @@ def _show(args: argparse.Namespace) -> int:
         )
     tokens = split[args.index]
     row = _jsonl_row(args.dir / f"{args.split}.jsonl", args.index)
+    count = f"{len(split)} example{'' if len(split) == 1 else 's'}"
     lines = [
-        f"example {args.index} of {args.split} ({len(split)} examples) | user {row['user_id']}"
+        f"example {args.index} of {args.split} ({count}) | user {row['user_id']}"
         f" | category {row['category'] or '-'} | id {row['id'] or '-'}",
         f"source: {row['source']}",
         f"history: {row['history_used']} of {row['history_available']} entries used"
@@ -200,7 +201,8 @@ def _synth(args: argparse.Namespace) -> int:
         signature_words=args.signature_words,
     )
     counts = ", ".join(f"{s} {n}" for s, n in manifest["records"].items())
-    print(f"wrote {args.out / 'synthetic.jsonl'}: {counts} records ({manifest['users']} users)")
+    users = manifest["users"]
+    print(f"wrote {args.out / 'synthetic.jsonl'}: {counts} records ({users} user{'' if users == 1 else 's'})")
     return 0
 
 

@@ -172,10 +172,10 @@ class BatchPipeline:
         self._plans: dict[int, _EpochPlan] = {}
         if cfg.drop_remainder and self.num_batches(0) == 0:
             raise ConfigError(  # a config problem: the CLI prints it as one `error:` line
-                f"{split.dir}: {len(split)} examples fill no complete global batch of {self.global_rows} "
-                f"rows, and data.batching.drop_remainder is true, so there is nothing to train on. Fix: set "
-                f"data.batching.drop_remainder: false, or lower data.batching.rows_per_batch "
-                f"(now {cfg.rows_per_batch})."
+                f"{split.dir} ({len(split)} example{'' if len(split) == 1 else 's'}) fills no complete "
+                f"global batch of {self.global_rows} rows, and data.batching.drop_remainder is true, so "
+                "there is nothing to train on. Fix: set data.batching.drop_remainder: false, or lower "
+                f"data.batching.rows_per_batch (now {cfg.rows_per_batch})."
             )
 
     def _resolve_shapes(self, p_w: np.ndarray, p_o: np.ndarray, tgt: np.ndarray) -> tuple[RowShape, ...]:

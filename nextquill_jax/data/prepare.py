@@ -115,11 +115,7 @@ def prepare(
     log.raise_if_failed()
     splits = [s for s in SPLITS if by_split[s]]
     if not splits:
-        empty = "".join(f"{path}: 0 records; " for path in _empty_files(log.read))
-        raise ValueError(
-            f"no examples left to prepare: {empty}errors {dict(log.errors)}, dropped {dict(log.dropped)};"
-            " check the sources and the filter thresholds"
-        )
+        raise ValueError(_nothing_left(log))
 
     if replacing is not None:
         # Said only now that every record is read and every example built: an error before this point
@@ -377,8 +373,28 @@ def _empty_files(read: dict[str, int]) -> list[str]:
     return [path for path, n in read.items() if n == 0]
 
 
+def _nothing_left(log: IssueLog) -> str:
+    """Why no example is left to prepare: every file read held no record (named), or else the counts of
+    records dropped and skipped as invalid (`log`), each with the fix."""
+    empty = _empty_files(log.read)
+    if empty and len(empty) == len(log.read):
+        files = f"{empty[0]} holds" if len(empty) == 1 else f"{', '.join(empty)} hold"
+        return (
+            f"no examples to prepare: {files} no records. Fix: point data.sources at files that hold records."
+        )
+    named = "".join(f"{path}: 0 records; " for path in empty)
+    return (
+        f"no examples left to prepare: {named}errors {dict(log.errors)}, dropped {dict(log.dropped)}. Fix: "
+        "correct the sources (data.on_error: fail lists each invalid record), or relax the data.* settings "
+        'behind the drops (README\'s "Your own data" says what each drop means).'
+    )
+
+
 def _describe(out: Path, summary: dict[str, Any]) -> str:
-    lines = [f"prepared {out}: " + ", ".join(f"{s} {n} examples" for s, n in summary["examples"].items())]
+    lines = [
+        f"prepared {out}: "
+        + ", ".join(f"{s} {n} example{'' if n == 1 else 's'}" for s, n in summary["examples"].items())
+    ]
     empty = _empty_files(summary["read"])
     if empty:
         lines.append(f"  warning: {', '.join(empty)}: 0 records")
@@ -388,7 +404,9 @@ def _describe(out: Path, summary: dict[str, Any]) -> str:
         )
     if summary["dropped"]:
         lines.append("  dropped: " + ", ".join(f"{k} {v}" for k, v in summary["dropped"].items()))
-    lines += [f"  warning: {message} ({n} records)" for message, n in summary["notes"].items()]
+    lines += [
+        f"  warning: {message} ({n} record{'' if n == 1 else 's'})" for message, n in summary["notes"].items()
+    ]
     cut = summary["fitting"]["prompts_cut"]
     if cut:
         lines.append(

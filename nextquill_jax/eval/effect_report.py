@@ -239,8 +239,8 @@ def build_effect_report(
 def describe(summary: dict[str, Any]) -> str:
     """A few lines for the terminal: counts, the ground-truth scores when there are some, and the files."""
     lines = [
-        f"{len(summary['examples'])} examples of split {summary['split']}: {summary['tokens']} target "
-        f"tokens, "
+        f"{len(summary['examples'])} example{'' if len(summary['examples']) == 1 else 's'} of split "
+        f"{summary['split']}: {summary['tokens']} target token{'' if summary['tokens'] == 1 else 's'}, "
         f"{summary['preference_bearing']} preference-bearing (DCE > {summary['loss']['threshold']:g}), "
         f"median DCE {summary['dce']['p50']:+.4f}"
     ]

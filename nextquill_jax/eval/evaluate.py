@@ -242,7 +242,8 @@ def replacing_line(out_dir: Path, metrics: Mapping[str, Any]) -> str | None:
 def _results_of(metrics: Mapping[str, Any]) -> str:
     """ "step 6, 4 examples" (or the model's name for a model that is not a checkpoint)."""
     source = f"step {metrics['step']}" if metrics.get("step") is not None else metrics.get("model")
-    return f"{source}, {metrics.get('examples')} examples"
+    n = metrics.get("examples")
+    return f"{source}, {n} example{'' if n == 1 else 's'}"
 
 
 def evaluate(
@@ -331,7 +332,10 @@ def evaluate(
     tokenizer = load_fast_tokenizer(cfg.data.tokenizer)
     eos = int(tokens.meta.get("eos_token_id", tokenizer.eos_token_id))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    echo(f"evaluating {loaded.source} on {len(rows)} {split} examples ({stream}-history prompts)")
+    echo(
+        f"evaluating {loaded.source} on {len(rows)} {split} example{'' if len(rows) == 1 else 's'} "
+        f"({stream}-history prompts)"
+    )
 
     reference = reference_params(cfg, mesh)  # outside set_mesh: model set-up reads abstract shapes
     with jax.set_mesh(mesh):

@@ -54,8 +54,15 @@ def checkpoints_dir(workdir: str | Path) -> Path:
     """`workdir`'s checkpoints directory, which must exist.
 
     Raises:
-        FileNotFoundError: `workdir` is not a training workdir (naming the missing directory and the fix).
+        FileNotFoundError: `workdir` is not a training workdir (naming the missing directory, `workdir`
+            itself or its checkpoints/, and the fix).
     """
+    if not Path(workdir).expanduser().exists():
+        raise FileNotFoundError(
+            f"{workdir} does not exist{model_setup.relative_to_cwd(str(workdir))}, so it is not a training "
+            "workdir. Fix: pass the workdir of a `nextquill-jax train` run (it holds config.yaml and "
+            "checkpoints/)."
+        )
     directory = Path(workdir).expanduser() / CHECKPOINT_DIR
     if not directory.is_dir() and (Path(workdir).expanduser() / CONFIG_FILE).is_file():
         raise FileNotFoundError(

@@ -255,6 +255,16 @@ def test_data_synth_then_prepare(tmp_path, tok_dir, template, capsys, tiny_token
     np.testing.assert_array_equal(PreparedSplit(out, "train")[0]["target"][-1], tiny_tokenizer().eos_token_id)
 
 
+def test_data_synth_says_what_it_wrote(tmp_path, capsys):
+    for users, said in ((1, "1 user"), (2, "2 users")):  # it said "1 users"
+        assert main(["data", "synth", "--out", str(tmp_path / str(users)), "--users", str(users)]) == 0
+        counts = json.loads((tmp_path / str(users) / "manifest.json").read_text())["records"]
+        assert capsys.readouterr().out == (
+            f"wrote {tmp_path / str(users) / 'synthetic.jsonl'}: "
+            f"{', '.join(f'{s} {n}' for s, n in counts.items())} records ({said})\n"
+        )
+
+
 def test_the_tokenizer_batch_size_and_errors_shown_change_no_byte_and_are_not_fingerprinted(
     tmp_path, formats, tiny_tokenizer
 ):
@@ -459,7 +469,8 @@ def test_special_token_text_in_records_is_tokenised_as_the_public_code_does_and_
     }
     assert summary["notes"] == notes
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["notes"] == notes
-    assert lines[-1].splitlines()[2:] == [f"  warning: {m} ({n} records)" for m, n in sorted(notes.items())]
+    said = {m: "1 record" if n == 1 else f"{n} records" for m, n in notes.items()}  # "1 records" before
+    assert lines[-1].splitlines()[2:] == [f"  warning: {m} ({said[m]})" for m in sorted(notes)]
     # Tokenised as the public code's tokenizer call does: the text maps to the special tokens' ids.
     eos = tok.eos_token_id
     fine = PreparedSplit(tmp_path / "out", "train")[0]
@@ -621,7 +632,7 @@ def test_a_failed_preparation_does_not_announce_replacing_the_directory(tmp_path
     for override, error in (
         ("data.sources=[]", "error: data.sources is empty"),
         (f"data.sources=[{bad}]", "1 invalid input record(s)"),
-        (f"data.sources=[{empty}]", "error: no examples left to prepare"),
+        (f"data.sources=[{empty}]", f"error: no examples to prepare: {empty} holds no records. Fix:"),
     ):
         capsys.readouterr()
         assert main([*argv, override]) == 1
@@ -634,18 +645,40 @@ def test_a_failed_preparation_does_not_announce_replacing_the_directory(tmp_path
 
 def test_a_source_without_records_is_named(tmp_path, tok_dir, capsys):
     """An empty source file (or one of blank lines) is named with its 0 records: in the error when nothing
-    is left to prepare, else as a warning and in the summary's rows read per file."""
+    is left to prepare (which says plainly that the files hold no records when all are empty), else as a
+    warning and in the summary's rows read per file. Each error ends with its fix."""
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text("")
+    # carol's record, the only one with an empty history: dropped, so it leaves no example either
+    carol = [line for line in (F / "generic" / "records.jsonl").read_text().splitlines() if "carol" in line]
+    (tmp_path / "carol.jsonl").write_text(carol[0] + "\n")
     records = f"{F}/generic/records.jsonl"
     config = _config_file(
         tmp_path / "c.yaml", tok_dir, format="generic", template="plain", sources=[str(empty)]
     )
     argv = ["data", "prepare", "--config", str(config), "--out", str(tmp_path / "prepared")]
     assert main(argv) == 1
-    assert f"error: no examples left to prepare: {empty}: 0 records; errors {{}}" in capsys.readouterr().err
+    assert capsys.readouterr().err == (
+        f"error: no examples to prepare: {empty} holds no records. Fix: point data.sources at files that "
+        "hold records.\n"
+    )
+    assert main([*argv, f"data.sources=[{empty}, {blank}]"]) == 1
+    assert f"error: no examples to prepare: {empty}, {blank} hold no records. Fix:" in capsys.readouterr().err
+    assert main([*argv, f"data.sources=[{empty}, {tmp_path / 'carol.jsonl'}]"]) == 1
+    assert capsys.readouterr().err == (
+        f"error: no examples left to prepare: {empty}: 0 records; errors {{}}, dropped "
+        "{'empty_history': 1}. Fix: correct the sources (data.on_error: fail lists each invalid record), or "
+        'relax the data.* settings behind the drops (README\'s "Your own data" says what each drop means).\n'
+    )
     assert main([*argv, f"data.sources=[{empty}, {records}]"]) == 0
-    assert f"  warning: {empty}: 0 records\n" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert f"  warning: {empty}: 0 records\n" in said
+    # one example of a split is said as such (it was "test 1 examples")
+    assert f"prepared {tmp_path / 'prepared'}: train 2 examples, val 1 example, test 1 example\n" in said
+    assert main(["data", "show", str(tmp_path / "prepared"), "--split", "val", "--index", "0"]) == 0
+    assert capsys.readouterr().out.startswith("example 0 of val (1 example) | user ")
     summary = json.loads((tmp_path / "prepared" / "summary.json").read_text())
     assert summary["read"] == {str(empty): 0, records: 6}
 

@@ -23,7 +23,13 @@ from nextquill_jax.data.prepare import prepare
 from nextquill_jax.data.prepared_split import PreparedSplit
 from nextquill_jax.data.sources.synth import generate_synthetic
 from nextquill_jax.eval.effect_html import render_report
-from nextquill_jax.eval.effect_report import ExampleEffects, compute_example_effects, summarize, write_report
+from nextquill_jax.eval.effect_report import (
+    ExampleEffects,
+    compute_example_effects,
+    describe,
+    summarize,
+    write_report,
+)
 from nextquill_jax.eval.effect_scoring import auroc, score_roles, target_offsets, token_pieces, token_roles
 from nextquill_jax.loss import LossConfig
 from nextquill_jax.loss.effects import dce_from_logits, token_logprobs
@@ -356,6 +362,30 @@ def test_html_escapes_hostile_text():
     assert [t["text"] for t in section["tokens"]] == r.pieces
     assert section["pre"] == [row["prompt_with_history"], row["prompt_without_history"]]
     assert [("pref" in t["class"]) for t in section["tokens"]] == [True, False, False]
+
+
+def test_the_terminal_lines_say_one_example_and_one_token_in_the_singular():
+    one = np.ones(1, np.float32)
+    r = ExampleEffects(
+        index=0,
+        row={"user_id": "u"},
+        token_ids=np.zeros(1, np.int32),
+        pieces=["a"],
+        p_with=0.5 * one,
+        p_without=0.25 * one,
+        logp_with=np.log(0.5) * one,
+        logp_without=np.log(0.25) * one,
+        dce=0.25 * one,
+        weight=one,
+        roles=None,
+    )
+    cfg = LossConfig()
+    summary = {"split": "val", "files": {"html": "r.html"}, **summarize([r], cfg)}
+    assert describe(summary).splitlines() == [  # it said "1 examples of split val: 1 target tokens"
+        f"1 example of split val: 1 target token, 1 preference-bearing (DCE > {cfg.threshold:g}), median DCE "
+        "+0.2500",
+        "report: r.html",
+    ]
 
 
 def test_histogram_png(report):

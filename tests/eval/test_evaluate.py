@@ -186,9 +186,10 @@ def test_an_evaluation_says_which_earlier_results_it_replaces(run, evaluated, tm
     lines = []
     evaluate(workdir, "test", out_dir=out, max_examples=1, generation=GEN, echo=lines.append)
     assert (
-        f"replacing {out / 'metrics.json'} (step 2, {full['examples']} examples) with step 2, 1 examples; "
+        f"replacing {out / 'metrics.json'} (step 2, {full['examples']} examples) with step 2, 1 example; "
         "pass --out DIR to keep both"
     ) in lines
+    assert any(line.startswith("evaluating ") and " on 1 test example (" in line for line in lines), lines
     (out / "metrics.json").unlink()  # only predictions left: the line names that file
     assert replacing_line(out, full) == (
         f"replacing {out / 'predictions.jsonl'} with step 2, {full['examples']} examples; pass --out DIR to "
