@@ -32,3 +32,23 @@ def test_a_full_disk_while_writing_leaves_the_old_file_and_no_temporary_one(tmp_
         write_text_atomic(path, "new and much longer\n")
     assert path.read_text() == "old\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["record.json"]
+
+
+def test_two_writers_of_one_path_never_share_a_temporary_file(tmp_path, monkeypatch):
+    """A second writer (another process of a multi-process compare) starts while the first has written its
+    temporary file but not yet renamed it. With one shared `<path>.tmp` the second truncated and renamed the
+    first's file, whose rename then failed (FileNotFoundError). Each now renames a whole file of its own."""
+    path = tmp_path / "compare_done.json"
+    fsync = os.fsync
+    second = []
+
+    def second_writer_starts(fd: int) -> None:
+        fsync(fd)
+        if not second:
+            second.append(1)
+            write_text_atomic(path, '{"by": "second"}\n')
+
+    monkeypatch.setattr(atomic_file.os, "fsync", second_writer_starts)
+    write_text_atomic(path, '{"by": "first", "longer": true}\n')
+    assert path.read_text() == '{"by": "first", "longer": true}\n'  # the last rename wins, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["compare_done.json"]

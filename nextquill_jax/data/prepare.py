@@ -235,7 +235,8 @@ def _check_out_spares_inputs(out: Path, paths: dict[str, list[Path]]) -> None:
 def _replaced_files(out: Path) -> dict[tuple[int, int], tuple[Path, str]]:
     """The existing files of `out` that `prepare` writes, replaces or deletes, by (st_dev, st_ino) of what
     they name: (the name in `out`, what it holds). Links are followed, as writing through them would."""
-    names = [(out / SUMMARY_FILE, "the summary"), (out / f"{SUMMARY_FILE}.tmp", "the summary")]
+    # The summary's temporary file is a new name at each write (`write_text_atomic`): no link can hold it.
+    names = [(out / SUMMARY_FILE, "the summary")]
     for split in SPLITS:
         names.append((out / f"{split}.jsonl", f"the rendered {split} examples"))
         for root, _, files in os.walk(out / split):
