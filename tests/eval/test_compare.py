@@ -334,12 +334,20 @@ def test_repeated_seeds_counts_below_one_and_path_like_variant_names_are_refused
         assert load_comparison(file, [0, 1]).workdir(name, 1) == Path("o") / "seed1" / name
 
 
+def _finished_with(comparison, settings: dict) -> None:
+    """Record variant `a` (seed 0) of `comparison` as finished with `settings` (its compare_done.json)."""
+    from nextquill_jax.eval.compare import write_done
+
+    comparison.workdir("a", 0).mkdir(parents=True)
+    write_done(comparison.workdir("a", 0) / DONE_FILE, {"variant": "a", "settings": settings})
+
+
 def test_a_finished_run_whose_prepared_data_moved_is_refused_with_the_reason(tmp_path, tiny_config):
     """A copied comparison (`cp -r cmp1 cmpX`, then `out: cmpX`): compare_done.json holds the prepared data's
     path, so the run is refused, and the message says why and how to reuse the runs."""
     import dataclasses
 
-    from nextquill_jax.eval.compare import finished_changes, run_settings, write_done
+    from nextquill_jax.eval.compare import finished_changes, run_settings
 
     base = tiny_config(tmp_path / "unused", tmp_path / "unused_run")
     base["train"]["data_dir"] = None
@@ -351,11 +359,7 @@ def test_a_finished_run_whose_prepared_data_moved_is_refused_with_the_reason(tmp
     ran = dataclasses.replace(
         cfg, train=dataclasses.replace(cfg.train, data_dir=str(tmp_path / "cmp1" / "prepared"))
     )
-    comparison.workdir("a", 0).mkdir(parents=True)
-    write_done(
-        comparison.workdir("a", 0) / DONE_FILE,
-        {"variant": "a", "settings": run_settings(comparison, "a", ran)},
-    )
+    _finished_with(comparison, run_settings(comparison, "a", ran))
     with pytest.raises(ConfigError) as e:
         finished_changes(comparison, "a", 0, cfg)
     message = str(e.value)
@@ -374,7 +378,7 @@ def test_a_record_with_relative_paths_from_the_directory_it_ran_in_is_not_a_chan
     that compare_done.json records what the run's config.yaml does; a record of an earlier version, which
     kept them relative (`compare.out`, the data and workdir below it), read from the same directory is the
     same run."""
-    from nextquill_jax.eval.compare import finished_changes, run_settings, write_done
+    from nextquill_jax.eval.compare import finished_changes, run_settings
 
     monkeypatch.chdir(tmp_path)
     base = tiny_config("unused", "unused_run")
@@ -391,8 +395,7 @@ def test_a_record_with_relative_paths_from_the_directory_it_ran_in_is_not_a_chan
     )
     earlier = run_settings(comparison, "a", cfg)
     earlier["config"]["train"].update(data_dir="cmp/prepared", workdir="cmp/seed0/a")
-    comparison.workdir("a", 0).mkdir(parents=True)
-    write_done(comparison.workdir("a", 0) / DONE_FILE, {"variant": "a", "settings": earlier})
+    _finished_with(comparison, earlier)
     assert finished_changes(comparison, "a", 0, cfg) == []
 
 
@@ -401,7 +404,7 @@ def test_a_finished_run_trained_under_another_nonfinite_policy_is_refused(tmp_pa
     finished run's numbers depend on them once an update was skipped, so compare does not reuse the run."""
     import dataclasses
 
-    from nextquill_jax.eval.compare import finished_changes, run_settings, write_done
+    from nextquill_jax.eval.compare import finished_changes, run_settings
     from nextquill_jax.train.resume import may_change
 
     base = tiny_config(tmp_path / "unused", tmp_path / "unused_run")
@@ -414,11 +417,7 @@ def test_a_finished_run_trained_under_another_nonfinite_policy_is_refused(tmp_pa
     comparison = load_comparison(file)
     cfg = comparison.run_config("a", 0)
     ran = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, nonfinite="skip", max_skips=3))
-    comparison.workdir("a", 0).mkdir(parents=True)
-    write_done(
-        comparison.workdir("a", 0) / DONE_FILE,
-        {"variant": "a", "settings": run_settings(comparison, "a", ran)},
-    )
+    _finished_with(comparison, run_settings(comparison, "a", ran))
     with pytest.raises(ConfigError) as e:
         finished_changes(comparison, "a", 0, cfg)
     assert 'train.nonfinite: "skip" -> "stop"' in str(e.value) and "train.max_skips: 3 -> 20" in str(e.value)
