@@ -16,7 +16,8 @@ ran in, so a resume compares it joined to the current directory (`train.resume.n
   (`models.load_tokenizer`'s order);
 - `template`: the YAML file of a path with a suffix, else a built-in template name (`data.load_template`);
 - `reference`: `base` (the frozen LoRA base), else as `model` (a training workdir is a local directory).
-A name (and a path that exists nowhere, which its resolver refuses anyway) is left as written.
+A name (and a path that exists nowhere, or a `~user` of no user here, which its resolver refuses anyway) is
+left as written.
 """
 
 from __future__ import annotations
@@ -50,18 +51,31 @@ DATA_PATH_FIELDS: dict[str, PathKind] = {
 }
 
 
+def _expanded(value: str) -> Path | None:
+    """`value` as a path with `~` expanded, or None for a `~user` that names no user here (`expanduser`
+    raises RuntimeError): left as written, its resolver refuses it with its own message, naming the field."""
+    try:
+        return Path(value).expanduser()
+    except RuntimeError:
+        return None
+
+
 def _joined(value: str, base: Path) -> str:
-    """`value` with `~` expanded, joined to `base` when relative; a URL, or an absolute path as written,
-    unchanged."""
-    if "://" in value or Path(value).is_absolute():
+    """`value` with `~` expanded, joined to `base` when relative; a URL, an absolute path or an unknown
+    `~user` as written, unchanged."""
+    expanded = _expanded(value)
+    if "://" in value or expanded is None or Path(value).is_absolute():
         return value
-    return str(base / Path(value).expanduser())  # an expanded `~` is absolute: `base` then drops
+    return str(base / expanded)  # an expanded `~` is absolute: `base` then drops
 
 
 def _local(value: str, base: Path, kind: PathKind) -> bool:
     """Whether the resolver of a `kind` field reads `value` (relative to `base`) as a local path rather than
     as a name."""
-    path = base / Path(value).expanduser()
+    expanded = _expanded(value)
+    if expanded is None:
+        return False
+    path = base / expanded
     if kind == "tokenizer":
         return path.is_dir() or (path.suffix == ".gguf" and path.is_file())
     if kind == "template":

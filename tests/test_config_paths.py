@@ -81,3 +81,21 @@ def test_packaged_and_built_in_names_urls_and_defaults_are_left_as_written(tmp_p
     )
     assert given.train.data_dir is None and given.data.sources == [] and given.model.lora.init_from is None
     assert absolute_paths(given, tmp_path) == given
+
+
+def test_a_tilde_of_no_user_is_left_as_written_for_its_resolver_to_refuse(tmp_path):
+    # `~nosuchuser/...` made `expanduser` raise RuntimeError: `train` and `data prepare` ended in a
+    # traceback, where before the paths were absolute the source resolver refused it with an `error:` line.
+    unknown = "~no_such_user_nextquill"
+    given = load_config(
+        None,
+        base=_config(
+            model={"preset": None, "overrides": {}, "path": f"{unknown}/model"},
+            data={"sources": [f"{unknown}/x.jsonl", "rel.jsonl"], "tokenizer": f"{unknown}/tok"},
+            train={"data_dir": f"{unknown}/prep"},
+        ),
+    )
+    made = absolute_paths(given, tmp_path)
+    assert made.model.path == f"{unknown}/model" and made.data.tokenizer == f"{unknown}/tok"
+    assert made.data.sources == [f"{unknown}/x.jsonl", f"{tmp_path}/rel.jsonl"]
+    assert made.train.data_dir == f"{unknown}/prep"
