@@ -17,7 +17,7 @@ ran in, so a resume compares it joined to the current directory (`train.resume.n
 - `template`: the YAML file of a path with a suffix, else a built-in template name (`data.load_template`);
 - `reference`: `base` (the frozen LoRA base), else as `model` (a training workdir is a local directory).
 A name (and a path that exists nowhere, or a `~user` of no user here, which its resolver refuses anyway) is
-left as written.
+left as written, and so is an empty string.
 """
 
 from __future__ import annotations
@@ -61,10 +61,11 @@ def _expanded(value: str) -> Path | None:
 
 
 def _joined(value: str, base: Path) -> str:
-    """`value` with `~` expanded, joined to `base` when relative; a URL, an absolute path or an unknown
-    `~user` as written, unchanged."""
+    """`value` with `~` expanded, joined to `base` when relative; a URL, an absolute path, an unknown `~user`
+    and the empty string as written, unchanged (`""` names no directory: the readers of `train.data_dir` and
+    `logging.tensorboard_dir` take it as unset, their default in the workdir, not as `base`)."""
     expanded = _expanded(value)
-    if "://" in value or expanded is None or Path(value).is_absolute():
+    if not value or "://" in value or expanded is None or Path(value).is_absolute():
         return value
     return str(base / expanded)  # an expanded `~` is absolute: `base` then drops
 

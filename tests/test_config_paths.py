@@ -99,3 +99,18 @@ def test_a_tilde_of_no_user_is_left_as_written_for_its_resolver_to_refuse(tmp_pa
     assert made.model.path == f"{unknown}/model" and made.data.tokenizer == f"{unknown}/tok"
     assert made.data.sources == [f"{unknown}/x.jsonl", f"{tmp_path}/rel.jsonl"]
     assert made.train.data_dir == f"{unknown}/prep"
+
+
+def test_an_empty_path_stays_empty_so_its_default_in_the_workdir_still_applies(tmp_path):
+    # `train.data_dir: ""` (and `logging.tensorboard_dir: ""`) mean the default, `<workdir>/prepared` (and
+    # `<workdir>/tensorboard`), to their readers; joined to the base they had become the current directory,
+    # where `train` would then prepare its data.
+    from nextquill_jax.train.metrics_log import tensorboard_dir
+    from nextquill_jax.train.workdir import data_dir_of
+
+    given = load_config(None, base=_config(train={"data_dir": ""}, logging={"tensorboard_dir": ""}))
+    made = absolute_paths(given, tmp_path)
+    assert made == given
+    workdir = tmp_path / "run"
+    assert data_dir_of(made, workdir) == workdir / "prepared"
+    assert tensorboard_dir(made.logging, workdir) == workdir / "tensorboard"
