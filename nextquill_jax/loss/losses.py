@@ -123,7 +123,8 @@ def loss_from_logits(
             left out).
 
     Returns:
-        (loss, aux): float32 scalar loss and the aux dict of float32 scalars (module docstring).
+        (loss, aux): float32 scalar loss and the aux dict of scalars, float32 but `tokens` int32 (module
+            docstring).
 
     Raises:
         ValueError: a stream or reference the variant needs is missing, a reference is given for a dynamic
