@@ -668,3 +668,48 @@ def test_training_data_smaller_than_one_batch_with_drop_remainder_is_one_error_l
     assert f"data/train ({examples}) fills no complete global batch of 64 rows" in err, err
     assert "Fix: set data.batching.drop_remainder: false, or lower data.batching.rows_per_batch" in err, err
     assert "\n" not in err
+
+
+def _diverged(nonfinite: str) -> Exception:
+    """The TrainingDivergedError the loop raises at step 5 under `train.nonfinite: nonfinite` (skip: 21
+    skipped, above the default limit of 20), the last good checkpoint /w/checkpoints/3."""
+    from types import SimpleNamespace
+
+    from nextquill_jax.config import TrainConfig
+    from nextquill_jax.train import loop
+
+    pending = SimpleNamespace(cfg=SimpleNamespace(train=TrainConfig(nonfinite=nonfinite)))
+    skipped = 21.0 if nonfinite == "skip" else 0.0
+    metrics = {"nonfinite": 1.0, "skipped": skipped, "loss": float("nan"), "grad_norm": float("nan")}
+    try:
+        loop.PendingMetrics._check(pending, 5, metrics, lambda: "/w/checkpoints/3")
+    except loop.TrainingDivergedError as e:
+        return e
+    raise AssertionError("no divergence raised")
+
+
+@pytest.mark.parametrize(("nonfinite", "setting"), [("stop", "train.nonfinite: skip"), ("skip", "above 20")])
+def test_a_diverged_run_under_compare_or_demo_gets_a_fix_it_can_follow(
+    nonfinite, setting, tmp_path, monkeypatch, capsys, tiny_config
+):
+    """`train`'s fix says to rerun with an override, which `compare` and `demo` do not take: compare says to
+    set the setting in its file's `base` (a resume may change it), the demo that it starts over."""
+    from nextquill_jax.demo import run as demo_run
+    from nextquill_jax.eval import compare
+
+    error = _diverged(nonfinite)
+    assert "override" in str(error)  # train's own fix
+    raise_it = lambda *a, **k: (_ for _ in ()).throw(error)
+    file = tmp_path / "c.yaml"
+    base = tiny_config(tmp_path / "data", tmp_path / "run")
+    compare_file = {"compare": {"out": str(tmp_path / "o"), "baseline": "a"}, "variants": {"a": {}}}
+    file.write_text(yaml.safe_dump({**compare_file, "base": base}))
+    monkeypatch.setattr(compare, "run_comparison", raise_it)
+    assert cli.main(["compare", "--config", str(file)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {error.diagnosis} Fix: set ") and "override" not in err, err
+    assert f"{setting} in the `base` of {file} and run the same command again" in err, err
+    monkeypatch.setattr(demo_run, "run_demo", raise_it)
+    assert cli.main(["demo", "--quick", "--out", str(tmp_path / "demo")]) == 3
+    err = capsys.readouterr().err
+    assert err == f"error: {error.diagnosis} The demo starts over when run again.\n", err

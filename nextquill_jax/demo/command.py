@@ -40,8 +40,8 @@ def run_demo_command(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except TrainingDivergedError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except TrainingDivergedError as e:  # its fix is `train`'s, which does not apply: a demo starts over
+        print(f"error: {e.diagnosis} The demo starts over when run again.", file=sys.stderr)
         return 3
     except TrainingStoppedError:  # status 0, as `train` stopped this way
         print("demo stopped before its end; `nextquill-jax demo` starts over when run again")

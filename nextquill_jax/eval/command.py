@@ -22,7 +22,7 @@ import dataclasses
 import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nextquill_jax import third_party_logs
 from nextquill_jax.data.config import SPLITS
@@ -36,6 +36,9 @@ from nextquill_jax.subcommand import (
     positive_int,
     probability,
 )
+
+if TYPE_CHECKING:  # the commands import JAX only when they run
+    from nextquill_jax.train.loop import TrainingDivergedError
 
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -419,14 +422,27 @@ def run_compare(args: argparse.Namespace) -> int:
         # The log in compare.out is opened only under compare's lock: a comparison refused there (another
         # one is running in compare.out) appends nothing to the running one's log.
         run_comparison(comparison, on_locked=lambda: third_party_logs.log_to(out, named=named))
-    except (ValueError, TrainingDivergedError) as e:
+    except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except TrainingDivergedError as e:  # its own fix is `train`'s, whose overrides compare does not take
+        print(f"error: {e.diagnosis} Fix: {diverged_fix(e, args.config)}", file=sys.stderr)
         return 1
     except (TrainingStoppedError, ComparisonStoppedError) as e:  # status 0, as `train` stopped this way:
         print(f"compare stopped: {e}")  # a resumable stop (SIGTERM or Ctrl-C, in training or outside it)
         return 0
     print((Path(comparison.compare.out) / "results.md").read_text(encoding="utf-8"))
     return 0
+
+
+def diverged_fix(e: TrainingDivergedError, config: Path) -> str:
+    """The fix of a run of the compare file `config` that stopped for a non-finite loss: the setting a resume
+    may change, set in the file's `base` (compare takes no overrides), or a lower learning rate elsewhere."""
+    return (
+        f"set {e.resume_setting} in the `base` of {config} and run the same command again: the run "
+        f"resumes from that checkpoint (a resume may change it) and finished runs are not run again; or, "
+        f"with a lower optim.learning_rate, set another compare.out (a resume may not change it)."
+    )
 
 
 COMMANDS = {

@@ -67,10 +67,13 @@ Change = tuple[str, Any, Any]  # (dotted key, recorded value, current value), as
 # The `compare` fields that change a run's numbers, recorded with it; `out`, `baseline`, `seeds` and
 # `resamples` only decide where the runs are and how the table is built from them.
 EVALUATION_FIELDS = ("split", "max_examples", "eval_batch_size", "effect_examples", "max_new_tokens")
+# The non-finite policy: a resume may change it (a diverged run resumes skipping), and a finished run's
+# numbers depend on it only once it skipped an update (`finished_changes`).
+_NONFINITE_POLICY = ("train.nonfinite", "train.max_skips")
 # Config keys a resume may change (`resume.MAY_CHANGE`) that still change a compare run's numbers: the
 # decoding its evaluation uses, where its prepared data lies (the record holds the path, not the content), and
-# the non-finite policy (a finished run's numbers depend on it once an update was not finite).
-_RESULT_KEYS = ("eval.generation", "train.data_dir", "train.nonfinite", "train.max_skips")
+# the non-finite policy.
+_RESULT_KEYS = ("eval.generation", "train.data_dir", *_NONFINITE_POLICY)
 
 
 # The lock on `compare.out`. The runs below it take their own (`train.lock` in each run's workdir).
@@ -341,10 +344,14 @@ def finished_changes(comparison: Comparison, name: str, seed: int, cfg: Config) 
     """
     workdir = comparison.workdir(name, seed)
     done = workdir / DONE_FILE
-    recorded = json.loads(done.read_text()).get("settings") if done.exists() else None
+    record = json.loads(done.read_text()) if done.exists() else {}
+    recorded = record.get("settings")
     if recorded is None:
         return None
     training, evaluation = settings_changes(recorded, run_settings(comparison, name, cfg), name)
+    # A run that skipped no update trained alike under any non-finite policy (older records do not say).
+    if record.get("skipped_updates") == 0:
+        training = [change for change in training if not covered(change[0], _NONFINITE_POLICY)]
     if training and recorded["train"]:
         # Unlike `train`, which compares the data's content digests, a run's record holds its data's path.
         moved = (
@@ -514,6 +521,7 @@ def run_variant(
     from nextquill_jax.eval.evaluate import evaluate
     from nextquill_jax.train import model_setup
     from nextquill_jax.train.loop import train_to_the_end
+    from nextquill_jax.train.metrics_log import last_value
     from nextquill_jax.train.workdir import data_dir_of, initial_model, restore_model
 
     workdir = comparison.workdir(name, seed)
@@ -586,6 +594,9 @@ def run_variant(
         "rendered_split": str(data_dir / f"{plan.split}.jsonl"),
         "bleu": metrics["overall"]["bleu"],
         "settings": settings,
+        # Updates its training skipped for a non-finite loss (None untrained): with none, the non-finite
+        # policy does not matter to its numbers (`finished_changes`).
+        "skipped_updates": last_value(workdir, "skipped") if variant.train else None,
     }
     at(f"record ({DONE_FILE})")
     return write_done(done, record)

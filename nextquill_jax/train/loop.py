@@ -52,7 +52,14 @@ _STEP_EXTRAS = ("grad_norm", "learning_rate", "input_tokens", "padding_efficienc
 
 
 class TrainingDivergedError(RuntimeError):
-    """The loss or gradient became NaN/inf (the message names the step and the last good checkpoint)."""
+    """The loss or gradient became NaN/inf (`train.nonfinite: stop`), or more than `train.max_skips` updates
+    were skipped. The message is `diagnosis` (the step, the values, the last good checkpoint) and `train`'s
+    fix; `resume_setting` is the setting a resume from that checkpoint may change to go on, which a command
+    that takes no overrides (`compare`) words its own way."""
+
+    def __init__(self, diagnosis: str, resume_setting: str, train_fix: str) -> None:
+        super().__init__(f"{diagnosis} Fix: {train_fix}")
+        self.diagnosis, self.resume_setting = diagnosis, resume_setting
 
 
 class TrainingStoppedError(RuntimeError):
@@ -390,17 +397,20 @@ class PendingMetrics:
         if m["nonfinite"] and train.nonfinite == "stop":
             raise TrainingDivergedError(
                 f"the loss or gradient is not finite at step {step} (loss {float(m['loss'])}, grad norm "
-                f"{float(m['grad_norm'])}). Last good checkpoint: {last_good()}. Fix: run the same command "
-                f"with the override train.nonfinite=skip to resume from it skipping such updates, or train "
-                f"again in a new --workdir (a resume may not change it) with a lower optim.learning_rate."
+                f"{float(m['grad_norm'])}). Last good checkpoint: {last_good()}.",
+                "train.nonfinite: skip",
+                "run the same command with the override train.nonfinite=skip to resume from it skipping "
+                "such updates, or train again in a new --workdir (a resume may not change it) with a lower "
+                "optim.learning_rate.",
             )
         if m["skipped"] > train.max_skips:
             raise TrainingDivergedError(
                 f"{int(m['skipped'])} updates skipped for non-finite losses by step {step} (limit "
-                f"train.max_skips={train.max_skips}). Last good checkpoint: {last_good()}. Fix: if the "
-                f"skipped updates are rare outliers, run the same command with a higher train.max_skips "
-                f"(an override) to resume from it; otherwise train again in a new --workdir (a resume may "
-                f"not change it) with a lower optim.learning_rate."
+                f"train.max_skips={train.max_skips}). Last good checkpoint: {last_good()}.",
+                f"a train.max_skips above {train.max_skips}",
+                "if the skipped updates are rare outliers, run the same command with a higher "
+                "train.max_skips (an override) to resume from it; otherwise train again in a new --workdir "
+                "(a resume may not change it) with a lower optim.learning_rate.",
             )
 
 

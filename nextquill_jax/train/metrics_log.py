@@ -131,6 +131,17 @@ class MetricsLog:
             self._bar.close()
 
 
+def last_value(workdir: str | Path, key: str) -> Any:
+    """`key` in the last row of `<workdir>/metrics.jsonl` that has it (None if none does, or there is no
+    such file); unreadable lines are passed over."""
+    path = Path(workdir) / METRICS_FILE
+    if not path.exists():
+        return None
+    with path.open(errors="replace") as f:
+        found = [row[key] for row in map(_row, f) if row is not None and row.get(key) is not None]
+    return found[-1] if found else None
+
+
 def tensorboard_dir(cfg: LoggingConfig, workdir: str | Path) -> Path:
     """The folder of the run's TensorBoard event files: `cfg.tensorboard_dir` with `~` expanded (a relative
     path stays relative to the current directory), or `<workdir>/tensorboard` when it is null."""

@@ -334,12 +334,13 @@ def test_repeated_seeds_counts_below_one_and_path_like_variant_names_are_refused
         assert load_comparison(file, [0, 1]).workdir(name, 1) == Path("o") / "seed1" / name
 
 
-def _finished_with(comparison, settings: dict) -> None:
-    """Record variant `a` (seed 0) of `comparison` as finished with `settings` (its compare_done.json)."""
+def _finished_with(comparison, settings: dict, **record) -> None:
+    """Record variant `a` (seed 0) of `comparison` as finished with `settings` (its compare_done.json), with
+    the other fields `record` gives."""
     from nextquill_jax.eval.compare import write_done
 
-    comparison.workdir("a", 0).mkdir(parents=True)
-    write_done(comparison.workdir("a", 0) / DONE_FILE, {"variant": "a", "settings": settings})
+    comparison.workdir("a", 0).mkdir(parents=True, exist_ok=True)
+    write_done(comparison.workdir("a", 0) / DONE_FILE, {"variant": "a", "settings": settings, **record})
 
 
 def test_a_finished_run_whose_prepared_data_moved_is_refused_with_the_reason(tmp_path, tiny_config):
@@ -399,9 +400,13 @@ def test_a_record_with_relative_paths_from_the_directory_it_ran_in_is_not_a_chan
     assert finished_changes(comparison, "a", 0, cfg) == []
 
 
-def test_a_finished_run_trained_under_another_nonfinite_policy_is_refused(tmp_path, tiny_config):
-    """A resume may change `train.nonfinite` and `train.max_skips` (a diverged run resumes skipping), but a
-    finished run's numbers depend on them once an update was skipped, so compare does not reuse the run."""
+def test_a_finished_run_trained_under_another_nonfinite_policy_is_refused_once_it_skipped_an_update(
+    tmp_path, tiny_config
+):
+    """A resume may change `train.nonfinite` and `train.max_skips` (a diverged run resumes skipping: the fix
+    compare gives is to set it in the file's `base`). A finished run's numbers depend on them only once it
+    skipped an update, so one that skipped none is reused under the new policy, one that skipped some is
+    not, and one whose record predates the count is not either."""
     import dataclasses
 
     from nextquill_jax.eval.compare import finished_changes, run_settings
@@ -409,19 +414,31 @@ def test_a_finished_run_trained_under_another_nonfinite_policy_is_refused(tmp_pa
 
     base = tiny_config(tmp_path / "unused", tmp_path / "unused_run")
     file = tmp_path / "c.yaml"
-    file.write_text(
-        yaml.safe_dump(
-            {"compare": {"out": str(tmp_path / "o"), "baseline": "a"}, "variants": {"a": {}}, "base": base}
-        )
-    )
+    compare = {"out": str(tmp_path / "o"), "baseline": "a"}
+    file.write_text(yaml.safe_dump({"compare": compare, "variants": {"a": {}}, "base": base}))
     comparison = load_comparison(file)
     cfg = comparison.run_config("a", 0)
     ran = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, nonfinite="skip", max_skips=3))
-    _finished_with(comparison, run_settings(comparison, "a", ran))
-    with pytest.raises(ConfigError) as e:
-        finished_changes(comparison, "a", 0, cfg)
-    assert 'train.nonfinite: "skip" -> "stop"' in str(e.value) and "train.max_skips: 3 -> 20" in str(e.value)
+    for record in ({"skipped_updates": 2}, {}):
+        _finished_with(comparison, run_settings(comparison, "a", ran), **record)
+        with pytest.raises(ConfigError) as e:
+            finished_changes(comparison, "a", 0, cfg)
+        assert 'train.nonfinite: "skip" -> "stop"' in str(e.value), record
+        assert "train.max_skips: 3 -> 20" in str(e.value), record
+    _finished_with(comparison, run_settings(comparison, "a", ran), skipped_updates=0)
+    assert finished_changes(comparison, "a", 0, cfg) == []
     assert may_change("train.nonfinite") and may_change("train.max_skips")
+
+
+def test_each_trained_runs_record_holds_its_skipped_updates_from_its_metrics(compared):
+    root, _, _, _, _, _ = compared
+    runs = root / "out" / "seed0"
+    for name in ("context_sft", "nextquill"):
+        rows = [json.loads(line) for line in (runs / name / "metrics.jsonl").read_text().splitlines()]
+        skipped = [row["skipped"] for row in rows if "skipped" in row]
+        assert len(skipped) == 2 and skipped[-1] == 0, (name, skipped)  # both steps' rows; nothing skipped
+        assert json.loads((runs / name / DONE_FILE).read_text())["skipped_updates"] == 0, name
+    assert json.loads((runs / "untrained" / DONE_FILE).read_text())["skipped_updates"] is None
 
 
 def test_variants_share_the_prepared_data_unless_their_data_overrides_change_it(tmp_path, tiny_config):
