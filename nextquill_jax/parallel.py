@@ -19,6 +19,8 @@ from typing import Any
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from nextquill_jax.plural import counted
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 LogicalRules = Sequence[tuple[str, str | tuple[str, ...] | None]]
@@ -133,14 +135,14 @@ def resolve_mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int,
     if fill:
         if num_devices % fixed:
             raise ValueError(
-                f"mesh {_describe(shape)} cannot fill {_devices(num_devices)}: the fixed axes multiply to "
-                f"{fixed}, which does not divide {num_devices}. Fix: choose sizes whose product divides "
-                f"{num_devices}, e.g. {_fitting(shape, num_devices)}."
+                f"mesh {_describe(shape)} cannot fill {counted(num_devices, 'device')}: the fixed axes "
+                f"multiply to {fixed}, which does not divide {num_devices}. Fix: choose sizes whose product "
+                f"divides {num_devices}, e.g. {_fitting(shape, num_devices)}."
             )
         shape[MESH_AXES.index(fill[0])] = num_devices // fixed
     elif fixed != num_devices:
         raise ValueError(
-            f"mesh {_describe(shape)} has {_devices(fixed)} but {num_devices} "
+            f"mesh {_describe(shape)} has {counted(fixed, 'device')} but {num_devices} "
             f"{'is' if num_devices == 1 else 'are'} available. Fix: make "
             f"mesh.data * mesh.fsdp * mesh.tensor = {num_devices}, or set one axis to -1 to fill the rest "
             f"(e.g. mesh.fsdp=-1)."
@@ -150,10 +152,6 @@ def resolve_mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int,
 
 def _describe(shape: Sequence[int]) -> str:
     return "(" + ", ".join(f"{a}={s}" for a, s in zip(MESH_AXES, shape, strict=True)) + ")"
-
-
-def _devices(n: int) -> str:
-    return f"{n} device" if n == 1 else f"{n} devices"
 
 
 def _fitting(shape: Sequence[int], num_devices: int) -> str:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from nextquill_jax import third_party_logs
 from nextquill_jax.data.config import SPLITS, DataConfig
+from nextquill_jax.plural import counted
 from nextquill_jax.subcommand import OVERRIDES, Subcommand, add_action, non_negative_int, positive_int
 
 
@@ -155,9 +156,8 @@ def _show(args: argparse.Namespace) -> int:
         )
     tokens = split[args.index]
     row = _jsonl_row(args.dir / f"{args.split}.jsonl", args.index)
-    count = f"{len(split)} example{'' if len(split) == 1 else 's'}"
     lines = [
-        f"example {args.index} of {args.split} ({count}) | user {row['user_id']}"
+        f"example {args.index} of {args.split} ({counted(len(split), 'example')}) | user {row['user_id']}"
         f" | category {row['category'] or '-'} | id {row['id'] or '-'}",
         f"source: {row['source']}",
         f"history: {row['history_used']} of {row['history_available']} entries used"
@@ -201,8 +201,7 @@ def _synth(args: argparse.Namespace) -> int:
         signature_words=args.signature_words,
     )
     counts = ", ".join(f"{s} {n}" for s, n in manifest["records"].items())
-    users = manifest["users"]
-    print(f"wrote {args.out / 'synthetic.jsonl'}: {counts} records ({users} user{'' if users == 1 else 's'})")
+    print(f"wrote {args.out / 'synthetic.jsonl'}: {counts} records ({counted(manifest['users'], 'user')})")
     return 0
 
 

@@ -49,6 +49,7 @@ from nextquill_jax.data.assemble import RowShape, assemble_batch
 from nextquill_jax.data.config import BatchingConfig
 from nextquill_jax.data.packing import bucket_batches, bucket_of, first_fit_rows, most_per_row, padded_shape
 from nextquill_jax.data.prepared_split import PreparedSplit
+from nextquill_jax.plural import counted
 
 Batch = dict[str, np.ndarray]
 
@@ -172,7 +173,7 @@ class BatchPipeline:
         self._plans: dict[int, _EpochPlan] = {}
         if cfg.drop_remainder and self.num_batches(0) == 0:
             raise ConfigError(  # a config problem: the CLI prints it as one `error:` line
-                f"{split.dir} ({len(split)} example{'' if len(split) == 1 else 's'}) fills no complete "
+                f"{split.dir} ({counted(len(split), 'example')}) fills no complete "
                 f"global batch of {self.global_rows} rows, and data.batching.drop_remainder is true, so "
                 "there is nothing to train on. Fix: set data.batching.drop_remainder: false, or lower "
                 f"data.batching.rows_per_batch (now {cfg.rows_per_batch})."

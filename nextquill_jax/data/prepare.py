@@ -48,6 +48,7 @@ from nextquill_jax.data.prepared_split import SUMMARY_FILE, write_split
 from nextquill_jax.data.sources.read import expand_paths, read_records
 from nextquill_jax.data.sources.records import IssueLog
 from nextquill_jax.data.templates import PromptTemplate, load_template
+from nextquill_jax.plural import counted
 
 FORMAT_VERSION = 3  # bump when the prepared layout or the example building changes (2: stable tie order;
 # 3: content-hashed sources and checksummed token arrays)
@@ -394,7 +395,7 @@ def _nothing_left(log: IssueLog) -> str:
 def _describe(out: Path, summary: dict[str, Any]) -> str:
     lines = [
         f"prepared {out}: "
-        + ", ".join(f"{s} {n} example{'' if n == 1 else 's'}" for s, n in summary["examples"].items())
+        + ", ".join(f"{s} {counted(n, 'example')}" for s, n in summary["examples"].items())
     ]
     empty = _empty_files(summary["read"])
     if empty:
@@ -405,9 +406,7 @@ def _describe(out: Path, summary: dict[str, Any]) -> str:
         )
     if summary["dropped"]:
         lines.append("  dropped: " + ", ".join(f"{k} {v}" for k, v in summary["dropped"].items()))
-    lines += [
-        f"  warning: {message} ({n} record{'' if n == 1 else 's'})" for message, n in summary["notes"].items()
-    ]
+    lines += [f"  warning: {message} ({counted(n, 'record')})" for message, n in summary["notes"].items()]
     cut = summary["fitting"]["prompts_cut"]
     if cut:
         lines.append(

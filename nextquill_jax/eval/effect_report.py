@@ -25,6 +25,7 @@ from nextquill_jax.atomic_file import write_text_atomic
 from nextquill_jax.eval.effect_scoring import ALL_ROLES, EOS, ROLES, score_roles
 from nextquill_jax.eval.effect_tokens import ExampleEffects, compute_example_effects
 from nextquill_jax.loss import LossConfig
+from nextquill_jax.plural import counted
 from nextquill_jax.train.metrics_log import strict_json
 
 DEFAULT_NUM_EXAMPLES = 8
@@ -239,8 +240,8 @@ def build_effect_report(
 def describe(summary: dict[str, Any]) -> str:
     """A few lines for the terminal: counts, the ground-truth scores when there are some, and the files."""
     lines = [
-        f"{len(summary['examples'])} example{'' if len(summary['examples']) == 1 else 's'} of split "
-        f"{summary['split']}: {summary['tokens']} target token{'' if summary['tokens'] == 1 else 's'}, "
+        f"{counted(len(summary['examples']), 'example')} of split {summary['split']}: "
+        f"{counted(summary['tokens'], 'target token')}, "
         f"{summary['preference_bearing']} preference-bearing (DCE > {summary['loss']['threshold']:g}), "
         f"median DCE {summary['dce']['p50']:+.4f}"
     ]

@@ -51,6 +51,7 @@ from nextquill_jax.loss import LossConfig, combine_aux, metrics_from_aux, varian
 from nextquill_jax.models.causal_lm import CausalLM
 from nextquill_jax.models.generate import GenerationConfig, generate
 from nextquill_jax.parallel import batch_shard_count
+from nextquill_jax.plural import counted
 from nextquill_jax.train import model_setup
 from nextquill_jax.train.metrics_log import strict_json
 from nextquill_jax.train.setup import (
@@ -242,8 +243,7 @@ def replacing_line(out_dir: Path, metrics: Mapping[str, Any]) -> str | None:
 def _results_of(metrics: Mapping[str, Any]) -> str:
     """ "step 6, 4 examples" (or the model's name for a model that is not a checkpoint)."""
     source = f"step {metrics['step']}" if metrics.get("step") is not None else metrics.get("model")
-    n = metrics.get("examples")
-    return f"{source}, {n} example{'' if n == 1 else 's'}"
+    return f"{source}, {counted(metrics.get('examples'), 'example')}"
 
 
 def evaluate(
@@ -332,10 +332,7 @@ def evaluate(
     tokenizer = load_fast_tokenizer(cfg.data.tokenizer)
     eos = int(tokens.meta.get("eos_token_id", tokenizer.eos_token_id))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    echo(
-        f"evaluating {loaded.source} on {len(rows)} {split} example{'' if len(rows) == 1 else 's'} "
-        f"({stream}-history prompts)"
-    )
+    echo(f"evaluating {loaded.source} on {counted(len(rows), f'{split} example')} ({stream}-history prompts)")
 
     reference = reference_params(cfg, mesh)  # outside set_mesh: model set-up reads abstract shapes
     with jax.set_mesh(mesh):
