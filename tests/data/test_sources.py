@@ -7,6 +7,7 @@ import dataclasses
 import gzip
 import json
 import shutil
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -39,6 +40,16 @@ def _read(cfg: DataConfig, template: str | None = None):
     records = read_records(cfg, load_template(template or cfg.template), log)
     log.raise_if_failed()
     return records, log
+
+
+def _topic_writing_cfg(tw: Path) -> DataConfig:
+    """LaMP topic writing from the directory `tw`: its dev questions, golds in its dev outputs."""
+    return DataConfig(
+        format="lamp",
+        template="lamp_topic_writing",
+        sources=[str(tw / "dev_questions.json")],
+        meta=[str(tw / "dev_outputs.json")],
+    )
 
 
 def _amazon_cfg(thresholds, **kw) -> DataConfig:
@@ -206,12 +217,7 @@ def test_dpl_rows_give_the_same_records_as_the_raw_amazon_files(tmp_path, small_
 
 def test_lamp_topic_writing_and_abstract():
     tw = FIXTURES / "lamp" / "topic_writing"
-    cfg = DataConfig(
-        format="lamp",
-        template="lamp_topic_writing",
-        sources=[str(tw / "dev_questions.json")],
-        meta=[str(tw / "dev_outputs.json")],
-    )
+    cfg = _topic_writing_cfg(tw)
     records, log = _read(cfg)
     assert [r.id for r in records] == ["tw-101", "tw-102"] and dict(log.dropped) == {"empty_history": 1}
     r = records[0]
@@ -674,12 +680,7 @@ def test_a_lamp_gold_for_a_question_with_an_inline_output_is_counted_as_ignored(
     assert questions[0]["id"] == "tw-101"
     questions[0]["output"] = "The inline answer."
     (tw / "dev_questions.json").write_text(json.dumps(questions, indent=1))
-    cfg = DataConfig(
-        format="lamp",
-        template="lamp_topic_writing",
-        sources=[str(tw / "dev_questions.json")],
-        meta=[str(tw / "dev_outputs.json")],
-    )
+    cfg = _topic_writing_cfg(tw)
     records, log = _read(cfg)
     assert [r.id for r in records] == ["tw-101", "tw-102"] and records[0].target == "The inline answer."
     assert records[1].target.startswith("The jitters got old")  # from its gold, as before
