@@ -7,16 +7,15 @@ is fast.
 
 from __future__ import annotations
 
-import _thread
 import argparse
 import contextlib
 import importlib
 import os
+import signal
 import sys
-import threading
 from collections.abc import Iterator
 
-from nextquill_jax import __version__, third_party_logs
+from nextquill_jax import __version__, lost_signals, third_party_logs
 from nextquill_jax.subcommand import OVERRIDES, Subcommand
 
 DESCRIPTION = (
@@ -188,23 +187,15 @@ def _dispatch(argv: list[str]) -> int:
 
 @contextlib.contextmanager
 def _lost_interrupts_redelivered() -> Iterator[None]:
-    """While entered, a Ctrl-C whose KeyboardInterrupt Python could not raise is delivered again.
-
-    Python raises a signal's exception wherever the main thread is. Inside a garbage-collector callback (JAX
-    registers one, `_xla_gc_callback`, which runs at every collection: often while JAX is imported and
-    traced) or a `__del__`, the exception cannot propagate: Python prints "Exception ignored in ..." and goes
-    on, so a Ctrl-C during set-up was lost and the command ran to its end. `sys.unraisablehook` sees it
-    there, and a timer thread makes the SIGINT pending again 10 ms later, so it surfaces in the main thread's
-    next ordinary Python line (if that is again such a callback, it comes back here). Not from the hook
-    itself: a signal made pending there would be raised inside the hook, where it is lost for good.
+    """While entered, a Ctrl-C whose KeyboardInterrupt Python could not raise (inside a garbage-collector
+    callback, such as the one JAX runs at every collection) is delivered again (`lost_signals`): before, a
+    Ctrl-C during set-up was lost and the command ran to its end.
     """
     previous = sys.unraisablehook
 
     def redeliver(unraisable: sys.UnraisableHookArgs) -> None:
         if isinstance(unraisable.exc_value, KeyboardInterrupt):
-            again = threading.Timer(0.01, _thread.interrupt_main)
-            again.daemon = True
-            again.start()
+            lost_signals.deliver_again(signal.SIGINT)
         else:
             previous(unraisable)
 

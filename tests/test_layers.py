@@ -8,9 +8,9 @@ on what a run happens to import. Layers, top to bottom (README, "Architecture"):
 `config_reference` (the generator of configs/REFERENCE.md, which documents the schemas of `config`, `eval`'s
 compare files and `bench`'s sweeps) stands above `eval` and `bench`, beside `demo`.
 
-`config_schema`, `config_paths`, `plural`, `atomic_file`, `output_dir`, `subcommand` and `third_party_logs`
-serve every layer: they import nothing of the package but each other (`third_party_logs` checks its directory
-with `output_dir`).
+`config_schema`, `config_paths`, `plural`, `lost_signals`, `atomic_file`, `output_dir`, `subcommand` and
+`third_party_logs` serve every layer: they import nothing of the package but each other (`third_party_logs`
+checks its directory with `output_dir`).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ LAYER_OF = {
     "config_schema": 0,
     "config_paths": 0,
     "plural": 0,
+    "lost_signals": 0,
     "atomic_file": 0,
     "output_dir": 0,
     "subcommand": 0,

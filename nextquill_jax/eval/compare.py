@@ -40,7 +40,6 @@ run takes it (the runtime is started first, as the first run's training would st
 
 from __future__ import annotations
 
-import _thread
 import contextlib
 import dataclasses
 import json
@@ -53,6 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from nextquill_jax import lost_signals
 from nextquill_jax.config import Config, config_to_dict, load_config, save_config
 from nextquill_jax.config_paths import absolute_paths
 from nextquill_jax.config_schema import ConfigError, build, read_yaml
@@ -432,12 +432,10 @@ class _StopOnSignal:
     Python, SIGTERM once JAX's multi-process runtime has started, and every signal off the main thread
     (where `signal` cannot set handlers).
 
-    A handler's exception is raised wherever the main thread is. Inside a garbage-collector callback (JAX
-    runs one at every collection, often while it loads and traces) or a `__del__` it cannot propagate:
-    Python hands it to `sys.unraisablehook` and goes on. While entered, that hook takes such a `_Signalled`,
-    installs the handler for its signal again and makes the signal pending from a timer thread 10 ms later
-    (not from the hook, where the exception would be lost again), so that it is raised at the main thread's
-    next ordinary line; `cli` does the same for a plain Ctrl-C."""
+    A `_Signalled` raised where Python cannot propagate it (inside a garbage-collector callback, such as the
+    one JAX runs at every collection) reaches `sys.unraisablehook`: while entered, that hook installs the
+    handler for its signal again and delivers the signal again (`lost_signals`), so that the stop is not
+    lost; `cli` does the same for a plain Ctrl-C."""
 
     def __init__(self) -> None:
         self.where = "the checks of every run's settings, before any run starts"
@@ -463,9 +461,7 @@ class _StopOnSignal:
             self._unraisable(unraisable)
             return
         self._previous[signalled.signum] = signal.signal(signalled.signum, self._handle)
-        again = threading.Timer(0.01, _thread.interrupt_main, args=(signalled.signum,))
-        again.daemon = True
-        again.start()
+        lost_signals.deliver_again(signalled.signum)
 
     @contextlib.contextmanager
     def suspended(self) -> Iterator[None]:
