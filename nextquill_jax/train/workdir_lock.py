@@ -98,6 +98,9 @@ class WorkdirLock:
 
         Raises:
             WorkdirLockedError: another process holds the lock; nothing in the directory was changed.
+            OSError: the directory or lock file cannot be created or written. Whatever interrupts `acquire`
+                (this, or a KeyboardInterrupt) leaves the lock not held: a long-lived process can take it
+                again.
         """
         if process_index != 0 or self._fd is not None:
             return self._fd is not None
@@ -117,14 +120,21 @@ class WorkdirLock:
                 f"{self.workdir} at the same time"
             )
             return False
+        except BaseException:  # a Ctrl-C during flock: the open file must not outlive the failed acquire
+            os.close(fd)
+            raise
         record = {
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "since": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         }
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
-        self._fd = fd
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+            self._fd = fd
+        except BaseException:  # a Ctrl-C or a full disk here: closing drops the lock, so none stays held
+            os.close(fd)
+            raise
         return True
 
     def release(self) -> None:

@@ -200,3 +200,26 @@ def test_a_filesystem_without_flock_trains_on_unlocked_with_one_warning(tmp_path
     assert len(lines) == 1
     assert lines[0].startswith(f"warning: cannot lock {tmp_path / 'run' / LOCK_FILE} (")
     assert "training without the workdir lock" in lines[0]
+
+
+@pytest.mark.parametrize("interrupted", ["flock", "pwrite"])
+def test_an_acquire_interrupted_by_ctrl_c_leaves_the_lock_free(tmp_path, monkeypatch, interrupted):
+    """A KeyboardInterrupt inside `acquire` (during flock, or after it while the holder is recorded) must not
+    leave the lock held by a file nobody closes: in a long-lived process (a notebook) the next acquire,
+    by this or another `WorkdirLock`, would be refused until the process exits."""
+    module = workdir_lock.os if interrupted == "pwrite" else workdir_lock.fcntl
+    real = getattr(module, interrupted)
+
+    def interrupt(fd, *args):
+        real(fd, *args)  # the lock is taken (flock) or being recorded (pwrite) when the Ctrl-C lands
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(module, interrupted, interrupt)
+        lock = WorkdirLock(tmp_path / "run")
+        with pytest.raises(KeyboardInterrupt):
+            lock.acquire(0, echo=lambda _: None)
+    assert not lock.held
+    again = WorkdirLock(tmp_path / "run")
+    assert again.acquire(0, echo=lambda _: None) is True and again.held
+    again.release()
