@@ -17,8 +17,8 @@ comparison resumes. Running the file again reuses a finished run whose settings 
 again when only evaluation settings changed (`compare.*`, `eval.generation`; any setting of a `train: false`
 variant, which trains nothing); and refuses, before any run starts, one trained under other training settings
 (or an interrupted training that `train` would not resume under them), naming each key and the fix (a new
-`compare.out`, or deleting that run's directory). A record from before
-records held settings is run again: `train` refuses a checkpoint of another config, or finds the run finished
+`compare.out`, or deleting that run's directory). A run whose compare_done.json predates the recorded
+settings is run again: `train` refuses a checkpoint of another config, or finds the run finished
 and trains nothing; then it is evaluated again. The per-example numbers
 (`compare_table.per_example_metrics`) of all runs become `<out>/results.json` and `<out>/results.md`
 (`compare_table`).
