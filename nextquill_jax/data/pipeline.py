@@ -159,8 +159,10 @@ class BatchPipeline:
         for name, lengths in (("prompt_with", p_w), ("prompt_without", p_o), ("target", tgt)):
             empty = np.flatnonzero(lengths == 0)
             if empty.size:
+                have = "has" if empty.size == 1 else "have"
                 raise ValueError(
-                    f"{split.dir}: {empty.size} examples have an empty {name}, e.g. example {int(empty[0])}; "
+                    f"{split.dir}: {counted(empty.size, 'example')} {have} an empty {name}, e.g. example "
+                    f"{int(empty[0])}; "
                     f"every prompt and target needs >= 1 token (prepare the data again)"
                 )
         self.shapes = self._resolve_shapes(p_w, p_o, tgt)
@@ -212,8 +214,10 @@ class BatchPipeline:
         cut = np.flatnonzero(keep < tgt)
         if cut.size and self.cfg.too_long == "error":
             i = int(cut[0])
+            do = "does" if cut.size == 1 else "do"
             raise ValueError(
-                f"{self.split.dir}: {cut.size} examples do not fit a row (T_w={T_w}, T_o={T_o}, R={R}), "
+                f"{self.split.dir}: {counted(cut.size, 'example')} {do} not fit a row (T_w={T_w}, T_o={T_o}, "
+                f"R={R}), "
                 f"e.g. example {i} (prompt_with {p_w[i]}, prompt_without {p_o[i]}, target {tgt[i]} tokens): "
                 f"{fixes}; or set data.batching.too_long: truncate to cut their targets (counted)"
             )

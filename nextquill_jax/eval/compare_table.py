@@ -32,6 +32,7 @@ from typing import Any
 from nextquill_jax.atomic_file import write_text_atomic
 from nextquill_jax.eval.bootstrap import paired_bootstrap
 from nextquill_jax.eval.preference_recall import preference_recall
+from nextquill_jax.plural import counted
 
 # (metric, column header, higher is better)
 METRICS: tuple[tuple[str, str, bool], ...] = (
@@ -170,7 +171,8 @@ def conclusions(result: Mapping[str, Any]) -> list[str]:
             if metric not in metrics:
                 continue
             d = metrics[metric]
-            interval = f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}], {d['examples']} examples"
+            examples = counted(d["examples"], "example")
+            interval = f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}], {examples}"
             if d["nonfinite"]:
                 interval += f", {d['nonfinite']} left out: not finite"
             if d["unpaired"]:
@@ -221,8 +223,8 @@ def markdown(result: Mapping[str, Any]) -> str:
         # A percentile bootstrap over a handful of pairs gives intervals narrower than the real uncertainty.
         lines += [
             "",
-            f"Only {fewest} paired examples: at fewer than {FEW_EXAMPLES} the bootstrap intervals are too "
-            "narrow to trust; evaluate more examples before reading a verdict.",
+            f"Only {counted(fewest, 'paired example')}: at fewer than {FEW_EXAMPLES} the bootstrap intervals "
+            "are too narrow to trust; evaluate more examples before reading a verdict.",
         ]
     return "\n".join(lines) + "\n"
 

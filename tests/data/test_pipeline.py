@@ -325,16 +325,20 @@ def test_too_long_examples_fail_or_are_truncated_and_counted(data):
     root, _ = data
     split = PreparedSplit(root, "long")
     cfg = dict(seq_len_with=64, seq_len_without=64, response_slots=40)
-    with pytest.raises(ValueError, match="too_long: truncate"):
-        BatchPipeline(split, _cfg(**cfg), process_index=0, process_count=1)
-    pipe = BatchPipeline(split, _cfg(**cfg, too_long="truncate"), process_index=0, process_count=1)
     stored = split.lengths("target")
     p_w = split.lengths("prompt_with")
     keep = np.minimum.reduce(
         [stored, 64 - p_w, 64 - split.lengths("prompt_without"), np.full_like(stored, 40)]
     )
+    cut = int((keep < stored).sum())
+    with pytest.raises(ValueError, match="too_long: truncate") as refused:
+        BatchPipeline(split, _cfg(**cfg), process_index=0, process_count=1)
+    assert (f"{cut} examples do not fit a row" if cut > 1 else "1 example does not fit a row") in str(
+        refused.value
+    )
+    pipe = BatchPipeline(split, _cfg(**cfg, too_long="truncate"), process_index=0, process_count=1)
     stats = pipe.epoch_stats(0)
-    assert stats.truncated_examples == int((keep < stored).sum()) > 0
+    assert stats.truncated_examples == cut > 0
     assert stats.truncated_tokens == int((stored - keep).sum())
     labels = np.concatenate([b["labels"].ravel() for b in pipe])
     assert (labels != IGNORE_INDEX).sum() == keep.sum()

@@ -85,3 +85,13 @@ def test_the_std_across_seeds_is_the_sample_std(tmp_path):
     assert result["rows"][0]["rouge1"] == pytest.approx(0.2, abs=1e-12)
     assert result["rows"][0]["rouge1_std"] == pytest.approx(2**0.5 * 0.1, abs=1e-12)
     assert "| a | 0.2000 ± 0.1414 |" in (out / "results.md").read_text()
+
+
+def test_one_paired_example_is_counted_in_the_singular(tmp_path):
+    """Each example of the variant scores its baseline's + 0.1: one pair gives the difference exactly."""
+    records = [run_files(tmp_path, n, [0.1 + d], [1.0 + d], bleu=1.0) for n, d in (("a", 0.0), ("b", 0.1))]
+    result, out = _results(tmp_path, records, "a")
+    assert result["differences"]["b"]["rouge1"]["examples"] == 1
+    text = (out / "results.md").read_text()
+    assert "b vs a on ROUGE-1: better (+0.1000 [+0.1000, +0.1000], 1 example)" in text
+    assert "Only 1 paired example: at fewer than" in text
