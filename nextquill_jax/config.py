@@ -517,7 +517,8 @@ class EvalConfig:
             evaluate.
         `max_batches`: evaluate on the split's first this many batches; null: the whole split.
         `generation`: the decoding `nextquill-jax evaluate` uses (default: the public code's, greedy with
-            repetition penalty 1.2); its command-line flags override it.
+            repetition penalty 1.2); its command-line flags override it. `max_new_tokens: 0` skips decoding:
+            the evaluation measures the teacher-forced losses only.
     """
 
     every_steps: int = 0

@@ -458,8 +458,8 @@ EVALUATE = ["evaluate", "--workdir", "{tmp}/run"]
 EFFECTS = ["effects", "--workdir", "{tmp}/run", "--out", "{tmp}/report"]
 SYNTH = ["data", "synth", "--out", "{tmp}/synth"]
 COUNT_FLAGS = [
-    *((EVALUATE, flag, 1) for flag in ("--batch-size", "--max-examples", "--max-new-tokens")),
-    (EVALUATE, "--top-k", 0),
+    *((EVALUATE, flag, 1) for flag in ("--batch-size", "--max-examples")),
+    *((EVALUATE, flag, 0) for flag in ("--max-new-tokens", "--top-k")),  # --max-new-tokens 0: no generation
     *((EFFECTS, flag, 1) for flag in ("--num-examples", "--max-shown")),
     *(
         ([*SYNTH, "--users", "2"], flag, 1)

@@ -1321,6 +1321,20 @@ def test_a_workdir_reference_model_runs_with_a_cudnn_max_segments_that_holds_for
     assert used.cudnn_max_segments == examples_per_row(run.train_data)[0]
 
 
+def test_eval_generation_max_new_tokens_0_means_no_generation_and_below_0_is_refused():
+    """0 is `evaluate`'s "losses only" (tests/eval/test_evaluate.py); -1 is refused naming the key and what 0
+    means."""
+    config = REPO / "configs" / "tiny_synthetic.yaml"
+    assert load_config(config, ["eval.generation.max_new_tokens=0"]).eval.generation.max_new_tokens == 0
+    with pytest.raises(ConfigError) as e:
+        load_config(config, ["eval.generation.max_new_tokens=-1"])
+    assert str(e.value) == (
+        "command line: invalid `eval.generation`: GenerationConfig.max_new_tokens must be an int >= 0 (0: no "
+        "generation, the losses only), got -1. Fix the value under `eval.generation`. (overrides: "
+        "eval.generation.max_new_tokens=-1)"
+    )
+
+
 def test_eval_generation_is_configurable_and_cli_flags_override_only_what_they_set():
     import argparse
 

@@ -9,7 +9,8 @@
 `evaluate` generates for a prepared split with a run's checkpoint (or `--model PATH` on the run's data),
 scores the texts and writes `<workdir>/eval/<split>/{predictions.jsonl, metrics.json}` (`eval.evaluate`);
 decoding is the run config's `eval.generation` (unless set, the public NextQuill code's: greedy, repetition
-penalty 1.2), each decoding flag replacing one of its keys. `effects`
+penalty 1.2), each decoding flag replacing one of its keys; `--max-new-tokens 0` skips decoding and measures
+the losses only. `effects`
 writes a per-token causal effect report (`eval.effect_report`); `compare` runs variants of one config and
 tabulates them against a baseline with paired bootstrap intervals (`eval.compare`); a `compare.out` another
 `compare` is running in is refused at once with one `error:` line and status 1 (`eval.compare.LOCK`).
@@ -78,7 +79,11 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         "decoding (each flag replaces one key of the run config's eval.generation; the others keep it)"
     )
     decoding.add_argument(
-        "--max-new-tokens", type=positive_int, default=None, help=_run_default("max_new_tokens", 512)
+        "--max-new-tokens",
+        type=non_negative_int,
+        default=None,
+        help="0: no generation, only the teacher-forced losses (no predictions, no text metrics); "
+        + _run_default("max_new_tokens", 512),
     )
     decoding.add_argument(
         "--do-sample",

@@ -90,13 +90,17 @@ LOCK = LockUse(
 )
 
 
-# The `compare` counts that must be >= 1 (checked when the file is loaded, not after a variant has trained),
-# with what null means for those that may be null.
-_AT_LEAST_ONE = {
-    "max_examples": "all of the split's examples",
-    "eval_batch_size": "evaluate's default",
-    "effect_examples": None,
-    "max_new_tokens": "the base config's eval.generation.max_new_tokens",
+# The `compare` counts' least values (checked when the file is loaded, not after a variant has trained):
+# (least, what the least means where it is 0, what null means where it may be null).
+_COUNTS = {
+    "max_examples": (1, None, "all of the split's examples"),
+    "eval_batch_size": (1, None, "evaluate's default"),
+    "effect_examples": (1, None, None),
+    "max_new_tokens": (
+        0,
+        "no generation, the losses only",
+        "the base config's eval.generation.max_new_tokens",
+    ),
 }
 
 
@@ -120,8 +124,10 @@ class CompareConfig:
         `effect_examples`: the effect report covers the split's first this many examples (>= 1); the NLL
             columns (each example's mean over its target tokens, then the mean over examples, not the report's
             token-weighted `nll`) and the DCE AUROC cover these.
-        `max_new_tokens`: the most tokens generated per prompt (>= 1); null: the base config's
-            `eval.generation.max_new_tokens`.
+        `max_new_tokens`: the most tokens generated per prompt (>= 0); null: the base config's
+            `eval.generation.max_new_tokens`. 0: no generation: each run's teacher-forced losses and effect
+            report only, and the table has no ROUGE, METEOR, BLEU or preference recall (changing it
+            evaluates finished runs again, as any evaluation setting).
         `seeds`: every variant runs once per seed (its `train.seed` and `data.batching.seed`); at least one,
             each listed once. With several, each mean is over the seeds, shown ± the sample std (n - 1) of the
             per-seed means.
@@ -150,11 +156,13 @@ class CompareConfig:
                 f"({self.seeds}): a seed run again is the same run, which would count twice in the means and "
                 f"give a std across seeds of 0. Fix: list each seed once (in the file, or after --seeds)"
             )
-        for key, null_means in _AT_LEAST_ONE.items():
+        for key, (least, least_means, null_means) in _COUNTS.items():
             value = getattr(self, key)
-            if value is not None and value < 1:
+            if value is not None and value < least:
+                meaning = "" if least_means is None else f" ({least}: {least_means})"
                 null = "" if null_means is None else f", or null for {null_means}"
-                raise ValueError(f"compare.{key} must be >= 1, got {value}. Fix: set a count >= 1{null}")
+                fix = f"set a count >= {least}{meaning}{null}"
+                raise ValueError(f"compare.{key} must be >= {least}, got {value}. Fix: {fix}")
         if self.resamples < 1000:
             raise ValueError(f"resamples must be >= 1000 for a 95% interval, got {self.resamples}")
 
@@ -588,7 +596,9 @@ def run_variant(
         "eval_dir": str(workdir / "eval" / plan.split),
         "effects_summary": summary["files"]["summary"],
         "rendered_split": str(data_dir / f"{plan.split}.jsonl"),
-        "bleu": metrics["overall"]["bleu"],
+        # Only where it generated (max_new_tokens >= 1): `compare_table` reads the text metrics of a record
+        # that has a BLEU, and leaves them out of one that has none.
+        **({"bleu": metrics["overall"]["bleu"]} if "overall" in metrics else {}),
         "settings": settings,
         # Updates its training skipped for a non-finite loss (None untrained): with none, the non-finite
         # policy does not matter to its numbers (`finished_changes`).

@@ -16,6 +16,10 @@ with the history. Each example's value is first averaged over the seeds; a metri
 examples every run has, paired by example id (`example_keys`), not by position, since variants whose data
 was prepared differently number the examples differently. BLEU (a corpus statistic) and the DCE AUROC come
 without an interval.
+
+A run evaluated with `max_new_tokens` 0 generated nothing (`generated`): its ROUGE, METEOR, preference recall
+and BLEU are absent (not 0), so its row has none and no difference is drawn for them; results.md leaves out a
+column no run has, and says so.
 """
 
 from __future__ import annotations
@@ -76,20 +80,28 @@ def example_keys(rendered_split: str | Path) -> dict[int, str]:
     return keys
 
 
+def generated(record: Mapping[str, Any]) -> bool:
+    """Whether the run of `record` (`compare.run_variant`'s) generated, so that it has text metrics: a run
+    evaluated with `max_new_tokens` 0 records no BLEU and has no predictions.jsonl."""
+    return "bleu" in record
+
+
 def per_example_metrics(record: Mapping[str, Any]) -> dict[str, dict[str, float]]:
     """{metric: {example key: value}} of one run (`compare.run_variant`'s record), in the split's order: each
-    example keyed by `example_keys` of the run's prepared split, so that runs pair on the same example."""
+    example keyed by `example_keys` of the run's prepared split, so that runs pair on the same example. A run
+    that did not generate (`generated`) has no ROUGE, METEOR or preference recall: absent, not 0."""
     keys = example_keys(record["rendered_split"])
     by_key = lambda values: {keys[i]: values[i] for i in sorted(values)}
-    eval_dir = Path(record["eval_dir"])
-    with open(eval_dir / "predictions.jsonl", encoding="utf-8") as f:
-        predictions = [json.loads(line) for line in f if line.strip()]
-    out: dict[str, dict[str, float]] = {
-        m: by_key({p["index"]: p[m] for p in predictions}) for m in ("rouge1", "rougeL", "meteor")
-    }
-    with contextlib.suppress(ValueError):  # raised where the data has no signature words
-        recall = preference_recall(eval_dir / "predictions.jsonl", record["rendered_split"])
-        out["preference_recall"] = by_key(recall["per_example"])
+    out: dict[str, dict[str, float]] = {}
+    if generated(record):
+        eval_dir = Path(record["eval_dir"])
+        with open(eval_dir / "predictions.jsonl", encoding="utf-8") as f:
+            predictions = [json.loads(line) for line in f if line.strip()]
+        for m in ("rouge1", "rougeL", "meteor"):
+            out[m] = by_key({p["index"]: p[m] for p in predictions})
+        with contextlib.suppress(ValueError):  # raised where the data has no signature words
+            recall = preference_recall(eval_dir / "predictions.jsonl", record["rendered_split"])
+            out["preference_recall"] = by_key(recall["per_example"])
     summary = json.loads(Path(record["effects_summary"]).read_text())
     for metric in ("nll_with", "nll_without", "preference_nll_with"):
         values = {e["index"]: read_number(e[metric]) for e in summary["per_example"] if metric in e}
@@ -110,8 +122,10 @@ def compare_runs(
 ) -> dict[str, Any]:
     """Rows (per variant: metric means, their sample std across seeds, BLEU, DCE AUROC) and differences to
     `baseline` (per variant and metric: `PairedDifference` as a dict, with `nonfinite`, the pairs left out
-    because a value is not finite; no entry where none is left) from run records. A null number in a run's
-    files (a non-finite value, `read_number`) makes its means NaN."""
+    because a value is not finite; no entry where none is left) from run records. A metric some run of a
+    variant lacks (the text metrics and BLEU of runs that did not generate, `generated`) is absent from its
+    row and has no difference. A null number in a run's files (a non-finite value, `read_number`) makes its
+    means NaN."""
     variants = list(dict.fromkeys(r["variant"] for r in records))
     examples = {r["variant"]: [] for r in records}
     for r in records:
@@ -127,7 +141,8 @@ def compare_runs(
             seed_means = [statistics.fmean(v.values()) for v in per_seed]
             row[metric] = statistics.fmean(seed_means)
             row[f"{metric}_std"] = statistics.stdev(seed_means) if len(seed_means) > 1 else None
-        row["bleu"] = statistics.fmean(read_number(r["bleu"]) for r, _ in runs)
+        if all(generated(r) for r, _ in runs):
+            row["bleu"] = statistics.fmean(read_number(r["bleu"]) for r, _ in runs)
         aurocs = [json.loads(Path(r["effects_summary"]).read_text())["ground_truth"] for r, _ in runs]
         row["dce_auroc"] = (
             None if None in aurocs else statistics.fmean(read_number(g["auroc"]) for g in aurocs)
@@ -195,18 +210,29 @@ def _cell(value: float | None, spec: str) -> str:
 
 def markdown(result: Mapping[str, Any]) -> str:
     """The table of means (± sample std across seeds where there are several) and the differences with
-    intervals."""
-    headers = [h for _, h, _ in METRICS] + ["BLEU", "DCE AUROC"]
+    intervals. A column no row has (the text metrics of a comparison that generated nothing,
+    `max_new_tokens` 0; preference recall on data without signature words) is left out, and a line names it;
+    one that only some rows have shows "-" in the others."""
+    columns = [(metric, header, ".4f") for metric, header, _ in METRICS]
+    columns += [("bleu", "BLEU", ".2f"), ("dce_auroc", "DCE AUROC", ".4f")]
+    measured = {
+        metric for metric, _, _ in columns if any(row.get(metric) is not None for row in result["rows"])
+    }
+    shown = [column for column in columns if column[0] in measured]
+    headers = [header for _, header, _ in shown]
     lines = ["| variant | " + " | ".join(headers) + " |", "| --- |" + " ---: |" * len(headers)]
     for row in result["rows"]:
         cells = []
-        for metric, _, _ in METRICS:
+        for metric, _, spec in shown:
             value, std = row.get(metric), row.get(f"{metric}_std")
             cells.append(
-                _cell(value, ".4f") + ("" if value is None or std is None else f" ± {_cell(std, '.4f')}")
+                _cell(value, spec) + ("" if value is None or std is None else f" ± {_cell(std, spec)}")
             )
-        cells += [_cell(row["bleu"], ".2f"), _cell(row["dce_auroc"], ".4f")]
         lines.append(f"| {row['variant']} | " + " | ".join(cells) + " |")
+    left_out = [header for metric, header, _ in columns if metric not in measured]
+    if left_out:
+        why = "" if "bleu" in measured else " (no run generated text: max_new_tokens 0)"
+        lines += ["", f"Left out, measured by no run: {', '.join(left_out)}{why}."]
     if not result["differences"]:
         lines += ["", f"Only one variant ({result['baseline']}): no other to compare with it."]
     else:

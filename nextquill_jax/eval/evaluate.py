@@ -1,4 +1,5 @@
-"""The evaluation job: generate for a prepared split, score the texts, and measure the split's loss terms.
+"""The evaluation job: generate for a prepared split, score the texts, and measure the split's loss terms
+(the teacher-forced losses alone with `max_new_tokens: 0`).
 
     metrics = evaluate("runs/tiny_synthetic", split="test")
 
@@ -12,6 +13,11 @@ WordNet source) and, beside it: what was evaluated (`model`, `step`, `split`, `e
 (see `split_losses`); a number that is not finite (the loss of a diverged checkpoint) is written null, as
 metrics.jsonl writes it. An earlier evaluation's files in `<out>` are replaced, with a line saying what they
 held.
+
+`max_new_tokens: 0` (`eval.generation`, `--max-new-tokens 0`, `compare.max_new_tokens: 0`) decodes nothing:
+the loss pass alone runs, no predictions.jsonl is written (an earlier one in `<out>` is deleted), and
+metrics.json holds neither the text metrics nor `stopped_at_max_new_tokens`, only what was evaluated (its
+`generation` says `max_new_tokens: 0`) and `loss`: the absent keys mean "not measured", not 0.
 
 The model sees the prompt its variant was trained on: the without-history prompt for `sft`, the with-history
 prompt otherwise (`prompt="with"` / `"without"` chooses). Prompts are the prepared token ids (`<split>/`), so
@@ -264,12 +270,14 @@ def evaluate(
 ) -> dict[str, Any]:
     """Evaluate checkpoint `step` (default: the newest that verifies) of the run in `workdir`, or `model_path`
     on that run's data, or `loaded`, on prepared split `split`; write predictions.jsonl and metrics.json
-    (module docstring) and return the metrics.
+    (module docstring; with `max_new_tokens` 0 no predictions.jsonl and no text metrics) and return the
+    metrics.
 
     Args:
         max_examples: only the split's first N examples (generation and loss alike).
         generation: the decoding settings; default: the run config's `eval.generation` (itself defaulting to
             the public code's decoding: greedy, repetition penalty 1.2) with `generation_overrides` applied.
+            Its `max_new_tokens` 0: no decoding, the losses only.
         generation_overrides: `GenerationConfig` fields that replace those of `eval.generation`.
         batch_size: prompts decoded together (default: the run's rows per global batch, rounded up to a
             multiple of the mesh's batch shards).
@@ -335,42 +343,26 @@ def evaluate(
     echo(f"evaluating {loaded.source} on {counted(len(rows), f'{split} example')} ({stream}-history prompts)")
 
     reference = reference_params(cfg, mesh)  # outside set_mesh: model set-up reads abstract shapes
+    generating = generation.max_new_tokens > 0
     with jax.set_mesh(mesh):
         losses = split_losses(loaded, tokens, len(rows), reference)
         echo(
             f"{split} loss {losses['loss']:.4f} ({losses['variant']}), {int(losses['tokens'])} target tokens"
         )
-        prompts = [tokens[i][_STREAM_FIELD[stream]].tolist() for i in range(len(rows))]
-        reports = max(1, math.ceil(len(prompts) / batch_size / 10))
-        progress = lambda done, total: (
-            echo(f"generated {done}/{total}")
-            if done == total or (done // batch_size) % reports == 0
-            else None
-        )
-        generated = generate(
-            loaded.model,
-            prompts,
-            generation,
-            eos_token_ids=[eos],
-            pad_token_id=pad,
-            batch_size=batch_size,
-            mesh=mesh,
-            on_batch=progress,
-        )
-
-    predictions = [tokenizer.decode(ids, skip_special_tokens=True) for ids in generated]
-    references = [row["target"] for row in rows]
-    categories = [row.get("category") for row in rows]
-    labelled = [c if c is not None else "(none)" for c in categories]
-    scores = score_predictions(
-        predictions, references, None if all(c is None for c in categories) else labelled
-    )
-    per_example = scores.pop("per_example")
-    at_limit = sum(len(ids) == generation.max_new_tokens for ids in generated)
-    longest = max((row["tokens"]["target"] for row in rows if "tokens" in row), default=None)
-    hint = generation_hint(generated, generation.max_new_tokens, longest, max_new_tokens_setting)
-    if hint is not None:
-        echo(hint)
+        if generating:
+            prompts = [tokens[i][_STREAM_FIELD[stream]].tolist() for i in range(len(rows))]
+            generated = _generate(loaded, prompts, generation, eos, pad, batch_size, mesh, echo)
+    scores, lines, stopped = {}, [], {}
+    if generating:
+        predictions = [tokenizer.decode(ids, skip_special_tokens=True) for ids in generated]
+        scores, lines = _scored(rows, predictions, generated, stream, generation.max_new_tokens)
+        stopped = {
+            "stopped_at_max_new_tokens": sum(len(ids) == generation.max_new_tokens for ids in generated)
+        }
+        longest = max((row["tokens"]["target"] for row in rows if "tokens" in row), default=None)
+        hint = generation_hint(generated, generation.max_new_tokens, longest, max_new_tokens_setting)
+        if hint is not None:
+            echo(hint)
     metrics = {
         **scores,
         "model": loaded.source,
@@ -380,7 +372,7 @@ def evaluate(
         "prompt": _STREAM_TEXT[stream],
         "generation": dataclasses.asdict(generation),
         "eos_token_id": eos,
-        "stopped_at_max_new_tokens": at_limit,
+        **stopped,
         "loss": losses,
     }
     if jax.process_index() == 0:
@@ -391,26 +383,78 @@ def evaluate(
         # metrics.json is written last and marks a finished evaluation: a kill in between must not leave an
         # earlier run's metrics beside these predictions.
         (out_dir / "metrics.json").unlink(missing_ok=True)
-        lines = []
-        for k, (row, text, ids) in enumerate(zip(rows, predictions, generated, strict=True)):
-            record = {
-                "index": row["index"],
-                "id": row.get("id"),
-                "user_id": row["user_id"],
-                "category": row.get("category"),
-                "prompt": row[_STREAM_TEXT[stream]],
-                "prediction": text,
-                "reference": row["target"],
-                "stopped_by": "max_new_tokens" if len(ids) == generation.max_new_tokens else "eos",
-                **{name: values[k] for name, values in per_example.items()},
-            }
-            lines.append(json.dumps(record, ensure_ascii=False) + "\n")
-        write_text_atomic(out_dir / "predictions.jsonl", "".join(lines))
+        if generating:
+            write_text_atomic(out_dir / "predictions.jsonl", "".join(lines))
+        else:  # an earlier evaluation's would stand beside metrics that measured no text
+            (out_dir / "predictions.jsonl").unlink(missing_ok=True)
         write_text_atomic(out_dir / "metrics.json", strict_json(metrics, ensure_ascii=False))
-    overall = scores["overall"]
-    echo(
-        f"{split}: ROUGE-1 {overall['rouge1']:.4f}  ROUGE-L {overall['rougeL']:.4f}  "
-        f"METEOR {overall['meteor']:.4f}  BLEU {overall['bleu']:.2f}  "
-        f"({at_limit}/{len(rows)} stopped at max_new_tokens) -> {out_dir}"
-    )
+    if generating:
+        overall = scores["overall"]
+        echo(
+            f"{split}: ROUGE-1 {overall['rouge1']:.4f}  ROUGE-L {overall['rougeL']:.4f}  "
+            f"METEOR {overall['meteor']:.4f}  BLEU {overall['bleu']:.2f}  "
+            f"({stopped['stopped_at_max_new_tokens']}/{len(rows)} stopped at max_new_tokens) -> {out_dir}"
+        )
+    else:
+        echo(f"{split}: generation skipped (max_new_tokens 0): losses only, no text metrics -> {out_dir}")
     return metrics
+
+
+def _generate(
+    loaded: LoadedModel,
+    prompts: list[list[int]],
+    generation: GenerationConfig,
+    eos: int,
+    pad: int,
+    batch_size: int,
+    mesh: Mesh,
+    echo: Callable[[str], None],
+) -> list[list[int]]:
+    """`evaluate`'s decoding of `prompts` (`generate`), with about ten progress lines."""
+    reports = max(1, math.ceil(len(prompts) / batch_size / 10))
+    progress = lambda done, total: (
+        echo(f"generated {done}/{total}") if done == total or (done // batch_size) % reports == 0 else None
+    )
+    return generate(
+        loaded.model,
+        prompts,
+        generation,
+        eos_token_ids=[eos],
+        pad_token_id=pad,
+        batch_size=batch_size,
+        mesh=mesh,
+        on_batch=progress,
+    )
+
+
+def _scored(
+    rows: list[dict],
+    predictions: list[str],
+    generated: list[list[int]],
+    stream: str,
+    max_new_tokens: int,
+) -> tuple[dict[str, Any], list[str]]:
+    """(`score_predictions`' dict without its `per_example`, predictions.jsonl's lines) of the decoded
+    `predictions` of `rows` (`generated`: their token ids, to say which stopped at `max_new_tokens`)."""
+    references = [row["target"] for row in rows]
+    categories = [row.get("category") for row in rows]
+    labelled = [c if c is not None else "(none)" for c in categories]
+    scores = score_predictions(
+        predictions, references, None if all(c is None for c in categories) else labelled
+    )
+    per_example = scores.pop("per_example")
+    lines = []
+    for k, (row, text, ids) in enumerate(zip(rows, predictions, generated, strict=True)):
+        record = {
+            "index": row["index"],
+            "id": row.get("id"),
+            "user_id": row["user_id"],
+            "category": row.get("category"),
+            "prompt": row[_STREAM_TEXT[stream]],
+            "prediction": text,
+            "reference": row["target"],
+            "stopped_by": "max_new_tokens" if len(ids) == max_new_tokens else "eos",
+            **{name: values[k] for name, values in per_example.items()},
+        }
+        lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+    return scores, lines

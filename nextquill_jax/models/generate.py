@@ -48,7 +48,9 @@ class GenerationConfig:
     0.8 and top-p 0.95 are set but unused because sampling is off; top-k is transformers' default 50).
 
     Fields:
-        `max_new_tokens`: tokens generated per row at most (the end-of-sequence token included; >= 1).
+        `max_new_tokens`: tokens generated per row at most (the end-of-sequence token included; >= 0). 0:
+            no generation: `evaluate` (and `compare`) then measure only the teacher-forced losses, with no
+            predictions and no text metrics.
         `do_sample`: sample from the processed distribution instead of taking the argmax.
         `temperature`: divides the logits (sampling only); > 0.
         `top_k`: keep the k most probable tokens (sampling only); 0 turns it off.
@@ -75,8 +77,11 @@ class GenerationConfig:
 
     def __post_init__(self) -> None:
         n = self.max_new_tokens
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"GenerationConfig.max_new_tokens must be an int >= 1, got {n!r}")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(
+                f"GenerationConfig.max_new_tokens must be an int >= 0 (0: no generation, the losses only), "
+                f"got {n!r}"
+            )
         if not isinstance(self.do_sample, bool):
             raise ValueError(f"GenerationConfig.do_sample must be true or false, got {self.do_sample!r}")
         if not (math.isfinite(self.temperature) and self.temperature > 0):

@@ -320,10 +320,14 @@ def test_repeated_seeds_counts_below_one_and_path_like_variant_names_are_refused
     message = refused({"seeds": [0, 1, 0]})
     assert message.startswith(f"{file}: compare.seeds lists seed [0] more than once ([0, 1, 0])"), message
     assert refused(seeds=[3, 3]).startswith(f"{file}: compare.seeds lists seed [3] more than once ([3, 3])")
-    for key in ("max_examples", "eval_batch_size", "effect_examples", "max_new_tokens"):
+    for key in ("max_examples", "eval_batch_size", "effect_examples"):
         for value in (0, -2):
             message = refused({key: value})
             assert message.startswith(f"{file}: compare.{key} must be >= 1, got {value}. Fix: set"), message
+    assert refused({"max_new_tokens": -1}) == (  # 0 is allowed: no generation
+        f"{file}: compare.max_new_tokens must be >= 0, got -1. Fix: set a count >= 0 (0: no generation, the "
+        "losses only), or null for the base config's eval.generation.max_new_tokens."
+    )
     for name in ("../../escaped", "a/b", "..", ".", "with space"):
         message = refused({"baseline": name}, {name: {}})
         assert message.startswith(f"{file}: variant name {name!r} cannot name its runs' directories"), message
@@ -812,3 +816,62 @@ def test_a_record_without_its_settings_is_run_again_and_then_records_them(compar
     for name in ("nextquill", "untrained"):
         done = root / "out" / "seed0" / name / "compare_done.json"
         assert json.loads(done.read_text())["settings"]["evaluation"]["max_new_tokens"] == 6
+
+
+def test_max_new_tokens_0_evaluates_finished_runs_again_and_tables_only_the_losses(compared, tmp_path):
+    """The finished runs (evaluated with max_new_tokens 6, or 5 after the test above) with the file's
+    `compare.max_new_tokens` set to 0: each checkpoint is evaluated again without generating, not trained
+    again; the NLL columns equal those of the comparison that generated (same checkpoints and examples), and
+    neither results.json nor results.md keeps the earlier runs' text metrics."""
+    root, path, first, _, _, _ = compared
+    names = ("context_sft", "nextquill")
+
+    def change(raw):
+        raw["variants"].pop("untrained")
+        raw["compare"]["max_new_tokens"] = 0
+
+    workdirs = {name: root / "out" / "seed0" / name for name in names}
+    trained = {name: sorted(p.name for p in (w / "checkpoints").iterdir()) for name, w in workdirs.items()}
+    logs = {name: (w / "metrics.jsonl").read_text() for name, w in workdirs.items()}
+    losses = {
+        name: json.loads((w / "eval" / "test" / "metrics.json").read_text())["loss"]
+        for name, w in workdirs.items()
+    }
+    messages = []
+    result = run_comparison(load_comparison(_edited(path, tmp_path, change)), echo=messages.append)
+    assert any(
+        m.startswith(
+            "context_sft (seed 0): evaluating its checkpoint again: settings changed since it finished:"
+        )
+        and m.endswith("compare.max_new_tokens: 6 -> 0")
+        for m in messages
+    ), messages
+    assert not any("already finished" in m or m.startswith("generated ") for m in messages), messages
+    assert "test: generation skipped (max_new_tokens 0): losses only, no text metrics" in " ".join(messages)
+    for name, workdir in workdirs.items():
+        assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == trained[name]
+        assert (workdir / "metrics.jsonl").read_text() == logs[name]
+        assert not (workdir / "eval" / "test" / "predictions.jsonl").exists()
+        metrics = json.loads((workdir / "eval" / "test" / "metrics.json").read_text())
+        assert metrics["loss"] == losses[name] and "overall" not in metrics
+        assert "bleu" not in json.loads((workdir / DONE_FILE).read_text())
+
+    text_metrics = {"rouge1", "rougeL", "meteor", "preference_recall", "bleu"}
+    before = {r["variant"]: r for r in first["rows"]}
+    for row in result["rows"]:
+        assert text_metrics & set(before[row["variant"]]) == text_metrics  # measured when it generated
+        assert not text_metrics & set(row), row
+        for metric in ("nll_with", "nll_without", "preference_nll_with", "dce_auroc"):
+            assert row[metric] == pytest.approx(before[row["variant"]][metric], rel=1e-6), metric
+    assert set(result["differences"]["nextquill"]) == {"preference_nll_with", "nll_with", "nll_without"}
+    written = json.loads((root / "out" / "results.json").read_text())
+    assert not any(text_metrics & set(row) for row in written["rows"])
+    table = (root / "out" / "results.md").read_text()
+    assert table.splitlines()[0] == "| variant | pref. NLL | NLL (with hist.) | NLL (without) | DCE AUROC |"
+    for header in ("ROUGE", "METEOR", "pref. recall", "BLEU"):
+        assert f"on {header}" not in table
+    assert (
+        "Left out, measured by no run: ROUGE-1, ROUGE-L, METEOR, pref. recall, BLEU (no run generated text: "
+        "max_new_tokens 0)."
+    ) in table
+    assert "nextquill vs context_sft on NLL (with hist.): " in table

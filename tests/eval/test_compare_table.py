@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -95,3 +96,39 @@ def test_one_paired_example_is_counted_in_the_singular(tmp_path):
     text = (out / "results.md").read_text()
     assert "b vs a on ROUGE-1: better (+0.1000 [+0.1000, +0.1000], 1 example)" in text
     assert "Only 1 paired example: at fewer than" in text
+
+
+def test_a_run_that_generated_nothing_has_no_text_metrics_in_the_table(tmp_path):
+    """A run evaluated with max_new_tokens 0 records no BLEU and has no predictions.jsonl: its text metrics
+    are absent ("-" beside a run that generated; the column left out, with a line saying so, when no run did),
+    never 0, and no difference is drawn for them; the NLL difference is the one the effect reports give."""
+
+    def not_generated(name, nll):
+        record = run_files(tmp_path, name, [0.5, 0.5, 0.5], nll, bleu=1.0)
+        Path(record["eval_dir"], "predictions.jsonl").unlink()
+        return {k: v for k, v in record.items() if k != "bleu"}
+
+    generated = run_files(tmp_path, "gen", [0.1, 0.2, 0.4], [1.0, 2.0, 3.0], bleu=7.0)
+    mixed, out = _results(tmp_path, [generated, not_generated("a", [1.5, 2.5, 3.5])], "gen")
+    rows = {r["variant"]: r for r in mixed["rows"]}
+    assert rows["gen"]["bleu"] == 7.0 and "rouge1" in rows["gen"]
+    assert not {"rouge1", "rougeL", "meteor", "bleu"} & set(rows["a"])
+    assert set(mixed["differences"]["a"]) == {"nll_with", "nll_without"}
+    assert mixed["differences"]["a"]["nll_with"]["mean"] == pytest.approx(0.5, abs=1e-6)
+    table = (out / "results.md").read_text().splitlines()
+    assert table[0] == "| variant | ROUGE-1 | ROUGE-L | METEOR | NLL (with hist.) | NLL (without) | BLEU |"
+    assert table[3].startswith("| a | - | - | - | 2.5000 | ") and table[3].endswith(" | - |")
+    assert not any(" on ROUGE" in line or " on METEOR" in line for line in table)
+
+    (tmp_path / "none").mkdir()
+    none, out = _results(
+        tmp_path / "none", [not_generated("b", [1.0, 2.0, 3.0]), not_generated("c", [2.0, 3.0, 4.0])], "b"
+    )
+    assert not any({"rouge1", "bleu"} & set(row) for row in none["rows"])
+    text = (out / "results.md").read_text()
+    assert text.splitlines()[0] == "| variant | NLL (with hist.) | NLL (without) |"
+    assert (
+        "Left out, measured by no run: ROUGE-1, ROUGE-L, METEOR, pref. recall, pref. NLL, BLEU, DCE AUROC "
+        "(no run generated text: max_new_tokens 0)."
+    ) in text
+    assert "c vs b on NLL (with hist.): worse (+1.0000 [+1.0000, +1.0000], 3 examples)" in text

@@ -177,6 +177,34 @@ def test_cli_evaluates_a_checkpoint_and_a_model_path(run, evaluated, tmp_path, c
     assert "complete ones: [2]" in capsys.readouterr().err
 
 
+def test_max_new_tokens_0_measures_the_same_losses_and_no_text(run, evaluated, tmp_path, monkeypatch, capsys):
+    """`--max-new-tokens 0`: nothing is decoded; the loss terms equal those of the evaluation that generated
+    (`evaluated`, whose terms the float64 test above ties to the exported model), and metrics.json holds no
+    text metric, not even 0; the stale predictions.jsonl of that evaluation in --out is deleted."""
+    from nextquill_jax.eval import evaluate as evaluate_module
+
+    workdir, _, _ = run
+    _, _, generated = evaluated
+    out = tmp_path / "out"
+    shutil.copytree(workdir / "eval" / "test", out)
+    monkeypatch.setattr(evaluate_module, "generate", lambda *a, **k: pytest.fail("decoded"))
+    capsys.readouterr()
+    assert main(["evaluate", "--workdir", str(workdir), "--max-new-tokens", "0", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["loss"] == generated["loss"]
+    assert saved["examples"] == generated["examples"] == 5 and saved["step"] == 2
+    assert saved["generation"] == {**generated["generation"], "max_new_tokens": 0}
+    text_keys = {"overall", "per_category", "meteor_wordnet", "meteor_wordnet_source", "warnings", "settings"}
+    assert text_keys <= set(generated)
+    assert set(saved) == set(generated) - text_keys - {"stopped_at_max_new_tokens"}
+    assert not (out / "predictions.jsonl").exists()
+    assert (
+        printed[-1] == f"test: generation skipped (max_new_tokens 0): losses only, no text metrics -> {out}"
+    )
+    assert not any("stopped at max_new_tokens" in line or "generated" in line for line in printed), printed
+
+
 def test_an_evaluation_says_which_earlier_results_it_replaces(run, evaluated, tmp_path):
     workdir, _, _ = run
     _, _, full = evaluated

@@ -341,7 +341,7 @@ def test_bad_inputs_are_refused(tiny):
     with pytest.raises(ValueError, match="eos_token_ids is empty"):
         generate_ids(model, ids, np.ones((1, 4)), GREEDY, eos_token_ids=[], pad_token_id=0)
     for bad in (
-        {"max_new_tokens": 0},
+        {"max_new_tokens": -1},
         {"temperature": 0.0},
         {"top_p": 0.0},
         {"top_k": -1},
