@@ -5,16 +5,19 @@
 # FLOPs and memory on CPU: RESULTS.md); the fused loss alone in float32 and bf16 operands; generation's prefill;
 # what the packed-segment mask costs cuDNN attention and whether cuDNN's packed mode (segment offsets,
 # model.cudnn_max_segments) matches blockwise XLA attention in outputs and gradients and is faster
-# (benchmarks/cudnn_mask.py, exit 1 on a mismatch; not yet run on a GPU), and the step with that mode. Each check
-# has its own time limit, so one failure leaves the others' results, and every result lands in OUT_DIR as it is
-# made.
+# (benchmarks/cudnn_mask.py, exit 1 on a mismatch; not yet run on a GPU), and the step with that mode; the step
+# with its scanned decoder layers unrolled (model.scan_unroll 2, and all 28 layers), and under the XLA GPU flags
+# that JAX's and NVIDIA's GPU performance guides recommend (not yet run on a GPU). Each check has its own time
+# limit, so one failure leaves the others' results, and every result lands in OUT_DIR as it is made.
 #
 #   bash benchmarks/gpu_checks.sh OUT_DIR [NAMES]
 #
 # NAMES (an extended regular expression) runs only the checks whose names match, e.g. 'cudnn|mfu_breakdown'
 # for the cuDNN packed-mode checks and the step they compare with (an estimated 6 min with compiles; the packed
-# mode needs a Hopper or newer GPU). Every check together is estimated at ~12 min, more than one 600 s device
-# call: run it in two calls, e.g. then 'mfu_profile|mfu_save|bf16|remat_none|loss|prefill'.
+# mode needs a Hopper or newer GPU). Every check together is estimated at ~17 min, more than two 600 s device
+# calls: run it in three, e.g. then 'mfu_profile|mfu_save|bf16|remat_none|loss|prefill' (~6 min), then
+# 'unroll|xla_flags' (~5 min: the unrolled steps compile longer, all 28 layers the longest; they compare with
+# mfu_breakdown of the first call, so run that first where the three do not fit one session).
 #
 # Run from the repository root under the machine's own JAX (the package on PYTHONPATH; grain and its two
 # dependencies missing there travel as wheels). Sections are appended to OUT_DIR/RESULTS_gpu.md in
@@ -66,4 +69,20 @@ check cudnn_mask 120 "$py" benchmarks/cudnn_mask.py --append-results "$results"
 check cudnn_mask_one_segment 120 "$py" benchmarks/cudnn_mask.py --segments 1 --append-results "$results"
 check cudnn_mfu_offsets 150 "${mfu[@]}" --remat dots_with_no_batch_dims_saveable --attention cudnn \
   --cudnn-max-segments 2 --breakdown
+# The layers' scan unrolled (model.scan_unroll), against mfu_breakdown's rolled scan at the same remat policy:
+# two layers per loop iteration, then the whole stack (28 layers, straight-line code: XLA may fuse and
+# overlap across every layer boundary). On CPU the whole stack compiled in 133 s against 30 s rolled, and XLA's
+# temporary buffers grew from 67 to 352 GiB, about remat none's (RESULTS.md, 2026-12-02): it may need remat
+# none's memory here too (108 GB on the H200, more than an 80 GB H100 holds).
+check mfu_unroll2 90 "${mfu[@]}" --remat dots_with_no_batch_dims_saveable --scan-unroll 2
+check mfu_unroll_full 240 "${mfu[@]}" --remat dots_with_no_batch_dims_saveable --scan-unroll 28
+# mfu_breakdown again under XLA GPU flags, for this check only (the section's command records them):
+# the latency-hiding scheduler (JAX's GPU performance tips and NVIDIA JAX-Toolbox's default image flag),
+# double-buffered while loops (the layers' scan; JAX-Toolbox's GPU performance guide) and cuBLAS for every
+# GEMM instead of Triton (MaxText's GPU runs). Each is accepted by jaxlib 0.10.2's flag parser; an unknown
+# flag in another version aborts this check alone.
+xla_flags="--xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_enable_while_loop_double_buffering=true"
+xla_flags+=" --xla_gpu_enable_triton_gemm=false"
+check mfu_xla_flags 150 env XLA_FLAGS="$xla_flags" "${mfu[@]}" --remat dots_with_no_batch_dims_saveable \
+  --breakdown
 echo "== done in $SECONDS s"

@@ -22,19 +22,24 @@ MFU = FLOPs / best step time / (devices × the chip's dense bf16 peak), peak fro
     python benchmarks/mfu.py --models qwen2.5-1.5b --remat dots_with_no_batch_dims_saveable --breakdown \
         --operand-dtype bfloat16 --joint-forward           # the step's parts; bf16 head operands, one call
     python benchmarks/mfu.py --cost-analysis               # any backend, compile only: executed vs useful
+    python benchmarks/mfu.py --models qwen2.5-1.5b --scan-unroll 1 2   # 1 and 2 layers per scan iteration
     python benchmarks/mfu.py --models qwen2.5-1.5b --steps 3 --profile traces   # + a jax.profiler trace
 
-`--remat` takes several policies (a row each). `--cost-analysis` compiles the step (nothing allocated) for
-the accelerator shape (Qwen2.5-1.5B, 4 × 4,096 tokens) at remat none and full, and the fused loss alone, and
-prints the matmul FLOPs the compiled programs execute (`bench.hlo_flops`: loops counted by their trip
-counts, which `compiled.cost_analysis()` does not do) against the useful count, whole and for layers,
-attention and LM head, and XLA's temporary buffers of the compiled program (`memory_analysis()`: what a
-remat policy trades against the recomputed FLOPs; parameters, optimizer state and batch excluded). A dot
-that XLA left without a source location (with `--rows 1` its batch-dot simplification drops it) can only be
-counted in `layers`: a `note:` gives its share. It uses
-`xla_dense` attention by default: the blockwise `xla` path's loops have data-dependent trip counts.
+`--remat` takes several policies (a row each), and `--scan-unroll` several values (ModelConfig.scan_unroll:
+N decoder layers per iteration of the scan over them; a row each, the remat column says `, unroll N`
+where N is not 1). `--cost-analysis`
+compiles the step (nothing allocated) for the accelerator shape (Qwen2.5-1.5B, 4 × 4,096 tokens) at remat
+none and full, and the fused loss alone, and prints the matmul FLOPs the compiled programs execute
+(`bench.hlo_flops`: loops counted by their trip counts, which `compiled.cost_analysis()` does not do)
+against the useful count, whole and for layers, attention and LM head, XLA's temporary buffers of the
+compiled program (`memory_analysis()`: what a remat policy trades against the recomputed FLOPs; parameters,
+optimizer state and batch excluded), and the compile time. A dot that XLA left without a source location
+(with `--rows 1` its batch-dot simplification drops it) can only be counted in `layers`: a `note:` gives its
+share. It uses `xla_dense` attention by default: the blockwise `xla` path's loops have data-dependent trip
+counts.
 
-Prints one Markdown table row per model and remat policy (and appends a section with `--append-results FILE`).
+Prints one Markdown table row per model, remat policy and unroll (and appends a section with
+`--append-results FILE`).
 """
 
 from __future__ import annotations
@@ -71,7 +76,7 @@ CPU_SHAPE = {
 }  # fmt: skip
 COST_COLUMNS = (
     "| model | compute | remat | attention | rows × (T_w, T_o, R) | useful TFLOP | executed TFLOP "
-    "| executed / useful | layers | attention | LM head | cost_analysis() TFLOP | temp GiB |"
+    "| executed / useful | layers | attention | LM head | cost_analysis() TFLOP | temp GiB | compile s |"
 )
 GIB = 2**30
 
@@ -95,14 +100,15 @@ def resolve_defaults(args: argparse.Namespace, accel: bool, backend: str) -> Non
         args.attention = "xla_dense" if args.cost_analysis else backend_attention
 
 
-def model_config(name: str, args: argparse.Namespace, remat: str) -> ModelConfig:
-    """The ModelConfig of preset `name` (or the tiny CPU shape), float32 parameters, the run's runtime but
-    `cudnn_max_segments`, which `model_batch` sets from the batch (`auto` is what its rows hold)."""
+def model_config(name: str, args: argparse.Namespace, remat: str, unroll: int) -> ModelConfig:
+    """The ModelConfig of preset `name` (or the tiny CPU shape), float32 parameters, the run's runtime with
+    remat policy `remat` and scan unroll `unroll`, but `cudnn_max_segments`, which `model_batch` sets from
+    the batch (`auto` is what its rows hold)."""
     from nextquill_jax.models import model_preset
 
     runtime = dict(
         param_dtype="float32", compute_dtype=args.compute_dtype, remat_policy=remat,
-        attention_impl=args.attention,
+        scan_unroll=unroll, attention_impl=args.attention,
     )  # fmt: skip
     if name == "tiny":
         return model_preset("qwen2.5-0.5b", **TINY, **runtime)
@@ -139,14 +145,24 @@ def attention_label(args: argparse.Namespace, cfg: ModelConfig) -> str:
 
 
 def checked_model_batch(
-    parser: argparse.ArgumentParser, name: str, args: argparse.Namespace, remat: str, accel: bool
+    parser: argparse.ArgumentParser,
+    name: str,
+    args: argparse.Namespace,
+    remat: str,
+    unroll: int,
+    accel: bool,
 ) -> tuple[ModelConfig, dict[str, np.ndarray], RowShape]:
     """`model_batch` for model `name`; a `--cudnn-max-segments` below what the batch's rows hold is a usage
     error (`parser.error`, exit 2): under jit such a row would only be NaN."""
     try:
-        return model_batch(model_config(name, args, remat), args, accel)
+        return model_batch(model_config(name, args, remat, unroll), args, accel)
     except ValueError as e:
         parser.error(f"--cudnn-max-segments: {e}")
+
+
+def remat_label(remat: str, unroll: int) -> str:
+    """The remat column: the policy, and the scan's unroll when not 1 (both choose how the layers run)."""
+    return remat + ("" if unroll == 1 else f", unroll {unroll}")
 
 
 def compute_label(args: argparse.Namespace) -> str:
@@ -159,6 +175,8 @@ def cost_analysis(args: argparse.Namespace, argv: list[str] | None, parser: argp
     """Compile the step (abstract state: nothing allocated) per model and remat policy, and the fused loss
     alone; print executed matmul FLOPs (`bench.hlo_flops`, loops counted by trip count) against the useful
     count (`bench.flops.step_flops`), whole and per part, and the compiled temporary memory. Returns 0."""
+    import time
+
     import jax
     import jax.numpy as jnp
 
@@ -175,7 +193,7 @@ def cost_analysis(args: argparse.Namespace, argv: list[str] | None, parser: argp
     notes: list[str] = []
     print(*rows, sep="\n", flush=True)
 
-    def row(name, cfg, remat, shape, useful, executed, compiled) -> str:
+    def row(name, cfg, remat, shape, useful, executed, compiled, compile_s) -> str:
         ratios = [
             f"{e / u:.3f}" if u else "-"
             for e, u in zip(
@@ -188,7 +206,7 @@ def cost_analysis(args: argparse.Namespace, argv: list[str] | None, parser: argp
             f"| {name} | {compute_label(args)} | {remat} | {attention_label(args, cfg)} "
             f"| {args.rows} × {shape.as_tuple()} | {useful.total / 1e12:.4g} | {executed.total / 1e12:.4g} "
             f"| {' | '.join(ratios)} | {compiled.cost_analysis()['flops'] / 1e12:.4g} "
-            f"| {compiled.memory_analysis().temp_size_in_bytes / GIB:.2f} |"
+            f"| {compiled.memory_analysis().temp_size_in_bytes / GIB:.2f} | {compile_s:.1f} |"
         )
 
     def note_unattributed(label, costs, total) -> None:
@@ -201,30 +219,38 @@ def cost_analysis(args: argparse.Namespace, argv: list[str] | None, parser: argp
             )
             print(f"note: {notes[-1]}", flush=True)
 
-    for name, remat in itertools.product(args.models, args.remat):
-        cfg, batch, shape = checked_model_batch(parser, name, args, remat, accel=False)
+    for name, remat, unroll in itertools.product(args.models, args.remat, args.scan_unroll):
+        cfg, batch, shape = checked_model_batch(parser, name, args, remat, unroll, accel=False)
         harness = TrainingHarness(
             cfg, mesh, loss=LossConfig(variant="nextquill"), micro_batches=args.micro_batches,
             operand_dtype=args.operand_dtype, joint_forward=args.joint_forward, abstract=True,
         )  # fmt: skip
         useful = step_flops(cfg, batch, param_counts(cfg)[1])
+        start = time.perf_counter()
         compiled = harness.compile(batch)
+        compile_s = time.perf_counter() - start
         costs = dot_costs(compiled.as_text())
         executed = executed_flops(costs)
-        rows.append(row(name, cfg, remat, shape, useful, executed, compiled))
+        layers = remat_label(remat, unroll)
+        rows.append(row(name, cfg, layers, shape, useful, executed, compiled, compile_s))
         print(rows[-1], flush=True)
-        note_unattributed(f"{name}, remat {remat}", costs, executed.total)
-        if remat == args.remat[0]:  # the fused loss alone: value and gradient, the step's shapes
+        note_unattributed(f"{name}, remat {layers}", costs, executed.total)
+        # The fused loss alone (value and gradient, the step's shapes), once per model.
+        if (remat, unroll) == (args.remat[0], args.scan_unroll[0]):
             hidden = jax.ShapeDtypeStruct((*batch["labels"].shape, cfg.hidden_size), cfg.compute_jnp_dtype)
             head = harness.head_weight(harness.state.params)
             head = jax.ShapeDtypeStruct(head.shape, head.dtype)
             labels = jax.ShapeDtypeStruct(batch["labels"].shape, jnp.int32)
+            start = time.perf_counter()
             with jax.set_mesh(mesh):
                 loss = harness.loss_value_and_grad().lower(hidden, hidden, head, labels).compile()
+            compile_s = time.perf_counter() - start
             loss_useful = type(useful)(layers=0.0, attention=0.0, head=useful.head)
             costs = dot_costs(loss.as_text())
             executed = executed_flops(costs)
-            rows.append(row(f"{name}: fused loss alone", cfg, "-", shape, loss_useful, executed, loss))
+            rows.append(
+                row(f"{name}: fused loss alone", cfg, "-", shape, loss_useful, executed, loss, compile_s)
+            )
             print(rows[-1], flush=True)
             note_unattributed(f"{name}: fused loss alone", costs, executed.total)
     if args.append_results:
@@ -245,6 +271,8 @@ def cost_analysis(args: argparse.Namespace, argv: list[str] | None, parser: argp
                 "temp GiB: `compiled.memory_analysis().temp_size_in_bytes`, XLA's temporary buffers of the "
                 "compiled program on this backend (activations kept for the backward pass among them; "
                 "parameters, optimizer state and the batch are arguments, not counted)",
+                "compile s: wall time of lowering and compiling that program (a step row: the whole step; "
+                "on a shared machine it varies with the load)",
                 f"examples: context {args.context_tokens}, history {args.history} × {args.entry_tokens}, "
                 f"target {args.target_tokens} tokens",
             ],
@@ -280,6 +308,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--remat", nargs="+", help="ModelConfig.remat_policy (save:NAME,... too), one row each"
     )
+    parser.add_argument(
+        "--scan-unroll", type=positive_int, nargs="+", default=[1], metavar="N",
+        help="ModelConfig.scan_unroll: decoder layers per iteration of the scan over them (the layer count: "
+        "all unrolled), one row each",
+    )  # fmt: skip
     parser.add_argument("--attention", help="ModelConfig.attention_impl")
     parser.add_argument(
         "--cudnn-max-segments", type=max_segments_arg, metavar="N|auto",
@@ -306,8 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--profile",
         type=Path,
-        help="write a jax.profiler trace of the timed steps to DIR/<model>-<remat> (the tracer's overhead is "
-        "in those steps' times)",
+        help="write a jax.profiler trace of the timed steps to DIR/<model>-<remat>[-unroll<N>] (the tracer's "
+        "overhead is in those steps' times)",
     )
     parser.add_argument("--append-results", type=Path, help="append a Markdown section to this file")
     args = parser.parse_args(argv)
@@ -325,19 +358,19 @@ def main(argv: list[str] | None = None) -> int:
     separator = "|" + " --- |" * (COLUMNS.count("|") - 1)
     print(COLUMNS)
     print(separator)
-    for name, remat in itertools.product(args.models, args.remat):
-        cfg, batch, shape = checked_model_batch(parser, name, args, remat, accel)
+    for name, remat, unroll in itertools.product(args.models, args.remat, args.scan_unroll):
+        cfg, batch, shape = checked_model_batch(parser, name, args, remat, unroll, accel)
         harness = TrainingHarness(
             cfg, mesh, loss=LossConfig(variant="nextquill"), micro_batches=args.micro_batches,
             operand_dtype=args.operand_dtype, joint_forward=args.joint_forward,
         )  # fmt: skip
-        profile_dir = args.profile / f"{name}-{remat}" if args.profile else None
+        run_name = f"{name}-{remat}" + ("" if unroll == 1 else f"-unroll{unroll}")
+        profile_dir = args.profile / run_name if args.profile else None
         timing = harness.time(batch, warmup=args.warmup, steps=args.steps, profile_dir=profile_dir)
         if args.breakdown:
             parts = step_breakdown(harness, batch, steps=args.steps)
-            breakdowns.append(
-                f"- {name}, remat {remat}: " + ", ".join(f"{k} {v * 1e3:,.1f} ms" for k, v in parts.items())
-            )
+            times = ", ".join(f"{k} {v * 1e3:,.1f} ms" for k, v in parts.items())
+            breakdowns.append(f"- {name}, remat {remat_label(remat, unroll)}: {times}")
             print(breakdowns[-1], flush=True)
         del harness
         flops = step_flops(cfg, batch, param_counts(cfg)[1]).total
@@ -347,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         mfu = f"{tflops / (peak * mesh.size):.1%}" if peak else "-"
         memory = timing.device_peak_mib if timing.device_peak_mib is not None else timing.compiled_total_mib
         row = (
-            f"| {mesh.size} × {device_kind} | {name} | {compute_label(args)} | {remat} "
+            f"| {mesh.size} × {device_kind} | {name} | {compute_label(args)} | {remat_label(remat, unroll)} "
             f"| {attention_label(args, cfg)} | "
             f"{args.rows} × {shape.as_tuple()} | {tokens:,} | {step_s:.4f} | {tokens / step_s:,.0f} | "
             f"{flops / 1e12:.4g} | {tflops:.4g} | {mfu} | {memory:,.0f} | {timing.compile_s:.1f} |"

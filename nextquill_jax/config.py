@@ -35,6 +35,7 @@ from nextquill_jax.models.config import (
     ARCHITECTURE_FIELDS,
     RUNTIME_FIELDS,
     ModelConfig,
+    check_scan_unroll,
     remat_saved_names,
 )
 from nextquill_jax.models.generate import GenerationConfig
@@ -158,8 +159,8 @@ class ModelRunConfig:
             preset's or those read from `path`, e.g. `{hidden_size: 32, num_layers: 2}` for a tiny random
             model. A key that is not an architecture field, or a value not of its field's type, is an error
             when the config is loaded. The runtime fields are keys of their own (`model.param_dtype`,
-            `model.compute_dtype`, `model.remat_policy`, `model.attention_impl`, `model.cudnn_max_segments`),
-            not overrides.
+            `model.compute_dtype`, `model.remat_policy`, `model.scan_unroll`, `model.attention_impl`,
+            `model.cudnn_max_segments`), not overrides.
         `param_dtype`: the dtype the trained parameters (and so the optimizer's update) are stored in.
         `compute_dtype`: the dtype of activations and matmuls; parameters are cast to it where used (RMSNorm
             statistics and RoPE angles stay float32).
@@ -170,6 +171,12 @@ class ModelRunConfig:
             out-projection) and `mlp_gate_up` (the MLP's gate and up projections, before silu), e.g.
             `save:qkv,attention`: those are kept, the rest recomputed. What each costs in memory and saves
             in FLOPs at the Qwen2.5-1.5B shape: `benchmarks/RESULTS.md`.
+        `scan_unroll`: an int >= 1: how many decoder layers each iteration of the `jax.lax.scan` over them
+            runs (its `unroll`), in training, evaluation and generation alike. 1 (the default) is one layer
+            per iteration; the layer count or more unrolls the whole stack (compile time grows with depth);
+            a value that does not divide the layer count runs the remainder after the loop. It changes the
+            compiled program (what XLA may fuse and overlap across layers), not the values beyond float
+            rounding, so a resume may change it. What it costs and gains: `benchmarks/RESULTS.md`.
         `attention_impl`: `xla` (blockwise, memory O(T), every backend), `xla_dense` (the full [T, T] score
             tensor, every backend), `cudnn` (GPU only, with a bfloat16 `compute_dtype`) or `splash` (Pallas
             splash attention, TPU only); `nextquill_jax/models/attention.py`. Training refuses one the
@@ -196,12 +203,14 @@ class ModelRunConfig:
     compute_dtype: RunDtype = "bfloat16"
     # A string, not a Literal: `save:NAME,...` spells a set of names (checked in __post_init__).
     remat_policy: str = "none"
+    scan_unroll: int = 1
     attention_impl: AttentionImpl = "xla"
     cudnn_max_segments: int | Literal["auto"] | None = None
     lora: LoraConfig | None = None
 
     def __post_init__(self):
         remat_saved_names(self.remat_policy)
+        check_scan_unroll(self.scan_unroll, "`model.scan_unroll`")
         self.architecture_overrides()
         if (self.path is None) == (self.preset is None):
             # Both set is often a `model.path=...` override on a file that sets a preset: say how to unset.

@@ -36,11 +36,12 @@ from nextquill_jax.config_schema import ConfigError, convert
 from nextquill_jax.data.config import SPLITS
 from nextquill_jax.data.pipeline import BatchPipeline
 from nextquill_jax.data.prepared_split import TOKEN_FIELDS, PreparedSplit, TokenizedExample, write_split
-from nextquill_jax.models.config import ModelConfig, RopeScaling
+from nextquill_jax.models.config import RUNTIME_FIELDS, ModelConfig, RopeScaling
 from nextquill_jax.models.presets import model_preset
 from nextquill_jax.parallel import MESH_AXES, resolve_mesh_shape
-from nextquill_jax.train import model_setup
+from nextquill_jax.train import adapters, model_setup
 from nextquill_jax.train.loop import train
+from nextquill_jax.train.resume import may_change
 from tests.shared import FIXTURES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -583,6 +584,8 @@ def test_a_sweep_refuses_a_peak_tflops_that_is_not_positive():
         ("loss.alpha=-1", "loss", "alpha"),
         ("loss.alpha=foo", "loss.alpha", "expects a float or 'public', got 'foo'"),  # a Literal's values
         ("logging.profile_steps=[3, 2]", "logging", "profile_steps must be [first, last]"),
+        ("model.scan_unroll=0", "model.scan_unroll", "` must be an int >= 1, got 0. Fix: "),
+        ("model.scan_unroll=2.5", "model.scan_unroll", "expects an int"),
     ],
 )
 def test_wrong_types_and_invalid_values_name_the_key(cfg_file, override, named, expected):
@@ -592,6 +595,22 @@ def test_wrong_types_and_invalid_values_name_the_key(cfg_file, override, named, 
     assert f"`{named}" in message and expected in message and "Fix" in message, message
     assert message.startswith("command line: ") or message.endswith(f"overrides applied: {override})")
     assert " a int" not in message and " a a " not in message  # "an int", "a mapping"
+
+
+def test_scan_unroll_is_a_runtime_key_of_its_own_that_reaches_the_model_and_a_resume_may_change(cfg_file):
+    cfg = load_config(cfg_file, ["model.scan_unroll=2", "model.remat_policy=full"])
+    assert cfg.model.model_config().scan_unroll == 2
+    # A LoRA run's frozen base runs the layers as the run says: every runtime field but the base's dtype.
+    with_lora = dataclasses.replace(cfg.model, lora=LoraConfig())
+    base = adapters.base_section(with_lora)
+    assert {f: getattr(base, f) for f in RUNTIME_FIELDS if f != "param_dtype"} == {
+        f: getattr(with_lora, f) for f in RUNTIME_FIELDS if f != "param_dtype"
+    }
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg_file, ["model.overrides={scan_unroll: 2}"])
+    assert "(`model.scan_unroll` is a key of its own)" in str(e.value)
+    # It changes the compiled program, not what is trained.
+    assert may_change("model.scan_unroll")
 
 
 @pytest.mark.parametrize("source", [[], ["model.preset=null", "model.path=some/dir"]])

@@ -40,12 +40,15 @@ def invoked_command(program: Sequence[str], argv: Sequence[str] | None) -> list[
 
 
 def results_header(title: str, command: Sequence[str], extra: Sequence[str] = ()) -> list[str]:
-    """The opening lines of a RESULTS.md section: title, exact command, machine and versions."""
+    """The opening lines of a RESULTS.md section: title, exact command (led by `XLA_FLAGS='...'` when that
+    variable is set: it changes what XLA compiles), machine and versions."""
     m = machine_description()
+    flags = os.environ.get("XLA_FLAGS")
+    env = f"XLA_FLAGS='{flags}' " if flags else ""
     return [
         f"## {title} ({m['date']})",
         "",
-        f"- command: `{' '.join(command)}`",
+        f"- command: `{env}{' '.join(command)}`",
         f"- machine: {m['cpu']}; backend {m['backend']}, {m['devices']}; {m['versions']}",
         *(f"- {line}" for line in extra),
         "",

@@ -2,8 +2,9 @@
 
 The decoder layers are one `DecoderLayer` module whose parameters carry a leading `layers` axis (built with
 `nnx.vmap`); the forward pass runs `jax.lax.scan` over that stacked state, so compile time does not grow with
-depth. The scan body is wrapped in `jax.checkpoint` with the config's remat policy: a named one, or
-`save:NAME,...` over the values the layer names with `checkpoint_name` (`config.REMAT_NAMES`).
+depth (unless `ModelConfig.scan_unroll` unrolls it: that many layers per loop iteration). The scan body is
+wrapped in `jax.checkpoint` with the config's remat policy: a named one, or `save:NAME,...` over the values
+the layer names with `checkpoint_name` (`config.REMAT_NAMES`).
 
 Parameter layout (logical axes in brackets), L = layers, D = hidden, H / K = query / key-value heads:
   embed [V, D] (vocab, embed); lm_head [D, V] (embed, vocab), absent when tied;
@@ -366,7 +367,7 @@ class CausalLM(nnx.Module):
         policy_name = self.cfg.remat_policy
         if policy_name != "none":
             body = jax.checkpoint(body, policy=remat_policy(policy_name), prevent_cse=False)
-        return jax.lax.scan(body, x, (state, caches, weights, keys))
+        return jax.lax.scan(body, x, (state, caches, weights, keys), unroll=self.cfg.scan_unroll)
 
 
 def _stacked_layers(cfg: ModelConfig, rngs: nnx.Rngs) -> DecoderLayer:

@@ -32,7 +32,14 @@ ATTENTION_IMPLS = ("xla", "xla_dense", "cudnn", "splash")
 DTYPES = ("float32", "bfloat16", "float16")
 # ModelConfig's fields that choose how to run the network, not what it is: a checkpoint's config.json has
 # none of them, and a training config sets each as a `model.*` key of its own.
-RUNTIME_FIELDS = ("param_dtype", "compute_dtype", "remat_policy", "attention_impl", "cudnn_max_segments")
+RUNTIME_FIELDS = (
+    "param_dtype",
+    "compute_dtype",
+    "remat_policy",
+    "scan_unroll",
+    "attention_impl",
+    "cudnn_max_segments",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +147,11 @@ class ModelConfig:
             `dots_saveable` and `dots_with_no_batch_dims_saveable` are `jax.checkpoint_policies` of those
             names; `save:NAME[,NAME...]` keeps only the named values of `REMAT_NAMES` (e.g.
             `save:qkv,attention`) and recomputes the rest.
+        `scan_unroll`: runtime (`model.scan_unroll`): an int >= 1, the decoder layers the `jax.lax.scan`
+            over them runs per loop iteration (its `unroll`): 1 is one layer per iteration; a value >=
+            `num_layers` unrolls the whole stack into straight-line code (compile time then grows with
+            depth). A value that does not divide `num_layers` is allowed: the remaining layers run after the
+            loop. Changes the compiled program only, never the values beyond float rounding.
         `attention_impl`: runtime (`model.attention_impl`): one of `ATTENTION_IMPLS`
             (`nextquill_jax/models/attention.py`).
         `cudnn_max_segments`: runtime (`model.cudnn_max_segments`): cuDNN's packed mode (segment lengths and
@@ -169,6 +181,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     remat_policy: str = "none"
+    scan_unroll: int = 1
     attention_impl: str = "xla"
     cudnn_max_segments: int | None = None
 
@@ -201,6 +214,7 @@ class ModelConfig:
                 f"{self.rope_theta}"
             )
         remat_saved_names(self.remat_policy)
+        check_scan_unroll(self.scan_unroll, "ModelConfig.scan_unroll")
         for name, allowed in (
             ("param_dtype", DTYPES),
             ("compute_dtype", DTYPES),
@@ -273,7 +287,8 @@ class ModelConfig:
         """Read a Hugging Face `config.json` dict (transformers 4.x or 5.x spelling).
 
         `overrides` replace fields read from `d` before the config is validated (typically the runtime ones:
-        param_dtype, compute_dtype, remat_policy, attention_impl, cudnn_max_segments; or architecture fields
+        param_dtype, compute_dtype, remat_policy, scan_unroll, attention_impl, cudnn_max_segments; or
+        architecture fields
         from `model.overrides`).
 
         Raises:
@@ -418,6 +433,18 @@ def remat_saved_names(policy: str) -> tuple[str, ...] | None:
                 f"{', '.join(REMAT_NAMES)}"
             )
     return names
+
+
+def check_scan_unroll(value: Any, key: str) -> None:
+    """Raise ValueError unless `value` (a `scan_unroll` setting) is an int >= 1; the message names it as
+    `key` (`ModelConfig.scan_unroll`; in a training config "`model.scan_unroll`", in backticks so that a
+    file's error gives its line) with the fix. A value above the layer count is accepted: `jax.lax.scan`
+    then unrolls every layer, as it does at the layer count."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(
+            f"{key} must be an int >= 1, got {value!r}. Fix: 1 runs one decoder layer per scan iteration "
+            f"(the default); N > 1 runs N per iteration; the layer count unrolls them all"
+        )
 
 
 def _reject_sliding_window(d: Mapping[str, Any]) -> None:

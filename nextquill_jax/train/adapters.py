@@ -157,6 +157,7 @@ def base_section(model: ModelRunConfig) -> ModelRunConfig:
         param_dtype=float_dtype,
         compute_dtype=model.compute_dtype,
         remat_policy=model.remat_policy,
+        scan_unroll=model.scan_unroll,
         attention_impl=model.attention_impl,
         cudnn_max_segments=model.cudnn_max_segments,
     )

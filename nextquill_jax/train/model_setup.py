@@ -223,6 +223,7 @@ def initial_params(
         **section.architecture_overrides(),
         compute_dtype=section.compute_dtype,
         remat_policy=section.remat_policy,
+        scan_unroll=section.scan_unroll,
         attention_impl=section.attention_impl,
         cudnn_max_segments=section.cudnn_max_segments,
     )

@@ -41,6 +41,7 @@ MAY_CHANGE = (
     "train.data_dir",
     # Memory and speed settings documented to compute the same values.
     "model.remat_policy",
+    "model.scan_unroll",
     "train.joint_forward",
     "train.micro_batches",  # what a resume on fewer devices needs
     "loss.token_chunk",

@@ -338,8 +338,12 @@ def reference_params(
             raise ConfigError(f"loss.reference_model {source!r}: {e}") from None
         graphdef, state = nnx.split(restored.model)  # a LoRA run's adapters too, applied apart
         return graphdef, nnx.to_pure_dict(state)
+    # Its forward runs inside the training step, so it runs the layers as the run's model does.
     section = ModelRunConfig(
-        path=source, param_dtype=cfg.model.param_dtype, compute_dtype=cfg.model.compute_dtype
+        path=source,
+        param_dtype=cfg.model.param_dtype,
+        compute_dtype=cfg.model.compute_dtype,
+        scan_unroll=cfg.model.scan_unroll,
     )
     return model_setup.load_params(section, mesh, seed=0)
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from nextquill_jax import cli
-from nextquill_jax.bench import flops, harness, sweep
+from nextquill_jax.bench import flops, harness, record, sweep
 from nextquill_jax.bench.command import BENCHMARKS, benchmarks_dir
 from nextquill_jax.config_schema import ConfigError
 from tests.conftest import REPO
@@ -30,10 +30,11 @@ PLOT_ROWS = sweep.plot_rows
 
 
 class FakeHarness:
-    """Stands in for TrainingHarness: records the models it is built for (hidden size, cuDNN's packed bound)
-    and the most examples a row of each timed batch holds, returns a fixed timing."""
+    """Stands in for TrainingHarness: records the models it is built for (hidden size, cuDNN's packed bound,
+    scan unroll) and the most examples a row of each timed batch holds, returns a fixed timing."""
 
     built: ClassVar[list[int]] = []
+    unrolls: ClassVar[list[int]] = []
     plots: ClassVar[list[Path]] = []
     bounds: ClassVar[list[int | None]] = []
     examples_per_row: ClassVar[list[int]] = []
@@ -41,6 +42,7 @@ class FakeHarness:
     def __init__(self, model_cfg, mesh, **kwargs):
         FakeHarness.built.append(model_cfg.hidden_size)
         FakeHarness.bounds.append(model_cfg.cudnn_max_segments)
+        FakeHarness.unrolls.append(model_cfg.scan_unroll)
 
     def time(self, batch, *, warmup, steps):
         FakeHarness.examples_per_row.append(
@@ -465,8 +467,8 @@ def test_padding_refuses_flags_that_fit_no_row_or_check_nothing(monkeypatch, cap
 @pytest.mark.parametrize(
     ("script", "flag"),
     [("loss_memory", "--tokens"), ("step", "--examples"), ("attention", "--seq-len"), ("compile", "--rows"),
-     ("mfu", "--rows"), ("prefill", "--lengths"), ("lora", "--rank"), ("padding", "--users"),
-     ("cudnn_mask", "--max-segments")],
+     ("mfu", "--rows"), ("mfu", "--scan-unroll"), ("prefill", "--lengths"), ("lora", "--rank"),
+     ("padding", "--users"), ("cudnn_mask", "--max-segments")],
 )  # fmt: skip
 def test_benchmarks_refuse_a_count_below_one_as_an_argument_error(monkeypatch, capsys, script, flag):
     """A count of 0 is refused while the command line is parsed, naming the flag (it was a traceback from
@@ -508,6 +510,35 @@ def test_mfu_takes_cudnn_max_segments_auto_as_what_its_rows_hold(monkeypatch, ca
         in capsys.readouterr().err
     )
     assert len(FakeHarness.bounds) == 2
+
+
+def test_a_results_section_records_the_xla_flags_it_was_measured_under(monkeypatch):
+    # gpu_checks.sh's mfu_xla_flags check differs from mfu_breakdown by its XLA_FLAGS alone.
+    flags = "--xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_enable_triton_gemm=false"
+    monkeypatch.setenv("XLA_FLAGS", flags)
+    command = ["python", "benchmarks/mfu.py", "--breakdown"]
+    assert f"- command: `XLA_FLAGS='{flags}' python benchmarks/mfu.py --breakdown`" in record.results_header(
+        "Training-step throughput and MFU", command
+    )
+    monkeypatch.delenv("XLA_FLAGS")
+    assert "- command: `python benchmarks/mfu.py --breakdown`" in record.results_header("T", command)
+
+
+def test_mfu_scan_unroll_builds_a_model_per_value_and_says_so_in_the_remat_column(monkeypatch, capsys):
+    """benchmarks/mfu.py --scan-unroll 1 2 (its step timed by the fake): a row per value, each timing a
+    model with that `scan_unroll`; the remat column names an unroll other than 1."""
+    mfu = benchmark_script("mfu")
+
+    class Timed(FakeHarness):
+        def time(self, batch, *, warmup, steps, profile_dir=None):
+            return super().time(batch, warmup=warmup, steps=steps)
+
+    FakeHarness.built, FakeHarness.bounds, FakeHarness.unrolls = [], [], []
+    monkeypatch.setattr(harness, "TrainingHarness", Timed)
+    assert mfu.main(["--steps", "1", "--remat", "full", "--scan-unroll", "1", "2"]) == 0
+    assert FakeHarness.unrolls == [1, 2]
+    rows = [line for line in capsys.readouterr().out.splitlines() if "| tiny |" in line]
+    assert [row.split(" | ")[3] for row in rows] == ["full", "full, unroll 2"]
 
 
 def test_mfu_cost_analysis_command_counts_the_recomputed_forward_and_appends_its_section(tmp_path, capsys):

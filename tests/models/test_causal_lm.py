@@ -1,4 +1,4 @@
-"""CausalLM's public pieces beyond the forward: the LM head contract, remat, KV-cache limits."""
+"""CausalLM's public pieces beyond the forward: the LM head contract, remat, scan unroll, KV-cache limits."""
 
 from __future__ import annotations
 
@@ -42,9 +42,10 @@ REMAT_CASES = [
 ]
 
 
-def _loss_fn(tiny_model_config, policy: str):
-    """(loss(state), state) of the tiny model under remat `policy`: mean squared logits of IDS."""
-    model = CausalLM(tiny_model_config(vocab_size=VOCAB, remat_policy=policy), rngs=nnx.Rngs(0))
+def _loss_fn(tiny_model_config, policy: str, **fields):
+    """(loss(state), state) of the tiny model (with `fields` changed) under remat `policy`: mean squared
+    logits of IDS."""
+    model = CausalLM(tiny_model_config(vocab_size=VOCAB, remat_policy=policy, **fields), rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
     return (lambda s: jnp.mean(nnx.merge(graphdef, s)(IDS) ** 2)), state
 
@@ -108,6 +109,58 @@ def test_save_policies_keep_exactly_the_named_values_of_the_layer(policy, saved,
     loss, state = _loss_fn(tiny_model_config, policy)
     forward = jax.make_jaxpr(lambda s: jax.vjp(loss, s))(state)
     assert _names_saved_by_scans(forward.jaxpr) == saved
+
+
+# Three layers, so that unroll 2 leaves a remainder after the loop and 3 unrolls all (as does any value above
+# the count: jax.lax.scan then runs every step as the remainder, with no loop).
+UNROLL_LAYERS = 3
+
+
+def _layer_scan_unrolls(jaxpr, num_layers: int) -> list[int]:
+    """The `unroll` of every scan in `jaxpr` (or nested in it) that runs over `num_layers` steps."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "scan" and eqn.params["length"] == num_layers:
+            found.append(eqn.params["unroll"])
+        for param in eqn.params.values():
+            if isinstance(param, jax.extend.core.ClosedJaxpr):
+                found += _layer_scan_unrolls(param.jaxpr, num_layers)
+    return found
+
+
+@pytest.fixture(scope="module")
+def rolled(tiny_model_config):
+    """(loss, gradients) of the 3-layer tiny model at scan_unroll 1, the scan the parity tests check."""
+    loss, state = _loss_fn(tiny_model_config, "none", num_layers=UNROLL_LAYERS)
+    return jax.jit(jax.value_and_grad(loss))(state)
+
+
+@pytest.mark.parametrize("unroll", [2, UNROLL_LAYERS])
+def test_scan_unroll_gives_the_same_loss_and_gradients_as_the_rolled_scan(unroll, tiny_model_config, rolled):
+    loss, state = _loss_fn(tiny_model_config, "none", num_layers=UNROLL_LAYERS, scan_unroll=unroll)
+    # The option reaches the layers' scan, forward and backward (else the values alone would agree too).
+    unrolls = _layer_scan_unrolls(jax.make_jaxpr(jax.value_and_grad(loss))(state).jaxpr, UNROLL_LAYERS)
+    assert unrolls and set(unrolls) == {unroll}
+    loss_rolled, grads_rolled = rolled
+    loss_unrolled, grads_unrolled = jax.jit(jax.value_and_grad(loss))(state)
+    np.testing.assert_allclose(float(loss_unrolled), float(loss_rolled), rtol=1e-6)
+    leaves_rolled, leaves_unrolled = jax.tree.leaves(grads_rolled), jax.tree.leaves(grads_unrolled)
+    assert len(leaves_rolled) == len(leaves_unrolled) > 0
+    assert any(float(jnp.abs(g).max()) > 0 for g in leaves_rolled)
+    for a, b in zip(leaves_rolled, leaves_unrolled, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-7, rtol=1e-5)
+
+
+def test_scan_unroll_reaches_prefill_extend_and_hidden_states(tiny_model_config):
+    # Traced only (nothing compiled): generation's programs run the layers through the same scan.
+    model = CausalLM(tiny_model_config(vocab_size=VOCAB, scan_unroll=2), rngs=nnx.Rngs(0))
+    cache = model.init_cache(batch=2, max_len=12)
+    for program in (
+        lambda: model.prefill(IDS, cache),
+        lambda: model.extend(IDS[:, :1], cache),
+        lambda: model.hidden_states(IDS),
+    ):
+        assert _layer_scan_unrolls(jax.make_jaxpr(program)().jaxpr, 2) == [2]
 
 
 def test_cache_overflow_outside_jit_is_an_error(tiny_model_config):

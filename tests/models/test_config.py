@@ -188,6 +188,11 @@ def test_runtime_fields_are_validated():
     for bad in (0, True, 2.5):
         with pytest.raises(ValueError, match="cudnn_max_segments must be an int >= 1"):
             model_preset("smollm2-135m", attention_impl="cudnn", cudnn_max_segments=bad)
+    for bad in (0, True, 2.5):
+        with pytest.raises(ValueError, match=r"ModelConfig.scan_unroll must be an int >= 1, got .*\. Fix: "):
+            model_preset("smollm2-135m", scan_unroll=bad)
+    # Above the layer count (30) is accepted: jax.lax.scan then unrolls every layer.
+    assert model_preset("smollm2-135m", scan_unroll=64).scan_unroll == 64
     with pytest.raises(ValueError, match=r"but attention_impl is 'xla'\. Fix: set attention_impl='cudnn'"):
         model_preset("smollm2-135m", cudnn_max_segments=4)
     assert model_preset("smollm2-135m", attention_impl="cudnn", cudnn_max_segments=4).cudnn_max_segments == 4
