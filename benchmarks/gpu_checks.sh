@@ -1,23 +1,28 @@
 #!/usr/bin/env bash
 # Every pending GPU measurement in one command, for a short lease of one NVIDIA GPU (H100/H200): the training
-# step's MFU at the Qwen2.5-1.5B shape with its breakdown and a jax.profiler trace, then with bf16 operands in the fused loss, the joint
-# forward, remat none, and three remat policies per part of the layer (`save:...`, not yet run on a GPU; their
-# FLOPs and memory on CPU: RESULTS.md); the fused loss alone in float32 and bf16 operands; generation's prefill;
-# what the packed-segment mask costs cuDNN attention and whether cuDNN's packed mode (segment offsets,
-# model.cudnn_max_segments) matches blockwise XLA attention in outputs and gradients and is faster
-# (benchmarks/cudnn_mask.py, exit 1 on a mismatch; not yet run on a GPU), and the step with that mode; the step
-# with its scanned decoder layers unrolled (model.scan_unroll 2, and all 28 layers), and under the XLA GPU flags
-# that JAX's and NVIDIA's GPU performance guides recommend (not yet run on a GPU). Each check has its own time
-# limit, so one failure leaves the others' results, and every result lands in OUT_DIR as it is made.
+# step's MFU at the Qwen2.5-1.5B shape with its breakdown and a jax.profiler trace, then with bf16 operands in
+# the fused loss, the joint forward, remat none, and three remat policies per part of the layer (`save:...`,
+# not yet run on a GPU; their FLOPs and memory on CPU: RESULTS.md); the fused loss alone in float32 and bf16
+# operands; generation's prefill; what the packed-segment mask costs cuDNN attention and whether cuDNN's
+# packed mode (segment offsets, model.cudnn_max_segments) matches blockwise XLA attention in outputs and
+# gradients and is faster (benchmarks/cudnn_mask.py, exit 1 on a mismatch; not yet run on a GPU), and the step
+# with that mode; the step with its scanned decoder layers unrolled (model.scan_unroll 2, and all 28 layers),
+# and under the XLA GPU flags that JAX's and NVIDIA's GPU performance guides recommend (not yet run on a GPU).
+# Each check has its own time limit, so one failure leaves the others' results, and every result lands in
+# OUT_DIR as it is made.
 #
 #   bash benchmarks/gpu_checks.sh OUT_DIR [NAMES]
 #
-# NAMES (an extended regular expression) runs only the checks whose names match, e.g. 'cudnn|mfu_breakdown'
-# for the cuDNN packed-mode checks and the step they compare with (an estimated 6 min with compiles; the packed
-# mode needs a Hopper or newer GPU). Every check together is estimated at ~17 min, more than two 600 s device
-# calls: run it in three, e.g. then 'mfu_profile|mfu_save|bf16|remat_none|loss|prefill' (~6 min), then
-# 'unroll|xla_flags' (~5 min: the unrolled steps compile longer, all 28 layers the longest; they compare with
-# mfu_breakdown of the first call, so run that first where the three do not fit one session).
+# NAMES (an extended regular expression) runs only the checks whose names match. Every check together is
+# estimated at ~17 min, more than two 600 s device calls and more than a 15-minute lease: run them in three
+# calls, in this order, first what has never run on a GPU:
+#   1. 'cudnn|mfu_breakdown' (~6 min with compiles): cuDNN's packed mode (Hopper or newer) and the step every
+#      later section compares with;
+#   2. 'mfu_save|unroll2|xla_flags' (~5 min): remat per part of the layer, two layers per scan iteration, the
+#      XLA GPU flags;
+#   3. 'mfu_profile|bf16|remat_none|loss|prefill|unroll_full' (~6 min): the profiler trace, the whole stack
+#      unrolled (the longest compile), and again what the H200 session of 2026-11-30 measured once
+#      (RESULTS.md), this time beside the others.
 #
 # Run from the repository root under the machine's own JAX (the package on PYTHONPATH; grain and its two
 # dependencies missing there travel as wheels). Sections are appended to OUT_DIR/RESULTS_gpu.md in
@@ -71,7 +76,7 @@ check cudnn_mfu_offsets 150 "${mfu[@]}" --remat dots_with_no_batch_dims_saveable
   --cudnn-max-segments 2 --breakdown
 # The layers' scan unrolled (model.scan_unroll), against mfu_breakdown's rolled scan at the same remat policy:
 # two layers per loop iteration, then the whole stack (28 layers, straight-line code: XLA may fuse and
-# overlap across every layer boundary). On CPU the whole stack compiled in 133 s against 30 s rolled, and XLA's
+# overlap across every layer boundary). On CPU the whole stack compiled in 133 s (30 s rolled), and XLA's
 # temporary buffers grew from 67 to 352 GiB, about remat none's (RESULTS.md, 2026-12-02): it may need remat
 # none's memory here too (108 GB on the H200, more than an 80 GB H100 holds).
 check mfu_unroll2 90 "${mfu[@]}" --remat dots_with_no_batch_dims_saveable --scan-unroll 2
