@@ -288,8 +288,7 @@ class ModelConfig:
 
         `overrides` replace fields read from `d` before the config is validated (typically the runtime ones:
         param_dtype, compute_dtype, remat_policy, scan_unroll, attention_impl, cudnn_max_segments; or
-        architecture fields
-        from `model.overrides`).
+        architecture fields from `model.overrides`).
 
         Raises:
             ValueError: unknown `model_type`, or an option that changes the network and is not implemented
