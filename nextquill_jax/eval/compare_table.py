@@ -18,8 +18,13 @@ was prepared differently number the examples differently. BLEU (a corpus statist
 without an interval.
 
 A run evaluated with `max_new_tokens` 0 generated nothing (`generated`): its ROUGE, METEOR, preference recall
-and BLEU are absent (not 0), so its row has none and no difference is drawn for them; results.md leaves out a
-column no run has, and says so.
+and BLEU are absent (not 0), so its row has none and no difference is drawn for them. results.md leaves out a
+column no run has, and says why (`left_out_line`): no run generated, rows without signature words, or
+targets without ground-truth preference tokens.
+
+A run's predictions.jsonl is read from its `eval_dir`, which `nextquill-jax evaluate --workdir RUN` also
+writes by default: before reading it, its metrics.json must hold the BLEU the run's record does, so that the
+files of another evaluation are never paired with the record's numbers (`recorded_predictions`).
 """
 
 from __future__ import annotations
@@ -48,6 +53,18 @@ METRICS: tuple[tuple[str, str, bool], ...] = (
     ("nll_with", "NLL (with hist.)", False),
     ("nll_without", "NLL (without)", False),
 )
+# Why a column is empty in every row, as results.md says it. The text metrics are absent from every run that
+# did not generate; preference recall where the split's rows lack signature words (`preference_recall`
+# raises); the preference NLL and the DCE AUROC where the targets have no ground-truth preference tokens
+# (the effect report's `ground_truth` is None without `meta.target_spans`).
+_TEXT_METRICS = frozenset({"rouge1", "rougeL", "meteor", "preference_recall", "bleu"})
+_NOT_GENERATED = "no run generated text: max_new_tokens 0"
+_NO_ROLES = "no ground-truth preference tokens: meta.target_spans"
+_LEFT_OUT_BECAUSE = {
+    "preference_recall": "rows without meta.signature_words",
+    "preference_nll_with": _NO_ROLES,
+    "dce_auroc": _NO_ROLES,
+}
 # Below this many paired examples results.md warns that its intervals are too narrow to trust (a rule of
 # thumb for the percentile bootstrap, whose coverage falls short of 95% on small samples).
 FEW_EXAMPLES = 30
@@ -86,21 +103,56 @@ def generated(record: Mapping[str, Any]) -> bool:
     return "bleu" in record
 
 
+def recorded_predictions(record: Mapping[str, Any]) -> Path:
+    """The path of the run's predictions.jsonl, checked to belong to the evaluation `record`
+    (`compare.run_variant`'s, of a run that generated) was made from: its metrics.json gives the record's
+    BLEU.
+
+    Raises:
+        ValueError: the run's eval directory no longer holds that evaluation (its metrics.json is absent, or
+            gives another BLEU than the record): another evaluation (`nextquill-jax evaluate` on the run's
+            workdir, whose default --out it is) replaced or deleted it; naming the directory and the fix.
+    """
+    eval_dir = Path(record["eval_dir"])
+    predictions, none = eval_dir / "predictions.jsonl", object()
+    try:
+        overall = json.loads((eval_dir / "metrics.json").read_text(encoding="utf-8"))["overall"]
+        held = overall["bleu"]  # null: a diverged run's NaN, as the record writes it
+    except (OSError, ValueError, KeyError, TypeError):  # absent (mid-evaluation), unreadable, or no text
+        held = none
+    present = predictions.is_file()
+    if held is none or held != record["bleu"] or not present:
+        done = eval_dir.parent.parent / "compare_done.json"
+        there = "no BLEU" if held is none else f"BLEU {held}"
+        raise ValueError(
+            f"{eval_dir} no longer holds the evaluation {done} records (BLEU {record['bleu']}; there: "
+            f"{there}, predictions.jsonl {'present' if present else 'absent'}): another evaluation wrote to "
+            f"it since, such as `nextquill-jax evaluate` on the run without --out. Fix: delete {done} and "
+            f"run compare again, which evaluates the run again without training it."
+        )
+    return predictions
+
+
 def per_example_metrics(record: Mapping[str, Any]) -> dict[str, dict[str, float]]:
     """{metric: {example key: value}} of one run (`compare.run_variant`'s record), in the split's order: each
     example keyed by `example_keys` of the run's prepared split, so that runs pair on the same example. A run
-    that did not generate (`generated`) has no ROUGE, METEOR or preference recall: absent, not 0."""
+    that did not generate (`generated`) has no ROUGE, METEOR or preference recall: absent, not 0.
+
+    Raises:
+        ValueError: two examples share a key (`example_keys`), or the run's eval directory no longer holds
+            the evaluation the record was made from (`recorded_predictions`).
+    """
     keys = example_keys(record["rendered_split"])
     by_key = lambda values: {keys[i]: values[i] for i in sorted(values)}
     out: dict[str, dict[str, float]] = {}
     if generated(record):
-        eval_dir = Path(record["eval_dir"])
-        with open(eval_dir / "predictions.jsonl", encoding="utf-8") as f:
+        path = recorded_predictions(record)
+        with open(path, encoding="utf-8") as f:
             predictions = [json.loads(line) for line in f if line.strip()]
         for m in ("rouge1", "rougeL", "meteor"):
             out[m] = by_key({p["index"]: p[m] for p in predictions})
         with contextlib.suppress(ValueError):  # raised where the data has no signature words
-            recall = preference_recall(eval_dir / "predictions.jsonl", record["rendered_split"])
+            recall = preference_recall(path, record["rendered_split"])
             out["preference_recall"] = by_key(recall["per_example"])
     summary = json.loads(Path(record["effects_summary"]).read_text())
     for metric in ("nll_with", "nll_without", "preference_nll_with"):
@@ -208,11 +260,25 @@ def _cell(value: float | None, spec: str) -> str:
     return format(value, spec) if math.isfinite(value) else "n/a"
 
 
+def left_out_line(left_out: Sequence[tuple[str, str]]) -> str | None:
+    """The line of results.md naming the columns no row has (`left_out`: (metric, header) pairs in table
+    order), grouped by their reason; None when there are none. Where no run generated (BLEU is among them),
+    that is the reason for every text metric (`_TEXT_METRICS`), preference recall included."""
+    no_text = any(metric == "bleu" for metric, _ in left_out)
+    groups: dict[str | None, list[str]] = {}
+    for metric, header in left_out:
+        why = _NOT_GENERATED if no_text and metric in _TEXT_METRICS else _LEFT_OUT_BECAUSE.get(metric)
+        groups.setdefault(why, []).append(header)
+    if not groups:
+        return None
+    parts = [", ".join(headers) + ("" if why is None else f" ({why})") for why, headers in groups.items()]
+    return f"Left out, measured by no run: {'; '.join(parts)}."
+
+
 def markdown(result: Mapping[str, Any]) -> str:
     """The table of means (± sample std across seeds where there are several) and the differences with
-    intervals. A column no row has (the text metrics of a comparison that generated nothing,
-    `max_new_tokens` 0; preference recall on data without signature words) is left out, and a line names it;
-    one that only some rows have shows "-" in the others."""
+    intervals. A column no row has is left out, and a line names it with its reason (`left_out_line`); one
+    that only some rows have shows "-" in the others."""
     columns = [(metric, header, ".4f") for metric, header, _ in METRICS]
     columns += [("bleu", "BLEU", ".2f"), ("dce_auroc", "DCE AUROC", ".4f")]
     measured = {
@@ -229,10 +295,9 @@ def markdown(result: Mapping[str, Any]) -> str:
                 _cell(value, spec) + ("" if value is None or std is None else f" ± {_cell(std, spec)}")
             )
         lines.append(f"| {row['variant']} | " + " | ".join(cells) + " |")
-    left_out = [header for metric, header, _ in columns if metric not in measured]
-    if left_out:
-        why = "" if "bleu" in measured else " (no run generated text: max_new_tokens 0)"
-        lines += ["", f"Left out, measured by no run: {', '.join(left_out)}{why}."]
+    left_out = left_out_line([(metric, header) for metric, header, _ in columns if metric not in measured])
+    if left_out is not None:
+        lines += ["", left_out]
     if not result["differences"]:
         lines += ["", f"Only one variant ({result['baseline']}): no other to compare with it."]
     else:

@@ -123,12 +123,12 @@ class WorkdirLock:
         except BaseException:  # a Ctrl-C during flock: the open file must not outlive the failed acquire
             os.close(fd)
             raise
-        record = {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "since": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        }
-        try:
+        try:  # from the flock on, anything that stops `acquire` closes the file, which drops the lock
+            record = {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "since": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            }
             os.ftruncate(fd, 0)
             os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
             self._fd = fd

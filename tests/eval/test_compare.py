@@ -822,7 +822,8 @@ def test_max_new_tokens_0_evaluates_finished_runs_again_and_tables_only_the_loss
     """The finished runs (evaluated with max_new_tokens 6, or 5 after the test above) with the file's
     `compare.max_new_tokens` set to 0: each checkpoint is evaluated again without generating, not trained
     again; the NLL columns equal those of the comparison that generated (same checkpoints and examples), and
-    neither results.json nor results.md keeps the earlier runs' text metrics."""
+    neither results.json nor results.md keeps the earlier runs' text metrics. Set back to 6, the runs generate
+    again: every column is the first comparison's (the same greedy decoding of the same checkpoints)."""
     root, path, first, _, _, _ = compared
     names = ("context_sft", "nextquill")
 
@@ -875,3 +876,23 @@ def test_max_new_tokens_0_evaluates_finished_runs_again_and_tables_only_the_loss
         "max_new_tokens 0)."
     ) in table
     assert "nextquill vs context_sft on NLL (with hist.): " in table
+
+    messages.clear()
+    back = run_comparison(
+        load_comparison(_edited(path, tmp_path, lambda raw: raw["variants"].pop("untrained"))),
+        echo=messages.append,
+    )
+    assert any(m.endswith("compare.max_new_tokens: 0 -> 6") for m in messages), messages
+    for name, workdir in workdirs.items():
+        assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == trained[name]
+        assert (workdir / "eval" / "test" / "predictions.jsonl").is_file()
+        assert "bleu" in json.loads((workdir / DONE_FILE).read_text())
+    for row in back["rows"]:
+        for metric in (*text_metrics, "nll_with", "nll_without", "preference_nll_with", "dce_auroc"):
+            assert row[metric] == pytest.approx(before[row["variant"]][metric], rel=1e-6), metric
+    table = (root / "out" / "results.md").read_text()
+    assert table.splitlines()[0] == (
+        "| variant | ROUGE-1 | ROUGE-L | METEOR | pref. recall | pref. NLL | NLL (with hist.) | "
+        "NLL (without) | BLEU | DCE AUROC |"
+    )
+    assert "Left out" not in table

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -119,6 +120,11 @@ def test_a_run_that_generated_nothing_has_no_text_metrics_in_the_table(tmp_path)
     assert table[0] == "| variant | ROUGE-1 | ROUGE-L | METEOR | NLL (with hist.) | NLL (without) | BLEU |"
     assert table[3].startswith("| a | - | - | - | 2.5000 | ") and table[3].endswith(" | - |")
     assert not any(" on ROUGE" in line or " on METEOR" in line for line in table)
+    # The hand-written split has neither signature words nor roles; a run generated, so that is not why.
+    assert (
+        "Left out, measured by no run: pref. recall (rows without meta.signature_words); pref. NLL, "
+        "DCE AUROC (no ground-truth preference tokens: meta.target_spans)."
+    ) in table
 
     (tmp_path / "none").mkdir()
     none, out = _results(
@@ -127,8 +133,32 @@ def test_a_run_that_generated_nothing_has_no_text_metrics_in_the_table(tmp_path)
     assert not any({"rouge1", "bleu"} & set(row) for row in none["rows"])
     text = (out / "results.md").read_text()
     assert text.splitlines()[0] == "| variant | NLL (with hist.) | NLL (without) |"
-    assert (
-        "Left out, measured by no run: ROUGE-1, ROUGE-L, METEOR, pref. recall, pref. NLL, BLEU, DCE AUROC "
-        "(no run generated text: max_new_tokens 0)."
+    assert (  # not generating is the reason for the text metrics alone
+        "Left out, measured by no run: ROUGE-1, ROUGE-L, METEOR, pref. recall, BLEU (no run generated text: "
+        "max_new_tokens 0); pref. NLL, DCE AUROC (no ground-truth preference tokens: meta.target_spans)."
     ) in text
     assert "c vs b on NLL (with hist.): worse (+1.0000 [+1.0000, +1.0000], 3 examples)" in text
+
+
+def test_predictions_another_evaluation_replaced_are_refused_not_read(tmp_path):
+    """The run's eval directory is `nextquill-jax evaluate`'s default --out: an evaluation there after the
+    comparison recorded the run (one without generation, which deletes predictions.jsonl; or one with other
+    decoding, which rewrites it) must not be read with the record's BLEU. Its metrics.json names the BLEU of
+    the evaluation its predictions.jsonl belongs to."""
+    base = run_files(tmp_path, "base", [0.1, 0.2, 0.4], [1.0, 2.0, 3.0], bleu=7.0)
+    other = run_files(tmp_path, "other", [0.2, 0.3, 0.5], [1.0, 2.0, 3.0], bleu=8.0)
+    eval_dir = Path(other["eval_dir"])
+    fix = f"Fix: delete {tmp_path / 'other' / 'compare_done.json'} and run compare again"
+
+    (eval_dir / "metrics.json").write_text(json.dumps({"overall": {"bleu": 9.5}}))  # decoded otherwise
+    replaced = [{"index": i, "rouge1": 0.9, "rougeL": 0.9, "meteor": 0.9} for i in range(3)]
+    (eval_dir / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in replaced))
+    with pytest.raises(ValueError, match=r"there: BLEU 9\.5, predictions.jsonl present\): another") as e:
+        _results(tmp_path, [base, other], "base")
+    assert str(e.value).startswith(f"{eval_dir} no longer holds the evaluation ") and fix in str(e.value)
+
+    (eval_dir / "metrics.json").write_text(json.dumps({"loss": {}}))  # max_new_tokens 0: no text metrics
+    (eval_dir / "predictions.jsonl").unlink()
+    (tmp_path / "again").mkdir()
+    with pytest.raises(ValueError, match=r"\(BLEU 8\.0; there: no BLEU, predictions.jsonl absent\)"):
+        _results(tmp_path / "again", [base, other], "base")

@@ -50,13 +50,16 @@ def effects(index: int, nll_with: float) -> ExampleEffects:
 def run_files(
     root, name: str, rouge: list[float], nll: list[float], bleu: float, ids: list[str] | None = None
 ) -> dict:
-    """A finished run's files (predictions, rendered split, effect report, compare_done.json) as a
-    comparison leaves them, example i of its split with id `ids[i]` (default `e<i>`); returns its record as
-    read back from compare_done.json."""
+    """A finished run's files (predictions, the metrics.json beside them, rendered split, effect report,
+    compare_done.json) as a comparison leaves them, example i of its split with id `ids[i]` (default `e<i>`);
+    returns its record as read back from compare_done.json."""
     ids = ids or [f"e{i}" for i in range(len(rouge))]
     run = root / name
-    (run / "eval").mkdir(parents=True)
-    with open(run / "eval" / "predictions.jsonl", "w", encoding="utf-8") as f:
+    eval_dir = run / "eval" / "test"  # as `compare.run_variant` lays it out
+    eval_dir.mkdir(parents=True)
+    written_bleu = None if math.isnan(bleu) else bleu  # as strict_json writes a diverged run's NaN
+    (eval_dir / "metrics.json").write_text(json.dumps({"overall": {"bleu": written_bleu}}))
+    with open(eval_dir / "predictions.jsonl", "w", encoding="utf-8") as f:
         for i, value in enumerate(rouge):
             f.write(json.dumps({"index": i, "rouge1": value, "rougeL": value, "meteor": value}) + "\n")
     rows = [{"index": i, "id": example_id, "source": "s"} for i, example_id in enumerate(ids)]
@@ -67,7 +70,7 @@ def run_files(
     record = {
         "variant": name,
         "seed": 0,
-        "eval_dir": str(run / "eval"),
+        "eval_dir": str(eval_dir),
         "effects_summary": summary["files"]["summary"],
         "rendered_split": str(run / "test.jsonl"),
         "bleu": bleu,

@@ -202,16 +202,17 @@ def test_a_filesystem_without_flock_trains_on_unlocked_with_one_warning(tmp_path
     assert "training without the workdir lock" in lines[0]
 
 
-@pytest.mark.parametrize("interrupted", ["flock", "pwrite"])
+@pytest.mark.parametrize("interrupted", ["flock", "gethostname", "pwrite"])
 def test_an_acquire_interrupted_by_ctrl_c_leaves_the_lock_free(tmp_path, monkeypatch, interrupted):
-    """A KeyboardInterrupt inside `acquire` (during flock, or after it while the holder is recorded) must not
-    leave the lock held by a file nobody closes: in a long-lived process (a notebook) the next acquire,
-    by this or another `WorkdirLock`, would be refused until the process exits."""
-    module = workdir_lock.os if interrupted == "pwrite" else workdir_lock.fcntl
+    """A KeyboardInterrupt inside `acquire` (during flock, or after it while the holder record is made or
+    written) must not leave the lock held by a file nobody closes: in a long-lived process (a notebook) the
+    next acquire, by this or another `WorkdirLock`, would be refused until the process exits."""
+    modules = {"flock": workdir_lock.fcntl, "gethostname": workdir_lock.socket, "pwrite": workdir_lock.os}
+    module = modules[interrupted]
     real = getattr(module, interrupted)
 
-    def interrupt(fd, *args):
-        real(fd, *args)  # the lock is taken (flock) or being recorded (pwrite) when the Ctrl-C lands
+    def interrupt(*args):
+        real(*args)  # the lock is taken (flock), or held while the holder is recorded, when the Ctrl-C lands
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
