@@ -63,14 +63,18 @@ def without_remat(tiny_model_config):
 
 @pytest.mark.parametrize("policy", REMAT_CASES)
 def test_remat_policies_give_the_same_loss_and_gradients_as_none(policy, tiny_model_config, without_remat):
-    loss_none, grads_none = without_remat
-    loss_remat, grads_remat = _value_and_grad(tiny_model_config, policy)
-    np.testing.assert_allclose(float(loss_remat), float(loss_none), rtol=1e-6)
-    leaves_none, leaves_remat = jax.tree.leaves(grads_none), jax.tree.leaves(grads_remat)
-    assert len(leaves_none) == len(leaves_remat) > 0
-    assert any(float(jnp.abs(g).max()) > 0 for g in leaves_none)
-    for a, b in zip(leaves_none, leaves_remat, strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-7, rtol=1e-5)
+    _assert_same_loss_and_grads(_value_and_grad(tiny_model_config, policy), without_remat)
+
+
+def _assert_same_loss_and_grads(got, want) -> None:
+    """(loss, gradients) `got` equals `want` to float32 rounding; `want`'s gradients are not all zero."""
+    (loss_got, grads_got), (loss_want, grads_want) = got, want
+    np.testing.assert_allclose(float(loss_got), float(loss_want), rtol=1e-6)
+    leaves_want, leaves_got = jax.tree.leaves(grads_want), jax.tree.leaves(grads_got)
+    assert len(leaves_want) == len(leaves_got) > 0
+    assert any(float(jnp.abs(g).max()) > 0 for g in leaves_want)
+    for a, b in zip(leaves_want, leaves_got, strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-7, rtol=1e-5)
 
 
 def _names_saved_by_scans(jaxpr) -> set[str]:
@@ -141,14 +145,7 @@ def test_scan_unroll_gives_the_same_loss_and_gradients_as_the_rolled_scan(unroll
     # The option reaches the layers' scan, forward and backward (else the values alone would agree too).
     unrolls = _layer_scan_unrolls(jax.make_jaxpr(jax.value_and_grad(loss))(state).jaxpr, UNROLL_LAYERS)
     assert unrolls and set(unrolls) == {unroll}
-    loss_rolled, grads_rolled = rolled
-    loss_unrolled, grads_unrolled = jax.jit(jax.value_and_grad(loss))(state)
-    np.testing.assert_allclose(float(loss_unrolled), float(loss_rolled), rtol=1e-6)
-    leaves_rolled, leaves_unrolled = jax.tree.leaves(grads_rolled), jax.tree.leaves(grads_unrolled)
-    assert len(leaves_rolled) == len(leaves_unrolled) > 0
-    assert any(float(jnp.abs(g).max()) > 0 for g in leaves_rolled)
-    for a, b in zip(leaves_rolled, leaves_unrolled, strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-7, rtol=1e-5)
+    _assert_same_loss_and_grads(jax.jit(jax.value_and_grad(loss))(state), rolled)
 
 
 def test_scan_unroll_reaches_prefill_extend_and_hidden_states(tiny_model_config):
