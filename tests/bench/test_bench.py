@@ -58,6 +58,13 @@ class FakeHarness:
         )
 
 
+class MfuFakeHarness(FakeHarness):
+    """FakeHarness as benchmarks/mfu.py calls it: its `time` takes mfu's `profile_dir` too."""
+
+    def time(self, batch, *, warmup, steps, profile_dir=None):
+        return super().time(batch, warmup=warmup, steps=steps)
+
+
 def sweep_yaml(path, out, names, extra: str = "") -> str:
     models = "\n".join(
         f"  - {{name: {n}, preset: qwen2.5-0.5b, overrides: {{hidden_size: {SIZES[n][0]}, "
@@ -485,12 +492,8 @@ def test_mfu_takes_cudnn_max_segments_auto_as_what_its_rows_hold(monkeypatch, ca
     the most examples a row of its batch holds, as `bench scale` does; a number below that is refused."""
     mfu = benchmark_script("mfu")
 
-    class Timed(FakeHarness):
-        def time(self, batch, *, warmup, steps, profile_dir=None):
-            return super().time(batch, warmup=warmup, steps=steps)
-
     FakeHarness.built, FakeHarness.bounds, FakeHarness.examples_per_row = [], [], []
-    monkeypatch.setattr(harness, "TrainingHarness", Timed)
+    monkeypatch.setattr(harness, "TrainingHarness", MfuFakeHarness)
     run = lambda *flags: mfu.main(
         ["--attention", "cudnn", "--compute-dtype", "bfloat16", "--steps", "1", *flags]
     )
@@ -529,12 +532,8 @@ def test_mfu_scan_unroll_builds_a_model_per_value_and_says_so_in_the_remat_colum
     model with that `scan_unroll`; the remat column names an unroll other than 1."""
     mfu = benchmark_script("mfu")
 
-    class Timed(FakeHarness):
-        def time(self, batch, *, warmup, steps, profile_dir=None):
-            return super().time(batch, warmup=warmup, steps=steps)
-
     FakeHarness.built, FakeHarness.bounds, FakeHarness.unrolls = [], [], []
-    monkeypatch.setattr(harness, "TrainingHarness", Timed)
+    monkeypatch.setattr(harness, "TrainingHarness", MfuFakeHarness)
     assert mfu.main(["--steps", "1", "--remat", "full", "--scan-unroll", "1", "2"]) == 0
     assert FakeHarness.unrolls == [1, 2]
     rows = [line for line in capsys.readouterr().out.splitlines() if "| tiny |" in line]
