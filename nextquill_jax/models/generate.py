@@ -397,7 +397,8 @@ def generate_ids(
 ) -> np.ndarray:
     """Generate for a left-padded batch; returns the new tokens [B, max_new_tokens] int32 as transformers'
     `generate(...)[:, P:]` lays them out: the end-of-sequence token included, `pad_token_id` after it (and in
-    every column after the last row finished).
+    every column after the last row finished). `max_new_tokens` 0 returns [B, 0] after checking the inputs,
+    running nothing on the model (no prefill).
 
     Args:
         model: the model (its parameters sharded on `mesh` when one is given).
@@ -438,13 +439,15 @@ def generate_ids(
         raise ValueError(
             f"rows={rows} must be >= the batch's {b} rows and a multiple of the {shards} batch shards"
         )
+    examples = _example_ids(example_ids, b)
+    if cfg.max_new_tokens == 0:  # nothing to decode: no prefill either
+        return np.zeros((b, 0), np.int32)
     bucket = prompt_bucket(p)
     ids = np.full((target_rows, bucket), pad_token_id, np.int32)
     mask = np.zeros((target_rows, bucket), np.int32)
     ids[:b, bucket - p :], mask[:b, bucket - p :] = input_ids, attention_mask
     ids[b:, -1], mask[b:, -1] = 0, 1  # dummy rows: one token (id 0) each, their output discarded
-    examples = np.zeros(target_rows, np.int32)  # the dummy rows' noise is discarded with their output
-    examples[:b] = _example_ids(example_ids, b)
+    examples = np.pad(examples, (0, target_rows - b))  # the dummy rows' noise is discarded with their output
 
     graphdef, state = nnx.split(model)
     key = jax.random.key(cfg.seed)

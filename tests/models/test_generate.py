@@ -318,6 +318,28 @@ def test_an_int_eos_is_one_id_and_ids_that_are_not_ints_are_refused_by_name(tiny
         assert str(e.value) == message
 
 
+def test_zero_new_tokens_checks_the_inputs_and_runs_nothing_on_the_model(tiny, tiny_case, monkeypatch):
+    """`max_new_tokens` 0 (evaluate's losses-only mode) returns no tokens without compiling or running a
+    prefill, and still refuses what it would refuse with tokens to generate."""
+    _, model = tiny
+    prompts, ids, mask, eos, _ = tiny_case
+
+    def no_decoder(*args, **kwargs):
+        raise AssertionError("max_new_tokens 0 must not build or run the decoder")
+
+    monkeypatch.setattr("nextquill_jax.models.generate.decoder", no_decoder)
+    zero = GenerationConfig(max_new_tokens=0)
+    out = generate_ids(model, ids, mask, zero, eos_token_ids=[eos], pad_token_id=PAD)
+    assert out.shape == (len(ids), 0) and out.dtype == np.int32
+    assert generate(model, prompts, zero, eos_token_ids=[eos], pad_token_id=PAD, batch_size=2) == [
+        [] for _ in prompts
+    ]
+    with pytest.raises(ValueError, match="not left-padded"):
+        generate_ids(model, ids, mask[:, ::-1], zero, eos_token_ids=[eos], pad_token_id=PAD)
+    with pytest.raises(ValueError, match="example_ids must be"):
+        generate_ids(model, ids, mask, zero, eos_token_ids=[eos], pad_token_id=PAD, example_ids=[0])
+
+
 def test_prompt_buckets():
     assert [prompt_bucket(n) for n in (1, 16, 17, 100, 256, 257, 600, 2048)] == [
         16,
