@@ -280,7 +280,7 @@ def evaluate(
             Its `max_new_tokens` 0: no decoding, the losses only.
         generation_overrides: `GenerationConfig` fields that replace those of `eval.generation`.
         batch_size: prompts decoded together (default: the run's rows per global batch, rounded up to a
-            multiple of the mesh's batch shards).
+            multiple of the mesh's batch shards); unused with `max_new_tokens` 0.
         prompt: "auto" (without history for sft, with otherwise), "with" or "without".
         loaded: a model already loaded from this run (`restore_model`, its checkpoint verified then, or
             `load_model_path`), evaluated instead of loading one, so that a caller that goes on to use it
@@ -327,7 +327,8 @@ def evaluate(
     if batch_size is None:
         batch_size = cfg.data.batching.rows_per_batch * jax.process_count()
         batch_size = -(-batch_size // shards) * shards
-    elif batch_size % shards:  # generation would refuse it, but only after the loss pass
+    elif batch_size % shards and generation.max_new_tokens > 0:
+        # Generation would refuse it, but only after the loss pass; with nothing to generate it is unused.
         fitting = -(-batch_size // shards) * shards
         raise ValueError(
             f"--batch-size {batch_size} is not a multiple of the {shards} batch shards of the mesh "

@@ -292,6 +292,22 @@ def test_a_batch_size_that_does_not_split_over_the_batch_shards_is_refused_befor
     assert not (tmp_path / "out").exists()
 
 
+def test_the_prompt_batch_size_is_not_checked_against_the_mesh_when_nothing_is_generated(
+    trained_run, tmp_path, monkeypatch
+):
+    """With `max_new_tokens` 0 no prompt is decoded, so a --batch-size the batch shards would refuse is
+    unused, not an error: the losses are evaluated as with a fitting one."""
+    from nextquill_jax.eval import evaluate as module
+
+    losses_only = {"max_new_tokens": 0}
+    fitting = evaluate(trained_run.workdir, "test", generation_overrides=losses_only, out_dir=tmp_path / "a")
+    monkeypatch.setattr(module, "batch_shard_count", lambda mesh: 4)
+    metrics = evaluate(
+        trained_run.workdir, "test", batch_size=3, generation_overrides=losses_only, out_dir=tmp_path / "b"
+    )
+    assert metrics["loss"] == fitting["loss"] and "overall" not in metrics
+
+
 def test_prompt_choice_follows_the_variant(run):
     workdir, _, _ = run
     cfg = load_config(workdir / "config.yaml")
