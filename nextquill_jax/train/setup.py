@@ -317,7 +317,8 @@ def reference_params(
     `base` under LoRA is the frozen base, (graphdef, params), which `reference_model: base` names (the same
     arrays, no copy; loaded here when not given). A training workdir (holding config.yaml and checkpoints/)
     gives its newest verified checkpoint's model (with the config saved with that checkpoint; a LoRA run's
-    carries its adapters, `workdir.restore_model`); anything else is loaded like `model.path`.
+    carries its adapters, `workdir.restore_model`); anything else is loaded like `model.path`, with the
+    run's runtime fields (`model.param_dtype`, `compute_dtype`, `scan_unroll`, `attention_impl`, ...).
 
     Raises:
         ConfigError: the reference names nothing loadable, or a workdir without a complete checkpoint that
@@ -338,13 +339,9 @@ def reference_params(
             raise ConfigError(f"loss.reference_model {source!r}: {e}") from None
         graphdef, state = nnx.split(restored.model)  # a LoRA run's adapters too, applied apart
         return graphdef, nnx.to_pure_dict(state)
-    # Its forward runs inside the training step, so it runs the layers as the run's model does.
-    section = ModelRunConfig(
-        path=source,
-        param_dtype=cfg.model.param_dtype,
-        compute_dtype=cfg.model.compute_dtype,
-        scan_unroll=cfg.model.scan_unroll,
-    )
+    # Its forward runs inside the training step, on the same batches: it runs the layers as the run's model
+    # does (dtypes, layer scan, attention implementation and packed-mode bound).
+    section = ModelRunConfig(path=source, **cfg.model.runtime())
     return model_setup.load_params(section, mesh, seed=0)
 
 

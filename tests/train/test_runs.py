@@ -310,6 +310,39 @@ def test_a_workdir_serves_as_the_frozen_reference_model(runs, read_state):
     _assert_same_state(jax.device_get(params), read_state(work / "checkpoints" / "12")["params"], exact=True)
 
 
+def test_a_path_reference_model_runs_its_layers_as_the_runs_model_does(
+    tmp_path, tiny_config, write_config, tiny_hf_config
+):
+    """A `dce: fixed` reference loaded from a path takes the run's runtime fields (its forward runs inside
+    the training step, on the same batches): the layer scan's unroll and the attention implementation too,
+    which it once left at their defaults."""
+    from flax import nnx
+    from transformers import AutoModelForCausalLM
+
+    from nextquill_jax.config import load_config
+    from nextquill_jax.models.config import RUNTIME_FIELDS
+    from nextquill_jax.parallel import make_mesh
+    from nextquill_jax.train import model_setup
+    from nextquill_jax.train.setup import reference_params
+
+    AutoModelForCausalLM.from_config(tiny_hf_config("qwen2", vocab_size=128)).save_pretrained(tmp_path / "hf")
+    config = write_config(tiny_config(tmp_path / "data", tmp_path / "run"), tmp_path / "run.yaml")
+    overrides = [
+        "loss.variant=dce",
+        "loss.dce=fixed",
+        f"loss.reference_model={tmp_path / 'hf'}",
+        "model.scan_unroll=2",
+        "model.attention_impl=xla_dense",
+        "model.remat_policy=full",
+    ]
+    cfg = load_config(config, overrides)
+    reference = nnx.merge(*reference_params(cfg, make_mesh({"data": 1, "fsdp": -1, "tensor": 1})))
+    run_model = model_setup.model_config(cfg.model)
+    for field in RUNTIME_FIELDS:
+        assert getattr(reference.cfg, field) == getattr(run_model, field), field
+    assert (reference.cfg.scan_unroll, reference.cfg.attention_impl) == (2, "xla_dense")
+
+
 def test_a_damaged_checkpoint_is_named_and_the_run_falls_back_to_the_newest_verified_one(
     runs, run_losses, read_state
 ):
