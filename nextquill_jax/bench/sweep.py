@@ -50,7 +50,7 @@ from nextquill_jax.config import (
 from nextquill_jax.config_schema import ConfigError, build, read_yaml, with_line
 from nextquill_jax.data.assemble import RowShape
 from nextquill_jax.loss import LossConfig, Variant
-from nextquill_jax.models.config import ModelConfig
+from nextquill_jax.models.config import ModelConfig, check_scan_unroll
 from nextquill_jax.train.resume import config_changes, listed_changes
 
 
@@ -95,6 +95,7 @@ class ScalingConfig:
         `param_dtype`: as `model.param_dtype`.
         `compute_dtype`: as `model.compute_dtype`.
         `remat_policy`: as `model.remat_policy`.
+        `scan_unroll`: as `model.scan_unroll` (decoder layers per iteration of the layer scan).
         `attention_impl`: as `model.attention_impl`.
         `cudnn_max_segments`: with `attention_impl: cudnn`: cuDNN's packed mode with at most this many
             examples per row (`model.cudnn_max_segments`); `auto`: the most examples a row of the point's
@@ -121,6 +122,7 @@ class ScalingConfig:
     param_dtype: RunDtype = "float32"
     compute_dtype: RunDtype = "float32"
     remat_policy: str = "none"
+    scan_unroll: int = 1
     attention_impl: AttentionImpl = "xla"
     cudnn_max_segments: int | Literal["auto"] | None = None
     warmup_steps: int = 1
@@ -151,6 +153,7 @@ class ScalingConfig:
         if any(s < 1 for s in self.seq_len) or any(h < 0 for h in self.history):
             raise ValueError(f"seq_len must be >= 1 and history >= 0, got {self.seq_len}, {self.history}")
         check_cudnn_max_segments(self.cudnn_max_segments, self.attention_impl, "")
+        check_scan_unroll(self.scan_unroll, "`scan_unroll`")
         for i, model in enumerate(self.models):
             typed_architecture_overrides(model.overrides, f"models[{i}].overrides.", "")
             try:
@@ -167,6 +170,7 @@ class ScalingConfig:
             param_dtype=self.param_dtype,
             compute_dtype=self.compute_dtype,
             remat_policy=self.remat_policy,
+            scan_unroll=self.scan_unroll,
             attention_impl=self.attention_impl,
         )
         return section.model_config()
@@ -289,6 +293,8 @@ def read_recorded_settings(settings_path: Path, csv_path: Path) -> dict[str, Any
     if missing or not isinstance(recorded["models"], dict):
         what = f"no {', '.join(f'`{k}`' for k in missing)}" if missing else "`models` is not an object"
         raise ConfigError(f"{settings_path} is damaged: {what}, which {SETTINGS_FILE} always records. {fix}")
+    if isinstance(recorded["sweep"], dict):  # written before sweeps had the setting: the rolled scan
+        recorded["sweep"].setdefault("scan_unroll", 1)
     return recorded
 
 

@@ -91,6 +91,7 @@ def fake(monkeypatch):
     ~0.6 CPU-s and these tests run the sweep ~30 times; test_sweep_csv_values_and_plot draws the real one
     (`FakeHarness.plots` is then empty)."""
     FakeHarness.built, FakeHarness.bounds, FakeHarness.examples_per_row = [], [], []
+    FakeHarness.unrolls = []
     FakeHarness.plots = []
     monkeypatch.setattr(sweep, "TrainingHarness", FakeHarness)
     monkeypatch.setattr(sweep, "plot_rows", lambda rows, path, title: FakeHarness.plots.append(path))
@@ -157,6 +158,7 @@ def test_sweep_resumes_without_repeating_points(tmp_path, fake):
         ("timed_steps: 2", "timed_steps: 2\ncompute_dtype: bfloat16",
          'sweep.compute_dtype: "float32" -> "bfloat16"'),
         ("hidden_size: 32", "hidden_size: 40", "models.a.overrides.hidden_size: 32 -> 40"),
+        ("timed_steps: 2", "timed_steps: 2\nscan_unroll: 2", "sweep.scan_unroll: 1 -> 2"),
     ],
 )  # fmt: skip
 def test_sweep_refuses_a_csv_measured_with_other_settings(tmp_path, fake, capsys, before, after, listed):
@@ -245,6 +247,27 @@ def test_sweep_settings_differ_on_another_device():
         ConfigError, match=r'device\.backend: "cpu" -> "gpu"; device\.device_kind: "cpu" -> "H100"'
     ):
         sweep.settings_to_record(recorded, sweep.sweep_settings(cfg, "gpu", "H100"), rows, Path("x.csv"))
+
+
+def test_sweep_scan_unroll_reaches_every_point_and_older_settings_files_measured_the_rolled_scan(
+    tmp_path, fake
+):
+    """`scan_unroll` builds each point's model with it; a scaling_settings.json written before sweeps had the
+    setting measured the rolled scan (1): its CSV is extended at 1 and refused at 2."""
+    out = tmp_path / "sweep"
+    config = sweep_yaml(tmp_path / "s.yaml", out, ["a"], extra="scan_unroll: 2\n")
+    assert sweep.main(["--config", config, "--output-dir", str(tmp_path / "unrolled")]) == 0
+    assert fake.unrolls == [2]
+    older = sweep_yaml(tmp_path / "old.yaml", out, ["a"])
+    assert sweep.main(["--config", older]) == 0
+    recorded = json.loads((out / sweep.SETTINGS_FILE).read_text())
+    assert recorded["sweep"].pop("scan_unroll") == 1
+    (out / sweep.SETTINGS_FILE).write_text(json.dumps(recorded))
+    assert sweep.main(["--config", sweep_yaml(tmp_path / "old.yaml", out, ["a", "b"])]) == 0
+    assert fake.unrolls == [2, 1, 1] and [r["model"] for r in read(out / "scaling.csv")] == ["a", "b"]
+    with pytest.raises(ConfigError, match=r"sweep\.scan_unroll: 1 -> 2\. Fix"):
+        sweep.main(["--config", sweep_yaml(tmp_path / "new.yaml", out, ["a", "c"], extra="scan_unroll: 2\n")])
+    assert fake.unrolls == [2, 1, 1]
 
 
 def test_sweep_point_runs_one_point_only(tmp_path, fake):
@@ -357,6 +380,7 @@ def test_config_errors_name_the_key(tmp_path):
         ("loss_variant: nextquil", "`loss_variant` is 'nextquil', not one of ["),
         ("compute_dtype: flaot32", "`compute_dtype` is 'flaot32', not one of ['float32', 'bfloat16']"),
         ("attention_impl: cuda", "`attention_impl` is 'cuda', not one of ['xla', 'xla_dense', 'cudnn',"),
+        ("scan_unroll: 0", "`scan_unroll` must be an int >= 1, got 0. Fix: 1 runs one decoder layer per"),
         ("models: [{name: a, preset: qwen2.5-0.5b, overrides: {hidden_size: big}}]",
          "`models[0].overrides.hidden_size` expects an int, got 'big' (str). Fix: write an int value for "
          "`models[0].overrides.hidden_size`."),
@@ -493,6 +517,7 @@ def test_mfu_takes_cudnn_max_segments_auto_as_what_its_rows_hold(monkeypatch, ca
     mfu = benchmark_script("mfu")
 
     FakeHarness.built, FakeHarness.bounds, FakeHarness.examples_per_row = [], [], []
+    FakeHarness.unrolls = []
     monkeypatch.setattr(harness, "TrainingHarness", MfuFakeHarness)
     run = lambda *flags: mfu.main(
         ["--attention", "cudnn", "--compute-dtype", "bfloat16", "--steps", "1", *flags]
