@@ -20,7 +20,8 @@ without an interval.
 A run evaluated with `max_new_tokens` 0 generated nothing (`generated`): its ROUGE, METEOR, preference recall
 and BLEU are absent (not 0), so its row has none and no difference is drawn for them. results.md leaves out a
 column no run has, and says why (`left_out_line`): no run generated, rows without signature words, or
-targets without ground-truth preference tokens.
+targets without ground-truth preference tokens; a "-" cell, a column only that variant's runs lack, gets a
+line with its reason too (`not_measured_line`).
 
 A run's predictions.jsonl is read from its `eval_dir`, which `nextquill-jax evaluate --workdir RUN` also
 writes by default: before reading it, its metrics.json must hold the BLEU the run's record does, so that the
@@ -59,6 +60,7 @@ METRICS: tuple[tuple[str, str, bool], ...] = (
 # (the effect report's `ground_truth` is None without `meta.target_spans`).
 _TEXT_METRICS = frozenset({"rouge1", "rougeL", "meteor", "preference_recall", "bleu"})
 _NOT_GENERATED = "no run generated text: max_new_tokens 0"
+_ROW_NOT_GENERATED = "generated no text: max_new_tokens 0"
 _NO_ROLES = "no ground-truth preference tokens: meta.target_spans"
 _LEFT_OUT_BECAUSE = {
     "preference_recall": "rows without meta.signature_words",
@@ -260,25 +262,46 @@ def _cell(value: float | None, spec: str) -> str:
     return format(value, spec) if math.isfinite(value) else "n/a"
 
 
+def _with_reasons(missing: Sequence[tuple[str, str]], not_generated: str | None) -> str:
+    """`missing` columns ((metric, header) pairs in table order) grouped by why they were not measured:
+    `not_generated` for every text metric (`_TEXT_METRICS`) where the runs generated nothing (None where
+    they did), else the metric's own reason (`_LEFT_OUT_BECAUSE`)."""
+    groups: dict[str | None, list[str]] = {}
+    for metric, header in missing:
+        text_unmeasured = not_generated is not None and metric in _TEXT_METRICS
+        why = not_generated if text_unmeasured else _LEFT_OUT_BECAUSE.get(metric)
+        groups.setdefault(why, []).append(header)
+    parts = [", ".join(headers) + ("" if why is None else f" ({why})") for why, headers in groups.items()]
+    return "; ".join(parts)
+
+
 def left_out_line(left_out: Sequence[tuple[str, str]]) -> str | None:
     """The line of results.md naming the columns no row has (`left_out`: (metric, header) pairs in table
     order), grouped by their reason; None when there are none. Where no run generated (BLEU is among them),
     that is the reason for every text metric (`_TEXT_METRICS`), preference recall included."""
-    no_text = any(metric == "bleu" for metric, _ in left_out)
-    groups: dict[str | None, list[str]] = {}
-    for metric, header in left_out:
-        why = _NOT_GENERATED if no_text and metric in _TEXT_METRICS else _LEFT_OUT_BECAUSE.get(metric)
-        groups.setdefault(why, []).append(header)
-    if not groups:
+    if not left_out:
         return None
-    parts = [", ".join(headers) + ("" if why is None else f" ({why})") for why, headers in groups.items()]
-    return f"Left out, measured by no run: {'; '.join(parts)}."
+    no_text = any(metric == "bleu" for metric, _ in left_out)
+    return f"Left out, measured by no run: {_with_reasons(left_out, _NOT_GENERATED if no_text else None)}."
+
+
+def not_measured_line(rows: Sequence[Mapping[str, Any]], shown: Sequence[tuple[str, str]]) -> str | None:
+    """The line of results.md that explains its "-" cells: per variant whose row lacks some of the `shown`
+    columns ((metric, header) pairs, each measured by another row), those columns and why; None when no
+    cell is "-". A row without BLEU is a variant whose runs did not all generate."""
+    parts = []
+    for row in rows:
+        missing = [(metric, header) for metric, header in shown if row.get(metric) is None]
+        if missing:
+            not_generated = _ROW_NOT_GENERATED if row.get("bleu") is None else None
+            parts.append(f"{row['variant']}: {_with_reasons(missing, not_generated)}")
+    return f'"-": not measured by that variant\'s runs: {"; ".join(parts)}.' if parts else None
 
 
 def markdown(result: Mapping[str, Any]) -> str:
     """The table of means (± sample std across seeds where there are several) and the differences with
     intervals. A column no row has is left out, and a line names it with its reason (`left_out_line`); one
-    that only some rows have shows "-" in the others."""
+    that only some rows have shows "-" in the others, and a line says why (`not_measured_line`)."""
     columns = [(metric, header, ".4f") for metric, header, _ in METRICS]
     columns += [("bleu", "BLEU", ".2f"), ("dce_auroc", "DCE AUROC", ".4f")]
     measured = {
@@ -296,8 +319,10 @@ def markdown(result: Mapping[str, Any]) -> str:
             )
         lines.append(f"| {row['variant']} | " + " | ".join(cells) + " |")
     left_out = left_out_line([(metric, header) for metric, header, _ in columns if metric not in measured])
-    if left_out is not None:
-        lines += ["", left_out]
+    not_measured = not_measured_line(result["rows"], [(metric, header) for metric, header, _ in shown])
+    notes = [line for line in (left_out, not_measured) if line is not None]
+    if notes:
+        lines += ["", *notes]
     if not result["differences"]:
         lines += ["", f"Only one variant ({result['baseline']}): no other to compare with it."]
     else:

@@ -119,6 +119,10 @@ def test_a_run_that_generated_nothing_has_no_text_metrics_in_the_table(tmp_path)
     table = (out / "results.md").read_text().splitlines()
     assert table[0] == "| variant | ROUGE-1 | ROUGE-L | METEOR | NLL (with hist.) | NLL (without) | BLEU |"
     assert table[3].startswith("| a | - | - | - | 2.5000 | ") and table[3].endswith(" | - |")
+    assert table[6] == (
+        '"-": not measured by that variant\'s runs: a: ROUGE-1, ROUGE-L, METEOR, BLEU (generated no text: '
+        "max_new_tokens 0)."
+    )
     assert not any(" on ROUGE" in line or " on METEOR" in line for line in table)
     # The hand-written split has neither signature words nor roles; a run generated, so that is not why.
     assert (
@@ -138,6 +142,7 @@ def test_a_run_that_generated_nothing_has_no_text_metrics_in_the_table(tmp_path)
         "max_new_tokens 0); pref. NLL, DCE AUROC (no ground-truth preference tokens: meta.target_spans)."
     ) in text
     assert "c vs b on NLL (with hist.): worse (+1.0000 [+1.0000, +1.0000], 3 examples)" in text
+    assert '"-"' not in text  # every shown column measured by every row
 
 
 def test_predictions_another_evaluation_replaced_are_refused_not_read(tmp_path):
