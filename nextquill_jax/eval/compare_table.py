@@ -262,17 +262,16 @@ def _cell(value: float | None, spec: str) -> str:
     return format(value, spec) if math.isfinite(value) else "n/a"
 
 
-def _with_reasons(missing: Sequence[tuple[str, str]], not_generated: str | None) -> str:
-    """`missing` columns ((metric, header) pairs in table order) grouped by why they were not measured:
-    `not_generated` for every text metric (`_TEXT_METRICS`) where the runs generated nothing (None where
-    they did), else the metric's own reason (`_LEFT_OUT_BECAUSE`)."""
+def _with_reasons(missing: Sequence[tuple[str, str]], not_generated: str | None) -> list[str]:
+    """`missing` columns ((metric, header) pairs in table order) grouped by why they were not measured, one
+    "headers (reason)" part per reason: `not_generated` for every text metric (`_TEXT_METRICS`) where the
+    runs generated nothing (None where they did), else the metric's own reason (`_LEFT_OUT_BECAUSE`)."""
     groups: dict[str | None, list[str]] = {}
     for metric, header in missing:
         text_unmeasured = not_generated is not None and metric in _TEXT_METRICS
         why = not_generated if text_unmeasured else _LEFT_OUT_BECAUSE.get(metric)
         groups.setdefault(why, []).append(header)
-    parts = [", ".join(headers) + ("" if why is None else f" ({why})") for why, headers in groups.items()]
-    return "; ".join(parts)
+    return [", ".join(headers) + ("" if why is None else f" ({why})") for why, headers in groups.items()]
 
 
 def left_out_line(left_out: Sequence[tuple[str, str]]) -> str | None:
@@ -282,19 +281,21 @@ def left_out_line(left_out: Sequence[tuple[str, str]]) -> str | None:
     if not left_out:
         return None
     no_text = any(metric == "bleu" for metric, _ in left_out)
-    return f"Left out, measured by no run: {_with_reasons(left_out, _NOT_GENERATED if no_text else None)}."
+    parts = _with_reasons(left_out, _NOT_GENERATED if no_text else None)
+    return f"Left out, measured by no run: {'; '.join(parts)}."
 
 
 def not_measured_line(rows: Sequence[Mapping[str, Any]], shown: Sequence[tuple[str, str]]) -> str | None:
     """The line of results.md that explains its "-" cells: per variant whose row lacks some of the `shown`
     columns ((metric, header) pairs, each measured by another row), those columns and why; None when no
-    cell is "-". A row without BLEU is a variant whose runs did not all generate."""
+    cell is "-". A row without BLEU is a variant whose runs did not all generate. Variants are separated by
+    "; ", a variant's reasons by ", "."""
     parts = []
     for row in rows:
         missing = [(metric, header) for metric, header in shown if row.get(metric) is None]
         if missing:
             not_generated = _ROW_NOT_GENERATED if row.get("bleu") is None else None
-            parts.append(f"{row['variant']}: {_with_reasons(missing, not_generated)}")
+            parts.append(f"{row['variant']}: {', '.join(_with_reasons(missing, not_generated))}")
     return f'"-": not measured by that variant\'s runs: {"; ".join(parts)}.' if parts else None
 
 

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from nextquill_jax.eval.compare_table import example_keys, write_results
+from nextquill_jax.eval.compare_table import example_keys, not_measured_line, write_results
 from tests.eval.test_nonfinite_results import run_files
 
 
@@ -143,6 +143,28 @@ def test_a_run_that_generated_nothing_has_no_text_metrics_in_the_table(tmp_path)
     ) in text
     assert "c vs b on NLL (with hist.): worse (+1.0000 [+1.0000, +1.0000], 3 examples)" in text
     assert '"-"' not in text  # every shown column measured by every row
+
+
+def test_the_dash_line_names_each_variant_with_its_own_reasons():
+    """Variants are separated by "; " and one variant's reasons by ", ", so that every reason stays with its
+    variant; a row that generated does not blame its missing columns on generation."""
+    shown = [
+        ("rouge1", "ROUGE-1"),
+        ("preference_nll_with", "pref. NLL"),
+        ("bleu", "BLEU"),
+        ("dce_auroc", "DCE AUROC"),
+    ]
+    rows = [
+        {"variant": "gen", "rouge1": 0.1, "preference_nll_with": 2.0, "bleu": 1.0, "dce_auroc": 0.8},
+        {"variant": "a"},
+        {"variant": "b", "rouge1": 0.2, "bleu": 2.0},
+    ]
+    no_roles = "(no ground-truth preference tokens: meta.target_spans)"
+    assert not_measured_line(rows, shown) == (
+        '"-": not measured by that variant\'s runs: a: ROUGE-1, BLEU (generated no text: max_new_tokens 0), '
+        f"pref. NLL, DCE AUROC {no_roles}; b: pref. NLL, DCE AUROC {no_roles}."
+    )
+    assert not_measured_line(rows[:1], shown) is None
 
 
 def test_predictions_another_evaluation_replaced_are_refused_not_read(tmp_path):
