@@ -263,11 +263,11 @@ def test_sweep_scan_unroll_reaches_every_point_and_older_settings_files_measured
     recorded = json.loads((out / sweep.SETTINGS_FILE).read_text())
     assert recorded["sweep"].pop("scan_unroll") == 1
     (out / sweep.SETTINGS_FILE).write_text(json.dumps(recorded))
-    assert sweep.main(["--config", sweep_yaml(tmp_path / "old.yaml", out, ["a", "b"])]) == 0
-    assert fake.unrolls == [2, 1, 1] and [r["model"] for r in read(out / "scaling.csv")] == ["a", "b"]
     with pytest.raises(ConfigError, match=r"sweep\.scan_unroll: 1 -> 2\. Fix"):
         sweep.main(["--config", sweep_yaml(tmp_path / "new.yaml", out, ["a", "c"], extra="scan_unroll: 2\n")])
-    assert fake.unrolls == [2, 1, 1]
+    assert fake.unrolls == [2, 1]
+    assert sweep.main(["--config", sweep_yaml(tmp_path / "old.yaml", out, ["a", "b"])]) == 0
+    assert fake.unrolls == [2, 1, 1] and [r["model"] for r in read(out / "scaling.csv")] == ["a", "b"]
 
 
 def test_sweep_point_runs_one_point_only(tmp_path, fake):
