@@ -11,13 +11,14 @@ from __future__ import annotations
 import dataclasses
 import sys
 from pathlib import Path
+from typing import get_args
 
 import jax
 from flax import nnx
 from jax.sharding import Mesh
 
 from nextquill_jax import parallel
-from nextquill_jax.config import CheckpointConfig, Config, load_config
+from nextquill_jax.config import CheckpointConfig, Config, RunDtype, load_config
 from nextquill_jax.config_schema import ConfigError
 from nextquill_jax.data.checksums import IntegrityError
 from nextquill_jax.models import CausalLM, attention, lora
@@ -42,6 +43,22 @@ class LoadedModel:
     mesh: Mesh
     step: int | None
     source: str
+
+
+def _check_compute_dtype(compute_dtype: str | None) -> None:
+    """Raise ValueError unless `compute_dtype` is None or a `RunDtype` (naming the choices)."""
+    if compute_dtype is not None and compute_dtype not in get_args(RunDtype):
+        raise ValueError(
+            f"compute_dtype must be one of {list(get_args(RunDtype))} (or None: the run's own), "
+            f"got {compute_dtype!r}"
+        )
+
+
+def _with_compute_dtype(cfg: Config, compute_dtype: RunDtype | None) -> Config:
+    """`cfg` with `model.compute_dtype` replaced by `compute_dtype` (`cfg` itself for None)."""
+    if compute_dtype is None:
+        return cfg
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, compute_dtype=compute_dtype))
 
 
 def is_workdir(path: str | Path) -> bool:
@@ -250,7 +267,11 @@ def restore_params(
 
 
 def restore_model(
-    workdir: str | Path, step: int | None = None, mesh: Mesh | None = None, runs_attention: bool = True
+    workdir: str | Path,
+    step: int | None = None,
+    mesh: Mesh | None = None,
+    runs_attention: bool = True,
+    compute_dtype: RunDtype | None = None,
 ) -> LoadedModel:
     """The model of checkpoint `step` (default: the newest that verifies) of the run in `workdir`, with the
     config saved with that checkpoint (its attention one that runs here: `reading_config`); a LoRA run's is
@@ -260,14 +281,20 @@ def restore_model(
     that one. Parameters are placed on `mesh` by the default rules (default: the config's mesh). Without
     `runs_attention` (export) `reading_config`'s note is left out.
 
+    The model computes in the run's `model.compute_dtype` (bfloat16 unless the run set float32), as training
+    did; `compute_dtype` replaces it (in the returned config too), e.g. "float32" to read a bfloat16 run's
+    logits without bfloat16's rounding. The parameters are the checkpoint's either way.
+
     Raises:
         FileNotFoundError / IntegrityError / ConfigError: as `restore_params`, or for step 0 as
             `initial_model`.
+        ValueError: a `compute_dtype` other than "float32" or "bfloat16" (before anything is read).
     """
+    _check_compute_dtype(compute_dtype)
     if step == 0:
-        return initial_model(workdir, mesh, runs_attention)
+        return initial_model(workdir, mesh, runs_attention, compute_dtype)
     restored = restore_params(workdir, step, mesh, runs_attention)
-    cfg = restored.config
+    cfg = _with_compute_dtype(restored.config, compute_dtype)
     if cfg.model.lora is None:
         graphdef = model_setup.abstract_model(model_setup.model_config(cfg.model))[0]
         model = nnx.merge(graphdef, restored.params)
@@ -308,19 +335,27 @@ def merged_model(model: CausalLM) -> CausalLM:
     return nnx.merge(graphdef, params)
 
 
-def initial_model(workdir: str | Path, mesh: Mesh | None = None, runs_attention: bool = True) -> LoadedModel:
+def initial_model(
+    workdir: str | Path,
+    mesh: Mesh | None = None,
+    runs_attention: bool = True,
+    compute_dtype: RunDtype | None = None,
+) -> LoadedModel:
     """The model the run in `workdir` (its config.yaml) starts training from, as `restore_model` would give a
     checkpoint of step 0: a `model.preset` with its `model.overrides`, randomly initialised from `train.seed`
     as training initialises it, or `model.path` loaded with them; under `model.lora`, the base as the
     adapters see it carrying the initial adapters (`_lora_model`; fresh ones, B = 0, leave its outputs
     unchanged). Parameters are placed on `mesh` by the default rules (default: the config's mesh); the config
-    is `saved_config(workdir, runs_attention)`'s.
+    is `saved_config(workdir, runs_attention)`'s, its `model.compute_dtype` replaced by `compute_dtype` when
+    given (`restore_model`).
 
     Raises:
         FileNotFoundError: `workdir` has no config.yaml.
         ConfigError: `model.path` names nothing loadable, or `model.lora.init_from` no fitting adapter.
+        ValueError: a `compute_dtype` other than "float32" or "bfloat16".
     """
-    cfg = saved_config(workdir, runs_attention)
+    _check_compute_dtype(compute_dtype)
+    cfg = _with_compute_dtype(saved_config(workdir, runs_attention), compute_dtype)
     mesh = reading_mesh(cfg) if mesh is None else mesh
     lora_cfg, seed = cfg.model.lora, cfg.train.seed
     section = cfg.model if lora_cfg is None else adapters.base_section(cfg.model)

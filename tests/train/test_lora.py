@@ -160,6 +160,27 @@ def test_a_lora_workdir_restores_as_its_base_carrying_the_adapters(runs):
     np.testing.assert_allclose(reference_model.hidden_states(ids), with_adapters, rtol=1e-5, atol=1e-5)
 
 
+def test_restore_model_computes_in_a_chosen_dtype_from_the_same_parameters(runs):
+    """`compute_dtype` replaces the run's (float32 here) in the model and in the config it returns, for a
+    checkpoint and for step 0; the base and the adapters are the checkpoint's, so the bfloat16 logits are the
+    float32 ones within bfloat16's rounding (and not equal to them: the dtype took effect). A dtype that is
+    neither is refused before anything is read."""
+    workdir = runs["root"] / "A"
+    mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.local_devices()[:1])
+    ids = jnp.asarray(np.random.default_rng(0).integers(1, 128, (2, 12)))
+    for step in (None, 0):
+        own, chosen = (restore_model(workdir, step, mesh, compute_dtype=d) for d in (None, "bfloat16"))
+        assert (own.model.cfg.compute_dtype, chosen.model.cfg.compute_dtype) == ("float32", "bfloat16")
+        assert chosen.config.model.compute_dtype == "bfloat16" and chosen.step == own.step
+        for model_state in (lambda m: nnx.state(m, nnx.Param), lambda m: m.attached_adapters()):
+            jax.tree.map(np.testing.assert_array_equal, model_state(chosen.model), model_state(own.model))
+        exact, rounded = np.asarray(own.model(ids)), np.asarray(chosen.model(ids), np.float32)
+        np.testing.assert_allclose(rounded, exact, rtol=0.05, atol=0.05)
+        assert not np.array_equal(rounded, exact)
+    with pytest.raises(ValueError, match=r"^compute_dtype must be one of \['float32', 'bfloat16'\]"):
+        restore_model(runs["root"] / "no_such_run", compute_dtype="float16")
+
+
 def test_export_adapter_and_init_from_round_trip(runs, tmp_path):
     workdir = runs["root"] / "A"
     out = tmp_path / "peft"
