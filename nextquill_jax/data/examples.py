@@ -16,8 +16,9 @@ exactly the labels. Tokenisation runs in batches through the fast tokenizer.
 Special-token text in a record's own values maps to its id too (a review quoting `<|endoftext|>` holds an
 end-of-text token), as the public code's tokenizer call does, so it is kept, but counted: every example whose
 target, or a value its prompts insert, holds the text of one of the tokenizer's special tokens is a `note` per
-token and place (`summary.json`, and a warning). A target that is nothing but such text (and whitespace) is
-an invalid record (`empty_field`), as an empty one is: the example would learn only control tokens.
+token and place (`summary.json`, with the first records' `file:line` in `note_places`, and a warning naming
+the first). A target that is nothing but such text (and whitespace) is an invalid record (`empty_field`), as
+an empty one is: the example would learn only control tokens.
 
 The count of entries kept is the one dropping an entry at a time finds, but `FitSearch` finds it in
 O(log max_history) rendered and tokenised prompts (galloping, then bisection) rather than one per dropped
@@ -318,13 +319,15 @@ def _note_special_text(
         log.note(
             f"a prompt value (context or history) holds the text of the special token {token}, which is"
             " tokenised as that token (as the public code does); if it is meant as text, remove it from the"
-            " data"
+            " data",
+            record.source,
         )
     for token in sorted(set(special.findall(record.target))):
         log.note(
             f"a target holds the text of the special token {token}, which is tokenised as that token (as the"
             " public code does), so the model learns to write it; if it is meant as text, remove it from the"
-            " data"
+            " data",
+            f"{record.source}:{record.target_field}",
         )
 
 
