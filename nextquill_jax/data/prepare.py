@@ -45,7 +45,7 @@ from nextquill_jax.atomic_file import write_text_atomic
 from nextquill_jax.config_paths import DATA_PATH_FIELDS, absolute_value
 from nextquill_jax.data import checksums
 from nextquill_jax.data.config import RESULT_NEUTRAL_FIELDS, SPLITS, DataConfig
-from nextquill_jax.data.examples import Example, FittingStats, build_examples, example_row
+from nextquill_jax.data.examples import Example, FittingStats, build_examples, check_records, example_row
 from nextquill_jax.data.prepared_split import SUMMARY_FILE, write_split
 from nextquill_jax.data.sources.read import expand_paths, read_records
 from nextquill_jax.data.sources.records import PLACES_KEPT, Issue, IssueLog
@@ -110,6 +110,11 @@ def prepare(
 
     log = IssueLog(on_error=cfg.on_error, max_shown=cfg.max_errors_shown)
     records = read_records(cfg, template, log)
+    if log.failed:
+        # Nothing will be built, but the records read are checked as building would check them (no
+        # tokenising), so the error lists what building would refuse too (a target of special-token text
+        # alone, say) rather than leaving it to the next run.
+        check_records(records, template, tokenizer, cfg, log)
     log.raise_if_failed()
     stats = FittingStats()
     by_split: dict[str, list[Example]] = {s: [] for s in SPLITS}

@@ -572,6 +572,59 @@ def test_skipped_records_and_noted_ones_are_named_by_place_up_to_a_cap(tmp_path,
     )
 
 
+class _NoTokenising:
+    """A tokenizer that refuses to tokenise: everything else is the wrapped one's."""
+
+    def __init__(self, tok):
+        self._tok = tok
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+    def __call__(self, *args, **kwargs):
+        raise AssertionError("tokenised")
+
+
+def test_one_failing_run_lists_the_invalid_records_of_reading_and_of_building_alike(tmp_path, tiny_tokenizer):
+    """A `duplicate_id` (found reading) and a target of special-token text alone or a value its placeholder
+    cannot format (found building examples) used to take two runs: reading's errors stopped the run before
+    examples were built. Now the records read are checked as building would check them, without tokenising,
+    and one error lists all three; `on_error: skip` counts the same."""
+    template = tmp_path / "fmt.yaml"
+    template.write_text(
+        'system: "S"\nframe: "{system}{user}"\nuser: "r={rating:.1f} {history}"\nhistory: "{entries}"\n'
+        'no_history: "-"\nentry: "{text}"\n'
+    )
+    source = tmp_path / "records.jsonl"
+    rows = [
+        {"id": "a", "target": "one"},
+        {"id": "a", "target": "two"},
+        {"id": "b", "target": "<|im_end|>"},
+        {"id": "c", "target": "four", "context": {"rating": "five"}},
+        {"id": "d", "target": "five"},
+    ]
+    base = {"user_id": "u", "context": {"rating": 4}, "history": ["h"]}
+    source.write_text("".join(json.dumps({**base, **row}) + "\n" for row in rows))
+    cfg = DataConfig(format="generic", template=str(template), sources=[str(source)])
+    with pytest.raises(DataError) as info:
+        prepare(cfg, tmp_path / "out", tokenizer=_NoTokenising(tiny_tokenizer()), echo=lambda _: None)
+    lines = str(info.value).splitlines()
+    assert lines[0] == (
+        "3 invalid input record(s) (1 duplicate_id, 1 empty_field, 1 wrong_type); nothing was prepared:"
+    )
+    assert [line.split(": ")[0] for line in lines[1:4]] == [
+        f"  {source}:2:id",
+        f"  {source}:3:target",
+        f"  {source}:4:rating",
+    ]
+    assert not (tmp_path / "out").exists()
+    skipped = prepare(
+        dataclasses.replace(cfg, on_error="skip"), tmp_path / "out", tokenizer=tiny_tokenizer(), echo=print
+    )
+    assert skipped["errors"] == {"duplicate_id": 1, "empty_field": 1, "wrong_type": 1}
+    assert skipped["examples"] == {"train": 2}
+
+
 def test_a_target_of_special_token_text_alone_names_the_format_s_target_field(tmp_path, tiny_tokenizer):
     tok = tiny_tokenizer()
     rows = (F / "dpl" / "Books" / "train.jsonl").read_text().splitlines()
