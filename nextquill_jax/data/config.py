@@ -141,7 +141,8 @@ class DataConfig:
             one per review file; dpl: item rows (`asin`, `title`, `description`); lamp: the outputs files
             (`golds`: `id`, `output`) of the same splits; generic and synthetic: none.
         `on_error`: an invalid record: `fail` lists them all (the first `max_errors_shown`) and prepares
-            nothing; `skip` skips and counts them by reason in the prepared data's `summary.json`.
+            nothing; `skip` skips and counts them by reason in the prepared data's `summary.json`, which
+            names the first 10 of each reason (file:line, field and message: `skipped`).
         `max_errors_shown`: with `on_error: fail`, how many invalid records the error lists (all are
             counted; not part of the prepared data's fingerprint).
         `default_split`: the split (`train`, `val` or `test`) of a generic or synthetic record that names

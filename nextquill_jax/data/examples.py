@@ -16,8 +16,9 @@ exactly the labels. Tokenisation runs in batches through the fast tokenizer.
 Special-token text in a record's own values maps to its id too (a review quoting `<|endoftext|>` holds an
 end-of-text token), as the public code's tokenizer call does, so it is kept, but counted: every example whose
 target, or a value its prompts insert, holds the text of one of the tokenizer's special tokens is a `note` per
-token and place (`summary.json`, and a warning). A target that is nothing but such text (and whitespace) is
-an invalid record (`empty_field`), as an empty one is: the example would learn only control tokens.
+token and place (`summary.json`, with the first records' `file:line` in `note_places`, and a warning naming
+the first). A target that is nothing but such text (and whitespace) is an invalid record (`empty_field`), as
+an empty one is: the example would learn only control tokens.
 
 The count of entries kept is the one dropping an entry at a time finds, but `FitSearch` finds it in
 O(log max_history) rendered and tokenised prompts (galloping, then bisection) rather than one per dropped
@@ -87,32 +88,110 @@ def build_examples(
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError(f"data.tokenizer {cfg.tokenizer!r} has no EOS token; targets end with EOS")
-    chat = tokenizer if cfg.chat_template else None
-    if chat is not None and not getattr(tokenizer, "chat_template", None):
-        raise ValueError(
-            f"data.chat_template is true but tokenizer {cfg.tokenizer!r} has no chat template; set it to"
-            f" false to use the frame of template {template.name!r}"
-        )
-    refused: tuple[type[Exception], ...] = ()
-    if chat is not None:
-        # Imported only here: jinja2 is transformers' optional dependency, which apply_chat_template needs.
-        from jinja2 import TemplateError
-
-        refused = (TemplateError,)
+    chat, refused = _chat_tokenizer(tokenizer, template, cfg)
     special = _special_token_text(tokenizer)
     try:
         for start in range(0, len(records), cfg.tokenize_batch_size):
             batch = records[start : start + cfg.tokenize_batch_size]
             yield from _build_batch(batch, template, tokenizer, chat, eos, special, cfg, log, stats)
     except refused as e:
-        # The template's own message (raise_exception's text) is the cause; jinja2's traceback adds nothing.
-        fix = "use a tokenizer whose chat template accepts a system message"
-        if template.frame is not None:
-            fix = f"set data.chat_template: false to use the frame of template {template.name!r}, or {fix}"
+        raise _refusal(e, template, cfg) from e
+
+
+def check_records(
+    records: Sequence[Record], template: PromptTemplate, tokenizer: Any, cfg: DataConfig, log: IssueLog
+) -> None:
+    """Count in `log` the records of `records` that `build_examples` would refuse (`missing_field`,
+    `wrong_type`, `empty_field` for a target of special-token text alone), without tokenising any: for a
+    run that builds nothing because reading found invalid records, so that its error lists these too.
+
+    Raises:
+        ValueError: as `build_examples` does for `cfg.chat_template`.
+    """
+    chat, refused = _chat_tokenizer(tokenizer, template, cfg)
+    special = _special_token_text(tokenizer)
+    try:
+        for record in records:
+            _rendered(record, template, chat, special, cfg, log)
+    except refused as e:
+        raise _refusal(e, template, cfg) from e
+
+
+def _chat_tokenizer(
+    tokenizer: Any, template: PromptTemplate, cfg: DataConfig
+) -> tuple[Any, tuple[type[Exception], ...]]:
+    """(the tokenizer whose chat template renders the prompts, or None for the template's frame; the errors
+    by which that chat template refuses a prompt).
+
+    Raises:
+        ValueError: `cfg.chat_template` is set and `tokenizer` has no chat template.
+    """
+    if not cfg.chat_template:
+        return None, ()
+    if not getattr(tokenizer, "chat_template", None):
         raise ValueError(
-            f"data.chat_template: the chat template of data.tokenizer {cfg.tokenizer!r} refused the prompt (a"
-            f" system and a user message): {e}; {fix}"
-        ) from e
+            f"data.chat_template is true but tokenizer {cfg.tokenizer!r} has no chat template; set it to"
+            f" false to use the frame of template {template.name!r}"
+        )
+    # Imported only here: jinja2 is transformers' optional dependency, which apply_chat_template needs.
+    from jinja2 import TemplateError
+
+    return tokenizer, (TemplateError,)
+
+
+def _refusal(error: Exception, template: PromptTemplate, cfg: DataConfig) -> ValueError:
+    """The error to raise when the chat template refused a prompt with `error`."""
+    # The template's own message (raise_exception's text) is the cause; jinja2's traceback adds nothing.
+    fix = "use a tokenizer whose chat template accepts a system message"
+    if template.frame is not None:
+        fix = f"set data.chat_template: false to use the frame of template {template.name!r}, or {fix}"
+    return ValueError(
+        f"data.chat_template: the chat template of data.tokenizer {cfg.tokenizer!r} refused the prompt (a"
+        f" system and a user message): {error}; {fix}"
+    )
+
+
+def _rendered(
+    record: Record,
+    template: PromptTemplate,
+    chat: Any,
+    special: re.Pattern[str],
+    cfg: DataConfig,
+    log: IssueLog,
+) -> tuple[list[dict], str, str] | None:
+    """(the `max_history` most recent entries' fields, newest first; the prompt with them; the prompt without
+    history) of `record`, or None when it cannot become an example: a target of special-token text alone, a
+    field the template lacks or cannot format (counted in `log`).
+
+    Raises:
+        the chat template's refusal (`_chat_tokenizer`), which `_refusal` explains.
+    """
+    if special.search(record.target) and not special.sub("", record.target).strip():
+        tokens = ", ".join(sorted(set(special.findall(record.target))))
+        log.error(
+            Issue(
+                "empty_field",
+                record.source,
+                record.target_field,
+                f"`{record.target_field}` holds nothing but the text of special tokens ({tokens}), which"
+                " the tokenizer reads as those tokens: the example would learn only control tokens. Fix:"
+                " write the target text, or remove the record",
+            )
+        )
+        return None
+    entries = [dict(e.fields) for e in recent_first(record.history)][: cfg.max_history]
+    try:
+        text_with = render_prompt(template, record.context, entries, chat_tokenizer=chat)
+        text_without = render_prompt(template, record.context, None, chat_tokenizer=chat)
+    except KeyError as e:
+        log.error(
+            Issue("missing_field", record.source, str(e.args[0]), f"template {template.name!r} needs it")
+        )
+        return None
+    except FieldFormatError as e:
+        log.error(Issue("wrong_type", record.source, e.field, str(e)))
+        return None
+    return entries, text_with, text_without
 
 
 def _build_batch(
@@ -131,31 +210,10 @@ def _build_batch(
     without: list[str] = []
     valid: list[Record] = []
     for record in records:
-        if special.search(record.target) and not special.sub("", record.target).strip():
-            tokens = ", ".join(sorted(set(special.findall(record.target))))
-            log.error(
-                Issue(
-                    "empty_field",
-                    record.source,
-                    record.target_field,
-                    f"`{record.target_field}` holds nothing but the text of special tokens ({tokens}), which"
-                    " the tokenizer reads as those tokens: the example would learn only control tokens. Fix:"
-                    " write the target text, or remove the record",
-                )
-            )
+        rendered = _rendered(record, template, chat, special, cfg, log)
+        if rendered is None:
             continue
-        entries = [dict(e.fields) for e in recent_first(record.history)][: cfg.max_history]
-        try:
-            text_with = render_prompt(template, record.context, entries, chat_tokenizer=chat)
-            text_without = render_prompt(template, record.context, None, chat_tokenizer=chat)
-        except KeyError as e:
-            log.error(
-                Issue("missing_field", record.source, str(e.args[0]), f"template {template.name!r} needs it")
-            )
-            continue
-        except FieldFormatError as e:
-            log.error(Issue("wrong_type", record.source, e.field, str(e)))
-            continue
+        entries, text_with, text_without = rendered
         with_texts.append(text_with)
         without.append(text_without)
         stats.history_entries_beyond_max_history += max(0, len(record.history) - cfg.max_history)
@@ -318,13 +376,15 @@ def _note_special_text(
         log.note(
             f"a prompt value (context or history) holds the text of the special token {token}, which is"
             " tokenised as that token (as the public code does); if it is meant as text, remove it from the"
-            " data"
+            " data",
+            record.source,
         )
     for token in sorted(set(special.findall(record.target))):
         log.note(
             f"a target holds the text of the special token {token}, which is tokenised as that token (as the"
             " public code does), so the model learns to write it; if it is meant as text, remove it from the"
-            " data"
+            " data",
+            f"{record.source}:{record.target_field}",
         )
 
 

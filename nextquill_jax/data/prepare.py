@@ -4,7 +4,9 @@
 examples in the same order (`examples.example_row`: the texts before any cut to max_prompt_tokens /
 max_target_tokens, with the token counts the model sees), `DIR/summary.json` the counts (rows read per file,
 0 for an empty one, invalid records by reason, records dropped by reason, `notes`: records kept but probably
-not read as meant, by message, examples per split, history fitting) and token-length statistics.
+not read as meant, by message, examples per split, history fitting), where the first invalid records of each
+reason were skipped (`skipped`: file:line, field and message of the first `records.PLACES_KEPT`) and the first
+records of each note are (`note_places`), and token-length statistics.
 
 A fingerprint of the settings (`DataConfig.fingerprint_fields`: all but `batching`, `tokenize_batch_size` and
 `max_errors_shown`, which do not change the prepared data), the template's text, the tokenizer (its full
@@ -43,10 +45,10 @@ from nextquill_jax.atomic_file import write_text_atomic
 from nextquill_jax.config_paths import DATA_PATH_FIELDS, absolute_value
 from nextquill_jax.data import checksums
 from nextquill_jax.data.config import RESULT_NEUTRAL_FIELDS, SPLITS, DataConfig
-from nextquill_jax.data.examples import Example, FittingStats, build_examples, example_row
+from nextquill_jax.data.examples import Example, FittingStats, build_examples, check_records, example_row
 from nextquill_jax.data.prepared_split import SUMMARY_FILE, write_split
 from nextquill_jax.data.sources.read import expand_paths, read_records
-from nextquill_jax.data.sources.records import IssueLog
+from nextquill_jax.data.sources.records import PLACES_KEPT, Issue, IssueLog
 from nextquill_jax.data.templates import PromptTemplate, load_template
 from nextquill_jax.plural import counted
 
@@ -108,6 +110,11 @@ def prepare(
 
     log = IssueLog(on_error=cfg.on_error, max_shown=cfg.max_errors_shown)
     records = read_records(cfg, template, log)
+    if log.failed:
+        # Nothing will be built, but the records read are checked as building would check them (no
+        # tokenising), so the error lists what building would refuse too (a target of special-token text
+        # alone, say) rather than leaving it to the next run.
+        check_records(records, template, tokenizer, cfg, log)
     log.raise_if_failed()
     stats = FittingStats()
     by_split: dict[str, list[Example]] = {s: [] for s in SPLITS}
@@ -152,6 +159,11 @@ def prepare(
         "errors": dict(sorted(log.errors.items())),
         "dropped": dict(sorted(log.dropped.items())),
         "notes": dict(sorted(log.notes.items())),
+        "skipped": {
+            reason: [{"location": i.location, "field": i.field, "message": i.message} for i in issues]
+            for reason, issues in sorted(log.skipped.items())
+        },
+        "note_places": dict(sorted(log.note_places.items())),
         "fitting": dataclasses.asdict(stats),
         "examples": {s: len(by_split[s]) for s in splits},
         "splits": splits,
@@ -385,11 +397,29 @@ def _nothing_left(log: IssueLog) -> str:
             f"no examples to prepare: {files} no records. Fix: point data.sources at files that hold records."
         )
     named = "".join(f"{path}: 0 records; " for path in empty)
+    # Nothing is written, so the places of the skipped records are said here or nowhere.
+    first = "".join(f"\n  first {reason}: {issues[0]}" for reason, issues in sorted(log.skipped.items()))
     return (
         f"no examples left to prepare: {named}errors {dict(log.errors)}, dropped {dict(log.dropped)}. Fix: "
         "correct the sources (data.on_error: fail lists each invalid record), or relax the data.* settings "
-        'behind the drops (README\'s "Your own data" says what each drop means).'
+        f'behind the drops (README\'s "Your own data" says what each drop means).{first}'
     )
+
+
+_PLACES_NAMED = 3  # places of a note's records named in its console warning; the summary keeps PLACES_KEPT
+
+
+def _places(out: Path, summary: dict[str, Any], message: str, n: int) -> str:
+    """Where the `n` records the note `message` counts are, for its warning: `: file:line, ...`, the first
+    `_PLACES_NAMED` of those the summary keeps, and where the others are listed; empty when none is kept."""
+    places = summary["note_places"].get(message, [])
+    if not places:
+        return ""
+    text = ": " + ", ".join(places[:_PLACES_NAMED])
+    if n > _PLACES_NAMED:
+        more = f"the first {len(places)}" if n > len(places) else "all"
+        text += f', ...; {more} in {out / SUMMARY_FILE} ("note_places")'
+    return text
 
 
 def _describe(out: Path, summary: dict[str, Any]) -> str:
@@ -402,11 +432,25 @@ def _describe(out: Path, summary: dict[str, Any]) -> str:
         lines.append(f"  warning: {', '.join(empty)}: 0 records")
     if summary["errors"]:
         lines.append(
-            "  skipped invalid records: " + ", ".join(f"{k} {v}" for k, v in summary["errors"].items())
+            "  skipped invalid records: "
+            + ", ".join(f"{k} {v}" for k, v in summary["errors"].items())
+            + f" (the first of each below; the first {PLACES_KEPT} of each, file:line:field and why, in"
+            f' {out / SUMMARY_FILE}, "skipped")'
         )
+        lines += [
+            f"    {reason}: {Issue(reason, **issues[0])}"
+            for reason, issues in summary["skipped"].items()
+            if issues
+        ]
+        if any(n > PLACES_KEPT for n in summary["errors"].values()):
+            lines.append(
+                "    (to list more: data.on_error: fail lists each invalid record, the first"
+                " data.max_errors_shown, and prepares nothing)"
+            )
     if summary["dropped"]:
         lines.append("  dropped: " + ", ".join(f"{k} {v}" for k, v in summary["dropped"].items()))
-    lines += [f"  warning: {message} ({counted(n, 'record')})" for message, n in summary["notes"].items()]
+    for message, n in summary["notes"].items():
+        lines.append(f"  warning: {message} ({counted(n, 'record')}{_places(out, summary, message, n)})")
     cut = summary["fitting"]["prompts_cut"]
     if cut:
         lines.append(

@@ -402,8 +402,12 @@ def test_records_read_but_probably_not_as_meant_are_counted_in_the_summary_and_w
         "user, rename it `user_id`"
     )
     assert summary["notes"] == {message: 3} and summary["examples"] == {"train": 3}
-    assert json.loads((tmp_path / "out" / "summary.json").read_text())["notes"] == {message: 3}
-    assert f"  warning: {message} (3 records)" in lines[-1].splitlines()
+    written = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert written["notes"] == {message: 3}
+    # Which questions: each line and the field (no record is named in the message, which is per file).
+    places = [f"{source}:{line}:userid" for line in (1, 2, 3)]
+    assert summary["note_places"] == written["note_places"] == {message: places}
+    assert f"  warning: {message} (3 records: {', '.join(places)})" in lines[-1].splitlines()
 
 
 SPECIAL_NOTE = {
@@ -468,15 +472,157 @@ def test_special_token_text_in_records_is_tokenised_as_the_public_code_does_and_
         SPECIAL_NOTE["target"].format("<|endoftext|>"): 1,
     }
     assert summary["notes"] == notes
-    assert json.loads((tmp_path / "out" / "summary.json").read_text())["notes"] == notes
+    written = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert written["notes"] == notes
+    # Where: the first records of each note (line 3's history and line 4's context hold <|im_end|>), and of
+    # each skip reason, which used to be counts alone.
+    places = {
+        SPECIAL_NOTE["prompt"].format("<|im_end|>"): [f"{source}:3", f"{source}:4"],
+        SPECIAL_NOTE["prompt"].format("<|im_start|>"): [f"{source}:3"],
+        SPECIAL_NOTE["target"].format("<|endoftext|>"): [f"{source}:3:target"],
+    }
+    assert summary["note_places"] == written["note_places"] == places
+    empty = [
+        {
+            "location": f"{source}:{line}",
+            "field": "target",
+            "message": f"`target` holds nothing but the text of special tokens ({tokens}), which the"
+            " tokenizer reads as those tokens: the example would learn only control tokens. Fix: write the"
+            " target text, or remove the record",
+        }
+        for line, tokens in ((1, "<|im_end|>"), (2, "<|endoftext|>, <|im_start|>"))
+    ]
+    assert summary["skipped"] == written["skipped"] == {"empty_field": empty}
     said = {m: "1 record" if n == 1 else f"{n} records" for m, n in notes.items()}  # "1 records" before
-    assert lines[-1].splitlines()[2:] == [f"  warning: {m} ({said[m]})" for m in sorted(notes)]
+    assert lines[-1].splitlines()[1:] == [
+        "  skipped invalid records: empty_field 2 (the first of each below; the first 10 of each,"
+        f' file:line:field and why, in {tmp_path / "out" / "summary.json"}, "skipped")',
+        f"    empty_field: {source}:1:target: {empty[0]['message']}",
+        *(f"  warning: {m} ({said[m]}: {', '.join(places[m])})" for m in sorted(notes)),
+    ]
     # Tokenised as the public code's tokenizer call does: the text maps to the special tokens' ids.
     eos = tok.eos_token_id
     fine = PreparedSplit(tmp_path / "out", "train")[0]
     assert fine["target"].tolist() == [*tok("Fine", add_special_tokens=False)["input_ids"], eos, eos]
     im_end, im_start = tok.convert_tokens_to_ids(["<|im_end|>", "<|im_start|>"])
     assert [im_end, im_start] == [t for t in fine["prompt_with"].tolist() if t in (im_end, im_start)]
+
+
+def test_skipped_records_and_noted_ones_are_named_by_place_up_to_a_cap(tmp_path, tiny_tokenizer):
+    """`on_error: skip` used to leave counts alone (`wrong_type 12`) and a note `(12 records)`: nothing said
+    which records. Now summary.json keeps the first PLACES_KEPT of each reason (file:line, field, message)
+    and of each note (`note_places`), the console names the first of each and where the others are, and
+    says how to list them all when a reason has more; the counts stay whole."""
+    source = tmp_path / "records.jsonl"
+    wrong = [
+        {"user_id": f"w{i}", "context": {"title": ["a"]}, "history": ["h"], "target": "t"} for i in range(12)
+    ]
+    noted = [
+        {"user_id": f"n{i}", "context": "c", "history": ["h"], "target": "t<|endoftext|>"} for i in range(12)
+    ]
+    source.write_text(
+        "".join(json.dumps(r) + "\n" for r in wrong)
+        + '{"user_id": "x",}\n'
+        + "".join(json.dumps(r) + "\n" for r in noted)
+    )
+    cfg = DataConfig(format="generic", template="plain", sources=[str(source)], on_error="skip")
+    lines: list[str] = []
+    summary = prepare(cfg, tmp_path / "out", tokenizer=tiny_tokenizer(), echo=lines.append)
+    written = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["errors"] == written["errors"] == {"malformed_json": 1, "wrong_type": 12}
+    why = (
+        "`context.title` must be a string or a number, got list ['a']; the prompt inserts it as text. Fix:"
+        " write it as one string (a list joined, say), or move it into the record's `meta` (carried through,"
+        " not in the prompt)"
+    )
+    json_why = "not valid JSON (Expecting property name enclosed in double quotes at column 17)"
+    assert (
+        summary["skipped"]
+        == written["skipped"]
+        == {
+            "malformed_json": [{"location": f"{source}:13", "field": None, "message": json_why}],
+            "wrong_type": [
+                {"location": f"{source}:{line}", "field": "context.title", "message": why}
+                for line in range(1, 11)
+            ],
+        }
+    )
+    message = SPECIAL_NOTE["target"].format("<|endoftext|>")
+    assert summary["notes"] == {message: 12}
+    assert summary["note_places"] == {message: [f"{source}:{line}:target" for line in range(14, 24)]}
+    at = tmp_path / "out" / "summary.json"
+    assert lines[-1].splitlines()[1:] == [
+        "  skipped invalid records: malformed_json 1, wrong_type 12 (the first of each below; the first 10 of"
+        f' each, file:line:field and why, in {at}, "skipped")',
+        f"    malformed_json: {source}:13: {json_why}",
+        f"    wrong_type: {source}:1:context.title: {why}",
+        "    (to list more: data.on_error: fail lists each invalid record, the first data.max_errors_shown,"
+        " and prepares nothing)",
+        f"  warning: {message} (12 records: {source}:14:target, {source}:15:target, {source}:16:target, ...;"
+        f' the first 10 in {at} ("note_places"))',
+    ]
+
+    # With no example left nothing is written: the error itself names the first record of each reason.
+    source.write_text("".join(json.dumps(r) + "\n" for r in wrong[:2]) + '{"user_id": "x",}\n')
+    with pytest.raises(ValueError) as e:
+        prepare(cfg, tmp_path / "none", tokenizer=tiny_tokenizer(), echo=lines.append)
+    assert str(e.value).endswith(
+        f"\n  first malformed_json: {source}:3: {json_why}"
+        f"\n  first wrong_type: {source}:1:context.title: {why}"
+    )
+
+
+class _NoTokenising:
+    """A tokenizer that refuses to tokenise: everything else is the wrapped one's."""
+
+    def __init__(self, tok):
+        self._tok = tok
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+    def __call__(self, *args, **kwargs):
+        raise AssertionError("tokenised")
+
+
+def test_one_failing_run_lists_the_invalid_records_of_reading_and_of_building_alike(tmp_path, tiny_tokenizer):
+    """A `duplicate_id` (found reading) and a target of special-token text alone or a value its placeholder
+    cannot format (found building examples) used to take two runs: reading's errors stopped the run before
+    examples were built. Now the records read are checked as building would check them, without tokenising,
+    and one error lists all three; `on_error: skip` counts the same."""
+    template = tmp_path / "fmt.yaml"
+    template.write_text(
+        'system: "S"\nframe: "{system}{user}"\nuser: "r={rating:.1f} {history}"\nhistory: "{entries}"\n'
+        'no_history: "-"\nentry: "{text}"\n'
+    )
+    source = tmp_path / "records.jsonl"
+    rows = [
+        {"id": "a", "target": "one"},
+        {"id": "a", "target": "two"},
+        {"id": "b", "target": "<|im_end|>"},
+        {"id": "c", "target": "four", "context": {"rating": "five"}},
+        {"id": "d", "target": "five"},
+    ]
+    base = {"user_id": "u", "context": {"rating": 4}, "history": ["h"]}
+    source.write_text("".join(json.dumps({**base, **row}) + "\n" for row in rows))
+    cfg = DataConfig(format="generic", template=str(template), sources=[str(source)])
+    with pytest.raises(DataError) as info:
+        prepare(cfg, tmp_path / "out", tokenizer=_NoTokenising(tiny_tokenizer()), echo=lambda _: None)
+    lines = str(info.value).splitlines()
+    assert lines[0] == (
+        "3 invalid input record(s) (1 duplicate_id, 1 empty_field, 1 wrong_type); nothing was prepared:"
+    )
+    assert [line.split(": ")[0] for line in lines[1:4]] == [
+        f"  {source}:2:id",
+        f"  {source}:3:target",
+        f"  {source}:4:rating",
+    ]
+    assert not (tmp_path / "out").exists()
+    skipped = prepare(
+        dataclasses.replace(cfg, on_error="skip"), tmp_path / "out", tokenizer=tiny_tokenizer(), echo=print
+    )
+    assert skipped["errors"] == {"duplicate_id": 1, "empty_field": 1, "wrong_type": 1}
+    assert skipped["examples"] == {"train": 2}
 
 
 def test_a_target_of_special_token_text_alone_names_the_format_s_target_field(tmp_path, tiny_tokenizer):

@@ -757,3 +757,27 @@ def test_an_optional_field_set_to_null_is_absent(tmp_path):
     cfg = DataConfig(format="lamp", template="plain", sources=[str(questions)], meta=[str(outputs)])
     records, log = _read(cfg)
     assert [(r.user_id, r.target) for r in records] == [("q1", "gold")] and dict(log.notes) == {}
+
+
+@pytest.mark.parametrize(
+    ("fields", "where", "got"),
+    [
+        ({"context": {"item_title": ["a", "b"]}}, "context.item_title", "list ['a', 'b']"),
+        ({"context": {"rating": True}}, "context.rating", "bool True"),
+        ({"history": [{"text": "h", "tags": {"x": 1}}]}, "history[0].tags", "dict {'x': 1}"),
+    ],
+)
+def test_a_generic_field_that_is_no_string_or_number_says_what_it_got_and_the_fix(
+    tmp_path, fields, where, got
+):
+    """As the other type errors do (`history` must be a list, got str ...): the value's type and repr, and
+    the fix, where it used to say only that it must be a string or a number."""
+    path = tmp_path / "records.jsonl"
+    path.write_text(_generic_line("u", **fields))
+    with pytest.raises(DataError) as e:
+        _read(DataConfig(format="generic", template="plain", sources=[str(path)]))
+    assert (
+        f"{path}:1:{where}: `{where}` must be a string or a number, got {got}; the prompt inserts it as text."
+        " Fix: write it as one string (a list joined, say), or move it into the record's `meta` (carried"
+        " through, not in the prompt)\n"
+    ) in str(e.value)

@@ -27,6 +27,7 @@ from nextquill_jax.data.sources.records import (
     IssueLog,
     Record,
     collect_records,
+    describe_value,
     get_field,
     get_optional,
     missing_fields,
@@ -200,10 +201,23 @@ def _check_keys(obj: dict[str, Any], location: str) -> None:
 
 
 def _scalars(obj: dict[str, Any], location: str, path: str) -> dict[str, Any]:
-    """All fields of `obj`, which must be strings or numbers."""
+    """All fields of `obj` (the object at `path`), which must be strings or numbers.
+
+    Raises:
+        InvalidRecordError: `wrong_type` for the first other value (a list, an object, true/false, null),
+            saying what it is and the fix.
+    """
     for key, value in obj.items():
         if not isinstance(value, str | int | float) or isinstance(value, bool):
+            field = f"{path}.{key}"
             raise InvalidRecordError(
-                Issue("wrong_type", location, f"{path}.{key}", f"`{path}.{key}` must be a string or a number")
+                Issue(
+                    "wrong_type",
+                    location,
+                    field,
+                    f"`{field}` must be a string or a number, got {describe_value(value)}; the prompt inserts"
+                    f" it as text. Fix: write it as one string (a list joined, say), or move it into the"
+                    " record's `meta` (carried through, not in the prompt)",
+                )
             )
     return dict(obj)

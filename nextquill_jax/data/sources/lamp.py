@@ -153,7 +153,7 @@ def _parse(
     user_id = get_optional(row.value, "user_id", (str,), loc)
     if user_id is None:
         user_id = qid
-        _note_near_user_id(row.value, path, log)
+        _note_near_user_id(row.value, path, loc, log)
     context = {k: v for k, v in scalar_fields(row.value, loc, "").items() if k not in ("id", "output")}
     history = [
         HistoryEntry(fields=scalar_fields(entry, loc, f"profile[{i}]")) for i, entry in enumerate(profile)
@@ -176,9 +176,9 @@ def _parse(
     )
 
 
-def _note_near_user_id(question: dict, path: Path, log: IssueLog) -> None:
-    """Count a question whose field names the user under a misspelt name (`userid`): read as a context
-    field, it would leave each question a user of its own."""
+def _note_near_user_id(question: dict, path: Path, loc: str, log: IssueLog) -> None:
+    """Count the question at `loc` (`file:line`) whose field names the user under a misspelt name
+    (`userid`): read as a context field, it would leave each question a user of its own."""
     by_lower = {
         str(k).lower(): k for k in question if k not in ("id", "input", "output", "profile", "user_id")
     }
@@ -186,5 +186,6 @@ def _note_near_user_id(question: dict, path: Path, log: IssueLog) -> None:
     if close:
         log.note(
             f"{path}: field `{by_lower[close[0]]}` was read as context and the user is the question id; "
-            f"if it names the user, rename it `user_id`"
+            f"if it names the user, rename it `user_id`",
+            f"{loc}:{by_lower[close[0]]}",
         )

@@ -98,15 +98,23 @@ class DataError(ValueError):
         self.issues = issues
 
 
+# Places kept per skip reason (`IssueLog.skipped`) and per note (`IssueLog.note_places`): enough to find a
+# pattern and fix it, while summary.json stays small however many records a large corpus skips.
+# `data.on_error: fail` lists every invalid record (the first `data.max_errors_shown`).
+PLACES_KEPT = 10
+
+
 @dataclass
 class IssueLog:
     """Counts rows read (`read`, by file), invalid records (`errors`), deliberate drops (`dropped`) and
     records read as given but probably not as meant (`notes`, by message: a field name close to a known one,
     special-token text in a record's values).
 
-    With `on_error="skip"` an invalid record is skipped and counted; with `"fail"` the first `max_shown` are
-    kept in `issues` and `raise_if_failed` raises one `DataError` listing them and counting all by reason, so
-    one run shows every kind of problem.
+    With `on_error="skip"` an invalid record is skipped and counted, and the first `PLACES_KEPT` of each
+    reason are kept in `skipped` (so summary.json can say which records went); with `"fail"` the first
+    `max_shown` are kept in `issues` and `raise_if_failed` raises one `DataError` listing them and counting
+    all by reason, so one run shows every kind of problem. `note_places` keeps the first `PLACES_KEPT` places
+    (`file:line`, or `file:line:field`) of each note given one.
     """
 
     on_error: Literal["fail", "skip"] = "fail"
@@ -116,23 +124,40 @@ class IssueLog:
     errors: Counter = field(default_factory=Counter)
     dropped: Counter = field(default_factory=Counter)
     notes: Counter = field(default_factory=Counter)
+    skipped: dict[str, list[Issue]] = field(default_factory=dict)
+    note_places: dict[str, list[str]] = field(default_factory=dict)
 
     def error(self, issue: Issue) -> None:
         self.errors[issue.reason] += 1
-        if self.on_error == "fail" and len(self.issues) < self.max_shown:
-            self.issues.append(issue)
+        if self.on_error == "fail":
+            if len(self.issues) < self.max_shown:
+                self.issues.append(issue)
+        else:
+            first = self.skipped.setdefault(issue.reason, [])
+            if len(first) < PLACES_KEPT:
+                first.append(issue)
 
     def drop(self, reason: str, n: int = 1) -> None:
         if n:
             self.dropped[reason] += n
 
-    def note(self, message: str) -> None:
-        """Count one record that `message` describes (kept, but probably not read as meant)."""
+    def note(self, message: str, where: str | None = None) -> None:
+        """Count one record that `message` describes (kept, but probably not read as meant); `where`: its
+        place (`file:line`, or `file:line:field`), kept among the note's first `PLACES_KEPT`."""
         self.notes[message] += 1
+        if where is not None:
+            places = self.note_places.setdefault(message, [])
+            if len(places) < PLACES_KEPT:
+                places.append(where)
+
+    @property
+    def failed(self) -> bool:
+        """Whether `raise_if_failed` would raise: `on_error` is `fail` and a record was invalid."""
+        return self.on_error == "fail" and bool(self.errors)
 
     def raise_if_failed(self) -> None:
         """Raises DataError when `on_error` is `fail` and any record was invalid."""
-        if self.on_error == "fail" and self.errors:
+        if self.failed:
             raise DataError(self.issues, self.errors, self.max_shown)
 
 
