@@ -350,7 +350,10 @@ class PendingMetrics:
         self.data_wait_s = 0.0
         logging = cfg.logging
         self.health = HealthMonitor(
-            logging.health_ce_ratio, logging.health_pref_fraction, baseline=log.first_value("ce_without")
+            logging.health_ce_ratio,
+            logging.health_pref_fraction,
+            baseline=log.first_value("ce_without"),
+            threshold=loss_cfg.threshold,
         )
 
     def __bool__(self) -> bool:
