@@ -32,7 +32,9 @@ class _Sink(logging.Handler):
     """Holds records until `open(path)` names the file and the command has made the directory the file's
     `logs/` folder goes in, then appends them (and every later one) there. So a command that fails before
     making its directory (a misspelt `--workdir`) leaves nothing behind: at `close`, records still held are
-    dropped, except warnings and errors, which go to stderr unless the console has shown them (`shown`)."""
+    dropped, except warnings and errors, which go to stderr unless the console has shown them (`shown`).
+    The file (and `logs/`) is made at the first record only: a command that logs nothing into a directory
+    that was already there (a `data prepare` refused before it wrote) leaves no empty log in it."""
 
     def __init__(self, shown: bool) -> None:
         super().__init__(logging.INFO)
@@ -56,6 +58,8 @@ class _Sink(logging.Handler):
 
     def _flush_held(self) -> None:
         if self.path is None or not (self.file is not None or self.path.parent.parent.is_dir()):
+            return
+        if self.file is None and not self.held:  # nothing to write: no empty file, no logs/ folder
             return
         if self.file is None:
             self.path.parent.mkdir(exist_ok=True)

@@ -135,3 +135,18 @@ def test_the_log_goes_only_into_a_directory_the_command_made_and_unkept_warnings
     assert not never.exists()
     err = capsys.readouterr().err
     assert "WARNING absl: a warning the user should see" in err and "backend chatter" not in err
+
+
+def test_a_command_that_logs_nothing_leaves_no_log_in_a_directory_it_found(tmp_path):
+    """A `data prepare` refused before it writes, into a directory the user already had, once left an empty
+    logs/third_party.log there (and `data show DIR` then read it as a preparation): the file is made at the
+    first record only."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    with third_party_logs.captured(verbose=False):
+        third_party_logs.log_to(mine, named="--out")
+    assert list(mine.iterdir()) == []
+    with third_party_logs.captured(verbose=False):
+        third_party_logs.log_to(mine, named="--out")
+        logging.getLogger("jax").info("a record")
+    assert "INFO jax: a record" in (mine / "logs" / "third_party.log").read_text()

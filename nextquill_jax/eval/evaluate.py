@@ -15,9 +15,10 @@ metrics.jsonl writes it. An earlier evaluation's files in `<out>` are replaced, 
 held.
 
 `max_new_tokens: 0` (`eval.generation`, `--max-new-tokens 0`, `compare.max_new_tokens: 0`) decodes nothing:
-the loss pass alone runs, no predictions.jsonl is written (an earlier one in `<out>` is deleted), and
-metrics.json holds neither the text metrics nor `stopped_at_max_new_tokens`, only what was evaluated (its
-`generation` says `max_new_tokens: 0`) and `loss`: the absent keys mean "not measured", not 0.
+the loss pass alone runs, no predictions.jsonl is written (an earlier one in `<out>` is deleted, and the
+line about the results replaced says so), and metrics.json holds neither the text metrics nor
+`stopped_at_max_new_tokens`, only what was evaluated (its `generation` says `max_new_tokens: 0`) and `loss`:
+the absent keys mean "not measured", not 0.
 
 The model sees the prompt its variant was trained on: the without-history prompt for `sft`, the with-history
 prompt otherwise (`prompt="with"` / `"without"` chooses). Prompts are the prepared token ids (`<split>/`), so
@@ -235,15 +236,24 @@ def split_losses(
 def replacing_line(out_dir: Path, metrics: Mapping[str, Any]) -> str | None:
     """The line that says an evaluation with `metrics` is about to replace the results already in `out_dir`
     (what they held, from their metrics.json), or None when it holds none: a default `out_dir` is shared by
-    every evaluation of a split, so a quick one would otherwise silently overwrite a full one."""
+    every evaluation of a split, so a quick one would otherwise silently overwrite a full one. An evaluation
+    that generates nothing (`metrics["generation"]["max_new_tokens"]` 0) deletes an earlier predictions.jsonl
+    and writes none: the line says so."""
     old = next((out_dir / n for n in ("metrics.json", "predictions.jsonl") if (out_dir / n).is_file()), None)
     if old is None:
         return None
+    new = _results_of(metrics)
+    keep = "pass --out DIR to keep both"
+    predictions = out_dir / "predictions.jsonl"
+    deleted = predictions.is_file() and metrics.get("generation", {}).get("max_new_tokens") == 0
+    if deleted and old == predictions:  # no metrics.json: nothing of the old evaluation is replaced in kind
+        return f"deleting {predictions}: this evaluation ({new}) has max_new_tokens 0 and writes none; {keep}"
     try:
         held = f" ({_results_of(json.loads((out_dir / 'metrics.json').read_text(encoding='utf-8')))})"
     except (OSError, ValueError, AttributeError):  # absent, unreadable or not an object: name the file only
         held = ""
-    return f"replacing {old}{held} with {_results_of(metrics)}; pass --out DIR to keep both"
+    also = f" and deleting {predictions} (max_new_tokens 0 writes no predictions)" if deleted else ""
+    return f"replacing {old}{held} with {new}{also}; {keep}"
 
 
 def _results_of(metrics: Mapping[str, Any]) -> str:

@@ -319,10 +319,22 @@ def combine_aux(*auxes: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
     their mean weighted by `effect_count`, an approximation for logging only. Works inside `jax.jit`.
 
     Raises:
+        TypeError: for an argument that is not a mapping, such as a list of aux dicts passed as one
+            argument (the message gives the call: `combine_aux(*auxes)`).
         ValueError: for no argument, or aux dicts with different keys (from different configs or streams).
     """
     if not auxes:
         raise ValueError("combine_aux needs at least one aux dict")
+    for i, aux in enumerate(auxes):
+        if not isinstance(aux, Mapping):
+            # A list of dicts would otherwise fail deep inside as "unhashable type: 'dict'".
+            fix = (
+                "; it takes the aux dicts as separate arguments: call combine_aux(*auxes), not "
+                "combine_aux(auxes)"
+                if isinstance(aux, list | tuple)
+                else ""
+            )
+            raise TypeError(f"combine_aux argument {i} is a {type(aux).__name__}, not an aux dict{fix}")
     keys = list(auxes[0])
     for i, aux in enumerate(auxes[1:], start=1):
         if set(aux) != set(keys):

@@ -20,12 +20,14 @@ REMEDIES = (
 @dataclass
 class HealthMonitor:
     """Warns when the without-history target CE (`ce_without`) exceeds `ce_ratio` times its first logged
-    value (`baseline`; on resume, the run's first row), or the preference-bearing fraction (`pref_fraction`)
-    exceeds `pref_bound` (None: not checked). Each symptom is reported once."""
+    value (`baseline`; on resume, the run's first row), or the preference-bearing fraction (`pref_fraction`,
+    the share of target tokens whose DCE exceeds `threshold`, the run's `loss.threshold`) exceeds `pref_bound`
+    (None: not checked). Each symptom is reported once."""
 
     ce_ratio: float
     pref_bound: float | None
     baseline: float | None = None
+    threshold: float | None = None  # named in the warning with its config key (None: the key alone)
     reported: set[str] = field(default_factory=set)
 
     def check(self, step: int, row: Mapping[str, float]) -> list[str]:
@@ -50,9 +52,11 @@ class HealthMonitor:
             and pref > self.pref_bound
         ):
             self.reported.add("pref")
+            # The config keys, not the paper's δ: the user sets loss.threshold, not "delta".
+            threshold = "loss.threshold" + ("" if self.threshold is None else f" {self.threshold}")
             warnings.append(
                 f"counterfactual health, step {step}: {pref:.0%} of target tokens are preference-bearing "
-                f"(DCE > delta; bound logging.health_pref_fraction {self.pref_bound}): the weighting is "
-                f"close to uniform. Remedies: {REMEDIES}."
+                f"(DCE > {threshold}; bound logging.health_pref_fraction {self.pref_bound}): the weighting "
+                f"is close to uniform. Remedies: {REMEDIES}."
             )
         return warnings

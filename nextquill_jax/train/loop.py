@@ -70,13 +70,16 @@ class TrainingStoppedError(RuntimeError):
 @dataclass(frozen=True)
 class TrainResult:
     """How a run ended: `status` "finished" or "preempted" (SIGTERM or Ctrl-C: saved, resume by running
-    again), the last step, the last checkpoint's step and the final train state (sharded arrays)."""
+    again), the last step, the last checkpoint's step and the final train state (sharded arrays).
+    `stop_signal` names the signal that asked this run to stop ("SIGTERM", "SIGINT"), None if none did: a
+    stop that falls on the last step leaves the run "finished" with its signal named here."""
 
     status: str
     step: int
     workdir: Path
     last_checkpoint: int | None
     state: TrainState
+    stop_signal: str | None = None
 
 
 def train(
@@ -144,6 +147,7 @@ def _train(
     preemption = _Preemption()
     config_dict = config_to_dict(cfg)
     last_good = lambda: _newest_verified_name(ckpt, log)
+    stop_signal = None  # a stop that came with the last step: the run finishes, and says so
     try:
         with jax.set_mesh(run.mesh):
             while True:
@@ -183,7 +187,16 @@ def _train(
                     )  # fmt: skip
                     saved = _on_save_error(save, cfg, log)
                     last_saved = step if saved else last_saved
-                if due.stop:
+                if due.stop and due.last:
+                    # The signal came too late to stop anything: the run is done, and a resume would only
+                    # say "already finished".
+                    stop_signal = preemption.signal_name
+                    where = f" (checkpoint {ckpt.directory / str(step)} is complete)" if saved else ""
+                    log.message(
+                        f"{stop_signal} at step {step}, the run's last: training finished{where}; nothing to "
+                        f"resume (workdir {workdir})."
+                    )
+                elif due.stop:
                     where = str(ckpt.directory / str(step)) if saved else last_good()
                     resume = (
                         f"checkpoint {where} is complete. Resume by running the same command again"
@@ -194,12 +207,14 @@ def _train(
                     log.message(
                         f"{preemption.signal_name}: stopped at step {step}; {resume} (workdir {workdir})."
                     )
-                    return TrainResult("preempted", step, workdir, last_saved, state)
+                    return TrainResult(
+                        "preempted", step, workdir, last_saved, state, stop_signal=preemption.signal_name
+                    )
                 if due.last:
                     break
         if pending:
             pending.flush(last_good)
-        return TrainResult("finished", step, workdir, last_saved, state)
+        return TrainResult("finished", step, workdir, last_saved, state, stop_signal=stop_signal)
     finally:
         profile.stop()
         preemption.restore()
@@ -212,7 +227,8 @@ def train_to_the_end(cfg: Config, workdir: Path, *, echo=print) -> TrainResult:
 
     Raises:
         TrainingStoppedError: training stopped on SIGTERM or Ctrl-C (`train` has said where it saved);
-            the message says that running the job again resumes it.
+            the message says that running the job again resumes it. Also for a signal that came with the
+            last step: training finished, but the job was asked to stop.
         as `train`.
     """
     result = train(cfg, workdir, echo=echo)
@@ -220,6 +236,12 @@ def train_to_the_end(cfg: Config, workdir: Path, *, echo=print) -> TrainResult:
         raise TrainingStoppedError(
             f"training in {workdir} stopped at step {result.step} before its end, so nothing that needs the "
             f"trained model was run; run the same command again to resume"
+        )
+    if result.stop_signal is not None:  # the job was asked to stop: it must not go on to evaluate
+        raise TrainingStoppedError(
+            f"training in {workdir} finished at step {result.step}, but {result.stop_signal} came with its "
+            f"last step, so nothing that needs the trained model was run; run the same command again to go "
+            f"on from the trained model"
         )
     return result
 
@@ -350,7 +372,10 @@ class PendingMetrics:
         self.data_wait_s = 0.0
         logging = cfg.logging
         self.health = HealthMonitor(
-            logging.health_ce_ratio, logging.health_pref_fraction, baseline=log.first_value("ce_without")
+            logging.health_ce_ratio,
+            logging.health_pref_fraction,
+            baseline=log.first_value("ce_without"),
+            threshold=loss_cfg.threshold,
         )
 
     def __bool__(self) -> bool:

@@ -845,8 +845,8 @@ def test_an_out_dir_holding_a_source_is_refused_before_anything_is_read(tmp_path
         f"rendered train examples). Fix: prepare into a directory that holds no source (such as "
         f"{mydata / 'prepared'}), or move {source} out of {mydata} and name its new path in data.sources.\n"
     )
-    # logs/ holds the command's third-party log, written into --out as always
-    assert sorted(p.name for p in mydata.iterdir()) == ["logs", "train.jsonl"]
+    # Nothing was logged, so no logs/ either: an empty one left here read as a failed preparation
+    assert sorted(p.name for p in mydata.iterdir()) == ["train.jsonl"]
     assert source.read_bytes() == (F / "generic" / "records.jsonl").read_bytes()
     assert main([*argv, "--out", str(mydata / "prepared")]) == 0
     assert source.read_bytes() == (F / "generic" / "records.jsonl").read_bytes()

@@ -225,6 +225,39 @@ def test_an_evaluation_says_which_earlier_results_it_replaces(run, evaluated, tm
     )
 
 
+def test_an_evaluation_that_generates_nothing_says_it_deletes_the_earlier_predictions(
+    run, evaluated, tmp_path, monkeypatch
+):
+    """`--max-new-tokens 0` deletes an earlier predictions.jsonl (it would stand beside metrics that measured
+    no text): the replacing line must say so, not only name metrics.json."""
+    from nextquill_jax.eval import evaluate as evaluate_module
+
+    workdir, _, _ = run
+    _, _, full = evaluated
+    out = tmp_path / "out"
+    shutil.copytree(workdir / "eval" / "test", out)
+    monkeypatch.setattr(evaluate_module, "generate", lambda *a, **k: pytest.fail("decoded"))
+    lines = []
+    loss_only = dataclasses.replace(GEN, max_new_tokens=0)
+    evaluate(workdir, "test", out_dir=out, max_examples=2, generation=loss_only, echo=lines.append)
+    assert (
+        f"replacing {out / 'metrics.json'} (step 2, {full['examples']} examples) with step 2, 2 examples and "
+        f"deleting {out / 'predictions.jsonl'} (max_new_tokens 0 writes no predictions); pass --out DIR to "
+        "keep both"
+    ) in lines, lines
+    assert not (out / "predictions.jsonl").exists()
+    # Predictions alone (an evaluation killed before its metrics.json): the line names their deletion.
+    shutil.copy(workdir / "eval" / "test" / "predictions.jsonl", out)
+    (out / "metrics.json").unlink()
+    assert replacing_line(out, {**full, "generation": {**full["generation"], "max_new_tokens": 0}}) == (
+        f"deleting {out / 'predictions.jsonl'}: this evaluation (step 2, {full['examples']} examples) has "
+        "max_new_tokens 0 and writes none; pass --out DIR to keep both"
+    )
+    (out / "predictions.jsonl").unlink()  # metrics alone: nothing is deleted beyond what is replaced
+    (out / "metrics.json").write_text(json.dumps(full))
+    assert "deleting" not in replacing_line(out, {**full, "generation": {"max_new_tokens": 0}})
+
+
 def test_an_evaluation_cut_short_leaves_no_earlier_metrics_beside_its_predictions(
     run, evaluated, tmp_path, monkeypatch
 ):

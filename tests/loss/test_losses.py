@@ -285,6 +285,15 @@ def test_combine_aux_adds_sums_and_weights_quantiles(data):
         combine_aux(whole, sft_aux)
 
 
+@pytest.mark.parametrize("wrap", [list, tuple])
+def test_combine_aux_refuses_one_list_of_aux_dicts_with_the_call_that_works(data, wrap):
+    # Once a bare "unhashable type: 'dict'" from inside a comprehension: the message now gives the call.
+    zw, zo, y = data
+    auxes = [jax_loss(zw[i : i + 1], zo[i : i + 1], y[i : i + 1], LossConfig())[1] for i in range(2)]
+    with pytest.raises(TypeError, match=r"argument 0 is a \w+, not an aux dict.*combine_aux\(\*auxes\)"):
+        combine_aux(wrap(auxes))
+
+
 # --------------------------------------------------------------------------------------------- edge cases
 @pytest.mark.parametrize(("variant", "wa", "det"), LOSS_CONFIGS, ids=LOSS_CONFIG_IDS)
 def test_no_target_tokens_gives_zero_loss_and_zero_gradient(data, variant, wa, det):

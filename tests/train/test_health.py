@@ -25,6 +25,9 @@ def test_each_symptom_is_reported_once_against_the_first_logged_value():
     assert monitor.check(4, {"ce_without": 3.5, "pref_fraction": 0.7}) == []  # once
     pref_warning = monitor.check(5, {"ce_without": 3.5, "pref_fraction": 0.8})
     assert len(pref_warning) == 1 and "80% of target tokens" in pref_warning[0]
+    assert "(DCE > loss.threshold; bound logging.health_pref_fraction 0.75)" in pref_warning[0]
+    with_threshold = HealthMonitor(1.5, 0.75, threshold=0.05).check(1, {"pref_fraction": 0.8})
+    assert "(DCE > loss.threshold 0.05; bound logging.health_pref_fraction 0.75)" in with_threshold[0]
     assert HealthMonitor(1.5, None, baseline=2.0).check(1, {"ce_without": 2.9, "pref_fraction": 0.99}) == []
     resumed = HealthMonitor(1.5, 0.75, baseline=2.0)  # the baseline read back from metrics.jsonl
     assert len(resumed.check(9, {"ce_without": 3.2})) == 1
@@ -53,3 +56,26 @@ def test_the_warning_fires_when_the_without_stream_degrades(
     printed = capsys.readouterr().out
     assert ("counterfactual health" in printed) == warns, printed[-2000:]
     assert ("the without-history target CE" in printed) == warns
+
+
+def test_the_preference_warning_names_the_runs_loss_threshold(
+    tmp_path, write_random_data, tiny_config, capsys
+):
+    """The warning names the config key and value a user sets (`loss.threshold`), not the paper's δ: with a
+    threshold below every DCE (-0.5; a DCE is a probability difference) every target token is preference-
+    bearing, so the warning fires at the first logged step."""
+    raw = tiny_config(
+        write_random_data(tmp_path / "data"),
+        tmp_path / "run",
+        loss={"variant": "nextquill", "threshold": -0.5},
+        logging={"every_steps": 1},
+        checkpoint={"every_steps": 0, "async_save": False},
+    )
+    raw["train"]["max_steps"] = 2
+    loop.train(load_config(None, base=raw), tmp_path / "run", echo=print)
+    printed = capsys.readouterr().out
+    assert (
+        "counterfactual health, step 1: 100% of target tokens are preference-bearing (DCE > loss.threshold "
+        "-0.5; bound logging.health_pref_fraction 0.75)" in printed
+    ), printed[-2000:]
+    assert "delta" not in printed

@@ -117,6 +117,38 @@ def test_ctrl_c_stops_like_sigterm_and_the_run_resumes_to_the_same_end(
     )
 
 
+def test_a_ctrl_c_that_comes_with_the_last_step_finishes_the_run(
+    tmp_path, monkeypatch, capfd, write_random_data, tiny_config
+):
+    """A SIGINT during step 2's actions of a 3-step run makes step 3, the last, the stop step: the run has
+    finished, so it must say so (status finished), not ask for a resume that only says "already finished"."""
+    raw = tiny_config(write_random_data(tmp_path / "data"), tmp_path / "run")
+    raw["checkpoint"].update(every_steps=100, async_save=False)
+    raw["train"]["max_steps"] = 3
+    with monkeypatch.context() as patch:
+        _signal_after_step(patch, 2, signal.SIGINT)
+        result = loop.train(load_config(None, base=raw), tmp_path / "run", echo=print)
+    assert (result.status, result.step, result.last_checkpoint, result.stop_signal) == (
+        "finished",
+        3,
+        3,
+        "SIGINT",
+    )
+    out = capfd.readouterr().out
+    checkpoints = (tmp_path / "run" / "checkpoints").absolute()
+    assert (
+        f"SIGINT at step 3, the run's last: training finished (checkpoint {checkpoints / '3'} is complete); "
+        f"nothing to resume (workdir {tmp_path / 'run'})." in out
+    ), out
+    assert "Resume by running" not in out and "stopped at step" not in out
+    # Inside a longer job the Ctrl-C still stops it, with what happened said truly.
+    monkeypatch.setattr(loop, "train", lambda cfg, workdir, echo: result)
+    with pytest.raises(
+        loop.TrainingStoppedError, match="finished at step 3, but SIGINT came with its last step"
+    ):
+        loop.train_to_the_end(load_config(None, base=raw), tmp_path / "run")
+
+
 def test_a_second_ctrl_c_aborts_at_once_and_restores_the_handlers(
     tmp_path, monkeypatch, capfd, write_random_data, tiny_config
 ):
