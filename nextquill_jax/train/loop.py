@@ -187,16 +187,12 @@ def _train(
                     )  # fmt: skip
                     saved = _on_save_error(save, cfg, log)
                     last_saved = step if saved else last_saved
-                if due.stop and due.last:
+                if due.stop and due.last and saved:
                     # The signal came too late to stop anything: the run is done, and a resume would only
                     # say "already finished".
                     stop_signal = preemption.signal_name
-                    where = f" (checkpoint {ckpt.directory / str(step)} is complete)" if saved else ""
-                    log.message(
-                        f"{stop_signal} at step {step}, the run's last: training finished{where}; nothing to "
-                        f"resume (workdir {workdir})."
-                    )
-                elif due.stop:
+                    log.message(_finished_despite(stop_signal, step, ckpt.directory / str(step), workdir))
+                elif due.stop:  # the last step too when its save failed: a resume trains it again
                     where = str(ckpt.directory / str(step)) if saved else last_good()
                     resume = (
                         f"checkpoint {where} is complete. Resume by running the same command again"
@@ -214,12 +210,29 @@ def _train(
                     break
         if pending:
             pending.flush(last_good)
+        if stop_signal is None and preemption.requested and jax.process_count() == 1:
+            # It came after the last step's stop check (during its save, say): nothing was left to stop, but
+            # the caller's job (compare, demo) was asked to stop. Several processes agree on a stop through
+            # JAX's preemption service at the step checks only, so one process alone must not act on it.
+            stop_signal = preemption.signal_name
+            saved_at = ckpt.directory / str(step) if last_saved == step else None
+            log.message(_finished_despite(stop_signal, step, saved_at, workdir))
         return TrainResult("finished", step, workdir, last_saved, state, stop_signal=stop_signal)
     finally:
         profile.stop()
         preemption.restore()
         ckpt.close()
         log.close()
+
+
+def _finished_despite(signal_name: str, step: int, checkpoint: Path | None, workdir: Path) -> str:
+    """The message of a stop signal that came with (or after) the run's last step, `step`, whose checkpoint
+    is `checkpoint` (None: its save failed, and a resume would train that step again)."""
+    if checkpoint is None:
+        where = " (its checkpoint was not saved: see above; running the same command again trains it again)"
+    else:
+        where = f" (checkpoint {checkpoint} is complete); nothing to resume"
+    return f"{signal_name} at step {step}, the run's last: training finished{where} (workdir {workdir})."
 
 
 def train_to_the_end(cfg: Config, workdir: Path, *, echo=print) -> TrainResult:

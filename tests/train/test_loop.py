@@ -12,6 +12,7 @@ import pytest
 
 from nextquill_jax.config import load_config
 from nextquill_jax.train import loop
+from nextquill_jax.train.checkpoint import Checkpointer, CheckpointSaveError
 from nextquill_jax.train.loop import eval_line
 
 
@@ -147,6 +148,55 @@ def test_a_ctrl_c_that_comes_with_the_last_step_finishes_the_run(
         loop.TrainingStoppedError, match="finished at step 3, but SIGINT came with its last step"
     ):
         loop.train_to_the_end(load_config(None, base=raw), tmp_path / "run")
+
+
+def test_a_ctrl_c_after_the_last_steps_stop_check_still_stops_a_longer_job(
+    tmp_path, monkeypatch, capfd, write_random_data, tiny_config
+):
+    """A SIGINT during the last step's actions (its save, say) comes after that step's stop check: nothing is
+    left to stop, but the run must still name the signal, so that compare or demo do not go on."""
+    raw = tiny_config(write_random_data(tmp_path / "data"), tmp_path / "run")
+    raw["checkpoint"].update(every_steps=100, async_save=False)
+    raw["train"]["max_steps"] = 2
+    with monkeypatch.context() as patch:
+        _signal_after_step(patch, 2, signal.SIGINT)
+        result = loop.train(load_config(None, base=raw), tmp_path / "run", echo=print)
+    assert (result.status, result.step, result.last_checkpoint, result.stop_signal) == (
+        "finished",
+        2,
+        2,
+        "SIGINT",
+    )
+    checkpoint = (tmp_path / "run" / "checkpoints" / "2").absolute()
+    assert f"SIGINT at step 2, the run's last: training finished (checkpoint {checkpoint} is complete)" in (
+        capfd.readouterr().out
+    )
+
+
+def test_a_stop_on_the_last_step_whose_save_failed_says_a_resume_trains_it_again(
+    tmp_path, monkeypatch, capfd, write_random_data, tiny_config
+):
+    """With `checkpoint.on_save_error: continue`, a stop whose last-step save failed is no finished run: a
+    resume starts from the newest checkpoint and trains the last step again, and the run says so."""
+    raw = tiny_config(write_random_data(tmp_path / "data"), tmp_path / "run")
+    raw["checkpoint"].update(every_steps=2, async_save=False, on_save_error="continue")
+    raw["train"]["max_steps"] = 3
+    save = Checkpointer.save
+
+    def no_room_for_step_3(self, step, *args, **kwargs):
+        if step == 3:
+            raise CheckpointSaveError(f"checkpoint {step}: no space left on device.")
+        return save(self, step, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Checkpointer, "save", no_room_for_step_3)
+        _signal_after_step(patch, 2, signal.SIGINT)
+        result = loop.train(load_config(None, base=raw), tmp_path / "run", echo=print)
+    assert (result.status, result.step, result.last_checkpoint) == ("preempted", 3, 2)
+    out = capfd.readouterr().out
+    checkpoint = (tmp_path / "run" / "checkpoints" / "2").absolute()
+    assert f"SIGINT: stopped at step 3; checkpoint {checkpoint} is complete. Resume by running" in out, out
+    assert "nothing to resume" not in out
 
 
 def test_a_second_ctrl_c_aborts_at_once_and_restores_the_handlers(
