@@ -29,6 +29,7 @@ anything is read.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -113,8 +114,10 @@ def prepare(
     if log.failed:
         # Nothing will be built, but the records read are checked as building would check them (no
         # tokenising), so the error lists what building would refuse too (a target of special-token text
-        # alone, say) rather than leaving it to the next run.
-        check_records(records, template, tokenizer, cfg, log)
+        # alone, say) rather than leaving it to the next run. A chat template that refuses the prompts is a
+        # setting's error, which building raises next run: the records' errors go first.
+        with contextlib.suppress(ValueError):
+            check_records(records, template, tokenizer, cfg, log)
     log.raise_if_failed()
     stats = FittingStats()
     by_split: dict[str, list[Example]] = {s: [] for s in SPLITS}

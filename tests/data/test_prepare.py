@@ -618,6 +618,12 @@ def test_one_failing_run_lists_the_invalid_records_of_reading_and_of_building_al
         f"  {source}:4:rating",
     ]
     assert not (tmp_path / "out").exists()
+    # A tokenizer without the chat template `data.chat_template` asks for is the setting's error, which
+    # building raises (the next run): the records' errors are not hidden behind it.
+    plain = tiny_tokenizer()
+    plain.chat_template = None
+    with pytest.raises(DataError, match=r"^1 invalid input record\(s\) \(1 duplicate_id\); nothing was"):
+        prepare(dataclasses.replace(cfg, chat_template=True), tmp_path / "out", tokenizer=plain)
     skipped = prepare(
         dataclasses.replace(cfg, on_error="skip"), tmp_path / "out", tokenizer=tiny_tokenizer(), echo=print
     )

@@ -781,3 +781,16 @@ def test_a_generic_field_that_is_no_string_or_number_says_what_it_got_and_the_fi
         " Fix: write it as one string (a list joined, say), or move it into the record's `meta` (carried"
         " through, not in the prompt)\n"
     ) in str(e.value)
+
+
+def test_a_generic_null_field_is_told_to_go_or_get_text(tmp_path):
+    """A null context field is no value the prompt could show: its fix is to remove it or write its text
+    (not to join a list into a string)."""
+    path = tmp_path / "records.jsonl"
+    path.write_text(_generic_line("u", context={"item_title": None}))
+    with pytest.raises(DataError) as e:
+        _read(DataConfig(format="generic", template="plain", sources=[str(path)]))
+    assert (
+        f"{path}:1:context.item_title: `context.item_title` must be a string or a number, got NoneType None; "
+        "the prompt inserts it as text. Fix: remove the key, or write its text\n"
+    ) in str(e.value)

@@ -210,14 +210,20 @@ def _scalars(obj: dict[str, Any], location: str, path: str) -> dict[str, Any]:
     for key, value in obj.items():
         if not isinstance(value, str | int | float) or isinstance(value, bool):
             field = f"{path}.{key}"
+            if value is None:  # here a field is a value the prompt shows: null is no value
+                fix = "remove the key, or write its text"
+            else:
+                fix = (
+                    "write it as one string (a list joined, say), or move it into the record's `meta` "
+                    "(carried through, not in the prompt)"
+                )
             raise InvalidRecordError(
                 Issue(
                     "wrong_type",
                     location,
                     field,
                     f"`{field}` must be a string or a number, got {describe_value(value)}; the prompt inserts"
-                    f" it as text. Fix: write it as one string (a list joined, say), or move it into the"
-                    " record's `meta` (carried through, not in the prompt)",
+                    f" it as text. Fix: {fix}",
                 )
             )
     return dict(obj)
