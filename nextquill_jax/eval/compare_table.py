@@ -13,9 +13,10 @@ Per example (the pairs of the bootstrap): ROUGE-1, ROUGE-L and METEOR from the r
 preference recall where the split's rows carry `meta.signature_words`; from the effect report, the target
 NLL with and without the history and, where targets carry ground-truth roles, the NLL of the preference tokens
 with the history. Each example's value is first averaged over the seeds; a metric's interval is over the
-examples every run has, paired by example id (`example_keys`), not by position, since variants whose data
-was prepared differently number the examples differently. BLEU (a corpus statistic) and the DCE AUROC come
-without an interval.
+examples every run has, paired by example (`example_keys`: its id and a digest of its user and target text),
+not by position, since variants whose data was prepared differently number the examples differently, and not
+by id alone, since such a variant's data may hold another example under the same id (another synthetic seed).
+BLEU (a corpus statistic) and the DCE AUROC come without an interval.
 
 A run evaluated with `max_new_tokens` 0 generated nothing (`generated`): its ROUGE, METEOR, preference recall
 and BLEU are absent (not 0), so its row has none and no difference is drawn for them. results.md leaves out a
@@ -31,13 +32,14 @@ files of another evaluation are never paired with the record's numbers (`recorde
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import statistics
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from nextquill_jax.atomic_file import write_text_atomic
 from nextquill_jax.eval.bootstrap import paired_bootstrap
@@ -78,19 +80,39 @@ def read_number(value: float | None) -> float:
     return math.nan if value is None else value
 
 
-def example_keys(rendered_split: str | Path) -> dict[int, str]:
-    """{row index: the example's key} of a prepared `<split>.jsonl`: its `id`, or where a source gives none,
-    its `source` (the file:line its target came from). Runs whose data was prepared differently (a variant's
-    `data` overrides) number the same example differently; its key names it in all of them.
+class ExampleKey(NamedTuple):
+    """An example as a comparison pairs it across runs: `id` (the row's `id`, or where a source gives none,
+    its `source`) and `content` (`example_content`). Two runs' examples pair when both agree: a variant whose
+    `data` overrides prepare other examples (another `synthetic_seed`) may hold another example under the
+    same id."""
+
+    id: str
+    content: str
+
+
+def example_content(row: Mapping[str, Any]) -> str:
+    """A digest (16 hex digits of SHA-256) of what makes a prepared row the example it is: its user and its
+    target text (the record's, before any cut). Not the prompts, nor `source`, nor `tokens`: a variant's data
+    settings (template, chat template, history kept, tokenizer, cut lengths, the data's file names) change
+    those for the same example, which its runs must still pair on."""
+    identity = json.dumps([row.get("user_id"), row.get("target")], ensure_ascii=False)
+    return hashlib.sha256(identity.encode("utf-8")).hexdigest()[:16]
+
+
+def example_keys(rendered_split: str | Path) -> dict[int, ExampleKey]:
+    """{row index: the example's key} of a prepared `<split>.jsonl` (`ExampleKey`: its `id`, or where a
+    source gives none its `source`, the file:line its target came from; and `example_content`). Runs whose
+    data was prepared differently (a variant's `data` overrides) number the same example differently; its key
+    names it in all of them.
 
     Raises:
-        ValueError: two rows with one key (naming the file and the key): their values could not be paired.
+        ValueError: two rows with one id (naming the file and the id): their values could not be paired.
     """
-    keys: dict[int, str] = {}
+    keys: dict[int, ExampleKey] = {}
     with open(rendered_split, encoding="utf-8") as f:
         for row in map(json.loads, filter(str.strip, f)):
-            keys[row["index"]] = row.get("id") or row["source"]
-    repeated = [k for k, n in Counter(keys.values()).items() if n > 1]
+            keys[row["index"]] = ExampleKey(row.get("id") or row["source"], example_content(row))
+    repeated = [k for k, n in Counter(key.id for key in keys.values()).items() if n > 1]
     if repeated:
         raise ValueError(
             f"{rendered_split}: examples share the id {repeated[0]!r}, so compare cannot pair them across "
@@ -135,7 +157,7 @@ def recorded_predictions(record: Mapping[str, Any]) -> Path:
     return predictions
 
 
-def per_example_metrics(record: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+def per_example_metrics(record: Mapping[str, Any]) -> dict[str, dict[ExampleKey, float]]:
     """{metric: {example key: value}} of one run (`compare.run_variant`'s record), in the split's order: each
     example keyed by `example_keys` of the run's prepared split, so that runs pair on the same example. A run
     that did not generate (`generated`) has no ROUGE, METEOR or preference recall: absent, not 0.
@@ -164,7 +186,7 @@ def per_example_metrics(record: Mapping[str, Any]) -> dict[str, dict[str, float]
     return out
 
 
-def _seed_mean(runs: Sequence[dict[str, float]]) -> dict[str, float]:
+def _seed_mean(runs: Sequence[dict[ExampleKey, float]]) -> dict[ExampleKey, float]:
     """Each example's value averaged over the seeds' runs, for the examples every run has, in the first
     run's order."""
     common = set.intersection(*(set(r) for r in runs))
@@ -174,17 +196,20 @@ def _seed_mean(runs: Sequence[dict[str, float]]) -> dict[str, float]:
 def compare_runs(
     records: Sequence[Mapping[str, Any]], baseline: str, resamples: int = 2000
 ) -> dict[str, Any]:
-    """Rows (per variant: metric means, their sample std across seeds, BLEU, DCE AUROC) and differences to
+    """Rows (per variant: metric means, their sample std across seeds, BLEU, DCE AUROC), differences to
     `baseline` (per variant and metric: `PairedDifference` as a dict, with `nonfinite`, the pairs left out
-    because a value is not finite; no entry where none is left) from run records. A metric some run of a
-    variant lacks (the text metrics and BLEU of runs that did not generate, `generated`) is absent from its
-    row and has no difference. A null number in a run's files (a non-finite value, `read_number`) makes its
-    means NaN."""
+    because a value is not finite, `unpaired`, the examples only one of the two runs evaluated, and
+    `other_content`, the ids both runs hold for different examples (`ExampleKey`), each id's two examples
+    among `unpaired`; no entry where no finite pair is left) and `not_paired` (per variant and metric whose
+    runs share no example with the baseline's: {unpaired, other_content}) from run records. A metric some run
+    of a variant lacks (the text metrics and BLEU of runs that did not generate, `generated`) is absent from
+    its row and has no difference. A null number in a run's files (a non-finite value, `read_number`) makes
+    its means NaN."""
     variants = list(dict.fromkeys(r["variant"] for r in records))
     examples = {r["variant"]: [] for r in records}
     for r in records:
         examples[r["variant"]].append((r, per_example_metrics(r)))
-    rows, differences = [], {}
+    rows, differences, not_paired = [], {}, {}
     for name in variants:
         runs = examples[name]
         row: dict[str, Any] = {"variant": name, "seeds": [r["seed"] for r, _ in runs]}
@@ -213,9 +238,18 @@ def compare_runs(
             if None in ours or None in theirs:
                 continue
             a, b = _seed_mean(ours), _seed_mean(theirs)
-            # Paired by example key, in the baseline's split order. A diverged run's NaN (null in its files)
-            # has no difference: its pairs are left out, counted.
+            # Paired by example key (id and content), in the baseline's split order. A diverged run's NaN
+            # (null in its files) has no difference: its pairs are left out, counted.
             paired = [k for k in b if k in a]
+            unmatched = {
+                # Examples only one of the two evaluated (their data was prepared differently) ...
+                "unpaired": len(a.keys() | b.keys()) - len(paired),
+                # ... among them those whose id the other run holds for another example.
+                "other_content": len({k.id for k in a} & {k.id for k in b}) - len(paired),
+            }
+            if not paired:  # no example in common: results.md says so (`not_paired_lines`)
+                not_paired.setdefault(name, {})[metric] = unmatched
+                continue
             common = [k for k in paired if math.isfinite(a[k]) and math.isfinite(b[k])]
             if not common:  # nothing to compare: the table shows the run's mean as n/a
                 continue
@@ -225,10 +259,9 @@ def compare_runs(
                 **diff.__dict__,
                 "significant": diff.significant,
                 "nonfinite": left_out,
-                # Examples only one of the two evaluated (their data was prepared differently).
-                "unpaired": len(a.keys() | b.keys()) - len(paired),
+                **unmatched,
             }
-    return {"baseline": baseline, "rows": rows, "differences": differences}
+    return {"baseline": baseline, "rows": rows, "differences": differences, "not_paired": not_paired}
 
 
 def conclusions(result: Mapping[str, Any]) -> list[str]:
@@ -246,12 +279,45 @@ def conclusions(result: Mapping[str, Any]) -> list[str]:
                 interval += f", {d['nonfinite']} left out: not finite"
             if d["unpaired"]:
                 paired = d["examples"] + d["nonfinite"]
-                interval += f", {paired} paired of {paired + d['unpaired']}: the rest in one run's data only"
+                interval += f", {paired} paired of {paired + d['unpaired']}: {_unpaired_reason(d)}"
             if not d["significant"]:
                 verdict = "no significant difference"
             else:
                 verdict = "better" if (d["mean"] > 0) == higher_better else "worse"
             lines.append(f"{name} vs {result['baseline']} on {header}: {verdict} ({interval})")
+    return lines
+
+
+def _unpaired_reason(counts: Mapping[str, int]) -> str:
+    """Why `counts["unpaired"]` examples (`compare_runs`'s) are not paired: each of the `other_content` ids
+    names one example in each run (two of them), the rest are in one run's data only."""
+    same_id = 2 * counts["other_content"]
+    parts = [f"{same_id} share an id but not their content (user, target text)"] if same_id else []
+    if counts["unpaired"] > same_id:
+        parts.append(
+            "the rest in one run's data only"
+            if not same_id
+            else f"{counts['unpaired'] - same_id} in one run's data only"
+        )
+    return ", ".join(parts)
+
+
+def not_paired_lines(result: Mapping[str, Any]) -> list[str]:
+    """results.md's lines for the metrics drawn no difference because their runs share no example with the
+    baseline's (`compare_runs`'s `not_paired`): per variant, one line per group of metrics with the same
+    counts."""
+    headers = {metric: header for metric, header, _ in METRICS}
+    lines = []
+    for name, metrics in result.get("not_paired", {}).items():
+        groups: dict[tuple[int, int], list[str]] = {}
+        for metric, counts in metrics.items():
+            groups.setdefault((counts["unpaired"], counts["other_content"]), []).append(headers[metric])
+        for (unpaired, other), names in groups.items():
+            reason = _unpaired_reason({"unpaired": unpaired, "other_content": other})
+            lines.append(
+                f"{name} vs {result['baseline']} on {', '.join(names)}: not compared, no example is in both "
+                f"runs' data ({unpaired} examples: {reason})"
+            )
     return lines
 
 
@@ -328,12 +394,24 @@ def markdown(result: Mapping[str, Any]) -> str:
         lines += ["", f"Only one variant ({result['baseline']}): no other to compare with it."]
     else:
         lines += ["", f"Difference to {result['baseline']} (mean [95% paired bootstrap interval]):", ""]
-        lines += [f"- {line}" for line in conclusions(result)]
-    if any(d["unpaired"] for m in result["differences"].values() for d in m.values()):
+        lines += [f"- {line}" for line in [*conclusions(result), *not_paired_lines(result)]]
+    unmatched = [
+        *(d for m in result["differences"].values() for d in m.values()),
+        *(d for m in result.get("not_paired", {}).values() for d in m.values()),
+    ]
+    if any(d["unpaired"] for d in unmatched):
         lines += [
             "",
             "Some variants evaluated examples the baseline did not (their data was prepared differently): "
-            "each difference pairs only the examples both evaluated, by id, and says how many.",
+            "each difference pairs only the examples both evaluated, the same id with the same content "
+            "(user and target text), and says how many.",
+        ]
+    if any(d["other_content"] for d in unmatched):
+        lines += [
+            "",
+            "Some examples share an id with one of the baseline's but not its content: that variant's data "
+            "holds another example under the id (its `data` overrides prepared other examples, such as "
+            "another `data.synthetic_seed`), so they are not paired.",
         ]
     fewest = min((d["examples"] for m in result["differences"].values() for d in m.values()), default=None)
     if fewest is not None and fewest < FEW_EXAMPLES:

@@ -46,7 +46,8 @@ def test_runs_whose_data_was_prepared_differently_are_paired_by_example_id(tmp_p
         assert (got["examples"], got["nonfinite"], got["unpaired"]) == (4, 0, 2)
     text = (out / "results.md").read_text()
     assert "short vs base on ROUGE-1: better (+0.1000 [+0.1000, +0.1000], 4 examples, 4 paired of 6:" in text
-    assert "each difference pairs only the examples both evaluated, by id, and says how many" in text
+    assert "each difference pairs only the examples both evaluated, the same id with the same content" in text
+    assert "share an id" not in text  # every shared id holds the same example in both
     # Each run's own mean still covers every example it evaluated.
     rows = {r["variant"]: r for r in result["rows"]}
     assert rows["short"]["rouge1"] == pytest.approx((0.6 + 0.2 + 0.3 + 0.4 + 0.9) / 5, abs=1e-12)
@@ -59,13 +60,79 @@ def test_runs_of_the_same_data_say_nothing_of_unpaired_examples(tmp_path):
     assert "paired of" not in (out / "results.md").read_text()
 
 
+def test_runs_of_the_same_data_pair_every_example(tmp_path):
+    """Rows with their user and target text, as `data prepare` writes them: the same data pairs as by id."""
+    targets = ["first review", "second review", "third review"]
+    records = [
+        run_files(tmp_path, n, [0.1 + d, 0.2 + d, 0.4 + d], [1.0, 2.0, 3.0], bleu=1.0, targets=targets)
+        for n, d in (("a", 0.0), ("b", 0.1))
+    ]
+    result, out = _results(tmp_path, records, "a")
+    got = result["differences"]["b"]["rouge1"]
+    assert (got["examples"], got["unpaired"], got["other_content"]) == (3, 0, 0)
+    assert got["mean"] == pytest.approx(0.1, abs=1e-6)
+    assert result["not_paired"] == {}
+    text = (out / "results.md").read_text()
+    assert "paired of" not in text and "share an id" not in text
+
+
+def test_examples_that_share_an_id_but_not_their_content_are_not_paired(tmp_path):
+    """A variant whose data overrides prepared other examples (another synthetic seed) may hold another
+    example under the same id: the two are not the same example, so pairing them would report a difference
+    over unrelated examples. Only u2 and u3 are the same examples in both runs (each +0.1 in the variant);
+    u0 and u1 hold other targets there, scoring far from the baseline's."""
+    ids = ["u0", "u1", "u2", "u3"]
+    base_targets = ["Lonely Shadow", "Broken Garden", "Silent Bridge", "Electric River"]
+    other_targets = ["Broken Garden", "Lonely Shadow", "Silent Bridge", "Electric River"]
+    base = run_files(
+        tmp_path, "base", [0.1, 0.2, 0.3, 0.4], [1, 2, 3, 4], bleu=1.0, ids=ids, targets=base_targets
+    )
+    other = run_files(
+        tmp_path, "other", [0.9, 0.9, 0.4, 0.5], [9, 9, 3.5, 4.5], bleu=1.0, ids=ids, targets=other_targets
+    )
+    result, out = _results(tmp_path, [base, other], "base")
+    for metric, step in (("rouge1", 0.1), ("nll_with", 0.5)):
+        got = result["differences"]["other"][metric]
+        assert (got["mean"], got["low"], got["high"]) == pytest.approx((step, step, step), abs=1e-6)
+        assert (got["examples"], got["unpaired"], got["other_content"]) == (2, 4, 2)
+    text = (out / "results.md").read_text()
+    assert (
+        "other vs base on ROUGE-1: better (+0.1000 [+0.1000, +0.1000], 2 examples, 2 paired of 6: 4 share an "
+        "id but not their content (user, target text))"
+    ) in text
+    assert "Some examples share an id with one of the baseline's but not its content" in text
+
+
+def test_a_variant_whose_examples_all_differ_from_the_baseline_s_says_so(tmp_path):
+    """The same ids, none of them the same example (all other targets): no difference is drawn, and
+    results.md says why, instead of a paired difference over unrelated examples."""
+    ids = ["u0", "u1", "u2"]
+    base = run_files(tmp_path, "base", [0.1, 0.2, 0.3], [1, 2, 3], bleu=1.0, ids=ids, targets=["a", "b", "c"])
+    other = run_files(
+        tmp_path, "other", [0.2, 0.3, 0.4], [2, 3, 4], bleu=1.0, ids=ids, targets=["x", "y", "z"]
+    )
+    result, out = _results(tmp_path, [base, other], "base")
+    assert result["differences"]["other"] == {}
+    assert result["not_paired"]["other"]["rouge1"] == {"unpaired": 6, "other_content": 3}
+    text = (out / "results.md").read_text()
+    assert " vs base on ROUGE-1: " not in text
+    assert (
+        "- other vs base on ROUGE-1, ROUGE-L, METEOR, NLL (with hist.), NLL (without): not compared, no "
+        "example is in both runs' data (6 examples: 6 share an id but not their content (user, target text))"
+    ) in text
+    assert "Some examples share an id with one of the baseline's but not its content" in text
+    # The rows still give each run's own means.
+    assert {r["variant"]: r["rouge1"] for r in result["rows"]} == pytest.approx({"base": 0.2, "other": 0.3})
+
+
 def test_examples_sharing_an_id_are_refused(tmp_path):
     split = tmp_path / "test.jsonl"
     split.write_text('{"index": 0, "id": "x", "source": "a:1"}\n{"index": 1, "id": "x", "source": "a:2"}\n')
     with pytest.raises(ValueError, match=r"test.jsonl: examples share the id 'x'.* Fix: give every record"):
         example_keys(split)
     split.write_text('{"index": 0, "id": "", "source": "a:1"}\n{"index": 1, "id": "", "source": "a:2"}\n')
-    assert example_keys(split) == {0: "a:1", 1: "a:2"}  # no ids: the file:line each target came from
+    keys = example_keys(split)
+    assert [keys[0].id, keys[1].id] == ["a:1", "a:2"]  # no ids: the file:line each target came from
 
 
 def test_a_one_variant_comparison_says_there_is_nothing_to_compare(tmp_path):

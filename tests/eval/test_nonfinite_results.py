@@ -48,11 +48,18 @@ def effects(index: int, nll_with: float) -> ExampleEffects:
 
 
 def run_files(
-    root, name: str, rouge: list[float], nll: list[float], bleu: float, ids: list[str] | None = None
+    root,
+    name: str,
+    rouge: list[float],
+    nll: list[float],
+    bleu: float,
+    ids: list[str] | None = None,
+    targets: list[str] | None = None,
 ) -> dict:
     """A finished run's files (predictions, the metrics.json beside them, rendered split, effect report,
-    compare_done.json) as a comparison leaves them, example i of its split with id `ids[i]` (default `e<i>`);
-    returns its record as read back from compare_done.json."""
+    compare_done.json) as a comparison leaves them, example i of its split with id `ids[i]` (default `e<i>`)
+    and, where given, target text `targets[i]` (default: rows without one); returns its record as read back
+    from compare_done.json."""
     ids = ids or [f"e{i}" for i in range(len(rouge))]
     run = root / name
     eval_dir = run / "eval" / "test"  # as `compare.run_variant` lays it out
@@ -63,6 +70,8 @@ def run_files(
         for i, value in enumerate(rouge):
             f.write(json.dumps({"index": i, "rouge1": value, "rougeL": value, "meteor": value}) + "\n")
     rows = [{"index": i, "id": example_id, "source": "s"} for i, example_id in enumerate(ids)]
+    for row, target in zip(rows, targets or [], strict=False):
+        row.update(user_id="u", target=target)
     (run / "test.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     summary = write_report(
         [effects(i, v) for i, v in enumerate(nll)], LossConfig(), run / "effects", split="test"
