@@ -1,5 +1,6 @@
 """`nextquill-jax compare --config FILE`: named variants of one base config through train, evaluate and an
-effect report, in one table, each metric's difference to a baseline variant with a paired bootstrap interval.
+effect report, in one table, each metric's difference to a baseline variant with a paired bootstrap interval
+(but BLEU's and the DCE AUROC's: statistics of a whole run, `compare_table.NO_INTERVAL`).
 
 A compare file has three sections:
 

@@ -16,7 +16,8 @@ with the history. Each example's value is first averaged over the seeds; a metri
 examples every run has, paired by example (`example_keys`: its id and a digest of its user and target text),
 not by position, since variants whose data was prepared differently number the examples differently, and not
 by id alone, since such a variant's data may hold another example under the same id (another synthetic seed).
-BLEU (a corpus statistic) and the DCE AUROC come without an interval.
+BLEU (a corpus statistic) and the DCE AUROC (one statistic over the tokens of all examples) come without an
+interval: results.md says so under the differences (`NO_INTERVAL`).
 
 A run evaluated with `max_new_tokens` 0 generated nothing (`generated`): its ROUGE, METEOR, preference recall
 and BLEU are absent (not 0), so its row has none and no difference is drawn for them. results.md leaves out a
@@ -69,6 +70,12 @@ _LEFT_OUT_BECAUSE = {
     "preference_nll_with": _NO_ROLES,
     "dce_auroc": _NO_ROLES,
 }
+# The columns without a difference to the baseline, and why: a paired bootstrap resamples per-example values,
+# and these are each one statistic of the whole run.
+NO_INTERVAL = (
+    ("bleu", "BLEU", "a corpus statistic"),
+    ("dce_auroc", "DCE AUROC", "one AUROC over the tokens of all examples"),
+)
 # Below this many paired examples results.md warns that its intervals are too narrow to trust (a rule of
 # thumb for the percentile bootstrap, whose coverage falls short of 95% on small samples).
 FEW_EXAMPLES = 30
@@ -395,6 +402,14 @@ def markdown(result: Mapping[str, Any]) -> str:
     else:
         lines += ["", f"Difference to {result['baseline']} (mean [95% paired bootstrap interval]):", ""]
         lines += [f"- {line}" for line in [*conclusions(result), *not_paired_lines(result)]]
+        no_interval = [f"{header} ({why})" for metric, header, why in NO_INTERVAL if metric in measured]
+        if no_interval:
+            means = "their means" if len(no_interval) > 1 else "its mean"
+            lines += [
+                "",
+                f"No difference or interval for {' or '.join(no_interval)}: a paired bootstrap resamples "
+                f"per-example values; the table gives {means} only.",
+            ]
     unmatched = [
         *(d for m in result["differences"].values() for d in m.values()),
         *(d for m in result.get("not_paired", {}).values() for d in m.values()),

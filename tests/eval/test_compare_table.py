@@ -125,6 +125,30 @@ def test_a_variant_whose_examples_all_differ_from_the_baseline_s_says_so(tmp_pat
     assert {r["variant"]: r["rouge1"] for r in result["rows"]} == pytest.approx({"base": 0.2, "other": 0.3})
 
 
+def test_results_md_says_bleu_and_the_auroc_have_no_interval(tmp_path):
+    """The README promises a difference with an interval for each metric; BLEU (a corpus statistic) and the
+    DCE AUROC have none, and results.md says so under the differences, naming only the columns it shows."""
+    records = [
+        run_files(tmp_path, n, [0.1 + d, 0.3 + d], [1.0, 2.0], bleu=1.0) for n, d in (("a", 0), ("b", 0.1))
+    ]
+    result, out = _results(tmp_path, records, "a")
+    assert not {"bleu", "dce_auroc"} & set(result["differences"]["b"])
+    text = (out / "results.md").read_text()
+    assert (
+        "No difference or interval for BLEU (a corpus statistic): a paired bootstrap resamples per-example "
+        "values; the table gives its mean only."
+    ) in text
+    assert "DCE AUROC (one" not in text  # no ground-truth roles here: the column is not shown
+
+    def not_generated(name):  # no BLEU either: no such line
+        record = run_files(tmp_path / "none", name, [0.5], [1.0], bleu=1.0)
+        Path(record["eval_dir"], "predictions.jsonl").unlink()
+        return {k: v for k, v in record.items() if k != "bleu"}
+
+    _, out = _results(tmp_path / "none", [not_generated("a"), not_generated("b")], "a")
+    assert "No difference or interval" not in (out / "results.md").read_text()
+
+
 def test_examples_sharing_an_id_are_refused(tmp_path):
     split = tmp_path / "test.jsonl"
     split.write_text('{"index": 0, "id": "x", "source": "a:1"}\n{"index": 1, "id": "x", "source": "a:2"}\n')
