@@ -576,7 +576,7 @@ def run_variant(
     metrics = evaluate(
         workdir, plan.split, out_dir=workdir / "eval" / plan.split, max_examples=plan.max_examples,
         generation=generation, batch_size=plan.eval_batch_size, loaded=loaded,
-        max_new_tokens_setting="compare.max_new_tokens", echo=echo,
+        max_new_tokens_setting="compare.max_new_tokens", keep_hint=None, echo=echo,
     )  # fmt: skip
     data_dir = data_dir_of(cfg, workdir)
     at("effect report")

@@ -233,27 +233,31 @@ def split_losses(
     }
 
 
-def replacing_line(out_dir: Path, metrics: Mapping[str, Any]) -> str | None:
+KEEP_BOTH = "pass --out DIR to keep both"
+
+
+def replacing_line(out_dir: Path, metrics: Mapping[str, Any], keep: str | None = KEEP_BOTH) -> str | None:
     """The line that says an evaluation with `metrics` is about to replace the results already in `out_dir`
     (what they held, from their metrics.json), or None when it holds none: a default `out_dir` is shared by
     every evaluation of a split, so a quick one would otherwise silently overwrite a full one. An evaluation
     that generates nothing (`metrics["generation"]["max_new_tokens"]` 0) deletes an earlier predictions.jsonl
-    and writes none: the line says so."""
+    and writes none: the line says so. `keep`, where not None, ends the line: how to keep both (`evaluate`'s
+    `keep_hint`)."""
     old = next((out_dir / n for n in ("metrics.json", "predictions.jsonl") if (out_dir / n).is_file()), None)
     if old is None:
         return None
     new = _results_of(metrics)
-    keep = "pass --out DIR to keep both"
+    end = "" if keep is None else f"; {keep}"
     predictions = out_dir / "predictions.jsonl"
     deleted = predictions.is_file() and metrics.get("generation", {}).get("max_new_tokens") == 0
     if deleted and old == predictions:  # no metrics.json: nothing of the old evaluation is replaced in kind
-        return f"deleting {predictions}: this evaluation ({new}) has max_new_tokens 0 and writes none; {keep}"
+        return f"deleting {predictions}: this evaluation ({new}) has max_new_tokens 0 and writes none{end}"
     try:
         held = f" ({_results_of(json.loads((out_dir / 'metrics.json').read_text(encoding='utf-8')))})"
     except (OSError, ValueError, AttributeError):  # absent, unreadable or not an object: name the file only
         held = ""
     also = f" and deleting {predictions} (max_new_tokens 0 writes no predictions)" if deleted else ""
-    return f"replacing {old}{held} with {new}{also}; {keep}"
+    return f"replacing {old}{held} with {new}{also}{end}"
 
 
 def _results_of(metrics: Mapping[str, Any]) -> str:
@@ -276,6 +280,7 @@ def evaluate(
     prompt: PromptChoice = "auto",
     loaded: LoadedModel | None = None,
     max_new_tokens_setting: str = "--max-new-tokens",
+    keep_hint: str | None = KEEP_BOTH,
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Evaluate checkpoint `step` (default: the newest that verifies) of the run in `workdir`, or `model_path`
@@ -297,6 +302,9 @@ def evaluate(
             reads and verifies the checkpoint once; not with `step` or `model_path`.
         max_new_tokens_setting: what the hint on generations cut at max_new_tokens tells the user to raise
             (`compare` names its `compare.max_new_tokens`).
+        keep_hint: how to keep the results already in `out_dir` as well, which the line saying this
+            evaluation replaces them ends with (`replacing_line`); None: no advice (`compare`, which has no
+            `--out` and replaces a run's evaluation on purpose, when its evaluation settings changed).
         echo: progress messages.
 
     Raises:
@@ -387,7 +395,7 @@ def evaluate(
         "loss": losses,
     }
     if jax.process_index() == 0:
-        replacing = replacing_line(out_dir, metrics)
+        replacing = replacing_line(out_dir, metrics, keep_hint)
         if replacing is not None:
             echo(replacing)
         out_dir.mkdir(parents=True, exist_ok=True)

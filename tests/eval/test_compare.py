@@ -779,6 +779,9 @@ def test_a_run_whose_evaluation_settings_changed_is_evaluated_again_without_trai
         "eval.generation.repetition_penalty: 1.2 -> 1.0; compare.max_new_tokens: 6 -> 5"
     )
     assert not any("already finished" in m for m in messages)  # `train` did not run
+    # evaluate's line on the results it replaces, without its advice: compare has no --out to keep both
+    assert any(m.startswith(f"replacing {workdir / 'eval' / 'test' / 'metrics.json'} (") for m in messages)
+    assert not any("--out" in m for m in messages), messages
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == trained
     assert (workdir / "metrics.jsonl").read_text() == log
     metrics = json.loads((workdir / "eval" / "test" / "metrics.json").read_text())

@@ -223,6 +223,10 @@ def test_an_evaluation_says_which_earlier_results_it_replaces(run, evaluated, tm
         f"replacing {out / 'predictions.jsonl'} with step 2, {full['examples']} examples; pass --out DIR to "
         "keep both"
     )
+    # No advice where the caller has no --out (compare: `keep_hint=None`).
+    assert replacing_line(out, full, None) == f"replacing {out / 'predictions.jsonl'} with step 2, " + (
+        f"{full['examples']} examples"
+    )
 
 
 def test_an_evaluation_that_generates_nothing_says_it_deletes_the_earlier_predictions(
