@@ -132,12 +132,7 @@ def with_line(error: ConfigError, path: str | Path, under: str = "") -> ConfigEr
     message = str(error)
     if not message.startswith(head):
         return error
-    try:
-        root = yaml.compose(Path(path).read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return error
-    lines: dict[str, int] = {}
-    _key_lines(root, under, lines)
+    lines = key_lines(path, under)
     body = message.removeprefix(head)
     for key in re.findall(r"`([^`\s]+)`", body):
         named = re.search(rf"`{re.escape(key)}`: ([A-Za-z_]\w*)", body)
@@ -145,6 +140,19 @@ def with_line(error: ConfigError, path: str | Path, under: str = "") -> ConfigEr
             if candidate in lines:
                 return ConfigError(f"{path}, line {lines[candidate]}: {body}")
     return error
+
+
+def key_lines(path: str | Path, under: str = "") -> dict[str, int]:
+    """{key path: its 1-based line} of every key the YAML file `path` writes (`optim.learning_rate`, a list
+    item as `optim.no_decay[0]`, as `convert` names them), the file's top level read as `under` (`with_line`);
+    empty where the file cannot be read or parsed again."""
+    try:
+        root = yaml.compose(Path(path).read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return {}
+    lines: dict[str, int] = {}
+    _key_lines(root, under, lines)
+    return lines
 
 
 def _key_lines(node: yaml.Node | None, where: str, lines: dict[str, int]) -> None:

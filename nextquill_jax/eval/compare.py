@@ -42,6 +42,7 @@ run takes it (the runtime is started first, as the first run's training would st
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import re
@@ -56,7 +57,7 @@ from typing import Any, Literal
 from nextquill_jax import lost_signals
 from nextquill_jax.config import Config, config_to_dict, load_config, save_config
 from nextquill_jax.config_paths import absolute_paths
-from nextquill_jax.config_schema import ConfigError, build, read_yaml
+from nextquill_jax.config_schema import ConfigError, apply_override, build, key_lines, read_yaml, with_line
 from nextquill_jax.train.resume import config_changes, covered, listed_changes, may_change, normalised
 from nextquill_jax.train.workdir_lock import LockUse, WorkdirLock
 
@@ -163,7 +164,7 @@ class CompareConfig:
                 meaning = "" if least_means is None else f" ({least}: {least_means})"
                 null = "" if null_means is None else f", or null for {null_means}"
                 fix = f"set a count >= {least}{meaning}{null}"
-                raise ValueError(f"compare.{key} must be >= {least}, got {value}. Fix: {fix}")
+                raise ValueError(f"`compare.{key}` must be >= {least}, got {value}. Fix: {fix}")
         if self.resamples < 1000:
             raise ValueError(f"resamples must be >= 1000 for a 95% interval, got {self.resamples}")
 
@@ -211,24 +212,54 @@ class Comparison:
         config.yaml does.
 
         Raises:
-            ConfigError: an override that does not fit the base config (naming the variant).
+            ConfigError: the `base` section is not a valid training config (naming `base.<key>` and its
+                line), or an override that does not fit it (naming the variant, and the line of its
+                overrides).
         """
-        overrides = [
-            *self.variants[name].overrides,
-            f"train.seed={seed}",
-            f"data.batching.seed={seed}",
-            f"train.workdir={self.workdir(name, seed)}",
-        ]
         try:
-            cfg = load_config(None, overrides, base=self.base, overrides_source="variant")
+            shared = build(Config, self.base, "base", self.source)
         except ConfigError as e:
-            raise ConfigError(f"{self.source}: variant {name!r}: {e}") from None
-        shared_data = load_config(None, base=self.base).data.fingerprint_fields()
-        if cfg.train.data_dir is None and cfg.data.fingerprint_fields() == shared_data:
+            raise with_line(e, self.source) from None
+        # Compare's own settings of each run are values of its base, not overrides: an error in the
+        # variant's overrides lists only those the file gives it.
+        base = copy.deepcopy(self.base)
+        for key, value in (
+            ("train.seed", seed),
+            ("data.batching.seed", seed),
+            ("train.workdir", str(self.workdir(name, seed))),
+        ):
+            apply_override(base, f"{key}={value}", value)
+        try:
+            cfg = load_config(
+                None, self.variants[name].overrides, base=base, overrides_source=f"variant {name!r}"
+            )
+        except ConfigError as e:
+            raise self._variant_error(name, e) from None
+        if cfg.train.data_dir is None and cfg.data.fingerprint_fields() == shared.data.fingerprint_fields():
             cfg = dataclasses.replace(
                 cfg, train=dataclasses.replace(cfg.train, data_dir=str(self.prepared_dir))
             )
         return absolute_paths(cfg, Path.cwd())
+
+    def _variant_error(self, name: str, error: ConfigError) -> ConfigError:
+        """`error` (from variant `name`'s overrides, its message beginning with the variant) blamed on the
+        file at the line of the override its message names first in backticks (the item or its key; for a
+        section's check, "`optim`: learning_rate ...", that key), else of the variant's `overrides`."""
+        message = str(error)
+        overrides = self.variants[name].overrides
+        named = []
+        for key, word in re.findall(r"`([^`\s]+)`(?:: ([A-Za-z_]\w*))?", message):
+            for candidate in ([f"{key}.{word}"] if word else []) + [key]:
+                named += [
+                    f"variants.{name}.overrides[{i}]"
+                    for i, item in enumerate(overrides)
+                    if candidate in (item, item.partition("=")[0].strip())
+                ]
+        lines = key_lines(self.source)
+        where = next(
+            (lines[k] for k in [*named, f"variants.{name}.overrides", f"variants.{name}"] if k in lines), None
+        )
+        return ConfigError(f"{self.source}{'' if where is None else f', line {where}'}: {message}")
 
     def workdir(self, name: str, seed: int) -> Path:
         return Path(self.compare.out) / f"seed{seed}" / name
@@ -243,7 +274,8 @@ def load_comparison(path: str | Path, seeds: list[int] | None = None) -> Compari
 
     Raises:
         ConfigError: a missing file, missing or unknown sections or keys, a baseline that is not a variant,
-            or a variant whose overrides do not fit the base config.
+            a `base` that is not a valid training config, or a variant whose overrides do not fit it; naming
+            the file and, where it can, the line (as `train` names a config's).
     """
     source = str(path)
     raw = read_yaml(path)
@@ -262,9 +294,17 @@ def load_comparison(path: str | Path, seeds: list[int] | None = None) -> Compari
             f"{source}: a compare file has exactly the sections compare, variants, base; found {found}. "
             f"{fix} (configs/study/smollm2_synthetic.yaml is one; its keys: configs/REFERENCE.md)."
         )
-    section = dict(raw["compare"] or {})
-    if seeds is not None:
-        section["seeds"] = list(seeds)
+    try:
+        return _comparison(raw, source, seeds)
+    except ConfigError as e:  # a key of the file it names: at its line (`run_config`'s errors have theirs)
+        raise with_line(e, path) from None
+
+
+def _comparison(raw: dict[str, Any], source: str, seeds: list[int] | None) -> Comparison:
+    """`load_comparison`'s compare file `raw` read from `source`, checked (its Raises, without lines)."""
+    section = raw["compare"] or {}
+    if seeds is not None and isinstance(section, dict):
+        section = {**section, "seeds": list(seeds)}
     compare = build(CompareConfig, section, "compare", source)
     if not isinstance(raw["variants"], dict) or not raw["variants"]:
         raise ConfigError(f"{source}: `variants` must map names to {{overrides, train}}")
@@ -281,9 +321,10 @@ def load_comparison(path: str | Path, seeds: list[int] | None = None) -> Compari
             )
     if compare.baseline not in variants:
         raise ConfigError(
-            f"{source}: compare.baseline {compare.baseline!r} is not a variant; variants: {sorted(variants)}"
+            f"{source}: `compare.baseline` {compare.baseline!r} is not a variant; variants: "
+            f"{sorted(variants)}. Fix: name one of them."
         )
-    comparison = Comparison(compare, variants, dict(raw["base"] or {}), source)
+    comparison = Comparison(compare, variants, raw["base"] if raw["base"] is not None else {}, source)
     for name in variants:
         comparison.run_config(name, compare.seeds[0])  # every variant's overrides fit, before anything runs
     return comparison

@@ -194,7 +194,7 @@ def test_bad_compare_files_are_errors(compared, tmp_path):
     _, path, _, _, _, _ = compared
     raw = yaml.safe_load(path.read_text())
     for change, message in (
-        (lambda r: r["compare"].update(baseline="sft"), "compare.baseline 'sft' is not a variant"),
+        (lambda r: r["compare"].update(baseline="sft"), "`compare.baseline` 'sft' is not a variant"),
         (lambda r: r["variants"]["nextquill"].update(overrides=["loss.varaint=mce"]), "variant 'nextquill'"),
         (lambda r: r.pop("base"), "exactly the sections compare, variants, base"),
         (lambda r: r["compare"].update(resamples=10), "resamples must be >= 1000"),
@@ -299,7 +299,10 @@ def test_the_compare_split_is_one_of_the_prepared_splits_checked_at_load(tmp_pat
     with pytest.raises(ConfigError) as e:
         load_comparison(file)
     message = str(e.value)
-    expected = f"{file}: `compare.split` is 'tset', not one of {list(SPLITS)}. Did you mean 'test'? Fix: set"
+    expected = (
+        f"{file}, line {_line(file, 'split:')}: `compare.split` is 'tset', not one of {list(SPLITS)}. Did "
+        "you mean 'test'? Fix: set"
+    )
     assert message.startswith(expected), message
 
 
@@ -323,19 +326,80 @@ def test_repeated_seeds_counts_below_one_and_path_like_variant_names_are_refused
     for key in ("max_examples", "eval_batch_size", "effect_examples"):
         for value in (0, -2):
             message = refused({key: value})
-            assert message.startswith(f"{file}: compare.{key} must be >= 1, got {value}. Fix: set"), message
+            at = f"{file}, line {_line(file, f'  {key}:')}"
+            assert message.startswith(f"{at}: `compare.{key}` must be >= 1, got {value}. Fix: set"), message
     assert refused({"max_new_tokens": -1}) == (  # 0 is allowed: no generation
-        f"{file}: compare.max_new_tokens must be >= 0, got -1. Fix: set a count >= 0 (0: no generation, the "
-        "losses only), or null for the base config's eval.generation.max_new_tokens."
+        f"{file}, line {_line(file, '  max_new_tokens:')}: `compare.max_new_tokens` must be >= 0, got -1. "
+        "Fix: set a count >= 0 (0: no generation, the losses only), or null for the base config's "
+        "eval.generation.max_new_tokens."
     )
     for name in ("../../escaped", "a/b", "..", ".", "with space"):
         message = refused({"baseline": name}, {name: {}})
-        assert message.startswith(f"{file}: variant name {name!r} cannot name its runs' directories"), message
+        at = f"{file}, line {_line(file, 'variants:')}"  # the section the fix names
+        assert message.startswith(f"{at}: variant name {name!r} cannot name its runs' directories"), message
         assert "letters, digits, '_', '.' and '-', and is not '.' or '..'. Fix: rename" in message
     for name in ("v1.5_lr-3e-4", "..a"):  # allowed: a plain directory name under <out>/seed<S>
         compare = {"out": "o", "baseline": name}
         file.write_text(yaml.safe_dump({"compare": compare, "variants": {name: {}}, "base": base}))
         assert load_comparison(file, [0, 1]).workdir(name, 1) == Path("o") / "seed1" / name
+
+
+def _line(file: Path, text: str) -> int:
+    """The 1-based line of `file` that first holds `text`."""
+    return next(n for n, line in enumerate(file.read_text().splitlines(), 1) if text in line)
+
+
+def test_compare_file_errors_name_the_line_and_blame_base_or_the_variant(tmp_path, tiny_config):
+    """As a training config's errors do, a compare file's name the line of the key; an error in `base` is
+    blamed on `base` (its key as the file writes it), not on the first variant with compare's own per-run
+    settings (seed, workdir) listed as the user's overrides; one in a variant's overrides on that variant, at
+    the line of the override at fault."""
+    file = tmp_path / "c.yaml"
+
+    def refused(change) -> str:
+        raw = {
+            "compare": {"out": str(tmp_path / "out"), "baseline": "a", "max_new_tokens": 0},
+            "variants": {"a": {"train": False}, "b": {"overrides": ["loss.variant=context_sft"]}},
+            "base": tiny_config(tmp_path / "data", tmp_path / "run"),
+        }
+        change(raw)
+        file.write_text(yaml.safe_dump(raw, sort_keys=False))
+        with pytest.raises(ConfigError) as e:
+            load_comparison(file)
+        message = str(e.value)
+        assert "train.seed=" not in message and "workdir=" not in message, message  # compare's own settings
+        return message
+
+    message = refused(lambda raw: raw["compare"].update(max_new_token=0))
+    assert message == (
+        f"{file}, line {_line(file, 'max_new_token:')}: unknown key `compare.max_new_token`. Did you mean "
+        "`compare.max_new_tokens`?"
+    )
+    message = refused(lambda raw: raw["base"]["train"].update(max_step=2))
+    assert message == (
+        f"{file}, line {_line(file, 'max_step:')}: unknown key `base.train.max_step`. Did you mean "
+        "`base.train.max_steps`?"
+    )
+    message = refused(lambda raw: raw["base"]["optim"].update(learning_rate="abc"))
+    assert message.startswith(
+        f"{file}, line {_line(file, 'learning_rate:')}: `base.optim.learning_rate` expects a float"
+    ), message
+    assert "variant" not in message
+    message = refused(lambda raw: raw["base"]["optim"].update(learning_rate=-1.0))  # a section's own check
+    assert message.startswith(f"{file}, line {_line(file, 'learning_rate:')}: invalid `base.optim`: "), (
+        message
+    )
+
+    overrides = ["loss.variant=context_sft", "loss.varient=nextquill"]
+    message = refused(lambda raw: raw["variants"]["b"].update(overrides=overrides))
+    at = f"{file}, line {_line(file, '- loss.varient=nextquill')}"
+    assert message.startswith(f"{at}: variant 'b': unknown key `loss.varient` (in "), message
+    overrides = ["loss.variant=context_sft", "optim.learning_rate=-1"]
+    message = refused(lambda raw: raw["variants"]["b"].update(overrides=overrides))
+    assert message.startswith(
+        f"{file}, line {_line(file, '- optim.learning_rate=-1')}: variant 'b': invalid `optim`: learning_rate"
+    ), message
+    assert message.endswith("(overrides: loss.variant=context_sft optim.learning_rate=-1)"), message
 
 
 def _finished_with(comparison, settings: dict, **record) -> None:
