@@ -14,7 +14,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
@@ -111,42 +111,57 @@ def logical_to_sharding(
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=is_spec)
 
 
-def resolve_mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
+def resolve_mesh_shape(
+    sizes: Mapping[str, int], num_devices: int, *, spelling: Literal["overrides", "entry"] = "overrides"
+) -> tuple[int, ...]:
     """Sizes of (`data`, `fsdp`, `tensor`) from `sizes`, where one axis may be -1 (fills the rest).
+
+    `spelling`: how the messages write mesh sizes: `overrides` as a training config's command-line overrides
+    (`mesh.data=2 mesh.fsdp=-1`); `entry` as an entry of a sweep file's `mesh:` list
+    (`{data: 2, fsdp: -1, tensor: 1}`), which takes no overrides.
 
     Raises:
         ValueError: an unknown axis, more than one -1, a size below 1, or a product that does not equal
-            `num_devices`; the message names `mesh.<axis>` keys and sizes that would fit.
+            `num_devices`; the message names the sizes, in `spelling`, and sizes that would fit.
     """
     unknown = sorted(set(sizes) - set(MESH_AXES))
     if unknown:
         raise ValueError(f"mesh axes {unknown} are unknown; the mesh axes are {list(MESH_AXES)}")
+    entry = spelling == "entry"
     shape = [int(sizes.get(axis, 1)) for axis in MESH_AXES]
     fill = [axis for axis, size in zip(MESH_AXES, shape, strict=True) if size == -1]
-    bad = [
-        f"mesh.{axis}={size}" for axis, size in zip(MESH_AXES, shape, strict=True) if size == 0 or size < -1
-    ]
+    bad = {axis: size for axis, size in zip(MESH_AXES, shape, strict=True) if size == 0 or size < -1}
     if bad or len(fill) > 1:
+        named = _spelt(bad or dict.fromkeys(fill, -1), entry).strip("{}")
         raise ValueError(
-            f"invalid mesh sizes {', '.join(bad) or ', '.join(f'mesh.{a}=-1' for a in fill)}: each axis size "
-            f"must be a positive integer, and at most one axis may be -1 (it takes the devices left over)."
+            f"invalid mesh sizes {named}{f' in mesh entry {_spelt(sizes, entry)}' if entry else ''}: each "
+            "axis size must be a positive integer, and at most one axis may be -1 (it takes the devices left "
+            "over)."
         )
     fixed = math.prod(s for s in shape if s != -1)
+    name = f"mesh entry {_spelt(sizes, entry)}" if entry else f"mesh {_describe(shape)}"
     if fill:
         if num_devices % fixed:
             raise ValueError(
-                f"mesh {_describe(shape)} cannot fill {counted(num_devices, 'device')}: the fixed axes "
+                f"{name} cannot fill {counted(num_devices, 'device')}: the fixed axes "
                 f"multiply to {fixed}, which does not divide {num_devices}. Fix: choose sizes whose product "
-                f"divides {num_devices}, e.g. {_fitting(shape, num_devices)}."
+                f"divides {num_devices}, e.g. {_fitting(shape, num_devices, entry)}."
             )
         shape[MESH_AXES.index(fill[0])] = num_devices // fixed
     elif fixed != num_devices:
-        raise ValueError(
-            f"mesh {_describe(shape)} has {counted(fixed, 'device')} but {num_devices} "
-            f"{'is' if num_devices == 1 else 'are'} available. Fix: make "
-            f"mesh.data * mesh.fsdp * mesh.tensor = {num_devices}, or set one axis to -1 to fill the rest "
-            f"(e.g. mesh.fsdp=-1)."
-        )
+        available = f"{num_devices} {'is' if num_devices == 1 else 'are'} available"
+        if entry:
+            fsdp_fills = [-1 if axis == "fsdp" else size for axis, size in zip(MESH_AXES, shape, strict=True)]
+            fix = (
+                f"an entry whose sizes multiply to {num_devices}, or with one axis -1 to take the devices "
+                f"left over, e.g. {_fitting(fsdp_fills, num_devices, entry)}"
+            )
+        else:
+            fix = (
+                f"make mesh.data * mesh.fsdp * mesh.tensor = {num_devices}, or set one axis to -1 to fill "
+                "the rest (e.g. mesh.fsdp=-1)"
+            )
+        raise ValueError(f"{name} has {counted(fixed, 'device')} but {available}. Fix: {fix}.")
     return tuple(shape)
 
 
@@ -154,19 +169,29 @@ def _describe(shape: Sequence[int]) -> str:
     return "(" + ", ".join(f"{a}={s}" for a, s in zip(MESH_AXES, shape, strict=True)) + ")"
 
 
-def _fitting(shape: Sequence[int], num_devices: int) -> str:
-    """Overrides (`mesh.data=1 mesh.tensor=2`) that make the fixed sizes of `shape` (one axis -1) divide
-    `num_devices`: each fixed axis shrunk, in order, to its greatest common divisor with the devices that the
-    axes before it leave; only the axes that change are named."""
-    left, changes = num_devices, []
+def mesh_entry(sizes: Mapping[str, int]) -> str:
+    """`sizes` as an entry of a sweep file's `mesh:` list writes them: "{data: 1, fsdp: -1, tensor: 1}"."""
+    return "{" + ", ".join(f"{a}: {s}" for a, s in sizes.items()) + "}"
+
+
+def _spelt(sizes: Mapping[str, int], entry: bool) -> str:
+    """`sizes` as a mesh entry (`mesh_entry`), or as overrides (`mesh.data=1 mesh.fsdp=-1`)."""
+    return mesh_entry(sizes) if entry else " ".join(f"mesh.{a}={s}" for a, s in sizes.items())
+
+
+def _fitting(shape: Sequence[int], num_devices: int, entry: bool = False) -> str:
+    """Sizes that make the fixed sizes of `shape` (one axis -1) divide `num_devices`: each fixed axis shrunk,
+    in order, to its greatest common divisor with the devices that the axes before it leave. As overrides
+    (`mesh.data=1 mesh.tensor=2`) only the axes that change are named; as a mesh entry (`entry`) all are."""
+    left, fitted = num_devices, {}
     for axis, size in zip(MESH_AXES, shape, strict=True):
-        if size == -1:
-            continue
-        fits = math.gcd(size, left)
-        left //= fits
-        if fits != size:
-            changes.append(f"mesh.{axis}={fits}")
-    return " ".join(changes)
+        fitted[axis] = size
+        if size != -1:
+            fitted[axis] = math.gcd(size, left)
+            left //= fitted[axis]
+    if entry:
+        return _spelt(fitted, entry)
+    return _spelt({a: s for a, s in fitted.items() if s != shape[MESH_AXES.index(a)]}, entry)
 
 
 def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:

@@ -847,6 +847,15 @@ def test_mesh_sizes_resolve_and_reject_misfits():
     with pytest.raises(ValueError, match=r"e\.g\. mesh\.data=2 mesh\.tensor=3\.$"):
         resolve_mesh_shape({"data": 4, "fsdp": -1, "tensor": 9}, 6)
     assert resolve_mesh_shape({"data": 2, "fsdp": -1, "tensor": 3}, 6) == (2, 1, 3)
+    # A sweep file's `mesh:` entries take no overrides: the same messages, spelt as entries.
+    with pytest.raises(
+        ValueError,
+        match=r"^mesh entry \{data: 4, fsdp: -1, tensor: 9\} cannot fill 6 devices: .* e\.g\. "
+        r"\{data: 2, fsdp: -1, tensor: 3\}\.$",
+    ):
+        resolve_mesh_shape({"data": 4, "fsdp": -1, "tensor": 9}, 6, spelling="entry")
+    with pytest.raises(ValueError, match=r"4 devices but 8 .* e\.g\. \{data: 2, fsdp: -1, tensor: 1\}\.$"):
+        resolve_mesh_shape({"data": 2, "fsdp": 2}, 8, spelling="entry")
     with pytest.raises(ValueError, match="at most one axis may be -1"):
         resolve_mesh_shape({"data": -1, "fsdp": -1, "tensor": 1}, 8)
 

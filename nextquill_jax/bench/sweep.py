@@ -28,7 +28,7 @@ import json
 import math
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -82,8 +82,11 @@ class ScalingConfig:
         `seq_len`: with-stream tokens per row, at least one value; each >= 1.
         `history`: history entries per example, at least one value; each >= 0.
         `mesh`: mesh sizes as in the train config's `mesh` section (`{data: 1, fsdp: -1, tensor: 1}`); a
-            shape that does not fit the devices present is skipped (and not written).
-        `rows`: rows of the global batch.
+            shape that does not fit the devices present, or whose batch shards (data × fsdp) do not split
+            `rows` into `micro_batches` equal micro-batches each, is skipped with a line saying why (and not
+            written).
+        `rows`: rows of the global batch; a multiple of data × fsdp × `micro_batches` of each mesh shape
+            measured (8 devices under `{data: 1, fsdp: -1, tensor: 1}`: a multiple of 8).
         `context_tokens`: tokens of an example's without-history prompt.
         `entry_tokens`: tokens per history entry (the with-history prompt: `context_tokens` + `history` ×
             this).
@@ -239,6 +242,30 @@ def mesh_label(shape: Sequence[int]) -> str:
     return ",".join(f"{a}={s}" for a, s in zip(MESH_AXES, shape, strict=True))
 
 
+def point_label(model: str, seq_len: int | str, history: int | str, mesh: str) -> str:
+    """How progress and skip lines name a point: "tiny-32 seq_len 128 history 1 mesh data=1,fsdp=2,tensor=1"
+    (`mesh`: the resolved shape as the CSV's `mesh` column writes it, or the file's entry where it resolves to
+    no shape)."""
+    return f"{model} seq_len {seq_len} history {history} mesh {mesh}"
+
+
+def batch_misfit(rows: int, shards: int, micro_batches: int, entry: Mapping[str, int]) -> str | None:
+    """Why a global batch of `rows` rows cannot be split over the `shards` batch shards (mesh data x fsdp) of
+    the sweep's mesh `entry`, each into `micro_batches` equal micro-batches (naming the fix); None when it
+    can. Placing such a batch would fail inside JAX (an IndivisibleError), so the sweep skips the point."""
+    from nextquill_jax.parallel import mesh_entry
+
+    if rows % (shards * micro_batches) == 0:
+        return None
+    micro = micro_batches > 1
+    into = f" of micro_batches={micro_batches} equal micro-batches each" if micro else ""
+    return (
+        f"rows {rows} do not split over the mesh's {shards} batch shards (data x fsdp){into}. Fix: set rows "
+        f"to a multiple of {shards * micro_batches}, or use another mesh entry than {mesh_entry(entry)} (one "
+        f"whose data x fsdp{' x micro_batches' if micro else ''} divides {rows})."
+    )
+
+
 def read_rows(csv_path: Path) -> list[dict[str, str]]:
     """The rows of an existing sweep CSV ([] when absent).
 
@@ -345,9 +372,12 @@ def run_sweep(
     On an accelerator, given the `config_path` it came from, every point runs in a child process of its own
     (`--point INDEX`): the device's peak-memory statistic cannot be reset, so one process per point is what
     makes it per point, and a point that runs out of memory does not end the sweep. `point`: run only the
-    point of that index (in the order of the product models × seq_len × history × mesh), in this process.
+    point of that index (in the order of the product models × seq_len × history × mesh), in this process. A
+    point whose mesh entry does not fit the devices, whose rows do not split over the mesh's batch shards
+    (`batch_misfit`) or whose rows hold more examples than `cudnn_max_segments` is skipped with a line naming
+    it, why and the fix; the others still run.
 
-    Returns the CSV's path.
+    Returns the CSV's path (absent when every point was skipped and none was measured before).
 
     Raises:
         ConfigError: the CSV is not this harness's, or its rows were measured with other settings than
@@ -356,7 +386,7 @@ def run_sweep(
     """
     import jax
 
-    from nextquill_jax.parallel import make_mesh, resolve_mesh_shape
+    from nextquill_jax.parallel import batch_shard_count, make_mesh, mesh_entry, resolve_mesh_shape
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -378,13 +408,19 @@ def run_sweep(
         if point is not None and index != point:
             continue
         try:
-            shape = resolve_mesh_shape(sizes, jax.device_count())
+            shape = resolve_mesh_shape(sizes, jax.device_count(), spelling="entry")
         except ValueError as e:
-            echo(f"skip {model.name} seq_len {seq_len} history {history} mesh {sizes}: {e}")
+            echo(f"skip {point_label(model.name, seq_len, history, mesh_entry(sizes))}: {e}")
             continue
         key = (model.name, str(seq_len), str(history), mesh_label(shape))
+        label = point_label(*key)
         if key in done:
-            echo(f"done already: {key}")
+            echo(f"done already: {label}")
+            continue
+        mesh = make_mesh(sizes)
+        misfit = batch_misfit(cfg.rows, batch_shard_count(mesh), cfg.micro_batches, sizes)
+        if misfit:
+            echo(f"skip {label}: {misfit}")
             continue
         if isolate:
             child = [sys.executable, "-m", "nextquill_jax.bench.sweep", "--config", config_path,
@@ -393,7 +429,7 @@ def run_sweep(
                 child += ["--cudnn-max-segments", str(cfg.cudnn_max_segments)]
             status = subprocess.call(child)
             if status:
-                echo(f"point {key} failed (exit status {status}); continuing with the next")
+                echo(f"point {label} failed (exit status {status}); continuing with the next")
             continue
         model_cfg = cfg.model_config(model)
         try:
@@ -410,13 +446,12 @@ def run_sweep(
             )
             bound = packed_bound(cfg.cudnn_max_segments, batch)
         except ValueError as e:
-            echo(f"skip {key}: {e}")
+            echo(f"skip {label}: {e}")
             continue
         if bound is not None:
             model_cfg = model_cfg.replace(cudnn_max_segments=bound)
             chosen = " (auto: the most examples a row holds)" if cfg.cudnn_max_segments == "auto" else ""
-            echo(f"{key}: cudnn_max_segments {bound}{chosen}")
-        mesh = make_mesh(sizes)
+            echo(f"{label}: cudnn_max_segments {bound}{chosen}")
         harness = TrainingHarness(
             model_cfg,
             mesh,
@@ -434,10 +469,10 @@ def run_sweep(
                 writer.writeheader()
             writer.writerow(row)
         echo(
-            f"{key}: {row['tokens_per_s']} tokens/s, step {row['step_s']} s, compile {row['compile_s']} s, "
+            f"{label}: {row['tokens_per_s']} tokens/s, step {row['step_s']} s, compile {row['compile_s']} s, "
             f"memory {row['compiled_total_mib']} MiB, MFU {row['mfu'] or '-'}"
         )
-    if point is not None:
+    if point is not None or not csv_path.exists():  # a point's child, or every point skipped: nothing to plot
         return csv_path
     plot_rows(read_rows(csv_path), out / "scaling.png", csv_path.name)
     return csv_path
@@ -534,6 +569,14 @@ def main(argv: list[str] | None = None) -> int:
     csv_path = run_sweep(cfg, config_path=args.config, point=args.point)
     if args.point is not None:
         return 0
+    if not csv_path.exists():
+        print(
+            f"error: no point of {args.config} was measured: each was skipped, for the reason its line above "
+            "gives; nothing was written. Fix: as those lines say (rows, the mesh entries, or a machine with "
+            "the devices they need).",
+            file=sys.stderr,
+        )
+        return 1
     print(f"wrote {csv_path} and {csv_path.with_suffix('.png')}")
     if args.results:
         command = invoked_command(["nextquill-jax", "bench", "scale"], argv)

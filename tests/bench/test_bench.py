@@ -279,6 +279,59 @@ def test_sweep_point_runs_one_point_only(tmp_path, fake):
     assert fake.plots == []  # the parent of a point's process draws the plot
 
 
+def test_sweep_names_points_alike_and_skips_meshes_in_the_files_terms(tmp_path, fake, capsys):
+    """Progress, resume and skip lines name a point as "MODEL seq_len N history H mesh SHAPE"; a mesh entry
+    that does not fit the devices is said, with its fix, as a `mesh:` entry (the file takes no overrides); a
+    batch that does not split into micro_batches is skipped, not a reshape error inside the step."""
+    out = tmp_path / "out"
+    mesh = "mesh:\n  - {data: 1, fsdp: -1, tensor: 1}\n  - {data: 2, fsdp: 2}\n"
+    assert sweep.main(["--config", sweep_yaml(tmp_path / "s.yaml", out, ["a"], extra=mesh)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    measured = "a seq_len 128 history 2 mesh data=1,fsdp=1,tensor=1"
+    assert lines[0].startswith(f"{measured}: 1408.0 tokens/s, step 0.25000 s"), lines
+    assert lines[1] == (
+        "skip a seq_len 128 history 2 mesh {data: 2, fsdp: 2}: mesh entry {data: 2, fsdp: 2} has 4 devices "
+        "but 1 is available. Fix: an entry whose sizes multiply to 1, or with one axis -1 to take the "
+        "devices left over, e.g. {data: 1, fsdp: -1, tensor: 1}."
+    )
+    assert sweep.main(["--config", sweep_yaml(tmp_path / "s.yaml", out, ["a"], extra=mesh)]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == f"done already: {measured}"
+    micro = sweep_yaml(tmp_path / "m.yaml", tmp_path / "micro", ["a"], extra="micro_batches: 4\n")
+    assert sweep.main(["--config", micro]) == 1 and fake.built == [32]
+    assert capsys.readouterr().out.splitlines() == [
+        f"skip {measured}: rows 2 do not split over the mesh's 1 batch shards (data x fsdp) of "
+        "micro_batches=4 equal micro-batches each. Fix: set rows to a multiple of 4, or use another mesh "
+        "entry than {data: 1, fsdp: -1, tensor: 1} (one whose data x fsdp x micro_batches divides 2)."
+    ]
+
+
+def test_sweep_skips_a_mesh_whose_batch_shards_do_not_split_rows(tmp_path):
+    """On 8 (simulated) devices a mesh that splits the batch 8 ways cannot hold rows: 2; the point is skipped
+    with its fix instead of JAX's IndivisibleError when the batch is placed (a fresh Python: the device count
+    is fixed when JAX starts)."""
+    import os
+    import subprocess
+    import sys
+
+    mesh = "mesh:\n  - {data: 1, fsdp: -1, tensor: 1}\n  - {data: 2, fsdp: 4}\n"
+    config = sweep_yaml(tmp_path / "s.yaml", tmp_path / "out", ["a"], extra=mesh)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env["PYTHONPATH"] = str(REPO)
+    done = subprocess.run(
+        [sys.executable, "-m", "nextquill_jax.bench.sweep", "--config", config],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    why = "rows 2 do not split over the mesh's 8 batch shards (data x fsdp). Fix: set rows to a multiple of 8"
+    assert done.stdout.splitlines() == [
+        f"skip a seq_len 128 history 2 mesh data=1,fsdp=8,tensor=1: {why}, or use another mesh entry than "
+        "{data: 1, fsdp: -1, tensor: 1} (one whose data x fsdp divides 2).",
+        f"skip a seq_len 128 history 2 mesh data=2,fsdp=4,tensor=1: {why}, or use another mesh entry than "
+        "{data: 2, fsdp: 4} (one whose data x fsdp divides 2).",
+    ]
+    assert "no point of" in done.stderr and not (tmp_path / "out" / "scaling.csv").exists()
+
+
 def test_sweep_refuses_a_foreign_csv(tmp_path, fake):
     out = tmp_path / "sweep"
     out.mkdir()
@@ -297,10 +350,13 @@ def test_sweep_cudnn_max_segments_reaches_every_point_and_auto_is_what_its_rows_
     assert "cudnn_max_segments 2 (auto: the most examples a row holds)" in capsys.readouterr().out
     assert run("three", "--cudnn-max-segments", "3") == 0 and run("unset") == 0
     assert fake.bounds == [2, 2, 3, 3, None, None]  # unset: cuDNN's dense segment mask
-    assert run("one", "--cudnn-max-segments", "1") == 0
+    assert run("one", "--cudnn-max-segments", "1") == 1  # nothing measured
     assert fake.bounds == [2, 2, 3, 3, None, None]  # both points skipped, neither built nor written
-    assert "rows hold up to 2 examples, more than cudnn_max_segments=1" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "rows hold up to 2 examples, more than cudnn_max_segments=1" in captured.out
+    assert f"error: no point of {config} was measured: each was skipped" in captured.err
     assert not (tmp_path / "one" / "scaling.csv").exists()
+    assert not any(png.parent.name == "one" for png in fake.plots)  # no plot of no rows
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "foo", "2.5"])
