@@ -118,17 +118,23 @@ def test_ctrl_c_stops_like_sigterm_and_the_run_resumes_to_the_same_end(
     )
 
 
+def _train_signalled(tmp_path, write_random_data, tiny_config, *, steps: int, at: int, **checkpoint):
+    """(TrainResult, config dict) of a tiny `steps`-step run (saving at its end, synchronously, unless
+    `checkpoint` says otherwise) sent a SIGINT as step `at`'s actions are scheduled; it prints messages."""
+    raw = tiny_config(write_random_data(tmp_path / "data"), tmp_path / "run")
+    raw["checkpoint"].update({"every_steps": 100, "async_save": False, **checkpoint})
+    raw["train"]["max_steps"] = steps
+    with pytest.MonkeyPatch.context() as patch:
+        _signal_after_step(patch, at, signal.SIGINT)
+        return loop.train(load_config(None, base=raw), tmp_path / "run", echo=print), raw
+
+
 def test_a_ctrl_c_that_comes_with_the_last_step_finishes_the_run(
     tmp_path, monkeypatch, capfd, write_random_data, tiny_config
 ):
     """A SIGINT during step 2's actions of a 3-step run makes step 3, the last, the stop step: the run has
     finished, so it must say so (status finished), not ask for a resume that only says "already finished"."""
-    raw = tiny_config(write_random_data(tmp_path / "data"), tmp_path / "run")
-    raw["checkpoint"].update(every_steps=100, async_save=False)
-    raw["train"]["max_steps"] = 3
-    with monkeypatch.context() as patch:
-        _signal_after_step(patch, 2, signal.SIGINT)
-        result = loop.train(load_config(None, base=raw), tmp_path / "run", echo=print)
+    result, raw = _train_signalled(tmp_path, write_random_data, tiny_config, steps=3, at=2)
     assert (result.status, result.step, result.last_checkpoint, result.stop_signal) == (
         "finished",
         3,
@@ -151,16 +157,11 @@ def test_a_ctrl_c_that_comes_with_the_last_step_finishes_the_run(
 
 
 def test_a_ctrl_c_after_the_last_steps_stop_check_still_stops_a_longer_job(
-    tmp_path, monkeypatch, capfd, write_random_data, tiny_config
+    tmp_path, capfd, write_random_data, tiny_config
 ):
     """A SIGINT during the last step's actions (its save, say) comes after that step's stop check: nothing is
     left to stop, but the run must still name the signal, so that compare or demo do not go on."""
-    raw = tiny_config(write_random_data(tmp_path / "data"), tmp_path / "run")
-    raw["checkpoint"].update(every_steps=100, async_save=False)
-    raw["train"]["max_steps"] = 2
-    with monkeypatch.context() as patch:
-        _signal_after_step(patch, 2, signal.SIGINT)
-        result = loop.train(load_config(None, base=raw), tmp_path / "run", echo=print)
+    result, _ = _train_signalled(tmp_path, write_random_data, tiny_config, steps=2, at=2)
     assert (result.status, result.step, result.last_checkpoint, result.stop_signal) == (
         "finished",
         2,
@@ -178,9 +179,6 @@ def test_a_stop_on_the_last_step_whose_save_failed_says_a_resume_trains_it_again
 ):
     """With `checkpoint.on_save_error: continue`, a stop whose last-step save failed is no finished run: a
     resume starts from the newest checkpoint and trains the last step again, and the run says so."""
-    raw = tiny_config(write_random_data(tmp_path / "data"), tmp_path / "run")
-    raw["checkpoint"].update(every_steps=2, async_save=False, on_save_error="continue")
-    raw["train"]["max_steps"] = 3
     save = Checkpointer.save
 
     def no_room_for_step_3(self, step, *args, **kwargs):
@@ -188,10 +186,10 @@ def test_a_stop_on_the_last_step_whose_save_failed_says_a_resume_trains_it_again
             raise CheckpointSaveError(f"checkpoint {step}: no space left on device.")
         return save(self, step, *args, **kwargs)
 
-    with monkeypatch.context() as patch:
-        patch.setattr(Checkpointer, "save", no_room_for_step_3)
-        _signal_after_step(patch, 2, signal.SIGINT)
-        result = loop.train(load_config(None, base=raw), tmp_path / "run", echo=print)
+    monkeypatch.setattr(Checkpointer, "save", no_room_for_step_3)
+    result, _ = _train_signalled(
+        tmp_path, write_random_data, tiny_config, steps=3, at=2, every_steps=2, on_save_error="continue"
+    )
     assert (result.status, result.step, result.last_checkpoint) == ("preempted", 3, 2)
     out = capfd.readouterr().out
     checkpoint = (tmp_path / "run" / "checkpoints" / "2").absolute()
