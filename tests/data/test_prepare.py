@@ -585,6 +585,12 @@ class _NoTokenising:
         raise AssertionError("tokenised")
 
 
+class _NoChatTemplate(_NoTokenising):
+    """The wrapped tokenizer without its chat template (the tiny one is shared: not changed in place)."""
+
+    chat_template = None
+
+
 def test_one_failing_run_lists_the_invalid_records_of_reading_and_of_building_alike(tmp_path, tiny_tokenizer):
     """A `duplicate_id` (found reading) and a target of special-token text alone or a value its placeholder
     cannot format (found building examples) used to take two runs: reading's errors stopped the run before
@@ -620,10 +626,12 @@ def test_one_failing_run_lists_the_invalid_records_of_reading_and_of_building_al
     assert not (tmp_path / "out").exists()
     # A tokenizer without the chat template `data.chat_template` asks for is the setting's error, which
     # building raises (the next run): the records' errors are not hidden behind it.
-    plain = tiny_tokenizer()
-    plain.chat_template = None
     with pytest.raises(DataError, match=r"^1 invalid input record\(s\) \(1 duplicate_id\); nothing was"):
-        prepare(dataclasses.replace(cfg, chat_template=True), tmp_path / "out", tokenizer=plain)
+        prepare(
+            dataclasses.replace(cfg, chat_template=True),
+            tmp_path / "out",
+            tokenizer=_NoChatTemplate(tiny_tokenizer()),
+        )
     skipped = prepare(
         dataclasses.replace(cfg, on_error="skip"), tmp_path / "out", tokenizer=tiny_tokenizer(), echo=print
     )
