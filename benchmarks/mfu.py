@@ -282,6 +282,15 @@ def cost_analysis(args: argparse.Namespace, argv: list[str] | None, parser: argp
     return 0
 
 
+BREAKDOWN_TITLE = (
+    "Parts of the step, each compiled and timed alone, the best of --steps runs "
+    "(bench.harness.step_breakdown): forward = both streams' forward passes, forward+backward = both with "
+    "their backward, loss = the fused loss's value and gradient, optimizer = clipping + AdamW, step = the "
+    "whole step; at few steps their noise can exceed the differences between rows, and the table's step s "
+    "(timed apart) can differ from `step` here:"
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     import jax
 
@@ -371,7 +380,6 @@ def main(argv: list[str] | None = None) -> int:
             parts = step_breakdown(harness, batch, steps=args.steps)
             times = ", ".join(f"{k} {v * 1e3:,.1f} ms" for k, v in parts.items())
             breakdowns.append(f"- {name}, remat {remat_label(remat, unroll)}: {times}")
-            print(breakdowns[-1], flush=True)
         del harness
         flops = step_flops(cfg, batch, param_counts(cfg)[1]).total
         tokens = int((batch["with_segment_ids"] > 0).sum() + (batch["without_segment_ids"] > 0).sum())
@@ -387,6 +395,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(row, flush=True)
         rows.append(row)
+    # Below the table, not between its rows: the console's output stays Markdown, as the results file's.
+    parts = ["", BREAKDOWN_TITLE, "", *breakdowns] if breakdowns else []
+    if parts:
+        print(*parts, sep="\n", flush=True)
     if args.append_results:
         command = invoked_command(["python", "benchmarks/mfu.py"], argv)
         lines = results_header(
@@ -407,15 +419,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{args.warmup} warm-up",
             ],
         )
-        parts = [
-            "",
-            "Parts of the step, each compiled and timed alone (bench.harness.step_breakdown):",
-            "",
-            *breakdowns,
-        ]
-        append_results(
-            args.append_results, [*lines, COLUMNS, separator, *rows, *(parts if breakdowns else [])]
-        )
+        append_results(args.append_results, [*lines, COLUMNS, separator, *rows, *parts])
     return 0
 
 

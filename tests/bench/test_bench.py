@@ -621,6 +621,28 @@ def test_mfu_scan_unroll_builds_a_model_per_value_and_says_so_in_the_remat_colum
     assert [row.split(" | ")[3] for row in rows] == ["full", "full, unroll 2"]
 
 
+def test_mfu_breakdown_follows_the_table_on_the_console_as_in_the_results_file(monkeypatch, capsys, tmp_path):
+    """The parts of each row's step are listed after the whole table (they used to be printed between its
+    header and its rows, which broke the console's Markdown), in the same lines the results file gets."""
+    mfu = benchmark_script("mfu")
+    monkeypatch.setattr(harness, "TrainingHarness", MfuFakeHarness)
+    monkeypatch.setattr(harness, "step_breakdown", lambda h, batch, steps: {"forward": 0.001, "step": 0.004})
+    results = tmp_path / "RESULTS.md"
+    args = ["--steps", "1", "--remat", "none", "full", "--breakdown", "--append-results", str(results)]
+    assert mfu.main(args) == 0
+    printed = capsys.readouterr().out.splitlines()
+    table_start = printed.index(mfu.COLUMNS)
+    table = printed[table_start : table_start + 4]
+    assert [line.startswith("|") for line in table] == [True] * 4, printed
+    after = printed[table_start + 4 :]
+    parts = [
+        "- tiny, remat none: forward 1.0 ms, step 4.0 ms",
+        "- tiny, remat full: forward 1.0 ms, step 4.0 ms",
+    ]
+    assert after == ["", mfu.BREAKDOWN_TITLE, "", *parts], printed
+    assert results.read_text().endswith("\n".join([*table, "", mfu.BREAKDOWN_TITLE, "", *parts]) + "\n")
+
+
 def test_mfu_cost_analysis_command_counts_the_recomputed_forward_and_appends_its_section(tmp_path, capsys):
     """`benchmarks/mfu.py --cost-analysis` end to end on the tiny shape (compile only): a row for remat none,
     the fused loss alone and remat full, in the appended section too. The executed matmul FLOPs are at least
