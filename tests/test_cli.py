@@ -14,6 +14,7 @@ import shlex
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,7 @@ def test_help_lists_every_subcommand_without_importing_jax():
 
 HELP_IMPORTS = """
 import sys
+import tomllib
 from nextquill_jax import cli
 try:
     cli.main(sys.argv[1:])
@@ -713,3 +715,29 @@ def test_a_diverged_run_under_compare_or_demo_gets_a_fix_it_can_follow(
     assert cli.main(["demo", "--quick", "--out", str(tmp_path / "demo")]) == 3
     err = capsys.readouterr().err
     assert err == f"error: {error.diagnosis} The demo starts over when run again.\n", err
+
+
+@pytest.mark.parametrize(("status", "exits_at_once"), [(130, True), (0, False), (1, False)])
+def test_the_console_entry_skips_the_exit_handlers_only_after_a_ctrl_c(monkeypatch, status, exits_at_once):
+    """An interrupted command (130) exits through `os._exit`, its output flushed first: JAX's exit handler
+    would tear the backend down under a compilation the Ctrl-C interrupted (a segmentation fault in
+    `bench scale`); any other status exits normally, with the handlers. The console script is this entry."""
+
+    class ExitedError(Exception):
+        pass
+
+    exited = []
+
+    def fake_exit(code):
+        exited.append(code)
+        raise ExitedError
+
+    monkeypatch.setattr(cli, "main", lambda: status)
+    monkeypatch.setattr(cli.os, "_exit", fake_exit)
+    with pytest.raises(ExitedError if exits_at_once else SystemExit) as e:
+        cli.entry()
+    assert exited == ([130] if exits_at_once else [])
+    if not exits_at_once:
+        assert e.value.code == status
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"nextquill-jax": "nextquill_jax.cli:entry"}
