@@ -82,9 +82,9 @@ class ScalingConfig:
         `seq_len`: with-stream tokens per row, at least one value; each >= 1.
         `history`: history entries per example, at least one value; each >= 0.
         `mesh`: mesh sizes as in the train config's `mesh` section (`{data: 1, fsdp: -1, tensor: 1}`); a
-            shape that does not fit the devices present, or whose batch shards (data × fsdp) do not split
-            `rows` into `micro_batches` equal micro-batches each, is skipped with a line saying why (and not
-            written).
+            shape that does not fit the devices present, whose batch shards (data × fsdp) do not split
+            `rows` into `micro_batches` equal micro-batches each, or whose axes do not divide a model's
+            dimensions (tensor 4 over 2 kv heads, say), is skipped with a line saying why (and not written).
         `rows`: rows of the global batch; a multiple of data × fsdp × `micro_batches` of each mesh shape
             measured (8 devices under `{data: 1, fsdp: -1, tensor: 1}`: a multiple of 8).
         `context_tokens`: tokens of an example's without-history prompt.
@@ -387,6 +387,7 @@ def run_sweep(
     import jax
 
     from nextquill_jax.parallel import batch_shard_count, make_mesh, mesh_entry, resolve_mesh_shape
+    from nextquill_jax.train.model_setup import param_shardings
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -421,6 +422,15 @@ def run_sweep(
         misfit = batch_misfit(cfg.rows, batch_shard_count(mesh), cfg.micro_batches, sizes)
         if misfit:
             echo(f"skip {label}: {misfit}")
+            continue
+        try:  # a mesh axis that does not divide a parameter's dimension (tensor 4 over 2 kv heads, say)
+            param_shardings(cfg.model_config(model), mesh)
+        except ValueError as e:
+            why = str(e).split(" Fix:")[0]  # its fix speaks of a training config's mesh.* keys
+            echo(
+                f"skip {label}: the model does not split over this mesh: {why} Fix: use another mesh entry "
+                f"than {mesh_entry(sizes)} (one whose axis sizes divide the model's dimensions)."
+            )
             continue
         if isolate:
             child = [sys.executable, "-m", "nextquill_jax.bench.sweep", "--config", config_path,

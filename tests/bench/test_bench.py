@@ -308,12 +308,14 @@ def test_sweep_names_points_alike_and_skips_meshes_in_the_files_terms(tmp_path, 
 def test_sweep_skips_a_mesh_whose_batch_shards_do_not_split_rows(tmp_path):
     """On 8 (simulated) devices a mesh that splits the batch 8 ways cannot hold rows: 2; the point is skipped
     with its fix instead of JAX's IndivisibleError when the batch is placed (a fresh Python: the device count
-    is fixed when JAX starts)."""
+    is fixed when JAX starts). So is one whose tensor axis (4) does not divide the model's 2 kv heads, instead
+    of the parameter sharding's ValueError, with a fix in the sweep file's terms."""
     import os
     import subprocess
     import sys
 
-    mesh = "mesh:\n  - {data: 1, fsdp: -1, tensor: 1}\n  - {data: 2, fsdp: 4}\n"
+    entries = ["{data: 1, fsdp: -1, tensor: 1}", "{data: 2, fsdp: 4}", "{data: 1, fsdp: 2, tensor: 4}"]
+    mesh = "mesh:\n" + "".join(f"  - {entry}\n" for entry in entries)
     config = sweep_yaml(tmp_path / "s.yaml", tmp_path / "out", ["a"], extra=mesh)
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     env["PYTHONPATH"] = str(REPO)
@@ -323,12 +325,22 @@ def test_sweep_skips_a_mesh_whose_batch_shards_do_not_split_rows(tmp_path):
     )  # fmt: skip
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
     why = "rows 2 do not split over the mesh's 8 batch shards (data x fsdp). Fix: set rows to a multiple of 8"
-    assert done.stdout.splitlines() == [
+    lines = done.stdout.splitlines()
+    assert lines[:2] == [
         f"skip a seq_len 128 history 2 mesh data=1,fsdp=8,tensor=1: {why}, or use another mesh entry than "
         "{data: 1, fsdp: -1, tensor: 1} (one whose data x fsdp divides 2).",
         f"skip a seq_len 128 history 2 mesh data=2,fsdp=4,tensor=1: {why}, or use another mesh entry than "
         "{data: 2, fsdp: 4} (one whose data x fsdp divides 2).",
     ]
+    assert len(lines) == 3, lines
+    assert lines[2].startswith(
+        "skip a seq_len 128 history 2 mesh data=1,fsdp=2,tensor=4: the model does not split over this mesh: "
+    ), lines[2]
+    assert lines[2].endswith(
+        "cannot be split 4 ways over mesh axes ('tensor',). Fix: use another mesh entry than "
+        "{data: 1, fsdp: 2, tensor: 4} (one whose axis sizes divide the model's dimensions)."
+    ), lines[2]
+    assert "mesh.tensor" not in lines[2]
     assert "no point of" in done.stderr and not (tmp_path / "out" / "scaling.csv").exists()
 
 
