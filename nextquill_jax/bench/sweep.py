@@ -423,8 +423,9 @@ def run_sweep(
         if misfit:
             echo(f"skip {label}: {misfit}")
             continue
+        model_cfg = cfg.model_config(model)
         try:  # a mesh axis that does not divide a parameter's dimension (tensor 4 over 2 kv heads, say)
-            param_shardings(cfg.model_config(model), mesh)
+            param_shardings(model_cfg, mesh)
         except ValueError as e:
             why = str(e).split(" Fix:")[0]  # its fix speaks of a training config's mesh.* keys
             echo(
@@ -441,7 +442,6 @@ def run_sweep(
             if status:
                 echo(f"point {label} failed (exit status {status}); continuing with the next")
             continue
-        model_cfg = cfg.model_config(model)
         try:
             batch, row_shape = synthetic_batch(
                 cfg.rows,

@@ -315,7 +315,7 @@ def not_paired_lines(result: Mapping[str, Any]) -> list[str]:
     counts."""
     headers = {metric: header for metric, header, _ in METRICS}
     lines = []
-    for name, metrics in result.get("not_paired", {}).items():
+    for name, metrics in result["not_paired"].items():
         groups: dict[tuple[int, int], list[str]] = {}
         for metric, counts in metrics.items():
             groups.setdefault((counts["unpaired"], counts["other_content"]), []).append(headers[metric])
@@ -412,7 +412,7 @@ def markdown(result: Mapping[str, Any]) -> str:
             ]
     unmatched = [
         *(d for m in result["differences"].values() for d in m.values()),
-        *(d for m in result.get("not_paired", {}).values() for d in m.values()),
+        *(d for m in result["not_paired"].values() for d in m.values()),
     ]
     if any(d["unpaired"] for d in unmatched):
         lines += [
