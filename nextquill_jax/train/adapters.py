@@ -146,20 +146,19 @@ def init_from_note(model: ModelRunConfig) -> str | None:
     )
 
 
-def base_section(model: ModelRunConfig) -> ModelRunConfig:
-    """The `model` section of the frozen base: stored in `lora.base_dtype` where that is a float type."""
+def frozen_runtime(model: ModelRunConfig) -> dict[str, Any]:
+    """The runtime fields (`ModelRunConfig.runtime`) of a frozen model beside a LoRA run's adapters, the base
+    and a path `dce: fixed` reference alike: weights stored in `lora.base_dtype` where that is a float type,
+    else (int8, nf4: quantized from it) bfloat16; the other fields the run's."""
     assert model.lora is not None
     float_dtype = model.lora.base_dtype if model.lora.base_dtype in ("float32", "bfloat16") else "bfloat16"
+    return {**model.runtime(), "param_dtype": float_dtype}
+
+
+def base_section(model: ModelRunConfig) -> ModelRunConfig:
+    """The `model` section of the frozen base (`frozen_runtime`)."""
     return ModelRunConfig(
-        path=model.path,
-        preset=model.preset,
-        overrides=model.overrides,
-        param_dtype=float_dtype,
-        compute_dtype=model.compute_dtype,
-        remat_policy=model.remat_policy,
-        scan_unroll=model.scan_unroll,
-        attention_impl=model.attention_impl,
-        cudnn_max_segments=model.cudnn_max_segments,
+        path=model.path, preset=model.preset, overrides=model.overrides, **frozen_runtime(model)
     )
 
 

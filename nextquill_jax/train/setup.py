@@ -318,7 +318,8 @@ def reference_params(
     arrays, no copy; loaded here when not given). A training workdir (holding config.yaml and checkpoints/)
     gives its newest verified checkpoint's model (with the config saved with that checkpoint; a LoRA run's
     carries its adapters, `workdir.restore_model`); anything else is loaded like `model.path`, with the
-    run's runtime fields (`model.param_dtype`, `compute_dtype`, `scan_unroll`, `attention_impl`, ...).
+    run's runtime fields (`model.param_dtype`, `compute_dtype`, `scan_unroll`, `attention_impl`, ...); in a
+    LoRA run its weights are stored in the base's dtype (`adapters.frozen_runtime`), not the adapters'.
 
     Raises:
         ConfigError: the reference names nothing loadable, or a workdir without a complete checkpoint that
@@ -340,8 +341,10 @@ def reference_params(
         graphdef, state = nnx.split(restored.model)  # a LoRA run's adapters too, applied apart
         return graphdef, nnx.to_pure_dict(state)
     # Its forward runs inside the training step, on the same batches: it runs the layers as the run's model
-    # does (dtypes, layer scan, attention implementation and packed-mode bound).
-    section = ModelRunConfig(path=source, **cfg.model.runtime())
+    # does (dtypes, layer scan, attention implementation and packed-mode bound). Beside LoRA adapters it is
+    # stored as the frozen base is (`model.param_dtype` is then the adapters').
+    runtime = adapters.frozen_runtime(cfg.model) if cfg.model.lora is not None else cfg.model.runtime()
+    section = ModelRunConfig(path=source, **runtime)
     return model_setup.load_params(section, mesh, seed=0)
 
 

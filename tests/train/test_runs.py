@@ -343,6 +343,37 @@ def test_a_path_reference_model_runs_its_layers_as_the_runs_model_does(
     assert (reference.cfg.scan_unroll, reference.cfg.attention_impl) == (2, "xla_dense")
 
 
+@pytest.mark.parametrize("base_dtype", ["bfloat16", "nf4", "float32"])
+def test_a_path_reference_model_beside_lora_adapters_is_stored_as_the_base_is(
+    tmp_path, tiny_config, write_config, tiny_hf_config, base_dtype
+):
+    """In a LoRA run `model.param_dtype` is the adapters' dtype; a path `dce: fixed` reference is frozen like
+    the base and once took the adapters' float32 where the base was bfloat16: twice its memory. It is now
+    stored as the base is (bfloat16 for a quantized base), its values the float32 weights rounded to that
+    dtype."""
+    import ml_dtypes
+    from transformers import AutoModelForCausalLM
+
+    from nextquill_jax.config import load_config
+    from nextquill_jax.parallel import make_mesh
+    from nextquill_jax.train.setup import reference_params
+
+    torch_model = AutoModelForCausalLM.from_config(tiny_hf_config("qwen2", vocab_size=128))
+    torch_model.save_pretrained(tmp_path / "hf")
+    lora = {"rank": 2, "alpha": 4.0, "targets": ["attn/(q|v)_proj"], "base_dtype": base_dtype}
+    sections = {"model": {"lora": lora, "param_dtype": "float32", "compute_dtype": "float32"}}
+    config = write_config(tiny_config(tmp_path / "data", tmp_path / "run", **sections), tmp_path / "run.yaml")
+    overrides = ["loss.variant=dce", "loss.dce=fixed", f"loss.reference_model={tmp_path / 'hf'}"]
+    mesh = make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
+    _, params = reference_params(load_config(config, overrides), mesh)
+    want = "float32" if base_dtype == "float32" else "bfloat16"
+    rounded = ml_dtypes.bfloat16 if want == "bfloat16" else np.float32
+    assert {leaf.dtype.name for leaf in jax.tree.leaves(params)} == {want}
+    q_kernel = torch_model.model.layers[0].self_attn.q_proj.weight.detach().numpy().T  # [D, H * head_dim]
+    got = np.asarray(params["layers"]["attn"]["q_proj"][0], np.float32).reshape(q_kernel.shape)  # layer 0
+    np.testing.assert_array_equal(got, q_kernel.astype(rounded).astype(np.float32))
+
+
 def test_a_damaged_checkpoint_is_named_and_the_run_falls_back_to_the_newest_verified_one(
     runs, run_losses, read_state
 ):
