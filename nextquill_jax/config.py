@@ -31,6 +31,7 @@ from nextquill_jax.config_schema import (
 )
 from nextquill_jax.data.config import DataConfig
 from nextquill_jax.loss.config import LossConfig
+from nextquill_jax.mesh_sizes import checked_shape
 from nextquill_jax.models.config import (
     ARCHITECTURE_FIELDS,
     RUNTIME_FIELDS,
@@ -468,6 +469,7 @@ class MeshConfig:
     peer_timeout_s: float = 180.0
 
     def __post_init__(self):
+        checked_shape(self.sizes())  # the device count is checked when the mesh is made
         if not self.peer_timeout_s > 0:  # `not >`: NaN fails it too
             raise ValueError(f"peer_timeout_s must be > 0, got {self.peer_timeout_s}")
 

@@ -19,9 +19,8 @@ from typing import Any, Literal
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from nextquill_jax.mesh_sizes import MESH_AXES, checked_shape, spelt
 from nextquill_jax.plural import counted
-
-MESH_AXES = ("data", "fsdp", "tensor")
 
 LogicalRules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 
@@ -124,22 +123,11 @@ def resolve_mesh_shape(
         ValueError: an unknown axis, more than one -1, a size below 1, or a product that does not equal
             `num_devices`; the message names the sizes, in `spelling`, and sizes that would fit.
     """
-    unknown = sorted(set(sizes) - set(MESH_AXES))
-    if unknown:
-        raise ValueError(f"mesh axes {unknown} are unknown; the mesh axes are {list(MESH_AXES)}")
     entry = spelling == "entry"
-    shape = [int(sizes.get(axis, 1)) for axis in MESH_AXES]
+    shape = checked_shape(sizes, entry=entry)
     fill = [axis for axis, size in zip(MESH_AXES, shape, strict=True) if size == -1]
-    bad = {axis: size for axis, size in zip(MESH_AXES, shape, strict=True) if size == 0 or size < -1}
-    if bad or len(fill) > 1:
-        named = _spelt(bad or dict.fromkeys(fill, -1), entry).strip("{}")
-        raise ValueError(
-            f"invalid mesh sizes {named}{f' in mesh entry {_spelt(sizes, entry)}' if entry else ''}: each "
-            "axis size must be a positive integer, and at most one axis may be -1 (it takes the devices left "
-            "over)."
-        )
     fixed = math.prod(s for s in shape if s != -1)
-    name = f"mesh entry {_spelt(sizes, entry)}" if entry else f"mesh {_describe(shape)}"
+    name = f"mesh entry {spelt(sizes, entry)}" if entry else f"mesh {_describe(shape)}"
     if fill:
         if num_devices % fixed:
             raise ValueError(
@@ -169,16 +157,6 @@ def _describe(shape: Sequence[int]) -> str:
     return "(" + ", ".join(f"{a}={s}" for a, s in zip(MESH_AXES, shape, strict=True)) + ")"
 
 
-def mesh_entry(sizes: Mapping[str, int]) -> str:
-    """`sizes` as an entry of a sweep file's `mesh:` list writes them: "{data: 1, fsdp: -1, tensor: 1}"."""
-    return "{" + ", ".join(f"{a}: {s}" for a, s in sizes.items()) + "}"
-
-
-def _spelt(sizes: Mapping[str, int], entry: bool) -> str:
-    """`sizes` as a mesh entry (`mesh_entry`), or as overrides (`mesh.data=1 mesh.fsdp=-1`)."""
-    return mesh_entry(sizes) if entry else " ".join(f"mesh.{a}={s}" for a, s in sizes.items())
-
-
 def _fitting(shape: Sequence[int], num_devices: int, entry: bool = False) -> str:
     """Sizes that make the fixed sizes of `shape` (one axis -1) divide `num_devices`: each fixed axis shrunk,
     in order, to its greatest common divisor with the devices that the axes before it leave. As overrides
@@ -190,8 +168,8 @@ def _fitting(shape: Sequence[int], num_devices: int, entry: bool = False) -> str
             fitted[axis] = math.gcd(size, left)
             left //= fitted[axis]
     if entry:
-        return _spelt(fitted, entry)
-    return _spelt({a: s for a, s in fitted.items() if s != shape[MESH_AXES.index(a)]}, entry)
+        return spelt(fitted, entry)
+    return spelt({a: s for a, s in fitted.items() if s != shape[MESH_AXES.index(a)]}, entry)
 
 
 def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:

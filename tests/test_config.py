@@ -36,6 +36,7 @@ from nextquill_jax.config_schema import ConfigError, convert
 from nextquill_jax.data.config import SPLITS
 from nextquill_jax.data.pipeline import BatchPipeline
 from nextquill_jax.data.prepared_split import TOKEN_FIELDS, PreparedSplit, TokenizedExample, write_split
+from nextquill_jax.mesh_sizes import mesh_entry
 from nextquill_jax.models.config import RUNTIME_FIELDS, ModelConfig, RopeScaling
 from nextquill_jax.models.presets import model_preset
 from nextquill_jax.parallel import MESH_AXES, resolve_mesh_shape
@@ -858,6 +859,36 @@ def test_mesh_sizes_resolve_and_reject_misfits():
         resolve_mesh_shape({"data": 2, "fsdp": 2}, 8, spelling="entry")
     with pytest.raises(ValueError, match="at most one axis may be -1"):
         resolve_mesh_shape({"data": -1, "fsdp": -1, "tensor": 1}, 8)
+
+
+def test_mesh_sizes_that_fit_no_device_count_are_refused_when_the_file_is_read(tmp_path, cfg_file):
+    """A misspelt axis or an impossible size in a sweep's `mesh:` entry was found only at run time, where the
+    sweep skipped every point of that entry and went on with the others; a training config's was found when
+    the mesh was made. Both are now refused as the file is read, naming its line (or the override)."""
+    raw = yaml.safe_load((REPO / "configs/scaling/tiny_cpu.yaml").read_text())
+    head = yaml.safe_dump({k: v for k, v in raw.items() if k != "mesh"})
+    path, line = tmp_path / "sweep.yaml", len(head.splitlines()) + 3  # the second entry's line
+    for entry, said in (
+        (
+            {"data": 1, "fsdb": -1},
+            "mesh axes ['fsdb'] are unknown; the mesh axes are ['data', 'fsdp', 'tensor']. "
+            "Fix: name only those axes.",
+        ),
+        (
+            {"data": 0},
+            "invalid mesh sizes data: 0 in mesh entry {data: 0}: each axis size must be a positive "
+            "integer, and at most one axis may be -1",
+        ),
+        ({"data": -1, "fsdp": -1}, "invalid mesh sizes data: -1, fsdp: -1 in mesh entry"),
+    ):
+        path.write_text(f"{head}mesh:\n  - {{data: 1, fsdp: -1}}\n  - {mesh_entry(entry)}\n")
+        with pytest.raises(ConfigError) as e:
+            load_scaling_config(path)
+        assert str(e.value).startswith(f"{path}, line {line}: `mesh[1]`: {said}"), e.value
+    with pytest.raises(
+        ConfigError, match=r"^command line: invalid `mesh`: invalid mesh sizes mesh\.tensor=0: "
+    ):
+        load_config(cfg_file, ["mesh.tensor=0"])
 
 
 def test_a_mesh_axis_that_does_not_divide_a_parameter_names_it(cfg_file):

@@ -50,6 +50,7 @@ from nextquill_jax.config import (
 from nextquill_jax.config_schema import ConfigError, build, read_yaml, with_line
 from nextquill_jax.data.assemble import RowShape
 from nextquill_jax.loss import LossConfig, Variant
+from nextquill_jax.mesh_sizes import MESH_AXES, checked_shape, mesh_entry
 from nextquill_jax.models.config import ModelConfig, check_scan_unroll
 from nextquill_jax.train.resume import config_changes, listed_changes
 
@@ -81,7 +82,8 @@ class ScalingConfig:
         `models`: the model sizes, at least one.
         `seq_len`: with-stream tokens per row, at least one value; each >= 1.
         `history`: history entries per example, at least one value; each >= 0.
-        `mesh`: mesh sizes as in the train config's `mesh` section (`{data: 1, fsdp: -1, tensor: 1}`); a
+        `mesh`: mesh sizes as in the train config's `mesh` section (`{data: 1, fsdp: -1, tensor: 1}`); an
+            unknown axis, a size of 0 or below -1, or two -1s is refused when the file is read; a
             shape that does not fit the devices present, whose batch shards (data × fsdp) do not split
             `rows` into `micro_batches` equal micro-batches each, or whose axes do not divide a model's
             dimensions (tensor 4 over 2 kv heads, say), is skipped with a line saying why (and not written).
@@ -157,12 +159,17 @@ class ScalingConfig:
             raise ValueError(f"seq_len must be >= 1 and history >= 0, got {self.seq_len}, {self.history}")
         check_cudnn_max_segments(self.cudnn_max_segments, self.attention_impl, "")
         check_scan_unroll(self.scan_unroll, "`scan_unroll`")
+        for i, entry in enumerate(self.mesh):  # a misspelt entry would skip every point of it, at run time
+            try:
+                checked_shape(entry, entry=True)
+            except ValueError as e:
+                raise ValueError(f"`mesh[{i}]`: {e}") from None
         for i, model in enumerate(self.models):
             typed_architecture_overrides(model.overrides, f"models[{i}].overrides.", "")
             try:
                 self.model_config(model)
             except ValueError as e:
-                raise ValueError(f"model {model.name!r}: {e}") from None
+                raise ValueError(f"`models[{i}]` ({model.name!r}): {e}") from None
 
     def model_config(self, model: SweepModel) -> ModelConfig:
         """The ModelConfig of one sweep model with this sweep's runtime settings but `cudnn_max_segments`,
@@ -237,8 +244,6 @@ def packed_bound(setting: int | str | None, batch: dict[str, np.ndarray]) -> int
 
 def mesh_label(shape: Sequence[int]) -> str:
     """ "data=1,fsdp=2,tensor=1" for a resolved mesh shape."""
-    from nextquill_jax.parallel import MESH_AXES
-
     return ",".join(f"{a}={s}" for a, s in zip(MESH_AXES, shape, strict=True))
 
 
@@ -253,8 +258,6 @@ def batch_misfit(rows: int, shards: int, micro_batches: int, entry: Mapping[str,
     """Why a global batch of `rows` rows cannot be split over the `shards` batch shards (mesh data x fsdp) of
     the sweep's mesh `entry`, each into `micro_batches` equal micro-batches (naming the fix); None when it
     can. Placing such a batch would fail inside JAX (an IndivisibleError), so the sweep skips the point."""
-    from nextquill_jax.parallel import mesh_entry
-
     if rows % (shards * micro_batches) == 0:
         return None
     micro = micro_batches > 1
@@ -386,7 +389,7 @@ def run_sweep(
     """
     import jax
 
-    from nextquill_jax.parallel import batch_shard_count, make_mesh, mesh_entry, resolve_mesh_shape
+    from nextquill_jax.parallel import batch_shard_count, make_mesh, resolve_mesh_shape
     from nextquill_jax.train.model_setup import param_shardings
 
     out = Path(cfg.output_dir)
