@@ -76,7 +76,8 @@ CPU_SHAPE = {
 }  # fmt: skip
 COST_COLUMNS = (
     "| model | compute | remat | attention | rows × (T_w, T_o, R) | useful TFLOP | executed TFLOP "
-    "| executed / useful | layers | attention | LM head | cost_analysis() TFLOP | temp GiB | compile s |"
+    "| executed / useful | layers: executed / useful | attention: executed / useful "
+    "| LM head: executed / useful | cost_analysis() TFLOP | temp GiB | compile s |"
 )
 GIB = 2**30
 
@@ -122,17 +123,27 @@ def model_batch(
     for `cfg`'s vocabulary.
 
     Raises:
-        ValueError: a row holds more examples than `--cudnn-max-segments` (`bench.sweep.packed_bound`).
+        ValueError: an example longer than `--seq-len`, or a row holding more examples than
+            `--cudnn-max-segments` (`bench.sweep.packed_bound`); the message starts with the flag to change.
     """
     from nextquill_jax.bench.harness import synthetic_batch
     from nextquill_jax.bench.sweep import packed_bound
 
-    batch, shape = synthetic_batch(
-        args.rows, args.seq_len, args.history, context_tokens=args.context_tokens,
-        entry_tokens=args.entry_tokens, target_tokens=args.target_tokens, vocab=cfg.vocab_size,
-        length_multiple=128 if accel or args.cost_analysis else 32,
-    )  # fmt: skip
-    bound = packed_bound(args.cudnn_max_segments, batch)
+    try:
+        batch, shape = synthetic_batch(
+            args.rows, args.seq_len, args.history, context_tokens=args.context_tokens,
+            entry_tokens=args.entry_tokens, target_tokens=args.target_tokens, vocab=cfg.vocab_size,
+            length_multiple=128 if accel or args.cost_analysis else 32,
+        )  # fmt: skip
+    except ValueError as e:
+        raise ValueError(
+            f"--seq-len: {e}. Fix: a larger --seq-len, or shorter examples (--history, --entry-tokens, "
+            "--context-tokens, --target-tokens)"
+        ) from None
+    try:
+        bound = packed_bound(args.cudnn_max_segments, batch)
+    except ValueError as e:
+        raise ValueError(f"--cudnn-max-segments: {e}") from None
     return (cfg if bound is None else cfg.replace(cudnn_max_segments=bound)), batch, shape
 
 
@@ -152,12 +163,13 @@ def checked_model_batch(
     unroll: int,
     accel: bool,
 ) -> tuple[ModelConfig, dict[str, np.ndarray], RowShape]:
-    """`model_batch` for model `name`; a `--cudnn-max-segments` below what the batch's rows hold is a usage
-    error (`parser.error`, exit 2): under jit such a row would only be NaN."""
+    """`model_batch` for model `name`; an example longer than `--seq-len`, or a `--cudnn-max-segments` below
+    what the batch's rows hold (under jit such a row would only be NaN), is a usage error naming its flag
+    (`parser.error`, exit 2)."""
     try:
         return model_batch(model_config(name, args, remat, unroll), args, accel)
     except ValueError as e:
-        parser.error(f"--cudnn-max-segments: {e}")
+        parser.error(str(e))
 
 
 def remat_label(remat: str, unroll: int) -> str:

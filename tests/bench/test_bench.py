@@ -707,6 +707,15 @@ def test_mfu_cost_analysis_notes_dots_without_a_source(tmp_path, capsys):
     assert f"\n\n- {notes[0]}\n" in results.read_text()
 
 
+def test_mfu_names_seq_len_when_an_example_does_not_fit_it(capsys):
+    """An example longer than --seq-len was reported as a --cudnn-max-segments error."""
+    with pytest.raises(SystemExit) as e:
+        benchmark_script("mfu").main(["--cost-analysis", *TINY_COST_SHAPE, "--seq-len", "64"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: --seq-len: an example of " in err and "does not fit seq_len 64. Fix: a larger" in err, err
+
+
 def test_mfu_cost_analysis_refuses_a_packed_bound_below_the_rows_before_compiling(capsys):
     """As the timed path: `--cudnn-max-segments` below the examples a row holds is a usage error (exit 2),
     not a traceback."""
