@@ -44,7 +44,7 @@ from typing import Any
 
 from nextquill_jax.atomic_file import write_text_atomic
 from nextquill_jax.config import Config
-from nextquill_jax.config_schema import ConfigError, build, read_yaml
+from nextquill_jax.config_schema import ConfigError, build, read_yaml, with_line
 from nextquill_jax.eval.compare import CompareConfig, Comparison, VariantConfig
 from nextquill_jax.train.workdir_lock import LockUse, WorkdirLock
 
@@ -158,7 +158,8 @@ def load_demo_config(path: str | Path, out_dir: str | Path = DEFAULT_OUT, seed: 
     Raises:
         FileNotFoundError: `path` does not exist.
         ConfigError: invalid YAML, a missing or unknown section or key, or an invalid value (naming it); a
-            `pretrain` model that is not a preset; a tokenizer vocabulary the model cannot hold.
+            `pretrain` model that is not a preset; a tokenizer vocabulary the model cannot hold. An error
+            about a key the file writes names its line.
     """
     path = Path(path)
     if not path.exists():
@@ -171,7 +172,14 @@ def load_demo_config(path: str | Path, out_dir: str | Path = DEFAULT_OUT, seed: 
     if not isinstance(raw, dict) or sorted(raw) != sorted(SECTIONS):
         found = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
         raise ConfigError(f"{source}: a demo config has exactly the sections {list(SECTIONS)}, found {found}")
-    out = Path(out_dir)
+    try:
+        return _demo_config(raw, Path(out_dir), seed, source)
+    except ConfigError as e:
+        raise with_line(e, path) from None
+
+
+def _demo_config(raw: dict, out: Path, seed: int, source: str) -> DemoConfig:
+    """`load_demo_config`'s sections built, from the file's mapping `raw` (read from `source`)."""
     plan = build(DemoPlan, raw["demo"], "demo", source)
     common = {
         ("data", "tokenizer"): str(out / "tokenizer"),

@@ -231,5 +231,9 @@ def test_bad_demo_configs_are_named(tmp_path):
         load_demo_config(tmp_path / "bad.yaml", tmp_path)
     bad = dict(good, finetune={**good["finetune"], "optim": {"learning_rat": 1.0}})
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
-    with pytest.raises(ConfigError, match=r"finetune\.optim\.learning_rat.*learning_rate"):
+    lines = (tmp_path / "bad.yaml").read_text().splitlines()
+    line = next(i for i, text in enumerate(lines, 1) if text.strip().startswith("learning_rat:"))
+    with pytest.raises(ConfigError) as e:  # the line, as a training config's errors give it
         load_demo_config(tmp_path / "bad.yaml", tmp_path)
+    assert str(e.value).startswith(f"{tmp_path / 'bad.yaml'}, line {line}: unknown key "), e.value
+    assert "`finetune.optim.learning_rat`. Did you mean `finetune.optim.learning_rate`?" in str(e.value)
