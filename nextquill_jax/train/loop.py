@@ -529,7 +529,12 @@ class _Preemption:
     Single-process: our own handlers. Multi-process: JAX's preemption sync service (it traps SIGTERM and
     makes all processes agree on the step), so a SIGINT is passed on to it as a SIGTERM to this process."""
 
-    _SIGINT_ACK = b"SIGINT: stopping after this step to save a checkpoint; Ctrl-C again aborts, unsaved\n"
+    # Not "after this step": a signal during the fetch of step N's metrics, when N + 1 may be dispatched,
+    # is seen at N + 1's check.
+    _SIGINT_ACK = (
+        b"SIGINT: stopping after the step under way or the next, to save a checkpoint; Ctrl-C again aborts, "
+        b"unsaved\n"
+    )
 
     def __init__(self) -> None:
         self.requested = False
