@@ -130,6 +130,14 @@ def _legend(threshold: float, vmax: float) -> str:
     )
 
 
+def _weights_row(loss: dict[str, Any]) -> list[str]:
+    """The overview's row of the weights ω: δ / λ / ε, or δ and the `loss.weighting` function that gave ω in
+    place of λ / ε (their values would misstate the weights the tokens show)."""
+    if loss["weighting"] is None:
+        return ["δ / λ / ε", f"{loss['threshold']:g} / {loss['high']:g} / {loss['low']:g}"]
+    return ["δ / ω", f"{loss['threshold']:g} / {html.escape(loss['weighting'])} (loss.weighting)"]
+
+
 def _overview(summary: dict[str, Any]) -> str:
     d, loss = summary["dce"], summary["loss"]
     rows = [
@@ -144,7 +152,7 @@ def _overview(summary: dict[str, Any]) -> str:
             "DCE min / p10 / p50 / p90 / max",
             " / ".join(_dce(d[k]) for k in ("min", "p10", "p50", "p90", "max")),
         ],
-        ["δ / λ / ε", f"{loss['threshold']:g} / {loss['high']:g} / {loss['low']:g}"],
+        _weights_row(loss),
     ]
     out = "<h2>Summary</h2>" + _table(["", "value"], rows)
     gt = summary["ground_truth"]

@@ -79,7 +79,13 @@ def summarize(results: Sequence[ExampleEffects], loss_cfg: LossConfig) -> dict[s
         per_example.append(entry)
     return {
         "examples": [r.index for r in results],
-        "loss": {"threshold": loss_cfg.threshold, "high": loss_cfg.high, "low": loss_cfg.low},
+        # `weighting` (null: the paper's λ / ε) says which of the two gave the per-token ω of the page.
+        "loss": {
+            "threshold": loss_cfg.threshold,
+            "high": loss_cfg.high,
+            "low": loss_cfg.low,
+            "weighting": loss_cfg.weighting,
+        },
         "tokens": int(dce.size),
         "preference_bearing": int(flagged.sum()),
         "preference_bearing_fraction": float(flagged.mean()),

@@ -413,7 +413,7 @@ def test_summary_json(report):
     assert written["split"] == SPLIT and written["examples"] == [0, 1, 2] and written["examples_shown"] == 3
     assert written["tokens"] == dce.size == sum(len(r.token_ids) for r in results)
     assert written["preference_bearing"] == int((dce > THRESHOLD).sum())
-    assert written["loss"] == {"threshold": THRESHOLD, "high": 0.8, "low": 0.2}
+    assert written["loss"] == {"threshold": THRESHOLD, "high": 0.8, "low": 0.2, "weighting": None}
     assert written["dce"]["p50"] == pytest.approx(float(np.median(dce)), abs=1e-7)
     gt = written["ground_truth"]
     scored = np.isin(roles, ["preference", "context", "noise"])
@@ -491,6 +491,19 @@ def test_a_weighting_of_the_loss_config_gives_the_reported_weights(data, model, 
         assert not np.isin(r.weight, [0.2, 0.8]).all()  # not the step weights
 
 
+def test_a_report_of_a_weighting_names_it_instead_of_the_step_weights(data, model, tiny_tokenizer, tmp_path):
+    """summary.json and the page's overview say which function gave the tokens' ω: the page's "δ / λ / ε"
+    (0 / 0.8 / 0.2) would state step weights that no token has."""
+    loss = dataclasses.replace(LOSS, weighting="tests.loss.custom_weighting:soft_weights")
+    results = compute_example_effects(model, tiny_tokenizer(), data / "prep", SPLIT, [0], loss)
+    summary = write_report(results, loss, tmp_path / "out", split=SPLIT)
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["loss"]["weighting"] == loss.weighting
+    raw = (tmp_path / "out" / "index.html").read_text(encoding="utf-8")
+    assert "δ / λ / ε" not in raw
+    assert f"<td class=l>δ / ω</td><td>{THRESHOLD:g} / {loss.weighting} (loss.weighting)</td>" in raw, raw
+    assert summary["loss"]["weighting"] == loss.weighting
+
+
 def test_effects_command_with_training_workdir(trained_run, tmp_path, capsys):
     """The session's trained run (tests/conftest.py): the command restores the checkpoint's parameters from
     Orbax and uses the run's loss settings and prepared data; its DCE equals that of the same weights loaded
@@ -501,7 +514,8 @@ def test_effects_command_with_training_workdir(trained_run, tmp_path, capsys):
     assert main(["effects", "--workdir", str(workdir), "--split", "test", "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["model"] == f"{workdir} step 2"
-    assert summary["loss"] == {"threshold": 0.0, "high": 0.8, "low": 0.2}  # the run's, not the defaults
+    # the run's, not the defaults
+    assert summary["loss"] == {"threshold": 0.0, "high": 0.8, "low": 0.2, "weighting": None}
     assert summary["examples"] == [0, 1, 2, 3, 4]  # every example: the split has 5, fewer than --num-examples
     loss_cfg = LossConfig(threshold=0.0, high=0.8, low=0.2)
     tokenizer = AutoTokenizer.from_pretrained(trained_run.exported)
