@@ -649,11 +649,13 @@ def load_config(
     overrides: Sequence[str] = (),
     base: Mapping | None = None,
     overrides_source: str = "command line",
+    base_source: str = "<config>",
 ) -> Config:
     """Read a YAML config, apply `section.key=value` overrides and build a validated `Config`.
 
-    `base` (a dict such as a saved config) is used instead of a file when `path` is None. `overrides_source`
-    names where the overrides came from in error messages.
+    `base` (a dict such as a saved config) is used instead of a file when `path` is None; `base_source` names
+    it in error messages (a checkpoint's config can fail here, where its `loss.weighting` module does not
+    import). `overrides_source` names where the overrides came from in error messages.
 
     Raises:
         ConfigError: a missing or unreadable file, a section or key that does not exist (with the nearest
@@ -662,7 +664,7 @@ def load_config(
             (also for a section's check that the file alone passes); a demo or compare file, naming the
             command that reads it.
     """
-    source = str(path) if path is not None else "<config>"
+    source = str(path) if path is not None else base_source
     raw = read_yaml(path) if path is not None else dict(base or {})
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(raw).__name__}")

@@ -30,11 +30,6 @@ from nextquill_jax.loss.effects import target_weights
 if TYPE_CHECKING:
     from nextquill_jax.loss.config import LossConfig
 
-IMPORT_FIX = (
-    "Fix: name a function as package.module:function, importable where the command runs (an installed "
-    "package, or its directory on PYTHONPATH, e.g. `PYTHONPATH=. nextquill-jax train ...`)"
-)
-
 
 @functools.cache
 def weighting_function(name: str) -> Callable:
@@ -46,11 +41,19 @@ def weighting_function(name: str) -> Callable:
     """
     module_name, colon, attribute = name.partition(":")
     if not colon or not module_name or not attribute:
-        raise ValueError(f"{name!r} is not of the form 'module:function'. {IMPORT_FIX}")
+        raise ValueError(
+            f"{name!r} is not of the form 'module:function'. Fix: name a function as package.module:function"
+        )
     try:
         found = importlib.import_module(module_name)
     except ImportError as e:
-        raise ValueError(f"module {module_name!r} of {name!r} does not import ({e}). {IMPORT_FIX}") from None
+        # Also met by a saved run (evaluate, effects, export, a resume), whose name may not change: the fix
+        # is where the command runs.
+        raise ValueError(
+            f"module {module_name!r} of {name!r} does not import ({e}). Fix: make it importable where this "
+            "command runs (install its package, or put its directory on PYTHONPATH, e.g. "
+            "`PYTHONPATH=DIR nextquill-jax ...`)"
+        ) from None
     for part in attribute.split("."):
         if not hasattr(found, part):
             raise ValueError(

@@ -226,7 +226,9 @@ def restore_params(
         checksums.IntegrityError: checkpoint `step` is damaged, or (no `step`) no checkpoint verifies; the
             message names the files.
         ConfigError: a LoRA checkpoint whose base (`model.path`) is no longer the one it was trained on
-            (`adapters.check_same_base`; its note on a checkpoint with the earlier fingerprint: to stderr).
+            (`adapters.check_same_base`; its note on a checkpoint with the earlier fingerprint: to stderr),
+            or a saved config that does not load here (a `loss.weighting` whose module does not import),
+            naming the checkpoint.
     """
     directory = checkpoints_dir(workdir)
     ckpt = Checkpointer(directory, CheckpointConfig(), read_only=True)
@@ -239,8 +241,9 @@ def restore_params(
         if chosen is None:  # no step at all: say so, naming any a resume moved aside as damaged
             raise FileNotFoundError(f"{verify_error(directory, [], moved_aside(directory))} {STEP_0_HINT}")
         source = f"{directory / str(chosen)}"
-        cfg = load_config(None, base=ckpt.read_config(chosen))  # raises if `chosen` is not complete
-        cfg = reading_config(cfg, f"the config saved with checkpoint {source}", runs_attention)
+        saved = f"the config saved with checkpoint {source}"
+        cfg = load_config(None, base=ckpt.read_config(chosen), base_source=saved)  # raises if not complete
+        cfg = reading_config(cfg, saved, runs_attention)
         mesh = reading_mesh(cfg) if mesh is None else mesh
         lora_cfg = cfg.model.lora
         if lora_cfg is None:

@@ -118,11 +118,18 @@ def test_the_config_loader_takes_a_weighting_and_names_a_bad_one(tmp_path, tiny_
 
 
 def test_a_run_records_its_weighting_and_a_resume_may_not_change_it(
-    tmp_path, write_random_data, write_config, tiny_config
+    tmp_path, write_random_data, write_config, tiny_config, monkeypatch
 ):
+    """config.yaml records the weighting and a resume may not change it; a checkpoint read where the module
+    does not import (evaluate, effects, export) is refused naming the checkpoint and how to make the module
+    importable (it named "<config>", and as the fix another name, which a saved run may not take)."""
+    import sys
+
     from nextquill_jax.config import load_config
     from nextquill_jax.config_schema import ConfigError
+    from nextquill_jax.loss.weighting import weighting_function
     from nextquill_jax.train.loop import train
+    from nextquill_jax.train.workdir import restore_params
 
     data = write_random_data(tmp_path / "data", train=16, val=8)
     path = write_config(tiny_config(data, tmp_path / "work"), tmp_path / "cfg.yaml")
@@ -132,6 +139,11 @@ def test_a_run_records_its_weighting_and_a_resume_may_not_change_it(
     changed = overrides[1:]  # the paper's weights instead
     with pytest.raises(ConfigError, match=rf'loss\.weighting: "{re.escape(SOFT)}" -> null'):
         train(load_config(path, changed), tmp_path / "work", echo=lambda _: None)
+    monkeypatch.setitem(sys.modules, "tests.loss.custom_weighting", None)  # an import of it fails
+    weighting_function.cache_clear()
+    saved = re.escape(f"the config saved with checkpoint {tmp_path / 'work' / 'checkpoints' / '1'}: ")
+    with pytest.raises(ConfigError, match=rf"^{saved}.*does not import .*Fix: make it importable where"):
+        restore_params(tmp_path / "work")
 
 
 def test_the_readme_weighting_module_runs_as_named_and_gives_the_smoothed_step(tmp_path, monkeypatch, logits):
