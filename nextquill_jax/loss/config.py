@@ -68,7 +68,8 @@ class LossConfig:
             micro-batch, a mean over accumulation steps).
         `weighting`: the target weights ω from a function of your own, named `package.module:function`
             (`nextquill_jax/loss/weighting.py` gives its contract: `(dce, mask, LossConfig) -> ω`, traced,
-            no gradient), in place of λ where DCE > δ else ε; only for variants that weight tokens by DCE.
+            no gradient, each token's ω from its own DCE alone), in place of λ where DCE > δ else ε; only
+            for variants that weight tokens by DCE.
             δ still decides which tokens the metrics count as preference-bearing. null: the paper's
             weights.
 

@@ -1,7 +1,7 @@
 """Target weights ω from a function of the user's: `LossConfig.weighting` names it as `module:function`.
 
 The paper weights a target token λ where its DCE exceeds δ, else ε (`effects.target_weights`). A research
-extension that weights tokens otherwise (a soft threshold, a rank-based share, a clipped DCE) writes one pure
+extension that weights tokens otherwise (a soft threshold, a clipped or rescaled DCE) writes one pure
 function and names it in the config; the step, micro-batching's global denominators, both normalisations,
 the logged metrics and the effect report then use its weights wherever the paper's would be used. The
 function:
@@ -13,6 +13,12 @@ run's `LossConfig` (its δ, λ, ε to read, or ignore), and returns ω [..., R],
 slots. It runs traced, inside the compiled step: use `jnp`, not Python control flow on values. Extra
 parameters go into the function itself (`functools.partial` in the module that `weighting` names), so
 that the config names everything the weights depend on.
+
+ω_t must depend on token t's own DCE (and `cfg`) alone, element by element: the array it is given is
+whatever its caller holds (a micro-batch, a step's stacked micro-batches [m, B / m, R] for the global
+denominators, packed rows of several examples, an evaluation batch, the effect report's rows of one example
+each). A weight that reduces over tokens (a rank, a share of a sum, a per-row normalisation) would change
+with `micro_batches`, packing and batch sizes, and the step's denominators would not be its numerators'.
 """
 
 from __future__ import annotations
