@@ -1,6 +1,6 @@
 """`loss.weighting`: target weights from a function the config names, against a float64 NumPy statement of
-the loss with those weights, through the losses, the train step's micro-batch denominators and the config
-loader; and its refusals."""
+the loss with those weights, through the losses, the train step's micro-batch denominators, evaluation's loss
+terms and the config loader; and its refusals."""
 
 from __future__ import annotations
 
@@ -158,3 +158,39 @@ def test_the_readme_weighting_module_runs_as_named_and_gives_the_smoothed_step(t
     cfg = LossConfig(weighting="my_weights:soft_weights")
     loss, _ = loss_from_logits(*logits, cfg)
     np.testing.assert_allclose(float(loss), _soft_loss64(*logits, cfg), rtol=2e-6)
+
+
+def test_evaluations_loss_terms_and_variants_table_use_the_weighting(
+    tmp_path, write_random_data, write_config, tiny_config
+):
+    """`evaluate`'s loss pass: the run's own loss (its config) equals the `nextquill` row of the variants
+    table, which comes from the terms' pass; both take the run's weighting, whose L_n differs from the
+    paper's weights' on these tokens (δ 0: soft weights near 0.5 where the step gives 0.8 / 0.2)."""
+    import jax
+    from flax import nnx
+
+    from nextquill_jax.config import load_config
+    from nextquill_jax.data.prepared_split import PreparedSplit
+    from nextquill_jax.eval.evaluate import split_losses
+    from nextquill_jax.train import model_setup
+    from nextquill_jax.train.workdir import LoadedModel, build_mesh
+
+    data = write_random_data(tmp_path / "data", train=8, val=8)
+    path = write_config(tiny_config(data, tmp_path / "work"), tmp_path / "cfg.yaml")
+    split = PreparedSplit(data, "val")
+
+    def losses(*overrides: str) -> dict:
+        cfg = load_config(path, ["loss.variant=nextquill", "loss.threshold=0", *overrides])
+        mesh = build_mesh(cfg)
+        graphdef, params = model_setup.load_params(cfg.model, mesh, seed=0)
+        loaded = LoadedModel(nnx.merge(graphdef, params), cfg, mesh, None, "tiny")
+        with jax.set_mesh(mesh):
+            return split_losses(loaded, split, len(split))
+
+    soft, paper = losses(f"loss.weighting={SOFT}"), losses()
+    assert soft["loss"] == pytest.approx(soft["variants"]["nextquill"], rel=1e-6)
+    assert soft["variants"]["dce"] == soft["terms"]["loss_n"]
+    assert abs(soft["terms"]["loss_n"] - paper["terms"]["loss_n"]) > 1e-4 * paper["terms"]["loss_n"], (
+        soft,
+        paper,
+    )
