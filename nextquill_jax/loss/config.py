@@ -6,7 +6,10 @@ Pure configuration (no JAX): the run config loads it, and the losses, the step a
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib
 import math
+from collections.abc import Callable
 from typing import Literal, NamedTuple
 
 Variant = Literal["sft", "context_sft", "mce", "dce", "js", "nextquill"]
@@ -33,6 +36,43 @@ VARIANTS: dict[str, VariantSpec] = {
     "js": VariantSpec("with", "js", False),
     "nextquill": VariantSpec("with", "target", True),
 }
+
+
+@functools.cache
+def weighting_function(name: str) -> Callable:
+    """The function `name` ("package.module:function", or "module:Class.attr") names, imported: the
+    `LossConfig.weighting` that `weighting.token_weights` calls (its contract: that module's docstring).
+    Here rather than there, so that `LossConfig` checks the name without an import cycle or JAX.
+
+    Raises:
+        ValueError: `name` is not of that form, its module does not import (with the import error), the
+            module has no such attribute, or it is not callable; each message gives the fix.
+    """
+    module_name, colon, attribute = name.partition(":")
+    if not colon or not module_name or not attribute:
+        raise ValueError(
+            f"{name!r} is not of the form 'module:function'. Fix: name a function as package.module:function"
+        )
+    try:
+        found = importlib.import_module(module_name)
+    except ImportError as e:
+        # Also met by a saved run (evaluate, effects, export, a resume), whose name may not change: the fix
+        # is where the command runs.
+        raise ValueError(
+            f"module {module_name!r} of {name!r} does not import ({e}). Fix: make it importable where this "
+            "command runs (install its package, or put its directory on PYTHONPATH, e.g. "
+            "`PYTHONPATH=DIR nextquill-jax ...`)"
+        ) from None
+    for part in attribute.split("."):
+        if not hasattr(found, part):
+            raise ValueError(
+                f"module {module_name!r} has no attribute {attribute!r} (from {name!r}). Fix: name a "
+                "function the module defines"
+            )
+        found = getattr(found, part)
+    if not callable(found):
+        raise ValueError(f"{name!r} is a {type(found).__name__}, not a function. Fix: name a function")
+    return found
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,8 +198,6 @@ class LossConfig:
                 f"LossConfig.weighting: variant {self.variant!r} does not weight tokens by DCE (only dce and "
                 "nextquill do, and mce with weight_alignment); set weighting=None"
             )
-        from nextquill_jax.loss.weighting import weighting_function  # imports JAX and the named module
-
         try:
             weighting_function(self.weighting)
         except ValueError as e:

@@ -23,53 +23,11 @@ with `micro_batches`, packing and batch sizes, and the step's denominators would
 
 from __future__ import annotations
 
-import functools
-import importlib
-from collections.abc import Callable
-from typing import TYPE_CHECKING
-
 import jax
 import jax.numpy as jnp
 
+from nextquill_jax.loss.config import LossConfig, weighting_function
 from nextquill_jax.loss.effects import target_weights
-
-if TYPE_CHECKING:
-    from nextquill_jax.loss.config import LossConfig
-
-
-@functools.cache
-def weighting_function(name: str) -> Callable:
-    """The function `name` ("package.module:function", or "module:Class.attr") names, imported.
-
-    Raises:
-        ValueError: `name` is not of that form, its module does not import (with the import error), the
-            module has no such attribute, or it is not callable; each message gives the fix.
-    """
-    module_name, colon, attribute = name.partition(":")
-    if not colon or not module_name or not attribute:
-        raise ValueError(
-            f"{name!r} is not of the form 'module:function'. Fix: name a function as package.module:function"
-        )
-    try:
-        found = importlib.import_module(module_name)
-    except ImportError as e:
-        # Also met by a saved run (evaluate, effects, export, a resume), whose name may not change: the fix
-        # is where the command runs.
-        raise ValueError(
-            f"module {module_name!r} of {name!r} does not import ({e}). Fix: make it importable where this "
-            "command runs (install its package, or put its directory on PYTHONPATH, e.g. "
-            "`PYTHONPATH=DIR nextquill-jax ...`)"
-        ) from None
-    for part in attribute.split("."):
-        if not hasattr(found, part):
-            raise ValueError(
-                f"module {module_name!r} has no attribute {attribute!r} (from {name!r}). Fix: name a "
-                "function the module defines"
-            )
-        found = getattr(found, part)
-    if not callable(found):
-        raise ValueError(f"{name!r} is a {type(found).__name__}, not a function. Fix: name a function")
-    return found
 
 
 def token_weights(dce: jax.Array, mask: jax.Array, cfg: LossConfig) -> jax.Array:

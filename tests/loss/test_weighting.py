@@ -127,7 +127,7 @@ def test_a_run_records_its_weighting_and_a_resume_may_not_change_it(
 
     from nextquill_jax.config import load_config
     from nextquill_jax.config_schema import ConfigError
-    from nextquill_jax.loss.weighting import weighting_function
+    from nextquill_jax.loss.config import weighting_function
     from nextquill_jax.train.loop import train
     from nextquill_jax.train.workdir import restore_params
 
