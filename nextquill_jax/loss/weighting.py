@@ -26,6 +26,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from nextquill_jax.config_schema import ConfigError
 from nextquill_jax.loss.config import LossConfig, weighting_function
 from nextquill_jax.loss.effects import target_weights
 
@@ -37,19 +38,22 @@ def token_weights(dce: jax.Array, mask: jax.Array, cfg: LossConfig) -> jax.Array
     Args:
         dce: [..., R] float32 data-side effects (NaN where a label was outside a stream's vocabulary).
         mask: [..., R] bool, True at target slots.
+        cfg: the run's loss settings: `weighting`, or δ, λ, ε.
 
     Returns:
         [..., R] float32, 0 where `mask` is False, NaN where `dce` is NaN (so such a token makes the loss NaN
         instead of being weighted silently), no gradient.
 
     Raises:
-        ValueError: the named function returns an array of another shape than `dce`.
+        ConfigError: the named function returns an array of another shape than `dce` (found while the step
+            or `metric_names` traces it, before a step runs; a ConfigError, so the command prints the fix as
+            one line, not a traceback).
     """
     if cfg.weighting is None:
         return target_weights(dce, mask, threshold=cfg.threshold, high=cfg.high, low=cfg.low)
     weights = jnp.asarray(weighting_function(cfg.weighting)(dce, mask, cfg))
     if weights.shape != dce.shape:
-        raise ValueError(
+        raise ConfigError(
             f"loss.weighting {cfg.weighting!r} returned weights of shape {weights.shape} for DCE of shape "
             f"{dce.shape}. Fix: return one weight per target slot, of the DCE's shape"
         )

@@ -102,8 +102,11 @@ def test_a_weighting_that_names_no_function_is_refused_with_the_fix(name, said):
 def test_a_weighting_is_refused_for_a_variant_without_dce_weights_and_a_wrong_shape_is_named(logits):
     with pytest.raises(ValueError, match=r"variant 'context_sft' does not weight tokens by DCE"):
         LossConfig(variant="context_sft", weighting=SOFT)
+    from nextquill_jax.config_schema import ConfigError
+
+    # A ConfigError, which the command line prints as its one line with the fix (a ValueError: a traceback)
     cfg = LossConfig(weighting="tests.loss.custom_weighting:one_per_row")
-    with pytest.raises(ValueError, match=r"returned weights of shape \(3,\) for DCE of shape \(3, 7\)"):
+    with pytest.raises(ConfigError, match=r"returned weights of shape \(3,\) for DCE of shape \(3, 7\)"):
         loss_from_logits(*logits, cfg)
 
 
