@@ -9,6 +9,8 @@ import dataclasses
 import math
 from typing import Literal, NamedTuple
 
+import numpy as np
+
 Variant = Literal["sft", "context_sft", "mce", "dce", "js", "nextquill"]
 Normalize = Literal["token", "example"]
 
@@ -68,7 +70,8 @@ class LossConfig:
             micro-batch, a mean over accumulation steps).
 
     A frozen, hashable dataclass: under `jax.jit` pass it as a static argument (`static_argnames`; each
-    distinct config compiles once). Its fields are Python numbers, not arrays: they cannot be traced, so
+    distinct config compiles once). Its fields are Python numbers, not arrays (a NumPy scalar such as
+    `np.float32(0.2)` is stored as the Python number of its value, `.item()`): they cannot be traced, so
     `vmap` or `grad` over `alpha`, `threshold` or the weights is not supported (build one config per value).
 
     Raises:
@@ -101,8 +104,16 @@ class LossConfig:
             raise ValueError(f"LossConfig.dce must be 'dynamic' or 'fixed', got {self.dce!r}")
         for name in ("alpha", "threshold", "high", "low", "anchor"):
             value = getattr(self, name)
+            if isinstance(value, np.generic):
+                # A NumPy scalar (np.float32(0.2), an element of an array) is kept as the Python number of the
+                # same value: the config then prints, saves and hashes as one built from Python numbers.
+                value = value.item()
+                object.__setattr__(self, name, value)
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-                raise ValueError(f"LossConfig.{name} must be a finite number, got {value!r}")
+                raise ValueError(
+                    f"LossConfig.{name} must be a finite number (a Python int or float, or a NumPy scalar), "
+                    f"got {value!r}"
+                )
         for name in ("alpha", "anchor"):
             if getattr(self, name) < 0:
                 raise ValueError(f"LossConfig.{name} must be >= 0, got {getattr(self, name)}")

@@ -382,6 +382,29 @@ def test_config_validation(kwargs, match):
         LossConfig(**kwargs)
 
 
+def test_numpy_scalars_are_stored_as_python_numbers():
+    """`LossConfig(alpha=np.float32(0.2))` was refused as "must be a finite number": a NumPy scalar (an
+    element of an array of settings) is kept as the Python number of its value, so the config equals, hashes
+    and prints as one built from Python numbers, and NumPy's own NaN is still refused."""
+    cfg = LossConfig(
+        alpha=np.float32(0.2),
+        threshold=np.float64(0.1),
+        high=np.int64(1),
+        low=np.float16(0.5),
+        anchor=np.int8(0),
+    )
+    python = LossConfig(alpha=float(np.float32(0.2)), threshold=0.1, high=1, low=0.5, anchor=0)
+    fields = ("alpha", "threshold", "high", "low", "anchor")
+    assert [type(getattr(cfg, k)) for k in fields] == [float, float, int, float, int]
+    assert cfg == python and hash(cfg) == hash(python) and repr(cfg) == repr(python)
+    with pytest.raises(
+        ValueError, match=r"alpha must be a finite number \(a Python int or float, or a NumPy"
+    ):
+        LossConfig(alpha=np.float32("nan"))
+    with pytest.raises(ValueError, match=r"threshold must be a finite number .*got array\(0.1\)"):
+        LossConfig(threshold=np.array(0.1))
+
+
 @pytest.mark.parametrize(
     "kwargs", [dict(variant="dce"), dict(variant="nextquill"), dict(variant="mce", weight_alignment=True)]
 )
