@@ -49,8 +49,8 @@ class LossConfig:
         `alpha`: weight α of the alignment loss L_p (>= 0), or `public`: the public code's α for the variant
             (`PUBLIC_ALPHA`: 0.01 for mce, 0.1 for nextquill; 0.1 for variants without L_p, which ignore
             it), resolved to a number on loading.
-        `threshold`: DCE threshold δ: a target token whose data-side effect DCE (a probability difference,
-            in [-1, 1]) exceeds it is preference-bearing.
+        `threshold`: DCE threshold δ in [-1, 1): a target token whose data-side effect DCE (a probability
+            difference, in [-1, 1]) exceeds it is preference-bearing.
         `high`: target weight λ of a preference-bearing token (> 0, >= `low`).
         `low`: target weight ε of every other target token (>= 0).
         `weight_alignment`: weight L_p by the target weights (the paper) instead of uniformly (the public
@@ -76,7 +76,8 @@ class LossConfig:
 
     Raises:
         ValueError: naming the field, for an unknown variant or dce mode, a negative or non-finite alpha,
-            weights out of order, or a switch set for a variant it does not apply to.
+            a threshold outside [-1, 1), weights out of order, or a switch set for a variant it does not
+            apply to.
     """
 
     variant: Variant = "nextquill"
@@ -114,6 +115,13 @@ class LossConfig:
                     f"LossConfig.{name} must be a finite number (a Python int or float, or a NumPy scalar), "
                     f"got {value!r}"
                 )
+        if not -1 <= self.threshold < 1:
+            raise ValueError(
+                f"LossConfig.threshold must be in [-1, 1), got {self.threshold}: DCE is a probability "
+                "difference in [-1, 1], so no token's DCE exceeds a threshold >= 1 and every token's exceeds "
+                "one below -1 (no token or every token preference-bearing: uniform weights). Fix: set a "
+                "threshold in [-1, 1), such as the public code's 0.05"
+            )
         for name in ("alpha", "anchor"):
             if getattr(self, name) < 0:
                 raise ValueError(f"LossConfig.{name} must be >= 0, got {getattr(self, name)}")

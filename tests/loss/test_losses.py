@@ -311,9 +311,10 @@ def test_all_dce_below_threshold_gives_plain_mean_ce(data):
     zw, zo, y = data
     mask = y != IGNORE
     mean_ce = -np_label_logprob(zw, y)[mask].mean()
+    assert np_dce(zw, zo, y)[mask].max() < 0.99  # (a threshold >= 1, which no DCE exceeds, is refused)
     for cfg in (
-        LossConfig(variant="dce", threshold=1.0),
-        LossConfig(variant="nextquill", alpha=0.0, threshold=1.0),
+        LossConfig(variant="dce", threshold=0.99),
+        LossConfig(variant="nextquill", alpha=0.0, threshold=0.99),
     ):
         loss, aux = jax_loss(zw, zo, y, cfg)
         np.testing.assert_allclose(float(loss), mean_ce, rtol=1e-6)
@@ -365,6 +366,10 @@ def test_an_example_of_only_ignored_labels_changes_nothing(data, variant, wa, de
         (dict(variant="dpo"), "unknown variant"),
         (dict(alpha=-0.1), "alpha must be >= 0"),
         (dict(alpha=float("nan")), "alpha must be a finite number"),
+        *[
+            (dict(threshold=bad), rf"threshold must be in \[-1, 1\), got {bad}: DCE is a probability .* Fix")
+            for bad in (1.0, 2.0, -1.5)
+        ],
         (dict(high=0.1, low=0.9), r"high \(0.1\) < LossConfig.low"),
         (dict(low=-0.1), "low >= 0"),
         (dict(dce="frozen"), "'dynamic' or 'fixed'"),
