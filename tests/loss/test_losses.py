@@ -6,6 +6,8 @@ under test. Gradients are compared with central finite differences of the refere
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -441,3 +443,23 @@ def test_missing_or_unused_sources_raise(data):
         )
     with pytest.raises(ValueError, match=r"denominators lacks \['p_den'\]"):
         loss_from_logits(zw32, zo32, yj, LossConfig(), denominators={"n_den": aux["n_den"]})
+
+
+def test_metrics_from_an_aux_without_its_keys_name_them_and_where_an_aux_comes_from(data):
+    """metrics_from_aux of a hand-made aux failed with a bare KeyError: 'tokens'; it names the missing keys
+    (each term's denominator, the DCE statistics with effect_count) and the functions whose aux it takes."""
+    zw, zo, y = data
+    _, aux = loss_from_logits(*(jnp.asarray(z, jnp.float32) for z in (zw, zo)), jnp.asarray(y), LossConfig())
+    source = "metrics_from_aux takes the aux that loss_from_logits or loss_from_hidden returns .* combine_aux"
+    for cfg, partial, missing in (
+        (LossConfig(variant="context_sft"), {"n_sum": 1.0, "n_den": 2.0}, ["tokens"]),
+        (LossConfig(), {k: v for k, v in aux.items() if k != "p_den"}, ["p_den"]),
+        (
+            LossConfig(),
+            {k: v for k, v in aux.items() if k not in ("dce_sum", "dce_p50")},
+            ["dce_sum", "dce_p50"],
+        ),
+    ):
+        with pytest.raises(ValueError, match=rf"aux lacks {re.escape(str(missing))} \(it has .*\): {source}"):
+            metrics_from_aux(partial, cfg)
+    assert metrics_from_aux(aux, LossConfig())["tokens"] == int(aux["tokens"])
