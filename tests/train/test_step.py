@@ -398,3 +398,13 @@ def test_the_logged_learning_rate_is_the_one_applied_after_a_skipped_update(
     assert [float(m["skipped"]), int(state.step)] == [1.0, 4]
     np.testing.assert_allclose(logged, want, rtol=1e-6)
     assert want[1] == want[2] > want[3]  # the skip held the schedule at count 1 for step 2
+
+
+def test_response_hidden_refuses_a_stream_other_than_with_or_without():
+    """`response_hidden(model, batch, "With")` failed with KeyError: 'With_ids'; it names the two streams,
+    before the model or the batch is read."""
+    from nextquill_jax.train.step import response_hidden
+
+    for stream in ("With", "history", ""):
+        with pytest.raises(ValueError, match=rf'stream must be "with" or "without", got {stream!r}'):
+            response_hidden(None, {}, stream)
