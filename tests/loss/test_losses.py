@@ -463,3 +463,13 @@ def test_metrics_from_an_aux_without_its_keys_name_them_and_where_an_aux_comes_f
         with pytest.raises(ValueError, match=rf"aux lacks {re.escape(str(missing))} \(it has .*\): {source}"):
             metrics_from_aux(partial, cfg)
     assert metrics_from_aux(aux, LossConfig())["tokens"] == int(aux["tokens"])
+
+
+def test_the_loss_package_exports_the_ignore_index_of_the_data():
+    """Labels mark slots outside the loss with IGNORE_INDEX; a caller of the loss API imports it from
+    nextquill_jax.loss (it lived only in data.batch), the same constant, not a copy."""
+    import nextquill_jax.loss as loss
+    from nextquill_jax.data.batch import IGNORE_INDEX
+
+    assert "IGNORE_INDEX" in loss.__all__ and loss.IGNORE_INDEX is IGNORE_INDEX == IGNORE == -100
+    assert all(hasattr(loss, name) for name in loss.__all__)
