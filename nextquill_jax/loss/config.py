@@ -76,8 +76,7 @@ class LossConfig:
 
     Raises:
         ValueError: naming the field, for an unknown variant or dce mode, a negative or non-finite alpha,
-            a threshold outside [-1, 1), weights out of order, or a switch set for a variant it does not
-            apply to.
+            weights out of order, or a switch set for a variant it does not apply to.
     """
 
     variant: Variant = "nextquill"
