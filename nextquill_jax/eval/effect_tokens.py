@@ -2,8 +2,8 @@
 
 The model runs its two forward passes on a batch laid out by the training pipeline's `assemble_batch` (one
 example per row, so the response index is training's), and every target token gets p_h(y), p_∅(y),
-DCE = p_h(y) − p_∅(y) (`effects.data_effect`) and the weight ω (`effects.target_weights` with the loss
-config's δ, λ, ε). `effect_report` summarises and draws them.
+DCE = p_h(y) − p_∅(y) (`effects.data_effect`) and the weight ω (`weighting.token_weights`: the loss config's
+δ, λ, ε, or its `weighting`). `effect_report` summarises and draws them.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def _round_up(x: int, multiple: int) -> int:
 
 
 @functools.lru_cache(maxsize=8)
-def _effects_fn(graphdef: Any, threshold: float, high: float, low: float):
+def _effects_fn(graphdef: Any, loss_cfg: LossConfig):
     """A jitted `(state, batch) -> (probs [2, B, R], log-probs [2, B, R], dce [B, R], weight [B, R])` for the
     model `graphdef`.
 
@@ -62,6 +62,7 @@ def _effects_fn(graphdef: Any, threshold: float, high: float, low: float):
 
     from nextquill_jax.loss import effects
     from nextquill_jax.loss.fused_head import head_token_stats
+    from nextquill_jax.loss.weighting import token_weights
     from nextquill_jax.train.step import response_hidden
 
     def token_effects(state: Any, batch: dict) -> tuple[jax.Array, ...]:
@@ -72,7 +73,7 @@ def _effects_fn(graphdef: Any, threshold: float, high: float, low: float):
         logprob = stats.label_logit - stats.lse  # [2, B, R]
         mask = effects.target_mask(batch["labels"])
         dce = effects.data_effect(logprob[0], logprob[1], mask)
-        weight = effects.target_weights(dce, mask, threshold=threshold, high=high, low=low)
+        weight = token_weights(dce, mask, loss_cfg)
         return jnp.where(mask, jnp.exp(logprob), 0.0), jnp.where(mask, logprob, 0.0), dce, weight
 
     return jax.jit(token_effects)
@@ -95,7 +96,7 @@ def compute_example_effects(
         tokenizer: the fast tokenizer the data was prepared with (for token texts and role offsets).
         prepared_dir: a `nextquill-jax data prepare` output; split: one of its splits.
         indices: example indices within the split.
-        loss_cfg: supplies δ (threshold), λ (high) and ε (low) of the weights.
+        loss_cfg: supplies the weights' δ (threshold), λ (high) and ε (low), or their `weighting`.
         batch_rows: examples per forward pass (all passes share one padded shape).
 
     Raises:
@@ -131,7 +132,7 @@ def compute_example_effects(
         _round_up(max(len(a["target"]) for a in arrays), LENGTH_MULTIPLE),
     )
     graphdef, state = nnx.split(model)
-    run = _effects_fn(graphdef, loss_cfg.threshold, loss_cfg.high, loss_cfg.low)
+    run = _effects_fn(graphdef, loss_cfg)
     probs, logps, dce, weight = [], [], [], []
     for start in range(0, len(arrays), batch_rows):
         chunk = [[a] for a in arrays[start : start + batch_rows]]

@@ -178,8 +178,8 @@ def split_losses(
     (`ce_with`, `ce_without`), the preference-weighted `loss_n` and the alignment loss `loss_p`, all in nats
     per target token; `variants` the loss every variant would have on these examples (sft = ce_without,
     context_sft = ce_with, mce = ce_with + alpha loss_p, dce = loss_n, nextquill = loss_n + alpha loss_p, with
-    the run's alpha / threshold / weights; a `js` run's loss is only in `loss`); `effects` the DCE statistics
-    (preference-token share, mean, ...).
+    the run's alpha / threshold / weights or `weighting`; a `js` run's loss is only in `loss`); `effects` the
+    DCE statistics (preference-token share, mean, ...).
 
     A model run with cuDNN's packed attention (`cudnn_max_segments` M) whose M is below the most examples a
     row of the split holds is run with M raised to that (`eval_graphdef`): its losses would be NaN otherwise;
@@ -195,6 +195,7 @@ def split_losses(
         low=run_loss.low,
         weight_alignment=run_loss.weight_alignment,
         dce=run_loss.dce,
+        weighting=run_loss.weighting,
     )
     _, params = nnx.split(loaded.model)
     param_shardings = jax.tree.map(lambda x: x.sharding, params)

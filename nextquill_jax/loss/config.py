@@ -68,6 +68,11 @@ class LossConfig:
             of weights (long targets weigh more); `example` takes every term per example (its own weighted
             mean) and averages those over the examples, as the public code does (one example per
             micro-batch, a mean over accumulation steps).
+        `weighting`: the target weights ω from a function of your own, named `package.module:function`
+            (`nextquill_jax/loss/weighting.py` gives its contract: `(dce, mask, LossConfig) -> ω`, traced,
+            no gradient), in place of λ where DCE > δ else ε; only for variants that weight tokens by DCE.
+            δ still decides which tokens the metrics count as preference-bearing. null: the paper's
+            weights.
 
     A frozen, hashable dataclass: under `jax.jit` pass it as a static argument (`static_argnames`; each
     distinct config compiles once). Its fields are Python numbers, not arrays (a NumPy scalar such as
@@ -76,7 +81,8 @@ class LossConfig:
 
     Raises:
         ValueError: naming the field, for an unknown variant or dce mode, a negative or non-finite alpha,
-            weights out of order, or a switch set for a variant it does not apply to.
+            weights out of order, a switch set for a variant it does not apply to, or a `weighting` that does
+            not name an importable function.
     """
 
     variant: Variant = "nextquill"
@@ -90,6 +96,7 @@ class LossConfig:
     counterfactual_grad: bool = True
     anchor: float = 0.0
     normalize: Normalize = "token"
+    weighting: str | None = None
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -155,8 +162,25 @@ class LossConfig:
                 f"LossConfig.dce='fixed': variant {self.variant!r} does not weight tokens by DCE (only dce "
                 "and nextquill do, and mce with weight_alignment); set dce='dynamic'"
             )
+        if self.weighting is not None:
+            self._check_weighting()
         if self.anchor > 0 and self.spec.next_stream == "without":
             raise ValueError("LossConfig.anchor: sft already trains the without-history stream; set anchor=0")
+
+    def _check_weighting(self) -> None:
+        if not isinstance(self.weighting, str):
+            raise ValueError(f"LossConfig.weighting must be a string or None, got {self.weighting!r}")
+        if not self.uses_target_weights:
+            raise ValueError(
+                f"LossConfig.weighting: variant {self.variant!r} does not weight tokens by DCE (only dce and "
+                "nextquill do, and mce with weight_alignment); set weighting=None"
+            )
+        from nextquill_jax.loss.weighting import weighting_function  # imports JAX and the named module
+
+        try:
+            weighting_function(self.weighting)
+        except ValueError as e:
+            raise ValueError(f"LossConfig.weighting: {e}") from None
 
     @property
     def spec(self) -> VariantSpec:

@@ -20,10 +20,11 @@ With CE(z, y) = logsumexp(z) − z[y] over the target tokens t of the batch (lab
 | nextquill     | z_h | λ if DCE(t) > δ else ε                     | L_n + α L_p    |
 
 ω'_t = 1 (the public code), or with `weight_alignment` the target weights λ/ε (the paper's equation; this
-makes `mce` compute DCE too). The `js` weights are normalised like the target weights (Σ ω CE / Σ ω); with
-`js_detach=False` the gradient also flows through ω in numerator and denominator. DCE is `dynamic` (the model
-being trained, no gradient) or `fixed` (from `reference_logits` / `reference_dce`). A sum whose denominator is
-0 (no target token) contributes 0, with zero gradient.
+makes `mce` compute DCE too). `cfg.weighting` replaces "λ if DCE(t) > δ else ε" with a function of your own
+(`weighting.token_weights`) wherever the table uses it. The `js` weights are normalised like the target
+weights (Σ ω CE / Σ ω); with `js_detach=False` the gradient also flows through ω in numerator and
+denominator. DCE is `dynamic` (the model being trained, no gradient) or `fixed` (from `reference_logits` /
+`reference_dce`). A sum whose denominator is 0 (no target token) contributes 0, with zero gradient.
 
 Two remedies for the without-history stream, off by default (the public code): `counterfactual_grad=False`
 makes L_p = CE(z_h − sg(z_∅)), so L_p cannot improve by lowering z_∅ on the label; `anchor=β` adds
@@ -75,7 +76,6 @@ from nextquill_jax.loss.effects import (
     js_weights,
     model_effect,
     target_mask,
-    target_weights,
     token_logprobs,
 )
 from nextquill_jax.loss.fused_head import (
@@ -85,6 +85,7 @@ from nextquill_jax.loss.fused_head import (
     head_token_stats,
     head_vocab,
 )
+from nextquill_jax.loss.weighting import token_weights
 
 DENOMINATOR_KEYS: tuple[str, ...] = ("n_den", "p_den", "a_den")
 
@@ -459,7 +460,7 @@ def _assemble(
     ones = mask.astype(jnp.float32)
     pref = None
     if cfg.uses_target_weights:
-        pref = target_weights(dce, mask, threshold=cfg.threshold, high=cfg.high, low=cfg.low)
+        pref = token_weights(dce, mask, cfg)
     next_weights = {None: ones, "target": pref, "js": js}[spec.next_weights]
     next_ce = ce_without if spec.next_stream == "without" else ce_with
     terms = {"n": (next_weights, next_ce)}

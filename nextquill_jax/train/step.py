@@ -37,6 +37,7 @@ from nextquill_jax.loss import (
     loss_from_hidden,
     streams_needed,
 )
+from nextquill_jax.loss.weighting import token_weights
 from nextquill_jax.models.lora import Adapters
 from nextquill_jax.parallel import DEFAULT_RULES, LogicalRules, logical_to_mesh_spec
 from nextquill_jax.train.optimizer import schedule_count
@@ -223,9 +224,7 @@ def label_denominators(batch: Batch, cfg: LossConfig) -> dict[str, jax.Array] | 
     if cfg.uses_target_weights:
         if cfg.dce != "fixed":
             return None
-        weights = effects.target_weights(
-            batch["reference_dce"], mask, threshold=cfg.threshold, high=cfg.high, low=cfg.low
-        ).sum()
+        weights = token_weights(batch["reference_dce"], mask, cfg).sum()
     else:
         weights = count
     n_den = weights if cfg.spec.next_weights == "target" else count

@@ -6,6 +6,7 @@ trained run)."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import itertools
 import json
 from html.parser import HTMLParser
@@ -475,6 +476,19 @@ def test_effects_in_several_padded_passes_equal_those_of_one_pass(data, model, r
         np.testing.assert_allclose(r.dce, by_index[r.index].dce, rtol=0, atol=4 * ulp)
     with pytest.raises(ValueError, match=r"example indices \[0, 1, 0\] name an example more than once"):
         compute_example_effects(model, tiny_tokenizer(), data / "prep", SPLIT, [0, 1, 0], LOSS)
+
+
+def test_a_weighting_of_the_loss_config_gives_the_reported_weights(data, model, report, tiny_tokenizer):
+    """The report's ω is the one training uses: with `loss.weighting`, that function's weights of each
+    token's DCE (float64 here), not λ/ε."""
+    from tests.loss.custom_weighting import TAU
+
+    loss = dataclasses.replace(LOSS, weighting="tests.loss.custom_weighting:soft_weights")
+    for r in compute_example_effects(model, tiny_tokenizer(), data / "prep", SPLIT, [0, 1], loss):
+        dce = r.dce.astype(np.float64)
+        want = 0.2 + 0.6 / (1 + np.exp(-(dce - THRESHOLD) / TAU))
+        np.testing.assert_allclose(r.weight, want, rtol=1e-6)
+        assert not np.isin(r.weight, [0.2, 0.8]).all()  # not the step weights
 
 
 def test_effects_command_with_training_workdir(trained_run, tmp_path, capsys):

@@ -16,6 +16,8 @@ from nextquill_jax.config import OptimConfig
 from nextquill_jax.train.optimizer import learning_rate_schedule, make_optimizer, warmup_steps
 from tests.shared import LOSS_CONFIGS
 
+SOFT_WEIGHTS = "tests.loss.custom_weighting:soft_weights"  # `loss.weighting`: a smoothed step
+
 pytestmark = pytest.mark.slow  # run first: see tests/conftest.py
 
 
@@ -85,6 +87,8 @@ def _accumulation() -> dict:
         ("context_sft", LossConfig(variant="context_sft")),
         ("js_grad_through_weights", LossConfig(variant="js", js_detach=False)),
         ("reference_model", LossConfig(variant="nextquill", dce="fixed")),
+        ("soft_weighting", LossConfig(weighting=SOFT_WEIGHTS)),
+        ("soft_weighting_reference_model", LossConfig(dce="fixed", weighting=SOFT_WEIGHTS)),
     ]:
         results = []
         for m in (1, 4):
@@ -97,7 +101,7 @@ def _accumulation() -> dict:
                 reference_graphdef=graphdef,
             )
             step = jax.jit(make_train_step(graphdef, sgd, lambda s: 1.0, settings, mesh))
-            if name != "reference_model":
+            if loss.dce == "dynamic":
                 results.append(step(start(params), batch))
             elif m == 1:
                 results.append(step(start(params), ref_batch))
@@ -152,6 +156,9 @@ def accumulation():
         # fixed DCE read from the batch (one pass) or computed by a frozen reference model (accumulated;
         # denominators from those DCE values)
         ("reference_model", 1e-6),
+        # `loss.weighting`'s weights, in the pre-pass's denominators and from the batch's fixed DCE
+        ("soft_weighting", 1e-6),
+        ("soft_weighting_reference_model", 1e-6),
         # The public code's JS weighting lets the gradient flow through the weights (and so through Σω): the
         # local share of that term is float32 KL sums over the vocabulary in other tile layouts, ~6e-6 of the
         # update here.

@@ -1,0 +1,19 @@
+"""Weighting functions that tests name in `loss.weighting` (`tests.loss.custom_weighting:NAME`)."""
+
+import jax
+import jax.numpy as jnp
+
+TAU = 0.02  # the soft step's width, in DCE units
+
+
+def soft_weights(dce: jax.Array, mask: jax.Array, cfg) -> jax.Array:
+    """ε + (λ − ε) · sigmoid((DCE − δ) / τ): the paper's step weights, smoothed."""
+    return cfg.low + (cfg.high - cfg.low) * jax.nn.sigmoid((dce - cfg.threshold) / TAU)
+
+
+def one_per_row(dce: jax.Array, mask: jax.Array, cfg) -> jax.Array:
+    """A weight per row instead of per token: the wrong shape."""
+    return jnp.ones(dce.shape[:-1])
+
+
+NOT_A_FUNCTION = 3

@@ -1,0 +1,148 @@
+"""`loss.weighting`: target weights from a function the config names, against a float64 NumPy statement of
+the loss with those weights, through the losses, the train step's micro-batch denominators and the config
+loader; and its refusals."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from nextquill_jax.loss import LossConfig, loss_from_hidden, loss_from_logits
+from tests.loss.custom_weighting import TAU
+
+SOFT = "tests.loss.custom_weighting:soft_weights"
+
+
+def _log_softmax64(z: np.ndarray) -> np.ndarray:
+    z = z.astype(np.float64)
+    top = z.max(-1, keepdims=True)
+    return z - top - np.log(np.exp(z - top).sum(-1, keepdims=True))
+
+
+def _soft_loss64(z_with, z_without, labels, cfg: LossConfig) -> float:
+    """NEXTQUILL.md's L_n + α L_p in float64 with ω = ε + (λ − ε) σ((DCE − δ)/τ), token-normalised."""
+    mask = labels != -100
+    safe = np.where(mask, labels, 0)[..., None]
+    pick = lambda z: np.take_along_axis(_log_softmax64(z), safe, -1)[..., 0]  # [B, R] log p(y)
+    logp_with, logp_without, logp_effect = pick(z_with), pick(z_without), pick(z_with - z_without)
+    dce = np.exp(logp_with) - np.exp(logp_without)
+    weights = cfg.low + (cfg.high - cfg.low) / (1 + np.exp(-(dce - cfg.threshold) / TAU))
+    weights = np.where(mask, weights, 0.0)
+    alignment = weights if cfg.weight_alignment else mask.astype(np.float64)
+    loss_n = (weights * -logp_with).sum() / weights.sum()
+    loss_p = (alignment * -np.where(mask, logp_effect, 0.0)).sum() / alignment.sum()
+    return loss_n + cfg.alpha * loss_p
+
+
+@pytest.fixture(scope="module")
+def logits():
+    rng = np.random.default_rng(0)
+    z_with = rng.normal(size=(3, 7, 13)).astype(np.float32) * 2
+    z_without = z_with + rng.normal(size=(3, 7, 13)).astype(np.float32)  # DCE spread around 0
+    labels = rng.integers(0, 13, (3, 7))
+    labels[1, 4:] = -100
+    return z_with, z_without, labels
+
+
+@pytest.mark.parametrize("weight_alignment", [False, True])
+def test_a_named_weighting_gives_the_loss_of_its_weights(logits, weight_alignment):
+    z_with, z_without, labels = logits
+    cfg = LossConfig(variant="nextquill", weighting=SOFT, weight_alignment=weight_alignment)
+    loss, aux = loss_from_logits(z_with, z_without, labels, cfg)
+    want = _soft_loss64(z_with, z_without, labels, cfg)
+    np.testing.assert_allclose(float(loss), want, rtol=2e-6)
+    hard, _ = loss_from_logits(z_with, z_without, labels, LossConfig(weight_alignment=weight_alignment))
+    assert abs(float(hard) - want) > 1e-3  # the weighting took effect: the paper's weights give another loss
+    # δ still decides what is counted as preference-bearing
+    assert float(aux["pref_count"]) == float(((_dce(z_with, z_without, labels)) > cfg.threshold).sum())
+
+
+def _dce(z_with, z_without, labels) -> np.ndarray:
+    mask = labels != -100
+    safe = np.where(mask, labels, 0)[..., None]
+    p = lambda z: np.exp(np.take_along_axis(_log_softmax64(z), safe, -1)[..., 0])
+    return np.where(mask, p(z_with) - p(z_without), 0.0)
+
+
+def test_the_fused_head_path_uses_the_weighting_too(logits):
+    """`loss_from_hidden` (the train step's path) equals `loss_from_logits` with the same weighting, value
+    and gradient, where the logits are hidden states times the head."""
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(1)
+    _, _, labels = logits
+    h_with, h_without = (jnp.asarray(rng.normal(size=(3, 7, 5)), jnp.float32) for _ in range(2))
+    head = jnp.asarray(rng.normal(size=(5, 13)), jnp.float32)
+    cfg = LossConfig(variant="dce", weighting=SOFT)
+    chunks = {"head_layout": "dv", "token_chunk": 8, "vocab_chunk": 8}  # several tiles of each
+    fused = lambda w: loss_from_hidden(h_with, h_without, w, labels, cfg, **chunks)[0]
+    plain = lambda w: loss_from_logits(h_with @ w, h_without @ w, labels, cfg)[0]
+    np.testing.assert_allclose(float(fused(head)), float(plain(head)), rtol=1e-6)
+    np.testing.assert_allclose(jax.grad(fused)(head), jax.grad(plain)(head), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "name, said",
+    [
+        ("soft_weights", "is not of the form 'module:function'"),
+        ("tests.loss.no_such_module:soft", "module 'tests.loss.no_such_module' of "),
+        ("tests.loss.custom_weighting:soft", "has no attribute 'soft'"),
+        ("tests.loss.custom_weighting:NOT_A_FUNCTION", "is a int, not a function"),
+    ],
+)
+def test_a_weighting_that_names_no_function_is_refused_with_the_fix(name, said):
+    with pytest.raises(ValueError, match=r"^LossConfig\.weighting: ") as e:
+        LossConfig(weighting=name)
+    assert said in str(e.value) and "Fix: " in str(e.value), e.value
+
+
+def test_a_weighting_is_refused_for_a_variant_without_dce_weights_and_a_wrong_shape_is_named(logits):
+    with pytest.raises(ValueError, match=r"variant 'context_sft' does not weight tokens by DCE"):
+        LossConfig(variant="context_sft", weighting=SOFT)
+    cfg = LossConfig(weighting="tests.loss.custom_weighting:one_per_row")
+    with pytest.raises(ValueError, match=r"returned weights of shape \(3,\) for DCE of shape \(3, 7\)"):
+        loss_from_logits(*logits, cfg)
+
+
+def test_the_config_loader_takes_a_weighting_and_names_a_bad_one(tmp_path, tiny_config, write_config):
+    from nextquill_jax.config import load_config
+    from nextquill_jax.config_schema import ConfigError
+
+    path = write_config(tiny_config(tmp_path / "data", tmp_path / "run"), tmp_path / "run.yaml")
+    assert load_config(path, [f"loss.weighting={SOFT}"]).loss.weighting == SOFT
+    with pytest.raises(ConfigError, match=r"^command line: .*LossConfig\.weighting: module 'nope' of "):
+        load_config(path, ["loss.weighting=nope:f"])
+
+
+def test_a_run_records_its_weighting_and_a_resume_may_not_change_it(
+    tmp_path, write_random_data, write_config, tiny_config
+):
+    from nextquill_jax.config import load_config
+    from nextquill_jax.config_schema import ConfigError
+    from nextquill_jax.train.loop import train
+
+    data = write_random_data(tmp_path / "data", train=16, val=8)
+    path = write_config(tiny_config(data, tmp_path / "work"), tmp_path / "cfg.yaml")
+    overrides = [f"loss.weighting={SOFT}", "train.max_steps=1", "checkpoint.every_steps=1"]
+    assert train(load_config(path, overrides), tmp_path / "work", echo=lambda _: None).status == "finished"
+    assert load_config(tmp_path / "work" / "config.yaml").loss.weighting == SOFT
+    changed = overrides[1:]  # the paper's weights instead
+    with pytest.raises(ConfigError, match=rf'loss\.weighting: "{re.escape(SOFT)}" -> null'):
+        train(load_config(path, changed), tmp_path / "work", echo=lambda _: None)
+
+
+def test_the_readme_weighting_module_runs_as_named_and_gives_the_smoothed_step(tmp_path, monkeypatch, logits):
+    """README's "Your own token weights" module, saved as my_weights.py on the path and named as the
+    README names it: the loss of its weights (the float64 statement above, whose τ is the README's 0.02)."""
+    from tests.conftest import readme_python_block
+
+    code = readme_python_block("### Your own token weights")
+    assert "0.02" in code and TAU == 0.02
+    (tmp_path / "my_weights.py").write_text(code)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = LossConfig(weighting="my_weights:soft_weights")
+    loss, _ = loss_from_logits(*logits, cfg)
+    np.testing.assert_allclose(float(loss), _soft_loss64(*logits, cfg), rtol=2e-6)
