@@ -1,7 +1,7 @@
 """What a subcommand of `nextquill-jax` is: the contract between `cli.py` and each `<subpackage>/command.py`,
 how a command with actions adds one (`add_action`), and the argparse types those modules share for counts
 (`positive_int`, `non_negative_int`) and settings
-(`positive_float`, `non_negative_float`, `finite_float`, `probability`).
+(`positive_float`, `non_negative_float`, `dce_threshold`, `probability`).
 
 Imports nothing of this package, so every layer's command module can name it.
 """
@@ -94,13 +94,14 @@ def non_negative_float(text: str) -> float:
     return _float_where(text, lambda x: x >= 0, ">= 0")
 
 
-def finite_float(text: str) -> float:
-    """An argparse `type` for any finite number (`effects --threshold`): `float` alone takes nan and inf.
+def dce_threshold(text: str) -> float:
+    """An argparse `type` for a DCE threshold δ in [-1, 1) (`effects --threshold`), as `LossConfig.threshold`
+    requires: DCE is a probability difference in [-1, 1].
 
     Raises:
-        argparse.ArgumentTypeError: `text` is not a finite number.
+        argparse.ArgumentTypeError: `text` is not a number in [-1, 1).
     """
-    return _float_where(text, lambda x: True, "")
+    return _float_where(text, lambda x: -1 <= x < 1, "in [-1, 1)")
 
 
 def probability(text: str) -> float:

@@ -513,7 +513,7 @@ RANGE_FLAGS = [
     *((EVALUATE, "--temperature", bad, "> 0", GREEDY_HINT) for bad in ("0", "-0.5", "nan", "x")),
     *((EVALUATE, "--repetition-penalty", bad, "> 0", "") for bad in ("0", "-1", "inf")),
     *((EVALUATE, "--top-p", bad, "in (0, 1]", "") for bad in ("0", "1.5", "nan")),
-    *((EFFECTS, "--threshold", bad, "", "") for bad in ("nan", "inf", "x")),
+    *((EFFECTS, "--threshold", bad, "in [-1, 1)", "") for bad in ("nan", "inf", "x", "1", "2", "-1.5")),
     *((EFFECTS, "--high", bad, "> 0", "") for bad in ("0", "-1")),
     *((EFFECTS, "--low", bad, ">= 0", "") for bad in ("-0.1", "inf")),
 ]

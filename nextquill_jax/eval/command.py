@@ -30,7 +30,7 @@ from nextquill_jax.data.config import SPLITS
 from nextquill_jax.output_dir import check_output_dir
 from nextquill_jax.subcommand import (
     Subcommand,
-    finite_float,
+    dce_threshold,
     non_negative_float,
     non_negative_int,
     positive_float,
@@ -210,9 +210,9 @@ def add_effects_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", default=None, help="default: the one the data was prepared with")
     parser.add_argument(
         "--threshold",
-        type=finite_float,
+        type=dce_threshold,
         default=None,
-        help="DCE threshold δ; " + _loss_default("threshold", 0.05),
+        help="DCE threshold δ, in [-1, 1); " + _loss_default("threshold", 0.05),
     )
     parser.add_argument(
         "--high",

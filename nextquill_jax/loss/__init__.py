@@ -1,6 +1,7 @@
 """NextQuill's pure loss side: settings and variants (`config`), causal effects (`effects`), the losses
 (`losses`) and the tiled LM head they run on (`fused_head`). The names below are the public API."""
 
+from nextquill_jax.data.batch import IGNORE_INDEX  # the label of slots outside the loss, -100
 from nextquill_jax.loss.config import LossConfig, Variant, streams_needed
 from nextquill_jax.loss.losses import (
     DENOMINATOR_KEYS,
@@ -16,6 +17,7 @@ from nextquill_jax.loss.losses import (
 
 __all__ = [
     "DENOMINATOR_KEYS",
+    "IGNORE_INDEX",
     "LossConfig",
     "Variant",
     "combine_aux",

@@ -12,6 +12,8 @@ import math
 from collections.abc import Callable
 from typing import Literal, NamedTuple
 
+import numpy as np
+
 Variant = Literal["sft", "context_sft", "mce", "dce", "js", "nextquill"]
 Normalize = Literal["token", "example"]
 
@@ -87,8 +89,8 @@ class LossConfig:
         `alpha`: weight α of the alignment loss L_p (>= 0), or `public`: the public code's α for the variant
             (`PUBLIC_ALPHA`: 0.01 for mce, 0.1 for nextquill; 0.1 for variants without L_p, which ignore
             it), resolved to a number on loading.
-        `threshold`: DCE threshold δ: a target token whose data-side effect DCE (a probability difference,
-            in [-1, 1]) exceeds it is preference-bearing.
+        `threshold`: DCE threshold δ in [-1, 1): a target token whose data-side effect DCE (a probability
+            difference, in [-1, 1]) exceeds it is preference-bearing.
         `high`: target weight λ of a preference-bearing token (> 0, >= `low`).
         `low`: target weight ε of every other target token (>= 0).
         `weight_alignment`: weight L_p by the target weights (the paper) instead of uniformly (the public
@@ -114,7 +116,8 @@ class LossConfig:
             weights.
 
     A frozen, hashable dataclass: under `jax.jit` pass it as a static argument (`static_argnames`; each
-    distinct config compiles once). Its fields are Python numbers, not arrays: they cannot be traced, so
+    distinct config compiles once). Its fields are Python numbers, not arrays (a NumPy scalar such as
+    `np.float32(0.2)` is stored as the Python number of its value, `.item()`): they cannot be traced, so
     `vmap` or `grad` over `alpha`, `threshold` or the weights is not supported (build one config per value).
 
     Raises:
@@ -149,8 +152,23 @@ class LossConfig:
             raise ValueError(f"LossConfig.dce must be 'dynamic' or 'fixed', got {self.dce!r}")
         for name in ("alpha", "threshold", "high", "low", "anchor"):
             value = getattr(self, name)
+            if isinstance(value, np.generic):
+                # A NumPy scalar (np.float32(0.2), an element of an array) is kept as the Python number of the
+                # same value: the config then prints, saves and hashes as one built from Python numbers.
+                value = value.item()
+                object.__setattr__(self, name, value)
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-                raise ValueError(f"LossConfig.{name} must be a finite number, got {value!r}")
+                raise ValueError(
+                    f"LossConfig.{name} must be a finite number (a Python int or float, or a NumPy scalar), "
+                    f"got {value!r}"
+                )
+        if not -1 <= self.threshold < 1:
+            raise ValueError(
+                f"LossConfig.threshold must be in [-1, 1), got {self.threshold}: DCE is a probability "
+                "difference in [-1, 1], so no token's DCE exceeds a threshold >= 1 and every token's exceeds "
+                "one below -1 (no token or every token preference-bearing: uniform weights). Fix: set a "
+                "threshold in [-1, 1), such as the public code's 0.05"
+            )
         for name in ("alpha", "anchor"):
             if getattr(self, name) < 0:
                 raise ValueError(f"LossConfig.{name} must be >= 0, got {getattr(self, name)}")

@@ -86,7 +86,13 @@ def model_effect(logits_with: jax.Array, logits_without: jax.Array) -> jax.Array
 
 
 def data_effect(logprob_with: jax.Array, logprob_without: jax.Array, mask: jax.Array) -> jax.Array:
-    """DCE = p_h(y) − p_∅(y) from token log-probs [..., R]; no gradient, 0 where `mask` is False."""
+    """DCE = p_h(y) − p_∅(y) from token log-probs [..., R]; 0 where `mask` is False.
+
+    The result is wrapped in `jax.lax.stop_gradient`: its gradient with respect to the log-probs is zero, with
+    no error or warning. DCE is a data-side quantity (NEXTQUILL.md, "Causal preference effects"): it picks the
+    preference-bearing tokens whose weights carry no gradient, so no loss may move the model through it. For a
+    differentiable probability difference, take `jnp.exp(lp_with) - jnp.exp(lp_without)` of `token_logprobs`
+    yourself."""
     dce = jnp.exp(logprob_with.astype(jnp.float32)) - jnp.exp(logprob_without.astype(jnp.float32))
     return jax.lax.stop_gradient(jnp.where(mask, dce, 0.0))
 
@@ -94,6 +100,10 @@ def data_effect(logprob_with: jax.Array, logprob_without: jax.Array, mask: jax.A
 def dce_from_logits(logits_with: jax.Array, logits_without: jax.Array, labels: jax.Array) -> jax.Array:
     """DCE of the label tokens from two [..., R, V] logit streams → [..., R] float32, 0 at ignored slots, NaN
     where a (traced) label is outside [0, V).
+
+    No gradient: the result is `jax.lax.stop_gradient`ed (`data_effect`), so `jax.grad` through it is zero
+    with no error; DCE is data-side, the source of weights that carry no gradient (NEXTQUILL.md). A
+    differentiable soft weight must be built from `token_logprobs` of the two streams instead.
 
     Raises:
         ValueError: streams whose shapes differ or are not labels' shape + (V,), or (for concrete labels) a
@@ -127,9 +137,11 @@ def dce_from_hidden(
         labels: [..., R] target ids or IGNORE_INDEX.
 
     Returns:
-        [..., R] float32 DCE, 0 at ignored slots, NaN where a (traced) label is outside [0, V); no gradient.
-        Suitable for storing as `reference_dce`. (Its inputs' gradients are stopped, so unlike
-        `head_token_stats` it also passes through `jax.jvp`, with zero tangents.)
+        [..., R] float32 DCE, 0 at ignored slots, NaN where a (traced) label is outside [0, V); no gradient:
+        its inputs and result are `jax.lax.stop_gradient`ed, so `jax.grad` through it is zero with no error
+        (DCE is data-side, the source of weights that carry no gradient; NEXTQUILL.md). Suitable for storing
+        as `reference_dce`. (Its inputs' gradients are stopped, so unlike `head_token_stats` it also passes
+        through `jax.jvp`, with zero tangents.)
 
     Raises:
         ValueError: if the two hidden streams differ in shape, or (for concrete labels) a label is neither

@@ -356,7 +356,8 @@ def loss_from_aux(aux: Mapping[str, jax.Array], cfg: LossConfig) -> jax.Array:
     plus β a_sum / a_den with an anchor (`cfg.anchor` = β > 0).
 
     Raises:
-        ValueError: if a key the variant needs is missing.
+        ValueError: if a key the variant needs is missing (`aux` is the aux of `loss_from_logits` /
+            `loss_from_hidden` under the same config, or several merged with `combine_aux`).
     """
     return _loss_from_sums(aux, cfg, None)
 
@@ -368,7 +369,23 @@ def metrics_from_aux(aux: Mapping[str, jax.Array], cfg: LossConfig) -> dict[str,
     Always: loss, loss_n, tokens. With L_p: loss_p. Per stream computed: ce_with, ce_without (mean CE over
     target tokens, nats). With a DCE: pref_fraction, dce_mean, dce_std and the quantiles dce_p10/p50/p90 (see
     `combine_aux` for what they mean after combination). Means over zero tokens are reported as 0.
+
+    Raises:
+        ValueError: `aux` lacks a key these numbers or `cfg`'s loss need (`tokens`, the sums and their
+            denominators), naming them: pass the aux of `loss_from_logits` / `loss_from_hidden` computed
+            under `cfg`, or several such merged with `combine_aux`.
     """
+    # The keys read below; those of the variant's loss terms `loss_from_aux` checks itself.
+    needed = ["n_sum", "n_den", "tokens", *(f"{t}_den" for t in ("p", "a") if f"{t}_sum" in aux)]
+    if "effect_count" in aux:
+        needed += ["pref_count", "dce_sum", "dce_sq_sum", *DCE_QUANTILES]
+    missing = [k for k in needed if k not in aux]
+    if missing:
+        raise ValueError(
+            f"aux lacks {missing} (it has {sorted(aux)}): metrics_from_aux takes the aux that "
+            "loss_from_logits or loss_from_hidden returns under the same config, or several merged with "
+            "combine_aux(*auxes)"
+        )
     host = {k: np.asarray(v).item() for k, v in jax.device_get(dict(aux)).items()}  # int32 -> int
     return _metrics_from_sums(host, float(loss_from_aux(aux, cfg)))
 

@@ -143,6 +143,7 @@ class CausalLM(nnx.Module):
     prompt (through the configured attention), then `logits, cache = model.extend(ids, cache, ...)` for each
     new token.
     A LoRA run's loaded model carries its adapters (`attach_adapters`), which every forward then applies.
+    `model.cfg` is its `ModelConfig` (`vocab_size`, `hidden_size`, the dtypes, ...).
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -163,7 +164,8 @@ class CausalLM(nnx.Module):
     def __call__(
         self, input_ids: jax.Array, positions: jax.Array | None = None, segment_ids: jax.Array | None = None
     ) -> jax.Array:
-        """input_ids [B, T] int32 -> logits [B, T, V] float32; positions, segment_ids: see hidden_states."""
+        """input_ids [B, T] int32 -> logits [B, T, V] float32; positions, segment_ids and ids outside
+        [0, vocab_size) (NaN, no error): see hidden_states."""
         return self.logits(self.hidden_states(input_ids, positions, segment_ids))
 
     def hidden_states(
@@ -180,6 +182,13 @@ class CausalLM(nnx.Module):
         0..T-1); segment_ids [B, T] int32 (0 = padding, examples 1, 2, ... of a packed row; default all 1).
         A token attends to earlier tokens of its own segment only. `adapters`: LoRA adapters added to the
         projections they target (`lora.Adapters`; None: those the model carries, `attach_adapters`, if any).
+
+        The ids are not checked (no error, under `jax.jit` or not): an id >= `self.cfg.vocab_size` (the
+        model's `ModelConfig` is `.cfg`) or below -vocab_size has no embedding and gives NaN, which attention
+        can spread to the other positions of its row; a negative id in [-vocab_size, 0) silently reads the
+        embedding of id + vocab_size. `train` and `evaluate` (and `effects`, `compare`) refuse data holding
+        an id outside [0, vocab_size) before compiling (README, "A real model"); a direct caller checks its
+        own ids.
 
         Raises:
             ValueError: the config's attention_impl cannot run on this backend.

@@ -272,8 +272,8 @@ class Checkpointer:
         if step not in self.manager.all_steps():
             raise FileNotFoundError(
                 f"no complete checkpoint for step {step} in {self.directory}; complete ones: "
-                f"{self.all_steps()}. Fix: choose one of those steps (--step), or leave the step out for the "
-                "latest."
+                f"{self.all_steps()}. Fix: choose one of those steps (--step on the command line, step= in "
+                "Python), or leave the step out for the latest."
             )
 
     def check(self, step: int) -> StepCheck:

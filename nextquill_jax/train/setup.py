@@ -7,7 +7,13 @@ and eval steps. The loop (`loop.py`), evaluation (`eval/evaluate.py`) and the be
 
     run = set_up_run(cfg, workdir)
     state = init_state(run.initial_params(), run.tx, cfg.train.seed, run.state_shardings)
-    state, metrics = run.train_step(state, global_batch, run.reference_params)
+    iterator = iter(run.train_data.dataset())  # host-local batches
+    with jax.set_mesh(run.mesh):
+        global_batch = to_global_batch(next(iterator), run.mesh)  # data/global_batch.py
+        state, metrics = run.train_step(state, global_batch, run.reference_params, run.base_params)
+
+as `loop.py` does (`base_params` is the frozen base under LoRA, else None). The model of `state.params`:
+`model_and_adapters(run.graphdef, state.params, run.base_params, run.settings)` (`step.py`).
 """
 
 from __future__ import annotations
@@ -462,6 +468,9 @@ class RunSetup:
     no checkpoint to resume from). Under `model.lora` the state's parameters are the adapters, `base_params`
     the frozen base and `base_identity` its path and fingerprint (both None for full fine-tuning).
     `data_identity` is `resume.data_identity` of the train and eval splits, which each checkpoint records.
+    `graphdef` is the model's graph (the base's under LoRA), which the steps merge with the parameters:
+    `step.model_and_adapters(graphdef, state.params, base_params, settings)` is the model a step runs (and
+    its LoRA adapters).
     """
 
     config: Config
@@ -472,6 +481,7 @@ class RunSetup:
     total_steps: int
     epoch_ends: list[int]
     abstract_params: dict
+    graphdef: Any
     tx: optax.GradientTransformation
     state_shardings: TrainState
     reference: tuple[Any, dict] | None
@@ -612,6 +622,7 @@ def set_up_run(
         total_steps=total_steps,
         epoch_ends=epoch_ends,
         abstract_params=trainable_abstract,
+        graphdef=graphdef,
         tx=tx,
         state_shardings=s_shardings,
         reference=reference,

@@ -84,7 +84,13 @@ def model_and_adapters(
 def response_hidden(
     model: nnx.Module, batch: Batch, stream: str, adapters: Adapters | None = None
 ) -> jax.Array:
-    """Final hidden states at the response positions of one stream ("with" or "without"): [B, R, D]."""
+    """Final hidden states at the response positions of one stream ("with" or "without"): [B, R, D].
+
+    Raises:
+        ValueError: `stream` is neither "with" nor "without" (case counts), naming both.
+    """
+    if stream not in ("with", "without"):  # else a KeyError for the batch key f"{stream}_ids"
+        raise ValueError(f'response_hidden: stream must be "with" or "without", got {stream!r}')
     hidden = model.hidden_states(
         batch[f"{stream}_ids"],
         batch[f"{stream}_positions"],

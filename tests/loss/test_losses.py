@@ -6,6 +6,8 @@ under test. Gradients are compared with central finite differences of the refere
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -311,9 +313,10 @@ def test_all_dce_below_threshold_gives_plain_mean_ce(data):
     zw, zo, y = data
     mask = y != IGNORE
     mean_ce = -np_label_logprob(zw, y)[mask].mean()
+    assert np_dce(zw, zo, y)[mask].max() < 0.99  # (a threshold >= 1, which no DCE exceeds, is refused)
     for cfg in (
-        LossConfig(variant="dce", threshold=1.0),
-        LossConfig(variant="nextquill", alpha=0.0, threshold=1.0),
+        LossConfig(variant="dce", threshold=0.99),
+        LossConfig(variant="nextquill", alpha=0.0, threshold=0.99),
     ):
         loss, aux = jax_loss(zw, zo, y, cfg)
         np.testing.assert_allclose(float(loss), mean_ce, rtol=1e-6)
@@ -365,6 +368,10 @@ def test_an_example_of_only_ignored_labels_changes_nothing(data, variant, wa, de
         (dict(variant="dpo"), "unknown variant"),
         (dict(alpha=-0.1), "alpha must be >= 0"),
         (dict(alpha=float("nan")), "alpha must be a finite number"),
+        *[
+            (dict(threshold=bad), rf"threshold must be in \[-1, 1\), got {bad}: DCE is a probability .* Fix")
+            for bad in (1.0, 2.0, -1.5)
+        ],
         (dict(high=0.1, low=0.9), r"high \(0.1\) < LossConfig.low"),
         (dict(low=-0.1), "low >= 0"),
         (dict(dce="frozen"), "'dynamic' or 'fixed'"),
@@ -380,6 +387,29 @@ def test_an_example_of_only_ignored_labels_changes_nothing(data, variant, wa, de
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         LossConfig(**kwargs)
+
+
+def test_numpy_scalars_are_stored_as_python_numbers():
+    """`LossConfig(alpha=np.float32(0.2))` was refused as "must be a finite number": a NumPy scalar (an
+    element of an array of settings) is kept as the Python number of its value, so the config equals, hashes
+    and prints as one built from Python numbers, and NumPy's own NaN is still refused."""
+    cfg = LossConfig(
+        alpha=np.float32(0.2),
+        threshold=np.float64(0.1),
+        high=np.int64(1),
+        low=np.float16(0.5),
+        anchor=np.int8(0),
+    )
+    python = LossConfig(alpha=float(np.float32(0.2)), threshold=0.1, high=1, low=0.5, anchor=0)
+    fields = ("alpha", "threshold", "high", "low", "anchor")
+    assert [type(getattr(cfg, k)) for k in fields] == [float, float, int, float, int]
+    assert cfg == python and hash(cfg) == hash(python) and repr(cfg) == repr(python)
+    with pytest.raises(
+        ValueError, match=r"alpha must be a finite number \(a Python int or float, or a NumPy"
+    ):
+        LossConfig(alpha=np.float32("nan"))
+    with pytest.raises(ValueError, match=r"threshold must be a finite number .*got array\(0.1\)"):
+        LossConfig(threshold=np.array(0.1))
 
 
 @pytest.mark.parametrize(
@@ -413,3 +443,33 @@ def test_missing_or_unused_sources_raise(data):
         )
     with pytest.raises(ValueError, match=r"denominators lacks \['p_den'\]"):
         loss_from_logits(zw32, zo32, yj, LossConfig(), denominators={"n_den": aux["n_den"]})
+
+
+def test_metrics_from_an_aux_without_its_keys_name_them_and_where_an_aux_comes_from(data):
+    """metrics_from_aux of a hand-made aux failed with a bare KeyError: 'tokens'; it names the missing keys
+    (each term's denominator, the DCE statistics with effect_count) and the functions whose aux it takes."""
+    zw, zo, y = data
+    _, aux = loss_from_logits(*(jnp.asarray(z, jnp.float32) for z in (zw, zo)), jnp.asarray(y), LossConfig())
+    source = "metrics_from_aux takes the aux that loss_from_logits or loss_from_hidden returns .* combine_aux"
+    for cfg, partial, missing in (
+        (LossConfig(variant="context_sft"), {"n_sum": 1.0, "n_den": 2.0}, ["tokens"]),
+        (LossConfig(), {k: v for k, v in aux.items() if k != "p_den"}, ["p_den"]),
+        (
+            LossConfig(),
+            {k: v for k, v in aux.items() if k not in ("dce_sum", "dce_p50")},
+            ["dce_sum", "dce_p50"],
+        ),
+    ):
+        with pytest.raises(ValueError, match=rf"aux lacks {re.escape(str(missing))} \(it has .*\): {source}"):
+            metrics_from_aux(partial, cfg)
+    assert metrics_from_aux(aux, LossConfig())["tokens"] == int(aux["tokens"])
+
+
+def test_the_loss_package_exports_the_ignore_index_of_the_data():
+    """Labels mark slots outside the loss with IGNORE_INDEX; a caller of the loss API imports it from
+    nextquill_jax.loss (it lived only in data.batch), the same constant, not a copy."""
+    import nextquill_jax.loss as loss
+    from nextquill_jax.data.batch import IGNORE_INDEX
+
+    assert "IGNORE_INDEX" in loss.__all__ and loss.IGNORE_INDEX is IGNORE_INDEX == IGNORE == -100
+    assert all(hasattr(loss, name) for name in loss.__all__)

@@ -374,3 +374,17 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint_and_marks_nothi
     _save_steps(ckpt, [3])  # the disk has room again: saving goes on
     assert ckpt.all_steps() == [1, 3] and ckpt.check(3).status == "ok"
     ckpt.close()
+
+
+def test_a_step_without_a_checkpoint_names_the_steps_there_and_both_ways_to_choose_one(tmp_path):
+    """The fix named only the CLI's --step, also when `restore_model(workdir, step=5)` was called from
+    Python: it names both."""
+    ckpt = Checkpointer(tmp_path, CheckpointConfig(keep=3))
+    _save_steps(ckpt, [1, 2])
+    with pytest.raises(FileNotFoundError) as e:
+        ckpt.require_verified(5)
+    assert str(e.value) == (
+        f"no complete checkpoint for step 5 in {tmp_path}; complete ones: [1, 2]. Fix: choose one of those "
+        "steps (--step on the command line, step= in Python), or leave the step out for the latest."
+    )
+    ckpt.close()

@@ -405,3 +405,47 @@ def test_the_logged_learning_rate_is_the_one_applied_after_a_skipped_update(
     assert [float(m["skipped"]), int(state.step)] == [1.0, 4]
     np.testing.assert_allclose(logged, want, rtol=1e-6)
     assert want[1] == want[2] > want[3]  # the skip held the schedule at count 1 for step 2
+
+
+def test_response_hidden_refuses_a_stream_other_than_with_or_without():
+    """`response_hidden(model, batch, "With")` failed with KeyError: 'With_ids'; it names the two streams,
+    before the model or the batch is read."""
+    from nextquill_jax.train.step import response_hidden
+
+    for stream in ("With", "history", ""):
+        with pytest.raises(ValueError, match=rf'stream must be "with" or "without", got {stream!r}'):
+            response_hidden(None, {}, stream)
+
+
+def test_the_setup_example_runs_and_run_graphdef_merges_the_trained_parameters(
+    tmp_path, write_random_data, tiny_config
+):
+    """The example of setup.py's docstring, as loop.py runs a step (base_params passed, the global batch from
+    `to_global_batch`), and `RunSetup.graphdef`: with `model_and_adapters` it gives the model of the state's
+    parameters (set_up_run kept its graphdef to itself)."""
+    from flax import nnx
+
+    from nextquill_jax.config import load_config
+    from nextquill_jax.data.global_batch import to_global_batch
+    from nextquill_jax.train.setup import init_state, set_up_run
+    from nextquill_jax.train.step import model_and_adapters, response_hidden
+
+    raw = tiny_config(write_random_data(tmp_path / "data"), tmp_path / "run")
+    raw["model"]["attention_impl"] = "xla_dense"  # compiles faster than blockwise
+    cfg = load_config(None, base=raw)
+    run = set_up_run(cfg, tmp_path / "run", echo=lambda _: None)
+    state = init_state(run.initial_params(), run.tx, cfg.train.seed, run.state_shardings)
+    iterator = iter(run.train_data.dataset())
+    with jax.set_mesh(run.mesh):
+        global_batch = to_global_batch(next(iterator), run.mesh)
+        state, metrics = run.train_step(state, global_batch, run.reference_params, run.base_params)
+        model, adapters = model_and_adapters(run.graphdef, state.params, run.base_params, run.settings)
+        hidden = response_hidden(model, global_batch, "with", adapters)
+    assert int(state.step) == 1 and np.isfinite(float(metrics["loss"]))
+    assert adapters is None and model.cfg.vocab_size == run.config.model.model_config().vocab_size
+    merged = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    assert jax.tree.all(
+        jax.tree.map(lambda a, b: bool((np.asarray(a) == np.asarray(b)).all()), merged, state.params)
+    )
+    rows, slots = global_batch["labels"].shape
+    assert hidden.shape == (rows, slots, model.cfg.hidden_size) and np.isfinite(np.asarray(hidden)).all()
