@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from nextquill_jax.models.gguf_file import GGUFContents, TensorEntry, read_gguf_file
+
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("llama", "qwen2", "qwen3")
 _HF_ARCHITECTURE = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
@@ -60,13 +62,8 @@ def read_gguf(path: str | PathLike[str]) -> tuple[dict[str, Any], dict[str, np.n
             tensor name with no Hugging Face counterpart; or a tensor whose shape disagrees with the metadata.
             The message names the file and the field or tensor.
     """
-    import gguf
-
-    reader, meta, arch = _open(path)
-    tensors = {}
-    for tensor in reader.tensors:
-        hf_name = _hf_tensor_name(tensor.name, path)
-        tensors[hf_name] = _dequantize(tensor, path, gguf)
+    contents, meta, arch = _open(path)
+    tensors = {_hf_tensor_name(t.name, path): _dequantize(t, path) for t in contents.tensors}
     config = _hf_config(meta, arch, {name: array.shape for name, array in tensors.items()}, path)
     _check_shapes(tensors, config, path)
     if arch == "llama":
@@ -81,43 +78,39 @@ def read_gguf_config(path: str | PathLike[str]) -> dict[str, Any]:
     Raises:
         FileNotFoundError / ValueError: as `read_gguf`, for the metadata and tensor names.
     """
-    reader, meta, arch = _open(path)
+    contents, meta, arch = _open(path)
     path = Path(path)
-    # GGUF lists dimensions innermost first; Hugging Face layouts list them outermost first.
-    shapes = {_hf_tensor_name(t.name, path): tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors}
+    shapes = {_hf_tensor_name(t.name, path): t.shape for t in contents.tensors}
     return _hf_config(meta, arch, shapes, path)
 
 
-def _open(path: str | PathLike[str]) -> tuple[Any, _Metadata, str]:
-    """(reader, metadata, architecture) of a GGUF file whose architecture we support."""
-    import gguf
-
+def _open(path: str | PathLike[str]) -> tuple[GGUFContents, _Metadata, str]:
+    """(contents, metadata, architecture) of a GGUF file whose architecture we support."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file {path} does not exist")
-    reader = gguf.GGUFReader(path)
-    meta = _Metadata(reader, path)
+    contents = read_gguf_file(path)
+    meta = _Metadata(contents.metadata, path)
     arch = meta.required("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(
             f"{path}: GGUF architecture {arch!r} is not supported; supported: {list(SUPPORTED_ARCHITECTURES)}"
         )
-    return reader, meta, arch
+    return contents, meta, arch
 
 
 class _Metadata:
     """Typed access to a GGUF file's key/value metadata with errors that name the file and key."""
 
-    def __init__(self, reader: Any, path: Path):
-        self.fields = reader.fields
+    def __init__(self, metadata: dict[str, Any], path: Path):
+        self.metadata = metadata
         self.path = path
 
     def get(self, key: str, default: Any = None) -> Any:
-        field = self.fields.get(key)
-        return default if field is None else field.contents()
+        return self.metadata.get(key, default)
 
     def required(self, key: str) -> Any:
-        if key not in self.fields:
+        if key not in self.metadata:
             raise ValueError(f"{self.path}: GGUF metadata has no {key!r}")
         return self.get(key)
 
@@ -137,16 +130,20 @@ def _hf_tensor_name(gguf_name: str, path: Path) -> str:
     raise ValueError(f"{path}: GGUF tensor {gguf_name!r} has no Hugging Face counterpart in this reader")
 
 
-def _dequantize(tensor: Any, path: Path, gguf: Any) -> np.ndarray:
+def _dequantize(tensor: TensorEntry, path: Path) -> np.ndarray:
+    """The tensor as float32, shaped outermost first."""
+    import gguf
+
+    ggml_type = gguf.GGMLQuantizationType(tensor.ggml_type)
     try:
-        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        values = gguf.quants.dequantize(tensor.data, ggml_type)
     except NotImplementedError as err:
         raise ValueError(
-            f"{path}: tensor {tensor.name!r} is stored as {tensor.tensor_type.name}, which gguf "
+            f"{path}: tensor {tensor.name!r} is stored as {ggml_type.name}, which gguf "
             f"{_gguf_version()} cannot dequantize ({err})"
         ) from err
     # a fresh float32 array: F32 tensors come back as read-only views of the memory-mapped file
-    return np.array(values, dtype=np.float32)
+    return np.array(values, dtype=np.float32).reshape(tensor.shape)
 
 
 def _gguf_version() -> str:

@@ -263,12 +263,12 @@ _GGUF_PRE_TOKENIZERS = ("smollm",)
 
 def _convert_gguf(path: Path) -> PreTrainedTokenizerFast:
     """The byte-level BPE tokenizer a GGUF file's `tokenizer.ggml.*` metadata describes."""
-    import gguf
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    fields = gguf.GGUFReader(path).fields
-    value = lambda key, default=None: fields[key].contents() if key in fields else default
+    from nextquill_jax.models.gguf_file import read_gguf_file
+
+    value = read_gguf_file(path).metadata.get
     kind, pre = value("tokenizer.ggml.model"), value("tokenizer.ggml.pre")
     if kind != "gpt2" or pre not in _GGUF_PRE_TOKENIZERS:
         raise ValueError(

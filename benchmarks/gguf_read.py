@@ -1,0 +1,75 @@
+"""What reading a GGUF checkpoint costs: the packaged SmolLM2-135M file's metadata and tensor table read by
+`models.gguf_file.read_gguf_file` against the `gguf` package's `GGUFReader` (which `read_gguf` used before),
+in the same process; and `read_gguf` whole (layout, dequantization to float32, Hugging Face names).
+
+    python benchmarks/gguf_read.py
+    python benchmarks/gguf_read.py --append-results benchmarks/RESULTS.md
+
+Each is the best of `--rounds` (the file is in the page cache after the first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+import gguf
+
+from nextquill_jax.bench.record import append_results, results_header
+from nextquill_jax.models.gguf import read_gguf, read_gguf_config
+from nextquill_jax.models.gguf_file import read_gguf_file
+from nextquill_jax.models.packaged import packaged_model_path
+
+
+def best(fn, rounds: int) -> float:
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--append-results", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    path = packaged_model_path("smollm2-135m")
+    contents = read_gguf_file(path)
+    reader_s = best(lambda: gguf.GGUFReader(path), args.rounds)
+    ours_s = best(lambda: read_gguf_file(path), args.rounds)
+    config_s = best(lambda: read_gguf_config(path), args.rounds)
+    whole_s = best(lambda: read_gguf(path), args.rounds)
+    rows = [
+        "| read | seconds | against GGUFReader |",
+        "| --- | ---: | ---: |",
+        f"| `gguf.GGUFReader` (metadata and tensor table) | {reader_s:.3f} | 1.00 |",
+        f"| `read_gguf_file` (the same) | {ours_s:.3f} | {ours_s / reader_s:.3f} |",
+        f"| `read_gguf_config` (config.json from the metadata) | {config_s:.3f} | {config_s / reader_s:.3f} |",
+        f"| `read_gguf` (config and float32 tensors) | {whole_s:.3f} | {whole_s / reader_s:.3f} |",
+    ]
+    header = results_header(
+        "GGUF metadata: the file's layout read with struct instead of gguf's GGUFReader",
+        ["python", *map(shlex.quote, sys.argv)],
+        [
+            f"file: {path.name}, {path.stat().st_size / 1e6:.0f} MB, {len(contents.metadata)} metadata keys "
+            f"({len(contents.metadata.get('tokenizer.ggml.tokens', []))} tokens, "
+            f"{len(contents.metadata.get('tokenizer.ggml.merges', []))} merges), {len(contents.tensors)} "
+            f"tensors; gguf {version('gguf')}; best of {args.rounds}",
+        ],
+    )
+    lines = [*header, *rows]
+    print("\n".join(lines))
+    if args.append_results:
+        append_results(args.append_results, lines)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

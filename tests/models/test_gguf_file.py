@@ -1,0 +1,97 @@
+"""The GGUF layout reader (models/gguf_file.py) against the `gguf` package's own `GGUFReader`: every metadata
+value and every tensor's bytes, for the packaged SmolLM2-135M file and a file written here with every value
+type; and the errors a damaged file gets."""
+
+import gguf
+import numpy as np
+import pytest
+
+from nextquill_jax.models.gguf_file import read_gguf_file
+from nextquill_jax.models.packaged import packaged_model_path
+
+# GGUFReader's pseudo-fields for the header's own numbers, which are not metadata keys.
+HEADER_FIELDS = {"GGUF.version", "GGUF.tensor_count", "GGUF.kv_count"}
+
+
+def assert_reads_as_gguf_reader_does(path) -> None:
+    ours, reference = read_gguf_file(path), gguf.GGUFReader(path)
+    expected = {k: f.contents() for k, f in reference.fields.items() if k not in HEADER_FIELDS}
+    assert list(ours.metadata) == list(expected)  # the file's order
+    for key, value in expected.items():
+        assert ours.metadata[key] == value and type(ours.metadata[key]) is type(value), key
+    assert [t.name for t in ours.tensors] == [t.name for t in reference.tensors]
+    for mine, theirs in zip(ours.tensors, reference.tensors, strict=True):
+        assert mine.ggml_type == int(theirs.tensor_type), mine.name
+        assert mine.dims == tuple(int(d) for d in theirs.shape), mine.name
+        assert mine.data.dtype == np.uint8 and mine.data.shape[:-1] == theirs.data.shape[:-1], mine.name
+        assert mine.data.tobytes() == theirs.data.tobytes(), mine.name
+
+
+def test_the_packaged_smollm2_file_reads_as_gguf_reader_reads_it():
+    assert_reads_as_gguf_reader_does(packaged_model_path("smollm2-135m"))
+
+
+def _write_every_type(path, alignment: int | None = None) -> None:
+    writer = gguf.GGUFWriter(str(path), "llama")
+    if alignment is not None:
+        writer.add_custom_alignment(alignment)
+    for name, value_type, value in [
+        ("u8", gguf.GGUFValueType.UINT8, 200),
+        ("i8", gguf.GGUFValueType.INT8, -100),
+        ("u16", gguf.GGUFValueType.UINT16, 60000),
+        ("i16", gguf.GGUFValueType.INT16, -30000),
+        ("u32", gguf.GGUFValueType.UINT32, 4_000_000_000),
+        ("i32", gguf.GGUFValueType.INT32, -2_000_000_000),
+        ("u64", gguf.GGUFValueType.UINT64, 2**63 + 5),
+        ("i64", gguf.GGUFValueType.INT64, -(2**62)),
+        ("f32", gguf.GGUFValueType.FLOAT32, 0.1),  # not exact in float32: read as the stored value
+        ("f64", gguf.GGUFValueType.FLOAT64, 0.1),
+        ("yes", gguf.GGUFValueType.BOOL, True),
+        ("text", gguf.GGUFValueType.STRING, "héllo ▁wörld"),
+        ("empty", gguf.GGUFValueType.STRING, ""),
+    ]:
+        writer.add_key_value(f"test.{name}", value, value_type)
+    writer.add_array("test.ints", [1, -2, 3])
+    writer.add_array("test.floats", [0.5, 0.25])
+    writer.add_array("test.strings", ["a", "", "ünïcode"])
+    writer.add_array("test.bools", [True, False])
+    writer.add_array("test.nothing", [])
+    rng = np.random.default_rng(0)
+    writer.add_tensor("f32", rng.normal(size=(3, 5)).astype(np.float32))
+    writer.add_tensor("f16", rng.normal(size=(7,)).astype(np.float16))
+    q8 = gguf.quants.quantize(rng.normal(size=(2, 4, 64)).astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
+    writer.add_tensor("q8", q8, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("alignment", [None, 64])
+def test_every_value_type_and_tensor_layout_reads_as_gguf_reader_reads_it(tmp_path, alignment):
+    path = tmp_path / "every_type.gguf"
+    _write_every_type(path, alignment)
+    assert_reads_as_gguf_reader_does(path)
+    tensors = {t.name: t for t in read_gguf_file(path).tensors}
+    # Q8_0: blocks of 32 values in 34 bytes, 2 per row (16 in all, 544 bytes)
+    assert tensors["q8"].shape == (2, 4, 64) and tensors["q8"].data.shape == (2, 4, 2 * 34)
+
+
+def test_a_damaged_file_is_named_with_what_is_wrong(tmp_path):
+    good = tmp_path / "good.gguf"
+    _write_every_type(good)
+    raw = good.read_bytes()
+    cases = {
+        "magic": (b"GGML" + raw[4:], r"not a GGUF file \(it starts with b'GGML'"),
+        "version": (raw[:4] + (7).to_bytes(4, "little") + raw[8:], r"GGUF version 7 is not supported"),
+        "header": (raw[:100], r"truncated"),
+        "data": (raw[:-10], r"GGUF tensor 'q8' \(544 bytes at byte \d+\) runs past the end of the file"),
+    }
+    for name, (content, message) in cases.items():
+        path = tmp_path / f"{name}.gguf"
+        path.write_bytes(content)
+        with pytest.raises(ValueError, match=message) as caught:
+            read_gguf_file(path)
+        assert str(path) in str(caught.value), name
+    with pytest.raises(FileNotFoundError):
+        read_gguf_file(tmp_path / "missing.gguf")
