@@ -532,6 +532,31 @@ def test_a_setting_out_of_its_range_is_refused_by_its_flag_while_parsing(
     assert list(tmp_path.iterdir()) == []  # refused before any work
 
 
+@pytest.mark.parametrize(
+    "name, said",
+    [
+        ("soft_weights", "'soft_weights' is not of the form 'module:function'. Fix: name a function as "),
+        ("nope:f", "module 'nope' of 'nope:f' does not import (No module named 'nope'). Fix: make it "),
+        ("tests.loss.custom_weighting:soft", "module 'tests.loss.custom_weighting' has no attribute 'soft' "),
+        (
+            "tests.loss.custom_weighting:NOT_A_FUNCTION",
+            "'tests.loss.custom_weighting:NOT_A_FUNCTION' is a int, not a function. Fix: name a function",
+        ),
+    ],
+)
+def test_effects_weighting_names_a_function_checked_while_parsing(name, said, tmp_path, capsys):
+    """--weighting is refused by its flag while parsing, before any work, with the message and fix that a bad
+    `loss.weighting` gets in a config; a function that imports is taken as named."""
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in EFFECTS]
+    soft = "tests.loss.custom_weighting:soft_weights"
+    assert cli.build_parser().parse_args([*argv, "--weighting", soft]).weighting == soft
+    with pytest.raises(SystemExit) as e:
+        cli.main([*argv, "--weighting", name])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"argument --weighting: {said}" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_decoding_flags_replace_only_their_keys_and_no_do_sample_asks_for_greedy():
     """A run config that samples is evaluated greedily with --no-do-sample (there was only --do-sample);
     the edges of each range are accepted."""
@@ -573,6 +598,7 @@ def test_help_states_the_config_defaults_the_flags_fall_back_to():
     effects = text("effects")
     for key in ("threshold", "high", "low"):
         assert f"default: the run's loss.{key}; with --model {getattr(LossConfig(), key)}" in effects
+    assert "default: the run's loss.weighting; with --model none (λ / ε)" in effects  # LossConfig's None
 
 
 def test_effects_refuses_high_below_low_naming_the_flags_before_loading_a_model(

@@ -51,7 +51,7 @@ from nextquill_jax.config_schema import ConfigError, build, read_yaml, with_line
 from nextquill_jax.data.assemble import RowShape
 from nextquill_jax.loss import LossConfig, Variant
 from nextquill_jax.mesh_sizes import MESH_AXES, checked_shape, mesh_entry
-from nextquill_jax.models.config import ModelConfig, check_scan_unroll
+from nextquill_jax.models.config import ModelConfig, SpecialIdsOutsideVocabError, check_scan_unroll
 from nextquill_jax.train.resume import config_changes, listed_changes
 
 
@@ -169,7 +169,10 @@ class ScalingConfig:
             try:
                 self.model_config(model)
             except ValueError as e:
-                raise ValueError(f"`models[{i}]` ({model.name!r}): {e}") from None
+                # ModelConfig names the fix of its special ids in a training config's keys: here, this file's.
+                prefix = f"models[{i}].overrides."
+                said = e.message(prefix) if isinstance(e, SpecialIdsOutsideVocabError) else e
+                raise ValueError(f"`models[{i}]` ({model.name!r}): {said}") from None
 
     def model_config(self, model: SweepModel) -> ModelConfig:
         """The ModelConfig of one sweep model with this sweep's runtime settings but `cudnn_max_segments`,

@@ -19,7 +19,6 @@ tabulates them against a baseline with paired bootstrap intervals (`eval.compare
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import sys
 from pathlib import Path
@@ -226,6 +225,13 @@ def add_effects_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="weight ε of the other target tokens, >= 0; " + _loss_default("low", 0.1),
     )
+    parser.add_argument(
+        "--weighting",
+        type=_weighting_name,
+        default=None,
+        help="target weights ω from a function of your own, package.module:function (README: Your own token "
+        "weights), in place of λ / ε; default: the run's loss.weighting; with --model none (λ / ε)",
+    )
     parser.add_argument("--max-shown", type=positive_int, default=20, help="examples drawn in the HTML")
 
 
@@ -235,14 +241,31 @@ def _loss_default(key: str, value: float) -> str:
     return f"default: the run's loss.{key}; with --model {value}"
 
 
-def _loss_overrides(args: argparse.Namespace) -> dict[str, float]:
-    """The loss flags of `effects` that were given, as `LossConfig` fields. Each flag's range is checked while
+def _weighting_name(text: str) -> str:
+    """The argparse `type` of `effects --weighting`: `text` names an importable function, as
+    `LossConfig.weighting` must (checked while parsing, so a misspelt name is refused before a model loads).
+
+    Raises:
+        argparse.ArgumentTypeError: `text` is not `module:function`, its module does not import, or it names
+            no function; with `loss.weighting`'s message and fix (`weighting_function`).
+    """
+    from nextquill_jax.loss.config import weighting_function  # JAX, only when the flag is given
+
+    try:
+        weighting_function(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def _loss_overrides(args: argparse.Namespace) -> dict[str, float | str]:
+    """The loss flags of `effects` that were given, as `LossConfig` fields. Each flag's value is checked while
     parsing; here, before a model is loaded, that --high is not below --low.
 
     Raises:
         ValueError: --high below --low, naming both and the fix.
     """
-    given = {k: v for k in ("threshold", "high", "low") if (v := getattr(args, k)) is not None}
+    given = {k: v for k in ("threshold", "high", "low", "weighting") if (v := getattr(args, k)) is not None}
     if given.get("high", math.inf) < given.get("low", -math.inf):
         raise ValueError(
             f"--high {given['high']} is below --low {given['low']}: preference-bearing tokens must not weigh "
@@ -251,9 +274,10 @@ def _loss_overrides(args: argparse.Namespace) -> dict[str, float]:
     return given
 
 
-def _with_loss_flags(loss_cfg: Any, given: dict[str, float], origin: str) -> Any:
-    """`loss_cfg` (a `LossConfig`) with the `effects` loss flags `given` (`_loss_overrides`) applied; `origin`
-    says where its own values come from: "the run's loss." or "the default ".
+def _with_loss_flags(loss_cfg: Any, given: dict[str, float | str], origin: str) -> Any:
+    """The report's weight settings: δ, λ, ε and `weighting` of `loss_cfg` (a `LossConfig`) with the `effects`
+    loss flags `given` (`_loss_overrides`) applied, as a `LossConfig` of the default variant; `origin` says
+    where `loss_cfg`'s values come from: "the run's loss." or "the default ".
 
     Raises:
         ValueError: one of --high / --low given, which leaves high below low, naming the flag, the value it
@@ -268,10 +292,15 @@ def _with_loss_flags(loss_cfg: Any, given: dict[str, float], origin: str) -> Any
         raise ValueError(
             f"{clash}: preference-bearing tokens must not weigh less than the others. Fix: {fix}"
         )
-    return dataclasses.replace(loss_cfg, **given)
+    from nextquill_jax.loss import LossConfig
+
+    # The report reads these four alone. Its variant is not the run's: a run whose variant weights no token
+    # by DCE (context_sft) takes a --weighting as it takes --threshold; its own variant would refuse one.
+    weights = {k: given.get(k, getattr(loss_cfg, k)) for k in ("threshold", "high", "low", "weighting")}
+    return LossConfig(**weights)
 
 
-def _check_loss_flags_against_run(workdir: Path, given: dict[str, float]) -> None:
+def _check_loss_flags_against_run(workdir: Path, given: dict[str, float | str]) -> None:
     """Before the checkpoint is restored: the `effects` loss flags `given` (`_loss_overrides`) against the
     loss of the run's config.yaml in `workdir`, as `_with_loss_flags` checks them against the restored
     checkpoint's. A resume refuses a changed `loss` section (`train.resume.MAY_CHANGE`), so config.yaml's is

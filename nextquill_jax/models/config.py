@@ -89,6 +89,31 @@ class RopeScaling:
                 )
 
 
+class SpecialIdsOutsideVocabError(ValueError):
+    """A `ModelConfig` whose BOS / EOS ids lie outside its vocabulary: `outside` maps each field
+    (`bos_token_id`, `eos_token_ids`) to its ids outside [0, `vocab_size`). Its message names the fix in a
+    training config's keys (`model.overrides.`); `message` names it in another file's (a sweep's
+    `models[2].overrides.`)."""
+
+    def __init__(self, vocab_size: int, outside: dict[str, list[int]]) -> None:
+        super().__init__(vocab_size, outside)  # as its args, so that it pickles
+        self.vocab_size, self.outside = vocab_size, outside
+
+    def __str__(self) -> str:
+        return self.message("model.overrides.")
+
+    def message(self, key_prefix: str) -> str:
+        """The error and its fix, which names the fields as `key_prefix` + field (`model.overrides.`)."""
+        named = ", ".join(f"{name} {value}" for name, value in self.outside.items())
+        keys = ", ".join(f"{key_prefix}{name}" for name in self.outside)
+        return (
+            f"ModelConfig special token ids outside the vocabulary (vocab_size {self.vocab_size}): {named}. "
+            f"Fix: set them to the tokenizer's ids (in a config: {keys}; e.g. eos_token_ids: [the "
+            "tokenizer's eos_token_id]): a preset whose vocab_size is overridden keeps its own ids. Or use a "
+            "larger vocab_size"
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Architecture + runtime settings of a causal LM. Frozen and hashable (usable as a static jit argument).
@@ -262,13 +287,7 @@ class ModelConfig:
             if (found := [i for i in values if not 0 <= i < self.vocab_size])
         }
         if outside:
-            named = ", ".join(f"{name} {value}" for name, value in outside.items())
-            raise ValueError(
-                f"ModelConfig special token ids outside the vocabulary (vocab_size {self.vocab_size}): "
-                f"{named}. Fix: set them to the tokenizer's ids (in a config: model.overrides."
-                f"{', model.overrides.'.join(outside)}; e.g. eos_token_ids: [the tokenizer's eos_token_id]): "
-                f"a preset whose vocab_size is overridden keeps its own ids. Or use a larger vocab_size"
-            )
+            raise SpecialIdsOutsideVocabError(self.vocab_size, outside)
 
     @property
     def param_jnp_dtype(self) -> jnp.dtype:

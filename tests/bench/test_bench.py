@@ -458,6 +458,12 @@ def test_config_errors_name_the_key(tmp_path):
         ("models: [{name: a, preset: qwen2.5-0.5b, overrides: {compute_dtype: float32}}]",
          "`models[0].overrides.compute_dtype` is not a ModelConfig architecture field (`compute_dtype` is a "
          "key of its own)"),
+        # A preset's special ids past a shrunk vocabulary: ModelConfig's fix, in this file's keys.
+        ("models: [{name: a, preset: qwen2.5-0.5b}, "
+         "{name: b, preset: qwen2.5-0.5b, overrides: {vocab_size: 704}}]",
+         "`models[1]` ('b'): ModelConfig special token ids outside the vocabulary (vocab_size 704): "
+         "bos_token_id [151643], eos_token_ids [151643]. Fix: set them to the tokenizer's ids (in a config: "
+         "models[1].overrides.bos_token_id, models[1].overrides.eos_token_ids; e.g. eos_token_ids: ["),
     ],
 )  # fmt: skip
 def test_sweep_file_errors_name_the_sweep_files_keys(tmp_path, line, expected):

@@ -40,6 +40,7 @@ from tests.shared import TINY_EOS_ID
 SPLIT = "val"
 THRESHOLD = 0.0  # a random model's effects are small; this flags about half of the tokens
 LOSS = LossConfig(threshold=THRESHOLD, high=0.8, low=0.2)
+SOFT = "tests.loss.custom_weighting:soft_weights"
 
 
 # ---------------------------------------------------------------- token roles
@@ -502,6 +503,30 @@ def test_a_report_of_a_weighting_names_it_instead_of_the_step_weights(data, mode
     assert "δ / λ / ε" not in raw
     assert f"<td class=l>δ / ω</td><td>{THRESHOLD:g} / {loss.weighting} (loss.weighting)</td>" in raw, raw
     assert summary["loss"]["weighting"] == loss.weighting
+
+
+def test_effects_command_takes_a_weighting_for_a_model_path(data, model, tmp_path):
+    """--weighting gives a report of --model the function's weights (it had the paper's λ / ε alone)."""
+    model_dir = save_pretrained(model, tmp_path / "model")
+    out = tmp_path / "out"
+    argv = ["effects", "--model", str(model_dir), "--data", str(data / "prep"), "--split", SPLIT]
+    assert main([*argv, "--examples", "0", "--weighting", SOFT, "--out", str(out)]) == 0
+    loss = LossConfig(weighting=SOFT)
+    assert json.loads((out / "summary.json").read_text())["loss"] == {
+        "threshold": loss.threshold, "high": loss.high, "low": loss.low, "weighting": SOFT
+    }  # fmt: skip
+    assert f"{loss.threshold:g} / {SOFT} (loss.weighting)" in (out / "index.html").read_text(encoding="utf-8")
+
+
+def test_effects_weighting_replaces_the_runs_as_threshold_replaces_its_threshold(trained_run, tmp_path):
+    """With --workdir, --weighting replaces the run's loss.weighting (null) and keeps its δ, λ, ε, as
+    --threshold replaces its δ; the run's variant (context_sft, which weights no token by DCE and so may not
+    set a weighting) does not refuse it."""
+    out = tmp_path / "out"
+    argv = ["effects", "--workdir", str(trained_run.workdir), "--split", "test", "--examples", "0"]
+    assert main([*argv, "--weighting", SOFT, "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["loss"] == {"threshold": 0.0, "high": 0.8, "low": 0.2, "weighting": SOFT}
 
 
 def test_effects_command_with_training_workdir(trained_run, tmp_path, capsys):

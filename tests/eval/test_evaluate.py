@@ -345,6 +345,32 @@ def test_the_prompt_batch_size_is_not_checked_against_the_mesh_when_nothing_is_g
     assert metrics["loss"] == fitting["loss"] and "overall" not in metrics
 
 
+def test_metrics_json_records_the_runs_weighting_or_null(trained_run, tmp_path):
+    """metrics.json's `loss` names the `loss.weighting` its weighted terms (loss_n, the variants table) were
+    computed with: null for the paper's λ / ε (the trained run), the function's name for a run that sets one
+    (the same checkpoint under a nextquill config with `tests.loss.custom_weighting:soft_weights`)."""
+    from nextquill_jax.train.workdir import restore_model
+
+    soft = "tests.loss.custom_weighting:soft_weights"
+    loaded = restore_model(trained_run.workdir)
+    weighted_loss = dataclasses.replace(loaded.config.loss, variant="nextquill", weighting=soft)
+    weighted = dataclasses.replace(loaded, config=dataclasses.replace(loaded.config, loss=weighted_loss))
+    saved = {}
+    for name, model in (("paper", loaded), ("soft", weighted)):
+        out = tmp_path / name
+        evaluate(
+            trained_run.workdir,
+            "test",
+            loaded=model,
+            generation_overrides={"max_new_tokens": 0},
+            out_dir=out,
+            echo=lambda _: None,
+        )
+        saved[name] = json.loads((out / "metrics.json").read_text())["loss"]
+    assert saved["paper"]["weighting"] is None and saved["soft"]["weighting"] == soft
+    assert saved["soft"]["terms"]["loss_n"] != saved["paper"]["terms"]["loss_n"]  # the weighting took effect
+
+
 def test_prompt_choice_follows_the_variant(run):
     workdir, _, _ = run
     cfg = load_config(workdir / "config.yaml")
