@@ -5,7 +5,7 @@ in the same process; and `read_gguf` whole (layout, dequantization to float32, H
     python benchmarks/gguf_read.py
     python benchmarks/gguf_read.py --append-results benchmarks/RESULTS.md
 
-Each is the best of `--rounds` (the file is in the page cache after the first).
+Each is the best of `--rounds` after a first call (the file is then in the page cache).
 """
 
 from __future__ import annotations
@@ -13,25 +13,16 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-import time
 from importlib.metadata import version
 from pathlib import Path
 
 import gguf
 
+from nextquill_jax.bench.harness import best_seconds
 from nextquill_jax.bench.record import append_results, results_header
 from nextquill_jax.models.gguf import read_gguf, read_gguf_config
 from nextquill_jax.models.gguf_file import read_gguf_file
 from nextquill_jax.models.packaged import packaged_model_path
-
-
-def best(fn, rounds: int) -> float:
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,16 +33,16 @@ def main(argv: list[str] | None = None) -> int:
 
     path = packaged_model_path("smollm2-135m")
     contents = read_gguf_file(path)
-    reader_s = best(lambda: gguf.GGUFReader(path), args.rounds)
-    ours_s = best(lambda: read_gguf_file(path), args.rounds)
-    config_s = best(lambda: read_gguf_config(path), args.rounds)
-    whole_s = best(lambda: read_gguf(path), args.rounds)
+    reader_s = best_seconds(lambda: gguf.GGUFReader(path), steps=args.rounds)
+    ours_s = best_seconds(lambda: read_gguf_file(path), steps=args.rounds)
+    config_s = best_seconds(lambda: read_gguf_config(path), steps=args.rounds)
+    whole_s = best_seconds(lambda: read_gguf(path), steps=args.rounds)
     rows = [
         "| read | seconds | against GGUFReader |",
         "| --- | ---: | ---: |",
         f"| `gguf.GGUFReader` (metadata and tensor table) | {reader_s:.3f} | 1.00 |",
         f"| `read_gguf_file` (the same) | {ours_s:.3f} | {ours_s / reader_s:.3f} |",
-        f"| `read_gguf_config` (config.json from the metadata) | {config_s:.3f} | {config_s / reader_s:.3f} |",
+        f"| `read_gguf_config` (config.json, metadata only) | {config_s:.3f} | {config_s / reader_s:.3f} |",
         f"| `read_gguf` (config and float32 tensors) | {whole_s:.3f} | {whole_s / reader_s:.3f} |",
     ]
     header = results_header(

@@ -1,9 +1,9 @@
 """The layout of a GGUF file (llama.cpp's checkpoint format, versions 2 and 3, little-endian): its key/value
 metadata and its tensor table, with each tensor's raw bytes as a view of the memory-mapped file.
 
-The `gguf` package's `GGUFReader` builds NumPy views for every part of every field, which takes 5.2 s for
+The `gguf` package's `GGUFReader` builds NumPy views for every part of every field, which takes 4.9 s for
 SmolLM2-135M's 49k-token vocabulary and 49k merges on a 2-core VM; this reads the same values with `struct`
-from the memory-mapped file in 0.16 s (benchmarks/RESULTS.md, "GGUF metadata"). Dequantization stays with
+from the memory-mapped file in 0.15 s (benchmarks/RESULTS.md, "GGUF metadata"). Dequantization stays with
 `gguf.quants` (`models.gguf`).
 
     magic "GGUF" | version u32 | tensor count u64 | metadata count u64
