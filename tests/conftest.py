@@ -93,14 +93,16 @@ def compilation_cache(tmp_path_factory) -> Path:
     for the same program and flags, so no result changes. Source locations are not part of the key (they hold
     the calling test's frames, so no test would reuse another's): a program's HLO may name the frames of the
     test that compiled it first, below the same library frames. A test that counts compilations counts cache
-    hits too (`compilations` below)."""
+    hits too (`compilations` below). Every executable is cached, however fast it compiled (JAX's default
+    leaves out those under 1 s; 0.5 s here until 2026-12-02): five training and evaluation files took 5%
+    less CPU that way (2 workers on 2 cores, two runs each: 230 and 221 against 217 and 209 user CPU-s)."""
     import jax
 
     shared = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         shared = shared.parent
     jax.config.update("jax_compilation_cache_dir", str(shared / "jax_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     return shared / "jax_cache"
 
 
