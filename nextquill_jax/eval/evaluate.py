@@ -173,8 +173,9 @@ def split_losses(
     """The loss terms of the first `count` examples of `split` under the model (forward passes only);
     `reference`: (graphdef, params) of the run's frozen reference model for `dce: fixed` (`reference_params`).
 
-    Returns `{"tokens", "variant", "weighting", "loss", "terms", "variants", "effects"}`: `weighting` is the
-    run's `loss.weighting` (None: the paper's λ / ε), which gave the weighted terms' ω; `loss` the run's own
+    Returns `{"tokens", "variant", "alpha", "threshold", "high", "low", "weighting", "loss", "terms",
+    "variants", "effects"}`: the run's loss settings behind the terms (α, δ, λ, ε, and `weighting`: its
+    `loss.weighting`, None for the paper's λ / ε, which gave the weighted terms' ω); `loss` the run's own
     loss (its `loss` section, as training's eval/loss); `terms` the mean CE with and without the history
     (`ce_with`, `ce_without`), the preference-weighted `loss_n` and the alignment loss `loss_p`, all in nats
     per target token; `variants` the loss every variant would have on these examples (sft = ce_without,
@@ -228,7 +229,8 @@ def split_losses(
     return {
         "tokens": terms["tokens"],
         "variant": run_loss.variant,
-        "weighting": run_loss.weighting,  # metrics.json's record of which ω its weighted terms have
+        # metrics.json's record of what its weighted and alignment terms were computed with
+        **{k: getattr(run_loss, k) for k in ("alpha", "threshold", "high", "low", "weighting")},
         "loss": own["loss"],
         "terms": {k: terms[k] for k in ("ce_with", "ce_without", "loss_n", "loss_p")},
         "variants": variant_losses(terms, alpha),

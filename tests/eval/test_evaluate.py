@@ -345,7 +345,7 @@ def test_the_prompt_batch_size_is_not_checked_against_the_mesh_when_nothing_is_g
     assert metrics["loss"] == fitting["loss"] and "overall" not in metrics
 
 
-def test_metrics_json_records_the_runs_weighting_or_null(trained_run, tmp_path):
+def test_metrics_json_records_the_runs_loss_settings_and_weighting_or_null(trained_run, tmp_path):
     """metrics.json's `loss` names the `loss.weighting` its weighted terms (loss_n, the variants table) were
     computed with: null for the paper's λ / ε (the trained run), the function's name for a run that sets one
     (the same checkpoint under a nextquill config with `tests.loss.custom_weighting:soft_weights`)."""
@@ -369,6 +369,13 @@ def test_metrics_json_records_the_runs_weighting_or_null(trained_run, tmp_path):
         saved[name] = json.loads((out / "metrics.json").read_text())["loss"]
     assert saved["paper"]["weighting"] is None and saved["soft"]["weighting"] == soft
     assert saved["soft"]["terms"]["loss_n"] != saved["paper"]["terms"]["loss_n"]  # the weighting took effect
+    # The run's α, δ, λ, ε beside it, as its config.yaml has them; α is the one in the variants table.
+    written = load_config(trained_run.workdir / "config.yaml").loss
+    for key in ("alpha", "threshold", "high", "low"):
+        assert saved["paper"][key] == getattr(written, key), key
+    terms, variants = saved["paper"]["terms"], saved["paper"]["variants"]
+    expected = terms["loss_n"] + saved["paper"]["alpha"] * terms["loss_p"]
+    assert abs(variants["nextquill"] - expected) <= 1e-6 * abs(expected)
 
 
 def test_prompt_choice_follows_the_variant(run):
