@@ -31,9 +31,6 @@ _STRING, _ARRAY = 8, 9
 # value type -> struct format of one little-endian item (strings and arrays are read apart)
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
             10: "<Q", 11: "<q", 12: "<d"}  # fmt: skip
-# Tensor types stored as plain NumPy items (the rest are blocks of `gguf.GGML_QUANT_SIZES` bytes).
-_PLAIN_TENSOR_TYPES = {0: np.float32, 1: np.float16, 24: np.int8, 25: np.int16, 26: np.int32, 27: np.int64,
-                       28: np.float64}  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,19 +159,28 @@ def read_gguf_file(path: str | Path) -> GGUFContents:
         if name in seen:
             raise ValueError(f"{path}: GGUF tensor {name!r} is listed twice")
         seen.add(name)
-        tensors.append(_tensor(whole, path, name, dims, ggml_type, data_start + offset, gguf))
+        # (values per block, bytes per block); plain types (F32, F16, I8, ...) are blocks of one value
+        sizes = gguf.GGML_QUANT_SIZES.get(ggml_type)
+        if sizes is None:
+            raise ValueError(
+                f"{path}: GGUF tensor {name!r} has ggml type {ggml_type}, which gguf does not know"
+            )
+        tensors.append(_tensor(whole, path, name, dims, ggml_type, sizes, data_start + offset))
     return GGUFContents(metadata, tensors)
 
 
 def _tensor(
-    whole: np.ndarray, path: Path, name: str, dims: tuple[int, ...], ggml_type: int, start: int, gguf: Any
+    whole: np.ndarray,
+    path: Path,
+    name: str,
+    dims: tuple[int, ...],
+    ggml_type: int,
+    sizes: tuple[int, int],
+    start: int,
 ) -> TensorEntry:
-    """The entry of one tensor whose data starts at byte `start` of the file `whole` (uint8)."""
-    if ggml_type not in gguf.GGML_QUANT_SIZES:
-        raise ValueError(f"{path}: GGUF tensor {name!r} has ggml type {ggml_type}, which gguf does not know")
-    block, block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ggml_type)]
-    if ggml_type in _PLAIN_TENSOR_TYPES:
-        block, block_bytes = 1, np.dtype(_PLAIN_TENSOR_TYPES[ggml_type]).itemsize
+    """The entry of one tensor of `sizes` (values, bytes) per block whose data starts at byte `start` of the
+    file `whole` (uint8)."""
+    block, block_bytes = sizes
     inner = dims[0] if dims else 1
     if inner % block:
         raise ValueError(
