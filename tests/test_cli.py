@@ -557,6 +557,21 @@ def test_effects_weighting_names_a_function_checked_while_parsing(name, said, tm
     assert list(tmp_path.iterdir()) == []
 
 
+def test_effects_weighting_none_gives_a_weighted_runs_report_the_papers_weights(tmp_path):
+    """`--weighting none` takes a run's `loss.weighting` away and keeps its δ, λ, ε (there was no value that
+    switched a weighted run's report back to the step weights λ / ε)."""
+    from nextquill_jax.eval.command import _loss_overrides, _with_loss_flags
+    from nextquill_jax.loss import LossConfig
+
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in EFFECTS]
+    args = cli.build_parser().parse_args([*argv, "--weighting", "none", "--threshold", "0.2"])
+    weighted_run = LossConfig(
+        threshold=0.1, high=0.7, low=0.3, weighting="tests.loss.custom_weighting:soft_weights"
+    )
+    report = _with_loss_flags(weighted_run, _loss_overrides(args), "the run's loss.")
+    assert report == LossConfig(threshold=0.2, high=0.7, low=0.3, weighting=None)
+
+
 def test_decoding_flags_replace_only_their_keys_and_no_do_sample_asks_for_greedy():
     """A run config that samples is evaluated greedily with --no-do-sample (there was only --do-sample);
     the edges of each range are accepted."""

@@ -230,7 +230,8 @@ def add_effects_arguments(parser: argparse.ArgumentParser) -> None:
         type=_weighting_name,
         default=None,
         help="target weights ω from a function of your own, package.module:function (README: Your own token "
-        "weights), in place of λ / ε; default: the run's loss.weighting; with --model none (λ / ε)",
+        "weights), in place of λ / ε; `none`: the paper's λ / ε (a weighted run's report without its "
+        "function); default: the run's loss.weighting; with --model none",
     )
     parser.add_argument("--max-shown", type=positive_int, default=20, help="examples drawn in the HTML")
 
@@ -241,14 +242,21 @@ def _loss_default(key: str, value: float) -> str:
     return f"default: the run's loss.{key}; with --model {value}"
 
 
+# `effects --weighting none`: the paper's λ / ε, in place of a run's `loss.weighting`.
+NO_WEIGHTING = "none"
+
+
 def _weighting_name(text: str) -> str:
     """The argparse `type` of `effects --weighting`: `text` names an importable function, as
-    `LossConfig.weighting` must (checked while parsing, so a misspelt name is refused before a model loads).
+    `LossConfig.weighting` must (checked while parsing, so a misspelt name is refused before a model loads),
+    or is `NO_WEIGHTING` ("none": the paper's λ / ε, `_with_loss_flags`).
 
     Raises:
         argparse.ArgumentTypeError: `text` is not `module:function`, its module does not import, or it names
             no function; with `loss.weighting`'s message and fix (`weighting_function`).
     """
+    if text == NO_WEIGHTING:
+        return text
     from nextquill_jax.loss.config import weighting_function  # JAX, only when the flag is given
 
     try:
@@ -297,6 +305,8 @@ def _with_loss_flags(loss_cfg: Any, given: dict[str, float | str], origin: str) 
     # The report reads these four alone. Its variant is not the run's: a run whose variant weights no token
     # by DCE (context_sft) takes a --weighting as it takes --threshold; its own variant would refuse one.
     weights = {k: given.get(k, getattr(loss_cfg, k)) for k in ("threshold", "high", "low", "weighting")}
+    if weights["weighting"] == NO_WEIGHTING:
+        weights["weighting"] = None
     return LossConfig(**weights)
 
 
