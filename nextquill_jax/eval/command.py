@@ -231,7 +231,7 @@ def add_effects_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="target weights ω from a function of your own, package.module:function (README: Your own token "
         "weights), in place of λ / ε; `none`: the paper's λ / ε (a weighted run's report without its "
-        "function); default: the run's loss.weighting; with --model none",
+        "function); default: the run's loss.weighting; with --model none (λ / ε)",
     )
     parser.add_argument("--max-shown", type=positive_int, default=20, help="examples drawn in the HTML")
 
