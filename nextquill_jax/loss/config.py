@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import importlib
+import inspect
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Literal, NamedTuple
 
 import numpy as np
@@ -75,6 +78,35 @@ def weighting_function(name: str) -> Callable:
     if not callable(found):
         raise ValueError(f"{name!r} is a {type(found).__name__}, not a function. Fix: name a function")
     return found
+
+
+def weighting_fingerprint(name: str | None) -> dict | None:
+    """What a run records of its `LossConfig.weighting` `name`, so that a resume, an evaluation or a report
+    can tell when the code behind the name changed: None for None (the paper's weights), else
+    `{"name": name, "module": <its module's name>, "file": <the module's source file, as text>, "sha256":
+    <hex SHA-256 of that file's bytes as they are on disk now>}`; "file" and "sha256" are None where the
+    module has no source file on disk (a built-in or compiled module, a zip import).
+
+    The whole module is hashed, not the function alone: the function's parameters live in its module
+    (`functools.partial` there, `weighting.py`), so any edit of it, a comment included, changes the digest.
+    Modules it imports in turn are not hashed.
+
+    Raises:
+        ValueError: as `weighting_function`: `name` is not `module:function`, its module does not import, or
+            it names no function; each message gives the fix.
+    """
+    if name is None:
+        return None
+    weighting_function(name)  # the name's checks and messages; imports the module
+    module_name = name.partition(":")[0]
+    try:
+        source = inspect.getsourcefile(importlib.import_module(module_name))
+    except TypeError:  # a built-in module
+        source = None
+    if source is not None and not Path(source).is_file():  # source from a loader, not a file (a zip)
+        source = None
+    digest = None if source is None else hashlib.sha256(Path(source).read_bytes()).hexdigest()
+    return {"name": name, "module": module_name, "file": source, "sha256": digest}
 
 
 @dataclasses.dataclass(frozen=True)
