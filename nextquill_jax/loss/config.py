@@ -109,6 +109,17 @@ def weighting_fingerprint(name: str | None) -> dict | None:
     return {"name": name, "module": module_name, "file": source, "sha256": digest}
 
 
+def weighting_sha256(name: str | None) -> str | None:
+    """The "sha256" of `weighting_fingerprint(name)`: what evaluation and the effect report record beside
+    `weighting`; None for None (the paper's weights) or a module without a source file.
+
+    Raises:
+        ValueError: as `weighting_function`.
+    """
+    fingerprint = weighting_fingerprint(name)
+    return None if fingerprint is None else fingerprint["sha256"]
+
+
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
     """NextQuill loss settings (defaults: the public code). The formulas: `nextquill_jax/loss/losses.py`.
