@@ -83,9 +83,9 @@ def weighting_function(name: str) -> Callable:
 def weighting_fingerprint(name: str | None) -> dict | None:
     """What a run records of its `LossConfig.weighting` `name`, so that a resume, an evaluation or a report
     can tell when the code behind the name changed: None for None (the paper's weights), else
-    `{"name": name, "module": <its module's name>, "file": <the module's source file, as text>, "sha256":
-    <hex SHA-256 of that file's bytes as they are on disk now>}`; "file" and "sha256" are None where the
-    module has no source file on disk (a built-in or compiled module, a zip import).
+    `{"name": name, "module": <its module's name>, "file": <the module's source file, absolute, as text>,
+    "sha256": <hex SHA-256 of that file's bytes as they are on disk now>}`; "file" and "sha256" are None where
+    the module has no source file on disk (a built-in or compiled module, a zip import).
 
     The whole module is hashed, not the function alone: the function's parameters live in its module
     (`functools.partial` there, `weighting.py`), so any edit of it, a comment included, changes the digest.
@@ -103,10 +103,16 @@ def weighting_fingerprint(name: str | None) -> dict | None:
         source = inspect.getsourcefile(importlib.import_module(module_name))
     except TypeError:  # a built-in module
         source = None
-    if source is not None and not Path(source).is_file():  # source from a loader, not a file (a zip)
-        source = None
-    digest = None if source is None else hashlib.sha256(Path(source).read_bytes()).hexdigest()
-    return {"name": name, "module": module_name, "file": source, "sha256": digest}
+    if source is None or not Path(source).is_file():  # none, or source from a loader, not a file (a zip)
+        return {"name": name, "module": module_name, "file": None, "sha256": None}
+    # Absolute: a module found through a relative sys.path entry (PYTHONPATH=.) is named where it is.
+    path = Path(source).absolute()
+    return {
+        "name": name,
+        "module": module_name,
+        "file": str(path),
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+    }
 
 
 def weighting_sha256(name: str | None) -> str | None:
