@@ -25,6 +25,7 @@ from nextquill_jax.atomic_file import write_text_atomic
 from nextquill_jax.eval.effect_scoring import ALL_ROLES, EOS, ROLES, score_roles
 from nextquill_jax.eval.effect_tokens import ExampleEffects, compute_example_effects
 from nextquill_jax.loss import LossConfig
+from nextquill_jax.loss.config import weighting_sha256
 from nextquill_jax.plural import counted
 from nextquill_jax.train.metrics_log import strict_json
 
@@ -39,7 +40,8 @@ def summarize(results: Sequence[ExampleEffects], loss_cfg: LossConfig) -> dict[s
     tokens of the examples that have them, plus `examples`, their count, and `nll`: the teacher-forced
     negative log-likelihood of the targets per role, with and without the history (`role_nll`). `nll` is the
     same over all tokens (data without roles too). Each example's entry holds its own `nll_with` /
-    `nll_without` and, with roles, `preference_nll_with` / `preference_nll_without`.
+    `nll_without` and, with roles, `preference_nll_with` / `preference_nll_without`. `loss` holds δ, λ, ε,
+    `weighting` and `weighting_sha256`, the digest of its module's file as it is now (`weighting_sha256`).
     """
     dce = np.concatenate([r.dce for r in results]).astype(np.float64)
     flagged = dce > loss_cfg.threshold
@@ -79,12 +81,14 @@ def summarize(results: Sequence[ExampleEffects], loss_cfg: LossConfig) -> dict[s
         per_example.append(entry)
     return {
         "examples": [r.index for r in results],
-        # `weighting` (null: the paper's λ / ε) says which of the two gave the per-token ω of the page.
+        # `weighting` (null: the paper's λ / ε) says which of the two gave the per-token ω of the page, and
+        # `weighting_sha256` which code was behind that name (null: no weighting, or no source file).
         "loss": {
             "threshold": loss_cfg.threshold,
             "high": loss_cfg.high,
             "low": loss_cfg.low,
             "weighting": loss_cfg.weighting,
+            "weighting_sha256": weighting_sha256(loss_cfg.weighting),
         },
         "tokens": int(dce.size),
         "preference_bearing": int(flagged.sum()),

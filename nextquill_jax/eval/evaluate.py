@@ -55,6 +55,7 @@ from nextquill_jax.data.prepared_split import (
 )
 from nextquill_jax.eval.text_metrics import score_predictions
 from nextquill_jax.loss import LossConfig, combine_aux, metrics_from_aux, variant_losses
+from nextquill_jax.loss.config import weighting_sha256
 from nextquill_jax.models.causal_lm import CausalLM
 from nextquill_jax.models.generate import GenerationConfig, generate
 from nextquill_jax.parallel import batch_shard_count
@@ -173,10 +174,12 @@ def split_losses(
     """The loss terms of the first `count` examples of `split` under the model (forward passes only);
     `reference`: (graphdef, params) of the run's frozen reference model for `dce: fixed` (`reference_params`).
 
-    Returns `{"tokens", "variant", "alpha", "threshold", "high", "low", "weighting", "loss", "terms",
-    "variants", "effects"}`: the run's loss settings behind the terms (α, δ, λ, ε, and `weighting`: its
-    `loss.weighting`, None for the paper's λ / ε, which gave the weighted terms' ω); `loss` the run's own
-    loss (its `loss` section, as training's eval/loss); `terms` the mean CE with and without the history
+    Returns `{"tokens", "variant", "alpha", "threshold", "high", "low", "weighting", "weighting_sha256",
+    "loss", "terms", "variants", "effects"}`: the run's loss settings behind the terms (α, δ, λ, ε, and
+    `weighting`: its `loss.weighting`, None for the paper's λ / ε, which gave the weighted terms' ω, with
+    `weighting_sha256` the digest of its module's file as evaluated, `loss.config.weighting_sha256`, None
+    without a weighting or a source file); `loss` the run's own loss (its `loss` section, as training's
+    eval/loss); `terms` the mean CE with and without the history
     (`ce_with`, `ce_without`), the preference-weighted `loss_n` and the alignment loss `loss_p`, all in nats
     per target token; `variants` the loss every variant would have on these examples (sft = ce_without,
     context_sft = ce_with, mce = ce_with + alpha loss_p, dce = loss_n, nextquill = loss_n + alpha loss_p, with
@@ -231,6 +234,7 @@ def split_losses(
         "variant": run_loss.variant,
         # metrics.json's record of what its weighted and alignment terms were computed with
         **{k: getattr(run_loss, k) for k in ("alpha", "threshold", "high", "low", "weighting")},
+        "weighting_sha256": weighting_sha256(run_loss.weighting),
         "loss": own["loss"],
         "terms": {k: terms[k] for k in ("ce_with", "ce_without", "loss_n", "loss_p")},
         "variants": variant_losses(terms, alpha),

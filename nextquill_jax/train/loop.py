@@ -37,7 +37,7 @@ from nextquill_jax.train.adapters import check_same_base, legacy_fingerprint
 from nextquill_jax.train.checkpoint import CORRUPT_SUFFIX, Checkpointer, CheckpointSaveError
 from nextquill_jax.train.health import HealthMonitor
 from nextquill_jax.train.metrics_log import EVAL_PREFIX, MetricsLog
-from nextquill_jax.train.resume import check_resumable, check_same_data
+from nextquill_jax.train.resume import check_resumable, check_same_data, weighting_note
 from nextquill_jax.train.setup import RunSetup, abstract_state, init_state, set_up_run
 from nextquill_jax.train.state import TrainState
 from nextquill_jax.train.workdir import CHECKPOINT_DIR, CONFIG_FILE
@@ -180,6 +180,7 @@ def _train(
                         "epoch": epoch_of(step, run.epoch_ends),
                         "base": run.base_identity,
                         "data": run.data_identity,
+                        "weighting": run.weighting_identity,
                     }
                     save = functools.partial(
                         ckpt.save, step, state, iterator, config=config_dict, progress=progress,
@@ -285,14 +286,16 @@ def start_state(run: RunSetup, cfg: Config, ckpt: Checkpointer, iterator, echo) 
     where = str(ckpt.directory / str(start))
     # The config first: it names each changed key (LoRA added or removed, a preset base's seed or overrides,
     # another model.path), where the base check could only say that the base differs; then the LoRA base's
-    # content and the data's, which can change under the same config. All read only the checkpoint's JSON
-    # items, before Orbax restores any array.
+    # content and the data's, which can change under the same config, and the weighting module's (a warning
+    # only). All read only the checkpoint's JSON items, before Orbax restores any array.
     check_resumable(ckpt.read_config(start), cfg, ckpt.directory.parent, start)
     progress = ckpt.read_progress(start)
     legacy = lambda: legacy_fingerprint(cfg.model, cfg.train.seed)
     if note := check_same_base(progress.get("base"), run.base_identity, where, legacy):
         echo(note)
     check_same_data(progress.get("data"), run.data_identity, where)
+    if note := weighting_note(progress.get("weighting"), run.weighting_identity, where):
+        echo(note)
     target = abstract_state(run.abstract_params, run.tx, cfg.train.seed, run.state_shardings)
     state, _ = ckpt.restore(start, target, iterator)
     echo(f"resuming from {where} (step {start})")

@@ -36,6 +36,7 @@ from nextquill_jax.config_schema import ConfigError
 from nextquill_jax.data.checksums import IntegrityError
 from nextquill_jax.data.pipeline import BatchPipeline
 from nextquill_jax.data.prepared_split import PreparedSplit, check_finished, check_split, prepared_splits
+from nextquill_jax.loss.config import weighting_fingerprint
 from nextquill_jax.parallel import DEFAULT_RULES
 from nextquill_jax.train import adapters, model_setup
 from nextquill_jax.train.optimizer import (
@@ -467,7 +468,8 @@ class RunSetup:
     `initial_params()` loads or initialises the starting parameters, the state's (only called when there is
     no checkpoint to resume from). Under `model.lora` the state's parameters are the adapters, `base_params`
     the frozen base and `base_identity` its path and fingerprint (both None for full fine-tuning).
-    `data_identity` is `resume.data_identity` of the train and eval splits, which each checkpoint records.
+    `data_identity` is `resume.data_identity` of the train and eval splits, and `weighting_identity`
+    `loss.config.weighting_fingerprint` of `loss.weighting` (None without one), which each checkpoint records.
     `graphdef` is the model's graph (the base's under LoRA), which the steps merge with the parameters:
     `step.model_and_adapters(graphdef, state.params, base_params, settings)` is the model a step runs (and
     its LoRA adapters).
@@ -490,6 +492,7 @@ class RunSetup:
     eval_step: Callable
     initial_params: Callable[[], dict]
     data_identity: dict
+    weighting_identity: dict | None
     base_params: dict | None = None
     base_identity: dict | None = None
 
@@ -643,6 +646,8 @@ def set_up_run(
         base_params=base,
         base_identity=base_identity,
         data_identity=data_identity(data_dir, {p.split.dir.name: p.split for p in pipelines.values()}),
+        # Read once, as the steps are built: the code behind the name that this run trains with.
+        weighting_identity=weighting_fingerprint(cfg.loss.weighting),
     )
 
 

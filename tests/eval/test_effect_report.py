@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
 import itertools
 import json
 from html.parser import HTMLParser
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +43,10 @@ SPLIT = "val"
 THRESHOLD = 0.0  # a random model's effects are small; this flags about half of the tokens
 LOSS = LossConfig(threshold=THRESHOLD, high=0.8, low=0.2)
 SOFT = "tests.loss.custom_weighting:soft_weights"
+# What summary.json records beside SOFT: the digest of its module's file.
+SOFT_SHA256 = hashlib.sha256(
+    (Path(__file__).parents[1] / "loss" / "custom_weighting.py").read_bytes()
+).hexdigest()
 
 
 # ---------------------------------------------------------------- token roles
@@ -414,7 +420,8 @@ def test_summary_json(report):
     assert written["split"] == SPLIT and written["examples"] == [0, 1, 2] and written["examples_shown"] == 3
     assert written["tokens"] == dce.size == sum(len(r.token_ids) for r in results)
     assert written["preference_bearing"] == int((dce > THRESHOLD).sum())
-    assert written["loss"] == {"threshold": THRESHOLD, "high": 0.8, "low": 0.2, "weighting": None}
+    want_loss = {"threshold": THRESHOLD, "high": 0.8, "low": 0.2, "weighting": None, "weighting_sha256": None}
+    assert written["loss"] == want_loss
     assert written["dce"]["p50"] == pytest.approx(float(np.median(dce)), abs=1e-7)
     gt = written["ground_truth"]
     scored = np.isin(roles, ["preference", "context", "noise"])
@@ -498,7 +505,8 @@ def test_a_report_of_a_weighting_names_it_instead_of_the_step_weights(data, mode
     loss = dataclasses.replace(LOSS, weighting="tests.loss.custom_weighting:soft_weights")
     results = compute_example_effects(model, tiny_tokenizer(), data / "prep", SPLIT, [0], loss)
     summary = write_report(results, loss, tmp_path / "out", split=SPLIT)
-    assert json.loads((tmp_path / "out" / "summary.json").read_text())["loss"]["weighting"] == loss.weighting
+    written = json.loads((tmp_path / "out" / "summary.json").read_text())["loss"]
+    assert (written["weighting"], written["weighting_sha256"]) == (loss.weighting, SOFT_SHA256)
     raw = (tmp_path / "out" / "index.html").read_text(encoding="utf-8")
     assert "δ / λ / ε" not in raw
     assert f"<td class=l>δ / ω</td><td>{THRESHOLD:g} / {loss.weighting} (loss.weighting)</td>" in raw, raw
@@ -513,7 +521,8 @@ def test_effects_command_takes_a_weighting_for_a_model_path(data, model, tmp_pat
     assert main([*argv, "--examples", "0", "--weighting", SOFT, "--out", str(out)]) == 0
     loss = LossConfig(weighting=SOFT)
     assert json.loads((out / "summary.json").read_text())["loss"] == {
-        "threshold": loss.threshold, "high": loss.high, "low": loss.low, "weighting": SOFT
+        "threshold": loss.threshold, "high": loss.high, "low": loss.low, "weighting": SOFT,
+        "weighting_sha256": SOFT_SHA256,
     }  # fmt: skip
     assert f"{loss.threshold:g} / {SOFT} (loss.weighting)" in (out / "index.html").read_text(encoding="utf-8")
 
@@ -526,7 +535,9 @@ def test_effects_weighting_replaces_the_runs_as_threshold_replaces_its_threshold
     argv = ["effects", "--workdir", str(trained_run.workdir), "--split", "test", "--examples", "0"]
     assert main([*argv, "--weighting", SOFT, "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["loss"] == {"threshold": 0.0, "high": 0.8, "low": 0.2, "weighting": SOFT}
+    assert summary["loss"] == {
+        "threshold": 0.0, "high": 0.8, "low": 0.2, "weighting": SOFT, "weighting_sha256": SOFT_SHA256
+    }  # fmt: skip
 
 
 def test_effects_command_with_training_workdir(trained_run, tmp_path, capsys):
@@ -540,7 +551,9 @@ def test_effects_command_with_training_workdir(trained_run, tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["model"] == f"{workdir} step 2"
     # the run's, not the defaults
-    assert summary["loss"] == {"threshold": 0.0, "high": 0.8, "low": 0.2, "weighting": None}
+    assert summary["loss"] == {
+        "threshold": 0.0, "high": 0.8, "low": 0.2, "weighting": None, "weighting_sha256": None
+    }  # fmt: skip
     assert summary["examples"] == [0, 1, 2, 3, 4]  # every example: the split has 5, fewer than --num-examples
     loss_cfg = LossConfig(threshold=0.0, high=0.8, low=0.2)
     tokenizer = AutoTokenizer.from_pretrained(trained_run.exported)

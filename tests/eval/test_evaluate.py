@@ -7,11 +7,13 @@ with `load_pretrained`, generation from that model, float64 cross-entropies from
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -368,6 +370,10 @@ def test_metrics_json_records_the_runs_loss_settings_and_weighting_or_null(train
         )
         saved[name] = json.loads((out / "metrics.json").read_text())["loss"]
     assert saved["paper"]["weighting"] is None and saved["soft"]["weighting"] == soft
+    # and which code was behind the name: the SHA-256 of the function's module file (null without one)
+    module = Path(__file__).parents[1] / "loss" / "custom_weighting.py"
+    assert saved["paper"]["weighting_sha256"] is None
+    assert saved["soft"]["weighting_sha256"] == hashlib.sha256(module.read_bytes()).hexdigest()
     assert saved["soft"]["terms"]["loss_n"] != saved["paper"]["terms"]["loss_n"]  # the weighting took effect
     # The run's α, δ, λ, ε beside it, as its config.yaml has them; α is the one in the variants table.
     written = load_config(trained_run.workdir / "config.yaml").loss

@@ -149,6 +149,47 @@ def test_a_run_records_its_weighting_and_a_resume_may_not_change_it(
         restore_params(tmp_path / "work")
 
 
+def test_a_weightings_fingerprint_is_the_sha256_of_its_whole_module_file():
+    import hashlib
+    from pathlib import Path
+
+    from nextquill_jax.loss.config import weighting_fingerprint
+
+    file = Path(__file__).with_name("custom_weighting.py")
+    found = weighting_fingerprint(SOFT)
+    assert found == {
+        "name": SOFT,
+        "module": "tests.loss.custom_weighting",
+        "file": found["file"],
+        "sha256": hashlib.sha256(file.read_bytes()).hexdigest(),
+    }
+    assert Path(found["file"]).resolve() == file.resolve()
+    assert weighting_fingerprint(None) is None  # the paper's weights
+    with pytest.raises(ValueError, match="has no attribute 'soft'"):  # `weighting_function`'s refusals
+        weighting_fingerprint("tests.loss.custom_weighting:soft")
+
+
+def test_a_weightings_fingerprint_changes_with_its_modules_text(tmp_path, monkeypatch):
+    """A module on the path whose text changes (a τ in it, the README's way to set a parameter) under the
+    same name gets another digest, each that of the file's bytes at the time."""
+    import hashlib
+    import uuid
+
+    from nextquill_jax.loss.config import weighting_fingerprint
+
+    name = f"weights_{uuid.uuid4().hex}"  # imported fresh: no other test has this module
+    module = tmp_path / f"{name}.py"
+    module.write_text("TAU = 0.02\n\n\ndef weights(dce, mask, cfg):\n    return dce / TAU\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    before = weighting_fingerprint(f"{name}:weights")
+    assert (
+        before["file"] == str(module) and before["sha256"] == hashlib.sha256(module.read_bytes()).hexdigest()
+    )
+    module.write_text(module.read_text().replace("0.02", "0.05"))
+    after = weighting_fingerprint(f"{name}:weights")
+    assert after["sha256"] == hashlib.sha256(module.read_bytes()).hexdigest() != before["sha256"]
+
+
 def test_the_readme_weighting_module_runs_as_named_and_gives_the_smoothed_step(tmp_path, monkeypatch, logits):
     """README's "Your own token weights" module, saved as my_weights.py on the path and named as the
     README names it: the loss of its weights (the float64 statement above, whose τ is the README's 0.02)."""

@@ -16,8 +16,8 @@ from nextquill_jax.config import config_to_dict, load_config
 from nextquill_jax.config_schema import ConfigError
 from nextquill_jax.data.prepare import prepare
 from nextquill_jax.train import loop
-from nextquill_jax.train.checkpoint import Checkpointer
-from nextquill_jax.train.resume import MAX_LISTED, check_resumable, check_same_data
+from nextquill_jax.train.checkpoint import PROGRESS_FILE, Checkpointer
+from nextquill_jax.train.resume import MAX_LISTED, check_resumable, check_same_data, weighting_note
 from nextquill_jax.train.setup import prepared_dir
 from tests.shared import FIXTURES
 
@@ -105,6 +105,63 @@ def test_check_same_data_compares_split_contents_wherever_they_lie():
     check_same_data(None, {"dir": "/b", "splits": {"train": "t2"}}, "ckpt")  # saved before it was recorded
     with pytest.raises(ConfigError, match=r"^ckpt was trained on other prepared data: /b .*\(split val: "):
         check_same_data(saved, {"dir": "/b", "splits": {"train": "t1"}}, "ckpt")
+
+
+def test_weighting_note_warns_when_the_modules_digest_changed_and_only_then():
+    fingerprint = lambda sha: {"name": "w:f", "module": "w", "file": "/src/w.py", "sha256": sha}
+    before, after = fingerprint("a" * 12 + "1" * 52), fingerprint("b" * 12 + "2" * 52)
+    note = weighting_note(before, after, "ckpt/2")
+    assert note.startswith("warning: loss.weighting w:f: its module /src/w.py has changed since checkpoint ")
+    assert "ckpt/2 was saved (sha256 aaaaaaaaaaaa -> bbbbbbbbbbbb)" in note and "\n" not in note
+    assert "the rest of the run weights tokens with the current code" in note
+    assert note.endswith(
+        "Fix: restore the module's code to continue the same run, or use a new --workdir for the new weights."
+    )
+    assert weighting_note(before, fingerprint(before["sha256"]), "ckpt/2") is None
+    assert weighting_note(None, after, "ckpt/2") is None  # saved before checkpoints recorded it
+    assert weighting_note(None, None, "ckpt/2") is None  # the paper's weights
+    assert weighting_note(fingerprint(None), after, "ckpt/2") is None  # no source file to compare
+
+
+def test_a_resume_after_the_weighting_module_changed_warns_and_trains_on(
+    tmp_path, monkeypatch, write_random_data, tiny_config
+):
+    """Each checkpoint records the SHA-256 of the `loss.weighting` module's file; a resume after the file
+    changed (here a comment, which changes nothing trained but the digest all the same) says so in one line,
+    naming the checkpoint and both digests, and trains on."""
+    import hashlib
+    import uuid
+
+    name = f"weights_{uuid.uuid4().hex}"  # imported fresh: no other test has this module
+    module = tmp_path / f"{name}.py"
+    module.write_bytes((FIXTURES.parent / "loss" / "custom_weighting.py").read_bytes())
+    monkeypatch.syspath_prepend(str(tmp_path))
+    raw = tiny_config(write_random_data(tmp_path / "data", train=24, val=0), tmp_path / "run")
+    raw["loss"]["weighting"] = f"{name}:soft_weights"
+    raw["train"]["max_steps"] = 3
+    raw["checkpoint"].update(every_steps=100, async_save=False)
+    schedule = loop.actions_at
+    with monkeypatch.context() as patch:  # stopped (as by SIGTERM) after step 2, its checkpoint saved
+        patch.setattr(
+            loop, "actions_at", lambda s, cfg, run, *, stop: schedule(s, cfg, run, stop=stop or s == 2)
+        )
+        stopped = loop.train(load_config(None, base=raw), tmp_path / "run", echo=lambda _: None)
+    assert (stopped.status, stopped.last_checkpoint) == ("preempted", 2)
+    where = tmp_path / "run" / "checkpoints" / "2"
+    before = hashlib.sha256(module.read_bytes()).hexdigest()
+    assert json.loads((where / PROGRESS_FILE).read_text())["weighting"]["sha256"] == before
+    module.write_text(module.read_text() + "# τ tuned later\n")
+    after = hashlib.sha256(module.read_bytes()).hexdigest()
+    lines = []
+    resumed = loop.train(load_config(None, base=raw), tmp_path / "run", echo=lines.append)
+    assert (resumed.status, resumed.step) == ("finished", 3)
+    warned = [line for line in lines if line.startswith("warning: loss.weighting")]
+    assert len(warned) == 1, lines
+    assert warned[0].startswith(
+        f"warning: loss.weighting {name}:soft_weights: its module {module} has changed"
+    )
+    assert f"checkpoint {where} was saved (sha256 {before[:12]} -> {after[:12]})" in warned[0]
+    assert "Fix: restore the module's code to continue the same run, or use a new --workdir" in warned[0]
 
 
 @pytest.mark.parametrize("named", [True, False], ids=["train.data_dir", "workdir_with_checkpoints"])
