@@ -411,6 +411,8 @@ def run_effects(args: argparse.Namespace) -> int:
                 _tokenizer_name(args.data, args.tokenizer)
             restored = restore_model(args.workdir, args.step, single_device_mesh())
             model, cfg, step = restored.model, restored.config, restored.step
+            if restored.weighting_note and "weighting" not in loss_flags:  # the report's ω is the module's
+                print(restored.weighting_note, file=sys.stderr)
             loss_cfg = _with_loss_flags(cfg.loss.loss_config(), loss_flags, "the run's loss.")
             data_dir = args.data or data_dir_of(cfg, args.workdir)
             if args.data is None:  # the run's own, known once its config is read

@@ -25,7 +25,7 @@ from nextquill_jax.atomic_file import write_text_atomic
 from nextquill_jax.eval.effect_scoring import ALL_ROLES, EOS, ROLES, score_roles
 from nextquill_jax.eval.effect_tokens import ExampleEffects, compute_example_effects
 from nextquill_jax.loss import LossConfig
-from nextquill_jax.loss.config import weighting_sha256
+from nextquill_jax.loss.weighting_record import weighting_sha256
 from nextquill_jax.plural import counted
 from nextquill_jax.train.metrics_log import strict_json
 

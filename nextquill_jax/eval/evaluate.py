@@ -55,7 +55,7 @@ from nextquill_jax.data.prepared_split import (
 )
 from nextquill_jax.eval.text_metrics import score_predictions
 from nextquill_jax.loss import LossConfig, combine_aux, metrics_from_aux, variant_losses
-from nextquill_jax.loss.config import weighting_sha256
+from nextquill_jax.loss.weighting_record import weighting_sha256
 from nextquill_jax.models.causal_lm import CausalLM
 from nextquill_jax.models.generate import GenerationConfig, generate
 from nextquill_jax.parallel import batch_shard_count
@@ -177,8 +177,8 @@ def split_losses(
     Returns `{"tokens", "variant", "alpha", "threshold", "high", "low", "weighting", "weighting_sha256",
     "loss", "terms", "variants", "effects"}`: the run's loss settings behind the terms (α, δ, λ, ε, and
     `weighting`: its `loss.weighting`, None for the paper's λ / ε, which gave the weighted terms' ω, with
-    `weighting_sha256` the digest of its module's file as evaluated, `loss.config.weighting_sha256`, None
-    without a weighting or a source file); `loss` the run's own loss (its `loss` section, as training's
+    `weighting_sha256` the digest of its module's file as evaluated, `weighting_record.weighting_sha256`,
+    None without a weighting or a source file); `loss` the run's own loss (its `loss` section, as training's
     eval/loss); `terms` the mean CE with and without the history
     (`ce_with`, `ce_without`), the preference-weighted `loss_n` and the alignment loss `loss_p`, all in nats
     per target token; `variants` the loss every variant would have on these examples (sft = ce_without,
@@ -314,7 +314,8 @@ def evaluate(
         keep_hint: how to keep the results already in `out_dir` as well, which the line saying this
             evaluation replaces them ends with (`replacing_line`); None: no advice (`compare`, which has no
             `--out` and replaces a run's evaluation on purpose, when its evaluation settings changed).
-        echo: progress messages.
+        echo: progress messages, and the warning that the run's `loss.weighting` module has changed since the
+            checkpoint was saved (`LoadedModel.weighting_note`).
 
     Raises:
         FileNotFoundError: no checkpoint / config / prepared split (naming what to run).
@@ -368,6 +369,8 @@ def evaluate(
     tokenizer = load_fast_tokenizer(cfg.data.tokenizer)
     eos = int(tokens.meta.get("eos_token_id", tokenizer.eos_token_id))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    if loaded.weighting_note:  # the weighted loss terms below use the module as it is now
+        echo(loaded.weighting_note)
     echo(f"evaluating {loaded.source} on {counted(len(rows), f'{split} example')} ({stream}-history prompts)")
 
     reference = reference_params(cfg, mesh)  # outside set_mesh: model set-up reads abstract shapes

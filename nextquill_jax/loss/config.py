@@ -7,12 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import importlib
-import inspect
 import math
 from collections.abc import Callable
-from pathlib import Path
 from typing import Literal, NamedTuple
 
 import numpy as np
@@ -78,52 +75,6 @@ def weighting_function(name: str) -> Callable:
     if not callable(found):
         raise ValueError(f"{name!r} is a {type(found).__name__}, not a function. Fix: name a function")
     return found
-
-
-def weighting_fingerprint(name: str | None) -> dict | None:
-    """What a run records of its `LossConfig.weighting` `name`, so that a resume, an evaluation or a report
-    can tell when the code behind the name changed: None for None (the paper's weights), else
-    `{"name": name, "module": <its module's name>, "file": <the module's source file, absolute, as text>,
-    "sha256": <hex SHA-256 of that file's bytes as they are on disk now>}`; "file" and "sha256" are None where
-    the module has no source file on disk (a built-in or compiled module, a zip import).
-
-    The whole module is hashed, not the function alone: the function's parameters live in its module
-    (`functools.partial` there, `weighting.py`), so any edit of it, a comment included, changes the digest.
-    Modules it imports in turn are not hashed.
-
-    Raises:
-        ValueError: as `weighting_function`: `name` is not `module:function`, its module does not import, or
-            it names no function; each message gives the fix.
-    """
-    if name is None:
-        return None
-    weighting_function(name)  # the name's checks and messages; imports the module
-    module_name = name.partition(":")[0]
-    try:
-        source = inspect.getsourcefile(importlib.import_module(module_name))
-    except TypeError:  # a built-in module
-        source = None
-    if source is None or not Path(source).is_file():  # none, or source from a loader, not a file (a zip)
-        return {"name": name, "module": module_name, "file": None, "sha256": None}
-    # Absolute: a module found through a relative sys.path entry (PYTHONPATH=.) is named where it is.
-    path = Path(source).absolute()
-    return {
-        "name": name,
-        "module": module_name,
-        "file": str(path),
-        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-    }
-
-
-def weighting_sha256(name: str | None) -> str | None:
-    """The "sha256" of `weighting_fingerprint(name)`: what evaluation and the effect report record beside
-    `weighting`; None for None (the paper's weights) or a module without a source file.
-
-    Raises:
-        ValueError: as `weighting_function`.
-    """
-    fingerprint = weighting_fingerprint(name)
-    return None if fingerprint is None else fingerprint["sha256"]
 
 
 @dataclasses.dataclass(frozen=True)

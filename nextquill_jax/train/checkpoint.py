@@ -490,8 +490,8 @@ class Checkpointer:
     def read_progress(self, step: int) -> dict[str, Any]:
         """The progress saved with step `step`: step, epoch, under LoRA the base's identity (`base`), the
         prepared data's (`data`, `resume.data_identity`), the `loss.weighting` module's (`weighting`,
-        `loss.config.weighting_fingerprint`) and `manifest` (true: saved with a manifest); the last three
-        are absent from checkpoints saved before they were recorded.
+        `loss.weighting_record.weighting_fingerprint`) and `manifest` (true: saved with a manifest); the last
+        three are absent from checkpoints saved before they were recorded.
 
         Raises:
             FileNotFoundError: no complete checkpoint at `step` (naming the ones there are).

@@ -33,11 +33,12 @@ from nextquill_jax.config_schema import ConfigError
 from nextquill_jax.data.checksums import IntegrityError
 from nextquill_jax.data.global_batch import to_global_batch
 from nextquill_jax.loss import LossConfig, combine_aux, metric_names, metrics_from_aux
+from nextquill_jax.loss.weighting_record import weighting_note
 from nextquill_jax.train.adapters import check_same_base, legacy_fingerprint
 from nextquill_jax.train.checkpoint import CORRUPT_SUFFIX, Checkpointer, CheckpointSaveError
 from nextquill_jax.train.health import HealthMonitor
 from nextquill_jax.train.metrics_log import EVAL_PREFIX, MetricsLog
-from nextquill_jax.train.resume import check_resumable, check_same_data, weighting_note
+from nextquill_jax.train.resume import check_resumable, check_same_data
 from nextquill_jax.train.setup import RunSetup, abstract_state, init_state, set_up_run
 from nextquill_jax.train.state import TrainState
 from nextquill_jax.train.workdir import CHECKPOINT_DIR, CONFIG_FILE

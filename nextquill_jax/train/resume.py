@@ -7,12 +7,11 @@ resume is refused, before any state is restored, unless the two configs agree on
 `MAY_CHANGE`. Nor may the data change under the same config (a moved `train.data_dir`, sources prepared
 again after an edit): each checkpoint records the content digests of the prepared splits it was trained and
 validated on (`data_identity`), which must match. The code behind a `loss.weighting` name can change too:
-each checkpoint records its module's digest (`loss.config.weighting_fingerprint`), and a resume whose module
-differs goes on with a warning (`weighting_note`), since an edit of a comment changes the digest as well.
+each checkpoint records its module's digest, and a resume whose module differs goes on with a warning
+(`loss.weighting_record`), since an edit of a comment changes the digest as well.
 
     check_resumable(ckpt.read_config(step), cfg, workdir, step)
     check_same_data(ckpt.read_progress(step).get("data"), data_identity(data_dir, splits), where)
-    note = weighting_note(ckpt.read_progress(step).get("weighting"), weighting_fingerprint(name), where)
 """
 
 from __future__ import annotations
@@ -174,28 +173,4 @@ def check_same_data(saved: Mapping[str, Any] | None, current: Mapping[str, Any],
         f"{', '.join(changed)}: other content, or present on one side only), so resuming would continue the "
         f"run on other examples. Fix: point train.data_dir at the data the run was trained on (or restore "
         f"the sources prepared into it), or use a new --workdir for the new data."
-    )
-
-
-def weighting_note(
-    saved: Mapping[str, Any] | None, current: Mapping[str, Any] | None, where: str
-) -> str | None:
-    """The one-line warning that the module of the run's `loss.weighting` has changed since the checkpoint at
-    `where` was saved, or None. `saved` is the checkpoint's recorded `weighting_fingerprint`, `current` the
-    run's now; the warning names the function, the module file, both digests (shortened) and the fix.
-
-    A resume is not refused: any edit of the module changes its digest, a comment's too, and a changed
-    function may be what the user meant. None when the digests agree, when either side has none (the paper's
-    weights, a module without a source file) and for a checkpoint saved before checkpoints recorded it
-    (`saved` None). A changed `loss.weighting` name is `check_resumable`'s to refuse.
-    """
-    if saved is None or current is None or saved["sha256"] is None or current["sha256"] is None:
-        return None
-    if saved["sha256"] == current["sha256"]:
-        return None
-    return (
-        f"warning: loss.weighting {current['name']}: its module {current['file']} has changed since "
-        f"checkpoint {where} was saved (sha256 {saved['sha256'][:12]} -> {current['sha256'][:12]}), so the "
-        f"rest of the run weights tokens with the current code. Fix: restore the module's code to continue "
-        f"the same run, or use a new --workdir for the new weights."
     )

@@ -36,7 +36,7 @@ from nextquill_jax.config_schema import ConfigError
 from nextquill_jax.data.checksums import IntegrityError
 from nextquill_jax.data.pipeline import BatchPipeline
 from nextquill_jax.data.prepared_split import PreparedSplit, check_finished, check_split, prepared_splits
-from nextquill_jax.loss.config import weighting_fingerprint
+from nextquill_jax.loss.weighting_record import weighting_fingerprint
 from nextquill_jax.parallel import DEFAULT_RULES
 from nextquill_jax.train import adapters, model_setup
 from nextquill_jax.train.optimizer import (
@@ -469,7 +469,8 @@ class RunSetup:
     no checkpoint to resume from). Under `model.lora` the state's parameters are the adapters, `base_params`
     the frozen base and `base_identity` its path and fingerprint (both None for full fine-tuning).
     `data_identity` is `resume.data_identity` of the train and eval splits, and `weighting_identity`
-    `loss.config.weighting_fingerprint` of `loss.weighting` (None without one), which each checkpoint records.
+    `loss.weighting_record.weighting_fingerprint` of `loss.weighting` (None without one), which each
+    checkpoint records.
     `graphdef` is the model's graph (the base's under LoRA), which the steps merge with the parameters:
     `step.model_and_adapters(graphdef, state.params, base_params, settings)` is the model a step runs (and
     its LoRA adapters).

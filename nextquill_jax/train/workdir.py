@@ -21,6 +21,7 @@ from nextquill_jax import parallel
 from nextquill_jax.config import CheckpointConfig, Config, RunDtype, load_config
 from nextquill_jax.config_schema import ConfigError
 from nextquill_jax.data.checksums import IntegrityError
+from nextquill_jax.loss.weighting_record import READ_WITH_OTHER_WEIGHTS, weighting_fingerprint, weighting_note
 from nextquill_jax.models import CausalLM, attention, lora
 from nextquill_jax.train import adapters, model_setup
 from nextquill_jax.train.checkpoint import Checkpointer, moved_aside, verify_error
@@ -43,6 +44,7 @@ class LoadedModel:
     mesh: Mesh
     step: int | None
     source: str
+    weighting_note: str | None = None  # as `RestoredParams`'s
 
 
 def _check_compute_dtype(compute_dtype: str | None) -> None:
@@ -203,13 +205,16 @@ def single_device_mesh() -> Mesh:
 @dataclasses.dataclass(frozen=True)
 class RestoredParams:
     """A checkpoint's trained parameters (the model's, or the LoRA adapters under `model.lora`), placed on
-    `mesh`, with the config saved with it (as `reading_config` reads it here)."""
+    `mesh`, with the config saved with it (as `reading_config` reads it here); `weighting_note`: the warning
+    that the run's `loss.weighting` module has changed since the checkpoint was saved (`weighting_note`),
+    for a command that weights tokens with it to print, else None."""
 
     params: dict
     config: Config
     mesh: Mesh
     step: int
     source: str
+    weighting_note: str | None = None
 
 
 def restore_params(
@@ -244,6 +249,12 @@ def restore_params(
         saved = f"the config saved with checkpoint {source}"
         cfg = load_config(None, base=ckpt.read_config(chosen), base_source=saved)  # raises if not complete
         cfg = reading_config(cfg, saved, runs_attention)
+        changed = weighting_note(
+            ckpt.read_progress(chosen).get("weighting"),
+            weighting_fingerprint(cfg.loss.weighting),
+            source,
+            READ_WITH_OTHER_WEIGHTS,
+        )
         mesh = reading_mesh(cfg) if mesh is None else mesh
         lora_cfg = cfg.model.lora
         if lora_cfg is None:
@@ -266,7 +277,7 @@ def restore_params(
         params = ckpt.restore_params(chosen, placed)
     finally:
         ckpt.close()
-    return RestoredParams(params, cfg, mesh, chosen, source)
+    return RestoredParams(params, cfg, mesh, chosen, source, changed)
 
 
 def restore_model(
@@ -304,7 +315,7 @@ def restore_model(
     else:
         base = model_setup.load_params(adapters.base_section(cfg.model), restored.mesh, cfg.train.seed)[1]
         model = _lora_model(cfg, base, restored.params)
-    return LoadedModel(model, cfg, restored.mesh, restored.step, restored.source)
+    return LoadedModel(model, cfg, restored.mesh, restored.step, restored.source, restored.weighting_note)
 
 
 def _lora_model(cfg: Config, base: dict, weights: dict) -> CausalLM:

@@ -540,6 +540,28 @@ def test_effects_weighting_replaces_the_runs_as_threshold_replaces_its_threshold
     }  # fmt: skip
 
 
+def test_effects_prints_restore_models_weighting_warning_unless_weighting_replaces_it(
+    trained_run, tmp_path, capsys, monkeypatch
+):
+    """The warning `restore_model` gives for a run whose `loss.weighting` module changed since its checkpoint
+    (tests/train/test_resume.py builds one) goes to stderr: the report's ω come from that module. With
+    --weighting the report does not use the module, and says nothing of it."""
+    from nextquill_jax.train import workdir as workdir_module
+
+    note = "warning: loss.weighting m:f: its module /m.py has changed since checkpoint c was saved (...)"
+    restore = workdir_module.restore_model
+    monkeypatch.setattr(
+        workdir_module,
+        "restore_model",
+        lambda *a, **k: dataclasses.replace(restore(*a, **k), weighting_note=note),
+    )
+    argv = ["effects", "--workdir", str(trained_run.workdir), "--split", "test", "--examples", "0"]
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 0
+    assert note in capsys.readouterr().err
+    assert main([*argv, "--weighting", "none", "--out", str(tmp_path / "b")]) == 0
+    assert note not in capsys.readouterr().err
+
+
 def test_effects_command_with_training_workdir(trained_run, tmp_path, capsys):
     """The session's trained run (tests/conftest.py): the command restores the checkpoint's parameters from
     Orbax and uses the run's loss settings and prepared data; its DCE equals that of the same weights loaded

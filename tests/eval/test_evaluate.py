@@ -356,19 +356,25 @@ def test_metrics_json_records_the_runs_loss_settings_and_weighting_or_null(train
     soft = "tests.loss.custom_weighting:soft_weights"
     loaded = restore_model(trained_run.workdir)
     weighted_loss = dataclasses.replace(loaded.config.loss, variant="nextquill", weighting=soft)
-    weighted = dataclasses.replace(loaded, config=dataclasses.replace(loaded.config, loss=weighted_loss))
-    saved = {}
+    # as `restore_model` finds it when the module changed since the checkpoint (tests/train/test_resume.py)
+    note = "warning: loss.weighting tests.loss.custom_weighting:soft_weights: its module ... has changed"
+    weighted = dataclasses.replace(
+        loaded, config=dataclasses.replace(loaded.config, loss=weighted_loss), weighting_note=note
+    )
+    saved, printed = {}, {}
     for name, model in (("paper", loaded), ("soft", weighted)):
         out = tmp_path / name
+        printed[name] = []
         evaluate(
             trained_run.workdir,
             "test",
             loaded=model,
             generation_overrides={"max_new_tokens": 0},
             out_dir=out,
-            echo=lambda _: None,
+            echo=printed[name].append,
         )
         saved[name] = json.loads((out / "metrics.json").read_text())["loss"]
+    assert printed["soft"][0] == note and note not in printed["paper"]  # said before the evaluation runs
     assert saved["paper"]["weighting"] is None and saved["soft"]["weighting"] == soft
     # and which code was behind the name: the SHA-256 of the function's module file (null without one)
     module = Path(__file__).parents[1] / "loss" / "custom_weighting.py"

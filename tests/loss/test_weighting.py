@@ -153,7 +153,7 @@ def test_a_weightings_fingerprint_is_the_sha256_of_its_whole_module_file():
     import hashlib
     from pathlib import Path
 
-    from nextquill_jax.loss.config import weighting_fingerprint
+    from nextquill_jax.loss.weighting_record import weighting_fingerprint
 
     file = Path(__file__).with_name("custom_weighting.py")
     found = weighting_fingerprint(SOFT)
@@ -175,7 +175,7 @@ def test_a_weightings_fingerprint_changes_with_its_modules_text(tmp_path, monkey
     import hashlib
     import uuid
 
-    from nextquill_jax.loss.config import weighting_fingerprint
+    from nextquill_jax.loss.weighting_record import weighting_fingerprint
 
     name = f"weights_{uuid.uuid4().hex}"  # imported fresh: no other test has this module
     module = tmp_path / f"{name}.py"

@@ -15,10 +15,12 @@ from nextquill_jax import cli
 from nextquill_jax.config import config_to_dict, load_config
 from nextquill_jax.config_schema import ConfigError
 from nextquill_jax.data.prepare import prepare
+from nextquill_jax.loss.weighting_record import weighting_note
 from nextquill_jax.train import loop
 from nextquill_jax.train.checkpoint import PROGRESS_FILE, Checkpointer
-from nextquill_jax.train.resume import MAX_LISTED, check_resumable, check_same_data, weighting_note
+from nextquill_jax.train.resume import MAX_LISTED, check_resumable, check_same_data
 from nextquill_jax.train.setup import prepared_dir
+from nextquill_jax.train.workdir import restore_model
 from tests.shared import FIXTURES
 
 
@@ -162,6 +164,13 @@ def test_a_resume_after_the_weighting_module_changed_warns_and_trains_on(
     )
     assert f"checkpoint {where} was saved (sha256 {before[:12]} -> {after[:12]})" in warned[0]
     assert "Fix: restore the module's code to continue the same run, or use a new --workdir" in warned[0]
+    # A command that reads checkpoint 2 (evaluate, effects) is told its weights come from the edited code;
+    # checkpoint 3, saved by the resumed run, was trained with that code.
+    read = restore_model(tmp_path / "run", step=2).weighting_note
+    assert read.startswith(f"warning: loss.weighting {name}:soft_weights: its module {module} has changed")
+    assert f"(sha256 {before[:12]} -> {after[:12]}), so this command's weighted loss terms" in read
+    assert read.endswith("Fix: restore the module's code to measure with the run's own weights.")
+    assert restore_model(tmp_path / "run").weighting_note is None
 
 
 @pytest.mark.parametrize("named", [True, False], ids=["train.data_dir", "workdir_with_checkpoints"])
