@@ -59,20 +59,20 @@ def readme_python_block(after: str) -> str:
     return re.search(r"```python\n(.*?)```", readme[readme.index(after) :], re.S).group(1)
 
 
-def as_saved_with(workdir, **model) -> None:
-    """Rewrite the `model` keys of `workdir`'s config.yaml and of its checkpoint 2's saved config (re-hashed
-    in its manifest): the files a run with those settings (e.g. on a GPU) writes."""
+def as_saved_with(workdir, section: str = "model", **keys) -> None:
+    """Rewrite the `keys` of `section` in `workdir`'s config.yaml and in its checkpoint 2's saved config
+    (re-hashed in its manifest): the files a run with those settings (e.g. on a GPU) writes."""
     import yaml
 
     from nextquill_jax.train.checkpoint import MANIFEST, write_manifest
 
     config_file = workdir / "config.yaml"
     cfg = yaml.safe_load(config_file.read_text())
-    cfg["model"].update(model)
+    cfg[section].update(keys)
     config_file.write_text(yaml.safe_dump(cfg, sort_keys=False))
     saved = workdir / "checkpoints" / "2" / "config" / "metadata"
     cfg = json.loads(saved.read_text())
-    cfg["model"].update(model)
+    cfg[section].update(keys)
     saved.write_text(json.dumps(cfg))
     (saved.parents[1] / MANIFEST).unlink()  # else listed in the new one
     write_manifest(saved.parents[1])

@@ -47,8 +47,9 @@ def export(
         FileNotFoundError: no checkpoint directory, no complete checkpoint, or no checkpoint at `step`.
     """
     refuse_existing_weights(out, fix="pass another --out")
-    # It writes weights and runs no attention: no note on reading a cuDNN / splash run with `xla` here.
-    restored = restore_model(workdir, step, single_device_mesh(), runs_attention=False)
+    # It writes weights and runs no attention and no loss: no note on reading a cuDNN / splash run with `xla`
+    # here, and a `loss.weighting` module need not import.
+    restored = restore_model(workdir, step, single_device_mesh(), runs_model=False)
     model, cfg = merged_model(restored.model), restored.config  # a LoRA run's adapters merged in
     save_pretrained(model, out, tokenizer=load_tokenizer(cfg.data.tokenizer))
     ends = targets_end_token(data_dir_of(cfg, workdir))
@@ -117,7 +118,7 @@ def export_adapter(workdir: str | Path, out: str | Path, step: int | None = None
             "`model.lora.init_from`). Fix: --merged --step 0 exports the model the run starts from."
         )
     refuse_existing_weights(out, fix="pass another --out")
-    restored = restore_params(workdir, step, single_device_mesh(), runs_attention=False)
+    restored = restore_params(workdir, step, single_device_mesh(), runs_model=False)
     lora = restored.config.model.lora
     if lora is None:
         raise ConfigError(

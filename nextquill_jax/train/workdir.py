@@ -184,17 +184,31 @@ def reading_config(cfg: Config, source: str, runs_attention: bool = True) -> Con
     return dataclasses.replace(cfg, model=model)
 
 
-def saved_config(workdir: str | Path, runs_attention: bool = True) -> Config:
-    """The config the run in `workdir` saved as its config.yaml, as `reading_config` reads it here (its note
-    left out without `runs_attention`).
+# What a reader that runs no model (export) leaves out of a saved config: the `loss.weighting` function, whose
+# module would otherwise have to import where the weights are only written.
+WITHOUT_LOSS_FUNCTION = ("loss.weighting=null",)
+NO_MODEL_RUN = "export, which computes no loss"
+
+
+def _reading(runs_model: bool) -> dict:
+    """The `load_config` overrides of a reader of a saved config: none, or without `runs_model`
+    `WITHOUT_LOSS_FUNCTION`."""
+    return {} if runs_model else {"overrides": WITHOUT_LOSS_FUNCTION, "overrides_source": NO_MODEL_RUN}
+
+
+def saved_config(workdir: str | Path, runs_model: bool = True) -> Config:
+    """The config the run in `workdir` saved as its config.yaml, as `reading_config` reads it here; without
+    `runs_model` (export), without its note and its `loss.weighting` (`WITHOUT_LOSS_FUNCTION`).
 
     Raises:
         FileNotFoundError: `workdir` has no config.yaml.
+        ConfigError: config.yaml does not load here (with `runs_model`: a `loss.weighting` whose module does
+            not import).
     """
     config_file = Path(workdir) / CONFIG_FILE
     if not config_file.exists():
         raise FileNotFoundError(f"{config_file} does not exist: is {workdir} a training workdir?")
-    return reading_config(load_config(config_file), str(config_file), runs_attention)
+    return reading_config(load_config(config_file, **_reading(runs_model)), str(config_file), runs_model)
 
 
 def single_device_mesh() -> Mesh:
@@ -218,12 +232,14 @@ class RestoredParams:
 
 
 def restore_params(
-    workdir: str | Path, step: int | None = None, mesh: Mesh | None = None, runs_attention: bool = True
+    workdir: str | Path, step: int | None = None, mesh: Mesh | None = None, runs_model: bool = True
 ) -> RestoredParams:
     """The trained parameters of checkpoint `step` (default: the newest that verifies against its manifest;
     damaged newer ones are named on stderr) of the run in `workdir`, placed on `mesh` by the default rules
-    (default: the config's mesh); the config saved with it as `reading_config` reads it here (its note left
-    out without `runs_attention`: export, which runs no attention).
+    (default: the config's mesh); the config saved with it as `reading_config` reads it here. Without
+    `runs_model` (export, which writes the weights and runs neither attention nor a loss) `reading_config`'s
+    note is left out, and the config's `loss.weighting` too (`WITHOUT_LOSS_FUNCTION`: its module need not
+    import where a run is exported).
 
     Raises:
         FileNotFoundError: no checkpoints directory, no complete checkpoint, or none at `step` (naming the
@@ -232,8 +248,8 @@ def restore_params(
             message names the files.
         ConfigError: a LoRA checkpoint whose base (`model.path`) is no longer the one it was trained on
             (`adapters.check_same_base`; its note on a checkpoint with the earlier fingerprint: to stderr),
-            or a saved config that does not load here (a `loss.weighting` whose module does not import),
-            naming the checkpoint.
+            or a saved config that does not load here (with `runs_model`: a `loss.weighting` whose module
+            does not import), naming the checkpoint.
     """
     directory = checkpoints_dir(workdir)
     ckpt = Checkpointer(directory, CheckpointConfig(), read_only=True)
@@ -247,8 +263,9 @@ def restore_params(
             raise FileNotFoundError(f"{verify_error(directory, [], moved_aside(directory))} {STEP_0_HINT}")
         source = f"{directory / str(chosen)}"
         saved = f"the config saved with checkpoint {source}"
-        cfg = load_config(None, base=ckpt.read_config(chosen), base_source=saved)  # raises if not complete
-        cfg = reading_config(cfg, saved, runs_attention)
+        # raises if not complete
+        cfg = load_config(None, base=ckpt.read_config(chosen), base_source=saved, **_reading(runs_model))
+        cfg = reading_config(cfg, saved, runs_model)
         changed = weighting_note(
             ckpt.read_progress(chosen).get("weighting"),
             weighting_fingerprint(cfg.loss.weighting),
@@ -284,7 +301,7 @@ def restore_model(
     workdir: str | Path,
     step: int | None = None,
     mesh: Mesh | None = None,
-    runs_attention: bool = True,
+    runs_model: bool = True,
     compute_dtype: RunDtype | None = None,
 ) -> LoadedModel:
     """The model of checkpoint `step` (default: the newest that verifies) of the run in `workdir`, with the
@@ -293,7 +310,7 @@ def restore_model(
     `merged_model` merges them). Step 0 is the model the run starts from (`initial_model`): no checkpoint
     holds it, since training saves after a step, and a compare `train: false` variant's directory has only
     that one. Parameters are placed on `mesh` by the default rules (default: the config's mesh). Without
-    `runs_attention` (export) `reading_config`'s note is left out.
+    `runs_model` (export) `reading_config`'s note and the config's `loss.weighting` are left out.
 
     The model computes in the run's `model.compute_dtype` (bfloat16 unless the run set float32), as training
     did; `compute_dtype` replaces it (in the returned config too), e.g. "float32" to read a bfloat16 run's
@@ -306,8 +323,8 @@ def restore_model(
     """
     _check_compute_dtype(compute_dtype)
     if step == 0:
-        return initial_model(workdir, mesh, runs_attention, compute_dtype)
-    restored = restore_params(workdir, step, mesh, runs_attention)
+        return initial_model(workdir, mesh, runs_model, compute_dtype)
+    restored = restore_params(workdir, step, mesh, runs_model)
     cfg = _with_compute_dtype(restored.config, compute_dtype)
     if cfg.model.lora is None:
         graphdef = model_setup.abstract_model(model_setup.model_config(cfg.model))[0]
@@ -352,7 +369,7 @@ def merged_model(model: CausalLM) -> CausalLM:
 def initial_model(
     workdir: str | Path,
     mesh: Mesh | None = None,
-    runs_attention: bool = True,
+    runs_model: bool = True,
     compute_dtype: RunDtype | None = None,
 ) -> LoadedModel:
     """The model the run in `workdir` (its config.yaml) starts training from, as `restore_model` would give a
@@ -360,7 +377,7 @@ def initial_model(
     as training initialises it, or `model.path` loaded with them; under `model.lora`, the base as the
     adapters see it carrying the initial adapters (`_lora_model`; fresh ones, B = 0, leave its outputs
     unchanged). Parameters are placed on `mesh` by the default rules (default: the config's mesh); the config
-    is `saved_config(workdir, runs_attention)`'s, its `model.compute_dtype` replaced by `compute_dtype` when
+    is `saved_config(workdir, runs_model)`'s, its `model.compute_dtype` replaced by `compute_dtype` when
     given (`restore_model`).
 
     Raises:
@@ -369,7 +386,7 @@ def initial_model(
         ValueError: a `compute_dtype` other than "float32" or "bfloat16".
     """
     _check_compute_dtype(compute_dtype)
-    cfg = _with_compute_dtype(saved_config(workdir, runs_attention), compute_dtype)
+    cfg = _with_compute_dtype(saved_config(workdir, runs_model), compute_dtype)
     mesh = reading_mesh(cfg) if mesh is None else mesh
     lora_cfg, seed = cfg.model.lora, cfg.train.seed
     section = cfg.model if lora_cfg is None else adapters.base_section(cfg.model)

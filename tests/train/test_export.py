@@ -104,6 +104,28 @@ def test_a_run_saved_with_an_attention_this_backend_lacks_is_exported_without_th
     assert note in capsys.readouterr().err
 
 
+def test_a_run_whose_weighting_module_is_not_here_is_exported_and_not_evaluated(trained_run, tmp_path):
+    """Export writes weights and computes no loss, so a run's `loss.weighting` module need not import where it
+    runs (it was refused as the saved config was read): checkpoint 2 and config.yaml (step 0) export, with the
+    trained run's weights; reading the run to run the model still refuses, naming the module."""
+    from nextquill_jax.cli import main
+    from nextquill_jax.config_schema import ConfigError
+    from tests.conftest import as_saved_with
+
+    workdir = tmp_path / "weighted"
+    shutil.copytree(trained_run.workdir, workdir)
+    as_saved_with(workdir, "loss", variant="nextquill", weighting="not_installed_here:weights")
+    for step in ("2", "0"):
+        assert main(["export", "--workdir", str(workdir), "--step", step, "--out", str(tmp_path / step)]) == 0
+    exported = load_pretrained(tmp_path / "2", dtype="float32")
+    reference = load_pretrained(trained_run.exported, dtype="float32")
+    leaves = lambda m: jax.tree.leaves(nnx.to_pure_dict(nnx.state(m, nnx.Param)))
+    for a, b in zip(leaves(exported), leaves(reference), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ConfigError, match="module 'not_installed_here' of 'not_installed_here:weights' does"):
+        restore_model(workdir, mesh=single_device_mesh())
+
+
 def test_the_adapters_of_step_0_are_refused_naming_the_merged_export(tmp_path, capsys):
     """Step 0 is the untrained start: its adapters are B = 0 (or `init_from`'s files), nothing to export."""
     from nextquill_jax.cli import main
