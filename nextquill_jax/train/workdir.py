@@ -187,13 +187,14 @@ def reading_config(cfg: Config, source: str, runs_attention: bool = True) -> Con
 # What a reader that runs no model (export) leaves out of a saved config: the `loss.weighting` function, whose
 # module would otherwise have to import where the weights are only written.
 WITHOUT_LOSS_FUNCTION = ("loss.weighting=null",)
-NO_MODEL_RUN = "export, which computes no loss"
 
 
-def _reading(runs_model: bool) -> dict:
-    """The `load_config` overrides of a reader of a saved config: none, or without `runs_model`
-    `WITHOUT_LOSS_FUNCTION`."""
-    return {} if runs_model else {"overrides": WITHOUT_LOSS_FUNCTION, "overrides_source": NO_MODEL_RUN}
+def _load_overrides(runs_model: bool) -> dict:
+    """`load_config`'s overrides for a reader of a saved config: none, or without `runs_model` (export)
+    `WITHOUT_LOSS_FUNCTION`, named as export's in an error."""
+    if runs_model:
+        return {}
+    return {"overrides": WITHOUT_LOSS_FUNCTION, "overrides_source": "export, which computes no loss"}
 
 
 def saved_config(workdir: str | Path, runs_model: bool = True) -> Config:
@@ -208,7 +209,8 @@ def saved_config(workdir: str | Path, runs_model: bool = True) -> Config:
     config_file = Path(workdir) / CONFIG_FILE
     if not config_file.exists():
         raise FileNotFoundError(f"{config_file} does not exist: is {workdir} a training workdir?")
-    return reading_config(load_config(config_file, **_reading(runs_model)), str(config_file), runs_model)
+    cfg = load_config(config_file, **_load_overrides(runs_model))
+    return reading_config(cfg, str(config_file), runs_model)
 
 
 def single_device_mesh() -> Mesh:
@@ -263,8 +265,8 @@ def restore_params(
             raise FileNotFoundError(f"{verify_error(directory, [], moved_aside(directory))} {STEP_0_HINT}")
         source = f"{directory / str(chosen)}"
         saved = f"the config saved with checkpoint {source}"
-        # raises if not complete
-        cfg = load_config(None, base=ckpt.read_config(chosen), base_source=saved, **_reading(runs_model))
+        saved_dict = ckpt.read_config(chosen)  # raises if the checkpoint is not complete
+        cfg = load_config(None, base=saved_dict, base_source=saved, **_load_overrides(runs_model))
         cfg = reading_config(cfg, saved, runs_model)
         changed = weighting_note(
             ckpt.read_progress(chosen).get("weighting"),
