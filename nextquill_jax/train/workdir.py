@@ -268,12 +268,9 @@ def restore_params(
         saved_dict = ckpt.read_config(chosen)  # raises if the checkpoint is not complete
         cfg = load_config(None, base=saved_dict, base_source=saved, **_load_overrides(runs_model))
         cfg = reading_config(cfg, saved, runs_model)
-        changed = weighting_note(
-            ckpt.read_progress(chosen).get("weighting"),
-            weighting_fingerprint(cfg.loss.weighting),
-            source,
-            READ_WITH_OTHER_WEIGHTS,
-        )
+        progress = ckpt.read_progress(chosen)
+        weighting = weighting_fingerprint(cfg.loss.weighting)
+        changed = weighting_note(progress.get("weighting"), weighting, source, READ_WITH_OTHER_WEIGHTS)
         mesh = reading_mesh(cfg) if mesh is None else mesh
         lora_cfg = cfg.model.lora
         if lora_cfg is None:
@@ -283,9 +280,7 @@ def restore_params(
         else:
             current = adapters.base_identity(cfg.model, cfg.train.seed)
             legacy = lambda: adapters.legacy_fingerprint(cfg.model, cfg.train.seed)
-            if note := adapters.check_same_base(
-                ckpt.read_progress(chosen).get("base"), current, source, legacy
-            ):
+            if note := adapters.check_same_base(progress.get("base"), current, source, legacy):
                 print(note, file=sys.stderr)
             mcfg = model_setup.model_config(adapters.base_section(cfg.model))
             adapter_cfg = mcfg.replace(param_dtype=cfg.model.param_dtype)
