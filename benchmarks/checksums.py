@@ -25,7 +25,7 @@ import grain
 import jax
 import numpy as np
 
-from nextquill_jax.bench.record import append_results, results_header
+from nextquill_jax.bench.record import publish, results_header
 from nextquill_jax.config import CheckpointConfig
 from nextquill_jax.models import model_preset
 from nextquill_jax.train import model_setup
@@ -94,9 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         ],
     )
     lines = [*header, *rows]
-    print("\n".join(lines))
-    if args.append_results:
-        append_results(args.append_results, lines)
+    publish(lines, args.append_results)
     return 0
 
 

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from compile_scan import compile_seconds
 
-from nextquill_jax.bench.record import append_results, invoked_command, results_header
+from nextquill_jax.bench.record import invoked_command, publish, results_header
 from nextquill_jax.config import OptimConfig
 from nextquill_jax.loss import LossConfig
 from nextquill_jax.models import ModelConfig
@@ -127,9 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         f"- {deep} layers / {shallow} layers: {ratio:.2f}× (target ≤ {args.max_ratio}×): "
         + ("MET" if ok else "NOT MET"),
     ]
-    print("\n".join(lines))
-    if args.append_results:
-        append_results(args.append_results, lines)
+    publish(lines, args.append_results)
     return 0 if ok else 1
 
 

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from nextquill_jax.bench.record import publish
 from nextquill_jax.models import CausalLM, ModelConfig
 
 
@@ -97,10 +98,7 @@ def main() -> int:
         )
     ratio_text = ", ".join(f"{n} / {shallow} layers {ratio:.2f}x" for n, ratio in ratios.items())
     lines += ["", f"- forward compile time ratios: {ratio_text} (limit {args.max_ratio}x)"]
-    print("\n".join(lines))
-    if args.append_results:
-        with args.append_results.open("a") as f:
-            f.write("\n".join(lines) + "\n")
+    publish(lines, args.append_results)
     return 0 if all(ratio < args.max_ratio for ratio in ratios.values()) else 1
 
 

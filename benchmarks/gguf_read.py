@@ -19,7 +19,7 @@ from pathlib import Path
 import gguf
 
 from nextquill_jax.bench.harness import best_seconds
-from nextquill_jax.bench.record import append_results, results_header
+from nextquill_jax.bench.record import publish, results_header
 from nextquill_jax.models.gguf import read_gguf, read_gguf_config
 from nextquill_jax.models.gguf_file import read_gguf_file
 from nextquill_jax.models.packaged import packaged_model_path
@@ -56,9 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         ],
     )
     lines = [*header, *rows]
-    print("\n".join(lines))
-    if args.append_results:
-        append_results(args.append_results, lines)
+    publish(lines, args.append_results)
     return 0
 
 

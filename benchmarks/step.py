@@ -415,11 +415,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"import-only peaks: torch {baseline['torch']:.0f} MiB, jax {baseline['jax']:.0f} MiB", flush=True)
     results = {case: measure_case(case, args, work, baseline) for case in args.cases}
     lines, failed = report(args, results, lengths, inputs["config"], command)
-    print("\n".join(lines))
-    if args.append_results:
-        from nextquill_jax.bench.record import append_results
+    from nextquill_jax.bench.record import publish
 
-        append_results(args.append_results, lines)
+    publish(lines, args.append_results)
     return 1 if failed else 0
 
 

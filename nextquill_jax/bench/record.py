@@ -59,3 +59,11 @@ def append_results(path: str | Path, lines: Sequence[str]) -> None:
     """Append a section (lines) to a Markdown results file, separated by a blank line."""
     with Path(path).open("a") as f:
         f.write("\n" + "\n".join(lines) + "\n")
+
+
+def publish(lines: Sequence[str], append_to: str | Path | None) -> None:
+    """Print a results section (`lines`) and, when `append_to` names a Markdown results file, append it there
+    (`append_results`)."""
+    print("\n".join(lines))
+    if append_to:
+        append_results(append_to, lines)
