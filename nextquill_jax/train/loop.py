@@ -20,7 +20,7 @@ import functools
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +39,7 @@ from nextquill_jax.train.checkpoint import CORRUPT_SUFFIX, Checkpointer, Checkpo
 from nextquill_jax.train.health import HealthMonitor
 from nextquill_jax.train.metrics_log import EVAL_PREFIX, MetricsLog
 from nextquill_jax.train.resume import check_resumable, check_same_data
-from nextquill_jax.train.setup import RunSetup, abstract_state, init_state, set_up_run
+from nextquill_jax.train.setup import Echo, RunSetup, abstract_state, init_state, set_up_run
 from nextquill_jax.train.state import TrainState
 from nextquill_jax.train.workdir import CHECKPOINT_DIR, CONFIG_FILE
 from nextquill_jax.train.workdir_lock import WorkdirLock
@@ -84,7 +84,7 @@ class TrainResult:
 
 
 def train(
-    cfg: Config, workdir: Path, *, echo=print, on_locked: Callable[[], object] | None = None
+    cfg: Config, workdir: Path, *, echo: Echo = print, on_locked: Callable[[], object] | None = None
 ) -> TrainResult:
     """Run (or resume) the training `cfg` describes in `workdir`.
 
@@ -237,7 +237,7 @@ def _finished_despite(signal_name: str, step: int, checkpoint: Path | None, work
     return f"{signal_name} at step {step}, the run's last: training finished{where} (workdir {workdir})."
 
 
-def train_to_the_end(cfg: Config, workdir: Path, *, echo=print) -> TrainResult:
+def train_to_the_end(cfg: Config, workdir: Path, *, echo: Echo = print) -> TrainResult:
     """`train`, for a job that goes on to use the trained model.
 
     Raises:
@@ -261,7 +261,9 @@ def train_to_the_end(cfg: Config, workdir: Path, *, echo=print) -> TrainResult:
     return result
 
 
-def start_state(run: RunSetup, cfg: Config, ckpt: Checkpointer, iterator, echo) -> tuple[TrainState, int]:
+def start_state(
+    run: RunSetup, cfg: Config, ckpt: Checkpointer, iterator: Iterator, echo: Echo
+) -> tuple[TrainState, int]:
     """(state, step): the newest checkpoint that verifies restored (the data iterator too; damaged newer ones
     are `echo`ed file by file and moved aside), else step 0 with the initial parameters.
 

@@ -11,11 +11,15 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import optax
 
 from nextquill_jax.config import OptimConfig
+
+# A nested dict (or other pytree) of parameters: arrays, or shape structs where only the structure matters.
+PyTree = Any
 
 
 def warmup_steps(cfg: OptimConfig, total_steps: int) -> int:
@@ -48,20 +52,20 @@ def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warm), decay], [warm])
 
 
-def param_paths(params) -> object:
+def param_paths(params: PyTree) -> PyTree:
     """A pytree like `params` whose leaves are "/"-joined key paths, e.g. "layers/attn/q_proj"."""
     return jax.tree_util.tree_map_with_path(
         lambda path, _: "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path), params
     )
 
 
-def matches(params, patterns: Sequence[str]) -> object:
+def matches(params: PyTree, patterns: Sequence[str]) -> PyTree:
     """A bool pytree like `params`: True where the parameter path matches any regex in `patterns`."""
     compiled = [re.compile(p) for p in patterns]
     return jax.tree.map(lambda path: any(c.search(path) for c in compiled), param_paths(params))
 
 
-def trainable_mask(cfg: OptimConfig, params) -> object:
+def trainable_mask(cfg: OptimConfig, params: PyTree) -> PyTree:
     """A bool pytree like `params`: which parameters are updated (all when `cfg.trainable` is empty).
 
     Raises:
@@ -79,7 +83,7 @@ def trainable_mask(cfg: OptimConfig, params) -> object:
     return mask
 
 
-def schedule_count(opt_state) -> jax.Array | None:
+def schedule_count(opt_state: optax.OptState) -> jax.Array | None:
     """The step count the learning-rate schedule of `make_optimizer`'s state reads (optax's own, in its
     `ScaleByScheduleState`): the number of updates applied, which a skipped non-finite update leaves as is.
     None when the state holds none (an optimizer with a fixed rate, as some tests and benchmarks use).
@@ -99,7 +103,7 @@ def schedule_count(opt_state) -> jax.Array | None:
 DEFAULT_NO_DECAY = ("norm", "bias")  # architecture-neutral defaults: a model may have no biases
 
 
-def check_patterns(cfg: OptimConfig, params) -> None:
+def check_patterns(cfg: OptimConfig, params: PyTree) -> None:
     """Raise ValueError naming each `cfg.trainable` pattern, and each `cfg.no_decay` pattern other than the
     defaults ("norm", "bias"), that matches no parameter path of `params` (listing a few real paths)."""
     paths = jax.tree.leaves(param_paths(params))
@@ -116,7 +120,7 @@ def check_patterns(cfg: OptimConfig, params) -> None:
                 )
 
 
-def make_optimizer(cfg: OptimConfig, params, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(cfg: OptimConfig, params: PyTree, total_steps: int) -> optax.GradientTransformation:
     """Clip → AdamW (decay masked by `cfg.no_decay`) with the schedule; frozen parameters get zero updates
     and no optimizer state.
 
