@@ -41,8 +41,8 @@ def concrete_values(x: jax.Array) -> np.ndarray | None:
 
 
 def check_labels(labels: jax.Array, vocab: int | None) -> None:
-    """For concrete labels (not under jit), raise ValueError at the first id outside [0, vocab) and not
-    IGNORE_INDEX; nothing for traced labels (they give NaN, see `token_logprobs`) or `vocab` None."""
+    """For concrete labels [..., R] int (not under jit), raise ValueError at the first id outside [0, vocab)
+    and not IGNORE_INDEX; nothing for traced labels (they give NaN, see `token_logprobs`) or `vocab` None."""
     values = None if vocab is None else concrete_values(labels)
     if values is None:
         return

@@ -129,8 +129,11 @@ def loss_from_logits(
 
     Raises:
         ValueError: a stream or reference the variant needs is missing, a reference is given for a dynamic
-            DCE, shapes disagree, or (for concrete values) a label is neither IGNORE_INDEX nor in [0, V), or
-            an example id at a target slot is outside [0, R].
+            DCE, both reference_logits and reference_dce are given, shapes disagree, `denominators` lacks a
+            key the variant normalises by, or (for concrete values) a label is neither IGNORE_INDEX nor in
+            [0, V), or an example id at a target slot is outside [0, R].
+        ConfigError: `cfg.weighting` names a function whose weights are not of the DCE's shape
+            (`weighting.token_weights`).
     """
     _check_sources(
         cfg,
@@ -227,7 +230,9 @@ def loss_from_hidden(
     `jacfwd` raise TypeError; for forward mode use `loss_from_logits` on `hidden @ Wᵀ`.
 
     Raises:
-        ValueError: as `loss_from_logits`, and for hidden states that do not match lm_head or labels.
+        ValueError: as `loss_from_logits`, for hidden states that do not match lm_head or labels, and for a
+            `token_chunk`, `vocab_chunk` or `operand_dtype` that `head_token_stats` refuses.
+        ConfigError: as `loss_from_logits`.
     """
     spec = cfg.spec
     have_with, have_without = hidden_with is not None, hidden_without is not None
@@ -423,6 +428,10 @@ def metric_names(cfg: LossConfig) -> tuple[str, ...]:
     steps compute under `cfg`: `loss_from_hidden` given the streams `streams_needed(cfg)` names and, with a
     fixed DCE, `reference_dce`. Found by tracing `loss_from_hidden` on [1, 1] shapes (nothing computed or
     compiled), so the names are the code's own, for every variant and switch.
+
+    Raises:
+        ConfigError: `cfg.weighting`'s function returns weights of another shape than the DCE's
+            (`weighting.token_weights`), found by this trace before any step runs.
     """
     need_with, need_without = streams_needed(cfg)
     hidden = jax.ShapeDtypeStruct((1, 1, 1), jnp.float32)
@@ -565,14 +574,19 @@ def _check_example_ids(ids: np.ndarray | None, mask: np.ndarray | None) -> None:
 
 def example_count(mask: jax.Array, example_ids: jax.Array | None) -> jax.Array:
     """Examples with at least one target slot in `mask` [..., R] (`example_ids` as in `loss_from_logits`):
-    the denominators of `normalize: example`, a float32 scalar."""
+    the denominators of `normalize: example`, a float32 scalar.
+
+    Raises:
+        ValueError: as `example_slots`.
+    """
     slots = example_slots(mask, example_ids)
     return (example_sums(mask.astype(jnp.float32), slots) > 0).sum(dtype=jnp.float32)
 
 
 def example_sums(x: jax.Array, slots: jax.Array) -> jax.Array:
     """Σ of x [..., R] over the slots of each example of its row: [rows, R + 1] (rows = the leading dims
-    flattened; column k - 1 holds slot id k of `example_slots`, ignored slots are left out)."""
+    flattened; column k - 1 holds slot id k of `example_slots`, ignored slots are left out). slots: int32 of
+    x's shape, `example_slots`' ids (0 for a position in no example)."""
     r = x.shape[-1]
     flat_x, flat_slots = x.reshape(-1, r), slots.reshape(-1, r)  # [rows, R]
     sums = jax.vmap(lambda v, s: jax.ops.segment_sum(v, s, num_segments=r + 2))(flat_x, flat_slots)

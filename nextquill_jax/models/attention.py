@@ -210,14 +210,18 @@ def self_attention(
     segments_given: bool = True,
     cudnn_max_segments: int | None = None,
 ) -> jax.Array:
-    """Causal self-attention within segments with the chosen implementation. Shapes as in `xla_attention`.
+    """Causal self-attention within segments with the chosen implementation: q [B, T, H, Hd], k/v
+    [B, T, K, Hd], segment_ids [B, T] int32 (a token attends to earlier tokens of its own segment) ->
+    [B, T, H, Hd] in q.dtype.
 
     `segments_given=False` says every token is in segment 1 (lets cuDNN use its plain causal kernel).
     `cudnn_max_segments`: for `cudnn`, use its packed mode with at most this many segments per row
     (`cudnn_attention`); the other implementations take segment ids natively and ignore it.
 
     Raises:
-        ValueError: `impl` unknown or not runnable on this backend.
+        ValueError: `impl` unknown or not runnable on this backend; H not a multiple of K (`xla`); q not
+            bfloat16 / float16 or too many segments for `cudnn_max_segments` (`cudnn`).
+        ImportError: `cudnn`'s packed mode, where the installed jax lacks the private API it calls.
     """
     check_attention_backend(impl)
     if impl == "xla":

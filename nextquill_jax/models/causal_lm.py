@@ -129,6 +129,13 @@ class DecoderLayer(nnx.Module):
         cache: object,
         lora: LayerAdapters | None = None,
     ) -> tuple[jax.Array, object]:
+        """(x [B, T, D] after the layer, `attend`'s new layer cache).
+
+        positions [B, T] int32 are RoPE's; `attend` computes the attention itself from q [B, T, H, Hd] and
+        k, v [B, T, K, Hd] (`AttendFn`: the configured attention for a forward or a prefill, the dense one
+        over the cache for `extend`), taking and returning this layer's (k, v) cache slices (None in a
+        forward); `lora`: this layer's adapters, or None.
+        """
         q, k, v = self.attn.qkv(self.input_norm(x), positions, lora)
         attended, cache = attend(q, k, v, cache)
         x = x + self.attn.out(checkpoint_name(attended, "attention"), lora)
@@ -251,11 +258,13 @@ class CausalLM(nnx.Module):
     ) -> tuple[jax.Array, KVCache]:
         """Run T new tokens against the cache, write their keys/values, return (logits, updated cache).
 
-        Step: ids [B, 1], segment_ids 1 (default) and positions = the previous position + 1 (the default, the
-        slot index, is right only without padding). A prompt may go through here too (as for `prefill`), but
-        its attention is then dense over the whole cache: float32 scores [B, H, T, max_len] (`prefill` avoids
-        them). Logits: [B, T, V] float32, or [B, 1, V] for the last token only with `last_only=True`.
-        Attention is the dense masked einsum (`xla_attention`, any backend) whatever `attention_impl` says.
+        input_ids [B, T] int32; positions and segment_ids [B, T] int32 (segment 0 is padding, which nothing
+        attends to). Step: ids [B, 1], segment_ids 1 (default) and positions = the previous position + 1 (the
+        default, the slot index, is right only without padding). A prompt may go through here too (as for
+        `prefill`), but its attention is then dense over the whole cache: float32 scores [B, H, T, max_len]
+        (`prefill` avoids them). Logits: [B, T, V] float32, or [B, 1, V] for the last token only with
+        `last_only=True`. Attention is the dense masked einsum (`xla_attention`, any backend) whatever
+        `attention_impl` says.
 
         Raises:
             ValueError: (outside jit) the T new tokens do not fit in the cache. Under jit this cannot be

@@ -146,13 +146,10 @@ def top_k_filter(logits: jax.Array, k: int | jax.Array) -> jax.Array:
     return jnp.where(logits < kth, -jnp.inf, logits)
 
 
-def top_p_filter(logits: jax.Array, p: float) -> jax.Array:
-    """logits [B, V] with the tokens outside the nucleus set to -inf, as transformers' TopPLogitsWarper: sort
-    ascending, remove tokens whose cumulative probability is <= 1 - p, always keep the most probable one."""
-    return _remove_low_cumulative(logits, 1.0 - p)
-
-
 def _remove_low_cumulative(logits: jax.Array, cut: float | jax.Array) -> jax.Array:
+    """logits [B, V] with the tokens outside the nucleus set to -inf, as transformers' TopPLogitsWarper with
+    p = 1 - cut: sort ascending, remove tokens whose cumulative probability is <= cut, always keep the most
+    probable one."""
     order = jnp.argsort(logits, axis=-1)  # ascending, [B, V]
     sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
     cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
@@ -360,7 +357,7 @@ def _decode(
 
 
 @functools.lru_cache(maxsize=8)
-def decoder(mesh: Mesh | None = None, rules: LogicalRules = DEFAULT_RULES) -> Any:
+def decoder(mesh: Mesh | None = None) -> Any:
     """The jitted decode function for `mesh` (None: one device), shared by every call with that mesh.
 
     Its signature: `(state, input_ids [B, P], attention_mask [B, P], key, example_ids [B], settings,
@@ -461,7 +458,7 @@ def generate_ids(
         by_row = logical_to_sharding(PartitionSpec("batch"), mesh, rules)
         examples = jax.make_array_from_callback(examples.shape, by_row, lambda index, a=examples: a[index])
         cache_shardings = _cache_shardings(model, target_rows, bucket + cfg.max_new_tokens, mesh, rules)
-    out = decoder(mesh, tuple(rules))(
+    out = decoder(mesh)(
         state,
         ids,
         mask,

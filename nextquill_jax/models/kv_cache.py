@@ -24,13 +24,15 @@ class KVCache(NamedTuple):
 
     @property
     def max_len(self) -> int:
+        """S, the slots per row."""
         return self.k.shape[2]
 
 
 def empty_cache(
     num_layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype: jnp.dtype
 ) -> KVCache:
-    """An all-zero cache with nothing written (index 0)."""
+    """An all-zero cache with nothing written (index 0): k, v [num_layers, batch, max_len, kv_heads,
+    head_dim] in `dtype`, segment_ids [batch, max_len] int32."""
     shape = (num_layers, batch, max_len, kv_heads, head_dim)
     return KVCache(
         k=jnp.zeros(shape, dtype),

@@ -30,6 +30,7 @@ def normal_param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str], dtyp
 
 
 def constant_param(value: float, shape: Sequence[int], axes: Sequence[str], dtype: jnp.dtype) -> nnx.Param:
+    """A parameter of `shape` filled with `value` (a norm's scale of ones), annotated with logical `axes`."""
     return nnx.Param(jnp.full(tuple(shape), value, dtype), out_sharding=tuple(axes))
 
 
@@ -50,6 +51,7 @@ class RMSNorm(nnx.Module):
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        """x [..., dim] normalised and scaled (`rms_norm`), in x.dtype."""
         return rms_norm(x, self.scale[...], self.eps)
 
 
@@ -104,7 +106,9 @@ class MLP(nnx.Module):
         self.up = normal_param(rngs, (d, f), ("embed", "mlp"), dtype)
         self.down = normal_param(rngs, (f, d), ("mlp", "embed"), dtype)
 
-    def __call__(self, x: jax.Array, lora: LayerAdapters | None = None) -> jax.Array:  # [B, T, D] -> same
+    def __call__(self, x: jax.Array, lora: LayerAdapters | None = None) -> jax.Array:
+        """x [B, T, D] -> [B, T, D] in x.dtype (the kernels cast to it); `lora`: this layer's adapters, whose
+        updates join the gate, up and down projections (`add_adapter`), or None."""
         dt = x.dtype
         gate = add_adapter(x @ self.gate[...].astype(dt), lora, "mlp", "gate", x)  # [B, T, F]
         up = add_adapter(x @ self.up[...].astype(dt), lora, "mlp", "up", x)

@@ -82,7 +82,8 @@ class LayerAdapters:
 
 
 def add_adapter(y: jax.Array, lora: LayerAdapters | None, module: str, name: str, x: jax.Array) -> jax.Array:
-    """y (the output of kernel `module/name` on input x) plus its LoRA term, when it has one."""
+    """y [B, T, *out] (the output of kernel `module/name` on input x [B, T, *in]) plus its LoRA term, when
+    `lora` has one for that kernel; in y.dtype."""
     extra = None if lora is None else lora.apply(module, name, x)
     return y if extra is None else y + extra
 
