@@ -61,6 +61,10 @@ class RopeScaling:
         `original_max_position_embeddings`: `llama3` only: the context length the frequencies were trained
             for. config.json `original_max_position_embeddings` (absent: the model's
             `max_position_embeddings`, else 8192).
+
+    Raises:
+        ValueError: (on construction) an unknown `type`, a `factor` not > 0, or for `llama3` a field
+            missing or `high_freq_factor` not above `low_freq_factor`.
     """
 
     type: Literal["linear", "llama3"]
@@ -182,6 +186,11 @@ class ModelConfig:
         `cudnn_max_segments`: runtime (`model.cudnn_max_segments`): cuDNN's packed mode (segment lengths and
             offsets instead of a [T, T] mask) for rows of at most this many segments; only with
             `attention_impl` `cudnn`. None: the dense mask. See `nextquill_jax/models/cudnn_packed.py`.
+
+    Raises:
+        ValueError: (on construction, and after `replace`) a field out of its range or against the family's
+            constraints above, heads that do not group (`num_heads` not a multiple of `num_kv_heads`);
+            `SpecialIdsOutsideVocabError` for BOS / EOS ids outside the vocabulary.
     """
 
     family: Family
@@ -291,14 +300,20 @@ class ModelConfig:
 
     @property
     def param_jnp_dtype(self) -> jnp.dtype:
+        """`param_dtype` as a jnp dtype (the parameters' storage)."""
         return jnp.dtype(self.param_dtype)
 
     @property
     def compute_jnp_dtype(self) -> jnp.dtype:
+        """`compute_dtype` as a jnp dtype (the activations' and matmul operands')."""
         return jnp.dtype(self.compute_dtype)
 
     def replace(self, **changes: Any) -> ModelConfig:
-        """A copy with `changes` applied (validated again)."""
+        """A copy with `changes` applied (validated again).
+
+        Raises:
+            ValueError: as the constructor. TypeError: a name that is not a field.
+        """
         return dataclasses.replace(self, **changes)
 
     @classmethod
@@ -313,6 +328,7 @@ class ModelConfig:
             ValueError: unknown `model_type`, or an option that changes the network and is not implemented
                 here (rope type, partial rotary, MLP bias, sliding-window layers, activation other than silu).
             KeyError: a required key is missing.
+            Also the constructor's ValueErrors, for the fields read or `overrides`.
         """
         family = d.get("model_type")
         if family not in FAMILIES:

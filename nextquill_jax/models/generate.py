@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -419,7 +419,8 @@ def generate_ids(
     Raises:
         ValueError: shapes that differ, a row without tokens, padding that is not on the left, no EOS token,
             an EOS or pad id that is not an int, a prompt token (mask != 0) or EOS id outside
-            [0, vocab_size) (naming it), `rows` below B, or `example_ids` not B ints in [0, 2**31).
+            [0, vocab_size) (naming it), `rows` below B or not a multiple of the mesh's batch shards, or
+            `example_ids` not B ints in [0, 2**31).
     """
     input_ids, attention_mask = np.asarray(input_ids, np.int32), np.asarray(attention_mask, np.int32)
     if input_ids.ndim != 2 or input_ids.shape != attention_mask.shape:
@@ -510,7 +511,7 @@ def generate(
     batch_size: int = 8,
     mesh: Mesh | None = None,
     rules: LogicalRules = DEFAULT_RULES,
-    on_batch: Any = None,
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> list[list[int]]:
     """Generate for any number of prompts (token lists); returns per prompt its new tokens before the first
     end-of-sequence token, in the prompts' order.

@@ -114,7 +114,14 @@ NAME_TABLES: dict[str, tuple[Rule, ...]] = {
 class SafetensorsTensors(Mapping):
     """Read-only mapping HF name -> np.ndarray over `model.safetensors` or a sharded index (memory-mapped)."""
 
-    def __init__(self, directory: str | Path):
+    def __init__(self, directory: str | Path) -> None:
+        """Open the weight files of `directory` (nothing is read until a tensor is asked for).
+
+        Raises:
+            FileNotFoundError: neither model.safetensors nor its sharded index is there (naming PyTorch
+                weight files it does hold, which are not read).
+            KeyError: a file does not hold what the index lists for it.
+        """
         directory = Path(directory)
         index = directory / INDEX_FILE
         if index.exists():
@@ -157,6 +164,7 @@ class SafetensorsTensors(Mapping):
         return len(self._weight_map)
 
     def shape(self, name: str) -> tuple[int, ...]:
+        """Tensor `name`'s shape, read from the file's header without loading the tensor."""
         return tuple(self._files[self._weight_map[name]].get_slice(name).get_shape())
 
 
@@ -296,7 +304,12 @@ def load_pretrained(
     compute_dtype="bfloat16", remat_policy="full", attention_impl="splash". mesh / rules: see `model_from_hf`.
 
     Raises:
-        FileNotFoundError: not a directory with config.json, not a .gguf file, and not a packaged name.
+        FileNotFoundError: not a directory with config.json, not a .gguf file, and not a packaged name; a
+            directory without safetensors weights (`SafetensorsTensors`); a packaged model whose file is
+            missing from its installed distribution (`packaged_model_path`).
+        MissingPackageError: a packaged name whose pip distribution is not installed (the install command).
+        ValueError: a GGUF file this reader refuses (`read_gguf`).
+        KeyError: a sharded index that lists other tensors than its files hold (`SafetensorsTensors`).
         KeyError / ValueError: from `model_from_hf` (tensors that do not match the config).
     """
     path = Path(path_or_name)

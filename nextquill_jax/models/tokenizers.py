@@ -112,6 +112,8 @@ def load_tokenizer(path_or_name: str | PathLike[str]) -> PreTrainedTokenizerFast
         ModuleNotFoundError: the package that ships the named tokenizer is not installed (the message says
             how).
         TypeError: a directory's tokenizer is not a fast (Rust `tokenizers`) tokenizer.
+        FileNotFoundError: a packaged model's distribution is installed but lacks its file
+            (`packaged_model_path`).
     """
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
