@@ -33,7 +33,7 @@ class ConfigError(ValueError):
 class _DuplicateKeyError(Exception):
     """A key written twice in one YAML mapping (lines 1-based)."""
 
-    def __init__(self, key: Any, line: int, first_line: int):
+    def __init__(self, key: Any, line: int, first_line: int) -> None:
         super().__init__(key, line, first_line)
         self.key, self.line, self.first_line = key, line, first_line
 

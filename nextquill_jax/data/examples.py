@@ -311,7 +311,7 @@ class FitSearch:
     then `best` is the answer.
     """
 
-    def __init__(self, entries: int, floor: int, limit: int, slack: int = DIP_SLACK_TOKENS):
+    def __init__(self, entries: int, floor: int, limit: int, slack: int = DIP_SLACK_TOKENS) -> None:
         self.limit, self.slack = limit, slack
         self.best = floor  # the largest fitting count probed, else the floor
         # Open intervals (a, b) of counts still to search, each with its galloping step; disjoint, the

@@ -371,7 +371,7 @@ class BatchPipeline:
 class _EpochsDataset(grain.IterDataset):
     """Epoch after epoch of a `BatchPipeline`, each a Grain `MapDataset` of batches read by threads."""
 
-    def __init__(self, pipeline: BatchPipeline):
+    def __init__(self, pipeline: BatchPipeline) -> None:
         super().__init__()
         self._pipeline = pipeline
 
@@ -385,7 +385,7 @@ class _EpochsDataset(grain.IterDataset):
 class _EpochsIterator(grain.DatasetIterator):
     """State: {"epoch", "epoch_iterator" (Grain's state within the epoch), "layout"}."""
 
-    def __init__(self, pipeline: BatchPipeline):
+    def __init__(self, pipeline: BatchPipeline) -> None:
         super().__init__()
         self._pipeline = pipeline
         self._epoch = 0

@@ -161,7 +161,7 @@ class PreparedSplit:
             existed); the fix is to prepare the data again.
     """
 
-    def __init__(self, data_dir: str | Path, split: str):
+    def __init__(self, data_dir: str | Path, split: str) -> None:
         self.dir = Path(data_dir) / split
         meta_path = self.dir / "meta.json"
         check_split(data_dir, split)

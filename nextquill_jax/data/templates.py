@@ -52,7 +52,7 @@ class FieldFormatError(ValueError):
     fails, and the fix.
     """
 
-    def __init__(self, field: str, message: str):
+    def __init__(self, field: str, message: str) -> None:
         super().__init__(message)
         self.field = field
 
@@ -223,7 +223,7 @@ def fields_block(fields: Mapping[str, Any]) -> str:
 class _Fields(dict):
     """Record fields plus the reserved placeholders; the reserved ones win."""
 
-    def __init__(self, fields: Mapping[str, Any], **reserved: Any):
+    def __init__(self, fields: Mapping[str, Any], **reserved: Any) -> None:
         super().__init__(fields)
         self.update(reserved)
 

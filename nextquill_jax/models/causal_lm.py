@@ -57,7 +57,7 @@ AttendFn = Callable[[jax.Array, jax.Array, jax.Array, object], tuple[jax.Array, 
 class Attention(nnx.Module):
     """Projections of grouped-query attention; the attention itself is supplied by the caller (`attend`)."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs) -> None:
         d, h, kv, hd, dtype = (
             cfg.hidden_size,
             cfg.num_heads,
@@ -114,7 +114,7 @@ class Attention(nnx.Module):
 class DecoderLayer(nnx.Module):
     """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs) -> None:
         dtype = cfg.param_jnp_dtype
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.attn = Attention(cfg, rngs=rngs)
@@ -153,7 +153,7 @@ class CausalLM(nnx.Module):
     `model.cfg` is its `ModelConfig` (`vocab_size`, `hidden_size`, the dtypes, ...).
     """
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs) -> None:
         dtype = cfg.param_jnp_dtype
         self.cfg = cfg
         self.lora_weights = None  # adapters this model carries (`attach_adapters`), and their alpha / r

@@ -102,7 +102,7 @@ def _open(path: str | PathLike[str]) -> tuple[GGUFContents, _Metadata, str]:
 class _Metadata:
     """Typed access to a GGUF file's key/value metadata with errors that name the file and key."""
 
-    def __init__(self, metadata: dict[str, Any], path: Path):
+    def __init__(self, metadata: dict[str, Any], path: Path) -> None:
         self.metadata = metadata
         self.path = path
 

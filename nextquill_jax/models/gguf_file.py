@@ -62,7 +62,7 @@ class GGUFContents:
 class _Cursor:
     """Sequential little-endian reads from the file's bytes; a read past the end names the file and offset."""
 
-    def __init__(self, buffer: mmap.mmap, path: Path):
+    def __init__(self, buffer: mmap.mmap, path: Path) -> None:
         self.buffer, self.path, self.offset = buffer, path, 0
 
     def unpack(self, fmt: str) -> Any:

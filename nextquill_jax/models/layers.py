@@ -46,7 +46,7 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
 class RMSNorm(nnx.Module):
     """RMSNorm with a learned scale over the last axis (size `dim`)."""
 
-    def __init__(self, dim: int, eps: float, dtype: jnp.dtype):
+    def __init__(self, dim: int, eps: float, dtype: jnp.dtype) -> None:
         self.scale = constant_param(1.0, (dim,), ("norm",), dtype)
         self.eps = eps
 
@@ -100,7 +100,7 @@ class MLP(nnx.Module):
     """SwiGLU feed-forward: down(silu(x @ gate) * (x @ up)). Kernels gate/up [D, F], down [F, D]. The two
     projections x @ gate, x @ up are the checkpoint name `mlp_gate_up` (a remat policy may keep them)."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs) -> None:
         d, f, dtype = cfg.hidden_size, cfg.intermediate_size, cfg.param_jnp_dtype
         self.gate = normal_param(rngs, (d, f), ("embed", "mlp"), dtype)
         self.up = normal_param(rngs, (d, f), ("embed", "mlp"), dtype)

@@ -236,7 +236,7 @@ class Checkpointer:
     run may still be saving: nothing is created, deleted, moved or cleaned up.
     """
 
-    def __init__(self, directory: str | Path, cfg: CheckpointConfig, *, read_only: bool = False):
+    def __init__(self, directory: str | Path, cfg: CheckpointConfig, *, read_only: bool = False) -> None:
         self.directory = Path(directory).absolute()
         self.read_only = read_only
         self.async_save = cfg.async_save

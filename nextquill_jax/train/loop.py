@@ -384,7 +384,7 @@ class PendingMetrics:
     flush (compilation at first).
     """
 
-    def __init__(self, cfg: Config, loss_cfg: LossConfig, epoch_ends: list[int], log: MetricsLog):
+    def __init__(self, cfg: Config, loss_cfg: LossConfig, epoch_ends: list[int], log: MetricsLog) -> None:
         self.cfg, self.loss_cfg, self.epoch_ends, self.log = cfg, loss_cfg, epoch_ends, log
         self.steps: list[tuple[int, dict]] = []
         self.interval_start = time.perf_counter()
@@ -497,7 +497,7 @@ class _Profile:
     window), stopped once the last has finished on the device, or when the run ends inside the window.
     """
 
-    def __init__(self, steps: list[int] | None, directory: Path, log: MetricsLog):
+    def __init__(self, steps: list[int] | None, directory: Path, log: MetricsLog) -> None:
         self.first, self.last = steps if steps is not None else (None, None)
         self.directory, self.log = directory, log
         self.started: int | None = None

@@ -42,7 +42,7 @@ INTEGER_FIELDS = ("tokens", "input_tokens", "skipped", "epoch")
 class MetricsLog:
     """Writes metric rows for steps `start_step + 1 ... total_steps` of a run in `workdir`."""
 
-    def __init__(self, workdir: str | Path, cfg: LoggingConfig, *, start_step: int, total_steps: int):
+    def __init__(self, workdir: str | Path, cfg: LoggingConfig, *, start_step: int, total_steps: int) -> None:
         self.enabled = jax.process_index() == 0
         self.path = Path(workdir) / METRICS_FILE
         self._tb = None

@@ -76,7 +76,7 @@ class Issue:
 class InvalidRecordError(Exception):
     """Raised inside a reader for one bad record; the reader hands `issue` to its `IssueLog`."""
 
-    def __init__(self, issue: Issue):
+    def __init__(self, issue: Issue) -> None:
         super().__init__(str(issue))
         self.issue = issue
 
@@ -84,7 +84,7 @@ class InvalidRecordError(Exception):
 class DataError(ValueError):
     """The input has invalid records and `on_error` is `fail`: lists them (the first `shown`) and the fix."""
 
-    def __init__(self, issues: list[Issue], counts: Counter, shown: int):
+    def __init__(self, issues: list[Issue], counts: Counter, shown: int) -> None:
         total = sum(counts.values())
         lines = [str(i) for i in issues[:shown]]
         if total > shown:
