@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from typing import Literal, NamedTuple
 
 import jax
@@ -82,6 +83,12 @@ class _Plan(NamedTuple):
     vocab: int
     block: int
     n_blocks: int
+
+
+# (lse, label_logit, js or None) as HeadStats holds them; per chunk, the third is the KL pair [2, M, C].
+_TokenStats = tuple[jax.Array, jax.Array, jax.Array | None]
+# What the backward pass recomputes from: h, y in chunks, W, the forward's lse and KL (None without JS).
+_Residuals = tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array | None]
 
 
 def head_vocab(lm_head: jax.Array, head_layout: HeadLayout, width: int) -> int:
@@ -198,7 +205,7 @@ def head_token_stats(
     )
 
 
-def _to_chunks(x: jax.Array, plan: _Plan, fill, axis: int = -1) -> jax.Array:
+def _to_chunks(x: jax.Array, plan: _Plan, fill: float | int, axis: int = -1) -> jax.Array:
     """Cut the slot axis (`axis`, negative) into chunks: [..., R, *tail] -> [n_chunks, ..., C, *tail]."""
     axis = x.ndim + axis
     pad = [(0, 0)] * x.ndim
@@ -216,7 +223,7 @@ def _from_chunks(x: jax.Array, plan: _Plan, axis: int = -1) -> jax.Array:
     return lax.slice_in_dim(x, 0, plan.slots, axis=axis)
 
 
-def _vocab_block(w: jax.Array, i: jax.Array, plan: _Plan):
+def _vocab_block(w: jax.Array, i: jax.Array, plan: _Plan) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Block i of the head as float32 [Vb, D], its global column ids [Vb] and which columns are new [Vb]."""
     start = jnp.minimum(i * plan.block, plan.vocab - plan.block)
     if plan.layout == "vd":
@@ -242,7 +249,9 @@ def _add_block(dw: jax.Array, dwb: jax.Array, i: jax.Array, plan: _Plan) -> jax.
     return lax.dynamic_update_slice_in_dim(dw, current + dwb.astype(dw.dtype), start, axis=axis)
 
 
-def _lse_update(carry, z: jax.Array, fresh: jax.Array, is_label: jax.Array):
+def _lse_update(
+    carry: Sequence[jax.Array], z: jax.Array, fresh: jax.Array, is_label: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Fold a logits tile z [n, M, C, Vb] into the running (max, sum of exp, label logit), each [n, M, C]."""
     running_max, running_sum, label_logit = carry
     z_fresh = jnp.where(fresh, z, -jnp.inf)
@@ -251,7 +260,7 @@ def _lse_update(carry, z: jax.Array, fresh: jax.Array, is_label: jax.Array):
     return new_max, running_sum, label_logit + jnp.where(is_label, z, 0.0).sum(-1)
 
 
-def _chunk_forward(hc: jax.Array, yc: jax.Array, w: jax.Array, plan: _Plan):
+def _chunk_forward(hc: jax.Array, yc: jax.Array, w: jax.Array, plan: _Plan) -> _TokenStats:
     """One token chunk: hc [S, M, C, D], yc [M, C] -> lse, label_logit [S', M, C], kl [2, M, C] or None."""
     n_hidden, rows, chunk = hc.shape[:3]
     streams = n_hidden + plan.with_effect
@@ -284,7 +293,7 @@ def _chunk_forward(hc: jax.Array, yc: jax.Array, w: jax.Array, plan: _Plan):
     return lse, label_logit, kl
 
 
-def _forward(h: jax.Array, w: jax.Array, y: jax.Array, plan: _Plan):
+def _forward(h: jax.Array, w: jax.Array, y: jax.Array, plan: _Plan) -> tuple[_TokenStats, _Residuals]:
     """h [S, M, R, D] f32, y [M, R] -> (lse, label_logit [S', M, R], js [M, R] | None) and the residuals."""
     h_chunks = _to_chunks(h, plan, 0.0, axis=-2)  # [nC, S, M, C, D]
     y_chunks = _to_chunks(y, plan, IGNORE_INDEX)  # [nC, M, C]
@@ -295,15 +304,17 @@ def _forward(h: jax.Array, w: jax.Array, y: jax.Array, plan: _Plan):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _stats(h: jax.Array, w: jax.Array, y: jax.Array, plan: _Plan):
+def _stats(h: jax.Array, w: jax.Array, y: jax.Array, plan: _Plan) -> _TokenStats:
     return _forward(h, w, y, plan)[0]
 
 
-def _stats_fwd(h, w, y, plan):
+def _stats_fwd(h: jax.Array, w: jax.Array, y: jax.Array, plan: _Plan) -> tuple[_TokenStats, _Residuals]:
     return _forward(h, w, y, plan)
 
 
-def _stats_bwd(plan: _Plan, residuals, cotangents):
+def _stats_bwd(
+    plan: _Plan, residuals: _Residuals, cotangents: _TokenStats
+) -> tuple[jax.Array, jax.Array, None]:
     """Recompute tile logits; dz = g_lse·softmax + g_label·onehot (+ the JS term), the effect stream's dz
     folded into streams 0 and 1; dh = dz W, dW = dzᵀ h (zero, not computed, for a frozen head)."""
     h_chunks, y_chunks, w, lse, kl = residuals

@@ -462,8 +462,17 @@ def variant_losses(terms: Mapping[str, float], alpha: float) -> dict[str, float]
 
 
 def _assemble(
-    cfg: LossConfig, mask: jax.Array, *, ce_with, ce_without, ce_effect, dce, js, denominators, example_ids
-):
+    cfg: LossConfig,
+    mask: jax.Array,
+    *,
+    ce_with: jax.Array | None,
+    ce_without: jax.Array | None,
+    ce_effect: jax.Array | None,
+    dce: jax.Array | None,
+    js: jax.Array | None,
+    denominators: Mapping[str, jax.Array] | None,
+    example_ids: jax.Array | None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Per-token CE [..., R] (0 at ignored slots), DCE and js weights → (loss, aux)."""
     spec = cfg.spec
     ones = mask.astype(jnp.float32)

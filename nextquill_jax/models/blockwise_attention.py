@@ -25,6 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# (qb, kb, vb, segment ids, pairs to visit, blocked output, log-sum-exp): what `_forward` saves.
+_Residuals = tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]
+
 DEFAULT_BLOCK = 128  # fastest of 64 / 128 / 256 / 512 on CPU at T = 2,048 (benchmarks/RESULTS.md)
 
 
@@ -86,7 +89,9 @@ def _segment_blocks(segment_ids: jax.Array, block: int) -> tuple[jax.Array, jax.
     return seg, below_diagonal & jnp.any(overlap, axis=-1)
 
 
-def _masked_scores(qi, kj, si, sj, i, j, block: int) -> jax.Array:
+def _masked_scores(
+    qi: jax.Array, kj: jax.Array, si: jax.Array, sj: jax.Array, i: jax.Array, j: jax.Array, block: int
+) -> jax.Array:
     """Scaled scores [B, K, G, block, block] float32 with invisible pairs at -inf.
 
     qi [B, K, G, block, Hd], kj [B, K, block, Hd], si / sj [B, block], i / j block indices."""
@@ -99,11 +104,13 @@ def _masked_scores(qi, kj, si, sj, i, j, block: int) -> jax.Array:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _attention(q, k, v, segment_ids, block):
+def _attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, block: int) -> jax.Array:
     return _forward(q, k, v, segment_ids, block)[0]
 
 
-def _forward(q, k, v, segment_ids, block):
+def _forward(
+    q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, block: int
+) -> tuple[jax.Array, _Residuals]:
     """Output [B, T, H, Hd] and what the backward pass needs: the blocked inputs, segment ids and pairs to
     visit (as `_to_blocks` / `_kv_blocks` / `_segment_blocks` give them), the blocked output and the
     log-sum-exp per query [N, B, K, G, block] (+inf where nothing is visible)."""
@@ -149,7 +156,9 @@ def _forward(q, k, v, segment_ids, block):
     return _from_blocks(out, t), (qb, kb, vb, seg, visit_pair, out, lse)
 
 
-def _attention_bwd(block, residuals, d_out):
+def _attention_bwd(
+    block: int, residuals: _Residuals, d_out: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array, None]:
     """Gradients of q, k, v: for each key block, visit the query blocks that see it and recompute p."""
     qb, kb, vb, seg, visit_pair, out, lse = (
         residuals  # qb / out [N, B, K, G, block, Hd], kb / vb [N, B, K, block, Hd]
