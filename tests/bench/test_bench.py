@@ -7,11 +7,17 @@ derives from a timing: token counts, the FLOP formula, throughput, resumption an
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import ClassVar
 
+import jax
 import numpy as np
 import pytest
 
@@ -19,6 +25,7 @@ from nextquill_jax import cli
 from nextquill_jax.bench import flops, harness, record, sweep
 from nextquill_jax.bench.command import BENCHMARKS, benchmarks_dir
 from nextquill_jax.config_schema import ConfigError
+from nextquill_jax.models import model_preset
 from tests.conftest import REPO
 from tests.shared import TINY_EOS_ID
 
@@ -612,6 +619,64 @@ def test_mfu_takes_cudnn_max_segments_auto_as_what_its_rows_hold(monkeypatch, ca
         in capsys.readouterr().err
     )
     assert len(FakeHarness.bounds) == 2
+
+
+def gpu_checks_commands(tmp_path: Path) -> list[tuple[str, list[str]]]:
+    """(check name, benchmark argv) for each check of benchmarks/gpu_checks.sh, in order, from running the
+    script with a `PYTHON` that only records its arguments (its `python -c` version probe left out)."""
+    script = REPO / "benchmarks" / "gpu_checks.sh"
+    log = tmp_path / "argv.jsonl"
+    recorder = tmp_path / "python"
+    recorder.write_text(
+        f"#!{sys.executable}\nimport json, sys\n"
+        f"with open({str(log)!r}, 'a') as f:\n    f.write(json.dumps(sys.argv[1:]) + '\\n')\n"
+    )
+    recorder.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(recorder)}
+    subprocess.run(
+        ["bash", str(script), str(tmp_path / "out")], cwd=REPO, env=env, check=True, capture_output=True
+    )
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    names = re.findall(r"^check (\S+) ", script.read_text(), re.MULTILINE)
+    commands = [argv for argv in calls if argv[0] != "-c"]
+    assert len(commands) == len(names) and len(names) >= 15, (names, commands)
+    return list(zip(names, commands, strict=True))
+
+
+class StopAfterParsingError(Exception):
+    """Raised in place of running a benchmark once its command line has parsed."""
+
+
+def test_every_gpu_check_is_a_command_line_the_benchmarks_accept(tmp_path, monkeypatch, capsys):
+    """The GPU lease is minutes long and the script never runs on CI: each of its checks must be a command
+    the current benchmarks take. mfu.py's checks run through `main` as on a GPU backend (its shape,
+    model and remat policy checked, each model config built) with the step timed by the fake; the others'
+    command lines are parsed only (they compute on whatever device there is)."""
+    mfu = benchmark_script("mfu")
+    monkeypatch.setattr(harness, "TrainingHarness", MfuFakeHarness)
+    monkeypatch.setattr(harness, "step_breakdown", lambda h, batch, steps: {"step": 0.004})
+    parse_args = argparse.ArgumentParser.parse_args
+
+    def parse_only(parser, args=None, namespace=None):
+        parse_args(parser, args, namespace)
+        raise StopAfterParsingError
+
+    width = model_preset("qwen2.5-1.5b").hidden_size  # the shape every mfu check names
+    checked = []
+    for name, (path, *args) in gpu_checks_commands(tmp_path):
+        script = Path(path).stem
+        if script == "mfu":
+            FakeHarness.built, FakeHarness.bounds, FakeHarness.unrolls = [], [], []
+            with monkeypatch.context() as on_gpu:
+                on_gpu.setattr(jax, "default_backend", lambda: "gpu")
+                assert mfu.main(args) == 0, name
+            assert FakeHarness.built and set(FakeHarness.built) == {width}, (name, FakeHarness.built)
+        else:
+            with monkeypatch.context() as parsing, pytest.raises(StopAfterParsingError):
+                parsing.setattr(argparse.ArgumentParser, "parse_args", parse_only)
+                benchmark_script(script).main(args)
+        checked.append(name)
+    assert {"mfu_breakdown", "cudnn_mask", "prefill", "mfu_xla_flags"} <= set(checked)
 
 
 def test_a_results_section_records_the_xla_flags_it_was_measured_under(monkeypatch):
