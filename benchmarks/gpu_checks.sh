@@ -11,7 +11,7 @@
 # Each check has its own time limit, so one failure leaves the others' results, and every result lands in
 # OUT_DIR as it is made.
 #
-#   bash benchmarks/gpu_checks.sh OUT_DIR [NAMES]
+#   [WHEELS=.whl] bash benchmarks/gpu_checks.sh OUT_DIR [NAMES]
 #
 # NAMES (an extended regular expression) runs only the checks whose names match. Every check together is
 # estimated at ~17 min, more than two 600 s device calls and more than a 15-minute lease: run them in three
@@ -24,16 +24,30 @@
 #      unrolled (the longest compile), and again what the H200 session of 2026-11-30 measured once
 #      (RESULTS.md), this time beside the others.
 #
-# Run from the repository root under the machine's own JAX (the package on PYTHONPATH; grain and its two
-# dependencies missing there travel as wheels). Sections are appended to OUT_DIR/RESULTS_gpu.md in
-# benchmarks/RESULTS.md's format, to be copied there.
+# Run from the repository root under the machine's own JAX (the package on PYTHONPATH). The lent machines'
+# image (Python 3.12) lacks grain and two of its dependencies; download their wheels before the lease, on a
+# machine with the registries:
+#   python -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
+#     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform any \
+#     grain==0.2.18 array-record==0.8.6 portpicker==1.6.0
+# then carry `.whl` to the machine (ignored by git) and set WHEELS=.whl: the script installs them, offline, into
+# a folder of its own on PYTHONPATH. Sections are appended to OUT_DIR/RESULTS_gpu.md in benchmarks/RESULTS.md's
+# format, to be copied there.
 set -uo pipefail
-out=${1:?usage: gpu_checks.sh OUT_DIR}
+out=${1:?usage: gpu_checks.sh OUT_DIR [NAMES]}
 mkdir -p "$out"
 results=$out/RESULTS_gpu.md
 only=${2:-.}
-export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
+site=
+if [[ -n ${WHEELS:-} ]]; then
+  wheels=("$WHEELS"/*.whl)
+  [[ -f ${wheels[0]} ]] || { echo "gpu_checks.sh: no *.whl in WHEELS=$WHEELS (download them: see above)" >&2; exit 1; }
+  site=${TMPDIR:-/tmp}/gpu_checks_site
+  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
+    "${wheels[@]}" || { echo "gpu_checks.sh: could not install the wheels in $WHEELS" >&2; exit 1; }
+fi
+export PYTHONPATH=.${site:+:$site}${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 
 check() {  # check NAME SECONDS COMMAND...: one check under a time limit, its whole output in OUT_DIR/NAME.log
   local name=$1 limit=$2 start=$SECONDS

@@ -621,26 +621,64 @@ def test_mfu_takes_cudnn_max_segments_auto_as_what_its_rows_hold(monkeypatch, ca
     assert len(FakeHarness.bounds) == 2
 
 
-def gpu_checks_commands(tmp_path: Path) -> list[tuple[str, list[str]]]:
-    """(check name, benchmark argv) for each check of benchmarks/gpu_checks.sh, in order, from running the
-    script with a `PYTHON` that only records its arguments (its `python -c` version probe left out)."""
-    script = REPO / "benchmarks" / "gpu_checks.sh"
-    log = tmp_path / "argv.jsonl"
+GPU_CHECKS = REPO / "benchmarks" / "gpu_checks.sh"
+
+
+def run_gpu_checks(tmp_path: Path, *args: str, **env: str) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    """Run benchmarks/gpu_checks.sh OUT_DIR ARGS with `PYTHON` a recorder: each Python call only appends
+    {"argv": its arguments, "path": its PYTHONPATH} to a log. Returns the script's result and the calls."""
+    log = tmp_path / "calls.jsonl"
     recorder = tmp_path / "python"
     recorder.write_text(
-        f"#!{sys.executable}\nimport json, sys\n"
-        f"with open({str(log)!r}, 'a') as f:\n    f.write(json.dumps(sys.argv[1:]) + '\\n')\n"
+        f"#!{sys.executable}\nimport json, os, sys\n"
+        f"with open({str(log)!r}, 'a') as f:\n"
+        "    f.write(json.dumps({'argv': sys.argv[1:], 'path': os.environ.get('PYTHONPATH')}) + '\\n')\n"
     )
     recorder.chmod(0o755)
-    env = {**os.environ, "PYTHON": str(recorder)}
-    subprocess.run(
-        ["bash", str(script), str(tmp_path / "out")], cwd=REPO, env=env, check=True, capture_output=True
-    )
-    calls = [json.loads(line) for line in log.read_text().splitlines()]
-    names = re.findall(r"^check (\S+) ", script.read_text(), re.MULTILINE)
-    commands = [argv for argv in calls if argv[0] != "-c"]
+    done = subprocess.run(
+        ["bash", str(GPU_CHECKS), str(tmp_path / "out"), *args],
+        cwd=REPO, env={**os.environ, "PYTHON": str(recorder), **env}, capture_output=True, text=True,
+    )  # fmt: skip
+    return done, [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def gpu_checks_commands(tmp_path: Path) -> list[tuple[str, list[str]]]:
+    """(check name, benchmark argv) for each check of benchmarks/gpu_checks.sh, in order (its `python -c`
+    version probe left out)."""
+    done, calls = run_gpu_checks(tmp_path)
+    assert done.returncode == 0, done.stderr
+    names = re.findall(r"^check (\S+) ", GPU_CHECKS.read_text(), re.MULTILINE)
+    commands = [call["argv"] for call in calls if call["argv"][0] != "-c"]
     assert len(commands) == len(names) and len(names) >= 15, (names, commands)
     return list(zip(names, commands, strict=True))
+
+
+def test_gpu_checks_installs_the_carried_wheels_first_and_puts_them_on_every_path(tmp_path):
+    """With WHEELS set, the first Python call installs its wheels offline into a folder that every later call
+    has on PYTHONPATH after the repository (the GPU image lacks grain); with no wheel there, nothing runs and
+    the error names the folder."""
+    wheels = tmp_path / "whl"
+    wheels.mkdir()
+    (wheels / "grain-0.2.18-cp312-cp312-manylinux_2_28_x86_64.whl").write_bytes(b"")
+    done, calls = run_gpu_checks(tmp_path, "mfu_breakdown", WHEELS=str(wheels), TMPDIR=str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    install, *rest = calls
+    site = str(tmp_path / "gpu_checks_site")
+    assert install["argv"][:5] == ["-m", "pip", "install", "-q", "--no-index"]
+    assert install["argv"][-3:] == [
+        "--target",
+        site,
+        str(wheels / "grain-0.2.18-cp312-cp312-manylinux_2_28_x86_64.whl"),
+    ]
+    assert len(rest) == 2 and rest[1]["argv"][0] == "benchmarks/mfu.py"  # the version probe, then the check
+    assert all(call["path"].split(":")[:2] == [".", site] for call in rest)
+
+    empty = tmp_path / "none"
+    empty.mkdir()
+    (tmp_path / "calls.jsonl").unlink()
+    done, calls = run_gpu_checks(tmp_path, "mfu_breakdown", WHEELS=str(empty))
+    assert (done.returncode, calls) == (1, [])
+    assert f"no *.whl in WHEELS={empty}" in done.stderr
 
 
 class StopAfterParsingError(Exception):
