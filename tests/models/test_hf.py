@@ -64,9 +64,16 @@ def test_tied_checkpoint_may_store_the_identical_head_but_not_a_different_one(ti
 
 
 def test_old_rotary_buffers_are_recognised_and_skipped(qwen2):
+    """Older checkpoints store each layer's rotary `inv_freq`: not an unexpected tensor (as any other extra
+    name is, above), and it changes no parameter."""
     config, tensors = qwen2
     with_buffer = {**tensors, "model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(4, np.float32)}
-    model_from_hf(config, with_buffer)
+    flat = lambda model: {
+        k: np.asarray(v.get_value()) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+    }
+    loaded, plain = flat(model_from_hf(config, with_buffer)), flat(model_from_hf(config, tensors))
+    assert loaded.keys() == plain.keys()
+    assert all(np.array_equal(loaded[k], plain[k]) for k in plain)
 
 
 def test_bfloat16_parameters_are_the_rounded_checkpoint_values(qwen2):
