@@ -3,6 +3,9 @@ curves as a PNG.
 
     python benchmarks/study_report.py configs/study/smollm2_synthetic.yaml --png benchmarks/study_health.png
 
+With several seeds in the compare file it reports one seed, `--seed` (default: the first), so that each seed's
+paired intervals can be read apart; compare's own results.md averages over the seeds.
+
 Prints: the comparison table with the paired intervals (`compare_table`, from the finished runs'
 `compare_done.json`, so a comparison still running gives the table of what has finished), the teacher-forced
 NLL per ground-truth
@@ -23,9 +26,8 @@ from nextquill_jax.eval.compare_table import compare_runs, markdown
 ROLES = ("preference", "context", "noise", "glue", "eos")
 
 
-def runs_of(comparison: Comparison) -> dict[str, Path]:
-    """variant -> its finished run directory (the first seed), in the compare file's order."""
-    seed = comparison.compare.seeds[0]
+def runs_of(comparison: Comparison, seed: int) -> dict[str, Path]:
+    """variant -> its finished run directory with `seed`, in the compare file's order."""
     runs = {name: comparison.workdir(name, seed) for name in comparison.variants}
     return {name: run for name, run in runs.items() if (run / "compare_done.json").exists()}
 
@@ -93,9 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("config", type=Path, help="the compare file")
     parser.add_argument("--png", type=Path, help="write the health curves here")
+    parser.add_argument("--seed", type=int, help="the seed to report (default: the compare file's first)")
     args = parser.parse_args(argv)
     comparison = load_comparison(args.config)
-    runs = runs_of(comparison)
+    seeds = comparison.compare.seeds
+    if args.seed is not None and args.seed not in seeds:
+        parser.error(f"--seed {args.seed}: {args.config} runs seeds {seeds}")
+    runs = runs_of(comparison, seeds[0] if args.seed is None else args.seed)
     records = [json.loads((run / "compare_done.json").read_text()) for run in runs.values()]
     result = compare_runs(records, comparison.compare.baseline, comparison.compare.resamples)
     sections = [
