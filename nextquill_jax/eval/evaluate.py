@@ -54,13 +54,14 @@ from nextquill_jax.data.prepared_split import (
     write_split,
 )
 from nextquill_jax.eval.text_metrics import score_predictions
-from nextquill_jax.loss import LossConfig, combine_aux, metrics_from_aux, variant_losses
+from nextquill_jax.loss import LossConfig, metrics_from_aux, variant_losses
 from nextquill_jax.loss.weighting_record import weighting_sha256
 from nextquill_jax.models.causal_lm import CausalLM
 from nextquill_jax.models.generate import GenerationConfig, generate
 from nextquill_jax.parallel import batch_shard_count
 from nextquill_jax.plural import counted
 from nextquill_jax.train import model_setup
+from nextquill_jax.train.eval_sums import summed_eval_aux
 from nextquill_jax.train.metrics_log import strict_json
 from nextquill_jax.train.setup import (
     check_reference_token_ids,
@@ -212,8 +213,9 @@ def split_losses(
             step_settings(cfg, ref_graphdef), loss=loss_cfg, lora_scale=None
         )
         step = jit_eval_step(graphdef, settings, mesh, param_shardings, ref_shardings)
-        auxes = [step(params, to_global_batch(local, mesh), ref, None) for local in pipeline.dataset()]
-        return combine_aux(*auxes)
+        return summed_eval_aux(
+            lambda local: step(params, to_global_batch(local, mesh), ref, None), pipeline.dataset()
+        )
 
     with tempfile.TemporaryDirectory() as tmp:
         if count < len(split):  # a split of exactly the evaluated examples

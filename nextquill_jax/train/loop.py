@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import itertools
 import os
 import signal
 import time
@@ -32,10 +33,11 @@ from nextquill_jax.config_paths import absolute_paths
 from nextquill_jax.config_schema import ConfigError
 from nextquill_jax.data.checksums import IntegrityError
 from nextquill_jax.data.global_batch import to_global_batch
-from nextquill_jax.loss import LossConfig, combine_aux, metric_names, metrics_from_aux
+from nextquill_jax.loss import LossConfig, metric_names, metrics_from_aux
 from nextquill_jax.loss.weighting_record import weighting_note
 from nextquill_jax.train.adapters import check_same_base, legacy_fingerprint
 from nextquill_jax.train.checkpoint import CORRUPT_SUFFIX, Checkpointer, CheckpointSaveError
+from nextquill_jax.train.eval_sums import summed_eval_aux
 from nextquill_jax.train.health import HealthMonitor
 from nextquill_jax.train.metrics_log import EVAL_PREFIX, MetricsLog
 from nextquill_jax.train.resume import check_resumable, check_same_data
@@ -358,13 +360,10 @@ def check_best_metric(cfg: Config) -> None:
 
 def evaluate_split(run: RunSetup, params: dict, max_batches: int | None) -> dict[str, float]:
     """`EVAL_PREFIX<metric>` over the eval split (its first `max_batches` batches; None: all)."""
-    auxes = []
-    for k, local in enumerate(run.eval_data.dataset()):
-        if max_batches is not None and k >= max_batches:
-            break
-        batch = to_global_batch(local, run.mesh)
-        auxes.append(run.eval_step(params, batch, run.reference_params, run.base_params))
-    values = metrics_from_aux(combine_aux(*auxes), run.settings.loss)
+    references = (run.reference_params, run.base_params)
+    step = lambda local: run.eval_step(params, to_global_batch(local, run.mesh), *references)
+    aux = summed_eval_aux(step, itertools.islice(run.eval_data.dataset(), max_batches))
+    values = metrics_from_aux(aux, run.settings.loss)
     return {EVAL_PREFIX + k: v for k, v in values.items()}
 
 
