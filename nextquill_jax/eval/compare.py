@@ -613,13 +613,13 @@ def run_variant(
     # The decoding of this file's config: a checkpoint evaluated again would otherwise decode as saved.
     overrides = {} if plan.max_new_tokens is None else {"max_new_tokens": plan.max_new_tokens}
     generation = dataclasses.replace(cfg.eval.generation, **overrides)
+    data_dir = data_dir_of(cfg, workdir)  # the checkpoint's config may name where the data was
     at("evaluation")
     metrics = evaluate(
         workdir, plan.split, out_dir=workdir / "eval" / plan.split, max_examples=plan.max_examples,
         generation=generation, batch_size=plan.eval_batch_size, loaded=loaded,
-        max_new_tokens_setting="compare.max_new_tokens", keep_hint=None, echo=echo,
+        max_new_tokens_setting="compare.max_new_tokens", keep_hint=None, data_dir=data_dir, echo=echo,
     )  # fmt: skip
-    data_dir = data_dir_of(cfg, workdir)
     at("effect report")
     summary = build_effect_report(
         loaded.model,

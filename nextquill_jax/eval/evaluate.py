@@ -292,6 +292,7 @@ def evaluate(
     loaded: LoadedModel | None = None,
     max_new_tokens_setting: str = "--max-new-tokens",
     keep_hint: str | None = KEEP_BOTH,
+    data_dir: str | Path | None = None,
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Evaluate checkpoint `step` (default: the newest that verifies) of the run in `workdir`, or `model_path`
@@ -316,6 +317,10 @@ def evaluate(
         keep_hint: how to keep the results already in `out_dir` as well, which the line saying this
             evaluation replaces them ends with (`replacing_line`); None: no advice (`compare`, which has no
             `--out` and replaces a run's evaluation on purpose, when its evaluation settings changed).
+        data_dir: the prepared data holding `split`; default: the run's (`train.data_dir` of the config the
+            model was saved with, else `<workdir>/prepared`). `compare` passes its file's, which `train`
+            has just checked against the checkpoint's data digests: a comparison moved after training still
+            evaluates, where the saved config names the old place.
         echo: progress messages, and the warning that the run's `loss.weighting` module has changed since the
             checkpoint was saved (`LoadedModel.weighting_note`).
 
@@ -341,7 +346,7 @@ def evaluate(
         generation = dataclasses.replace(cfg.eval.generation, **(generation_overrides or {}))
     stream = choose_stream(cfg, prompt)
     mesh = loaded.mesh
-    data_dir = data_dir_of(cfg, workdir)
+    data_dir = data_dir_of(cfg, workdir) if data_dir is None else Path(data_dir)
     rows, tokens = read_split(data_dir, split, max_examples)
     if model_path is None:
         origin = model_setup.vocab_origin(cfg.model, saved_with=loaded.source)

@@ -6,6 +6,7 @@ bad files."""
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import typing
 from pathlib import Path
@@ -963,3 +964,35 @@ def test_max_new_tokens_0_evaluates_finished_runs_again_and_tables_only_the_loss
         "NLL (without) | BLEU | DCE AUROC |"
     )
     assert "Left out" not in table
+
+
+def test_a_run_trained_then_moved_before_its_evaluation_evaluates_on_the_data_where_it_now_is(
+    compared, tmp_path
+):
+    """Training finished, then the comparison moved before the run was evaluated (no compare_done.json yet):
+    `train` checks the data at the new place against the checkpoint's digests and trains nothing, and the
+    evaluation reads the data there, not where the config saved with the checkpoint says (after the move
+    it was "meta.json not found: run data prepare"). The losses are those of the run where it trained."""
+    root, path, _, _, _, _ = compared
+    moved = tmp_path / "moved"
+    shutil.copytree(root / "out", moved, ignore=shutil.ignore_patterns("*.lock"))
+    (moved / "seed0" / "context_sft" / DONE_FILE).unlink()
+    metrics = lambda out: json.loads(
+        (out / "seed0" / "context_sft" / "eval" / "test" / "metrics.json").read_text()
+    )
+    before = metrics(root / "out")
+
+    def change(raw):
+        _only(raw, "context_sft")
+        raw["compare"]["out"] = str(moved)
+
+    prepared = root / "out" / "prepared"  # where the checkpoint's saved config names the data
+    hidden = prepared.rename(tmp_path / "hidden")
+    messages = []
+    try:
+        run_comparison(load_comparison(_edited(path, tmp_path, change)), echo=messages.append)
+    finally:
+        hidden.rename(prepared)
+    assert any("already finished at step 2 of 2: nothing to train" in m for m in messages)
+    assert metrics(moved)["loss"] == before["loss"]
+    assert (moved / "seed0" / "context_sft" / DONE_FILE).exists()
