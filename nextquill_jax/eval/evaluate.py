@@ -61,7 +61,7 @@ from nextquill_jax.models.generate import GenerationConfig, generate
 from nextquill_jax.parallel import batch_shard_count
 from nextquill_jax.plural import counted
 from nextquill_jax.train import model_setup
-from nextquill_jax.train.eval_sums import summed_eval_aux
+from nextquill_jax.train.dispatch_queue import summed_eval_aux
 from nextquill_jax.train.metrics_log import strict_json
 from nextquill_jax.train.setup import (
     check_reference_token_ids,

@@ -37,7 +37,7 @@ from nextquill_jax.loss import LossConfig, metric_names, metrics_from_aux
 from nextquill_jax.loss.weighting_record import weighting_note
 from nextquill_jax.train.adapters import check_same_base, legacy_fingerprint
 from nextquill_jax.train.checkpoint import CORRUPT_SUFFIX, Checkpointer, CheckpointSaveError
-from nextquill_jax.train.eval_sums import summed_eval_aux
+from nextquill_jax.train.dispatch_queue import summed_eval_aux, wait_behind
 from nextquill_jax.train.health import HealthMonitor
 from nextquill_jax.train.metrics_log import EVAL_PREFIX, MetricsLog
 from nextquill_jax.train.resume import check_resumable, check_same_data
@@ -400,9 +400,12 @@ class PendingMetrics:
         return bool(self.steps)
 
     def add(self, step: int, metrics: dict, data_wait_s: float) -> None:
-        """Hold `step`'s metrics (device arrays) and count the `data_wait_s` seconds its batch took."""
+        """Hold `step`'s metrics (device arrays) and count the `data_wait_s` seconds its batch took; wait for
+        the step before it (`dispatch_queue.wait_behind`), so that a stop's checkpoint waits for two steps at
+        most, not for every step since the last fetch."""
         self.steps.append((step, metrics))
         self.data_wait_s += data_wait_s
+        wait_behind([m for _, m in self.steps])
 
     def flush(self, last_good: Callable[[], str]) -> dict[str, float]:
         """Fetch, check and log the pending steps; returns the last row written ({} if none was due).

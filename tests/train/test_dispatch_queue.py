@@ -1,14 +1,17 @@
-"""`summed_eval_aux`: the eval step's sums over a split, with at most two batches queued on the device."""
+"""dispatch_queue: at most two computations queued on the device, in evaluation (`summed_eval_aux`) and in
+training (`PendingMetrics`)."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nextquill_jax.train import eval_sums
-from nextquill_jax.train.eval_sums import summed_eval_aux
+from nextquill_jax.train import dispatch_queue, loop
+from nextquill_jax.train.dispatch_queue import summed_eval_aux
 
 
 @jax.jit
@@ -43,7 +46,7 @@ def test_each_batch_is_waited_for_once_the_next_is_dispatched(monkeypatch):
         events.append(f"wait {aux['n_sum']}")
         return aux
 
-    monkeypatch.setattr(eval_sums.jax, "block_until_ready", wait)
+    monkeypatch.setattr(dispatch_queue.jax, "block_until_ready", wait)
     summed_eval_aux(step, range(4))
     assert events == ["dispatch 0", "dispatch 1", "wait 0", "dispatch 2", "wait 1", "dispatch 3", "wait 2"]
 
@@ -51,3 +54,20 @@ def test_each_batch_is_waited_for_once_the_next_is_dispatched(monkeypatch):
 def test_no_batch_is_an_error():
     with pytest.raises(ValueError, match="at least one aux dict"):
         summed_eval_aux(sums_step, [])
+
+
+def test_training_waits_for_the_step_before_each_step_it_dispatches(monkeypatch):
+    """`PendingMetrics.add`, called as each step is dispatched, waits for the step before it: the host is at
+    most two steps ahead however rarely metrics are fetched, so a stop's checkpoint waits for two steps, not
+    `logging.every_steps`. After a fetch (`flush` empties the list) nothing is left to wait for."""
+    waited = []
+    monkeypatch.setattr(
+        dispatch_queue.jax, "block_until_ready", lambda metrics: waited.append(metrics["step"])
+    )
+    pending = SimpleNamespace(steps=[], data_wait_s=0.0)
+    for step in (1, 2, 3, 4):
+        loop.PendingMetrics.add(pending, step, {"step": step}, data_wait_s=0.5)
+    assert waited == [1, 2, 3] and pending.data_wait_s == 2.0
+    pending.steps = []
+    loop.PendingMetrics.add(pending, 5, {"step": 5}, data_wait_s=0.0)
+    assert waited == [1, 2, 3]
