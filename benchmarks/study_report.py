@@ -11,7 +11,9 @@ Prints: the comparison table with the paired intervals (`compare_table`, from th
 NLL per ground-truth
 role with and without the history (each run's effect report), and the counterfactual health of every trained
 run (the without-history CE and the preference-bearing fraction at its first and last logged step, from
-`metrics.jsonl`). The PNG plots those two series against the step, one line per variant.
+`metrics.jsonl`), and the evaluations of the eval split during training (`metrics.jsonl`'s `eval/` rows: at
+each epoch's end, so several per run in a multi-epoch comparison). The PNG plots the two health series against
+the step, one line per variant.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from nextquill_jax.eval.compare import Comparison, load_comparison
 from nextquill_jax.eval.compare_table import compare_runs, markdown
 
 ROLES = ("preference", "context", "noise", "glue", "eos")
+EVAL_COLUMNS = (("eval/ce_with", ".4f"), ("eval/ce_without", ".4f"), ("eval/pref_fraction", ".3f"))
 
 
 def runs_of(comparison: Comparison, seed: int) -> dict[str, Path]:
@@ -65,6 +68,30 @@ def health_table(runs: dict[str, Path]) -> list[str]:
         pref = [r.get("pref_fraction") for r in rows]
         pref_text = "-" if pref[0] is None else f"{pref[0]:.3f} → {pref[-1]:.3f}"
         lines.append(f"| {name} | {ce[0]:.3f} → {ce[-1]:.3f} ({max(ce):.3f}) | {pref_text} |")
+    return lines
+
+
+def evaluations(run: Path) -> list[dict]:
+    """The run's evaluations during training: `metrics.jsonl`'s rows with `eval/ce_with`, in step order."""
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return sorted((r for r in rows if r.get("eval/ce_with") is not None), key=lambda r: r["step"])
+
+
+def evaluation_table(runs: dict[str, Path]) -> list[str]:
+    """One row per evaluation during training: the eval split's target CE with and without the history
+    (nats per token, token-weighted) and its preference-bearing fraction; "-" where the run's loss does not
+    compute it (context_sft has no without-history pass)."""
+    lines = [
+        "| variant | step | CE with history | CE without history | preference-bearing |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for name, run in runs.items():
+        for r in evaluations(run):
+            cells = [f"{r[k]:{spec}}" if r.get(k) is not None else "-" for k, spec in EVAL_COLUMNS]
+            lines.append(f"| {name} | {r['step']} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -116,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
         "### Counterfactual health during training",
         "",
         *health_table(runs),
+        "",
+        "### The eval split during training (nats per token)",
+        "",
+        *evaluation_table(runs),
     ]
     print("\n".join(sections))
     if args.png:
