@@ -59,7 +59,11 @@ check() {  # check NAME SECONDS COMMAND...: one check under a time limit, its wh
   grep -E '^\|.*(qwen|tokens|prefill|cuDNN|packed)|^- |ms|PASS|FAIL|error|Error' "$out/$name.log" | tail -n 12
 }
 
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv >"$out/gpu.txt" 2>&1
+if command -v nvidia-smi >/dev/null; then
+  nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv >"$out/gpu.txt" 2>&1
+else
+  echo "nvidia-smi: not on PATH (no NVIDIA driver here)" >"$out/gpu.txt"
+fi
 "$py" -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" \
   >>"$out/gpu.txt" 2>&1
 cat "$out/gpu.txt"
