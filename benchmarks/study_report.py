@@ -46,13 +46,17 @@ def role_table(runs: dict[str, Path]) -> list[str]:
     return lines
 
 
-def health(run: Path) -> list[dict]:
-    """The logged training rows that carry the without-history CE."""
+def logged_rows(run: Path) -> list[dict]:
+    """Every row of the run's `metrics.jsonl` (none if it has no log)."""
     path = run / "metrics.jsonl"
     if not path.exists():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if r.get("ce_without") is not None and "loss" in r]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def health(run: Path) -> list[dict]:
+    """The logged training rows that carry the without-history CE."""
+    return [r for r in logged_rows(run) if r.get("ce_without") is not None and "loss" in r]
 
 
 def health_table(runs: dict[str, Path]) -> list[str]:
@@ -73,11 +77,7 @@ def health_table(runs: dict[str, Path]) -> list[str]:
 
 def evaluations(run: Path) -> list[dict]:
     """The run's evaluations during training: `metrics.jsonl`'s rows with `eval/ce_with`, in step order."""
-    path = run / "metrics.jsonl"
-    if not path.exists():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return sorted((r for r in rows if r.get("eval/ce_with") is not None), key=lambda r: r["step"])
+    return sorted((r for r in logged_rows(run) if r.get("eval/ce_with") is not None), key=lambda r: r["step"])
 
 
 def evaluation_table(runs: dict[str, Path]) -> list[str]:
