@@ -2,9 +2,16 @@
 curves as a PNG.
 
     python benchmarks/study_report.py configs/study/smollm2_synthetic.yaml --png benchmarks/study_health.png
+    python benchmarks/study_report.py --across configs/study/A.yaml configs/study/A_more_seeds.yaml
 
 With several seeds in the compare file it reports one seed, `--seed` (default: the first), so that each seed's
 paired intervals can be read apart; compare's own results.md averages over the seeds.
+
+`--across` reads every finished seed of one or more compare files whose runs differ in nothing but the seed
+(checked on the settings each run's compare_done.json records) and prints, per variant and metric, each
+seed's paired mean difference to the baseline and their mean over the seeds with a Student t interval (n - 1
+degrees of freedom; needs two seeds). That interval treats each seed's difference as one draw: it ignores the
+uncertainty within a seed, which the per-seed tables' bootstrap intervals show.
 
 Prints: the comparison table with the paired intervals (`compare_table`, from the finished runs'
 `compare_done.json`, so a comparison still running gives the table of what has finished), the teacher-forced
@@ -20,13 +27,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import statistics
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
-from nextquill_jax.eval.compare import Comparison, load_comparison
-from nextquill_jax.eval.compare_table import compare_runs, markdown
+import scipy.stats  # a dependency of jax
+
+from nextquill_jax.eval.compare import Comparison, load_comparison, settings_changes
+from nextquill_jax.eval.compare_table import METRICS, compare_runs, markdown
+from nextquill_jax.train.resume import covered, listed_changes, normalised
 
 ROLES = ("preference", "context", "noise", "glue", "eos")
 EVAL_COLUMNS = (("eval/ce_with", ".4f"), ("eval/ce_without", ".4f"), ("eval/pref_fraction", ".3f"))
+LEVEL = 0.95  # of the t interval across seeds, as of compare's bootstrap intervals
+# The settings that tell two seeds' runs apart, and so may differ between the runs of an --across table: the
+# seed and what compare derives from the file's compare.out (a run's workdir and its prepared data's path;
+# the data's own settings are still compared).
+SEED_KEYS = ("train.seed", "data.batching.seed", "train.workdir", "train.data_dir")
 
 
 def runs_of(comparison: Comparison, seed: int) -> dict[str, Path]:
@@ -95,6 +114,145 @@ def evaluation_table(runs: dict[str, Path]) -> list[str]:
     return lines
 
 
+def records_of(runs: dict[str, Path]) -> list[dict]:
+    """The compare_done.json record of each run in `runs`, in its order."""
+    return [json.loads((run / "compare_done.json").read_text()) for run in runs.values()]
+
+
+def other_settings(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One line per run whose recorded settings differ, beyond `SEED_KEYS` and the keys that change no number
+    (logging, checkpointing, the mesh), from those of the first run of its variant in `records`: the run and
+    each differing key, the first run's value first. Empty when the runs differ only in the seed."""
+    first: dict[str, Mapping[str, Any]] = {}
+    lines = []
+    for record in records:
+        reference = first.setdefault(record["variant"], record)
+        current = {**record["settings"], "config": normalised(record["settings"]["config"])}
+        training, evaluation = settings_changes(reference["settings"], current, record["variant"])
+        changes = [c for c in training + evaluation if not covered(c[0], SEED_KEYS)]
+        if changes:
+            lines.append(
+                f"{record['variant']} (seed {record['seed']}) against seed {reference['seed']}: "
+                f"{listed_changes(changes)}"
+            )
+    return lines
+
+
+def t_quantile(n: int) -> float:
+    """The Student t quantile of the two-sided `LEVEL` interval of a mean of `n` >= 2 values."""
+    return float(scipy.stats.t.ppf(0.5 + LEVEL / 2, n - 1))
+
+
+def across_seeds(results: Sequence[tuple[int, Mapping[str, Any]]]) -> list[dict]:
+    """Per variant and metric with a paired difference in every seed's `compare_runs` result (`results`:
+    (seed, result) pairs, one per seed): {"variant", "metric", "label", "higher_is_better", "per_seed": [each
+    seed's mean difference], "mean": their mean, "low", "high": the Student t interval of that mean at
+    `LEVEL` (`t_quantile` x sample std / sqrt(n); None with one seed)}, in the first result's variant order
+    and `METRICS` order. Differences are in the metric's units (nats for NLL)."""
+    rows = []
+    first = results[0][1]["differences"]
+    for variant in first:
+        for metric, label, higher_is_better in METRICS:
+            per_seed = [r["differences"].get(variant, {}).get(metric) for _, r in results]
+            if None in per_seed:
+                continue
+            values = [d["mean"] for d in per_seed]
+            n, mean = len(values), statistics.fmean(values)
+            half = None
+            if n > 1:
+                half = t_quantile(n) * statistics.stdev(values) / math.sqrt(n)
+            rows.append(
+                {
+                    "variant": variant,
+                    "metric": metric,
+                    "label": label,
+                    "higher_is_better": higher_is_better,
+                    "per_seed": values,
+                    "mean": mean,
+                    "low": None if half is None else mean - half,
+                    "high": None if half is None else mean + half,
+                }
+            )
+    return rows
+
+
+def verdict(row: Mapping[str, Any]) -> str:
+    """The verdict on an `across_seeds` row: "better" or "worse" where its interval excludes 0 (in the
+    metric's direction), "no significant difference" where it holds 0, "no interval" with one seed."""
+    if row["low"] is None:
+        return "no interval"
+    if row["low"] <= 0.0 <= row["high"]:
+        return "no significant difference"
+    return "better" if (row["mean"] > 0) == row["higher_is_better"] else "worse"
+
+
+def across_table(seeds: Sequence[int], baseline: str, rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """`across_seeds` rows as Markdown: one column per seed, then the mean with its interval and verdict."""
+    n = len(seeds)
+    lines = [
+        f"| difference to {baseline} | "
+        + " | ".join(f"seed {s}" for s in seeds)
+        + f" | mean over seeds [{LEVEL:.0%} t interval] | verdict |",
+        "| --- |" + " ---: |" * (n + 1) + " --- |",
+    ]
+    for row in rows:
+        interval = "" if row["low"] is None else f" [{row['low']:+.4f}, {row['high']:+.4f}]"
+        cells = [f"{v:+.4f}" for v in row["per_seed"]] + [f"{row['mean']:+.4f}{interval}", verdict(row)]
+        lines.append(f"| {row['variant']}, {row['label']} | " + " | ".join(cells) + " |")
+    if n > 1:
+        t, freedom = t_quantile(n), f"{n - 1} degree{'s' if n > 2 else ''} of freedom"
+        lines += ["", f"t = {t:.3f} ({freedom}) over seeds {list(seeds)}."]
+    return lines
+
+
+def across_report(comparisons: Sequence[Comparison]) -> list[str]:
+    """The `--across` report of `comparisons`' finished seeds (see the module docstring).
+
+    Raises:
+        ValueError: the files name different baselines or one seed twice, no seed has its baseline
+            finished, or runs differ in more than the seed (`other_settings`), each saying which.
+    """
+    baselines = {c.compare.baseline for c in comparisons}
+    if len(baselines) > 1:
+        raise ValueError(f"the compare files name different baselines, {sorted(baselines)}: a table has one")
+    seen: dict[int, str] = {}
+    results, records, notes = [], [], []
+    for comparison in comparisons:
+        for seed in comparison.compare.seeds:
+            if seed in seen:
+                raise ValueError(
+                    f"seed {seed} is in {seen[seed]} and {comparison.source}: the same seed twice would "
+                    f"count one draw as two. Fix: give each file other seeds"
+                )
+            seen[seed] = comparison.source
+            runs = runs_of(comparison, seed)
+            missing = [name for name in comparison.variants if name not in runs]
+            if missing:
+                notes.append(f"seed {seed} ({comparison.source}): not finished: {', '.join(missing)}")
+            if comparison.compare.baseline not in runs:
+                continue
+            seed_records = records_of(runs)
+            records += seed_records
+            results.append(
+                (seed, compare_runs(seed_records, comparison.compare.baseline, comparison.compare.resamples))
+            )
+    if not results:
+        raise ValueError("no seed of these files has its baseline finished: nothing to compare yet")
+    differing = other_settings(records)
+    if differing:
+        raise ValueError(
+            "the runs differ in more than the seed, so their differences are not draws of one "
+            "experiment: " + "; ".join(differing)
+        )
+    rows = across_seeds(results)
+    in_rows = {row["variant"] for row in rows}
+    for variant in dict.fromkeys(v for _, result in results for v in result["differences"]):
+        if variant not in in_rows:
+            seeds = [seed for seed, result in results if variant in result["differences"]]
+            notes.append(f"{variant}: left out, finished in seed{'s' if len(seeds) > 1 else ''} {seeds} only")
+    return across_table([seed for seed, _ in results], baselines.pop(), rows) + [f"- {n}" for n in notes]
+
+
 def plot(runs: dict[str, Path], png: Path) -> None:
     import matplotlib
 
@@ -120,17 +278,29 @@ def plot(runs: dict[str, Path], png: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("config", type=Path, help="the compare file")
+    parser.add_argument("config", type=Path, nargs="+", help="the compare file (several with --across)")
     parser.add_argument("--png", type=Path, help="write the health curves here")
     parser.add_argument("--seed", type=int, help="the seed to report (default: the compare file's first)")
+    parser.add_argument(
+        "--across", action="store_true", help="the differences across every finished seed of the files"
+    )
     args = parser.parse_args(argv)
-    comparison = load_comparison(args.config)
+    if args.across:
+        if args.png or args.seed is not None:
+            parser.error("--across reports every seed, as one table: leave out --png and --seed")
+        try:
+            print("\n".join(across_report([load_comparison(c) for c in args.config])))
+        except ValueError as e:
+            parser.error(str(e))
+        return 0
+    if len(args.config) > 1:
+        parser.error("several compare files are read together only with --across")
+    comparison = load_comparison(args.config[0])
     seeds = comparison.compare.seeds
     if args.seed is not None and args.seed not in seeds:
-        parser.error(f"--seed {args.seed}: {args.config} runs seeds {seeds}")
+        parser.error(f"--seed {args.seed}: {args.config[0]} runs seeds {seeds}")
     runs = runs_of(comparison, seeds[0] if args.seed is None else args.seed)
-    records = [json.loads((run / "compare_done.json").read_text()) for run in runs.values()]
-    result = compare_runs(records, comparison.compare.baseline, comparison.compare.resamples)
+    result = compare_runs(records_of(runs), comparison.compare.baseline, comparison.compare.resamples)
     sections = [
         "### Table",
         "",
