@@ -249,7 +249,10 @@ def across_report(comparisons: Sequence[Comparison]) -> list[str]:
     for variant in dict.fromkeys(v for _, result in results for v in result["differences"]):
         if variant not in in_rows:
             seeds = [seed for seed, result in results if variant in result["differences"]]
-            notes.append(f"{variant}: left out, finished in seed{'s' if len(seeds) > 1 else ''} {seeds} only")
+            listed = ", ".join(str(seed) for seed in seeds)
+            notes.append(
+                f"{variant}: left out, finished in seed{'s' if len(seeds) > 1 else ''} {listed} only"
+            )
     return across_table([seed for seed, _ in results], baselines.pop(), rows) + [f"- {n}" for n in notes]
 
 
