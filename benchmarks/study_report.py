@@ -36,7 +36,7 @@ from typing import Any
 import scipy.stats  # a dependency of jax
 
 from nextquill_jax.eval.compare import Comparison, load_comparison, settings_changes
-from nextquill_jax.eval.compare_table import METRICS, compare_runs, markdown
+from nextquill_jax.eval.compare_table import METRICS, compare_runs, markdown, verdict
 from nextquill_jax.train.resume import covered, listed_changes, normalised
 
 ROLES = ("preference", "context", "noise", "glue", "eos")
@@ -176,14 +176,12 @@ def across_seeds(results: Sequence[tuple[int, Mapping[str, Any]]]) -> list[dict]
     return rows
 
 
-def verdict(row: Mapping[str, Any]) -> str:
+def row_verdict(row: Mapping[str, Any]) -> str:
     """The verdict on an `across_seeds` row: "better" or "worse" where its interval excludes 0 (in the
     metric's direction), "no significant difference" where it holds 0, "no interval" with one seed."""
     if row["low"] is None:
         return "no interval"
-    if row["low"] <= 0.0 <= row["high"]:
-        return "no significant difference"
-    return "better" if (row["mean"] > 0) == row["higher_is_better"] else "worse"
+    return verdict(row["mean"], not row["low"] <= 0.0 <= row["high"], row["higher_is_better"])
 
 
 def across_table(seeds: Sequence[int], baseline: str, rows: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -197,7 +195,7 @@ def across_table(seeds: Sequence[int], baseline: str, rows: Sequence[Mapping[str
     ]
     for row in rows:
         interval = "" if row["low"] is None else f" [{row['low']:+.4f}, {row['high']:+.4f}]"
-        cells = [f"{v:+.4f}" for v in row["per_seed"]] + [f"{row['mean']:+.4f}{interval}", verdict(row)]
+        cells = [f"{v:+.4f}" for v in row["per_seed"]] + [f"{row['mean']:+.4f}{interval}", row_verdict(row)]
         lines.append(f"| {row['variant']}, {row['label']} | " + " | ".join(cells) + " |")
     if n > 1:
         t, freedom = t_quantile(n), f"{n - 1} degree{'s' if n > 2 else ''} of freedom"

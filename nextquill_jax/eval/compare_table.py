@@ -287,12 +287,18 @@ def conclusions(result: Mapping[str, Any]) -> list[str]:
             if d["unpaired"]:
                 paired = d["examples"] + d["nonfinite"]
                 interval += f", {paired} paired of {paired + d['unpaired']}: {_unpaired_reason(d)}"
-            if not d["significant"]:
-                verdict = "no significant difference"
-            else:
-                verdict = "better" if (d["mean"] > 0) == higher_better else "worse"
-            lines.append(f"{name} vs {result['baseline']} on {header}: {verdict} ({interval})")
+            word = verdict(d["mean"], d["significant"], higher_better)
+            lines.append(f"{name} vs {result['baseline']} on {header}: {word} ({interval})")
     return lines
+
+
+def verdict(mean: float, significant: bool, higher_is_better: bool) -> str:
+    """The word for a difference `mean` (variant - baseline, in the metric's units) whose interval excludes 0
+    where `significant`: "better" or "worse" in the metric's direction (`higher_is_better`, as `METRICS`
+    gives it), else "no significant difference"."""
+    if not significant:
+        return "no significant difference"
+    return "better" if (mean > 0) == higher_is_better else "worse"
 
 
 def _unpaired_reason(counts: Mapping[str, int]) -> str:

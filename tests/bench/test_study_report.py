@@ -80,11 +80,11 @@ def test_across_seeds_gives_the_t_interval_scipy_gives_and_the_hand_computed_stu
     assert f"{rows[1]['mean']:+.4f} [{rows[1]['low']:+.4f}, {rows[1]['high']:+.4f}]" == (
         "+0.2629 [+0.2246, +0.3012]"
     )
-    assert report.verdict(rows[1]) == "worse"  # NLL: a positive difference is worse
-    assert report.verdict(rows[0]) == "no significant difference"  # the interval holds 0
-    assert report.verdict({**rows[0], "low": 0.001}) == "better"  # ROUGE: a positive difference is better
+    assert report.row_verdict(rows[1]) == "worse"  # NLL: a positive difference is worse
+    assert report.row_verdict(rows[0]) == "no significant difference"  # the interval holds 0
+    assert report.row_verdict({**rows[0], "low": 0.001}) == "better"  # ROUGE: a positive difference is better
     one_seed = report.across_seeds(results[:1])
-    assert one_seed[0]["low"] is None and report.verdict(one_seed[0]) == "no interval"
+    assert one_seed[0]["low"] is None and report.row_verdict(one_seed[0]) == "no interval"
     table = report.across_table([0, 1, 2], "context_sft", rows)
     assert (
         table[3]
