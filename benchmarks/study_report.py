@@ -9,9 +9,13 @@ paired intervals can be read apart; compare's own results.md averages over the s
 
 `--across` reads every finished seed of one or more compare files whose runs differ in nothing but the seed
 (checked on the settings each run's compare_done.json records) and prints, per variant and metric, each
-seed's paired mean difference to the baseline and their mean over the seeds with a Student t interval (n - 1
-degrees of freedom; needs two seeds). That interval treats each seed's difference as one draw: it ignores the
-uncertainty within a seed, which the per-seed tables' bootstrap intervals show.
+seed's paired mean difference to the baseline, their mean over the seeds with a Student t interval (n - 1
+degrees of freedom; needs two seeds), and a paired bootstrap interval over the examples of each example's
+difference averaged over the seeds (`compare_runs` on every seed's runs at once, as compare's own results.md
+pools a file's seeds). The two intervals leave out different uncertainties: the t interval treats each
+seed's difference as one draw, so it ignores the test examples' sampling, which every seed shares (the same
+examples each time); the bootstrap resamples the examples with the seeds fixed. A verdict ("better",
+"worse") needs both to exclude 0.
 
 Prints: the comparison table with the paired intervals (`compare_table`, from the finished runs'
 `compare_done.json`, so a comparison still running gives the table of what has finished), the teacher-forced
@@ -143,12 +147,18 @@ def t_quantile(n: int) -> float:
     return float(scipy.stats.t.ppf(0.5 + LEVEL / 2, n - 1))
 
 
-def across_seeds(results: Sequence[tuple[int, Mapping[str, Any]]]) -> list[dict]:
+def across_seeds(
+    results: Sequence[tuple[int, Mapping[str, Any]]], pooled: Mapping[str, Any] | None = None
+) -> list[dict]:
     """Per variant and metric with a paired difference in every seed's `compare_runs` result (`results`:
     (seed, result) pairs, one per seed): {"variant", "metric", "label", "higher_is_better", "per_seed": [each
     seed's mean difference], "mean": their mean, "low", "high": the Student t interval of that mean at
-    `LEVEL` (`t_quantile` x sample std / sqrt(n); None with one seed)}, in the first result's variant order
-    and `METRICS` order. Differences are in the metric's units (nats for NLL)."""
+    `LEVEL` (`t_quantile` x sample std / sqrt(n); None with one seed), "examples_low", "examples_high",
+    "examples": the paired bootstrap interval of `pooled` (`compare_runs` on every seed's records at once:
+    each example's difference averaged over the seeds, resampled over the examples) and its example count
+    (None without `pooled` or where it has no difference)}, in the first result's variant order and
+    `METRICS` order. Differences are in the metric's units (nats for NLL)."""
+    pooled_differences = {} if pooled is None else pooled["differences"]
     rows = []
     first = results[0][1]["differences"]
     for variant in first:
@@ -161,6 +171,7 @@ def across_seeds(results: Sequence[tuple[int, Mapping[str, Any]]]) -> list[dict]
             half = None
             if n > 1:
                 half = t_quantile(n) * statistics.stdev(values) / math.sqrt(n)
+            over_examples = pooled_differences.get(variant, {}).get(metric, {})
             rows.append(
                 {
                     "variant": variant,
@@ -171,35 +182,65 @@ def across_seeds(results: Sequence[tuple[int, Mapping[str, Any]]]) -> list[dict]
                     "mean": mean,
                     "low": None if half is None else mean - half,
                     "high": None if half is None else mean + half,
+                    "examples_low": over_examples.get("low"),
+                    "examples_high": over_examples.get("high"),
+                    "examples": over_examples.get("examples"),
                 }
             )
     return rows
 
 
 def row_verdict(row: Mapping[str, Any]) -> str:
-    """The verdict on an `across_seeds` row: "better" or "worse" where its interval excludes 0 (in the
-    metric's direction), "no significant difference" where it holds 0, "no interval" with one seed."""
+    """The verdict on an `across_seeds` row: "better" or "worse" (in the metric's direction) where its t
+    interval and its interval over the examples (where the row has one) both exclude 0, "no significant
+    difference" where either holds 0, "no interval" with one seed."""
     if row["low"] is None:
         return "no interval"
-    return verdict(row["mean"], not row["low"] <= 0.0 <= row["high"], row["higher_is_better"])
+    intervals = [(row["low"], row["high"])]
+    if row["examples_low"] is not None:
+        intervals.append((row["examples_low"], row["examples_high"]))
+    significant = not any(low <= 0.0 <= high for low, high in intervals)
+    return verdict(row["mean"], significant, row["higher_is_better"])
 
 
-def across_table(seeds: Sequence[int], baseline: str, rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    """`across_seeds` rows as Markdown: one column per seed, then the mean with its interval and verdict."""
+def across_table(
+    seeds: Sequence[int], baseline: str, rows: Sequence[Mapping[str, Any]], resamples: int | None = None
+) -> list[str]:
+    """`across_seeds` rows as Markdown: one column per seed, the mean with its t interval, the interval over
+    the examples ("-" where the row has none) and the verdict (`row_verdict`); `resamples`, the bootstrap's,
+    goes into the note below the table."""
     n = len(seeds)
     lines = [
         f"| difference to {baseline} | "
         + " | ".join(f"seed {s}" for s in seeds)
-        + f" | mean over seeds [{LEVEL:.0%} t interval] | verdict |",
-        "| --- |" + " ---: |" * (n + 1) + " --- |",
+        + f" | mean over seeds [{LEVEL:.0%} t interval] | over the examples [{LEVEL:.0%} paired bootstrap] |"
+        + " verdict |",
+        "| --- |" + " ---: |" * (n + 2) + " --- |",
     ]
     for row in rows:
         interval = "" if row["low"] is None else f" [{row['low']:+.4f}, {row['high']:+.4f}]"
-        cells = [f"{v:+.4f}" for v in row["per_seed"]] + [f"{row['mean']:+.4f}{interval}", row_verdict(row)]
+        over_examples = (
+            "-"
+            if row["examples_low"] is None
+            else f"[{row['examples_low']:+.4f}, {row['examples_high']:+.4f}]"
+        )
+        cells = [f"{v:+.4f}" for v in row["per_seed"]]
+        cells += [f"{row['mean']:+.4f}{interval}", over_examples, row_verdict(row)]
         lines.append(f"| {row['variant']}, {row['label']} | " + " | ".join(cells) + " |")
     if n > 1:
         t, freedom = t_quantile(n), f"{n - 1} degree{'s' if n > 2 else ''} of freedom"
         lines += ["", f"t = {t:.3f} ({freedom}) over seeds {list(seeds)}."]
+    counts = sorted({row["examples"] for row in rows if row["examples"] is not None})
+    if counts:
+        examples = "/".join(f"{c:,}" for c in counts)
+        drawn = "" if resamples is None else f", {resamples:,} resamples"
+        lines += [
+            "",
+            f"Over the examples: each of the {examples} paired examples' difference averaged over the seeds, "
+            f"resampled over the examples{drawn}. The t interval leaves out the sampling of the test "
+            "examples, which every seed shares; this one leaves out the seeds': a verdict needs both to "
+            "exclude 0.",
+        ]
     return lines
 
 
@@ -213,6 +254,7 @@ def across_report(comparisons: Sequence[Comparison]) -> list[str]:
     baselines = {c.compare.baseline for c in comparisons}
     if len(baselines) > 1:
         raise ValueError(f"the compare files name different baselines, {sorted(baselines)}: a table has one")
+    baseline = baselines.pop()
     seen: dict[int, str] = {}
     results, records, notes = [], [], []
     for comparison in comparisons:
@@ -227,13 +269,11 @@ def across_report(comparisons: Sequence[Comparison]) -> list[str]:
             missing = [name for name in comparison.variants if name not in runs]
             if missing:
                 notes.append(f"seed {seed} ({comparison.source}): not finished: {', '.join(missing)}")
-            if comparison.compare.baseline not in runs:
+            if baseline not in runs:
                 continue
             seed_records = records_of(runs)
             records += seed_records
-            results.append(
-                (seed, compare_runs(seed_records, comparison.compare.baseline, comparison.compare.resamples))
-            )
+            results.append((seed, compare_runs(seed_records, baseline, comparison.compare.resamples)))
     if not results:
         raise ValueError("no seed of these files has its baseline finished: nothing to compare yet")
     differing = other_settings(records)
@@ -242,7 +282,8 @@ def across_report(comparisons: Sequence[Comparison]) -> list[str]:
             "the runs differ in more than the seed, so their differences are not draws of one "
             "experiment: " + "; ".join(differing)
         )
-    rows = across_seeds(results)
+    resamples = max(c.compare.resamples for c in comparisons)
+    rows = across_seeds(results, compare_runs(records, baseline, resamples))
     in_rows = {row["variant"] for row in rows}
     for variant in dict.fromkeys(v for _, result in results for v in result["differences"]):
         if variant not in in_rows:
@@ -251,7 +292,8 @@ def across_report(comparisons: Sequence[Comparison]) -> list[str]:
             notes.append(
                 f"{variant}: left out, finished in seed{'s' if len(seeds) > 1 else ''} {listed} only"
             )
-    return across_table([seed for seed, _ in results], baselines.pop(), rows) + [f"- {n}" for n in notes]
+    table = across_table([seed for seed, _ in results], baseline, rows, resamples)
+    return table + [f"- {n}" for n in notes]
 
 
 def plot(runs: dict[str, Path], png: Path) -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from tests.bench.test_bench import benchmark_script
 
 
@@ -88,8 +90,8 @@ def test_across_seeds_gives_the_t_interval_scipy_gives_and_the_hand_computed_stu
     table = report.across_table([0, 1, 2], "context_sft", rows)
     assert (
         table[3]
-        == "| nextquill, pref. NLL | +0.2490 | +0.2602 | +0.2795 | +0.2629 [+0.2246, +0.3012] | worse |"
-    )
+        == "| nextquill, pref. NLL | +0.2490 | +0.2602 | +0.2795 | +0.2629 [+0.2246, +0.3012] | - | worse |"
+    )  # no interval over the examples without per-example values: "-"
     assert table[-1] == "t = 4.303 (2 degrees of freedom) over seeds [0, 1, 2]."
 
 
@@ -113,3 +115,68 @@ def test_runs_that_differ_in_more_than_the_seed_are_named_with_each_key(tmp_path
     assert report.other_settings(same) == []
     other = [*same, record("a", 4, low=0.6)]
     assert report.other_settings(other) == ["a (seed 4) against seed 0: loss.low: 0.1 -> 0.6"]
+
+
+def test_the_interval_over_the_examples_is_the_bootstrap_of_seed_averaged_differences_and_both_must_exclude_0(
+    tmp_path,
+):
+    """Two seeds, a baseline and two variants, per-example values written as runs' files. Variant `v`'s ROUGE
+    differences alternate +0.5 / -0.3 at both seeds (seed means +0.1000, +0.1010): a t interval far from 0,
+    while resampling the four examples reaches below 0. Its NLL is the baseline's + 0.1 at seed 0 and + 0.3
+    at seed 1 on every example: the reverse (every seed-averaged difference is +0.2; the t interval over two
+    seeds holds 0). Neither is a verdict. `steady`'s ROUGE is + 0.1 / + 0.1001 everywhere: both exclude 0."""
+    import numpy as np
+
+    from nextquill_jax.eval.bootstrap import paired_bootstrap
+    from nextquill_jax.eval.compare_table import compare_runs
+    from tests.eval.test_nonfinite_results import run_files
+
+    report = benchmark_script("study_report")
+    rouge, nll = np.array([0.1, 0.2, 0.3, 0.4]), np.array([1.0, 2.0, 3.0, 4.0])
+    alternating = np.array([0.5, -0.3, 0.5, -0.3])
+    variants = {  # name: (ROUGE, NLL) per seed
+        "base": lambda s: (rouge, nll),
+        "v": lambda s: (rouge + alternating + 0.001 * s, nll + (0.1, 0.3)[s]),
+        "steady": lambda s: (rouge + 0.1 + 0.0001 * s, nll),
+    }
+    results, records = [], []
+    for seed in (0, 1):
+        seed_records = []
+        for name, values in variants.items():
+            r, n = values(seed)
+            record = run_files(tmp_path / f"seed{seed}", name, list(r), list(n), bleu=1.0)
+            seed_records.append({**record, "seed": seed})
+        results.append((seed, compare_runs(seed_records, "base", 1000)))
+        records += seed_records
+    rows = {
+        (r["variant"], r["metric"]): r
+        for r in report.across_seeds(results, compare_runs(records, "base", 1000))
+    }
+
+    rouge_row = rows[("v", "rouge1")]
+    assert rouge_row["per_seed"] == pytest.approx([0.1, 0.101], abs=1e-9)
+    assert 0.0 < rouge_row["low"] < rouge_row["high"]  # the seeds agree
+    averaged = (variants["v"](0)[0] + variants["v"](1)[0]) / 2  # [4] each example over the seeds
+    expected = paired_bootstrap(averaged, rouge, resamples=1000)
+    assert (rouge_row["examples_low"], rouge_row["examples_high"]) == pytest.approx(
+        (expected.low, expected.high), abs=1e-12
+    )
+    assert rouge_row["examples"] == 4 and rouge_row["examples_low"] < 0.0 < rouge_row["examples_high"]
+    assert report.row_verdict(rouge_row) == "no significant difference"
+
+    nll_row = rows[("v", "nll_with")]
+    assert nll_row["low"] < 0.0 < nll_row["high"]
+    assert (nll_row["examples_low"], nll_row["examples_high"]) == pytest.approx((0.2, 0.2), abs=1e-6)
+    assert report.row_verdict(nll_row) == "no significant difference"
+
+    steady = rows[("steady", "rouge1")]
+    assert steady["low"] > 0.0 and steady["examples_low"] > 0.0
+    assert report.row_verdict(steady) == "better"
+
+    table = report.across_table([0, 1], "base", [rouge_row], resamples=1000)
+    assert table[2] == (
+        f"| v, ROUGE-1 | +0.1000 | +0.1010 | +0.1005 [{rouge_row['low']:+.4f}, {rouge_row['high']:+.4f}] | "
+        f"[{expected.low:+.4f}, {expected.high:+.4f}] | no significant difference |"
+    )
+    assert table[-1].startswith("Over the examples: each of the 4 paired examples' difference averaged over")
+    assert "1,000 resamples" in table[-1]
