@@ -13,8 +13,8 @@ seed's paired mean difference to the baseline, their mean over the seeds with a 
 degrees of freedom; needs two seeds), and a paired bootstrap interval over the examples of each example's
 difference averaged over the seeds (`compare_runs` on every seed's runs at once, as compare's own results.md
 pools a file's seeds). The two intervals leave out different uncertainties: the t interval treats each
-seed's difference as one draw, so it ignores the test examples' sampling, which every seed shares (the same
-examples each time); the bootstrap resamples the examples with the seeds fixed. A verdict ("better",
+seed's difference as one draw, so it ignores the sampling of the evaluated examples, which every seed shares
+(the same examples each time); the bootstrap resamples the examples with the seeds fixed. A verdict ("better",
 "worse") needs both to exclude 0.
 
 Prints: the comparison table with the paired intervals (`compare_table`, from the finished runs'
@@ -237,7 +237,7 @@ def across_table(
         lines += [
             "",
             f"Over the examples: each of the {examples} paired examples' difference averaged over the seeds, "
-            f"resampled over the examples{drawn}. The t interval leaves out the sampling of the test "
+            f"resampled over the examples{drawn}. The t interval leaves out the sampling of the evaluated "
             "examples, which every seed shares; this one leaves out the seeds': a verdict needs both to "
             "exclude 0.",
         ]
