@@ -404,11 +404,13 @@ def finished_changes(comparison: Comparison, name: str, seed: int, cfg: Config) 
         training = [change for change in training if not covered(change[0], _NONFINITE_POLICY)]
     if training and recorded["train"]:
         # Unlike `train`, which compares the data's content digests, a run's record holds its data's path.
+        trained_on = [was for key, was, _ in training if key == "train.data_dir"]
         moved = (
             " (a moved or copied comparison? compare_done.json records the prepared data's path, not its "
             "content, so a run whose data now lies elsewhere is not reused even where that data is the same: "
-            "to reuse the runs, run the file with the compare.out they ran in)"
-            if any(key == "train.data_dir" for key, _, _ in training)
+            "to reuse the runs, run the file with the compare.out they ran in, or set `base.train.data_dir: "
+            f"{trained_on[0]}` in it, the data they trained on)"
+            if trained_on
             else ""
         )
         raise ConfigError(

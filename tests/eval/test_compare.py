@@ -414,7 +414,8 @@ def _finished_with(comparison, settings: dict, **record) -> None:
 
 def test_a_finished_run_whose_prepared_data_moved_is_refused_with_the_reason(tmp_path, tiny_config):
     """A copied comparison (`cp -r cmp1 cmpX`, then `out: cmpX`): compare_done.json holds the prepared data's
-    path, so the run is refused, and the message says why and how to reuse the runs."""
+    path, so the run is refused, and the message says why and how to reuse the runs; following it (the data
+    path in the file) reuses them."""
     import dataclasses
 
     from nextquill_jax.eval.compare import finished_changes, run_settings
@@ -438,7 +439,16 @@ def test_a_finished_run_whose_prepared_data_moved_is_refused_with_the_reason(tmp
         in message
     )
     assert "records the prepared data's path, not its content" in message
-    assert "to reuse the runs, run the file with the compare.out they ran in). Fix: use a new" in message
+    trained_on = tmp_path / "cmp1" / "prepared"
+    assert (
+        "to reuse the runs, run the file with the compare.out they ran in, or set `base.train.data_dir: "
+        f"{trained_on}` in it, the data they trained on). Fix: use a new" in message
+    )
+    # Following that fix: the copied run is the same run, evaluated again only where evaluation changed.
+    base["train"]["data_dir"] = str(trained_on)
+    file.write_text(yaml.safe_dump({"compare": compare, "variants": {"a": {}}, "base": base}))
+    followed = load_comparison(file)
+    assert finished_changes(followed, "a", 0, followed.run_config("a", 0)) == []
 
 
 def test_a_record_with_relative_paths_from_the_directory_it_ran_in_is_not_a_change(
