@@ -5,7 +5,9 @@ curves as a PNG.
     python benchmarks/study_report.py --across configs/study/A.yaml configs/study/A_more_seeds.yaml
 
 With several seeds in the compare file it reports one seed, `--seed` (default: the first), so that each seed's
-paired intervals can be read apart; compare's own results.md averages over the seeds.
+paired intervals can be read apart; compare's own results.md averages over the seeds. `--baseline NAME` pairs
+the differences against another finished variant than the file's `compare.baseline` (compare pairs every
+variant against that one only), for the intervals between two variants that are not the baseline.
 
 `--across` reads every finished seed of one or more compare files whose runs differ in nothing but the seed
 (checked on the settings each run's compare_done.json records) and prints, per variant and metric, each
@@ -62,7 +64,8 @@ def role_table(runs: dict[str, Path]) -> list[str]:
     lines = ["| variant | " + " | ".join(f"{r} (with / without)" for r in ROLES) + " |"]
     lines.append("| --- |" + " ---: |" * len(ROLES))
     for name, run in runs.items():
-        nll = json.loads((run / "effects" / "summary.json").read_text())["ground_truth"]["nll"]
+        ground_truth = json.loads((run / "effects" / "summary.json").read_text())["ground_truth"]
+        nll = {} if ground_truth is None else ground_truth["nll"]  # None: the data labels no roles
         nats = lambda v: "n/a" if v is None else f"{v:.3f}"  # null: not finite (a diverged run)
         cells = [f"{nats(nll[r]['with'])} / {nats(nll[r]['without'])}" if r in nll else "-" for r in ROLES]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -244,17 +247,23 @@ def across_table(
     return lines
 
 
-def across_report(comparisons: Sequence[Comparison]) -> list[str]:
-    """The `--across` report of `comparisons`' finished seeds (see the module docstring).
+def across_report(comparisons: Sequence[Comparison], baseline: str | None = None) -> list[str]:
+    """The `--across` report of `comparisons`' finished seeds (see the module docstring), paired against
+    `baseline` (None: the files' `compare.baseline`).
 
     Raises:
-        ValueError: the files name different baselines or one seed twice, no seed has its baseline
-            finished, or runs differ in more than the seed (`other_settings`), each saying which.
+        ValueError: the files name different baselines (and `baseline` is None) or one seed twice, no seed
+            has its baseline finished, or runs differ in more than the seed (`other_settings`), each saying
+            which.
     """
-    baselines = {c.compare.baseline for c in comparisons}
-    if len(baselines) > 1:
-        raise ValueError(f"the compare files name different baselines, {sorted(baselines)}: a table has one")
-    baseline = baselines.pop()
+    if baseline is None:
+        baselines = {c.compare.baseline for c in comparisons}
+        if len(baselines) > 1:
+            raise ValueError(
+                f"the compare files name different baselines, {sorted(baselines)}: a table has one "
+                f"(--baseline NAME picks it)"
+            )
+        baseline = baselines.pop()
     seen: dict[int, str] = {}
     results, records, notes = [], [], []
     for comparison in comparisons:
@@ -327,12 +336,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--across", action="store_true", help="the differences across every finished seed of the files"
     )
+    parser.add_argument(
+        "--baseline", help="pair the differences against this variant (default: the file's compare.baseline)"
+    )
     args = parser.parse_args(argv)
     if args.across:
         if args.png or args.seed is not None:
             parser.error("--across reports every seed, as one table: leave out --png and --seed")
         try:
-            print("\n".join(across_report([load_comparison(c) for c in args.config])))
+            print("\n".join(across_report([load_comparison(c) for c in args.config], args.baseline)))
         except ValueError as e:
             parser.error(str(e))
         return 0
@@ -342,8 +354,15 @@ def main(argv: list[str] | None = None) -> int:
     seeds = comparison.compare.seeds
     if args.seed is not None and args.seed not in seeds:
         parser.error(f"--seed {args.seed}: {args.config[0]} runs seeds {seeds}")
-    runs = runs_of(comparison, seeds[0] if args.seed is None else args.seed)
-    result = compare_runs(records_of(runs), comparison.compare.baseline, comparison.compare.resamples)
+    seed = seeds[0] if args.seed is None else args.seed
+    runs = runs_of(comparison, seed)
+    baseline = args.baseline or comparison.compare.baseline
+    if baseline not in runs:
+        parser.error(
+            f"baseline {baseline!r} has no finished run with seed {seed} in {args.config[0]}; finished: "
+            f"{', '.join(runs) or 'none'}"
+        )
+    result = compare_runs(records_of(runs), baseline, comparison.compare.resamples)
     sections = [
         "### Table",
         "",

@@ -180,3 +180,68 @@ def test_the_interval_over_the_examples_is_the_bootstrap_of_seed_averaged_differ
     )
     assert table[-1].startswith("Over the examples: each of the 4 paired examples' difference averaged over")
     assert "1,000 resamples" in table[-1]
+
+
+def test_baseline_flag_pairs_against_another_variant_and_names_the_finished_ones_when_absent(
+    tmp_path, tiny_config, write_config, capsys
+):
+    """A compare file whose baseline is `base`, with a variant `v` and a third, `w`: `--baseline v` prints
+    each variant's difference to `v`, whose mean is the float64 mean of the per-example NLL differences to `v`
+    (written as the runs' files), in the per-seed report and in `--across`'s table; without the flag the
+    difference of `v` to `base` has the opposite sign. An unfinished or unknown baseline is refused with the
+    variants that finished."""
+    import numpy as np
+
+    from tests.eval.test_nonfinite_results import run_files
+
+    report = benchmark_script("study_report")
+    out = tmp_path / "out"
+    compare_file = write_config(
+        {
+            "compare": {"out": str(out), "baseline": "base", "seeds": [0], "resamples": 1000},
+            "variants": {
+                "base": {"overrides": ["loss.variant=context_sft"]},
+                "v": {"overrides": ["loss.low=0.6"]},
+                "w": {"overrides": ["loss.low=0.3"]},
+                "unfinished": {"overrides": ["loss.low=0.5"]},
+            },
+            "base": tiny_config(tmp_path / "data", tmp_path / "unused"),
+        },
+        tmp_path / "compare.yaml",
+    )
+    nll = {
+        "base": np.array([1.0, 2.0, 3.0, 4.0]),
+        "v": np.array([1.5, 2.1, 3.7, 4.2]),
+        "w": np.array([0.5, 2.4, 2.0, 4.9]),
+    }
+    for name, values in nll.items():
+        record = run_files(out / "seed0", name, [0.1, 0.2, 0.3, 0.4], [float(x) for x in values], bleu=1.0)
+        # The settings --across compares between seeds (one seed here, so any one setting will do).
+        record["settings"]["evaluation"] = {"split": "test", "max_new_tokens": 0}
+        (out / "seed0" / name / "compare_done.json").write_text(json.dumps(record))
+
+    def difference_line(printed: str, variant: str, baseline: str) -> str:
+        prefix = f"- {variant} vs {baseline} on NLL (with hist.): "
+        return next(line for line in printed.splitlines() if line.startswith(prefix))
+
+    assert report.main([str(compare_file), "--baseline", "v"]) == 0
+    printed = capsys.readouterr().out
+    assert "Difference to v (mean [95% paired bootstrap interval]):" in printed
+    for variant in ("base", "w"):
+        mean = np.mean(nll[variant].astype(np.float64) - nll["v"].astype(np.float64))
+        assert f"({mean:+.4f} [" in difference_line(printed, variant, "v")
+    assert report.main([str(compare_file)]) == 0
+    default = capsys.readouterr().out
+    assert f"({np.mean(nll['v'] - nll['base']):+.4f} [" in difference_line(default, "v", "base")
+    assert report.main([str(compare_file), "--across", "--baseline", "v"]) == 0
+    across = capsys.readouterr().out
+    assert across.startswith("| difference to v | seed 0 |")
+    assert f"| w, NLL (with hist.) | {np.mean(nll['w'] - nll['v']):+.4f} |" in across
+
+    for absent in ("unfinished", "nope"):
+        with pytest.raises(SystemExit) as refused:
+            report.main([str(compare_file), "--baseline", absent])
+        assert refused.value.code == 2
+        message = capsys.readouterr().err
+        assert f"baseline {absent!r} has no finished run with seed 0" in message
+        assert message.rstrip().endswith("finished: base, v, w")
