@@ -192,6 +192,7 @@ def test_baseline_flag_pairs_against_another_variant_and_names_the_finished_ones
     variants that finished."""
     import numpy as np
 
+    from nextquill_jax.eval.compare import write_done
     from tests.eval.test_nonfinite_results import run_files
 
     report = benchmark_script("study_report")
@@ -218,7 +219,7 @@ def test_baseline_flag_pairs_against_another_variant_and_names_the_finished_ones
         record = run_files(out / "seed0", name, [0.1, 0.2, 0.3, 0.4], [float(x) for x in values], bleu=1.0)
         # The settings --across compares between seeds (one seed here, so any one setting will do).
         record["settings"]["evaluation"] = {"split": "test", "max_new_tokens": 0}
-        (out / "seed0" / name / "compare_done.json").write_text(json.dumps(record))
+        write_done(out / "seed0" / name / "compare_done.json", record)
 
     def difference_line(printed: str, variant: str, baseline: str) -> str:
         prefix = f"- {variant} vs {baseline} on NLL (with hist.): "
