@@ -21,12 +21,12 @@ seed's difference as one draw, so it ignores the sampling of the evaluated examp
 
 Prints: the comparison table with the paired intervals (`compare_table`, from the finished runs'
 `compare_done.json`, so a comparison still running gives the table of what has finished), the teacher-forced
-NLL per ground-truth
-role with and without the history (each run's effect report), and the counterfactual health of every trained
-run (the without-history CE and the preference-bearing fraction at its first and last logged step, from
-`metrics.jsonl`), and the evaluations of the eval split during training (`metrics.jsonl`'s `eval/` rows: at
-each epoch's end, so several per run in a multi-epoch comparison). The PNG plots the two health series against
-the step, one line per variant.
+NLL per ground-truth role with and without the history (each run's effect report), the generated text of the
+runs that generated (stops at the token limit, length, preference recall, and the references' own recall),
+the counterfactual health of every trained run (the without-history CE and the preference-bearing fraction at
+its first and last logged step, from `metrics.jsonl`), and the evaluations of the eval split during training
+(`metrics.jsonl`'s `eval/` rows: at each epoch's end, so several per run in a multi-epoch comparison). The PNG
+plots the two health series against the step, one line per variant.
 """
 
 from __future__ import annotations
@@ -42,7 +42,15 @@ from typing import Any
 import scipy.stats  # a dependency of jax
 
 from nextquill_jax.eval.compare import Comparison, load_comparison, settings_changes
-from nextquill_jax.eval.compare_table import METRICS, compare_runs, markdown, verdict
+from nextquill_jax.eval.compare_table import (
+    METRICS,
+    compare_runs,
+    generated,
+    markdown,
+    recorded_predictions,
+    verdict,
+)
+from nextquill_jax.eval.preference_recall import preference_recall
 from nextquill_jax.train.resume import covered, listed_changes, normalised
 
 ROLES = ("preference", "context", "noise", "glue", "eos")
@@ -70,6 +78,43 @@ def role_table(runs: dict[str, Path]) -> list[str]:
         cells = [f"{nats(nll[r]['with'])} / {nats(nll[r]['without'])}" if r in nll else "-" for r in ROLES]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
+
+
+def generation_table(runs: dict[str, Path]) -> list[str]:
+    """One row per run that generated (`compare_table.generated`): its generations, how many stopped at the
+    token limit rather than at an end-of-sequence token (predictions.jsonl's `stopped_by`), their mean
+    length in words (whitespace-split) and their preference recall; then the references' own preference
+    recall, the ceiling of a model that wrote the user's review word for word. Empty where no run generated;
+    recall "-" (and no ceiling line) where the split's rows carry no signature words.
+
+    Raises:
+        ValueError: a run's eval directory no longer holds its recorded evaluation (`recorded_predictions`).
+    """
+    lines, ceilings = [], set()
+    for name, run in runs.items():
+        record = json.loads((run / "compare_done.json").read_text())
+        if not generated(record):
+            continue
+        path = recorded_predictions(record)
+        predictions = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        at_limit = sum(p["stopped_by"] == "max_new_tokens" for p in predictions)
+        words = statistics.fmean(len(p["prediction"].split()) for p in predictions)
+        try:
+            recall = preference_recall(path, record["rendered_split"])
+        except ValueError:  # the split's rows carry no signature words
+            recall = None
+        else:
+            ceilings.add(round(recall["reference"], 12))
+        recall_cell = "-" if recall is None else f"{recall['prediction']:.4f}"
+        lines.append(f"| {name} | {len(predictions)} | {at_limit} | {words:.1f} | {recall_cell} |")
+    if not lines:
+        return []
+    header = [
+        "| variant | generations | stopped at the token limit | mean words | pref. recall |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    ceiling = [f"The references' own preference recall: {c:.4f}." for c in sorted(ceilings)]
+    return header + lines + (["", *ceiling] if ceiling else [])
 
 
 def logged_rows(run: Path) -> list[dict]:
@@ -371,6 +416,10 @@ def main(argv: list[str] | None = None) -> int:
         "### Teacher-forced NLL per ground-truth role (nats per token; effect-report examples)",
         "",
         *role_table(runs),
+        "",
+        "### Generated text (the first `compare.max_examples` examples)",
+        "",
+        *(generation_table(runs) or ["No run generated text (max_new_tokens 0)."]),
         "",
         "### Counterfactual health during training",
         "",

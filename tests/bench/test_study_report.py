@@ -246,3 +246,59 @@ def test_baseline_flag_pairs_against_another_variant_and_names_the_finished_ones
         message = capsys.readouterr().err
         assert f"baseline {absent!r} has no finished run with seed 0" in message
         assert message.rstrip().endswith("finished: base, v, w")
+
+
+def write_generating_run(run: Path, predictions: list[dict], signature_words: list[list[str]] | None) -> Path:
+    """A finished run that generated, as compare leaves it: compare_done.json with its BLEU, eval/test's
+    metrics.json giving the same BLEU and predictions.jsonl, and the rendered split (rows with
+    `meta.signature_words` where given)."""
+    eval_dir = run / "eval" / "test"
+    eval_dir.mkdir(parents=True)
+    (eval_dir / "metrics.json").write_text(json.dumps({"overall": {"bleu": 0.5}}))
+    (eval_dir / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in predictions))
+    rows = [{"index": p["index"], "id": f"e{p['index']}"} for p in predictions]
+    for row, words in zip(rows, signature_words or [], strict=False):
+        row["meta"] = {"signature_words": words}
+    (run / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    record = {
+        "variant": run.name,
+        "eval_dir": str(eval_dir),
+        "rendered_split": str(run / "test.jsonl"),
+        "bleu": 0.5,
+    }
+    (run / "compare_done.json").write_text(json.dumps(record))
+    return run
+
+
+def test_generation_table_counts_the_limit_stops_words_and_recall_of_each_run_that_generated(tmp_path):
+    """Counted by hand from the written predictions: stops at the limit, mean whitespace words, the share of
+    signature words present as whole, case-sensitive words, and the references' own recall; a run that did
+    not generate has no row, and data without signature words gives "-" and no ceiling line."""
+    report = benchmark_script("study_report")
+    words = [["warm", "tidy"], ["brisk", "odd"]]
+    a = write_generating_run(
+        tmp_path / "a",
+        [
+            {"index": 0, "prediction": "a warm, Tidy day", "reference": "warm and tidy", "stopped_by": "eos"},
+            {
+                "index": 1,
+                "prediction": "brisk odd brisk",
+                "reference": "nothing",
+                "stopped_by": "max_new_tokens",
+            },
+        ],
+        words,
+    )
+    silent = tmp_path / "silent"
+    silent.mkdir()
+    (silent / "compare_done.json").write_text(json.dumps({"variant": "silent"}))  # no BLEU: no generation
+    table = report.generation_table({"a": a, "silent": silent})
+    # recall: example 0 has "warm" but not "tidy" ("Tidy" differs in case), example 1 both: (1/2 + 1) / 2;
+    # words: 4 and 3; references: 1 and 0 -> ceiling 0.5
+    assert table[2] == "| a | 2 | 1 | 3.5 | 0.7500 |"
+    assert len(table) == 5 and table[-1] == "The references' own preference recall: 0.5000."
+    unlabelled = write_generating_run(
+        tmp_path / "u", [{"index": 0, "prediction": "x y", "reference": "z", "stopped_by": "eos"}], None
+    )
+    assert report.generation_table({"u": unlabelled}) == [*table[:2], "| u | 1 | 0 | 2.0 | - |"]
+    assert report.generation_table({"silent": silent}) == []
