@@ -68,7 +68,8 @@ def run_files(
     (eval_dir / "metrics.json").write_text(json.dumps({"overall": {"bleu": written_bleu}}))
     with open(eval_dir / "predictions.jsonl", "w", encoding="utf-8") as f:
         for i, value in enumerate(rouge):
-            f.write(json.dumps({"index": i, "rouge1": value, "rougeL": value, "meteor": value}) + "\n")
+            row = {"index": i, "prediction": "", "reference": "", "stopped_by": "eos"}  # evaluate's fields
+            f.write(json.dumps({**row, "rouge1": value, "rougeL": value, "meteor": value}) + "\n")
     rows = [{"index": i, "id": example_id, "source": "s"} for i, example_id in enumerate(ids)]
     for row, target in zip(rows, targets or [], strict=False):
         row.update(user_id="u", target=target)
