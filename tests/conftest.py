@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import types
@@ -76,6 +77,15 @@ def as_saved_with(workdir, section: str = "model", **keys) -> None:
     saved.write_text(json.dumps(cfg))
     (saved.parents[1] / MANIFEST).unlink()  # else listed in the new one
     write_manifest(saved.parents[1])
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """SIGINT back to Python's handler where the suite was started with it ignored: a shell that starts a
+    command in the background without job control (`nohup`, `cmd &` in a script) hands it SIGINT ignored,
+    which `train` and `compare` rightly leave ignored, and the Ctrl-C tests would then see no Ctrl-C. Runs in
+    each xdist worker too (they inherit the ignored signal)."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
