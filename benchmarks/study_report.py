@@ -80,19 +80,19 @@ def role_table(runs: dict[str, Path]) -> list[str]:
     return lines
 
 
-def generation_table(runs: dict[str, Path]) -> list[str]:
-    """One row per run that generated (`compare_table.generated`): its generations, how many stopped at the
-    token limit rather than at an end-of-sequence token (predictions.jsonl's `stopped_by`), their mean
-    length in words (whitespace-split) and their preference recall; then the references' own preference
-    recall, the ceiling of a model that wrote the user's review word for word. Empty where no run generated;
-    recall "-" (and no ceiling line) where the split's rows carry no signature words.
+def generation_table(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One row per run of `records` (their compare_done.json, `records_of`) that generated
+    (`compare_table.generated`): its generations, how many stopped at the token limit rather than at an
+    end-of-sequence token (predictions.jsonl's `stopped_by`), their mean length in words (whitespace-split)
+    and their preference recall; then the references' own preference recall, the ceiling of a model that
+    wrote the user's review word for word. Empty where no run generated; recall "-" (and no ceiling line)
+    where the split's rows carry no signature words.
 
     Raises:
         ValueError: a run's eval directory no longer holds its recorded evaluation (`recorded_predictions`).
     """
     lines, ceilings = [], set()
-    for name, run in runs.items():
-        record = json.loads((run / "compare_done.json").read_text())
+    for record in records:
         if not generated(record):
             continue
         path = recorded_predictions(record)
@@ -106,7 +106,9 @@ def generation_table(runs: dict[str, Path]) -> list[str]:
         else:
             ceilings.add(round(recall["reference"], 12))
         recall_cell = "-" if recall is None else f"{recall['prediction']:.4f}"
-        lines.append(f"| {name} | {len(predictions)} | {at_limit} | {words:.1f} | {recall_cell} |")
+        lines.append(
+            f"| {record['variant']} | {len(predictions)} | {at_limit} | {words:.1f} | {recall_cell} |"
+        )
     if not lines:
         return []
     header = [
@@ -407,7 +409,8 @@ def main(argv: list[str] | None = None) -> int:
             f"baseline {baseline!r} has no finished run with seed {seed} in {args.config[0]}; finished: "
             f"{', '.join(runs) or 'none'}"
         )
-    result = compare_runs(records_of(runs), baseline, comparison.compare.resamples)
+    records = records_of(runs)
+    result = compare_runs(records, baseline, comparison.compare.resamples)
     sections = [
         "### Table",
         "",
@@ -419,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "### Generated text (the first `compare.max_examples` examples)",
         "",
-        *(generation_table(runs) or ["No run generated text (max_new_tokens 0)."]),
+        *(generation_table(records) or ["No run generated text (max_new_tokens 0)."]),
         "",
         "### Counterfactual health during training",
         "",

@@ -248,10 +248,10 @@ def test_baseline_flag_pairs_against_another_variant_and_names_the_finished_ones
         assert message.rstrip().endswith("finished: base, v, w")
 
 
-def write_generating_run(run: Path, predictions: list[dict], signature_words: list[list[str]] | None) -> Path:
-    """A finished run that generated, as compare leaves it: compare_done.json with its BLEU, eval/test's
-    metrics.json giving the same BLEU and predictions.jsonl, and the rendered split (rows with
-    `meta.signature_words` where given)."""
+def write_generating_run(run: Path, predictions: list[dict], signature_words: list[list[str]] | None) -> dict:
+    """A finished run that generated, as compare leaves it: eval/test's metrics.json giving its BLEU and
+    predictions.jsonl, and the rendered split (rows with `meta.signature_words` where given); returns its
+    compare_done.json record."""
     eval_dir = run / "eval" / "test"
     eval_dir.mkdir(parents=True)
     (eval_dir / "metrics.json").write_text(json.dumps({"overall": {"bleu": 0.5}}))
@@ -260,14 +260,12 @@ def write_generating_run(run: Path, predictions: list[dict], signature_words: li
     for row, words in zip(rows, signature_words or [], strict=False):
         row["meta"] = {"signature_words": words}
     (run / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    record = {
+    return {
         "variant": run.name,
         "eval_dir": str(eval_dir),
         "rendered_split": str(run / "test.jsonl"),
         "bleu": 0.5,
     }
-    (run / "compare_done.json").write_text(json.dumps(record))
-    return run
 
 
 def test_generation_table_counts_the_limit_stops_words_and_recall_of_each_run_that_generated(tmp_path):
@@ -289,10 +287,8 @@ def test_generation_table_counts_the_limit_stops_words_and_recall_of_each_run_th
         ],
         words,
     )
-    silent = tmp_path / "silent"
-    silent.mkdir()
-    (silent / "compare_done.json").write_text(json.dumps({"variant": "silent"}))  # no BLEU: no generation
-    table = report.generation_table({"a": a, "silent": silent})
+    silent = {"variant": "silent"}  # no BLEU: no generation
+    table = report.generation_table([a, silent])
     # recall: example 0 has "warm" but not "tidy" ("Tidy" differs in case), example 1 both: (1/2 + 1) / 2;
     # words: 4 and 3; references: 1 and 0 -> ceiling 0.5
     assert table[2] == "| a | 2 | 1 | 3.5 | 0.7500 |"
@@ -300,5 +296,5 @@ def test_generation_table_counts_the_limit_stops_words_and_recall_of_each_run_th
     unlabelled = write_generating_run(
         tmp_path / "u", [{"index": 0, "prediction": "x y", "reference": "z", "stopped_by": "eos"}], None
     )
-    assert report.generation_table({"u": unlabelled}) == [*table[:2], "| u | 1 | 0 | 2.0 | - |"]
-    assert report.generation_table({"silent": silent}) == []
+    assert report.generation_table([unlabelled]) == [*table[:2], "| u | 1 | 0 | 2.0 | - |"]
+    assert report.generation_table([silent]) == []
