@@ -17,7 +17,8 @@ difference averaged over the seeds (`compare_runs` on every seed's runs at once,
 pools a file's seeds). The two intervals leave out different uncertainties: the t interval treats each
 seed's difference as one draw, so it ignores the sampling of the evaluated examples, which every seed shares
 (the same examples each time); the bootstrap resamples the examples with the seeds fixed. A verdict ("better",
-"worse") needs both to exclude 0.
+"worse") needs both to exclude 0, and seeds that differ: equal differences at every seed give a t interval of
+no width, which says nothing (`row_verdict`).
 
 Prints: the comparison table with the paired intervals (`compare_table`, from the finished runs'
 `compare_done.json`, so a comparison still running gives the table of what has finished), the teacher-forced
@@ -243,9 +244,14 @@ def across_seeds(
 def row_verdict(row: Mapping[str, Any]) -> str:
     """The verdict on an `across_seeds` row: "better" or "worse" (in the metric's direction) where its t
     interval and its interval over the examples (where the row has one) both exclude 0, "no significant
-    difference" where either holds 0, "no interval" with one seed."""
+    difference" where either holds 0, "no interval" with one seed, and "no verdict: the seeds agree exactly"
+    where every seed's difference is the same number: the t interval has no width and the t statistic is
+    infinite, which a metric of few discrete values (a recall over few words) reaches by coincidence, not
+    by precision."""
     if row["low"] is None:
         return "no interval"
+    if row["low"] == row["high"]:
+        return "no verdict: the seeds agree exactly"
     intervals = [(row["low"], row["high"])]
     if row["examples_low"] is not None:
         intervals.append((row["examples_low"], row["examples_high"]))

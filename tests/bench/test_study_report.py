@@ -85,6 +85,14 @@ def test_across_seeds_gives_the_t_interval_scipy_gives_and_the_hand_computed_stu
     assert report.row_verdict(rows[1]) == "worse"  # NLL: a positive difference is worse
     assert report.row_verdict(rows[0]) == "no significant difference"  # the interval holds 0
     assert report.row_verdict({**rows[0], "low": 0.001}) == "better"  # ROUGE: a positive difference is better
+    tied = [(s, _result({"nextquill": {"preference_recall": 0.0104}})) for s in (0, 1)]
+    (tied_row,) = report.across_seeds(tied)
+    tied_t = scipy.stats.ttest_1samp([0.0104, 0.0104], 0.0)  # t = inf, p = 0: "significant" by the formula
+    assert tied_t.pvalue == 0.0
+    np.testing.assert_allclose([tied_row["low"], tied_row["high"]], tuple(tied_t.confidence_interval(0.95)))
+    assert report.row_verdict({**tied_row, "examples_low": 0.0017, "examples_high": 0.0226}) == (
+        "no verdict: the seeds agree exactly"
+    )  # the study's generation table: one recalled word at each seed, not "better"
     one_seed = report.across_seeds(results[:1])
     assert one_seed[0]["low"] is None and report.row_verdict(one_seed[0]) == "no interval"
     table = report.across_table([0, 1, 2], "context_sft", rows)
