@@ -60,7 +60,7 @@ class GenerationConfig:
             it where positive and multiplied where negative (transformers'); 1 turns it off. Applied in
             greedy decoding too. The prompt's tokens count, so it also penalises copying the user's history
             (benchmarks/STUDY.md: on the synthetic users, 1.2 took the fine-tuned models' preference recall
-            from 0.35-0.44 to 0.00-0.03, seeds 0 and 1).
+            from 0.35-0.44 to 0.00-0.03, seeds 0-2).
         `seed`: the sampling seed; each prompt draws its noise from it and the prompt's index among those
             generated for (in `evaluate`, its index in the split), so the same seed, prompts, order and
             settings give the same samples, whatever the batch size (`generate`).
