@@ -26,8 +26,9 @@ NLL per ground-truth role with and without the history (each run's effect report
 runs that generated (stops at the token limit, length, preference recall, and the references' own recall),
 the counterfactual health of every trained run (the without-history CE and the preference-bearing fraction at
 its first and last logged step, from `metrics.jsonl`), and the evaluations of the eval split during training
-(`metrics.jsonl`'s `eval/` rows: at each epoch's end, so several per run in a multi-epoch comparison). The PNG
-plots the two health series against the step, one line per variant.
+(`metrics.jsonl`'s `eval/` rows: at each epoch's end, so several per run in a multi-epoch comparison); the
+`metrics.jsonl` of a `trained_in` variant's run is the one where it trained. The PNG plots the two health
+series against the step, one line per variant.
 """
 
 from __future__ import annotations
@@ -175,16 +176,19 @@ def records_of(runs: dict[str, Path]) -> list[dict]:
 
 
 def other_settings(records: Sequence[Mapping[str, Any]]) -> list[str]:
-    """One line per run whose recorded settings differ, beyond `SEED_KEYS` and the keys that change no number
-    (logging, checkpointing, the mesh), from those of the first run of its variant in `records`: the run and
-    each differing key, the first run's value first. Empty when the runs differ only in the seed."""
+    """One line per run whose recorded settings differ, beyond `SEED_KEYS`, the variant's `trained_in` and the
+    keys that change no number (logging, checkpointing, the mesh), from those of the first run of its variant
+    in `records`: the run and each differing key, the first run's value first. Empty when the runs differ only
+    in the seed."""
     first: dict[str, Mapping[str, Any]] = {}
     lines = []
     for record in records:
         reference = first.setdefault(record["variant"], record)
         current = {**record["settings"], "config": normalised(record["settings"]["config"])}
         training, evaluation = settings_changes(reference["settings"], current, record["variant"])
-        changes = [c for c in training + evaluation if not covered(c[0], SEED_KEYS)]
+        # Where each seed's run trained (`trained_in`) tells the seeds apart as their workdirs do.
+        trained_in = f"variants.{record['variant']}.trained_in"
+        changes = [c for c in training + evaluation if not covered(c[0], SEED_KEYS) and c[0] != trained_in]
         if changes:
             lines.append(
                 f"{record['variant']} (seed {record['seed']}) against seed {reference['seed']}: "
@@ -417,6 +421,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     records = records_of(runs)
     result = compare_runs(records, baseline, comparison.compare.resamples)
+    # The training logs are where each run trained: under a `trained_in` variant's other comparison.
+    trained = {name: comparison.trained_workdir(name, seed) for name in runs}
     sections = [
         "### Table",
         "",
@@ -432,15 +438,15 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "### Counterfactual health during training",
         "",
-        *health_table(runs),
+        *health_table(trained),
         "",
         "### The eval split during training (nats per token)",
         "",
-        *evaluation_table(runs),
+        *evaluation_table(trained),
     ]
     print("\n".join(sections))
     if args.png:
-        plot(runs, args.png)
+        plot(trained, args.png)
     return 0
 
 

@@ -6,8 +6,9 @@ A compare file has three sections:
 
     compare:   {out, baseline, split: test, max_examples, eval_batch_size, effect_examples: 40,
                 max_new_tokens, seeds: [0], resamples: 2000}
-    variants:  {NAME: {overrides: [section.key=value, ...], train: true}, ...}   # train: false evaluates the
-               model its config starts training from (the "not fine-tuned" row)
+    variants:  {NAME: {overrides: [section.key=value, ...], train: true, trained_in: null}, ...}
+               # train: false evaluates the model its config starts training from (the "not fine-tuned"
+               # row); trained_in: OUT evaluates the run NAME another comparison (compare.out OUT) trained
     base:      a whole training config (the sections of configs/*.yaml)
 
 Run `NAME` with seed S lives in `<out>/seed<S>/<NAME>` (its `train.seed` and `data.batching.seed` are S);
@@ -18,8 +19,12 @@ comparison resumes. Running the file again reuses a finished run whose settings 
 again when only evaluation settings changed (`compare.*`, `eval.generation`; any setting of a `train: false`
 variant, which trains nothing); and refuses, before any run starts, one trained under other training settings
 (or an interrupted training that `train` would not resume under them), naming each key and the fix (a new
-`compare.out`, or deleting that run's directory). A run whose compare_done.json predates the recorded
-settings is run again: `train` refuses a checkpoint of another config, or finds the run finished
+`compare.out`, or deleting that run's directory). A variant with `trained_in` trains nothing here: it
+evaluates the finished run of the same name and seed in another comparison's `compare.out` (the same runs on
+another split or with another decoding), which must have trained under the training settings this file gives
+the variant, checked before any run starts (`check_trained_in`); its evaluation, effect report and
+compare_done.json are written here, and nothing there changes. A run whose compare_done.json predates the
+recorded settings is run again: `train` refuses a checkpoint of another config, or finds the run finished
 and trains nothing; then it is evaluated again. The per-example numbers
 (`compare_table.per_example_metrics`) of all runs become `<out>/results.json` and `<out>/results.md`
 (`compare_table`).
@@ -181,10 +186,20 @@ class VariantConfig:
             `model.preset` with its overrides, random from `train.seed`; a `model.path` with its overrides;
             under LoRA the base carrying the initial adapters), so that it is the model the trained
             variants of the same base start from.
+        `trained_in`: null: the run trains here. A path: the `compare.out` of another comparison whose run
+            of this variant's name with each seed (`<trained_in>/seed<S>/<NAME>`) finished training there
+            (its compare_done.json) under the training settings this file gives the variant, `train.data_dir`
+            included (so `base.train.data_dir` names the data it trained on); its final checkpoint is
+            evaluated instead of training one here, and the evaluation, effect report and
+            compare_done.json are written under this file's `compare.out` (nothing under `trained_in`
+            changes): the same runs evaluated on another split or with another decoding. Checked for every
+            seed before any run starts. A relative path is from the current directory; not with `train:
+            false`, nor this file's own `compare.out`.
     """
 
     overrides: list[str] = field(default_factory=list)
     train: bool = True
+    trained_in: str | None = None
 
 
 @dataclass(frozen=True)
@@ -264,6 +279,12 @@ class Comparison:
     def workdir(self, name: str, seed: int) -> Path:
         return Path(self.compare.out) / f"seed{seed}" / name
 
+    def trained_workdir(self, name: str, seed: int) -> Path:
+        """Where run (`name`, `seed`) trains, its checkpoints and training log: its `workdir`, or under the
+        variant's `trained_in`."""
+        source = self.variants[name].trained_in
+        return self.workdir(name, seed) if source is None else Path(source) / f"seed{seed}" / name
+
     @property
     def prepared_dir(self) -> Path:
         return Path(self.compare.out) / "prepared"
@@ -319,6 +340,20 @@ def _comparison(raw: dict[str, Any], source: str, seeds: list[int] | None) -> Co
                 f"a name holds only letters, digits, '_', '.' and '-', and is not '.' or '..'. Fix: rename "
                 f"the variant under `variants`."
             )
+    for name, variant in variants.items():
+        if variant.trained_in is None:
+            continue
+        where = f"`variants.{name}.trained_in`"
+        if not variant.train:
+            raise ConfigError(
+                f"{source}: {where} names a comparison whose run to evaluate, but the variant has `train: "
+                f"false`, which evaluates the model training starts from. Fix: drop one of the two."
+            )
+        if Path(variant.trained_in).absolute() == Path(compare.out).absolute():
+            raise ConfigError(
+                f"{source}: {where} is this file's own compare.out ({compare.out}), where the run would "
+                f"train. Fix: name another comparison's compare.out, or drop `trained_in`."
+            )
     if compare.baseline not in variants:
         raise ConfigError(
             f"{source}: `compare.baseline` {compare.baseline!r} is not a variant; variants: "
@@ -354,11 +389,14 @@ def untrained_config(cfg: Config, workdir: Path, split: str, echo: Echo = print)
 def run_settings(comparison: Comparison, name: str, cfg: Config) -> dict[str, Any]:
     """What the numbers of variant `name`'s run with config `cfg` (`Comparison.run_config`) depend on, as its
     compare_done.json records them: {"train": the variant's `train`, "config": `cfg` as `config_to_dict`
-    writes it, "evaluation": the `EVALUATION_FIELDS` of the `compare` section}."""
+    writes it, "evaluation": the `EVALUATION_FIELDS` of the `compare` section, "trained_in": the variant's
+    `trained_in` as an absolute path, or None}."""
+    trained_in = comparison.variants[name].trained_in
     return {
         "train": comparison.variants[name].train,
         "config": config_to_dict(cfg),
         "evaluation": {f: getattr(comparison.compare, f) for f in EVALUATION_FIELDS},
+        "trained_in": None if trained_in is None else str(Path(trained_in).absolute()),
     }
 
 
@@ -371,8 +409,9 @@ def settings_changes(
 ) -> tuple[list[Change], list[Change]]:
     """(training changes, evaluation changes) from the `run_settings` a run of variant `name` recorded to
     `current`'s. Training: `variants.<name>.train` and every config key that changes what is trained;
-    evaluation: `compare.<field>` of `EVALUATION_FIELDS` and `eval.generation.*`. Keys that change neither
-    (`resume.MAY_CHANGE` but `_RESULT_KEYS`: logging, checkpointing, the mesh, ...) are left out."""
+    evaluation: `compare.<field>` of `EVALUATION_FIELDS`, `eval.generation.*` and `variants.<name>.trained_in`
+    (which checkpoint is evaluated; a record without it trained in its own directory). Keys that change
+    neither (`resume.MAY_CHANGE` but `_RESULT_KEYS`: logging, checkpointing, the mesh, ...) are left out."""
     config = config_changes(normalised(recorded["config"]), current["config"], ignore=_no_effect)
     evaluation = config_changes(
         {"compare": recorded["evaluation"]}, {"compare": current["evaluation"]}, ignore=lambda _: False
@@ -380,7 +419,36 @@ def settings_changes(
     flag = (f"variants.{name}.train", recorded["train"], current["train"])
     decoding = lambda change: change[0].startswith("eval.generation.")
     training = ([flag] if flag[1] != flag[2] else []) + [c for c in config if not decoding(c)]
-    return training, [c for c in config if decoding(c)] + evaluation
+    source = (f"variants.{name}.trained_in", recorded.get("trained_in"), current.get("trained_in"))
+    return training, [c for c in config if decoding(c)] + evaluation + (
+        [source] if source[1] != source[2] else []
+    )
+
+
+def _training_changes(record: Mapping[str, Any], current: Mapping[str, Any], name: str) -> list[Change]:
+    """The training changes (`settings_changes`) from the settings compare_done.json `record` holds to
+    `current`: the non-finite policy left out where the run skipped no update (it trained alike under any)."""
+    training, _ = settings_changes(record["settings"], current, name)
+    if record.get("skipped_updates") == 0:  # older records do not say
+        training = [change for change in training if not covered(change[0], _NONFINITE_POLICY)]
+    return training
+
+
+def _moved_data_hint(training: list[Change], elsewhere: bool = False) -> str:
+    """Where `training` changes include `train.data_dir`: why the data's path differing refuses the run, and
+    the fix, for a run of this comparison (a moved or copied one?) or, `elsewhere`, of a `trained_in` one."""
+    # Unlike `train`, which compares the data's content digests, a run's record holds its data's path.
+    trained_on = [was for key, was, _ in training if key == "train.data_dir"]
+    if not trained_on:
+        return ""
+    why = "compare_done.json records the prepared data's path, not its content"
+    if elsewhere:
+        return f" ({why}: set `base.train.data_dir: {trained_on[0]}` in this file, the data it trained on)"
+    return (
+        f" (a moved or copied comparison? {why}, so a run whose data now lies elsewhere is not reused even "
+        "where that data is the same: to reuse the runs, run the file with the compare.out they ran in, or "
+        f"set `base.train.data_dir: {trained_on[0]}` in it, the data they trained on)"
+    )
 
 
 def finished_changes(comparison: Comparison, name: str, seed: int, cfg: Config) -> list[Change] | None:
@@ -398,36 +466,71 @@ def finished_changes(comparison: Comparison, name: str, seed: int, cfg: Config) 
     recorded = record.get("settings")
     if recorded is None:
         return None
-    training, evaluation = settings_changes(recorded, run_settings(comparison, name, cfg), name)
-    # A run that skipped no update trained alike under any non-finite policy (older records do not say).
-    if record.get("skipped_updates") == 0:
-        training = [change for change in training if not covered(change[0], _NONFINITE_POLICY)]
-    if training and recorded["train"]:
-        # Unlike `train`, which compares the data's content digests, a run's record holds its data's path.
-        trained_on = [was for key, was, _ in training if key == "train.data_dir"]
-        moved = (
-            " (a moved or copied comparison? compare_done.json records the prepared data's path, not its "
-            "content, so a run whose data now lies elsewhere is not reused even where that data is the same: "
-            "to reuse the runs, run the file with the compare.out they ran in, or set `base.train.data_dir: "
-            f"{trained_on[0]}` in it, the data they trained on)"
-            if trained_on
-            else ""
-        )
+    current = run_settings(comparison, name, cfg)
+    _, evaluation = settings_changes(recorded, current, name)
+    training = _training_changes(record, current, name)
+    # A run evaluated from another comparison's (`trained_in`) has no training here to keep.
+    if training and recorded["train"] and recorded.get("trained_in") is None:
         raise ConfigError(
             f"{comparison.source}: variant {name!r} (seed {seed}) finished training in {workdir} with other "
             f"settings than the file now gives it: its checkpoint cannot stand for the new ones (nor does "
             f"`train` continue a run under another config); differing, the finished run's value first: "
-            f"{listed_changes(training + evaluation)}{moved}. Fix: use a new compare.out for the changed "
-            f"file, or delete {workdir} to run that variant again (the other runs are kept)."
+            f"{listed_changes(training + evaluation)}{_moved_data_hint(training)}. Fix: use a new "
+            f"compare.out for the changed file, or delete {workdir} to run that variant again (the other "
+            f"runs are kept)."
         )
     return training + evaluation
 
 
+def check_trained_in(comparison: Comparison, name: str, seed: int, cfg: Config) -> None:
+    """Return unless variant `name` has `trained_in` and its run there with `seed` cannot stand for this
+    file's run with config `cfg`: it has not finished (no compare_done.json recording its settings), it did
+    not train (`train: false`), it was itself evaluated from another comparison's run, or it trained under
+    other training settings (`settings_changes`; evaluation settings may differ: that is the point).
+
+    Raises:
+        ConfigError: naming the variant, the seed, the run's directory, what is wrong (each differing key,
+            the finished run's value first) and the fix.
+    """
+    if comparison.variants[name].trained_in is None:
+        return
+    run = comparison.trained_workdir(name, seed)
+    done = run / DONE_FILE
+    record = json.loads(done.read_text()) if done.is_file() else {}
+    recorded = record.get("settings")
+    head = f"{comparison.source}: variant {name!r} (seed {seed}) evaluates the run in {run} (`trained_in`)"
+    if recorded is None:
+        what = "which has not finished" if not done.is_file() else "whose record predates recorded settings"
+        raise ConfigError(
+            f"{head}, {what}. Fix: run the comparison that trains it to the end first (or run that file "
+            f"again, so that it records its settings), or drop `trained_in` to train the variant here."
+        )
+    if not recorded["train"]:
+        raise ConfigError(
+            f"{head}, which trained nothing (`train: false` there). Fix: name a comparison that trained the "
+            f"variant, or drop `trained_in` to train it here."
+        )
+    if recorded.get("trained_in") is not None:
+        raise ConfigError(
+            f"{head}, which did not train there either: it was evaluated from the comparison in "
+            f"{recorded['trained_in']}. Fix: set `trained_in: {recorded['trained_in']}`, where it trained."
+        )
+    training = _training_changes(record, run_settings(comparison, name, cfg), name)
+    if training:
+        raise ConfigError(
+            f"{head}, which trained under other settings than this file gives the variant, so its checkpoint "
+            f"cannot stand for this variant; differing, the finished run's value first: "
+            f"{listed_changes(training)}{_moved_data_hint(training, elsewhere=True)}. Fix: give the variant "
+            f"the settings that run trained with, or drop `trained_in` to train it here."
+        )
+
+
 def check_interrupted_run(comparison: Comparison, name: str, seed: int, cfg: Config) -> None:
-    """Return unless run (`name`, `seed`), with config `cfg`, trains and its workdir holds checkpoints of an
-    unfinished run (no compare_done.json with settings) saved under another config: the check `train` makes
-    when it resumes (`resume.check_resumable`, against the config.yaml the run saved), made before any run
-    starts. `model.cudnn_max_segments: auto` is left to `train`, which resolves it from the data.
+    """Return unless run (`name`, `seed`), with config `cfg`, trains here (no `trained_in`) and its workdir
+    holds checkpoints of an unfinished run (no compare_done.json with settings) saved under another config:
+    the check `train` makes when it resumes (`resume.check_resumable`, against the config.yaml the run
+    saved), made before any run starts. `model.cudnn_max_segments: auto` is left to `train`, which resolves
+    it from the data.
 
     Raises:
         ConfigError: naming the run, each differing key (the saved run's value first) and compare's fix.
@@ -437,7 +540,8 @@ def check_interrupted_run(comparison: Comparison, name: str, seed: int, cfg: Con
     workdir = comparison.workdir(name, seed)
     checkpoints = workdir / CHECKPOINT_DIR
     saved = workdir / CONFIG_FILE
-    if not comparison.variants[name].train or not saved.is_file() or not checkpoints.is_dir():
+    variant = comparison.variants[name]
+    if not variant.train or variant.trained_in is not None or not saved.is_file() or not checkpoints.is_dir():
         return
     if not any(p.name.isdigit() for p in checkpoints.iterdir()):
         return
@@ -552,10 +656,10 @@ def run_variant(
     *,
     stop: _StopOnSignal | None = None,
 ) -> dict[str, Any]:
-    """Train (unless `train: false`), evaluate and report the effects of one run; returns what
-    `compare_done.json` holds: where its evaluation and effect report are, and the settings it ran with. A
-    finished run with the same settings is not rerun, one whose evaluation settings changed is evaluated
-    again (module docstring).
+    """Train (unless `train: false`, or `trained_in` another comparison, whose run is evaluated), evaluate and
+    report the effects of one run; returns what `compare_done.json` holds: where its evaluation and effect
+    report are, and the settings it ran with. A finished run with the same settings is not rerun, one whose
+    evaluation settings changed is evaluated again (module docstring).
 
     Raises:
         ConfigError: the run finished training with other training settings (`finished_changes`), or the
@@ -572,7 +676,7 @@ def run_variant(
     from nextquill_jax.train.metrics_log import last_value
     from nextquill_jax.train.workdir import data_dir_of, initial_model, restore_model
 
-    workdir = comparison.workdir(name, seed)
+    workdir, trained_run = comparison.workdir(name, seed), comparison.trained_workdir(name, seed)
     done, label = workdir / DONE_FILE, f"{name} (seed {seed})"
     at = (lambda stage: stop.at(f"{label}'s {stage}")) if stop else (lambda stage: None)
     at("settings check")
@@ -587,21 +691,25 @@ def run_variant(
         again = (
             "resuming its training (`train` refuses a checkpoint of another config and trains nothing when "
             "the run finished), then evaluating it again"
-            if variant.train
+            if variant.train and variant.trained_in is None
             else "evaluating it again"
         )
         echo(f"{label}: {done} does not record the settings it ran with (an older version wrote it): {again}")
     elif changes is not None:
-        trained = variant.train and json.loads(done.read_text())["settings"]["train"]
+        recorded = json.loads(done.read_text())["settings"]
+        trained = variant.train and recorded["train"] and recorded.get("trained_in") is None
         again = (
             "evaluating its checkpoint again"
-            if trained
+            if trained or variant.trained_in is not None
             else ("training it, then evaluating it" if variant.train else "evaluating it again")
         )
         echo(f"{label}: {again}: settings changed since it finished: {listed_changes(changes)}")
     # Until this run finishes again, an interrupted one must not leave the old record to stand for it.
     done.unlink(missing_ok=True)
-    if variant.train and not trained:
+    if variant.trained_in is not None:
+        echo(f"{label}: evaluating the run in {trained_run} (`trained_in`), which trained there")
+        workdir.mkdir(parents=True, exist_ok=True)
+    elif variant.train and not trained:
         at("training")
         with stop.suspended() if stop else contextlib.nullcontext():
             train_to_the_end(cfg, workdir, echo=echo)
@@ -611,14 +719,14 @@ def run_variant(
         cfg = untrained_config(cfg, workdir, plan.split, echo)
     at("model loading")
     # One model serves the evaluation and the effect report: its checkpoint is read and verified once.
-    loaded = restore_model(workdir) if variant.train else initial_model(workdir)
+    loaded = restore_model(trained_run) if variant.train else initial_model(workdir)
     # The decoding of this file's config: a checkpoint evaluated again would otherwise decode as saved.
     overrides = {} if plan.max_new_tokens is None else {"max_new_tokens": plan.max_new_tokens}
     generation = dataclasses.replace(cfg.eval.generation, **overrides)
-    data_dir = data_dir_of(cfg, workdir)  # the checkpoint's config may name where the data was
+    data_dir = data_dir_of(cfg, trained_run)  # the checkpoint's config may name where the data was
     at("evaluation")
     metrics = evaluate(
-        workdir, plan.split, out_dir=workdir / "eval" / plan.split, max_examples=plan.max_examples,
+        trained_run, plan.split, out_dir=workdir / "eval" / plan.split, max_examples=plan.max_examples,
         generation=generation, batch_size=plan.eval_batch_size, loaded=loaded,
         max_new_tokens_setting="compare.max_new_tokens", keep_hint=None, data_dir=data_dir, echo=echo,
     )  # fmt: skip
@@ -646,7 +754,7 @@ def run_variant(
         "settings": settings,
         # Updates its training skipped for a non-finite loss (None untrained): with none, the non-finite
         # policy does not matter to its numbers (`finished_changes`).
-        "skipped_updates": last_value(workdir, "skipped") if variant.train else None,
+        "skipped_updates": last_value(trained_run, "skipped") if variant.train else None,
     }
     at(f"record ({DONE_FILE})")
     return write_done(done, record)
@@ -732,14 +840,16 @@ def _check_runs(comparison: Comparison, runs: list[tuple[str, int]]) -> None:
 
     refused = []
     for name, seed in runs:  # all of them first: no run is evaluated again only for a later one to refuse
+        trains_here = comparison.variants[name].train and comparison.variants[name].trained_in is None
         try:
             cfg = comparison.run_config(name, seed)
+            check_trained_in(comparison, name, seed, cfg)
             if finished_changes(comparison, name, seed, cfg) is None:
                 check_interrupted_run(comparison, name, seed, cfg)
         except ConfigError as e:
             refused.append(str(e))
             continue
-        if comparison.variants[name].train and seed == comparison.compare.seeds[0]:
+        if trains_here and seed == comparison.compare.seeds[0]:
             try:  # a misspelt metric would otherwise stop the comparison only when this variant starts
                 check_best_metric(cfg)
             except ConfigError as e:

@@ -137,6 +137,124 @@ def test_a_second_run_resumes_without_running_again(compared):
     assert again["rows"] == first["rows"]
 
 
+def _files(directory: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in directory.rglob("*") if p.is_file()}
+
+
+def _trained_in(path, tmp_path, out: str, source: Path, data_dir: Path | None, *overrides: str):
+    """The compare file at `path` with `nextquill` alone, in compare.out `tmp_path`/`out`, evaluating the run
+    in compare.out `source` (`trained_in`), its base's data `data_dir` and `overrides` added."""
+
+    def change(raw):
+        _only(raw, "nextquill")
+        raw["compare"]["out"] = str(tmp_path / out)
+        raw["variants"]["nextquill"]["trained_in"] = str(source)
+        raw["variants"]["nextquill"]["overrides"] += list(overrides)
+        raw["base"]["train"]["data_dir"] = None if data_dir is None else str(data_dir)
+
+    return _edited(path, tmp_path, change)
+
+
+def test_a_trained_in_variant_evaluates_the_other_comparisons_run_without_training_or_changing_it(
+    compared, tmp_path
+):
+    """A second comparison evaluating the first's `nextquill` run (`trained_in` its compare.out, its prepared
+    data as base.train.data_dir): nothing trains here, nothing under the first comparison changes, the
+    predictions and losses equal those of `evaluate` reading that run's checkpoint itself, and the effect
+    report and table row equal the first comparison's (the same checkpoint, data and settings). Run again, it
+    is done already."""
+    root, path, first, _, _, _ = compared
+    source = root / "out" / "seed0" / "nextquill"
+    before = _files(source)
+    edited = _trained_in(path, tmp_path, "out2", root / "out", root / "out" / "prepared")
+    messages = []
+    result = run_comparison(load_comparison(edited), echo=messages.append)
+    run = tmp_path / "out2" / "seed0" / "nextquill"
+    assert (
+        f"nextquill (seed 0): evaluating the run in {source} (`trained_in`), which trained there" in messages
+    )
+    assert not (run / "checkpoints").exists() and not (run / "metrics.jsonl").exists()
+    assert _files(source) == before
+    # The reference: the run's final checkpoint as `nextquill-jax evaluate --workdir` reads it.
+    direct = evaluate.evaluate(
+        source,
+        "test",
+        out_dir=tmp_path / "direct",
+        max_examples=6,
+        generation_overrides={"max_new_tokens": 6},
+    )
+    assert direct["step"] == 2
+    evaluated = json.loads((run / "eval" / "test" / "metrics.json").read_text())
+    assert (evaluated["step"], evaluated["loss"]) == (direct["step"], direct["loss"])
+    assert (run / "eval" / "test" / "predictions.jsonl").read_text() == (
+        tmp_path / "direct" / "predictions.jsonl"
+    ).read_text()
+    effects = [json.loads((d / "effects" / "summary.json").read_text()) for d in (run, source)]
+    assert [{k: v for k, v in e.items() if k != "files"} for e in effects] == [
+        {k: v for k, v in effects[1].items() if k != "files"}
+    ] * 2
+    assert result["rows"] == [r for r in first["rows"] if r["variant"] == "nextquill"]
+    record = json.loads((run / DONE_FILE).read_text())
+    assert record["settings"]["trained_in"] == str(root / "out")
+    assert record["skipped_updates"] == json.loads((source / DONE_FILE).read_text())["skipped_updates"]
+    messages = []
+    run_comparison(load_comparison(edited), echo=messages.append)
+    assert messages == [f"nextquill (seed 0): done already ({run / DONE_FILE})"]
+
+
+def test_a_trained_in_run_that_cannot_stand_for_the_variant_is_refused_before_anything_is_written(
+    compared, tmp_path
+):
+    """Each refusal names the variant, the seed, the run and the fix, and nothing is written in compare.out:
+    no such run; a run trained under other settings (each key, the run's value first); the data's path
+    differing (with the `base.train.data_dir` to set); a run that was itself evaluated from elsewhere; and at
+    load, `trained_in` with `train: false` or naming the file's own compare.out."""
+    root, path, _, _, _, _ = compared
+    prepared = root / "out" / "prepared"
+    source = root / "out" / "seed0" / "nextquill"
+    head = "variant 'nextquill' (seed 0) evaluates the run in"
+
+    def refused(file) -> str:
+        with pytest.raises(ConfigError) as e:
+            run_comparison(load_comparison(file), echo=lambda m: None)
+        assert not (tmp_path / "out2").exists()
+        return str(e.value)
+
+    message = refused(_trained_in(path, tmp_path, "out2", tmp_path / "nowhere", prepared))
+    assert (
+        f"{head} {tmp_path / 'nowhere' / 'seed0' / 'nextquill'} (`trained_in`), which has not finished"
+        in message
+    )
+    message = refused(_trained_in(path, tmp_path, "out2", root / "out", prepared, "loss.low=0.6"))
+    assert f"{head} {source} (`trained_in`), which trained under other settings" in message
+    assert "loss.low: 0.1 -> 0.6" in message and "Fix: give the variant the settings that run" in message
+    message = refused(_trained_in(path, tmp_path, "out2", root / "out", None))
+    assert f'train.data_dir: "{prepared}" -> "{tmp_path / "out2" / "prepared"}"' in message
+    assert f"set `base.train.data_dir: {prepared}` in this file" in message
+
+    evaluated = tmp_path / "evaluated" / "seed0" / "nextquill"
+    evaluated.mkdir(parents=True)
+    record = json.loads((source / DONE_FILE).read_text())
+    record["settings"]["trained_in"] = str(root / "elsewhere")
+    (evaluated / DONE_FILE).write_text(json.dumps(record))
+    message = refused(_trained_in(path, tmp_path, "out2", tmp_path / "evaluated", prepared))
+    assert f"it was evaluated from the comparison in {root / 'elsewhere'}" in message
+    assert f"Fix: set `trained_in: {root / 'elsewhere'}`, where it trained." in message
+
+    def untrained(raw):
+        raw["variants"]["untrained"]["trained_in"] = str(root / "out")
+
+    def own(raw):
+        raw["variants"]["nextquill"]["trained_in"] = raw["compare"]["out"]
+
+    with pytest.raises(
+        ConfigError, match=r"`variants.untrained.trained_in` names a comparison .* `train: false`"
+    ):
+        load_comparison(_edited(path, tmp_path, untrained))
+    with pytest.raises(ConfigError, match=r"`variants.nextquill.trained_in` is this file's own compare.out"):
+        load_comparison(_edited(path, tmp_path, own))
+
+
 def test_an_untrained_variant_evaluates_the_parameters_the_trained_variants_start_from(compared):
     """`train: false` on a `model.preset` base: the preset with its overrides, initialised from `train.seed`
     exactly as `train` initialises the trained variants (their step 0), and recorded as step 0."""
