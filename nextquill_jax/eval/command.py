@@ -115,6 +115,14 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         help="> 0; 1 = off; applied in greedy decoding too; " + _run_default("repetition_penalty", 1.2),
     )
     decoding.add_argument(
+        "--repetition-penalty-prompt",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the penalty counts the prompt's tokens, or (--no-repetition-penalty-prompt) only the generated "
+        "ones, so that copying from the prompt is not penalised; "
+        + _run_default("repetition_penalty_prompt", "true"),
+    )
+    decoding.add_argument(
         "--seed",
         type=int,
         default=None,
@@ -152,6 +160,7 @@ def generation_overrides(args: argparse.Namespace) -> dict:
         "top_k": args.top_k,
         "top_p": args.top_p,
         "repetition_penalty": args.repetition_penalty,
+        "repetition_penalty_prompt": args.repetition_penalty_prompt,
         "seed": args.seed,
     }
     return {k: v for k, v in flags.items() if v is not None}

@@ -61,6 +61,10 @@ class GenerationConfig:
             greedy decoding too. The prompt's tokens count, so it also penalises copying the user's history
             (benchmarks/STUDY.md: on the synthetic users, 1.2 took the fine-tuned models' preference recall
             from 0.35-0.44 to 0.00-0.03, seeds 0-2).
+        `repetition_penalty_prompt`: whether the penalty counts the prompt's tokens (true: transformers' and
+            the public code's decoding); false: only the tokens generated so far, so that copying from the
+            prompt (the user's history) is not penalised while repeating oneself still is (transformers'
+            RepetitionPenaltyLogitsProcessor with `prompt_ignore_length` the prompt's length).
         `seed`: the sampling seed; each prompt draws its noise from it and the prompt's index among those
             generated for (in `evaluate`, its index in the split), so the same seed, prompts, order and
             settings give the same samples, whatever the batch size (`generate`).
@@ -75,6 +79,7 @@ class GenerationConfig:
     top_k: int = 50
     top_p: float = 0.95
     repetition_penalty: float = 1.2
+    repetition_penalty_prompt: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -99,6 +104,11 @@ class GenerationConfig:
             raise ValueError(
                 f"GenerationConfig.repetition_penalty must be > 0 (1: off), got {self.repetition_penalty!r}"
             )
+        if not isinstance(self.repetition_penalty_prompt, bool):
+            raise ValueError(
+                "GenerationConfig.repetition_penalty_prompt must be true or false, got "
+                f"{self.repetition_penalty_prompt!r}"
+            )
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -114,6 +124,7 @@ class ProcessorSettings(NamedTuple):
     top_k: jax.Array  # int32 [], 0 = off
     top_p_cut: jax.Array  # float32 [], 1 - top_p computed in float64 as transformers does; 0 = off
     repetition_penalty: jax.Array  # float32 []
+    penalise_prompt: jax.Array  # bool []: the prompt's tokens count as seen
 
     @classmethod
     def of(cls, cfg: GenerationConfig) -> ProcessorSettings:
@@ -123,6 +134,7 @@ class ProcessorSettings(NamedTuple):
             top_k=jnp.asarray(cfg.top_k, jnp.int32),
             top_p_cut=jnp.asarray(1.0 - cfg.top_p, jnp.float32),
             repetition_penalty=jnp.asarray(cfg.repetition_penalty, jnp.float32),
+            penalise_prompt=jnp.asarray(cfg.repetition_penalty_prompt),
         )
 
 
@@ -326,7 +338,8 @@ def _decode(
     # Padding is not penalised: its ids become `vocab`, out of bounds, and the scatter drops them (as it drops
     # prompt ids beyond the logits' vocabulary, which transformers does not penalise either).
     prompt_ids = jnp.where(mask > 0, input_ids, vocab)
-    seen = jnp.zeros((b, vocab), jnp.bool_).at[rows[:, None], prompt_ids].set(True, mode="drop")  # [B, V]
+    seen = jnp.zeros((b, vocab), jnp.bool_)  # [B, V]
+    seen = seen.at[rows[:, None], prompt_ids].set(settings.penalise_prompt, mode="drop")
     eos = jnp.asarray(eos_token_ids, jnp.int32)
     example_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, example_ids)  # [B]
     step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))

@@ -159,6 +159,36 @@ def test_left_padding_is_not_penalised(tiny, tiny_case):
     assert not np.array_equal(penalising, want[:, : penalising.shape[1]])
 
 
+def test_a_penalty_on_the_generated_tokens_only_matches_transformers_prompt_ignore_length(tiny, tiny_case):
+    """`repetition_penalty_prompt: false` against transformers' greedy generate with its processor told to
+    ignore the whole (left-padded) prompt (`prompt_ignore_length`): the same tokens; and not those of the
+    penalty over the prompt, nor of no penalty (the choice matters for this model)."""
+    reference, model = tiny
+    _, ids, mask, eos, over_prompt = tiny_case
+    cfg = dataclasses.replace(GREEDY, repetition_penalty_prompt=False)
+    with torch.no_grad():
+        out = reference.generate(
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            attention_mask=torch.tensor(mask, dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=cfg.max_new_tokens,
+            logits_processor=transformers.LogitsProcessorList(
+                [transformers.RepetitionPenaltyLogitsProcessor(cfg.repetition_penalty, ids.shape[1])]
+            ),
+            eos_token_id=eos,
+            pad_token_id=PAD,
+        )
+    new = out[:, ids.shape[1] :].numpy()
+    expected = np.pad(new, ((0, 0), (0, cfg.max_new_tokens - new.shape[1])), constant_values=PAD)
+    ours = generate_ids(model, ids, mask, cfg, eos_token_ids=[eos], pad_token_id=PAD)
+    np.testing.assert_array_equal(ours, expected)
+    assert not np.array_equal(ours, over_prompt)
+    unpenalised = dataclasses.replace(GREEDY, repetition_penalty=1.0)
+    assert not np.array_equal(
+        ours, generate_ids(model, ids, mask, unpenalised, eos_token_ids=[eos], pad_token_id=PAD)
+    )
+
+
 def test_generate_batches_by_length_with_one_compile_per_bucket(tiny, tiny_case):
     """generate() in batches of 2 sorted by length (3,5 | 9,11 | 14,17 | 20 + a dummy row): per prompt,
     transformers' tokens before EOS, in the prompts' order; the decode loop compiles once for the two
