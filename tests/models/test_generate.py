@@ -68,17 +68,23 @@ def tiny(tiny_dir):
     return reference.eval(), load_pretrained(tiny_dir)
 
 
-def reference_generate(model, ids: np.ndarray, mask: np.ndarray, cfg: GenerationConfig, eos: int, pad: int):
-    """transformers' greedy generate: new tokens [B, max_new_tokens], `pad` after an early stop."""
+def reference_generate(
+    model, ids: np.ndarray, mask: np.ndarray, cfg: GenerationConfig, eos: int, pad: int, penalty=None
+):
+    """transformers' greedy generate: new tokens [B, max_new_tokens], `pad` after an early stop. `penalty`: a
+    RepetitionPenaltyLogitsProcessor used instead of generate's own from `cfg.repetition_penalty`."""
+    penalising = {"repetition_penalty": cfg.repetition_penalty}
+    if penalty is not None:
+        penalising = {"logits_processor": transformers.LogitsProcessorList([penalty])}
     with torch.no_grad():
         out = model.generate(
             input_ids=torch.tensor(ids, dtype=torch.long),
             attention_mask=torch.tensor(mask, dtype=torch.long),
             do_sample=False,
             max_new_tokens=cfg.max_new_tokens,
-            repetition_penalty=cfg.repetition_penalty,
             eos_token_id=eos,
             pad_token_id=pad,
+            **penalising,
         )
     new = out[:, ids.shape[1] :].numpy()
     return np.pad(new, ((0, 0), (0, cfg.max_new_tokens - new.shape[1])), constant_values=pad)
@@ -144,19 +150,9 @@ def test_left_padding_is_not_penalised(tiny, tiny_case):
     want = reference_generate(reference, ids, mask, GREEDY, eos=eos, pad=pad)
     ours = generate_ids(model, ids, mask, GREEDY, eos_token_ids=[eos], pad_token_id=pad)
     np.testing.assert_array_equal(ours, want)
-    with torch.no_grad():
-        penalising = reference.generate(
-            input_ids=torch.tensor(ids, dtype=torch.long),
-            attention_mask=torch.tensor(mask, dtype=torch.long),
-            do_sample=False,
-            max_new_tokens=GREEDY.max_new_tokens,
-            logits_processor=transformers.LogitsProcessorList(
-                [transformers.RepetitionPenaltyLogitsProcessor(GREEDY.repetition_penalty)]
-            ),
-            eos_token_id=eos,
-            pad_token_id=pad,
-        )[:, ids.shape[1] :].numpy()
-    assert not np.array_equal(penalising, want[:, : penalising.shape[1]])
+    penalty = transformers.RepetitionPenaltyLogitsProcessor(GREEDY.repetition_penalty)
+    penalising = reference_generate(reference, ids, mask, GREEDY, eos=eos, pad=pad, penalty=penalty)
+    assert not np.array_equal(penalising, want)
 
 
 def test_a_penalty_on_the_generated_tokens_only_matches_transformers_prompt_ignore_length(tiny, tiny_case):
@@ -166,20 +162,8 @@ def test_a_penalty_on_the_generated_tokens_only_matches_transformers_prompt_igno
     reference, model = tiny
     _, ids, mask, eos, over_prompt = tiny_case
     cfg = dataclasses.replace(GREEDY, repetition_penalty_prompt=False)
-    with torch.no_grad():
-        out = reference.generate(
-            input_ids=torch.tensor(ids, dtype=torch.long),
-            attention_mask=torch.tensor(mask, dtype=torch.long),
-            do_sample=False,
-            max_new_tokens=cfg.max_new_tokens,
-            logits_processor=transformers.LogitsProcessorList(
-                [transformers.RepetitionPenaltyLogitsProcessor(cfg.repetition_penalty, ids.shape[1])]
-            ),
-            eos_token_id=eos,
-            pad_token_id=PAD,
-        )
-    new = out[:, ids.shape[1] :].numpy()
-    expected = np.pad(new, ((0, 0), (0, cfg.max_new_tokens - new.shape[1])), constant_values=PAD)
+    penalty = transformers.RepetitionPenaltyLogitsProcessor(cfg.repetition_penalty, ids.shape[1])
+    expected = reference_generate(reference, ids, mask, cfg, eos=eos, pad=PAD, penalty=penalty)
     ours = generate_ids(model, ids, mask, cfg, eos_token_ids=[eos], pad_token_id=PAD)
     np.testing.assert_array_equal(ours, expected)
     assert not np.array_equal(ours, over_prompt)
