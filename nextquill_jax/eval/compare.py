@@ -425,12 +425,11 @@ def settings_changes(
     )
 
 
-def _training_changes(record: Mapping[str, Any], current: Mapping[str, Any], name: str) -> list[Change]:
-    """The training changes (`settings_changes`) from the settings compare_done.json `record` holds to
-    `current`: the non-finite policy left out where the run skipped no update (it trained alike under any)."""
-    training, _ = settings_changes(record["settings"], current, name)
+def _trained_differently(record: Mapping[str, Any], training: list[Change]) -> list[Change]:
+    """`training` (`settings_changes`' first list, from the settings compare_done.json `record` holds) without
+    the non-finite policy where the run skipped no update: it trained alike under any."""
     if record.get("skipped_updates") == 0:  # older records do not say
-        training = [change for change in training if not covered(change[0], _NONFINITE_POLICY)]
+        return [change for change in training if not covered(change[0], _NONFINITE_POLICY)]
     return training
 
 
@@ -466,9 +465,8 @@ def finished_changes(comparison: Comparison, name: str, seed: int, cfg: Config) 
     recorded = record.get("settings")
     if recorded is None:
         return None
-    current = run_settings(comparison, name, cfg)
-    _, evaluation = settings_changes(recorded, current, name)
-    training = _training_changes(record, current, name)
+    training, evaluation = settings_changes(recorded, run_settings(comparison, name, cfg), name)
+    training = _trained_differently(record, training)
     # A run evaluated from another comparison's (`trained_in`) has no training here to keep.
     if training and recorded["train"] and recorded.get("trained_in") is None:
         raise ConfigError(
@@ -515,7 +513,8 @@ def check_trained_in(comparison: Comparison, name: str, seed: int, cfg: Config) 
             f"{head}, which did not train there either: it was evaluated from the comparison in "
             f"{recorded['trained_in']}. Fix: set `trained_in: {recorded['trained_in']}`, where it trained."
         )
-    training = _training_changes(record, run_settings(comparison, name, cfg), name)
+    training, _ = settings_changes(recorded, run_settings(comparison, name, cfg), name)
+    training = _trained_differently(record, training)
     if training:
         raise ConfigError(
             f"{head}, which trained under other settings than this file gives the variant, so its checkpoint "
