@@ -34,8 +34,6 @@ from typing import Any
 
 import numpy as np
 
-LENGTH_MULTIPLE = 64  # one compiled shape for every batch, as the effect report pads
-
 
 def seen_in_row(prompt_ids: Sequence[int], target_ids: Sequence[int], vocab_size: int) -> np.ndarray:
     """[R, V] bool, R = len(target_ids): row k marks every token id the row holds before target token k (the
@@ -93,21 +91,17 @@ def example_costs(
     import jax
     from flax import nnx
 
-    from nextquill_jax.data.assemble import RowShape, assemble_batch
+    from nextquill_jax.data.assemble import assemble_batch
     from nextquill_jax.data.prepared_split import PreparedSplit, rendered_rows
     from nextquill_jax.eval.effect_scoring import EOS, target_offsets, token_roles
+    from nextquill_jax.eval.effect_tokens import one_example_rows
     from nextquill_jax.train.step import response_hidden
 
     data = PreparedSplit(prepared_dir, split)
     arrays = [data[i] for i in indices]
     rows = rendered_rows(prepared_dir, split, list(indices))
     eos_id = int(data.meta.get("eos_token_id", tokenizer.eos_token_id))
-    up = lambda n: max(LENGTH_MULTIPLE, math.ceil(n / LENGTH_MULTIPLE) * LENGTH_MULTIPLE)
-    shape = RowShape(
-        up(max(len(a["prompt_with"]) + len(a["target"]) for a in arrays)),
-        up(max(len(a["prompt_without"]) + len(a["target"]) for a in arrays)),
-        up(max(len(a["target"]) for a in arrays)),
-    )
+    shape = one_example_rows(arrays)
     graphdef, state = nnx.split(model)
 
     @jax.jit

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from nextquill_jax.data.assemble import RowShape
 from nextquill_jax.data.prepared_split import rendered_rows
 from nextquill_jax.eval.effect_scoring import EOS, target_offsets, token_pieces, token_roles
 from nextquill_jax.loss import LossConfig
@@ -48,6 +49,17 @@ class ExampleEffects:
 
 def _round_up(x: int, multiple: int) -> int:
     return max(multiple, math.ceil(x / multiple) * multiple)
+
+
+def one_example_rows(arrays: Sequence[dict[str, np.ndarray]]) -> RowShape:
+    """The `data.assemble.RowShape` that lays out each of `arrays` (prepared examples: `prompt_with`,
+    `prompt_without`, `target`) whole in a row of its own, every length rounded up to a multiple of
+    `LENGTH_MULTIPLE` so that one compiled shape serves batches of similar examples."""
+    return RowShape(
+        _round_up(max(len(a["prompt_with"]) + len(a["target"]) for a in arrays), LENGTH_MULTIPLE),
+        _round_up(max(len(a["prompt_without"]) + len(a["target"]) for a in arrays), LENGTH_MULTIPLE),
+        _round_up(max(len(a["target"]) for a in arrays), LENGTH_MULTIPLE),
+    )
 
 
 @functools.lru_cache(maxsize=8)
@@ -106,7 +118,7 @@ def compute_example_effects(
     """
     from flax import nnx
 
-    from nextquill_jax.data.assemble import RowShape, assemble_batch
+    from nextquill_jax.data.assemble import assemble_batch
     from nextquill_jax.data.prepared_split import PreparedSplit, check_finished
 
     check_finished(prepared_dir)
@@ -126,11 +138,7 @@ def compute_example_effects(
     eos_id = int(data.meta.get("eos_token_id", tokenizer.eos_token_id))
     rows = rendered_rows(prepared_dir, split, indices)
     arrays = [data[i] for i in indices]
-    shape = RowShape(
-        _round_up(max(len(a["prompt_with"]) + len(a["target"]) for a in arrays), LENGTH_MULTIPLE),
-        _round_up(max(len(a["prompt_without"]) + len(a["target"]) for a in arrays), LENGTH_MULTIPLE),
-        _round_up(max(len(a["target"]) for a in arrays), LENGTH_MULTIPLE),
-    )
+    shape = one_example_rows(arrays)
     graphdef, state = nnx.split(model)
     run = _effects_fn(graphdef, loss_cfg)
     probs, logps, dce, weight = [], [], [], []
