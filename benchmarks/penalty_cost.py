@@ -6,6 +6,7 @@ before this one, has its logit divided by the penalty where positive and multipl
 
     python benchmarks/penalty_cost.py configs/study/smollm2_synthetic_96users_epochs_generate.yaml [--seed S]
         [--penalty 1.2] [--examples N] [--baseline NAME]
+    python benchmarks/penalty_cost.py --across configs/study/A.yaml configs/study/A_seeds.yaml
 
 The cost of a token is log p(y) - log p_penalised(y), in nats: positive where the penalty makes the reference
 token less likely. A token the row already holds (a signature word the history spells out, a word the review
@@ -20,7 +21,15 @@ would pick (the argmax), without and with the penalty. Each run's per-example me
 cost over all target tokens and over preference tokens, and the share of tokens greedy decoding picks without
 the penalty and not with it) are paired against the baseline's with compare's bootstrap interval
 (`eval.bootstrap.paired_bootstrap`). The examples are the compare file's split's first `--examples` (default:
-its `compare.max_examples`).
+its `compare.max_examples`); runs paired must hold the same examples in the same order (checked on their ids
+and content, as compare pairs them).
+
+`--across` reads every finished seed of one or more compare files whose runs differ in nothing but the seed,
+as `study_report.py --across` does (imported from beside this file, with its checks and its table): per
+variant and paired measure, each seed's mean difference to the baseline, their Student t interval over the
+seeds, and the paired bootstrap interval over the examples of each example's values averaged over the seeds; a
+verdict needs both to exclude 0. A variant some seed lacks (an untrained base model in one file only) is left
+out, with a note.
 """
 
 from __future__ import annotations
@@ -28,11 +37,15 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from nextquill_jax.eval.bootstrap import PairedDifference
 
 
 def seen_in_row(prompt_ids: Sequence[int], target_ids: Sequence[int], vocab_size: int) -> np.ndarray:
@@ -86,13 +99,15 @@ def example_costs(
     model: Any, tokenizer: Any, prepared_dir: Path, split: str, indices: Sequence[int], penalty: float
 ) -> list[dict[str, np.ndarray]]:
     """Per example of `indices`: `token_statistics`' arrays, "seen" [L] bool (the token is already in the
-    row) and "roles" [L] str or None, over its L target tokens (EOS last); with-history prompts, one example
-    per row laid out as the effect report lays them out."""
+    row) and "roles" [L] str or None, over its L target tokens (EOS last), and "key" the example's
+    `compare_table.ExampleKey` (what pairs it across runs); with-history prompts, one example per row laid
+    out as the effect report lays them out."""
     import jax
     from flax import nnx
 
     from nextquill_jax.data.assemble import assemble_batch
     from nextquill_jax.data.prepared_split import PreparedSplit, rendered_rows
+    from nextquill_jax.eval.compare_table import example_key
     from nextquill_jax.eval.effect_scoring import EOS, target_offsets, token_roles
     from nextquill_jax.eval.effect_tokens import one_example_rows
     from nextquill_jax.train.step import response_hidden
@@ -127,6 +142,7 @@ def example_costs(
                 **{key: np.asarray(value)[0, :L] for key, value in stats.items()},
                 "seen": seen[0, np.arange(L), target],
                 "roles": None if spans is None else [*token_roles(offsets, spans), EOS],
+                "key": example_key(row),
             }
         )
     return out
@@ -179,46 +195,121 @@ def per_example(costs: Sequence[dict[str, np.ndarray]], measure: str) -> list[fl
     return values
 
 
-def main(argv: list[str] | None = None) -> int:
+def measures(costs: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """{measure: [N] float64} of each `PAIRED` measure (`per_example`) over the N examples of `costs`."""
+    return {measure: np.asarray(per_example(costs, measure), np.float64) for measure in PAIRED}
+
+
+def same_examples(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> None:
+    """Checks that every run of `runs` (a name -> its `example_costs`) holds the first run's examples in the
+    same order (their "key"), so that their per-example values pair by position.
+
+    Raises:
+        ValueError: a run holds other examples or another count, naming both runs and the first position.
+    """
+    names = list(runs)
+    first = [c["key"] for c in runs[names[0]]]
+    for name in names[1:]:
+        keys = [c["key"] for c in runs[name]]
+        if keys != first:
+            shared = min(len(first), len(keys))
+            at = next((i for i in range(shared) if first[i] != keys[i]), shared)
+            raise ValueError(
+                f"{name} does not hold the examples of {names[0]} ({len(keys)} and {len(first)} examples, "
+                f"the first difference at example {at}), so their values cannot be paired. Fix: compare "
+                f"runs whose data was prepared from the same records, with one --examples"
+            )
+
+
+def paired_differences(
+    values: Mapping[str, Mapping[str, np.ndarray]], baseline: str, resamples: int
+) -> dict[str, dict[str, PairedDifference]]:
+    """{variant: {measure: its paired difference to `baseline`}} for every variant of `values` (a name -> its
+    `measures`) but the baseline: `paired_bootstrap` over the examples where both values are finite (an
+    example without preference tokens has none for "cost_preference"); a measure no example has is left
+    out."""
+    from nextquill_jax.eval.bootstrap import paired_bootstrap
+
+    base = values[baseline]
+    differences: dict[str, dict[str, PairedDifference]] = {}
+    for name, own in values.items():
+        if name == baseline:
+            continue
+        differences[name] = {}
+        for measure in PAIRED:
+            keep = np.isfinite(own[measure]) & np.isfinite(base[measure])
+            if keep.any():
+                differences[name][measure] = paired_bootstrap(
+                    own[measure][keep], base[measure][keep], resamples=resamples
+                )
+    return differences
+
+
+# `PAIRED` as `study_report.across_seeds` reads metrics: (key, label, higher_is_better). Less cost and fewer
+# greedy picks lost read "better": the reference holds up under the penalty.
+ACROSS_METRICS = tuple((measure, label, False) for measure, label in PAIRED.items())
+
+
+def across_rows(
+    per_seed: Sequence[tuple[int, Mapping[str, Mapping[str, np.ndarray]]]], baseline: str, resamples: int
+) -> tuple[list[dict], list[tuple[int, dict]]]:
+    """`study_report.across_seeds`' rows for `per_seed` ((seed, {variant: its `measures`}), every seed with
+    `baseline` and the same examples in the same order) and the per-seed results they came from (compare's
+    form: {"differences": {variant: {measure: {"mean", "low", "high", "examples", "level"}}}}). The interval
+    over the examples pairs each example's values averaged over the seeds (an example NaN at any seed is
+    left out), for the variants every seed has."""
+    from study_report import across_seeds
+
+    def as_result(differences: Mapping[str, Mapping[str, PairedDifference]]) -> dict:
+        return {"differences": {v: {m: asdict(d) for m, d in by.items()} for v, by in differences.items()}}
+
+    results = [
+        (seed, as_result(paired_differences(values, baseline, resamples))) for seed, values in per_seed
+    ]
+    every = [name for name in per_seed[0][1] if all(name in values for _, values in per_seed)]
+    averaged = {
+        name: {m: np.mean([values[name][m] for _, values in per_seed], axis=0) for m in PAIRED}
+        for name in every
+    }
+    pooled = as_result(paired_differences(averaged, baseline, resamples))
+    return across_seeds(results, pooled, metrics=ACROSS_METRICS), results
+
+
+def seed_costs(
+    comparison: Any, seed: int, names: Sequence[str], count: int | None, penalty: float
+) -> dict[str, list[dict[str, Any]]]:
+    """`example_costs` of the runs of `names` (variants of `comparison`, a loaded compare file) with `seed`,
+    on the first `count` examples of its split (None: all): a trained run's final model, an untrained
+    variant's (`train: false`) initial one.
+
+    Raises:
+        ValueError: a run has not finished (no compare_done.json).
+    """
     from nextquill_jax.data.prepare import load_fast_tokenizer
     from nextquill_jax.data.prepared_split import PreparedSplit
-    from nextquill_jax.eval.bootstrap import paired_bootstrap
-    from nextquill_jax.eval.compare import DONE_FILE, load_comparison
+    from nextquill_jax.eval.compare import DONE_FILE
     from nextquill_jax.train.workdir import data_dir_of, initial_model, restore_model
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("config", type=Path, help="a compare file whose runs have finished")
-    parser.add_argument("--seed", type=int, help="the seed's runs (default: the file's first)")
-    parser.add_argument("--penalty", type=float, default=1.2, help="the repetition penalty (default: 1.2)")
-    parser.add_argument("--examples", type=int, help="the split's first N (default: compare.max_examples)")
-    parser.add_argument("--baseline", help="pair against this variant (default: compare.baseline)")
-    args = parser.parse_args(argv)
-    comparison = load_comparison(args.config)
-    plan = comparison.compare
-    seed = plan.seeds[0] if args.seed is None else args.seed
-    baseline = args.baseline or plan.baseline
-    count = args.examples or plan.max_examples
-    results: dict[str, list[dict[str, np.ndarray]]] = {}
-    for name, variant in comparison.variants.items():
+    split = comparison.compare.split
+    costs = {}
+    for name in names:
         workdir = comparison.workdir(name, seed)
         if not (workdir / DONE_FILE).exists():
-            parser.error(f"{name} (seed {seed}) has not finished in {workdir}")
+            raise ValueError(f"{name} (seed {seed}) has not finished in {workdir}")
         trained = comparison.trained_workdir(name, seed)
-        loaded = restore_model(trained) if variant.train else initial_model(workdir)
-        cfg = loaded.config
+        loaded = restore_model(trained) if comparison.variants[name].train else initial_model(workdir)
         data_dir = data_dir_of(comparison.run_config(name, seed), trained)
-        total = len(PreparedSplit(data_dir, plan.split))
+        total = len(PreparedSplit(data_dir, split))
         indices = range(min(count or total, total))
-        print(f"{name}: {len(indices)} {plan.split} examples, {loaded.source}", file=sys.stderr)
-        results[name] = example_costs(
-            loaded.model, load_fast_tokenizer(cfg.data.tokenizer), data_dir, plan.split, indices, args.penalty
-        )
-    if baseline not in results:
-        parser.error(f"baseline {baseline!r} is not a variant: {', '.join(results)}")
-    print(
-        f"Repetition penalty {args.penalty} on the {plan.split} references, seed {seed}, "
-        f"{len(results[baseline])} examples (nats per token; cost = log p - log p_penalised)\n"
-    )
+        print(f"{name} (seed {seed}): {len(indices)} {split} examples, {loaded.source}", file=sys.stderr)
+        tokenizer = load_fast_tokenizer(loaded.config.data.tokenizer)
+        costs[name] = example_costs(loaded.model, tokenizer, data_dir, split, indices, penalty)
+    return costs
+
+
+def seed_report(costs: Mapping[str, Sequence[dict[str, Any]]], baseline: str, resamples: int) -> list[str]:
+    """The per-seed report's table (`run_summary` of each run) and each variant's paired differences to
+    `baseline`, as Markdown lines."""
     # (run_summary key, column, format)
     columns = [
         ("cost", "cost", ".4f"),
@@ -231,28 +322,117 @@ def main(argv: list[str] | None = None) -> int:
         ("top_plain", "greedy picks it", ".3f"),
         ("top_penalised", "with the penalty", ".3f"),
     ]
-    print("| variant | " + " | ".join(title for _, title, _ in columns) + " |")
-    print("| --- |" + " ---: |" * len(columns))
-    for name, costs in results.items():
-        summary = run_summary(costs)
+    lines = ["| variant | " + " | ".join(title for _, title, _ in columns) + " |"]
+    lines.append("| --- |" + " ---: |" * len(columns))
+    for name, run_costs in costs.items():
+        summary = run_summary(run_costs)
         cells = ["-" if summary[key] is None else f"{summary[key]:{spec}}" for key, _, spec in columns]
-        print(f"| {name} | " + " | ".join(cells) + " |")
-    print(
-        f"\nDifference to {baseline} (mean of the per-example differences [95% paired bootstrap interval]):"
-    )
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"Difference to {baseline} (mean of the per-example differences [95% paired bootstrap interval]):",
+    ]
+    differences = paired_differences({name: measures(c) for name, c in costs.items()}, baseline, resamples)
     for measure, label in PAIRED.items():
-        base = per_example(results[baseline], measure)
-        for name, costs in results.items():
-            if name == baseline:
+        for name, by_measure in differences.items():
+            if measure not in by_measure:
                 continue
-            values = per_example(costs, measure)
-            keep = [i for i in range(len(base)) if not (math.isnan(values[i]) or math.isnan(base[i]))]
-            d = paired_bootstrap([values[i] for i in keep], [base[i] for i in keep], resamples=plan.resamples)
+            d = by_measure[measure]
             verdict = "no significant difference" if not d.significant else ("more" if d.mean > 0 else "less")
-            print(
+            lines.append(
                 f"- {name} vs {baseline}, {label}: {verdict} ({d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}], "
-                f"{len(keep)} examples)"
+                f"{d.examples} examples)"
             )
+    return lines
+
+
+def across_report(
+    comparisons: Sequence[Any], baseline: str | None, count: int | None, penalty: float
+) -> list[str]:
+    """The `--across` report of `comparisons`' finished seeds (see the module docstring).
+
+    Raises:
+        ValueError: as `study_report.across_report` (different baselines, one seed twice, no seed with its
+            baseline finished, runs that differ in more than the seed), or runs on other examples
+            (`same_examples`).
+    """
+    from study_report import (
+        across_table,
+        check_only_seeds_differ,
+        left_out,
+        records_of,
+        seed_runs,
+        table_baseline,
+    )
+
+    baseline = table_baseline(comparisons, baseline)
+    notes: list[str] = []
+    found = seed_runs(comparisons, baseline, notes)
+    check_only_seeds_differ([record for _, _, runs in found for record in records_of(runs)])
+    per_seed, every_run = [], {}
+    for seed, comparison, runs in found:
+        costs = seed_costs(comparison, seed, list(runs), count or comparison.compare.max_examples, penalty)
+        every_run.update({f"{name} (seed {seed})": run_costs for name, run_costs in costs.items()})
+        per_seed.append((seed, {name: measures(run_costs) for name, run_costs in costs.items()}))
+    same_examples(every_run)
+    resamples = max(c.compare.resamples for c in comparisons)
+    rows, results = across_rows(per_seed, baseline, resamples)
+    seeds = [seed for seed, _ in per_seed]
+    examples = len(next(iter(every_run.values())))
+    return [
+        f"Repetition penalty {penalty} on the references, seeds {seeds}, {examples} examples: each seed's "
+        f"mean per-example difference to {baseline} (nats per token for the cost; better: the penalty costs "
+        f"less, or takes greedy decoding off the reference less often)",
+        "",
+        *across_table(seeds, baseline, rows, resamples),
+        *(f"- {n}" for n in notes + left_out(results, rows)),
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from nextquill_jax.eval.compare import load_comparison
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "config", type=Path, nargs="+", help="a compare file whose runs have finished (several with --across)"
+    )
+    parser.add_argument("--seed", type=int, help="the seed's runs (default: the file's first)")
+    parser.add_argument("--penalty", type=float, default=1.2, help="the repetition penalty (default: 1.2)")
+    parser.add_argument("--examples", type=int, help="the split's first N (default: compare.max_examples)")
+    parser.add_argument("--baseline", help="pair against this variant (default: compare.baseline)")
+    parser.add_argument(
+        "--across", action="store_true", help="the paired differences across every finished seed of the files"
+    )
+    args = parser.parse_args(argv)
+    if args.across:
+        if args.seed is not None:
+            parser.error("--across reports every seed, as one table: leave out --seed")
+        try:
+            comparisons = [load_comparison(c) for c in args.config]
+            print("\n".join(across_report(comparisons, args.baseline, args.examples, args.penalty)))
+        except ValueError as e:
+            parser.error(str(e))
+        return 0
+    if len(args.config) > 1:
+        parser.error("several compare files are read together only with --across")
+    comparison = load_comparison(args.config[0])
+    plan = comparison.compare
+    seed = plan.seeds[0] if args.seed is None else args.seed
+    baseline = args.baseline or plan.baseline
+    if baseline not in comparison.variants:
+        parser.error(f"baseline {baseline!r} is not a variant: {', '.join(comparison.variants)}")
+    try:
+        costs = seed_costs(
+            comparison, seed, list(comparison.variants), args.examples or plan.max_examples, args.penalty
+        )
+        same_examples(costs)
+    except ValueError as e:
+        parser.error(str(e))
+    print(
+        f"Repetition penalty {args.penalty} on the {plan.split} references, seed {seed}, "
+        f"{len(costs[baseline])} examples (nats per token; cost = log p - log p_penalised)\n"
+    )
+    print("\n".join(seed_report(costs, baseline, plan.resamples)))
     return 0
 
 

@@ -203,21 +203,24 @@ def t_quantile(n: int) -> float:
 
 
 def across_seeds(
-    results: Sequence[tuple[int, Mapping[str, Any]]], pooled: Mapping[str, Any] | None = None
+    results: Sequence[tuple[int, Mapping[str, Any]]],
+    pooled: Mapping[str, Any] | None = None,
+    metrics: Sequence[tuple[str, str, bool]] = METRICS,
 ) -> list[dict]:
-    """Per variant and metric with a paired difference in every seed's `compare_runs` result (`results`:
-    (seed, result) pairs, one per seed): {"variant", "metric", "label", "higher_is_better", "per_seed": [each
-    seed's mean difference], "mean": their mean, "low", "high": the Student t interval of that mean at
-    `LEVEL` (`t_quantile` x sample std / sqrt(n); None with one seed), "examples_low", "examples_high",
-    "examples": the paired bootstrap interval of `pooled` (`compare_runs` on every seed's records at once:
-    each example's difference averaged over the seeds, resampled over the examples) and its example count
-    (None without `pooled` or where it has no difference)}, in the first result's variant order and
-    `METRICS` order. Differences are in the metric's units (nats for NLL)."""
+    """Per variant and metric of `metrics` ((key, label, higher_is_better); `compare_table.METRICS` by
+    default) with a paired difference in every seed's `compare_runs` result (`results`: (seed, result) pairs,
+    one per seed, or another script's per-seed differences in that form): {"variant", "metric", "label",
+    "higher_is_better", "per_seed": [each seed's mean difference], "mean": their mean, "low", "high": the
+    Student t interval of that mean at `LEVEL` (`t_quantile` x sample std / sqrt(n); None with one seed),
+    "examples_low", "examples_high", "examples": the paired bootstrap interval of `pooled` (`compare_runs` on
+    every seed's records at once: each example's difference averaged over the seeds, resampled over the
+    examples) and its example count (None without `pooled` or where it has no difference)}, in the first
+    result's variant order and `metrics` order. Differences are in the metric's units (nats for NLL)."""
     pooled_differences = {} if pooled is None else pooled["differences"]
     rows = []
     first = results[0][1]["differences"]
     for variant in first:
-        for metric, label, higher_is_better in METRICS:
+        for metric, label, higher_is_better in metrics:
             per_seed = [r["differences"].get(variant, {}).get(metric) for _, r in results]
             if None in per_seed:
                 continue
@@ -304,25 +307,18 @@ def across_table(
     return lines
 
 
-def across_report(comparisons: Sequence[Comparison], baseline: str | None = None) -> list[str]:
-    """The `--across` report of `comparisons`' finished seeds (see the module docstring), paired against
-    `baseline` (None: the files' `compare.baseline`).
+def seed_runs(
+    comparisons: Sequence[Comparison], baseline: str, notes: list[str]
+) -> list[tuple[int, Comparison, dict[str, Path]]]:
+    """(seed, its comparison, its finished runs: `runs_of`) for every seed of `comparisons` whose `baseline`
+    has finished, in file and seed order; appends to `notes` a line per seed with runs not finished.
 
     Raises:
-        ValueError: the files name different baselines (and `baseline` is None) or one seed twice, no seed
-            has its baseline finished, or runs differ in more than the seed (`other_settings`), each saying
-            which.
+        ValueError: one seed in two files (it would count one draw as two), or no seed with its baseline
+            finished.
     """
-    if baseline is None:
-        baselines = {c.compare.baseline for c in comparisons}
-        if len(baselines) > 1:
-            raise ValueError(
-                f"the compare files name different baselines, {sorted(baselines)}: a table has one "
-                f"(--baseline NAME picks it)"
-            )
-        baseline = baselines.pop()
     seen: dict[int, str] = {}
-    results, records, notes = [], [], []
+    found = []
     for comparison in comparisons:
         for seed in comparison.compare.seeds:
             if seed in seen:
@@ -335,31 +331,79 @@ def across_report(comparisons: Sequence[Comparison], baseline: str | None = None
             missing = [name for name in comparison.variants if name not in runs]
             if missing:
                 notes.append(f"seed {seed} ({comparison.source}): not finished: {', '.join(missing)}")
-            if baseline not in runs:
-                continue
-            seed_records = records_of(runs)
-            records += seed_records
-            results.append((seed, compare_runs(seed_records, baseline, comparison.compare.resamples)))
-    if not results:
+            if baseline in runs:
+                found.append((seed, comparison, runs))
+    if not found:
         raise ValueError("no seed of these files has its baseline finished: nothing to compare yet")
+    return found
+
+
+def check_only_seeds_differ(records: Sequence[Mapping[str, Any]]) -> None:
+    """Raises ValueError, naming each run and key (`other_settings`), where the runs of `records` (their
+    compare_done.json) differ in more than the seed: their differences would not be draws of one
+    experiment."""
     differing = other_settings(records)
     if differing:
         raise ValueError(
             "the runs differ in more than the seed, so their differences are not draws of one "
             "experiment: " + "; ".join(differing)
         )
+
+
+def across_report(comparisons: Sequence[Comparison], baseline: str | None = None) -> list[str]:
+    """The `--across` report of `comparisons`' finished seeds (see the module docstring), paired against
+    `baseline` (None: the files' `compare.baseline`).
+
+    Raises:
+        ValueError: the files name different baselines (and `baseline` is None) or one seed twice, no seed
+            has its baseline finished, or runs differ in more than the seed (`other_settings`), each saying
+            which.
+    """
+    baseline = table_baseline(comparisons, baseline)
+    results, records, notes = [], [], []
+    for seed, comparison, runs in seed_runs(comparisons, baseline, notes):
+        seed_records = records_of(runs)
+        records += seed_records
+        results.append((seed, compare_runs(seed_records, baseline, comparison.compare.resamples)))
+    check_only_seeds_differ(records)
     resamples = max(c.compare.resamples for c in comparisons)
     rows = across_seeds(results, compare_runs(records, baseline, resamples))
+    table = across_table([seed for seed, _ in results], baseline, rows, resamples)
+    return table + [f"- {n}" for n in notes + left_out(results, rows)]
+
+
+def table_baseline(comparisons: Sequence[Comparison], baseline: str | None) -> str:
+    """`baseline`, or where None the `compare.baseline` that every file of `comparisons` names.
+
+    Raises:
+        ValueError: `baseline` is None and the files name different baselines (--baseline NAME picks one).
+    """
+    if baseline is not None:
+        return baseline
+    baselines = {c.compare.baseline for c in comparisons}
+    if len(baselines) > 1:
+        raise ValueError(
+            f"the compare files name different baselines, {sorted(baselines)}: a table has one "
+            f"(--baseline NAME picks it)"
+        )
+    return baselines.pop()
+
+
+def left_out(
+    results: Sequence[tuple[int, Mapping[str, Any]]], rows: Sequence[Mapping[str, Any]]
+) -> list[str]:
+    """A line per variant with differences in `results` (`across_seeds`' input) but no row in `rows` (it
+    lacks some seed), naming the seeds it has."""
     in_rows = {row["variant"] for row in rows}
+    lines = []
     for variant in dict.fromkeys(v for _, result in results for v in result["differences"]):
         if variant not in in_rows:
             seeds = [seed for seed, result in results if variant in result["differences"]]
             listed = ", ".join(str(seed) for seed in seeds)
-            notes.append(
+            lines.append(
                 f"{variant}: left out, finished in seed{'s' if len(seeds) > 1 else ''} {listed} only"
             )
-    table = across_table([seed for seed, _ in results], baseline, rows, resamples)
-    return table + [f"- {n}" for n in notes]
+    return lines
 
 
 def plot(runs: dict[str, Path], png: Path) -> None:

@@ -106,6 +106,12 @@ def example_content(row: Mapping[str, Any]) -> str:
     return hashlib.sha256(identity.encode("utf-8")).hexdigest()[:16]
 
 
+def example_key(row: Mapping[str, Any]) -> ExampleKey:
+    """The key of a prepared row (a line of `<split>.jsonl`): its `id`, or its `source`, and its
+    `example_content`."""
+    return ExampleKey(row.get("id") or row["source"], example_content(row))
+
+
 def example_keys(rendered_split: str | Path) -> dict[int, ExampleKey]:
     """{row index: the example's key} of a prepared `<split>.jsonl` (`ExampleKey`: its `id`, or where a
     source gives none its `source`, the file:line its target came from; and `example_content`). Runs whose
@@ -118,7 +124,7 @@ def example_keys(rendered_split: str | Path) -> dict[int, ExampleKey]:
     keys: dict[int, ExampleKey] = {}
     with open(rendered_split, encoding="utf-8") as f:
         for row in map(json.loads, filter(str.strip, f)):
-            keys[row["index"]] = ExampleKey(row.get("id") or row["source"], example_content(row))
+            keys[row["index"]] = example_key(row)
     repeated = [k for k, n in Counter(key.id for key in keys.values()).items() if n > 1]
     if repeated:
         raise ValueError(
