@@ -129,6 +129,30 @@ def test_each_runs_checkpoint_is_verified_once_for_its_evaluation_and_effect_rep
     assert sorted(checked) == final
 
 
+def test_penalty_cost_reads_each_runs_model_and_data_as_its_effect_report_did(compared, monkeypatch):
+    """benchmarks/penalty_cost.py's loading (`seed_costs`: the trained runs' final checkpoints, the untrained
+    variant's initial model, each run's prepared data): every run's unpenalised per-example NLL on the first
+    4 test examples is the one its effect report wrote (`per_example[i].nll_with`, the fused head's path),
+    and the example keys agree across the runs. The untrained model's NLL differs from the trained runs' by
+    far more than the tolerance, so a run read from the wrong model fails it."""
+    from nextquill_jax.bench.command import benchmarks_dir
+    from tests.bench.test_bench import benchmark_script
+
+    root, path, _, _, _, _ = compared
+    monkeypatch.syspath_prepend(str(benchmarks_dir()))
+    cost = benchmark_script("penalty_cost")
+    comparison = load_comparison(path)
+    costs = cost.seed_costs(comparison, 0, list(comparison.variants), 4, 1.2)
+    cost.same_examples(costs)
+    nll = {}
+    for name, run_costs in costs.items():
+        summary = json.loads((root / "out" / "seed0" / name / "effects" / "summary.json").read_text())
+        written = [e["nll_with"] for e in summary["per_example"][:4]]
+        nll[name] = [-c["plain"].astype(np.float64).mean() for c in run_costs]
+        np.testing.assert_allclose(nll[name], written, rtol=2e-5)
+    assert np.abs(np.subtract(nll["untrained"], nll["context_sft"])).min() > 1e-3
+
+
 def test_a_second_run_resumes_without_running_again(compared):
     _, path, first, _, _, _ = compared
     messages = []
