@@ -307,6 +307,7 @@ def _decode(
     attention_mask: jax.Array,
     key: jax.Array,
     example_ids: jax.Array,
+    live: jax.Array,
     settings: ProcessorSettings,
     pad_token_id: jax.Array,
     *,
@@ -316,8 +317,9 @@ def _decode(
     cache_shardings: KVCache | None,
 ) -> jax.Array:
     """input_ids / attention_mask [B, P] (left-padded), example_ids [B] int32 (row b samples with
-    fold_in(key, example_ids[b]) folded with the step), pad_token_id int32 [] -> new tokens
-    [B, max_new_tokens] int32."""
+    fold_in(key, example_ids[b]) folded with the step), live [B] bool (False: a dummy row, finished from the
+    start, so that the loop stops once the live rows have), pad_token_id int32 [] -> new tokens
+    [B, max_new_tokens] int32 (pad_token_id throughout a dummy row)."""
     model: CausalLM = nnx.merge(graphdef, state)
     b, p = input_ids.shape
     n = max_new_tokens
@@ -365,7 +367,7 @@ def _decode(
         logits,
         cache,
         seen,
-        jnp.zeros((b,), jnp.bool_),
+        ~live,
         mask.sum(axis=1),  # the next token's position: the row's real prompt length
         jnp.full((b, n), pad_token_id, jnp.int32),
     )
@@ -376,11 +378,11 @@ def _decode(
 def decoder(mesh: Mesh | None = None) -> Any:
     """The jitted decode function for `mesh` (None: one device), shared by every call with that mesh.
 
-    Its signature: `(state, input_ids [B, P], attention_mask [B, P], key, example_ids [B], settings,
+    Its signature: `(state, input_ids [B, P], attention_mask [B, P], key, example_ids [B], live [B], settings,
     pad_token_id, *, graphdef, max_new_tokens, eos_token_ids, cache_shardings) -> [B, max_new_tokens] int32`
     (replicated on the mesh). It compiles once per (model graph, B, P, max_new_tokens, stop tokens): the
-    processor settings, the example ids and the pad token are traced. `decoder(mesh)._cache_size()` counts
-    the compiled versions.
+    processor settings, the example ids, which rows are live and the pad token are traced.
+    `decoder(mesh)._cache_size()` counts the compiled versions.
     """
     out = None if mesh is None else NamedSharding(mesh, PartitionSpec())
     static = ("graphdef", "max_new_tokens", "eos_token_ids", "cache_shardings")
@@ -462,6 +464,8 @@ def generate_ids(
     ids[:b, bucket - p :], mask[:b, bucket - p :] = input_ids, attention_mask
     ids[b:, -1], mask[b:, -1] = 0, 1  # dummy rows: one token (id 0) each, their output discarded
     examples = np.pad(examples, (0, target_rows - b))  # the dummy rows' noise is discarded with their output
+    # Dummy rows start finished: else the loop would run on (to max_new_tokens) until one emitted an EOS.
+    live = np.arange(target_rows) < b
 
     graphdef, state = nnx.split(model)
     key = jax.random.key(cfg.seed)
@@ -473,7 +477,10 @@ def generate_ids(
             jax.make_array_from_callback(a.shape, sharding, lambda index, a=a: a[index]) for a in (ids, mask)
         )
         by_row = logical_to_sharding(PartitionSpec("batch"), mesh, rules)
-        examples = jax.make_array_from_callback(examples.shape, by_row, lambda index, a=examples: a[index])
+        examples, live = (
+            jax.make_array_from_callback(a.shape, by_row, lambda index, a=a: a[index])
+            for a in (examples, live)
+        )
         cache_shardings = _cache_shardings(model, target_rows, bucket + cfg.max_new_tokens, mesh, rules)
     out = decoder(mesh)(
         state,
@@ -481,6 +488,7 @@ def generate_ids(
         mask,
         key,
         examples,
+        live,
         ProcessorSettings.of(cfg),
         jnp.asarray(pad_token_id, jnp.int32),
         graphdef=graphdef,

@@ -197,6 +197,44 @@ def test_generate_batches_by_length_with_one_compile_per_bucket(tiny, tiny_case)
     assert len(ours[0]) < GREEDY.max_new_tokens and max(len(r) for r in ours) == GREEDY.max_new_tokens
 
 
+def test_dummy_rows_that_fill_a_batch_do_not_keep_the_decode_loop_running(tiny, monkeypatch):
+    """One prompt whose first greedy token is its EOS, in a batch filled to 4 rows (as `generate` fills a
+    split's last batch): the loop runs one decode step, as for the prompt alone, not on to max_new_tokens
+    while the dummy rows (which never stop on that EOS by themselves) go on; the tokens equal transformers'.
+    Steps are counted by a callback in `CausalLM.extend`, traced afresh (`decoder`'s cache cleared)."""
+    from nextquill_jax.models.causal_lm import CausalLM
+
+    reference, model = tiny
+    prompt = np.array([[5, 17, 42, 99]])
+    mask = np.ones_like(prompt)
+    cfg = dataclasses.replace(GREEDY, max_new_tokens=40)
+    eos = int(generate_ids(model, prompt, mask, GREEDY, eos_token_ids=[VOCAB - 1], pad_token_id=PAD)[0, 0])
+    steps, extend = [], CausalLM.extend
+
+    def counted(self, *args, **kwargs):
+        jax.debug.callback(lambda: steps.append(1))
+        return extend(self, *args, **kwargs)
+
+    monkeypatch.setattr(CausalLM, "extend", counted)
+    decoder.cache_clear()
+    try:
+        counts, outputs = [], []
+        for rows in (1, 4):
+            steps.clear()
+            outputs.append(
+                generate_ids(model, prompt, mask, cfg, eos_token_ids=[eos], pad_token_id=PAD, rows=rows)
+            )
+            jax.effects_barrier()
+            counts.append(len(steps))
+    finally:
+        decoder.cache_clear()  # the counting loops stay out of the other tests
+    assert counts == [1, 1]
+    expected = reference_generate(reference, prompt, mask, cfg, eos, PAD)
+    for out in outputs:
+        np.testing.assert_array_equal(out, expected)
+    assert out[0, 0] == eos and (out[0, 1:] == PAD).all()
+
+
 def test_sampling_limits_equal_greedy(tiny, tiny_case):
     _, model = tiny
     _, ids, mask, eos, expected = tiny_case
