@@ -189,7 +189,8 @@ class VariantConfig:
         `trained_in`: null: the run trains here. A path: the `compare.out` of another comparison whose run
             of this variant's name with each seed (`<trained_in>/seed<S>/<NAME>`) finished training there
             (its compare_done.json) under the training settings this file gives the variant, `train.data_dir`
-            included (so `base.train.data_dir` names the data it trained on); its final checkpoint is
+            included (the data it trained on: `base.train.data_dir`, or the variant's own override); its
+            final checkpoint is
             evaluated instead of training one here, and the evaluation, effect report and
             compare_done.json are written under this file's `compare.out` (nothing under `trained_in`
             changes): the same runs evaluated on another split or with another decoding. Checked for every
@@ -349,7 +350,8 @@ def _comparison(raw: dict[str, Any], source: str, seeds: list[int] | None) -> Co
                 f"{source}: {where} names a comparison whose run to evaluate, but the variant has `train: "
                 f"false`, which evaluates the model training starts from. Fix: drop one of the two."
             )
-        if Path(variant.trained_in).absolute() == Path(compare.out).absolute():
+        # resolve(): a spelling with `..` or a symbolic link must not pass for another directory.
+        if Path(variant.trained_in).resolve() == Path(compare.out).resolve():
             raise ConfigError(
                 f"{source}: {where} is this file's own compare.out ({compare.out}), where the run would "
                 f"train. Fix: name another comparison's compare.out, or drop `trained_in`."
@@ -425,7 +427,7 @@ def settings_changes(
     )
 
 
-def _trained_differently(record: Mapping[str, Any], training: list[Change]) -> list[Change]:
+def trained_differently(record: Mapping[str, Any], training: list[Change]) -> list[Change]:
     """`training` (`settings_changes`' first list, from the settings compare_done.json `record` holds) without
     the non-finite policy where the run skipped no update: it trained alike under any."""
     if record.get("skipped_updates") == 0:  # older records do not say
@@ -433,16 +435,26 @@ def _trained_differently(record: Mapping[str, Any], training: list[Change]) -> l
     return training
 
 
-def _moved_data_hint(training: list[Change], elsewhere: bool = False) -> str:
+def _moved_data_hint(training: list[Change], elsewhere: str | None = None) -> str:
     """Where `training` changes include `train.data_dir`: why the data's path differing refuses the run, and
-    the fix, for a run of this comparison (a moved or copied one?) or, `elsewhere`, of a `trained_in` one."""
+    the fix, for a run of this comparison (a moved or copied one?) or, `elsewhere` (the variant's name), of
+    the variant's `trained_in` run."""
     # Unlike `train`, which compares the data's content digests, a run's record holds its data's path.
     trained_on = [was for key, was, _ in training if key == "train.data_dir"]
     if not trained_on:
         return ""
     why = "compare_done.json records the prepared data's path, not its content"
-    if elsewhere:
-        return f" ({why}: set `base.train.data_dir: {trained_on[0]}` in this file, the data it trained on)"
+    if elsewhere is not None:
+        data = trained_on[0]
+        if data is None:  # it prepared its own data (its `data` overrides): base's data_dir would replace it
+            return (
+                f" ({why}: add `train.data_dir=null` to `variants.{elsewhere}.overrides`: it trained on data "
+                f"prepared in its own directory)"
+            )
+        return (
+            f" ({why}: add `train.data_dir={data}` to `variants.{elsewhere}.overrides`, or set "
+            f"`base.train.data_dir: {data}` in this file, the data it trained on)"
+        )
     return (
         f" (a moved or copied comparison? {why}, so a run whose data now lies elsewhere is not reused even "
         "where that data is the same: to reuse the runs, run the file with the compare.out they ran in, or "
@@ -466,9 +478,12 @@ def finished_changes(comparison: Comparison, name: str, seed: int, cfg: Config) 
     if recorded is None:
         return None
     training, evaluation = settings_changes(recorded, run_settings(comparison, name, cfg), name)
-    training = _trained_differently(record, training)
-    # A run evaluated from another comparison's (`trained_in`) has no training here to keep.
-    if training and recorded["train"] and recorded.get("trained_in") is None:
+    training = trained_differently(record, training)
+    # A run evaluated from another comparison's (`trained_in`) has no training here to keep; nor has one
+    # that trained here once the variant is evaluated from another comparison's run (`check_trained_in`
+    # checks that run's training settings instead).
+    now_elsewhere = comparison.variants[name].trained_in is not None
+    if training and recorded["train"] and recorded.get("trained_in") is None and not now_elsewhere:
         raise ConfigError(
             f"{comparison.source}: variant {name!r} (seed {seed}) finished training in {workdir} with other "
             f"settings than the file now gives it: its checkpoint cannot stand for the new ones (nor does "
@@ -514,12 +529,12 @@ def check_trained_in(comparison: Comparison, name: str, seed: int, cfg: Config) 
             f"{recorded['trained_in']}. Fix: set `trained_in: {recorded['trained_in']}`, where it trained."
         )
     training, _ = settings_changes(recorded, run_settings(comparison, name, cfg), name)
-    training = _trained_differently(record, training)
+    training = trained_differently(record, training)
     if training:
         raise ConfigError(
             f"{head}, which trained under other settings than this file gives the variant, so its checkpoint "
             f"cannot stand for this variant; differing, the finished run's value first: "
-            f"{listed_changes(training)}{_moved_data_hint(training, elsewhere=True)}. Fix: give the variant "
+            f"{listed_changes(training)}{_moved_data_hint(training, name)}. Fix: give the variant "
             f"the settings that run trained with, or drop `trained_in` to train it here."
         )
 

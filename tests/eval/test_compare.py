@@ -22,7 +22,14 @@ from nextquill_jax.config_schema import ConfigError, build
 from nextquill_jax.data.config import SPLITS
 from nextquill_jax.eval import evaluate
 from nextquill_jax.eval.bootstrap import paired_bootstrap
-from nextquill_jax.eval.compare import DONE_FILE, CompareConfig, load_comparison, run_comparison
+from nextquill_jax.eval.compare import (
+    DONE_FILE,
+    CompareConfig,
+    check_trained_in,
+    finished_changes,
+    load_comparison,
+    run_comparison,
+)
 from nextquill_jax.eval.compare_table import FEW_EXAMPLES
 from nextquill_jax.train import checkpoint, loop
 
@@ -265,18 +272,75 @@ def test_a_trained_in_run_that_cannot_stand_for_the_variant_is_refused_before_an
     assert f"it was evaluated from the comparison in {root / 'elsewhere'}" in message
     assert f"Fix: set `trained_in: {root / 'elsewhere'}`, where it trained." in message
 
+    # A run that prepared its own data (its `data` overrides) recorded `train.data_dir: null`: the fix is
+    # the variant's own override, which base.train.data_dir cannot give it, and following it passes.
+    own_data = tmp_path / "own_data" / "seed0" / "nextquill"
+    own_data.mkdir(parents=True)
+    record = json.loads((source / DONE_FILE).read_text())
+    record["settings"]["config"]["train"]["data_dir"] = None
+    record["settings"]["config"]["data"]["max_target_tokens"] = 119
+    (own_data / DONE_FILE).write_text(json.dumps(record))
+    other_data = "data.max_target_tokens=119"
+    message = refused(_trained_in(path, tmp_path, "out2", tmp_path / "own_data", prepared, other_data))
+    assert f'train.data_dir: null -> "{prepared}"' in message
+    assert "add `train.data_dir=null` to `variants.nextquill.overrides`" in message
+    followed = load_comparison(
+        _trained_in(
+            path, tmp_path, "out2", tmp_path / "own_data", prepared, other_data, "train.data_dir=null"
+        )
+    )
+    check_trained_in(followed, "nextquill", 0, followed.run_config("nextquill", 0))
+
     def untrained(raw):
         raw["variants"]["untrained"]["trained_in"] = str(root / "out")
 
     def own(raw):
         raw["variants"]["nextquill"]["trained_in"] = raw["compare"]["out"]
 
+    def own_spelt_otherwise(raw):  # <out's parent>/x/../<out's name>: the same directory
+        out = Path(raw["compare"]["out"])
+        raw["variants"]["nextquill"]["trained_in"] = str(out.parent / "x" / ".." / out.name)
+
     with pytest.raises(
         ConfigError, match=r"`variants.untrained.trained_in` names a comparison .* `train: false`"
     ):
         load_comparison(_edited(path, tmp_path, untrained))
-    with pytest.raises(ConfigError, match=r"`variants.nextquill.trained_in` is this file's own compare.out"):
-        load_comparison(_edited(path, tmp_path, own))
+    for change in (own, own_spelt_otherwise):
+        with pytest.raises(
+            ConfigError, match=r"`variants.nextquill.trained_in` is this file's own compare.out"
+        ):
+            load_comparison(_edited(path, tmp_path, change))
+
+
+def test_a_run_trained_here_under_other_settings_is_evaluated_again_once_the_variant_is_trained_in(
+    compared, tmp_path
+):
+    """A run that trained in this compare.out, on data now elsewhere, is refused while the variant trains
+    here (its checkpoint cannot stand for the new settings), but not once the variant names another
+    comparison's run (`trained_in`), whose own training settings `check_trained_in` checks: its differing
+    settings then only mean evaluating again."""
+    root, path, _, _, _, _ = compared
+    prepared = root / "out" / "prepared"
+    local = tmp_path / "out3" / "seed0" / "nextquill"
+    local.mkdir(parents=True)
+    record = json.loads((root / "out" / "seed0" / "nextquill" / DONE_FILE).read_text())
+    record["settings"]["config"]["train"]["data_dir"] = str(tmp_path / "old_data")
+    (local / DONE_FILE).write_text(json.dumps(record))
+
+    def here(raw):
+        _only(raw, "nextquill")
+        raw["compare"]["out"] = str(tmp_path / "out3")
+        raw["base"]["train"]["data_dir"] = str(prepared)
+
+    trains_here = load_comparison(_edited(path, tmp_path, here))
+    with pytest.raises(ConfigError, match=r"finished training in .* with other settings"):
+        finished_changes(trains_here, "nextquill", 0, trains_here.run_config("nextquill", 0))
+    elsewhere = load_comparison(_trained_in(path, tmp_path, "out3", root / "out", prepared))
+    cfg = elsewhere.run_config("nextquill", 0)
+    check_trained_in(elsewhere, "nextquill", 0, cfg)
+    changes = finished_changes(elsewhere, "nextquill", 0, cfg)
+    assert ("train.data_dir", str(tmp_path / "old_data"), str(prepared)) in changes
+    assert ("variants.nextquill.trained_in", None, str(root / "out")) in changes
 
 
 def test_an_untrained_variant_evaluates_the_parameters_the_trained_variants_start_from(compared):
