@@ -352,9 +352,9 @@ def across_report(
     """The `--across` report of `comparisons`' finished seeds (see the module docstring).
 
     Raises:
-        ValueError: as `study_report.across_report` (different baselines, one seed twice, no seed with its
-            baseline finished, runs that differ in more than the seed), or runs on other examples
-            (`same_examples`).
+        ValueError: as `study_report.across_report` (a baseline that is no variant, different baselines,
+            one seed twice, no seed with its baseline finished, a record without its settings, runs that
+            differ in more than the seed), or runs on other examples (`same_examples`).
     """
     from study_report import (
         across_table,
@@ -385,7 +385,7 @@ def across_report(
         f"less, or takes greedy decoding off the reference less often)",
         "",
         *across_table(seeds, baseline, rows, resamples),
-        *(f"- {n}" for n in notes + left_out(results, rows)),
+        *(f"- {n}" for n in notes + left_out(results, rows, {s: list(v) for s, v in per_seed}, baseline)),
     ]
 
 

@@ -37,13 +37,13 @@ import argparse
 import json
 import math
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import scipy.stats  # a dependency of jax
 
-from nextquill_jax.eval.compare import Comparison, load_comparison, settings_changes
+from nextquill_jax.eval.compare import Comparison, load_comparison, settings_changes, trained_differently
 from nextquill_jax.eval.compare_table import (
     METRICS,
     compare_runs,
@@ -176,16 +176,29 @@ def records_of(runs: dict[str, Path]) -> list[dict]:
 
 
 def other_settings(records: Sequence[Mapping[str, Any]]) -> list[str]:
-    """One line per run whose recorded settings differ, beyond `SEED_KEYS`, the variant's `trained_in` and the
-    keys that change no number (logging, checkpointing, the mesh), from those of the first run of its variant
-    in `records`: the run and each differing key, the first run's value first. Empty when the runs differ only
-    in the seed."""
+    """One line per run whose recorded settings differ, beyond `SEED_KEYS`, the variant's `trained_in`, the
+    keys that change no number (logging, checkpointing, the mesh) and the non-finite policy where one of the
+    two runs skipped no update (`compare.trained_differently`), from those of the first run of its variant in
+    `records`: the run and each differing key, the first run's value first. Empty when the runs differ only
+    in the seed.
+
+    Raises:
+        ValueError: a record without its settings (written before compare recorded them), with the fix.
+    """
     first: dict[str, Mapping[str, Any]] = {}
     lines = []
     for record in records:
+        if "settings" not in record:
+            raise ValueError(
+                f"{record['variant']} (seed {record.get('seed')}): its compare_done.json predates recorded "
+                f"settings, so the seeds' runs cannot be checked to differ only in the seed. Fix: run its "
+                f"compare file again, which records them"
+            )
         reference = first.setdefault(record["variant"], record)
         current = {**record["settings"], "config": normalised(record["settings"]["config"])}
         training, evaluation = settings_changes(reference["settings"], current, record["variant"])
+        # A run that skipped no update trained as under any non-finite policy, so it fits the other's.
+        training = trained_differently(reference, trained_differently(record, training))
         # Where each seed's run trained (`trained_in`) tells the seeds apart as their workdirs do.
         trained_in = f"variants.{record['variant']}.trained_in"
         changes = [c for c in training + evaluation if not covered(c[0], SEED_KEYS) and c[0] != trained_in]
@@ -355,30 +368,38 @@ def across_report(comparisons: Sequence[Comparison], baseline: str | None = None
     `baseline` (None: the files' `compare.baseline`).
 
     Raises:
-        ValueError: the files name different baselines (and `baseline` is None) or one seed twice, no seed
-            has its baseline finished, or runs differ in more than the seed (`other_settings`), each saying
-            which.
+        ValueError: `baseline` is no variant of the files, the files name different baselines (and
+            `baseline` is None) or one seed twice, no seed has its baseline finished, a record lacks its
+            settings, or runs differ in more than the seed (`other_settings`), each saying which.
     """
     baseline = table_baseline(comparisons, baseline)
-    results, records, notes = [], [], []
+    results, records, notes, finished = [], [], [], {}
     for seed, comparison, runs in seed_runs(comparisons, baseline, notes):
         seed_records = records_of(runs)
         records += seed_records
         results.append((seed, compare_runs(seed_records, baseline, comparison.compare.resamples)))
+        finished[seed] = list(runs)
     check_only_seeds_differ(records)
     resamples = max(c.compare.resamples for c in comparisons)
     rows = across_seeds(results, compare_runs(records, baseline, resamples))
     table = across_table([seed for seed, _ in results], baseline, rows, resamples)
-    return table + [f"- {n}" for n in notes + left_out(results, rows)]
+    return table + [f"- {n}" for n in notes + left_out(results, rows, finished, baseline)]
 
 
 def table_baseline(comparisons: Sequence[Comparison], baseline: str | None) -> str:
     """`baseline`, or where None the `compare.baseline` that every file of `comparisons` names.
 
     Raises:
-        ValueError: `baseline` is None and the files name different baselines (--baseline NAME picks one).
+        ValueError: `baseline` is no variant of the files (naming theirs), or it is None and the files name
+            different baselines (--baseline NAME picks one).
     """
     if baseline is not None:
+        variants = dict.fromkeys(name for c in comparisons for name in c.variants)
+        if baseline not in variants:
+            raise ValueError(
+                f"baseline {baseline!r} is not a variant of these files: {', '.join(variants)}. Fix: "
+                f"--baseline one of them"
+            )
         return baseline
     baselines = {c.compare.baseline for c in comparisons}
     if len(baselines) > 1:
@@ -390,19 +411,32 @@ def table_baseline(comparisons: Sequence[Comparison], baseline: str | None) -> s
 
 
 def left_out(
-    results: Sequence[tuple[int, Mapping[str, Any]]], rows: Sequence[Mapping[str, Any]]
+    results: Sequence[tuple[int, Mapping[str, Any]]],
+    rows: Sequence[Mapping[str, Any]],
+    finished: Mapping[int, Iterable[str]],
+    baseline: str,
 ) -> list[str]:
-    """A line per variant with differences in `results` (`across_seeds`' input) but no row in `rows` (it
-    lacks some seed), naming the seeds it has."""
+    """A line per variant finished at some seed of `results` (`finished`: seed -> the variants finished
+    there) but with no row in `rows` (`across_seeds` needs a paired difference at every seed): the seeds it
+    finished in, where it lacks others, and those where it has no paired difference to `baseline` (no
+    example shared with it, or no finite value)."""
     in_rows = {row["variant"] for row in rows}
+    plural = lambda seeds: f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
     lines = []
-    for variant in dict.fromkeys(v for _, result in results for v in result["differences"]):
-        if variant not in in_rows:
-            seeds = [seed for seed, result in results if variant in result["differences"]]
-            listed = ", ".join(str(seed) for seed in seeds)
-            lines.append(
-                f"{variant}: left out, finished in seed{'s' if len(seeds) > 1 else ''} {listed} only"
-            )
+    for variant in dict.fromkeys(v for seed, _ in results for v in finished[seed]):
+        if variant == baseline or variant in in_rows:
+            continue
+        present = [seed for seed, _ in results if variant in finished[seed]]
+        unpaired = [
+            seed for seed, result in results if seed in present and not result["differences"].get(variant)
+        ]
+        if not unpaired:
+            lines.append(f"{variant}: left out, finished in {plural(present)} only")
+            continue
+        lacking = f" (finished in {plural(present)} only)" if len(present) < len(results) else ""
+        lines.append(
+            f"{variant}: left out, no paired difference to {baseline} at {plural(unpaired)}{lacking}"
+        )
     return lines
 
 

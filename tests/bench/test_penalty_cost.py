@@ -146,7 +146,8 @@ def test_across_seeds_gives_each_seeds_paired_mean_their_t_interval_and_the_seed
         per_seed = [(0, {"base": base, "v": v[0], "w": v[0]}), (1, {"base": base, "v": v[1]})]
         rows, results = cost.across_rows(per_seed, "base", 1000)
         assert {row["variant"] for row in rows} == {"v"}
-        assert report.left_out(results, rows) == ["w: left out, finished in seed 0 only"]
+        finished = {seed: list(values) for seed, values in per_seed}
+        assert report.left_out(results, rows, finished, "base") == ["w: left out, finished in seed 0 only"]
     by_metric = {row["metric"]: row for row in rows}
     assert list(by_metric) == list(cost.PAIRED)
     for measure, row in by_metric.items():

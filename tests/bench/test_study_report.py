@@ -124,6 +124,42 @@ def test_runs_that_differ_in_more_than_the_seed_are_named_with_each_key(tmp_path
     other = [*same, record("a", 4, low=0.6)]
     assert report.other_settings(other) == ["a (seed 4) against seed 0: loss.low: 0.1 -> 0.6"]
 
+    # The non-finite policy: a run that skipped no update trained as under any policy (the README's fix for
+    # a diverged seed sets `train.nonfinite: skip` in the base, after seed 0 ran under `stop`).
+    def under(policy: str, seed: int, skipped: int | None) -> dict:
+        run = record("a", seed)
+        run["settings"]["config"]["train"]["nonfinite"] = policy
+        return run if skipped is None else {**run, "skipped_updates": skipped}
+
+    assert report.other_settings([under("stop", 0, 0), under("skip", 1, 0)]) == []
+    assert report.other_settings([under("stop", 0, 0), under("skip", 1, 3)]) == []
+    refused = report.other_settings([under("stop", 0, None), under("skip", 1, 3)])  # older: no count
+    assert refused == ['a (seed 1) against seed 0: train.nonfinite: "stop" -> "skip"']
+    with pytest.raises(ValueError, match=r"a \(seed 5\): its compare_done.json predates recorded settings"):
+        report.other_settings([same[0], {"variant": "a", "seed": 5}])
+
+
+def test_a_variant_left_out_of_the_across_table_is_named_with_why():
+    """`left_out`: a variant finished at one seed only (its absence), and one finished at both but with no
+    paired difference at one (no example shared with the baseline): each named with its seeds; the baseline
+    and the variants with a row are not."""
+    report = benchmark_script("study_report")
+    paired = {"mean": 0.1}
+    results = [
+        (0, {"differences": {"v": {"nll_with": paired}, "once": {"nll_with": paired}, "apart": {}}}),
+        (1, {"differences": {"v": {"nll_with": paired}}}),
+    ]
+    finished = {0: ["base", "v", "once", "apart"], 1: ["base", "v", "apart"]}
+    rows = [{"variant": "v"}]
+    assert report.left_out(results, rows, finished, "base") == [
+        "once: left out, finished in seed 0 only",
+        "apart: left out, no paired difference to base at seeds 0, 1",
+    ]
+    finished[1].remove("apart")
+    assert report.left_out(results, rows, finished, "base")[1] == (
+        "apart: left out, no paired difference to base at seed 0 (finished in seed 0 only)"
+    )
+
 
 def test_the_interval_over_the_examples_is_the_bootstrap_of_seed_averaged_differences_and_both_must_exclude_0(
     tmp_path,
@@ -247,6 +283,9 @@ def test_baseline_flag_pairs_against_another_variant_and_names_the_finished_ones
     assert across.startswith("| difference to v | seed 0 |")
     assert f"| w, NLL (with hist.) | {np.mean(nll['w'] - nll['v']):+.4f} |" in across
 
+    with pytest.raises(SystemExit):
+        report.main([str(compare_file), "--across", "--baseline", "bse"])
+    assert "baseline 'bse' is not a variant of these files: base, v, w, unfinished" in capsys.readouterr().err
     for absent in ("unfinished", "nope"):
         with pytest.raises(SystemExit) as refused:
             report.main([str(compare_file), "--baseline", absent])
