@@ -9,10 +9,10 @@ Writes `<out>/predictions.jsonl` (one object per example, in the split's order: 
 `<workdir>/eval/<split>-<model name>` (`model_path`, e.g. the base model before fine-tuning). metrics.json
 holds `text_metrics.score_predictions`' dict (ROUGE-1/L, METEOR, BLEU overall and per category, METEOR's
 WordNet source) and, beside it: what was evaluated (`model`, `step`, `split`, `examples`, `prompt`,
-`generation`, `eos_token_id`, `stopped_at_max_new_tokens`) and `loss`, the loss terms on the same examples
-(see `split_losses`); a number that is not finite (the loss of a diverged checkpoint) is written null, as
-metrics.jsonl writes it. An earlier evaluation's files in `<out>` are replaced, with a line saying what they
-held.
+`generation`, `eos_token_id`, `stop_token_ids`, `stopped_at_max_new_tokens`) and `loss`, the loss terms on
+the same examples (see `split_losses`); a number that is not finite (the loss of a diverged checkpoint) is
+written null, as metrics.jsonl writes it. An earlier evaluation's files in `<out>` are replaced, with a line
+saying what they held.
 
 `max_new_tokens: 0` (`eval.generation`, `--max-new-tokens 0`, `compare.max_new_tokens: 0`) decodes nothing:
 the loss pass alone runs, no predictions.jsonl is written (an earlier one in `<out>` is deleted, and the
@@ -23,7 +23,10 @@ the absent keys mean "not measured", not 0.
 The model sees the prompt its variant was trained on: the without-history prompt for `sft`, the with-history
 prompt otherwise (`prompt="with"` / `"without"` chooses). Prompts are the prepared token ids (`<split>/`), so
 they are exactly what training saw; texts and references come from the rendered `<split>.jsonl` beside them.
-Decoding defaults to the public NextQuill code's (greedy, repetition penalty 1.2; `GenerationConfig`).
+Decoding defaults to the public NextQuill code's (greedy, repetition penalty 1.2; `GenerationConfig`). A
+generation stops at the token the prepared targets end in (`eos_token_id`, the tokenizer's end token) or at
+any end token of the model's own config (`stop_token_ids` lists them all), as the exported model stops in
+transformers (`train.export`).
 In a multi-process run every process runs the same calls; process 0 writes the files.
 """
 
@@ -376,6 +379,8 @@ def evaluate(
     tokenizer = load_fast_tokenizer(cfg.data.tokenizer)
     eos = int(tokens.meta.get("eos_token_id", tokenizer.eos_token_id))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    # The model may end with its own end token (an instruct model's end of text beside its end of turn).
+    stop = list(dict.fromkeys([eos, *loaded.model.cfg.eos_token_ids]))
     if loaded.weighting_note:  # the weighted loss terms below use the module as it is now
         echo(loaded.weighting_note)
     echo(f"evaluating {loaded.source} on {counted(len(rows), f'{split} example')} ({stream}-history prompts)")
@@ -389,7 +394,7 @@ def evaluate(
         )
         if generating:
             prompts = [tokens[i][_STREAM_FIELD[stream]].tolist() for i in range(len(rows))]
-            generated = _generate(loaded, prompts, generation, eos, pad, batch_size, mesh, echo)
+            generated = _generate(loaded, prompts, generation, stop, pad, batch_size, mesh, echo)
     scores, lines, stopped = {}, [], {}
     if generating:
         predictions = [tokenizer.decode(ids, skip_special_tokens=True) for ids in generated]
@@ -410,6 +415,7 @@ def evaluate(
         "prompt": _STREAM_TEXT[stream],
         "generation": dataclasses.asdict(generation),
         "eos_token_id": eos,
+        "stop_token_ids": stop,
         **stopped,
         "loss": losses,
     }
@@ -442,13 +448,14 @@ def _generate(
     loaded: LoadedModel,
     prompts: list[list[int]],
     generation: GenerationConfig,
-    eos: int,
+    stop: list[int],
     pad: int,
     batch_size: int,
     mesh: Mesh,
     echo: Callable[[str], None],
 ) -> list[list[int]]:
-    """`evaluate`'s decoding of `prompts` (`generate`), with about ten progress lines."""
+    """`evaluate`'s decoding of `prompts` (`generate`, ending at any token of `stop`), with about ten
+    progress lines."""
     reports = max(1, math.ceil(len(prompts) / batch_size / 10))
     progress = lambda done, total: (
         echo(f"generated {done}/{total}") if done == total or (done // batch_size) % reports == 0 else None
@@ -457,7 +464,7 @@ def _generate(
         loaded.model,
         prompts,
         generation,
-        eos_token_ids=[eos],
+        eos_token_ids=stop,
         pad_token_id=pad,
         batch_size=batch_size,
         mesh=mesh,

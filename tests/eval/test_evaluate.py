@@ -21,6 +21,7 @@ import pytest
 from nextquill_jax.cli import main
 from nextquill_jax.config import load_config
 from nextquill_jax.config_schema import ConfigError
+from nextquill_jax.data.prepare import load_fast_tokenizer
 from nextquill_jax.data.prepared_split import PreparedSplit, TokenizedExample, write_split
 from nextquill_jax.eval.evaluate import choose_stream, evaluate, replacing_line
 from nextquill_jax.eval.text_metrics import score_predictions
@@ -83,6 +84,32 @@ def test_predictions_equal_generation_from_the_exported_checkpoint(run, evaluate
     ]
     assert saved["stopped_at_max_new_tokens"] == sum(len(x) == GEN.max_new_tokens for x in ids)
     assert saved["generation"]["repetition_penalty"] == 1.2 and saved["generation"]["do_sample"] is False
+
+
+def test_generation_also_stops_at_an_end_token_of_the_models_own_config(run, evaluated, tmp_path):
+    """The tiny run's end token is its data's (`stop_token_ids` that one id). Given a model config whose
+    end tokens name another id X, which the first example's generation holds at position k, that example's
+    prediction is its generation cut before X, stopped by it ("eos"), and metrics.json lists both ids."""
+    from nextquill_jax.train.workdir import restore_model
+
+    workdir, model, _ = run
+    _, _, saved = evaluated
+    assert saved["stop_token_ids"] == [saved["eos_token_id"]] == [TINY_EOS_ID]
+    long = dataclasses.replace(GEN, max_new_tokens=12)
+    prompt = PreparedSplit(workdir / "prepared", "test")[0]["prompt_with"].tolist()
+    ids = generate(model, [prompt], long, eos_token_ids=[TINY_EOS_ID], pad_token_id=0)[0]
+    assert len(ids) >= 3, "the first example's generation is too short to cut"
+    other = ids[2]
+    cut = ids[: ids.index(other)]
+    loaded = restore_model(workdir)
+    loaded.model.cfg = dataclasses.replace(loaded.model.cfg, eos_token_ids=(other,))
+    metrics = evaluate(
+        workdir, "test", generation=long, max_examples=1, loaded=loaded, out_dir=tmp_path, echo=lambda _: None
+    )
+    written = json.loads((tmp_path / "predictions.jsonl").read_text())
+    tokenizer = load_fast_tokenizer(load_config(workdir / "config.yaml").data.tokenizer)
+    assert written["prediction"] == tokenizer.decode(cut, skip_special_tokens=True)
+    assert written["stopped_by"] == "eos" and metrics["stop_token_ids"] == [TINY_EOS_ID, other]
 
 
 def test_the_export_has_its_tokenizers_special_ids_and_loads_in_transformers_without_a_warning(run):
