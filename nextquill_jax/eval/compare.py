@@ -804,8 +804,9 @@ def run_comparison(
             other processes of a multi-process run, `parallel.Process0FailedError`.
         ConfigError: before any run starts, every finished run trained with other training settings than
             the file now gives it (`finished_changes`), every unfinished one whose checkpoints `train` would
-            not resume under them (`check_interrupted_run`) and every variant whose `checkpoint.best_metric`
-            evaluation never reports (`loop.check_best_metric`), one line each; as `run_variant`.
+            not resume under them (`check_interrupted_run`), every `trained_in` run that cannot stand for its
+            variant (`check_trained_in`) and every variant whose `checkpoint.best_metric` evaluation never
+            reports (`loop.check_best_metric`), one line each; as `run_variant`.
         ComparisonStoppedError: SIGTERM or Ctrl-C outside training (module docstring); the stage it arrived
             in is abandoned and not recorded as done.
     """
