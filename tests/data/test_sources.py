@@ -342,6 +342,45 @@ def test_bad_input_skipped_and_counted_exactly(small_dpl):
     assert [r.source for r in records] == [f"{BAD_GENERIC}:{line}" for line in (1, 3, 5, 8)]
 
 
+def test_a_lone_surrogate_escape_is_invalid_text_named_by_its_field_in_jsonl_and_json_files(tmp_path):
+    """JSON may spell half of a UTF-16 pair (`"\\ud83d"`, a cut-off emoji): it decodes to a string with no
+    UTF-8 form, on which the tokenizer (or writing the prepared split) failed with a message naming no
+    record. It is an `invalid_utf8` record naming the file, line and field: listed under `fail`, counted
+    and skipped under `skip`; a whole pair (an emoji spelt as two escapes) is text and is kept."""
+    good = {"user_id": "u", "context": "c", "history": ["h"], "target": "fine \ud83d\ude00", "split": "train"}
+    lone_target = {**good, "target": "cut \ud83d"}
+    lone_meta = {**good, "meta": {"note": ["x", "\udc00"]}}
+    jsonl = tmp_path / "records.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in (good, lone_target, lone_meta)))
+    array = tmp_path / "records.json"
+    array.write_text("[\n" + ",\n".join(json.dumps(r) for r in (good, lone_target, lone_meta)) + "\n]\n")
+    assert "\\ud83d" in jsonl.read_text()  # json.dumps escapes it: the file itself is valid UTF-8
+    for path in (jsonl, array):
+        line = 1 if path == jsonl else 2
+        with pytest.raises(DataError) as e:
+            _read(DataConfig(format="generic", template="plain", sources=[str(path)]))
+        msg = str(e.value)
+        assert f"{path}:{line + 1}:target: holds a lone UTF-16 surrogate" in msg
+        assert f"{path}:{line + 2}:meta.note[1]: holds a lone UTF-16 surrogate" in msg
+        records, log = _read(
+            DataConfig(format="generic", template="plain", sources=[str(path)], on_error="skip")
+        )
+        assert dict(log.errors) == {"invalid_utf8": 2}
+        assert [r.source for r in records] == [f"{path}:{line}"] and records[0].target == "fine \U0001f600"
+
+
+def test_a_record_dropped_for_its_empty_history_does_not_make_a_later_copy_with_history_a_repeat(tmp_path):
+    """Line 1 has no history (dropped: `empty_history`); line 2 is the same record with one: it is kept,
+    not dropped as a `duplicate` of a record that was not kept. Line 3 repeats line 2: that one is."""
+    bare = {"user_id": "u1", "context": "c", "history": [], "target": "t", "split": "train"}
+    path = tmp_path / "records.jsonl"
+    lines = (bare, {**bare, "history": ["h"]}, {**bare, "history": ["h2"]})
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    records, log = _read(DataConfig(format="generic", template="plain", sources=[str(path)]))
+    assert [r.source for r in records] == [f"{path}:2"]
+    assert dict(log.dropped) == {"empty_history": 1, "duplicate": 1}
+
+
 def test_fail_mode_lists_the_first_errors_and_counts_the_rest(tmp_path):
     path = tmp_path / "many.jsonl"
     path.write_text("".join('{"user_id": "u"}\n' for _ in range(30)))

@@ -307,7 +307,8 @@ def collect_records(
     to find a repeat in another file too. With `unique_ids`, a record that is no repeat but has the `id` of an
     earlier one is invalid (`duplicate_id`, naming both places): `compare` pairs examples by id, so two
     examples under one id could not be told apart. A record without history is dropped as `empty_history` (an
-    example needs a history to tell its effect).
+    example needs a history to tell its effect) before either check: it claims no key and no id, so a later
+    copy of it with a history is kept, not dropped as a repeat of a record that is not there.
     """
     records: list[Record] = []
     seen: set = set()
@@ -317,6 +318,9 @@ def collect_records(
             record = parse(row)
         except InvalidRecordError as e:
             log.error(e.issue)
+            continue
+        if not record.history:  # dropped before it claims its key or id: a later copy with history is kept
+            log.drop("empty_history")
             continue
         if key is not None:
             if key(record) in seen:
@@ -337,8 +341,5 @@ def collect_records(
                 )
                 continue
             id_source[record.id] = record.source
-        if not record.history:
-            log.drop("empty_history")
-            continue
         records.append(record)
     return records

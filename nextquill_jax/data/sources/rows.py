@@ -70,10 +70,10 @@ def iter_rows(
         rows = _json_array_rows(path, list_key)
     else:
         rows = _jsonl_rows(path, gzipped=kind == ".jsonl.gz", lines=lines)
-    if lines is None or kind in (".jsonl", ".jsonl.gz"):
-        yield from rows
-    else:
-        yield from (r for r in rows if isinstance(r, Row) and r.line in lines)
+    if lines is not None and kind not in (".jsonl", ".jsonl.gz"):
+        rows = (r for r in rows if isinstance(r, Row) and r.line in lines)
+    for row in rows:
+        yield row if isinstance(row, Issue) else _unpaired_surrogate_issue(row) or row
 
 
 def valid_rows(path: str | Path, log: IssueLog, *, list_key: str | None = None) -> Iterator[Row]:
@@ -136,24 +136,38 @@ def _utf8_issue(error: UnicodeDecodeError, location: str, field: str | None) -> 
     return Issue("invalid_utf8", location, field, message)
 
 
-def _field_with_surrogates(value: Any, path: str) -> str | None:
-    """The path of the first string (key or value) holding an undecodable byte, or None."""
+def _field_with_surrogates(value: Any, path: str, low: str = "\udc80", high: str = "\udcff") -> str | None:
+    """The path of the first string (key or value) holding a character in [low, high], or None; by default
+    the surrogates that stand for undecodable bytes (`surrogateescape`)."""
     if isinstance(value, str):
-        return path if any("\udc80" <= c <= "\udcff" for c in value) else None
+        return path if any(low <= c <= high for c in value) else None
     if isinstance(value, dict):
         for k, v in value.items():
             sub = f"{path}.{k}" if path else k
-            if _field_with_surrogates(k, sub) is not None:
+            if _field_with_surrogates(k, sub, low, high) is not None:
                 return sub
-            found = _field_with_surrogates(v, sub)
+            found = _field_with_surrogates(v, sub, low, high)
             if found is not None:
                 return found
     if isinstance(value, list):
         for i, v in enumerate(value):
-            found = _field_with_surrogates(v, f"{path}[{i}]")
+            found = _field_with_surrogates(v, f"{path}[{i}]", low, high)
             if found is not None:
                 return found
     return None
+
+
+def _unpaired_surrogate_issue(row: Row) -> Issue | None:
+    """An `invalid_utf8` issue for a row whose JSON spells a lone UTF-16 surrogate (`"\\ud83d"`: half of an
+    emoji cut off), which decodes but has no UTF-8 form, so tokenizing or writing it would fail; else None."""
+    field = _field_with_surrogates(row.value, "", "\ud800", "\udfff")
+    if field is None:
+        return None
+    message = (
+        "holds a lone UTF-16 surrogate (a \\ud800-\\udfff escape without its pair, such as half of a cut-off "
+        "emoji), which is not text; repair or remove the escape"
+    )
+    return Issue("invalid_utf8", row.location, field, message)
 
 
 def _json_array_rows(path: str | Path, list_key: str | None) -> Iterator[Row | Issue]:
