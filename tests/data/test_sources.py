@@ -390,6 +390,19 @@ def test_fail_mode_lists_the_first_errors_and_counts_the_rest(tmp_path):
     assert msg.count(": required field") == 5 and "... and 25 more" in msg and f"{path}:30" not in msg
 
 
+def test_a_source_whose_name_holds_glob_characters_is_read_as_that_file(tmp_path):
+    """`data[1].jsonl` exists: it is read (it was taken for a pattern matching `data1.jsonl` and refused as
+    missing); `data[12].jsonl`, which does not exist, is still a pattern (matching data1 and data2)."""
+    record = {"user_id": "u", "context": "c", "history": ["h"], "target": "t", "split": "train"}
+    for name, target in (("data[1].jsonl", "bracketed"), ("data1.jsonl", "one"), ("data2.jsonl", "two")):
+        (tmp_path / name).write_text(json.dumps({**record, "target": target}) + "\n")
+    config = lambda pattern: DataConfig(format="generic", template="plain", sources=[str(tmp_path / pattern)])
+    records, _ = _read(config("data[1].jsonl"))
+    assert [r.target for r in records] == ["bracketed"]
+    records, _ = _read(config("data[12].jsonl"))
+    assert [r.target for r in records] == ["one", "two"]
+
+
 def test_configuration_errors_name_the_setting(tmp_path, small_dpl):
     with pytest.raises(ValueError, match=r"data.sources: no file matches"):
         _read(DataConfig(format="generic", template="plain", sources=[str(tmp_path / "nothing*.jsonl")]))
@@ -763,6 +776,27 @@ def test_lamp_golds_repeated_conflicting_or_without_a_question_are_counted_or_in
     assert [(r.id, r.target) for r in records] == [("a", "oa"), ("b", "ob")]
     assert dict(log.errors) == {"duplicate_id": 1, "missing_field": 1}
     assert dict(log.dropped) == {"gold_duplicate": 1, "gold_without_question": 2}
+
+
+def test_an_empty_lamp_gold_is_named_where_it_was_read_in_the_outputs_file(tmp_path):
+    """Question `q` (line 1 of the questions file) takes its gold from the outputs file, where that gold's
+    output is empty (line 2): the error names the outputs file, its line and field, and the question."""
+    profile = [{"summary": "s", "content": "c"}]
+    questions = tmp_path / "train_questions.jsonl"
+    questions.write_text(json.dumps({"id": "q", "input": "i", "profile": profile}) + "\n")
+    outputs = tmp_path / "train_outputs.jsonl"
+    outputs.write_text(
+        json.dumps({"id": "other", "output": "o"}) + "\n" + json.dumps({"id": "q", "output": " "})
+    )
+    cfg = DataConfig(
+        format="lamp", template="lamp_topic_writing", sources=[str(questions)], meta=[str(outputs)]
+    )
+    with pytest.raises(DataError) as e:
+        _read(cfg)
+    assert (
+        f"{outputs}:2:output: `output` is empty; the example would learn only the end-of-text token. Fix: "
+        f"give the output text, or remove the question (question 'q' at {questions}:1)"
+    ) in str(e.value)
 
 
 def test_an_optional_field_set_to_null_is_absent(tmp_path):

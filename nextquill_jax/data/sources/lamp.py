@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
+from typing import NamedTuple
 
 from nextquill_jax.data.sources.records import (
     HistoryEntry,
@@ -40,15 +41,21 @@ from nextquill_jax.data.sources.rows import Row, valid_rows
 from nextquill_jax.data.templates import PromptTemplate
 
 
-def read_lamp_outputs(files: list[tuple[Path, str]], log: IssueLog) -> dict[str, dict[str, str]]:
-    """Output text by split and question id, from the outputs files, each given with its split.
+class Gold(NamedTuple):
+    """A gold output and where it was read (`file:line`), which an error about it names."""
+
+    output: str
+    location: str
+
+
+def read_lamp_outputs(files: list[tuple[Path, str]], log: IssueLog) -> dict[str, dict[str, Gold]]:
+    """Gold outputs by split and question id, from the outputs files, each given with its split.
 
     A gold id repeated within a split (in the same file or another) with the same output is counted
     (`gold_duplicate`); with another output it is invalid (`duplicate_id`, naming both places: which one is
     the question's would be a guess), and under `on_error: skip` the first is kept.
     """
-    outputs: dict[str, dict[str, str]] = {split: {} for _, split in files}
-    first: dict[tuple[str, str], str] = {}  # (split, id) -> where its gold was read first
+    outputs: dict[str, dict[str, Gold]] = {split: {} for _, split in files}
     for path, split in files:
         for row in valid_rows(path, log, list_key="golds"):
             try:
@@ -58,9 +65,8 @@ def read_lamp_outputs(files: list[tuple[Path, str]], log: IssueLog) -> dict[str,
                 log.error(e.issue)
                 continue
             if qid not in outputs[split]:
-                outputs[split][qid] = output
-                first[split, qid] = row.location
-            elif output == outputs[split][qid]:
+                outputs[split][qid] = Gold(output, row.location)
+            elif output == outputs[split][qid].output:
                 log.drop("gold_duplicate")
             else:
                 log.error(
@@ -69,15 +75,18 @@ def read_lamp_outputs(files: list[tuple[Path, str]], log: IssueLog) -> dict[str,
                         row.location,
                         "id",
                         f"the {split} gold {qid!r} was given before, with another output, at "
-                        f"{first[split, qid]}; a question has one gold. Fix: remove the wrong one, or "
-                        "correct its id",
+                        f"{outputs[split][qid].location}; a question has one gold. Fix: remove the wrong "
+                        "one, or correct its id",
                     )
                 )
     return outputs
 
 
 def read_lamp(
-    files: list[tuple[Path, str]], outputs: dict[str, dict[str, str]], template: PromptTemplate, log: IssueLog
+    files: list[tuple[Path, str]],
+    outputs: dict[str, dict[str, Gold]],
+    template: PromptTemplate,
+    log: IssueLog,
 ) -> list[Record]:
     """Records of the questions files, each given with its split, in order; `outputs` holds the golds by
     split (empty for questions with inline outputs). A question whose id an earlier question of its split
@@ -107,7 +116,7 @@ def _parse(
     path: Path,
     split: str,
     row: Row,
-    outputs: dict[str, str],
+    outputs: dict[str, Gold],
     template: PromptTemplate,
     log: IssueLog,
     asked: set[tuple[str, str]],
@@ -130,9 +139,9 @@ def _parse(
     profile = get_field(row.value, "profile", (list,), loc)
     inline_output = get_optional(row.value, "output", (str,), loc)
     if inline_output is not None:
-        target = inline_output
+        target, target_loc = inline_output, loc
     elif qid in outputs:
-        target = outputs[qid]
+        target, target_loc = outputs[qid]  # an empty gold is named where it was read, in the outputs file
     else:
         raise InvalidRecordError(
             Issue(
@@ -145,10 +154,10 @@ def _parse(
         )
     require_text(
         target,
-        loc,
+        target_loc,
         "output",
         "the example would learn only the end-of-text token. Fix: give the output text, or remove the "
-        "question",
+        f"question{f' (question {qid!r} at {loc})' if target_loc != loc else ''}",
     )
     user_id = get_optional(row.value, "user_id", (str,), loc)
     if user_id is None:

@@ -31,9 +31,10 @@ _SPLIT_WORDS = {
 def expand_paths(patterns: list[str], key: str) -> list[Path]:
     """Files matching each pattern, sorted within a pattern, each file once.
 
-    `**` in a pattern matches any number of directories (none included). A file matched again, by another
-    pattern or under another spelling of its path (relative or absolute, through a symlink), is the same
-    file: it is kept once, under the spelling that matched it first, so its records are not read twice.
+    `**` in a pattern matches any number of directories (none included); a pattern that names an existing
+    file is that file, glob characters in its name included (`data[1].jsonl`). A file matched again, by
+    another pattern or under another spelling of its path (relative or absolute, through a symlink), is the
+    same file: it is kept once, under the spelling that matched it first, so its records are not read twice.
 
     Raises:
         ValueError: a pattern that matches no file (saying so when it names directories, with a glob for their
@@ -42,7 +43,9 @@ def expand_paths(patterns: list[str], key: str) -> list[Path]:
     paths: list[Path] = []
     resolved: set[Path] = set()
     for pattern in patterns:
-        found = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
+        # A file whose name holds a glob character (`data[1].jsonl`) is that file, not a pattern.
+        literal = not glob.has_magic(pattern) or Path(pattern).is_file()
+        found = [pattern] if literal else sorted(glob.glob(pattern, recursive=True))
         matches = [m for m in found if Path(m).is_file()]
         directories = [m for m in found if Path(m).is_dir()]
         if not matches and directories:
