@@ -228,6 +228,21 @@ def _to_stderr(message: str) -> None:
     print(message, file=sys.stderr)
 
 
+class _Manager(ocp.CheckpointManager):
+    """Orbax's manager, reading a step's damaged metrics file as no metrics.
+
+    Orbax reads every step's metrics when the manager is built and lets anything but a missing file through,
+    so one truncated or garbled `<step>/metrics/metrics` (an old step's too) made `verify`, a resume and
+    `export` fail with a JSON traceback before any step was checked. The manifest lists that file, so the
+    step's own check reports the damage, and a resume moves the step aside as it does any damaged step."""
+
+    def _get_metrics(self, step: int) -> Any:
+        try:
+            return super()._get_metrics(step)
+        except ValueError:  # json.JSONDecodeError, UnicodeDecodeError
+            return None
+
+
 class Checkpointer:
     """Saves and restores a run's checkpoints in `directory` (created if missing).
 
@@ -258,7 +273,7 @@ class Checkpointer:
                 cleanup_tmp_directories=not read_only,
                 read_only=read_only,
             )
-            self.manager = ocp.CheckpointManager(self.directory, item_names=ITEMS, options=options)
+            self.manager = _Manager(self.directory, item_names=ITEMS, options=options)
 
     def latest_step(self) -> int | None:
         """The newest COMPLETE checkpoint's step (verified or not), or None."""

@@ -53,6 +53,29 @@ def _save_losses(ckpt: Checkpointer, eval_losses: dict[int, float | None]) -> No
     ckpt.wait()
 
 
+def test_a_garbled_metrics_file_of_an_old_step_is_that_steps_damage_not_a_crash_of_every_reader(tmp_path):
+    """Orbax reads each step's metrics when a manager is built: a garbled `1/metrics/metrics` (a step the
+    best metric keeps) failed every reader and writer with a JSON traceback. Now the manifest check names
+    it: a reader lists both steps, uses step 3 and refuses step 1 naming the file; a writer is built too and
+    finds step 1 damaged."""
+    cfg = CheckpointConfig(keep=1, best_metric="eval/loss", best_mode="min", async_save=False)
+    ckpt = Checkpointer(tmp_path, cfg)
+    _save_losses(ckpt, {1: 1.0, 2: 5.0, 3: 4.0})
+    assert ckpt.all_steps() == [1, 3]
+    ckpt.close()
+    garbled = tmp_path / "1" / "metrics" / "metrics"
+    garbled.write_text("xx{")
+
+    reader = Checkpointer(tmp_path, cfg, read_only=True)
+    assert reader.all_steps() == [1, 3] and reader.newest_verified() == 3
+    with pytest.raises(IntegrityError, match=f"{tmp_path / '1'} is damaged and not restorable: {garbled}"):
+        reader.require_verified(1)
+    reader.close()
+    writer = Checkpointer(tmp_path, cfg)
+    assert writer.check(1).status == "failed"
+    writer.close()
+
+
 def test_the_best_checkpoint_survives_a_resume_and_its_metric_is_in_the_manifest(tmp_path):
     cfg = CheckpointConfig(keep=1, best_metric="eval/loss", best_mode="min", async_save=False)
     ckpt = Checkpointer(tmp_path, cfg)
