@@ -54,11 +54,12 @@ def _target_paths(cfg: LoraConfig, shapes: dict) -> list[tuple[str, str, str]]:
         raise ConfigError(str(e)) from None
 
 
-def check_lora(cfg: LoraConfig, model_cfg: ModelConfig) -> dict:
+def check_lora(cfg: LoraConfig, model_cfg: ModelConfig, *, check_init_from: bool = True) -> dict:
     """The adapters' shapes (`lora.adapter_shapes`, in `model_cfg`'s parameter dtype), once every target of
-    `cfg.targets` names parameters of `model_cfg`'s model that take adapters and `cfg.init_from`, if set,
-    holds adapters that fit them (its config and tensor shapes: no weights, no data needed), so that set-up
-    refuses either before it creates the workdir.
+    `cfg.targets` names parameters of `model_cfg`'s model that take adapters and `cfg.init_from`, if set and
+    `check_init_from` (a run that resumes restores its adapters and reads no init_from file), holds adapters
+    that fit them (its config and tensor shapes: no weights, no data needed), so that set-up refuses either
+    before it creates the workdir.
 
     Raises:
         ConfigError: a target that is no valid regex, matches no parameter or one that takes no adapter
@@ -66,7 +67,7 @@ def check_lora(cfg: LoraConfig, model_cfg: ModelConfig) -> dict:
     """
     shapes = nnx.to_pure_dict(_abstract_params(model_cfg))
     abstract = lora.adapter_shapes(shapes, _target_paths(cfg, shapes), cfg.rank, model_cfg.param_jnp_dtype)
-    if cfg.init_from is not None:
+    if cfg.init_from is not None and check_init_from:
         from nextquill_jax.models.peft import check_peft_adapter
 
         with _init_from_errors(cfg):

@@ -537,7 +537,11 @@ def set_up_run(
     stand_in = model_setup.model_config(model_section.resolved(1))
     # What the optimizer trains, as shapes, for its patterns: the adapters under LoRA, else the parameters.
     if lora is not None:
-        trained = adapters.check_lora(lora, stand_in)
+        # A resume restores its adapters: init_from's files are read by a fresh start only (`initial_params`,
+        # which refuses a bad one itself), so a moved init_from does not block resuming a run.
+        checkpoints = workdir / CHECKPOINT_DIR
+        resuming = checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())
+        trained = adapters.check_lora(lora, stand_in, check_init_from=not resuming)
     else:
         trained = model_setup.abstract_model(stand_in)[1]
     try:

@@ -179,6 +179,33 @@ def test_restore_model_computes_in_a_chosen_dtype_from_the_same_parameters(runs)
         restore_model(runs["root"] / "no_such_run", compute_dtype="float16")
 
 
+def test_a_run_started_from_init_from_adapters_resumes_after_that_directory_moved(runs, tmp_path):
+    """A resume restores its adapters from its checkpoint and reads no init_from file: a run started from
+    A's exported adapters, then stopped (its last step's checkpoint removed), resumes once those adapters
+    moved away; set-up refused it ("does not exist"), and the config it must keep could not name the new
+    place. A fresh run from the moved path is still refused before its workdir is created."""
+    adapter_dir, workdir = tmp_path / "peft", tmp_path / "run"
+    export_adapter(runs["root"] / "A", adapter_dir)
+    cfg = load_config(runs["root"] / "A.yaml")
+    lora_cfg = dataclasses.replace(cfg.model.lora, init_from=str(adapter_dir))
+    cfg = dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model, lora=lora_cfg),
+        train=dataclasses.replace(cfg.train, max_steps=2),
+        checkpoint=dataclasses.replace(cfg.checkpoint, every_steps=1, keep=2),
+    )
+    assert loop.train(cfg, workdir, echo=lambda _: None).status == "finished"
+    shutil.rmtree(workdir / "checkpoints" / "2")
+    adapter_dir.rename(tmp_path / "moved")
+    said = []
+    result = loop.train(cfg, workdir, echo=said.append)
+    assert result.status == "finished" and result.step == 2
+    assert any("resuming from" in line for line in said)
+    with pytest.raises(ConfigError, match=f"model.lora.init_from {str(adapter_dir)!r}"):
+        loop.train(cfg, tmp_path / "fresh", echo=lambda _: None)
+    assert not (tmp_path / "fresh").exists()
+
+
 def test_export_adapter_and_init_from_round_trip(runs, tmp_path):
     workdir = runs["root"] / "A"
     out = tmp_path / "peft"
