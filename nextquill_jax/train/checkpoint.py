@@ -291,6 +291,13 @@ class Checkpointer:
                 "Python), or leave the step out for the latest."
             )
 
+    def _other_steps(self, step: int) -> str:
+        """The fix for damaged step `step`: the other complete steps to choose, or that there is none."""
+        others = [s for s in self.all_steps() if s != step]
+        if not others:
+            return "no other step is complete: start the run again"
+        return f"choose another step (the other complete ones: {others})"
+
     def check(self, step: int) -> StepCheck:
         """Step `step` checked against its manifest (reads every file of the step once).
 
@@ -313,7 +320,7 @@ class Checkpointer:
         if result.status == "failed":
             raise checksums.IntegrityError(
                 f"checkpoint {self.directory / str(step)} is damaged and not restorable: "
-                f"{'; '.join(result.problems)}. Fix: choose another step (complete ones: {self.all_steps()})."
+                f"{'; '.join(result.problems)}. Fix: {self._other_steps(step)}."
             )
         if result.status == "no manifest":
             report(self._unverified_line(step))
@@ -534,8 +541,8 @@ class Checkpointer:
             first = first if len(first) <= 300 else first[:300] + " ..."  # TensorStore's lines run long
             raise checksums.IntegrityError(
                 f"checkpoint {where} could not be read ({type(e).__name__}: {first}); it has no {MANIFEST}, "
-                f"so its files were never checked, and it is probably damaged. Fix: choose another step "
-                f"(complete ones: {self.all_steps()}), or restore it from a backup."
+                f"so its files were never checked, and it is probably damaged. Fix: "
+                f"{self._other_steps(step)}, or restore it from a backup."
             ) from e
 
     def close(self) -> None:

@@ -177,8 +177,11 @@ def test_a_damaged_step_is_reported_by_file_and_the_newest_verified_step_is_used
     assert lines[0].startswith(f"checkpoint {tmp_path / '3'} is damaged and not restorable: {damaged}: ")
     assert "blake2b-128 checksum" in lines[0] and lines[0].endswith("trying the previous checkpoint")
     assert f"{tmp_path / '2' / 'progress' / 'metadata'}: missing" in lines[1]
-    with pytest.raises(IntegrityError, match=f"{tmp_path / '3'} is damaged and not restorable: {damaged}"):
+    with pytest.raises(
+        IntegrityError, match=f"{tmp_path / '3'} is damaged and not restorable: {damaged}"
+    ) as e:
         reader.require_verified(3)
+    assert str(e.value).endswith("Fix: choose another step (the other complete ones: [1, 2]).")  # not 3
     assert reader.all_steps() == [1, 2, 3]  # a reader moves nothing
     reader.close()
 
@@ -299,7 +302,7 @@ def test_a_step_without_a_manifest_that_cannot_be_restored_is_one_integrity_erro
     assert message.startswith(f"checkpoint {tmp_path / '1'} could not be read (")
     assert message.endswith(
         "); it has no manifest.json, so its files were never checked, and it is probably damaged. Fix: "
-        "choose another step (complete ones: [1]), or restore it from a backup."
+        "no other step is complete: start the run again, or restore it from a backup."
     )
     assert "\n" not in message
     reader.close()
