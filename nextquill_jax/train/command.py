@@ -29,8 +29,8 @@ from nextquill_jax.subcommand import OVERRIDES, Subcommand, add_action, non_nega
 # `train --help` ends with these (README.md lists them too; 2 is argparse's, 130 and 141 are `cli.main`'s).
 TRAIN_EXIT_STATUSES = """exit status:
   0    finished, or stopped by SIGTERM or Ctrl-C with a checkpoint saved (the same command resumes)
-  1    an error you fix (config, data, damaged prepared data or checkpoints, a workdir another train is
-       running in), printed as one error: line
+  1    an error you fix (config, data, damaged prepared data or checkpoints, a missing packaged model, a
+       workdir another train is running in), printed as one error: line
   2    a command line that cannot be parsed
   3    non-finite loss or gradient (train.nonfinite: stop), or more than train.max_skips skipped updates
   4    another process of a multi-process run was lost (mesh.peer_timeout_s)
