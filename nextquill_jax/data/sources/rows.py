@@ -11,6 +11,7 @@ from __future__ import annotations
 import codecs
 import gzip
 import json
+import re
 from collections.abc import Container, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,11 @@ from typing import Any
 from nextquill_jax.data.sources.records import Issue, IssueLog
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet")
+# A JSON escape of a UTF-16 surrogate (\ud800-\udfff): the only way a lone one, which has no UTF-8 form,
+# gets into a decoded string (UTF-8 bytes cannot spell one; Parquet strings are valid UTF-8). Searched in the
+# raw text first, so that only the rare line that holds one is scanned string by string.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE_ESCAPE_BYTES = re.compile(_SURROGATE_ESCAPE.pattern.encode())
 
 
 @dataclass(frozen=True)
@@ -70,10 +76,10 @@ def iter_rows(
         rows = _json_array_rows(path, list_key)
     else:
         rows = _jsonl_rows(path, gzipped=kind == ".jsonl.gz", lines=lines)
-    if lines is not None and kind not in (".jsonl", ".jsonl.gz"):
-        rows = (r for r in rows if isinstance(r, Row) and r.line in lines)
-    for row in rows:
-        yield row if isinstance(row, Issue) else _unpaired_surrogate_issue(row) or row
+    if lines is None or kind in (".jsonl", ".jsonl.gz"):
+        yield from rows
+    else:
+        yield from (r for r in rows if isinstance(r, Row) and r.line in lines)
 
 
 def valid_rows(path: str | Path, log: IssueLog, *, list_key: str | None = None) -> Iterator[Row]:
@@ -121,7 +127,8 @@ def _decode_line(raw: bytes, location: str, line: int) -> Row | Issue:
         )
     if bad_utf8 is not None:
         return _utf8_issue(bad_utf8, location, _field_with_surrogates(value, ""))
-    return Row(location, line, value)
+    row = Row(location, line, value)
+    return _without_lone_surrogates(row) if _SURROGATE_ESCAPE_BYTES.search(raw) else row
 
 
 def _json_problem(error: json.JSONDecodeError) -> str:
@@ -157,12 +164,12 @@ def _field_with_surrogates(value: Any, path: str, low: str = "\udc80", high: str
     return None
 
 
-def _unpaired_surrogate_issue(row: Row) -> Issue | None:
-    """An `invalid_utf8` issue for a row whose JSON spells a lone UTF-16 surrogate (`"\\ud83d"`: half of an
-    emoji cut off), which decodes but has no UTF-8 form, so tokenizing or writing it would fail; else None."""
+def _without_lone_surrogates(row: Row) -> Row | Issue:
+    """`row`, or an `invalid_utf8` issue where its JSON spelt a lone UTF-16 surrogate (`"\\ud83d"`: half of
+    an emoji cut off), which decodes but has no UTF-8 form, so tokenizing or writing it would fail."""
     field = _field_with_surrogates(row.value, "", "\ud800", "\udfff")
     if field is None:
-        return None
+        return row
     message = (
         "holds a lone UTF-16 surrogate (a \\ud800-\\udfff escape without its pair, such as half of a cut-off "
         "emoji), which is not text; repair or remove the escape"
@@ -181,6 +188,7 @@ def _json_array_rows(path: str | Path, list_key: str | None) -> Iterator[Row | I
             f"{path}:{line}: byte {raw[e.start]:#04x} is not UTF-8; re-encode the file as UTF-8"
         ) from e
     decoder = json.JSONDecoder()
+    escapes = _SURROGATE_ESCAPE.search(text) is not None  # else no element can hold a lone surrogate
     try:
         top, _ = decoder.raw_decode(text, _skip_space(text, 0))
     except json.JSONDecodeError as e:
@@ -206,7 +214,8 @@ def _json_array_rows(path: str | Path, list_key: str | None) -> Iterator[Row | I
         _, pos = decoder.raw_decode(text, pos)
         location = f"{path}:{line}"
         if isinstance(value, dict):
-            yield Row(location, line, value)
+            row = Row(location, line, value)
+            yield _without_lone_surrogates(row) if escapes else row
         else:
             yield Issue(
                 "wrong_type", location, None, f"array elements must be objects, got {type(value).__name__}"
