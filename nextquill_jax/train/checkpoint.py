@@ -234,7 +234,7 @@ class _Manager(ocp.CheckpointManager):
     Orbax reads every step's metrics when the manager is built and lets anything but a missing file through,
     so one truncated or garbled `<step>/metrics/metrics` (an old step's too) made `verify`, a resume and
     `export` fail with a JSON traceback before any step was checked. The manifest lists that file, so the
-    step's own check reports the damage, and a resume moves the step aside as it does any damaged step."""
+    step's own check reports the damage, and readers and resumes treat it as any damaged step."""
 
     def _get_metrics(self, step: int) -> Any:
         try:
