@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
+from nextquill_jax.atomic_file import write_text_atomic
 from nextquill_jax.config_schema import (
     ConfigError,
     build_with_overrides,
@@ -676,9 +677,16 @@ def load_config(
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    """Write `cfg` as YAML (every field, defaults included) so `load_config(path)` rebuilds it exactly."""
+    """Write `cfg` as YAML (every field, defaults included) so `load_config(path)` rebuilds it exactly.
+
+    The file is replaced whole (`write_text_atomic`): a resume rewrites a workdir's config.yaml, and a crash
+    during that write must leave the config a later resume reads, not a torn one.
+
+    Raises:
+        OSError: the write failed; `path` is then as it was.
+    """
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    write_text_atomic(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
 def config_to_dict(cfg: Any) -> dict:

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import errno
 import functools
 import itertools
 import json
+import os
 import re
 import shutil
 import types
@@ -824,6 +826,25 @@ def test_saved_config_reloads_identically(cfg_file, tmp_path):
     again = load_config(tmp_path / "saved.yaml")
     assert isinstance(again, Config) and again == cfg
     assert yaml.safe_load((tmp_path / "saved.yaml").read_text())["optim"]["weight_decay"] == 0.025
+
+
+def test_a_full_disk_while_saving_the_config_leaves_the_old_one(cfg_file, tmp_path, monkeypatch):
+    """A resume rewrites its workdir's config.yaml; a write cut short must leave the config the next resume
+    reads, not a truncated one (a plain rewrite truncates the file first)."""
+    from nextquill_jax import atomic_file
+
+    path = tmp_path / "saved.yaml"
+    save_config(load_config(cfg_file), path)
+    before = path.read_bytes()
+
+    def full_disk(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(atomic_file.os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        save_config(load_config(cfg_file, ["optim.learning_rate=0.5"]), path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("saved")) == ["saved.yaml"]
 
 
 def test_mesh_sizes_resolve_and_reject_misfits():
