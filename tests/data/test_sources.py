@@ -856,6 +856,26 @@ def test_a_generic_field_that_is_no_string_or_number_says_what_it_got_and_the_fi
     ) in str(e.value)
 
 
+@pytest.mark.parametrize(
+    ("fields", "where", "shown"),
+    [
+        ({"context": {"rating": float("nan")}}, "context.rating", "nan"),
+        ({"history": [{"text": "h", "rating": float("-inf")}]}, "history[0].rating", "-inf"),
+    ],
+)
+def test_a_generic_number_that_is_not_finite_is_refused(tmp_path, fields, where, shown):
+    """Python's JSON reader takes `NaN` and `Infinity`; the prompt would have read `nan` where a rating
+    belongs."""
+    path = tmp_path / "records.jsonl"
+    path.write_text(_generic_line("u", **fields))
+    with pytest.raises(DataError) as e:
+        _read(DataConfig(format="generic", template="plain", sources=[str(path)]))
+    assert (
+        f"{path}:1:{where}: `{where}` is {shown}, not a number the prompt can show (it would read `{shown}`)."
+        " Fix: write its text, or remove the key\n"
+    ) in str(e.value)
+
+
 def test_a_generic_null_field_is_told_to_go_or_get_text(tmp_path):
     """A null context field is no value the prompt could show: its fix is to remove it or write its text
     (not to join a list into a string)."""

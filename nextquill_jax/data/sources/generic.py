@@ -16,6 +16,7 @@ file of the run are counted and skipped.
 from __future__ import annotations
 
 import difflib
+import math
 from pathlib import Path
 from typing import Any
 
@@ -204,10 +205,22 @@ def _scalars(obj: dict[str, Any], location: str, path: str) -> dict[str, Any]:
     """All fields of `obj` (the object at `path`), which must be strings or numbers.
 
     Raises:
-        InvalidRecordError: `wrong_type` for the first other value (a list, an object, true/false, null),
-            saying what it is and the fix.
+        InvalidRecordError: `wrong_type` for the first other value (a list, an object, true/false, null, or
+            a number that is not finite: Python's JSON reader takes `NaN` and `Infinity`), saying what it is
+            and the fix.
     """
     for key, value in obj.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            field = f"{path}.{key}"
+            raise InvalidRecordError(
+                Issue(
+                    "wrong_type",
+                    location,
+                    field,
+                    f"`{field}` is {value!r}, not a number the prompt can show (it would read `{value}`)."
+                    " Fix: write its text, or remove the key",
+                )
+            )
         if not isinstance(value, str | int | float) or isinstance(value, bool):
             field = f"{path}.{key}"
             if value is None:  # here a field is a value the prompt shows: null is no value
