@@ -405,17 +405,20 @@ class TrainConfig:
         `max_steps`: stop after this many optimizer steps (>= 1) if the epochs last longer; null: run the
             epochs out (required with `data.batching.num_epochs: null`).
         `micro_batches`: split every global batch into this many gradient-accumulation micro-batches (the
-            update equals the one-pass update; memory falls).
+            update equals the one-pass update; memory falls). With `model.lora.dropout` above 0 the dropout
+            masks are other draws of the same distribution (one key per micro-batch), so the update is not
+            the one-pass update's, nor is a resume that changes this the uninterrupted run's.
         `nonfinite`: on a NaN/inf loss, `stop` the run, or `skip` the update and count it. A skipped update
             leaves the parameters and the optimizer state as they were, the schedule's count included: the
             learning-rate schedule does not advance at a skip (each skip delays the rest of the schedule by
             one step, so a run with skips ends short of its last rates), and the logged `learning_rate` is
             the rate of the optimizer's count. A resume may change it: a run stopped here resumes from its
             last checkpoint with `train.nonfinite=skip`.
-        `max_skips`: with `nonfinite: skip`, the run stops once more than this many updates were skipped;
-            checked whenever metrics are fetched: every `logging.every_steps` steps and before saves.
+        `max_skips`: with `nonfinite: skip`, the run stops once more than this many (>= 0) updates were
+            skipped; checked whenever metrics are fetched: every `logging.every_steps` steps and before saves.
         `joint_forward`: run the with- and without-history passes as one forward call on a joined batch
-            (`train.step.joint_response_hidden`: one read of the weights, larger matmuls; the same values).
+            (`train.step.joint_response_hidden`: one read of the weights, larger matmuls; the same values,
+            except that with `model.lora.dropout` above 0 the dropout masks are other draws).
     """
 
     workdir: str | None = None
@@ -428,10 +431,17 @@ class TrainConfig:
     joint_forward: bool = False
 
     def __post_init__(self):
+        if self.workdir is not None and not self.workdir.strip():
+            # `--workdir "$RUN"` with RUN unset: the current directory would become the run's workdir.
+            raise ValueError(
+                "workdir is empty. Fix: name a directory (an unset shell variable leaves it empty)"
+            )
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1 or null, got {self.max_steps}")
         if self.micro_batches < 1:
             raise ValueError(f"micro_batches must be >= 1, got {self.micro_batches}")
+        if self.max_skips < 0:
+            raise ValueError(f"max_skips must be >= 0, got {self.max_skips}")
 
 
 @dataclass(frozen=True)
@@ -529,7 +539,7 @@ class EvalConfig:
             `data.config.SPLITS`); another value is an error when the config is loaded. When the prepared data
             has no such split (`data prepare` writes only the splits that have examples), the run does not
             evaluate.
-        `max_batches`: evaluate on the split's first this many batches; null: the whole split.
+        `max_batches`: evaluate on the split's first this many batches (>= 1); null: the whole split.
         `generation`: the decoding `nextquill-jax evaluate` uses (default: the public code's, greedy with
             repetition penalty 1.2); its command-line flags override it. `max_new_tokens: 0` skips decoding:
             the evaluation measures the teacher-forced losses only.
@@ -544,6 +554,8 @@ class EvalConfig:
     def __post_init__(self):
         if self.every_steps < 0:
             raise ValueError(f"every_steps must be >= 0, got {self.every_steps}")
+        if self.max_batches is not None and self.max_batches < 1:
+            raise ValueError(f"max_batches must be >= 1 or null, got {self.max_batches}")
 
 
 @dataclass(frozen=True)

@@ -584,6 +584,8 @@ def test_a_sweep_refuses_a_peak_tflops_that_is_not_positive():
         ("checkpoint.async_save=maybe", "checkpoint.async_save", "bool"),
         ("optim.trainable=q_proj", "optim.trainable", "list"),
         ("train.micro_batches=0", "train", "micro_batches"),
+        ("train.max_skips=-1", "train", "max_skips must be >= 0, got -1"),  # it stopped every run
+        ("eval.max_batches=0", "eval", "max_batches must be >= 1 or null, got 0"),  # a traceback mid-run
         ("loss.alpha=-1", "loss", "alpha"),
         ("loss.alpha=foo", "loss.alpha", "expects a float or 'public', got 'foo'"),  # a Literal's values
         ("logging.profile_steps=[3, 2]", "logging", "profile_steps must be [first, last]"),

@@ -41,7 +41,8 @@ MAY_CHANGE = (
     "train.workdir",  # where the run is; config.yaml records the one it used
     # Where the prepared data is; its content must match what the checkpoint records (`check_same_data`).
     "train.data_dir",
-    # Memory and speed settings documented to compute the same values.
+    # Memory and speed settings documented to compute the same values (with LoRA dropout above 0, the
+    # micro-batch split and the joint forward draw other dropout masks: the run goes on, not bitwise).
     "model.remat_policy",
     "model.scan_unroll",
     "train.joint_forward",
