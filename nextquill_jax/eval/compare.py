@@ -156,6 +156,13 @@ class CompareConfig:
     def __post_init__(self):
         if not self.seeds:
             raise ValueError("seeds is empty")
+        if negative := [s for s in self.seeds if s < 0]:
+            # Each seed becomes the run's `train.seed` and `data.batching.seed`, which would otherwise be
+            # refused on a variant's line of the file, not here.
+            raise ValueError(
+                f"compare.seeds must be integers >= 0, got {negative} ({self.seeds}). Fix: list seeds >= 0 "
+                f"(in the file, or after --seeds)"
+            )
         if len(set(self.seeds)) != len(self.seeds):
             repeated = sorted({s for s in self.seeds if self.seeds.count(s) > 1})
             raise ValueError(
@@ -181,6 +188,8 @@ class VariantConfig:
     Fields:
         `overrides`: `section.key=value` items applied to `base` (as on the `nextquill-jax train` command
             line), e.g. `[loss.variant=sft]`; each must fit the base config, checked when the file is loaded.
+            `train.seed`, `data.batching.seed` (each run's seed) and `train.workdir` are compare's to set:
+            an override of them is refused.
         `train`: fine-tune, then evaluate the checkpoint; false: evaluate the model the variant's config
             starts training from (the "not fine-tuned" row): step 0, as `train` would initialise it (a
             `model.preset` with its overrides, random from `train.seed`; a `model.path` with its overrides;
@@ -239,11 +248,12 @@ class Comparison:
         # Compare's own settings of each run are values of its base, not overrides: an error in the
         # variant's overrides lists only those the file gives it.
         base = copy.deepcopy(self.base)
-        for key, value in (
-            ("train.seed", seed),
-            ("data.batching.seed", seed),
-            ("train.workdir", str(self.workdir(name, seed))),
-        ):
+        owned = {
+            "train.seed": seed,
+            "data.batching.seed": seed,
+            "train.workdir": str(self.workdir(name, seed)),
+        }
+        for key, value in owned.items():
             apply_override(base, f"{key}={value}", value)
         try:
             cfg = load_config(
@@ -251,6 +261,18 @@ class Comparison:
             )
         except ConfigError as e:
             raise self._variant_error(name, e) from None
+        got = {"train.seed": cfg.train.seed, "data.batching.seed": cfg.data.batching.seed}
+        got["train.workdir"] = cfg.train.workdir
+        for key, value in owned.items():
+            if got[key] != value:  # every seed would be the same run, or the run would train elsewhere
+                raise self._variant_error(
+                    name,
+                    ConfigError(
+                        f"variant {name!r}: `{key}` is compare's to set (each run's seed is one of "
+                        f"compare.seeds, its workdir <compare.out>/seed<S>/<NAME>). Fix: remove the "
+                        f"override; set compare.seeds or compare.out instead"
+                    ),
+                )
         if cfg.train.data_dir is None and cfg.data.fingerprint_fields() == shared.data.fingerprint_fields():
             cfg = dataclasses.replace(
                 cfg, train=dataclasses.replace(cfg.train, data_dir=str(self.prepared_dir))

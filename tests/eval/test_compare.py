@@ -530,6 +530,15 @@ def test_repeated_seeds_counts_below_one_and_path_like_variant_names_are_refused
     message = refused({"seeds": [0, 1, 0]})
     assert message.startswith(f"{file}: compare.seeds lists seed [0] more than once ([0, 1, 0])"), message
     assert refused(seeds=[3, 3]).startswith(f"{file}: compare.seeds lists seed [3] more than once ([3, 3])")
+    message = refused({"seeds": [0, -1]})  # was refused as `data.batching.seed`, on a variant's line
+    expected = "compare.seeds must be integers >= 0, got [-1] ([0, -1]). Fix: list seeds >= 0 (in the file"
+    assert message.startswith(f"{file}: {expected}, or after --seeds)"), message
+    for override in ("train.seed=7", "data.batching={seed: 7}", f"train.workdir={tmp_path / 'elsewhere'}"):
+        # Each seed's run would be the same run, or the run would train where compare does not look.
+        message = refused(variants={"a": {}, "b": {"overrides": [override]}})
+        key = override.partition("=")[0] if "{" not in override else "data.batching.seed"
+        assert f": variant 'b': `{key}` is compare's to set" in message, message
+        assert message.endswith("Fix: remove the override; set compare.seeds or compare.out instead"), message
     for key in ("max_examples", "eval_batch_size", "effect_examples"):
         for value in (0, -2):
             message = refused({key: value})
