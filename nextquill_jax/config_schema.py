@@ -171,18 +171,25 @@ def _key_lines(node: yaml.Node | None, where: str, lines: dict[str, int]) -> Non
 
 
 def check_not_command_file(raw: Any, source: str, wanted: str = "a training config") -> None:
-    """Refuse a demo file or a compare file (known by its `demo` / `compare` section) where `wanted` was
-    expected: its sections would be reported as unknown keys, which does not say which command reads it.
+    """Refuse a demo, compare or sweep file (known by its `demo` / `compare` section, or a sweep's `models`
+    and `output_dir`) where `wanted` was expected: its sections would be reported as unknown keys, which does
+    not say which command reads it.
 
     Raises:
         ConfigError: naming the kind of file and the command that reads it.
     """
     if not isinstance(raw, dict):
         return
-    for command in ("demo", "compare"):
-        if command in raw:
+    kinds = {
+        "demo": "demo" in raw,
+        "compare": "compare" in raw,
+        "bench scale": {"models", "output_dir"} <= set(raw),
+    }
+    for command, found in kinds.items():
+        if found:
+            kind = "sweep" if command == "bench scale" else command
             raise ConfigError(
-                f"{source} is a {command} file (sections {', '.join(map(str, raw))}), not {wanted}. Fix: run"
+                f"{source} is a {kind} file (sections {', '.join(map(str, raw))}), not {wanted}. Fix: run"
                 f" `nextquill-jax {command} --config {source}`, or pass {wanted}."
             )
 

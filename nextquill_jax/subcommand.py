@@ -1,7 +1,7 @@
 """What a subcommand of `nextquill-jax` is: the contract between `cli.py` and each `<subpackage>/command.py`,
 how a command with actions adds one (`add_action`), and the argparse types those modules share for counts
-(`positive_int`, `non_negative_int`) and settings
-(`positive_float`, `non_negative_float`, `dce_threshold`, `probability`).
+(`positive_int`, `non_negative_int`), settings
+(`positive_float`, `non_negative_float`, `dce_threshold`, `probability`) and directories (`directory`).
 
 Imports nothing of this package, so every layer's command module can name it.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import NamedTuple
 
 # The positional that takes a command's `section.key=value` config overrides (`train`, `data prepare`):
@@ -64,6 +65,21 @@ def non_negative_int(text: str) -> int:
         argparse.ArgumentTypeError: `text` is not an integer >= 0.
     """
     return _int_at_least(text, 0)
+
+
+def directory(text: str) -> Path:
+    """An argparse `type` for a directory a command reads or writes (`--workdir`, `--out`): an empty one is
+    refused, where `Path("")` would be the current directory (`--out "$DIR"` with DIR unset would write the
+    command's files, or train a run, there).
+
+    Raises:
+        argparse.ArgumentTypeError: `text` is empty or whitespace.
+    """
+    if not text.strip():
+        raise argparse.ArgumentTypeError(
+            "expected a directory, got an empty string (an unset shell variable?)"
+        )
+    return Path(text)
 
 
 def _int_at_least(text: str, minimum: int) -> int:

@@ -200,6 +200,17 @@ def test_a_missing_packaged_model_is_an_error_with_the_install_command(
         (["data", "prepare", "--config", "configs/demo.yaml", "--out", "{tmp}/p"],
          r"^configs/demo\.yaml is a demo file .*, not a file with a `data:` section\. Fix: run "
          r"`nextquill-jax demo --config configs/demo\.yaml`"),
+        # a sweep file and a training config, each given to the other's command: they were unknown keys
+        (["train", "--config", "configs/scaling/tiny_cpu.yaml"],
+         r"^configs/scaling/tiny_cpu\.yaml is a sweep file \(sections output_dir, models, .*\), not a "
+         r"training config\. Fix: run `nextquill-jax bench scale --config configs/scaling/tiny_cpu\.yaml`"),
+        (["bench", "scale", "--config", TINY],
+         r"^configs/tiny_synthetic\.yaml is a training config \(sections model, data, .*\), not a sweep "
+         r"file\. Fix: run `nextquill-jax train --config configs/tiny_synthetic\.yaml`, or pass a sweep"),
+        # --step would have been ignored without a word
+        (["evaluate", "--workdir", "{tmp}/nowhere", "--model", "smollm2-135m", "--step", "3"],
+         r"^both a checkpoint step \(3\) of the run and another model \('smollm2-135m'\) to evaluate on its "
+         r"data were given\. Fix: pass one of them \(--step or --model\)$"),
         ([*RUN, "data.format=generic", "data.sources=[{tmp}/no.jsonl]", "data.tokenizer={tmp}/tok"],
          r"^data\.sources: no file matches .*no\.jsonl.* Fix: correct the path"),
         (["data", "show", "{tmp}", "--index", "0"], r"train/meta\.json not found: run `nextquill-jax data"),
@@ -469,6 +480,9 @@ COUNT_FLAGS = [
     ),
     (SYNTH, "--users", 1),
     (["data", "show", "{tmp}/prepared"], "--index", 0),
+    # Seeds: a negative one was refused later, by a config key the command line never named.
+    ([*SYNTH, "--users", "2"], "--seed", 0),
+    (["demo", "--quick", "--out", "{tmp}/demo"], "--seed", 0),
 ]
 
 
@@ -489,6 +503,58 @@ def test_effects_examples_are_distinct_indices_checked_while_parsing(examples, e
     err = capsys.readouterr().err
     assert e.value.code == 2 and f"argument --examples: {expected}" in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+# Directories given empty (`--out "$DIR"` with DIR unset): `Path("")` is the current directory, where the
+# command would have written its files or trained its run.
+EMPTY_DIRECTORY = [
+    ["evaluate", "--workdir", ""],
+    ["evaluate", "--workdir", "{tmp}/run", "--out", " "],
+    ["effects", "--workdir", "", "--out", "{tmp}/report"],
+    ["effects", "--workdir", "{tmp}/run", "--out", ""],
+    ["export", "--workdir", "", "--out", "{tmp}/export"],
+    ["export", "--workdir", "{tmp}/run", "--out", ""],
+    ["checkpoint", "verify", "--workdir", ""],
+    ["data", "prepare", "--config", TINY, "--out", ""],
+    [*SYNTH[:2], "--out", "", "--users", "2"],
+    ["demo", "--quick", "--out", ""],
+]
+
+
+@pytest.mark.parametrize("argv", EMPTY_DIRECTORY)
+def test_an_empty_directory_flag_is_refused_while_parsing(argv, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        cli.main([a.replace("{tmp}", str(tmp_path)) for a in argv])
+    err = capsys.readouterr().err
+    expected = "expected a directory, got an empty string (an unset shell variable?)"
+    assert e.value.code == 2 and re.search(rf"argument --(workdir|out): {re.escape(expected)}", err), err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("where", [["--workdir", ""], ["train.workdir=''"], ["train.workdir=' '"]])
+def test_train_refuses_an_empty_workdir_before_any_work(where, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    message = _run_cli(["train", "--config", str(REPO / TINY), *where], tmp_path, capsys)
+    assert "workdir is empty" in message and "Fix: name" in message, message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_demo_refuses_quick_with_a_config_file(tmp_path, capsys):
+    """--quick chooses configs/demo_quick.yaml: beside --config it was dropped without a word."""
+    with pytest.raises(SystemExit) as e:
+        cli.main(["demo", "--quick", "--config", "configs/demo.yaml", "--out", str(tmp_path / "d")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "argument --config: not allowed with argument --quick" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_compare_refuses_a_negative_seed_while_parsing(tmp_path, capsys):
+    argv = ["compare", "--config", str(tmp_path / "compare.yaml"), "--seeds", "0", "-1"]
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "argument --seeds: expected an integer >= 0, got '-1'" in err, err
 
 
 @pytest.mark.parametrize("argv, flag, minimum", COUNT_FLAGS)

@@ -213,6 +213,11 @@ def load_scaling_config(
         ConfigError: as `config.load_config` (a missing file included).
     """
     raw = read_yaml(path)
+    if isinstance(raw, dict) and "models" not in raw and {"model", "train"} & set(raw):
+        raise ConfigError(
+            f"{path} is a training config (sections {', '.join(map(str, raw))}), not a sweep file. Fix: run "
+            f"`nextquill-jax train --config {path}`, or pass a sweep file (configs/scaling/)."
+        )
     if output_dir is not None:
         raw["output_dir"] = output_dir
     if cudnn_max_segments is not None:

@@ -24,7 +24,14 @@ from pathlib import Path
 from nextquill_jax import third_party_logs
 from nextquill_jax.data.config import SPLITS, DataConfig
 from nextquill_jax.plural import counted
-from nextquill_jax.subcommand import OVERRIDES, Subcommand, add_action, non_negative_int, positive_int
+from nextquill_jax.subcommand import (
+    OVERRIDES,
+    Subcommand,
+    add_action,
+    directory,
+    non_negative_int,
+    positive_int,
+)
 
 
 @dataclass(frozen=True)
@@ -41,7 +48,7 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
         "nextquill-jax data prepare --config configs/tiny_synthetic.yaml --out data/prepared/tiny",
     )  # fmt: skip
     p.add_argument("--config", required=True, type=Path, help="YAML file with a `data:` section")
-    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory")
+    p.add_argument("--out", required=True, type=directory, metavar="DIR", help="output directory")
     p.add_argument("--force", action="store_true", help="prepare again even when DIR is up to date")
     p.add_argument(
         OVERRIDES, nargs="*", metavar="data.key=value",
@@ -60,9 +67,11 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
         sub, "synth", "write the synthetic benchmark (generic JSONL with ground-truth roles)",
         "nextquill-jax data synth --out data/synthetic --users 40 --seed 0",
     )  # fmt: skip
-    g.add_argument("--out", required=True, type=Path, help="output directory")
+    g.add_argument("--out", required=True, type=directory, help="output directory")
     g.add_argument("--users", required=True, type=positive_int, help="synthetic users to generate")
-    g.add_argument("--seed", type=int, default=0, help="random seed (the same seed writes the same records)")
+    g.add_argument(
+        "--seed", type=non_negative_int, default=0, help="random seed (the same seed writes the same records)"
+    )
     g.add_argument(
         "--items", type=positive_int, default=None, help="catalogue size (default: from the other sizes)"
     )

@@ -12,18 +12,20 @@ from pathlib import Path
 
 from nextquill_jax import third_party_logs
 from nextquill_jax.output_dir import check_output_dir
-from nextquill_jax.subcommand import Subcommand
+from nextquill_jax.subcommand import Subcommand, directory, non_negative_int
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
+    # --quick chooses a config file too: with --config it would be ignored without a word.
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument(
         "--quick", action="store_true", help="the reduced smoke-check run (configs/demo_quick.yaml)"
     )
-    parser.add_argument("--out", type=Path, default=None, help="output directory (default: demo_out/)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the data, initialisation and data order")
+    parser.add_argument("--out", type=directory, default=None, help="output directory (default: demo_out/)")
     parser.add_argument(
-        "--config", type=Path, default=None, help="a demo config (default: configs/demo.yaml)"
+        "--seed", type=non_negative_int, default=0, help="seed of the data, initialisation and data order"
     )
+    which.add_argument("--config", type=Path, default=None, help="a demo config (default: configs/demo.yaml)")
 
 
 def run_demo_command(args: argparse.Namespace) -> int:

@@ -30,6 +30,7 @@ from nextquill_jax.output_dir import check_output_dir
 from nextquill_jax.subcommand import (
     Subcommand,
     dce_threshold,
+    directory,
     non_negative_float,
     non_negative_int,
     positive_float,
@@ -42,7 +43,7 @@ if TYPE_CHECKING:  # the commands import JAX only when they run
 
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workdir", required=True, type=Path, help="a training run's directory")
+    parser.add_argument("--workdir", required=True, type=directory, help="a training run's directory")
     parser.add_argument(
         "--step",
         type=non_negative_int,
@@ -63,7 +64,7 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--out",
-        type=Path,
+        type=directory,
         default=None,
         help="output directory (default: <workdir>/eval/<split>, or eval/<split>-<name> with --model)",
     )
@@ -193,7 +194,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 def add_effects_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--workdir", type=Path, help="a training workdir (config.yaml + checkpoints/)")
+    source.add_argument("--workdir", type=directory, help="a training workdir (config.yaml + checkpoints/)")
     source.add_argument("--model", help="a Hugging Face directory, .gguf file or packaged model name")
     parser.add_argument(
         "--step",
@@ -214,7 +215,7 @@ def add_effects_arguments(parser: argparse.ArgumentParser) -> None:
     which.add_argument(
         "--num-examples", type=positive_int, default=8, help="the first N examples (default: 8)"
     )
-    parser.add_argument("--out", required=True, type=Path, help="report directory")
+    parser.add_argument("--out", required=True, type=directory, help="report directory")
     parser.add_argument("--tokenizer", default=None, help="default: the one the data was prepared with")
     parser.add_argument(
         "--threshold",
@@ -463,7 +464,9 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config", required=True, type=Path, help="a compare file (its keys: configs/REFERENCE.md)"
     )
-    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="replace compare.seeds")
+    parser.add_argument(
+        "--seeds", type=non_negative_int, nargs="+", default=None, help="replace compare.seeds"
+    )
 
 
 def run_compare(args: argparse.Namespace) -> int:

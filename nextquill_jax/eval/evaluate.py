@@ -329,8 +329,8 @@ def evaluate(
 
     Raises:
         FileNotFoundError: no checkpoint / config / prepared split (naming what to run).
-        ValueError: a bad argument (a `generation_overrides` value out of range: before a model is loaded),
-            or prepared files that disagree.
+        ValueError: a bad argument (a `generation_overrides` value out of range, or both `step` and
+            `model_path`: before a model is loaded), or prepared files that disagree.
         ConfigError: the run's config cannot be used here (mesh, model source), or the split holds a token
             id outside the vocabulary of the model or of its reference model (`model_setup.check_token_ids`).
     """
@@ -340,6 +340,11 @@ def evaluate(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if loaded is not None and (step is not None or model_path is not None):
         raise ValueError("evaluate: pass `loaded`, or `step` / `model_path` to load a model, not both")
+    if step is not None and model_path is not None:  # the step would be ignored without a word
+        raise ValueError(
+            f"both a checkpoint step ({step}) of the run and another model ({model_path!r}) to evaluate on "
+            f"its data were given. Fix: pass one of them (--step or --model)"
+        )
     if generation is None and generation_overrides:  # GenerationConfig checks each field alone: a bad value
         dataclasses.replace(GenerationConfig(), **generation_overrides)  # is refused before the restore
     if loaded is None:

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from nextquill_jax import third_party_logs
-from nextquill_jax.subcommand import OVERRIDES, Subcommand, add_action, non_negative_int
+from nextquill_jax.subcommand import OVERRIDES, Subcommand, add_action, directory, non_negative_int
 
 # `train --help` ends with these (README.md lists them too; 2 is argparse's, 130 and 141 are `cli.main`'s).
 TRAIN_EXIT_STATUSES = """exit status:
@@ -86,7 +86,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workdir", required=True, type=Path, help="a training run's directory")
+    parser.add_argument("--workdir", required=True, type=directory, help="a training run's directory")
     parser.add_argument(
         "--step",
         type=non_negative_int,
@@ -94,7 +94,10 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         help="checkpoint step (default: the newest verified; 0: the untrained model the run starts from)",
     )
     parser.add_argument(
-        "--out", required=True, type=Path, help="output directory; one that holds weight files is refused"
+        "--out",
+        required=True,
+        type=directory,
+        help="output directory; one that holds weight files is refused",
     )
     what = parser.add_mutually_exclusive_group()
     what.add_argument(
@@ -125,7 +128,7 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
         sub, "verify", "check every checkpoint against its manifest and print a table",
         "nextquill-jax checkpoint verify --workdir runs/tiny_synthetic",
     )  # fmt: skip
-    v.add_argument("--workdir", required=True, type=Path, help="a training run's directory")
+    v.add_argument("--workdir", required=True, type=directory, help="a training run's directory")
 
 
 def run_checkpoint(args: argparse.Namespace) -> int:

@@ -69,8 +69,8 @@ def resolve_workdir(
     note `echo`ed when its `train.workdir` names another place); else `train.workdir`.
 
     Raises:
-        ConfigError: none is set, or it is a URL (such as gs://...), which would otherwise silently become
-            a local folder named after the URL.
+        ConfigError: none is set, `override` is empty, or it is a URL (such as gs://...), which would
+            otherwise silently become a local folder named after the URL.
     """
     if override is None and config_path is not None and Path(config_path).name == CONFIG_FILE:
         home = Path(config_path).expanduser().absolute().parent
@@ -82,6 +82,9 @@ def resolve_workdir(
                     f"{recorded} (moved or copied): it resumes in {home}; pass --workdir to train elsewhere"
                 )
             return home
+    if override is not None and not str(override).strip():
+        # `Path("")` is the current directory, which would become the run's workdir.
+        raise ConfigError("--workdir is empty (an unset shell variable?). Fix: name the run's directory")
     chosen = override if override is not None else cfg.train.workdir
     if chosen is None:
         raise ConfigError("no workdir: set train.workdir in the config or pass --workdir DIR")
