@@ -48,7 +48,8 @@ class BatchingConfig:
         `too_long`: `error` (refuse examples that do not fit a row) or `truncate` (cut the target, counted).
         `shuffle`: shuffle the examples every epoch (by `seed` and the epoch number).
         `seed`: the shuffle seed (>= 0).
-        `num_epochs`: epochs to iterate; null repeats forever (then `train.max_steps` ends the run).
+        `num_epochs`: epochs to iterate; null repeats forever (then `train.max_steps` ends the run), epoch
+            after epoch as with a number: the logged `epoch`, and evaluations and checkpoints at epoch ends.
         `drop_remainder`: drop an epoch's partly filled last batches (counted) instead of padding them with
             empty rows.
         `read_threads`: Grain threads building batches (0 builds them in the calling thread).

@@ -163,29 +163,37 @@ def prepared_dir(cfg: Config, workdir: Path, echo: Echo) -> Path:
 
 
 def plan_steps(pipeline: BatchPipeline, cfg: Config) -> tuple[int, list[int]]:
-    """(total optimizer steps, the step that ends each epoch) for the run.
+    """(total optimizer steps, the step that ends each epoch) for the run: the ends are the cumulative
+    `pipeline.num_batches` of its epochs, those <= total (an epoch cut short by `train.max_steps` has none).
+
+    An endless run (`num_epochs: null`) has epochs too: its iterator starts the next, reshuffled epoch after
+    each (`_EpochsIterator` in data/pipeline.py), so its epochs are planned until they cover
+    `train.max_steps`, as the same run with `num_epochs` set to cover it plans them: both evaluate and save
+    at the same epoch ends, and log the same `epoch`.
 
     Raises:
         ConfigError: an endless data iterator (`num_epochs: null`) without `train.max_steps`.
     """
-    epochs = cfg.data.batching.num_epochs
-    if epochs is None and cfg.train.max_steps is None:
+    epochs, max_steps = cfg.data.batching.num_epochs, cfg.train.max_steps
+    if epochs is None and max_steps is None:
         raise ConfigError(
             "data.batching.num_epochs is null (repeat forever) and train.max_steps is not set: the run would "
             "never end. Fix: set data.batching.num_epochs or train.max_steps."
         )
-    ends, total = [], 0
-    for epoch in range(epochs if epochs is not None else 0):
+    ends, total, epoch = [], 0, 0
+    while (epoch < epochs) if epochs is not None else (total < max_steps):
         total += pipeline.num_batches(epoch)
         ends.append(total)
-    if cfg.train.max_steps is not None:
-        total = min(total, cfg.train.max_steps) if epochs is not None else cfg.train.max_steps
+        epoch += 1
+    if max_steps is not None:
+        total = min(total, max_steps)
     return total, [e for e in ends if e <= total]
 
 
 def planned_examples_per_row(pipeline: BatchPipeline) -> tuple[int, int]:
     """(the most examples a planned row of `pipeline` holds, an epoch where it does), over every epoch of its
-    `num_epochs` (the first only, when that is null: later epochs of an endless run are not planned)."""
+    `num_epochs` (the first only, when that is null: `examples_per_row` bounds an endless run's every epoch
+    instead)."""
     epochs = range(pipeline.cfg.num_epochs or 1)
     return max((pipeline.epoch_stats(e).max_examples_per_row, e) for e in epochs)
 
@@ -194,8 +202,8 @@ def examples_per_row(pipeline: BatchPipeline) -> tuple[int, int | None]:
     """(the most examples a row of `pipeline` holds in any epoch it yields, an epoch where it does).
 
     With `num_epochs` set: over its planned epochs (`planned_examples_per_row`). Endless (`num_epochs: null`):
-    `BatchPipeline.examples_per_row_bound`, which holds for every epoch (the epoch is None): later epochs
-    are never planned, and the first epoch's count does not bound them.
+    `BatchPipeline.examples_per_row_bound`, which holds for every epoch (the epoch is None): the pipeline
+    does not say how many epochs the run reaches, and the first epoch's count does not bound the later ones.
     """
     if pipeline.cfg.num_epochs is None:
         return pipeline.examples_per_row_bound(), None

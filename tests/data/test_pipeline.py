@@ -14,11 +14,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from nextquill_jax.config import Config, ModelRunConfig, TrainConfig
 from nextquill_jax.data.batch import BATCH_FIELDS, IGNORE_INDEX
-from nextquill_jax.data.config import BatchingConfig
+from nextquill_jax.data.config import BatchingConfig, DataConfig
 from nextquill_jax.data.packing import first_fit_rows, most_per_row
 from nextquill_jax.data.pipeline import BatchPipeline
 from nextquill_jax.data.prepared_split import PreparedSplit, TokenizedExample, write_split
+from nextquill_jax.train.setup import plan_steps
 
 N = 150
 TARGET_BASE, STRIDE = 10_000, 64
@@ -303,6 +305,33 @@ def test_a_state_resumes_the_same_batches_under_other_read_threads_and_prefetch(
         resumed = iter(BatchPipeline(split, other, process_index=0, process_count=1))
         resumed.set_state(state)
         _assert_same(list(resumed), uninterrupted[5:])
+
+
+@pytest.mark.parametrize("past_an_end", [0, 1])
+def test_an_endless_pipeline_changes_epoch_where_plan_steps_ends_them(data, past_an_end):
+    """The epoch ends `plan_steps` gives an endless run (`num_epochs: null`) are the steps where its
+    iterator's epochs end: found here from the batches themselves, an epoch ending once every example has
+    appeared in it (each epoch holds every example once). Packed rows of 2 make the epochs differ in length
+    (31 or 32 batches), so a plan that assumed the first epoch's length for all would be caught."""
+    root, _ = data
+    batching = _cfg(mode="pack", rows_per_batch=2, num_epochs=None)
+    pipe = BatchPipeline(PreparedSplit(root, "train"), batching, process_index=0, process_count=1)
+    seen, observed = set(), []
+    for step, batch in enumerate(itertools.islice(pipe, 200), start=1):
+        examples = _examples_in(batch)
+        assert not examples & seen, f"step {step} repeats an example within one epoch"
+        seen |= examples
+        if len(seen) == N:
+            observed.append(step)
+            seen = set()
+    assert len(set(np.diff([0, *observed]).tolist())) > 1  # epochs of different lengths
+    max_steps = observed[2] + past_an_end  # the run stops at, or one step into the epoch after, an end
+    cfg = Config(
+        model=ModelRunConfig(preset="qwen2.5-0.5b"),
+        data=DataConfig(batching=batching),
+        train=TrainConfig(max_steps=max_steps),
+    )
+    assert plan_steps(pipe, cfg) == (max_steps, observed[:3])
 
 
 def test_num_epochs_and_drop_remainder(data):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 
@@ -289,3 +290,33 @@ def test_a_run_stopped_for_a_nonfinite_loss_resumes_with_skip_to_what_a_skip_run
     # zero, so Adam scales float noise to steps of the learning rate's size). The tolerance of test_runs.py.
     same = lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
     jax.tree.map(same, (got.params, got.opt_state), (want.params, want.opt_state))
+
+
+def test_an_endless_run_counts_evaluates_and_saves_its_epochs_as_a_run_with_num_epochs_does(
+    tmp_path, write_random_data, tiny_config
+):
+    """`num_epochs: null` with `max_steps` 7 over epochs of 3 steps (24 examples, rows of 4) logs the same
+    `epoch` for each step, evaluates and saves (`eval.every_steps: 0`, `checkpoint.on_epoch_end`) at the same
+    steps as the same run with `num_epochs: 3`, which covers it: the endless iterator starts a new epoch after
+    each pass too."""
+    data = write_random_data(tmp_path / "data", train=24, val=8)
+
+    def schedule(name: str, num_epochs: int | None) -> tuple[list, list, list]:
+        """(step, epoch) of each training row, the steps of the eval rows and the checkpoints saved."""
+        raw = tiny_config(data, tmp_path / name)
+        raw["data"]["batching"].update(num_epochs=num_epochs, rows_per_batch=4)
+        raw["train"]["max_steps"] = 7
+        raw["checkpoint"].update(every_steps=0, keep=10, async_save=False)
+        loop.train(load_config(None, base=raw), tmp_path / name, echo=lambda _: None)
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        rows = [json.loads(line) for line in lines if line.strip()]
+        checkpoints = (tmp_path / name / "checkpoints").iterdir()
+        return (
+            [(r["step"], r["epoch"]) for r in rows if "epoch" in r],
+            [r["step"] for r in rows if "eval/loss" in r],
+            sorted(int(p.name) for p in checkpoints if p.name.isdigit()),
+        )
+
+    epochs, evaluated, saved = schedule("endless", None)
+    assert (epochs, evaluated, saved) == schedule("three", 3)
+    assert {e for _, e in epochs} == {0, 1, 2} and len(evaluated) > 1  # the comparison covers epoch ends
