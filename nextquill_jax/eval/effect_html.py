@@ -5,7 +5,9 @@ Each target token is a `<span class="tok">` whose background is its DCE on a div
 white at 0, red above), symmetric around 0 and saturated from the 99th percentile of |DCE| over the drawn
 tokens (at least |δ|) so that a few extreme tokens do not wash out the rest; its hover title gives DCE, ω,
 both probabilities and the ground-truth role. Preference-bearing tokens (DCE > δ) also have the class `pref`
-(a thick underline). Both prompts sit in foldable `<details>` blocks. All text is escaped.
+(a thick underline). A token whose DCE is not finite (a diverged model) is grey, `NONFINITE_COLOR`, off the
+scale, with the class `nonfinite`, and left out of the scale's percentile. Both prompts sit in foldable
+`<details>` blocks. All text is escaped.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ COLOR_STOPS: tuple[tuple[int, int, int], ...] = (
     (239, 138, 98),
     (178, 24, 43),
 )
+# A non-finite DCE's background: a grey that no DCE on the scale takes (its middle, DCE 0, is near-white).
+NONFINITE_COLOR = "#a6a6a6"
 
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:24px auto;max-width:1100px;
@@ -45,6 +49,7 @@ th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f0f0
 .target{white-space:pre-wrap;font-family:ui-monospace,Menlo,Consolas,monospace;font-size:15px;line-height:2.1;
   padding:8px 10px;border:1px solid #ddd;border-radius:4px}
 .tok{border-radius:2px}.tok.pref,.pref-sample{border-bottom:3px solid #111}.tok.special{font-style:italic}
+.nonfinite-sample{background:NONFINITE;padding:0 3px;border-radius:2px}
 .tok:empty::before{content:"\\00b7"}
 body.show-roles .tok.gt-preference{outline:1.5px dashed #6a3d9a;outline-offset:1px}
 details{margin:.25em 0}summary{cursor:pointer;color:#333}
@@ -78,9 +83,12 @@ def _text_color(value: float, vmax: float) -> str:
     return "#fff" if abs(value) / vmax > 0.8 else "#111"
 
 
-def _dce(value: float) -> str:
-    """A signed DCE with 4 decimals, or 3 significant digits when that would print as 0."""
-    return f"{value:+.4f}" if value == 0 or abs(value) >= 1e-3 else f"{value:+.2e}"
+def _dce(value: float | None) -> str:
+    """A signed DCE with 4 decimals, or 3 significant digits when that would print as 0; "–" for None (no
+    finite DCE to summarise), `+nan` / `+inf` / `-inf` for a non-finite one."""
+    if value is None:
+        return "–"
+    return f"{value:+.4f}" if value == 0 or abs(value) >= 1e-3 or not np.isfinite(value) else f"{value:+.2e}"
 
 
 def _num(value: Any, spec: str = ".3f") -> str:
@@ -99,9 +107,12 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) 
 
 def _token_span(r: ExampleEffects, k: int, threshold: float, vmax: float) -> str:
     dce = float(r.dce[k])
+    finite = bool(np.isfinite(dce))
     role = r.roles[k] if r.roles is not None else None
     classes = ["tok"]
-    if dce > threshold:
+    if not finite:
+        classes.append("nonfinite")
+    elif dce > threshold:
         classes.append("pref")
     if k == len(r.pieces) - 1:
         classes.append("special")
@@ -112,21 +123,31 @@ def _token_span(r: ExampleEffects, k: int, threshold: float, vmax: float) -> str
         f"p without {float(r.p_without[k]):.4g} | token id {int(r.token_ids[k])}"
         + (f" | role {role}" if role is not None else "")
     )
-    style = f"background:{dce_color(dce, vmax)};color:{_text_color(dce, vmax)}"
+    background, color = (
+        (dce_color(dce, vmax), _text_color(dce, vmax)) if finite else (NONFINITE_COLOR, "#111")
+    )
+    style = f"background:{background};color:{color}"
     return (
         f'<span class="{" ".join(classes)}" style="{style}" title="{html.escape(title, quote=True)}">'
         f"{html.escape(r.pieces[k])}</span>"
     )
 
 
-def _legend(threshold: float, vmax: float) -> str:
+def _legend(threshold: float, vmax: float, nonfinite: int) -> str:
+    """The colour scale and what the marks mean; with `nonfinite` > 0 tokens, also what their grey means."""
     left = (np.clip(threshold / vmax, -1, 1) + 1) / 2 * 100
+    grey = (
+        f' <span class="nonfinite-sample">Grey</span> tokens ({nonfinite}) have a DCE that is not finite '
+        "(the model diverged); the numbers and the histogram leave them out."
+        if nonfinite
+        else ""
+    )
     return (
         f'<div class="legend"><div class="bar"><div class="thr" style="left:{left:.2f}%"></div></div>'
         f'<div class="scale"><span>≤ {_dce(-vmax)}</span><span>0</span><span>≥ {_dce(vmax)}</span></div>'
         f'<p class="meta">Background: DCE = p(token | with history) − p(token | without history). '
         f'<span class="pref-sample">Underlined</span> tokens are preference-bearing (DCE &gt; δ = '
-        f"{threshold:g}, the black tick). Hover a token for its numbers.</p></div>"
+        f"{threshold:g}, the black tick).{grey} Hover a token for its numbers.</p></div>"
     )
 
 
@@ -143,11 +164,16 @@ def _overview(summary: dict[str, Any]) -> str:
     rows = [
         ["examples", str(len(summary["examples"]))],
         ["target tokens", str(summary["tokens"])],
+        *(
+            [["DCE not finite (left out)", str(summary["nonfinite_tokens"])]]
+            if summary["nonfinite_tokens"]
+            else []
+        ),
         [
             "preference-bearing (DCE &gt; δ)",
             f"{summary['preference_bearing']} ({_num(summary['preference_bearing_fraction'], '.1%')})",
         ],
-        ["DCE mean ± std", f"{_dce(d['mean'])} ± {_dce(d['std'])[1:]}"],
+        ["DCE mean ± std", "–" if d["mean"] is None else f"{_dce(d['mean'])} ± {_dce(d['std'])[1:]}"],
         [
             "DCE min / p10 / p50 / p90 / max",
             " / ".join(_dce(d[k]) for k in ("min", "p10", "p50", "p90", "max")),
@@ -159,8 +185,9 @@ def _overview(summary: dict[str, Any]) -> str:
     if gt is not None:
         out += (
             f"<h2>Against the ground truth</h2><p class=meta>Over the {gt['tokens_scored']} tokens with a "
-            f"role in {gt['examples']} synthetic examples: a token is predicted preference-bearing when "
-            "DCE &gt; δ; AUROC ranks preference tokens against context and noise tokens by DCE.</p>"
+            f"role and a finite DCE in {gt['examples']} synthetic examples: a token is predicted "
+            "preference-bearing when DCE &gt; δ; AUROC ranks preference tokens against context and noise "
+            "tokens by DCE.</p>"
         )
         out += _table(
             ["precision", "recall", "F1", "DCE AUROC"],
@@ -202,7 +229,9 @@ def _example_table(results: Sequence[ExampleEffects], summary: dict[str, Any]) -
 
 def _example(r: ExampleEffects, threshold: float, vmax: float) -> str:
     row = r.row
-    n_pref = int((r.dce > threshold).sum())
+    finite = r.dce[np.isfinite(r.dce)]
+    n_pref = int((finite > threshold).sum())
+    nonfinite = f" · {r.dce.size - finite.size} not finite" if finite.size < r.dce.size else ""
     tokens = row.get("tokens", {})
     cut = " · target cut to fit the length limit" if row.get("target_cut") else ""
     spans = "".join(_token_span(r, k, threshold, vmax) for k in range(len(r.pieces)))
@@ -210,8 +239,8 @@ def _example(r: ExampleEffects, threshold: float, vmax: float) -> str:
         f'<section class="example" id="ex-{r.index}">'
         f"<h2>Example {r.index} · user {html.escape(str(row.get('user_id')))} · "
         f"{html.escape(str(row.get('category') or '–'))}</h2>"
-        f'<p class="meta">{len(r.pieces)} target tokens · {n_pref} preference-bearing · mean DCE '
-        f"{_dce(float(r.dce.mean()))} · history entries used: "
+        f'<p class="meta">{len(r.pieces)} target tokens · {n_pref} preference-bearing{nonfinite} · mean DCE '
+        f"{_dce(float(finite.mean()) if finite.size else None)} · history entries used: "
         f"{html.escape(str(row.get('history_used', '–')))}"
         f"{cut}</p>"
         f"<details><summary>Prompt with history ({tokens.get('prompt_with', '?')} tokens)</summary>"
@@ -241,8 +270,12 @@ def render_report(
         The HTML document as a string.
     """
     drawn = np.abs(np.concatenate([r.dce for r in results]))
-    vmax = max(float(np.quantile(drawn, 0.99)), abs(threshold), 1e-6)
+    drawn = drawn[np.isfinite(drawn)]  # a NaN would make the quantile NaN, an inf saturate every colour
+    vmax = max(float(np.quantile(drawn, 0.99)) if drawn.size else 0.0, abs(threshold), 1e-6)
     title = f"NextQuill effect report · split {summary['split']}"
+    css = CSS.replace("GRADIENT", ",".join(_hex(c) for c in COLOR_STOPS)).replace(
+        "NONFINITE", NONFINITE_COLOR
+    )
     has_roles = any(r.roles is not None for r in results)
     toggle = (
         '<p><label><input type="checkbox" id="show-roles"> outline the ground-truth preference tokens '
@@ -260,10 +293,10 @@ def render_report(
         '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{html.escape(title)}</title>",
-        f"<style>{CSS.replace('GRADIENT', ','.join(_hex(c) for c in COLOR_STOPS))}</style></head><body>",
+        f"<style>{css}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
         f'<p class="meta">Model: {html.escape(summary.get("model") or "–")} · {shown}</p>',
-        _legend(threshold, vmax),
+        _legend(threshold, vmax, summary["nonfinite_tokens"]),
         '<div class="row"><div class="col">',
         _overview(summary),
         '</div><div><img alt="Histogram of DCE values" src="data:image/png;base64,'

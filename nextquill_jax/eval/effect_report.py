@@ -8,6 +8,10 @@ token's p_h(y), p_∅(y), DCE and ω; this module summarises them and writes REP
     summary.json        counts, DCE quantiles and, where targets carry `meta.target_spans`, precision /
                         recall / AUROC against the ground truth (`effect_scoring`), overall and per role
 
+A token whose DCE is not finite (NaN or inf: a diverged model) is left out of every DCE statistic, the
+AUROC, precision, recall and the histogram, and counted instead (`nonfinite_tokens`); the page draws it
+grey.
+
 The Python entry point is `build_effect_report`.
 """
 
@@ -33,46 +37,80 @@ DEFAULT_NUM_EXAMPLES = 8
 DEFAULT_MAX_SHOWN = 20
 
 
+def finite_tokens(results: Sequence[ExampleEffects]) -> tuple[np.ndarray, list[str] | None, int]:
+    """(the finite DCE values of the target tokens of `results`, [F] float64; their roles, [F], or None
+    unless every example has roles; how many tokens were left out for a DCE that is not finite).
+
+    A diverged model's NaN or inf has no place in a quantile, an AUROC or a histogram (the AUROC refuses
+    it, and one NaN makes every quantile NaN), so the numbers cover the other tokens and count these.
+    """
+    keep = [np.isfinite(r.dce) for r in results]
+    dce = np.concatenate([r.dce[k] for r, k in zip(results, keep, strict=True)]).astype(np.float64)
+    roles = None
+    if all(r.roles is not None for r in results):
+        pairs = zip(results, keep, strict=True)
+        roles = [role for r, k in pairs for role, kept in zip(r.roles, k, strict=True) if kept]
+    return dce, roles, sum(int(k.size - k.sum()) for k in keep)
+
+
+def _dce_statistics(dce: np.ndarray) -> dict[str, float | None]:
+    """Mean, std, min, p10, p50, p90 and max of `dce` ([N] finite); each None when N is 0 (every token of a
+    diverged model non-finite)."""
+    if dce.size == 0:
+        return dict.fromkeys(("mean", "std", "min", "p10", "p50", "p90", "max"))
+    quantiles = {f"p{q}": float(np.quantile(dce, q / 100)) for q in (10, 50, 90)}
+    return {
+        "mean": float(dce.mean()),
+        "std": float(dce.std()),
+        "min": float(dce.min()),
+        **quantiles,
+        "max": float(dce.max()),
+    }
+
+
 def summarize(results: Sequence[ExampleEffects], loss_cfg: LossConfig) -> dict[str, Any]:
     """The numbers of `summary.json`: counts, DCE statistics, ground-truth scores, one entry per example.
 
+    `tokens` counts every target token, `nonfinite_tokens` those whose DCE is not finite; the DCE statistics
+    (`dce`: None each when no DCE is finite), `preference_bearing` (DCE > δ) and its fraction cover the finite
+    ones (`finite_tokens`), as do the ground-truth scores and each example's `mean_dce` / `max_dce`.
     `ground_truth` (None when no example has `meta.target_spans`) is `effect_scoring.score_roles` over the
-    tokens of the examples that have them, plus `examples`, their count, and `nll`: the teacher-forced
-    negative log-likelihood of the targets per role, with and without the history (`role_nll`). `nll` is the
-    same over all tokens (data without roles too). Each example's entry holds its own `nll_with` /
-    `nll_without` and, with roles, `preference_nll_with` / `preference_nll_without`. `loss` holds δ, λ, ε,
-    `weighting` and `weighting_sha256`, the digest of its module's file as it is now (`weighting_sha256`).
+    finite tokens of the examples that have them, plus `examples`, their count, `nonfinite_tokens`, their
+    tokens left out, and `nll`: the teacher-forced negative log-likelihood of the targets per role, with and
+    without the history (`role_nll`). `nll` is the same over all tokens (data without roles too). Each
+    example's entry holds its own `nll_with` / `nll_without` and, with roles, `preference_nll_with` /
+    `preference_nll_without`. `loss` holds δ, λ, ε, `weighting` and `weighting_sha256`, the digest of its
+    module's file as it is now (`weighting_sha256`). A non-finite NLL stays NaN (`write_report` writes null).
     """
-    dce = np.concatenate([r.dce for r in results]).astype(np.float64)
+    dce, _, nonfinite = finite_tokens(results)
     flagged = dce > loss_cfg.threshold
-    quantiles = {f"p{q}": float(np.quantile(dce, q / 100)) for q in (10, 50, 90)}
     with_roles = [r for r in results if r.roles is not None]
     ground_truth = None
     if with_roles:
+        role_dce, roles, role_nonfinite = finite_tokens(with_roles)
         ground_truth = {
             "examples": len(with_roles),
-            **score_roles(
-                np.concatenate([r.dce for r in with_roles]),
-                [role for r in with_roles for role in r.roles],
-                loss_cfg.threshold,
-            ),
+            "nonfinite_tokens": role_nonfinite,
+            **score_roles(role_dce, roles, loss_cfg.threshold),
             "nll": role_nll(with_roles),
         }
     per_example = []
     for r in results:
+        own, own_roles, own_nonfinite = finite_tokens([r])
         entry = {
             "index": r.index,
             "user_id": r.row.get("user_id"),
             "category": r.row.get("category"),
             "tokens": int(r.dce.size),
-            "preference_bearing": int((r.dce > loss_cfg.threshold).sum()),
-            "mean_dce": float(r.dce.mean()),
-            "max_dce": float(r.dce.max()),
+            "nonfinite_tokens": own_nonfinite,
+            "preference_bearing": int((own > loss_cfg.threshold).sum()),
+            "mean_dce": float(own.mean()) if own.size else None,
+            "max_dce": float(own.max()) if own.size else None,
             "nll_with": float(-r.logp_with.astype(np.float64).mean()),
             "nll_without": float(-r.logp_without.astype(np.float64).mean()),
         }
-        if r.roles is not None:
-            scores = score_roles(r.dce, r.roles, loss_cfg.threshold)
+        if own_roles is not None:
+            scores = score_roles(own, own_roles, loss_cfg.threshold)
             entry.update({k: scores[k] for k in ("precision", "recall", "auroc")})
             preference = role_nll([r]).get("preference")
             if preference is not None:
@@ -90,16 +128,11 @@ def summarize(results: Sequence[ExampleEffects], loss_cfg: LossConfig) -> dict[s
             "weighting": loss_cfg.weighting,
             "weighting_sha256": weighting_sha256(loss_cfg.weighting),
         },
-        "tokens": int(dce.size),
+        "tokens": int(dce.size) + nonfinite,
+        "nonfinite_tokens": nonfinite,
         "preference_bearing": int(flagged.sum()),
-        "preference_bearing_fraction": float(flagged.mean()),
-        "dce": {
-            "mean": float(dce.mean()),
-            "std": float(dce.std()),
-            "min": float(dce.min()),
-            **quantiles,
-            "max": float(dce.max()),
-        },
+        "preference_bearing_fraction": float(flagged.mean()) if dce.size else None,
+        "dce": _dce_statistics(dce),
         "ground_truth": ground_truth,
         "nll": {
             "with": float(-np.concatenate([r.logp_with for r in results]).astype(np.float64).mean()),
@@ -127,20 +160,21 @@ def role_nll(results: Sequence[ExampleEffects]) -> dict[str, dict[str, float]]:
 
 
 def dce_histogram_png(results: Sequence[ExampleEffects], threshold: float) -> bytes:
-    """A PNG histogram of all DCE values (one outline per ground-truth role when every example has roles),
-    counts on a log scale, δ marked by a dashed line."""
+    """A PNG histogram of the finite DCE values (one outline per ground-truth role when every example has
+    roles), counts on a log scale, δ marked by a dashed line; the title counts the non-finite ones left out
+    (`finite_tokens`)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    dce = np.concatenate([r.dce for r in results]).astype(np.float64)
-    lo, hi = min(dce.min(), threshold), max(dce.max(), threshold)
+    dce, roles_list, nonfinite = finite_tokens(results)
+    lo, hi = dce.min(initial=threshold), dce.max(initial=threshold)
     pad = max(hi - lo, 1e-6) * 0.02
     bins = np.linspace(lo - pad, hi + pad, 61)
     fig = Figure(figsize=(7.5, 3.6), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    if all(r.roles is not None for r in results):
-        roles = np.array([role for r in results for role in r.roles], dtype=object)
+    if roles_list is not None:
+        roles = np.array(roles_list, dtype=object)
         present = [role for role in (*ROLES, "glue", EOS) if (roles == role).any()]
         colors = {"preference": "#b2182b", "context": "#2166ac", "noise": "#33a02c", "glue": "#bdbdbd"}
         for role in present:  # outlines, not stacked: on a log scale stacking distorts the upper layers
@@ -152,9 +186,11 @@ def dce_histogram_png(results: Sequence[ExampleEffects], threshold: float) -> by
         ax.hist(dce, bins=bins, color="#4d4d4d", label="target tokens")
     ax.axvline(threshold, color="black", linestyle="--", linewidth=1.2, label=f"δ = {threshold:g}")
     ax.set_xlabel("DCE = p(y | with history) − p(y | without history)")
-    ax.set_yscale("log")  # most effects are near 0; a log scale keeps the tails visible
-    ax.set_ylabel("tokens (log scale)")
-    ax.set_title(f"Data-side effect of {dce.size} target tokens")
+    if dce.size:  # most effects are near 0; a log scale keeps the tails visible (and has no room for none)
+        ax.set_yscale("log")
+        ax.set_ylabel("tokens (log scale)")
+    left_out = f" ({nonfinite} with a non-finite DCE left out)" if nonfinite else ""
+    ax.set_title(f"Data-side effect of {dce.size} target tokens{left_out}")
     ax.legend(fontsize=8)
     fig.tight_layout()
     buffer = io.BytesIO()
@@ -249,11 +285,14 @@ def build_effect_report(
 
 def describe(summary: dict[str, Any]) -> str:
     """A few lines for the terminal: counts, the ground-truth scores when there are some, and the files."""
+    median = summary["dce"]["p50"]
+    nonfinite = summary["nonfinite_tokens"]
     lines = [
         f"{counted(len(summary['examples']), 'example')} of split {summary['split']}: "
         f"{counted(summary['tokens'], 'target token')}, "
         f"{summary['preference_bearing']} preference-bearing (DCE > {summary['loss']['threshold']:g}), "
-        f"median DCE {summary['dce']['p50']:+.4f}"
+        f"median DCE {'n/a' if median is None else f'{median:+.4f}'}"
+        + (f", {nonfinite} with a non-finite DCE left out of the numbers" if nonfinite else "")
     ]
     gt = summary["ground_truth"]
     if gt is not None:

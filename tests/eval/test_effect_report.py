@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import re
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from nextquill_jax.data.config import DataConfig
 from nextquill_jax.data.prepare import prepare
 from nextquill_jax.data.prepared_split import PreparedSplit
 from nextquill_jax.data.sources.synth import generate_synthetic
-from nextquill_jax.eval.effect_html import render_report
+from nextquill_jax.eval.effect_html import NONFINITE_COLOR, render_report
 from nextquill_jax.eval.effect_report import (
     ExampleEffects,
     compute_example_effects,
@@ -139,6 +140,118 @@ def test_precision_recall_per_role_hand_counts():
     assert none_flagged["precision"] is None and none_flagged["recall"] == 0.0
     with pytest.raises(ValueError, match="unknown roles"):
         score_roles(dce[:1], ["style"], threshold=0.0)
+
+
+# ---------------------------------------------------------------- a diverged model's non-finite DCE
+
+
+def _strict_json(path: Path) -> dict:
+    """The file's JSON, refusing NaN / Infinity (which `json.loads` would otherwise accept)."""
+
+    def refuse(constant):
+        raise AssertionError(f"{path} holds {constant}, which is not JSON")
+
+    return json.loads(path.read_text(encoding="utf-8"), parse_constant=refuse)
+
+
+def _pairwise_auroc(pos: np.ndarray, neg: np.ndarray) -> float:
+    """P(a positive score > a negative one), ties one half, counted over every pair."""
+    wins = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return float(wins / (pos.size * neg.size))
+
+
+def _linear_quantile(values: np.ndarray, q: float) -> float:
+    """The q-quantile of `values`: linear between the sorted values at the ranks around (n - 1) q."""
+    ordered, h = np.sort(values), (values.size - 1) * q
+    k = int(np.floor(h))
+    return float(ordered[k] + (h - k) * (ordered[min(k + 1, values.size - 1)] - ordered[k]))
+
+
+def _effects(index: int, dce: np.ndarray, roles: list[str] | None) -> ExampleEffects:
+    """An example of len(dce) tokens whose probabilities are NaN where its DCE is not finite, as a diverged
+    model's would be."""
+    n = dce.size
+    p_without = np.full(n, 0.3, np.float32)
+    p_with = np.where(np.isfinite(dce), p_without + dce, np.nan).astype(np.float32)
+    return ExampleEffects(
+        index=index,
+        row={"user_id": f"u{index}", "prompt_with_history": "h", "prompt_without_history": "", "target": "t"},
+        token_ids=np.arange(n, dtype=np.int32),
+        pieces=[f"t{k}" for k in range(n)],
+        p_with=p_with,
+        p_without=p_without,
+        logp_with=np.log(p_with),
+        logp_without=np.log(p_without),
+        dce=dce.astype(np.float32),
+        weight=np.full(n, 0.1, np.float32),
+        roles=roles,
+    )
+
+
+def test_a_report_leaves_nonfinite_dce_out_of_its_numbers_and_counts_them(tmp_path):
+    """One NaN and one inf DCE among finite ones: every file is written (summary.json strict JSON), the DCE
+    quantiles, AUROC, precision and recall equal those of the finite tokens alone (counted here pairwise and
+    by hand), the two tokens are counted, and the page draws them grey."""
+    roles = ["preference", "context", "noise", "preference", "glue", "context", "eos"]
+    rng = np.random.default_rng(3)
+    dce = [rng.uniform(-0.2, 0.3, len(roles)).astype(np.float32) for _ in range(3)]
+    dce[0][0], dce[1][1] = np.nan, np.inf  # a preference token and a context token
+    results = [_effects(i, d, roles) for i, d in enumerate(dce)]
+    summary = write_report(results, LOSS, tmp_path, split="val")
+    for path in summary["files"].values():
+        assert Path(path).stat().st_size > 0, path
+    written = _strict_json(tmp_path / "summary.json")
+
+    values = np.concatenate(dce).astype(np.float64)
+    all_roles = np.array(roles * 3)
+    finite = np.isfinite(values)
+    kept, kept_roles = values[finite], all_roles[finite]
+    assert (written["tokens"], written["nonfinite_tokens"]) == (21, 2)
+    assert [e["nonfinite_tokens"] for e in written["per_example"]] == [1, 1, 0]
+    assert written["preference_bearing"] == int((kept > THRESHOLD).sum())
+    assert written["preference_bearing_fraction"] == pytest.approx((kept > THRESHOLD).mean())
+    for q in (10, 50, 90):
+        assert written["dce"][f"p{q}"] == pytest.approx(_linear_quantile(kept, q / 100), abs=1e-12)
+    assert (written["dce"]["min"], written["dce"]["max"]) == pytest.approx((kept.min(), kept.max()))
+    assert written["dce"]["mean"] == pytest.approx(kept.mean())
+
+    gt = written["ground_truth"]
+    scored = np.isin(kept_roles, ["preference", "context", "noise"])
+    pos, flagged = kept_roles == "preference", kept > THRESHOLD
+    assert (gt["nonfinite_tokens"], gt["tokens_scored"]) == (2, int(scored.sum()))
+    assert gt["auroc"] == pytest.approx(_pairwise_auroc(kept[pos], kept[scored & ~pos]), abs=1e-12)
+    assert gt["precision"] == pytest.approx((flagged & pos).sum() / (flagged & scored).sum())
+    assert gt["recall"] == pytest.approx((flagged & pos).sum() / pos.sum())
+    own = dce[0][1:].astype(np.float64)  # example 0 without its NaN token
+    own_roles = np.array(roles[1:])
+    own_pos, own_neg = own[own_roles == "preference"], own[np.isin(own_roles, ["context", "noise"])]
+    assert written["per_example"][0]["auroc"] == pytest.approx(_pairwise_auroc(own_pos, own_neg), abs=1e-12)
+    assert written["per_example"][0]["mean_dce"] == pytest.approx(own.mean())
+    assert written["per_example"][0]["nll_with"] is None  # its NaN probability: null, not left out
+
+    raw = (tmp_path / "index.html").read_text(encoding="utf-8")
+    spans = re.findall(r'<span class="(tok[^"]*)" style="background:(#[0-9a-f]{6});', raw)
+    assert len(spans) == 21
+    grey = [k for k, (classes, _) in enumerate(spans) if "nonfinite" in classes.split()]
+    assert grey == [0, 7 + 1]
+    assert all((color == NONFINITE_COLOR) == (k in grey) for k, (_, color) in enumerate(spans))
+    assert all("pref" not in spans[k][0].split() for k in grey)  # an inf is not preference-bearing
+    assert "with a non-finite DCE left out" in describe(written)
+
+
+def test_a_report_of_a_model_whose_every_dce_is_nan_is_written_with_null_statistics(tmp_path):
+    """Every token NaN (the whole model diverged): the files are still written, each DCE statistic and score
+    null, every token counted as non-finite."""
+    roles = ["preference", "context", "eos"]
+    results = [_effects(i, np.full(3, np.nan), r) for i, r in enumerate((roles, None))]
+    summary = write_report(results, LOSS, tmp_path, split="val")
+    written = _strict_json(tmp_path / "summary.json")
+    assert (written["tokens"], written["nonfinite_tokens"], written["preference_bearing"]) == (6, 6, 0)
+    assert set(written["dce"].values()) == {None} and written["preference_bearing_fraction"] is None
+    assert written["ground_truth"]["auroc"] is None and written["ground_truth"]["tokens_scored"] == 0
+    assert (tmp_path / "dce_histogram.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "index.html").read_text(encoding="utf-8").count('class="tok nonfinite') == 6
+    assert "median DCE n/a" in describe(summary)
 
 
 # ---------------------------------------------------------------- the report on a tiny model
