@@ -172,7 +172,8 @@ def plan_steps(pipeline: BatchPipeline, cfg: Config) -> tuple[int, list[int]]:
     at the same epoch ends, and log the same `epoch`.
 
     Raises:
-        ConfigError: an endless data iterator (`num_epochs: null`) without `train.max_steps`.
+        ConfigError: an endless data iterator (`num_epochs: null`) without `train.max_steps`, or one with an
+            epoch that holds no batch.
     """
     epochs, max_steps = cfg.data.batching.num_epochs, cfg.train.max_steps
     if epochs is None and max_steps is None:
@@ -182,7 +183,14 @@ def plan_steps(pipeline: BatchPipeline, cfg: Config) -> tuple[int, list[int]]:
         )
     ends, total, epoch = [], 0, 0
     while (epoch < epochs) if epochs is not None else (total < max_steps):
-        total += pipeline.num_batches(epoch)
+        batches = pipeline.num_batches(epoch)
+        if batches == 0 and epochs is None:  # no step would ever come (the iterator would wait forever too)
+            raise ConfigError(
+                f"epoch {epoch} of the training data fills no complete global batch (data.batching."
+                f"drop_remainder is true), so the endless run could never reach train.max_steps. Fix: set "
+                f"data.batching.drop_remainder: false, or lower data.batching.rows_per_batch."
+            )
+        total += batches
         ends.append(total)
         epoch += 1
     if max_steps is not None:

@@ -15,6 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from nextquill_jax.config import Config, ModelRunConfig, TrainConfig
+from nextquill_jax.config_schema import ConfigError
 from nextquill_jax.data.batch import BATCH_FIELDS, IGNORE_INDEX
 from nextquill_jax.data.config import BatchingConfig, DataConfig
 from nextquill_jax.data.packing import first_fit_rows, most_per_row
@@ -332,6 +333,23 @@ def test_an_endless_pipeline_changes_epoch_where_plan_steps_ends_them(data, past
         train=TrainConfig(max_steps=max_steps),
     )
     assert plan_steps(pipe, cfg) == (max_steps, observed[:3])
+
+
+def test_an_endless_plan_refuses_an_epoch_without_a_batch():
+    """With drop_remainder, a later epoch's packing may fill no whole global batch: planning (and the
+    iterator) would otherwise wait forever for the step that ends the run."""
+
+    class Epochs:  # the first epoch has one batch, the second none
+        def num_batches(self, epoch: int) -> int:
+            return [1, 0][epoch]
+
+    cfg = Config(
+        model=ModelRunConfig(preset="qwen2.5-0.5b"),
+        data=DataConfig(batching=_cfg(num_epochs=None)),
+        train=TrainConfig(max_steps=5),
+    )
+    with pytest.raises(ConfigError, match=r"^epoch 1 of the training data fills no complete global batch"):
+        plan_steps(Epochs(), cfg)
 
 
 def test_num_epochs_and_drop_remainder(data):
