@@ -239,6 +239,8 @@ def compare_runs(
         row["dce_auroc"] = (
             None if None in aurocs else statistics.fmean(read_number(g["auroc"]) for g in aurocs)
         )
+        if row["dce_auroc"] is not None:  # the tokens of a diverged model's NaN DCE are not in the AUROC
+            row["dce_auroc_nonfinite"] = sum(g.get("nonfinite_tokens", 0) for g in aurocs)
         rows.append(row)
     base_runs = examples[baseline]
     for name in variants:
@@ -406,7 +408,16 @@ def markdown(result: Mapping[str, Any]) -> str:
         lines.append(f"| {row['variant']} | " + " | ".join(cells) + " |")
     left_out = left_out_line([(metric, header) for metric, header, _ in columns if metric not in measured])
     not_measured = not_measured_line(result["rows"], [(metric, header) for metric, header, _ in shown])
-    notes = [line for line in (left_out, not_measured) if line is not None]
+    nonfinite = [f"{row['variant']} {row['dce_auroc_nonfinite']}" for row in result["rows"]
+                 if row.get("dce_auroc_nonfinite")]  # fmt: skip
+    if nonfinite and "dce_auroc" in measured:
+        nonfinite_line = (
+            f"DCE AUROC leaves out the target tokens whose DCE is not finite (a diverged model): "
+            f"{', '.join(nonfinite)} (over its seeds' effect reports)."
+        )
+    else:
+        nonfinite_line = None
+    notes = [line for line in (left_out, not_measured, nonfinite_line) if line is not None]
     if notes:
         lines += ["", *notes]
     if not result["differences"]:

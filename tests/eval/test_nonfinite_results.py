@@ -4,6 +4,7 @@ back as NaN: the table shows n/a, and a difference leaves out, and counts, the p
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from types import SimpleNamespace
@@ -141,3 +142,30 @@ def test_compare_done_keeps_the_settings_as_the_config_gives_them(tmp_path):
     read = json.loads((tmp_path / "done.json").read_text())
     assert read == returned and read["bleu"] is None
     assert read["settings"]["config"]["clip_norm"] == math.inf
+
+
+def test_the_table_says_how_many_tokens_the_dce_auroc_leaves_out(tmp_path):
+    """A partly diverged model's NaN DCE tokens are left out of its effect report's AUROC (and counted
+    there): the table's DCE AUROC column says so, naming the variant and the count."""
+    records = [run_files(tmp_path, name, [0.1] * N, [1.0] * N, bleu=1.0) for name in ("base", "diverged")]
+    for name, nan_tokens in (("base", 0), ("diverged", 3)):
+        results = []
+        for i in range(N):
+            example = dataclasses.replace(effects(i, 1.0), roles=["preference", "noise"])
+            if i < nan_tokens:
+                example = dataclasses.replace(example, dce=np.array([np.nan, -0.1], np.float32))
+            results.append(example)
+        write_report(results, LossConfig(), tmp_path / name / "effects", split="test")
+    out = tmp_path / "out"
+    out.mkdir()
+    compare = SimpleNamespace(out=str(out), split="test", baseline="base", resamples=1000)
+    result = write_results(SimpleNamespace(source="compare.yaml", compare=compare), records)
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert rows["base"]["dce_auroc"] == 1.0 and rows["base"]["dce_auroc_nonfinite"] == 0
+    # The diverged run's two finite preference tokens and five noise tokens still rank perfectly.
+    assert rows["diverged"]["dce_auroc"] == 1.0 and rows["diverged"]["dce_auroc_nonfinite"] == 3
+    table = (out / "results.md").read_text()
+    assert (
+        "DCE AUROC leaves out the target tokens whose DCE is not finite (a diverged model): diverged 3 "
+        "(over its seeds' effect reports)."
+    ) in table, table
