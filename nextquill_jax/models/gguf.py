@@ -79,9 +79,22 @@ def read_gguf_config(path: str | PathLike[str]) -> dict[str, Any]:
         FileNotFoundError / ValueError: as `read_gguf`, for the metadata and tensor names.
     """
     contents, meta, arch = _open(path)
-    path = Path(path)
-    shapes = {_hf_tensor_name(t.name, path): t.shape for t in contents.tensors}
-    return _hf_config(meta, arch, shapes, path)
+    return _hf_config(meta, arch, _hf_shapes(contents, Path(path)), Path(path))
+
+
+def read_gguf_shapes(path: str | PathLike[str]) -> dict[str, tuple[int, ...]]:
+    """{Hugging Face name: shape} of a GGUF checkpoint's tensors, as `read_gguf` gives them, from the tensor
+    table only: no tensor is read or dequantized.
+
+    Raises:
+        FileNotFoundError / ValueError: as `read_gguf_config`.
+    """
+    contents, _, _ = _open(path)
+    return _hf_shapes(contents, Path(path))
+
+
+def _hf_shapes(contents: GGUFContents, path: Path) -> dict[str, tuple[int, ...]]:
+    return {_hf_tensor_name(t.name, path): t.shape for t in contents.tensors}
 
 
 def _open(path: str | PathLike[str]) -> tuple[GGUFContents, _Metadata, str]:

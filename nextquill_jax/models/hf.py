@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, PartitionSpec
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from ..parallel import DEFAULT_RULES, LogicalRules, logical_to_sharding
@@ -38,6 +38,7 @@ DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 WEIGHT_FILES = ("model*.safetensors*", "pytorch_model*.bin*", "adapter_model.*", "adapter_config.json")
 # Buffers some older checkpoints store that are not parameters (recomputed from the config here).
 _IGNORED = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
+_COPY_AGAIN = "copy or download the model's files again from their source"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,15 +120,17 @@ class SafetensorsTensors(Mapping):
 
         Raises:
             FileNotFoundError: neither model.safetensors nor its sharded index is there (naming PyTorch
-                weight files it does hold, which are not read).
+                weight files it does hold, which are not read), or a file the index lists is missing.
             KeyError: a file does not hold what the index lists for it.
+            ValueError: the index is no JSON object with a `weight_map`, or a weight file's header cannot be
+                read (a truncated or damaged file); naming the file.
         """
         directory = Path(directory)
         index = directory / INDEX_FILE
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = _read_weight_map(index)
         elif (directory / SINGLE_FILE).exists():
-            with safe_open(directory / SINGLE_FILE, framework="numpy") as f:
+            with _open_weights(directory / SINGLE_FILE) as f:
                 weight_map = dict.fromkeys(f.keys(), SINGLE_FILE)
         else:
             torch_files = sorted(p.name for p in directory.glob("pytorch_model*.bin*"))
@@ -141,16 +144,15 @@ class SafetensorsTensors(Mapping):
                 f"{directory}: neither {SINGLE_FILE} nor {INDEX_FILE} exists, so it has no weights to load. "
                 f"Fix: {fix}."
             )
-        self._files = {
-            name: safe_open(directory / name, framework="numpy") for name in sorted(set(weight_map.values()))
-        }
+        self._files = {name: _open_weights(directory / name) for name in sorted(set(weight_map.values()))}
         for file, handle in self._files.items():
             listed = {tensor for tensor, f in weight_map.items() if f == file}
             held = set(handle.keys())
             if listed != held:
                 raise KeyError(
                     f"{index}: {file} does not hold what the index lists: listed but absent "
-                    f"{sorted(listed - held)[:10]}, present but not listed {sorted(held - listed)[:10]}"
+                    f"{sorted(listed - held)[:10]}, present but not listed {sorted(held - listed)[:10]}. "
+                    f"Fix: copy the index and its files again from one save of the model"
                 )
         self._weight_map = weight_map
 
@@ -166,6 +168,36 @@ class SafetensorsTensors(Mapping):
     def shape(self, name: str) -> tuple[int, ...]:
         """Tensor `name`'s shape, read from the file's header without loading the tensor."""
         return tuple(self._files[self._weight_map[name]].get_slice(name).get_shape())
+
+
+def _read_weight_map(index: Path) -> dict[str, str]:
+    """The `weight_map` (tensor name -> file name) of the sharded index `index`.
+
+    Raises:
+        ValueError: `index` is not JSON, or holds no `weight_map` object (naming it).
+    """
+    try:
+        content = json.loads(index.read_text())
+    except ValueError as e:  # json.JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{index} is not valid JSON ({e}). Fix: {_COPY_AGAIN}") from None
+    weight_map = content.get("weight_map") if isinstance(content, dict) else None
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index} holds no weight_map object, so it is no sharded index. Fix: {_COPY_AGAIN}")
+    return weight_map
+
+
+def _open_weights(file: Path) -> Any:
+    """`safe_open` of weight file `file`.
+
+    Raises:
+        ValueError: `file`'s header cannot be read: it is truncated or not a safetensors file (naming it).
+    """
+    try:
+        return safe_open(file, framework="numpy")
+    except SafetensorError as e:
+        raise ValueError(
+            f"{file} is not a readable safetensors file ({e}): it is truncated or damaged. Fix: {_COPY_AGAIN}"
+        ) from None
 
 
 def _shape(tensors: Mapping[str, Any], name: str) -> tuple[int, ...]:
@@ -197,7 +229,17 @@ def model_from_hf(
     graphdef, state = nnx.split(abstract)
     flat = list(nnx.to_flat_state(state))
     rules_by_path = _rules_for(cfg, [path for path, _ in flat])
-    _check_tensors(cfg, tensors, rules_by_path, dict((p, v.get_value().shape) for p, v in flat))
+    # A tied checkpoint may store the head too, which must then equal the embedding (`_check_tensors`).
+    tied_head = cfg.tie_word_embeddings and {"lm_head.weight", "model.embed_tokens.weight"} <= set(tensors)
+    if tied_head and not np.array_equal(
+        np.asarray(tensors["lm_head.weight"]), np.asarray(tensors["model.embed_tokens.weight"])
+    ):
+        raise ValueError(
+            "config says tie_word_embeddings=true but lm_head.weight differs from model.embed_tokens.weight; "
+            "fix: set tie_word_embeddings=false in config.json"
+        )
+    shapes = {name: _shape(tensors, name) for name in tensors}
+    _check_tensors(cfg, shapes, rules_by_path, dict((p, v.get_value().shape) for p, v in flat))
     logical = dict(nnx.to_flat_state(nnx.get_partition_spec(state)))
     param_dtype = cfg.param_jnp_dtype
     loaded = []
@@ -230,30 +272,37 @@ def _hf_names(rule: Rule, num_layers: int) -> list[str]:
     return [rule.hf.format(i=i) for i in range(num_layers)] if rule.stacked else [rule.hf]
 
 
+def check_tensor_shapes(cfg: ModelConfig, shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Check that `shapes` ({Hugging Face name: shape}: a checkpoint's tensors, say from its files' headers)
+    are the tensors a `cfg` model loads, as `model_from_hf` does before it reads any, without a tensor: each
+    present with the shape `cfg` implies, none left over but buffers recomputed from the config and an
+    `lm_head.weight` beside tied embeddings (which `model_from_hf` compares with them).
+
+    Raises:
+        KeyError: missing or unexpected tensors (all of them counted, the first 20 named).
+        ValueError: shape mismatches (named, with both shapes).
+    """
+    flat = list(nnx.to_flat_state(nnx.state(nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0))))))
+    rules_by_path = _rules_for(cfg, [path for path, _ in flat])
+    _check_tensors(cfg, shapes, rules_by_path, {path: var.get_value().shape for path, var in flat})
+
+
 def _check_tensors(
-    cfg: ModelConfig, tensors: Mapping[str, Any], rules_by_path: dict[tuple, Rule], shapes: dict[tuple, tuple]
+    cfg: ModelConfig, shapes: Mapping[str, tuple], rules_by_path: dict[tuple, Rule], ours: dict[tuple, tuple]
 ) -> None:
-    """Every expected tensor present with the right shape, and no tensor left over."""
+    """Every expected tensor in `shapes` (HF name -> shape) with the right shape, and no tensor left over."""
     missing, mismatched, expected = [], [], set()
     for path, rule in rules_by_path.items():
-        ours = shapes[path][1:] if rule.stacked else shapes[path]
-        want = tuple(rule.layout.hf_shape(ours))
+        own = ours[path][1:] if rule.stacked else ours[path]
+        want = tuple(rule.layout.hf_shape(own))
         for name in _hf_names(rule, cfg.num_layers):
             expected.add(name)
-            if name not in tensors:
+            if name not in shapes:
                 missing.append(name)
-            elif _shape(tensors, name) != want:
-                mismatched.append(f"{name}: file has {_shape(tensors, name)}, config implies {want}")
-    unexpected = sorted(n for n in tensors if n not in expected and not _IGNORED.match(n))
-    if cfg.tie_word_embeddings and "lm_head.weight" in unexpected and "model.embed_tokens.weight" in tensors:
-        if not np.array_equal(
-            np.asarray(tensors["lm_head.weight"]), np.asarray(tensors["model.embed_tokens.weight"])
-        ):
-            raise ValueError(
-                "config says tie_word_embeddings=true but lm_head.weight differs from "
-                "model.embed_tokens.weight; "
-                "fix: set tie_word_embeddings=false in config.json"
-            )
+            elif tuple(shapes[name]) != want:
+                mismatched.append(f"{name}: file has {tuple(shapes[name])}, config implies {want}")
+    unexpected = sorted(n for n in shapes if n not in expected and not _IGNORED.match(n))
+    if cfg.tie_word_embeddings and "lm_head.weight" in unexpected and "model.embed_tokens.weight" in shapes:
         unexpected.remove("lm_head.weight")  # a tied checkpoint that also stores the (identical) head
     if missing or unexpected:
         raise KeyError(
@@ -308,7 +357,8 @@ def load_pretrained(
             directory without safetensors weights (`SafetensorsTensors`); a packaged model whose file is
             missing from its installed distribution (`packaged_model_path`).
         MissingPackageError: a packaged name whose pip distribution is not installed (the install command).
-        ValueError: a GGUF file this reader refuses (`read_gguf`).
+        ValueError: a GGUF file this reader refuses (`read_gguf`); a config.json that is not JSON; a
+            safetensors index or weight file that cannot be read (`SafetensorsTensors`).
         KeyError: a sharded index that lists other tensors than its files hold (`SafetensorsTensors`).
         KeyError / ValueError: from `model_from_hf` (tensors that do not match the config).
     """

@@ -6,6 +6,7 @@ Parameters travel through the train state as a plain nested dict (`nnx.to_pure_d
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -89,24 +90,127 @@ def model_config(section: ModelRunConfig) -> ModelConfig:
 
     Raises:
         ConfigError: the path's config describes a network this package does not implement, lacks a required
-            key, or is invalid even with the overrides (naming `model.path` and the problem's own fix).
+            key, or is invalid even with the overrides (naming `model.path` and the problem's own fix); or it
+            cannot be read (`_read_hf_config`).
     """
     if section.preset is not None:
         return section.model_config()
-    path = Path(section.path).expanduser()
-    if path.is_dir():
-        hf_config = json.loads((path / "config.json").read_text())
-    else:
-        from nextquill_jax.models.gguf import read_gguf_config
-        from nextquill_jax.models.packaged import packaged_model_path
-
-        hf_config = read_gguf_config(path if path.is_file() else packaged_model_path(section.path))
+    hf_config = _read_hf_config(section)
     overrides = section.architecture_overrides()
     try:
         return ModelConfig.from_hf_config(hf_config, **overrides, **section.runtime())
     except (KeyError, ValueError) as e:
-        message = e.args[0] if isinstance(e, KeyError) and e.args else e
-        raise ConfigError(f"model.path {section.path}: {message}") from None
+        raise ConfigError(f"model.path {section.path}: {_message(e)}") from None
+
+
+def _read_hf_config(section: ModelRunConfig) -> dict[str, Any]:
+    """The config.json dict of `section.path`: a directory's config.json, else its GGUF file's header.
+
+    Raises:
+        ConfigError: config.json is not a JSON object, or the GGUF file is one this package does not read
+            (naming `model.path` and the fix).
+    """
+    path = Path(section.path).expanduser()
+    if path.is_dir():
+        config_file = path / "config.json"
+        try:
+            hf_config = json.loads(config_file.read_text())
+        except ValueError as e:  # json.JSONDecodeError, UnicodeDecodeError
+            raise ConfigError(
+                f"model.path {section.path!r}: {config_file} is not valid JSON ({e}). Fix: {_RESTORE_CONFIG}"
+            ) from None
+        if not isinstance(hf_config, dict):
+            raise ConfigError(
+                f"model.path {section.path!r}: {config_file} holds a {type(hf_config).__name__}, not a JSON "
+                f"object. Fix: {_RESTORE_CONFIG}"
+            )
+        return hf_config
+    from nextquill_jax.models.gguf import read_gguf_config
+
+    try:
+        return read_gguf_config(_gguf_file(section))
+    except ValueError as e:
+        raise ConfigError(f"model.path {section.path!r}: {e}. Fix: {_GGUF_FIX}") from None
+
+
+_RESTORE_CONFIG = (
+    "restore config.json from the model's source (the download or export that wrote its weights)"
+)
+_GGUF_FIX = (
+    "give a GGUF file of a Llama, Qwen2 or Qwen3 model as llama.cpp's tools write it, or the model's Hugging "
+    "Face directory"
+)
+
+
+def _gguf_file(section: ModelRunConfig) -> Path:
+    """The GGUF file `section.path` names: the file itself, else the packaged model's (`check_model_source`
+    has refused any other path)."""
+    from nextquill_jax.models.packaged import packaged_model_path
+
+    path = Path(section.path).expanduser()
+    return path if path.is_file() else packaged_model_path(section.path)
+
+
+def _message(e: Exception) -> str:
+    """`e`'s message; a KeyError's without the quotes its str() adds."""
+    return str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+
+
+def check_weights(section: ModelRunConfig, cfg: ModelConfig) -> None:
+    """Raise ConfigError if the weights at `section.path` would not load into the `cfg` model (its
+    `model_config`): a weight file that cannot be read (truncated, not safetensors, a sharded index that
+    disagrees with its files), or tensors other than those `cfg` implies (missing, left over, or of another
+    shape: a config.json from another model, or `model.overrides` that change the architecture). Reads the
+    files' headers only, so `train` refuses them before its workdir is created and its data prepared; a
+    preset has no weights to check.
+
+    Raises:
+        ConfigError: naming `model.path` (and `model.overrides` when they cause it), the problem and the fix.
+    """
+    if section.preset is not None:
+        return
+    from nextquill_jax.models.gguf import read_gguf_shapes
+    from nextquill_jax.models.hf import SafetensorsTensors, check_tensor_shapes
+
+    path = Path(section.path).expanduser()
+    try:
+        if path.is_dir():
+            tensors = SafetensorsTensors(path)
+            shapes = {name: tensors.shape(name) for name in tensors}
+        else:
+            shapes = read_gguf_shapes(_gguf_file(section))
+    except (FileNotFoundError, KeyError, ValueError) as e:  # their messages name the file and the fix
+        raise ConfigError(f"model.path {section.path!r}: {_message(e)}") from None
+    try:
+        check_tensor_shapes(cfg, shapes)
+    except (KeyError, ValueError) as e:
+        mismatch = _message(e)
+    else:
+        return
+    source = "config.json" if path.is_dir() else "GGUF header"
+    if section.overrides and _fits(dataclasses.replace(section, overrides={}), shapes):
+        raise ConfigError(
+            f"model.path {section.path!r} with model.overrides {section.overrides}: {mismatch}. The weights "
+            f"fit the model its {source} describes, so model.overrides change the architecture they were "
+            f"trained with. Fix: remove from model.overrides the keys that change the layer count or a "
+            f"tensor's shape (for a smaller model, use model.preset, which starts from random weights)."
+        )
+    overridden = f" (with model.overrides {section.overrides})" if section.overrides else ""
+    raise ConfigError(
+        f"model.path {section.path!r}: its weights do not fit the model its {source}{overridden} describes: "
+        f"{mismatch}. Fix: {_RESTORE_CONFIG}."
+    )
+
+
+def _fits(section: ModelRunConfig, shapes: dict[str, tuple[int, ...]]) -> bool:
+    """Whether tensors of `shapes` load into the model `section` describes."""
+    from nextquill_jax.models.hf import check_tensor_shapes
+
+    try:  # `cudnn_max_segments: auto` resolved to any value: it shapes no tensor
+        check_tensor_shapes(model_config(section.resolved(1)), shapes)
+    except (KeyError, ValueError):  # ConfigError included
+        return False
+    return True
 
 
 def vocab_origin(section: ModelRunConfig, key: str = "model", saved_with: str | None = None) -> str:
@@ -212,21 +316,33 @@ def random_params(cfg: ModelConfig, shardings: dict, seed: int) -> dict:
 def initial_params(
     section: ModelRunConfig, cfg: ModelConfig, shardings: dict, mesh: Mesh, seed: int, rules: LogicalRules
 ) -> dict:
-    """The starting parameters, placed by `shardings`: random (from `seed`) for a preset, else loaded."""
+    """The starting parameters, placed by `shardings`: random (from `seed`) for a preset, else loaded.
+
+    Raises:
+        ConfigError: the weights at `section.path` do not load into the `cfg` model (`check_weights`), or
+            fail as they are read (tied embeddings that differ from the head, a GGUF tensor that cannot be
+            dequantized); naming `model.path` and the fix.
+    """
     if section.preset is not None:
         return random_params(cfg, shardings, seed)
-    model = load_pretrained(
-        section.path,
-        dtype=section.param_dtype,
-        mesh=mesh,
-        rules=rules,
-        **section.architecture_overrides(),
-        compute_dtype=section.compute_dtype,
-        remat_policy=section.remat_policy,
-        scan_unroll=section.scan_unroll,
-        attention_impl=section.attention_impl,
-        cudnn_max_segments=section.cudnn_max_segments,
-    )
+    check_weights(section, cfg)
+    try:
+        model = load_pretrained(
+            section.path,
+            dtype=section.param_dtype,
+            mesh=mesh,
+            rules=rules,
+            **section.architecture_overrides(),
+            compute_dtype=section.compute_dtype,
+            remat_policy=section.remat_policy,
+            scan_unroll=section.scan_unroll,
+            attention_impl=section.attention_impl,
+            cudnn_max_segments=section.cudnn_max_segments,
+        )
+    except (KeyError, ValueError) as e:
+        # A directory's messages name their fix; a GGUF reader's name only the tensor.
+        fix = "" if Path(section.path).expanduser().is_dir() else f". Fix: {_GGUF_FIX}"
+        raise ConfigError(f"model.path {section.path!r}: {_message(e)}{fix}") from None
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
@@ -237,7 +353,7 @@ def load_params(
     a preset, else loaded.
 
     Raises:
-        ConfigError: `section.path` names nothing loadable.
+        ConfigError: `section.path` names nothing loadable, or weights that do not load (`initial_params`).
         ValueError: a mesh axis does not divide a parameter dimension.
     """
     check_model_source(section)

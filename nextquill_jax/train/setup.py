@@ -549,11 +549,12 @@ def set_up_run(
     check_micro_batches(cfg, mesh)
     lora = cfg.model.lora
     model_section = cfg.model if lora is None else adapters.base_section(cfg.model)
-    # The architecture (a path's config.json), the LoRA targets and the init_from adapter are checked before
-    # the workdir is created and the data prepared, which takes minutes on a real dataset;
-    # `cudnn_max_segments: auto` is chosen from the data below, so 1 stands in for it (the parameters do not
-    # depend on it).
+    # The architecture (a path's config.json, and its weights' headers), the LoRA targets and the init_from
+    # adapter are checked before the workdir is created and the data prepared, which takes minutes on a real
+    # dataset; `cudnn_max_segments: auto` is chosen from the data below, so 1 stands in for it (the
+    # parameters do not depend on it).
     stand_in = model_setup.model_config(model_section.resolved(1))
+    model_setup.check_weights(model_section, stand_in)
     # What the optimizer trains, as shapes, for its patterns: the adapters under LoRA, else the parameters.
     if lora is not None:
         # A resume restores its adapters: init_from's files are read by a fresh start only (`initial_params`,

@@ -9,11 +9,14 @@ import pytest
 import torch
 import transformers
 
+from nextquill_jax.config import ModelRunConfig
+from nextquill_jax.config_schema import ConfigError
 from nextquill_jax.models import ModelConfig, load_pretrained, load_tokenizer
 from nextquill_jax.models import gguf as gguf_module
 from nextquill_jax.models import packaged as packaged_module
-from nextquill_jax.models.gguf import read_gguf, read_gguf_config
+from nextquill_jax.models.gguf import read_gguf, read_gguf_config, read_gguf_shapes
 from nextquill_jax.models.packaged import packaged_model_path
+from nextquill_jax.train import model_setup
 
 pytestmark = pytest.mark.slow  # run first: see tests/conftest.py
 
@@ -244,6 +247,27 @@ def test_read_gguf_recovers_the_original_tensors(tmp_path, family, write_tiny_gg
     if family == "llama":  # the permutation is not the identity here; a missing inverse fails above
         q = original["model.layers.0.self_attn.q_proj.weight"]
         assert not np.array_equal(llama_cpp_permute(q, hf_config["num_attention_heads"]), q)
+
+
+def test_overrides_that_change_a_gguf_models_layer_count_are_refused_from_its_header(
+    tmp_path, write_tiny_gguf
+):
+    """`train` checks a model's tensors against its config before its workdir is made; for a GGUF file from
+    the tensor table (`read_gguf_shapes`), without dequantizing."""
+    path = tmp_path / "llama.gguf"
+    write_tiny_gguf(path, "llama")
+    assert read_gguf_shapes(path) == {name: value.shape for name, value in read_gguf(path)[1].items()}
+    section = ModelRunConfig(path=str(path), compute_dtype="float32")
+    model_setup.check_weights(section, model_setup.model_config(section))
+    section = ModelRunConfig(path=str(path), overrides={"num_layers": 1}, compute_dtype="float32")
+    with pytest.raises(ConfigError) as e:  # was model_from_hf's KeyError, as the tensors loaded
+        model_setup.check_weights(section, model_setup.model_config(section))
+    message = str(e.value)
+    assert message.startswith(
+        f"model.path {str(path)!r} with model.overrides {{'num_layers': 1}}: checkpoint tensors do not match "
+        f"a 'llama' model with this config: missing [] (0 in all); unexpected ['model.layers.1."
+    ), message
+    assert "The weights fit the model its GGUF header describes, so model.overrides change" in message
 
 
 def test_read_gguf_dequantises_f16_and_q8_0(tmp_path, write_tiny_gguf):

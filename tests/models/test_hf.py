@@ -172,5 +172,6 @@ def test_sharded_index_must_agree_with_its_files(qwen2, tmp_path):
     assert sorted(loaded) == names and np.array_equal(loaded[names[-1]], tensors[names[-1]])
     del weight_map[names[0]]  # still in a.safetensors, no longer listed: would be dropped silently
     index.write_text(json.dumps({"weight_map": weight_map}))
-    with pytest.raises(KeyError, match=f"present but not listed \\['{names[0]}'\\]"):
+    listed = f"present but not listed \\['{names[0]}'\\]\\. Fix: copy the index and its files again"
+    with pytest.raises(KeyError, match=listed):
         SafetensorsTensors(tmp_path)
