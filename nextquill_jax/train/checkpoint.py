@@ -553,4 +553,9 @@ class Checkpointer:
             self.wait()
         except CheckpointSaveError as e:
             absl_logging.error("%s", e)
+        # Orbax cleans up temporary directories on a thread the manager starts and awaits in its first save,
+        # not in `close`: a run that failed soon after building its manager (truncated weights, found as
+        # `train` loaded them) left it running into interpreter shutdown, whose thread pool then refused it,
+        # printing a second traceback ("cannot schedule new futures after shutdown") after the run's error.
+        self.manager._maybe_await_cleanup_tmp_directory()
         self.manager.close()

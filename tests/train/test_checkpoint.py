@@ -9,6 +9,8 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import grain
 import jax
@@ -414,3 +416,15 @@ def test_a_step_without_a_checkpoint_names_the_steps_there_and_both_ways_to_choo
         "steps (--step on the command line, step= in Python), or leave the step out for the latest."
     )
     ckpt.close()
+
+
+def test_closing_a_checkpointer_straight_away_leaves_no_orbax_thread_to_fail_at_exit(tmp_path):
+    """Orbax's clean-up of temporary directories ran on past `close`: a run that failed just after building
+    its checkpointer ended with a second traceback, 'cannot schedule new futures after shutdown'."""
+    program = (
+        "from nextquill_jax.config import CheckpointConfig\n"
+        "from nextquill_jax.train.checkpoint import Checkpointer\n"
+        f"Checkpointer({str(tmp_path / 'checkpoints')!r}, CheckpointConfig()).close()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
