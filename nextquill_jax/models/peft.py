@@ -136,10 +136,26 @@ def _load_config(directory: Path) -> dict[str, Any]:
                 f"point it at one (adapter_config.json + {WEIGHTS_FILE}, as peft's save_pretrained or "
                 f"`nextquill-jax export --adapter` write)"
             )
+    config_file = directory / CONFIG_FILE
     try:
-        config = json.loads((directory / CONFIG_FILE).read_text())
+        config = json.loads(config_file.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{directory / CONFIG_FILE} is not JSON ({e}). Fix: save the adapter anew") from None
+        raise ValueError(f"{config_file} is not JSON ({e}). Fix: save the adapter anew") from None
+    if not isinstance(config, dict):
+        raise ValueError(
+            f"{config_file} holds a {type(config).__name__}, not a JSON object. Fix: save the adapter anew"
+        )
+    # `check_peft_adapter` compares these with model.lora.rank / alpha: a string r of "4" differed from 4
+    # while both printed as 4, and a null lora_alpha failed float() with a TypeError.
+    fields = (("r", "an integer", 8, int), ("lora_alpha", "a number", 16, (int, float)))
+    for name, kind, example, types in fields:
+        value = config.get(name)
+        if not isinstance(value, types) or isinstance(value, bool):  # JSON's true would pass as the int 1
+            found = f"is {value!r}" if name in config else "is missing"
+            raise ValueError(
+                f"{config_file}: {name} {found}, not {kind}. Fix: write {name} as {kind} (such as "
+                f"{example}), or save the adapter anew"
+            )
     kind = config.get("peft_type", "LORA")
     if kind != "LORA":
         raise ValueError(
@@ -174,7 +190,8 @@ def check_peft_adapter(
 
     Raises:
         FileNotFoundError: no such directory, or it lacks adapter_config.json or adapter_model.safetensors.
-        ValueError: naming the field or tensor and the fix: a different rank or alpha, a setting this
+        ValueError: naming the field or tensor and the fix: an adapter_config.json that is no JSON object,
+            or whose `r` is no integer or `lora_alpha` no number; a different rank or alpha, a setting this
             package does not apply (`_UNAPPLIED`: rsLoRA, DoRA, lora_bias, bias, modules_to_save,
             layers_to_transform, rank_pattern, ...), targets other than `shapes`', a layer without its
             adapter or one the base lacks, a tensor of another shape than the base's kernel needs (an
@@ -182,9 +199,9 @@ def check_peft_adapter(
     """
     directory = Path(directory)
     config = _load_config(directory)
-    if config.get("r") != rank or float(config.get("lora_alpha", 0)) != float(alpha):
+    if config["r"] != rank or float(config["lora_alpha"]) != float(alpha):
         raise ValueError(
-            f"the adapter has r={config.get('r')}, lora_alpha={config.get('lora_alpha')}; the config asks "
+            f"the adapter has r={config['r']}, lora_alpha={config['lora_alpha']}; the config asks "
             f"for rank={rank}, alpha={alpha}. Fix: set model.lora.rank / alpha to the adapter's"
         )
     names = _module_names(cfg)

@@ -155,6 +155,38 @@ def test_a_setting_that_changes_what_the_adapter_computes_is_refused_by_name(
     assert str(e.value).endswith(f"Fix: start from a plain LoRA adapter (trained without {field})")
 
 
+FIELD_FIX = "Fix: write {0} as {1} (such as {2}), or save the adapter anew"
+R_FIX = FIELD_FIX.format("r", "an integer", 8)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        # float(None): a TypeError, which set-up let through as a traceback
+        (
+            lambda c: {**c, "lora_alpha": None},
+            ": lora_alpha is None, not a number. " + FIELD_FIX.format("lora_alpha", "a number", 16),
+        ),
+        # config.get on a list: an AttributeError
+        (lambda c: [], " holds a list, not a JSON object. Fix: save the adapter anew"),
+        # compared unequal to rank 4, yet named as "the adapter has r=4 ...; the config asks for rank=4"
+        (lambda c: {**c, "r": "4"}, f": r is '4', not an integer. {R_FIX}"),
+        (lambda c: {**c, "r": True}, f": r is True, not an integer. {R_FIX}"),
+        (lambda c: {k: v for k, v in c.items() if k != "r"}, f": r is missing, not an integer. {R_FIX}"),
+    ],
+)
+def test_an_adapter_config_that_is_no_object_or_has_a_mistyped_rank_or_alpha_is_named(
+    llama_dir, tmp_path, edit, message
+):
+    _, out = peft_adapter(llama_dir, tmp_path / "a")
+    file = out / "adapter_config.json"
+    file.write_text(json.dumps(edit(json.loads(file.read_text()))))
+    ours, shapes = our_shapes(llama_dir)
+    with pytest.raises(ValueError) as e:
+        read_peft_adapter(out, ours.cfg, shapes, rank=4, alpha=12)
+    assert str(e.value) == f"{file}{message}"
+
+
 def test_tensors_the_run_would_not_apply_are_refused_whatever_the_config_says(llama_dir, tmp_path):
     """lora_B.bias tensors under an adapter_config.json that no longer says lora_bias: refused by name."""
     _, out = peft_adapter(llama_dir, tmp_path / "a", lora_bias=True)
