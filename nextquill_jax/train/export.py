@@ -97,6 +97,14 @@ def targets_end_token(data_dir: Path) -> int | None:
     return None if ends is None else int(ends)
 
 
+# What `export --adapter` says of a run without a checkpoint, instead of `STEP_0_HINT`: the step 0 that hint
+# names holds untrained adapters, which `export_adapter` refuses.
+NO_ADAPTERS_HINT = (
+    "No trained adapters exist until the run saves a checkpoint. Fix: train it (`nextquill-jax train`) until "
+    "it saves one, then export its adapters; `--merged --step 0` exports the untrained model it starts from."
+)
+
+
 def export_adapter(workdir: str | Path, out: str | Path, step: int | None = None) -> int:
     """Write the LoRA adapters of checkpoint `step` (default: the newest that verifies) as a PEFT directory
     `out`; returns the step exported.
@@ -109,7 +117,7 @@ def export_adapter(workdir: str | Path, out: str | Path, step: int | None = None
 
     Raises:
         ConfigError: the run is not a LoRA run (`model.lora` unset).
-        FileExistsError, FileNotFoundError: as `export`.
+        FileExistsError, FileNotFoundError: as `export` (a run without a checkpoint: `NO_ADAPTERS_HINT`).
         ValueError: `step` 0: the adapters a run starts from are untrained.
     """
     if step == 0:
@@ -118,7 +126,9 @@ def export_adapter(workdir: str | Path, out: str | Path, step: int | None = None
             "`model.lora.init_from`). Fix: --merged --step 0 exports the model the run starts from."
         )
     refuse_existing_weights(out, fix="pass another --out")
-    restored = restore_params(workdir, step, single_device_mesh(), runs_model=False)
+    restored = restore_params(
+        workdir, step, single_device_mesh(), runs_model=False, no_checkpoint_hint=NO_ADAPTERS_HINT
+    )
     lora = restored.config.model.lora
     if lora is None:
         raise ConfigError(

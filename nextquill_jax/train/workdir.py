@@ -69,8 +69,9 @@ def is_workdir(path: str | Path) -> bool:
     return (root / CONFIG_FILE).is_file() and (root / CHECKPOINT_DIR).is_dir()
 
 
-def checkpoints_dir(workdir: str | Path) -> Path:
-    """`workdir`'s checkpoints directory, which must exist.
+def checkpoints_dir(workdir: str | Path, no_checkpoint_hint: str = STEP_0_HINT) -> Path:
+    """`workdir`'s checkpoints directory, which must exist. `no_checkpoint_hint` ends the message for a run
+    that has not saved one yet (`STEP_0_HINT`: what the reading command can read from it instead).
 
     Raises:
         FileNotFoundError: `workdir` is not a training workdir (naming the missing directory, `workdir`
@@ -86,7 +87,7 @@ def checkpoints_dir(workdir: str | Path) -> Path:
     if not directory.is_dir() and (Path(workdir).expanduser() / CONFIG_FILE).is_file():
         raise FileNotFoundError(
             f"{workdir} holds a run's {CONFIG_FILE} but no checkpoints ({directory} does not exist): a "
-            f"compare `train: false` variant, or a run stopped before its first save. {STEP_0_HINT}"
+            f"compare `train: false` variant, or a run stopped before its first save. {no_checkpoint_hint}"
         )
     if not directory.is_dir():
         raise FileNotFoundError(
@@ -234,14 +235,19 @@ class RestoredParams:
 
 
 def restore_params(
-    workdir: str | Path, step: int | None = None, mesh: Mesh | None = None, runs_model: bool = True
+    workdir: str | Path,
+    step: int | None = None,
+    mesh: Mesh | None = None,
+    runs_model: bool = True,
+    no_checkpoint_hint: str = STEP_0_HINT,
 ) -> RestoredParams:
     """The trained parameters of checkpoint `step` (default: the newest that verifies against its manifest;
     damaged newer ones are named on stderr) of the run in `workdir`, placed on `mesh` by the default rules
     (default: the config's mesh); the config saved with it as `reading_config` reads it here. Without
     `runs_model` (export, which writes the weights and runs neither attention nor a loss) `reading_config`'s
     note is left out, and the config's `loss.weighting` too (`WITHOUT_LOSS_FUNCTION`: its module need not
-    import where a run is exported).
+    import where a run is exported). `no_checkpoint_hint` ends the message for a run without a checkpoint
+    (`checkpoints_dir`).
 
     Raises:
         FileNotFoundError: no checkpoints directory, no complete checkpoint, or none at `step` (naming the
@@ -253,7 +259,7 @@ def restore_params(
             or a saved config that does not load here (with `runs_model`: a `loss.weighting` whose module
             does not import), naming the checkpoint.
     """
-    directory = checkpoints_dir(workdir)
+    directory = checkpoints_dir(workdir, no_checkpoint_hint)
     ckpt = Checkpointer(directory, CheckpointConfig(), read_only=True)
     try:
         if step is not None:
@@ -262,7 +268,9 @@ def restore_params(
         if chosen is None and ckpt.all_steps():
             raise IntegrityError(f"no checkpoint in {directory} verifies (see the lines above)")
         if chosen is None:  # no step at all: say so, naming any a resume moved aside as damaged
-            raise FileNotFoundError(f"{verify_error(directory, [], moved_aside(directory))} {STEP_0_HINT}")
+            raise FileNotFoundError(
+                f"{verify_error(directory, [], moved_aside(directory))} {no_checkpoint_hint}"
+            )
         source = f"{directory / str(chosen)}"
         saved = f"the config saved with checkpoint {source}"
         saved_dict = ckpt.read_config(chosen)  # raises if the checkpoint is not complete

@@ -136,6 +136,37 @@ def test_the_adapters_of_step_0_are_refused_naming_the_merged_export(tmp_path, c
     assert not out.exists()
 
 
+@pytest.mark.parametrize("checkpoints", ["none", "empty"])
+def test_the_adapters_of_a_run_without_a_checkpoint_are_refused_naming_training_not_step_0(
+    tmp_path, checkpoints, capsys, tiny_config, write_config
+):
+    """`export --adapter` used to end as `evaluate` and `export --merged` do, "pass `--step 0`", which it then
+    refused (step 0's adapters are untrained)."""
+    from nextquill_jax.cli import main
+
+    workdir, out = tmp_path / "run", tmp_path / "out"
+    raw = tiny_config(None, workdir)
+    raw["model"]["lora"] = {"rank": 4, "targets": ["attn/q_proj"]}
+    workdir.mkdir()
+    write_config(raw, workdir / "config.yaml")  # a run's directory before its first checkpoint
+    directory = workdir / "checkpoints"
+    if checkpoints == "empty":
+        directory.mkdir()
+    assert main(["export", "--workdir", str(workdir), "--out", str(out), "--adapter"]) == 1
+    found = {
+        "none": f"{workdir} holds a run's config.yaml but no checkpoints ({directory} does not exist): a "
+        "compare `train: false` variant, or a run stopped before its first save.",
+        "empty": f"{directory} holds no complete checkpoint. Fix: train until the run saves one "
+        "(checkpoint.every_steps, or the end of an epoch).",
+    }[checkpoints]
+    assert capsys.readouterr().err == (
+        f"error: {found} No trained adapters exist until the run saves a checkpoint. Fix: train it "
+        "(`nextquill-jax train`) until it saves one, then export its adapters; `--merged --step 0` exports "
+        "the untrained model it starts from.\n"
+    )
+    assert not out.exists()
+
+
 TINY_LORA_BASE = dict(
     vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
     head_dim=8, bos_token_id=TINY_EOS_ID, eos_token_ids=(TINY_EOS_ID,), compute_dtype="float32",
