@@ -105,7 +105,13 @@ NO_ADAPTERS_HINT = (
 )
 
 
-def export_adapter(workdir: str | Path, out: str | Path, step: int | None = None) -> int:
+# `model.overrides` of these fields leave what the network computes as it was (token ids, the context limit).
+_SAME_NETWORK = frozenset({"bos_token_id", "eos_token_ids", "pad_token_id", "max_position_embeddings"})
+
+
+def export_adapter(
+    workdir: str | Path, out: str | Path, step: int | None = None, echo: Callable[[str], None] = print
+) -> int:
     """Write the LoRA adapters of checkpoint `step` (default: the newest that verifies) as a PEFT directory
     `out`; returns the step exported.
 
@@ -113,7 +119,9 @@ def export_adapter(workdir: str | Path, out: str | Path, step: int | None = None
     absolute, a packaged name as written); for a `model.preset` base it is
     null: that base is a random model built from the preset's architecture (with `model.overrides`) and
     `train.seed`, which no hub or packaged name loads, so naming the preset (e.g. smollm2-135m) would lead
-    `AutoPeftModel` to pair the adapters with another model.
+    `AutoPeftModel` to pair the adapters with another model. A `model.path` base trained with
+    `model.overrides` that change what it computes (`rope_theta`, say) is another network than the one the
+    path loads: a note is `echo`ed, naming them and the base to load instead (`export --step 0`).
 
     Raises:
         ConfigError: the run is not a LoRA run (`model.lora` unset).
@@ -136,6 +144,20 @@ def export_adapter(workdir: str | Path, out: str | Path, step: int | None = None
             f"--merged (a Hugging Face directory)"
         )
     section = adapters.base_section(restored.config.model)
+    changed = {k: v for k, v in section.overrides.items() if k not in _SAME_NETWORK}
+    if section.path is not None and changed:
+        base = (
+            "a run started from model.lora.init_from has no such base on disk (its step 0 carries those "
+            "adapters merged): use `export --merged` for the trained model"
+            if lora.init_from is not None
+            else f"load the base from `nextquill-jax export --workdir {workdir} --step 0 --out BASE_DIR` "
+            "instead (the model the run started from)"
+        )
+        echo(
+            f"note: the run's base is model.path {section.path} with model.overrides {changed}, which "
+            f"{out}/adapter_config.json's base_model_name_or_path cannot say: loaded from that path alone, "
+            f"the base computes otherwise than the one trained; {base}."
+        )
     write_peft_adapter(
         restored.params,
         model_setup.model_config(section),

@@ -230,3 +230,45 @@ def test_a_lora_run_on_a_bfloat16_or_nf4_base_is_evaluated_and_exported_as_it_tr
         with torch.no_grad():
             theirs = peft.PeftModel.from_pretrained(hf, adapter_dir).eval()(torch.tensor(ids)).logits.numpy()
         np.testing.assert_allclose(theirs, want, rtol=0, atol=tolerance)
+
+
+def test_the_adapters_of_a_path_base_trained_with_overrides_come_with_a_note_naming_the_base_to_load(
+    tmp_path, write_random_data, tiny_config, write_config
+):
+    """adapter_config.json names `model.path`, which loads the base without the run's `model.overrides`
+    (here `rope_theta`): PEFT on that base computes another model than the one trained, so `export
+    --adapter` says so and names the base that does (`export --step 0`), which PEFT then matches."""
+    from nextquill_jax.train.export import export_adapter
+    from nextquill_jax.train.loop import train
+
+    hf_dir, workdir = tmp_path / "base", tmp_path / "run"
+    save_pretrained(CausalLM(model_preset("qwen2.5-0.5b", **TINY_LORA_BASE), rngs=nnx.Rngs(5)), hf_dir)
+    assert json.loads((hf_dir / "config.json").read_text())["rope_theta"] != 100.0
+    raw = tiny_config(write_random_data(tmp_path / "data"), workdir)
+    lora_cfg = {"rank": 4, "alpha": 8.0, "targets": LORA_TARGETS}
+    raw["model"] = {"path": str(hf_dir), "overrides": {"rope_theta": 100.0}, "lora": lora_cfg}
+    raw["model"]["compute_dtype"] = "float32"
+    raw["train"]["max_steps"] = 2
+    train(load_config(write_config(raw, tmp_path / "run.yaml")), workdir, echo=lambda _: None)
+
+    notes = []
+    export_adapter(workdir, tmp_path / "adapter", echo=notes.append)
+    assert notes == [
+        f"note: the run's base is model.path {hf_dir} with model.overrides {{'rope_theta': 100.0}}, which "
+        f"{tmp_path / 'adapter'}/adapter_config.json's base_model_name_or_path cannot say: loaded from that "
+        f"path alone, the base computes otherwise than the one trained; load the base from `nextquill-jax "
+        f"export --workdir {workdir} --step 0 --out BASE_DIR` instead (the model the run started from)."
+    ]
+    export(workdir, tmp_path / "step0", step=0, echo=lambda _: None)
+    ids = np.random.default_rng(0).integers(1, 128, (2, 40))
+    want = np.asarray(restore_model(workdir, None, single_device_mesh()).model(jnp.asarray(ids)))
+    tolerance = 1e-5 * np.abs(want).max()
+
+    def peft_logits(base_dir):
+        hf = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        with torch.no_grad():
+            adapted = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+            return adapted(torch.tensor(ids)).logits.numpy()
+
+    np.testing.assert_allclose(peft_logits(tmp_path / "step0"), want, rtol=0, atol=tolerance)
+    assert np.abs(peft_logits(hf_dir) - want).max() > 100 * tolerance
