@@ -146,6 +146,19 @@ def typed_architecture_overrides(
     return {k: convert(v, hints[k], f"{key_prefix}{k}", "") for k, v in overrides.items()}
 
 
+def _plain_overrides(written: Mapping[str, Any], typed: Mapping[str, Any]) -> dict[str, Any]:
+    """`typed` (`typed_architecture_overrides` of `written`) as YAML and JSON write values: a tuple as a
+    list, a `RopeScaling` as the mapping of the keys `written` gave it."""
+    plain = {}
+    for key, value in typed.items():
+        if isinstance(value, tuple):
+            value = list(value)
+        elif dataclasses.is_dataclass(value):
+            value = {field: getattr(value, field) for field in written[key]}
+        plain[key] = value
+    return plain
+
+
 @dataclass(frozen=True)
 class ModelRunConfig:
     """Which model to train and how to run it.
@@ -213,7 +226,9 @@ class ModelRunConfig:
     def __post_init__(self):
         remat_saved_names(self.remat_policy)
         check_scan_unroll(self.scan_unroll, "`model.scan_unroll`")
-        self.architecture_overrides()
+        # Kept as their fields' values, in JSON's types: YAML reads `1e4` as text, and a resume compares
+        # config.yaml key by key, so `rope_theta: 1e4` and `10000.0` must record the same value.
+        object.__setattr__(self, "overrides", _plain_overrides(self.overrides, self.architecture_overrides()))
         if (self.path is None) == (self.preset is None):
             # Both set is often a `model.path=...` override on a file that sets a preset: say how to unset.
             fix = (

@@ -31,6 +31,7 @@ from nextquill_jax.config import (
     LoraConfig,
     MeshConfig,
     OptimConfig,
+    config_to_dict,
     load_config,
     save_config,
 )
@@ -600,6 +601,27 @@ def test_wrong_types_and_invalid_values_name_the_key(cfg_file, override, named, 
     assert f"`{named}" in message and expected in message and "Fix" in message, message
     assert message.startswith("command line: ") or message.endswith(f"overrides applied: {override})")
     assert " a int" not in message and " a a " not in message  # "an int", "a mapping"
+
+
+def test_model_overrides_are_recorded_as_their_values_so_a_resume_reads_one_value_in_any_spelling(cfg_file):
+    """YAML reads `1e4` as text: `rope_theta=1e4` was recorded as "1e4", and a resume with `10000.0` (the
+    same model) was refused as a changed config."""
+    from nextquill_jax.train.resume import config_changes, normalised
+
+    spellings = ["1e4", "10000.0", "10000", "'1e4'"]
+    configs = [
+        load_config(cfg_file, [f"model.overrides={{rope_theta: {v}, eos_token_ids: [3], num_layers: 2}}"])
+        for v in spellings
+    ]
+    recorded = [json.loads(json.dumps(config_to_dict(c))) for c in configs]
+    assert {json.dumps(r["model"]["overrides"]) for r in recorded} == {
+        '{"rope_theta": 10000.0, "eos_token_ids": [3], "num_layers": 2}'
+    }
+    for before, after in itertools.product(recorded, configs):
+        assert config_changes(normalised(before), config_to_dict(after)) == []
+    assert configs[0].model.model_config().rope_theta == 10000.0
+    scaled = load_config(cfg_file, ["model.overrides={rope_scaling: {type: linear, factor: '2'}}"])
+    assert scaled.model.overrides == {"rope_scaling": {"type": "linear", "factor": 2.0}}  # the keys written
 
 
 def test_scan_unroll_is_a_runtime_key_of_its_own_that_reaches_the_model_and_a_resume_may_change(cfg_file):
