@@ -132,10 +132,18 @@ def launch_env(tmp_path):
         **SLICE,
         "CONFIG": str(config),
         "WORKDIR": "gcs/runs/books 3b",
-        "TRAIN_ARGS": "model.path=model data.tokenizer=model train.max_steps=5",
+        "TRAIN_ARGS": "model.path=model data.tokenizer=model\ntrain.max_steps=5",  # a line each, or several
         # Two settings, one value with several flags (spaces), one with quotes of both kinds.
         "TRAIN_ENV": f'LIBTPU_INIT_ARGS={LIBTPU_FLAGS}\nNOTE=it\'s "quoted"\n',
     }
+
+
+# What the remote strings test for a live run: logs/train.pid names a process that is still the run's
+# worker_train.sh, not merely a live pid (a stale file may name another process by now).
+RUN_ALIVE = (
+    '[ -f logs/train.pid ] && [[ "$(ps -o args= -p "$(cat logs/train.pid)" 2>/dev/null)" '
+    "== *bin/worker_train.sh* ]]"
+)
 
 
 def test_launch_dry_run_prints_the_exact_commands(launch_env, tmp_path):
@@ -150,8 +158,8 @@ def test_launch_dry_run_prints_the_exact_commands(launch_env, tmp_path):
         "model.path=model data.tokenizer=model train.max_steps=5"
     )
     start = (
-        'set -euo pipefail; cd nextquill; if [ -f logs/train.pid ] && kill -0 "$(cat logs/train.pid)" '
-        '2>/dev/null; then echo "training already runs here (pid $(cat logs/train.pid)); stop it with '
+        f"set -euo pipefail; cd nextquill; if {RUN_ALIVE}; then "
+        'echo "training already runs here (pid $(cat logs/train.pid)); stop it with '
         'tpu_scripts/stop.sh" >&2; exit 1; fi; nohup setsid '
         + train
         + " > logs/train.log 2>&1 < /dev/null & "
@@ -353,6 +361,11 @@ def test_queued_create_recovers_a_suspended_request_and_rides_out_failed_polls(t
     assert code == 1 and "gave up polling" in err and len(calls) == 5
     code, calls, err = scripted_create(env, ["fail NOT_FOUND", "ok FAILED"], tmp_path)
     assert code == 1 and "is FAILED" in err
+    # The command it names is the describe call without its --format, quoted so that it can be pasted (the
+    # format's parentheses were a shell syntax error).
+    see = err.rstrip().rpartition("; see: ")[2]
+    assert shlex.split(see) == f"gcloud compute tpus queued-resources describe nq-v5p-32 {LOCATION}".split()
+    assert subprocess.run(["bash", "-n", "-c", see]).returncode == 0
 
 
 def test_setup_stage_mount_logs_delete_dry_runs(tmp_path):
@@ -370,8 +383,8 @@ def test_setup_stage_mount_logs_delete_dry_runs(tmp_path):
     assert setup[5:] == [
         f"{scp} {SCRIPTS}/check_hosts.py nq-v5p-32:nextquill/bin/check_hosts.py {LOCATION} --worker=all",
         ssh
-        + '\'set -euo pipefail; cd nextquill; if [ -f logs/train.pid ] && kill -0 "$(cat logs/train.pid)" '
-        '2>/dev/null; then echo "$(hostname): training runs here (pid $(cat logs/train.pid)), which holds '
+        + shlex.quote(f"set -euo pipefail; cd nextquill; if {RUN_ALIVE}; then ")[:-1]
+        + 'echo "$(hostname): training runs here (pid $(cat logs/train.pid)), which holds '
         "the "
         "TPU: check skipped\"; exit 0; fi; timeout 600 venv/bin/python bin/check_hosts.py'",
     ]
@@ -428,6 +441,35 @@ def test_missing_settings_and_unknown_arguments_are_clear_errors(launch_env, tmp
     assert bad_type.returncode == 2 and "set RUNTIME_VERSION" in bad_type.stderr
 
 
+def test_a_run_that_ended_leaves_no_pid_file_and_a_stale_one_is_never_stopped(launch_env, tmp_path):
+    """worker_train.sh removes logs/train.pid when its run ends by itself; a pid file left anyway (a run
+    killed with its VM) whose pid now names another process is not taken for the run: launch starts, and
+    stop neither signals that process nor reports it stopped."""
+    home = fake_worker(tmp_path)
+    worker_env = {"PATH": os.environ["PATH"], "HOME": str(home)}  # the fake trainer exits at once
+    mkdir, _, _, start = dry_run("launch.sh", launch_env, tmp_path)
+    subprocess.run(["bash", "-c", remote(mkdir)], cwd=home, env=worker_env, check=True)
+    shutil.copy(SCRIPTS / "worker_train.sh", home / "nextquill" / "bin" / "worker_train.sh")
+    pid_file = home / "nextquill" / "logs" / "train.pid"
+    subprocess.run(["bash", "-c", remote(start)], cwd=home, env=worker_env, check=True, capture_output=True)
+    wait_for(home / "nextquill" / "calls")
+    deadline = time.monotonic() + 10
+    while pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not pid_file.exists()
+
+    (stop,) = dry_run("stop.sh", {**SLICE, "STOP_TIMEOUT": "2"}, tmp_path)
+    with subprocess.Popen(["sleep", "30"], start_new_session=True) as other:
+        pid_file.write_text(str(other.pid))
+        stopped = subprocess.run(
+            ["bash", "-c", remote(stop)], cwd=home, env=worker_env, capture_output=True, text=True
+        )
+        alive = other.poll() is None
+        other.kill()
+    assert stopped.returncode == 0 and "no training running" in stopped.stdout, stopped
+    assert alive, "stop.sh signalled a process that is not the run"
+
+
 def test_setup_check_runs_the_multi_host_start_up_and_skips_while_training_runs(tmp_path):
     """setup.sh's check in a fake worker home whose venv is this Python: one process of 4 CPU devices."""
     home = tmp_path / "worker"
@@ -449,11 +491,21 @@ def test_setup_check_runs_the_multi_host_start_up_and_skips_while_training_runs(
         "process 0/1: 4 local devices (cpu), 4 global, mesh data=1 fsdp=4 tensor=1, all-reduce 4 of 4, "
         "GPUs visible: all"
     )
-    with subprocess.Popen(["sleep", "30"]) as training:
+    # A run's worker_train.sh holds the TPU: the check is skipped.
+    executable(home / "nextquill" / "bin" / "worker_train.sh", "#!/bin/bash\nsleep 30\n")
+    with subprocess.Popen(["bash", "bin/worker_train.sh"], cwd=home / "nextquill") as training:
         (home / "nextquill" / "logs" / "train.pid").write_text(str(training.pid))
         skipped = subprocess.run(["bash", "-c", check], cwd=home, env=env, capture_output=True, text=True)
         training.kill()
     assert skipped.returncode == 0 and "check skipped" in skipped.stdout
+    # A pid file left by a run that ended, whose pid now names another process: the check runs.
+    with subprocess.Popen(["sleep", "30"]) as other:
+        (home / "nextquill" / "logs" / "train.pid").write_text(str(other.pid))
+        rerun = subprocess.run(
+            ["bash", "-c", check], cwd=home, env=env, capture_output=True, text=True, timeout=120
+        )
+        other.kill()
+    assert rerun.returncode == 0 and rerun.stdout.strip().startswith("process 0/1: 4 local devices"), rerun
 
 
 def slurm_job(tmp_path: Path, tasks_start_together: bool) -> tuple[dict[str, str], Path]:
@@ -480,7 +532,7 @@ def slurm_job(tmp_path: Path, tasks_start_together: bool) -> tuple[dict[str, str
         "SLURM_CPUS_PER_TASK": "32",
         "CONFIG": "configs/x.yaml",
         "WORKDIR": "/shared/runs/x",
-        "TRAIN_ARGS": "train.max_steps=3 optim.learning_rate=1e-4",
+        "TRAIN_ARGS": "train.max_steps=3\noptim.learning_rate=1e-4",
         "VENV": str(tmp_path / "venv"),
     }
     return env, bin_dir

@@ -133,3 +133,9 @@ copy_to_workers() {
     mapfile -t flags < <(gcloud_flags)
     run gcloud compute tpus tpu-vm scp --recurse "$1" "$TPU_NAME:$2" "${flags[@]}" --worker=all
 }
+
+# A worker-side test (for the remote command strings) that this directory's run is alive: logs/train.pid
+# names a process that is still bin/worker_train.sh. Not `kill -0` alone: a pid file left by a run that ended
+# (a VM restart, a long uptime) may name another process by now, which stop.sh would then kill.
+# shellcheck disable=SC2016,SC2034 # expanded on the worker; used by the scripts that source this
+RUN_ALIVE='[ -f logs/train.pid ] && [[ "$(ps -o args= -p "$(cat logs/train.pid)" 2>/dev/null)" == *bin/worker_train.sh* ]]'

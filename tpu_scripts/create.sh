@@ -45,6 +45,8 @@ else
     create=("${resource[@]}" create "$TPU_NAME" "${flags[@]}"
         --accelerator-type="$ACCELERATOR_TYPE" --version="$version" "${capacity[@]}")
 fi
+# The describe command without its --format (the last word), quoted to be pasted: messages name it.
+see="$(shell_words "${describe[@]:0:${#describe[@]}-1}")"
 
 # state: print TPU_NAME's state, or nothing when it does not exist. Returns 1 (gcloud's message on stderr)
 # when the query itself failed.
@@ -84,7 +86,7 @@ case "$current" in
         run "${delete[@]}"
         ;;
     *)
-        echo "error: $TPU_NAME is $current; wait until it settles (see: ${describe[*]% --format*}), or delete it" \
+        echo "error: $TPU_NAME is $current; wait until it settles (see: $see), or delete it" \
             "with tpu_scripts/delete.sh, then run create.sh again" >&2
         exit 1
         ;;
@@ -101,7 +103,7 @@ if [[ "$QUEUED" == 1 ]]; then
             case "$current" in
                 ACTIVE) break ;;
                 FAILED | SUSPENDED | "")
-                    echo "error: queued resource $TPU_NAME is ${current:-gone}; see: ${describe[*]% --format*}" >&2
+                    echo "error: queued resource $TPU_NAME is ${current:-gone}; see: $see" >&2
                     exit 1
                     ;;
             esac
@@ -110,7 +112,7 @@ if [[ "$QUEUED" == 1 ]]; then
             echo "warning: polling $TPU_NAME failed ($failures of $POLL_RETRIES in a row)" >&2
             if ((failures >= POLL_RETRIES)); then
                 echo "error: gave up polling queued resource $TPU_NAME; the request may still be granted:" \
-                    "${describe[*]% --format*}" >&2
+                    "$see" >&2
                 exit 1
             fi
         fi

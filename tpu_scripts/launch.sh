@@ -7,7 +7,7 @@ USAGE="usage: TPU_NAME=NAME ZONE=ZONE CONFIG=configs/X.yaml WORKDIR=gcs/runs/NAM
 
 Copies CONFIG (a local YAML file) and worker_train.sh to every worker, then runs on each, in REMOTE_DIR:
   nextquill-jax train --config configs/<CONFIG's file name> --workdir WORKDIR TRAIN_ARGS...
-TRAIN_ARGS: space-separated section.key=value overrides (no spaces inside a value). TRAIN_ENV: environment
+TRAIN_ARGS: section.key=value overrides separated by spaces or newlines (no spaces inside a value). TRAIN_ENV: environment
 settings for the run, one VAR=value per line; the value is everything after the first '=', spaces included
 (e.g. TRAIN_ENV='LIBTPU_INIT_ARGS=--xla_a=true --xla_b=false'). WORKDIR must be one directory shared by all
 workers, relative to REMOTE_DIR: a path under the bucket mount of mount_bucket.sh (e.g. gcs/runs/NAME), not a
@@ -37,7 +37,8 @@ if [[ "$WORKDIR" != "$MOUNT_DIR"/* ]]; then
     echo "warning: WORKDIR=$WORKDIR is not under the bucket mount ($MOUNT_DIR/..., mount_bucket.sh): on a" \
         "multi-host slice every worker must write to the same workdir" >&2
 fi
-read -r -a overrides <<<"${TRAIN_ARGS:-}"
+# -d '': every line, where `read` stops at the first (a TRAIN_ARGS written over several lines lost the rest).
+read -r -d '' -a overrides <<<"${TRAIN_ARGS:-}" || true
 environment=()
 while IFS= read -r setting; do
     if [[ -z "${setting//[[:space:]]/}" ]]; then
@@ -74,7 +75,7 @@ train=(env PYTHONUNBUFFERED=1 "${environment[@]}" bash bin/worker_train.sh "$LOG
     "$events_dir" "$WORKDIR/tensorboard" venv/bin/nextquill-jax train --config "$remote_config"
     --workdir "$WORKDIR" "logging.tensorboard_dir=$events_value" "${overrides[@]}")
 start="set -euo pipefail; cd $(shell_words "$REMOTE_DIR")"
-start+="; if [ -f logs/train.pid ] && kill -0 \"\$(cat logs/train.pid)\" 2>/dev/null; then"
+start+="; if $RUN_ALIVE; then"
 start+=" echo \"training already runs here (pid \$(cat logs/train.pid)); stop it with tpu_scripts/stop.sh\" >&2; exit 1; fi"
 start+="; nohup setsid $(shell_words "${train[@]}") > logs/train.log 2>&1 < /dev/null & echo \$! > logs/train.pid"
 start+="; echo \"\$(hostname): started pid \$(cat logs/train.pid)\""

@@ -39,7 +39,7 @@ on_workers all "$install"
 
 copy_to_workers "$SCRIPT_DIR/check_hosts.py" "$REMOTE_DIR/bin/check_hosts.py"
 check="set -euo pipefail; cd $(shell_words "$REMOTE_DIR")"
-check+="; if [ -f logs/train.pid ] && kill -0 \"\$(cat logs/train.pid)\" 2>/dev/null; then"
+check+="; if $RUN_ALIVE; then"
 check+=" echo \"\$(hostname): training runs here (pid \$(cat logs/train.pid)), which holds the TPU: check skipped\"; exit 0; fi"
 check+="; timeout $(shell_words "$CHECK_TIMEOUT") venv/bin/python bin/check_hosts.py"
 on_workers all "$check"

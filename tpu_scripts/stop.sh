@@ -14,7 +14,7 @@ require TPU_NAME ZONE
 : "${STOP_TIMEOUT:=600}"
 
 stop="cd $(shell_words "$REMOTE_DIR")"
-stop+="; if ! [ -f logs/train.pid ] || ! kill -0 \"\$(cat logs/train.pid)\" 2>/dev/null; then"
+stop+="; if ! { $RUN_ALIVE; }; then"
 stop+=" echo \"\$(hostname): no training running\"; exit 0; fi"
 stop+="; pid=\$(cat logs/train.pid); kill -TERM \"\$pid\""
 stop+="; for _ in \$(seq $(shell_words "$STOP_TIMEOUT")); do kill -0 \"\$pid\" 2>/dev/null || break; sleep 1; done"

@@ -61,4 +61,9 @@ status=$?
 kill "$copier" 2>/dev/null
 wait "$copier"
 copy_outputs
+# The run is over: a pid file left behind could name another process by the time stop.sh reads it. Only
+# this run's own (launch.sh writes $! there just after starting it).
+if [[ "$(cat logs/train.pid 2>/dev/null)" == "$$" ]]; then
+    rm -f logs/train.pid
+fi
 exit "$status"
