@@ -479,10 +479,10 @@ class MeshConfig:
             NEXTQUILL_NUM_PROCESSES).
         `process_id`: this process's index in an explicit multi-process run, 0-based (or
             NEXTQUILL_PROCESS_ID).
-        `peer_timeout_s`: in a multi-process run, when a process stops answering for this many seconds (> 0;
-            its host died, it was killed), every other process exits with status 4 and a message naming it,
-            instead of waiting in a collective forever; the scheduler restarts the job, which resumes from its
-            last complete checkpoint.
+        `peer_timeout_s`: in a multi-process run, when a process stops answering for this many seconds (> 0,
+            at most 1e9; its host died, it was killed), every other process exits with status 4 and a message
+            naming it, instead of waiting in a collective forever; the scheduler restarts the job, which
+            resumes from its last complete checkpoint.
     """
 
     data: int = 1
@@ -496,8 +496,9 @@ class MeshConfig:
 
     def __post_init__(self):
         checked_shape(self.sizes())  # the device count is checked when the mesh is made
-        if not self.peer_timeout_s > 0:  # `not >`: NaN fails it too
-            raise ValueError(f"peer_timeout_s must be > 0, got {self.peer_timeout_s}")
+        # At most 1e9: JAX's own heartbeat timeout, set to twice it, is an int32.
+        if not 0 < self.peer_timeout_s <= 1e9:  # `not`: NaN fails it too
+            raise ValueError(f"peer_timeout_s must be > 0 and <= 1e9 seconds, got {self.peer_timeout_s}")
 
     def sizes(self) -> dict[str, int]:
         """{"data": ..., "fsdp": ..., "tensor": ...} as configured (a -1 still unresolved)."""

@@ -220,7 +220,8 @@ def initialize_distributed(
 
     Raises:
         ValueError: a partial explicit setting (a coordinator without the process count and id, or the
-            reverse), or a non-integer count/id in the environment.
+            reverse), a non-integer count/id in the environment, or libtpu installed where JAX finds no TPU
+            pod.
     """
     if mode not in ("auto", "off"):
         raise ValueError(f"mesh.distributed must be 'auto' or 'off', got {mode!r}")
@@ -248,7 +249,14 @@ def initialize_distributed(
             coordinator, num_processes=num_processes, process_id=process_id, **heartbeat
         )
     elif importlib.util.find_spec("libtpu") is not None:
-        jax.distributed.initialize(**heartbeat)
+        try:
+            jax.distributed.initialize(**heartbeat)
+        except ValueError as e:  # libtpu installed (the `tpu` extra) on a machine that is no TPU VM
+            raise ValueError(
+                f"mesh.distributed is auto and libtpu is installed, so this was taken for a Cloud TPU VM, "
+                f"but JAX found no TPU pod to join ({e}). Fix: set mesh.distributed=off to run one process "
+                f"here, or set mesh.coordinator / num_processes / process_id for a multi-process run."
+            ) from None
     else:
         return False
     from jax._src import distributed  # the runtime's key-value client (no public handle in jax 0.10)

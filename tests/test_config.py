@@ -12,6 +12,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 import types
 import typing
 from pathlib import Path
@@ -519,7 +521,12 @@ def test_a_nan_or_infinite_override_is_refused_naming_the_key(cfg_file, override
         ("optim.eps=0", "optim", "eps must be > 0, got 0.0"),
         ("optim.min_lr_ratio=1.5", "optim", "min_lr_ratio must be in [0, 1], got 1.5"),
         ("optim.min_lr_ratio=-0.5", "optim", "min_lr_ratio must be in [0, 1], got -0.5"),
-        ("mesh.peer_timeout_s=0", "mesh", "peer_timeout_s must be > 0, got 0.0"),
+        ("mesh.peer_timeout_s=0", "mesh", "peer_timeout_s must be > 0 and <= 1e9 seconds, got 0.0"),
+        (
+            "mesh.peer_timeout_s=2e9",
+            "mesh",
+            "peer_timeout_s must be > 0 and <= 1e9 seconds, got 2000000000.0",
+        ),
     ],
 )
 def test_a_value_outside_its_documented_range_is_refused(cfg_file, override, section, message):
@@ -544,7 +551,7 @@ def test_the_ends_of_the_documented_ranges_are_accepted(cfg_file):
         (OptimConfig, "weight_decay", "weight_decay must be >= 0, got nan"),
         (OptimConfig, "eps", "eps must be > 0, got nan"),
         (OptimConfig, "clip_norm", "clip_norm must be > 0 or null, got nan"),
-        (MeshConfig, "peer_timeout_s", "peer_timeout_s must be > 0, got nan"),
+        (MeshConfig, "peer_timeout_s", "peer_timeout_s must be > 0 and <= 1e9 seconds, got nan"),
         (LoggingConfig, "health_ce_ratio", "health_ce_ratio must be > 1, got nan"),
     ],
 )
@@ -1498,6 +1505,34 @@ def test_a_run_is_read_on_the_devices_at_hand_when_its_mesh_names_others(tmp_pat
     partial = tiny_config(tmp_path / "data", tmp_path / "work", mesh={"coordinator": "localhost:1234"})
     with pytest.raises(ConfigError, match=r"^mesh: multi-host settings incomplete"):
         reading_mesh(load_config(None, base=partial))
+
+
+def test_libtpu_installed_where_no_tpu_pod_is_found_names_mesh_distributed_off(tmp_path):
+    """`mesh.distributed: auto` takes an installed libtpu (the `tpu` extra) for a Cloud TPU VM; on another
+    machine JAX finds no pod, whose error ("coordinator_address should be defined") did not say what to do.
+    In a subprocess: a failed start leaves JAX's distributed state behind."""
+    (tmp_path / "libtpu").mkdir()
+    (tmp_path / "libtpu" / "__init__.py").write_text("")
+    script = (
+        "from nextquill_jax.parallel import initialize_distributed\n"
+        "try:\n    initialize_distributed(mode='auto')\nexcept ValueError as e:\n    print(e)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}", "JAX_PLATFORMS": "cpu"}
+    for name in ("NEXTQUILL_COORDINATOR", "NEXTQUILL_NUM_PROCESSES", "NEXTQUILL_PROCESS_ID"):
+        env.pop(name, None)
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    message = done.stdout.strip()
+    assert message.startswith(
+        "mesh.distributed is auto and libtpu is installed, so this was taken for a Cloud TPU VM, but JAX "
+        "found no TPU pod to join ("
+    ), message
+    assert message.endswith(
+        "Fix: set mesh.distributed=off to run one process here, or set mesh.coordinator / num_processes / "
+        "process_id for a multi-process run."
+    ), message
 
 
 def test_the_optim_docs_example_path_is_a_parameter_path(cfg_file):
