@@ -2,8 +2,10 @@ r"""Tokens/s and MFU of the full NextQuill training step for Qwen2.5-0.5B and 1.
 
 The step is the project's real one (`train.step.make_train_step` via `bench.harness.TrainingHarness`):
 with- and without-history forward passes, fused NextQuill loss (dynamic DCE), backward through both
-passes, clipped AdamW. The batch: `--rows` rows of synthetic examples (random ids; prompt, history and
-target lengths below), packed by the pipeline's first-fit packer into rows of `--seq-len` with-stream tokens.
+passes, clipped AdamW, every parameter trained (full fine-tuning; the FLOPs below count weight gradients,
+which a LoRA run's frozen base does not compute). The batch: `--rows` rows of synthetic examples (random
+ids; prompt, history and target lengths below), packed by the pipeline's first-fit packer into rows of
+`--seq-len` with-stream tokens.
 
 Useful FLOPs per step (both forward passes and the backward pass, backward = 2 × forward):
 

@@ -1,6 +1,8 @@
 """Useful FLOPs of one NextQuill training step, and the peak FLOP/s of the chips that run it (for MFU).
 
-FLOPs: the useful work of one step, both forward passes and the backward pass (backward = 2 × forward):
+FLOPs: the useful work of one full fine-tuning step, both forward passes and the backward pass (backward =
+2 × forward: the input and the weight gradients of every matmul; a LoRA run's frozen base has no weight
+gradients, about 4 · P per token instead of 6 · P, which this count does not model):
 
     FLOPs = 6 · P · (N_w + N_o)                       decoder layers (dense matmuls)
           + 12 · L · H · Hd · (A_w + A_o)             attention scores and values, causal, per segment
@@ -28,8 +30,12 @@ import numpy as np
 from nextquill_jax.bench.hlo_flops import DotCost
 from nextquill_jax.models.config import ModelConfig
 
-# Dense bf16 peak TFLOP/s per chip, by a substring of the lower-case `jax.Device.device_kind`.
+# Dense bf16 peak TFLOP/s per chip (half NVIDIA's with-sparsity figure), by a substring of the lower-case
+# `jax.Device.device_kind`, first match: the PCIe and NVL cards before the SXM ones their names contain.
 PEAK_TFLOPS_BF16: tuple[tuple[str, float], ...] = (
+    ("h100 pcie", 756.5),
+    ("h100 nvl", 835.5),
+    ("h200 nvl", 835.5),
     ("h200", 989.4),
     ("h100", 989.4),
     ("a100", 312.0),
@@ -88,7 +94,9 @@ def causal_pairs(segment_ids: np.ndarray) -> int:
 def step_flops(
     cfg: ModelConfig, batch: dict[str, np.ndarray], nonembed_params: int | None = None
 ) -> FlopCount:
-    """Useful FLOPs of one NextQuill training step on `batch` (both streams forward and backward).
+    """Useful FLOPs of one NextQuill full fine-tuning step on `batch` (both streams forward and backward;
+    the module docstring's formula). `batch` holds `with_segment_ids` and `without_segment_ids` [B, T] (0:
+    padding) and `labels` [B, R] (-100: no target).
 
     `nonembed_params`: P of the formula (computed from `cfg` when None).
     """

@@ -498,6 +498,48 @@ def test_causal_pairs_counts_each_segment():
     assert flops.causal_pairs(seg) == (6 + 3) + 21
 
 
+def test_step_flops_is_the_documented_formula_counted_by_hand():
+    """P counted from the architecture (Qwen2: q/k/v biases, GQA, untied head, RMS norms), then the module
+    docstring's three terms over a packed batch: 6·P per real token of both streams, 12·L·H·Hd per causal
+    pair inside an example, 6·D·V·2 per target token."""
+    D, H, KV, Hd, F, L, V = 32, 4, 2, 8, 64, 2, 128  # F: the MLP's intermediate size
+    cfg = model_preset("qwen2.5-0.5b", vocab_size=V, hidden_size=D, intermediate_size=F, num_layers=L,
+                       num_heads=H, num_kv_heads=KV, head_dim=Hd, tie_word_embeddings=False,
+                       bos_token_id=TINY_EOS_ID, eos_token_ids=(TINY_EOS_ID,))  # fmt: skip
+    attention = D * H * Hd + H * Hd + 2 * (D * KV * Hd + KV * Hd) + H * Hd * D
+    per_layer = attention + 3 * D * F + 2 * D  # the MLP's gate, up and down; two RMS norms
+    P = L * per_layer + D  # and the final norm
+    total, nonembed = flops.param_counts(cfg)
+    assert (total, nonembed) == (P + 2 * V * D, P)
+    batch = {
+        "with_segment_ids": np.array([[1, 1, 1, 2, 2, 0], [1, 1, 1, 1, 0, 0]]),  # 9 tokens; 6 + 3 + 10 pairs
+        "without_segment_ids": np.array([[1, 2, 2, 0], [1, 1, 0, 0]]),  # 5 tokens; 1 + 3 + 3 pairs
+        "labels": np.array([[5, -100, 7], [-100, -100, 9]]),  # 3 targets
+    }
+    count = flops.step_flops(cfg, batch)
+    assert (count.layers, count.attention, count.head) == (
+        6 * P * 14,
+        12 * L * H * Hd * 26,
+        6 * D * V * 2 * 3,
+    )
+
+
+@pytest.mark.parametrize(
+    "kind, peak",
+    [
+        ("NVIDIA H100 80GB HBM3", 989.4),  # SXM: 1,979 TFLOP/s with sparsity, halved
+        ("NVIDIA H200", 989.4),
+        ("NVIDIA H100 PCIe", 756.5),  # were given the SXM figure: MFU 1.31x too low
+        ("NVIDIA H100 NVL", 835.5),
+        ("NVIDIA H200 NVL", 835.5),
+        ("TPU v5 lite", 197.0),
+        ("cpu", None),
+    ],
+)
+def test_peak_tflops_is_each_cards_dense_bf16_figure(kind, peak):
+    assert flops.peak_tflops(kind) == peak
+
+
 def test_bench_help_lists_every_benchmark(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["bench", "--help"])
