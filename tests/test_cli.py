@@ -779,6 +779,48 @@ def test_training_data_smaller_than_one_batch_with_drop_remainder_is_one_error_l
     assert "\n" not in err
 
 
+@pytest.mark.parametrize(
+    ("batching", "message", "fix"),
+    [
+        ({"seq_len_with": 24}, "do not fit a row (T_w=24, T_o=32, R=32)", "data.batching.too_long: truncate"),
+        (
+            {"seq_len_with": 16, "too_long": "truncate"},
+            "examples leave no room for a target token",
+            "raise data.batching.seq_len_with",
+        ),
+    ],
+)
+def test_training_examples_that_do_not_fit_a_row_are_one_error_line(
+    batching, message, fix, tmp_path, capsys, write_random_data, tiny_config, write_config
+):
+    # They were ValueErrors, which the CLI does not expect: a traceback.
+    cfg = tiny_config(write_random_data(tmp_path / "data"), tmp_path / "run")
+    cfg["data"]["batching"].update(batching)
+    err = _run_cli(["train", "--config", str(write_config(cfg, tmp_path / "cfg.yaml"))], tmp_path, capsys)
+    assert err.startswith(f"{tmp_path / 'data' / 'train'}: ") and message in err and fix in err, err
+    assert "\n" not in err
+
+
+def test_training_data_with_an_empty_target_is_one_error_line(
+    tmp_path, capsys, write_random_data, tiny_config, write_config
+):
+    import numpy as np
+
+    from nextquill_jax.data.prepared_split import PreparedSplit, TokenizedExample, write_split
+
+    data = write_random_data(tmp_path / "data")
+    examples = [TokenizedExample(**PreparedSplit(data, "train")[i]) for i in range(4)]
+    examples[2] = TokenizedExample(examples[2].prompt_with, examples[2].prompt_without, np.zeros(0, np.int32))
+    write_split(data, "train", examples)
+    cfg = tiny_config(data, tmp_path / "run")
+    err = _run_cli(["train", "--config", str(write_config(cfg, tmp_path / "cfg.yaml"))], tmp_path, capsys)
+    assert err == (
+        f"{data / 'train'}: 1 example has an empty target, e.g. example 2; every prompt and target needs "
+        f">= 1 token, as `data prepare` writes them. Fix: prepare it again (`nextquill-jax data prepare "
+        f"--config FILE --out {data} --force`)."
+    ), err
+
+
 def _diverged(nonfinite: str) -> Exception:
     """The TrainingDivergedError the loop raises at step 5 under `train.nonfinite: nonfinite` (skip: 21
     skipped, above the default limit of 20), the last good checkpoint /w/checkpoints/3."""

@@ -17,8 +17,8 @@ ALGORITHM = "blake2b-128"
 
 
 class IntegrityError(ValueError):
-    """Files are missing or differ from the sizes and checksums recorded when they were written (the
-    message names them and the fix)."""
+    """Files are missing, differ from the sizes and checksums recorded when they were written, or hold what
+    their writer never writes (the message names them and the fix)."""
 
 
 def file_digest(path: str | Path) -> str:

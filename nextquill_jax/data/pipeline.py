@@ -46,6 +46,7 @@ import numpy as np
 
 from nextquill_jax.config_schema import ConfigError
 from nextquill_jax.data.assemble import RowShape, assemble_batch
+from nextquill_jax.data.checksums import IntegrityError
 from nextquill_jax.data.config import BatchingConfig
 from nextquill_jax.data.packing import bucket_batches, bucket_of, first_fit_rows, most_per_row, padded_shape
 from nextquill_jax.data.prepared_split import PreparedSplit
@@ -127,9 +128,12 @@ class BatchPipeline:
         target_lengths: [N] int64 target tokens each example keeps (shorter than stored only when truncated).
 
     Raises:
-        ValueError: an empty split or an example with an empty prompt or target; an example that does not
-            fit a row (naming it and the fixes).
-        ConfigError: a split too small for one global batch with `drop_remainder`.
+        ValueError: `process_index` outside [0, `process_count`).
+        IntegrityError: an empty split or an example with an empty prompt or target, which `data prepare`
+            never writes (the fix: prepare the data again).
+        ConfigError: an example that does not fit a row (naming it and the fixes: data.batching's lengths,
+            the data's token limits, `too_long: truncate`); a split too small for one global batch with
+            `drop_remainder`.
     """
 
     def __init__(
@@ -151,8 +155,15 @@ class BatchPipeline:
         self.process_index, self.process_count = process_index, process_count
         self.global_rows = cfg.rows_per_batch * process_count
         self.has_reference_dce = "reference_dce" in split.fields
+        # The data and config problems below are the user's to fix, so they raise errors that the CLI prints
+        # as one `error:` line (`cli.expected_errors`), not a plain ValueError.
+        prepare = f"nextquill-jax data prepare --config FILE --out {split.dir.parent} --force"
+        again = f"Fix: prepare it again (`{prepare}`)."
         if len(split) == 0:
-            raise ValueError(f"{split.dir}: the split holds no examples")
+            raise IntegrityError(
+                f"{split.dir}: the split holds no examples, and `data prepare` writes no split without "
+                f"examples. {again}"
+            )
         p_w = split.lengths("prompt_with")  # [N]
         p_o = split.lengths("prompt_without")  # [N]
         tgt = split.lengths("target")  # [N]
@@ -160,10 +171,10 @@ class BatchPipeline:
             empty = np.flatnonzero(lengths == 0)
             if empty.size:
                 have = "has" if empty.size == 1 else "have"
-                raise ValueError(
+                raise IntegrityError(
                     f"{split.dir}: {counted(empty.size, 'example')} {have} an empty {name}, e.g. example "
-                    f"{int(empty[0])}; "
-                    f"every prompt and target needs >= 1 token (prepare the data again)"
+                    f"{int(empty[0])}; every prompt and target needs >= 1 token, as `data prepare` writes "
+                    f"them. {again}"
                 )
         self.shapes = self._resolve_shapes(p_w, p_o, tgt)
         self.target_lengths = self._fit_targets(p_w, p_o, tgt)
@@ -196,7 +207,12 @@ class BatchPipeline:
         return (*(RowShape(b, min(b, t_o), min(b, r)) for b in lows), RowShape(top, t_o, r))
 
     def _fit_targets(self, p_w: np.ndarray, p_o: np.ndarray, tgt: np.ndarray) -> np.ndarray:
-        """Target tokens kept per example under the largest row shape; raises per `too_long`."""
+        """Target tokens kept per example under the largest row shape.
+
+        Raises:
+            ConfigError: an example with no room for a target token, or (`too_long: error`) one whose target
+                does not fit, naming it and the fixes.
+        """
         T_w, T_o, R = self.shapes[-1].as_tuple()
         keep = np.minimum.reduce([tgt, T_w - p_w, T_o - p_o, np.full_like(tgt, R)])  # [N]
         fixes = (
@@ -206,7 +222,7 @@ class BatchPipeline:
         no_room = np.flatnonzero(keep < 1)
         if no_room.size:
             i = int(no_room[0])
-            raise ValueError(
+            raise ConfigError(
                 f"{self.split.dir}: {no_room.size} examples leave no room for a target token, e.g. "
                 f"example {i} (prompt_with {p_w[i]}, prompt_without {p_o[i]} tokens) in rows of "
                 f"(T_w={T_w}, T_o={T_o}): {fixes}"
@@ -215,7 +231,7 @@ class BatchPipeline:
         if cut.size and self.cfg.too_long == "error":
             i = int(cut[0])
             do = "does" if cut.size == 1 else "do"
-            raise ValueError(
+            raise ConfigError(
                 f"{self.split.dir}: {counted(cut.size, 'example')} {do} not fit a row (T_w={T_w}, T_o={T_o}, "
                 f"R={R}), "
                 f"e.g. example {i} (prompt_with {p_w[i]}, prompt_without {p_o[i]}, target {tgt[i]} tokens): "

@@ -540,8 +540,10 @@ def set_up_run(
             Process0FailedError), before the workdir is written or the data prepared.
         ConfigError: any config problem found here (model source, an attention implementation the backend
             cannot run, mesh, micro-batches, LoRA targets and init_from, data, optimizer, fixed-DCE source),
-            before anything is compiled.
+            before anything is compiled; examples that do not fit a row of data.batching (`BatchPipeline`).
         FileNotFoundError: the prepared data holds no train split (`check_split`).
+        IntegrityError: a prepared split that is damaged or holds what `data prepare` never writes
+            (`PreparedSplit`, `BatchPipeline`).
     """
     mesh = build_mesh(cfg)
     model_setup.check_model_source(cfg.model)

@@ -8,6 +8,7 @@ against the arrays written to disk, independently of the pipeline's own bookkeep
 from __future__ import annotations
 
 import itertools
+import re
 
 import grain
 import numpy as np
@@ -17,6 +18,7 @@ import pytest
 from nextquill_jax.config import Config, ModelRunConfig, TrainConfig
 from nextquill_jax.config_schema import ConfigError
 from nextquill_jax.data.batch import BATCH_FIELDS, IGNORE_INDEX
+from nextquill_jax.data.checksums import IntegrityError
 from nextquill_jax.data.config import BatchingConfig, DataConfig
 from nextquill_jax.data.packing import first_fit_rows, most_per_row
 from nextquill_jax.data.pipeline import BatchPipeline
@@ -378,7 +380,8 @@ def test_too_long_examples_fail_or_are_truncated_and_counted(data):
         [stored, 64 - p_w, 64 - split.lengths("prompt_without"), np.full_like(stored, 40)]
     )
     cut = int((keep < stored).sum())
-    with pytest.raises(ValueError, match="too_long: truncate") as refused:
+    # ConfigErrors, which the CLI prints as one `error:` line (a plain ValueError was a traceback).
+    with pytest.raises(ConfigError, match="too_long: truncate") as refused:
         BatchPipeline(split, _cfg(**cfg), process_index=0, process_count=1)
     assert (f"{cut} examples do not fit a row" if cut > 1 else "1 example does not fit a row") in str(
         refused.value
@@ -389,8 +392,11 @@ def test_too_long_examples_fail_or_are_truncated_and_counted(data):
     assert stats.truncated_tokens == int((stored - keep).sum())
     labels = np.concatenate([b["labels"].ravel() for b in pipe])
     assert (labels != IGNORE_INDEX).sum() == keep.sum()
-    with pytest.raises(ValueError, match="no room"):
+    with pytest.raises(
+        ConfigError, match=f"^{re.escape(str(split.dir))}: .* examples leave no room for a target token"
+    ) as none:
         BatchPipeline(split, _cfg(seq_len_with=16, too_long="truncate"), process_index=0, process_count=1)
+    assert "raise data.batching.seq_len_with" in str(none.value)
 
 
 @pytest.mark.parametrize(
@@ -417,9 +423,19 @@ def test_config_accepts_yaml_lists_and_derives_buckets():
     assert BatchingConfig(mode="bucket", seq_len_with=1024).with_boundaries() == (128, 256, 512, 1024)
 
 
-def test_empty_prompt_is_refused_before_iteration(tmp_path):
+def test_empty_prompt_or_split_is_refused_before_iteration(tmp_path):
+    # IntegrityErrors (data `data prepare` never writes), which the CLI prints as one `error:` line.
     examples = _examples(3, seed=2)
     examples[1] = TokenizedExample(examples[1].prompt_with, np.zeros(0, np.int32), examples[1].target)
     write_split(tmp_path, "train", examples)
-    with pytest.raises(ValueError, match=r"empty prompt_without, e\.g\. example 1"):
+    with pytest.raises(IntegrityError, match=r"1 example has an empty prompt_without, e\.g\. example 1") as e:
         BatchPipeline(PreparedSplit(tmp_path, "train"), _cfg(), process_index=0, process_count=1)
+    assert str(e.value).endswith(
+        f"Fix: prepare it again (`nextquill-jax data prepare --config FILE --out {tmp_path} --force`)."
+    )
+    write_split(tmp_path, "val", [])
+    with pytest.raises(
+        IntegrityError, match=f"^{re.escape(str(tmp_path / 'val'))}: the split holds no examples"
+    ) as e:
+        BatchPipeline(PreparedSplit(tmp_path, "val"), _cfg(), process_index=0, process_count=1)
+    assert "Fix: prepare it again" in str(e.value)
