@@ -405,6 +405,8 @@ class _EpochsIterator(grain.DatasetIterator):
         super().__init__()
         self._pipeline = pipeline
         self._epoch = 0
+        # Set before planning epoch 0, which may raise: `close` (which Grain's __del__ calls) reads it.
+        self._inner: grain.DatasetIterator | None = None
         self._inner = pipeline._epoch_iterator(0)
 
     def __next__(self) -> Batch:

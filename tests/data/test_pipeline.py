@@ -296,6 +296,22 @@ def test_get_set_state_resumes_and_rejects_other_settings(data):
         other.set_state(state)
 
 
+def test_an_iterator_whose_first_epoch_fails_to_start_still_closes(data, monkeypatch):
+    # `close` read `_inner` before __init__ set it: an AttributeError at garbage collection, after the error.
+    pipe = BatchPipeline(PreparedSplit(data[0], "train"), _cfg(), process_index=0, process_count=1)
+
+    def fail(epoch: int) -> None:
+        raise OSError("the split's files went away")
+
+    monkeypatch.setattr(pipe, "_epoch_iterator", fail)
+    with pytest.raises(OSError, match="went away") as raised:
+        iter(pipe)
+    tb = raised.value.__traceback__
+    while tb.tb_frame.f_code.co_name != "__init__":
+        tb = tb.tb_next
+    tb.tb_frame.f_locals["self"].close()  # the iterator __init__ left half built
+
+
 def test_a_state_resumes_the_same_batches_under_other_read_threads_and_prefetch(data):
     root, _ = data
     split = PreparedSplit(root, "train")
