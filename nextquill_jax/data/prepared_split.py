@@ -17,7 +17,10 @@ int32 token arrays do not need.
 
 `PreparedSplit` checks every array file against the checksums in meta.json when it opens the split (about
 1 s per GB, once per open; `benchmarks/RESULTS.md`, "Checksums"), so a corrupted file stops the run with its
-name instead of training on changed tokens.
+name instead of training on changed tokens. It then checks that the files agree with each other (the layout
+above: shapes, dtypes, offsets against `num_examples` and their arrays), since files changed together with
+their checksums (or meta.json itself, which no checksum covers) would otherwise train on misaligned or
+missing examples, or fail later with an error that names no file.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import numpy as np
 
 from nextquill_jax.data import checksums
 from nextquill_jax.data.config import SPLITS
+from nextquill_jax.plural import counted
 
 TOKEN_FIELDS = ("prompt_with", "prompt_without", "target")
 SUMMARY_FILE = "summary.json"  # `data prepare`'s counts, written last: the mark of a finished preparation
@@ -152,35 +156,61 @@ def check_split(data_dir: str | Path, split: str, named: str = "", *, other_spli
 class PreparedSplit:
     """Random-access reader of one split written by `write_split`; `split[i]` is a dict of arrays.
 
-    Every array file is checked against the checksums meta.json holds before it is read.
+    Every array file is checked against the checksums meta.json holds before it is read, then the files
+    against each other (`_layout_problems`: the offsets and the arrays' headers, no token).
 
     Raises:
         FileNotFoundError: the split is missing, with the fix (`check_split`).
-        checksums.IntegrityError: an array file that is missing, or has another size or checksum than
-            meta.json says (naming the files), or a meta.json without checksums (written before they
-            existed); the fix is to prepare the data again.
+        checksums.IntegrityError: a meta.json that cannot be read as JSON or lacks its keys
+            (`num_examples`, `fields`, `checksums` listing every array file), or without checksums at all
+            (written before they existed); an array file that is missing, has another size or checksum than
+            meta.json says, cannot be read as .npy, or disagrees with the layout of the module docstring
+            (naming the files); the fix is to prepare the data again.
     """
 
     def __init__(self, data_dir: str | Path, split: str) -> None:
         self.dir = Path(data_dir) / split
         meta_path = self.dir / "meta.json"
         check_split(data_dir, split)
-        self.meta = json.loads(meta_path.read_text())
-        again = (
+        self._again = (
             f"Fix: prepare it again (`nextquill-jax data prepare --config FILE --out {data_dir} --force`)."
         )
-        if "checksums" not in self.meta:
+        try:
+            self.meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError) as e:  # ValueError: json.JSONDecodeError, UnicodeDecodeError
+            raise self._damaged([f"{meta_path} cannot be read ({e})"]) from None
+        if isinstance(self.meta, dict) and "checksums" not in self.meta:
             raise checksums.IntegrityError(
-                f"{meta_path} lists no checksums (prepared by an older version). {again}"
+                f"{meta_path} lists no checksums (prepared by an older version). {self._again}"
             )
-        damaged = checksums.problems(self.dir, self.meta["checksums"])
-        if damaged:
-            raise checksums.IntegrityError(
-                f"prepared split {self.dir} is damaged: {'; '.join(damaged)}. {again}"
-            )
+        if found := _meta_problems(self.meta, meta_path):
+            raise self._damaged(found)
+        if found := checksums.problems(self.dir, self.meta["checksums"]):
+            raise self._damaged(found)
         self.fields: list[str] = self.meta["fields"]
-        self._flat = {f: np.load(self.dir / f"{f}.npy", mmap_mode="r") for f in self.fields}
-        self._offsets = {f: np.load(self.dir / f"{f}_offsets.npy") for f in self.fields}
+        self._flat = {f: self._load(f"{f}.npy", mmap=True) for f in self.fields}
+        self._offsets = {f: self._load(f"{f}_offsets.npy") for f in self.fields}
+        if found := _layout_problems(self.dir, len(self), self._flat, self._offsets):
+            raise self._damaged(found)
+
+    def _damaged(self, problems: list[str]) -> checksums.IntegrityError:
+        """The error for `problems` of this split (each naming its file), with the fix."""
+        return checksums.IntegrityError(
+            f"prepared split {self.dir} is damaged: {'; '.join(problems)}. {self._again}"
+        )
+
+    def _load(self, name: str, *, mmap: bool = False) -> np.ndarray:
+        """Array file `name` of the split (memory-mapped with `mmap`).
+
+        Raises:
+            checksums.IntegrityError: numpy cannot read it (not an .npy, pickled objects, shorter than its
+                header says), naming the file, which numpy's own message does not.
+        """
+        path = self.dir / name
+        try:
+            return np.load(path, mmap_mode="r" if mmap else None)
+        except (OSError, ValueError, EOFError) as e:
+            raise self._damaged([f"{path} cannot be read as a .npy array ({e})"]) from None
 
     def __len__(self) -> int:
         return int(self.meta["num_examples"])
@@ -217,6 +247,80 @@ class PreparedSplit:
     def lengths(self, field: str) -> np.ndarray:
         """Token count of `field` for every example, [N] int64."""
         return np.diff(self._offsets[field])
+
+
+def _meta_problems(meta: object, meta_path: Path) -> list[str]:
+    """What `meta` (a split's meta.json, read) lacks of what `write_split` writes; [] when nothing."""
+    if not isinstance(meta, dict):
+        return [f"{meta_path} holds {type(meta).__name__}, not an object"]
+    found = []
+    count = meta.get("num_examples")
+    if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+        found.append(f"{meta_path}: num_examples is {count!r}, not an integer >= 0")
+    fields = meta.get("fields")
+    allowed = [[*TOKEN_FIELDS], [*TOKEN_FIELDS, "reference_dce"]]
+    if fields not in allowed:
+        found.append(f"{meta_path}: fields is {fields!r}, not {allowed[0]} with or without 'reference_dce'")
+    listed = meta["checksums"]
+    valid = isinstance(listed, dict) and all(
+        isinstance(entry, dict) and {"size", "blake2b"} <= entry.keys() for entry in listed.values()
+    )
+    if not valid:
+        found.append(f"{meta_path}: checksums is not a map of file names to their size and blake2b")
+    elif fields in allowed:
+        # checksums.problems checks only the files listed: one left out would be read unchecked.
+        unlisted = [n for f in fields for n in (f"{f}.npy", f"{f}_offsets.npy") if n not in listed]
+        if unlisted:
+            found.append(f"{meta_path}: checksums lists no {', '.join(unlisted)}")
+    return found
+
+
+def _layout_problems(
+    split_dir: Path, count: int, flat: dict[str, np.ndarray], offsets: dict[str, np.ndarray]
+) -> list[str]:
+    """How the arrays of a split of `count` examples (meta.json's `num_examples`) differ from the layout
+    `write_split` writes (module docstring); [] when they agree. Reads the offsets (N + 1 numbers each) and
+    the other arrays' headers only."""
+    lengths = {len(o) for o in offsets.values() if o.ndim == 1}
+    # Offsets files that agree with each other on another count than meta.json's: meta.json is the one named.
+    other_count = len(lengths) == 1 and lengths != {count + 1}
+    found = []
+    if other_count:
+        found.append(
+            f"{split_dir / 'meta.json'}: num_examples is {count}, but the offsets files hold "
+            f"{counted(lengths.pop() - 1, 'example')}"
+        )
+    for field, array in flat.items():
+        path, offsets_path = split_dir / f"{field}.npy", split_dir / f"{field}_offsets.npy"
+        dtype = np.float32 if field == "reference_dce" else np.int32
+        if array.ndim != 1 or array.dtype != dtype:
+            found.append(f"{path} is {array.ndim}-D {array.dtype}, not 1-D {np.dtype(dtype)}")
+            continue
+        bounds = offsets[field]
+        if bounds.ndim != 1 or not np.issubdtype(bounds.dtype, np.integer):
+            found.append(f"{offsets_path} is {bounds.ndim}-D {bounds.dtype}, not 1-D integers")
+            continue
+        if len(bounds) != count + 1:
+            if not other_count:
+                found.append(
+                    f"{offsets_path} holds {len(bounds)} offsets, not num_examples + 1 = {count + 1}"
+                )
+            continue
+        wrong = [f"starts at {bounds[0]}, not 0"] if bounds[0] != 0 else []
+        if bounds[-1] != len(array):
+            wrong.append(f"ends at {bounds[-1]}, not {len(array)} (the length of {path.name})")
+        if falls := int((np.diff(bounds) < 0).sum()):
+            wrong.append(f"falls {counted(falls, 'time')}, where it must not")
+        if wrong:
+            found.append(f"{offsets_path} {', '.join(wrong)}")
+    # Compared only when every file is right on its own (else those problems are what to name).
+    if (
+        "reference_dce" in offsets
+        and not found
+        and not np.array_equal(offsets["reference_dce"], offsets["target"])
+    ):
+        found.append(f"{split_dir / 'reference_dce_offsets.npy'} differs from target_offsets.npy")
+    return found
 
 
 def rendered_rows(data_dir: str | Path, split: str, indices: Sequence[int] | None = None) -> list[dict]:

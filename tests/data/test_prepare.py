@@ -7,6 +7,8 @@ import dataclasses
 import hashlib
 import json
 import os
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,10 +16,11 @@ import yaml
 
 from nextquill_jax.cli import main
 from nextquill_jax.config_paths import absolute_data_paths
+from nextquill_jax.data import checksums
 from nextquill_jax.data.checksums import IntegrityError
 from nextquill_jax.data.config import DataConfig
 from nextquill_jax.data.prepare import prepare
-from nextquill_jax.data.prepared_split import PreparedSplit
+from nextquill_jax.data.prepared_split import PreparedSplit, TokenizedExample, write_split
 from nextquill_jax.data.sources.records import DataError
 from nextquill_jax.data.templates import load_template
 from tests.shared import FIXTURES
@@ -724,6 +727,165 @@ def test_a_damaged_prepared_split_is_refused_naming_the_file(tmp_path, write_ran
     (split / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(IntegrityError, match="lists no checksums"):
         PreparedSplit(data, "train")
+
+
+def _edit_meta(split: Path, edit: Callable[[dict], object]) -> None:
+    meta = json.loads((split / "meta.json").read_text())
+    edit(meta)
+    (split / "meta.json").write_text(json.dumps(meta))
+
+
+def _replace(split: Path, name: str, content: np.ndarray | bytes) -> None:
+    """`content` as file `name` of `split`, its checksum in meta.json updated: damage that the checksums do
+    not see (files written together wrongly, or changed with their manifest)."""
+    if isinstance(content, bytes):
+        (split / name).write_bytes(content)
+    else:
+        np.save(split / name, content)
+    _edit_meta(split, lambda meta: meta["checksums"].update({name: checksums.describe_file(split / name)}))
+
+
+def _offsets(split: Path, field: str, change: Callable[[np.ndarray], np.ndarray]) -> None:
+    _replace(split, f"{field}_offsets.npy", change(np.load(split / f"{field}_offsets.npy")))
+
+
+def _tokens(split: Path, field: str, change: Callable[[np.ndarray], np.ndarray]) -> None:
+    _replace(split, f"{field}.npy", change(np.load(split / f"{field}.npy")))
+
+
+def _bump_at(offsets: np.ndarray, i: int, by: int) -> np.ndarray:
+    changed = offsets.copy()
+    changed[i] += by
+    return changed
+
+
+# (damage of the split directory, the file the message names, what it says); every split has 8 examples.
+LAYOUT_DAMAGES = {
+    "meta.json cut in half": (
+        lambda s: (s / "meta.json").write_text((s / "meta.json").read_text()[:200]),
+        "meta.json",
+        "cannot be read (",
+    ),
+    "meta.json a list": (
+        lambda s: (s / "meta.json").write_text("[]"),
+        "meta.json",
+        "holds list, not an object",
+    ),
+    "num_examples smaller": (
+        lambda s: _edit_meta(s, lambda m: m.update(num_examples=6)),
+        "meta.json",
+        "num_examples is 6, but the offsets files hold 8 examples",
+    ),
+    "num_examples larger": (
+        lambda s: _edit_meta(s, lambda m: m.update(num_examples=11)),
+        "meta.json",
+        "num_examples is 11, but the offsets files hold 8 examples",
+    ),
+    "num_examples not a count": (
+        lambda s: _edit_meta(s, lambda m: m.update(num_examples="8")),
+        "meta.json",
+        "num_examples is '8', not an integer >= 0",
+    ),
+    "fields without target": (
+        lambda s: _edit_meta(s, lambda m: m["fields"].remove("target")),
+        "meta.json",
+        "fields is ['prompt_with', 'prompt_without', 'reference_dce'], not",
+    ),
+    "checksums without a file": (
+        lambda s: _edit_meta(s, lambda m: m["checksums"].pop("target_offsets.npy")),
+        "meta.json",
+        "checksums lists no target_offsets.npy",
+    ),
+    "target offsets past the array": (
+        lambda s: _offsets(s, "target", lambda o: _bump_at(o, -1, 5)),
+        "target_offsets.npy",
+        "ends at",
+    ),
+    "offsets not from 0": (
+        lambda s: _offsets(s, "prompt_with", lambda o: _bump_at(o, 0, 1)),
+        "prompt_with_offsets.npy",
+        "starts at 1, not 0",
+    ),
+    "offsets falling": (
+        lambda s: _offsets(s, "prompt_without", lambda o: _bump_at(o, 3, 100)),
+        "prompt_without_offsets.npy",
+        "falls 1 time, where it must not",
+    ),
+    "offsets too short": (
+        lambda s: _offsets(s, "prompt_with", lambda o: o[:-2]),
+        "prompt_with_offsets.npy",
+        "holds 7 offsets, not num_examples + 1 = 9",
+    ),
+    "offsets float": (
+        lambda s: _offsets(s, "target", lambda o: o.astype(np.float64)),
+        "target_offsets.npy",
+        "is 1-D float64, not 1-D integers",
+    ),
+    "tokens float32": (
+        lambda s: _tokens(s, "prompt_with", lambda a: a.astype(np.float32)),
+        "prompt_with.npy",
+        "is 1-D float32, not 1-D int32",
+    ),
+    "tokens int64": (
+        lambda s: _tokens(s, "target", lambda a: a.astype(np.int64)),
+        "target.npy",
+        "is 1-D int64, not 1-D int32",
+    ),
+    "tokens 2-D": (
+        lambda s: _tokens(s, "prompt_without", lambda a: np.stack([a, a])),
+        "prompt_without.npy",
+        "is 2-D int32, not 1-D int32",
+    ),
+    "reference_dce float64": (
+        lambda s: _tokens(s, "reference_dce", lambda a: a.astype(np.float64)),
+        "reference_dce.npy",
+        "is 1-D float64, not 1-D float32",
+    ),
+    "reference_dce offsets not the target's": (
+        lambda s: _offsets(s, "reference_dce", lambda o: _bump_at(o, 1, 1)),
+        "reference_dce_offsets.npy",
+        "differs from target_offsets.npy",
+    ),
+    ".npy shorter than its header says": (
+        lambda s: _replace(s, "target.npy", (s / "target.npy").read_bytes()[:-8]),
+        "target.npy",
+        "cannot be read as a .npy array (",
+    ),
+    "not an .npy": (
+        lambda s: _replace(s, "prompt_with_offsets.npy", b"not an array"),
+        "prompt_with_offsets.npy",
+        "cannot be read as a .npy array (",
+    ),
+}
+
+
+@pytest.mark.parametrize(("damage", "named", "said"), LAYOUT_DAMAGES.values(), ids=LAYOUT_DAMAGES)
+def test_a_prepared_split_whose_files_disagree_is_refused_naming_the_file(damage, named, said, tmp_path):
+    # The checksums agree with the files here, so each was read silently misaligned (labels of other
+    # examples, examples left out), or failed later with numpy's message naming no file.
+    rng = np.random.default_rng(0)
+    examples = []
+    for _ in range(8):
+        target = rng.integers(1, 100, rng.integers(2, 6)).astype(np.int32)
+        examples.append(
+            TokenizedExample(
+                prompt_with=rng.integers(1, 100, rng.integers(3, 9)).astype(np.int32),
+                prompt_without=rng.integers(1, 100, rng.integers(1, 4)).astype(np.int32),
+                target=target,
+                reference_dce=rng.random(len(target)).astype(np.float32),
+            )
+        )
+    write_split(tmp_path, "train", examples)
+    split = tmp_path / "train"
+    assert len(PreparedSplit(tmp_path, "train")) == 8
+    damage(split)
+    with pytest.raises(IntegrityError) as refused:
+        PreparedSplit(tmp_path, "train")
+    message = str(refused.value)
+    assert message.startswith(f"prepared split {split} is damaged: {split / named}"), message
+    assert said in message, message
+    fix = f"Fix: prepare it again (`nextquill-jax data prepare --config FILE --out {tmp_path} --force`)."
+    assert message.endswith(fix), message
 
 
 def test_prepare_takes_data_overrides_as_train_does(tmp_path, tok_dir, capsys):
