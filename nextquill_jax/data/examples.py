@@ -11,7 +11,10 @@ after the history, such as `review`'s output rating and title, and the assistant
 `prompts_cut`). The target is cut at `max_target_tokens` tokens (counted as `targets_cut`) and the
 tokenizer's EOS appended. Prompts and target are tokenised separately and without special tokens
 (special-token text in a prompt, such as `<|im_start|>`, still maps to its id), so the target tokens are
-exactly the labels. Tokenisation runs in batches through the fast tokenizer.
+exactly the labels; but a tokenizer that starts every text with its BOS (Llama 3's `<|begin_of_text|>`; not
+Qwen's or SmolLM2's, which add none) gets its BOS at the start of both prompts, where the model always saw
+it in training, counted in `max_prompt_tokens` (`prompt_start`). Tokenisation runs in batches through the fast
+tokenizer.
 
 Special-token text in a record's own values maps to its id too (a review quoting `<|endoftext|>` holds an
 end-of-text token), as the public code's tokenizer call does, so it is kept, but counted: every example whose
@@ -57,7 +60,8 @@ class Example:
 
 @dataclass
 class FittingStats:
-    """What example building left out, summed over all examples."""
+    """What example building left out, summed over the examples it built (a record dropped whole counts in
+    `IssueLog.dropped` instead)."""
 
     history_entries_beyond_max_history: int = 0
     history_entries_dropped_for_length: int = 0
@@ -90,10 +94,11 @@ def build_examples(
         raise ValueError(f"data.tokenizer {cfg.tokenizer!r} has no EOS token; targets end with EOS")
     chat, refused = _chat_tokenizer(tokenizer, template, cfg)
     special = _special_token_text(tokenizer)
+    bos = prompt_start(tokenizer)
     try:
         for start in range(0, len(records), cfg.tokenize_batch_size):
             batch = records[start : start + cfg.tokenize_batch_size]
-            yield from _build_batch(batch, template, tokenizer, chat, eos, special, cfg, log, stats)
+            yield from _build_batch(batch, template, tokenizer, chat, (bos, eos), special, cfg, log, stats)
     except refused as e:
         raise _refusal(e, template, cfg) from e
 
@@ -199,12 +204,19 @@ def _build_batch(
     template: PromptTemplate,
     tokenizer: Any,
     chat: Any,
-    eos: int,
+    ends: tuple[int | None, int],
     special: re.Pattern[str],
     cfg: DataConfig,
     log: IssueLog,
     stats: FittingStats,
 ) -> Iterator[Example]:
+    bos, eos = ends  # the prompts' first token (None: none), the targets' last
+
+    def prompt_ids(texts: list[str]) -> list[list[int]]:
+        # A chat template that writes the BOS's text already starts with its id.
+        ids = _tokenize(tokenizer, texts)
+        return ids if bos is None else [t if t[:1] == [bos] else [bos, *t] for t in ids]
+
     newest_first: list[list[dict]] = []
     with_texts: list[str] = []
     without: list[str] = []
@@ -216,14 +228,13 @@ def _build_batch(
         entries, text_with, text_without = rendered
         with_texts.append(text_with)
         without.append(text_without)
-        stats.history_entries_beyond_max_history += max(0, len(record.history) - cfg.max_history)
         newest_first.append(entries)
         valid.append(record)
-    without_ids = _tokenize(tokenizer, without)
+    without_ids = prompt_ids(without)
     target_ids = _tokenize(tokenizer, [r.target for r in valid])
     kept = [len(e) for e in newest_first]
     floor = 1 if cfg.history_fit == "public" else 0  # entries kept however long the prompt
-    with_ids = _tokenize(tokenizer, with_texts)
+    with_ids = prompt_ids(with_texts)
     searches = {
         i: FitSearch(kept[i], floor, cfg.max_prompt_tokens)
         for i in range(len(valid))
@@ -237,7 +248,7 @@ def _build_batch(
             render_prompt(template, valid[i].context, newest_first[i][:k], chat_tokenizer=chat)
             for i, k in probes.items()
         ]
-        for i, text, ids in zip(probes, texts, _tokenize(tokenizer, texts), strict=True):
+        for i, text, ids in zip(probes, texts, prompt_ids(texts), strict=True):
             searches[i].observe(len(ids))
             if len(ids) <= cfg.max_prompt_tokens:  # a search's later probes are larger than a fitting one
                 fitted[i] = (text, ids)
@@ -252,7 +263,7 @@ def _build_batch(
         with_texts[i] = render_prompt(
             template, valid[i].context, newest_first[i][:floor], chat_tokenizer=chat
         )
-    for i, ids in zip(at_floor, _tokenize(tokenizer, [with_texts[i] for i in at_floor]), strict=True):
+    for i, ids in zip(at_floor, prompt_ids([with_texts[i] for i in at_floor]), strict=True):
         with_ids[i] = ids
     for i, record in enumerate(valid):
         too_long = len(with_ids[i]) > cfg.max_prompt_tokens or len(without_ids[i]) > cfg.max_prompt_tokens
@@ -269,6 +280,7 @@ def _build_batch(
             record, inserted_values(template, record.context, newest_first[i][: kept[i]]), special, log
         )
         stats.prompts_cut += too_long
+        stats.history_entries_beyond_max_history += max(0, len(record.history) - cfg.max_history)
         dropped = len(newest_first[i]) - kept[i]
         stats.history_entries_dropped_for_length += dropped
         target = target_ids[i]
@@ -355,13 +367,11 @@ def recent_first(history: Sequence[HistoryEntry]) -> list[HistoryEntry]:
 
 
 def _special_token_text(tokenizer: Any) -> re.Pattern[str]:
-    """A pattern matching the text of `tokenizer`'s special tokens (`all_special_tokens`, and added tokens
-    marked special), which its calls here map to the tokens' ids; longest first, so a token is never matched
-    by a shorter one it starts with."""
-    texts = {
-        *tokenizer.all_special_tokens,
-        *(t.content for t in tokenizer.added_tokens_decoder.values() if t.special),
-    }
+    """A pattern matching the text of `tokenizer`'s special tokens (`all_special_tokens`) and of every added
+    token, special or not (Qwen's `<tool_call>`, `<|fim_prefix|>`, `<think>`: the tokenizer reads each whole,
+    as one id, all the same), which its calls here map to the tokens' ids; longest first, so a token is never
+    matched by a shorter one it starts with."""
+    texts = {*tokenizer.all_special_tokens, *(t.content for t in tokenizer.added_tokens_decoder.values())}
     return re.compile("|".join(re.escape(t) for t in sorted(texts, key=len, reverse=True)))
 
 
@@ -386,6 +396,16 @@ def _note_special_text(
             " data",
             f"{record.source}:{record.target_field}",
         )
+
+
+def prompt_start(tokenizer: Any) -> int | None:
+    """The BOS id `tokenizer` starts every text with when it adds its special tokens (Llama 3's
+    `<|begin_of_text|>`), which a prompt starts with too; None for a tokenizer that adds none (Qwen,
+    SmolLM2)."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return None
+    return bos if tokenizer("", add_special_tokens=True)["input_ids"][:1] == [bos] else None
 
 
 def _tokenize(tokenizer: Any, texts: list[str]) -> list[list[int]]:

@@ -115,8 +115,8 @@ def test_history_fitting_drops_oldest_first_and_never_exceeds_the_limit(seed, hi
     assert log.dropped.get("prompt_too_long", 0) == expected_dropped_examples
     assert stats.prompts_cut == expected_cut
     assert stats.history_entries_dropped_for_length == expected_dropped_entries
-    assert stats.history_entries_beyond_max_history == sum(
-        max(0, len(r.history) - max_history) for r in records
+    assert stats.history_entries_beyond_max_history == sum(  # over the examples kept, as the other counts
+        max(0, len(e.record.history) - max_history) for e in examples.values()
     )
     assert log.dropped.get("no_history_fits", 0) == expected_no_history
     assert len(examples) == len(records) - expected_dropped_examples - expected_no_history
@@ -287,3 +287,97 @@ def test_a_value_the_template_cannot_format_is_an_invalid_record_under_on_error(
         " give `rating` a value that format fits, or change the placeholder in the template\n"
         "Fix the records, or set `data.on_error: skip` to skip and count them."
     )
+
+
+def _bos_adding_tokenizer(tiny_tokenizer):
+    """The tiny tokenizer with a BOS its post-processor puts before every text, as Llama 3's tokenizer.json
+    does (`TemplateProcessing(single="<|begin_of_text|> $A")`)."""
+    import copy
+
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    backend = copy.deepcopy(tiny_tokenizer()).backend_tokenizer
+    backend.add_special_tokens(["<|begin_of_text|>"])
+    bos = backend.token_to_id("<|begin_of_text|>")
+    backend.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", bos)]
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<|begin_of_text|>", eos_token="<|endoftext|>"
+    )
+    assert tok("Hi")["input_ids"][0] == bos and tok("Hi", add_special_tokens=False)["input_ids"][0] != bos
+    return tok, bos
+
+
+def _one_record(history: list[str], target: str = "a target") -> Record:
+    return Record(
+        user_id="u",
+        context={"context": "the orchard"},
+        history=tuple(HistoryEntry(fields={"text": t}, timestamp=float(i)) for i, t in enumerate(history)),
+        target=target,
+        split="train",
+        source="r:1",
+    )
+
+
+def test_a_tokenizer_that_adds_a_bos_gets_it_first_in_both_prompts_counted_in_the_limit(tiny_tokenizer):
+    """Llama 3 always saw `<|begin_of_text|>` at position 0; the prompts were tokenised without it. The
+    tiny tokenizer (as Qwen's and SmolLM2's) adds none, and gets none."""
+    tok, bos = _bos_adding_tokenizer(tiny_tokenizer)
+    template = load_template("plain")
+    record = _one_record(["the quiet river", "pages of winter"])
+    cfg = DataConfig(template="plain", max_history=2)
+    (example,) = build_examples([record], template, tok, cfg, IssueLog(), FittingStats())
+    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]
+    np.testing.assert_array_equal(example.tokens.prompt_with, [bos, *ids(example.prompt_with_history)])
+    np.testing.assert_array_equal(example.tokens.prompt_without, [bos, *ids(example.prompt_without_history)])
+    np.testing.assert_array_equal(example.tokens.target, [*ids("a target"), tok.eos_token_id])
+    # The limit counts it: a prompt of exactly the limit with the BOS keeps both entries, one token less
+    # drops the older.
+    exact = 1 + len(ids(example.prompt_with_history))
+    for limit, kept in ((exact, 2), (exact - 1, 1)):
+        fitted = DataConfig(template="plain", max_history=2, max_prompt_tokens=limit)
+        (example,) = build_examples([record], template, tok, fitted, IssueLog(), FittingStats())
+        assert example.history_used == kept and example.tokens.prompt_with.size <= limit
+    plain = tiny_tokenizer()
+    (example,) = build_examples([record], template, plain, cfg, IssueLog(), FittingStats())
+    np.testing.assert_array_equal(example.tokens.prompt_with, ids(example.prompt_with_history))
+
+
+def test_added_tokens_that_are_not_special_count_as_special_text(tiny_tokenizer):
+    """Qwen's `<tool_call>`, `<|fim_prefix|>` and `<think>` are added tokens not marked special: the
+    tokenizer reads their text as one id all the same, so a target of one alone is refused and one in a
+    history value is noted, as for `<|im_end|>`."""
+    import copy
+
+    tok = copy.deepcopy(tiny_tokenizer())
+    tok.add_tokens(["<tool_call>"])  # special=False
+    assert len(tok("<tool_call>", add_special_tokens=False)["input_ids"]) == 1
+    template = load_template("plain")
+    cfg = DataConfig(template="plain", max_history=2)
+    log = IssueLog()
+    records = [_one_record(["h"], target="<tool_call>"), _one_record(["calls <tool_call> x"])]
+    examples = list(build_examples(records, template, tok, cfg, log, FittingStats()))
+    assert len(examples) == 1 and dict(log.errors) == {"empty_field": 1}
+    assert "holds nothing but the text of special tokens (<tool_call>)" in log.issues[0].message
+    assert [n for n, _ in log.notes.items()] == [
+        "a prompt value (context or history) holds the text of the special token <tool_call>, which is"
+        " tokenised as that token (as the public code does); if it is meant as text, remove it from the data"
+    ]
+
+
+def test_entries_beyond_max_history_are_counted_over_the_examples_kept(tiny_tokenizer):
+    """A record dropped for its prompt's length counted its entries beyond max_history, which the other
+    counts of the summary (over the examples kept) left out."""
+    tok = tiny_tokenizer()
+    template = load_template("plain")
+    long_context = " ".join(["lantern"] * 400)
+    dropped = _one_record([f"entry {i}" for i in range(12)])
+    dropped = Record(**{**dropped.__dict__, "context": {"context": long_context}})
+    kept = _one_record(["a", "b", "c"])
+    cfg = DataConfig(template="plain", max_history=2, max_prompt_tokens=200, history_fit="drop")
+    log, stats = IssueLog(), FittingStats()
+    examples = list(build_examples([dropped, kept], template, tok, cfg, log, stats))
+    assert len(examples) == 1 and dict(log.dropped) == {"prompt_too_long": 1}
+    assert stats.history_entries_beyond_max_history == 1  # the kept record's 3 entries, 2 used

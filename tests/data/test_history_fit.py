@@ -47,7 +47,6 @@ def _reference_examples(
     examples, stats, dropped = [], FittingStats(), {"prompt_too_long": 0, "no_history_fits": 0}
     for record in records:
         entries = [dict(e.fields) for e in recent_first(record.history)][: cfg.max_history]
-        stats.history_entries_beyond_max_history += max(0, len(record.history) - cfg.max_history)
         kept = len(entries)
         with_text = render_prompt(template, record.context, entries, chat_tokenizer=chat)
         with_ids = ids(with_text)
@@ -66,6 +65,7 @@ def _reference_examples(
             continue
         target = ids(record.target)
         stats.prompts_cut += too_long
+        stats.history_entries_beyond_max_history += max(0, len(record.history) - cfg.max_history)
         stats.history_entries_dropped_for_length += len(entries) - kept
         stats.targets_cut += len(target) > cfg.max_target_tokens
         examples.append(
