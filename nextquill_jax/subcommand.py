@@ -1,6 +1,6 @@
 """What a subcommand of `nextquill-jax` is: the contract between `cli.py` and each `<subpackage>/command.py`,
 how a command with actions adds one (`add_action`), and the argparse types those modules share for counts
-(`positive_int`, `non_negative_int`), settings
+(`positive_int`, `non_negative_int`, `sampling_seed`), settings
 (`positive_float`, `non_negative_float`, `dce_threshold`, `probability`) and directories (`directory`).
 
 Imports nothing of this package, so every layer's command module can name it.
@@ -80,6 +80,19 @@ def directory(text: str) -> Path:
             "expected a directory, got an empty string (an unset shell variable?)"
         )
     return Path(text)
+
+
+def sampling_seed(text: str) -> int:
+    """An argparse `type` for a sampling seed (`evaluate --seed`): an integer in [0, 2**32), the seeds JAX
+    tells apart (it keeps a seed's low 32 bits).
+
+    Raises:
+        argparse.ArgumentTypeError: `text` is not such an integer.
+    """
+    value = _int_at_least(text, 0)
+    if value >= 2**32:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**32), got {text!r}")
+    return value
 
 
 def _int_at_least(text: str, minimum: int) -> int:

@@ -549,6 +549,16 @@ def test_demo_refuses_quick_with_a_config_file(tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("seed", ["-1", "4294967296", "x"])
+def test_evaluate_refuses_a_sampling_seed_jax_would_not_tell_apart(seed, tmp_path, capsys):
+    """JAX keeps a seed's low 32 bits: 2**32 sampled as 0 does, -1 as 2**32 - 1."""
+    assert cli.build_parser().parse_args([*EVALUATE, "--seed", "4294967295"]).seed == 2**32 - 1
+    with pytest.raises(SystemExit) as e:
+        cli.main([a.replace("{tmp}", str(tmp_path)) for a in EVALUATE] + ["--seed", seed])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "argument --seed: expected an integer" in err and repr(seed) in err, err
+
+
 def test_compare_refuses_a_negative_seed_while_parsing(tmp_path, capsys):
     argv = ["compare", "--config", str(tmp_path / "compare.yaml"), "--seeds", "0", "-1"]
     with pytest.raises(SystemExit) as e:

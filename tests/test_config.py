@@ -594,6 +594,8 @@ def test_a_sweep_refuses_a_peak_tflops_that_is_not_positive():
         ("train.micro_batches=0", "train", "micro_batches"),
         ("train.max_skips=-1", "train", "max_skips must be >= 0, got -1"),  # it stopped every run
         ("eval.max_batches=0", "eval", "max_batches must be >= 1 or null, got 0"),  # a traceback mid-run
+        # JAX keeps a seed's low 32 bits: 2**32 sampled as 0 does
+        ("eval.generation.seed=4294967296", "eval.generation", "seed must be an int in [0, 2**32), got"),
         ("loss.alpha=-1", "loss", "alpha"),
         ("loss.alpha=foo", "loss.alpha", "expects a float or 'public', got 'foo'"),  # a Literal's values
         ("logging.profile_steps=[3, 2]", "logging", "profile_steps must be [first, last]"),

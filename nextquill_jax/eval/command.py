@@ -36,6 +36,7 @@ from nextquill_jax.subcommand import (
     positive_float,
     positive_int,
     probability,
+    sampling_seed,
 )
 
 if TYPE_CHECKING:  # the commands import JAX only when they run
@@ -125,7 +126,7 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     )
     decoding.add_argument(
         "--seed",
-        type=int,
+        type=sampling_seed,
         default=None,
         help="sampling seed: an example's sample depends on it and the example's index in the split, not on "
         "--batch-size or --max-examples (up to rounding); " + _run_default("seed", 0),

@@ -66,9 +66,9 @@ class GenerationConfig:
             prompt (the user's history) is not penalised while repeating oneself still is (transformers'
             RepetitionPenaltyLogitsProcessor with `prompt_ignore_length` the prompt's length). In the study
             (benchmarks/STUDY.md, seeds 0-2) false brought recall and ROUGE back near no penalty's.
-        `seed`: the sampling seed; each prompt draws its noise from it and the prompt's index among those
-            generated for (in `evaluate`, its index in the split), so the same seed, prompts, order and
-            settings give the same samples, whatever the batch size (`generate`).
+        `seed`: the sampling seed, in [0, 2**32); each prompt draws its noise from it and the prompt's index
+            among those generated for (in `evaluate`, its index in the split), so the same seed, prompts,
+            order and settings give the same samples, whatever the batch size (`generate`).
 
     Raises:
         ValueError: naming the field, for a value out of range.
@@ -110,6 +110,10 @@ class GenerationConfig:
                 "GenerationConfig.repetition_penalty_prompt must be true or false, got "
                 f"{self.repetition_penalty_prompt!r}"
             )
+        # JAX keeps a seed's low 32 bits (2**32 samples as 0 does, -1 as 2**32 - 1) and refuses one past
+        # 2**63 only when decoding starts, after evaluate's loss pass.
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise ValueError(f"GenerationConfig.seed must be an int in [0, 2**32), got {self.seed!r}")
 
 
 # ------------------------------------------------------------------------------------------------------------
