@@ -316,16 +316,16 @@ def random_params(cfg: ModelConfig, shardings: dict, seed: int) -> dict:
 def initial_params(
     section: ModelRunConfig, cfg: ModelConfig, shardings: dict, mesh: Mesh, seed: int, rules: LogicalRules
 ) -> dict:
-    """The starting parameters, placed by `shardings`: random (from `seed`) for a preset, else loaded.
+    """The starting parameters, placed by `shardings`: random (from `seed`) for a preset, else loaded. The
+    caller has run `check_weights` (`train`'s set-up before it makes the workdir, `load_params` otherwise).
 
     Raises:
-        ConfigError: the weights at `section.path` do not load into the `cfg` model (`check_weights`), or
-            fail as they are read (tied embeddings that differ from the head, a GGUF tensor that cannot be
-            dequantized); naming `model.path` and the fix.
+        ConfigError: the weights at `section.path` do not load into the `cfg` model, or fail as they are
+            read (tied embeddings that differ from the head, a GGUF tensor that cannot be dequantized);
+            naming `model.path` and the fix.
     """
     if section.preset is not None:
         return random_params(cfg, shardings, seed)
-    check_weights(section, cfg)
     try:
         model = load_pretrained(
             section.path,
@@ -353,11 +353,13 @@ def load_params(
     a preset, else loaded.
 
     Raises:
-        ConfigError: `section.path` names nothing loadable, or weights that do not load (`initial_params`).
+        ConfigError: `section.path` names nothing loadable, or weights that do not load (`check_weights`,
+            `initial_params`).
         ValueError: a mesh axis does not divide a parameter dimension.
     """
     check_model_source(section)
     cfg = model_config(section)
+    check_weights(section, cfg)
     graphdef, _ = abstract_model(cfg)
     shardings = param_shardings(cfg, mesh, rules)
     return graphdef, initial_params(section, cfg, shardings, mesh, seed, rules)
