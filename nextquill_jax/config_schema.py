@@ -180,14 +180,13 @@ def check_not_command_file(raw: Any, source: str, wanted: str = "a training conf
     """
     if not isinstance(raw, dict):
         return
-    kinds = {
-        "demo": "demo" in raw,
-        "compare": "compare" in raw,
-        "bench scale": {"models", "output_dir"} <= set(raw),
-    }
-    for command, found in kinds.items():
+    kinds = (  # (what the file is, the command that reads it, whether `raw` is one)
+        ("demo", "demo", "demo" in raw),
+        ("compare", "compare", "compare" in raw),
+        ("sweep", "bench scale", {"models", "output_dir"} <= set(raw)),
+    )
+    for kind, command, found in kinds:
         if found:
-            kind = "sweep" if command == "bench scale" else command
             raise ConfigError(
                 f"{source} is a {kind} file (sections {', '.join(map(str, raw))}), not {wanted}. Fix: run"
                 f" `nextquill-jax {command} --config {source}`, or pass {wanted}."

@@ -261,8 +261,11 @@ class Comparison:
             )
         except ConfigError as e:
             raise self._variant_error(name, e) from None
-        got = {"train.seed": cfg.train.seed, "data.batching.seed": cfg.data.batching.seed}
-        got["train.workdir"] = cfg.train.workdir
+        got = {
+            "train.seed": cfg.train.seed,
+            "data.batching.seed": cfg.data.batching.seed,
+            "train.workdir": cfg.train.workdir,
+        }
         for key, value in owned.items():
             if got[key] != value:  # every seed would be the same run, or the run would train elsewhere
                 raise self._variant_error(
