@@ -157,8 +157,7 @@ class BatchPipeline:
         self.has_reference_dce = "reference_dce" in split.fields
         # The data and config problems below are the user's to fix, so they raise errors that the CLI prints
         # as one `error:` line (`cli.expected_errors`), not a plain ValueError.
-        prepare = f"nextquill-jax data prepare --config FILE --out {split.dir.parent} --force"
-        again = f"Fix: prepare it again (`{prepare}`)."
+        again = split.prepare_again
         if len(split) == 0:
             raise IntegrityError(
                 f"{split.dir}: the split holds no examples, and `data prepare` writes no split without "

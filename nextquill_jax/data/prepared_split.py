@@ -172,16 +172,13 @@ class PreparedSplit:
         self.dir = Path(data_dir) / split
         meta_path = self.dir / "meta.json"
         check_split(data_dir, split)
-        self._again = (
-            f"Fix: prepare it again (`nextquill-jax data prepare --config FILE --out {data_dir} --force`)."
-        )
         try:
             self.meta = json.loads(meta_path.read_text())
         except (OSError, ValueError) as e:  # ValueError: json.JSONDecodeError, UnicodeDecodeError
             raise self._damaged([f"{meta_path} cannot be read ({e})"]) from None
         if isinstance(self.meta, dict) and "checksums" not in self.meta:
             raise checksums.IntegrityError(
-                f"{meta_path} lists no checksums (prepared by an older version). {self._again}"
+                f"{meta_path} lists no checksums (prepared by an older version). {self.prepare_again}"
             )
         if found := _meta_problems(self.meta, meta_path):
             raise self._damaged(found)
@@ -193,10 +190,16 @@ class PreparedSplit:
         if found := _layout_problems(self.dir, len(self), self._flat, self._offsets):
             raise self._damaged(found)
 
+    @property
+    def prepare_again(self) -> str:
+        """The fix for a split its writer would never have written: prepare its data directory again."""
+        command = f"nextquill-jax data prepare --config FILE --out {self.dir.parent} --force"
+        return f"Fix: prepare it again (`{command}`)."
+
     def _damaged(self, problems: list[str]) -> checksums.IntegrityError:
         """The error for `problems` of this split (each naming its file), with the fix."""
         return checksums.IntegrityError(
-            f"prepared split {self.dir} is damaged: {'; '.join(problems)}. {self._again}"
+            f"prepared split {self.dir} is damaged: {'; '.join(problems)}. {self.prepare_again}"
         )
 
     def _load(self, name: str, *, mmap: bool = False) -> np.ndarray:
