@@ -677,6 +677,58 @@ def test_a_dpl_row_repeated_in_another_file_of_its_category_is_dropped_and_count
     assert dict(log.dropped) == {"duplicate": 4}
 
 
+def test_dpl_ids_are_unique_across_the_files_of_a_split_and_the_rows_of_a_one_line_json_array(tmp_path):
+    """Two files of one split in one category, and a `.json` array on one line (every row at line 1), give
+    every record its own id: category, file name, user and the row's number in its file. Before, both files
+    numbered their rows from line 1 and the array's rows all had line 1, so `compare` refused the data."""
+    rows = _rows(FIXTURES / "dpl" / "Books" / "train.jsonl")
+    (tmp_path / "Books").mkdir()
+    (tmp_path / "Movies").mkdir()
+    (tmp_path / "Books" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    (tmp_path / "Books" / "train_part2.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[2:]))
+    (tmp_path / "Movies" / "train.json").write_text(json.dumps(rows) + "\n")
+    sources = [str(tmp_path / "Books" / "*.jsonl"), str(tmp_path / "Movies" / "train.json")]
+    meta = [str(FIXTURES / "dpl" / "meta" / "Books.jsonl")]
+    records, log = _read(DataConfig(format="dpl", sources=sources, meta=meta))
+    assert [r.id for r in records] == [
+        "Books/train.jsonl/U1/1",
+        "Books/train.jsonl/U3/2",
+        "Books/train_part2.jsonl/U4/1",
+        "Books/train_part2.jsonl/U2/2",
+        "Movies/train.json/U1/1",
+        "Movies/train.json/U3/2",
+        "Movies/train.json/U4/3",
+        "Movies/train.json/U2/4",
+    ]
+    assert [r.source for r in records[4:]] == [f"{tmp_path / 'Movies' / 'train.json'}:1"] * 4
+    assert dict(log.errors) == {} and dict(log.dropped) == {}
+
+
+def test_a_dpl_id_given_twice_by_same_named_files_in_same_named_directories_is_invalid(tmp_path):
+    """`a/Books/train.jsonl` and `b/Books/train.jsonl` are both category Books's `train.jsonl`: a row of one
+    and the row at its place in the other get one id. Another row there is invalid (`duplicate_id`, naming
+    both places and a fix the user can make, as the reader makes the ids); the same row again is a repeat."""
+    rows = _rows(FIXTURES / "dpl" / "Books" / "train.jsonl")
+    a, b = tmp_path / "a" / "Books" / "train.jsonl", tmp_path / "b" / "Books" / "train.jsonl"
+    for path, lines in ((a, rows[:2]), (b, [rows[0], {**rows[2], "user_id": "U3"}])):
+        path.parent.mkdir(parents=True)
+        path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    cfg = DataConfig(
+        format="dpl", sources=[str(a), str(b)], meta=[str(FIXTURES / "dpl" / "meta" / "Books.jsonl")]
+    )
+    with pytest.raises(DataError) as e:
+        _read(cfg)
+    assert str(e.value).startswith("1 invalid input record(s) (1 duplicate_id); nothing was prepared:\n  ")
+    assert (
+        f"{b}:2:id: the id 'Books/train.jsonl/U3/2' is already the id of the record at {a}:2; ids must be "
+        "unique across all files and splits (compare pairs examples by id). Fix: rename one of the files (a "
+        "DPL record's id is its category, file name, user and row number)\n"
+    ) in str(e.value)
+    records, log = _read(dataclasses.replace(cfg, on_error="skip"))
+    assert [r.source for r in records] == [f"{a}:1", f"{a}:2"]
+    assert dict(log.errors) == {"duplicate_id": 1} and dict(log.dropped) == {"duplicate": 1}
+
+
 def test_a_lamp_question_repeated_in_another_file_of_its_split_is_dropped_and_counted(tmp_path):
     """Questions are told apart by id within a split (golds are matched so); the same id in another split's
     file is another question."""

@@ -6,7 +6,11 @@ fields as `amazon2023`'s. Item metadata rows (`DPL-meta`) are `{"asin", "title",
 the file's (see `read.split_from_name`); the category is the name of the directory holding the file
 (`DPL-main/Books/train.jsonl` -> `Books`). A review with an empty or whitespace-only text is an invalid
 record (`empty_field`): the protocol never builds one. A repeat of an earlier row, in any file of the run,
-is counted (`duplicate`) and skipped.
+is counted (`duplicate`) and skipped. A record's id is `<category>/<file name>/<user>/<n>`, `n` the row's
+number among the readable rows of its file (its line in a `.jsonl` file without blank or unreadable lines; a
+`.json` array may hold every row on one line): `compare` pairs examples by id. Two files of one name in two
+directories of one name would give one id twice, an invalid record (`duplicate_id`) unless it repeats the
+earlier row.
 """
 
 from __future__ import annotations
@@ -54,18 +58,25 @@ def read_dpl(files: list[tuple[Path, str]], items: dict[str, Item], log: IssueLo
 
     A repeat of an earlier row (same category, user, split, target review and context), in the same file or
     another (a copy of a file), is dropped and counted as `duplicate`: the protocol never builds one, as it
-    keeps one review per text for each user.
+    keeps one review per text for each user. Another row with an earlier record's id (the same file name in
+    another directory of the category's name) is invalid (`duplicate_id`).
     """
     return collect_records(
-        ((path, split, row) for path, split in files for row in valid_rows(path, log)),
+        (
+            (path, split, n, row)
+            for path, split in files
+            for n, row in enumerate(valid_rows(path, log), start=1)
+        ),
         lambda file_row: _parse(*file_row, items),
         log,
         key=lambda r: (r.category, *repeat_key(r)),
+        unique_ids=True,
+        id_fix="rename one of the files (a DPL record's id is its category, file name, user and row number)",
     )
 
 
-def _parse(path: Path, split: str, row: Row, items: dict[str, Item]) -> Record:
-    """One DPL row of the file `path` (holding `split`) as a record.
+def _parse(path: Path, split: str, n: int, row: Row, items: dict[str, Item]) -> Record:
+    """One DPL row, the `n`-th readable row of the file `path` (holding `split`), as a record.
 
     Raises:
         InvalidRecordError: a missing or mistyped field, an empty review text, or an item that is not in the
@@ -85,7 +96,7 @@ def _parse(path: Path, split: str, row: Row, items: dict[str, Item]) -> Record:
         split=split,
         source=row.location,
         category=category,
-        id=f"{category}/{user_id}/{split}/{row.location.rsplit(':', 1)[1]}",
+        id=f"{category}/{path.name}/{user_id}/{n}",
         target_field="data.text",
     )
 

@@ -299,14 +299,16 @@ def collect_records(
     *,
     key: Callable[[Record], Any] | None = None,
     unique_ids: bool = False,
+    id_fix: str = "give one of them another id",
 ) -> list[Record]:
     """The records parsed from `rows`, in order: what every reader keeps.
 
     A row `parse` rejects (`InvalidRecordError`) goes to `log.error`; a record whose `key` was seen before in
     `rows` is dropped as `duplicate` (no `key`: none are), so readers pass the rows of all their files at once
     to find a repeat in another file too. With `unique_ids`, a record that is no repeat but has the `id` of an
-    earlier one is invalid (`duplicate_id`, naming both places): `compare` pairs examples by id, so two
-    examples under one id could not be told apart. A record without history is dropped as `empty_history` (an
+    earlier one is invalid (`duplicate_id`, naming both places and `id_fix`, the fix: a reader that makes the
+    ids itself names what the user can change): `compare` pairs examples by id, so two examples under one id
+    could not be told apart. A record without history is dropped as `empty_history` (an
     example needs a history to tell its effect) before either check: it claims no key and no id, so a later
     copy of it with a history is kept, not dropped as a repeat of a record that is not there.
     """
@@ -336,7 +338,7 @@ def collect_records(
                         "id",
                         f"the id {record.id!r} is already the id of the record at {id_source[record.id]}; "
                         "ids must be unique across all files and splits (compare pairs examples by id). Fix: "
-                        "give one of them another id",
+                        f"{id_fix}",
                     )
                 )
                 continue
