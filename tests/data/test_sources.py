@@ -16,7 +16,7 @@ import pytest
 from nextquill_jax.data.config import DataConfig
 from nextquill_jax.data.prepare import prepare
 from nextquill_jax.data.sources.read import read_records, split_from_name
-from nextquill_jax.data.sources.records import DataError, IssueLog
+from nextquill_jax.data.sources.records import FINITE_FIX, DataError, IssueLog
 from nextquill_jax.data.templates import load_template
 from tests.data.dpl_reference import reference_dpl
 from tests.shared import FIXTURES
@@ -908,24 +908,101 @@ def test_a_generic_field_that_is_no_string_or_number_says_what_it_got_and_the_fi
     ) in str(e.value)
 
 
+def _not_finite_dpl(tmp_path: Path, where: str, spelt: str) -> DataConfig:
+    """The DPL fixture's train file with the number at `where` (`data.rating`, `profile[0].timestamp`) spelt
+    `spelt` in its first row."""
+    rows = (FIXTURES / "dpl" / "Books" / "train.jsonl").read_text().splitlines()
+    first = json.loads(rows[0])
+    review, name = where.split(".")
+    (first["data"] if review == "data" else first["profile"][0])[name] = "NUMBER"
+    path = tmp_path / "Books" / "train.jsonl"
+    path.parent.mkdir()
+    path.write_text("\n".join([json.dumps(first).replace('"NUMBER"', spelt), *rows[1:]]) + "\n")
+    return DataConfig(
+        format="dpl", sources=[str(path)], meta=[str(FIXTURES / "dpl" / "meta" / "Books.jsonl")]
+    )
+
+
+def _not_finite_lamp(tmp_path: Path, where: str, spelt: str) -> DataConfig:
+    """One LaMP topic-writing question whose field `where` (`profile[0].content`, or a question field) is the
+    number spelt `spelt`."""
+    question = {"id": "q1", "input": "i", "output": "o", "profile": [{"summary": "s", "content": "c"}]}
+    if where.startswith("profile[0]."):
+        question["profile"][0][where.removeprefix("profile[0].")] = "NUMBER"
+    else:
+        question[where] = "NUMBER"
+    path = tmp_path / "train_questions.jsonl"
+    path.write_text(json.dumps(question).replace('"NUMBER"', spelt) + "\n")
+    return DataConfig(format="lamp", template="lamp_topic_writing", sources=[str(path)])
+
+
+def _not_finite_generic(tmp_path: Path, where: str, spelt: str) -> DataConfig:
+    """One generic record whose number at `where` (`context.rating`, `history[0].timestamp`, ...) is spelt
+    `spelt`."""
+    top, name = where.split(".")
+    fields = (
+        {"context": {name: "NUMBER"}} if top == "context" else {"history": [{"text": "h", name: "NUMBER"}]}
+    )
+    path = tmp_path / "records.jsonl"
+    path.write_text(_generic_line("u", **fields).replace('"NUMBER"', spelt))
+    return DataConfig(format="generic", template="plain", sources=[str(path)])
+
+
+def _not_finite_amazon(tmp_path: Path, where: str, spelt: str) -> DataConfig:
+    """The Amazon fixture with its first review's number `where` (`rating`, `timestamp`) spelt `spelt`."""
+    rows = (AMAZON / "Books.jsonl").read_text().splitlines()
+    first = json.loads(rows[0])
+    first[where] = "NUMBER"
+    (tmp_path / "Books.jsonl").write_text(
+        "\n".join([json.dumps(first).replace('"NUMBER"', spelt), *rows[1:]]) + "\n"
+    )
+    return DataConfig(
+        format="amazon2023",
+        sources=[str(tmp_path / "Books.jsonl")],
+        meta=[str(AMAZON / "meta_Books.jsonl")],
+    )
+
+
 @pytest.mark.parametrize(
-    ("fields", "where", "shown"),
+    ("config", "file", "where", "spelt", "shown", "fix"),
     [
-        ({"context": {"rating": float("nan")}}, "context.rating", "nan"),
-        ({"history": [{"text": "h", "rating": float("-inf")}]}, "history[0].rating", "-inf"),
+        (_not_finite_dpl, "Books/train.jsonl", "data.rating", "Infinity", "inf", "write a finite number"),
+        (_not_finite_dpl, "Books/train.jsonl", "data.rating", "1e400", "inf", "write a finite number"),
+        (_not_finite_dpl, "Books/train.jsonl", "profile[0].timestamp", "NaN", "nan", "write a finite number"),
+        (_not_finite_lamp, "train_questions.jsonl", "profile[0].content", "NaN", "nan", FINITE_FIX),
+        (_not_finite_lamp, "train_questions.jsonl", "score", "-Infinity", "-inf", FINITE_FIX),
+        (_not_finite_generic, "records.jsonl", "context.rating", "NaN", "nan", FINITE_FIX),
+        (_not_finite_generic, "records.jsonl", "history[0].rating", "-Infinity", "-inf", FINITE_FIX),
+        (
+            _not_finite_generic,
+            "records.jsonl",
+            "history[0].timestamp",
+            "Infinity",
+            "inf",
+            "write a finite number",
+        ),
+        (_not_finite_amazon, "Books.jsonl", "rating", "Infinity", "inf", "write a finite number"),
+        (_not_finite_amazon, "Books.jsonl", "timestamp", "NaN", "nan", "write a finite number"),
     ],
 )
-def test_a_generic_number_that_is_not_finite_is_refused(tmp_path, fields, where, shown):
-    """Python's JSON reader takes `NaN` and `Infinity`; the prompt would have read `nan` where a rating
-    belongs."""
-    path = tmp_path / "records.jsonl"
-    path.write_text(_generic_line("u", **fields))
+def test_a_number_that_is_not_finite_is_refused_alike_by_every_reader(
+    tmp_path, config, file, where, spelt, shown, fix
+):
+    """Python's JSON reader takes `NaN` and `Infinity` (and reads 1e400 as inf). The DPL and Amazon readers
+    put `inf` into the prompt (`[Output Review Rating]: inf`) and the LaMP reader kept `nan` in a profile,
+    where the generic reader refused them; an infinite timestamp sorted last. Every reader now refuses them
+    with one message, counted as `wrong_type` under `skip`."""
+    cfg = config(tmp_path, where, spelt)
     with pytest.raises(DataError) as e:
-        _read(DataConfig(format="generic", template="plain", sources=[str(path)]))
+        _read(cfg)
+    assert str(e.value).startswith("1 invalid input record(s) (1 wrong_type); nothing was prepared:\n  ")
     assert (
-        f"{path}:1:{where}: `{where}` is {shown}, not a number the prompt can show (it would read `{shown}`)."
-        " Fix: write its text, or remove the key\n"
+        f"{tmp_path / file}:1:{where}: `{where}` is {shown}, not a finite number (the file holds NaN or "
+        "Infinity, or a number too large for a float, such as 1e400), which a prompt would show as "
+        f"`{shown}`. Fix: {fix}\n"
     ) in str(e.value)
+    _, log = _read(dataclasses.replace(cfg, on_error="skip"))
+    assert dict(log.errors) == {"wrong_type": 1}
 
 
 def test_a_generic_null_field_is_told_to_go_or_get_text(tmp_path):

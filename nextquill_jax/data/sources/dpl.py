@@ -5,7 +5,8 @@ reviews `{"rating", "title", "text", "asin", "timestamp"}`, the profile oldest f
 fields as `amazon2023`'s. Item metadata rows (`DPL-meta`) are `{"asin", "title", "description"}`. The split is
 the file's (see `read.split_from_name`); the category is the name of the directory holding the file
 (`DPL-main/Books/train.jsonl` -> `Books`). A review with an empty or whitespace-only text is an invalid
-record (`empty_field`): the protocol never builds one. A repeat of an earlier row, in any file of the run,
+record (`empty_field`): the protocol never builds one; so is one whose rating or timestamp is not a finite
+number (`wrong_type`, `records.require_finite`). A repeat of an earlier row, in any file of the run,
 is counted (`duplicate`) and skipped. A record's id is `<category>/<file name>/<user>/<n>`, `n` the row's
 number among the readable rows of its file (its line in a `.jsonl` file without blank or unreadable lines; a
 `.json` array may hold every row on one line): `compare` pairs examples by id. Two files of one name in two

@@ -16,12 +16,12 @@ file of the run are counted and skipped.
 from __future__ import annotations
 
 import difflib
-import math
 from pathlib import Path
 from typing import Any
 
 from nextquill_jax.data.config import SPLITS
 from nextquill_jax.data.sources.records import (
+    FINITE_FIX,
     HistoryEntry,
     InvalidRecordError,
     Issue,
@@ -34,6 +34,7 @@ from nextquill_jax.data.sources.records import (
     missing_fields,
     repeat_key,
     require_fields,
+    require_finite,
     require_text,
 )
 from nextquill_jax.data.sources.rows import valid_rows
@@ -206,23 +207,12 @@ def _scalars(obj: dict[str, Any], location: str, path: str) -> dict[str, Any]:
 
     Raises:
         InvalidRecordError: `wrong_type` for the first other value (a list, an object, true/false, null, or
-            a number that is not finite: Python's JSON reader takes `NaN` and `Infinity`), saying what it is
-            and the fix.
+            a number that is not finite: `require_finite`), saying what it is and the fix.
     """
     for key, value in obj.items():
-        if isinstance(value, float) and not math.isfinite(value):
-            field = f"{path}.{key}"
-            raise InvalidRecordError(
-                Issue(
-                    "wrong_type",
-                    location,
-                    field,
-                    f"`{field}` is {value!r}, not a number the prompt can show (it would read `{value}`)."
-                    " Fix: write its text, or remove the key",
-                )
-            )
+        field = f"{path}.{key}"
+        require_finite(value, location, field, FINITE_FIX)
         if not isinstance(value, str | int | float) or isinstance(value, bool):
-            field = f"{path}.{key}"
             if value is None:  # here a field is a value the prompt shows: null is no value
                 fix = "remove the key, or write its text"
             else:

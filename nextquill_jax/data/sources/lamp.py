@@ -9,9 +9,10 @@ Writing: `summary`, `content`; abstract generation: `title`, `abstract`). Profil
 and read as oldest first. The user is `user_id` when present, else the question `id`; a question without
 `user_id` but with a field whose name is close to it (`userid`, `userId`, `user-id`) is read so and counted in
 the prepared data's `notes`, with the fix. The category is the directory holding the questions file. An empty
-or whitespace-only output is an invalid record (`empty_field`). A question whose id an earlier question of the
-same split had, in any file of the run, is counted (`duplicate`) and skipped. A gold id given twice in one
-split is counted (`gold_duplicate`) when both outputs are the same, else invalid (`duplicate_id`); a gold
+or whitespace-only output is an invalid record (`empty_field`), and so is a number that is not finite in the
+question or its profile (`wrong_type`, `records.require_finite`). A question whose id an earlier question of
+the same split had, in any file of the run, is counted (`duplicate`) and skipped. A gold id given twice in
+one split is counted (`gold_duplicate`) when both outputs are the same, else invalid (`duplicate_id`); a gold
 whose id no question of its split has is counted (`gold_without_question`). A question with an inline `output`
 is answered by it; a gold for it in the outputs files is then not used and is counted
 (`gold_ignored_inline_output`).

@@ -9,6 +9,7 @@ a number.
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -170,13 +171,14 @@ def get_field(
     path: str | None = None,
     nullable: bool = False,
 ) -> Any:
-    """`obj[name]` checked against `kinds` (bool never counts as a number).
+    """`obj[name]` checked against `kinds` (bool never counts as a number, nor does a number that is not
+    finite: `require_finite`).
 
     `path` is the field's name in messages (defaults to `name`, e.g. `profile[3].text` for nested fields).
 
     Raises:
         InvalidRecordError: `missing_field` when the key is absent (or null and not `nullable`),
-            `wrong_type` when the value has another type.
+            `wrong_type` when the value has another type or is NaN or infinite.
     """
     path = path or name
     if name not in obj:
@@ -188,15 +190,12 @@ def get_field(
         if nullable:
             return None
         raise InvalidRecordError(Issue("missing_field", location, path, f"required field `{path}` is null"))
-    numeric = float in kinds or int in kinds
     if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
         expected = " or ".join(_KIND_NAMES[k] for k in kinds)
         raise InvalidRecordError(
             Issue("wrong_type", location, path, f"`{path}` must be {expected}, got {describe_value(value)}")
         )
-    if numeric and isinstance(value, float) and value != value:
-        raise InvalidRecordError(Issue("wrong_type", location, path, f"`{path}` is NaN"))
-    return value
+    return require_finite(value, location, path, "write a finite number")
 
 
 def get_optional(
@@ -224,17 +223,50 @@ def require_text(value: str, location: str, path: str, why: str) -> str:
     return value
 
 
-def scalar_fields(obj: Mapping[str, Any], location: str, path: str) -> dict[str, Scalar]:
-    """The scalar (str / int / float) fields of an object; nested lists, objects and nulls are left out.
+def require_finite(value: Any, location: str, path: str, fix: str) -> Any:
+    """`value`, the field `path`, unless it is a float that is not finite. JSON has no NaN or Infinity, but
+    Python's reader takes `NaN` and `Infinity` and reads a number too large for a float (`1e400`) as `inf`,
+    and a Parquet float may be NaN; a prompt would show such a value as `nan` or `inf`, and a timestamp of NaN
+    has no place in an order by time. Every reader checks its numbers here, so all refuse them alike.
 
     Raises:
-        InvalidRecordError: `wrong_type` when `obj` is not an object.
+        InvalidRecordError: `wrong_type` for NaN, inf or -inf, saying `fix`.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InvalidRecordError(
+            Issue(
+                "wrong_type",
+                location,
+                path,
+                f"`{path}` is {value!r}, not a finite number (the file holds NaN or Infinity, or a number "
+                f"too large for a float, such as 1e400), which a prompt would show as `{value}`. Fix: {fix}",
+            )
+        )
+    return value
+
+
+# The fix `require_finite` gives for a field the prompt shows (a context or history field), which the
+# record may also go without.
+FINITE_FIX = "write its text, or remove the key"
+
+
+def scalar_fields(obj: Mapping[str, Any], location: str, path: str) -> dict[str, Scalar]:
+    """The scalar (str / int / float) fields of the object at `path` (`""`: the row itself); nested lists,
+    objects and nulls are left out.
+
+    Raises:
+        InvalidRecordError: `wrong_type` when `obj` is not an object, or a number of it is not finite
+            (`require_finite`).
     """
     if not isinstance(obj, Mapping):
         raise InvalidRecordError(
             Issue("wrong_type", location, path, f"`{path}` must be an object, got {describe_value(obj)}")
         )
-    return {k: v for k, v in obj.items() if isinstance(v, str | int | float) and not isinstance(v, bool)}
+    return {
+        k: require_finite(v, location, f"{path}.{k}" if path else k, FINITE_FIX)
+        for k, v in obj.items()
+        if isinstance(v, str | int | float) and not isinstance(v, bool)
+    }
 
 
 def missing_fields(fields: Mapping[str, Any], needed: frozenset[str], prefix: str) -> list[str]:
