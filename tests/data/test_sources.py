@@ -589,6 +589,50 @@ def test_an_empty_dpl_review_text_or_lamp_output_is_an_invalid_record(tmp_path):
     )
 
 
+def test_an_empty_dpl_or_lamp_user_id_is_an_invalid_record(tmp_path):
+    """As the generic reader's: an empty or whitespace-only `user_id` names no user (DPL made the id
+    `Books//test/5` of one). A LaMP question without `user_id` still takes its id as the user."""
+    rows = (FIXTURES / "dpl" / "Books" / "train.jsonl").read_text().splitlines()
+    first, second = json.loads(rows[0]), json.loads(rows[1])
+    first["user_id"], second["user_id"] = "", "  "
+    dpl = tmp_path / "Books" / "train.jsonl"
+    dpl.parent.mkdir()
+    dpl.write_text("\n".join([json.dumps(first), json.dumps(second), *rows[2:]]) + "\n")
+    cfg = DataConfig(format="dpl", sources=[str(dpl)], meta=[str(FIXTURES / "dpl" / "meta" / "Books.jsonl")])
+    with pytest.raises(DataError) as e:
+        _read(cfg)
+    assert str(e.value).startswith("2 invalid input record(s) (2 empty_field); nothing was prepared:\n  ")
+    for line in (1, 2):
+        assert (
+            f"{dpl}:{line}:user_id: `user_id` is empty; records are grouped and de-duplicated by user, and a "
+            "record's id names its user. Fix: give the user's id, or remove the row\n"
+        ) in str(e.value)
+    records, log = _read(dataclasses.replace(cfg, on_error="skip"))
+    assert [r.source for r in records] == [f"{dpl}:3", f"{dpl}:4"]
+    assert dict(log.errors) == {"empty_field": 2}
+
+    profile = [{"summary": "s", "content": "c"}]
+    questions = tmp_path / "train_questions.jsonl"
+    questions.write_text(
+        json.dumps({"id": "q1", "input": "i", "output": "o", "user_id": " ", "profile": profile})
+        + "\n"
+        + json.dumps({"id": "q2", "input": "i", "output": "o", "profile": profile})
+        + "\n"
+    )
+    cfg = DataConfig(format="lamp", template="lamp_topic_writing", sources=[str(questions)])
+    with pytest.raises(DataError) as e:
+        _read(cfg)
+    assert str(e.value).startswith("1 invalid input record(s) (1 empty_field); nothing was prepared:\n  ")
+    assert (
+        f"{questions}:1:user_id: `user_id` is empty; an empty user names no one (reports show each example's "
+        "user; compare pairs examples by user and target). Fix: give the user's id, or remove `user_id` (the "
+        "question's id is then the user)\n"
+    ) in str(e.value)
+    records, log = _read(dataclasses.replace(cfg, on_error="skip"))
+    assert [(r.id, r.user_id) for r in records] == [("q2", "q2")]
+    assert dict(log.errors) == {"empty_field": 1}
+
+
 def test_a_lamp_user_id_under_a_near_name_is_read_as_context_and_counted_with_the_fix(tmp_path):
     """`userid` is not `user_id`: the question's id stays the user (as documented), and each such question
     is counted under one note naming the file, the field and the fix; an unrelated field is not noted."""

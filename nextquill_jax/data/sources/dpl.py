@@ -4,10 +4,10 @@ A DPL row (the `SnowCharmQ/DPL-main` layout) is `{"user_id", "profile": [review,
 reviews `{"rating", "title", "text", "asin", "timestamp"}`, the profile oldest first. Records carry the same
 fields as `amazon2023`'s. Item metadata rows (`DPL-meta`) are `{"asin", "title", "description"}`. The split is
 the file's (see `read.split_from_name`); the category is the name of the directory holding the file
-(`DPL-main/Books/train.jsonl` -> `Books`). A review with an empty or whitespace-only text is an invalid
-record (`empty_field`): the protocol never builds one; so is one whose rating or timestamp is not a finite
-number (`wrong_type`, `records.require_finite`). A repeat of an earlier row, in any file of the run,
-is counted (`duplicate`) and skipped. A record's id is `<category>/<file name>/<user>/<n>`, `n` the row's
+(`DPL-main/Books/train.jsonl` -> `Books`). A row with an empty or whitespace-only `user_id` or review text
+is an invalid record (`empty_field`): the protocol never builds one; so is one whose rating or timestamp is
+not a finite number (`wrong_type`, `records.require_finite`). A repeat of an earlier row, in any file of the
+run, is counted (`duplicate`) and skipped. A record's id is `<category>/<file name>/<user>/<n>`, `n` the row's
 number among the readable rows of its file (its line in a `.jsonl` file without blank or unreadable lines; a
 `.json` array may hold every row on one line): `compare` pairs examples by id. Two files of one name in two
 directories of one name would give one id twice, an invalid record (`duplicate_id`) unless it repeats the
@@ -80,11 +80,17 @@ def _parse(path: Path, split: str, n: int, row: Row, items: dict[str, Item]) -> 
     """One DPL row, the `n`-th readable row of the file `path` (holding `split`), as a record.
 
     Raises:
-        InvalidRecordError: a missing or mistyped field, an empty review text, or an item that is not in the
-            metadata files.
+        InvalidRecordError: a missing or mistyped field, an empty `user_id` or review text, or an item that is
+            not in the metadata files.
     """
     category = path.parent.name
-    user_id = get_field(row.value, "user_id", (str,), row.location)
+    user_id = require_text(
+        get_field(row.value, "user_id", (str,), row.location),
+        row.location,
+        "user_id",
+        "records are grouped and de-duplicated by user, and a record's id names its user. Fix: give the "
+        "user's id, or remove the row",
+    )
     profile = get_field(row.value, "profile", (list,), row.location)
     data = get_field(row.value, "data", (dict,), row.location)
     context, target_text, _ = _review(data, "data", row.location, items)

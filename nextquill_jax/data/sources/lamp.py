@@ -9,13 +9,13 @@ Writing: `summary`, `content`; abstract generation: `title`, `abstract`). Profil
 and read as oldest first. The user is `user_id` when present, else the question `id`; a question without
 `user_id` but with a field whose name is close to it (`userid`, `userId`, `user-id`) is read so and counted in
 the prepared data's `notes`, with the fix. The category is the directory holding the questions file. An empty
-or whitespace-only output is an invalid record (`empty_field`), and so is a number that is not finite in the
-question or its profile (`wrong_type`, `records.require_finite`). A question whose id an earlier question of
-the same split had, in any file of the run, is counted (`duplicate`) and skipped. A gold id given twice in
-one split is counted (`gold_duplicate`) when both outputs are the same, else invalid (`duplicate_id`); a gold
-whose id no question of its split has is counted (`gold_without_question`). A question with an inline `output`
-is answered by it; a gold for it in the outputs files is then not used and is counted
-(`gold_ignored_inline_output`).
+or whitespace-only output or `user_id` is an invalid record (`empty_field`), and so is a number that is not
+finite in the question or its profile (`wrong_type`, `records.require_finite`). A question whose id an earlier
+question of the same split had, in any file of the run, is counted (`duplicate`) and skipped. A gold id given
+twice in one split is counted (`gold_duplicate`) when both outputs are the same, else invalid
+(`duplicate_id`); a gold whose id no question of its split has is counted (`gold_without_question`). A
+question with an inline `output` is answered by it; a gold for it in the outputs files is then not used and is
+counted (`gold_ignored_inline_output`).
 """
 
 from __future__ import annotations
@@ -129,8 +129,8 @@ def _parse(
     (split, id), the one `collect_records` keeps, whether its output was inline (so its gold went unused).
 
     Raises:
-        InvalidRecordError: a missing or mistyped field, no output (inline or gold), an empty output, or
-            fields the template needs that the question or its profile lacks.
+        InvalidRecordError: a missing or mistyped field, no output (inline or gold), an empty output or
+            `user_id`, or fields the template needs that the question or its profile lacks.
     """
     category = path.parent.name
     loc = row.location
@@ -164,6 +164,14 @@ def _parse(
     if user_id is None:
         user_id = qid
         _note_near_user_id(row.value, path, loc, log)
+    else:
+        require_text(
+            user_id,
+            loc,
+            "user_id",
+            "an empty user names no one (reports show each example's user; compare pairs examples by user "
+            "and target). Fix: give the user's id, or remove `user_id` (the question's id is then the user)",
+        )
     context = {k: v for k, v in scalar_fields(row.value, loc, "").items() if k not in ("id", "output")}
     history = [
         HistoryEntry(fields=scalar_fields(entry, loc, f"profile[{i}]")) for i, entry in enumerate(profile)
