@@ -191,6 +191,41 @@ def test_amazon2023_runs_the_protocol_per_category(tmp_path, small_dpl):
     assert log.dropped["review_duplicate_item"] == 2 and sum(log.read.values()) == 2 * (40 + 14)
 
 
+def test_amazon2023_reads_one_line_json_arrays_as_the_same_records(tmp_path, small_dpl):
+    """`json.dump` writes an array on one line, where every review starts on line 1: the second pass, which
+    fetches the kept reviews' titles and texts, found them by line and gave every example the same text.
+    Each record now gets its own review, and its `source` names the line and the row."""
+    for name in ("Books", "meta_Books"):
+        (tmp_path / f"{name}.json").write_text(json.dumps(_rows(AMAZON / f"{name}.jsonl")))
+    cfg = DataConfig(
+        format="amazon2023",
+        sources=[str(tmp_path / "Books.json")],
+        meta=[str(tmp_path / "meta_Books.json")],
+        **small_dpl,
+    )
+    records, log = _read(cfg)
+    expected, expected_log = _read(_amazon_cfg(small_dpl))
+    assert [dataclasses.replace(r, source="") for r in records] == [
+        dataclasses.replace(r, source="") for r in expected
+    ]
+    assert len({r.target for r in records}) == len(records) == 12
+    # The fixture has no blank lines: row N of the array is line N of the .jsonl file.
+    assert [r.source for r in records] == [
+        f"{tmp_path / 'Books.json'}:1 (row {r.source.rpartition(':')[2]})" for r in expected
+    ]
+    assert log.dropped == expected_log.dropped
+
+
+def test_a_row_of_a_one_line_json_array_is_named_by_its_line_and_row(tmp_path):
+    good = {"user_id": "u", "context": "c", "history": ["h"], "target": "t", "split": "train"}
+    path = tmp_path / "records.json"
+    path.write_text(json.dumps([good, {**good, "target": ""}, 7]) + "\n")
+    with pytest.raises(DataError) as e:
+        _read(DataConfig(format="generic", template="plain", sources=[str(path)]))
+    assert f"{path}:1 (row 2):target: `target` is empty" in str(e.value)
+    assert f"{path}:1 (row 3): array elements must be objects, got int" in str(e.value)
+
+
 def test_dpl_rows_give_the_same_records_as_the_raw_amazon_files(tmp_path, small_dpl):
     amazon, _ = _read(_amazon_cfg(small_dpl))
     dpl_dir = FIXTURES / "dpl"

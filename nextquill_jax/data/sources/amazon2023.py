@@ -59,7 +59,15 @@ class Review(NamedTuple):
     # few hundred texts has probability ~1e-14.
     raw_text: int  # hash of the text as read (the protocol's repeat check inside its filter loop)
     text: int  # hash of the whitespace-collapsed text (the final repeat check)
-    line: int  # row number in the reviews file
+    row: int  # position in the reviews file (`Row.index`), by which the second pass finds it
+
+
+class ReviewText(NamedTuple):
+    """What the second pass reads of a kept review."""
+
+    location: str  # `Row.location`, the record's `source`
+    title: str
+    text: str  # whitespace collapsed
 
 
 def read_amazon2023(
@@ -186,7 +194,7 @@ def read_reviews(
                     timestamp=timestamp,
                     raw_text=hash(text),
                     text=hash(collapse_whitespace(text)),
-                    line=row.line,
+                    row=row.index,
                 )
             )
     return reviews
@@ -208,7 +216,7 @@ def dpl_protocol(
     reviews = _kcore(reviews, cfg, log)
     timelines = _timelines(reviews, cfg, log)
     timelines = _profile_filter(timelines, cfg, log)
-    content = _title_and_text(path, {r.line for p, t in timelines.values() for r in (*p, *t)})
+    content = _title_and_text(path, {r.row for p, t in timelines.values() for r in (*p, *t)})
     records = []
     for user_id, (profile, targets) in timelines.items():
         entries = [_entry(r, items, content) for r in (*profile, *targets)]
@@ -223,7 +231,7 @@ def dpl_protocol(
                     history=tuple(entries[: len(profile) + k]),
                     target=entry.fields["text"],
                     split=split,
-                    source=f"{path}:{target.line}",
+                    source=content[target.row].location,
                     category=category,
                     id=f"{category}/{user_id}/{k + 1}",
                     target_field="text",
@@ -327,18 +335,19 @@ def _profile_item_users(timelines: dict[str, tuple[list[Review], list[Review]]])
     return item_users
 
 
-def _title_and_text(path: Path, lines: set[int]) -> dict[int, tuple[str, str]]:
-    """line -> (title, collapsed text) of the given reviews (validated by the first pass)."""
+def _title_and_text(path: Path, rows: set[int]) -> dict[int, ReviewText]:
+    """Position (`Row.index`) -> where, title and collapsed text of the given reviews (validated by the first
+    pass)."""
     return {
-        row.line: (row.value["title"], collapse_whitespace(row.value["text"]))
-        for row in iter_rows(path, lines=lines)
+        row.index: ReviewText(row.location, row.value["title"], collapse_whitespace(row.value["text"]))
+        for row in iter_rows(path, only=rows)
         if isinstance(row, Row)
     }
 
 
-def _entry(review: Review, items: dict[str, Item], content: dict[int, tuple[str, str]]) -> HistoryEntry:
+def _entry(review: Review, items: dict[str, Item], content: dict[int, ReviewText]) -> HistoryEntry:
     item = items[review.asin]
-    title, text = content[review.line]
+    _, title, text = content[review.row]
     fields = {
         "item_title": item.title,
         "item_description": item.description,

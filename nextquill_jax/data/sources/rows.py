@@ -1,9 +1,10 @@
 """Streaming rows out of `.jsonl`, `.jsonl.gz`, `.json` (an array, or an object holding one) and Parquet.
 
 Each row comes with its location (`file:line`; for Parquet the 1-based row number) so that every later message
-can name where a bad record is. Rows that cannot be decoded are yielded as `Issue`s, not raised, so a reader
-can list all of them under `on_error: fail` or skip and count them under `skip`. A UTF-8 byte order mark at
-the start of a text file is skipped.
+can name where a bad record is; a `.json` row that starts on the same line as another (a one-line array, as
+`json.dump` writes it) adds its 1-based position in the array, `file:1 (row 3)`. Rows that cannot be decoded
+are yielded as `Issue`s, not raised, so a reader can list all of them under `on_error: fail` or skip and count
+them under `skip`. A UTF-8 byte order mark at the start of a text file is skipped.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import codecs
 import gzip
 import json
 import re
+from collections import Counter
 from collections.abc import Container, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +33,10 @@ _SURROGATE_ESCAPE_BYTES = re.compile(_SURROGATE_ESCAPE.pattern.encode())
 class Row:
     """One decoded JSON object and where it came from."""
 
-    location: str  # "file:line"
-    line: int  # 1-based line (Parquet: row) number
+    location: str  # "file:line", or "file:line (row N)" (see the module docstring)
+    # 0-based position among the file's rows (blank lines are none): unique within the file, which a line
+    # number is not (every row of a one-line `.json` array is on line 1), so a second pass can find a row.
+    index: int
     value: Any
 
 
@@ -56,13 +60,13 @@ def file_stem(path: str | Path) -> str:
 
 
 def iter_rows(
-    path: str | Path, *, list_key: str | None = None, lines: Container[int] | None = None
+    path: str | Path, *, list_key: str | None = None, only: Container[int] | None = None
 ) -> Iterator[Row | Issue]:
     """Yield every record of `path` as a `Row`, or an `Issue` for a line that cannot be decoded.
 
     `.json` files hold one array of objects, or an object whose `list_key` entry is that array (LaMP's
     `{"task": ..., "golds": [...]}`); their rows are located by the line their element starts on.
-    `lines`: only these line (row) numbers; in `.jsonl` files the others are not even decoded.
+    `only`: only the rows at these positions (`Row.index`); in `.jsonl` files the others are not even decoded.
 
     Raises:
         ValueError: for an unsupported suffix, or a `.json` file that is not valid JSON as a whole (its
@@ -75,11 +79,11 @@ def iter_rows(
     elif kind == ".json":
         rows = _json_array_rows(path, list_key)
     else:
-        rows = _jsonl_rows(path, gzipped=kind == ".jsonl.gz", lines=lines)
-    if lines is None or kind in (".jsonl", ".jsonl.gz"):
+        rows = _jsonl_rows(path, gzipped=kind == ".jsonl.gz", only=only)
+    if only is None or kind in (".jsonl", ".jsonl.gz"):
         yield from rows
     else:
-        yield from (r for r in rows if isinstance(r, Row) and r.line in lines)
+        yield from (r for r in rows if isinstance(r, Row) and r.index in only)
 
 
 def valid_rows(path: str | Path, log: IssueLog, *, list_key: str | None = None) -> Iterator[Row]:
@@ -95,19 +99,22 @@ def valid_rows(path: str | Path, log: IssueLog, *, list_key: str | None = None) 
             yield row
 
 
-def _jsonl_rows(path: str | Path, gzipped: bool, lines: Container[int] | None) -> Iterator[Row | Issue]:
+def _jsonl_rows(path: str | Path, gzipped: bool, only: Container[int] | None) -> Iterator[Row | Issue]:
     opener = gzip.open if gzipped else open
+    index = -1
     with opener(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
             if line_no == 1:
                 # Editors on Windows start UTF-8 files with a byte order mark; it is not part of the JSON.
                 raw = raw.removeprefix(codecs.BOM_UTF8)
-            if (lines is not None and line_no not in lines) or not raw.strip():
+            if not raw.strip():
                 continue
-            yield _decode_line(raw, f"{path}:{line_no}", line_no)
+            index += 1
+            if only is None or index in only:
+                yield _decode_line(raw, f"{path}:{line_no}", index)
 
 
-def _decode_line(raw: bytes, location: str, line: int) -> Row | Issue:
+def _decode_line(raw: bytes, location: str, index: int) -> Row | Issue:
     bad_utf8: UnicodeDecodeError | None = None
     try:
         text = raw.decode("utf-8")
@@ -127,7 +134,7 @@ def _decode_line(raw: bytes, location: str, line: int) -> Row | Issue:
         )
     if bad_utf8 is not None:
         return _utf8_issue(bad_utf8, location, _field_with_surrogates(value, ""))
-    row = Row(location, line, value)
+    row = Row(location, index, value)
     return _without_lone_surrogates(row) if _SURROGATE_ESCAPE_BYTES.search(raw) else row
 
 
@@ -203,23 +210,33 @@ def _json_array_rows(path: str | Path, list_key: str | None) -> Iterator[Row | I
     else:
         want = f"an array of objects{f' or an object with a `{list_key}` list' if list_key else ''}"
         raise ValueError(f"{path}: expected {want}, got {type(top).__name__}")
-    # Walk the array again with raw_decode to learn the line each element starts on.
-    pos, line, counted = start + 1, 1, 0
-    for value in items:
-        pos = _skip_space(text, pos)
-        if text[pos] == ",":
-            pos = _skip_space(text, pos + 1)
-        line += text.count("\n", counted, pos)
-        counted = pos
-        _, pos = decoder.raw_decode(text, pos)
-        location = f"{path}:{line}"
+    lines = _element_lines(text, start, len(items), decoder)
+    per_line = Counter(lines)
+    for index, (value, line) in enumerate(zip(items, lines, strict=True)):
+        location = f"{path}:{line}" if per_line[line] == 1 else f"{path}:{line} (row {index + 1})"
         if isinstance(value, dict):
-            row = Row(location, line, value)
+            row = Row(location, index, value)
             yield _without_lone_surrogates(row) if escapes else row
         else:
             yield Issue(
                 "wrong_type", location, None, f"array elements must be objects, got {type(value).__name__}"
             )
+
+
+def _element_lines(text: str, start: int, n: int, decoder: json.JSONDecoder) -> list[int]:
+    """The 1-based line each of the `n` elements of the (valid) JSON array at `text[start]` starts on: the
+    array is walked again with raw_decode, as the decoder does not report positions."""
+    lines = []
+    pos, line, counted = start + 1, 1, 0
+    for _ in range(n):
+        pos = _skip_space(text, pos)
+        if text[pos] == ",":
+            pos = _skip_space(text, pos + 1)
+        line += text.count("\n", counted, pos)
+        counted = pos
+        lines.append(line)
+        _, pos = decoder.raw_decode(text, pos)
+    return lines
 
 
 def _skip_space(text: str, pos: int) -> int:
@@ -235,4 +252,4 @@ def _parquet_rows(path: str | Path) -> Iterator[Row | Issue]:
     for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
         for value in batch.to_pylist():
             row_no += 1
-            yield Row(f"{path}:{row_no}", row_no, value)
+            yield Row(f"{path}:{row_no}", row_no - 1, value)
