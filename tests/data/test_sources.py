@@ -226,6 +226,24 @@ def test_a_row_of_a_one_line_json_array_is_named_by_its_line_and_row(tmp_path):
     assert f"{path}:1 (row 3): array elements must be objects, got int" in str(e.value)
 
 
+def test_text_after_the_value_of_a_json_file_is_refused_naming_its_line(tmp_path):
+    """The reader decoded the first JSON value and ignored the rest: `[rec1]` then `[rec2, rec3]` read one
+    record. Anything but whitespace after the value is now an error naming the file and line."""
+    record = lambda target: {"user_id": "u", "context": "c", "history": ["h"], "target": target}
+    path = tmp_path / "records.json"
+    path.write_text(json.dumps([record("1")]) + "\n" + json.dumps([record("2"), record("3")]) + "\n")
+    with pytest.raises(ValueError) as e:
+        _read(DataConfig(format="generic", template="plain", sources=[str(path)]))
+    assert str(e.value) == (
+        f"{path}:2: more text after the JSON value that ends on line 1; a .json file holds one value (an "
+        "array of objects, or an object holding one). Fix: put all the records in one array, or write one "
+        "object per line in a .jsonl file"
+    )
+    path.write_text(json.dumps([record("1"), record("2")]) + "\n \n\t\n")  # trailing whitespace is fine
+    records, _ = _read(DataConfig(format="generic", template="plain", sources=[str(path)]))
+    assert [r.target for r in records] == ["1", "2"]
+
+
 def test_dpl_rows_give_the_same_records_as_the_raw_amazon_files(tmp_path, small_dpl):
     amazon, _ = _read(_amazon_cfg(small_dpl))
     dpl_dir = FIXTURES / "dpl"

@@ -70,7 +70,8 @@ def iter_rows(
 
     Raises:
         ValueError: for an unsupported suffix, or a `.json` file that is not valid JSON as a whole (its
-            records cannot be told apart, so it cannot be skipped record by record).
+            records cannot be told apart, so it cannot be skipped record by record) or holds more than one
+            value.
         FileNotFoundError: when `path` does not exist.
     """
     kind = file_kind(path)
@@ -197,9 +198,17 @@ def _json_array_rows(path: str | Path, list_key: str | None) -> Iterator[Row | I
     decoder = json.JSONDecoder()
     escapes = _SURROGATE_ESCAPE.search(text) is not None  # else no element can hold a lone surrogate
     try:
-        top, _ = decoder.raw_decode(text, _skip_space(text, 0))
+        top, end = decoder.raw_decode(text, _skip_space(text, 0))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{e.lineno}: not valid JSON ({_json_problem(e)})") from e
+    # raw_decode stops at the end of the first value; what follows would be lost without a word.
+    extra = _skip_space(text, end)
+    if extra < len(text):
+        raise ValueError(
+            f"{path}:{_line_at(text, extra)}: more text after the JSON value that ends on line "
+            f"{_line_at(text, end)}; a .json file holds one value (an array of objects, or an object holding "
+            "one). Fix: put all the records in one array, or write one object per line in a .jsonl file"
+        )
     if isinstance(top, dict) and list_key is not None and isinstance(top.get(list_key), list):
         items = top[list_key]
         # Elements are located by searching for the array's start; a nested key lookup is good enough here.
@@ -237,6 +246,11 @@ def _element_lines(text: str, start: int, n: int, decoder: json.JSONDecoder) -> 
         lines.append(line)
         _, pos = decoder.raw_decode(text, pos)
     return lines
+
+
+def _line_at(text: str, pos: int) -> int:
+    """The 1-based line of `text[pos]`."""
+    return text.count("\n", 0, pos) + 1
 
 
 def _skip_space(text: str, pos: int) -> int:
