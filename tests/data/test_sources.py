@@ -927,6 +927,34 @@ def test_lamp_golds_repeated_conflicting_or_without_a_question_are_counted_or_in
     assert dict(log.dropped) == {"gold_duplicate": 1, "gold_without_question": 2}
 
 
+def test_lamp_golds_are_the_top_level_array_when_a_nested_key_is_named_golds_first(tmp_path):
+    """The golds array was found by searching the text for `"golds"`: a nested key of that name earlier in
+    the file sent the reader to another array, and it failed with a traceback naming no file."""
+    profile = [{"summary": "s", "content": "c"}]
+    questions = tmp_path / "train_questions.jsonl"
+    questions.write_text(
+        "".join(json.dumps({"id": q, "input": "i", "profile": profile}) + "\n" for q in "ab")
+    )
+    outputs = tmp_path / "train_outputs.json"
+    golds = [{"id": "a", "output": "oa"}, {"id": "b", "output": " "}]
+    layout = {"task": "t", "config": {"golds": "see below"}, "splits": ["train"], "golds": golds}
+    outputs.write_text(json.dumps(layout, indent=1))
+    assert outputs.read_text().splitlines()[13] == "  {"  # gold `b` starts on line 14
+    cfg = DataConfig(
+        format="lamp", template="lamp_topic_writing", sources=[str(questions)], meta=[str(outputs)]
+    )
+    with pytest.raises(DataError) as e:
+        _read(cfg)
+    assert f"{outputs}:14:output: `output` is empty" in str(e.value)
+    records, _ = _read(dataclasses.replace(cfg, on_error="skip"))
+    assert [(r.id, r.target) for r in records] == [("a", "oa")]
+    # A repeated key: JSON decoders keep the last value, and its rows are located in that array.
+    outputs.write_text('{"golds": [],\n"golds": [\n{"id": "a", "output": "oa"},\n{"id": "b", "output": ""}]}')
+    with pytest.raises(DataError) as e:
+        _read(cfg)
+    assert f"{outputs}:4:output: `output` is empty" in str(e.value)
+
+
 def test_an_empty_lamp_gold_is_named_where_it_was_read_in_the_outputs_file(tmp_path):
     """Question `q` (line 1 of the questions file) takes its gold from the outputs file, where that gold's
     output is empty (line 2): the error names the outputs file, its line and field, and the question."""

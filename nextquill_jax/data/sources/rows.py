@@ -197,8 +197,9 @@ def _json_array_rows(path: str | Path, list_key: str | None) -> Iterator[Row | I
         ) from e
     decoder = json.JSONDecoder()
     escapes = _SURROGATE_ESCAPE.search(text) is not None  # else no element can hold a lone surrogate
+    begin = _skip_space(text, 0)
     try:
-        top, end = decoder.raw_decode(text, _skip_space(text, 0))
+        top, end = decoder.raw_decode(text, begin)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{e.lineno}: not valid JSON ({_json_problem(e)})") from e
     # raw_decode stops at the end of the first value; what follows would be lost without a word.
@@ -211,11 +212,10 @@ def _json_array_rows(path: str | Path, list_key: str | None) -> Iterator[Row | I
         )
     if isinstance(top, dict) and list_key is not None and isinstance(top.get(list_key), list):
         items = top[list_key]
-        # Elements are located by searching for the array's start; a nested key lookup is good enough here.
-        start = text.index("[", text.index(f'"{list_key}"'))
+        start = _member_start(text, begin, list_key, decoder)
     elif isinstance(top, list):
         items = top
-        start = text.index("[")
+        start = begin
     else:
         want = f"an array of objects{f' or an object with a `{list_key}` list' if list_key else ''}"
         raise ValueError(f"{path}: expected {want}, got {type(top).__name__}")
@@ -230,6 +230,24 @@ def _json_array_rows(path: str | Path, list_key: str | None) -> Iterator[Row | I
             yield Issue(
                 "wrong_type", location, None, f"array elements must be objects, got {type(value).__name__}"
             )
+
+
+def _member_start(text: str, start: int, key: str, decoder: json.JSONDecoder) -> int:
+    """Where the value of member `key` of the (valid) JSON object at `text[start]` starts: of its last one, as
+    the decoder keeps the last of repeated keys. The members are walked, as searching the text for the key
+    would find it inside a nested object or a string first."""
+    found = -1
+    pos = _skip_space(text, start + 1)
+    while text[pos] != "}":
+        name, pos = decoder.raw_decode(text, pos)
+        pos = _skip_space(text, _skip_space(text, pos) + 1)  # past the ":"
+        if name == key:
+            found = pos
+        _, pos = decoder.raw_decode(text, pos)
+        pos = _skip_space(text, pos)
+        if text[pos] == ",":
+            pos = _skip_space(text, pos + 1)
+    return found
 
 
 def _element_lines(text: str, start: int, n: int, decoder: json.JSONDecoder) -> list[int]:
