@@ -244,6 +244,40 @@ def test_text_after_the_value_of_a_json_file_is_refused_naming_its_line(tmp_path
     assert [r.target for r in records] == ["1", "2"]
 
 
+def test_a_damaged_gzip_or_parquet_file_is_an_error_naming_the_file_and_the_fix(tmp_path):
+    """A `.jsonl.gz` that is not gzip or is cut short, and a Parquet file cut short, raised the library's
+    error (BadGzipFile, EOFError, ArrowInvalid) with a traceback that named no file."""
+    record = {"user_id": "u", "context": "c", "history": ["h"], "target": "t"}
+    lines = "".join(json.dumps({**record, "target": str(i)}) + "\n" for i in range(3)).encode()
+    not_gzip = tmp_path / "plain.jsonl.gz"
+    not_gzip.write_bytes(lines)
+    # Without the 8-byte trailer the three lines still decompress; the end of the stream is missing.
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(gzip.compress(lines)[:-8])
+    table = tmp_path / "cut.parquet"
+    pq.write_table(pa.Table.from_pylist([record] * 3), table)
+    table.write_bytes(table.read_bytes()[:-10])
+    config = lambda path: DataConfig(format="generic", template="plain", sources=[str(path)])
+    with pytest.raises(ValueError) as e:
+        _read(config(not_gzip))
+    assert str(e.value) == (
+        f"{not_gzip}: cannot be decompressed (Not a gzipped file (b'{{\"')); the file is cut short, damaged "
+        f"or not gzip. Fix: download or compress it again (`gzip -t {not_gzip}` checks it), or name a plain "
+        "JSON-lines file .jsonl"
+    )
+    with pytest.raises(ValueError) as e:
+        _read(config(cut))
+    assert str(e.value).startswith(
+        f"{cut}: cannot be decompressed (Compressed file ended before the end-of-stream marker was reached) "
+        "after line 3; the file is cut short, damaged or not gzip."
+    )
+    with pytest.raises(ValueError) as e:
+        _read(config(table))
+    message = str(e.value)
+    assert message.startswith(f"{table}: cannot be read as Parquet (Parquet magic bytes not found in footer")
+    assert message.endswith("cut short, damaged or not Parquet. Fix: download or write it again")
+
+
 def test_dpl_rows_give_the_same_records_as_the_raw_amazon_files(tmp_path, small_dpl):
     amazon, _ = _read(_amazon_cfg(small_dpl))
     dpl_dir = FIXTURES / "dpl"

@@ -13,6 +13,7 @@ import codecs
 import gzip
 import json
 import re
+import zlib
 from collections import Counter
 from collections.abc import Container, Iterator
 from dataclasses import dataclass
@@ -69,9 +70,10 @@ def iter_rows(
     `only`: only the rows at these positions (`Row.index`); in `.jsonl` files the others are not even decoded.
 
     Raises:
-        ValueError: for an unsupported suffix, or a `.json` file that is not valid JSON as a whole (its
+        ValueError: for an unsupported suffix, a `.json` file that is not valid JSON as a whole (its
             records cannot be told apart, so it cannot be skipped record by record) or holds more than one
-            value.
+            value, or a `.jsonl.gz` or Parquet file that cannot be decompressed or decoded (cut short,
+            damaged, or not of its kind), naming the file and the line or row reading stopped after.
         FileNotFoundError: when `path` does not exist.
     """
     kind = file_kind(path)
@@ -102,17 +104,31 @@ def valid_rows(path: str | Path, log: IssueLog, *, list_key: str | None = None) 
 
 def _jsonl_rows(path: str | Path, gzipped: bool, only: Container[int] | None) -> Iterator[Row | Issue]:
     opener = gzip.open if gzipped else open
-    index = -1
+    index, line_no = -1, 0
     with opener(path, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            if line_no == 1:
-                # Editors on Windows start UTF-8 files with a byte order mark; it is not part of the JSON.
-                raw = raw.removeprefix(codecs.BOM_UTF8)
-            if not raw.strip():
-                continue
-            index += 1
-            if only is None or index in only:
-                yield _decode_line(raw, f"{path}:{line_no}", index)
+        try:
+            for line_no, raw in enumerate(f, start=1):
+                if line_no == 1:
+                    # Editors on Windows start UTF-8 files with a byte order mark; it is not part of the JSON.
+                    raw = raw.removeprefix(codecs.BOM_UTF8)
+                if not raw.strip():
+                    continue
+                index += 1
+                if only is None or index in only:
+                    yield _decode_line(raw, f"{path}:{line_no}", index)
+        # Not gzip (BadGzipFile), cut short (EOFError) or corrupt inside (zlib.error): the rest of the file
+        # cannot be read, so no record can be skipped past it.
+        except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+            raise ValueError(
+                f"{path}: cannot be decompressed ({e}){_after('line', line_no)}; the file is cut short, "
+                f"damaged or not gzip. Fix: download or compress it again (`gzip -t {path}` checks it), or "
+                "name a plain JSON-lines file .jsonl"
+            ) from e
+
+
+def _after(unit: str, n: int) -> str:
+    """Where in a damaged file reading stopped: `after line 3`, or nothing when nothing was read."""
+    return f" after {unit} {n}" if n else ""
 
 
 def _decode_line(raw: bytes, location: str, index: int) -> Row | Issue:
@@ -278,10 +294,19 @@ def _skip_space(text: str, pos: int) -> int:
 
 
 def _parquet_rows(path: str | Path) -> Iterator[Row | Issue]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     row_no = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-        for value in batch.to_pylist():
-            row_no += 1
-            yield Row(f"{path}:{row_no}", row_no - 1, value)
+    with pa.OSFile(str(path)) as f:  # opened here, so that a missing file stays a FileNotFoundError
+        try:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=1024):
+                for value in batch.to_pylist():
+                    row_no += 1
+                    yield Row(f"{path}:{row_no}", row_no - 1, value)
+        # A missing footer (cut short, or not Parquet) is ArrowInvalid; a corrupt page an OSError.
+        except (pa.ArrowException, OSError) as e:
+            raise ValueError(
+                f"{path}: cannot be read as Parquet ({e}){_after('row', row_no)}; the file is cut short, "
+                "damaged or not Parquet. Fix: download or write it again"
+            ) from e
