@@ -278,6 +278,30 @@ def test_a_damaged_gzip_or_parquet_file_is_an_error_naming_the_file_and_the_fix(
     assert message.endswith("cut short, damaged or not Parquet. Fix: download or write it again")
 
 
+def test_amazon2023_refuses_two_review_or_metadata_files_of_one_name(tmp_path, small_dpl):
+    """Files are paired by name: of x/meta_Books.jsonl and y/meta_Books.jsonl the second replaced the first,
+    so x's reviews were read against y's items (every one an `unknown_item`). Both are named instead."""
+    for d in ("x", "y"):
+        (tmp_path / d).mkdir()
+        for name in ("Books.jsonl", "meta_Books.jsonl"):
+            shutil.copy(AMAZON / name, tmp_path / d / name)
+    x, y = tmp_path / "x", tmp_path / "y"
+    cfg = lambda sources, meta: DataConfig(
+        format="amazon2023", sources=sources, meta=meta, on_error="skip", **small_dpl
+    )
+    with pytest.raises(ValueError) as e:
+        _read(cfg([str(x / "Books.jsonl")], [str(x / "meta_Books.jsonl"), str(y / "meta_Books.jsonl")]))
+    assert str(e.value) == (
+        f"data.meta: two metadata files named meta_Books: {x}/meta_Books.jsonl and {y}/meta_Books.jsonl. "
+        "Review and metadata files are paired by name alone (`<Category>` with `meta_<Category>`), so a "
+        "category has one of each. Fix: keep one of them in data.meta"
+    )
+    # The second review file was reported as having no metadata file, though a meta_Books was given.
+    with pytest.raises(ValueError) as e:
+        _read(cfg([str(tmp_path / "*" / "Books.jsonl")], [str(x / "meta_Books.jsonl")]))
+    assert str(e.value).startswith(f"data.sources: two review files named Books: {x}/Books.jsonl and {y}/")
+
+
 def test_dpl_rows_give_the_same_records_as_the_raw_amazon_files(tmp_path, small_dpl):
     amazon, _ = _read(_amazon_cfg(small_dpl))
     dpl_dir = FIXTURES / "dpl"

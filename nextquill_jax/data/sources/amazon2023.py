@@ -76,12 +76,13 @@ def read_amazon2023(
     """Records of every category: `<Category>.*` review files paired with `meta_<Category>.*` files.
 
     Raises:
-        ValueError: a review file without its metadata file (or the other way round), naming both.
+        ValueError: a review file without its metadata file (or the other way round), or two review (or two
+            metadata) files of the same name, naming both.
     """
-    metas = {file_stem(p): p for p in meta_files}
+    reviews = _by_name(review_files, "sources", "review")
+    metas = _by_name(meta_files, "meta", "metadata")
     records: list[Record] = []
-    for review_file in review_files:
-        category = file_stem(review_file)
+    for category, review_file in reviews.items():
         meta_file = metas.pop(f"meta_{category}", None)
         if meta_file is None:
             raise ValueError(
@@ -96,6 +97,26 @@ def read_amazon2023(
             f"data.meta: metadata files without a review file in data.sources: {sorted(metas.values())}"
         )
     return records
+
+
+def _by_name(paths: list[Path], key: str, kind: str) -> dict[str, Path]:
+    """`paths` by file name without its suffix (`file_stem`), which is all that pairs a review file with its
+    metadata file.
+
+    Raises:
+        ValueError: two files of the same name (in two directories, or with two suffixes), naming both: one
+            would pair with the other's reviews or metadata, or be left out.
+    """
+    named: dict[str, Path] = {}
+    for path in paths:
+        first = named.setdefault(file_stem(path), path)
+        if first != path:
+            raise ValueError(
+                f"data.{key}: two {kind} files named {file_stem(path)}: {first} and {path}. Review and "
+                "metadata files are paired by name alone (`<Category>` with `meta_<Category>`), so a "
+                f"category has one of each. Fix: keep one of them in data.{key}"
+            )
+    return named
 
 
 def item_description(description: list[str] | None) -> str:
