@@ -174,6 +174,28 @@ def test_amazon2023_counts_every_dropped_review_and_item(small_dpl):
     assert log.read[str(AMAZON / "Books.jsonl")] == 40 == dropped_reviews + kept_reviews
 
 
+def test_amazon2023_drops_and_counts_a_long_review_of_whitespace_alone(tmp_path, small_dpl):
+    """250 spaces and newlines pass the protocol's raw length check (>= 200 characters) and collapse to an
+    empty text: it was kept, as U1's newest review an empty test target. It is dropped and counted."""
+    rows = _rows(AMAZON / "Books.jsonl")
+    newest = max(r["timestamp"] for r in rows)
+    blank = {**rows[0], "title": "Blank", "text": " \n" * 125, "timestamp": newest + 1}
+    (tmp_path / "Books.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*rows, blank]))
+    shutil.copy(AMAZON / "meta_Books.jsonl", tmp_path)
+    cfg = DataConfig(
+        format="amazon2023",
+        sources=[str(tmp_path / "Books.jsonl")],
+        meta=[str(tmp_path / "meta_Books.jsonl")],
+        **small_dpl,
+    )
+    records, log = _read(cfg)
+    expected, expected_log = _read(_amazon_cfg(small_dpl))
+    assert [dataclasses.replace(r, source="") for r in records] == [
+        dataclasses.replace(r, source="") for r in expected
+    ]
+    assert log.dropped == {**expected_log.dropped, "review_text_blank": 1}
+
+
 def test_amazon2023_runs_the_protocol_per_category(tmp_path, small_dpl):
     for category in ("Books", "Movies_and_TV"):
         shutil.copy(AMAZON / "Books.jsonl", tmp_path / f"{category}.jsonl")

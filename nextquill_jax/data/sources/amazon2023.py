@@ -2,14 +2,14 @@
 
 Items (`meta_<Category>` rows, keyed by `parent_asin`): the description is the `description` list joined with
 single spaces, a leading `Product Description` entry dropped; kept when it has 100-2000 characters and the
-item has a title, categories and a rating count. Reviews: kept with text >= 200 characters, a rating, a title
-and a timestamp, on a kept item. Then, until the number of reviews stops changing: items need >= 8 distinct
-users and users 18-500 reviews (counted after a per-user newest-first removal of repeated items and identical
-texts). Texts get their whitespace collapsed and each user's reviews are de-duplicated the same way; the last
-10 (oldest first) are targets, the rest the profile. Profile reviews of items with < 5 profile users are
-removed and users left with < 8 profile reviews dropped, until the number of users stops changing. Targets 1-8
-train (history = profile + earlier targets), 9 validates, 10 tests. All thresholds come from
-`DataConfig.dpl_*`.
+item has a title, categories and a rating count. Reviews: kept with text >= 200 characters (not all
+whitespace), a rating, a title and a timestamp, on a kept item. Then, until the number of reviews stops
+changing: items need >= 8 distinct users and users 18-500 reviews (counted after a per-user newest-first
+removal of repeated items and identical texts). Texts get their whitespace collapsed and each user's reviews
+are de-duplicated the same way; the last 10 (oldest first) are targets, the rest the profile. Profile reviews
+of items with < 5 profile users are removed and users left with < 8 profile reviews dropped, until the number
+of users stops changing. Targets 1-8 train (history = profile + earlier targets), 9 validates, 10 tests. All
+thresholds come from `DataConfig.dpl_*`.
 
 Every review not kept is counted under a `review_*` reason and every item not kept under an `item_*` reason.
 
@@ -189,6 +189,8 @@ def read_reviews(
             continue
         if not text or len(text) < cfg.dpl_min_review_chars:
             log.drop("review_text_short")
+        elif text.isspace():  # long enough as read, but an empty target once its whitespace is collapsed
+            log.drop("review_text_blank")
         elif not rating:
             log.drop("review_no_rating")
         elif not title:
