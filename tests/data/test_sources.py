@@ -196,6 +196,30 @@ def test_amazon2023_drops_and_counts_a_long_review_of_whitespace_alone(tmp_path,
     assert log.dropped == {**expected_log.dropped, "review_text_blank": 1}
 
 
+def test_amazon2023_reviews_of_an_invalid_metadata_row_are_counted_not_reported_missing(tmp_path, small_dpl):
+    """The metadata row of The Glass Harbor has a string `description`: that row is the error. Its four
+    reviews were each reported as `unknown_item`, "not in the metadata file", though the item is there; they
+    are counted under `review_item_invalid` instead."""
+    meta = _rows(AMAZON / "meta_Books.jsonl")
+    assert meta[3]["title"] == "The Glass Harbor"
+    meta[3]["description"] = "a string"
+    (tmp_path / "meta_Books.jsonl").write_text("".join(json.dumps(m) + "\n" for m in meta))
+    cfg = DataConfig(
+        format="amazon2023",
+        sources=[str(AMAZON / "Books.jsonl")],
+        meta=[str(tmp_path / "meta_Books.jsonl")],
+        **small_dpl,
+    )
+    with pytest.raises(DataError) as e:
+        _read(cfg)
+    assert str(e.value).splitlines()[:2] == [
+        "1 invalid input record(s) (1 wrong_type); nothing was prepared:",
+        f"  {tmp_path}/meta_Books.jsonl:4:description: `description` must be a list, got str 'a string'",
+    ]
+    _, log = _read(dataclasses.replace(cfg, on_error="skip"))
+    assert dict(log.errors) == {"wrong_type": 1} and log.dropped["review_item_invalid"] == 4
+
+
 def test_amazon2023_runs_the_protocol_per_category(tmp_path, small_dpl):
     for category in ("Books", "Movies_and_TV"):
         shutil.copy(AMAZON / "Books.jsonl", tmp_path / f"{category}.jsonl")

@@ -11,7 +11,8 @@ of items with < 5 profile users are removed and users left with < 8 profile revi
 of users stops changing. Targets 1-8 train (history = profile + earlier targets), 9 validates, 10 tests. All
 thresholds come from `DataConfig.dpl_*`.
 
-Every review not kept is counted under a `review_*` reason and every item not kept under an `item_*` reason.
+Every review not kept is counted under a `review_*` reason and every item not kept under an `item_*` reason;
+the reviews of an item whose metadata row is invalid (itself an error) under `review_item_invalid`.
 
 Memory: the filters need only ids, ratings, times and a hash of each text, so the first pass keeps those (a
 category of tens of millions of reviews fits in a few GB); a second pass over the file reads the title and
@@ -89,8 +90,8 @@ def read_amazon2023(
                 f"data.meta: no metadata file for reviews {review_file}; add meta_{category}.jsonl"
                 " (or .jsonl.gz, .parquet) to data.meta"
             )
-        items, known = read_items(meta_file, cfg, log)
-        reviews = read_reviews(review_file, items, known, cfg, log)
+        items, known, invalid = read_items(meta_file, cfg, log)
+        reviews = read_reviews(review_file, items, known, invalid, cfg, log)
         records.extend(dpl_protocol(reviews, items, review_file, category, cfg, log))
     if metas:
         raise ValueError(
@@ -128,10 +129,12 @@ def item_description(description: list[str] | None) -> str:
     return " ".join(description)
 
 
-def read_items(path: Path, cfg: DataConfig, log: IssueLog) -> tuple[dict[str, Item], set[str]]:
-    """(kept items by `parent_asin`, every `parent_asin` in the file)."""
+def read_items(path: Path, cfg: DataConfig, log: IssueLog) -> tuple[dict[str, Item], set[str], set[str]]:
+    """(kept items by `parent_asin`, the `parent_asin` of every valid row, that of every invalid row which
+    has one)."""
     items: dict[str, Item] = {}
     known: set[str] = set()
+    invalid: set[str] = set()
     for row in valid_rows(path, log):
         try:
             asin = get_field(row.value, "parent_asin", (str,), row.location)
@@ -151,6 +154,9 @@ def read_items(path: Path, cfg: DataConfig, log: IssueLog) -> tuple[dict[str, It
                     )
         except InvalidRecordError as e:
             log.error(e.issue)
+            # Its reviews are then told apart from those of items the file does not have.
+            if isinstance(named := row.value.get("parent_asin"), str):
+                invalid.add(named)
             continue
         if asin in known:
             log.drop("item_duplicate")
@@ -167,13 +173,15 @@ def read_items(path: Path, cfg: DataConfig, log: IssueLog) -> tuple[dict[str, It
             log.drop("item_no_rating_count")
         else:
             items[asin] = Item(title=title, description=description)
-    return items, known
+    return items, known, invalid
 
 
 def read_reviews(
-    path: Path, items: dict[str, Item], known: set[str], cfg: DataConfig, log: IssueLog
+    path: Path, items: dict[str, Item], known: set[str], invalid: set[str], cfg: DataConfig, log: IssueLog
 ) -> list[Review]:
-    """Reviews that pass the review filter and name a kept item, in file order."""
+    """Reviews that pass the review filter and name a kept item, in file order. `known`: the items of valid
+    metadata rows; `invalid`: those of invalid ones, whose reviews are counted (`review_item_invalid`), as
+    the metadata error names the problem, not reported each as of an item missing from the file."""
     reviews = []
     names: dict[str, str] = {}  # one string object per user / item id, however many reviews name it
     for row in valid_rows(path, log):
@@ -197,6 +205,8 @@ def read_reviews(
             log.drop("review_no_title")
         elif not timestamp:
             log.drop("review_no_timestamp")
+        elif asin not in known and asin in invalid:
+            log.drop("review_item_invalid")
         elif asin not in known:
             log.error(
                 Issue(
