@@ -596,8 +596,9 @@ def test_synthetic_format_reads_the_generated_benchmark(tmp_path):
     from_file = read_records(
         DataConfig(format="generic", sources=[str(tmp_path / "synthetic.jsonl")]), template, IssueLog()
     )
+    log = IssueLog()
     in_process = read_records(
-        DataConfig(format="synthetic", synthetic_users=3, synthetic_seed=5), template, IssueLog()
+        DataConfig(format="synthetic", synthetic_users=3, synthetic_seed=5), template, log
     )
     assert len(in_process) == len(from_file) > 0
     # Equal but for `source`, which names the (temporary) file and line each record came from.
@@ -610,6 +611,8 @@ def test_synthetic_format_reads_the_generated_benchmark(tmp_path):
         row = json.loads(lines[line - 1])
         assert (row["user_id"], row["target"]) == (generated.user_id, generated.target)
         assert generated.source == f"synthetic(users=3, seed=5):{line} user {generated.user_id}"
+    # The rows read are counted under the generator too, not under the deleted file (summary.json's `read`).
+    assert dict(log.read) == {"synthetic(users=3, seed=5)": len(lines)}
     other_seed = read_records(
         DataConfig(format="synthetic", synthetic_users=3, synthetic_seed=6), template, IssueLog()
     )

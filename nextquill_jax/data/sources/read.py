@@ -144,15 +144,16 @@ def _read_synthetic(cfg: DataConfig, template: PromptTemplate, log: IssueLog) ->
     """Generate the synthetic benchmark (deterministic in users and seed) and read it as generic records.
 
     The file is temporary, so each record's `source` names the generator, its seed and size, the user and the
-    line instead: `nextquill-jax data synth --users N --seed S` writes that same line again.
+    line instead: `nextquill-jax data synth --users N --seed S` writes that same line again. The rows read
+    (`log.read`) are counted under the generator likewise.
     """
     generator = f"synthetic(users={cfg.synthetic_users}, seed={cfg.synthetic_seed})"
     with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "synthetic.jsonl"
         generate_synthetic(tmp, users=cfg.synthetic_users, seed=cfg.synthetic_seed)
-        records = read_generic([Path(tmp) / "synthetic.jsonl"], cfg.default_split, template, log)
-        return [
-            dataclasses.replace(r, source=f"{generator}:{_line(r.source)} user {r.user_id}") for r in records
-        ]
+        records = read_generic([path], cfg.default_split, template, log)
+    log.read[generator] = log.read.pop(str(path))
+    return [dataclasses.replace(r, source=f"{generator}:{_line(r.source)} user {r.user_id}") for r in records]
 
 
 def _line(location: str) -> str:
