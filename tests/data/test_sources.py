@@ -196,6 +196,32 @@ def test_amazon2023_drops_and_counts_a_long_review_of_whitespace_alone(tmp_path,
     assert log.dropped == {**expected_log.dropped, "review_text_blank": 1}
 
 
+def test_amazon2023_refuses_an_empty_user_id(tmp_path, small_dpl):
+    """A review with an empty or whitespace-only `user_id` names no user: it was grouped with the other such
+    reviews as one user and its records' ids read `Books//3`. It is an invalid record, as in every reader."""
+    rows = _rows(AMAZON / "Books.jsonl")
+    rows[0]["user_id"], rows[1]["user_id"] = "", " "
+    (tmp_path / "Books.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    shutil.copy(AMAZON / "meta_Books.jsonl", tmp_path)
+    cfg = DataConfig(
+        format="amazon2023",
+        sources=[str(tmp_path / "Books.jsonl")],
+        meta=[str(tmp_path / "meta_Books.jsonl")],
+        **small_dpl,
+    )
+    with pytest.raises(DataError) as e:
+        _read(cfg)
+    assert str(e.value).startswith("2 invalid input record(s) (2 empty_field); nothing was prepared:\n  ")
+    for line in (1, 2):
+        assert (
+            f"{tmp_path}/Books.jsonl:{line}:user_id: `user_id` is empty; reviews are grouped by user, and a "
+            "record's id names its user. Fix: give the user's id, or remove the row\n"
+        ) in str(e.value)
+    records, log = _read(dataclasses.replace(cfg, on_error="skip"))
+    assert dict(log.errors) == {"empty_field": 2}
+    assert all(r.user_id.strip() for r in records)
+
+
 def test_amazon2023_reviews_of_an_invalid_metadata_row_are_counted_not_reported_missing(tmp_path, small_dpl):
     """The metadata row of The Glass Harbor has a string `description`: that row is the error. Its four
     reviews were each reported as `unknown_item`, "not in the metadata file", though the item is there; they

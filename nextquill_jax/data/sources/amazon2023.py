@@ -35,6 +35,7 @@ from nextquill_jax.data.sources.records import (
     IssueLog,
     Record,
     get_field,
+    require_text,
 )
 from nextquill_jax.data.sources.rows import Row, file_stem, iter_rows, valid_rows
 
@@ -186,7 +187,13 @@ def read_reviews(
     names: dict[str, str] = {}  # one string object per user / item id, however many reviews name it
     for row in valid_rows(path, log):
         try:
-            user_id = get_field(row.value, "user_id", (str,), row.location)
+            user_id = require_text(
+                get_field(row.value, "user_id", (str,), row.location),
+                row.location,
+                "user_id",
+                "reviews are grouped by user, and a record's id names its user. Fix: give the user's id, or "
+                "remove the row",
+            )
             asin = get_field(row.value, "parent_asin", (str,), row.location)
             text = get_field(row.value, "text", (str,), row.location, nullable=True)
             rating = get_field(row.value, "rating", (int, float), row.location, nullable=True)
