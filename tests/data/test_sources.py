@@ -930,7 +930,9 @@ def test_dpl_ids_are_unique_across_the_files_of_a_split_and_the_rows_of_a_one_li
         "Movies/train.json/U4/3",
         "Movies/train.json/U2/4",
     ]
-    assert [r.source for r in records[4:]] == [f"{tmp_path / 'Movies' / 'train.json'}:1"] * 4
+    assert [r.source for r in records[4:]] == [
+        f"{tmp_path / 'Movies' / 'train.json'}:1 (row {i})" for i in range(1, 5)
+    ]
     assert dict(log.errors) == {} and dict(log.dropped) == {}
 
 
