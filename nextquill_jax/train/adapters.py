@@ -204,6 +204,17 @@ def base_identity(model: ModelRunConfig, seed: int) -> dict[str, Any]:
             "scheme": PRESET_SCHEME,
             "fingerprint": _preset_digest(model, seed),
         }
+    return path_identity(model)
+
+
+def path_identity(model: ModelRunConfig) -> dict[str, Any]:
+    """{"source", "scheme", "fingerprint"} of the model at `model.path` (a directory's *.safetensors and
+    config.json, or a .gguf file, a packaged model's included): the path, CONTENT_SCHEME and
+    `content_fingerprint`. A LoRA base's (`base_identity`) and a fixed-DCE reference model's at a path.
+
+    Raises:
+        as `base_identity`.
+    """
     weights, config = _base_files(model)
     scheme, fingerprint = content_fingerprint(weights, config)
     return {"source": str(model.path), "scheme": scheme, "fingerprint": fingerprint}

@@ -2,8 +2,9 @@
 
 One directory per step under `<workdir>/checkpoints/<step>/` with the items `state` (the TrainState pytree,
 sharded arrays written by every process), `data` (the Grain iterator's position, one file per process),
-`config` (the resolved config), `progress` (step, epoch, the LoRA base's and the data's identities, the
-`loss.weighting` module's digest, and `"manifest": true`: the step was saved with a manifest) and,
+`config` (the resolved config), `progress` (step, epoch, the LoRA base's, the data's and the fixed-DCE
+reference model's identities, the `loss.weighting` module's digest, and `"manifest": true`: the step was
+saved with a manifest) and,
 while `checkpoint.best_metric` is set, Orbax's `metrics` (the step's evaluation metrics, `{}` without one),
 which ranks the steps for retention after a restart as well. Saves are asynchronous; Orbax writes each step
 into `<step>.orbax-checkpoint-tmp*` and renames it only once every item is complete, so a process killed
@@ -511,9 +512,10 @@ class Checkpointer:
 
     def read_progress(self, step: int) -> dict[str, Any]:
         """The progress saved with step `step`: step, epoch, under LoRA the base's identity (`base`), the
-        prepared data's (`data`, `resume.data_identity`), the `loss.weighting` module's (`weighting`,
+        prepared data's (`data`, `resume.data_identity`), the fixed-DCE reference model's (`reference`,
+        `setup.Reference.identity`), the `loss.weighting` module's (`weighting`,
         `loss.weighting_record.weighting_fingerprint`) and `manifest` (true: saved with a manifest); the last
-        three are absent from checkpoints saved before they were recorded.
+        four are absent from checkpoints saved before they were recorded.
 
         Raises:
             FileNotFoundError: no complete checkpoint at `step` (naming the ones there are).

@@ -40,7 +40,7 @@ from nextquill_jax.train.checkpoint import CORRUPT_SUFFIX, Checkpointer, Checkpo
 from nextquill_jax.train.dispatch_queue import summed_eval_aux, wait_behind
 from nextquill_jax.train.health import HealthMonitor
 from nextquill_jax.train.metrics_log import EVAL_PREFIX, MetricsLog
-from nextquill_jax.train.resume import check_resumable, check_same_data
+from nextquill_jax.train.resume import check_resumable, check_same_data, check_same_reference
 from nextquill_jax.train.setup import Echo, RunSetup, abstract_state, init_state, set_up_run
 from nextquill_jax.train.state import TrainState
 from nextquill_jax.train.workdir import CHECKPOINT_DIR, CONFIG_FILE
@@ -183,6 +183,7 @@ def _train(
                         "epoch": epoch_of(step, run.epoch_ends),
                         "base": run.base_identity,
                         "data": run.data_identity,
+                        "reference": run.reference_identity,
                         "weighting": run.weighting_identity,
                     }
                     save = functools.partial(
@@ -274,8 +275,9 @@ def start_state(
         ConfigError: `cfg` differs from the checkpoint's config in a key a resume may not change
             (`resume.check_resumable`), or, under the same config, the LoRA base's content from the one the
             checkpoint was trained on (`adapters.check_same_base`, whose note on a checkpoint with the earlier
-            base fingerprint is `echo`ed) or the prepared data's (`resume.check_same_data`); in that order,
-            found before anything is restored.
+            base fingerprint is `echo`ed), the prepared data's (`resume.check_same_data`) or the fixed-DCE
+            reference model's (`resume.check_same_reference`, whose note on a checkpoint saved before it was
+            recorded is `echo`ed); in that order, found before anything is restored.
     """
     complete = ckpt.all_steps()
     start = ckpt.newest_verified(echo)
@@ -291,14 +293,17 @@ def start_state(
     where = str(ckpt.directory / str(start))
     # The config first: it names each changed key (LoRA added or removed, a preset base's seed or overrides,
     # another model.path), where the base check could only say that the base differs; then the LoRA base's
-    # content and the data's, which can change under the same config, and the weighting module's (a warning
-    # only). All read only the checkpoint's JSON items, before Orbax restores any array.
+    # content, the data's and the reference model's, which can change under the same config, and the
+    # weighting module's (a warning only). All read only the checkpoint's JSON items, before Orbax restores
+    # any array.
     check_resumable(ckpt.read_config(start), cfg, ckpt.directory.parent, start)
     progress = ckpt.read_progress(start)
     legacy = lambda: legacy_fingerprint(cfg.model, cfg.train.seed)
     if note := check_same_base(progress.get("base"), run.base_identity, where, legacy):
         echo(note)
     check_same_data(progress.get("data"), run.data_identity, where)
+    if note := check_same_reference(progress.get("reference"), run.reference_identity, where):
+        echo(note)
     if note := weighting_note(progress.get("weighting"), run.weighting_identity, where):
         echo(note)
     target = abstract_state(run.abstract_params, run.tx, cfg.train.seed, run.state_shardings)

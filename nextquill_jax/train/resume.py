@@ -6,7 +6,9 @@ and metrics.jsonl would mix both runs), and a changed model shape would only fai
 resume is refused, before any state is restored, unless the two configs agree on every key but those of
 `MAY_CHANGE`. Nor may the data change under the same config (a moved `train.data_dir`, sources prepared
 again after an edit): each checkpoint records the content digests of the prepared splits it was trained and
-validated on (`data_identity`), which must match. The code behind a `loss.weighting` name can change too:
+validated on (`data_identity`), which must match, and the fixed-DCE reference model it was trained against,
+which a `loss.reference_model` path can name another of later (`check_same_reference`). The code behind a
+`loss.weighting` name can change too:
 each checkpoint records its module's digest, and a resume whose module differs goes on with a warning
 (`loss.weighting_record`), since an edit of a comment changes the digest as well.
 
@@ -25,7 +27,7 @@ from nextquill_jax.config import Config, config_to_dict, load_config
 from nextquill_jax.config_paths import absolute_paths
 from nextquill_jax.config_schema import ConfigError
 from nextquill_jax.data.prepared_split import PreparedSplit
-from nextquill_jax.train.workdir import CONFIG_FILE
+from nextquill_jax.train.workdir import CHECKPOINT_DIR, CONFIG_FILE
 
 # Dotted keys (a section or a field; a key covers everything below it) that a resume may change, because they
 # do not change what is trained: where and how often the run logs, evaluates and saves, how it is laid out on
@@ -175,3 +177,66 @@ def check_same_data(saved: Mapping[str, Any] | None, current: Mapping[str, Any],
         f"run on other examples. Fix: point train.data_dir at the data the run was trained on (or restore "
         f"the sources prepared into it), or use a new --workdir for the new data."
     )
+
+
+def check_same_reference(
+    saved: Mapping[str, Any] | None, current: Mapping[str, Any] | None, where: str
+) -> str | None:
+    """Check that the checkpoint at `where`, whose recorded reference identity (`setup.Reference.identity`)
+    is `saved`, was trained against the fixed-DCE reference model that `current` identifies now (None: the
+    run has none; under the same config, which `check_resumable` compares first, it had none either).
+
+    A `loss.reference_model` path stays the same while what it holds changes: a training workdir's newest
+    verified checkpoint (the one a start loads) moves on as that run saves, and a model directory can be
+    overwritten. A checkpoint saved before checkpoints recorded the reference (`saved` None) cannot be
+    checked: rather than refuse every such resume, it is accepted and a note returned naming the reference
+    to make sure of (none for `base`, which `adapters.check_same_base` checks as the base). Returns None when
+    there is nothing to note.
+
+    Raises:
+        ConfigError: another reference model (another checkpoint of a workdir, or the same step with another
+            manifest; a model whose content fingerprint differs), naming both and the fix; or a fingerprint
+            scheme this version does not compute (a checkpoint from a newer version).
+    """
+    if current is None or saved == current:
+        return None
+    if saved is None:
+        if current["source"] == "base":
+            return None
+        return (
+            f"note: {where} was saved before checkpoints recorded their fixed-DCE reference model, so this "
+            f"resume cannot check that loss.reference_model, now {_reference_text(current)}, is the model it "
+            f"was trained against; make sure it is. Checkpoints saved from now on record it."
+        )
+    if "scheme" in saved and "scheme" in current and saved["scheme"] != current["scheme"]:
+        raise ConfigError(
+            f"{where} recorded its reference model {saved['source']} with the fingerprint scheme "
+            f"{saved['scheme']!r}, which this version does not compute (it computes {current['scheme']!r}), "
+            f"so it cannot check the reference. Fix: use the version of nextquill-jax that saved the "
+            f"checkpoint, or a new --workdir"
+        )
+    if "step" in saved:
+        checkpoints = Path(saved["source"]).expanduser() / CHECKPOINT_DIR
+        fix = (
+            f"make checkpoint {saved['step']} the newest verified one in {checkpoints} again (move the newer "
+            f"ones out of it until this run has finished, or restore that step from a backup)"
+        )
+    else:
+        fix = f"put the model this run was trained against back at {saved['source']}"
+    raise ConfigError(
+        f"{where} was trained against the fixed-DCE reference model {_reference_text(saved)}, but "
+        f"loss.reference_model now gives {_reference_text(current)}, so resuming would train the rest of the "
+        f"run against another reference (other reference DCEs, so other token weights). Fix: {fix}, or train "
+        f"in a new --workdir."
+    )
+
+
+def _reference_text(identity: Mapping[str, Any]) -> str:
+    """A recorded reference identity (`setup.Reference.identity`) in words."""
+    if "step" in identity:
+        manifest = identity["manifest"]
+        digest = "no manifest.json" if manifest is None else f"manifest.json {manifest[:12]}"
+        return f"checkpoint {identity['step']} of the run in {identity['source']} ({digest})"
+    if "fingerprint" in identity:
+        return f"{identity['source']} (fingerprint {identity['fingerprint'][:12]})"
+    return repr(identity["source"])  # `base`: the LoRA base

@@ -33,12 +33,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from nextquill_jax import parallel
 from nextquill_jax.config import Config, ModelRunConfig, load_config
 from nextquill_jax.config_schema import ConfigError
+from nextquill_jax.data import checksums
 from nextquill_jax.data.checksums import IntegrityError
 from nextquill_jax.data.pipeline import BatchPipeline
 from nextquill_jax.data.prepared_split import PreparedSplit, check_finished, check_split, prepared_splits
 from nextquill_jax.loss.weighting_record import weighting_fingerprint
 from nextquill_jax.parallel import DEFAULT_RULES
 from nextquill_jax.train import adapters, model_setup
+from nextquill_jax.train.checkpoint import MANIFEST
 from nextquill_jax.train.optimizer import (
     check_patterns,
     learning_rate_schedule,
@@ -335,10 +337,22 @@ def abstract_state(
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
 
 
-def reference_params(
-    cfg: Config, mesh: Mesh, base: tuple[Any, dict] | None = None
-) -> tuple[Any, dict] | None:
-    """(graphdef, params) of the frozen `loss.reference_model` for `dce: fixed`, or None when not set.
+@dataclass(frozen=True)
+class Reference:
+    """The frozen `loss.reference_model` of `dce: fixed`: its `graphdef` and `params`, and its `identity`,
+    which every checkpoint records (progress "reference") and a resume checks
+    (`resume.check_same_reference`): {"source": "base"} for the LoRA base (checked as the base); for a
+    training workdir {"source", "step", "manifest"}, the checkpoint loaded (its newest verified one when this
+    run started) and the BLAKE2b-128 digest of that step's manifest.json (None for a step saved before
+    manifests); else the model's `adapters.path_identity` (its content fingerprint)."""
+
+    graphdef: Any
+    params: dict
+    identity: dict[str, Any]
+
+
+def load_reference(cfg: Config, mesh: Mesh, base: tuple[Any, dict] | None = None) -> Reference | None:
+    """The frozen `loss.reference_model` for `dce: fixed`, or None when not set.
 
     `base` under LoRA is the frozen base, (graphdef, params), which `reference_model: base` names (the same
     arrays, no copy; loaded here when not given). A training workdir (holding config.yaml and checkpoints/)
@@ -355,23 +369,42 @@ def reference_params(
     if cfg.loss.dce != "fixed" or source is None:
         return None
     if source == "base":  # Config checks that model.lora is set
-        if base is not None:
-            return base
-        graphdef, params = model_setup.load_params(adapters.base_section(cfg.model), mesh, cfg.train.seed)
-        return graphdef, adapters.frozen_base(params, cfg.model.lora)
+        if base is None:
+            graphdef, params = model_setup.load_params(adapters.base_section(cfg.model), mesh, cfg.train.seed)
+            base = graphdef, adapters.frozen_base(params, cfg.model.lora)
+        return Reference(*base, {"source": "base"})
     if is_workdir(source):
         try:
             restored = restore_model(source, mesh=mesh)
         except (FileNotFoundError, IntegrityError) as e:
             raise ConfigError(f"loss.reference_model {source!r}: {e}") from None
         graphdef, state = nnx.split(restored.model)  # a LoRA run's adapters too, applied apart
-        return graphdef, nnx.to_pure_dict(state)
+        # A reference run that saves a newer step gives another model at the next start: the step loaded
+        # and its manifest (every file's checksum) name this one.
+        manifest = Path(restored.source) / MANIFEST
+        digest = checksums.file_digest(manifest) if manifest.is_file() else None  # None: before manifests
+        identity = {"source": source, "step": restored.step, "manifest": digest}
+        return Reference(graphdef, nnx.to_pure_dict(state), identity)
     # Its forward runs inside the training step, on the same batches: it runs the layers as the run's model
     # does (dtypes, layer scan, attention implementation and packed-mode bound). Beside LoRA adapters it is
     # stored as the frozen base is (`model.param_dtype` is then the adapters').
     runtime = adapters.frozen_runtime(cfg.model) if cfg.model.lora is not None else cfg.model.runtime()
     section = ModelRunConfig(path=source, **runtime)
-    return model_setup.load_params(section, mesh, seed=0)
+    graphdef, params = model_setup.load_params(section, mesh, seed=0)
+    return Reference(graphdef, params, adapters.path_identity(section))
+
+
+def reference_params(
+    cfg: Config, mesh: Mesh, base: tuple[Any, dict] | None = None
+) -> tuple[Any, dict] | None:
+    """(graphdef, params) of the frozen `loss.reference_model` for `dce: fixed` (`load_reference`), or None
+    when not set.
+
+    Raises:
+        as `load_reference`.
+    """
+    reference = load_reference(cfg, mesh, base)
+    return None if reference is None else (reference.graphdef, reference.params)
 
 
 def check_reference_token_ids(cfg: Config, splits: Sequence[PreparedSplit]) -> None:
@@ -489,7 +522,8 @@ class RunSetup:
     the frozen base and `base_identity` its path and fingerprint (both None for full fine-tuning).
     `data_identity` is `resume.data_identity` of the train and eval splits, and `weighting_identity`
     `loss.weighting_record.weighting_fingerprint` of `loss.weighting` (None without one), which each
-    checkpoint records.
+    checkpoint records, as it records `reference_identity`, the `Reference.identity` of the frozen
+    reference model (None without one).
     `graphdef` is the model's graph (the base's under LoRA), which the steps merge with the parameters:
     `step.model_and_adapters(graphdef, state.params, base_params, settings)` is the model a step runs (and
     its LoRA adapters).
@@ -515,6 +549,7 @@ class RunSetup:
     weighting_identity: dict | None
     base_params: dict | None = None
     base_identity: dict | None = None
+    reference_identity: dict | None = None
 
     @property
     def reference_params(self) -> dict | None:
@@ -636,9 +671,11 @@ def set_up_run(
     except ValueError as e:
         raise ConfigError(str(e)) from None
     s_shardings = state_shardings(tx, trainable_abstract, trainable_shardings, mesh)
-    reference = reference_params(cfg, mesh, None if base is None else (graphdef, base))
-    if reference is not None:
-        reference = reference_for_rows(reference, pipelines)
+    loaded_reference = load_reference(cfg, mesh, None if base is None else (graphdef, base))
+    reference, reference_identity = None, None
+    if loaded_reference is not None:
+        reference = reference_for_rows((loaded_reference.graphdef, loaded_reference.params), pipelines)
+        reference_identity = loaded_reference.identity
     ref_shardings = None if reference is None else jax.tree.map(lambda x: x.sharding, reference[1])
     base_shardings = None if base is None else jax.tree.map(lambda x: x.sharding, base)
     settings = step_settings(cfg, None if reference is None else reference[0])
@@ -672,6 +709,7 @@ def set_up_run(
         initial_params=initial_params,
         base_params=base,
         base_identity=base_identity,
+        reference_identity=reference_identity,
         data_identity=data_identity(data_dir, {p.split.dir.name: p.split for p in pipelines.values()}),
         # Read once, as the steps are built: the code behind the name that this run trains with.
         weighting_identity=weighting_fingerprint(cfg.loss.weighting),

@@ -4,20 +4,23 @@ before anything is restored (train/resume.py), and config.yaml records the run t
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
 
+import jax
+import numpy as np
 import pytest
 import yaml
 
 from nextquill_jax import cli
-from nextquill_jax.config import config_to_dict, load_config
+from nextquill_jax.config import ModelRunConfig, config_to_dict, load_config
 from nextquill_jax.config_schema import ConfigError
 from nextquill_jax.data.prepare import prepare
 from nextquill_jax.loss.weighting_record import weighting_note
-from nextquill_jax.train import loop
-from nextquill_jax.train.checkpoint import PROGRESS_FILE, Checkpointer
+from nextquill_jax.train import adapters, loop
+from nextquill_jax.train.checkpoint import MANIFEST, PROGRESS_FILE, Checkpointer, write_manifest
 from nextquill_jax.train.resume import MAX_LISTED, check_resumable, check_same_data
 from nextquill_jax.train.setup import prepared_dir
 from nextquill_jax.train.workdir import restore_model
@@ -171,6 +174,132 @@ def test_a_resume_after_the_weighting_module_changed_warns_and_trains_on(
     assert f"(sha256 {before[:12]} -> {after[:12]}), so this command's weighted loss terms" in read
     assert read.endswith("Fix: restore the module's code to measure with the run's own weights.")
     assert restore_model(tmp_path / "run").weighting_note is None
+
+
+def _stopped_against(raw: dict, workdir, monkeypatch, stop_step: int = 1):
+    """Train `raw` (3 steps, no save but the stop's) stopped as by SIGTERM after `stop_step`; returns the
+    stopped step's checkpoint directory."""
+    raw["train"]["max_steps"] = 3
+    raw["checkpoint"].update(every_steps=100, async_save=False)
+    schedule = loop.actions_at
+    with monkeypatch.context() as patch:
+        patch.setattr(
+            loop,
+            "actions_at",
+            lambda s, cfg, run, *, stop: schedule(s, cfg, run, stop=stop or s == stop_step),
+        )
+        stopped = loop.train(load_config(None, base=raw), workdir, echo=lambda _: None)
+    assert (stopped.status, stopped.last_checkpoint) == ("preempted", stop_step)
+    return workdir.absolute() / "checkpoints" / str(stop_step)
+
+
+def _as_saved_without(step_dir, key: str) -> None:
+    """Remove `key` from `step_dir`'s progress item (re-hashed in its manifest): as an earlier version saved
+    the step."""
+    progress = step_dir / PROGRESS_FILE
+    saved = json.loads(progress.read_text())
+    del saved[key]
+    progress.write_text(json.dumps(saved))
+    (step_dir / MANIFEST).unlink()  # else listed in the new one
+    write_manifest(step_dir)
+
+
+def test_a_resume_after_a_workdir_reference_saved_a_newer_checkpoint_is_refused_and_resumes_once_it_is_back(
+    tmp_path, monkeypatch, write_random_data, tiny_config, run_losses, read_state
+):
+    """A training workdir as `loss.reference_model` gives its newest verified checkpoint when a run starts: a
+    resume after the reference run had saved a newer one trained the rest of the run against that one,
+    silently, and ended elsewhere than the uninterrupted run. Each checkpoint now records the reference's
+    step and manifest digest, and a resume against another is refused; against the same, it ends where the
+    uninterrupted run does."""
+    data = write_random_data(tmp_path / "data", train=24, val=0)
+    reference = tiny_config(data, tmp_path / "ref")
+    reference["train"]["max_steps"] = 2
+    reference["checkpoint"].update(every_steps=1, async_save=False)
+    loop.train(load_config(None, base=reference), tmp_path / "ref", echo=lambda _: None)
+    ref_checkpoints = (tmp_path / "ref" / "checkpoints").absolute()
+    (ref_checkpoints / "2").rename(tmp_path / "ref_2")  # the reference run has saved step 1 alone so far
+    raw = tiny_config(data, tmp_path / "run", loss={"dce": "fixed", "reference_model": str(tmp_path / "ref")})
+    stopped = _stopped_against(raw, tmp_path / "run", monkeypatch)
+    recorded = json.loads((stopped / PROGRESS_FILE).read_text())["reference"]
+    digest = hashlib.blake2b((ref_checkpoints / "1" / MANIFEST).read_bytes(), digest_size=16).hexdigest()
+    assert recorded == {"source": str(tmp_path / "ref"), "step": 1, "manifest": digest}
+
+    (tmp_path / "ref_2").rename(ref_checkpoints / "2")  # the reference run trained on meanwhile
+    restores = []
+    with monkeypatch.context() as patch:
+        patch.setattr(Checkpointer, "restore", lambda self, *a, **k: restores.append(a))
+        with pytest.raises(ConfigError) as refused:
+            loop.train(load_config(None, base=raw), tmp_path / "run", echo=lambda _: None)
+    message = str(refused.value)
+    assert message.startswith(
+        f"{stopped} was trained against the fixed-DCE reference model checkpoint 1 of the run in "
+        f"{tmp_path / 'ref'} (manifest.json {digest[:12]}), but loss.reference_model now gives checkpoint 2 "
+        f"of the run in {tmp_path / 'ref'} (manifest.json "
+    )
+    assert message.endswith(
+        f"Fix: make checkpoint 1 the newest verified one in {ref_checkpoints} again (move the newer ones out "
+        "of it until this run has finished, or restore that step from a backup), or train in a new --workdir."
+    )
+    assert restores == []
+
+    (ref_checkpoints / "2").rename(tmp_path / "ref_2")
+    resumed = loop.train(load_config(None, base=raw), tmp_path / "run", echo=lambda _: None)
+    whole = tiny_config(data, tmp_path / "whole", loss=raw["loss"])
+    whole["train"]["max_steps"] = 3
+    whole["checkpoint"].update(every_steps=100, async_save=False)
+    uninterrupted = loop.train(load_config(None, base=whole), tmp_path / "whole", echo=lambda _: None)
+    assert (resumed.status, resumed.step, uninterrupted.step) == ("finished", 3, 3)
+    assert run_losses(tmp_path / "run") == run_losses(tmp_path / "whole")
+    final = [read_state(w / "checkpoints" / "3")["params"] for w in (tmp_path / "run", tmp_path / "whole")]
+    jax.tree.map(np.testing.assert_array_equal, *final)
+
+
+def test_a_resume_after_a_model_reference_was_overwritten_is_refused_and_an_unrecorded_one_noted(
+    tmp_path, monkeypatch, write_random_data, tiny_config
+):
+    """A model directory as `loss.reference_model` is recorded by its content fingerprint: overwritten with
+    another model, a resume is refused. A checkpoint saved before the reference was recorded cannot be
+    checked: it resumes with a note naming the reference, as one saved before the base's content
+    fingerprint does (`adapters.check_same_base`)."""
+    from flax import nnx
+
+    from nextquill_jax.models import CausalLM, model_preset, save_pretrained
+    from tests.shared import TINY_EOS_ID, TINY_QWEN
+
+    tiny = {**TINY_QWEN, "eos_token_ids": (TINY_EOS_ID,)}
+    model = tmp_path / "ref"
+    save_pretrained(CausalLM(model_preset("qwen2.5-0.5b", **tiny), rngs=nnx.Rngs(5)), model)
+    data = write_random_data(tmp_path / "data", train=24, val=0)
+    raw = tiny_config(data, tmp_path / "run", loss={"dce": "fixed", "reference_model": str(model)})
+    stopped = _stopped_against(raw, tmp_path / "run", monkeypatch)
+    recorded = json.loads((stopped / PROGRESS_FILE).read_text())["reference"]
+    assert (recorded["source"], recorded["scheme"]) == (str(model), adapters.CONTENT_SCHEME)
+
+    shutil.rmtree(model)
+    save_pretrained(CausalLM(model_preset("qwen2.5-0.5b", **tiny), rngs=nnx.Rngs(6)), model)
+    with pytest.raises(ConfigError) as refused:
+        loop.train(load_config(None, base=raw), tmp_path / "run", echo=lambda _: None)
+    message = str(refused.value)
+    assert message.startswith(
+        f"{stopped} was trained against the fixed-DCE reference model {model} (fingerprint "
+        f"{recorded['fingerprint'][:12]}), but loss.reference_model now gives {model} (fingerprint "
+    )
+    assert message.endswith(
+        f"Fix: put the model this run was trained against back at {model}, or train in a new --workdir."
+    )
+
+    _as_saved_without(stopped, "reference")
+    lines = []
+    resumed = loop.train(load_config(None, base=raw), tmp_path / "run", echo=lines.append)
+    assert (resumed.status, resumed.step) == ("finished", 3)
+    now = adapters.path_identity(ModelRunConfig(path=str(model)))["fingerprint"]
+    assert now != recorded["fingerprint"]
+    assert [line for line in lines if line.startswith("note: ")] == [
+        f"note: {stopped} was saved before checkpoints recorded their fixed-DCE reference model, so this "
+        f"resume cannot check that loss.reference_model, now {model} (fingerprint {now[:12]}), is the model "
+        "it was trained against; make sure it is. Checkpoints saved from now on record it."
+    ]
 
 
 @pytest.mark.parametrize("named", [True, False], ids=["train.data_dir", "workdir_with_checkpoints"])
