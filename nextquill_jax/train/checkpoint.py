@@ -199,10 +199,11 @@ def verify_error(directory: Path, checks: list[StepCheck], aside: list[Path]) ->
     `aside`, the steps moved aside as damaged), as one line naming the step directories and the fix; None
     when no step is damaged or incomplete and at least one verifies."""
     if not checks and aside:
+        # `train` refuses to start in this state too (it would train from step 0 beside them): the same fix.
         return (
             f"{directory} holds no complete checkpoint: a resume moved the damaged "
-            f"{', '.join(map(str, aside))} aside. Fix: restore the checkpoints from a backup, or run "
-            "`nextquill-jax train` again to train from the start."
+            f"{', '.join(map(str, aside))} aside. Fix: restore the checkpoints from a backup, or move "
+            f"{directory} away to train the run from the start."
         )
     if not checks:
         return (

@@ -36,7 +36,7 @@ from nextquill_jax.data.global_batch import to_global_batch
 from nextquill_jax.loss import LossConfig, metric_names, metrics_from_aux
 from nextquill_jax.loss.weighting_record import weighting_note
 from nextquill_jax.train.adapters import check_same_base, legacy_fingerprint
-from nextquill_jax.train.checkpoint import CORRUPT_SUFFIX, Checkpointer, CheckpointSaveError
+from nextquill_jax.train.checkpoint import Checkpointer, CheckpointSaveError, moved_aside, verify_error
 from nextquill_jax.train.dispatch_queue import summed_eval_aux, wait_behind
 from nextquill_jax.train.health import HealthMonitor
 from nextquill_jax.train.metrics_log import EVAL_PREFIX, MetricsLog
@@ -106,8 +106,8 @@ def train(
             (`resume.check_resumable`); config.yaml is then left as it was.
         TrainingDivergedError: a non-finite loss with `train.nonfinite: stop`, or too many skipped updates.
         CheckpointSaveError: a checkpoint could not be saved, with `checkpoint.on_save_error: stop`.
-        checksums.IntegrityError: the workdir holds checkpoints but none verifies, or the prepared data is
-            damaged.
+        checksums.IntegrityError: the workdir holds no checkpoint that verifies but damaged ones (moved
+            aside, by this start or an earlier one), or the prepared data is damaged.
     """
     cfg = absolute_paths(cfg, Path.cwd())
     check_best_metric(cfg)
@@ -271,7 +271,8 @@ def start_state(
     are `echo`ed file by file and moved aside), else step 0 with the initial parameters.
 
     Raises:
-        checksums.IntegrityError: checkpoints exist but none verifies (rather than silently start afresh).
+        checksums.IntegrityError: no checkpoint verifies but damaged ones were moved aside, now or by an
+            earlier start (`checkpoint.verify_error`), rather than silently start afresh beside them.
         ConfigError: `cfg` differs from the checkpoint's config in a key a resume may not change
             (`resume.check_resumable`), or, under the same config, the LoRA base's content from the one the
             checkpoint was trained on (`adapters.check_same_base`, whose note on a checkpoint with the earlier
@@ -279,14 +280,11 @@ def start_state(
             reference model's (`resume.check_same_reference`, whose note on a checkpoint saved before it was
             recorded is `echo`ed); in that order, found before anything is restored.
     """
-    complete = ckpt.all_steps()
     start = ckpt.newest_verified(echo)
-    if start is None and complete:
-        raise IntegrityError(
-            f"no checkpoint in {ckpt.directory} verifies (damaged: steps {complete}, moved aside to "
-            f"<step>{CORRUPT_SUFFIX}). Fix: restore them from a backup, or move the checkpoints directory "
-            f"away to train from the start."
-        )
+    # The scan moves each damaged step aside, so the next start would find no step at all and train from
+    # step 0 beside them: whichever start moved them, the run is refused until the user acts.
+    if start is None and (aside := moved_aside(ckpt.directory)):
+        raise IntegrityError(verify_error(ckpt.directory, [], aside))
     if start is None:
         params = run.initial_params()
         return init_state(params, run.tx, cfg.train.seed, run.state_shardings), 0

@@ -17,6 +17,7 @@ import yaml
 from nextquill_jax import cli
 from nextquill_jax.config import ModelRunConfig, config_to_dict, load_config
 from nextquill_jax.config_schema import ConfigError
+from nextquill_jax.data.checksums import IntegrityError
 from nextquill_jax.data.prepare import prepare
 from nextquill_jax.loss.weighting_record import weighting_note
 from nextquill_jax.train import adapters, loop
@@ -174,6 +175,39 @@ def test_a_resume_after_the_weighting_module_changed_warns_and_trains_on(
     assert f"(sha256 {before[:12]} -> {after[:12]}), so this command's weighted loss terms" in read
     assert read.endswith("Fix: restore the module's code to measure with the run's own weights.")
     assert restore_model(tmp_path / "run").weighting_note is None
+
+
+def test_a_run_whose_every_checkpoint_is_damaged_is_refused_at_every_start_until_the_user_acts(
+    tmp_path, monkeypatch, write_random_data, tiny_config, write_config
+):
+    """The refusal to start when no checkpoint verifies held once: the scan had moved the damaged steps aside,
+    so the next `train` found no step and trained from step 0 beside them, silently. It now refuses while
+    steps moved aside are all there is, naming them and the fix, as `checkpoint verify` does."""
+    path, workdir = _stopped_run(tmp_path, monkeypatch, write_random_data, tiny_config, write_config)
+    checkpoints = workdir.absolute() / "checkpoints"
+    state_file = max((checkpoints / "1" / "state").rglob("*"), key=lambda p: p.stat().st_size)
+    raw = bytearray(state_file.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    state_file.write_bytes(bytes(raw))
+    metrics = (workdir / "metrics.jsonl").read_bytes()
+    refusal = (
+        f"{checkpoints} holds no complete checkpoint: a resume moved the damaged {checkpoints / '1.corrupt'} "
+        f"aside. Fix: restore the checkpoints from a backup, or move {checkpoints} away to train the run "
+        "from the start."
+    )
+    for start in ("first", "second"):
+        lines = []
+        with pytest.raises(IntegrityError) as refused:
+            loop.train(load_config(path), workdir, echo=lines.append)
+        assert str(refused.value) == refusal, start
+        assert sorted(p.name for p in checkpoints.iterdir()) == ["1.corrupt"], start
+        assert (workdir / "metrics.jsonl").read_bytes() == metrics, start  # nothing trained
+    assert lines == []  # the second start found nothing more to move
+    assert cli.main(["checkpoint", "verify", "--workdir", str(workdir)]) == 1  # its error: the same fix
+
+    checkpoints.rename(workdir / "checkpoints.damaged")  # the fix: the run starts afresh
+    monkeypatch.undo()  # no stop after step 1 this time
+    assert loop.train(load_config(path), workdir, echo=lambda _: None).step == 3
 
 
 def _stopped_against(raw: dict, workdir, monkeypatch, stop_step: int = 1):
