@@ -29,8 +29,10 @@ marked complete; earlier steps are untouched.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
+import re
 import shutil
 import sys
 from collections.abc import Callable, Iterator, Mapping
@@ -54,6 +56,7 @@ PROGRESS_FILE = "progress/metadata"  # where Orbax's JsonSave writes the progres
 PROGRESS_MANIFEST = "manifest"  # the progress key recording that the step was saved with a manifest
 TMP_MARK = ".orbax-checkpoint-tmp"  # Orbax's suffix of a step directory still being written
 CORRUPT_SUFFIX = ".corrupt"
+_ASIDE_NAME = re.compile(rf"(\d+){re.escape(CORRUPT_SUFFIX)}(?:\.(\d+))?")  # `aside_path`'s names
 # Orbax's own bookkeeping at a step's top level, rewritten after the commit (timestamps, a commit marker):
 # the only files a manifest does not list. The state, data position, config and progress are all listed.
 ORBAX_BOOKKEEPING = ("_CHECKPOINT_METADATA", "commit_success.txt")
@@ -187,11 +190,19 @@ def check_step(step_dir: Path) -> StepCheck:
     return StepCheck(step, "failed" if found else "ok", found, len(files), size)
 
 
+def aside_path(step_dir: Path) -> Path:
+    """Where to move the damaged `step_dir` aside: `<step>.corrupt`, or when an earlier damaged copy of the
+    step holds that name, the first of `<step>.corrupt.1`, `<step>.corrupt.2`, ... not taken."""
+    names = (f"{step_dir.name}{CORRUPT_SUFFIX}{f'.{n}' if n else ''}" for n in itertools.count())
+    return next(p for p in map(step_dir.with_name, names) if not p.exists())
+
+
 def moved_aside(directory: Path) -> list[Path]:
-    """The step directories in `directory` that a resume moved aside as damaged (`<step>.corrupt`), by
-    step."""
-    steps = {p: p.name.removesuffix(CORRUPT_SUFFIX) for p in directory.glob(f"*{CORRUPT_SUFFIX}")}
-    return sorted((p for p, s in steps.items() if s.isdigit()), key=lambda p: int(steps[p]))
+    """The step directories in `directory` that a resume moved aside as damaged (`aside_path`), by step, each
+    step's in the order they were moved."""
+    found = {p: _ASIDE_NAME.fullmatch(p.name) for p in directory.glob(f"*{CORRUPT_SUFFIX}*")}
+    order = {p: (int(m[1]), int(m[2] or 0)) for p, m in found.items() if m}
+    return sorted(order, key=order.__getitem__)
 
 
 def verify_error(directory: Path, checks: list[StepCheck], aside: list[Path]) -> str | None:
@@ -332,7 +343,8 @@ class Checkpointer:
         progress nor an older step shows that it was saved with one: `report`ed as unverified), or None.
 
         Newer steps that fail (a missing item counts) are `report`ed file by file and, unless read-only,
-        moved aside to `<step>.corrupt` so that the run saves that step afresh when it gets there again.
+        moved aside (`aside_path`: `<step>.corrupt`, beside any earlier damaged copy of the step) so that the
+        run saves that step afresh when it gets there again.
         Process 0 checks and the others take its answer (raising `parallel.Process0FailedError` when its
         check raised).
         """
@@ -357,8 +369,8 @@ class Checkpointer:
             where = self.directory / str(step)
             line = f"checkpoint {where} is damaged and not restorable: {'; '.join(result.problems)}"
             if not self.read_only:
-                aside = where.with_name(f"{step}{CORRUPT_SUFFIX}")
-                shutil.rmtree(aside, ignore_errors=True)
+                # Beside any earlier damaged copy of the step, never over it: it may be the one to recover.
+                aside = aside_path(where)
                 where.rename(aside)
                 self.manager.reload()
                 line += f" (moved aside to {aside})"

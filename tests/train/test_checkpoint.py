@@ -19,7 +19,7 @@ import pytest
 
 from nextquill_jax.config import CheckpointConfig
 from nextquill_jax.data.checksums import IntegrityError
-from nextquill_jax.train.checkpoint import Checkpointer, CheckpointSaveError
+from nextquill_jax.train.checkpoint import Checkpointer, CheckpointSaveError, moved_aside
 
 
 def test_keeps_the_last_k_plus_the_best_and_restores_the_data_position(tmp_path):
@@ -195,6 +195,33 @@ def test_a_damaged_step_is_reported_by_file_and_the_newest_verified_step_is_used
     _save_steps(writer, [2])  # the step is saved afresh when the run reaches it again
     assert writer.newest_verified() == 2
     writer.close()
+
+
+def test_a_step_damaged_again_is_moved_aside_beside_its_earlier_damaged_copy_never_over_it(tmp_path):
+    """Moving a damaged step aside deleted an earlier `<step>.corrupt` of the same step, silently: a copy that
+    may hold what is to be recovered. The next goes to `<step>.corrupt.1`, and so on, and `moved_aside`
+    (which `checkpoint verify` and a refused start name) lists them all, by step and then in order."""
+    writer = Checkpointer(tmp_path, CheckpointConfig(keep=3))
+    _save_steps(writer, [1, 2])
+    files = lambda d: {p.relative_to(d): p.read_bytes() for p in d.rglob("*") if p.is_file()}
+    kept = {}
+    for aside in ("2.corrupt", "2.corrupt.1", "2.corrupt.2"):
+        damaged = _largest_file(tmp_path / "2")
+        raw = bytearray(damaged.read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        damaged.write_bytes(bytes(raw))
+        lines = []
+        assert writer.newest_verified(lines.append) == 1
+        assert lines[0].endswith(f"(moved aside to {tmp_path / aside}); trying the previous checkpoint")
+        kept[aside] = files(tmp_path / aside)
+        assert {name: files(tmp_path / name) for name in kept} == kept  # the earlier copies untouched
+        _save_steps(writer, [2])  # the run reaches step 2 again
+    writer.close()
+    (tmp_path / "2.corrupt.10").mkdir()
+    (tmp_path / "10.corrupt").mkdir()
+    (tmp_path / "2.corrupt.old").mkdir()  # not a name a resume gives
+    names = ["2.corrupt", "2.corrupt.1", "2.corrupt.2", "2.corrupt.10", "10.corrupt"]
+    assert moved_aside(tmp_path) == [tmp_path / name for name in names]
 
 
 def test_a_step_lacking_items_is_damaged_and_only_one_with_every_item_is_used_without_a_manifest(tmp_path):
