@@ -297,12 +297,29 @@ class Checkpointer:
         return sorted(self.manager.all_steps())
 
     def _require_complete(self, step: int) -> None:
-        if step not in self.manager.all_steps():
+        """Return if step `step` is complete, else raise FileNotFoundError naming the complete steps, those
+        of them damaged, and the newest verified, which leaving the step out gives (checked only then)."""
+        if step in self.manager.all_steps():
+            return
+        missing = f"no complete checkpoint for step {step} in {self.directory}"
+        complete = self.all_steps()
+        if not complete:
             raise FileNotFoundError(
-                f"no complete checkpoint for step {step} in {self.directory}; complete ones: "
-                f"{self.all_steps()}. Fix: choose one of those steps (--step on the command line, step= in "
-                "Python), or leave the step out for the latest."
+                f"{missing}; it holds none. Fix: train until the run saves one (checkpoint.every_steps, or "
+                "the end of an epoch)."
             )
+        usable, damaged = self._newest_usable()
+        if usable is None:
+            raise FileNotFoundError(
+                f"{missing}; complete ones: {complete}, none of which verifies (`nextquill-jax checkpoint "
+                "verify` names the damage). Fix: restore them from a backup, or train the run again."
+            )
+        bad = sorted(c.step for c in damaged)
+        listed, which = (f"{complete}, damaged: {bad}", " not damaged") if bad else (f"{complete}", "")
+        raise FileNotFoundError(
+            f"{missing}; complete ones: {listed}. Fix: choose one of those steps{which} (--step on the "
+            f"command line, step= in Python), or leave the step out for the newest verified, {usable.step}."
+        )
 
     def _other_steps(self, step: int) -> str:
         """The fix for damaged step `step`: the other complete steps to choose, or that there is none."""
@@ -358,15 +375,21 @@ class Checkpointer:
             self.manager.reload()
         return None if answer < 0 else answer
 
-    def _scan(self, report: Callable[[str], None]) -> int | None:
+    def _newest_usable(self) -> tuple[StepCheck | None, list[StepCheck]]:
+        """(the newest step that verifies or is used without a manifest, or None; the newer ones that
+        failed, newest first): each step's check from the newest down, until one does not fail."""
+        failed = []
         for step in reversed(self.all_steps()):
             result = check_step(self.directory / str(step))
-            if result.status == "ok":
-                return step
-            if result.status == "no manifest":
-                report(self._unverified_line(step))
-                return step
-            where = self.directory / str(step)
+            if result.status != "failed":
+                return result, failed
+            failed.append(result)
+        return None, failed
+
+    def _scan(self, report: Callable[[str], None]) -> int | None:
+        usable, failed = self._newest_usable()
+        for result in failed:
+            where = self.directory / str(result.step)
             line = f"checkpoint {where} is damaged and not restorable: {'; '.join(result.problems)}"
             if not self.read_only:
                 # Beside any earlier damaged copy of the step, never over it: it may be the one to recover.
@@ -375,7 +398,11 @@ class Checkpointer:
                 self.manager.reload()
                 line += f" (moved aside to {aside})"
             report(line + "; trying the previous checkpoint")
-        return None
+        if usable is None:
+            return None
+        if usable.status == "no manifest":
+            report(self._unverified_line(usable.step))
+        return usable.step
 
     def _unverified_line(self, step: int) -> str:
         return (

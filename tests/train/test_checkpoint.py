@@ -433,16 +433,46 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint_and_marks_nothi
 
 def test_a_step_without_a_checkpoint_names_the_steps_there_and_both_ways_to_choose_one(tmp_path):
     """The fix named only the CLI's --step, also when `restore_model(workdir, step=5)` was called from
-    Python: it names both."""
+    Python: it names both. It offered damaged steps as choices and promised "the latest" for leaving the step
+    out, which gives the newest verified: it marks the damaged and names that one."""
     ckpt = Checkpointer(tmp_path, CheckpointConfig(keep=3))
+    with pytest.raises(FileNotFoundError) as e:
+        ckpt.require_verified(5)
+    assert str(e.value) == (
+        f"no complete checkpoint for step 5 in {tmp_path}; it holds none. Fix: train until the run saves one "
+        "(checkpoint.every_steps, or the end of an epoch)."
+    )
     _save_steps(ckpt, [1, 2])
     with pytest.raises(FileNotFoundError) as e:
         ckpt.require_verified(5)
     assert str(e.value) == (
         f"no complete checkpoint for step 5 in {tmp_path}; complete ones: [1, 2]. Fix: choose one of those "
-        "steps (--step on the command line, step= in Python), or leave the step out for the latest."
+        "steps (--step on the command line, step= in Python), or leave the step out for the newest "
+        "verified, 2."
     )
+    _save_steps(ckpt, [4])
     ckpt.close()
+    for step in (2, 4):
+        (tmp_path / str(step) / "progress" / "metadata").unlink()
+    reader = Checkpointer(tmp_path, CheckpointConfig(), read_only=True)
+    with pytest.raises(FileNotFoundError) as e:
+        reader.require_verified(3)
+    assert str(e.value) == (
+        f"no complete checkpoint for step 3 in {tmp_path}; complete ones: [1, 2, 4], damaged: [2, 4]. Fix: "
+        "choose one of those steps not damaged (--step on the command line, step= in Python), or leave the "
+        "step out for the newest verified, 1."
+    )
+    assert reader.newest_verified(lambda _: None) == 1  # what leaving the step out gives
+    (tmp_path / "1" / "progress" / "metadata").unlink()
+    with pytest.raises(FileNotFoundError) as e:
+        reader.require_verified(3)
+    assert str(e.value) == (
+        f"no complete checkpoint for step 3 in {tmp_path}; complete ones: [1, 2, 4], none of which verifies "
+        "(`nextquill-jax checkpoint verify` names the damage). Fix: restore them from a backup, or train the "
+        "run again."
+    )
+    assert reader.all_steps() == [1, 2, 4]  # a reader moves nothing
+    reader.close()
 
 
 def test_closing_a_checkpointer_straight_away_leaves_no_orbax_thread_to_fail_at_exit(tmp_path):
