@@ -145,11 +145,12 @@ class ModelConfig:
         `head_dim`: Hd, the width of one head (even, for RoPE); need not be D / H. config.json `head_dim`
             (absent or null: `hidden_size // num_heads`).
         `rms_norm_eps`: ε > 0 of every RMSNorm. config.json `rms_norm_eps` (absent: 1e-6).
-        `rope_theta`: the RoPE base θ > 0 (frequencies θ^(-2i/Hd)). config.json `rope_theta`, or
-            `rope_theta` inside config.json `rope_parameters` (transformers 5, which wins); absent: 10000.
-        `rope_scaling`: RoPE frequency scaling (`RopeScaling`); null: none. config.json `rope_scaling`
-            (transformers 4) or config.json `rope_parameters` (transformers 5, which wins) with a `rope_type`
-            other than `default`.
+        `rope_theta`: the RoPE base θ > 0 (frequencies θ^(-2i/Hd)). `rope_theta` inside the RoPE object
+            that `rope_scaling` reads, else config.json `rope_theta`; absent: 10000.
+        `rope_scaling`: RoPE frequency scaling (`RopeScaling`); null: none. As transformers 5 reads it:
+            config.json `rope_scaling` (transformers 4) when it is a non-empty object, which then replaces
+            config.json `rope_parameters` (transformers 5) whole; else `rope_parameters`. Null where that
+            object's `rope_type` is `default`.
         `max_position_embeddings`: the context length the checkpoint declares; carried to the exported
             config.json (nothing here limits a sequence to it). config.json `max_position_embeddings`
             (absent: 4096).
@@ -490,14 +491,19 @@ def _reject_sliding_window(d: Mapping[str, Any]) -> None:
 
 
 def _parse_rope(d: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
-    """(rope_theta, scaling) from `rope_parameters` (transformers 5) or `rope_theta`, `rope_scaling` (4.x)."""
-    params = d.get("rope_parameters")
-    if params is not None and not isinstance(params, Mapping):
-        raise ValueError(f"config.json rope_parameters must be an object, got {params!r}")
-    if params is not None and any(isinstance(v, Mapping) for v in params.values()):
-        raise ValueError("config.json rope_parameters nested per layer type are not supported")
-    scaling = params if params is not None else (d.get("rope_scaling") or {})
-    theta = (params or {}).get("rope_theta", d.get("rope_theta", 10000.0))
+    """(rope_theta, scaling) from `rope_parameters` (transformers 5) or `rope_theta`, `rope_scaling` (4.x),
+    chosen as transformers 5 does (`RotaryEmbeddingConfigMixin.convert_rope_params_to_dict`): a non-empty
+    `rope_scaling` replaces `rope_parameters` whole; θ is the chosen object's `rope_theta`, else the
+    top-level `rope_theta`, else 10000."""
+    for key in ("rope_scaling", "rope_parameters"):
+        value = d.get(key)
+        if value is not None and not isinstance(value, Mapping):
+            raise ValueError(f"config.json {key} must be an object, got {value!r}")
+    key = "rope_scaling" if d.get("rope_scaling") else "rope_parameters"
+    scaling = d.get(key) or {}
+    if any(isinstance(v, Mapping) for v in scaling.values()):
+        raise ValueError(f"config.json {key} nested per layer type are not supported")
+    theta = scaling.get("rope_theta", d.get("rope_theta", 10000.0))
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type not in ROPE_TYPES:
         raise ValueError(f"config.json rope type {rope_type!r} is not implemented; supported: {ROPE_TYPES}")

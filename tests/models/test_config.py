@@ -111,7 +111,11 @@ def test_unknown_preset_lists_the_known_ones():
         ({"model_type": "gemma"}, "model_type 'gemma'"),
         ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope type 'yarn'"),
         (
-            {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}},
+            # transformers 5 reads rope_parameters only where rope_scaling is null or empty
+            {
+                "rope_scaling": None,
+                "rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4},
+            },
             "rope type 'dynamic'",
         ),
         ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),

@@ -37,18 +37,24 @@ FAMILIES = {
 }
 
 
+def random_checkpoint(config, directory):
+    """A transformers model of `config` with seeded random parameters, saved to `directory`."""
+    torch.manual_seed(0)
+    torch_model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # move every parameter off its init (norms off 1, biases off 0)
+        for p in torch_model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    torch_model.save_pretrained(directory)
+    return torch_model
+
+
 class Case:
     """A transformers reference model, its saved directory, our model loaded from it, jitted entry points."""
 
     def __init__(self, name: str, config, tmp_dir):
-        torch.manual_seed(0)
         self.name = name
-        self.torch_model = AutoModelForCausalLM.from_config(config).eval()
-        with torch.no_grad():  # move every parameter off its init (norms off 1, biases off 0)
-            for p in self.torch_model.parameters():
-                p.add_(0.05 * torch.randn_like(p))
         self.dir = tmp_dir / "hf"
-        self.torch_model.save_pretrained(self.dir)
+        self.torch_model = random_checkpoint(config, self.dir)
         self.model = load_pretrained(self.dir)
         graphdef, state = nnx.split(self.model)
         self.graphdef, self.state = graphdef, state
@@ -186,3 +192,61 @@ def test_bf16_compute_with_fp32_params_close_to_fp32(case):
     assert bf16.dtype == np.float32
     rel = np.linalg.norm(bf16 - fp32) / np.linalg.norm(fp32)
     assert 0 < rel < 2e-2, rel
+
+
+# A key deleted from config.json by an `EDITED_CONFIGS` edit.
+ABSENT = object()
+# config.json files that transformers 5 reads in a way of its own: name -> (family, fields of the saved
+# model that differ from `tiny_hf_config`'s, changes to its config.json: key -> value, or ABSENT).
+EDITED_CONFIGS = {
+    # A non-empty 4.x rope_scaling replaces the 5.x rope_parameters whole; θ then comes from the top level.
+    "rope_scaling_replaces_default_rope_parameters": (
+        "llama",
+        {},
+        {
+            "rope_parameters": {"rope_type": "default", "rope_theta": 5e5},
+            "rope_theta": 5e5,
+            "rope_scaling": LLAMA3_ROPE,
+        },
+    ),
+    "rope_scaling_replaces_llama3_rope_parameters": (
+        "llama",
+        {},
+        {
+            "rope_parameters": {**LLAMA3_ROPE, "rope_theta": 1e4},
+            "rope_scaling": {"type": "linear", "factor": 2.0},
+        },
+    ),
+    "rope_theta_inside_rope_scaling": (
+        "llama",
+        {},
+        {
+            "rope_parameters": ABSENT,
+            "rope_theta": ABSENT,
+            "rope_scaling": {**LLAMA3_ROPE, "rope_theta": 500.0},
+        },
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(EDITED_CONFIGS))
+def test_edited_config_json_reads_as_transformers_reads_it(name, tmp_path, tiny_hf_config):
+    """Logits at positions 100-119 (where RoPE settings differ most) against transformers' model loaded from
+    the same edited config.json."""
+    family, fields, changes = EDITED_CONFIGS[name]
+    random_checkpoint(tiny_hf_config(family, vocab_size=VOCAB, **fields), tmp_path)
+    config_file = tmp_path / "config.json"
+    config = json.loads(config_file.read_text())
+    for key, value in changes.items():
+        if value is ABSENT:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    config_file.write_text(json.dumps(config))
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ids = random_ids((2, 20))
+    positions = np.broadcast_to(np.arange(100, 120, dtype=np.int32), ids.shape)
+    with torch.no_grad():
+        expected = reference(torch.tensor(ids), position_ids=torch.tensor(positions)).logits.numpy()
+    ours = np.asarray(load_pretrained(tmp_path)(ids, positions=positions))
+    assert np.abs(ours - expected).max() <= 1e-4, name
