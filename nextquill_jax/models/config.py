@@ -59,8 +59,9 @@ class RopeScaling:
             `original_max_position_embeddings / high_freq_factor` are kept; those between are interpolated.
             config.json `high_freq_factor`.
         `original_max_position_embeddings`: `llama3` only: the context length the frequencies were trained
-            for. config.json `original_max_position_embeddings` (absent: the model's
-            `max_position_embeddings`, else 8192).
+            for. config.json `original_max_position_embeddings`: the top-level key where present (transformers
+            5 lets it overwrite the RoPE object's), else the RoPE object's; absent: the model's
+            `max_position_embeddings`, else 8192.
 
     Raises:
         ValueError: (on construction) an unknown `type`, a `factor` not > 0, or for `llama3` a field
@@ -520,7 +521,19 @@ def _parse_rope(d: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
             if key not in scaling:
                 raise KeyError(f"config.json rope scaling of type 'llama3' has no {key!r}")
             extra[key] = float(scaling[key])
-        extra["original_max_position_embeddings"] = int(
-            scaling.get("original_max_position_embeddings", d.get("max_position_embeddings", 8192))
-        )
+        # transformers 5 (`standardize_rope_params`, for llama3, yarn and longrope) lets a top-level
+        # original_max_position_embeddings (Phi-3's spelling) overwrite the RoPE object's.
+        if "original_max_position_embeddings" in d:
+            where, original = "config.json", d["original_max_position_embeddings"]
+        else:
+            where = "config.json rope scaling"
+            original = scaling.get("original_max_position_embeddings", d.get("max_position_embeddings", 8192))
+        if isinstance(original, bool) or not (
+            isinstance(original, int | float) and float(original).is_integer()
+        ):
+            raise ValueError(
+                f"{where} original_max_position_embeddings must be a whole number (the context length the "
+                f"llama3 frequencies were trained for), got {original!r}"
+            )
+        extra["original_max_position_embeddings"] = int(original)
     return float(theta), RopeScaling(type=rope_type, factor=float(scaling["factor"]), **extra)

@@ -118,6 +118,10 @@ def test_unknown_preset_lists_the_known_ones():
             },
             "rope type 'dynamic'",
         ),
+        (  # transformers 5 would take the null over the llama3 object's 8192 and fail computing RoPE
+            {"original_max_position_embeddings": None},
+            r"config\.json original_max_position_embeddings must be a whole number .* got None",
+        ),
         ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
         ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
         ({"mlp_bias": True}, "mlp_bias"),

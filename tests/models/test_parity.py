@@ -226,6 +226,12 @@ EDITED_CONFIGS = {
             "rope_scaling": {**LLAMA3_ROPE, "rope_theta": 500.0},
         },
     ),
+    # A top-level original_max_position_embeddings (Phi-3's spelling) overwrites the llama3 object's.
+    "top_level_original_max_position_embeddings": (
+        "llama",
+        {},
+        {"rope_parameters": {**LLAMA3_ROPE, "rope_theta": 1e4}, "original_max_position_embeddings": 64},
+    ),
 }
 
 
