@@ -19,6 +19,13 @@ Family = Literal["llama", "qwen2", "qwen3"]
 FAMILIES: tuple[str, ...] = ("llama", "qwen2", "qwen3")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 ROPE_TYPES = ("default", "linear", "llama3")
+# transformers 5's defaults (LlamaConfig, Qwen2Config, Qwen3Config) for the config.json keys whose default
+# differs by family, which `from_hf_config` takes where a config.json has no such key.
+FAMILY_DEFAULTS: dict[str, dict[str, int]] = {
+    "llama": {"max_position_embeddings": 2048},
+    "qwen2": {"max_position_embeddings": 32768},
+    "qwen3": {"max_position_embeddings": 32768},
+}
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 # The decoder layer's values named with `jax.ad_checkpoint.checkpoint_name` (causal_lm.py, layers.py), in
 # layer order: q, k, v after RoPE; the attention output before the out-projection; the out-projection; the
@@ -61,7 +68,7 @@ class RopeScaling:
         `original_max_position_embeddings`: `llama3` only: the context length the frequencies were trained
             for. config.json `original_max_position_embeddings`: the top-level key where present (transformers
             5 lets it overwrite the RoPE object's), else the RoPE object's; absent: the model's
-            `max_position_embeddings`, else 8192.
+            `max_position_embeddings`.
 
     Raises:
         ValueError: (on construction) an unknown `type`, a `factor` not > 0, or for `llama3` a field
@@ -154,7 +161,8 @@ class ModelConfig:
             object's `rope_type` is `default`.
         `max_position_embeddings`: the context length the checkpoint declares; carried to the exported
             config.json (nothing here limits a sequence to it). config.json `max_position_embeddings`
-            (absent: 4096).
+            (absent: transformers' default for the family, `FAMILY_DEFAULTS`: 2048 for `llama`, 32768 for
+            `qwen2` and `qwen3`).
         `tie_word_embeddings`: the LM head is the embedding matrix (no `lm_head` parameter). config.json
             `tie_word_embeddings` (absent: false).
         `qkv_bias`: the q, k and v projections have biases. config.json `attention_bias` (`qwen2`: always
@@ -351,7 +359,9 @@ class ModelConfig:
             raise ValueError("config.json mlp_bias=true is not supported")
         if family in ("qwen2", "qwen3"):
             _reject_sliding_window(d)
-        rope_theta, rope_scaling = _parse_rope(d)
+        defaults = FAMILY_DEFAULTS[family]
+        max_position_embeddings = int(d.get("max_position_embeddings", defaults["max_position_embeddings"]))
+        rope_theta, rope_scaling = _parse_rope(d, max_position_embeddings)
         num_heads = int(d["num_attention_heads"])
         head_dim = d.get("head_dim") or int(d["hidden_size"]) // num_heads
         attention_bias = bool(d.get("attention_bias", False))
@@ -371,7 +381,7 @@ class ModelConfig:
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
-            max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
+            max_position_embeddings=max_position_embeddings,
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             qkv_bias=True if family == "qwen2" else attention_bias,
             o_bias=False if family == "qwen2" else attention_bias,
@@ -491,11 +501,12 @@ def _reject_sliding_window(d: Mapping[str, Any]) -> None:
         raise ValueError(f"config.json layer_types {other} are not supported (full attention only)")
 
 
-def _parse_rope(d: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
+def _parse_rope(d: Mapping[str, Any], max_position_embeddings: int) -> tuple[float, RopeScaling | None]:
     """(rope_theta, scaling) from `rope_parameters` (transformers 5) or `rope_theta`, `rope_scaling` (4.x),
     chosen as transformers 5 does (`RotaryEmbeddingConfigMixin.convert_rope_params_to_dict`): a non-empty
     `rope_scaling` replaces `rope_parameters` whole; θ is the chosen object's `rope_theta`, else the
-    top-level `rope_theta`, else 10000."""
+    top-level `rope_theta`, else 10000. `max_position_embeddings` (the model's, defaults applied) is llama3's
+    `original_max_position_embeddings` where config.json gives none."""
     for key in ("rope_scaling", "rope_parameters"):
         value = d.get(key)
         if value is not None and not isinstance(value, Mapping):
@@ -527,7 +538,7 @@ def _parse_rope(d: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
             where, original = "config.json", d["original_max_position_embeddings"]
         else:
             where = "config.json rope scaling"
-            original = scaling.get("original_max_position_embeddings", d.get("max_position_embeddings", 8192))
+            original = scaling.get("original_max_position_embeddings", max_position_embeddings)
         if isinstance(original, bool) or not (
             isinstance(original, int | float) and float(original).is_integer()
         ):

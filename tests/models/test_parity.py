@@ -194,6 +194,7 @@ def test_bf16_compute_with_fp32_params_close_to_fp32(case):
     assert 0 < rel < 2e-2, rel
 
 
+LLAMA3_DEFAULT_CONTEXT = {k: v for k, v in LLAMA3_ROPE.items() if k != "original_max_position_embeddings"}
 # A key deleted from config.json by an `EDITED_CONFIGS` edit.
 ABSENT = object()
 # config.json files that transformers 5 reads in a way of its own: name -> (family, fields of the saved
@@ -232,6 +233,18 @@ EDITED_CONFIGS = {
         {},
         {"rope_parameters": {**LLAMA3_ROPE, "rope_theta": 1e4}, "original_max_position_embeddings": 64},
     ),
+    # No context length anywhere: llama3's is transformers' default max_position_embeddings for the family.
+    **{
+        f"{family}_llama3_without_a_context_length": (
+            family,
+            {},
+            {
+                "rope_parameters": {**LLAMA3_DEFAULT_CONTEXT, "rope_theta": 1e4},
+                "max_position_embeddings": ABSENT,
+            },
+        )
+        for family in ("llama", "qwen2")
+    },
 }
 
 
