@@ -20,11 +20,12 @@ FAMILIES: tuple[str, ...] = ("llama", "qwen2", "qwen3")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 ROPE_TYPES = ("default", "linear", "llama3")
 # transformers 5's defaults (LlamaConfig, Qwen2Config, Qwen3Config) for the config.json keys whose default
-# differs by family, which `from_hf_config` takes where a config.json has no such key.
+# differs by family, which `from_hf_config` takes where a config.json has no such key. A family without
+# `head_dim` here defaults it to hidden_size // num_attention_heads.
 FAMILY_DEFAULTS: dict[str, dict[str, int]] = {
     "llama": {"max_position_embeddings": 2048},
     "qwen2": {"max_position_embeddings": 32768},
-    "qwen3": {"max_position_embeddings": 32768},
+    "qwen3": {"max_position_embeddings": 32768, "head_dim": 128},
 }
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 # The decoder layer's values named with `jax.ad_checkpoint.checkpoint_name` (causal_lm.py, layers.py), in
@@ -151,7 +152,9 @@ class ModelConfig:
         `num_kv_heads`: K, the key/value heads (grouped-query attention), a divisor of `num_heads`.
             config.json `num_key_value_heads` (absent or null: `num_heads`).
         `head_dim`: Hd, the width of one head (even, for RoPE); need not be D / H. config.json `head_dim`
-            (absent or null: `hidden_size // num_heads`).
+            (absent: transformers' default for the family, 128 for `qwen3` (`FAMILY_DEFAULTS`), else
+            `hidden_size // num_heads`; null: `hidden_size // num_heads` for `llama`, an error for `qwen2`
+            and `qwen3`, from which transformers builds no model).
         `rms_norm_eps`: ε > 0 of every RMSNorm. config.json `rms_norm_eps` (absent: 1e-6).
         `rope_theta`: the RoPE base θ > 0 (frequencies θ^(-2i/Hd)). `rope_theta` inside the RoPE object
             that `rope_scaling` reads, else config.json `rope_theta`; absent: 10000.
@@ -363,7 +366,14 @@ class ModelConfig:
         max_position_embeddings = int(d.get("max_position_embeddings", defaults["max_position_embeddings"]))
         rope_theta, rope_scaling = _parse_rope(d, max_position_embeddings)
         num_heads = int(d["num_attention_heads"])
-        head_dim = d.get("head_dim") or int(d["hidden_size"]) // num_heads
+        if "head_dim" in d and d["head_dim"] is None and family != "llama":
+            # LlamaConfig reads null as absent; Qwen3Config refuses it and Qwen2's attention fails on it.
+            raise ValueError(
+                f"config.json head_dim is null, from which transformers builds no {family!r} model. Fix: set "
+                f"it to the width of one attention head, or remove the key for transformers' default "
+                f"({FAMILY_DEFAULTS[family].get('head_dim', 'hidden_size // num_attention_heads')})"
+            )
+        head_dim = d.get("head_dim") or defaults.get("head_dim") or int(d["hidden_size"]) // num_heads
         attention_bias = bool(d.get("attention_bias", False))
         eos = d.get("eos_token_id")
         eos_ids = (

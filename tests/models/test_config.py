@@ -123,6 +123,12 @@ def test_unknown_preset_lists_the_known_ones():
             r"config\.json original_max_position_embeddings must be a whole number .* got None",
         ),
         ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
+        (
+            {"model_type": "qwen3", "head_dim": None},
+            r"config\.json head_dim is null, from which transformers builds no 'qwen3' model\. "
+            r"Fix: .*\(128\)",
+        ),
+        ({"model_type": "qwen2", "head_dim": None}, r"\(hidden_size // num_attention_heads\)"),
         ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
         ({"mlp_bias": True}, "mlp_bias"),
         ({"model_type": "qwen2", "use_sliding_window": True}, "use_sliding_window"),

@@ -245,6 +245,8 @@ EDITED_CONFIGS = {
         )
         for family in ("llama", "qwen2")
     },
+    # transformers' Qwen3Config defaults head_dim to 128, not hidden_size // num_attention_heads (16 here).
+    "qwen3_without_head_dim": ("qwen3", {"head_dim": 128}, {"head_dim": ABSENT}),
 }
 
 
