@@ -21,11 +21,12 @@ ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen
 ROPE_TYPES = ("default", "linear", "llama3")
 # transformers 5's defaults (LlamaConfig, Qwen2Config, Qwen3Config) for the config.json keys whose default
 # differs by family, which `from_hf_config` takes where a config.json has no such key. A family without
-# `head_dim` here defaults it to hidden_size // num_attention_heads.
+# `head_dim` here defaults it to hidden_size // num_attention_heads, one without `num_key_value_heads` to
+# num_attention_heads.
 FAMILY_DEFAULTS: dict[str, dict[str, int]] = {
     "llama": {"max_position_embeddings": 2048},
-    "qwen2": {"max_position_embeddings": 32768},
-    "qwen3": {"max_position_embeddings": 32768, "head_dim": 128},
+    "qwen2": {"max_position_embeddings": 32768, "num_key_value_heads": 32},
+    "qwen3": {"max_position_embeddings": 32768, "num_key_value_heads": 32, "head_dim": 128},
 }
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 # The decoder layer's values named with `jax.ad_checkpoint.checkpoint_name` (causal_lm.py, layers.py), in
@@ -150,7 +151,8 @@ class ModelConfig:
         `num_layers`: L, the number of decoder layers. config.json `num_hidden_layers`.
         `num_heads`: H, the query heads. config.json `num_attention_heads`.
         `num_kv_heads`: K, the key/value heads (grouped-query attention), a divisor of `num_heads`.
-            config.json `num_key_value_heads` (absent or null: `num_heads`).
+            config.json `num_key_value_heads` (null: `num_heads`; absent: transformers' default for the
+            family, 32 for `qwen2` and `qwen3` (`FAMILY_DEFAULTS`), `num_heads` for `llama`).
         `head_dim`: Hd, the width of one head (even, for RoPE); need not be D / H. config.json `head_dim`
             (absent: transformers' default for the family, 128 for `qwen3` (`FAMILY_DEFAULTS`), else
             `hidden_size // num_heads`; null: `hidden_size // num_heads` for `llama`, an error for `qwen2`
@@ -386,7 +388,8 @@ class ModelConfig:
             intermediate_size=int(d["intermediate_size"]),
             num_layers=int(d["num_hidden_layers"]),
             num_heads=num_heads,
-            num_kv_heads=int(d.get("num_key_value_heads") or num_heads),
+            # null is num_heads in every family (the configs' __post_init__), absent only in llama
+            num_kv_heads=int(d.get("num_key_value_heads", defaults.get("num_key_value_heads")) or num_heads),
             head_dim=int(head_dim),
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
             rope_theta=rope_theta,

@@ -247,6 +247,15 @@ EDITED_CONFIGS = {
     },
     # transformers' Qwen3Config defaults head_dim to 128, not hidden_size // num_attention_heads (16 here).
     "qwen3_without_head_dim": ("qwen3", {"head_dim": 128}, {"head_dim": ABSENT}),
+    # transformers' Qwen2Config / Qwen3Config default num_key_value_heads to 32, not num_attention_heads.
+    **{
+        f"{family}_without_num_key_value_heads": (
+            family,
+            {"num_attention_heads": 64, "num_key_value_heads": 32, "head_dim": 4},
+            {"num_key_value_heads": ABSENT},
+        )
+        for family in ("qwen2", "qwen3")
+    },
 }
 
 
