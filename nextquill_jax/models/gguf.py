@@ -224,12 +224,21 @@ def _decimal(value: float) -> float:
 
 
 def _rope_scaling(meta: _Metadata, arch: str, path: Path) -> dict[str, Any] | None:
-    kind = meta.get(f"{arch}.rope.scaling.type", "none")
-    if kind == "none":
+    """config.json `rope_scaling` as llama.cpp reads the metadata (llama-model.cpp `load_hparams`,
+    llama-context.cpp): the type defaults to `linear`; the factor is `rope.scaling.factor`, else the older
+    `rope.scale_linear`, else none; a factor of 0 (none) or 1, or the type `none`, leaves the frequencies
+    unscaled."""
+    kind = meta.get(f"{arch}.rope.scaling.type", "linear")
+    if kind not in ("none", "linear"):
+        raise ValueError(
+            f"{path}: {arch}.rope.scaling.type {kind!r} is not supported (only 'none' and 'linear')"
+        )
+    factor = meta.get(f"{arch}.rope.scaling.factor")
+    if factor is None:
+        factor = meta.get(f"{arch}.rope.scale_linear", 0.0)
+    if kind == "none" or factor in (0.0, 1.0):
         return None
-    if kind == "linear":
-        return {"rope_type": "linear", "factor": _decimal(meta.required(f"{arch}.rope.scaling.factor"))}
-    raise ValueError(f"{path}: {arch}.rope.scaling.type {kind!r} is not supported (only 'none' and 'linear')")
+    return {"rope_type": "linear", "factor": _decimal(factor)}
 
 
 def _undo_rope_permutation(tensors: dict[str, np.ndarray], config: dict[str, Any]) -> None:

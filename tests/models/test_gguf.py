@@ -184,7 +184,9 @@ def write_gguf(path, family, hf_config, *, stored=None, extra_metadata=None):
     """Write a random `family` model of `hf_config` as GGUF; returns (hf config dict, {hf name: the float32
     original}).
 
-    `stored` maps an HF tensor name to "f16" or "q8_0" to store it quantised instead of as F32."""
+    `stored` maps an HF tensor name to "f16" or "q8_0" to store it quantised instead of as F32;
+    `extra_metadata` maps more metadata keys to a str or a float (stored as float32, as llama.cpp's converter
+    stores RoPE factors)."""
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(hf_config)
     state = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
@@ -211,7 +213,10 @@ def write_gguf(path, family, hf_config, *, stored=None, extra_metadata=None):
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
     for key, value in (extra_metadata or {}).items():
-        writer.add_string(key, value)
+        if isinstance(value, str):
+            writer.add_string(key, value)
+        else:
+            writer.add_float32(key, value)
     for name, value in state.items():
         if family == "llama" and ".self_attn.q_proj." in name:
             value = llama_cpp_permute(value, hf_config.num_attention_heads)
@@ -268,6 +273,38 @@ def test_overrides_that_change_a_gguf_models_layer_count_are_refused_from_its_he
         f"a 'llama' model with this config: missing [] (0 in all); unexpected ['model.layers.1."
     ), message
     assert "The weights fit the model its GGUF header describes, so model.overrides change" in message
+
+
+LINEAR_X4 = {"rope_type": "linear", "factor": 4.0}
+
+
+@pytest.mark.parametrize(
+    ("metadata", "rope_scaling"),
+    [
+        # llama.cpp reads an absent scaling type as linear, and the factor from the older key where the
+        # newer one is absent
+        ({"llama.rope.scaling.factor": 4.0}, LINEAR_X4),
+        ({"llama.rope.scale_linear": 4.0}, LINEAR_X4),
+        ({"llama.rope.scaling.type": "linear", "llama.rope.scale_linear": 4.0}, LINEAR_X4),
+        # ... and never scales under the type 'none', whatever the factor
+        ({"llama.rope.scaling.type": "none", "llama.rope.scaling.factor": 4.0}, None),
+    ],
+)
+def test_gguf_rope_scaling_reads_as_llama_cpp_reads_it(tmp_path, tiny_hf_config, metadata, rope_scaling):
+    """Logits at positions 100-119 against transformers' model with the rope scaling llama.cpp applies."""
+    copied = None if rope_scaling is None else dict(rope_scaling)  # transformers adds rope_theta to it
+    hf_config = tiny_hf_config("llama", **TINY, **FAMILIES["llama"], rope_scaling=copied)
+    path = tmp_path / "scaled.gguf"
+    _, state = write_gguf(path, "llama", hf_config, extra_metadata=metadata)
+    assert read_gguf_config(path)["rope_scaling"] == rope_scaling
+    reference = transformers.AutoModelForCausalLM.from_config(hf_config).eval()
+    reference.load_state_dict({name: torch.from_numpy(value) for name, value in state.items()})
+    ids = np.random.default_rng(0).integers(0, TINY["vocab_size"], (2, 20)).astype(np.int32)
+    positions = np.broadcast_to(np.arange(100, 120, dtype=np.int32), ids.shape)
+    with torch.no_grad():
+        expected = reference(torch.tensor(ids), position_ids=torch.tensor(positions)).logits.numpy()
+    ours = np.asarray(load_pretrained(path)(ids, positions=positions))
+    assert np.abs(ours - expected).max() <= 1e-4
 
 
 def test_read_gguf_dequantises_f16_and_q8_0(tmp_path, write_tiny_gguf):
