@@ -175,7 +175,7 @@ def _hf_config(meta: _Metadata, arch: str, shapes: dict[str, tuple[int, ...]], p
     if isinstance(num_kv_heads, list):
         raise ValueError(f"{path}: per-layer {arch}.attention.head_count_kv is not supported")
     hidden = int(meta.required(f"{arch}.embedding_length"))
-    head_dim = meta.get(f"{arch}.attention.key_length") or meta.get(f"{arch}.rope.dimension_count")
+    head_dim = _head_dim(meta, arch, hidden, num_heads, path)
     if "model.embed_tokens.weight" not in shapes:
         raise ValueError(f"{path}: GGUF file has no 'token_embd.weight' tensor")
     vocab_size = shapes["model.embed_tokens.weight"][0]
@@ -193,7 +193,7 @@ def _hf_config(meta: _Metadata, arch: str, shapes: dict[str, tuple[int, ...]], p
         "num_hidden_layers": int(meta.required(f"{arch}.block_count")),
         "num_attention_heads": num_heads,
         "num_key_value_heads": int(num_kv_heads),
-        "head_dim": int(head_dim) if head_dim else hidden // num_heads,
+        "head_dim": head_dim,
         "hidden_act": "silu",
         "max_position_embeddings": int(meta.required(f"{arch}.context_length")),
         "rms_norm_eps": _decimal(meta.required(f"{arch}.attention.layer_norm_rms_epsilon")),
@@ -215,6 +215,29 @@ def _hf_config(meta: _Metadata, arch: str, shapes: dict[str, tuple[int, ...]], p
         if value is not None:
             config[hf_key] = int(value)
     return config
+
+
+def _head_dim(meta: _Metadata, arch: str, hidden: int, num_heads: int, path: Path) -> int:
+    """The head size as llama.cpp reads it (`attention.key_length`, else `embedding_length / head_count`),
+    checked against the rotary width `rope.dimension_count`, which defaults to it.
+
+    Raises:
+        ValueError: `rope.dimension_count` differs from the head size (RoPE over part of each head).
+    """
+    key_length = meta.get(f"{arch}.attention.key_length")
+    head_dim, source = (
+        (int(key_length), f"{arch}.attention.key_length")
+        if key_length
+        else (hidden // num_heads, f"{arch}.embedding_length / {arch}.attention.head_count")
+    )
+    rotary = meta.get(f"{arch}.rope.dimension_count")
+    if rotary is not None and int(rotary) != head_dim:
+        # the wording of config.json's partial_rotary_factor refusal (models/config.py `_parse_rope`)
+        raise ValueError(
+            f"{path}: {arch}.rope.dimension_count {rotary} is not the head size {head_dim} ({source}): "
+            f"partial_rotary_factor {int(rotary) / head_dim:g} is not supported (only 1.0)"
+        )
+    return head_dim
 
 
 def _decimal(value: float) -> float:

@@ -180,13 +180,14 @@ def write_tiny_gguf(tiny_hf_config):
     )
 
 
-def write_gguf(path, family, hf_config, *, stored=None, extra_metadata=None):
+def write_gguf(path, family, hf_config, *, stored=None, extra_metadata=None, rope_dimension_count=None):
     """Write a random `family` model of `hf_config` as GGUF; returns (hf config dict, {hf name: the float32
     original}).
 
     `stored` maps an HF tensor name to "f16" or "q8_0" to store it quantised instead of as F32;
     `extra_metadata` maps more metadata keys to a str or a float (stored as float32, as llama.cpp's converter
-    stores RoPE factors)."""
+    stores RoPE factors); `rope_dimension_count` is `{family}.rope.dimension_count` (default: the head
+    size)."""
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(hf_config)
     state = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
@@ -206,7 +207,7 @@ def write_gguf(path, family, hf_config, *, stored=None, extra_metadata=None):
     writer.add_head_count_kv(hf_config.num_key_value_heads)
     writer.add_rope_freq_base(hf_config.rope_parameters["rope_theta"])
     writer.add_layer_norm_rms_eps(hf_config.rms_norm_eps)
-    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_dimension_count(head_dim if rope_dimension_count is None else rope_dimension_count)
     if family == "qwen3":
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
@@ -305,6 +306,29 @@ def test_gguf_rope_scaling_reads_as_llama_cpp_reads_it(tmp_path, tiny_hf_config,
         expected = reference(torch.tensor(ids), position_ids=torch.tensor(positions)).logits.numpy()
     ours = np.asarray(load_pretrained(path)(ids, positions=positions))
     assert np.abs(ours - expected).max() <= 1e-4
+
+
+@pytest.mark.parametrize(
+    ("family", "head_size"),
+    # llama: no key_length here, so the head size is embedding_length / head_count; qwen3: key_length
+    [
+        ("llama", r"8 \(llama\.embedding_length / llama\.attention\.head_count\)"),
+        ("qwen3", r"16 \(qwen3\.attention\.key_length\)"),
+    ],
+)
+def test_partial_rotary_gguf_is_refused_naming_rope_dimension_count(
+    tmp_path, write_tiny_gguf, family, head_size
+):
+    path = tmp_path / f"{family}.gguf"
+    write_tiny_gguf(path, family, rope_dimension_count=4)
+    message = (
+        rf"{family}\.rope\.dimension_count 4 is not the head size {head_size}: "
+        r"partial_rotary_factor 0\.\d+ is not supported \(only 1\.0\)"
+    )
+    with pytest.raises(ValueError, match=message):
+        read_gguf_config(path)
+    with pytest.raises(ValueError, match=message):
+        read_gguf(path)
 
 
 def test_read_gguf_dequantises_f16_and_q8_0(tmp_path, write_tiny_gguf):
