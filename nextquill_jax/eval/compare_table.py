@@ -7,7 +7,8 @@ Which examples each column covers: ROUGE-1/L, METEOR, preference recall and BLEU
 example's NLL being the mean over its target tokens), then the mean over seeds: a mean of per-example means,
 which differs from effects/summary.json's `nll`, which pools every target token (token-weighted). BLEU is the
 evaluation's corpus BLEU and the DCE AUROC the effect report's (`ground_truth.auroc`), each averaged over
-seeds. "± std" is the sample standard deviation (n - 1) of the per-seed means, shown with two seeds or more.
+seeds. "± std" is the sample standard deviation (n - 1) of the per-seed means, shown with two seeds or more
+beside a finite mean (a seed's NaN mean makes both NaN: "n/a").
 
 Per example (the pairs of the bootstrap): ROUGE-1, ROUGE-L and METEOR from the run's predictions.jsonl;
 preference recall where the split's rows carry `meta.signature_words`; from the effect report, the target
@@ -206,6 +207,13 @@ def _seed_mean(runs: Sequence[dict[ExampleKey, float]]) -> dict[ExampleKey, floa
     return {k: statistics.fmean(r[k] for r in runs) for k in runs[0] if k in common}
 
 
+def _sample_std(values: Sequence[float]) -> float:
+    """The sample standard deviation (n - 1) of `values` (two or more seeds' means), NaN where one is not
+    finite: a diverged run's NaN mean makes the std as unknown as the mean, and `statistics.stdev` raises on
+    NaN and inf rather than returning it."""
+    return statistics.stdev(values) if all(math.isfinite(v) for v in values) else math.nan
+
+
 def compare_runs(
     records: Sequence[Mapping[str, Any]], baseline: str, resamples: int = 2000
 ) -> dict[str, Any]:
@@ -217,7 +225,7 @@ def compare_runs(
     runs share no example with the baseline's: {unpaired, other_content}) from run records. A metric some run
     of a variant lacks (the text metrics and BLEU of runs that did not generate, `generated`) is absent from
     its row and has no difference. A null number in a run's files (a non-finite value, `read_number`) makes
-    its means NaN."""
+    its means NaN, and their std across seeds with them."""
     variants = list(dict.fromkeys(r["variant"] for r in records))
     examples = {r["variant"]: [] for r in records}
     for r in records:
@@ -232,7 +240,7 @@ def compare_runs(
                 continue
             seed_means = [statistics.fmean(v.values()) for v in per_seed]
             row[metric] = statistics.fmean(seed_means)
-            row[f"{metric}_std"] = statistics.stdev(seed_means) if len(seed_means) > 1 else None
+            row[f"{metric}_std"] = _sample_std(seed_means) if len(seed_means) > 1 else None
         if all(generated(r) for r, _ in runs):
             row["bleu"] = statistics.fmean(read_number(r["bleu"]) for r, _ in runs)
         aurocs = [json.loads(Path(r["effects_summary"]).read_text())["ground_truth"] for r, _ in runs]
@@ -402,9 +410,9 @@ def markdown(result: Mapping[str, Any]) -> str:
         cells = []
         for metric, _, spec in shown:
             value, std = row.get(metric), row.get(f"{metric}_std")
-            cells.append(
-                _cell(value, spec) + ("" if value is None or std is None else f" ± {_cell(std, spec)}")
-            )
+            # A mean that is not finite has no spread to give: its cell is "n/a", not "n/a ± n/a".
+            spread = value is not None and std is not None and math.isfinite(value)
+            cells.append(_cell(value, spec) + (f" ± {_cell(std, spec)}" if spread else ""))
         lines.append(f"| {row['variant']} | " + " | ".join(cells) + " |")
     left_out = left_out_line([(metric, header) for metric, header, _ in columns if metric not in measured])
     not_measured = not_measured_line(result["rows"], [(metric, header) for metric, header, _ in shown])

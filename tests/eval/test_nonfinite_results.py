@@ -169,3 +169,41 @@ def test_the_table_says_how_many_tokens_the_dce_auroc_leaves_out(tmp_path):
         "DCE AUROC leaves out the target tokens whose DCE is not finite (a diverged model): diverged 3 "
         "(over its seeds' effect reports)."
     ) in table, table
+
+
+def test_two_seeds_with_one_null_value_give_an_n_a_mean_and_std_not_a_crash(tmp_path):
+    """Two seeds, the variant's seed-1 run with a null NLL (its example 1): that seed's NLL mean is NaN, so
+    the row's mean and its std across seeds are NaN (results.json null, the cell "n/a"), while the
+    difference pairs the four examples finite at both seeds, each averaged over the seeds, the fifth counted.
+    `statistics.stdev` of a NaN mean raised instead, after all the training."""
+    base_nll = [1.0, 2.0, 3.0, 4.0, 5.0]
+    variant_nll = {0: [1.5, 2.5, 3.0, 4.5, 5.5], 1: [1.7, math.nan, 3.4, 4.1, 5.9]}
+    records = []
+    for seed in (0, 1):
+        root = tmp_path / f"seed{seed}"
+        for name, nll in (("base", base_nll), ("diverged", variant_nll[seed])):
+            records.append({**run_files(root, name, [0.1] * N, nll, bleu=1.0), "seed": seed})
+    out = tmp_path / "out"
+    out.mkdir()
+    compare = SimpleNamespace(out=str(out), split="test", baseline="base", resamples=1000)
+    result = write_results(SimpleNamespace(source="compare.yaml", compare=compare), records)
+
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert math.isnan(rows["diverged"]["nll_with"]) and math.isnan(rows["diverged"]["nll_with_std"])
+    assert rows["diverged"]["nll_without_std"] == 0.0  # the finite columns keep theirs
+    written = strict_json(out / "results.json")["rows"][1]
+    assert written["nll_with"] is None and written["nll_with_std"] is None
+
+    got = result["differences"]["diverged"]["nll_with"]
+    finite = [0, 2, 3, 4]
+    averaged = [(variant_nll[0][i] + variant_nll[1][i]) / 2 for i in finite]  # 1.6, 3.2, 4.3, 5.7
+    want = paired_bootstrap(averaged, [base_nll[i] for i in finite], resamples=1000)
+    assert got["mean"] == pytest.approx(0.45, abs=1e-6)
+    assert (got["mean"], got["low"], got["high"]) == pytest.approx((want.mean, want.low, want.high), abs=1e-6)
+    assert (got["examples"], got["nonfinite"]) == (4, 1)
+
+    table = (out / "results.md").read_text()
+    diverged_row = next(line for line in table.splitlines() if line.startswith("| diverged |"))
+    assert "| n/a | 1.3863 ± 0.0000 |" in diverged_row, diverged_row  # NLL (with hist.), NLL (without)
+    assert "diverged vs base on NLL (with hist.): worse (+0.4500 [" in table
+    assert "4 examples, 1 left out: not finite" in table
