@@ -17,8 +17,10 @@ difference averaged over the seeds (`compare_runs` on every seed's runs at once,
 pools a file's seeds). The two intervals leave out different uncertainties: the t interval treats each
 seed's difference as one draw, so it ignores the sampling of the evaluated examples, which every seed shares
 (the same examples each time); the bootstrap resamples the examples with the seeds fixed. A verdict ("better",
-"worse") needs both to exclude 0, and seeds that differ: equal differences at every seed give a t interval of
-no width, which says nothing (`row_verdict`).
+"worse") needs both to exclude 0, and both to have a width: equal differences at every seed give a t interval
+of none, and equal differences at every example (or a single example) a bootstrap interval of none, which
+says nothing (`row_verdict`). Under `compare_table.FEW_EXAMPLES` paired examples the table warns, as
+compare's results.md does, that the bootstrap intervals are too narrow to trust.
 
 Prints: the comparison table with the paired intervals (`compare_table`, from the finished runs'
 `compare_done.json`, so a comparison still running gives the table of what has finished), the teacher-forced
@@ -47,6 +49,7 @@ from nextquill_jax.eval.compare import Comparison, load_comparison, settings_cha
 from nextquill_jax.eval.compare_table import (
     METRICS,
     compare_runs,
+    few_examples_line,
     generated,
     markdown,
     recorded_predictions,
@@ -261,19 +264,30 @@ def across_seeds(
     return rows
 
 
+def no_width(low: float, high: float) -> bool:
+    """Whether the interval [low, high] has no width, up to the rounding of float64 (a relative 1e-9): equal
+    values computed along different paths (0.1 + 0.2 and 0.3) leave an interval of a few ulps, which says no
+    more than one of none."""
+    return math.isclose(low, high, rel_tol=1e-9)
+
+
 def row_verdict(row: Mapping[str, Any]) -> str:
     """The verdict on an `across_seeds` row: "better" or "worse" (in the metric's direction) where its t
     interval and its interval over the examples (where the row has one) both exclude 0, "no significant
-    difference" where either holds 0, "no interval" with one seed, and "no verdict: the seeds agree exactly"
-    where every seed's difference is the same number: the t interval has no width and the t statistic is
-    infinite, which a metric of few discrete values (a recall over few words) reaches by coincidence, not
-    by precision."""
+    difference" where either holds 0, and "no interval" with one seed. "No verdict" where an interval has no
+    width (`no_width`), which says nothing of the uncertainty: "the seeds agree exactly" where every seed's
+    difference is the same number (the t statistic is infinite, which a metric of few discrete values, a
+    recall over few words, reaches by coincidence, not by precision), and "the examples' differences agree
+    exactly" where every paired example's seed-averaged difference is the same, as with a single example
+    (every bootstrap resample draws the same mean)."""
     if row["low"] is None:
         return "no interval"
-    if row["low"] == row["high"]:
+    if no_width(row["low"], row["high"]):
         return "no verdict: the seeds agree exactly"
     intervals = [(row["low"], row["high"])]
     if row["examples_low"] is not None:
+        if no_width(row["examples_low"], row["examples_high"]):
+            return "no verdict: the examples' differences agree exactly"
         intervals.append((row["examples_low"], row["examples_high"]))
     significant = not any(low <= 0.0 <= high for low, high in intervals)
     return verdict(row["mean"], significant, row["higher_is_better"])
@@ -284,7 +298,8 @@ def across_table(
 ) -> list[str]:
     """`across_seeds` rows as Markdown: one column per seed, the mean with its t interval, the interval over
     the examples ("-" where the row has none) and the verdict (`row_verdict`); `resamples`, the bootstrap's,
-    goes into the note below the table."""
+    goes into the note below the table, and under `compare_table.FEW_EXAMPLES` paired examples its warning
+    (`few_examples_line`)."""
     n = len(seeds)
     lines = [
         f"| difference to {baseline} | "
@@ -317,6 +332,9 @@ def across_table(
             "examples, which every seed shares; this one leaves out the seeds': a verdict needs both to "
             "exclude 0.",
         ]
+    few = few_examples_line(row["examples"] for row in rows if row["examples"] is not None)
+    if few is not None:
+        lines += ["", few]
     return lines
 
 

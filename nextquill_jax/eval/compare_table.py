@@ -39,7 +39,7 @@ import json
 import math
 import statistics
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -459,15 +459,24 @@ def markdown(result: Mapping[str, Any]) -> str:
             "holds another example under the id (its `data` overrides prepared other examples, such as "
             "another `data.synthetic_seed`), so they are not paired.",
         ]
-    fewest = min((d["examples"] for m in result["differences"].values() for d in m.values()), default=None)
-    if fewest is not None and fewest < FEW_EXAMPLES:
-        # A percentile bootstrap over a handful of pairs gives intervals narrower than the real uncertainty.
-        lines += [
-            "",
-            f"Only {counted(fewest, 'paired example')}: at fewer than {FEW_EXAMPLES} the bootstrap intervals "
-            "are too narrow to trust; evaluate more examples before reading a verdict.",
-        ]
+    few = few_examples_line(d["examples"] for m in result["differences"].values() for d in m.values())
+    if few is not None:
+        lines += ["", few]
     return "\n".join(lines) + "\n"
+
+
+def few_examples_line(examples: Iterable[int]) -> str | None:
+    """The warning that the bootstrap intervals are too narrow to trust, naming the fewest of `examples`
+    (each difference's count of paired examples) where it is under `FEW_EXAMPLES`; None where it is not, or
+    where there is no difference."""
+    fewest = min(examples, default=None)
+    if fewest is None or fewest >= FEW_EXAMPLES:
+        return None
+    # A percentile bootstrap over a handful of pairs gives intervals narrower than the real uncertainty.
+    return (
+        f"Only {counted(fewest, 'paired example')}: at fewer than {FEW_EXAMPLES} the bootstrap intervals are "
+        "too narrow to trust; evaluate more examples before reading a verdict."
+    )
 
 
 def write_results(comparison: Any, records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

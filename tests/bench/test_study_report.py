@@ -168,7 +168,8 @@ def test_the_interval_over_the_examples_is_the_bootstrap_of_seed_averaged_differ
     differences alternate +0.5 / -0.3 at both seeds (seed means +0.1000, +0.1010): a t interval far from 0,
     while resampling the four examples reaches below 0. Its NLL is the baseline's + 0.1 at seed 0 and + 0.3
     at seed 1 on every example: the reverse (every seed-averaged difference is +0.2; the t interval over two
-    seeds holds 0). Neither is a verdict. `steady`'s ROUGE is + 0.1 / + 0.1001 everywhere: both exclude 0."""
+    seeds holds 0). Neither is a verdict. `steady`'s ROUGE is + 0.09, + 0.11, + 0.1, + 0.1 on its examples
+    (+ 0.0001 more at seed 1): both exclude 0."""
     import numpy as np
 
     from nextquill_jax.eval.bootstrap import paired_bootstrap
@@ -181,7 +182,7 @@ def test_the_interval_over_the_examples_is_the_bootstrap_of_seed_averaged_differ
     variants = {  # name: (ROUGE, NLL) per seed
         "base": lambda s: (rouge, nll),
         "v": lambda s: (rouge + alternating + 0.001 * s, nll + (0.1, 0.3)[s]),
-        "steady": lambda s: (rouge + 0.1 + 0.0001 * s, nll),
+        "steady": lambda s: (rouge + np.array([0.09, 0.11, 0.1, 0.1]) + 0.0001 * s, nll),
     }
     results, records = [], []
     for seed in (0, 1):
@@ -222,8 +223,55 @@ def test_the_interval_over_the_examples_is_the_bootstrap_of_seed_averaged_differ
         f"| v, ROUGE-1 | +0.1000 | +0.1010 | +0.1005 [{rouge_row['low']:+.4f}, {rouge_row['high']:+.4f}] | "
         f"[{expected.low:+.4f}, {expected.high:+.4f}] | no significant difference |"
     )
-    assert table[-1].startswith("Over the examples: each of the 4 paired examples' difference averaged over")
-    assert "1,000 resamples" in table[-1]
+    assert table[-3].startswith("Over the examples: each of the 4 paired examples' difference averaged over")
+    assert "1,000 resamples" in table[-3]
+    assert table[-2:] == [  # compare's results.md's warning, word for word
+        "",
+        "Only 4 paired examples: at fewer than 30 the bootstrap intervals are too narrow to trust; evaluate "
+        "more examples before reading a verdict.",
+    ]
+
+
+def test_an_interval_of_no_width_over_the_examples_gives_no_verdict_and_few_examples_are_warned_of():
+    """The auditor's case: three seeds whose NLL differences (+0.30, +0.31, +0.29) give a t interval that
+    excludes 0, but one paired example, whose bootstrap interval is that example's difference at every
+    resample: it has no width, so it says nothing, and the t interval alone must not decide ("worse" before).
+    The table warns of the one example as compare's results.md does. An interval of a few ulps (the seeds'
+    0.3 and 0.1 + 0.2; examples whose differences are 0.10005 computed along different paths) has no width
+    either; 96 examples, as in the study, get no warning."""
+    from nextquill_jax.eval.bootstrap import paired_bootstrap
+
+    report = benchmark_script("study_report")
+    one = paired_bootstrap([2.30], [2.0])
+    assert one.low == one.high == one.mean and one.significant  # what the bootstrap gives one example
+    per_seed = [
+        (s, _result({"v": {"nll_with": m}})) for s, m in zip((0, 1, 2), (0.30, 0.31, 0.29), strict=True)
+    ]
+    pooled = {"differences": {"v": {"nll_with": {"low": one.low, "high": one.high, "examples": 1}}}}
+    (row,) = report.across_seeds(per_seed, pooled, metrics=[("nll_with", "NLL", False)])
+    assert 0.0 < row["low"] < row["high"]  # the t interval alone would say "worse"
+    assert report.row_verdict(row) == "no verdict: the examples' differences agree exactly"
+    table = report.across_table([0, 1, 2], "base", [row], resamples=2000)
+    assert table[2] == (
+        "| v, NLL | +0.3000 | +0.3100 | +0.2900 | +0.3000 [+0.2752, +0.3248] | [+0.3000, +0.3000] | "
+        "no verdict: the examples' differences agree exactly |"
+    )
+    assert table[-1] == (
+        "Only 1 paired example: at fewer than 30 the bootstrap intervals are too narrow to trust; evaluate "
+        "more examples before reading a verdict."
+    )
+
+    rounded = {**row, "examples_low": 0.10004999999999997, "examples_high": 0.10005000000000003}
+    assert report.row_verdict(rounded) == "no verdict: the examples' differences agree exactly"
+    assert report.row_verdict({**rounded, "examples_low": 0.1, "examples_high": 0.1001}) == "worse"
+    seeds = [
+        (s, _result({"v": {"nll_with": m}})) for s, m in zip((0, 1, 2), (0.3, 0.1 + 0.2, 0.3), strict=True)
+    ]
+    (tied,) = report.across_seeds(seeds)
+    assert tied["low"] < tied["high"]  # a few ulps apart: "worse" by exact equality
+    assert report.row_verdict(tied) == "no verdict: the seeds agree exactly"
+    study = report.across_table([0, 1, 2], "base", [{**row, "examples": 96}], resamples=2000)
+    assert study[-1].startswith("Over the examples: each of the 96 paired examples'")
 
 
 def test_baseline_flag_pairs_against_another_variant_and_names_the_finished_ones_when_absent(
