@@ -20,7 +20,8 @@ seed's difference as one draw, so it ignores the sampling of the evaluated examp
 "worse") needs both to exclude 0, and both to have a width: equal differences at every seed give a t interval
 of none, and equal differences at every example (or a single example) a bootstrap interval of none, which
 says nothing (`row_verdict`). Under `compare_table.FEW_EXAMPLES` paired examples the table warns, as
-compare's results.md does, that the bootstrap intervals are too narrow to trust.
+compare's results.md does, that the bootstrap intervals are too narrow to trust, and it counts in results.md's
+words the pairs the interval over the examples leaves out: not finite, or in one run's data only.
 
 Prints: the comparison table with the paired intervals (`compare_table`, from the finished runs'
 `compare_done.json`, so a comparison still running gives the table of what has finished), the teacher-forced
@@ -51,11 +52,13 @@ from nextquill_jax.eval.compare_table import (
     compare_runs,
     few_examples_line,
     generated,
+    left_out_counts,
     markdown,
     recorded_predictions,
     verdict,
 )
 from nextquill_jax.eval.preference_recall import preference_recall
+from nextquill_jax.plural import counted
 from nextquill_jax.train.resume import covered, listed_changes, normalised
 
 ROLES = ("preference", "context", "noise", "glue", "eos")
@@ -230,8 +233,9 @@ def across_seeds(
     Student t interval of that mean at `LEVEL` (`t_quantile` x sample std / sqrt(n); None with one seed),
     "examples_low", "examples_high", "examples": the paired bootstrap interval of `pooled` (`compare_runs` on
     every seed's records at once: each example's difference averaged over the seeds, resampled over the
-    examples) and its example count (None without `pooled` or where it has no difference)}, in the first
-    result's variant order and `metrics` order. Differences are in the metric's units (nats for NLL)."""
+    examples) and its example count, and "nonfinite", "unpaired", "other_content": the pairs that interval
+    leaves out (`compare_runs`'s counts; each None without `pooled` or where it has no difference)}, in the
+    first result's variant order and `metrics` order. Differences are in the metric's units (nats for NLL)."""
     pooled_differences = {} if pooled is None else pooled["differences"]
     rows = []
     first = results[0][1]["differences"]
@@ -259,6 +263,7 @@ def across_seeds(
                     "examples_low": over_examples.get("low"),
                     "examples_high": over_examples.get("high"),
                     "examples": over_examples.get("examples"),
+                    **{k: over_examples.get(k) for k in ("nonfinite", "unpaired", "other_content")},
                 }
             )
     return rows
@@ -298,8 +303,9 @@ def across_table(
 ) -> list[str]:
     """`across_seeds` rows as Markdown: one column per seed, the mean with its t interval, the interval over
     the examples ("-" where the row has none) and the verdict (`row_verdict`); `resamples`, the bootstrap's,
-    goes into the note below the table, and under `compare_table.FEW_EXAMPLES` paired examples its warning
-    (`few_examples_line`)."""
+    goes into the note below the table, then a line per row whose interval over the examples leaves pairs out
+    (`left_out_counts`, as compare's results.md words it) and under `compare_table.FEW_EXAMPLES` paired
+    examples its warning (`few_examples_line`)."""
     n = len(seeds)
     lines = [
         f"| difference to {baseline} | "
@@ -332,6 +338,16 @@ def across_table(
             "examples, which every seed shares; this one leaves out the seeds': a verdict needs both to "
             "exclude 0.",
         ]
+    # The pairs the interval over the examples leaves out (not finite, in one run's data only) are counted,
+    # as compare's results.md counts them, not left for the reader to find in each seed's results.
+    left = [
+        f"- {row['variant']}, {row['label']}, over the examples: {counted(row['examples'], 'example')}"
+        f"{left_out_counts(row)}"
+        for row in rows
+        if row["examples"] is not None and left_out_counts(row)
+    ]
+    if left:
+        lines += ["", *left]
     few = few_examples_line(row["examples"] for row in rows if row["examples"] is not None)
     if few is not None:
         lines += ["", few]

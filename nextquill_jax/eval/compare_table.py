@@ -297,15 +297,22 @@ def conclusions(result: Mapping[str, Any]) -> list[str]:
                 continue
             d = metrics[metric]
             examples = counted(d["examples"], "example")
-            interval = f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}], {examples}"
-            if d["nonfinite"]:
-                interval += f", {d['nonfinite']} left out: not finite"
-            if d["unpaired"]:
-                paired = d["examples"] + d["nonfinite"]
-                interval += f", {paired} paired of {paired + d['unpaired']}: {_unpaired_reason(d)}"
+            interval = f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}], {examples}{left_out_counts(d)}"
             word = verdict(d["mean"], d["significant"], higher_better)
             lines.append(f"{name} vs {result['baseline']} on {header}: {word} ({interval})")
     return lines
+
+
+def left_out_counts(d: Mapping[str, int]) -> str:
+    """What a difference (`compare_runs`'s: `examples`, `nonfinite`, `unpaired`, `other_content`) leaves out
+    of its interval, as results.md gives it after the count of examples: ", N left out: not finite" for the
+    pairs with a value that is not finite, ", P paired of T: why" (`_unpaired_reason`) where some examples are
+    in one run's data only; "" where it leaves out none."""
+    text = f", {d['nonfinite']} left out: not finite" if d["nonfinite"] else ""
+    if d["unpaired"]:
+        paired = d["examples"] + d["nonfinite"]
+        text += f", {paired} paired of {paired + d['unpaired']}: {_unpaired_reason(d)}"
+    return text
 
 
 def verdict(mean: float, significant: bool, higher_is_better: bool) -> str:

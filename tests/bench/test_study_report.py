@@ -274,6 +274,47 @@ def test_an_interval_of_no_width_over_the_examples_gives_no_verdict_and_few_exam
     assert study[-1].startswith("Over the examples: each of the 96 paired examples'")
 
 
+def test_the_across_table_counts_the_pairs_its_interval_over_the_examples_leaves_out(tmp_path):
+    """Two seeds; the variant's data holds e0-e3 as the baseline's does, e4 with other content (another
+    example under the id) and e9, which the baseline lacks, and its seed-1 NLL of e1 is null. The pooled
+    difference pairs e0-e3 (4 of 7: the two e4s share an id but not their content, e9 is in the variant's
+    data only) and leaves out e1's NLL, not finite once averaged over the seeds: the table counts them in the
+    words of compare's results.md, where it said only "each of the 3 paired examples" before."""
+    import math
+
+    from nextquill_jax.eval.compare_table import compare_runs
+    from tests.eval.test_nonfinite_results import run_files
+
+    report = benchmark_script("study_report")
+    base_ids, ids = ["e0", "e1", "e2", "e3", "e4"], ["e0", "e1", "e2", "e3", "e4", "e9"]
+    targets = ["t0", "t1", "t2", "t3", "t4"]
+    results, records = [], []
+    for seed in (0, 1):
+        root = tmp_path / f"seed{seed}"
+        nll = [1.5, math.nan if seed else 2.5, 3.7, 4.2, 1.0, 1.0]
+        seed_records = [
+            run_files(root, "base", [0.1] * 5, [1.0, 2.0, 3.0, 4.0, 5.0], 1.0, base_ids, targets),
+            run_files(root, "v", [0.2] * 6, nll, 1.0, ids, [*targets[:4], "other", "t9"]),
+        ]
+        seed_records = [{**r, "seed": seed} for r in seed_records]
+        results.append((seed, compare_runs(seed_records, "base", 1000)))
+        records += seed_records
+    rows = {r["metric"]: r for r in report.across_seeds(results, compare_runs(records, "base", 1000))}
+    counts = ("examples", "nonfinite", "unpaired", "other_content")
+    assert tuple(rows["nll_with"][k] for k in counts) == (3, 1, 3, 1)
+    assert tuple(rows["rouge1"][k] for k in counts) == (4, 0, 3, 1)
+    table = report.across_table([0, 1], "base", list(rows.values()), resamples=1000)
+    reason = (
+        "4 paired of 7: 2 share an id but not their content (user, target text), 1 in one run's data only"
+    )
+    assert f"- v, NLL (with hist.), over the examples: 3 examples, 1 left out: not finite, {reason}" in table
+    assert f"- v, ROUGE-1, over the examples: 4 examples, {reason}" in table
+    # Seed 1's results.md gives the same counts in the same words (compare_table.left_out_counts).
+    assert f", 3 examples, 1 left out: not finite, {reason})" in report.markdown(results[1][1])
+    paired_all = [{**rows["rouge1"], "examples": 40, "nonfinite": 0, "unpaired": 0, "other_content": 0}]
+    assert not any(line.startswith("- ") for line in report.across_table([0, 1], "base", paired_all))
+
+
 def test_baseline_flag_pairs_against_another_variant_and_names_the_finished_ones_when_absent(
     tmp_path, tiny_config, write_config, capsys
 ):
