@@ -25,9 +25,10 @@ PyTree = Any
 def warmup_steps(cfg: OptimConfig, total_steps: int) -> int:
     """Warm-up length in optimizer steps: `cfg.warmup_steps`, else ceil(warmup_ratio * total_steps), the
     product rounded to 9 decimals first so that float error does not add a step (0.07 * 100 is
-    7.000000000000001 in floats: 7 steps, where the Trainer's plain ceil gives 8)."""
+    7.000000000000001 in floats: 7 steps, where the Trainer's plain ceil gives 8). A `warmup_steps` longer
+    than the run is kept, as the Trainer's schedules keep it: the run ends part-way up the ramp."""
     if cfg.warmup_steps is not None:
-        return min(cfg.warmup_steps, total_steps)
+        return cfg.warmup_steps
     return math.ceil(round(cfg.warmup_ratio * total_steps, 9))
 
 

@@ -203,6 +203,18 @@ def test_schedule_matches_the_trainer(schedule, reference):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-12)
 
 
+@pytest.mark.parametrize("schedule, reference", [("linear", _hf_linear), ("cosine", _hf_cosine)])
+def test_a_warmup_longer_than_the_run_ramps_as_the_trainer_does(schedule, reference):
+    """200 warm-up steps in a 100-step run: the rate climbs by lr / 200 per step and ends half-way up, as in
+    transformers' schedules; it was cut to 100 steps, ramping twice as fast (lr(50) = 0.5 lr)."""
+    cfg = OptimConfig(schedule=schedule, learning_rate=1.0, warmup_steps=200)
+    lr = learning_rate_schedule(cfg, 100)
+    got = np.asarray(jax.vmap(lr)(jnp.arange(100)))
+    want = np.array([reference(s, 1.0, 200, 100) for s in range(100)])
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)
+    assert got[50] == pytest.approx(0.25) and got[99] == pytest.approx(0.495)
+
+
 @pytest.mark.parametrize("ratio", [0.07, 0.1, 0.15, 0.29, 0.3, 0.57, 0.01, 0.123, 0.333])
 def test_warmup_ratio_rounds_up_the_decimal_product_not_its_float_error(ratio):
     # 0.07 * 100 == 7.000000000000001 in floats, which a plain ceil made 8 steps. Reference: the exact
