@@ -302,6 +302,11 @@ def make_train_step(
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
         grads, auxes = jax.lax.scan(body, zeros, (micro, keys))
+        # Summed in float32, handed on in each parameter's dtype, as one pass's gradient is: optax takes
+        # Adam's first moment's dtype from the gradient, so float32 sums for bfloat16 parameters would
+        # change the optimizer state's dtype after the first step (a second compile, and a resume that
+        # casts it back).
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
         return grads, combine_stacked(auxes, m)
 
     def step(state: TrainState, batch: Batch, reference_params: dict | None = None, base_params=None):
