@@ -84,8 +84,8 @@ def check_divisible(
             keys = " x ".join(f"mesh.{a}" for a in names)
             raise ValueError(
                 f"{what}: dimension {dim}{axis} of size {size} cannot be split {parts} ways over mesh axes "
-                f"{names}. Fix: make {keys} a divisor of {size}, or map that logical axis to None in the "
-                "rules."
+                f"{names}. Fix: make {keys} a divisor of {size}; or, calling the library from Python, map "
+                "that logical axis to None in the `rules` (parallel.LogicalRules) you pass."
             )
 
 
