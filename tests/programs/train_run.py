@@ -15,7 +15,8 @@ NEXTQUILL_NUM_PROCESSES and NEXTQUILL_PROCESS_ID say which).
 --cli: run `nextquill-jax train --config CONFIG` instead and exit with its status (faults still apply).
 --batch-delay SECONDS: every batch reaches the step SECONDS late (a slow input pipeline).
 
-The result: {"status", "step", "process", "params": {path: spec}, "mu": {path: spec}}.
+The result: {"status", "step", "process", "params": {path: spec}, "mu": {path: spec}, "mesh": {axis: size}}
+(the mesh the final parameters lie on).
 """
 
 from __future__ import annotations
@@ -140,6 +141,7 @@ def main() -> int:
         "process": jax.process_index(),
         "params": specs(result.state.params),
         "mu": specs(mu),
+        "mesh": dict(jax.tree.leaves(result.state.params)[0].sharding.mesh.shape),
     }
     print("RESULT " + json.dumps(outcome))
     return 0
