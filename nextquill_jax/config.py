@@ -289,9 +289,9 @@ class LossRunConfig(LossConfig):
             directory, packaged name or training workdir whose model (frozen, no gradient) gives the data-side
             effects (a directory or name runs with the model's runtime fields; with `model.lora` its weights
             are stored as the base's, `lora.base_dtype`, bfloat16 for int8 / nf4; a workdir gives its newest
-            verified checkpoint when the run starts; a resume is refused once the model it gives has
-            changed); or `base` with `model.lora`: the frozen base itself with the adapters off (the same
-            weights, no second copy). null: none.
+            verified checkpoint when the run starts; a resume, or `evaluate` of a checkpoint, is refused
+            once the model it gives has changed); or `base` with `model.lora`: the frozen base itself with the
+            adapters off (the same weights, no second copy). null: none.
         `token_chunk`: target tokens per tile of the fused LM head in `loss_from_hidden` (memory, not
             results).
         `vocab_chunk`: vocabulary entries per tile of the fused LM head (memory, not results).

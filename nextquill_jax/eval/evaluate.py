@@ -66,12 +66,13 @@ from nextquill_jax.plural import counted
 from nextquill_jax.train import model_setup
 from nextquill_jax.train.dispatch_queue import summed_eval_aux
 from nextquill_jax.train.metrics_log import strict_json
+from nextquill_jax.train.resume import EVALUATING, check_same_reference
 from nextquill_jax.train.setup import (
     check_reference_token_ids,
     evaluation_pipeline,
     jit_eval_step,
+    load_reference,
     planned_examples_per_row,
-    reference_params,
     step_settings,
 )
 from nextquill_jax.train.workdir import (
@@ -324,15 +325,19 @@ def evaluate(
             model was saved with, else `<workdir>/prepared`). `compare` passes its file's, which `train`
             has just checked against the checkpoint's data digests: a comparison moved after training still
             evaluates, where the saved config names the old place.
-        echo: progress messages, and the warning that the run's `loss.weighting` module has changed since the
-            checkpoint was saved (`LoadedModel.weighting_note`).
+        echo: progress messages, the warning that the run's `loss.weighting` module has changed since the
+            checkpoint was saved (`LoadedModel.weighting_note`), and the note that a checkpoint saved before
+            checkpoints recorded their fixed-DCE reference model cannot be checked against it.
 
     Raises:
         FileNotFoundError: no checkpoint / config / prepared split (naming what to run).
         ValueError: a bad argument (a `generation_overrides` value out of range, or both `step` and
             `model_path`: before a model is loaded), or prepared files that disagree.
-        ConfigError: the run's config cannot be used here (mesh, model source), or the split holds a token
-            id outside the vocabulary of the model or of its reference model (`model_setup.check_token_ids`).
+        ConfigError: the run's config cannot be used here (mesh, model source), the split holds a token
+            id outside the vocabulary of the model or of its reference model (`model_setup.check_token_ids`),
+            or the checkpoint was trained against another fixed-DCE reference model than its
+            `loss.reference_model` gives now (a reference run that has saved a newer checkpoint since, an
+            overwritten model: `resume.check_same_reference`, naming both and the fix; before the loss pass).
     """
     if max_examples is not None and max_examples < 1:
         raise ValueError(f"max_examples must be >= 1, got {max_examples}")
@@ -379,6 +384,21 @@ def evaluate(
             f"{shards}, such as {fitting}, or leave --batch-size out."
         )
 
+    if loaded.weighting_note:  # the weighted loss terms below use the module as it is now
+        echo(loaded.weighting_note)
+    echo(f"evaluating {loaded.source} on {counted(len(rows), f'{split} example')} ({stream}-history prompts)")
+    loaded_reference = load_reference(cfg, mesh)  # outside set_mesh: model set-up reads abstract shapes
+    reference = None
+    if loaded_reference is not None:
+        # A workdir as loss.reference_model gives its newest verified step now, and a model directory may
+        # have been overwritten: the checkpoint's weighted terms and DCEs are those of the reference it was
+        # trained against (its progress records it; a model path or step 0 has no record to check).
+        if loaded.progress is not None:
+            recorded = loaded.progress.get("reference")
+            if note := check_same_reference(recorded, loaded_reference.identity, loaded.source, EVALUATING):
+                echo(note)
+        reference = loaded_reference.graphdef, loaded_reference.params
+
     from nextquill_jax.data.prepare import load_fast_tokenizer
 
     tokenizer = load_fast_tokenizer(cfg.data.tokenizer)
@@ -386,11 +406,6 @@ def evaluate(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     # The model may end with its own end token (an instruct model's end of text beside its end of turn).
     stop = list(dict.fromkeys([eos, *loaded.model.cfg.eos_token_ids]))
-    if loaded.weighting_note:  # the weighted loss terms below use the module as it is now
-        echo(loaded.weighting_note)
-    echo(f"evaluating {loaded.source} on {counted(len(rows), f'{split} example')} ({stream}-history prompts)")
-
-    reference = reference_params(cfg, mesh)  # outside set_mesh: model set-up reads abstract shapes
     generating = generation.max_new_tokens > 0
     with jax.set_mesh(mesh):
         losses = split_losses(loaded, tokens, len(rows), reference)

@@ -7,7 +7,8 @@ resume is refused, before any state is restored, unless the two configs agree on
 `MAY_CHANGE`. Nor may the data change under the same config (a moved `train.data_dir`, sources prepared
 again after an edit): each checkpoint records the content digests of the prepared splits it was trained and
 validated on (`data_identity`), which must match, and the fixed-DCE reference model it was trained against,
-which a `loss.reference_model` path can name another of later (`check_same_reference`). The code behind a
+which a `loss.reference_model` path can name another of later (`check_same_reference`, which `eval.evaluate`
+runs too: a checkpoint's weighted loss terms are measured against its reference). The code behind a
 `loss.weighting` name can change too:
 each checkpoint records its module's digest, and a resume whose module differs goes on with a warning
 (`loss.weighting_record`), since an edit of a comment changes the digest as well.
@@ -21,7 +22,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from nextquill_jax.config import Config, config_to_dict, load_config
 from nextquill_jax.config_paths import absolute_paths
@@ -179,19 +180,53 @@ def check_same_data(saved: Mapping[str, Any] | None, current: Mapping[str, Any],
     )
 
 
+class ReferenceUse(NamedTuple):
+    """How `check_same_reference` words its note and refusal for the command that checks a checkpoint's
+    reference: `command` (in the note: "this resume"), `then` (what reading on against another reference
+    would do), `until` (how long the reference run's step must stay its newest verified one) and
+    `elsewhere` (a fix beside putting the reference back; None: none)."""
+
+    command: str
+    then: str
+    until: str
+    elsewhere: str | None
+
+
+RESUMING = ReferenceUse(
+    "this resume",
+    "resuming would train the rest of the run against another reference (other reference DCEs, so other "
+    "token weights)",
+    "this run has finished",
+    "train in a new --workdir",
+)
+# `eval.evaluate` of a checkpoint: its weighted loss terms and DCE statistics come from the reference.
+EVALUATING = ReferenceUse(
+    "this evaluation",
+    "evaluating it would weigh its loss terms and compute its DCE statistics against another reference "
+    "(other reference DCEs, so other token weights) than the one it was trained against",
+    "this evaluation has finished",
+    None,
+)
+
+
 def check_same_reference(
-    saved: Mapping[str, Any] | None, current: Mapping[str, Any] | None, where: str
+    saved: Mapping[str, Any] | None,
+    current: Mapping[str, Any] | None,
+    where: str,
+    use: ReferenceUse = RESUMING,
 ) -> str | None:
     """Check that the checkpoint at `where`, whose recorded reference identity (`setup.Reference.identity`)
     is `saved`, was trained against the fixed-DCE reference model that `current` identifies now (None: the
     run has none; under the same config, which `check_resumable` compares first, it had none either).
+    `use` words the note and the refusal: `RESUMING` for a resume, `EVALUATING` for an evaluation of the
+    checkpoint (`eval.evaluate`, which loads the reference of the config saved with it).
 
     A `loss.reference_model` path stays the same while what it holds changes: a training workdir's newest
     verified checkpoint (the one a start loads) moves on as that run saves, and a model directory can be
     overwritten. A checkpoint saved before checkpoints recorded the reference (`saved` None) cannot be
-    checked: rather than refuse every such resume, it is accepted and a note returned naming the reference
-    to make sure of (none for `base`, which `adapters.check_same_base` checks as the base). Returns None when
-    there is nothing to note.
+    checked: rather than refuse every such resume or evaluation, it is accepted and a note returned naming
+    the reference to make sure of (none for `base`, which `adapters.check_same_base` checks as the base).
+    Returns None when there is nothing to note.
 
     Raises:
         ConfigError: another reference model (another checkpoint of a workdir, or the same step with another
@@ -204,30 +239,29 @@ def check_same_reference(
         if current["source"] == "base":
             return None
         return (
-            f"note: {where} was saved before checkpoints recorded their fixed-DCE reference model, so this "
-            f"resume cannot check that loss.reference_model, now {_reference_text(current)}, is the model it "
-            f"was trained against; make sure it is. Checkpoints saved from now on record it."
+            f"note: {where} was saved before checkpoints recorded their fixed-DCE reference model, so "
+            f"{use.command} cannot check that loss.reference_model, now {_reference_text(current)}, is the "
+            f"model it was trained against; make sure it is. Checkpoints saved from now on record it."
         )
+    elsewhere = "" if use.elsewhere is None else f", or {use.elsewhere}"
     if "scheme" in saved and "scheme" in current and saved["scheme"] != current["scheme"]:
         raise ConfigError(
             f"{where} recorded its reference model {saved['source']} with the fingerprint scheme "
             f"{saved['scheme']!r}, which this version does not compute (it computes {current['scheme']!r}), "
             f"so it cannot check the reference. Fix: use the version of nextquill-jax that saved the "
-            f"checkpoint, or a new --workdir"
+            f"checkpoint{elsewhere}."
         )
     if "step" in saved:
         checkpoints = Path(saved["source"]).expanduser() / CHECKPOINT_DIR
         fix = (
             f"make checkpoint {saved['step']} the newest verified one in {checkpoints} again (move the newer "
-            f"ones out of it until this run has finished, or restore that step from a backup)"
+            f"ones out of it until {use.until}, or restore that step from a backup)"
         )
     else:
         fix = f"put the model this run was trained against back at {saved['source']}"
     raise ConfigError(
         f"{where} was trained against the fixed-DCE reference model {_reference_text(saved)}, but "
-        f"loss.reference_model now gives {_reference_text(current)}, so resuming would train the rest of the "
-        f"run against another reference (other reference DCEs, so other token weights). Fix: {fix}, or train "
-        f"in a new --workdir."
+        f"loss.reference_model now gives {_reference_text(current)}, so {use.then}. Fix: {fix}{elsewhere}."
     )
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 from pathlib import Path
-from typing import get_args
+from typing import Any, get_args
 
 import jax
 from flax import nnx
@@ -45,6 +45,7 @@ class LoadedModel:
     step: int | None
     source: str
     weighting_note: str | None = None  # as `RestoredParams`'s
+    progress: dict[str, Any] | None = None  # as `RestoredParams`'s; None for step 0 and a model path too
 
 
 def _check_compute_dtype(compute_dtype: str | None) -> None:
@@ -224,7 +225,9 @@ class RestoredParams:
     """A checkpoint's trained parameters (the model's, or the LoRA adapters under `model.lora`), placed on
     `mesh`, with the config saved with it (as `reading_config` reads it here); `weighting_note`: the warning
     that the run's `loss.weighting` module has changed since the checkpoint was saved (`weighting_note`),
-    for a command that weights tokens with it to print, else None."""
+    for a command that weights tokens with it to print, else None. `progress`: the progress saved with it
+    (`Checkpointer.read_progress`), whose identities say what it was trained with (its fixed-DCE reference
+    model's, which `eval.evaluate` checks against the reference it loads: `resume.check_same_reference`)."""
 
     params: dict
     config: Config
@@ -232,6 +235,7 @@ class RestoredParams:
     step: int
     source: str
     weighting_note: str | None = None
+    progress: dict[str, Any] | None = None
 
 
 def restore_params(
@@ -299,7 +303,7 @@ def restore_params(
         params = ckpt.restore_params(chosen, placed)
     finally:
         ckpt.close()
-    return RestoredParams(params, cfg, mesh, chosen, source, changed)
+    return RestoredParams(params, cfg, mesh, chosen, source, changed, progress)
 
 
 def restore_model(
@@ -337,7 +341,9 @@ def restore_model(
     else:
         base = model_setup.load_params(adapters.base_section(cfg.model), restored.mesh, cfg.train.seed)[1]
         model = _lora_model(cfg, base, restored.params)
-    return LoadedModel(model, cfg, restored.mesh, restored.step, restored.source, restored.weighting_note)
+    return LoadedModel(
+        model, cfg, restored.mesh, restored.step, restored.source, restored.weighting_note, restored.progress
+    )
 
 
 def _lora_model(cfg: Config, base: dict, weights: dict) -> CausalLM:

@@ -1,11 +1,13 @@
 """A resume continues the run its checkpoints hold: a config that differs in what is trained is refused
-before anything is restored (train/resume.py), and config.yaml records the run that ran."""
+before anything is restored (train/resume.py), and config.yaml records the run that ran. `evaluate` checks a
+checkpoint's fixed-DCE reference model as a resume does."""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import shutil
 
@@ -333,6 +335,70 @@ def test_a_resume_after_a_model_reference_was_overwritten_is_refused_and_an_unre
         f"note: {stopped} was saved before checkpoints recorded their fixed-DCE reference model, so this "
         f"resume cannot check that loss.reference_model, now {model} (fingerprint {now[:12]}), is the model "
         "it was trained against; make sure it is. Checkpoints saved from now on record it."
+    ]
+
+
+def test_evaluate_refuses_a_checkpoint_whose_workdir_reference_has_moved_on_and_runs_against_its_own(
+    tmp_path, monkeypatch, write_random_data, tiny_config
+):
+    """`evaluate` loads the checkpoint's `loss.reference_model` as it is now: a workdir's newest verified
+    step, which may not be the one the checkpoint was trained against (the reference run saved a newer
+    one), and its weighted loss terms and DCE statistics would silently come from another reference. It
+    checks the recorded reference as a resume does: another is refused, naming both, before the loss pass;
+    the same one evaluates; a checkpoint saved before the record evaluates with the resume's note."""
+    from nextquill_jax.eval import evaluate as evaluate_module
+    from nextquill_jax.models.generate import GenerationConfig
+
+    data = write_random_data(tmp_path / "data", train=24, val=4)
+    (data / "val.jsonl").write_text("".join(json.dumps({"index": i}) + "\n" for i in range(4)))
+    dense, ref, run = {"attention_impl": "xla_dense"}, tmp_path / "ref", tmp_path / "run"
+    reference = tiny_config(data, ref, model=dense)
+    reference["train"]["max_steps"] = 2
+    reference["checkpoint"].update(every_steps=1, async_save=False)
+    loop.train(load_config(None, base=reference), ref, echo=lambda _: None)
+    ref_checkpoints = (ref / "checkpoints").absolute()
+    (ref_checkpoints / "2").rename(tmp_path / "ref_2")  # the reference run has saved step 1 alone so far
+    raw = tiny_config(data, run, loss={"dce": "fixed", "reference_model": str(ref)}, model=dense)
+    stopped = _stopped_against(raw, run, monkeypatch)
+    (tmp_path / "ref_2").rename(ref_checkpoints / "2")  # the reference run trained on meanwhile
+    digests = [
+        hashlib.blake2b((ref_checkpoints / step / MANIFEST).read_bytes(), digest_size=16).hexdigest()
+        for step in ("1", "2")
+    ]
+    nothing = GenerationConfig(max_new_tokens=0)
+    lines, passes = [], []
+    measure = evaluate_module.split_losses
+    monkeypatch.setattr(evaluate_module, "split_losses", lambda *a: passes.append(a) or measure(*a))
+    evaluate = lambda: evaluate_module.evaluate(run, "val", generation=nothing, echo=lines.append)
+
+    with pytest.raises(ConfigError) as refused:
+        evaluate()
+    assert str(refused.value) == (
+        f"{stopped} was trained against the fixed-DCE reference model checkpoint 1 of the run in {ref} "
+        f"(manifest.json {digests[0][:12]}), but loss.reference_model now gives checkpoint 2 of the run in "
+        f"{ref} (manifest.json {digests[1][:12]}), so evaluating it would weigh its loss terms and compute "
+        "its DCE statistics against another reference (other reference DCEs, so other token weights) than "
+        "the one it was trained against. Fix: make checkpoint 1 the newest verified one in "
+        f"{ref_checkpoints} again (move the newer ones out of it until this evaluation has finished, or "
+        "restore that step from a backup)."
+    )
+    assert passes == [] and not (run / "eval").exists()
+
+    (ref_checkpoints / "2").rename(tmp_path / "ref_2")
+    metrics = evaluate()
+    assert (metrics["step"], len(passes)) == (1, 1)
+    assert math.isfinite(metrics["loss"]["loss"]) and metrics["loss"]["effects"]
+    assert not [line for line in lines if line.startswith("note: ")]
+
+    (tmp_path / "ref_2").rename(ref_checkpoints / "2")
+    _as_saved_without(stopped, "reference")
+    lines.clear()
+    assert evaluate()["step"] == 1
+    assert [line for line in lines if line.startswith("note: ")] == [
+        f"note: {stopped} was saved before checkpoints recorded their fixed-DCE reference model, so this "
+        f"evaluation cannot check that loss.reference_model, now checkpoint 2 of the run in {ref} "
+        f"(manifest.json {digests[1][:12]}), is the model it was trained against; make sure it is. "
+        "Checkpoints saved from now on record it."
     ]
 
 
