@@ -394,24 +394,11 @@ def load_reference(cfg: Config, mesh: Mesh, base: tuple[Any, dict] | None = None
     return Reference(graphdef, params, adapters.path_identity(section))
 
 
-def reference_params(
-    cfg: Config, mesh: Mesh, base: tuple[Any, dict] | None = None
-) -> tuple[Any, dict] | None:
-    """(graphdef, params) of the frozen `loss.reference_model` for `dce: fixed` (`load_reference`), or None
-    when not set.
-
-    Raises:
-        as `load_reference`.
-    """
-    reference = load_reference(cfg, mesh, base)
-    return None if reference is None else (reference.graphdef, reference.params)
-
-
 def check_reference_token_ids(cfg: Config, splits: Sequence[PreparedSplit]) -> None:
     """Raise ConfigError if `splits` hold a token id outside the vocabulary of the `dce: fixed` reference
     model (`model_setup.check_token_ids`): it reads the same ids as the run's model.
 
-    Its vocab_size is read from its config alone, before `reference_params` loads its weights (minutes for a
+    Its vocab_size is read from its config alone, before `load_reference` loads its weights (minutes for a
     large model): a path's config.json or GGUF header, a training workdir's config.yaml. `base` is the run's
     own model, checked as such; nothing is checked without a reference model.
 

@@ -152,8 +152,8 @@ def test_a_lora_workdir_restores_as_its_base_carrying_the_adapters(runs):
         np.testing.assert_array_equal(got, want)  # the base itself: the adapters are carried apart
     # The run as another run's fixed-DCE reference model: the same model, its adapters carried along.
     overrides = ["loss.variant=dce", "loss.dce=fixed", f"loss.reference_model={workdir}"]
-    reference = setup.reference_params(load_config(workdir / "config.yaml", overrides), mesh)
-    reference_model = nnx.merge(*reference)
+    loaded = setup.load_reference(load_config(workdir / "config.yaml", overrides), mesh)
+    reference_model = nnx.merge(loaded.graphdef, loaded.params)
     assert reference_model.attached_adapters() is not None
     np.testing.assert_allclose(reference_model.hidden_states(ids), with_adapters, rtol=1e-5, atol=1e-5)
 

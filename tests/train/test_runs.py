@@ -301,12 +301,12 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step_and_last_good_checkpoin
 def test_a_workdir_serves_as_the_frozen_reference_model(runs, read_state):
     from nextquill_jax.config import load_config
     from nextquill_jax.parallel import make_mesh
-    from nextquill_jax.train.setup import reference_params
+    from nextquill_jax.train.setup import load_reference
 
     work = runs["root"] / "A"
     overrides = ["loss.variant=dce", "loss.dce=fixed", f"loss.reference_model={work}"]
     cfg = load_config(work / "config.yaml", overrides)
-    _, params = reference_params(cfg, make_mesh({"data": 1, "fsdp": -1, "tensor": 1}))
+    params = load_reference(cfg, make_mesh({"data": 1, "fsdp": -1, "tensor": 1})).params
     _assert_same_state(jax.device_get(params), read_state(work / "checkpoints" / "12")["params"], exact=True)
 
 
@@ -323,7 +323,7 @@ def test_a_path_reference_model_runs_its_layers_as_the_runs_model_does(
     from nextquill_jax.models.config import RUNTIME_FIELDS
     from nextquill_jax.parallel import make_mesh
     from nextquill_jax.train import model_setup
-    from nextquill_jax.train.setup import reference_params
+    from nextquill_jax.train.setup import load_reference
 
     AutoModelForCausalLM.from_config(tiny_hf_config("qwen2", vocab_size=128)).save_pretrained(tmp_path / "hf")
     config = write_config(tiny_config(tmp_path / "data", tmp_path / "run"), tmp_path / "run.yaml")
@@ -336,7 +336,8 @@ def test_a_path_reference_model_runs_its_layers_as_the_runs_model_does(
         "model.remat_policy=full",
     ]
     cfg = load_config(config, overrides)
-    reference = nnx.merge(*reference_params(cfg, make_mesh({"data": 1, "fsdp": -1, "tensor": 1})))
+    loaded = load_reference(cfg, make_mesh({"data": 1, "fsdp": -1, "tensor": 1}))
+    reference = nnx.merge(loaded.graphdef, loaded.params)
     run_model = model_setup.model_config(cfg.model)
     for field in RUNTIME_FIELDS:
         assert getattr(reference.cfg, field) == getattr(run_model, field), field
@@ -356,7 +357,7 @@ def test_a_path_reference_model_beside_lora_adapters_is_stored_as_the_base_is(
 
     from nextquill_jax.config import load_config
     from nextquill_jax.parallel import make_mesh
-    from nextquill_jax.train.setup import reference_params
+    from nextquill_jax.train.setup import load_reference
 
     torch_model = AutoModelForCausalLM.from_config(tiny_hf_config("qwen2", vocab_size=128))
     torch_model.save_pretrained(tmp_path / "hf")
@@ -365,7 +366,7 @@ def test_a_path_reference_model_beside_lora_adapters_is_stored_as_the_base_is(
     config = write_config(tiny_config(tmp_path / "data", tmp_path / "run", **sections), tmp_path / "run.yaml")
     overrides = ["loss.variant=dce", "loss.dce=fixed", f"loss.reference_model={tmp_path / 'hf'}"]
     mesh = make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
-    _, params = reference_params(load_config(config, overrides), mesh)
+    params = load_reference(load_config(config, overrides), mesh).params
     want = "float32" if base_dtype == "float32" else "bfloat16"
     rounded = ml_dtypes.bfloat16 if want == "bfloat16" else np.float32
     assert {leaf.dtype.name for leaf in jax.tree.leaves(params)} == {want}
