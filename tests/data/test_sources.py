@@ -52,11 +52,14 @@ def _topic_writing_cfg(tw: Path) -> DataConfig:
     )
 
 
-def _amazon_cfg(thresholds, **kw) -> DataConfig:
+def _amazon_cfg(
+    thresholds, reviews: Path = AMAZON, meta: Path = AMAZON, ext: str = "jsonl", **kw
+) -> DataConfig:
+    """Category Books from `reviews`/Books.<ext> with its metadata `meta`/meta_Books.<ext>."""
     return DataConfig(
         format="amazon2023",
-        sources=[str(AMAZON / "Books.jsonl")],
-        meta=[str(AMAZON / "meta_Books.jsonl")],
+        sources=[str(reviews / f"Books.{ext}")],
+        meta=[str(meta / f"meta_Books.{ext}")],
         **{**thresholds, **kw},
     )
 
@@ -182,12 +185,7 @@ def test_amazon2023_drops_and_counts_a_long_review_of_whitespace_alone(tmp_path,
     blank = {**rows[0], "title": "Blank", "text": " \n" * 125, "timestamp": newest + 1}
     (tmp_path / "Books.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*rows, blank]))
     shutil.copy(AMAZON / "meta_Books.jsonl", tmp_path)
-    cfg = DataConfig(
-        format="amazon2023",
-        sources=[str(tmp_path / "Books.jsonl")],
-        meta=[str(tmp_path / "meta_Books.jsonl")],
-        **small_dpl,
-    )
+    cfg = _amazon_cfg(small_dpl, tmp_path, tmp_path)
     records, log = _read(cfg)
     expected, expected_log = _read(_amazon_cfg(small_dpl))
     assert [dataclasses.replace(r, source="") for r in records] == [
@@ -203,12 +201,7 @@ def test_amazon2023_refuses_an_empty_user_id(tmp_path, small_dpl):
     rows[0]["user_id"], rows[1]["user_id"] = "", " "
     (tmp_path / "Books.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     shutil.copy(AMAZON / "meta_Books.jsonl", tmp_path)
-    cfg = DataConfig(
-        format="amazon2023",
-        sources=[str(tmp_path / "Books.jsonl")],
-        meta=[str(tmp_path / "meta_Books.jsonl")],
-        **small_dpl,
-    )
+    cfg = _amazon_cfg(small_dpl, tmp_path, tmp_path)
     with pytest.raises(DataError) as e:
         _read(cfg)
     assert str(e.value).startswith("2 invalid input record(s) (2 empty_field); nothing was prepared:\n  ")
@@ -230,12 +223,7 @@ def test_amazon2023_reviews_of_an_invalid_metadata_row_are_counted_not_reported_
     assert meta[3]["title"] == "The Glass Harbor"
     meta[3]["description"] = "a string"
     (tmp_path / "meta_Books.jsonl").write_text("".join(json.dumps(m) + "\n" for m in meta))
-    cfg = DataConfig(
-        format="amazon2023",
-        sources=[str(AMAZON / "Books.jsonl")],
-        meta=[str(tmp_path / "meta_Books.jsonl")],
-        **small_dpl,
-    )
+    cfg = _amazon_cfg(small_dpl, meta=tmp_path)
     with pytest.raises(DataError) as e:
         _read(cfg)
     assert str(e.value).splitlines()[:2] == [
@@ -269,12 +257,7 @@ def test_amazon2023_reads_one_line_json_arrays_as_the_same_records(tmp_path, sma
     Each record now gets its own review, and its `source` names the line and the row."""
     for name in ("Books", "meta_Books"):
         (tmp_path / f"{name}.json").write_text(json.dumps(_rows(AMAZON / f"{name}.jsonl")))
-    cfg = DataConfig(
-        format="amazon2023",
-        sources=[str(tmp_path / "Books.json")],
-        meta=[str(tmp_path / "meta_Books.json")],
-        **small_dpl,
-    )
+    cfg = _amazon_cfg(small_dpl, tmp_path, tmp_path, "json")
     records, log = _read(cfg)
     expected, expected_log = _read(_amazon_cfg(small_dpl))
     assert [dataclasses.replace(r, source="") for r in records] == [
