@@ -11,8 +11,8 @@ of items with < 5 profile users are removed and users left with < 8 profile revi
 of users stops changing. Targets 1-8 train (history = profile + earlier targets), 9 validates, 10 tests. All
 thresholds come from `DataConfig.dpl_*`.
 
-Every review not kept is counted under a `review_*` reason and every item not kept under an `item_*` reason;
-the reviews of an item whose metadata row is invalid (itself an error) under `review_item_invalid`.
+Every valid review or item row not kept is counted under a `review_*` or `item_*` reason; invalid rows are
+errors (`data.on_error`), and the reviews of an item whose metadata row is invalid under `review_item_invalid`.
 
 Memory: the filters need only ids, ratings, times and a hash of each text, so the first pass keeps those (a
 category of tens of millions of reviews fits in a few GB); a second pass over the file reads the title and
