@@ -177,7 +177,8 @@ def split_losses(
     loaded: LoadedModel, split: PreparedSplit, count: int, reference: tuple[Any, dict] | None = None
 ) -> dict[str, Any]:
     """The loss terms of the first `count` examples of `split` under the model (forward passes only);
-    `reference`: (graphdef, params) of the run's frozen reference model for `dce: fixed` (`setup.load_reference`).
+    `reference`: (graphdef, params) of the run's frozen reference model for `dce: fixed`
+    (`setup.load_reference`).
 
     Returns `{"tokens", "variant", "alpha", "threshold", "high", "low", "weighting", "weighting_sha256",
     "loss", "terms", "variants", "effects"}`: the run's loss settings behind the terms (α, δ, λ, ε, and

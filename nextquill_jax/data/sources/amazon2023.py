@@ -12,7 +12,8 @@ of users stops changing. Targets 1-8 train (history = profile + earlier targets)
 thresholds come from `DataConfig.dpl_*`.
 
 Every valid review or item row not kept is counted under a `review_*` or `item_*` reason; invalid rows are
-errors (`data.on_error`), and the reviews of an item whose metadata row is invalid under `review_item_invalid`.
+errors (`data.on_error`), and the reviews of an item whose metadata row is invalid are counted under
+`review_item_invalid`.
 
 Memory: the filters need only ids, ratings, times and a hash of each text, so the first pass keeps those (a
 category of tens of millions of reviews fits in a few GB); a second pass over the file reads the title and
