@@ -33,8 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from nextquill_jax import parallel
 from nextquill_jax.config import Config, ModelRunConfig, load_config
 from nextquill_jax.config_schema import ConfigError
-from nextquill_jax.data import checksums
-from nextquill_jax.data.checksums import IntegrityError
+from nextquill_jax.data.checksums import IntegrityError, file_digest
 from nextquill_jax.data.pipeline import BatchPipeline
 from nextquill_jax.data.prepared_split import PreparedSplit, check_finished, check_split, prepared_splits
 from nextquill_jax.loss.weighting_record import weighting_fingerprint
@@ -382,7 +381,7 @@ def load_reference(cfg: Config, mesh: Mesh, base: tuple[Any, dict] | None = None
         # A reference run that saves a newer step gives another model at the next start: the step loaded
         # and its manifest (every file's checksum) name this one.
         manifest = Path(restored.source) / MANIFEST
-        digest = checksums.file_digest(manifest) if manifest.is_file() else None  # None: before manifests
+        digest = file_digest(manifest) if manifest.is_file() else None  # None: before manifests
         identity = {"source": source, "step": restored.step, "manifest": digest}
         return Reference(graphdef, nnx.to_pure_dict(state), identity)
     # Its forward runs inside the training step, on the same batches: it runs the layers as the run's model
