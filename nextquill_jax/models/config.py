@@ -373,7 +373,7 @@ class ModelConfig:
             raise ValueError(
                 f"config.json head_dim is null, from which transformers builds no {family!r} model. Fix: set "
                 f"it to the width of one attention head, or remove the key for transformers' default "
-                f"({FAMILY_DEFAULTS[family].get('head_dim', 'hidden_size // num_attention_heads')})"
+                f"({defaults.get('head_dim', 'hidden_size // num_attention_heads')})"
             )
         head_dim = d.get("head_dim") or defaults.get("head_dim") or int(d["hidden_size"]) // num_heads
         attention_bias = bool(d.get("attention_bias", False))
