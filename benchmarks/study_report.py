@@ -342,9 +342,9 @@ def across_table(
     # as compare's results.md counts them, not left for the reader to find in each seed's results.
     left = [
         f"- {row['variant']}, {row['label']}, over the examples: {counted(row['examples'], 'example')}"
-        f"{left_out_counts(row)}"
+        f"{counts}"
         for row in rows
-        if row["examples"] is not None and left_out_counts(row)
+        if row["examples"] is not None and (counts := left_out_counts(row))
     ]
     if left:
         lines += ["", *left]
