@@ -222,11 +222,18 @@ def verify_error(directory: Path, checks: list[StepCheck], aside: list[Path]) ->
             "(checkpoint.every_steps, or the end of an epoch)."
         )
     failed = [str(directory / str(c.step)) for c in checks if c.status == "failed"]
+    if failed and len(failed) == len(checks):
+        # A resume moves every one of them aside and then refuses to start (`loop.start_state`).
+        return (
+            f"damaged or incomplete: {', '.join(failed)} (see the table), and no step verifies. Fix: restore "
+            f"them from a backup (`nextquill-jax train` moves them aside and refuses to start until they are "
+            f"restored), or move {directory} away to train the run from the start."
+        )
     if failed:
         return (
             f"damaged or incomplete: {', '.join(failed)} (see the table). Fix: restore them from a backup, "
-            "or delete them (`nextquill-jax train` moves them aside and resumes from the newest step that "
-            "verifies)."
+            "or delete them (`nextquill-jax train` resumes from the newest step that verifies, moving aside "
+            "any damaged step newer than it)."
         )
     if not any(c.status == "ok" for c in checks):
         return (

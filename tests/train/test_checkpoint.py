@@ -403,6 +403,32 @@ def test_checkpoint_verify_fails_on_an_incomplete_step_or_none_verified_and_name
     assert capsys.readouterr().err == f"moved aside by a resume as damaged: {ckpts / '4.corrupt'}\n"
 
 
+def test_checkpoint_verify_on_only_damaged_steps_gives_the_fix_a_resume_then_asks_for(tmp_path, capsys):
+    # Resuming from "the newest step that verifies" is no fix when none does: a resume moves every step aside
+    # and refuses to start, so verify's fix must name what that refusal asks for.
+    from nextquill_jax.cli import main
+
+    ckpts = tmp_path / "checkpoints"
+    ckpt = Checkpointer(ckpts, CheckpointConfig(keep=3))
+    _save_steps(ckpt, [1, 2])
+    ckpt.close()
+    for step in ("1", "2"):
+        (ckpts / step / "state").rename(ckpts / step / "state.lost")
+    assert main(["checkpoint", "verify", "--workdir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"error: damaged or incomplete: {ckpts / '1'}, {ckpts / '2'} (see the table), and no step verifies. "
+        f"Fix: restore them from a backup (`nextquill-jax train` moves them aside and refuses to start until "
+        f"they are restored), or move {ckpts} away to train the run from the start."
+    )
+    assert "resumes from the newest step" not in err
+
+    resume = Checkpointer(ckpts, CheckpointConfig(keep=3))
+    assert resume.newest_verified(lambda line: None) is None
+    resume.close()
+    assert moved_aside(ckpts) == [ckpts / "1.corrupt", ckpts / "2.corrupt"]
+
+
 def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint_and_marks_nothing_complete(
     tmp_path, monkeypatch
 ):
