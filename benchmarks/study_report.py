@@ -46,9 +46,11 @@ from typing import Any
 
 import scipy.stats  # a dependency of jax
 
+from nextquill_jax.eval.bootstrap import no_width
 from nextquill_jax.eval.compare import Comparison, load_comparison, settings_changes, trained_differently
 from nextquill_jax.eval.compare_table import (
     METRICS,
+    NO_WIDTH_VERDICT,
     compare_runs,
     few_examples_line,
     generated,
@@ -269,13 +271,6 @@ def across_seeds(
     return rows
 
 
-def no_width(low: float, high: float) -> bool:
-    """Whether the interval [low, high] has no width, up to the rounding of float64 (a relative 1e-9): equal
-    values computed along different paths (0.1 + 0.2 and 0.3) leave an interval of a few ulps, which says no
-    more than one of none."""
-    return math.isclose(low, high, rel_tol=1e-9)
-
-
 def row_verdict(row: Mapping[str, Any]) -> str:
     """The verdict on an `across_seeds` row: "better" or "worse" (in the metric's direction) where its t
     interval and its interval over the examples (where the row has one) both exclude 0, "no significant
@@ -292,7 +287,7 @@ def row_verdict(row: Mapping[str, Any]) -> str:
     intervals = [(row["low"], row["high"])]
     if row["examples_low"] is not None:
         if no_width(row["examples_low"], row["examples_high"]):
-            return "no verdict: the examples' differences agree exactly"
+            return NO_WIDTH_VERDICT
         intervals.append((row["examples_low"], row["examples_high"]))
     significant = not any(low <= 0.0 <= high for low, high in intervals)
     return verdict(row["mean"], significant, row["higher_is_better"])

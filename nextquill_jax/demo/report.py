@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from nextquill_jax.eval.compare_table import METRICS
+from nextquill_jax.eval.compare_table import METRICS, difference_verdict
 
 STUDY_FILE = Path(__file__).resolve().parents[2] / "benchmarks" / "STUDY.md"
 STUDY_COMMAND = "nextquill-jax compare --config configs/study/smollm2_synthetic.yaml"
@@ -22,7 +22,8 @@ HEADLINE = ("rouge1", "preference_recall", "preference_nll_with")
 
 def reading(result: Mapping[str, Any]) -> str:
     """One clause per variant and headline metric (`HEADLINE`): better / worse than the baseline where the
-    paired interval excludes 0, "no significant difference" where it covers 0, with the interval."""
+    paired interval excludes 0, "no significant difference" where it covers 0, "no verdict" where it excludes
+    0 but has no width (`compare_table.difference_verdict`), with the interval."""
     headers = {metric: (header, higher) for metric, header, higher in METRICS}
     clauses = []
     for name, metrics in result["differences"].items():
@@ -30,15 +31,13 @@ def reading(result: Mapping[str, Any]) -> str:
             if metric not in metrics:
                 continue
             d, (header, higher) = metrics[metric], headers[metric]
-            verdict = (
-                ("better than" if (d["mean"] > 0) == higher else "worse than")
-                if d["significant"]
-                else "no significant difference from"
-            )
-            clauses.append(
-                f"{name} {verdict} {result['baseline']} on {header} "
-                f"({d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}])"
-            )
+            word, base = difference_verdict(d, higher), result["baseline"]
+            clause = {
+                "better": f"{name} better than {base} on {header}",
+                "worse": f"{name} worse than {base} on {header}",
+                "no significant difference": f"{name} no significant difference from {base} on {header}",
+            }.get(word, f"{name} vs {base} on {header}: {word}")
+            clauses.append(f"{clause} ({d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}])")
     return "; ".join(clauses) + "." if clauses else "no variant to compare with the baseline."
 
 

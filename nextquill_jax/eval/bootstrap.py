@@ -9,10 +9,18 @@ out of the interval. A conclusion holds only where the interval excludes 0.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+
+def no_width(low: float, high: float) -> bool:
+    """Whether the interval [low, high] has no width, up to the rounding of float64 (a relative 1e-9): equal
+    values computed along different paths (0.1 + 0.2 and 0.3) leave an interval of a few ulps, which says no
+    more than one of none. Such an interval says nothing of the uncertainty, so no verdict rests on it."""
+    return math.isclose(low, high, rel_tol=1e-9)
 
 
 @dataclass(frozen=True)
@@ -27,8 +35,15 @@ class PairedDifference:
 
     @property
     def significant(self) -> bool:
-        """Whether the interval excludes 0."""
+        """Whether the interval excludes 0. An interval of no width (`no_width`: every pair's difference is
+        the same, as with one example) excludes 0 by this test while saying nothing; callers that give a
+        verdict check `has_width` first."""
         return not self.low <= 0.0 <= self.high
+
+    @property
+    def has_width(self) -> bool:
+        """Whether the interval is wider than float64 rounding (not `no_width`)."""
+        return not no_width(self.low, self.high)
 
     def describe(self, digits: int = 4) -> str:
         """e.g. "+0.0123 [+0.0040, +0.0210]"."""

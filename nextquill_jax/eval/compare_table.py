@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from nextquill_jax.atomic_file import write_text_atomic
-from nextquill_jax.eval.bootstrap import paired_bootstrap
+from nextquill_jax.eval.bootstrap import no_width, paired_bootstrap
 from nextquill_jax.eval.preference_recall import preference_recall
 from nextquill_jax.plural import counted
 
@@ -80,6 +80,8 @@ NO_INTERVAL = (
 # Below this many paired examples results.md warns that its intervals are too narrow to trust (a rule of
 # thumb for the percentile bootstrap, whose coverage falls short of 95% on small samples).
 FEW_EXAMPLES = 30
+# The verdict where an interval over the examples excludes 0 but has no width (`bootstrap.no_width`).
+NO_WIDTH_VERDICT = "no verdict: the examples' differences agree exactly"
 
 
 def read_number(value: float | None) -> float:
@@ -280,7 +282,9 @@ def compare_runs(
             left_out = len(paired) - len(common)
             differences[name][metric] = {
                 **diff.__dict__,
-                "significant": diff.significant,
+                # A verdict only where the interval has width (`bootstrap.no_width`): one example's, or
+                # examples that all differ by the same amount, exclude 0 while saying nothing.
+                "significant": diff.significant and diff.has_width,
                 "nonfinite": left_out,
                 **unmatched,
             }
@@ -289,7 +293,8 @@ def compare_runs(
 
 def conclusions(result: Mapping[str, Any]) -> list[str]:
     """One sentence per variant and metric: better / worse than the baseline where the interval excludes 0,
-    "no significant difference" where it covers 0."""
+    "no significant difference" where it covers 0, "no verdict" where it excludes 0 but has no width
+    (`difference_verdict`)."""
     lines = []
     for name, metrics in result["differences"].items():
         for metric, header, higher_better in METRICS:
@@ -298,7 +303,7 @@ def conclusions(result: Mapping[str, Any]) -> list[str]:
             d = metrics[metric]
             examples = counted(d["examples"], "example")
             interval = f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}], {examples}{left_out_counts(d)}"
-            word = verdict(d["mean"], d["significant"], higher_better)
+            word = difference_verdict(d, higher_better)
             lines.append(f"{name} vs {result['baseline']} on {header}: {word} ({interval})")
     return lines
 
@@ -313,6 +318,15 @@ def left_out_counts(d: Mapping[str, int]) -> str:
         paired = d["examples"] + d["nonfinite"]
         text += f", {paired} paired of {paired + d['unpaired']}: {_unpaired_reason(d)}"
     return text
+
+
+def difference_verdict(d: Mapping[str, Any], higher_is_better: bool) -> str:
+    """The word for a difference of `compare_runs` (`mean`, `low`, `high`, `significant`): `NO_WIDTH_VERDICT`
+    where its interval excludes 0 but has no width (`bootstrap.no_width`), else `verdict`'s (an interval of
+    no width at 0, every pair equal, is "no significant difference")."""
+    if not d["low"] <= 0.0 <= d["high"] and no_width(d["low"], d["high"]):
+        return NO_WIDTH_VERDICT
+    return verdict(d["mean"], d["significant"], higher_is_better)
 
 
 def verdict(mean: float, significant: bool, higher_is_better: bool) -> str:

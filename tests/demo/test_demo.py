@@ -7,6 +7,7 @@ number in them is traceable to the file of the run that produced it (and recompu
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -170,10 +171,15 @@ def test_reading_follows_the_intervals(demo_run):
             header, higher = headers[metric]
             excludes_zero = d["low"] > 0 or d["high"] < 0
             if not excludes_zero:
-                verdict = "no significant difference from"
+                clause = f"{name} no significant difference from context_sft on {header}"
+            elif math.isclose(d["low"], d["high"], rel_tol=1e-9):  # no width: says nothing
+                clause = (
+                    f"{name} vs context_sft on {header}: no verdict: the examples' differences agree exactly"
+                )
             else:
                 verdict = "better than" if (d["mean"] > 0) == higher else "worse than"
-            assert f"{name} {verdict} context_sft on {header} ({d['mean']:+.4f}" in results["reading"]
+                clause = f"{name} {verdict} context_sft on {header}"
+            assert f"{clause} ({d['mean']:+.4f}" in results["reading"]
 
 
 def test_variants_share_the_base_and_train_the_same_steps(demo_run):
@@ -237,3 +243,26 @@ def test_bad_demo_configs_are_named(tmp_path):
         load_demo_config(tmp_path / "bad.yaml", tmp_path)
     assert str(e.value).startswith(f"{tmp_path / 'bad.yaml'}, line {line}: unknown key "), e.value
     assert "`finetune.optim.learning_rat`. Did you mean `finetune.optim.learning_rate`?" in str(e.value)
+
+
+def test_the_reading_gives_no_verdict_on_an_interval_of_no_width_away_from_zero():
+    """One pair, or pairs that all differ by the same amount, give an interval of no width: it excludes 0 by
+    the letter but says nothing of the uncertainty, so the reading names no winner; one at 0 (every pair
+    equal) stays "no significant difference"."""
+    from nextquill_jax.demo.report import reading
+
+    def difference(low, high):
+        return {"mean": low, "low": low, "high": high, "significant": False}
+
+    result = {
+        "baseline": "context_sft",
+        "differences": {
+            "a": {"rouge1": difference(0.1, 0.1), "preference_recall": difference(0.0, 0.0)},
+            "b": {"rouge1": {"mean": 0.2, "low": 0.1, "high": 0.3, "significant": True}},
+        },
+    }
+    assert reading(result) == (
+        "a vs context_sft on ROUGE-1: no verdict: the examples' differences agree exactly "
+        "(+0.1000 [+0.1000, +0.1000]); a no significant difference from context_sft on pref. recall "
+        "(+0.0000 [+0.0000, +0.0000]); b better than context_sft on ROUGE-1 (+0.2000 [+0.1000, +0.3000])."
+    )

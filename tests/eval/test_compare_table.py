@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from nextquill_jax.eval.compare_table import example_keys, not_measured_line, write_results
+from nextquill_jax.eval.compare_table import NO_WIDTH_VERDICT, example_keys, not_measured_line, write_results
 from tests.eval.test_nonfinite_results import run_files
 
 
@@ -45,7 +45,11 @@ def test_runs_whose_data_was_prepared_differently_are_paired_by_example_id(tmp_p
         assert (got["mean"], got["low"], got["high"]) == pytest.approx((step, step, step), abs=1e-6)
         assert (got["examples"], got["nonfinite"], got["unpaired"]) == (4, 0, 2)
     text = (out / "results.md").read_text()
-    assert "short vs base on ROUGE-1: better (+0.1000 [+0.1000, +0.1000], 4 examples, 4 paired of 6:" in text
+    # Every pair differs by the same amount: an interval of no width, which gives no verdict.
+    assert (
+        "short vs base on ROUGE-1: no verdict: the examples' differences agree exactly "
+        "(+0.1000 [+0.1000, +0.1000], 4 examples, 4 paired of 6:"
+    ) in text
     assert "each difference pairs only the examples both evaluated, the same id with the same content" in text
     assert "share an id" not in text  # every shared id holds the same example in both
     # Each run's own mean still covers every example it evaluated.
@@ -97,8 +101,8 @@ def test_examples_that_share_an_id_but_not_their_content_are_not_paired(tmp_path
         assert (got["examples"], got["unpaired"], got["other_content"]) == (2, 4, 2)
     text = (out / "results.md").read_text()
     assert (
-        "other vs base on ROUGE-1: better (+0.1000 [+0.1000, +0.1000], 2 examples, 2 paired of 6: 4 share an "
-        "id but not their content (user, target text))"
+        f"other vs base on ROUGE-1: {NO_WIDTH_VERDICT} (+0.1000 [+0.1000, +0.1000], 2 examples, 2 paired of "
+        "6: 4 share an id but not their content (user, target text))"
     ) in text
     assert "Some examples share an id with one of the baseline's but not its content" in text
 
@@ -180,14 +184,38 @@ def test_the_std_across_seeds_is_the_sample_std(tmp_path):
     assert "| a | 0.2000 ± 0.1414 |" in (out / "results.md").read_text()
 
 
-def test_one_paired_example_is_counted_in_the_singular(tmp_path):
-    """Each example of the variant scores its baseline's + 0.1: one pair gives the difference exactly."""
+def test_one_paired_example_is_counted_in_the_singular_and_its_interval_of_no_width_gives_no_verdict(
+    tmp_path,
+):
+    """Each example of the variant scores its baseline's + 0.1: one pair gives the difference exactly, and
+    every bootstrap resample draws that one pair, so the interval [+0.1, +0.1] excludes 0 while saying
+    nothing of the uncertainty ("better" before, as if significant)."""
     records = [run_files(tmp_path, n, [0.1 + d], [1.0 + d], bleu=1.0) for n, d in (("a", 0.0), ("b", 0.1))]
     result, out = _results(tmp_path, records, "a")
-    assert result["differences"]["b"]["rouge1"]["examples"] == 1
+    rouge = result["differences"]["b"]["rouge1"]
+    assert rouge["examples"] == 1 and rouge["low"] == pytest.approx(rouge["high"], abs=1e-12)
+    assert rouge["low"] > 0
+    assert rouge["significant"] is False
     text = (out / "results.md").read_text()
-    assert "b vs a on ROUGE-1: better (+0.1000 [+0.1000, +0.1000], 1 example)" in text
+    assert f"b vs a on ROUGE-1: {NO_WIDTH_VERDICT} (+0.1000 [+0.1000, +0.1000], 1 example)" in text
+    assert "b vs a on ROUGE-1: better" not in text
     assert "Only 1 paired example: at fewer than" in text
+
+
+def test_examples_that_differ_by_different_amounts_keep_their_verdict(tmp_path):
+    """The no-width rule leaves an interval with width alone: three pairs differing by +0.1, +0.2, +0.3
+    give a bootstrap interval inside (0, 0.3], "better"."""
+    base = [0.1, 0.2, 0.3]
+    records = [
+        run_files(tmp_path, "a", base, [1.0, 2.0, 3.0], bleu=1.0),
+        run_files(
+            tmp_path, "b", [v + d for v, d in zip(base, (0.1, 0.2, 0.3), strict=True)], [1, 2, 3], bleu=1
+        ),
+    ]
+    result, out = _results(tmp_path, records, "a")
+    rouge = result["differences"]["b"]["rouge1"]
+    assert 0.1 - 1e-9 <= rouge["low"] < rouge["high"] <= 0.3 + 1e-9 and rouge["significant"] is True
+    assert "b vs a on ROUGE-1: better (+0.2000 [" in (out / "results.md").read_text()
 
 
 def test_a_run_that_generated_nothing_has_no_text_metrics_in_the_table(tmp_path):
@@ -232,7 +260,7 @@ def test_a_run_that_generated_nothing_has_no_text_metrics_in_the_table(tmp_path)
         "Left out, measured by no run: ROUGE-1, ROUGE-L, METEOR, pref. recall, BLEU (no run generated text: "
         "max_new_tokens 0); pref. NLL, DCE AUROC (no ground-truth preference tokens: meta.target_spans)."
     ) in text
-    assert "c vs b on NLL (with hist.): worse (+1.0000 [+1.0000, +1.0000], 3 examples)" in text
+    assert f"c vs b on NLL (with hist.): {NO_WIDTH_VERDICT} (+1.0000 [+1.0000, +1.0000], 3 examples)" in text
     assert '"-"' not in text  # every shown column measured by every row
 
 
