@@ -41,10 +41,17 @@ def blockwise_attention(
     does). `block` is the number of slots per block; T is padded up to a multiple of it.
 
     Raises:
-        ValueError: block is not a positive int or H is not a multiple of K.
+        ValueError: block is not a positive int, k, v or segment_ids do not have q's [B, T] (a decode step's
+            fewer queries than keys is `xla_attention`'s), k and v differ, or H is not a multiple of K.
     """
     if not isinstance(block, int) or block <= 0:
         raise ValueError(f"block must be a positive int, got {block!r}")
+    # Each block pair is read off one shared [B, T] grid: other lengths would run and give wrong numbers.
+    if k.shape != v.shape or k.shape[:2] != q.shape[:2] or segment_ids.shape != q.shape[:2]:
+        raise ValueError(
+            f"blockwise attention needs q [B, T, H, Hd] with k and v [B, T, K, Hd] and segment_ids [B, T] of "
+            f"the same B and T, got q {q.shape}, k {k.shape}, v {v.shape}, segment_ids {segment_ids.shape}"
+        )
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of key/value heads ({k.shape[2]})")
     return _attention(q, k, v, segment_ids.astype(jnp.int32), block)

@@ -267,10 +267,12 @@ class CausalLM(nnx.Module):
         `attention_impl` says.
 
         Raises:
-            ValueError: (outside jit) the T new tokens do not fit in the cache. Under jit this cannot be
-                checked before running; the logits of an overflowing call are NaN instead.
+            ValueError: the cache holds another row count than B; (outside jit) the T new tokens do not fit in
+                the cache. Under jit the latter cannot be checked before running; the logits of an
+                overflowing call are NaN instead.
         """
         b, t = input_ids.shape
+        cache.check_rows(b)
         start = cache.index
         if not isinstance(start, jax.core.Tracer) and int(start) + t > cache.max_len:
             raise ValueError(
@@ -317,8 +319,10 @@ class CausalLM(nnx.Module):
         Returns logits [B, T, V] float32 ([B, 1, V] with `last_only=True`) and the filled cache.
 
         Raises:
-            ValueError: T > cache.max_len, or the config's attention_impl cannot run on this backend.
+            ValueError: the cache holds another row count than B, T > cache.max_len, or the config's
+                attention_impl cannot run on this backend.
         """
+        cache.check_rows(input_ids.shape[0])
         t = input_ids.shape[1]
         if t > cache.max_len:
             raise ValueError(

@@ -241,7 +241,28 @@ def left_pad(
     return ids, mask
 
 
+def _integers(values: Any, name: str) -> np.ndarray:
+    """`values` as a NumPy array of its own integer dtype (bool too), never cast: a float id would be
+    truncated and an id past int32 would wrap to another token before `_check_token_ids` could see it.
+
+    Raises:
+        ValueError: an array of any other dtype, naming `name`.
+    """
+    array = np.asarray(values)
+    if array.dtype.kind not in "iub" and array.size:
+        raise ValueError(f"{name} must hold integers, got dtype {array.dtype}")
+    return array
+
+
 def _check_left_padded(attention_mask: np.ndarray) -> None:
+    # The mask is also the prefill's segment ids and position steps: a value other than 0 and 1 would hide
+    # the prompt from the decode steps (segment 1) or shift the positions, silently.
+    odd = np.setdiff1d(attention_mask, [0, 1])
+    if odd.size:
+        raise ValueError(
+            f"attention_mask holds {odd[:10].tolist()}; it must be 0 (padding) or 1 (a token), as "
+            "transformers' tokenizers give it"
+        )
     real = attention_mask != 0
     if not real.any(axis=1).all():
         raise ValueError(f"rows {np.flatnonzero(~real.any(axis=1)).tolist()} of attention_mask have no token")
@@ -444,7 +465,7 @@ def generate_ids(
             [0, vocab_size) (naming it), `rows` below B or not a multiple of the mesh's batch shards, or
             `example_ids` not B ints in [0, 2**31).
     """
-    input_ids, attention_mask = np.asarray(input_ids, np.int32), np.asarray(attention_mask, np.int32)
+    input_ids, attention_mask = _integers(input_ids, "input_ids"), _integers(attention_mask, "attention_mask")
     if input_ids.ndim != 2 or input_ids.shape != attention_mask.shape:
         raise ValueError(
             f"input_ids {input_ids.shape} and attention_mask {attention_mask.shape} must both be [B, P]"
@@ -452,6 +473,7 @@ def generate_ids(
     eos_token_ids, pad_token_id = _stop_and_pad_ids(eos_token_ids, pad_token_id)
     _check_left_padded(attention_mask)
     _check_token_ids(input_ids, attention_mask, eos_token_ids, model.cfg.vocab_size)
+    input_ids, attention_mask = input_ids.astype(np.int32), attention_mask.astype(np.int32)
     b, p = input_ids.shape
     shards = 1 if mesh is None else batch_shard_count(mesh, rules)
     target_rows = -(-b // shards) * shards if rows is None else rows
@@ -572,7 +594,7 @@ def generate(
         raise ValueError(f"prompts {np.flatnonzero(lengths == 0).tolist()[:10]} are empty")
     vocab = model.cfg.vocab_size
     for i, prompt in enumerate(prompts):
-        ids = np.asarray(prompt, np.int64)  # [n]
+        ids = _integers(prompt, f"prompt {i}")  # [n]
         if ((ids < 0) | (ids >= vocab)).any():
             outside = ids[(ids < 0) | (ids >= vocab)].tolist()
             raise ValueError(

@@ -27,6 +27,15 @@ class KVCache(NamedTuple):
         """S, the slots per row."""
         return self.k.shape[2]
 
+    def check_rows(self, rows: int) -> None:
+        """Raise ValueError unless the cache holds `rows` rows (B): a prefill of fewer rows went through
+        silently and the next step failed on a shape mismatch far from the cause."""
+        if self.k.shape[1] != rows:
+            raise ValueError(
+                f"the KV cache holds {self.k.shape[1]} rows but the input has {rows}. Fix: init_cache with "
+                "the input's batch size"
+            )
+
 
 def empty_cache(
     num_layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype: jnp.dtype

@@ -129,6 +129,22 @@ def test_blockwise_attention_rejects_a_bad_block():
         blockwise_attention(q, k, v, jnp.ones((1, 8), jnp.int32), 0)
 
 
+def test_blockwise_attention_refuses_keys_or_segments_of_another_length():
+    """A decode-style call, 4 queries against 12 keys, ran and gave numbers off by 2.9 (the audit's case):
+    every block pair is read off one [B, T] grid, so k, v and segment_ids must have q's B and T."""
+    q, k, v = random_qkv(1, 12, 2, 1, 8)
+    ones = jnp.ones((1, 12), jnp.int32)
+    for args in (
+        (q[:, :4], k, v, ones),  # fewer queries than keys
+        (q[:, :4], k, v, ones[:, :4]),
+        (q, k[:, :8], v[:, :8], ones),  # fewer keys than queries
+        (q, k, v, ones[:, :8]),
+        (q, k, v[:, :8], ones),
+    ):
+        with pytest.raises(ValueError, match=r"of the same B and T, got q \(1, (12|4), 2, 8\)"):
+            blockwise_attention(*args, 4)
+
+
 def test_splash_kernel_in_interpret_mode_matches_reference():
     # T = 100 is not a multiple of the kernel block: exercises the internal padding.
     segments = np.array([[1] * 40 + [2] * 50 + [0] * 10], np.int32)

@@ -9,6 +9,7 @@ import dataclasses
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -407,13 +408,46 @@ def test_prompt_buckets():
 
 def test_bad_inputs_are_refused(tiny):
     _, model = tiny
-    ids = np.ones((1, 4))
+    ids = np.ones((1, 4), np.int32)
     with pytest.raises(ValueError, match="not left-padded"):
         generate_ids(model, ids, np.array([[1, 1, 0, 0]]), GREEDY, eos_token_ids=[1], pad_token_id=0)
     with pytest.raises(ValueError, match="have no token"):
-        generate_ids(model, ids, np.zeros((1, 4)), GREEDY, eos_token_ids=[1], pad_token_id=0)
+        generate_ids(model, ids, np.zeros((1, 4), np.int32), GREEDY, eos_token_ids=[1], pad_token_id=0)
     with pytest.raises(ValueError, match="eos_token_ids is empty"):
-        generate_ids(model, ids, np.ones((1, 4)), GREEDY, eos_token_ids=[], pad_token_id=0)
+        generate_ids(model, ids, np.ones((1, 4), np.int32), GREEDY, eos_token_ids=[], pad_token_id=0)
+
+
+def test_ids_and_masks_that_would_change_the_tokens_silently_are_refused(tiny, tiny_case):
+    """Each of these decoded other tokens without a word (the audit's cases): a mask of 2 (the prefill's
+    segment ids, which the decode steps' segment 1 then could not see), a float id (truncated, 5.7 as 5), an
+    int64 id past int32 (2**32 + 5 wrapped to 5, inside the vocabulary); a bool mask is a 0/1 mask."""
+    _, model = tiny
+    _, ids, mask, eos, expected = tiny_case  # expected: transformers' tokens
+    np.testing.assert_array_equal(
+        generate_ids(
+            model, ids, np.asarray(mask).astype(bool), GREEDY, eos_token_ids=[eos], pad_token_id=PAD
+        ),
+        expected,
+    )
+    with pytest.raises(ValueError, match=r"attention_mask holds \[2\]; it must be 0 \(padding\) or 1"):
+        generate_ids(model, ids, 2 * np.asarray(mask), GREEDY, eos_token_ids=[eos], pad_token_id=PAD)
+    with pytest.raises(ValueError, match="input_ids must hold integers, got dtype float64"):
+        generate_ids(model, np.asarray(ids, np.float64), mask, GREEDY, eos_token_ids=[eos], pad_token_id=PAD)
+    wrapped = np.asarray(ids, np.int64).copy()
+    wrapped[0, -1] = 2**32 + 5
+    with pytest.raises(ValueError, match=rf"prompt token id {2**32 + 5} \(row 0, position"):
+        generate_ids(model, wrapped, mask, GREEDY, eos_token_ids=[eos], pad_token_id=PAD)
+    with pytest.raises(ValueError, match="prompt 1 must hold integers, got dtype float64"):
+        generate(model, [[5, 6], [5.7, 6.2]], GREEDY, eos_token_ids=[eos], pad_token_id=PAD)
+
+
+def test_a_cache_of_another_row_count_is_refused_by_prefill_and_extend(tiny):
+    _, model = tiny
+    cache = model.init_cache(4, 8)
+    ids = jnp.ones((2, 3), jnp.int32)
+    for step in (model.prefill, model.extend):
+        with pytest.raises(ValueError, match="the KV cache holds 4 rows but the input has 2"):
+            step(ids, cache)
     for bad in (
         {"max_new_tokens": -1},
         {"temperature": 0.0},
