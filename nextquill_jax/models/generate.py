@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -71,7 +72,7 @@ class GenerationConfig:
             order and settings give the same samples, whatever the batch size (`generate`).
 
     Raises:
-        ValueError: naming the field, for a value out of range.
+        ValueError: naming the field, for a value of another type or out of range.
     """
 
     max_new_tokens: int = 512
@@ -85,19 +86,25 @@ class GenerationConfig:
 
     def __post_init__(self) -> None:
         n = self.max_new_tokens
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n < 2**31:
             raise ValueError(
                 f"GenerationConfig.max_new_tokens must be an int >= 0 (0: no generation, the losses only), "
                 f"got {n!r}"
             )
         if not isinstance(self.do_sample, bool):
             raise ValueError(f"GenerationConfig.do_sample must be true or false, got {self.do_sample!r}")
+        # The range checks below compare numbers: a string or None would fail there with a TypeError.
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ValueError(f"GenerationConfig.{name} must be a number, got {value!r}")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ValueError(
                 f"GenerationConfig.temperature must be > 0, got {self.temperature!r}; for greedy decoding "
                 "set do_sample=False"
             )
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+        # The decode loop holds top_k as an int32 (a vocabulary is far smaller).
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not 0 <= self.top_k < 2**31:
             raise ValueError(f"GenerationConfig.top_k must be an int >= 0 (0: off), got {self.top_k!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"GenerationConfig.top_p must be in (0, 1] (1: off), got {self.top_p!r}")
@@ -302,7 +309,7 @@ def _stop_and_pad_ids(eos_token_ids: int | Sequence[int], pad_token_id: int) -> 
     `pad_token_id` as an int.
 
     Raises:
-        ValueError: `eos_token_ids` empty or holding anything but ints, or `pad_token_id` not an int (None
+        ValueError: `eos_token_ids` empty or holding anything but ints, or `pad_token_id` not an int32 (None
             included), naming the argument and the fix.
     """
     is_id = lambda x: isinstance(x, int | np.integer) and not isinstance(x, bool | np.bool_)
@@ -314,9 +321,10 @@ def _stop_and_pad_ids(eos_token_ids: int | Sequence[int], pad_token_id: int) -> 
         )
     if len(ids) == 0:
         raise ValueError("eos_token_ids is empty: give at least one end-of-sequence token id")
-    if not is_id(pad_token_id):
+    # Rows are int32: a pad id past that range would fail as an OverflowError naming nothing.
+    if not is_id(pad_token_id) or not -(2**31) <= pad_token_id < 2**31:
         raise ValueError(
-            f"pad_token_id must be a token id (int), got {pad_token_id!r}. Fix: pass the tokenizer's "
+            f"pad_token_id must be a token id (an int32), got {pad_token_id!r}. Fix: pass the tokenizer's "
             "pad_token_id, or its eos_token_id when it has none"
         )
     return tuple(int(t) for t in ids), int(pad_token_id)

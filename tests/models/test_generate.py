@@ -362,7 +362,7 @@ def test_an_int_eos_is_one_id_and_ids_that_are_not_ints_are_refused_by_name(tiny
         assert str(e.value) == message
     fix_pad = "Fix: pass the tokenizer's pad_token_id, or its eos_token_id when it has none"
     for bad in (None, 0.0, "0"):
-        message = f"pad_token_id must be a token id (int), got {bad!r}. {fix_pad}"
+        message = f"pad_token_id must be a token id (an int32), got {bad!r}. {fix_pad}"
         with pytest.raises(ValueError) as e:
             generate_ids(model, ids, mask, GREEDY, eos_token_ids=[eos], pad_token_id=bad)
         assert str(e.value) == message
@@ -415,6 +415,25 @@ def test_bad_inputs_are_refused(tiny):
         generate_ids(model, ids, np.zeros((1, 4), np.int32), GREEDY, eos_token_ids=[1], pad_token_id=0)
     with pytest.raises(ValueError, match="eos_token_ids is empty"):
         generate_ids(model, ids, np.ones((1, 4), np.int32), GREEDY, eos_token_ids=[], pad_token_id=0)
+    for bad in (
+        {"max_new_tokens": -1},
+        {"temperature": 0.0},
+        {"top_p": 0.0},
+        {"top_k": -1},
+        {"repetition_penalty": 0.0},
+        # Each of these raised a TypeError or an OverflowError naming no field (the last two only once
+        # decoding started, after evaluate's loss pass).
+        {"temperature": "0.8"},
+        {"top_p": "0.9"},
+        {"repetition_penalty": None},
+        {"top_k": 2**31},
+        {"max_new_tokens": 2**31},
+    ):
+        with pytest.raises(ValueError, match=f"GenerationConfig.{next(iter(bad))} must be"):
+            GenerationConfig(**bad)
+    assert GenerationConfig(temperature=np.float32(0.5), top_p=1, top_k=np.iinfo(np.int32).max).top_p == 1
+    with pytest.raises(ValueError, match=r"pad_token_id must be a token id \(an int32\), got 1099511627776"):
+        generate_ids(model, ids, np.ones((1, 4), np.int32), GREEDY, eos_token_ids=[1], pad_token_id=2**40)
 
 
 def test_ids_and_masks_that_would_change_the_tokens_silently_are_refused(tiny, tiny_case):
@@ -448,15 +467,6 @@ def test_a_cache_of_another_row_count_is_refused_by_prefill_and_extend(tiny):
     for step in (model.prefill, model.extend):
         with pytest.raises(ValueError, match="the KV cache holds 4 rows but the input has 2"):
             step(ids, cache)
-    for bad in (
-        {"max_new_tokens": -1},
-        {"temperature": 0.0},
-        {"top_p": 0.0},
-        {"top_k": -1},
-        {"repetition_penalty": 0.0},
-    ):
-        with pytest.raises(ValueError, match=next(iter(bad))):
-            GenerationConfig(**bad)
 
 
 # ------------------------------------------------------------------------------------------------------------
