@@ -58,9 +58,10 @@ def read_gguf(path: str | PathLike[str]) -> tuple[dict[str, Any], dict[str, np.n
 
     Raises:
         FileNotFoundError: `path` does not exist.
-        ValueError: an unsupported architecture, quantisation, RoPE scaling or mixture-of-experts model; a
-            tensor name with no Hugging Face counterpart; or a tensor whose shape disagrees with the metadata.
-            The message names the file and the field or tensor.
+        ValueError: a file the GGUF layout reader refuses (`gguf_file.read_gguf_file`); an unsupported
+            architecture, quantisation, RoPE scaling or mixture-of-experts model; a tensor name with no
+            Hugging Face counterpart; or a tensor whose shape disagrees with the metadata. The message names
+            the file and the field or tensor.
     """
     contents, meta, arch = _open(path)
     tensors = {_hf_tensor_name(t.name, path): _dequantize(t, path) for t in contents.tensors}

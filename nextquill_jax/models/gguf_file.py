@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import mmap
+import os
 import struct
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ import numpy as np
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
+_HEADER_BYTES = 24  # magic, version, tensor count, metadata count
 _STRING, _ARRAY = 8, 9
 # value type -> struct format of one little-endian item (strings and arrays are read apart)
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
@@ -76,23 +78,42 @@ class _Cursor:
         self.offset += size
         return value
 
-    def string(self) -> str:
+    def string(self, what: str) -> str:
+        """A string; `what` names it in errors ("metadata key", "metadata 'general.name'", ...)."""
         size = self.unpack("<Q")
-        end = self.offset + size
+        start, end = self.offset, self.offset + size
         if end > len(self.buffer):
             raise ValueError(
-                f"{self.path}: a GGUF string of {size} bytes at byte {self.offset} runs past the end of the "
-                f"file ({len(self.buffer)} bytes); the file is truncated or damaged"
+                f"{self.path}: GGUF {what}: a string of {size} bytes at byte {start} runs past the end of "
+                f"the file ({len(self.buffer)} bytes); the file is truncated or damaged"
             )
-        raw = self.buffer[self.offset : end]
         self.offset = end
-        return raw.decode("utf-8")
+        try:
+            return self.buffer[start:end].decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(
+                f"{self.path}: GGUF {what}: the string at byte {start} is not valid UTF-8 ({err.reason} at "
+                f"byte {start + err.start}); the file is damaged"
+            ) from None
+
+    def value_type(self, key: str, what: str) -> int:
+        """A value type (`what`: "value type" or "array item type") of metadata `key`, checked before
+        anything of that type is read: an array of an unknown type is refused even when empty, as llama.cpp
+        refuses it."""
+        at = self.offset
+        value_type = self.unpack("<I")
+        if value_type not in _SCALARS and value_type not in (_STRING, _ARRAY):
+            raise ValueError(
+                f"{self.path}: GGUF metadata {key!r} has {what} {value_type} at byte {at}, which is not one "
+                f"of GGUF's types (0-12); the file is damaged or from a newer GGUF version"
+            )
+        return value_type
 
     def value(self, value_type: int, key: str) -> Any:
         if value_type == _STRING:
-            return self.string()
+            return self.string(f"metadata {key!r}")
         if value_type == _ARRAY:
-            item_type, count = self.unpack("<I"), self.unpack("<Q")
+            item_type, count = self.value_type(key, "array item type"), self.unpack("<Q")
             if item_type in _SCALARS:  # one read for the whole array
                 fmt = _SCALARS[item_type]
                 size = struct.calcsize(fmt) * count
@@ -105,11 +126,6 @@ class _Cursor:
                 self.offset += size
                 return list(items)
             return [self.value(item_type, key) for _ in range(count)]
-        if value_type not in _SCALARS:
-            raise ValueError(
-                f"{self.path}: GGUF metadata {key!r} has value type {value_type}, which is not one of GGUF's "
-                f"types (0-12) at byte {self.offset - 4}; the file is damaged or from a newer GGUF version"
-            )
         return self.unpack(_SCALARS[value_type])
 
 
@@ -118,15 +134,24 @@ def read_gguf_file(path: str | Path) -> GGUFContents:
 
     Raises:
         FileNotFoundError: `path` does not exist.
-        ValueError: not a GGUF file (magic), a version other than 2 or 3 (a big-endian file reads as a
-            huge version and is named as such), a truncated header, an unknown value or tensor type, a
-            duplicated tensor name, a bad `general.alignment`, or tensor data past the end of the file; the
-            message names the file and, where there is one, the key or tensor.
+        ValueError: a file shorter than a GGUF header (empty, say), not a GGUF file (magic), a version other
+            than 2 or 3 (a big-endian file reads as a huge version and is named as such), a truncated header,
+            an unknown value, array item or tensor type, a string that is not UTF-8, a metadata key or tensor
+            name listed twice, a bad `general.alignment`, or tensor data past the end of the file; the
+            message names the file and, where there is one, the key or tensor, and the byte offset of a
+            damaged part.
     """
     import gguf
 
     path = Path(path)
     with open(path, "rb") as f:
+        # mmap refuses an empty file with an error that names no file
+        size = os.fstat(f.fileno()).st_size
+        if size < _HEADER_BYTES:
+            raise ValueError(
+                f"{path}: {size} bytes, shorter than a GGUF header ({_HEADER_BYTES} bytes); the file is "
+                "truncated or not a GGUF file: download or copy it again"
+            )
         buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     cursor = _Cursor(buffer, path)
     if buffer[:4] != MAGIC:
@@ -142,11 +167,13 @@ def read_gguf_file(path: str | Path) -> GGUFContents:
     tensor_count, metadata_count = cursor.unpack("<Q"), cursor.unpack("<Q")
     metadata: dict[str, Any] = {}
     for _ in range(metadata_count):
-        key = cursor.string()
-        metadata[key] = cursor.value(cursor.unpack("<I"), key)
+        key = cursor.string("metadata key")
+        if key in metadata:
+            raise ValueError(f"{path}: GGUF metadata {key!r} is listed twice")
+        metadata[key] = cursor.value(cursor.value_type(key, "value type"), key)
     table = []
     for _ in range(tensor_count):
-        name = cursor.string()
+        name = cursor.string("tensor name")
         dims = tuple(cursor.unpack("<Q") for _ in range(cursor.unpack("<I")))
         table.append((name, dims, cursor.unpack("<I"), cursor.unpack("<Q")))
     alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)

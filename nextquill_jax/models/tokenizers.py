@@ -108,7 +108,8 @@ def load_tokenizer(path_or_name: str | PathLike[str]) -> PreTrainedTokenizerFast
 
     Raises:
         ValueError: `path_or_name` is none of the above (the message lists the names), a directory without
-            tokenizer files, or a GGUF tokenizer of a kind not rebuilt here.
+            tokenizer files, a GGUF file the layout reader refuses (`gguf_file.read_gguf_file`: empty,
+            truncated or damaged), or a GGUF tokenizer of a kind not rebuilt here.
         ModuleNotFoundError: the package that ships the named tokenizer is not installed (the message says
             how).
         TypeError: a directory's tokenizer is not a fast (Rust `tokenizers`) tokenizer.

@@ -2,6 +2,7 @@
 logits), and tiny GGUF files written here from transformers models as llama.cpp's converter writes them."""
 
 import functools
+import re
 
 import gguf
 import numpy as np
@@ -373,3 +374,13 @@ def test_unsupported_tensor_type_and_rope_scaling_are_named(tmp_path, write_tiny
     write_tiny_gguf(path, "llama", extra_metadata={"llama.rope.scaling.type": "yarn"})
     with pytest.raises(ValueError, match=r"llama.rope.scaling.type 'yarn' is not supported"):
         read_gguf(path)
+
+
+def test_an_empty_gguf_file_is_named_by_every_loader(tmp_path):
+    path = tmp_path / "empty.gguf"
+    path.touch()  # an interrupted download; mmap's error named no file
+    for load in (read_gguf, load_pretrained, load_tokenizer):
+        with pytest.raises(
+            ValueError, match=rf"^{re.escape(str(path))}: 0 bytes, shorter than a GGUF header"
+        ):
+            load(path)

@@ -95,3 +95,92 @@ def test_a_damaged_file_is_named_with_what_is_wrong(tmp_path):
         assert str(path) in str(caught.value), name
     with pytest.raises(FileNotFoundError):
         read_gguf_file(tmp_path / "missing.gguf")
+
+
+def _assert_refused(tmp_path, content: bytes, message: str) -> None:
+    path = tmp_path / "damaged.gguf"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=message) as caught:
+        read_gguf_file(path)
+    assert str(path) in str(caught.value)
+
+
+def _replace_once(raw: bytes, old: bytes, new: bytes) -> bytes:
+    assert raw.count(old) == 1 and len(new) == len(old), old
+    return raw.replace(old, new)
+
+
+@pytest.fixture
+def every_type(tmp_path) -> bytes:
+    path = tmp_path / "every_type.gguf"
+    _write_every_type(path)
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("size", [0, 3, 23])
+def test_an_empty_or_short_file_is_named_as_truncated(tmp_path, every_type, size):
+    # mmap refused the empty file naming no file ("cannot mmap an empty file")
+    _assert_refused(
+        tmp_path,
+        every_type[:size],
+        rf": {size} bytes, shorter than a GGUF header \(24 bytes\); the file is truncated or not a GGUF "
+        r"file: download or copy it again$",
+    )
+
+
+def test_invalid_utf8_is_named_with_its_key_and_byte(tmp_path, every_type):
+    at = every_type.index("héllo".encode())  # test.text's value; é is 0xc3 0xa9
+    _assert_refused(
+        tmp_path,
+        _replace_once(every_type, "héllo".encode(), b"h\xff\xa9llo"),
+        rf"GGUF metadata 'test\.text': the string at byte {at} is not valid UTF-8 \(invalid start byte at "
+        rf"byte {at + 1}\); the file is damaged$",
+    )
+    at = every_type.index(b"test.yes")
+    _assert_refused(
+        tmp_path,
+        _replace_once(every_type, b"test.yes", b"test.y\xffs"),
+        rf"GGUF metadata key: the string at byte {at} is not valid UTF-8 \(invalid start byte at byte "
+        rf"{at + 6}\)",
+    )
+
+
+def test_a_metadata_key_listed_twice_is_refused(tmp_path, every_type):
+    # GGUFReader and llama.cpp refuse it; the last value used to win silently
+    _assert_refused(
+        tmp_path,
+        _replace_once(every_type, b"test.i8", b"test.u8"),
+        r": GGUF metadata 'test\.u8' is listed twice$",
+    )
+
+
+def test_an_unknown_array_item_type_is_named_at_its_own_byte(tmp_path, every_type):
+    at = every_type.index(b"test.strings") + len(b"test.strings") + 4  # after the key and the value type 9
+    assert every_type[at : at + 4] == (8).to_bytes(4, "little")  # string items
+    damaged = every_type[:at] + (13).to_bytes(4, "little") + every_type[at + 4 :]
+    _assert_refused(
+        tmp_path,
+        damaged,
+        rf"GGUF metadata 'test\.strings' has array item type 13 at byte {at}, which is not one of GGUF's "
+        r"types \(0-12\)",
+    )
+    # refused before the count is used, so even an empty array of it, as llama.cpp refuses it
+    at = every_type.index(b"test.ints") + len(b"test.ints") + 4
+    damaged = every_type[:at] + (13).to_bytes(4, "little") + bytes(8) + every_type[at + 12 :]
+    _assert_refused(tmp_path, damaged, rf"'test\.ints' has array item type 13 at byte {at}, which")
+
+
+def test_a_value_type_unknown_is_named_at_its_byte(tmp_path, every_type):
+    at = every_type.index(b"test.yes") + len(b"test.yes")
+    damaged = every_type[:at] + (13).to_bytes(4, "little") + every_type[at + 4 :]
+    _assert_refused(tmp_path, damaged, rf"GGUF metadata 'test\.yes' has value type 13 at byte {at}, which")
+
+
+def test_a_string_in_an_array_past_the_end_names_its_key(tmp_path, every_type):
+    at = every_type.index("ünïcode".encode())
+    _assert_refused(
+        tmp_path,
+        every_type[: at + 2],
+        rf"GGUF metadata 'test\.strings': a string of 9 bytes at byte {at} runs past the end of the file "
+        rf"\({at + 2} bytes\)",
+    )
