@@ -59,9 +59,10 @@ def read_gguf(path: str | PathLike[str]) -> tuple[dict[str, Any], dict[str, np.n
     Raises:
         FileNotFoundError: `path` does not exist.
         ValueError: a file the GGUF layout reader refuses (`gguf_file.read_gguf_file`); an unsupported
-            architecture, quantisation, RoPE scaling or mixture-of-experts model; a tensor name with no
-            Hugging Face counterpart; or a tensor whose shape disagrees with the metadata. The message names
-            the file and the field or tensor.
+            architecture, quantisation, RoPE scaling or mixture-of-experts model; per-layer values (an array)
+            for the head counts, feed-forward length or block count; a tensor name with no Hugging Face
+            counterpart; or a tensor whose shape disagrees with the metadata. The message names the file and
+            the field or tensor.
     """
     contents, meta, arch = _open(path)
     tensors = {_hf_tensor_name(t.name, path): _dequantize(t, path) for t in contents.tensors}
@@ -128,6 +129,17 @@ class _Metadata:
             raise ValueError(f"{self.path}: GGUF metadata has no {key!r}")
         return self.get(key)
 
+    def one_for_all_layers(self, key: str, default: int | None = None) -> int:
+        """`key` as an int (required when `default` is None). llama.cpp also reads some layer sizes as an
+        array with one value per layer, which a Hugging Face config of these architectures cannot hold."""
+        value = self.required(key) if default is None else self.get(key, default)
+        if isinstance(value, list):
+            raise ValueError(
+                f"{self.path}: GGUF metadata {key!r} is an array of {len(value)} values, one per layer: "
+                "per-layer values are not supported (only one value for all layers)"
+            )
+        return int(value)
+
 
 def _hf_tensor_name(gguf_name: str, path: Path) -> str:
     if gguf_name in _GLOBAL_TENSORS:
@@ -171,10 +183,8 @@ def _hf_config(meta: _Metadata, arch: str, shapes: dict[str, tuple[int, ...]], p
     if meta.get(f"{arch}.expert_count"):
         raise ValueError(f"{path}: mixture-of-experts GGUF models ({arch}.expert_count) are not supported")
     rope_scaling = _rope_scaling(meta, arch, path)
-    num_heads = int(meta.required(f"{arch}.attention.head_count"))
-    num_kv_heads = meta.get(f"{arch}.attention.head_count_kv", num_heads)
-    if isinstance(num_kv_heads, list):
-        raise ValueError(f"{path}: per-layer {arch}.attention.head_count_kv is not supported")
+    num_heads = meta.one_for_all_layers(f"{arch}.attention.head_count")
+    num_kv_heads = meta.one_for_all_layers(f"{arch}.attention.head_count_kv", default=num_heads)
     hidden = int(meta.required(f"{arch}.embedding_length"))
     head_dim = _head_dim(meta, arch, hidden, num_heads, path)
     if "model.embed_tokens.weight" not in shapes:
@@ -190,10 +200,10 @@ def _hf_config(meta: _Metadata, arch: str, shapes: dict[str, tuple[int, ...]], p
         "model_type": arch,
         "vocab_size": vocab_size,
         "hidden_size": hidden,
-        "intermediate_size": int(meta.required(f"{arch}.feed_forward_length")),
-        "num_hidden_layers": int(meta.required(f"{arch}.block_count")),
+        "intermediate_size": meta.one_for_all_layers(f"{arch}.feed_forward_length"),
+        "num_hidden_layers": meta.one_for_all_layers(f"{arch}.block_count"),
         "num_attention_heads": num_heads,
-        "num_key_value_heads": int(num_kv_heads),
+        "num_key_value_heads": num_kv_heads,
         "head_dim": head_dim,
         "hidden_act": "silu",
         "max_position_embeddings": int(meta.required(f"{arch}.context_length")),

@@ -186,9 +186,10 @@ def write_gguf(path, family, hf_config, *, stored=None, extra_metadata=None, rop
     original}).
 
     `stored` maps an HF tensor name to "f16" or "q8_0" to store it quantised instead of as F32;
-    `extra_metadata` maps more metadata keys to a str or a float (stored as float32, as llama.cpp's converter
-    stores RoPE factors); `rope_dimension_count` is `{family}.rope.dimension_count` (default: the head
-    size)."""
+    `extra_metadata` maps more metadata keys, or keys written here (which it replaces in place), to a str, a
+    float (stored as float32, as llama.cpp's converter stores RoPE factors) or a list of ints (an array, as
+    llama.cpp's per-layer values); `rope_dimension_count` is `{family}.rope.dimension_count` (default: the
+    head size)."""
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(hf_config)
     state = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
@@ -217,6 +218,8 @@ def write_gguf(path, family, hf_config, *, stored=None, extra_metadata=None, rop
     for key, value in (extra_metadata or {}).items():
         if isinstance(value, str):
             writer.add_string(key, value)
+        elif isinstance(value, list):
+            writer.add_array(key, value)
         else:
             writer.add_float32(key, value)
     for name, value in state.items():
@@ -374,6 +377,23 @@ def test_unsupported_tensor_type_and_rope_scaling_are_named(tmp_path, write_tiny
     write_tiny_gguf(path, "llama", extra_metadata={"llama.rope.scaling.type": "yarn"})
     with pytest.raises(ValueError, match=r"llama.rope.scaling.type 'yarn' is not supported"):
         read_gguf(path)
+
+
+@pytest.mark.parametrize(
+    "key", ["attention.head_count", "attention.head_count_kv", "feed_forward_length", "block_count"]
+)
+def test_per_layer_values_are_refused_naming_the_key(tmp_path, write_tiny_gguf, key):
+    """llama.cpp reads head counts and the feed-forward length as an array of one value per layer too; a
+    Hugging Face config has one value (int() of the list was a TypeError naming neither file nor key)."""
+    path = tmp_path / "per_layer.gguf"
+    write_tiny_gguf(path, "llama", extra_metadata={f"llama.{key}": [4, 4]})
+    message = (
+        rf"^{re.escape(str(path))}: GGUF metadata 'llama\.{re.escape(key)}' is an array of 2 values, one per "
+        r"layer: per-layer values are not supported \(only one value for all layers\)$"
+    )
+    for read in (read_gguf_config, read_gguf):
+        with pytest.raises(ValueError, match=message):
+            read(path)
 
 
 def test_an_empty_gguf_file_is_named_by_every_loader(tmp_path):
