@@ -9,6 +9,7 @@ DCE = p_h(y) − p_∅(y) exceeds δ almost everywhere, which turns NextQuill's 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -31,9 +32,12 @@ class HealthMonitor:
     reported: set[str] = field(default_factory=set)
 
     def check(self, step: int, row: Mapping[str, float]) -> list[str]:
-        """The warnings that `row` (the metrics of optimizer step `step`) raises for the first time."""
+        """The warnings that `row` (the metrics of optimizer step `step`) raises for the first time; a value
+        that is not finite (a skipped step's) is read as absent."""
         warnings = []
-        ce = row.get("ce_without")
+        # A step skipped under `train.nonfinite: skip` logs NaN: as the baseline it would silence the warning
+        # for the whole run (a resume reads the first finite value back, `metrics_log.first_value`).
+        ce, pref = (_finite(row.get(key)) for key in ("ce_without", "pref_fraction"))
         if ce is not None and self.baseline is None:
             self.baseline = ce
         elif ce is not None and "ce" not in self.reported and ce > self.ce_ratio * self.baseline:
@@ -44,7 +48,6 @@ class HealthMonitor:
                 f"{self.ce_ratio}): that stream is collapsing, and the dynamic DCE with it. "
                 f"Remedies: {REMEDIES}."
             )
-        pref = row.get("pref_fraction")
         if (
             pref is not None
             and self.pref_bound is not None
@@ -60,3 +63,8 @@ class HealthMonitor:
                 f"is close to uniform. Remedies: {REMEDIES}."
             )
         return warnings
+
+
+def _finite(value: float | None) -> float | None:
+    """`value`, or None where it is absent or not finite."""
+    return value if value is not None and math.isfinite(value) else None

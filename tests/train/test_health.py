@@ -33,6 +33,19 @@ def test_each_symptom_is_reported_once_against_the_first_logged_value():
     assert len(resumed.check(9, {"ce_without": 3.2})) == 1
 
 
+def test_a_skipped_steps_nan_neither_becomes_the_baseline_nor_warns():
+    """Under `train.nonfinite: skip` a skipped step logs NaN; as the first value it became the baseline, and
+    every later comparison with NaN was false: the collapse warning could never fire in that run."""
+    monitor = HealthMonitor(ce_ratio=1.5, pref_bound=0.75)
+    assert monitor.check(1, {"ce_without": float("nan"), "pref_fraction": float("nan")}) == []
+    assert monitor.baseline is None
+    assert monitor.check(2, {"ce_without": 2.0, "pref_fraction": 0.5}) == []
+    assert monitor.baseline == 2.0
+    assert monitor.check(3, {"ce_without": float("inf")}) == []
+    warned = monitor.check(4, {"ce_without": 20.0})
+    assert len(warned) == 1 and "10.00x its first logged 2.000" in warned[0]
+
+
 @pytest.mark.parametrize(
     ("name", "remedies", "warns"),
     [("public", {}, True), ("remedied", {"counterfactual_grad": False, "anchor": 0.1}, False)],
