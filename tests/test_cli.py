@@ -466,6 +466,35 @@ def test_a_file_given_as_an_output_directory_is_one_error_naming_the_flag_or_key
     assert file.read_text() == "mine\n"
 
 
+def test_a_tensorboard_dir_that_is_a_file_is_refused_before_the_workdir_is_written(
+    tmp_path, capsys, tiny_config, write_config
+):
+    """Its event file was opened only after config.yaml and train.lock were written, with "[Errno 20] Not a
+    directory" naming no key."""
+    file = tmp_path / "afile"
+    file.write_text("mine\n")
+    logging = {"tensorboard": True, "tensorboard_dir": str(file)}
+    write_config(tiny_config(tmp_path, tmp_path / "run", logging=logging), tmp_path / "run.yaml")
+    message = _run_cli(["train", "--config", "{tmp}/run.yaml"], tmp_path, capsys)
+    assert message.startswith(
+        f"{tmp_path}/run.yaml: logging.tensorboard_dir {file} is a file, not a directory"
+    )
+    assert not (tmp_path / "run").exists() and file.read_text() == "mine\n"
+
+
+def test_a_permission_error_is_one_error_line_naming_the_path(monkeypatch, capsys):
+    """An unwritable workdir or lock file (PermissionError from the lock's open) was a 36-line traceback."""
+
+    def refused(args):
+        raise PermissionError(13, "Permission denied", "/runs/a/train.lock")
+
+    commands = cli.subcommands()
+    commands["train"] = commands["train"]._replace(run=refused)
+    monkeypatch.setattr(cli, "subcommands", lambda: commands)
+    assert cli.main(["train", "--config", "c.yaml"]) == 1
+    assert capsys.readouterr().err == "error: [Errno 13] Permission denied: '/runs/a/train.lock'\n"
+
+
 # Counts that must be >= 1 (0 or less is meaningless) and indices or counts where 0 means off (>= 0).
 EVALUATE = ["evaluate", "--workdir", "{tmp}/run"]
 EFFECTS = ["effects", "--workdir", "{tmp}/run", "--out", "{tmp}/report"]

@@ -58,12 +58,16 @@ def run_train(args: argparse.Namespace) -> int:
     from nextquill_jax.output_dir import check_output_dir
     from nextquill_jax.train.checkpoint import CheckpointSaveError
     from nextquill_jax.train.loop import TrainingDivergedError, train
+    from nextquill_jax.train.metrics_log import tensorboard_dir
     from nextquill_jax.train.setup import resolve_workdir
 
     cfg = load_config(args.config, args.overrides)
     workdir = resolve_workdir(cfg, args.workdir, args.config)
     named = "--workdir" if args.workdir else f"{args.config}: train.workdir"
     check_output_dir(workdir, named)
+    if cfg.logging.tensorboard and cfg.logging.tensorboard_dir:
+        # Its event file is opened only after config.yaml and the lock are written, by an error naming no key.
+        check_output_dir(tensorboard_dir(cfg.logging, workdir), f"{args.config}: logging.tensorboard_dir")
     # The log goes into the workdir only once this run holds its lock (records are held until then): a run
     # refused there would otherwise append its lines to the log of the run that holds it.
     log_to = lambda: third_party_logs.log_to(workdir, named)
