@@ -4,11 +4,12 @@ difference to the baseline with a paired bootstrap interval (`bootstrap.paired_b
 Which examples each column covers: ROUGE-1/L, METEOR, preference recall and BLEU the split's first
 `compare.max_examples` (the evaluation); the NLL columns and the DCE AUROC its first `compare.effect_examples`
 (the effect report). A column's mean is, per seed, the mean over examples of each example's value (an
-example's NLL being the mean over its target tokens), then the mean over seeds: a mean of per-example means,
-which differs from effects/summary.json's `nll`, which pools every target token (token-weighted). BLEU is the
-evaluation's corpus BLEU and the DCE AUROC the effect report's (`ground_truth.auroc`), each averaged over
-seeds. "± std" is the sample standard deviation (n - 1) of the per-seed means, shown with two seeds or more
-beside a finite mean (a seed's NaN mean makes both NaN: "n/a").
+example's NLL being the mean over its target tokens and the end-of-sequence token appended to them, cut
+target or not; its preference NLL over the preference tokens alone), then the mean over seeds: a mean of
+per-example means, which differs from effects/summary.json's `nll`, which pools every target token
+(token-weighted). BLEU is the evaluation's corpus BLEU and the DCE AUROC the effect report's
+(`ground_truth.auroc`), each averaged over seeds. "± std" is the sample standard deviation (n - 1) of the
+per-seed means, shown with two seeds or more beside a finite mean (a seed's NaN mean makes both NaN: "n/a").
 
 Per example (the pairs of the bootstrap): ROUGE-1, ROUGE-L and METEOR from the run's predictions.jsonl;
 preference recall where the split's rows carry `meta.signature_words`; from the effect report, the target

@@ -8,13 +8,16 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-_WORD = re.compile(r"[A-Za-z]+")
+# Runs of letters, any script's: with ASCII letters only, "crispé" held the word "crisp". Digits and "_"
+# still end a word, as punctuation does.
+_WORD = re.compile(r"[^\W\d_]+")
 
 
 def signature_recall(text: str, signature_words: Sequence[str]) -> float:
-    """Share of `signature_words` that occur in `text` as whole words, case-sensitively (the synthetic
+    """Share of `signature_words` that occur in `text` as whole words (runs of letters of any script, ended by
+    anything else: "crisp's" holds "crisp", "crispé" and "crispy" do not), case-sensitively (the synthetic
     signature words are lower-case; a capitalised title word such as "Gentle" is not the signature word
-    "gentle").
+    "gentle"). A word listed twice in `signature_words` counts twice.
 
     Raises:
         ValueError: `signature_words` is empty.

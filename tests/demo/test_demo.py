@@ -213,6 +213,10 @@ def test_signature_recall_counts_whole_lowercase_words():
     assert signature_recall("The Gentle River felt bold to me.", ["gentle", "bold"]) == 0.5
     assert signature_recall("boldly, gentleness", ["gentle", "bold"]) == 0.0
     assert signature_recall("gentle... bold!", ["gentle", "bold", "stark"]) == pytest.approx(2 / 3)
+    # A non-ASCII letter is part of the word (it ended the word before: "crispé" counted "crisp").
+    assert signature_recall("crispé écrisp", ["crisp"]) == 0.0
+    assert signature_recall("crisp's bold2 gentle_", ["crisp", "bold", "gentle"]) == 1.0
+    assert signature_recall("Ça crisp, «cozy»", ["crisp", "cozy", "ça"]) == pytest.approx(2 / 3)
     with pytest.raises(ValueError, match="empty"):
         signature_recall("text", [])
 
