@@ -276,6 +276,10 @@ class Checkpointer:
         self.read_only = read_only
         self.async_save = cfg.async_save
         self._saving: int | None = None  # the step whose save may still be in flight
+        # The step the commit callback writes the manifest of: set by each save and cleared by nothing, since
+        # after an interrupted wait Orbax's next wait returns at once while the commit goes on (a second
+        # Ctrl-C during a save: `close` cleared `_saving`, and the callback failed on step None).
+        self._committing: int | None = None
         # Orbax logs two warnings for every read-only manager (that it will not save): not news to a reader.
         with _absl_level(absl_logging.ERROR if read_only else absl_logging.get_verbosity()):
             options = ocp.CheckpointManagerOptions(
@@ -420,9 +424,9 @@ class Checkpointer:
     def _write_saving_manifest(self) -> None:
         # Orbax's commit callback, on the primary process once every process has written its files: the
         # step is still in its temporary directory, which the rename that follows commits.
-        found = [p for p in self.directory.glob(f"{self._saving}{TMP_MARK}*") if p.is_dir()]
+        found = [p for p in self.directory.glob(f"{self._committing}{TMP_MARK}*") if p.is_dir()]
         if len(found) != 1:
-            raise RuntimeError(f"cannot find the directory of step {self._saving} being saved: {found}")
+            raise RuntimeError(f"cannot find the directory of step {self._committing} being saved: {found}")
         write_manifest(found[0])
 
     def save(
@@ -453,7 +457,7 @@ class Checkpointer:
             config=ocp.args.JsonSave(dict(config)),
             progress=ocp.args.JsonSave({**progress, PROGRESS_MANIFEST: True}),
         )
-        self._saving = step
+        self._saving = self._committing = step
         try:
             saved = self.manager.save(step, args=args, metrics=dict(metrics or {}), force=True)
         except Exception as e:  # whatever the writer raised (ENOSPC: OSError), the step must not count

@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 
 import grain
 import jax
@@ -427,6 +428,38 @@ def test_checkpoint_verify_on_only_damaged_steps_gives_the_fix_a_resume_then_ask
     assert resume.newest_verified(lambda line: None) is None
     resume.close()
     assert moved_aside(ckpts) == [ckpts / "1.corrupt", ckpts / "2.corrupt"]
+
+
+def test_a_save_whose_wait_was_interrupted_still_commits_with_its_manifest(tmp_path, monkeypatch):
+    """A second Ctrl-C during the stop's save interrupts Orbax's wait; its next wait then returns at once
+    while the commit goes on (modelled here: the save's wait raises KeyboardInterrupt before the commit, the
+    next returns at once). `close` then cleared the step being saved, and the commit callback failed on
+    "step None": the step stayed a temporary directory. It must commit, verified by its manifest."""
+    from nextquill_jax.train import checkpoint
+
+    ckpt = Checkpointer(tmp_path, CheckpointConfig(keep=3))
+    released = threading.Event()
+    write = checkpoint.write_manifest
+    monkeypatch.setattr(checkpoint, "write_manifest", lambda d: released.wait(10) and write(d))
+    data = iter(grain.MapDataset.range(10).to_iter_dataset())
+    ckpt.save(1, {"w": np.arange(8, dtype=np.float32)}, data, config={}, progress={})  # in flight
+    waits, wait = [], ckpt.manager.wait_until_finished
+
+    def interrupted_then_at_once():
+        waits.append(len(waits))
+        if len(waits) == 1:  # the stop's wait for its save, interrupted
+            raise KeyboardInterrupt
+        if len(waits) == 2:  # `close`'s: at once, the commit going on behind it
+            released.set()
+        else:  # Orbax's own close
+            wait()
+
+    monkeypatch.setattr(ckpt.manager, "wait_until_finished", interrupted_then_at_once)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.wait()
+    ckpt.close()  # the run's `finally`
+    assert len(waits) == 3
+    assert Checkpointer(tmp_path, CheckpointConfig(), read_only=True).check(1).status == "ok"
 
 
 def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint_and_marks_nothing_complete(
