@@ -14,6 +14,7 @@ time spent waiting for it) and an optional `jax.profiler` trace of chosen steps.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import functools
@@ -565,8 +566,11 @@ class _Preemption:
         if signum == signal.SIGINT:
             signal.signal(signal.SIGINT, self._previous[signal.SIGINT])
             # os.write, not print: a print here could re-enter a print the loop was in the middle of. On a
-            # terminal the progress bar holds the line without a newline: start a line of our own.
-            os.write(2, (b"\n" if os.isatty(2) else b"") + self._SIGINT_ACK)
+            # terminal the progress bar holds the line without a newline: start a line of our own. A failed
+            # write must not raise: raised here it would end the run wherever it is, unsaved, and stderr's
+            # reader is often gone by now (`train ... |& tee log`: the same Ctrl-C ended tee).
+            with contextlib.suppress(OSError):
+                os.write(2, (b"\n" if os.isatty(2) else b"") + self._SIGINT_ACK)
             if jax.process_count() > 1:
                 os.kill(os.getpid(), signal.SIGTERM)
 

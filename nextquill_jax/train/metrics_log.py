@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ class MetricsLog:
         self.path = Path(workdir) / METRICS_FILE
         self._tb = None
         self._bar = None
+        self._console_gone = False  # see `_to_console`
         if not self.enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -96,7 +97,7 @@ class MetricsLog:
     def progress(self, step: int, metrics: Mapping[str, float]) -> None:
         """Move the bar to `step` and show loss, tokens/s, the without-history CE and the preference-token
         fraction."""
-        if self._bar is None:
+        if self._bar is None or self._console_gone:
             return
         shown = {
             "loss": metrics.get("loss"),
@@ -106,7 +107,7 @@ class MetricsLog:
         }
         # The numbers first: `update` redraws the line, which would show the new step with the last row's.
         self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items() if v is not None}, refresh=False)
-        self._bar.update(step - self._bar.n)
+        self._to_console(lambda: self._bar.update(step - self._bar.n))
 
     def first_value(self, key: str) -> float | None:
         """`key` in the first row of metrics.jsonl that has it (this run's rows, earlier starts included), or
@@ -119,8 +120,18 @@ class MetricsLog:
 
     def message(self, text: str) -> None:
         """Print `text` on process 0 without breaking the bar."""
-        if self.enabled:
-            tqdm.write(text) if self._bar is not None else print(text, flush=True)
+        if self.enabled and not self._console_gone:
+            self._to_console(lambda: tqdm.write(text) if self._bar is not None else print(text, flush=True))
+
+    def _to_console(self, write: Callable[[], None]) -> None:
+        """Run `write`, a write to stdout or stderr; once one finds the reader gone, write there no more.
+
+        `train ... |& tee log` ends tee with the same Ctrl-C that asks the run to stop: the stop's save must
+        not die on a message it cannot show. metrics.jsonl, a file, keeps every row."""
+        try:
+            write()
+        except BrokenPipeError:
+            self._console_gone = True
 
     def close(self) -> None:
         if not self.enabled:
@@ -128,7 +139,7 @@ class MetricsLog:
         if self._tb is not None:
             self._tb.close()
         if self._bar is not None:
-            self._bar.close()
+            self._to_console(self._bar.close)
 
 
 def last_value(workdir: str | Path, key: str) -> Any:

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from nextquill_jax.config import load_config
+from nextquill_jax.config import CheckpointConfig, load_config
 from nextquill_jax.train import loop
 from nextquill_jax.train.checkpoint import Checkpointer, CheckpointSaveError
 from nextquill_jax.train.loop import eval_line
@@ -117,6 +117,33 @@ def test_ctrl_c_stops_like_sigterm_and_the_run_resumes_to_the_same_end(
         read_state(tmp_path / "whole" / "checkpoints" / "3"),
         read_state(checkpoints / "3"),
     )
+
+
+def test_ctrl_c_with_stderrs_reader_gone_still_stops_with_its_checkpoint(
+    tmp_path, monkeypatch, write_random_data, tiny_config
+):
+    """`train ... |& tee log`: the Ctrl-C ends tee too, so the acknowledgement's write met a closed pipe, and
+    its BrokenPipeError left the signal handler wherever the loop was: no stop checkpoint (exit 141 through
+    the CLI). The stop must save; the progress bar on the same stderr must not end it either."""
+    raw = tiny_config(write_random_data(tmp_path / "data"), tmp_path / "run")
+    raw["checkpoint"].update(every_steps=100, async_save=False)
+    raw["train"]["max_steps"] = 4
+    raw["logging"]["progress_bar"] = True
+    kept = os.dup(2)
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        os.dup2(write_end, 2)  # stderr: a pipe whose reader has gone
+        with monkeypatch.context() as patch:
+            _signal_after_step(patch, 1, signal.SIGINT)
+            stopped = loop.train(load_config(None, base=raw), tmp_path / "run", echo=lambda _: None)
+    finally:
+        os.dup2(kept, 2)
+        os.close(kept)
+        os.close(write_end)
+    assert (stopped.status, stopped.step, stopped.last_checkpoint) == ("preempted", 2, 2)
+    reader = Checkpointer(tmp_path / "run" / "checkpoints", CheckpointConfig(), read_only=True)
+    assert reader.check(2).status == "ok"
 
 
 def _train_signalled(tmp_path, write_random_data, tiny_config, *, steps: int, at: int, **checkpoint):

@@ -6,6 +6,7 @@ Counts are JSON integers, the other numbers floats."""
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import re
@@ -256,3 +257,38 @@ def test_every_field_a_run_writes_is_in_the_readme_table(trained_run):
     documented = readme_metrics_fields()
     assert "eval/<field>" in documented
     assert fields - documented == set(), "document these in README.md's metrics.jsonl table"
+
+
+class _Console(io.StringIO):
+    """A console stream whose reader can go away, as tee's does on the Ctrl-C that stops a run."""
+
+    gone = False
+
+    def write(self, text: str) -> int:
+        if self.gone:
+            raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+        return super().write(text)
+
+
+@pytest.mark.parametrize("progress_bar", [True, False])
+def test_a_console_whose_reader_is_gone_silences_the_messages_not_the_rows(
+    tmp_path, monkeypatch, progress_bar
+):
+    """A BrokenPipeError from the bar or a message ended the stop's save (`train ... |& tee log`); the rows
+    go on into metrics.jsonl."""
+    console = _Console()
+    monkeypatch.setattr("sys.stdout", console)
+    monkeypatch.setattr("sys.stderr", console)
+    cfg = LoggingConfig(tensorboard=False, progress_bar=progress_bar)
+    log = MetricsLog(tmp_path, cfg, start_step=0, total_steps=3)
+    log.message("before")
+    console.gone = True
+    for step in (1, 2):
+        log.write(step, {"loss": 1.0 / step})
+        log.progress(step, {"loss": 1.0 / step})
+        log.message(f"step {step}")
+    log.close()
+    console.gone = False
+    assert "before" in console.getvalue() and "step 1" not in console.getvalue()
+    rows = [json.loads(line) for line in (tmp_path / METRICS_FILE).read_text().splitlines()]
+    assert rows == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}]
