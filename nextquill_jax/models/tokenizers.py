@@ -321,13 +321,20 @@ def _cache_root() -> Path:
 def _cached(key: str, convert: Callable[[], PreTrainedTokenizerFast]) -> PreTrainedTokenizerFast:
     """Load the tokenizer cached under `key`, or convert it, save it there and load the saved copy (so the
     first call returns exactly what later calls will). Writes go to a temporary directory renamed into place,
-    so concurrent processes never see half a cache entry."""
+    so concurrent processes never see half a cache entry. Where the cache cannot be made (a read-only home,
+    XDG_CACHE_HOME under a file), the converted copy is saved to and loaded from a scratch directory
+    instead: the same tokenizer, converted again at every load."""
     from transformers import AutoTokenizer
 
     target = _cache_root() / f"{key}-v{_CONVERTER_VERSION}"
     if not target.is_dir():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=target.parent))
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=target.parent))
+        except OSError:
+            with tempfile.TemporaryDirectory(prefix=f"{key}-") as scratch:
+                convert().save_pretrained(scratch)
+                return AutoTokenizer.from_pretrained(scratch, local_files_only=True)
         try:
             convert().save_pretrained(staging)
             staging.rename(target)

@@ -188,6 +188,18 @@ def test_qwen_cache_is_reused(fresh_cache, qwen):
     assert again(TEXTS[3])["input_ids"] == qwen(TEXTS[3])["input_ids"]
 
 
+def test_a_cache_that_cannot_be_made_converts_into_a_scratch_directory(tmp_path, monkeypatch, qwen):
+    """XDG_CACHE_HOME under a file (as a read-only home would): loading failed outright on the cache's mkdir.
+    The tokenizer is converted and loaded as the cached one is, and nothing is written there."""
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker / "cache"))
+    uncached = load_tokenizer("qwen")
+    for text in TEXTS:
+        assert uncached(text)["input_ids"] == qwen(text)["input_ids"]
+    assert blocker.read_text() == "" and list(tmp_path.iterdir()) == [blocker]
+
+
 # --- SmolLM2 from its GGUF ----------------------------------------------------------------------------------
 
 
