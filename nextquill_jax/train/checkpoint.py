@@ -277,8 +277,9 @@ class Checkpointer:
         self.async_save = cfg.async_save
         self._saving: int | None = None  # the step whose save may still be in flight
         # The step the commit callback writes the manifest of: set by each save and cleared by nothing, since
-        # after an interrupted wait Orbax's next wait returns at once while the commit goes on (a second
-        # Ctrl-C during a save: `close` cleared `_saving`, and the callback failed on step None).
+        # after an interrupted wait Orbax's next wait returns at once while the commit goes on (Python's
+        # Thread.join, interrupted, marks the thread finished). A second Ctrl-C during a save: `close`
+        # cleared `_saving`, and the callback failed on step None.
         self._committing: int | None = None
         # Orbax logs two warnings for every read-only manager (that it will not save): not news to a reader.
         with _absl_level(absl_logging.ERROR if read_only else absl_logging.get_verbosity()):

@@ -35,7 +35,8 @@ TRAIN_EXIT_STATUSES = """exit status:
   3    non-finite loss or gradient (train.nonfinite: stop), or more than train.max_skips skipped updates
   4    another process of a multi-process run was lost (mesh.peer_timeout_s)
   5    a checkpoint could not be saved (checkpoint.on_save_error: stop)
-  130  Ctrl-C during set-up, or a second Ctrl-C during training (nothing saved)
+  130  Ctrl-C during set-up, or a second Ctrl-C during training (nothing more saved: a checkpoint
+       already being written is finished first)
   141  stdout's reader went away (a closed pipe)
   143  SIGTERM during set-up or data preparation (the default signal exit, nothing saved)"""
 

@@ -537,15 +537,17 @@ class _Profile:
 
 class _Preemption:
     """SIGTERM or a first SIGINT (Ctrl-C) → stop after the current step; a second SIGINT goes to the handler
-    that was there before (Python's KeyboardInterrupt), so a user is never stuck waiting for a step.
+    that was there before (Python's KeyboardInterrupt), so a user is never stuck waiting for a step. A
+    checkpoint already being written, the stop's own included, is finished first, with its manifest
+    (`Checkpointer.close` in the run's `finally`); one the Ctrl-C cut short is never marked complete.
     Single-process: our own handlers. Multi-process: JAX's preemption sync service (it traps SIGTERM and
     makes all processes agree on the step), so a SIGINT is passed on to it as a SIGTERM to this process."""
 
     # Not "after this step": a signal during the fetch of step N's metrics, when N + 1 may be dispatched,
     # is seen at N + 1's check.
     _SIGINT_ACK = (
-        b"SIGINT: stopping after the step under way or the next, to save a checkpoint; Ctrl-C again aborts, "
-        b"unsaved\n"
+        b"SIGINT: stopping after the step under way or the next, to save a checkpoint; Ctrl-C again aborts "
+        b"(a checkpoint already being written is finished first)\n"
     )
 
     def __init__(self) -> None:

@@ -6,6 +6,8 @@ import dataclasses
 import json
 import os
 import signal
+import threading
+import time
 
 import jax
 import numpy as np
@@ -15,6 +17,9 @@ from nextquill_jax.config import CheckpointConfig, load_config
 from nextquill_jax.train import loop
 from nextquill_jax.train.checkpoint import Checkpointer, CheckpointSaveError
 from nextquill_jax.train.loop import eval_line
+
+# What the first Ctrl-C's acknowledgement says of a second.
+SIGINT_AGAIN = "Ctrl-C again aborts (a checkpoint already being written is finished first)"
 
 
 def test_the_eval_line_shows_the_loss_and_the_tracked_metric():
@@ -104,7 +109,7 @@ def test_ctrl_c_stops_like_sigterm_and_the_run_resumes_to_the_same_end(
     checkpoints = (tmp_path / "run" / "checkpoints").absolute()
     out = capfd.readouterr()  # capfd: the acknowledgement is an os.write
     assert f"SIGINT: stopped at step 2; checkpoint {checkpoints / '2'} is complete." in out.out
-    assert "Ctrl-C again aborts, unsaved" in out.err
+    assert SIGINT_AGAIN in out.err
     resumed = loop.train(load_config(None, base=raw), tmp_path / "run", echo=print)
     assert (resumed.status, resumed.step) == ("finished", 3)
     assert f"resuming from {checkpoints / '2'}" in capfd.readouterr().out
@@ -237,7 +242,46 @@ def test_a_second_ctrl_c_aborts_at_once_and_restores_the_handlers(
         loop.train(load_config(None, base=raw), tmp_path / "run", echo=lambda _: None)
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
     assert not (tmp_path / "run" / "checkpoints" / "2").exists()
-    assert "Ctrl-C again aborts, unsaved" in capfd.readouterr().err  # the first one was a stop request
+    assert SIGINT_AGAIN in capfd.readouterr().err  # the first one was a stop request
+
+
+def test_a_second_ctrl_c_during_the_stops_save_aborts_once_that_checkpoint_is_complete(
+    tmp_path, monkeypatch, write_random_data, tiny_config
+):
+    """README: a checkpoint already being written when the second Ctrl-C comes, the stop's own included, is
+    finished first and verifies. With Orbax's real wait interrupted (its next returns at once, the commit
+    going on), the commit callback found no step to write the manifest of: the step stayed temporary."""
+    raw = tiny_config(write_random_data(tmp_path / "data"), tmp_path / "run")
+    raw["checkpoint"].update(every_steps=100, async_save=False)
+    raw["train"]["max_steps"] = 3
+    committing = threading.Event()  # set: the commit, slow as a big model's, reaches its callback
+    callback = Checkpointer._write_saving_manifest
+    monkeypatch.setattr(
+        Checkpointer, "_write_saving_manifest", lambda self: committing.wait(30) and callback(self)
+    )
+
+    def second_ctrl_c():
+        time.sleep(0.3)  # into Orbax's join of the commit, which waits for `committing`
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)  # the KeyboardInterrupt is out of the wait well before the commit goes on
+        committing.set()
+
+    wait, interrupted = Checkpointer.wait, []
+
+    def wait_interrupted(self):
+        if self._saving is not None and not interrupted:  # the stop's wait for its own save
+            interrupted.append(threading.Thread(target=second_ctrl_c))
+            interrupted[0].start()
+        wait(self)
+
+    monkeypatch.setattr(Checkpointer, "wait", wait_interrupted)
+    _signal_after_step(monkeypatch, 1, signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(load_config(None, base=raw), tmp_path / "run", echo=lambda _: None)
+    interrupted[0].join()
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["2"]
+    assert Checkpointer(checkpoints, CheckpointConfig(), read_only=True).check(2).status == "ok"
 
 
 @pytest.mark.parametrize(
