@@ -46,7 +46,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from nextquill_jax.atomic_file import write_text_atomic
-from nextquill_jax.config import Config
+from nextquill_jax.config import Config, ModelRunConfig
 from nextquill_jax.data.global_batch import to_global_batch
 from nextquill_jax.data.pipeline import BatchPipeline
 from nextquill_jax.data.prepared_split import (
@@ -63,7 +63,7 @@ from nextquill_jax.models.causal_lm import CausalLM
 from nextquill_jax.models.generate import GenerationConfig, generate
 from nextquill_jax.parallel import batch_shard_count
 from nextquill_jax.plural import counted
-from nextquill_jax.train import model_setup
+from nextquill_jax.train import adapters, model_setup
 from nextquill_jax.train.dispatch_queue import summed_eval_aux
 from nextquill_jax.train.metrics_log import strict_json
 from nextquill_jax.train.resume import EVALUATING, check_same_reference
@@ -91,7 +91,8 @@ _STREAM_TEXT = {"with": "prompt_with_history", "without": "prompt_without_histor
 def load_model_path(workdir: str | Path, model_path: str, mesh: Mesh | None = None) -> LoadedModel:
     """A `load_pretrained` path or packaged name, run with the runtime settings (dtypes, attention) of the
     run's `config.yaml` in `workdir`, whose data it is evaluated on (`workdir.saved_config`: an attention
-    this backend cannot run replaced by `xla`).
+    this backend cannot run replaced by `xla`); a LoRA run's weights dtype is its base's
+    (`adapters.frozen_runtime`: `lora.base_dtype`, bfloat16 for int8 / nf4), not the adapters'.
 
     Raises:
         FileNotFoundError: `workdir` has no config.yaml.
@@ -99,7 +100,10 @@ def load_model_path(workdir: str | Path, model_path: str, mesh: Mesh | None = No
     """
     cfg = saved_config(workdir)
     mesh = reading_mesh(cfg) if mesh is None else mesh
-    section = dataclasses.replace(cfg.model, path=model_path, preset=None, overrides={})
+    # Beside a LoRA run's adapters `model.param_dtype` is the adapters' dtype: the path (the base, or a merged
+    # export) is stored as the run's frozen base is, as the `dce: fixed` reference path is.
+    runtime = adapters.frozen_runtime(cfg.model) if cfg.model.lora is not None else cfg.model.runtime()
+    section = ModelRunConfig(path=model_path, **runtime)
     graphdef, params = model_setup.load_params(section, mesh, cfg.train.seed)
     return LoadedModel(nnx.merge(graphdef, params), cfg, mesh, None, model_path)
 

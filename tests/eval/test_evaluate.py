@@ -15,8 +15,10 @@ import re
 import shutil
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from nextquill_jax.cli import main
 from nextquill_jax.config import load_config
@@ -541,6 +543,27 @@ def test_a_run_saved_with_an_attention_this_backend_lacks_is_read_with_xla(train
     assert (loaded.model.cfg.attention_impl, loaded.model.cfg.cudnn_max_segments) == ("xla", None)
     assert loaded.config.model.compute_dtype == "bfloat16"
     assert capsys.readouterr().err.startswith(note)
+
+
+@pytest.mark.parametrize(
+    ("param_dtype", "base_dtype", "expected"),
+    [("float32", "bfloat16", "bfloat16"), ("bfloat16", "float32", "float32"), ("float32", "nf4", "bfloat16")],
+)
+def test_a_model_path_beside_a_lora_run_is_stored_as_its_base(
+    trained_run, tmp_path, param_dtype, base_dtype, expected
+):
+    """`evaluate --workdir <LoRA run> --model PATH` loaded PATH in `model.param_dtype`, the adapters' dtype:
+    a bfloat16 base (as the run trained on) read in float32, or a merged export's float32 kernels rounded to
+    bfloat16 (logits off by 1.6e-3 in the audit). It is stored as the run's frozen base, as the `dce: fixed`
+    reference path is."""
+    from nextquill_jax.eval.evaluate import load_model_path
+
+    workdir = tmp_path / "lora"
+    shutil.copytree(trained_run.workdir, workdir)
+    as_saved_with(workdir, param_dtype=param_dtype, lora={"rank": 2, "base_dtype": base_dtype})
+    loaded = load_model_path(workdir, str(trained_run.exported))
+    dtypes = {str(p.dtype) for p in jax.tree.leaves(nnx.state(loaded.model, nnx.Param))}
+    assert dtypes == {expected}
 
 
 def test_a_nan_loss_is_written_null_in_metrics_json(run, tmp_path, monkeypatch):
