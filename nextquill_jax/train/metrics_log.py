@@ -97,7 +97,7 @@ class MetricsLog:
     def progress(self, step: int, metrics: Mapping[str, float]) -> None:
         """Move the bar to `step` and show loss, tokens/s, the without-history CE and the preference-token
         fraction."""
-        if self._bar is None or self._console_gone:
+        if self._bar is None:
             return
         shown = {
             "loss": metrics.get("loss"),
@@ -120,7 +120,7 @@ class MetricsLog:
 
     def message(self, text: str) -> None:
         """Print `text` on process 0 without breaking the bar."""
-        if self.enabled and not self._console_gone:
+        if self.enabled:
             self._to_console(lambda: tqdm.write(text) if self._bar is not None else print(text, flush=True))
 
     def _to_console(self, write: Callable[[], None]) -> None:
@@ -128,6 +128,8 @@ class MetricsLog:
 
         `train ... |& tee log` ends tee with the same Ctrl-C that asks the run to stop: the stop's save must
         not die on a message it cannot show. metrics.jsonl, a file, keeps every row."""
+        if self._console_gone:
+            return
         try:
             write()
         except BrokenPipeError:
