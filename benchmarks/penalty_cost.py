@@ -310,7 +310,7 @@ def seed_costs(
 def seed_report(costs: Mapping[str, Sequence[dict[str, Any]]], baseline: str, resamples: int) -> list[str]:
     """The per-seed report's table (`run_summary` of each run) and each variant's paired differences to
     `baseline`, as Markdown lines."""
-    from nextquill_jax.eval.compare_table import NO_WIDTH_VERDICT
+    from nextquill_jax.eval.compare_table import difference_verdict
 
     # (run_summary key, column, format)
     columns = [
@@ -340,12 +340,8 @@ def seed_report(costs: Mapping[str, Sequence[dict[str, Any]]], baseline: str, re
             if measure not in by_measure:
                 continue
             d = by_measure[measure]
-            if not d.significant:
-                verdict = "no significant difference"
-            elif not d.has_width:
-                verdict = NO_WIDTH_VERDICT
-            else:
-                verdict = "more" if d.mean > 0 else "less"
+            word = difference_verdict(asdict(d), higher_is_better=True)
+            verdict = {"better": "more", "worse": "less"}.get(word, word)
             lines.append(
                 f"- {name} vs {baseline}, {label}: {verdict} ({d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}], "
                 f"{d.examples} examples)"

@@ -322,12 +322,13 @@ def left_out_counts(d: Mapping[str, int]) -> str:
 
 
 def difference_verdict(d: Mapping[str, Any], higher_is_better: bool) -> str:
-    """The word for a difference of `compare_runs` (`mean`, `low`, `high`, `significant`): `NO_WIDTH_VERDICT`
-    where its interval excludes 0 but has no width (`bootstrap.no_width`), else `verdict`'s (an interval of
-    no width at 0, every pair equal, is "no significant difference")."""
-    if not d["low"] <= 0.0 <= d["high"] and no_width(d["low"], d["high"]):
+    """The word for a paired difference (`mean`, `low`, `high`: `compare_runs`' or a `PairedDifference`'s
+    fields): `NO_WIDTH_VERDICT` where its interval excludes 0 but has no width (`bootstrap.no_width`), else
+    `verdict`'s (an interval of no width at 0, every pair equal, is "no significant difference")."""
+    excludes_zero = not d["low"] <= 0.0 <= d["high"]
+    if excludes_zero and no_width(d["low"], d["high"]):
         return NO_WIDTH_VERDICT
-    return verdict(d["mean"], d["significant"], higher_is_better)
+    return verdict(d["mean"], excludes_zero, higher_is_better)
 
 
 def verdict(mean: float, significant: bool, higher_is_better: bool) -> str:
