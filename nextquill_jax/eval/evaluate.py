@@ -102,8 +102,7 @@ def load_model_path(workdir: str | Path, model_path: str, mesh: Mesh | None = No
     mesh = reading_mesh(cfg) if mesh is None else mesh
     # Beside a LoRA run's adapters `model.param_dtype` is the adapters' dtype: the path (the base, or a merged
     # export) is stored as the run's frozen base is, as the `dce: fixed` reference path is.
-    runtime = adapters.frozen_runtime(cfg.model) if cfg.model.lora is not None else cfg.model.runtime()
-    section = ModelRunConfig(path=model_path, **runtime)
+    section = ModelRunConfig(path=model_path, **adapters.frozen_runtime(cfg.model))
     graphdef, params = model_setup.load_params(section, mesh, cfg.train.seed)
     return LoadedModel(nnx.merge(graphdef, params), cfg, mesh, None, model_path)
 

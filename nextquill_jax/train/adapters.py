@@ -148,10 +148,12 @@ def init_from_note(model: ModelRunConfig) -> str | None:
 
 
 def frozen_runtime(model: ModelRunConfig) -> dict[str, Any]:
-    """The runtime fields (`ModelRunConfig.runtime`) of a frozen model beside a LoRA run's adapters, the base
-    and a path `dce: fixed` reference alike: weights stored in `lora.base_dtype` where that is a float type,
-    else (int8, nf4: quantized from it) bfloat16; the other fields the run's."""
-    assert model.lora is not None
+    """The runtime fields (`ModelRunConfig.runtime`) of a frozen model run beside the run's: the base, a path
+    `dce: fixed` reference, or a path `evaluate --model` reads. Beside LoRA adapters (whose dtype is
+    `model.param_dtype`) its weights are stored in `lora.base_dtype` where that is a float type, else (int8,
+    nf4: quantized from it) bfloat16, the other fields the run's; without LoRA, the run's fields."""
+    if model.lora is None:
+        return model.runtime()
     float_dtype = model.lora.base_dtype if model.lora.base_dtype in ("float32", "bfloat16") else "bfloat16"
     return {**model.runtime(), "param_dtype": float_dtype}
 

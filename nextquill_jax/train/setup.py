@@ -387,8 +387,7 @@ def load_reference(cfg: Config, mesh: Mesh, base: tuple[Any, dict] | None = None
     # Its forward runs inside the training step, on the same batches: it runs the layers as the run's model
     # does (dtypes, layer scan, attention implementation and packed-mode bound). Beside LoRA adapters it is
     # stored as the frozen base is (`model.param_dtype` is then the adapters').
-    runtime = adapters.frozen_runtime(cfg.model) if cfg.model.lora is not None else cfg.model.runtime()
-    section = ModelRunConfig(path=source, **runtime)
+    section = ModelRunConfig(path=source, **adapters.frozen_runtime(cfg.model))
     graphdef, params = model_setup.load_params(section, mesh, seed=0)
     return Reference(graphdef, params, adapters.path_identity(section))
 
