@@ -132,13 +132,42 @@ class _Metadata:
     def one_for_all_layers(self, key: str, default: int | None = None) -> int:
         """`key` as an int (required when `default` is None). llama.cpp also reads some layer sizes as an
         array with one value per layer, which a Hugging Face config of these architectures cannot hold."""
-        value = self.required(key) if default is None else self.get(key, default)
+        value = self._value(key, default)
         if isinstance(value, list):
             raise ValueError(
                 f"{self.path}: GGUF metadata {key!r} is an array of {len(value)} values, one per layer: "
                 "per-layer values are not supported (only one value for all layers)"
             )
-        return int(value)
+        return self._integer(key, value)
+
+    def integer(self, key: str, default: int | None = None) -> int:
+        """`key` as an int: required when `default` is None, else `default` where the key is absent.
+
+        Raises:
+            ValueError: the key is missing and required, or its value is not an integer (an array, a
+                string, a fraction), naming the file, the key and the value.
+        """
+        return self._integer(key, self._value(key, default))
+
+    def number(self, key: str, default: float | None = None) -> float:
+        """`key` as a float, as `integer` reads an int (an integer value is accepted too)."""
+        value = self._value(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise ValueError(f"{self.path}: GGUF metadata {key!r} is {_shown(value)}, not a number")
+        return float(value)
+
+    def _value(self, key: str, default: Any) -> Any:
+        return self.required(key) if default is None else self.get(key, default)
+
+    def _integer(self, key: str, value: Any) -> int:
+        if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+            return int(value)
+        raise ValueError(f"{self.path}: GGUF metadata {key!r} is {_shown(value)}, not an integer")
+
+
+def _shown(value: Any) -> str:
+    """A metadata value for an error line: an array by its length, not its (possibly 100k-item) contents."""
+    return f"an array of {len(value)} values" if isinstance(value, list) else repr(value)
 
 
 def _hf_tensor_name(gguf_name: str, path: Path) -> str:
@@ -185,13 +214,13 @@ def _hf_config(meta: _Metadata, arch: str, shapes: dict[str, tuple[int, ...]], p
     rope_scaling = _rope_scaling(meta, arch, path)
     num_heads = meta.one_for_all_layers(f"{arch}.attention.head_count")
     num_kv_heads = meta.one_for_all_layers(f"{arch}.attention.head_count_kv", default=num_heads)
-    hidden = int(meta.required(f"{arch}.embedding_length"))
+    hidden = meta.integer(f"{arch}.embedding_length")
     head_dim = _head_dim(meta, arch, hidden, num_heads, path)
     if "model.embed_tokens.weight" not in shapes:
         raise ValueError(f"{path}: GGUF file has no 'token_embd.weight' tensor")
     vocab_size = shapes["model.embed_tokens.weight"][0]
-    declared_vocab = meta.get(f"{arch}.vocab_size")
-    if declared_vocab is not None and int(declared_vocab) != vocab_size:
+    declared_vocab = meta.integer(f"{arch}.vocab_size", default=vocab_size)
+    if declared_vocab != vocab_size:
         raise ValueError(
             f"{path}: {arch}.vocab_size is {declared_vocab} but token_embd.weight has {vocab_size} rows"
         )
@@ -206,9 +235,9 @@ def _hf_config(meta: _Metadata, arch: str, shapes: dict[str, tuple[int, ...]], p
         "num_key_value_heads": num_kv_heads,
         "head_dim": head_dim,
         "hidden_act": "silu",
-        "max_position_embeddings": int(meta.required(f"{arch}.context_length")),
-        "rms_norm_eps": _decimal(meta.required(f"{arch}.attention.layer_norm_rms_epsilon")),
-        "rope_theta": _decimal(meta.get(f"{arch}.rope.freq_base", 10000.0)),
+        "max_position_embeddings": meta.integer(f"{arch}.context_length"),
+        "rms_norm_eps": _decimal(meta.number(f"{arch}.attention.layer_norm_rms_epsilon")),
+        "rope_theta": _decimal(meta.number(f"{arch}.rope.freq_base", 10000.0)),
         "rope_scaling": rope_scaling,
         "tie_word_embeddings": "lm_head.weight" not in shapes,
     }
@@ -222,9 +251,8 @@ def _hf_config(meta: _Metadata, arch: str, shapes: dict[str, tuple[int, ...]], p
         ("eos_token_id", "eos_token_id"),
         ("padding_token_id", "pad_token_id"),
     ):
-        value = meta.get(f"tokenizer.ggml.{gguf_key}")
-        if value is not None:
-            config[hf_key] = int(value)
+        if f"tokenizer.ggml.{gguf_key}" in meta.metadata:
+            config[hf_key] = meta.integer(f"tokenizer.ggml.{gguf_key}")
     return config
 
 
@@ -235,18 +263,18 @@ def _head_dim(meta: _Metadata, arch: str, hidden: int, num_heads: int, path: Pat
     Raises:
         ValueError: `rope.dimension_count` differs from the head size (RoPE over part of each head).
     """
-    key_length = meta.get(f"{arch}.attention.key_length")
+    key_length = meta.integer(f"{arch}.attention.key_length", default=0)
     head_dim, source = (
-        (int(key_length), f"{arch}.attention.key_length")
+        (key_length, f"{arch}.attention.key_length")
         if key_length
         else (hidden // num_heads, f"{arch}.embedding_length / {arch}.attention.head_count")
     )
-    rotary = meta.get(f"{arch}.rope.dimension_count")
-    if rotary is not None and int(rotary) != head_dim:
+    rotary = meta.integer(f"{arch}.rope.dimension_count", default=head_dim)
+    if rotary != head_dim:
         # the wording of config.json's partial_rotary_factor refusal (models/config.py `_parse_rope`)
         raise ValueError(
             f"{path}: {arch}.rope.dimension_count {rotary} is not the head size {head_dim} ({source}): "
-            f"partial_rotary_factor {int(rotary) / head_dim:g} is not supported (only 1.0)"
+            f"partial_rotary_factor {rotary / head_dim:g} is not supported (only 1.0)"
         )
     return head_dim
 
@@ -267,9 +295,12 @@ def _rope_scaling(meta: _Metadata, arch: str, path: Path) -> dict[str, Any] | No
         raise ValueError(
             f"{path}: {arch}.rope.scaling.type {kind!r} is not supported (only 'none' and 'linear')"
         )
-    factor = meta.get(f"{arch}.rope.scaling.factor")
-    if factor is None:
-        factor = meta.get(f"{arch}.rope.scale_linear", 0.0)
+    factor = meta.number(
+        f"{arch}.rope.scaling.factor"
+        if f"{arch}.rope.scaling.factor" in meta.metadata
+        else f"{arch}.rope.scale_linear",
+        default=0.0,
+    )
     if kind == "none" or factor in (0.0, 1.0):
         return None
     return {"rope_type": "linear", "factor": _decimal(factor)}

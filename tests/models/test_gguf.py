@@ -396,6 +396,47 @@ def test_per_layer_values_are_refused_naming_the_key(tmp_path, write_tiny_gguf, 
             read(path)
 
 
+@pytest.mark.parametrize(
+    "key",
+    ["embedding_length", "context_length", "attention.key_length", "rope.dimension_count", "vocab_size"],
+)
+@pytest.mark.parametrize(("value", "shown"), [([4, 4], "an array of 2 values"), ("64", "'64'")])
+def test_a_size_that_is_not_an_integer_is_refused_naming_the_key(
+    tmp_path, write_tiny_gguf, key, value, shown
+):
+    """int() of an array was a TypeError naming neither file nor key; int() of a string read it silently."""
+    path = tmp_path / "not_int.gguf"
+    write_tiny_gguf(path, "llama", extra_metadata={f"llama.{key}": value})
+    message = (
+        rf"^{re.escape(str(path))}: GGUF metadata 'llama\.{re.escape(key)}' is {re.escape(shown)}, "
+        r"not an integer$"
+    )
+    with pytest.raises(ValueError, match=message):
+        read_gguf_config(path)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("tokenizer.ggml.eos_token_id", "2", "'tokenizer.ggml.eos_token_id' is '2', not an integer"),
+        ("llama.rope.freq_base", "10000", "'llama.rope.freq_base' is '10000', not a number"),
+        (
+            "llama.attention.layer_norm_rms_epsilon",
+            [1, 2],
+            "'llama.attention.layer_norm_rms_epsilon' is an array of 2 values, not a number",
+        ),
+        ("llama.rope.scaling.factor", "2", "'llama.rope.scaling.factor' is '2', not a number"),
+    ],
+)
+def test_other_metadata_of_the_wrong_type_is_refused_naming_the_key(
+    tmp_path, write_tiny_gguf, key, value, message
+):
+    path = tmp_path / "wrong_type.gguf"
+    write_tiny_gguf(path, "llama", extra_metadata={key: value})
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: GGUF metadata {message}$"):
+        read_gguf_config(path)
+
+
 def test_an_empty_gguf_file_is_named_by_every_loader(tmp_path):
     path = tmp_path / "empty.gguf"
     path.touch()  # an interrupted download; mmap's error named no file
