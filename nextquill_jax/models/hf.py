@@ -222,7 +222,7 @@ def model_from_hf(
     Raises:
         KeyError: missing or unexpected tensors (all of them named).
         ValueError: shape mismatches (named, with both shapes); config errors from ModelConfig.from_hf_config;
-            a mesh axis that does not divide a dimension.
+            a mesh axis that does not divide a dimension; a value too large for `dtype` (float16: 65504).
     """
     cfg = ModelConfig.from_hf_config(hf_config, param_dtype=dtype, **config_overrides)
     abstract = nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0)))
@@ -248,7 +248,7 @@ def model_from_hf(
         shape = var.get_value().shape
 
         def host_slice(index: tuple[slice, ...], rule=rule, shape=shape) -> np.ndarray:
-            return _convert(tensors, rule, shape, index, cfg.num_layers).astype(param_dtype)
+            return _cast(_convert(tensors, rule, shape, index, cfg.num_layers), param_dtype, rule.hf)
 
         if mesh is None:
             value = jnp.asarray(host_slice((slice(None),) * len(shape)))
@@ -323,6 +323,27 @@ def _convert(
     layers = range(num_layers)[index[0]]
     per_layer = [rule.layout.to_ours(np.asarray(tensors[rule.hf.format(i=i)]), shape[1:]) for i in layers]
     return np.stack(per_layer)[(slice(None), *index[1:])]
+
+
+def _cast(source: np.ndarray, dtype: Any, name: str) -> np.ndarray:
+    """`source` in `dtype`.
+
+    Raises:
+        ValueError: a finite value is too large for `dtype` (float16's largest is 65504) and would load as
+            inf, naming the tensor, how many values and the largest.
+    """
+    value = source.astype(dtype)
+    if jnp.finfo(dtype).max < jnp.finfo(source.dtype).max:
+        overflow = np.isfinite(source) & ~np.isfinite(value)
+        if overflow.any():
+            largest = float(np.abs(source[overflow]).max())
+            limit = float(jnp.finfo(dtype).max)
+            raise ValueError(
+                f"{name}: {int(overflow.sum())} values (largest magnitude {largest:g}) are too large for "
+                f"{jnp.dtype(dtype).name} (largest {limit:g}) and would load as inf; fix: load the model in "
+                f'a dtype of wider range (`dtype="bfloat16"` or `"float32"`)'
+            )
+    return value
 
 
 def _memoized(fn: Callable[[tuple[slice, ...]], np.ndarray]) -> Callable[[tuple[slice, ...]], np.ndarray]:

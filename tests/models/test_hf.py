@@ -89,6 +89,28 @@ def test_bfloat16_parameters_are_the_rounded_checkpoint_values(qwen2):
     assert model.cfg.param_dtype == "bfloat16"
 
 
+def test_values_too_large_for_float16_are_refused_naming_the_tensor(qwen2):
+    """float16's largest value is 65504: a larger weight loaded as inf, silently."""
+    config, tensors = qwen2
+    large = tensors["model.layers.1.mlp.up_proj.weight"].copy()
+    large[0, :3] = [7e4, -1e5, 65504.0]
+    changed = {**tensors, "model.layers.1.mlp.up_proj.weight": large}
+    with pytest.raises(
+        ValueError,
+        match=r"^model\.layers\.\{i\}\.mlp\.up_proj\.weight: 2 values \(largest magnitude 100000\) are too "
+        r"large for float16 \(largest 65504\) and would load as inf; fix: load the model in a dtype of wider "
+        r"range",
+    ):
+        model_from_hf(config, changed, dtype="float16")
+    for dtype in ("bfloat16", "float32"):  # the same tensors fit these
+        params = nnx.state(model_from_hf(config, changed, dtype=dtype), nnx.Param)
+        up = np.asarray(dict(nnx.to_flat_state(params))[("layers", "mlp", "up")].get_value())
+        assert up[1, 1, 0] == np.float32(-1e5).astype(up.dtype) and np.all(np.isfinite(up))
+    at_limit = {**tensors, "model.layers.1.mlp.up_proj.weight": np.clip(large, -65504, 65504)}
+    params = nnx.state(model_from_hf(config, at_limit, dtype="float16"), nnx.Param)
+    assert dict(nnx.to_flat_state(params))[("layers", "mlp", "up")].get_value()[1, 1, 0] == -65504
+
+
 def test_unknown_name_and_directory_without_config(tmp_path):
     with pytest.raises(FileNotFoundError, match="smollm2-135m"):
         load_pretrained("no-such-model")
