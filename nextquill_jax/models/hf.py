@@ -332,7 +332,8 @@ def _cast(source: np.ndarray, dtype: Any, name: str) -> np.ndarray:
         ValueError: a finite value is too large for `dtype` (float16's largest is 65504) and would load as
             inf, naming the tensor, how many values and the largest.
     """
-    value = source.astype(dtype)
+    with np.errstate(over="ignore"):  # an overflow is reported below, naming the tensor
+        value = source.astype(dtype)
     if jnp.finfo(dtype).max < jnp.finfo(source.dtype).max:
         overflow = np.isfinite(source) & ~np.isfinite(value)
         if overflow.any():
