@@ -83,7 +83,9 @@ def quantize_int8(w: jax.Array, n_in: int) -> Int8Weight:
     def one(layer: jax.Array) -> tuple[jax.Array, jax.Array]:
         x = layer.astype(jnp.float32)
         absmax = jnp.max(jnp.abs(x), axis=tuple(range(n_in)), keepdims=True)
-        scale = jnp.where(absmax > 0, absmax / 127.0, 1.0)
+        # A non-finite weight makes its channel's scale, and so the channel, non-finite (training stops on
+        # the loss, as it does on a float base): `absmax > 0` read NaN as an all-zero channel, silently.
+        scale = jnp.where(absmax == 0, 1.0, absmax / 127.0)
         return jnp.clip(jnp.round(x / scale), -127, 127).astype(jnp.int8), scale
 
     q, scale = jax.lax.map(one, w)

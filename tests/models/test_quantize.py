@@ -23,6 +23,22 @@ def test_int8_is_per_output_channel_absmax():
     assert np.abs(np.asarray(q[...]) - W).max() <= (absmax / 127 / 2).max() * 1.0001
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
+def test_a_non_finite_weight_stays_non_finite_in_its_channel_or_block(kind, bad):
+    """A NaN made int8's scale 1, and the channel's small weights rounded to code 0: the NaN vanished and the
+    channel became zeros, silently (a float base keeps it, and training stops on the loss)."""
+    w = W.copy()
+    w[1, 5, 2, 3] = bad
+    q = quantize.quantize_int8(jnp.asarray(w), 1) if kind == "int8" else quantize.quantize_nf4(jnp.asarray(w))
+    values = np.asarray(q[...])
+    assert not np.isfinite(values[1, 5, 2, 3])
+    np.testing.assert_array_equal(np.isfinite(values[0]), True)  # other layers keep their values
+    if kind == "int8":
+        assert not np.isfinite(values[1, :, 2, 3]).any()  # the whole output channel
+        np.testing.assert_array_equal(np.isfinite(values[1, :, 2, 2]), True)
+
+
 def test_nf4_is_the_nearest_level_per_block_of_64():
     q = quantize.quantize_nf4(jnp.asarray(W))
     blocks = W.astype(np.float64).reshape(3, -1, quantize.NF4_BLOCK)
