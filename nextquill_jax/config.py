@@ -80,8 +80,9 @@ class LoraConfig:
             projection kernel whose path matches one gets an adapter (a pattern that matches nothing, or
             matches a parameter other than a projection kernel, is an error).
         `base_dtype`: how the frozen base weights are stored: `float32`, `bfloat16`, `int8`
-            (per-output-channel absmax) or `nf4` (4-bit NormalFloat in blocks of 64, QLoRA's); compute stays
-            in `model.compute_dtype`.
+            (per-output-channel absmax) or `nf4` (4-bit NormalFloat in blocks of 64, QLoRA's), these two
+            quantized from the base in bfloat16 and read back as bfloat16; compute stays in
+            `model.compute_dtype`.
         `init_from`: a PEFT adapter directory (`adapter_config.json` + `adapter_model.safetensors`) to start
             from instead of fresh adapters: plain LoRA of this `rank` and `alpha` on exactly `targets` in
             every layer of this base (one that sets anything that changes what it computes, such as

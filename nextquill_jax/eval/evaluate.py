@@ -92,7 +92,9 @@ def load_model_path(workdir: str | Path, model_path: str, mesh: Mesh | None = No
     """A `load_pretrained` path or packaged name, run with the runtime settings (dtypes, attention) of the
     run's `config.yaml` in `workdir`, whose data it is evaluated on (`workdir.saved_config`: an attention
     this backend cannot run replaced by `xla`); a LoRA run's weights dtype is its base's
-    (`adapters.frozen_runtime`: `lora.base_dtype`, bfloat16 for int8 / nf4), not the adapters'.
+    (`adapters.frozen_runtime`: `lora.base_dtype`, bfloat16 for int8 / nf4), not the adapters'. A directory
+    whose config.json declares float32 (`export --merged` of a LoRA run on a bfloat16, int8 or nf4 base) is
+    read in float32 all the same: rounded to bfloat16, its adapted kernels lose most of a small update.
 
     Raises:
         FileNotFoundError: `workdir` has no config.yaml.
@@ -102,9 +104,22 @@ def load_model_path(workdir: str | Path, model_path: str, mesh: Mesh | None = No
     mesh = reading_mesh(cfg) if mesh is None else mesh
     # Beside a LoRA run's adapters `model.param_dtype` is the adapters' dtype: the path (the base, or a merged
     # export) is stored as the run's frozen base is, as the `dce: fixed` reference path is.
-    section = ModelRunConfig(path=model_path, **adapters.frozen_runtime(cfg.model))
+    runtime = adapters.frozen_runtime(cfg.model)
+    if _declared_dtype(Path(model_path)) == "float32":
+        runtime["param_dtype"] = "float32"
+    section = ModelRunConfig(path=model_path, **runtime)
     graphdef, params = model_setup.load_params(section, mesh, cfg.train.seed)
     return LoadedModel(nnx.merge(graphdef, params), cfg, mesh, None, model_path)
+
+
+def _declared_dtype(path: Path) -> str | None:
+    """The weights dtype `path`/config.json declares (`dtype`, transformers 4's `torch_dtype`), or None: a
+    .gguf file or packaged name, no such key, or a config.json that does not parse (loading names it)."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return (config.get("dtype") or config.get("torch_dtype")) if isinstance(config, dict) else None
 
 
 def read_split(

@@ -121,7 +121,9 @@ def export_adapter(
     `train.seed`, which no hub or packaged name loads, so naming the preset (e.g. smollm2-135m) would lead
     `AutoPeftModel` to pair the adapters with another model. A `model.path` base trained with
     `model.overrides` that change what it computes (`rope_theta`, say) is another network than the one the
-    path loads: a note is `echo`ed, naming them and the base to load instead (`export --step 0`).
+    path loads: a note is `echo`ed, naming them and the base to load instead (`export --step 0`); so is a base
+    quantized to int8 / nf4 (`model.lora.base_dtype`), which the adapters were trained on and the original
+    base is not (step 0's export is that base dequantized).
 
     Raises:
         ConfigError: the run is not a LoRA run (`model.lora` unset).
@@ -145,7 +147,14 @@ def export_adapter(
         )
     section = adapters.base_section(restored.config.model)
     changed = {k: v for k, v in section.overrides.items() if k not in _SAME_NETWORK}
+    differences = []
     if section.path is not None and changed:
+        differences.append(f"the run's base is model.path {section.path} with model.overrides {changed}")
+    if lora.base_dtype in ("int8", "nf4"):
+        differences.append(
+            f"the adapters were trained on the base quantized to {lora.base_dtype} (model.lora.base_dtype)"
+        )
+    if differences:
         base = (
             "a run started from model.lora.init_from has no such base on disk (its step 0 carries those "
             "adapters merged): use `export --merged` for the trained model"
@@ -154,9 +163,9 @@ def export_adapter(
             "instead (the model the run started from)"
         )
         echo(
-            f"note: the run's base is model.path {section.path} with model.overrides {changed}, which "
-            f"{out}/adapter_config.json's base_model_name_or_path cannot say: loaded from that path alone, "
-            f"the base computes otherwise than the one trained; {base}."
+            f"note: {' and '.join(differences)}, which {out}/adapter_config.json's "
+            f"base_model_name_or_path cannot say: loaded from that path alone, the base computes otherwise "
+            f"than the one trained; {base}."
         )
     write_peft_adapter(
         restored.params,

@@ -19,6 +19,7 @@ from flax import nnx
 from transformers import AutoConfig, GenerationConfig
 
 from nextquill_jax.config import load_config
+from nextquill_jax.eval.evaluate import load_model_path
 from nextquill_jax.models import CausalLM, load_pretrained, lora, model_preset, save_pretrained
 from nextquill_jax.models.peft import write_peft_adapter
 from nextquill_jax.train import adapters, model_setup
@@ -179,7 +180,8 @@ def test_a_lora_run_on_a_bfloat16_or_nf4_base_is_evaluated_and_exported_as_it_tr
     tmp_path, base_dtype, save_tiny_tokenizer, tiny_config, write_config
 ):
     """The model `evaluate` / `effects` read (`restore_model`, here step 0 of a run starting from init_from
-    adapters with a small update, B ~ 2e-4) and the `export --merged` directory transformers loads compute
+    adapters with a small update, B ~ 2e-4) and the `export --merged` directory transformers (and `evaluate
+    --model`) loads compute
     what training computes (the base as stored, the adapters apart) to float32 rounding. With the merged
     kernels rounded to the base's bfloat16, as they were, about half of the update was lost (0.0005 of
     0.0011)."""
@@ -225,6 +227,9 @@ def test_a_lora_run_on_a_bfloat16_or_nf4_base_is_evaluated_and_exported_as_it_tr
     with torch.no_grad():
         got = exported(torch.tensor(ids)).logits.numpy()
     np.testing.assert_allclose(got, want, rtol=0, atol=tolerance)
+    # `evaluate --workdir <run> --model <the export>` too (it read the export in the base's bfloat16)
+    evaluated_export = load_model_path(workdir, str(tmp_path / "hf")).model
+    np.testing.assert_allclose(evaluated_export(jnp.asarray(ids)), want, rtol=0, atol=tolerance)
     if base_dtype == "bfloat16":  # and peft's own forward, on the base rounded to bfloat16 as stored
         hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.bfloat16).float()
         with torch.no_grad():
@@ -232,12 +237,14 @@ def test_a_lora_run_on_a_bfloat16_or_nf4_base_is_evaluated_and_exported_as_it_tr
         np.testing.assert_allclose(theirs, want, rtol=0, atol=tolerance)
 
 
-def test_the_adapters_of_a_path_base_trained_with_overrides_come_with_a_note_naming_the_base_to_load(
-    tmp_path, write_random_data, tiny_config, write_config
+@pytest.mark.parametrize("changed", ["overrides", "nf4"])
+def test_the_adapters_of_a_base_they_do_not_fit_come_with_a_note_naming_the_base_to_load(
+    tmp_path, write_random_data, tiny_config, write_config, changed
 ):
     """adapter_config.json names `model.path`, which loads the base without the run's `model.overrides`
-    (here `rope_theta`): PEFT on that base computes another model than the one trained, so `export
-    --adapter` says so and names the base that does (`export --step 0`), which PEFT then matches."""
+    (here `rope_theta`), or unquantized where the run stored it as nf4: PEFT on that base computes another
+    model than the one trained, so `export --adapter` says so and names the base that does (`export --step
+    0`), which PEFT then matches."""
     from nextquill_jax.train.export import export_adapter
     from nextquill_jax.train.loop import train
 
@@ -246,18 +253,23 @@ def test_the_adapters_of_a_path_base_trained_with_overrides_come_with_a_note_nam
     assert json.loads((hf_dir / "config.json").read_text())["rope_theta"] != 100.0
     raw = tiny_config(write_random_data(tmp_path / "data"), workdir)
     lora_cfg = {"rank": 4, "alpha": 8.0, "targets": LORA_TARGETS}
-    raw["model"] = {"path": str(hf_dir), "overrides": {"rope_theta": 100.0}, "lora": lora_cfg}
-    raw["model"]["compute_dtype"] = "float32"
+    raw["model"] = {"path": str(hf_dir), "lora": lora_cfg, "compute_dtype": "float32"}
+    if changed == "overrides":
+        raw["model"]["overrides"] = {"rope_theta": 100.0}
+        difference = f"the run's base is model.path {hf_dir} with model.overrides {{'rope_theta': 100.0}}"
+    else:
+        lora_cfg["base_dtype"] = "nf4"
+        difference = "the adapters were trained on the base quantized to nf4 (model.lora.base_dtype)"
     raw["train"]["max_steps"] = 2
     train(load_config(write_config(raw, tmp_path / "run.yaml")), workdir, echo=lambda _: None)
 
     notes = []
     export_adapter(workdir, tmp_path / "adapter", echo=notes.append)
     assert notes == [
-        f"note: the run's base is model.path {hf_dir} with model.overrides {{'rope_theta': 100.0}}, which "
-        f"{tmp_path / 'adapter'}/adapter_config.json's base_model_name_or_path cannot say: loaded from that "
-        f"path alone, the base computes otherwise than the one trained; load the base from `nextquill-jax "
-        f"export --workdir {workdir} --step 0 --out BASE_DIR` instead (the model the run started from)."
+        f"note: {difference}, which {tmp_path / 'adapter'}/adapter_config.json's base_model_name_or_path "
+        f"cannot say: loaded from that path alone, the base computes otherwise than the one trained; load "
+        f"the base from `nextquill-jax export --workdir {workdir} --step 0 --out BASE_DIR` instead (the "
+        f"model the run started from)."
     ]
     export(workdir, tmp_path / "step0", step=0, echo=lambda _: None)
     ids = np.random.default_rng(0).integers(1, 128, (2, 40))
