@@ -1,5 +1,6 @@
 """LoRA against full fine-tuning on the SmolLM2-135M shape (random weights): step time, gradient and
-optimizer-state memory, checkpoint size, and the frozen base's memory in float32, int8 and nf4.
+optimizer-state memory, checkpoint size, and the frozen base's memory in float32, bfloat16, int8 and nf4 (the
+last two quantized from the base in bfloat16, as a run stores them).
 
 Both runs use the project's real train step (`bench.harness.TrainingHarness`, NextQuill loss, dynamic DCE)
 on the same packed synthetic batch, in this process. Step times alternate the two runs (`--rounds`) and keep
@@ -22,6 +23,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from nextquill_jax.bench.harness import TrainingHarness, synthetic_batch
@@ -95,10 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     state = {name: state_bytes(h) for name, h in harnesses.items()}
     disk = {name: checkpoint_bytes(h) for name, h in harnesses.items()}
     base = harnesses["lora"].base
-    base_bytes = {
-        kind: stored_bytes(frozen_base(base, LoraConfig(base_dtype=kind))) for kind in ("int8", "nf4")
-    }
-    base_bytes = {"float32": stored_bytes(base), **base_bytes}
+    # As a run stores its base (`adapters.frozen_runtime`): int8 / nf4 are quantized from it in bfloat16.
+    in_bfloat16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), base)
+    base_bytes = {"float32": stored_bytes(base), "bfloat16": stored_bytes(in_bfloat16)}
+    for kind in ("int8", "nf4"):
+        base_bytes[kind] = stored_bytes(frozen_base(in_bfloat16, LoraConfig(base_dtype=kind)))
     trainable = {name: sum(x.size for x in jax.tree.leaves(h.state.params)) for name, h in harnesses.items()}
 
     time_ratio = seconds["lora"] / seconds["full"]

@@ -193,26 +193,26 @@ def _warp(logits: jax.Array, settings: ProcessorSettings) -> jax.Array:
     return jnp.where(settings.top_p_cut > 0, _remove_low_cumulative(logits, settings.top_p_cut), logits)
 
 
-def process_logits(logits: jax.Array, seen: jax.Array, cfg: GenerationConfig) -> jax.Array:
-    """transformers' processors in its order (module docstring): logits [B, V] float32, seen [B, V] bool ->
-    the processed logits [B, V] (-inf where filtered out)."""
-    settings = ProcessorSettings.of(cfg)
-    logits = repetition_penalty(logits, seen, settings.repetition_penalty)
-    return _warp(logits, settings) if cfg.do_sample else logits
+def process_logits(logits: jax.Array, seen: jax.Array, settings: ProcessorSettings) -> jax.Array:
+    """transformers' processors in its order (module docstring): logits [B, V], seen [B, V] bool -> the
+    processed logits [B, V] float32 (-inf where filtered out): the repetition penalty, then the sampling
+    warpers where `settings.do_sample` (computed only then)."""
+    logits = repetition_penalty(logits.astype(jnp.float32), seen, settings.repetition_penalty)
+    return jax.lax.cond(settings.do_sample, lambda: _warp(logits, settings), lambda: logits)
 
 
 def choose_tokens(
     logits: jax.Array, seen: jax.Array, settings: ProcessorSettings, keys: jax.Array
 ) -> jax.Array:
     """The next token of every row, [B] int32, from the last-position logits [B, V]: the first argmax of the
-    penalised logits, or (do_sample) a draw from the softmax of the processed ones, row b's with `keys[b]`
-    (keys [B])."""
-    logits = repetition_penalty(logits.astype(jnp.float32), seen, settings.repetition_penalty)
+    processed (penalised) logits, or (do_sample) a draw from their softmax, row b's with `keys[b]` (keys
+    [B])."""
+    processed = process_logits(logits, seen, settings)
     draw = jax.vmap(jax.random.categorical)  # one key per row: a row's draw does not depend on the others
     return jax.lax.cond(
         settings.do_sample,
-        lambda: draw(keys, _warp(logits, settings)).astype(jnp.int32),
-        lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32),
+        lambda: draw(keys, processed).astype(jnp.int32),
+        lambda: jnp.argmax(processed, axis=-1).astype(jnp.int32),
     )
 
 

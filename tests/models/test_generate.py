@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from nextquill_jax.models import load_pretrained, load_tokenizer, model_from_hf
 from nextquill_jax.models.generate import (
     GenerationConfig,
+    ProcessorSettings,
     decoder,
     generate,
     generate_ids,
@@ -623,7 +624,7 @@ def test_processors_match_transformers(cfg):
     seen = np.zeros((b, v), bool)
     for row in range(b):
         seen[row, history[row, pad[row] :]] = True
-    ours = np.asarray(process_logits(logits, seen, cfg))
+    ours = np.asarray(process_logits(logits, seen, ProcessorSettings.of(cfg)))
     theirs = reference_processors(cfg, torch.tensor(pad))(torch.tensor(history), torch.tensor(logits)).numpy()
     np.testing.assert_array_equal(np.isneginf(ours), np.isneginf(theirs))
     kept = ~np.isneginf(theirs)
