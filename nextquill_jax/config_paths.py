@@ -14,7 +14,8 @@ ran in, so a resume compares it joined to the current directory (`train.resume.n
 - `model`: a local model directory or .gguf file if one exists there, else a packaged model name;
 - `tokenizer`: a local tokenizer directory or .gguf file if one exists there, else a packaged name
   (`models.load_tokenizer`'s order);
-- `template`: the YAML file of a path with a suffix, else a built-in template name (`data.load_template`);
+- `template`: the YAML file of a path with a suffix, else a built-in template name
+  (`data.templates.load_template`);
 - `reference`: `base` (the frozen LoRA base), else as `model` (a training workdir is a local directory).
 A name (and a path that exists nowhere, or a `~user` of no user here, which its resolver refuses anyway) is
 left as written, and so is an empty string.

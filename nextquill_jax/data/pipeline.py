@@ -35,7 +35,6 @@ the next batch is exactly the one that would have come next. Batches are built i
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -95,15 +94,6 @@ class EpochStats:
     @property
     def response_slot_use(self) -> float:
         return self.target_tokens / max(self.slots_response, 1)
-
-    def as_dict(self) -> dict[str, float | int]:
-        return {
-            **dataclasses.asdict(self),
-            "efficiency": self.efficiency,
-            "efficiency_with": self.efficiency_with,
-            "efficiency_without": self.efficiency_without,
-            "response_slot_use": self.response_slot_use,
-        }
 
 
 @dataclass(frozen=True)
@@ -312,22 +302,9 @@ class BatchPipeline:
         """Steps in `epoch` (the same on every process)."""
         return len(self._plan(epoch).batches)
 
-    def total_batches(self) -> int:
-        """Steps over all `num_epochs` epochs (for a learning-rate schedule); plans every epoch.
-
-        Raises:
-            ValueError: when `num_epochs` is None (the pipeline repeats forever).
-        """
-        if self.cfg.num_epochs is None:
-            raise ValueError("data.batching.num_epochs is None (repeat forever): the step count is unbounded")
-        return sum(self.num_batches(e) for e in range(self.cfg.num_epochs))
-
-    def local_rows(self, epoch: int, index: int) -> list[np.ndarray]:
-        """Example indices of every row of this process's part of batch `index` of `epoch`
-        ([rows_per_batch] arrays; empty arrays are padding rows)."""
-        return self._local_rows(self._plan(epoch), index)
-
     def _local_rows(self, plan: _EpochPlan, index: int) -> list[np.ndarray]:
+        """Example indices of every row of this process's part of batch `index` ([rows_per_batch] arrays;
+        empty arrays are padding rows)."""
         _, rows = plan.batches[index]
         k = self.cfg.rows_per_batch
         mine = list(rows[self.process_index * k : (self.process_index + 1) * k])

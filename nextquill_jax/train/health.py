@@ -36,7 +36,7 @@ class HealthMonitor:
         that is not finite (a skipped step's) is read as absent."""
         warnings = []
         # A step skipped under `train.nonfinite: skip` logs NaN: as the baseline it would silence the warning
-        # for the whole run (a resume reads the first finite value back, `metrics_log.first_value`).
+        # for the whole run (a resume reads the first finite value back, `MetricsLog.first_value`).
         ce, pref = (_finite(row.get(key)) for key in ("ce_without", "pref_fraction"))
         if ce is not None and self.baseline is None:
             self.baseline = ce
