@@ -305,10 +305,13 @@ def _forward(h: jax.Array, w: jax.Array, y: jax.Array, plan: _Plan) -> tuple[_To
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _stats(h: jax.Array, w: jax.Array, y: jax.Array, plan: _Plan) -> _TokenStats:
+    """h [S, M, R, D], head w ([V, D] or [D, V], as `plan` says), labels y [M, R] -> the token statistics of
+    `_forward`, with the recomputing backward pass `_stats_bwd` (no [..., V] logits kept for it)."""
     return _forward(h, w, y, plan)[0]
 
 
 def _stats_fwd(h: jax.Array, w: jax.Array, y: jax.Array, plan: _Plan) -> tuple[_TokenStats, _Residuals]:
+    """`_stats`' forward pass for its custom VJP: the statistics and `_forward`'s residuals."""
     return _forward(h, w, y, plan)
 
 

@@ -608,6 +608,8 @@ def _safe_denominator(den: jax.Array) -> jax.Array:
 
 
 def _fixed_dce(reference_dce: jax.Array, labels: jax.Array) -> jax.Array:
+    """reference_dce [..., R] (precomputed with the data), labels [..., R] -> the fixed DCE [..., R] float32:
+    0 on padding slots, no gradient. Raises ValueError unless the two shapes are equal."""
     if reference_dce.shape != labels.shape:
         raise ValueError(f"reference_dce shape {reference_dce.shape} must equal labels shape {labels.shape}")
     dce = jnp.where(target_mask(labels), reference_dce.astype(jnp.float32), 0.0)

@@ -112,6 +112,8 @@ def _masked_scores(
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, block: int) -> jax.Array:
+    """q [B, T, H, Hd], k / v [B, T, K, Hd], segment_ids [B, T] (0 = padding) -> [B, T, H, Hd], with the
+    block-recomputing backward pass `_attention_bwd` (T is padded to whole blocks inside)."""
     return _forward(q, k, v, segment_ids, block)[0]
 
 
