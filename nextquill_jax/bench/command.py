@@ -37,6 +37,7 @@ def benchmarks_dir() -> Path:
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """`bench`'s arguments: the benchmark's name and the arguments passed on to it."""
     parser.description = __doc__.splitlines()[0]
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     listing = [f"  {name:<9} {help_}" for name, (_, help_) in BENCHMARKS.items()]

@@ -42,6 +42,7 @@ class _DataFile:
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """`data`'s actions (`prepare`, `show`, `synth`) and their flags."""
     sub = parser.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     p = add_action(
         sub, "prepare", "tokenise the configured sources into DIR (reused when up to date)",
@@ -91,6 +92,7 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_data(args: argparse.Namespace) -> int:
+    """Run `data`'s action; a bad config or record is one `error:` line and status 1."""
     try:
         if args.data_command == "prepare":
             return _prepare(args)

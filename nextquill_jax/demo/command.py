@@ -16,6 +16,7 @@ from nextquill_jax.subcommand import Subcommand, directory, non_negative_int
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    """`demo`'s flags: `--quick` or `--config`, the output directory and the seed."""
     # --quick chooses a config file too: with --config it would be ignored without a word.
     which = parser.add_mutually_exclusive_group()
     which.add_argument(
@@ -29,6 +30,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_demo_command(args: argparse.Namespace) -> int:
+    """Run the demo and print its results; bad input 1, a diverged run 3, a stop in training 0."""
     from nextquill_jax.demo.run import DEFAULT_OUT, default_config, load_demo_config, run_demo
     from nextquill_jax.train.loop import TrainingDivergedError, TrainingStoppedError
 

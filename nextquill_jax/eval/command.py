@@ -44,6 +44,7 @@ if TYPE_CHECKING:  # the commands import JAX only when they run
 
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    """`evaluate`'s flags: the run, the split and step or `--model`, generation and output."""
     parser.add_argument("--workdir", required=True, type=directory, help="a training run's directory")
     parser.add_argument(
         "--step",
@@ -169,6 +170,7 @@ def generation_overrides(args: argparse.Namespace) -> dict:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    """Evaluate; a ValueError (bad input) is one `error:` line and status 1, others reach `cli.main`."""
     from nextquill_jax.eval.evaluate import evaluate
     from nextquill_jax.output_dir import check_output_dir
 
@@ -194,6 +196,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def add_effects_arguments(parser: argparse.ArgumentParser) -> None:
+    """`effects`' flags: the model (a run or `--model`), the data, the loss settings and the report."""
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--workdir", type=directory, help="a training workdir (config.yaml + checkpoints/)")
     source.add_argument("--model", help="a Hugging Face directory, .gguf file or packaged model name")
@@ -394,6 +397,7 @@ def _check_prepared(data_dir: Path, split: str, named: str) -> None:
 
 
 def run_effects(args: argparse.Namespace) -> int:
+    """Write an effect report; a ValueError (bad input) is one `error:` line and status 1."""
     from nextquill_jax.data.prepare import load_fast_tokenizer
     from nextquill_jax.eval.effect_report import build_effect_report, describe
     from nextquill_jax.loss import LossConfig
@@ -462,6 +466,7 @@ def run_effects(args: argparse.Namespace) -> int:
 
 
 def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
+    """`compare`'s flags: the compare file and the seeds."""
     parser.add_argument(
         "--config", required=True, type=Path, help="a compare file (its keys: configs/REFERENCE.md)"
     )
@@ -471,6 +476,8 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_compare(args: argparse.Namespace) -> int:
+    """Run a comparison and print its table; a resumable stop is status 0, bad input or a diverged run
+    status 1 (one `error:` line)."""
     from nextquill_jax.eval.compare import ComparisonStoppedError, load_comparison, run_comparison
     from nextquill_jax.train.loop import TrainingDivergedError, TrainingStoppedError
 

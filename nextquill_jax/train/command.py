@@ -42,6 +42,7 @@ TRAIN_EXIT_STATUSES = """exit status:
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """`train`'s flags and its exit-status table (the help's epilog)."""
     parser.epilog = TRAIN_EXIT_STATUSES
     parser.add_argument("--config", required=True, type=Path, help="YAML config (see configs/)")
     parser.add_argument("--workdir", default=None, help="run directory (default: train.workdir)")
@@ -91,6 +92,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    """`export`'s flags: the run, the step, --merged or --adapter, and the output directory."""
     parser.add_argument("--workdir", required=True, type=directory, help="a training run's directory")
     parser.add_argument(
         "--step",
@@ -128,6 +130,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
+    """`checkpoint`'s actions (`verify`) and their flags."""
     sub = parser.add_subparsers(dest="checkpoint_command", metavar="ACTION", required=True)
     v = add_action(
         sub, "verify", "check every checkpoint against its manifest and print a table",
