@@ -26,13 +26,17 @@ from nextquill_jax.output_dir import check_output_dir
 
 LOG_FILE = Path("logs") / "third_party.log"
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# Held warnings not shown on stderr when a command fails before making its directory: transformers' advice
+# at import on an install without PyTorch (which only the tests use) read there as the cause of the failure.
+_NOT_FOR_THE_CONSOLE = ("PyTorch was not found.",)
 
 
 class _Sink(logging.Handler):
     """Holds records until `open(path)` names the file and the command has made the directory the file's
     `logs/` folder goes in, then appends them (and every later one) there. So a command that fails before
     making its directory (a misspelt `--workdir`) leaves nothing behind: at `close`, records still held are
-    dropped, except warnings and errors, which go to stderr unless the console has shown them (`shown`).
+    dropped, except warnings and errors, which go to stderr unless the console has shown them (`shown`) or
+    they are `_NOT_FOR_THE_CONSOLE`.
     The file (and `logs/`) is made at the first record only: a command that logs nothing into a directory
     that was already there (a `data prepare` refused before it wrote) leaves no empty log in it."""
 
@@ -72,7 +76,11 @@ class _Sink(logging.Handler):
     def close(self) -> None:
         self._flush_held()
         for record in self.held:
-            if record.levelno >= logging.WARNING and not self.shown:
+            if (
+                record.levelno >= logging.WARNING
+                and not self.shown
+                and not any(text in record.getMessage() for text in _NOT_FOR_THE_CONSOLE)
+            ):
                 print(self.format(record), file=sys.stderr)
         self.held = []
         if self.file is not None:

@@ -137,6 +137,30 @@ def test_the_log_goes_only_into_a_directory_the_command_made_and_unkept_warnings
     assert "WARNING absl: a warning the user should see" in err and "backend chatter" not in err
 
 
+FAILED_BEFORE_ITS_DIRECTORY = """
+import logging, sys
+sys.modules["torch"] = None
+from nextquill_jax import third_party_logs
+with third_party_logs.captured(verbose=False):
+    third_party_logs.log_to(sys.argv[1], named="--out")
+    import transformers
+    logging.getLogger("absl").warning("a warning the user should see")
+"""
+
+
+def test_transformers_advice_without_pytorch_is_not_shown_for_a_command_that_failed_early(tmp_path):
+    """A `data prepare` that failed on a record after loading its tokenizer ended with transformers'
+    "PyTorch was not found" on the console, which read as the failure's cause; other held warnings still
+    show."""
+    never = tmp_path / "never"
+    run = subprocess.run(
+        [sys.executable, "-c", FAILED_BEFORE_ITS_DIRECTORY, str(never)], capture_output=True, text=True
+    )
+    assert run.returncode == 0 and not never.exists()
+    assert "WARNING absl: a warning the user should see" in run.stderr, run.stderr
+    assert "PyTorch" not in run.stderr, run.stderr
+
+
 def test_a_command_that_logs_nothing_leaves_no_log_in_a_directory_it_found(tmp_path):
     """A `data prepare` refused before it writes, into a directory the user already had, once left an empty
     logs/third_party.log there (and `data show DIR` then read it as a preparation): the file is made at the
