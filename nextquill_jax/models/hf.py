@@ -487,7 +487,7 @@ def save_pretrained(
             out[name] = np.ascontiguousarray(rules_by_path[path].layout.to_hf(value))
             weight_map[name] = file
         if writer:
-            save_file(out, out_dir / file, metadata={"format": "pt"})
+            save_tensors(out, out_dir / file)
     if writer:
         if len(shards) > 1:
             total = sum(e[3] for e in entries)
@@ -497,6 +497,16 @@ def save_pretrained(
         if tokenizer is not None:
             tokenizer.save_pretrained(str(out_dir))
     return out_dir
+
+
+def save_tensors(tensors: Mapping[str, np.ndarray], path: Path) -> None:
+    """A safetensors file `path` (metadata format "pt", as transformers writes) with the permissions an
+    ordinary new file gets: safetensors 0.8 makes it readable by its owner only, which left an export that
+    another user or a serving process could not read."""
+    path.touch()  # created as the umask says, or left as it is; the save replaces its contents
+    mode = path.stat().st_mode & 0o777
+    save_file(dict(tensors), path, metadata={"format": "pt"})
+    path.chmod(mode)
 
 
 def _enumerate_names(rule: Rule, num_layers: int) -> list[tuple[int | None, str]]:

@@ -21,10 +21,10 @@ from typing import Any
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 
 from .config import ModelConfig
-from .hf import NAME_TABLES
+from .hf import NAME_TABLES, save_tensors
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -83,7 +83,7 @@ def write_peft_adapter(
     }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, out / WEIGHTS_FILE, metadata={"format": "pt"})
+    save_tensors(tensors, out / WEIGHTS_FILE)
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return out
 

@@ -143,6 +143,9 @@ def test_save_pretrained_writes_the_tokenizer_too(qwen2, tmp_path):
     config, tensors = qwen2
     out = save_pretrained(model_from_hf(config, tensors), tmp_path / "out", tokenizer=tokenizer)
     assert (out / "config.json").exists() and (out / "model.safetensors").exists()
+    # as readable as the files beside it: safetensors alone made it its owner's only (0600)
+    mode = lambda name: (out / name).stat().st_mode & 0o777
+    assert mode("model.safetensors") == mode("config.json")
     # AutoTokenizer would pick Qwen2Tokenizer from config.json's model_type, which this toy vocab breaks.
     assert PreTrainedTokenizerFast.from_pretrained(out)("hello world there")["input_ids"] == [1, 2, 0]
 

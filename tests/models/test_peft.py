@@ -45,6 +45,8 @@ def base(request, tiny_hf_config, tmp_path_factory):
 def test_peft_loads_our_adapters_with_equal_logits(base, tmp_path):
     hf, ours, weights, _ = base
     write_peft_adapter(weights, ours.cfg, tmp_path, rank=4, alpha=16.0)
+    mode = lambda name: (tmp_path / name).stat().st_mode & 0o777
+    assert mode("adapter_model.safetensors") == mode("adapter_config.json")  # not its owner's only
     # No base named: null, PEFT's own default, which PEFT reads back as None.
     assert peft.PeftConfig.from_pretrained(tmp_path).base_model_name_or_path is None
     adapted = peft.PeftModel.from_pretrained(hf, tmp_path).eval()
