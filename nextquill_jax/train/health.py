@@ -23,7 +23,7 @@ class HealthMonitor:
     """Warns when the without-history target CE (`ce_without`) exceeds `ce_ratio` times its first logged
     value (`baseline`; on resume, the run's first row), or the preference-bearing fraction (`pref_fraction`,
     the share of target tokens whose DCE exceeds `threshold`, the run's `loss.threshold`) exceeds `pref_bound`
-    (None: not checked). Each symptom is reported once."""
+    (None: not checked). Each symptom is reported once per process (a resumed run reports it again)."""
 
     ce_ratio: float
     pref_bound: float | None
