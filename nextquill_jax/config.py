@@ -200,15 +200,16 @@ class ModelRunConfig:
             `xla` (the same attention), with a note.
         `cudnn_max_segments`: with `attention_impl: cudnn` (opt-in, not yet verified on a GPU): cuDNN's packed
             attention, segments passed as lengths and offsets instead of a [T, T] mask, for rows of at most
-            this many examples; null: the dense mask. A row with more would make the step non-finite
-            (`nextquill_jax/models/cudnn_packed.py`), so set-up refuses a value below the most examples a
+            this many examples (segments: twice as many with `train.joint_forward`, which joins a row's two
+            streams); null: the dense mask. A row with more would make the step non-finite
+            (`nextquill_jax/models/cudnn_packed.py`), so set-up refuses a value below the most segments a
             planned row holds, or, with `data.batching.num_epochs: null`, below the bound for every epoch
             that `auto` takes (`train.setup.check_packed_segments`). `auto`: the training set-up chooses it
             from the data (`train.setup.resolve_packed_segments`): the most examples a planned train or eval
             row holds, or, with `data.batching.num_epochs: null`, the most of the training examples that fit
-            one row together (a bound for every epoch); it prints the value and saves it in the workdir's
-            config.yaml. A smaller value saves memory: cuDNN keeps [rows × this, heads, T] float32
-            statistics per attention call.
+            one row together (a bound for every epoch), twice that with `train.joint_forward`; it prints the
+            value and saves it in the workdir's config.yaml. A smaller value saves memory: cuDNN keeps
+            [rows × this, heads, T] float32 statistics per attention call.
         `lora`: train LoRA adapters on the frozen model instead of the model itself; null: full fine-tuning.
     """
 

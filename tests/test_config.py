@@ -1393,6 +1393,60 @@ def test_an_auto_run_records_its_choice_and_a_resume_compiles_the_same(
     assert sum(line.startswith(f"model.cudnn_max_segments: auto chose {most}:") for line in lines) == 2
 
 
+def test_a_joint_forward_run_bounds_cudnn_max_segments_by_both_streams_of_a_row(
+    tmp_path, monkeypatch, write_random_data, write_config, tiny_config
+):
+    """`train.joint_forward` joins a row's with- and without-history rows into one attention row, numbering
+    the latter's examples after the former's: `auto` chose the examples per row, so the fullest rows went
+    past the bound and their attention was NaN (the run stopped on a non-finite loss); a set N was checked
+    against the examples per row alone. Now the bound is twice that (cuDNN's private API emulated on CPU)."""
+    from jax._src.cudnn import fused_attention_stablehlo as fused
+
+    from nextquill_jax.models import attention
+    from nextquill_jax.train.setup import check_packed_segments
+    from tests.models.cudnn_emulation import emulated_packed_attention
+
+    monkeypatch.setattr(
+        fused, "dot_product_attention", emulated_packed_attention(kv_offsets_use_kv_heads=True)
+    )
+    monkeypatch.setattr(attention, "check_attention_backend", lambda impl, **_: None)
+    data = write_random_data(tmp_path / "data", train=24, val=8)
+    workdir = tmp_path / "work"
+    path = write_config(tiny_config(data, workdir), tmp_path / "cfg.yaml")
+    joint = [*CUDNN, "train.joint_forward=true", "train.max_steps=2"]
+    cfg = load_config(path, [*joint, "model.cudnn_max_segments=auto"])
+    train_data = BatchPipeline(PreparedSplit(data, "train"), cfg.data.batching)
+    most = _most_examples_yielded(train_data, epochs=2)
+    assert most > 1
+
+    lines = []
+    result = train(cfg, workdir, echo=lines.append)
+    assert result.status == "finished"
+    chosen = load_config(workdir / "config.yaml").model.cudnn_max_segments
+    assert chosen >= 2 * most and chosen % 2 == 0
+    assert any(
+        line.startswith(f"model.cudnn_max_segments: auto chose {chosen}:") and "twice" in line
+        for line in lines
+    )
+    losses = [
+        json.loads(line)["loss"]
+        for line in (workdir / "metrics.jsonl").read_text().splitlines()
+        if '"loss"' in line
+    ]
+    assert losses and np.isfinite(losses).all()
+    with pytest.raises(
+        ConfigError,
+        match=rf"\({2 * most} segments: train.joint_forward joins .* Fix: set model.cudnn_max_segments to "
+        rf"{2 * most} or more",
+    ):
+        check_packed_segments(
+            load_config(path, [*joint, f"model.cudnn_max_segments={most}"]), {"train": train_data}
+        )
+    check_packed_segments(
+        load_config(path, [*CUDNN, f"model.cudnn_max_segments={most}"]), {"train": train_data}
+    )
+
+
 def test_a_workdir_reference_model_runs_with_a_cudnn_max_segments_that_holds_for_this_runs_rows(
     tmp_path, monkeypatch, write_random_data, write_config, tiny_config
 ):

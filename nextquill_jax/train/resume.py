@@ -48,6 +48,9 @@ MAY_CHANGE = (
     # micro-batch split and the joint forward draw other dropout masks: the run goes on, not bitwise).
     "model.remat_policy",
     "model.scan_unroll",
+    # cuDNN's packed attention over any bound its rows fit (set-up checks it, or `auto` chooses it again:
+    # twice as many under `train.joint_forward`, which may change here too).
+    "model.cudnn_max_segments",
     "train.joint_forward",
     "train.micro_batches",  # what a resume on fewer devices needs
     "loss.token_chunk",

@@ -36,6 +36,7 @@ from nextquill_jax.config_schema import ConfigError
 from nextquill_jax.data.checksums import IntegrityError, file_digest
 from nextquill_jax.data.pipeline import BatchPipeline
 from nextquill_jax.data.prepared_split import PreparedSplit, check_finished, check_split, prepared_splits
+from nextquill_jax.loss.config import streams_needed
 from nextquill_jax.loss.weighting_record import weighting_fingerprint
 from nextquill_jax.parallel import DEFAULT_RULES
 from nextquill_jax.train import adapters, model_setup
@@ -220,14 +221,15 @@ def examples_per_row(pipeline: BatchPipeline) -> tuple[int, int | None]:
 
 
 def resolve_packed_segments(cfg: Config, pipelines: dict[str, BatchPipeline], echo: Echo) -> Config:
-    """`cfg` with `model.cudnn_max_segments: auto` replaced by the most examples a row of `pipelines` holds
-    (`examples_per_row`: the count `check_packed_segments` checks), and one line `echo`ed saying which value
-    and from what (`cfg` itself when not `auto`). `pipelines` maps a name (`train`, `eval`) to its pipeline.
+    """`cfg` with `model.cudnn_max_segments: auto` replaced by the most segments an attention row of
+    `pipelines` holds (`segments_per_row` of `examples_per_row`: the count `check_packed_segments` checks),
+    and one line `echo`ed saying which value and from what (`cfg` itself when not `auto`). `pipelines` maps a
+    name (`train`, `eval`) to its pipeline.
 
-    The value depends only on the prepared data and `data.batching`, so resuming the same run chooses the
-    same value and compiles the same step. It is chosen again rather than read back from config.yaml: a resume
-    must keep the data and `data.batching` (`train.resume`), so it chooses the value its checkpoint recorded,
-    which the resume check then finds equal.
+    The value depends only on the prepared data, `data.batching` and `train.joint_forward`, so resuming the
+    same run chooses the same value and compiles the same step. It is chosen again rather than read back from
+    config.yaml: a resume must keep the data and `data.batching` (`train.resume`); one that changes
+    `train.joint_forward` gets the bound its rows need (the key may change on resume).
     """
     if cfg.model.cudnn_max_segments != "auto":
         return cfg
@@ -239,7 +241,10 @@ def resolve_packed_segments(cfg: Config, pipelines: dict[str, BatchPipeline], ec
         else:
             why = f"the most examples a planned {name} row holds (epoch {epoch})"
         found.append((most, why))
-    chosen, why = max(found, key=lambda f: f[0])
+    most, why = max(found, key=lambda f: f[0])
+    chosen = segments_per_row(cfg, most)
+    if chosen != most:
+        why = f"{why}, {most}, twice: {_JOINED}"
     echo(f"model.cudnn_max_segments: auto chose {chosen}: {why}")
     return dataclasses.replace(cfg, model=cfg.model.resolved(chosen))
 
@@ -258,21 +263,35 @@ def check_packed_segments(cfg: Config, pipelines: dict[str, BatchPipeline]) -> N
         return
     for name, pipeline in pipelines.items():
         most, epoch = examples_per_row(pipeline)
-        if most <= limit:
+        needed = segments_per_row(cfg, most)
+        if needed <= limit:
             continue
-        fix = f"Fix: set model.cudnn_max_segments to {most} or more, or auto."
+        fix = f"Fix: set model.cudnn_max_segments to {needed} or more, or auto."
+        joined = f" ({needed} segments: {_JOINED})" if needed != most else ""
         if epoch is None:
             raise ConfigError(
                 f"data.batching.num_epochs is null, so any epoch may pack up to {most} examples into one "
                 f"{name} row (the most of them that fit one row together: the first epoch's plan does not "
-                f"bound the later ones), more than model.cudnn_max_segments={limit}: cuDNN's packed "
+                f"bound the later ones){joined}, more than model.cudnn_max_segments={limit}: cuDNN's packed "
                 f"attention would make such rows non-finite. {fix}"
             )
         raise ConfigError(
-            f"data.batching packs up to {most} examples into one {name} row (epoch {epoch}), more than "
-            f"model.cudnn_max_segments={limit}: cuDNN's packed attention would make those rows "
+            f"data.batching packs up to {most} examples into one {name} row (epoch {epoch}){joined}, more "
+            f"than model.cudnn_max_segments={limit}: cuDNN's packed attention would make those rows "
             f"non-finite. {fix}"
         )
+
+
+_JOINED = "train.joint_forward joins both streams of a row into one attention row"
+
+
+def segments_per_row(cfg: Config, examples: int) -> int:
+    """The most segments one attention row holds when a data row holds `examples` examples: twice as many
+    where `train.joint_forward` joins the with- and without-history rows of a loss that needs both
+    (`train.step.joint_response_hidden` numbers the latter's examples after the former's); rows of equal
+    length are interleaved instead, which the bound also covers."""
+    need_with, need_without = streams_needed(cfg.loss.loss_config())
+    return 2 * examples if cfg.train.joint_forward and need_with and need_without else examples
 
 
 def check_micro_batches(cfg: Config, mesh: Mesh) -> None:
