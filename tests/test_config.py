@@ -1402,8 +1402,10 @@ def test_a_joint_forward_run_bounds_cudnn_max_segments_by_both_streams_of_a_row(
     against the examples per row alone. Now the bound is twice that (cuDNN's private API emulated on CPU)."""
     from jax._src.cudnn import fused_attention_stablehlo as fused
 
+    from nextquill_jax.eval.evaluate import split_losses
     from nextquill_jax.models import attention
     from nextquill_jax.train.setup import check_packed_segments
+    from nextquill_jax.train.workdir import restore_model, single_device_mesh
     from tests.models.cudnn_emulation import emulated_packed_attention
 
     monkeypatch.setattr(
@@ -1428,12 +1430,9 @@ def test_a_joint_forward_run_bounds_cudnn_max_segments_by_both_streams_of_a_row(
         line.startswith(f"model.cudnn_max_segments: auto chose {chosen}:") and "twice" in line
         for line in lines
     )
-    losses = [
-        json.loads(line)["loss"]
-        for line in (workdir / "metrics.jsonl").read_text().splitlines()
-        if '"loss"' in line
-    ]
-    assert losses and np.isfinite(losses).all()
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    losses = [row["loss"] for row in rows if "loss" in row]  # an evaluation's row has eval/loss only
+    assert losses and np.isfinite(np.asarray(losses, float)).all()
     with pytest.raises(
         ConfigError,
         match=rf"\({2 * most} segments: train.joint_forward joins .* Fix: set model.cudnn_max_segments to "
@@ -1445,6 +1444,16 @@ def test_a_joint_forward_run_bounds_cudnn_max_segments_by_both_streams_of_a_row(
     check_packed_segments(
         load_config(path, [*CUDNN, f"model.cudnn_max_segments={most}"]), {"train": train_data}
     )
+
+    # An sft run joins nothing (it needs one stream) and records M = the examples per row; `evaluate`'s terms
+    # (the nextquill loss, both streams, one attention row under joint_forward) need twice that.
+    sft_dir = tmp_path / "sft"
+    sft = [*joint, "model.cudnn_max_segments=auto", "loss.variant=sft", "train.max_steps=1"]
+    train(load_config(path, sft), sft_dir, echo=lambda _: None)
+    assert load_config(sft_dir / "config.yaml").model.cudnn_max_segments < 2 * most
+    val = PreparedSplit(data, "val")
+    losses = split_losses(restore_model(sft_dir, None, single_device_mesh()), val, len(val))
+    assert np.isfinite([losses["loss"], *losses["terms"].values()]).all(), losses
 
 
 def test_a_workdir_reference_model_runs_with_a_cudnn_max_segments_that_holds_for_this_runs_rows(

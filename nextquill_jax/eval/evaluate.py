@@ -73,6 +73,7 @@ from nextquill_jax.train.setup import (
     jit_eval_step,
     load_reference,
     planned_examples_per_row,
+    segments_per_row,
     step_settings,
 )
 from nextquill_jax.train.workdir import (
@@ -180,15 +181,15 @@ def generation_hint(
     )
 
 
-def eval_graphdef(model: CausalLM, pipeline: BatchPipeline) -> Any:
-    """The graphdef `model`'s parameters are evaluated with on `pipeline`'s rows: `model`'s own, except that
-    a set `cudnn_max_segments` (M) is raised to the most examples a row of `pipeline` holds when that is more
-    (`model_setup.covering_graphdef`): training checked M against its own pipelines only, so a split
+def eval_graphdef(model: CausalLM, segments: int) -> Any:
+    """The graphdef `model`'s parameters are evaluated with on rows of at most `segments` segments per
+    attention row: `model`'s own, except that a set `cudnn_max_segments` (M) is raised to `segments` when that
+    is more (`model_setup.covering_graphdef`): training checked M against its own pipelines only, so a split
     evaluated later (often `test`) may pack more examples into a row.
     """
     if model.cfg.cudnn_max_segments is None:
         return nnx.graphdef(model)
-    return model_setup.covering_graphdef(model, planned_examples_per_row(pipeline)[0])
+    return model_setup.covering_graphdef(model, segments)
 
 
 def split_losses(
@@ -211,8 +212,10 @@ def split_losses(
     DCE statistics (preference-token share, mean, ...).
 
     A model run with cuDNN's packed attention (`cudnn_max_segments` M) whose M is below the most examples a
-    row of the split holds is run with M raised to that (`eval_graphdef`): its losses would be NaN otherwise;
-    so is the reference model (a workdir's keeps the M saved with it).
+    row of the split holds (twice that under `train.joint_forward`, whose one attention row holds both
+    streams for the terms' loss, even for a run that trained on one stream) is run with M raised to that
+    (`eval_graphdef`): its losses would be NaN otherwise; so is the reference model (a workdir's keeps the M
+    saved with it).
     """
     cfg, mesh = loaded.config, loaded.mesh
     run_loss = cfg.loss.loss_config()
@@ -245,8 +248,11 @@ def split_losses(
             write_split(tmp, "subset", (TokenizedExample(**split[i]) for i in range(count)))
             split = PreparedSplit(tmp, "subset")
         pipeline = evaluation_pipeline(cfg, split)
-        graphdef = eval_graphdef(loaded.model, pipeline)
-        ref_graphdef = None if reference is None else eval_graphdef(nnx.merge(*reference), pipeline)
+        most = planned_examples_per_row(pipeline)[0]
+        # The terms' loss needs both streams: under `train.joint_forward` one attention row holds both.
+        graphdef = eval_graphdef(loaded.model, segments_per_row(cfg.train.joint_forward, terms_loss, most))
+        # The reference's DCE pass runs the two streams apart (`train.step.reference_dce`).
+        ref_graphdef = None if reference is None else eval_graphdef(nnx.merge(*reference), most)
         terms = metrics_from_aux(aux_of(terms_loss, pipeline, graphdef, ref_graphdef), terms_loss)
         if run_loss == terms_loss:
             own = terms

@@ -36,7 +36,7 @@ from nextquill_jax.config_schema import ConfigError
 from nextquill_jax.data.checksums import IntegrityError, file_digest
 from nextquill_jax.data.pipeline import BatchPipeline
 from nextquill_jax.data.prepared_split import PreparedSplit, check_finished, check_split, prepared_splits
-from nextquill_jax.loss.config import streams_needed
+from nextquill_jax.loss.config import LossConfig, streams_needed
 from nextquill_jax.loss.weighting_record import weighting_fingerprint
 from nextquill_jax.parallel import DEFAULT_RULES
 from nextquill_jax.train import adapters, model_setup
@@ -242,7 +242,7 @@ def resolve_packed_segments(cfg: Config, pipelines: dict[str, BatchPipeline], ec
             why = f"the most examples a planned {name} row holds (epoch {epoch})"
         found.append((most, why))
     most, why = max(found, key=lambda f: f[0])
-    chosen = segments_per_row(cfg, most)
+    chosen = segments_per_row(cfg.train.joint_forward, cfg.loss.loss_config(), most)
     if chosen != most:
         why = f"{why}, {most}, twice: {_JOINED}"
     echo(f"model.cudnn_max_segments: auto chose {chosen}: {why}")
@@ -263,7 +263,7 @@ def check_packed_segments(cfg: Config, pipelines: dict[str, BatchPipeline]) -> N
         return
     for name, pipeline in pipelines.items():
         most, epoch = examples_per_row(pipeline)
-        needed = segments_per_row(cfg, most)
+        needed = segments_per_row(cfg.train.joint_forward, cfg.loss.loss_config(), most)
         if needed <= limit:
             continue
         fix = f"Fix: set model.cudnn_max_segments to {needed} or more, or auto."
@@ -285,13 +285,13 @@ def check_packed_segments(cfg: Config, pipelines: dict[str, BatchPipeline]) -> N
 _JOINED = "train.joint_forward joins both streams of a row into one attention row"
 
 
-def segments_per_row(cfg: Config, examples: int) -> int:
+def segments_per_row(joint_forward: bool, loss: LossConfig, examples: int) -> int:
     """The most segments one attention row holds when a data row holds `examples` examples: twice as many
-    where `train.joint_forward` joins the with- and without-history rows of a loss that needs both
-    (`train.step.joint_response_hidden` numbers the latter's examples after the former's); rows of equal
-    length are interleaved instead, which the bound also covers."""
-    need_with, need_without = streams_needed(cfg.loss.loss_config())
-    return 2 * examples if cfg.train.joint_forward and need_with and need_without else examples
+    where `joint_forward` (`train.joint_forward`) joins the with- and without-history rows of a `loss` that
+    needs both (`train.step.joint_response_hidden` numbers the latter's examples after the former's); rows
+    of equal length are interleaved instead, which the bound also covers."""
+    need_with, need_without = streams_needed(loss)
+    return 2 * examples if joint_forward and need_with and need_without else examples
 
 
 def check_micro_batches(cfg: Config, mesh: Mesh) -> None:
