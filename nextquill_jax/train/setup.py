@@ -37,6 +37,7 @@ from nextquill_jax.data.checksums import IntegrityError, file_digest
 from nextquill_jax.data.pipeline import BatchPipeline
 from nextquill_jax.data.prepared_split import PreparedSplit, check_finished, check_split, prepared_splits
 from nextquill_jax.loss.config import LossConfig, streams_needed
+from nextquill_jax.loss.weighting import check_weighting_values
 from nextquill_jax.loss.weighting_record import weighting_fingerprint
 from nextquill_jax.parallel import DEFAULT_RULES
 from nextquill_jax.train import adapters, model_setup
@@ -578,7 +579,8 @@ def set_up_run(
         WorkdirLockedError: another `train` holds `lock` (on the other processes of a multi-process run,
             Process0FailedError), before the workdir is written or the data prepared.
         ConfigError: any config problem found here (model source, an attention implementation the backend
-            cannot run, mesh, micro-batches, LoRA targets and init_from, data, optimizer, fixed-DCE source),
+            cannot run, mesh, micro-batches, `loss.weighting`'s values, LoRA targets and init_from, data,
+            optimizer, fixed-DCE source),
             before anything is compiled; examples that do not fit a row of data.batching (`BatchPipeline`).
         FileNotFoundError: the prepared data holds no train split (`check_split`).
         IntegrityError: a prepared split that is damaged or holds what `data prepare` never writes
@@ -588,6 +590,7 @@ def set_up_run(
     model_setup.check_model_source(cfg.model)
     model_setup.check_attention(cfg.model)
     check_micro_batches(cfg, mesh)
+    check_weighting_values(cfg.loss.loss_config())
     lora = cfg.model.lora
     model_section = cfg.model if lora is None else adapters.base_section(cfg.model)
     # The architecture (a path's config.json, and its weights' headers), the LoRA targets and the init_from

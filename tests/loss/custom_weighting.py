@@ -16,4 +16,9 @@ def one_per_row(dce: jax.Array, mask: jax.Array, cfg) -> jax.Array:
     return jnp.ones(dce.shape[:-1])
 
 
+def negative_below_zero(dce: jax.Array, mask: jax.Array, cfg) -> jax.Array:
+    """-1 where the history lowers the label's probability: a weight the contract forbids."""
+    return jnp.where(dce < 0, -1.0, 1.0)
+
+
 NOT_A_FUNCTION = 3

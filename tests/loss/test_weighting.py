@@ -110,6 +110,33 @@ def test_a_weighting_is_refused_for_a_variant_without_dce_weights_and_a_wrong_sh
         loss_from_logits(*logits, cfg)
 
 
+def test_a_weighting_that_gives_negative_weights_is_refused_before_training(
+    tmp_path, write_random_data, write_config, tiny_config
+):
+    """A negative ω makes the loss reward what it should penalise: a run with ω = -1 everywhere trained to a
+    loss of -4,000 and evaluated at -21,530 without a word. Set-up probes DCE from -100 to 100 first."""
+    from nextquill_jax.config import load_config
+    from nextquill_jax.config_schema import ConfigError
+    from nextquill_jax.loss.weighting import check_weighting_values
+    from nextquill_jax.train.loop import train
+
+    check_weighting_values(LossConfig(weighting=SOFT))  # finite and >= 0: passes
+    check_weighting_values(LossConfig())  # the paper's weights: nothing to probe
+    negative = "tests.loss.custom_weighting:negative_below_zero"
+    said = (
+        rf"^loss\.weighting '{re.escape(negative)}' gives the weight -1 to a target token of DCE -100 "
+        r"\(11 of 23 probed DCE values from -100 to 100 get a negative or non-finite weight\)\. Fix: return "
+        r"weights that are finite and >= 0 at target slots$"
+    )
+    with pytest.raises(ConfigError, match=said):
+        check_weighting_values(LossConfig(weighting=negative))
+    workdir = tmp_path / "work"
+    path = write_config(tiny_config(write_random_data(tmp_path / "data"), workdir), tmp_path / "cfg.yaml")
+    with pytest.raises(ConfigError, match=said):
+        train(load_config(path, [f"loss.weighting={negative}"]), workdir, echo=lambda _: None)
+    assert not (workdir / "checkpoints").exists()
+
+
 def test_the_config_loader_takes_a_weighting_and_names_a_bad_one(tmp_path, tiny_config, write_config):
     from nextquill_jax.config import load_config
     from nextquill_jax.config_schema import ConfigError
