@@ -1393,6 +1393,28 @@ def test_an_auto_run_records_its_choice_and_a_resume_compiles_the_same(
     assert sum(line.startswith(f"model.cudnn_max_segments: auto chose {most}:") for line in lines) == 2
 
 
+@pytest.mark.parametrize(("variant", "noted"), [("nextquill", True), ("sft", False)])
+def test_a_loss_of_the_historys_effects_without_history_is_noted(
+    tmp_path, write_random_data, write_config, tiny_config, variant, noted
+):
+    """`data.max_history: 0` keeps every example with no history (as a pre-training asks); a loss built on
+    the difference the history makes then measures nothing, which set-up now says."""
+    from nextquill_jax.train.setup import set_up_run
+
+    data = write_random_data(tmp_path / "data", train=16, val=0)
+    path = write_config(tiny_config(data, tmp_path / "work"), tmp_path / "cfg.yaml")
+    lines = []
+    set_up_run(
+        load_config(path, ["data.max_history=0", f"loss.variant={variant}"]), tmp_path / "work", lines.append
+    )
+    note = (
+        f"note: data.max_history is 0, so no prompt holds any history: the with- and without-history passes "
+        f"see the same context, and loss.variant {variant}'s effects of the history (DCE, the alignment "
+        f"term) measure nothing"
+    )
+    assert (note in lines) == noted, lines
+
+
 def test_a_joint_forward_run_bounds_cudnn_max_segments_by_both_streams_of_a_row(
     tmp_path, monkeypatch, write_random_data, write_config, tiny_config
 ):

@@ -155,7 +155,8 @@ class DataConfig:
             instead of the template's frame.
         `tokenizer`: a local Hugging Face tokenizer directory, a `.gguf` file, or a packaged name (`qwen2.5`,
             `qwen3`, `smollm2-135m`; `nextquill_jax/models/tokenizers.py`).
-        `max_history`: the most recent history entries a prompt may hold (>= 0).
+        `max_history`: the most recent history entries a prompt may hold (>= 0; 0: none, and training
+            notes that a loss of the history's effects then measures nothing).
         `history_fit`: while the with-history prompt has more than `max_prompt_tokens` tokens, its oldest
             entry is dropped: `drop` down to none (an example that still does not fit is dropped as
             `prompt_too_long`, one that fits only with none of its entries as `no_history_fits`: its two

@@ -591,6 +591,12 @@ def set_up_run(
     model_setup.check_attention(cfg.model)
     check_micro_batches(cfg, mesh)
     check_weighting_values(cfg.loss.loss_config())
+    if cfg.data.max_history == 0 and all(streams_needed(cfg.loss.loss_config())):
+        echo(
+            f"note: data.max_history is 0, so no prompt holds any history: the with- and without-history "
+            f"passes see the same context, and loss.variant {cfg.loss.variant}'s effects of the history "
+            f"(DCE, the alignment term) measure nothing"
+        )
     lora = cfg.model.lora
     model_section = cfg.model if lora is None else adapters.base_section(cfg.model)
     # The architecture (a path's config.json, and its weights' headers), the LoRA targets and the init_from
