@@ -436,7 +436,8 @@ class TrainConfig:
             skipped; checked whenever metrics are fetched: every `logging.every_steps` steps and before saves.
         `joint_forward`: run the with- and without-history passes as one forward call on a joined batch
             (`train.step.joint_response_hidden`: one read of the weights, larger matmuls; the same values,
-            except that with `model.lora.dropout` above 0 the dropout masks are other draws).
+            except that with `model.lora.dropout` above 0 the dropout masks are other draws); a loss that
+            needs one stream (`sft`, `context_sft`) runs one pass, so there is nothing to join.
     """
 
     workdir: str | None = None
