@@ -1,9 +1,12 @@
 """Frozen base weights stored in 8 or 4 bits (QLoRA's base), dequantized where a layer reads them.
 
 `Int8Weight`: per-output-channel absmax int8 (w ≈ q · absmax / 127 over the kernel's input axes).
-`NF4Weight`: 4-bit NormalFloat (QLoRA, Dettmers et al. 2023): each layer's kernel flattened into blocks of
-`NF4_BLOCK` values, each block scaled by its absmax and rounded to the nearest of the 16 NF4 levels, two codes
-packed per byte; the absmax stays float32 (no double quantization).
+`NF4Weight`: 4-bit NormalFloat (QLoRA, Dettmers et al. 2023): each layer's kernel, in row-major order, cut
+into blocks of `NF4_BLOCK` values, each block scaled by its absmax and rounded to the nearest of the 16 NF4
+levels, two codes packed per byte; the absmax stays float32 (no double quantization). Where the kernel's last
+axis is a multiple of the block (every projection of the supported real models), the blocks are kept on the
+kernel's other axes, so a mesh shards the codes as it shards the kernel; otherwise the kernel is flattened
+(its last block zero-padded). The blocks, and so the values, are the same either way.
 
 Both are pytrees whose leaves keep the leading `layers` axis, so a quantized kernel can stand in a parameter
 dict where the array stood: the scan over layers slices them, and `kernel[...]` (what every layer reads)
@@ -56,8 +59,10 @@ class Int8Weight:
 
 @struct.dataclass
 class NF4Weight:
-    """packed uint8 [L, blocks, NF4_BLOCK / 2] (high nibble first); absmax float32 [L, blocks];
-    `kernel_shape`: one layer's kernel shape; `dtype`: of the dequantized weight."""
+    """packed uint8 [L, *kernel_shape[:-1], kernel_shape[-1] / NF4_BLOCK, NF4_BLOCK / 2] where the last axis
+    is a multiple of NF4_BLOCK, else [L, blocks, NF4_BLOCK / 2] (`rows_of_blocks`), high nibble first;
+    absmax float32: packed's shape without its last axis; `kernel_shape`: one layer's kernel shape; `dtype`:
+    of the dequantized weight."""
 
     packed: jax.Array
     absmax: jax.Array
@@ -66,15 +71,28 @@ class NF4Weight:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return (*self.packed.shape[:-2], *self.kernel_shape)
+        return (*self._lead, *self.kernel_shape)
+
+    @property
+    def _lead(self) -> tuple[int, ...]:
+        """(L,) for the stacked kernel, () for one layer's slice."""
+        kept = len(self.kernel_shape) + 1 if rows_of_blocks(self.kernel_shape) else 2
+        return self.packed.shape[: self.packed.ndim - kept]
 
     def __getitem__(self, index: Any) -> jax.Array:
-        lead = self.packed.shape[:-2]  # (L,) for the stacked kernel, () for one layer's slice
-        codes = jnp.stack([self.packed >> 4, self.packed & 0xF], axis=-1).reshape(*lead, -1, NF4_BLOCK)
-        values = jnp.asarray(NF4_LEVELS)[codes] * self.absmax[..., None]  # [*lead, blocks, NF4_BLOCK]
-        size = math.prod(self.kernel_shape)
-        flat = values.reshape(*lead, -1)[..., :size]
-        return flat.reshape(*lead, *self.kernel_shape).astype(self.dtype)[index]
+        lead = self._lead
+        codes = jnp.stack([self.packed >> 4, self.packed & 0xF], axis=-1)  # [..., blocks, NF4_BLOCK / 2, 2]
+        codes = codes.reshape(*self.packed.shape[:-1], NF4_BLOCK)
+        values = jnp.asarray(NF4_LEVELS)[codes] * self.absmax[..., None]  # [..., blocks, NF4_BLOCK]
+        if not rows_of_blocks(self.kernel_shape):
+            values = values.reshape(*lead, -1)[..., : math.prod(self.kernel_shape)]
+        return values.reshape(*lead, *self.kernel_shape).astype(self.dtype)[index]
+
+
+def rows_of_blocks(kernel_shape: tuple[int, ...]) -> bool:
+    """Whether NF4 blocks of a kernel of `kernel_shape` stay on its other axes (its last axis is a multiple
+    of NF4_BLOCK) rather than in one flattened row."""
+    return kernel_shape[-1] % NF4_BLOCK == 0
 
 
 def quantize_int8(w: jax.Array, n_in: int) -> Int8Weight:
@@ -93,22 +111,26 @@ def quantize_int8(w: jax.Array, n_in: int) -> Int8Weight:
 
 
 def quantize_nf4(w: jax.Array) -> NF4Weight:
-    """w [L, ...] -> NF4 codes in blocks of NF4_BLOCK values per layer (the last block zero-padded), one
-    layer at a time."""
-    size = math.prod(w.shape[1:])
-    pad = -size % NF4_BLOCK
+    """w [L, ...] -> NF4 codes in blocks of NF4_BLOCK values per layer (`NF4Weight`'s layouts), one layer at
+    a time."""
+    kernel_shape = tuple(w.shape[1:])
+    pad = -math.prod(kernel_shape) % NF4_BLOCK
     midpoints = jnp.asarray((NF4_LEVELS[1:] + NF4_LEVELS[:-1]) / 2)
 
     def one(layer: jax.Array) -> tuple[jax.Array, jax.Array]:
-        blocks = jnp.pad(layer.astype(jnp.float32).reshape(-1), (0, pad)).reshape(-1, NF4_BLOCK)
-        absmax = jnp.max(jnp.abs(blocks), axis=-1)  # [blocks]
-        normed = blocks / jnp.where(absmax > 0, absmax, 1.0)[:, None]
+        x = layer.astype(jnp.float32)
+        if rows_of_blocks(kernel_shape):
+            blocks = x.reshape(*kernel_shape[:-1], -1, NF4_BLOCK)  # [*kernel_shape[:-1], blocks, NF4_BLOCK]
+        else:
+            blocks = jnp.pad(x.reshape(-1), (0, pad)).reshape(-1, NF4_BLOCK)  # [blocks, NF4_BLOCK]
+        absmax = jnp.max(jnp.abs(blocks), axis=-1)  # [..., blocks]
+        normed = blocks / jnp.where(absmax > 0, absmax, 1.0)[..., None]
         codes = jnp.searchsorted(midpoints, normed).astype(jnp.uint8)  # the nearest level's index
-        pairs = codes.reshape(-1, NF4_BLOCK // 2, 2)
+        pairs = codes.reshape(*codes.shape[:-1], NF4_BLOCK // 2, 2)
         return (pairs[..., 0] << 4) | pairs[..., 1], absmax
 
     packed, absmax = jax.lax.map(one, w)
-    return NF4Weight(packed=packed, absmax=absmax, kernel_shape=tuple(w.shape[1:]), dtype=w.dtype)
+    return NF4Weight(packed=packed, absmax=absmax, kernel_shape=kernel_shape, dtype=w.dtype)
 
 
 def quantize_base(params: Mapping[str, Any], kind: str) -> dict:

@@ -39,22 +39,33 @@ def test_a_non_finite_weight_stays_non_finite_in_its_channel_or_block(kind, bad)
         np.testing.assert_array_equal(np.isfinite(values[1, :, 2, 2]), True)
 
 
-def test_nf4_is_the_nearest_level_per_block_of_64():
-    q = quantize.quantize_nf4(jnp.asarray(W))
-    blocks = W.astype(np.float64).reshape(3, -1, quantize.NF4_BLOCK)
+# The last axis a multiple of the block: blocks kept on the kernel's other axes (so a mesh shards them).
+W_ROWS = np.random.default_rng(1).normal(scale=0.02, size=(3, 6, 2, 128)).astype(np.float32)  # [L, H, Hd, D]
+
+
+@pytest.mark.parametrize(
+    ("w", "packed_shape"), [(W, (3, W[0].size // 64, 32)), (W_ROWS, (3, 6, 2, 2, 32))], ids=["flat", "rows"]
+)
+def test_nf4_is_the_nearest_level_per_block_of_64(w, packed_shape):
+    q = quantize.quantize_nf4(jnp.asarray(w))
+    blocks = w.astype(np.float64).reshape(3, -1, quantize.NF4_BLOCK)  # row-major blocks, either layout
     absmax = np.abs(blocks).max(axis=-1, keepdims=True)
     codes = np.abs((blocks / absmax)[..., None] - quantize.NF4_LEVELS).argmin(axis=-1)
-    want = (quantize.NF4_LEVELS[codes] * absmax).reshape(W.shape)
+    want = (quantize.NF4_LEVELS[codes] * absmax).reshape(w.shape)
     np.testing.assert_allclose(np.asarray(q[...]), want, rtol=1e-6, atol=1e-9)
-    assert q.packed.dtype == jnp.uint8 and q.packed.shape == (3, W[0].size // 64, 32)
+    assert q.packed.dtype == jnp.uint8 and q.packed.shape == packed_shape and q.shape == w.shape
+    assert q.absmax.shape == packed_shape[:-1]
 
 
-@pytest.mark.parametrize("kind", ["int8", "nf4"])
+@pytest.mark.parametrize("kind", ["int8", "nf4", "nf4_rows"])
 def test_a_layer_slice_dequantizes_to_that_layer(kind):
-    q = quantize.quantize_int8(jnp.asarray(W), 1) if kind == "int8" else quantize.quantize_nf4(jnp.asarray(W))
+    w = jnp.asarray(W_ROWS if kind == "nf4_rows" else W)
+    q = quantize.quantize_int8(w, 1) if kind == "int8" else quantize.quantize_nf4(w)
     whole = np.asarray(q[...])
     for layer in range(3):
-        np.testing.assert_array_equal(np.asarray(jax.tree.map(lambda x, i=layer: x[i], q)[...]), whole[layer])
+        one = jax.tree.map(lambda x, i=layer: x[i], q)
+        assert one.shape == w.shape[1:]
+        np.testing.assert_array_equal(np.asarray(one[...]), whole[layer])
 
 
 @pytest.mark.parametrize("kind", ["int8", "nf4"])

@@ -66,3 +66,13 @@ def test_blockwise_attention_on_sharded_inputs_matches_dense(programs):
         assert len(r["grad_errors"]) == 3
         for err in r["grad_errors"]:
             assert err <= 1e-5, (kv_heads, err)
+
+
+def test_nf4_codes_are_sharded_as_their_kernels(programs):
+    """A LoRA run's nf4 base, as `adapters.frozen_base` quantizes it on the mesh: the codes of kernels whose
+    last axis is a multiple of the block are cut 8 ways, as the kernels are (flattened, they were cut 2 or
+    4 ways: the mesh audit of 2026-12-04 found o_proj and down replicated under an fsdp-only mesh)."""
+    result = programs.run("models_sharded.py", "nf4", devices=8).result
+    assert sorted(result) == ["attn/o_proj", "attn/q_proj", "mlp/down", "mlp/gate"]
+    for name, r in result.items():
+        assert r["shards"] == 8 and r["equals_single"], (name, r)

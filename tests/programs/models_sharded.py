@@ -8,6 +8,9 @@
         padded rows.
     models_sharded.py splash
         Splash attention (Pallas, interpret mode) under the mesh against the XLA attention: "maxdiff".
+    models_sharded.py nf4
+        Projection kernels quantized to nf4 on the mesh: per kernel its codes' spec, shard count and whether
+        they dequantize as the unsharded kernel's do.
     models_sharded.py blockwise
         Blockwise attention on inputs sharded over fsdp (rows) and tensor (heads) against the unsharded dense
         attention, with 4 and 2 kv heads: per kv head count the weighted sum's value and reference value, and
@@ -122,17 +125,59 @@ def blockwise() -> dict:
     return out
 
 
+def nf4() -> dict:
+    """Projection kernels of real-model proportions (last axis a multiple of NF4's block) placed with their
+    rules' shardings, quantized to nf4 as a LoRA run's frozen base is: per kernel, the codes' spec, how many
+    distinct shards they are cut into, and whether they dequantize to what the unsharded kernel gives."""
+    from nextquill_jax.config import LoraConfig
+    from nextquill_jax.train.adapters import frozen_base
+
+    mesh = make_mesh()
+    layers, d, h, hd, f = 2, 128, 8, 64, 512
+    kernels = {  # module, name -> shape, the rules' spec (tests/models/test_sharded.py EXPECTED_SHARDS)
+        ("attn", "q_proj"): ((layers, d, h, hd), P(None, "fsdp", "tensor", None)),
+        ("attn", "o_proj"): ((layers, h, hd, d), P(None, "tensor", None, "fsdp")),
+        ("mlp", "gate"): ((layers, d, f), P(None, "fsdp", "tensor")),
+        ("mlp", "down"): ((layers, f, d), P(None, "tensor", "fsdp")),
+    }
+    rng = np.random.default_rng(0)
+    host = {key: jnp.asarray(rng.normal(size=shape), jnp.bfloat16) for key, (shape, _) in kernels.items()}
+
+    def nest(arrays: dict) -> dict:
+        """{(module, name): array} -> {"layers": {module: {name: array}}}, a params dict's nesting."""
+        layers_ = {}
+        for (module, name), array in arrays.items():
+            layers_.setdefault(module, {})[name] = array
+        return {"layers": layers_}
+
+    placed = {key: jax.device_put(w, NamedSharding(mesh, kernels[key][1])) for key, w in host.items()}
+    with jax.set_mesh(mesh):
+        sharded = frozen_base(nest(placed), LoraConfig(base_dtype="nf4"))["layers"]
+    single = frozen_base(nest(host), LoraConfig(base_dtype="nf4"))["layers"]
+    return {
+        f"{m}/{n}": {
+            "spec": str(sharded[m][n].packed.sharding.spec),
+            "shards": len({str(s.index) for s in sharded[m][n].packed.addressable_shards}),
+            "equals_single": bool(
+                np.array_equal(np.asarray(sharded[m][n][...]), np.asarray(single[m][n][...]))
+            ),
+        }
+        for m, n in kernels
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("load").add_argument("checkpoint")
     commands.add_parser("splash")
     commands.add_parser("blockwise")
+    commands.add_parser("nf4")
     args = parser.parse_args()
     if args.command == "load":
         result = load(args.checkpoint)
     else:
-        result = {"splash": splash, "blockwise": blockwise}[args.command]()
+        result = {"splash": splash, "blockwise": blockwise, "nf4": nf4}[args.command]()
     print("RESULT " + json.dumps(result))
 
 
