@@ -193,10 +193,11 @@ def _dispatch(argv: list[str]) -> int:
     with third_party_logs.captured(verbose=args.verbose), _lost_interrupts_redelivered():
         try:
             return int(subcommands()[args.command].run(args) or 0)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             # A Ctrl-C no command turned into a clean stop (during set-up, or training's second one): one
-            # line, not a traceback; 130 is what a shell reports for a process ended by SIGINT.
-            print("interrupted (Ctrl-C)", file=sys.stderr)
+            # line, not a traceback, with what training noted (the checkpoint it leaves); 130 is what a shell
+            # reports for a process ended by SIGINT.
+            print("; ".join(["interrupted (Ctrl-C)", *getattr(e, "__notes__", ())]), file=sys.stderr)
             return 130
         except Exception as e:
             if not isinstance(e, expected_errors()):

@@ -370,6 +370,23 @@ def test_ctrl_c_is_one_line_and_status_130_not_a_traceback(monkeypatch, capsys):
     assert capsys.readouterr().err == "interrupted (Ctrl-C)\n"
 
 
+def test_ctrl_c_line_carries_what_training_noted(monkeypatch, capsys):
+    """A second Ctrl-C in training notes the checkpoint it leaves (`loop._newest_committed`): the line says
+    it, after the save in flight was committed."""
+
+    def interrupted(args):
+        e = KeyboardInterrupt()
+        e.add_note("the newest checkpoint is /w/checkpoints/2")
+        raise e
+
+    commands = cli.subcommands()
+    monkeypatch.setattr(
+        cli, "subcommands", lambda: {**commands, "train": commands["train"]._replace(run=interrupted)}
+    )
+    assert cli.main(["train", "--config", "any.yaml"]) == 130
+    assert capsys.readouterr().err == "interrupted (Ctrl-C); the newest checkpoint is /w/checkpoints/2\n"
+
+
 def test_ctrl_c_inside_a_gc_callback_is_not_lost(monkeypatch, capsys):
     # A Ctrl-C that lands in a garbage-collector callback (JAX's runs at every collection while it is
     # imported) raises where Python cannot propagate it: before the fix the command ran on to status 0.

@@ -152,6 +152,7 @@ def _train(
     config_dict = config_to_dict(cfg)
     last_good = lambda: _newest_verified_name(ckpt, log)
     stop_signal = None  # a stop that came with the last step: the run finishes, and says so
+    interrupted = None  # a second Ctrl-C's KeyboardInterrupt, told which checkpoint it leaves
     try:
         with jax.set_mesh(run.mesh):
             while True:
@@ -224,11 +225,23 @@ def _train(
             saved_at = ckpt.directory / str(step) if last_saved == step else None
             log.message(_finished_despite(stop_signal, step, saved_at, workdir))
         return TrainResult("finished", step, workdir, last_saved, state, stop_signal=stop_signal)
+    except KeyboardInterrupt as e:
+        interrupted = e
+        raise
     finally:
         profile.stop()
         preemption.restore()
-        ckpt.close()
+        ckpt.close()  # a save in flight (the stop's own, say) is committed first
         log.close()
+        if interrupted is not None:
+            interrupted.add_note(_newest_committed(ckpt.directory))
+
+
+def _newest_committed(directory: Path) -> str:
+    """What a run interrupted by a second Ctrl-C leaves, once its saves in flight are committed: the newest
+    committed checkpoint (a step's directory takes its number only at its commit), or that there is none."""
+    steps = [int(p.name) for p in directory.glob("*") if p.name.isdigit() and p.is_dir()]
+    return f"the newest checkpoint is {directory / str(max(steps))}" if steps else "no checkpoint is saved"
 
 
 def _finished_despite(signal_name: str, step: int, checkpoint: Path | None, workdir: Path) -> str:

@@ -238,8 +238,9 @@ def test_a_second_ctrl_c_aborts_at_once_and_restores_the_handlers(
     raw["train"]["max_steps"] = 3
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     _signal_after_step(monkeypatch, 1, signal.SIGINT, signal.SIGINT)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as e:
         loop.train(load_config(None, base=raw), tmp_path / "run", echo=lambda _: None)
+    assert e.value.__notes__ == ["no checkpoint is saved"]
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
     assert not (tmp_path / "run" / "checkpoints" / "2").exists()
     assert SIGINT_AGAIN in capfd.readouterr().err  # the first one was a stop request
@@ -276,11 +277,12 @@ def test_a_second_ctrl_c_during_the_stops_save_aborts_once_that_checkpoint_is_co
 
     monkeypatch.setattr(Checkpointer, "wait", wait_interrupted)
     _signal_after_step(monkeypatch, 1, signal.SIGINT)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as e:
         loop.train(load_config(None, base=raw), tmp_path / "run", echo=lambda _: None)
     interrupted[0].join()
     checkpoints = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["2"]
+    assert e.value.__notes__ == [f"the newest checkpoint is {checkpoints / '2'}"]  # what the CLI line says
     assert Checkpointer(checkpoints, CheckpointConfig(), read_only=True).check(2).status == "ok"
 
 
