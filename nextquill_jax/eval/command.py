@@ -428,6 +428,8 @@ def run_effects(args: argparse.Namespace) -> int:
             model, cfg, step = restored.model, restored.config, restored.step
             if restored.weighting_note and "weighting" not in loss_flags:  # the report's ω is the module's
                 print(restored.weighting_note, file=sys.stderr)
+            if cfg.loss.dce == "fixed":
+                print(_fixed_dce_note(cfg.loss.reference_model), file=sys.stderr)
             loss_cfg = _with_loss_flags(cfg.loss.loss_config(), loss_flags, "the run's loss.")
             data_dir = args.data or data_dir_of(cfg, args.workdir)
             if args.data is None:  # the run's own, known once its config is read
@@ -463,6 +465,24 @@ def run_effects(args: argparse.Namespace) -> int:
         return 1
     print(describe(summary))
     return 0
+
+
+def _fixed_dce_note(reference_model: str | None) -> str:
+    """The note of `effects` on a `loss.dce: fixed` run: the report's DCE is the reported model's own, not
+    the effects that weighted its training, and how to report those."""
+    how = (
+        "`--step 0` reports the base's (its adapters off, as `loss.reference_model: base` is)"
+        if reference_model == "base"
+        else f"report {reference_model} itself on this run's data for those: `--workdir` for a training "
+        "workdir, else `--model ... --data`"
+        if reference_model is not None
+        else "the prepared data's `reference_dce` holds them"
+    )
+    return (
+        "note: this run's loss.dce is fixed: its training weighted tokens by the effects of "
+        f"{'its reference model' if reference_model else 'the data'}, not of the model it trains; this "
+        f"report's DCE, flags and ω are the reported model's own ({how})"
+    )
 
 
 def add_compare_arguments(parser: argparse.ArgumentParser) -> None:

@@ -675,6 +675,28 @@ def test_effects_prints_restore_models_weighting_warning_unless_weighting_replac
     assert note not in capsys.readouterr().err
 
 
+def test_effects_of_a_fixed_dce_run_notes_whose_effects_the_report_shows(trained_run, tmp_path, capsys):
+    """A `dce: fixed` run trained on its reference model's effects; the report gives the reported model's
+    own, which an audit found differing on 23 of 414 tokens' flags, and said nothing. It says so now."""
+    import shutil
+
+    from tests.conftest import as_saved_with
+
+    workdir = tmp_path / "fixed"
+    shutil.copytree(trained_run.workdir, workdir)
+    as_saved_with(
+        workdir, "loss", variant="nextquill", dce="fixed", reference_model=str(trained_run.exported)
+    )
+    argv = ["effects", "--workdir", str(workdir), "--split", "test", "--examples", "0"]
+    assert main([*argv, "--out", str(tmp_path / "report")]) == 0
+    assert (
+        "note: this run's loss.dce is fixed: its training weighted tokens by the effects of its reference "
+        f"model, not of the model it trains; this report's DCE, flags and ω are the reported model's own "
+        f"(report {trained_run.exported} itself on this run's data for those: `--workdir` for a training "
+        "workdir, else `--model ... --data`)"
+    ) in capsys.readouterr().err
+
+
 def test_effects_command_with_training_workdir(trained_run, tmp_path, capsys):
     """The session's trained run (tests/conftest.py): the command restores the checkpoint's parameters from
     Orbax and uses the run's loss settings and prepared data; its DCE equals that of the same weights loaded
