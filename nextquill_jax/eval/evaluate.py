@@ -59,7 +59,6 @@ from nextquill_jax.data.prepared_split import (
 from nextquill_jax.eval.text_metrics import score_predictions
 from nextquill_jax.loss import LossConfig, metrics_from_aux, variant_losses
 from nextquill_jax.loss.weighting_record import weighting_sha256
-from nextquill_jax.models.causal_lm import CausalLM
 from nextquill_jax.models.generate import GenerationConfig, generate
 from nextquill_jax.parallel import batch_shard_count
 from nextquill_jax.plural import counted
@@ -181,17 +180,6 @@ def generation_hint(
     )
 
 
-def eval_graphdef(model: CausalLM, segments: int) -> Any:
-    """The graphdef `model`'s parameters are evaluated with on rows of at most `segments` segments per
-    attention row: `model`'s own, except that a set `cudnn_max_segments` (M) is raised to `segments` when that
-    is more (`model_setup.covering_graphdef`): training checked M against its own pipelines only, so a split
-    evaluated later (often `test`) may pack more examples into a row.
-    """
-    if model.cfg.cudnn_max_segments is None:
-        return nnx.graphdef(model)
-    return model_setup.covering_graphdef(model, segments)
-
-
 def split_losses(
     loaded: LoadedModel, split: PreparedSplit, count: int, reference: tuple[Any, dict] | None = None
 ) -> dict[str, Any]:
@@ -214,8 +202,8 @@ def split_losses(
     A model run with cuDNN's packed attention (`cudnn_max_segments` M) whose M is below the most examples a
     row of the split holds (twice that under `train.joint_forward`, whose one attention row holds both
     streams for the terms' loss, even for a run that trained on one stream) is run with M raised to that
-    (`eval_graphdef`): its losses would be NaN otherwise; so is the reference model (a workdir's keeps the M
-    saved with it).
+    (`model_setup.covering_graphdef`): training checked M against its own pipelines only, and its losses would
+    be NaN otherwise; so is the reference model (a workdir's keeps the M saved with it).
     """
     cfg, mesh = loaded.config, loaded.mesh
     run_loss = cfg.loss.loss_config()
@@ -250,9 +238,13 @@ def split_losses(
         pipeline = evaluation_pipeline(cfg, split)
         most = planned_examples_per_row(pipeline)[0]
         # The terms' loss needs both streams: under `train.joint_forward` one attention row holds both.
-        graphdef = eval_graphdef(loaded.model, segments_per_row(cfg.train.joint_forward, terms_loss, most))
+        graphdef = model_setup.covering_graphdef(
+            loaded.model, segments_per_row(cfg.train.joint_forward, terms_loss, most)
+        )
         # The reference's DCE pass runs the two streams apart (`train.step.reference_dce`).
-        ref_graphdef = None if reference is None else eval_graphdef(nnx.merge(*reference), most)
+        ref_graphdef = (
+            None if reference is None else model_setup.covering_graphdef(nnx.merge(*reference), most)
+        )
         terms = metrics_from_aux(aux_of(terms_loss, pipeline, graphdef, ref_graphdef), terms_loss)
         if run_loss == terms_loss:
             own = terms
