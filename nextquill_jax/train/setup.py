@@ -50,7 +50,7 @@ from nextquill_jax.train.optimizer import (
 )
 from nextquill_jax.train.resume import data_identity
 from nextquill_jax.train.state import TrainState
-from nextquill_jax.train.step import StepSettings, make_eval_step, make_train_step
+from nextquill_jax.train.step import StepSettings, joins_streams, make_eval_step, make_train_step
 from nextquill_jax.train.workdir import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
@@ -288,11 +288,10 @@ _JOINED = "train.joint_forward joins both streams of a row into one attention ro
 
 def segments_per_row(joint_forward: bool, loss: LossConfig, examples: int) -> int:
     """The most segments one attention row holds when a data row holds `examples` examples: twice as many
-    where `joint_forward` (`train.joint_forward`) joins the with- and without-history rows of a `loss` that
-    needs both (`train.step.joint_response_hidden` numbers the latter's examples after the former's); rows
-    of equal length are interleaved instead, which the bound also covers."""
-    need_with, need_without = streams_needed(loss)
-    return 2 * examples if joint_forward and need_with and need_without else examples
+    where the step joins the with- and without-history rows (`train.step.joins_streams`;
+    `joint_response_hidden` numbers the latter's examples after the former's); rows of equal length are
+    interleaved instead, which the bound also covers."""
+    return 2 * examples if joins_streams(joint_forward, loss) else examples
 
 
 def check_micro_batches(cfg: Config, mesh: Mesh) -> None:

@@ -136,14 +136,20 @@ def joint_response_hidden(
     return gather(h_w, index_w), gather(h_o, index_o + offset)
 
 
+def joins_streams(joint_forward: bool, loss: LossConfig) -> bool:
+    """Whether the step runs both streams as one forward call (`joint_response_hidden`): `joint_forward`
+    (`train.joint_forward`) and a `loss` that needs both."""
+    return joint_forward and all(streams_needed(loss))
+
+
 def stream_hidden(
     model: nnx.Module, batch: Batch, settings: StepSettings, adapters: Adapters | None = None
 ) -> tuple[jax.Array | None, jax.Array | None]:
     """(with, without) response hidden states [B, R, D] of the streams the loss needs (None for the other),
-    from one forward call when `settings.joint_forward` and both are needed, else one call each."""
-    need_with, need_without = streams_needed(settings.loss)
-    if settings.joint_forward and need_with and need_without:
+    from one forward call where the step `joins_streams`, else one call each."""
+    if joins_streams(settings.joint_forward, settings.loss):
         return joint_response_hidden(model, batch, adapters)
+    need_with, need_without = streams_needed(settings.loss)
     return (
         response_hidden(model, batch, "with", adapters) if need_with else None,
         response_hidden(model, batch, "without", adapters) if need_without else None,
