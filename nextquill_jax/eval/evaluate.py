@@ -104,22 +104,11 @@ def load_model_path(workdir: str | Path, model_path: str, mesh: Mesh | None = No
     mesh = reading_mesh(cfg) if mesh is None else mesh
     # Beside a LoRA run's adapters `model.param_dtype` is the adapters' dtype: the path (the base, or a merged
     # export) is stored as the run's frozen base is, as the `dce: fixed` reference path is.
-    runtime = adapters.frozen_runtime(cfg.model)
-    if _declared_dtype(Path(model_path)) == "float32":
-        runtime["param_dtype"] = "float32"
-    section = ModelRunConfig(path=model_path, **runtime)
+    section = ModelRunConfig(path=model_path, **adapters.frozen_runtime(cfg.model))
+    if model_setup.declared_dtype(section) == "float32":
+        section = dataclasses.replace(section, param_dtype="float32")
     graphdef, params = model_setup.load_params(section, mesh, cfg.train.seed)
     return LoadedModel(nnx.merge(graphdef, params), cfg, mesh, None, model_path)
-
-
-def _declared_dtype(path: Path) -> str | None:
-    """The weights dtype `path`/config.json declares (`dtype`, transformers 4's `torch_dtype`), or None: a
-    .gguf file or packaged name, no such key, or a config.json that does not parse (loading names it)."""
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return (config.get("dtype") or config.get("torch_dtype")) if isinstance(config, dict) else None
 
 
 def read_split(

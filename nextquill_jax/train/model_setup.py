@@ -103,6 +103,19 @@ def model_config(section: ModelRunConfig) -> ModelConfig:
         raise ConfigError(f"model.path {section.path}: {_message(e)}") from None
 
 
+def declared_dtype(section: ModelRunConfig) -> str | None:
+    """The weights dtype the config.json of a `model.path` directory declares (`dtype`, transformers 4's
+    `torch_dtype`), or None: a .gguf file, a packaged name or a preset, or no such key.
+
+    Raises:
+        ConfigError: as `_read_hf_config`.
+    """
+    if section.path is None or not (Path(section.path).expanduser() / "config.json").is_file():
+        return None
+    hf_config = _read_hf_config(section)
+    return hf_config.get("dtype") or hf_config.get("torch_dtype")
+
+
 def _read_hf_config(section: ModelRunConfig) -> dict[str, Any]:
     """The config.json dict of `section.path`: a directory's config.json, else its GGUF file's header.
 
