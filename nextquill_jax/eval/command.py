@@ -470,18 +470,20 @@ def run_effects(args: argparse.Namespace) -> int:
 def _fixed_dce_note(reference_model: str | None) -> str:
     """The note of `effects` on a `loss.dce: fixed` run: the report's DCE is the reported model's own, not
     the effects that weighted its training, and how to report those."""
-    how = (
-        "`--step 0` reports the base's (its adapters off, as `loss.reference_model: base` is)"
-        if reference_model == "base"
-        else f"report {reference_model} itself on this run's data for those: `--workdir` for a training "
-        "workdir, else `--model ... --data`"
-        if reference_model is not None
-        else "the prepared data's `reference_dce` holds them"
-    )
+    if reference_model is None:
+        source, how = "the data", "the prepared data's `reference_dce` holds them"
+    elif reference_model == "base":
+        source = "its reference model"
+        how = "`--step 0` reports the base's (its adapters off, as `loss.reference_model: base` is)"
+    else:
+        source = "its reference model"
+        how = (
+            f"report {reference_model} itself on this run's data for those: `--workdir` for a training "
+            "workdir, else `--model ... --data`"
+        )
     return (
-        "note: this run's loss.dce is fixed: its training weighted tokens by the effects of "
-        f"{'its reference model' if reference_model else 'the data'}, not of the model it trains; this "
-        f"report's DCE, flags and ω are the reported model's own ({how})"
+        f"note: this run's loss.dce is fixed: its training weighted tokens by the effects of {source}, not "
+        f"of the model it trains; this report's DCE, flags and ω are the reported model's own ({how})"
     )
 
 
