@@ -1,28 +1,25 @@
 #!/usr/bin/env bash
-# Every pending GPU measurement in one command, for a short lease of one NVIDIA GPU (H100/H200): the training
-# step's MFU at the Qwen2.5-1.5B shape with its breakdown and a jax.profiler trace, then with bf16 operands in
-# the fused loss, the joint forward, remat none, and three remat policies per part of the layer (`save:...`,
-# not yet run on a GPU; their FLOPs and memory on CPU: RESULTS.md); the fused loss alone in float32 and bf16
-# operands; generation's prefill; what the packed-segment mask costs cuDNN attention and whether cuDNN's
-# packed mode (segment offsets, model.cudnn_max_segments) matches blockwise XLA attention in outputs and
-# gradients and is faster (benchmarks/cudnn_mask.py, exit 1 on a mismatch; not yet run on a GPU), and the step
-# with that mode; the step with its scanned decoder layers unrolled (model.scan_unroll 2, and all 28 layers),
-# and under the XLA GPU flags that JAX's and NVIDIA's GPU performance guides recommend (not yet run on a GPU).
-# Each check has its own time limit, so one failure leaves the others' results, and every result lands in
-# OUT_DIR as it is made.
+# Every GPU measurement of issue 16 in one command, for a short lease of one NVIDIA GPU (H100/H200): the training
+# step's MFU at the Qwen2.5-1.5B shape with its breakdown and a jax.profiler trace; with cuDNN's packed mode
+# (segment offsets, model.cudnn_max_segments) and whether that mode matches blockwise XLA attention in outputs
+# and gradients and is faster (benchmarks/cudnn_mask.py, exit 1 on a mismatch); the best configuration measured
+# (packed mode, joint forward, bf16 head operands) at 4 and 8 rows; bf16 operands in the fused loss, the joint
+# forward and remat none under the dense mask; three remat policies per part of the layer (`save:...`); the
+# fused loss alone in float32 and bf16 operands; generation's prefill; the scanned decoder layers unrolled
+# (model.scan_unroll 2, and all 28 layers); and the XLA GPU flags that JAX's and NVIDIA's GPU performance guides
+# recommend. Each check has its own time limit, so one failure leaves the others' results, and every result
+# lands in OUT_DIR as it is made.
 #
 #   [WHEELS=.whl] bash benchmarks/gpu_checks.sh OUT_DIR [NAMES]
 #
-# NAMES (an extended regular expression) runs only the checks whose names match. Every check together is
-# estimated at ~17 min, more than two 600 s device calls and more than a 15-minute lease: run them in three
-# calls, in this order, first what has never run on a GPU:
-#   1. 'cudnn|mfu_breakdown' (~6 min with compiles): cuDNN's packed mode (Hopper or newer) and the step every
-#      later section compares with;
-#   2. 'mfu_save|unroll2|xla_flags' (~5 min): remat per part of the layer, two layers per scan iteration, the
-#      XLA GPU flags;
-#   3. 'mfu_profile|bf16|remat_none|loss|prefill|unroll_full' (~6 min): the profiler trace, the whole stack
-#      unrolled (the longest compile), and again what the H200 session of 2026-11-30 measured once
-#      (RESULTS.md), this time beside the others.
+# NAMES (an extended regular expression) runs only the checks whose names match. On an H200 (2026-12-04,
+# RESULTS.md) every check but mfu_unroll_full (not yet run on a GPU: the longest compile) took 15-40 s, all of
+# them ~7 min, so two 600 s device calls hold the whole script:
+#   1. 'cudnn|mfu_breakdown|mfu_best' (~3 min): cuDNN's packed mode (Hopper or newer), the dense-mask step every
+#      later section compares with, and the best configuration;
+#   2. 'mfu_profile|bf16|remat_none|mfu_save|loss|prefill|unroll|xla_flags' (~6 min, mfu_unroll_full's compile
+#      unknown). The files that come back from a lease are few: pack the logs and the profile first
+#      (`tar czf OUT_DIR/logs.tgz OUT_DIR/*.log OUT_DIR/profile`).
 #
 # Run from the repository root under the machine's own JAX (the package on PYTHONPATH). The lent machines'
 # image (Python 3.12) lacks grain and two of its dependencies; download their wheels before the lease, on a
@@ -77,7 +74,8 @@ check mfu_profile 120 "$py" benchmarks/mfu.py --models qwen2.5-1.5b --steps 3 --
 check mfu_bf16_head 70 "${mfu[@]}" --remat dots_with_no_batch_dims_saveable --operand-dtype bfloat16
 check mfu_bf16_joint 70 "${mfu[@]}" --remat dots_with_no_batch_dims_saveable --operand-dtype bfloat16 \
   --joint-forward
-check mfu_remat_none 70 "${mfu[@]}" --remat none --operand-dtype bfloat16
+# Remat none needs 106 GiB here, more than JAX takes of the card by default (75%).
+check mfu_remat_none 70 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 "${mfu[@]}" --remat none --operand-dtype bfloat16
 # Remat per part of the layer, against dots_with_no_batch_dims_saveable (mfu_breakdown): every name, the MLP's
 # gate/up only, the attention output and the MLP input only (fewest FLOPs, most memory first).
 check mfu_save_all 70 "${mfu[@]}" --remat save:qkv,attention,attn_out,mlp_gate_up
@@ -92,6 +90,12 @@ check cudnn_mask 120 "$py" benchmarks/cudnn_mask.py --append-results "$results"
 check cudnn_mask_one_segment 120 "$py" benchmarks/cudnn_mask.py --segments 1 --append-results "$results"
 check cudnn_mfu_offsets 150 "${mfu[@]}" --remat dots_with_no_batch_dims_saveable --attention cudnn \
   --cudnn-max-segments 2 --breakdown
+# The best configuration measured (45.8% MFU at 8 rows on the H200, 2026-12-04): the packed mode with both
+# streams of a row joined into one attention row (auto: 4 segments), bf16 head operands in the fused loss.
+best=("${mfu[@]}" --remat dots_with_no_batch_dims_saveable --attention cudnn --cudnn-max-segments auto
+  --operand-dtype bfloat16 --joint-forward --breakdown)
+check mfu_best 100 "${best[@]}"
+check mfu_best_8rows 100 "${best[@]}" --rows 8
 # The layers' scan unrolled (model.scan_unroll), against mfu_breakdown's rolled scan at the same remat policy:
 # two layers per loop iteration, then the whole stack (28 layers, straight-line code: XLA may fuse and
 # overlap across every layer boundary). On CPU the whole stack compiled in 133 s (30 s rolled), and XLA's

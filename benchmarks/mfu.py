@@ -142,8 +142,8 @@ def model_batch(
             f"--seq-len: {e}. Fix: a larger --seq-len, or shorter examples (--history, --entry-tokens, "
             "--context-tokens, --target-tokens)"
         ) from None
-    try:
-        bound = packed_bound(args.cudnn_max_segments, batch)
+    try:  # the step's loss, nextquill, runs both streams: --joint-forward joins them
+        bound = packed_bound(args.cudnn_max_segments, batch, joined=args.joint_forward)
     except ValueError as e:
         raise ValueError(f"--cudnn-max-segments: {e}") from None
     return (cfg if bound is None else cfg.replace(cudnn_max_segments=bound)), batch, shape

@@ -44,16 +44,20 @@ from nextquill_jax.models.generate import GenerationConfig
 from nextquill_jax.models.presets import model_preset
 
 
-def check_cudnn_max_segments(value: Any, attention_impl: str, prefix: str) -> None:
-    """Raise ValueError unless `value` (a `cudnn_max_segments` setting) is null, `auto` or an int >= 1
-    and, when set, `attention_impl` is `cudnn` (the packed mode is cuDNN's). The message names the keys as
-    `{prefix}cudnn_max_segments` and `{prefix}attention_impl` (`model.` in a training config, empty in a
-    sweep file), the value and the fix.
+def checked_cudnn_max_segments(value: Any, attention_impl: str, prefix: str) -> int | Literal["auto"] | None:
+    """`value` (a `cudnn_max_segments` setting: null, `auto` or an int >= 1) as the run uses it: `auto`
+    (the default) is null unless `attention_impl` is `cudnn`, since only cuDNN has the packed mode.
+
+    Raises ValueError for any other value, or for an int when `attention_impl` is not `cudnn`. The message
+    names the keys as `{prefix}cudnn_max_segments` and `{prefix}attention_impl` (`model.` in a training
+    config, empty in a sweep file), the value and the fix.
     """
     key, impl_key = f"{prefix}cudnn_max_segments", f"{prefix}attention_impl"
     if value is None:
-        return
-    if value != "auto" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        return None
+    if value == "auto":
+        return value if attention_impl == "cudnn" else None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(
             f"{key} must be an int >= 1, auto or null, got {value!r}. Fix: set it to the most examples a "
             f"packed row may hold, auto (chosen from the rows) or null (cuDNN's dense segment mask)"
@@ -61,8 +65,9 @@ def check_cudnn_max_segments(value: Any, attention_impl: str, prefix: str) -> No
     if attention_impl != "cudnn":
         raise ValueError(
             f"{key}: {value} chooses cuDNN's packed attention, but {impl_key} is {attention_impl!r}. "
-            f"Fix: set {impl_key}: cudnn, or {key}: null"
+            f"Fix: set {impl_key}: cudnn, or {key}: auto or null"
         )
+    return value
 
 
 @dataclass(frozen=True)
@@ -198,10 +203,13 @@ class ModelRunConfig:
             splash attention, TPU only); `nextquill_jax/models/attention.py`. Training refuses one the
             machine cannot run; `evaluate`, `effects`, `export` and a reference model read such a run with
             `xla` (the same attention), with a note.
-        `cudnn_max_segments`: with `attention_impl: cudnn` (opt-in, not yet verified on a GPU): cuDNN's packed
-            attention, segments passed as lengths and offsets instead of a [T, T] mask, for rows of at most
-            this many examples (segments: twice as many with `train.joint_forward`, which joins a row's two
-            streams); null: the dense mask. A row with more would make the step non-finite
+        `cudnn_max_segments`: with `attention_impl: cudnn`: cuDNN's packed attention, segments passed as
+            lengths and offsets instead of a [T, T] mask, for rows of at most this many examples (segments:
+            twice as many with `train.joint_forward`, which joins a row's two streams); null: the dense mask.
+            `auto` (the default; with another `attention_impl` it is null) chooses the number, see below.
+            Checked against blockwise `xla` on one H200 (jax 0.11.2; several GPUs: not yet run), where the
+            step took 0.85x the dense mask's time at the Qwen2.5-1.5B shape (`benchmarks/RESULTS.md`,
+            2026-12-04). A row with more would make the step non-finite
             (`nextquill_jax/models/cudnn_packed.py`), so set-up refuses a value below the most segments a
             planned row holds, or, with `data.batching.num_epochs: null`, below the bound for every epoch
             that `auto` takes (`train.setup.check_packed_segments`). `auto`: the training set-up chooses it
@@ -222,7 +230,7 @@ class ModelRunConfig:
     remat_policy: str = "none"
     scan_unroll: int = 1
     attention_impl: AttentionImpl = "xla"
-    cudnn_max_segments: int | Literal["auto"] | None = None
+    cudnn_max_segments: int | Literal["auto"] | None = "auto"
     lora: LoraConfig | None = None
 
     def __post_init__(self):
@@ -244,7 +252,8 @@ class ModelRunConfig:
                 "set exactly one of model.path (a Hugging Face directory or a packaged name such as "
                 f"smollm2-135m) and model.preset (a ModelConfig preset name, randomly initialised): {fix}"
             )
-        check_cudnn_max_segments(self.cudnn_max_segments, self.attention_impl, "model.")
+        segments = checked_cudnn_max_segments(self.cudnn_max_segments, self.attention_impl, "model.")
+        object.__setattr__(self, "cudnn_max_segments", segments)
         if self.preset is not None:
             # `auto` stands for an int >= 1 that set-up chooses; any such value checks the rest alike.
             self.resolved(1).model_config()

@@ -283,11 +283,20 @@ def test_a_file_value_yaml_typed_says_to_quote_it(tmp_path, tiny_config, section
 def test_cudnn_max_segments_reaches_the_model_config_only_with_cudnn(cfg_file):
     cfg = load_config(cfg_file, ["model.attention_impl=cudnn", "model.cudnn_max_segments=4"])
     assert cfg.model.model_config().cudnn_max_segments == 4
-    for value in (4, "auto"):
-        with pytest.raises(
-            ConfigError, match=r"attention_impl is 'xla'\. Fix: set model\.attention_impl: cudnn"
-        ):
-            load_config(cfg_file, [f"model.cudnn_max_segments={value}"])
+    with pytest.raises(ConfigError, match=r"attention_impl is 'xla'\. Fix: set model\.attention_impl: cudnn"):
+        load_config(cfg_file, ["model.cudnn_max_segments=4"])
+
+
+@pytest.mark.parametrize("impl", ["xla", "xla_dense", "splash", "cudnn"])
+def test_cudnn_packed_mode_is_the_default_for_cudnn_and_null_for_every_other_attention(cfg_file, impl):
+    """`auto` is the default; only cuDNN has a packed mode, so under any other attention it reads as null
+    (which the workdir's config.yaml then records), set or not."""
+    expected = "auto" if impl == "cudnn" else None
+    for overrides in ([], ["model.cudnn_max_segments=auto"]):
+        cfg = load_config(cfg_file, [f"model.attention_impl={impl}", *overrides])
+        assert cfg.model.cudnn_max_segments == expected
+    dense = load_config(cfg_file, [f"model.attention_impl={impl}", "model.cudnn_max_segments=null"])
+    assert dense.model.cudnn_max_segments is None
 
 
 @pytest.mark.parametrize("source", [[], ["model.preset=null", "model.path=some/dir"]])
@@ -693,7 +702,7 @@ def test_a_bad_model_override_is_a_load_time_error_for_a_preset_and_a_path_model
         (
             "model.cudnn_max_segments=4",
             "model.cudnn_max_segments: 4 chooses cuDNN's packed attention",
-            "Fix: set model.attention_impl: cudnn, or model.cudnn_max_segments: null. (",
+            "Fix: set model.attention_impl: cudnn, or model.cudnn_max_segments: auto or null. (",
         ),
         (
             "model.overrides.num_layer=3",
@@ -1339,10 +1348,11 @@ def test_cudnn_max_segments_auto_covers_every_row_the_run_yields(
         assert lines[-1].startswith(f"model.cudnn_max_segments: auto chose {chosen}: the most examples a")
 
 
-def test_an_auto_run_records_its_choice_and_a_resume_compiles_the_same(
+def test_a_cudnn_run_packs_by_default_records_its_choice_and_a_resume_compiles_the_same(
     tmp_path, monkeypatch, write_random_data, write_config, tiny_config
 ):
-    """A run with `auto` trains (cuDNN's private API emulated on CPU), its step is compiled for the chosen
+    """A cuDNN run that leaves `model.cudnn_max_segments` unset gets `auto`, the packed mode, and trains
+    (cuDNN's private API emulated on CPU); its step is compiled for the chosen
     bound, config.yaml and the checkpoint record it; resuming the same config chooses and compiles the same
     bound, which the checkpoint's recorded value then matches (a resume with another would be refused)."""
     from jax._src.cudnn import fused_attention_stablehlo as fused
@@ -1364,7 +1374,7 @@ def test_an_auto_run_records_its_choice_and_a_resume_compiles_the_same(
     data = write_random_data(tmp_path / "data", train=24, val=8)
     workdir = tmp_path / "work"
     path = write_config(tiny_config(data, workdir), tmp_path / "cfg.yaml")
-    auto = [*CUDNN, "model.cudnn_max_segments=auto"]
+    auto = CUDNN  # model.cudnn_max_segments unset: auto, the default
     # Both steps saved, so that dropping step 2's checkpoint leaves a run stopped at step 1 to resume.
     run_overrides = [*auto, "train.max_steps=2", "checkpoint.every_steps=1"]
     cfg = load_config(path, run_overrides)

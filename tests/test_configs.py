@@ -141,6 +141,7 @@ def parse_command(words: list[str]) -> tuple[str, dict[str, str], list[str]]:
 
 def architecture(section: ModelRunConfig) -> ModelConfig:
     """The model's architecture: its preset, or the preset its folder / packaged name is named after."""
+    section = section.resolved(1)  # `cudnn_max_segments: auto` (cuDNN's default) shapes no parameter
     if section.preset is not None:
         return section.model_config()
     name = Path(section.path).name.lower()

@@ -44,7 +44,7 @@ from nextquill_jax.config import (
     AttentionImpl,
     ModelRunConfig,
     RunDtype,
-    check_cudnn_max_segments,
+    checked_cudnn_max_segments,
     typed_architecture_overrides,
 )
 from nextquill_jax.config_schema import ConfigError, build, read_yaml, with_line
@@ -103,9 +103,10 @@ class ScalingConfig:
         `scan_unroll`: as `model.scan_unroll` (decoder layers per iteration of the layer scan).
         `attention_impl`: as `model.attention_impl`.
         `cudnn_max_segments`: with `attention_impl: cudnn`: cuDNN's packed mode with at most this many
-            examples per row (`model.cudnn_max_segments`); `auto`: the most examples a row of the point's
-            batch holds; a point whose rows hold more than a number set here is skipped. null: the dense
-            mask. `--cudnn-max-segments` replaces it.
+            examples per row (`model.cudnn_max_segments`); `auto` (the default; null with another
+            `attention_impl`): the most examples a row of the point's batch holds; a point whose rows hold
+            more than a number set here is skipped. null: the dense mask. `--cudnn-max-segments` replaces
+            it.
         `warmup_steps`: untimed steps after compilation.
         `timed_steps`: timed steps; the fastest gives the point's step time.
         `peak_tflops`: per-chip peak TFLOP/s for MFU (> 0); null: from the device kind where known.
@@ -129,7 +130,7 @@ class ScalingConfig:
     remat_policy: str = "none"
     scan_unroll: int = 1
     attention_impl: AttentionImpl = "xla"
-    cudnn_max_segments: int | Literal["auto"] | None = None
+    cudnn_max_segments: int | Literal["auto"] | None = "auto"
     warmup_steps: int = 1
     timed_steps: int = 3
     peak_tflops: float | None = None
@@ -157,7 +158,8 @@ class ScalingConfig:
             raise ValueError(f"`peak_tflops` must be > 0 or null, got {self.peak_tflops}")
         if any(s < 1 for s in self.seq_len) or any(h < 0 for h in self.history):
             raise ValueError(f"seq_len must be >= 1 and history >= 0, got {self.seq_len}, {self.history}")
-        check_cudnn_max_segments(self.cudnn_max_segments, self.attention_impl, "")
+        segments = checked_cudnn_max_segments(self.cudnn_max_segments, self.attention_impl, "")
+        object.__setattr__(self, "cudnn_max_segments", segments)
         check_scan_unroll(self.scan_unroll, "`scan_unroll`")
         for i, entry in enumerate(self.mesh):  # a misspelt entry would skip every point of it, at run time
             try:
@@ -185,6 +187,7 @@ class ScalingConfig:
             remat_policy=self.remat_policy,
             scan_unroll=self.scan_unroll,
             attention_impl=self.attention_impl,
+            cudnn_max_segments=None,
         )
         return section.model_config()
 
@@ -228,24 +231,29 @@ def load_scaling_config(
         raise with_line(e, path) from None
 
 
-def packed_bound(setting: int | str | None, batch: dict[str, np.ndarray]) -> int | None:
+def packed_bound(setting: int | str | None, batch: dict[str, np.ndarray], joined: bool = False) -> int | None:
     """The `ModelConfig.cudnn_max_segments` for `batch` of a `cudnn_max_segments` setting (a sweep's or
-    `benchmarks/mfu.py --cudnn-max-segments`): None stays None, `auto` becomes the most examples a row of
-    `batch` holds (its largest segment id: a row numbers its examples 1, 2, ...), a number is itself.
+    `benchmarks/mfu.py --cudnn-max-segments`): None stays None, `auto` becomes the most segments an
+    attention row holds, a number is itself. A row of `batch` numbers its examples 1, 2, ..., so its largest
+    segment id is its example count; `joined` (the step joins both streams of a row into one attention row,
+    `train.step.joins_streams`) doubles it.
 
     Raises:
-        ValueError: a row of `batch` holds more examples than the number set (cuDNN's packed attention would
+        ValueError: an attention row holds more segments than the number set (cuDNN's packed attention would
             make its step non-finite).
     """
     if setting is None:
         return None
-    most = int(batch["with_segment_ids"].max())
+    examples = int(batch["with_segment_ids"].max())
+    most = 2 * examples if joined else examples
     if setting == "auto":
         return most
     if most > setting:
+        held = f"{most} segments: both streams of a row joined" if joined else "one segment each"
         raise ValueError(
-            f"the batch's rows hold up to {most} examples, more than cudnn_max_segments={setting} "
-            f"(cuDNN's packed attention would make them non-finite); set it to {most} or more, or auto"
+            f"the batch's rows hold up to {examples} examples ({held}), more than "
+            f"cudnn_max_segments={setting} (cuDNN's packed attention would make them non-finite); set it to "
+            f"{most} or more, or auto"
         )
     return setting
 

@@ -6,7 +6,9 @@ in full. cuDNN also has a packed ("ragged", THD) mode: each segment is its own s
 starts in the row and how long it is, so no [T, T] tensor exists and no pair across segments is computed. JAX
 exposes that mode only through the private `jax._src.cudnn.fused_attention_stablehlo.dot_product_attention`
 (`q_seqlen`, `kv_seqlen`, `q_offsets`, `kv_offsets`), which this module calls; it was written against jax
-0.10.2 and is opt-in (`ModelConfig.cudnn_max_segments`).
+0.10.2 and checked on an H200 under jax 0.11.2 (`benchmarks/cudnn_mask.py`). A training run uses it with
+`attention_impl: cudnn` unless `model.cudnn_max_segments` is null; a `ModelConfig` only where its
+`cudnn_max_segments` is set.
 
 The segment contract (the data pipeline's packed rows and `CausalLM.prefill`'s left-padded prompts keep it):
 segment ids [B, T] int32 are 0 (padding, anywhere in the row) or 1..max_segments; each id's tokens form one

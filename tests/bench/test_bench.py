@@ -368,11 +368,15 @@ def test_sweep_cudnn_max_segments_reaches_every_point_and_auto_is_what_its_rows_
     assert fake.examples_per_row == [2, 2] and fake.bounds == fake.examples_per_row
     assert "cudnn_max_segments 2 (auto: the most examples a row holds)" in capsys.readouterr().out
     assert run("three", "--cudnn-max-segments", "3") == 0 and run("unset") == 0
-    assert fake.bounds == [2, 2, 3, 3, None, None]  # unset: cuDNN's dense segment mask
+    assert fake.bounds == [2, 2, 3, 3, 2, 2]  # unset: auto, the default
+    null = cudnn + "cudnn_max_segments: null\n"
+    dense = sweep_yaml(tmp_path / "d.yaml", tmp_path / "unused", ["a"], extra=null)
+    assert sweep.main(["--config", dense, "--output-dir", str(tmp_path / "dense")]) == 0
+    assert fake.bounds == [2, 2, 3, 3, 2, 2, None]  # null: cuDNN's dense segment mask
     assert run("one", "--cudnn-max-segments", "1") == 1  # nothing measured
-    assert fake.bounds == [2, 2, 3, 3, None, None]  # both points skipped, neither built nor written
+    assert fake.bounds == [2, 2, 3, 3, 2, 2, None]  # both points skipped, neither built nor written
     captured = capsys.readouterr()
-    assert "rows hold up to 2 examples, more than cudnn_max_segments=1" in captured.out
+    assert "rows hold up to 2 examples (one segment each), more than cudnn_max_segments=1" in captured.out
     assert f"error: no point of {config} was measured: each was skipped" in captured.err
     assert not (tmp_path / "one" / "scaling.csv").exists()
     assert not any(png.parent.name == "one" for png in fake.plots)  # no plot of no rows
@@ -384,15 +388,15 @@ def test_sweep_refuses_a_bad_cudnn_max_segments(tmp_path, fake, capsys, value):
     with pytest.raises(SystemExit):
         sweep.main(["--config", config, "--cudnn-max-segments", value])
     assert "--cudnn-max-segments: expected an int >= 1 or auto" in capsys.readouterr().err
-    xla = sweep_yaml(tmp_path / "x.yaml", tmp_path / "out", ["a"], extra="cudnn_max_segments: auto\n")
+    xla = sweep_yaml(tmp_path / "x.yaml", tmp_path / "out", ["a"], extra="cudnn_max_segments: 2\n")
     with pytest.raises(ConfigError, match=r"but attention_impl is 'xla'\. Fix: set attention_impl: cudnn"):
         sweep.load_scaling_config(xla)
     assert fake.built == []
+    auto = sweep_yaml(tmp_path / "a.yaml", tmp_path / "out", ["a"], extra="cudnn_max_segments: auto\n")
+    assert sweep.load_scaling_config(auto).cudnn_max_segments is None  # only cuDNN has the packed mode
 
 
-@pytest.mark.parametrize(
-    ("value", "impl"), [("0", "cudnn"), ("-3", "cudnn"), ("auto", "xla"), ("4", "splash")]
-)
+@pytest.mark.parametrize(("value", "impl"), [("0", "cudnn"), ("-3", "cudnn"), ("2", "xla"), ("4", "splash")])
 def test_sweep_and_training_config_refuse_cudnn_max_segments_alike(tmp_path, value, impl):
     """A sweep file's `cudnn_max_segments` is refused with the training config's message (one check), its key
     spelt without the training config's `model.` section."""
@@ -636,7 +640,8 @@ def test_benchmarks_refuse_a_count_below_one_as_an_argument_error(monkeypatch, c
 
 def test_mfu_takes_cudnn_max_segments_auto_as_what_its_rows_hold(monkeypatch, capsys):
     """benchmarks/mfu.py --cudnn-max-segments N|auto (its step timed by the fake): `auto` builds the model for
-    the most examples a row of its batch holds, as `bench scale` does; a number below that is refused."""
+    the most examples a row of its batch holds, as `bench scale` does, twice that with --joint-forward; a
+    number below that is refused."""
     mfu = benchmark_script("mfu")
 
     FakeHarness.built, FakeHarness.bounds, FakeHarness.examples_per_row = [], [], []
@@ -653,14 +658,20 @@ def test_mfu_takes_cudnn_max_segments_auto_as_what_its_rows_hold(monkeypatch, ca
     with pytest.raises(SystemExit):
         run("--cudnn-max-segments", str(most - 1))
     said = capsys.readouterr().err
-    assert f"rows hold up to {most} examples, more than cudnn_max_segments={most - 1}" in said
+    assert f"up to {most} examples (one segment each), more than cudnn_max_segments={most - 1}" in said
+    # --joint-forward joins both streams of a row into one attention row: twice the segments.
+    assert run("--cudnn-max-segments", "auto", "--joint-forward") == 0 and FakeHarness.bounds[-1] == 2 * most
+    with pytest.raises(SystemExit):
+        run("--cudnn-max-segments", str(most), "--joint-forward")
+    said = capsys.readouterr().err
+    assert f"up to {most} examples ({2 * most} segments: both streams of a row joined), more than " in said
     with pytest.raises(SystemExit):
         mfu.main(["--cudnn-max-segments", "auto"])  # CPU: the xla attention
     assert (
         "--cudnn-max-segments chooses cuDNN's packed attention: add --attention cudnn"
         in capsys.readouterr().err
     )
-    assert len(FakeHarness.bounds) == 2
+    assert len(FakeHarness.bounds) == 3  # no refused run built a model
 
 
 GPU_CHECKS = REPO / "benchmarks" / "gpu_checks.sh"
