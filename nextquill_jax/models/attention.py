@@ -13,8 +13,9 @@ and unused.
   (`CausalLM.extend`). A prompt's prefill (`CausalLM.prefill`) uses the configured implementation.
 - `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")`, GPU only, bf16/fp16; segment ids become a
   boolean mask (without them only the causal mask is applied, which is cuDNN's fastest path). With
-  `max_segments` set (`ModelConfig.cudnn_max_segments`, opt-in) they become per-segment lengths and offsets
-  for cuDNN's packed mode instead (`cudnn_packed.py`: private JAX API, no [T, T] mask).
+  `max_segments` set (`ModelConfig.cudnn_max_segments`; a training run's default) they become per-segment
+  lengths and offsets for cuDNN's packed mode instead (`cudnn_packed.py`: private JAX API, no [T, T] mask),
+  which runs per shard as splash does.
 - `splash`: Pallas splash attention, TPU only, with segment ids natively. Under `jax.set_mesh(mesh)` with
   several devices it runs per shard in `jax.shard_map` (batch over the rules' "batch" axes, heads over
   "heads").
@@ -23,6 +24,7 @@ and unused.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -104,7 +106,10 @@ def cudnn_attention(
             "Fix: set compute_dtype='bfloat16' or attention_impl='xla'."
         )
     if segment_ids is not None and max_segments is not None:
-        return cudnn_packed_attention(q, k, v, segment_ids, max_segments)
+        # Per device: the private API's own partitioning gives the offsets no sharding rule of their own, so
+        # each shard's call sees only its rows' offsets here, the one-device call that was checked on a GPU.
+        packed = functools.partial(cudnn_packed_attention, max_segments=max_segments)
+        return _per_shard(packed, q, k, v, segment_ids)
     mask = None
     if segment_ids is not None:
         mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # [B, 1, T, T]
@@ -120,9 +125,26 @@ def splash_attention(
     kernel's block size with segment id -1, which no real token shares.
     Returns [B, T, H, Hd].
     """
+    return _per_shard(functools.partial(_splash_local, interpret=interpret), q, k, v, segment_ids)
+
+
+def _per_shard(
+    local: Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array],
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    segment_ids: jax.Array,
+) -> jax.Array:
+    """`local(q, k, v, segment_ids)` run on each device's own rows and heads (`jax.shard_map`) under the
+    ambient mesh (`jax.set_mesh`) of several devices: rows over the rules' "batch" axes, heads over "heads",
+    either left whole where its shard count does not divide it; `local` itself on one device.
+
+    q [B, T, H, Hd], k / v [B, T, K, Hd], segment_ids [B, T]; returns `local`'s [B, T, H, Hd]. Where the
+    head shards outnumber the K key/value heads, k / v are repeated to the H query heads first.
+    """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
-        return _splash_local(q, k, v, segment_ids, interpret=interpret)
+        return local(q, k, v, segment_ids)
     heads_axes = logical_to_mesh_spec(("heads",), _rules_for(mesh))[0]
     head_parts = _axis_size(mesh, heads_axes)
     if q.shape[2] % head_parts:
@@ -136,7 +158,6 @@ def splash_attention(
         batch_axes = None
     qkv_spec = PartitionSpec(batch_axes, None, heads_axes, None)
     seg_spec = PartitionSpec(batch_axes, None)
-    local = functools.partial(_splash_local, interpret=interpret)
     return jax.shard_map(
         local,
         mesh=mesh,

@@ -57,6 +57,18 @@ def test_splash_attention_under_shard_map_matches_xla(programs):
     assert maxdiff <= 1e-5, maxdiff
 
 
+def test_cudnn_packed_attention_runs_per_shard_and_matches_one_device(programs):
+    """Under a mesh, cuDNN's packed mode calls the private API on each device's rows and heads (its own
+    partitioning gives the offsets no rule of their own), so every call is the one-device call that was
+    checked on a GPU; values and gradients are the one-device run's to bf16 rounding (k / v, repeated to
+    the head shards, sum their gradients across them)."""
+    result = programs.run("models_sharded.py", "cudnn_packed", devices=8).result
+    # 4 rows over fsdp 2, 8 query heads over tensor 4 (2 kv heads repeated to them): two traced calls each
+    # (forward; forward for the gradient), first under the mesh, then on one device.
+    assert result["shapes"] == [[2, 32, 2, 16]] * 2 + [[4, 32, 8, 16]] * 2, result["shapes"]
+    assert max(result["errors"]) <= 2**-7, result["errors"]  # output, dq, dk, dv
+
+
 def test_blockwise_attention_on_sharded_inputs_matches_dense(programs):
     result = programs.run("models_sharded.py", "blockwise", devices=8).result
     assert sorted(result) == ["2", "4"]  # kv heads as many as query head shards, and fewer

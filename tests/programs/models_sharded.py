@@ -8,6 +8,11 @@
         padded rows.
     models_sharded.py splash
         Splash attention (Pallas, interpret mode) under the mesh against the XLA attention: "maxdiff".
+    models_sharded.py cudnn_packed
+        cuDNN's packed attention (its private API replaced by tests/models/cudnn_emulation.py) under the mesh
+        against the one-device call: "errors", the largest difference of the output and of the q, k, v
+        gradients relative to the one-device value's largest, and "shapes", the q shape of each call the API
+        received, first under the mesh, then on one device.
     models_sharded.py nf4
         Projection kernels quantized to nf4 on the mesh: per kernel its codes' spec, shard count and whether
         they dequantize as the unsharded kernel's do.
@@ -31,7 +36,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from nextquill_jax.models import load_pretrained
-from nextquill_jax.models.attention import attention_mask, splash_attention, xla_attention
+from nextquill_jax.models.attention import attention_mask, self_attention, splash_attention, xla_attention
 from nextquill_jax.models.blockwise_attention import blockwise_attention
 
 
@@ -86,6 +91,44 @@ def splash() -> dict:
     with jax.set_mesh(mesh):
         got = jax.jit(functools.partial(splash_attention, interpret=True))(q, k, v, seg)
     return {"maxdiff": float(jnp.abs(got - ref).max())}
+
+
+def cudnn_packed() -> dict:
+    from jax._src.cudnn import fused_attention_stablehlo as fused
+
+    from nextquill_jax.models import attention
+    from tests.models.cudnn_emulation import emulated_packed_attention
+
+    emulation = emulated_packed_attention(kv_offsets_use_kv_heads=True)
+    shapes = []
+
+    @functools.wraps(emulation)  # the signature the packed path checks for
+    def recording(query, *args, **kwargs):
+        shapes.append(list(query.shape))
+        return emulation(query, *args, **kwargs)
+
+    fused.dot_product_attention = recording
+    attention.check_attention_backend = lambda impl, **_: None  # the emulation stands in for the GPU
+    mesh = make_mesh()  # rows over fsdp (2), heads over tensor (4)
+    rng = np.random.default_rng(0)
+    rows = [[1] * 8 + [2] * 16 + [0] * 8, [1] * 32, [0] * 4 + [1] * 28, [1] * 10 + [2] * 10 + [3] * 12]
+    seg = jnp.asarray(np.array(rows, np.int32))  # [4, 32]
+    real = (seg > 0)[:, :, None, None]
+    q = jnp.asarray(rng.standard_normal((4, 32, 8, 16)), jnp.bfloat16)
+    k, v = (jnp.asarray(rng.standard_normal((4, 32, 2, 16)), jnp.bfloat16) for _ in range(2))
+    w = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+    attend = lambda q, k, v: self_attention(q, k, v, seg, "cudnn", cudnn_max_segments=3).astype(jnp.float32)
+    loss = weighted_sum(attend, real, w)
+    run = jax.jit(lambda q, k, v: (attend(q, k, v), jax.grad(loss, argnums=(0, 1, 2))(q, k, v)))
+    with jax.set_mesh(mesh):
+        sharded = run(q, k, v)
+    one = run(q, k, v)
+    leaves = zip(jax.tree.leaves(sharded), jax.tree.leaves(one), strict=True)
+    as_f32 = lambda x: np.asarray(x, np.float32)
+    return {
+        "errors": [float(np.abs(as_f32(a) - as_f32(b)).max() / np.abs(as_f32(b)).max()) for a, b in leaves],
+        "shapes": shapes,
+    }
 
 
 def weighted_sum(attend, real, w):
@@ -173,11 +216,13 @@ def main() -> None:
     commands.add_parser("splash")
     commands.add_parser("blockwise")
     commands.add_parser("nf4")
+    commands.add_parser("cudnn_packed")
     args = parser.parse_args()
     if args.command == "load":
         result = load(args.checkpoint)
     else:
-        result = {"splash": splash, "blockwise": blockwise, "nf4": nf4}[args.command]()
+        programs = {"splash": splash, "blockwise": blockwise, "nf4": nf4, "cudnn_packed": cudnn_packed}
+        result = programs[args.command]()
     print("RESULT " + json.dumps(result))
 
 
