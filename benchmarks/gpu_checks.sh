@@ -90,8 +90,9 @@ check cudnn_mask 120 "$py" benchmarks/cudnn_mask.py --append-results "$results"
 check cudnn_mask_one_segment 120 "$py" benchmarks/cudnn_mask.py --segments 1 --append-results "$results"
 check cudnn_mfu_offsets 150 "${mfu[@]}" --remat dots_with_no_batch_dims_saveable --attention cudnn \
   --cudnn-max-segments 2 --breakdown
-# The best configuration measured (45.8% MFU at 8 rows on the H200, 2026-12-04): the packed mode with both
-# streams of a row joined into one attention row (auto: 4 segments), bf16 head operands in the fused loss.
+# The best configuration measured (45.8% MFU at 8 rows on one H200, 44.2% on another, 2026-12-04): the
+# packed mode with both streams of a row joined into one attention row (auto: 4 segments), bf16 head operands
+# in the fused loss.
 best=("${mfu[@]}" --remat dots_with_no_batch_dims_saveable --attention cudnn --cudnn-max-segments auto
   --operand-dtype bfloat16 --joint-forward --breakdown)
 check mfu_best 100 "${best[@]}"
