@@ -307,9 +307,9 @@ class LossRunConfig(LossConfig):
             results).
         `vocab_chunk`: vocabulary entries per tile of the fused LM head (memory, not results).
         `operand_dtype`: the operands of the fused head's with/without logits products, `float32` (exact) or
-            `bfloat16` (faster on accelerators; it rounds the head's float32 weights as `CausalLM.logits`
-            does under a bfloat16 compute dtype, so values move by bfloat16 rounding); the alignment logits
-            and gradients stay float32.
+            `bfloat16` (faster: the fused loss alone took 13% less time on an H200; it rounds the head's
+            float32 weights as `CausalLM.logits` does under a bfloat16 compute dtype, so values move by
+            bfloat16 rounding); the alignment logits and gradients stay float32.
     """
 
     reference_model: str | None = None
@@ -446,7 +446,9 @@ class TrainConfig:
         `joint_forward`: run the with- and without-history passes as one forward call on a joined batch
             (`train.step.joint_response_hidden`: one read of the weights, larger matmuls; the same values,
             except that with `model.lora.dropout` above 0 the dropout masks are other draws); a loss that
-            needs one stream (`sft`, `context_sft`) runs one pass, so there is nothing to join.
+            needs one stream (`sft`, `context_sft`) runs one pass, so there is nothing to join. On an H200
+            at the Qwen2.5-1.5B shape it sped the step up with cuDNN's packed mode and slowed it under the
+            dense segment mask (`benchmarks/RESULTS.md`, 2026-12-04).
     """
 
     workdir: str | None = None
