@@ -340,7 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--cudnn-max-segments", type=max_segments_arg, metavar="N|auto",
         help="ModelConfig.cudnn_max_segments (with --attention cudnn: its packed mode for rows of at most N "
-        "examples; auto: the most a row of the batch holds, 2 in the default shape)",
+        "examples; auto: the most a row of the batch holds, 2 in the default shape, twice that with "
+        "--joint-forward). Unlike a training run, whose default is auto, none here: cuDNN's dense segment "
+        "mask, the baseline gpu_checks.sh compares with",
     )  # fmt: skip
     parser.add_argument("--micro-batches", type=positive_int, default=1)
     parser.add_argument(

@@ -299,6 +299,28 @@ def test_cudnn_packed_mode_is_the_default_for_cudnn_and_null_for_every_other_att
     assert dense.model.cudnn_max_segments is None
 
 
+@pytest.mark.parametrize(("saved", "read"), [({}, None), ({"cudnn_max_segments": 3}, 3)])
+def test_a_saved_cudnn_run_without_the_packed_key_is_read_with_the_dense_mask(
+    tmp_path, monkeypatch, write_config, tiny_config, saved, read
+):
+    """A run saves the `cudnn_max_segments` it chose; a config.yaml saved before the key existed (that run
+    used cuDNN's dense mask) is read with null, not with the `auto` default that no reader resolves (on a GPU
+    it raised in ModelConfig)."""
+    from nextquill_jax.models import attention
+    from nextquill_jax.train import model_setup
+    from nextquill_jax.train.workdir import saved_config
+
+    monkeypatch.setattr(attention, "check_attention_backend", lambda impl, **_: None)  # as on a GPU
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    cfg = tiny_config(tmp_path / "data", workdir)
+    cfg["model"].update(attention_impl="cudnn", compute_dtype="bfloat16", **saved)
+    write_config(cfg, workdir / "config.yaml")
+    model = saved_config(workdir).model
+    assert model.attention_impl == "cudnn" and model.cudnn_max_segments == read
+    assert model_setup.model_config(model).cudnn_max_segments == read
+
+
 @pytest.mark.parametrize("source", [[], ["model.preset=null", "model.path=some/dir"]])
 @pytest.mark.parametrize("value", ["0", "-1", "foo", "1.5", "true"])
 def test_a_bad_cudnn_max_segments_names_the_key_and_the_allowed_values(cfg_file, source, value):

@@ -316,11 +316,12 @@ def _run_demo(cfg: DemoConfig, echo: Callable[[str], None]) -> dict[str, Any]:
     clock.stage("data", t)
 
     t = time.perf_counter()
-    vocab = cfg.pretrain.model.model_config().vocab_size
+    model_cfg = cfg.pretrain.model.resolved(1).model_config()  # the vocabulary does not depend on M
+    vocab = model_cfg.vocab_size
     ft_data = cfg.finetune_config.data
     texts = record_texts(data_dir / "synthetic.jsonl", ft_data.template, max_history=ft_data.max_history)
     tokenizer = train_tokenizer(texts, out / "tokenizer", vocab_size=vocab)
-    eos_ids = cfg.pretrain.model.model_config().eos_token_ids
+    eos_ids = model_cfg.eos_token_ids
     if tokenizer.eos_token_id not in eos_ids:
         raise ConfigError(
             f"{cfg.source}: pretrain.model.overrides.eos_token_ids {list(eos_ids)} must hold the demo "

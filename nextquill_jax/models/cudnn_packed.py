@@ -158,7 +158,7 @@ def _fused_attention_module():
         ImportError: it is missing, or its `dot_product_attention` lacks a parameter this module passes.
     """
     fix = (
-        f"Fix: unset model.cudnn_max_segments (cuDNN with the dense segment mask), or install jax "
+        f"Fix: set model.cudnn_max_segments: null (cuDNN with the dense segment mask), or install jax "
         f"{WRITTEN_FOR_JAX}, which this path was written against."
     )
     try:

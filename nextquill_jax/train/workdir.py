@@ -165,7 +165,13 @@ def reading_config(cfg: Config, source: str, runs_attention: bool = True) -> Con
     is not silently trained with another kernel than its config names. Without `runs_attention` (export,
     which only writes the weights and runs no attention) the note is left out: nothing is computed with
     either kernel, so it would only alarm.
+
+    A saved `model.cudnn_max_segments: auto` is read as null: a run saves the value it chose, so `auto` is
+    the default filled in for a config.yaml saved before the key existed (2026-11-30), whose run used
+    cuDNN's dense segment mask.
     """
+    if cfg.model.cudnn_max_segments == "auto":
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, cudnn_max_segments=None))
     impl = cfg.model.attention_impl
     try:  # looked up when called, so that tests emulating cuDNN on CPU (replacing it) keep `cudnn`
         attention.check_attention_backend(impl)

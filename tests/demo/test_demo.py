@@ -270,3 +270,30 @@ def test_the_reading_gives_no_verdict_on_an_interval_of_no_width_away_from_zero(
         "(+0.1000 [+0.1000, +0.1000]); a no significant difference from context_sft on pref. recall "
         "(+0.0000 [+0.0000, +0.0000]); b better than context_sft on ROUGE-1 (+0.2000 [+0.1000, +0.3000])."
     )
+
+
+def test_a_demo_with_cudnn_attention_reads_its_vocabulary_with_packed_mode_unresolved(tmp_path, monkeypatch):
+    """A demo file that sets `attention_impl: cudnn` (whose `cudnn_max_segments` default, `auto`, training
+    resolves later) gets through the stages that read the model's vocabulary and EOS ids; it raised a
+    ValueError for the unresolved `auto` there. Stopped at data preparation, the stage after them."""
+    from nextquill_jax.data import prepare as prepare_module
+    from nextquill_jax.demo.run import _run_demo
+
+    raw = yaml.safe_load(tiny_demo_config(tmp_path / "demo.yaml").read_text())
+    for section in ("pretrain", "finetune"):
+        raw[section]["model"].update(attention_impl="cudnn", compute_dtype="bfloat16")
+    (tmp_path / "cudnn.yaml").write_text(yaml.safe_dump(raw))
+    cfg = load_demo_config(tmp_path / "cudnn.yaml", tmp_path / "out", seed=0)
+    assert cfg.pretrain.model.cudnn_max_segments == "auto"
+
+    class PreparedError(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise PreparedError
+
+    monkeypatch.setattr(prepare_module, "prepare", stop)
+    lines = []
+    with pytest.raises(PreparedError):
+        _run_demo(cfg, lines.append)
+    assert any("tokenizer:" in line and "(model vocabulary 512)" in line for line in lines), lines

@@ -166,7 +166,7 @@ def test_a_jax_without_the_private_api_is_an_import_error_naming_the_version(mon
     monkeypatch.setattr(fused, "dot_product_attention", lambda query, key, value, mask=None: query)
     q, k, v = random_qkv(1, 4, 2, 1, 8)
     written_for = (
-        r"lacks \['q_seqlen'.*Fix: unset model\.cudnn_max_segments.*jax 0\.10\.2, which this path was"
+        r"lacks \['q_seqlen'.*Fix: set model\.cudnn_max_segments: null.*jax 0\.10\.2, which this path was"
     )
     with pytest.raises(ImportError, match=written_for):
         cudnn_packed_attention(q, k, v, jnp.ones((1, 4), jnp.int32), 2)
