@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from nextquill_jax.eval.compare_table import METRICS, difference_verdict
+from nextquill_jax.eval.compare_table import METRICS, difference_verdict, interval_text
 
 STUDY_FILE = Path(__file__).resolve().parents[2] / "benchmarks" / "STUDY.md"
 STUDY_COMMAND = "nextquill-jax compare --config configs/study/smollm2_synthetic.yaml"
@@ -37,7 +37,7 @@ def reading(result: Mapping[str, Any]) -> str:
                 "worse": f"{name} worse than {base} on {header}",
                 "no significant difference": f"{name} no significant difference from {base} on {header}",
             }.get(word, f"{name} vs {base} on {header}: {word}")
-            clauses.append(f"{clause} ({d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}])")
+            clauses.append(f"{clause} ({interval_text(d)})")
     return "; ".join(clauses) + "." if clauses else "no variant to compare with the baseline."
 
 

@@ -303,7 +303,7 @@ def conclusions(result: Mapping[str, Any]) -> list[str]:
                 continue
             d = metrics[metric]
             examples = counted(d["examples"], "example")
-            interval = f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}], {examples}{left_out_counts(d)}"
+            interval = f"{interval_text(d)}, {examples}{left_out_counts(d)}"
             word = difference_verdict(d, higher_better)
             lines.append(f"{name} vs {result['baseline']} on {header}: {word} ({interval})")
     return lines
@@ -319,6 +319,16 @@ def left_out_counts(d: Mapping[str, int]) -> str:
         paired = d["examples"] + d["nonfinite"]
         text += f", {paired} paired of {paired + d['unpaired']}: {_unpaired_reason(d)}"
     return text
+
+
+def interval_text(d: Mapping[str, Any]) -> str:
+    """ "mean [low, high]" of a paired difference (`compare_runs`' or a `PairedDifference`'s fields, in the
+    metric's units), signed, to 4 decimals; to 3 significant digits in scientific notation where a mean or
+    bound that is not 0 would print as 0.0000, so that an interval excluding 0 never reads as one at 0."""
+    values = (d["mean"], d["low"], d["high"])
+    spec = "+.2e" if any(0 < abs(x) < 5e-5 for x in values) else "+.4f"
+    mean, low, high = (format(x, spec) for x in values)
+    return f"{mean} [{low}, {high}]"
 
 
 def difference_verdict(d: Mapping[str, Any], higher_is_better: bool) -> str:

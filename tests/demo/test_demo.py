@@ -17,7 +17,7 @@ import yaml
 
 from nextquill_jax.config_schema import ConfigError
 from nextquill_jax.demo.run import load_demo_config, run_demo, write_pretrain_documents
-from nextquill_jax.eval.compare_table import METRICS
+from nextquill_jax.eval.compare_table import METRICS, interval_text
 from nextquill_jax.eval.preference_recall import signature_recall
 
 pytestmark = pytest.mark.slow  # run first: see tests/conftest.py
@@ -179,7 +179,7 @@ def test_reading_follows_the_intervals(demo_run):
             else:
                 verdict = "better than" if (d["mean"] > 0) == higher else "worse than"
                 clause = f"{name} {verdict} context_sft on {header}"
-            assert f"{clause} ({d['mean']:+.4f}" in results["reading"]
+            assert f"{clause} ({interval_text(d)})" in results["reading"]
 
 
 def test_variants_share_the_base_and_train_the_same_steps(demo_run):

@@ -8,7 +8,13 @@ from types import SimpleNamespace
 
 import pytest
 
-from nextquill_jax.eval.compare_table import NO_WIDTH_VERDICT, example_keys, not_measured_line, write_results
+from nextquill_jax.eval.compare_table import (
+    NO_WIDTH_VERDICT,
+    example_keys,
+    interval_text,
+    not_measured_line,
+    write_results,
+)
 from tests.eval.test_nonfinite_results import run_files
 
 
@@ -308,3 +314,19 @@ def test_predictions_another_evaluation_replaced_are_refused_not_read(tmp_path):
     (tmp_path / "again").mkdir()
     with pytest.raises(ValueError, match=r"\(BLEU 8\.0; there: no BLEU, predictions.jsonl absent\)"):
         _results(tmp_path / "again", [base, other], "base")
+
+
+@pytest.mark.parametrize(
+    ("d", "text"),
+    [
+        ({"mean": 3.31e-7, "low": 1.58e-7, "high": 5.05e-7}, "+3.31e-07 [+1.58e-07, +5.05e-07]"),
+        ({"mean": -0.0123, "low": -0.02, "high": -4e-6}, "-1.23e-02 [-2.00e-02, -4.00e-06]"),
+        ({"mean": 0.1, "low": 0.05, "high": 0.15}, "+0.1000 [+0.0500, +0.1500]"),
+        ({"mean": 0.0, "low": 0.0, "high": 0.0}, "+0.0000 [+0.0000, +0.0000]"),
+    ],
+)
+def test_an_interval_that_would_print_as_zero_is_written_in_scientific_notation(d, text):
+    """A difference of bfloat16 rounding (a mean of 3e-7 whose interval excludes 0) printed as
+    "worse (+0.0000 [+0.0000, +0.0000])", an interval that reads as one at 0 beside its verdict; values
+    that are exactly 0 keep the fixed form."""
+    assert interval_text(d) == text
