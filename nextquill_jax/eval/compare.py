@@ -427,8 +427,16 @@ def run_settings(comparison: Comparison, name: str, cfg: Config) -> dict[str, An
     }
 
 
-def _no_effect(key: str) -> bool:
-    return may_change(key) and not covered(key, _RESULT_KEYS)
+# Keys a resume may change that draw other LoRA dropout masks where `model.lora.dropout` is above 0 (README:
+# such a resume is not bitwise the uninterrupted run), so that a run trained under other values of them has
+# other numbers.
+_DROPOUT_DRAW_KEYS = ("train.joint_forward", "train.micro_batches")
+
+
+def _draws_dropout(config: Mapping[str, Any]) -> bool:
+    """Whether a `config_to_dict` config trains LoRA adapters with dropout above 0."""
+    lora = (config.get("model") or {}).get("lora") or {}
+    return (lora.get("dropout") or 0) > 0
 
 
 def settings_changes(
@@ -438,8 +446,15 @@ def settings_changes(
     `current`'s. Training: `variants.<name>.train` and every config key that changes what is trained;
     evaluation: `compare.<field>` of `EVALUATION_FIELDS`, `eval.generation.*` and `variants.<name>.trained_in`
     (which checkpoint is evaluated; a record without it trained in its own directory). Keys that change
-    neither (`resume.MAY_CHANGE` but `_RESULT_KEYS`: logging, checkpointing, the mesh, ...) are left out."""
-    config = config_changes(normalised(recorded["config"]), current["config"], ignore=_no_effect)
+    neither (`resume.MAY_CHANGE` but `_RESULT_KEYS`: logging, checkpointing, the mesh, ...) are left out; so
+    are `_DROPOUT_DRAW_KEYS` unless either config trains LoRA adapters with dropout."""
+    was = normalised(recorded["config"])
+    result_keys = _RESULT_KEYS + (
+        _DROPOUT_DRAW_KEYS if _draws_dropout(was) or _draws_dropout(current["config"]) else ()
+    )
+    config = config_changes(
+        was, current["config"], ignore=lambda key: may_change(key) and not covered(key, result_keys)
+    )
     evaluation = config_changes(
         {"compare": recorded["evaluation"]}, {"compare": current["evaluation"]}, ignore=lambda _: False
     )

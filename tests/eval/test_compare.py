@@ -5,6 +5,7 @@ bad files."""
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import signal
@@ -1024,6 +1025,29 @@ def test_settings_that_change_no_number_reuse_the_finished_runs(compared, tmp_pa
     comparison = load_comparison(_edited(path, tmp_path, change))
     for name in comparison.variants:
         assert finished_changes(comparison, name, 0, comparison.run_config(name, 0)) == []
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_micro_batches_and_the_joint_forward_change_a_runs_numbers_only_under_lora_dropout(
+    compared, tmp_path, dropout
+):
+    """`train.micro_batches` and `train.joint_forward` change no value, so a finished run is reused under
+    other values of them, except where LoRA dropout is above 0: there they draw other masks, and a run
+    trained under other values is reported as trained differently (it was reused silently)."""
+    from nextquill_jax.eval.compare import run_settings, settings_changes
+    from nextquill_jax.train.resume import normalised
+
+    _, path, _, _, _, _ = compared
+    comparison = load_comparison(path)
+    name = next(iter(comparison.variants))
+    recorded = run_settings(comparison, name, comparison.run_config(name, 0))
+    recorded["config"]["model"]["lora"] = {"rank": 4, "alpha": 8.0, "dropout": dropout}
+    recorded["config"] = normalised(recorded["config"])  # every LoRA key, as a run records them
+    current = copy.deepcopy(recorded)
+    current["config"]["train"].update(micro_batches=2, joint_forward=True)
+    training, evaluation = settings_changes(recorded, current, name)
+    expected = [("train.joint_forward", False, True), ("train.micro_batches", 1, 2)] if dropout else []
+    assert sorted(training) == expected and evaluation == []
 
 
 def test_a_run_trained_under_other_settings_is_refused_before_anything_runs(compared, tmp_path):
