@@ -562,6 +562,16 @@ class Checkpointer:
         """
         return self._read_json(step, "config")
 
+    def saved_process_count(self, step: int) -> int | None:
+        """How many processes saved step `step`'s data positions (grain writes one `process_I-of-N.json` per
+        process); None where the step holds none (or files that disagree on N)."""
+        counts = {
+            int(found.group(1))
+            for path in (self.directory / str(step) / "data").glob("process_*-of-*.json")
+            if (found := re.fullmatch(r"process_\d+-of-(\d+)\.json", path.name))
+        }
+        return counts.pop() if len(counts) == 1 else None
+
     def read_progress(self, step: int) -> dict[str, Any]:
         """The progress saved with step `step`: step, epoch, under LoRA the base's identity (`base`), the
         prepared data's (`data`, `resume.data_identity`), the fixed-DCE reference model's (`reference`,

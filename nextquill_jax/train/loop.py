@@ -41,7 +41,12 @@ from nextquill_jax.train.checkpoint import Checkpointer, CheckpointSaveError, mo
 from nextquill_jax.train.dispatch_queue import summed_eval_aux, wait_behind
 from nextquill_jax.train.health import HealthMonitor
 from nextquill_jax.train.metrics_log import EVAL_PREFIX, MetricsLog
-from nextquill_jax.train.resume import check_resumable, check_same_data, check_same_reference
+from nextquill_jax.train.resume import (
+    check_resumable,
+    check_same_data,
+    check_same_process_count,
+    check_same_reference,
+)
 from nextquill_jax.train.setup import Echo, RunSetup, abstract_state, init_state, set_up_run
 from nextquill_jax.train.state import TrainState
 from nextquill_jax.train.workdir import CHECKPOINT_DIR, CONFIG_FILE
@@ -287,12 +292,14 @@ def start_state(
     Raises:
         checksums.IntegrityError: no checkpoint verifies but damaged ones were moved aside, now or by an
             earlier start (`checkpoint.verify_error`), rather than silently start afresh beside them.
-        ConfigError: `cfg` differs from the checkpoint's config in a key a resume may not change
-            (`resume.check_resumable`), or, under the same config, the LoRA base's content from the one the
-            checkpoint was trained on (`adapters.check_same_base`, whose note on a checkpoint with the earlier
-            base fingerprint is `echo`ed), the prepared data's (`resume.check_same_data`) or the fixed-DCE
-            reference model's (`resume.check_same_reference`, whose note on a checkpoint saved before it was
-            recorded is `echo`ed); in that order, found before anything is restored.
+        ConfigError: the checkpoint was saved by another number of processes
+            (`resume.check_same_process_count`), `cfg` differs from the checkpoint's config in a key a resume
+            may not change (`resume.check_resumable`), or, under the same config, the LoRA base's content
+            from the one the checkpoint was trained on (`adapters.check_same_base`, whose note on a
+            checkpoint with the earlier base fingerprint is `echo`ed), the prepared data's
+            (`resume.check_same_data`) or the fixed-DCE reference model's (`resume.check_same_reference`,
+            whose note on a checkpoint saved before it was recorded is `echo`ed); in that order, found before
+            anything is restored.
     """
     start = ckpt.newest_verified(echo)
     # The scan moves each damaged step aside, so the next start would find no step at all and train from
@@ -308,6 +315,7 @@ def start_state(
     # content, the data's and the reference model's, which can change under the same config, and the
     # weighting module's (a warning only). All read only the checkpoint's JSON items, before Orbax restores
     # any array.
+    check_same_process_count(ckpt.saved_process_count(start), jax.process_count(), where)
     check_resumable(ckpt.read_config(start), cfg, ckpt.directory.parent, start)
     progress = ckpt.read_progress(start)
     legacy = lambda: legacy_fingerprint(cfg.model, cfg.train.seed)

@@ -149,6 +149,24 @@ def check_resumable(recorded: Mapping[str, Any], cfg: Config, workdir: Path, ste
     )
 
 
+def check_same_process_count(saved: int | None, current: int, where: str) -> None:
+    """Return if the checkpoint at `where`, whose data positions `saved` processes saved
+    (`Checkpointer.saved_process_count`; None: not known), may be resumed by `current` processes.
+
+    Raises:
+        ConfigError: the counts differ: each process saved the position of its own share of the data, which
+            another number of processes cannot take up (the restore would fail on a missing file).
+    """
+    if saved is None or saved == current:
+        return
+    raise ConfigError(
+        f"checkpoint {where} was saved by {saved} processes and this run has {current}: each process saved "
+        f"the position of its own share of the data, which {current} processes cannot take up. Fix: resume "
+        f"with {saved} processes (the same number of hosts; the mesh and its devices may change), or start "
+        f"a new --workdir."
+    )
+
+
 def data_identity(data_dir: Path, splits: Mapping[str, PreparedSplit]) -> dict[str, Any]:
     """{"dir": `data_dir` as text, "splits": {split name: `PreparedSplit.content_digest`}}: what a checkpoint
     records of the prepared data its run trains and validates on (`splits`, opened from `data_dir`)."""

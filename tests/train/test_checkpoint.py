@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from nextquill_jax.config import CheckpointConfig
+from nextquill_jax.config_schema import ConfigError
 from nextquill_jax.data.checksums import IntegrityError
 from nextquill_jax.train.checkpoint import Checkpointer, CheckpointSaveError, moved_aside
 
@@ -544,3 +545,29 @@ def test_closing_a_checkpointer_straight_away_leaves_no_orbax_thread_to_fail_at_
     )
     done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stderr == "", done.stderr
+
+
+@pytest.mark.parametrize(
+    ("files", "count"),
+    [
+        (["process_0-of-2.json", "process_1-of-2.json"], 2),
+        (["process_0-of-1.json"], 1),
+        ([], None),  # no data positions saved
+        (["process_0-of-1.json", "process_0-of-2.json"], None),  # disagreeing files: not known
+    ],
+)
+def test_a_checkpoint_says_how_many_processes_saved_its_data_positions(tmp_path, files, count):
+    """grain writes one `process_I-of-N.json` per process; a resume by another N cannot take them up
+    (`resume.check_same_process_count`, which names both counts and the fix)."""
+    from nextquill_jax.train.resume import check_same_process_count
+
+    data = tmp_path / "7" / "data"
+    data.mkdir(parents=True)
+    for name in [*files, "commit_success.txt"]:
+        (data / name).write_text("{}")
+    assert Checkpointer(tmp_path, CheckpointConfig(), read_only=True).saved_process_count(7) == count
+    check_same_process_count(count, count or 3, "ckpt/7")
+    check_same_process_count(None, 3, "ckpt/7")  # not known: not checked
+    if count is not None:
+        with pytest.raises(ConfigError, match=rf"ckpt/7 was saved by {count} processes and this run has 5.*"):
+            check_same_process_count(count, 5, "ckpt/7")

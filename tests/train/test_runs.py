@@ -13,6 +13,7 @@ Runs, shared by the tests (a persistent compilation cache lets later runs reuse 
   N  as A, the parameters turn NaN at step 5: the run must stop and name the last good checkpoint.
   S  as A, the disk full while checkpoint 6 is written: the run stops (checkpoint.on_save_error: stop).
   W  as S with on_save_error: continue: trains on to the end without checkpoint 6.
+  G1 a copy of G's stopped run resumed by one process (8 devices): refused, naming the process counts.
   L  as G (beside H), process 1 SIGKILLed at step 3: process 0 exits within mesh.peer_timeout_s, naming it.
   P  2 processes (beside H) whose data.tokenizer does not exist: process 0, which prepares the data first,
      fails; process 1 must stop with it, saying so (it used to wait in a collective until gloo gave up with a
@@ -67,6 +68,10 @@ def runs(tmp_path_factory, train_runs):
     e = r.start(str(root / "D.yaml"), 1)
     g = r.two_processes(g_cfg, *sigterm_at_5)
     out["C"], out["E"], out["G"] = r.finish(c), r.finish(e), [r.finish(p) for p in g]
+    # G's stopped run resumed by one process with G's global batch (8 rows) on the same mesh.
+    shutil.copytree(root / "G", root / "G1")
+    g1 = r.start(r.config("G1", rows_per_batch=8, mesh=MESH8, train={"micro_batches": 2}), 8, "--cli")
+    out["G1"] = r.finish(g1, expect=1)
     h = r.two_processes(g_cfg)
     l_cfg = r.config("L", rows_per_batch=4, mesh={**MESH8, "peer_timeout_s": 3}, train={"micro_batches": 2})
     survivor, victim = r.two_processes(
@@ -263,6 +268,16 @@ def test_two_processes_shard_as_the_rules_say_checkpoint_resume_and_match_one_pr
         rtol=1e-4,
         atol=1e-5,
     )
+
+
+def test_a_resume_by_another_number_of_processes_is_refused_before_the_restore_naming_both(runs):
+    """G1: G's checkpoint (2 processes) resumed by one process on the same 8-device mesh, with the same global
+    batch. Each process saved its own share of the data's position: the restore failed on a missing file
+    (`process_0-of-1.json`), or, with the per-process rows unchanged, the config check named only
+    `rows_per_batch`; the run is refused first, naming both counts and the fix."""
+    err = runs["G1"].stderr
+    assert "was saved by 2 processes and this run has 1" in err, err[-2000:]
+    assert "Fix: resume with 2 processes" in err and "Traceback" not in err
 
 
 def test_export_loads_in_transformers_with_equal_logits(runs, tmp_path, read_state):
