@@ -160,13 +160,13 @@ class CompareConfig:
             # Each seed becomes the run's `train.seed` and `data.batching.seed`, which would otherwise be
             # refused on a variant's line of the file, not here.
             raise ValueError(
-                f"compare.seeds must be integers >= 0, got {negative} ({self.seeds}). Fix: list seeds >= 0 "
+                f"`compare.seeds` must be integers >= 0, got {negative} ({self.seeds}). Fix: list seeds >= 0 "
                 f"(in the file, or after --seeds)"
             )
         if len(set(self.seeds)) != len(self.seeds):
             repeated = sorted({s for s in self.seeds if self.seeds.count(s) > 1})
             raise ValueError(
-                f"compare.seeds lists seed{'s' if len(repeated) > 1 else ''} {repeated} more than once "
+                f"`compare.seeds` lists seed{'s' if len(repeated) > 1 else ''} {repeated} more than once "
                 f"({self.seeds}): a seed run again is the same run, which would count twice in the means and "
                 f"give a std across seeds of 0. Fix: list each seed once (in the file, or after --seeds)"
             )
@@ -353,8 +353,13 @@ def _comparison(raw: dict[str, Any], source: str, seeds: list[int] | None) -> Co
     if seeds is not None and isinstance(section, dict):
         section = {**section, "seeds": list(seeds)}
     compare = build(CompareConfig, section, "compare", source)
-    if not isinstance(raw["variants"], dict) or not raw["variants"]:
+    if not isinstance(raw["variants"], dict):
         raise ConfigError(f"{source}: `variants` must map names to {{overrides, train}}")
+    if not raw["variants"]:
+        raise ConfigError(
+            f"{source}: `variants` is empty: a comparison needs its baseline and the variants compared with "
+            f"it. Fix: name each under `variants`, e.g. `sft: {{overrides: [loss.variant=sft]}}`"
+        )
     variants = {
         str(name): build(VariantConfig, value or {}, f"variants.{name}", source)
         for name, value in raw["variants"].items()

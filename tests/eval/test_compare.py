@@ -532,11 +532,19 @@ def test_repeated_seeds_counts_below_one_and_path_like_variant_names_are_refused
         return str(e.value)
 
     message = refused({"seeds": [0, 1, 0]})
-    assert message.startswith(f"{file}: compare.seeds lists seed [0] more than once ([0, 1, 0])"), message
-    assert refused(seeds=[3, 3]).startswith(f"{file}: compare.seeds lists seed [3] more than once ([3, 3])")
+    at = f"{file}, line {_line(file, '  seeds:')}"  # the file's seeds; --seeds' have no line
+    assert message.startswith(f"{at}: `compare.seeds` lists seed [0] more than once ([0, 1, 0])"), message
+    assert refused(seeds=[3, 3]).startswith(f"{file}: `compare.seeds` lists seed [3] more than once ([3, 3])")
     message = refused({"seeds": [0, -1]})  # was refused as `data.batching.seed`, on a variant's line
-    expected = "compare.seeds must be integers >= 0, got [-1] ([0, -1]). Fix: list seeds >= 0 (in the file"
-    assert message.startswith(f"{file}: {expected}, or after --seeds)"), message
+    expected = "`compare.seeds` must be integers >= 0, got [-1] ([0, -1]). Fix: list seeds >= 0 (in the file"
+    assert message.startswith(f"{at}: {expected}, or after --seeds)"), message
+    empty = {"compare": {"out": str(tmp_path / "out"), "baseline": "a"}, "variants": {}, "base": base}
+    file.write_text(yaml.safe_dump(empty))
+    with pytest.raises(ConfigError) as e:
+        load_comparison(file)
+    at = f"{file}, line {_line(file, 'variants:')}"
+    assert str(e.value).startswith(f"{at}: `variants` is empty: a comparison needs its baseline"), e.value
+    assert "Fix: name each under `variants`" in str(e.value)
     for override in ("train.seed=7", "data.batching={seed: 7}", f"train.workdir={tmp_path / 'elsewhere'}"):
         # Each seed's run would be the same run, or the run would train where compare does not look.
         message = refused(variants={"a": {}, "b": {"overrides": [override]}})
