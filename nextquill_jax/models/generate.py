@@ -22,6 +22,7 @@ own key: the seed folded with its example's index, then with the step). A finish
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -516,20 +517,23 @@ def generate_ids(
             for a in (examples, live)
         )
         cache_shardings = _cache_shardings(model, target_rows, bucket + cfg.max_new_tokens, mesh, rules)
-    out = decoder(mesh)(
-        state,
-        ids,
-        mask,
-        key,
-        examples,
-        live,
-        ProcessorSettings.of(cfg),
-        jnp.asarray(pad_token_id, jnp.int32),
-        graphdef=graphdef,
-        max_new_tokens=cfg.max_new_tokens,
-        eos_token_ids=eos_token_ids,
-        cache_shardings=cache_shardings,
-    )
+    # The mesh in context: splash and cuDNN's packed attention run per device under it
+    # (`attention._per_shard`); without it they would see the whole batch.
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        out = decoder(mesh)(
+            state,
+            ids,
+            mask,
+            key,
+            examples,
+            live,
+            ProcessorSettings.of(cfg),
+            jnp.asarray(pad_token_id, jnp.int32),
+            graphdef=graphdef,
+            max_new_tokens=cfg.max_new_tokens,
+            eos_token_ids=eos_token_ids,
+            cache_shardings=cache_shardings,
+        )
     return np.asarray(jax.device_get(out))[:b]
 
 

@@ -69,6 +69,18 @@ def test_cudnn_packed_attention_runs_per_shard_and_matches_one_device(programs):
     assert max(result["errors"]) <= 2**-7, result["errors"]  # output, dq, dk, dv
 
 
+def test_generation_given_a_mesh_prefills_through_cudnn_packed_attention_per_device(programs):
+    """`generate_ids(..., mesh=)` called outside `jax.set_mesh` (a library caller; `evaluate` sets it) puts
+    the mesh in context itself, so the packed prefill runs on each device's rows and heads: it received the
+    whole batch, which on a GPU would leave the call to the private API's own partitioning. Greedy tokens
+    equal one device's."""
+    result = programs.run("models_sharded.py", "cudnn_generate", devices=8).result
+    # 4 prompts over data 2 x fsdp 2, 4 query heads over tensor 2 (2 kv heads repeated to them); the
+    # one-token decode steps attend densely over the cache (no packed call).
+    assert result["shapes"] == [[1, 16, 2, 8], [4, 16, 4, 8]], result["shapes"]
+    assert result["same_tokens"], result["tokens"]
+
+
 def test_blockwise_attention_on_sharded_inputs_matches_dense(programs):
     result = programs.run("models_sharded.py", "blockwise", devices=8).result
     assert sorted(result) == ["2", "4"]  # kv heads as many as query head shards, and fewer

@@ -13,6 +13,10 @@
         against the one-device call: "errors", the largest difference of the output and of the q, k, v
         gradients relative to the one-device value's largest, and "shapes", the q shape of each call the API
         received, first under the mesh, then on one device.
+    models_sharded.py cudnn_generate
+        Greedy `generate_ids` of a tiny bf16 model with cuDNN's packed prefill (API emulated) given `mesh=`
+        outside any `jax.set_mesh`, against one device: "same_tokens", and "shapes", the q shape of each
+        call the API received, first on the mesh, then on one device.
     models_sharded.py nf4
         Projection kernels quantized to nf4 on the mesh: per kernel its codes' spec, shard count and whether
         they dequantize as the unsharded kernel's do.
@@ -94,21 +98,8 @@ def splash() -> dict:
 
 
 def cudnn_packed() -> dict:
-    from jax._src.cudnn import fused_attention_stablehlo as fused
-
-    from nextquill_jax.models import attention
-    from tests.models.cudnn_emulation import emulated_packed_attention
-
-    emulation = emulated_packed_attention(kv_offsets_use_kv_heads=True)
     shapes = []
-
-    @functools.wraps(emulation)  # the signature the packed path checks for
-    def recording(query, *args, **kwargs):
-        shapes.append(list(query.shape))
-        return emulation(query, *args, **kwargs)
-
-    fused.dot_product_attention = recording
-    attention.check_attention_backend = lambda impl, **_: None  # the emulation stands in for the GPU
+    _emulated_cudnn(shapes)
     mesh = make_mesh()  # rows over fsdp (2), heads over tensor (4)
     rng = np.random.default_rng(0)
     rows = [[1] * 8 + [2] * 16 + [0] * 8, [1] * 32, [0] * 4 + [1] * 28, [1] * 10 + [2] * 10 + [3] * 12]
@@ -129,6 +120,49 @@ def cudnn_packed() -> dict:
         "errors": [float(np.abs(as_f32(a) - as_f32(b)).max() / np.abs(as_f32(b)).max()) for a, b in leaves],
         "shapes": shapes,
     }
+
+
+def _emulated_cudnn(shapes: list) -> None:
+    """cuDNN's private packed-attention API replaced by the CPU emulation, recording the q shape of each call
+    in `shapes`; the backend check lifted."""
+    from jax._src.cudnn import fused_attention_stablehlo as fused
+
+    from nextquill_jax.models import attention
+    from tests.models.cudnn_emulation import emulated_packed_attention
+
+    emulation = emulated_packed_attention(kv_offsets_use_kv_heads=True)
+
+    @functools.wraps(emulation)  # the signature the packed path checks for
+    def recording(query, *args, **kwargs):
+        shapes.append(list(query.shape))
+        return emulation(query, *args, **kwargs)
+
+    fused.dot_product_attention = recording
+    attention.check_attention_backend = lambda impl, **_: None  # the emulation stands in for the GPU
+
+
+def cudnn_generate() -> dict:
+    from nextquill_jax.models import CausalLM, ModelConfig
+    from nextquill_jax.models.generate import GenerationConfig, generate_ids
+
+    shapes = []
+    _emulated_cudnn(shapes)
+    mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    cfg = ModelConfig(
+        family="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+        num_kv_heads=2, head_dim=8, compute_dtype="bfloat16", attention_impl="cudnn", cudnn_max_segments=1,
+    )  # fmt: skip
+    graphdef, state = nnx.split(CausalLM(cfg, rngs=nnx.Rngs(0)))
+    lengths = [16, 5, 11, 1]
+    rng = np.random.default_rng(2)
+    ids, mask = np.zeros((4, 16), np.int32), np.zeros((4, 16), np.int32)
+    for row, n in enumerate(lengths):  # left-padded prompts
+        ids[row, 16 - n :], mask[row, 16 - n :] = rng.integers(1, 64, n), 1
+    settings = GenerationConfig(max_new_tokens=6, do_sample=False)
+    run = lambda model, **kw: generate_ids(model, ids, mask, settings, eos_token_ids=63, pad_token_id=0, **kw)
+    on_mesh = run(nnx.merge(graphdef, jax.device_put(state, NamedSharding(mesh, P()))), mesh=mesh)
+    one = run(nnx.merge(graphdef, state))
+    return {"same_tokens": bool(np.array_equal(on_mesh, one)), "tokens": one.tolist(), "shapes": shapes}
 
 
 def weighted_sum(attend, real, w):
@@ -217,11 +251,18 @@ def main() -> None:
     commands.add_parser("blockwise")
     commands.add_parser("nf4")
     commands.add_parser("cudnn_packed")
+    commands.add_parser("cudnn_generate")
     args = parser.parse_args()
     if args.command == "load":
         result = load(args.checkpoint)
     else:
-        programs = {"splash": splash, "blockwise": blockwise, "nf4": nf4, "cudnn_packed": cudnn_packed}
+        programs = {
+            "splash": splash,
+            "blockwise": blockwise,
+            "nf4": nf4,
+            "cudnn_packed": cudnn_packed,
+            "cudnn_generate": cudnn_generate,
+        }
         result = programs[args.command]()
     print("RESULT " + json.dumps(result))
 
