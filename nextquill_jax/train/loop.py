@@ -310,11 +310,12 @@ def start_state(
         params = run.initial_params()
         return init_state(params, run.tx, cfg.train.seed, run.state_shardings), 0
     where = str(ckpt.directory / str(start))
-    # The config first: it names each changed key (LoRA added or removed, a preset base's seed or overrides,
-    # another model.path), where the base check could only say that the base differs; then the LoRA base's
-    # content, the data's and the reference model's, which can change under the same config, and the
-    # weighting module's (a warning only). All read only the checkpoint's JSON items, before Orbax restores
-    # any array.
+    # The process count first: under another, a config that keeps the global batch would be refused naming
+    # only data.batching.rows_per_batch. Then the config: it names each changed key (LoRA added or removed, a
+    # preset base's seed or overrides, another model.path), where the base check could only say that the
+    # base differs; then the LoRA base's content, the data's and the reference model's, which can change
+    # under the same config, and the weighting module's (a warning only). All read only the checkpoint's
+    # file names and JSON items, before Orbax restores any array.
     check_same_process_count(ckpt.saved_process_count(start), jax.process_count(), where)
     check_resumable(ckpt.read_config(start), cfg, ckpt.directory.parent, start)
     progress = ckpt.read_progress(start)
