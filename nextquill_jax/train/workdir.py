@@ -218,6 +218,7 @@ def saved_config(workdir: str | Path, runs_model: bool = True) -> Config:
     if not config_file.exists():
         raise FileNotFoundError(f"{config_file} does not exist: is {workdir} a training workdir?")
     cfg = load_config(config_file, **_load_overrides(runs_model))
+    start_distributed(cfg)  # before JAX's backend starts, which `reading_config`'s backend check does
     return reading_config(cfg, str(config_file), runs_model)
 
 
@@ -270,6 +271,10 @@ def restore_params(
             does not import), naming the checkpoint.
     """
     directory = checkpoints_dir(workdir, no_checkpoint_hint)
+    if mesh is None and (Path(workdir) / CONFIG_FILE).exists():
+        # Multi-host start-up (mesh.* or the environment) before JAX's backend starts, which opening the
+        # checkpoints does (Orbax asks for the process index); the run's config.yaml names the settings.
+        saved_config(workdir, runs_model=False)
     ckpt = Checkpointer(directory, CheckpointConfig(), read_only=True)
     try:
         if step is not None:

@@ -649,3 +649,41 @@ def test_a_split_with_ids_outside_the_models_vocabulary_is_refused_before_compil
     assert re.search(rf"^error: {split}holds token id 704, .* 704 {from_flag}{fix}", capsys.readouterr().err)
     assert compilations == [], "compiled before reporting the config error"
     assert not (out / "summary.json").exists()
+
+
+def test_evaluate_as_two_processes_writes_what_one_process_writes(trained_run, programs, tmp_path):
+    """`evaluate` run as two hosts (gloo, 4 CPU devices each) on a finished run: each process starts JAX's
+    multi-host runtime before anything starts its backend (reading the saved config and opening the
+    checkpoints did, and it failed with "jax.distributed.initialize() must be called before any JAX calls");
+    its predictions equal one process's (8 devices) and its losses agree to float32 rounding."""
+    import socket
+
+    workdir = tmp_path / "run"
+    shutil.copytree(trained_run.workdir, workdir)
+    evaluate_into = lambda out: [
+        "evaluate", "--workdir", str(workdir), "--split", "test", "--max-new-tokens", "4", "--out",
+        str(tmp_path / out),
+    ]  # fmt: skip
+    programs.finish(programs.start("cli_run.py", *evaluate_into("one"), devices=8, fast_compile=True), 300)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    host = lambda i: {
+        "NEXTQUILL_COORDINATOR": f"127.0.0.1:{port}",
+        "NEXTQUILL_NUM_PROCESSES": "2",
+        "NEXTQUILL_PROCESS_ID": str(i),
+    }
+    hosts = [
+        programs.start("cli_run.py", *evaluate_into("two"), devices=4, fast_compile=True, env=host(i))
+        for i in range(2)
+    ]
+    for process in hosts:
+        programs.finish(process, 300)
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert (two / "predictions.jsonl").read_bytes() == (one / "predictions.jsonl").read_bytes()
+
+    def losses(out):
+        loss = json.loads((out / "metrics.json").read_text())["loss"]
+        return {"loss": loss["loss"], **loss["terms"], **loss["variants"]}
+
+    assert losses(two) == pytest.approx(losses(one), rel=1e-5)
