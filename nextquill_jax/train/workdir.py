@@ -271,10 +271,10 @@ def restore_params(
             does not import), naming the checkpoint.
     """
     directory = checkpoints_dir(workdir, no_checkpoint_hint)
-    if mesh is None and (Path(workdir) / CONFIG_FILE).exists():
+    if mesh is None and (config_file := Path(workdir) / CONFIG_FILE).exists():
         # Multi-host start-up (mesh.* or the environment) before JAX's backend starts, which opening the
         # checkpoints does (Orbax asks for the process index); the run's config.yaml names the settings.
-        saved_config(workdir, runs_model=False)
+        start_distributed(load_config(config_file, **_load_overrides(runs_model=False)))
     ckpt = Checkpointer(directory, CheckpointConfig(), read_only=True)
     try:
         if step is not None:
