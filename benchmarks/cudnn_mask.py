@@ -10,7 +10,10 @@ r"""What the packed-segment mask costs cuDNN attention (GPU); whether cuDNN's pa
    all padding, min(2, M) examples filling the row. The dense-mask path's errors on the same rows are shown
    as the bf16 level the incumbent reaches. Exit 1 (after printing and appending the results) unless every
    packed output and gradient is finite, padding outputs are 0, and each error (max |error| / max
-   |reference|) is within max(--tolerance, 2 × the dense-mask path's).
+   |reference|) is within max(--tolerance, 2 × the dense-mask path's). On a jax whose packed-mode kv offsets
+   count the key's heads (`cudnn_packed.kv_offsets_follow_key_heads`, jax PR #39521), grouped k / v passed
+   as they are (`repeat_kv=False`, which training does not use yet) is checked the same way and timed beside
+   the repeated form: the evidence for dropping the repeat.
 2. Timing, on rows of `--segments` equal examples: forward and forward+backward of the dense mask, the packed
    mode and no segment ids at all (causal only, cuDNN's fastest path; it computes a different function, tokens
    seeing earlier examples of their row, and is timed as the floor a packed kernel could reach). Times are of
@@ -74,21 +77,34 @@ def check_rows(rows: int, t: int, max_segments: int) -> np.ndarray:
     return seg
 
 
+PACKED = "cuDNN packed offsets"
+GROUPED = "cuDNN packed offsets, grouped k/v"
+
+
 def check_packed(
-    attention, qkv, seg: np.ndarray, max_segments: int, tolerance: float
+    attention, qkv, seg: np.ndarray, max_segments: int, tolerance: float, grouped: bool = False
 ) -> tuple[list[str], bool]:
-    """Table lines of the packed and dense-mask paths' errors against float32 blockwise XLA; the verdict."""
+    """Table lines of the packed and dense-mask paths' errors against float32 blockwise XLA; the verdict.
+
+    `grouped`: also check the packed mode given grouped k / v as they are (`repeat_kv=False`), which only a
+    jax whose kv offsets count the key's heads takes; its verdict is a line of its own and counts in the
+    returned one.
+    """
     import jax
     import jax.numpy as jnp
+
+    from nextquill_jax.models.cudnn_packed import cudnn_packed_attention
 
     real = seg > 0
     seg_j = jnp.asarray(seg)
     cotangent = jnp.asarray(np.random.default_rng(1).standard_normal(qkv[0].shape) * real[..., None, None])
     paths = {
         "blockwise xla, float32 (reference)": lambda q, k, v: attention.self_attention(q, k, v, seg_j, "xla"),
-        "cuDNN packed offsets": lambda q, k, v: attention.cudnn_attention(q, k, v, seg_j, max_segments),
+        PACKED: lambda q, k, v: attention.cudnn_attention(q, k, v, seg_j, max_segments),
         "cuDNN dense mask": lambda q, k, v: attention.cudnn_attention(q, k, v, seg_j),
     }
+    if grouped:
+        paths[GROUPED] = lambda q, k, v: cudnn_packed_attention(q, k, v, seg_j, max_segments, repeat_kv=False)
 
     def value_and_grads(fn, *args):
         out, vjp = jax.vjp(fn, *args)
@@ -108,25 +124,27 @@ def check_packed(
         ]
         for name, got in results.items()
     }
-    packed, mask = results["cuDNN packed offsets"], errors["cuDNN dense mask"]
-    limits = [max(tolerance, 2 * e) for e in mask]
-    finite = all(np.isfinite(x).all() for x in packed)
-    zero_padding = bool((packed[0][~real] == 0).all())
-    ok = (
-        finite
-        and zero_padding
-        and all(e <= lim for e, lim in zip(errors["cuDNN packed offsets"], limits, strict=True))
-    )
+    limits = [max(tolerance, 2 * e) for e in errors["cuDNN dense mask"]]
     lines = [
         "| attention call | output | dq | dk | dv |",
         "| --- | ---: | ---: | ---: | ---: |",
         *(f"| {name} | " + " | ".join(f"{e:.2e}" for e in errs) + " |" for name, errs in errors.items()),
         "| packed limit | " + " | ".join(f"{e:.2e}" for e in limits) + " |",
         "",
-        f"Packed offsets: {'PASS' if ok else 'FAIL'} (finite outputs and gradients: {finite}; padding "
-        f"outputs 0: {zero_padding}; errors within the limit row).",
     ]
-    return lines, ok
+    verdicts = []
+    for name, title in ((PACKED, "Packed offsets"), (GROUPED, "Packed offsets with grouped k/v")):
+        if name not in results:
+            continue
+        finite = all(np.isfinite(x).all() for x in results[name])
+        zero_padding = bool((results[name][0][~real] == 0).all())
+        ok = finite and zero_padding and all(e <= lim for e, lim in zip(errors[name], limits, strict=True))
+        verdicts.append(ok)
+        lines.append(
+            f"{title}: {'PASS' if ok else 'FAIL'} (finite outputs and gradients: {finite}; padding outputs "
+            f"0: {zero_padding}; errors within the limit row)."
+        )
+    return lines, all(verdicts)
 
 
 def _mask_backward_computes_dbias() -> bool:
@@ -159,31 +177,42 @@ def main(argv: list[str] | None = None) -> int:
 
     from nextquill_jax.bench.record import append_results, invoked_command, results_header
     from nextquill_jax.models import attention
+    from nextquill_jax.models.cudnn_packed import cudnn_packed_attention, kv_offsets_follow_key_heads
 
     b, t, h, k, hd = args.rows, args.seq_len, args.heads, args.kv_heads, args.head_dim
     keys = jax.random.split(jax.random.key(0), 3)
     q = jax.random.normal(keys[0], (b, t, h, hd), jnp.bfloat16)
     kv = [jax.random.normal(key, (b, t, k, hd), jnp.bfloat16) for key in keys[1:]]
 
+    # Grouped k / v unrepeated: only where this jax's offsets allow it (jax PR #39521), to be compared.
+    grouped = k != h and kv_offsets_follow_key_heads()
     check_lines, ok = check_packed(
-        attention, (q, *kv), check_rows(b, t, max_segments), max_segments, args.tolerance
+        attention, (q, *kv), check_rows(b, t, max_segments), max_segments, args.tolerance, grouped
     )
     print("\n".join(check_lines))
 
     segment_ids = jnp.broadcast_to(1 + jnp.arange(t) * args.segments // t, (b, t)).astype(jnp.int32)
 
-    def loss(q, k, v, seg, m):
-        return attention.cudnn_attention(q, k, v, seg, m).astype(jnp.float32).sum()
+    def call(seg, m, repeat_kv=True):
+        """cudnn_attention(q, k, v, seg, m), or the packed mode given grouped k / v as they are."""
+        if not repeat_kv:
+            return lambda q, k, v: cudnn_packed_attention(q, k, v, seg, m, repeat_kv=False)
+        return lambda q, k, v: attention.cudnn_attention(q, k, v, seg, m)
 
     rows = []
-    calls = (
-        ("packed: segment mask", segment_ids, None),
-        (f"packed: segment offsets (M = {max_segments})", segment_ids, max_segments),
-        ("causal only (floor)", None, None),
-    )
-    for label, seg, m in calls:
-        forward = jax.jit(lambda q, k, v, s=seg, m=m: attention.cudnn_attention(q, k, v, s, m))
-        backward = jax.jit(jax.grad(lambda q, k, v, s=seg, m=m: loss(q, k, v, s, m), argnums=(0, 1, 2)))
+    calls = [
+        ("packed: segment mask", call(segment_ids, None)),
+        (f"packed: segment offsets (M = {max_segments})", call(segment_ids, max_segments)),
+        ("causal only (floor)", call(None, None)),
+    ]
+    if grouped:
+        grouped_call = call(segment_ids, max_segments, repeat_kv=False)
+        calls.insert(2, (f"packed: segment offsets (M = {max_segments}), grouped k/v", grouped_call))
+    for label, fn in calls:
+        forward = jax.jit(fn)
+        backward = jax.jit(
+            jax.grad(lambda q, k, v, fn=fn: fn(q, k, v).astype(jnp.float32).sum(), argnums=(0, 1, 2))
+        )
         fwd = _time(forward, (q, *kv), args.repeats)
         both = _time(backward, (q, *kv), args.repeats)
         rows.append((label, fwd, both))
@@ -208,8 +237,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"left-padded prompt, all padding, min(2, M) examples); errors = max |error| / max |float32 "
                 f"blockwise reference|, outputs at real tokens, gradients everywhere",
                 f"timing rows: {args.segments} equal examples per row",
-                f"packed mode repeats k/v to the query heads (jax <= 0.11.0's kv-offset bug): {h != k}; this "
-                f"jax's dense-mask backward computes a bias gradient: {_mask_backward_computes_dbias()}",
+                f"training's packed mode repeats k/v to the query heads (jax <= 0.11.0's kv-offset bug): "
+                f"{h != k}; this jax's kv offsets count the key's heads (grouped k/v checked and timed too): "
+                f"{grouped}; this jax's dense-mask backward computes a bias gradient: "
+                f"{_mask_backward_computes_dbias()}",
             ],
         )
         append_results(args.append_results, [*header, *check_lines, "", *lines])

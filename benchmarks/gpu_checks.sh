@@ -2,13 +2,14 @@
 # Every GPU measurement of issue 16 in one command, for a short lease of one NVIDIA GPU (H100/H200): the training
 # step's MFU at the Qwen2.5-1.5B shape with its breakdown and a jax.profiler trace; with cuDNN's packed mode
 # (segment offsets, model.cudnn_max_segments) and whether that mode matches blockwise XLA attention in outputs
-# and gradients and is faster (benchmarks/cudnn_mask.py, exit 1 on a mismatch); the best configuration measured
-# (packed mode, joint forward, bf16 head operands) at 4 and 8 rows; bf16 operands in the fused loss, the joint
-# forward and remat none under the dense mask; three remat policies per part of the layer (`save:...`); the
-# fused loss alone in float32 and bf16 operands; generation's prefill; the scanned decoder layers unrolled
-# (model.scan_unroll 2, and all 28 layers); and the XLA GPU flags that JAX's and NVIDIA's GPU performance guides
-# recommend. Each check has its own time limit, so one failure leaves the others' results, and every result
-# lands in OUT_DIR as it is made.
+# and gradients and is faster (benchmarks/cudnn_mask.py, exit 1 on a mismatch; on a jax with PR #39521 it also
+# checks and times grouped k / v passed unrepeated, which training adopts only once it passes here); the best
+# configuration measured (packed mode, joint forward, bf16 head operands) at 4 and 8 rows; bf16 operands in the
+# fused loss, the joint forward and remat none under the dense mask; three remat policies per part of the layer
+# (`save:...`); the fused loss alone in float32 and bf16 operands; generation's prefill; the scanned decoder
+# layers unrolled (model.scan_unroll 2, and all 28 layers); and the XLA GPU flags that JAX's and NVIDIA's GPU
+# performance guides recommend. Each check has its own time limit, so one failure leaves the others' results,
+# and every result lands in OUT_DIR as it is made.
 #
 #   [WHEELS=.whl] bash benchmarks/gpu_checks.sh OUT_DIR [NAMES]
 #

@@ -6,9 +6,11 @@ in full. cuDNN also has a packed ("ragged", THD) mode: each segment is its own s
 starts in the row and how long it is, so no [T, T] tensor exists and no pair across segments is computed. JAX
 exposes that mode only through the private `jax._src.cudnn.fused_attention_stablehlo.dot_product_attention`
 (`q_seqlen`, `kv_seqlen`, `q_offsets`, `kv_offsets`), which this module calls; it was written against jax
-0.10.2 and checked on an H200 under jax 0.11.2 (`benchmarks/cudnn_mask.py`). A training run uses it with
-`attention_impl: cudnn` unless `model.cudnn_max_segments` is null; a `ModelConfig` only where its
-`cudnn_max_segments` is set.
+0.10.2 and checked on an H200 under jax 0.11.2 (`benchmarks/cudnn_mask.py`) with k / v repeated to the query
+heads (the form every run uses). A training run uses it with `attention_impl: cudnn` unless
+`model.cudnn_max_segments` is null; a `ModelConfig` only where its `cudnn_max_segments` is set. Grouped k / v
+passed as they are (`repeat_kv=False`) is offered to the benchmark only, and only on a jax whose offset
+arithmetic counts the key's heads (`kv_offsets_follow_key_heads`), until a GPU has checked it.
 
 The segment contract (the data pipeline's packed rows and `CausalLM.prefill`'s left-padded prompts keep it):
 segment ids [B, T] int32 are 0 (padding, anywhere in the row) or 1..max_segments; each id's tokens form one
@@ -20,6 +22,7 @@ training on silently mixed examples.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import NamedTuple
 
@@ -105,20 +108,37 @@ def _raise_on_broken_rows(seg: np.ndarray, max_segments: int, fits: np.ndarray) 
 
 
 def cudnn_packed_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, max_segments: int
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    segment_ids: jax.Array,
+    max_segments: int,
+    *,
+    repeat_kv: bool = True,
 ) -> jax.Array:
     """Causal attention within packed segments through cuDNN's packed mode (GPU, Hopper or newer).
 
     q [B, T, H, Hd], k / v [B, T, K, Hd] (H a multiple of K), bfloat16 or float16; segment_ids [B, T] under
-    the module's contract with at most `max_segments` segments per row. Returns [B, T, H, Hd] in q.dtype:
-    each segment's tokens attend causally to their own segment; padding tokens (id 0) get output 0 and send
-    no gradient (cuDNN leaves both undefined outside its segments); rows that break the contract are NaN.
+    the module's contract with at most `max_segments` segments per row. `repeat_kv`: repeat grouped k / v to
+    the H query heads before the call (right under any jax); False passes them as they are, which needs
+    `kv_offsets_follow_key_heads()` and has not run on a GPU yet (benchmarks/cudnn_mask.py checks it).
+    Returns [B, T, H, Hd] in q.dtype: each segment's tokens attend causally to their own segment; padding
+    tokens (id 0) get output 0 and send no gradient (cuDNN leaves both undefined outside its segments); rows
+    that break the contract are NaN.
 
     Raises:
         ImportError: the installed jax lacks the private API this calls (or changed its parameters).
-        ValueError: from `segment_offsets`.
+        ValueError: from `segment_offsets`; `repeat_kv` False on a jax whose kv offsets count the query's
+            heads (it would read keys from the wrong tokens).
     """
     fused = _fused_attention_module()
+    if not repeat_kv and k.shape[2] != q.shape[2] and not kv_offsets_follow_key_heads():
+        raise ValueError(
+            f"repeat_kv=False with {k.shape[2]} kv heads for {q.shape[2]} query heads: jax "
+            f"{jax.__version__} scales the packed mode's kv offsets by the query's heads (fixed by jax PR "
+            "#39521), so keys would be read from the wrong tokens. Fix: keep repeat_kv=True, or install a "
+            "jax with that fix."
+        )
     packed = segment_offsets(segment_ids, max_segments)
     seqlens, offsets = packed.seqlens, packed.offsets
     if max_segments == 1:
@@ -130,10 +150,10 @@ def cudnn_packed_attention(
     # Zeroed inputs make the gradient at padding slots zero whatever cuDNN writes there (select's
     # transpose drops the other branch, NaN or not).
     q, k, v = (jnp.where(real, x, jnp.zeros((), x.dtype)) for x in (q, k, v))
-    if k.shape[2] != q.shape[2]:
+    if repeat_kv and k.shape[2] != q.shape[2]:
         # Up to jax 0.11.0 the API scales kv_offsets by the query's heads, not the key's (fixed by jax PR
-        # #39521), so with fewer kv heads it reads keys from the wrong tokens without an error. k / v repeated
-        # to the query heads are right under either scaling; no version check, since none marks the fix.
+        # #39521), so with fewer kv heads it would read keys from the wrong tokens without an error. k / v
+        # repeated to the query heads are right under either scaling.
         k, v = (jnp.repeat(x, q.shape[2] // x.shape[2], axis=2) for x in (k, v))
     out = fused.dot_product_attention(
         q,
@@ -149,6 +169,32 @@ def cudnn_packed_attention(
     )
     out = jnp.where(real, out, jnp.zeros((), out.dtype))
     return jnp.where(packed.fits[:, None, None, None], out, jnp.full((), jnp.nan, out.dtype))
+
+
+@functools.cache
+def kv_offsets_follow_key_heads() -> bool:
+    """Whether the installed jax turns the packed mode's kv offsets into element offsets with the key's own
+    heads (jax PR #39521, after 0.11.0), so that grouped k / v could be passed without repeating them to the
+    query heads. Asked of jax's private `_fix_seqlen_offsets` itself, on a two-segment row of 4 query heads
+    and 2 kv heads: True only where its kv offsets come out at half its query offsets; False where they come
+    out equal (the bug), where the function is missing or takes other arguments, or answers anything else.
+    Cached: the answer belongs to the installed jax.
+    """
+    try:
+        from jax._src.cudnn import fused_attention_stablehlo as fused
+
+        with jax.ensure_compile_time_eval():
+            seqlens = jnp.array([[2, 2]], jnp.int32)  # [B = 1, M = 2]
+            offsets = jnp.array([[0, 2, -1]], jnp.int32)  # [B, M + 1]
+            query = jnp.zeros((1, 4, 4, 1), jnp.float32)  # [B, T, N = 4, H]
+            key = jnp.zeros((1, 4, 2, 1), jnp.float32)  # [B, S, N_kv = 2, H]
+            _, _, q_offsets, kv_offsets = fused._fix_seqlen_offsets(
+                seqlens, seqlens, offsets, offsets, query, key
+            )
+            q_second, kv_second = int(np.asarray(q_offsets)[0, 1]), int(np.asarray(kv_offsets)[0, 1])
+    except Exception:  # any change to the private function: keep the repeat, right under either scaling
+        return False
+    return q_second > 0 and 2 * kv_second == q_second
 
 
 def _fused_attention_module():

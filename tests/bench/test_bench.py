@@ -638,6 +638,36 @@ def test_benchmarks_refuse_a_count_below_one_as_an_argument_error(monkeypatch, c
     assert capsys.readouterr().err.endswith(f"error: argument {flag}: expected an integer >= 1, got '0'\n")
 
 
+@pytest.mark.parametrize("grouped_right", [True, False])
+def test_cudnn_mask_checks_grouped_kv_where_jax_offsets_allow_it(
+    monkeypatch, capsys, tmp_path, grouped_right
+):
+    """benchmarks/cudnn_mask.py against the CPU emulation of a jax whose kv offsets count the key's heads:
+    the packed mode given grouped k / v as they are is checked and timed beside the repeated form. Where the
+    API still reads keys at the query's stride (the probe misled), the grouped check fails and the script
+    exits 1, the repeated form still passing."""
+    from jax._src.cudnn import fused_attention_stablehlo as fused
+
+    from nextquill_jax.models.cudnn_packed import kv_offsets_follow_key_heads
+    from tests.models import cudnn_emulation
+
+    cudnn_emulation.install(True, patch=monkeypatch.setattr)
+    if not grouped_right:
+        monkeypatch.setattr(fused, "dot_product_attention", cudnn_emulation.emulated_packed_attention(False))
+    flags = ["--rows", "4", "--seq-len", "32", "--heads", "4", "--kv-heads", "2", "--head-dim", "8"]
+    code = benchmark_script("cudnn_mask").main(
+        [*flags, "--repeats", "1", "--append-results", str(tmp_path / "r.md")]
+    )
+    kv_offsets_follow_key_heads.cache_clear()
+    said = capsys.readouterr().out
+    assert "Packed offsets: PASS" in said and "| packed: segment offsets (M = 4), grouped k/v |" in said
+    assert f"Packed offsets with grouped k/v: {'PASS' if grouped_right else 'FAIL'}" in said
+    assert code == (0 if grouped_right else 1)
+    assert (
+        "count the key's heads (grouped k/v checked and timed too): True" in (tmp_path / "r.md").read_text()
+    )
+
+
 def test_mfu_takes_cudnn_max_segments_auto_as_what_its_rows_hold(monkeypatch, capsys):
     """benchmarks/mfu.py --cudnn-max-segments N|auto (its step timed by the fake): `auto` builds the model for
     the most examples a row of its batch holds, as `bench scale` does, twice that with --joint-forward; a

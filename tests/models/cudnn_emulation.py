@@ -8,7 +8,11 @@ M > 1, mask type PADDING_CAUSAL, BTNH layout) and plays cuDNN's worst case where
 output and every q / k / v gradient outside all segments is NaN. With `kv_offsets_use_kv_heads=False` it
 also reproduces jax <= 0.11.0's grouped-query bug (kv offsets scaled by the query's heads, not the key's).
 
-`install()` sets up a CPU run of benchmarks/cudnn_mask.py: the stand-in in place of the private API, and
+`emulated_fix_seqlen_offsets(kv_offsets_use_kv_heads)` stands in for the private `_fix_seqlen_offsets`, the
+offset arithmetic `cudnn_packed.kv_offsets_follow_key_heads` asks: jax 0.10.2's own where the flag is False
+(kv offsets scaled by the query's heads), the fixed arithmetic of jax PR #39521 (the key's heads) where True.
+
+`install()` sets up a CPU run of benchmarks/cudnn_mask.py: both stand-ins in place of the private API, and
 `attention.cudnn_attention` answering its dense-mask and causal-only calls with the `xla_dense` implementation
 (the packed calls go through the real `cudnn_packed_attention`).
 """
@@ -41,6 +45,22 @@ def emulated_packed_attention(kv_offsets_use_kv_heads: bool):
         return _attend(query, key, value, q_seqlen, kv_seqlen, q_offsets[:, :m], kv_starts[:, :m], scale)
 
     return dot_product_attention
+
+
+def emulated_fix_seqlen_offsets(kv_offsets_use_kv_heads: bool):
+    """The stand-in for the private `_fix_seqlen_offsets` (see the module docstring), built on jax
+    0.10.2's."""
+    from jax._src.cudnn.fused_attention_stablehlo import _fix_seqlen_offsets
+
+    def fix_seqlen_offsets(q_seqlen, kv_seqlen, q_offsets, kv_offsets, query, key):
+        fixed = _fix_seqlen_offsets(q_seqlen, kv_seqlen, q_offsets, kv_offsets, query, key)
+        if not kv_offsets_use_kv_heads:
+            return fixed
+        # The key in the query's place: its rows, tokens and heads give the kv offsets their own stride.
+        by_key = _fix_seqlen_offsets(kv_seqlen, kv_seqlen, kv_offsets, kv_offsets, key, key)
+        return (*fixed[:3], by_key[3])
+
+    return fix_seqlen_offsets
 
 
 @jax.custom_vjp
@@ -104,13 +124,16 @@ def _masked(q, k, v, q_len, kv_len, q_start, kv_start, scale):
     return out.astype(q.dtype)
 
 
-def install(kv_offsets_use_kv_heads: bool = True) -> None:
-    """Patch the stand-ins in for a CPU run of benchmarks/cudnn_mask.py (see the module docstring)."""
+def install(kv_offsets_use_kv_heads: bool = True, patch=setattr) -> None:
+    """Patch the stand-ins in for a CPU run of benchmarks/cudnn_mask.py (see the module docstring);
+    `patch(obj, name, value)` sets each (a test passes `monkeypatch.setattr`, which undoes them)."""
     from jax._src.cudnn import fused_attention_stablehlo as fused
 
     from nextquill_jax.models import attention, cudnn_packed
 
-    fused.dot_product_attention = emulated_packed_attention(kv_offsets_use_kv_heads)
+    patch(fused, "dot_product_attention", emulated_packed_attention(kv_offsets_use_kv_heads))
+    patch(fused, "_fix_seqlen_offsets", emulated_fix_seqlen_offsets(kv_offsets_use_kv_heads))
+    cudnn_packed.kv_offsets_follow_key_heads.cache_clear()
 
     def cudnn_attention(q, k, v, segment_ids, max_segments=None):
         if segment_ids is not None and max_segments is not None:
@@ -118,4 +141,4 @@ def install(kv_offsets_use_kv_heads: bool = True) -> None:
         seg = jnp.ones(q.shape[:2], jnp.int32) if segment_ids is None else segment_ids
         return attention.self_attention(q, k, v, seg, "xla_dense")
 
-    attention.cudnn_attention = cudnn_attention
+    patch(attention, "cudnn_attention", cudnn_attention)

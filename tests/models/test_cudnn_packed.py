@@ -4,6 +4,8 @@ with that API replaced by a CPU emulation of its documented semantics (tests/mod
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,8 +15,12 @@ from jax._src.cudnn import fused_attention_stablehlo as fused
 
 from nextquill_jax.models import CausalLM, attention
 from nextquill_jax.models.attention import self_attention
-from nextquill_jax.models.cudnn_packed import cudnn_packed_attention, segment_offsets
-from tests.models.cudnn_emulation import emulated_packed_attention
+from nextquill_jax.models.cudnn_packed import (
+    cudnn_packed_attention,
+    kv_offsets_follow_key_heads,
+    segment_offsets,
+)
+from tests.models.cudnn_emulation import emulated_fix_seqlen_offsets, emulated_packed_attention
 from tests.models.test_attention import random_qkv
 
 # Rows of 12 slots: three segments and end padding; a full row of max (3) segments; one segment; a left-padded
@@ -84,37 +90,45 @@ def test_max_segments_must_be_a_positive_int(max_segments):
 
 @pytest.fixture
 def emulated(monkeypatch):
-    """Install the CPU emulation of the private API; call with whether its kv offsets respect kv heads."""
+    """Install the CPU emulation of the private API and its offset arithmetic; call with whether its kv
+    offsets count the key's heads (jax PR #39521) or the query's (jax <= 0.11.0)."""
+    kv_offsets_follow_key_heads.cache_clear()
 
     def install(kv_offsets_use_kv_heads: bool) -> None:
         monkeypatch.setattr(
             fused, "dot_product_attention", emulated_packed_attention(kv_offsets_use_kv_heads)
         )
+        monkeypatch.setattr(
+            fused, "_fix_seqlen_offsets", emulated_fix_seqlen_offsets(kv_offsets_use_kv_heads)
+        )
+        kv_offsets_follow_key_heads.cache_clear()
 
-    return install
+    yield install
+    kv_offsets_follow_key_heads.cache_clear()
 
 
-def packed_and_dense(seg: np.ndarray, max_segments: int):
+def packed_and_dense(seg: np.ndarray, max_segments: int, repeat_kv: bool = True):
     """(packed, dense) attention functions of (q, k, v) over the segment ids `seg`."""
     seg = jnp.asarray(seg)
     return (
-        jax.jit(lambda q, k, v: cudnn_packed_attention(q, k, v, seg, max_segments)),
+        jax.jit(lambda q, k, v: cudnn_packed_attention(q, k, v, seg, max_segments, repeat_kv=repeat_kv)),
         jax.jit(lambda q, k, v: self_attention(q, k, v, seg, "xla_dense")),
     )
 
 
-@pytest.mark.parametrize("kv_offsets_use_kv_heads", [True, False])
-def test_packed_attention_and_gradients_match_dense_attention(emulated, kv_offsets_use_kv_heads):
-    """Grouped heads (4 query, 2 kv): exact at real tokens whether jax's kv offsets count kv heads (k / v
-    passed as they are) or query heads (jax <= 0.11.0: k / v repeated to the query heads); padding outputs are
-    0 and padding gradients 0, although the emulated cuDNN leaves NaN there."""
+@pytest.mark.parametrize("kv_offsets_use_kv_heads, repeat_kv", [(True, True), (False, True), (True, False)])
+def test_packed_attention_and_gradients_match_dense_attention(emulated, kv_offsets_use_kv_heads, repeat_kv):
+    """Grouped heads (4 query, 2 kv): exact at real tokens with k / v repeated to the query heads, whether
+    jax's kv offsets count the key's heads or the query's (jax <= 0.11.0), and with grouped k / v passed as
+    they are where they count the key's; padding outputs are 0 and padding gradients 0, although the
+    emulated cuDNN leaves NaN there."""
     emulated(kv_offsets_use_kv_heads)
     q, k, v = random_qkv(5, 12, 4, 2, 8)
     real = ROWS > 0
     cotangent = (
         jnp.asarray(np.random.default_rng(1).standard_normal(q.shape), jnp.float32) * real[..., None, None]
     )
-    packed, dense = packed_and_dense(ROWS, 3)
+    packed, dense = packed_and_dense(ROWS, 3, repeat_kv)
     out = np.asarray(packed(q, k, v))
     np.testing.assert_allclose(out[real], np.asarray(dense(q, k, v))[real], atol=1e-6, rtol=0)
     assert (out[~real] == 0).all()
@@ -140,6 +154,75 @@ def test_the_emulated_grouped_query_bug_is_what_the_repeat_avoids(emulated):
     _, dense = packed_and_dense(ROWS, 3)
     real = ROWS > 0
     assert not np.allclose(np.asarray(direct)[real], np.asarray(dense(q, k, v))[real], atol=1e-3)
+
+
+@pytest.mark.parametrize("repeat_kv, heads_passed", [(True, 4), (False, 2)])
+def test_repeat_kv_decides_the_heads_the_api_is_given(emulated, monkeypatch, repeat_kv, heads_passed):
+    emulated(True)
+    emulate = fused.dot_product_attention
+    seen = []
+
+    @functools.wraps(emulate)  # its signature: the wrapper checks the API's parameters
+    def spy(q, k, v, **kw):
+        seen.append(k.shape[2])
+        return emulate(q, k, v, **kw)
+
+    monkeypatch.setattr(fused, "dot_product_attention", spy)
+    q, k, v = random_qkv(5, 12, 4, 2, 8)
+    cudnn_packed_attention(q, k, v, jnp.asarray(ROWS), 3, repeat_kv=repeat_kv)
+    assert seen == [heads_passed]
+
+
+def test_grouped_kv_on_a_jax_with_the_kv_offset_bug_is_refused(emulated):
+    """Unrepeated k / v would be read from the wrong tokens there (the test above shows how wrong)."""
+    emulated(False)
+    q, k, v = random_qkv(5, 12, 4, 2, 8)
+    with pytest.raises(
+        ValueError, match=r"repeat_kv=False with 2 kv heads for 4 query heads.*PR #39521.*Fix"
+    ):
+        cudnn_packed_attention(q, k, v, jnp.asarray(ROWS), 3, repeat_kv=False)
+    cudnn_packed_attention(q[:, :, :2], k, v, jnp.asarray(ROWS), 3, repeat_kv=False)  # no grouping: allowed
+
+
+@pytest.mark.parametrize("kv_offsets_use_kv_heads", [True, False])
+def test_the_kv_offset_probe_reads_jax_offset_arithmetic(emulated, kv_offsets_use_kv_heads):
+    emulated(kv_offsets_use_kv_heads)
+    assert kv_offsets_follow_key_heads() is kv_offsets_use_kv_heads
+
+
+def test_the_kv_offset_probe_agrees_with_the_installed_jax_at_another_shape():
+    """The installed jax's own `_fix_seqlen_offsets` on 6 query heads, 2 kv heads of 3 and three segments in
+    two rows: its kv offsets are the key's element offsets (2 · 3 per token) exactly where the probe says so,
+    and the query's (6 · 3 per token) otherwise."""
+    kv_offsets_follow_key_heads.cache_clear()
+    seqlens = jnp.array([[2, 3, 1], [4, -1, -1]], jnp.int32)
+    offsets = jnp.array([[0, 2, 5, -1], [1, -1, -1, -1]], jnp.int32)
+    query, key = jnp.zeros((2, 7, 6, 3)), jnp.zeros((2, 7, 2, 3))
+    _, _, _, kv_offsets = fused._fix_seqlen_offsets(seqlens, seqlens, offsets, offsets, query, key)
+    tokens = np.array(
+        [0, 2, 5, 7 + 1, 14, 14, 14, 14]
+    )  # segments' first slots in the [B * T] buffer; fill B·T
+    per_token = 2 * 3 if kv_offsets_follow_key_heads() else 6 * 3
+    np.testing.assert_array_equal(np.asarray(kv_offsets).ravel(), tokens * per_token)
+
+
+@pytest.mark.parametrize(
+    "replacement",
+    [
+        None,
+        lambda q_seqlen, kv_seqlen, q_offsets, kv_offsets, query, key, layout: None,
+        lambda *args: (_ for _ in ()).throw(RuntimeError("changed")),
+    ],
+    ids=["missing", "other parameters", "raises"],
+)
+def test_the_kv_offset_probe_keeps_the_repeat_when_jax_changes(monkeypatch, replacement):
+    kv_offsets_follow_key_heads.cache_clear()
+    if replacement is None:
+        monkeypatch.delattr(fused, "_fix_seqlen_offsets")
+    else:
+        monkeypatch.setattr(fused, "_fix_seqlen_offsets", replacement)
+    assert kv_offsets_follow_key_heads() is False
+    kv_offsets_follow_key_heads.cache_clear()
 
 
 def test_rows_breaking_the_contract_are_nan_under_jit_and_the_others_exact(emulated):
