@@ -345,7 +345,8 @@ class OptimConfig:
             and so the Hugging Face Trainer, would give 8). The warm-up rises linearly from 0, so the first
             update of a run with a warm-up has learning rate 0 (a one-step run trains nothing; set
             `warmup_steps: 0`).
-        `warmup_steps`: the warm-up in optimizer steps (>= 0); when set it replaces `warmup_ratio`.
+        `warmup_steps`: the warm-up in optimizer steps (>= 0); when set it replaces `warmup_ratio`. One
+            longer than the run is kept (the run ends part-way up it, which set-up notes).
         `schedule`: after warm-up, `linear` decays toward `min_lr_ratio * learning_rate`, the value of
             lr(T) one step past the last update (that update uses lr(T-1)); `cosine` likewise on a cosine;
             `constant` stays at `learning_rate`.

@@ -1447,6 +1447,29 @@ def test_a_loss_of_the_historys_effects_without_history_is_noted(
     assert (note in lines) == noted, lines
 
 
+@pytest.mark.parametrize(("warmup", "noted"), [(10, True), (2, False)])
+def test_a_warmup_longer_than_the_run_is_noted_with_its_last_learning_rate(
+    tmp_path, write_random_data, write_config, tiny_config, warmup, noted
+):
+    """optim.warmup_steps above the run's optimizer steps (2 here: one epoch of 16 examples) is kept (a smoke
+    run may want it), and set-up says where the learning rate ends: linear from 0 over `warmup` steps, so the
+    last update (step 1) is at 1 / warmup of the peak. A warm-up as long as the run is not noted."""
+    from nextquill_jax.train.setup import set_up_run
+
+    data = write_random_data(tmp_path / "data", train=16, val=0)
+    path = write_config(tiny_config(data, tmp_path / "work"), tmp_path / "cfg.yaml")
+    lines = []
+    overrides = [f"optim.warmup_steps={warmup}", "optim.learning_rate=0.002"]
+    run = set_up_run(load_config(path, overrides), tmp_path / "work", lines.append)
+    assert run.total_steps == 2
+    said = [line for line in lines if line.startswith("note: optim.warmup_steps")]
+    expected = [
+        "note: optim.warmup_steps is 10, more than the run's 2 optimizer steps: the learning rate ends "
+        "part-way up its warm-up, at 0.0002 (10% of optim.learning_rate), and never decays"
+    ]
+    assert said == (expected if noted else []), lines
+
+
 def test_a_joint_forward_run_bounds_cudnn_max_segments_by_both_streams_of_a_row(
     tmp_path, monkeypatch, write_random_data, write_config, tiny_config
 ):

@@ -47,6 +47,7 @@ from nextquill_jax.train.optimizer import (
     learning_rate_schedule,
     make_optimizer,
     trainable_mask,
+    warmup_steps,
 )
 from nextquill_jax.train.resume import data_identity
 from nextquill_jax.train.state import TrainState
@@ -692,6 +693,13 @@ def set_up_run(
     base_shardings = None if base is None else jax.tree.map(lambda x: x.sharding, base)
     settings = step_settings(cfg, None if reference is None else reference[0])
     schedule = learning_rate_schedule(cfg.optim, total_steps)
+    if warmup_steps(cfg.optim, total_steps) > total_steps:
+        last = float(schedule(total_steps - 1))  # the last update's learning rate
+        echo(
+            f"note: optim.warmup_steps is {warmup_steps(cfg.optim, total_steps)}, more than the run's "
+            f"{total_steps} optimizer steps: the learning rate ends part-way up its warm-up, at {last:.3g} "
+            f"({last / cfg.optim.learning_rate:.0%} of optim.learning_rate), and never decays"
+        )
     return RunSetup(
         config=cfg,
         mesh=mesh,
