@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import types
@@ -481,6 +482,26 @@ class Programs:
                 f"{proc.args[1]} exited {proc.returncode}, not {expect}:\n{out[-3000:]}\n{err[-6000:]}"
             )
         return Finished(out, err)
+
+    @staticmethod
+    def free_port() -> int:
+        """A local TCP port free now (the OS's choice), for a coordinator that binds it shortly after."""
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    def hosts(self, count: int) -> list[dict[str, str]]:
+        """The environments of `count` programs that join as the processes of one multi-host run (gloo
+        collectives, coordinator on a free local port): the NEXTQUILL_* variables `parallel` reads."""
+        coordinator = f"127.0.0.1:{self.free_port()}"
+        return [
+            {
+                "NEXTQUILL_COORDINATOR": coordinator,
+                "NEXTQUILL_NUM_PROCESSES": str(count),
+                "NEXTQUILL_PROCESS_ID": str(i),
+            }
+            for i in range(count)
+        ]
 
     def run(
         self,

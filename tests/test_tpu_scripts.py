@@ -73,12 +73,6 @@ def shellcheck_binary() -> str | None:
     return str(beside_python) if beside_python.exists() else shutil.which("shellcheck")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def executable(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
@@ -559,7 +553,7 @@ def test_slurm_dry_run_prints_the_exact_srun_command_off_a_cluster(tmp_path):
     ]
 
 
-def test_slurm_job_gives_every_process_all_its_devices_and_one_global_mesh(tmp_path):
+def test_slurm_job_gives_every_process_all_its_devices_and_one_global_mesh(tmp_path, programs):
     """Two tasks start together with SLURM's variables and 4 CPU devices each; the job's program is the
     multi-host start-up of training (check_hosts.py, gloo collectives on CPU). JAX's SLURM detection is live
     (SLURM_JOB_ID, SLURM_STEP_NODELIST, SLURM_LOCALID are set): without the task's JAX_LOCAL_DEVICE_IDS it
@@ -571,7 +565,7 @@ def test_slurm_job_gives_every_process_all_its_devices_and_one_global_mesh(tmp_p
         '> "$(dirname "$0")/../../calls-$NEXTQUILL_PROCESS_ID"\n'
         f"exec {sys.executable} {SCRIPTS / 'check_hosts.py'}\n",
     )
-    port = free_port()
+    port = programs.free_port()
     env.update(
         COORDINATOR_PORT=str(port),
         PYTHONPATH=str(REPO),

@@ -656,8 +656,6 @@ def test_evaluate_as_two_processes_writes_what_one_process_writes(trained_run, p
     multi-host runtime before anything starts its backend (reading the saved config and opening the
     checkpoints did, and it failed with "jax.distributed.initialize() must be called before any JAX calls");
     its predictions equal one process's (8 devices) and its losses agree to float32 rounding."""
-    import socket
-
     workdir = tmp_path / "run"
     shutil.copytree(trained_run.workdir, workdir)
     evaluate_into = lambda out: [
@@ -665,17 +663,9 @@ def test_evaluate_as_two_processes_writes_what_one_process_writes(trained_run, p
         str(tmp_path / out),
     ]  # fmt: skip
     programs.finish(programs.start("cli_run.py", *evaluate_into("one"), devices=8, fast_compile=True), 300)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    host = lambda i: {
-        "NEXTQUILL_COORDINATOR": f"127.0.0.1:{port}",
-        "NEXTQUILL_NUM_PROCESSES": "2",
-        "NEXTQUILL_PROCESS_ID": str(i),
-    }
     hosts = [
-        programs.start("cli_run.py", *evaluate_into("two"), devices=4, fast_compile=True, env=host(i))
-        for i in range(2)
+        programs.start("cli_run.py", *evaluate_into("two"), devices=4, fast_compile=True, env=host)
+        for host in programs.hosts(2)
     ]
     for process in hosts:
         programs.finish(process, 300)

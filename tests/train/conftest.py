@@ -4,7 +4,6 @@ metrics and checkpoints."""
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import jax
@@ -24,12 +23,6 @@ def _read_state(step_dir: Path) -> dict:
     tree = checkpointer.metadata(step_dir / "state").item_metadata.tree
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
     return checkpointer.restore(step_dir / "state", args=ocp.args.PyTreeRestore(restore_args=restore_args))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -76,19 +69,7 @@ class TrainRuns:
 
     def two_processes(self, cfg: str, *args: str) -> list:
         """Two processes of 4 devices each, joined over gloo on a free local port."""
-        port = _free_port()
-        return [
-            self.start(
-                cfg,
-                4,
-                "--gloo",
-                *args,
-                NEXTQUILL_COORDINATOR=f"127.0.0.1:{port}",
-                NEXTQUILL_NUM_PROCESSES="2",
-                NEXTQUILL_PROCESS_ID=str(i),
-            )
-            for i in range(2)
-        ]
+        return [self.start(cfg, 4, "--gloo", *args, **host) for host in self.programs.hosts(2)]
 
 
 @pytest.fixture(scope="session")
