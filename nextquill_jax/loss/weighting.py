@@ -62,14 +62,16 @@ def token_weights(dce: jax.Array, mask: jax.Array, cfg: LossConfig) -> jax.Array
     return jax.lax.stop_gradient(jnp.where(mask, weights, 0.0))
 
 
-# DCE values (nats) the weights are probed at before training: 0 and ±1e-3 .. ±100.
-_PROBE_DCE = np.concatenate([-np.logspace(2, -3, 11), [0.0], np.logspace(-3, 2, 11)]).astype(np.float32)
+# DCE values the weights are probed at before training: DCE is a difference of two probabilities, so it
+# lies in [-1, 1]; 0, ±1e-4 .. ±1 (both ends included).
+_PROBE_DCE = np.concatenate([-np.logspace(0, -4, 9), [0.0], np.logspace(-4, 0, 9)]).astype(np.float32)
 
 
 def check_weighting_values(cfg: LossConfig) -> None:
     """Check `cfg.weighting`'s function (if any) against its contract's values before a run trains: at DCE
-    values from -100 to 100 nats (and 0), every ω must be finite and >= 0. A negative weight makes the loss
-    reward what it should penalise, and nothing later would say so (the loss falls without bound).
+    values from -1 to 1 (the range of a difference of two probabilities; 0 and ±1e-4 .. ±1), every ω must be
+    finite and >= 0. A negative weight makes the loss reward what it should penalise, and nothing later would
+    say so (the loss falls without bound).
 
     Raises:
         ConfigError: a probed DCE gives a negative or non-finite ω, naming both and the fix; or as
@@ -77,13 +79,13 @@ def check_weighting_values(cfg: LossConfig) -> None:
     """
     if cfg.weighting is None:
         return
-    dce = jnp.asarray(_PROBE_DCE)[None]  # [1, 23]
-    weights = np.asarray(token_weights(dce, jnp.ones(dce.shape, bool), cfg))[0]  # [23]
+    dce = jnp.asarray(_PROBE_DCE)[None]  # [1, 19]
+    weights = np.asarray(token_weights(dce, jnp.ones(dce.shape, bool), cfg))[0]  # [19]
     bad = ~np.isfinite(weights) | (weights < 0)
     if bad.any():
         at = int(np.flatnonzero(bad)[0])
         raise ConfigError(
             f"loss.weighting {cfg.weighting!r} gives the weight {weights[at]:g} to a target token of DCE "
-            f"{_PROBE_DCE[at]:g} ({int(bad.sum())} of {bad.size} probed DCE values from -100 to 100 get a "
+            f"{_PROBE_DCE[at]:g} ({int(bad.sum())} of {bad.size} probed DCE values from -1 to 1 get a "
             f"negative or non-finite weight). Fix: return weights that are finite and >= 0 at target slots"
         )

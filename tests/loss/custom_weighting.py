@@ -21,4 +21,9 @@ def negative_below_zero(dce: jax.Array, mask: jax.Array, cfg) -> jax.Array:
     return jnp.where(dce < 0, -1.0, 1.0)
 
 
+def linear_in_dce(dce: jax.Array, mask: jax.Array, cfg) -> jax.Array:
+    """(1 + DCE) / 2: in [0, 1] wherever DCE, a difference of two probabilities, can be."""
+    return (1.0 + dce) / 2.0
+
+
 NOT_A_FUNCTION = 3

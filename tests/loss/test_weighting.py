@@ -114,7 +114,8 @@ def test_a_weighting_that_gives_negative_weights_is_refused_before_training(
     tmp_path, write_random_data, write_config, tiny_config
 ):
     """A negative ω makes the loss reward what it should penalise: a run with ω = -1 everywhere trained to a
-    loss of -4,000 and evaluated at -21,530 without a word. Set-up probes DCE from -100 to 100 first."""
+    loss of -4,000 and evaluated at -21,530 without a word. Set-up probes DCE over its range, -1 to 1, first
+    (it probed -100 to 100 "nats" and refused (1 + DCE) / 2, which is >= 0 wherever a DCE can be)."""
     from nextquill_jax.config import load_config
     from nextquill_jax.config_schema import ConfigError
     from nextquill_jax.loss.weighting import check_weighting_values
@@ -122,10 +123,11 @@ def test_a_weighting_that_gives_negative_weights_is_refused_before_training(
 
     check_weighting_values(LossConfig(weighting=SOFT))  # finite and >= 0: passes
     check_weighting_values(LossConfig())  # the paper's weights: nothing to probe
+    check_weighting_values(LossConfig(weighting="tests.loss.custom_weighting:linear_in_dce"))
     negative = "tests.loss.custom_weighting:negative_below_zero"
     said = (
-        rf"^loss\.weighting '{re.escape(negative)}' gives the weight -1 to a target token of DCE -100 "
-        r"\(11 of 23 probed DCE values from -100 to 100 get a negative or non-finite weight\)\. Fix: return "
+        rf"^loss\.weighting '{re.escape(negative)}' gives the weight -1 to a target token of DCE -1 "
+        r"\(9 of 19 probed DCE values from -1 to 1 get a negative or non-finite weight\)\. Fix: return "
         r"weights that are finite and >= 0 at target slots$"
     )
     with pytest.raises(ConfigError, match=said):
