@@ -81,20 +81,37 @@ def token_logprobs(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 def model_effect(logits_with: jax.Array, logits_without: jax.Array) -> jax.Array:
     """MCE = z_h − z_∅: [..., R, V] float32 logit difference (differentiable through both streams). Needs
-    finite logits: a column that is -inf in both streams gives NaN (-inf + inf), and so does L_p."""
+    finite logits: a column that is -inf in both streams gives NaN (-inf + inf), and so does L_p.
+
+    Raises:
+        ValueError: the two streams' shapes differ (they would broadcast into another shape silently).
+    """
+    _check_same_shape(logits_with=logits_with, logits_without=logits_without)
     return logits_with.astype(jnp.float32) - logits_without.astype(jnp.float32)
 
 
 def data_effect(logprob_with: jax.Array, logprob_without: jax.Array, mask: jax.Array) -> jax.Array:
     """DCE = p_h(y) − p_∅(y) from token log-probs [..., R]; 0 where `mask` is False.
 
+    Raises:
+        ValueError: the two log-probs' and the mask's shapes are not all one.
+
     The result is wrapped in `jax.lax.stop_gradient`: its gradient with respect to the log-probs is zero, with
     no error or warning. DCE is a data-side quantity (NEXTQUILL.md, "Causal preference effects"): it picks the
     preference-bearing tokens whose weights carry no gradient, so no loss may move the model through it. For a
     differentiable probability difference, take `jnp.exp(lp_with) - jnp.exp(lp_without)` of `token_logprobs`
     yourself."""
+    _check_same_shape(logprob_with=logprob_with, logprob_without=logprob_without, mask=mask)
     dce = jnp.exp(logprob_with.astype(jnp.float32)) - jnp.exp(logprob_without.astype(jnp.float32))
     return jax.lax.stop_gradient(jnp.where(mask, dce, 0.0))
+
+
+def _check_same_shape(**arrays: jax.Array) -> None:
+    """ValueError naming each array's shape unless all are one."""
+    shapes = {name: jnp.shape(x) for name, x in arrays.items()}
+    if len(set(shapes.values())) > 1:
+        named = ", ".join(f"{name} {shape}" for name, shape in shapes.items())
+        raise ValueError(f"shapes differ: {named}; they must be equal")
 
 
 def dce_from_logits(logits_with: jax.Array, logits_without: jax.Array, labels: jax.Array) -> jax.Array:
@@ -230,6 +247,8 @@ def effect_stats(dce: jax.Array, mask: jax.Array, *, threshold: float) -> dict[s
     }
     # Linear interpolation between order statistics, as numpy.quantile's default; ignored slots sort last.
     ordered = jnp.sort(jnp.where(mask, dce, jnp.inf).reshape(-1))
+    if ordered.size == 0:  # no slot at all (an empty batch): no order statistic to read
+        return {**stats, **{key: jnp.zeros((), jnp.float32) for key in DCE_QUANTILES}}
     last = jnp.maximum(count - 1, 0)
     for key, q in DCE_QUANTILES.items():
         position = q * last

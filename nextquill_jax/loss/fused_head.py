@@ -41,6 +41,7 @@ from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from nextquill_jax.data.batch import IGNORE_INDEX
@@ -165,8 +166,10 @@ def head_token_stats(
         if wanted and hidden.shape[0] < 2:
             raise ValueError(f"{name} needs at least 2 streams, got {hidden.shape[0]}")
     for name, size in (("token_chunk", token_chunk), ("vocab_chunk", vocab_chunk)):
-        if not isinstance(size, int) or size < 1:
+        # NumPy integers count (an element of a sizes array); bools do not (True is no size).
+        if not isinstance(size, int | np.integer) or isinstance(size, bool) or size < 1:
             raise ValueError(f"{name} must be a positive int, got {size!r}")
+    token_chunk, vocab_chunk = int(token_chunk), int(vocab_chunk)
     if operand_dtype not in OPERAND_DTYPES:
         raise ValueError(f"operand_dtype must be one of {OPERAND_DTYPES}, got {operand_dtype!r}")
 

@@ -224,6 +224,41 @@ def test_effect_stats_match_numpy(valid):
         np.testing.assert_allclose(stats[key], want, rtol=1e-6, atol=1e-7, err_msg=key)
 
 
+@pytest.mark.parametrize("shape", [(0, 6), (4, 0)])
+def test_effect_stats_of_an_empty_batch_are_zero(shape):
+    """No slot at all: the counts, sums and quantiles are 0 as for a batch with no target token (indexing
+    the empty sorted DCE raised IndexError), and so is a nextquill loss of such a batch."""
+    from nextquill_jax.loss import LossConfig, loss_from_hidden, loss_from_logits
+
+    dce, mask = jnp.zeros(shape, jnp.float32), jnp.zeros(shape, bool)
+    stats = lambda d, m: effect_stats(d, m, threshold=0.05)
+    for got in (stats(dce, mask), jax.jit(stats)(dce, mask)):
+        assert {k: float(v) for k, v in got.items()} == dict.fromkeys(got, 0.0)
+    logits = jnp.zeros((*shape, 5), jnp.float32)
+    loss, aux = loss_from_logits(logits, logits, jnp.full(shape, IGNORE), LossConfig(variant="nextquill"))
+    assert float(loss) == 0.0 and float(aux["tokens"]) == 0
+    hidden, head = jnp.zeros((*shape, 8)), jnp.ones((5, 8))
+    fused = lambda h, w: loss_from_hidden(h, h, w, jnp.full(shape, IGNORE), LossConfig(variant="nextquill"))[
+        0
+    ]
+    loss, grads = jax.value_and_grad(fused, (0, 1))(hidden, head)
+    assert float(loss) == 0.0 and all(not np.asarray(g).any() for g in grads)
+
+
+def test_model_and_data_effects_refuse_streams_of_other_shapes():
+    """They would broadcast into another shape silently ([2, 3, 1] against [2, 3, 5] gave [2, 3, 5])."""
+    from nextquill_jax.loss.effects import data_effect
+
+    with pytest.raises(
+        ValueError, match=r"shapes differ: logits_with \(2, 3, 5\), logits_without \(2, 3, 1\)"
+    ):
+        model_effect(jnp.zeros((2, 3, 5)), jnp.zeros((2, 3, 1)))
+    with pytest.raises(ValueError, match=r"logprob_without \(1, 3\)"):
+        data_effect(jnp.zeros((2, 3)), jnp.zeros((1, 3)), jnp.ones((2, 3), bool))
+    with pytest.raises(ValueError, match=r"mask \(3,\)"):
+        data_effect(jnp.zeros((2, 3)), jnp.zeros((2, 3)), jnp.ones((3,), bool))
+
+
 @pytest.mark.parametrize("layout", ["vd", "dv"])
 def test_dce_from_hidden_matches_dense_numpy(layout):
     rng = np.random.default_rng(5)

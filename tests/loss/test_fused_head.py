@@ -263,6 +263,19 @@ def test_head_token_stats_with_several_leading_dims():
         head_token_stats(jnp.asarray(h), jnp.asarray(w.T), jnp.asarray(y), head_layout="dv")
     with pytest.raises(ValueError, match="vocab_chunk must be a positive int"):
         head_token_stats(jnp.asarray(h), jnp.asarray(w), jnp.asarray(y), head_layout="dv", vocab_chunk=0)
+    with pytest.raises(ValueError, match="token_chunk must be a positive int, got True"):
+        head_token_stats(jnp.asarray(h), jnp.asarray(w), jnp.asarray(y), head_layout="dv", token_chunk=True)
+    # NumPy integers are sizes too (they were refused), and give the Python ints' values.
+    numpy_sizes = head_token_stats(
+        jnp.asarray(h), jnp.asarray(w), jnp.asarray(y), head_layout="dv", token_chunk=np.int64(3),
+        vocab_chunk=np.int32(16), with_js=True,
+    )  # fmt: skip
+    python_sizes = head_token_stats(
+        jnp.asarray(h), jnp.asarray(w), jnp.asarray(y), head_layout="dv", token_chunk=3, vocab_chunk=16,
+        with_js=True,
+    )  # fmt: skip
+    for got, want in zip(numpy_sizes, python_sizes, strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     with pytest.raises(ValueError, match="labels shape"):
         head_token_stats(jnp.asarray(h), jnp.asarray(w), jnp.asarray(y[0]), head_layout="dv")
     with pytest.raises(ValueError, match="operand_dtype must be one of"):
