@@ -16,8 +16,8 @@
 # NAMES (an extended regular expression) runs only the checks whose names match. On an H200 (2026-12-04,
 # RESULTS.md) every check but mfu_unroll_full (not yet run on a GPU: the longest compile) took 15-40 s, all of
 # them ~7 min, so two 600 s device calls hold the whole script:
-#   1. 'cudnn|mfu_breakdown|mfu_best' (~3 min): cuDNN's packed mode (Hopper or newer), the dense-mask step every
-#      later section compares with, and the best configuration;
+#   1. 'cudnn|mfu_breakdown|mfu_best' (~3.5 min): cuDNN's packed mode (Hopper or newer), the dense-mask step
+#      every later section compares with, and the best configuration (with grouped k / v unrepeated too);
 #   2. 'mfu_profile|bf16|remat_none|mfu_save|loss|prefill|unroll|xla_flags' (~6 min, mfu_unroll_full's compile
 #      unknown). The files that come back from a lease are few: pack the logs and the profile first
 #      (`tar czf OUT_DIR/logs.tgz OUT_DIR/*.log OUT_DIR/profile`).
@@ -98,6 +98,9 @@ best=("${mfu[@]}" --remat dots_with_no_batch_dims_saveable --attention cudnn --c
   --operand-dtype bfloat16 --joint-forward --breakdown)
 check mfu_best 100 "${best[@]}"
 check mfu_best_8rows 100 "${best[@]}" --rows 8
+# The same with grouped k / v passed to the packed mode unrepeated: only on a jax with PR #39521 (mfu.py
+# refuses it otherwise), and worth reading only where cudnn_mask's grouped k/v check passed.
+check mfu_best_grouped 100 "${best[@]}" --rows 8 --grouped-kv
 # The layers' scan unrolled (model.scan_unroll), against mfu_breakdown's rolled scan at the same remat policy:
 # two layers per loop iteration, then the whole stack (28 layers, straight-line code: XLA may fuse and
 # overlap across every layer boundary). On CPU the whole stack compiled in 133 s (30 s rolled), and XLA's

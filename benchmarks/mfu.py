@@ -26,6 +26,12 @@ MFU = FLOPs / best step time / (devices × the chip's dense bf16 peak), peak fro
     python benchmarks/mfu.py --cost-analysis               # any backend, compile only: executed vs useful
     python benchmarks/mfu.py --models qwen2.5-1.5b --scan-unroll 1 2   # 1 and 2 layers per scan iteration
     python benchmarks/mfu.py --models qwen2.5-1.5b --steps 3 --profile traces   # + a jax.profiler trace
+    python benchmarks/mfu.py --models qwen2.5-1.5b --attention cudnn --cudnn-max-segments auto --grouped-kv
+
+`--grouped-kv` is an experiment that training does not offer: cuDNN's packed mode given grouped k / v as
+they are instead of repeated to the query heads (`cudnn_packed_attention(repeat_kv=False)`), only on a jax
+whose packed-mode kv offsets count the key's heads (jax PR #39521); benchmarks/cudnn_mask.py checks that
+form against blockwise attention first.
 
 `--remat` takes several policies (a row each), and `--scan-unroll` several values (ModelConfig.scan_unroll:
 N decoder layers per iteration of the scan over them; a row each, the remat column says `, unroll N`
@@ -151,10 +157,32 @@ def model_batch(
 
 def attention_label(args: argparse.Namespace, cfg: ModelConfig) -> str:
     """The attention column: the implementation, and cuDNN's packed mode's bound when set (and whether
-    `auto` chose it)."""
+    `auto` chose it, and whether k / v went unrepeated)."""
     m = cfg.cudnn_max_segments
     chosen = ", auto" if args.cudnn_max_segments == "auto" else ""
-    return args.attention + ("" if m is None else f", segment offsets (M = {m}{chosen})")
+    grouped = ", grouped k/v" if args.grouped_kv else ""
+    return args.attention + ("" if m is None else f", segment offsets (M = {m}{chosen}){grouped}")
+
+
+def use_grouped_kv(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--grouped-kv: the packed mode of every attention call gets `repeat_kv=False`, where this jax allows
+    it (else a usage error, exit 2)."""
+    import functools
+
+    from nextquill_jax.models import attention, cudnn_packed
+
+    if args.attention != "cudnn" or args.cudnn_max_segments is None:
+        parser.error(
+            "--grouped-kv is an option of cuDNN's packed mode: add --attention cudnn "
+            "--cudnn-max-segments auto"
+        )
+    if not cudnn_packed.kv_offsets_follow_key_heads():
+        parser.error(
+            "--grouped-kv: this jax scales the packed mode's kv offsets by the query's heads (jax PR #39521 "
+            "fixes it), so grouped k / v would be read from the wrong tokens"
+        )
+    # An experiment training does not offer: patched here, for this process, rather than configured.
+    attention.cudnn_packed_attention = functools.partial(cudnn_packed.cudnn_packed_attention, repeat_kv=False)
 
 
 def checked_model_batch(
@@ -344,6 +372,10 @@ def main(argv: list[str] | None = None) -> int:
         "--joint-forward). Unlike a training run, whose default is auto, none here: cuDNN's dense segment "
         "mask, the baseline gpu_checks.sh compares with",
     )  # fmt: skip
+    parser.add_argument(
+        "--grouped-kv", action="store_true",
+        help="an experiment: the packed mode given grouped k / v unrepeated (see above; jax PR #39521)",
+    )  # fmt: skip
     parser.add_argument("--micro-batches", type=positive_int, default=1)
     parser.add_argument(
         "--operand-dtype", choices=OPERAND_DTYPES, default="float32",
@@ -373,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cudnn_max_segments is not None and args.attention != "cudnn":
         parser.error(f"--cudnn-max-segments chooses cuDNN's packed attention: add --attention cudnn "
                      f"(the attention is {args.attention})")  # fmt: skip
+    if args.grouped_kv:
+        use_grouped_kv(parser, args)
     if args.cost_analysis:
         return cost_analysis(args, argv, parser)
 

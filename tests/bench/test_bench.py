@@ -704,6 +704,37 @@ def test_mfu_takes_cudnn_max_segments_auto_as_what_its_rows_hold(monkeypatch, ca
     assert len(FakeHarness.bounds) == 3  # no refused run built a model
 
 
+def test_mfu_grouped_kv_patches_the_packed_mode_only_where_jax_allows_it(monkeypatch, capsys):
+    """benchmarks/mfu.py --grouped-kv (its step timed by the fake): a usage error on a jax whose kv offsets
+    count the query's heads (the installed one here, emulated) or without the packed mode; with the fix
+    (emulated), the packed mode is called with repeat_kv=False and the attention column says so."""
+    from jax._src.cudnn import fused_attention_stablehlo as fused
+
+    from nextquill_jax.models import attention, cudnn_packed
+    from tests.models.cudnn_emulation import emulated_fix_seqlen_offsets
+
+    mfu = benchmark_script("mfu")
+    FakeHarness.built, FakeHarness.bounds, FakeHarness.examples_per_row = [], [], []
+    FakeHarness.unrolls = []
+    monkeypatch.setattr(harness, "TrainingHarness", MfuFakeHarness)
+    monkeypatch.setattr(attention, "cudnn_packed_attention", attention.cudnn_packed_attention)  # undone after
+    flags = ["--attention", "cudnn", "--compute-dtype", "bfloat16", "--steps", "1", "--grouped-kv"]
+    for fixed, extra, said in (
+        (False, ["--cudnn-max-segments", "auto"], "kv offsets by the query's heads (jax PR #39521 fixes it)"),
+        (True, [], "--grouped-kv is an option of cuDNN's packed mode: add --attention cudnn"),
+    ):
+        monkeypatch.setattr(fused, "_fix_seqlen_offsets", emulated_fix_seqlen_offsets(fixed))
+        cudnn_packed.kv_offsets_follow_key_heads.cache_clear()
+        with pytest.raises(SystemExit):
+            mfu.main([*flags, *extra])
+        assert said in capsys.readouterr().err
+    assert FakeHarness.bounds == []  # no refused run built a model
+    assert mfu.main([*flags, "--cudnn-max-segments", "auto"]) == 0
+    cudnn_packed.kv_offsets_follow_key_heads.cache_clear()
+    assert ", auto), grouped k/v |" in capsys.readouterr().out
+    assert attention.cudnn_packed_attention.keywords == {"repeat_kv": False}
+
+
 GPU_CHECKS = REPO / "benchmarks" / "gpu_checks.sh"
 
 
