@@ -198,7 +198,8 @@ class CausalLM(nnx.Module):
         own ids.
 
         Raises:
-            ValueError: the config's attention_impl cannot run on this backend.
+            ValueError: the config's attention_impl cannot run on this backend; input_ids not [B, T] with
+                T >= 1, or positions / segment_ids of another shape.
         """
         positions, _, attend_self = self._own_sequence(input_ids, positions, segment_ids)
 
@@ -267,10 +268,12 @@ class CausalLM(nnx.Module):
         `attention_impl` says.
 
         Raises:
-            ValueError: the cache holds another row count than B; (outside jit) the T new tokens do not fit in
-                the cache. Under jit the latter cannot be checked before running; the logits of an
-                overflowing call are NaN instead.
+            ValueError: input_ids not [B, T] with T >= 1, or positions / segment_ids of another shape; the
+                cache holds another row count than B; (outside jit) the T new tokens do not fit in the
+                cache. Under jit the latter cannot be checked before running; the logits of an overflowing
+                call are NaN instead.
         """
+        _check_token_shapes(input_ids, positions, segment_ids)
         b, t = input_ids.shape
         cache.check_rows(b)
         start = cache.index
@@ -320,7 +323,8 @@ class CausalLM(nnx.Module):
 
         Raises:
             ValueError: the cache holds another row count than B, T > cache.max_len, or the config's
-                attention_impl cannot run on this backend.
+                attention_impl cannot run on this backend; input_ids not [B, T] with T >= 1, or positions /
+                segment_ids of another shape.
         """
         cache.check_rows(input_ids.shape[0])
         t = input_ids.shape[1]
@@ -347,6 +351,7 @@ class CausalLM(nnx.Module):
         """For input_ids [B, T] attending to themselves (`hidden_states`, `prefill`): positions [B, T] int32
         (default 0..T-1), segment_ids [B, T] int32 (default all 1) and attend(q, k, v) -> [B, T, H, Hd]
         through the configured attention (cuDNN's plain causal kernel when no segment ids were given)."""
+        _check_token_shapes(input_ids, positions, segment_ids)
         b, t = input_ids.shape
         given = segment_ids is not None
         segment_ids = segment_ids.astype(jnp.int32) if given else jnp.ones((b, t), jnp.int32)
@@ -403,6 +408,20 @@ def _stacked_layers(cfg: ModelConfig, rngs: nnx.Rngs) -> DecoderLayer:
         return DecoderLayer(cfg, rngs=layer_rngs)
 
     return make(rngs)
+
+
+def _check_token_shapes(
+    input_ids: jax.Array, positions: jax.Array | None, segment_ids: jax.Array | None
+) -> None:
+    """ValueError unless input_ids is [B, T] with T >= 1 and positions / segment_ids (where given) are [B, T]
+    too (a [T] positions array broadcast nowhere: it failed deep inside RoPE)."""
+    if jnp.ndim(input_ids) != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be [B, T] with T >= 1 tokens, got shape {jnp.shape(input_ids)}")
+    for name, given in (("positions", positions), ("segment_ids", segment_ids)):
+        if given is not None and jnp.shape(given) != input_ids.shape:
+            raise ValueError(
+                f"{name} must be [B, T] like input_ids {input_ids.shape}, got shape {jnp.shape(given)}"
+            )
 
 
 def _default_positions(positions: jax.Array | None, b: int, t: int, start) -> jax.Array:

@@ -24,6 +24,7 @@ from jax.sharding import Mesh, PartitionSpec
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from ..json_object import read_json_object
 from ..parallel import DEFAULT_RULES, LogicalRules, logical_to_sharding
 from .causal_lm import CausalLM
 from .config import ModelConfig
@@ -176,11 +177,7 @@ def _read_weight_map(index: Path) -> dict[str, str]:
     Raises:
         ValueError: `index` is not JSON, or holds no `weight_map` object (naming it).
     """
-    try:
-        content = json.loads(index.read_text())
-    except ValueError as e:  # json.JSONDecodeError, UnicodeDecodeError
-        raise ValueError(f"{index} is not valid JSON ({e}). Fix: {_COPY_AGAIN}") from None
-    weight_map = content.get("weight_map") if isinstance(content, dict) else None
+    weight_map = read_json_object(index, _COPY_AGAIN).get("weight_map")
     if not isinstance(weight_map, dict):
         raise ValueError(f"{index} holds no weight_map object, so it is no sharded index. Fix: {_COPY_AGAIN}")
     return weight_map
@@ -329,9 +326,15 @@ def _cast(source: np.ndarray, dtype: Any, name: str) -> np.ndarray:
     """`source` in `dtype`.
 
     Raises:
-        ValueError: a finite value is too large for `dtype` (float16's largest is 65504) and would load as
-            inf, naming the tensor, how many values and the largest.
+        ValueError: `source` is not of a floating-point type (naming the tensor); a finite value is too large
+            for `dtype` (float16's largest is 65504) and would load as inf, naming the tensor, how many values
+            and the largest.
     """
+    if not jnp.issubdtype(source.dtype, jnp.floating):
+        raise ValueError(
+            f"{name}: stored as {source.dtype}, not a floating-point type, so it is no weight of this model "
+            f"(a quantized or damaged checkpoint?). Fix: {_COPY_AGAIN}, in float32, bfloat16 or float16"
+        )
     with np.errstate(over="ignore"):  # an overflow is reported below, naming the tensor
         value = source.astype(dtype)
     if jnp.finfo(dtype).max < jnp.finfo(source.dtype).max:
@@ -379,8 +382,8 @@ def load_pretrained(
             directory without safetensors weights (`SafetensorsTensors`); a packaged model whose file is
             missing from its installed distribution (`packaged_model_path`).
         MissingPackageError: a packaged name whose pip distribution is not installed (the install command).
-        ValueError: a GGUF file this reader refuses (`read_gguf`); a config.json that is not JSON; a
-            safetensors index or weight file that cannot be read (`SafetensorsTensors`).
+        ValueError: a GGUF file this reader refuses (`read_gguf`); a config.json that is not a JSON object
+            (naming it); a safetensors index or weight file that cannot be read (`SafetensorsTensors`).
         KeyError: a sharded index that lists other tensors than its files hold (`SafetensorsTensors`).
         KeyError / ValueError: from `model_from_hf` (tensors that do not match the config).
     """
@@ -388,8 +391,11 @@ def load_pretrained(
     if path.is_dir():
         config_file = path / "config.json"
         if not config_file.exists():
-            raise FileNotFoundError(f"{config_file} does not exist")
-        hf_config = json.loads(config_file.read_text())
+            raise FileNotFoundError(
+                f"{config_file} does not exist, so {path} is no Hugging Face model directory. Fix: point at "
+                f"the directory that holds the model's config.json and safetensors weights"
+            )
+        hf_config = read_json_object(config_file, _COPY_AGAIN)
         tensors: Mapping[str, Any] = SafetensorsTensors(path)
     else:
         from .gguf import read_gguf

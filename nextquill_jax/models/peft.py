@@ -23,6 +23,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file
 
+from ..json_object import read_json_object
 from .config import ModelConfig
 from .hf import NAME_TABLES, save_tensors
 
@@ -137,14 +138,7 @@ def _load_config(directory: Path) -> dict[str, Any]:
                 f"`nextquill-jax export --adapter` write)"
             )
     config_file = directory / CONFIG_FILE
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config_file} is not JSON ({e}). Fix: save the adapter anew") from None
-    if not isinstance(config, dict):
-        raise ValueError(
-            f"{config_file} holds a {type(config).__name__}, not a JSON object. Fix: save the adapter anew"
-        )
+    config = read_json_object(config_file, "save the adapter anew")
     # `check_peft_adapter` compares these with model.lora.rank / alpha: a string r of "4" differed from 4
     # while both printed as 4, and a null lora_alpha failed float() with a TypeError.
     fields = (("r", "an integer", 8, int), ("lora_alpha", "a number", 16, (int, float)))

@@ -7,7 +7,6 @@ Parameters travel through the train state as a plain nested dict (`nnx.to_pure_d
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from jax.sharding import Mesh
 from nextquill_jax.config import ModelRunConfig
 from nextquill_jax.config_schema import ConfigError
 from nextquill_jax.data.prepared_split import PreparedSplit
+from nextquill_jax.json_object import read_json_object
 from nextquill_jax.models import CausalLM, ModelConfig, attention, load_pretrained
 from nextquill_jax.parallel import DEFAULT_RULES, LogicalRules, logical_to_sharding
 
@@ -127,17 +127,9 @@ def _read_hf_config(section: ModelRunConfig) -> dict[str, Any]:
     if path.is_dir():
         config_file = path / "config.json"
         try:
-            hf_config = json.loads(config_file.read_text())
-        except ValueError as e:  # json.JSONDecodeError, UnicodeDecodeError
-            raise ConfigError(
-                f"model.path {section.path!r}: {config_file} is not valid JSON ({e}). Fix: {_RESTORE_CONFIG}"
-            ) from None
-        if not isinstance(hf_config, dict):
-            raise ConfigError(
-                f"model.path {section.path!r}: {config_file} holds a {type(hf_config).__name__}, not a JSON "
-                f"object. Fix: {_RESTORE_CONFIG}"
-            )
-        return hf_config
+            return read_json_object(config_file, _RESTORE_CONFIG)
+        except ValueError as e:
+            raise ConfigError(f"model.path {section.path!r}: {e}") from None
     from nextquill_jax.models.gguf import read_gguf_config
 
     try:

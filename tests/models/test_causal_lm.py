@@ -166,3 +166,30 @@ def test_cache_overflow_outside_jit_is_an_error(tiny_model_config):
     assert cache.k.shape == (2, 2, 6, 2, 8) and int(cache.index) == 0
     with pytest.raises(ValueError, match="KV cache overflow: 0 slots used \\+ 8 new > max_len 6"):
         model.extend(IDS, cache)
+
+
+def test_inputs_of_the_wrong_shape_are_named(tiny_model_config):
+    """No tokens failed as "block must be a positive int, got 0" (attention's block size); [T] positions
+    with an IndexError inside RoPE. Each entry point now names the input and its shape."""
+    model = CausalLM(tiny_model_config(vocab_size=VOCAB), rngs=nnx.Rngs(0))
+    cache = model.init_cache(batch=2, max_len=12)
+    b, t = IDS.shape
+    calls = {
+        "hidden_states": lambda ids, **kw: model.hidden_states(ids, **kw),
+        "logits": lambda ids, **kw: model(ids, **kw),
+        "prefill": lambda ids, **kw: model.prefill(ids, cache, **kw),
+        "extend": lambda ids, **kw: model.extend(ids, cache, **kw),
+    }
+    for call in calls.values():
+        with pytest.raises(
+            ValueError, match=r"^input_ids must be \[B, T\] with T >= 1 tokens, got shape \(2, 0\)"
+        ):
+            call(IDS[:, :0])
+        with pytest.raises(
+            ValueError, match=rf"^positions must be \[B, T\] like input_ids \({b}, {t}\), got shape \({t},\)"
+        ):
+            call(IDS, positions=jnp.arange(t))
+        with pytest.raises(
+            ValueError, match=rf"^segment_ids must be \[B, T\] like input_ids .*got shape \(1, {t}\)"
+        ):
+            call(IDS, segment_ids=jnp.ones((1, t), jnp.int32))

@@ -114,8 +114,35 @@ def test_values_too_large_for_float16_are_refused_naming_the_tensor(qwen2):
 def test_unknown_name_and_directory_without_config(tmp_path):
     with pytest.raises(FileNotFoundError, match="smollm2-135m"):
         load_pretrained("no-such-model")
-    with pytest.raises(FileNotFoundError, match=r"config\.json does not exist"):
+    with pytest.raises(
+        FileNotFoundError, match=r"config\.json does not exist, so .* is no Hugging Face .*Fix"
+    ):
         load_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("{'vocab_size': 96}", r"is not valid JSON \(Expecting property name .*line 1 column 2"),
+        ("[1, 2]", "holds a list, not a JSON object"),
+    ],
+)
+def test_a_damaged_config_json_is_named_with_the_fix(tmp_path, text, problem):
+    """It was a bare JSONDecodeError (or for a list AttributeError: 'list' object has no attribute 'get')."""
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(
+        ValueError, match=rf"^{tmp_path}/config\.json {problem}.*\. Fix: copy or download the model's"
+    ):
+        load_pretrained(tmp_path)
+
+
+def test_an_integer_weight_is_named(qwen2):
+    """A tensor of an integer type (a quantized or damaged checkpoint) failed in np.finfo ("data type
+    <class 'numpy.int32'> not inexact"), naming nothing."""
+    config, tensors = qwen2
+    changed = {**tensors, "model.norm.weight": tensors["model.norm.weight"].astype(np.int32)}
+    with pytest.raises(ValueError, match=r"^model\.norm\.weight: stored as int32, not a floating-point type"):
+        model_from_hf(config, changed)
 
 
 def test_a_directory_without_safetensors_weights_says_so_and_what_to_do(tmp_path):
