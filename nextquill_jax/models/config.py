@@ -123,8 +123,9 @@ class SpecialIdsOutsideVocabError(ValueError):
         return (
             f"ModelConfig special token ids outside the vocabulary (vocab_size {self.vocab_size}): {named}. "
             f"Fix: set them to the tokenizer's ids (in a config: {keys}; e.g. eos_token_ids: [the "
-            "tokenizer's eos_token_id]): a preset whose vocab_size is overridden keeps its own ids. Or use a "
-            "larger vocab_size"
+            "tokenizer's eos_token_id]; in Python, the ModelConfig fields of those names, which "
+            "load_pretrained and model_preset take as keywords): a preset whose vocab_size is overridden "
+            "keeps its own ids. Or use a larger vocab_size"
         )
 
 

@@ -153,6 +153,11 @@ def test_special_ids_outside_the_vocabulary_are_errors_naming_the_fields_and_the
         model_preset("qwen2.5-0.5b", vocab_size=704)
     with pytest.raises(ValueError, match=r": eos_token_ids \[704\]\. "):
         model_preset("qwen2.5-0.5b", vocab_size=704, bos_token_id=0, eos_token_ids=(0, 704))
+    # A library caller's fix too (it named only a training config's keys).
+    with pytest.raises(
+        ValueError, match=r"in Python, the ModelConfig fields of those names, which load_pretrained"
+    ):
+        model_preset("qwen2.5-0.5b", vocab_size=704)
     with pytest.raises(
         ValueError, match=r"bos_token_id \[128000\], eos_token_ids \[128001, 128008, 128009\]"
     ):
