@@ -359,8 +359,8 @@ class ModelConfig:
             if key not in d:
                 raise KeyError(f"config.json (model_type {family!r}) has no {key!r}")
         act = d.get("hidden_act", "silu")
-        if act != "silu":
-            raise ValueError(f"config.json hidden_act {act!r} is not supported; only 'silu'")
+        if act not in ("silu", "swish"):  # transformers' ACT2FN runs "swish" as SiLU
+            raise ValueError(f"config.json hidden_act {act!r} is not supported; only 'silu' (or 'swish')")
         if d.get("mlp_bias", False):
             raise ValueError("config.json mlp_bias=true is not supported")
         if family in ("qwen2", "qwen3"):

@@ -245,6 +245,8 @@ EDITED_CONFIGS = {
         )
         for family in ("llama", "qwen2")
     },
+    # transformers runs the activation "swish" as SiLU (it was refused here).
+    "hidden_act_swish": ("qwen2", {}, {"hidden_act": "swish"}),
     # transformers' Qwen3Config defaults head_dim to 128, not hidden_size // num_attention_heads (16 here).
     "qwen3_without_head_dim": ("qwen3", {"head_dim": 128}, {"head_dim": ABSENT}),
     # transformers' Qwen2Config / Qwen3Config default num_key_value_heads to 32, not num_attention_heads.
