@@ -803,10 +803,20 @@ def test_every_gpu_check_is_a_command_line_the_benchmarks_accept(tmp_path, monke
     """The GPU lease is minutes long and the script never runs on CI: each of its checks must be a command
     the current benchmarks take. mfu.py's checks run through `main` as on a GPU backend (its shape,
     model and remat policy checked, each model config built) with the step timed by the fake; the others'
-    command lines are parsed only (they compute on whatever device there is)."""
+    command lines are parsed only (they compute on whatever device there is). The jax is one with PR #39521
+    (emulated), as on the lent machines (0.11.2), so that mfu_best_grouped's --grouped-kv is taken."""
+    from jax._src.cudnn import fused_attention_stablehlo as fused
+
+    from nextquill_jax.models import attention
+    from nextquill_jax.models.cudnn_packed import kv_offsets_follow_key_heads
+    from tests.models.cudnn_emulation import emulated_fix_seqlen_offsets
+
     mfu = benchmark_script("mfu")
     monkeypatch.setattr(harness, "TrainingHarness", MfuFakeHarness)
     monkeypatch.setattr(harness, "step_breakdown", lambda h, batch, steps: {"step": 0.004})
+    monkeypatch.setattr(fused, "_fix_seqlen_offsets", emulated_fix_seqlen_offsets(True))
+    monkeypatch.setattr(attention, "cudnn_packed_attention", attention.cudnn_packed_attention)  # undone after
+    kv_offsets_follow_key_heads.cache_clear()
     parse_args = argparse.ArgumentParser.parse_args
 
     def parse_only(parser, args=None, namespace=None):
@@ -828,7 +838,8 @@ def test_every_gpu_check_is_a_command_line_the_benchmarks_accept(tmp_path, monke
                 parsing.setattr(argparse.ArgumentParser, "parse_args", parse_only)
                 benchmark_script(script).main(args)
         checked.append(name)
-    assert {"mfu_breakdown", "cudnn_mask", "prefill", "mfu_xla_flags"} <= set(checked)
+    kv_offsets_follow_key_heads.cache_clear()
+    assert {"mfu_breakdown", "cudnn_mask", "prefill", "mfu_xla_flags", "mfu_best_grouped"} <= set(checked)
 
 
 def test_a_results_section_records_the_xla_flags_it_was_measured_under(monkeypatch):
