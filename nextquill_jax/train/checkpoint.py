@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import logging
 import math
 import re
 import shutil
@@ -93,13 +94,17 @@ def preservation_policy(cfg: CheckpointConfig) -> policies.PreservationPolicy:
 
 
 @contextlib.contextmanager
-def _absl_level(level: int) -> Iterator[None]:
-    previous = absl_logging.get_verbosity()
-    absl_logging.set_verbosity(level)
+def _absl_errors_only() -> Iterator[None]:
+    """Drop absl (Orbax) records below ERROR while the block runs, then give the absl logger back its own
+    level, unset included: `absl.logging.set_verbosity(get_verbosity())` would set it to WARNING for good,
+    dropping a library caller's absl INFO records and the CLI's third-party log's."""
+    logger = absl_logging.get_absl_logger()
+    previous = logger.level
+    logger.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        absl_logging.set_verbosity(previous)
+        logger.setLevel(previous)
 
 
 @dataclass(frozen=True)
@@ -282,7 +287,7 @@ class Checkpointer:
         # cleared `_saving`, and the callback failed on step None.
         self._committing: int | None = None
         # Orbax logs two warnings for every read-only manager (that it will not save): not news to a reader.
-        with _absl_level(absl_logging.ERROR if read_only else absl_logging.get_verbosity()):
+        with _absl_errors_only() if read_only else contextlib.nullcontext():
             options = ocp.CheckpointManagerOptions(
                 preservation_policy=None if read_only else preservation_policy(cfg),
                 # Orbax writes a step's metrics (its `metrics` item, before the commit, so the manifest lists

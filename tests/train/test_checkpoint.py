@@ -571,3 +571,33 @@ def test_a_checkpoint_says_how_many_processes_saved_its_data_positions(tmp_path,
     if count is not None:
         with pytest.raises(ConfigError, match=rf"ckpt/7 was saved by {count} processes and this run has 5.*"):
             check_same_process_count(count, 5, "ckpt/7")
+
+
+@pytest.mark.parametrize("read_only", [False, True])
+def test_a_checkpointer_leaves_the_absl_loggers_level_as_it_was(tmp_path, read_only):
+    """Building one set the absl logger's level to WARNING for the rest of the process (it "restored" absl's
+    verbosity flag, which is not the logger's level): a library caller's absl INFO records, and the CLI's
+    third-party log's, were dropped from then on. A read-only one still keeps Orbax's warnings off the
+    console while it is built."""
+    import logging
+
+    from absl import logging as absl_logging
+
+    logger = absl_logging.get_absl_logger()
+    seen = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = seen.append
+    previous = logger.level
+    logger.setLevel(logging.INFO)  # a caller's own choice, which the Checkpointer must keep
+    logger.addHandler(handler)
+    try:
+        Checkpointer(tmp_path / "steps", CheckpointConfig(), read_only=read_only).close()
+        assert logger.level == logging.INFO
+        if read_only:
+            assert not [r for r in seen if r.levelno == logging.WARNING]  # "will not save" notes dropped
+        seen.clear()
+        absl_logging.info("after")
+        assert [r.getMessage() for r in seen] == ["after"]
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous)
