@@ -8,8 +8,8 @@ on what a run happens to import. Layers, top to bottom (README, "Architecture"):
 `config_reference` (the generator of configs/REFERENCE.md, which documents the schemas of `config`, `eval`'s
 compare files and `bench`'s sweeps) stands above `eval` and `bench`, beside `demo`.
 
-`config_schema`, `config_paths`, `plural`, `lost_signals`, `atomic_file`, `output_dir`, `subcommand`,
-`mesh_sizes` and `third_party_logs` serve every layer: they import nothing of the package but each other
+`config_schema`, `config_paths`, `plural`, `lost_signals`, `atomic_file`, `json_object`, `output_dir`,
+`subcommand`, `mesh_sizes` and `third_party_logs` serve every layer: they import nothing of the package but each other
 (`third_party_logs` checks its directory with `output_dir`).
 """
 
@@ -39,6 +39,7 @@ LAYER_OF = {
     "plural": 0,
     "lost_signals": 0,
     "atomic_file": 0,
+    "json_object": 0,
     "output_dir": 0,
     "subcommand": 0,
     "third_party_logs": 0,
