@@ -103,7 +103,8 @@ def train(
     from before set-up writes there until the run ends. `on_locked` is called once past the lock (on every
     process, `setup.set_up_run`), before set-up writes in `workdir`: a caller that writes there itself (the
     CLI opens its third-party log) starts there, so that a run refused the lock writes nothing in the
-    workdir of the run that holds it.
+    workdir of the run that holds it. `echo` gets every line the run shows (set-up notes, evaluation lines,
+    warnings, what a stop saved) on process 0; the progress bar (`logging.progress_bar`) draws on stderr.
 
     Raises:
         WorkdirLockedError: another `train` is running in `workdir` (nothing there is changed).
@@ -150,7 +151,7 @@ def _train(
         echo(f"{workdir} already finished at step {step} of {run.total_steps}: nothing to train")
         ckpt.close()
         return TrainResult("finished", step, workdir, last_saved, state)
-    log = MetricsLog(workdir, cfg.logging, start_step=step, total_steps=run.total_steps)
+    log = MetricsLog(workdir, cfg.logging, start_step=step, total_steps=run.total_steps, echo=echo)
     pending = PendingMetrics(cfg, run.settings.loss, run.epoch_ends, log)
     profile = _Profile(cfg.logging.profile_steps, workdir / PROFILE_DIR, log)
     preemption = _Preemption()

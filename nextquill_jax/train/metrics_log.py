@@ -18,8 +18,10 @@ row's `eval/tokens` too, are written as JSON integers, every other number as a f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -40,11 +42,21 @@ INTEGER_FIELDS = ("tokens", "input_tokens", "skipped", "epoch")
 
 
 class MetricsLog:
-    """Writes metric rows for steps `start_step + 1 ... total_steps` of a run in `workdir`."""
+    """Writes metric rows for steps `start_step + 1 ... total_steps` of a run in `workdir`; `echo` shows its
+    messages (`message`), on process 0."""
 
-    def __init__(self, workdir: str | Path, cfg: LoggingConfig, *, start_step: int, total_steps: int) -> None:
+    def __init__(
+        self,
+        workdir: str | Path,
+        cfg: LoggingConfig,
+        *,
+        start_step: int,
+        total_steps: int,
+        echo: Callable[[str], None] = print,
+    ) -> None:
         self.enabled = jax.process_index() == 0
         self.path = Path(workdir) / METRICS_FILE
+        self._echo = echo
         self._tb = None
         self._bar = None
         self._console_gone = False  # see `_to_console`
@@ -119,9 +131,15 @@ class MetricsLog:
             return next(found, None)
 
     def message(self, text: str) -> None:
-        """Print `text` on process 0 without breaking the bar."""
+        """Show `text` through `echo` on process 0, without breaking the bar, and flush stdout (where `echo`
+        prints, a piped console sees the line at once)."""
         if self.enabled:
-            self._to_console(lambda: tqdm.write(text) if self._bar is not None else print(text, flush=True))
+            self._to_console(lambda: self._show(text))
+
+    def _show(self, text: str) -> None:
+        with tqdm.external_write_mode() if self._bar is not None else contextlib.nullcontext():
+            self._echo(text)
+        sys.stdout.flush()
 
     def _to_console(self, write: Callable[[], None]) -> None:
         """Run `write`, a write to stdout or stderr; once one finds the reader gone, write there no more.
