@@ -26,3 +26,28 @@ def test_the_readme_hidden_state_snippet_runs_and_aligns_with_the_labels(trained
     assert used.sum() == 9
     np.testing.assert_allclose(got[used], want[used], rtol=1e-4, atol=1e-4)
     assert (labels[used] == np.concatenate([np.array([21, 22, 23])] * 3)).all()
+
+
+def test_the_readme_training_snippet_runs_and_a_second_call_resumes(
+    tmp_path, monkeypatch, write_random_data, tiny_config, write_config
+):
+    """The "Training from Python" block as written, but on the tiny test config (its own, tiny_synthetic's
+    60 steps take minutes here) and in a scratch directory: it trains, and the same call again in the same
+    process finds the run finished, saying so through `echo`."""
+    import re
+
+    code = readme_python_block("### Training from Python")
+    assert code.count('"configs/tiny_synthetic.yaml"') == 1 and code.count('"runs/from_python"') == 1, code
+    config = write_config(
+        tiny_config(write_random_data(tmp_path / "data"), tmp_path / "unused"), tmp_path / "c.yaml"
+    )
+    code = code.replace('"configs/tiny_synthetic.yaml"', repr(str(config)))
+    code = re.sub(r'\["train\.max_steps=20"\]', '["train.max_steps=2"]', code)
+    monkeypatch.chdir(tmp_path)
+    said = []
+    namespace = {"print": lambda *args: said.append(" ".join(map(str, args)))}
+    exec(code, namespace)
+    assert (namespace["result"].status, namespace["result"].step) == ("finished", 2)
+    assert said[-1] == f"finished 2 {namespace['result'].last_checkpoint}"
+    exec(code, namespace)
+    assert any("already finished at step 2 of 2" in line for line in said), said
