@@ -9,8 +9,8 @@ on what a run happens to import. Layers, top to bottom (README, "Architecture"):
 compare files and `bench`'s sweeps) stands above `eval` and `bench`, beside `demo`.
 
 `config_schema`, `config_paths`, `plural`, `lost_signals`, `atomic_file`, `json_object`, `output_dir`,
-`subcommand`, `mesh_sizes` and `third_party_logs` serve every layer: they import nothing of the package but each other
-(`third_party_logs` checks its directory with `output_dir`).
+`subcommand`, `mesh_sizes` and `third_party_logs` serve every layer: they import nothing of the package but
+each other (`third_party_logs` checks its directory with `output_dir`).
 """
 
 from __future__ import annotations

@@ -140,7 +140,8 @@ def _per_shard(
     either left whole where its shard count does not divide it; `local` itself on one device.
 
     q [B, T, H, Hd], k / v [B, T, K, Hd], segment_ids [B, T]; returns `local`'s [B, T, H, Hd]. Where the
-    head shards outnumber the K key/value heads, k / v are repeated to the H query heads first.
+    head shards do not divide the K key/value heads (more shards than K, or K not a multiple of them), k / v
+    are repeated to the H query heads first.
     """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:

@@ -326,6 +326,7 @@ class CausalLM(nnx.Module):
                 attention_impl cannot run on this backend; input_ids not [B, T] with T >= 1, or positions /
                 segment_ids of another shape.
         """
+        _check_token_shapes(input_ids, positions, segment_ids)
         cache.check_rows(input_ids.shape[0])
         t = input_ids.shape[1]
         if t > cache.max_len:

@@ -186,6 +186,10 @@ def test_inputs_of_the_wrong_shape_are_named(tiny_model_config):
         ):
             call(IDS[:, :0])
         with pytest.raises(
+            ValueError, match=r"^input_ids must be \[B, T\] with T >= 1 tokens, got shape \(8,\)"
+        ):
+            call(IDS[0])  # prefill read the cache's rows from it first ("the KV cache holds 2 rows ...")
+        with pytest.raises(
             ValueError, match=rf"^positions must be \[B, T\] like input_ids \({b}, {t}\), got shape \({t},\)"
         ):
             call(IDS, positions=jnp.arange(t))
