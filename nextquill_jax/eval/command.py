@@ -40,6 +40,7 @@ from nextquill_jax.subcommand import (
 )
 
 if TYPE_CHECKING:  # the commands import JAX only when they run
+    from nextquill_jax.config import Config
     from nextquill_jax.train.loop import TrainingDivergedError
 
 
@@ -428,10 +429,10 @@ def run_effects(args: argparse.Namespace) -> int:
             model, cfg, step = restored.model, restored.config, restored.step
             if restored.weighting_note and "weighting" not in loss_flags:  # the report's ω is the module's
                 print(restored.weighting_note, file=sys.stderr)
-            if cfg.loss.dce == "fixed":
-                print(_fixed_dce_note(cfg.loss.reference_model), file=sys.stderr)
             loss_cfg = _with_loss_flags(cfg.loss.loss_config(), loss_flags, "the run's loss.")
             data_dir = args.data or data_dir_of(cfg, args.workdir)
+            if cfg.loss.dce == "fixed":
+                print(_fixed_dce_note(cfg, data_dir), file=sys.stderr)
             if args.data is None:  # the run's own, known once its config is read
                 _check_prepared(data_dir, args.split, f"{args.workdir}'s data")
             source = f"{args.workdir} step {step}"
@@ -467,14 +468,29 @@ def run_effects(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fixed_dce_note(reference_model: str | None) -> str:
-    """The note of `effects` on a `loss.dce: fixed` run: the report's DCE is the reported model's own, not
-    the effects that weighted its training, and how to report those."""
+def _fixed_dce_note(cfg: Config, data_dir: Path) -> str:
+    """The note of `effects` on a `loss.dce: fixed` run `cfg` (reported on the prepared data `data_dir`): the
+    report's DCE is the reported model's own, not the effects that weighted its training, and how to report
+    those."""
+    reference_model = cfg.loss.reference_model
     if reference_model is None:
         source, how = "the data", "the prepared data's `reference_dce` holds them"
     elif reference_model == "base":
         source = "its reference model"
-        how = "`--step 0` reports the base's (its adapters off, as `loss.reference_model: base` is)"
+        init_from = cfg.model.lora.init_from if cfg.model.lora is not None else None
+        if init_from is None:
+            how = "`--step 0` reports the base's (its adapters off, as `loss.reference_model: base` is)"
+        elif cfg.model.path is not None:
+            # Step 0 is the base carrying the adapters it starts from, not the base alone.
+            how = (
+                f"`--model {cfg.model.path} --data {data_dir}` reports the base's; `--step 0` carries the "
+                f"adapters of model.lora.init_from, which the base as reference has off"
+            )
+        else:
+            how = (
+                "no flag reports the base alone (a preset initialised from train.seed; `--step 0` carries "
+                "the adapters of model.lora.init_from, which the base as reference has off)"
+            )
     else:
         source = "its reference model"
         how = (

@@ -730,3 +730,33 @@ def test_effects_command_with_training_workdir(trained_run, tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"{workdir}'s data {workdir / 'prepared'} holds no prepared 'val' split" in err, err
     assert "it holds train, test). Fix: pass --split train or test, or add records of the 'val'" in err, err
+
+
+@pytest.mark.parametrize(
+    ("lora", "path", "advice"),
+    [
+        ({"init_from": None}, "base_dir", "(`--step 0` reports the base's (its adapters off, as "),
+        (
+            {"init_from": "adapters"},
+            "base_dir",
+            "(`--model base_dir --data prepared` reports the base's; `--step 0`",
+        ),
+        (
+            {"init_from": "adapters"},
+            None,
+            "(no flag reports the base alone (a preset initialised from train.seed",
+        ),
+    ],
+)
+def test_the_fixed_dce_note_names_a_way_to_report_the_base_alone(lora, path, advice):
+    """`reference_model: base` is the frozen base with its adapters off; a run whose adapters start from
+    model.lora.init_from has them on at step 0, which the note advised all the same."""
+    from types import SimpleNamespace
+
+    from nextquill_jax.eval.command import _fixed_dce_note
+
+    cfg = SimpleNamespace(
+        loss=SimpleNamespace(reference_model="base"),
+        model=SimpleNamespace(lora=SimpleNamespace(**lora), path=path),
+    )
+    assert advice in _fixed_dce_note(cfg, Path("prepared"))
