@@ -60,6 +60,10 @@ NO_CHECKPOINT = "none"
 _STEP_EXTRAS = ("grad_norm", "learning_rate", "input_tokens", "padding_efficiency", "skipped")
 
 
+# `train`'s on_metrics: (step, the values of the row appended to metrics.jsonl) on process 0.
+OnMetrics = Callable[[int, dict[str, int | float | None]], object]
+
+
 class TrainingDivergedError(RuntimeError):
     """The loss or gradient became NaN/inf (`train.nonfinite: stop`), or more than `train.max_skips` updates
     were skipped. The message is `diagnosis` (the step, the values, the last good checkpoint) and `train`'s
@@ -92,7 +96,12 @@ class TrainResult:
 
 
 def train(
-    cfg: Config, workdir: Path, *, echo: Echo = print, on_locked: Callable[[], object] | None = None
+    cfg: Config,
+    workdir: Path,
+    *,
+    echo: Echo = print,
+    on_locked: Callable[[], object] | None = None,
+    on_metrics: OnMetrics | None = None,
 ) -> TrainResult:
     """Run (or resume) the training `cfg` describes in `workdir`.
 
@@ -105,6 +114,11 @@ def train(
     CLI opens its third-party log) starts there, so that a run refused the lock writes nothing in the
     workdir of the run that holds it. `echo` gets every line the run shows (set-up notes, evaluation lines,
     warnings, what a stop saved) on process 0; the progress bar (`logging.progress_bar`) draws on stderr.
+    `on_metrics(step, values)` gets each row this run appends to metrics.jsonl, on process 0, once it is
+    written: a training row every `logging.every_steps` (and at each flush's last step), an evaluation row
+    (`eval/...` keys) where one is due; `values` as the row holds them (null, None here, for a non-finite
+    value). For a caller's own logging or plots; an exception it raises ends the run as any error does (the
+    checkpoints saved stay, and the same call resumes).
 
     Raises:
         WorkdirLockedError: another `train` is running in `workdir` (nothing there is changed).
@@ -121,13 +135,18 @@ def train(
     # Held from before anything is written in the workdir (`set_up_run` takes it on process 0) to the end.
     lock = WorkdirLock(workdir)
     try:
-        return _train(cfg, workdir, lock, echo, on_locked)
+        return _train(cfg, workdir, lock, echo, on_locked, on_metrics)
     finally:
         lock.release()
 
 
 def _train(
-    cfg: Config, workdir: Path, lock: WorkdirLock, echo, on_locked: Callable[[], object] | None
+    cfg: Config,
+    workdir: Path,
+    lock: WorkdirLock,
+    echo,
+    on_locked: Callable[[], object] | None,
+    on_metrics: OnMetrics | None,
 ) -> TrainResult:
     run = set_up_run(cfg, workdir, echo, lock=lock, on_locked=on_locked)
     # As resolved (config.yaml and every checkpoint record what the steps were built from), with the workdir
@@ -151,7 +170,9 @@ def _train(
         echo(f"{workdir} already finished at step {step} of {run.total_steps}: nothing to train")
         ckpt.close()
         return TrainResult("finished", step, workdir, last_saved, state)
-    log = MetricsLog(workdir, cfg.logging, start_step=step, total_steps=run.total_steps, echo=echo)
+    log = MetricsLog(
+        workdir, cfg.logging, start_step=step, total_steps=run.total_steps, echo=echo, on_row=on_metrics
+    )
     pending = PendingMetrics(cfg, run.settings.loss, run.epoch_ends, log)
     profile = _Profile(cfg.logging.profile_steps, workdir / PROFILE_DIR, log)
     preemption = _Preemption()

@@ -43,7 +43,7 @@ INTEGER_FIELDS = ("tokens", "input_tokens", "skipped", "epoch")
 
 class MetricsLog:
     """Writes metric rows for steps `start_step + 1 ... total_steps` of a run in `workdir`; `echo` shows its
-    messages (`message`), on process 0."""
+    messages (`message`) and `on_row(step, values)` gets each row as written (`write`), on process 0."""
 
     def __init__(
         self,
@@ -53,10 +53,12 @@ class MetricsLog:
         start_step: int,
         total_steps: int,
         echo: Callable[[str], None] = print,
+        on_row: Callable[[int, dict[str, int | float | None]], object] | None = None,
     ) -> None:
         self.enabled = jax.process_index() == 0
         self.path = Path(workdir) / METRICS_FILE
         self._echo = echo
+        self._on_row = on_row
         self._tb = None
         self._bar = None
         self._console_gone = False  # see `_to_console`
@@ -78,20 +80,23 @@ class MetricsLog:
 
     def write(self, step: int, metrics: Mapping[str, float]) -> None:
         """Append one row {"step": step, **metrics}: the `INTEGER_FIELDS` as integers, the other values as
-        floats, non-finite ones as null.
+        floats, non-finite ones as null; then `on_row(step, values)` with the row's values as written.
 
         Raises:
             ValueError: an `INTEGER_FIELDS` value that is not a whole number (nothing is written).
+            Whatever `on_row` raises (the row is written first).
         """
         if not self.enabled:
             return
-        row = {"step": step, **{k: self._json_value(k, v) for k, v in metrics.items()}}
+        values = {k: self._json_value(k, v) for k, v in metrics.items()}
         with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps({"step": step, **values}) + "\n")
         if self._tb is not None:
             for key, value in metrics.items():
                 self._tb.add_scalar(key, float(value), step)
             self._tb.flush()
+        if self._on_row is not None:
+            self._on_row(step, values)
 
     def _json_value(self, key: str, value: float) -> int | float | None:
         """`value` as the row writes field `key`: an int for `INTEGER_FIELDS`, else `_json_number`."""

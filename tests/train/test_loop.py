@@ -400,3 +400,35 @@ def test_an_endless_run_counts_evaluates_and_saves_its_epochs_as_a_run_with_num_
     epochs, evaluated, saved = schedule("endless", None)
     assert (epochs, evaluated, saved) == schedule("three", 3)
     assert {e for _, e in epochs} == {0, 1, 2} and len(evaluated) > 1  # the comparison covers epoch ends
+
+
+def test_on_metrics_gets_each_row_metrics_jsonl_gets_and_an_error_in_it_ends_the_run_resumably(
+    tmp_path, write_random_data, tiny_config
+):
+    """A caller's own logging: every row appended to metrics.jsonl (training rows and evaluation rows), with
+    the values as written; an exception raised in it stops the run like any error, and the same call resumes
+    from the checkpoint saved before it."""
+    raw = tiny_config(write_random_data(tmp_path / "data", train=16, val=8), tmp_path / "run")
+    raw["logging"]["every_steps"] = 1
+    raw["train"]["max_steps"] = 4
+    raw["checkpoint"].update(every_steps=2, async_save=False)
+    raw["data"]["batching"].update(rows_per_batch=4, num_epochs=2)
+    cfg = load_config(None, base=raw)
+    seen = []
+
+    def stop_at_step_3(step, values):
+        seen.append({"step": step, **values})
+        if step == 3 and "loss" in values:
+            raise RuntimeError("a caller's logger failed")
+
+    with pytest.raises(RuntimeError, match="a caller's logger failed"):
+        loop.train(cfg, tmp_path / "run", echo=lambda _: None, on_metrics=stop_at_step_3)
+    rows = lambda: [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert seen == rows() and [r["step"] for r in seen if "loss" in r] == [1, 2, 3]
+    assert any(key.startswith("eval/") for r in seen for key in r)  # the epoch end's evaluation row
+    seen.clear()
+    resumed = loop.train(cfg, tmp_path / "run", echo=lambda _: None, on_metrics=lambda s, v: seen.append(s))
+    assert (resumed.status, resumed.step) == ("finished", 4)
+    assert 3 in seen and 4 in seen and min(seen) == 3  # from checkpoint 2: step 3 again, then 4
