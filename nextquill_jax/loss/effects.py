@@ -93,14 +93,15 @@ def model_effect(logits_with: jax.Array, logits_without: jax.Array) -> jax.Array
 def data_effect(logprob_with: jax.Array, logprob_without: jax.Array, mask: jax.Array) -> jax.Array:
     """DCE = p_h(y) − p_∅(y) from token log-probs [..., R]; 0 where `mask` is False.
 
-    Raises:
-        ValueError: the two log-probs' and the mask's shapes are not all one.
-
     The result is wrapped in `jax.lax.stop_gradient`: its gradient with respect to the log-probs is zero, with
     no error or warning. DCE is a data-side quantity (NEXTQUILL.md, "Causal preference effects"): it picks the
     preference-bearing tokens whose weights carry no gradient, so no loss may move the model through it. For a
     differentiable probability difference, take `jnp.exp(lp_with) - jnp.exp(lp_without)` of `token_logprobs`
-    yourself."""
+    yourself.
+
+    Raises:
+        ValueError: the two log-probs' and the mask's shapes are not all one.
+    """
     _check_same_shape(logprob_with=logprob_with, logprob_without=logprob_without, mask=mask)
     dce = jnp.exp(logprob_with.astype(jnp.float32)) - jnp.exp(logprob_without.astype(jnp.float32))
     return jax.lax.stop_gradient(jnp.where(mask, dce, 0.0))
