@@ -145,9 +145,10 @@ def resolve_mesh_shape(
                 f"left over, e.g. {_fitting(fsdp_fills, num_devices, entry)}"
             )
         else:
+            fsdp_fills = [-1 if axis == "fsdp" else size for axis, size in zip(MESH_AXES, shape, strict=True)]
             fix = (
                 f"make mesh.data * mesh.fsdp * mesh.tensor = {num_devices}, or set one axis to -1 to fill "
-                "the rest (e.g. mesh.fsdp=-1)"
+                f"the rest (e.g. {_fitting(fsdp_fills, num_devices, against=shape)})"
             )
         raise ValueError(f"{name} has {counted(fixed, 'device')} but {available}. Fix: {fix}.")
     return tuple(shape)
@@ -157,10 +158,13 @@ def _describe(shape: Sequence[int]) -> str:
     return "(" + ", ".join(f"{a}={s}" for a, s in zip(MESH_AXES, shape, strict=True)) + ")"
 
 
-def _fitting(shape: Sequence[int], num_devices: int, entry: bool = False) -> str:
+def _fitting(
+    shape: Sequence[int], num_devices: int, entry: bool = False, against: Sequence[int] | None = None
+) -> str:
     """Sizes that make the fixed sizes of `shape` (one axis -1) divide `num_devices`: each fixed axis shrunk,
     in order, to its greatest common divisor with the devices that the axes before it leave. As overrides
-    (`mesh.data=1 mesh.tensor=2`) only the axes that change are named; as a mesh entry (`entry`) all are."""
+    (`mesh.data=1 mesh.tensor=2`) only the axes that differ from `against` (default: `shape`) are named; as a
+    mesh entry (`entry`) all are."""
     left, fitted = num_devices, {}
     for axis, size in zip(MESH_AXES, shape, strict=True):
         fitted[axis] = size
@@ -169,7 +173,8 @@ def _fitting(shape: Sequence[int], num_devices: int, entry: bool = False) -> str
             left //= fitted[axis]
     if entry:
         return spelt(fitted, entry)
-    return spelt({a: s for a, s in fitted.items() if s != shape[MESH_AXES.index(a)]}, entry)
+    against = shape if against is None else against
+    return spelt({a: s for a, s in fitted.items() if s != against[MESH_AXES.index(a)]}, entry)
 
 
 def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:

@@ -916,6 +916,11 @@ def test_mesh_sizes_resolve_and_reject_misfits():
     assert resolve_mesh_shape({"data": -1, "fsdp": 1, "tensor": 1}, 4) == (4, 1, 1)
     with pytest.raises(ValueError, match=r"has 4 devices but 8 are available.*mesh.fsdp=-1"):
         resolve_mesh_shape({"data": 2, "fsdp": 2, "tensor": 1}, 8)
+    # The example fits: with fsdp filling, the fixed axes are cut to divide the devices (`mesh.fsdp=-1`
+    # alone left tensor=3 on one device, refused again).
+    with pytest.raises(ValueError, match=r"\(e\.g\. mesh\.fsdp=-1 mesh\.tensor=1\)\.$"):
+        resolve_mesh_shape({"data": 1, "fsdp": 1, "tensor": 3}, 1)
+    assert resolve_mesh_shape({"data": 1, "fsdp": -1, "tensor": 1}, 1) == (1, 1, 1)
     with pytest.raises(ValueError, match=r"does not divide 8\. Fix: .* e\.g\. mesh\.data=1\.$"):
         resolve_mesh_shape({"data": 3, "fsdp": -1, "tensor": 1}, 8)
     # one device said as such, and the fix names the overrides that fit: each fixed axis cut to what divides
