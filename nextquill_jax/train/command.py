@@ -150,7 +150,10 @@ def run_checkpoint(args: argparse.Namespace) -> int:
     from nextquill_jax.train.checkpoint import Checkpointer, moved_aside, verify_error
     from nextquill_jax.train.workdir import checkpoints_dir
 
-    directory = checkpoints_dir(args.workdir)
+    # No checkpoint: nothing to verify (evaluate / effects / export read such a run's step 0 instead).
+    directory = checkpoints_dir(
+        args.workdir, no_checkpoint_hint="Nothing to verify: train the run until it saves a checkpoint."
+    )
     ckpt = Checkpointer(directory, CheckpointConfig(), read_only=True)
     try:
         checks = [ckpt.check(step) for step in ckpt.all_steps()]

@@ -601,3 +601,14 @@ def test_a_checkpointer_leaves_the_absl_loggers_level_as_it_was(tmp_path, read_o
     finally:
         logger.removeHandler(handler)
         logger.setLevel(previous)
+
+
+def test_checkpoint_verify_of_a_run_without_checkpoints_gives_a_fix_it_takes(tmp_path, capsys):
+    """It advised `--step 0` (the readers' hint), a flag `checkpoint verify` refuses."""
+    from nextquill_jax.cli import main
+
+    (tmp_path / "config.yaml").write_text("{}\n")
+    assert main(["checkpoint", "verify", "--workdir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "holds a run's config.yaml but no checkpoints" in err and "--step" not in err
+    assert "Nothing to verify: train the run until it saves a checkpoint." in err
