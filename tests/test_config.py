@@ -842,6 +842,35 @@ def test_a_file_of_a_model_directory_as_model_path_names_the_directory(cfg_file,
         )
 
 
+def test_a_model_source_error_names_the_setting_it_came_from_and_a_peft_directory_as_such(tmp_path):
+    """`evaluate --model` named `model.path`, advised `model.path=...` and `model.preset`, which that
+    command does not take; a PEFT adapter directory read as 'a directory without config.json'."""
+    from nextquill_jax.config import ModelRunConfig
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    merged = "or give a merged export (`nextquill-jax export --merged`)."
+    holder = "Fix: pass the directory holding it"
+    cases = [
+        (adapter, "model.path", "is a PEFT adapter directory (adapter_config.json), not a model. Fix: point "
+         "model.path at the base model they were trained on, and model.lora.init_from at this directory."),
+        (adapter, "--model", "is a PEFT adapter directory (adapter_config.json), not a model. Fix: leave out "
+         f"--model to read the run's own checkpoint, {merged}"),
+        (model / "config.json", "--model", f"{holder} (--model {model}), or a .gguf"),
+        (model / "config.json", "model.path", f"{holder} (model.path={str(model)!r})"),
+        (tmp_path / "nothing", "--model", "and is not a packaged model name. Fix: give a Hugging Face "),
+    ]  # fmt: skip
+    for path, key, said in cases:
+        with pytest.raises(ConfigError) as e:
+            model_setup.check_model_source(ModelRunConfig(path=str(path)), key=key)
+        assert str(e.value).startswith(f"{key} {str(path)!r} ") and said in str(e.value), str(e.value)
+        assert ("model.preset" in str(e.value)) == (key == "model.path" and path.name == "nothing")
+
+
 def test_eval_split_takes_exactly_the_prepared_splits(cfg_file, tmp_path, tiny_config, write_config):
     assert typing.get_args(typing.get_type_hints(EvalConfig)["split"]) == SPLITS
     raw = tiny_config(tmp_path, tmp_path)

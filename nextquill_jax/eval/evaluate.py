@@ -105,6 +105,7 @@ def load_model_path(workdir: str | Path, model_path: str, mesh: Mesh | None = No
     # Beside a LoRA run's adapters `model.param_dtype` is the adapters' dtype: the path (the base, or a merged
     # export) is stored as the run's frozen base is, as the `dce: fixed` reference path is.
     section = ModelRunConfig(path=model_path, **adapters.frozen_runtime(cfg.model))
+    model_setup.check_model_source(section, key="--model")  # named as the command line gave it
     if model_setup.declared_dtype(section) == "float32":
         section = dataclasses.replace(section, param_dtype="float32")
     graphdef, params = model_setup.load_params(section, mesh, cfg.train.seed)

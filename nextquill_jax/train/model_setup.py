@@ -22,18 +22,32 @@ from nextquill_jax.models import CausalLM, ModelConfig, attention, load_pretrain
 from nextquill_jax.parallel import DEFAULT_RULES, LogicalRules, logical_to_sharding
 
 
-def check_model_source(section: ModelRunConfig) -> None:
-    """Raise ConfigError, before anything is loaded or compiled, if `model.path` names nothing loadable."""
+def check_model_source(section: ModelRunConfig, key: str = "model.path") -> None:
+    """Raise ConfigError, before anything is loaded or compiled, if `model.path` names nothing loadable;
+    the messages name the setting as `key` (`--model` where a command's flag gave the path)."""
     if section.path is None:
         return
     from nextquill_jax.models.packaged import packaged_model_names, packaged_model_path
 
+    setting = lambda value: f"{key}={value!r}" if key.startswith("model.") else f"{key} {value}"
     path = Path(section.path).expanduser()
     if path.is_dir():
+        if (path / "adapter_config.json").is_file() and not (path / "config.json").exists():
+            fix = (
+                "point model.path at the base model they were trained on, and model.lora.init_from at this "
+                "directory"
+                if key.startswith("model.")
+                else f"leave out {key} to read the run's own checkpoint, or give a merged export "
+                "(`nextquill-jax export --merged`)"
+            )
+            raise ConfigError(
+                f"{key} {section.path!r} is a PEFT adapter directory (adapter_config.json), not a model. "
+                f"Fix: {fix}."
+            )
         if not (path / "config.json").exists():
             raise ConfigError(
-                f"model.path {section.path!r} is a directory without config.json. Fix: point model.path at a "
-                f"Hugging Face model directory (config.json + *.safetensors)."
+                f"{key} {section.path!r} is a directory without config.json. Fix: point {key} at a Hugging "
+                f"Face model directory (config.json + *.safetensors)."
             )
         return
     if path.is_file() and path.suffix == ".gguf":
@@ -41,19 +55,20 @@ def check_model_source(section: ModelRunConfig) -> None:
     if path.is_file():  # such as a model directory's config.json or model.safetensors
         holder = path.parent
         fix = (
-            f"pass the directory holding it (model.path={str(holder)!r})"
+            f"pass the directory holding it ({setting(str(holder))})"
             if (holder / "config.json").is_file()
             else "pass a Hugging Face model directory (config.json + *.safetensors)"
         )
         raise ConfigError(
-            f"model.path {section.path!r} is a file, not a model directory (only a .gguf file is a model by"
+            f"{key} {section.path!r} is a file, not a model directory (only a .gguf file is a model by"
             f" itself). Fix: {fix}, or a .gguf file."
         )
     if packaged_model_path(section.path) is None:
+        preset = "; or use model.preset for a randomly initialised model" if key.startswith("model.") else ""
         raise ConfigError(
-            f"model.path {section.path!r} does not exist{relative_to_cwd(section.path)} and is not a "
+            f"{key} {section.path!r} does not exist{relative_to_cwd(section.path)} and is not a "
             f"packaged model name. Fix: give a Hugging Face model directory, a .gguf file or one of "
-            f"{packaged_model_names()}; or use model.preset for a randomly initialised model."
+            f"{packaged_model_names()}{preset}."
         )
 
 
