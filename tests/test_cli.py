@@ -275,6 +275,10 @@ def test_config_data_and_checkpoint_errors_name_the_fix(
         # a file that is a bare data section, with a misspelt key: still its nearest data key
         ("format: generic\nsorces: [a.jsonl]\n",
          "{path}, line 2: unknown key `data.sorces`. Did you mean `data.sources`?"),
+        # an override's spelling written as a top-level key (a fix's words copied into the file) was ignored
+        ("data: {format: generic}\nmodel: {preset: x}\ndata.on_error: skip\n",
+         "{path}, line 3: top-level key `data.on_error` is one YAML key, not `on_error` in the data section, "
+         "so it would be ignored. Fix: write it under `data:` as `on_error: skip`."),
     ],
 )  # fmt: skip
 def test_data_prepare_names_a_missing_or_misspelt_data_section(text, message, tmp_path, capsys):

@@ -120,6 +120,7 @@ def _prepare(args: argparse.Namespace) -> int:
     check_not_command_file(raw, str(args.config), "a file with a `data:` section")
     if isinstance(raw, dict):
         _check_has_data(raw, args.config)
+        _check_no_dotted_data_keys(raw, args.config)
     section = raw.get("data", raw) if isinstance(raw, dict) else None
     if not isinstance(section, dict):
         raise ValueError(f"{args.config}: expected a mapping with a `data:` section")
@@ -153,6 +154,27 @@ def _check_has_data(raw: dict, path: Path) -> None:
         f"{path} has no `data` section ({found}). Fix: add one (its keys: configs/REFERENCE.md), or pass a "
         "config that has one."
     )
+
+
+def _check_no_dotted_data_keys(raw: dict, path: Path) -> None:
+    """Refuse a top-level key `data.KEY` (a command-line override's spelling written into the file): YAML
+    reads it as one key, not as `KEY` under `data:`, and this command reads only the `data` section of a
+    training config, so it would be ignored without a word (`train` refuses it as an unknown key).
+
+    Raises:
+        ConfigError: naming the file, the key's line and the nesting that means it.
+    """
+    from nextquill_jax.config_schema import ConfigError, key_lines
+
+    for key in raw:
+        if str(key).startswith("data."):
+            line = key_lines(path).get(str(key))
+            where = f"{path}, line {line}" if line else str(path)
+            inner = str(key).removeprefix("data.")
+            raise ConfigError(
+                f"{where}: top-level key `{key}` is one YAML key, not `{inner}` in the data section, so it "
+                f"would be ignored. Fix: write it under `data:` as `{inner}: {raw[key]}`."
+            )
 
 
 def _show(args: argparse.Namespace) -> int:
