@@ -402,11 +402,29 @@ def _nothing_left(log: IssueLog) -> str:
     named = "".join(f"{path}: 0 records; " for path in empty)
     # Nothing is written, so the places of the skipped records are said here or nowhere.
     first = "".join(f"\n  first {reason}: {issues[0]}" for reason, issues in sorted(log.skipped.items()))
+    fixes = []
+    if log.errors:
+        fixes.append("correct the sources (data.on_error: fail lists each invalid record)")
+    if "missing_field" in log.errors:
+        fixes.append("for fields a prompt template needs, choose another data.template (`plain` takes any)")
+    fixes += [fix for reason, fix in _RECORD_DROPS.items() if reason in log.dropped]
+    relaxable = [reason for reason in log.dropped if reason not in _RECORD_DROPS]
+    if relaxable:
+        fixes.append(
+            f'relax the data.* settings behind {", ".join(relaxable)} (README\'s "Your own data" says what '
+            "each drop means)"
+        )
     return (
         f"no examples left to prepare: {named}errors {dict(log.errors)}, dropped {dict(log.dropped)}. Fix: "
-        "correct the sources (data.on_error: fail lists each invalid record), or relax the data.* settings "
-        f'behind the drops (README\'s "Your own data" says what each drop means).{first}'
+        f"{'; or '.join(fixes)}.{first}"
     )
+
+
+# Drops that no data.* setting relaxes (the records themselves decide), and what changes them.
+_RECORD_DROPS = {
+    "empty_history": "give the records histories (an example learns from what its user's history changes)",
+    "duplicate": "remove the repeated records",
+}
 
 
 _PLACES_NAMED = 3  # places of a note's records named in its console warning; the summary keeps PLACES_KEPT

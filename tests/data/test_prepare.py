@@ -991,9 +991,9 @@ def test_a_source_without_records_is_named(tmp_path, tok_dir, capsys):
     assert main([*argv, f"data.sources=[{empty}, {tmp_path / 'carol.jsonl'}]"]) == 1
     assert capsys.readouterr().err == (
         f"error: no examples left to prepare: {empty}: 0 records; errors {{}}, dropped "
-        "{'empty_history': 1}. Fix: correct the sources (data.on_error: fail lists each invalid record), or "
-        'relax the data.* settings behind the drops (README\'s "Your own data" says what each drop means).\n'
-    )
+        "{'empty_history': 1}. Fix: give the records histories (an example learns from what its user's "
+        "history changes).\n"
+    )  # (it advised relaxing data.* settings, of which none governs an empty history)
     assert main([*argv, f"data.sources=[{empty}, {records}]"]) == 0
     said = capsys.readouterr().out
     assert f"  warning: {empty}: 0 records\n" in said
@@ -1213,3 +1213,24 @@ def test_data_prepare_records_the_sources_absolute(tmp_path, tok_dir, monkeypatc
     assert main(["data", "prepare", "--config", "cfg.yaml", "--out", "prep"]) == 0
     summary = json.loads((tmp_path / "prep" / "summary.json").read_text())
     assert summary["config"]["sources"] == [str(tmp_path / "records.jsonl")]
+
+
+def test_nothing_left_names_a_fix_per_cause():
+    """Every record skipped for a template's missing fields: the fix names data.template (it said only
+    "correct the sources", and following its skip option left nothing); drops no setting governs get their own
+    fix; only the others are 'relax the data.* settings behind' them, named."""
+    from collections import Counter
+
+    from nextquill_jax.data.prepare import _nothing_left
+    from nextquill_jax.data.sources.records import IssueLog
+
+    log = IssueLog(on_error="skip", read=Counter({"r.jsonl": 3}), errors=Counter({"missing_field": 3}))
+    assert _nothing_left(log).endswith(
+        "Fix: correct the sources (data.on_error: fail lists each invalid record); or for fields a prompt "
+        "template needs, choose another data.template (`plain` takes any)."
+    )
+    log = IssueLog(read=Counter({"r.jsonl": 4}), dropped=Counter({"duplicate": 1, "prompt_too_long": 3}))
+    assert _nothing_left(log).endswith(
+        "Fix: remove the repeated records; or relax the data.* settings behind prompt_too_long (README's "
+        '"Your own data" says what each drop means).'
+    )

@@ -685,7 +685,7 @@ def test_every_field_a_template_needs_and_a_record_lacks_is_named_in_one_message
     assert (
         f"{path}:1:context.item_description: the prompt template 'review' needs `context.item_description`, "
         "`context.rating`, `history[0].item_description`, `history[0].title`, which the record lacks; add "
-        "them or choose another template"
+        "them or choose another data.template (`plain` takes any fields)"
     ) in str(e.value)
     assert str(e.value).startswith("1 invalid input record(s) (1 missing_field)")
     # A long history lacking a field in every entry: the first ten are named, the rest counted.

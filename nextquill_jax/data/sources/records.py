@@ -295,7 +295,7 @@ def require_fields(missing: list[str], location: str, template: str) -> None:
             location,
             missing[0],
             f"the prompt template {template!r} needs {named}, which the record lacks; add {them} or choose"
-            " another template",
+            " another data.template (`plain` takes any fields)",
         )
     )
 
