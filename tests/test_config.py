@@ -1481,6 +1481,25 @@ def test_a_loss_of_the_historys_effects_without_history_is_noted(
     assert (note in lines) == noted, lines
 
 
+@pytest.mark.parametrize("best_metric", ["eval/loss", None])
+def test_an_eval_split_the_data_lacks_is_noted_with_what_the_best_metric_loses_and_the_splits_held(
+    tmp_path, write_random_data, write_config, tiny_config, best_metric
+):
+    """It said only 'no evaluation': a run with checkpoint.best_metric (the default) then keeps no best
+    checkpoint, which a misspelt metric is refused for; the note now says so, and which splits there are."""
+    from nextquill_jax.train.setup import set_up_run
+
+    data = write_random_data(tmp_path / "data", train=16, val=0)
+    path = write_config(tiny_config(data, tmp_path / "work"), tmp_path / "cfg.yaml")
+    lines = []
+    overrides = ["eval.split=test", f"checkpoint.best_metric={best_metric or 'null'}"]
+    set_up_run(load_config(path, overrides), tmp_path / "work", lines.append)
+    kept = "" if best_metric is None else ", so checkpoint.best_metric 'eval/loss' keeps no best checkpoint"
+    assert (
+        f"{data} has no 'test' split: no evaluation{kept} (eval.split names the split; the data holds train)"
+    ) in lines, lines
+
+
 @pytest.mark.parametrize(("warmup", "noted"), [(10, True), (2, False)])
 def test_a_warmup_longer_than_the_run_is_noted_with_its_last_learning_rate(
     tmp_path, write_random_data, write_config, tiny_config, warmup, noted

@@ -745,6 +745,12 @@ def evaluation_pipeline(cfg: Config, split: PreparedSplit) -> BatchPipeline:
 
 def _eval_pipeline(cfg: Config, data_dir: Path, echo: Echo) -> BatchPipeline | None:
     if not (data_dir / cfg.eval.split / "meta.json").exists():
-        echo(f"{data_dir} has no {cfg.eval.split!r} split: no evaluation (eval.split names the split)")
+        held = prepared_splits(data_dir)
+        best = cfg.checkpoint.best_metric
+        kept = "" if best is None else f", so checkpoint.best_metric {best!r} keeps no best checkpoint"
+        echo(
+            f"{data_dir} has no {cfg.eval.split!r} split: no evaluation{kept} (eval.split names the split; "
+            f"the data holds {', '.join(held) or 'none'})"
+        )
         return None
     return evaluation_pipeline(cfg, PreparedSplit(data_dir, cfg.eval.split))
