@@ -456,6 +456,8 @@ def test_effects_on_a_mistyped_workdir_leaves_no_report_directory(tmp_path):
 FILE_AS_OUTPUT_DIR = [
     (["train", "--config", TINY, "--workdir", "{file}"], "--workdir {file}"),
     (["train", "--config", "{tmp}/run.yaml"], "{tmp}/run.yaml: train.workdir {file}"),
+    # an override's value named as the command line's (it was blamed on the file)
+    (["train", "--config", TINY, "train.workdir={file}"], "command line: train.workdir {file}"),
     (["evaluate", "--workdir", "{tmp}/run", "--out", "{file}"], "--out {file}"),
     (["effects", "--workdir", "{tmp}/run", "--out", "{file}"], "--out {file}"),
     (["export", "--workdir", "{tmp}/run", "--out", "{file}"], "--out {file}"),

@@ -54,6 +54,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _source_of(key: str, args: argparse.Namespace) -> str:
+    """`key` as an error names it: after "command line: " where an override set it, else after the file."""
+    overridden = any(override.partition("=")[0].strip() == key for override in args.overrides)
+    return f"command line: {key}" if overridden else f"{args.config}: {key}"
+
+
 def run_train(args: argparse.Namespace) -> int:
     """Train; a bad config, data or missing package reaches `cli.main`, which prints it (status 1)."""
     from nextquill_jax.config import load_config
@@ -65,11 +71,11 @@ def run_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     workdir = resolve_workdir(cfg, args.workdir, args.config)
-    named = "--workdir" if args.workdir else f"{args.config}: train.workdir"
+    named = "--workdir" if args.workdir else _source_of("train.workdir", args)
     check_output_dir(workdir, named)
     if cfg.logging.tensorboard and cfg.logging.tensorboard_dir:
         # Its event file is opened only after config.yaml and the lock are written, by an error naming no key.
-        check_output_dir(tensorboard_dir(cfg.logging, workdir), f"{args.config}: logging.tensorboard_dir")
+        check_output_dir(tensorboard_dir(cfg.logging, workdir), _source_of("logging.tensorboard_dir", args))
     # The log goes into the workdir only once this run holds its lock (records are held until then): a run
     # refused there would otherwise append its lines to the log of the run that holds it.
     log_to = lambda: third_party_logs.log_to(workdir, named)
