@@ -162,7 +162,12 @@ def _key_lines(node: yaml.Node | None, where: str, lines: dict[str, int]) -> Non
         for key_node, value_node in node.value:
             if isinstance(key_node, yaml.ScalarNode):
                 key = _join(where, key_node.value)
-                lines.setdefault(key, key_node.start_mark.line + 1)
+                if "." in str(key_node.value):
+                    # A dotted key written as one (`optim.learning_rate: ...` at the top) is what an "unknown
+                    # key" error names, and it is raised before the nested key of that path is read.
+                    lines[key] = key_node.start_mark.line + 1
+                else:
+                    lines.setdefault(key, key_node.start_mark.line + 1)
                 _key_lines(value_node, key, lines)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
@@ -416,6 +421,13 @@ def build(cls: type, raw: Any, where: str, source: str) -> Any:
     names = [f.name for f in dataclasses.fields(cls) if f.init]
     for key in raw:
         if key not in names:
+            head, dot, rest = str(key).partition(".")
+            if dot and head in names:  # an override's spelling written as a YAML key
+                raise ConfigError(
+                    f"{source}: unknown key `{_join(where, str(key))}`: a dotted key is one YAML key, not "
+                    f"`{rest}` under `{_join(where, head)}`. Fix: write it nested, as `{rest}: ...` under "
+                    f"`{head}:`."
+                )
             close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
             hint = (
                 f"Did you mean `{_join(where, close[0])}`?" if close else f"Valid keys: {', '.join(names)}."

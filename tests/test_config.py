@@ -372,6 +372,22 @@ def test_unknown_file_keys_are_blamed_on_the_file(tmp_path, tiny_config, write_c
         load_config(path, ["train.max_steps=3"])
 
 
+def test_a_dotted_key_written_in_the_file_is_named_at_its_own_line_with_the_nesting(
+    tmp_path, tiny_config, write_config
+):
+    """`optim.learning_rate: -5` appended at the top level (an override's spelling) was reported at the line
+    of the nested `learning_rate` under `optim:`, as an unknown key whose 'valid keys' included `optim`."""
+    path = write_config(tiny_config(tmp_path, tmp_path), tmp_path / "c.yaml")
+    path.write_text(path.read_text() + "optim.learning_rate: -5\n")
+    line = len(path.read_text().splitlines())
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value) == (
+        f"{path}, line {line}: unknown key `optim.learning_rate`: a dotted key is one YAML key, not "
+        "`learning_rate` under `optim`. Fix: write it nested, as `learning_rate: ...` under `optim:`."
+    )
+
+
 @pytest.mark.parametrize(
     ("section", "text", "expected"),
     [
