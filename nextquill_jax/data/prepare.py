@@ -177,18 +177,23 @@ def prepare(
     return {**summary, "reused": False}
 
 
-def load_fast_tokenizer(name: str) -> Any:
-    """`models.load_tokenizer(name)` (always a fast tokenizer), checked to have an EOS token.
+def load_fast_tokenizer(name: str, key: str = "data.tokenizer") -> Any:
+    """`models.load_tokenizer(name)` (always a fast tokenizer), checked to have an EOS token; `key` is the
+    setting that named it, which the errors name (`--tokenizer` where a flag did).
 
     Raises:
-        ValueError: an unknown name, or a tokenizer without EOS, naming `data.tokenizer`.
+        ValueError: an unknown name, a directory without tokenizer files or a damaged GGUF file (the
+            tokenizer reader's message after `key`), or a tokenizer without EOS.
         TypeError: a directory holding a slow tokenizer.
     """
     from nextquill_jax.models import load_tokenizer
 
-    tokenizer = load_tokenizer(name)
+    try:
+        tokenizer = load_tokenizer(name)
+    except ValueError as e:
+        raise ValueError(f"{key}: {e}") from None
     if tokenizer.eos_token_id is None:
-        raise ValueError(f"data.tokenizer {name!r} has no EOS token; targets end with EOS")
+        raise ValueError(f"{key} {name!r} has no EOS token; targets end with EOS")
     return tokenizer
 
 

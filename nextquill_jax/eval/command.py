@@ -450,7 +450,7 @@ def run_effects(args: argparse.Namespace) -> int:
         tokenizer_name = _tokenizer_name(data_dir, args.tokenizer)
         summary = build_effect_report(
             model,
-            load_fast_tokenizer(tokenizer_name),
+            load_fast_tokenizer(tokenizer_name, "--tokenizer" if args.tokenizer else "the data's tokenizer"),
             data_dir,
             args.split,
             args.out,

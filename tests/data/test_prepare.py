@@ -1234,3 +1234,15 @@ def test_nothing_left_names_a_fix_per_cause():
         "Fix: remove the repeated records; or relax the data.* settings behind prompt_too_long (README's "
         '"Your own data" says what each drop means).'
     )
+
+
+def test_a_tokenizer_that_does_not_load_is_named_by_the_setting_that_named_it(tmp_path):
+    """The reader's message named the value, not `data.tokenizer` (or an effects report's `--tokenizer`)."""
+    from nextquill_jax.data.prepare import load_fast_tokenizer
+
+    with pytest.raises(
+        ValueError, match=r"^data\.tokenizer: no tokenizer 'nope': it is not a local directory"
+    ):
+        load_fast_tokenizer("nope")
+    with pytest.raises(ValueError, match=rf"^--tokenizer: {tmp_path} holds no tokenizer files"):
+        load_fast_tokenizer(str(tmp_path), "--tokenizer")
