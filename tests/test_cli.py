@@ -227,9 +227,9 @@ def test_a_missing_packaged_model_is_an_error_with_the_install_command(
          r"checkpoints holds no complete checkpoint: a resume moved the damaged .*4\.corrupt aside\. Fix"),
         # --data is checked before the workdir's checkpoint or the model is loaded (neither exists here)
         (["effects", "--workdir", "{tmp}/empty", "--data", "{tmp}/nodir", "--out", "{tmp}/o"],
-         r"^--data \S*nodir does not exist\. Fix: pass a directory that `nextquill-jax data prepare"),
+         r"^--data \S*nodir does not exist\. Fix: pass --data with a directory that `nextquill-jax data "),
         (["effects", "--model", "{tmp}/nomodel", "--data", "{tmp}/nodir", "--out", "{tmp}/o"],
-         r"^--data \S*nodir does not exist\. Fix: pass a directory that `nextquill-jax data prepare"),
+         r"^--data \S*nodir does not exist\. Fix: pass --data with a directory that `nextquill-jax data "),
         (["effects", "--model", "{tmp}/nomodel", "--data", "{tmp}/prepared", "--out", "{tmp}/o"],
          r"^--data \S*prepared holds no prepared 'val' split: no 'val' example was prepared there \(.*val/"
          r"meta\.json not found; it holds train\)\. Fix: pass --split train, or add records of the 'val' "

@@ -389,7 +389,11 @@ def _check_prepared(data_dir: Path, split: str, named: str) -> None:
     """
     from nextquill_jax.data.prepared_split import check_finished, check_split
 
-    prepare = "Fix: pass a directory that `nextquill-jax data prepare --config FILE --out DIR` wrote"
+    prepare = (
+        "Fix: pass --data with a directory that `nextquill-jax data prepare --config FILE --out DIR` wrote"
+    )
+    if named != "--data":  # the run's own data, moved or deleted: --data replaces it
+        prepare += " (the run's data prepared again, e.g. with its config.yaml)"
     if not data_dir.is_dir():
         state = "is not a directory" if data_dir.exists() else "does not exist"
         raise FileNotFoundError(f"{named} {data_dir} {state}. {prepare}.")
@@ -441,7 +445,10 @@ def run_effects(args: argparse.Namespace) -> int:
             from nextquill_jax.models import load_pretrained
 
             if args.data is None:
-                raise ValueError("--model needs --data PREPARED_DIR")
+                raise ValueError(
+                    "--model needs --data PREPARED_DIR (the examples to report on). Fix: pass --data with a "
+                    "directory that `nextquill-jax data prepare --config FILE --out DIR` wrote"
+                )
             loss_cfg = _with_loss_flags(LossConfig(), loss_flags, "the default ")  # before the model loads
             _tokenizer_name(args.data, args.tokenizer)
             model = load_pretrained(args.model)
