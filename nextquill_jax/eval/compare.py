@@ -557,6 +557,12 @@ def check_trained_in(comparison: Comparison, name: str, seed: int, cfg: Config) 
     record = json.loads(done.read_text()) if done.is_file() else {}
     recorded = record.get("settings")
     head = f"{comparison.source}: variant {name!r} (seed {seed}) evaluates the run in {run} (`trained_in`)"
+    if not run.is_dir():
+        raise ConfigError(
+            f"{head}, which does not exist. Fix: set `trained_in` to the compare.out of the comparison that "
+            f"trained the variant (its runs lie in <compare.out>/seed<N>/<variant>), or drop `trained_in` to "
+            f"train the variant here."
+        )
     if recorded is None:
         what = "which has not finished" if not done.is_file() else "whose record predates recorded settings"
         raise ConfigError(

@@ -256,10 +256,13 @@ def test_a_trained_in_run_that_cannot_stand_for_the_variant_is_refused_before_an
         return str(e.value)
 
     message = refused(_trained_in(path, tmp_path, "out2", tmp_path / "nowhere", prepared))
-    assert (
-        f"{head} {tmp_path / 'nowhere' / 'seed0' / 'nextquill'} (`trained_in`), which has not finished"
-        in message
+    assert (  # named as missing (it read "which has not finished", a run that does not exist at all)
+        f"{head} {tmp_path / 'nowhere' / 'seed0' / 'nextquill'} (`trained_in`), which does not exist. Fix: "
+        "set `trained_in` to the compare.out of the comparison that trained the variant" in message
     )
+    (tmp_path / "started" / "seed0" / "nextquill").mkdir(parents=True)  # begun, never finished
+    message = refused(_trained_in(path, tmp_path, "out2", tmp_path / "started", prepared))
+    assert f"{tmp_path / 'started' / 'seed0' / 'nextquill'} (`trained_in`), which has not finished" in message
     message = refused(_trained_in(path, tmp_path, "out2", root / "out", prepared, "loss.low=0.6"))
     assert f"{head} {source} (`trained_in`), which trained under other settings" in message
     assert "loss.low: 0.1 -> 0.6" in message and "Fix: give the variant the settings that run" in message
