@@ -129,7 +129,8 @@ def compute_example_effects(
     bad = [i for i in indices if not 0 <= i < len(data)]
     if bad:
         raise ValueError(
-            f"example indices {bad} outside split {split!r} of {prepared_dir} (0..{len(data) - 1})"
+            f"example indices {bad} outside split {split!r} of {prepared_dir} (0..{len(data) - 1}). Fix: "
+            f"choose examples in 0..{len(data) - 1} (`effects --examples`, or fewer with --num-examples)"
         )
     if len(set(indices)) < len(indices):  # its tokens would count twice in every figure of the report
         raise ValueError(f"example indices {indices} name an example more than once")

@@ -576,9 +576,12 @@ def test_effects_command_with_model_dir(data, model, report, tmp_path, capsys):
         assert entry["mean_dce"] == pytest.approx(float(r.dce.mean()), abs=1e-7)
         assert entry["max_dce"] == pytest.approx(float(r.dce.max()), abs=1e-7)
     assert main([*args, "--examples", "0,99", "--out", str(out)]) == 1
-    assert "outside split 'val'" in capsys.readouterr().err
+    said = capsys.readouterr().err
+    assert "outside split 'val'" in said and "Fix: choose examples in 0.." in said and "--examples" in said
     assert main(["effects", "--model", str(model_dir), "--out", str(out)]) == 1
-    assert "--model needs --data" in capsys.readouterr().err
+    assert "--model needs --data PREPARED_DIR (the examples to report on). Fix: pass --data" in (
+        capsys.readouterr().err
+    )
 
 
 def test_effects_in_several_padded_passes_equal_those_of_one_pass(data, model, report, tiny_tokenizer):
