@@ -480,7 +480,8 @@ def test_checkpoint_verify_prints_a_table_and_readers_skip_a_damaged_checkpoint(
 
 def test_a_data_error_on_process_0_stops_the_other_process_too_saying_why(runs):
     first, second = runs["P"]
-    assert "error: no tokenizer" in first.stderr and "no_tokenizer" in first.stderr, first.stderr[-3000:]
+    said = first.stderr
+    assert "error: data.tokenizer: no tokenizer" in said and "no_tokenizer" in said, said[-3000:]
     assert "error: process 0 failed to prepare the data in" in second.stderr, second.stderr[-3000:]
     assert "so process 1 stops too: process 0's error (above, or in its log) names the" in second.stderr
     assert "has not answered" not in first.stderr + second.stderr and "Traceback" not in second.stderr
