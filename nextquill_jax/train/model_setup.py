@@ -29,14 +29,15 @@ def check_model_source(section: ModelRunConfig, key: str = "model.path") -> None
         return
     from nextquill_jax.models.packaged import packaged_model_names, packaged_model_path
 
-    setting = lambda value: f"{key}={value!r}" if key.startswith("model.") else f"{key} {value}"
+    in_config = key.startswith("model.")  # else a command's flag, which takes no other config key
+    setting = lambda value: f"{key}={value!r}" if in_config else f"{key} {value}"
     path = Path(section.path).expanduser()
     if path.is_dir():
         if (path / "adapter_config.json").is_file() and not (path / "config.json").exists():
             fix = (
                 "point model.path at the base model they were trained on, and model.lora.init_from at this "
                 "directory"
-                if key.startswith("model.")
+                if in_config
                 else f"leave out {key} to read the run's own checkpoint, or give a merged export "
                 "(`nextquill-jax export --merged`)"
             )
@@ -64,7 +65,7 @@ def check_model_source(section: ModelRunConfig, key: str = "model.path") -> None
             f" itself). Fix: {fix}, or a .gguf file."
         )
     if packaged_model_path(section.path) is None:
-        preset = "; or use model.preset for a randomly initialised model" if key.startswith("model.") else ""
+        preset = "; or use model.preset for a randomly initialised model" if in_config else ""
         raise ConfigError(
             f"{key} {section.path!r} does not exist{relative_to_cwd(section.path)} and is not a "
             f"packaged model name. Fix: give a Hugging Face model directory, a .gguf file or one of "

@@ -744,8 +744,8 @@ def evaluation_pipeline(cfg: Config, split: PreparedSplit) -> BatchPipeline:
 
 
 def _eval_pipeline(cfg: Config, data_dir: Path, echo: Echo) -> BatchPipeline | None:
-    if not (data_dir / cfg.eval.split / "meta.json").exists():
-        held = prepared_splits(data_dir)
+    held = prepared_splits(data_dir)
+    if cfg.eval.split not in held:
         best = cfg.checkpoint.best_metric
         kept = "" if best is None else f", so checkpoint.best_metric {best!r} keeps no best checkpoint"
         echo(
