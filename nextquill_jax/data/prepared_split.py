@@ -153,6 +153,28 @@ def check_split(data_dir: str | Path, split: str, named: str = "", *, other_spli
     )
 
 
+def check_prepared(data_dir: str | Path, split: str, named: str) -> None:
+    """Before a model is loaded (`evaluate`, `effects`): `data_dir` holds prepared split `split` of a finished
+    preparation. `named` says where `data_dir` came from: "--data", or a run's own data (such as
+    "runs/x's data"), whose fix is --data with the data prepared again.
+
+    Raises:
+        FileNotFoundError: `data_dir` is missing, not a directory, an interrupted preparation
+            (`check_finished`), or lacks the split (`check_split`), with the fix.
+    """
+    data_dir = Path(data_dir)
+    prepare = (
+        "Fix: pass --data with a directory that `nextquill-jax data prepare --config FILE --out DIR` wrote"
+    )
+    if named != "--data":  # the run's own data, moved or deleted: --data replaces it
+        prepare += " (the run's data prepared again, e.g. with its config.yaml)"
+    if not data_dir.is_dir():
+        state = "is not a directory" if data_dir.exists() else "does not exist"
+        raise FileNotFoundError(f"{named} {data_dir} {state}. {prepare}.")
+    check_finished(data_dir, named)
+    check_split(data_dir, split, named)
+
+
 class PreparedSplit:
     """Random-access reader of one split written by `write_split`; `split[i]` is a dict of arrays.
 

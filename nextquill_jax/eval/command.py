@@ -1,6 +1,7 @@
 """`nextquill-jax evaluate` and `nextquill-jax effects`.
 
-    nextquill-jax evaluate --workdir DIR [--step N] --split test [--max-examples N] [--max-new-tokens N]
+    nextquill-jax evaluate --workdir DIR [--step N] [--data PREPARED_DIR] --split test [--max-examples N]
+                           [--max-new-tokens N]
     nextquill-jax effects --workdir DIR [--step N] [--data PREPARED_DIR] [--split val]
                           [--examples 0,3,7 | --num-examples N] --out REPORT_DIR
     nextquill-jax effects --model PATH_OR_NAME --data PREPARED_DIR ... --out REPORT_DIR
@@ -52,6 +53,13 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         type=non_negative_int,
         default=None,
         help="checkpoint step (default: the newest verified; 0: the untrained model the run starts from)",
+    )
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="prepared data (default: the run's own, where the checkpoint's config says it is: "
+        "train.data_dir, else <workdir>/prepared); its texts decode with the tokenizer it was prepared with",
     )
     parser.add_argument(
         "--split", default="test", choices=SPLITS, help="prepared split to evaluate (default: test)"
@@ -172,6 +180,7 @@ def generation_overrides(args: argparse.Namespace) -> dict:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     """Evaluate; a ValueError (bad input) is one `error:` line and status 1, others reach `cli.main`."""
+    from nextquill_jax.data.prepared_split import check_prepared
     from nextquill_jax.eval.evaluate import evaluate
     from nextquill_jax.output_dir import check_output_dir
 
@@ -179,6 +188,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.out is not None:
         check_output_dir(args.out, "--out")
     try:
+        if args.data is not None:  # before a model is loaded, which can take minutes
+            check_prepared(args.data, args.split, "--data")
         evaluate(
             args.workdir,
             args.split,
@@ -189,6 +200,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
             generation_overrides=generation_overrides(args),
             batch_size=args.batch_size,
             prompt=args.prompt,
+            data_dir=args.data,
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -379,31 +391,10 @@ def _example_indices(text: str) -> list[int]:
     return indices
 
 
-def _check_prepared(data_dir: Path, split: str, named: str) -> None:
-    """Before a model is loaded: `data_dir` holds prepared split `split` of a finished preparation. `named`
-    says where `data_dir` came from, for the message.
-
-    Raises:
-        FileNotFoundError: `data_dir` is missing, not a directory, an interrupted preparation
-            (`check_finished`), or lacks the split (`check_split`), with the fix.
-    """
-    from nextquill_jax.data.prepared_split import check_finished, check_split
-
-    prepare = (
-        "Fix: pass --data with a directory that `nextquill-jax data prepare --config FILE --out DIR` wrote"
-    )
-    if named != "--data":  # the run's own data, moved or deleted: --data replaces it
-        prepare += " (the run's data prepared again, e.g. with its config.yaml)"
-    if not data_dir.is_dir():
-        state = "is not a directory" if data_dir.exists() else "does not exist"
-        raise FileNotFoundError(f"{named} {data_dir} {state}. {prepare}.")
-    check_finished(data_dir, named)
-    check_split(data_dir, split, named)
-
-
 def run_effects(args: argparse.Namespace) -> int:
     """Write an effect report; a ValueError (bad input) is one `error:` line and status 1."""
     from nextquill_jax.data.prepare import load_fast_tokenizer
+    from nextquill_jax.data.prepared_split import check_prepared
     from nextquill_jax.eval.effect_report import build_effect_report, describe
     from nextquill_jax.loss import LossConfig
     from nextquill_jax.train import model_setup
@@ -414,7 +405,7 @@ def run_effects(args: argparse.Namespace) -> int:
             raise ValueError("--step needs --workdir")
         loss_flags = _loss_overrides(args)
         if args.data is not None:  # before a model is loaded, which can take minutes
-            _check_prepared(args.data, args.split, "--data")
+            check_prepared(args.data, args.split, "--data")
         if args.workdir is not None:
             from nextquill_jax.train.workdir import (
                 checkpoints_dir,
@@ -438,7 +429,7 @@ def run_effects(args: argparse.Namespace) -> int:
             if cfg.loss.dce == "fixed":
                 print(_fixed_dce_note(cfg, data_dir), file=sys.stderr)
             if args.data is None:  # the run's own, known once its config is read
-                _check_prepared(data_dir, args.split, f"{args.workdir}'s data")
+                check_prepared(data_dir, args.split, f"{args.workdir}'s data")
             source = f"{args.workdir} step {step}"
             vocab_origin = model_setup.vocab_origin(cfg.model, saved_with=restored.source)
         else:

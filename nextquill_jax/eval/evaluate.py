@@ -53,6 +53,7 @@ from nextquill_jax.data.prepared_split import (
     PreparedSplit,
     TokenizedExample,
     check_finished,
+    check_prepared,
     rendered_rows,
     write_split,
 )
@@ -328,10 +329,12 @@ def evaluate(
         keep_hint: how to keep the results already in `out_dir` as well, which the line saying this
             evaluation replaces them ends with (`replacing_line`); None: no advice (`compare`, which has no
             `--out` and replaces a run's evaluation on purpose, when its evaluation settings changed).
-        data_dir: the prepared data holding `split`; default: the run's (`train.data_dir` of the config the
-            model was saved with, else `<workdir>/prepared`). `compare` passes its file's, which `train`
-            has just checked against the checkpoint's data digests: a comparison moved after training still
-            evaluates, where the saved config names the old place.
+        data_dir: the prepared data holding `split` (`evaluate --data`); default: the run's (`train.data_dir`
+            of the config the model was saved with, else `<workdir>/prepared`). `compare` passes its file's,
+            which `train` has just checked against the checkpoint's data digests: a comparison moved after
+            training still evaluates, where the saved config names the old place. Its texts are decoded
+            with the tokenizer its summary.json names (the run's `data.tokenizer` where it names none), and
+            a note says when that is not the run's.
         echo: progress messages, the warning that the run's `loss.weighting` module has changed since the
             checkpoint was saved (`LoadedModel.weighting_note`), and the note that a checkpoint saved before
             checkpoints recorded their fixed-DCE reference model cannot be checked against it.
@@ -366,7 +369,10 @@ def evaluate(
         generation = dataclasses.replace(cfg.eval.generation, **(generation_overrides or {}))
     stream = choose_stream(cfg, prompt)
     mesh = loaded.mesh
-    data_dir = data_dir_of(cfg, workdir) if data_dir is None else Path(data_dir)
+    if data_dir is None:  # the run's own, where the config it was saved with says
+        data_dir = data_dir_of(cfg, workdir)
+        check_prepared(data_dir, split, f"{workdir}'s data")
+    data_dir = Path(data_dir)
     rows, tokens = read_split(data_dir, split, max_examples)
     if model_path is None:
         origin = model_setup.vocab_origin(cfg.model, saved_with=loaded.source)
@@ -406,9 +412,20 @@ def evaluate(
                 echo(note)
         reference = loaded_reference.graphdef, loaded_reference.params
 
-    from nextquill_jax.data.prepare import load_fast_tokenizer
+    from nextquill_jax.data.prepare import load_fast_tokenizer, read_summary
 
-    tokenizer = load_fast_tokenizer(cfg.data.tokenizer)
+    # The prepared ids' own tokenizer decodes them; data prepared for another run may name another.
+    prepared_with = (read_summary(data_dir) or {}).get("tokenizer")
+    tokenizer_name = prepared_with or cfg.data.tokenizer
+    if tokenizer_name != cfg.data.tokenizer:
+        echo(
+            f"note: {data_dir} was prepared with the tokenizer {tokenizer_name!r}, the run's data with "
+            f"{cfg.data.tokenizer!r}: the model reads these ids as its own tokenizer's (the same vocabulary "
+            f"at another path is fine; another vocabulary gives meaningless results)"
+        )
+    tokenizer = load_fast_tokenizer(
+        tokenizer_name, "the data's tokenizer" if prepared_with else "the run's data.tokenizer"
+    )
     eos = int(tokens.meta.get("eos_token_id", tokenizer.eos_token_id))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     # The model may end with its own end token (an instruct model's end of text beside its end of turn).
@@ -438,6 +455,7 @@ def evaluate(
         "model": loaded.source,
         "step": loaded.step,
         "split": split,
+        "data": str(data_dir),
         "examples": len(rows),
         "prompt": _STREAM_TEXT[stream],
         "generation": dataclasses.asdict(generation),

@@ -236,6 +236,87 @@ def test_max_new_tokens_0_measures_the_same_losses_and_no_text(run, evaluated, t
     assert not any("stopped at max_new_tokens" in line or "generated" in line for line in printed), printed
 
 
+def test_data_evaluates_a_run_whose_prepared_data_moved(trained_run, evaluated, tmp_path, capsys):
+    """A run's prepared data moved away: evaluate fails naming the run's data and `--data`, and `--data`
+    at the new place gives the predictions of the evaluation in place; metrics.json records the data."""
+    _, predictions, _ = evaluated
+    workdir, moved = tmp_path / "run", tmp_path / "moved"
+    shutil.copytree(trained_run.workdir, workdir)
+    (workdir / "prepared").rename(moved)
+    args = ["evaluate", "--workdir", str(workdir), "--max-examples", "2", "--max-new-tokens", "6"]
+    capsys.readouterr()
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert f"{workdir}'s data {workdir / 'prepared'} does not exist. Fix: pass --data with a directory" in err
+    assert main([*args, "--data", str(moved)]) == 0
+    out = workdir / "eval" / "test"
+    written = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert written == predictions[:2]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["data"] == str(moved) and metrics["examples"] == 2
+    assert "note:" not in capsys.readouterr().out  # the same tokenizer the run's data was prepared with
+
+
+def test_data_that_does_not_hold_the_split_is_refused_before_a_model_is_loaded(
+    trained_run, tmp_path, monkeypatch, capsys
+):
+    from nextquill_jax.eval import evaluate as evaluate_module
+
+    monkeypatch.setattr(evaluate_module, "restore_model", lambda *a, **k: pytest.fail("model loaded"))
+    args = ["evaluate", "--workdir", str(trained_run.workdir), "--out", str(tmp_path / "out")]
+    assert main([*args, "--data", str(tmp_path / "nowhere")]) == 1
+    assert f"--data {tmp_path / 'nowhere'} does not exist. Fix: pass --data" in capsys.readouterr().err
+    partial = tmp_path / "partial"
+    shutil.copytree(trained_run.workdir / "prepared", partial)
+    (partial / "summary.json").unlink()  # an interrupted `data prepare`
+    assert main([*args, "--data", str(partial)]) == 1
+    assert f"--data {partial} was not finished" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_data_prepared_with_another_tokenizer_path_decodes_with_it_and_says_so(
+    trained_run, evaluated, tmp_path
+):
+    """The data's summary.json names the tokenizer its ids came from: it decodes them (here a copy of the
+    run's at another path: the same texts), and a note names both."""
+    _, predictions, _ = evaluated
+    data, tokenizer = tmp_path / "data", tmp_path / "tokenizer_copy"
+    shutil.copytree(trained_run.workdir / "prepared", data)
+    summary = json.loads((data / "summary.json").read_text())
+    shutil.copytree(summary["tokenizer"], tokenizer)
+    (data / "summary.json").write_text(json.dumps({**summary, "tokenizer": str(tokenizer)}))
+    lines = []
+    out = tmp_path / "out"
+    evaluate(
+        trained_run.workdir,
+        "test",
+        out_dir=out,
+        max_examples=2,
+        generation=GEN,
+        data_dir=data,
+        echo=lines.append,
+    )
+    notes = [line for line in lines if line.startswith("note:")]
+    assert notes == [
+        f"note: {data} was prepared with the tokenizer {str(tokenizer)!r}, the run's data with "
+        f"{summary['tokenizer']!r}: the model reads these ids as its own tokenizer's (the same vocabulary at "
+        "another path is fine; another vocabulary gives meaningless results)"
+    ]
+    written = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert written == predictions[:2]
+    shutil.rmtree(tokenizer)  # the note's tokenizer is the one loaded: gone, it is named
+    with pytest.raises(ValueError, match=r"^the data's tokenizer: "):
+        evaluate(
+            trained_run.workdir,
+            "test",
+            out_dir=out,
+            max_examples=2,
+            generation=GEN,
+            data_dir=data,
+            echo=lambda _: None,
+        )
+
+
 def test_an_evaluation_says_which_earlier_results_it_replaces(run, evaluated, tmp_path):
     workdir, _, _ = run
     _, _, full = evaluated
