@@ -212,7 +212,7 @@ def test_a_missing_packaged_model_is_an_error_with_the_install_command(
          r"^both a checkpoint step \(3\) of the run and another model \('smollm2-135m'\) to evaluate on its "
          r"data were given\. Fix: pass one of them \(--step or --model\)$"),
         ([*RUN, "data.format=generic", "data.sources=[{tmp}/no.jsonl]", "data.tokenizer={tmp}/tok"],
-         r"^data\.sources: no file matches .*no\.jsonl.* Fix: correct the path"),
+         r"^command line: data\.sources: no file matches .*no\.jsonl.* Fix: correct the path"),
         (["data", "show", "{tmp}", "--index", "0"], r"train/meta\.json not found: run `nextquill-jax data"),
         (["export", "--workdir", "{tmp}", "--out", "{tmp}/hf"], r"is not a training workdir: .* Fix: pass"),
         (["checkpoint", "verify", "--workdir", "{tmp}"], r"is not a training workdir: .* Fix: pass"),
@@ -487,6 +487,39 @@ def test_a_file_given_as_an_output_directory_is_one_error_naming_the_flag_or_key
     fix = "Fix: pass a directory (a missing one is made) or move the file."
     assert message == f"{expected} is a file, not a directory. {fix}", message
     assert file.read_text() == "mine\n"
+
+
+def test_a_set_up_check_names_the_config_files_line_or_the_command_line(tmp_path, capsys):
+    """Checks that run once the config is built (the best metric against the loss, the attention against the
+    backend) name where their key was set: the file's line, or the command line for an override."""
+    text = Path(TINY).read_text()
+    assert "  best_metric: eval/loss\n" in text and "\nmodel:\n" in text
+    text = text.replace("best_metric: eval/loss", "best_metric: eval/lss")
+    text = text.replace("\nmodel:\n", "\nmodel:\n  attention_impl: splash\n")
+    config = tmp_path / "run.yaml"
+    config.write_text(text)
+    lines = text.splitlines()
+    metric_line = lines.index("  best_metric: eval/lss") + 1
+    attention_line = lines.index("  attention_impl: splash") + 1
+    argv = ["train", "--config", str(config), "--workdir", str(tmp_path / "run")]
+    message = _run_cli(argv, tmp_path, capsys)
+    assert message.startswith(f"{config}, line {metric_line}: checkpoint.best_metric `eval/lss` is not a ")
+    message = _run_cli([*argv, "checkpoint.best_metric=eval/loss"], tmp_path, capsys)
+    assert message.startswith(f"{config}, line {attention_line}: model.attention_impl='splash' needs a TPU")
+    message = _run_cli([*argv, "checkpoint.best_metric=eval/los"], tmp_path, capsys)
+    assert message.startswith("command line: checkpoint.best_metric `eval/los` is not a ")
+    message = _run_cli(
+        [*argv, "checkpoint.best_metric=eval/loss", "model.attention_impl=cudnn"], tmp_path, capsys
+    )
+    assert message.startswith("command line: model.attention_impl='cudnn' needs an NVIDIA GPU")
+    # A key the file does not write (its default) or a message that does not start with one: as raised.
+    from nextquill_jax.config_schema import ConfigError
+    from nextquill_jax.train.command import _located
+
+    args = argparse.Namespace(config=config, overrides=[])
+    for error in (ConfigError("train.micro_batches=3 does not divide"), ConfigError("mesh: too many")):
+        assert _located(error, args) is error
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_tensorboard_dir_that_is_a_file_is_refused_before_the_workdir_is_written(

@@ -20,11 +20,16 @@ is none (naming the steps a resume moved aside as damaged).
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from nextquill_jax import third_party_logs
 from nextquill_jax.subcommand import OVERRIDES, Subcommand, add_action, directory, non_negative_int
+
+if TYPE_CHECKING:  # the commands import their modules only when they run
+    from nextquill_jax.config_schema import ConfigError
 
 # `train --help` ends with these (README.md lists them too; 2 is argparse's, 130 and 141 are `cli.main`'s).
 TRAIN_EXIT_STATUSES = """exit status:
@@ -54,15 +59,37 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _overridden(key: str, args: argparse.Namespace) -> bool:
+    """Whether a command-line override of `train` sets `key`."""
+    return any(override.partition("=")[0].strip() == key for override in args.overrides)
+
+
 def _source_of(key: str, args: argparse.Namespace) -> str:
     """`key` as an error names it: after "command line: " where an override set it, else after the file."""
-    overridden = any(override.partition("=")[0].strip() == key for override in args.overrides)
-    return f"command line: {key}" if overridden else f"{args.config}: {key}"
+    return f"command line: {key}" if _overridden(key, args) else f"{args.config}: {key}"
+
+
+def _located(error: ConfigError, args: argparse.Namespace) -> ConfigError:
+    """`error`, raised by set-up once the config was built (a check against the backend, the loss or the
+    data, where the file is not known), headed by where the key it starts with was set: "command line: " for
+    an override, else "{config}, line N: " where the file writes it; as it is otherwise (a default value, a
+    message naming no key first)."""
+    from nextquill_jax.config_schema import ConfigError, key_lines
+
+    message = str(error)
+    key = re.match(r"[a-z_]+(?:\.[a-z_0-9]+)+", message)
+    if key is None:
+        return error
+    if _overridden(key[0], args):
+        return ConfigError(f"command line: {message}")
+    line = key_lines(args.config).get(key[0])
+    return error if line is None else ConfigError(f"{args.config}, line {line}: {message}")
 
 
 def run_train(args: argparse.Namespace) -> int:
     """Train; a bad config, data or missing package reaches `cli.main`, which prints it (status 1)."""
     from nextquill_jax.config import load_config
+    from nextquill_jax.config_schema import ConfigError
     from nextquill_jax.output_dir import check_output_dir
     from nextquill_jax.train.checkpoint import CheckpointSaveError
     from nextquill_jax.train.loop import TrainingDivergedError, train
@@ -81,6 +108,8 @@ def run_train(args: argparse.Namespace) -> int:
     log_to = lambda: third_party_logs.log_to(workdir, named)
     try:
         result = train(cfg, workdir, on_locked=log_to)
+    except ConfigError as e:
+        raise _located(e, args) from None
     except TrainingDivergedError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3

@@ -100,14 +100,19 @@ CASES = {
 
 
 def _run_train(tmp_path: Path, model: Path, overrides: dict, capsys, tiny_config, write_config) -> str:
-    """stderr of `nextquill-jax train` on `model`, which must exit with status 1 leaving no workdir."""
+    """stderr of `nextquill-jax train` on `model`, which must exit with status 1 leaving no workdir, and
+    name the config file's line of `model.path` (taken off the returned text)."""
     cfg = tiny_config(tmp_path / "no_data", tmp_path / "work")
     cfg["model"] = {"path": str(model), "overrides": overrides, "compute_dtype": "float32"}
-    status = cli.main(["train", "--config", str(write_config(cfg, tmp_path / "cfg.yaml"))])
+    config = write_config(cfg, tmp_path / "cfg.yaml")
+    status = cli.main(["train", "--config", str(config)])
     err = capsys.readouterr().err
     assert status == 1, err
     assert not (tmp_path / "work").exists()
-    return err
+    line = next(i for i, text in enumerate(config.read_text().splitlines(), 1) if text.startswith("  path: "))
+    located = f"error: {config}, line {line}: "
+    assert err.startswith(located), err
+    return "error: " + err.removeprefix(located)
 
 
 @pytest.mark.parametrize("case", CASES)

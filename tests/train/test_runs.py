@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import re
 import shutil
 import time
 
@@ -481,7 +482,9 @@ def test_checkpoint_verify_prints_a_table_and_readers_skip_a_damaged_checkpoint(
 def test_a_data_error_on_process_0_stops_the_other_process_too_saying_why(runs):
     first, second = runs["P"]
     said = first.stderr
-    assert "error: data.tokenizer: no tokenizer" in said and "no_tokenizer" in said, said[-3000:]
+    # named at the line of the config file that sets it
+    assert re.search(r"error: \S+\.yaml, line \d+: data\.tokenizer: no tokenizer", said), said[-3000:]
+    assert "no_tokenizer" in said, said[-3000:]
     assert "error: process 0 failed to prepare the data in" in second.stderr, second.stderr[-3000:]
     assert "so process 1 stops too: process 0's error (above, or in its log) names the" in second.stderr
     assert "has not answered" not in first.stderr + second.stderr and "Traceback" not in second.stderr
