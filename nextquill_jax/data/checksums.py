@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 ALGORITHM = "blake2b-128"
+T = TypeVar("T")
 
 
 class IntegrityError(ValueError):
@@ -39,30 +41,51 @@ def manifest(root: str | Path, names: Iterable[str] | None = None) -> dict[str, 
     if names is None:
         names = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
     names = list(names)
+    return dict(zip(names, _on_threads(describe_file, root, names), strict=True))
+
+
+def _on_threads(fn: Callable[[Path], T], root: Path, names: list[str]) -> list[T]:
+    """[fn(root / name) for name in names], on several threads (hashlib releases the GIL while it hashes)."""
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        described = list(pool.map(lambda name: describe_file(root / name), names))
-    return dict(zip(names, described, strict=True))
+        return list(pool.map(lambda name: fn(root / name), names))
 
 
 def problems(root: str | Path, expected: Mapping[str, Mapping[str, int | str]]) -> list[str]:
     """What differs between the files under `root` and `expected` (a `manifest`): one line per missing
-    file, wrong size or wrong checksum, naming the file; [] when every file matches. Files that
-    `expected` does not list are not checked. Sizes are compared first, so a truncated file costs no
-    hashing."""
+    file, wrong size, wrong checksum or file that cannot be read (a failing disk's read error, a permission),
+    naming the file; [] when every file matches. Files that `expected` does not list are not checked. Sizes
+    are compared first, so a truncated file costs no hashing."""
     root = Path(root)
     found, sized = [], []
     for name, want in expected.items():
         path = root / name
-        if not path.is_file():
+        try:
+            size = path.stat().st_size if path.is_file() else None
+        except OSError as e:
+            found.append(_unreadable(path, e))
+            continue
+        if size is None:
             found.append(f"{path}: missing")
-        elif (size := path.stat().st_size) != want["size"]:
+        elif size != want["size"]:
             found.append(f"{path}: {size} bytes, expected {want['size']}")
         else:
             sized.append(name)
-    actual = manifest(root, sized)
-    found += [
-        f"{root / name}: {ALGORITHM} checksum {actual[name]['blake2b']}, expected {expected[name]['blake2b']}"
-        for name in sized
-        if actual[name]["blake2b"] != expected[name]["blake2b"]
-    ]
+    for name, digest in zip(sized, _on_threads(_digest_or_error, root, sized), strict=True):
+        if isinstance(digest, OSError):
+            found.append(_unreadable(root / name, digest))
+        elif digest != (want := expected[name]["blake2b"]):
+            found.append(f"{root / name}: {ALGORITHM} checksum {digest}, expected {want}")
     return found
+
+
+def _digest_or_error(path: Path) -> str | OSError:
+    """`file_digest(path)`, or the OSError reading it raised."""
+    try:
+        return file_digest(path)
+    except OSError as e:
+        return e
+
+
+def _unreadable(path: Path, error: OSError) -> str:
+    """The problem line of a file that could not be read."""
+    return f"{path}: unreadable ({error.strerror or error})"

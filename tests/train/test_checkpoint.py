@@ -199,6 +199,52 @@ def test_a_damaged_step_is_reported_by_file_and_the_newest_verified_step_is_used
     writer.close()
 
 
+def test_a_file_that_cannot_be_read_is_damage_of_its_step_not_a_crash_of_every_reader(
+    tmp_path, monkeypatch, capsys
+):
+    """A failing disk's read error (EIO) or a permission on one file: its step fails verification naming the
+    file (verify's table, a resume's fallback), like a checksum mismatch; so does an unreadable manifest.
+    (The tests run as root, which reads a chmod 000 file: the errors are raised where the files are read.)"""
+    from nextquill_jax.cli import main
+    from nextquill_jax.data import checksums
+
+    ckpts = tmp_path / "checkpoints"
+    ckpt = Checkpointer(ckpts, CheckpointConfig(keep=3))
+    _save_steps(ckpt, [1, 2, 3])
+    ckpt.close()
+    bad_disk, manifest_3 = _largest_file(ckpts / "2"), ckpts / "3" / "manifest.json"
+    digest, read_text = checksums.file_digest, type(manifest_3).read_text
+
+    def failing_digest(path):
+        if path == bad_disk:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
+        return digest(path)
+
+    def failing_read_text(path, *args, **kwargs):
+        if path == manifest_3:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return read_text(path, *args, **kwargs)
+
+    monkeypatch.setattr(checksums, "file_digest", failing_digest)
+    monkeypatch.setattr(type(manifest_3), "read_text", failing_read_text)
+    capsys.readouterr()
+    assert main(["checkpoint", "verify", "--workdir", str(tmp_path)]) == 1
+    out, err = capsys.readouterr()
+    rows = out.splitlines()[2:]
+    assert rows[0].startswith("| 1 | ok | ")
+    assert rows[1].startswith("| 2 | failed | ") and f"{bad_disk}: unreadable (Input/output error)" in rows[1]
+    assert rows[2].startswith(f"| 3 | failed | 0 | 0.0 | {manifest_3}: unreadable (Permission denied)")
+    assert err.startswith(f"error: damaged or incomplete: {ckpts / '2'}, {ckpts / '3'} (see the table).")
+
+    reader = Checkpointer(ckpts, CheckpointConfig(), read_only=True)
+    lines = []
+    assert reader.newest_verified(lines.append) == 1
+    damaged = "is damaged and not restorable:"
+    assert lines[0].startswith(f"checkpoint {ckpts / '3'} {damaged} {manifest_3}: unreadable (Permission")
+    assert lines[1].startswith(f"checkpoint {ckpts / '2'} {damaged} {bad_disk}: unreadable (Input/output")
+    reader.close()
+
+
 def test_a_step_damaged_again_is_moved_aside_beside_its_earlier_damaged_copy_never_over_it(tmp_path):
     """Moving a damaged step aside deleted an earlier `<step>.corrupt` of the same step, silently: a copy that
     may hold what is to be recovered. The next goes to `<step>.corrupt.1`, and so on, and `moved_aside`
