@@ -8,24 +8,29 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-# Runs of letters, any script's: with ASCII letters only, "crispé" held the word "crisp". Digits and "_"
-# still end a word, as punctuation does.
-_WORD = re.compile(r"[^\W\d_]+")
+# A letter of any script: with ASCII letters only, "crispé" held the word "crisp". Digits, "_" and
+# punctuation end a word.
+_LETTER = r"[^\W\d_]"
 
 
 def signature_recall(text: str, signature_words: Sequence[str]) -> float:
-    """Share of `signature_words` that occur in `text` as whole words (runs of letters of any script, ended by
-    anything else: "crisp's" holds "crisp", "crispé" and "crispy" do not), case-sensitively (the synthetic
-    signature words are lower-case; a capitalised title word such as "Gentle" is not the signature word
-    "gentle"). A word listed twice in `signature_words` counts twice.
+    """Share of `signature_words` that occur in `text` as whole words (neither preceded nor followed by a
+    letter of any script: "crisp's" holds "crisp", "crispé" and "crispy" do not; a word may hold other
+    characters, as "well-made" or "5-star" do), case-sensitively (the synthetic signature words are
+    lower-case; a capitalised title word such as "Gentle" is not the signature word "gentle"). A word listed
+    twice in `signature_words` counts twice.
 
     Raises:
-        ValueError: `signature_words` is empty.
+        ValueError: `signature_words` is empty, or holds an empty or blank word.
     """
     if not signature_words:
         raise ValueError("signature_words is empty: recall is undefined")
-    words = set(_WORD.findall(text))
-    return sum(w in words for w in signature_words) / len(signature_words)
+    if blank := [w for w in signature_words if not w.strip()]:
+        raise ValueError(f"signature_words holds a blank word {blank[0]!r}, which every text would hold")
+    found = [
+        re.search(rf"(?<!{_LETTER}){re.escape(w)}(?!{_LETTER})", text) is not None for w in signature_words
+    ]
+    return sum(found) / len(signature_words)
 
 
 def preference_recall(predictions_path: str | Path, rendered_split_path: str | Path) -> dict[str, float]:

@@ -217,8 +217,13 @@ def test_signature_recall_counts_whole_lowercase_words():
     assert signature_recall("crispé écrisp", ["crisp"]) == 0.0
     assert signature_recall("crisp's bold2 gentle_", ["crisp", "bold", "gentle"]) == 1.0
     assert signature_recall("Ça crisp, «cozy»", ["crisp", "cozy", "ça"]) == pytest.approx(2 / 3)
+    # Words holding other characters than letters (a record's own meta.signature_words) count too.
+    assert signature_recall("a well-made, 5-star chair", ["well-made", "5-star", "made"]) == 1.0
+    assert signature_recall("unwell-made 5-stars", ["well-made", "5-star"]) == 0.0
     with pytest.raises(ValueError, match="empty"):
         signature_recall("text", [])
+    with pytest.raises(ValueError, match="blank word ' '"):
+        signature_recall("text", ["text", " "])
 
 
 @pytest.mark.parametrize("name", ["demo.yaml", "demo_quick.yaml"])
