@@ -105,8 +105,19 @@ def _int_at_least(text: str, minimum: int) -> int:
     return value
 
 
+def logit_scale(text: str) -> float:
+    """An argparse `type` for a number in [1e-6, 1e6] that float32 logits are divided or multiplied by
+    (`evaluate --temperature`, `--repetition-penalty`: `generate.FLOAT32_SAFE`, which this module states
+    without importing JAX; a test checks they agree).
+
+    Raises:
+        argparse.ArgumentTypeError: `text` is not a number in [1e-6, 1e6].
+    """
+    return _float_where(text, lambda x: 1e-6 <= x <= 1e6, "in [1e-06, 1e+06]")
+
+
 def positive_float(text: str) -> float:
-    """An argparse `type` for a finite number > 0 (`evaluate --temperature`, `--repetition-penalty`).
+    """An argparse `type` for a finite number > 0 (`effects --high`).
 
     Raises:
         argparse.ArgumentTypeError: `text` is not a finite number > 0.

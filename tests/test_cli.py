@@ -670,9 +670,14 @@ def test_a_count_flag_below_its_minimum_is_refused_while_parsing(argv, flag, min
 # Settings with a range: refused while parsing, by the flag's name, before the checkpoint is restored (they
 # were refused after it, by GenerationConfig's or LossConfig's field name).
 GREEDY_HINT = "; for greedy decoding pass --no-do-sample"
+SCALE = "in [1e-06, 1e+06]"
 RANGE_FLAGS = [
-    *((EVALUATE, "--temperature", bad, "> 0", GREEDY_HINT) for bad in ("0", "-0.5", "nan", "x")),
-    *((EVALUATE, "--repetition-penalty", bad, "> 0", "") for bad in ("0", "-1", "inf")),
+    # bounds that keep float32 logits finite (1e-39 overflowed them silently)
+    *(
+        (EVALUATE, "--temperature", bad, SCALE, GREEDY_HINT)
+        for bad in ("0", "-0.5", "nan", "x", "1e-39", "1e7")
+    ),
+    *((EVALUATE, "--repetition-penalty", bad, SCALE, "") for bad in ("0", "-1", "inf", "1e-39", "1e39")),
     *((EVALUATE, "--top-p", bad, "in (0, 1]", "") for bad in ("0", "1.5", "nan")),
     *((EFFECTS, "--threshold", bad, "in [-1, 1)", "") for bad in ("nan", "inf", "x", "1", "2", "-1.5")),
     *((EFFECTS, "--high", bad, "> 0", "") for bad in ("0", "-1")),

@@ -32,6 +32,7 @@ from nextquill_jax.subcommand import (
     Subcommand,
     dce_threshold,
     directory,
+    logit_scale,
     non_negative_float,
     non_negative_int,
     positive_float,
@@ -106,7 +107,7 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         "--temperature",
         type=_temperature,
         default=None,
-        help="> 0; sampling only; " + _run_default("temperature", 0.8),
+        help="in [1e-6, 1e6]; sampling only; " + _run_default("temperature", 0.8),
     )
     decoding.add_argument(
         "--top-k",
@@ -122,9 +123,10 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     )
     decoding.add_argument(
         "--repetition-penalty",
-        type=positive_float,
+        type=logit_scale,
         default=None,
-        help="> 0; 1 = off; applied in greedy decoding too; " + _run_default("repetition_penalty", 1.2),
+        help="in [1e-6, 1e6]; 1 = off; applied in greedy decoding too; "
+        + _run_default("repetition_penalty", 1.2),
     )
     decoding.add_argument(
         "--repetition-penalty-prompt",
@@ -150,14 +152,14 @@ def _run_default(key: str, value: object) -> str:
 
 
 def _temperature(text: str) -> float:
-    """The argparse `type` of `evaluate --temperature`: a finite number > 0 (`positive_float`); 0, which some
-    tools read as greedy decoding, is refused with the flag that asks for it.
+    """The argparse `type` of `evaluate --temperature`: a number in [1e-6, 1e6] (`logit_scale`); 0, which
+    some tools read as greedy decoding, is refused with the flag that asks for it.
 
     Raises:
-        argparse.ArgumentTypeError: `text` is not a finite number > 0.
+        argparse.ArgumentTypeError: `text` is not a number in [1e-6, 1e6].
     """
     try:
-        return positive_float(text)
+        return logit_scale(text)
     except argparse.ArgumentTypeError as e:
         raise argparse.ArgumentTypeError(f"{e}; for greedy decoding pass --no-do-sample") from None
 

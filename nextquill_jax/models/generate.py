@@ -44,6 +44,12 @@ SMALLEST_BUCKET = 16
 POWER_OF_TWO_UP_TO = 256
 
 
+# The temperature and the repetition penalty scale float32 logits (|z| of tens): within this range neither
+# overflows them, and at its ends the distribution is already the argmax's or uniform (or the penalty all
+# but bans a token, or all but forces it).
+FLOAT32_SAFE = (1e-6, 1e6)
+
+
 @dataclasses.dataclass(frozen=True)
 class GenerationConfig:
     """Decoding settings. Defaults: the public NextQuill code (greedy, repetition penalty 1.2; its temperature
@@ -54,12 +60,13 @@ class GenerationConfig:
             no generation: `evaluate` (and `compare`) then measure only the teacher-forced losses, with no
             predictions and no text metrics.
         `do_sample`: sample from the processed distribution instead of taking the argmax.
-        `temperature`: divides the logits (sampling only); > 0.
+        `temperature`: divides the logits (sampling only); in [1e-6, 1e6].
         `top_k`: keep the k most probable tokens (sampling only); 0 turns it off.
         `top_p`: keep the smallest set of most probable tokens whose probability reaches top_p (sampling
             only); in (0, 1], 1 turns it off.
-        `repetition_penalty`: > 0; the logits of tokens already in the row (prompt included) are divided by
-            it where positive and multiplied where negative (transformers'); 1 turns it off. Applied in
+        `repetition_penalty`: in [1e-6, 1e6]; the logits of tokens already in the row
+            (prompt included) are divided by it where positive and multiplied where negative
+            (transformers'); 1 turns it off. Applied in
             greedy decoding too. The prompt's tokens count, so it also penalises copying the user's history
             (benchmarks/STUDY.md: on the synthetic users, 1.2 took the fine-tuned models' preference recall
             from 0.35-0.44 to 0.00-0.03, seeds 0-2).
@@ -104,6 +111,14 @@ class GenerationConfig:
                 f"GenerationConfig.temperature must be > 0, got {self.temperature!r}; for greedy decoding "
                 "set do_sample=False"
             )
+        low, high = FLOAT32_SAFE
+        if not low <= self.temperature <= high:
+            raise ValueError(
+                f"GenerationConfig.temperature must be in [{low:g}, {high:g}], got {self.temperature!r}: the "
+                f"float32 logits are divided by it, and far smaller values overflow them to inf (arbitrary "
+                f"tokens are sampled; for greedy decoding set do_sample=False), far larger ones sample every "
+                f"token alike"
+            )
         # The decode loop holds top_k as an int32 (a vocabulary is far smaller).
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not 0 <= self.top_k < 2**31:
             raise ValueError(f"GenerationConfig.top_k must be an int >= 0 (0: off), got {self.top_k!r}")
@@ -112,6 +127,12 @@ class GenerationConfig:
         if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
             raise ValueError(
                 f"GenerationConfig.repetition_penalty must be > 0 (1: off), got {self.repetition_penalty!r}"
+            )
+        if not low <= self.repetition_penalty <= high:
+            raise ValueError(
+                f"GenerationConfig.repetition_penalty must be in [{low:g}, {high:g}] (1: off), got "
+                f"{self.repetition_penalty!r}: the float32 logits are divided or multiplied by it, and "
+                f"values far outside overflow them to inf"
             )
         if not isinstance(self.repetition_penalty_prompt, bool):
             raise ValueError(

@@ -5,6 +5,7 @@ limits; one compile per prompt-length bucket; sharded decoding equal to unsharde
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 
@@ -19,8 +20,10 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from nextquill_jax.models import load_pretrained, load_tokenizer, model_from_hf
 from nextquill_jax.models.generate import (
+    FLOAT32_SAFE,
     GenerationConfig,
     ProcessorSettings,
+    choose_tokens,
     decoder,
     generate,
     generate_ids,
@@ -435,6 +438,36 @@ def test_bad_inputs_are_refused(tiny):
     assert GenerationConfig(temperature=np.float32(0.5), top_p=1, top_k=np.iinfo(np.int32).max).top_p == 1
     with pytest.raises(ValueError, match=r"pad_token_id must be a token id \(an int32\), got 1099511627776"):
         generate_ids(model, ids, np.ones((1, 4), np.int32), GREEDY, eos_token_ids=[1], pad_token_id=2**40)
+
+
+def test_temperatures_and_penalties_that_overflow_float32_logits_are_refused_and_the_bounds_are_safe():
+    """A temperature of 1e-39 overflowed the float32 logits to inf (1e-46 rounded to 0): the sampler drew
+    token 0 or 1 in place of the argmax, silently. At the bounds the processed logits stay finite and the
+    sampled token is the argmax of the processed logits, at a logit scale of 100."""
+    for bad in ({"temperature": 1e-39}, {"temperature": 1e-46}, {"temperature": 1e7},
+                {"repetition_penalty": 1e-39}, {"repetition_penalty": 1e39}):  # fmt: skip
+        with pytest.raises(ValueError, match=f"GenerationConfig.{next(iter(bad))} must be in .*overflow"):
+            GenerationConfig(do_sample=True, **bad)
+    from nextquill_jax.subcommand import logit_scale  # the flags' bounds, stated without JAX
+
+    assert [logit_scale(str(bound)) for bound in FLOAT32_SAFE] == list(FLOAT32_SAFE)
+    for outside in (FLOAT32_SAFE[0] / 2, FLOAT32_SAFE[1] * 2):
+        with pytest.raises(argparse.ArgumentTypeError, match=r"in \[1e-06, 1e\+06\], got"):
+            logit_scale(str(outside))
+    logits = jnp.asarray(np.random.default_rng(0).normal(size=(4, 50)) * 30, jnp.float32)  # [B, V]
+    logits = logits.at[:, 7].set(100.0)
+    seen = jnp.zeros((4, 50), bool).at[:, :7].set(True)  # penalised, both signs
+    keys = jax.random.split(jax.random.key(0), 4)
+    for temperature in FLOAT32_SAFE[:1]:
+        for penalty in FLOAT32_SAFE:
+            cfg = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                                   repetition_penalty=penalty)  # fmt: skip
+            settings = ProcessorSettings.of(cfg)
+            processed = process_logits(logits, seen, settings)
+            assert bool(jnp.isfinite(processed).all()), (temperature, penalty)
+            argmax = np.asarray(processed).argmax(-1).tolist()  # 7, or a seen token at a penalty < 1
+            assert np.asarray(choose_tokens(logits, seen, settings, keys)).tolist() == argmax
+            assert (argmax == [7] * 4) == (penalty > 1)
 
 
 def test_ids_and_masks_that_would_change_the_tokens_silently_are_refused(tiny, tiny_case):
