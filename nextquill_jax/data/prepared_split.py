@@ -143,6 +143,13 @@ def check_split(data_dir: str | Path, split: str, named: str = "", *, other_spli
             f"{f'{named} {data_dir}: ' if named else ''}{meta_path} not found: run "
             f"`nextquill-jax data prepare --config FILE --out {data_dir}` first"
         )
+    if recorded := _recorded_examples(data_dir, split):  # prepared, then deleted or moved by hand
+        raise FileNotFoundError(
+            f"{f'{named} ' if named else ''}{data_dir} lacks its prepared {split!r} split: its "
+            f"{SUMMARY_FILE} records {counted(recorded, f'{split} example')}, but {meta_path} is missing "
+            f"(deleted or moved?). Fix: run `nextquill-jax data prepare --config FILE --out {data_dir}` "
+            f"again."
+        )
     # `prepare` writes no split without examples: preparing again from the same records would not help.
     fixes = [f"pass --split {' or '.join(held)}"] if other_split and held else []
     fixes.append(f"add records of the {split!r} split to data.sources and prepare again")
@@ -173,6 +180,16 @@ def check_prepared(data_dir: str | Path, split: str, named: str) -> None:
         raise FileNotFoundError(f"{named} {data_dir} {state}. {prepare}.")
     check_finished(data_dir, named)
     check_split(data_dir, split, named)
+
+
+def _recorded_examples(data_dir: Path, split: str) -> int:
+    """The examples of `split` that the summary.json in `data_dir` says were prepared (0 where it cannot be
+    read or records none)."""
+    try:
+        count = json.loads((data_dir / SUMMARY_FILE).read_text(encoding="utf-8"))["examples"][split]
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+    return count if isinstance(count, int) and not isinstance(count, bool) else 0
 
 
 class PreparedSplit:

@@ -699,6 +699,31 @@ def test_sources_are_fingerprinted_by_content_so_a_change_that_keeps_size_and_mt
     assert not again["reused"] and again["fingerprint"] != first["fingerprint"]
 
 
+def test_a_split_deleted_after_preparation_is_named_as_such_not_as_one_without_examples(
+    tmp_path, write_random_data
+):
+    """summary.json records the split's examples: its missing files were deleted or moved, and preparing
+    again restores them (the message for a split without examples said the opposite: that it would not)."""
+    import shutil
+
+    from nextquill_jax.data.prepared_split import PreparedSplit, check_split
+
+    data = write_random_data(tmp_path / "data", train=4, val=2)
+    shutil.rmtree(data / "val")
+    expected = (
+        f"--data {data} lacks its prepared 'val' split: its summary.json records 2 val examples, but "
+        f"{data / 'val' / 'meta.json'} is missing (deleted or moved?). Fix: run `nextquill-jax data prepare "
+        f"--config FILE --out {data}` again."
+    )
+    with pytest.raises(FileNotFoundError) as e:
+        check_split(data, "val", "--data")
+    assert str(e.value) == expected
+    with pytest.raises(FileNotFoundError, match=r"lacks its prepared 'val' split: its summary\.json"):
+        PreparedSplit(data, "val")
+    with pytest.raises(FileNotFoundError, match="no 'test' example was prepared there"):
+        check_split(data, "test")  # never prepared: the message as before
+
+
 def test_a_damaged_prepared_split_is_refused_naming_the_file(tmp_path, write_random_data):
     data = write_random_data(tmp_path / "data", train=8, val=0)
     split = data / "train"
