@@ -7,6 +7,7 @@ with `load_pretrained`, generation from that model, float64 cross-entropies from
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -285,17 +286,11 @@ def test_data_prepared_with_another_tokenizer_path_decodes_with_it_and_says_so(
     summary = json.loads((data / "summary.json").read_text())
     shutil.copytree(summary["tokenizer"], tokenizer)
     (data / "summary.json").write_text(json.dumps({**summary, "tokenizer": str(tokenizer)}))
-    lines = []
-    out = tmp_path / "out"
-    evaluate(
-        trained_run.workdir,
-        "test",
-        out_dir=out,
-        max_examples=2,
-        generation=GEN,
-        data_dir=data,
-        echo=lines.append,
+    lines, out = [], tmp_path / "out"
+    on_data = functools.partial(
+        evaluate, trained_run.workdir, "test", out_dir=out, max_examples=2, generation=GEN, data_dir=data
     )
+    on_data(echo=lines.append)
     notes = [line for line in lines if line.startswith("note:")]
     assert notes == [
         f"note: {data} was prepared with the tokenizer {str(tokenizer)!r}, the run's data with "
@@ -306,15 +301,7 @@ def test_data_prepared_with_another_tokenizer_path_decodes_with_it_and_says_so(
     assert written == predictions[:2]
     shutil.rmtree(tokenizer)  # the note's tokenizer is the one loaded: gone, it is named
     with pytest.raises(ValueError, match=r"^the data's tokenizer: "):
-        evaluate(
-            trained_run.workdir,
-            "test",
-            out_dir=out,
-            max_examples=2,
-            generation=GEN,
-            data_dir=data,
-            echo=lambda _: None,
-        )
+        on_data(echo=lambda _: None)
 
 
 def test_an_evaluation_says_which_earlier_results_it_replaces(run, evaluated, tmp_path):
