@@ -120,6 +120,21 @@ _UNAPPLIED: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
         "an initialisation that also changed the base weights, which the adapter is only valid with",
     ),
 )
+# The other fields peft 0.21's LoraConfig writes: what the adapter is and was made from, how it was
+# initialised or trained (a base-changing initialisation is refused above), and inert options (peft ignores
+# fan_in_fan_out for Linear layers; exclude_modules only leaves layers without an adapter, which the tensor
+# check refuses). A field in neither list is refused where it is set: a later peft's option may change what
+# the adapter computes.
+_INERT = frozenset(
+    {
+        "auto_mapping", "base_model_name_or_path", "corda_config", "ensure_weight_tying", "eva_config",
+        "exclude_modules", "fan_in_fan_out", "inference_mode", "init_lora_weights", "lora_alpha",
+        "lora_dropout", "lora_ga_config", "loftq_config", "megatron_config", "megatron_core", "peft_type",
+        "peft_version", "qalora_group_size", "r", "revision", "runtime_config", "target_modules", "task_type",
+        "velora_config",
+    }
+)  # fmt: skip
+_UNSET = (None, False, "", [], {})  # an unknown field's values that set nothing
 _LORA_TENSOR = re.compile(r"(.+)\.lora_([AB])\.weight")
 
 
@@ -162,6 +177,15 @@ def _load_config(directory: Path) -> dict[str, Any]:
                 f"run here does not apply, so it would start from another model than the adapter's. Fix: "
                 f"start from a plain LoRA adapter (trained without {name})"
             )
+    known = _INERT | {name for name, _, _ in _UNAPPLIED}
+    if unknown := [name for name, value in config.items() if name not in known and value not in _UNSET]:
+        listed = ", ".join(f"{name}: {json.dumps(config[name])}" for name in unknown)
+        raise ValueError(
+            f"{directory / CONFIG_FILE} sets {listed}, which this package does not know (peft 0.21's LoRA "
+            f"settings have no such field), so it cannot tell whether the adapter computes plain LoRA. "
+            f"Fix: remove the field from {CONFIG_FILE} if it leaves the adapter plain LoRA, or start from "
+            f"a plain LoRA adapter"
+        )
     return config
 
 

@@ -189,6 +189,33 @@ def test_an_adapter_config_that_is_no_object_or_has_a_mistyped_rank_or_alpha_is_
     assert str(e.value) == f"{file}{message}"
 
 
+def test_a_field_peft_does_not_write_is_refused_where_it_is_set_and_every_field_peft_writes_is_known(
+    llama_dir, tmp_path
+):
+    """A field a later peft may add (which may change what the adapter computes) was read as plain LoRA
+    without a word; set to nothing it is read. Every field peft's LoraConfig writes is either inert or refused
+    where set (`_UNAPPLIED`), so no adapter peft makes today meets the refusal."""
+    from nextquill_jax.models.peft import _INERT, _UNAPPLIED
+
+    written = set(peft.LoraConfig(task_type="CAUSAL_LM").to_dict())
+    assert written <= _INERT | {name for name, _, _ in _UNAPPLIED}, written - _INERT
+    _, out = peft_adapter(llama_dir, tmp_path / "a")
+    file = out / "adapter_config.json"
+    config = json.loads(file.read_text())
+    ours, shapes = our_shapes(llama_dir)
+    file.write_text(json.dumps({**config, "use_future_lora": None, "future_config": {}}))
+    read_peft_adapter(out, ours.cfg, shapes, rank=4, alpha=12)
+    file.write_text(json.dumps({**config, "use_future_lora": True, "future_config": {"k": 2}}))
+    with pytest.raises(ValueError) as e:
+        read_peft_adapter(out, ours.cfg, shapes, rank=4, alpha=12)
+    assert str(e.value) == (
+        f'{file} sets use_future_lora: true, future_config: {{"k": 2}}, which this package does not know '
+        "(peft 0.21's LoRA settings have no such field), so it cannot tell whether the adapter computes "
+        "plain LoRA. Fix: remove the field from adapter_config.json if it leaves the adapter plain LoRA, or "
+        "start from a plain LoRA adapter"
+    )
+
+
 def test_tensors_the_run_would_not_apply_are_refused_whatever_the_config_says(llama_dir, tmp_path):
     """lora_B.bias tensors under an adapter_config.json that no longer says lora_bias: refused by name."""
     _, out = peft_adapter(llama_dir, tmp_path / "a", lora_bias=True)
