@@ -733,6 +733,7 @@ def run_variant(
 
     `stop` (`run_comparison`'s) is told each stage, and its handlers are suspended while the run trains.
     """
+    from nextquill_jax.data.checksums import file_digest
     from nextquill_jax.data.prepare import load_fast_tokenizer
     from nextquill_jax.eval.effect_report import build_effect_report
     from nextquill_jax.eval.evaluate import evaluate
@@ -812,6 +813,8 @@ def run_variant(
         "seed": seed,
         "eval_dir": str(workdir / "eval" / plan.split),
         "effects_summary": summary["files"]["summary"],
+        # `compare_table.recorded_effects` checks the table reads this report, not one written there since.
+        "effects_blake2b": file_digest(summary["files"]["summary"]),
         "rendered_split": str(data_dir / f"{plan.split}.jsonl"),
         # Only where it generated (max_new_tokens >= 1): `compare_table` reads the text metrics of a record
         # that has a BLEU, and leaves them out of one that has none.

@@ -29,7 +29,10 @@ line with its reason too (`not_measured_line`).
 
 A run's predictions.jsonl is read from its `eval_dir`, which `nextquill-jax evaluate --workdir RUN` also
 writes by default: before reading it, its metrics.json must hold the BLEU the run's record does, so that the
-files of another evaluation are never paired with the record's numbers (`recorded_predictions`).
+files of another evaluation are never paired with the record's numbers (`recorded_predictions`); its
+effect report must be the one the record's digest names (`recorded_effects`). A DCE AUROC a report leaves
+undefined (null: its scored tokens hold no preference token, or nothing else) is "n/a" too, and a line under
+the table says so, since "n/a" otherwise marks a diverged run.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from nextquill_jax.atomic_file import write_text_atomic
+from nextquill_jax.data.checksums import file_digest
 from nextquill_jax.eval.bootstrap import no_width, paired_bootstrap
 from nextquill_jax.eval.preference_recall import preference_recall
 from nextquill_jax.plural import counted
@@ -174,6 +178,33 @@ def recorded_predictions(record: Mapping[str, Any]) -> Path:
     return predictions
 
 
+def recorded_effects(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The run's effect report (its summary.json), checked to be the one `record` (`compare.run_variant`'s)
+    was made with: the summary's BLAKE2b digest is the record's `effects_blake2b` (a record written before
+    it held one is not checked).
+
+    Raises:
+        ValueError: the summary is absent, unreadable, or another report (`nextquill-jax effects` with
+            `--out` the run's effects/ directory replaced it: another split, examples or step); naming the
+            file and the fix.
+    """
+    path = Path(record["effects_summary"])
+    done = path.parent.parent / "compare_done.json"
+    fix = f"Fix: delete {done} and run compare again, which reports the run again without training it."
+    try:
+        digest = file_digest(path) if "effects_blake2b" in record else None
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        state = "does not exist" if isinstance(e, FileNotFoundError) else f"cannot be read ({e})"
+        raise ValueError(f"{path}, the effect report {done} records, {state}. {fix}") from None
+    if digest is not None and digest != record["effects_blake2b"]:
+        raise ValueError(
+            f"{path} is no longer the effect report {done} records (another content: another report was "
+            f"written there since, such as `nextquill-jax effects --out` the run's effects directory). {fix}"
+        )
+    return summary
+
+
 def per_example_metrics(record: Mapping[str, Any]) -> dict[str, dict[ExampleKey, float]]:
     """{metric: {example key: value}} of one run (`compare.run_variant`'s record), in the split's order: each
     example keyed by `example_keys` of the run's prepared split, so that runs pair on the same example. A run
@@ -181,7 +212,8 @@ def per_example_metrics(record: Mapping[str, Any]) -> dict[str, dict[ExampleKey,
 
     Raises:
         ValueError: two examples share a key (`example_keys`), or the run's eval directory no longer holds
-            the evaluation the record was made from (`recorded_predictions`).
+            the evaluation the record was made from (`recorded_predictions`), or its effect report is not the
+            record's (`recorded_effects`).
     """
     keys = example_keys(record["rendered_split"])
     by_key = lambda values: {keys[i]: values[i] for i in sorted(values)}
@@ -195,7 +227,7 @@ def per_example_metrics(record: Mapping[str, Any]) -> dict[str, dict[ExampleKey,
         with contextlib.suppress(ValueError):  # raised where the data has no signature words
             recall = preference_recall(path, record["rendered_split"])
             out["preference_recall"] = by_key(recall["per_example"])
-    summary = json.loads(Path(record["effects_summary"]).read_text())
+    summary = recorded_effects(record)
     for metric in ("nll_with", "nll_without", "preference_nll_with"):
         values = {e["index"]: read_number(e[metric]) for e in summary["per_example"] if metric in e}
         if values:
@@ -246,12 +278,15 @@ def compare_runs(
             row[f"{metric}_std"] = _sample_std(seed_means) if len(seed_means) > 1 else None
         if all(generated(r) for r, _ in runs):
             row["bleu"] = statistics.fmean(read_number(r["bleu"]) for r, _ in runs)
-        aurocs = [json.loads(Path(r["effects_summary"]).read_text())["ground_truth"] for r, _ in runs]
+        aurocs = [recorded_effects(r)["ground_truth"] for r, _ in runs]
         row["dce_auroc"] = (
             None if None in aurocs else statistics.fmean(read_number(g["auroc"]) for g in aurocs)
         )
         if row["dce_auroc"] is not None:  # the tokens of a diverged model's NaN DCE are not in the AUROC
             row["dce_auroc_nonfinite"] = sum(g.get("nonfinite_tokens", 0) for g in aurocs)
+            # A report's null AUROC: its scored tokens held no preference token, or nothing else (n/a, which
+            # alone reads as a diverged run's).
+            row["dce_auroc_undefined"] = sum(g["auroc"] is None for g in aurocs)
         rows.append(row)
     base_runs = examples[baseline]
     for name in variants:
@@ -458,7 +493,15 @@ def markdown(result: Mapping[str, Any]) -> str:
         )
     else:
         nonfinite_line = None
-    notes = [line for line in (left_out, not_measured, nonfinite_line) if line is not None]
+    undefined = [f"{row['variant']} ({counted(row['dce_auroc_undefined'], 'seed')} of {len(row['seeds'])})"
+                 for row in result["rows"] if row.get("dce_auroc_undefined")]  # fmt: skip
+    undefined_line = (
+        f"DCE AUROC is n/a where an effect report's scored tokens hold no preference token or only "
+        f"preference tokens, for which no AUROC is defined: {', '.join(undefined)}."
+        if undefined
+        else None
+    )
+    notes = [line for line in (left_out, not_measured, nonfinite_line, undefined_line) if line is not None]
     if notes:
         lines += ["", *notes]
     if not result["differences"]:

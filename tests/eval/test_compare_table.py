@@ -15,7 +15,8 @@ from nextquill_jax.eval.compare_table import (
     not_measured_line,
     write_results,
 )
-from tests.eval.test_nonfinite_results import run_files
+from nextquill_jax.loss import LossConfig
+from tests.eval.test_nonfinite_results import effects, run_files
 
 
 def _results(tmp_path, records, baseline):
@@ -314,6 +315,37 @@ def test_predictions_another_evaluation_replaced_are_refused_not_read(tmp_path):
     (tmp_path / "again").mkdir()
     with pytest.raises(ValueError, match=r"\(BLEU 8\.0; there: no BLEU, predictions.jsonl absent\)"):
         _results(tmp_path / "again", [base, other], "base")
+
+
+def test_an_effect_report_written_over_the_recorded_one_is_refused_not_read(tmp_path):
+    """`nextquill-jax effects --out <run>/effects` replaces the report the run recorded (another split,
+    examples or step): the table read its NLLs and AUROC as the run's, and the verdicts changed."""
+    from nextquill_jax.eval.effect_report import write_report
+
+    base = run_files(tmp_path, "base", [0.1, 0.2, 0.4], [1.0, 2.0, 3.0], bleu=7.0)
+    other = run_files(tmp_path, "other", [0.2, 0.3, 0.5], [1.0, 2.0, 3.0], bleu=8.0)
+    summary, done = Path(other["effects_summary"]), tmp_path / "other" / "compare_done.json"
+    fix = f"Fix: delete {done} and run compare again, which reports the run again without training it."
+    write_report([effects(i, 9.0) for i in range(2)], LossConfig(), summary.parent, split="val")
+    with pytest.raises(ValueError) as e:
+        _results(tmp_path, [base, other], "base")
+    assert str(e.value) == (
+        f"{summary} is no longer the effect report {done} records (another content: another report was "
+        f"written there since, such as `nextquill-jax effects --out` the run's effects directory). {fix}"
+    )
+    summary.unlink()
+    (tmp_path / "gone").mkdir()
+    with pytest.raises(ValueError) as e:
+        _results(tmp_path / "gone", [base, other], "base")
+    assert str(e.value) == f"{summary}, the effect report {done} records, does not exist. {fix}"
+    # A record from before the digest was recorded: its report is read as it is.
+    write_report(
+        [effects(i, v) for i, v in enumerate([1.0, 2.0, 3.0])], LossConfig(), summary.parent, split="test"
+    )
+    older = {k: v for k, v in other.items() if k != "effects_blake2b"}
+    (tmp_path / "older").mkdir()
+    results, _ = _results(tmp_path / "older", [base, older], "base")
+    assert [row["variant"] for row in results["rows"]] == ["base", "other"]
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from nextquill_jax.data.checksums import file_digest
 from nextquill_jax.eval.bootstrap import paired_bootstrap
 from nextquill_jax.eval.compare import write_done
 from nextquill_jax.eval.compare_table import write_results
@@ -83,6 +84,7 @@ def run_files(
         "seed": 0,
         "eval_dir": str(eval_dir),
         "effects_summary": summary["files"]["summary"],
+        "effects_blake2b": file_digest(summary["files"]["summary"]),  # as `compare.run_variant` records it
         "rendered_split": str(run / "test.jsonl"),
         "bleu": bleu,
         "settings": {"train": True, "config": {"clip_norm": 1.0}},
@@ -156,6 +158,8 @@ def test_the_table_says_how_many_tokens_the_dce_auroc_leaves_out(tmp_path):
                 example = dataclasses.replace(example, dce=np.array([np.nan, -0.1], np.float32))
             results.append(example)
         write_report(results, LossConfig(), tmp_path / name / "effects", split="test")
+    # The reports the runs recorded, as `compare.run_variant` would have recorded these.
+    records = [{**r, "effects_blake2b": file_digest(r["effects_summary"])} for r in records]
     out = tmp_path / "out"
     out.mkdir()
     compare = SimpleNamespace(out=str(out), split="test", baseline="base", resamples=1000)
@@ -168,6 +172,30 @@ def test_the_table_says_how_many_tokens_the_dce_auroc_leaves_out(tmp_path):
     assert (
         "DCE AUROC leaves out the target tokens whose DCE is not finite (a diverged model): diverged 3 "
         "(over its seeds' effect reports)."
+    ) in table, table
+
+
+def test_an_undefined_dce_auroc_is_named_as_such_not_left_to_read_as_a_diverged_run(tmp_path):
+    """Effect reports whose scored tokens are all preference tokens have a null AUROC (no other token to rank
+    them against): the table's "n/a" there said nothing, and "n/a" otherwise means a diverged run."""
+    records = [run_files(tmp_path, name, [0.1] * N, [1.0] * N, bleu=1.0) for name in ("base", "all_pref")]
+    for name, roles in (("base", ["preference", "noise"]), ("all_pref", ["preference", "preference"])):
+        results = [dataclasses.replace(effects(i, 1.0), roles=roles) for i in range(N)]
+        summary = write_report(results, LossConfig(), tmp_path / name / "effects", split="test")
+        assert (summary["ground_truth"]["auroc"] is None) == (name == "all_pref")
+    records = [{**r, "effects_blake2b": file_digest(r["effects_summary"])} for r in records]
+    out = tmp_path / "out"
+    out.mkdir()
+    compare = SimpleNamespace(out=str(out), split="test", baseline="base", resamples=1000)
+    result = write_results(SimpleNamespace(source="compare.yaml", compare=compare), records)
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert rows["base"]["dce_auroc"] == 1.0 and rows["base"]["dce_auroc_undefined"] == 0
+    assert math.isnan(rows["all_pref"]["dce_auroc"]) and rows["all_pref"]["dce_auroc_undefined"] == 1
+    table = (out / "results.md").read_text()
+    assert "| all_pref |" in table and table.split("| all_pref |")[1].splitlines()[0].endswith("| n/a |")
+    assert (
+        "DCE AUROC is n/a where an effect report's scored tokens hold no preference token or only preference "
+        "tokens, for which no AUROC is defined: all_pref (1 seed of 1)."
     ) in table, table
 
 
