@@ -6,6 +6,7 @@ import codecs
 import dataclasses
 import gzip
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -1246,6 +1247,64 @@ def test_a_number_that_is_not_finite_is_refused_alike_by_every_reader(
     ) in str(e.value)
     _, log = _read(dataclasses.replace(cfg, on_error="skip"))
     assert dict(log.errors) == {"wrong_type": 1}
+
+
+HUGE = "1" + "0" * 400  # an integer beyond a float's range, written without an exponent
+
+
+@pytest.mark.parametrize(
+    ("config", "file", "where", "fix"),
+    [
+        (_not_finite_dpl, "Books/train.jsonl", "data.rating", "write a finite number"),
+        (_not_finite_generic, "records.jsonl", "history[0].timestamp", "write a finite number"),
+        (_not_finite_generic, "records.jsonl", "context.rating", FINITE_FIX),
+        (_not_finite_amazon, "Books.jsonl", "rating", "write a finite number"),
+        (_not_finite_amazon, "Books.jsonl", "timestamp", "write a finite number"),
+    ],
+)
+def test_an_integer_too_large_for_a_float_is_refused_alike_not_a_crash(tmp_path, config, file, where, fix):
+    """Written without an exponent, 10**400 stays a Python int: `float()` of a rating or timestamp raised
+    OverflowError, a traceback that `on_error: skip` did not catch."""
+    cfg = config(tmp_path, where, HUGE)
+    with pytest.raises(DataError) as e:
+        _read(cfg)
+    assert (
+        f"{tmp_path / file}:1:{where}: `{where}` is an integer too large for a float (beyond 1.8e+308). "
+        f"Fix: {fix}\n"
+    ) in str(e.value)
+    _, log = _read(dataclasses.replace(cfg, on_error="skip"))
+    assert dict(log.errors) == {"wrong_type": 1}
+
+
+def test_lines_json_cannot_read_or_that_end_in_cr_alone_are_named_with_their_cause(tmp_path):
+    """An integer of more digits than Python's JSON reader converts stopped the run with Python's advice
+    and no file or line; lines ended by CR alone read as one line, whose error now names the cause."""
+    digits = tmp_path / "digits.jsonl"
+    digits.write_text(
+        _generic_line("u", context={"n": "NUMBER"}).replace('"NUMBER"', "1" * 5001) + _generic_line("v")
+    )
+    cfg = DataConfig(format="generic", template="plain", sources=[str(digits)], on_error="skip")
+    records, log = _read(cfg)
+    assert [r.user_id for r in records] == ["v"] and dict(log.errors) == {"malformed_json": 1}
+    (issue,) = log.skipped["malformed_json"]
+    assert issue.location == f"{digits}:1" and issue.message == (
+        "not readable JSON: it holds an integer of more than 4300 digits, which Python's reader refuses. "
+        "Fix: write that number as text (quoted), or remove it"
+    )
+    array = tmp_path / "digits.json"
+    array.write_text("[" + _generic_line("u").strip() + ', {"n": ' + "1" * 5001 + "}]")
+    with pytest.raises(
+        ValueError, match=rf"^{re.escape(str(array))}: not readable JSON: it holds an integer"
+    ):
+        _read(dataclasses.replace(cfg, sources=[str(array)]))
+    cr = tmp_path / "cr.jsonl"
+    cr.write_text("".join(_generic_line(u).rstrip("\n") + "\r" for u in ("a", "b", "c")))
+    _, log = _read(dataclasses.replace(cfg, sources=[str(cr)]))
+    (issue,) = log.skipped["malformed_json"]
+    assert issue.message.endswith(
+        "(the line holds carriage returns (CR) alone: a file whose lines end in CR only, as old Mac editors "
+        "wrote, reads as one line; convert its line endings to LF)"
+    ), issue.message
 
 
 def test_a_generic_null_field_is_told_to_go_or_get_text(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -224,13 +225,16 @@ def require_text(value: str, location: str, path: str, why: str) -> str:
 
 
 def require_finite(value: Any, location: str, path: str, fix: str) -> Any:
-    """`value`, the field `path`, unless it is a float that is not finite. JSON has no NaN or Infinity, but
-    Python's reader takes `NaN` and `Infinity` and reads a number too large for a float (`1e400`) as `inf`,
-    and a Parquet float may be NaN; a prompt would show such a value as `nan` or `inf`, and a timestamp of NaN
-    has no place in an order by time. Every reader checks its numbers here, so all refuse them alike.
+    """`value`, the field `path`, unless it is a float that is not finite or an integer too large for one.
+    JSON has no NaN or Infinity, but Python's reader takes `NaN` and `Infinity` and reads a number too large
+    for a float (`1e400`) as `inf`, and a Parquet float may be NaN; a prompt would show such a value as `nan`
+    or `inf`, and a timestamp of NaN has no place in an order by time. An integer written without exponent
+    stays an int of any size, which `float()` (a timestamp's, a rating's) cannot convert. Every reader checks
+    its numbers here, so all refuse them alike.
 
     Raises:
-        InvalidRecordError: `wrong_type` for NaN, inf or -inf, saying `fix`.
+        InvalidRecordError: `wrong_type` for NaN, inf, -inf or an integer beyond a float's range, saying
+            `fix`.
     """
     if isinstance(value, float) and not math.isfinite(value):
         raise InvalidRecordError(
@@ -240,6 +244,15 @@ def require_finite(value: Any, location: str, path: str, fix: str) -> Any:
                 path,
                 f"`{path}` is {value!r}, not a finite number (the file holds NaN or Infinity, or a number "
                 f"too large for a float, such as 1e400), which a prompt would show as `{value}`. Fix: {fix}",
+            )
+        )
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > sys.float_info.max:
+        raise InvalidRecordError(
+            Issue(
+                "wrong_type",
+                location,
+                path,
+                f"`{path}` is an integer too large for a float (beyond {sys.float_info.max:.3g}). Fix: {fix}",
             )
         )
     return value

@@ -13,6 +13,7 @@ import codecs
 import gzip
 import json
 import re
+import sys
 import zlib
 from collections import Counter
 from collections.abc import Container, Iterator
@@ -131,6 +132,12 @@ def _after(unit: str, n: int) -> str:
     return f" after {unit} {n}" if n else ""
 
 
+_TOO_MANY_DIGITS = (
+    f"not readable JSON: it holds an integer of more than {sys.get_int_max_str_digits()} digits, which "
+    f"Python's reader refuses. Fix: write that number as text (quoted), or remove it"
+)
+
+
 def _decode_line(raw: bytes, location: str, index: int) -> Row | Issue:
     bad_utf8: UnicodeDecodeError | None = None
     try:
@@ -144,7 +151,15 @@ def _decode_line(raw: bytes, location: str, index: int) -> Row | Issue:
     except json.JSONDecodeError as e:
         if bad_utf8 is not None:
             return _utf8_issue(bad_utf8, location, None)
-        return Issue("malformed_json", location, None, f"not valid JSON ({_json_problem(e)})")
+        cr = (
+            " (the line holds carriage returns (CR) alone: a file whose lines end in CR only, as old Mac "
+            "editors wrote, reads as one line; convert its line endings to LF)"
+            if "\r" in text.rstrip("\r\n")
+            else ""
+        )
+        return Issue("malformed_json", location, None, f"not valid JSON ({_json_problem(e)}){cr}")
+    except ValueError:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
+        return Issue("malformed_json", location, None, _TOO_MANY_DIGITS)
     if not isinstance(value, dict):
         return Issue(
             "wrong_type", location, None, f"each line must be a JSON object, got {type(value).__name__}"
@@ -218,6 +233,8 @@ def _json_array_rows(path: str | Path, list_key: str | None) -> Iterator[Row | I
         top, end = decoder.raw_decode(text, begin)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{e.lineno}: not valid JSON ({_json_problem(e)})") from e
+    except ValueError as e:  # an integer of more digits than Python converts: the decoder names no place
+        raise ValueError(f"{path}: {_TOO_MANY_DIGITS}") from e
     # raw_decode stops at the end of the first value; what follows would be lost without a word.
     extra = _skip_space(text, end)
     if extra < len(text):
