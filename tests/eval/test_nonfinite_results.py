@@ -146,6 +146,18 @@ def test_compare_done_keeps_the_settings_as_the_config_gives_them(tmp_path):
     assert read["settings"]["config"]["clip_norm"] == math.inf
 
 
+def _table_of_rewritten_reports(tmp_path, records) -> tuple[dict[str, dict], str]:
+    """(rows by variant, results.md) of the comparison of `records` (`run_files`' runs, baseline "base")
+    whose effect reports a test wrote anew: recorded with their new digests, as `compare.run_variant`
+    would have recorded them."""
+    records = [{**r, "effects_blake2b": file_digest(r["effects_summary"])} for r in records]
+    out = tmp_path / "out"
+    out.mkdir()
+    compare = SimpleNamespace(out=str(out), split="test", baseline="base", resamples=1000)
+    result = write_results(SimpleNamespace(source="compare.yaml", compare=compare), records)
+    return {r["variant"]: r for r in result["rows"]}, (out / "results.md").read_text()
+
+
 def test_the_table_says_how_many_tokens_the_dce_auroc_leaves_out(tmp_path):
     """A partly diverged model's NaN DCE tokens are left out of its effect report's AUROC (and counted
     there): the table's DCE AUROC column says so, naming the variant and the count."""
@@ -158,17 +170,10 @@ def test_the_table_says_how_many_tokens_the_dce_auroc_leaves_out(tmp_path):
                 example = dataclasses.replace(example, dce=np.array([np.nan, -0.1], np.float32))
             results.append(example)
         write_report(results, LossConfig(), tmp_path / name / "effects", split="test")
-    # The reports the runs recorded, as `compare.run_variant` would have recorded these.
-    records = [{**r, "effects_blake2b": file_digest(r["effects_summary"])} for r in records]
-    out = tmp_path / "out"
-    out.mkdir()
-    compare = SimpleNamespace(out=str(out), split="test", baseline="base", resamples=1000)
-    result = write_results(SimpleNamespace(source="compare.yaml", compare=compare), records)
-    rows = {r["variant"]: r for r in result["rows"]}
+    rows, table = _table_of_rewritten_reports(tmp_path, records)
     assert rows["base"]["dce_auroc"] == 1.0 and rows["base"]["dce_auroc_nonfinite"] == 0
     # The diverged run's two finite preference tokens and five noise tokens still rank perfectly.
     assert rows["diverged"]["dce_auroc"] == 1.0 and rows["diverged"]["dce_auroc_nonfinite"] == 3
-    table = (out / "results.md").read_text()
     assert (
         "DCE AUROC leaves out the target tokens whose DCE is not finite (a diverged model): diverged 3 "
         "(over its seeds' effect reports)."
@@ -183,15 +188,9 @@ def test_an_undefined_dce_auroc_is_named_as_such_not_left_to_read_as_a_diverged_
         results = [dataclasses.replace(effects(i, 1.0), roles=roles) for i in range(N)]
         summary = write_report(results, LossConfig(), tmp_path / name / "effects", split="test")
         assert (summary["ground_truth"]["auroc"] is None) == (name == "all_pref")
-    records = [{**r, "effects_blake2b": file_digest(r["effects_summary"])} for r in records]
-    out = tmp_path / "out"
-    out.mkdir()
-    compare = SimpleNamespace(out=str(out), split="test", baseline="base", resamples=1000)
-    result = write_results(SimpleNamespace(source="compare.yaml", compare=compare), records)
-    rows = {r["variant"]: r for r in result["rows"]}
+    rows, table = _table_of_rewritten_reports(tmp_path, records)
     assert rows["base"]["dce_auroc"] == 1.0 and rows["base"]["dce_auroc_undefined"] == 0
     assert math.isnan(rows["all_pref"]["dce_auroc"]) and rows["all_pref"]["dce_auroc_undefined"] == 1
-    table = (out / "results.md").read_text()
     assert "| all_pref |" in table and table.split("| all_pref |")[1].splitlines()[0].endswith("| n/a |")
     assert (
         "DCE AUROC is n/a where an effect report's scored tokens hold no preference token or only preference "
