@@ -44,6 +44,7 @@ from typing import Any
 
 from nextquill_jax.atomic_file import write_text_atomic
 from nextquill_jax.config import Config
+from nextquill_jax.config_paths import absolute_data_paths
 from nextquill_jax.config_schema import ConfigError, build, read_yaml, with_line
 from nextquill_jax.eval.compare import CompareConfig, Comparison, VariantConfig
 from nextquill_jax.train.workdir_lock import LockUse, WorkdirLock
@@ -328,8 +329,13 @@ def _run_demo(cfg: DemoConfig, echo: Callable[[str], None]) -> dict[str, Any]:
             f"tokenizer's EOS id {tokenizer.eos_token_id}"
         )
     echo(f"tokenizer: {len(tokenizer)} tokens (model vocabulary {vocab}) -> {out / 'tokenizer'}")
-    prepare(cfg.pretrain.data, cfg.pretrain.train.data_dir, tokenizer=tokenizer, echo=echo)
-    prepare(ft_data, cfg.finetune_config.train.data_dir, tokenizer=tokenizer, echo=echo)
+    # Recorded absolute in summary.json, as `data prepare` and `train` record them: an --out given relative
+    # would otherwise name the tokenizer and sources relative to this directory only.
+    for data, data_dir in (
+        (cfg.pretrain.data, cfg.pretrain.train.data_dir),
+        (ft_data, cfg.finetune_config.train.data_dir),
+    ):
+        prepare(absolute_data_paths(data, Path.cwd()), data_dir, tokenizer=tokenizer, echo=echo)
     clock.stage("tokenizer and prepared data", t)
 
     t = time.perf_counter()

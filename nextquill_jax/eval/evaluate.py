@@ -332,9 +332,9 @@ def evaluate(
         data_dir: the prepared data holding `split` (`evaluate --data`); default: the run's (`train.data_dir`
             of the config the model was saved with, else `<workdir>/prepared`). `compare` passes its file's,
             which `train` has just checked against the checkpoint's data digests: a comparison moved after
-            training still evaluates, where the saved config names the old place. Its texts are decoded
-            with the tokenizer its summary.json names (the run's `data.tokenizer` where it names none), and
-            a note says when that is not the run's.
+            training still evaluates, where the saved config names the old place. Its summary.json names
+            the tokenizer it was prepared with: a note says when that is not the run's `data.tokenizer`,
+            which decodes the texts.
         echo: progress messages, the warning that the run's `loss.weighting` module has changed since the
             checkpoint was saved (`LoadedModel.weighting_note`), and the note that a checkpoint saved before
             checkpoints recorded their fixed-DCE reference model cannot be checked against it.
@@ -414,18 +414,16 @@ def evaluate(
 
     from nextquill_jax.data.prepare import load_fast_tokenizer, read_summary
 
-    # The prepared ids' own tokenizer decodes them; data prepared for another run may name another.
+    # The run's tokenizer decodes, as the model reads every id as its tokenizer's; data prepared with another
+    # (`evaluate --data`) gets a note.
     prepared_with = (read_summary(data_dir) or {}).get("tokenizer")
-    tokenizer_name = prepared_with or cfg.data.tokenizer
-    if tokenizer_name != cfg.data.tokenizer:
+    if prepared_with is not None and not _same_tokenizer(prepared_with, cfg.data.tokenizer):
         echo(
-            f"note: {data_dir} was prepared with the tokenizer {tokenizer_name!r}, the run's data with "
-            f"{cfg.data.tokenizer!r}: the model reads these ids as its own tokenizer's (the same vocabulary "
-            f"at another path is fine; another vocabulary gives meaningless results)"
+            f"note: {data_dir} was prepared with the tokenizer {prepared_with!r}, the run's data with "
+            f"{cfg.data.tokenizer!r}: the model reads these ids as its own tokenizer's, which decodes them "
+            f"(the same vocabulary at another path is fine; another vocabulary gives meaningless results)"
         )
-    tokenizer = load_fast_tokenizer(
-        tokenizer_name, "the data's tokenizer" if prepared_with else "the run's data.tokenizer"
-    )
+    tokenizer = load_fast_tokenizer(cfg.data.tokenizer)
     eos = int(tokens.meta.get("eos_token_id", tokenizer.eos_token_id))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     # The model may end with its own end token (an instruct model's end of text beside its end of turn).
@@ -487,6 +485,17 @@ def evaluate(
     else:
         echo(f"{split}: generation skipped (max_new_tokens 0): losses only, no text metrics -> {out_dir}")
     return metrics
+
+
+def _same_tokenizer(a: str, b: str) -> bool:
+    """Whether the tokenizer names `a` and `b` (packaged names, or paths: absolute, or relative to here)
+    name one tokenizer: the same text, or paths to the same file or directory."""
+    if a == b:
+        return True
+    try:
+        return Path(a).expanduser().exists() and Path(a).expanduser().samefile(Path(b).expanduser())
+    except OSError:  # `b` names nothing here
+        return False
 
 
 def _generate(

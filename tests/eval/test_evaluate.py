@@ -275,11 +275,13 @@ def test_data_that_does_not_hold_the_split_is_refused_before_a_model_is_loaded(
     assert not (tmp_path / "out").exists()
 
 
-def test_data_prepared_with_another_tokenizer_path_decodes_with_it_and_says_so(
-    trained_run, evaluated, tmp_path
+def test_data_prepared_with_another_tokenizer_is_noted_and_decoded_with_the_runs(
+    trained_run, evaluated, tmp_path, monkeypatch
 ):
-    """The data's summary.json names the tokenizer its ids came from: it decodes them (here a copy of the
-    run's at another path: the same texts), and a note names both."""
+    """The data's summary.json names the tokenizer its ids came from: where that is another than the run's
+    (here a copy at another path) a note names both; the run's tokenizer decodes, as the model reads the ids
+    as its own. The same tokenizer spelt relative to the current directory (as the demo records it) is no
+    other: no note."""
     _, predictions, _ = evaluated
     data, tokenizer = tmp_path / "data", tmp_path / "tokenizer_copy"
     shutil.copytree(trained_run.workdir / "prepared", data)
@@ -290,18 +292,22 @@ def test_data_prepared_with_another_tokenizer_path_decodes_with_it_and_says_so(
     on_data = functools.partial(
         evaluate, trained_run.workdir, "test", out_dir=out, max_examples=2, generation=GEN, data_dir=data
     )
+    shutil.rmtree(tokenizer)  # the run's tokenizer decodes: the data's need not be there
     on_data(echo=lines.append)
-    notes = [line for line in lines if line.startswith("note:")]
-    assert notes == [
+    assert [line for line in lines if line.startswith("note:")] == [
         f"note: {data} was prepared with the tokenizer {str(tokenizer)!r}, the run's data with "
-        f"{summary['tokenizer']!r}: the model reads these ids as its own tokenizer's (the same vocabulary at "
-        "another path is fine; another vocabulary gives meaningless results)"
+        f"{summary['tokenizer']!r}: the model reads these ids as its own tokenizer's, which decodes them "
+        "(the same vocabulary at another path is fine; another vocabulary gives meaningless results)"
     ]
     written = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert written == predictions[:2]
-    shutil.rmtree(tokenizer)  # the note's tokenizer is the one loaded: gone, it is named
-    with pytest.raises(ValueError, match=r"^the data's tokenizer: "):
-        on_data(echo=lambda _: None)
+    original = Path(summary["tokenizer"])
+    monkeypatch.chdir(original.parent.parent)
+    relative = str(original.relative_to(original.parent.parent))
+    (data / "summary.json").write_text(json.dumps({**summary, "tokenizer": relative}))
+    lines.clear()
+    on_data(echo=lines.append)
+    assert not [line for line in lines if line.startswith("note:")], lines
 
 
 def test_an_evaluation_says_which_earlier_results_it_replaces(run, evaluated, tmp_path):
