@@ -221,6 +221,9 @@ def _train(
                     )  # fmt: skip
                     saved = _on_save_error(save, cfg, log)
                     last_saved = step if saved else last_saved
+                if (eval_metrics or due.save) and not pending:
+                    # Not training: the next row's tokens/s and data wait start after them.
+                    pending.restart_interval()
                 if due.stop and due.last and saved:
                     # The signal came too late to stop anything: the run is done, and a resume would only
                     # say "already finished".
@@ -428,7 +431,8 @@ class PendingMetrics:
     `flush` fetches them, stops the run on a non-finite loss (or too many skipped updates), writes the rows
     due to the log and reports counterfactual health (`health.HealthMonitor`). Tokens/s and the data-wait
     fraction (the share of the wall time spent waiting for batches) cover the interval since the previous
-    flush (compilation at first).
+    flush (compilation at first), or since the evaluation or checkpoint save that followed it
+    (`restart_interval`).
     """
 
     def __init__(self, cfg: Config, loss_cfg: LossConfig, epoch_ends: list[int], log: MetricsLog) -> None:
@@ -454,6 +458,11 @@ class PendingMetrics:
         self.steps.append((step, metrics))
         self.data_wait_s += data_wait_s
         wait_behind([m for _, m in self.steps])
+
+    def restart_interval(self) -> None:
+        """Start the next row's wall-time interval now: after an evaluation or a checkpoint save that came
+        after a flush, whose time is not training's (the next row's tokens/s would otherwise count it)."""
+        self.interval_start = time.perf_counter()
 
     def flush(self, last_good: Callable[[], str]) -> dict[str, float]:
         """Fetch, check and log the pending steps; returns the last row written ({} if none was due).

@@ -432,3 +432,41 @@ def test_on_metrics_gets_each_row_metrics_jsonl_gets_and_an_error_in_it_ends_the
     resumed = loop.train(cfg, tmp_path / "run", echo=lambda _: None, on_metrics=lambda s, v: seen.append(s))
     assert (resumed.status, resumed.step) == ("finished", 4)
     assert 3 in seen and 4 in seen and min(seen) == 3  # from checkpoint 2: step 3 again, then 4
+
+
+def test_an_evaluation_and_a_save_are_not_counted_in_the_next_rows_tokens_per_second(
+    tmp_path, write_random_data, tiny_config, monkeypatch
+):
+    """Each row's tokens/s and data wait cover the training since the previous row: the evaluation and the
+    save that follow a row (here made EXTRA_S slower each) fell into the next row's wall time, which showed
+    a third of the throughput after every evaluation."""
+    extra_s = 2.0
+    raw = tiny_config(write_random_data(tmp_path / "data", train=16, val=8), tmp_path / "run")
+    raw["logging"]["every_steps"] = 1
+    raw["train"]["max_steps"] = 4
+    raw["eval"]["every_steps"] = 2
+    raw["checkpoint"].update(every_steps=2, async_save=False)
+    raw["data"]["batching"].update(rows_per_batch=4, num_epochs=2)
+    cfg = load_config(None, base=raw)
+    evaluate_split, save = loop.evaluate_split, Checkpointer.save
+
+    def slow_evaluation(*args, **kwargs):
+        time.sleep(extra_s)
+        return evaluate_split(*args, **kwargs)
+
+    def slow_save(*args, **kwargs):
+        time.sleep(extra_s)
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "evaluate_split", slow_evaluation)
+    monkeypatch.setattr(Checkpointer, "save", slow_save)
+    loop.train(cfg, tmp_path / "run", echo=lambda _: None)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "loss" in r]
+    assert any(
+        key.startswith("eval/") for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+        for key in json.loads(line)
+    )  # fmt: skip
+    # Step 3 follows step 2's evaluation and save (2 x EXTRA_S); a tiny step itself takes milliseconds.
+    wall = {r["step"]: r["input_tokens"] / r["tokens_per_second"] for r in rows}
+    assert wall[3] < extra_s / 2, wall
