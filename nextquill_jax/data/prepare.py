@@ -121,9 +121,12 @@ def prepare(
     log.raise_if_failed()
     stats = FittingStats()
     by_split: dict[str, list[Example]] = {s: [] for s in SPLITS}
+    read_errors = sum(log.errors.values())
     for example in build_examples(records, template, tokenizer, cfg, log, stats):
         by_split[example.record.split].append(example)
     log.raise_if_failed()
+    # Records building skipped as invalid (a target of special-token text alone) are errors, not kept.
+    kept = len(records) - (sum(log.errors.values()) - read_errors)
     splits = [s for s in SPLITS if by_split[s]]
     if not splits:
         raise ValueError(_nothing_left(log))
@@ -158,7 +161,7 @@ def prepare(
         "inputs": inputs,
         "config": cfg.fingerprint_fields(),
         "read": dict(log.read),
-        "records_kept": len(records),
+        "records_kept": kept,
         "errors": dict(sorted(log.errors.items())),
         "dropped": dict(sorted(log.dropped.items())),
         "notes": dict(sorted(log.notes.items())),

@@ -469,6 +469,7 @@ def test_special_token_text_in_records_is_tokenised_as_the_public_code_does_and_
         return
     summary = prepare(cfg, tmp_path / "out", tokenizer=tok, echo=lines.append)
     assert summary["errors"] == {"empty_field": 2} and summary["examples"] == {"train": 3}
+    assert summary["records_kept"] == 3  # the two skipped while building are errors, not kept
     notes = {
         SPECIAL_NOTE["prompt"].format("<|im_end|>"): 2,
         SPECIAL_NOTE["prompt"].format("<|im_start|>"): 1,
