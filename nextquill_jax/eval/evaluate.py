@@ -417,7 +417,7 @@ def evaluate(
     # The run's tokenizer decodes, as the model reads every id as its tokenizer's; data prepared with another
     # (`evaluate --data`) gets a note.
     prepared_with = (read_summary(data_dir) or {}).get("tokenizer")
-    if prepared_with is not None and not _same_tokenizer(prepared_with, cfg.data.tokenizer):
+    if prepared_with is not None and _other_tokenizer(prepared_with, cfg.data.tokenizer):
         echo(
             f"note: {data_dir} was prepared with the tokenizer {prepared_with!r}, the run's data with "
             f"{cfg.data.tokenizer!r}: the model reads these ids as its own tokenizer's, which decodes them "
@@ -487,15 +487,22 @@ def evaluate(
     return metrics
 
 
-def _same_tokenizer(a: str, b: str) -> bool:
-    """Whether the tokenizer names `a` and `b` (packaged names, or paths: absolute, or relative to here)
-    name one tokenizer: the same text, or paths to the same file or directory."""
-    if a == b:
-        return True
-    try:
-        return Path(a).expanduser().exists() and Path(a).expanduser().samefile(Path(b).expanduser())
-    except OSError:  # `b` names nothing here
+def _other_tokenizer(prepared_with: str, run_tokenizer: str) -> bool:
+    """Whether the tokenizer a summary.json names (`prepared_with`) is known to be another than the run's
+    `data.tokenizer` (`run_tokenizer`, absolute as `train` records it): a path to another file or directory,
+    or another packaged name. A path relative to a directory unknown here (data an earlier version prepared)
+    cannot be told apart: not reported."""
+    from nextquill_jax.models.tokenizers import tokenizer_names
+
+    if prepared_with == run_tokenizer:
         return False
+    path = Path(prepared_with).expanduser()
+    if not path.is_absolute() and not path.exists():
+        return prepared_with in tokenizer_names()
+    try:
+        return not path.samefile(Path(run_tokenizer).expanduser())
+    except OSError:  # either names no file here (a path gone, or the run's a packaged name): not one file
+        return True
 
 
 def _generate(

@@ -305,9 +305,18 @@ def test_data_prepared_with_another_tokenizer_is_noted_and_decoded_with_the_runs
     monkeypatch.chdir(original.parent.parent)
     relative = str(original.relative_to(original.parent.parent))
     (data / "summary.json").write_text(json.dumps({**summary, "tokenizer": relative}))
+    notes = lambda: [line for line in lines if line.startswith("note:")]
     lines.clear()
     on_data(echo=lines.append)
-    assert not [line for line in lines if line.startswith("note:")], lines
+    assert not notes(), lines
+    monkeypatch.chdir(tmp_path)  # relative to a directory unknown here: cannot be told apart, not reported
+    lines.clear()
+    on_data(echo=lines.append)
+    assert not notes(), lines
+    (data / "summary.json").write_text(json.dumps({**summary, "tokenizer": "smollm2"}))  # a packaged one
+    lines.clear()
+    on_data(echo=lines.append)
+    assert len(notes()) == 1 and "prepared with the tokenizer 'smollm2'" in notes()[0], lines
 
 
 def test_an_evaluation_says_which_earlier_results_it_replaces(run, evaluated, tmp_path):
