@@ -13,6 +13,8 @@ without-history streams; L layers, H query heads of size Hd; A = Σ over example
 pairs a causal mask leaves inside one example of n tokens: padding and cross-example pairs are not useful);
 D hidden size, V vocabulary, N_y target tokens. The difference logits z_h − z_∅ need no extra matmul in this
 count (they are a subtraction of logits already counted). MFU = FLOPs / step time / peak FLOP/s of the chips.
+That is the NextQuill loss's count; under another loss each stream counts the passes it takes
+(`stream_passes`): 3 backpropagated, 1 under a stop-gradient (a dynamic DCE's stream), 0 not computed.
 
 `executed_flops` splits the matmul FLOPs a compiled program executes (`hlo_flops`) into the same parts, so
 each part's executed / useful ratio shows where work beyond the useful count goes (recomputation, padding,
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from nextquill_jax.bench.hlo_flops import DotCost
+from nextquill_jax.loss.config import LossConfig, streams_needed
 from nextquill_jax.models.config import ModelConfig
 
 # Dense bf16 peak TFLOP/s per chip (half NVIDIA's with-sparsity figure), by a substring of the lower-case
@@ -43,6 +46,7 @@ PEAK_TFLOPS_BF16: tuple[tuple[str, float], ...] = (
     ("tpu v5p", 459.0),
     ("tpu v5 lite", 197.0),
     ("tpu v5e", 197.0),
+    ("tpu v5", 459.0),  # v5p as JAX names it on a TPU VM: after the v5e names it is a prefix of
     ("tpu v4", 275.0),
 )
 
@@ -91,27 +95,47 @@ def causal_pairs(segment_ids: np.ndarray) -> int:
     return total
 
 
+def stream_passes(loss: LossConfig) -> tuple[int, int]:
+    """(with-history, without-history) stream's matmul passes per forward FLOP under the loss `loss`: 3
+    where the stream is backpropagated (forward, input and weight gradients), 1 where it is computed under
+    a stop-gradient only (a dynamic DCE's or the detached js weights' stream), 0 where it is not computed
+    (`streams_needed`). NextQuill's default loss backpropagates both: (3, 3)."""
+    spec = loss.spec
+    need_with, need_without = streams_needed(loss)
+    grad_with = spec.next_stream == "with" or spec.alignment
+    grad_without = (
+        spec.next_stream == "without"
+        or (spec.alignment and loss.counterfactual_grad)
+        or (spec.next_weights == "js" and not loss.js_detach)
+        or loss.anchor > 0
+    )
+    return (3 if grad_with else int(need_with)), (3 if grad_without else int(need_without))
+
+
 def step_flops(
-    cfg: ModelConfig, batch: dict[str, np.ndarray], nonembed_params: int | None = None
+    cfg: ModelConfig,
+    batch: dict[str, np.ndarray],
+    nonembed_params: int | None = None,
+    loss: LossConfig | None = None,
 ) -> FlopCount:
-    """Useful FLOPs of one NextQuill full fine-tuning step on `batch` (both streams forward and backward;
-    the module docstring's formula). `batch` holds `with_segment_ids` and `without_segment_ids` [B, T] (0:
-    padding) and `labels` [B, R] (-100: no target).
+    """Useful FLOPs of one full fine-tuning step on `batch` under the loss `loss` (default NextQuill's: both
+    streams forward and backward, the module docstring's formula; another variant counts each stream's
+    `stream_passes`). `batch` holds `with_segment_ids` and `without_segment_ids` [B, T] (0: padding) and
+    `labels` [B, R] (-100: no target).
 
     `nonembed_params`: P of the formula (computed from `cfg` when None).
     """
     if nonembed_params is None:
         nonembed_params = param_counts(cfg)[1]
-    tokens = int(
-        (np.asarray(batch["with_segment_ids"]) > 0).sum()
-        + (np.asarray(batch["without_segment_ids"]) > 0).sum()
-    )
-    pairs = causal_pairs(batch["with_segment_ids"]) + causal_pairs(batch["without_segment_ids"])
+    passes = stream_passes(LossConfig() if loss is None else loss)
+    streams = [np.asarray(batch[f"{name}_segment_ids"]) for name in ("with", "without")]
+    tokens = sum(n * int((ids > 0).sum()) for n, ids in zip(passes, streams, strict=True))
+    pairs = sum(n * causal_pairs(ids) for n, ids in zip(passes, streams, strict=True))
     targets = int((np.asarray(batch["labels"]) >= 0).sum())
     return FlopCount(
-        layers=6.0 * nonembed_params * tokens,
-        attention=12.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * pairs,
-        head=6.0 * cfg.hidden_size * cfg.vocab_size * 2 * targets,
+        layers=2.0 * nonembed_params * tokens,
+        attention=4.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * pairs,
+        head=2.0 * cfg.hidden_size * cfg.vocab_size * sum(passes) * targets,
     )
 
 

@@ -523,7 +523,7 @@ def point_row(
     import jax
 
     total, nonembed = param_counts(model_cfg)
-    flops = step_flops(model_cfg, batch, nonembed).total
+    flops = step_flops(model_cfg, batch, nonembed, LossConfig(variant=cfg.loss_variant)).total
     step_s = timing.best_step_s
     real = int((batch["with_segment_ids"] > 0).sum() + (batch["without_segment_ids"] > 0).sum())
     slots = batch["with_segment_ids"].size + batch["without_segment_ids"].size

@@ -529,6 +529,46 @@ def test_step_flops_is_the_documented_formula_counted_by_hand():
 
 
 @pytest.mark.parametrize(
+    "loss, passes",
+    [
+        ({}, (3, 3)),  # nextquill: L_n on the with stream, L_p backpropagated through both
+        ({"variant": "sft"}, (0, 3)),
+        ({"variant": "context_sft"}, (3, 0)),
+        ({"variant": "dce"}, (3, 1)),  # the dynamic DCE's stream under a stop-gradient
+        ({"variant": "dce", "dce": "fixed"}, (3, 0)),  # the reference's DCE: the model's other stream unused
+        ({"variant": "js"}, (3, 1)),
+        ({"variant": "js", "js_detach": False}, (3, 3)),
+        ({"variant": "mce", "counterfactual_grad": False}, (3, 1)),
+        ({"variant": "dce", "anchor": 0.5}, (3, 3)),
+    ],
+)
+def test_step_flops_counts_each_stream_as_the_variant_computes_it(loss, passes):
+    """`bench scale` times any variant: it counted both streams forward and backward for each, so sft's MFU
+    was 5.7x and dce's 1.13x the true one at the Qwen2.5-1.5B shape. A stream the loss backpropagates costs
+    3 passes, one under a stop-gradient 1, one it does not compute 0."""
+    from nextquill_jax.loss import LossConfig
+
+    cfg = model_preset("qwen2.5-0.5b", vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=1,
+                       num_heads=2, num_kv_heads=1, head_dim=8, bos_token_id=TINY_EOS_ID,
+                       eos_token_ids=(TINY_EOS_ID,))  # fmt: skip
+    loss_cfg = LossConfig(**loss)
+    assert flops.stream_passes(loss_cfg) == passes
+    batch = {
+        "with_segment_ids": np.array([[1, 1, 1, 0]]),  # 3 tokens, 6 pairs
+        "without_segment_ids": np.array([[1, 1, 0, 0]]),  # 2 tokens, 3 pairs
+        "labels": np.array([[4, 5]]),
+    }
+    P = flops.param_counts(cfg)[1]
+    count = flops.step_flops(cfg, batch, loss=loss_cfg)
+    w, o = passes
+    assert (count.layers, count.attention, count.head) == (
+        2 * P * (3 * w + 2 * o),
+        4 * 1 * 2 * 8 * (6 * w + 3 * o),
+        2 * 16 * 64 * (w + o) * 2,
+    )
+
+
+@pytest.mark.parametrize(
     "kind, peak",
     [
         ("NVIDIA H100 80GB HBM3", 989.4),  # SXM: 1,979 TFLOP/s with sparsity, halved
@@ -537,6 +577,7 @@ def test_step_flops_is_the_documented_formula_counted_by_hand():
         ("NVIDIA H100 NVL", 835.5),
         ("NVIDIA H200 NVL", 835.5),
         ("TPU v5 lite", 197.0),
+        ("TPU v5", 459.0),  # v5p's device_kind on a TPU VM (it got no MFU)
         ("cpu", None),
     ],
 )
