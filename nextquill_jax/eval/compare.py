@@ -794,7 +794,8 @@ def run_variant(
     metrics = evaluate(
         trained_run, plan.split, out_dir=workdir / "eval" / plan.split, max_examples=plan.max_examples,
         generation=generation, batch_size=plan.eval_batch_size, loaded=loaded,
-        max_new_tokens_setting="compare.max_new_tokens", keep_hint=None, data_dir=data_dir, echo=echo,
+        max_new_tokens_setting="compare.max_new_tokens", batch_size_setting="compare.eval_batch_size",
+        keep_hint=None, data_dir=data_dir, echo=echo,
     )  # fmt: skip
     at("effect report")
     summary = build_effect_report(
@@ -873,6 +874,7 @@ def run_comparison(
         try:
             _check_runs(comparison, runs)
             _lock(comparison, runs[0], lock, echo)
+            _check_eval_batch_size(comparison)  # needs the devices: once the multi-process runtime is up
             if on_locked is not None:
                 on_locked()
             for name, seed in runs:
@@ -901,6 +903,35 @@ def _lock(comparison: Comparison, first: tuple[str, int], lock: WorkdirLock, ech
 
     start_distributed(comparison.run_config(*first))
     parallel.process_0_result(lambda: int(lock.acquire(jax.process_index(), echo)), f"to lock {lock.path}")
+
+
+def _check_eval_batch_size(comparison: Comparison) -> None:
+    """Refuse a `compare.eval_batch_size` that some variant's mesh does not split, before any run starts:
+    `evaluate` refuses it only after that variant's training.
+
+    Raises:
+        ConfigError: naming each such variant, its mesh and the fix.
+    """
+    from nextquill_jax import parallel
+    from nextquill_jax.eval.evaluate import unsplit_batch_message
+
+    plan = comparison.compare
+    if plan.eval_batch_size is None or plan.max_new_tokens == 0:  # evaluate's default, or nothing decoded
+        return
+    refused = []
+    for name in comparison.variants:
+        cfg = comparison.run_config(name, plan.seeds[0])
+        try:
+            mesh = parallel.make_mesh(cfg.mesh.sizes())
+        except ValueError:  # a mesh these devices cannot make: training (or reading) names it
+            continue
+        if plan.eval_batch_size % (shards := parallel.batch_shard_count(mesh)):
+            message = unsplit_batch_message(
+                plan.eval_batch_size, shards, dict(mesh.shape), "compare.eval_batch_size"
+            )
+            refused.append(f"{comparison.source}: variant {name!r}: {message}")
+    if refused:
+        raise ConfigError("\n".join(refused))
 
 
 def _check_runs(comparison: Comparison, runs: list[tuple[str, int]]) -> None:

@@ -303,6 +303,7 @@ def evaluate(
     prompt: PromptChoice = "auto",
     loaded: LoadedModel | None = None,
     max_new_tokens_setting: str = "--max-new-tokens",
+    batch_size_setting: str = "--batch-size",
     keep_hint: str | None = KEEP_BOTH,
     data_dir: str | Path | None = None,
     echo: Callable[[str], None] = print,
@@ -326,6 +327,8 @@ def evaluate(
             reads and verifies the checkpoint once; not with `step` or `model_path`.
         max_new_tokens_setting: what the hint on generations cut at max_new_tokens tells the user to raise
             (`compare` names its `compare.max_new_tokens`).
+        batch_size_setting: what set `batch_size`, which a batch size the mesh does not split names
+            (`compare` names its `compare.eval_batch_size`).
         keep_hint: how to keep the results already in `out_dir` as well, which the line saying this
             evaluation replaces them ends with (`replacing_line`); None: no advice (`compare`, which has no
             `--out` and replaces a run's evaluation on purpose, when its evaluation settings changed).
@@ -390,12 +393,7 @@ def evaluate(
         batch_size = -(-batch_size // shards) * shards
     elif batch_size % shards and generation.max_new_tokens > 0:
         # Generation would refuse it, but only after the loss pass; with nothing to generate it is unused.
-        fitting = -(-batch_size // shards) * shards
-        raise ValueError(
-            f"--batch-size {batch_size} is not a multiple of the {shards} batch shards of the mesh "
-            f"{dict(mesh.shape)}, over which each batch of prompts is split. Fix: pass a multiple of "
-            f"{shards}, such as {fitting}, or leave --batch-size out."
-        )
+        raise ValueError(unsplit_batch_message(batch_size, shards, dict(mesh.shape), batch_size_setting))
 
     if loaded.weighting_note:  # the weighted loss terms below use the module as it is now
         echo(loaded.weighting_note)
@@ -485,6 +483,20 @@ def evaluate(
     else:
         echo(f"{split}: generation skipped (max_new_tokens 0): losses only, no text metrics -> {out_dir}")
     return metrics
+
+
+def unsplit_batch_message(batch_size: int, shards: int, mesh_shape: Mapping[str, int], setting: str) -> str:
+    """The error of a prompt batch size (`setting`: "--batch-size", or compare's
+    "compare.eval_batch_size") that the mesh of shape `mesh_shape`, splitting batches `shards` ways, does
+    not split, with the fix."""
+    fitting = -(-batch_size // shards) * shards
+    unset = "leave --batch-size out" if setting.startswith("--") else "null"
+    action = "pass" if setting.startswith("--") else f"set {setting} to"
+    return (
+        f"{setting} {batch_size} is not a multiple of the {shards} batch shards of the mesh "
+        f"{dict(mesh_shape)}, over which each batch of prompts is split. Fix: {action} a multiple of "
+        f"{shards}, such as {fitting}, or {unset}."
+    )
 
 
 def _other_tokenizer(prepared_with: str, run_tokenizer: str) -> bool:

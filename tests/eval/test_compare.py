@@ -967,6 +967,34 @@ def test_a_misspelt_best_metric_of_any_variant_is_refused_before_the_first_run_s
     assert started == [] and not (tmp_path / "out").exists()
 
 
+def test_an_eval_batch_size_the_mesh_does_not_split_is_refused_before_the_first_run_starts(
+    tmp_path, tiny_config, monkeypatch
+):
+    """As on a mesh of 4 batch shards: evaluate refused compare.eval_batch_size 3 only after the first
+    variant had trained, naming a --batch-size flag compare does not have."""
+    from nextquill_jax import parallel
+
+    base = tiny_config(tmp_path / "data", tmp_path / "unused_run")
+    file = tmp_path / "c.yaml"
+    compare = {"out": str(tmp_path / "out"), "baseline": "a", "eval_batch_size": 3}
+    file.write_text(yaml.safe_dump({"compare": compare, "variants": {"a": {}, "b": {}}, "base": base}))
+    started = []
+    monkeypatch.setattr(loop, "train", lambda cfg, workdir, *, echo: started.append(workdir))
+    monkeypatch.setattr(parallel, "batch_shard_count", lambda mesh: 4)
+    with pytest.raises(ConfigError) as e:
+        run_comparison(load_comparison(file), echo=lambda _: None)
+    lines = str(e.value).splitlines()
+    assert [line.split(": compare.eval_batch_size 3 is not a multiple")[0] for line in lines] == [
+        f"{file}: variant 'a'",
+        f"{file}: variant 'b'",
+    ]
+    assert lines[0].endswith(
+        "over which each batch of prompts is split. Fix: set compare.eval_batch_size to a multiple of 4, "
+        "such as 4, or null."
+    ), lines[0]
+    assert started == []
+
+
 def test_an_interrupted_run_under_other_settings_is_refused_before_the_first_run_starts(
     tmp_path, tiny_config, monkeypatch
 ):
