@@ -429,7 +429,8 @@ class TrainConfig:
             or one the workdir's checkpoints were trained on. With empty `data.sources` it must already hold
             prepared data. Each checkpoint records the prepared splits' content, which a resume must match.
         `seed`: the seed of a `model.preset` model's random weights, of fresh LoRA adapters and of the
-            step's random key (LoRA dropout); the data order has its own, `data.batching.seed`.
+            step's random key (LoRA dropout), in [0, 2**32); the data order has its own,
+            `data.batching.seed`.
         `max_steps`: stop after this many optimizer steps (>= 1) if the epochs last longer; null: run the
             epochs out (required with `data.batching.num_epochs: null`).
         `micro_batches`: split every global batch into this many gradient-accumulation micro-batches (the
@@ -469,6 +470,10 @@ class TrainConfig:
             )
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1 or null, got {self.max_steps}")
+        if not 0 <= self.seed < 2**32:
+            # JAX keeps a seed's low 32 bits: 2**32 would draw what 0 does, -1 what 2**32 - 1 does, and a
+            # seed past 2**63 failed once the run had started, as an OverflowError.
+            raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
         if self.micro_batches < 1:
             raise ValueError(f"micro_batches must be >= 1, got {self.micro_batches}")
         if self.max_skips < 0:

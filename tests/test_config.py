@@ -568,6 +568,10 @@ def test_a_nan_or_infinite_override_is_refused_naming_the_key(cfg_file, override
         ("optim.eps=0", "optim", "eps must be > 0, got 0.0"),
         ("optim.min_lr_ratio=1.5", "optim", "min_lr_ratio must be in [0, 1], got 1.5"),
         ("optim.min_lr_ratio=-0.5", "optim", "min_lr_ratio must be in [0, 1], got -0.5"),
+        # JAX keeps a seed's low 32 bits (2**32 draws as 0); one past 2**63 crashed once training had started
+        ("train.seed=4294967296", "train", "seed must be in [0, 2**32), got 4294967296"),
+        ("train.seed=-1", "train", "seed must be in [0, 2**32), got -1"),
+        ("train.seed=99999999999999999999", "train", "seed must be in [0, 2**32), got 99999999999999999999"),
         ("mesh.peer_timeout_s=0", "mesh", "peer_timeout_s must be > 0 and <= 1e9 seconds, got 0.0"),
         (
             "mesh.peer_timeout_s=2e9",
