@@ -883,6 +883,10 @@ def test_a_model_source_error_names_the_setting_it_came_from_and_a_peft_director
         (model / "config.json", "--model", f"{holder} (--model {model}), or a .gguf"),
         (model / "config.json", "model.path", f"{holder} (model.path={str(model)!r})"),
         (tmp_path / "nothing", "--model", "and is not a packaged model name. Fix: give a Hugging Face "),
+        # a fixed-DCE reference was named `model.path`, with model.preset's fix
+        (adapter, "loss.reference_model", "not a model. Fix: give a merged export (`nextquill-jax export "
+         "--merged`), or the training workdir the adapters come from."),
+        (tmp_path / "nothing", "loss.reference_model", "and is not a packaged model name. Fix: give a "),
     ]  # fmt: skip
     for path, key, said in cases:
         with pytest.raises(ConfigError) as e:
@@ -1067,6 +1071,8 @@ def as_on_a_gpu(monkeypatch):
         ),
         (["optim.trainable=[no_such_param]"], r"optim.trainable pattern 'no_such_param' matches no param"),
         (["loss.variant=dce", "loss.dce=fixed"], r"loss.dce is 'fixed' but .* Fix: set loss.reference_model"),
+        (["loss.variant=dce", "loss.dce=fixed", "loss.reference_model=/no/such"],
+         r"^loss.reference_model '/no/such' does not exist and is not a packaged model name\. Fix: give a"),
         (["checkpoint.best_metric=eval/lss"], r"^checkpoint.best_metric `eval/lss` is not a .*`eval/loss`"),
         # sft computes no DCE, so it reports no pref_fraction; the message lists what it reports.
         (["loss.variant=sft", "checkpoint.best_metric=eval/pref_fraction"],

@@ -24,23 +24,23 @@ from nextquill_jax.parallel import DEFAULT_RULES, LogicalRules, logical_to_shard
 
 def check_model_source(section: ModelRunConfig, key: str = "model.path") -> None:
     """Raise ConfigError, before anything is loaded or compiled, if `model.path` names nothing loadable;
-    the messages name the setting as `key` (`--model` where a command's flag gave the path)."""
+    the messages name the setting as `key` (`loss.reference_model` where that key gave the path, `--model`
+    where a command's flag did)."""
     if section.path is None:
         return
     from nextquill_jax.models.packaged import packaged_model_names, packaged_model_path
 
-    in_config = key.startswith("model.")  # else a command's flag, which takes no other config key
+    in_config = not key.startswith("--")  # else a command's flag, which takes no other config key
     setting = lambda value: f"{key}={value!r}" if in_config else f"{key} {value}"
     path = Path(section.path).expanduser()
     if path.is_dir():
         if (path / "adapter_config.json").is_file() and not (path / "config.json").exists():
-            fix = (
-                "point model.path at the base model they were trained on, and model.lora.init_from at this "
-                "directory"
-                if in_config
-                else f"leave out {key} to read the run's own checkpoint, or give a merged export "
-                "(`nextquill-jax export --merged`)"
-            )
+            merged = "give a merged export (`nextquill-jax export --merged`)"
+            fix = {
+                "model.path": "point model.path at the base model they were trained on, and "
+                "model.lora.init_from at this directory",
+                "loss.reference_model": f"{merged}, or the training workdir the adapters come from",
+            }.get(key, f"leave out {key} to read the run's own checkpoint, or {merged}")
             raise ConfigError(
                 f"{key} {section.path!r} is a PEFT adapter directory (adapter_config.json), not a model. "
                 f"Fix: {fix}."
@@ -65,7 +65,7 @@ def check_model_source(section: ModelRunConfig, key: str = "model.path") -> None
             f" itself). Fix: {fix}, or a .gguf file."
         )
     if packaged_model_path(section.path) is None:
-        preset = "; or use model.preset for a randomly initialised model" if in_config else ""
+        preset = "; or use model.preset for a randomly initialised model" if key == "model.path" else ""
         raise ConfigError(
             f"{key} {section.path!r} does not exist{relative_to_cwd(section.path)} and is not a "
             f"packaged model name. Fix: give a Hugging Face model directory, a .gguf file or one of "

@@ -433,7 +433,7 @@ def check_reference_token_ids(cfg: Config, splits: Sequence[PreparedSplit]) -> N
         origin = f"{model_setup.vocab_origin(section)} in {config_file} (loss.reference_model)"
     else:
         section = ModelRunConfig(path=source)
-        model_setup.check_model_source(section)
+        model_setup.check_model_source(section, key="loss.reference_model")
         origin = f"the config.json or GGUF header of loss.reference_model {source!r}"
     vocab_size = model_setup.model_config(section).vocab_size
     for split in splits:
@@ -588,6 +588,10 @@ def set_up_run(
     """
     mesh = build_mesh(cfg)
     model_setup.check_model_source(cfg.model)
+    reference = cfg.loss.reference_model
+    if cfg.loss.dce == "fixed" and reference not in (None, "base") and not is_workdir(reference):
+        # Loaded once the data is prepared: a path that names nothing would only fail then.
+        model_setup.check_model_source(ModelRunConfig(path=reference), key="loss.reference_model")
     model_setup.check_attention(cfg.model)
     check_micro_batches(cfg, mesh)
     check_weighting_values(cfg.loss.loss_config())
