@@ -682,6 +682,11 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self):
+        if self.data.batching.num_epochs is None and self.train.max_steps is None:
+            raise ValueError(
+                "data.batching.num_epochs is null (repeat forever) and train.max_steps is not set: the run "
+                "would never end. Fix: set data.batching.num_epochs or train.max_steps."
+            )
         if self.loss.reference_model == "base" and self.model.lora is None:
             raise ValueError(
                 "loss.reference_model: base names the frozen base of a LoRA run, but model.lora is not set. "

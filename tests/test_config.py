@@ -557,6 +557,15 @@ def test_a_nan_or_infinite_override_is_refused_naming_the_key(cfg_file, override
     )
 
 
+def test_an_endless_run_without_max_steps_is_refused_when_the_config_is_read(cfg_file):
+    """It was refused only once the data was prepared (minutes for real data)."""
+    with pytest.raises(
+        ConfigError, match=r"never end\. Fix: set data\.batching\.num_epochs or train\.max_steps"
+    ):
+        load_config(cfg_file, ["data.batching.num_epochs=null"])
+    assert load_config(cfg_file, ["data.batching.num_epochs=null", "train.max_steps=3"]).train.max_steps == 3
+
+
 @pytest.mark.parametrize(
     "override, section, message",
     [
@@ -1065,10 +1074,6 @@ def as_on_a_gpu(monkeypatch):
         (["model.preset=null", "model.path=no/such"],
          r"model.path 'no/such' does not exist \(relative to the current directory, /.*\) and is not a"),
         (["train.micro_batches=3"], r"train.micro_batches=3 .*Fix"),
-        (
-            ["data.batching.num_epochs=null"],
-            r"never end. Fix: set data.batching.num_epochs or train.max_steps",
-        ),
         (["optim.trainable=[no_such_param]"], r"optim.trainable pattern 'no_such_param' matches no param"),
         (["loss.variant=dce", "loss.dce=fixed"], r"loss.dce is 'fixed' but .* Fix: set loss.reference_model"),
         (["loss.variant=dce", "loss.dce=fixed", "loss.reference_model=/no/such"],

@@ -176,15 +176,10 @@ def plan_steps(pipeline: BatchPipeline, cfg: Config) -> tuple[int, list[int]]:
     at the same epoch ends, and log the same `epoch`.
 
     Raises:
-        ConfigError: an endless data iterator (`num_epochs: null`) without `train.max_steps`, or one with an
-            epoch that holds no batch.
+        ConfigError: an endless data iterator (`num_epochs: null`, which `Config` allows with
+            `train.max_steps` only) with an epoch that holds no batch.
     """
     epochs, max_steps = cfg.data.batching.num_epochs, cfg.train.max_steps
-    if epochs is None and max_steps is None:
-        raise ConfigError(
-            "data.batching.num_epochs is null (repeat forever) and train.max_steps is not set: the run would "
-            "never end. Fix: set data.batching.num_epochs or train.max_steps."
-        )
     ends, total, epoch = [], 0, 0
     while (epoch < epochs) if epochs is not None else (total < max_steps):
         batches = pipeline.num_batches(epoch)
