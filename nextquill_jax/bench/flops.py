@@ -46,7 +46,7 @@ PEAK_TFLOPS_BF16: tuple[tuple[str, float], ...] = (
     ("tpu v5p", 459.0),
     ("tpu v5 lite", 197.0),
     ("tpu v5e", 197.0),
-    ("tpu v5", 459.0),  # v5p as JAX names it on a TPU VM: after the v5e names it is a prefix of
+    ("tpu v5", 459.0),  # v5p as JAX names it on a TPU VM; after the v5e names, of which it is a prefix
     ("tpu v4", 275.0),
 )
 

@@ -62,7 +62,7 @@ def problems(root: str | Path, expected: Mapping[str, Mapping[str, int | str]]) 
         try:
             size = path.stat().st_size if path.is_file() else None
         except OSError as e:
-            found.append(_unreadable(path, e))
+            found.append(unreadable(path, e))
             continue
         if size is None:
             found.append(f"{path}: missing")
@@ -72,7 +72,7 @@ def problems(root: str | Path, expected: Mapping[str, Mapping[str, int | str]]) 
             sized.append(name)
     for name, digest in zip(sized, _on_threads(_digest_or_error, root, sized), strict=True):
         if isinstance(digest, OSError):
-            found.append(_unreadable(root / name, digest))
+            found.append(unreadable(root / name, digest))
         elif digest != (want := expected[name]["blake2b"]):
             found.append(f"{root / name}: {ALGORITHM} checksum {digest}, expected {want}")
     return found
@@ -86,6 +86,6 @@ def _digest_or_error(path: Path) -> str | OSError:
         return e
 
 
-def _unreadable(path: Path, error: OSError) -> str:
-    """The problem line of a file that could not be read."""
+def unreadable(path: str | Path, error: OSError) -> str:
+    """The problem line of a file that could not be read (`problems`', a checkpoint manifest's)."""
     return f"{path}: unreadable ({error.strerror or error})"

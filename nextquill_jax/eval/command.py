@@ -60,7 +60,8 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         default=None,
         help="prepared data (default: the run's own, where the checkpoint's config says it is: "
-        "train.data_dir, else <workdir>/prepared); its texts decode with the tokenizer it was prepared with",
+        "train.data_dir, else <workdir>/prepared); the run's tokenizer decodes, with a note where the "
+        "data was prepared with another",
     )
     parser.add_argument(
         "--split", default="test", choices=SPLITS, help="prepared split to evaluate (default: test)"

@@ -205,15 +205,17 @@ def recorded_effects(record: Mapping[str, Any]) -> dict[str, Any]:
     return summary
 
 
-def per_example_metrics(record: Mapping[str, Any]) -> dict[str, dict[ExampleKey, float]]:
-    """{metric: {example key: value}} of one run (`compare.run_variant`'s record), in the split's order: each
-    example keyed by `example_keys` of the run's prepared split, so that runs pair on the same example. A run
-    that did not generate (`generated`) has no ROUGE, METEOR or preference recall: absent, not 0.
+def per_example_metrics(
+    record: Mapping[str, Any], report: Mapping[str, Any]
+) -> dict[str, dict[ExampleKey, float]]:
+    """{metric: {example key: value}} of one run (`compare.run_variant`'s record, and its effect report's
+    summary, `recorded_effects`), in the split's order: each example keyed by `example_keys` of the run's
+    prepared split, so that runs pair on the same example. A run that did not generate (`generated`) has no
+    ROUGE, METEOR or preference recall: absent, not 0.
 
     Raises:
         ValueError: two examples share a key (`example_keys`), or the run's eval directory no longer holds
-            the evaluation the record was made from (`recorded_predictions`), or its effect report is not the
-            record's (`recorded_effects`).
+            the evaluation the record was made from (`recorded_predictions`).
     """
     keys = example_keys(record["rendered_split"])
     by_key = lambda values: {keys[i]: values[i] for i in sorted(values)}
@@ -227,9 +229,8 @@ def per_example_metrics(record: Mapping[str, Any]) -> dict[str, dict[ExampleKey,
         with contextlib.suppress(ValueError):  # raised where the data has no signature words
             recall = preference_recall(path, record["rendered_split"])
             out["preference_recall"] = by_key(recall["per_example"])
-    summary = recorded_effects(record)
     for metric in ("nll_with", "nll_without", "preference_nll_with"):
-        values = {e["index"]: read_number(e[metric]) for e in summary["per_example"] if metric in e}
+        values = {e["index"]: read_number(e[metric]) for e in report["per_example"] if metric in e}
         if values:
             out[metric] = by_key(values)
     return out
@@ -263,8 +264,11 @@ def compare_runs(
     its means NaN, and their std across seeds with them."""
     variants = list(dict.fromkeys(r["variant"] for r in records))
     examples = {r["variant"]: [] for r in records}
+    ground_truth = {}  # (variant, seed) -> its effect report's `ground_truth`
     for r in records:
-        examples[r["variant"]].append((r, per_example_metrics(r)))
+        report = recorded_effects(r)  # read and checked once per run
+        ground_truth[r["variant"], r["seed"]] = report["ground_truth"]
+        examples[r["variant"]].append((r, per_example_metrics(r, report)))
     rows, differences, not_paired = [], {}, {}
     for name in variants:
         runs = examples[name]
@@ -278,7 +282,7 @@ def compare_runs(
             row[f"{metric}_std"] = _sample_std(seed_means) if len(seed_means) > 1 else None
         if all(generated(r) for r, _ in runs):
             row["bleu"] = statistics.fmean(read_number(r["bleu"]) for r, _ in runs)
-        aurocs = [recorded_effects(r)["ground_truth"] for r, _ in runs]
+        aurocs = [ground_truth[name, r["seed"]] for r, _ in runs]
         row["dce_auroc"] = (
             None if None in aurocs else statistics.fmean(read_number(g["auroc"]) for g in aurocs)
         )

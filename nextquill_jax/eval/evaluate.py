@@ -490,8 +490,9 @@ def unsplit_batch_message(batch_size: int, shards: int, mesh_shape: Mapping[str,
     "compare.eval_batch_size") that the mesh of shape `mesh_shape`, splitting batches `shards` ways, does
     not split, with the fix."""
     fitting = -(-batch_size // shards) * shards
-    unset = "leave --batch-size out" if setting.startswith("--") else "null"
-    action = "pass" if setting.startswith("--") else f"set {setting} to"
+    flag = setting.startswith("--")  # else a config key
+    unset = f"leave {setting} out" if flag else "null"
+    action = "pass" if flag else f"set {setting} to"
     return (
         f"{setting} {batch_size} is not a multiple of the {shards} batch shards of the mesh "
         f"{dict(mesh_shape)}, over which each batch of prompts is split. Fix: {action} a multiple of "

@@ -64,12 +64,11 @@ class GenerationConfig:
         `top_k`: keep the k most probable tokens (sampling only); 0 turns it off.
         `top_p`: keep the smallest set of most probable tokens whose probability reaches top_p (sampling
             only); in (0, 1], 1 turns it off.
-        `repetition_penalty`: in [1e-6, 1e6]; the logits of tokens already in the row
-            (prompt included) are divided by it where positive and multiplied where negative
-            (transformers'); 1 turns it off. Applied in
-            greedy decoding too. The prompt's tokens count, so it also penalises copying the user's history
-            (benchmarks/STUDY.md: on the synthetic users, 1.2 took the fine-tuned models' preference recall
-            from 0.35-0.44 to 0.00-0.03, seeds 0-2).
+        `repetition_penalty`: in [1e-6, 1e6]; the logits of tokens already in the row (prompt included)
+            are divided by it where positive and multiplied where negative (transformers'); 1 turns it off.
+            Applied in greedy decoding too. The prompt's tokens count, so it also penalises copying the
+            user's history (benchmarks/STUDY.md: on the synthetic users, 1.2 took the fine-tuned models'
+            preference recall from 0.35-0.44 to 0.00-0.03, seeds 0-2).
         `repetition_penalty_prompt`: whether the penalty counts the prompt's tokens (true: transformers' and
             the public code's decoding); false: only the tokens generated so far, so that copying from the
             prompt (the user's history) is not penalised while repeating oneself still is (transformers'

@@ -187,7 +187,7 @@ def check_step(step_dir: Path) -> StepCheck:
     except (ValueError, KeyError, TypeError, AttributeError) as e:  # not JSON, or not the manifest's layout
         return StepCheck(step, "failed", [f"{path}: unreadable ({type(e).__name__}: {e})"], 0, 0)
     except OSError as e:  # a read error or permission: the disk's problem, not the manifest's layout
-        return StepCheck(step, "failed", [f"{path}: unreadable ({e.strerror or e})"], 0, 0)
+        return StepCheck(step, "failed", [checksums.unreadable(path, e)], 0, 0)
     # Every item is saved with at least one file: a manifest listing none of one is not the one saved here.
     found += [
         f"{path}: lists no file of {step_dir / item}"
