@@ -17,6 +17,7 @@ import sys
 from collections.abc import Iterator
 
 from nextquill_jax import __version__, lost_signals, third_party_logs
+from nextquill_jax.argument_parser import ArgumentParser
 from nextquill_jax.subcommand import OVERRIDES, Subcommand
 
 DESCRIPTION = (
@@ -49,7 +50,7 @@ def subcommands() -> dict[str, Subcommand]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every subcommand; `args.command` names the one chosen."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="nextquill-jax",
         description=DESCRIPTION,
         epilog="Start with `nextquill-jax demo`; `nextquill-jax COMMAND --help` explains each command.",

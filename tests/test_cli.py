@@ -346,6 +346,35 @@ def test_a_leftover_word_a_command_does_not_take_is_refused_with_its_usage(argv,
     assert e.value.code == 2 and f"usage: {usage}" in err and f"{usage}: error: unrecognized arguments" in err
 
 
+@pytest.mark.parametrize(
+    "argv, usage, message",
+    [
+        (["train", "--config", "a.yaml", "x.y=1", "--config", "b.yaml"], "nextquill-jax train",
+         "--config is given twice (--config a.yaml, then --config b.yaml); it takes one value. Fix: give it "
+         "once (one config file; further settings go on the line as section.key=value)."),
+        (["evaluate", "--workdir", "r", "--split", "val", "--step=2", "--split", "val"], "nextquill-jax evaluate",
+         "--split is given twice (--split val, then --split val); it takes one value. Fix: give it once."),
+        (["data", "prepare", "--config", "c", "--out", "p", "--out", "q"], "nextquill-jax data prepare",
+         "--out is given twice (--out p, then --out q); it takes one value. Fix: give it once."),
+        (["bench", "scale", "--config", "a.yaml", "--config", "b.yaml"], "nextquill-jax bench scale",
+         "--config is given twice (--config a.yaml, then --config b.yaml); it takes one value. Fix: give it "
+         "once."),
+    ],
+)  # fmt: skip
+def test_an_option_given_twice_is_refused_with_its_usage(argv, usage, message, capsys):
+    """argparse alone keeps the last value silently: `--config a --config b` trained on b's config alone."""
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"usage: {usage}" in err and f"{usage}: error: {message}" in err
+
+
+def test_a_parser_used_again_takes_an_option_once_per_parse():
+    parser = cli.build_parser()
+    for step in (1, 2):
+        assert parser.parse_args(["evaluate", "--workdir", "r", "--step", str(step)]).step == step
+
+
 def test_train_help_and_the_readme_list_the_same_exit_statuses():
     from nextquill_jax.train.command import TRAIN_EXIT_STATUSES
 

@@ -35,6 +35,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from nextquill_jax.argument_parser import ArgumentParser
 from nextquill_jax.atomic_file import write_text_atomic
 from nextquill_jax.bench.flops import param_counts, peak_tflops, step_flops
 from nextquill_jax.bench.harness import StepTiming, TrainingHarness, synthetic_batch
@@ -575,7 +576,7 @@ def max_segments_arg(text: str) -> int | str:
 def main(argv: list[str] | None = None) -> int:
     """`nextquill-jax bench scale --config FILE [--output-dir DIR] [--cudnn-max-segments N|auto]
     [--results FILE]`."""
-    parser = argparse.ArgumentParser(prog="nextquill-jax bench scale", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="nextquill-jax bench scale", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--config", required=True, help="a sweep YAML file, e.g. configs/scaling/tiny_cpu.yaml"
     )
