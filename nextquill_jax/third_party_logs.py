@@ -38,39 +38,33 @@ class _Sink(logging.Handler):
     dropped, except warnings and errors, which go to stderr unless the console has shown them (`shown`) or
     they are `_NOT_FOR_THE_CONSOLE`.
     The file (and `logs/`) is made at the first record only: a command that logs nothing into a directory
-    that was already there (a `data prepare` refused before it wrote) leaves no empty log in it."""
+    that was already there (a `data prepare` refused before it wrote) leaves no empty log in it.
+    The file is closed after each write, as `metrics.jsonl` is: on a Cloud Storage FUSE workdir a file
+    reaches the bucket only when closed (tpu_scripts/README.md). Each process of a multi-process run writes a
+    file of its own (`log_file`): one file appended to through several mounts keeps one writer's lines."""
 
     def __init__(self, shown: bool) -> None:
         super().__init__(logging.INFO)
         self.shown = shown
         self.setFormatter(logging.Formatter(FORMAT))
         self.held: list[logging.LogRecord] = []
-        self.path: Path | None = None
-        self.file: logging.FileHandler | None = None
+        self.directory: Path | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
         self.held.append(record)
         self._flush_held()
 
-    def open(self, path: Path) -> None:
-        if self.path == path.absolute():
-            return
-        if self.file is not None:
-            self.file.close()
-        self.path, self.file = path.absolute(), None
+    def open(self, directory: Path) -> None:
+        self.directory = directory.absolute()
         self._flush_held()
 
     def _flush_held(self) -> None:
-        if self.path is None or not (self.file is not None or self.path.parent.parent.is_dir()):
+        if self.directory is None or not self.held or not self.directory.is_dir():
             return
-        if self.file is None and not self.held:  # nothing to write: no empty file, no logs/ folder
-            return
-        if self.file is None:
-            self.path.parent.mkdir(exist_ok=True)
-            self.file = logging.FileHandler(self.path, encoding="utf-8")
-            self.file.setFormatter(self.formatter)
-        for record in self.held:
-            self.file.emit(record)
+        path = self.directory / log_file()
+        path.parent.mkdir(exist_ok=True)
+        with path.open("a", encoding="utf-8") as file:
+            file.writelines(self.format(record) + "\n" for record in self.held)
         self.held = []
 
     def close(self) -> None:
@@ -83,9 +77,17 @@ class _Sink(logging.Handler):
             ):
                 print(self.format(record), file=sys.stderr)
         self.held = []
-        if self.file is not None:
-            self.file.close()
         super().close()
+
+
+def log_file() -> Path:
+    """This process's log file, relative to the command's directory: `LOG_FILE`, or for process N > 0 of a
+    multi-process run `logs/third_party.process<N>.log`. JAX is asked only once it runs distributed (so
+    asking never starts its backend before `jax.distributed.initialize`); records written before that go to
+    `LOG_FILE` from every process."""
+    jax = sys.modules.get("jax")
+    process = jax.process_index() if jax is not None and jax.distributed.is_initialized() else 0
+    return LOG_FILE if process == 0 else LOG_FILE.with_name(f"third_party.process{process}.log")
 
 
 _sink: _Sink | None = None
@@ -128,9 +130,9 @@ def captured(verbose: bool) -> Iterator[None]:
 
 
 def log_to(directory: str | Path, named: str) -> Path | None:
-    """Write the captured records to `directory/logs/third_party.log` (appending; those held so far first)
-    once the command has made `directory`. Returns the file, or None outside `captured` (nothing is captured
-    then).
+    """Write the captured records to `directory/logs/third_party.log` (appending; those held so far first;
+    `log_file` names another process's) once the command has made `directory`. Returns the file, or None
+    outside `captured` (nothing is captured then).
 
     Every command calls this with the directory it writes into, first, so it is also where that directory is
     checked, before any work: `named` is where it came from (`--out`, `FILE: compare.out`). Except the
@@ -142,11 +144,11 @@ def log_to(directory: str | Path, named: str) -> Path | None:
     Raises:
         NotADirectoryError: `directory` (or a folder above it) is a file (`output_dir.check_output_dir`).
     """
-    path = check_output_dir(directory, named) / LOG_FILE
+    directory = check_output_dir(directory, named)
     if _sink is None:
         return None
-    _sink.open(path)
-    return path
+    _sink.open(directory)
+    return directory / log_file()
 
 
 class _TransformersFinder(importlib.abc.MetaPathFinder):

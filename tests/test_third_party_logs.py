@@ -5,6 +5,7 @@ not the console; `--verbose` shows them on the console too; the package's own li
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 import warnings
@@ -174,3 +175,42 @@ def test_a_command_that_logs_nothing_leaves_no_log_in_a_directory_it_found(tmp_p
         third_party_logs.log_to(mine, named="--out")
         logging.getLogger("jax").info("a record")
     assert "INFO jax: a record" in (mine / "logs" / "third_party.log").read_text()
+
+
+def _open_files() -> set[str]:
+    return {os.path.realpath(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")}
+
+
+def test_the_log_is_closed_after_each_write(tmp_path):
+    """On a Cloud Storage FUSE workdir a file reaches the bucket only when closed: a log held open for the
+    whole run was missing there until its end, and lost with a preempted VM."""
+    with third_party_logs.captured(verbose=False):
+        path = third_party_logs.log_to(tmp_path, named="--workdir")
+        logging.getLogger("jax").info("first")
+        assert path.read_text().endswith("INFO jax: first\n") and str(path) not in _open_files()
+        logging.getLogger("jax").info("second")
+        assert path.read_text().count("INFO jax:") == 2 and str(path) not in _open_files()
+
+
+def test_each_process_of_a_multi_process_run_writes_a_log_of_its_own(tmp_path, monkeypatch):
+    """Several processes appending to one file through their own FUSE mounts leave one writer's lines."""
+    import jax
+
+    for process in (0, 1, 3):
+        monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)
+        monkeypatch.setattr(jax, "process_index", lambda p=process: p)
+        with third_party_logs.captured(verbose=False):
+            third_party_logs.log_to(tmp_path, named="--workdir")
+            logging.getLogger("jax").info(f"from process {process}")
+    logs = tmp_path / "logs"
+    assert sorted(p.name for p in logs.iterdir()) == [
+        "third_party.log",
+        "third_party.process1.log",
+        "third_party.process3.log",
+    ]
+    for name, process in [
+        ("third_party.log", 0),
+        ("third_party.process1.log", 1),
+        ("third_party.process3.log", 3),
+    ]:
+        assert (logs / name).read_text().endswith(f"INFO jax: from process {process}\n")
