@@ -333,6 +333,13 @@ def test_create_recreates_a_preempted_spot_tpu(tmp_path):
     assert code == 1 and len(calls) == 1 and "PERMISSION_DENIED" in err
     code, calls, err = scripted_create({}, ["ok CREATING"], tmp_path)
     assert code == 1 and len(calls) == 1 and "is CREATING; wait until it settles" in err
+    code, calls, err = scripted_create({}, ["ok STOPPED"], tmp_path)
+    start = f"gcloud compute tpus tpu-vm start nq-v5p-32 {LOCATION}"
+    assert (
+        code == 1
+        and len(calls) == 1
+        and f"is STOPPED (stopped by its owner; its disk is kept): start it with {start}" in err
+    )
 
 
 def test_queued_create_recovers_a_suspended_request_and_rides_out_failed_polls(tmp_path):
@@ -400,6 +407,10 @@ def test_setup_stage_mount_logs_delete_dry_runs(tmp_path):
         "mountpoint -q nextquill/gcs || gcsfuse --metadata-cache-ttl-secs=0 "
         "--metadata-cache-negative-ttl-secs=0 my-bucket nextquill/gcs;" in remote(mount)
     )
+    spaced = dry_run("mount_bucket.sh", {**SLICE, "BUCKET": "b", "REMOTE_DIR": "my dir"}, tmp_path)[1]
+    echo = remote(spaced).rsplit("; ", 1)[1]
+    said = subprocess.run(["bash", "-c", echo], capture_output=True, text=True, check=True).stdout
+    assert said == f"{socket.gethostname()}: gs://b mounted at my dir/gcs\n"  # as a path, not shell-quoted
 
     (logs,) = dry_run("logs.sh", SLICE, tmp_path)
     assert (
@@ -433,6 +444,33 @@ def test_missing_settings_and_unknown_arguments_are_clear_errors(launch_env, tmp
     assert no_config.returncode == 2 and "CONFIG=nope.yaml is not a file" in no_config.stderr
     bad_type = run_script("create.sh", {**SLICE, "ACCELERATOR_TYPE": "x9-8"}, "--dry-run", tmp_path=tmp_path)
     assert bad_type.returncode == 2 and "set RUNTIME_VERSION" in bad_type.stderr
+    no_data = run_script("stage_data.sh", SLICE, "--dry-run", tmp_path=tmp_path)
+    assert (
+        no_data.returncode == 2
+        and "set DATA_URI (see tpu_scripts/README.md), e.g. DATA_URI=gs://" in no_data.stderr
+    )
+    for setting in ("WORKDIR", "LOG_COPY_DIR"):
+        tilde = run_script(
+            "launch.sh", {**launch_env, setting: "~/nextquill/gcs/runs/x"}, "--dry-run", tmp_path=tmp_path
+        )
+        assert (
+            tilde.returncode == 2
+            and f"error: {setting}=~/nextquill/gcs/runs/x: a leading ~ is not expanded" in tilde.stderr
+        )
+
+
+@pytest.mark.parametrize("arg", ["--dryrun", "--help"])
+def test_the_slurm_file_refuses_an_unknown_argument_and_runs_nothing_for_help(arg, tmp_path):
+    """Only `--dry-run` first was read: a misspelt `--dryrun` (or `--help`) on a cluster node started srun."""
+    env, _ = slurm_job(tmp_path, tasks_start_together=False)
+    shown = subprocess.run(
+        ["bash", str(SCRIPTS / "slurm_gpu.sbatch"), arg], env=env, capture_output=True, text=True, timeout=30
+    )
+    assert not (tmp_path / "srun-env").exists(), "srun ran"
+    if arg == "--help":
+        assert shown.returncode == 0 and shown.stdout.startswith("usage: CONFIG=configs/X.yaml"), shown
+    else:
+        assert shown.returncode == 2 and "error: unknown argument '--dryrun'" in shown.stderr, shown
 
 
 def test_a_run_that_ended_leaves_no_pid_file_and_a_stale_one_is_never_stopped(launch_env, tmp_path):
@@ -462,6 +500,14 @@ def test_a_run_that_ended_leaves_no_pid_file_and_a_stale_one_is_never_stopped(la
         other.kill()
     assert stopped.returncode == 0 and "no training running" in stopped.stdout, stopped
     assert alive, "stop.sh signalled a process that is not the run"
+
+    # A REMOTE_DIR that is not there is an error, not "no training running" (a run left going, billing).
+    (wrong,) = dry_run("stop.sh", {**SLICE, "REMOTE_DIR": "nextquil"}, tmp_path)
+    refused = subprocess.run(
+        ["bash", "-c", remote(wrong)], cwd=home, env=worker_env, capture_output=True, text=True
+    )
+    assert refused.returncode == 1 and "nextquil: No such file or directory" in refused.stderr, refused
+    assert "no training running" not in refused.stdout
 
 
 def test_setup_check_runs_the_multi_host_start_up_and_skips_while_training_runs(tmp_path):

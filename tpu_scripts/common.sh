@@ -48,16 +48,27 @@ parse_args() {
     done
 }
 
-# require VAR...: fail naming every unset variable and what it is for.
+# An example value of each setting `require` may ask for.
+declare -A EXAMPLES=(
+    [TPU_NAME]=nq-v4-32
+    [ZONE]=us-central2-b
+    [CONFIG]=configs/MY_CONFIG.yaml
+    [WORKDIR]=gcs/runs/NAME
+    [BUCKET]=MY_BUCKET
+    [DATA_URI]=gs://MY_BUCKET/data
+)
+
+# require VAR...: fail naming every unset variable, each with an example value.
 require() {
-    local name missing=()
+    local name missing=() examples=()
     for name in "$@"; do
         if [[ -z "${!name:-}" ]]; then
             missing+=("$name")
+            examples+=("$name=${EXAMPLES[$name]}")
         fi
     done
     if ((${#missing[@]})); then
-        echo "error: set ${missing[*]} (see tpu_scripts/README.md), e.g. TPU_NAME=nq-v4-32 ZONE=us-central2-b" >&2
+        echo "error: set ${missing[*]} (see tpu_scripts/README.md), e.g. ${examples[*]}" >&2
         exit 2
     fi
 }

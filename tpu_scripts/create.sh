@@ -9,7 +9,7 @@ Creates the slice (with QUEUED=1 through a queued resource, which waits for capa
 READY / ACTIVE. RUNTIME_VERSION defaults to the image Google recommends for JAX on that TPU generation.
 If TPU_NAME exists already: READY / ACTIVE is left as it is; PREEMPTED, TERMINATED (a TPU VM) or SUSPENDED,
 FAILED (a queued resource) is deleted and created again, which is how a preempted spot TPU comes back (it
-cannot be restarted). A queued request expires after VALID_UNTIL_DURATION without capacity; its state is
+cannot be restarted); STOPPED (a TPU VM stopped by its owner) is an error naming the command that starts it. A queued request expires after VALID_UNTIL_DURATION without capacity; its state is
 polled every POLL_SECONDS, and POLL_RETRIES failed polls in a row (network, API errors) end the wait.
 A dry run prints the state query and the commands for a slice that does not exist yet."
 # shellcheck source=common.sh
@@ -80,6 +80,12 @@ case "$current" in
     READY | ACTIVE)
         echo "$TPU_NAME exists and is $current: nothing to create" >&2
         exit 0
+        ;;
+    STOPPED)
+        echo "error: $TPU_NAME is STOPPED (stopped by its owner; its disk is kept): start it with" \
+            "$(shell_words gcloud compute tpus tpu-vm start "$TPU_NAME" "${flags[@]}"), or delete it with" \
+            "tpu_scripts/delete.sh and run create.sh again" >&2
+        exit 1
         ;;
     PREEMPTED | TERMINATED | SUSPENDED | FAILED)
         echo "$TPU_NAME is $current: deleting it and creating it again (a preempted spot TPU cannot be restarted)" >&2

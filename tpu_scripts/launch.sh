@@ -33,6 +33,14 @@ if [[ "$WORKDIR" == gs://* ]]; then
         "WORKDIR=$MOUNT_DIR/${WORKDIR#gs://*/}" >&2
     exit 2
 fi
+for setting in WORKDIR LOG_COPY_DIR; do
+    if [[ "${!setting}" == "~"* ]]; then
+        echo "error: $setting=${!setting}: a leading ~ is not expanded on the workers (the trainer would" \
+            "expand it, the log and TensorBoard copies would not); write it relative to REMOTE_DIR (e.g." \
+            "$MOUNT_DIR/runs/NAME) or as an absolute path" >&2
+        exit 2
+    fi
+done
 if [[ "$WORKDIR" != "$MOUNT_DIR"/* ]]; then
     echo "warning: WORKDIR=$WORKDIR is not under the bucket mount ($MOUNT_DIR/..., mount_bucket.sh): on a" \
         "multi-host slice every worker must write to the same workdir" >&2

@@ -13,7 +13,8 @@ parse_args "$@"
 require TPU_NAME ZONE
 : "${STOP_TIMEOUT:=600}"
 
-stop="cd $(shell_words "$REMOTE_DIR")"
+# A wrong REMOTE_DIR is an error, not "no training running" (the run would go on, billing).
+stop="cd $(shell_words "$REMOTE_DIR") || exit 1"
 stop+="; if ! { $RUN_ALIVE; }; then"
 stop+=" echo \"\$(hostname): no training running\"; exit 0; fi"
 stop+="; pid=\$(cat logs/train.pid); kill -TERM \"\$pid\""
