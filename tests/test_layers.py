@@ -9,8 +9,9 @@ on what a run happens to import. Layers, top to bottom (README, "Architecture"):
 compare files and `bench`'s sweeps) stands above `eval` and `bench`, beside `demo`.
 
 `config_schema`, `config_paths`, `plural`, `lost_signals`, `atomic_file`, `json_object`, `output_dir`,
-`subcommand`, `mesh_sizes` and `third_party_logs` serve every layer: they import nothing of the package but
-each other (`third_party_logs` checks its directory with `output_dir`).
+`subcommand`, `argument_parser`, `mesh_sizes` and `third_party_logs` serve every layer: they import nothing
+of the package but each other (`third_party_logs` checks its directory with `output_dir`, `argument_parser`
+reads `subcommand`'s name of the overrides).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ LAYER_OF = {
     "json_object": 0,
     "output_dir": 0,
     "subcommand": 0,
+    "argument_parser": 0,
     "third_party_logs": 0,
     "mesh_sizes": 0,
     "": 0,  # the package's own __init__ (its version string)

@@ -51,6 +51,7 @@ from nextquill_jax.data.prepared_split import SUMMARY_FILE, write_split
 from nextquill_jax.data.sources.read import expand_paths, read_records
 from nextquill_jax.data.sources.records import PLACES_KEPT, Issue, IssueLog
 from nextquill_jax.data.templates import PromptTemplate, load_template
+from nextquill_jax.json_object import nonfinite_to_null
 from nextquill_jax.plural import counted
 
 FORMAT_VERSION = 3  # bump when the prepared layout or the example building changes (2: stable tie order;
@@ -150,7 +151,8 @@ def prepare(
         )
         with open(out / f"{split}.jsonl", "w", encoding="utf-8", newline="\n") as f:
             for i, example in enumerate(examples):
-                f.write(json.dumps(example_row(i, example), ensure_ascii=False) + "\n")
+                row = nonfinite_to_null(example_row(i, example))  # a NaN the source's meta held
+                f.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")
     summary = {
         "fingerprint": fingerprint,
         "format_version": FORMAT_VERSION,

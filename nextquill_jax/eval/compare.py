@@ -835,7 +835,7 @@ def write_done(path: Path, record: Mapping[str, Any]) -> dict[str, Any]:
     as NaN), since bare NaN is not JSON. `settings` is written as the config gives it, so that
     `finished_changes` compares it exactly (a config's `.inf` stays Infinity there)."""
     from nextquill_jax.atomic_file import write_text_atomic
-    from nextquill_jax.train.metrics_log import nonfinite_to_null
+    from nextquill_jax.json_object import nonfinite_to_null
 
     measured = nonfinite_to_null({k: v for k, v in record.items() if k != "settings"})
     written = {**measured, "settings": record["settings"]}

@@ -91,7 +91,7 @@ NO_WIDTH_VERDICT = "no verdict: the examples' differences agree exactly"
 
 def read_number(value: float | None) -> float:
     """A number the effect report or compare_done.json wrote: null there is a non-finite value
-    (`metrics_log.nonfinite_to_null`, as strict JSON must write it), read back as NaN."""
+    (`json_object.nonfinite_to_null`, as strict JSON must write it), read back as NaN."""
     return math.nan if value is None else value
 
 

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from nextquill_jax.atomic_file import write_text_atomic
 from nextquill_jax.config import LoggingConfig
+from nextquill_jax.json_object import nonfinite_to_null
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -211,19 +212,6 @@ def _truncate_after(path: Path, step: int) -> list[int]:
 def _json_number(value: float) -> float | None:
     value = float(value)
     return value if math.isfinite(value) else None
-
-
-def nonfinite_to_null(value: Any) -> Any:
-    """`value` (numbers nested in dicts, lists and tuples) with every non-finite float replaced by None, as
-    metrics.jsonl writes it: `json.dumps` would write NaN / Infinity, which is not JSON and which strict
-    readers (jq, JavaScript) refuse. Other values are returned as they are."""
-    if isinstance(value, Mapping):
-        return {k: nonfinite_to_null(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [nonfinite_to_null(v) for v in value]
-    if isinstance(value, float):
-        return _json_number(value)
-    return value
 
 
 def strict_json(value: Any, *, ensure_ascii: bool = True) -> str:

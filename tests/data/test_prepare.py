@@ -95,6 +95,32 @@ def test_every_format_goes_through_data_prepare(tmp_path, tok_dir, name, capsys,
         assert summary["dropped"] == {"duplicate": 1, "empty_history": 1}
 
 
+def test_a_non_finite_number_in_a_records_meta_is_written_null(tmp_path, tok_dir):
+    """`meta` is carried through untouched, but a NaN or Infinity there (Python's json writes them; a
+    Parquet float column holds them) was written as bare NaN into <split>.jsonl, which is not JSON: strict
+    readers (jq, JavaScript) refused the file."""
+    records = [json.loads(line) for line in (F / "generic" / "records.jsonl").read_text().splitlines()]
+    for r in records:
+        r["meta"] = {"score": float("nan"), "bounds": [1.5, float("inf")], "kept": "as is"}
+    source = tmp_path / "records.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in records))  # NaN / Infinity, as json.dumps writes
+    config = _config_file(
+        tmp_path / "config.yaml", tok_dir, format="generic", template="plain", sources=[str(source)]
+    )
+    out = tmp_path / "prepared"
+    assert main(["data", "prepare", "--config", str(config), "--out", str(out)]) == 0
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    rows = [
+        json.loads(line, parse_constant=refuse)
+        for split in ("train", "val", "test")
+        for line in (out / f"{split}.jsonl").read_text().splitlines()
+    ]
+    assert rows and all(r["meta"] == {"score": None, "bounds": [1.5, None], "kept": "as is"} for r in rows)
+
+
 def test_bad_input_fail_stops_and_skip_counts_each_reason(tmp_path, tok_dir, capsys, small_dpl):
     bad = dict(
         format="amazon2023",

@@ -20,7 +20,8 @@ import pytest
 from tensorboardX.proto.event_pb2 import Event, SessionLog
 
 from nextquill_jax.config import LoggingConfig
-from nextquill_jax.train.metrics_log import INTEGER_FIELDS, METRICS_FILE, MetricsLog, nonfinite_to_null
+from nextquill_jax.json_object import nonfinite_to_null
+from nextquill_jax.train.metrics_log import INTEGER_FIELDS, METRICS_FILE, MetricsLog
 
 QUIET = LoggingConfig(tensorboard=False, progress_bar=False)
 
