@@ -171,6 +171,20 @@ def generation_hint(
     )
 
 
+def rows_splitting_over(cfg: Config, mesh: Mesh) -> Config:
+    """`cfg` with `data.batching.rows_per_batch` raised, where needed, to the next count whose batches split
+    over `mesh`'s batch shards from every process (`to_global_batch`): a run is read on the devices here
+    (`workdir.reading_mesh`), whose shards its own rows need not split (4 rows a batch, trained on 4 devices,
+    read on 8). The rows added are padding, which no loss term counts."""
+    shards, processes = batch_shard_count(mesh), jax.process_count()
+    step = shards // math.gcd(shards, processes)  # the rows per process that the global batch splits
+    rows = cfg.data.batching.rows_per_batch
+    if rows % step == 0:
+        return cfg
+    batching = dataclasses.replace(cfg.data.batching, rows_per_batch=-(-rows // step) * step)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batching=batching))
+
+
 def split_losses(
     loaded: LoadedModel, split: PreparedSplit, count: int, reference: tuple[Any, dict] | None = None
 ) -> dict[str, Any]:
@@ -226,7 +240,7 @@ def split_losses(
         if count < len(split):  # a split of exactly the evaluated examples
             write_split(tmp, "subset", (TokenizedExample(**split[i]) for i in range(count)))
             split = PreparedSplit(tmp, "subset")
-        pipeline = evaluation_pipeline(cfg, split)
+        pipeline = evaluation_pipeline(rows_splitting_over(cfg, mesh), split)
         most = planned_examples_per_row(pipeline)[0]
         # The terms' loss needs both streams: under `train.joint_forward` one attention row holds both.
         graphdef = model_setup.covering_graphdef(

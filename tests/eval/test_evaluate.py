@@ -760,3 +760,31 @@ def test_evaluate_as_two_processes_writes_what_one_process_writes(trained_run, p
         return {"loss": loss["loss"], **loss["terms"], **loss["variants"]}
 
     assert losses(two) == pytest.approx(losses(one), rel=1e-5)
+
+
+def test_a_run_read_on_more_devices_than_its_rows_split_over_gets_the_same_losses(
+    trained_run, programs, tmp_path
+):
+    """A run of 4 rows a batch (here: its step 0, which config.yaml alone gives), read in a process of 8
+    devices, where the run's mesh (fsdp -1) spans all 8: the loss pass batched the run's 4 rows, which do not
+    split 8 ways, and failed naming a fix `evaluate` cannot take (`data.batching.rows_per_batch`). It now
+    pads the batches to 8 rows and measures what one device does with 4."""
+    import yaml
+
+    workdir = tmp_path / "run"
+    shutil.copytree(trained_run.workdir, workdir, ignore=shutil.ignore_patterns("checkpoints", "eval"))
+    saved = yaml.safe_load((workdir / "config.yaml").read_text())
+    saved["data"]["batching"]["rows_per_batch"] = 4
+    (workdir / "config.yaml").write_text(yaml.safe_dump(saved))
+    losses_only = ["--workdir", str(workdir), "--step", "0", "--split", "test", "--max-new-tokens", "0"]
+    eight = programs.start(
+        "cli_run.py", "evaluate", *losses_only, "--out", str(tmp_path / "eight"), devices=8
+    )
+    one = evaluate(
+        workdir, "test", step=0, generation_overrides={"max_new_tokens": 0}, out_dir=tmp_path / "one"
+    )
+    programs.finish(eight, 300)
+    read = json.loads((tmp_path / "eight" / "metrics.json").read_text())["loss"]
+    got = {"loss": read["loss"], **read["terms"], **read["variants"]}
+    want = {"loss": one["loss"]["loss"], **one["loss"]["terms"], **one["loss"]["variants"]}
+    assert got == pytest.approx(want, rel=1e-5)
