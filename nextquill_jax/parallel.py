@@ -272,6 +272,24 @@ def initialize_distributed(
     return True
 
 
+def refuse_several_processes(command: str) -> None:
+    """Refuse to run `command`, which reads a model on one device of one process (`export`, `effects`), as
+    one of several processes that the environment (`NEXTQUILL_NUM_PROCESSES` > 1) starts: each would do all
+    the work and write the same files at once.
+
+    Raises:
+        ValueError: naming the variables to unset; also for a non-integer `NEXTQUILL_NUM_PROCESSES`.
+    """
+    count = _env_int(ENV_NUM_PROCESSES)
+    if count is not None and count > 1:
+        raise ValueError(
+            f"`{command}` runs as one process (it reads the model on one device), but {ENV_NUM_PROCESSES}="
+            f"{count} starts this one as one of {count}, each of which would do all the work and write the "
+            f"same files. Fix: run it once, on one host, without {ENV_COORDINATOR}, {ENV_NUM_PROCESSES} and "
+            f"{ENV_PROCESS_ID} set."
+        )
+
+
 EXIT_PEER_LOST = 4  # the exit status of a process whose peer was lost
 
 

@@ -400,10 +400,12 @@ def run_effects(args: argparse.Namespace) -> int:
     from nextquill_jax.data.prepared_split import check_prepared
     from nextquill_jax.eval.effect_report import build_effect_report, describe
     from nextquill_jax.loss import LossConfig
+    from nextquill_jax.parallel import refuse_several_processes
     from nextquill_jax.train import model_setup
 
     third_party_logs.log_to(args.out, named="--out")
     try:
+        refuse_several_processes("effects")
         if args.step is not None and args.workdir is None:
             raise ValueError("--step needs --workdir")
         loss_flags = _loss_overrides(args)

@@ -151,11 +151,13 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
 def run_export(args: argparse.Namespace) -> int:
     """Export; a missing workdir or checkpoint reaches `cli.main`, which prints it (status 1)."""
     from nextquill_jax.output_dir import check_output_dir
+    from nextquill_jax.parallel import refuse_several_processes
     from nextquill_jax.train.export import export, export_adapter
 
     third_party_logs.log_to(args.workdir, named="--workdir")
     check_output_dir(args.out, "--out")
     try:
+        refuse_several_processes("export")
         step = (export_adapter if args.adapter else export)(args.workdir, args.out, args.step)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -205,9 +205,11 @@ def _load_overrides(runs_model: bool) -> dict:
     return {"overrides": WITHOUT_LOSS_FUNCTION, "overrides_source": "export, which computes no loss"}
 
 
-def saved_config(workdir: str | Path, runs_model: bool = True) -> Config:
+def saved_config(workdir: str | Path, runs_model: bool = True, start_runtime: bool = True) -> Config:
     """The config the run in `workdir` saved as its config.yaml, as `reading_config` reads it here; without
-    `runs_model` (export), without its note and its `loss.weighting` (`WITHOUT_LOSS_FUNCTION`).
+    `runs_model` (export), without its note and its `loss.weighting` (`WITHOUT_LOSS_FUNCTION`). With
+    `start_runtime`, JAX's multi-process runtime is started first where that config or the environment asks
+    for it (`start_distributed`); a caller that reads on devices of its own choosing passes False.
 
     Raises:
         FileNotFoundError: `workdir` has no config.yaml.
@@ -218,7 +220,8 @@ def saved_config(workdir: str | Path, runs_model: bool = True) -> Config:
     if not config_file.exists():
         raise FileNotFoundError(f"{config_file} does not exist: is {workdir} a training workdir?")
     cfg = load_config(config_file, **_load_overrides(runs_model))
-    start_distributed(cfg)  # before JAX's backend starts, which `reading_config`'s backend check does
+    if start_runtime:  # before JAX's backend starts, which `reading_config`'s backend check does
+        start_distributed(cfg)
     return reading_config(cfg, str(config_file), runs_model)
 
 
@@ -399,8 +402,8 @@ def initial_model(
     as training initialises it, or `model.path` loaded with them; under `model.lora`, the base as the
     adapters see it carrying the initial adapters (`_lora_model`; fresh ones, B = 0, leave its outputs
     unchanged). Parameters are placed on `mesh` by the default rules (default: the config's mesh); the config
-    is `saved_config(workdir, runs_model)`'s, its `model.compute_dtype` replaced by `compute_dtype` when
-    given (`restore_model`).
+    is `saved_config(workdir, runs_model)`'s (JAX's multi-process runtime started only without `mesh`), its
+    `model.compute_dtype` replaced by `compute_dtype` when given (`restore_model`).
 
     Raises:
         FileNotFoundError: `workdir` has no config.yaml.
@@ -408,7 +411,8 @@ def initial_model(
         ValueError: a `compute_dtype` other than "float32" or "bfloat16".
     """
     _check_compute_dtype(compute_dtype)
-    cfg = _with_compute_dtype(saved_config(workdir, runs_model), compute_dtype)
+    # A caller's mesh: the devices are its choice, as in `restore_params` (export and effects read on one).
+    cfg = _with_compute_dtype(saved_config(workdir, runs_model, start_runtime=mesh is None), compute_dtype)
     mesh = reading_mesh(cfg) if mesh is None else mesh
     lora_cfg, seed = cfg.model.lora, cfg.train.seed
     section = cfg.model if lora_cfg is None else adapters.base_section(cfg.model)

@@ -284,3 +284,35 @@ def test_the_adapters_of_a_base_they_do_not_fit_come_with_a_note_naming_the_base
 
     np.testing.assert_allclose(peft_logits(tmp_path / "step0"), want, rtol=0, atol=tolerance)
     assert np.abs(peft_logits(hf_dir) - want).max() > 100 * tolerance
+
+
+@pytest.mark.parametrize("command", ["export", "effects"])
+def test_export_and_effects_refuse_to_run_as_one_of_several_processes(command, tmp_path, monkeypatch, capsys):
+    """Run as the processes of a multi-host job, each read on its own device and wrote the same files at
+    once (two `export`s raced: one usually failed, finding the other's weights)."""
+    from nextquill_jax.cli import main
+
+    monkeypatch.setenv("NEXTQUILL_NUM_PROCESSES", "2")
+    out = tmp_path / "out"
+    assert main([command, "--workdir", str(tmp_path), "--out", str(out)]) == 1
+    assert capsys.readouterr().err == (
+        f"error: `{command}` runs as one process (it reads the model on one device), but "
+        "NEXTQUILL_NUM_PROCESSES=2 starts this one as one of 2, each of which would do all the work and "
+        "write the same files. Fix: run it once, on one host, without NEXTQUILL_COORDINATOR, "
+        "NEXTQUILL_NUM_PROCESSES and NEXTQUILL_PROCESS_ID set.\n"
+    )
+    assert not out.exists() or not any(out.rglob("*.safetensors"))
+
+
+def test_export_of_step_0_in_a_one_process_multi_host_environment_reads_on_its_device(
+    trained_run, programs, tmp_path
+):
+    """A job of one process (a one-node SLURM job sets NEXTQUILL_NUM_PROCESSES=1): `export --step 0` took its
+    device first, then started JAX's multi-process runtime from the run's config, which must come before
+    any device is touched: a RuntimeError traceback. Export reads on one device and starts no runtime."""
+    out = tmp_path / "hf"
+    (host,) = programs.hosts(1)
+    argv = ["export", "--workdir", str(trained_run.workdir), "--step", "0", "--out", str(out)]
+    done = programs.finish(programs.start("cli_run.py", *argv, env=host), 300)
+    assert done.stdout.splitlines()[-1] == f"exported step 0 of {trained_run.workdir} to {out}"
+    assert (out / "config.json").exists()
