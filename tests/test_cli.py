@@ -547,8 +547,27 @@ def test_a_set_up_check_names_the_config_files_line_or_the_command_line(tmp_path
     from nextquill_jax.train.command import _located
 
     args = argparse.Namespace(config=config, overrides=[])
-    for error in (ConfigError("train.micro_batches=3 does not divide"), ConfigError("mesh: too many")):
+    for error in (ConfigError("train.micro_batches=3 does not divide"), ConfigError("a global batch of 3")):
         assert _located(error, args) is error
+    # The mesh's errors name the section: where the file writes it, or the command line for any of its keys.
+    mesh_line = lines.index("mesh: {data: 1, fsdp: -1, tensor: 1}") + 1
+    message = _run_cli(
+        [
+            *argv,
+            "checkpoint.best_metric=eval/loss",
+            "model.attention_impl=xla",
+            "mesh.tensor=3",
+        ],
+        tmp_path,
+        capsys,
+    )
+    assert message.startswith("command line: mesh: "), message
+    text = text.replace("mesh: {data: 1, fsdp: -1, tensor: 1}", "mesh: {data: 3, fsdp: -1, tensor: 1}")
+    config.write_text(text)
+    message = _run_cli(
+        [*argv, "checkpoint.best_metric=eval/loss", "model.attention_impl=xla"], tmp_path, capsys
+    )
+    assert message.startswith(f"{config}, line {mesh_line}: mesh: "), message
     assert not (tmp_path / "run").exists()
 
 

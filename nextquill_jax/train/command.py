@@ -60,8 +60,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _overridden(key: str, args: argparse.Namespace) -> bool:
-    """Whether a command-line override of `train` sets `key`."""
-    return any(override.partition("=")[0].strip() == key for override in args.overrides)
+    """Whether a command-line override of `train` sets `key` (or a key under it: `mesh.data` for `mesh`)."""
+    keys = (override.partition("=")[0].strip() for override in args.overrides)
+    return any(k == key or k.startswith(f"{key}.") for k in keys)
 
 
 def _source_of(key: str, args: argparse.Namespace) -> str:
@@ -73,11 +74,12 @@ def _located(error: ConfigError, args: argparse.Namespace) -> ConfigError:
     """`error`, raised by set-up once the config was built (a check against the backend, the loss or the
     data, where the file is not known), headed by where the key it starts with was set: "command line: " for
     an override, else "{config}, line N: " where the file writes it; as it is otherwise (a default value, a
-    message naming no key first)."""
+    message naming no key first). The mesh's errors start with the section, `mesh`: an override of any of
+    its keys, else the file's `mesh:` line."""
     from nextquill_jax.config_schema import ConfigError, key_lines
 
     message = str(error)
-    key = re.match(r"[a-z_]+(?:\.[a-z_0-9]+)+", message)
+    key = re.match(r"[a-z_]+(?:\.[a-z_0-9]+)+|mesh\b", message)
     if key is None:
         return error
     if _overridden(key[0], args):
