@@ -22,12 +22,12 @@ import platform
 import shlex
 import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nextquill_jax.bench.record import results_file
 from nextquill_jax.models.attention import attention_mask, xla_attention
 from nextquill_jax.models.blockwise_attention import blockwise_attention
 from nextquill_jax.subcommand import positive_int
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--examples", type=positive_int, default=2, help="packed examples per row")
     parser.add_argument("--blocks", type=positive_int, nargs="+", default=[64, 128, 256, 512])
     parser.add_argument("--repeats", type=positive_int, default=3)
-    parser.add_argument("--append-results", type=Path, help="append a markdown section to this file")
+    parser.add_argument("--append-results", type=results_file, help="append a markdown section to this file")
     args = parser.parse_args(argv)
 
     rng = np.random.default_rng(0)

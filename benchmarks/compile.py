@@ -18,13 +18,12 @@ Exits 1 if the deepest model's compile time exceeds `--max-ratio` (default 2) ti
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 from compile_scan import compile_seconds
 
-from nextquill_jax.bench.record import invoked_command, publish, results_header
+from nextquill_jax.bench.record import invoked_command, publish, results_file, results_header
 from nextquill_jax.config import OptimConfig
 from nextquill_jax.loss import LossConfig
 from nextquill_jax.models import ModelConfig
@@ -90,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--remat", default="none", help="ModelConfig.remat_policy")
     parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--max-ratio", type=float, default=2.0)
-    parser.add_argument("--append-results", type=Path, help="append a Markdown section to this file")
+    parser.add_argument("--append-results", type=results_file, help="append a Markdown section to this file")
     args = parser.parse_args(argv)
 
     table = [

@@ -19,14 +19,13 @@ import shlex
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import flax
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nextquill_jax.bench.record import publish
+from nextquill_jax.bench.record import publish, results_file
 from nextquill_jax.models import CausalLM, ModelConfig
 
 
@@ -69,7 +68,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--remat", default="full", help="remat policy used for the backward compile")
     parser.add_argument("--max-ratio", type=float, default=2.0)
-    parser.add_argument("--append-results", type=Path, default=None)
+    parser.add_argument("--append-results", type=results_file, default=None)
     args = parser.parse_args()
     results = {n: measure(n, args.repeats, args.remat) for n in args.layers}
     shallow = min(args.layers)

@@ -36,10 +36,10 @@ from __future__ import annotations
 import argparse
 import inspect
 import time
-from pathlib import Path
 
 import numpy as np
 
+from nextquill_jax.bench.record import results_file
 from nextquill_jax.subcommand import positive_int
 
 
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-segments", type=positive_int, help="the packed mode's M (default: --segments)")
     parser.add_argument("--tolerance", type=float, default=2e-2, help="packed error allowed, of max |ref|")
     parser.add_argument("--repeats", type=positive_int, default=10)
-    parser.add_argument("--append-results", type=Path)
+    parser.add_argument("--append-results", type=results_file)
     args = parser.parse_args(argv)
     max_segments = args.max_segments or args.segments
 

@@ -14,12 +14,11 @@ import argparse
 import shlex
 import sys
 from importlib.metadata import version
-from pathlib import Path
 
 import gguf
 
 from nextquill_jax.bench.harness import best_seconds
-from nextquill_jax.bench.record import publish, results_header
+from nextquill_jax.bench.record import publish, results_file, results_header
 from nextquill_jax.models.gguf import read_gguf, read_gguf_config
 from nextquill_jax.models.gguf_file import read_gguf_file
 from nextquill_jax.models.packaged import packaged_model_path
@@ -28,7 +27,7 @@ from nextquill_jax.models.packaged import packaged_model_path
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--append-results", type=Path, default=None)
+    parser.add_argument("--append-results", type=results_file, default=None)
     args = parser.parse_args(argv)
 
     path = packaged_model_path("smollm2-135m")

@@ -23,13 +23,13 @@ import shlex
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from nextquill_jax.bench.record import results_file
 from nextquill_jax.models import CausalLM, model_preset
 from nextquill_jax.models.attention import attention_mask, cudnn_attention, xla_attention
 
@@ -140,7 +140,7 @@ def model_row(tolerance: float) -> tuple[str, bool]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tolerance", type=float, default=2e-2)
-    parser.add_argument("--append-results", type=Path, default=None)
+    parser.add_argument("--append-results", type=results_file, default=None)
     args = parser.parse_args()
     if jax.default_backend() != "gpu":
         print(f"no GPU: JAX backend is {jax.default_backend()!r}", file=sys.stderr)

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from nextquill_jax.bench.harness import TrainingHarness, synthetic_batch
-from nextquill_jax.bench.record import append_results, invoked_command, results_header
+from nextquill_jax.bench.record import append_results, invoked_command, results_file, results_header
 from nextquill_jax.config import LoraConfig
 from nextquill_jax.models import model_preset
 from nextquill_jax.models.quantize import stored_bytes
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=positive_int, default=4)
     parser.add_argument("--max-time-ratio", type=float, default=0.75)
     parser.add_argument("--max-state-ratio", type=float, default=0.05)
-    parser.add_argument("--append-results", type=Path, help="append a markdown section to this file")
+    parser.add_argument("--append-results", type=results_file, help="append a markdown section to this file")
     args = parser.parse_args(argv)
 
     cfg = model_preset("smollm2-135m", compute_dtype="float32")

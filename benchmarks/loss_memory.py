@@ -25,12 +25,12 @@ import platform
 import shlex
 import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nextquill_jax.bench.record import results_file
 from nextquill_jax.loss import LossConfig, loss_from_hidden, loss_from_logits
 from nextquill_jax.loss.fused_head import DEFAULT_TOKEN_CHUNK, DEFAULT_VOCAB_CHUNK, OPERAND_DTYPES
 from nextquill_jax.subcommand import positive_int
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--max-ratio", type=float, default=1 / 8)
     parser.add_argument("--max-time-ratio", type=float, default=1.5, help="with --timing: fused/naive bound")
-    parser.add_argument("--append-results", type=Path, help="append a markdown section to this file")
+    parser.add_argument("--append-results", type=results_file, help="append a markdown section to this file")
     args = parser.parse_args(argv)
     cfg = LossConfig(variant=args.variant)
 

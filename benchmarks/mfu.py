@@ -57,6 +57,7 @@ import itertools
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from nextquill_jax.bench.record import results_file
 from nextquill_jax.subcommand import non_negative_int, positive_int
 
 if TYPE_CHECKING:  # the package is imported lazily, so that --help stays fast
@@ -399,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         help="write a jax.profiler trace of the timed steps to DIR/<model>-<remat>[-unroll<N>] (the tracer's "
         "overhead is in those steps' times)",
     )
-    parser.add_argument("--append-results", type=Path, help="append a Markdown section to this file")
+    parser.add_argument("--append-results", type=results_file, help="append a Markdown section to this file")
     args = parser.parse_args(argv)
     resolve_defaults(args, accel, jax.default_backend())
     if args.cudnn_max_segments is not None and args.attention != "cudnn":

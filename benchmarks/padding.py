@@ -35,6 +35,7 @@ import grain
 import numpy as np
 
 from nextquill_jax.bench.harness import synthetic_train_split
+from nextquill_jax.bench.record import results_file
 from nextquill_jax.data.config import BatchingConfig
 from nextquill_jax.data.pipeline import BatchPipeline
 from nextquill_jax.data.prepared_split import PreparedSplit
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", type=Path, help="keep the generated and prepared data here")
     parser.add_argument("--check-seq-len", type=positive_int, help="one of --seq-len (default: the smallest)")
     parser.add_argument("--min-efficiency", type=float, default=0.90)
-    parser.add_argument("--append-results", type=Path, help="append a markdown section to this file")
+    parser.add_argument("--append-results", type=results_file, help="append a markdown section to this file")
     args = parser.parse_args(argv)
     if args.check_seq_len is None:
         args.check_seq_len = min(args.seq_len)

@@ -22,8 +22,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
+from nextquill_jax.bench.record import results_file
 from nextquill_jax.subcommand import non_negative_int, positive_int
 
 MIB = 2**20
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attention", default=default_attention, help="ModelConfig.attention_impl")
     parser.add_argument("--repeats", type=positive_int, default=3 if accel else 2)
     parser.add_argument("--tolerance", type=float, help="default: 1e-4 in float32, 1e-1 in 16-bit")
-    parser.add_argument("--append-results", type=Path, help="append a Markdown section to this file")
+    parser.add_argument("--append-results", type=results_file, help="append a Markdown section to this file")
     args = parser.parse_args(argv)
     models = args.models or (["qwen2.5-0.5b", "qwen2.5-1.5b"] if accel else ["qwen2.5-0.5b"])
     layers = args.layers or (None if accel else 2)

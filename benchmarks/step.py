@@ -51,6 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nextquill_jax.bench.record import results_file
 from nextquill_jax.subcommand import non_negative_int, positive_int
 
 HERE = Path(__file__).resolve().parent
@@ -369,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--work-dir", type=Path, help="keep data and model here (default: a temporary folder)"
     )
-    parser.add_argument("--append-results", type=Path, help="append a Markdown section to this file")
+    parser.add_argument("--append-results", type=results_file, help="append a Markdown section to this file")
     parser.add_argument("--worker", choices=("jax", "build"), help=argparse.SUPPRESS)
     parser.add_argument("--layout", choices=("padded", "packed"), help=argparse.SUPPRESS)
     parser.add_argument("--pad-len", type=positive_int, help=argparse.SUPPRESS)

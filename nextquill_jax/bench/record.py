@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 import platform
+import shlex
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -48,11 +50,27 @@ def results_header(title: str, command: Sequence[str], extra: Sequence[str] = ()
     return [
         f"## {title} ({m['date']})",
         "",
-        f"- command: `{env}{' '.join(command)}`",
+        f"- command: `{env}{shlex.join(command)}`",
         f"- machine: {m['cpu']}; backend {m['backend']}, {m['devices']}; {m['versions']}",
         *(f"- {line}" for line in extra),
         "",
     ]
+
+
+def results_file(text: str) -> Path:
+    """The argparse type of a results file to append to (`--append-results`, `bench scale --results`):
+    checked when the command line is read, since a file that cannot be written would otherwise fail only
+    after the measurement, losing it.
+
+    Raises:
+        argparse.ArgumentTypeError: the path is a directory, or the folder it goes in does not exist.
+    """
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a directory, not a Markdown file")
+    if not path.absolute().parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{path.parent} is not an existing directory (make it first)")
+    return path
 
 
 def append_results(path: str | Path, lines: Sequence[str]) -> None:

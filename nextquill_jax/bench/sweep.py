@@ -40,7 +40,7 @@ from nextquill_jax.atomic_file import write_text_atomic
 from nextquill_jax.bench.flops import param_counts, peak_tflops, step_flops
 from nextquill_jax.bench.harness import StepTiming, TrainingHarness, synthetic_batch
 from nextquill_jax.bench.plot import plot_rows
-from nextquill_jax.bench.record import append_results, invoked_command, results_header
+from nextquill_jax.bench.record import append_results, invoked_command, results_file, results_header
 from nextquill_jax.config import (
     AttentionImpl,
     ModelRunConfig,
@@ -588,7 +588,9 @@ def main(argv: list[str] | None = None) -> int:
         help="overrides the file's cudnn_max_segments (with attention_impl: cudnn: its packed mode for rows "
         "of at most N examples; auto: the most a row of each point holds)",
     )
-    parser.add_argument("--results", type=Path, help="append the CSV as a Markdown table to this file")
+    parser.add_argument(
+        "--results", type=results_file, help="append the rows measured as a Markdown table to this file"
+    )
     parser.add_argument("--point", type=int, help=argparse.SUPPRESS)  # one point, in a child process
     args = parser.parse_args(argv)
     try:
@@ -596,6 +598,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    key_of = lambda row: tuple(row[k] for k in KEY_COLUMNS)
+    earlier = {key_of(r) for r in read_rows(Path(cfg.output_dir) / "scaling.csv")}
     csv_path = run_sweep(cfg, config_path=args.config, point=args.point)
     if args.point is not None:
         return 0
@@ -609,8 +613,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"wrote {csv_path} and {csv_path.with_suffix('.png')}")
     if args.results:
+        # Only the rows measured now: the CSV's earlier rows came from another run, on another day perhaps,
+        # which this section's date, command and machine would misdescribe.
+        rows = [r for r in read_rows(csv_path) if key_of(r) not in earlier]
+        if not rows:
+            print(f"nothing measured (every point was in {csv_path} already): {args.results} is unchanged")
+            return 0
         command = invoked_command(["nextquill-jax", "bench", "scale"], argv)
-        rows = read_rows(csv_path)
         cols = (
             "model",
             "params",
@@ -624,7 +633,12 @@ def main(argv: list[str] | None = None) -> int:
             "mfu",
             "compile_s",
         )
-        lines = results_header("Scaling sweep", command, [f"config `{args.config}`; CSV `{csv_path}`"])
+        source = [f"config `{args.config}`; CSV `{csv_path}`"]
+        if earlier:
+            source.append(
+                f"{len(earlier)} earlier row(s) of the CSV, measured by an earlier run, are not listed"
+            )
+        lines = results_header("Scaling sweep", command, source)
         lines += ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
         lines += ["| " + " | ".join(r[c] or "-" for c in cols) + " |" for r in rows]
         append_results(args.results, lines)

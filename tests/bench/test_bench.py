@@ -277,6 +277,51 @@ def test_sweep_scan_unroll_reaches_every_point_and_older_settings_files_measured
     assert fake.unrolls == [2, 1, 1] and [r["model"] for r in read(out / "scaling.csv")] == ["a", "b"]
 
 
+def test_sweep_results_list_only_the_rows_measured_by_that_command(tmp_path, fake, capsys):
+    """A resumed sweep appended the whole CSV under today's date, command and machine, rows measured by an
+    earlier run (another day, another jax) included; one that measured nothing appended them all again."""
+    out, results = tmp_path / "sweep", tmp_path / "RESULTS.md"
+    sweep.main(["--config", sweep_yaml(tmp_path / "s.yaml", out, ["a"])])
+    capsys.readouterr()
+    assert (
+        sweep.main(["--config", sweep_yaml(tmp_path / "s.yaml", out, ["a"]), "--results", str(results)]) == 0
+    )
+    assert not results.exists()
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"nothing measured (every point was in {out / 'scaling.csv'} already): {results} is unchanged"
+    )
+    assert (
+        sweep.main(["--config", sweep_yaml(tmp_path / "s.yaml", out, ["a", "b"]), "--results", str(results)])
+        == 0
+    )
+    section = results.read_text()
+    table = [
+        line for line in section.splitlines() if line.startswith("| ") and line[2:5] not in ("mod", "---")
+    ]
+    assert [row.split(" | ")[0] for row in table] == ["| b"]
+    assert "- 1 earlier row(s) of the CSV, measured by an earlier run, are not listed\n" in section
+
+
+def test_a_results_file_that_cannot_be_written_is_refused_before_measuring(tmp_path, fake, capsys):
+    with pytest.raises(SystemExit) as e:
+        sweep.main(
+            [
+                "--config",
+                sweep_yaml(tmp_path / "s.yaml", tmp_path / "o", ["a"]),
+                "--results",
+                str(tmp_path / "no" / "r.md"),
+            ]
+        )
+    assert e.value.code == 2 and fake.built == []
+    assert (
+        f"argument --results: {tmp_path / 'no'} is not an existing directory (make it first)"
+        in capsys.readouterr().err
+    )
+    with pytest.raises(SystemExit) as e:
+        benchmark_script("attention").main(["--append-results", str(tmp_path)])
+    assert e.value.code == 2 and f"{tmp_path} is a directory, not a Markdown file" in capsys.readouterr().err
+
+
 def test_sweep_point_runs_one_point_only(tmp_path, fake):
     out = tmp_path / "sweep"
     assert (
