@@ -28,6 +28,7 @@ import numpy as np
 from nextquill_jax.bench.record import publish, results_file, results_header
 from nextquill_jax.config import CheckpointConfig
 from nextquill_jax.models import model_preset
+from nextquill_jax.subcommand import positive_int
 from nextquill_jax.train import model_setup
 from nextquill_jax.train.checkpoint import Checkpointer, write_manifest
 
@@ -53,7 +54,7 @@ def best(fn, rounds: int) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=positive_int, default=3)
     parser.add_argument("--append-results", type=results_file, default=None)
     args = parser.parse_args(argv)
 

@@ -25,8 +25,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nextquill_jax.bench.record import publish, results_file
+from nextquill_jax.bench.record import invoked_command, publish, results_file
 from nextquill_jax.models import CausalLM, ModelConfig
+from nextquill_jax.subcommand import positive_int
 
 
 def compile_seconds(fn, *args, repeats: int) -> tuple[float, float]:
@@ -62,14 +63,14 @@ def measure(num_layers: int, repeats: int, remat: str) -> dict[str, float]:
     }
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, nargs="+", default=[2, 16])
-    parser.add_argument("--repeats", type=int, default=3)
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=positive_int, nargs="+", default=[2, 16])
+    parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--remat", default="full", help="remat policy used for the backward compile")
     parser.add_argument("--max-ratio", type=float, default=2.0)
     parser.add_argument("--append-results", type=results_file, default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     results = {n: measure(n, args.repeats, args.remat) for n in args.layers}
     shallow = min(args.layers)
     fwd_total = {n: r["fwd_lower"] + r["fwd_compile"] for n, r in results.items()}
@@ -78,7 +79,7 @@ def main() -> int:
         "",
         f"## Compile time vs depth, scanned layers ({datetime.date.today().isoformat()})",
         "",
-        f"- command: `python {' '.join(shlex.quote(a) for a in sys.argv)}`",
+        f"- command: `{shlex.join(invoked_command(['python', 'benchmarks/compile_scan.py'], argv))}`",
         f"- machine: {platform.node()} ({platform.machine()}), backend {jax.default_backend()} "
         f"({jax.devices()[0].device_kind}), jax {jax.__version__}, flax {flax.__version__}, "
         f"python {platform.python_version()}",

@@ -22,11 +22,12 @@ from nextquill_jax.bench.record import publish, results_file, results_header
 from nextquill_jax.models.gguf import read_gguf, read_gguf_config
 from nextquill_jax.models.gguf_file import read_gguf_file
 from nextquill_jax.models.packaged import packaged_model_path
+from nextquill_jax.subcommand import positive_int
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=positive_int, default=3)
     parser.add_argument("--append-results", type=results_file, default=None)
     args = parser.parse_args(argv)
 

@@ -32,6 +32,7 @@ import numpy as np
 
 from nextquill_jax.bench.record import results_file
 from nextquill_jax.loss import LossConfig, loss_from_hidden, loss_from_logits
+from nextquill_jax.loss.config import VARIANTS
 from nextquill_jax.loss.fused_head import DEFAULT_TOKEN_CHUNK, DEFAULT_VOCAB_CHUNK, OPERAND_DTYPES
 from nextquill_jax.subcommand import positive_int
 
@@ -116,9 +117,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--vocab", type=positive_int, default=151_936)
     parser.add_argument("--hidden", type=positive_int, default=1024)
-    parser.add_argument("--variant", default="nextquill")
+    parser.add_argument("--variant", choices=tuple(VARIANTS), default="nextquill")
     parser.add_argument("--layout", choices=("vd", "dv"), default="vd")
-    parser.add_argument("--dtype", default="float32", help="dtype of the hidden states and the head")
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="of the hidden states and the head",
+    )
     parser.add_argument("--token-chunk", type=positive_int, default=DEFAULT_TOKEN_CHUNK)
     parser.add_argument("--vocab-chunk", type=positive_int, default=DEFAULT_VOCAB_CHUNK)
     parser.add_argument(

@@ -343,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     from nextquill_jax.bench.sweep import max_segments_arg
     from nextquill_jax.loss import LossConfig
     from nextquill_jax.loss.fused_head import OPERAND_DTYPES
+    from nextquill_jax.models.presets import PRESETS
     from nextquill_jax.parallel import make_mesh
 
     accel = jax.default_backend() in ("gpu", "tpu", "cuda", "rocm")
@@ -387,7 +388,9 @@ def main(argv: list[str] | None = None) -> int:
         help="both forward passes as one call on a joined batch (train.joint_forward)",
     )  # fmt: skip
     parser.add_argument("--steps", type=positive_int, default=5, help="timed steps (after --warmup)")
-    parser.add_argument("--warmup", type=non_negative_int, default=2)
+    parser.add_argument(
+        "--warmup", type=positive_int, default=2, help="untimed steps first (at least 1, which compiles)"
+    )
     parser.add_argument("--peak-tflops", type=float, help="per-chip peak (default: by device kind)")
     parser.add_argument("--breakdown", action="store_true", help="also time the step's parts alone")
     parser.add_argument(
@@ -403,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--append-results", type=results_file, help="append a Markdown section to this file")
     args = parser.parse_args(argv)
     resolve_defaults(args, accel, jax.default_backend())
+    if unknown := [m for m in args.models if m != "tiny" and m.lower() not in PRESETS]:
+        parser.error(f"--models: no preset {', '.join(unknown)}; known: tiny, {', '.join(sorted(PRESETS))}")
     if args.cudnn_max_segments is not None and args.attention != "cudnn":
         parser.error(f"--cudnn-max-segments chooses cuDNN's packed attention: add --attention cudnn "
                      f"(the attention is {args.attention})")  # fmt: skip

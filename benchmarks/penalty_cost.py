@@ -418,7 +418,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if len(args.config) > 1:
         parser.error("several compare files are read together only with --across")
-    comparison = load_comparison(args.config[0])
+    try:
+        comparison = load_comparison(args.config[0])
+    except ValueError as e:  # ConfigError, naming the file and the fix
+        parser.error(str(e))
     plan = comparison.compare
     seed = plan.seeds[0] if args.seed is None else args.seed
     baseline = args.baseline or plan.baseline

@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     from nextquill_jax.bench.harness import best_seconds
     from nextquill_jax.bench.record import append_results, invoked_command, results_header
     from nextquill_jax.models import CausalLM, model_preset
+    from nextquill_jax.models.presets import PRESETS
 
     backend = jax.default_backend()
     accel = backend in ("gpu", "cuda", "rocm", "tpu")
@@ -93,8 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--append-results", type=results_file, help="append a Markdown section to this file")
     args = parser.parse_args(argv)
     models = args.models or (["qwen2.5-0.5b", "qwen2.5-1.5b"] if accel else ["qwen2.5-0.5b"])
+    if unknown := [m for m in models if m.lower() not in PRESETS]:
+        parser.error(f"--models: no preset {', '.join(unknown)}; known: {', '.join(sorted(PRESETS))}")
     layers = args.layers or (None if accel else 2)
-    tolerance = args.tolerance or (1e-4 if args.compute_dtype == "float32" else 1e-1)
+    tolerance = (
+        args.tolerance if args.tolerance is not None else (1e-4 if args.compute_dtype == "float32" else 1e-1)
+    )
 
     separator = "|" + " --- |" * (COLUMNS.count("|") - 1)
     print(COLUMNS)

@@ -514,7 +514,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if len(args.config) > 1:
         parser.error("several compare files are read together only with --across")
-    comparison = load_comparison(args.config[0])
+    try:
+        comparison = load_comparison(args.config[0])
+    except ValueError as e:  # ConfigError, naming the file and the fix
+        parser.error(str(e))
     seeds = comparison.compare.seeds
     if args.seed is not None and args.seed not in seeds:
         parser.error(f"--seed {args.seed}: {args.config[0]} runs seeds {seeds}")

@@ -712,7 +712,9 @@ def test_padding_refuses_flags_that_fit_no_row_or_check_nothing(monkeypatch, cap
     ("script", "flag"),
     [("loss_memory", "--tokens"), ("step", "--examples"), ("attention", "--seq-len"), ("compile", "--rows"),
      ("mfu", "--rows"), ("mfu", "--scan-unroll"), ("prefill", "--lengths"), ("lora", "--rank"),
-     ("padding", "--users"), ("cudnn_mask", "--max-segments")],
+     ("padding", "--users"), ("cudnn_mask", "--max-segments"), ("checksums", "--rounds"),
+     ("gguf_read", "--rounds"), ("compile_scan", "--repeats"), ("compile_scan", "--layers"),
+     ("mfu", "--warmup")],
 )  # fmt: skip
 def test_benchmarks_refuse_a_count_below_one_as_an_argument_error(monkeypatch, capsys, script, flag):
     """A count of 0 is refused while the command line is parsed, naming the flag (it was a traceback from
@@ -722,6 +724,14 @@ def test_benchmarks_refuse_a_count_below_one_as_an_argument_error(monkeypatch, c
         benchmark_script(script).main([flag, "0"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.endswith(f"error: argument {flag}: expected an integer >= 1, got '0'\n")
+
+
+@pytest.mark.parametrize("script", ["mfu", "prefill"])
+def test_an_unknown_model_preset_is_an_argument_error_naming_the_known_ones(capsys, script):
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark_script(script).main(["--models", "qwen2.5-0.5b", "nosuch"])
+    assert exit_info.value.code == 2
+    assert "error: --models: no preset nosuch; known: " in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("grouped_right", [True, False])
