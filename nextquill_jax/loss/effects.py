@@ -67,11 +67,13 @@ def token_logprobs(logits: jax.Array, labels: jax.Array) -> jax.Array:
         labels: [..., R] int ids in [0, V) or IGNORE_INDEX.
 
     Returns:
-        [..., R] float32, 0 at ignored slots, NaN where a label is outside [0, V) (so a bad label under jit
-        cannot pass unnoticed).
+        [..., R] float32, 0 at ignored slots whatever their logits (-inf or NaN too, in value and gradient),
+        NaN where a label is outside [0, V) (so a bad label under jit cannot pass unnoticed).
     """
-    logits = logits.astype(jnp.float32)
     mask = target_mask(labels)
+    # Zeroed at ignored slots before the logsumexp: a non-finite logit there (an additive -inf mask) is left
+    # out of the value by the last `where`, but not out of the gradient, which would be NaN.
+    logits = jnp.where(mask[..., None], logits.astype(jnp.float32), 0.0)
     in_range = (labels >= 0) & (labels < logits.shape[-1])
     safe = jnp.where(mask & in_range, labels, 0)
     label_logit = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
@@ -208,14 +210,14 @@ def js_weights(
         detach: stop the gradient (default); False lets it flow into both streams as the public code does.
 
     Returns:
-        [..., R] float32 in [0, 2 log 2], 0 where `mask` is False. A token of probability 0 (a -inf logit,
+        [..., R] float32 in [0, 2 log 2] (float32 noise below 0 is cut), 0 where `mask` is False whatever the
+        logits there (in value and gradient). A token of probability 0 (a -inf logit,
         e.g. a masked vocabulary column, or an underflow) adds 0 log 0 = 0, with a finite gradient.
     """
+    # Ignored slots' logits zeroed first, as in `token_logprobs`: a non-finite one there gives a NaN gradient.
+    keep = lambda logits: jnp.where(mask[..., None], logits.astype(jnp.float32), 0.0)
     logp = jnp.stack(
-        [
-            jax.nn.log_softmax(logits_with.astype(jnp.float32), axis=-1),
-            jax.nn.log_softmax(logits_without.astype(jnp.float32), axis=-1),
-        ]
+        [jax.nn.log_softmax(keep(logits_with), axis=-1), jax.nn.log_softmax(keep(logits_without), axis=-1)]
     )  # [2, ..., R, V]
     # log 0 = -inf becomes the lowest finite float: p = 0 there still, but p (log p − log m) is 0 · finite
     # instead of 0 · (-inf + inf) = NaN, and logaddexp's gradient stays finite. Finite values pass unchanged
@@ -223,7 +225,8 @@ def js_weights(
     logp = jnp.where(jnp.isneginf(logp), jnp.finfo(jnp.float32).min, logp)
     log_mid = jnp.logaddexp(logp[0], logp[1]) - jnp.log(2.0)  # [..., R, V]
     js = (jnp.exp(logp) * (logp - log_mid)).sum(axis=(0, -1))
-    js = jnp.where(mask, js, 0.0)
+    # >= 0 exactly; float32 cancellation between near-equal streams leaves ±1e-7 noise.
+    js = jnp.where(mask, jnp.maximum(js, 0.0), 0.0)
     return jax.lax.stop_gradient(js) if detach else js
 
 

@@ -479,6 +479,9 @@ def _assemble(
     pref = None
     if cfg.uses_target_weights:
         pref = token_weights(dce, mask, cfg)
+    # JS is >= 0, but float32 cancellation between near-equal streams leaves ±1e-7 noise, and negative
+    # weights could sum to Σω <= 0, which `_safe_denominator` would turn into a loss of about 0.
+    js = None if js is None else jnp.maximum(js, 0.0)
     next_weights = {None: ones, "target": pref, "js": js}[spec.next_weights]
     next_ce = ce_without if spec.next_stream == "without" else ce_with
     terms = {"n": (next_weights, next_ce)}
@@ -597,7 +600,8 @@ def example_sums(x: jax.Array, slots: jax.Array) -> jax.Array:
     flattened; column k - 1 holds slot id k of `example_slots`, ignored slots are left out). slots: int32 of
     x's shape, `example_slots`' ids (0 for a position in no example)."""
     r = x.shape[-1]
-    flat_x, flat_slots = x.reshape(-1, r), slots.reshape(-1, r)  # [rows, R]
+    rows = math.prod(x.shape[:-1])  # not reshape(-1, r), which R = 0 cannot infer
+    flat_x, flat_slots = x.reshape(rows, r), slots.reshape(rows, r)  # [rows, R]
     sums = jax.vmap(lambda v, s: jax.ops.segment_sum(v, s, num_segments=r + 2))(flat_x, flat_slots)
     return sums[:, 1:]  # [rows, R + 1]
 

@@ -189,10 +189,11 @@ def test_js_weights_of_finite_logits_are_the_plain_formula_exactly():
     assert float((jax.nn.softmax(zw, axis=-1) == 0).mean()) > 0.1  # underflows occur
     mask = jnp.asarray(rng.random((4, 6)) > 0.2)
 
-    def plain(a, b):
-        logp = jnp.stack([jax.nn.log_softmax(a, axis=-1), jax.nn.log_softmax(b, axis=-1)])
+    def plain(a, b):  # with the ignored slots' logits zeroed and the noise below 0 cut, as js_weights does
+        keep = lambda z: jnp.where(mask[..., None], z, 0.0)
+        logp = jnp.stack([jax.nn.log_softmax(keep(a), axis=-1), jax.nn.log_softmax(keep(b), axis=-1)])
         log_mid = jnp.logaddexp(logp[0], logp[1]) - jnp.log(2.0)
-        return jnp.where(mask, (jnp.exp(logp) * (logp - log_mid)).sum(axis=(0, -1)), 0.0)
+        return jnp.where(mask, jnp.maximum((jnp.exp(logp) * (logp - log_mid)).sum(axis=(0, -1)), 0.0), 0.0)
 
     coeff = jnp.asarray(rng.normal(size=(4, 6)), jnp.float32)
     ours = jax.value_and_grad(lambda a, b: (js_weights(a, b, mask, detach=False) * coeff).sum(), (0, 1))

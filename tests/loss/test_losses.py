@@ -473,3 +473,60 @@ def test_the_loss_package_exports_the_ignore_index_of_the_data():
 
     assert "IGNORE_INDEX" in loss.__all__ and loss.IGNORE_INDEX is IGNORE_INDEX == IGNORE == -100
     assert all(hasattr(loss, name) for name in loss.__all__)
+
+
+def test_js_weights_of_near_equal_streams_are_never_negative_and_the_loss_stays_a_weighted_ce():
+    """Streams 1e-5 apart: float32 cancellation left about half the JS weights at -1e-8..-1e-7, their sum
+    could be <= 0, and the loss then collapsed to ~0 (its denominator replaced by 1). Both paths: the weights
+    are >= 0 and the loss is a weighted mean of the tokens' CE, between their least and greatest."""
+    from nextquill_jax.loss import loss_from_hidden
+    from nextquill_jax.loss.effects import js_weights
+
+    rng = np.random.default_rng(0)
+    hidden = jnp.asarray(rng.normal(size=(4, 64, 16)), jnp.float32)
+    head = jnp.asarray(rng.normal(size=(50, 16)), jnp.float32)  # [V, D]
+    nudged = hidden + jnp.asarray(rng.normal(size=hidden.shape) * 1e-5, jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 50, (4, 64)))
+    zw, zo = hidden @ head.T, nudged @ head.T
+    assert float(js_weights(zw, zo, labels >= 0).min()) >= 0.0
+    logp = np.asarray(jax.nn.log_softmax(zw.astype(jnp.float64) if jax.config.x64_enabled else zw, axis=-1))
+    ce = -np.take_along_axis(logp, np.asarray(labels)[..., None], axis=-1)[..., 0]
+    for cfg in (LossConfig(variant="js"), LossConfig(variant="js", js_detach=False)):
+        dense = float(loss_from_logits(zw, zo, labels, cfg)[0])
+        fused = float(loss_from_hidden(hidden, nudged, head, labels, cfg)[0])
+        for loss in (dense, fused):
+            assert ce.min() - 1e-5 <= loss <= ce.max() + 1e-5, (cfg, loss, ce.min(), ce.max())
+
+
+@pytest.mark.parametrize("bad", [-np.inf, np.nan])
+@pytest.mark.parametrize("variant", ["context_sft", "nextquill", "js"])
+def test_a_non_finite_logit_at_an_ignored_slot_leaves_the_gradient_finite(variant, bad):
+    """An additive -inf (or NaN) at an ignored slot was left out of the loss but not out of its gradient,
+    which was NaN there and, through the model, everywhere."""
+    rng = np.random.default_rng(1)
+    zw, zo = (jnp.asarray(rng.normal(size=(2, 5, 7)), jnp.float32) for _ in range(2))
+    labels = jnp.asarray([[1, IGNORE, 3, 0, IGNORE], [IGNORE, 2, 2, 6, 4]])
+    cfg = LossConfig(variant=variant, **({"js_detach": False} if variant == "js" else {}))
+    loss = lambda a, b: loss_from_logits(a, b, labels, cfg)[0]
+    ignored = (labels == IGNORE)[..., None]
+    spoilt = lambda z: jnp.where(ignored, bad, z)  # the logits as the model hands them over
+    got = jax.value_and_grad(loss, (0, 1))(spoilt(zw), spoilt(zo))
+    want = jax.value_and_grad(loss, (0, 1))(zw, zo)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+    for g, w in zip(got[1], want[1], strict=True):  # 0 at ignored slots, as with finite logits there
+        np.testing.assert_allclose(g, np.where(ignored, 0.0, w), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_normalize_example_of_a_batch_without_slots_is_zero(fused):
+    """R = 0 under `normalize: example` raised ZeroDivisionError (a reshape to [-1, 0]); `token` gave 0."""
+    from nextquill_jax.loss import loss_from_hidden
+
+    cfg = LossConfig(normalize="example")
+    labels = jnp.zeros((2, 0), jnp.int32)
+    if fused:
+        hidden, head = jnp.zeros((2, 0, 4)), jnp.ones((7, 4))
+        loss = loss_from_hidden(hidden, hidden, head, labels, cfg)[0]
+    else:
+        loss = loss_from_logits(jnp.zeros((2, 0, 7)), jnp.zeros((2, 0, 7)), labels, cfg)[0]
+    assert float(loss) == 0.0
