@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--append-results", type=results_file, help="append a markdown section to this file")
     args = parser.parse_args(argv)
+    if args.heads % args.kv_heads:
+        parser.error(f"--heads {args.heads} is not a multiple of --kv-heads {args.kv_heads}")
 
     rng = np.random.default_rng(0)
     b, t = args.batch, args.seq_len

@@ -179,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     from nextquill_jax.models import attention
     from nextquill_jax.models.cudnn_packed import cudnn_packed_attention, kv_offsets_follow_key_heads
 
+    if args.heads % args.kv_heads:
+        parser.error(f"--heads {args.heads} is not a multiple of --kv-heads {args.kv_heads}")
     b, t, h, k, hd = args.rows, args.seq_len, args.heads, args.kv_heads, args.head_dim
     keys = jax.random.split(jax.random.key(0), 3)
     q = jax.random.normal(keys[0], (b, t, h, hd), jnp.bfloat16)

@@ -88,10 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     cfg = model_preset("smollm2-135m", compute_dtype="float32")
     mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.local_devices()[:1])
     lora = LoraConfig(rank=args.rank, alpha=2.0 * args.rank, targets=args.targets)
-    batch, shape = synthetic_batch(
-        args.rows, args.seq_len, 2, context_tokens=32, entry_tokens=48, target_tokens=32,
-        vocab=cfg.vocab_size, length_multiple=32,
-    )  # fmt: skip
+    try:
+        batch, shape = synthetic_batch(
+            args.rows, args.seq_len, 2, context_tokens=32, entry_tokens=48, target_tokens=32,
+            vocab=cfg.vocab_size, length_multiple=32,
+        )  # fmt: skip
+    except ValueError as e:  # an example longer than --seq-len
+        parser.error(str(e))
     harnesses = {"full": TrainingHarness(cfg, mesh), "lora": TrainingHarness(cfg, mesh, lora=lora)}
     seconds = best_step_seconds(harnesses, batch, args.rounds)
     state = {name: state_bytes(h) for name, h in harnesses.items()}
@@ -128,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join([*rows, "", *base_rows, "", *checks]))
     if args.append_results:
         lines = results_header(
-            "LoRA vs full fine-tuning, SmolLM2-135M shape (CPU, float32)",
+            f"LoRA vs full fine-tuning, SmolLM2-135M shape ({jax.default_backend().upper()}, float32)",
             invoked_command(["python", "benchmarks/lora.py"], argv),
             [
                 f"LoRA r = {args.rank}, alpha = {2 * args.rank}, targets {args.targets}; batch {args.rows} "
