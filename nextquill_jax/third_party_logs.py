@@ -82,11 +82,13 @@ class _Sink(logging.Handler):
 
 def log_file() -> Path:
     """This process's log file, relative to the command's directory: `LOG_FILE`, or for process N > 0 of a
-    multi-process run `logs/third_party.process<N>.log`. JAX is asked only once it runs distributed (so
-    asking never starts its backend before `jax.distributed.initialize`); records written before that go to
-    `LOG_FILE` from every process."""
-    jax = sys.modules.get("jax")
-    process = jax.process_index() if jax is not None and jax.distributed.is_initialized() else 0
+    multi-process run `logs/third_party.process<N>.log`; records written before JAX's multi-process runtime
+    starts go to `LOG_FILE` from every process. The index is the runtime's own record, not
+    `jax.process_index()`: that takes the lock under which JAX starts its backend, which logs, so a record
+    logged there would wait on itself."""
+    distributed = sys.modules.get("jax._src.distributed")  # no public handle in jax 0.10 (as `parallel`)
+    state = None if distributed is None else distributed.global_state
+    process = state.process_id if state is not None and state.client is not None else 0
     return LOG_FILE if process == 0 else LOG_FILE.with_name(f"third_party.process{process}.log")
 
 
