@@ -7,6 +7,7 @@ exp.yaml` trained on exp.yaml alone, and `evaluate --step 100 --step 200` read s
 from __future__ import annotations
 
 import argparse
+import shlex
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,8 +32,10 @@ class _StoreOnce(argparse._StoreAction):
             first_option, first = given[self.dest]
             takes_overrides = any(a.dest == OVERRIDES for a in parser._get_positional_actions())
             layering = self.dest == "config" and takes_overrides
+            said = lambda v: shlex.join(map(str, v)) if isinstance(v, list) else v  # nargs: its words
             parser.error(
-                f"{option_string} is given twice ({first_option} {first}, then {option_string} {values}); "
+                f"{option_string} is given twice ({first_option} {said(first)}, then {option_string} "
+                f"{said(values)}); "
                 "it takes one value. Fix: give it once"
                 + (
                     " (one config file; further settings go on the line as section.key=value)"

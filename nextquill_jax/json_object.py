@@ -35,8 +35,9 @@ def read_json_object(path: str | Path, fix: str) -> dict[str, Any]:
 
 def nonfinite_to_null(value: Any) -> Any:
     """`value` (numbers nested in dicts, lists and tuples) with every non-finite float replaced by None, as
-    metrics.jsonl and the data and prediction files write it: `json.dumps` would write NaN / Infinity, which
-    is not JSON and which strict readers (jq, JavaScript) refuse. Other values are returned as they are."""
+    metrics.jsonl, compare_done.json and a prepared split's `<split>.jsonl` write it: `json.dumps` would write
+    NaN / Infinity, which is not JSON and which strict readers (jq, JavaScript) refuse. Other values are
+    returned as they are."""
     if isinstance(value, Mapping):
         return {k: nonfinite_to_null(v) for k, v in value.items()}
     if isinstance(value, list | tuple):

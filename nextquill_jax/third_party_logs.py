@@ -16,6 +16,7 @@ import importlib.abc
 import importlib.machinery
 import io
 import logging
+import os
 import sys
 import types
 from collections.abc import Iterator, Sequence
@@ -55,16 +56,20 @@ class _Sink(logging.Handler):
         self._flush_held()
 
     def open(self, directory: Path) -> None:
-        self.directory = directory.absolute()
-        self._flush_held()
+        with self.lock:  # as `emit` runs (`Handler.handle`): another thread may log meanwhile
+            self.directory = directory.absolute()
+            self._flush_held()
 
     def _flush_held(self) -> None:
         if self.directory is None or not self.held or not self.directory.is_dir():
             return
         path = self.directory / log_file()
-        path.parent.mkdir(exist_ok=True)
-        with path.open("a", encoding="utf-8") as file:
-            file.writelines(self.format(record) + "\n" for record in self.held)
+        try:
+            path.parent.mkdir(exist_ok=True)
+            with path.open("a", encoding="utf-8") as file:
+                file.writelines(self.format(record) + "\n" for record in self.held)
+        except OSError:  # a full disk, a stale mount: said on stderr (`Handler.handleError`), never raised
+            self.handleError(self.held[-1])  # into the third-party code that logged
         self.held = []
 
     def close(self) -> None:
@@ -82,14 +87,16 @@ class _Sink(logging.Handler):
 
 def log_file() -> Path:
     """This process's log file, relative to the command's directory: `LOG_FILE`, or for process N > 0 of a
-    multi-process run `logs/third_party.process<N>.log`; records written before JAX's multi-process runtime
-    starts go to `LOG_FILE` from every process. The index is the runtime's own record, not
-    `jax.process_index()`: that takes the lock under which JAX starts its backend, which logs, so a record
-    logged there would wait on itself."""
-    distributed = sys.modules.get("jax._src.distributed")  # no public handle in jax 0.10 (as `parallel`)
-    state = None if distributed is None else distributed.global_state
-    process = state.process_id if state is not None and state.client is not None else 0
-    return LOG_FILE if process == 0 else LOG_FILE.with_name(f"third_party.process{process}.log")
+    multi-process run `logs/third_party.process<N>.log`. N is `NEXTQUILL_PROCESS_ID` where the environment
+    sets it (known before anything starts), else the index JAX's multi-process runtime records once it starts
+    (on a TPU pod; records before that go to `LOG_FILE` from every process). Not `jax.process_index()`: that
+    takes the lock under which JAX starts its backend, which logs, so a record logged there would wait on
+    itself."""
+    process = os.environ.get("NEXTQUILL_PROCESS_ID", "")
+    if not process.isdigit():  # unset (or malformed, which start-up names)
+        distributed = sys.modules.get("jax._src.distributed")  # no public handle in jax 0.10 (as `parallel`)
+        process = "0" if distributed is None else str(distributed.global_state.process_id)
+    return LOG_FILE if int(process) == 0 else LOG_FILE.with_name(f"third_party.process{int(process)}.log")
 
 
 _sink: _Sink | None = None

@@ -357,6 +357,8 @@ def test_a_leftover_word_a_command_does_not_take_is_refused_with_its_usage(argv,
          "--split is given twice (--split val, then --split val); it takes one value. Fix: give it once."),
         (["data", "prepare", "--config", "c", "--out", "p", "--out", "q"], "nextquill-jax data prepare",
          "--out is given twice (--out p, then --out q); it takes one value. Fix: give it once."),
+        (["compare", "--config", "c.yaml", "--seeds", "1", "2", "--seeds", "3"], "nextquill-jax compare",
+         "--seeds is given twice (--seeds 1 2, then --seeds 3); it takes one value. Fix: give it once."),
         (["bench", "scale", "--config", "a.yaml", "--config", "b.yaml"], "nextquill-jax bench scale",
          "--config is given twice (--config a.yaml, then --config b.yaml); it takes one value. Fix: give it "
          "once."),

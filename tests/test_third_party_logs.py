@@ -194,25 +194,34 @@ def test_the_log_is_closed_after_each_write(tmp_path):
 
 
 def test_each_process_of_a_multi_process_run_writes_a_log_of_its_own(tmp_path, monkeypatch):
-    """Several processes appending to one file through their own FUSE mounts leave one writer's lines."""
+    """Several processes appending to one file through their own FUSE mounts leave one writer's lines. The
+    index: NEXTQUILL_PROCESS_ID where set (from the first record on), else JAX's runtime's record (a TPU
+    pod), never `jax.process_index()` (the lock JAX starts its backend under, while logging)."""
     from jax._src import distributed
 
-    monkeypatch.setattr(distributed.global_state, "client", object())  # as once the runtime has started
     monkeypatch.setattr(jax, "process_index", lambda: pytest.fail("took the backend's lock"))
-    for process in (0, 1, 3):
-        monkeypatch.setattr(distributed.global_state, "process_id", process)
+    monkeypatch.delenv("NEXTQUILL_PROCESS_ID", raising=False)
+    cases = [({}, 0, "third_party.log"), ({"NEXTQUILL_PROCESS_ID": "2"}, 0, "third_party.process2.log"),
+             ({}, 3, "third_party.process3.log")]  # fmt: skip
+    for env, runtime_index, name in cases:
+        monkeypatch.setattr(distributed.global_state, "process_id", runtime_index)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
         with third_party_logs.captured(verbose=False):
             third_party_logs.log_to(tmp_path, named="--workdir")
-            logging.getLogger("jax").info(f"from process {process}")
+            logging.getLogger("jax").info(f"from {name}")
+        monkeypatch.delenv("NEXTQUILL_PROCESS_ID", raising=False)
     logs = tmp_path / "logs"
-    assert sorted(p.name for p in logs.iterdir()) == [
-        "third_party.log",
-        "third_party.process1.log",
-        "third_party.process3.log",
-    ]
-    for name, process in [
-        ("third_party.log", 0),
-        ("third_party.process1.log", 1),
-        ("third_party.process3.log", 3),
-    ]:
-        assert (logs / name).read_text().endswith(f"INFO jax: from process {process}\n")
+    assert sorted(p.name for p in logs.iterdir()) == sorted(name for _, _, name in cases)
+    for _, _, name in cases:
+        assert (logs / name).read_text().endswith(f"INFO jax: from {name}\n")
+
+
+def test_a_log_that_cannot_be_written_is_said_on_stderr_not_raised_into_the_caller(tmp_path, capsys):
+    """The file is opened at each write now: a full disk or a stale mount there raised out of the third-party
+    code that logged (Orbax's, mid-save), where logging's own handlers report the failure and go on."""
+    (tmp_path / "logs").write_text("a file where the folder goes\n")
+    with third_party_logs.captured(verbose=False):
+        third_party_logs.log_to(tmp_path, named="--workdir")
+        logging.getLogger("jax").info("a record")  # raised FileExistsError
+    assert "--- Logging error ---" in capsys.readouterr().err

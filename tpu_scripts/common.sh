@@ -64,7 +64,7 @@ require() {
     for name in "$@"; do
         if [[ -z "${!name:-}" ]]; then
             missing+=("$name")
-            examples+=("$name=${EXAMPLES[$name]}")
+            examples+=("$name=${EXAMPLES[$name]:-VALUE}")
         fi
     done
     if ((${#missing[@]})); then

@@ -9,7 +9,8 @@ Creates the slice (with QUEUED=1 through a queued resource, which waits for capa
 READY / ACTIVE. RUNTIME_VERSION defaults to the image Google recommends for JAX on that TPU generation.
 If TPU_NAME exists already: READY / ACTIVE is left as it is; PREEMPTED, TERMINATED (a TPU VM) or SUSPENDED,
 FAILED (a queued resource) is deleted and created again, which is how a preempted spot TPU comes back (it
-cannot be restarted); STOPPED (a TPU VM stopped by its owner) is an error naming the command that starts it. A queued request expires after VALID_UNTIL_DURATION without capacity; its state is
+cannot be restarted); STOPPED (a TPU VM stopped by its owner) is an error naming the command that starts it.
+A queued request expires after VALID_UNTIL_DURATION without capacity; its state is
 polled every POLL_SECONDS, and POLL_RETRIES failed polls in a row (network, API errors) end the wait.
 A dry run prints the state query and the commands for a slice that does not exist yet."
 # shellcheck source=common.sh

@@ -305,6 +305,11 @@ def read_rows(csv_path: Path) -> list[dict[str, str]]:
         return list(reader)
 
 
+def row_key(row: Mapping[str, str]) -> tuple[str, ...]:
+    """A CSV row's point, its `KEY_COLUMNS` values: what a sweep measures once."""
+    return tuple(row[k] for k in KEY_COLUMNS)
+
+
 def sweep_settings(cfg: ScalingConfig, backend: str, device_kind: str) -> dict[str, Any]:
     """What the numbers of a point of `cfg` depend on besides the point's key, as `scaling_settings.json`
     records them: {"sweep": every field of `cfg` but `output_dir` and the axes, "models": {name: {"preset",
@@ -421,7 +426,7 @@ def run_sweep(
     )
     # Written before the first point, replaced whole: an interrupted run leaves rows it describes.
     write_text_atomic(settings_path, json.dumps(record, indent=1) + "\n")
-    done = {tuple(r[k] for k in KEY_COLUMNS) for r in rows}
+    done = {row_key(r) for r in rows}
     peak = cfg.peak_tflops or peak_tflops(device_kind)
     isolate = config_path is not None and point is None and jax.default_backend() != "cpu"
     points = itertools.product(cfg.models, cfg.seq_len, cfg.history, cfg.mesh)
@@ -598,8 +603,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    key_of = lambda row: tuple(row[k] for k in KEY_COLUMNS)
-    earlier = {key_of(r) for r in read_rows(Path(cfg.output_dir) / "scaling.csv")}
+    earlier = {row_key(r) for r in read_rows(Path(cfg.output_dir) / "scaling.csv")}
     csv_path = run_sweep(cfg, config_path=args.config, point=args.point)
     if args.point is not None:
         return 0
@@ -615,9 +619,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.results:
         # Only the rows measured now: the CSV's earlier rows came from another run, on another day perhaps,
         # which this section's date, command and machine would misdescribe.
-        rows = [r for r in read_rows(csv_path) if key_of(r) not in earlier]
+        rows = [r for r in read_rows(csv_path) if row_key(r) not in earlier]
         if not rows:
-            print(f"nothing measured (every point was in {csv_path} already): {args.results} is unchanged")
+            print(
+                f"nothing measured (each point was in {csv_path} already or skipped): {args.results} is "
+                "unchanged"
+            )
             return 0
         command = invoked_command(["nextquill-jax", "bench", "scale"], argv)
         cols = (

@@ -288,7 +288,8 @@ def test_sweep_results_list_only_the_rows_measured_by_that_command(tmp_path, fak
     )
     assert not results.exists()
     assert capsys.readouterr().out.splitlines()[-1] == (
-        f"nothing measured (every point was in {out / 'scaling.csv'} already): {results} is unchanged"
+        f"nothing measured (each point was in {out / 'scaling.csv'} already or skipped): {results} is "
+        "unchanged"
     )
     assert (
         sweep.main(["--config", sweep_yaml(tmp_path / "s.yaml", out, ["a", "b"]), "--results", str(results)])
