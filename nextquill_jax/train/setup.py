@@ -40,6 +40,7 @@ from nextquill_jax.loss.config import LossConfig, streams_needed
 from nextquill_jax.loss.weighting import check_weighting_values
 from nextquill_jax.loss.weighting_record import weighting_fingerprint
 from nextquill_jax.parallel import DEFAULT_RULES
+from nextquill_jax.plural import counted
 from nextquill_jax.train import adapters, model_setup
 from nextquill_jax.train.checkpoint import MANIFEST
 from nextquill_jax.train.optimizer import (
@@ -195,6 +196,31 @@ def plan_steps(pipeline: BatchPipeline, cfg: Config) -> tuple[int, list[int]]:
     if max_steps is not None:
         total = min(total, max_steps)
     return total, [e for e in ends if e <= total]
+
+
+def batching_losses(pipelines: dict[str, BatchPipeline]) -> list[str]:
+    """A note for each of `pipelines` (name -> pipeline) whose batching cuts or leaves out examples: targets
+    cut to fit a row (`too_long: truncate`, the same in every epoch) and, in its first epoch, the examples of
+    partly filled last batches left out (`drop_remainder`; a shuffled epoch leaves out others, as many).
+    Empty where nothing is lost, which is what set-up otherwise says nothing about."""
+    notes = []
+    for name, pipeline in pipelines.items():
+        stats = pipeline.epoch_stats(0)
+        total, lost = stats.examples + stats.dropped_examples, []
+        if stats.truncated_examples:
+            lost.append(
+                f"{stats.truncated_examples} of the {total} {name} examples have their target cut to fit a "
+                f"row ({counted(stats.truncated_tokens, 'target token')} in all; data.batching.too_long: "
+                f"truncate)"
+            )
+        if stats.dropped_examples:
+            lost.append(
+                f"its first epoch leaves {stats.dropped_examples} of the {total} {name} examples out "
+                f"(data.batching.drop_remainder: its partly filled last batches)"
+            )
+        if lost:
+            notes.append(f"note: {'; '.join(lost)}")
+    return notes
 
 
 def planned_examples_per_row(pipeline: BatchPipeline) -> tuple[int, int]:
@@ -633,6 +659,8 @@ def set_up_run(
     total_steps, epoch_ends = plan_steps(train_data, cfg)
     eval_data = _eval_pipeline(cfg, data_dir, echo)
     pipelines = {"train": train_data, **({"eval": eval_data} if eval_data else {})}
+    for line in batching_losses(pipelines):
+        echo(line)
     if cfg.model.cudnn_max_segments == "auto":  # before any ModelConfig is built from cfg.model
         cfg = resolve_packed_segments(cfg, pipelines, echo)  # covers every planned row: nothing to check
     else:

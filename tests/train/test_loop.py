@@ -470,3 +470,32 @@ def test_an_evaluation_and_a_save_are_not_counted_in_the_next_rows_tokens_per_se
     # Step 3 follows step 2's evaluation and save (2 x EXTRA_S); a tiny step itself takes milliseconds.
     wall = {r["step"]: r["input_tokens"] / r["tokens_per_second"] for r in rows}
     assert wall[3] < extra_s / 2, wall
+
+
+def test_set_up_says_how_many_examples_batching_cuts_or_leaves_out(tmp_path, write_random_data, tiny_config):
+    """`too_long: truncate` and `drop_remainder` were counted (`EpochStats`) but never shown: a run cut 11 of
+    45 targets and left 5 examples out of every epoch without a word. The cut is checked against the rows'
+    own lengths: a target is cut where prompt + target exceed the longest row, seq_len_with."""
+    from nextquill_jax.data.pipeline import BatchPipeline
+    from nextquill_jax.data.prepared_split import PreparedSplit
+
+    data = write_random_data(tmp_path / "data", train=45, val=0)
+    raw = tiny_config(data, tmp_path / "run")
+    raw["data"]["batching"] = {
+        "mode": "bucket", "seq_len_with": 24, "seq_len_without": 32, "response_slots": 32,
+        "bucket_boundaries": [16], "rows_per_batch": 4, "too_long": "truncate", "drop_remainder": True,
+    }  # fmt: skip
+    raw["train"]["max_steps"] = 1
+    cfg = load_config(None, [], base=raw)
+    split = PreparedSplit(data, "train")
+    over = [len(split[i]["prompt_with"]) + len(split[i]["target"]) - 24 for i in range(len(split))]
+    cut, cut_tokens = sum(o > 0 for o in over), sum(o for o in over if o > 0)
+    dropped = BatchPipeline(split, cfg.data.batching).epoch_stats(0).dropped_examples
+    assert cut > 0 and dropped > 0
+    said = []
+    loop.train(cfg, tmp_path / "run", echo=said.append)
+    assert (
+        f"note: {cut} of the 45 train examples have their target cut to fit a row ({cut_tokens} target "
+        f"tokens in all; data.batching.too_long: truncate); its first epoch leaves {dropped} of the 45 train "
+        "examples out (data.batching.drop_remainder: its partly filled last batches)"
+    ) in said, said
