@@ -21,6 +21,7 @@ import functools
 import itertools
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -161,6 +162,7 @@ def _train(
         state, step = start_state(run, cfg, ckpt, iterator, echo)
     except BaseException:
         ckpt.close()
+        iterator.close()
         raise
     # Only now that the start is settled: a refused or failed resume leaves the config of the run that ran.
     save_config(cfg, workdir / CONFIG_FILE)
@@ -169,6 +171,7 @@ def _train(
         # Running a finished run again must not train (and log, and evaluate) one step past its end.
         echo(f"{workdir} already finished at step {step} of {run.total_steps}: nothing to train")
         ckpt.close()
+        iterator.close()
         return TrainResult("finished", step, workdir, last_saved, state)
     log = MetricsLog(
         workdir, cfg.logging, start_step=step, total_steps=run.total_steps, echo=echo, on_row=on_metrics
@@ -262,9 +265,13 @@ def _train(
         profile.stop()
         preemption.restore()
         ckpt.close()  # a save in flight (the stop's own, say) is committed first
+        # Closed here, not left to the garbage collector: its prefetch threads are not daemons, and a caller
+        # that keeps the exception keeps this frame, and so the iterator, alive.
+        iterator.close()
         log.close()
         if interrupted is not None:
             interrupted.add_note(_newest_committed(ckpt.directory))
+            interrupted = None  # this frame holding its own exception kept the whole run alive (a cycle)
 
 
 def _newest_committed(directory: Path) -> str:
@@ -607,10 +614,15 @@ class _Preemption:
         self.requested = False
         self.signal_name = "SIGTERM"  # what the stop message names: the signal that arrived first
         self._previous: dict[int, object] = {}
-        if jax.process_count() == 1:
+        if threading.current_thread() is not threading.main_thread():
+            # Python sets signal handlers on the main thread only: a run started on another thread (a
+            # caller's worker thread) stops on no signal of its own; the process's handlers stay as they are.
+            return
+        # A handler set outside Python is None: it could be neither put back nor handed the second Ctrl-C, so
+        # such a signal is left alone.
+        if jax.process_count() == 1 and signal.getsignal(signal.SIGTERM) is not None:
             self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._handle)
-        # An ignored SIGINT (a job started in the background, `nohup`) stays ignored; None is a handler set
-        # outside Python, which could be neither handed the second Ctrl-C nor put back.
+        # An ignored SIGINT (a job started in the background, `nohup`) stays ignored.
         if signal.getsignal(signal.SIGINT) not in (signal.SIG_IGN, None):
             self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._handle)
 
@@ -641,5 +653,4 @@ class _Preemption:
 
     def restore(self) -> None:
         for signum, previous in self._previous.items():
-            if previous is not None:  # None: a handler set outside Python, which `signal` cannot put back
-                signal.signal(signum, previous)
+            signal.signal(signum, previous)

@@ -499,3 +499,74 @@ def test_set_up_says_how_many_examples_batching_cuts_or_leaves_out(tmp_path, wri
         f"tokens in all; data.batching.too_long: truncate); its first epoch leaves {dropped} of the 45 train "
         "examples out (data.batching.drop_remainder: its partly filled last batches)"
     ) in said, said
+
+
+def _other_live_threads() -> list[str]:
+    """Names of the live non-daemon threads but this one (a data loader's prefetch threads are such)."""
+    return [t.name for t in threading.enumerate() if not t.daemon and t is not threading.current_thread()]
+
+
+def test_a_run_ended_by_a_keyboard_interrupt_lets_go_of_its_threads_and_arrays_at_once(
+    tmp_path, monkeypatch, write_random_data, tiny_config
+):
+    """The run's frame kept its own KeyboardInterrupt (a reference cycle) and never closed its data iterator:
+    until the garbage collector happened to run, its prefetch threads (not daemons), open .npy files and
+    every array (the model's and the optimizer's: a GPU's memory) stayed alive, through a caller's retry."""
+    import gc
+    import weakref
+
+    raw = tiny_config(write_random_data(tmp_path / "data"), tmp_path / "run")
+    raw["checkpoint"].update(every_steps=100, async_save=False)
+    raw["train"]["max_steps"] = 3
+    raw["data"]["batching"]["read_threads"] = 2
+    schedule, states = loop.actions_at, []
+
+    def interrupted_at_2(step, cfg, run, *, stop):
+        if step == 2:
+            raise KeyboardInterrupt
+        return schedule(step, cfg, run, stop=stop)
+
+    original_setup = loop.set_up_run
+
+    def kept_setup(*args, **kwargs):
+        run = original_setup(*args, **kwargs)
+        states.append(weakref.ref(run))
+        return run
+
+    monkeypatch.setattr(loop, "actions_at", interrupted_at_2)
+    monkeypatch.setattr(loop, "set_up_run", kept_setup)
+    assert not _other_live_threads()
+    gc.disable()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            loop.train(load_config(None, base=raw), tmp_path / "run", echo=lambda _: None)
+        deadline = time.monotonic() + 10
+        while _other_live_threads() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _other_live_threads()
+        assert states[0]() is None  # the run's set-up (its params, steps, pipelines) is freed
+    finally:
+        gc.enable()
+
+
+def test_a_run_on_another_thread_than_the_main_one_trains_and_leaves_the_signal_handlers(
+    tmp_path, write_random_data, tiny_config
+):
+    """Python sets signal handlers on the main thread only: a run started on a worker thread raised
+    ValueError ("signal only works in main thread") once set up and compiled, leaving its log open."""
+    raw = tiny_config(write_random_data(tmp_path / "data"), tmp_path / "run")
+    raw["train"]["max_steps"] = 2
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    results, errors = [], []
+
+    def run():
+        try:
+            results.append(loop.train(load_config(None, base=raw), tmp_path / "run", echo=lambda _: None))
+        except Exception as e:  # handed to the test's thread
+            errors.append(e)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join(300)
+    assert errors == [] and [(r.status, r.step) for r in results] == [("finished", 2)]
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
