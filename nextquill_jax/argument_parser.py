@@ -1,4 +1,5 @@
-"""`ArgumentParser`: argparse's parser, refusing a single-valued option given twice.
+"""`ArgumentParser`: argparse's parser, refusing a single-valued option given twice (and `BooleanOnce`,
+`--x` / `--no-x` given once).
 
 argparse keeps the last value of a repeated option silently, so `train --config base.yaml --config
 exp.yaml` trained on exp.yaml alone, and `evaluate --step 100 --step 200` read step 200, without a word.
@@ -13,8 +14,35 @@ from typing import Any
 
 from nextquill_jax.subcommand import OVERRIDES
 
-# Where `_StoreOnce` records the options given so far; `ArgumentParser.parse_known_args` removes it.
+# Where `_given_once` records the options given so far; `ArgumentParser.parse_known_args` removes it.
 _GIVEN = "_options_given_once"
+
+
+def _given_once(
+    action: argparse.Action,
+    parser: argparse.ArgumentParser,
+    namespace: argparse.Namespace,
+    option_string: str | None,
+    values: Any,
+) -> None:
+    """Record that `action`'s option was given (as `option_string`, with `values`); refuse it a second time.
+
+    Raises:
+        SystemExit: status 2 with the usage (`parser.error`), naming both times.
+    """
+    given: dict[str, str] = vars(namespace).setdefault(_GIVEN, {})
+    words = shlex.join(map(str, values)) if isinstance(values, list) else values  # nargs: its words
+    said = option_string if words is None else f"{option_string} {words}"
+    if option_string is not None and action.dest in given:
+        takes_overrides = any(a.dest == OVERRIDES for a in parser._get_positional_actions())
+        layering = action.dest == "config" and takes_overrides
+        parser.error(
+            f"{action.option_strings[0]} is given twice ({given[action.dest]}, then {said}); it takes one "
+            "value. Fix: give it once"
+            + (" (one config file; further settings go on the line as section.key=value)" if layering else "")
+            + "."
+        )
+    given[action.dest] = said
 
 
 class _StoreOnce(argparse._StoreAction):
@@ -27,24 +55,23 @@ class _StoreOnce(argparse._StoreAction):
         values: Any,
         option_string: str | None = None,
     ) -> None:
-        given: dict[str, tuple[str | None, Any]] = vars(namespace).setdefault(_GIVEN, {})
-        if self.option_strings and self.dest in given:
-            first_option, first = given[self.dest]
-            takes_overrides = any(a.dest == OVERRIDES for a in parser._get_positional_actions())
-            layering = self.dest == "config" and takes_overrides
-            said = lambda v: shlex.join(map(str, v)) if isinstance(v, list) else v  # nargs: its words
-            parser.error(
-                f"{option_string} is given twice ({first_option} {said(first)}, then {option_string} "
-                f"{said(values)}); "
-                "it takes one value. Fix: give it once"
-                + (
-                    " (one config file; further settings go on the line as section.key=value)"
-                    if layering
-                    else ""
-                )
-                + "."
-            )
-        given[self.dest] = (option_string, values)
+        _given_once(self, parser, namespace, option_string, values)
+        super().__call__(parser, namespace, values, option_string)
+
+
+class BooleanOnce(argparse.BooleanOptionalAction):
+    """`argparse.BooleanOptionalAction` (`--x` / `--no-x`), refusing a second of them: `--x --no-x` kept the
+    last silently. Pass it as `action=BooleanOnce`; argparse takes an action class as given, not through the
+    registry `ArgumentParser` fills."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        _given_once(self, parser, namespace, option_string, None)
         super().__call__(parser, namespace, values, option_string)
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nextquill_jax import third_party_logs
+from nextquill_jax.argument_parser import BooleanOnce
 from nextquill_jax.data.config import SPLITS
 from nextquill_jax.output_dir import check_output_dir
 from nextquill_jax.subcommand import (
@@ -100,7 +101,7 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     )
     decoding.add_argument(
         "--do-sample",
-        action=argparse.BooleanOptionalAction,
+        action=BooleanOnce,
         default=None,
         help="sample, or (--no-do-sample) decode greedily, the argmax; " + _run_default("do_sample", "false"),
     )
@@ -131,7 +132,7 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     )
     decoding.add_argument(
         "--repetition-penalty-prompt",
-        action=argparse.BooleanOptionalAction,
+        action=BooleanOnce,
         default=None,
         help="the penalty counts the prompt's tokens, or (--no-repetition-penalty-prompt) only the generated "
         "ones, so that copying from the prompt is not penalised; "
