@@ -45,8 +45,12 @@ def _given_once(
     given[action.dest] = said
 
 
-class _StoreOnce(argparse._StoreAction):
-    """argparse's default action (`store`), refusing a second value for the same option."""
+class _Once(argparse.Action):
+    """Mixed in before an argparse action: records each time its option is given (`_given_once`, which
+    refuses a second), then acts as that action. `shows_value`: whether the messages name the value given
+    (a flag such as `--x` / `--no-x` has none)."""
+
+    shows_value = True
 
     def __call__(
         self,
@@ -55,24 +59,20 @@ class _StoreOnce(argparse._StoreAction):
         values: Any,
         option_string: str | None = None,
     ) -> None:
-        _given_once(self, parser, namespace, option_string, values)
+        _given_once(self, parser, namespace, option_string, values if self.shows_value else None)
         super().__call__(parser, namespace, values, option_string)
 
 
-class BooleanOnce(argparse.BooleanOptionalAction):
+class _StoreOnce(_Once, argparse._StoreAction):
+    """argparse's default action (`store`), refusing a second value for the same option."""
+
+
+class BooleanOnce(_Once, argparse.BooleanOptionalAction):
     """`argparse.BooleanOptionalAction` (`--x` / `--no-x`), refusing a second of them: `--x --no-x` kept the
     last silently. Pass it as `action=BooleanOnce`; argparse takes an action class as given, not through the
     registry `ArgumentParser` fills."""
 
-    def __call__(
-        self,
-        parser: argparse.ArgumentParser,
-        namespace: argparse.Namespace,
-        values: Any,
-        option_string: str | None = None,
-    ) -> None:
-        _given_once(self, parser, namespace, option_string, None)
-        super().__call__(parser, namespace, values, option_string)
+    shows_value = False
 
 
 class ArgumentParser(argparse.ArgumentParser):
