@@ -158,11 +158,18 @@ def _train(
     )
     ckpt = Checkpointer(workdir / CHECKPOINT_DIR, cfg.checkpoint)
     iterator = iter(run.train_data.dataset())
+
+    def release() -> None:
+        """On every way out: a save in flight (the stop's own, say) is committed first; the iterator is
+        closed, not left to the garbage collector, since its prefetch threads are not daemons and a caller
+        that keeps an exception keeps this frame, and so the iterator, alive."""
+        ckpt.close()
+        iterator.close()
+
     try:
         state, step = start_state(run, cfg, ckpt, iterator, echo)
     except BaseException:
-        ckpt.close()
-        iterator.close()
+        release()
         raise
     # Only now that the start is settled: a refused or failed resume leaves the config of the run that ran.
     save_config(cfg, workdir / CONFIG_FILE)
@@ -170,8 +177,7 @@ def _train(
     if step >= run.total_steps:
         # Running a finished run again must not train (and log, and evaluate) one step past its end.
         echo(f"{workdir} already finished at step {step} of {run.total_steps}: nothing to train")
-        ckpt.close()
-        iterator.close()
+        release()
         return TrainResult("finished", step, workdir, last_saved, state)
     log = MetricsLog(
         workdir, cfg.logging, start_step=step, total_steps=run.total_steps, echo=echo, on_row=on_metrics
@@ -264,10 +270,7 @@ def _train(
     finally:
         profile.stop()
         preemption.restore()
-        ckpt.close()  # a save in flight (the stop's own, say) is committed first
-        # Closed here, not left to the garbage collector: its prefetch threads are not daemons, and a caller
-        # that keeps the exception keeps this frame, and so the iterator, alive.
-        iterator.close()
+        release()
         log.close()
         if interrupted is not None:
             interrupted.add_note(_newest_committed(ckpt.directory))
