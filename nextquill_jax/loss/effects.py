@@ -59,6 +59,13 @@ def target_mask(labels: jax.Array) -> jax.Array:
     return labels != IGNORE_INDEX
 
 
+def _float32_at_targets(logits: jax.Array, mask: jax.Array) -> jax.Array:
+    """logits [..., R, V] as float32, zero at the slots `mask` [..., R] leaves out. A non-finite logit there
+    (an additive -inf mask, a NaN) is left out of a value by a later `where` on the result, but not out of
+    its gradient, which would be NaN."""
+    return jnp.where(mask[..., None], logits.astype(jnp.float32), 0.0)
+
+
 def token_logprobs(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """log p(y_t) = z[y_t] − logsumexp(z) per token.
 
@@ -71,9 +78,7 @@ def token_logprobs(logits: jax.Array, labels: jax.Array) -> jax.Array:
         NaN where a label is outside [0, V) (so a bad label under jit cannot pass unnoticed).
     """
     mask = target_mask(labels)
-    # Zeroed at ignored slots before the logsumexp: a non-finite logit there (an additive -inf mask) is left
-    # out of the value by the last `where`, but not out of the gradient, which would be NaN.
-    logits = jnp.where(mask[..., None], logits.astype(jnp.float32), 0.0)
+    logits = _float32_at_targets(logits, mask)
     in_range = (labels >= 0) & (labels < logits.shape[-1])
     safe = jnp.where(mask & in_range, labels, 0)
     label_logit = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
@@ -214,10 +219,11 @@ def js_weights(
         logits there (in value and gradient). A token of probability 0 (a -inf logit,
         e.g. a masked vocabulary column, or an underflow) adds 0 log 0 = 0, with a finite gradient.
     """
-    # Ignored slots' logits zeroed first, as in `token_logprobs`: a non-finite one there gives a NaN gradient.
-    keep = lambda logits: jnp.where(mask[..., None], logits.astype(jnp.float32), 0.0)
     logp = jnp.stack(
-        [jax.nn.log_softmax(keep(logits_with), axis=-1), jax.nn.log_softmax(keep(logits_without), axis=-1)]
+        [
+            jax.nn.log_softmax(_float32_at_targets(logits_with, mask), axis=-1),
+            jax.nn.log_softmax(_float32_at_targets(logits_without, mask), axis=-1),
+        ]
     )  # [2, ..., R, V]
     # log 0 = -inf becomes the lowest finite float: p = 0 there still, but p (log p − log m) is 0 · finite
     # instead of 0 · (-inf + inf) = NaN, and logaddexp's gradient stays finite. Finite values pass unchanged
