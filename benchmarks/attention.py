@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nextquill_jax.argument_parser import ArgumentParser
 from nextquill_jax.bench.record import results_file
 from nextquill_jax.models.attention import attention_mask, xla_attention
 from nextquill_jax.models.blockwise_attention import blockwise_attention
@@ -50,9 +51,7 @@ def _run_once(f, args) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=positive_int, default=4)
     parser.add_argument("--seq-len", type=positive_int, default=2048)
     parser.add_argument("--heads", type=positive_int, default=14)

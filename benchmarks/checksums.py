@@ -13,7 +13,6 @@ alone, hashed again from the same files. Restore: `Checkpointer.check` (what a r
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import shlex
 import sys
@@ -25,6 +24,7 @@ import grain
 import jax
 import numpy as np
 
+from nextquill_jax.argument_parser import ArgumentParser
 from nextquill_jax.bench.record import publish, results_file, results_header
 from nextquill_jax.config import CheckpointConfig
 from nextquill_jax.models import model_preset
@@ -53,7 +53,7 @@ def best(fn, rounds: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=positive_int, default=3)
     parser.add_argument("--append-results", type=results_file, default=None)
     args = parser.parse_args(argv)

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from compile_scan import compile_seconds
 
+from nextquill_jax.argument_parser import ArgumentParser
 from nextquill_jax.bench.record import invoked_command, publish, results_file, results_header
 from nextquill_jax.config import OptimConfig
 from nextquill_jax.loss import LossConfig
@@ -77,9 +78,7 @@ def step_compile_seconds(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=positive_int, nargs="+", default=[2, 4, 8, 16])
     parser.add_argument(
         "--seq-len", type=positive_int, default=512, help="with-stream length of the depth sweep"

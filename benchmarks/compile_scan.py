@@ -12,7 +12,6 @@ Exits 1 if the forward compile time of any depth exceeds --max-ratio (default 2)
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import platform
 import shlex
@@ -25,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from nextquill_jax.argument_parser import ArgumentParser
 from nextquill_jax.bench.record import invoked_command, publish, results_file
 from nextquill_jax.models import CausalLM, ModelConfig
 from nextquill_jax.subcommand import positive_int
@@ -64,7 +64,7 @@ def measure(num_layers: int, repeats: int, remat: str) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=positive_int, nargs="+", default=[2, 16])
     parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--remat", default="full", help="remat policy used for the backward compile")

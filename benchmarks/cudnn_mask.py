@@ -33,12 +33,12 @@ through the real wrapper, the dense-mask and causal calls through `xla_dense`), 
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import time
 
 import numpy as np
 
+from nextquill_jax.argument_parser import ArgumentParser
 from nextquill_jax.bench.record import results_file
 from nextquill_jax.subcommand import positive_int
 
@@ -156,7 +156,7 @@ def _mask_backward_computes_dbias() -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=positive_int, default=4)
     parser.add_argument("--seq-len", type=positive_int, default=4096)
     parser.add_argument("--heads", type=positive_int, default=12)

@@ -10,13 +10,13 @@ Each is the best of `--rounds` after a first call (the file is then in the page 
 
 from __future__ import annotations
 
-import argparse
 import shlex
 import sys
 from importlib.metadata import version
 
 import gguf
 
+from nextquill_jax.argument_parser import ArgumentParser
 from nextquill_jax.bench.harness import best_seconds
 from nextquill_jax.bench.record import publish, results_file, results_header
 from nextquill_jax.models.gguf import read_gguf, read_gguf_config
@@ -26,7 +26,7 @@ from nextquill_jax.subcommand import positive_int
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=positive_int, default=3)
     parser.add_argument("--append-results", type=results_file, default=None)
     args = parser.parse_args(argv)

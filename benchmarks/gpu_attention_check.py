@@ -16,7 +16,6 @@ Exits 1 if an output differs by more than --tolerance (default 2e-2, the bf16 le
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import platform
 import shlex
@@ -29,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from nextquill_jax.argument_parser import ArgumentParser
 from nextquill_jax.bench.record import results_file
 from nextquill_jax.models import CausalLM, model_preset
 from nextquill_jax.models.attention import attention_mask, cudnn_attention, xla_attention
@@ -137,11 +137,11 @@ def model_row(tolerance: float) -> tuple[str, bool]:
     return row, ok
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tolerance", type=float, default=2e-2)
     parser.add_argument("--append-results", type=results_file, default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if jax.default_backend() != "gpu":
         print(f"no GPU: JAX backend is {jax.default_backend()!r}", file=sys.stderr)
         return 1

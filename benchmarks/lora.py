@@ -17,7 +17,6 @@ Exits 1 unless the step-time ratio is <= --max-time-ratio (0.75) and the gradien
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from nextquill_jax.argument_parser import ArgumentParser
 from nextquill_jax.bench.harness import TrainingHarness, synthetic_batch
 from nextquill_jax.bench.record import append_results, invoked_command, results_file, results_header
 from nextquill_jax.config import LoraConfig
@@ -74,7 +74,7 @@ def best_step_seconds(harnesses: dict[str, TrainingHarness], batch: dict, rounds
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rank", type=positive_int, default=8)
     parser.add_argument("--targets", nargs="+", default=["attn/(q|v)_proj"])
     parser.add_argument("--rows", type=positive_int, default=2)

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nextquill_jax.argument_parser import ArgumentParser
 from nextquill_jax.bench.record import results_file
 from nextquill_jax.loss import LossConfig, loss_from_hidden, loss_from_logits
 from nextquill_jax.loss.config import VARIANTS
@@ -109,9 +110,7 @@ def _verdict(failing: list[str], bound: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--tokens", type=positive_int, nargs="+", default=[4096], help="target tokens per batch"
     )

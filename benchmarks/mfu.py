@@ -57,6 +57,7 @@ import itertools
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from nextquill_jax.argument_parser import ArgumentParser
 from nextquill_jax.bench.record import results_file
 from nextquill_jax.subcommand import non_negative_int, positive_int
 
@@ -347,9 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     from nextquill_jax.parallel import make_mesh
 
     accel = jax.default_backend() in ("gpu", "tpu", "cuda", "rocm")
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", help="presets (default: qwen2.5-0.5b qwen2.5-1.5b; CPU: tiny)")
     parser.add_argument("--rows", type=positive_int)
     parser.add_argument("--seq-len", type=positive_int)

@@ -22,7 +22,6 @@ example, which fits no row.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import platform
 import shlex
@@ -34,6 +33,7 @@ from pathlib import Path
 import grain
 import numpy as np
 
+from nextquill_jax.argument_parser import ArgumentParser
 from nextquill_jax.bench.harness import synthetic_train_split
 from nextquill_jax.bench.record import results_file
 from nextquill_jax.data.config import BatchingConfig
@@ -79,7 +79,7 @@ def too_short(split: PreparedSplit, seq_lens: list[int], length_multiple: int) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--users", type=positive_int, default=800)
     parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--tokenizer", default="qwen2.5")

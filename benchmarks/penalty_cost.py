@@ -34,7 +34,6 @@ out, with a note.
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from collections.abc import Mapping, Sequence
@@ -43,6 +42,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from nextquill_jax.argument_parser import ArgumentParser
 
 if TYPE_CHECKING:
     from nextquill_jax.eval.bootstrap import PairedDifference
@@ -395,7 +396,7 @@ def across_report(
 def main(argv: list[str] | None = None) -> int:
     from nextquill_jax.eval.compare import load_comparison
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "config", type=Path, nargs="+", help="a compare file whose runs have finished (several with --across)"
     )

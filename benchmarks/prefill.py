@@ -23,6 +23,7 @@ import argparse
 import os
 import sys
 
+from nextquill_jax.argument_parser import ArgumentParser
 from nextquill_jax.bench.record import results_file
 from nextquill_jax.subcommand import non_negative_int, positive_int
 
@@ -73,9 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     backend = jax.default_backend()
     accel = backend in ("gpu", "cuda", "rocm", "tpu")
     default_attention = {"gpu": "cudnn", "cuda": "cudnn", "tpu": "splash"}.get(backend, "xla")
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", help="presets (default: qwen2.5-0.5b qwen2.5-1.5b; CPU: 0.5b)")
     parser.add_argument(
         "--layers", type=positive_int, help="cut each preset to this many layers (CPU default: 2)"

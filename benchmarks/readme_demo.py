@@ -10,12 +10,13 @@ paired intervals, and its reading. Any commit that changes those figures runs th
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+from nextquill_jax.argument_parser import ArgumentParser
 
 REPO = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- demo:begin -->", "<!-- demo:end -->"
@@ -67,7 +68,7 @@ def comparison_table(results_md: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=REPO / "demo_out")
     parser.add_argument("--quick-out", type=Path, default=REPO / "demo_quick_out")
     parser.add_argument(

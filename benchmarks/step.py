@@ -51,6 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nextquill_jax.argument_parser import ArgumentParser
 from nextquill_jax.bench.record import results_file
 from nextquill_jax.subcommand import non_negative_int, positive_int
 
@@ -336,9 +337,7 @@ def report(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="+", choices=("same", "asrun"), default=["same", "asrun"])
     parser.add_argument(
         "--examples", type=positive_int, default=8, help="global batch (examples per optimizer step)"

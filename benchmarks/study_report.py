@@ -36,7 +36,6 @@ series against the step, one line per variant.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import statistics
@@ -46,6 +45,7 @@ from typing import Any
 
 import scipy.stats  # a dependency of jax
 
+from nextquill_jax.argument_parser import ArgumentParser
 from nextquill_jax.eval.bootstrap import no_width
 from nextquill_jax.eval.compare import Comparison, load_comparison, settings_changes, trained_differently
 from nextquill_jax.eval.compare_table import (
@@ -493,7 +493,7 @@ def plot(runs: dict[str, Path], png: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("config", type=Path, nargs="+", help="the compare file (several with --across)")
     parser.add_argument("--png", type=Path, help="write the health curves here")
     parser.add_argument("--seed", type=int, help="the seed to report (default: the compare file's first)")

@@ -656,12 +656,20 @@ def test_the_readme_names_the_script_of_each_bench_name_that_is_not_name_py():
                 assert f"`{name}`, whose script is `benchmarks/{script}`" in section
 
 
-# The tiny model at a small packed shape, two rows (compile only: a few seconds a program; a later --rows
-# wins).
+# The tiny model at a small packed shape, two rows (compile only: a few seconds a program).
 TINY_COST_SHAPE = [
     *("--models", "tiny", "--rows", "2", "--seq-len", "512", "--history", "2", "--context-tokens", "64"),
     *("--entry-tokens", "64", "--target-tokens", "48", "--compute-dtype", "float32"),
 ]
+
+
+def tiny_cost_shape(**values: str) -> list[str]:
+    """TINY_COST_SHAPE with the values of some of its flags replaced (`seq_len="64"`: --seq-len 64); mfu.py
+    takes each flag once."""
+    argv = list(TINY_COST_SHAPE)
+    for name, value in values.items():
+        argv[argv.index("--" + name.replace("_", "-")) + 1] = value
+    return argv
 
 
 def benchmark_script(name: str):
@@ -725,6 +733,37 @@ def test_benchmarks_refuse_a_count_below_one_as_an_argument_error(monkeypatch, c
         benchmark_script(script).main([flag, "0"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.endswith(f"error: argument {flag}: expected an integer >= 1, got '0'\n")
+
+
+# One single-valued option of each script in benchmarks/, given twice: (script, flag, first value, second).
+_REPEATED_OPTION_CASES = [
+    ("attention", "--seq-len", "64", "128"), ("checksums", "--rounds", "1", "2"),
+    ("compile", "--rows", "1", "2"), ("compile_scan", "--repeats", "1", "2"),
+    ("cudnn_mask", "--rows", "1", "2"), ("gguf_read", "--rounds", "1", "2"),
+    ("gpu_attention_check", "--tolerance", "0.1", "0.2"), ("lora", "--rank", "4", "8"),
+    ("loss_memory", "--vocab", "64", "128"), ("mfu", "--rows", "1", "2"),
+    ("padding", "--users", "1", "2"), ("penalty_cost", "--seed", "0", "1"),
+    ("prefill", "--batch", "1", "2"), ("readme_demo", "--out", "a", "b"),
+    ("step", "--users", "1", "2"), ("study_report", "--seed", "0", "1"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("script", "flag", "first", "second"), _REPEATED_OPTION_CASES)
+def test_benchmarks_refuse_an_option_given_twice(monkeypatch, capsys, script, flag, first, second):
+    """argparse alone kept the last value silently (`--append-results a.md --append-results b.md` wrote b.md
+    alone); every benchmark script parses with the CLI's parser, which refuses the second before measuring."""
+    monkeypatch.syspath_prepend(str(benchmarks_dir()))  # compile.py imports compile_scan beside it
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark_script(script).main([flag, first, flag, second])
+    assert exit_info.value.code == 2
+    said = f"error: {flag} is given twice ({flag} {first}, then {flag} {second}); it takes one value."
+    assert said in capsys.readouterr().err
+
+
+def test_every_benchmark_script_is_checked_for_a_repeated_option():
+    checked = {name for name, *_ in _REPEATED_OPTION_CASES}
+    scripts = {p.stem for p in benchmarks_dir().glob("*.py")}
+    assert scripts == checked, f"scripts without a repeated-option case: {sorted(scripts - checked)}"
 
 
 @pytest.mark.parametrize("script", ["mfu", "prefill"])
@@ -1029,7 +1068,7 @@ def test_mfu_cost_analysis_notes_dots_without_a_source(tmp_path, capsys):
     so `executed_flops` can only count them in `layers`: the command says so, with their share, in its output
     and in the appended section, so that the row's attention ratio of 0 is not read as measured."""
     results = tmp_path / "RESULTS.md"
-    argv = ["--cost-analysis", *TINY_COST_SHAPE, "--rows", "1", "--remat", "none"]
+    argv = ["--cost-analysis", *tiny_cost_shape(rows="1"), "--remat", "none"]
     assert benchmark_script("mfu").main([*argv, "--append-results", str(results)]) == 0
     notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
     assert len(notes) == 1 and notes[0].startswith("note: tiny, remat none: ")
@@ -1041,7 +1080,7 @@ def test_mfu_cost_analysis_notes_dots_without_a_source(tmp_path, capsys):
 def test_mfu_names_seq_len_when_an_example_does_not_fit_it(capsys):
     """An example longer than --seq-len was reported as a --cudnn-max-segments error."""
     with pytest.raises(SystemExit) as e:
-        benchmark_script("mfu").main(["--cost-analysis", *TINY_COST_SHAPE, "--seq-len", "64"])
+        benchmark_script("mfu").main(["--cost-analysis", *tiny_cost_shape(seq_len="64")])
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "error: --seq-len: an example of " in err and "does not fit seq_len 64. Fix: a larger" in err, err
@@ -1050,15 +1089,7 @@ def test_mfu_names_seq_len_when_an_example_does_not_fit_it(capsys):
 def test_mfu_cost_analysis_refuses_a_packed_bound_below_the_rows_before_compiling(capsys):
     """As the timed path: `--cudnn-max-segments` below the examples a row holds is a usage error (exit 2),
     not a traceback."""
-    argv = [
-        *TINY_COST_SHAPE,
-        "--attention",
-        "cudnn",
-        "--compute-dtype",
-        "bfloat16",
-        "--cudnn-max-segments",
-        "1",
-    ]
+    argv = [*tiny_cost_shape(compute_dtype="bfloat16"), "--attention", "cudnn", "--cudnn-max-segments", "1"]
     with pytest.raises(SystemExit) as e:
         benchmark_script("mfu").main(["--cost-analysis", *argv])
     assert e.value.code == 2
