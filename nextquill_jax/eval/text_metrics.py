@@ -15,10 +15,10 @@ What each number is (all computed by the reference libraries, never re-implement
 - ``bleu``: sacreBLEU's corpus BLEU with its defaults (13a tokenizer, exp smoothing, one reference), 0-100.
 
 WordNet (METEOR's synonyms) is found without any network access, in this order: the directory named by
-``$NEXTQUILL_WORDNET_DIR``; nltk_data's ``corpora/wordnet`` (if someone installed it); Debian's
-``wordnet-base`` package (``apt-get install wordnet-base``, files in ``/usr/share/wordnet``). Without
-it METEOR is computed from exact and stem matches only, and the result says so (``meteor_wordnet:
-false`` plus a warning). nltk's downloader is never called.
+``$NEXTQUILL_WORDNET_DIR``; nltk_data's ``corpora/wordnet`` or ``corpora/wordnet.zip`` (if someone
+installed it); Debian's ``wordnet-base`` package (``apt-get install wordnet-base``, files in
+``/usr/share/wordnet``). Without it METEOR is computed from exact and stem matches only, and the result
+says so (``meteor_wordnet: false`` plus a warning). nltk's downloader is never called.
 """
 
 from __future__ import annotations
@@ -145,15 +145,26 @@ _NLTK_DATA_READERS: dict[str, WordNetCorpusReader] = {}
 
 
 def _read_nltk_data_wordnet() -> WordNetCorpusReader | None:
-    try:
-        root = nltk.data.find("corpora/wordnet")  # a lookup only: nltk never downloads here
-    except LookupError:
-        return None
-    if str(root) not in _NLTK_DATA_READERS:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="The multilingual functions are not available")
-            _NLTK_DATA_READERS[str(root)] = WordNetCorpusReader(root, None)
-    return _NLTK_DATA_READERS[str(root)]
+    # nltk's `find` asked for what is not there leaves cycles (a local holds the LookupError, whose traceback
+    # holds that frame), and frames hold their callers: `evaluate`'s model and memory-mapped split outlived
+    # it until the garbage collector ran. So it is asked only where nltk_data holds WordNet: unpacked, or as
+    # the zip `nltk.download("wordnet")` leaves, which nltk's own loader reads in place.
+    for place, resource in (
+        ("corpora/wordnet", "corpora/wordnet"),
+        ("corpora/wordnet.zip", "corpora/wordnet.zip/wordnet/"),
+    ):
+        if not any(Path(p, place).exists() for p in nltk.data.path):
+            continue
+        try:
+            root = nltk.data.find(resource)  # a lookup only: nltk never downloads here
+        except LookupError:
+            continue
+        if str(root) not in _NLTK_DATA_READERS:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="The multilingual functions are not available")
+                _NLTK_DATA_READERS[str(root)] = WordNetCorpusReader(root, None)
+        return _NLTK_DATA_READERS[str(root)]
+    return None
 
 
 def find_wordnet() -> tuple[WordNetCorpusReader | None, str | None]:
@@ -161,7 +172,8 @@ def find_wordnet() -> tuple[WordNetCorpusReader | None, str | None]:
 
     Returns ``(reader, source)`` with ``source`` the directory or nltk_data path it was read from, or
     ``(None, None)`` when none is installed. Order: ``$NEXTQUILL_WORDNET_DIR``, nltk_data's
-    ``corpora/wordnet``, then :data:`SYSTEM_WORDNET_DIRS` (Debian's wordnet-base).
+    ``corpora/wordnet`` (a folder, or the zip ``nltk.download`` leaves), then :data:`SYSTEM_WORDNET_DIRS`
+    (Debian's wordnet-base).
 
     Raises:
         FileNotFoundError: ``$NEXTQUILL_WORDNET_DIR`` is set but is not a WordNet dictionary directory.

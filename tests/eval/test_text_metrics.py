@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+import types
 
 import nltk
 import pytest
@@ -135,6 +136,55 @@ def test_missing_wordnet_is_flagged_not_silent(monkeypatch, tmp_path):
     assert got["meteor_wordnet_source"] is None
     assert any("WITHOUT WordNet" in w for w in got["warnings"])
     assert_group_equal(got["overall"], reference_scores(PREDICTIONS, REFERENCES, NoSynonyms()))
+
+
+def test_a_missing_wordnet_leaves_no_cycle_holding_the_callers(monkeypatch, tmp_path):
+    """nltk's failed lookup left reference cycles holding every caller's frame: `evaluate`'s model and its
+    memory-mapped split stayed alive after it returned, until the garbage collector ran."""
+    import gc
+    import weakref
+
+    monkeypatch.delenv(metrics.WORDNET_DIR_ENV, raising=False)
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path)])
+    monkeypatch.setattr(metrics, "SYSTEM_WORDNET_DIRS", (tmp_path,))
+
+    class Held:
+        """Stands in for what a caller's frame holds (a model)."""
+
+    def caller() -> weakref.ref:
+        held = Held()
+        assert metrics.find_wordnet() == (None, None)
+        return weakref.ref(held)
+
+    gc.collect()
+    gc.disable()
+    try:
+        held = caller()
+        assert held() is None, "a cycle holds the caller's frame"
+    finally:
+        gc.enable()
+
+
+@pytest.mark.parametrize("layout", ["corpora/wordnet/", "corpora/wordnet.zip"])
+def test_wordnet_in_nltk_data_is_found_there(monkeypatch, tmp_path, layout):
+    """nltk is asked only where nltk_data could hold WordNet (a `corpora/wordnet` folder or zip): the check
+    must not hide one that is there."""
+    import zipfile
+
+    place = tmp_path / layout
+    if layout.endswith("/"):
+        place.mkdir(parents=True)
+    else:
+        place.parent.mkdir(parents=True)
+        with zipfile.ZipFile(place, "w") as archive:
+            archive.writestr("wordnet/", "")  # as nltk's downloader writes it, with the folder entry
+    monkeypatch.delenv(metrics.WORDNET_DIR_ENV, raising=False)
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path / "elsewhere"), str(tmp_path)])
+    monkeypatch.setattr(metrics, "SYSTEM_WORDNET_DIRS", ())
+    monkeypatch.setattr(metrics, "_NLTK_DATA_READERS", {})
+    monkeypatch.setattr(metrics, "WordNetCorpusReader", lambda root, omw: types.SimpleNamespace(root=root))
+    _, source = metrics.find_wordnet()
+    assert source is not None and source.startswith(str(place).rstrip("/")), source
 
 
 def test_wordnet_dir_env_without_wordnet_is_an_error(monkeypatch, tmp_path):
