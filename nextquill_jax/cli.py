@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 from nextquill_jax import __version__, lost_signals, third_party_logs
 from nextquill_jax.argument_parser import ArgumentParser
-from nextquill_jax.subcommand import OVERRIDES, Subcommand
+from nextquill_jax.subcommand import OVERRIDES, Subcommand, error_line
 
 DESCRIPTION = (
     "NextQuill causal preference fine-tuning of LLMs in JAX: train a model with and without the user's "
@@ -203,7 +203,7 @@ def _dispatch(argv: list[str]) -> int:
         except Exception as e:
             if not isinstance(e, expected_errors()):
                 raise
-            print(f"error: {e}", file=sys.stderr)
+            print(error_line(e), file=sys.stderr)
             return 1
 
 

@@ -1,7 +1,8 @@
 """What a subcommand of `nextquill-jax` is: the contract between `cli.py` and each `<subpackage>/command.py`,
 how a command with actions adds one (`add_action`), and the argparse types those modules share for counts
 (`positive_int`, `non_negative_int`, `sampling_seed`), settings
-(`positive_float`, `non_negative_float`, `dce_threshold`, `probability`) and directories (`directory`).
+(`positive_float`, `non_negative_float`, `dce_threshold`, `probability`) and directories (`directory`), and
+the line an error the user fixes is printed as (`error_line`).
 
 Imports nothing of this package, so every layer's command module can name it.
 """
@@ -46,6 +47,13 @@ def add_action(
         epilog=f"example:\n  {example}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+
+
+def error_line(e: BaseException, message: str | None = None) -> str:
+    """What a command prints for an error the user fixes: `error: ` and its message (or `message`, a
+    command's own wording of it), then the notes added where it passed (`BaseException.add_note`: `compare`
+    names the run it came from), space-separated."""
+    return " ".join([f"error: {e if message is None else message}", *getattr(e, "__notes__", ())])
 
 
 def positive_int(text: str) -> int:

@@ -53,6 +53,7 @@ from nextquill_jax.data.assemble import RowShape
 from nextquill_jax.loss import LossConfig, Variant
 from nextquill_jax.mesh_sizes import MESH_AXES, checked_shape, mesh_entry
 from nextquill_jax.models.config import ModelConfig, SpecialIdsOutsideVocabError, check_scan_unroll
+from nextquill_jax.subcommand import error_line
 from nextquill_jax.train.resume import config_changes, listed_changes
 
 
@@ -601,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_scaling_config(args.config, args.output_dir, args.cudnn_max_segments)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(error_line(e), file=sys.stderr)
         return 1
     earlier = {row_key(r) for r in read_rows(Path(cfg.output_dir) / "scaling.csv")}
     csv_path = run_sweep(cfg, config_path=args.config, point=args.point)

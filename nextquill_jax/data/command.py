@@ -29,6 +29,7 @@ from nextquill_jax.subcommand import (
     Subcommand,
     add_action,
     directory,
+    error_line,
     non_negative_int,
     positive_int,
 )
@@ -100,7 +101,7 @@ def run_data(args: argparse.Namespace) -> int:
             return _show(args)
         return _synth(args)
     except (ValueError, TypeError, IndexError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(error_line(e), file=sys.stderr)
         return 1
 
 

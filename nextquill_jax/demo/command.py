@@ -12,7 +12,7 @@ from pathlib import Path
 
 from nextquill_jax import third_party_logs
 from nextquill_jax.output_dir import check_output_dir
-from nextquill_jax.subcommand import Subcommand, directory, non_negative_int
+from nextquill_jax.subcommand import Subcommand, directory, error_line, non_negative_int
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,10 +42,10 @@ def run_demo_command(args: argparse.Namespace) -> int:
         # in --out) appends nothing to the running one's log.
         run_demo(cfg, on_locked=lambda: third_party_logs.log_to(out, named="--out"))
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(error_line(e), file=sys.stderr)
         return 1
     except TrainingDivergedError as e:  # its fix is `train`'s, which does not apply: a demo starts over
-        print(f"error: {e.diagnosis} The demo starts over when run again.", file=sys.stderr)
+        print(error_line(e, f"{e.diagnosis} The demo starts over when run again."), file=sys.stderr)
         return 3
     except TrainingStoppedError:  # status 0, as `train` stopped this way
         print("demo stopped before its end; `nextquill-jax demo` starts over when run again")

@@ -33,6 +33,7 @@ from nextquill_jax.subcommand import (
     Subcommand,
     dce_threshold,
     directory,
+    error_line,
     logit_scale,
     non_negative_float,
     non_negative_int,
@@ -207,7 +208,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
             data_dir=args.data,
         )
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(error_line(e), file=sys.stderr)
         return 1
     return 0
 
@@ -466,7 +467,7 @@ def run_effects(args: argparse.Namespace) -> int:
             vocab_origin=vocab_origin,
         )
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(error_line(e), file=sys.stderr)
         return 1
     print(describe(summary))
     return 0
@@ -531,10 +532,10 @@ def run_compare(args: argparse.Namespace) -> int:
         # one is running in compare.out) appends nothing to the running one's log.
         run_comparison(comparison, on_locked=lambda: third_party_logs.log_to(out, named=named))
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(error_line(e), file=sys.stderr)
         return 1
     except TrainingDivergedError as e:  # its own fix is `train`'s, whose overrides compare does not take
-        print(f"error: {e.diagnosis} Fix: {diverged_fix(e, args.config)}", file=sys.stderr)
+        print(error_line(e, f"{e.diagnosis} Fix: {diverged_fix(e, args.config)}"), file=sys.stderr)
         return 1
     except (TrainingStoppedError, ComparisonStoppedError) as e:  # status 0, as `train` stopped this way:
         print(f"compare stopped: {e}")  # a resumable stop (SIGTERM or Ctrl-C, in training or outside it)

@@ -864,6 +864,9 @@ def run_comparison(
             reports (`loop.check_best_metric`), one line each; as `run_variant`.
         ComparisonStoppedError: SIGTERM or Ctrl-C outside training (module docstring); the stage it arrived
             in is abandoned and not recorded as done.
+
+    An error raised by one run (`run_variant`'s) carries a note naming that run and the runs finished before
+    it (`add_note`; the CLI's `error:` line ends with it).
     """
     from nextquill_jax.eval.compare_table import write_results
 
@@ -878,18 +881,26 @@ def run_comparison(
             if on_locked is not None:
                 on_locked()
             for name, seed in runs:
-                records.append(run_variant(comparison, name, seed, echo, stop=stop))
+                try:
+                    records.append(run_variant(comparison, name, seed, echo, stop=stop))
+                except Exception as e:  # its message may name only what the runs share (their prepared data)
+                    e.add_note(f"(run {name} (seed {seed}) of the comparison; {_finished(records)})")
+                    raise
             stop.at("the table (results.json, results.md)")
             return write_results(comparison, records)
         except _Signalled as e:
-            finished = ", ".join(f"{r['variant']} (seed {r['seed']})" for r in records) or "none"
             raise ComparisonStoppedError(
                 f"{e.signal_name} during {stop.where} (outside training; nothing unfinished is recorded as "
-                f"done); runs finished: {finished}; run the same command again to resume (finished runs are "
-                f"not run again)"
+                f"done); {_finished(records)}; run the same command again to resume (finished runs are not "
+                f"run again)"
             ) from None
         finally:
             lock.release()
+
+
+def _finished(records: list[dict[str, Any]]) -> str:
+    """`runs finished: ` and the runs of `records` (`run_variant`'s), or `none`."""
+    return "runs finished: " + (", ".join(f"{r['variant']} (seed {r['seed']})" for r in records) or "none")
 
 
 def _lock(comparison: Comparison, first: tuple[str, int], lock: WorkdirLock, echo: Echo) -> None:

@@ -26,7 +26,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from nextquill_jax import third_party_logs
-from nextquill_jax.subcommand import OVERRIDES, Subcommand, add_action, directory, non_negative_int
+from nextquill_jax.subcommand import (
+    OVERRIDES,
+    Subcommand,
+    add_action,
+    directory,
+    error_line,
+    non_negative_int,
+)
 
 if TYPE_CHECKING:  # the commands import their modules only when they run
     from nextquill_jax.config_schema import ConfigError
@@ -113,7 +120,7 @@ def run_train(args: argparse.Namespace) -> int:
     except ConfigError as e:
         raise _located(e, args) from None
     except TrainingDivergedError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(error_line(e), file=sys.stderr)
         return 3
     except CheckpointSaveError as e:
         print(
@@ -162,7 +169,7 @@ def run_export(args: argparse.Namespace) -> int:
         refuse_several_processes("export")
         step = (export_adapter if args.adapter else export)(args.workdir, args.out, args.step)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(error_line(e), file=sys.stderr)
         return 1
     print(f"exported step {step} of {args.workdir} to {args.out}")
     return 0

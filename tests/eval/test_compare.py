@@ -885,6 +885,50 @@ def test_a_signal_outside_training_stops_the_comparison_cleanly_and_running_it_a
             signal.signal(signum, handler)
 
 
+def test_an_error_of_one_run_names_that_run_and_the_runs_finished_before_it(
+    tmp_path, write_random_data, tiny_config, monkeypatch, capsys
+):
+    """A run's error may name only what the runs share (a vocabulary error names the prepared data): the
+    `error:` line and the exception's note name the run it came from. Evaluation, the effect report and the
+    model are stand-ins."""
+    from types import SimpleNamespace
+
+    from nextquill_jax.data import prepare
+    from nextquill_jax.eval import effect_report
+    from nextquill_jax.train import workdir as workdir_module
+
+    base = tiny_config(write_random_data(tmp_path / "data", train=8, val=8), tmp_path / "unused")
+    file = tmp_path / "c.yaml"
+    compare = {"out": str(tmp_path / "out"), "baseline": "a", "split": "val"}
+    variants = {"a": {"train": False}, "b": {"train": False}}
+    file.write_text(yaml.safe_dump({"compare": compare, "variants": variants, "base": base}))
+
+    def evaluated(workdir, *args, **kwargs):
+        if workdir.name == "b":
+            raise ConfigError("prepared split val holds token id 9, but the model's vocab_size is 8")
+        return {"overall": {"bleu": 1.0}}
+
+    def reported(model, tokenizer, data_dir, split, out_dir, *args, **kwargs):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "summary.json").write_text("{}")
+        return {"files": {"summary": str(out_dir / "summary.json")}}
+
+    monkeypatch.setattr(evaluate, "evaluate", evaluated)
+    monkeypatch.setattr(effect_report, "build_effect_report", reported)
+    monkeypatch.setattr(prepare, "load_fast_tokenizer", lambda name: None)
+    monkeypatch.setattr(
+        workdir_module, "initial_model", lambda w: SimpleNamespace(model=None, source="step 0")
+    )
+    assert cli.main(["compare", "--config", str(file)]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "error: prepared split val holds token id 9, but the model's vocab_size is 8 (run b (seed 0) of the "
+        "comparison; runs finished: a (seed 0))"
+    )
+    with pytest.raises(ConfigError) as raised:
+        run_comparison(load_comparison(file), echo=lambda line: None)
+    assert raised.value.__notes__ == ["(run b (seed 0) of the comparison; runs finished: a (seed 0))"]
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_stop_signal_raised_inside_a_gc_callback_still_stops_the_comparison(
     signum, tmp_path, write_random_data, tiny_config, monkeypatch, capsys
