@@ -358,8 +358,9 @@ def evaluate(
 
     Raises:
         FileNotFoundError: no checkpoint / config / prepared split (naming what to run).
-        ValueError: a bad argument (a `generation_overrides` value out of range, or both `step` and
-            `model_path`: before a model is loaded), or prepared files that disagree.
+        ValueError: a bad argument (a `generation_overrides` field that `GenerationConfig` lacks or a value
+            out of range, `generation_overrides` with `generation`, both `step` and `model_path`: before a
+            model is loaded), or prepared files that disagree.
         ConfigError: the run's config cannot be used here (mesh, model source), the split holds a token
             id outside the vocabulary of the model or of its reference model (`model_setup.check_token_ids`),
             or the checkpoint was trained against another fixed-DCE reference model than its
@@ -377,8 +378,21 @@ def evaluate(
             f"both a checkpoint step ({step}) of the run and another model ({model_path!r}) to evaluate on "
             f"its data were given. Fix: pass one of them (--step or --model)"
         )
-    if generation is None and generation_overrides:  # GenerationConfig checks each field alone: a bad value
-        dataclasses.replace(GenerationConfig(), **generation_overrides)  # is refused before the restore
+    if generation_overrides:
+        if generation is not None:  # they would be ignored without a word
+            raise ValueError(
+                "evaluate: pass `generation` (the whole decoding) or `generation_overrides` (fields "
+                "replacing the run's eval.generation), not both"
+            )
+        fields = [f.name for f in dataclasses.fields(GenerationConfig)]
+        unknown = sorted(set(generation_overrides) - set(fields))
+        if unknown:
+            raise ValueError(
+                f"generation_overrides: no GenerationConfig field {', '.join(unknown)}; its fields: "
+                f"{', '.join(fields)}"
+            )
+        # GenerationConfig checks each field alone: a bad value is refused before the restore.
+        dataclasses.replace(GenerationConfig(), **generation_overrides)
     if loaded is None:
         loaded = restore_model(workdir, step) if model_path is None else load_model_path(workdir, model_path)
     cfg = loaded.config

@@ -415,6 +415,23 @@ def test_a_decoding_override_out_of_range_is_refused_before_a_model_is_loaded(tm
     )
 
 
+@pytest.mark.parametrize(
+    ("arguments", "said"),
+    [
+        ({"generation_overrides": {"max_new_tokenz": 3}},
+         "generation_overrides: no GenerationConfig field max_new_tokenz; its fields: max_new_tokens, "),
+        ({"generation_overrides": {"max_new_tokens": 3}, "generation": GenerationConfig()},
+         "evaluate: pass `generation` (the whole decoding) or `generation_overrides` (fields replacing the "
+         "run's eval.generation), not both"),
+    ],
+)  # fmt: skip
+def test_a_decoding_override_that_cannot_apply_is_refused_before_a_model_is_loaded(tmp_path, arguments, said):
+    """A misspelt field was a TypeError from GenerationConfig; overrides beside `generation` were ignored."""
+    with pytest.raises(ValueError) as e:
+        evaluate(tmp_path / "no_run", "test", **arguments)
+    assert str(e.value).startswith(said)
+
+
 def test_effects_names_a_low_flag_above_the_runs_high(trained_run, tmp_path, capsys):
     """--low alone against the run's loss.high (0.8), read from its config.yaml before the restore (and from
     the restored checkpoint's config after it): its flag named, where LossConfig's field names were."""
