@@ -172,6 +172,29 @@ def test_a_second_run_resumes_without_running_again(compared):
     assert again["rows"] == first["rows"]
 
 
+def test_the_readme_python_snippet_evaluates_and_compares(compared, tmp_path):
+    """The README's "Evaluating and comparing from Python" block as written, on a copy of this module's
+    nextquill run (evaluate writes into the run) and on its compare file (every run finished: nothing runs
+    again): each call returns what it wrote."""
+    from tests.conftest import readme_python_block
+
+    root, path, first, _, _, _ = compared
+    code = readme_python_block("### Evaluating and comparing from Python")
+    assert code.count('"runs/from_python"') == 1 and code.count('"configs/study/smollm2_synthetic.yaml"') == 1
+    run = shutil.copytree(root / "out" / "seed0" / "nextquill", tmp_path / "run")
+    code = code.replace('"runs/from_python"', repr(str(run)))
+    code = code.replace('"configs/study/smollm2_synthetic.yaml"', repr(str(path)))
+    said = []
+    namespace = {"print": lambda *args: said.append(args)}
+    exec(code, namespace)
+    metrics, results = namespace["metrics"], namespace["results"]
+    written = json.loads((run / "eval" / "val" / "metrics.json").read_text())
+    assert metrics == written and metrics["generation"]["max_new_tokens"] == 16
+    assert (metrics["overall"]["rouge1"], metrics["loss"]) in said
+    assert results == json.loads((root / "out" / "results.json").read_text())
+    assert results["rows"] == first["rows"] and said[-1] == (results["conclusions"],)
+
+
 def _files(directory: Path) -> dict[Path, bytes]:
     return {p: p.read_bytes() for p in directory.rglob("*") if p.is_file()}
 
