@@ -6,7 +6,7 @@ directory, `<dir>/logs/third_party.log`, instead of the console, which keeps thi
         ...                                          # records are held in memory until
         third_party_logs.log_to(out, named="--out")  # the command names its directory and has made it
 
-Imports only `output_dir`, which imports nothing of this package, so any layer may name it.
+Imports only `output_dir` and `plural`, which import nothing of this package, so any layer may name it.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from nextquill_jax.output_dir import check_output_dir
+from nextquill_jax.plural import counted
 
 LOG_FILE = Path("logs") / "third_party.log"
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -42,7 +43,9 @@ class _Sink(logging.Handler):
     that was already there (a `data prepare` refused before it wrote) leaves no empty log in it.
     The file is closed after each write, as `metrics.jsonl` is: on a Cloud Storage FUSE workdir a file
     reaches the bucket only when closed (tpu_scripts/README.md). Each process of a multi-process run writes a
-    file of its own (`log_file`): one file appended to through several mounts keeps one writer's lines."""
+    file of its own (`log_file`): one file appended to through several mounts keeps one writer's lines.
+    A file that cannot be written (a read-only run directory that `export` reads, a full disk) is said once on
+    stderr; from then on records go where those left at `close` go, and `close` counts the lines dropped."""
 
     def __init__(self, shown: bool) -> None:
         super().__init__(logging.INFO)
@@ -50,6 +53,8 @@ class _Sink(logging.Handler):
         self.setFormatter(logging.Formatter(FORMAT))
         self.held: list[logging.LogRecord] = []
         self.directory: Path | None = None
+        self.unwritable: Path | None = None  # the file that could not be written, once one could not
+        self.dropped = 0  # records neither written nor shown since
 
     def emit(self, record: logging.LogRecord) -> None:
         self.held.append(record)
@@ -61,6 +66,8 @@ class _Sink(logging.Handler):
             self._flush_held()
 
     def _flush_held(self) -> None:
+        if self.unwritable is not None:
+            self._show_or_drop()
         if self.directory is None or not self.held or not self.directory.is_dir():
             return
         path = self.directory / log_file()
@@ -68,20 +75,35 @@ class _Sink(logging.Handler):
             path.parent.mkdir(exist_ok=True)
             with path.open("a", encoding="utf-8") as file:
                 file.writelines(self.format(record) + "\n" for record in self.held)
-        except OSError:  # a full disk, a stale mount: said on stderr (`Handler.handleError`), never raised
-            self.handleError(self.held[-1])  # into the third-party code that logged
+        except OSError as e:  # said on stderr, never raised into the third-party code that logged
+            self.unwritable = path
+            print(
+                f"note: cannot write the third-party log {path} ({e.strerror or e}); from now on its "
+                "warnings go to stderr, its other lines nowhere (--verbose shows them all on the console)",
+                file=sys.stderr,
+            )
+            self._show_or_drop()
+        self.held = []
+
+    def _show_or_drop(self) -> None:
+        """Print the held warnings and errors on stderr (those the console has not shown and are for it);
+        drop the rest, counting those that were meant for the file."""
+        for record in self.held:
+            if self.shown:  # the console has
+                continue
+            if record.levelno >= logging.WARNING:
+                if not any(text in record.getMessage() for text in _NOT_FOR_THE_CONSOLE):
+                    print(self.format(record), file=sys.stderr)
+            elif self.unwritable is not None:
+                self.dropped += 1
         self.held = []
 
     def close(self) -> None:
         self._flush_held()
-        for record in self.held:
-            if (
-                record.levelno >= logging.WARNING
-                and not self.shown
-                and not any(text in record.getMessage() for text in _NOT_FOR_THE_CONSOLE)
-            ):
-                print(self.format(record), file=sys.stderr)
-        self.held = []
+        self._show_or_drop()
+        if self.dropped:
+            print(f"note: {counted(self.dropped, 'third-party log line')} not written to {self.unwritable}",
+                  file=sys.stderr)  # fmt: skip
         super().close()
 
 

@@ -10,8 +10,8 @@ compare files and `bench`'s sweeps) stands above `eval` and `bench`, beside `dem
 
 `config_schema`, `config_paths`, `plural`, `lost_signals`, `atomic_file`, `json_object`, `output_dir`,
 `subcommand`, `argument_parser`, `mesh_sizes` and `third_party_logs` serve every layer: they import nothing
-of the package but each other (`third_party_logs` checks its directory with `output_dir`, `argument_parser`
-reads `subcommand`'s name of the overrides).
+of the package but each other (`third_party_logs` checks its directory with `output_dir` and counts with
+`plural`, `argument_parser` reads `subcommand`'s name of the overrides).
 """
 
 from __future__ import annotations

@@ -217,11 +217,28 @@ def test_each_process_of_a_multi_process_run_writes_a_log_of_its_own(tmp_path, m
         assert (logs / name).read_text().endswith(f"INFO jax: from {name}\n")
 
 
-def test_a_log_that_cannot_be_written_is_said_on_stderr_not_raised_into_the_caller(tmp_path, capsys):
-    """The file is opened at each write now: a full disk or a stale mount there raised out of the third-party
-    code that logged (Orbax's, mid-save), where logging's own handlers report the failure and go on."""
+@pytest.mark.parametrize("verbose", [False, True])
+def test_a_log_that_cannot_be_written_is_said_once_on_stderr_not_raised_into_the_caller(
+    tmp_path, capsys, verbose
+):
+    """The file is opened at each write: a read-only run directory (`export` reads one), a full disk or a
+    stale mount there raised out of the third-party code that logged (Orbax's, mid-save); then logging's
+    handler printed a "--- Logging error ---" traceback for every write (2,053 lines of stderr for one
+    export of a read-only run). Now one note says so, warnings still reach stderr, and the lines the file
+    would have held are counted."""
     (tmp_path / "logs").write_text("a file where the folder goes\n")
-    with third_party_logs.captured(verbose=False):
+    with third_party_logs.captured(verbose=verbose):
         third_party_logs.log_to(tmp_path, named="--workdir")
-        logging.getLogger("jax").info("a record")  # raised FileExistsError
-    assert "--- Logging error ---" in capsys.readouterr().err
+        for n in range(3):
+            logging.getLogger("jax").info(f"record {n}")  # raised FileExistsError
+        logging.getLogger("absl").warning("a warning")
+    err = capsys.readouterr().err
+    path = tmp_path / "logs" / "third_party.log"
+    assert "Logging error" not in err and err.count("note: cannot write") == 1
+    assert f"note: cannot write the third-party log {path} (" in err
+    assert err.count("WARNING absl: a warning\n") == 1
+    if verbose:  # the console showed every line, so none is lost
+        assert err.count(" INFO jax: record ") == 3 and "not written" not in err
+    else:
+        assert " INFO jax: record " not in err
+        assert err.endswith(f"note: 3 third-party log lines not written to {path}\n")
