@@ -86,7 +86,7 @@ def expected_errors() -> tuple[type[Exception], ...]:
     """The errors a user fixes, not a bug: a bad config, bad data, a missing file or checkpoint, a file where
     an output directory is to be (`output_dir.check_output_dir`), a file or directory this user may not read
     or write (`PermissionError`, which names it), an export directory that already holds weights
-    (`models.hf.refuse_existing_weights`), damaged prepared data or checkpoints, a packaged model whose pip
+    (`models.hf.refuse_stale_files`), damaged prepared data or checkpoints, a packaged model whose pip
     package is not installed, a directory another `train`, `compare` or `demo` is running in
     (`WorkdirLockedError`), such an error of process 0 seen by another process of the run. Their messages
     name the fix. Imported on use: `--help` imports no JAX. `MissingPackageError` and `Process0FailedError`

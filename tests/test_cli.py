@@ -22,6 +22,7 @@ import yaml
 
 from nextquill_jax import __version__, cli
 from nextquill_jax.data.config import SPLITS
+from nextquill_jax.models.hf import READ_OVER_FILES
 
 
 def test_version(capsys):
@@ -917,6 +918,29 @@ def test_export_refuses_an_out_that_holds_weights_naming_them_before_restoring(
     assert message.endswith(f"Fix: empty {dirty} or pass another --out."), message
     assert sorted(p.name for p in dirty.iterdir()) == sorted([*stale, "README.md"])
     assert all((dirty / name).read_text() == "old\n" for name in stale)
+
+
+@pytest.mark.parametrize("mode", ["--merged", "--adapter"])
+@pytest.mark.parametrize(
+    "stale", [["generation_config.json"], ["added_tokens.json", "special_tokens_map.json"]]
+)
+def test_export_refuses_an_out_holding_files_transformers_reads_over_the_exports(
+    stale, mode, tmp_path, capsys, tiny_config, write_config
+):
+    """No export writes them, and transformers reads them in preference to what it does write: an old
+    generation_config.json gave the loaded model another model's end-of-sequence id (outside its vocabulary)
+    and sampling, an old special_tokens_map.json the tokenizer another end token."""
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)  # no checkpoint: restoring would fail otherwise
+    write_config(tiny_config(tmp_path, tmp_path / "run"), tmp_path / "run" / "config.yaml")
+    dirty = tmp_path / "dirty"
+    dirty.mkdir()
+    for name in stale:
+        (dirty / name).write_text("{}\n")
+    message = _run_cli(["export", "--workdir", "{tmp}/run", "--out", "{tmp}/dirty", mode], tmp_path, capsys)
+    listed = ", ".join(name for name in READ_OVER_FILES if name in stale)
+    assert message.startswith(f"{dirty} already holds {listed}, which transformers reads in "), message
+    assert message.endswith(f"Fix: empty {dirty} or pass another --out."), message
+    assert sorted(p.name for p in dirty.iterdir()) == sorted(stale)
 
 
 @pytest.mark.parametrize("train, examples", [(16, "16 examples"), (1, "1 example")])  # was "1 examples"

@@ -37,6 +37,11 @@ DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 # model.safetensors, transformers the reverse, and an adapter_config.json makes transformers (with peft) load
 # the directory as an adapter on its base model.
 WEIGHT_FILES = ("model*.safetensors*", "pytorch_model*.bin*", "adapter_model.*", "adapter_config.json")
+# Files transformers reads beside a saved model in preference to what a save here writes, and that no save
+# here writes: generation_config.json's token ids and decoding replace config.json's, special_tokens_map.json
+# and added_tokens.json the saved tokenizer's special tokens. One left from another model is read as this
+# one's.
+READ_OVER_FILES = ("generation_config.json", "special_tokens_map.json", "added_tokens.json")
 # Buffers some older checkpoints store that are not parameters (recomputed from the config here).
 _IGNORED = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
 _COPY_AGAIN = "copy or download the model's files again from their source"
@@ -413,19 +418,28 @@ def load_pretrained(
     return model_from_hf(hf_config, tensors, dtype=dtype, mesh=mesh, rules=rules, **config_overrides)
 
 
-def refuse_existing_weights(out: str | Path, *, fix: str = "save to another directory") -> None:
-    """Check that `out` holds no weight files (`WEIGHT_FILES`) before weights are written there. They are not
-    removed: they may be a user's only copy.
+def refuse_stale_files(out: str | Path, *, fix: str = "save to another directory") -> None:
+    """Check that `out` holds no weight files (`WEIGHT_FILES`) and none of `READ_OVER_FILES` before a model or
+    adapters are saved there. They are not removed: they may be a user's only copy.
 
     Raises:
         FileExistsError: naming the files and the fix (an empty directory, or `fix`).
     """
     out = Path(out)
-    found = sorted({p.name for pattern in WEIGHT_FILES for p in out.glob(pattern)}) if out.is_dir() else []
-    if found:
+    if not out.is_dir():
+        return
+    weights = sorted({p.name for pattern in WEIGHT_FILES for p in out.glob(pattern)})
+    if weights:
         raise FileExistsError(
-            f"{out} already holds weight files: {', '.join(found)}. Writing beside them would leave weights "
-            f"that disagree, which loaders choose between differently. Fix: empty {out} or {fix}."
+            f"{out} already holds weight files: {', '.join(weights)}. Writing beside them would leave "
+            f"weights that disagree, which loaders choose between differently. Fix: empty {out} or {fix}."
+        )
+    read_over = [name for name in READ_OVER_FILES if (out / name).exists()]
+    if read_over:
+        raise FileExistsError(
+            f"{out} already holds {', '.join(read_over)}, which transformers reads in preference to what a "
+            f"save writes (config.json's end-of-sequence ids and decoding, the tokenizer's special tokens); "
+            f"no save here writes them, so they would be read as this model's. Fix: empty {out} or {fix}."
         )
 
 
@@ -446,10 +460,11 @@ def save_pretrained(
 
     `out_dir` may exist but must hold no weight files (`WEIGHT_FILES`): a new save beside an earlier one
     (say a sharded one, then a single file) would leave two sets of weights, and our loader and transformers
-    would each load a different one. Nothing is removed; every process checks before any work.
+    would each load a different one; nor any of `READ_OVER_FILES`, which transformers would read as this
+    model's. Nothing is removed; every process checks before any work.
 
     Raises:
-        FileExistsError: `out_dir` already holds weight files, naming them (`refuse_existing_weights`).
+        FileExistsError: `out_dir` already holds such files, naming them (`refuse_stale_files`).
         ValueError: `model` carries LoRA adapters (`CausalLM.attach_adapters`), which a Hugging Face
             directory cannot hold: its parameters alone would be the base.
     """
@@ -459,7 +474,7 @@ def save_pretrained(
             "Fix: save `workdir.merged_model(model)` (the adapters merged into the kernels)"
         )
     out_dir = Path(out_dir)
-    refuse_existing_weights(out_dir)
+    refuse_stale_files(out_dir)
     cfg = model.cfg
     flat = list(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     rules_by_path = _rules_for(cfg, [path for path, _ in flat])

@@ -148,7 +148,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         "--out",
         required=True,
         type=directory,
-        help="output directory; one that holds weight files is refused",
+        help="output directory; one that holds weight files or a generation_config.json is refused",
     )
     what = parser.add_mutually_exclusive_group()
     what.add_argument(

@@ -6,7 +6,8 @@ adapters merged into its base, the merged kernels in float32) and the tokenizer 
 loads onto the base. The model is rebuilt from the config saved with that checkpoint; the parameters are
 gathered on this process's first device, so the model must fit on one device (run it on one host).
 
-Both refuse an output directory that already holds weights (`refuse_existing_weights`), before restoring.
+Both refuse an output directory that already holds weights, or files transformers would read over theirs
+(`refuse_stale_files`), before restoring.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from nextquill_jax.config_schema import ConfigError
 from nextquill_jax.models import load_tokenizer, save_pretrained
-from nextquill_jax.models.hf import refuse_existing_weights
+from nextquill_jax.models.hf import refuse_stale_files
 from nextquill_jax.models.peft import write_peft_adapter
 from nextquill_jax.train import adapters, model_setup
 from nextquill_jax.train.workdir import (
@@ -43,10 +44,11 @@ def export(
     weights are that quantized base plus the adapters.
 
     Raises:
-        FileExistsError: `out` already holds weight files (`refuse_existing_weights`).
+        FileExistsError: `out` already holds weight files or a file transformers reads over the export's
+            (`refuse_stale_files`).
         FileNotFoundError: no checkpoint directory, no complete checkpoint, or no checkpoint at `step`.
     """
-    refuse_existing_weights(out, fix="pass another --out")
+    refuse_stale_files(out, fix="pass another --out")
     # It writes weights and runs no attention and no loss: no note on reading a cuDNN / splash run with `xla`
     # here, and a `loss.weighting` module need not import.
     restored = restore_model(workdir, step, single_device_mesh(), runs_model=False)
@@ -135,7 +137,7 @@ def export_adapter(
             "--adapter --step 0: the adapters a run starts from are untrained (B = 0, or the files of "
             "`model.lora.init_from`). Fix: --merged --step 0 exports the model the run starts from."
         )
-    refuse_existing_weights(out, fix="pass another --out")
+    refuse_stale_files(out, fix="pass another --out")
     restored = restore_params(
         workdir, step, single_device_mesh(), runs_model=False, no_checkpoint_hint=NO_ADAPTERS_HINT
     )
