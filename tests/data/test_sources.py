@@ -1307,14 +1307,28 @@ def test_lines_json_cannot_read_or_that_end_in_cr_alone_are_named_with_their_cau
     ), issue.message
 
 
-def test_a_generic_null_field_is_told_to_go_or_get_text(tmp_path):
-    """A null context field is no value the prompt could show: its fix is to remove it or write its text
-    (not to join a list into a string)."""
-    path = tmp_path / "records.jsonl"
-    path.write_text(_generic_line("u", context={"item_title": None}))
+def test_a_null_field_of_a_context_or_entry_object_is_absent(tmp_path):
+    """Parquet gives a struct column every key any row has, null where a row has none: a generic file whose
+    records' contexts or entries carry different fields was refused whole (`context.rating` null, "Fix:
+    remove the key", which Parquet cannot). A null field is absent, as a null optional field is; a template
+    that needs it names it as missing."""
+    rows = [
+        {"user_id": "u1", "context": {"item_title": "A"}, "history": [{"text": "h"}], "target": "t"},
+        {"user_id": "u2", "context": {"item_title": "B", "rating": 5},
+         "history": [{"text": "h", "title": "x"}], "target": "t"},
+    ]  # fmt: skip
+    parquet = tmp_path / "records.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), parquet)
+    assert pq.read_table(parquet).to_pylist()[0]["context"] == {"item_title": "A", "rating": None}
+    records, _ = _read(DataConfig(format="generic", template="plain", sources=[str(parquet)]))
+    assert [r.context for r in records] == [{"item_title": "A"}, {"item_title": "B", "rating": 5}]
+    assert [r.history[0].fields for r in records] == [{"text": "h"}, {"text": "h", "title": "x"}]
+
+    jsonl = tmp_path / "records.jsonl"
+    jsonl.write_text(_generic_line("u", context={"item_title": "A", "rating": None}))
+    records, _ = _read(DataConfig(format="generic", template="plain", sources=[str(jsonl)]))
+    assert records[0].context == {"item_title": "A"}
     with pytest.raises(DataError) as e:
-        _read(DataConfig(format="generic", template="plain", sources=[str(path)]))
-    assert (
-        f"{path}:1:context.item_title: `context.item_title` must be a string or a number, got NoneType None; "
-        "the prompt inserts it as text. Fix: remove the key, or write its text\n"
-    ) in str(e.value)
+        _read(DataConfig(format="generic", template="review_short", sources=[str(jsonl)]))
+    assert f"{jsonl}:1:context.item_description: " in str(e.value)
+    assert "context.rating" in str(e.value).split(f"{jsonl}:1:")[1].split("\n")[0], str(e.value)

@@ -3,7 +3,9 @@
 One object per line: `user_id` (string), `context` (a string, or an object of named string / number fields),
 `history` (a list of strings or of objects with `text`, optional `timestamp` and other named fields), `target`
 (string), optional `category`, `split` (train / val / test; else `data.default_split`), `id` and `meta` (any
-object, carried through untouched); an optional field (an entry's `timestamp` too) set to null is absent.
+object, carried through untouched); an optional field (an entry's `timestamp` too) set to null is absent, and
+so is a null field of a context or entry object (Parquet gives a struct every key of its column, null where
+a row has none), which a template that needs it then names as missing.
 A string context becomes the field `context`, a string entry the field `text`. History is oldest first, or
 sorted by `timestamp` when the entries carry one (then all must).
 Any other top-level key is an invalid record (`unknown_field`; a misspelt `split` would silently train on a
@@ -203,30 +205,26 @@ def _check_keys(obj: dict[str, Any], location: str) -> None:
 
 
 def _scalars(obj: dict[str, Any], location: str, path: str) -> dict[str, Any]:
-    """All fields of `obj` (the object at `path`), which must be strings or numbers.
+    """The fields of `obj` (the object at `path`) that are not null (absent: module docstring), which must be
+    strings or numbers.
 
     Raises:
-        InvalidRecordError: `wrong_type` for the first other value (a list, an object, true/false, null, or
-            a number that is not finite: `require_finite`), saying what it is and the fix.
+        InvalidRecordError: `wrong_type` for the first other value (a list, an object, true/false, or a
+            number that is not finite: `require_finite`), saying what it is and the fix.
     """
-    for key, value in obj.items():
+    fields = {key: value for key, value in obj.items() if value is not None}
+    for key, value in fields.items():
         field = f"{path}.{key}"
         require_finite(value, location, field, FINITE_FIX)
         if not isinstance(value, str | int | float) or isinstance(value, bool):
-            if value is None:  # here a field is a value the prompt shows: null is no value
-                fix = "remove the key, or write its text"
-            else:
-                fix = (
-                    "write it as one string (a list joined, say), or move it into the record's `meta` "
-                    "(carried through, not in the prompt)"
-                )
             raise InvalidRecordError(
                 Issue(
                     "wrong_type",
                     location,
                     field,
                     f"`{field}` must be a string or a number, got {describe_value(value)}; the prompt inserts"
-                    f" it as text. Fix: {fix}",
+                    " it as text. Fix: write it as one string (a list joined, say), or move it into the "
+                    "record's `meta` (carried through, not in the prompt)",
                 )
             )
-    return dict(obj)
+    return fields
