@@ -129,15 +129,16 @@ class DataConfig:
     Fields:
         `format`: how `sources` and `meta` are read: `amazon2023` (raw Amazon Reviews 2023 files, turned into
             records by the DPL benchmark's protocol per category, `data/sources/amazon2023.py`, with the
-            `dpl_*` thresholds), `dpl` (DPL-built rows), `lamp` (LaMP / LongLaMP), `generic` (one JSON object
-            per line; README, "Your own data") or `synthetic` (the synthetic benchmark, generated in-process).
+            `dpl_*` thresholds), `dpl` (DPL-built rows), `lamp` (LaMP / LongLaMP), `generic` (one record per
+            JSON line, `.json` array element or Parquet row; README, "Your own data") or `synthetic` (the
+            synthetic benchmark, generated in-process).
         `sources`: the record files, paths or glob patterns relative to the working directory (`**` matches
             any depth of directories; a file matched twice, by two patterns or two spellings of its path, is
             read once). amazon2023: review files `<Category>.jsonl[.gz]|.parquet`; dpl: built rows
             (`user_id`, `profile`, `data`), one file per split, the split read from the file name (train; val,
             valid, validation or dev; test); lamp: question files (`id`, `input`, `profile`, optional inline
-            `output`), split from the file name; generic: JSON lines, each record's split its `split`, else
-            `default_split`; synthetic: none.
+            `output`), split from the file name; generic: `.jsonl[.gz]|.json|.parquet`, each record's split
+            its `split`, else `default_split`; synthetic: none.
         `meta`: the metadata files, paths or glob patterns (as in `sources`). amazon2023: `meta_<Category>.*`,
             one per review file; dpl: item rows (`asin`, `title`, `description`); lamp: the outputs files
             (`golds`: `id`, `output`) of the same splits; generic and synthetic: none.
