@@ -15,6 +15,10 @@ from typing import Any, Literal
 
 FORMATS = ("amazon2023", "dpl", "lamp", "generic", "synthetic")
 SPLITS = ("train", "val", "test")
+# The split each word names in a split file's name (`sources/read.py`); a record's `split` is one of SPLITS.
+SPLIT_WORDS = {
+    "train": "train", "val": "val", "valid": "val", "validation": "val", "dev": "val", "test": "test"
+}  # fmt: skip
 # DataConfig fields that do not change the prepared data, so a change to one does not prepare it again: how
 # many records one tokenizer call takes (speed and memory) and how many invalid records an error lists. Data
 # prepared before they left the fingerprint recorded one that holds them (`prepare.py` still accepts it).

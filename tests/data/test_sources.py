@@ -229,7 +229,8 @@ def test_amazon2023_reviews_of_an_invalid_metadata_row_are_counted_not_reported_
         _read(cfg)
     assert str(e.value).splitlines()[:2] == [
         "1 invalid input record(s) (1 wrong_type); nothing was prepared:",
-        f"  {tmp_path}/meta_Books.jsonl:4:description: `description` must be a list, got str 'a string'",
+        f"  {tmp_path}/meta_Books.jsonl:4:description: `description` must be a list, got str 'a string'. "
+        "Fix: write it as a list, or null",
     ]
     _, log = _read(dataclasses.replace(cfg, on_error="skip"))
     assert dict(log.errors) == {"wrong_type": 1} and log.dropped["review_item_invalid"] == 4
@@ -1305,6 +1306,34 @@ def test_lines_json_cannot_read_or_that_end_in_cr_alone_are_named_with_their_cau
         "(the line holds carriage returns (CR) alone: a file whose lines end in CR only, as old Mac editors "
         "wrote, reads as one line; convert its line endings to LF)"
     ), issue.message
+
+
+def test_a_mistyped_missing_or_misplaced_generic_field_is_told_its_fix(tmp_path):
+    """These named the problem and no fix (the closing line offers only `on_error: skip`)."""
+    path = tmp_path / "records.jsonl"
+    path.write_text(
+        _generic_line("a", split="validation")
+        + _generic_line("b", split="holdout")
+        + _generic_line("c", meta="notes")
+        + _generic_line(7)
+        + json.dumps({"user_id": "d", "context": "c", "history": ["h"]}) + "\n"
+        + _generic_line("e", target=None)
+        + json.dumps(["a", "list"]) + "\n"
+    )  # fmt: skip
+    _, log = _read(DataConfig(format="generic", template="plain", sources=[str(path)], on_error="skip"))
+    issues = [issue for listed in log.skipped.values() for issue in listed]
+    said = {issue.location: f"{issue.field}: {issue.message}" for issue in issues}
+    splits = "split: `split` must be one of ('train', 'val', 'test')"
+    assert said == {
+        f"{path}:1": f"{splits}, got 'validation'. Fix: write val",
+        f"{path}:2": f"{splits}, got 'holdout'. Fix: write one of train, val, test, or leave it out",
+        f"{path}:3": "meta: `meta` must be an object, got str 'notes'. Fix: write it as an object, or null",
+        f"{path}:4": 'user_id: `user_id` must be a string, got int 7. Fix: write it as a string ("7")',
+        f"{path}:5": "target: required field `target` is missing. Fix: add it",
+        f"{path}:6": "target: required field `target` is null. Fix: give its value",
+        f"{path}:7": "None: each line must be a JSON object, got list. Fix: write each record as an object "
+        "({...}) on a line of its own",
+    }
 
 
 def test_a_null_field_of_a_context_or_entry_object_is_absent(tmp_path):

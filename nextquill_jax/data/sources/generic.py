@@ -21,7 +21,7 @@ import difflib
 from pathlib import Path
 from typing import Any
 
-from nextquill_jax.data.config import SPLITS
+from nextquill_jax.data.config import SPLIT_WORDS, SPLITS
 from nextquill_jax.data.sources.records import (
     FINITE_FIX,
     HistoryEntry,
@@ -105,9 +105,10 @@ def parse_generic(obj: dict[str, Any], location: str, default_split: str, templa
     if split is None:
         split = default_split
     if split not in SPLITS:
-        raise InvalidRecordError(
-            Issue("wrong_type", location, "split", f"`split` must be one of {SPLITS}, got {split!r}")
-        )
+        named = SPLIT_WORDS.get(split)  # a file name's word for a split (`dev`), which a record does not use
+        fix = f"write {named}" if named else f"write one of {', '.join(SPLITS)}, or leave it out"
+        message = f"`split` must be one of {SPLITS}, got {split!r}. Fix: {fix}"
+        raise InvalidRecordError(Issue("wrong_type", location, "split", message))
     entries = _history(get_field(obj, "history", (list,), location), location)
     missing = missing_fields(context, template.context_fields, "context.")
     for i, entry in enumerate(entries):  # file order, so `history[i]` names the entry as written

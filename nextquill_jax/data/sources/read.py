@@ -9,7 +9,7 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-from nextquill_jax.data.config import DataConfig
+from nextquill_jax.data.config import SPLIT_WORDS, DataConfig
 from nextquill_jax.data.sources import amazon2023, dpl
 from nextquill_jax.data.sources.generic import read_generic
 from nextquill_jax.data.sources.lamp import read_lamp, read_lamp_outputs
@@ -17,15 +17,6 @@ from nextquill_jax.data.sources.records import IssueLog, Record
 from nextquill_jax.data.sources.rows import file_kind
 from nextquill_jax.data.sources.synth import generate_synthetic
 from nextquill_jax.data.templates import PromptTemplate
-
-_SPLIT_WORDS = {
-    "train": "train",
-    "val": "val",
-    "valid": "val",
-    "validation": "val",
-    "dev": "val",
-    "test": "test",
-}
 
 
 def expand_paths(patterns: list[str], key: str) -> list[Path]:
@@ -98,8 +89,8 @@ def split_from_name(path: Path) -> str:
         ValueError: when no word of the name is train / val / valid / validation / dev / test.
     """
     for word in re.split(r"[^a-zA-Z]+", path.name.lower()):
-        if word in _SPLIT_WORDS:
-            return _SPLIT_WORDS[word]
+        if word in SPLIT_WORDS:
+            return SPLIT_WORDS[word]
     raise ValueError(
         f"{path}: cannot tell its split from the file name; name it with train, val (or dev) or test,"
         " e.g. train.jsonl or dev_questions.json"

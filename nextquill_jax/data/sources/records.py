@@ -184,17 +184,27 @@ def get_field(
     path = path or name
     if name not in obj:
         raise InvalidRecordError(
-            Issue("missing_field", location, path, f"required field `{path}` is missing")
+            Issue("missing_field", location, path, f"required field `{path}` is missing. Fix: add it")
         )
     value = obj[name]
     if value is None:
         if nullable:
             return None
-        raise InvalidRecordError(Issue("missing_field", location, path, f"required field `{path}` is null"))
+        raise InvalidRecordError(
+            Issue("missing_field", location, path, f"required field `{path}` is null. Fix: give its value")
+        )
     if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
         expected = " or ".join(_KIND_NAMES[k] for k in kinds)
+        # A number or flag where text is wanted (an id written unquoted): the text it stands for.
+        quoted = f" ({json.dumps(str(value))})" if kinds == (str,) and isinstance(value, int | float) else ""
+        fix = f"write it as {expected}{quoted}" + (", or null" if nullable else "")
         raise InvalidRecordError(
-            Issue("wrong_type", location, path, f"`{path}` must be {expected}, got {describe_value(value)}")
+            Issue(
+                "wrong_type",
+                location,
+                path,
+                f"`{path}` must be {expected}, got {describe_value(value)}. Fix: {fix}",
+            )
         )
     return require_finite(value, location, path, "write a finite number")
 

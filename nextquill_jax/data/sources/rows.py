@@ -162,7 +162,11 @@ def _decode_line(raw: bytes, location: str, index: int) -> Row | Issue:
         return Issue("malformed_json", location, None, _TOO_MANY_DIGITS)
     if not isinstance(value, dict):
         return Issue(
-            "wrong_type", location, None, f"each line must be a JSON object, got {type(value).__name__}"
+            "wrong_type",
+            location,
+            None,
+            f"each line must be a JSON object, got {type(value).__name__}. Fix: write each record as an "
+            "object ({...}) on a line of its own",
         )
     if bad_utf8 is not None:
         return _utf8_issue(bad_utf8, location, _field_with_surrogates(value, ""))
