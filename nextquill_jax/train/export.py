@@ -16,9 +16,11 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+from nextquill_jax.config import LoraConfig, ModelRunConfig
 from nextquill_jax.config_schema import ConfigError
 from nextquill_jax.models import load_tokenizer, save_pretrained
 from nextquill_jax.models.hf import refuse_stale_files
+from nextquill_jax.models.packaged import packaged_model_names
 from nextquill_jax.models.peft import write_peft_adapter
 from nextquill_jax.train import adapters, model_setup
 from nextquill_jax.train.workdir import (
@@ -111,6 +113,42 @@ NO_ADAPTERS_HINT = (
 _SAME_NETWORK = frozenset({"bos_token_id", "eos_token_ids", "pad_token_id", "max_position_embeddings"})
 
 
+def base_note(section: ModelRunConfig, lora: LoraConfig, workdir: str | Path, out: str | Path) -> str | None:
+    """What `export_adapter` says of the base `out`/adapter_config.json names (`section.path`: the run's
+    base), or None where that name loads the base the adapters were trained on: one changed by
+    `model.overrides` or quantized (`lora.base_dtype` int8 / nf4) is another network, and a packaged model's
+    name is no name transformers loads. Either way the base to load is `export --step 0`'s."""
+    changed = {k: v for k, v in section.overrides.items() if k not in _SAME_NETWORK}
+    step_0 = f"`nextquill-jax export --workdir {workdir} --step 0 --out BASE_DIR`"
+    differences = []
+    if section.path is not None and changed:
+        differences.append(f"the run's base is model.path {section.path} with model.overrides {changed}")
+    if lora.base_dtype in ("int8", "nf4"):
+        differences.append(
+            f"the adapters were trained on the base quantized to {lora.base_dtype} (model.lora.base_dtype)"
+        )
+    if differences:
+        base = (
+            "a run started from model.lora.init_from has no such base on disk (its step 0 carries those "
+            "adapters merged): use `export --merged` for the trained model"
+            if lora.init_from is not None
+            else f"load the base from {step_0} instead (the model the run started from)"
+        )
+        return (
+            f"note: {' and '.join(differences)}, which {out}/adapter_config.json's "
+            f"base_model_name_or_path cannot say: loaded from that path alone, the base computes otherwise "
+            f"than the one trained; {base}."
+        )
+    if section.path is not None and section.path.lower() in packaged_model_names():
+        return (
+            f"note: {out}/adapter_config.json's base_model_name_or_path is the packaged model "
+            f"{section.path}, a name transformers does not load (this package ships it as a GGUF file): "
+            f"write the base as a Hugging Face directory with {step_0} and load the adapters onto it "
+            f"(`peft.PeftModel.from_pretrained(base, {out!r})`)."
+        )
+    return None
+
+
 def export_adapter(
     workdir: str | Path, out: str | Path, step: int | None = None, echo: Callable[[str], None] = print
 ) -> int:
@@ -118,7 +156,8 @@ def export_adapter(
     `out`; returns the step exported.
 
     Its `base_model_name_or_path` is the run's `model.path` as the run recorded it (a local directory or file
-    absolute, a packaged name as written); for a `model.preset` base it is
+    absolute, a packaged name as written, which transformers does not load: a note says so, `base_note`); for
+    a `model.preset` base it is
     null: that base is a random model built from the preset's architecture (with `model.overrides`) and
     `train.seed`, which no hub or packaged name loads, so naming the preset (e.g. smollm2-135m) would lead
     `AutoPeftModel` to pair the adapters with another model. A `model.path` base trained with
@@ -148,27 +187,9 @@ def export_adapter(
             f"--merged (a Hugging Face directory)"
         )
     section = adapters.base_section(restored.config.model)
-    changed = {k: v for k, v in section.overrides.items() if k not in _SAME_NETWORK}
-    differences = []
-    if section.path is not None and changed:
-        differences.append(f"the run's base is model.path {section.path} with model.overrides {changed}")
-    if lora.base_dtype in ("int8", "nf4"):
-        differences.append(
-            f"the adapters were trained on the base quantized to {lora.base_dtype} (model.lora.base_dtype)"
-        )
-    if differences:
-        base = (
-            "a run started from model.lora.init_from has no such base on disk (its step 0 carries those "
-            "adapters merged): use `export --merged` for the trained model"
-            if lora.init_from is not None
-            else f"load the base from `nextquill-jax export --workdir {workdir} --step 0 --out BASE_DIR` "
-            "instead (the model the run started from)"
-        )
-        echo(
-            f"note: {' and '.join(differences)}, which {out}/adapter_config.json's "
-            f"base_model_name_or_path cannot say: loaded from that path alone, the base computes otherwise "
-            f"than the one trained; {base}."
-        )
+    note = base_note(section, lora, workdir, out)
+    if note is not None:
+        echo(note)
     write_peft_adapter(
         restored.params,
         model_setup.model_config(section),

@@ -286,6 +286,38 @@ def test_the_adapters_of_a_base_they_do_not_fit_come_with_a_note_naming_the_base
     assert np.abs(peft_logits(hf_dir) - want).max() > 100 * tolerance
 
 
+@pytest.mark.parametrize(
+    ("path", "overrides", "base_dtype", "said"),
+    [("smollm2-135m", {}, None, "packaged"), ("SmolLM2-135M", {"eos_token_ids": [2]}, None, "packaged"),
+     ("/models/base", {}, None, None), (None, {}, None, None), ("smollm2-135m", {}, "nf4", "quantized")],
+)  # fmt: skip
+def test_the_adapters_of_a_packaged_base_come_with_a_note_naming_the_base_to_load(
+    path, overrides, base_dtype, said
+):
+    """adapter_config.json names a packaged base as written (`smollm2-135m`), which transformers does not
+    load, so `AutoPeftModel` cannot: the note that named the base to load for a changed or quantized base
+    said nothing here."""
+    from nextquill_jax.config import LoraConfig, ModelRunConfig
+    from nextquill_jax.train.export import base_note
+
+    section = ModelRunConfig(path=path, preset=None if path else "smollm2-135m", overrides=overrides)
+    lora = LoraConfig(rank=4, alpha=8.0, **({"base_dtype": base_dtype} if base_dtype else {}))
+    note = base_note(section, lora, "runs/r", "out")
+    step_0 = "`nextquill-jax export --workdir runs/r --step 0 --out BASE_DIR`"
+    if said == "packaged":
+        assert note == (
+            f"note: out/adapter_config.json's base_model_name_or_path is the packaged model {path}, a name "
+            f"transformers does not load (this package ships it as a GGUF file): write the base as a Hugging "
+            f"Face directory with {step_0} and load the adapters onto it "
+            "(`peft.PeftModel.from_pretrained(base, 'out')`)."
+        )
+    elif said == "quantized":
+        assert note.startswith("note: the adapters were trained on the base quantized to nf4"), note
+        assert step_0 in note
+    else:
+        assert note is None
+
+
 @pytest.mark.parametrize("command", ["export", "effects"])
 def test_export_and_effects_refuse_to_run_as_one_of_several_processes(command, tmp_path, monkeypatch, capsys):
     """Run as the processes of a multi-host job, each read on its own device and wrote the same files at
