@@ -1554,6 +1554,29 @@ def test_a_warmup_longer_than_the_run_is_noted_with_its_last_learning_rate(
     assert said == (expected if noted else []), lines
 
 
+@pytest.mark.parametrize(("overrides", "noted"), [([], True), (["optim.warmup_steps=0"], False)])
+def test_a_one_step_run_whose_step_is_warm_up_is_told_it_changes_no_weight(
+    tmp_path, write_random_data, write_config, tiny_config, overrides, noted
+):
+    """The warm-up rises from 0, so a one-step run's only update (warmup_ratio 0.01: one step of warm-up)
+    has learning rate 0: a one-step compare variant came out bit-identical to the untrained one, unsaid."""
+    from nextquill_jax.train.optimizer import learning_rate_schedule
+    from nextquill_jax.train.setup import set_up_run
+
+    data = write_random_data(tmp_path / "data", train=16, val=0)
+    path = write_config(tiny_config(data, tmp_path / "work"), tmp_path / "cfg.yaml")
+    lines = []
+    cfg = load_config(path, ["train.max_steps=1", *overrides])
+    run = set_up_run(cfg, tmp_path / "work", lines.append)
+    assert run.total_steps == 1 and (float(learning_rate_schedule(cfg.optim, 1)(0)) == 0) == noted
+    said = [line for line in lines if "changes no weight" in line]
+    expected = [
+        "note: the run's one optimizer step is the first of its warm-up, whose learning rate is 0: it "
+        "changes no weight. Fix: optim.warmup_steps=0, or more steps (train.max_steps, epochs)"
+    ]
+    assert said == (expected if noted else []), lines
+
+
 def test_a_joint_forward_run_bounds_cudnn_max_segments_by_both_streams_of_a_row(
     tmp_path, monkeypatch, write_random_data, write_config, tiny_config
 ):

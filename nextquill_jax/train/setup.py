@@ -720,7 +720,12 @@ def set_up_run(
     base_shardings = None if base is None else jax.tree.map(lambda x: x.sharding, base)
     settings = step_settings(cfg, None if reference is None else reference[0])
     schedule = learning_rate_schedule(cfg.optim, total_steps)
-    if warmup_steps(cfg.optim, total_steps) > total_steps:
+    if total_steps == 1 and warmup_steps(cfg.optim, total_steps) >= 1:
+        echo(
+            "note: the run's one optimizer step is the first of its warm-up, whose learning rate is 0: it "
+            "changes no weight. Fix: optim.warmup_steps=0, or more steps (train.max_steps, epochs)"
+        )
+    elif warmup_steps(cfg.optim, total_steps) > total_steps:
         last = float(schedule(total_steps - 1))  # the last update's learning rate
         echo(
             f"note: optim.warmup_steps is {warmup_steps(cfg.optim, total_steps)}, more than the run's "
