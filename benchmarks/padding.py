@@ -166,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     checked = [r["stats"].efficiency for m, s, r in rows if m == "pack" and s == args.check_seq_len]
     if checked and checked[0] < args.min_efficiency:
         print(
-            f"packing efficiency {checked[0]:.1%} < {args.min_efficiency:.0%} at seq_len {args.check_seq_len}"
+            f"error: packing efficiency {checked[0]:.1%} < {args.min_efficiency:.0%} (--min-efficiency) at "
+            f"seq_len {args.check_seq_len}",
+            file=sys.stderr,
         )
         return 1
     return 0

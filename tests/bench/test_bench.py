@@ -15,6 +15,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import ClassVar
 
 import jax
@@ -687,9 +688,27 @@ class PreparedLengths:
     """Stands in for a PreparedSplit of two examples with these token counts (what benchmarks/padding.py
     checks before it plans batches)."""
 
+    def __len__(self):
+        return 2
+
     def lengths(self, field):
         return {"prompt_with": np.array([100, 1121]), "prompt_without": np.array([40, 111]),
                 "target": np.array([30, 68])}[field]  # fmt: skip
+
+
+def test_padding_below_its_minimum_efficiency_says_so_on_stderr_and_fails(monkeypatch, capsys):
+    """The failed check went to stdout, inside the table a caller redirects to a file."""
+    padding = benchmark_script("padding")
+    shares = dict.fromkeys(("efficiency", "efficiency_with", "efficiency_without", "response_slot_use"), 0.5)
+    stats = SimpleNamespace(**shares, batches=1, shapes=1)
+    monkeypatch.setattr(padding, "synthetic_train_split", lambda *a, **k: PreparedLengths())
+    row = {"stats": stats, "shape": "-", "plan_s": 0, "epoch_s": 0}
+    monkeypatch.setattr(padding, "pipeline_row", lambda *a: row)
+    monkeypatch.setattr(padding, "public_efficiency", lambda split: 0.1)
+    assert padding.main(["--seq-len", "2048", "--min-efficiency", "0.9"]) == 1
+    out, err = capsys.readouterr()
+    assert err == "error: packing efficiency 50.0% < 90% (--min-efficiency) at seq_len 2048\n"
+    assert "efficiency 50.0%" not in out and "| pack 2048 |" in out
 
 
 @pytest.mark.parametrize(
