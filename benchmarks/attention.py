@@ -21,13 +21,13 @@ import functools
 import platform
 import shlex
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from nextquill_jax.argument_parser import ArgumentParser
+from nextquill_jax.bench.harness import alternating_best_seconds
 from nextquill_jax.bench.record import results_file
 from nextquill_jax.models.attention import attention_mask, xla_attention
 from nextquill_jax.models.blockwise_attention import blockwise_attention
@@ -42,12 +42,6 @@ def segment_ids(batch: int, seq_len: int, examples: int) -> np.ndarray:
     ids = np.zeros((batch, seq_len), np.int32)
     ids[:, :real] = 1 + np.arange(real) * examples // real
     return ids
-
-
-def _run_once(f, args) -> float:
-    start = time.perf_counter()
-    jax.block_until_ready(f(*args))
-    return time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,12 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     reference = outputs["dense (xla_dense)"]
     errors = {n: float(np.abs(o - reference).max() / np.abs(reference).max()) for n, o in outputs.items()}
 
-    best = {name: float("inf") for name in compiled}
-    for f in compiled.values():
-        _run_once(f, (q, k, v))  # warm-up
-    for _ in range(args.repeats):
-        for name, f in compiled.items():
-            best[name] = min(best[name], _run_once(f, (q, k, v)))
+    calls = {name: functools.partial(f, q, k, v) for name, f in compiled.items()}
+    best = alternating_best_seconds(calls, rounds=args.repeats)
 
     dense_name = "dense (xla_dense)"
     lines = [

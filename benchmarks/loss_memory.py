@@ -21,16 +21,17 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import platform
 import shlex
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from nextquill_jax.argument_parser import ArgumentParser
+from nextquill_jax.bench.harness import alternating_best_seconds
 from nextquill_jax.bench.record import results_file
 from nextquill_jax.loss import LossConfig, loss_from_hidden, loss_from_logits
 from nextquill_jax.loss.config import VARIANTS
@@ -90,15 +91,8 @@ def timing_row(tokens: int, args, cfg: LossConfig) -> dict[str, float]:
     labels = jnp.asarray(rng.integers(0, args.vocab, size=(1, tokens)), jnp.int32)
     row: dict[str, float] = {"tokens": tokens}
     paths = {p: build_from_args(p, cfg, args) for p in ("naive", "fused")}
-    for f in paths.values():
-        jax.block_until_ready(f(hw, ho, w, labels))  # compile and warm up
-    # Alternate the two paths and keep each one's best run, so load from other jobs biases neither.
-    best = {path: float("inf") for path in paths}
-    for _ in range(args.repeats):
-        for path, f in paths.items():
-            start = time.perf_counter()
-            jax.block_until_ready(f(hw, ho, w, labels))
-            best[path] = min(best[path], time.perf_counter() - start)
+    calls = {path: functools.partial(f, hw, ho, w, labels) for path, f in paths.items()}
+    best = alternating_best_seconds(calls, rounds=args.repeats)
     row.update({f"{path}_ms": 1e3 * t for path, t in best.items()})
     row["time_ratio"] = best["fused"] / best["naive"]
     return row

@@ -6,7 +6,8 @@ from P down to P/2; one row: P), positions from 0 at each row's first token, a c
 slots, random weights (float32 parameters, `--compute-dtype` activations and cache). Both paths are jitted as
 generation calls them (the cache made inside, last-token logits only). temp = XLA's compiled temporary
 buffers (`memory_analysis()`), i.e. without the parameters and the output cache; time = best of `--repeats`
-runs after a warm-up, compilation excluded. The two paths' last-token logits are compared first.
+runs of the two paths in turn after a warm-up, compilation excluded. The two paths' last-token logits are
+compared first.
 
     python benchmarks/prefill.py                  # CPU: Qwen2.5-0.5B shape with 2 layers, float32, B 1, xla
     PYTHONPATH=. python3 benchmarks/prefill.py --attention cudnn    # GPU: Qwen2.5-0.5B and 1.5B, bf16, B 8
@@ -20,6 +21,7 @@ Exits 1 if the paths' last-token logits differ by more than `--tolerance` relati
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     from flax import nnx
 
-    from nextquill_jax.bench.harness import best_seconds
+    from nextquill_jax.bench.harness import alternating_best_seconds
     from nextquill_jax.bench.record import append_results, invoked_command, results_header
     from nextquill_jax.models import CausalLM, model_preset
     from nextquill_jax.models.presets import PRESETS
@@ -119,13 +121,14 @@ def main(argv: list[str] | None = None) -> int:
             # On the device before timing: the timed calls then move no input from the host.
             ids, mask, positions = map(jax.device_put, prompt_batch(args.batch, length, cfg.vocab_size))
             max_len = length + args.new_tokens
-            compiled, logits, temp, best = {}, {}, {}, {}
+            compiled, logits, temp = {}, {}, {}
             for label, method in paths.items():
                 compiled[label] = compile_path(graphdef, state, method, max_len, ids, positions, mask)
                 temp[label] = compiled[label].memory_analysis().temp_size_in_bytes
                 logits[label] = np.asarray(compiled[label](state, ids, positions, mask)[0], np.float32)
-            for label, f in compiled.items():
-                best[label] = best_seconds(f, state, ids, positions, mask, steps=args.repeats)
+            inputs = (state, ids, positions, mask)
+            calls = {label: functools.partial(f, *inputs) for label, f in compiled.items()}
+            best = alternating_best_seconds(calls, rounds=args.repeats)
             diff = float(np.abs(logits[new] - logits[dense]).max() / np.abs(logits[dense]).max())
             worst = max(worst, diff)
             for label in paths:
@@ -144,8 +147,8 @@ def main(argv: list[str] | None = None) -> int:
             command,
             [
                 f"random weights (float32 parameters); rows left-padded, real lengths from P down to P/2; "
-                f"cache S = P + {args.new_tokens}; last-token logits only; best of {args.repeats} runs after "
-                "a warm-up",
+                f"cache S = P + {args.new_tokens}; last-token logits only; best of {args.repeats} "
+                "alternating runs after a warm-up",
                 *shapes,
                 "temp: XLA's compiled temporary buffers (memory_analysis), parameters and output cache "
                 "excluded; max rel. Δ logits: prefill vs dense last-token logits, relative to the largest",

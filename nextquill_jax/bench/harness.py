@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -234,6 +234,24 @@ def best_seconds(fn: Callable, *args, steps: int = 3) -> float:
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - start)
     return min(times)
+
+
+def alternating_best_seconds(calls: Mapping[str, Callable[[], Any]], rounds: int = 3) -> dict[str, float]:
+    """Best wall time of each of `calls` (name -> a call of no arguments, compiled already where it is JAX's),
+    after a warm-up call of each (compile excluded): `rounds` rounds call each once in turn, so that load from
+    other jobs, or the machine's clock, biases none of them against the others (`best_seconds` times one call
+    alone)."""
+    import jax
+
+    for call in calls.values():
+        jax.block_until_ready(call())
+    best = dict.fromkeys(calls, float("inf"))
+    for _ in range(rounds):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            jax.block_until_ready(call())
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
 
 
 def step_breakdown(

@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nextquill_jax.bench.harness import TrainingHarness, synthetic_batch
+from nextquill_jax.bench import harness
+from nextquill_jax.bench.harness import TrainingHarness, alternating_best_seconds, synthetic_batch
 from nextquill_jax.parallel import make_mesh
 from nextquill_jax.train.step import batch_loss
 
@@ -27,3 +28,23 @@ def test_timed_steps_run_the_training_step_and_are_profiled(tiny_model_config, t
     assert len(timing.step_s) == 2 and min(timing.step_s) > 0
     np.testing.assert_allclose(timing.first_loss, float(want), rtol=1e-6)
     assert list((tmp_path / "trace").rglob("*.xplane.pb")), sorted(tmp_path.rglob("*"))
+
+
+def test_alternating_best_seconds_warms_each_up_then_calls_them_in_turn_keeping_each_ones_best(monkeypatch):
+    """On a clock each call advances by its own programmed time: the warm-up calls are not timed, the rounds
+    interleave the calls (load from other jobs then biases none against the others), and each keeps its
+    fastest."""
+    clock, order = [0.0], []
+    durations = {"a": iter([9.0, 3.0, 1.0, 2.0]), "b": iter([9.0, 5.0, 6.0, 4.0])}  # warm-up first
+
+    def call(name):
+        def run():
+            order.append(name)
+            clock[0] += next(durations[name])
+
+        return run
+
+    monkeypatch.setattr(harness.time, "perf_counter", lambda: clock[0])
+    best = alternating_best_seconds({"a": call("a"), "b": call("b")}, rounds=3)
+    assert order == ["a", "b", "a", "b", "a", "b", "a", "b"]
+    assert best == {"a": 1.0, "b": 4.0}
