@@ -109,7 +109,9 @@ def _open(path: str | PathLike[str]) -> tuple[GGUFContents, _Metadata, str]:
     arch = meta.required("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(
-            f"{path}: GGUF architecture {arch!r} is not supported; supported: {list(SUPPORTED_ARCHITECTURES)}"
+            f"{path}: GGUF architecture {arch!r} is not supported; supported: "
+            f"{list(SUPPORTED_ARCHITECTURES)}. Fix: use a model of one of them (its GGUF file or Hugging "
+            "Face directory)"
         )
     return contents, meta, arch
 
@@ -195,7 +197,8 @@ def _dequantize(tensor: TensorEntry, path: Path) -> np.ndarray:
     except NotImplementedError as err:
         raise ValueError(
             f"{path}: tensor {tensor.name!r} is stored as {ggml_type.name}, which gguf "
-            f"{_gguf_version()} cannot dequantize ({err})"
+            f"{_gguf_version()} cannot dequantize ({err}). Fix: convert the model again to F16, BF16 or a "
+            "quantization gguf dequantizes (Q8_0, Q4_K, ...), or load its Hugging Face directory"
         ) from err
     # a fresh float32 array: F32 tensors come back as read-only views of the memory-mapped file
     return np.array(values, dtype=np.float32).reshape(tensor.shape)

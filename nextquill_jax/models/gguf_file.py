@@ -190,7 +190,9 @@ def read_gguf_file(path: str | Path) -> GGUFContents:
         sizes = gguf.GGML_QUANT_SIZES.get(ggml_type)
         if sizes is None:
             raise ValueError(
-                f"{path}: GGUF tensor {name!r} has ggml type {ggml_type}, which gguf does not know"
+                f"{path}: GGUF tensor {name!r} has ggml type {ggml_type}, which gguf {version('gguf')} does "
+                "not know (a newer or a removed type). Fix: convert or quantize the model again with a "
+                "llama.cpp of the same date as this gguf, or load its Hugging Face directory"
             )
         tensors.append(_tensor(whole, path, name, dims, ggml_type, sizes, data_start + offset))
     return GGUFContents(metadata, tensors)

@@ -284,8 +284,24 @@ def _convert_gguf(path: Path) -> PreTrainedTokenizerFast:
         )
     if value("tokenizer.ggml.add_bos_token", False) or value("tokenizer.ggml.add_eos_token", False):
         raise ValueError(f"{path}: GGUF tokenizers that add BOS/EOS tokens themselves are not supported")
-    tokens = value("tokenizer.ggml.tokens")
-    merges = [tuple(merge.split(" ")) for merge in value("tokenizer.ggml.merges")]
+
+    def damaged(problem: str) -> ValueError:
+        return ValueError(
+            f"{path}: GGUF tokenizer metadata {problem}. Fix: convert the model again (llama.cpp's "
+            "convert_hf_to_gguf.py), or load the tokenizer from the model's Hugging Face directory"
+        )
+
+    def listed(key: str) -> list:
+        found = value(f"tokenizer.ggml.{key}")
+        if not isinstance(found, list):
+            raise damaged(f"has no list tokenizer.ggml.{key} (found {type(found).__name__})")
+        return found
+
+    tokens, merges, token_types = listed("tokens"), listed("merges"), listed("token_type")
+    if len(token_types) != len(tokens):
+        types = f"{len(token_types)} token types (tokenizer.ggml.token_type)"
+        raise damaged(f"gives {types} for {len(tokens)} tokens")
+    merges = [tuple(merge.split(" ")) for merge in merges]
     backend = Tokenizer(models.BPE(vocab={token: i for i, token in enumerate(tokens)}, merges=merges))
     backend.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -295,20 +311,24 @@ def _convert_gguf(path: Path) -> PreTrainedTokenizerFast:
     )
     backend.decoder = decoders.ByteLevel()
     # llama.cpp token types: 3 = control (special, e.g. <|im_end|>), 4 = user-defined (whole, not special)
-    for token, token_type in zip(tokens, value("tokenizer.ggml.token_type"), strict=True):
+    for token, token_type in zip(tokens, token_types, strict=True):
         if token_type in (3, 4):
             added = AddedToken(token, special=token_type == 3, normalized=False)
             (backend.add_special_tokens if token_type == 3 else backend.add_tokens)([added])
-    named = {
-        name: tokens[value(f"tokenizer.ggml.{key}")]
-        for name, key in (
-            ("bos_token", "bos_token_id"),
-            ("eos_token", "eos_token_id"),
-            ("unk_token", "unknown_token_id"),
-            ("pad_token", "padding_token_id"),
-        )
-        if value(f"tokenizer.ggml.{key}") is not None
-    }
+    named = {}
+    for name, key in (
+        ("bos_token", "bos_token_id"),
+        ("eos_token", "eos_token_id"),
+        ("unk_token", "unknown_token_id"),
+        ("pad_token", "padding_token_id"),
+    ):
+        token_id = value(f"tokenizer.ggml.{key}")
+        if token_id is None:
+            continue
+        if not isinstance(token_id, int) or not 0 <= token_id < len(tokens):
+            where = f"(tokenizer.ggml.{key}), outside its {len(tokens)} tokens"
+            raise damaged(f"names {name} id {token_id!r} {where}")
+        named[name] = tokens[token_id]
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         chat_template=value("tokenizer.chat_template"),

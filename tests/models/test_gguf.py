@@ -3,6 +3,7 @@ logits), and tiny GGUF files written here from transformers models as llama.cpp'
 
 import functools
 import re
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -435,6 +436,60 @@ def test_other_metadata_of_the_wrong_type_is_refused_naming_the_key(
     write_tiny_gguf(path, "llama", extra_metadata={key: value})
     with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: GGUF metadata {message}$"):
         read_gguf_config(path)
+
+
+_TOKENIZER_METADATA = {
+    "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "smollm",
+    "tokenizer.ggml.tokens": ["a", "b", "c", "ab", "abc", "<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+    "tokenizer.ggml.token_type": [1, 1, 1, 1, 1, 3, 3, 3], "tokenizer.ggml.merges": ["a b", "ab c"],
+    "tokenizer.ggml.bos_token_id": 6, "tokenizer.ggml.eos_token_id": 7,
+}  # fmt: skip
+
+
+def _write_tokenizer_gguf(path: Path, metadata: dict) -> Path:
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for key, value in metadata.items():
+        if isinstance(value, str):
+            writer.add_string(key, value)
+        elif isinstance(value, int):
+            writer.add_uint32(key, value)
+        else:
+            writer.add_array(key, value)
+    writer.add_tensor("token_embd.weight", np.zeros((8, 4), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        ({"tokenizer.ggml.merges": None}, "has no list tokenizer.ggml.merges (found NoneType)"),
+        ({"tokenizer.ggml.tokens": None}, "has no list tokenizer.ggml.tokens (found NoneType)"),
+        ({"tokenizer.ggml.token_type": [1, 1]},
+         "gives 2 token types (tokenizer.ggml.token_type) for 8 tokens"),
+        ({"tokenizer.ggml.bos_token_id": 99},
+         "names bos_token id 99 (tokenizer.ggml.bos_token_id), outside its 8 tokens"),
+    ],
+)  # fmt: skip
+def test_damaged_gguf_tokenizer_metadata_is_named_with_the_file_and_the_fix(
+    tmp_path, monkeypatch, change, problem
+):
+    """A missing or inconsistent tokenizer key was a bare TypeError, ValueError from zip() or IndexError,
+    naming neither the file nor the key; the same file with its metadata whole loads."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    whole = _write_tokenizer_gguf(tmp_path / "whole.gguf", _TOKENIZER_METADATA)
+    assert load_tokenizer(whole)("abcab")["input_ids"] == [4, 3]
+    metadata = {k: v for k, v in {**_TOKENIZER_METADATA, **change}.items() if v is not None}
+    path = _write_tokenizer_gguf(tmp_path / "damaged.gguf", metadata)
+    with pytest.raises(ValueError) as e:
+        load_tokenizer(path)
+    assert str(e.value) == (
+        f"{path}: GGUF tokenizer metadata {problem}. Fix: convert the model again (llama.cpp's "
+        "convert_hf_to_gguf.py), or load the tokenizer from the model's Hugging Face directory"
+    )
 
 
 def test_an_empty_gguf_file_is_named_by_every_loader(tmp_path):
