@@ -24,6 +24,7 @@ left as written, and so is an empty string.
 from __future__ import annotations
 
 import dataclasses
+import glob
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -61,14 +62,16 @@ def _expanded(value: str) -> Path | None:
         return None
 
 
-def _joined(value: str, base: Path) -> str:
+def _joined(value: str, base: Path, pattern: bool = False) -> str:
     """`value` with `~` expanded, joined to `base` when relative; a URL, an absolute path, an unknown `~user`
     and the empty string as written, unchanged (`""` names no directory: the readers of `train.data_dir` and
-    `logging.tensorboard_dir` take it as unset, their default in the workdir, not as `base`)."""
+    `logging.tensorboard_dir` take it as unset, their default in the workdir, not as `base`). A `pattern`
+    (a glob, `paths`) is joined to `base` with its `[`, `*` and `?` escaped: they are the folder's name there,
+    not a pattern (from `g[1]/`, `data/*.jsonl` matched `g1/data/*.jsonl`)."""
     expanded = _expanded(value)
     if not value or "://" in value or expanded is None or Path(value).is_absolute():
         return value
-    return str(base / expanded)  # an expanded `~` is absolute: `base` then drops
+    return str(Path(glob.escape(str(base)) if pattern else base) / expanded)  # an expanded `~` is absolute
 
 
 def _local(value: str, base: Path, kind: PathKind) -> bool:
@@ -94,7 +97,7 @@ def absolute_value(value: Any, base: Path, kind: PathKind) -> Any:
     if value is None:
         return None
     if kind == "paths":
-        return [_joined(item, base) for item in value]
+        return [_joined(item, base, pattern=True) for item in value]
     if kind == "path" or _local(value, base, kind):
         return _joined(value, base)
     return value

@@ -114,3 +114,18 @@ def test_an_empty_path_stays_empty_so_its_default_in_the_workdir_still_applies(t
     workdir = tmp_path / "run"
     assert data_dir_of(made, workdir) == workdir / "prepared"
     assert tensorboard_dir(made.logging, workdir) == workdir / "tensorboard"
+
+
+def test_a_relative_source_pattern_matches_under_a_folder_whose_name_holds_glob_characters(tmp_path):
+    """From `g[1]/`, the relative pattern `data/[ab].jsonl` was joined as `.../g[1]/data/[ab].jsonl`, whose
+    `[1]` matched the folder `g1`: a decoy there was prepared instead, without a word."""
+    from nextquill_jax.data.sources.read import expand_paths
+
+    base, decoy = tmp_path / "g[1]", tmp_path / "g1"
+    for folder, names in ((base, ("a.jsonl", "b.jsonl")), (decoy, ("a.jsonl",))):
+        (folder / "data").mkdir(parents=True)
+        for name in names:
+            (folder / "data" / name).write_text("{}\n")
+    cfg = absolute_paths(load_config(None, base=_config(data={"sources": ["data/[ab].jsonl"]})), base)
+    found = expand_paths(list(cfg.data.sources), "data.sources")
+    assert found == [base / "data" / "a.jsonl", base / "data" / "b.jsonl"]
