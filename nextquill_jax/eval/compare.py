@@ -61,7 +61,7 @@ from typing import Any, Literal
 
 from nextquill_jax import lost_signals
 from nextquill_jax.config import Config, config_to_dict, load_config, save_config
-from nextquill_jax.config_paths import absolute_paths
+from nextquill_jax.config_paths import absolute_paths, absolute_value
 from nextquill_jax.config_schema import ConfigError, apply_override, build, key_lines, read_yaml, with_line
 from nextquill_jax.train.resume import config_changes, covered, listed_changes, may_change, normalised
 from nextquill_jax.train.workdir_lock import LockUse, WorkdirLock
@@ -120,7 +120,8 @@ class CompareConfig:
         `out`: the comparison's directory: run NAME with seed S in `<out>/seed<S>/<NAME>`, the prepared data
             the runs share in `<out>/prepared` (unless `base.train.data_dir` names one; a variant whose `data`
             overrides change what is prepared has its own in its run's directory), the table in
-            `<out>/results.json` and `<out>/results.md`.
+            `<out>/results.json` and `<out>/results.md`. A relative path is from the current directory;
+            `~` is the home directory.
         `baseline`: the variant every other one is compared to (a name under `variants`).
         `split`: the prepared split evaluated and reported on: `test`, `val` or `train` (the splits `data
             prepare` writes, `data.config.SPLITS`); another value is an error when the file is loaded.
@@ -203,8 +204,8 @@ class VariantConfig:
             evaluated instead of training one here, and the evaluation, effect report and
             compare_done.json are written under this file's `compare.out` (nothing under `trained_in`
             changes): the same runs evaluated on another split or with another decoding. Checked for every
-            seed before any run starts. A relative path is from the current directory; not with `train:
-            false`, nor this file's own `compare.out`.
+            seed before any run starts. A relative path is from the current directory (`~` the home
+            directory); not with `train: false`, nor this file's own `compare.out`.
     """
 
     overrides: list[str] = field(default_factory=list)
@@ -353,6 +354,9 @@ def _comparison(raw: dict[str, Any], source: str, seeds: list[int] | None) -> Co
     if seeds is not None and isinstance(section, dict):
         section = {**section, "seeds": list(seeds)}
     compare = build(CompareConfig, section, "compare", source)
+    # Absolute (`~` expanded) from the directory it is run in, as a run's config: a record's paths then name
+    # the same files from wherever the table is read (a relative eval_dir read another directory's).
+    compare = dataclasses.replace(compare, out=absolute_value(compare.out, Path.cwd(), "path"))
     if not isinstance(raw["variants"], dict):
         raise ConfigError(f"{source}: `variants` must map names to {{overrides, train}}")
     if not raw["variants"]:
@@ -363,6 +367,10 @@ def _comparison(raw: dict[str, Any], source: str, seeds: list[int] | None) -> Co
     variants = {
         str(name): build(VariantConfig, value or {}, f"variants.{name}", source)
         for name, value in raw["variants"].items()
+    }
+    variants = {
+        name: dataclasses.replace(variant, trained_in=absolute_value(variant.trained_in, Path.cwd(), "path"))
+        for name, variant in variants.items()
     }
     for name in variants:
         if not VARIANT_NAME.fullmatch(name) or name in (".", ".."):
@@ -752,7 +760,11 @@ def run_variant(
     trained = False  # whether the workdir holds this run's finished training, which need not run again
     if changes == []:
         echo(f"{label}: done already ({done})")
-        return json.loads(done.read_text())
+        record = json.loads(done.read_text())
+        # Recorded relative before compare.out was made absolute: this run's evaluation, read from here.
+        if not Path(record["eval_dir"]).is_absolute():
+            record["eval_dir"] = str(workdir / "eval" / plan.split)
+        return record
     if changes is None and done.exists():
         again = (
             "resuming its training (`train` refuses a checkpoint of another config and trains nothing when "

@@ -595,7 +595,7 @@ def test_repeated_seeds_counts_below_one_and_path_like_variant_names_are_refused
     for name in ("v1.5_lr-3e-4", "..a"):  # allowed: a plain directory name under <out>/seed<S>
         compare = {"out": "o", "baseline": name}
         file.write_text(yaml.safe_dump({"compare": compare, "variants": {name: {}}, "base": base}))
-        assert load_comparison(file, [0, 1]).workdir(name, 1) == Path("o") / "seed1" / name
+        assert load_comparison(file, [0, 1]).workdir(name, 1) == Path.cwd() / "o" / "seed1" / name
 
 
 def _line(file: Path, text: str) -> int:
@@ -730,6 +730,39 @@ def test_a_record_with_relative_paths_from_the_directory_it_ran_in_is_not_a_chan
     earlier["config"]["train"].update(data_dir="cmp/prepared", workdir="cmp/seed0/a")
     _finished_with(comparison, earlier)
     assert finished_changes(comparison, "a", 0, cfg) == []
+
+
+def test_compare_out_and_trained_in_are_absolute_and_a_relative_eval_dir_is_read_from_its_run(
+    tmp_path, tiny_config, monkeypatch
+):
+    """`compare.out` was used as written: `~/cmp` trained in the home directory (the run's config expands
+    `~`) but locked, logged and looked for the run in a folder named `~` here, failing after the training;
+    and a run's compare_done.json recorded its eval_dir relative, so the table, run from another directory,
+    read another directory's predictions (a wrong recall, silently) or none."""
+    from nextquill_jax.eval.compare import run_settings, run_variant
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    base = tiny_config(tmp_path / "unused", tmp_path / "unused_run")
+    file = tmp_path / "c.yaml"
+    variants = {"a": {}, "b": {"trained_in": "~/other"}}
+    file.write_text(yaml.safe_dump({"compare": {"out": "~/cmp", "baseline": "a"}, "variants": variants,
+                                    "base": base}))  # fmt: skip
+    comparison = load_comparison(file)
+    assert comparison.compare.out == str(home / "cmp")
+    assert comparison.variants["b"].trained_in == str(home / "other")
+
+    file.write_text(yaml.safe_dump({"compare": {"out": "cmp", "baseline": "a"}, "variants": {"a": {}},
+                                    "base": base}))  # fmt: skip
+    comparison = load_comparison(file)
+    assert comparison.compare.out == str(tmp_path / "cmp")
+    settings = run_settings(comparison, "a", comparison.run_config("a", 0))
+    _finished_with(comparison, settings, seed=0, eval_dir="cmp/seed0/a/eval/test")  # an earlier record
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    record = run_variant(comparison, "a", 0, echo=lambda line: None)
+    assert record["eval_dir"] == str(tmp_path / "cmp" / "seed0" / "a" / "eval" / "test")
 
 
 def test_a_finished_run_trained_under_another_nonfinite_policy_is_refused_once_it_skipped_an_update(
