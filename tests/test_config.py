@@ -693,6 +693,30 @@ def test_model_overrides_are_recorded_as_their_values_so_a_resume_reads_one_valu
     assert scaled.model.overrides == {"rope_scaling": {"type": "linear", "factor": 2.0}}  # the keys written
 
 
+def test_a_resume_naming_the_same_files_by_another_spelling_is_no_change(tmp_path):
+    """`train --config ../runs/r/config.yaml data.sources=[../data/a.jsonl]` from `cfgs/` names the files
+    the run recorded as `<dir>/data/a.jsonl` as `<dir>/cfgs/../data/a.jsonl`: its resume was refused as
+    another config. Through a symbolic link `..` leaves the link's target, as the OS reads it: that is
+    another file, still a change."""
+    from nextquill_jax.train.resume import config_changes
+
+    (tmp_path / "cfgs").mkdir()
+    (tmp_path / "deep" / "inner").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "deep" / "inner")
+    recorded = {"data": {"sources": [f"{tmp_path}/data/a.jsonl"], "template": f"{tmp_path}/tpl/t.yaml"},
+                "optim": {"learning_rate": 1e-4}}  # fmt: skip
+    same = {"data": {"sources": [f"{tmp_path}/cfgs/../data/a.jsonl"], "template": f"{tmp_path}/tpl/./t.yaml"},
+            "optim": {"learning_rate": 1e-4}}  # fmt: skip
+    assert config_changes(recorded, same) == []
+    linked = {"data": {"sources": [f"{tmp_path}/link/../data/a.jsonl"], "template": f"{tmp_path}/tpl/t.yaml"},
+              "optim": {"learning_rate": 1e-4}}  # fmt: skip
+    assert config_changes(recorded, linked) == [
+        ("data.sources", [f"{tmp_path}/data/a.jsonl"], [f"{tmp_path}/link/../data/a.jsonl"])
+    ]
+    named = {**same, "optim": {"learning_rate": 2e-4}}
+    assert [key for key, *_ in config_changes(recorded, named)] == ["optim.learning_rate"]
+
+
 def test_scan_unroll_is_a_runtime_key_of_its_own_that_reaches_the_model_and_a_resume_may_change(cfg_file):
     cfg = load_config(cfg_file, ["model.scan_unroll=2", "model.remat_policy=full"])
     assert cfg.model.model_config().scan_unroll == 2

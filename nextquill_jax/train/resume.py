@@ -20,12 +20,13 @@ each checkpoint records its module's digest, and a resume whose module differs g
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from nextquill_jax.config import Config, config_to_dict, load_config
-from nextquill_jax.config_paths import absolute_paths
+from nextquill_jax.config_paths import PATH_FIELDS, absolute_paths
 from nextquill_jax.config_schema import ConfigError
 from nextquill_jax.data.prepared_split import PreparedSplit
 from nextquill_jax.train.workdir import CHECKPOINT_DIR, CONFIG_FILE
@@ -105,8 +106,27 @@ def config_changes(
     return [
         (k, before.get(k, _ABSENT), after.get(k, _ABSENT))
         for k in keys
-        if not ignore(k) and before.get(k, _ABSENT) != after.get(k, _ABSENT)
+        if not ignore(k) and not _same(k, before.get(k, _ABSENT), after.get(k, _ABSENT))
     ]
+
+
+def _same(key: str, before: Any, after: Any) -> bool:
+    """Whether a config value is unchanged: equal, or for a field naming files (`PATH_FIELDS`) absolute
+    paths (or lists of them) that name the same files (`cfgs/../data` and `data` from the same directory,
+    which the OS reads through any symbolic link on the way, as `os.path.realpath` does)."""
+    if before == after:
+        return True
+    if key not in PATH_FIELDS:
+        return False
+    spelt = lambda v: [v] if isinstance(v, str) else v if isinstance(v, list) else None
+    paths_before, paths_after = spelt(before), spelt(after)
+    if paths_before is None or paths_after is None or len(paths_before) != len(paths_after):
+        return False
+    return all(
+        isinstance(a, str) and isinstance(b, str) and os.path.isabs(a) and os.path.isabs(b)
+        and os.path.realpath(a) == os.path.realpath(b)
+        for a, b in zip(paths_before, paths_after, strict=True)
+    )  # fmt: skip
 
 
 def listed_changes(changes: Sequence[tuple[str, Any, Any]]) -> str:
