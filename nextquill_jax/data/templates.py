@@ -106,7 +106,11 @@ def load_template(name_or_path: str) -> PromptTemplate:
                 f"of them{nearest}."
             )
     if not path.exists():
-        raise ValueError(f"data.template: {path} does not exist; {choices}")
+        relative = "" if path.is_absolute() else f" (relative to {Path.cwd()})"
+        raise ValueError(
+            f"data.template: {path} does not exist{relative}; {choices}. Fix: correct the path, or name one "
+            "of those"
+        )
     raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: a template is a mapping with keys {', '.join(KEYS)}")

@@ -19,6 +19,7 @@ as `loop.py` does (`base_params` is the frozen base under LoRA, else None). The 
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,7 +82,8 @@ def resolve_workdir(
         home = Path(config_path).expanduser().absolute().parent
         if is_workdir(home):
             recorded = cfg.train.workdir
-            if recorded is None or Path(recorded).expanduser().absolute() != home:
+            # realpath: the same folder reached through a symbolic link has not moved
+            if recorded is None or os.path.realpath(Path(recorded).expanduser()) != os.path.realpath(home):
                 echo(
                     f"note: {config_path} is the config of the run in {home}, which records its workdir as "
                     f"{recorded} (moved or copied): it resumes in {home}; pass --workdir to train elsewhere"

@@ -292,8 +292,12 @@ def test_unknown_template_name_lists_the_builtins():
         load_template("zzz")
 
 
-def test_a_missing_template_file_lists_the_builtins_too(tmp_path):
+def test_a_missing_template_file_lists_the_builtins_too(tmp_path, monkeypatch):
     with pytest.raises(
         ValueError, match=r"mytpl.yaml does not exist; built-in: .*review.*, or give the path"
     ):
         load_template(str(tmp_path / "mytpl.yaml"))
+    monkeypatch.chdir(tmp_path)  # a relative path: the folder it is read from is named, as for data.sources
+    with pytest.raises(ValueError) as e:
+        load_template("tpl/t.yaml")
+    assert str(e.value).startswith(f"data.template: tpl/t.yaml does not exist (relative to {tmp_path}); ")

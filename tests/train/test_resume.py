@@ -501,6 +501,22 @@ def test_a_moved_workdir_resumes_where_its_config_yaml_is_not_where_it_was(train
     assert sorted(p.name for p in (trained_run.workdir / "checkpoints").iterdir()) == before
 
 
+def test_a_workdir_reached_through_a_symbolic_link_has_not_moved(trained_run, tmp_path, capsys):
+    """`train --config link/config.yaml`, `link` a symbolic link to the run's own workdir: the run resumes
+    there with no note that it was moved or copied (it said it was)."""
+    from nextquill_jax.train.setup import resolve_workdir
+
+    link = tmp_path / "link"
+    link.symlink_to(trained_run.workdir)
+    said = []
+    cfg = load_config(link / "config.yaml")
+    assert resolve_workdir(cfg, None, link / "config.yaml", said.append) == link
+    assert said == []
+    moved = shutil.copytree(trained_run.workdir, tmp_path / "moved")
+    assert resolve_workdir(cfg, None, moved / "config.yaml", said.append) == moved
+    assert len(said) == 1 and "(moved or copied)" in said[0]
+
+
 def _saved_with(workdir, **sections) -> None:
     """Update `sections` of `workdir`'s config.yaml and of its checkpoint 2's saved config (re-hashed in its
     manifest): the records of a run with those settings."""
