@@ -258,7 +258,10 @@ def _byte_to_unicode() -> dict[int, str]:
 
 def _gguf_tokenizer(path: Path) -> PreTrainedTokenizerFast:
     stat = path.stat()
-    key = f"gguf-{path.stem}-{stat.st_size}-{stat.st_mtime_ns}"
+    # The file's place as well as its size and time: two files of one name, size and copied time (two
+    # fine-tunes of one base, `rsync -t`'d) shared an entry.
+    place = hashlib.blake2b(str(path).encode(), digest_size=6).hexdigest()
+    key = f"gguf-{path.stem}-{place}-{stat.st_size}-{stat.st_mtime_ns}"
     return _cached(key, lambda: _convert_gguf(path))
 
 

@@ -500,3 +500,20 @@ def test_an_empty_gguf_file_is_named_by_every_loader(tmp_path):
             ValueError, match=rf"^{re.escape(str(path))}: 0 bytes, shorter than a GGUF header"
         ):
             load(path)
+
+
+def test_two_gguf_tokenizers_of_one_name_size_and_time_are_cached_apart(tmp_path, monkeypatch):
+    """The conversion cache was keyed by the file's name, size and modification time alone: a second file of
+    the same name, size and copied time (another fine-tune of one base) got the first one's tokenizer."""
+    import os
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    first, second = tmp_path / "one" / "model.gguf", tmp_path / "two" / "model.gguf"
+    for path, start in ((first, "<|im_start|>"), (second, "<|im_begin|>")):  # as long as each other
+        path.parent.mkdir()
+        tokens = [*_TOKENIZER_METADATA["tokenizer.ggml.tokens"][:6], start, "<|im_end|>"]
+        _write_tokenizer_gguf(path, {**_TOKENIZER_METADATA, "tokenizer.ggml.tokens": tokens})
+        os.utime(path, ns=(1_000_000_000, 1_000_000_000))
+    assert first.stat().st_size == second.stat().st_size
+    assert load_tokenizer(first).bos_token == "<|im_start|>"
+    assert load_tokenizer(second).bos_token == "<|im_begin|>"
