@@ -245,8 +245,17 @@ def _hf_config(meta: _Metadata, arch: str, shapes: dict[str, tuple[int, ...]], p
         "tie_word_embeddings": "lm_head.weight" not in shapes,
     }
     if arch != "qwen2":
-        has_bias = "model.layers.0.self_attn.q_proj.bias" in shapes
-        config["attention_bias"] = has_bias
+        # `attention_bias` puts a bias on all four projections, or none: llama.cpp takes each alone.
+        projections = [f"model.layers.0.self_attn.{p}_proj.bias" for p in ("q", "k", "v", "o")]
+        biased = [name for name in projections if name in shapes]
+        if biased and len(biased) < len(projections):
+            named = ", ".join(name.split(".")[-2] for name in biased)
+            raise ValueError(
+                f"{path}: GGUF {arch} attention carries biases on {named} only; a Hugging Face config of "
+                "this architecture gives biases to all four projections or none (attention_bias). Fix: load "
+                "the model's Hugging Face directory"
+            )
+        config["attention_bias"] = bool(biased)
     if arch == "llama":
         config["mlp_bias"] = False
     for gguf_key, hf_key in (

@@ -517,3 +517,43 @@ def test_two_gguf_tokenizers_of_one_name_size_and_time_are_cached_apart(tmp_path
     assert first.stat().st_size == second.stat().st_size
     assert load_tokenizer(first).bos_token == "<|im_start|>"
     assert load_tokenizer(second).bos_token == "<|im_begin|>"
+
+
+def test_a_llama_gguf_with_biases_on_some_attention_projections_only_is_refused_naming_them(
+    tmp_path, tiny_hf_config
+):
+    """llama.cpp takes each attention bias alone; a Hugging Face Llama config has them on all four or none.
+    With q/k/v biases and no output bias the file was taken as biased throughout, then failed on the missing
+    tensor with a KeyError naming no file."""
+    from nextquill_jax.models.gguf_file import read_gguf_file
+
+    full = tmp_path / "full.gguf"
+    write_gguf(full, "llama", tiny_hf_config("llama", **TINY, attention_bias=True))
+    partial = tmp_path / "partial.gguf"
+    contents = read_gguf_file(full)
+    writer = gguf.GGUFWriter(str(partial), "llama")
+    for key, value in contents.metadata.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        if isinstance(value, str):
+            writer.add_string(key, value)
+        elif isinstance(value, int):
+            writer.add_uint32(key, value)
+        elif isinstance(value, float):
+            writer.add_float32(key, value)
+        elif value:
+            writer.add_array(key, value)
+    for tensor in gguf.GGUFReader(full).tensors:
+        if not tensor.name.endswith("attn_output.bias"):
+            writer.add_tensor(tensor.name, np.asarray(tensor.data))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ValueError) as e:
+        read_gguf(partial)
+    assert str(e.value) == (
+        f"{partial}: GGUF llama attention carries biases on q_proj, k_proj, v_proj only; a Hugging Face "
+        "config of this architecture gives biases to all four projections or none (attention_bias). Fix: "
+        "load the model's Hugging Face directory"
+    )
