@@ -129,3 +129,16 @@ def test_a_relative_source_pattern_matches_under_a_folder_whose_name_holds_glob_
     cfg = absolute_paths(load_config(None, base=_config(data={"sources": ["data/[ab].jsonl"]})), base)
     found = expand_paths(list(cfg.data.sources), "data.sources")
     assert found == [base / "data" / "a.jsonl", base / "data" / "b.jsonl"]
+
+
+def test_a_file_named_with_glob_characters_under_such_a_folder_is_that_file(tmp_path):
+    """`data[1].jsonl` names that file (expand_paths' rule), also from a folder `g[1]/` whose glob characters
+    the join escapes (it was globbed, and matched `data1.jsonl` or nothing)."""
+    from nextquill_jax.data.sources.read import expand_paths
+
+    base = tmp_path / "g[1]"
+    base.mkdir()
+    for name in ("data[1].jsonl", "data1.jsonl"):
+        (base / name).write_text("{}\n")
+    cfg = absolute_paths(load_config(None, base=_config(data={"sources": ["data[1].jsonl"]})), base)
+    assert expand_paths(list(cfg.data.sources), "data.sources") == [base / "data[1].jsonl"]

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from nextquill_jax.models.gguf_file import GGUFContents, TensorEntry, read_gguf_file
+from nextquill_jax.models.gguf_file import GGUFContents, TensorEntry, gguf_version, read_gguf_file
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("llama", "qwen2", "qwen3")
 _HF_ARCHITECTURE = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
@@ -197,17 +197,11 @@ def _dequantize(tensor: TensorEntry, path: Path) -> np.ndarray:
     except NotImplementedError as err:
         raise ValueError(
             f"{path}: tensor {tensor.name!r} is stored as {ggml_type.name}, which gguf "
-            f"{_gguf_version()} cannot dequantize ({err}). Fix: convert the model again to F16, BF16 or a "
+            f"{gguf_version()} cannot dequantize ({err}). Fix: convert the model again to F16, BF16 or a "
             "quantization gguf dequantizes (Q8_0, Q4_K, ...), or load its Hugging Face directory"
         ) from err
     # a fresh float32 array: F32 tensors come back as read-only views of the memory-mapped file
     return np.array(values, dtype=np.float32).reshape(tensor.shape)
-
-
-def _gguf_version() -> str:
-    from importlib.metadata import version
-
-    return version("gguf")
 
 
 def _hf_config(meta: _Metadata, arch: str, shapes: dict[str, tuple[int, ...]], path: Path) -> dict[str, Any]:

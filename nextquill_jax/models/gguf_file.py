@@ -17,6 +17,7 @@ A string is a u64 byte count and UTF-8 bytes; an array is an item type u32, a co
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import mmap
 import os
 import struct
@@ -190,7 +191,7 @@ def read_gguf_file(path: str | Path) -> GGUFContents:
         sizes = gguf.GGML_QUANT_SIZES.get(ggml_type)
         if sizes is None:
             raise ValueError(
-                f"{path}: GGUF tensor {name!r} has ggml type {ggml_type}, which gguf {version('gguf')} does "
+                f"{path}: GGUF tensor {name!r} has ggml type {ggml_type}, which gguf {gguf_version()} does "
                 "not know (a newer or a removed type). Fix: convert or quantize the model again with a "
                 "llama.cpp of the same date as this gguf, or load its Hugging Face directory"
             )
@@ -225,3 +226,8 @@ def _tensor(
             f"({whole.size} bytes); the file is truncated"
         )
     return TensorEntry(name, ggml_type, dims, whole[start : start + size].reshape(*rows, row_bytes))
+
+
+def gguf_version() -> str:
+    """The installed `gguf` package's version, which messages about the types it knows name."""
+    return importlib.metadata.version("gguf")

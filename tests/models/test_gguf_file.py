@@ -2,6 +2,8 @@
 value and every tensor's bytes, for the packaged SmolLM2-135M file and a file written here with every value
 type; and the errors a damaged file gets."""
 
+import re
+
 import gguf
 import numpy as np
 import pytest
@@ -183,4 +185,27 @@ def test_a_string_in_an_array_past_the_end_names_its_key(tmp_path, every_type):
         every_type[: at + 2],
         rf"GGUF metadata 'test\.strings': a string of 9 bytes at byte {at} runs past the end of the file "
         rf"\({at + 2} bytes\)",
+    )
+
+
+def test_a_tensor_of_a_ggml_type_gguf_does_not_know_is_named_with_the_fix(tmp_path):
+    """Type 99 is none of gguf's: the message named the type (its gguf version call crashed on the file's own
+    version number, a TypeError, until it took the package's)."""
+    from importlib.metadata import version
+
+    good = tmp_path / "good.gguf"
+    writer = gguf.GGUFWriter(str(good), "llama")
+    writer.add_tensor("only_tensor", np.zeros(4, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    raw = good.read_bytes()
+    at = raw.index(b"only_tensor") + len(b"only_tensor") + 4 + 8  # past the name, n_dims u32, one dim u64
+    assert int.from_bytes(raw[at : at + 4], "little") == 0  # F32
+    _assert_refused(
+        tmp_path,
+        raw[:at] + (99).to_bytes(4, "little") + raw[at + 4 :],
+        rf"GGUF tensor 'only_tensor' has ggml type 99, which gguf {re.escape(version('gguf'))} does not know "
+        r"\(a newer or a removed type\)\. Fix: convert or quantize the model again",
     )

@@ -18,6 +18,9 @@ from nextquill_jax.data.sources.rows import file_kind
 from nextquill_jax.data.sources.synth import generate_synthetic
 from nextquill_jax.data.templates import PromptTemplate
 
+# What `glob.escape` makes of `*`, `?` and `[`: `[*]`, `[?]` and `[[]`.
+_GLOB_ESCAPE = re.compile(r"\[([*?[])\]")
+
 
 def expand_paths(patterns: list[str], key: str) -> list[Path]:
     """Files matching each pattern, sorted within a pattern, each file once.
@@ -34,9 +37,11 @@ def expand_paths(patterns: list[str], key: str) -> list[Path]:
     paths: list[Path] = []
     resolved: set[Path] = set()
     for pattern in patterns:
-        # A file whose name holds a glob character (`data[1].jsonl`) is that file, not a pattern.
-        literal = not glob.has_magic(pattern) or Path(pattern).is_file()
-        found = [pattern] if literal else sorted(glob.glob(pattern, recursive=True))
+        # A file whose name holds a glob character (`data[1].jsonl`) is that file, not a pattern, under a
+        # folder whose glob characters `config_paths` escaped (`g[[]1]/data[1].jsonl`) too.
+        named = _GLOB_ESCAPE.sub(r"\1", pattern)
+        literal = not glob.has_magic(pattern) or Path(named).is_file()
+        found = [named] if literal else sorted(glob.glob(pattern, recursive=True))
         matches = [m for m in found if Path(m).is_file()]
         directories = [m for m in found if Path(m).is_dir()]
         if not matches and directories:
