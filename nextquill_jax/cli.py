@@ -85,14 +85,14 @@ def _accept_verbose(parser: argparse.ArgumentParser) -> None:
 def expected_errors() -> tuple[type[Exception], ...]:
     """The errors a user fixes, not a bug: a bad config, bad data, a missing file or checkpoint, a file where
     an output directory is to be (`output_dir.check_output_dir`), a file or directory this user may not read
-    or write (`PermissionError`, which names it), an export directory that already holds weights
-    (`models.hf.refuse_stale_files`), damaged prepared data or checkpoints, a packaged model whose pip
-    package is not installed, a directory another `train`, `compare` or `demo` is running in
-    (`WorkdirLockedError`), such an error of process 0 seen by another process of the run. Their messages
-    name the fix. Imported on use: `--help` imports no JAX. `MissingPackageError` and `Process0FailedError`
-    are named only once their modules are loaded, as they are wherever one was raised: importing them
-    imports JAX (and for the first the model code, models/__init__.py), which a failed `data show` need not
-    wait for."""
+    or write (`PermissionError`, which names it), an export directory that already holds weights or files
+    transformers would read over the export's (`models.hf.refuse_stale_files`), damaged prepared data or
+    checkpoints, a packaged model whose pip package is not installed, a directory another `train`, `compare`
+    or `demo` is running in (`WorkdirLockedError`), such an error of process 0 seen by another process of the
+    run. Their messages name the fix. Imported on use: `--help` imports no JAX. `MissingPackageError` and
+    `Process0FailedError` are named only once their modules are loaded, as they are wherever one was raised:
+    importing them imports JAX (and for the first the model code, models/__init__.py), which a failed `data
+    show` need not wait for."""
     from nextquill_jax.config_schema import ConfigError
     from nextquill_jax.data.checksums import IntegrityError
     from nextquill_jax.data.sources.records import DataError

@@ -99,8 +99,9 @@ class _Sink(logging.Handler):
         self.held = []
 
     def close(self) -> None:
-        self._flush_held()
-        self._show_or_drop()
+        with self.lock:  # as `emit` and `open`: a thread may still be logging
+            self._flush_held()
+            self._show_or_drop()
         if self.dropped:
             print(f"note: {counted(self.dropped, 'third-party log line')} not written to {self.unwritable}",
                   file=sys.stderr)  # fmt: skip

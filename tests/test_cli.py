@@ -922,14 +922,16 @@ def test_export_refuses_an_out_that_holds_weights_naming_them_before_restoring(
 
 @pytest.mark.parametrize("mode", ["--merged", "--adapter"])
 @pytest.mark.parametrize(
-    "stale", [["generation_config.json"], ["added_tokens.json", "special_tokens_map.json"]]
+    "stale",
+    [["generation_config.json"], ["added_tokens.json", "special_tokens_map.json"], ["chat_template.jinja"]],
 )
 def test_export_refuses_an_out_holding_files_transformers_reads_over_the_exports(
     stale, mode, tmp_path, capsys, tiny_config, write_config
 ):
     """No export writes them, and transformers reads them in preference to what it does write: an old
     generation_config.json gave the loaded model another model's end-of-sequence id (outside its vocabulary)
-    and sampling, an old special_tokens_map.json the tokenizer another end token."""
+    and sampling, an old special_tokens_map.json the tokenizer another end token, an old chat_template.jinja
+    (beside a tokenizer that has none to write) another model's chat template."""
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)  # no checkpoint: restoring would fail otherwise
     write_config(tiny_config(tmp_path, tmp_path / "run"), tmp_path / "run" / "config.yaml")
     dirty = tmp_path / "dirty"

@@ -332,7 +332,8 @@ def evaluate(
         generation: the decoding settings; default: the run config's `eval.generation` (itself defaulting to
             the public code's decoding: greedy, repetition penalty 1.2) with `generation_overrides` applied.
             Its `max_new_tokens` 0: no decoding, the losses only.
-        generation_overrides: `GenerationConfig` fields that replace those of `eval.generation`.
+        generation_overrides: `GenerationConfig` fields that replace those of `eval.generation`; not with
+            `generation`.
         batch_size: prompts decoded together (default: the run's rows per global batch, rounded up to a
             multiple of the mesh's batch shards); unused with `max_new_tokens` 0.
         prompt: "auto" (without history for sft, with otherwise), "with" or "without".

@@ -147,8 +147,8 @@ _NLTK_DATA_READERS: dict[str, WordNetCorpusReader] = {}
 def _read_nltk_data_wordnet() -> WordNetCorpusReader | None:
     # nltk's `find` asked for what is not there leaves cycles (a local holds the LookupError, whose traceback
     # holds that frame), and frames hold their callers: `evaluate`'s model and memory-mapped split outlived
-    # it until the garbage collector ran. So it is asked only where nltk_data holds WordNet: unpacked, or as
-    # the zip `nltk.download("wordnet")` leaves, which nltk's own loader reads in place.
+    # it until the garbage collector ran. So it is asked only where nltk_data has a WordNet folder, or the zip
+    # `nltk.download("wordnet")` leaves (which nltk's own loader reads in place).
     for place, resource in (
         ("corpora/wordnet", "corpora/wordnet"),
         ("corpora/wordnet.zip", "corpora/wordnet.zip/wordnet/"),

@@ -60,8 +60,9 @@ def read_gguf(path: str | PathLike[str]) -> tuple[dict[str, Any], dict[str, np.n
         FileNotFoundError: `path` does not exist.
         ValueError: a file the GGUF layout reader refuses (`gguf_file.read_gguf_file`); an unsupported
             architecture, quantisation, RoPE scaling or mixture-of-experts model; per-layer values (an array)
-            for the head counts, feed-forward length or block count; a tensor name with no Hugging Face
-            counterpart; or a tensor whose shape disagrees with the metadata. The message names the file and
+            for the head counts, feed-forward length or block count; biases on some attention projections
+            only; a tensor name with no Hugging Face counterpart; or a tensor whose shape disagrees with the
+            metadata. The message names the file and
             the field or tensor.
     """
     contents, meta, arch = _open(path)

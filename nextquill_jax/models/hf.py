@@ -37,11 +37,18 @@ DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 # model.safetensors, transformers the reverse, and an adapter_config.json makes transformers (with peft) load
 # the directory as an adapter on its base model.
 WEIGHT_FILES = ("model*.safetensors*", "pytorch_model*.bin*", "adapter_model.*", "adapter_config.json")
-# Files transformers reads beside a saved model in preference to what a save here writes, and that no save
-# here writes: generation_config.json's token ids and decoding replace config.json's, special_tokens_map.json
-# and added_tokens.json the saved tokenizer's special tokens. One left from another model is read as this
+# Files transformers reads beside a saved model in preference to what a save here writes, and that a save
+# here may not write: generation_config.json's token ids and decoding replace config.json's,
+# special_tokens_map.json and added_tokens.json the saved tokenizer's special tokens, a chat template file
+# the tokenizer's (a tokenizer without a template writes none). One left from another model is read as this
 # one's.
-READ_OVER_FILES = ("generation_config.json", "special_tokens_map.json", "added_tokens.json")
+READ_OVER_FILES = (
+    "generation_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 # Buffers some older checkpoints store that are not parameters (recomputed from the config here).
 _IGNORED = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
 _COPY_AGAIN = "copy or download the model's files again from their source"
@@ -438,8 +445,8 @@ def refuse_stale_files(out: str | Path, *, fix: str = "save to another directory
     if read_over:
         raise FileExistsError(
             f"{out} already holds {', '.join(read_over)}, which transformers reads in preference to what a "
-            f"save writes (config.json's end-of-sequence ids and decoding, the tokenizer's special tokens); "
-            f"no save here writes them, so they would be read as this model's. Fix: empty {out} or {fix}."
+            f"save writes (config.json's end-of-sequence ids and decoding, the tokenizer's special tokens "
+            f"and chat template), so they would be read as this model's. Fix: empty {out} or {fix}."
         )
 
 

@@ -110,7 +110,8 @@ def load_tokenizer(path_or_name: str | PathLike[str]) -> PreTrainedTokenizerFast
     Raises:
         ValueError: `path_or_name` is none of the above (the message lists the names), a directory without
             tokenizer files, a GGUF file the layout reader refuses (`gguf_file.read_gguf_file`: empty,
-            truncated or damaged), or a GGUF tokenizer of a kind not rebuilt here.
+            truncated or damaged), a GGUF tokenizer of a kind not rebuilt here, or GGUF tokenizer metadata
+            that is missing or inconsistent (naming the key).
         ModuleNotFoundError: the package that ships the named tokenizer is not installed (the message says
             how).
         TypeError: a directory's tokenizer is not a fast (Rust `tokenizers`) tokenizer.

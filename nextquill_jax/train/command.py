@@ -148,7 +148,10 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         "--out",
         required=True,
         type=directory,
-        help="output directory; one that holds weight files or a generation_config.json is refused",
+        help=(
+            "output directory; one that holds weight files, or files transformers reads over the export's "
+            "(generation_config.json, special_tokens_map.json, a chat template), is refused"
+        ),
     )
     what = parser.add_mutually_exclusive_group()
     what.add_argument(

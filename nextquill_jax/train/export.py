@@ -117,9 +117,16 @@ def base_note(section: ModelRunConfig, lora: LoraConfig, workdir: str | Path, ou
     """What `export_adapter` says of the base `out`/adapter_config.json names (`section.path`: the run's
     base), or None where that name loads the base the adapters were trained on: one changed by
     `model.overrides` or quantized (`lora.base_dtype` int8 / nf4) is another network, and a packaged model's
-    name is no name transformers loads. Either way the base to load is `export --step 0`'s."""
+    name is no name transformers loads. The base to load is `export --step 0`'s, except for a run started
+    from `lora.init_from`, whose step 0 carries those adapters merged."""
     changed = {k: v for k, v in section.overrides.items() if k not in _SAME_NETWORK}
-    step_0 = f"`nextquill-jax export --workdir {workdir} --step 0 --out BASE_DIR`"
+    base = (
+        "a run started from model.lora.init_from has no such base on disk (its step 0 carries those "
+        "adapters merged): use `export --merged` for the trained model"
+        if lora.init_from is not None
+        else f"load the base from `nextquill-jax export --workdir {workdir} --step 0 --out BASE_DIR` instead "
+        "(the model the run started from)"
+    )
     differences = []
     if section.path is not None and changed:
         differences.append(f"the run's base is model.path {section.path} with model.overrides {changed}")
@@ -128,23 +135,17 @@ def base_note(section: ModelRunConfig, lora: LoraConfig, workdir: str | Path, ou
             f"the adapters were trained on the base quantized to {lora.base_dtype} (model.lora.base_dtype)"
         )
     if differences:
-        base = (
-            "a run started from model.lora.init_from has no such base on disk (its step 0 carries those "
-            "adapters merged): use `export --merged` for the trained model"
-            if lora.init_from is not None
-            else f"load the base from {step_0} instead (the model the run started from)"
-        )
         return (
             f"note: {' and '.join(differences)}, which {out}/adapter_config.json's "
             f"base_model_name_or_path cannot say: loaded from that path alone, the base computes otherwise "
             f"than the one trained; {base}."
         )
-    if section.path is not None and section.path.lower() in packaged_model_names():
+    if section.path is not None and section.path.strip().lower() in packaged_model_names():
+        onto = f"`peft.PeftModel.from_pretrained(base, {str(out)!r})` loads the adapters onto it"
         return (
             f"note: {out}/adapter_config.json's base_model_name_or_path is the packaged model "
-            f"{section.path}, a name transformers does not load (this package ships it as a GGUF file): "
-            f"write the base as a Hugging Face directory with {step_0} and load the adapters onto it "
-            f"(`peft.PeftModel.from_pretrained(base, {out!r})`)."
+            f"{section.path}, a name transformers does not load (this package ships it as a GGUF file); "
+            f"{base}" + ("." if lora.init_from is not None else f", and {onto}.")
         )
     return None
 

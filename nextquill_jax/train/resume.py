@@ -96,10 +96,10 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def config_changes(
     recorded: Mapping[str, Any], current: Mapping[str, Any], ignore: Callable[[str], bool] = may_change
 ) -> list[tuple[str, Any, Any]]:
-    """(dotted key, recorded value, current value) of every leaf that differs and that `ignore` does not
-    cover (default: the keys `MAY_CHANGE` covers), by key; a key only one side has gets `"<absent>"` on the
-    other. Both are config dicts as `config_to_dict` writes them; values are compared as JSON stores them (a
-    tuple equals its list)."""
+    """(dotted key, recorded value, current value) of every leaf that differs (a path setting only where it
+    names other files: `_same`) and that `ignore` does not cover (default: the keys `MAY_CHANGE` covers), by
+    key; a key only one side has gets `"<absent>"` on the other. Both are config dicts as `config_to_dict`
+    writes them; values are compared as JSON stores them (a tuple equals its list)."""
     as_json = lambda d: flatten(json.loads(json.dumps(d)))
     before, after = as_json(recorded), as_json(current)
     keys = sorted((before.keys() | after.keys()), key=lambda k: k.split("."))

@@ -1316,6 +1316,7 @@ def test_a_mistyped_missing_or_misplaced_generic_field_is_told_its_fix(tmp_path)
         + _generic_line("b", split="holdout")
         + _generic_line("c", meta="notes")
         + _generic_line(7)
+        + _generic_line(True)
         + json.dumps({"user_id": "d", "context": "c", "history": ["h"]}) + "\n"
         + _generic_line("e", target=None)
         + json.dumps(["a", "list"]) + "\n"
@@ -1329,9 +1330,10 @@ def test_a_mistyped_missing_or_misplaced_generic_field_is_told_its_fix(tmp_path)
         f"{path}:2": f"{splits}, got 'holdout'. Fix: write one of train, val, test, or leave it out",
         f"{path}:3": "meta: `meta` must be an object, got str 'notes'. Fix: write it as an object, or null",
         f"{path}:4": 'user_id: `user_id` must be a string, got int 7. Fix: write it as a string ("7")',
-        f"{path}:5": "target: required field `target` is missing. Fix: add it",
-        f"{path}:6": "target: required field `target` is null. Fix: give its value",
-        f"{path}:7": "None: each line must be a JSON object, got list. Fix: write each record as an object "
+        f"{path}:5": 'user_id: `user_id` must be a string, got bool True. Fix: write it as a string ("true")',
+        f"{path}:6": "target: required field `target` is missing. Fix: add it",
+        f"{path}:7": "target: required field `target` is null. Fix: give its value",
+        f"{path}:8": "None: each line must be a JSON object, got list. Fix: write each record as an object "
         "({...}) on a line of its own",
     }
 

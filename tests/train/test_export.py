@@ -289,7 +289,8 @@ def test_the_adapters_of_a_base_they_do_not_fit_come_with_a_note_naming_the_base
 @pytest.mark.parametrize(
     ("path", "overrides", "base_dtype", "said"),
     [("smollm2-135m", {}, None, "packaged"), ("SmolLM2-135M", {"eos_token_ids": [2]}, None, "packaged"),
-     ("/models/base", {}, None, None), (None, {}, None, None), ("smollm2-135m", {}, "nf4", "quantized")],
+     ("/models/base", {}, None, None), (None, {}, None, None), ("smollm2-135m", {}, "nf4", "quantized"),
+     (" smollm2-135m", {}, None, "packaged, init_from")],
 )  # fmt: skip
 def test_the_adapters_of_a_packaged_base_come_with_a_note_naming_the_base_to_load(
     path, overrides, base_dtype, said
@@ -301,16 +302,23 @@ def test_the_adapters_of_a_packaged_base_come_with_a_note_naming_the_base_to_loa
     from nextquill_jax.train.export import base_note
 
     section = ModelRunConfig(path=path, preset=None if path else "smollm2-135m", overrides=overrides)
-    lora = LoraConfig(rank=4, alpha=8.0, **({"base_dtype": base_dtype} if base_dtype else {}))
+    init_from = {"init_from": "/adapters"} if said == "packaged, init_from" else {}
+    lora = LoraConfig(rank=4, alpha=8.0, **({"base_dtype": base_dtype} if base_dtype else {}), **init_from)
     note = base_note(section, lora, "runs/r", "out")
     step_0 = "`nextquill-jax export --workdir runs/r --step 0 --out BASE_DIR`"
     if said == "packaged":
         assert note == (
             f"note: out/adapter_config.json's base_model_name_or_path is the packaged model {path}, a name "
-            f"transformers does not load (this package ships it as a GGUF file): write the base as a Hugging "
-            f"Face directory with {step_0} and load the adapters onto it "
-            "(`peft.PeftModel.from_pretrained(base, 'out')`)."
+            f"transformers does not load (this package ships it as a GGUF file); load the base from {step_0} "
+            "instead (the model the run started from), and `peft.PeftModel.from_pretrained(base, 'out')` "
+            "loads the adapters onto it."
         )
+    elif said == "packaged, init_from":  # its step 0 carries the adapters it started from, merged
+        assert note.endswith(
+            "a name transformers does not load (this package ships it as a GGUF file); a run started from "
+            "model.lora.init_from has no such base on disk (its step 0 carries those adapters merged): use "
+            "`export --merged` for the trained model."
+        ), note
     elif said == "quantized":
         assert note.startswith("note: the adapters were trained on the base quantized to nf4"), note
         assert step_0 in note

@@ -1,13 +1,13 @@
-"""Generic JSONL records (README, "Your own data"; the synthetic benchmark writes it) -> records.
+"""Generic records (README, "Your own data"; the synthetic benchmark writes it) -> records.
 
-One object per line: `user_id` (string), `context` (a string, or an object of named string / number fields),
-`history` (a list of strings or of objects with `text`, optional `timestamp` and other named fields), `target`
-(string), optional `category`, `split` (train / val / test; else `data.default_split`), `id` and `meta` (any
-object, carried through untouched); an optional field (an entry's `timestamp` too) set to null is absent, and
-so is a null field of a context or entry object (Parquet gives a struct every key of its column, null where
-a row has none), which a template that needs it then names as missing.
-A string context becomes the field `context`, a string entry the field `text`. History is oldest first, or
-sorted by `timestamp` when the entries carry one (then all must).
+One object per JSON line (`.jsonl`, `.jsonl.gz`), per element of a `.json` array or per Parquet row: `user_id`
+(string), `context` (a string, or an object of named string / number fields), `history` (a list of strings or
+of objects with `text`, optional `timestamp` and other named fields), `target` (string), optional `category`,
+`split` (train / val / test; else `data.default_split`), `id` and `meta` (any object, carried through
+untouched); an optional field (an entry's `timestamp` too) set to null is absent, and so is a null field of a
+context or entry object (Parquet gives a struct every key of its column, null where a row has none), which a
+template that needs it then names as missing. A string context becomes the field `context`, a string entry the
+field `text`. History is oldest first, or sorted by `timestamp` when the entries carry one (then all must).
 Any other top-level key is an invalid record (`unknown_field`; a misspelt `split` would silently train on a
 test record), and so is an empty or whitespace-only `user_id`, `target` or history entry text (`empty_field`)
 and an `id` that an earlier record of any file or split has (`duplicate_id`); extra data belongs in `meta`.

@@ -195,8 +195,10 @@ def get_field(
         )
     if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
         expected = " or ".join(_KIND_NAMES[k] for k in kinds)
-        # A number or flag where text is wanted (an id written unquoted): the text it stands for.
-        quoted = f" ({json.dumps(str(value))})" if kinds == (str,) and isinstance(value, int | float) else ""
+        # A number or flag where text is wanted (an id written unquoted): the text it stands for, as JSON
+        # spells it (`true`, not Python's `True`).
+        unquoted = kinds == (str,) and isinstance(value, int | float)
+        quoted = f" ({json.dumps(json.dumps(value))})" if unquoted else ""
         fix = f"write it as {expected}{quoted}" + (", or null" if nullable else "")
         raise InvalidRecordError(
             Issue(
