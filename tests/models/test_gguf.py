@@ -182,7 +182,9 @@ def write_tiny_gguf(tiny_hf_config):
     )
 
 
-def write_gguf(path, family, hf_config, *, stored=None, extra_metadata=None, rope_dimension_count=None):
+def write_gguf(
+    path, family, hf_config, *, stored=None, extra_metadata=None, rope_dimension_count=None, leave_out=()
+):
     """Write a random `family` model of `hf_config` as GGUF; returns (hf config dict, {hf name: the float32
     original}).
 
@@ -190,7 +192,7 @@ def write_gguf(path, family, hf_config, *, stored=None, extra_metadata=None, rop
     `extra_metadata` maps more metadata keys, or keys written here (which it replaces in place), to a str, a
     float (stored as float32, as llama.cpp's converter stores RoPE factors) or a list of ints (an array, as
     llama.cpp's per-layer values); `rope_dimension_count` is `{family}.rope.dimension_count` (default: the
-    head size)."""
+    head size); `leave_out` names HF tensors (by the end of their names) not written."""
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(hf_config)
     state = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
@@ -216,14 +218,10 @@ def write_gguf(path, family, hf_config, *, stored=None, extra_metadata=None, rop
         writer.add_value_length(head_dim)
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
-    for key, value in (extra_metadata or {}).items():
-        if isinstance(value, str):
-            writer.add_string(key, value)
-        elif isinstance(value, list):
-            writer.add_array(key, value)
-        else:
-            writer.add_float32(key, value)
+    _add_metadata(writer, extra_metadata or {})
     for name, value in state.items():
+        if name.endswith(tuple(leave_out)):
+            continue
         if family == "llama" and ".self_attn.q_proj." in name:
             value = llama_cpp_permute(value, hf_config.num_attention_heads)
         elif family == "llama" and ".self_attn.k_proj." in name:
@@ -236,11 +234,29 @@ def write_gguf(path, family, hf_config, *, stored=None, extra_metadata=None, rop
             writer.add_tensor(gguf_name(name), quantised, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
         else:
             writer.add_tensor(gguf_name(name), value)
+    _finish(writer)
+    return hf_config.to_dict(), state
+
+
+def _add_metadata(writer: gguf.GGUFWriter, metadata: dict) -> None:
+    """Each value by its type: a str, an int (uint32), a float (float32, as llama.cpp's converter stores
+    RoPE factors) or a list (an array, as llama.cpp's per-layer values)."""
+    for key, value in metadata.items():
+        if isinstance(value, str):
+            writer.add_string(key, value)
+        elif isinstance(value, int):
+            writer.add_uint32(key, value)
+        elif isinstance(value, float):
+            writer.add_float32(key, value)
+        else:
+            writer.add_array(key, value)
+
+
+def _finish(writer: gguf.GGUFWriter) -> None:
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return hf_config.to_dict(), state
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -355,10 +371,7 @@ def test_unsupported_architecture_is_named(tmp_path):
     path = tmp_path / "gpt2.gguf"
     writer = gguf.GGUFWriter(str(path), "gpt2")
     writer.add_tensor("token_embd.weight", np.zeros((8, 4), np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    _finish(writer)
     with pytest.raises(ValueError, match=r"architecture 'gpt2' is not supported"):
         read_gguf(path)
 
@@ -367,10 +380,7 @@ def test_unsupported_tensor_type_and_rope_scaling_are_named(tmp_path, write_tiny
     path = tmp_path / "int.gguf"
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_tensor("token_embd.weight", np.zeros((8, 4), np.int32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    _finish(writer)
     with pytest.raises(ValueError, match=r"'token_embd.weight' is stored as I32"):
         read_gguf(path)
 
@@ -448,18 +458,9 @@ _TOKENIZER_METADATA = {
 
 def _write_tokenizer_gguf(path: Path, metadata: dict) -> Path:
     writer = gguf.GGUFWriter(str(path), "llama")
-    for key, value in metadata.items():
-        if isinstance(value, str):
-            writer.add_string(key, value)
-        elif isinstance(value, int):
-            writer.add_uint32(key, value)
-        else:
-            writer.add_array(key, value)
+    _add_metadata(writer, metadata)
     writer.add_tensor("token_embd.weight", np.zeros((8, 4), np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    _finish(writer)
     return path
 
 
@@ -525,31 +526,9 @@ def test_a_llama_gguf_with_biases_on_some_attention_projections_only_is_refused_
     """llama.cpp takes each attention bias alone; a Hugging Face Llama config has them on all four or none.
     With q/k/v biases and no output bias the file was taken as biased throughout, then failed on the missing
     tensor with a KeyError naming no file."""
-    from nextquill_jax.models.gguf_file import read_gguf_file
-
-    full = tmp_path / "full.gguf"
-    write_gguf(full, "llama", tiny_hf_config("llama", **TINY, attention_bias=True))
     partial = tmp_path / "partial.gguf"
-    contents = read_gguf_file(full)
-    writer = gguf.GGUFWriter(str(partial), "llama")
-    for key, value in contents.metadata.items():
-        if key.startswith("GGUF.") or key == "general.architecture":
-            continue
-        if isinstance(value, str):
-            writer.add_string(key, value)
-        elif isinstance(value, int):
-            writer.add_uint32(key, value)
-        elif isinstance(value, float):
-            writer.add_float32(key, value)
-        elif value:
-            writer.add_array(key, value)
-    for tensor in gguf.GGUFReader(full).tensors:
-        if not tensor.name.endswith("attn_output.bias"):
-            writer.add_tensor(tensor.name, np.asarray(tensor.data))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    config = tiny_hf_config("llama", **TINY, attention_bias=True)
+    write_gguf(partial, "llama", config, leave_out=("self_attn.o_proj.bias",))
     with pytest.raises(ValueError) as e:
         read_gguf(partial)
     assert str(e.value) == (
