@@ -6,30 +6,44 @@ Imports nothing of this package, so any layer may name it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
 
 
-def write_text_atomic(path: str | Path, text: str, encoding: str = "utf-8") -> None:
-    """Replace `path` (made if missing) by `text`: written to a temporary file beside it, flushed to disk,
-    then renamed over it (a rename within one directory is atomic on POSIX file systems). The temporary name
-    is this call's own (`<name>.<random>.tmp`): writers of one path in several processes (every process of a
-    multi-process `compare` writes its records) or threads each rename a whole file of theirs, the last one
-    wins, and none renames or truncates another's.
+@contextlib.contextmanager
+def replaced_atomically(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path` for the block to write (by any writer: `open`, safetensors'
+    `save_file`, ...); when the block ends without an error, the file is flushed to disk and renamed over
+    `path` (made if missing; a rename within one directory is atomic on POSIX file systems). The temporary
+    name is this call's own (`<name>.<random>.tmp`): writers of one path in several processes (every
+    process of a multi-process `compare` writes its records) or threads each rename a whole file of theirs,
+    the last one wins, and none renames or truncates another's.
 
     Raises:
-        OSError: the write, flush or rename failed (e.g. ENOSPC); `path` is then as it was, and the temporary
-            file is removed.
+        OSError: the flush or rename failed (e.g. ENOSPC); what the block raises, unchanged. `path` is then
+            as it was, and the temporary file is removed.
     """
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{secrets.token_hex(8)}.tmp")
     try:
-        with open(tmp, "w", encoding=encoding, newline="\n") as f:
-            f.write(text)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_text_atomic(path: str | Path, text: str, encoding: str = "utf-8") -> None:
+    """Replace `path` (made if missing) by `text`, whole (`replaced_atomically`).
+
+    Raises:
+        OSError: the write, flush or rename failed (e.g. ENOSPC); `path` is then as it was, and the temporary
+            file is removed.
+    """
+    with replaced_atomically(path) as tmp, open(tmp, "w", encoding=encoding, newline="\n") as f:
+        f.write(text)

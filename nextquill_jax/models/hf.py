@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from jax.sharding import Mesh, PartitionSpec
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from ..atomic_file import replaced_atomically, write_text_atomic
 from ..json_object import read_json_object
 from ..parallel import DEFAULT_RULES, LogicalRules, logical_to_sharding
 from .causal_lm import CausalLM
@@ -446,7 +447,8 @@ def refuse_stale_files(out: str | Path, *, fix: str = "save to another directory
         raise FileExistsError(
             f"{out} already holds {', '.join(read_over)}, which transformers reads in preference to what a "
             f"save writes (config.json's end-of-sequence ids and decoding, the tokenizer's special tokens "
-            f"and chat template), so they would be read as this model's. Fix: empty {out} or {fix}."
+            f"and chat template), so they would be read as this model's (a save stopped part-way leaves them "
+            f"too). Fix: empty {out} or {fix}."
         )
 
 
@@ -456,14 +458,20 @@ def save_pretrained(
     tokenizer: Any = None,
     *,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    eos_token_ids: Sequence[int] | None = None,
 ) -> Path:
     """Write `model` as a Hugging Face directory that transformers' `AutoModelForCausalLM` loads.
 
     config.json + model.safetensors, or model-0000k-of-0000n.safetensors files of at most `max_shard_bytes`
     each (one tensor may exceed it) with model.safetensors.index.json. Tensors keep the parameter dtype.
     `tokenizer` (anything with `save_pretrained(dir)`, e.g. a transformers tokenizer) is saved alongside.
-    Sharded parameters are gathered one at a time; in a multi-process run every process must call this and
-    process 0 writes. Returns the output directory.
+    config.json's `eos_token_id` lists `eos_token_ids` (default: the model's own). Sharded parameters are
+    gathered one at a time; in a multi-process run every process must call this and process 0 writes.
+    Returns the output directory.
+
+    The tokenizer and config.json are written first, then each weight file whole (renamed into place), the
+    shard index last: a save stopped part-way (SIGKILL) leaves a directory no loader takes for a model (no
+    weights, or shards without their index), never one that loads with half its files.
 
     `out_dir` may exist but must hold no weight files (`WEIGHT_FILES`): a new save beside an earlier one
     (say a sharded one, then a single file) would leave two sets of weights, and our loader and transformers
@@ -502,6 +510,12 @@ def save_pretrained(
     writer = jax.process_index() == 0
     if writer:
         out_dir.mkdir(parents=True, exist_ok=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(out_dir))
+        hf_config = cfg.to_hf_config()
+        if eos_token_ids is not None:
+            hf_config["eos_token_id"] = list(eos_token_ids)
+        write_text_atomic(out_dir / "config.json", json.dumps(hf_config, indent=2))
     host: dict[tuple, np.ndarray] = {}
     weight_map = {}
     for k, shard in enumerate(shards):
@@ -516,25 +530,23 @@ def save_pretrained(
             weight_map[name] = file
         if writer:
             save_tensors(out, out_dir / file)
-    if writer:
-        if len(shards) > 1:
-            total = sum(e[3] for e in entries)
-            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-            (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2))
-        (out_dir / "config.json").write_text(json.dumps(cfg.to_hf_config(), indent=2))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(out_dir))
+    if writer and len(shards) > 1:
+        total = sum(e[3] for e in entries)
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        write_text_atomic(out_dir / INDEX_FILE, json.dumps(index, indent=2))
     return out_dir
 
 
 def save_tensors(tensors: Mapping[str, np.ndarray], path: Path) -> None:
-    """A safetensors file `path` (metadata format "pt", as transformers writes) with the permissions an
-    ordinary new file gets: safetensors 0.8 makes it readable by its owner only, which left an export that
-    another user or a serving process could not read."""
-    path.touch()  # created as the umask says, or left as it is; the save replaces its contents
-    mode = path.stat().st_mode & 0o777
-    save_file(dict(tensors), path, metadata={"format": "pt"})
-    path.chmod(mode)
+    """A safetensors file `path` (metadata format "pt", as transformers writes), written whole
+    (`atomic_file.replaced_atomically`), with the permissions an ordinary new file gets: safetensors 0.8
+    makes it readable by its owner only, which left an export that another user or a serving process could
+    not read."""
+    with replaced_atomically(path) as tmp:
+        tmp.touch()  # created as the umask says; the save replaces its contents
+        mode = tmp.stat().st_mode & 0o777
+        save_file(dict(tensors), tmp, metadata={"format": "pt"})
+        tmp.chmod(mode)
 
 
 def _enumerate_names(rule: Rule, num_layers: int) -> list[tuple[int | None, str]]:

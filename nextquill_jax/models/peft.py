@@ -23,6 +23,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file
 
+from ..atomic_file import write_text_atomic
 from ..json_object import read_json_object
 from .config import ModelConfig
 from .hf import NAME_TABLES, save_tensors
@@ -84,8 +85,9 @@ def write_peft_adapter(
     }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # The weights last, whole (`save_tensors`): a write stopped part-way leaves no adapter that loads.
+    write_text_atomic(out / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
     save_tensors(tensors, out / WEIGHTS_FILE)
-    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return out
 
 

@@ -55,17 +55,17 @@ def export(
     # here, and a `loss.weighting` module need not import.
     restored = restore_model(workdir, step, single_device_mesh(), runs_model=False)
     model, cfg = merged_model(restored.model), restored.config  # a LoRA run's adapters merged in
-    save_pretrained(model, out, tokenizer=load_tokenizer(cfg.data.tokenizer))
     ends = targets_end_token(data_dir_of(cfg, workdir))
-    if ends is not None and ends not in model.cfg.eos_token_ids:
-        config_file = Path(out) / "config.json"
-        hf_config = json.loads(config_file.read_text())
-        hf_config["eos_token_id"] = [*model.cfg.eos_token_ids, ends]
-        config_file.write_text(json.dumps(hf_config, indent=2))
+    added = ends is not None and ends not in model.cfg.eos_token_ids
+    eos_token_ids = [*model.cfg.eos_token_ids, ends] if added else None
+    # config.json is written with them, before the weights (`save_pretrained`): a stopped export leaves no
+    # directory that loads with the model's own end tokens alone.
+    save_pretrained(model, out, tokenizer=load_tokenizer(cfg.data.tokenizer), eos_token_ids=eos_token_ids)
+    if added:
         echo(
             f"note: the run's targets end in token {ends} (its tokenizer's end token), which the model's "
-            f"eos_token_id {list(model.cfg.eos_token_ids)} lacks; {config_file} lists "
-            f"{hf_config['eos_token_id']}, so that generation stops where the model learnt to end."
+            f"eos_token_id {list(model.cfg.eos_token_ids)} lacks; {Path(out) / 'config.json'} lists "
+            f"{eos_token_ids}, so that generation stops where the model learnt to end."
         )
     lora = cfg.model.lora
     if lora is not None and lora.base_dtype != "float32":

@@ -3,6 +3,9 @@ naming the tensor; dtype conversion; directory / name resolution. Tensors come f
 
 from __future__ import annotations
 
+import json
+import re
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -227,3 +230,35 @@ def test_sharded_index_must_agree_with_its_files(qwen2, tmp_path):
     listed = f"present but not listed \\['{names[0]}'\\]\\. Fix: copy the index and its files again"
     with pytest.raises(KeyError, match=listed):
         SafetensorsTensors(tmp_path)
+
+
+@pytest.mark.parametrize("stopped_at", [1, 2])
+def test_a_save_stopped_part_way_leaves_no_directory_that_loads(qwen2, tmp_path, monkeypatch, stopped_at):
+    """The weights were written first and config.json after them: an export killed in between left weights
+    and a config that loaded, without the end token export then added. Now the config and tokenizer come
+    first, each weight file whole, the shard index last: stopped at any weight file, no loader takes the
+    directory for a model, and no part-written file is left."""
+    from nextquill_jax.models import hf
+
+    config, tensors = qwen2
+    model = model_from_hf(config, tensors)
+    written, save_file = [], hf.save_file
+
+    def stopping(tensors, path, **kwargs):
+        if len(written) + 1 == stopped_at:
+            raise KeyboardInterrupt  # as a kill would stop it, mid-file
+        written.append(path)
+        save_file(tensors, path, **kwargs)
+
+    monkeypatch.setattr(hf, "save_file", stopping)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        hf.save_pretrained(model, out, max_shard_bytes=40_000, eos_token_ids=[5, 7])
+    names = sorted(p.name for p in out.iterdir())  # no temporary file left either
+    shards_written = [name for name in names if re.fullmatch(r"model-0000\d-of-0000\d\.safetensors", name)]
+    assert names == ["config.json", *shards_written] and len(shards_written) == stopped_at - 1, names
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] == [5, 7]
+    with pytest.raises((FileNotFoundError, OSError, ValueError)):
+        load_pretrained(out)
+    with pytest.raises(OSError):
+        AutoModelForCausalLM.from_pretrained(out)
