@@ -103,3 +103,27 @@ def test_preference_words_are_visible_in_the_history_but_not_in_the_context(tiny
 def test_bad_sizes_are_refused_naming_the_argument(tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):
         generate_synthetic(tmp_path, **{**TINY, **kw})
+
+
+def test_a_run_stopped_part_way_leaves_the_earlier_files_whole_and_no_manifest(tmp_path, monkeypatch):
+    """synthetic.jsonl was written in place: a run killed part-way left it cut at a line (so every line still
+    parsed, and `data prepare` read the cut file without a word) beside the earlier run's manifest."""
+    from nextquill_jax.data.sources import synth
+
+    out = tmp_path / "synth"
+    generate_synthetic(out, users=4, seed=0)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    reviews, review = [0], synth._review
+
+    def stopping(*args, **kwargs):
+        reviews[0] += 1
+        if reviews[0] == 30:  # in the third user's reviews
+            raise KeyboardInterrupt
+        return review(*args, **kwargs)
+
+    monkeypatch.setattr(synth, "_review", stopping)
+    with pytest.raises(KeyboardInterrupt):
+        generate_synthetic(out, users=8, seed=1)
+    after = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(after) == sorted(set(before) - {"manifest.json"})  # no temporary file left
+    assert all(after[name] == before[name] for name in after)

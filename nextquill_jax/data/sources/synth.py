@@ -37,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
+from nextquill_jax.atomic_file import replaced_atomically, write_text_atomic
+
 ASPECTS = (
     "pacing", "ending", "characters", "dialogue", "atmosphere", "humor",
     "details", "style", "structure", "mood", "tone", "opening",
@@ -286,8 +288,14 @@ def generate_synthetic(
     people = [_make_user(rng, n, signature_words) for n in range(users)]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # manifest.json, written last, says the files beside it are whole: an earlier one must not stand for
+    # files a stopped run (SIGKILL) left half-replaced (each file is replaced whole, but not all at once).
+    (out / "manifest.json").unlink(missing_ok=True)
     counts = {"train": 0, "val": 0, "test": 0}
-    with open(out / "synthetic.jsonl", "w", encoding="utf-8", newline="\n") as f:
+    with (
+        replaced_atomically(out / "synthetic.jsonl") as tmp,
+        open(tmp, "w", encoding="utf-8", newline="\n") as f,
+    ):
         for user in people:
             chosen = rng.choice(n_items, size=reviews_per_user, replace=False)
             gaps = rng.integers(1, 30, size=reviews_per_user) * 86_400
@@ -344,7 +352,7 @@ def generate_synthetic(
         "records": counts,
         "files": ["synthetic.jsonl", "users.jsonl", "items.jsonl"],
     }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    write_text_atomic(out / "manifest.json", json.dumps(manifest, indent=1) + "\n")
     return manifest
 
 
@@ -371,6 +379,4 @@ def _item_row(i: Item) -> dict:
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", encoding="utf-8", newline="\n") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
