@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from nextquill_jax.atomic_file import write_text_atomic
+from nextquill_jax.atomic_file import replaced_atomically, write_text_atomic
 from nextquill_jax.eval.effect_scoring import ALL_ROLES, EOS, ROLES, score_roles
 from nextquill_jax.eval.effect_tokens import ExampleEffects, compute_example_effects
 from nextquill_jax.loss import LossConfig
@@ -208,7 +208,8 @@ def write_report(
     max_shown: int = DEFAULT_MAX_SHOWN,
 ) -> dict[str, Any]:
     """Write index.html, dce_histogram.png and summary.json into `out_dir` (created) and return the summary
-    (with `split`, `model` = `source`, `examples_shown` and `files`, absolute paths)."""
+    (with `split`, `model` = `source`, `examples_shown` and `files`, absolute paths). Each file is replaced
+    whole, and summary.json is removed first and written last: a report stopped part-way has none."""
     from nextquill_jax.eval.effect_html import render_report
 
     out = Path(out_dir)
@@ -222,11 +223,15 @@ def write_report(
         "summary": out / "summary.json",
     }
     summary["files"] = {k: str(v.absolute()) for k, v in files.items()}
-    files["histogram"].write_bytes(png)
+    # summary.json, written last, stands for the report: an earlier one must not stand for the page and plot
+    # a stopped run (SIGKILL) replaced (`compare` checks a run's record against it).
+    files["summary"].unlink(missing_ok=True)
+    with replaced_atomically(files["histogram"]) as tmp:
+        tmp.write_bytes(png)
     html = render_report(
         results[:max_shown], summary, threshold=loss_cfg.threshold, histogram_png_base64=base64.b64encode(png)
     )
-    files["html"].write_text(html, encoding="utf-8")
+    write_text_atomic(files["html"], html)
     # A diverged model's NaN is written null, which `compare_table.read_number` reads back as NaN.
     write_text_atomic(files["summary"], strict_json(summary, ensure_ascii=False))
     return summary

@@ -239,6 +239,28 @@ def test_a_report_leaves_nonfinite_dce_out_of_its_numbers_and_counts_them(tmp_pa
     assert "with a non-finite DCE left out" in describe(written)
 
 
+def test_a_report_stopped_part_way_leaves_no_summary_standing_for_it(tmp_path, monkeypatch):
+    """The page and the plot were written in place before the new summary.json: a report killed between
+    them left the earlier summary beside a new (or torn) page, and `compare` took that summary for the run's
+    report. Now summary.json goes first and comes back last, and the earlier page and plot stay whole."""
+    from nextquill_jax.eval import effect_html
+
+    roles = ["preference", "context", "noise"]
+    results = [_effects(0, np.array([0.2, -0.1, 0.0], np.float32), roles)]
+    write_report(results, LOSS, tmp_path, split="val")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt  # as a kill would stop it, after the plot, before the page
+
+    monkeypatch.setattr(effect_html, "render_report", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        write_report(results, LOSS, tmp_path, split="test")
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert sorted(after) == ["dce_histogram.png", "index.html"]  # no summary, no temporary file
+    assert after["index.html"] == before["index.html"]
+
+
 def test_a_report_of_a_model_whose_every_dce_is_nan_is_written_with_null_statistics(tmp_path):
     """Every token NaN (the whole model diverged): the files are still written, each DCE statistic and score
     null, every token counted as non-finite."""
