@@ -570,6 +570,9 @@ def write_results(comparison: Any, records: Sequence[Mapping[str, Any]]) -> dict
     }
     result["conclusions"] = conclusions(result)
     out = Path(comparison.compare.out)
+    # Each replaced whole; the table goes first, so that a run stopped between the two leaves no earlier
+    # table beside the new numbers.
+    (out / "results.md").unlink(missing_ok=True)
     write_text_atomic(out / "results.json", strict_json(result))
     write_text_atomic(out / "results.md", markdown(result))
     return result

@@ -195,6 +195,28 @@ def test_the_readme_python_snippet_evaluates_and_compares(compared, tmp_path):
     assert results["rows"] == first["rows"] and said[-1] == (results["conclusions"],)
 
 
+def test_a_table_stopped_between_its_two_files_leaves_no_earlier_table_beside_new_numbers(
+    compared, monkeypatch
+):
+    """results.json and results.md were each replaced whole, one after the other: a run stopped between them
+    left the new numbers beside the earlier table. The table now goes first and comes back last."""
+    from nextquill_jax.eval import compare_table
+
+    root, path, first, _, _, _ = compared
+    out = root / "out"
+
+    def stopped(result):
+        raise KeyboardInterrupt  # as a kill between the two files
+
+    monkeypatch.setattr(compare_table, "markdown", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        run_comparison(load_comparison(path), echo=lambda line: None)
+    assert (out / "results.json").is_file() and not (out / "results.md").exists()
+    monkeypatch.undo()
+    assert run_comparison(load_comparison(path), echo=lambda line: None)["rows"] == first["rows"]
+    assert (out / "results.md").is_file()
+
+
 def _files(directory: Path) -> dict[Path, bytes]:
     return {p: p.read_bytes() for p in directory.rglob("*") if p.is_file()}
 
