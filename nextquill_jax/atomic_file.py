@@ -23,15 +23,19 @@ def replaced_atomically(path: str | Path) -> Iterator[Path]:
     the last one wins, and none renames or truncates another's.
 
     Raises:
-        OSError: the flush or rename failed (e.g. ENOSPC); what the block raises, unchanged. `path` is then
-            as it was, and the temporary file is removed.
+        OSError: the flush or rename failed (e.g. ENOSPC), or the block wrote no file there
+            (FileNotFoundError); what the block raises, unchanged. `path` is then as it was, and the temporary
+            file is removed.
     """
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{secrets.token_hex(8)}.tmp")
     try:
         yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        descriptor = os.open(tmp, os.O_RDONLY)  # read-only: a umask may leave it unwritable to its owner
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -52,3 +52,20 @@ def test_two_writers_of_one_path_never_share_a_temporary_file(tmp_path, monkeypa
     write_text_atomic(path, '{"by": "first", "longer": true}\n')
     assert path.read_text() == '{"by": "first", "longer": true}\n'  # the last rename wins, whole
     assert sorted(p.name for p in tmp_path.iterdir()) == ["compare_done.json"]
+
+
+def test_the_flush_needs_no_write_permission_on_the_temporary_file(tmp_path, monkeypatch):
+    """The file is flushed through a read-only descriptor: a reopening for writing failed (EACCES) for a user
+    whose umask leaves new files unwritable to their owner (root, who runs these tests, is never refused, so
+    the descriptor's mode is what is checked)."""
+    import fcntl
+
+    modes, fsync = [], os.fsync
+
+    def recording(fd: int) -> None:
+        modes.append(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE)
+        fsync(fd)
+
+    monkeypatch.setattr(atomic_file.os, "fsync", recording)
+    write_text_atomic(tmp_path / "record.json", "text\n")
+    assert modes == [os.O_RDONLY]

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
 from nextquill_jax.atomic_file import replaced_atomically, write_text_atomic
@@ -209,7 +210,8 @@ def write_report(
 ) -> dict[str, Any]:
     """Write index.html, dce_histogram.png and summary.json into `out_dir` (created) and return the summary
     (with `split`, `model` = `source`, `examples_shown` and `files`, absolute paths). Each file is replaced
-    whole, and summary.json is removed first and written last: a report stopped part-way has none."""
+    whole, and summary.json is written last, removed first in a single-process run: a report stopped
+    part-way there has none."""
     from nextquill_jax.eval.effect_html import render_report
 
     out = Path(out_dir)
@@ -224,8 +226,10 @@ def write_report(
     }
     summary["files"] = {k: str(v.absolute()) for k, v in files.items()}
     # summary.json, written last, stands for the report: an earlier one must not stand for the page and plot
-    # a stopped run (SIGKILL) replaced (`compare` checks a run's record against it).
-    files["summary"].unlink(missing_ok=True)
+    # a stopped run (SIGKILL) replaced (`compare` checks a run's record against it). Not in a multi-process
+    # run, whose every process writes the same report: one would remove the summary another is reading.
+    if jax.process_count() == 1:
+        files["summary"].unlink(missing_ok=True)
     with replaced_atomically(files["histogram"]) as tmp:
         tmp.write_bytes(png)
     html = render_report(

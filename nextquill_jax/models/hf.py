@@ -440,7 +440,8 @@ def refuse_stale_files(out: str | Path, *, fix: str = "save to another directory
     if weights:
         raise FileExistsError(
             f"{out} already holds weight files: {', '.join(weights)}. Writing beside them would leave "
-            f"weights that disagree, which loaders choose between differently. Fix: empty {out} or {fix}."
+            f"weights that disagree, which loaders choose between differently (a save stopped part-way "
+            f"leaves some too). Fix: empty {out} or {fix}."
         )
     read_over = [name for name in READ_OVER_FILES if (out / name).exists()]
     if read_over:

@@ -239,11 +239,13 @@ def test_a_report_leaves_nonfinite_dce_out_of_its_numbers_and_counts_them(tmp_pa
     assert "with a non-finite DCE left out" in describe(written)
 
 
-def test_a_report_stopped_part_way_leaves_no_summary_standing_for_it(tmp_path, monkeypatch):
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_report_stopped_part_way_leaves_no_summary_standing_for_it(tmp_path, monkeypatch, processes):
     """The page and the plot were written in place before the new summary.json: a report killed between
     them left the earlier summary beside a new (or torn) page, and `compare` took that summary for the run's
-    report. Now summary.json goes first and comes back last, and the earlier page and plot stay whole."""
-    from nextquill_jax.eval import effect_html
+    report. Now summary.json goes first and comes back last, and the earlier page and plot stay whole. In a
+    multi-process run, whose processes all write the report, it stays: one would remove what another reads."""
+    from nextquill_jax.eval import effect_html, effect_report
 
     roles = ["preference", "context", "noise"]
     results = [_effects(0, np.array([0.2, -0.1, 0.0], np.float32), roles)]
@@ -254,10 +256,12 @@ def test_a_report_stopped_part_way_leaves_no_summary_standing_for_it(tmp_path, m
         raise KeyboardInterrupt  # as a kill would stop it, after the plot, before the page
 
     monkeypatch.setattr(effect_html, "render_report", stopped)
+    monkeypatch.setattr(effect_report.jax, "process_count", lambda: processes)
     with pytest.raises(KeyboardInterrupt):
         write_report(results, LOSS, tmp_path, split="test")
     after = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    assert sorted(after) == ["dce_histogram.png", "index.html"]  # no summary, no temporary file
+    kept = ["summary.json"] if processes > 1 else []
+    assert sorted(after) == ["dce_histogram.png", "index.html", *kept]  # no temporary file
     assert after["index.html"] == before["index.html"]
 
 
