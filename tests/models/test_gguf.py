@@ -176,7 +176,8 @@ def gguf_name(hf_name):
 
 @pytest.fixture
 def write_tiny_gguf(tiny_hf_config):
-    """`write_tiny_gguf(path, family, *, stored=None, extra_metadata=None)` (see `write_gguf`)."""
+    """`write_tiny_gguf(path, family, **keywords)`: `write_gguf` of the tiny config of `family`, with its
+    keywords (`stored`, `extra_metadata`, `rope_dimension_count`, `leave_out`)."""
     return lambda path, family, **kwargs: write_gguf(
         path, family, tiny_hf_config(family, **TINY, **FAMILIES[family]), **kwargs
     )
@@ -189,10 +190,10 @@ def write_gguf(
     original}).
 
     `stored` maps an HF tensor name to "f16" or "q8_0" to store it quantised instead of as F32;
-    `extra_metadata` maps more metadata keys, or keys written here (which it replaces in place), to a str, a
-    float (stored as float32, as llama.cpp's converter stores RoPE factors) or a list of ints (an array, as
-    llama.cpp's per-layer values); `rope_dimension_count` is `{family}.rope.dimension_count` (default: the
-    head size); `leave_out` names HF tensors (by the end of their names) not written."""
+    `extra_metadata` maps more metadata keys, or keys written here (which it replaces in place), to values
+    `_add_metadata` writes (a str, an int, a float or a list); `rope_dimension_count` is
+    `{family}.rope.dimension_count` (default: the head size); `leave_out` names HF tensors (by the end of
+    their names) not written."""
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(hf_config)
     state = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
