@@ -18,7 +18,9 @@ recomputed with the values that summary records, and reused when it matches. The
 (`config_paths.DATA_PATH_FIELDS`: sources, meta, template, tokenizer) are fingerprinted as spelled, and the
 files they name by content (the inputs, the template's text, the tokenizer); so a summary that spells them
 otherwise (relative, as earlier versions recorded them; `train` and `data prepare` now record them absolute)
-has this data's fingerprint when the fingerprint with its spellings is its own. Rechecking the hashes
+has this data's fingerprint when the fingerprint with its spellings is its own; source and metadata files
+that moved (the same size and hash, file by file, in the same order) count as the recorded ones, so data
+prepared from them is reused, not refused or prepared again, wherever they now lie. Rechecking the hashes
 reads every source once (about 1 s per GB, far below the cost of preparing; `benchmarks/RESULTS.md`,
 "Checksums"). The summary is written last, and removed first when a directory is prepared again; readers
 refuse split files without it (`prepared_split.check_finished`), so an interrupted run is never mistaken for
@@ -91,7 +93,11 @@ def prepare(
         cfg, template, tokenizer, [*paths["sources"], *paths["meta"]], previous
     )
     if not force and same and _complete(out, previous):
-        echo(f"{out}: prepared data up to date (fingerprint {previous['fingerprint'][:12]}), reusing it")
+        moved = _moved_files(previous, inputs)
+        echo(
+            f"{out}: prepared data up to date (fingerprint {previous['fingerprint'][:12]}), reusing it"
+            + (f"; read from new places, the same content: {moved}" if moved else "")
+        )
         return {**previous, "reused": True}
     replacing = None
     if previous is not None and not force:
@@ -290,25 +296,27 @@ def _fingerprint(
 
     A `previous` summary that records `RESULT_NEUTRAL_FIELDS` in its config was fingerprinted with them
     (earlier versions), and one may spell the `DATA_PATH_FIELDS` otherwise (relative where `cfg` is
-    absolute): it has this data's fingerprint when the fingerprint of `cfg` with its recorded values for
-    those is its own. A spelling alone never makes the data differ: the fingerprint holds the content of
-    the files these fields name (`inputs`, the template, the tokenizer), which must still match."""
+    absolute, or naming files that moved): it has this data's fingerprint when the fingerprint of `cfg`
+    with its recorded values for those, and its recorded input paths, is its own. Neither a spelling nor a
+    move alone makes the data differ: the fingerprint holds the content of the files these fields name (the
+    template, the tokenizer, and `inputs`, whose sizes and digests must match the recorded ones file by
+    file, in order, for their recorded paths to stand in)."""
     inputs = []
     for path in paths:
         inputs.append({"path": str(path.resolve()), **checksums.describe_file(path)})
     tok = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
 
-    def digest(config: dict[str, Any]) -> str:
+    def digest(config: dict[str, Any], files: list[dict]) -> str:
         key = {
             "format_version": FORMAT_VERSION,
             "config": config,
             "template": dataclasses.asdict(template),
             "tokenizer": [tok, tokenizer.eos_token_id, getattr(tokenizer, "chat_template", None)],
-            "inputs": inputs,
+            "inputs": files,
         }
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
-    fingerprint = digest(cfg.fingerprint_fields())
+    fingerprint = digest(cfg.fingerprint_fields(), inputs)
     if previous is None:
         return fingerprint, False, inputs
     same = previous.get("fingerprint") == fingerprint
@@ -320,8 +328,32 @@ def _fingerprint(
             if all(name in recorded for name in RESULT_NEUTRAL_FIELDS)
             else {}
         )
-        same = previous.get("fingerprint") == digest({**cfg.fingerprint_fields(), **spelled, **neutral})
+        config = {**cfg.fingerprint_fields(), **spelled, **neutral}
+        same = previous.get("fingerprint") == digest(config, _with_recorded_paths(inputs, previous))
     return fingerprint, same, inputs
+
+
+def _with_recorded_paths(inputs: list[dict], previous: dict[str, Any]) -> list[dict]:
+    """`inputs` with the paths the summary `previous` records for them, where it records files of the same
+    content (size and BLAKE2b) in the same order: the same files, moved. `inputs` itself otherwise."""
+    recorded = previous.get("inputs")
+    if not isinstance(recorded, list) or len(recorded) != len(inputs):
+        return inputs
+    content = lambda file: (file.get("size"), file.get("blake2b")) if isinstance(file, dict) else None
+    if any(content(old) != content(new) for old, new in zip(recorded, inputs, strict=True)):
+        return inputs
+    return [{**new, "path": old.get("path")} for old, new in zip(recorded, inputs, strict=True)]
+
+
+def _moved_files(previous: dict[str, Any], inputs: list[dict]) -> str:
+    """ "old -> new" for each input file the summary `previous` records at another path (`inputs` holding
+    the same content, `_with_recorded_paths`), joined by "; "; empty when none moved."""
+    moved = [
+        f"{old['path']} -> {new['path']}"
+        for old, new in zip(_with_recorded_paths(inputs, previous), inputs, strict=True)
+        if old["path"] != new["path"]
+    ]
+    return "; ".join(moved)
 
 
 def _changes(previous: dict[str, Any], cfg: DataConfig, inputs: list[dict]) -> list[str]:

@@ -63,7 +63,14 @@ from nextquill_jax import lost_signals
 from nextquill_jax.config import Config, config_to_dict, load_config, save_config
 from nextquill_jax.config_paths import absolute_paths, absolute_value
 from nextquill_jax.config_schema import ConfigError, apply_override, build, key_lines, read_yaml, with_line
-from nextquill_jax.train.resume import config_changes, covered, listed_changes, may_change, normalised
+from nextquill_jax.train.resume import (
+    DATA_FILES,
+    config_changes,
+    covered,
+    listed_changes,
+    may_change,
+    normalised,
+)
 from nextquill_jax.train.workdir_lock import LockUse, WorkdirLock
 
 DONE_FILE = "compare_done.json"
@@ -78,9 +85,9 @@ EVALUATION_FIELDS = ("split", "max_examples", "eval_batch_size", "effect_example
 # numbers depend on it only once it skipped an update (`finished_changes`).
 _NONFINITE_POLICY = ("train.nonfinite", "train.max_skips")
 # Config keys a resume may change (`resume.MAY_CHANGE`) that still change a compare run's numbers: the
-# decoding its evaluation uses, where its prepared data lies (the record holds the path, not the content), and
-# the non-finite policy.
-_RESULT_KEYS = ("eval.generation", "train.data_dir", *_NONFINITE_POLICY)
+# decoding its evaluation uses, where its prepared data and record files lie (the record holds the paths, not
+# the content), and the non-finite policy.
+_RESULT_KEYS = ("eval.generation", "train.data_dir", *DATA_FILES, *_NONFINITE_POLICY)
 
 
 # The lock on `compare.out`. The runs below it take their own (`train.lock` in each run's workdir).

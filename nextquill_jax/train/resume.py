@@ -33,8 +33,10 @@ from nextquill_jax.train.workdir import CHECKPOINT_DIR, CONFIG_FILE
 
 # Dotted keys (a section or a field; a key covers everything below it) that a resume may change, because they
 # do not change what is trained: where and how often the run logs, evaluates and saves, how it is laid out on
-# the devices, and where it is. Paths that name content (`model.path`, `data.sources`,
+# the devices, and where it is. Paths that name content (`model.path`, `data.tokenizer`,
 # `loss.reference_model`, ...) are not here: a new path may hold another model or data.
+# The `data` keys naming the record files a run's data is prepared from.
+DATA_FILES = ("data.sources", "data.meta")
 MAY_CHANGE = (
     "logging",  # metrics rows, TensorBoard, progress bar, health warnings, profiling
     "eval.every_steps",  # how often and how much of the split is validated, and the decoding of `evaluate`
@@ -45,6 +47,10 @@ MAY_CHANGE = (
     "train.workdir",  # where the run is; config.yaml records the one it used
     # Where the prepared data is; its content must match what the checkpoint records (`check_same_data`).
     "train.data_dir",
+    # Where the record files are (files moved since): only preparing reads them, which refuses or prepares
+    # again files of other content (the data's summary holds each one's size and digest), and the data
+    # prepared must still match the checkpoint's (`check_same_data`).
+    *DATA_FILES,
     # Memory and speed settings documented to compute the same values (with LoRA dropout above 0, the
     # micro-batch split and the joint forward draw other dropout masks: the run goes on, not bitwise).
     "model.remat_policy",

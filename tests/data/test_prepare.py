@@ -1256,6 +1256,42 @@ def test_data_prepared_with_relative_paths_is_reused_under_their_absolute_spelli
     )
 
 
+def test_data_prepared_from_record_files_that_moved_since_is_reused_where_their_content_is_the_same(
+    tmp_path, tiny_tokenizer
+):
+    """The summary records each source's path, size and BLAKE2b: files moved (renamed too) with the same
+    content, file by file in the same order, prepare the same data, which is reused and the move named (it was
+    refused as other settings, or prepared again). Other content at the new place, or the same files in
+    another order, is other data."""
+    records = (F / "generic" / "records.jsonl").read_text().splitlines(keepends=True)
+    old = [tmp_path / "a" / "r1.jsonl", tmp_path / "a" / "r2.jsonl"]
+    new = [tmp_path / "b" / "x1.jsonl", tmp_path / "b" / "x2.jsonl"]
+    for path, lines in zip(old, (records[:3], records[3:]), strict=True):
+        path.parent.mkdir(exist_ok=True)
+        path.write_text("".join(lines))
+    tok, out = tiny_tokenizer(), tmp_path / "prep"
+    cfg = lambda sources: DataConfig(format="generic", template="plain", sources=[str(s) for s in sources])
+    first = prepare(cfg(old), out, tokenizer=tok, echo=lambda _: None)
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    new[0].parent.mkdir()
+    for source, target in zip(old, new, strict=True):
+        source.rename(target)
+    lines: list[str] = []
+    assert prepare(cfg(new), out, tokenizer=tok, protected="WHY", echo=lines.append)["reused"]
+    assert lines == [
+        f"{out}: prepared data up to date (fingerprint {first['fingerprint'][:12]}), reusing it; read from "
+        f"new places, the same content: {old[0]} -> {new[0]}; {old[1]} -> {new[1]}"
+    ]
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
+    with pytest.raises(ValueError, match="was prepared with other settings") as swapped:
+        prepare(cfg(new[::-1]), out, tokenizer=tok, protected="WHY", echo=lambda _: None)
+    assert str(swapped.value).endswith("; it is not replaced: WHY")
+    new[1].write_text(new[1].read_text().replace('"target": "', '"target": "X', 1))
+    with pytest.raises(ValueError, match="was prepared with other settings"):
+        prepare(cfg(new), out, tokenizer=tok, protected="WHY", echo=lambda _: None)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
+
+
 def test_data_prepare_records_the_sources_absolute(tmp_path, tok_dir, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "records.jsonl").write_bytes((F / "generic" / "records.jsonl").read_bytes())

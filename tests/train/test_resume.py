@@ -433,6 +433,34 @@ def test_train_does_not_replace_data_it_is_pointed_at_or_that_checkpoints_were_t
         assert {p: p.read_bytes() for p in target.rglob("*") if p.is_file()} != files
 
 
+def test_a_run_resumes_after_its_record_files_moved_where_their_content_is_the_same(
+    trained_run, tmp_path, capsys
+):
+    """`data.sources` may change on a resume (`resume.MAY_CHANGE`): the prepared data's summary holds each
+    record file's size and digest, so the same files at a new path resume the run (it was refused: the old
+    path named no file, the new one was other settings, and a symbolic link at the old path too), and other
+    content there is refused as other data, the workdir's config.yaml kept."""
+    workdir = tmp_path / "wd"
+    shutil.copytree(trained_run.workdir, workdir)
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    moved = tmp_path / "elsewhere" / "renamed.jsonl"
+    moved.parent.mkdir()
+    shutil.copyfile(config["data"]["sources"][0], moved)
+    resume = lambda: cli.main(["train", "--config", str(workdir / "config.yaml"), f"data.sources=[{moved}]"])
+    capsys.readouterr()
+    assert resume() == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert f"read from new places, the same content: {config['data']['sources'][0]} -> {moved}" in out
+    assert "already finished at step 2 of 2" in out
+    assert yaml.safe_load((workdir / "config.yaml").read_text())["data"]["sources"] == [str(moved)]
+    saved = (workdir / "config.yaml").read_bytes()
+    moved.write_text(moved.read_text().replace('"target": "', '"target": "X', 1))
+    assert resume() == 1
+    err = capsys.readouterr().err
+    assert f"{workdir / 'prepared'} was prepared with other settings" in err and "it is not replaced" in err
+    assert (workdir / "config.yaml").read_bytes() == saved
+
+
 def test_the_saved_config_records_the_workdir_the_run_used(
     tmp_path, monkeypatch, write_random_data, tiny_config, write_config
 ):
