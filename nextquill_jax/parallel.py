@@ -357,6 +357,8 @@ class PeerWatchdog(threading.Thread):
         self.exit, self.clock = exit, clock
 
     def run(self) -> None:
+        """Beat (this process's counter in the coordination store) and watch the others' until one, or the
+        store, is silent for over `timeout_s`; then say which and exit (`self.exit`)."""
         start = self.clock()
         # process -> (its last counter, when that counter last moved)
         seen = {p: (None, start) for p in range(self.n) if p != self.me}

@@ -83,6 +83,7 @@ class FlopCount:
 
     @property
     def total(self) -> float:
+        """FLOPs of the whole pass: layers, attention and head."""
         return self.layers + self.attention + self.head
 
 

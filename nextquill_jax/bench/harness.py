@@ -44,6 +44,7 @@ class StepTiming:
 
     @property
     def best_step_s(self) -> float:
+        """The fastest of the timed steps, in seconds."""
         return min(self.step_s)
 
 

@@ -33,6 +33,7 @@ class RowShape:
     response_slots: int
 
     def as_tuple(self) -> tuple[int, int, int]:
+        """(T_w, T_o, R): the with-history and without-history row lengths and the response slots."""
         return (self.with_len, self.without_len, self.response_slots)
 
 

@@ -81,18 +81,22 @@ class EpochStats:
 
     @property
     def efficiency_with(self) -> float:
+        """Real tokens per slot of the with-history rows (0..1)."""
         return self.tokens_with / max(self.slots_with, 1)
 
     @property
     def efficiency_without(self) -> float:
+        """Real tokens per slot of the without-history rows (0..1)."""
         return self.tokens_without / max(self.slots_without, 1)
 
     @property
     def efficiency(self) -> float:
+        """Real tokens per slot of both rows together (0..1)."""
         return (self.tokens_with + self.tokens_without) / max(self.slots_with + self.slots_without, 1)
 
     @property
     def response_slot_use(self) -> float:
+        """Target tokens per response slot (0..1)."""
         return self.target_tokens / max(self.slots_response, 1)
 
 

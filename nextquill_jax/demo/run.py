@@ -258,6 +258,7 @@ class _Clock:
         self.echo(f"[{time.perf_counter() - self.start:5.0f} s] {message}")
 
     def stage(self, name: str, started: float) -> None:
+        """Record and show the seconds since `started` as stage `name`'s time."""
         self.seconds[name] = round(time.perf_counter() - started, 1)
         self.stamped(f"{name}: {self.seconds[name]:.1f} s")
 

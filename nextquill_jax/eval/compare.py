@@ -311,6 +311,7 @@ class Comparison:
         return ConfigError(f"{self.source}{'' if where is None else f', line {where}'}: {message}")
 
     def workdir(self, name: str, seed: int) -> Path:
+        """Run (`name`, `seed`)'s own directory under `compare.out`: `seed<seed>/<name>`."""
         return Path(self.compare.out) / f"seed{seed}" / name
 
     def trained_workdir(self, name: str, seed: int) -> Path:
@@ -321,6 +322,7 @@ class Comparison:
 
     @property
     def prepared_dir(self) -> Path:
+        """Where the comparison prepares its data: `<compare.out>/prepared`."""
         return Path(self.compare.out) / "prepared"
 
 
@@ -679,6 +681,7 @@ class _StopOnSignal:
         self._unraisable: Callable[[Any], Any] | None = None
 
     def at(self, where: str) -> None:
+        """Name the stage the comparison is in (a stop's message says it)."""
         self.where = where
 
     def __enter__(self) -> _StopOnSignal:
@@ -701,6 +704,7 @@ class _StopOnSignal:
 
     @contextlib.contextmanager
     def suspended(self) -> Iterator[None]:
+        """A block in which the signal handlers are the previous ones (training installs its own)."""
         self._restore()
         try:
             yield

@@ -161,6 +161,7 @@ class ProcessorSettings(NamedTuple):
 
     @classmethod
     def of(cls, cfg: GenerationConfig) -> ProcessorSettings:
+        """The settings of `cfg` as arrays (traced values: one compiled decode serves every setting)."""
         return cls(
             do_sample=jnp.asarray(cfg.do_sample),
             temperature=jnp.asarray(cfg.temperature, jnp.float32),

@@ -125,9 +125,15 @@ class _Metadata:
         self.path = path
 
     def get(self, key: str, default: Any = None) -> Any:
+        """The metadata value of `key`, else `default`."""
         return self.metadata.get(key, default)
 
     def required(self, key: str) -> Any:
+        """The metadata value of `key`.
+
+        Raises:
+            ValueError: the file has no `key`, naming the file.
+        """
         if key not in self.metadata:
             raise ValueError(f"{self.path}: GGUF metadata has no {key!r}")
         return self.get(key)

@@ -69,6 +69,11 @@ class _Cursor:
         self.buffer, self.path, self.offset = buffer, path, 0
 
     def unpack(self, fmt: str) -> Any:
+        """The next value of struct format `fmt` at the read position, which moves past it.
+
+        Raises:
+            ValueError: the file ends before it (truncated, or not GGUF), naming the byte.
+        """
         size = struct.calcsize(fmt)
         if self.offset + size > len(self.buffer):
             raise ValueError(
@@ -111,6 +116,8 @@ class _Cursor:
         return value_type
 
     def value(self, value_type: int, key: str) -> Any:
+        """The next metadata value, of GGUF type `value_type`: a string, a scalar or a list (`key`: the
+        entry, for messages)."""
         if value_type == _STRING:
             return self.string(f"metadata {key!r}")
         if value_type == _ARRAY:

@@ -89,6 +89,8 @@ class Rule:
 
     @property
     def stacked(self) -> bool:
+        """Whether the rule names one tensor per layer (`{i}` in its Hugging Face name), stacked here on a
+        leading layer axis."""
         return "{i}" in self.hf
 
 

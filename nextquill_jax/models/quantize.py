@@ -51,6 +51,7 @@ class Int8Weight:
 
     @property
     def shape(self) -> tuple[int, ...]:
+        """The dequantised array's shape."""
         return self.q.shape
 
     def __getitem__(self, index: Any) -> jax.Array:
@@ -71,6 +72,7 @@ class NF4Weight:
 
     @property
     def shape(self) -> tuple[int, ...]:
+        """The dequantised array's shape."""
         return (*self._lead, *self.kernel_shape)
 
     @property

@@ -645,6 +645,8 @@ class _Preemption:
                 os.kill(os.getpid(), signal.SIGTERM)
 
     def reached(self, step: int) -> bool:
+        """Whether the run stops and saves at `step`: a signal came (one process), or the processes
+        reached JAX's preemption sync point (several; False where that service is not running)."""
         if jax.process_count() == 1:
             return self.requested
         from jax.experimental import multihost_utils
@@ -655,5 +657,6 @@ class _Preemption:
             return False
 
     def restore(self) -> None:
+        """Put back the signal handlers this object replaced."""
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)

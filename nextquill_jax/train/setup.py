@@ -581,6 +581,7 @@ class RunSetup:
 
     @property
     def reference_params(self) -> dict | None:
+        """The frozen `dce: fixed` reference model's parameters, or None without one."""
         return None if self.reference is None else self.reference[1]
 
 

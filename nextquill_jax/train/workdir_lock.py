@@ -86,6 +86,7 @@ class WorkdirLock:
 
     @property
     def held(self) -> bool:
+        """Whether this object holds the lock."""
         return self._fd is not None
 
     def acquire(self, process_index: int = 0, echo: Callable[[str], None] = print) -> bool:

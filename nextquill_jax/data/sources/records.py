@@ -130,6 +130,8 @@ class IssueLog:
     note_places: dict[str, list[str]] = field(default_factory=dict)
 
     def error(self, issue: Issue) -> None:
+        """Count one invalid record by its reason; keep the first `max_shown` for the error (`on_error:
+        fail`), or each reason's first `PLACES_KEPT` places (the skip policies)."""
         self.errors[issue.reason] += 1
         if self.on_error == "fail":
             if len(self.issues) < self.max_shown:
@@ -140,6 +142,7 @@ class IssueLog:
                 first.append(issue)
 
     def drop(self, reason: str, n: int = 1) -> None:
+        """Count `n` records dropped for `reason` (a valid record the settings leave out)."""
         if n:
             self.dropped[reason] += n
 
