@@ -18,7 +18,6 @@ Exits 1 unless the step-time ratio is <= --max-time-ratio (0.75) and the gradien
 from __future__ import annotations
 
 import tempfile
-import time
 from pathlib import Path
 
 import jax
@@ -26,7 +25,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from nextquill_jax.argument_parser import ArgumentParser
-from nextquill_jax.bench.harness import TrainingHarness, synthetic_batch
+from nextquill_jax.bench.harness import TrainingHarness, alternating_best_seconds, synthetic_batch
 from nextquill_jax.bench.record import append_results, invoked_command, results_file, results_header
 from nextquill_jax.config import LoraConfig
 from nextquill_jax.models import model_preset
@@ -55,22 +54,7 @@ def checkpoint_bytes(harness: TrainingHarness) -> int:
 
 def best_step_seconds(harnesses: dict[str, TrainingHarness], batch: dict, rounds: int) -> dict[str, float]:
     """Best seconds per step of each harness, compiled once, the harnesses alternating `rounds` times."""
-    compiled = {}
-    for name, h in harnesses.items():
-        placed = h.place(batch)
-        with jax.set_mesh(h.mesh):
-            compiled[name] = (h._step.lower(h.state, placed, None, h.base).compile(), placed)
-            h.state, _ = compiled[name][0](h.state, placed, None, h.base)  # warm-up
-            jax.block_until_ready(h.state)
-    best = {name: float("inf") for name in harnesses}
-    for _ in range(rounds):
-        for name, h in harnesses.items():
-            fn, placed = compiled[name]
-            start = time.perf_counter()
-            h.state, metrics = fn(h.state, placed, None, h.base)
-            jax.block_until_ready((h.state, metrics))
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
+    return alternating_best_seconds({name: h.stepper(batch) for name, h in harnesses.items()}, rounds=rounds)
 
 
 def main(argv: list[str] | None = None) -> int:

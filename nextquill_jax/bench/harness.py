@@ -147,6 +147,17 @@ class TrainingHarness:
         with jax.set_mesh(self.mesh):
             return self._step.lower(self.state, self.place(batch), None, self.base).compile()
 
+    def stepper(self, batch: dict[str, np.ndarray]) -> Callable[[], Any]:
+        """A call of no arguments that runs one step on `batch` (compiled here, once) and returns (state,
+        metrics), advancing the state: for `alternating_best_seconds`."""
+        compiled, placed = self.compile(batch), self.place(batch)
+
+        def step() -> Any:
+            self.state, metrics = compiled(self.state, placed, None, self.base)
+            return self.state, metrics
+
+        return step
+
     def head_weight(self, params: dict) -> jax.Array:
         """The LM head in `params` (the untied kernel [D, V], else the tied embedding [V, D])."""
         return params["lm_head"] if "lm_head" in params else params["embed"]
