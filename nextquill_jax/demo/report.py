@@ -7,12 +7,12 @@ the baseline, the verdict of those intervals on the headline metrics, never a ba
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from nextquill_jax.eval.compare_table import METRICS, difference_verdict, interval_text
+from nextquill_jax.train.metrics_log import read_rows
 
 STUDY_FILE = Path(__file__).resolve().parents[2] / "benchmarks" / "STUDY.md"
 STUDY_COMMAND = "nextquill-jax compare --config configs/study/smollm2_synthetic.yaml"
@@ -59,12 +59,6 @@ def study_table(path: Path = STUDY_FILE) -> str:
     )
 
 
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The rows of a run's metrics.jsonl."""
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def plot_training_curves(
     runs: Mapping[str, str | Path], path: str | Path, *, base: str | Path | None = None
 ) -> None:
@@ -79,14 +73,14 @@ def plot_training_curves(
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, panels)
     for variant, workdir in runs.items():
-        rows = [r for r in read_metrics(Path(workdir) / "metrics.jsonl") if "loss" in r]
+        rows = [r for r in read_rows(workdir) if "loss" in r]
         ce = "ce_without" if variant == "sft" else "ce_with"
         axes[0].plot([r["step"] for r in rows], [r["loss"] for r in rows], label=variant)
         axes[1].plot([r["step"] for r in rows if ce in r], [r[ce] for r in rows if ce in r], label=variant)
     axes[0].set_title("training objective (each variant's own loss)")
     axes[1].set_title("cross-entropy on the evaluated prompt")
     if base is not None:
-        rows = [r for r in read_metrics(Path(base) / "metrics.jsonl") if "loss" in r]
+        rows = [r for r in read_rows(base) if "loss" in r]
         axes[2].plot([r["step"] for r in rows], [r["loss"] for r in rows], color="black")
         axes[2].set_title("shared base: language-model pre-training")
     for ax in axes:

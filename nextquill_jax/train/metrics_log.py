@@ -168,14 +168,20 @@ class MetricsLog:
             self._to_console(self._bar.close)
 
 
-def last_value(workdir: str | Path, key: str) -> Any:
-    """`key` in the last row of `<workdir>/metrics.jsonl` that has it (None if none does, or there is no
-    such file); unreadable lines are passed over."""
+def read_rows(workdir: str | Path) -> list[dict[str, Any]]:
+    """The rows of `<workdir>/metrics.jsonl`, in order (none if there is no such file); lines that are no
+    row (one cut short by a kill while it was written, which a resume drops) are passed over."""
     path = Path(workdir) / METRICS_FILE
     if not path.exists():
-        return None
+        return []
     with path.open(errors="replace") as f:
-        found = [row[key] for row in map(_row, f) if row is not None and row.get(key) is not None]
+        return [row for row in map(_row, f) if row is not None]
+
+
+def last_value(workdir: str | Path, key: str) -> Any:
+    """`key` in the last row of `<workdir>/metrics.jsonl` that has it (None if none does, or there is no
+    such file; `read_rows`)."""
+    found = [row[key] for row in read_rows(workdir) if row.get(key) is not None]
     return found[-1] if found else None
 
 

@@ -293,3 +293,18 @@ def test_a_console_whose_reader_is_gone_silences_the_messages_not_the_rows(
     assert "before" in console.getvalue() and "step 1" not in console.getvalue()
     rows = [json.loads(line) for line in (tmp_path / METRICS_FILE).read_text().splitlines()]
     assert rows == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}]
+
+
+def test_a_reader_passes_over_a_line_cut_short_by_a_kill(tmp_path):
+    """A run killed while writing a row leaves part of a line (a resume drops it); the rows around it are
+    still read: the demo's training curves read through `read_rows` (a JSONDecodeError ended them)."""
+    from nextquill_jax.demo.report import plot_training_curves
+    from nextquill_jax.train.metrics_log import last_value, read_rows
+
+    (tmp_path / METRICS_FILE).write_text(
+        '{"step": 1, "loss": 2.0, "ce_with": 1.5}\n{"step": 2, "loss": 1.0}\n{"step": 3, "lo'
+    )
+    assert read_rows(tmp_path) == [{"step": 1, "loss": 2.0, "ce_with": 1.5}, {"step": 2, "loss": 1.0}]
+    assert last_value(tmp_path, "loss") == 1.0 and read_rows(tmp_path / "none") == []
+    plot_training_curves({"nextquill": tmp_path}, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
