@@ -132,6 +132,24 @@ def test_amazon2023_matches_the_reference_protocol(small_dpl):
         assert user_records[1].history[-1].fields["text"] == user_records[0].target
 
 
+def test_amazon2023_user_review_bounds_are_inclusive_as_the_reference_states_them(small_dpl):
+    """`dpl_min_user_reviews <= n <= dpl_max_user_reviews` (n: a user's newest unique reviews; U2 and U4
+    have 7 in the fixture, U1 and U3 8): bounds 7 and 8 keep all four (the default maximum, 500, is reached
+    by no fixture user, so the upper bound was never exercised); one bound past them drops users, and the
+    items they alone reviewed, and with them the rest (min_item_users 2), as the reference does."""
+    for low, high, kept in ((7, 8, 4), (7, 7, 0), (8, 8, 0)):
+        thresholds = {**small_dpl, "dpl_min_user_reviews": low, "dpl_max_user_reviews": high}
+        records, _ = _read(_amazon_cfg(thresholds))
+        reference = {**REFERENCE_T, "min_user_reviews": low, "max_user_reviews": high}
+        out, items = reference_dpl(
+            _rows(AMAZON / "Books.jsonl"), _rows(AMAZON / "meta_Books.jsonl"), reference
+        )
+        assert sorted((_as_dpl(r) for r in records), key=_key) == sorted(
+            _reference_as_dpl(out, items), key=_key
+        )
+        assert len({r.user_id for r in records}) == kept, (low, high)
+
+
 def test_amazon2023_hand_checked_details(small_dpl):
     records, _ = _read(_amazon_cfg(small_dpl))
     u1_test = next(r for r in records if r.user_id == "U1" and r.split == "test")

@@ -381,10 +381,14 @@ def test_per_role_nll_is_the_mean_negative_log_probability_of_each_role(report):
         for stream in ("with", "without"):
             assert values[stream] == pytest.approx(-logp[stream][roles == role].mean(), rel=1e-12)
     assert summary["nll"]["with"] == pytest.approx(-logp["with"].mean(), rel=1e-12)
-    first = summary["per_example"][0]
-    assert first["nll_without"] == pytest.approx(
-        -results[0].logp_without.astype(np.float64).mean(), rel=1e-12
-    )
+    assert len(summary["per_example"]) == len(results)
+    for entry, r in zip(summary["per_example"], results, strict=True):  # each example's own, in float64
+        for stream in ("with", "without"):
+            want = -getattr(r, f"logp_{stream}").astype(np.float64).mean()
+            assert entry[f"nll_{stream}"] == pytest.approx(want, rel=1e-12)
+        assert entry["preference_bearing"] == (r.dce > THRESHOLD).sum() and entry["tokens"] == r.dce.size
+        assert entry["mean_dce"] == pytest.approx(r.dce.astype(np.float64).mean(), rel=1e-6)
+        assert entry["max_dce"] == r.dce.max()
 
 
 def test_token_roles_of_prepared_targets_agree_with_the_spans(report, tiny_tokenizer):

@@ -230,6 +230,15 @@ def test_effect_stats_match_numpy(valid):
         np.testing.assert_allclose(stats[key], want, rtol=1e-6, atol=1e-7, err_msg=key)
 
 
+def test_pref_count_counts_dce_strictly_above_the_threshold_as_the_weights_do():
+    """A DCE equal to δ is not preference-bearing (DCE > δ): the count beside the weights agrees with them at
+    the boundary, against the same float64 statement as `test_target_weights`."""
+    dce = np.array([[0.05, 0.0499, 0.0501, -0.2], [0.05, 0.3, 0.05, 0.0501]])
+    mask = np.array([[True, True, True, True], [True, False, True, True]])
+    got = effect_stats(jnp.asarray(dce, jnp.float32), jnp.asarray(mask), threshold=0.05)["pref_count"]
+    assert float(got) == (dce[mask] > 0.05).sum() == 2
+
+
 @pytest.mark.parametrize("shape", [(0, 6), (4, 0)])
 def test_effect_stats_of_an_empty_batch_are_zero(shape):
     """No slot at all: the counts, sums and quantiles are 0 as for a batch with no target token (indexing

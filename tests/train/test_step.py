@@ -13,7 +13,7 @@ import optax
 import pytest
 
 from nextquill_jax.config import OptimConfig
-from nextquill_jax.train.optimizer import learning_rate_schedule, make_optimizer, warmup_steps
+from nextquill_jax.train.optimizer import learning_rate_schedule, make_optimizer, param_paths, warmup_steps
 from tests.shared import LOSS_CONFIGS
 
 SOFT_WEIGHTS = "tests.loss.custom_weighting:soft_weights"  # `loss.weighting`: a smoothed step
@@ -247,6 +247,57 @@ def test_weight_decay_skips_norms_and_biases():
     new = optax.apply_updates(params, updates)
     assert np.allclose(new["embed"], 1 - 0.1 * 0.5) and np.allclose(new["layers"]["attn"]["q_proj"], 0.95)
     assert np.allclose(new["final_norm"]["scale"], 1.0) and np.allclose(new["layers"]["attn"]["q_bias"], 1.0)
+
+
+@pytest.mark.parametrize("clip_norm", [1.0, None])
+def test_updates_equal_torch_clip_grad_norm_and_adamw(clip_norm):
+    """The chain against the public code's optimizer, PyTorch in float64: `clip_grad_norm_` to the global
+    norm, then AdamW (decoupled decay, not on norms and biases) at the Trainer's linear schedule, over four
+    steps whose gradients' global norms (10, 0.1, 5, 0.5) straddle the bound, so clipping changes how Adam's
+    moments weigh them. Clipping had no test: its loss was not seen by any (the public step compares
+    gradients before it; Adam's first step hardly depends on the gradient's scale)."""
+    import torch
+
+    cfg = OptimConfig(learning_rate=0.01, weight_decay=0.1, warmup_steps=1, clip_norm=clip_norm)
+    total = 6
+    params = jax.tree.map(lambda x: x * 0.5, _params())
+    rng = np.random.default_rng(0)
+    leaves, treedef = jax.tree.flatten(params)
+    grads = []
+    for norm in (10.0, 0.1, 5.0, 0.5):
+        drawn = [rng.standard_normal(leaf.shape) for leaf in leaves]
+        scale = norm / math.sqrt(sum(float((g**2).sum()) for g in drawn))
+        grads.append([g * scale for g in drawn])
+    paths = jax.tree.leaves(param_paths(params))
+
+    torch_params = [
+        torch.tensor(np.asarray(leaf), dtype=torch.float64, requires_grad=True) for leaf in leaves
+    ]
+    no_decay = [("norm" in path or "bias" in path) for path in paths]
+    groups = [
+        {
+            "params": [p for p, skip in zip(torch_params, no_decay, strict=True) if not skip],
+            "weight_decay": 0.1,
+        },
+        {"params": [p for p, skip in zip(torch_params, no_decay, strict=True) if skip], "weight_decay": 0.0},
+    ]
+    reference = torch.optim.AdamW(groups, lr=0.01, betas=(cfg.b1, cfg.b2), eps=cfg.eps)
+
+    tx = make_optimizer(cfg, params, total_steps=total)
+    state = tx.init(params)
+    for step, grad in enumerate(grads):
+        for p, g in zip(torch_params, grad, strict=True):
+            p.grad = torch.tensor(g, dtype=torch.float64)
+        if clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(torch_params, clip_norm)
+        for group in reference.param_groups:
+            group["lr"] = _hf_linear(step, 0.01, 1, total)
+        reference.step()
+        g_tree = jax.tree.unflatten(treedef, [jnp.asarray(g, jnp.float32) for g in grad])
+        updates, state = tx.update(g_tree, state, params)
+        params = optax.apply_updates(params, updates)
+        for got, want in zip(jax.tree.leaves(params), torch_params, strict=True):
+            np.testing.assert_allclose(np.asarray(got), want.detach().numpy(), rtol=2e-5, atol=1e-7)
 
 
 def test_frozen_parameters_do_not_move_and_hold_no_adam_state():
