@@ -420,9 +420,9 @@ class TrainConfig:
             (`--workdir` on the command line overrides it; null: `--workdir` is required); a run in a workdir
             with checkpoints resumes, and is refused when its config differs from theirs in a key that
             changes what is trained (all but those `train.resume.MAY_CHANGE` lists: logging, eval cadence,
-            checkpoint, mesh, workdir, data_dir, the record files' paths `data.sources` / `data.meta` (files
-            moved: their content is checked as the data is prepared), memory-only settings, the non-finite
-            policy). config.yaml records the workdir the run used, absolute. A local path: mount an object
+            checkpoint, mesh, workdir, data_dir, memory-only settings, the non-finite policy; and
+            `data.sources` / `data.meta` where they name the record files moved, as the data's preparation
+            finds them). config.yaml records the workdir the run used, absolute. A local path: mount an object
             store (gs://...) and give the mount.
         `data_dir`: the prepared (tokenised) data; null means `<workdir>/prepared`. With `data.sources` set
             (or the `synthetic` format) the `data` section is prepared into it, or reused while its

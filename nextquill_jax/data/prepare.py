@@ -18,9 +18,10 @@ recomputed with the values that summary records, and reused when it matches. The
 (`config_paths.DATA_PATH_FIELDS`: sources, meta, template, tokenizer) are fingerprinted as spelled, and the
 files they name by content (the inputs, the template's text, the tokenizer); so a summary that spells them
 otherwise (relative, as earlier versions recorded them; `train` and `data prepare` now record them absolute)
-has this data's fingerprint when the fingerprint with its spellings is its own; source and metadata files
-that moved (the same size and hash, file by file, in the same order) count as the recorded ones, so data
-prepared from them is reused, not refused or prepared again, wherever they now lie. Rechecking the hashes
+has this data's fingerprint when the fingerprint with its spellings is its own. Source and metadata files
+that moved count as the recorded ones (the same size and hash file by file in the same order, each file's and
+its folder's name kept, as many of them sources), so data prepared from them is reused, not refused or
+prepared again, wherever they now lie; the summary still names where they were. Rechecking the hashes
 reads every source once (about 1 s per GB, far below the cost of preparing; `benchmarks/RESULTS.md`,
 "Checksums"). The summary is written last, and removed first when a directory is prepared again; readers
 refuse split files without it (`prepared_split.check_finished`), so an interrupted run is never mistaken for
@@ -89,20 +90,34 @@ def prepare(
     template = load_template(cfg.template)
     tokenizer = load_fast_tokenizer(cfg.tokenizer) if tokenizer is None else tokenizer
     previous = read_summary(out)
+    source_files = len(paths["sources"])
     fingerprint, same, inputs = _fingerprint(
-        cfg, template, tokenizer, [*paths["sources"], *paths["meta"]], previous
+        cfg, template, tokenizer, [*paths["sources"], *paths["meta"]], source_files, previous
     )
     if not force and same and _complete(out, previous):
-        moved = _moved_files(previous, inputs)
+        moved = _moved_files(previous, inputs, source_files)
         echo(
             f"{out}: prepared data up to date (fingerprint {previous['fingerprint'][:12]}), reusing it"
-            + (f"; read from new places, the same content: {moved}" if moved else "")
+            + (f"; its record files moved, the same content: {moved}" if moved else "")
         )
-        return {**previous, "reused": True}
+        return {**previous, "reused": True, "moved": moved}
     replacing = None
     if previous is not None and not force:
-        # Runs may share a data directory: say why its contents are about to change under them.
-        changes = "; ".join(_changes(previous, cfg, inputs))
+        # Runs may share a data directory: say why its contents are about to change under them. Files that
+        # moved acceptably are no change: what else differs is named (the tokenizer, say).
+        recorded = _with_recorded_paths(inputs, previous, source_files)
+        unmoved = cfg
+        if recorded is not inputs:
+            spelled = previous.get("config") or {}
+            unmoved = dataclasses.replace(
+                cfg, **{key: spelled[key] for key in ("sources", "meta") if key in spelled}
+            )
+        changes = "; ".join(_changes(previous, unmoved, recorded))
+        if recorded is inputs and _same_content(inputs, previous):
+            changes += (
+                "; the same content at other paths counts as the same files only with each file's name, "
+                "its folder's name and its setting (data.sources or data.meta) kept, which formats read"
+            )
         if same:
             why = f"{out}: some of its split files are missing"
         elif changes:
@@ -167,6 +182,7 @@ def prepare(
         "tokenizer": cfg.tokenizer,
         "eos_token_id": int(tokenizer.eos_token_id),
         "inputs": inputs,
+        "source_files": source_files,  # the first inputs are data.sources' files, the rest data.meta's
         "config": cfg.fingerprint_fields(),
         "read": dict(log.read),
         "records_kept": kept,
@@ -289,18 +305,20 @@ def _fingerprint(
     template: PromptTemplate,
     tokenizer: Any,
     paths: list[Path],
+    source_files: int,
     previous: dict[str, Any] | None,
 ) -> tuple[str, bool, list[dict]]:
-    """(the fingerprint of preparing `cfg` from the input files `paths`, whether the summary `previous` has
-    it, those files' descriptions).
+    """(the fingerprint of preparing `cfg` from the input files `paths`, the first `source_files` of them
+    data.sources' and the rest data.meta's, whether the summary `previous` has it, those files'
+    descriptions).
 
     A `previous` summary that records `RESULT_NEUTRAL_FIELDS` in its config was fingerprinted with them
     (earlier versions), and one may spell the `DATA_PATH_FIELDS` otherwise (relative where `cfg` is
     absolute, or naming files that moved): it has this data's fingerprint when the fingerprint of `cfg`
-    with its recorded values for those, and its recorded input paths, is its own. Neither a spelling nor a
-    move alone makes the data differ: the fingerprint holds the content of the files these fields name (the
-    template, the tokenizer, and `inputs`, whose sizes and digests must match the recorded ones file by
-    file, in order, for their recorded paths to stand in)."""
+    with its recorded values for those, and its recorded input paths where the files moved
+    (`_with_recorded_paths`), is its own. Neither a spelling nor a move alone makes the data differ: the
+    fingerprint holds the content of the files these fields name (the template, the tokenizer, the inputs),
+    which must still match."""
     inputs = []
     for path in paths:
         inputs.append({"path": str(path.resolve()), **checksums.describe_file(path)})
@@ -329,28 +347,42 @@ def _fingerprint(
             else {}
         )
         config = {**cfg.fingerprint_fields(), **spelled, **neutral}
-        same = previous.get("fingerprint") == digest(config, _with_recorded_paths(inputs, previous))
+        files = _with_recorded_paths(inputs, previous, source_files)
+        same = previous.get("fingerprint") == digest(config, files)
     return fingerprint, same, inputs
 
 
-def _with_recorded_paths(inputs: list[dict], previous: dict[str, Any]) -> list[dict]:
-    """`inputs` with the paths the summary `previous` records for them, where it records files of the same
-    content (size and BLAKE2b) in the same order: the same files, moved. `inputs` itself otherwise."""
+def _same_content(inputs: list[dict], previous: dict[str, Any]) -> bool:
+    """Whether the summary `previous` records input files of `inputs`' content (size and BLAKE2b), file by
+    file in the same order."""
     recorded = previous.get("inputs")
     if not isinstance(recorded, list) or len(recorded) != len(inputs):
-        return inputs
+        return False
     content = lambda file: (file.get("size"), file.get("blake2b")) if isinstance(file, dict) else None
-    if any(content(old) != content(new) for old, new in zip(recorded, inputs, strict=True)):
+    return all(content(old) == content(new) for old, new in zip(recorded, inputs, strict=True))
+
+
+def _with_recorded_paths(inputs: list[dict], previous: dict[str, Any], source_files: int) -> list[dict]:
+    """`inputs` (the first `source_files` data.sources' files) with the paths the summary `previous` records
+    for them where they are the same files, moved: the same content in the same order (`_same_content`),
+    each file's name and its folder's name unchanged (formats read them: a split from a file name, a
+    category from a folder, metadata paired by name) and as many of them data.sources' files. `inputs`
+    itself otherwise, and for a summary that does not record that count (earlier versions)."""
+    recorded = previous.get("inputs")
+    if previous.get("source_files") != source_files or not _same_content(inputs, previous):
         return inputs
-    return [{**new, "path": old.get("path")} for old, new in zip(recorded, inputs, strict=True)]
+    names = lambda file: (Path(str(file.get("path"))).name, Path(str(file.get("path"))).parent.name)
+    if any(names(old) != names(new) for old, new in zip(recorded, inputs, strict=True)):
+        return inputs
+    return [{**new, "path": old["path"]} for old, new in zip(recorded, inputs, strict=True)]
 
 
-def _moved_files(previous: dict[str, Any], inputs: list[dict]) -> str:
-    """ "old -> new" for each input file the summary `previous` records at another path (`inputs` holding
-    the same content, `_with_recorded_paths`), joined by "; "; empty when none moved."""
+def _moved_files(previous: dict[str, Any], inputs: list[dict], source_files: int) -> str:
+    """ "old -> new" for each input file the summary `previous` records at another path, the same file moved
+    (`_with_recorded_paths`), joined by "; "; empty when none moved."""
     moved = [
         f"{old['path']} -> {new['path']}"
-        for old, new in zip(_with_recorded_paths(inputs, previous), inputs, strict=True)
+        for old, new in zip(_with_recorded_paths(inputs, previous, source_files), inputs, strict=True)
         if old["path"] != new["path"]
     ]
     return "; ".join(moved)

@@ -85,9 +85,9 @@ EVALUATION_FIELDS = ("split", "max_examples", "eval_batch_size", "effect_example
 # numbers depend on it only once it skipped an update (`finished_changes`).
 _NONFINITE_POLICY = ("train.nonfinite", "train.max_skips")
 # Config keys a resume may change (`resume.MAY_CHANGE`) that still change a compare run's numbers: the
-# decoding its evaluation uses, where its prepared data and record files lie (the record holds the paths, not
-# the content), and the non-finite policy.
-_RESULT_KEYS = ("eval.generation", "train.data_dir", *DATA_FILES, *_NONFINITE_POLICY)
+# decoding its evaluation uses, where its prepared data lies (the record holds the path, not the content), and
+# the non-finite policy.
+_RESULT_KEYS = ("eval.generation", "train.data_dir", *_NONFINITE_POLICY)
 
 
 # The lock on `compare.out`. The runs below it take their own (`train.lock` in each run's workdir).
@@ -427,7 +427,7 @@ def untrained_config(cfg: Config, workdir: Path, split: str, echo: Echo = print)
     from nextquill_jax.train.setup import evaluation_pipeline, prepared_dir, resolve_packed_segments
 
     workdir.mkdir(parents=True, exist_ok=True)
-    data_dir = prepared_dir(cfg, workdir, echo)
+    data_dir = prepared_dir(cfg, workdir, echo).dir
     if cfg.model.cudnn_max_segments == "auto":
         pipeline = evaluation_pipeline(cfg, PreparedSplit(data_dir, split))
         cfg = resolve_packed_segments(cfg, {split: pipeline}, echo)
@@ -498,12 +498,17 @@ def trained_differently(record: Mapping[str, Any], training: list[Change]) -> li
 
 
 def _moved_data_hint(training: list[Change], elsewhere: str | None = None) -> str:
-    """Where `training` changes include `train.data_dir`: why the data's path differing refuses the run, and
-    the fix, for a run of this comparison (a moved or copied one?) or, `elsewhere` (the variant's name), of
-    the variant's `trained_in` run."""
+    """Where `training` changes include `train.data_dir` or the record files (`resume.DATA_FILES`): why the
+    data's path differing refuses the run, and the fix, for a run of this comparison (a moved or copied
+    one?) or, `elsewhere` (the variant's name), of the variant's `trained_in` run."""
     # Unlike `train`, which compares the data's content digests, a run's record holds its data's path.
     trained_on = [was for key, was, _ in training if key == "train.data_dir"]
     if not trained_on:
+        if any(covered(key, DATA_FILES) for key, _, _ in training):
+            return (
+                " (moved record files? compare_done.json records their paths, not their content: to reuse "
+                "the runs, put the files back, or a symbolic link to their new place at each old path)"
+            )
         return ""
     why = "compare_done.json records the prepared data's path, not its content"
     if elsewhere is not None:

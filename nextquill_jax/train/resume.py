@@ -33,10 +33,9 @@ from nextquill_jax.train.workdir import CHECKPOINT_DIR, CONFIG_FILE
 
 # Dotted keys (a section or a field; a key covers everything below it) that a resume may change, because they
 # do not change what is trained: where and how often the run logs, evaluates and saves, how it is laid out on
-# the devices, and where it is. Paths that name content (`model.path`, `data.tokenizer`,
-# `loss.reference_model`, ...) are not here: a new path may hold another model or data.
-# The `data` keys naming the record files a run's data is prepared from.
-DATA_FILES = ("data.sources", "data.meta")
+# the devices, and where it is. Paths that name content (`model.path`, `data.sources`,
+# `loss.reference_model`, ...) are not here: a new path may hold another model or data (the record files
+# may name where they moved to: `check_resumable`'s `data_files_moved`).
 MAY_CHANGE = (
     "logging",  # metrics rows, TensorBoard, progress bar, health warnings, profiling
     "eval.every_steps",  # how often and how much of the split is validated, and the decoding of `evaluate`
@@ -47,10 +46,6 @@ MAY_CHANGE = (
     "train.workdir",  # where the run is; config.yaml records the one it used
     # Where the prepared data is; its content must match what the checkpoint records (`check_same_data`).
     "train.data_dir",
-    # Where the record files are (files moved since): only preparing reads them, which refuses or prepares
-    # again files of other content (the data's summary holds each one's size and digest), and the data
-    # prepared must still match the checkpoint's (`check_same_data`).
-    *DATA_FILES,
     # Memory and speed settings documented to compute the same values (with LoRA dropout above 0, the
     # micro-batch split and the joint forward draw other dropout masks: the run goes on, not bitwise).
     "model.remat_policy",
@@ -156,15 +151,24 @@ def normalised(recorded: Mapping[str, Any]) -> Mapping[str, Any]:
         return recorded
 
 
-def check_resumable(recorded: Mapping[str, Any], cfg: Config, workdir: Path, step: int) -> None:
+# The `data` keys naming the record files a run's data is prepared from.
+DATA_FILES = ("data.sources", "data.meta")
+
+
+def check_resumable(
+    recorded: Mapping[str, Any], cfg: Config, workdir: Path, step: int, *, data_files_moved: bool = False
+) -> None:
     """Return if `cfg` (resolved as set-up resolves it) may resume checkpoint `step` of `workdir`, whose saved
-    config is `recorded`: the two agree on every key outside `MAY_CHANGE`.
+    config is `recorded`: the two agree on every key outside `MAY_CHANGE`, and outside `DATA_FILES` where
+    `data_files_moved` (preparing found the record files the data was prepared from at the paths `cfg`
+    names, moved: `data.prepare.prepare`'s `moved`; files of other content are other data).
 
     Raises:
         ConfigError: naming each differing key as `section.key: <checkpoint value> -> <new value>` (the first
             `MAX_LISTED`, then how many more), the workdir and the fix.
     """
-    changes = config_changes(normalised(recorded), config_to_dict(cfg))
+    moved = lambda key: data_files_moved and covered(key, DATA_FILES)
+    changes = config_changes(normalised(recorded), config_to_dict(cfg), lambda k: may_change(k) or moved(k))
     if not changes:
         return
     raise ConfigError(

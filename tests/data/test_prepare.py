@@ -1256,40 +1256,61 @@ def test_data_prepared_with_relative_paths_is_reused_under_their_absolute_spelli
     )
 
 
-def test_data_prepared_from_record_files_that_moved_since_is_reused_where_their_content_is_the_same(
+def test_data_prepared_from_record_files_that_moved_since_is_reused_where_they_are_the_same_files(
     tmp_path, tiny_tokenizer
 ):
-    """The summary records each source's path, size and BLAKE2b: files moved (renamed too) with the same
-    content, file by file in the same order, prepare the same data, which is reused and the move named (it was
-    refused as other settings, or prepared again). Other content at the new place, or the same files in
-    another order, is other data."""
-    records = (F / "generic" / "records.jsonl").read_text().splitlines(keepends=True)
-    old = [tmp_path / "a" / "r1.jsonl", tmp_path / "a" / "r2.jsonl"]
-    new = [tmp_path / "b" / "x1.jsonl", tmp_path / "b" / "x2.jsonl"]
-    for path, lines in zip(old, (records[:3], records[3:]), strict=True):
-        path.parent.mkdir(exist_ok=True)
-        path.write_text("".join(lines))
+    """The summary records each input's path, size and BLAKE2b, and how many are data.sources' files: the
+    same files moved (the same content in the same order, each file's and folder's name kept, as many
+    sources) prepare the same data, which is reused and the move named (it was refused as other settings).
+    Not a move: a renamed folder (LaMP reads the category from it; DPL the split from a file's name), files in
+    other settings (an outputs file read as questions), a summary of an earlier version (no count of its
+    sources). A moved file beside a changed tokenizer names the tokenizer, not the paths."""
+    import shutil
+
+    old, new = tmp_path / "a" / "topic_writing", tmp_path / "b" / "c" / "topic_writing"
+    shutil.copytree(FIXTURES / "lamp" / "topic_writing", old)
+    q, o = "dev_questions.json", "dev_outputs.json"
+
+    def cfg(root: Path, sources=(q,), meta=(o,)) -> DataConfig:
+        files = lambda names: [str(root / name) for name in names]
+        return DataConfig(
+            format="lamp", template="lamp_topic_writing", sources=files(sources), meta=files(meta)
+        )
+
     tok, out = tiny_tokenizer(), tmp_path / "prep"
-    cfg = lambda sources: DataConfig(format="generic", template="plain", sources=[str(s) for s in sources])
     first = prepare(cfg(old), out, tokenizer=tok, echo=lambda _: None)
+    assert first["source_files"] == 1 and first["examples"] == {"val": 2}
     files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    new[0].parent.mkdir()
-    for source, target in zip(old, new, strict=True):
-        source.rename(target)
+    new.parent.mkdir(parents=True)
+    old.rename(new)
     lines: list[str] = []
-    assert prepare(cfg(new), out, tokenizer=tok, protected="WHY", echo=lines.append)["reused"]
+    reused = prepare(cfg(new), out, tokenizer=tok, protected="WHY", echo=lines.append)
+    assert reused["reused"] and reused["moved"] == f"{old / q} -> {new / q}; {old / o} -> {new / o}"
     assert lines == [
-        f"{out}: prepared data up to date (fingerprint {first['fingerprint'][:12]}), reusing it; read from "
-        f"new places, the same content: {old[0]} -> {new[0]}; {old[1]} -> {new[1]}"
+        f"{out}: prepared data up to date (fingerprint {first['fingerprint'][:12]}), reusing it; its record "
+        f"files moved, the same content: {reused['moved']}"
     ]
-    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
-    with pytest.raises(ValueError, match="was prepared with other settings") as swapped:
-        prepare(cfg(new[::-1]), out, tokenizer=tok, protected="WHY", echo=lambda _: None)
-    assert str(swapped.value).endswith("; it is not replaced: WHY")
-    new[1].write_text(new[1].read_text().replace('"target": "', '"target": "X', 1))
-    with pytest.raises(ValueError, match="was prepared with other settings"):
-        prepare(cfg(new), out, tokenizer=tok, protected="WHY", echo=lambda _: None)
-    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
+
+    def refused(config: DataConfig, tokenizer=tok) -> str:
+        with pytest.raises(ValueError) as info:
+            prepare(config, out, tokenizer=tokenizer, protected="WHY", echo=lambda _: None)
+        assert str(info.value).endswith("; it is not replaced: WHY")
+        return str(info.value)
+
+    renamed = new.rename(new.parent / "abstract")
+    assert "counts as the same files only with each file's name, its folder's name" in refused(cfg(renamed))
+    new = renamed.rename(new)
+    assert "data.meta: " in refused(cfg(new, sources=(q, o), meta=()))
+    other_tokenizer = refused(cfg(new), tokenizer=tiny_tokenizer(vocab_size=500))
+    assert "(the template's text or the tokenizer changed)" in other_tokenizer
+    assert "no longer read" not in other_tokenizer
+    summary = json.loads((out / "summary.json").read_text())
+    del summary["source_files"]
+    (out / "summary.json").write_text(json.dumps(summary))
+    assert f"{old / q} no longer read" in refused(cfg(new))
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != "summary.json"} == {
+        p: b for p, b in files.items() if p.name != "summary.json"
+    }
 
 
 def test_data_prepare_records_the_sources_absolute(tmp_path, tok_dir, monkeypatch):

@@ -726,6 +726,41 @@ def test_a_finished_run_whose_prepared_data_moved_is_refused_with_the_reason(tmp
     assert finished_changes(followed, "a", 0, followed.run_config("a", 0)) == []
 
 
+def test_a_finished_run_whose_record_files_moved_is_refused_with_the_way_to_reuse_it(tmp_path, tiny_config):
+    """compare_done.json holds the record files' paths, not their content (unlike `train`, which resumes with
+    files that moved): the refusal says so and how to reuse the runs, and a symbolic link at the old path,
+    as it says, makes the run the same again."""
+    import dataclasses
+
+    from nextquill_jax.eval.compare import finished_changes, run_settings
+
+    old, new = tmp_path / "old" / "records.jsonl", tmp_path / "new" / "records.jsonl"
+    new.parent.mkdir()
+    new.write_text("{}\n")
+    base = tiny_config(tmp_path / "unused", tmp_path / "unused_run")
+    base["data"].update(format="generic", sources=[str(new)])
+    file = tmp_path / "c.yaml"
+    file.write_text(
+        yaml.safe_dump(
+            {"compare": {"out": str(tmp_path / "cmp"), "baseline": "a"}, "variants": {"a": {}}, "base": base}
+        )
+    )
+    comparison = load_comparison(file)
+    cfg = comparison.run_config("a", 0)
+    ran = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, sources=[str(old)]))
+    _finished_with(comparison, run_settings(comparison, "a", ran))
+    with pytest.raises(ConfigError) as e:
+        finished_changes(comparison, "a", 0, cfg)
+    assert (
+        "(moved record files? compare_done.json records their paths, not their content: to reuse the runs, "
+        "put the files back, or a symbolic link to their new place at each old path). Fix: use a new"
+        in str(e.value)
+    )
+    old.parent.mkdir()
+    old.symlink_to(new)
+    assert finished_changes(comparison, "a", 0, cfg) == []
+
+
 def test_a_record_with_relative_paths_from_the_directory_it_ran_in_is_not_a_change(
     tmp_path, tiny_config, monkeypatch
 ):

@@ -429,35 +429,67 @@ def test_train_does_not_replace_data_it_is_pointed_at_or_that_checkpoints_were_t
     assert {p: p.read_bytes() for p in target.rglob("*") if p.is_file()} == files
     if not named:  # without checkpoints, the workdir's own data is the run's to replace
         shutil.rmtree(workdir / "checkpoints")
-        assert prepared_dir(cfg, workdir, echo=lambda _: None) == target
+        assert prepared_dir(cfg, workdir, echo=lambda _: None).dir == target
         assert {p: p.read_bytes() for p in target.rglob("*") if p.is_file()} != files
 
 
-def test_a_run_resumes_after_its_record_files_moved_where_their_content_is_the_same(
-    trained_run, tmp_path, capsys
+def test_a_run_resumes_after_its_record_files_moved_and_only_then_may_name_other_ones(
+    tmp_path, tiny_config, save_tiny_tokenizer, capsys
 ):
-    """`data.sources` may change on a resume (`resume.MAY_CHANGE`): the prepared data's summary holds each
-    record file's size and digest, so the same files at a new path resume the run (it was refused: the old
-    path named no file, the new one was other settings, and a symbolic link at the old path too), and other
-    content there is refused as other data, the workdir's config.yaml kept."""
-    workdir = tmp_path / "wd"
-    shutil.copytree(trained_run.workdir, workdir)
-    config = yaml.safe_load((workdir / "config.yaml").read_text())
-    moved = tmp_path / "elsewhere" / "renamed.jsonl"
-    moved.parent.mkdir()
-    shutil.copyfile(config["data"]["sources"][0], moved)
-    resume = lambda: cli.main(["train", "--config", str(workdir / "config.yaml"), f"data.sources=[{moved}]"])
+    """A stopped run whose record files moved (the old path names no file) resumes, and trains on, with
+    `data.sources` naming their new place: preparing finds the same files there (`prepare`'s `moved`), so
+    `check_resumable` lets that key differ. It was a dead end: the old path named no file, the new one was
+    other settings. Other files there are still refused, and so is a change of data.sources where the data
+    is prepared afresh (a new train.data_dir), which a checkpoint without the data's record (earlier
+    versions) could not otherwise refuse."""
+    from tests.conftest import _write_records
+
+    old, new = tmp_path / "a" / "data", tmp_path / "b" / "data"
+    old.mkdir(parents=True)
+    _write_records(old / "records.jsonl")
+    raw = tiny_config(None, tmp_path / "run")
+    raw["model"]["overrides"]["vocab_size"] = 704  # the tokenizer has 700 ids
+    raw["data"].update(
+        format="generic",
+        template="plain",
+        sources=[str(old / "records.jsonl")],
+        tokenizer=str(save_tiny_tokenizer(tmp_path / "tok")),
+    )
+    raw["data"]["batching"].update(seq_len_with=160, seq_len_without=96, rows_per_batch=4)
+    raw["train"].update(max_steps=4, data_dir=None)
+    raw["checkpoint"].update(every_steps=2, keep=3, async_save=False)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    workdir = tmp_path / "run"
+    assert cli.main(["train", "--config", str(config)]) == 0, capsys.readouterr().err
+    shutil.rmtree(workdir / "checkpoints" / "4")  # stopped before its last step
+    new.parent.mkdir()
+    old.rename(new)
+    resume = lambda *overrides: cli.main(["train", "--config", str(workdir / "config.yaml"), *overrides])
     capsys.readouterr()
-    assert resume() == 0, capsys.readouterr().err
-    out = capsys.readouterr().out
-    assert f"read from new places, the same content: {config['data']['sources'][0]} -> {moved}" in out
-    assert "already finished at step 2 of 2" in out
-    assert yaml.safe_load((workdir / "config.yaml").read_text())["data"]["sources"] == [str(moved)]
-    saved = (workdir / "config.yaml").read_bytes()
-    moved.write_text(moved.read_text().replace('"target": "', '"target": "X', 1))
+
     assert resume() == 1
+    assert f"data.sources: no file matches '{old / 'records.jsonl'}'" in capsys.readouterr().err
+    assert resume(f"data.sources=[{new / 'records.jsonl'}]") == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert (
+        f"its record files moved, the same content: {old / 'records.jsonl'} -> {new / 'records.jsonl'}" in out
+    )
+    assert "resuming from" in out and "finished at step 4" in out
+    assert yaml.safe_load((workdir / "config.yaml").read_text())["data"]["sources"] == [
+        str(new / "records.jsonl")
+    ]
+
+    shutil.rmtree(workdir / "checkpoints" / "4")
+    saved = (workdir / "config.yaml").read_bytes()
+    other = tmp_path / "other" / "data" / "records.jsonl"
+    other.parent.mkdir(parents=True)
+    _write_records(other, seed=1)
+    assert resume(f"data.sources=[{other}]") == 1
+    assert f"{workdir / 'prepared'} was prepared with other settings" in capsys.readouterr().err
+    assert resume(f"data.sources=[{other}]", f"train.data_dir={tmp_path / 'fresh'}") == 1
     err = capsys.readouterr().err
-    assert f"{workdir / 'prepared'} was prepared with other settings" in err and "it is not replaced" in err
+    assert "of a run with another config" in err and "data.sources: [" in err
     assert (workdir / "config.yaml").read_bytes() == saved
 
 
