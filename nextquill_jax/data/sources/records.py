@@ -131,7 +131,7 @@ class IssueLog:
 
     def error(self, issue: Issue) -> None:
         """Count one invalid record by its reason; keep the first `max_shown` for the error (`on_error:
-        fail`), or each reason's first `PLACES_KEPT` places (the skip policies)."""
+        fail`), or each reason's first `PLACES_KEPT` places (`on_error: skip`)."""
         self.errors[issue.reason] += 1
         if self.on_error == "fail":
             if len(self.issues) < self.max_shown:
