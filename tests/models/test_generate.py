@@ -731,3 +731,44 @@ def test_sharded_equals_unsharded(tiny, tiny_dir, tiny_case, tmp_path, programs)
     assert result["q_proj_devices"] == 8
     for name, expected in (("greedy", greedy), ("sampled", unsharded)):
         np.testing.assert_array_equal(np.asarray(result[name]), expected, err_msg=name)
+
+
+@pytest.mark.parametrize(
+    ("logits", "cfg"),
+    [
+        (
+            [[0.0, 2.0, 2.0, 1.0]],
+            GenerationConfig(do_sample=True, top_k=1, top_p=1.0, repetition_penalty=1.0),
+        ),
+        # Softmax 0.25 each: ascending cumulative [0.25, 0.5, 0.75, 1], exactly 1 - top_p at the first.
+        (
+            [[0.0, 0.0, 0.0, 0.0]],
+            GenerationConfig(do_sample=True, top_k=0, top_p=0.75, repetition_penalty=1.0),
+        ),
+    ],
+    ids=["top_k_keeps_ties_with_the_kth", "top_p_removes_a_cumulative_equal_to_the_cut"],
+)
+def test_the_filters_boundaries_match_transformers(logits, cfg):
+    """Values at a filter's edge, which random logits never reach: the k-th largest value's ties stay (both
+    2s for k = 1), and a token whose cumulative probability equals 1 - top_p goes (3 of 4 stay)."""
+    logits = np.asarray(logits, np.float32)
+    seen = np.zeros(logits.shape, bool)
+    ours = np.asarray(process_logits(logits, seen, ProcessorSettings.of(cfg)))
+    history = torch.zeros((1, 1), dtype=torch.long)
+    theirs = reference_processors(cfg, torch.tensor([0]))(history, torch.tensor(logits)).numpy()
+    np.testing.assert_array_equal(np.isneginf(ours), np.isneginf(theirs))
+    assert (~np.isneginf(ours)).sum() == (2 if cfg.top_k else 3)
+
+
+def test_every_end_token_id_stops_a_row_as_in_transformers(tiny, tiny_case):
+    """Several EOS ids (a model's own config may list more than one): a row stops at whichever comes first,
+    against transformers' generate with the same list; the second id stops another row here."""
+    reference, model = tiny
+    _, ids, mask, eos, expected = tiny_case
+    row, step = 1, 4
+    other = int(expected[row, step])
+    assert other != eos and other not in expected[row, :step]
+    want = reference_generate(reference, ids, mask, GREEDY, eos=[other, eos], pad=PAD)
+    assert want[row, step] == other and (want[row, step + 1 :] == PAD).all()
+    ours = generate_ids(model, ids, mask, GREEDY, eos_token_ids=[other, eos], pad_token_id=PAD)
+    np.testing.assert_array_equal(ours, want)
