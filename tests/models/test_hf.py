@@ -208,6 +208,26 @@ def test_save_pretrained_refuses_a_directory_that_holds_weights(qwen2, tmp_path)
             save_pretrained(model, other)
 
 
+def test_shards_hold_at_most_the_bound_unless_one_tensor_exceeds_it(qwen2, tmp_path):
+    """`max_shard_bytes` bounds each shard's tensors (one larger tensor alone may exceed it), and the index's
+    total_size is their sum: both from the tensors read back (numpy's nbytes), not from our own count."""
+    import json
+
+    from safetensors.numpy import load_file
+
+    from nextquill_jax.models import save_pretrained
+
+    config, tensors = qwen2
+    out = save_pretrained(model_from_hf(config, tensors), tmp_path / "out", max_shard_bytes=40_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = {name: load_file(out / name) for name in sorted(set(index["weight_map"].values()))}
+    assert len(shards) > 2
+    for name, held in shards.items():
+        sizes = [array.nbytes for array in held.values()]
+        assert sum(sizes) <= 40_000 or len(sizes) == 1, (name, sizes)
+    assert index["metadata"]["total_size"] == sum(a.nbytes for held in shards.values() for a in held.values())
+
+
 def test_sharded_index_must_agree_with_its_files(qwen2, tmp_path):
     import json
 
