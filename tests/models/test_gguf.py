@@ -177,14 +177,22 @@ def gguf_name(hf_name):
 @pytest.fixture
 def write_tiny_gguf(tiny_hf_config):
     """`write_tiny_gguf(path, family, **keywords)`: `write_gguf` of the tiny config of `family`, with its
-    keywords (`stored`, `extra_metadata`, `rope_dimension_count`, `leave_out`)."""
+    keywords (`stored`, `extra_metadata`, `rope_dimension_count`, `leave_out`, `rope_freq_base`)."""
     return lambda path, family, **kwargs: write_gguf(
         path, family, tiny_hf_config(family, **TINY, **FAMILIES[family]), **kwargs
     )
 
 
 def write_gguf(
-    path, family, hf_config, *, stored=None, extra_metadata=None, rope_dimension_count=None, leave_out=()
+    path,
+    family,
+    hf_config,
+    *,
+    stored=None,
+    extra_metadata=None,
+    rope_dimension_count=None,
+    leave_out=(),
+    rope_freq_base=True,
 ):
     """Write a random `family` model of `hf_config` as GGUF; returns (hf config dict, {hf name: the float32
     original}).
@@ -193,7 +201,7 @@ def write_gguf(
     `extra_metadata` maps more metadata keys, or keys written here (which it replaces in place), to values
     `_add_metadata` writes (a str, an int, a float or a list); `rope_dimension_count` is
     `{family}.rope.dimension_count` (default: the head size); `leave_out` names HF tensors (by the end of
-    their names) not written."""
+    their names) not written; `rope_freq_base=False` leaves `{family}.rope.freq_base` out."""
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(hf_config)
     state = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
@@ -211,7 +219,8 @@ def write_gguf(
     writer.add_feed_forward_length(hf_config.intermediate_size)
     writer.add_head_count(hf_config.num_attention_heads)
     writer.add_head_count_kv(hf_config.num_key_value_heads)
-    writer.add_rope_freq_base(hf_config.rope_parameters["rope_theta"])
+    if rope_freq_base:
+        writer.add_rope_freq_base(hf_config.rope_parameters["rope_theta"])
     writer.add_layer_norm_rms_eps(hf_config.rms_norm_eps)
     writer.add_rope_dimension_count(head_dim if rope_dimension_count is None else rope_dimension_count)
     if family == "qwen3":
@@ -519,6 +528,24 @@ def test_two_gguf_tokenizers_of_one_name_size_and_time_are_cached_apart(tmp_path
     assert first.stat().st_size == second.stat().st_size
     assert load_tokenizer(first).bos_token == "<|im_start|>"
     assert load_tokenizer(second).bos_token == "<|im_begin|>"
+
+
+def test_a_llama_gguf_with_attention_biases_gives_back_the_original_biases(tmp_path, tiny_hf_config):
+    """llama.cpp's converter permutes the q / k biases as it permutes their weights
+    (`LlamaModel.modify_tensors` takes every q_proj / k_proj tensor); reading undoes both."""
+    path = tmp_path / "biased.gguf"
+    _, original = write_gguf(path, "llama", tiny_hf_config("llama", **TINY, attention_bias=True))
+    _, tensors = read_gguf(path)
+    assert sorted(tensors) == sorted(original) and "model.layers.0.self_attn.q_proj.bias" in tensors
+    for name, value in original.items():
+        np.testing.assert_array_equal(tensors[name], value, err_msg=name)
+
+
+def test_a_gguf_without_a_rope_base_gets_llama_cpps_default(tmp_path, write_tiny_gguf):
+    """llama.cpp reads a missing `{arch}.rope.freq_base` as 10000 (`rope_freq_base_train`'s default)."""
+    path = tmp_path / "llama.gguf"
+    write_tiny_gguf(path, "llama", rope_freq_base=False)
+    assert read_gguf_config(path)["rope_theta"] == 10000.0
 
 
 def test_a_llama_gguf_with_biases_on_some_attention_projections_only_is_refused_naming_them(
