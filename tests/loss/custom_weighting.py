@@ -27,3 +27,9 @@ def linear_in_dce(dce: jax.Array, mask: jax.Array, cfg) -> jax.Array:
 
 
 NOT_A_FUNCTION = 3
+
+
+def hard_step(dce: jax.Array, mask: jax.Array, cfg) -> jax.Array:
+    """The paper's step written out, which maps a NaN DCE to ε (NaN > δ is False): the library's own
+    NaN-propagation must still make that token's weight NaN."""
+    return jnp.where(dce > cfg.threshold, cfg.high, cfg.low)

@@ -66,6 +66,21 @@ def _dce(z_with, z_without, labels) -> np.ndarray:
     return np.where(mask, p(z_with) - p(z_without), 0.0)
 
 
+def test_a_named_weighting_gives_a_nan_dce_a_nan_weight_even_where_it_maps_nan_to_a_number():
+    """The contract (`token_weights`): a NaN DCE (a label outside a stream's vocabulary) weighs NaN, so the
+    loss turns NaN instead of weighting that token silently; a hand-written step maps NaN to ε, and only the
+    library's own propagation keeps it (the smoothed step's sigmoid of NaN hid its absence)."""
+    import jax.numpy as jnp
+
+    from nextquill_jax.loss.weighting import token_weights
+
+    cfg = LossConfig(variant="nextquill", weighting="tests.loss.custom_weighting:hard_step")
+    dce = jnp.asarray([[np.nan, 0.5, 0.01, np.nan]], jnp.float32)
+    mask = jnp.asarray([[True, True, True, False]])
+    got = np.asarray(token_weights(dce, mask, cfg))
+    np.testing.assert_array_equal(got, np.asarray([[np.nan, cfg.high, cfg.low, 0.0]], np.float32))
+
+
 def test_the_fused_head_path_uses_the_weighting_too(logits):
     """`loss_from_hidden` (the train step's path) equals `loss_from_logits` with the same weighting, value
     and gradient, where the logits are hidden states times the head."""
