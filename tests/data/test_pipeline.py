@@ -20,7 +20,7 @@ from nextquill_jax.config_schema import ConfigError
 from nextquill_jax.data.batch import BATCH_FIELDS, IGNORE_INDEX
 from nextquill_jax.data.checksums import IntegrityError
 from nextquill_jax.data.config import BatchingConfig, DataConfig
-from nextquill_jax.data.packing import first_fit_rows, most_per_row
+from nextquill_jax.data.packing import bucket_batches, bucket_of, first_fit_rows, most_per_row
 from nextquill_jax.data.pipeline import BatchPipeline
 from nextquill_jax.data.prepared_split import PreparedSplit, TokenizedExample, write_split
 from nextquill_jax.train.setup import plan_steps
@@ -176,6 +176,18 @@ def test_first_fit_rows_respects_capacity_and_places_everything():
         assert (need[row].sum(axis=0) <= cap).all()
     with pytest.raises(ValueError, match="example"):
         first_fit_rows(need, order, (10, 40, 20), open_rows=8)
+
+
+def test_bucket_of_and_bucket_batches_against_their_statements():
+    """By hand: an example that exactly fills a bucket belongs to it (capacity is inclusive), one that fits
+    none gets -1; leftover partial batches come smallest bucket first, whatever order they were opened in."""
+    shapes = np.array([[128, 64, 32], [256, 128, 64]])
+    need = np.array([[128, 64, 32], [129, 10, 10], [256, 128, 64], [1, 1, 65], [300, 1, 1]])
+    np.testing.assert_array_equal(bucket_of(need, shapes), [0, 1, 1, -1, -1])
+    batches = bucket_batches(np.array([1, 0, 1, 0, 0]), np.array([0, 1, 2, 3, 4]), rows_per_batch=2)
+    assert [(b, rows.tolist()) for b, rows in batches] == [(1, [0, 2]), (0, [1, 3]), (0, [4])]
+    leftovers = bucket_batches(np.array([1, 0]), np.array([0, 1]), rows_per_batch=2)
+    assert [(b, rows.tolist()) for b, rows in leftovers] == [(0, [1]), (1, [0])]
 
 
 def test_most_per_row_bounds_every_packing():
