@@ -462,6 +462,21 @@ def test_generic_records(tmp_path):
     ]
 
 
+def test_generic_entries_with_equal_timestamps_keep_their_file_order(tmp_path):
+    """Sorting by timestamp is stable (the public code's `sorted`): entries a and b written in that order
+    at the same time stay a before b, oldest first, and newest first for the prompt: [c, a, b] and
+    [a, b, c] (Python's sorted with and without reverse=True, by hand)."""
+    from nextquill_jax.data.examples import recent_first
+
+    history = [{"text": t, "timestamp": ts} for t, ts in (("a", 1), ("b", 1), ("c", 0))]
+    path = tmp_path / "r.jsonl"
+    record = {"user_id": "u", "context": "Hi.", "history": history, "target": "Yo."}
+    path.write_text(json.dumps(record) + "\n")
+    (record,), _ = _read(DataConfig(format="generic", template="plain", sources=[str(path)]))
+    assert [e.fields["text"] for e in record.history] == ["c", "a", "b"]
+    assert [e.fields["text"] for e in recent_first(record.history)] == ["a", "b", "c"]
+
+
 BAD_AMAZON = FIXTURES / "amazon2023_bad"
 BAD_GENERIC = FIXTURES / "generic_bad" / "records.jsonl"
 
