@@ -215,6 +215,26 @@ def test_a_warmup_longer_than_the_run_ramps_as_the_trainer_does(schedule, refere
     assert got[50] == pytest.approx(0.25) and got[99] == pytest.approx(0.495)
 
 
+def test_a_floor_under_the_decay_matches_the_statement_and_transformers():
+    """`min_lr_ratio` 0.1 at lr 2: linear falls from 2 to 0.2 at the run's end (2 (1 - 0.9 t / T), by hand),
+    cosine as transformers' get_cosine_with_min_lr_schedule_with_warmup(min_lr_rate=0.1) times lr; no test
+    set a floor above 0 (nor an lr other than 1, where a floor of the ratio itself reads the same)."""
+    import torch
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    total = 100
+    steps = jnp.arange(total + 1)
+    linear = OptimConfig(learning_rate=2.0, warmup_steps=0, schedule="linear", min_lr_ratio=0.1)
+    got = np.asarray(jax.vmap(learning_rate_schedule(linear, total))(steps))
+    np.testing.assert_allclose(got, 2 * (1 - 0.9 * np.arange(total + 1) / total), rtol=1e-6)
+    cosine = OptimConfig(learning_rate=2.0, warmup_steps=3, schedule="cosine", min_lr_ratio=0.1)
+    got = np.asarray(jax.vmap(learning_rate_schedule(cosine, total))(steps))
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=2.0)
+    schedule = get_cosine_with_min_lr_schedule_with_warmup(optimizer, 3, total, min_lr_rate=0.1)
+    want = [2.0 * schedule.lr_lambdas[0](s) for s in range(total + 1)]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("ratio", [0.07, 0.1, 0.15, 0.29, 0.3, 0.57, 0.01, 0.123, 0.333])
 def test_warmup_ratio_rounds_up_the_decimal_product_not_its_float_error(ratio):
     # 0.07 * 100 == 7.000000000000001 in floats, which a plain ceil made 8 steps. Reference: the exact
