@@ -324,6 +324,24 @@ def test_a_divergence_stop_gives_fixes_that_a_resume_or_a_new_workdir_allows(
     assert new_workdir in message and not may_change("optim.learning_rate"), message
 
 
+@pytest.mark.parametrize(("max_skips", "skipped", "stops"), [(0, 0, False), (20, 20, False), (20, 21, True)])
+def test_a_skip_run_stops_once_more_than_max_skips_updates_were_skipped(max_skips, skipped, stops):
+    """The documented bound (config, README): the run stops once MORE than `train.max_skips` updates were
+    skipped; `max_skips: 0` tolerates a run with none, and exactly `max_skips` goes on."""
+    from types import SimpleNamespace
+
+    from nextquill_jax.config import TrainConfig
+
+    pending = SimpleNamespace(cfg=SimpleNamespace(train=TrainConfig(nonfinite="skip", max_skips=max_skips)))
+    metrics = {"nonfinite": 0.0, "skipped": float(skipped), "loss": 1.0, "grad_norm": 1.0}
+    check = lambda: loop.PendingMetrics._check(pending, 5, metrics, lambda: "/w/checkpoints/3")
+    if stops:
+        with pytest.raises(loop.TrainingDivergedError, match=f"{skipped} updates skipped"):
+            check()
+    else:
+        check()
+
+
 def test_a_run_stopped_for_a_nonfinite_loss_resumes_with_skip_to_what_a_skip_run_trains(
     tmp_path, monkeypatch, write_random_data, tiny_config
 ):
