@@ -362,3 +362,21 @@ def test_an_interval_that_would_print_as_zero_is_written_in_scientific_notation(
     "worse (+0.0000 [+0.0000, +0.0000])", an interval that reads as one at 0 beside its verdict; values
     that are exactly 0 keep the fixed form."""
     assert interval_text(d) == text
+
+
+def test_every_metric_reads_in_its_own_direction():
+    """By hand: the text metrics and preference recall are scores (higher is better), the NLLs losses (lower
+    is better); a difference of -0.5 [-0.7, -0.3] is worse for the first and better for the second, and the
+    opposite one the reverse. Only the NLL with history's direction was exercised by the other tests."""
+    from nextquill_jax.eval.compare_table import conclusions
+
+    scores = {"ROUGE-1", "ROUGE-L", "METEOR", "pref. recall"}
+    losses = {"pref. NLL", "NLL (with hist.)", "NLL (without)"}
+    for sign, scores_are, losses_are in ((-1, "worse", "better"), (1, "better", "worse")):
+        d = {"mean": 0.5 * sign, "low": min(0.3 * sign, 0.7 * sign), "high": max(0.3 * sign, 0.7 * sign)}
+        d |= {"examples": 40, "nonfinite": 0, "unpaired": 0}
+        metrics = ["rouge1", "rougeL", "meteor", "preference_recall"]
+        metrics += ["preference_nll_with", "nll_with", "nll_without"]
+        lines = conclusions({"baseline": "b", "differences": {"v": dict.fromkeys(metrics, d)}})
+        words = {line.split(" on ")[1].split(": ")[0]: line.split(": ")[1].split(" (")[0] for line in lines}
+        assert words == {**dict.fromkeys(scores, scores_are), **dict.fromkeys(losses, losses_are)}
