@@ -90,34 +90,39 @@ def prepare(
     template = load_template(cfg.template)
     tokenizer = load_fast_tokenizer(cfg.tokenizer) if tokenizer is None else tokenizer
     previous = read_summary(out)
-    source_files = len(paths["sources"])
+    layout = _input_layout(paths)
     fingerprint, same, inputs = _fingerprint(
-        cfg, template, tokenizer, [*paths["sources"], *paths["meta"]], source_files, previous
+        cfg, template, tokenizer, [*paths["sources"], *paths["meta"]], layout, previous
     )
     if not force and same and _complete(out, previous):
-        moved = _moved_files(previous, inputs, source_files)
+        moved = _moved_files(previous, inputs, layout)
         echo(
             f"{out}: prepared data up to date (fingerprint {previous['fingerprint'][:12]}), reusing it"
             + (f"; its record files moved, the same content: {moved}" if moved else "")
         )
-        return {**previous, "reused": True, "moved": moved}
+        return {**previous, "reused": True}
     replacing = None
     if previous is not None and not force:
         # Runs may share a data directory: say why its contents are about to change under them. Files that
         # moved acceptably are no change: what else differs is named (the tokenizer, say).
-        recorded = _with_recorded_paths(inputs, previous, source_files)
+        recorded = _with_recorded_paths(inputs, previous, layout)
+        files_moved = recorded is not inputs
         unmoved = cfg
-        if recorded is not inputs:
+        if files_moved:
             spelled = previous.get("config") or {}
             unmoved = dataclasses.replace(
                 cfg, **{key: spelled[key] for key in ("sources", "meta") if key in spelled}
             )
-        changes = "; ".join(_changes(previous, unmoved, recorded))
-        if recorded is inputs and _same_content(inputs, previous):
-            changes += (
-                "; the same content at other paths counts as the same files only with each file's name, "
-                "its folder's name and its setting (data.sources or data.meta) kept, which formats read"
+        differences = _changes(previous, unmoved, recorded)
+        if not files_moved and _same_content(inputs, previous):
+            differences.append(
+                "the same content at other paths counts as the same files only with each file's name, its "
+                "folder's name and its setting (data.sources or data.meta) kept, which formats read"
+                if "input_names" in previous
+                else "the summary, of an earlier version, does not record the file names a move must keep: "
+                "put the files back where it names them, or prepare again"
             )
+        changes = "; ".join(differences)
         if same:
             why = f"{out}: some of its split files are missing"
         elif changes:
@@ -182,7 +187,7 @@ def prepare(
         "tokenizer": cfg.tokenizer,
         "eos_token_id": int(tokenizer.eos_token_id),
         "inputs": inputs,
-        "source_files": source_files,  # the first inputs are data.sources' files, the rest data.meta's
+        **layout,
         "config": cfg.fingerprint_fields(),
         "read": dict(log.read),
         "records_kept": kept,
@@ -305,18 +310,18 @@ def _fingerprint(
     template: PromptTemplate,
     tokenizer: Any,
     paths: list[Path],
-    source_files: int,
+    layout: dict[str, Any],
     previous: dict[str, Any] | None,
 ) -> tuple[str, bool, list[dict]]:
-    """(the fingerprint of preparing `cfg` from the input files `paths`, the first `source_files` of them
-    data.sources' and the rest data.meta's, whether the summary `previous` has it, those files'
-    descriptions).
+    """(the fingerprint of preparing `cfg` from the input files `paths`, laid out as `layout`
+    (`_input_layout`), whether the summary `previous` has it, those files' descriptions).
 
     A `previous` summary that records `RESULT_NEUTRAL_FIELDS` in its config was fingerprinted with them
     (earlier versions), and one may spell the `DATA_PATH_FIELDS` otherwise (relative where `cfg` is
     absolute, or naming files that moved): it has this data's fingerprint when the fingerprint of `cfg`
     with its recorded values for those, and its recorded input paths where the files moved
-    (`_with_recorded_paths`), is its own. Neither a spelling nor a move alone makes the data differ: the
+    (`_with_recorded_paths`), is its own, and the files' names are the recorded ones (`layout`; a summary
+    of an earlier version records none). Neither a spelling nor a move alone makes the data differ: the
     fingerprint holds the content of the files these fields name (the template, the tokenizer, the inputs),
     which must still match."""
     inputs = []
@@ -347,8 +352,9 @@ def _fingerprint(
             else {}
         )
         config = {**cfg.fingerprint_fields(), **spelled, **neutral}
-        files = _with_recorded_paths(inputs, previous, source_files)
-        same = previous.get("fingerprint") == digest(config, files)
+        files = _with_recorded_paths(inputs, previous, layout)
+        named_alike = "input_names" not in previous or _layout_of(previous) == layout
+        same = named_alike and previous.get("fingerprint") == digest(config, files)
     return fingerprint, same, inputs
 
 
@@ -362,27 +368,35 @@ def _same_content(inputs: list[dict], previous: dict[str, Any]) -> bool:
     return all(content(old) == content(new) for old, new in zip(recorded, inputs, strict=True))
 
 
-def _with_recorded_paths(inputs: list[dict], previous: dict[str, Any], source_files: int) -> list[dict]:
-    """`inputs` (the first `source_files` data.sources' files) with the paths the summary `previous` records
-    for them where they are the same files, moved: the same content in the same order (`_same_content`),
-    each file's name and its folder's name unchanged (formats read them: a split from a file name, a
-    category from a folder, metadata paired by name) and as many of them data.sources' files. `inputs`
-    itself otherwise, and for a summary that does not record that count (earlier versions)."""
-    recorded = previous.get("inputs")
-    if previous.get("source_files") != source_files or not _same_content(inputs, previous):
-        return inputs
-    names = lambda file: (Path(str(file.get("path"))).name, Path(str(file.get("path"))).parent.name)
-    if any(names(old) != names(new) for old, new in zip(recorded, inputs, strict=True)):
-        return inputs
-    return [{**new, "path": old["path"]} for old, new in zip(recorded, inputs, strict=True)]
+def _input_layout(paths: dict[str, list[Path]]) -> dict[str, Any]:
+    """What formats read from the input files' paths, as spelled (a link's own name, not its target's: the
+    readers read the spelling): how many are data.sources' files (the rest data.meta's), and each file's
+    folder and name (a split from a file name, a category from a folder, metadata paired by name)."""
+    files = [*paths["sources"], *paths["meta"]]
+    return {"source_files": len(paths["sources"]), "input_names": [[p.parent.name, p.name] for p in files]}
 
 
-def _moved_files(previous: dict[str, Any], inputs: list[dict], source_files: int) -> str:
+def _layout_of(summary: dict[str, Any]) -> dict[str, Any]:
+    """The `_input_layout` a summary records (None for each part a summary of an earlier version lacks)."""
+    return {"source_files": summary.get("source_files"), "input_names": summary.get("input_names")}
+
+
+def _with_recorded_paths(inputs: list[dict], previous: dict[str, Any], layout: dict[str, Any]) -> list[dict]:
+    """`inputs`, laid out as `layout`, with the paths the summary `previous` records for them where they are
+    the same files, moved: the same content in the same order (`_same_content`) and the same layout (file
+    and folder names, the count of sources). `inputs` itself otherwise, and for a summary that records no
+    layout (earlier versions)."""
+    if _layout_of(previous) != layout or not _same_content(inputs, previous):
+        return inputs
+    return [{**new, "path": old["path"]} for old, new in zip(previous["inputs"], inputs, strict=True)]
+
+
+def _moved_files(previous: dict[str, Any], inputs: list[dict], layout: dict[str, Any]) -> str:
     """ "old -> new" for each input file the summary `previous` records at another path, the same file moved
     (`_with_recorded_paths`), joined by "; "; empty when none moved."""
     moved = [
         f"{old['path']} -> {new['path']}"
-        for old, new in zip(_with_recorded_paths(inputs, previous, source_files), inputs, strict=True)
+        for old, new in zip(_with_recorded_paths(inputs, previous, layout), inputs, strict=True)
         if old["path"] != new["path"]
     ]
     return "; ".join(moved)

@@ -421,13 +421,13 @@ def untrained_config(cfg: Config, workdir: Path, split: str, echo: Echo = print)
 
     Raises:
         FileNotFoundError: with `auto`, the prepared data has no `split`.
-        DataError / ConfigError: as `train.setup.prepared_dir`.
+        DataError / ConfigError: as `train.setup.prepared_data`.
     """
     from nextquill_jax.data.prepared_split import PreparedSplit
-    from nextquill_jax.train.setup import evaluation_pipeline, prepared_dir, resolve_packed_segments
+    from nextquill_jax.train.setup import evaluation_pipeline, prepared_data, resolve_packed_segments
 
     workdir.mkdir(parents=True, exist_ok=True)
-    data_dir = prepared_dir(cfg, workdir, echo).dir
+    data_dir = prepared_data(cfg, workdir, echo).dir
     if cfg.model.cudnn_max_segments == "auto":
         pipeline = evaluation_pipeline(cfg, PreparedSplit(data_dir, split))
         cfg = resolve_packed_segments(cfg, {split: pipeline}, echo)
@@ -617,7 +617,8 @@ def check_interrupted_run(comparison: Comparison, name: str, seed: int, cfg: Con
     holds checkpoints of an unfinished run (no compare_done.json with settings) saved under another config:
     the check `train` makes when it resumes (`resume.check_resumable`, against the config.yaml the run
     saved), made before any run starts. `model.cudnn_max_segments: auto` is left to `train`, which resolves
-    it from the data.
+    it from the data, and so are the record files' paths (`resume.DATA_FILES`), which `train` accepts where
+    it finds the same files moved there.
 
     Raises:
         ConfigError: naming the run, each differing key (the saved run's value first) and compare's fix.
@@ -633,9 +634,10 @@ def check_interrupted_run(comparison: Comparison, name: str, seed: int, cfg: Con
     if not any(p.name.isdigit() for p in checkpoints.iterdir()):
         return
     auto = lambda key: key == "model.cudnn_max_segments" and cfg.model.cudnn_max_segments == "auto"
-    changes = config_changes(
-        normalised(read_yaml(saved)), config_to_dict(cfg), ignore=lambda k: may_change(k) or auto(k)
-    )
+    # The record files' paths too: `train` resumes with files that moved, as it prepares their data
+    # (`resume.check_resumable`'s `data_reused`), and refuses others there.
+    left_to_train = lambda key: may_change(key) or auto(key) or covered(key, DATA_FILES)
+    changes = config_changes(normalised(read_yaml(saved)), config_to_dict(cfg), ignore=left_to_train)
     if changes:
         raise ConfigError(
             f"{comparison.source}: variant {name!r} (seed {seed}) has an unfinished training in {workdir} "

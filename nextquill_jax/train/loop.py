@@ -352,9 +352,7 @@ def start_state(
     # under the same config, and the weighting module's (a warning only). All read only the checkpoint's
     # file names and JSON items, before Orbax restores any array.
     check_same_process_count(ckpt.saved_process_count(start), jax.process_count(), where)
-    check_resumable(
-        ckpt.read_config(start), cfg, ckpt.directory.parent, start, data_files_moved=run.data_files_moved
-    )
+    check_resumable(ckpt.read_config(start), cfg, ckpt.directory.parent, start, data_reused=run.data_reused)
     progress = ckpt.read_progress(start)
     legacy = lambda: legacy_fingerprint(cfg.model, cfg.train.seed)
     if note := check_same_base(progress.get("base"), run.base_identity, where, legacy):

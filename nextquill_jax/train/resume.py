@@ -35,7 +35,7 @@ from nextquill_jax.train.workdir import CHECKPOINT_DIR, CONFIG_FILE
 # do not change what is trained: where and how often the run logs, evaluates and saves, how it is laid out on
 # the devices, and where it is. Paths that name content (`model.path`, `data.sources`,
 # `loss.reference_model`, ...) are not here: a new path may hold another model or data (the record files
-# may name where they moved to: `check_resumable`'s `data_files_moved`).
+# may name where they moved to: `check_resumable`'s `data_reused`).
 MAY_CHANGE = (
     "logging",  # metrics rows, TensorBoard, progress bar, health warnings, profiling
     "eval.every_steps",  # how often and how much of the split is validated, and the decoding of `evaluate`
@@ -156,25 +156,27 @@ DATA_FILES = ("data.sources", "data.meta")
 
 
 def check_resumable(
-    recorded: Mapping[str, Any], cfg: Config, workdir: Path, step: int, *, data_files_moved: bool = False
+    recorded: Mapping[str, Any], cfg: Config, workdir: Path, step: int, *, data_reused: bool = False
 ) -> None:
     """Return if `cfg` (resolved as set-up resolves it) may resume checkpoint `step` of `workdir`, whose saved
     config is `recorded`: the two agree on every key outside `MAY_CHANGE`, and outside `DATA_FILES` where
-    `data_files_moved` (preparing found the record files the data was prepared from at the paths `cfg`
-    names, moved: `data.prepare.prepare`'s `moved`; files of other content are other data).
+    `data_reused` (preparing reused the data from the files `cfg` names, the content, names and count it was
+    prepared from, wherever they lie: `train.setup.PreparedData`; the data's content is checked against the
+    checkpoint's apart, `check_same_data`).
 
     Raises:
         ConfigError: naming each differing key as `section.key: <checkpoint value> -> <new value>` (the first
             `MAX_LISTED`, then how many more), the workdir and the fix.
     """
-    moved = lambda key: data_files_moved and covered(key, DATA_FILES)
-    changes = config_changes(normalised(recorded), config_to_dict(cfg), lambda k: may_change(k) or moved(k))
+    files = lambda key: data_reused and covered(key, DATA_FILES)
+    changes = config_changes(normalised(recorded), config_to_dict(cfg), lambda k: may_change(k) or files(k))
     if not changes:
         return
     raise ConfigError(
         f"workdir {workdir} holds checkpoint {step} of a run with another config, so resuming would train a "
         f"different run on top of it; differing, the checkpoint's value first: {listed_changes(changes)}. "
-        f"A resume may change only {', '.join(MAY_CHANGE)}. Fix: run the same config again (`nextquill-jax "
+        f"A resume may change only {', '.join(MAY_CHANGE)}, and {' / '.join(DATA_FILES)} where they name "
+        f"the files the data was prepared from, moved. Fix: run the same config again (`nextquill-jax "
         f"train --config {workdir / CONFIG_FILE}` resumes it), or use a new --workdir for the new config."
     )
 

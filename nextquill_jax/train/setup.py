@@ -104,14 +104,15 @@ def resolve_workdir(
 
 
 class PreparedData(NamedTuple):
-    """Where a run's prepared data is, and whether preparing found the record files it was prepared from
-    moved to the paths the config now names (`data.prepare.prepare`'s `moved`)."""
+    """Where a run's prepared data is, and whether it was reused from the record files the config names
+    (`data.prepare.prepare`'s `reused`): files of the content, names and count it was prepared from, found
+    where the config names them (where they moved to, say)."""
 
     dir: Path
-    files_moved: bool
+    reused: bool
 
 
-def prepared_dir(cfg: Config, workdir: Path, echo: Echo) -> PreparedData:
+def prepared_data(cfg: Config, workdir: Path, echo: Echo) -> PreparedData:
     """The prepared data: `train.data_dir` as it is when `data.sources` is empty (and the format is not the
     in-process `synthetic`), else prepared (or reused by fingerprint) from the `data` section into
     `train.data_dir` or `<workdir>/prepared`.
@@ -142,7 +143,7 @@ def prepared_dir(cfg: Config, workdir: Path, echo: Echo) -> PreparedData:
             )
         check_finished(target, "train.data_dir")
         check_split(target, "train", other_split=False)  # prepared, but perhaps with no train record
-        return PreparedData(target, files_moved=False)
+        return PreparedData(target, reused=False)
     from nextquill_jax.data.prepare import prepare
     from nextquill_jax.data.sources.records import DataError
 
@@ -163,17 +164,17 @@ def prepared_dir(cfg: Config, workdir: Path, echo: Echo) -> PreparedData:
         protected = None
 
     def prepare_first() -> int:
-        return int(bool(prepare(cfg.data, target, protected=protected, echo=echo).get("moved")))
+        return int(prepare(cfg.data, target, protected=protected, echo=echo)["reused"])
 
     try:
-        moved = parallel.process_0_result(prepare_first, f"to prepare the data in {target}")
+        reused = parallel.process_0_result(prepare_first, f"to prepare the data in {target}")
         if jax.process_index() != 0:
             prepare(cfg.data, target, protected=protected, echo=lambda _: None)
     except DataError:
         raise
     except ValueError as e:  # prepare's ValueErrors are problems of the `data` section
         raise ConfigError(str(e)) from None
-    return PreparedData(target, files_moved=bool(moved))
+    return PreparedData(target, reused=bool(reused))
 
 
 def plan_steps(pipeline: BatchPipeline, cfg: Config) -> tuple[int, list[int]]:
@@ -555,8 +556,8 @@ class RunSetup:
     `initial_params()` loads or initialises the starting parameters, the state's (only called when there is
     no checkpoint to resume from). Under `model.lora` the state's parameters are the adapters, `base_params`
     the frozen base and `base_identity` its path and fingerprint (both None for full fine-tuning).
-    `data_identity` is `resume.data_identity` of the train and eval splits (`data_files_moved`: the record
-    files they were prepared from moved, `PreparedData`), and `weighting_identity`
+    `data_identity` is `resume.data_identity` of the train and eval splits (`data_reused`: reused from the
+    record files the config names, `PreparedData`), and `weighting_identity`
     `loss.weighting_record.weighting_fingerprint` of `loss.weighting` (None without one), which each
     checkpoint records, as it records `reference_identity`, the `Reference.identity` of the frozen
     reference model (None without one).
@@ -586,7 +587,7 @@ class RunSetup:
     base_params: dict | None = None
     base_identity: dict | None = None
     reference_identity: dict | None = None
-    data_files_moved: bool = False
+    data_reused: bool = False
 
     @property
     def reference_params(self) -> dict | None:
@@ -665,7 +666,7 @@ def set_up_run(
     if on_locked is not None:
         on_locked()
 
-    data_dir, data_files_moved = prepared_dir(cfg, workdir, echo)
+    data_dir, data_reused = prepared_data(cfg, workdir, echo)
     check_split(data_dir, "train", other_split=False)  # train has no --split to offer
     train_data = BatchPipeline(PreparedSplit(data_dir, "train"), cfg.data.batching)
     total_steps, epoch_ends = plan_steps(train_data, cfg)
@@ -775,7 +776,7 @@ def set_up_run(
         base_identity=base_identity,
         reference_identity=reference_identity,
         data_identity=data_identity(data_dir, {p.split.dir.name: p.split for p in pipelines.values()}),
-        data_files_moved=data_files_moved,
+        data_reused=data_reused,
         # Read once, as the steps are built: the code behind the name that this run trains with.
         weighting_identity=weighting_fingerprint(cfg.loss.weighting),
     )

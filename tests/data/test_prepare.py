@@ -1238,6 +1238,9 @@ def test_data_prepared_with_relative_paths_is_reused_under_their_absolute_spelli
     cfg, tok = DataConfig(format="generic", template="plain", sources=["records.jsonl"]), tiny_tokenizer()
     monkeypatch.chdir(a)
     first = prepare(cfg, "prep", tokenizer=tok, echo=lambda _: None)
+    summary = json.loads((a / "prep" / "summary.json").read_text())
+    del summary["source_files"], summary["input_names"]  # as an earlier version wrote it
+    (a / "prep" / "summary.json").write_text(json.dumps(summary))
     files = {p: p.read_bytes() for p in (a / "prep").rglob("*") if p.is_file()}
     lines: list[str] = []
     absolute = absolute_data_paths(cfg, a)
@@ -1259,12 +1262,14 @@ def test_data_prepared_with_relative_paths_is_reused_under_their_absolute_spelli
 def test_data_prepared_from_record_files_that_moved_since_is_reused_where_they_are_the_same_files(
     tmp_path, tiny_tokenizer
 ):
-    """The summary records each input's path, size and BLAKE2b, and how many are data.sources' files: the
-    same files moved (the same content in the same order, each file's and folder's name kept, as many
-    sources) prepare the same data, which is reused and the move named (it was refused as other settings).
-    Not a move: a renamed folder (LaMP reads the category from it; DPL the split from a file's name), files in
-    other settings (an outputs file read as questions), a summary of an earlier version (no count of its
-    sources). A moved file beside a changed tokenizer names the tokenizer, not the paths."""
+    """The summary records each input's path, size and BLAKE2b, and the layout formats read from the paths as
+    spelled (`_input_layout`: each file's folder and name, how many are data.sources'): the same files moved
+    (the same content in the same order, the same layout) prepare the same data, which is reused and the
+    move named (it was refused as other settings). Not the same files: a renamed folder (LaMP reads the
+    category from it) or file (the split from its name: dev is val, test is test), a link of another name
+    to a moved file (the readers read the link's name), files in other settings (an outputs file read as
+    questions), or files a summary of an earlier version names (it records no layout). A moved file beside a
+    changed tokenizer names the tokenizer, not the paths."""
     import shutil
 
     old, new = tmp_path / "a" / "topic_writing", tmp_path / "b" / "c" / "topic_writing"
@@ -1280,15 +1285,15 @@ def test_data_prepared_from_record_files_that_moved_since_is_reused_where_they_a
     tok, out = tiny_tokenizer(), tmp_path / "prep"
     first = prepare(cfg(old), out, tokenizer=tok, echo=lambda _: None)
     assert first["source_files"] == 1 and first["examples"] == {"val": 2}
+    assert first["input_names"] == [["topic_writing", q], ["topic_writing", o]]
     files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     new.parent.mkdir(parents=True)
     old.rename(new)
     lines: list[str] = []
-    reused = prepare(cfg(new), out, tokenizer=tok, protected="WHY", echo=lines.append)
-    assert reused["reused"] and reused["moved"] == f"{old / q} -> {new / q}; {old / o} -> {new / o}"
+    assert prepare(cfg(new), out, tokenizer=tok, protected="WHY", echo=lines.append)["reused"]
     assert lines == [
         f"{out}: prepared data up to date (fingerprint {first['fingerprint'][:12]}), reusing it; its record "
-        f"files moved, the same content: {reused['moved']}"
+        f"files moved, the same content: {old / q} -> {new / q}; {old / o} -> {new / o}"
     ]
 
     def refused(config: DataConfig, tokenizer=tok) -> str:
@@ -1297,17 +1302,28 @@ def test_data_prepared_from_record_files_that_moved_since_is_reused_where_they_a
         assert str(info.value).endswith("; it is not replaced: WHY")
         return str(info.value)
 
+    not_moved = "counts as the same files only with each file's name, its folder's name"
     renamed = new.rename(new.parent / "abstract")
-    assert "counts as the same files only with each file's name, its folder's name" in refused(cfg(renamed))
+    assert not_moved in refused(cfg(renamed))
     new = renamed.rename(new)
+    (new / q).rename(new / "test_questions.json")
+    assert not_moved in refused(cfg(new, sources=("test_questions.json",)))
+    (new / "test_questions.json").rename(new / q)
+    links = tmp_path / "links" / "topic_writing"
+    links.mkdir(parents=True)
+    (links / "test_questions.json").symlink_to(new / q)
+    (links / o).symlink_to(new / o)
+    assert not_moved in refused(cfg(links, sources=("test_questions.json",)))
     assert "data.meta: " in refused(cfg(new, sources=(q, o), meta=()))
     other_tokenizer = refused(cfg(new), tokenizer=tiny_tokenizer(vocab_size=500))
     assert "(the template's text or the tokenizer changed)" in other_tokenizer
     assert "no longer read" not in other_tokenizer
     summary = json.loads((out / "summary.json").read_text())
-    del summary["source_files"]
+    del summary["source_files"], summary["input_names"]
     (out / "summary.json").write_text(json.dumps(summary))
-    assert f"{old / q} no longer read" in refused(cfg(new))
+    earlier = refused(cfg(new))
+    assert f"{old / q} no longer read" in earlier
+    assert "the summary, of an earlier version, does not record the file names a move must keep" in earlier
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != "summary.json"} == {
         p: b for p, b in files.items() if p.name != "summary.json"
     }

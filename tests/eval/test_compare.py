@@ -1175,6 +1175,10 @@ def test_an_interrupted_run_under_other_settings_is_refused_before_the_first_run
     (workdir / "checkpoints" / "2").mkdir(parents=True)
     save_config(cfg, workdir / "config.yaml")
     assert check_interrupted_run(comparison, "b", 0, cfg) is None
+    # Record files named elsewhere are left to `train`, which resumes where they are the same files moved.
+    moved = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, sources=[str(tmp_path / "r.jsonl")]))
+    save_config(moved, workdir / "config.yaml")
+    assert check_interrupted_run(comparison, "b", 0, cfg) is None
     save_config(
         dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, variant="mce")), workdir / "config.yaml"
     )

@@ -53,9 +53,11 @@ def test_transformers_4x_and_5x_spellings_give_the_same_config():
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
-def test_a_config_json_with_only_the_required_keys_gets_transformers_defaults(family):
-    """What a config.json leaves out is what transformers' config class fills in for that family (a wrong
-    default, rms_norm_eps 1e-5 for 1e-6 say, moves logits by < 1e-4: no parity test would see it)."""
+def test_a_config_json_with_only_the_required_keys_gets_transformers_architecture_defaults(family):
+    """The architecture fields a config.json leaves out are what transformers' config class fills in for
+    that family (a wrong default, rms_norm_eps 1e-5 for 1e-6 say, moves logits by < 1e-4: no parity test
+    would see it). Special ids are no architecture: transformers' LlamaConfig fills bos 1 / eos 2, which
+    are not this vocabulary's; ours stay unset."""
     required = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2)
     required["num_attention_heads"] = 32  # Qwen2 and Qwen3 default to 32 kv heads
     ours = ModelConfig.from_hf_config({"model_type": family, **required})
@@ -64,7 +66,9 @@ def test_a_config_json_with_only_the_required_keys_gets_transformers_defaults(fa
     assert ours.rope_theta == theirs.rope_parameters["rope_theta"]
     assert ours.max_position_embeddings == theirs.max_position_embeddings
     assert ours.num_kv_heads == theirs.num_key_value_heads
-    assert ours.head_dim == (getattr(theirs, "head_dim", None) or 64 // 32)
+    assert ours.head_dim == (
+        getattr(theirs, "head_dim", None) or required["hidden_size"] // required["num_attention_heads"]
+    )
     assert ours.tie_word_embeddings == theirs.tie_word_embeddings
 
 

@@ -756,8 +756,10 @@ def test_the_filters_boundaries_match_transformers(logits, cfg):
     ours = np.asarray(process_logits(logits, seen, ProcessorSettings.of(cfg)))
     history = torch.zeros((1, 1), dtype=torch.long)
     theirs = reference_processors(cfg, torch.tensor([0]))(history, torch.tensor(logits)).numpy()
-    np.testing.assert_array_equal(np.isneginf(ours), np.isneginf(theirs))
-    assert (~np.isneginf(ours)).sum() == (2 if cfg.top_k else 3)
+    # How many stay, not which of equal values: which tie torch's sort puts first is its own detail.
+    kept = (~np.isneginf(ours)).sum()
+    assert kept == (~np.isneginf(theirs)).sum() == (2 if cfg.top_k else 3)
+    np.testing.assert_array_equal(np.sort(ours[~np.isneginf(ours)]), np.sort(theirs[~np.isneginf(theirs)]))
 
 
 def test_every_end_token_id_stops_a_row_as_in_transformers(tiny, tiny_case):
@@ -769,6 +771,7 @@ def test_every_end_token_id_stops_a_row_as_in_transformers(tiny, tiny_case):
     other = int(expected[row, step])
     assert other != eos and other not in expected[row, :step]
     want = reference_generate(reference, ids, mask, GREEDY, eos=[other, eos], pad=PAD)
-    assert want[row, step] == other and (want[row, step + 1 :] == PAD).all()
+    assert want[row, step] == other and (want[row, step + 1 :] == PAD).all()  # stopped by the first id
+    assert eos in want[0] and (want[0, want[0].tolist().index(eos) + 1 :] == PAD).all()  # by the second
     ours = generate_ids(model, ids, mask, GREEDY, eos_token_ids=[other, eos], pad_token_id=PAD)
     np.testing.assert_array_equal(ours, want)

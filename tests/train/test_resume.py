@@ -25,7 +25,7 @@ from nextquill_jax.loss.weighting_record import weighting_note
 from nextquill_jax.train import adapters, loop
 from nextquill_jax.train.checkpoint import MANIFEST, PROGRESS_FILE, Checkpointer, write_manifest
 from nextquill_jax.train.resume import MAX_LISTED, check_resumable, check_same_data
-from nextquill_jax.train.setup import prepared_dir
+from nextquill_jax.train.setup import prepared_data
 from nextquill_jax.train.workdir import restore_model
 from tests.shared import FIXTURES
 
@@ -422,14 +422,14 @@ def test_train_does_not_replace_data_it_is_pointed_at_or_that_checkpoints_were_t
         (workdir / "checkpoints" / "3").mkdir(parents=True)
     files = {p: p.read_bytes() for p in target.rglob("*") if p.is_file()}
     with pytest.raises(ConfigError) as refused:
-        prepared_dir(cfg, workdir, echo=lambda _: None)
+        prepared_data(cfg, workdir, echo=lambda _: None)
     message = str(refused.value)
     assert f"{target} was prepared with other settings (data.max_history: 1 -> " in message
     assert ("train.data_dir names it" if named else "the checkpoints in") in message and "Fix: " in message
     assert {p: p.read_bytes() for p in target.rglob("*") if p.is_file()} == files
     if not named:  # without checkpoints, the workdir's own data is the run's to replace
         shutil.rmtree(workdir / "checkpoints")
-        assert prepared_dir(cfg, workdir, echo=lambda _: None).dir == target
+        assert prepared_data(cfg, workdir, echo=lambda _: None).dir == target
         assert {p: p.read_bytes() for p in target.rglob("*") if p.is_file()} != files
 
 
@@ -437,11 +437,11 @@ def test_a_run_resumes_after_its_record_files_moved_and_only_then_may_name_other
     tmp_path, tiny_config, save_tiny_tokenizer, capsys
 ):
     """A stopped run whose record files moved (the old path names no file) resumes, and trains on, with
-    `data.sources` naming their new place: preparing finds the same files there (`prepare`'s `moved`), so
-    `check_resumable` lets that key differ. It was a dead end: the old path named no file, the new one was
-    other settings. Other files there are still refused, and so is a change of data.sources where the data
-    is prepared afresh (a new train.data_dir), which a checkpoint without the data's record (earlier
-    versions) could not otherwise refuse."""
+    `data.sources` naming their new place: preparing reuses the data from the same files there
+    (`PreparedData.reused`), so `check_resumable` lets that key differ; and again once they moved back. It
+    was a dead end: the old path named no file, the new one was other settings. Other files there are still
+    refused, and so is a change of data.sources where the data is prepared afresh (a new train.data_dir),
+    which a checkpoint without the data's record (earlier versions) could not otherwise refuse."""
     from tests.conftest import _write_records
 
     old, new = tmp_path / "a" / "data", tmp_path / "b" / "data"
@@ -480,6 +480,11 @@ def test_a_run_resumes_after_its_record_files_moved_and_only_then_may_name_other
         str(new / "records.jsonl")
     ]
 
+    shutil.rmtree(workdir / "checkpoints" / "4")
+    new.rename(old)  # back: the checkpoint names the new place now, the data's summary the old one
+    assert resume(f"data.sources=[{old / 'records.jsonl'}]") == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "prepared data up to date" in out and "resuming from" in out and "finished at step 4" in out
     shutil.rmtree(workdir / "checkpoints" / "4")
     saved = (workdir / "config.yaml").read_bytes()
     other = tmp_path / "other" / "data" / "records.jsonl"
