@@ -604,6 +604,24 @@ def test_the_ends_of_the_documented_ranges_are_accepted(cfg_file):
 
 
 @pytest.mark.parametrize(
+    "overrides, message",
+    [
+        # Keep probability 0: every adapter input would be zero, and the adapters would get no gradient.
+        (["model.lora.dropout=1"], "dropout must be in [0, 1), got 1.0"),
+        # Every ω 0: the normalised loss Σ ω CE / Σ ω would be 0 / 0.
+        (["loss.high=0", "loss.low=0"], "low >= 0 and high > 0, got high=0.0, low=0.0"),
+        # The last two targets are the val and test ones: two would leave no train target.
+        (["data.dpl_num_targets=2"], "dpl_num_targets must be an integer >= 3, got 2"),
+    ],
+    ids=["lora_dropout_1", "high_0", "dpl_num_targets_2"],
+)
+def test_a_value_just_past_its_bound_is_refused(cfg_file, overrides, message):
+    """Each bound's first value outside it (a bound written one step off was unseen), by the reason given."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(cfg_file, overrides)
+
+
+@pytest.mark.parametrize(
     "section, field, message",
     [
         (LoraConfig, "alpha", "alpha must be > 0, got nan"),

@@ -389,6 +389,12 @@ def test_per_role_nll_is_the_mean_negative_log_probability_of_each_role(report):
         assert entry["preference_bearing"] == (r.dce > THRESHOLD).sum() and entry["tokens"] == r.dce.size
         assert entry["mean_dce"] == pytest.approx(r.dce.astype(np.float64).mean(), rel=1e-6)
         assert entry["max_dce"] == r.dce.max()
+        preference = np.asarray(r.roles) == "preference"
+        assert ("preference_nll_with" in entry) == bool(preference.any())
+        for stream in ("with", "without") if preference.any() else ():
+            want = -getattr(r, f"logp_{stream}")[preference].astype(np.float64).mean()
+            assert entry[f"preference_nll_{stream}"] == pytest.approx(want, rel=1e-12)
+    assert any("preference_nll_with" in entry for entry in summary["per_example"])
 
 
 def test_token_roles_of_prepared_targets_agree_with_the_spans(report, tiny_tokenizer):
@@ -513,6 +519,21 @@ def test_html_escapes_hostile_text():
     assert [t["text"] for t in section["tokens"]] == r.pieces
     assert section["pre"] == [row["prompt_with_history"], row["prompt_without_history"]]
     assert [("pref" in t["class"]) for t in section["tokens"]] == [True, False, False]
+    # DCE > δ, strictly: at δ = 0 the last token's DCE of exactly 0 is not underlined.
+    at_zero = _parse(render_report([r], summary, threshold=0.0, histogram_png_base64=b"")).sections["ex-7"]
+    assert [("pref" in t["class"]) for t in at_zero["tokens"]] == [True, False, False]
+    # The spread is the population standard deviation of the DCEs, as NumPy's default states it.
+    assert summary["dce"]["std"] == pytest.approx(np.std(np.float64([0.25, -0.1, 0.0])), rel=1e-6)
+
+
+def test_the_dce_colours_are_the_diverging_scale_at_its_ends_and_middle():
+    """ColorBrewer's 7-class RdBu by hand: DCE -vmax is its blue end, 0 its middle grey, +vmax its red end,
+    vmax / 3 the first step above the middle (position (t + 1) / 2 * 6 = 4), and values past ±vmax clip."""
+    from nextquill_jax.eval.effect_html import dce_color
+
+    assert [dce_color(v, 0.3) for v in (-0.3, 0.0, 0.3, 0.1, 5.0, -5.0)] == [
+        "#2166ac", "#f7f7f7", "#b2182b", "#fddbc7", "#b2182b", "#2166ac",
+    ]  # fmt: skip
 
 
 def test_the_terminal_lines_say_one_example_and_one_token_in_the_singular():

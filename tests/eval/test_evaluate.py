@@ -89,6 +89,35 @@ def test_predictions_equal_generation_from_the_exported_checkpoint(run, evaluate
     assert saved["generation"]["repetition_penalty"] == 1.2 and saved["generation"]["do_sample"] is False
 
 
+def test_the_without_history_prompt_and_max_examples_reach_generation_and_the_losses(run, tmp_path):
+    """`prompt="without"` generates from each example's prompt without history (only the with-history path
+    was evaluated), and `max_examples` 2 limits the losses too (documented: generation and loss alike),
+    against our generation from those prompts and the first two examples' target tokens."""
+    from transformers import AutoTokenizer
+
+    workdir, model, exported = run
+    metrics = evaluate(
+        workdir,
+        "test",
+        generation=GEN,
+        prompt="without",
+        max_examples=2,
+        out_dir=tmp_path,
+        echo=lambda _: None,
+    )
+    predictions = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    rendered = [json.loads(line) for line in (workdir / "prepared" / "test.jsonl").read_text().splitlines()]
+    assert [p["prompt"] for p in predictions] == [r["prompt_without_history"] for r in rendered[:2]]
+    split = PreparedSplit(workdir / "prepared", "test")
+    tokenizer = AutoTokenizer.from_pretrained(exported)
+    prompts = [split[i]["prompt_without"].tolist() for i in range(2)]
+    ids = generate(model, prompts, GEN, eos_token_ids=[tokenizer.eos_token_id], pad_token_id=0, batch_size=8)
+    assert [p["prediction"] for p in predictions] == [
+        tokenizer.decode(x, skip_special_tokens=True) for x in ids
+    ]
+    assert metrics["loss"]["tokens"] == sum(len(split[i]["target"]) for i in range(2))
+
+
 def test_generation_also_stops_at_an_end_token_of_the_models_own_config(run, evaluated, tmp_path):
     """The tiny run's end token is its data's (`stop_token_ids` that one id). Given a model config whose
     end tokens name another id X, which the first example's generation holds at position k, that example's
@@ -546,6 +575,9 @@ def test_a_hint_names_generations_that_run_out_or_repeat_one_token():
     # `compare` has no --max-new-tokens: its hint names its key.
     hint = generation_hint(stuck, max_new_tokens=6, setting="compare.max_new_tokens")
     assert "(raise compare.max_new_tokens)" in hint and "--max-new-tokens" not in hint
+    # Over 80% of its length, not 80%: 4 of 5 tokens alike is no repetition (by hand).
+    assert generation_hint([[4, 4, 4, 4, 9]] * 3, max_new_tokens=10) is None
+    assert generation_hint([[4, 4, 4, 4, 4, 9]] * 3, max_new_tokens=10) is not None
 
 
 def test_split_losses_raise_a_too_small_cudnn_max_segments_of_model_and_reference_to_the_split_rows(

@@ -159,6 +159,18 @@ def test_adapters_carry_their_kernels_axes():
     )
 
 
+def test_dropout_keeps_each_input_scaled_by_one_over_the_keep_probability():
+    """Inverted dropout, as torch.nn.Dropout documents it: a kept input is divided by 1 - p. With x, A and B
+    all ones (rank 1) and scale 1, each output is (inputs kept) / (1 - p): times 0.75 for p = 0.25, a whole
+    count of at most 32 (it would be count * 0.75 under a multiplied scaling)."""
+    ones = {"attn": {"q_proj": {"a": jnp.ones((32, 1)), "b": jnp.ones((1, 4, 8))}}}
+    layer = lora.LayerAdapters(ones, 1.0, 0.25, jax.random.PRNGKey(0))
+    got = np.asarray(layer.apply("attn", "q_proj", jnp.ones((2, 8, 32), jnp.float32)), np.float64)
+    counts = got * 0.75
+    np.testing.assert_allclose(counts, np.round(counts), atol=1e-4)
+    assert counts.min() > 0 and counts.max() <= 32 and np.unique(np.round(counts)).size > 1
+
+
 def test_dropout_is_keyed_and_off_without_a_key():
     model, params = model_and_params()
     weights = random_adapters(params, ["attn/q_proj"])

@@ -68,6 +68,9 @@ def test_read_gives_back_what_was_written_and_mismatches_are_errors(base, tmp_pa
         np.testing.assert_array_equal(np.asarray(x), y)
     with pytest.raises(ValueError, match="the config asks for rank=8"):
         read_peft_adapter(tmp_path, ours.cfg, shapes, rank=8, alpha=16.0)
+    # The same rank, another alpha: read as it is, every adapter term would be scaled by 32 / 4, not 16 / 4.
+    with pytest.raises(ValueError, match=r"lora_alpha=16\.0; the config asks for rank=4, alpha=32\.0"):
+        read_peft_adapter(tmp_path, ours.cfg, shapes, rank=4, alpha=32.0)
     only_q = {"layers": {"attn": {"q_proj": shapes["layers"]["attn"]["q_proj"]}}}
     with pytest.raises(ValueError, match=r"model\.lora\.targets select"):
         read_peft_adapter(tmp_path, ours.cfg, only_q, rank=4, alpha=16.0)

@@ -94,3 +94,12 @@ def test_the_preference_warning_names_the_runs_loss_threshold(
         "-0.5; bound logging.health_pref_fraction 0.75)" in printed
     ), printed[-2000:]
     assert "delta" not in printed
+
+
+def test_a_value_exactly_at_a_bound_does_not_warn():
+    """The symptoms are values that EXCEED their bounds (the docstring, README): a without-history CE of
+    exactly 1.5 x its first value, and a preference-bearing fraction exactly at the bound, are no warning;
+    just above, each is."""
+    assert HealthMonitor(1.5, 0.75, baseline=2.0).check(1, {"ce_without": 3.0, "pref_fraction": 0.75}) == []
+    above = HealthMonitor(1.5, 0.75, baseline=2.0).check(1, {"ce_without": 3.001, "pref_fraction": 0.76})
+    assert len(above) == 2
