@@ -196,14 +196,14 @@ def test_a_compare_holds_its_out_lock_beside_its_trainings_and_releases_it_when_
     out, workdir = tmp_path / "out", tmp_path / "out" / "seed0" / "a"
     held = []
 
-    def prepared_dir(*args, **kwargs):
+    def prepared_data(*args, **kwargs):
         for lock in (WorkdirLock(out, compare.LOCK), WorkdirLock(workdir)):
             with pytest.raises(WorkdirLockedError):
                 lock.acquire(0, echo=lambda _: None)
             held.append(json.loads(lock.path.read_text())["pid"])
         raise PastTheLockError
 
-    monkeypatch.setattr(setup, "prepared_dir", prepared_dir)
+    monkeypatch.setattr(setup, "prepared_data", prepared_data)
     with pytest.raises(PastTheLockError):
         compare.run_comparison(compare.load_comparison(file), echo=lambda _: None)
     assert held == [os.getpid(), os.getpid()]

@@ -30,10 +30,10 @@ def no_set_up_past_the_lock(monkeypatch):
     """Set-up stops with `PastTheLockError` where it would first write in the workdir after locking it (data
     preparation, before any model is built): a refusal must come before that."""
 
-    def prepared_dir(*args, **kwargs):
+    def prepared_data(*args, **kwargs):
         raise PastTheLockError
 
-    monkeypatch.setattr(setup, "prepared_dir", prepared_dir)
+    monkeypatch.setattr(setup, "prepared_data", prepared_data)
 
 
 @pytest.fixture
