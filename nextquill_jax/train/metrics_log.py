@@ -130,11 +130,9 @@ class MetricsLog:
     def first_value(self, key: str) -> float | None:
         """`key` in the first row of metrics.jsonl that has it (this run's rows, earlier starts included), or
         None."""
-        if not self.enabled or not self.path.exists():
+        if not self.enabled:
             return None
-        with self.path.open() as f:
-            found = (row[key] for row in map(_row, f) if row is not None and row.get(key) is not None)
-            return next(found, None)
+        return next((row[key] for row in read_rows(self.path.parent) if row.get(key) is not None), None)
 
     def message(self, text: str) -> None:
         """Show `text` through `echo` on process 0, without breaking the bar, and flush stdout (where `echo`
