@@ -302,7 +302,8 @@ class LossRunConfig(LossConfig):
             are stored as the base's, `lora.base_dtype`, bfloat16 for int8 / nf4; a workdir gives its newest
             verified checkpoint when the run starts; a resume, or `evaluate` of a checkpoint, is refused
             once the model it gives has changed); or `base` with `model.lora`: the frozen base itself with the
-            adapters off (the same weights, no second copy). null: none.
+            adapters off (the same weights, no second copy). null: none. Beside `dce: dynamic` it is not
+            read (a compare file's base may set it for its fixed-DCE variants), which `train` notes.
         `token_chunk`: target tokens per tile of the fused LM head in `loss_from_hidden` (memory, not
             results).
         `vocab_chunk`: vocabulary entries per tile of the fused LM head (memory, not results).

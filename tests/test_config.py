@@ -1554,6 +1554,43 @@ def test_a_loss_of_the_historys_effects_without_history_is_noted(
     assert (note in lines) == noted, lines
 
 
+@pytest.mark.parametrize(
+    ("overrides", "why"),
+    [
+        (
+            ["loss.variant=nextquill"],
+            "the DCE that weights the targets is the trained model's own). Fix: "
+            "loss.dce=fixed to weight them by the reference's, or remove loss.reference_model",
+        ),
+        (
+            ["loss.variant=sft"],
+            "loss.variant sft weights no target by DCE). Fix: remove loss.reference_model",
+        ),
+        (["loss.variant=nextquill", "loss.dce=fixed"], None),
+    ],
+)
+def test_a_reference_model_that_a_dynamic_dce_leaves_unread_is_noted(
+    tmp_path, write_random_data, write_config, tiny_config, overrides, why
+):
+    """`loss.reference_model` is read by `dce: fixed` alone; beside `dynamic` it was passed over without a
+    word (not refused: a compare file's base may set it for its fixed-DCE variants only)."""
+    from nextquill_jax.train.setup import set_up_run
+
+    data = write_random_data(tmp_path / "data", train=16, val=0)
+    path = write_config(tiny_config(data, tmp_path / "work"), tmp_path / "cfg.yaml")
+    lines = []
+    reference = tmp_path / "no_model"  # refused (it names nothing) only where it is read
+    cfg = load_config(path, [*overrides, f"loss.reference_model={reference}"])
+    if why is None:
+        with pytest.raises(ConfigError, match=rf"^loss\.reference_model '{re.escape(str(reference))}' does"):
+            set_up_run(cfg, tmp_path / "work", lines.append)
+    else:
+        set_up_run(cfg, tmp_path / "work", lines.append)
+    notes = [line for line in lines if "loss.reference_model is" in line]
+    expected = f"note: loss.reference_model is {str(reference)!r} but loss.dce is dynamic: the reference is "
+    assert notes == ([] if why is None else [f"{expected}not loaded ({why}"]), lines
+
+
 @pytest.mark.parametrize("best_metric", ["eval/loss", None])
 def test_an_eval_split_the_data_lacks_is_noted_with_what_the_best_metric_loses_and_the_splits_held(
     tmp_path, write_random_data, write_config, tiny_config, best_metric

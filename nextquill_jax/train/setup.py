@@ -626,6 +626,18 @@ def set_up_run(
     if cfg.loss.dce == "fixed" and reference not in (None, "base") and not is_workdir(reference):
         # Loaded once the data is prepared: a path that names nothing would only fail then.
         model_setup.check_model_source(ModelRunConfig(path=reference), key="loss.reference_model")
+    if reference is not None and cfg.loss.dce != "fixed":
+        # Not refused: a compare file's base may set it for its fixed-DCE variants alone.
+        if cfg.loss.loss_config().uses_target_weights:
+            why = "the DCE that weights the targets is the trained model's own"
+            fix = "loss.dce=fixed to weight them by the reference's, or remove loss.reference_model"
+        else:
+            why = f"loss.variant {cfg.loss.variant} weights no target by DCE"
+            fix = "remove loss.reference_model"
+        echo(
+            f"note: loss.reference_model is {reference!r} but loss.dce is {cfg.loss.dce}: the reference is "
+            f"not loaded ({why}). Fix: {fix}"
+        )
     model_setup.check_attention(cfg.model)
     check_micro_batches(cfg, mesh)
     check_weighting_values(cfg.loss.loss_config())
