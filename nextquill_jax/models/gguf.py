@@ -1,4 +1,5 @@
-"""Read a llama.cpp GGUF file as a Hugging Face config dict and float32 tensors under Hugging Face names.
+"""Read a llama.cpp GGUF file as a Hugging Face config dict and float32 tensors under Hugging Face names,
+each dequantized when it is read.
 
 Supported architectures: `llama` (Llama 2/3, SmolLM2, Mistral-style), `qwen2` and `qwen3`, dense only, in
 any quantisation that `gguf.quants.dequantize` implements (F32, F16, BF16, Q4_0/1, Q5_0/1, Q8_0, K-quants...).
@@ -11,7 +12,10 @@ Hugging Face tensors. `qwen2` / `qwen3` use the half-rotation layout in llama.cp
 
 from __future__ import annotations
 
+import itertools
 import re
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -49,12 +53,14 @@ _BLOCK_TENSORS = {
 _BLOCK_NAME = re.compile(r"blk\.(\d+)\.(.+)")
 
 
-def read_gguf(path: str | PathLike[str]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def read_gguf(path: str | PathLike[str]) -> tuple[dict[str, Any], GGUFTensors]:
     """Parse a GGUF checkpoint into (Hugging Face `config.json` dict, {Hugging Face name: float32 array}).
 
     Tensors keep the Hugging Face layouts: projections are [out_features, in_features], the embedding is
     [vocab, hidden], norms and biases are 1-D. When the file has no `output.weight` the embeddings are tied
     (`tie_word_embeddings: true`) and no `lm_head.weight` is returned, as in a Hugging Face safetensors file.
+    The tensors are a `GGUFTensors` mapping: each is dequantized when read, so the model is never held in
+    float32 whole.
 
     Raises:
         FileNotFoundError: `path` does not exist.
@@ -66,12 +72,62 @@ def read_gguf(path: str | PathLike[str]) -> tuple[dict[str, Any], dict[str, np.n
             the field or tensor.
     """
     contents, meta, arch = _open(path)
-    tensors = {_hf_tensor_name(t.name, path): _dequantize(t, path) for t in contents.tensors}
-    config = _hf_config(meta, arch, {name: array.shape for name, array in tensors.items()}, path)
-    _check_shapes(tensors, config, path)
-    if arch == "llama":
-        _undo_rope_permutation(tensors, config)
-    return config, tensors
+    path = Path(path)
+    for tensor in contents.tensors:  # its first block: a quantisation that cannot be read, before any is
+        _dequantize(tensor, path, first_block_only=True)
+    shapes = _hf_shapes(contents, path)
+    config = _hf_config(meta, arch, shapes, path)
+    _check_shapes(shapes, config, path)
+    return config, GGUFTensors(contents, config, arch, path)
+
+
+class GGUFTensors(Mapping):
+    """Read-only mapping {Hugging Face name: float32 array} over a GGUF file's tensors (`read_gguf`).
+
+    A tensor is dequantized (and a llama q / k projection put back in Hugging Face row order) when it is
+    asked for; the last `num_hidden_layers + 1` read are kept, as a sharded load reads each layer of a
+    stacked parameter once per device slice. The arrays are read-only: they may be shared with that cache.
+    """
+
+    def __init__(self, contents: GGUFContents, config: dict[str, Any], arch: str, path: Path) -> None:
+        """Over `contents` of the GGUF file `path`, with its `config` and `arch` as `read_gguf` read them
+        (which has checked the tensors' names, shapes and quantisations)."""
+        self._path = path
+        self._entries = {_hf_tensor_name(t.name, path): t for t in contents.tensors}
+        # q / k name -> its head count, for llama's row order alone (qwen2 / qwen3 are stored as is)
+        self._rope_heads: dict[str, int] = {}
+        if arch == "llama":
+            heads = {"q": config["num_attention_heads"], "k": config["num_key_value_heads"]}
+            for layer, proj, kind in itertools.product(
+                range(config["num_hidden_layers"]), "qk", ("weight", "bias")
+            ):
+                self._rope_heads[f"model.layers.{layer}.self_attn.{proj}_proj.{kind}"] = heads[proj]
+        self._head_dim = config["head_dim"]
+        self._keep = config["num_hidden_layers"] + 1
+        self._recent: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name in self._recent:
+            self._recent.move_to_end(name)
+            return self._recent[name]
+        value = _dequantize(self._entries[name], self._path)
+        if name in self._rope_heads:
+            value = _half_rotation_order(value, self._rope_heads[name], self._head_dim)
+        value.setflags(write=False)
+        self._recent[name] = value
+        if len(self._recent) > self._keep:
+            self._recent.popitem(last=False)
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Tensor `name`'s shape, from the file's tensor table without reading it."""
+        return self._entries[name].shape
 
 
 def read_gguf_config(path: str | PathLike[str]) -> dict[str, Any]:
@@ -194,13 +250,19 @@ def _hf_tensor_name(gguf_name: str, path: Path) -> str:
     raise ValueError(f"{path}: GGUF tensor {gguf_name!r} has no Hugging Face counterpart in this reader")
 
 
-def _dequantize(tensor: TensorEntry, path: Path) -> np.ndarray:
-    """The tensor as float32, shaped outermost first."""
+def _dequantize(tensor: TensorEntry, path: Path, *, first_block_only: bool = False) -> np.ndarray:
+    """The tensor as a fresh float32 array, shaped outermost first; `first_block_only`: its first block of
+    values alone, 1-D (to learn that its quantisation can be read, cheaply).
+
+    Raises:
+        ValueError: a quantisation `gguf.quants` cannot dequantize, naming the tensor and the fix.
+    """
     import gguf
 
     ggml_type = gguf.GGMLQuantizationType(tensor.ggml_type)
+    data = tensor.data.reshape(-1)[: gguf.GGML_QUANT_SIZES[ggml_type][1]] if first_block_only else tensor.data
     try:
-        values = gguf.quants.dequantize(tensor.data, ggml_type)
+        values = gguf.quants.dequantize(data, ggml_type)
     except NotImplementedError as err:
         raise ValueError(
             f"{path}: tensor {tensor.name!r} is stored as {ggml_type.name}, which gguf "
@@ -208,7 +270,8 @@ def _dequantize(tensor: TensorEntry, path: Path) -> np.ndarray:
             "quantization gguf dequantizes (Q8_0, Q4_K, ...), or load its Hugging Face directory"
         ) from err
     # a fresh float32 array: F32 tensors come back as read-only views of the memory-mapped file
-    return np.array(values, dtype=np.float32).reshape(tensor.shape)
+    values = np.array(values, dtype=np.float32)
+    return values.reshape(-1) if first_block_only else values.reshape(tensor.shape)
 
 
 def _hf_config(meta: _Metadata, arch: str, shapes: dict[str, tuple[int, ...]], path: Path) -> dict[str, Any]:
@@ -319,32 +382,19 @@ def _rope_scaling(meta: _Metadata, arch: str, path: Path) -> dict[str, Any] | No
     return {"rope_type": "linear", "factor": _decimal(factor)}
 
 
-def _undo_rope_permutation(tensors: dict[str, np.ndarray], config: dict[str, Any]) -> None:
-    """Invert llama.cpp's q/k row permutation, in place.
+def _half_rotation_order(w: np.ndarray, heads: int, head_dim: int) -> np.ndarray:
+    """A llama q / k weight [heads * head_dim, in] or bias [heads * head_dim] in Hugging Face row order:
+    the inverse of llama.cpp's converter's row permutation.
 
     Within each head llama.cpp stores row 2i + j (j in {0, 1}) where Hugging Face has row i + j * head_dim/2;
     viewing a head's rows as [j, i] in Hugging Face order and [i, j] in GGUF order, the inverse is a
     transpose.
     """
-    head_dim = config["head_dim"]
-    for layer in range(config["num_hidden_layers"]):
-        for proj, heads in (
-            ("q_proj", config["num_attention_heads"]),
-            ("k_proj", config["num_key_value_heads"]),
-        ):
-            for kind in ("weight", "bias"):
-                name = f"model.layers.{layer}.self_attn.{proj}.{kind}"
-                if name not in tensors:
-                    continue
-                w = tensors[name]  # [heads * head_dim, ...]
-                rest = w.shape[1:]
-                per_head = w.reshape(heads, head_dim // 2, 2, *rest)  # GGUF order [h, i, j, ...]
-                tensors[name] = np.ascontiguousarray(per_head.swapaxes(1, 2)).reshape(
-                    w.shape
-                )  # [h, j, i, ...]
+    per_head = w.reshape(heads, head_dim // 2, 2, *w.shape[1:])  # GGUF order [h, i, j, ...]
+    return np.ascontiguousarray(per_head.swapaxes(1, 2)).reshape(w.shape)  # [h, j, i, ...]
 
 
-def _check_shapes(tensors: dict[str, np.ndarray], config: dict[str, Any], path: Path) -> None:
+def _check_shapes(shapes: dict[str, tuple[int, ...]], config: dict[str, Any], path: Path) -> None:
     d, f, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
     q, kv = (
         config["num_attention_heads"] * config["head_dim"],
@@ -374,13 +424,13 @@ def _check_shapes(tensors: dict[str, np.ndarray], config: dict[str, Any], path: 
     }
     for layer in range(config["num_hidden_layers"]):
         expected.update({f"model.layers.{layer}.{k}": s for k, s in per_layer.items()})
-    for name, array in tensors.items():
+    for name, shape in shapes.items():
         if name not in expected:
             raise ValueError(
                 f"{path}: tensor {name} is outside the {config['num_hidden_layers']} layers the metadata "
                 f"declares"
             )
-        if array.shape != expected[name]:
+        if shape != expected[name]:
             raise ValueError(
-                f"{path}: tensor {name} has shape {array.shape}, the metadata implies {expected[name]}"
+                f"{path}: tensor {name} has shape {shape}, the metadata implies {expected[name]}"
             )

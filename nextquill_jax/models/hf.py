@@ -29,6 +29,7 @@ from ..json_object import read_json_object
 from ..parallel import DEFAULT_RULES, LogicalRules, logical_to_sharding
 from .causal_lm import CausalLM
 from .config import ModelConfig
+from .gguf import GGUFTensors, read_gguf
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -213,7 +214,10 @@ def _open_weights(file: Path) -> Any:
 
 
 def _shape(tensors: Mapping[str, Any], name: str) -> tuple[int, ...]:
-    return tensors.shape(name) if isinstance(tensors, SafetensorsTensors) else tuple(np.shape(tensors[name]))
+    """From the file's header where the mapping reads one (a tensor is not read for it), else the array's."""
+    if isinstance(tensors, SafetensorsTensors | GGUFTensors):
+        return tensors.shape(name)
+    return tuple(np.shape(tensors[name]))
 
 
 def model_from_hf(
@@ -351,7 +355,7 @@ def _cast(source: np.ndarray, dtype: Any, name: str) -> np.ndarray:
             f"(a quantized or damaged checkpoint?). Fix: {_COPY_AGAIN}, in float32, bfloat16 or float16"
         )
     with np.errstate(over="ignore"):  # an overflow is reported below, naming the tensor
-        value = source.astype(dtype)
+        value = source.astype(dtype, copy=False)  # the same dtype: no copy (the caller copies to the device)
     if jnp.finfo(dtype).max < jnp.finfo(source.dtype).max:
         overflow = np.isfinite(source) & ~np.isfinite(value)
         if overflow.any():
@@ -413,7 +417,6 @@ def load_pretrained(
         hf_config = read_json_object(config_file, _COPY_AGAIN)
         tensors: Mapping[str, Any] = SafetensorsTensors(path)
     else:
-        from .gguf import read_gguf
         from .packaged import packaged_model_names, packaged_model_path
 
         gguf_path = (

@@ -2,10 +2,11 @@
 `RESULT {json}`.
 
     models_sharded.py load CHECKPOINT
-        The checkpoint loaded with and without the mesh: per parameter ("/"-joined path) its mesh's (axis,
-        size) pairs, sharding spec, set of shard shapes and whether it equals the unsharded parameter;
-        "maxdiff": the largest difference between the sharded and unsharded forward's logits on packed and
-        padded rows.
+        The checkpoint (a Hugging Face directory or a GGUF file) loaded with and without the mesh: per
+        parameter ("/"-joined path) its mesh's (axis, size) pairs, sharding spec, set of shard shapes and
+        whether it equals the unsharded parameter; "maxdiff": the largest difference between the sharded and
+        unsharded forward's logits on packed and padded rows; "gguf_reads": how many times the sharded load
+        dequantized each GGUF tensor whole (empty for a directory).
     models_sharded.py splash
         Splash attention (Pallas, interpret mode) under the mesh against the XLA attention: "maxdiff".
     models_sharded.py cudnn_packed
@@ -29,6 +30,7 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
 import json
 
@@ -39,7 +41,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from nextquill_jax.models import load_pretrained
+from nextquill_jax.models import gguf, load_pretrained
 from nextquill_jax.models.attention import attention_mask, self_attention, splash_attention, xla_attention
 from nextquill_jax.models.blockwise_attention import blockwise_attention
 
@@ -52,7 +54,16 @@ def make_mesh():
 def load(checkpoint: str) -> dict:
     mesh = make_mesh()
     single = load_pretrained(checkpoint)
+    gguf_reads = collections.Counter()
+    dequantize = gguf._dequantize
+
+    def counted(tensor, path, *, first_block_only=False):
+        gguf_reads[tensor.name] += not first_block_only
+        return dequantize(tensor, path, first_block_only=first_block_only)
+
+    gguf._dequantize = counted
     sharded = load_pretrained(checkpoint, mesh=mesh)
+    gguf._dequantize = dequantize
     params = {path: v.get_value() for path, v in nnx.to_flat_state(nnx.state(sharded, nnx.Param))}
     single_params = dict(nnx.to_flat_state(nnx.state(single, nnx.Param)))
     report = {
@@ -80,7 +91,7 @@ def load(checkpoint: str) -> dict:
     ref = run(single)
     with jax.set_mesh(mesh):
         got = run(sharded)
-    return {"params": report, "maxdiff": float(np.abs(got - ref).max())}
+    return {"params": report, "maxdiff": float(np.abs(got - ref).max()), "gguf_reads": gguf_reads}
 
 
 def splash() -> dict:
