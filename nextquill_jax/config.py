@@ -422,9 +422,10 @@ class TrainConfig:
             with checkpoints resumes, and is refused when its config differs from theirs in a key that
             changes what is trained (all but those `train.resume.MAY_CHANGE` lists: logging, eval cadence,
             checkpoint, mesh, workdir, data_dir, memory-only settings, the non-finite policy; and
-            `data.sources` / `data.meta` where they name the record files moved, as the data's preparation
-            finds them). config.yaml records the workdir the run used, absolute. A local path: mount an object
-            store (gs://...) and give the mount.
+            `data.sources` / `data.meta` / `data.template` / `data.tokenizer` where they name the data's
+            input files moved, the same content, as the data's preparation finds them). config.yaml
+            records the workdir the run used, absolute. A local path: mount an object store (gs://...) and
+            give the mount.
         `data_dir`: the prepared (tokenised) data; null means `<workdir>/prepared`. With `data.sources` set
             (or the `synthetic` format) the `data` section is prepared into it, or reused while its
             fingerprint matches; data prepared otherwise is refused, not replaced, in a directory named here

@@ -64,7 +64,7 @@ from nextquill_jax.config import Config, config_to_dict, load_config, save_confi
 from nextquill_jax.config_paths import absolute_paths, absolute_value
 from nextquill_jax.config_schema import ConfigError, apply_override, build, key_lines, read_yaml, with_line
 from nextquill_jax.train.resume import (
-    DATA_FILES,
+    DATA_INPUTS,
     config_changes,
     covered,
     listed_changes,
@@ -498,16 +498,17 @@ def trained_differently(record: Mapping[str, Any], training: list[Change]) -> li
 
 
 def _moved_data_hint(training: list[Change], elsewhere: str | None = None) -> str:
-    """Where `training` changes include `train.data_dir` or the record files (`resume.DATA_FILES`): why the
-    data's path differing refuses the run, and the fix, for a run of this comparison (a moved or copied
-    one?) or, `elsewhere` (the variant's name), of the variant's `trained_in` run."""
+    """Where `training` changes include `train.data_dir` or the data's input files (`resume.DATA_INPUTS`):
+    why the data's path differing refuses the run, and the fix, for a run of this comparison (a moved or
+    copied one?) or, `elsewhere` (the variant's name), of the variant's `trained_in` run."""
     # Unlike `train`, which compares the data's content digests, a run's record holds its data's path.
     trained_on = [was for key, was, _ in training if key == "train.data_dir"]
     if not trained_on:
-        if any(covered(key, DATA_FILES) for key, _, _ in training):
+        if any(covered(key, DATA_INPUTS) for key, _, _ in training):
             return (
-                " (moved record files? compare_done.json records their paths, not their content: to reuse "
-                "the runs, put the files back, or a symbolic link to their new place at each old path)"
+                " (moved record files, template or tokenizer? compare_done.json records their paths, not "
+                "their content: to reuse the runs, put the files back, or a symbolic link to their new place "
+                "at each old path)"
             )
         return ""
     why = "compare_done.json records the prepared data's path, not its content"
@@ -617,8 +618,8 @@ def check_interrupted_run(comparison: Comparison, name: str, seed: int, cfg: Con
     holds checkpoints of an unfinished run (no compare_done.json with settings) saved under another config:
     the check `train` makes when it resumes (`resume.check_resumable`, against the config.yaml the run
     saved), made before any run starts. `model.cudnn_max_segments: auto` is left to `train`, which resolves
-    it from the data, and so are the record files' paths (`resume.DATA_FILES`), which `train` accepts where
-    it finds the same files moved there.
+    it from the data, and so are the paths of the data's input files (`resume.DATA_INPUTS`), which `train`
+    accepts where it finds the same files moved there.
 
     Raises:
         ConfigError: naming the run, each differing key (the saved run's value first) and compare's fix.
@@ -634,9 +635,9 @@ def check_interrupted_run(comparison: Comparison, name: str, seed: int, cfg: Con
     if not any(p.name.isdigit() for p in checkpoints.iterdir()):
         return
     auto = lambda key: key == "model.cudnn_max_segments" and cfg.model.cudnn_max_segments == "auto"
-    # The record files' paths too: `train` resumes with files that moved, as it prepares their data
+    # The data's input files too: `train` resumes with files that moved, as it prepares their data
     # (`resume.check_resumable`'s `data_reused`), and refuses others there.
-    left_to_train = lambda key: may_change(key) or auto(key) or covered(key, DATA_FILES)
+    left_to_train = lambda key: may_change(key) or auto(key) or covered(key, DATA_INPUTS)
     changes = config_changes(normalised(read_yaml(saved)), config_to_dict(cfg), ignore=left_to_train)
     if changes:
         raise ConfigError(

@@ -34,8 +34,8 @@ from nextquill_jax.train.workdir import CHECKPOINT_DIR, CONFIG_FILE
 # Dotted keys (a section or a field; a key covers everything below it) that a resume may change, because they
 # do not change what is trained: where and how often the run logs, evaluates and saves, how it is laid out on
 # the devices, and where it is. Paths that name content (`model.path`, `data.sources`,
-# `loss.reference_model`, ...) are not here: a new path may hold another model or data (the record files
-# may name where they moved to: `check_resumable`'s `data_reused`).
+# `loss.reference_model`, ...) are not here: a new path may hold another model or data (the data's input
+# files may name where they moved to: `check_resumable`'s `data_reused`).
 MAY_CHANGE = (
     "logging",  # metrics rows, TensorBoard, progress bar, health warnings, profiling
     "eval.every_steps",  # how often and how much of the split is validated, and the decoding of `evaluate`
@@ -151,33 +151,36 @@ def normalised(recorded: Mapping[str, Any]) -> Mapping[str, Any]:
         return recorded
 
 
-# The `data` keys naming the record files a run's data is prepared from.
-DATA_FILES = ("data.sources", "data.meta")
+# The `data` keys naming the files a run's data is prepared from, whose content the prepared data's
+# fingerprint holds (`data.prepare`): the record files, the template and the tokenizer.
+DATA_INPUTS = ("data.sources", "data.meta", "data.template", "data.tokenizer")
 
 
 def check_resumable(
     recorded: Mapping[str, Any], cfg: Config, workdir: Path, step: int, *, data_reused: bool = False
 ) -> None:
     """Return if `cfg` (resolved as set-up resolves it) may resume checkpoint `step` of `workdir`, whose saved
-    config is `recorded`: the two agree on every key outside `MAY_CHANGE`, and outside `DATA_FILES` where
-    `data_reused` (preparing reused the data from the files `cfg` names, the content, names and count it was
-    prepared from, wherever they lie: `train.setup.PreparedData`; the data's content is checked against the
-    checkpoint's apart, `check_same_data`).
+    config is `recorded`: the two agree on every key outside `MAY_CHANGE`, and outside `DATA_INPUTS` where
+    `data_reused` (preparing reused the data from the files `cfg` names: the record files of the content,
+    names and count it was prepared from, a template of the same text and a tokenizer of the same content,
+    wherever they lie: `train.setup.PreparedData`; the data's content is checked against the checkpoint's
+    apart, `check_same_data`).
 
     Raises:
         ConfigError: naming each differing key as `section.key: <checkpoint value> -> <new value>` (the first
             `MAX_LISTED`, then how many more), the workdir and the fix.
     """
-    files = lambda key: data_reused and covered(key, DATA_FILES)
+    files = lambda key: data_reused and covered(key, DATA_INPUTS)
     changes = config_changes(normalised(recorded), config_to_dict(cfg), lambda k: may_change(k) or files(k))
     if not changes:
         return
     raise ConfigError(
         f"workdir {workdir} holds checkpoint {step} of a run with another config, so resuming would train a "
         f"different run on top of it; differing, the checkpoint's value first: {listed_changes(changes)}. "
-        f"A resume may change only {', '.join(MAY_CHANGE)}, and {' / '.join(DATA_FILES)} where they name "
-        f"the files the data was prepared from, moved. Fix: run the same config again (`nextquill-jax "
-        f"train --config {workdir / CONFIG_FILE}` resumes it), or use a new --workdir for the new config."
+        f"A resume may change only {', '.join(MAY_CHANGE)}, and {' / '.join(DATA_INPUTS)} where they name "
+        f"the files the data was prepared from, moved (the same content). Fix: run the same config again "
+        f"(`nextquill-jax train --config {workdir / CONFIG_FILE}` resumes it), or use a new --workdir for "
+        f"the new config."
     )
 
 

@@ -752,9 +752,9 @@ def test_a_finished_run_whose_record_files_moved_is_refused_with_the_way_to_reus
     with pytest.raises(ConfigError) as e:
         finished_changes(comparison, "a", 0, cfg)
     assert (
-        "(moved record files? compare_done.json records their paths, not their content: to reuse the runs, "
-        "put the files back, or a symbolic link to their new place at each old path). Fix: use a new"
-        in str(e.value)
+        "(moved record files, template or tokenizer? compare_done.json records their paths, not their "
+        "content: to reuse the runs, put the files back, or a symbolic link to their new place at each old "
+        "path). Fix: use a new" in str(e.value)
     )
     old.parent.mkdir()
     old.symlink_to(new)

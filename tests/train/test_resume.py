@@ -10,6 +10,7 @@ import json
 import math
 import os
 import shutil
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -447,26 +448,10 @@ def test_a_run_resumes_after_its_record_files_moved_and_only_then_may_name_other
     old, new = tmp_path / "a" / "data", tmp_path / "b" / "data"
     old.mkdir(parents=True)
     _write_records(old / "records.jsonl")
-    raw = tiny_config(None, tmp_path / "run")
-    raw["model"]["overrides"]["vocab_size"] = 704  # the tokenizer has 700 ids
-    raw["data"].update(
-        format="generic",
-        template="plain",
-        sources=[str(old / "records.jsonl")],
-        tokenizer=str(save_tiny_tokenizer(tmp_path / "tok")),
-    )
-    raw["data"]["batching"].update(seq_len_with=160, seq_len_without=96, rows_per_batch=4)
-    raw["train"].update(max_steps=4, data_dir=None)
-    raw["checkpoint"].update(every_steps=2, keep=3, async_save=False)
-    config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump(raw, sort_keys=False))
-    workdir = tmp_path / "run"
-    assert cli.main(["train", "--config", str(config)]) == 0, capsys.readouterr().err
-    shutil.rmtree(workdir / "checkpoints" / "4")  # stopped before its last step
+    workdir = _stopped_generic_run(tmp_path, tiny_config, save_tiny_tokenizer, capsys, old / "records.jsonl")
     new.parent.mkdir()
     old.rename(new)
     resume = lambda *overrides: cli.main(["train", "--config", str(workdir / "config.yaml"), *overrides])
-    capsys.readouterr()
 
     assert resume() == 1
     assert f"data.sources: no file matches '{old / 'records.jsonl'}'" in capsys.readouterr().err
@@ -496,6 +481,53 @@ def test_a_run_resumes_after_its_record_files_moved_and_only_then_may_name_other
     err = capsys.readouterr().err
     assert "of a run with another config" in err and "data.sources: [" in err
     assert (workdir / "config.yaml").read_bytes() == saved
+
+
+def _stopped_generic_run(tmp_path, tiny_config, save_tiny_tokenizer, capsys, records: Path) -> Path:
+    """The workdir of a 4-step run on the generic `records` with the tiny tokenizer saved in tmp_path/tok,
+    its last checkpoint removed (stopped before its last step); capsys is read empty."""
+    raw = tiny_config(None, tmp_path / "run")
+    raw["model"]["overrides"]["vocab_size"] = 704  # the tokenizer has 700 ids
+    raw["data"].update(
+        format="generic",
+        template="plain",
+        sources=[str(records)],
+        tokenizer=str(save_tiny_tokenizer(tmp_path / "tok")),
+    )
+    raw["data"]["batching"].update(seq_len_with=160, seq_len_without=96, rows_per_batch=4)
+    raw["train"].update(max_steps=4, data_dir=None)
+    raw["checkpoint"].update(every_steps=2, keep=3, async_save=False)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    workdir = tmp_path / "run"
+    assert cli.main(["train", "--config", str(config)]) == 0, capsys.readouterr().err
+    shutil.rmtree(workdir / "checkpoints" / "4")
+    capsys.readouterr()
+    return workdir
+
+
+def test_a_run_resumes_after_its_tokenizer_moved_and_not_with_another_tokenizer(
+    tmp_path, tiny_config, save_tiny_tokenizer, capsys
+):
+    """The prepared data's fingerprint holds the tokenizer's content, not its path, so preparing reuses the
+    data from the same tokenizer moved; a resume naming its new place was refused all the same
+    (`data.tokenizer` differed from the checkpoint's). Another tokenizer there is still refused."""
+    from tests.conftest import _write_records
+
+    _write_records(tmp_path / "records.jsonl")
+    workdir = _stopped_generic_run(
+        tmp_path, tiny_config, save_tiny_tokenizer, capsys, tmp_path / "records.jsonl"
+    )
+    (tmp_path / "tok").rename(tmp_path / "moved_tok")
+    resume = lambda *overrides: cli.main(["train", "--config", str(workdir / "config.yaml"), *overrides])
+    assert resume(f"data.tokenizer={tmp_path / 'moved_tok'}") == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "prepared data up to date" in out and "resuming from" in out and "finished at step 4" in out
+
+    shutil.rmtree(workdir / "checkpoints" / "4")
+    save_tiny_tokenizer(tmp_path / "other_tok", vocab_size=690)
+    assert resume(f"data.tokenizer={tmp_path / 'other_tok'}") == 1
+    assert f"{workdir / 'prepared'} was prepared with other settings" in capsys.readouterr().err
 
 
 def test_the_saved_config_records_the_workdir_the_run_used(
