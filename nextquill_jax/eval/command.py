@@ -66,6 +66,12 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         "data was prepared with another",
     )
     parser.add_argument(
+        "--tokenizer",
+        default=None,
+        help="the tokenizer that decodes (default: the run's data.tokenizer, as the checkpoint's config "
+        "names it); name the run's tokenizer where it moved",
+    )
+    parser.add_argument(
         "--split", default="test", choices=SPLITS, help="prepared split to evaluate (default: test)"
     )
     parser.add_argument(
@@ -206,6 +212,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             prompt=args.prompt,
             data_dir=args.data,
+            tokenizer=args.tokenizer,
         )
     except ValueError as e:
         print(error_line(e), file=sys.stderr)

@@ -320,6 +320,7 @@ def evaluate(
     batch_size_setting: str = "--batch-size",
     keep_hint: str | None = KEEP_BOTH,
     data_dir: str | Path | None = None,
+    tokenizer: str | None = None,
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Evaluate checkpoint `step` (default: the newest that verifies) of the run in `workdir`, or `model_path`
@@ -351,8 +352,11 @@ def evaluate(
             of the config the model was saved with, else `<workdir>/prepared`). `compare` passes its file's,
             which `train` has just checked against the checkpoint's data digests: a comparison moved after
             training still evaluates, where the saved config names the old place. Its summary.json names
-            the tokenizer it was prepared with: a note says when that is not the run's `data.tokenizer`,
-            which decodes the texts.
+            the tokenizer it was prepared with: a note says when that is not the one that decodes.
+        tokenizer: what decodes the generations (`evaluate --tokenizer`: a directory, .gguf file or
+            packaged name), recorded in metrics.json; default: the run's `data.tokenizer` (in the config the
+            model was saved with). Name the run's tokenizer where it moved: the model reads every id as its
+            own tokenizer's, so another vocabulary decodes meaningless text.
         echo: progress messages, the warning that the run's `loss.weighting` module has changed since the
             checkpoint was saved (`LoadedModel.weighting_note`), and the note that a checkpoint saved before
             checkpoints recorded their fixed-DCE reference model cannot be checked against it.
@@ -361,7 +365,8 @@ def evaluate(
         FileNotFoundError: no checkpoint / config / prepared split (naming what to run).
         ValueError: a bad argument (a `generation_overrides` field that `GenerationConfig` lacks or a value
             out of range, `generation_overrides` with `generation`, both `step` and `model_path`: before a
-            model is loaded), or prepared files that disagree.
+            model is loaded), prepared files that disagree, or a tokenizer that does not load (the run's
+            `data.tokenizer` gone: the message names `--tokenizer`).
         ConfigError: the run's config cannot be used here (mesh, model source), the split holds a token
             id outside the vocabulary of the model or of its reference model (`model_setup.check_token_ids`),
             or the checkpoint was trained against another fixed-DCE reference model than its
@@ -443,16 +448,28 @@ def evaluate(
 
     # The run's tokenizer decodes, as the model reads every id as its tokenizer's; data prepared with another
     # (`evaluate --data`) gets a note.
+    decoding = cfg.data.tokenizer if tokenizer is None else tokenizer
     prepared_with = (read_summary(data_dir) or {}).get("tokenizer")
-    if prepared_with is not None and _other_tokenizer(prepared_with, cfg.data.tokenizer):
+    if prepared_with is not None and _other_tokenizer(prepared_with, decoding):
+        decoder = f"the run's data with {decoding!r}" if tokenizer is None else f"--tokenizer is {decoding!r}"
         echo(
-            f"note: {data_dir} was prepared with the tokenizer {prepared_with!r}, the run's data with "
-            f"{cfg.data.tokenizer!r}: the model reads these ids as its own tokenizer's, which decodes them "
-            f"(the same vocabulary at another path is fine; another vocabulary gives meaningless results)"
+            f"note: {data_dir} was prepared with the tokenizer {prepared_with!r}, {decoder}: the model reads "
+            f"these ids as its own tokenizer's, which decodes them (the same vocabulary at another path is "
+            f"fine; another vocabulary gives meaningless results)"
         )
-    tokenizer = load_fast_tokenizer(cfg.data.tokenizer)
-    eos = int(tokens.meta.get("eos_token_id", tokenizer.eos_token_id))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    try:
+        decoder_tokenizer = load_fast_tokenizer(
+            decoding, "data.tokenizer" if tokenizer is None else "--tokenizer"
+        )
+    except ValueError as e:
+        if tokenizer is not None:
+            raise
+        raise ValueError(
+            f"{e}; it is the run's tokenizer, in the config {loaded.source} was saved with: where it moved, "
+            f"pass --tokenizer with its new place"
+        ) from None
+    eos = int(tokens.meta.get("eos_token_id", decoder_tokenizer.eos_token_id))
+    pad = decoder_tokenizer.pad_token_id if decoder_tokenizer.pad_token_id is not None else eos
     # The model may end with its own end token (an instruct model's end of text beside its end of turn).
     stop = list(dict.fromkeys([eos, *loaded.model.cfg.eos_token_ids]))
     generating = generation.max_new_tokens > 0
@@ -466,7 +483,7 @@ def evaluate(
             generated = _generate(loaded, prompts, generation, stop, pad, batch_size, mesh, echo)
     scores, lines, stopped = {}, [], {}
     if generating:
-        predictions = [tokenizer.decode(ids, skip_special_tokens=True) for ids in generated]
+        predictions = [decoder_tokenizer.decode(ids, skip_special_tokens=True) for ids in generated]
         scores, lines = _scored(rows, predictions, generated, stream, generation.max_new_tokens)
         stopped = {
             "stopped_at_max_new_tokens": sum(len(ids) == generation.max_new_tokens for ids in generated)
@@ -481,6 +498,7 @@ def evaluate(
         "step": loaded.step,
         "split": split,
         "data": str(data_dir),
+        "tokenizer": decoding,
         "examples": len(rows),
         "prompt": _STREAM_TEXT[stream],
         "generation": dataclasses.asdict(generation),

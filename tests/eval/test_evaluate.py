@@ -354,6 +354,40 @@ def test_data_prepared_with_another_tokenizer_is_noted_and_decoded_with_the_runs
     assert len(notes()) == 1 and "prepared with the tokenizer 'smollm2'" in notes()[0], lines
 
 
+def test_a_run_whose_tokenizer_moved_is_evaluated_naming_its_new_place_with_tokenizer(
+    run, evaluated, tmp_path, capsys
+):
+    """The checkpoint's config names the run's tokenizer; once that path is gone, `evaluate` failed with no
+    way to name where it went. The error now names `--tokenizer`, which decodes as the run's own did: the
+    predictions equal the evaluation before the move, and metrics.json records it."""
+    from nextquill_jax.train.workdir import restore_model
+
+    workdir, _, _ = run
+    _, predictions, saved = evaluated
+    moved = tmp_path / "moved_tok"
+    shutil.copytree(saved["tokenizer"], moved)
+    gone = str(tmp_path / "gone_tok")
+    loaded = restore_model(workdir)  # its config as if the run's tokenizer had been at `gone`
+    config = dataclasses.replace(loaded.config, data=dataclasses.replace(loaded.config.data, tokenizer=gone))
+    loaded = dataclasses.replace(loaded, config=config)
+    at = functools.partial(evaluate, workdir, "test", generation=GEN, loaded=loaded, echo=lambda _: None)
+    with pytest.raises(ValueError) as e:
+        at(out_dir=tmp_path / "refused")
+    assert str(e.value).startswith(f"data.tokenizer: no tokenizer {gone!r}: ")
+    assert str(e.value).endswith(
+        f"; it is the run's tokenizer, in the config {loaded.source} was saved with: where it moved, pass "
+        f"--tokenizer with its new place"
+    )
+    metrics = at(out_dir=tmp_path / "out", tokenizer=str(moved))
+    written = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert written == predictions and metrics["tokenizer"] == str(moved)
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["tokenizer"] == str(moved)
+
+    args = ["evaluate", "--workdir", str(workdir), "--out", str(tmp_path / "cli"), "--max-new-tokens", "6"]
+    assert main([*args, "--tokenizer", str(tmp_path / "nowhere")]) == 1
+    assert f"error: --tokenizer: no tokenizer {str(tmp_path / 'nowhere')!r}: " in capsys.readouterr().err
+
+
 def test_an_evaluation_says_which_earlier_results_it_replaces(run, evaluated, tmp_path):
     workdir, _, _ = run
     _, _, full = evaluated
