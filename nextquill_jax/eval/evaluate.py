@@ -79,6 +79,7 @@ from nextquill_jax.train.setup import (
 from nextquill_jax.train.workdir import (
     LoadedModel,
     data_dir_of,
+    load_run_tokenizer,
     reading_mesh,
     restore_model,
     saved_config,
@@ -444,7 +445,7 @@ def evaluate(
                 echo(note)
         reference = loaded_reference.graphdef, loaded_reference.params
 
-    from nextquill_jax.data.prepare import load_fast_tokenizer, read_summary
+    from nextquill_jax.data.prepare import read_summary
 
     # The run's tokenizer decodes, as the model reads every id as its tokenizer's; data prepared with another
     # (`evaluate --data`) gets a note.
@@ -457,17 +458,7 @@ def evaluate(
             f"these ids as its own tokenizer's, which decodes them (the same vocabulary at another path is "
             f"fine; another vocabulary gives meaningless results)"
         )
-    try:
-        decoder_tokenizer = load_fast_tokenizer(
-            decoding, "data.tokenizer" if tokenizer is None else "--tokenizer"
-        )
-    except ValueError as e:
-        if tokenizer is not None:
-            raise
-        raise ValueError(
-            f"{e}; it is the run's tokenizer, in the config {loaded.source} was saved with: where it moved, "
-            f"pass --tokenizer with its new place"
-        ) from None
+    decoder_tokenizer = load_run_tokenizer(loaded, tokenizer)
     eos = int(tokens.meta.get("eos_token_id", decoder_tokenizer.eos_token_id))
     pad = decoder_tokenizer.pad_token_id if decoder_tokenizer.pad_token_id is not None else eos
     # The model may end with its own end token (an instruct model's end of text beside its end of turn).

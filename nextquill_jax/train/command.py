@@ -153,6 +153,12 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
             "(generation_config.json, special_tokens_map.json, a chat template), is refused"
         ),
     )
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        help="the tokenizer saved with a merged model (default: the run's data.tokenizer, as the "
+        "checkpoint's config names it); name the run's tokenizer where it moved",
+    )
     what = parser.add_mutually_exclusive_group()
     what.add_argument(
         "--merged", action="store_true", help="a Hugging Face model directory (the default; LoRA merged in)"
@@ -170,7 +176,12 @@ def run_export(args: argparse.Namespace) -> int:
     check_output_dir(args.out, "--out")
     try:
         refuse_several_processes("export")
-        step = (export_adapter if args.adapter else export)(args.workdir, args.out, args.step)
+        if args.adapter and args.tokenizer is not None:
+            raise ValueError("--tokenizer: --adapter writes the adapters alone, no tokenizer; leave it out")
+        if args.adapter:
+            step = export_adapter(args.workdir, args.out, args.step)
+        else:
+            step = export(args.workdir, args.out, args.step, tokenizer=args.tokenizer)
     except ValueError as e:
         print(error_line(e), file=sys.stderr)
         return 1

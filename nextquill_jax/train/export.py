@@ -18,13 +18,14 @@ from pathlib import Path
 
 from nextquill_jax.config import LoraConfig, ModelRunConfig
 from nextquill_jax.config_schema import ConfigError
-from nextquill_jax.models import load_tokenizer, save_pretrained
+from nextquill_jax.models import save_pretrained
 from nextquill_jax.models.hf import refuse_stale_files
 from nextquill_jax.models.packaged import packaged_model_names
 from nextquill_jax.models.peft import write_peft_adapter
 from nextquill_jax.train import adapters, model_setup
 from nextquill_jax.train.workdir import (
     data_dir_of,
+    load_run_tokenizer,
     merged_model,
     restore_model,
     restore_params,
@@ -33,10 +34,16 @@ from nextquill_jax.train.workdir import (
 
 
 def export(
-    workdir: str | Path, out: str | Path, step: int | None = None, echo: Callable[[str], None] = print
+    workdir: str | Path,
+    out: str | Path,
+    step: int | None = None,
+    echo: Callable[[str], None] = print,
+    *,
+    tokenizer: str | None = None,
 ) -> int:
     """Export checkpoint `step` (default: the newest that verifies) of the run in `workdir` to `out`; returns
-    the step exported.
+    the step exported. The tokenizer saved beside it is `tokenizer` (`export --tokenizer`: the run's where it
+    moved), by default the run's `data.tokenizer`.
 
     config.json's `eos_token_id` also lists the token the run's targets end in (its prepared data's
     `eos_token_id`, the tokenizer's end token) when the model's own end tokens lack it, with a note `echo`ed:
@@ -49,6 +56,8 @@ def export(
         FileExistsError: `out` already holds weight files or a file transformers reads over the export's
             (`refuse_stale_files`).
         FileNotFoundError: no checkpoint directory, no complete checkpoint, or no checkpoint at `step`.
+        ValueError: the tokenizer does not load (the run's `data.tokenizer` gone: the message names
+            `--tokenizer`); nothing is written then.
     """
     refuse_stale_files(out, fix="pass another --out")
     # It writes weights and runs no attention and no loss: no note on reading a cuDNN / splash run with `xla`
@@ -60,7 +69,8 @@ def export(
     eos_token_ids = [*model.cfg.eos_token_ids, ends] if added else None
     # config.json is written with them, before the weights (`save_pretrained`): a stopped export leaves no
     # directory that loads with the model's own end tokens alone.
-    save_pretrained(model, out, tokenizer=load_tokenizer(cfg.data.tokenizer), eos_token_ids=eos_token_ids)
+    saved_tokenizer = load_run_tokenizer(restored, tokenizer)
+    save_pretrained(model, out, tokenizer=saved_tokenizer, eos_token_ids=eos_token_ids)
     if added:
         echo(
             f"note: the run's targets end in token {ends} (its tokenizer's end token), which the model's "

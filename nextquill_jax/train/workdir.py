@@ -103,6 +103,27 @@ def data_dir_of(cfg: Config, workdir: str | Path) -> Path:
     return Path(cfg.train.data_dir).expanduser() if cfg.train.data_dir else Path(workdir) / PREPARED_DIR
 
 
+def load_run_tokenizer(loaded: LoadedModel, given: str | None) -> Any:
+    """The tokenizer of a run's model `loaded`: `given` (a command's `--tokenizer`), else the run's
+    `data.tokenizer` in the config the model was saved with (`data.prepare.load_fast_tokenizer`).
+
+    Raises:
+        ValueError: it does not load, naming the setting; for the run's own, that `--tokenizer` names where
+            it moved.
+    """
+    from nextquill_jax.data.prepare import load_fast_tokenizer
+
+    if given is not None:
+        return load_fast_tokenizer(given, "--tokenizer")
+    try:
+        return load_fast_tokenizer(loaded.config.data.tokenizer)
+    except ValueError as e:
+        raise ValueError(
+            f"{e}; it is the run's tokenizer, in the config {loaded.source} was saved with: where it moved, "
+            f"pass --tokenizer with its new place"
+        ) from None
+
+
 def build_mesh(cfg: Config) -> Mesh:
     """Multi-host start-up (when configured) and the mesh; errors are ConfigErrors naming `mesh.*`."""
     start_distributed(cfg)

@@ -5,6 +5,7 @@ merged kernels)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -53,6 +54,39 @@ def test_the_token_the_targets_end_in_is_an_end_token_of_the_export(trained_run,
         f"[{TINY_EOS_ID}] lacks; {other / 'config.json'} lists [{TINY_EOS_ID}, 2], so that generation stops "
         "where the model learnt to end."
     ]
+
+
+def test_a_run_whose_tokenizer_moved_is_exported_naming_its_new_place_with_tokenizer(
+    trained_run, tmp_path, monkeypatch, capsys
+):
+    """The checkpoint's config names the run's tokenizer; once that path was gone, `export` failed with no
+    way to name where it went. The error now names `--tokenizer`, which writes what the run's own did."""
+    from nextquill_jax.cli import main
+    from nextquill_jax.train import export as export_module
+
+    before = tmp_path / "before"
+    export(trained_run.workdir, before)
+    moved = tmp_path / "moved_tok"
+    shutil.copytree(load_config(trained_run.workdir / "config.yaml").data.tokenizer, moved)
+    gone, restore = str(tmp_path / "gone_tok"), export_module.restore_model
+
+    def restored_with_its_tokenizer_gone(*args, **kwargs):
+        loaded = restore(*args, **kwargs)
+        data = dataclasses.replace(loaded.config.data, tokenizer=gone)
+        return dataclasses.replace(loaded, config=dataclasses.replace(loaded.config, data=data))
+
+    monkeypatch.setattr(export_module, "restore_model", restored_with_its_tokenizer_gone)
+    args = ["export", "--workdir", str(trained_run.workdir)]
+    assert main([*args, "--out", str(tmp_path / "refused")]) == 1
+    err = capsys.readouterr().err
+    assert f"error: data.tokenizer: no tokenizer {gone!r}: " in err
+    assert err.rstrip().endswith("was saved with: where it moved, pass --tokenizer with its new place")
+    assert not list((tmp_path / "refused").glob("*"))
+    assert main([*args, "--out", str(tmp_path / "after"), "--tokenizer", str(moved)]) == 0
+    for name in ("tokenizer.json", "config.json", "model.safetensors"):
+        assert (tmp_path / "after" / name).read_bytes() == (before / name).read_bytes(), name
+    assert main([*args, "--out", str(tmp_path / "adapter"), "--adapter", "--tokenizer", str(moved)]) == 1
+    assert "--tokenizer: --adapter writes the adapters alone, no tokenizer" in capsys.readouterr().err
 
 
 def test_export_names_the_step_it_exported_after_falling_back_from_a_damaged_one(
