@@ -891,8 +891,10 @@ def run_comparison(
         ConfigError: before any run starts, every finished run trained with other training settings than
             the file now gives it (`finished_changes`), every unfinished one whose checkpoints `train` would
             not resume under them (`check_interrupted_run`), every `trained_in` run that cannot stand for its
-            variant (`check_trained_in`) and every variant whose `checkpoint.best_metric` evaluation never
-            reports (`loop.check_best_metric`), one line each; as `run_variant`.
+            variant (`check_trained_in`), every variant whose `checkpoint.best_metric` evaluation never
+            reports (`loop.check_best_metric`) and every variant with a run to do whose `model.path` (or
+            fixed-DCE `loss.reference_model`) names nothing loadable (`setup.check_model_sources`), one line
+            each; as `run_variant`.
         ComparisonStoppedError: SIGTERM or Ctrl-C outside training (module docstring); the stage it arrived
             in is abandoned and not recorded as done.
 
@@ -979,18 +981,26 @@ def _check_eval_batch_size(comparison: Comparison) -> None:
 def _check_runs(comparison: Comparison, runs: list[tuple[str, int]]) -> None:
     """`run_comparison`'s checks of every run before any starts (its Raises: ConfigError)."""
     from nextquill_jax.train.loop import check_best_metric
+    from nextquill_jax.train.setup import check_model_sources
 
-    refused = []
+    refused, sources_checked = [], set()
     for name, seed in runs:  # all of them first: no run is evaluated again only for a later one to refuse
         trains_here = comparison.variants[name].train and comparison.variants[name].trained_in is None
         try:
             cfg = comparison.run_config(name, seed)
             check_trained_in(comparison, name, seed, cfg)
-            if finished_changes(comparison, name, seed, cfg) is None:
+            changes = finished_changes(comparison, name, seed, cfg)
+            if changes is None:
                 check_interrupted_run(comparison, name, seed, cfg)
         except ConfigError as e:
             refused.append(str(e))
             continue
+        if changes != [] and name not in sources_checked:  # it loads its model: to train or evaluate
+            sources_checked.add(name)  # the same for every seed
+            try:  # a path that names nothing would otherwise stop the comparison only when this run starts
+                check_model_sources(cfg)
+            except ConfigError as e:
+                refused.append(f"{comparison.source}: variant {name!r}: {e}")
         if trains_here and seed == comparison.compare.seeds[0]:
             try:  # a misspelt metric would otherwise stop the comparison only when this variant starts
                 check_best_metric(cfg)

@@ -401,6 +401,21 @@ class Reference:
     identity: dict[str, Any]
 
 
+def check_model_sources(cfg: Config) -> None:
+    """Check, from the file system alone (nothing is loaded, no device is touched), that `model.path` and a
+    `loss.reference_model` that `dce: fixed` reads name something loadable (`model_setup.check_model_source`).
+    The reference is loaded once the data is prepared, and `compare` runs its variants one after another:
+    a path that names nothing would only fail then.
+
+    Raises:
+        ConfigError: naming the setting, the path and the fix.
+    """
+    model_setup.check_model_source(cfg.model)
+    reference = cfg.loss.reference_model
+    if cfg.loss.dce == "fixed" and reference not in (None, "base") and not is_workdir(reference):
+        model_setup.check_model_source(ModelRunConfig(path=reference), key="loss.reference_model")
+
+
 def load_reference(cfg: Config, mesh: Mesh, base: tuple[Any, dict] | None = None) -> Reference | None:
     """The frozen `loss.reference_model` for `dce: fixed`, or None when not set.
 
@@ -621,11 +636,8 @@ def set_up_run(
             (`PreparedSplit`, `BatchPipeline`).
     """
     mesh = build_mesh(cfg)
-    model_setup.check_model_source(cfg.model)
+    check_model_sources(cfg)
     reference = cfg.loss.reference_model
-    if cfg.loss.dce == "fixed" and reference not in (None, "base") and not is_workdir(reference):
-        # Loaded once the data is prepared: a path that names nothing would only fail then.
-        model_setup.check_model_source(ModelRunConfig(path=reference), key="loss.reference_model")
     if reference is not None and cfg.loss.dce != "fixed":
         # Not refused: a compare file's base may set it for its fixed-DCE variants alone.
         if cfg.loss.loss_config().uses_target_weights:

@@ -1126,6 +1126,35 @@ def test_a_misspelt_best_metric_of_any_variant_is_refused_before_the_first_run_s
     assert started == [] and not (tmp_path / "out").exists()
 
 
+def test_a_model_path_of_any_variant_that_names_nothing_is_refused_before_the_first_run_starts(
+    tmp_path, tiny_config, monkeypatch
+):
+    """A variant whose `model.path` (or fixed-DCE `loss.reference_model`) names nothing failed only when its
+    run started, after every variant before it had trained; each is now named before any run starts, once
+    per variant whatever the seeds."""
+    base = tiny_config(tmp_path / "data", tmp_path / "unused_run")
+    file = tmp_path / "c.yaml"
+    missing, reference = tmp_path / "no_model", tmp_path / "no_reference"
+    variants = {
+        "a": {},
+        "b": {"overrides": [f"model.path={missing}", "model.preset=null"]},
+        "c": {"overrides": ["loss.variant=dce", "loss.dce=fixed", f"loss.reference_model={reference}"]},
+    }
+    compare = {"out": str(tmp_path / "out"), "baseline": "a", "seeds": [0, 1]}
+    file.write_text(yaml.safe_dump({"compare": compare, "variants": variants, "base": base}))
+    started = []
+    monkeypatch.setattr(loop, "train", lambda cfg, workdir, *, echo: started.append(workdir))
+    with pytest.raises(ConfigError) as e:
+        run_comparison(load_comparison(file), echo=lambda _: None)
+    lines = str(e.value).splitlines()
+    assert len(lines) == 2, lines
+    assert lines[0].startswith(f"{file}: variant 'b': model.path {str(missing)!r} does not exist"), lines
+    assert lines[1].startswith(
+        f"{file}: variant 'c': loss.reference_model {str(reference)!r} does not exist"
+    ), lines
+    assert started == [] and not (tmp_path / "out").exists()
+
+
 def test_an_eval_batch_size_the_mesh_does_not_split_is_refused_before_the_first_run_starts(
     tmp_path, tiny_config, monkeypatch
 ):
