@@ -120,7 +120,10 @@ def test_fresh_adapters_leave_the_model_unchanged_and_follow_peft_init():
     for module, kernels in weights["layers"].items():
         for name, pair in kernels.items():
             bound = 1 / math.sqrt(math.prod(pair["a"].shape[1:-1]))
-            assert float(jnp.abs(pair["a"]).max()) <= bound and float(jnp.abs(pair["a"]).max()) > bound / 2
+            a = np.asarray(pair["a"], np.float64)
+            # U(-bound, bound): both ends reached, mean 0 within 5 sigma (sigma = bound / sqrt(3 n))
+            assert a.max() <= bound and a.max() > bound / 2 and a.min() >= -bound and a.min() < -bound / 2
+            assert abs(a.mean()) < 5 * bound / math.sqrt(3 * a.size), (module, name)
             assert not np.any(np.asarray(pair["b"])), (module, name)
     np.testing.assert_array_equal(hidden(model, lora.Adapters(weights, 2.0)), hidden(model))
 
@@ -169,6 +172,24 @@ def test_dropout_keeps_each_input_scaled_by_one_over_the_keep_probability():
     counts = got * 0.75
     np.testing.assert_allclose(counts, np.round(counts), atol=1e-4)
     assert counts.min() > 0 and counts.max() <= 32 and np.unique(np.round(counts)).size > 1
+    # p is the probability of dropping, as torch's: 3/4 of the inputs are kept (binomial, within 5 sigma).
+    wide = np.asarray(layer.apply("attn", "q_proj", jnp.ones((16, 64, 32), jnp.float32)), np.float64)
+    kept = wide[..., 0, 0] * 0.75 / 32  # [16, 64]: the fraction of each position's 32 inputs kept
+    assert abs(kept.mean() - 0.75) < 5 * math.sqrt(0.75 * 0.25 / (kept.size * 32)), kept.mean()
+
+
+def test_dropout_draws_its_own_mask_for_each_kernel_and_layer():
+    """As PEFT's one `Dropout` module per adapted kernel: the q and v projections of a layer, and the same
+    projection in two layers, drop different inputs of the same x."""
+    ones = lambda: {"a": jnp.ones((32, 1)), "b": jnp.ones((1, 4, 8))}
+    weights = {"attn": {"q_proj": ones(), "v_proj": ones()}}
+    x = jnp.ones((2, 8, 32), jnp.float32)
+    _, keys = lora.layer_slices(lora.Adapters({"layers": weights}, 1.0, 0.5, jax.random.PRNGKey(0)), 2)
+    kept = lambda layer, name: np.asarray(
+        lora.LayerAdapters(weights, 1.0, 0.5, keys[layer]).apply("attn", name, x)
+    )[..., 0, 0]  # [2, 8]: inputs kept, times 2
+    assert not np.array_equal(kept(0, "q_proj"), kept(0, "v_proj"))
+    assert not np.array_equal(kept(0, "q_proj"), kept(1, "q_proj"))
 
 
 def test_dropout_is_keyed_and_off_without_a_key():
