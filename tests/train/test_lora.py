@@ -242,6 +242,42 @@ def test_export_adapter_and_init_from_round_trip(runs, tmp_path):
         )  # fmt: skip
 
 
+def test_fresh_adapters_are_drawn_from_the_runs_seed(runs):
+    """`train.seed` draws a fresh run's A (B = 0): two seeds give two starts."""
+    cfg = load_config(runs["root"] / "A.yaml")
+    assert cfg.model.lora.init_from is None
+    model_cfg = model_setup.model_config(adapters.base_section(cfg.model))
+    mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.local_devices()[:1])
+    abstract, shardings = adapters.adapter_layout(cfg.model.lora, model_cfg, mesh)
+    start = lambda seed: jax.tree.leaves(
+        adapters.initial_adapters(cfg.model.lora, model_cfg, abstract, shardings, seed=seed)
+    )
+    a0, a1 = start(0)[0], start(1)[0]  # the first kernel's A
+    assert np.any(np.asarray(a0)) and not np.array_equal(np.asarray(a0), np.asarray(a1))
+    np.testing.assert_array_equal(np.asarray(start(1)[0]), np.asarray(a1))
+
+
+def test_a_lora_checkpoint_on_an_nf4_base_restores_its_float32_adapters_unrounded(
+    tmp_path, write_random_data, tiny_config, read_state
+):
+    """The adapters train in `model.param_dtype` (float32) whatever the base is stored as; a restore laid
+    out as the base (bfloat16 beside nf4) rounds them as it reads, so evaluate, effects and export would
+    read other adapters than the run trained. `restore_params` gives the checkpoint's arrays bit for bit."""
+    data = write_random_data(tmp_path / "data", train=16, val=0)
+    raw = tiny_config(data, tmp_path / "run", optim={"warmup_steps": 0}, train={"max_steps": 1})
+    raw["model"]["lora"] = {"rank": 4, "targets": ["attn/q_proj", "mlp/down"], "base_dtype": "nf4"}
+    cfg = load_config(None, base=raw)
+    assert loop.train(cfg, tmp_path / "run", echo=lambda _: None).status == "finished"
+    saved = jax.tree.leaves(read_state(tmp_path / "run" / "checkpoints" / "1")["params"])
+    restored = jax.tree.leaves(restore_params(tmp_path / "run").params)
+    assert len(saved) == len(restored) == 4  # A and B of two kernels
+    for want, got in zip(saved, restored, strict=True):
+        assert np.asarray(got).dtype == want.dtype == np.float32
+        np.testing.assert_array_equal(np.asarray(got), want)
+    rounded = lambda x: np.asarray(jnp.asarray(x, jnp.bfloat16), np.float32)
+    assert all(np.any(rounded(x) != x) for x in saved)  # every one would change, B trained too
+
+
 # ------------------------------------------------------------------------------------------------------------
 # The step, in this process.
 
