@@ -255,3 +255,9 @@ def test_an_adapter_for_another_base_is_refused_naming_the_tensor_or_the_layers(
     (plain / "x").replace(plain / "adapter_model.safetensors")
     with pytest.raises(ValueError, match=r"no q_proj lora_A and lora_B for layers \[1\] of the base's 2"):
         read(plain)
+    # One matrix of the pair gone: named as the pair is, not a KeyError when the tensors are read.
+    b_only = ".layers.0.self_attn.q_proj.lora_B."
+    save_file({k: v for k, v in tensors.items() if b_only not in k}, plain / "x")
+    (plain / "x").replace(plain / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=r"no q_proj lora_A and lora_B for layers \[0\] of the base's 2"):
+        read(plain)
