@@ -10,6 +10,7 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -148,6 +149,91 @@ def test_amazon2023_user_review_bounds_are_inclusive_as_the_reference_states_the
             _reference_as_dpl(out, items), key=_key
         )
         assert len({r.user_id for r in records}) == kept, (low, high)
+
+
+# Thresholds the random files below sit on: lengths one under, at and one over each bound.
+EDGE_T = dict(
+    min_desc=20, max_desc=40, min_text=30, min_item_users=3, min_user_reviews=5, max_user_reviews=9,
+    targets=3, min_profile_item_users=2, min_profile_reviews=3,
+)  # fmt: skip
+# The reference's names of the `DataConfig.dpl_*` settings that differ from them.
+DPL_NAMES = {
+    "min_desc": "min_description_chars", "max_desc": "max_description_chars", "min_text": "min_review_chars",
+    "targets": "num_targets",
+}  # fmt: skip
+
+
+def _edge_rows(seed: int) -> tuple[list[dict], list[dict]]:
+    """Raw review and metadata rows on `EDGE_T`'s bounds. Random users over random items: descriptions of
+    19-21 and 39-41 characters (some behind the "Product Description" marker), texts of 29-31, a user's
+    second review of an item, a text repeated with its spaces doubled or not. Beside them, users placed on
+    the bounds: one with `max_user_reviews` reviews; one with a review more, whose texts are that many only
+    when two that differ in whitespace alone count as two (the raw texts, as the protocol counts them); an
+    item three users review (`min_item_users`) and one that two users review three times, each the oldest
+    review of its users (so in their profiles). Timestamps are distinct."""
+    rng = np.random.default_rng(seed)
+    text_of = lambda n: "".join(rng.choice(list("abcdefgh ")) for _ in range(n - 2)).join("xy")  # n chars
+    anchors, rare = 10, [16, 17]  # items 0-9 and the rare ones have valid descriptions
+    metas = []
+    for i in range(18):
+        size = 30 if i < anchors or i in rare else int(rng.choice([19, 20, 21, 30, 39, 40, 41]))
+        parts = [text_of(size)] if i % 5 else ["Product Description", text_of(size)]
+        meta = {"main_category": "Books", "title": f"Item {i}", "description": parts, "rating_number": 3}
+        metas.append(meta | {"categories": ["Books"], "parent_asin": f"B{i:09d}"})
+    asin = lambda i: f"B{i:09d}"
+    reviews, stamp = [], 1_500_000_000_000
+
+    def write(user: str, items: list[int], texts: list[str] | None = None) -> None:
+        nonlocal stamp
+        for k, item in enumerate(items):
+            stamp += int(rng.integers(1, 10**6))
+            text = text_of(30) if texts is None else texts[k]
+            row = {"rating": float(rng.integers(1, 6)), "title": f"{user}-{k}", "text": text}
+            reviews.append(row | {"asin": asin(item), "parent_asin": asin(item), "user_id": user})
+            reviews[-1]["timestamp"] = stamp
+
+    popularity = rng.dirichlet(np.full(16, 2.0))
+    for u in range(60):
+        items, texts = [], []
+        for _ in range(int(rng.integers(7, 17))):
+            item = int(rng.choice(16, p=popularity))
+            if items and rng.random() < 0.12:  # a second review of an item reviewed before
+                item = items[int(rng.integers(len(items)))]
+            text = text_of(int(rng.choice([29, 30, 31, 40, 40])))
+            if texts and rng.random() < 0.15:  # an earlier text again, its spaces doubled or not
+                earlier = texts[int(rng.integers(len(texts)))]
+                text = earlier.replace(" ", "  ", 1) if rng.random() < 0.5 else earlier
+            items.append(item)
+            texts.append(text)
+        write(f"U{u}", items, texts)
+    write("E_max", list(range(9)))
+    texts = [text_of(30).replace("y", " y") for _ in range(9)]  # each has a space to double
+    write("E_spaces", list(range(10)), [*texts, texts[3].replace(" ", "  ", 1)])
+    for user in ("E_r1a", "E_r1b", "E_r1c"):
+        write(user, [16, *range(1, 8)])
+    write("E_r2a", [17, 17, *range(2, 9)])
+    write("E_r2b", [17, *range(2, 9)])
+    return reviews, metas
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_amazon2023_on_its_bounds_matches_the_reference_protocol(tmp_path, seed):
+    """Random files on every bound of the protocol (`_edge_rows`) against `reference_dpl`: an inclusive
+    bound read as exclusive, a user count of rows rather than of users, a filter run once rather than to a
+    fixed point, a repeat told by its collapsed text too early, each changes who and what is kept."""
+    reviews, metas = _edge_rows(seed)
+    for name, rows in (("Books.jsonl", reviews), ("meta_Books.jsonl", metas)):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    thresholds = {f"dpl_{DPL_NAMES.get(key, key)}": value for key, value in EDGE_T.items()}
+    records, _ = _read(_amazon_cfg(thresholds, tmp_path, tmp_path))
+    out, items = reference_dpl(reviews, metas, EDGE_T)
+    reference = sorted(_reference_as_dpl(out, items), key=_key)
+    assert len(reference) >= 30  # ten users or more: the bounds decide something
+    users = {row["user_id"] for row in out["test"]}  # the placed users fall as placed
+    assert {"E_max", "E_r1a", "E_r2a"} <= users and "E_spaces" not in users, users
+    in_profiles = {review["asin"] for row in out["test"] for review in row["profile"]}
+    assert f"B{16:09d}" in in_profiles and f"B{17:09d}" not in in_profiles
+    assert sorted((_as_dpl(r) for r in records), key=_key) == reference
 
 
 def test_amazon2023_hand_checked_details(small_dpl):
