@@ -487,6 +487,37 @@ def test_dpl_rows_give_the_same_records_as_the_raw_amazon_files(tmp_path, small_
     assert from_parquet[0].source.endswith("test-00000.parquet:1")
 
 
+def test_dpl_rows_with_integer_ratings_and_a_repeated_item_give_the_same_records(tmp_path):
+    """Ratings written as integers (5, as other tools write the published data) print as Python floats (5.0),
+    as the raw Amazon path and the public code's data give them: the prompts are the same text. An item
+    listed twice in the metadata keeps its first row, and the repeat is counted."""
+    dpl_dir = FIXTURES / "dpl"
+    expected, _ = _read(
+        DataConfig(
+            format="dpl",
+            sources=[str(dpl_dir / "Books" / "*.jsonl")],
+            meta=[str(dpl_dir / "meta" / "*.jsonl")],
+        )
+    )
+    as_int = lambda review: {**review, "rating": int(review["rating"])}
+    (tmp_path / "Books").mkdir()
+    for split in ("train", "val", "test"):
+        rows = [
+            {**row, "data": as_int(row["data"]), "profile": [as_int(r) for r in row["profile"]]}
+            for row in _rows(dpl_dir / "Books" / f"{split}.jsonl")
+        ]
+        (tmp_path / "Books" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    metas = _rows(dpl_dir / "meta" / "Books.jsonl")
+    repeat = {**metas[0], "title": "Another Title", "description": "Another description entirely."}
+    (tmp_path / "meta.jsonl").write_text("".join(json.dumps(m) + "\n" for m in [*metas, repeat]))
+    cfg = DataConfig(
+        format="dpl", sources=[str(tmp_path / "Books" / "*.jsonl")], meta=[str(tmp_path / "meta.jsonl")]
+    )
+    records, log = _read(cfg)
+    shown = lambda rs: sorted(json.dumps(_as_dpl(r), sort_keys=True) for r in rs)  # 5 and 5.0 differ here
+    assert shown(records) == shown(expected) and dict(log.dropped) == {"item_duplicate": 1}
+
+
 def test_lamp_topic_writing_and_abstract():
     tw = FIXTURES / "lamp" / "topic_writing"
     cfg = _topic_writing_cfg(tw)
