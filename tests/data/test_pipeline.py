@@ -178,6 +178,33 @@ def test_first_fit_rows_respects_capacity_and_places_everything():
         first_fit_rows(need, order, (10, 40, 20), open_rows=8)
 
 
+def _first_fit_statement(need, order, capacity, open_rows) -> list[list[int]]:
+    """The docstring of `first_fit_rows` in plain Python: each example to the oldest open row it fits; none
+    fitting with `open_rows` open, the oldest is emitted first; then the open rows, oldest first."""
+    open_, done = [], []  # open: [members, free] pairs, oldest first
+    for ex in order:
+        row = next((r for r in open_ if all(f >= n for f, n in zip(r[1], need[ex], strict=True))), None)
+        if row is None:
+            if len(open_) == open_rows:
+                done.append(open_.pop(0)[0])
+            row = [[], list(capacity)]
+            open_.append(row)
+        row[0].append(int(ex))
+        row[1] = [f - n for f, n in zip(row[1], need[ex], strict=True)]
+    return done + [members for members, _ in open_]
+
+
+@pytest.mark.parametrize("open_rows", [1, 3, 8])
+def test_first_fit_rows_places_as_its_statement_says(open_rows):
+    """Row for row and example for example, against `_first_fit_statement` (a valid packing that places an
+    example in the newest row, or emits the newest row, passes the capacity test above)."""
+    rng = np.random.default_rng(open_rows)
+    need = np.stack([rng.integers(1, 50, 400), rng.integers(1, 20, 400), rng.integers(1, 10, 400)], axis=1)
+    order = rng.permutation(400)
+    rows = first_fit_rows(need, order, (100, 40, 20), open_rows=open_rows)
+    assert [row.tolist() for row in rows] == _first_fit_statement(need, order, (100, 40, 20), open_rows)
+
+
 def test_bucket_of_and_bucket_batches_against_their_statements():
     """By hand: an example that exactly fills a bucket belongs to it (capacity is inclusive), one that fits
     none gets -1; leftover partial batches come smallest bucket first, whatever order they were opened in."""
