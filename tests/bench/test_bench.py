@@ -565,7 +565,7 @@ def test_step_flops_is_the_documented_formula_counted_by_hand():
     batch = {
         "with_segment_ids": np.array([[1, 1, 1, 2, 2, 0], [1, 1, 1, 1, 0, 0]]),  # 9 tokens; 6 + 3 + 10 pairs
         "without_segment_ids": np.array([[1, 2, 2, 0], [1, 1, 0, 0]]),  # 5 tokens; 1 + 3 + 3 pairs
-        "labels": np.array([[5, -100, 7], [-100, -100, 9]]),  # 3 targets
+        "labels": np.array([[5, -100, 0], [-100, -100, 9]]),  # 3 targets (token id 0 is one)
     }
     count = flops.step_flops(cfg, batch)
     assert (count.layers, count.attention, count.head) == (

@@ -61,6 +61,21 @@ def test_uncountable_programs_raise():
     with pytest.raises(ValueError, match="is a conditional"):
         dot_costs(compiled(branch, x, True).as_text())
 
+    # A GPU program's matmuls are cuBLAS custom calls, not dots (the form XLA's GPU compiler emits: the
+    # product and a workspace as a tuple); uncounted, they would leave out most of the step's work silently.
+    gemm = (
+        "HloModule m, entry_computation_layout={(f32[8,16]{1,0}, f32[16,16]{1,0})->f32[8,16]{1,0}}\n\n"
+        "ENTRY %main.1 (p0: f32[8,16], p1: f32[16,16]) -> f32[8,16] {\n"
+        "  %p0 = f32[8,16]{1,0} parameter(0)\n"
+        "  %p1 = f32[16,16]{1,0} parameter(1)\n"
+        "  %custom-call.1 = (f32[8,16]{1,0}, s8[4194304]{0}) custom-call(f32[8,16]{1,0} %p0, "
+        'f32[16,16]{1,0} %p1), custom_call_target="__cublas$gemm", backend_config={"alpha_real":1}\n'
+        "  ROOT %get-tuple-element.1 = f32[8,16]{1,0} get-tuple-element(%custom-call.1), index=0\n"
+        "}\n"
+    )
+    with pytest.raises(ValueError, match=r"%custom-call\.1 in %main\.1 is a custom-call whose matmul work"):
+        dot_costs(gemm)
+
 
 def test_the_fused_loss_executes_eight_head_passes_over_balanced_tiles():
     """value+grad of nextquill's fused loss: forward, recompute, dh and dW, each over both streams, on
