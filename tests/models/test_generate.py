@@ -615,6 +615,27 @@ def test_prefill_through_configured_attention_equals_dense_prefill(family_weight
         model.prefill(ids, model.init_cache(len(ids), 511), positions, mask)
 
 
+def test_prefill_into_a_bfloat16_cache_attends_to_the_keys_the_cache_holds(family_weights):
+    """A float32 model may keep its cache in bfloat16 (`init_cache(dtype=)`): every later step reads the
+    prompt's keys and values rounded to it, and so must the prefill's own attention, as the dense path's
+    (`extend`, which reads them back from the cache) does; unrounded, the prompt's logits, the first token
+    generated among them, move by bfloat16 rounding (5.6e-3 to 1.4e-2 of the largest here). Rounded, they
+    agree to 1e-6, or to 2.5e-4 where the two attentions' float32 differences (~1e-6) round a key of a later
+    layer across a bfloat16 step (qwen3 here): the bound is 1e-3."""
+    model = model_from_hf(*family_weights)
+    ids, mask = left_pad(prompts_of([7, 12, 3], seed=4), 16, PAD)
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
+    graphdef, state = nnx.split(model)
+    cache = model.init_cache(len(ids), 20, dtype=jnp.bfloat16)
+    run = lambda method: jax.jit(
+        lambda s, c: getattr(nnx.merge(graphdef, s), method)(ids, c, positions, mask)
+    )
+    (ours, our_cache), (dense, _) = run("prefill")(state, cache), run("extend")(state, cache)
+    assert our_cache.k.dtype == jnp.bfloat16
+    real = mask.astype(bool)
+    assert max_rel_diff(np.asarray(ours)[real], np.asarray(dense)[real]) <= 1e-3
+
+
 # ------------------------------------------------------------------------------------------------------------
 # The processors against transformers' on random logits.
 
