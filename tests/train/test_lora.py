@@ -276,6 +276,9 @@ def test_a_lora_checkpoint_on_an_nf4_base_restores_its_float32_adapters_unrounde
         np.testing.assert_array_equal(np.asarray(got), want)
     rounded = lambda x: np.asarray(jnp.asarray(x, jnp.bfloat16), np.float32)
     assert all(np.any(rounded(x) != x) for x in saved)  # every one would change, B trained too
+    # The base beside them is held in bfloat16 outside its nf4 kernels (half float32's memory), as documented.
+    base = nnx.to_pure_dict(nnx.state(restore_model(tmp_path / "run").model, nnx.Param))
+    assert base["embed"].dtype == base["layers"]["input_norm"]["scale"].dtype == jnp.bfloat16
 
 
 # ------------------------------------------------------------------------------------------------------------
