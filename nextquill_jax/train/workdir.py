@@ -119,8 +119,8 @@ def load_run_tokenizer(loaded: LoadedModel, given: str | None) -> Any:
         return load_fast_tokenizer(loaded.config.data.tokenizer)
     except ValueError as e:
         raise ValueError(
-            f"{e}; it is the run's tokenizer, in the config {loaded.source} was saved with: where it moved, "
-            f"pass --tokenizer with its new place"
+            f"{e}; it is the run's tokenizer (data.tokenizer of the run's config): where it moved, pass "
+            f"--tokenizer with its new place"
         ) from None
 
 

@@ -375,8 +375,8 @@ def test_a_run_whose_tokenizer_moved_is_evaluated_naming_its_new_place_with_toke
         at(out_dir=tmp_path / "refused")
     assert str(e.value).startswith(f"data.tokenizer: no tokenizer {gone!r}: ")
     assert str(e.value).endswith(
-        f"; it is the run's tokenizer, in the config {loaded.source} was saved with: where it moved, pass "
-        f"--tokenizer with its new place"
+        "; it is the run's tokenizer (data.tokenizer of the run's config): where it moved, pass --tokenizer "
+        "with its new place"
     )
     metrics = at(out_dir=tmp_path / "out", tokenizer=str(moved))
     written = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]

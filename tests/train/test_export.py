@@ -80,7 +80,10 @@ def test_a_run_whose_tokenizer_moved_is_exported_naming_its_new_place_with_token
     assert main([*args, "--out", str(tmp_path / "refused")]) == 1
     err = capsys.readouterr().err
     assert f"error: data.tokenizer: no tokenizer {gone!r}: " in err
-    assert err.rstrip().endswith("was saved with: where it moved, pass --tokenizer with its new place")
+    assert err.rstrip().endswith(
+        "; it is the run's tokenizer (data.tokenizer of the run's config): where it moved, pass --tokenizer "
+        "with its new place"
+    )
     assert not list((tmp_path / "refused").glob("*"))
     assert main([*args, "--out", str(tmp_path / "after"), "--tokenizer", str(moved)]) == 0
     for name in ("tokenizer.json", "config.json", "model.safetensors"):
