@@ -119,6 +119,9 @@ class GGUFTensors(Mapping):
             self._recent.popitem(last=False)
         return value
 
+    def __contains__(self, name: object) -> bool:  # Mapping's would read (dequantize) the tensor
+        return name in self._entries
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)
 

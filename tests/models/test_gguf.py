@@ -15,6 +15,7 @@ import transformers
 from nextquill_jax.config import ModelRunConfig
 from nextquill_jax.config_schema import ConfigError
 from nextquill_jax.models import ModelConfig, load_pretrained, load_tokenizer
+from nextquill_jax.models import gguf as gguf_module
 from nextquill_jax.models import packaged as packaged_module
 from nextquill_jax.models.gguf import read_gguf, read_gguf_config, read_gguf_shapes
 from nextquill_jax.models.packaged import packaged_model_path
@@ -590,3 +591,14 @@ def test_a_gguf_model_loads_on_a_mesh_reading_each_tensor_once(tmp_path, tiny_hf
     assert all(param["equals_single"] for param in result["params"].values()), result["params"]
     assert result["maxdiff"] <= 1e-5
     assert len(result["gguf_reads"]) == len(original) and set(result["gguf_reads"].values()) == {1}
+
+
+def test_a_gguf_tensors_names_and_shapes_are_known_without_reading_it(tmp_path, write_tiny_gguf, monkeypatch):
+    """Membership and shapes come from the file's tensor table: a `name in tensors` (which `Mapping` answers
+    by reading the tensor) dequantized it and evicted the load's cache."""
+    path = tmp_path / "llama.gguf"
+    _, original = write_tiny_gguf(path, "llama")
+    _, tensors = read_gguf(path)
+    monkeypatch.setattr(gguf_module, "_dequantize", lambda *a, **k: pytest.fail("a tensor was read"))
+    assert "model.norm.weight" in tensors and "model.norm.bias" not in tensors
+    assert {name: tensors.shape(name) for name in tensors} == {k: v.shape for k, v in original.items()}
