@@ -978,6 +978,21 @@ def _check_eval_batch_size(comparison: Comparison) -> None:
         raise ConfigError("\n".join(refused))
 
 
+def _without_own_reference(cfg: Config, comparison: Comparison) -> Config:
+    """`cfg` without its `loss.reference_model` where that is a path under `compare.out`: the workdir of a run
+    of this comparison, which an earlier variant trains before this one reads it (and which `train` checks
+    then)."""
+    reference = cfg.loss.reference_model
+    out = Path(comparison.compare.out).expanduser().resolve()
+    if (
+        reference is None
+        or reference == "base"
+        or not Path(reference).expanduser().resolve().is_relative_to(out)
+    ):
+        return cfg
+    return dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, reference_model=None))
+
+
 def _check_runs(comparison: Comparison, runs: list[tuple[str, int]]) -> None:
     """`run_comparison`'s checks of every run before any starts (its Raises: ConfigError)."""
     from nextquill_jax.train.loop import check_best_metric
@@ -998,7 +1013,7 @@ def _check_runs(comparison: Comparison, runs: list[tuple[str, int]]) -> None:
         if changes != [] and name not in sources_checked:  # it loads its model: to train or evaluate
             sources_checked.add(name)  # the same for every seed
             try:  # a path that names nothing would otherwise stop the comparison only when this run starts
-                check_model_sources(cfg)
+                check_model_sources(_without_own_reference(cfg, comparison))
             except ConfigError as e:
                 refused.append(f"{comparison.source}: variant {name!r}: {e}")
         if trains_here and seed == comparison.compare.seeds[0]:

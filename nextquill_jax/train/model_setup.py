@@ -65,7 +65,11 @@ def check_model_source(section: ModelRunConfig, key: str = "model.path") -> None
             f" itself). Fix: {fix}, or a .gguf file."
         )
     if packaged_model_path(section.path) is None:
-        preset = "; or use model.preset for a randomly initialised model" if key == "model.path" else ""
+        preset = {
+            "model.path": "; or use model.preset for a randomly initialised model",
+            "loss.reference_model": "; or a training workdir (config.yaml and checkpoints/), or `base` with "
+            "model.lora",
+        }.get(key, "")
         raise ConfigError(
             f"{key} {section.path!r} does not exist{relative_to_cwd(section.path)} and is not a "
             f"packaged model name. Fix: give a Hugging Face model directory, a .gguf file or one of "

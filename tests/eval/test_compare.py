@@ -1131,14 +1131,17 @@ def test_a_model_path_of_any_variant_that_names_nothing_is_refused_before_the_fi
 ):
     """A variant whose `model.path` (or fixed-DCE `loss.reference_model`) names nothing failed only when its
     run started, after every variant before it had trained; each is now named before any run starts, once
-    per variant whatever the seeds."""
+    per variant whatever the seeds. A reference that is a run of the comparison itself, trained before the
+    variant reads it, is no such path."""
     base = tiny_config(tmp_path / "data", tmp_path / "unused_run")
     file = tmp_path / "c.yaml"
     missing, reference = tmp_path / "no_model", tmp_path / "no_reference"
+    fixed = ["loss.variant=dce", "loss.dce=fixed"]
     variants = {
         "a": {},
         "b": {"overrides": [f"model.path={missing}", "model.preset=null"]},
-        "c": {"overrides": ["loss.variant=dce", "loss.dce=fixed", f"loss.reference_model={reference}"]},
+        "c": {"overrides": [*fixed, f"loss.reference_model={reference}"]},
+        "d": {"overrides": [*fixed, f"loss.reference_model={tmp_path / 'out' / 'seed0' / 'a'}"]},
     }
     compare = {"out": str(tmp_path / "out"), "baseline": "a", "seeds": [0, 1]}
     file.write_text(yaml.safe_dump({"compare": compare, "variants": variants, "base": base}))
@@ -1152,6 +1155,9 @@ def test_a_model_path_of_any_variant_that_names_nothing_is_refused_before_the_fi
     assert lines[1].startswith(
         f"{file}: variant 'c': loss.reference_model {str(reference)!r} does not exist"
     ), lines
+    assert lines[1].endswith(
+        "; or a training workdir (config.yaml and checkpoints/), or `base` with model.lora."
+    )
     assert started == [] and not (tmp_path / "out").exists()
 
 
