@@ -185,6 +185,7 @@ def prepare(
         "format": cfg.format,
         "template": template.name,
         "tokenizer": cfg.tokenizer,
+        "tokenizer_sha256": tokenizer_digest(tokenizer),
         "eos_token_id": int(tokenizer.eos_token_id),
         "inputs": inputs,
         **layout,
@@ -207,6 +208,13 @@ def prepare(
     write_text_atomic(out / SUMMARY_FILE, json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
     echo(_describe(out, summary))
     return {**summary, "reused": False}
+
+
+def tokenizer_digest(tokenizer: Any) -> str:
+    """The SHA-256 of a fast tokenizer's whole serialisation (vocabulary, merges, normaliser, added tokens),
+    hex: equal for the same tokenizer wherever it is read from. summary.json records it
+    (`tokenizer_sha256`) beside the name `data.tokenizer` gave."""
+    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
 
 
 def load_fast_tokenizer(name: str, key: str = "data.tokenizer") -> Any:
@@ -327,7 +335,7 @@ def _fingerprint(
     inputs = []
     for path in paths:
         inputs.append({"path": str(path.resolve()), **checksums.describe_file(path)})
-    tok = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
+    tok = tokenizer_digest(tokenizer)
 
     def digest(config: dict[str, Any], files: list[dict]) -> str:
         key = {

@@ -445,20 +445,25 @@ def evaluate(
                 echo(note)
         reference = loaded_reference.graphdef, loaded_reference.params
 
-    from nextquill_jax.data.prepare import read_summary
+    from nextquill_jax.data.prepare import read_summary, tokenizer_digest
 
     # The run's tokenizer decodes, as the model reads every id as its tokenizer's; data prepared with another
-    # (`evaluate --data`) gets a note.
+    # (`evaluate --data`) gets a note: by content where the data's summary records it, else by path.
     decoding = cfg.data.tokenizer if tokenizer is None else tokenizer
-    prepared_with = (read_summary(data_dir) or {}).get("tokenizer")
-    if prepared_with is not None and _other_tokenizer(prepared_with, decoding):
+    decoder_tokenizer = load_run_tokenizer(loaded, tokenizer)
+    summary = read_summary(data_dir) or {}
+    prepared_with, prepared_digest = summary.get("tokenizer"), summary.get("tokenizer_sha256")
+    if prepared_digest is not None:
+        other = prepared_digest != tokenizer_digest(decoder_tokenizer)
+    else:  # data prepared before summaries recorded the digest
+        other = prepared_with is not None and _other_tokenizer(prepared_with, decoding)
+    if other:
         decoder = f"the run's data with {decoding!r}" if tokenizer is None else f"--tokenizer is {decoding!r}"
         echo(
             f"note: {data_dir} was prepared with the tokenizer {prepared_with!r}, {decoder}: the model reads "
             f"these ids as its own tokenizer's, which decodes them (the same vocabulary at another path is "
             f"fine; another vocabulary gives meaningless results)"
         )
-    decoder_tokenizer = load_run_tokenizer(loaded, tokenizer)
     eos = int(tokens.meta.get("eos_token_id", decoder_tokenizer.eos_token_id))
     pad = decoder_tokenizer.pad_token_id if decoder_tokenizer.pad_token_id is not None else eos
     # The model may end with its own end token (an instruct model's end of text beside its end of turn).

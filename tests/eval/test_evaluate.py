@@ -313,45 +313,54 @@ def test_data_that_does_not_hold_the_split_is_refused_before_a_model_is_loaded(
 def test_data_prepared_with_another_tokenizer_is_noted_and_decoded_with_the_runs(
     trained_run, evaluated, tmp_path, monkeypatch
 ):
-    """The data's summary.json names the tokenizer its ids came from: where that is another than the run's
-    (here a copy at another path) a note names both; the run's tokenizer decodes, as the model reads the ids
-    as its own. The same tokenizer spelt relative to the current directory (as the demo records it) is no
-    other: no note."""
+    """The data's summary.json names the tokenizer its ids came from and records its content's digest: where
+    that is another tokenizer's, a note names both; the same tokenizer at another path (a copy, or one that
+    moved, its recorded path gone) is no other. The run's tokenizer decodes, as the model reads the ids as
+    its own. A summary of an earlier version, without the digest, is judged by its path: a copy elsewhere
+    is noted, the same path spelt relative to the current directory (as the demo recorded it) is not."""
     _, predictions, _ = evaluated
     data, tokenizer = tmp_path / "data", tmp_path / "tokenizer_copy"
     shutil.copytree(trained_run.workdir / "prepared", data)
     summary = json.loads((data / "summary.json").read_text())
+    assert (
+        summary["tokenizer_sha256"]
+        == hashlib.sha256(
+            load_fast_tokenizer(summary["tokenizer"]).backend_tokenizer.to_str().encode()
+        ).hexdigest()
+    )
     shutil.copytree(summary["tokenizer"], tokenizer)
-    (data / "summary.json").write_text(json.dumps({**summary, "tokenizer": str(tokenizer)}))
     lines, out = [], tmp_path / "out"
     on_data = functools.partial(
         evaluate, trained_run.workdir, "test", out_dir=out, max_examples=2, generation=GEN, data_dir=data
     )
-    shutil.rmtree(tokenizer)  # the run's tokenizer decodes: the data's need not be there
-    on_data(echo=lines.append)
-    assert [line for line in lines if line.startswith("note:")] == [
-        f"note: {data} was prepared with the tokenizer {str(tokenizer)!r}, the run's data with "
+    notes = lambda: [line for line in lines if line.startswith("note:")]
+
+    def evaluated_with(**recorded) -> list[str]:
+        (data / "summary.json").write_text(json.dumps({**summary, **recorded}))
+        lines.clear()
+        on_data(echo=lines.append)
+        return notes()
+
+    assert evaluated_with(tokenizer=str(tokenizer)) == []  # the same content elsewhere
+    assert evaluated_with(tokenizer=str(tmp_path / "gone")) == []  # ... where it was before it moved
+    other = evaluated_with(tokenizer="smollm2", tokenizer_sha256="0" * 64)  # another tokenizer's content
+    assert other == [
+        f"note: {data} was prepared with the tokenizer 'smollm2', the run's data with "
         f"{summary['tokenizer']!r}: the model reads these ids as its own tokenizer's, which decodes them "
         "(the same vocabulary at another path is fine; another vocabulary gives meaningless results)"
     ]
     written = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert written == predictions[:2]
+
+    del summary["tokenizer_sha256"]  # an earlier version's summary: judged by the path it names
+    shutil.rmtree(tokenizer)  # the run's tokenizer decodes: the data's need not be there
+    assert len(evaluated_with(tokenizer=str(tokenizer))) == 1
     original = Path(summary["tokenizer"])
     monkeypatch.chdir(original.parent.parent)
-    relative = str(original.relative_to(original.parent.parent))
-    (data / "summary.json").write_text(json.dumps({**summary, "tokenizer": relative}))
-    notes = lambda: [line for line in lines if line.startswith("note:")]
-    lines.clear()
-    on_data(echo=lines.append)
-    assert not notes(), lines
+    assert evaluated_with(tokenizer=str(original.relative_to(original.parent.parent))) == []
     monkeypatch.chdir(tmp_path)  # relative to a directory unknown here: cannot be told apart, not reported
-    lines.clear()
-    on_data(echo=lines.append)
-    assert not notes(), lines
-    (data / "summary.json").write_text(json.dumps({**summary, "tokenizer": "smollm2"}))  # a packaged one
-    lines.clear()
-    on_data(echo=lines.append)
-    assert len(notes()) == 1 and "prepared with the tokenizer 'smollm2'" in notes()[0], lines
+    assert evaluated_with(tokenizer=str(original.relative_to(original.parent.parent))) == []
+    assert "prepared with the tokenizer 'smollm2'" in evaluated_with(tokenizer="smollm2")[0]
 
 
 def test_a_run_whose_tokenizer_moved_is_evaluated_naming_its_new_place_with_tokenizer(
