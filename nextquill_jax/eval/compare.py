@@ -826,7 +826,7 @@ def run_variant(
         trained_run, plan.split, out_dir=workdir / "eval" / plan.split, max_examples=plan.max_examples,
         generation=generation, batch_size=plan.eval_batch_size, loaded=loaded,
         max_new_tokens_setting="compare.max_new_tokens", batch_size_setting="compare.eval_batch_size",
-        keep_hint=None, data_dir=data_dir, echo=echo,
+        keep_hint=None, data_dir=data_dir, tokenizer_setting=None, echo=echo,
     )  # fmt: skip
     at("effect report")
     summary = build_effect_report(

@@ -322,6 +322,7 @@ def evaluate(
     keep_hint: str | None = KEEP_BOTH,
     data_dir: str | Path | None = None,
     tokenizer: str | None = None,
+    tokenizer_setting: str | None = "--tokenizer",
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Evaluate checkpoint `step` (default: the newest that verifies) of the run in `workdir`, or `model_path`
@@ -358,6 +359,8 @@ def evaluate(
             packaged name), recorded in metrics.json; default: the run's `data.tokenizer` (in the config the
             model was saved with). Name the run's tokenizer where it moved: the model reads every id as its
             own tokenizer's, so another vocabulary decodes meaningless text.
+        tokenizer_setting: what names `tokenizer`, which the error for a run's tokenizer that is gone tells
+            the user to pass; None for a caller without one (`compare`: the error says to put it back).
         echo: progress messages, the warning that the run's `loss.weighting` module has changed since the
             checkpoint was saved (`LoadedModel.weighting_note`), and the note that a checkpoint saved before
             checkpoints recorded their fixed-DCE reference model cannot be checked against it.
@@ -450,7 +453,7 @@ def evaluate(
     # The run's tokenizer decodes, as the model reads every id as its tokenizer's; data prepared with another
     # (`evaluate --data`) gets a note: by content where the data's summary records it, else by path.
     decoding = cfg.data.tokenizer if tokenizer is None else tokenizer
-    decoder_tokenizer = load_run_tokenizer(loaded, tokenizer)
+    decoder_tokenizer = load_run_tokenizer(loaded, tokenizer, tokenizer_setting)
     summary = read_summary(data_dir) or {}
     prepared_with, prepared_digest = summary.get("tokenizer"), summary.get("tokenizer_sha256")
     if prepared_digest is not None:

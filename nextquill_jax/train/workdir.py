@@ -103,24 +103,31 @@ def data_dir_of(cfg: Config, workdir: str | Path) -> Path:
     return Path(cfg.train.data_dir).expanduser() if cfg.train.data_dir else Path(workdir) / PREPARED_DIR
 
 
-def load_run_tokenizer(loaded: LoadedModel, given: str | None) -> Any:
-    """The tokenizer of a run's model `loaded`: `given` (a command's `--tokenizer`), else the run's
-    `data.tokenizer` in the config the model was saved with (`data.prepare.load_fast_tokenizer`).
+def load_run_tokenizer(loaded: LoadedModel, given: str | None, setting: str | None = "--tokenizer") -> Any:
+    """The tokenizer of a run's model `loaded`: `given` (named by `setting`, a command's `--tokenizer`), else
+    the run's `data.tokenizer` in the config the model was read with (`data.prepare.load_fast_tokenizer`).
 
     Raises:
-        ValueError: it does not load, naming the setting; for the run's own, that `--tokenizer` names where
-            it moved.
+        ValueError: it does not load, naming the setting; where the run's own is no longer there, the fix:
+            `setting` naming its new place (None: a command without such a flag, `compare`: put it back).
     """
     from nextquill_jax.data.prepare import load_fast_tokenizer
 
     if given is not None:
-        return load_fast_tokenizer(given, "--tokenizer")
+        return load_fast_tokenizer(given, setting or "tokenizer")
+    name = loaded.config.data.tokenizer
     try:
-        return load_fast_tokenizer(loaded.config.data.tokenizer)
+        return load_fast_tokenizer(name)
     except ValueError as e:
+        if Path(name).expanduser().exists():  # there, but not a tokenizer that loads: nothing moved
+            raise
+        fix = (
+            f"pass {setting} with its new place"
+            if setting is not None
+            else "put it back, or a symbolic link to its new place at that path"
+        )
         raise ValueError(
-            f"{e}; it is the run's tokenizer (data.tokenizer of the run's config): where it moved, pass "
-            f"--tokenizer with its new place"
+            f"{e}; it is the run's tokenizer (data.tokenizer of the run's config): where it moved, {fix}"
         ) from None
 
 

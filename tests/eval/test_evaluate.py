@@ -387,6 +387,15 @@ def test_a_run_whose_tokenizer_moved_is_evaluated_naming_its_new_place_with_toke
         "; it is the run's tokenizer (data.tokenizer of the run's config): where it moved, pass --tokenizer "
         "with its new place"
     )
+    with pytest.raises(ValueError) as e:  # compare, which has no such flag
+        at(out_dir=tmp_path / "refused", tokenizer_setting=None)
+    assert str(e.value).endswith(
+        "where it moved, put it back, or a symbolic link to its new place at that path"
+    )
+    (tmp_path / "gone_tok").mkdir()  # there, but holding no tokenizer: nothing moved, no such fix
+    with pytest.raises(ValueError) as e:
+        at(out_dir=tmp_path / "refused")
+    assert str(e.value).startswith("data.tokenizer: ") and "where it moved" not in str(e.value)
     metrics = at(out_dir=tmp_path / "out", tokenizer=str(moved))
     written = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
     assert written == predictions and metrics["tokenizer"] == str(moved)
