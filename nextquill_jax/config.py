@@ -423,7 +423,8 @@ class TrainConfig:
             changes what is trained (all but those `train.resume.MAY_CHANGE` lists: logging, eval cadence,
             checkpoint, mesh, workdir, data_dir, memory-only settings, the non-finite policy; and
             `data.sources` / `data.meta` / `data.template` / `data.tokenizer` where they name the data's
-            input files moved, the same content, as the data's preparation finds them). config.yaml
+            input files moved, as the data's fingerprint finds them: the record files' content and names,
+            the template's text, the tokenizer's serialisation, EOS and chat template). config.yaml
             records the workdir the run used, absolute. A local path: mount an object store (gs://...) and
             give the mount.
         `data_dir`: the prepared (tokenised) data; null means `<workdir>/prepared`. With `data.sources` set

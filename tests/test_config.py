@@ -1559,13 +1559,10 @@ def test_a_loss_of_the_historys_effects_without_history_is_noted(
     [
         (
             ["loss.variant=nextquill"],
-            "the DCE that weights the targets is the trained model's own). Fix: "
-            "loss.dce=fixed to weight them by the reference's, or remove loss.reference_model",
+            "the DCE that weights the targets is the trained model's own; loss.dce=fixed weights them by the "
+            "reference's)",
         ),
-        (
-            ["loss.variant=sft"],
-            "loss.variant sft weights no target by DCE). Fix: remove loss.reference_model",
-        ),
+        (["loss.variant=sft"], "loss.variant sft weights no target by DCE)"),
         (["loss.variant=nextquill", "loss.dce=fixed"], None),
     ],
 )

@@ -356,9 +356,9 @@ def evaluate(
             training still evaluates, where the saved config names the old place. Its summary.json names
             the tokenizer it was prepared with: a note says when that is not the one that decodes.
         tokenizer: what decodes the generations (`evaluate --tokenizer`: a directory, .gguf file or
-            packaged name), recorded in metrics.json; default: the run's `data.tokenizer` (in the config the
-            model was saved with). Name the run's tokenizer where it moved: the model reads every id as its
-            own tokenizer's, so another vocabulary decodes meaningless text.
+            packaged name), recorded in metrics.json (a path absolute); default: the run's `data.tokenizer`
+            (in the config the model was read with). Name the run's tokenizer where it moved: the model reads
+            every id as its own tokenizer's, so another vocabulary decodes meaningless text.
         tokenizer_setting: what names `tokenizer`, which the error for a run's tokenizer that is gone tells
             the user to pass; None for a caller without one (`compare`: the error says to put it back).
         echo: progress messages, the warning that the run's `loss.weighting` module has changed since the
@@ -497,7 +497,9 @@ def evaluate(
         "step": loaded.step,
         "split": split,
         "data": str(data_dir),
-        "tokenizer": decoding,
+        "tokenizer": str(Path(decoding).expanduser().absolute())
+        if Path(decoding).expanduser().exists()
+        else decoding,
         "examples": len(rows),
         "prompt": _STREAM_TEXT[stream],
         "generation": dataclasses.asdict(generation),

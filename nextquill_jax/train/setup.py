@@ -104,9 +104,10 @@ def resolve_workdir(
 
 
 class PreparedData(NamedTuple):
-    """Where a run's prepared data is, and whether it was reused from the record files the config names
-    (`data.prepare.prepare`'s `reused`): files of the content, names and count it was prepared from, found
-    where the config names them (where they moved to, say)."""
+    """Where a run's prepared data is, and whether it was reused from the input files the config names
+    (`data.prepare.prepare`'s `reused`: its fingerprint matched): record files of the content, names and
+    count it was prepared from, a template of the same text and a tokenizer of the same serialisation, EOS
+    and chat template, found where the config names them (where they moved to, say)."""
 
     dir: Path
     reused: bool
@@ -572,7 +573,7 @@ class RunSetup:
     no checkpoint to resume from). Under `model.lora` the state's parameters are the adapters, `base_params`
     the frozen base and `base_identity` its path and fingerprint (both None for full fine-tuning).
     `data_identity` is `resume.data_identity` of the train and eval splits (`data_reused`: reused from the
-    record files the config names, `PreparedData`), and `weighting_identity`
+    input files the config names, `PreparedData`), and `weighting_identity`
     `loss.weighting_record.weighting_fingerprint` of `loss.weighting` (None without one), which each
     checkpoint records, as it records `reference_identity`, the `Reference.identity` of the frozen
     reference model (None without one).
@@ -640,15 +641,15 @@ def set_up_run(
     reference = cfg.loss.reference_model
     if reference is not None and cfg.loss.dce != "fixed":
         # Not refused: a compare file's base may set it for its fixed-DCE variants alone.
-        if cfg.loss.loss_config().uses_target_weights:
-            why = "the DCE that weights the targets is the trained model's own"
-            fix = "loss.dce=fixed to weight them by the reference's, or remove loss.reference_model"
-        else:
-            why = f"loss.variant {cfg.loss.variant} weights no target by DCE"
-            fix = "remove loss.reference_model"
+        why = (
+            "the DCE that weights the targets is the trained model's own; loss.dce=fixed weights them by the "
+            "reference's"
+            if cfg.loss.loss_config().uses_target_weights
+            else f"loss.variant {cfg.loss.variant} weights no target by DCE"
+        )
         echo(
             f"note: loss.reference_model is {reference!r} but loss.dce is {cfg.loss.dce}: the reference is "
-            f"not loaded ({why}). Fix: {fix}"
+            f"not loaded ({why})"
         )
     model_setup.check_attention(cfg.model)
     check_micro_batches(cfg, mesh)

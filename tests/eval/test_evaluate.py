@@ -364,7 +364,7 @@ def test_data_prepared_with_another_tokenizer_is_noted_and_decoded_with_the_runs
 
 
 def test_a_run_whose_tokenizer_moved_is_evaluated_naming_its_new_place_with_tokenizer(
-    run, evaluated, tmp_path, capsys
+    run, evaluated, tmp_path, capsys, monkeypatch
 ):
     """The checkpoint's config names the run's tokenizer; once that path is gone, `evaluate` failed with no
     way to name where it went. The error now names `--tokenizer`, which decodes as the run's own did: the
@@ -396,7 +396,8 @@ def test_a_run_whose_tokenizer_moved_is_evaluated_naming_its_new_place_with_toke
     with pytest.raises(ValueError) as e:
         at(out_dir=tmp_path / "refused")
     assert str(e.value).startswith("data.tokenizer: ") and "where it moved" not in str(e.value)
-    metrics = at(out_dir=tmp_path / "out", tokenizer=str(moved))
+    monkeypatch.chdir(tmp_path)  # a relative --tokenizer is recorded absolute
+    metrics = at(out_dir=tmp_path / "out", tokenizer="moved_tok")
     written = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
     assert written == predictions and metrics["tokenizer"] == str(moved)
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["tokenizer"] == str(moved)
