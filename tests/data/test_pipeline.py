@@ -320,16 +320,20 @@ def test_orbax_restore_yields_exactly_the_next_batches(data, tmp_path, mode):
 
 
 def test_get_set_state_resumes_and_rejects_other_settings(data):
+    """A state saved in the first epoch or a later one (whose order another seed draws) resumes the
+    uninterrupted iterator's next batches."""
     root, _ = data
     split = PreparedSplit(root, "train")
-    cfg = _cfg(num_epochs=2)
-    it = iter(BatchPipeline(split, cfg, process_index=0, process_count=1))
-    _take(it, 3)
-    state = it.get_state()
-    expected = list(it)
-    it2 = iter(BatchPipeline(split, cfg, process_index=0, process_count=1))
-    it2.set_state(state)
-    _assert_same(list(it2), expected)
+    cfg = _cfg(num_epochs=3)
+    first_epoch = BatchPipeline(split, cfg, process_index=0, process_count=1).num_batches(0)
+    for taken in (3, first_epoch + 2):
+        it = iter(BatchPipeline(split, cfg, process_index=0, process_count=1))
+        _take(it, taken)
+        state = it.get_state()
+        expected = list(it)
+        it2 = iter(BatchPipeline(split, cfg, process_index=0, process_count=1))
+        it2.set_state(state)
+        _assert_same(list(it2), expected)
     other = iter(BatchPipeline(split, _cfg(num_epochs=2, seed=1), process_index=0, process_count=1))
     with pytest.raises(ValueError, match="seed"):
         other.set_state(state)
