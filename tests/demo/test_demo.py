@@ -220,6 +220,7 @@ def test_signature_recall_counts_whole_lowercase_words():
     # Words holding other characters than letters (a record's own meta.signature_words) count too.
     assert signature_recall("a well-made, 5-star chair", ["well-made", "5-star", "made"]) == 1.0
     assert signature_recall("unwell-made 5-stars", ["well-made", "5-star"]) == 0.0
+    assert signature_recall("a", ["a", "a", "b"]) == pytest.approx(2 / 3)  # a word listed twice counts twice
     with pytest.raises(ValueError, match="empty"):
         signature_recall("text", [])
     with pytest.raises(ValueError, match="blank word ' '"):

@@ -10,7 +10,9 @@ import pytest
 
 from nextquill_jax.eval.compare_table import (
     NO_WIDTH_VERDICT,
+    difference_verdict,
     example_keys,
+    few_examples_line,
     interval_text,
     not_measured_line,
     write_results,
@@ -380,3 +382,16 @@ def test_every_metric_reads_in_its_own_direction():
         lines = conclusions({"baseline": "b", "differences": {"v": dict.fromkeys(metrics, d)}})
         words = {line.split(" on ")[1].split(": ")[0]: line.split(": ")[1].split(" (")[0] for line in lines}
         assert words == {**dict.fromkeys(scores, scores_are), **dict.fromkeys(losses, losses_are)}
+
+
+def test_verdicts_and_the_few_examples_warning_at_their_bounds():
+    """As the docstrings state them: an interval at 0 of no width (every pair equal) is no significant
+    difference, one away from 0 of no width has no verdict, one excluding 0 with width is better or worse in
+    the metric's direction; the warning is for fewer than 30 paired examples, the least count named."""
+    assert difference_verdict({"mean": 0.0, "low": 0.0, "high": 0.0}, True) == "no significant difference"
+    assert difference_verdict({"mean": 0.1, "low": 0.1, "high": 0.1}, True) == NO_WIDTH_VERDICT
+    assert difference_verdict({"mean": 0.1, "low": 0.05, "high": 0.2}, True) == "better"
+    assert difference_verdict({"mean": 0.1, "low": 0.05, "high": 0.2}, False) == "worse"
+    assert difference_verdict({"mean": 0.1, "low": -0.05, "high": 0.2}, True) == "no significant difference"
+    assert few_examples_line([30, 40]) is None and few_examples_line([]) is None
+    assert few_examples_line([40, 29]).startswith("Only 29 paired examples: at fewer than 30 ")
