@@ -148,6 +148,9 @@ def test_a_resume_drops_and_reports_lines_cut_short_and_first_value_skips_them(t
     ]
     path.write_text('{"step": 5, "loss": 1.0, "ce_with\n' + path.read_text())  # cut short before the rest
     assert resumed.first_value("ce_without") == 10.0
+    # A row whose value is null (a skipped update's) has none: the health baseline is the first measured.
+    path.write_text('{"step": 2, "loss": null, "ce_without": null}\n' + path.read_text())
+    assert resumed.first_value("ce_without") == 10.0
     resumed.close()
 
 
