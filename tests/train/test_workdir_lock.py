@@ -224,3 +224,20 @@ def test_an_acquire_interrupted_by_ctrl_c_leaves_the_lock_free(tmp_path, monkeyp
     again = WorkdirLock(tmp_path / "run")
     assert again.acquire(0, echo=lambda _: None) is True and again.held
     again.release()
+
+
+def test_a_holder_records_itself_whole_over_a_longer_earlier_record(tmp_path):
+    """The lock file outlives its holders; one that held it with a longer record (another host's name, say)
+    left bytes a shorter record would not cover, and a refusal then read no holder. A second lock of the same
+    workdir (another open file, as another process's) is refused naming this holder."""
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / LOCK_FILE).write_text(json.dumps({"pid": 1, "host": "h" * 300, "since": "then"}) + "\n")
+    first = WorkdirLock(workdir)
+    assert first.acquire(0, echo=lambda _: None)
+    try:
+        assert json.loads((workdir / LOCK_FILE).read_text())["pid"] == os.getpid()
+        with pytest.raises(WorkdirLockedError, match=f"pid {os.getpid()}"):
+            WorkdirLock(workdir).acquire(0, echo=lambda _: None)
+    finally:
+        first.release()
