@@ -1371,3 +1371,30 @@ def test_a_tokenizer_that_does_not_load_is_named_by_the_setting_that_named_it(tm
         load_fast_tokenizer("nope")
     with pytest.raises(ValueError, match=rf"^--tokenizer: {tmp_path} holds no tokenizer files"):
         load_fast_tokenizer(str(tmp_path), "--tokenizer")
+
+
+def test_a_link_of_another_name_to_the_unmoved_record_file_is_not_the_same_files(tmp_path, tiny_tokenizer):
+    """A link resolves to the file it names, so its content and resolved path are the recorded file's; but
+    the readers read the link's name (a split from it: dev is val, test is test), so the data is not reused
+    and a preparation from the link gives other splits."""
+    import shutil
+
+    folder = tmp_path / "topic_writing"
+    shutil.copytree(FIXTURES / "lamp" / "topic_writing", folder)
+    q, o = "dev_questions.json", "dev_outputs.json"
+    cfg = lambda root, split: DataConfig(
+        format="lamp",
+        template="lamp_topic_writing",
+        sources=[str(root / f"{split}_questions.json")],
+        meta=[str(root / f"{split}_outputs.json")],
+    )
+    tok, out = tiny_tokenizer(), tmp_path / "prep"
+    assert prepare(cfg(folder, "dev"), out, tokenizer=tok, echo=lambda _: None)["examples"] == {"val": 2}
+    links = tmp_path / "links" / "topic_writing"
+    links.mkdir(parents=True)
+    (links / "test_questions.json").symlink_to(folder / q)
+    (links / "test_outputs.json").symlink_to(folder / o)
+    with pytest.raises(ValueError, match="counts as the same files only with each file's name"):
+        prepare(cfg(links, "test"), out, tokenizer=tok, protected="WHY", echo=lambda _: None)
+    fresh = prepare(cfg(links, "test"), tmp_path / "fresh", tokenizer=tok, echo=lambda _: None)
+    assert fresh["examples"] == {"test": 2} and not fresh["reused"]
