@@ -588,3 +588,31 @@ def test_a_run_on_another_thread_than_the_main_one_trains_and_leaves_the_signal_
     worker.join(300)
     assert errors == [] and [(r.status, r.step) for r in results] == [("finished", 2)]
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+@pytest.mark.parametrize("best_metric", [None, "eval/loss"])
+def test_rows_evaluations_and_saves_fall_on_the_steps_their_schedules_give(
+    tmp_path, write_random_data, tiny_config, best_metric
+):
+    """One epoch of T steps, rows every 4, evaluation every 3, no periodic or epoch-end save: a training row
+    at every 4th step, at every evaluation (so the evaluation's time is not the next row's) and at the last
+    step, which neither 4 nor 3 divides; evaluations at every 3rd step and the last; checkpoints at the last
+    step alone, and with `checkpoint.best_metric` at every evaluation too (a best one can be kept only if it
+    is saved). Stated here by hand from T."""
+    raw = tiny_config(write_random_data(tmp_path / "data", train=56, val=8), tmp_path / "run")
+    raw["logging"]["every_steps"] = 4
+    raw["eval"]["every_steps"] = 3
+    raw["checkpoint"].update(
+        every_steps=0, on_epoch_end=False, keep=50, best_metric=best_metric, async_save=False
+    )
+    raw["data"]["batching"].update(rows_per_batch=4, num_epochs=1)
+    result = loop.train(load_config(None, base=raw), tmp_path / "run", echo=lambda _: None)
+    last = result.step
+    assert last >= 7 and last % 4 and last % 3, last  # the schedules alone do not reach the last step
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evaluated = {s for s in range(1, last + 1) if s % 3 == 0} | {last}
+    logged = {s for s in range(1, last + 1) if s % 4 == 0} | evaluated
+    assert [r["step"] for r in rows if "loss" in r] == sorted(logged)
+    assert {r["step"] for r in rows if "eval/loss" in r} == evaluated
+    saved = {int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()}
+    assert saved == ({last} if best_metric is None else evaluated)
