@@ -103,3 +103,21 @@ def test_a_value_exactly_at_a_bound_does_not_warn():
     assert HealthMonitor(1.5, 0.75, baseline=2.0).check(1, {"ce_without": 3.0, "pref_fraction": 0.75}) == []
     above = HealthMonitor(1.5, 0.75, baseline=2.0).check(1, {"ce_without": 3.001, "pref_fraction": 0.76})
     assert len(above) == 2
+
+
+def test_a_resumed_run_measures_its_health_against_the_first_row_it_ever_logged(tmp_path, tiny_config):
+    """The rows metrics.jsonl holds from before a resume (a skipped update's null first) give the baseline:
+    a without-history CE that had already climbed past the ratio warns at the first row after the resume,
+    which would otherwise become the baseline itself and hide the collapse."""
+    from nextquill_jax.train.metrics_log import METRICS_FILE, MetricsLog
+
+    cfg = load_config(None, base=tiny_config(tmp_path / "data", tmp_path / "run"))
+    (tmp_path / "run").mkdir()
+    rows = [{"step": 1, "ce_without": None}, {"step": 2, "ce_without": 1.0}, {"step": 3, "ce_without": 1.4}]
+    (tmp_path / "run" / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    log = MetricsLog(tmp_path / "run", cfg.logging, start_step=3, total_steps=10)
+    pending = loop.PendingMetrics(cfg, cfg.loss.loss_config(), [], log)
+    ratio = cfg.logging.health_ce_ratio
+    warning = pending.health.check(4, {"ce_without": 1.01 * ratio})
+    assert len(warning) == 1 and "its first logged 1.000" in warning[0], warning
+    log.close()
