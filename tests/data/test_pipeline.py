@@ -418,15 +418,16 @@ def test_num_epochs_and_drop_remainder(data):
     split = PreparedSplit(root, "train")
     pipe = BatchPipeline(split, _cfg(num_epochs=2), process_index=0, process_count=1)
     assert len(list(pipe)) == pipe.num_batches(0) + pipe.num_batches(1)
-    dropping = BatchPipeline(
-        split, _cfg(mode="bucket", drop_remainder=True), process_index=0, process_count=1
-    )
-    batches = list(dropping)
-    stats = dropping.epoch_stats(0)
-    assert stats.dropped_examples > 0
-    assert stats.examples + stats.dropped_examples == N
-    assert sum(len(_examples_in(b)) for b in batches) == stats.examples
-    assert all((b["with_segment_ids"] > 0).any(axis=1).all() for b in batches)  # no padding rows
+    for mode in ("bucket", "pack"):  # pack: a dropped row holds several examples, each counted
+        dropping = BatchPipeline(
+            split, _cfg(mode=mode, drop_remainder=True), process_index=0, process_count=1
+        )
+        batches = list(dropping)
+        stats = dropping.epoch_stats(0)
+        assert stats.dropped_examples > 0, mode
+        assert stats.examples + stats.dropped_examples == N, mode
+        assert sum(len(_examples_in(b)) for b in batches) == stats.examples, mode
+        assert all((b["with_segment_ids"] > 0).any(axis=1).all() for b in batches)  # no padding rows
 
 
 def test_too_long_examples_fail_or_are_truncated_and_counted(data):

@@ -311,3 +311,17 @@ def test_a_reader_passes_over_a_line_cut_short_by_a_kill(tmp_path):
     assert last_value(tmp_path, "loss") == 1.0 and read_rows(tmp_path / "none") == []
     plot_training_curves({"nextquill": tmp_path}, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_resume_drops_and_counts_rows_without_an_integer_step(tmp_path, capsys):
+    """A row is a JSON object with an integer `step`: one without a step, or with it as text, is no row of
+    this writer's (a hand edit, another tool's line) and is dropped and counted, not a crash of the resume."""
+    path = tmp_path / METRICS_FILE
+    path.write_text('{"step": 10, "loss": 0.5}\n{"x": 1}\n{"step": "20", "loss": 0.4}\n{"step": 20.0}\n')
+    resumed = MetricsLog(tmp_path, QUIET, start_step=20, total_steps=40)
+    assert capsys.readouterr().out == (
+        f"warning: {path}: dropped 3 line(s) that are not a JSON row with a step (line 2, 3, 4: a write cut "
+        "short, e.g. by a full disk, a kill or a power loss)\n"
+    )
+    resumed.close()
+    assert rows(tmp_path) == [{"step": 10, "loss": 0.5}]
