@@ -47,6 +47,7 @@ from jax.sharding import Mesh
 
 from nextquill_jax.atomic_file import write_text_atomic
 from nextquill_jax.config import Config, ModelRunConfig
+from nextquill_jax.config_paths import absolute_value
 from nextquill_jax.data.global_batch import to_global_batch
 from nextquill_jax.data.pipeline import BatchPipeline
 from nextquill_jax.data.prepared_split import (
@@ -497,9 +498,7 @@ def evaluate(
         "step": loaded.step,
         "split": split,
         "data": str(data_dir),
-        "tokenizer": str(Path(decoding).expanduser().absolute())
-        if Path(decoding).expanduser().exists()
-        else decoding,
+        "tokenizer": absolute_value(decoding, Path.cwd(), "tokenizer"),  # a name as given
         "examples": len(rows),
         "prompt": _STREAM_TEXT[stream],
         "generation": dataclasses.asdict(generation),
