@@ -80,6 +80,7 @@ from nextquill_jax.train.setup import (
 from nextquill_jax.train.workdir import (
     LoadedModel,
     data_dir_of,
+    load_given_tokenizer,
     load_run_tokenizer,
     reading_mesh,
     restore_model,
@@ -370,8 +371,8 @@ def evaluate(
         FileNotFoundError: no checkpoint / config / prepared split (naming what to run).
         ValueError: a bad argument (a `generation_overrides` field that `GenerationConfig` lacks or a value
             out of range, `generation_overrides` with `generation`, both `step` and `model_path`: before a
-            model is loaded), prepared files that disagree, or a tokenizer that does not load (the run's
-            `data.tokenizer` gone: the message names `--tokenizer`).
+            model is loaded), prepared files that disagree, or a tokenizer that does not load (`tokenizer`:
+            before a model is loaded; the run's `data.tokenizer` gone: the message names `--tokenizer`).
         ConfigError: the run's config cannot be used here (mesh, model source), the split holds a token
             id outside the vocabulary of the model or of its reference model (`model_setup.check_token_ids`),
             or the checkpoint was trained against another fixed-DCE reference model than its
@@ -404,6 +405,7 @@ def evaluate(
             )
         # GenerationConfig checks each field alone: a bad value is refused before the restore.
         dataclasses.replace(GenerationConfig(), **generation_overrides)
+    given_tokenizer = load_given_tokenizer(tokenizer, tokenizer_setting)  # a typo named before the restore
     if loaded is None:
         loaded = restore_model(workdir, step) if model_path is None else load_model_path(workdir, model_path)
     cfg = loaded.config
@@ -454,7 +456,9 @@ def evaluate(
     # The run's tokenizer decodes, as the model reads every id as its tokenizer's; data prepared with another
     # (`evaluate --data`) gets a note: by content where the data's summary records it, else by path.
     decoding = cfg.data.tokenizer if tokenizer is None else tokenizer
-    decoder_tokenizer = load_run_tokenizer(loaded, tokenizer, tokenizer_setting)
+    decoder_tokenizer = (
+        given_tokenizer if given_tokenizer is not None else load_run_tokenizer(loaded, tokenizer_setting)
+    )
     summary = read_summary(data_dir) or {}
     prepared_with, prepared_digest = summary.get("tokenizer"), summary.get("tokenizer_sha256")
     if prepared_digest is not None:

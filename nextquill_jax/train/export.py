@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from nextquill_jax.config import LoraConfig, ModelRunConfig
 from nextquill_jax.config_schema import ConfigError
@@ -25,6 +26,7 @@ from nextquill_jax.models.peft import write_peft_adapter
 from nextquill_jax.train import adapters, model_setup
 from nextquill_jax.train.workdir import (
     data_dir_of,
+    load_given_tokenizer,
     load_run_tokenizer,
     merged_model,
     restore_model,
@@ -43,7 +45,8 @@ def export(
 ) -> int:
     """Export checkpoint `step` (default: the newest that verifies) of the run in `workdir` to `out`; returns
     the step exported. The tokenizer saved beside it is `tokenizer` (`export --tokenizer`: the run's where it
-    moved), by default the run's `data.tokenizer`.
+    moved; loaded before the checkpoint, with a note `echo`ed where it is not the one the run's data was
+    prepared with: `other_tokenizer_note`), by default the run's `data.tokenizer`.
 
     config.json's `eos_token_id` also lists the token the run's targets end in (its prepared data's
     `eos_token_id`, the tokenizer's end token) when the model's own end tokens lack it, with a note `echo`ed:
@@ -56,10 +59,11 @@ def export(
         FileExistsError: `out` already holds weight files or a file transformers reads over the export's
             (`refuse_stale_files`).
         FileNotFoundError: no checkpoint directory, no complete checkpoint, or no checkpoint at `step`.
-        ValueError: the tokenizer does not load (the run's `data.tokenizer` gone: the message names
-            `--tokenizer`); nothing is written then.
+        ValueError: the tokenizer does not load (`tokenizer`: before the checkpoint is read; the run's
+            `data.tokenizer` gone: the message names `--tokenizer`); nothing is written then.
     """
     refuse_stale_files(out, fix="pass another --out")
+    given_tokenizer = load_given_tokenizer(tokenizer)  # a typo named before the restore
     # It writes weights and runs no attention and no loss: no note on reading a cuDNN / splash run with `xla`
     # here, and a `loss.weighting` module need not import.
     restored = restore_model(workdir, step, single_device_mesh(), runs_model=False)
@@ -69,7 +73,12 @@ def export(
     eos_token_ids = [*model.cfg.eos_token_ids, ends] if added else None
     # config.json is written with them, before the weights (`save_pretrained`): a stopped export leaves no
     # directory that loads with the model's own end tokens alone.
-    saved_tokenizer = load_run_tokenizer(restored, tokenizer)
+    if given_tokenizer is None:
+        saved_tokenizer = load_run_tokenizer(restored)
+    else:
+        saved_tokenizer = given_tokenizer
+        if note := other_tokenizer_note(data_dir_of(cfg, workdir), given_tokenizer, tokenizer, ends):
+            echo(note)
     save_pretrained(model, out, tokenizer=saved_tokenizer, eos_token_ids=eos_token_ids)
     if added:
         echo(
@@ -98,6 +107,33 @@ def merged_dtype_note(base_dtype: str) -> str:
         f"are written in float32, W + (alpha / r)·A·B unrounded (rounded to bfloat16, a small trained update "
         f"is partly lost), the other tensors in bfloat16, and config.json declares float32 so that "
         f"transformers loads them unrounded."
+    )
+
+
+def other_tokenizer_note(data_dir: Path, given: Any, name: str, ends: int | None) -> str | None:
+    """The note `export` gives where `--tokenizer` (`given`, loaded from `name`) is not the one the run's data
+    in `data_dir` was prepared with, or None: judged by content where its summary.json records the digest
+    (`data.prepare.tokenizer_digest`), else by the end token the targets end in (`ends`). The export ships
+    that tokenizer as the model's: with another vocabulary its text means nothing. Not refused: the same
+    vocabulary with another chat template, say, differs in content and is a fine choice."""
+    from nextquill_jax.data.prepare import read_summary, tokenizer_digest
+
+    summary = read_summary(data_dir) or {}
+    recorded = summary.get("tokenizer_sha256")
+    if recorded is not None:
+        if recorded == tokenizer_digest(given):
+            return None
+        differs = "holds other content than"
+    elif ends is not None and ends != given.eos_token_id:
+        differs = f"ends text with token {given.eos_token_id}, not token {ends} as"
+    else:
+        return None
+    prepared = summary.get("tokenizer")
+    prepared_with = f" ({prepared!r})" if prepared is not None else ""
+    return (
+        f"note: --tokenizer {name!r} {differs} the tokenizer the run's data ({data_dir}) was prepared "
+        f"with{prepared_with}; it is saved as the model's tokenizer, and with another vocabulary the model's "
+        "text decodes to nonsense. Fix, where that was not meant: pass the run's tokenizer (its new place)."
     )
 
 

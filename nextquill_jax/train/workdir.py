@@ -103,18 +103,29 @@ def data_dir_of(cfg: Config, workdir: str | Path) -> Path:
     return Path(cfg.train.data_dir).expanduser() if cfg.train.data_dir else Path(workdir) / PREPARED_DIR
 
 
-def load_run_tokenizer(loaded: LoadedModel, given: str | None, setting: str | None = "--tokenizer") -> Any:
-    """The tokenizer of a run's model `loaded`: `given` (named by `setting`, a command's `--tokenizer`), else
-    the run's `data.tokenizer` in the config the model was read with (`data.prepare.load_fast_tokenizer`).
+def load_given_tokenizer(given: str | None, setting: str | None = "--tokenizer") -> Any:
+    """The tokenizer a command's `--tokenizer` names (`given`; None: none given, None returned), loaded before
+    the run's model is restored: a typo is named at once, not after minutes of reading a large checkpoint.
 
     Raises:
-        ValueError: it does not load, naming the setting; where the run's own is no longer there, the fix:
-            `setting` naming its new place (None: a command without such a flag, `compare`: put it back).
+        ValueError / TypeError: it does not load (`data.prepare.load_fast_tokenizer`), naming `setting`.
     """
     from nextquill_jax.data.prepare import load_fast_tokenizer
 
-    if given is not None:
-        return load_fast_tokenizer(given, setting or "tokenizer")
+    return None if given is None else load_fast_tokenizer(given, setting or "tokenizer")
+
+
+def load_run_tokenizer(loaded: LoadedModel, setting: str | None = "--tokenizer") -> Any:
+    """The tokenizer of a run's model `loaded`: the run's `data.tokenizer` in the config the model was read
+    with (`data.prepare.load_fast_tokenizer`). A command's `--tokenizer` (`setting`) replaces it where it
+    moved (`load_given_tokenizer`).
+
+    Raises:
+        ValueError: it does not load; where it is no longer there, the fix: `setting` naming its new place
+            (None: a command without such a flag, `compare`: put it back).
+    """
+    from nextquill_jax.data.prepare import load_fast_tokenizer
+
     name = loaded.config.data.tokenizer
     try:
         return load_fast_tokenizer(name)

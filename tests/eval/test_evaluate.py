@@ -26,6 +26,7 @@ from nextquill_jax.config import load_config
 from nextquill_jax.config_schema import ConfigError
 from nextquill_jax.data.prepare import load_fast_tokenizer
 from nextquill_jax.data.prepared_split import PreparedSplit, TokenizedExample, write_split
+from nextquill_jax.eval import evaluate as evaluate_module
 from nextquill_jax.eval.evaluate import choose_stream, evaluate, replacing_line
 from nextquill_jax.eval.text_metrics import score_predictions
 from nextquill_jax.models import load_pretrained
@@ -403,6 +404,11 @@ def test_a_run_whose_tokenizer_moved_is_evaluated_naming_its_new_place_with_toke
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["tokenizer"] == str(moved)
 
     args = ["evaluate", "--workdir", str(workdir), "--out", str(tmp_path / "cli"), "--max-new-tokens", "6"]
+
+    def never_restored(*args, **kwargs):  # a typo is named before the checkpoint is read
+        raise AssertionError("restored before --tokenizer was loaded")
+
+    monkeypatch.setattr(evaluate_module, "restore_model", never_restored)
     assert main([*args, "--tokenizer", str(tmp_path / "nowhere")]) == 1
     assert f"error: --tokenizer: no tokenizer {str(tmp_path / 'nowhere')!r}: " in capsys.readouterr().err
 

@@ -92,6 +92,64 @@ def test_a_run_whose_tokenizer_moved_is_exported_naming_its_new_place_with_token
     assert "--tokenizer: --adapter writes the adapters alone, no tokenizer" in capsys.readouterr().err
 
 
+def test_export_names_a_tokenizer_typo_before_reading_the_checkpoint_and_notes_another_tokenizer(
+    trained_run, tmp_path, monkeypatch, save_tiny_tokenizer
+):
+    """`--tokenizer` loads before the restore (a typo cost minutes of reading a large checkpoint first), and
+    one the run's data was not prepared with gets a note: by content where summary.json records its digest,
+    else by the end token the targets end in. The run's tokenizer at another path gets none."""
+    from nextquill_jax.data.prepare import load_fast_tokenizer
+    from nextquill_jax.train import export as export_module
+
+    restores = []
+    restore = export_module.restore_model
+
+    def counted_restore(*args, **kwargs):
+        restores.append(args)
+        return restore(*args, **kwargs)
+
+    monkeypatch.setattr(export_module, "restore_model", counted_restore)
+    typo = str(tmp_path / "no_such_tok")
+    with pytest.raises(ValueError, match=f"^--tokenizer: no tokenizer {typo!r}"):
+        export(trained_run.workdir, tmp_path / "typo", tokenizer=typo)
+    assert restores == [] and not (tmp_path / "typo").exists()
+
+    workdir = tmp_path / "run"
+    shutil.copytree(trained_run.workdir, workdir)
+    own = tmp_path / "own_tok"
+    shutil.copytree(load_config(workdir / "config.yaml").data.tokenizer, own)
+    other = save_tiny_tokenizer(tmp_path / "other_tok", vocab_size=600)
+
+    def notes_exporting(name, tokenizer):
+        notes = []
+        export(workdir, tmp_path / name, tokenizer=str(tokenizer), echo=notes.append)
+        return notes
+
+    assert notes_exporting("own", own) == []
+    summary_file = workdir / "prepared" / "summary.json"
+    summary = json.loads(summary_file.read_text())
+    data = workdir / "prepared"
+    assert notes_exporting("other", other) == [
+        f"note: --tokenizer {str(other)!r} holds other content than the tokenizer the run's data ({data}) "
+        f"was prepared with ({summary['tokenizer']!r}); it is saved as the model's tokenizer, and with "
+        "another vocabulary the model's text decodes to nonsense. Fix, where that was not meant: pass the "
+        "run's tokenizer (its new place)."
+    ]
+    # A summary written before it recorded the digest: the end token decides.
+    summary_file.write_text(json.dumps({k: v for k, v in summary.items() if k != "tokenizer_sha256"}))
+    assert notes_exporting("other_same_end", other) == []  # both end text with token 0
+    assert load_fast_tokenizer(str(other)).eos_token_id == TINY_EOS_ID
+    meta_file = data / "train" / "meta.json"
+    meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()), "eos_token_id": 2}))
+    ends_other = notes_exporting("other_end", other)
+    assert ends_other[0] == (
+        f"note: --tokenizer {str(other)!r} ends text with token {TINY_EOS_ID}, not token 2 as the tokenizer "
+        f"the run's data ({data}) was prepared with ({summary['tokenizer']!r}); it is saved as the model's "
+        "tokenizer, and with another vocabulary the model's text decodes to nonsense. Fix, where that was "
+        "not meant: pass the run's tokenizer (its new place)."
+    )
+
+
 def test_export_names_the_step_it_exported_after_falling_back_from_a_damaged_one(
     trained_run, tmp_path, capsys
 ):
