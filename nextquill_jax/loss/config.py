@@ -88,7 +88,8 @@ class LossConfig:
             (dce + α L_p).
         `alpha`: weight α of the alignment loss L_p (>= 0), or `public`: the public code's α for the variant
             (`PUBLIC_ALPHA`: 0.01 for mce, 0.1 for nextquill; 0.1 for variants without L_p, which ignore
-            it), resolved to a number on loading.
+            it), resolved to a number on construction: `dataclasses.replace(cfg, variant=...)` keeps the
+            number of the old variant, so pass `alpha="public"` again with a new variant.
         `threshold`: DCE threshold δ in [-1, 1): a target token whose data-side effect DCE (a probability
             difference, in [-1, 1]) exceeds it is preference-bearing.
         `high`: target weight λ of a preference-bearing token (> 0, >= `low`).

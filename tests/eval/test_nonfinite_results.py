@@ -136,6 +136,29 @@ def test_nonfinite_numbers_are_written_null_and_read_back_as_nan(tmp_path):
     assert "diverged vs base on NLL (with hist.): " in table and "4 examples, 1 left out: not finite" in table
 
 
+def test_a_baseline_null_value_leaves_its_pair_out_as_the_variant_s_does(tmp_path):
+    """A NaN in the baseline's run, at another example than the variant's: both pairs are left out of the
+    interval and counted, rather than the bootstrap refusing the non-finite values."""
+    base_nll = [1.0, 2.0, 3.0, math.nan, 5.0]
+    variant_nll = [1.5, math.nan, 2.5, 3.5, 4.0]
+    records = [
+        run_files(tmp_path, "base", [0.1] * N, base_nll, bleu=1.0),
+        run_files(tmp_path, "variant", [0.1] * N, variant_nll, bleu=1.0),
+    ]
+    out = tmp_path / "out"
+    out.mkdir()
+    compare = SimpleNamespace(out=str(out), split="test", baseline="base", resamples=1000)
+    result = write_results(SimpleNamespace(source="compare.yaml", compare=compare), records)
+
+    got = result["differences"]["variant"]["nll_with"]
+    finite = [0, 2, 4]
+    want = paired_bootstrap([variant_nll[i] for i in finite], [base_nll[i] for i in finite], resamples=1000)
+    assert got["mean"] == pytest.approx((0.5 - 0.5 - 1.0) / 3, abs=1e-6)
+    assert (got["mean"], got["low"], got["high"]) == pytest.approx((want.mean, want.low, want.high), abs=1e-6)
+    assert (got["examples"], got["nonfinite"], got["unpaired"]) == (3, 2, 0)
+    assert "3 examples, 2 left out: not finite" in (out / "results.md").read_text()
+
+
 def test_compare_done_keeps_the_settings_as_the_config_gives_them(tmp_path):
     """Only measured numbers become null: a config's `.inf` must read back as inf, or `finished_changes`
     would see a changed setting where there is none."""
