@@ -21,13 +21,14 @@ otherwise (relative, as earlier versions recorded them; `train` and `data prepar
 has this data's fingerprint when the fingerprint with its spellings is its own. Source and metadata files
 that moved count as the recorded ones (the same size and hash file by file in the same order, each file's and
 its folder's name kept, as many of them sources), so data prepared from them is reused, not refused or
-prepared again, wherever they now lie; the summary still names where they were. Rechecking the hashes
-reads every source once (about 1 s per GB, far below the cost of preparing; `benchmarks/RESULTS.md`,
-"Checksums"). The summary is written last, and removed first when a directory is prepared again; readers
-refuse split files without it (`prepared_split.check_finished`), so an interrupted run is never mistaken for
-a finished one. The token arrays carry their own checksums (`prepared_split`). A `DIR` where these files
-would overwrite or delete a source or metadata file (by path, or by identity: a hard link) is refused before
-anything is read.
+prepared again, wherever they now lie; the summary still names where they were (the fingerprint holds
+those paths) and adds where they were last found (`inputs_found_at`), so a move is reported once.
+Rechecking the hashes reads every source once (about 1 s per GB, far below the cost of preparing;
+`benchmarks/RESULTS.md`, "Checksums"). The summary is written last, and removed first when a directory is
+prepared again; readers refuse split files without it (`prepared_split.check_finished`), so an interrupted
+run is never mistaken for a finished one. The token arrays carry their own checksums (`prepared_split`). A
+`DIR` where these files would overwrite or delete a source or metadata file (by path, or by identity: a hard
+link) is refused before anything is read.
 """
 
 from __future__ import annotations
@@ -57,6 +58,9 @@ from nextquill_jax.data.templates import PromptTemplate, load_template
 from nextquill_jax.json_object import nonfinite_to_null
 from nextquill_jax.plural import counted
 
+# The summary's record of where its input files (`inputs`, whose paths the fingerprint holds) were last
+# found, after they moved: a later start says nothing more of a move already reported.
+FOUND_AT = "inputs_found_at"
 FORMAT_VERSION = 3  # bump when the prepared layout or the example building changes (2: stable tie order;
 # 3: content-hashed sources and checksummed token arrays)
 
@@ -100,6 +104,12 @@ def prepare(
             f"{out}: prepared data up to date (fingerprint {previous['fingerprint'][:12]}), reusing it"
             + (f"; its record files moved, the same content: {moved}" if moved else "")
         )
+        if moved:
+            # Said once per move: the fingerprint keeps the recorded paths; the summary adds where they are.
+            # Data on a read-only file system is still reused; the note then repeats at each start.
+            previous = {**previous, FOUND_AT: [file["path"] for file in inputs]}
+            with contextlib.suppress(OSError):
+                _write_summary(out, previous)
         return {**previous, "reused": True}
     replacing = None
     if previous is not None and not force:
@@ -205,7 +215,7 @@ def prepare(
         "splits": splits,
         "tokens": {s: _token_stats(by_split[s]) for s in splits},
     }
-    write_text_atomic(out / SUMMARY_FILE, json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
+    _write_summary(out, summary)
     echo(_describe(out, summary))
     return {**summary, "reused": False}
 
@@ -235,6 +245,11 @@ def load_fast_tokenizer(name: str, key: str = "data.tokenizer") -> Any:
     if tokenizer.eos_token_id is None:
         raise ValueError(f"{key} {name!r} has no EOS token; targets end with EOS")
     return tokenizer
+
+
+def _write_summary(out: Path, summary: dict[str, Any]) -> None:
+    """Replace `out`/summary.json by `summary`, whole (`write_text_atomic`; its OSError raised)."""
+    write_text_atomic(out / SUMMARY_FILE, json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
 
 
 def read_summary(out_dir: str | Path) -> dict[str, Any] | None:
@@ -401,11 +416,14 @@ def _with_recorded_paths(inputs: list[dict], previous: dict[str, Any], layout: d
 
 def _moved_files(previous: dict[str, Any], inputs: list[dict], layout: dict[str, Any]) -> str:
     """ "old -> new" for each input file the summary `previous` records at another path, the same file moved
-    (`_with_recorded_paths`), joined by "; "; empty when none moved."""
+    (`_with_recorded_paths`), joined by "; "; empty when none moved, or when they are where the summary's
+    `FOUND_AT` last found them (a move already reported)."""
+    recorded = [file["path"] for file in _with_recorded_paths(inputs, previous, layout)]
+    last_found = previous.get(FOUND_AT)
+    if isinstance(last_found, list) and len(last_found) == len(inputs):
+        recorded = last_found
     moved = [
-        f"{old['path']} -> {new['path']}"
-        for old, new in zip(_with_recorded_paths(inputs, previous, layout), inputs, strict=True)
-        if old["path"] != new["path"]
+        f"{old} -> {new['path']}" for old, new in zip(recorded, inputs, strict=True) if old != new["path"]
     ]
     return "; ".join(moved)
 

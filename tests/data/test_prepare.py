@@ -17,6 +17,7 @@ import yaml
 from nextquill_jax.cli import main
 from nextquill_jax.config_paths import absolute_data_paths
 from nextquill_jax.data import checksums
+from nextquill_jax.data import prepare as prepare_module
 from nextquill_jax.data.checksums import IntegrityError
 from nextquill_jax.data.config import DataConfig
 from nextquill_jax.data.prepare import prepare
@@ -1157,7 +1158,6 @@ def test_an_interrupted_preparation_is_refused_by_every_reader(
     token arrays without summary.json (the old one is removed first) and without val/test: train, data
     show, effects, evaluate's reader and the effect report refuse it, naming the fix, where they used to
     train or report on the partial data. Preparing again finishes it."""
-    import nextquill_jax.data.prepare as prepare_module
     from nextquill_jax.eval.effect_report import build_effect_report, compute_example_effects
     from nextquill_jax.eval.evaluate import read_split
     from nextquill_jax.loss import LossConfig
@@ -1260,7 +1260,7 @@ def test_data_prepared_with_relative_paths_is_reused_under_their_absolute_spelli
 
 
 def test_data_prepared_from_record_files_that_moved_since_is_reused_where_they_are_the_same_files(
-    tmp_path, tiny_tokenizer
+    monkeypatch, tmp_path, tiny_tokenizer
 ):
     """The summary records each input's path, size and BLAKE2b, and the layout formats read from the paths as
     spelled (`_input_layout`: each file's folder and name, how many are data.sources'): the same files moved
@@ -1295,6 +1295,36 @@ def test_data_prepared_from_record_files_that_moved_since_is_reused_where_they_a
         f"{out}: prepared data up to date (fingerprint {first['fingerprint'][:12]}), reusing it; its record "
         f"files moved, the same content: {old / q} -> {new / q}; {old / o} -> {new / o}"
     ]
+    # Reported once: the summary adds where the files were found, and keeps the paths its fingerprint holds.
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["inputs_found_at"] == [str(new / q), str(new / o)]
+    assert [i["path"] for i in summary["inputs"]] == [str(old / q), str(old / o)]
+    assert {k: v for k, v in summary.items() if k != "inputs_found_at"} == {
+        k: v for k, v in first.items() if k != "reused"
+    }
+    lines.clear()
+    assert prepare(cfg(new), out, tokenizer=tok, protected="WHY", echo=lines.append)["reused"]
+    assert lines == [f"{out}: prepared data up to date (fingerprint {first['fingerprint'][:12]}), reusing it"]
+    further = tmp_path / "d" / "topic_writing"
+    further.parent.mkdir()
+    new.rename(further)
+    lines.clear()
+    assert prepare(cfg(further), out, tokenizer=tok, protected="WHY", echo=lines.append)["reused"]
+    assert lines[0].endswith(f"the same content: {new / q} -> {further / q}; {new / o} -> {further / o}")
+    further.rename(new)
+
+    def read_only(*_):  # as on a read-only file system (root here writes through chmod)
+        raise PermissionError(13, "Read-only file system")
+
+    with monkeypatch.context() as m:
+        m.setattr(prepare_module, "write_text_atomic", read_only)
+        for _ in range(2):  # reused all the same; not recorded, so the move is said again
+            lines.clear()
+            assert prepare(cfg(new), out, tokenizer=tok, protected="WHY", echo=lines.append)["reused"]
+            assert lines[0].endswith(
+                f"the same content: {further / q} -> {new / q}; {further / o} -> {new / o}"
+            )
+    assert prepare(cfg(new), out, tokenizer=tok, echo=lambda _: None)["inputs_found_at"][0] == str(new / q)
 
     def refused(config: DataConfig, tokenizer=tok) -> str:
         with pytest.raises(ValueError) as info:
