@@ -412,3 +412,22 @@ def test_bfloat16_operands_keep_the_dce_threshold_decisions():
     preference = {dt: x > 0.05 for dt, x in dce.items()}
     assert 0.1 < preference["float32"].mean() < 0.9
     np.testing.assert_array_equal(preference["bfloat16"], preference["float32"])
+
+
+@pytest.mark.parametrize("det", [True, False])
+def test_fused_js_weights_below_zero_count_as_zero(det):
+    """Two streams equal but for 1e-6: the fused JS of each token is float32 noise around 0, negative for
+    tokens 1 and 2. JS is >= 0 by definition, so those weigh nothing, and the js loss is token 0's CE alone
+    (float64); unclamped, the weighted mean of the three CEs left [min CE, max CE]."""
+    rng = np.random.default_rng(0)
+    hw = jnp.asarray(rng.normal(size=(1, 3, 16)), jnp.float32)  # [B, T, D]
+    ho = hw + jnp.asarray(rng.normal(size=hw.shape) * 1e-6, jnp.float32)
+    w = jnp.asarray(rng.normal(size=(50, 16)), jnp.float32)  # [V, D]
+    y = jnp.asarray(rng.integers(0, 50, (1, 3)))
+    js = np.asarray(head_token_stats(jnp.stack([hw, ho]), w, y, with_js=True).js)[0]
+    assert js[0] > 0 > max(js[1], js[2])  # the case under test
+    z = np.asarray(hw, np.float64)[0] @ np.asarray(w, np.float64).T  # [T, V]
+    top = z.max(-1)
+    ce = np.log(np.exp(z - top[:, None]).sum(-1)) + top - z[np.arange(3), np.asarray(y)[0]]
+    loss = float(loss_from_hidden(hw, ho, w, y, LossConfig(variant="js", js_detach=det))[0])
+    assert loss == pytest.approx(ce[0], rel=1e-6)

@@ -147,10 +147,17 @@ def test_one_example_gives_the_token_loss_and_several_do_not(data):
     token = loss_from_logits(zw[1:], zo[1:], jnp.asarray(one), LossConfig())[0]
     example = _loss(zw[1:], zo[1:], one, LossConfig(normalize="example"), ids)[0]
     assert float(example) == pytest.approx(float(token), rel=1e-6)
-    # Without ids each row is one example: the packed batch as two examples differs from five.
+    # Without ids each row is one example (the float64 statement with every target's id 1): the packed
+    # batch as two examples differs from five.
     rows = loss_from_logits(zw, zo, jnp.asarray(y), LossConfig(normalize="example"))[0]
     packed = _loss(zw, zo, y, LossConfig(normalize="example"))[0]
+    want = np_example_loss(*data, np.ones_like(EXAMPLE_IDS), "nextquill")
+    assert float(rows) == pytest.approx(want, rel=1e-6)
     assert abs(float(rows) - float(packed)) > 1e-3
+    # Ids counted from 0 (0 a real example, not padding, where the label is a target).
+    from_zero = np.maximum(EXAMPLE_IDS - 1, 0)
+    got = _loss(zw, zo, y, LossConfig(normalize="example"), from_zero)[0]
+    assert float(got) == pytest.approx(np_example_loss(*data, EXAMPLE_IDS - 1, "nextquill"), rel=1e-6)
 
 
 def test_bad_settings_are_errors(data):

@@ -178,6 +178,12 @@ def test_a_penalty_on_the_generated_tokens_only_matches_transformers_prompt_igno
     )
 
 
+def before_eos(rows: np.ndarray, eos: int) -> list[list[int]]:
+    """Each row's tokens before its first `eos` (all of them without one): what `generate` returns, stated
+    in plain Python."""
+    return [row[: row.index(eos)] if eos in row else row for row in np.asarray(rows).tolist()]
+
+
 def test_generate_batches_by_length_with_one_compile_per_bucket(tiny, tiny_case):
     """generate() in batches of 2 sorted by length (3,5 | 9,11 | 14,17 | 20 + a dummy row): per prompt,
     transformers' tokens before EOS, in the prompts' order; the decode loop compiles once for the two
@@ -194,11 +200,11 @@ def test_generate_batches_by_length_with_one_compile_per_bucket(tiny, tiny_case)
         eos_token_ids=[eos],
         pad_token_id=PAD,
         batch_size=2,
-        on_batch=lambda done, total: compiled.append(jitted._cache_size() - before),
+        on_batch=lambda done, total: compiled.append((done, total, jitted._cache_size() - before)),
     )
     assert [prompt_bucket(n) for n in (5, 11, 17, 20)] == [16, 16, 32, 32]
-    assert compiled == [1, 1, 2, 2]
-    assert ours == strip_after_eos(expected, [eos])
+    assert compiled == [(2, 7, 1), (4, 7, 1), (6, 7, 2), (7, 7, 2)]  # prompts done of 7, compiles
+    assert ours == before_eos(expected, eos)
     assert len(ours[0]) < GREEDY.max_new_tokens and max(len(r) for r in ours) == GREEDY.max_new_tokens
 
 
@@ -316,7 +322,7 @@ def test_pad_id_outside_the_vocabulary_gives_the_same_tokens(tiny, tiny_case):
         np.testing.assert_array_equal(np.where(ours == pad, PAD, ours), expected, err_msg=f"pad {pad}")
         assert (ours == pad).any()
     assert generate(model, prompts, GREEDY, eos_token_ids=[eos], pad_token_id=VOCAB, batch_size=4) == (
-        strip_after_eos(expected, [eos])
+        before_eos(expected, eos)
     )
 
 
@@ -347,7 +353,7 @@ def test_an_int_eos_is_one_id_and_ids_that_are_not_ints_are_refused_by_name(tiny
         expected,
     )
     assert generate(model, prompts, GREEDY, eos_token_ids=eos, pad_token_id=PAD, batch_size=4) == (
-        strip_after_eos(expected, [eos])
+        before_eos(expected, eos)
     )
     assert strip_after_eos(expected, eos) == strip_after_eos(expected, [eos])
     zero = GenerationConfig(max_new_tokens=4)
@@ -666,8 +672,20 @@ def reference_processors(cfg: GenerationConfig, prompt_ignore_length) -> transfo
         GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=0.8, repetition_penalty=1.0),
         GenerationConfig(do_sample=True, temperature=0.8, top_k=50, top_p=0.95, repetition_penalty=1.2),
         GenerationConfig(do_sample=True, temperature=1.5, top_k=20, top_p=0.5, repetition_penalty=0.8),
+        # The edges: the most probable token survives any top_p; a top_k above the vocabulary keeps it all.
+        GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1e-9, repetition_penalty=1.0),
+        GenerationConfig(do_sample=True, temperature=1.0, top_k=200, top_p=1.0, repetition_penalty=1.0),
     ],
-    ids=["penalty", "temperature", "top_k", "top_p", "public_code_sampling", "all"],
+    ids=[
+        "penalty",
+        "temperature",
+        "top_k",
+        "top_p",
+        "public_code_sampling",
+        "all",
+        "tiny_top_p",
+        "top_k_over_v",
+    ],
 )
 def test_processors_match_transformers(cfg):
     rng = np.random.default_rng(0)
@@ -683,7 +701,11 @@ def test_processors_match_transformers(cfg):
     np.testing.assert_array_equal(np.isneginf(ours), np.isneginf(theirs))
     kept = ~np.isneginf(theirs)
     np.testing.assert_allclose(ours[kept], theirs[kept], rtol=1e-6, atol=0)
-    if cfg.do_sample and (cfg.top_k or cfg.top_p < 1):
+    if cfg.top_k > v:
+        assert kept.all()
+    elif cfg.top_p < 1e-6:
+        assert (kept.sum(axis=1) == 1).all() and (ours.argmax(axis=1) == logits.argmax(axis=1)).all()
+    elif cfg.do_sample and (cfg.top_k or cfg.top_p < 1):
         assert kept.sum(axis=1).min() > 0 and kept.sum(axis=1).max() < v  # the masks are not trivial
     if cfg.repetition_penalty != 1:
         assert (ours[seen & kept] != logits[seen & kept] / (cfg.temperature if cfg.do_sample else 1)).all()
