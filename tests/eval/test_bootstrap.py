@@ -55,3 +55,8 @@ def test_bad_inputs_are_errors():
         paired_bootstrap([1.0, np.nan], [1.0, 2.0])
     with pytest.raises(ValueError, match="resamples >= 1"):
         paired_bootstrap([1.0], [2.0], resamples=0)
+    with pytest.raises(ValueError, match="equal, non-empty"):  # it returned a NaN interval
+        paired_bootstrap([], [])
+    for level in (0.0, 1.0):  # a 100% interval is the whole line, not the resamples' range
+        with pytest.raises(ValueError, match="0 < level < 1"):
+            paired_bootstrap([1.0, 2.0], [2.0, 2.0], level=level)

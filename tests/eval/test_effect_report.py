@@ -81,6 +81,8 @@ def test_token_roles_word_level_hand_example():
     assert roles == ["context"] * 3 + ["glue", "context", "glue"] + ["preference"] * 4
     # Pieces carry the spaces the offsets skip, so they join to the text.
     assert "".join(token_pieces(text, offsets)) == text
+    # A target cut to max_target_tokens: the offsets of the tokens kept, the rest of the text unused.
+    assert target_offsets(tok, text, [*ids[:4], 9], eos_id=9) == [(0, 3), (4, 10), (11, 16), (17, 19)]
     with pytest.raises(ValueError, match="encodes the target differently"):
         target_offsets(tok, text, [0, 1, 3, 9], eos_id=9)
     with pytest.raises(ValueError, match="does not end with EOS"):
@@ -138,6 +140,12 @@ def test_precision_recall_per_role_hand_counts():
     assert s["per_role"]["noise"]["flagged_fraction"] == 0.0
     none_flagged = score_roles(dce, roles, threshold=0.9)
     assert none_flagged["precision"] is None and none_flagged["recall"] == 0.0
+    # Flagged means DCE > δ: the context token at exactly δ is not flagged (0.2 > 0.2 is false).
+    at_threshold = score_roles(dce, roles, threshold=0.2)
+    assert (at_threshold["flagged"], at_threshold["true_positives"]) == (1, 1)  # token 0 (0.3) alone
+    # Only a context token flagged: precision 0 of 1, recall 0 of 2, so F1 0 (defined), not None.
+    wrong_only = score_roles(np.array([0.0, 0.0, 0.6, 0.0]), roles[:4], threshold=0.5)
+    assert (wrong_only["precision"], wrong_only["recall"], wrong_only["f1"]) == (0.0, 0.0, 0.0)
     with pytest.raises(ValueError, match="unknown roles"):
         score_roles(dce[:1], ["style"], threshold=0.0)
 

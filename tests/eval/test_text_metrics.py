@@ -94,7 +94,9 @@ def test_values_equal_the_reference_libraries_with_wordnet(system_wordnet):
     assert_group_equal(got["overall"], reference_scores(PREDICTIONS, REFERENCES, system_wordnet))
     # The synonyms were used: car/auto matches only through WordNet.
     first = PAIRS[0]
-    with_syn = metrics.score_predictions([first[0]], [first[1]], wordnet=system_wordnet)["overall"]["meteor"]
+    given = metrics.score_predictions([first[0]], [first[1]], wordnet=system_wordnet)
+    with_syn = given["overall"]["meteor"]
+    assert given["meteor_wordnet_source"] == str(system_wordnet.root)  # a reader passed in names its place
     with pytest.warns(RuntimeWarning):
         without = metrics.score_predictions([first[0]], [first[1]], wordnet=None)["overall"]["meteor"]
     assert with_syn > without + 0.01
@@ -193,6 +195,20 @@ def test_wordnet_dir_env_without_wordnet_is_an_error(monkeypatch, tmp_path):
     monkeypatch.setenv(metrics.WORDNET_DIR_ENV, str(tmp_path))
     with pytest.raises(FileNotFoundError, match=f"{metrics.WORDNET_DIR_ENV}.*wordnet-base"):
         metrics.find_wordnet()
+
+
+def test_wordnet_dir_env_comes_before_nltk_data(monkeypatch, tmp_path):
+    """`$NEXTQUILL_WORDNET_DIR` is the user's explicit choice: it wins over a WordNet in nltk_data."""
+    (tmp_path / "nltk" / "corpora" / "wordnet").mkdir(parents=True)
+    chosen = tmp_path / "chosen"
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path / "nltk")])
+    monkeypatch.setattr(metrics, "_NLTK_DATA_READERS", {})
+    monkeypatch.setattr(metrics, "WordNetCorpusReader", lambda root, omw: types.SimpleNamespace(root=root))
+    monkeypatch.setattr(metrics, "_read_wordnet_dir", lambda directory: types.SimpleNamespace(root=directory))
+    monkeypatch.delenv(metrics.WORDNET_DIR_ENV, raising=False)
+    assert metrics.find_wordnet()[1].startswith(str(tmp_path / "nltk"))  # nltk_data's, without the setting
+    monkeypatch.setenv(metrics.WORDNET_DIR_ENV, str(chosen))
+    assert metrics.find_wordnet()[1] == str(chosen.resolve())
 
 
 def test_wordnet_dir_env_is_used(monkeypatch):
