@@ -21,8 +21,14 @@ def reference_dpl(
             return ""
         return " ".join(parts[1:] if parts[0] == "Product Description" else parts)
 
-    items = {}
+    # NEXTQUILL.md is silent on a `parent_asin` given by more than one metadata row; the project keeps the
+    # first row (kept or filtered out, it decides the item) and counts the rest (`item_duplicate`), as its
+    # `dpl` reader does with a repeated meta row.
+    items, seen = {}, set()
     for m in metas:
+        if m["parent_asin"] in seen:
+            continue
+        seen.add(m["parent_asin"])
         d = description(m["description"])
         if t["min_desc"] <= len(d) <= t["max_desc"] and m["title"] and m["categories"] and m["rating_number"]:
             items[m["parent_asin"]] = {"asin": m["parent_asin"], "title": m["title"], "description": d}

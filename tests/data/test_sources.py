@@ -299,6 +299,85 @@ def test_amazon2023_drops_and_counts_a_long_review_of_whitespace_alone(tmp_path,
     assert log.dropped == {**expected_log.dropped, "review_text_blank": 1}
 
 
+def _reviews_of(records) -> list[dict]:
+    """The fields of every review the records hold (targets and history entries)."""
+    return [r.context for r in records] + [e.fields for r in records for e in r.history]
+
+
+def _with_reference(records, reviews: list[dict], metas: list[dict], **t) -> tuple[list[dict], list[dict]]:
+    """`records` and the rows `reference_dpl` builds of `reviews` and `metas` (`t` changing the thresholds
+    of `REFERENCE_T`), both in the DPL layout and in one order."""
+    out, items = reference_dpl(reviews, metas, {**REFERENCE_T, **t})
+    return sorted(map(_as_dpl, records), key=_key), sorted(_reference_as_dpl(out, items), key=_key)
+
+
+def test_amazon2023_drops_a_review_rated_0_as_one_without_a_rating(tmp_path, small_dpl):
+    """The protocol keeps a review with a rating (`r["rating"]` true, as the reference states it): 0, below
+    Amazon's 1-5 stars, is none, as null is. U1's review of The Glass Harbor rated 0 is dropped and counted
+    beside the fixture's review without a rating."""
+    rows = _rows(AMAZON / "Books.jsonl")
+    assert (rows[0]["user_id"], rows[0]["title"], rows[0]["rating"]) == ("U1", "U1 on The Glass Harbor", 1.0)
+    rows[0]["rating"] = 0
+    (tmp_path / "Books.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    records, log = _read(_amazon_cfg(small_dpl, tmp_path))
+    ours, reference = _with_reference(records, rows, _rows(AMAZON / "meta_Books.jsonl"))
+    assert ours == reference
+    rated_1, _ = _read(_amazon_cfg(small_dpl))
+    assert "U1 on The Glass Harbor" in {review["title"] for review in _reviews_of(rated_1)}
+    assert "U1 on The Glass Harbor" not in {review["title"] for review in _reviews_of(records)}
+    assert log.dropped["review_no_rating"] == 2
+
+
+def test_amazon2023_integer_ratings_give_the_same_records_as_float_ones(tmp_path, small_dpl):
+    """A rating written 5 rather than 5.0 prints as 5.0 in the prompts (`{rating}`), as the `dpl` reader and
+    the public code's data give it: the records of the file with integer ratings are those of the fixture's,
+    ratings floats."""
+    rows = _rows(AMAZON / "Books.jsonl")
+    as_int = [{**r, "rating": None if r["rating"] is None else int(r["rating"])} for r in rows]
+    assert any(type(r["rating"]) is int for r in as_int)
+    (tmp_path / "Books.jsonl").write_text("".join(json.dumps(r) + "\n" for r in as_int))
+    records, log = _read(_amazon_cfg(small_dpl, tmp_path))
+    expected, expected_log = _read(_amazon_cfg(small_dpl))
+    shown = lambda rs: [json.dumps(_as_dpl(r), sort_keys=True) for r in rs]  # 5 and 5.0 differ here
+    assert shown(records) == shown(expected) and log.dropped == expected_log.dropped
+    assert {type(review["rating"]) for review in _reviews_of(records)} == {float}
+
+
+def test_amazon2023_a_user_with_as_many_reviews_as_targets_is_left_to_the_profile_filter(small_dpl):
+    """With `dpl_num_targets` 7, U1, U2 and U4 (7 reviews after de-duplication; U3 8) have 7 targets and an
+    empty profile: not too few for the targets (`< dpl_num_targets`, as the reference's split `rs[:-7],
+    rs[-7:]` takes them), so the profile filter decides. `dpl_min_profile_reviews` 2 drops all four users
+    (U3's one profile review is on an item no other profile has), each counted with its 7 targets under
+    `review_user_profile_too_small`; 0 keeps them, 7 records each."""
+    rows, metas = _rows(AMAZON / "Books.jsonl"), _rows(AMAZON / "meta_Books.jsonl")
+    for min_profile, users in ((2, 0), (0, 4)):
+        thresholds = {**small_dpl, "dpl_num_targets": 7, "dpl_min_profile_reviews": min_profile}
+        records, log = _read(_amazon_cfg(thresholds))
+        ours, reference = _with_reference(records, rows, metas, targets=7, min_profile_reviews=min_profile)
+        assert ours == reference
+        assert len({r.user_id for r in records}) == users and len(records) == 7 * users
+        assert "review_user_too_few_targets" not in log.dropped
+        assert log.dropped["review_user_profile_too_small"] == 7 * (4 - users)
+
+
+def test_amazon2023_keeps_the_first_metadata_row_of_a_repeated_item_and_counts_the_rest(tmp_path, small_dpl):
+    """NEXTQUILL.md is silent on a `parent_asin` given twice in the metadata; as the `dpl` reader (and
+    `reference_dpl`, stating it), the first row is the item's and the later one is counted as
+    `item_duplicate`: The Glass Harbor keeps its title, not the repeat's."""
+    metas = _rows(AMAZON / "meta_Books.jsonl")
+    first = metas[3]
+    assert (first["parent_asin"], first["title"]) == ("B000000004", "The Glass Harbor")
+    metas.append({**first, "title": "A Later Title"})
+    (tmp_path / "meta_Books.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metas))
+    records, log = _read(_amazon_cfg(small_dpl, meta=tmp_path))
+    ours, reference = _with_reference(records, _rows(AMAZON / "Books.jsonl"), metas)
+    assert ours == reference
+    titles = {review["item_title"] for review in _reviews_of(records)}
+    assert "The Glass Harbor" in titles and "A Later Title" not in titles
+    expected, expected_log = _read(_amazon_cfg(small_dpl))
+    assert records == expected and log.dropped == {**expected_log.dropped, "item_duplicate": 1}
+
+
 def test_amazon2023_refuses_an_empty_user_id(tmp_path, small_dpl):
     """A review with an empty or whitespace-only `user_id` names no user: it was grouped with the other such
     reviews as one user and its records' ids read `Books//3`. It is an invalid record, as in every reader."""
@@ -740,6 +819,14 @@ def test_configuration_errors_name_the_setting(tmp_path, small_dpl):
     shutil.copy(AMAZON / "Books.jsonl", lonely)
     with pytest.raises(ValueError, match=r"no metadata file for reviews .*meta_Movies"):
         _read(DataConfig(format="amazon2023", sources=[str(lonely)], meta=[str(AMAZON / "meta_Books.jsonl")]))
+    # The other way round: metadata of a category with no review file would be read for nothing.
+    toys = tmp_path / "meta_Toys.jsonl"
+    shutil.copy(AMAZON / "meta_Books.jsonl", toys)
+    metas = [str(AMAZON / "meta_Books.jsonl"), str(toys)]
+    with pytest.raises(ValueError) as e:
+        _read(DataConfig(format="amazon2023", sources=[str(AMAZON / "Books.jsonl")], meta=metas, **small_dpl))
+    assert str(e.value).startswith("data.meta: metadata files without a review file in data.sources: [")
+    assert str(toys) in str(e.value) and "meta_Books" not in str(e.value)
     with pytest.raises(ValueError, match=r"'lamp_topic_writing' needs context fields \['input'\]"):
         _read(_amazon_cfg(small_dpl, template="lamp_topic_writing"))
     assert split_from_name(FIXTURES / "lamp" / "topic_writing" / "dev_questions.json") == "val"

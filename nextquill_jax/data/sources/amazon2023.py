@@ -13,7 +13,8 @@ thresholds come from `DataConfig.dpl_*`.
 
 Every valid review or item row not kept is counted under a `review_*` or `item_*` reason; invalid rows are
 errors (`data.on_error`), and the reviews of an item whose metadata row is invalid are counted under
-`review_item_invalid`.
+`review_item_invalid`. Of metadata rows repeating a `parent_asin` (NEXTQUILL.md is silent on them) the first
+decides the item and the later ones are counted (`item_duplicate`), as in the `dpl` reader.
 
 Memory: the filters need only ids, ratings, times and a hash of each text, so the first pass keeps those (a
 category of tens of millions of reviews fits in a few GB); a second pass over the file reads the title and
