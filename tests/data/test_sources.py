@@ -1043,7 +1043,8 @@ def test_an_empty_dpl_or_lamp_user_id_is_an_invalid_record(tmp_path):
 
 def test_a_lamp_user_id_under_a_near_name_is_read_as_context_and_counted_with_the_fix(tmp_path):
     """`userid` is not `user_id`: the question's id stays the user (as documented), and each such question
-    is counted under one note naming the file, the field and the fix; an unrelated field is not noted."""
+    is counted under one note naming the file, the field and the fix, for each near name the module
+    docstring gives (`userId`, `user-id`); an unrelated field is not noted."""
     questions = tmp_path / "train_questions.jsonl"
     profile = [{"summary": "s", "content": "c"}]
     rows = [
@@ -1051,6 +1052,7 @@ def test_a_lamp_user_id_under_a_near_name_is_read_as_context_and_counted_with_th
         {"id": "q2", "input": "i", "output": "o", "userId": "u7", "profile": profile},
         {"id": "q3", "input": "i", "output": "o", "user": "u8", "profile": profile},
         {"id": "q4", "input": "i", "output": "o", "user_id": "u9", "profile": profile},
+        {"id": "q5", "input": "i", "output": "o", "user-id": "u10", "profile": profile},
     ]
     questions.write_text("".join(json.dumps(r) + "\n" for r in rows))
     records, log = _read(DataConfig(format="lamp", template="lamp_topic_writing", sources=[str(questions)]))
@@ -1059,12 +1061,17 @@ def test_a_lamp_user_id_under_a_near_name_is_read_as_context_and_counted_with_th
         ("q2", "u7"),
         ("q3", None),
         ("u9", None),
+        ("q5", None),
     ]
+    assert records[4].context["user-id"] == "u10"
     message = (
-        f"{questions}: field `userId` was read as context and the user is the question id; if it names the "
-        "user, rename it `user_id`"
+        "{}: field `{}` was read as context and the user is the question id; if it names the user, rename it "
+        "`user_id`"
     )
-    assert dict(log.notes) == {message: 2}
+    assert dict(log.notes) == {
+        message.format(questions, "userId"): 2,
+        message.format(questions, "user-id"): 1,
+    }
 
 
 def _generic_line(user_id: str, **fields) -> str:
@@ -1231,22 +1238,32 @@ def test_a_generic_id_that_an_earlier_record_has_is_invalid_in_any_file_or_split
 def test_a_lamp_gold_for_a_question_with_an_inline_output_is_counted_as_ignored(tmp_path, tiny_tokenizer):
     """A question with an inline `output` is answered by it, as before; a gold for it in the outputs files
     goes unused and is counted (`dropped.gold_ignored_inline_output`), also in the prepare summary and its
-    message, where it used to be ignored without a word."""
+    message, where it used to be ignored without a word. The inline output is the target, not context (a
+    template inserting every context field would put the answer in the prompt). A later copy of the
+    question without `output` is a repeat, dropped; the question kept is still the one answered inline."""
     tw = tmp_path / "topic_writing"
     shutil.copytree(FIXTURES / "lamp" / "topic_writing", tw)
     questions = json.loads((tw / "dev_questions.json").read_text())
     assert questions[0]["id"] == "tw-101"
+    without_output = dict(questions[0])
     questions[0]["output"] = "The inline answer."
     (tw / "dev_questions.json").write_text(json.dumps(questions, indent=1))
     cfg = _topic_writing_cfg(tw)
     records, log = _read(cfg)
     assert [r.id for r in records] == ["tw-101", "tw-102"] and records[0].target == "The inline answer."
     assert records[1].target.startswith("The jitters got old")  # from its gold, as before
+    assert records[0].context == {"input": questions[0]["input"]}  # `id`, `output` and the profile are not
     assert dict(log.dropped) == {"empty_history": 1, "gold_ignored_inline_output": 1}
     said = []
     summary = prepare(cfg, tmp_path / "prepared", tokenizer=tiny_tokenizer(), echo=said.append)
     assert summary["dropped"] == {"empty_history": 1, "gold_ignored_inline_output": 1}
     assert "  dropped: empty_history 1, gold_ignored_inline_output 1" in said[-1].splitlines()
+    # tw-101 again at the end, without `output`: dropped as a repeat of the first tw-101, whose inline output
+    # still answers it, so its gold is still unused (tw-103, with no profile, is dropped as before).
+    (tw / "dev_questions.json").write_text(json.dumps([*questions, without_output], indent=1))
+    records, log = _read(cfg)
+    assert [r.id for r in records] == ["tw-101", "tw-102"] and records[0].target == "The inline answer."
+    assert dict(log.dropped) == {"empty_history": 1, "duplicate": 1, "gold_ignored_inline_output": 1}
 
 
 def test_lamp_golds_repeated_conflicting_or_without_a_question_are_counted_or_invalid(tmp_path):
@@ -1546,7 +1563,8 @@ def test_lines_json_cannot_read_or_that_end_in_cr_alone_are_named_with_their_cau
 
 
 def test_a_mistyped_missing_or_misplaced_generic_field_is_told_its_fix(tmp_path):
-    """These named the problem and no fix (the closing line offers only `on_error: skip`)."""
+    """These named the problem and no fix (the closing line offers only `on_error: skip`). History entries
+    carry a timestamp all or none (module docstring): one without it beside one with it is missing it."""
     path = tmp_path / "records.jsonl"
     path.write_text(
         _generic_line("a", split="validation")
@@ -1557,6 +1575,7 @@ def test_a_mistyped_missing_or_misplaced_generic_field_is_told_its_fix(tmp_path)
         + json.dumps({"user_id": "d", "context": "c", "history": ["h"]}) + "\n"
         + _generic_line("e", target=None)
         + json.dumps(["a", "list"]) + "\n"
+        + _generic_line("f", history=[{"text": "a", "timestamp": 1}, {"text": "b"}])
     )  # fmt: skip
     _, log = _read(DataConfig(format="generic", template="plain", sources=[str(path)], on_error="skip"))
     issues = [issue for listed in log.skipped.values() for issue in listed]
@@ -1572,7 +1591,10 @@ def test_a_mistyped_missing_or_misplaced_generic_field_is_told_its_fix(tmp_path)
         f"{path}:7": "target: required field `target` is null. Fix: give its value",
         f"{path}:8": "None: each line must be a JSON object, got list. Fix: write each record as an object "
         "({...}) on a line of its own",
+        f"{path}:9": "history[1].timestamp: some history entries carry a timestamp and this one does not; "
+        "give all or none",
     }
+    assert f"{path}:9" in {issue.location for issue in log.skipped["missing_field"]}
 
 
 def test_a_null_field_of_a_context_or_entry_object_is_absent(tmp_path):
