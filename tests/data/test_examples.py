@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from nextquill_jax.data.config import DataConfig
-from nextquill_jax.data.examples import FittingStats, build_examples
+from nextquill_jax.data.examples import FittingStats, build_examples, prompt_start
 from nextquill_jax.data.sources.read import read_records
 from nextquill_jax.data.sources.records import DataError, HistoryEntry, IssueLog, Record
 from nextquill_jax.data.templates import load_template
@@ -310,6 +310,22 @@ def _bos_adding_tokenizer(tiny_tokenizer):
     return tok, bos
 
 
+def _bos_naming_tokenizer(tiny_tokenizer):
+    """The tiny tokenizer with a BOS token named (`<|endoftext|>`) but no post-processor to add it, as
+    SmolLM2's tokenizer names one and adds none: its texts start with no BOS."""
+    import copy
+
+    from transformers import PreTrainedTokenizerFast
+
+    backend = copy.deepcopy(tiny_tokenizer()).backend_tokenizer
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<|endoftext|>", eos_token="<|endoftext|>"
+    )
+    assert tok.bos_token_id is not None
+    assert tok("Hi")["input_ids"] == tok("Hi", add_special_tokens=False)["input_ids"]
+    return tok
+
+
 def _one_record(history: list[str], target: str = "a target") -> Record:
     return Record(
         user_id="u",
@@ -322,8 +338,10 @@ def _one_record(history: list[str], target: str = "a target") -> Record:
 
 
 def test_a_tokenizer_that_adds_a_bos_gets_it_first_in_both_prompts_counted_in_the_limit(tiny_tokenizer):
-    """Llama 3 always saw `<|begin_of_text|>` at position 0; the prompts were tokenised without it. The
-    tiny tokenizer (as Qwen's and SmolLM2's) adds none, and gets none."""
+    """Llama 3 always saw `<|begin_of_text|>` at position 0; the prompts were tokenised without it. A chat
+    template that writes the BOS itself (`{{ bos_token }}`, as Llama 3's does) gives it once, not twice. The
+    tiny tokenizer (as Qwen's) adds none, and gets none; nor does one that names a BOS but adds none (as
+    SmolLM2's: `prompt_start` asks what the tokenizer adds, not what it names)."""
     tok, bos = _bos_adding_tokenizer(tiny_tokenizer)
     template = load_template("plain")
     record = _one_record(["the quiet river", "pages of winter"])
@@ -343,6 +361,26 @@ def test_a_tokenizer_that_adds_a_bos_gets_it_first_in_both_prompts_counted_in_th
     plain = tiny_tokenizer()
     (example,) = build_examples([record], template, plain, cfg, IssueLog(), FittingStats())
     np.testing.assert_array_equal(example.tokens.prompt_with, ids(example.prompt_with_history))
+
+    tok.chat_template = (
+        "{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    )
+    chat = DataConfig(template="plain", max_history=2, chat_template=True)
+    (example,) = build_examples([record], template, tok, chat, IssueLog(), FittingStats())
+    for prompt, text in (
+        (example.tokens.prompt_with, example.prompt_with_history),
+        (example.tokens.prompt_without, example.prompt_without_history),
+    ):
+        assert text.startswith("<|begin_of_text|>") and text.count("<|begin_of_text|>") == 1
+        np.testing.assert_array_equal(prompt, ids(text))  # the text's own BOS, its id first
+        assert prompt[0] == bos and int((prompt == bos).sum()) == 1
+
+    named = _bos_naming_tokenizer(tiny_tokenizer)
+    named_ids = lambda text: named(text, add_special_tokens=False)["input_ids"]
+    assert prompt_start(named) is None
+    (example,) = build_examples([record], template, named, cfg, IssueLog(), FittingStats())
+    np.testing.assert_array_equal(example.tokens.prompt_with, named_ids(example.prompt_with_history))
+    np.testing.assert_array_equal(example.tokens.prompt_without, named_ids(example.prompt_without_history))
 
 
 def test_added_tokens_that_are_not_special_count_as_special_text(tiny_tokenizer):
@@ -365,6 +403,30 @@ def test_added_tokens_that_are_not_special_count_as_special_text(tiny_tokenizer)
         "a prompt value (context or history) holds the text of the special token <tool_call>, which is"
         " tokenised as that token (as the public code does); if it is meant as text, remove it from the data"
     ]
+
+
+def test_special_token_text_in_an_entry_dropped_for_length_is_not_noted(tiny_tokenizer):
+    """Only the values the prompts insert are checked for special-token text: the oldest entry, which holds
+    `<|im_end|>`, noted while it is in the prompt, is dropped to fit `max_prompt_tokens` and then not."""
+    tok = tiny_tokenizer()
+    template = load_template("plain")
+    record = _one_record(["an <|im_end|> old entry", "the newest entry"])  # oldest first
+    newest_only = _one_record(["the newest entry"])
+    cfg = DataConfig(template="plain", max_history=2, history_fit="drop")
+    (example,) = build_examples([newest_only], template, tok, cfg, IssueLog(), FittingStats())
+    limit = example.tokens.prompt_with.size  # the prompt with the newest entry alone
+    log = IssueLog()
+    (example,) = build_examples([record], template, tok, cfg, log, FittingStats())
+    assert example.history_used == 2 and list(log.notes) == [
+        "a prompt value (context or history) holds the text of the special token <|im_end|>, which is"
+        " tokenised as that token (as the public code does); if it is meant as text, remove it from the data"
+    ]
+    fitted = DataConfig(template="plain", max_history=2, history_fit="drop", max_prompt_tokens=limit)
+    log = IssueLog()
+    (example,) = build_examples([record], template, tok, fitted, log, FittingStats())
+    assert (example.history_used, example.history_dropped_for_length) == (1, 1)
+    assert "<|im_end|>" not in example.prompt_with_history
+    assert not log.notes
 
 
 def test_entries_beyond_max_history_are_counted_over_the_examples_kept(tiny_tokenizer):
