@@ -358,6 +358,12 @@ def test_amazon2023_a_user_with_as_many_reviews_as_targets_is_left_to_the_profil
         assert len({r.user_id for r in records}) == users and len(records) == 7 * users
         assert "review_user_too_few_targets" not in log.dropped
         assert log.dropped["review_user_profile_too_small"] == 7 * (4 - users)
+    # With 8 targets, the three users of 7 reviews have too few (their 21 reviews counted); U3 is kept.
+    thresholds = {**small_dpl, "dpl_num_targets": 8, "dpl_min_profile_reviews": 0}
+    records, log = _read(_amazon_cfg(thresholds))
+    ours, reference = _with_reference(records, rows, metas, targets=8, min_profile_reviews=0)
+    assert ours == reference and len(records) == 8 and {r["user_id"] for r in ours} == {"U3"}
+    assert log.dropped["review_user_too_few_targets"] == 21
 
 
 def test_amazon2023_keeps_the_first_metadata_row_of_a_repeated_item_and_counts_the_rest(tmp_path, small_dpl):
@@ -823,10 +829,15 @@ def test_configuration_errors_name_the_setting(tmp_path, small_dpl):
     toys = tmp_path / "meta_Toys.jsonl"
     shutil.copy(AMAZON / "meta_Books.jsonl", toys)
     metas = [str(AMAZON / "meta_Books.jsonl"), str(toys)]
+    broken_books = tmp_path / "broken" / "Books.jsonl"  # refused before any file is read: this is not
+    broken_books.parent.mkdir()
+    broken_books.write_text("{not json\n")
     with pytest.raises(ValueError) as e:
-        _read(DataConfig(format="amazon2023", sources=[str(AMAZON / "Books.jsonl")], meta=metas, **small_dpl))
-    assert str(e.value).startswith("data.meta: metadata files without a review file in data.sources: [")
-    assert str(toys) in str(e.value) and "meta_Books" not in str(e.value)
+        _read(DataConfig(format="amazon2023", sources=[str(broken_books)], meta=metas, **small_dpl))
+    assert str(e.value) == (
+        f"data.meta: metadata files without a review file in data.sources: {toys}. Fix: add each one's "
+        "<Category>.jsonl (or .jsonl.gz, .parquet) review file to data.sources, or remove it from data.meta"
+    )
     with pytest.raises(ValueError, match=r"'lamp_topic_writing' needs context fields \['input'\]"):
         _read(_amazon_cfg(small_dpl, template="lamp_topic_writing"))
     assert split_from_name(FIXTURES / "lamp" / "topic_writing" / "dev_questions.json") == "val"

@@ -85,21 +85,25 @@ def read_amazon2023(
     """
     reviews = _by_name(review_files, "sources", "review")
     metas = _by_name(meta_files, "meta", "metadata")
-    records: list[Record] = []
+    # Both ways checked before any file is read (a category's files take minutes at full size).
     for category, review_file in reviews.items():
-        meta_file = metas.pop(f"meta_{category}", None)
-        if meta_file is None:
+        if f"meta_{category}" not in metas:
             raise ValueError(
                 f"data.meta: no metadata file for reviews {review_file}; add meta_{category}.jsonl"
                 " (or .jsonl.gz, .parquet) to data.meta"
             )
-        items, known, invalid = read_items(meta_file, cfg, log)
-        reviews = read_reviews(review_file, items, known, invalid, cfg, log)
-        records.extend(dpl_protocol(reviews, items, review_file, category, cfg, log))
-    if metas:
+    lonely = sorted(str(path) for name, path in metas.items() if name.removeprefix("meta_") not in reviews)
+    if lonely:
         raise ValueError(
-            f"data.meta: metadata files without a review file in data.sources: {sorted(metas.values())}"
+            f"data.meta: metadata files without a review file in data.sources: {', '.join(lonely)}. Fix: add "
+            "each one's <Category>.jsonl (or .jsonl.gz, .parquet) review file to data.sources, or remove it "
+            "from data.meta"
         )
+    records: list[Record] = []
+    for category, review_file in reviews.items():
+        items, known, invalid = read_items(metas[f"meta_{category}"], cfg, log)
+        category_reviews = read_reviews(review_file, items, known, invalid, cfg, log)
+        records.extend(dpl_protocol(category_reviews, items, review_file, category, cfg, log))
     return records
 
 
