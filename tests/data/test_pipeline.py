@@ -17,7 +17,8 @@ import pytest
 
 from nextquill_jax.config import Config, ModelRunConfig, TrainConfig
 from nextquill_jax.config_schema import ConfigError
-from nextquill_jax.data.batch import BATCH_FIELDS, IGNORE_INDEX
+from nextquill_jax.data.assemble import RowShape, assemble_batch
+from nextquill_jax.data.batch import BATCH_FIELDS, IGNORE_INDEX, OPTIONAL_FIELDS
 from nextquill_jax.data.checksums import IntegrityError
 from nextquill_jax.data.config import BatchingConfig, DataConfig
 from nextquill_jax.data.packing import bucket_batches, bucket_of, first_fit_rows, most_per_row
@@ -69,6 +70,8 @@ def _check_batch(batch: dict, examples: list[TokenizedExample], seen: set[tuple[
     """Every slot against the source example: label, preceding target tokens and prompt, in both streams."""
     for key, (dtype, _) in BATCH_FIELDS.items():
         assert batch[key].dtype == np.dtype(dtype), key
+    for key, (dtype, _) in OPTIONAL_FIELDS.items():
+        assert key not in batch or batch[key].dtype == np.dtype(dtype), key
     B, R = batch["labels"].shape
     for b in range(B):
         for r in range(R):
@@ -481,6 +484,25 @@ def test_config_accepts_yaml_lists_and_derives_buckets():
     cfg = BatchingConfig(mode="bucket", seq_len_with=1024, bucket_boundaries=[256, 512])
     assert cfg.bucket_boundaries == (256, 512) and cfg.with_boundaries() == (256, 512, 1024)
     assert BatchingConfig(mode="bucket", seq_len_with=1024).with_boundaries() == (128, 256, 512, 1024)
+
+
+def test_assemble_batch_refuses_an_empty_prompt_and_an_overflow_naming_the_row():
+    """The pipeline refuses empty prompts before iteration (below); `assemble_batch` itself, a public
+    function, refuses one too: its first target token would have no position to be predicted from."""
+    example = {
+        "prompt_with": np.array([5, 6], np.int32),
+        "prompt_without": np.zeros(0, np.int32),
+        "target": np.array([7, 8], np.int32),
+        "reference_dce": np.array([0.1, 0.2], np.float32),
+    }
+    with pytest.raises(ValueError, match=r"^row 0 example 1: empty prompt_without; every prompt needs"):
+        assemble_batch([[example]], RowShape(8, 8, 4), with_reference_dce=True)
+    example["prompt_without"] = np.array([9], np.int32)
+    with pytest.raises(ValueError, match=r"^row 0: examples need 4 response slots, row holds 3"):
+        assemble_batch([[example, example]], RowShape(8, 8, 3), with_reference_dce=True)
+    batch = assemble_batch([[example]], RowShape(8, 8, 4), with_reference_dce=True)
+    np.testing.assert_array_equal(batch["without_ids"][0], [9, 7, 8, 0, 0, 0, 0, 0])
+    assert batch["reference_dce"].dtype == np.float32
 
 
 def test_empty_prompt_or_split_is_refused_before_iteration(tmp_path):

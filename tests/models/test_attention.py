@@ -125,8 +125,41 @@ def test_blockwise_attention_in_bfloat16_stays_close_to_reference():
 
 def test_blockwise_attention_rejects_a_bad_block():
     q, k, v = random_qkv(1, 8, 2, 1, 8)
-    with pytest.raises(ValueError, match="block must be a positive int"):
-        blockwise_attention(q, k, v, jnp.ones((1, 8), jnp.int32), 0)
+    for block in (0, 2.5):
+        with pytest.raises(ValueError, match="block must be a positive int"):
+            blockwise_attention(q, k, v, jnp.ones((1, 8), jnp.int32), block)
+    q6, k4, v4 = random_qkv(1, 8, 6, 4, 8)
+    with pytest.raises(ValueError, match=r"query heads \(6\) must be a multiple of key/value heads \(4\)"):
+        blockwise_attention(q6, k4, v4, jnp.ones((1, 8), jnp.int32), 4)
+
+
+def test_blockwise_attention_visits_the_block_pairs_whose_segments_meet():
+    """Which block pairs run, against a plain statement: pair (i, j), j <= i, where in some row the real
+    (> 0) segment ids of the two blocks have overlapping ranges. Visiting more gives the same numbers,
+    slower; the packed row here (3 examples, then padding) leaves (2, 0), (3, 0..2) and (4, *) out."""
+    from nextquill_jax.models.blockwise_attention import _segment_blocks
+
+    segments = np.array([[1] * 15 + [2] * 9 + [3] * 8 + [0] * 5], np.int32)  # [B, T]
+    block, n = 8, 5
+    padded = np.pad(segments, ((0, 0), (0, n * block - segments.shape[1])))
+    want = np.zeros((n, n), bool)
+    for i in range(n):
+        for j in range(i + 1):
+            for row in padded:
+                a = [s for s in row[i * block : (i + 1) * block] if s > 0]
+                b = [s for s in row[j * block : (j + 1) * block] if s > 0]
+                want[i, j] |= bool(a and b and min(a) <= max(b) and min(b) <= max(a))
+    assert want[2, 1] and not want[2, 0] and not want[3, :3].any() and not want[4].any()
+    np.testing.assert_array_equal(np.asarray(_segment_blocks(jnp.asarray(segments), block)[1]), want)
+
+
+def test_blockwise_attention_keeps_hundreds_of_segments_apart():
+    """300 one-token examples in one row (short examples packed into a long row): each query attends to
+    itself alone, so the output is its own value vector, whatever the segment ids' width."""
+    q, k, v = random_qkv(1, 300, 2, 1, 8)
+    segments = jnp.arange(1, 301, dtype=jnp.int32)[None]  # [B, T]
+    out = np.asarray(blockwise_attention(q, k, v, segments, 16))
+    np.testing.assert_allclose(out, np.repeat(np.asarray(v), 2, axis=2), atol=1e-6)
 
 
 def test_blockwise_attention_refuses_keys_or_segments_of_another_length():
