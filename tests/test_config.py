@@ -341,14 +341,20 @@ def test_yaml_exponent_float_and_int_for_float(tmp_path, tiny_config, write_conf
 @pytest.mark.parametrize(
     "override, named, suggested",
     [
-        ("optim.learnig_rate=1e-3", "optim.learnig_rate", "`optim.learning_rate`"),
-        ("optm.learning_rate=1e-3", "optm", "`optim.learning_rate`"),
-        ("data.batching.rows_per_bach=4", "data.batching.rows_per_bach", "`data.batching.rows_per_batch`"),
-        ("loss.variant=nextqill", "loss.variant", "'nextquill'"),
-        # A key put in the wrong section: the nearest keys of other sections.
-        ("train.lerning_rate=1e-3", "train.lerning_rate", "`optim.learning_rate`"),
-        ("eval.every_step=5", "eval.every_step", "`eval.every_steps` or `checkpoint.every_steps`"),
-        ("model.lora.rnk=4", "model.lora.rnk", "`model.lora.rank`"),
+        ("optim.learnig_rate=1e-3", "optim.learnig_rate", "`optim.learning_rate` or `optim.warmup_ratio`?"),
+        ("optm.learning_rate=1e-3", "optm", "`optim.learning_rate`?"),
+        ("data.batching.rows_per_bach=4", "data.batching.rows_per_bach", "`data.batching.rows_per_batch`?"),
+        ("loss.variant=nextqill", "loss.variant", "'nextquill'?"),
+        ("optim.b=0.9", "optim.b", "`optim.b2` or `optim.b1`?"),  # the own section's two nearest
+        # A key put in the wrong section: the nearest keys of other sections (close ones only, three at most).
+        ("train.lerning_rate=1e-3", "train.lerning_rate", "`optim.learning_rate`?"),
+        (
+            "eval.every_step=5",
+            "eval.every_step",
+            "`eval.every_steps` or `checkpoint.every_steps` or `logging.every_steps`?",
+        ),
+        ("train.see=1", "train.see", "`train.seed` or `data.batching.seed` or `eval.generation.seed`?"),
+        ("model.lora.rnk=4", "model.lora.rnk", "`model.lora.rank`?"),
     ],
 )
 def test_unknown_command_line_keys_are_blamed_on_the_command_line_with_nearest_keys(
@@ -358,7 +364,7 @@ def test_unknown_command_line_keys_are_blamed_on_the_command_line_with_nearest_k
         load_config(cfg_file, [override])
     message = str(e.value)
     assert message.startswith("command line: ") and str(cfg_file) not in message, message
-    assert named in message and suggested in message, message
+    assert named in message and f"Did you mean {suggested}" in message, message
 
 
 def test_unknown_file_keys_are_blamed_on_the_file(tmp_path, tiny_config, write_config):
@@ -576,6 +582,7 @@ def test_an_endless_run_without_max_steps_is_refused_when_the_config_is_read(cfg
         ("optim.eps=-1", "optim", "eps must be > 0, got -1.0"),
         ("optim.eps=0", "optim", "eps must be > 0, got 0.0"),
         ("optim.min_lr_ratio=1.5", "optim", "min_lr_ratio must be in [0, 1], got 1.5"),
+        ("optim.warmup_ratio=1", "optim", "warmup_ratio must be in [0, 1), got 1.0"),
         ("optim.min_lr_ratio=-0.5", "optim", "min_lr_ratio must be in [0, 1], got -0.5"),
         # JAX keeps a seed's low 32 bits (2**32 draws as 0); one past 2**63 crashed once training had started
         ("train.seed=4294967296", "train", "seed must be in [0, 2**32), got 4294967296"),
@@ -679,6 +686,9 @@ def test_a_sweep_refuses_a_peak_tflops_that_is_not_positive():
         ("logging.profile_steps=[3, 2]", "logging", "profile_steps must be [first, last]"),
         ("model.scan_unroll=0", "model.scan_unroll", "` must be an int >= 1, got 0. Fix: "),
         ("model.scan_unroll=2.5", "model.scan_unroll", "expects an int"),
+        # YAML's true is a bool, which Python counts as an int: not a step count or a learning rate.
+        ("train.max_steps=true", "train.max_steps", "expects an int, got True (bool)"),
+        ("optim.learning_rate=true", "optim.learning_rate", "expects a float, got True (bool)"),
     ],
 )
 def test_wrong_types_and_invalid_values_name_the_key(cfg_file, override, named, expected):
@@ -688,6 +698,16 @@ def test_wrong_types_and_invalid_values_name_the_key(cfg_file, override, named, 
     assert f"`{named}" in message and expected in message and "Fix" in message, message
     assert message.startswith("command line: ") or message.endswith(f"overrides applied: {override})")
     assert " a int" not in message and " a a " not in message  # "an int", "a mapping"
+
+
+@pytest.mark.parametrize("override", ["optim={learning_rate: 0.1}", "optim..learning_rate=0.1", "=1"])
+def test_an_override_without_a_section_and_key_is_refused_with_an_example(cfg_file, override):
+    """A whole section given a mapping on the command line (or an empty part) is no key=value override."""
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg_file, [override])
+    assert str(e.value) == (
+        f"override {override!r} is not of the form section.key=value (e.g. optim.learning_rate=1e-4)"
+    )
 
 
 def test_model_overrides_are_recorded_as_their_values_so_a_resume_reads_one_value_in_any_spelling(cfg_file):
