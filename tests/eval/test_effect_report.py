@@ -247,6 +247,22 @@ def test_a_report_leaves_nonfinite_dce_out_of_its_numbers_and_counts_them(tmp_pa
     assert "with a non-finite DCE left out" in describe(written)
 
 
+def test_a_dce_at_the_threshold_is_not_preference_bearing_and_ground_truth_counts_its_own_examples():
+    """DCE > δ, strictly, in the totals and per example (δ 0.25, exact in float32, so a DCE of exactly δ
+    is the case under test); the ground truth's non-finite count is that of the examples with roles (a NaN
+    in an example without roles is counted in the totals only)."""
+    cfg = LossConfig(threshold=0.25, high=0.8, low=0.2)
+    dce = np.array([0.25, 0.75, -1.0], np.float32)
+    with_roles = _effects(0, dce, ["preference", "context", "noise"])
+    without_roles = _effects(1, np.array([0.5, np.nan], np.float32), None)
+    summary = summarize([with_roles, without_roles], cfg)
+    above = [float(d) > 0.25 for d in dce]  # the plain statement: 1 of the 3
+    assert summary["per_example"][0]["preference_bearing"] == sum(above) == 1
+    assert summary["preference_bearing"] == sum(above) + 1  # example 1's 0.5
+    assert (summary["nonfinite_tokens"], summary["ground_truth"]["nonfinite_tokens"]) == (1, 0)
+    assert summary["ground_truth"]["examples"] == 1
+
+
 @pytest.mark.parametrize("processes", [1, 2])
 def test_a_report_stopped_part_way_leaves_no_summary_standing_for_it(tmp_path, monkeypatch, processes):
     """The page and the plot were written in place before the new summary.json: a report killed between
