@@ -583,6 +583,18 @@ def test_an_endless_run_without_max_steps_is_refused_when_the_config_is_read(cfg
         ("optim.eps=0", "optim", "eps must be > 0, got 0.0"),
         ("optim.min_lr_ratio=1.5", "optim", "min_lr_ratio must be in [0, 1], got 1.5"),
         ("optim.warmup_ratio=1", "optim", "warmup_ratio must be in [0, 1), got 1.0"),
+        ("optim.warmup_steps=-1", "optim", "warmup_steps must be >= 0, got -1"),
+        ("checkpoint.keep=0", "checkpoint", "need every_steps >= 0 and keep >= 1, got 3, 0"),
+        (
+            "logging.health_pref_fraction=0",
+            "logging",
+            "health_pref_fraction must be in (0, 1) or null, got 0.0",
+        ),
+        (
+            "logging.profile_steps=[3]",
+            "logging",
+            "profile_steps must be [first, last] with 1 <= first <= last (optimizer steps), got [3]",
+        ),
         ("optim.min_lr_ratio=-0.5", "optim", "min_lr_ratio must be in [0, 1], got -0.5"),
         # JAX keeps a seed's low 32 bits (2**32 draws as 0); one past 2**63 crashed once training had started
         ("train.seed=4294967296", "train", "seed must be in [0, 2**32), got 4294967296"),
@@ -603,6 +615,31 @@ def test_a_value_outside_its_documented_range_is_refused(cfg_file, override, sec
         f"command line: invalid `{section}`: {message}. Fix the value under `{section}`. "
         f"(overrides: {override})"
     )
+
+
+def test_the_ends_of_the_documented_ranges_that_are_in_them_are_accepted(cfg_file):
+    ends = [
+        "mesh.peer_timeout_s=1e9",
+        "optim.min_lr_ratio=1",
+        "optim.min_lr_ratio=0",
+        "optim.warmup_ratio=0",
+        "optim.b1=0",
+        "checkpoint.every_steps=0",
+        "checkpoint.keep=1",
+        "logging.profile_steps=[1, 1]",
+        "logging.health_pref_fraction=null",
+        "model.lora={rank: 1}",
+    ]
+    cfg = load_config(cfg_file, ends)
+    assert (cfg.mesh.peer_timeout_s, cfg.optim.min_lr_ratio, cfg.checkpoint.keep) == (1e9, 0.0, 1)
+    assert cfg.model.lora.rank == 1 and list(cfg.logging.profile_steps) == [1, 1]
+
+
+def test_lora_refuses_rank_0_and_optim_trainable_beside_it(cfg_file):
+    with pytest.raises(ConfigError, match=r"invalid `model.lora`: rank must be >= 1, got 0\."):
+        load_config(cfg_file, ["model.lora={rank: 0}"])
+    with pytest.raises(ConfigError, match=r"optim.trainable and model.lora both choose what trains"):
+        load_config(cfg_file, ["model.lora={rank: 4}", "optim.trainable=[q_proj]"])
 
 
 def test_the_ends_of_the_documented_ranges_are_accepted(cfg_file):
