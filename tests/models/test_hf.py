@@ -226,6 +226,19 @@ def test_shards_hold_at_most_the_bound_unless_one_tensor_exceeds_it(qwen2, tmp_p
         sizes = [array.nbytes for array in held.values()]
         assert sum(sizes) <= 40_000 or len(sizes) == 1, (name, sizes)
     assert index["metadata"]["total_size"] == sum(a.nbytes for held in shards.values() for a in held.values())
+    # A bound below every tensor: one tensor a shard, none empty (the first tensor opens the first shard).
+    alone = save_pretrained(model_from_hf(config, tensors), tmp_path / "alone", max_shard_bytes=1)
+    index = json.loads((alone / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    held = [load_file(alone / name) for name in files]
+    assert [len(shard) for shard in held] == [1] * len(index["weight_map"])
+    assert sorted(path.name for path in alone.glob("*.safetensors")) == files
+    # A bound the first two tensors fill exactly: they share the first shard ("at most", not "below").
+    first, second = (next(iter(shard.values())) for shard in held[:2])
+    bound = first.nbytes + second.nbytes
+    exact = save_pretrained(model_from_hf(config, tensors), tmp_path / "exact", max_shard_bytes=bound)
+    opening = json.loads((exact / "model.safetensors.index.json").read_text())["weight_map"]
+    assert sorted(load_file(exact / min(opening.values()))) == sorted([*held[0], *held[1]])
 
 
 def test_sharded_index_must_agree_with_its_files(qwen2, tmp_path):
