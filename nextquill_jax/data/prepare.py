@@ -227,6 +227,14 @@ def tokenizer_digest(tokenizer: Any) -> str:
     return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
 
 
+def other_tokenizer_than_recorded(summary: dict[str, Any], tokenizer: Any) -> bool | None:
+    """Whether `tokenizer` is another than the one the data of `summary` (its summary.json) was prepared
+    with, by content (`tokenizer_digest` against its `tokenizer_sha256`); None where the summary, of an
+    earlier version, records no digest (the caller judges by what it has)."""
+    recorded = summary.get("tokenizer_sha256")
+    return None if recorded is None else recorded != tokenizer_digest(tokenizer)
+
+
 def load_fast_tokenizer(name: str, key: str = "data.tokenizer") -> Any:
     """`models.load_tokenizer(name)` (always a fast tokenizer), checked to have an EOS token; `key` is the
     setting that named it, which the errors name (`--tokenizer` where a flag did).
@@ -418,10 +426,11 @@ def _moved_files(previous: dict[str, Any], inputs: list[dict], layout: dict[str,
     """ "old -> new" for each input file the summary `previous` records at another path, the same file moved
     (`_with_recorded_paths`), joined by "; "; empty when none moved, or when they are where the summary's
     `FOUND_AT` last found them (a move already reported)."""
-    recorded = [file["path"] for file in _with_recorded_paths(inputs, previous, layout)]
     last_found = previous.get(FOUND_AT)
     if isinstance(last_found, list) and len(last_found) == len(inputs):
         recorded = last_found
+    else:
+        recorded = [file["path"] for file in _with_recorded_paths(inputs, previous, layout)]
     moved = [
         f"{old} -> {new['path']}" for old, new in zip(recorded, inputs, strict=True) if old != new["path"]
     ]

@@ -451,7 +451,7 @@ def evaluate(
                 echo(note)
         reference = loaded_reference.graphdef, loaded_reference.params
 
-    from nextquill_jax.data.prepare import read_summary, tokenizer_digest
+    from nextquill_jax.data.prepare import other_tokenizer_than_recorded, read_summary
 
     # The run's tokenizer decodes, as the model reads every id as its tokenizer's; data prepared with another
     # (`evaluate --data`) gets a note: by content where the data's summary records it, else by path.
@@ -460,10 +460,9 @@ def evaluate(
         given_tokenizer if given_tokenizer is not None else load_run_tokenizer(loaded, tokenizer_setting)
     )
     summary = read_summary(data_dir) or {}
-    prepared_with, prepared_digest = summary.get("tokenizer"), summary.get("tokenizer_sha256")
-    if prepared_digest is not None:
-        other = prepared_digest != tokenizer_digest(decoder_tokenizer)
-    else:  # data prepared before summaries recorded the digest
+    prepared_with = summary.get("tokenizer")
+    other = other_tokenizer_than_recorded(summary, decoder_tokenizer)
+    if other is None:  # data prepared before summaries recorded the digest
         other = prepared_with is not None and _other_tokenizer(prepared_with, decoding)
     if other:
         decoder = f"the run's data with {decoding!r}" if tokenizer is None else f"--tokenizer is {decoding!r}"

@@ -68,7 +68,8 @@ def export(
     # here, and a `loss.weighting` module need not import.
     restored = restore_model(workdir, step, single_device_mesh(), runs_model=False)
     model, cfg = merged_model(restored.model), restored.config  # a LoRA run's adapters merged in
-    ends = targets_end_token(data_dir_of(cfg, workdir))
+    data_dir = data_dir_of(cfg, workdir)
+    ends = targets_end_token(data_dir)
     added = ends is not None and ends not in model.cfg.eos_token_ids
     eos_token_ids = [*model.cfg.eos_token_ids, ends] if added else None
     # config.json is written with them, before the weights (`save_pretrained`): a stopped export leaves no
@@ -77,7 +78,7 @@ def export(
         saved_tokenizer = load_run_tokenizer(restored)
     else:
         saved_tokenizer = given_tokenizer
-        if note := other_tokenizer_note(data_dir_of(cfg, workdir), given_tokenizer, tokenizer, ends):
+        if note := other_tokenizer_note(data_dir, given_tokenizer, tokenizer, ends):
             echo(note)
     save_pretrained(model, out, tokenizer=saved_tokenizer, eos_token_ids=eos_token_ids)
     if added:
@@ -113,15 +114,15 @@ def merged_dtype_note(base_dtype: str) -> str:
 def other_tokenizer_note(data_dir: Path, given: Any, name: str, ends: int | None) -> str | None:
     """The note `export` gives where `--tokenizer` (`given`, loaded from `name`) is not the one the run's data
     in `data_dir` was prepared with, or None: judged by content where its summary.json records the digest
-    (`data.prepare.tokenizer_digest`), else by the end token the targets end in (`ends`). The export ships
-    that tokenizer as the model's: with another vocabulary its text means nothing. Not refused: the same
-    vocabulary with another chat template, say, differs in content and is a fine choice."""
-    from nextquill_jax.data.prepare import read_summary, tokenizer_digest
+    (`data.prepare.other_tokenizer_than_recorded`), else by the end token the targets end in (`ends`). The
+    export ships that tokenizer as the model's: with another vocabulary its text means nothing. Not refused:
+    the same vocabulary with another chat template, say, differs in content and is a fine choice."""
+    from nextquill_jax.data.prepare import other_tokenizer_than_recorded, read_summary
 
     summary = read_summary(data_dir) or {}
-    recorded = summary.get("tokenizer_sha256")
-    if recorded is not None:
-        if recorded == tokenizer_digest(given):
+    other = other_tokenizer_than_recorded(summary, given)
+    if other is not None:
+        if not other:
             return None
         differs = "holds other content than"
     elif ends is not None and ends != given.eos_token_id:
