@@ -288,7 +288,7 @@ def seed_costs(
     """
     from nextquill_jax.data.prepare import load_fast_tokenizer
     from nextquill_jax.data.prepared_split import PreparedSplit
-    from nextquill_jax.eval.compare import DONE_FILE
+    from nextquill_jax.eval.compare_record import DONE_FILE
     from nextquill_jax.train.workdir import data_dir_of, initial_model, restore_model
 
     split = comparison.compare.split
@@ -394,7 +394,7 @@ def across_report(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from nextquill_jax.eval.compare import load_comparison
+    from nextquill_jax.eval.compare_file import load_comparison
 
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(

@@ -47,7 +47,8 @@ import scipy.stats  # a dependency of jax
 
 from nextquill_jax.argument_parser import ArgumentParser
 from nextquill_jax.eval.bootstrap import no_width
-from nextquill_jax.eval.compare import Comparison, load_comparison, settings_changes, trained_differently
+from nextquill_jax.eval.compare_file import Comparison, load_comparison
+from nextquill_jax.eval.compare_record import settings_changes, trained_differently
 from nextquill_jax.eval.compare_table import (
     METRICS,
     NO_WIDTH_VERDICT,
@@ -186,9 +187,9 @@ def records_of(runs: dict[str, Path]) -> list[dict]:
 def other_settings(records: Sequence[Mapping[str, Any]]) -> list[str]:
     """One line per run whose recorded settings differ, beyond `SEED_KEYS`, the variant's `trained_in`, the
     keys that change no number (logging, checkpointing, the mesh) and the non-finite policy where one of the
-    two runs skipped no update (`compare.trained_differently`), from those of the first run of its variant in
-    `records`: the run and each differing key, the first run's value first. Empty when the runs differ only
-    in the seed.
+    two runs skipped no update (`compare_record.trained_differently`), from those of the first run of its
+    variant in `records`: the run and each differing key, the first run's value first. Empty when the runs
+    differ only in the seed.
 
     Raises:
         ValueError: a record without its settings (written before compare recorded them), with the fix.

@@ -34,7 +34,7 @@ import yaml
 from nextquill_jax.bench.sweep import ScalingConfig
 from nextquill_jax.config import Config
 from nextquill_jax.config_schema import dataclass_of
-from nextquill_jax.eval.compare import Comparison
+from nextquill_jax.eval.compare_file import Comparison
 from nextquill_jax.models.config import ARCHITECTURE_FIELDS, ModelConfig
 
 REGENERATE = "python -m nextquill_jax.config_reference configs/REFERENCE.md"
@@ -89,7 +89,7 @@ PARTS = (
     TRAINING,
     Part(
         "Compare file",
-        "A `nextquill-jax compare --config FILE` file (`nextquill_jax/eval/compare.py`; examples in "
+        "A `nextquill-jax compare --config FILE` file (`nextquill_jax/eval/compare_file.py`; examples in "
         "`configs/study/`).",
         Comparison,
         keys=("compare", "variants", "base"),

@@ -29,7 +29,7 @@ from nextquill_jax.config_reference import (
     yaml_type,
 )
 from nextquill_jax.config_schema import ConfigError, key_paths
-from nextquill_jax.eval.compare import CompareConfig, VariantConfig, load_comparison
+from nextquill_jax.eval.compare_file import CompareConfig, VariantConfig, load_comparison
 from nextquill_jax.models.config import ModelConfig, RopeScaling
 from nextquill_jax.models.presets import model_preset
 

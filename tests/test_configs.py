@@ -25,7 +25,7 @@ from jax.sharding import AbstractMesh, AxisType
 from nextquill_jax.bench.sweep import ScalingConfig, load_scaling_config
 from nextquill_jax.config import Config, ModelRunConfig, config_to_dict, load_config
 from nextquill_jax.demo.run import load_demo_config
-from nextquill_jax.eval.compare import load_comparison
+from nextquill_jax.eval.compare_file import load_comparison
 from nextquill_jax.models.attention import check_attention_backend
 from nextquill_jax.models.config import ModelConfig
 from nextquill_jax.models.presets import PRESETS

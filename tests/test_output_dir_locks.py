@@ -19,7 +19,7 @@ import yaml
 from nextquill_jax import cli
 from nextquill_jax.data.sources import synth
 from nextquill_jax.demo import run as demo_run
-from nextquill_jax.eval import compare
+from nextquill_jax.eval import compare, compare_file, compare_record
 from nextquill_jax.train import loop, setup
 from nextquill_jax.train.workdir_lock import WorkdirLock, WorkdirLockedError
 
@@ -153,7 +153,7 @@ def _a_running_comparisons_out(out):
     an older version wrote it) that a comparison unlinks before running that run again, its log and table."""
     files = {
         "seed0/a/checkpoints/1/x": "a's checkpoint\n",
-        f"seed0/a/{compare.DONE_FILE}": '{"variant": "a"}\n',
+        f"seed0/a/{compare_record.DONE_FILE}": '{"variant": "a"}\n',
         "logs/third_party.log": "2026-01-01 00:00:00,000 INFO absl: the running comparison's own line\n",
         "results.md": "the running comparison's table\n",
     }
@@ -175,7 +175,7 @@ def test_a_second_compare_on_a_locked_out_is_refused_and_writes_nothing(
         raise PastTheLockError
 
     monkeypatch.setattr(loop, "train", train)  # without the lock: a's record unlinked by now
-    monkeypatch.setattr(compare, "load_comparison", _logging(compare.load_comparison))
+    monkeypatch.setattr(compare_file, "load_comparison", _logging(compare_file.load_comparison))
     status = cli.main(["compare", "--config", str(file)])
     err = capsys.readouterr().err
     assert status == 1
@@ -184,7 +184,7 @@ def test_a_second_compare_on_a_locked_out_is_refused_and_writes_nothing(
     # Another process of a multi-process comparison neither takes process 0's lock nor is refused by it.
     monkeypatch.setattr(jax, "process_index", lambda: 1)
     with pytest.raises(PastTheLockError):
-        compare.run_comparison(compare.load_comparison(file), echo=lambda _: None)
+        compare.run_comparison(compare_file.load_comparison(file), echo=lambda _: None)
 
 
 def test_a_compare_holds_its_out_lock_beside_its_trainings_and_releases_it_when_it_ends(
@@ -205,7 +205,7 @@ def test_a_compare_holds_its_out_lock_beside_its_trainings_and_releases_it_when_
 
     monkeypatch.setattr(setup, "prepared_data", prepared_data)
     with pytest.raises(PastTheLockError):
-        compare.run_comparison(compare.load_comparison(file), echo=lambda _: None)
+        compare.run_comparison(compare_file.load_comparison(file), echo=lambda _: None)
     assert held == [os.getpid(), os.getpid()]
     for lock in (WorkdirLock(out, compare.LOCK), WorkdirLock(workdir)):
         assert lock.acquire(0, echo=lambda _: None)

@@ -46,7 +46,7 @@ from nextquill_jax.atomic_file import write_text_atomic
 from nextquill_jax.config import Config
 from nextquill_jax.config_paths import absolute_data_paths
 from nextquill_jax.config_schema import ConfigError, build, read_yaml, with_line
-from nextquill_jax.eval.compare import CompareConfig, Comparison, VariantConfig
+from nextquill_jax.eval.compare_file import CompareConfig, Comparison, VariantConfig
 from nextquill_jax.train.workdir_lock import LockUse, WorkdirLock
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"

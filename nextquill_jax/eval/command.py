@@ -528,7 +528,8 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
 def run_compare(args: argparse.Namespace) -> int:
     """Run a comparison and print its table; a resumable stop is status 0, bad input or a diverged run
     status 1 (one `error:` line)."""
-    from nextquill_jax.eval.compare import ComparisonStoppedError, load_comparison, run_comparison
+    from nextquill_jax.eval.compare import ComparisonStoppedError, run_comparison
+    from nextquill_jax.eval.compare_file import load_comparison
     from nextquill_jax.train.loop import TrainingDivergedError, TrainingStoppedError
 
     try:

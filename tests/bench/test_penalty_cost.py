@@ -174,7 +174,7 @@ def test_across_seeds_gives_each_seeds_paired_mean_their_t_interval_and_the_seed
 def write_finished_runs(out, seed: int, names: list[str]) -> None:
     """compare_done.json of each named run with `seed`, as compare leaves it (the settings --across compares
     between seeds)."""
-    from nextquill_jax.eval.compare import write_done
+    from nextquill_jax.eval.compare_record import write_done
 
     for name in names:
         settings = {"train": True, "config": {"clip_norm": 1.0}, "evaluation": {"split": "test"}}

@@ -325,7 +325,7 @@ def test_baseline_flag_pairs_against_another_variant_and_names_the_finished_ones
     variants that finished."""
     import numpy as np
 
-    from nextquill_jax.eval.compare import write_done
+    from nextquill_jax.eval.compare_record import write_done
     from tests.eval.test_nonfinite_results import run_files
 
     report = benchmark_script("study_report")

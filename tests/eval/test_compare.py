@@ -1,7 +1,7 @@
-"""`compare` (eval/compare.py, eval/compare_table.py): two trained variants and an untrained one of a tiny
-config on the synthetic benchmark through train, evaluate and effects; the table's differences against the
-per-example values the runs wrote; the untrained variant's model against the trained ones' start; resuming;
-bad files."""
+"""`compare` (eval/compare.py, compare_file.py, compare_record.py, compare_table.py): two trained variants and
+an untrained one of a tiny config on the synthetic benchmark through train, evaluate and effects; the table's
+differences against the per-example values the runs wrote; the untrained variant's model against the trained
+ones' start; resuming; bad files."""
 
 from __future__ import annotations
 
@@ -23,14 +23,9 @@ from nextquill_jax.config_schema import ConfigError, build
 from nextquill_jax.data.config import SPLITS
 from nextquill_jax.eval import evaluate
 from nextquill_jax.eval.bootstrap import paired_bootstrap
-from nextquill_jax.eval.compare import (
-    DONE_FILE,
-    CompareConfig,
-    check_trained_in,
-    finished_changes,
-    load_comparison,
-    run_comparison,
-)
+from nextquill_jax.eval.compare import run_comparison
+from nextquill_jax.eval.compare_file import CompareConfig, load_comparison
+from nextquill_jax.eval.compare_record import DONE_FILE, check_trained_in, finished_changes
 from nextquill_jax.eval.compare_table import FEW_EXAMPLES
 from nextquill_jax.train import checkpoint, loop
 
@@ -681,7 +676,7 @@ def test_compare_file_errors_name_the_line_and_blame_base_or_the_variant(tmp_pat
 def _finished_with(comparison, settings: dict, **record) -> None:
     """Record variant `a` (seed 0) of `comparison` as finished with `settings` (its compare_done.json), with
     the other fields `record` gives."""
-    from nextquill_jax.eval.compare import write_done
+    from nextquill_jax.eval.compare_record import write_done
 
     comparison.workdir("a", 0).mkdir(parents=True, exist_ok=True)
     write_done(comparison.workdir("a", 0) / DONE_FILE, {"variant": "a", "settings": settings, **record})
@@ -693,7 +688,7 @@ def test_a_finished_run_whose_prepared_data_moved_is_refused_with_the_reason(tmp
     path in the file) reuses them."""
     import dataclasses
 
-    from nextquill_jax.eval.compare import finished_changes, run_settings
+    from nextquill_jax.eval.compare_record import finished_changes, run_settings
 
     base = tiny_config(tmp_path / "unused", tmp_path / "unused_run")
     base["train"]["data_dir"] = None
@@ -732,7 +727,7 @@ def test_a_finished_run_whose_record_files_moved_is_refused_with_the_way_to_reus
     as it says, makes the run the same again."""
     import dataclasses
 
-    from nextquill_jax.eval.compare import finished_changes, run_settings
+    from nextquill_jax.eval.compare_record import finished_changes, run_settings
 
     old, new = tmp_path / "old" / "records.jsonl", tmp_path / "new" / "records.jsonl"
     new.parent.mkdir()
@@ -768,7 +763,7 @@ def test_a_record_with_relative_paths_from_the_directory_it_ran_in_is_not_a_chan
     that compare_done.json records what the run's config.yaml does; a record of an earlier version, which
     kept them relative (`compare.out`, the data and workdir below it), read from the same directory is the
     same run."""
-    from nextquill_jax.eval.compare import finished_changes, run_settings
+    from nextquill_jax.eval.compare_record import finished_changes, run_settings
 
     monkeypatch.chdir(tmp_path)
     base = tiny_config("unused", "unused_run")
@@ -796,7 +791,8 @@ def test_compare_out_and_trained_in_are_absolute_and_a_relative_eval_dir_is_read
     `~`) but locked, logged and looked for the run in a folder named `~` here, failing after the training;
     and a run's compare_done.json recorded its eval_dir relative, so the table, run from another directory,
     read another directory's predictions (a wrong recall, silently) or none."""
-    from nextquill_jax.eval.compare import run_settings, run_variant
+    from nextquill_jax.eval.compare import run_variant
+    from nextquill_jax.eval.compare_record import run_settings
 
     home = tmp_path / "home"
     monkeypatch.setenv("HOME", str(home))
@@ -831,7 +827,7 @@ def test_a_finished_run_trained_under_another_nonfinite_policy_is_refused_once_i
     not, and one whose record predates the count is not either."""
     import dataclasses
 
-    from nextquill_jax.eval.compare import finished_changes, run_settings
+    from nextquill_jax.eval.compare_record import finished_changes, run_settings
     from nextquill_jax.train.resume import may_change
 
     base = tiny_config(tmp_path / "unused", tmp_path / "unused_run")
@@ -1198,7 +1194,7 @@ def test_an_interrupted_run_under_other_settings_is_refused_before_the_first_run
     import dataclasses
 
     from nextquill_jax.config import save_config
-    from nextquill_jax.eval.compare import check_interrupted_run
+    from nextquill_jax.eval.compare_record import check_interrupted_run
 
     base = tiny_config(tmp_path / "data", tmp_path / "unused_run")
     file = tmp_path / "c.yaml"
@@ -1250,7 +1246,7 @@ def _only(raw, name):
 
 
 def test_settings_that_change_no_number_reuse_the_finished_runs(compared, tmp_path):
-    from nextquill_jax.eval.compare import finished_changes
+    from nextquill_jax.eval.compare_record import finished_changes
 
     _, path, _, _, _, _ = compared
 
@@ -1271,7 +1267,7 @@ def test_micro_batches_and_the_joint_forward_change_a_runs_numbers_only_under_lo
     """`train.micro_batches` and `train.joint_forward` change no value, so a finished run is reused under
     other values of them, except where LoRA dropout is above 0: there they draw other masks, and a run
     trained under other values is reported as trained differently (it was reused silently)."""
-    from nextquill_jax.eval.compare import run_settings, settings_changes
+    from nextquill_jax.eval.compare_record import run_settings, settings_changes
     from nextquill_jax.train.resume import normalised
 
     _, path, _, _, _, _ = compared

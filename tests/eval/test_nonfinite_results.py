@@ -14,7 +14,7 @@ import pytest
 
 from nextquill_jax.data.checksums import file_digest
 from nextquill_jax.eval.bootstrap import paired_bootstrap
-from nextquill_jax.eval.compare import write_done
+from nextquill_jax.eval.compare_record import write_done
 from nextquill_jax.eval.compare_table import write_results
 from nextquill_jax.eval.effect_report import ExampleEffects, write_report
 from nextquill_jax.loss import LossConfig
