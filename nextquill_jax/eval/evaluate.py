@@ -67,12 +67,11 @@ from nextquill_jax.plural import counted
 from nextquill_jax.train import adapters, model_setup
 from nextquill_jax.train.dispatch_queue import summed_eval_aux
 from nextquill_jax.train.metrics_log import strict_json
+from nextquill_jax.train.reference_model import check_reference_token_ids, load_reference
 from nextquill_jax.train.resume import EVALUATING, check_same_reference
 from nextquill_jax.train.setup import (
-    check_reference_token_ids,
     evaluation_pipeline,
     jit_eval_step,
-    load_reference,
     planned_examples_per_row,
     segments_per_row,
     step_settings,
@@ -193,7 +192,7 @@ def split_losses(
 ) -> dict[str, Any]:
     """The loss terms of the first `count` examples of `split` under the model (forward passes only);
     `reference`: (graphdef, params) of the run's frozen reference model for `dce: fixed`
-    (`setup.load_reference`).
+    (`reference_model.load_reference`).
 
     Returns `{"tokens", "variant", "alpha", "threshold", "high", "low", "weighting", "weighting_sha256",
     "loss", "terms", "variants", "effects"}`: the run's loss settings behind the terms (α, δ, λ, ε, and

@@ -582,7 +582,7 @@ class Checkpointer:
     def read_progress(self, step: int) -> dict[str, Any]:
         """The progress saved with step `step`: step, epoch, under LoRA the base's identity (`base`), the
         prepared data's (`data`, `resume.data_identity`), the fixed-DCE reference model's (`reference`,
-        `setup.Reference.identity`), the `loss.weighting` module's (`weighting`,
+        `reference_model.Reference.identity`), the `loss.weighting` module's (`weighting`,
         `loss.weighting_record.weighting_fingerprint`) and `manifest` (true: saved with a manifest); the last
         four are absent from checkpoints saved before they were recorded.
 

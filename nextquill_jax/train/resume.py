@@ -271,9 +271,10 @@ def check_same_reference(
     where: str,
     use: ReferenceUse = RESUMING,
 ) -> str | None:
-    """Check that the checkpoint at `where`, whose recorded reference identity (`setup.Reference.identity`)
-    is `saved`, was trained against the fixed-DCE reference model that `current` identifies now (None: the
-    run has none; under the same config, which `check_resumable` compares first, it had none either).
+    """Check that the checkpoint at `where`, whose recorded reference identity
+    (`reference_model.Reference.identity`) is `saved`, was trained against the fixed-DCE reference model that
+    `current` identifies now (None: the run has none; under the same config, which `check_resumable` compares
+    first, it had none either).
     `use` words the note and the refusal: `RESUMING` for a resume, `EVALUATING` for an evaluation of the
     checkpoint (`eval.evaluate`, which loads the reference of the config saved with it).
 
@@ -322,7 +323,7 @@ def check_same_reference(
 
 
 def _reference_text(identity: Mapping[str, Any]) -> str:
-    """A recorded reference identity (`setup.Reference.identity`) in words."""
+    """A recorded reference identity (`reference_model.Reference.identity`) in words."""
     if "step" in identity:
         manifest = identity["manifest"]
         digest = "no manifest.json" if manifest is None else f"manifest.json {manifest[:12]}"

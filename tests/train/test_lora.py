@@ -30,7 +30,7 @@ from nextquill_jax.loss import LossConfig, loss_from_aux
 from nextquill_jax.models import CausalLM, lora, model_preset
 from nextquill_jax.models.peft import read_peft_adapter
 from nextquill_jax.parallel import DEFAULT_RULES, logical_to_mesh_spec, make_mesh
-from nextquill_jax.train import adapters, loop, model_setup, setup
+from nextquill_jax.train import adapters, loop, model_setup, reference_model, setup
 from nextquill_jax.train.export import export_adapter
 from nextquill_jax.train.step import StepSettings, batch_loss, make_train_step
 from nextquill_jax.train.workdir import restore_model, restore_params
@@ -152,10 +152,10 @@ def test_a_lora_workdir_restores_as_its_base_carrying_the_adapters(runs):
         np.testing.assert_array_equal(got, want)  # the base itself: the adapters are carried apart
     # The run as another run's fixed-DCE reference model: the same model, its adapters carried along.
     overrides = ["loss.variant=dce", "loss.dce=fixed", f"loss.reference_model={workdir}"]
-    loaded = setup.load_reference(load_config(workdir / "config.yaml", overrides), mesh)
-    reference_model = nnx.merge(loaded.graphdef, loaded.params)
-    assert reference_model.attached_adapters() is not None
-    np.testing.assert_allclose(reference_model.hidden_states(ids), with_adapters, rtol=1e-5, atol=1e-5)
+    loaded = reference_model.load_reference(load_config(workdir / "config.yaml", overrides), mesh)
+    reference = nnx.merge(loaded.graphdef, loaded.params)
+    assert reference.attached_adapters() is not None
+    np.testing.assert_allclose(reference.hidden_states(ids), with_adapters, rtol=1e-5, atol=1e-5)
 
 
 def test_restore_model_computes_in_a_chosen_dtype_from_the_same_parameters(runs):

@@ -317,7 +317,7 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step_and_last_good_checkpoin
 def test_a_workdir_serves_as_the_frozen_reference_model(runs, read_state):
     from nextquill_jax.config import load_config
     from nextquill_jax.parallel import make_mesh
-    from nextquill_jax.train.setup import load_reference
+    from nextquill_jax.train.reference_model import load_reference
 
     work = runs["root"] / "A"
     overrides = ["loss.variant=dce", "loss.dce=fixed", f"loss.reference_model={work}"]
@@ -339,7 +339,7 @@ def test_a_path_reference_model_runs_its_layers_as_the_runs_model_does(
     from nextquill_jax.models.config import RUNTIME_FIELDS
     from nextquill_jax.parallel import make_mesh
     from nextquill_jax.train import model_setup
-    from nextquill_jax.train.setup import load_reference
+    from nextquill_jax.train.reference_model import load_reference
 
     AutoModelForCausalLM.from_config(tiny_hf_config("qwen2", vocab_size=128)).save_pretrained(tmp_path / "hf")
     config = write_config(tiny_config(tmp_path / "data", tmp_path / "run"), tmp_path / "run.yaml")
@@ -373,7 +373,7 @@ def test_a_path_reference_model_beside_lora_adapters_is_stored_as_the_base_is(
 
     from nextquill_jax.config import load_config
     from nextquill_jax.parallel import make_mesh
-    from nextquill_jax.train.setup import load_reference
+    from nextquill_jax.train.reference_model import load_reference
 
     torch_model = AutoModelForCausalLM.from_config(tiny_hf_config("qwen2", vocab_size=128))
     torch_model.save_pretrained(tmp_path / "hf")
