@@ -1153,6 +1153,48 @@ def test_a_mesh_axis_that_does_not_divide_a_parameter_names_it(cfg_file):
         model_setup.param_shardings(model, mesh)
 
 
+def test_logical_axes_map_onto_mesh_axes_each_mesh_axis_used_once():
+    """Expected specs derived by hand from DEFAULT_RULES (batch -> data x fsdp, embed -> fsdp; vocab, heads
+    and mlp -> tensor; head_dim and layers replicated). A batch split over `data` alone, or a mesh axis used
+    by two dimensions of one array, passed every other test."""
+    from jax.sharding import PartitionSpec as P
+
+    from nextquill_jax.data.global_batch import BATCH_SPEC
+    from nextquill_jax.parallel import batch_shard_count, batch_sharding, logical_to_mesh_spec
+
+    assert logical_to_mesh_spec(("vocab", "embed")) == P("tensor", "fsdp")
+    assert logical_to_mesh_spec(("layers", "embed", "heads", "head_dim")) == P(None, "fsdp", "tensor", None)
+    # A mesh axis an earlier dimension took is not taken again: the later dimension stays replicated.
+    assert logical_to_mesh_spec(("batch", "embed")) == P(("data", "fsdp"), None)
+    assert logical_to_mesh_spec(("embed", "batch")) == P("fsdp", "data")
+    assert logical_to_mesh_spec(("heads", "mlp")) == P("tensor", None)
+    mesh = AbstractMesh((2, 4, 3), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+    assert batch_shard_count(mesh) == 2 * 4  # data x fsdp; tensor's 3 do not split rows
+    # The train step's batch sharding is the layout to_global_batch assembles the rows in (no reshuffle).
+    assert batch_sharding(mesh).spec == BATCH_SPEC == P(("data", "fsdp"))
+
+
+def test_two_of_the_three_multi_host_settings_are_refused_before_anything_starts(monkeypatch):
+    from nextquill_jax import parallel
+
+    for name in (parallel.ENV_COORDINATOR, parallel.ENV_NUM_PROCESSES, parallel.ENV_PROCESS_ID):
+        monkeypatch.delenv(name, raising=False)
+
+    def started(*args, **kwargs):
+        raise AssertionError("jax.distributed.initialize called with incomplete settings")
+
+    monkeypatch.setattr(parallel.jax.distributed, "initialize", started)
+    with pytest.raises(
+        ValueError,
+        match=r"^multi-host settings incomplete: \['coordinator', 'num_processes'\] given "
+        r"but \['process_id'\] missing",
+    ):
+        parallel.initialize_distributed("localhost:1234", 2)
+    monkeypatch.setenv(parallel.ENV_PROCESS_ID, "1")
+    with pytest.raises(ValueError, match=r"\['num_processes', 'process_id'\] given but \['coordinator'\]"):
+        parallel.initialize_distributed(num_processes=2)
+
+
 @pytest.fixture
 def as_on_a_gpu(monkeypatch):
     """Set-up's backend check of `model.attention_impl` lifted, as on a GPU: for the checks of a cuDNN run's
