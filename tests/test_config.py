@@ -1195,6 +1195,40 @@ def test_two_of_the_three_multi_host_settings_are_refused_before_anything_starts
         parallel.initialize_distributed(num_processes=2)
 
 
+def test_the_peer_watchdog_names_the_process_whose_counter_stopped_once_the_timeout_has_passed(
+    monkeypatch, capfd
+):
+    """Process 0 of 3 with peer_timeout_s 6 (a beat each second) on a fake clock and key-value store: process
+    1 beats until t=9 and then stops (its last counter stays in the store), process 2 beats on. Process 1's
+    counter last moved at t=9, so at t=16 it has been silent 7 s > 6 s: exit(4) then, naming process 1 alone.
+    Only the slow multi-process run in tests/train/test_runs.py covered the watchdog before."""
+    from nextquill_jax import parallel
+
+    store, now, exits = {}, [0.0], []
+
+    class Client:
+        def key_value_set(self, key, value, allow_overwrite):
+            store[key] = value
+
+        def key_value_try_get(self, key):
+            return store[key]  # KeyError before the first beat, as the real store raises
+
+    def sleep(seconds):
+        assert now[0] < 100, "the watchdog never ended the process"
+        now[0] += seconds
+        for peer in (1, 2) if now[0] <= 9 else (2,):
+            store[f"nextquill/alive/{peer}"] = str(int(now[0]))
+
+    monkeypatch.setattr(parallel.time, "sleep", sleep)
+    watchdog = parallel.PeerWatchdog(Client(), 0, 3, 6.0, exit=exits.append, clock=lambda: now[0])
+    watchdog.run()
+    assert exits == [parallel.EXIT_PEER_LOST] and now[0] == 16
+    assert store["nextquill/alive/0"] == "17"  # its own counter, once a beat from t=0 to t=16
+    assert capfd.readouterr().err.startswith(
+        "error: process 1 of this 3-process run has not answered for 7 s (mesh.peer_timeout_s=6): "
+    )
+
+
 @pytest.fixture
 def as_on_a_gpu(monkeypatch):
     """Set-up's backend check of `model.attention_impl` lifted, as on a GPU: for the checks of a cuDNN run's
