@@ -69,7 +69,9 @@ def _write_every_type(path, alignment: int | None = None) -> None:
     writer.close()
 
 
-@pytest.mark.parametrize("alignment", [None, 64])
+# 512: the data starts at byte 1024, where rounding the header's end up to 32 (the default) gives 768; with 64
+# the two coincide, so a reader ignoring `general.alignment` passed.
+@pytest.mark.parametrize("alignment", [None, 64, 512])
 def test_every_value_type_and_tensor_layout_reads_as_gguf_reader_reads_it(tmp_path, alignment):
     path = tmp_path / "every_type.gguf"
     _write_every_type(path, alignment)
@@ -86,6 +88,7 @@ def test_a_damaged_file_is_named_with_what_is_wrong(tmp_path):
     cases = {
         "magic": (b"GGML" + raw[4:], r"not a GGUF file \(it starts with b'GGML'"),
         "version": (raw[:4] + (7).to_bytes(4, "little") + raw[8:], r"GGUF version 7 is not supported"),
+        "version 1": (raw[:4] + (1).to_bytes(4, "little") + raw[8:], r"GGUF version 1 is not supported"),
         "header": (raw[:100], r"truncated"),
         "data": (raw[:-10], r"GGUF tensor 'q8' \(544 bytes at byte \d+\) runs past the end of the file"),
     }
@@ -208,4 +211,33 @@ def test_a_tensor_of_a_ggml_type_gguf_does_not_know_is_named_with_the_fix(tmp_pa
         raw[:at] + (99).to_bytes(4, "little") + raw[at + 4 :],
         rf"GGUF tensor 'only_tensor' has ggml type 99, which gguf {re.escape(version('gguf'))} does not know "
         r"\(a newer or a removed type\)\. Fix: convert or quantize the model again",
+    )
+
+
+def test_a_tensor_name_listed_twice_is_refused(tmp_path, every_type):
+    # the tensor "f16" renamed "f32" (a name is a u64 length and its bytes); GGUFReader refuses it too
+    length = (3).to_bytes(8, "little")
+    _assert_refused(
+        tmp_path,
+        _replace_once(every_type, length + b"f16", length + b"f32"),
+        r": GGUF tensor 'f32' is listed twice$",
+    )
+
+
+def test_an_alignment_that_is_no_power_of_two_is_refused(tmp_path):
+    # GGUFWriter refuses to write 48, so 64 is written and its u32 value (type 4) replaced
+    path = tmp_path / "aligned.gguf"
+    _write_every_type(path, 64)
+    key = b"general.alignment" + (4).to_bytes(4, "little")
+    raw = _replace_once(path.read_bytes(), key + (64).to_bytes(4, "little"), key + (48).to_bytes(4, "little"))
+    _assert_refused(tmp_path, raw, r": GGUF metadata 'general\.alignment' is 48, not a power of two$")
+
+
+def test_a_quantized_row_that_is_not_whole_blocks_is_refused(tmp_path, every_type):
+    # "q8" (Q8_0, blocks of 32 values) is listed with dims (64, 4, 2); its rows made 48 values long
+    entry = (2).to_bytes(8, "little") + b"q8" + (3).to_bytes(4, "little")
+    _assert_refused(
+        tmp_path,
+        _replace_once(every_type, entry + (64).to_bytes(8, "little"), entry + (48).to_bytes(8, "little")),
+        r": GGUF tensor 'q8' has rows of 48 values, not a multiple of its type's block of 32$",
     )
