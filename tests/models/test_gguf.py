@@ -312,6 +312,8 @@ LINEAR_X4 = {"rope_type": "linear", "factor": 4.0}
         ({"llama.rope.scaling.type": "linear", "llama.rope.scale_linear": 4.0}, LINEAR_X4),
         # ... and never scales under the type 'none', whatever the factor
         ({"llama.rope.scaling.type": "none", "llama.rope.scaling.factor": 4.0}, None),
+        # ... nor under a factor of 1 (llama.cpp scales the frequencies by 1/factor: unchanged)
+        ({"llama.rope.scaling.factor": 1.0}, None),
     ],
 )
 def test_gguf_rope_scaling_reads_as_llama_cpp_reads_it(tmp_path, tiny_hf_config, metadata, rope_scaling):
@@ -540,19 +542,20 @@ def test_a_gguf_without_a_rope_base_gets_llama_cpps_default(tmp_path, write_tiny
     assert read_gguf_config(path)["rope_theta"] == 10000.0
 
 
-def test_a_llama_gguf_with_biases_on_some_attention_projections_only_is_refused_naming_them(
-    tmp_path, tiny_hf_config
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_a_gguf_with_biases_on_some_attention_projections_only_is_refused_naming_them(
+    tmp_path, tiny_hf_config, family
 ):
     """llama.cpp takes each attention bias alone; a Hugging Face Llama config has them on all four or none.
     With q/k/v biases and no output bias the file was taken as biased throughout, then failed on the missing
     tensor with a KeyError naming no file."""
     partial = tmp_path / "partial.gguf"
-    config = tiny_hf_config("llama", **TINY, attention_bias=True)
-    write_gguf(partial, "llama", config, leave_out=("self_attn.o_proj.bias",))
+    config = tiny_hf_config(family, **TINY, **FAMILIES[family], attention_bias=True)
+    write_gguf(partial, family, config, leave_out=("self_attn.o_proj.bias",))
     with pytest.raises(ValueError) as e:
         read_gguf(partial)
     assert str(e.value) == (
-        f"{partial}: GGUF llama attention carries biases on q_proj, k_proj, v_proj only; a Hugging Face "
+        f"{partial}: GGUF {family} attention carries biases on q_proj, k_proj, v_proj only; a Hugging Face "
         "config of this architecture gives biases to all four projections or none (attention_bias). Fix: "
         "load the model's Hugging Face directory"
     )
@@ -602,3 +605,34 @@ def test_a_gguf_tensors_names_and_shapes_are_known_without_reading_it(tmp_path, 
     monkeypatch.setattr(gguf_module, "_dequantize", lambda *a, **k: pytest.fail("a tensor was read"))
     assert "model.norm.weight" in tensors and "model.norm.bias" not in tensors
     assert {name: tensors.shape(name) for name in tensors} == {k: v.shape for k, v in original.items()}
+
+
+def test_a_gguf_without_a_kv_head_count_has_as_many_kv_heads_as_heads(tmp_path, tiny_hf_config, monkeypatch):
+    """llama.cpp reads a missing `{arch}.attention.head_count_kv` as `head_count` (no grouped-query
+    attention): a model of 4 heads and 4 kv heads written without the key reads back whole."""
+    monkeypatch.setattr(gguf.GGUFWriter, "add_head_count_kv", lambda self, count: None)
+    path = tmp_path / "mha.gguf"
+    _, original = write_gguf(path, "llama", tiny_hf_config("llama", **TINY, num_key_value_heads=4))
+    config, tensors = read_gguf(path)
+    assert config["num_attention_heads"] == config["num_key_value_heads"] == 4
+    k = "model.layers.0.self_attn.k_proj.weight"
+    np.testing.assert_array_equal(tensors[k], original[k])
+
+
+@pytest.mark.parametrize(
+    ("metadata", "message"),
+    [
+        ({"llama.vocab_size": 95}, r"llama\.vocab_size is 95 but token_embd\.weight has 96 rows$"),
+        # 2 blocks written, 1 declared: layer 1's tensors belong to no layer of the config
+        (
+            {"llama.block_count": 1},
+            r"tensor model\.layers\.1\.\S+ is outside the 1 layers the metadata declares$",
+        ),
+    ],
+    ids=["vocab_size", "block_count"],
+)
+def test_metadata_that_disagrees_with_the_tensors_is_refused(tmp_path, write_tiny_gguf, metadata, message):
+    path = tmp_path / "llama.gguf"
+    write_tiny_gguf(path, "llama", extra_metadata=metadata)
+    with pytest.raises(ValueError, match=f"^{re.escape(str(path))}: {message}"):
+        read_gguf(path)
