@@ -142,3 +142,29 @@ def test_a_file_named_with_glob_characters_under_such_a_folder_is_that_file(tmp_
         (base / name).write_text("{}\n")
     cfg = absolute_paths(load_config(None, base=_config(data={"sources": ["data[1].jsonl"]})), base)
     assert expand_paths(list(cfg.data.sources), "data.sources") == [base / "data[1].jsonl"]
+
+
+def test_names_that_are_also_local_folders_or_files_are_read_as_their_resolvers_read_them(tmp_path):
+    """Per the module's rules, with a folder of each name beside them: a template name without a suffix stays
+    the built-in template (`plain`), `reference_model: base` stays the frozen base, a `.gguf` tokenizer is
+    local only as an existing file (`gone.gguf` exists nowhere: left as written), and a `path` field such as
+    `logging.tensorboard_dir` is joined whether or not it exists yet."""
+    for folder in ("plain", "base", "tok"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "tok.gguf").write_text("")
+    given = load_config(
+        None,
+        base=_config(
+            model={"preset": None, "overrides": {}, "path": "smollm2-135m", "lora": {"rank": 4}},
+            data={"template": "plain", "tokenizer": "gone.gguf"},
+            loss={"reference_model": "base", "dce": "fixed", "variant": "dce"},
+            logging={"tensorboard_dir": "tb"},
+        ),
+    )
+    made = absolute_paths(given, tmp_path)
+    assert (made.data.template, made.loss.reference_model) == ("plain", "base")
+    assert made.data.tokenizer == "gone.gguf"
+    assert made.logging.tensorboard_dir == f"{tmp_path}/tb"
+    for tokenizer in ("tok.gguf", "tok"):  # an existing .gguf file, a folder
+        cfg = load_config(None, base=_config(data={"tokenizer": tokenizer}))
+        assert absolute_paths(cfg, tmp_path).data.tokenizer == f"{tmp_path}/{tokenizer}"
