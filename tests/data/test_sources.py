@@ -1633,3 +1633,99 @@ def test_a_null_field_of_a_context_or_entry_object_is_absent(tmp_path):
         _read(DataConfig(format="generic", template="review_short", sources=[str(jsonl)]))
     assert f"{jsonl}:1:context.item_description: " in str(e.value)
     assert "context.rating" in str(e.value).split(f"{jsonl}:1:")[1].split("\n")[0], str(e.value)
+
+
+def test_rows_are_numbered_by_position_and_named_by_line_past_blank_lines_in_every_format(tmp_path):
+    """`Row.index` is the 0-based position among a file's rows (blank lines are none) and `only` selects by
+    it; a `.jsonl` row is named by its line, blank lines counted. A byte order mark is skipped on line 1
+    only: one that starts a later line is not JSON. Before, no test had a blank line before a bad row, nor
+    read a Parquet file or a `.jsonl` one by position."""
+    from nextquill_jax.data.sources.records import Issue
+    from nextquill_jax.data.sources.rows import Row, iter_rows
+
+    records = [{"target": t} for t in ("a", "b", "c")]
+    jsonl = tmp_path / "rows.jsonl"
+    jsonl.write_text('{"target": "a"}\n\n{not json\n{"target": "c"}\n')
+    got = list(iter_rows(jsonl))
+    assert [(type(r), r.location) for r in got] == [
+        (Row, f"{jsonl}:1"),
+        (Issue, f"{jsonl}:3"),
+        (Row, f"{jsonl}:4"),
+    ]
+    assert [r.index for r in got if isinstance(r, Row)] == [0, 2]
+    assert [(r.location, r.value) for r in iter_rows(jsonl, only={2})] == [(f"{jsonl}:4", {"target": "c"})]
+    array = tmp_path / "rows.json"
+    array.write_text(json.dumps(records))
+    table = tmp_path / "rows.parquet"
+    pq.write_table(pa.Table.from_pylist(records), table)
+    for path in (array, table):
+        assert [(r.index, r.value) for r in iter_rows(path)] == list(enumerate(records)), path
+        assert [r.value for r in iter_rows(path, only={1})] == [{"target": "b"}], path
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(codecs.BOM_UTF8 + b'{"target": "a"}\n' + codecs.BOM_UTF8 + b'{"target": "b"}\n')
+    first, second = iter_rows(bom)
+    assert first.value == {"target": "a"}
+    assert (second.reason, second.location) == ("malformed_json", f"{bom}:2"), second
+
+
+def test_undecodable_lines_name_the_byte_column_and_field_and_only_a_lone_cr_gets_the_cr_hint(tmp_path):
+    from nextquill_jax.data.sources.rows import iter_rows
+
+    raw = b'{"user_id": "u", "target": "caf\x80e"}\n'
+    path = tmp_path / "bytes.jsonl"
+    path.write_bytes(raw)
+    (issue,) = iter_rows(path)
+    column = raw.index(b"\x80") + 1  # 1-based
+    assert (issue.reason, issue.field) == ("invalid_utf8", "target")
+    assert issue.message == f"byte 0x80 at column {column} is not UTF-8; re-encode the file as UTF-8"
+    # CRLF line endings are ordinary: a malformed line of such a file gets no hint about CR-only endings.
+    crlf = tmp_path / "crlf.jsonl"
+    crlf.write_bytes(b'{"target": "a"}\r\n{"target": }\r\n')
+    _, bad = iter_rows(crlf)
+    assert bad.message == "not valid JSON (Expecting value at column 12)", bad.message
+
+
+def test_a_json_file_with_a_character_after_its_value_or_a_list_key_that_is_no_list_is_refused(tmp_path):
+    from nextquill_jax.data.sources.rows import iter_rows
+
+    path = tmp_path / "records.json"
+    path.write_text('[{"target": "a"}]x')
+    with pytest.raises(ValueError, match=r":1: more text after the JSON value that ends on line 1"):
+        list(iter_rows(path))
+    path.write_text('{"golds": 5}')
+    with pytest.raises(ValueError) as e:
+        list(iter_rows(path, list_key="golds"))
+    assert str(e.value) == f"{path}: expected an array of objects or an object with a `golds` list, got dict"
+
+
+def test_a_gzip_file_damaged_inside_is_an_error_naming_the_file(tmp_path):
+    """A flipped byte in the deflate stream raises zlib.error (not BadGzipFile or EOFError), which escaped as
+    a traceback naming no file when the reader did not catch it."""
+    import zlib
+
+    lines = "".join(json.dumps({"user_id": "u", "target": str(i) * 50}) + "\n" for i in range(200)).encode()
+    damaged = bytearray(gzip.compress(lines, mtime=0))
+    damaged[20] ^= 0xFF
+    with pytest.raises(zlib.error):
+        gzip.decompress(bytes(damaged))  # what the reader meets
+    path = tmp_path / "damaged.jsonl.gz"
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: cannot be decompressed \(Error -3 "):
+        _read(DataConfig(format="generic", template="plain", sources=[str(path)]))
+
+
+def test_read_records_refuses_settings_that_no_format_can_read(tmp_path, small_dpl):
+    record = tmp_path / "records.jsonl"
+    record.write_text(json.dumps({"user_id": "u", "context": "c", "history": ["h"], "target": "t"}) + "\n")
+    with pytest.raises(ValueError, match=r"^data\.sources is empty: list the input files"):
+        _read(DataConfig(format="generic", template="plain"))
+    with pytest.raises(ValueError, match=r"^data\.meta: the generic format takes no metadata files"):
+        _read(DataConfig(format="generic", template="plain", sources=[str(record)], meta=[str(record)]))
+    with pytest.raises(ValueError, match=r"^data\.meta: the dpl format needs the item metadata files"):
+        _read(DataConfig(format="dpl", sources=[str(record)]))
+    # `text` is an entry field of amazon2023, not a context field: a prompt cannot use it for the item
+    template = dataclasses.replace(load_template("review_short"), user="[Review]: {text}\n{history}")
+    with pytest.raises(ValueError, match=r"needs context fields \['text'\] that the amazon2023 format"):
+        read_records(_amazon_cfg(small_dpl), template, IssueLog())
+    # split words are read whatever their case
+    assert [split_from_name(Path(n)) for n in ("Dev_Questions.json", "TRAIN.jsonl")] == ["val", "train"]
