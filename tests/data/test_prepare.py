@@ -1428,3 +1428,39 @@ def test_a_link_of_another_name_to_the_unmoved_record_file_is_not_the_same_files
         prepare(cfg(links, "test"), out, tokenizer=tok, protected="WHY", echo=lambda _: None)
     fresh = prepare(cfg(links, "test"), tmp_path / "fresh", tokenizer=tok, echo=lambda _: None)
     assert fresh["examples"] == {"test": 2} and not fresh["reused"]
+
+
+def test_a_manifest_of_a_tree_and_the_problems_found_against_it(tmp_path, monkeypatch):
+    """`checksums.manifest` of a folder with a subfolder and an empty file, against hashlib's BLAKE2b-128;
+    then a directory where a file was is missing, and a file whose status cannot be read is unreadable while
+    the files after it are still checked."""
+    import errno
+
+    root = tmp_path / "root"
+    contents = {"a.bin": b"abc", "empty": b"", "sub/b.bin": bytes(range(256)) * 40}
+    for name, data in contents.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    expected = {
+        name: {"size": len(data), "blake2b": hashlib.blake2b(data, digest_size=16).hexdigest()}
+        for name, data in contents.items()
+    }
+    assert checksums.manifest(root) == expected  # every file below root, none of its folders
+    assert checksums.problems(root, expected) == []
+    (root / "a.bin").unlink()
+    (root / "a.bin").mkdir()
+    (root / "sub" / "b.bin").write_bytes(bytes(256) * 40)  # same size, other bytes
+    is_file = Path.is_file
+
+    def failing_is_file(path):
+        if path == root / "empty":
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return is_file(path)
+
+    monkeypatch.setattr(Path, "is_file", failing_is_file)
+    digest = hashlib.blake2b(bytes(256) * 40, digest_size=16).hexdigest()
+    assert checksums.problems(root, expected) == [
+        f"{root / 'a.bin'}: missing",
+        f"{root / 'empty'}: unreadable (Input/output error)",
+        f"{root / 'sub/b.bin'}: blake2b-128 checksum {digest}, expected {expected['sub/b.bin']['blake2b']}",
+    ]
