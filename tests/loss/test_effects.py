@@ -298,3 +298,66 @@ def test_dce_from_hidden_matches_dense_numpy(layout):
     assert all(np.all(np.asarray(g) == 0) for g in grads)
     with pytest.raises(ValueError, match="must match"):
         dce_from_hidden(jnp.asarray(hw), jnp.asarray(ho[:1]), head, jnp.asarray(y), head_layout=layout)
+
+
+def test_js_weights_of_near_equal_streams_are_never_negative():
+    """JS >= 0: float32 cancellation between near-equal streams leaves about ±1e-7, whose negative part
+    is cut. The float64 statement is ~1e-9 here; 52 of these 128 tokens came out below 0 uncut."""
+    rng = np.random.default_rng(0)
+    zw = rng.normal(scale=3.0, size=(8, 16, 50)).astype(np.float32)
+    zo = zw + rng.normal(scale=1e-4, size=zw.shape).astype(np.float32)
+    mask = np.ones((8, 16), bool)
+    got = np.asarray(js_weights(jnp.asarray(zw), jnp.asarray(zo), jnp.asarray(mask)))
+    assert got.min() >= 0.0
+    np.testing.assert_allclose(got, np_js(zw.astype(np.float64), zo.astype(np.float64)), rtol=0, atol=3e-7)
+
+
+def test_non_finite_logits_at_ignored_slots_change_no_value_or_gradient(logits):
+    """token_logprobs and js_weights give 0 at ignored slots in value and gradient whatever the logits there:
+    NaN and -inf at an ignored slot must not make the gradient of the target slots (or any) NaN. The values
+    at the target slots are the float64 statements', the gradients those of the same logits with the ignored
+    slots' logits finite (the ignored slots contribute nothing either way)."""
+    zw, zo, y = logits
+    mask = y != IGNORE
+    finite = [jnp.asarray(z, jnp.float32) for z in (zw, zo)]
+    broken = [np.asarray(z, np.float32).copy() for z in (zw, zo)]
+    broken[0][0, 4] = np.nan  # y[0, 3:] and y[2] are ignored
+    broken[1][2, 1, 5] = -np.inf
+    broken = [jnp.asarray(z) for z in broken]
+    labels = jnp.asarray(y)
+    np.testing.assert_allclose(
+        np.asarray(token_logprobs(broken[0], labels)), np_label_logprob(zw, y), rtol=1e-6, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        np.asarray(js_weights(*broken, jnp.asarray(mask))), np.where(mask, np_js(zw, zo), 0.0), atol=1e-6
+    )
+    coeff = jnp.asarray(np.random.default_rng(3).normal(size=y.shape), jnp.float32)
+    for loss in (
+        lambda a, b: (token_logprobs(a, labels) * coeff).sum() + (token_logprobs(b, labels) * coeff).sum(),
+        lambda a, b: (js_weights(a, b, jnp.asarray(mask), detach=False) * coeff).sum(),
+    ):
+        got = jax.grad(loss, argnums=(0, 1))(*broken)
+        want = jax.grad(loss, argnums=(0, 1))(*finite)
+        for g, w in zip(got, want, strict=True):
+            assert np.isfinite(np.asarray(g)).all()
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6, atol=1e-7)
+
+
+def test_dce_from_logits_refuses_labels_of_another_shape_and_dce_from_hidden_passes_jvp(logits):
+    zw, zo, y = logits
+    zw32, zo32 = jnp.asarray(zw, jnp.float32), jnp.asarray(zo, jnp.float32)
+    with pytest.raises(ValueError, match=r"must both be labels shape \(5,\) \+ \(V,\)"):
+        dce_from_logits(zw32, zo32, jnp.asarray(np.where(y[0] == IGNORE, 0, y[0])))  # would broadcast
+    # dce_from_hidden stops its inputs' gradients, so forward-mode differentiation passes with zero tangents
+    rng = np.random.default_rng(6)
+    hw, ho = (jnp.asarray(rng.normal(size=(3, 5, 6)), jnp.float32) for _ in range(2))
+    head = jnp.asarray(rng.normal(size=(17, 6)), jnp.float32)
+    value, tangent = jax.jvp(
+        lambda h, w: dce_from_hidden(h, ho, w, jnp.asarray(y)),
+        (hw, head),
+        (jnp.ones_like(hw), jnp.ones_like(head)),
+    )
+    zw64, zo64 = (np.asarray(h, np.float64) @ np.asarray(head, np.float64).T for h in (hw, ho))
+    want = np.where(y == IGNORE, 0.0, np.exp(np_label_logprob(zw64, y)) - np.exp(np_label_logprob(zo64, y)))
+    np.testing.assert_allclose(np.asarray(value), want, atol=2e-6)
+    assert not np.asarray(tangent).any()
