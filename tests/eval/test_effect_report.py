@@ -677,6 +677,55 @@ def test_effects_in_several_padded_passes_equal_those_of_one_pass(data, model, r
         compute_example_effects(model, tiny_tokenizer(), data / "prep", SPLIT, [0, 1, 0], LOSS)
 
 
+def test_the_chosen_examples_and_rows_are_checked_and_row_lengths_are_multiples_of_64(
+    data, model, tiny_tokenizer
+):
+    """The first index past the split is outside it (it was read as an example), a batch of 0 rows is
+    refused by name, and each stream's length, and the response slots, round up to a multiple of 64 (one
+    compiled shape for similar examples), from the longest prompt + target of each stream."""
+    from nextquill_jax.data.assemble import RowShape
+    from nextquill_jax.eval.effect_tokens import one_example_rows
+
+    n = len(PreparedSplit(data / "prep", SPLIT))
+    with pytest.raises(
+        ValueError, match=rf"^example indices \[{n}\] outside split 'val' of .* \(0\.\.{n - 1}\)"
+    ):
+        compute_example_effects(model, tiny_tokenizer(), data / "prep", SPLIT, [n], LOSS)
+    with pytest.raises(ValueError, match=r"^batch_rows must be >= 1, got 0$"):
+        compute_example_effects(model, tiny_tokenizer(), data / "prep", SPLIT, [0], LOSS, batch_rows=0)
+    sizes = [(70, 10, 5), (3, 60, 65)]  # prompt_with, prompt_without, target
+    arrays = [
+        {"prompt_with": np.zeros(w), "prompt_without": np.zeros(o), "target": np.zeros(t)}
+        for w, o, t in sizes
+    ]
+    # with: max(75, 68) -> 128; without: max(15, 125) -> 128; response slots: max(5, 65) -> 128
+    assert one_example_rows(arrays) == RowShape(128, 128, 128)
+    assert one_example_rows(arrays[:1]) == RowShape(128, 64, 64)  # 75, 15, 5
+
+
+def test_the_end_of_sequence_token_is_the_one_the_data_was_prepared_with(data, model, report, tiny_tokenizer):
+    """The prepared split records its EOS id; a tokenizer that names another one (a model's config may) does
+    not change which token ends each target."""
+    results, _, _ = report
+    tokenizer = tiny_tokenizer()
+
+    class OtherEos:
+        eos_token_id = 2  # <|im_end|>, not TINY_EOS_ID
+
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+        def __call__(self, *args, **kwargs):
+            return tokenizer(*args, **kwargs)
+
+    (got,) = compute_example_effects(model, OtherEos(), data / "prep", SPLIT, [0], LOSS)
+    assert got.token_ids[-1] == TINY_EOS_ID
+    assert (
+        got.pieces[-1] == tokenizer.convert_ids_to_tokens(TINY_EOS_ID) != tokenizer.convert_ids_to_tokens(2)
+    )
+    np.testing.assert_allclose(got.dce, results[0].dce, rtol=0, atol=1e-6)
+
+
 def test_a_weighting_of_the_loss_config_gives_the_reported_weights(data, model, report, tiny_tokenizer):
     """The report's ω is the one training uses: with `loss.weighting`, that function's weights of each
     token's DCE (float64 here), not λ/ε."""
