@@ -235,6 +235,22 @@ def test_a_floor_under_the_decay_matches_the_statement_and_transformers():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
 
 
+def test_the_constant_schedule_holds_the_peak_after_its_warm_up():
+    """`schedule: constant`: 0 rising by lr / 3 a step over 3 warm-up steps, then lr to the run's end and
+    beyond (by hand: lr * s / 3 below step 3, lr from there); no test read the constant branch."""
+    cfg = OptimConfig(learning_rate=2.0, warmup_steps=3, schedule="constant", min_lr_ratio=0.5)
+    got = np.asarray(jax.vmap(learning_rate_schedule(cfg, 10))(jnp.arange(12)))
+    want = [2.0 * s / 3 for s in range(3)] + [2.0] * 9  # min_lr_ratio does not apply to `constant`
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)
+
+
+def test_a_schedule_for_no_steps_is_refused():
+    """A run of 0 optimizer steps has no schedule: `total_steps` < 1 is a ValueError (0 was accepted)."""
+    for total in (0, -1):
+        with pytest.raises(ValueError, match=f"total_steps must be >= 1, got {total}"):
+            learning_rate_schedule(OptimConfig(), total)
+
+
 @pytest.mark.parametrize("ratio", [0.07, 0.1, 0.15, 0.29, 0.3, 0.57, 0.01, 0.123, 0.333])
 def test_warmup_ratio_rounds_up_the_decimal_product_not_its_float_error(ratio):
     # 0.07 * 100 == 7.000000000000001 in floats, which a plain ceil made 8 steps. Reference: the exact
@@ -338,6 +354,53 @@ def test_frozen_parameters_do_not_move_and_hold_no_adam_state():
     assert sum(x.size for x in adam_leaves) == 2 * 4  # mu and nu of q_proj only
     with pytest.raises(ValueError, match="matches no parameter"):
         make_optimizer(OptimConfig(trainable=["nothing_like_this"]), params, total_steps=10)
+
+
+def test_adams_epsilon_is_the_configured_one():
+    """`optim.eps` reaches AdamW: Adam's first update is -lr * g / (|g| + eps) (bias-corrected moments of one
+    step are g and g^2), by hand -0.1 * 0.5 / (0.5 + 0.5) = -0.05 at eps 0.5 (optax's default 1e-8 gives
+    -0.1)."""
+    cfg = OptimConfig(
+        learning_rate=0.1, warmup_steps=0, schedule="constant", weight_decay=0.0, clip_norm=None, eps=0.5
+    )
+    params = {"w": jnp.ones((3,))}
+    tx = make_optimizer(cfg, params, total_steps=10)
+    updates, _ = tx.update({"w": jnp.full((3,), 0.5)}, tx.init(params), params)
+    np.testing.assert_allclose(np.asarray(updates["w"]), -0.05, rtol=1e-5)
+
+
+def test_schedule_count_reads_the_one_schedule_state_and_refuses_two():
+    """The count of the one `ScaleByScheduleState` (3 after three updates), None without one, and a
+    ValueError naming the number found where a state holds two (which would be ambiguous)."""
+    from nextquill_jax.train.optimizer import schedule_count
+
+    cfg = OptimConfig(learning_rate=0.1, warmup_steps=0, schedule="constant")
+    params = _params()
+    tx = make_optimizer(cfg, params, total_steps=10)
+    state = tx.init(params)
+    grads = jax.tree.map(jnp.ones_like, params)
+    for _ in range(3):
+        _, state = tx.update(grads, state, params)
+    assert int(schedule_count(state)) == 3
+    assert schedule_count(optax.sgd(0.1).init(params)) is None
+    with pytest.raises(ValueError, match="found 2"):
+        schedule_count((state, state))
+
+
+def test_an_optim_pattern_matching_no_parameter_is_refused_unless_a_default_no_decay_one():
+    """`check_patterns` on parameters with neither norms nor biases: the default no_decay patterns ("norm",
+    "bias") are exempt (a model may have no biases), the same words as `trainable` patterns are not, and a
+    no_decay pattern of the user's is not either."""
+    from nextquill_jax.train.optimizer import check_patterns
+
+    params = {"embed": jnp.ones((4, 2)), "layers": {"mlp": {"up": jnp.ones((1, 2))}}}
+    check_patterns(OptimConfig(), params)  # no_decay defaults to ("norm", "bias"), neither matching
+    check_patterns(OptimConfig(trainable=["embed"], no_decay=["norm", "bias", "up"]), params)
+    for word in ("bias", "norm"):
+        with pytest.raises(ValueError, match=rf"^optim\.trainable pattern '{word}' matches no parameter"):
+            check_patterns(OptimConfig(trainable=["embed", word]), params)
+    with pytest.raises(ValueError, match=r"^optim\.no_decay pattern 'ln' matches no parameter"):
+        check_patterns(OptimConfig(no_decay=["norm", "ln"]), params)
 
 
 def _joint_forward_batch(equal_lengths: bool) -> dict:
