@@ -3,6 +3,8 @@ tokenizer-chat-template mode, and templates as data (YAML by path, validated).""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from nextquill_jax.data.config import DataConfig
@@ -12,6 +14,7 @@ from nextquill_jax.data.sources.records import IssueLog
 from nextquill_jax.data.templates import (
     FieldFormatError,
     builtin_templates,
+    inserted_values,
     load_template,
     render_messages,
     render_prompt,
@@ -194,6 +197,95 @@ def test_templates_are_data(tmp_path):
     assert render_messages(t, {"question": "q"}, None) == ("S\n", "Q=q H[-]")
     with pytest.raises(KeyError, match="question"):
         render_prompt(t, {}, None)
+
+
+class _ChatTokenizer:
+    """A tokenizer's chat template, as `render_prompt` calls it: `role: content` lines, then `assistant:`."""
+
+    def apply_chat_template(self, messages, tokenize: bool, add_generation_prompt: bool) -> str:
+        assert not tokenize and add_generation_prompt
+        return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+
+
+@pytest.mark.parametrize("frame", ["", "frame: null\n"])
+def test_a_template_without_a_frame_loads_and_renders_through_the_chat_template(tmp_path, frame):
+    """`frame` may be left out or null (the tokenizer's chat template wraps the turns): such a template loads,
+    renders through a chat template, and without one says to set `data.chat_template`."""
+    path = tmp_path / "frameless.yaml"
+    path.write_text(
+        f'system: "S"\n{frame}user: "Q={{question}} {{history}}"\nhistory: "H[{{entries}}]"\n'
+        'no_history: "-"\nentry: "({index}:{text})"\n'
+    )
+    t = load_template(str(path))
+    assert t.frame is None
+    got = render_prompt(t, {"question": "q"}, [{"text": "a"}], chat_tokenizer=_ChatTokenizer())
+    assert got == "system: S\nuser: Q=q H[(1:a)]\nassistant:"
+    with pytest.raises(ValueError, match=r"has no frame: set `data.chat_template: true`"):
+        render_prompt(t, {"question": "q"}, None)
+
+
+def test_the_reserved_placeholders_win_over_record_fields_of_the_same_name():
+    """A record field named like a reserved placeholder (`history`, `index`, `entries`) cannot replace it
+    (module docstring): the history block and the entry's 1-based index are rendered, not the fields."""
+    t = load_template("plain")
+    custom = dataclasses.replace(t, user="{history}", entry="<{index}>", history="[{entries}]")
+    _, user = render_messages(custom, {"history": "X"}, [{"index": 99, "entries": "E"}, {"index": 98}])
+    assert user == "[<1><2>]"
+    _, user = render_messages(custom, {"history": "X"}, None)
+    assert user == custom.no_history
+
+
+def test_inserted_values_are_every_field_the_prompt_formats():
+    """The values `render_messages` inserts: each field the `user` string names (every context field with
+    {context_fields}) and each field the `entry` string names, of every entry; written out by hand."""
+    t = load_template("plain")
+    named = dataclasses.replace(t, user="{a}{b} {history}", entry="{x}-{y}")
+    context = {"a": "A", "b": "B", "unused": "U"}
+    entries = [{"x": "x1", "y": "y1", "z": "z1"}, {"x": "x2", "y": "y2"}]
+    assert sorted(inserted_values(named, context, entries)) == ["A", "B", "x1", "x2", "y1", "y2"]
+    every = dataclasses.replace(t, user="{context_fields}{history}", entry="{entry_fields}")
+    assert sorted(inserted_values(every, context, entries)) == ["A", "B", "U", "x1", "x2", "y1", "y2", "z1"]
+
+
+@pytest.mark.parametrize(
+    ("placeholder", "value"),
+    [("{text[5]}", "ab"), ("{text.no_such_attribute}", "ab"), ("{text[0]}", 3)],
+)
+def test_an_index_or_attribute_a_value_lacks_is_a_field_format_error(tmp_path, placeholder, value):
+    """`{text[5]}` of a 2-character string (IndexError), an attribute the value lacks (AttributeError) and an
+    index of an int (TypeError) make the record invalid, naming the field, like a format spec that does not
+    fit (they escaped as other exceptions)."""
+    path = tmp_path / "idx.yaml"
+    path.write_text(
+        f'system: "S"\nframe: "{{system}}{{user}}"\nuser: "{placeholder} {{history}}"\n'
+        'history: "{entries}"\nno_history: "-"\nentry: ""\n'
+    )
+    t = load_template(str(path))
+    assert t.context_fields == {"text"}  # the field a placeholder names: before `[` and `.`
+    with pytest.raises(FieldFormatError) as info:
+        render_prompt(t, {"text": value}, None)
+    assert info.value.field == "text"
+
+
+@pytest.mark.parametrize(
+    ("user", "loads"),
+    [
+        ("{title!a}{history}", True),  # !a is a conversion str.format knows
+        ("{title!r:>8}{history}", True),  # the repr is a str: a str spec fits
+        ("{title!r:d}{history}", False),  # the repr is a str, which `d` never fits (an int field would)
+        ("{0}{history}", False),  # positional, by number
+    ],
+)
+def test_conversions_and_numbered_placeholders_at_load(tmp_path, user, loads):
+    """A conversion's result is a str whatever the value, so its format spec is checked against a str alone;
+    !a is accepted like !r and !s; a numbered placeholder is refused as positional."""
+    path = tmp_path / "conv.yaml"
+    path.write_text(f'system: "S"\nuser: "{user}"\nhistory: "{{entries}}"\nno_history: "-"\nentry: ""\n')
+    if loads:
+        load_template(str(path))
+    else:
+        with pytest.raises(ValueError, match=r"fits no value \(str: |positional placeholders"):
+            load_template(str(path))
 
 
 @pytest.mark.parametrize(
