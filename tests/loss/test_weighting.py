@@ -282,3 +282,116 @@ def test_evaluations_loss_terms_and_variants_table_use_the_weighting(
         soft,
         paper,
     )
+
+
+def _weighting_module(tmp_path, monkeypatch, body: str) -> str:
+    """A fresh module on the path defining `weights(dce, mask, cfg)` as `return <body>`; its
+    `loss.weighting` name."""
+    import uuid
+
+    name = f"weights_{uuid.uuid4().hex}"  # imported fresh: no other test has this module
+    code = f"import jax.numpy as jnp\n\n\ndef weights(dce, mask, cfg):\n    return {body}\n"
+    (tmp_path / f"{name}.py").write_text(code)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return f"{name}:weights"
+
+
+def test_weights_of_the_dces_rank_but_another_shape_are_refused(tmp_path, monkeypatch):
+    """One weight per row kept as a trailing axis of 1 ([B, 1] for DCE [B, R]) broadcasts over the row, but
+    is not one weight per token: refused by shape, not only by rank."""
+    import jax.numpy as jnp
+
+    from nextquill_jax.config_schema import ConfigError
+    from nextquill_jax.loss.weighting import token_weights
+
+    cfg = LossConfig(weighting=_weighting_module(tmp_path, monkeypatch, "jnp.ones(dce.shape[:-1] + (1,))"))
+    dce = jnp.zeros((2, 5), jnp.float32)
+    with pytest.raises(ConfigError, match=r"returned weights of shape \(2, 1\) for DCE of shape \(2, 5\)"):
+        token_weights(dce, jnp.ones((2, 5), bool), cfg)
+
+
+def test_named_weights_carry_no_gradient_and_are_float32(tmp_path, monkeypatch):
+    """The contract (`token_weights`): no gradient flows through ω to the DCE, although the smoothed step's
+    derivative is far from 0 near δ ((λ − ε) σ'(0) / τ = 7.5 at DCE = δ); and ω is float32 even where the
+    function returns bfloat16."""
+    import jax
+    import jax.numpy as jnp
+
+    from nextquill_jax.loss.weighting import token_weights
+
+    dce = jnp.asarray([[0.0, 0.01, -0.02, 0.3]], jnp.float32)
+    mask = jnp.ones(dce.shape, bool)
+    cfg = LossConfig(variant="nextquill", weighting=SOFT)
+    grad = jax.grad(lambda d: token_weights(d, mask, cfg).sum())(dce)
+    np.testing.assert_array_equal(np.asarray(grad), np.zeros(dce.shape, np.float32))
+    bf16 = LossConfig(weighting=_weighting_module(tmp_path, monkeypatch, "jnp.ones(dce.shape, jnp.bfloat16)"))
+    assert token_weights(dce, mask, bf16).dtype == jnp.float32
+
+
+@pytest.mark.parametrize(
+    ("body", "weight", "at"),
+    [
+        ("1.0 / jnp.abs(dce)", "inf", "0"),  # infinite at DCE 0
+        ("jnp.log(dce + 1.0)", "-inf", "-1"),  # log 0 at DCE -1: negative and infinite
+        ("jnp.sqrt(dce)", "nan", "-1"),  # NaN below 0
+        ("jnp.where((dce > 0) & (dce < 2e-4), -1.0, 1.0)", "-1", "0.0001"),  # negative only near 0
+    ],
+)
+def test_a_weighting_that_gives_non_finite_weights_is_refused_before_training(
+    tmp_path, monkeypatch, body, weight, at
+):
+    """Non-finite weights are refused like negative ones, at the first probed DCE that gives one (the probes:
+    -1 .. -1e-4, 0, 1e-4 .. 1 by half decades); a weight negative only for DCE in (0, 2e-4) is found at
+    1e-4."""
+    from nextquill_jax.config_schema import ConfigError
+    from nextquill_jax.loss.weighting import check_weighting_values
+
+    cfg = LossConfig(weighting=_weighting_module(tmp_path, monkeypatch, body))
+    with pytest.raises(ConfigError, match=rf" gives the weight {weight} to a target token of DCE {at} \("):
+        check_weighting_values(cfg)
+
+
+def test_the_recorded_digest_is_the_module_files_sha256():
+    """`weighting_sha256`, what evaluation and the effect report record: the module file's SHA-256 (hashlib
+    over the file's bytes), None for the paper's weights."""
+    import hashlib
+    from pathlib import Path
+
+    from nextquill_jax.loss.weighting_record import weighting_sha256
+
+    file = Path(__file__).with_name("custom_weighting.py")
+    assert weighting_sha256(SOFT) == hashlib.sha256(file.read_bytes()).hexdigest()
+    assert weighting_sha256(None) is None
+
+
+def test_a_module_imported_from_a_zip_has_no_file_to_fingerprint(tmp_path, monkeypatch):
+    """A module whose source is no file on disk (imported from a zip archive): "file" and "sha256" None,
+    where reading the path inside the archive would fail."""
+    import uuid
+    import zipfile
+
+    from nextquill_jax.loss.weighting_record import weighting_fingerprint
+
+    name = f"zipped_{uuid.uuid4().hex}"
+    archive = tmp_path / "weights.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr(f"{name}.py", "def weights(dce, mask, cfg):\n    return dce * 0 + 1\n")
+    monkeypatch.syspath_prepend(str(archive))
+    assert weighting_fingerprint(f"{name}:weights") == {
+        "name": f"{name}:weights",
+        "module": name,
+        "file": None,
+        "sha256": None,
+    }
+
+
+def test_weighting_note_is_none_where_the_current_run_has_no_digest():
+    """No note where the run now has no digest to compare: the paper's weights (`current` None) or a module
+    without a source file (its "sha256" None); only two digests that differ give one."""
+    from nextquill_jax.loss.weighting_record import weighting_note
+
+    fingerprint = lambda sha: {"name": "w:f", "module": "w", "file": "/src/w.py", "sha256": sha}
+    saved = fingerprint("a" * 64)
+    assert weighting_note(saved, None, "ckpt/2") is None
+    assert weighting_note(saved, fingerprint(None), "ckpt/2") is None
+    assert weighting_note(saved, fingerprint("b" * 64), "ckpt/2") is not None
