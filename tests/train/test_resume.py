@@ -582,6 +582,109 @@ def test_a_refusal_lists_the_first_differing_keys_and_counts_the_rest(tmp_path, 
     check_resumable(config_to_dict(cfg), allowed, tmp_path / "run", 4)
 
 
+# README ("Training resumes automatically"): the keys a resume may change, written out by hand.
+README_RESUMABLE = (
+    "logging.every_steps", "eval.every_steps", "eval.max_batches", "eval.generation.max_new_tokens",
+    "checkpoint.keep", "mesh.fsdp", "train.workdir", "train.data_dir", "model.remat_policy",
+    "model.scan_unroll", "model.cudnn_max_segments", "train.joint_forward", "train.micro_batches",
+    "loss.token_chunk", "loss.vocab_chunk", "data.batching.read_threads", "data.batching.prefetch_batches",
+    "train.nonfinite", "train.max_skips",
+)  # fmt: skip
+# What is trained, which a resume may not change (README: model, loss, optim, data, max_steps, seed, ...).
+NOT_RESUMABLE = (
+    "model.path", "model.overrides.hidden_size", "model.lora.rank", "loss.variant", "loss.threshold",
+    "optim.learning_rate", "train.max_steps", "train.seed", "data.sources", "data.batching.seq_len_with",
+    "data.batching.num_epochs", "eval.split", "logging_extra", "meshes", "model.remat_policy_x",
+)  # fmt: skip
+
+
+def test_a_resume_may_change_exactly_the_keys_the_readme_lists():
+    """`may_change` of every key the README says a resume may change, and of none of what is trained; a key
+    covers the keys below it (`mesh.fsdp` below `mesh`) but not a key it is only the start of (`meshes`)."""
+    from nextquill_jax.train.resume import covered, may_change
+
+    assert [key for key in README_RESUMABLE if not may_change(key)] == []
+    assert [key for key in NOT_RESUMABLE if may_change(key)] == []
+    assert covered("model.lora", ["model.lora"]) and covered("model.lora.rank", ["model.lora"])
+    assert not covered("model.lora_rank", ["model.lora"]) and not covered("model", ["model.lora"])
+
+
+def test_config_changes_lists_each_differing_leaf_sorted_by_key():
+    """Every differing leaf, the recorded value first, sorted by dotted key (twelve keys given in reverse
+    order); a leaf only one side has, an empty mapping included, against `<absent>`; a tuple equals its list.
+    Written out by hand."""
+    from nextquill_jax.train.resume import config_changes
+
+    names = [f"k{i:02d}" for i in reversed(range(12))]
+    recorded = {"s": {name: 0 for name in names}, "t": {"empty": {}, "pair": [1, 2], "same": "x"}}
+    current = {"s": {name: 1 for name in names}, "t": {"pair": (1, 2), "same": "x", "new": None}}
+    want = [(f"s.k{i:02d}", 0, 1) for i in range(12)]
+    want += [("t.empty", {}, "<absent>"), ("t.new", "<absent>", None)]
+    assert config_changes(recorded, current, ignore=lambda _: False) == want
+
+
+def test_only_path_fields_compare_as_files_and_only_absolute_lists_of_the_same_length():
+    """`_same` reads a value as files only for a path field (`PATH_FIELDS`), as absolute paths, one for one:
+    another count of record files, relative spellings (which name files of whatever directory a command runs
+    from) and a non-path list of path-like text all differ."""
+    from nextquill_jax.train.resume import config_changes
+
+    recorded = {"data": {"sources": ["/d/a.jsonl"], "meta": ["rel/m.jsonl"], "tokenizer": "tok"},
+                "optim": {"trainable": ["/x/../y"]}}  # fmt: skip
+    two = ["/d/a.jsonl", "/d/b.jsonl"]
+    current = {"data": {"sources": two, "meta": ["./rel/m.jsonl"], "tokenizer": "./tok"},
+               "optim": {"trainable": ["/y"]}}  # fmt: skip
+    assert [key for key, *_ in config_changes(recorded, current)] == [
+        "data.meta", "data.sources", "data.tokenizer", "optim.trainable"
+    ]  # fmt: skip
+    same = {"data": {"sources": ["/d/./a.jsonl"], "meta": ["rel/m.jsonl"], "tokenizer": "tok"},
+            "optim": {"trainable": ["/x/../y"]}}  # fmt: skip
+    assert config_changes(recorded, same) == []
+
+
+def test_listed_changes_counts_only_the_changes_past_the_limit_and_writes_absent_bare():
+    """`MAX_LISTED` changes are all listed with no count; one more is counted (" and 1 more"); `<absent>`
+    is written as it is, other values as JSON. Expected strings written out by hand."""
+    from nextquill_jax.train.resume import listed_changes
+
+    changes = [(f"k{i}", i, [i]) for i in range(MAX_LISTED)]
+    assert listed_changes(changes) == "; ".join(f"k{i}: {i} -> [{i}]" for i in range(MAX_LISTED))
+    assert listed_changes([*changes, ("z", "a", "b")]).endswith(f"k{MAX_LISTED - 1}: 9 -> [9] and 1 more")
+    assert (
+        listed_changes([("a", "<absent>", "x"), ("b", None, "<absent>")])
+        == 'a: <absent> -> "x"; b: null -> <absent>'
+    )
+
+
+def test_a_data_input_may_name_other_files_only_where_the_data_was_reused(tmp_path, tiny_config):
+    """`data.sources`, `data.meta`, `data.template` and `data.tokenizer` may differ where preparing reused the
+    data from the files the config names (`data_reused`), and are refused otherwise."""
+    cfg = load_config(None, base=tiny_config(tmp_path / "data", tmp_path / "run"))
+    moved = {
+        "sources": ["/old/a.jsonl"],
+        "meta": ["/old/m.jsonl"],
+        "template": "/old/t.yaml",
+        "tokenizer": "/old/t",
+    }
+    for key, value in moved.items():
+        recorded = config_to_dict(cfg)
+        recorded["data"][key] = value
+        check_resumable(recorded, cfg, tmp_path / "run", 4, data_reused=True)
+        with pytest.raises(ConfigError, match=rf"data\.{key}: "):
+            check_resumable(recorded, cfg, tmp_path / "run", 4)
+
+
+def test_a_recorded_config_this_version_cannot_read_is_compared_as_it_was_saved(tmp_path, tiny_config):
+    """`normalised` returns a saved config the schema no longer reads (a key it dropped) as saved, so that
+    the comparison lists the extra key instead of failing."""
+    from nextquill_jax.train.resume import config_changes, normalised
+
+    current = config_to_dict(load_config(None, base=tiny_config(tmp_path / "data", tmp_path / "run")))
+    recorded = {**current, "optim": {**current["optim"], "dropped_key": 1}}
+    assert normalised(recorded) == recorded
+    assert config_changes(normalised(recorded), current) == [("optim.dropped_key", 1, "<absent>")]
+
+
 def test_a_moved_workdir_resumes_where_its_config_yaml_is_not_where_it_was(trained_run, tmp_path, capsys):
     """Its config.yaml records the old absolute workdir; training there would have started a new run from
     step 0 (or continued the original, had it still existed)."""
