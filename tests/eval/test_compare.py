@@ -1226,6 +1226,144 @@ def test_an_interrupted_run_under_other_settings_is_refused_before_the_first_run
     assert started == []
 
 
+def _comparison(tmp_path, tiny_config, variants: dict):
+    """A compare file in `tmp_path` of `variants` (baseline `a`) over the tiny config, loaded."""
+    base = tiny_config(tmp_path / "data", tmp_path / "unused_run")
+    file = tmp_path / "c.yaml"
+    compare = {"out": str(tmp_path / "out"), "baseline": "a"}
+    file.write_text(yaml.safe_dump({"compare": compare, "variants": variants, "base": base}))
+    return load_comparison(file)
+
+
+def test_settings_changes_tells_training_from_evaluation_keys(tmp_path, tiny_config):
+    """`eval.split` (the split training validates on; no key a resume may change) is a training change, only
+    `eval.generation.*` of the `eval` section an evaluation one; LoRA dropout above 0 in the current config
+    alone (the recorded run had none) makes `train.micro_batches` a training change too."""
+    from nextquill_jax.eval.compare import run_settings, settings_changes
+    from nextquill_jax.train.resume import normalised
+
+    comparison = _comparison(tmp_path, tiny_config, {"a": {}})
+    recorded = run_settings(comparison, "a", comparison.run_config("a", 0))
+    current = copy.deepcopy(recorded)
+    current["config"]["eval"]["split"] = "test"
+    current["config"]["eval"]["generation"]["max_new_tokens"] = 7
+    was = recorded["config"]["eval"]["generation"]["max_new_tokens"]
+    training, evaluation = settings_changes(recorded, current, "a")
+    assert training == [("eval.split", "val", "test")]
+    assert evaluation == [("eval.generation.max_new_tokens", was, 7)]
+
+    recorded["config"]["model"]["lora"] = {"rank": 4, "alpha": 8.0, "dropout": 0.0}
+    recorded["config"] = normalised(recorded["config"])
+    current = copy.deepcopy(recorded)
+    current["config"]["model"]["lora"]["dropout"] = 0.1
+    current["config"]["train"]["micro_batches"] = 2
+    training, evaluation = settings_changes(recorded, current, "a")
+    assert training == [("model.lora.dropout", 0.0, 0.1), ("train.micro_batches", 1, 2)]
+    assert evaluation == []
+
+
+def test_a_finished_run_whose_template_moved_is_refused_with_the_way_to_reuse_it(tmp_path, tiny_config):
+    """The moved-files hint covers the template (and tokenizer), not only the record files."""
+    import dataclasses
+
+    from nextquill_jax.data.templates import TEMPLATE_DIR
+    from nextquill_jax.eval.compare import run_settings
+
+    old, new = tmp_path / "old" / "t.yaml", tmp_path / "new" / "t.yaml"
+    for template in (old, new):
+        template.parent.mkdir()
+        template.write_text((TEMPLATE_DIR / "plain.yaml").read_text())
+    comparison = _comparison(tmp_path, tiny_config, {"a": {}})
+    cfg = comparison.run_config("a", 0)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, template=str(new)))
+    ran = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, template=str(old)))
+    _finished_with(comparison, run_settings(comparison, "a", ran))
+    with pytest.raises(ConfigError) as e:
+        finished_changes(comparison, "a", 0, cfg)
+    assert f'data.template: "{old}" -> "{new}" (moved record files, template or tokenizer?' in str(e.value)
+
+
+def test_a_finished_run_that_did_not_train_here_is_evaluated_again_under_other_training_settings(
+    tmp_path, tiny_config
+):
+    """Other training settings refuse only a run that trained in this compare.out: an untrained variant's run
+    (`train: false`) and a run recorded as evaluated from another comparison's (`trained_in`), whose variant
+    now trains here, have no training here to keep: their changes are returned (to evaluate again)."""
+    import dataclasses
+
+    from nextquill_jax.eval.compare import run_settings
+
+    comparison = _comparison(tmp_path, tiny_config, {"a": {"train": False}})
+    cfg = comparison.run_config("a", 0)
+    ran = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, low=0.5))
+    _finished_with(comparison, run_settings(comparison, "a", ran))
+    assert finished_changes(comparison, "a", 0, cfg) == [("loss.low", 0.5, cfg.loss.low)]
+
+    comparison = _comparison(tmp_path, tiny_config, {"a": {}})
+    settings = run_settings(comparison, "a", ran)
+    settings["trained_in"] = str(tmp_path / "elsewhere")
+    _finished_with(comparison, settings)
+    assert finished_changes(comparison, "a", 0, cfg) == [
+        ("loss.low", 0.5, cfg.loss.low),
+        ("variants.a.trained_in", str(tmp_path / "elsewhere"), None),
+    ]
+
+
+def test_a_trained_in_run_is_refused_if_its_record_predates_settings_or_it_trained_nothing(
+    tmp_path, tiny_config
+):
+    """`check_trained_in` of a source run: a compare_done.json without settings is named as predating them
+    (not as unfinished), a run that did not train (`train: false` there) is refused, and a run that skipped no
+    update stands for the variant under another non-finite policy (one that skipped updates does not)."""
+    import dataclasses
+
+    from nextquill_jax.eval.compare import run_settings
+
+    comparison = _comparison(tmp_path, tiny_config, {"a": {"trained_in": str(tmp_path / "src")}})
+    cfg = comparison.run_config("a", 0)
+    done = tmp_path / "src" / "seed0" / "a" / DONE_FILE
+    done.parent.mkdir(parents=True)
+    own = {**run_settings(comparison, "a", cfg), "trained_in": None}  # as the source recorded it
+
+    def refusal(**record) -> str:
+        done.write_text(json.dumps({"variant": "a", **record}))
+        with pytest.raises(ConfigError) as e:
+            check_trained_in(comparison, "a", 0, cfg)
+        return str(e.value)
+
+    assert "(`trained_in`), whose record predates recorded settings. Fix:" in refusal()
+    assert "(`trained_in`), which trained nothing (`train: false` there)" in refusal(
+        settings={**own, "train": False}
+    )
+    skip = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, nonfinite="skip"))
+    skipped = {**run_settings(comparison, "a", skip), "trained_in": None}
+    assert 'train.nonfinite: "skip" -> "stop"' in refusal(settings=skipped, skipped_updates=2)
+    done.write_text(json.dumps({"variant": "a", "settings": skipped, "skipped_updates": 0}))
+    check_trained_in(comparison, "a", 0, cfg)
+
+
+def test_an_interrupted_run_is_checked_only_where_it_trains_here_and_saved_a_step(tmp_path, tiny_config):
+    """`check_interrupted_run` leaves alone a variant that does not train here (`train: false`, or
+    `trained_in`) and a checkpoints directory without a step, though each holds a config.yaml under other
+    settings; once a step is there, the trained variant is refused."""
+    import dataclasses
+
+    from nextquill_jax.config import save_config
+    from nextquill_jax.eval.compare import check_interrupted_run
+
+    variants = {"a": {}, "u": {"train": False}, "t": {"trained_in": str(tmp_path / "src")}}
+    comparison = _comparison(tmp_path, tiny_config, variants)
+    for name, step_dir in (("a", "tmp_3"), ("u", "2"), ("t", "2")):
+        cfg, workdir = comparison.run_config(name, 0), comparison.workdir(name, 0)
+        (workdir / "checkpoints" / step_dir).mkdir(parents=True)
+        other = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, variant="mce"))
+        save_config(other, workdir / "config.yaml")
+        assert check_interrupted_run(comparison, name, 0, cfg) is None, name
+    (comparison.workdir("a", 0) / "checkpoints" / "3").mkdir()
+    with pytest.raises(ConfigError, match=r"variant 'a' \(seed 0\) has an unfinished training in "):
+        check_interrupted_run(comparison, "a", 0, comparison.run_config("a", 0))
+
+
 # The tests below change the finished runs of `compared` (they evaluate some again), so they come after every
 # test that reads them as the first comparison left them.
 
