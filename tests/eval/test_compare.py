@@ -1239,7 +1239,7 @@ def test_settings_changes_tells_training_from_evaluation_keys(tmp_path, tiny_con
     """`eval.split` (the split training validates on; no key a resume may change) is a training change, only
     `eval.generation.*` of the `eval` section an evaluation one; LoRA dropout above 0 in the current config
     alone (the recorded run had none) makes `train.micro_batches` a training change too."""
-    from nextquill_jax.eval.compare import run_settings, settings_changes
+    from nextquill_jax.eval.compare_record import run_settings, settings_changes
     from nextquill_jax.train.resume import normalised
 
     comparison = _comparison(tmp_path, tiny_config, {"a": {}})
@@ -1267,7 +1267,7 @@ def test_a_finished_run_whose_template_moved_is_refused_with_the_way_to_reuse_it
     import dataclasses
 
     from nextquill_jax.data.templates import TEMPLATE_DIR
-    from nextquill_jax.eval.compare import run_settings
+    from nextquill_jax.eval.compare_record import run_settings
 
     old, new = tmp_path / "old" / "t.yaml", tmp_path / "new" / "t.yaml"
     for template in (old, new):
@@ -1291,7 +1291,7 @@ def test_a_finished_run_that_did_not_train_here_is_evaluated_again_under_other_t
     now trains here, have no training here to keep: their changes are returned (to evaluate again)."""
     import dataclasses
 
-    from nextquill_jax.eval.compare import run_settings
+    from nextquill_jax.eval.compare_record import run_settings
 
     comparison = _comparison(tmp_path, tiny_config, {"a": {"train": False}})
     cfg = comparison.run_config("a", 0)
@@ -1317,7 +1317,7 @@ def test_a_trained_in_run_is_refused_if_its_record_predates_settings_or_it_train
     update stands for the variant under another non-finite policy (one that skipped updates does not)."""
     import dataclasses
 
-    from nextquill_jax.eval.compare import run_settings
+    from nextquill_jax.eval.compare_record import run_settings
 
     comparison = _comparison(tmp_path, tiny_config, {"a": {"trained_in": str(tmp_path / "src")}})
     cfg = comparison.run_config("a", 0)
@@ -1349,7 +1349,7 @@ def test_an_interrupted_run_is_checked_only_where_it_trains_here_and_saved_a_ste
     import dataclasses
 
     from nextquill_jax.config import save_config
-    from nextquill_jax.eval.compare import check_interrupted_run
+    from nextquill_jax.eval.compare_record import check_interrupted_run
 
     variants = {"a": {}, "u": {"train": False}, "t": {"trained_in": str(tmp_path / "src")}}
     comparison = _comparison(tmp_path, tiny_config, variants)
