@@ -228,9 +228,10 @@ def check_interrupted_run(comparison: Comparison, name: str, seed: int, cfg: Con
     """Return unless run (`name`, `seed`), with config `cfg`, trains here (no `trained_in`) and its workdir
     holds checkpoints of an unfinished run (no compare_done.json with settings) saved under another config:
     the check `train` makes when it resumes (`resume.check_resumable`, against the config.yaml the run
-    saved), made before any run starts. `model.cudnn_max_segments: auto` is left to `train`, which resolves
-    it from the data, and so are the paths of the data's input files (`resume.DATA_INPUTS`), which `train`
-    accepts where it finds the same files moved there.
+    saved), made before any run starts. The keys a resume may change (`resume.MAY_CHANGE`, which holds
+    `model.cudnn_max_segments`: `auto` is resolved by `train` from the data) are left to `train`, and so are
+    the paths of the data's input files (`resume.DATA_INPUTS`), which `train` accepts where it finds the same
+    files moved there.
 
     Raises:
         ConfigError: naming the run, each differing key (the saved run's value first) and compare's fix.
@@ -245,10 +246,9 @@ def check_interrupted_run(comparison: Comparison, name: str, seed: int, cfg: Con
         return
     if not any(p.name.isdigit() for p in checkpoints.iterdir()):
         return
-    auto = lambda key: key == "model.cudnn_max_segments" and cfg.model.cudnn_max_segments == "auto"
     # The data's input files too: `train` resumes with files that moved, as it prepares their data
     # (`resume.check_resumable`'s `data_reused`), and refuses others there.
-    left_to_train = lambda key: may_change(key) or auto(key) or covered(key, DATA_INPUTS)
+    left_to_train = lambda key: may_change(key) or covered(key, DATA_INPUTS)
     changes = config_changes(normalised(read_yaml(saved)), config_to_dict(cfg), ignore=left_to_train)
     if changes:
         raise ConfigError(
