@@ -902,3 +902,91 @@ def test_a_run_read_on_more_devices_than_its_rows_split_over_gets_the_same_losse
     got = {"loss": read["loss"], **read["terms"], **read["variants"]}
     want = {"loss": one["loss"]["loss"], **one["loss"]["terms"], **one["loss"]["variants"]}
     assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_a_hint_names_five_alike_tokens_as_repetition():
+    """Repetition counts generations of more than 4 tokens (by hand: [4] * 5 is 5 tokens, all alike, over
+    80%), and one count over half the generations is enough: no generation here stopped at max_new_tokens
+    (10). Mutation that survived before: `len(ids) > 4` -> `> 5`."""
+    from nextquill_jax.eval.evaluate import generation_hint
+
+    hint = generation_hint([[4] * 5] * 3, max_new_tokens=10)
+    assert hint is not None and "0/3 generations stopped" in hint and "3/3 repeat one token" in hint
+    assert generation_hint([[4] * 4] * 3, max_new_tokens=10) is None  # 4 tokens: too short to count
+
+
+@pytest.mark.parametrize(
+    ("setting", "fix"),
+    [
+        ("--batch-size", "Fix: pass a multiple of 4, such as 4, or leave --batch-size out."),
+        (
+            "compare.eval_batch_size",
+            "Fix: set compare.eval_batch_size to a multiple of 4, such as 4, or null.",
+        ),
+    ],
+)
+def test_an_unsplit_batch_message_suggests_the_next_multiple_and_how_to_unset_the_setting(setting, fix):
+    """A batch of 3 over 4 shards: the suggestion is ceil(3 / 4) * 4 = 4 (not 0, the floor), and a flag is
+    left out where a config key is set to null. Mutations that survived before: the ceiling -> floor
+    division, the flag / key branches of the unset advice swapped."""
+    from nextquill_jax.eval.evaluate import unsplit_batch_message
+
+    assert unsplit_batch_message(3, 4, {"data": 2, "fsdp": 2}, setting) == (
+        f"{setting} 3 is not a multiple of the 4 batch shards of the mesh {{'data': 2, 'fsdp': 2}}, over "
+        f"which each batch of prompts is split. {fix}"
+    )
+
+
+def test_the_replacing_line_names_step_0_and_a_metrics_file_that_is_not_an_object(tmp_path):
+    """Step 0 (an untrained checkpoint) is a step, not a missing one: "step 0", not the model's name; an
+    earlier metrics.json that parses but is not an object (a JSON list) is named without what it held, not
+    an AttributeError. Mutations that survived before: `is not None` -> truthiness in `_results_of`,
+    AttributeError dropped from the exceptions `replacing_line` catches."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.json").write_text(json.dumps({"step": 0, "model": "run", "examples": 3}))
+    new = {"step": 0, "model": "run", "examples": 1, "generation": {"max_new_tokens": 6}}
+    assert replacing_line(out, new, None) == (
+        f"replacing {out / 'metrics.json'} (step 0, 3 examples) with step 0, 1 example"
+    )
+    (out / "metrics.json").write_text("[1, 2]")
+    assert replacing_line(out, new, None) == f"replacing {out / 'metrics.json'} with step 0, 1 example"
+
+
+@pytest.mark.parametrize(
+    ("arguments", "said"),
+    [
+        ({"max_examples": 0}, r"^max_examples must be >= 1, got 0$"),
+        ({"loaded": object(), "step": 3}, r"^evaluate: pass `loaded`, or `step` / `model_path` to load a"),
+        ({"loaded": object(), "model_path": "m"}, r"^evaluate: pass `loaded`, or `step` / `model_path` to"),
+    ],
+)
+def test_arguments_that_cannot_apply_are_refused_before_a_model_is_loaded(tmp_path, arguments, said):
+    """Not a workdir and not a LoadedModel: loading or reading a model first would raise another error.
+    Mutations that survived before: `max_examples < 1` -> `< 0`, the `loaded` check's `or` -> `and`."""
+    with pytest.raises(ValueError, match=said):
+        evaluate(tmp_path / "no_run", "test", **arguments)
+
+
+def test_examples_without_a_category_are_scored_as_none_beside_the_others():
+    """Rows with and without a category: the per-category scores hold "(none)" beside "Books" (the rows
+    without one are not dropped, and the categories are not dropped for all). Exact predictions score
+    ROUGE-1 1 in both groups. Mutation that survived before: `all(c is None ...)` -> `any(...)` in _scored."""
+    rows = [
+        {"index": 0, "user_id": "u", "target": "a warm day", "prompt_with_history": "p0"},
+        {
+            "index": 1,
+            "user_id": "v",
+            "category": "Books",
+            "target": "a cold night",
+            "prompt_with_history": "p1",
+        },
+    ]
+    predictions = ["a warm day", "a cold night"]
+    scores, lines = evaluate_module._scored(rows, predictions, [[5, 2], [6, 6, 6]], "with", 3)
+    assert sorted(scores["per_category"]) == ["(none)", "Books"]
+    for group in scores["per_category"].values():
+        assert abs(group["rouge1"] - 1.0) <= 1e-9
+    written = [json.loads(line) for line in lines]
+    assert [w["category"] for w in written] == [None, "Books"]
+    assert [w["stopped_by"] for w in written] == ["eos", "max_new_tokens"]  # 2 < 3 tokens, then 3 == 3
