@@ -887,3 +887,70 @@ def test_the_fixed_dce_note_names_a_way_to_report_the_base_alone(lora, path, adv
         model=SimpleNamespace(lora=SimpleNamespace(**lora), path=path),
     )
     assert advice in _fixed_dce_note(cfg, Path("prepared"))
+
+
+def test_the_colour_scale_interpolates_and_rounds_between_its_stops_and_dce_prints_small_values_apart():
+    """Between the stops, by hand: DCE 0.05 of vmax 0.3 is position (1/6 + 1) / 2 * 6 = 3.5, halfway from
+    (247, 247, 247) to (253, 219, 199): (250, 233, 223); DCE 0.01 is position 3.1: (247.6, 244.2, 242.2),
+    rounded to (248, 244, 242), not truncated. DCE text: 4 decimals from 1e-3 up and for 0, 3 significant
+    digits below. Mutations that survived before: the interpolation fraction dropped, `round` -> `int` in
+    `_hex`, `>= 1e-3` -> `> 1e-3`, the `value == 0` case dropped."""
+    from nextquill_jax.eval.effect_html import _dce, dce_color
+
+    assert dce_color(0.05, 0.3) == "#fae9df"
+    assert dce_color(0.01, 0.3) == "#f8f4f2"
+    assert [_dce(v) for v in (1e-3, -1e-3, 0.0, 5e-4, 0.25)] == [
+        "+0.0010",
+        "-0.0010",
+        "+0.0000",
+        "+5.00e-04",
+        "+0.2500",
+    ]
+    assert (_dce(None), _dce(float("nan")), _dce(float("-inf"))) == ("–", "+nan", "-inf")
+
+
+def test_the_page_scale_tick_text_colours_and_counts_follow_the_drawn_dces():
+    """One example of DCEs (0.25, -0.1, 0): the scale's end is the 99th percentile of |DCE| (by hand:
+    0.1 + 0.98 * 0.15 = 0.247, NumPy's linear quantile), or |δ| where that is larger (δ = -0.5: 0.5); the
+    δ tick sits at (δ / vmax + 1) / 2 of the bar; a token past 0.8 vmax gets white text; only the last
+    token (the end token) is `special`; the overview's spread has no sign; no "not finite" row without
+    non-finite tokens; the example line counts DCE > δ strictly; the <title> is escaped. Mutations that
+    survived before: the text colour always dark, `special` on the first token, the tick at δ / vmax,
+    vmax = max |DCE|, `abs(threshold)` -> `threshold`, the not-finite row always shown, the std's sign
+    kept, `finite > threshold` -> `>=` in the example line, the <title> unescaped."""
+    dce = np.array([0.25, -0.1, 0.0], np.float32)
+    r = _effects(7, dce, None)
+    summary = {"split": "x<y", "model": "m", **summarize([r], LossConfig())}
+    raw = render_report([r], summary, threshold=0.05, histogram_png_base64=b"")
+    vmax = float(np.quantile(np.abs(dce.astype(np.float64)), 0.99))
+    assert vmax == pytest.approx(0.247, abs=1e-6)
+    assert "<span>≤ -0.2470</span><span>0</span><span>≥ +0.2470</span>" in raw
+    tick = float(re.search(r'class="thr" style="left:([0-9.]+)%"', raw).group(1))
+    assert tick == pytest.approx((0.05 / vmax + 1) / 2 * 100, abs=0.006)  # 60.12
+    spans = re.findall(r'<span class="(tok[^"]*)" style="background:#[0-9a-f]{6};color:(#[0-9a-f]{3})"', raw)
+    assert spans == [("tok pref", "#fff"), ("tok", "#111"), ("tok special", "#111")]  # 0.25 / 0.247 > 0.8
+    std = float(np.std(dce.astype(np.float64)))  # 0.1472
+    assert f"<td class=l>DCE mean ± std</td><td>+0.0500 ± {std:.4f}</td>" in raw
+    assert "not finite" not in raw and "All 1 scored examples drawn below." in raw
+    assert "<title>NextQuill effect report · split x&lt;y</title>" in raw
+    at_zero = render_report([r], summary, threshold=0.0, histogram_png_base64=b"")
+    assert "3 target tokens · 1 preference-bearing · mean DCE" in at_zero  # 0.0 > 0.0 is false
+    below = render_report([r], summary, threshold=-0.5, histogram_png_base64=b"")
+    assert "<span>≥ +0.5000</span>" in below
+
+
+def test_a_page_drawing_some_examples_lists_those_and_offers_the_roles_toggle_if_any_has_roles():
+    """Two scored examples, one with roles and one without: drawing both, the roles checkbox and its script
+    are there (any example with roles); drawing only the one without roles, neither is, the page says 1 of 2
+    are drawn, and the examples table lists only the drawn one. Mutations that survived before: `any` ->
+    `all` for the toggle, the table's filter of drawn examples dropped, `<` -> `<=` in the drawn count."""
+    with_roles = _effects(0, np.array([0.3, -0.2], np.float32), ["preference", "eos"])
+    without_roles = _effects(1, np.array([0.1, 0.0], np.float32), None)
+    summary = {"split": "val", "model": "m", **summarize([with_roles, without_roles], LossConfig())}
+    both = render_report([with_roles, without_roles], summary, threshold=0.0, histogram_png_base64=b"")
+    assert 'id="show-roles"' in both and "<script>" in both
+    assert "All 2 scored examples drawn below." in both
+    one = render_report([without_roles], summary, threshold=0.0, histogram_png_base64=b"")
+    assert 'id="show-roles"' not in one and "<script>" not in one
+    assert "1 of 2 scored examples drawn below." in one
+    assert re.findall(r'<a href="#ex-(\d+)">', one) == ["1"]
