@@ -382,6 +382,43 @@ def test_a_parser_used_again_takes_an_option_once_per_parse():
         assert parser.parse_args(["evaluate", "--workdir", "r", "--step", str(step)]).step == step
 
 
+def test_the_parsed_namespace_holds_only_the_options_and_may_be_parsed_into_again():
+    """argparse documents `parse_args(args, namespace)` as filling an existing namespace: the record of the
+    options given in one parse is removed from it, so a second parse into it takes the option again, and an
+    explicit `action="store"` is refused a second value as the default action is. Mutations that survived
+    before: the record left in the namespace, `store` not registered as the refusing action."""
+    from nextquill_jax.argument_parser import ArgumentParser
+
+    parser = ArgumentParser(prog="p")
+    parser.add_argument("--x")
+    parser.add_argument("--y", action="store")
+    namespace = parser.parse_args(["--x", "1"])
+    assert vars(namespace) == {"x": "1", "y": None}
+    assert parser.parse_args(["--x", "2"], namespace=namespace).x == "2"
+    with pytest.raises(SystemExit) as e:
+        parser.parse_args(["--y", "a", "--y", "b"])
+    assert e.value.code == 2
+
+
+def test_logit_scale_takes_both_ends_of_its_range_and_error_line_ends_with_the_notes():
+    """`logit_scale` is [1e-6, 1e6], both ends in (as its docstring and message say); `error_line` is
+    "error: " and the message (or the command's own wording), then each note the exception carries
+    (`BaseException.add_note`), space-separated. Mutations that survived before: `x <= 1e6` -> `x < 1e6`,
+    the notes dropped from the line."""
+    from nextquill_jax.subcommand import error_line, logit_scale
+
+    assert (logit_scale("1e-6"), logit_scale("1e6")) == (1e-6, 1e6)
+    for bad in ("1.000001e6", "9.99e-7"):
+        with pytest.raises(argparse.ArgumentTypeError, match=r"in \[1e-06, 1e\+06\]"):
+            logit_scale(bad)
+    e = ValueError("bad value")
+    assert error_line(e) == "error: bad value"
+    e.add_note("(run b of the comparison)")
+    e.add_note("see the log")
+    assert error_line(e) == "error: bad value (run b of the comparison) see the log"
+    assert error_line(e, "worded") == "error: worded (run b of the comparison) see the log"
+
+
 def test_train_help_and_the_readme_list_the_same_exit_statuses():
     from nextquill_jax.train.command import TRAIN_EXIT_STATUSES
 
