@@ -139,6 +139,30 @@ def test_a_damaged_config_json_is_named_with_the_fix(tmp_path, text, problem):
         load_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (b"42", "holds a int, not a JSON object"),
+        (b'"text"', "holds a str, not a JSON object"),
+        (b"\xff{}", "is not valid JSON ("),  # not UTF-8: UnicodeDecodeError, a ValueError
+    ],
+)
+def test_read_json_object_names_any_value_that_is_not_an_object_and_text_that_is_not_utf8(
+    tmp_path, content, problem
+):
+    """Any JSON value but an object is refused naming its type (json.loads gives int and str for these), and
+    bytes that are not UTF-8 are named as not valid JSON with the fix. Mutations that survived before:
+    `not isinstance(content, dict)` -> `isinstance(content, list)`, `except ValueError` ->
+    `except json.JSONDecodeError`."""
+    from nextquill_jax.json_object import read_json_object
+
+    path = tmp_path / "x.json"
+    path.write_bytes(content)
+    with pytest.raises(ValueError) as e:
+        read_json_object(path, "copy it again.")
+    assert str(e.value).startswith(f"{path} {problem}") and str(e.value).endswith(". Fix: copy it again.")
+
+
 def test_an_integer_weight_is_named(qwen2):
     """A tensor of an integer type (a quantized or damaged checkpoint) failed in np.finfo ("data type
     <class 'numpy.int32'> not inexact"), naming nothing."""

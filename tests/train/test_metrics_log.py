@@ -200,6 +200,14 @@ def test_nonfinite_numbers_become_null_at_any_depth_as_in_a_row(tmp_path):
     assert rows(tmp_path) == [{"step": 1, "loss": None}]
 
 
+def test_nonfinite_numbers_in_a_tuple_become_null_too():
+    """A tuple is a JSON array to `json.dumps` as a list is: its NaN and infinities become null as well
+    (returned as a list). Mutation that survived before: `list | tuple` -> `list`."""
+    cleaned = nonfinite_to_null({"pair": (float("nan"), 2.0), "deep": [(1.0, float("inf"))]})
+    assert cleaned == {"pair": [None, 2.0], "deep": [[1.0, None]]}
+    json.dumps(cleaned, allow_nan=False)
+
+
 def test_events_go_to_the_configured_folder_relative_to_the_current_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = LoggingConfig(tensorboard=True, tensorboard_dir="local/tb", progress_bar=False)
