@@ -167,7 +167,5 @@ def _float_where(text: str, holds: Callable[[float], bool], wanted: str) -> floa
     except ValueError:
         value = math.nan
     if not (math.isfinite(value) and holds(value)):
-        raise argparse.ArgumentTypeError(
-            f"expected a finite number{f' {wanted}' if wanted else ''}, got {text!r}"
-        )
+        raise argparse.ArgumentTypeError(f"expected a finite number {wanted}, got {text!r}")
     return value
