@@ -25,7 +25,7 @@ def read_json_object(path: str | Path, fix: str) -> dict[str, Any]:
         OSError: `path` cannot be read (FileNotFoundError where it does not exist).
     """
     try:
-        content = json.loads(Path(path).read_text())
+        content = json.loads(Path(path).read_text(encoding="utf-8"))
     except ValueError as e:  # json.JSONDecodeError, UnicodeDecodeError
         raise ValueError(f"{path} is not valid JSON ({e}). Fix: {fix}") from None
     if not isinstance(content, dict):

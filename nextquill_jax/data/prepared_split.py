@@ -212,7 +212,7 @@ class PreparedSplit:
         meta_path = self.dir / "meta.json"
         check_split(data_dir, split)
         try:
-            self.meta = json.loads(meta_path.read_text())
+            self.meta = json.loads(meta_path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:  # ValueError: json.JSONDecodeError, UnicodeDecodeError
             raise self._damaged([f"{meta_path} cannot be read ({e})"]) from None
         if isinstance(self.meta, dict) and "checksums" not in self.meta:

@@ -220,7 +220,7 @@ def run_variant(
     trained = False  # whether the workdir holds this run's finished training, which need not run again
     if changes == []:
         echo(f"{label}: done already ({done})")
-        record = json.loads(done.read_text())
+        record = json.loads(done.read_text(encoding="utf-8"))
         # Recorded relative before compare.out was made absolute: this run's evaluation, read from here.
         if not Path(record["eval_dir"]).is_absolute():
             record["eval_dir"] = str(workdir / "eval" / plan.split)
@@ -234,7 +234,7 @@ def run_variant(
         )
         echo(f"{label}: {done} does not record the settings it ran with (an older version wrote it): {again}")
     elif changes is not None:
-        recorded = json.loads(done.read_text())["settings"]
+        recorded = json.loads(done.read_text(encoding="utf-8"))["settings"]
         trained = variant.train and recorded["train"] and recorded.get("trained_in") is None
         again = (
             "evaluating its checkpoint again"

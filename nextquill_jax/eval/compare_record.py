@@ -152,7 +152,7 @@ def finished_changes(comparison: Comparison, name: str, seed: int, cfg: Config) 
     """
     workdir = comparison.workdir(name, seed)
     done = workdir / DONE_FILE
-    record = json.loads(done.read_text()) if done.exists() else {}
+    record = json.loads(done.read_text(encoding="utf-8")) if done.exists() else {}
     recorded = record.get("settings")
     if recorded is None:
         return None
@@ -188,7 +188,7 @@ def check_trained_in(comparison: Comparison, name: str, seed: int, cfg: Config) 
         return
     run = comparison.trained_workdir(name, seed)
     done = run / DONE_FILE
-    record = json.loads(done.read_text()) if done.is_file() else {}
+    record = json.loads(done.read_text(encoding="utf-8")) if done.is_file() else {}
     recorded = record.get("settings")
     head = f"{comparison.source}: variant {name!r} (seed {seed}) evaluates the run in {run} (`trained_in`)"
     if not run.is_dir():

@@ -188,7 +188,7 @@ def _convert_qwen(variant: _QwenVariant) -> PreTrainedTokenizerFast:
         eos_token="<|endoftext|>",
         pad_token="<|endoftext|>",
         extra_special_tokens=[text for text, special in variant.added_tokens[1:] if special],
-        chat_template=(_CHAT_TEMPLATES / variant.chat_template).read_text(),
+        chat_template=(_CHAT_TEMPLATES / variant.chat_template).read_text(encoding="utf-8"),
         clean_up_tokenization_spaces=False,
         split_special_tokens=False,
     )

@@ -130,7 +130,11 @@ def init_from_note(model: ModelRunConfig) -> str | None:
     if model.lora is None or model.lora.init_from is None:
         return None
     config = Path(model.lora.init_from) / "adapter_config.json"
-    named = json.loads(config.read_text()).get("base_model_name_or_path") if config.is_file() else None
+    named = (
+        json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path")
+        if config.is_file()
+        else None
+    )
     if named is None:
         return None
     if (

@@ -153,7 +153,9 @@ def _progress_records_manifest(step_dir: Path) -> bool:
     """Whether the progress item of `step_dir` (Orbax's JsonSave writes it to `progress/metadata`) records
     that the step was saved with a manifest; False when it does not or cannot be read."""
     try:
-        return json.loads((step_dir / PROGRESS_FILE).read_text()).get(PROGRESS_MANIFEST) is True
+        return (
+            json.loads((step_dir / PROGRESS_FILE).read_text(encoding="utf-8")).get(PROGRESS_MANIFEST) is True
+        )
     except (OSError, ValueError, AttributeError):  # missing or unreadable, not JSON, not a mapping
         return False
 
@@ -181,7 +183,7 @@ def check_step(step_dir: Path) -> StepCheck:
             return StepCheck(step, "failed", missing, 0, 0)
         return StepCheck(step, "no manifest", [], 0, 0)
     try:
-        files = json.loads(path.read_text())["files"]
+        files = json.loads(path.read_text(encoding="utf-8"))["files"]
         found = checksums.problems(step_dir, files)
         size = sum(int(f["size"]) for f in files.values())
     except (ValueError, KeyError, TypeError, AttributeError) as e:  # not JSON, or not the manifest's layout

@@ -144,7 +144,7 @@ def targets_end_token(data_dir: Path) -> int | None:
     meta = data_dir / "train" / "meta.json"
     if not meta.exists():
         return None
-    ends = json.loads(meta.read_text()).get("eos_token_id")
+    ends = json.loads(meta.read_text(encoding="utf-8")).get("eos_token_id")
     return None if ends is None else int(ends)
 
 

@@ -204,7 +204,9 @@ def _truncate_after(path: Path, step: int) -> list[int]:
     if not path.exists():
         return []
     lines = [
-        (n, line) for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1) if line.strip()
+        (n, line)
+        for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1)
+        if line.strip()
     ]
     rows = [(n, line, _row(line)) for n, line in lines]
     kept = [line for _, line, row in rows if row is not None and row["step"] <= step]

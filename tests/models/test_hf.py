@@ -4,7 +4,10 @@ naming the tensor; dtype conversion; directory / name resolution. Tensors come f
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 
 import ml_dtypes
 import numpy as np
@@ -161,6 +164,27 @@ def test_read_json_object_names_any_value_that_is_not_an_object_and_text_that_is
     with pytest.raises(ValueError) as e:
         read_json_object(path, "copy it again.")
     assert str(e.value).startswith(f"{path} {problem}") and str(e.value).endswith(". Fix: copy it again.")
+
+
+def test_a_json_object_reads_as_utf8_whatever_the_locale_says(tmp_path):
+    """A config.json with non-ASCII text (a chat template, an author's name) reads under a locale whose
+    encoding is ASCII (`LC_ALL=C` without Python's locale coercion or UTF-8 mode, as some cluster images run
+    jobs): `read_text()` took the locale's encoding, so the file was refused as "not valid JSON"."""
+    path = tmp_path / "config.json"
+    path.write_bytes('{"name": "Qwen \u00e9t\u00e9 \u2014 \u4f60\u597d"}'.encode())
+    program = (
+        "import locale, sys; from nextquill_jax.json_object import read_json_object; "
+        "print(locale.getpreferredencoding(False)); "
+        "print(ascii(read_json_object(sys.argv[1], 'x')['name']))"
+    )
+    env = {**os.environ, "LC_ALL": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0"}
+    done = subprocess.run(
+        [sys.executable, "-c", program, str(path)], env=env, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    encoding, name = done.stdout.splitlines()
+    assert encoding.lower() not in ("utf-8", "utf8")  # the locale the test is about
+    assert name == ascii("Qwen \u00e9t\u00e9 \u2014 \u4f60\u597d")
 
 
 def test_an_integer_weight_is_named(qwen2):
