@@ -75,7 +75,7 @@ def results_file(text: str) -> Path:
 
 def append_results(path: str | Path, lines: Sequence[str]) -> None:
     """Append a section (lines) to a Markdown results file, separated by a blank line."""
-    with Path(path).open("a") as f:
+    with Path(path).open("a", encoding="utf-8") as f:
         f.write("\n" + "\n".join(lines) + "\n")
 
 

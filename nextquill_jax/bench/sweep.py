@@ -295,7 +295,7 @@ def read_rows(csv_path: Path) -> list[dict[str, str]]:
     """
     if not csv_path.exists():
         return []
-    with csv_path.open(newline="") as f:
+    with csv_path.open(newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         if tuple(reader.fieldnames or ()) != CSV_COLUMNS:
             raise ConfigError(
@@ -499,7 +499,7 @@ def run_sweep(
         del harness
         row = point_row(cfg, model, model_cfg, key, shape, batch, row_shape, timing, peak, device_kind)
         new_file = not csv_path.exists()
-        with csv_path.open("a", newline="") as f:
+        with csv_path.open("a", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
             if new_file:
                 writer.writeheader()

@@ -90,7 +90,7 @@ class MetricsLog:
         if not self.enabled:
             return
         values = {k: self._json_value(k, v) for k, v in metrics.items()}
-        with self.path.open("a") as f:
+        with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps({"step": step, **values}) + "\n")
         if self._tb is not None:
             for key, value in metrics.items():
@@ -172,7 +172,7 @@ def read_rows(workdir: str | Path) -> list[dict[str, Any]]:
     path = Path(workdir) / METRICS_FILE
     if not path.exists():
         return []
-    with path.open(errors="replace") as f:
+    with path.open(encoding="utf-8", errors="replace") as f:
         return [row for row in map(_row, f) if row is not None]
 
 
