@@ -3,6 +3,8 @@ References: transformers' own config classes and RoPE initialisers, and publishe
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -142,6 +144,10 @@ def test_unknown_preset_lists_the_known_ones():
             {"original_max_position_embeddings": None},
             r"config\.json original_max_position_embeddings must be a whole number .* got None",
         ),
+        (  # JSON true is a Python int (1): it read as a 1-token context (survived mutation audit 6a)
+            {"rope_scaling": {**LEGACY_LLAMA31["rope_scaling"], "original_max_position_embeddings": True}},
+            r"config\.json rope scaling original_max_position_embeddings must be a whole number .* got True",
+        ),
         ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
         (
             {"model_type": "qwen3", "head_dim": None},
@@ -260,3 +266,152 @@ def test_rope_frequencies_match_transformers(scaling):
         expected, _ = ROPE_INIT_FUNCTIONS[rope_type](hf, device=None)
     ours = rope_inv_freq(ModelConfig.from_hf_config(hf.to_dict()))
     np.testing.assert_allclose(ours, expected.numpy(), rtol=2e-6, atol=0)
+
+
+TINY_LLAMA = dict(
+    family="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+    num_kv_heads=2, head_dim=8,
+)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"head_dim": 7}, r"head_dim must be even for RoPE, got 7"),  # RoPE rotates pairs of channels
+        ({"num_layers": 0}, r"ModelConfig\.num_layers must be a positive int, got 0"),
+        ({"vocab_size": 0}, r"ModelConfig\.vocab_size must be a positive int, got 0"),
+        ({"rope_theta": 0.0}, r"rms_norm_eps and rope_theta must be > 0, got 1e-06 and 0\.0"),
+        ({"rms_norm_eps": -1e-6}, r"rms_norm_eps and rope_theta must be > 0, got -1e-06 and 10000\.0"),
+        ({"family": "qwen3"}, r"family 'qwen3' means qk_norm=True"),  # Qwen3Attention always has q/k norm
+        ({"qkv_bias": True}, r"family 'llama' has biases on all of q/k/v/o or on none"),  # attention_bias
+        ({"o_bias": True}, r"family 'llama' has biases on all of q/k/v/o or on none"),
+        ({"qk_norm": True}, r"family 'llama' has no q/k norm"),
+        ({"family": "qwen2"}, r"family 'qwen2' means qkv_bias=True, o_bias=False"),
+        ({"eos_token_ids": [2]}, r"eos_token_ids must be a tuple, got list"),
+    ],
+)
+def test_a_model_config_that_transformers_cannot_build_is_refused_naming_the_field(change, match):
+    """Each change to a valid tiny Llama config asks for a network transformers' classes do not build (odd
+    head_dim: RoPE rotates channel pairs; no layers or vocabulary; a non-positive ε or θ; Qwen3 without
+    its q/k norm; Llama's one `attention_bias` covering only some projections); construction names it.
+    Survived before (mutation audit 6a): dropping the even head_dim check, `value <= 0` as `value < 0`,
+    `rms_norm_eps > 0 and rope_theta > 0` as `or`, dropping the qwen3 q/k norm check, and checking the
+    all-or-none biases for qwen3 only."""
+    ModelConfig(**TINY_LLAMA)  # valid as it is
+    with pytest.raises(ValueError, match=match):
+        ModelConfig(**{**TINY_LLAMA, **change})
+
+
+def test_hidden_act_swish_reads_as_silu():
+    """transformers' ACT2FN runs "swish" as SiLU, so a config.json spelling it so is the same network.
+    Reference: ACT2FN's two functions on the same inputs. Survived before: refusing "swish"."""
+    from transformers.activations import ACT2FN
+
+    x = torch.linspace(-6.0, 6.0, 25, dtype=torch.float64)
+    torch.testing.assert_close(ACT2FN["swish"](x), ACT2FN["silu"](x), rtol=0, atol=0)
+    assert ModelConfig.from_hf_config(
+        {**LEGACY_LLAMA31, "hidden_act": "swish"}
+    ) == ModelConfig.from_hf_config(LEGACY_LLAMA31)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_head_and_kv_head_counts_are_read_as_transformers_reads_them(family):
+    """64 query heads of width 2 (hidden 128): an explicit `head_dim` beats Qwen3's default of 128, and an
+    absent `num_key_value_heads` is the family's default (32 for Qwen2 / Qwen3, which 64 heads group into;
+    the head count for Llama), not the head count. Reference: transformers' config classes. Survived before:
+    the family's head_dim default taking precedence over config.json's, and an absent kv head count read
+    as the head count (the required-keys test has 32 heads, where the two agree)."""
+    d = dict(
+        vocab_size=96, hidden_size=128, intermediate_size=64, num_hidden_layers=1, num_attention_heads=64
+    )
+    theirs = AutoConfig.for_model(family, **d)
+    ours = ModelConfig.from_hf_config({"model_type": family, **d})
+    assert ours.num_kv_heads == theirs.num_key_value_heads == (64 if family == "llama" else 32)
+    explicit = AutoConfig.for_model(family, **d, head_dim=2)
+    assert explicit.head_dim == 2
+    assert ModelConfig.from_hf_config({"model_type": family, **d, "head_dim": 2}).head_dim == 2
+
+
+def test_a_single_end_token_is_written_as_the_published_config_json_writes_it():
+    """Qwen2.5-0.5B's published config.json has `"eos_token_id": 151643`, an int; Llama 3.1's lists three.
+    `to_hf_config` writes one id as an int and several as a list. Survived before: always a list."""
+    assert model_preset("qwen2.5-0.5b").to_hf_config()["eos_token_id"] == 151643
+    assert ModelConfig.from_hf_config(LEGACY_LLAMA31).to_hf_config()["eos_token_id"] == [
+        128001,
+        128008,
+        128009,
+    ]
+    assert model_preset("qwen2.5-0.5b", eos_token_ids=()).to_hf_config()["eos_token_id"] is None
+
+
+def test_rope_theta_and_llama3_context_default_are_read_as_transformers_5_reads_them():
+    """A `rope_theta` inside the RoPE object beats the top-level one, and a llama3 object without
+    `original_max_position_embeddings` takes the model's `max_position_embeddings` (4096 here, not Llama
+    3's 8192). Reference: transformers 5's LlamaConfig on the same dict, and its llama3 RoPE initialiser for
+    the frequencies. Survived before: the top-level theta taking precedence, and a fixed 8192 default."""
+    base = {k: v for k, v in LEGACY_LLAMA31.items() if k not in ("rope_scaling", "rope_theta")}
+    d = {**base, "rope_theta": 10000.0, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}
+    assert LlamaConfig(**d).rope_parameters["rope_theta"] == 1e6
+    assert ModelConfig.from_hf_config(d).rope_theta == 1e6
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    d = {**base, "max_position_embeddings": 4096, "rope_scaling": scaling}
+    ours = ModelConfig.from_hf_config(d)
+    hf = LlamaConfig(**copy.deepcopy(d))  # it writes the default into the RoPE object it is given
+    assert hf.rope_parameters["original_max_position_embeddings"] == 4096
+    assert ours.rope_scaling.original_max_position_embeddings == 4096
+    expected, _ = ROPE_INIT_FUNCTIONS["llama3"](hf, device=None)
+    np.testing.assert_allclose(rope_inv_freq(ours), expected.numpy(), rtol=2e-6, atol=0)
+
+
+def test_llama3_scaling_with_equal_frequency_factors_is_refused():
+    """transformers' llama3 RoPE interpolates with (original / wavelength - low) / (high - low): equal
+    factors divide by zero, so `high_freq_factor` must lie above `low_freq_factor`; just above is fine.
+    Survived before: `>=` for `>` in the check."""
+    from nextquill_jax.models.config import RopeScaling
+
+    fields = dict(type="llama3", factor=8.0, low_freq_factor=2.0, original_max_position_embeddings=8192)
+    with pytest.raises(ValueError, match=r"high_freq_factor > low_freq_factor, got 2\.0 <= 2\.0"):
+        RopeScaling(**fields, high_freq_factor=2.0)
+    assert RopeScaling(**fields, high_freq_factor=2.5).high_freq_factor == 2.5
+
+
+# Values of each preset's published Hugging Face config.json (Qwen2.5 base, Qwen3 and Llama 3.2 released
+# checkpoints, SmolLM2-135M-Instruct): (bos_token_id, eos_token_id, pad_token_id, max_position_embeddings,
+# rope_theta, rms_norm_eps).
+PUBLISHED_CONFIG = {
+    "qwen2.5-0.5b": (151643, 151643, None, 32768, 1e6, 1e-6),
+    "qwen2.5-1.5b": (151643, 151643, None, 131072, 1e6, 1e-6),
+    "qwen2.5-3b": (151643, 151643, None, 32768, 1e6, 1e-6),
+    "qwen2.5-7b": (151643, 151643, None, 131072, 1e6, 1e-6),
+    "qwen3-0.6b": (151643, 151645, None, 40960, 1e6, 1e-6),
+    "qwen3-1.7b": (151643, 151645, None, 40960, 1e6, 1e-6),
+    "qwen3-4b": (151643, 151645, None, 40960, 1e6, 1e-6),
+    "llama3.2-1b": (128000, 128001, None, 131072, 500000.0, 1e-5),
+    "llama3.2-3b": (128000, 128001, None, 131072, 500000.0, 1e-5),
+    "smollm2-135m": (1, 2, 2, 8192, 100000.0, 1e-5),
+}
+
+
+@pytest.mark.parametrize("preset", sorted(PUBLISHED_CONFIG))
+def test_presets_write_the_published_config_json_values(preset):
+    """Special ids, context length, RoPE base and RMSNorm ε of each preset's exported config.json are those
+    of the published checkpoint (parameter counts cannot see them); Llama 3.2's RoPE scaling is its
+    published llama3 object. The export is case-blind in the name. Survived before (mutation audit 6a):
+    Qwen's <|im_end|> id off by one, Qwen3's and Qwen2.5-1.5B / 7B's context lengths, Llama 3.2's
+    low_freq_factor, original context and θ, SmolLM2's θ and pad id, Qwen2.5's ε and bos id, Llama's eos."""
+    hf = model_preset(preset.upper()).to_hf_config()
+    got = tuple(
+        hf[k]
+        for k in (
+            "bos_token_id", "eos_token_id", "pad_token_id", "max_position_embeddings", "rope_theta",
+            "rms_norm_eps",
+        )
+    )  # fmt: skip
+    assert got == PUBLISHED_CONFIG[preset]
+    if preset.startswith("llama"):
+        assert hf["rope_scaling"] == {
+            "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        }  # fmt: skip
+    else:
+        assert hf["rope_scaling"] is None
