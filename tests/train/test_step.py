@@ -26,13 +26,14 @@ def _accumulation() -> dict:
     step on a batch whose loss is NaN.
 
     A tiny random qwen2-family model (vocab 128, hidden 32, 2 layers; dense attention: the claim is about the
-    step's accumulation, and the blockwise default's scans add ~20% to the compile of each of the 8 steps),
+    step's accumulation, and the blockwise default's scans add ~20% to the compile of each step),
     one batch of 8 rows of random packed examples, plain SGD with learning rate 1 (so an update is minus the
     gradient and updates compare directly). For each variant (nextquill, context_sft, js with gradient
-    through its weights, and nextquill with fixed DCE from a frozen reference model) the result holds the
-    largest difference between the two updates, the largest update, both losses and the token count; under
-    "nan", what the step did with a NaN parameter. In this process: one device and the suite's XLA flags
-    (tests/conftest.py) are all it needs, so a subprocess would only add its start-up.
+    through its weights, nextquill with fixed DCE from a frozen reference model, mce with a weighted
+    alignment term and fixed DCE, context_sft with an anchor under `normalize: example`) the result holds
+    the largest difference between the two updates, the largest update, both losses and the token count;
+    under "nan", what the step did with a NaN parameter. In this process: one device and the suite's XLA
+    flags (tests/conftest.py) are all it needs, so a subprocess would only add its start-up.
     """
     from flax import nnx
 
@@ -89,6 +90,8 @@ def _accumulation() -> dict:
         ("reference_model", LossConfig(variant="nextquill", dce="fixed")),
         ("soft_weighting", LossConfig(weighting=SOFT_WEIGHTS)),
         ("soft_weighting_reference_model", LossConfig(dce="fixed", weighting=SOFT_WEIGHTS)),
+        ("weight_alignment_reference_model", LossConfig(variant="mce", weight_alignment=True, dce="fixed")),
+        ("example_anchor", LossConfig(variant="context_sft", normalize="example", anchor=0.5)),
     ]:
         results = []
         for m in (1, 4):
@@ -159,6 +162,12 @@ def accumulation():
         # `loss.weighting`'s weights, in the pre-pass's denominators and from the batch's fixed DCE
         ("soft_weighting", 1e-6),
         ("soft_weighting_reference_model", 1e-6),
+        # weighted alignment term: its denominator Σω counted from the fixed DCE values (an unweighted
+        # token count there survived the mutation audit 6a: no variant above weights the alignment term)
+        ("weight_alignment_reference_model", 1e-6),
+        # `normalize: example` with an anchor: every denominator, the anchor's included, is the global
+        # example count (the anchor's as a token count survived the mutation audit 6a)
+        ("example_anchor", 1e-6),
         # The public code's JS weighting lets the gradient flow through the weights (and so through Σω): the
         # local share of that term is float32 KL sums over the vocabulary in other tile layouts, ~6e-6 of the
         # update here.
@@ -623,3 +632,148 @@ def test_the_setup_example_runs_and_run_graphdef_merges_the_trained_parameters(
     )
     rows, slots = global_batch["labels"].shape
     assert hidden.shape == (rows, slots, model.cfg.hidden_size) and np.isfinite(np.asarray(hidden)).all()
+
+
+def test_split_micro_batches_interleaves_the_rows():
+    """Micro-batch m of `count` holds rows m, m + count, m + 2 count, ... of every leaf (so each micro-batch
+    stays spread over all batch shards), rows otherwise unchanged. Reference: the row indices written out by
+    hand. Survived before: a contiguous split (rows 2m, 2m + 1 for 4 micro-batches of 8 rows) passed, since
+    the summed gradients do not depend on which rows go together."""
+    from nextquill_jax.parallel import make_mesh
+    from nextquill_jax.train.step import split_micro_batches
+
+    mesh = make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
+    rows = np.arange(8, dtype=np.int32)
+    batch = {"labels": jnp.asarray(rows[:, None] * 10 + np.arange(3)), "row": jnp.asarray(rows)}
+    micro = split_micro_batches(batch, 4, mesh)
+    np.testing.assert_array_equal(np.asarray(micro["row"]), [[0, 4], [1, 5], [2, 6], [3, 7]])
+    assert micro["labels"].shape == (4, 2, 3)
+    np.testing.assert_array_equal(np.asarray(micro["labels"][1]), [[10, 11, 12], [50, 51, 52]])
+
+
+def test_an_update_with_a_finite_loss_and_a_non_finite_gradient_is_skipped():
+    """`train.nonfinite: skip` judges the gradient as well as the loss. Embeddings of 1e30 make every
+    RMSNorm's mean square overflow to inf, so each normed hidden state is 1e30 * rsqrt(inf) = 0: the logits
+    are 0 and the loss is log(128) (uniform over the tiny vocabulary, derived by hand), while the backward
+    pass multiplies inf by 0 and the gradient is NaN. The update must be skipped and counted, the parameters
+    kept. Survived before: `finite = isfinite(loss)` alone, which applied the NaN update."""
+    from flax import nnx
+
+    from nextquill_jax.loss import LossConfig
+    from nextquill_jax.models import CausalLM, model_preset
+    from nextquill_jax.parallel import make_mesh
+    from nextquill_jax.train.state import TrainState
+    from nextquill_jax.train.step import StepSettings, make_train_step
+    from tests.shared import TINY_EOS_ID, TINY_QWEN
+
+    cfg = model_preset("qwen2.5-0.5b", **TINY_QWEN, eos_token_ids=(TINY_EOS_ID,), attention_impl="xla_dense")
+    graphdef, params = nnx.split(CausalLM(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+    params = nnx.to_pure_dict(params)
+    params["embed"] = jax.tree.map(lambda x: jnp.full_like(x, 1e30), params["embed"])
+    sgd = optax.sgd(1.0)
+    settings = StepSettings(loss=LossConfig(variant="context_sft"), skip_nonfinite=True, vocab_chunk=64)
+    mesh = make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
+    step = jax.jit(make_train_step(graphdef, sgd, lambda s: 1.0, settings, mesh))
+    state = TrainState(
+        step=jnp.int32(0), params=params, opt_state=sgd.init(params), rng=jax.random.PRNGKey(0),
+        skipped=jnp.int32(0),
+    )  # fmt: skip
+    batch = jax.tree.map(jnp.asarray, _joint_forward_batch(equal_lengths=False))
+    new, metrics = step(state, batch)
+    np.testing.assert_allclose(float(metrics["loss"]), math.log(128), rtol=1e-5)
+    assert not np.isfinite(float(metrics["grad_norm"]))
+    assert (float(metrics["nonfinite"]), int(new.skipped), int(new.step)) == (1.0, 1, 1)
+    for kept, old in zip(jax.tree.leaves(new.params), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(np.asarray(kept), np.asarray(old))
+
+
+@pytest.mark.parametrize(("variant", "stream"), [("context_sft", "with"), ("sft", "without")])
+def test_joint_forward_runs_only_the_stream_a_one_stream_loss_needs(tiny_model_config, variant, stream):
+    """`train.joint_forward` joins the streams only where the loss needs both: `context_sft` reads the
+    with-history stream alone and `sft` the without-history one, so the model runs once on that stream's
+    [B, T] rows (traced, not compiled). Survived before: `any` for `all` in `joins_streams`, which ran both
+    streams joined, [B, T_w + T_o], for a one-stream loss (same values, twice the forward)."""
+    from flax import nnx
+
+    from nextquill_jax.loss import LossConfig, streams_needed
+    from nextquill_jax.models import CausalLM
+    from nextquill_jax.train.step import StepSettings, batch_loss
+
+    loss = LossConfig(variant=variant)
+    assert streams_needed(loss) == (stream == "with", stream == "without")
+    graphdef, params = nnx.split(CausalLM(tiny_model_config(), rngs=nnx.Rngs(0)), nnx.Param)
+    params = nnx.to_pure_dict(params)
+    batch = jax.tree.map(jnp.asarray, _joint_forward_batch(equal_lengths=False))
+    settings = StepSettings(loss=loss, vocab_chunk=64, joint_forward=True)
+    hidden_states, calls = CausalLM.hidden_states, []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            CausalLM,
+            "hidden_states",
+            lambda self, *a, **k: calls.append(a[0].shape) or hidden_states(self, *a, **k),
+        )
+        jax.eval_shape(lambda p: batch_loss(p, graphdef, batch, settings), params)
+    assert calls == [batch[f"{stream}_ids"].shape]
+
+
+def test_the_eval_step_reads_a_batchs_fixed_dce_without_a_reference_model(tiny_model_config):
+    """With `loss.dce: fixed`, a batch that carries `reference_dce` (prepared with the data) needs no
+    reference model: the eval step uses those values and never rebuilds the reference model from
+    `reference_params` (None here; traced, not compiled). Survived before: dropping `"reference_dce" not
+    in batch` from the eval step's condition, which recomputed the DCE from no parameters and failed."""
+    from flax import nnx
+
+    from nextquill_jax.loss import LossConfig
+    from nextquill_jax.models import CausalLM
+    from nextquill_jax.train.step import StepSettings, make_eval_step
+
+    graphdef, params = nnx.split(CausalLM(tiny_model_config(), rngs=nnx.Rngs(0)), nnx.Param)
+    params = nnx.to_pure_dict(params)
+    batch = jax.tree.map(jnp.asarray, _joint_forward_batch(equal_lengths=False))
+    batch["reference_dce"] = jnp.full(batch["labels"].shape, 0.5, jnp.float32)
+    cfg = LossConfig(variant="nextquill", dce="fixed")
+    settings = StepSettings(loss=cfg, vocab_chunk=64, reference_graphdef=graphdef)
+    aux = jax.eval_shape(make_eval_step(graphdef, settings), params, batch, None)
+    assert {"n_sum", "n_den", "tokens"} <= set(aux)
+
+
+def test_the_step_computes_no_gradient_for_frozen_parameters(tiny_model_config):
+    """`trainable` (a bool tree) stops the gradient of frozen parameters in the step itself: with an
+    optimizer that masks nothing (plain SGD) only the trainable final norm moves, and the logged grad_norm is
+    the norm of the loss's gradient in the final norm alone. Reference: `jax.grad` of the loss as a function
+    of the final norm's scale only. Survived before (mutation audit 6a): `freeze` returning the parameters
+    unchanged (the optimizer's own mask kept frozen ones still in training, but the step computed their
+    gradients and counted them in grad_norm)."""
+    from flax import nnx
+
+    from nextquill_jax.loss import LossConfig
+    from nextquill_jax.models import CausalLM
+    from nextquill_jax.parallel import make_mesh
+    from nextquill_jax.train.state import TrainState
+    from nextquill_jax.train.step import StepSettings, batch_loss, make_train_step
+
+    graphdef, params = nnx.split(CausalLM(tiny_model_config(), rngs=nnx.Rngs(0)), nnx.Param)
+    params = nnx.to_pure_dict(params)
+    trainable = jax.tree.map(lambda _: False, params)
+    trainable["final_norm"] = jax.tree.map(lambda _: True, params["final_norm"])
+    settings = StepSettings(loss=LossConfig(variant="context_sft"), vocab_chunk=64)
+    batch = jax.tree.map(jnp.asarray, _joint_forward_batch(equal_lengths=False))
+    sgd = optax.sgd(1.0)
+    mesh = make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
+    step = jax.jit(make_train_step(graphdef, sgd, lambda s: 1.0, settings, mesh, trainable))
+    state = TrainState(
+        step=jnp.int32(0), params=params, opt_state=sgd.init(params), rng=jax.random.PRNGKey(0),
+        skipped=jnp.int32(0),
+    )  # fmt: skip
+    new, metrics = step(state, batch)
+
+    def loss_of_norm(scale):
+        p = {**params, "final_norm": {**params["final_norm"], "scale": scale}}
+        return batch_loss(p, graphdef, batch, settings)[0]
+
+    want = np.linalg.norm(np.asarray(jax.grad(loss_of_norm)(params["final_norm"]["scale"]), np.float64))
+    assert want > 0
+    np.testing.assert_allclose(float(metrics["grad_norm"]), want, rtol=1e-5)
+    for path, old in jax.tree_util.tree_leaves_with_path(params):
+        moved = not np.array_equal(np.asarray(functools.reduce(lambda d, k: d[k.key], path, new.params)), old)
+        assert moved == (path[0].key == "final_norm"), path
