@@ -489,3 +489,54 @@ def test_the_base_check_names_both_directions_and_a_changed_base():
         adapters.check_same_base(lora_run, other, "w/checkpoints/3", legacy)
     assert adapters.check_same_base(lora_run, dict(lora_run), "w/checkpoints/3", legacy) is None
     assert adapters.check_same_base(None, None, "w/checkpoints/3", legacy) is None
+
+
+def test_lora_dropout_draws_a_mask_key_per_step_and_per_micro_batch(tiny, monkeypatch):
+    """With `lora_dropout` > 0 every micro-batch of every step gets its own dropout key (so its own masks):
+    two steps of 2 micro-batches hand the adapters 4 distinct keys, and a rerun of the same step the same
+    ones (deterministic from the state's rng and step). The keys are read as the step hands them to
+    `Adapters` (a debug callback); with dropout 0 no key is made at all. Survived before (mutation audit
+    6a): one key for all micro-batches of a step, one key for all steps, and a key made with dropout 0."""
+    import optax
+
+    from nextquill_jax.train import step as step_module
+
+    graphdef, base, weights, batch = tiny
+    seen: list[tuple[int, ...]] = []
+    record = lambda key: seen.append(tuple(np.asarray(jax.random.key_data(key)).ravel().tolist()))
+
+    def adapters_recording(params, scale, dropout, key):
+        if key is None:
+            seen.append(None)
+        else:
+            jax.debug.callback(record, key)
+        return lora.Adapters(params, scale, dropout, key)
+
+    monkeypatch.setattr(step_module, "Adapters", adapters_recording)
+    mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.local_devices()[:1])
+    tx = optax.sgd(1.0)
+    loss = LossConfig(variant="context_sft")  # denominators from the labels: no forward pre-pass
+    settings = dataclasses.replace(SETTINGS, loss=loss, micro_batches=2, lora_dropout=0.5)
+    step = jax.jit(make_train_step(graphdef, tx, optax.constant_schedule(1.0), settings, mesh))
+    with jax.set_mesh(mesh):
+        state = setup.new_state(weights, tx, 0)
+        first, _ = step(state, batch, None, base)
+        jax.effects_barrier()
+        keys_0 = set(seen)
+        step(first, batch, None, base)
+        jax.effects_barrier()
+        keys_01 = set(seen)
+        step(state, batch, None, base)  # step 0 again
+        jax.effects_barrier()
+    assert None not in keys_01 and len(keys_0) == 2 and len(keys_01) == 4, seen
+    assert set(seen) == keys_01
+    seen.clear()
+    no_dropout = dataclasses.replace(settings, lora_dropout=0.0)
+    jax.eval_shape(
+        make_train_step(graphdef, tx, optax.constant_schedule(1.0), no_dropout, mesh),
+        state,
+        batch,
+        None,
+        base,
+    )
+    assert seen and set(seen) == {None}
