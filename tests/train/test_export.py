@@ -451,3 +451,30 @@ def test_export_of_step_0_in_a_one_process_multi_host_environment_reads_on_its_d
     done = programs.finish(programs.start("cli_run.py", *argv, env=host), 300)
     assert done.stdout.splitlines()[-1] == f"exported step 0 of {trained_run.workdir} to {out}"
     assert (out / "config.json").exists()
+
+
+def test_the_base_note_names_an_int8_base_and_leaves_a_preset_base_alone():
+    """`base_note` for a `model.path` base stored as int8 names the quantization as it does for nf4 (both
+    are `lora.base_dtype`s whose dequantized base differs from the original); a `model.preset` base with
+    architecture overrides gets no note: its adapter_config.json names no base (null), so no path loads
+    another network; overrides of the context length and special ids change no computation and get none.
+    Survived before (mutation audit 6a): checking only nf4, the overrides clause without its
+    `section.path is not None`, and max_position_embeddings dropped from the same-network fields."""
+    from nextquill_jax.config import LoraConfig, ModelRunConfig
+    from nextquill_jax.train.export import base_note
+
+    note = base_note(
+        ModelRunConfig(path="/models/base"), LoraConfig(rank=4, alpha=8.0, base_dtype="int8"), "runs/r", "out"
+    )
+    assert note.startswith(
+        "note: the adapters were trained on the base quantized to int8 (model.lora.base_dtype), which "
+        "out/adapter_config.json's base_model_name_or_path cannot say"
+    ), note
+    preset = ModelRunConfig(preset="qwen2.5-0.5b", overrides={"rope_theta": 100.0})
+    assert base_note(preset, LoraConfig(rank=4, alpha=8.0), "runs/r", "out") is None
+    # The declared context length and the special ids change nothing the network computes (no position is
+    # limited by max_position_embeddings): the path still loads the trained-on base.
+    same = ModelRunConfig(
+        path="/models/base", overrides={"max_position_embeddings": 65536, "pad_token_id": 0}
+    )
+    assert base_note(same, LoraConfig(rank=4, alpha=8.0), "runs/r", "out") is None
