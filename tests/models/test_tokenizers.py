@@ -309,3 +309,31 @@ def test_a_directory_without_tokenizer_files_is_named_with_the_fix(tmp_path, sav
         load_tokenizer(tmp_path)
     saved = save_tiny_tokenizer(tmp_path / "tok")
     assert load_tokenizer(saved).eos_token == "<|endoftext|>"
+
+
+def test_the_qwen_alias_and_a_capitalised_name_load_qwen2_5(fresh_cache):
+    """`load_tokenizer("qwen")` is Qwen2.5's tokenizer (the docstring's alias), and names are read without
+    case or surrounding spaces: 151643 BPE ranks + Qwen2.5's 22 added tokens = 151665, without Qwen3's
+    `<think>` tokens (Qwen3: 151669). Survived before (mutation audit 6a): the alias pointing at qwen3
+    (the cache test compared only the BPE ids, which the two share)."""
+    for name in ("qwen", " Qwen2.5 "):
+        tokenizer = load_tokenizer(name)
+        assert len(tokenizer) == 151665, name
+        assert "<think>" not in tokenizer.get_vocab(), name
+
+
+# Qwen2.5's published tokenizer_config.json: eos / pad <|endoftext|> and these additional_special_tokens.
+QWEN2_5_ADDITIONAL_SPECIAL = [
+    "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
+    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+    "<|image_pad|>", "<|video_pad|>",
+]  # fmt: skip
+
+
+def test_qwen_special_tokens_are_the_published_ones_and_decoding_can_skip_them(qwen):
+    """The special tokens are those of Qwen2.5's published tokenizer_config.json, `<|im_start|>` included,
+    so `skip_special_tokens` drops the chat markup (the tool and FIM tokens are not special). Survived
+    before (mutation audit 6a): `<|im_start|>` left out of the extra special tokens."""
+    assert set(qwen.all_special_tokens) == {"<|endoftext|>", *QWEN2_5_ADDITIONAL_SPECIAL}
+    ids = qwen("<|im_start|>user\nhi<tool_call><|im_end|>\n")["input_ids"]
+    assert qwen.decode(ids, skip_special_tokens=True) == "user\nhi<tool_call>\n"
