@@ -339,7 +339,7 @@ def test_the_adapters_of_a_base_they_do_not_fit_come_with_a_note_naming_the_base
     """adapter_config.json names `model.path`, which loads the base without the run's `model.overrides`
     (here `rope_theta`), or unquantized where the run stored it as nf4: PEFT on that base computes another
     model than the one trained, so `export --adapter` says so and names the base that does (`export --step
-    0`), which PEFT then matches."""
+    0`), which PEFT then matches. adapter_config.json carries the run's LoRA dropout."""
     from nextquill_jax.train.export import export_adapter
     from nextquill_jax.train.loop import train
 
@@ -347,7 +347,7 @@ def test_the_adapters_of_a_base_they_do_not_fit_come_with_a_note_naming_the_base
     save_pretrained(CausalLM(model_preset("qwen2.5-0.5b", **TINY_LORA_BASE), rngs=nnx.Rngs(5)), hf_dir)
     assert json.loads((hf_dir / "config.json").read_text())["rope_theta"] != 100.0
     raw = tiny_config(write_random_data(tmp_path / "data"), workdir)
-    lora_cfg = {"rank": 4, "alpha": 8.0, "targets": LORA_TARGETS}
+    lora_cfg = {"rank": 4, "alpha": 8.0, "targets": LORA_TARGETS, "dropout": 0.1}
     raw["model"] = {"path": str(hf_dir), "lora": lora_cfg, "compute_dtype": "float32"}
     if changed == "overrides":
         raw["model"]["overrides"] = {"rope_theta": 100.0}
@@ -366,6 +366,10 @@ def test_the_adapters_of_a_base_they_do_not_fit_come_with_a_note_naming_the_base
         f"the base from `nextquill-jax export --workdir {workdir} --step 0 --out BASE_DIR` instead (the "
         f"model the run started from)."
     ]
+    # adapter_config.json carries the run's LoRA dropout (eval runs without it) and names the run's
+    # model.path as its base; written as 0.0 and as null, both survived mutation audit 6a
+    adapter_config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert (adapter_config["lora_dropout"], adapter_config["base_model_name_or_path"]) == (0.1, str(hf_dir))
     export(workdir, tmp_path / "step0", step=0, echo=lambda _: None)
     ids = np.random.default_rng(0).integers(1, 128, (2, 40))
     want = np.asarray(restore_model(workdir, None, single_device_mesh()).model(jnp.asarray(ids)))
@@ -478,3 +482,30 @@ def test_the_base_note_names_an_int8_base_and_leaves_a_preset_base_alone():
         path="/models/base", overrides={"max_position_embeddings": 65536, "pad_token_id": 0}
     )
     assert base_note(same, LoraConfig(rank=4, alpha=8.0), "runs/r", "out") is None
+
+
+def test_the_merged_dtype_note_says_a_quantized_base_is_dequantized():
+    """For an int8 or nf4 base the merged weights are that base dequantized plus the adapters, which differs
+    from the original base by the quantization error: the note says so for both, and not for bfloat16.
+    Survived before (mutation audit 6a): the clause for int8 only (the nf4 export test reads the note's
+    start and its float32 sentence)."""
+    from nextquill_jax.train.export import merged_dtype_note
+
+    clause = "the merged weights are that base dequantized plus the adapters"
+    for dtype in ("int8", "nf4"):
+        assert clause in merged_dtype_note(dtype), dtype
+    assert clause not in merged_dtype_note("bfloat16")
+
+
+def test_targets_end_token_reads_the_train_splits_record_or_none(tmp_path):
+    """The end token comes from the prepared train split's meta.json; data moved away (no meta.json) or
+    prepared without a tokenizer (a null id) gives None, so `export` goes on without the extra end token.
+    Survived before (mutation audit 6a): dropping the missing-file check, which raised FileNotFoundError."""
+    from nextquill_jax.train.export import targets_end_token
+
+    assert targets_end_token(tmp_path / "moved") is None
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "meta.json").write_text(json.dumps({"eos_token_id": None}))
+    assert targets_end_token(tmp_path) is None
+    (tmp_path / "train" / "meta.json").write_text(json.dumps({"eos_token_id": 7, "examples": 3}))
+    assert targets_end_token(tmp_path) == 7
