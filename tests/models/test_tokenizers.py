@@ -337,3 +337,16 @@ def test_qwen_special_tokens_are_the_published_ones_and_decoding_can_skip_them(q
     assert set(qwen.all_special_tokens) == {"<|endoftext|>", *QWEN2_5_ADDITIONAL_SPECIAL}
     ids = qwen("<|im_start|>user\nhi<tool_call><|im_end|>\n")["input_ids"]
     assert qwen.decode(ids, skip_special_tokens=True) == "user\nhi<tool_call>\n"
+
+
+def test_a_cached_tokenizer_is_loaded_without_converting_again(fresh_cache, qwen, monkeypatch):
+    """Once converted, a tokenizer loads from its cache entry: the conversion (seconds) does not run again.
+    Survived before (mutation audit 6a): converting at every load, which the other cache tests cannot tell
+    from a reuse (the entry and its ids are the same)."""
+    from nextquill_jax.models import tokenizers
+
+    def no_conversion(variant):
+        raise AssertionError(f"converted {variant.name} again")
+
+    monkeypatch.setattr(tokenizers, "_convert_qwen", no_conversion)
+    assert load_tokenizer("qwen2.5")(TEXTS[0])["input_ids"] == qwen(TEXTS[0])["input_ids"]
