@@ -376,7 +376,12 @@ class ModelConfig:
                 f"it to the width of one attention head, or remove the key for transformers' default "
                 f"({defaults.get('head_dim', 'hidden_size // num_attention_heads')})"
             )
-        head_dim = d.get("head_dim") or defaults.get("head_dim") or int(d["hidden_size"]) // num_heads
+        # `is None`, not falsiness: a 0 in config.json is refused by the validation below, as transformers
+        # reads 0 as given (a model of no width), not as absent.
+        head_dim = d.get("head_dim")
+        if head_dim is None:
+            head_dim = defaults.get("head_dim") or int(d["hidden_size"]) // num_heads
+        num_kv_heads = d.get("num_key_value_heads", defaults.get("num_key_value_heads"))
         attention_bias = bool(d.get("attention_bias", False))
         eos = d.get("eos_token_id")
         eos_ids = (
@@ -390,7 +395,7 @@ class ModelConfig:
             num_layers=int(d["num_hidden_layers"]),
             num_heads=num_heads,
             # null is num_heads in every family (the configs' __post_init__), absent only in llama
-            num_kv_heads=int(d.get("num_key_value_heads", defaults.get("num_key_value_heads")) or num_heads),
+            num_kv_heads=num_heads if num_kv_heads is None else int(num_kv_heads),
             head_dim=int(head_dim),
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
             rope_theta=rope_theta,

@@ -332,6 +332,20 @@ def test_head_and_kv_head_counts_are_read_as_transformers_reads_them(family):
     assert ModelConfig.from_hf_config({"model_type": family, **d, "head_dim": 2}).head_dim == 2
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize(
+    ("key", "field"), [("head_dim", "head_dim"), ("num_key_value_heads", "num_kv_heads")]
+)
+def test_a_zero_head_width_or_kv_head_count_in_config_json_is_refused_not_defaulted(family, key, field):
+    """transformers keeps a 0 `head_dim` or `num_key_value_heads` as given (a network of no width); it was
+    read here as absent (`x or default`) and replaced by the default, a model other than the file's. It is
+    refused, naming the field."""
+    d = dict(vocab_size=96, hidden_size=128, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+    assert getattr(AutoConfig.for_model(family, **d, **{key: 0}), key) == 0
+    with pytest.raises(ValueError, match=rf"ModelConfig\.{field} must be a positive int, got 0"):
+        ModelConfig.from_hf_config({"model_type": family, **d, key: 0})
+
+
 def test_a_single_end_token_is_written_as_the_published_config_json_writes_it():
     """Qwen2.5-0.5B's published config.json has `"eos_token_id": 151643`, an int; Llama 3.1's lists three.
     `to_hf_config` writes one id as an int and several as a list. Survived before: always a list."""
