@@ -171,6 +171,21 @@ def reference_dce(graphdef: Any, params: dict, batch: Batch, settings: StepSetti
     )
 
 
+def with_fixed_dce(batch: Batch, reference_params: dict | None, settings: StepSettings) -> Batch:
+    """`batch` with its `reference_dce` [B, R] where `dce: fixed` needs one and the batch (the prepared data)
+    carries none: from the frozen reference model's `reference_params` (`reference_dce`).
+
+    Raises:
+        ValueError: `dce: fixed`, no `reference_dce` in the batch and no reference model (while tracing).
+    """
+    if settings.loss.dce != "fixed" or "reference_dce" in batch:
+        return batch
+    if reference_params is None:
+        raise ValueError("loss.dce is 'fixed' but the batch has no reference_dce and no reference model")
+    dce = reference_dce(settings.reference_graphdef, reference_params, batch, settings)
+    return {**batch, "reference_dce": dce}
+
+
 def batch_loss(
     params: dict,
     graphdef: Any,
@@ -272,14 +287,6 @@ def make_train_step(
             return params
         return jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
 
-    def with_fixed_dce(batch: Batch, reference_params: dict | None) -> Batch:
-        if settings.loss.dce != "fixed" or "reference_dce" in batch:
-            return batch
-        if reference_params is None:
-            raise ValueError("loss.dce is 'fixed' but the batch has no reference_dce and no reference model")
-        dce = reference_dce(settings.reference_graphdef, reference_params, batch, settings)
-        return {**batch, "reference_dce": dce}
-
     def loss_fn(params, batch, denominators, base, key):
         return batch_loss(freeze(params), graphdef, batch, settings, denominators, base, key)
 
@@ -288,7 +295,7 @@ def make_train_step(
         keys = None if key is None else jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(m))
         if settings.loss.dce == "fixed" and "reference_dce" not in micro:
             _, dce = jax.lax.scan(
-                lambda c, mb: (c, with_fixed_dce(mb, reference_params)["reference_dce"]), 0, micro
+                lambda c, mb: (c, with_fixed_dce(mb, reference_params, settings)["reference_dce"]), 0, micro
             )
             micro = {**micro, "reference_dce": dce}  # [m, B / m, R]
         denominators = label_denominators(micro, settings.loss)
@@ -320,7 +327,7 @@ def make_train_step(
         if settings.lora_scale is not None and settings.lora_dropout > 0:
             key = jax.random.fold_in(state.rng, state.step)
         if m == 1:
-            batch = with_fixed_dce(batch, reference_params)
+            batch = with_fixed_dce(batch, reference_params, settings)
             (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
                 state.params, batch, None, base_params, key
             )
@@ -364,9 +371,7 @@ def make_eval_step(graphdef: Any, settings: StepSettings) -> Callable[..., dict]
     def eval_step(
         params: dict, batch: Batch, reference_params: dict | None = None, base_params: dict | None = None
     ) -> dict:
-        if settings.loss.dce == "fixed" and "reference_dce" not in batch:
-            dce = reference_dce(settings.reference_graphdef, reference_params, batch, settings)
-            batch = {**batch, "reference_dce": dce}
+        batch = with_fixed_dce(batch, reference_params, settings)
         return batch_loss(params, graphdef, batch, settings, base=base_params)[1]
 
     return eval_step

@@ -737,6 +737,36 @@ def test_the_eval_step_reads_a_batchs_fixed_dce_without_a_reference_model(tiny_m
     assert {"n_sum", "n_den", "tokens"} <= set(aux)
 
 
+def test_fixed_dce_without_a_reference_dce_or_model_is_named_by_the_train_and_eval_steps(tiny_model_config):
+    """`dce: fixed`, a batch without `reference_dce` and no reference model: the train step named it, the
+    eval step failed inside flax's merge of no parameters (found by mutation audit 6a); both name it now."""
+    from flax import nnx
+
+    from nextquill_jax.loss import LossConfig
+    from nextquill_jax.models import CausalLM
+    from nextquill_jax.parallel import make_mesh
+    from nextquill_jax.train.state import TrainState
+    from nextquill_jax.train.step import StepSettings, make_eval_step, make_train_step
+
+    graphdef, params = nnx.split(CausalLM(tiny_model_config(), rngs=nnx.Rngs(0)), nnx.Param)
+    params = nnx.to_pure_dict(params)
+    batch = jax.tree.map(jnp.asarray, _joint_forward_batch(equal_lengths=False))
+    settings = StepSettings(
+        loss=LossConfig(variant="nextquill", dce="fixed"), vocab_chunk=64, reference_graphdef=graphdef
+    )
+    sgd = optax.sgd(1.0)
+    train_step = make_train_step(graphdef, sgd, lambda s: 1.0, settings, make_mesh({"data": 1, "fsdp": -1}))
+    state = TrainState(
+        step=jnp.int32(0), params=params, opt_state=sgd.init(params), rng=jax.random.PRNGKey(0),
+        skipped=jnp.int32(0),
+    )  # fmt: skip
+    message = r"^loss\.dce is 'fixed' but the batch has no reference_dce and no reference model"
+    with pytest.raises(ValueError, match=message):
+        jax.eval_shape(train_step, state, batch, None)
+    with pytest.raises(ValueError, match=message):
+        jax.eval_shape(make_eval_step(graphdef, settings), params, batch, None)
+
+
 def test_the_step_computes_no_gradient_for_frozen_parameters(tiny_model_config):
     """`trainable` (a bool tree) stops the gradient of frozen parameters in the step itself: with an
     optimizer that masks nothing (plain SGD) only the trainable final norm moves, and the logged grad_norm is
