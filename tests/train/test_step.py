@@ -46,8 +46,7 @@ def _accumulation() -> dict:
     from tests.shared import TINY_EOS_ID, TINY_QWEN
 
     cfg = model_preset("qwen2.5-0.5b", **TINY_QWEN, eos_token_ids=(TINY_EOS_ID,), attention_impl="xla_dense")
-    graphdef, params = nnx.split(CausalLM(cfg, rngs=nnx.Rngs(0)), nnx.Param)
-    params = nnx.to_pure_dict(params)
+    graphdef, params = _split_model(cfg)
     rng = np.random.default_rng(0)
     rows = [
         [
@@ -412,6 +411,16 @@ def test_an_optim_pattern_matching_no_parameter_is_refused_unless_a_default_no_d
         check_patterns(OptimConfig(no_decay=["norm", "ln"]), params)
 
 
+def _split_model(cfg) -> tuple:
+    """(graphdef, parameters as a plain dict) of a `CausalLM` of `cfg` initialised from seed 0."""
+    from flax import nnx
+
+    from nextquill_jax.models import CausalLM
+
+    graphdef, params = nnx.split(CausalLM(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+    return graphdef, nnx.to_pure_dict(params)
+
+
 def _joint_forward_batch(equal_lengths: bool) -> dict:
     """Two packed rows of synthetic examples (vocab 64); with `equal_lengths` the without-history stream is
     padded to the with-history length, so the joint forward interleaves rows instead of joining them."""
@@ -435,15 +444,13 @@ def joint_forward(tiny_model_config):
     joint call: padding the without-history stream changes none of the two-call path's values (measured:
     the loss bitwise, gradients within 2e-7 of the largest, well inside the tolerances below), and one
     two-call compile serves both."""
-    from flax import nnx
 
     from nextquill_jax.loss import LossConfig
     from nextquill_jax.models import CausalLM
     from nextquill_jax.train.step import StepSettings, batch_loss
 
     cfg = tiny_model_config(attention_impl="xla", compute_dtype="float32")
-    graphdef, params = nnx.split(CausalLM(cfg, rngs=nnx.Rngs(0)), nnx.Param)
-    params = nnx.to_pure_dict(params)
+    graphdef, params = _split_model(cfg)
     hidden_states = CausalLM.hidden_states
 
     def run(batch: dict, joint: bool):
@@ -503,14 +510,11 @@ def test_metric_names_are_what_the_eval_step_reports(tiny_model_config, loss):
     """`loss.metric_names` (which `checkpoint.best_metric` is checked against) equals what `metrics_from_aux`
     makes of the eval step's aux, traced (not compiled) on a tiny model; a fixed DCE from a frozen reference
     model (the same parameters)."""
-    from flax import nnx
 
     from nextquill_jax.loss import LossConfig, metric_names, metrics_from_aux
-    from nextquill_jax.models import CausalLM
     from nextquill_jax.train.step import StepSettings, make_eval_step
 
-    graphdef, params = nnx.split(CausalLM(tiny_model_config(), rngs=nnx.Rngs(0)), nnx.Param)
-    params = nnx.to_pure_dict(params)
+    graphdef, params = _split_model(tiny_model_config())
     cfg = LossConfig(**loss)
     settings = StepSettings(loss=cfg, token_chunk=1024, vocab_chunk=64, reference_graphdef=graphdef)
     batch = jax.tree.map(jnp.asarray, _joint_forward_batch(equal_lengths=False))
@@ -657,27 +661,22 @@ def test_an_update_with_a_finite_loss_and_a_non_finite_gradient_is_skipped():
     are 0 and the loss is log(128) (uniform over the tiny vocabulary, derived by hand), while the backward
     pass multiplies inf by 0 and the gradient is NaN. The update must be skipped and counted, the parameters
     kept. Survived before: `finite = isfinite(loss)` alone, which applied the NaN update."""
-    from flax import nnx
 
     from nextquill_jax.loss import LossConfig
-    from nextquill_jax.models import CausalLM, model_preset
+    from nextquill_jax.models import model_preset
     from nextquill_jax.parallel import make_mesh
-    from nextquill_jax.train.state import TrainState
+    from nextquill_jax.train.setup import new_state
     from nextquill_jax.train.step import StepSettings, make_train_step
     from tests.shared import TINY_EOS_ID, TINY_QWEN
 
     cfg = model_preset("qwen2.5-0.5b", **TINY_QWEN, eos_token_ids=(TINY_EOS_ID,), attention_impl="xla_dense")
-    graphdef, params = nnx.split(CausalLM(cfg, rngs=nnx.Rngs(0)), nnx.Param)
-    params = nnx.to_pure_dict(params)
+    graphdef, params = _split_model(cfg)
     params["embed"] = jax.tree.map(lambda x: jnp.full_like(x, 1e30), params["embed"])
     sgd = optax.sgd(1.0)
     settings = StepSettings(loss=LossConfig(variant="context_sft"), skip_nonfinite=True, vocab_chunk=64)
     mesh = make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
     step = jax.jit(make_train_step(graphdef, sgd, lambda s: 1.0, settings, mesh))
-    state = TrainState(
-        step=jnp.int32(0), params=params, opt_state=sgd.init(params), rng=jax.random.PRNGKey(0),
-        skipped=jnp.int32(0),
-    )  # fmt: skip
+    state = new_state(params, sgd, 0)
     batch = jax.tree.map(jnp.asarray, _joint_forward_batch(equal_lengths=False))
     new, metrics = step(state, batch)
     np.testing.assert_allclose(float(metrics["loss"]), math.log(128), rtol=1e-5)
@@ -693,7 +692,6 @@ def test_joint_forward_runs_only_the_stream_a_one_stream_loss_needs(tiny_model_c
     with-history stream alone and `sft` the without-history one, so the model runs once on that stream's
     [B, T] rows (traced, not compiled). Survived before: `any` for `all` in `joins_streams`, which ran both
     streams joined, [B, T_w + T_o], for a one-stream loss (same values, twice the forward)."""
-    from flax import nnx
 
     from nextquill_jax.loss import LossConfig, streams_needed
     from nextquill_jax.models import CausalLM
@@ -701,8 +699,7 @@ def test_joint_forward_runs_only_the_stream_a_one_stream_loss_needs(tiny_model_c
 
     loss = LossConfig(variant=variant)
     assert streams_needed(loss) == (stream == "with", stream == "without")
-    graphdef, params = nnx.split(CausalLM(tiny_model_config(), rngs=nnx.Rngs(0)), nnx.Param)
-    params = nnx.to_pure_dict(params)
+    graphdef, params = _split_model(tiny_model_config())
     batch = jax.tree.map(jnp.asarray, _joint_forward_batch(equal_lengths=False))
     settings = StepSettings(loss=loss, vocab_chunk=64, joint_forward=True)
     hidden_states, calls = CausalLM.hidden_states, []
@@ -721,14 +718,11 @@ def test_the_eval_step_reads_a_batchs_fixed_dce_without_a_reference_model(tiny_m
     reference model: the eval step uses those values and never rebuilds the reference model from
     `reference_params` (None here; traced, not compiled). Survived before: dropping `"reference_dce" not
     in batch` from the eval step's condition, which recomputed the DCE from no parameters and failed."""
-    from flax import nnx
 
     from nextquill_jax.loss import LossConfig
-    from nextquill_jax.models import CausalLM
     from nextquill_jax.train.step import StepSettings, make_eval_step
 
-    graphdef, params = nnx.split(CausalLM(tiny_model_config(), rngs=nnx.Rngs(0)), nnx.Param)
-    params = nnx.to_pure_dict(params)
+    graphdef, params = _split_model(tiny_model_config())
     batch = jax.tree.map(jnp.asarray, _joint_forward_batch(equal_lengths=False))
     batch["reference_dce"] = jnp.full(batch["labels"].shape, 0.5, jnp.float32)
     cfg = LossConfig(variant="nextquill", dce="fixed")
@@ -740,26 +734,20 @@ def test_the_eval_step_reads_a_batchs_fixed_dce_without_a_reference_model(tiny_m
 def test_fixed_dce_without_a_reference_dce_or_model_is_named_by_the_train_and_eval_steps(tiny_model_config):
     """`dce: fixed`, a batch without `reference_dce` and no reference model: the train step named it, the
     eval step failed inside flax's merge of no parameters (found by mutation audit 6a); both name it now."""
-    from flax import nnx
 
     from nextquill_jax.loss import LossConfig
-    from nextquill_jax.models import CausalLM
     from nextquill_jax.parallel import make_mesh
-    from nextquill_jax.train.state import TrainState
+    from nextquill_jax.train.setup import new_state
     from nextquill_jax.train.step import StepSettings, make_eval_step, make_train_step
 
-    graphdef, params = nnx.split(CausalLM(tiny_model_config(), rngs=nnx.Rngs(0)), nnx.Param)
-    params = nnx.to_pure_dict(params)
+    graphdef, params = _split_model(tiny_model_config())
     batch = jax.tree.map(jnp.asarray, _joint_forward_batch(equal_lengths=False))
     settings = StepSettings(
         loss=LossConfig(variant="nextquill", dce="fixed"), vocab_chunk=64, reference_graphdef=graphdef
     )
     sgd = optax.sgd(1.0)
     train_step = make_train_step(graphdef, sgd, lambda s: 1.0, settings, make_mesh({"data": 1, "fsdp": -1}))
-    state = TrainState(
-        step=jnp.int32(0), params=params, opt_state=sgd.init(params), rng=jax.random.PRNGKey(0),
-        skipped=jnp.int32(0),
-    )  # fmt: skip
+    state = new_state(params, sgd, 0)
     message = r"^loss\.dce is 'fixed' but the batch has no reference_dce and no reference model"
     with pytest.raises(ValueError, match=message):
         jax.eval_shape(train_step, state, batch, None)
@@ -774,16 +762,13 @@ def test_the_step_computes_no_gradient_for_frozen_parameters(tiny_model_config):
     of the final norm's scale only. Survived before (mutation audit 6a): `freeze` returning the parameters
     unchanged (the optimizer's own mask kept frozen ones still in training, but the step computed their
     gradients and counted them in grad_norm)."""
-    from flax import nnx
 
     from nextquill_jax.loss import LossConfig
-    from nextquill_jax.models import CausalLM
     from nextquill_jax.parallel import make_mesh
-    from nextquill_jax.train.state import TrainState
+    from nextquill_jax.train.setup import new_state
     from nextquill_jax.train.step import StepSettings, batch_loss, make_train_step
 
-    graphdef, params = nnx.split(CausalLM(tiny_model_config(), rngs=nnx.Rngs(0)), nnx.Param)
-    params = nnx.to_pure_dict(params)
+    graphdef, params = _split_model(tiny_model_config())
     trainable = jax.tree.map(lambda _: False, params)
     trainable["final_norm"] = jax.tree.map(lambda _: True, params["final_norm"])
     settings = StepSettings(loss=LossConfig(variant="context_sft"), vocab_chunk=64)
@@ -791,10 +776,7 @@ def test_the_step_computes_no_gradient_for_frozen_parameters(tiny_model_config):
     sgd = optax.sgd(1.0)
     mesh = make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
     step = jax.jit(make_train_step(graphdef, sgd, lambda s: 1.0, settings, mesh, trainable))
-    state = TrainState(
-        step=jnp.int32(0), params=params, opt_state=sgd.init(params), rng=jax.random.PRNGKey(0),
-        skipped=jnp.int32(0),
-    )  # fmt: skip
+    state = new_state(params, sgd, 0)
     new, metrics = step(state, batch)
 
     def loss_of_norm(scale):
