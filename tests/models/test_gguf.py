@@ -497,6 +497,31 @@ def test_damaged_gguf_tokenizer_metadata_is_named_with_the_file_and_the_fix(
     )
 
 
+def test_a_gguf_tokenizer_isolates_digits_and_keeps_user_defined_tokens_whole(tmp_path, monkeypatch):
+    """llama.cpp's "smollm" pre-tokenizer splits off every digit before any merge, so a vocabulary's "12" is
+    never used for "12"; a user-defined token (type 4) is matched whole in the text, as a control token (type
+    3) is, but is ordinary text: decoding without special tokens keeps it and drops the control token."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    tokens = ["a", "b", "1", "2", "ab", "12", "<x>", "<|im_start|>", "<|im_end|>"]
+    metadata = {
+        **_TOKENIZER_METADATA,
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": [1, 1, 1, 1, 1, 1, 4, 3, 3],
+        "tokenizer.ggml.merges": ["a b", "1 2"],
+        "tokenizer.ggml.bos_token_id": 7,
+        "tokenizer.ggml.eos_token_id": 8,
+    }
+    tokenizer = load_tokenizer(_write_tokenizer_gguf(tmp_path / "digits.gguf", metadata))
+    ids = {token: i for i, token in enumerate(tokens)}
+    assert tokenizer("ab12")["input_ids"] == [ids["ab"], ids["1"], ids["2"]]
+    assert tokenizer("a<x>b")["input_ids"] == [ids["a"], ids["<x>"], ids["b"]]
+    assert tokenizer("<|im_start|>ab<x>")["input_ids"] == [ids["<|im_start|>"], ids["ab"], ids["<x>"]]
+    spoken = tokenizer.decode(
+        [ids["<|im_start|>"], ids["ab"], ids["<x>"], ids["<|im_end|>"]], skip_special_tokens=True
+    )
+    assert spoken == "ab<x>"
+
+
 def test_an_empty_gguf_file_is_named_by_every_loader(tmp_path):
     path = tmp_path / "empty.gguf"
     path.touch()  # an interrupted download; mmap's error named no file
