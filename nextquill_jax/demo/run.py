@@ -332,11 +332,11 @@ def _run_demo(cfg: DemoConfig, echo: Callable[[str], None]) -> dict[str, Any]:
     echo(f"tokenizer: {len(tokenizer)} tokens (model vocabulary {vocab}) -> {out / 'tokenizer'}")
     # Recorded absolute in summary.json, as `data prepare` and `train` record them: an --out given relative
     # would otherwise name the tokenizer and sources relative to this directory only.
-    for data, data_dir in (
+    for data, prepared_dir in (
         (cfg.pretrain.data, cfg.pretrain.train.data_dir),
         (ft_data, cfg.finetune_config.train.data_dir),
     ):
-        prepare(absolute_data_paths(data, Path.cwd()), data_dir, tokenizer=tokenizer, echo=echo)
+        prepare(absolute_data_paths(data, Path.cwd()), prepared_dir, tokenizer=tokenizer, echo=echo)
     clock.stage("tokenizer and prepared data", t)
 
     t = time.perf_counter()
