@@ -109,7 +109,8 @@ class ScalingConfig:
             `attention_impl`): the most examples a row of the point's batch holds; a point whose rows hold
             more than a number set here is skipped. null: the dense mask. `--cudnn-max-segments` replaces
             it.
-        `warmup_steps`: untimed steps after compilation.
+        `warmup_steps`: untimed steps after compilation, at least 1 (the first one's loss is the row's
+            `first_loss`).
         `timed_steps`: timed steps; the fastest gives the point's step time.
         `peak_tflops`: per-chip peak TFLOP/s for MFU (> 0); null: from the device kind where known.
         `seed`: seed of the synthetic examples and the random weights.
@@ -151,6 +152,7 @@ class ScalingConfig:
             "entry_tokens",
             "target_tokens",
             "length_multiple",
+            "warmup_steps",
             "timed_steps",
             "micro_batches",
         ):

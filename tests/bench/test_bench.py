@@ -429,6 +429,17 @@ def test_sweep_cudnn_max_segments_reaches_every_point_and_auto_is_what_its_rows_
     assert not any(png.parent.name == "one" for png in fake.plots)  # no plot of no rows
 
 
+@pytest.mark.parametrize("value", [0, -2])
+def test_sweep_refuses_fewer_than_one_warmup_step(tmp_path, value):
+    """`warmup_steps: 0` or below was taken, and one warm-up step ran anyway (it compiles the step, and its
+    loss is the row's first_loss): the file said one thing and the sweep did another."""
+    config = sweep_yaml(tmp_path / "s.yaml", tmp_path / "out", ["a"], extra=f"warmup_steps: {value}\n")
+    with pytest.raises(ConfigError, match=rf"`warmup_steps` must be >= 1, got {value}"):
+        sweep.load_scaling_config(config)
+    one = sweep_yaml(tmp_path / "one.yaml", tmp_path / "out", ["a"], extra="warmup_steps: 1\n")
+    assert sweep.load_scaling_config(one).warmup_steps == 1
+
+
 @pytest.mark.parametrize("value", ["0", "-1", "foo", "2.5"])
 def test_sweep_refuses_a_bad_cudnn_max_segments(tmp_path, fake, capsys, value):
     config = sweep_yaml(tmp_path / "s.yaml", tmp_path / "out", ["a"], extra="attention_impl: cudnn\n")
