@@ -145,7 +145,7 @@ class ScalingConfig:
                 raise ValueError(f"`{name}` needs at least one value")
         names = [m.name for m in self.models]
         if len(set(names)) != len(names):
-            raise ValueError(f"model names must be unique, got {names}")
+            raise ValueError(f"`models` names must be unique, got {names}")
         for name in (
             "rows",
             "context_tokens",
@@ -160,8 +160,10 @@ class ScalingConfig:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
         if self.peak_tflops is not None and not self.peak_tflops > 0:  # `not >`: NaN fails it too
             raise ValueError(f"`peak_tflops` must be > 0 or null, got {self.peak_tflops}")
-        if any(s < 1 for s in self.seq_len) or any(h < 0 for h in self.history):
-            raise ValueError(f"seq_len must be >= 1 and history >= 0, got {self.seq_len}, {self.history}")
+        if any(s < 1 for s in self.seq_len):
+            raise ValueError(f"`seq_len` values must be >= 1, got {self.seq_len}")
+        if any(h < 0 for h in self.history):
+            raise ValueError(f"`history` values must be >= 0, got {self.history}")
         segments = checked_cudnn_max_segments(self.cudnn_max_segments, self.attention_impl, "")
         object.__setattr__(self, "cudnn_max_segments", segments)
         check_scan_unroll(self.scan_unroll, "`scan_unroll`")

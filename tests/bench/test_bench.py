@@ -147,6 +147,37 @@ def test_sweep_csv_values_and_plot(tmp_path, fake, monkeypatch):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
+def test_sweep_mfu_is_over_the_files_peak_times_the_devices(tmp_path, fake):
+    """`peak_tflops` from the file replaces the device kind's (none on CPU); the MFU of a point is its
+    achieved TFLOP/s over the peak of every device of its mesh."""
+    out = tmp_path / "sweep"
+    config = sweep_yaml(tmp_path / "s.yaml", out, ["a"], extra="peak_tflops: 2.0e-5\n")
+    assert sweep.main(["--config", config]) == 0
+    [row] = read(out / "scaling.csv")
+    assert float(row["mfu"]) == pytest.approx(float(row["flops_per_step"]) / STEP_S / 1e12 / 2.0e-5, rel=1e-3)
+    cfg = sweep.load_scaling_config(config)
+    model = cfg.models[0]
+    model_cfg = cfg.model_config(model)
+    batch, row_shape = harness.synthetic_batch(
+        2, 128, 2, context_tokens=16, entry_tokens=20, target_tokens=8, vocab=300, length_multiple=16
+    )
+    batch["labels"][batch["labels"] >= 0] = 0  # token id 0 is a target like any other
+    timing = FakeHarness(model_cfg, None).time(batch, warmup=1, steps=2)
+    key = ("a", "128", "2", "data=1,fsdp=4,tensor=1")
+    row = sweep.point_row(cfg, model, model_cfg, key, (1, 4, 1), batch, row_shape, timing, 3e-6, "cpu")
+    # flops_per_step is the FLOP model's (checked against the hand count above)
+    achieved = float(row["flops_per_step"]) / STEP_S / 1e12
+    assert float(row["mfu"]) == pytest.approx(achieved / (3e-6 * 4), rel=1e-3)
+    assert int(row["devices"]) == 4 and int(row["target_tokens"]) == 2 * 2 * 8
+    # Rows of 100 with-stream slots hold two examples of 16 + 20 + 8 = 44 tokens each; the without stream
+    # holds their 2 x (16 + 8) = 48 tokens in 48 slots: 2 x (88 + 48) real tokens in 2 x (100 + 48) slots.
+    odd, odd_shape = harness.synthetic_batch(
+        2, 100, 1, context_tokens=16, entry_tokens=20, target_tokens=8, vocab=300, length_multiple=16
+    )
+    odd_row = sweep.point_row(cfg, model, model_cfg, key, (1, 4, 1), odd, odd_shape, timing, 3e-6, "cpu")
+    assert odd_row["padding_efficiency"] == f"{(88 + 48) / (100 + 48):.4f}" == "0.9189"
+
+
 def test_sweep_resumes_without_repeating_points(tmp_path, fake):
     out = tmp_path / "sweep"
     sweep.main(["--config", sweep_yaml(tmp_path / "s.yaml", out, ["a", "b"])])
@@ -167,6 +198,7 @@ def test_sweep_resumes_without_repeating_points(tmp_path, fake):
          'sweep.compute_dtype: "float32" -> "bfloat16"'),
         ("hidden_size: 32", "hidden_size: 40", "models.a.overrides.hidden_size: 32 -> 40"),
         ("timed_steps: 2", "timed_steps: 2\nscan_unroll: 2", "sweep.scan_unroll: 1 -> 2"),
+        ("timed_steps: 2", "timed_steps: 2\nseed: 1", "sweep.seed: 0 -> 1"),
     ],
 )  # fmt: skip
 def test_sweep_refuses_a_csv_measured_with_other_settings(tmp_path, fake, capsys, before, after, listed):
@@ -406,6 +438,43 @@ def test_sweep_refuses_a_foreign_csv(tmp_path, fake):
         sweep.main(["--config", sweep_yaml(tmp_path / "s.yaml", out, ["a"])])
 
 
+@pytest.mark.parametrize(
+    ("axes", "said"),
+    [
+        ("seq_len: [8, 0]\nhistory: [1]", "line 2: `seq_len` values must be >= 1, got [8, 0]"),
+        ("seq_len: [8]\nhistory: [1, -1]", "line 3: `history` values must be >= 0, got [1, -1]"),
+    ],
+)
+def test_sweep_refuses_an_axis_value_below_its_least_naming_its_line(tmp_path, axes, said):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"output_dir: x\n{axes}\nmodels: [{{name: a, preset: qwen2.5-0.5b}}]\n")
+    with pytest.raises(ConfigError) as e:
+        sweep.load_scaling_config(bad)
+    assert str(e.value).startswith(f"{bad}, {said}")
+
+
+def test_sweep_refuses_a_csv_with_its_columns_in_another_order(tmp_path, fake):
+    """Rows are appended in the harness's column order: under a header of the same names in another order,
+    each value would stand in another column."""
+    out = tmp_path / "sweep"
+    out.mkdir()
+    (out / "scaling.csv").write_text(",".join(reversed(sweep.CSV_COLUMNS)) + "\n")
+    with pytest.raises(ConfigError, match="are not the scaling harness's"):
+        sweep.main(["--config", sweep_yaml(tmp_path / "s.yaml", out, ["a"])])
+    assert fake.built == []
+
+
+def test_a_training_config_given_as_a_sweep_file_is_named_with_the_fix(tmp_path):
+    training = tmp_path / "train.yaml"
+    training.write_text("model: {preset: qwen2.5-0.5b}\ntrain: {steps: 2}\n")
+    with pytest.raises(ConfigError) as e:
+        sweep.load_scaling_config(training)
+    assert str(e.value) == (
+        f"{training} is a training config (sections model, train), not a sweep file. Fix: run "
+        f"`nextquill-jax train --config {training}`, or pass a sweep file (configs/scaling/)."
+    )
+
+
 def test_sweep_cudnn_max_segments_reaches_every_point_and_auto_is_what_its_rows_hold(tmp_path, fake, capsys):
     cudnn = "attention_impl: cudnn\ncompute_dtype: bfloat16\n"
     config = sweep_yaml(tmp_path / "s.yaml", tmp_path / "unused", ["a", "b"], extra=cudnn)
@@ -533,6 +602,14 @@ def test_config_errors_name_the_key(tmp_path):
          "`models[1]` ('b'): ModelConfig special token ids outside the vocabulary (vocab_size 704): "
          "bos_token_id [151643], eos_token_ids [151643]. Fix: set them to the tokenizer's ids (in a config: "
          "models[1].overrides.bos_token_id, models[1].overrides.eos_token_ids; e.g. eos_token_ids: ["),
+        # A peak of 0 or NaN would give an infinite or NaN MFU in every row.
+        ("peak_tflops: 0", "`peak_tflops` must be > 0 or null, got 0"),
+        # Two models of one name would share the rows of one key: the second would never be measured.
+        ("models: [{name: a, preset: qwen2.5-0.5b}, {name: a, preset: qwen2.5-1.5b}]",
+         "`models` names must be unique, got ['a', 'a']"),
+        # A misspelt axis would skip every point of the entry at run time, after hours of others.
+        ("mesh: [{data: 1, fsdp: -1, tensr: 1}]",
+         "`mesh[0]`: mesh axes ['tensr'] are unknown; the mesh axes are ['data', 'fsdp', 'tensor']"),
     ],
 )  # fmt: skip
 def test_sweep_file_errors_name_the_sweep_files_keys(tmp_path, line, expected):
