@@ -566,6 +566,28 @@ def test_sweep_passes_cudnn_max_segments_to_each_point_process(tmp_path, fake, m
     assert fake.built == []
 
 
+def test_a_point_process_that_fails_is_named_and_the_sweep_goes_on(tmp_path, fake, monkeypatch):
+    """A point that runs out of device memory ends its own process only: the sweep says which point failed,
+    with the exit status, and runs the next."""
+    import jax
+
+    children = []
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(
+        sweep.subprocess, "call", lambda command: children.append(command) or 3 - len(children)
+    )
+    config = sweep_yaml(tmp_path / "s.yaml", tmp_path / "out", ["a", "b", "c"])
+    said = []
+    sweep.run_sweep(sweep.load_scaling_config(config), said.append, config_path=config)
+    assert len(children) == 3  # statuses 2, 1, 0
+    failed = [line for line in said if "failed" in line]
+    where = "seq_len 128 history 2 mesh data=1,fsdp=1,tensor=1"
+    assert failed == [
+        f"point a {where} failed (exit status 2); continuing with the next",
+        f"point b {where} failed (exit status 1); continuing with the next",
+    ]
+
+
 def test_config_errors_name_the_key(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(
