@@ -616,3 +616,75 @@ def test_rows_evaluations_and_saves_fall_on_the_steps_their_schedules_give(
     assert {r["step"] for r in rows if "eval/loss" in r} == evaluated
     saved = {int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()}
     assert saved == ({last} if best_metric is None else evaluated)
+
+
+@pytest.mark.parametrize("on_epoch_end", [False, True])
+def test_a_run_cut_short_inside_an_epoch_evaluates_its_last_step_and_logs_each_steps_epoch(
+    tmp_path, write_random_data, tiny_config, on_epoch_end
+):
+    """Three epochs cut short by `train.max_steps` one step into the third: evaluations (`eval.every_steps:
+    0`) at the two epoch ends reached and at the last step, which ends no epoch; checkpoints at the last step,
+    and at the epoch ends only with `checkpoint.on_epoch_end`; each row's `epoch` is the 0-based epoch its
+    step falls in, an epoch's last step included. The one-epoch schedule test cannot tell these apart, since
+    its last step ends its epoch. The epoch lengths are the data pipeline's batch counts; the rest is stated
+    here from them."""
+    from nextquill_jax.data.pipeline import BatchPipeline
+    from nextquill_jax.data.prepared_split import PreparedSplit
+
+    data = write_random_data(tmp_path / "data", train=24, val=8)
+    raw = tiny_config(data, tmp_path / "run")
+    raw["data"]["batching"].update(rows_per_batch=4, num_epochs=3)
+    raw["checkpoint"].update(
+        every_steps=0, on_epoch_end=on_epoch_end, keep=50, best_metric=None, async_save=False
+    )
+    pipeline = BatchPipeline(PreparedSplit(data, "train"), load_config(None, base=raw).data.batching)
+    lengths = [pipeline.num_batches(epoch) for epoch in range(3)]
+    assert min(lengths) >= 2, lengths  # the last step below is inside the third epoch, not its end
+    ends = [lengths[0], lengths[0] + lengths[1]]
+    last = ends[1] + 1
+    raw["train"]["max_steps"] = last
+    result = loop.train(load_config(None, base=raw), tmp_path / "run", echo=lambda _: None)
+    assert (result.status, result.step) == ("finished", last)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    epoch = lambda s: 0 if s <= ends[0] else 1 if s <= ends[1] else 2
+    assert [(r["step"], r["epoch"]) for r in rows if "loss" in r] == [
+        (s, epoch(s)) for s in range(1, last + 1)
+    ]
+    assert [r["step"] for r in rows if "eval/loss" in r] == [*ends, last]
+    saved = {int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()}
+    assert saved == ({*ends, last} if on_epoch_end else {last})
+
+
+def test_a_save_fetches_and_checks_the_steps_before_it_even_between_rows(
+    tmp_path, write_random_data, tiny_config
+):
+    """A checkpoint is saved only once the metrics of the steps up to it are fetched, checked finite
+    (`PendingMetrics._check`) and logged: otherwise a run with rows every 100 steps would checkpoint a
+    diverged state unchecked. With one epoch, rows every 100 steps, a save every 2 and no evaluation, the
+    rows fall on the even steps and the last, which is the epoch's end."""
+    raw = tiny_config(write_random_data(tmp_path / "data", train=56, val=0), tmp_path / "run")
+    raw["logging"]["every_steps"] = 100
+    raw["checkpoint"].update(every_steps=2, on_epoch_end=False, keep=50, best_metric=None, async_save=False)
+    raw["data"]["batching"].update(rows_per_batch=4, num_epochs=1)
+    events, check, save = [], loop.PendingMetrics._check, Checkpointer.save
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            loop.PendingMetrics,
+            "_check",
+            lambda self, s, *a: events.append(("check", s)) or check(self, s, *a),
+        )
+        patch.setattr(
+            Checkpointer,
+            "save",
+            lambda self, s, *a, **k: events.append(("save", s)) or save(self, s, *a, **k),
+        )
+        result = loop.train(load_config(None, base=raw), tmp_path / "run", echo=lambda _: None)
+    last = result.step
+    assert last >= 5, last
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == sorted({s for s in range(2, last + 1, 2)} | {last})
+    saves = [s for what, s in events if what == "save"]
+    assert saves == [r["step"] for r in rows]
+    for saved in saves:  # every step up to a saved one is checked before that save
+        before = events[: events.index(("save", saved))]
+        assert [s for what, s in before if what == "check"] == list(range(1, saved + 1)), events
