@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from nextquill_jax.config import CheckpointConfig, load_config
+from nextquill_jax.config_schema import ConfigError
 from nextquill_jax.train import loop
 from nextquill_jax.train.checkpoint import Checkpointer, CheckpointSaveError
 from nextquill_jax.train.loop import eval_line
@@ -28,6 +29,16 @@ def test_the_eval_line_shows_the_loss_and_the_tracked_metric():
         "step 7: eval/loss 3.2500, eval/ce_with 3.0000, eval/pref_fraction 0.5000, eval/ce_without 4.0000"
     )
     assert eval_line(7, {"eval/loss": 1.0}, "eval/loss") == "step 7: eval/loss 1.0000"
+
+
+def test_a_best_metric_misspelt_between_two_names_suggests_both(tmp_path, tiny_config):
+    """`eval/ce_witht` lies between `eval/ce_with` and `eval/ce_without`: difflib's ratios against the names
+    without `eval/` are 2*7/15 and 2*8/18, both over the 0.6 cutoff, the nearer first. A hint naming only
+    the nearest would leave out a name as likely meant. No data is read: the check runs before set-up."""
+    raw = tiny_config(tmp_path / "data", tmp_path / "run")
+    cfg = load_config(None, ["checkpoint.best_metric=eval/ce_witht"], base=raw)
+    with pytest.raises(ConfigError, match="Did you mean `eval/ce_with` or `eval/ce_without`\\? Fix:"):
+        loop.check_best_metric(cfg)
 
 
 def _train_with_an_unsaved_stop(
