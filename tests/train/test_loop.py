@@ -699,3 +699,50 @@ def test_a_save_fetches_and_checks_the_steps_before_it_even_between_rows(
     for saved in saves:  # every step up to a saved one is checked before that save
         before = events[: events.index(("save", saved))]
         assert [s for what, s in before if what == "check"] == list(range(1, saved + 1)), events
+
+
+def test_each_rows_tokens_per_second_and_data_wait_cover_the_steps_since_the_previous_row(
+    tmp_path, write_random_data, tiny_config, monkeypatch
+):
+    """On a clock of the test's own (the loop's `time`), each batch waits WAIT_S, each step computes STEP_S
+    and each save takes SAVE_S. A row every 2 steps then covers its 2 steps, or the 1 since the previous row
+    at an odd last step: its tokens/s is their input tokens over n * (WAIT_S + STEP_S), and its data-wait
+    fraction WAIT_S / (WAIT_S + STEP_S) = 1/4 on every row. The save at step 4 is not in step 6's wall time
+    (`restart_interval`), and the waits are summed over the row's steps, then cleared for the next row."""
+    wait_s, step_s, save_s = 1.0, 3.0, 100.0
+    now = [0.0]
+    clock = lambda: now[0]
+    raw = tiny_config(write_random_data(tmp_path / "data", train=56, val=0), tmp_path / "run")
+    raw["logging"]["every_steps"] = 2
+    raw["checkpoint"].update(every_steps=4, on_epoch_end=False, keep=50, best_metric=None, async_save=False)
+    raw["data"]["batching"].update(rows_per_batch=4, num_epochs=1)
+    tokens: dict[int, float] = {}
+    to_global_batch, add, save = loop.to_global_batch, loop.PendingMetrics.add, Checkpointer.save
+
+    def waited_for(*args):
+        now[0] += wait_s
+        return to_global_batch(*args)
+
+    def computed(self, step, metrics, data_wait_s):
+        tokens[step] = float(metrics["input_tokens"])
+        now[0] += step_s
+        add(self, step, metrics, data_wait_s)
+
+    def saved(*args, **kwargs):
+        now[0] += save_s
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "time", type("Clock", (), {"perf_counter": staticmethod(clock)}))
+    monkeypatch.setattr(loop, "to_global_batch", waited_for)
+    monkeypatch.setattr(loop.PendingMetrics, "add", computed)
+    monkeypatch.setattr(Checkpointer, "save", saved)
+    last = loop.train(load_config(None, base=raw), tmp_path / "run", echo=lambda _: None).step
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == sorted({*range(2, last + 1, 2), last}) and last >= 7, rows
+    previous = 0
+    for r in rows:
+        covered = range(previous + 1, r["step"] + 1)
+        wall = len(covered) * (wait_s + step_s)
+        assert r["tokens_per_second"] == pytest.approx(sum(tokens[s] for s in covered) / wall, rel=1e-9)
+        assert r["data_wait_fraction"] == pytest.approx(0.25, rel=1e-9), r
+        previous = r["step"]
