@@ -746,3 +746,41 @@ def test_each_rows_tokens_per_second_and_data_wait_cover_the_steps_since_the_pre
         assert r["tokens_per_second"] == pytest.approx(sum(tokens[s] for s in covered) / wall, rel=1e-9)
         assert r["data_wait_fraction"] == pytest.approx(0.25, rel=1e-9), r
         previous = r["step"]
+
+
+def test_a_stop_names_the_signal_that_came_first(tmp_path, capfd, write_random_data, tiny_config):
+    """A SIGTERM and then a Ctrl-C during step 1's actions: the run stops once, at step 2, and the message
+    names the SIGTERM that asked for the stop (`_Preemption.signal_name`), not the Ctrl-C that followed."""
+    raw = tiny_config(write_random_data(tmp_path / "data"), tmp_path / "run")
+    raw["checkpoint"].update(every_steps=100, async_save=False)
+    raw["train"]["max_steps"] = 3
+    with pytest.MonkeyPatch.context() as patch:
+        _signal_after_step(patch, 1, signal.SIGTERM, signal.SIGINT)
+        result = loop.train(load_config(None, base=raw), tmp_path / "run", echo=print)
+    assert (result.status, result.step, result.stop_signal) == ("preempted", 2, "SIGTERM")
+    checkpoint = (tmp_path / "run" / "checkpoints" / "2").absolute()
+    assert f"SIGTERM: stopped at step 2; checkpoint {checkpoint} is complete." in capfd.readouterr().out
+
+
+def test_an_ignored_ctrl_c_stays_ignored_and_the_run_trains_to_its_end(
+    tmp_path, write_random_data, tiny_config
+):
+    """A job started in the background (`nohup`, `cmd &` in a script) ignores SIGINT: the run must keep it
+    ignored, so that a Ctrl-C meant for the foreground neither stops it nor is answered by it."""
+    raw = tiny_config(write_random_data(tmp_path / "data"), tmp_path / "run")
+    raw["checkpoint"].update(every_steps=100, async_save=False)
+    raw["train"]["max_steps"] = 3
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            _signal_after_step(patch, 1, signal.SIGINT)
+            result = loop.train(load_config(None, base=raw), tmp_path / "run", echo=lambda _: None)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert (result.status, result.step, result.last_checkpoint, result.stop_signal) == (
+        "finished",
+        3,
+        3,
+        None,
+    )
