@@ -784,3 +784,41 @@ def test_an_ignored_ctrl_c_stays_ignored_and_the_run_trains_to_its_end(
         3,
         None,
     )
+
+
+@pytest.mark.parametrize(
+    ("window", "traced", "said"),
+    [([2, 4], [2, 3, 4], "2-4"), ([5, 10], [5, 6], "5-6")],  # the second ends with the run, at step 6
+)
+def test_a_profile_traces_exactly_the_steps_of_its_window(
+    tmp_path, monkeypatch, write_random_data, tiny_config, window, traced, said
+):
+    """`logging.profile_steps` [first, last] of a 6-step run: the trace starts before step `first` is
+    dispatched and stops once step `last` (or the run's last step, inside the window) has run, and the message
+    names the steps traced. jax.profiler is replaced by a recorder of the order of starts, stops and steps."""
+    raw = tiny_config(write_random_data(tmp_path / "data"), tmp_path / "run")
+    raw["train"]["max_steps"] = 6
+    raw["logging"]["profile_steps"] = window
+    events, said_lines = [], []
+    monkeypatch.setattr(jax.profiler, "start_trace", lambda directory: events.append(("start", directory)))
+    monkeypatch.setattr(jax.profiler, "stop_trace", lambda: events.append(("stop", None)))
+    set_up_run = loop.set_up_run
+
+    def counted_steps(*args, **kwargs):
+        run = set_up_run(*args, **kwargs)
+        step = run.train_step
+        counting = lambda *a: events.append(("step", None)) or step(*a)
+        return dataclasses.replace(run, train_step=counting)
+
+    monkeypatch.setattr(loop, "set_up_run", counted_steps)
+    result = loop.train(load_config(None, base=raw), tmp_path / "run", echo=said_lines.append)
+    assert result.step == 6
+    directory = tmp_path / "run" / "profile"
+    numbered, step = [], 0
+    for what, where in events:
+        step += what == "step"
+        numbered.append((what, step) if what == "step" else (what, where))
+    started, stopped = numbered.index(("start", str(directory))), numbered.index(("stop", None))
+    assert [s for what, s in numbered[started:stopped] if what == "step"] == traced, numbered
+    assert [what for what, _ in numbered].count("start") == 1 and len(numbered) == 8
+    assert f"profile of steps {said} written to {directory} (open it with" in "\n".join(said_lines)
