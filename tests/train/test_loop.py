@@ -822,3 +822,78 @@ def test_a_profile_traces_exactly_the_steps_of_its_window(
     assert [s for what, s in numbered[started:stopped] if what == "step"] == traced, numbered
     assert [what for what, _ in numbered].count("start") == 1 and len(numbered) == 8
     assert f"profile of steps {said} written to {directory} (open it with" in "\n".join(said_lines)
+
+
+def _commit_fails_at(monkeypatch, failing: int) -> list[Checkpointer]:
+    """Make the asynchronous commit of step `failing` fail in Orbax's background thread, as a disk that
+    fills up while the step is written would (no space for its manifest); returns a list that gets the run's
+    Checkpointer at its first save."""
+    callback, save, checkpointers = Checkpointer._write_saving_manifest, Checkpointer.save, []
+
+    def full_disk(self):
+        if self._committing == failing:
+            raise OSError(28, "No space left on device")
+        callback(self)
+
+    def saving(self, *args, **kwargs):
+        checkpointers[:] = [self]
+        return save(self, *args, **kwargs)
+
+    monkeypatch.setattr(Checkpointer, "_write_saving_manifest", full_disk)
+    monkeypatch.setattr(Checkpointer, "save", saving)
+    return checkpointers
+
+
+@pytest.mark.parametrize("on_save_error", ["stop", "continue"])
+def test_the_last_steps_asynchronous_save_is_waited_for_and_its_failure_handled(
+    tmp_path, monkeypatch, write_random_data, tiny_config, on_save_error
+):
+    """The last step's save is asynchronous like the others, but the run ends on it: it must be committed
+    before the run says it finished, so that its failure is handled by `checkpoint.on_save_error` (stop:
+    raised; continue: said, with the previous checkpoint as the last one) instead of being only logged as
+    the run closes its Checkpointer, reporting a checkpoint that does not exist."""
+    raw = tiny_config(write_random_data(tmp_path / "data"), tmp_path / "run")
+    raw["checkpoint"].update(
+        every_steps=2, on_epoch_end=False, best_metric=None, async_save=True, on_save_error=on_save_error
+    )
+    raw["train"]["max_steps"] = 4
+    _commit_fails_at(monkeypatch, 4)
+    said = []
+    train = lambda: loop.train(load_config(None, base=raw), tmp_path / "run", echo=said.append)
+    if on_save_error == "stop":
+        with pytest.raises(CheckpointSaveError, match=r"saving checkpoint 4 in .* No space left on device"):
+            train()
+    else:
+        result = train()
+        assert (result.status, result.step, result.last_checkpoint) == ("finished", 4, 2)
+        assert any(
+            "saving checkpoint 4 in" in line and "Training goes on without it" in line for line in said
+        )
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["2"]
+
+
+def test_a_failed_asynchronous_save_stops_the_run_at_the_next_step_not_the_next_save(
+    tmp_path, monkeypatch, write_random_data, tiny_config
+):
+    """With `checkpoint.on_save_error: stop`, a save that failed in the background stops the run at the
+    first step after it has failed (`Checkpointer.poll`), not at the next save, which could be hours of
+    training later. Here step 3's save has failed before step 4 is recorded; the next save would be step 6."""
+    raw = tiny_config(write_random_data(tmp_path / "data"), tmp_path / "run")
+    raw["checkpoint"].update(
+        every_steps=3, on_epoch_end=False, best_metric=None, async_save=True, on_save_error="stop"
+    )
+    raw["train"]["max_steps"] = 6
+    checkpointers = _commit_fails_at(monkeypatch, 3)
+    trained, add = [], loop.PendingMetrics.add
+
+    def failed_before_step_4(self, step, *args):
+        if step == 4:
+            while checkpointers[0].manager.is_saving_in_progress():
+                time.sleep(0.01)
+        trained.append(step)
+        add(self, step, *args)
+
+    monkeypatch.setattr(loop.PendingMetrics, "add", failed_before_step_4)
+    with pytest.raises(CheckpointSaveError, match="saving checkpoint 3 in"):
+        loop.train(load_config(None, base=raw), tmp_path / "run", echo=lambda _: None)
+    assert trained == [1, 2, 3, 4]
