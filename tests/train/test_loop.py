@@ -897,3 +897,44 @@ def test_a_failed_asynchronous_save_stops_the_run_at_the_next_step_not_the_next_
     with pytest.raises(CheckpointSaveError, match="saving checkpoint 3 in"):
         loop.train(load_config(None, base=raw), tmp_path / "run", echo=lambda _: None)
     assert trained == [1, 2, 3, 4]
+
+
+def test_a_second_ctrl_c_names_the_highest_numbered_committed_checkpoint(tmp_path):
+    """What the CLI line of a second Ctrl-C names: the committed step of the highest number (10, not 9 or
+    "2" by its name's order), never a step moved aside, one still temporary or a file."""
+    for name in ["2", "9", "10", "11.corrupt", "12.orbax-checkpoint-tmp-1"]:
+        (tmp_path / name).mkdir()
+    (tmp_path / "13").write_text("not a step")
+    assert loop._newest_committed(tmp_path) == f"the newest checkpoint is {tmp_path / '10'}"
+    assert loop._newest_committed(tmp_path / "none") == "no checkpoint is saved"
+
+
+def test_a_ctrl_c_after_the_last_steps_stop_check_whose_save_failed_says_a_resume_trains_it_again(
+    tmp_path, monkeypatch, capfd, write_random_data, tiny_config
+):
+    """A SIGINT during the last step's actions (after its stop check) whose save then fails, with
+    `checkpoint.on_save_error: continue`: the run finished, but it must not claim the last step's checkpoint
+    is complete: a resume trains that step again from checkpoint 2, and the message says so."""
+    save = Checkpointer.save
+
+    def no_room_for_step_3(self, step, *args, **kwargs):
+        if step == 3:
+            raise CheckpointSaveError(f"checkpoint {step}: no space left on device.")
+        return save(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(Checkpointer, "save", no_room_for_step_3)
+    result, _ = _train_signalled(
+        tmp_path, write_random_data, tiny_config, steps=3, at=3, every_steps=2, on_save_error="continue"
+    )
+    assert (result.status, result.step, result.last_checkpoint, result.stop_signal) == (
+        "finished",
+        3,
+        2,
+        "SIGINT",
+    )
+    out = capfd.readouterr().out
+    assert (
+        "SIGINT at step 3, the run's last: training finished (its checkpoint was not saved: see above; "
+        f"running the same command again trains it again) (workdir {tmp_path / 'run'})."
+    ) in out, out
+    assert "is complete" not in out
