@@ -938,3 +938,27 @@ def test_a_ctrl_c_after_the_last_steps_stop_check_whose_save_failed_says_a_resum
         f"running the same command again trains it again) (workdir {tmp_path / 'run'})."
     ) in out, out
     assert "is complete" not in out
+
+
+def test_a_stop_without_its_own_save_waits_for_the_save_in_flight_before_naming_the_newest(
+    tmp_path, monkeypatch, write_random_data, tiny_config
+):
+    """Step 1's asynchronous save is still committing (slowly, as a big model's) when step 2 is made a stop
+    without a save of its own: the message must name checkpoint 1, once committed, not say that there is
+    none (`_newest_verified_name` waits for the save in flight before looking)."""
+    raw = tiny_config(write_random_data(tmp_path / "data"), tmp_path / "run")
+    raw["checkpoint"].update(every_steps=1, async_save=True)
+    raw["train"]["max_steps"] = 3
+    callback, schedule = Checkpointer._write_saving_manifest, loop.actions_at
+    monkeypatch.setattr(Checkpointer, "_write_saving_manifest", lambda self: time.sleep(1) or callback(self))
+
+    def unsaved_stop_at_2(step, cfg, run, *, stop):
+        due = schedule(step, cfg, run, stop=stop)
+        return dataclasses.replace(due, stop=True, save=False) if step == 2 else due
+
+    monkeypatch.setattr(loop, "actions_at", unsaved_stop_at_2)
+    said = []
+    result = loop.train(load_config(None, base=raw), tmp_path / "run", echo=said.append)
+    assert (result.status, result.step, result.last_checkpoint) == ("preempted", 2, 1)
+    checkpoint = (tmp_path / "run" / "checkpoints" / "1").absolute()
+    assert any(f"SIGTERM: stopped at step 2; checkpoint {checkpoint} is complete." in x for x in said), said
