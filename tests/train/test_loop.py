@@ -962,3 +962,26 @@ def test_a_stop_without_its_own_save_waits_for_the_save_in_flight_before_naming_
     assert (result.status, result.step, result.last_checkpoint) == ("preempted", 2, 1)
     checkpoint = (tmp_path / "run" / "checkpoints" / "1").absolute()
     assert any(f"SIGTERM: stopped at step 2; checkpoint {checkpoint} is complete." in x for x in said), said
+
+
+def test_an_evaluation_reads_at_most_eval_max_batches_of_the_eval_split(
+    tmp_path, monkeypatch, write_random_data, tiny_config
+):
+    """`eval.max_batches: 1` on an eval split of several batches: each evaluation runs the eval step once."""
+    raw = tiny_config(write_random_data(tmp_path / "data", train=16, val=32), tmp_path / "run")
+    raw["data"]["batching"].update(rows_per_batch=4, num_epochs=2)
+    raw["eval"]["max_batches"] = 1
+    set_up_run, eval_batches, calls = loop.set_up_run, [], []
+
+    def counted_eval_steps(*args, **kwargs):
+        run = set_up_run(*args, **kwargs)
+        eval_batches.append(sum(1 for _ in run.eval_data.dataset()))
+        step = run.eval_step
+        return dataclasses.replace(run, eval_step=lambda *a: calls.append(1) or step(*a))
+
+    monkeypatch.setattr(loop, "set_up_run", counted_eval_steps)
+    loop.train(load_config(None, base=raw), tmp_path / "run", echo=lambda _: None)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evaluations = sum("eval/loss" in r for r in rows)
+    assert eval_batches[0] > 1 and evaluations >= 2, (eval_batches, evaluations)
+    assert len(calls) == evaluations
