@@ -199,6 +199,7 @@ def test_a_ctrl_c_that_comes_with_the_last_step_finishes_the_run(
         f"nothing to resume (workdir {tmp_path / 'run'})." in out
     ), out
     assert "Resume by running" not in out and "stopped at step" not in out
+    assert out.count("the run's last") == 1, out  # said at the stop step, not again as the run ends
     # Inside a longer job the Ctrl-C still stops it, with what happened said truly.
     monkeypatch.setattr(loop, "train", lambda cfg, workdir, echo: result)
     with pytest.raises(
