@@ -986,3 +986,44 @@ def test_an_evaluation_reads_at_most_eval_max_batches_of_the_eval_split(
     evaluations = sum("eval/loss" in r for r in rows)
     assert eval_batches[0] > 1 and evaluations >= 2, (eval_batches, evaluations)
     assert len(calls) == evaluations
+
+
+def test_a_sigterm_handler_set_outside_python_is_left_alone(
+    tmp_path, monkeypatch, write_random_data, tiny_config
+):
+    """A SIGTERM handler installed by C code (an embedding program, a library) reads as None through
+    `signal.getsignal`: Python could neither hand it a signal nor put it back, so the run must not replace it.
+    Simulated by reporting None for SIGTERM; the handler really in place must stay so during the run."""
+    raw = tiny_config(write_random_data(tmp_path / "data"), tmp_path / "run")
+    raw["train"]["max_steps"] = 2
+    getsignal, schedule = signal.getsignal, loop.actions_at
+    before, during = getsignal(signal.SIGTERM), []
+    monkeypatch.setattr(signal, "getsignal", lambda s: None if s == signal.SIGTERM else getsignal(s))
+
+    def looking(step, cfg, run, *, stop):
+        during.append(getsignal(signal.SIGTERM))
+        return schedule(step, cfg, run, stop=stop)
+
+    monkeypatch.setattr(loop, "actions_at", looking)
+    result = loop.train(load_config(None, base=raw), tmp_path / "run", echo=lambda _: None)
+    assert (result.status, result.step) == ("finished", 2)
+    assert during == [before, before] and getsignal(signal.SIGTERM) is before
+
+
+def test_a_checkpoint_saved_by_another_number_of_processes_is_refused_before_restoring(
+    tmp_path, monkeypatch, write_random_data, tiny_config
+):
+    """Each process saves the data position of its own share: a one-process resume of a checkpoint saved
+    by two (`Checkpointer.saved_process_count`, made to say 2 here) is refused, naming both counts, before
+    Orbax restores anything (test_runs.py's G1 does it for real, in the slow suite)."""
+    raw = tiny_config(write_random_data(tmp_path / "data"), tmp_path / "run")
+    raw["train"]["max_steps"] = 2
+    loop.train(load_config(None, base=raw), tmp_path / "run", echo=lambda _: None)
+    restores, restore = [], Checkpointer.restore
+    monkeypatch.setattr(Checkpointer, "saved_process_count", lambda self, step: 2)
+    monkeypatch.setattr(
+        Checkpointer, "restore", lambda self, *a, **k: restores.append(a) or restore(self, *a, **k)
+    )
+    with pytest.raises(ConfigError, match=r"checkpoints/2 was saved by 2 processes and this run has 1"):
+        loop.train(load_config(None, base=raw), tmp_path / "run", echo=lambda _: None)
+    assert restores == []
