@@ -31,6 +31,14 @@ def test_version(capsys):
     assert e.value.code == 0 and capsys.readouterr().out.strip() == f"nextquill-jax {__version__}"
 
 
+def test_no_command_prints_the_help_and_exits_2_as_a_refused_command_line(capsys):
+    """`nextquill-jax` alone is a command line missing its command: the help on stdout, and status 2, the
+    README's status for a command line argparse refuses (a script must not read it as a success)."""
+    assert cli.main([]) == 2
+    out = capsys.readouterr().out
+    assert out.startswith("usage: nextquill-jax") and all(name in out for name in cli.subcommands())
+
+
 def test_help_lists_every_subcommand_without_importing_jax():
     code = "import sys; from nextquill_jax import cli; cli.build_parser(); print('jax' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
