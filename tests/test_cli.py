@@ -518,6 +518,55 @@ def test_a_closed_stdout_pipe_ends_quietly_with_status_141(tmp_path):
     assert (run.returncode, run.stderr) == (141, "")
 
 
+# A subprocess whose `train` prints a short line (held in stdout's buffer: stdout is a pipe) and then ends
+# as argv[1] says, through the console entry.
+SHORT_OUTPUT = """
+import sys
+from nextquill_jax import cli
+
+ending = sys.argv[1]
+
+def run(args):
+    print("a short line of ours")
+    if ending == "ctrl-c":
+        raise KeyboardInterrupt
+    return 0
+
+commands = cli.subcommands()
+cli.subcommands = lambda: {**commands, "train": commands["train"]._replace(run=run)}
+sys.argv = ["nextquill-jax", "train", "--config", "any.yaml"]
+cli.entry()
+"""
+
+
+def test_a_short_output_reaches_a_closed_pipe_inside_main_and_an_open_one_before_a_ctrl_c_exit():
+    """Output held in stdout's buffer is flushed inside `main`: to a closed pipe that is where its
+    BrokenPipeError becomes status 141, quietly (left to the interpreter's exit flush, it is an "Exception
+    ignored" message and another status); and before the `os._exit` of a Ctrl-C (130), which flushes
+    nothing, so the line reaches an open pipe. The 141 test above runs under the tests' PYTHONUNBUFFERED,
+    where stdout writes at once and neither flush is needed."""
+    # A user's buffered stdout, whatever the tests' environment says (PYTHONUNBUFFERED writes at once).
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        closed = subprocess.run(
+            [sys.executable, "-c", SHORT_OUTPUT, "finish"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+    finally:
+        os.close(write_end)
+    assert (closed.returncode, closed.stderr) == (141, ""), closed.stderr
+    interrupted = subprocess.run(
+        [sys.executable, "-c", SHORT_OUTPUT, "ctrl-c"], capture_output=True, text=True, env=env
+    )
+    assert interrupted.returncode == 130, interrupted.stderr
+    assert (interrupted.stdout, interrupted.stderr) == ("a short line of ours\n", "interrupted (Ctrl-C)\n")
+
+
 def test_effects_on_a_mistyped_workdir_leaves_no_report_directory(tmp_path):
     # A fresh process without the suite's JAX_PLATFORMS, as in a user's shell: JAX's first log line, on
     # probing the TPU backend at start-up, would create OUT/logs/.
