@@ -137,6 +137,7 @@ def test_the_log_goes_only_into_a_directory_the_command_made_and_unkept_warnings
     assert not never.exists()
     err = capsys.readouterr().err
     assert "WARNING absl: a warning the user should see" in err and "backend chatter" not in err
+    assert "not written" not in err  # an INFO line held for a directory never made is no lost line
 
 
 FAILED_BEFORE_ITS_DIRECTORY = """
@@ -196,13 +197,16 @@ def test_the_log_is_closed_after_each_write(tmp_path):
 def test_each_process_of_a_multi_process_run_writes_a_log_of_its_own(tmp_path, monkeypatch):
     """Several processes appending to one file through their own FUSE mounts leave one writer's lines. The
     index: NEXTQUILL_PROCESS_ID where set (from the first record on), else JAX's runtime's record (a TPU
-    pod), never `jax.process_index()` (the lock JAX starts its backend under, while logging)."""
+    pod; also where the variable is malformed, which start-up names), never `jax.process_index()` (the
+    lock JAX starts its backend under, while logging). Process 0 alone writes `LOG_FILE`."""
     from jax._src import distributed
 
     monkeypatch.setattr(jax, "process_index", lambda: pytest.fail("took the backend's lock"))
     monkeypatch.delenv("NEXTQUILL_PROCESS_ID", raising=False)
-    cases = [({}, 0, "third_party.log"), ({"NEXTQUILL_PROCESS_ID": "2"}, 0, "third_party.process2.log"),
-             ({}, 3, "third_party.process3.log")]  # fmt: skip
+    cases = [({}, 0, "third_party.log"), ({"NEXTQUILL_PROCESS_ID": "1"}, 0, "third_party.process1.log"),
+             ({"NEXTQUILL_PROCESS_ID": "2"}, 0, "third_party.process2.log"),
+             ({}, 3, "third_party.process3.log"),
+             ({"NEXTQUILL_PROCESS_ID": "-1"}, 4, "third_party.process4.log")]  # fmt: skip
     for env, runtime_index, name in cases:
         monkeypatch.setattr(distributed.global_state, "process_id", runtime_index)
         for key, value in env.items():
@@ -217,9 +221,9 @@ def test_each_process_of_a_multi_process_run_writes_a_log_of_its_own(tmp_path, m
         assert (logs / name).read_text().endswith(f"INFO jax: from {name}\n")
 
 
-@pytest.mark.parametrize("verbose", [False, True])
+@pytest.mark.parametrize(("verbose", "records"), [(False, 3), (True, 3), (False, 1)])
 def test_a_log_that_cannot_be_written_is_said_once_on_stderr_not_raised_into_the_caller(
-    tmp_path, capsys, verbose
+    tmp_path, capsys, verbose, records
 ):
     """The file is opened at each write: a read-only run directory (`export` reads one), a full disk or a
     stale mount there raised out of the third-party code that logged (Orbax's, mid-save); then logging's
@@ -229,7 +233,7 @@ def test_a_log_that_cannot_be_written_is_said_once_on_stderr_not_raised_into_the
     (tmp_path / "logs").write_text("a file where the folder goes\n")
     with third_party_logs.captured(verbose=verbose):
         third_party_logs.log_to(tmp_path, named="--workdir")
-        for n in range(3):
+        for n in range(records):
             logging.getLogger("jax").info(f"record {n}")  # raised FileExistsError
         logging.getLogger("absl").warning("a warning")
     err = capsys.readouterr().err
@@ -238,7 +242,22 @@ def test_a_log_that_cannot_be_written_is_said_once_on_stderr_not_raised_into_the
     assert f"note: cannot write the third-party log {path} (" in err
     assert err.count("WARNING absl: a warning\n") == 1
     if verbose:  # the console showed every line, so none is lost
-        assert err.count(" INFO jax: record ") == 3 and "not written" not in err
+        assert err.count(" INFO jax: record ") == records and "not written" not in err
     else:
         assert " INFO jax: record " not in err
-        assert err.endswith(f"note: 3 third-party log lines not written to {path}\n")
+        lines = "1 third-party log line" if records == 1 else f"{records} third-party log lines"
+        assert err.endswith(f"note: {lines} not written to {path}\n")
+
+
+def test_captured_puts_the_root_loggers_level_back(tmp_path):
+    """`captured` lowers the root logger to INFO for the file; a caller's level (a library user's WARNING)
+    must be back afterwards, or every later INFO line of any library reaches the caller's handlers."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.WARNING)
+    try:
+        with third_party_logs.captured(verbose=False):
+            assert root.level == logging.INFO
+        assert root.level == logging.WARNING
+    finally:
+        root.setLevel(level)
