@@ -261,3 +261,42 @@ def test_captured_puts_the_root_loggers_level_back(tmp_path):
         assert root.level == logging.WARNING
     finally:
         root.setLevel(level)
+
+
+# transformers imported before `captured` (a caller's own import), then one of its warnings logged inside.
+IMPORTED_FIRST = """
+import logging, sys
+sys.modules["torch"] = None
+import transformers
+from transformers.utils import logging as hf_logging
+from nextquill_jax import third_party_logs
+with third_party_logs.captured(verbose=False):
+    third_party_logs.log_to(sys.argv[1], named="--out")
+    hf_logging.get_logger("transformers.modeling_utils").warning("a transformers warning")
+"""
+
+
+def test_transformers_imported_before_captured_logs_to_the_file_not_its_own_stderr_handler(tmp_path):
+    """In a fresh process (this one's transformers was routed by an earlier test, for good): its default
+    stderr handler must be off, so its warning goes to the log only, not to the console as well."""
+    run = subprocess.run(
+        [sys.executable, "-c", IMPORTED_FIRST, str(tmp_path)], capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    assert "a transformers warning" not in run.stderr, run.stderr
+    log = (tmp_path / "logs" / "third_party.log").read_text()
+    assert "WARNING transformers.modeling_utils: a transformers warning\n" in log, log
+
+
+def test_the_log_stays_in_the_directory_named_after_the_current_directory_changes(tmp_path, monkeypatch):
+    """`log_to` takes a relative directory as the current directory made it when named: a later `chdir` (a
+    library caller's) must not move the log."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with third_party_logs.captured(verbose=False):
+        third_party_logs.log_to("run", named="--workdir")
+        monkeypatch.chdir(tmp_path / "elsewhere")
+        logging.getLogger("jax").info("after the chdir")
+    assert (tmp_path / "run" / "logs" / "third_party.log").read_text().endswith("INFO jax: after the chdir\n")
+    assert not (tmp_path / "elsewhere" / "run").exists()
