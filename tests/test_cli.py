@@ -492,6 +492,11 @@ def test_ctrl_c_inside_a_gc_callback_is_not_lost(monkeypatch, capsys):
     monkeypatch.setattr(
         cli, "subcommands", lambda: {**commands, "train": commands["train"]._replace(run=setting_up)}
     )
+    # The hook in place before: a recorder standing for Python's own, which prints "Exception ignored ...
+    # KeyboardInterrupt" (pytest's, in place otherwise, prints nothing). The Ctrl-C delivered again is not
+    # also reported to it, and it is put back.
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
     previous_hook = sys.unraisablehook
     try:
         status = cli.main(["train", "--config", "any.yaml"])
@@ -500,6 +505,7 @@ def test_ctrl_c_inside_a_gc_callback_is_not_lost(monkeypatch, capsys):
     assert status == 130
     assert capsys.readouterr().err == "interrupted (Ctrl-C)\n"
     assert sys.unraisablehook is previous_hook
+    assert [u for u in unraisable if isinstance(u.exc_value, KeyboardInterrupt)] == []
 
 
 def test_a_closed_stdout_pipe_ends_quietly_with_status_141(tmp_path):
