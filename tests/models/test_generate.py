@@ -246,6 +246,40 @@ def test_dummy_rows_that_fill_a_batch_do_not_keep_the_decode_loop_running(tiny, 
     assert out[0, 0] == eos and (out[0, 1:] == PAD).all()
 
 
+def test_the_loop_runs_one_model_step_per_token_and_pads_the_columns_after_it_stopped(tiny, monkeypatch):
+    """A prompt that never emits its EOS within max_new_tokens = 3 costs 3 decode steps (each step's
+    `CausalLM.extend` feeds the token just chosen), not a 4th whose token has no column; one whose first token
+    is its EOS stops the loop after 1, and the columns it never reached hold the pad id (here one outside
+    the vocabulary, so no generated token can pass for it), as transformers' tokens padded to max_new_tokens
+    do. Steps are counted as in the test above."""
+    from nextquill_jax.models.causal_lm import CausalLM
+
+    reference, model = tiny
+    prompt = np.array([[5, 17, 42, 99]])
+    mask = np.ones_like(prompt)
+    cfg, pad = dataclasses.replace(GREEDY, max_new_tokens=3), VOCAB + 7
+    free = reference_generate(reference, prompt, mask, cfg, eos=VOCAB + 1, pad=PAD)[0]  # no EOS can occur
+    never = next(t for t in range(1, VOCAB) if t not in free)
+    steps, extend = [], CausalLM.extend
+
+    def counted(self, *args, **kwargs):
+        jax.debug.callback(lambda: steps.append(1))
+        return extend(self, *args, **kwargs)
+
+    monkeypatch.setattr(CausalLM, "extend", counted)
+    decoder.cache_clear()
+    try:
+        for eos, want_steps in ((never, 3), (int(free[0]), 1)):
+            steps.clear()
+            ours = generate_ids(model, prompt, mask, cfg, eos_token_ids=[eos], pad_token_id=pad)
+            jax.effects_barrier()
+            assert len(steps) == want_steps, eos
+            np.testing.assert_array_equal(ours, reference_generate(reference, prompt, mask, cfg, eos, pad))
+    finally:
+        decoder.cache_clear()  # the counting loops stay out of the other tests
+    assert ours[0].tolist() == [free[0], pad, pad]
+
+
 def test_sampling_limits_equal_greedy(tiny, tiny_case):
     _, model = tiny
     _, ids, mask, eos, expected = tiny_case
@@ -310,6 +344,39 @@ def test_a_prompts_sample_depends_on_its_index_not_on_its_batch(tiny, tiny_case)
     )
 
 
+def test_every_sampled_step_draws_with_its_own_key_as_the_docstring_states(tiny, tiny_case):
+    """Each step t of row b draws `jax.random.categorical(fold_in(fold_in(key(seed), b), t), logits / T)`:
+    stated here step by step on transformers' logits of each prompt (unpadded) and its tokens so far, to the
+    row's EOS. The test above checks step 0 only; a key that did not change with the step would replay one
+    noise at every step (the same Gumbel draw for a token each time), which this catches."""
+    reference, model = tiny
+    prompts, ids, mask, eos, _ = tiny_case
+    cfg = GenerationConfig(
+        max_new_tokens=16,
+        do_sample=True,
+        temperature=2.0,
+        top_k=0,
+        top_p=1.0,
+        repetition_penalty=1.0,
+        seed=11,
+    )
+    expected = np.full((len(prompts), cfg.max_new_tokens), PAD)
+    for row, prompt in enumerate(prompts):
+        tokens, key = list(prompt), jax.random.fold_in(jax.random.key(cfg.seed), row)
+        for step in range(cfg.max_new_tokens):
+            with torch.no_grad():
+                logits = reference(input_ids=torch.tensor([tokens])).logits[0, -1].numpy()
+            token = int(jax.random.categorical(jax.random.fold_in(key, step), logits / cfg.temperature))
+            expected[row, step] = token
+            tokens.append(token)
+            if token == eos:
+                break
+    ours = generate_ids(model, ids, mask, cfg, eos_token_ids=[eos], pad_token_id=PAD)
+    np.testing.assert_array_equal(ours, expected)
+    # At temperature 2 the draws stray from greedy decoding: a key schedule that is wrong would show.
+    assert (expected[:, 1:] != PAD).sum() > 50
+
+
 def test_pad_id_outside_the_vocabulary_gives_the_same_tokens(tiny, tiny_case):
     """A tokenizer's added <pad> at len(tokenizer) >= V (or a negative one) is only padding and the token of
     finished rows: the tokens before EOS are transformers' (with pad 0), and after EOS each row holds the pad
@@ -324,6 +391,18 @@ def test_pad_id_outside_the_vocabulary_gives_the_same_tokens(tiny, tiny_case):
     assert generate(model, prompts, GREEDY, eos_token_ids=[eos], pad_token_id=VOCAB, batch_size=4) == (
         before_eos(expected, eos)
     )
+
+
+def test_a_pad_id_that_is_an_eos_id_cuts_each_row_at_its_first_eos(tiny, tiny_case):
+    """Tokenizers without a pad token pad with their EOS (the fix the pad error suggests): a finished row
+    then repeats the EOS to the end, and each prompt's tokens are those before the first, transformers'
+    (`before_eos`), not all but the trailing ones. By hand first: rows that hold EOS ids several times."""
+    rows = np.array([[5, 2, 2, 2], [7, 8, 9, 3], [4, 3, 2, 2], [1, 6, 6, 6]])
+    assert strip_after_eos(rows, [2, 3]) == [[5], [7, 8, 9], [4], [1, 6, 6, 6]]
+    _, model = tiny
+    prompts, _, _, eos, expected = tiny_case
+    ours = generate(model, prompts, GREEDY, eos_token_ids=[eos], pad_token_id=eos, batch_size=4)
+    assert ours == before_eos(expected, eos)
 
 
 def test_token_ids_outside_the_vocabulary_are_refused(tiny):
