@@ -525,6 +525,22 @@ def test_bad_inputs_are_refused(tiny):
         generate_ids(model, ids, np.ones((1, 4), np.int32), GREEDY, eos_token_ids=[1], pad_token_id=2**40)
 
 
+def test_the_seed_and_the_example_ids_are_refused_exactly_where_they_would_wrap(tiny):
+    """The sampling key keeps a seed's low 32 bits and the rows' example ids are int32: a seed of 2**32
+    would sample as seed 0, an example id of 2**31 as -2**31, each silently another prompt's noise. The
+    largest values that do not wrap are taken (max_new_tokens 0: the checks run, the model does not)."""
+    _, model = tiny
+    assert GenerationConfig(seed=2**32 - 1).seed == 2**32 - 1
+    with pytest.raises(ValueError, match=r"GenerationConfig.seed must be an int in \[0, 2\*\*32\)"):
+        GenerationConfig(seed=2**32)
+    ids, mask = np.ones((1, 4), np.int32), np.ones((1, 4), np.int32)
+    zero = GenerationConfig(max_new_tokens=0)
+    out = generate_ids(model, ids, mask, zero, eos_token_ids=[1], pad_token_id=0, example_ids=[2**31 - 1])
+    assert out.shape == (1, 0)
+    with pytest.raises(ValueError, match=r"example_ids must be 1 ints in \[0, 2\*\*31\)"):
+        generate_ids(model, ids, mask, zero, eos_token_ids=[1], pad_token_id=0, example_ids=[2**31])
+
+
 def test_temperatures_and_penalties_that_overflow_float32_logits_are_refused_and_the_bounds_are_safe():
     """A temperature of 1e-39 overflowed the float32 logits to inf (1e-46 rounded to 0): the sampler drew
     token 0 or 1 in place of the argmax, silently. At the bounds the processed logits stay finite and the
