@@ -525,6 +525,15 @@ def test_bad_inputs_are_refused(tiny):
         generate_ids(model, ids, np.ones((1, 4), np.int32), GREEDY, eos_token_ids=[1], pad_token_id=2**40)
 
 
+def test_an_empty_prompt_is_refused_by_its_index_among_the_prompts(tiny):
+    """`generate` sorts the prompts by length before padding them: the empty one (index 1 here) comes first
+    in its batch, so only a check before the sort names the prompt the caller knows (left_pad's own error
+    would say "prompt 0", its place in the batch)."""
+    _, model = tiny
+    with pytest.raises(ValueError, match=r"^prompts \[1\] are empty$"):
+        generate(model, [[5, 6], [], [7]], GREEDY, eos_token_ids=[1], pad_token_id=0)
+
+
 def test_the_seed_and_the_example_ids_are_refused_exactly_where_they_would_wrap(tiny):
     """The sampling key keeps a seed's low 32 bits and the rows' example ids are int32: a seed of 2**32
     would sample as seed 0, an example id of 2**31 as -2**31, each silently another prompt's noise. The
