@@ -22,7 +22,7 @@ from nextquill_jax.data.checksums import IntegrityError
 from nextquill_jax.data.config import DataConfig
 from nextquill_jax.data.prepare import prepare
 from nextquill_jax.data.prepared_split import PreparedSplit, TokenizedExample, write_split
-from nextquill_jax.data.sources.records import DataError
+from nextquill_jax.data.sources.records import PLACES_KEPT, DataError
 from nextquill_jax.data.templates import load_template
 from tests.shared import FIXTURES
 
@@ -96,6 +96,40 @@ def test_every_format_goes_through_data_prepare(tmp_path, tok_dir, name, capsys,
         assert summary["dropped"] == {"duplicate": 1, "empty_history": 1}
 
 
+def _linear_quantile(values: list[int], q: float) -> float:
+    """The q-quantile of `values`: linear between the sorted values at the ranks around (n - 1) q."""
+    ordered, h = sorted(values), (len(values) - 1) * q
+    k = int(h)
+    return ordered[k] + (h - k) * (ordered[min(k + 1, len(values) - 1)] - ordered[k])
+
+
+def test_the_summarys_token_statistics_and_row_indices_are_those_of_the_written_examples(
+    tmp_path, formats, tiny_tokenizer
+):
+    """summary.json's `tokens`, per split and field, describe the lengths the token arrays hold (and the
+    history entries `<split>.jsonl` says each prompt used), stated here in plain Python: total, min, mean to
+    2 decimals, p50, p95 (linear between ranks) and max; each row's `index` is its line's position."""
+    summary = prepare(DataConfig(**formats["dpl"]), tmp_path, tokenizer=tiny_tokenizer(), echo=lambda _: None)
+    for split in summary["splits"]:
+        rows = [json.loads(line) for line in (tmp_path / f"{split}.jsonl").read_text().splitlines()]
+        assert [row["index"] for row in rows] == list(range(len(rows)))
+        arrays = PreparedSplit(tmp_path, split)
+        lengths = {
+            field: arrays.lengths(field).tolist() for field in ("prompt_with", "prompt_without", "target")
+        }
+        lengths["history_used"] = [row["history_used"] for row in rows]
+        for field, values in lengths.items():
+            want = {
+                "total": sum(values),
+                "min": min(values),
+                "mean": round(sum(values) / len(values), 2),
+                "p50": _linear_quantile(values, 0.5),
+                "p95": _linear_quantile(values, 0.95),
+                "max": max(values),
+            }
+            assert summary["tokens"][split][field] == pytest.approx(want, abs=1e-9), (split, field)
+
+
 def test_a_non_finite_number_in_a_records_meta_is_written_null(tmp_path, tok_dir):
     """`meta` is carried through untouched, but a NaN or Infinity there (Python's json writes them; a
     Parquet float column holds them) was written as bare NaN into <split>.jsonl, which is not JSON: strict
@@ -154,6 +188,9 @@ def test_bad_input_fail_stops_and_skip_counts_each_reason(tmp_path, tok_dir, cap
     }
     assert summary["read"] == {f"{F}/amazon2023_bad/meta_Books.jsonl": 14, reviews: 44}
     assert summary["examples"] == {"train": 4, "val": 4, "test": 4}
+    # Each record kept became an example (none is dropped while building here); the 4 invalid lines were
+    # never records, so they are not taken off the count again.
+    assert summary["records_kept"] == 12
     # The same 5 items and 12 reviews as without the bad lines (test_data_readers spells them out).
     assert summary["dropped"]["review_duplicate_item"] == 1 and sum(summary["dropped"].values()) == 17
 
@@ -600,6 +637,33 @@ def test_skipped_records_and_noted_ones_are_named_by_place_up_to_a_cap(tmp_path,
     assert str(e.value).endswith(
         f"\n  first malformed_json: {source}:3: {json_why}"
         f"\n  first wrong_type: {source}:1:context.title: {why}"
+    )
+
+
+def test_a_reason_and_a_note_of_exactly_the_places_kept_say_every_place_is_listed(tmp_path, tiny_tokenizer):
+    """At PLACES_KEPT records of a reason and of a note, summary.json holds every place: the note's warning
+    says "all" are there, not "the first 10", and the console offers no way to list more invalid records
+    (the test above has 12 of each, past the cap)."""
+    source = tmp_path / "records.jsonl"
+    wrong = {"context": {"title": ["a"]}, "history": ["h"], "target": "t"}
+    noted = {"context": "c", "history": ["h"], "target": "t<|endoftext|>"}
+    source.write_text(
+        "".join(json.dumps({"user_id": f"w{i}", **wrong}) + "\n" for i in range(PLACES_KEPT))
+        + "".join(json.dumps({"user_id": f"n{i}", **noted}) + "\n" for i in range(PLACES_KEPT))
+    )
+    cfg = DataConfig(format="generic", template="plain", sources=[str(source)], on_error="skip")
+    lines: list[str] = []
+    summary = prepare(cfg, tmp_path / "out", tokenizer=tiny_tokenizer(), echo=lines.append)
+    message = SPECIAL_NOTE["target"].format("<|endoftext|>")
+    assert summary["errors"] == {"wrong_type": PLACES_KEPT} and summary["notes"] == {message: PLACES_KEPT}
+    assert len(summary["skipped"]["wrong_type"]) == len(summary["note_places"][message]) == PLACES_KEPT
+    console = lines[-1].splitlines()
+    assert not [line for line in console if "to list more" in line]
+    first = ", ".join(f"{source}:{PLACES_KEPT + k}:target" for k in (1, 2, 3))
+    at = tmp_path / "out" / "summary.json"
+    assert (
+        console[-1]
+        == f'  warning: {message} ({PLACES_KEPT} records: {first}, ...; all in {at} ("note_places"))'
     )
 
 
