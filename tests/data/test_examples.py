@@ -163,6 +163,26 @@ def test_entries_with_equal_timestamps_keep_their_order_as_the_public_sort(tiny_
     assert example.prompt_with_history == _plain_prompt("x", ["d", "b", "c", "e", "a"])
 
 
+def test_a_history_with_some_entries_undated_is_taken_newest_first_by_the_records_order(tiny_tokenizer):
+    """Timestamps order the history only when every entry has one: with one missing, the record's own
+    (oldest-first) order is reversed, as for a history with none; the dated entries are not sorted around
+    the undated one (which has no place among them: sorting by a None timestamp fails)."""
+    times = {"a": 3.0, "b": None, "c": 1.0, "d": 2.0}  # by time, a is the newest; in the record, d
+    record = Record(
+        user_id="u",
+        context={"context": "x"},
+        history=tuple(HistoryEntry(fields={"text": t}, timestamp=ts) for t, ts in times.items()),
+        target="y",
+        split="train",
+        source="s:1",
+    )
+    cfg = DataConfig(template="plain", max_history=8)
+    (example,) = build_examples(
+        [record], load_template("plain"), tiny_tokenizer(), cfg, IssueLog(), FittingStats()
+    )
+    assert example.prompt_with_history == _plain_prompt("x", ["d", "c", "b", "a"])
+
+
 def test_target_cut_then_eos_and_tokens_match_the_text(tiny_tokenizer):
     tok = tiny_tokenizer()
     cfg = DataConfig(
