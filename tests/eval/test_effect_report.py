@@ -22,6 +22,7 @@ from flax import nnx
 
 from nextquill_jax.cli import main
 from nextquill_jax.config import ModelRunConfig
+from nextquill_jax.config_schema import ConfigError
 from nextquill_jax.data.config import DataConfig
 from nextquill_jax.data.prepare import prepare
 from nextquill_jax.data.prepared_split import PreparedSplit
@@ -29,6 +30,7 @@ from nextquill_jax.data.sources.synth import generate_synthetic
 from nextquill_jax.eval.effect_html import NONFINITE_COLOR, render_report
 from nextquill_jax.eval.effect_report import (
     ExampleEffects,
+    build_effect_report,
     compute_example_effects,
     describe,
     summarize,
@@ -627,6 +629,46 @@ def test_summary_json(report):
         assert gt["per_role"][role]["flagged"] == int((flagged & (roles == role)).sum())
     assert [e["index"] for e in written["per_example"]] == [0, 1, 2]
     assert [e["tokens"] for e in written["per_example"]] == [len(r.token_ids) for r in results]
+
+
+def test_the_first_examples_are_at_most_the_split_and_each_entry_names_its_user_and_category(
+    data, model, tiny_tokenizer, tmp_path
+):
+    """`num_examples` past the split's size (the command's default 8 on a smaller split) or None takes every
+    example. Each example's entry names the user and category of its row in `<split>.jsonl`."""
+    rows = [json.loads(line) for line in (data / "prep" / f"{SPLIT}.jsonl").read_text().splitlines()]
+    n = len(rows)
+    for num in (n + 5, None):
+        summary = build_effect_report(
+            model, tiny_tokenizer(), data / "prep", SPLIT, tmp_path / str(num), LOSS, num_examples=num
+        )
+        assert summary["examples"] == list(range(n)), num
+    for entry in summary["per_example"]:
+        row = rows[entry["index"]]
+        assert (entry["user_id"], entry["category"]) == (row["user_id"], row["category"])
+    assert {entry["category"] for entry in summary["per_example"]} != {None}
+
+
+def test_a_split_of_ids_past_the_models_vocabulary_is_refused_naming_where_its_size_comes_from(
+    data, tiny_tokenizer, tmp_path
+):
+    """The error names `vocab_origin` (where the caller read the vocabulary size), else the model `source`."""
+    overrides = {**MODEL_SECTION["overrides"], "vocab_size": 64}
+    small = CausalLM(
+        ModelRunConfig(**{**MODEL_SECTION, "overrides": overrides}).model_config(), rngs=nnx.Rngs(0)
+    )
+    for origin, named in (("its config.json", "its config.json"), (None, "the model tiny")):
+        with pytest.raises(ConfigError, match=rf"vocab_size is 64 \(from {named}\)"):
+            build_effect_report(
+                small,
+                tiny_tokenizer(),
+                data / "prep",
+                SPLIT,
+                tmp_path,
+                LOSS,
+                source="tiny",
+                vocab_origin=origin,
+            )
 
 
 def test_effects_command_with_model_dir(data, model, report, tmp_path, capsys):
