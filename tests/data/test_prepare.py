@@ -130,6 +130,24 @@ def test_the_summarys_token_statistics_and_row_indices_are_those_of_the_written_
             assert summary["tokens"][split][field] == pytest.approx(want, abs=1e-9), (split, field)
 
 
+def test_the_split_records_the_eos_its_targets_end_with_for_a_tokenizer_whose_eos_is_not_id_0(
+    tmp_path, formats, tiny_tokenizer
+):
+    """evaluate and effects read where a target ends from its split's meta.json `eos_token_id`: with the tiny
+    tokenizer's EOS (id 0) a recorded 0 could not be told from the real id, so here the EOS is <|im_end|>
+    (id 2) and meta.json, the summary and every target's last token say 2."""
+    tiny = tiny_tokenizer()
+    tok = tiny.__class__(tokenizer_object=tiny.backend_tokenizer, eos_token="<|im_end|>")
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    assert eos == tok.eos_token_id != 0
+    summary = prepare(DataConfig(**formats["generic"]), tmp_path, tokenizer=tok, echo=lambda _: None)
+    assert summary["eos_token_id"] == eos
+    for split in summary["splits"]:
+        data = PreparedSplit(tmp_path, split)
+        assert data.meta["eos_token_id"] == eos
+        assert [int(data[i]["target"][-1]) for i in range(len(data))] == [eos] * len(data)
+
+
 def test_a_non_finite_number_in_a_records_meta_is_written_null(tmp_path, tok_dir):
     """`meta` is carried through untouched, but a NaN or Infinity there (Python's json writes them; a
     Parquet float column holds them) was written as bare NaN into <split>.jsonl, which is not JSON: strict
@@ -1464,6 +1482,19 @@ def test_a_tokenizer_that_does_not_load_is_named_by_the_setting_that_named_it(tm
     ):
         load_fast_tokenizer("nope")
     with pytest.raises(ValueError, match=rf"^--tokenizer: {tmp_path} holds no tokenizer files"):
+        load_fast_tokenizer(str(tmp_path), "--tokenizer")
+
+
+def test_a_tokenizer_without_an_eos_token_is_refused_by_its_setting_as_it_loads(tmp_path, tiny_tokenizer):
+    """Targets end with the tokenizer's EOS: the commands that load a tokenizer by a setting (`--tokenizer`,
+    through `load_fast_tokenizer`) refuse one without, naming that setting, before any data is read."""
+    from nextquill_jax.data.prepare import load_fast_tokenizer
+
+    tok = tiny_tokenizer()
+    tok.__class__(tokenizer_object=tok.backend_tokenizer).save_pretrained(tmp_path)  # its vocabulary, no EOS
+    with pytest.raises(
+        ValueError, match=rf"^--tokenizer '{tmp_path}' has no EOS token; targets end with EOS$"
+    ):
         load_fast_tokenizer(str(tmp_path), "--tokenizer")
 
 
