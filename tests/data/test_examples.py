@@ -183,6 +183,31 @@ def test_a_history_with_some_entries_undated_is_taken_newest_first_by_the_record
     assert example.prompt_with_history == _plain_prompt("x", ["d", "c", "b", "a"])
 
 
+def test_a_record_without_a_field_its_template_inserts_is_skipped_as_missing_field(tiny_tokenizer):
+    """`review_short` inserts the context's item_title, item_description, rating and title: a record without
+    `rating` becomes no example and is counted as `missing_field`, naming the field, the template and the
+    record's place (as reading counts a record without a field its format needs), not as another reason."""
+    context = {"item_title": "a book", "item_description": "pages", "title": "good"}
+    record = Record(
+        user_id="u",
+        context=context,
+        history=(HistoryEntry(fields={"text": "h"}),),
+        target="y",
+        split="train",
+        source="s:1",
+    )
+    log = IssueLog(on_error="skip")
+    template, cfg = load_template("review_short"), DataConfig(template="review_short")
+    assert list(build_examples([record], template, tiny_tokenizer(), cfg, log, FittingStats())) == []
+    assert dict(log.errors) == {"missing_field": 1}
+    (issue,) = log.skipped["missing_field"]
+    assert (issue.location, issue.field, issue.message) == (
+        "s:1",
+        "rating",
+        "template 'review_short' needs it",
+    )
+
+
 def test_target_cut_then_eos_and_tokens_match_the_text(tiny_tokenizer):
     tok = tiny_tokenizer()
     cfg = DataConfig(
