@@ -417,6 +417,10 @@ def test_token_ids_outside_the_vocabulary_are_refused(tiny):
             generate(model, [[5, 6], [5, bad]], GREEDY, eos_token_ids=[1], pad_token_id=0)
         with pytest.raises(ValueError, match=rf"eos_token_ids \[{bad}\] are outside .*\[0, {VOCAB}\)"):
             generate_ids(model, ok, mask, GREEDY, eos_token_ids=[1, bad], pad_token_id=0)
+    # Of several, the first in row order is named, and all are counted.
+    several = np.array([[7, VOCAB + 1, 4, -3], [7, 5, VOCAB, 6]])
+    with pytest.raises(ValueError, match=rf"id {VOCAB + 1} \(row 0, position 1\).*; 3 such tokens in all"):
+        generate_ids(model, several, np.vstack([mask, mask]), GREEDY, eos_token_ids=[1], pad_token_id=0)
 
 
 def test_an_int_eos_is_one_id_and_ids_that_are_not_ints_are_refused_by_name(tiny, tiny_case):
@@ -441,7 +445,7 @@ def test_an_int_eos_is_one_id_and_ids_that_are_not_ints_are_refused_by_name(tiny
         generate_ids(model, ids, mask, zero, eos_token_ids=[0], pad_token_id=PAD),
     )
     fix_eos = "Fix: pass the tokenizer's eos_token_id"
-    for bad in (None, "7", [eos, None], 7.0, True):
+    for bad in (None, "7", b"\x07", [eos, None], 7.0, True):  # bytes iterate as ints: still refused
         message = f"eos_token_ids must be a token id (int) or a list of them, got {bad!r}. {fix_eos}"
         with pytest.raises(ValueError) as e:
             generate_ids(model, ids, mask, GREEDY, eos_token_ids=bad, pad_token_id=PAD)
