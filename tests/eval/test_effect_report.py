@@ -587,6 +587,20 @@ def test_the_terminal_lines_say_one_example_and_one_token_in_the_singular():
     ]
 
 
+def test_the_terminal_lines_give_the_median_and_the_ground_truth_scores_counted_by_hand():
+    """DCE 0.3, 0.1, -0.2, 0.05 for preference, context, noise, preference tokens at δ 0: the median is
+    0.075 (the mean, 0.0625, is not it); 3 flagged, 2 of them preference: precision 2/3, recall 2/2; AUROC:
+    3 of the 4 (preference, other) pairs ordered, 0.75; all 4 tokens have a scored role."""
+    roles = ["preference", "context", "noise", "preference"]
+    r = _effects(0, np.array([0.3, 0.1, -0.2, 0.05], np.float32), roles)
+    summary = {"split": "val", "files": {"html": "r.html"}, **summarize([r], LOSS)}
+    assert describe(summary).splitlines() == [
+        "1 example of split val: 4 target tokens, 3 preference-bearing (DCE > 0), median DCE +0.0750",
+        "against the ground truth (4 role tokens): precision 0.667, recall 1.000, DCE AUROC 0.750",
+        "report: r.html",
+    ]
+
+
 def test_histogram_png(report):
     _, summary, out = report
     from PIL import Image
