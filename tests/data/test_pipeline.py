@@ -208,6 +208,21 @@ def test_first_fit_rows_places_as_its_statement_says(open_rows):
     assert [row.tolist() for row in rows] == _first_fit_statement(need, order, (100, 40, 20), open_rows)
 
 
+def test_first_fit_rows_at_its_bounds_by_hand():
+    """Capacity is inclusive: an example that needs a whole row is packed (alone), and two halves fill one
+    row exactly. A too-big example is named by its index in `need`, not its position in `order`, and no
+    open row is refused as a ValueError, not a crash inside the loop."""
+    need = np.array([[5, 2, 1], [10, 4, 2], [5, 2, 1], [3, 1, 1]])
+    # order 1, 0, 2, 3 with two open rows: 1 fills row A; 0 opens B; 2 fills B exactly; 3 opens C, closing A.
+    rows = first_fit_rows(need, np.array([1, 0, 2, 3]), (10, 4, 2), open_rows=2)
+    assert [row.tolist() for row in rows] == [[1], [0, 2], [3]]
+    too_big = np.array([[1, 1, 1], [1, 1, 1], [1, 1, 1], [1, 5, 1]])
+    with pytest.raises(ValueError, match=r"^example 3 needs \[1, 5, 1\] but a row holds \[10, 4, 2\]$"):
+        first_fit_rows(too_big, np.array([3, 0, 1, 2]), (10, 4, 2), open_rows=2)
+    with pytest.raises(ValueError, match="open_rows must be >= 1, got 0"):
+        first_fit_rows(need, np.arange(4), (10, 4, 2), open_rows=0)
+
+
 def test_bucket_of_and_bucket_batches_against_their_statements():
     """By hand: an example that exactly fills a bucket belongs to it (capacity is inclusive), one that fits
     none gets -1; leftover partial batches come smallest bucket first, whatever order they were opened in."""
