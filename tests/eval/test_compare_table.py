@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
+from nextquill_jax.data.checksums import file_digest
 from nextquill_jax.eval.compare_table import (
     NO_WIDTH_VERDICT,
     difference_verdict,
@@ -17,6 +19,7 @@ from nextquill_jax.eval.compare_table import (
     not_measured_line,
     write_results,
 )
+from nextquill_jax.eval.effect_report import write_report
 from nextquill_jax.loss import LossConfig
 from tests.eval.test_nonfinite_results import effects, run_files
 
@@ -271,6 +274,29 @@ def test_a_run_that_generated_nothing_has_no_text_metrics_in_the_table(tmp_path)
     ) in text
     assert f"c vs b on NLL (with hist.): {NO_WIDTH_VERDICT} (+1.0000 [+1.0000, +1.0000], 3 examples)" in text
     assert '"-"' not in text  # every shown column measured by every row
+
+
+def test_a_column_some_seeds_of_a_variant_lack_is_absent_from_its_row_not_their_mean(tmp_path):
+    """Variant a's seed 0 generated and its effect report has ground-truth roles; its seed 1 generated
+    nothing and its report has no roles. A mean over the seeds that measured a column would read as the
+    variant's: its text metrics, BLEU and DCE AUROC are absent ("-"), while its NLL, which both seeds
+    measured, is the mean of the two seeds' means, (2.0 + 3.0) / 2."""
+    base = run_files(tmp_path / "seed0", "base", [0.1, 0.2, 0.3], [1.0, 2.0, 3.0], bleu=2.0)
+    measured = run_files(tmp_path / "seed0", "a", [0.4, 0.5, 0.6], [1.0, 2.0, 3.0], bleu=5.0)
+    with_roles = [dataclasses.replace(effects(i, 1.0 + i), roles=["preference", "noise"]) for i in range(3)]
+    write_report(with_roles, LossConfig(), Path(measured["effects_summary"]).parent, split="test")
+    measured["effects_blake2b"] = file_digest(measured["effects_summary"])  # as the run would record it
+    silent = run_files(tmp_path / "seed1", "a", [0.9, 0.9, 0.9], [2.0, 3.0, 4.0], bleu=9.0)
+    Path(silent["eval_dir"], "predictions.jsonl").unlink()  # max_new_tokens 0: no predictions, no BLEU
+    silent = {**{k: v for k, v in silent.items() if k != "bleu"}, "seed": 1}
+    result, out = _results(tmp_path, [base, measured, silent], "base")
+    row = result["rows"][1]
+    assert row["seeds"] == [0, 1]
+    assert all(row.get(m) is None for m in ("rouge1", "rougeL", "meteor", "bleu", "dce_auroc")), row
+    assert row["nll_with"] == pytest.approx(2.5, abs=1e-6)
+    assert set(result["differences"]["a"]) == {"nll_with", "nll_without"}
+    line = next(line for line in (out / "results.md").read_text().splitlines() if line.startswith("| a |"))
+    assert line.startswith("| a | - | - | - | 2.5000 ± 0.7071 | "), line  # sample std of 2.0 and 3.0
 
 
 def test_the_dash_line_names_each_variant_with_its_own_reasons():
