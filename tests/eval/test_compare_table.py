@@ -16,6 +16,7 @@ from nextquill_jax.eval.compare_table import (
     example_keys,
     few_examples_line,
     interval_text,
+    left_out_counts,
     not_measured_line,
     write_results,
 )
@@ -382,6 +383,9 @@ def test_an_effect_report_written_over_the_recorded_one_is_refused_not_read(tmp_
         ({"mean": 3.31e-7, "low": 1.58e-7, "high": 5.05e-7}, "+3.31e-07 [+1.58e-07, +5.05e-07]"),
         ({"mean": -0.0123, "low": -0.02, "high": -4e-6}, "-1.23e-02 [-2.00e-02, -4.00e-06]"),
         ({"mean": 0.1, "low": 0.05, "high": 0.15}, "+0.1000 [+0.0500, +0.1500]"),
+        # Just under 5e-5, 4 decimals round to 0.0000; at 5e-5 they give 0.0001, the fixed form again.
+        ({"mean": 4.9e-5, "low": 2e-5, "high": 7e-5}, "+4.90e-05 [+2.00e-05, +7.00e-05]"),
+        ({"mean": 5e-5, "low": 5e-5, "high": 1e-4}, "+0.0001 [+0.0001, +0.0001]"),
         ({"mean": 0.0, "low": 0.0, "high": 0.0}, "+0.0000 [+0.0000, +0.0000]"),
     ],
 )
@@ -408,6 +412,20 @@ def test_every_metric_reads_in_its_own_direction():
         lines = conclusions({"baseline": "b", "differences": {"v": dict.fromkeys(metrics, d)}})
         words = {line.split(" on ")[1].split(": ")[0]: line.split(": ")[1].split(" (")[0] for line in lines}
         assert words == {**dict.fromkeys(scores, scores_are), **dict.fromkeys(losses, losses_are)}
+
+
+def test_the_left_out_counts_pair_the_not_finite_with_the_finite():
+    """By hand: 3 examples in the interval, 1 paired but not finite, 2 in one run's data only: 3 + 1 = 4
+    pairs of the 4 + 2 = 6 examples either run holds (the pairs not finite are still paired)."""
+    counts = {"examples": 3, "nonfinite": 1, "unpaired": 2, "other_content": 0}
+    assert left_out_counts(counts) == (
+        ", 1 left out: not finite, 4 paired of 6: the rest in one run's data only"
+    )
+    shared_id = {**counts, "unpaired": 3, "other_content": 1}  # 2 of the 3: one id, two examples
+    assert left_out_counts(shared_id) == (
+        ", 1 left out: not finite, 4 paired of 7: 2 share an id but not their content (user, target text), "
+        "1 in one run's data only"
+    )
 
 
 def test_verdicts_and_the_few_examples_warning_at_their_bounds():
