@@ -21,7 +21,7 @@ import pytest
 from nextquill_jax.config import CheckpointConfig
 from nextquill_jax.config_schema import ConfigError
 from nextquill_jax.data.checksums import IntegrityError
-from nextquill_jax.train.checkpoint import Checkpointer, CheckpointSaveError, moved_aside
+from nextquill_jax.train.checkpoint import Checkpointer, CheckpointSaveError, moved_aside, verify_error
 
 
 def test_keeps_the_last_k_plus_the_best_and_restores_the_data_position(tmp_path):
@@ -336,6 +336,42 @@ def test_a_step_that_lost_its_manifest_while_an_older_step_has_one_is_damaged(tm
     reader.close()
     assert main(["checkpoint", "verify", "--workdir", str(tmp_path)]) == 1
     assert capsys.readouterr().err.startswith(f"error: damaged or incomplete: {ckpts / '3'} (see the table)")
+
+
+def test_a_lost_manifest_is_witnessed_by_the_newest_older_step(tmp_path):
+    """Steps 1 and 2 both carry manifests and step 3 lost its own: the problem names 2's manifest, the
+    newest older one (`_older_manifest`), the closest evidence that the run saved manifests when it saved
+    step 3, not the oldest step's."""
+    ckpt = Checkpointer(tmp_path, CheckpointConfig(keep=3))
+    _save_steps(ckpt, [1, 2, 3])
+    (tmp_path / "3" / "manifest.json").unlink()
+    assert ckpt.check(3).problems == [
+        f"{tmp_path / '3' / 'manifest.json'}: missing, though the older {tmp_path / '2' / 'manifest.json'} "
+        "shows the run saves manifests"
+    ]
+    ckpt.close()
+
+
+def test_a_step_saved_before_manifests_is_used_with_a_warning_beside_one_that_verifies(tmp_path):
+    """`require_verified` lets a step an older version saved (no manifest, nor a record of one) through,
+    but says that it is unverified; `verify_error` accepts a directory holding such a step beside one that
+    verifies (nothing is damaged), and refuses only one where no step verifies."""
+    ckpt = Checkpointer(tmp_path, CheckpointConfig(keep=3))
+    _save_steps(ckpt, [1, 2])
+    _as_saved_before_manifests(tmp_path / "1")
+    lines = []
+    ckpt.require_verified(1, lines.append)
+    assert lines == [
+        f"warning: checkpoint {tmp_path / '1'} has no manifest.json, nor has any older step (it may predate "
+        "manifests); it is used unverified"
+    ]
+    checks = [ckpt.check(1), ckpt.check(2)]
+    ckpt.close()
+    assert [c.status for c in checks] == ["no manifest", "ok"]
+    assert verify_error(tmp_path, checks, []) is None
+    assert verify_error(tmp_path, checks[:1], []).startswith(
+        f"no checkpoint in {tmp_path} verifies: steps [1]"
+    )
 
 
 def test_the_only_step_that_lost_its_manifest_is_damaged_since_its_progress_records_one(tmp_path):
