@@ -18,7 +18,7 @@ import yaml
 from nextquill_jax.config_schema import ConfigError
 from nextquill_jax.demo.run import load_demo_config, run_demo, write_pretrain_documents
 from nextquill_jax.eval.compare_table import METRICS, interval_text
-from nextquill_jax.eval.preference_recall import signature_recall
+from nextquill_jax.eval.preference_recall import preference_recall, signature_recall
 
 pytestmark = pytest.mark.slow  # run first: see tests/conftest.py
 
@@ -225,6 +225,37 @@ def test_signature_recall_counts_whole_lowercase_words():
         signature_recall("text", [])
     with pytest.raises(ValueError, match="blank word ' '"):
         signature_recall("text", ["text", " "])
+
+
+def test_preference_recall_joins_each_prediction_to_its_row_by_index(tmp_path):
+    """By hand, on files written here (no demo run): rows 3 and 7 of a split, the predictions in another
+    order. Row 3's words warm, tidy: its prediction holds "warm" (1/2), its reference both (1); row 7's word
+    bold: its prediction holds it (1), its reference only "boldly" (0). A word with a regex metacharacter
+    is matched literally ("a.b" is not in "axb")."""
+    split, predictions = tmp_path / "test.jsonl", tmp_path / "predictions.jsonl"
+    rows = [
+        {"index": 3, "meta": {"signature_words": ["warm", "tidy"]}},
+        {"index": 7, "meta": {"signature_words": ["bold"]}},
+        {"index": 8, "meta": {"signature_words": ["a.b"]}},
+        {"index": 9, "meta": {}},
+    ]
+    split.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def recall(*preds: tuple[int, str, str]) -> dict:
+        lines = [{"index": i, "prediction": p, "reference": r} for i, p, r in preds]
+        predictions.write_text("".join(json.dumps(line) + "\n" for line in lines))
+        return preference_recall(predictions, split)
+
+    got = recall((7, "Bold? bold.", "boldly"), (3, "a warm day", "warm and tidy"), (8, "axb", "a.b"))
+    assert got["per_example"] == {7: 1.0, 3: 0.5, 8: 0.0}
+    assert got["prediction"] == pytest.approx((1.0 + 0.5 + 0.0) / 3, abs=1e-12)
+    assert got["reference"] == pytest.approx((0.0 + 1.0 + 1.0) / 3, abs=1e-12)
+    assert got["examples"] == 3
+    for index in (9, 4):  # a row without signature words, an index the split does not hold
+        with pytest.raises(ValueError, match=f"index {index} has no meta.signature_words"):
+            recall((index, "x", "y"))
+    with pytest.raises(ValueError, match="holds no predictions"):
+        recall()
 
 
 @pytest.mark.parametrize("name", ["demo.yaml", "demo_quick.yaml"])
