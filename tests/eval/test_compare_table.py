@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from nextquill_jax.data.checksums import file_digest
+from nextquill_jax.eval.bootstrap import paired_bootstrap
 from nextquill_jax.eval.compare_table import (
     NO_WIDTH_VERDICT,
     difference_verdict,
@@ -195,6 +198,56 @@ def test_the_std_across_seeds_is_the_sample_std(tmp_path):
     assert result["rows"][0]["rouge1"] == pytest.approx(0.2, abs=1e-12)
     assert result["rows"][0]["rouge1_std"] == pytest.approx(2**0.5 * 0.1, abs=1e-12)
     assert "| a | 0.2000 ± 0.1414 |" in (out / "results.md").read_text()
+
+
+def test_three_seeds_give_the_mean_of_their_means_and_its_sample_std(tmp_path):
+    """Seed means 0.1, 0.2 and 0.6: the row's ROUGE-1 is their mean 0.3 (their median, 0.2, would pass with
+    two seeds, where the two agree), its std the float64 NumPy sample std (ddof=1)."""
+    seed_means = [0.1, 0.2, 0.6]
+    records = []
+    for seed, value in enumerate(seed_means):
+        record = run_files(tmp_path / f"seed{seed}", "a", [value, value], [1.0, 2.0], bleu=1.0)
+        records.append({**record, "seed": seed})
+    result, out = _results(tmp_path, records, "a")
+    std = float(np.std(np.array(seed_means, np.float64), ddof=1))
+    assert result["rows"][0]["rouge1"] == pytest.approx(np.mean(seed_means), abs=1e-12)
+    assert result["rows"][0]["rouge1_std"] == pytest.approx(std, abs=1e-12)
+    assert f"| a | 0.3000 ± {std:.4f} |" in (out / "results.md").read_text()
+
+
+def test_pairs_are_taken_in_the_baseline_s_order(tmp_path):
+    """The bootstrap resamples pair positions, so the interval depends on the pairs' order: it is the one
+    `paired_bootstrap` gives in the baseline's split order, whatever order the variant's data holds the
+    examples in (the same variant prepared twice must give one interval)."""
+    diffs = [0.05, 0.3, -0.1, 0.2, 0.0, 0.17, -0.04, 0.11, 0.26, -0.08, 0.02, 0.14]
+    ids = [f"e{i}" for i in range(len(diffs))]
+    base = {k: 0.1 + 0.05 * i for i, k in enumerate(ids)}
+    variant = {k: base[k] + d for k, d in zip(ids, diffs, strict=True)}
+    shuffled = [ids[i] for i in (3, 0, 11, 7, 4, 1, 9, 2, 10, 5, 8, 6)]
+    records = [
+        run_files(tmp_path, "base", list(base.values()), [1.0] * 12, bleu=1.0, ids=ids),
+        run_files(tmp_path, "v", [variant[k] for k in shuffled], [1.0] * 12, bleu=1.0, ids=shuffled),
+    ]
+    result, _ = _results(tmp_path, records, "base")
+    want = paired_bootstrap([variant[k] for k in ids], list(base.values()), resamples=1000)
+    other = paired_bootstrap([variant[k] for k in shuffled], [base[k] for k in shuffled], resamples=1000)
+    assert (want.low, want.high) != pytest.approx((other.low, other.high), abs=1e-9)  # the order shows
+    got = result["differences"]["v"]["rouge1"]
+    assert (got["mean"], got["low"], got["high"]) == pytest.approx((want.mean, want.low, want.high), abs=1e-9)
+
+
+def test_a_variant_with_no_finite_pair_has_no_difference_for_that_metric(tmp_path):
+    """Every NLL of the variant's run is null (a diverged run): no pair is left to resample, so the NLL has
+    no difference (the table's n/a says why), while its ROUGE-1, finite, is compared as usual."""
+    records = [
+        run_files(tmp_path, "base", [0.1, 0.2, 0.3], [1.0, 2.0, 3.0], bleu=1.0),
+        run_files(tmp_path, "diverged", [0.2, 0.2, 0.4], [math.nan] * 3, bleu=1.0),
+    ]
+    result, out = _results(tmp_path, records, "base")
+    assert "nll_with" not in result["differences"]["diverged"]
+    assert result["differences"]["diverged"]["rouge1"]["examples"] == 3
+    assert math.isnan(result["rows"][1]["nll_with"])
+    assert "diverged vs base on NLL (with hist.)" not in (out / "results.md").read_text()
 
 
 def test_one_paired_example_is_counted_in_the_singular_and_its_interval_of_no_width_gives_no_verdict(
