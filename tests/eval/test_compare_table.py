@@ -169,6 +169,28 @@ def test_results_md_says_bleu_and_the_auroc_have_no_interval(tmp_path):
     assert "No difference or interval" not in (out / "results.md").read_text()
 
 
+def test_with_roles_both_columns_without_interval_are_named_and_an_undefined_auroc_counted(tmp_path):
+    """Every report here has roles, so both BLEU and the DCE AUROC are shown: the line under the differences
+    names both and says "their means". Variant v's seed-1 report scores preference tokens only (no AUROC
+    defined), its seed 0 both kinds: the undefined-AUROC line counts 1 seed of v's 2."""
+    runs = [("base", 0, ["preference", "noise"]), ("v", 0, ["preference", "noise"])]
+    runs.append(("v", 1, ["preference", "preference"]))
+    records = []
+    for name, seed, roles in runs:
+        record = run_files(tmp_path / f"seed{seed}", name, [0.1, 0.3], [1.0, 2.0], bleu=1.0)
+        examples = [dataclasses.replace(effects(i, 1.0 + i), roles=roles) for i in range(2)]
+        write_report(examples, LossConfig(), Path(record["effects_summary"]).parent, split="test")
+        records.append({**record, "seed": seed, "effects_blake2b": file_digest(record["effects_summary"])})
+    _, out = _results(tmp_path, records, "base")
+    text = (out / "results.md").read_text()
+    assert (
+        "No difference or interval for BLEU (a corpus statistic) or DCE AUROC (one AUROC over the tokens of "
+        "all examples): a paired bootstrap resamples per-example values; the table gives their means only."
+    ) in text, text
+    assert text.split("| v |")[1].splitlines()[0].endswith("| n/a |")  # the mean of 1.0 and an undefined one
+    assert "for which no AUROC is defined: v (1 seed of 2)." in text, text
+
+
 def test_examples_sharing_an_id_are_refused(tmp_path):
     split = tmp_path / "test.jsonl"
     split.write_text('{"index": 0, "id": "x", "source": "a:1"}\n{"index": 1, "id": "x", "source": "a:2"}\n')
@@ -373,6 +395,11 @@ def test_the_dash_line_names_each_variant_with_its_own_reasons():
         f"pref. NLL, DCE AUROC {no_roles}; b: pref. NLL, DCE AUROC {no_roles}."
     )
     assert not_measured_line(rows[:1], shown) is None
+    # A row that generated (it has BLEU) but lacks preference recall: its rows have no signature words.
+    recall = [{"variant": "gen", "preference_recall": 0.5, "bleu": 1.0}, {"variant": "c", "bleu": 2.0}]
+    assert not_measured_line(recall, [("preference_recall", "pref. recall"), ("bleu", "BLEU")]) == (
+        '"-": not measured by that variant\'s runs: c: pref. recall (rows without meta.signature_words).'
+    )
 
 
 def test_predictions_another_evaluation_replaced_are_refused_not_read(tmp_path):
@@ -397,6 +424,12 @@ def test_predictions_another_evaluation_replaced_are_refused_not_read(tmp_path):
     (tmp_path / "again").mkdir()
     with pytest.raises(ValueError, match=r"\(BLEU 8\.0; there: no BLEU, predictions.jsonl absent\)"):
         _results(tmp_path / "again", [base, other], "base")
+
+    # predictions.jsonl deleted alone, metrics.json still the record's: refused too, not a bare open error.
+    (eval_dir / "metrics.json").write_text(json.dumps({"overall": {"bleu": 8.0}}))
+    (tmp_path / "alone").mkdir()
+    with pytest.raises(ValueError, match=r"\(BLEU 8\.0; there: BLEU 8\.0, predictions.jsonl absent\)"):
+        _results(tmp_path / "alone", [base, other], "base")
 
 
 def test_an_effect_report_written_over_the_recorded_one_is_refused_not_read(tmp_path):
