@@ -128,11 +128,38 @@ def test_fresh_adapters_leave_the_model_unchanged_and_follow_peft_init():
     np.testing.assert_array_equal(hidden(model, lora.Adapters(weights, 2.0)), hidden(model))
 
 
+def test_fresh_adapters_draw_each_kernel_apart_in_the_adapters_dtype():
+    """As PEFT's one Kaiming draw per module: the five kernels whose A has the same shape [L, 32, r] (q, k, v,
+    gate, up) get different values, not one draw copied five times; A and B are in the dtype asked for (the
+    model's parameter dtype, which the train state and its shardings expect), not float32."""
+    _, params = model_and_params()
+    shapes = lora.adapter_shapes(params, lora.target_paths(params, ALL), 4, jnp.bfloat16)
+    weights = lora.init_adapters(jax.random.PRNGKey(0), shapes)
+    pairs = [weights["layers"][m][n] for m, n in [("attn", "q_proj"), ("attn", "k_proj"), ("attn", "v_proj")]]
+    pairs += [weights["layers"]["mlp"][n] for n in ("gate", "up")]
+    a = [np.asarray(p["a"], np.float32) for p in pairs]
+    assert all(x.shape == a[0].shape for x in a)
+    bound = 1 / math.sqrt(32)
+    for i in range(len(a)):
+        for j in range(i):
+            # Two independent U(-bound, bound) values differ by 2/3 bound on average; one draw copied, by 0.
+            assert np.abs(a[i] - a[j]).mean() > bound / 2, (i, j)
+    dtypes = {(name, str(x.dtype)) for pair in pairs for name, x in pair.items()}
+    assert dtypes == {("a", "bfloat16"), ("b", "bfloat16")}
+
+
 def test_targets_select_projection_kernels_and_bad_ones_are_errors():
     _, params = model_and_params()
     assert lora.target_paths(params, ["attn/(q|v)_proj"]) == [
         ("layers", "attn", "q_proj"),
         ("layers", "attn", "v_proj"),
+    ]
+    # Whatever the order of the patterns, and where two select one kernel, each kernel once in the model's
+    # order: the same targets written another way make the same adapters.
+    assert lora.target_paths(params, ["mlp/down", "attn/v_proj", "attn/(q|v)_proj"]) == [
+        ("layers", "attn", "q_proj"),
+        ("layers", "attn", "v_proj"),
+        ("layers", "mlp", "down"),
     ]
     with pytest.raises(ValueError, match=r"matches no parameter.*layers/attn/q_proj"):
         lora.target_paths(params, ["attention/q"])
