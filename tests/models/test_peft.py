@@ -16,7 +16,7 @@ import transformers
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from nextquill_jax.models import load_pretrained, lora
+from nextquill_jax.models import CausalLM, load_pretrained, lora
 from nextquill_jax.models.peft import read_peft_adapter, write_peft_adapter
 
 TARGETS = ["attn/(q|k|v|o)_proj", "mlp/(gate|up|down)"]
@@ -40,6 +40,25 @@ def base(request, tiny_hf_config, tmp_path_factory):
         tree, [0.05 * jax.random.normal(k, s.shape) for k, s in zip(keys, leaves, strict=True)]
     )
     return hf, ours, weights, shapes
+
+
+def test_layers_past_the_ninth_are_named_and_read_by_their_whole_index(tiny_model_config, tmp_path):
+    """PEFT names layer 10's q_proj `...layers.10.self_attn.q_proj`: written there from our layer 10 as
+    [r, in], and read back from there (every real base has more than ten layers; the tiny ones here two)."""
+    cfg = tiny_model_config(num_layers=11)
+    params = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0))), nnx.Param))
+    shapes = lora.adapter_shapes(params, lora.target_paths(params, ["attn/q_proj"]), 2, jnp.float32)
+    rng = np.random.default_rng(0)
+    weights = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), shapes)
+    write_peft_adapter(weights, cfg, tmp_path, rank=2, alpha=4.0)
+    a = weights["layers"]["attn"]["q_proj"]["a"]  # [11, D, 2]
+    written = load_file(tmp_path / "adapter_model.safetensors")
+    np.testing.assert_array_equal(
+        written["base_model.model.model.layers.10.self_attn.q_proj.lora_A.weight"], a[10].T
+    )
+    read = read_peft_adapter(tmp_path, cfg, shapes, rank=2, alpha=4.0)
+    for x, y in zip(jax.tree.leaves(weights), jax.tree.leaves(read), strict=True):
+        np.testing.assert_array_equal(x, y)
 
 
 def test_peft_loads_our_adapters_with_equal_logits(base, tmp_path):
@@ -66,6 +85,12 @@ def test_read_gives_back_what_was_written_and_mismatches_are_errors(base, tmp_pa
     read = read_peft_adapter(tmp_path, ours.cfg, shapes, rank=4, alpha=16.0)
     for x, y in zip(jax.tree.leaves(weights), jax.tree.leaves(read), strict=True):
         np.testing.assert_array_equal(np.asarray(x), y)
+    # Read for a run whose parameters (and so adapters) are bfloat16: A and B both in that dtype, rounded.
+    bf16 = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.bfloat16), shapes)
+    read = read_peft_adapter(tmp_path, ours.cfg, bf16, rank=4, alpha=16.0)
+    for x, y in zip(jax.tree.leaves(weights), jax.tree.leaves(read), strict=True):
+        assert y.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(x).astype(jnp.bfloat16), y)
     with pytest.raises(ValueError, match="the config asks for rank=8"):
         read_peft_adapter(tmp_path, ours.cfg, shapes, rank=8, alpha=16.0)
     # The same rank, another alpha: read as it is, every adapter term would be scaled by 32 / 4, not 16 / 4.
@@ -97,8 +122,8 @@ def llama_dir(tiny_hf_config, tmp_path_factory):
     return directory
 
 
-def peft_adapter(base_dir, out, hf_config=None, **settings):
-    """A peft LoRA adapter (r=4, lora_alpha=12 on PEFT_TARGETS, `settings` added) on the base in `base_dir`
+def peft_adapter(base_dir, out, hf_config=None, targets=PEFT_TARGETS, **settings):
+    """A peft LoRA adapter (r=4, lora_alpha=12 on `targets`, `settings` added) on the base in `base_dir`
     (or a random model of `hf_config`), every trainable tensor moved off its initial value, saved to `out`;
     returns (the peft model, `out`)."""
     torch.manual_seed(1)
@@ -107,7 +132,7 @@ def peft_adapter(base_dir, out, hf_config=None, **settings):
         if hf_config is None
         else transformers.AutoModelForCausalLM.from_config(hf_config)
     )
-    config = peft.LoraConfig(r=4, lora_alpha=12, target_modules=PEFT_TARGETS, **settings)
+    config = peft.LoraConfig(r=4, lora_alpha=12, target_modules=targets, **settings)
     adapted = peft.get_peft_model(hf, config)
     with torch.no_grad():
         for _, p in adapted.named_parameters():
@@ -147,6 +172,13 @@ def test_a_plain_adapter_peft_made_reads_to_peft_logits(llama_dir, tmp_path):
         ({"alpha_pattern": {"down_proj": 4}}, 'sets alpha_pattern: {"down_proj": 4} (another lora_alpha'),
         ({"use_rslora": True}, "sets use_rslora: true (scales A·B by lora_alpha / sqrt(r)"),
         ({"use_dora": True}, "sets use_dora: true (DoRA"),
+        # peft takes one layer's index as an int too: 0 sets it (layer 0 only) though it is falsy.
+        ({"layers_to_transform": 0}, "sets layers_to_transform: 0 (adapters on these layers only)"),
+        # PiSSA with fast SVD, as peft spells it ("pissa_niter_[iterations]"): the base was rewritten too.
+        (
+            {"init_lora_weights": "pissa_niter_4"},
+            'sets init_lora_weights: "pissa_niter_4" (an initialisation that also changed the base weights',
+        ),
     ],
 )
 def test_a_setting_that_changes_what_the_adapter_computes_is_refused_by_name(
@@ -229,6 +261,29 @@ def test_tensors_the_run_would_not_apply_are_refused_whatever_the_config_says(ll
         ValueError,
         match=r"holds tensors that are not LoRA A or B matrices .*: base_model\.model\.model\.layers\.0\."
         r"mlp\.down_proj\.lora_B\.bias, .* and 3 more\. Fix",
+    ):
+        read_peft_adapter(out, ours.cfg, shapes, rank=4, alpha=12)
+
+
+def test_an_adapter_on_other_kernels_than_the_targets_is_refused(llama_dir, tmp_path):
+    """Fewer kernels than model.lora.targets select (q, v, down of all seven), or a module that is no
+    projection of the decoder (lm_head, which peft adapts as it does any Linear): refused by name, not read
+    in part or failed on with a KeyError."""
+    _, out = peft_adapter(llama_dir, tmp_path / "qvd")
+    ours = load_pretrained(llama_dir, compute_dtype="float32")
+    params = nnx.to_pure_dict(nnx.state(ours, nnx.Param))
+    every = lora.adapter_shapes(params, lora.target_paths(params, TARGETS), 4, jnp.float32)
+    with pytest.raises(
+        ValueError,
+        match=re.escape("the adapter targets ['down_proj', 'q_proj', 'v_proj']; model.lora.targets"),
+    ):
+        read_peft_adapter(out, ours.cfg, every, rank=4, alpha=12)
+    _, out = peft_adapter(llama_dir, tmp_path / "head", targets=[*PEFT_TARGETS, "lm_head"])
+    _, shapes = our_shapes(llama_dir)
+    with pytest.raises(
+        ValueError,
+        match=r"not LoRA A or B matrices .*: .*base_model\.model\.lm_head\.lora_A\.weight, "
+        r"base_model\.model\.lm_head\.lora_B\.weight\. Fix",
     ):
         read_peft_adapter(out, ours.cfg, shapes, rank=4, alpha=12)
 
