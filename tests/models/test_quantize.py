@@ -41,17 +41,23 @@ def test_a_non_finite_weight_stays_non_finite_in_its_channel_or_block(kind, bad)
 
 # The last axis a multiple of the block: blocks kept on the kernel's other axes (so a mesh shards them).
 W_ROWS = np.random.default_rng(1).normal(scale=0.02, size=(3, 6, 2, 128)).astype(np.float32)  # [L, H, Hd, D]
+# 105 values a layer, not a multiple of the block: flattened, the last of 2 blocks padded with 23 zeros.
+W_PADDED = np.random.default_rng(2).normal(scale=0.02, size=(3, 5, 7, 3)).astype(np.float32)
 
 
 @pytest.mark.parametrize(
-    ("w", "packed_shape"), [(W, (3, W[0].size // 64, 32)), (W_ROWS, (3, 6, 2, 2, 32))], ids=["flat", "rows"]
+    ("w", "packed_shape"),
+    [(W, (3, W[0].size // 64, 32)), (W_ROWS, (3, 6, 2, 2, 32)), (W_PADDED, (3, 2, 32))],
+    ids=["flat", "rows", "padded"],
 )
 def test_nf4_is_the_nearest_level_per_block_of_64(w, packed_shape):
     q = quantize.quantize_nf4(jnp.asarray(w))
-    blocks = w.astype(np.float64).reshape(3, -1, quantize.NF4_BLOCK)  # row-major blocks, either layout
+    size = w[0].size
+    padded = np.pad(w.astype(np.float64).reshape(3, size), ((0, 0), (0, -size % quantize.NF4_BLOCK)))
+    blocks = padded.reshape(3, -1, quantize.NF4_BLOCK)  # row-major blocks, any layout
     absmax = np.abs(blocks).max(axis=-1, keepdims=True)
     codes = np.abs((blocks / absmax)[..., None] - quantize.NF4_LEVELS).argmin(axis=-1)
-    want = (quantize.NF4_LEVELS[codes] * absmax).reshape(w.shape)
+    want = (quantize.NF4_LEVELS[codes] * absmax).reshape(3, -1)[:, :size].reshape(w.shape)
     np.testing.assert_allclose(np.asarray(q[...]), want, rtol=1e-6, atol=1e-9)
     assert q.packed.dtype == jnp.uint8 and q.packed.shape == packed_shape and q.shape == w.shape
     assert q.absmax.shape == packed_shape[:-1]
