@@ -5,6 +5,7 @@ earlier versions (no "scheme") are still checked against it, with a note."""
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 
 import numpy as np
@@ -60,6 +61,9 @@ def test_a_base_overwritten_with_a_same_shape_lora_merged_export_is_another_base
     assert copy["fingerprint"] == before["fingerprint"] and copy["source"] != before["source"]
     with pytest.raises(ConfigError, match="adapters only fit their own base"):
         adapters.check_same_base(before, after, "w/checkpoints/3", lambda: pytest.fail("legacy read"))
+    # The architecture is part of the base: the same tensors under another config.json are another base.
+    (base / "config.json").write_text('{"model_type": "llama"}\n')
+    assert adapters.base_identity(model, seed=0)["fingerprint"] != after["fingerprint"]
 
 
 def test_above_the_whole_file_limit_a_changed_tensor_of_a_stride_or_more_is_caught(tmp_path):
@@ -87,9 +91,15 @@ def test_above_the_whole_file_limit_a_changed_tensor_of_a_stride_or_more_is_caug
     _write_base(copy, one_value)
     assert fingerprint(copy)[1] == before
     assert fingerprint(copy, whole_bytes=4 << 20)[1] != fingerprint(base, whole_bytes=4 << 20)[1]
-    # The config is hashed whole either way.
-    (copy / "config.json").write_text('{"model_type": "llama"}\n')
-    assert fingerprint(copy)[1] != before
+    size = (
+        (base / "model.safetensors").stat().st_size
+    )  # "at most whole_bytes": a total of exactly it is whole
+    assert fingerprint(copy, whole_bytes=size)[1] != fingerprint(base, whole_bytes=size)[1]
+    # The config is hashed whole either way: one byte changed between where samples of its size would be.
+    text = '{"model_type": "qwen2", "note": "' + "x" * 20_000 + '"}\n'
+    (base / "config.json").write_text(text)
+    (copy / "config.json").write_text(text[:5_000] + "y" + text[5_001:])
+    assert fingerprint(copy)[1] != fingerprint(base)[1]
 
 
 def test_sampled_reads_cover_every_stride_and_the_tail(tmp_path):
@@ -97,11 +107,47 @@ def test_sampled_reads_cover_every_stride_and_the_tail(tmp_path):
     data = bytearray(np.random.default_rng(2).integers(0, 256, 10_000, dtype=np.uint8).tobytes())
     file.write_bytes(data)
     digest = adapters._sampled_digest(file, len(data), 4096, 16)
-    for offset, caught in ((4096 + 15, True), (4096 + 16, False), (len(data) - 1, True), (9000, False)):
+    cases = (
+        (0, True),
+        (15, True),
+        (4096 + 15, True),
+        (4096 + 16, False),
+        (len(data) - 1, True),
+        (9000, False),
+    )
+    for offset, caught in cases:
         changed = bytearray(data)
         changed[offset] ^= 0xFF
         file.write_bytes(changed)
         assert (adapters._sampled_digest(file, len(data), 4096, 16) != digest) is caught, offset
+
+
+def test_a_files_size_is_part_of_its_sampled_description(tmp_path):
+    """Zero-filled weight files one byte apart: their samples (at 0, 4096, 8192 and the last 16 bytes) read
+    the same zeros, so only the size recorded beside them tells the two apart."""
+    files = []
+    for size in (10_000, 10_001):
+        (tmp_path / str(size)).mkdir()
+        files.append(tmp_path / str(size) / "model.safetensors")
+        files[-1].write_bytes(bytes(size))
+    small = dict(whole_bytes=1_000, stride=4096, block=16)
+    assert adapters.content_fingerprint([files[0]], **small) != adapters.content_fingerprint(
+        [files[1]], **small
+    )
+
+
+def test_the_earlier_fingerprint_is_the_one_earlier_versions_saved(tmp_path):
+    """A file under 64 KiB read as versions before the content fingerprint read it: each of the 16 block reads
+    starts at min(k * size // 16, max(size - 64 KiB, 0)) = 0, so each is the whole file; the digest is SHA-256
+    over each file's "name:size" and its 16 blocks. Reading the blocks otherwise refuses every checkpoint
+    those versions saved (config.json is always this small)."""
+    base = _write_base(tmp_path / "base", {"model.norm.weight": np.arange(512, dtype=np.float32)})
+    want = hashlib.sha256()
+    for file in (base / "model.safetensors", base / "config.json"):
+        data = file.read_bytes()
+        assert len(data) < 1 << 16
+        want.update(f"{file.name}:{len(data)}".encode() + data * 16)
+    assert adapters.legacy_fingerprint(ModelRunConfig(path=str(base)), seed=0) == want.hexdigest()
 
 
 def test_a_checkpoint_with_the_earlier_fingerprint_is_checked_against_it_with_a_note(tmp_path):
