@@ -267,8 +267,8 @@ def test_tensors_the_run_would_not_apply_are_refused_whatever_the_config_says(ll
 
 def test_an_adapter_on_other_kernels_than_the_targets_is_refused(llama_dir, tmp_path):
     """Fewer kernels than model.lora.targets select (q, v, down of all seven), or a module that is no
-    projection of the decoder (lm_head, which peft adapts as it does any Linear): refused by name, not read
-    in part or failed on with a KeyError."""
+    projection of the decoder (lm_head, which peft adapts as it does any Linear; a module inside one): refused
+    by name, not read in part, ignored, or failed on with a KeyError or IndexError."""
     _, out = peft_adapter(llama_dir, tmp_path / "qvd")
     ours = load_pretrained(llama_dir, compute_dtype="float32")
     params = nnx.to_pure_dict(nnx.state(ours, nnx.Param))
@@ -286,6 +286,28 @@ def test_an_adapter_on_other_kernels_than_the_targets_is_refused(llama_dir, tmp_
         r"base_model\.model\.lm_head\.lora_B\.weight\. Fix",
     ):
         read_peft_adapter(out, ours.cfg, shapes, rank=4, alpha=12)
+    # A LoRA pair on a module inside q_proj (as a stacked adapter saves one): its module is not q_proj.
+    _, out = peft_adapter(llama_dir, tmp_path / "nested")
+    tensors = load_file(out / "adapter_model.safetensors")
+    q = "base_model.model.model.layers.0.self_attn.q_proj"
+    nested = {f"{q}.base_layer.lora_{ab}.weight": tensors[f"{q}.lora_{ab}.weight"] for ab in "AB"}
+    save_file({**tensors, **nested}, out / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=rf"not LoRA A or B matrices .*: {re.escape(q)}\.base_layer\.lora_A"):
+        read_peft_adapter(out, ours.cfg, shapes, rank=4, alpha=12)
+
+
+def test_an_adapter_of_another_peft_type_is_refused_by_its_type(tiny_hf_config, llama_dir, tmp_path):
+    """AdaLoRA's config has LoRA's r and lora_alpha (and fields of its own): refused by what it is, not by the
+    first field this package does not know."""
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(tiny_hf_config("llama"))
+    config = peft.AdaLoraConfig(r=4, lora_alpha=12, target_modules=PEFT_TARGETS, total_step=10)
+    peft.get_peft_model(hf, config).save_pretrained(tmp_path)
+    ours, shapes = our_shapes(llama_dir)
+    with pytest.raises(
+        ValueError, match=r"has peft_type 'ADALORA', not LORA\. Fix: start from a LoRA adapter"
+    ):
+        read_peft_adapter(tmp_path, ours.cfg, shapes, rank=4, alpha=12)
 
 
 def test_an_adapter_for_another_base_is_refused_naming_the_tensor_or_the_layers(
