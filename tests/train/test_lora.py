@@ -24,7 +24,7 @@ import pytest
 from flax import nnx
 
 from nextquill_jax.bench.harness import synthetic_batch
-from nextquill_jax.config import LoraConfig, load_config
+from nextquill_jax.config import LoraConfig, ModelRunConfig, load_config
 from nextquill_jax.config_schema import ConfigError
 from nextquill_jax.loss import LossConfig, loss_from_aux
 from nextquill_jax.models import CausalLM, lora, model_preset
@@ -489,6 +489,24 @@ def test_the_base_check_names_both_directions_and_a_changed_base():
         adapters.check_same_base(lora_run, other, "w/checkpoints/3", legacy)
     assert adapters.check_same_base(lora_run, dict(lora_run), "w/checkpoints/3", legacy) is None
     assert adapters.check_same_base(None, None, "w/checkpoints/3", legacy) is None
+
+
+def test_init_from_adapters_made_for_this_path_base_get_no_note(tmp_path):
+    """The note is for adapters made for another base: none where their base_model_name_or_path is this run's
+    model.path, however spelt (here with a "..": the same directory resolved), one where it names another."""
+    base, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    base.mkdir()
+    adapter_dir.mkdir()
+    config = adapter_dir / "adapter_config.json"
+    model = ModelRunConfig(path=str(base), lora=LoraConfig(init_from=str(adapter_dir)))
+    config.write_text(json.dumps({"base_model_name_or_path": str(tmp_path / "adapter" / ".." / "base")}))
+    assert adapters.init_from_note(model) is None
+    config.write_text(json.dumps({"base_model_name_or_path": str(tmp_path / "other")}))
+    assert adapters.init_from_note(model) == (
+        f"note: model.lora.init_from {str(adapter_dir)!r} holds adapters made for the base "
+        f"{str(tmp_path / 'other')!r} (its adapter_config.json's base_model_name_or_path); this run's base "
+        f"is model.path {str(base)!r}"
+    )
 
 
 def test_lora_dropout_draws_a_mask_key_per_step_and_per_micro_batch(tiny, monkeypatch):
