@@ -78,7 +78,10 @@ def test_adapted_forward_equals_the_merged_kernels(remat):
     weights = random_adapters(params, ALL)
     adapted = hidden(model, lora.Adapters(weights, 4.0))
     graphdef = nnx.split(model)[0]
+    before = jax.tree.leaves(params)
     merged = hidden(nnx.merge(graphdef, lora.merge(params, weights, 4.0)))
+    # A new dict: the caller's parameters (the base, which it may still run) keep their kernels.
+    assert all(x is y for x, y in zip(jax.tree.leaves(params), before, strict=True))
     plain = hidden(model)
     scale = np.abs(plain).max()
     assert np.abs(adapted - plain).max() > 1e-2 * scale  # the adapters do something
