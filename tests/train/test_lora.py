@@ -29,6 +29,7 @@ from nextquill_jax.config_schema import ConfigError
 from nextquill_jax.loss import LossConfig, loss_from_aux
 from nextquill_jax.models import CausalLM, lora, model_preset
 from nextquill_jax.models.peft import read_peft_adapter
+from nextquill_jax.models.quantize import Int8Weight, NF4Weight, dequantize, quantize_base
 from nextquill_jax.parallel import DEFAULT_RULES, logical_to_mesh_spec, make_mesh
 from nextquill_jax.train import adapters, loop, model_setup, reference_model, setup
 from nextquill_jax.train.export import export_adapter
@@ -489,6 +490,24 @@ def test_the_base_check_names_both_directions_and_a_changed_base():
         adapters.check_same_base(lora_run, other, "w/checkpoints/3", legacy)
     assert adapters.check_same_base(lora_run, dict(lora_run), "w/checkpoints/3", legacy) is None
     assert adapters.check_same_base(None, None, "w/checkpoints/3", legacy) is None
+
+
+def test_the_frozen_base_is_quantized_as_base_dtype_says_and_evaluated_dequantized(tiny_model_config):
+    """model.lora.base_dtype int8 / nf4: training holds the projection kernels quantized (`frozen_base`), and
+    evaluation and export read them back dequantized from that same quantization (`base_as_trained`, so they
+    see the base training saw, not the float one); a float base_dtype leaves the parameters as they are."""
+    params = nnx.to_pure_dict(nnx.state(CausalLM(tiny_model_config(), rngs=nnx.Rngs(0)), nnx.Param))
+    for kind, stored in (("int8", Int8Weight), ("nf4", NF4Weight)):
+        cfg = LoraConfig(base_dtype=kind)
+        assert isinstance(adapters.frozen_base(params, cfg)["layers"]["mlp"]["down"], stored), kind
+        want = dequantize(quantize_base(params, kind))  # each checked against NumPy in test_quantize.py
+        got = adapters.base_as_trained(params, cfg)
+        assert not np.array_equal(got["layers"]["mlp"]["down"], params["layers"]["mlp"]["down"]), kind
+        for x, y in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    for kind in ("float32", "bfloat16"):
+        cfg = LoraConfig(base_dtype=kind)
+        assert adapters.frozen_base(params, cfg) is params and adapters.base_as_trained(params, cfg) is params
 
 
 def test_init_from_adapters_made_for_this_path_base_get_no_note(tmp_path):
