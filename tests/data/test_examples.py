@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from nextquill_jax.data.config import DataConfig
-from nextquill_jax.data.examples import FittingStats, build_examples, prompt_start
+from nextquill_jax.data.examples import Example, FittingStats, build_examples, prompt_start
 from nextquill_jax.data.sources.read import read_records
 from nextquill_jax.data.sources.records import DataError, HistoryEntry, IssueLog, Record
 from nextquill_jax.data.templates import load_template
@@ -145,9 +145,9 @@ def test_some_fitting_actually_happens_in_the_property_test(tiny_tokenizer):
     assert cut > 20
 
 
-def test_entries_with_equal_timestamps_keep_their_order_as_the_public_sort(tiny_tokenizer):
-    # The public code: sorted(profile, key=timestamp, reverse=True), stable: ties keep the profile's order.
-    times = {"a": 1.0, "b": 2.0, "c": 2.0, "d": 3.0, "e": 2.0}  # in the record's (oldest-first) order
+def _plain_example_of_history(times: dict[str, float | None], tokenizer) -> Example:
+    """The one example of a record whose history entries are the texts of `times` (in the record's order),
+    each with its timestamp, under the plain template and room for 8 entries."""
     record = Record(
         user_id="u",
         context={"context": "x"},
@@ -157,9 +157,14 @@ def test_entries_with_equal_timestamps_keep_their_order_as_the_public_sort(tiny_
         source="s:1",
     )
     cfg = DataConfig(template="plain", max_history=8)
-    (example,) = build_examples(
-        [record], load_template("plain"), tiny_tokenizer(), cfg, IssueLog(), FittingStats()
-    )
+    (example,) = build_examples([record], load_template("plain"), tokenizer, cfg, IssueLog(), FittingStats())
+    return example
+
+
+def test_entries_with_equal_timestamps_keep_their_order_as_the_public_sort(tiny_tokenizer):
+    # The public code: sorted(profile, key=timestamp, reverse=True), stable: ties keep the profile's order.
+    times = {"a": 1.0, "b": 2.0, "c": 2.0, "d": 3.0, "e": 2.0}  # in the record's (oldest-first) order
+    example = _plain_example_of_history(times, tiny_tokenizer())
     assert example.prompt_with_history == _plain_prompt("x", ["d", "b", "c", "e", "a"])
 
 
@@ -168,18 +173,7 @@ def test_a_history_with_some_entries_undated_is_taken_newest_first_by_the_record
     (oldest-first) order is reversed, as for a history with none; the dated entries are not sorted around
     the undated one (which has no place among them: sorting by a None timestamp fails)."""
     times = {"a": 3.0, "b": None, "c": 1.0, "d": 2.0}  # by time, a is the newest; in the record, d
-    record = Record(
-        user_id="u",
-        context={"context": "x"},
-        history=tuple(HistoryEntry(fields={"text": t}, timestamp=ts) for t, ts in times.items()),
-        target="y",
-        split="train",
-        source="s:1",
-    )
-    cfg = DataConfig(template="plain", max_history=8)
-    (example,) = build_examples(
-        [record], load_template("plain"), tiny_tokenizer(), cfg, IssueLog(), FittingStats()
-    )
+    example = _plain_example_of_history(times, tiny_tokenizer())
     assert example.prompt_with_history == _plain_prompt("x", ["d", "c", "b", "a"])
 
 

@@ -6,8 +6,10 @@ limits; one compile per prompt-length bucket; sharded decoding equal to unsharde
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -208,18 +210,13 @@ def test_generate_batches_by_length_with_one_compile_per_bucket(tiny, tiny_case)
     assert len(ours[0]) < GREEDY.max_new_tokens and max(len(r) for r in ours) == GREEDY.max_new_tokens
 
 
-def test_dummy_rows_that_fill_a_batch_do_not_keep_the_decode_loop_running(tiny, monkeypatch):
-    """One prompt whose first greedy token is its EOS, in a batch filled to 4 rows (as `generate` fills a
-    split's last batch): the loop runs one decode step, as for the prompt alone, not on to max_new_tokens
-    while the dummy rows (which never stop on that EOS by themselves) go on; the tokens equal transformers'.
-    Steps are counted by a callback in `CausalLM.extend`, traced afresh (`decoder`'s cache cleared)."""
+@contextlib.contextmanager
+def counted_decode_steps(monkeypatch) -> Iterator[list[int]]:
+    """A list that gains an entry per decode step (`CausalLM.extend` call) run inside the block. The decoding
+    loops are traced afresh on entry (`decoder`'s cache cleared), to trace the counting `extend`, and again
+    on exit, so the counting loops stay out of the other tests."""
     from nextquill_jax.models.causal_lm import CausalLM
 
-    reference, model = tiny
-    prompt = np.array([[5, 17, 42, 99]])
-    mask = np.ones_like(prompt)
-    cfg = dataclasses.replace(GREEDY, max_new_tokens=40)
-    eos = int(generate_ids(model, prompt, mask, GREEDY, eos_token_ids=[VOCAB - 1], pad_token_id=PAD)[0, 0])
     steps, extend = [], CausalLM.extend
 
     def counted(self, *args, **kwargs):
@@ -229,6 +226,22 @@ def test_dummy_rows_that_fill_a_batch_do_not_keep_the_decode_loop_running(tiny, 
     monkeypatch.setattr(CausalLM, "extend", counted)
     decoder.cache_clear()
     try:
+        yield steps
+    finally:
+        decoder.cache_clear()
+
+
+def test_dummy_rows_that_fill_a_batch_do_not_keep_the_decode_loop_running(tiny, monkeypatch):
+    """One prompt whose first greedy token is its EOS, in a batch filled to 4 rows (as `generate` fills a
+    split's last batch): the loop runs one decode step, as for the prompt alone, not on to max_new_tokens
+    while the dummy rows (which never stop on that EOS by themselves) go on; the tokens equal transformers'.
+    Steps are counted by a callback in `CausalLM.extend`, traced afresh (`decoder`'s cache cleared)."""
+    reference, model = tiny
+    prompt = np.array([[5, 17, 42, 99]])
+    mask = np.ones_like(prompt)
+    cfg = dataclasses.replace(GREEDY, max_new_tokens=40)
+    eos = int(generate_ids(model, prompt, mask, GREEDY, eos_token_ids=[VOCAB - 1], pad_token_id=PAD)[0, 0])
+    with counted_decode_steps(monkeypatch) as steps:
         counts, outputs = [], []
         for rows in (1, 4):
             steps.clear()
@@ -237,8 +250,6 @@ def test_dummy_rows_that_fill_a_batch_do_not_keep_the_decode_loop_running(tiny, 
             )
             jax.effects_barrier()
             counts.append(len(steps))
-    finally:
-        decoder.cache_clear()  # the counting loops stay out of the other tests
     assert counts == [1, 1]
     expected = reference_generate(reference, prompt, mask, cfg, eos, PAD)
     for out in outputs:
@@ -252,31 +263,19 @@ def test_the_loop_runs_one_model_step_per_token_and_pads_the_columns_after_it_st
     is its EOS stops the loop after 1, and the columns it never reached hold the pad id (here one outside
     the vocabulary, so no generated token can pass for it), as transformers' tokens padded to max_new_tokens
     do. Steps are counted as in the test above."""
-    from nextquill_jax.models.causal_lm import CausalLM
-
     reference, model = tiny
     prompt = np.array([[5, 17, 42, 99]])
     mask = np.ones_like(prompt)
     cfg, pad = dataclasses.replace(GREEDY, max_new_tokens=3), VOCAB + 7
     free = reference_generate(reference, prompt, mask, cfg, eos=VOCAB + 1, pad=PAD)[0]  # no EOS can occur
     never = next(t for t in range(1, VOCAB) if t not in free)
-    steps, extend = [], CausalLM.extend
-
-    def counted(self, *args, **kwargs):
-        jax.debug.callback(lambda: steps.append(1))
-        return extend(self, *args, **kwargs)
-
-    monkeypatch.setattr(CausalLM, "extend", counted)
-    decoder.cache_clear()
-    try:
+    with counted_decode_steps(monkeypatch) as steps:
         for eos, want_steps in ((never, 3), (int(free[0]), 1)):
             steps.clear()
             ours = generate_ids(model, prompt, mask, cfg, eos_token_ids=[eos], pad_token_id=pad)
             jax.effects_barrier()
             assert len(steps) == want_steps, eos
             np.testing.assert_array_equal(ours, reference_generate(reference, prompt, mask, cfg, eos, pad))
-    finally:
-        decoder.cache_clear()  # the counting loops stay out of the other tests
     assert ours[0].tolist() == [free[0], pad, pad]
 
 

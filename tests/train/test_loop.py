@@ -226,11 +226,8 @@ def test_a_ctrl_c_after_the_last_steps_stop_check_still_stops_a_longer_job(
     )
 
 
-def test_a_stop_on_the_last_step_whose_save_failed_says_a_resume_trains_it_again(
-    tmp_path, monkeypatch, capfd, write_random_data, tiny_config
-):
-    """With `checkpoint.on_save_error: continue`, a stop whose last-step save failed is no finished run: a
-    resume starts from the newest checkpoint and trains the last step again, and the run says so."""
+def _no_room_for_step_3(monkeypatch) -> None:
+    """Step 3's save fails as on a full disk; the others are saved."""
     save = Checkpointer.save
 
     def no_room_for_step_3(self, step, *args, **kwargs):
@@ -239,6 +236,14 @@ def test_a_stop_on_the_last_step_whose_save_failed_says_a_resume_trains_it_again
         return save(self, step, *args, **kwargs)
 
     monkeypatch.setattr(Checkpointer, "save", no_room_for_step_3)
+
+
+def test_a_stop_on_the_last_step_whose_save_failed_says_a_resume_trains_it_again(
+    tmp_path, monkeypatch, capfd, write_random_data, tiny_config
+):
+    """With `checkpoint.on_save_error: continue`, a stop whose last-step save failed is no finished run: a
+    resume starts from the newest checkpoint and trains the last step again, and the run says so."""
+    _no_room_for_step_3(monkeypatch)
     result, _ = _train_signalled(
         tmp_path, write_random_data, tiny_config, steps=3, at=2, every_steps=2, on_save_error="continue"
     )
@@ -916,14 +921,7 @@ def test_a_ctrl_c_after_the_last_steps_stop_check_whose_save_failed_says_a_resum
     """A SIGINT during the last step's actions (after its stop check) whose save then fails, with
     `checkpoint.on_save_error: continue`: the run finished, but it must not claim the last step's checkpoint
     is complete: a resume trains that step again from checkpoint 2, and the message says so."""
-    save = Checkpointer.save
-
-    def no_room_for_step_3(self, step, *args, **kwargs):
-        if step == 3:
-            raise CheckpointSaveError(f"checkpoint {step}: no space left on device.")
-        return save(self, step, *args, **kwargs)
-
-    monkeypatch.setattr(Checkpointer, "save", no_room_for_step_3)
+    _no_room_for_step_3(monkeypatch)
     result, _ = _train_signalled(
         tmp_path, write_random_data, tiny_config, steps=3, at=3, every_steps=2, on_save_error="continue"
     )
