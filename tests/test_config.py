@@ -1003,6 +1003,35 @@ def test_a_model_source_error_names_the_setting_it_came_from_and_a_peft_director
         assert ("model.preset" in str(e.value)) == (key == "model.path" and path.name == "nothing")
 
 
+def test_a_model_directory_that_also_holds_an_adapter_config_is_a_model(tmp_path):
+    """Only a directory without config.json is refused as a PEFT adapter directory: one that holds both (a
+    model directory that kept the adapter_config.json of adapters merged into it) is a model to load."""
+    from nextquill_jax.config import ModelRunConfig
+
+    both = tmp_path / "merged"
+    both.mkdir()
+    (both / "adapter_config.json").write_text("{}")
+    (both / "config.json").write_text("{}")
+    for key in ("model.path", "--model", "loss.reference_model"):
+        assert model_setup.check_model_source(ModelRunConfig(path=str(both)), key=key) is None
+
+
+def test_a_directory_without_config_json_is_refused_as_no_model_directory(tmp_path):
+    """A directory of weights alone (no config.json, no adapter_config.json) has no architecture to build:
+    it is refused before anything is loaded, naming the setting and what a model directory holds."""
+    from nextquill_jax.config import ModelRunConfig
+
+    weights_only = tmp_path / "weights"
+    weights_only.mkdir()
+    (weights_only / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ConfigError) as e:
+        model_setup.check_model_source(ModelRunConfig(path=str(weights_only)))
+    assert str(e.value) == (
+        f"model.path {str(weights_only)!r} is a directory without config.json. Fix: point model.path at a "
+        "Hugging Face model directory (config.json + *.safetensors)."
+    )
+
+
 def test_eval_split_takes_exactly_the_prepared_splits(cfg_file, tmp_path, tiny_config, write_config):
     assert typing.get_args(typing.get_type_hints(EvalConfig)["split"]) == SPLITS
     raw = tiny_config(tmp_path, tmp_path)
