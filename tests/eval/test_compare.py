@@ -1619,3 +1619,29 @@ def test_a_run_trained_then_moved_before_its_evaluation_evaluates_on_the_data_wh
     assert any("already finished at step 2 of 2: nothing to train" in m for m in messages)
     assert metrics(moved)["loss"] == before["loss"]
     assert (moved / "seed0" / "context_sft" / DONE_FILE).exists()
+
+
+def test_a_signal_ignored_when_the_comparison_starts_stays_ignored_and_everything_is_put_back():
+    """A background job (`nohup`, `cmd &` in a script) gets SIGINT ignored: as `train` does, the comparison
+    leaves it ignored, else a Ctrl-C meant for the foreground would stop it. SIGTERM, not ignored, is the
+    comparison's while it runs; its handler and `sys.unraisablehook` are the earlier ones again after."""
+    import sys
+
+    from nextquill_jax.eval.compare import _StopOnSignal
+
+    sigterm_before, hook_before = signal.getsignal(signal.SIGTERM), sys.unraisablehook
+    sigint_before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with _StopOnSignal() as stop:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) == stop._handle
+            assert sys.unraisablehook == stop._lost
+            with stop.suspended():  # training's own handlers then see what `train` would
+                assert signal.getsignal(signal.SIGTERM) is sigterm_before
+                assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) == stop._handle
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is sigterm_before
+        assert sys.unraisablehook is hook_before
+    finally:
+        signal.signal(signal.SIGINT, sigint_before)
