@@ -172,3 +172,27 @@ def test_a_stored_head_that_differs_from_tied_embeddings_is_an_error_naming_the_
         f"model.path {str(model)!r}: config says tie_word_embeddings=true but lm_head.weight differs from "
         f"model.embed_tokens.weight; fix: set tie_word_embeddings=false in config.json"
     )
+
+
+def test_declared_dtype_reads_dtype_then_transformers_4s_torch_dtype(tmp_path):
+    """transformers 5 writes `dtype`, transformers 4 `torch_dtype`; a file from 4.56+ holds both, and
+    `dtype` is the current name. A float32 model found under either key is loaded in float32 (`evaluate`);
+    a preset, or a directory that declares neither, declares nothing."""
+    declared = {}
+    for name, fields in {
+        "dtype only": {"dtype": "float32"},
+        "torch_dtype only": {"torch_dtype": "float32"},
+        "both": {"dtype": "bfloat16", "torch_dtype": "float32"},
+        "neither": {},
+    }.items():
+        model = tmp_path / name
+        model.mkdir()
+        (model / "config.json").write_text(json.dumps({"model_type": "qwen2", **fields}))
+        declared[name] = model_setup.declared_dtype(ModelRunConfig(path=str(model)))
+    assert declared == {
+        "dtype only": "float32",
+        "torch_dtype only": "float32",
+        "both": "bfloat16",
+        "neither": None,
+    }
+    assert model_setup.declared_dtype(ModelRunConfig(preset="qwen2.5-0.5b")) is None
