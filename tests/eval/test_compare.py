@@ -1645,3 +1645,65 @@ def test_a_signal_ignored_when_the_comparison_starts_stays_ignored_and_everythin
         assert sys.unraisablehook is hook_before
     finally:
         signal.signal(signal.SIGINT, sigint_before)
+
+
+def test_a_finished_run_is_trained_again_only_where_it_has_no_training_here_to_keep(
+    tmp_path, tiny_config, monkeypatch
+):
+    """`run_variant` on a finished run whose settings changed: one recorded untrained (`train: false`) whose
+    variant now trains is trained, then its checkpoint evaluated; one that trained here, whose evaluation
+    settings alone changed, is evaluated from its checkpoint without training. Training, model loading,
+    evaluation and the effect report are stand-ins that record what was called. A run evaluated again whose
+    evaluation fails is left unrecorded."""
+    from types import SimpleNamespace
+
+    from nextquill_jax.data import prepare
+    from nextquill_jax.eval import effect_report
+    from nextquill_jax.eval.compare import run_variant
+    from nextquill_jax.eval.compare_record import run_settings
+    from nextquill_jax.train import metrics_log
+    from nextquill_jax.train import workdir as workdir_module
+
+    calls = []
+    monkeypatch.setattr(loop, "train_to_the_end", lambda cfg, workdir, echo: calls.append(("train", workdir)))
+    monkeypatch.setattr(
+        workdir_module,
+        "restore_model",
+        lambda workdir: calls.append(("restore", workdir)) or SimpleNamespace(model=None, source="step 2"),
+    )
+    monkeypatch.setattr(workdir_module, "data_dir_of", lambda cfg, workdir: tmp_path / "data")
+    monkeypatch.setattr(evaluate, "evaluate", lambda workdir, *a, **k: {})
+
+    def report(model, tok, data, split, out_dir, *args, **kwargs) -> dict:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "s.json").write_text("{}")
+        return {"files": {"summary": str(out_dir / "s.json")}}
+
+    monkeypatch.setattr(effect_report, "build_effect_report", report)
+    monkeypatch.setattr(prepare, "load_fast_tokenizer", lambda name: None)
+    monkeypatch.setattr(metrics_log, "last_value", lambda workdir, key: 0)
+
+    untrained = _comparison(tmp_path, tiny_config, {"a": {"train": False}})
+    _finished_with(untrained, run_settings(untrained, "a", untrained.run_config("a", 0)))
+    comparison = _comparison(tmp_path, tiny_config, {"a": {}})
+    workdir = comparison.workdir("a", 0)
+    run_variant(comparison, "a", 0, echo=lambda _: None)
+    assert calls == [("train", workdir), ("restore", workdir)]
+
+    calls.clear()
+    settings = run_settings(comparison, "a", comparison.run_config("a", 0))
+    settings["evaluation"]["max_examples"] = 3  # recorded as evaluated on 3 examples; the file now says all
+    _finished_with(comparison, settings)
+    run_variant(comparison, "a", 0, echo=lambda _: None)
+    assert calls == [("restore", workdir)]
+
+    # Evaluated again and stopped by an error: the record of the old settings must not stand for the run.
+    _finished_with(comparison, settings)
+
+    def failing(workdir, *args, **kwargs) -> dict:
+        raise RuntimeError("evaluation failed")
+
+    monkeypatch.setattr(evaluate, "evaluate", failing)
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        run_variant(comparison, "a", 0, echo=lambda _: None)
+    assert not (workdir / DONE_FILE).exists()
