@@ -1539,6 +1539,16 @@ def test_a_negative_token_id_is_refused_whatever_the_vocab_size(tmp_path):
     model_setup.check_token_ids(PreparedSplit(tmp_path, "test"), 7, "anything")
 
 
+def test_token_id_minus_1_is_refused(tmp_path):
+    """-1, a common "no token" marker, is the nearest negative id: JAX would read it as the last embedding."""
+    ids = lambda *v: np.array(v, np.int32)
+    write_split(
+        tmp_path, "val", [TokenizedExample(prompt_with=ids(4, 5), prompt_without=ids(5), target=ids(-1))]
+    )
+    with pytest.raises(ConfigError, match=r" holds token id -1: token ids are >= 0"):
+        model_setup.check_token_ids(PreparedSplit(tmp_path, "val"), 1000, "anything")
+
+
 def test_cudnn_attention_in_float32_fails_before_compiling(
     tmp_path, compilations, write_random_data, write_config, tiny_config, as_on_a_gpu
 ):

@@ -196,3 +196,19 @@ def test_declared_dtype_reads_dtype_then_transformers_4s_torch_dtype(tmp_path):
         "neither": None,
     }
     assert model_setup.declared_dtype(ModelRunConfig(preset="qwen2.5-0.5b")) is None
+
+
+def test_overrides_are_not_blamed_for_weights_that_do_not_fit_without_them_either(model_dir, tmp_path):
+    """A config.json from another model with an override that shapes no tensor: the weights fit neither the
+    overridden nor the plain config, so the message blames config.json, not model.overrides."""
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    _edit_config(model, intermediate_size=96)  # the weights' MLP is 64 wide
+    section = ModelRunConfig(path=str(model), overrides={"rope_theta": 5000.0}, compute_dtype="float32")
+    with pytest.raises(ConfigError) as e:
+        model_setup.check_weights(section, model_setup.model_config(section))
+    assert str(e.value).startswith(
+        f"model.path {str(model)!r}: its weights do not fit the model its config.json (with model.overrides "
+        "{'rope_theta': 5000.0}) describes: "
+    ), str(e.value)
+    assert str(e.value).endswith(f"{RESTORE}.") and "The weights fit" not in str(e.value)
