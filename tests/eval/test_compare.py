@@ -1681,14 +1681,16 @@ def test_a_finished_run_is_trained_again_only_where_it_has_no_training_here_to_k
 
     monkeypatch.setattr(effect_report, "build_effect_report", report)
     monkeypatch.setattr(prepare, "load_fast_tokenizer", lambda name: None)
-    monkeypatch.setattr(metrics_log, "last_value", lambda workdir, key: 0)
+    skipped = {"skipped": 2}  # its training log's last count of skipped updates
+    monkeypatch.setattr(metrics_log, "last_value", lambda workdir, key: skipped[key])
 
     untrained = _comparison(tmp_path, tiny_config, {"a": {"train": False}})
     _finished_with(untrained, run_settings(untrained, "a", untrained.run_config("a", 0)))
     comparison = _comparison(tmp_path, tiny_config, {"a": {}})
     workdir = comparison.workdir("a", 0)
-    run_variant(comparison, "a", 0, echo=lambda _: None)
+    record = run_variant(comparison, "a", 0, echo=lambda _: None)
     assert calls == [("train", workdir), ("restore", workdir)]
+    assert record["skipped_updates"] == 2 and record["settings"]["train"] is True
 
     calls.clear()
     settings = run_settings(comparison, "a", comparison.run_config("a", 0))
