@@ -1508,6 +1508,11 @@ def test_vocab_origin_names_the_key_the_vocab_size_comes_from():
         model_setup.vocab_origin(ModelRunConfig(path="/m"))
         == "the config.json or GGUF header of model.path '/m'"
     )
+    # The reference model of a saved run: its key as the file spells it, then where that config was saved.
+    saved = model_setup.vocab_origin(
+        ModelRunConfig(preset="qwen2.5-0.5b"), key="loss.reference_model", saved_with="run/checkpoints/2"
+    )
+    assert saved == "loss.reference_model.preset 'qwen2.5-0.5b' in the config of run/checkpoints/2"
 
 
 def test_an_empty_split_has_no_id_range_and_passes_the_check(tmp_path):

@@ -212,3 +212,6 @@ def test_overrides_are_not_blamed_for_weights_that_do_not_fit_without_them_eithe
         "{'rope_theta': 5000.0}) describes: "
     ), str(e.value)
     assert str(e.value).endswith(f"{RESTORE}.") and "The weights fit" not in str(e.value)
+    with pytest.raises(ConfigError) as loading:  # `evaluate`, `export`: the same check, before any loading
+        model_setup.load_params(section, single_device_mesh(), seed=0)
+    assert str(loading.value) == str(e.value)
