@@ -1709,3 +1709,61 @@ def test_a_finished_run_is_trained_again_only_where_it_has_no_training_here_to_k
     with pytest.raises(RuntimeError, match="evaluation failed"):
         run_variant(comparison, "a", 0, echo=lambda _: None)
     assert not (workdir / DONE_FILE).exists()
+
+
+def test_an_eval_batch_size_the_mesh_does_not_split_is_accepted_where_nothing_is_decoded(
+    tmp_path, tiny_config, monkeypatch
+):
+    """With compare.max_new_tokens 0 evaluation decodes nothing, so no batch of prompts is split over the
+    mesh's batch shards and any eval_batch_size does; decoding 6 tokens, 3 over 4 shards is refused."""
+    from nextquill_jax import parallel
+    from nextquill_jax.eval.compare import _check_eval_batch_size
+
+    monkeypatch.setattr(parallel, "batch_shard_count", lambda mesh: 4)
+    base = tiny_config(tmp_path / "data", tmp_path / "unused_run")
+    file = tmp_path / "c.yaml"
+    for max_new_tokens in (0, 6):
+        compare = {"out": str(tmp_path / "out"), "baseline": "a", "eval_batch_size": 3}
+        compare["max_new_tokens"] = max_new_tokens
+        file.write_text(yaml.safe_dump({"compare": compare, "variants": {"a": {}}, "base": base}))
+        if max_new_tokens == 0:
+            assert _check_eval_batch_size(load_comparison(file)) is None
+        else:
+            with pytest.raises(ConfigError, match=r"compare\.eval_batch_size 3 is not a multiple of"):
+                _check_eval_batch_size(load_comparison(file))
+
+
+def test_on_locked_is_called_once_with_the_compare_out_lock_held(
+    tmp_path, write_random_data, tiny_config, monkeypatch
+):
+    """The CLI opens its third-party log in compare.out from `on_locked`: once the comparison holds the lock
+    (compare.lock is there), and once only. Evaluation, the effect report, the model and the table are
+    stand-ins."""
+    from types import SimpleNamespace
+
+    from nextquill_jax.data import prepare
+    from nextquill_jax.eval import compare_table, effect_report
+    from nextquill_jax.train import workdir as workdir_module
+
+    base = tiny_config(write_random_data(tmp_path / "data", train=8, val=8), tmp_path / "unused")
+    file = tmp_path / "c.yaml"
+    compare = {"out": str(tmp_path / "out"), "baseline": "a", "split": "val"}
+    file.write_text(yaml.safe_dump({"compare": compare, "variants": {"a": {"train": False}}, "base": base}))
+    monkeypatch.setattr(evaluate, "evaluate", lambda workdir, *a, **k: {})
+    monkeypatch.setattr(
+        effect_report,
+        "build_effect_report",
+        lambda model, tok, data, split, out_dir, *a, **k: {"files": {"summary": str(file)}},
+    )
+    monkeypatch.setattr(compare_table, "write_results", lambda comparison, records: {})
+    monkeypatch.setattr(prepare, "load_fast_tokenizer", lambda name: None)
+    monkeypatch.setattr(
+        workdir_module, "initial_model", lambda w: SimpleNamespace(model=None, source="step 0")
+    )
+    locked = []
+    run_comparison(
+        load_comparison(file),
+        echo=lambda _: None,
+        on_locked=lambda: locked.append((tmp_path / "out" / "compare.lock").exists()),
+    )
+    assert locked == [True]
