@@ -1767,3 +1767,20 @@ def test_on_locked_is_called_once_with_the_compare_out_lock_held(
         on_locked=lambda: locked.append((tmp_path / "out" / "compare.lock").exists()),
     )
     assert locked == [True]
+
+
+def test_a_misspelt_best_metric_is_refused_once_whatever_the_number_of_seeds(
+    tmp_path, tiny_config, monkeypatch
+):
+    """The check reads the variant's config, the same for every seed: a variant run with seeds 0 and 1 is
+    named in one line, not one a seed."""
+    base = tiny_config(tmp_path / "data", tmp_path / "unused_run")
+    file = tmp_path / "c.yaml"
+    variants = {"a": {}, "b": {"overrides": ["checkpoint.best_metric=eval/lss"]}}
+    compare = {"out": str(tmp_path / "out"), "baseline": "a", "seeds": [0, 1]}
+    file.write_text(yaml.safe_dump({"compare": compare, "variants": variants, "base": base}))
+    monkeypatch.setattr(loop, "train", lambda cfg, workdir, *, echo: pytest.fail("a run started"))
+    with pytest.raises(ConfigError) as e:
+        run_comparison(load_comparison(file), echo=lambda _: None)
+    lines = str(e.value).splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{file}: variant 'b': checkpoint.best_metric `eval/lss`")
