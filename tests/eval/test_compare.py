@@ -1784,3 +1784,26 @@ def test_a_misspelt_best_metric_is_refused_once_whatever_the_number_of_seeds(
         run_comparison(load_comparison(file), echo=lambda _: None)
     lines = str(e.value).splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"{file}: variant 'b': checkpoint.best_metric `eval/lss`")
+
+
+def test_under_the_multi_process_runtime_sigterm_is_left_to_its_service(monkeypatch):
+    """JAX's preemption service owns SIGTERM once the multi-process runtime has started: the comparison takes
+    only SIGINT, and a SIGTERM `_Signalled` that reaches the unraisable hook goes to the earlier hook
+    instead of being delivered again."""
+    import sys
+    from types import SimpleNamespace
+
+    from nextquill_jax.eval import compare
+
+    monkeypatch.setattr(compare, "_distributed", lambda: True)
+    sigterm_before, reached = signal.getsignal(signal.SIGTERM), []
+    monkeypatch.setattr(sys, "unraisablehook", reached.append)
+    delivered = []  # a signal delivered again would arrive wherever the suite then is
+    monkeypatch.setattr(compare.lost_signals, "deliver_again", delivered.append)
+    with compare._StopOnSignal() as stop:
+        assert signal.getsignal(signal.SIGTERM) is sigterm_before
+        assert signal.getsignal(signal.SIGINT) == stop._handle
+        unraisable = SimpleNamespace(exc_value=compare._Signalled(signal.SIGTERM))
+        stop._lost(unraisable)
+        assert reached == [unraisable] and delivered == []
+    assert signal.getsignal(signal.SIGTERM) is sigterm_before
