@@ -1807,3 +1807,47 @@ def test_under_the_multi_process_runtime_sigterm_is_left_to_its_service(monkeypa
         stop._lost(unraisable)
         assert reached == [unraisable] and delivered == []
     assert signal.getsignal(signal.SIGTERM) is sigterm_before
+
+
+def test_a_trained_in_run_with_its_own_data_is_evaluated_on_the_data_it_trained_on(
+    tmp_path, tiny_config, monkeypatch
+):
+    """A variant whose data overrides differ from the base prepares its data in its own workdir, so a
+    `trained_in` run of it has its data in the other comparison's `<run>/prepared`: evaluation and the effect
+    report read that, not this comparison's workdir of the run, where nothing was prepared. Model loading,
+    evaluation and the effect report are stand-ins that record what they were given."""
+    from types import SimpleNamespace
+
+    from nextquill_jax.data import prepare
+    from nextquill_jax.eval import effect_report
+    from nextquill_jax.eval.compare import run_variant
+    from nextquill_jax.train import metrics_log
+    from nextquill_jax.train import workdir as workdir_module
+
+    read = []
+    monkeypatch.setattr(
+        workdir_module, "restore_model", lambda workdir: SimpleNamespace(model=None, source="step 2")
+    )
+    monkeypatch.setattr(evaluate, "evaluate", lambda *a, data_dir, **k: read.append(data_dir) or {})
+
+    def report(model, tok, data_dir, split, out_dir, *args, **kwargs) -> dict:
+        read.append(data_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "s.json").write_text("{}")
+        return {"files": {"summary": str(out_dir / "s.json")}}
+
+    monkeypatch.setattr(effect_report, "build_effect_report", report)
+    monkeypatch.setattr(prepare, "load_fast_tokenizer", lambda name: None)
+    monkeypatch.setattr(metrics_log, "last_value", lambda workdir, key: 0)
+    other = tmp_path / "other"
+    variant = {"trained_in": str(other), "overrides": ["data.max_target_tokens=100"]}
+    base = tiny_config(None, tmp_path / "unused_run")
+    base["train"]["data_dir"] = None  # the comparison prepares the data
+    file = tmp_path / "c.yaml"
+    compare = {"out": str(tmp_path / "out"), "baseline": "a", "split": "val"}
+    file.write_text(yaml.safe_dump({"compare": compare, "variants": {"a": variant}, "base": base}))
+    comparison = load_comparison(file)
+    assert comparison.run_config("a", 0).train.data_dir is None  # its own data, not the shared one
+    record = run_variant(comparison, "a", 0, echo=lambda _: None)
+    assert read == [other / "seed0" / "a" / "prepared"] * 2
+    assert record["rendered_split"] == str(other / "seed0" / "a" / "prepared" / "val.jsonl")
