@@ -241,3 +241,77 @@ def test_a_holder_records_itself_whole_over_a_longer_earlier_record(tmp_path):
             WorkdirLock(workdir).acquire(0, echo=lambda _: None)
     finally:
         first.release()
+
+
+def _open_fds() -> int:
+    """How many file descriptors this process has open (Linux: one entry each in /proc/self/fd)."""
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_acquire_again_release_and_acquire_anew_track_the_lock(tmp_path):
+    """`acquire` on a lock this object holds says it holds it (True, as its docstring promises); `release`
+    drops it, so another `WorkdirLock` gets it, and the first must then take it anew, not believe it still
+    holds it."""
+    workdir = tmp_path / "run"
+    first = WorkdirLock(workdir)
+    assert first.acquire(0, echo=lambda _: None) is True
+    assert first.acquire(0, echo=lambda _: None) is True and first.held
+    first.release()
+    assert not first.held
+    second = WorkdirLock(workdir)
+    assert second.acquire(0, echo=lambda _: None) is True
+    try:
+        with pytest.raises(WorkdirLockedError):
+            first.acquire(0, echo=lambda _: None)
+        assert not first.held
+    finally:
+        second.release()
+    first.release()  # a no-op when not held: no second close of a descriptor that may be another file's now
+
+
+def test_a_refused_or_unlocked_acquire_leaves_no_file_open(tmp_path, monkeypatch):
+    """A long-lived process (a notebook, a scheduler retrying) calling `acquire` again and again must not
+    leak the lock file's descriptor each time it is refused or the filesystem refuses flock."""
+    workdir = tmp_path / "run"
+    holder = WorkdirLock(workdir)
+    holder.acquire(0, echo=lambda _: None)
+    try:
+        before = _open_fds()
+        for _ in range(5):
+            with pytest.raises(WorkdirLockedError):
+                WorkdirLock(workdir).acquire(0, echo=lambda _: None)
+        assert _open_fds() == before
+    finally:
+        holder.release()
+
+    def flock(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(workdir_lock.fcntl, "flock", flock)
+    before = _open_fds()
+    for _ in range(5):
+        assert WorkdirLock(workdir).acquire(0, echo=lambda _: None) is False
+    assert _open_fds() == before
+
+
+@pytest.mark.parametrize(
+    "record",
+    [b"", b'{"pid": 12', b"[1, 2]\n", b"7\n", b"\xff\xfe"],
+    ids=["empty", "cut", "list", "number", "binary"],
+)
+def test_a_holder_that_has_not_recorded_itself_is_named_as_such(tmp_path, record):
+    """Between its flock and its write a holder's file is empty (truncated) or half-written, and a file left
+    by anything else may hold any bytes: a refusal then says the holder has not recorded itself, rather than
+    failing with a JSON or attribute error. The holder here is a bare flock on another open file."""
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    path = workdir / LOCK_FILE
+    path.write_bytes(record)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        workdir_lock.fcntl.flock(fd, workdir_lock.fcntl.LOCK_EX | workdir_lock.fcntl.LOCK_NB)
+        with pytest.raises(WorkdirLockedError, match="a process that has not recorded itself yet") as refused:
+            WorkdirLock(workdir).acquire(0, echo=lambda _: None)
+        assert "`kill" not in str(refused.value)
+    finally:
+        os.close(fd)
