@@ -333,3 +333,100 @@ def test_a_resume_drops_and_counts_rows_without_an_integer_step(tmp_path, capsys
     )
     resumed.close()
     assert rows(tmp_path) == [{"step": 10, "loss": 0.5}]
+
+
+@pytest.mark.parametrize(
+    ("bad", "shown"), [(5, "line 2, 3, 4, 5, 6:"), (6, "line 2, 3, 4, 5, 6, ...:")], ids=["five", "six"]
+)
+def test_a_resume_names_the_first_five_dropped_lines_and_marks_more(tmp_path, capsys, bad, shown):
+    """The warning names at most five dropped lines, with ", ..." only where more were dropped: five bad
+    lines (2 to 6, after the row of line 1) are named whole, a sixth is left to the "...". Expected lines are
+    counted by hand from the file written here."""
+    path = tmp_path / METRICS_FILE
+    path.write_text('{"step": 10, "loss": 0.5}\n' + "garbage\n" * bad)
+    MetricsLog(tmp_path, QUIET, start_step=10, total_steps=20).close()
+    out = capsys.readouterr().out
+    assert f"dropped {bad} line(s) that are not a JSON row with a step ({shown} a write cut short" in out, out
+
+
+def test_only_process_0_writes_or_drops_rows(tmp_path, monkeypatch):
+    """The other processes of a multi-process run share process 0's workdir: they neither write rows nor
+    rewrite the file on a resume (two writers would interleave or race on metrics.jsonl)."""
+    path = tmp_path / METRICS_FILE
+    path.write_text('{"step": 10, "loss": 0.5}\n{"step": 20, "loss": 0.25}\n')
+    before = path.read_bytes()
+    monkeypatch.setattr("jax.process_index", lambda: 1)
+    log = MetricsLog(tmp_path, LoggingConfig(progress_bar=False), start_step=10, total_steps=30)
+    log.write(30, {"loss": 0.1})
+    log.close()
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [METRICS_FILE]  # no tensorboard/ either
+
+
+def test_a_resumed_bar_starts_at_the_checkpointed_step(tmp_path, capsys):
+    """A run resumed from step 20 of 30 shows 20/30 before its first step, not 0/30 (a bar from 0 would also
+    count the 20 earlier steps into this run's steps per second)."""
+    log = MetricsLog(tmp_path, LoggingConfig(tensorboard=False), start_step=20, total_steps=30)
+    log.close()
+    err = capsys.readouterr().err
+    assert re.search(r"\b20/30\b", err) and not re.search(r"\b0/30\b", err), err
+
+
+def test_the_rows_events_reach_the_file_before_the_log_is_closed(tmp_path):
+    """A run killed (or preempted) before `close` keeps the events of the rows it wrote: each row flushes the
+    event file (tensorboardX alone flushes it only every 2 minutes after its first event). tensorboardX queues
+    events to a thread, so a row's flush covers the events that thread has written by then: those of the rows
+    before it, given the pause here; the last row's may wait for the next."""
+    log = logging_to(tmp_path / "tb", tmp_path / "work", start_step=0)
+    try:
+        for step in (10, 20, 30):
+            log.write(step, {"loss": step / 40})
+            time.sleep(0.3)  # the writer thread takes the queued events long before this
+        shown = tensorboard_view(tmp_path / "tb")
+        assert shown.keys() >= {10, 20} and shown[20] == 0.5, shown
+    finally:
+        log.close()
+
+
+def test_a_resume_passes_over_blank_lines_without_a_warning(tmp_path, capsys):
+    """Blank lines (a hand edit, an editor's trailing newline) lose no row: the resume keeps the rows up to
+    its step, drops them and warns of nothing."""
+    path = tmp_path / METRICS_FILE
+    path.write_text(
+        '\n{"step": 10, "loss": 0.5}\n\n   \n{"step": 20, "loss": 0.25}\n{"step": 30, "loss": 0.1}\n\n'
+    )
+    MetricsLog(tmp_path, QUIET, start_step=20, total_steps=40).close()
+    assert capsys.readouterr().out == ""
+    assert rows(tmp_path) == [{"step": 10, "loss": 0.5}, {"step": 20, "loss": 0.25}]
+
+
+def test_an_infinite_number_is_written_null_as_nan_is(tmp_path):
+    """A diverged run's loss or gradient norm may be +-inf, not only NaN: JSON has no such number (json.dumps
+    would write a bare Infinity, which strict readers refuse), so the row holds null."""
+    log = MetricsLog(tmp_path, QUIET, start_step=0, total_steps=10)
+    log.write(10, {"loss": float("inf"), "grad_norm": float("-inf"), "lr": 1e-3})
+    log.close()
+    text = (tmp_path / METRICS_FILE).read_text()
+    assert "Infinity" not in text
+    assert rows(tmp_path) == [{"step": 10, "loss": None, "grad_norm": None, "lr": 1e-3}]
+
+
+def test_a_tensorboard_dir_under_home_is_expanded(tmp_path, monkeypatch):
+    """`logging.tensorboard_dir: ~/tb` means the user's home, not a folder named `~` in the current one."""
+    from nextquill_jax.train.metrics_log import tensorboard_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    cfg = LoggingConfig(tensorboard_dir="~/tb", progress_bar=False)
+    assert tensorboard_dir(cfg, tmp_path / "work") == tmp_path / "home" / "tb"
+    assert tensorboard_dir(LoggingConfig(), tmp_path / "work") == tmp_path / "work" / "tensorboard"
+
+
+def test_close_ends_the_bars_line(tmp_path, capsys):
+    """After `close` the bar's last frame ends its line (tqdm's close writes the newline), so what the run
+    prints next (the final evaluation, the export) starts a line of its own, not after `30/30 ...`."""
+    log = MetricsLog(tmp_path, LoggingConfig(tensorboard=False), start_step=0, total_steps=30)
+    log.progress(30, {"loss": 1.0})
+    log.close()
+    err = capsys.readouterr().err
+    assert re.search(r"\b30/30\b", err) and err.endswith("\n"), repr(err[-80:])
