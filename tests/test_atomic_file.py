@@ -69,3 +69,15 @@ def test_the_flush_needs_no_write_permission_on_the_temporary_file(tmp_path, mon
     monkeypatch.setattr(atomic_file.os, "fsync", recording)
     write_text_atomic(tmp_path / "record.json", "text\n")
     assert modes == [os.O_RDONLY]
+
+
+def test_a_ctrl_c_while_writing_leaves_the_old_file_and_no_temporary_one(tmp_path):
+    """A KeyboardInterrupt (not an Exception) inside the block is cleaned up like a full disk: the old file
+    stays and no `<name>.<random>.tmp` is left behind for every Ctrl-C."""
+    path = tmp_path / "record.json"
+    path.write_text("old\n")
+    with pytest.raises(KeyboardInterrupt), atomic_file.replaced_atomically(path) as tmp:
+        tmp.write_text("new, half written")
+        raise KeyboardInterrupt
+    assert path.read_text() == "old\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["record.json"]
