@@ -536,3 +536,35 @@ def test_empty_prompt_or_split_is_refused_before_iteration(tmp_path):
     ) as e:
         BatchPipeline(PreparedSplit(tmp_path, "val"), _cfg(), process_index=0, process_count=1)
     assert "Fix: prepare it again" in str(e.value)
+
+
+def _lengths_split(root, name: str, lengths: list[tuple[int, int, int]]) -> PreparedSplit:
+    """A split of examples with these (prompt_with, prompt_without, target) token counts."""
+    examples = [
+        TokenizedExample(
+            prompt_with=np.full(p_w, 7, np.int32),
+            prompt_without=np.full(p_o, 7, np.int32),
+            target=np.arange(1, t + 1, dtype=np.int32),
+        )
+        for p_w, p_o, t in lengths
+    ]
+    write_split(root, name, examples)
+    return PreparedSplit(root, name)
+
+
+# Rows of (T_w=32, T_o=32, R=16): room for a target of min(32 - prompt_with, 32 - prompt_without, 16) tokens.
+ROWS_32 = dict(seq_len_with=32, seq_len_without=32, response_slots=16)
+
+
+def test_one_example_that_does_not_fit_is_named_in_the_singular(tmp_path):
+    """Example 1 keeps min(20, 32 - 10, 32 - 5, 16) = 16 of its 20 target tokens: the only one cut, so the
+    refusal counts it in the singular; truncated, it counts 1 example and 4 tokens."""
+    split = _lengths_split(tmp_path, "one_cut", [(10, 5, 4), (10, 5, 20), (12, 3, 16)])
+    with pytest.raises(
+        ConfigError, match=r": 1 example does not fit a row \(T_w=32, T_o=32, R=16\), e\.g\. "
+    ):
+        BatchPipeline(split, _cfg(**ROWS_32), process_index=0, process_count=1)
+    stats = BatchPipeline(
+        split, _cfg(**ROWS_32, too_long="truncate"), process_index=0, process_count=1
+    ).epoch_stats(0)
+    assert (stats.truncated_examples, stats.truncated_tokens) == (1, 4)
