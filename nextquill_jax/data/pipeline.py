@@ -215,9 +215,10 @@ class BatchPipeline:
         no_room = np.flatnonzero(keep < 1)
         if no_room.size:
             i = int(no_room[0])
+            leave = "leaves" if no_room.size == 1 else "leave"
             raise ConfigError(
-                f"{self.split.dir}: {no_room.size} examples leave no room for a target token, e.g. "
-                f"example {i} (prompt_with {p_w[i]}, prompt_without {p_o[i]} tokens) in rows of "
+                f"{self.split.dir}: {counted(no_room.size, 'example')} {leave} no room for a target token, "
+                f"e.g. example {i} (prompt_with {p_w[i]}, prompt_without {p_o[i]} tokens) in rows of "
                 f"(T_w={T_w}, T_o={T_o}): {fixes}"
             )
         cut = np.flatnonzero(keep < tgt)

@@ -568,3 +568,17 @@ def test_one_example_that_does_not_fit_is_named_in_the_singular(tmp_path):
         split, _cfg(**ROWS_32, too_long="truncate"), process_index=0, process_count=1
     ).epoch_stats(0)
     assert (stats.truncated_examples, stats.truncated_tokens) == (1, 4)
+
+
+@pytest.mark.parametrize("too_long", ["error", "truncate"])
+def test_a_prompt_that_fills_its_row_leaves_no_room_and_is_counted_in_the_singular(tmp_path, too_long):
+    """Example 1's prompt_with of 32 tokens fills T_w=32 exactly: min(3, 32 - 32, 32 - 5, 16) = 0 target
+    tokens of room. Refused in either mode (truncating would keep an example with no target), as the one
+    such example, in the singular ("1 examples leave" was written before)."""
+    split = _lengths_split(tmp_path, "full_prompt", [(10, 5, 4), (32, 5, 3)])
+    with pytest.raises(ConfigError) as refused:
+        BatchPipeline(split, _cfg(**ROWS_32, too_long=too_long), process_index=0, process_count=1)
+    assert (
+        ": 1 example leaves no room for a target token, e.g. example 1 (prompt_with 32, prompt_without 5 "
+        in (str(refused.value))
+    )
