@@ -315,3 +315,25 @@ def test_a_holder_that_has_not_recorded_itself_is_named_as_such(tmp_path, record
         assert "`kill" not in str(refused.value)
     finally:
         os.close(fd)
+
+
+def test_a_child_process_does_not_inherit_the_lock(tmp_path):
+    """flock belongs to the open file, which a child would share if it inherited the descriptor: a
+    subprocess the run starts (a data tool, a shell) would then keep the workdir locked after the run
+    released it or died. The descriptor is close-on-exec, so the release frees the lock at once."""
+    import subprocess
+    import sys
+
+    workdir = tmp_path / "run"
+    lock = WorkdirLock(workdir)
+    assert lock.acquire(0, echo=lambda _: None)
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE, close_fds=False
+    )
+    try:
+        lock.release()
+        again = WorkdirLock(workdir)
+        assert again.acquire(0, echo=lambda _: None) is True  # WorkdirLockedError if the child held it
+        again.release()
+    finally:
+        child.communicate(timeout=30)
