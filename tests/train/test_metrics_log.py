@@ -361,6 +361,8 @@ def test_only_process_0_writes_or_drops_rows(tmp_path, monkeypatch):
     log.close()
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == [METRICS_FILE]  # no tensorboard/ either
+    # Nor do they read process 0's rows (on another host the workdir may be no shared folder).
+    assert log.first_value("loss") is None
 
 
 def test_a_resumed_bar_starts_at_the_checkpointed_step(tmp_path, capsys):
@@ -430,3 +432,16 @@ def test_close_ends_the_bars_line(tmp_path, capsys):
     log.close()
     err = capsys.readouterr().err
     assert re.search(r"\b30/30\b", err) and err.endswith("\n"), repr(err[-80:])
+
+
+def test_strict_json_writes_non_ascii_text_as_is_where_asked():
+    """`ensure_ascii=False` (evaluate's metrics.json, the effect summary) keeps "é" readable; the default
+    escapes it as JSON's \\u00e9. Both are JSON for the same value."""
+    from nextquill_jax.train.metrics_log import strict_json
+
+    assert (
+        strict_json({"name": "é", "x": float("nan")}, ensure_ascii=False)
+        == '{\n "name": "é",\n "x": null\n}\n'
+    )
+    assert strict_json({"name": "é"}) == '{\n "name": "\\u00e9"\n}\n'
+    assert json.loads(strict_json({"name": "é"})) == {"name": "é"}
