@@ -582,3 +582,25 @@ def test_a_prompt_that_fills_its_row_leaves_no_room_and_is_counted_in_the_singul
         ": 1 example leaves no room for a target token, e.g. example 1 (prompt_with 32, prompt_without 5 "
         in (str(refused.value))
     )
+
+
+def test_without_shuffle_every_epoch_is_in_stored_order(data):
+    """`shuffle: false` reads the examples as stored, 0..N-1, every epoch (the order a user debugging one
+    example counts on); the first global batch of random mode is then examples 0..3."""
+    root, _ = data
+    pipe = BatchPipeline(
+        PreparedSplit(root, "train"), _cfg(mode="random", shuffle=False), process_index=0, process_count=1
+    )
+    for epoch in (0, 1):
+        assert pipe.epoch_order(epoch).tolist() == list(range(N))
+    assert _examples_in(pipe.local_batch(0, 0)) == {0, 1, 2, 3}
+
+
+def test_pack_mode_derives_t_o_and_r_from_the_with_stream_ratio(tmp_path):
+    """Pack mode sizes T_o and R by the data's proportions to a row of T_w, rounded up to length_multiple.
+    Two examples of prompt_with 20, prompt_without 4, target 12 in T_w=32: the targets fit whole
+    (12 <= 32 - 20), so with-stream tokens are 2 * 32 = 64, without-stream 2 * 16 = 32, targets 24:
+    T_o = 32 * 32 / 64 = 16, R = 32 * 24 / 64 = 12, rounded up to 16 (multiple 8)."""
+    split = _lengths_split(tmp_path, "ratio", [(20, 4, 12), (20, 4, 12)])
+    pipe = BatchPipeline(split, _cfg(seq_len_with=32), process_index=0, process_count=1)
+    assert [s.as_tuple() for s in pipe.shapes] == [(32, 16, 16)]
