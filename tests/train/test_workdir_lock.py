@@ -243,9 +243,15 @@ def test_a_holder_records_itself_whole_over_a_longer_earlier_record(tmp_path):
         first.release()
 
 
-def _open_fds() -> int:
-    """How many file descriptors this process has open (Linux: one entry each in /proc/self/fd)."""
-    return len(os.listdir("/proc/self/fd"))
+def _open_on(path: os.PathLike) -> int:
+    """How many of this process's file descriptors are open on `path` (Linux's /proc/self/fd); other
+    files, which other tests' threads may open meanwhile, are not counted."""
+    fds = "/proc/self/fd"
+    return sum(
+        1
+        for fd in os.listdir(fds)
+        if os.path.islink(f"{fds}/{fd}") and os.readlink(f"{fds}/{fd}") == os.path.realpath(path)
+    )
 
 
 def test_acquire_again_release_and_acquire_anew_track_the_lock(tmp_path):
@@ -276,11 +282,10 @@ def test_a_refused_or_unlocked_acquire_leaves_no_file_open(tmp_path, monkeypatch
     holder = WorkdirLock(workdir)
     holder.acquire(0, echo=lambda _: None)
     try:
-        before = _open_fds()
         for _ in range(5):
             with pytest.raises(WorkdirLockedError):
                 WorkdirLock(workdir).acquire(0, echo=lambda _: None)
-        assert _open_fds() == before
+        assert _open_on(workdir / LOCK_FILE) == 1  # the holder's own
     finally:
         holder.release()
 
@@ -288,10 +293,9 @@ def test_a_refused_or_unlocked_acquire_leaves_no_file_open(tmp_path, monkeypatch
         raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
 
     monkeypatch.setattr(workdir_lock.fcntl, "flock", flock)
-    before = _open_fds()
     for _ in range(5):
         assert WorkdirLock(workdir).acquire(0, echo=lambda _: None) is False
-    assert _open_fds() == before
+    assert _open_on(workdir / LOCK_FILE) == 0
 
 
 @pytest.mark.parametrize(
