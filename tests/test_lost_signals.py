@@ -28,15 +28,16 @@ def test_the_signal_reaches_its_handler_in_the_main_thread_soon() -> None:
     try:
         lost_signals.deliver_again(signal.SIGUSR1)
         try:
-            while time.monotonic() - started < 2.0:
+            while time.monotonic() - started < 10.0:
                 time.sleep(0.001)  # ordinary lines, where the handler's exception propagates
         except DeliveredError:
             pass
     finally:
         signal.signal(signal.SIGUSR1, previous)
-    # "10 ms from now": well under a second even on a loaded machine, and not before the timer's delay.
+    # Delivered, once, and not before the timer's delay (its 10 ms: test_the_timer_is_a_daemon_thread); the
+    # wait's bound is generous so that a loaded machine cannot fail it.
     assert seen == [(signal.SIGUSR1, True)]
-    assert 0.005 <= time.monotonic() - started < 1.0
+    assert time.monotonic() - started >= 0.005
 
 
 def test_the_timer_is_a_daemon_thread(monkeypatch: pytest.MonkeyPatch) -> None:
