@@ -1786,6 +1786,34 @@ def test_a_misspelt_best_metric_is_refused_once_whatever_the_number_of_seeds(
     assert len(lines) == 1 and lines[0].startswith(f"{file}: variant 'b': checkpoint.best_metric `eval/lss`")
 
 
+def test_a_trained_in_variants_best_metric_is_not_checked_where_it_does_not_train(
+    tmp_path, tiny_config, monkeypatch
+):
+    """`checkpoint.best_metric` only matters to a run that trains: a variant evaluating another comparison's
+    run (`trained_in`) is not refused for it, while the same setting on a variant that trains here is. The
+    `trained_in` run's own checks are stubbed (they read a trained run, `test_a_trained_in_run_that_cannot_
+    stand_for_the_variant_...` covers them): each run counts as finished, with nothing to do."""
+    from nextquill_jax.eval import compare
+
+    base = tiny_config(tmp_path / "data", tmp_path / "unused_run")
+    file = tmp_path / "c.yaml"
+    misspelt = ["checkpoint.best_metric=eval/lss"]
+    variants = {
+        "a": {},
+        "b": {"overrides": misspelt, "trained_in": str(tmp_path / "elsewhere")},
+        "c": {"overrides": misspelt},
+    }
+    compare_section = {"out": str(tmp_path / "out"), "baseline": "a", "seeds": [0]}
+    file.write_text(yaml.safe_dump({"compare": compare_section, "variants": variants, "base": base}))
+    monkeypatch.setattr(compare, "check_trained_in", lambda *args: None)
+    monkeypatch.setattr(compare, "finished_changes", lambda *args: [])
+    comparison = load_comparison(file)
+    with pytest.raises(ConfigError) as e:
+        compare._check_runs(comparison, [("a", 0), ("b", 0), ("c", 0)])
+    lines = str(e.value).splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{file}: variant 'c': checkpoint.best_metric `eval/lss`")
+
+
 def test_under_the_multi_process_runtime_sigterm_is_left_to_its_service(monkeypatch):
     """JAX's preemption service owns SIGTERM once the multi-process runtime has started: the comparison takes
     only SIGINT, and a SIGTERM `_Signalled` that reaches the unraisable hook goes to the earlier hook
