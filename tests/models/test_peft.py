@@ -142,10 +142,10 @@ def peft_adapter(base_dir, out, hf_config=None, targets=PEFT_TARGETS, **settings
     return adapted.eval(), out
 
 
-def our_shapes(base_dir):
+def our_shapes(base_dir, targets=OUR_TARGETS):
     ours = load_pretrained(base_dir, compute_dtype="float32")
     params = nnx.to_pure_dict(nnx.state(ours, nnx.Param))
-    return ours, lora.adapter_shapes(params, lora.target_paths(params, OUR_TARGETS), 4, jnp.float32)
+    return ours, lora.adapter_shapes(params, lora.target_paths(params, targets), 4, jnp.float32)
 
 
 def test_a_plain_adapter_peft_made_reads_to_peft_logits(llama_dir, tmp_path):
@@ -270,9 +270,7 @@ def test_an_adapter_on_other_kernels_than_the_targets_is_refused(llama_dir, tmp_
     projection of the decoder (lm_head, which peft adapts as it does any Linear; a module inside one): refused
     by name, not read in part, ignored, or failed on with a KeyError or IndexError."""
     _, out = peft_adapter(llama_dir, tmp_path / "qvd")
-    ours = load_pretrained(llama_dir, compute_dtype="float32")
-    params = nnx.to_pure_dict(nnx.state(ours, nnx.Param))
-    every = lora.adapter_shapes(params, lora.target_paths(params, TARGETS), 4, jnp.float32)
+    ours, every = our_shapes(llama_dir, TARGETS)
     with pytest.raises(
         ValueError,
         match=re.escape("the adapter targets ['down_proj', 'q_proj', 'v_proj']; model.lora.targets"),
