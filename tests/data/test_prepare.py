@@ -24,6 +24,7 @@ from nextquill_jax.data.prepare import prepare
 from nextquill_jax.data.prepared_split import PreparedSplit, TokenizedExample, write_split
 from nextquill_jax.data.sources.records import PLACES_KEPT, DataError
 from nextquill_jax.data.templates import load_template
+from tests.reference.quantile import linear_quantile
 from tests.shared import FIXTURES
 
 F = FIXTURES
@@ -96,13 +97,6 @@ def test_every_format_goes_through_data_prepare(tmp_path, tok_dir, name, capsys,
         assert summary["dropped"] == {"duplicate": 1, "empty_history": 1}
 
 
-def _linear_quantile(values: list[int], q: float) -> float:
-    """The q-quantile of `values`: linear between the sorted values at the ranks around (n - 1) q."""
-    ordered, h = sorted(values), (len(values) - 1) * q
-    k = int(h)
-    return ordered[k] + (h - k) * (ordered[min(k + 1, len(values) - 1)] - ordered[k])
-
-
 def test_the_summarys_token_statistics_and_row_indices_are_those_of_the_written_examples(
     tmp_path, formats, tiny_tokenizer
 ):
@@ -123,8 +117,8 @@ def test_the_summarys_token_statistics_and_row_indices_are_those_of_the_written_
                 "total": sum(values),
                 "min": min(values),
                 "mean": round(sum(values) / len(values), 2),
-                "p50": _linear_quantile(values, 0.5),
-                "p95": _linear_quantile(values, 0.95),
+                "p50": linear_quantile(values, 0.5),
+                "p95": linear_quantile(values, 0.95),
                 "max": max(values),
             }
             assert summary["tokens"][split][field] == pytest.approx(want, abs=1e-9), (split, field)

@@ -40,6 +40,7 @@ from nextquill_jax.eval.effect_scoring import auroc, score_roles, target_offsets
 from nextquill_jax.loss import LossConfig
 from nextquill_jax.loss.effects import dce_from_logits, token_logprobs
 from nextquill_jax.models import CausalLM, load_pretrained, save_pretrained
+from tests.reference.quantile import linear_quantile
 from tests.shared import TINY_EOS_ID
 
 SPLIT = "val"
@@ -170,13 +171,6 @@ def _pairwise_auroc(pos: np.ndarray, neg: np.ndarray) -> float:
     return float(wins / (pos.size * neg.size))
 
 
-def _linear_quantile(values: np.ndarray, q: float) -> float:
-    """The q-quantile of `values`: linear between the sorted values at the ranks around (n - 1) q."""
-    ordered, h = np.sort(values), (values.size - 1) * q
-    k = int(np.floor(h))
-    return float(ordered[k] + (h - k) * (ordered[min(k + 1, values.size - 1)] - ordered[k]))
-
-
 def _effects(index: int, dce: np.ndarray, roles: list[str] | None) -> ExampleEffects:
     """An example of len(dce) tokens whose probabilities are NaN where its DCE is not finite, as a diverged
     model's would be."""
@@ -221,7 +215,7 @@ def test_a_report_leaves_nonfinite_dce_out_of_its_numbers_and_counts_them(tmp_pa
     assert written["preference_bearing"] == int((kept > THRESHOLD).sum())
     assert written["preference_bearing_fraction"] == pytest.approx((kept > THRESHOLD).mean())
     for q in (10, 50, 90):
-        assert written["dce"][f"p{q}"] == pytest.approx(_linear_quantile(kept, q / 100), abs=1e-12)
+        assert written["dce"][f"p{q}"] == pytest.approx(linear_quantile(kept, q / 100), abs=1e-12)
     assert (written["dce"]["min"], written["dce"]["max"]) == pytest.approx((kept.min(), kept.max()))
     assert written["dce"]["mean"] == pytest.approx(kept.mean())
 

@@ -1,1 +1,2 @@
-"""Restatements of the public code that tests and benchmarks compare against (not part of the package)."""
+"""Restatements that tests and benchmarks compare against (not part of the package): of the public code, and
+of what the package takes from a library."""
