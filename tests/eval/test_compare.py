@@ -1226,11 +1226,12 @@ def test_an_interrupted_run_under_other_settings_is_refused_before_the_first_run
     assert started == []
 
 
-def _comparison(tmp_path, tiny_config, variants: dict):
-    """A compare file in `tmp_path` of `variants` (baseline `a`) over the tiny config, loaded."""
+def _comparison(tmp_path, tiny_config, variants: dict, **settings):
+    """A compare file in `tmp_path` (c.yaml) of `variants` (baseline `a`) over the tiny config, with the
+    `compare` section's other `settings`, loaded."""
     base = tiny_config(tmp_path / "data", tmp_path / "unused_run")
     file = tmp_path / "c.yaml"
-    compare = {"out": str(tmp_path / "out"), "baseline": "a"}
+    compare = {"out": str(tmp_path / "out"), "baseline": "a", **settings}
     file.write_text(yaml.safe_dump({"compare": compare, "variants": variants, "base": base}))
     return load_comparison(file)
 
@@ -1720,17 +1721,15 @@ def test_an_eval_batch_size_the_mesh_does_not_split_is_accepted_where_nothing_is
     from nextquill_jax.eval.compare import _check_eval_batch_size
 
     monkeypatch.setattr(parallel, "batch_shard_count", lambda mesh: 4)
-    base = tiny_config(tmp_path / "data", tmp_path / "unused_run")
-    file = tmp_path / "c.yaml"
     for max_new_tokens in (0, 6):
-        compare = {"out": str(tmp_path / "out"), "baseline": "a", "eval_batch_size": 3}
-        compare["max_new_tokens"] = max_new_tokens
-        file.write_text(yaml.safe_dump({"compare": compare, "variants": {"a": {}}, "base": base}))
+        comparison = _comparison(
+            tmp_path, tiny_config, {"a": {}}, eval_batch_size=3, max_new_tokens=max_new_tokens
+        )
         if max_new_tokens == 0:
-            assert _check_eval_batch_size(load_comparison(file)) is None
+            assert _check_eval_batch_size(comparison) is None
         else:
             with pytest.raises(ConfigError, match=r"compare\.eval_batch_size 3 is not a multiple of"):
-                _check_eval_batch_size(load_comparison(file))
+                _check_eval_batch_size(comparison)
 
 
 def test_on_locked_is_called_once_with_the_compare_out_lock_held(
@@ -1774,15 +1773,13 @@ def test_a_misspelt_best_metric_is_refused_once_whatever_the_number_of_seeds(
 ):
     """The check reads the variant's config, the same for every seed: a variant run with seeds 0 and 1 is
     named in one line, not one a seed."""
-    base = tiny_config(tmp_path / "data", tmp_path / "unused_run")
-    file = tmp_path / "c.yaml"
     variants = {"a": {}, "b": {"overrides": ["checkpoint.best_metric=eval/lss"]}}
-    compare = {"out": str(tmp_path / "out"), "baseline": "a", "seeds": [0, 1]}
-    file.write_text(yaml.safe_dump({"compare": compare, "variants": variants, "base": base}))
+    comparison = _comparison(tmp_path, tiny_config, variants, seeds=[0, 1])
     monkeypatch.setattr(loop, "train", lambda cfg, workdir, *, echo: pytest.fail("a run started"))
     with pytest.raises(ConfigError) as e:
-        run_comparison(load_comparison(file), echo=lambda _: None)
+        run_comparison(comparison, echo=lambda _: None)
     lines = str(e.value).splitlines()
+    file = tmp_path / "c.yaml"
     assert len(lines) == 1 and lines[0].startswith(f"{file}: variant 'b': checkpoint.best_metric `eval/lss`")
 
 
@@ -1795,22 +1792,19 @@ def test_a_trained_in_variants_best_metric_is_not_checked_where_it_does_not_trai
     stand_for_the_variant_...` covers them): each run counts as finished, with nothing to do."""
     from nextquill_jax.eval import compare
 
-    base = tiny_config(tmp_path / "data", tmp_path / "unused_run")
-    file = tmp_path / "c.yaml"
     misspelt = ["checkpoint.best_metric=eval/lss"]
     variants = {
         "a": {},
         "b": {"overrides": misspelt, "trained_in": str(tmp_path / "elsewhere")},
         "c": {"overrides": misspelt},
     }
-    compare_section = {"out": str(tmp_path / "out"), "baseline": "a", "seeds": [0]}
-    file.write_text(yaml.safe_dump({"compare": compare_section, "variants": variants, "base": base}))
+    comparison = _comparison(tmp_path, tiny_config, variants)
     monkeypatch.setattr(compare, "check_trained_in", lambda *args: None)
     monkeypatch.setattr(compare, "finished_changes", lambda *args: [])
-    comparison = load_comparison(file)
     with pytest.raises(ConfigError) as e:
         compare._check_runs(comparison, [("a", 0), ("b", 0), ("c", 0)])
     lines = str(e.value).splitlines()
+    file = tmp_path / "c.yaml"
     assert len(lines) == 1 and lines[0].startswith(f"{file}: variant 'c': checkpoint.best_metric `eval/lss`")
 
 
