@@ -2,15 +2,16 @@
 
 Only process 0 writes. On resume from step S, rows of `metrics.jsonl` after S (steps that ran but were not
 checkpointed) are dropped and TensorBoard purges them too, so every step appears once: the resumed writer
-starts a new event file (tensorboardX names it `events.out.tfevents.<unix seconds>.<hostname>`, so it sorts
-after the earlier ones and replaces none) with a session-start event at step S + 1, and TensorBoard, reading a
-directory's files in name order, drops the steps >= S + 1 it read before. Lines that are not a JSON row (a
-write cut short by a full disk or a kill, NUL bytes after a power loss) are dropped then too, and counted in
-a warning naming the file. `metrics.jsonl` is opened and closed for each row: on a bucket mounted with Cloud
-Storage FUSE a file reaches the bucket only when it is closed, so a file held open for the whole run would be
-invisible there until the end, and lost on a kill. The event files are held open, so on such a mount
-`logging.tensorboard_dir` puts them on a local disk, from which tpu_scripts/worker_train.sh copies them into
-the workdir.
+starts a new event file (named as tensorboardX names them, `events.out.tfevents.<unix seconds>.<hostname>`, so
+it sorts after the earlier ones and replaces none) with a session-start event at step S + 1, and TensorBoard,
+reading a directory's files in name order, drops the steps >= S + 1 it read before. Lines that are not a JSON
+row (a write cut short by a full disk or a kill, NUL bytes after a power loss) are dropped then too, and
+counted in a warning naming the file. `metrics.jsonl` is opened and closed for each row: on a bucket mounted
+with Cloud Storage FUSE a file reaches the bucket only when it is closed, so a file held open for the whole
+run would be invisible there until the end, and lost on a kill. The event files are held open, so on such a
+mount `logging.tensorboard_dir` puts them on a local disk, from which tpu_scripts/worker_train.sh copies them
+into the workdir. A row's events are in that file when `write` returns (`ScalarEventFile`), so a kill loses no
+row's events that metrics.jsonl has.
 
 The fields `INTEGER_FIELDS` names (the counts `tokens`, `input_tokens`, `skipped`, and `epoch`), an evaluation
 row's `eval/tokens` too, are written as JSON integers, every other number as a float.
@@ -22,6 +23,7 @@ import contextlib
 import json
 import math
 import sys
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -73,9 +75,7 @@ class MetricsLog:
                 f"step (line {shown}: a write cut short, e.g. by a full disk, a kill or a power loss)"
             )
         if cfg.tensorboard:
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(str(tensorboard_dir(cfg, workdir)), purge_step=start_step + 1)
+            self._tb = ScalarEventFile(tensorboard_dir(cfg, workdir), purge_step=start_step + 1)
         if cfg.progress_bar:
             self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
@@ -93,9 +93,7 @@ class MetricsLog:
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps({"step": step, **values}) + "\n")
         if self._tb is not None:
-            for key, value in metrics.items():
-                self._tb.add_scalar(key, float(value), step)
-            self._tb.flush()
+            self._tb.write(step, metrics)
         if self._on_row is not None:
             self._on_row(step, values)
 
@@ -164,6 +162,42 @@ class MetricsLog:
             self._tb.close()
         if self._bar is not None:
             self._to_console(self._bar.close)
+
+
+class ScalarEventFile:
+    """A new TensorBoard event file in `folder` (created if missing) that starts with a session-start event at
+    `purge_step`, so TensorBoard drops the steps >= `purge_step` that earlier files of the folder hold.
+
+    Each `write` has its events in the file, flushed, when it returns. (tensorboardX's `SummaryWriter` hands
+    events to a thread through a queue and its `flush()` does not wait for the queue, so a row's events could
+    still be queued when a kill came.)
+    """
+
+    def __init__(self, folder: Path, purge_step: int) -> None:
+        # Imported here, as in `write`: tensorboardX takes about a second to import, and most commands never
+        # write events.
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+        folder.mkdir(parents=True, exist_ok=True)
+        self._writer = EventsWriter(str(folder / "events"))  # it writes the file-version event first
+        self._writer.write_event(
+            Event(wall_time=time.time(), step=purge_step, session_log=SessionLog(status=SessionLog.START))
+        )
+        self._writer.flush()
+
+    def write(self, step: int, metrics: Mapping[str, float]) -> None:
+        """One scalar event per metric at `step` (a value as `float(value)`), then the file flushed."""
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.summary import scalar
+
+        now = time.time()
+        for key, value in metrics.items():
+            self._writer.write_event(Event(wall_time=now, step=step, summary=scalar(key, float(value))))
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
 
 
 def read_rows(workdir: str | Path) -> list[dict[str, Any]]:
