@@ -1977,6 +1977,24 @@ def test_url_workdir_is_refused_before_anything_is_written(tmp_path, monkeypatch
     assert setup.resolve_workdir(cfg, "runs/x") == tmp_path / "runs" / "x"
 
 
+def test_a_blank_or_missing_workdir_is_refused_naming_the_fix_and_a_home_relative_one_is_expanded(
+    tmp_path, monkeypatch
+):
+    """--workdir of blanks would be a folder named " " in the current directory; no workdir at all is
+    refused naming the key and the flag; "~/runs/x" is the user's home's, not a folder named "~"."""
+    from nextquill_jax.train import setup
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    cfg = load_config(REPO / "configs" / "tiny_synthetic.yaml")
+    with pytest.raises(ConfigError, match=r"^--workdir is empty .*Fix: name the run's directory"):
+        setup.resolve_workdir(cfg, "  ")
+    unset = load_config(REPO / "configs" / "tiny_synthetic.yaml", ["train.workdir=null"])
+    with pytest.raises(ConfigError, match=r"set train\.workdir in the config or pass --workdir DIR"):
+        setup.resolve_workdir(unset, None)
+    assert setup.resolve_workdir(cfg, "~/runs/x") == tmp_path / "home" / "runs" / "x"
+
+
 @pytest.mark.parametrize("override", ["loss.token_chunk=0", "loss.vocab_chunk=-3"])
 def test_a_fused_head_tile_below_one_is_a_config_error(tmp_path, override, tiny_config, write_config):
     """It was a traceback from the loss while the first step was traced, after the workdir was written."""

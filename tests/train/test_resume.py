@@ -717,6 +717,21 @@ def test_a_workdir_reached_through_a_symbolic_link_has_not_moved(trained_run, tm
     assert len(said) == 1 and "(moved or copied)" in said[0]
 
 
+def test_a_workdirs_config_that_records_no_workdir_resumes_where_it_is(tmp_path, tiny_config, write_config):
+    """A run's config.yaml whose train.workdir was emptied by hand (null): `--config that/config.yaml` is
+    still that run, said as for a moved one (the comparison with the recorded path used to be a TypeError)."""
+    from nextquill_jax.train.setup import resolve_workdir
+
+    home = tmp_path / "run"
+    (home / "checkpoints").mkdir(parents=True)
+    raw = tiny_config(tmp_path / "data", tmp_path / "elsewhere")
+    raw["train"]["workdir"] = None
+    path = write_config(raw, home / "config.yaml")
+    said = []
+    assert resolve_workdir(load_config(path), None, path, said.append) == home
+    assert len(said) == 1 and said[0].startswith(f"note: {path} is the config of the run in {home}"), said
+
+
 def _saved_with(workdir, **sections) -> None:
     """Update `sections` of `workdir`'s config.yaml and of its checkpoint 2's saved config (re-hashed in its
     manifest): the records of a run with those settings."""
