@@ -427,11 +427,32 @@ def test_train_does_not_replace_data_it_is_pointed_at_or_that_checkpoints_were_t
     message = str(refused.value)
     assert f"{target} was prepared with other settings (data.max_history: 1 -> " in message
     assert ("train.data_dir names it" if named else "the checkpoints in") in message and "Fix: " in message
+    fix = (
+        "Fix: give the data settings it was prepared with, prepare it again on purpose (`nextquill-jax data "
+        f"prepare --config FILE --out {target} --force`), or point train.data_dir at another directory."
+        if named
+        else "Fix: run with the data settings the run was trained on (`nextquill-jax train --config "
+        f"{workdir / 'config.yaml'}` resumes it), or use a new --workdir."
+    )
+    assert message.endswith(fix), message
     assert {p: p.read_bytes() for p in target.rglob("*") if p.is_file()} == files
     if not named:  # without checkpoints, the workdir's own data is the run's to replace
         shutil.rmtree(workdir / "checkpoints")
         assert prepared_data(cfg, workdir, echo=lambda _: None).dir == target
         assert {p: p.read_bytes() for p in target.rglob("*") if p.is_file()} != files
+
+
+def test_a_data_dir_without_prepared_data_and_no_sources_is_refused_naming_both_fixes(tmp_path, tiny_config):
+    """No data.sources: train.data_dir is taken as it is, and one that holds no prepared data says what to
+    set (data.sources, or a train.data_dir that `data prepare` wrote)."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cfg = load_config(None, base=tiny_config(empty, tmp_path / "run"))
+    with pytest.raises(ConfigError) as refused:
+        prepared_data(cfg, tmp_path / "run", echo=lambda _: None)
+    message = str(refused.value)
+    assert message.startswith(f"data.sources is empty and {empty} holds no prepared data"), message
+    assert "Fix: list the record files in data.sources, or point train.data_dir at the output of" in message
 
 
 def test_a_run_resumes_after_its_record_files_moved_and_only_then_may_name_other_ones(
