@@ -7,6 +7,7 @@ against the arrays written to disk, independently of the pipeline's own bookkeep
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import re
 
@@ -24,7 +25,7 @@ from nextquill_jax.data.config import BatchingConfig, DataConfig
 from nextquill_jax.data.packing import bucket_batches, bucket_of, first_fit_rows, most_per_row
 from nextquill_jax.data.pipeline import BatchPipeline
 from nextquill_jax.data.prepared_split import PreparedSplit, TokenizedExample, write_split
-from nextquill_jax.train.setup import plan_steps
+from nextquill_jax.train.setup import batching_losses, evaluation_pipeline, plan_steps
 
 N = 150
 TARGET_BASE, STRIDE = 10_000, 64
@@ -427,8 +428,36 @@ def test_an_endless_plan_refuses_an_epoch_without_a_batch():
         data=DataConfig(batching=_cfg(num_epochs=None)),
         train=TrainConfig(max_steps=5),
     )
-    with pytest.raises(ConfigError, match=r"^epoch 1 of the training data fills no complete global batch"):
+    with pytest.raises(
+        ConfigError, match=r"^epoch 1 of the training data fills no complete global batch"
+    ) as e:
         plan_steps(Epochs(), cfg)
+    assert str(e.value).endswith(
+        "Fix: set data.batching.drop_remainder: false, or lower data.batching.rows_per_batch."
+    )
+    # A run that ends with the first epoch never reaches the empty one: planned, not refused.
+    assert plan_steps(Epochs(), dataclasses.replace(cfg, train=TrainConfig(max_steps=1))) == (1, [1])
+
+
+def test_the_drop_remainder_note_counts_the_first_epochs_examples_left_out(data):
+    """Packed rows of 4 leave out a different number of examples in each shuffled epoch: the set-up note
+    counts the first epoch's, found from its batches (the examples that appear in none of them)."""
+    root, _ = data
+    pipe = BatchPipeline(
+        PreparedSplit(root, "train"),
+        _cfg(mode="pack", rows_per_batch=4, num_epochs=2, drop_remainder=True),
+        process_index=0,
+        process_count=1,
+    )
+    seen = set()
+    for batch in itertools.islice(pipe, pipe.num_batches(0)):
+        seen |= _examples_in(batch)
+    left_out = N - len(seen)
+    assert left_out > 0 and pipe.epoch_stats(1).dropped_examples != left_out
+    assert batching_losses({"train": pipe}) == [
+        f"note: its first epoch leaves {left_out} of the {N} train examples out "
+        "(data.batching.drop_remainder: its partly filled last batches)"
+    ]
 
 
 def test_num_epochs_and_drop_remainder(data):
@@ -594,6 +623,18 @@ def test_without_shuffle_every_epoch_is_in_stored_order(data):
     for epoch in (0, 1):
         assert pipe.epoch_order(epoch).tolist() == list(range(N))
     assert _examples_in(pipe.local_batch(0, 0)) == {0, 1, 2, 3}
+
+
+def test_evaluation_reads_every_example_once_in_stored_order_whatever_the_training_batching(data):
+    """Training batching that shuffles, repeats 3 epochs and drops partly filled batches: evaluation batches
+    the split as stored, once, its last batch of 150 % 4 = 2 examples kept (random mode: batch b holds
+    examples 4b..4b+3)."""
+    root, _ = data
+    batching = _cfg(mode="random", shuffle=True, num_epochs=3, drop_remainder=True)
+    cfg = Config(model=ModelRunConfig(preset="qwen2.5-0.5b"), data=DataConfig(batching=batching))
+    pipe = evaluation_pipeline(cfg, PreparedSplit(root, "train"))
+    assert pipe.epoch_order(0).tolist() == list(range(N))
+    assert [_examples_in(batch) for batch in pipe] == [set(range(i, min(i + 4, N))) for i in range(0, N, 4)]
 
 
 def test_pack_mode_derives_t_o_and_r_from_the_with_stream_ratio(tmp_path):
