@@ -1624,6 +1624,48 @@ def test_an_endless_run_checks_cudnn_max_segments_against_every_epoch_not_the_fi
     )
 
 
+def test_auto_and_a_set_bound_cover_every_planned_epoch_and_the_split_whose_rows_hold_most(
+    tmp_path, write_random_data, write_config, tiny_config
+):
+    """Four epochs, a later one packing more examples into a row than the first (counted from the batches
+    the pipeline yields, epoch by epoch): `auto` is the most over all four, and a set bound of exactly that
+    passes while one less is refused naming an epoch whose rows hold that many. Of two pipelines, the one
+    whose rows hold more decides, here the second ("eval"), beside rows of one example each (random mode)."""
+    from nextquill_jax.train.setup import check_packed_segments, resolve_packed_segments
+
+    data = write_random_data(tmp_path / "data", train=16, val=0)
+    path = write_config(tiny_config(data, tmp_path / "work"), tmp_path / "cfg.yaml")
+    four = [*CUDNN, "data.batching.num_epochs=4"]
+    cfg = load_config(path, [*four, "model.cudnn_max_segments=auto"])
+    pipeline = BatchPipeline(PreparedSplit(data, "train"), cfg.data.batching)
+    batches = iter(pipeline)
+    per_epoch = [
+        max(int(next(batches)["with_segment_ids"].max()) for _ in range(pipeline.num_batches(e)))
+        for e in range(4)
+    ]
+    most = max(per_epoch)
+    assert most > per_epoch[0]
+    lines = []
+    assert resolve_packed_segments(cfg, {"train": pipeline}, lines.append).model.cudnn_max_segments == most
+    check_packed_segments(load_config(path, [*four, f"model.cudnn_max_segments={most}"]), {"train": pipeline})
+    with pytest.raises(
+        ConfigError, match=rf"^data\.batching packs up to {most} examples into one train row"
+    ) as e:
+        check_packed_segments(
+            load_config(path, [*four, f"model.cudnn_max_segments={most - 1}"]), {"train": pipeline}
+        )
+    assert per_epoch[int(re.search(r"\(epoch (\d+)\)", str(e.value))[1])] == most
+    one_each = load_config(path, [*four, "data.batching.mode=random"]).data.batching
+    alone = BatchPipeline(PreparedSplit(data, "train"), one_each)
+    assert _most_examples_yielded(alone, epochs=4) == 1
+    lines.clear()
+    both = resolve_packed_segments(cfg, {"train": alone, "eval": pipeline}, lines.append)
+    assert both.model.cudnn_max_segments == most
+    [line] = lines
+    said = f"model.cudnn_max_segments: auto chose {most}: the most examples a planned eval row holds (epoch "
+    assert line.startswith(said) and per_epoch[int(line[len(said) : -1])] == most, line
+
+
 @pytest.mark.parametrize("num_epochs", [2, None])
 def test_cudnn_max_segments_auto_covers_every_row_the_run_yields(
     tmp_path, write_random_data, write_config, tiny_config, num_epochs, as_on_a_gpu
@@ -1932,6 +1974,30 @@ def test_a_workdir_reference_model_runs_with_a_cudnn_max_segments_that_holds_for
     np.testing.assert_allclose(packed, expected, rtol=0, atol=0.02 * np.abs(expected).max())
     assert load_config(reference_dir / "config.yaml").model.cudnn_max_segments == 1
     assert used.cudnn_max_segments == examples_per_row(run.train_data)[0]
+
+
+def test_a_reference_models_bound_is_raised_to_the_pipeline_whose_rows_hold_most(
+    tmp_path, write_random_data, write_config, tiny_config
+):
+    """A reference model recorded with M=1 beside a run's train rows of one example each (random mode) and
+    eval rows packed with several: it runs with M the most examples the packed rows hold, counted from the
+    batches they yield over the run's epochs (its parameters unchanged)."""
+    from flax import nnx
+
+    from nextquill_jax.train.setup import reference_for_rows
+
+    data = write_random_data(tmp_path / "data", train=16, val=0)
+    path = write_config(tiny_config(data, tmp_path / "work"), tmp_path / "cfg.yaml")
+    cfg = load_config(path, [*CUDNN, "model.cudnn_max_segments=1"])
+    packed = BatchPipeline(PreparedSplit(data, "train"), cfg.data.batching)
+    one_each = load_config(path, ["data.batching.mode=random"]).data.batching
+    alone = BatchPipeline(PreparedSplit(data, "train"), one_each)
+    epochs = cfg.data.batching.num_epochs
+    most = _most_examples_yielded(packed, epochs=epochs)
+    assert most > 1 and _most_examples_yielded(alone, epochs=epochs) == 1
+    graphdef, params = model_setup.abstract_model(cfg.model.model_config())
+    raised, same = reference_for_rows((graphdef, params), {"train": alone, "eval": packed})
+    assert same is params and nnx.merge(raised, params).cfg.cudnn_max_segments == most
 
 
 def test_eval_generation_max_new_tokens_0_means_no_generation_and_below_0_is_refused():
