@@ -1182,6 +1182,55 @@ def test_a_mesh_axis_that_does_not_divide_a_parameter_names_it(cfg_file):
         model_setup.param_shardings(model, mesh)
 
 
+@pytest.mark.parametrize(
+    ("rows", "micro_batches", "multiple"),
+    [
+        (8, 2, None),  # 4 batch shards (data 2 x fsdp 2) of 2 rows, each 2 micro-batches of 1
+        (6, 1, 4),  # 6 rows do not split over 4 shards
+        (8, 4, 16),  # 8 is a multiple of 4 micro-batches, but a shard's 2 rows are not
+    ],
+)
+def test_micro_batches_must_split_each_batch_shards_rows(cfg_file, rows, micro_batches, multiple):
+    from nextquill_jax.train.setup import check_micro_batches
+
+    cfg = load_config(
+        cfg_file, [f"data.batching.rows_per_batch={rows}", f"train.micro_batches={micro_batches}"]
+    )
+    mesh = AbstractMesh((2, 2, 1), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+    if multiple is None:
+        check_micro_batches(cfg, mesh)
+        return
+    with pytest.raises(ConfigError) as e:
+        check_micro_batches(cfg, mesh)
+    assert str(e.value) == (
+        f"a global batch of {rows} rows (data.batching.rows_per_batch={rows} x 1 processes) does not split "
+        f"into 4 batch shards (mesh data x fsdp) of train.micro_batches={micro_batches} equal micro-batches. "
+        f"Fix: make rows_per_batch x processes a multiple of {multiple}, or change train.micro_batches / the "
+        "mesh."
+    )
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_the_steps_settings_are_the_configs_own(cfg_file, lora):
+    """Each setting of the compiled step is its config key's value, none other's: token_chunk and vocab_chunk
+    apart, every one off its default."""
+    from nextquill_jax.train.setup import step_settings
+
+    overrides = [
+        "loss.variant=sft", "loss.token_chunk=32", "loss.vocab_chunk=16", "loss.operand_dtype=bfloat16",
+        "train.micro_batches=2", "train.nonfinite=skip", "train.joint_forward=true",
+    ]  # fmt: skip
+    if lora:
+        overrides += ["model.lora.rank=4", "model.lora.alpha=2.0", "model.lora.dropout=0.25"]
+    cfg = load_config(cfg_file, overrides)
+    settings = step_settings(cfg, reference_graphdef="GRAPHDEF")
+    assert settings.loss.variant == "sft"
+    assert (settings.token_chunk, settings.vocab_chunk, settings.operand_dtype) == (32, 16, "bfloat16")
+    assert (settings.micro_batches, settings.skip_nonfinite, settings.joint_forward) == (2, True, True)
+    assert settings.reference_graphdef == "GRAPHDEF"
+    assert (settings.lora_scale, settings.lora_dropout) == ((2.0 / 4, 0.25) if lora else (None, 0.0))
+
+
 def test_logical_axes_map_onto_mesh_axes_each_mesh_axis_used_once():
     """Expected specs derived by hand from DEFAULT_RULES (batch -> data x fsdp, embed -> fsdp; vocab, heads
     and mlp -> tensor; head_dim and layers replicated). A batch split over `data` alone, or a mesh axis used
