@@ -1470,6 +1470,38 @@ def test_bad_lora_settings_are_refused_in_one_line_before_the_workdir_is_created
     assert not (tmp_path / "work").exists()
 
 
+def test_fixed_dce_on_data_with_a_precomputed_reference_dce_needs_no_reference_model(
+    tmp_path, write_random_data, write_config, tiny_config
+):
+    """`loss.dce: fixed` is refused without a reference model only where the data carries no reference_dce:
+    train data prepared with one sets up, and no reference model is loaded."""
+    from nextquill_jax.train.setup import set_up_run
+
+    data = write_random_data(tmp_path / "data", train=16, val=0)
+    old = PreparedSplit(data, "train")
+    examples = [{k: np.array(v) for k, v in old[i].items()} for i in range(len(old))]
+    dce = lambda e: np.full(len(e["target"]), 0.5, np.float32)
+    write_split(data, "train", (TokenizedExample(**e, reference_dce=dce(e)) for e in examples))
+    path = write_config(tiny_config(data, tmp_path / "work"), tmp_path / "cfg.yaml")
+    fixed = ["loss.variant=dce", "loss.dce=fixed"]
+    run = set_up_run(load_config(path, fixed), tmp_path / "work", echo=lambda _: None)
+    assert run.train_data.has_reference_dce and run.reference is None
+
+
+def test_a_checkpoints_folder_without_a_step_still_checks_lora_init_from(
+    tmp_path, write_random_data, write_config, tiny_config
+):
+    """Only a saved step makes a start a resume (whose adapters come from the checkpoint): a first save cut
+    short leaves an Orbax temporary folder, and the next start is a fresh one that reads init_from."""
+    from nextquill_jax.train.setup import set_up_run
+
+    cfg = tiny_config(write_random_data(tmp_path / "data", train=16, val=8), tmp_path / "work")
+    cfg["model"]["lora"] = {"init_from": str(tmp_path / "nowhere")}
+    (tmp_path / "work" / "checkpoints" / "3.orbax-checkpoint-tmp-1").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"^model\.lora\.init_from '.*/nowhere': .*/nowhere does not exist"):
+        set_up_run(load_config(write_config(cfg, tmp_path / "cfg.yaml")), tmp_path / "work", echo=print)
+
+
 def _with_token(data: Path, split: str, token: int) -> None:
     """Prepared `split` of `data` written again with the last prompt token of its first example set to
     `token` (the other examples unchanged)."""
