@@ -625,9 +625,12 @@ def test_the_setup_example_runs_and_run_graphdef_merges_the_trained_parameters(
     iterator = iter(run.train_data.dataset())
     with jax.set_mesh(run.mesh):
         global_batch = to_global_batch(next(iterator), run.mesh)
+        before = state
         state, metrics = run.train_step(state, global_batch, run.reference_params, run.base_params)
         model, adapters = model_and_adapters(run.graphdef, state.params, run.base_params, run.settings)
         hidden = response_hidden(model, global_batch, "with", adapters)
+    # the step's input state is donated: its buffers serve the new state (no second copy held)
+    assert all(x.is_deleted() for x in jax.tree.leaves((before.params, before.opt_state)))
     assert int(state.step) == 1 and np.isfinite(float(metrics["loss"]))
     assert adapters is None and model.cfg.vocab_size == run.config.model.model_config().vocab_size
     merged = nnx.to_pure_dict(nnx.state(model, nnx.Param))

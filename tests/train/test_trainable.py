@@ -3,6 +3,8 @@ frozen parameters hold no optimizer state."""
 
 from __future__ import annotations
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -80,6 +82,17 @@ def test_a_partial_fine_tune_trains_only_its_parameters_as_adamw_on_all_would(ru
         else:
             np.testing.assert_array_equal(after, before, err_msg=path)
     jax.tree.map(np.testing.assert_array_equal, everything, plain)
+    # The same first step's gradient norm: over the trained parameters alone (the frozen ones get none), so
+    # below the norm over all of them; patterns matching everything give the full one.
+    grad_norm = {
+        name: next(
+            row["grad_norm"]
+            for row in map(json.loads, (root / name / "metrics.jsonl").read_text().splitlines())
+            if row.get("step") == 1 and "grad_norm" in row
+        )
+        for name in ("whole", "plain", "everything")
+    }
+    assert 0 < grad_norm["whole"] < grad_norm["plain"] == pytest.approx(grad_norm["everything"], rel=1e-6)
 
 
 def test_a_partial_fine_tune_resumes_to_the_uninterrupted_state(runs, tiny_config, read_state):
