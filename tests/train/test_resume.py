@@ -455,6 +455,18 @@ def test_a_data_dir_without_prepared_data_and_no_sources_is_refused_naming_both_
     assert "Fix: list the record files in data.sources, or point train.data_dir at the output of" in message
 
 
+def test_synthetic_data_is_prepared_into_the_workdir_from_no_sources(tmp_path):
+    """The synthetic format generates its records in-process: no data.sources, and still prepared (into
+    <workdir>/prepared), not taken as a train.data_dir that holds prepared data."""
+    from tests.conftest import REPO
+
+    cfg = load_config(REPO / "configs" / "tiny_synthetic.yaml", ["data.synthetic_users=2"])
+    assert not cfg.data.sources and cfg.train.data_dir is None
+    got = prepared_data(cfg, tmp_path / "run", echo=lambda _: None)
+    assert got == (tmp_path / "run" / "prepared", False)
+    assert (got.dir / "train" / "meta.json").is_file()
+
+
 def test_a_run_resumes_after_its_record_files_moved_and_only_then_may_name_other_ones(
     tmp_path, tiny_config, save_tiny_tokenizer, capsys
 ):
