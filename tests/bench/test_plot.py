@@ -131,3 +131,88 @@ def test_one_line_has_no_legend_and_the_title_names_the_settings():
         "NextQuill training step scaling (cpu; scaling.csv)\n"
         "the same for every line: seq_len=256, history=2, mesh=data=1,fsdp=1,tensor=1"
     )
+
+
+def test_each_line_runs_through_its_groups_rows_in_ascending_x():
+    """ROWS lists the models alphabetically (alpha 3M, beta 100k, gamma 400k): a line of the parameters row
+    joins its group's points left to right, each at the row's own numbers (tokens/s = 1e9 / parameters)."""
+    fig = plot.scaling_figure(ROWS, "scaling.csv")
+    params_row = panel_rows(fig)[0]
+    xs = [1e5, 4e5, 3e6]
+    for line in params_row[0].get_lines():
+        assert list(line.get_xdata()) == xs, line.get_label()
+        assert list(line.get_ydata()) == pytest.approx([1e9 / x for x in xs], rel=1e-3)
+
+
+def test_a_group_without_a_metric_draws_no_line_there_and_the_others_keep_their_colours():
+    """MFU known for every row but beta's: the MFU panels draw no beta line, and each other line keeps the
+    colour of its group (the one it has in the tokens/s panel), not the next free one."""
+    rows = [{**r, "mfu": "" if r["model"] == "beta" else "0.5"} for r in ROWS]
+    fig = plot.scaling_figure(rows, "scaling.csv")
+    seq_row = panel_rows(fig)[1]  # lines per (model, mesh), models in size order: beta, gamma, alpha
+    colours = {line.get_label(): line.get_color() for line in seq_row[0].get_lines()}
+    assert list(colours.values()) == [f"C{i}" for i in range(6)]
+    assert seq_row[2].get_ylabel() == "MFU"
+    mfu = {line.get_label(): line.get_color() for line in seq_row[2].get_lines()}
+    assert list(mfu) == [f"model={n}, mesh={m}" for n in ("gamma", "alpha") for m in MESHES]
+    assert mfu == {label: colours[label] for label in mfu}
+
+
+def test_value_ranks_break_ties_by_the_numbers_in_the_names():
+    """Two meshes of 10 devices: "data=2,fsdp=5" before "data=10,fsdp=1" (2 < 10; as text, "1" < "2")."""
+    rows = [
+        {"mesh": "data=10,fsdp=1", "devices": "10"},
+        {"mesh": "data=2,fsdp=5", "devices": "10"},
+        {"mesh": "data=1,fsdp=1", "devices": "1"},
+    ]
+    assert plot.value_ranks(rows, "devices", "mesh") == {
+        "data=1,fsdp=1": 0,
+        "data=2,fsdp=5": 1,
+        "data=10,fsdp=1": 2,
+    }
+    assert sorted(["tiny-128", "tiny-32", "tiny-4"], key=plot.natural_key) == [
+        "tiny-4",
+        "tiny-32",
+        "tiny-128",
+    ]
+
+
+def test_a_single_point_still_draws_its_row_of_panels():
+    """Nothing varies: one row of panels against the model's parameters, its title naming every setting."""
+    fig = plot.scaling_figure([row("beta", "256", "data=1,fsdp=1,tensor=1")], "one.csv")
+    assert len(fig.axes) == 3 and fig.axes[0].get_xlabel() == "model parameters"
+    assert fig.get_suptitle().endswith(
+        "the same for every line: model=beta, seq_len=256, history=2, mesh=data=1,fsdp=1,tensor=1"
+    )
+
+
+def test_a_measured_device_peak_is_the_memory_plotted_and_every_device_kind_is_named():
+    """Where the device kept allocator statistics (device_peak_mib), memory is that peak, not the compiled
+    estimate; the title names every device kind of the CSV, in order."""
+    rows = [{**r, "device_peak_mib": f"{float(r['params']) / 1e3:.1f}"} for r in ROWS]
+    rows[0] = {**rows[0], "device_kind": "cpu-b"}
+    fig = plot.scaling_figure(rows, "scaling.csv")
+    memory = panel_rows(fig)[0][1]
+    assert memory.get_ylabel() == "memory MiB"
+    for line in memory.get_lines():
+        assert list(line.get_ydata()) == pytest.approx([1e5 / 1e3, 4e5 / 1e3, 3e6 / 1e3])
+    assert fig.get_suptitle().startswith("NextQuill training step scaling (cpu, cpu-b; scaling.csv)")
+
+
+def test_a_legend_of_more_than_legend_rows_entries_takes_more_columns():
+    """13 models at 2 sequence lengths: the sequence-length row's legend has 13 entries, 12 to a column."""
+    models = {f"m{i}": 100_000 * (i + 1) for i in range(13)}
+    rows = [
+        {**row("beta", s, "data=1,fsdp=1,tensor=1"), "model": m, "params": str(n)}
+        for m, n in models.items()
+        for s in SEQ_LENS
+    ]
+    fig = plot.scaling_figure(rows, "scaling.csv")
+    legends = [ax.get_legend() for ax in panel_rows(fig)[1] if ax.get_legend() is not None]
+    assert len(legends) == 1 and len(legends[0].get_texts()) == 13 and legends[0]._ncols == 2
+
+
+def test_models_of_one_parameter_count_share_a_tick_naming_both():
+    rows = [*ROWS, *(dict(r, model="beta2") for r in ROWS if r["model"] == "beta")]
+    xs, labels = plot.x_ticks(rows, "params")
+    assert xs == [1e5, 4e5, 3e6] and labels == ["100k\nbeta, beta2", "400k\ngamma", "3M\nalpha"]
