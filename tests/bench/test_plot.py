@@ -177,6 +177,28 @@ def test_value_ranks_break_ties_by_the_numbers_in_the_names():
     ]
 
 
+@pytest.mark.parametrize(
+    ("n", "label"),
+    [
+        (512.0, "512"),  # x_ticks passes the CSV's numbers as floats
+        (999, "999"),
+        (1_000, "1k"),
+        (90_400, "90.4k"),
+        (999_000, "999k"),
+        (999_499, "999k"),
+        # rounded up to the next unit's 1 (999.5k shown to 3 digits was "1e+03k")
+        (999_500, "1M"),
+        (999_999_999, "1B"),
+        (1_000_000, "1M"),
+        (1_024_000, "1.02M"),
+        (1e9, "1B"),
+        (7_620_000_000, "7.62B"),
+    ],
+)
+def test_count_label_at_and_between_its_unit_thresholds(n, label):
+    assert plot.count_label(n) == label
+
+
 def test_a_single_point_still_draws_its_row_of_panels():
     """Nothing varies: one row of panels against the model's parameters, its title naming every setting."""
     fig = plot.scaling_figure([row("beta", "256", "data=1,fsdp=1,tensor=1")], "one.csv")
