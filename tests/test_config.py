@@ -1488,6 +1488,38 @@ def test_fixed_dce_on_data_with_a_precomputed_reference_dce_needs_no_reference_m
     assert run.train_data.has_reference_dce and run.reference is None
 
 
+def test_the_optimizer_applies_the_linear_decay_over_the_runs_own_steps(
+    tmp_path, write_random_data, write_config, tiny_config
+):
+    """The run's optimizer decays over the steps the run takes, the schedule its rows log: on a constant
+    unit gradient, Adam's bias-corrected step is exactly lr_k / (1 + eps) with lr_k = lr (1 - k / T) (no
+    warm-up, no weight decay, no clipping), T = the run's total steps, counted here from its batches."""
+    from nextquill_jax.train.setup import set_up_run
+
+    path = write_config(
+        tiny_config(write_random_data(tmp_path / "data", train=16, val=0), tmp_path / "work"),
+        tmp_path / "c.yaml",
+    )
+    settings = [
+        "optim.learning_rate=0.1",
+        "optim.warmup_steps=0",
+        "optim.weight_decay=0",
+        "optim.clip_norm=null",
+    ]
+    run = set_up_run(load_config(path, settings), tmp_path / "work", echo=lambda _: None)
+    steps = sum(run.train_data.num_batches(epoch) for epoch in range(2))  # data.batching.num_epochs: 2
+    assert run.total_steps == steps >= 2
+    params = jax.tree.map(lambda a: np.zeros(a.shape, np.float32), run.abstract_params)
+    ones = jax.tree.map(np.ones_like, params)
+    opt_state = run.tx.init(params)
+    for k in range(steps):
+        updates, opt_state = run.tx.update(ones, opt_state, params)
+        for leaf in jax.tree.leaves(updates):
+            np.testing.assert_allclose(
+                leaf, -0.1 * (1 - k / steps) / (1 + 1e-8), rtol=2e-5, atol=1e-9
+            )  # float32 Adam
+
+
 def test_a_checkpoints_folder_without_a_step_still_checks_lora_init_from(
     tmp_path, write_random_data, write_config, tiny_config
 ):
