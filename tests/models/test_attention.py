@@ -219,6 +219,26 @@ def test_accelerator_attention_on_cpu_is_a_clear_error(impl, tiny_model_config):
         jax.eval_shape(lambda s: nnx.merge(graphdef, s)(jnp.zeros((1, 4), jnp.int32)), state)
 
 
+def test_accelerator_attention_is_allowed_on_its_own_backends_and_the_error_names_the_key():
+    """The backend given is the one checked (a config checker asks about a TPU from a CPU host), each
+    accelerator's JAX names pass (CUDA's platform is "gpu" or "cuda"), and the message names the setting as
+    the caller's `key` in the reason and the fix."""
+    for impl, backend in (
+        ("cudnn", "gpu"),
+        ("cudnn", "cuda"),
+        ("splash", "tpu"),
+        ("xla", "tpu"),
+        ("xla_dense", "gpu"),
+    ):
+        check_attention_backend(impl, backend)
+    message = (
+        r"^model\.attention_impl='splash' needs a TPU \(Pallas\), but JAX runs on 'gpu'\. "
+        r"Fix: set model\.attention_impl='xla' \(works everywhere\)\.$"
+    )
+    with pytest.raises(ValueError, match=message):
+        check_attention_backend("splash", "gpu", key="model.attention_impl")
+
+
 def test_cudnn_needs_half_precision():
     q, k, v = random_qkv(1, 4, 2, 1, 8)
     with pytest.raises(ValueError, match="compute_dtype bfloat16"):
