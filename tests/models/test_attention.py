@@ -239,6 +239,17 @@ def test_accelerator_attention_is_allowed_on_its_own_backends_and_the_error_name
         check_attention_backend("splash", "gpu", key="model.attention_impl")
 
 
+def test_xla_attention_in_bfloat16_returns_bfloat16_close_to_reference():
+    """Probabilities are cast to q's dtype before the value product (as transformers does), so bfloat16 inputs
+    give bfloat16 output (a float32 one broke the layer scan's carry in a bfloat16 decode step)."""
+    q, k, v = (a.astype(jnp.bfloat16) for a in random_qkv(2, 12, 6, 2, 8, seed=6))
+    slots = jnp.arange(12)
+    out = xla_attention(q, k, v, attention_mask(jnp.asarray(SEGMENTS), jnp.asarray(SEGMENTS), slots, slots))
+    assert out.dtype == jnp.bfloat16
+    expected = reference_attention(*(a.astype(jnp.float32) for a in (q, k, v)), SEGMENTS)
+    np.testing.assert_allclose(np.asarray(out, np.float32), expected, atol=2e-2, rtol=0)
+
+
 def test_cudnn_needs_half_precision():
     q, k, v = random_qkv(1, 4, 2, 1, 8)
     with pytest.raises(ValueError, match="compute_dtype bfloat16"):
