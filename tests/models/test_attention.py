@@ -250,6 +250,26 @@ def test_xla_attention_in_bfloat16_returns_bfloat16_close_to_reference():
     np.testing.assert_allclose(np.asarray(out, np.float32), expected, atol=2e-2, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_cudnn_dense_mask_and_causal_calls_give_the_reference(dtype, monkeypatch):
+    """`cudnn_attention`'s own part of its GPU-only calls, on CPU: jax's cuDNN call answered by jax's XLA
+    implementation of the same function, so the mask passed (segment equality, or none with `max_segments`
+    but no segment ids) is what is checked, in both half-precision dtypes, against the float64 statement."""
+    plain = jax.nn.dot_product_attention
+    monkeypatch.setattr(
+        jax.nn,
+        "dot_product_attention",
+        lambda *a, implementation, **kw: plain(*a, implementation="xla", **kw),
+    )
+    q, k, v = (a.astype(dtype) for a in random_qkv(2, 12, 6, 2, 8, seed=7))
+    wide = [a.astype(jnp.float32) for a in (q, k, v)]
+    for segments, max_segments in ((SEGMENTS, None), (None, None), (None, 3)):
+        out = cudnn_attention(q, k, v, None if segments is None else jnp.asarray(segments), max_segments)
+        assert out.dtype == dtype
+        expected = reference_attention(*wide, np.ones((2, 12), np.int32) if segments is None else segments)
+        np.testing.assert_allclose(np.asarray(out, np.float32), expected, atol=2e-2, rtol=0)
+
+
 def test_cudnn_needs_half_precision():
     q, k, v = random_qkv(1, 4, 2, 1, 8)
     with pytest.raises(ValueError, match="compute_dtype bfloat16"):
