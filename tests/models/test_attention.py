@@ -14,6 +14,7 @@ from nextquill_jax.models.attention import (
     attention_mask,
     check_attention_backend,
     cudnn_attention,
+    self_attention,
     splash_attention,
     xla_attention,
 )
@@ -176,6 +177,17 @@ def test_blockwise_attention_refuses_keys_or_segments_of_another_length():
     ):
         with pytest.raises(ValueError, match=r"of the same B and T, got q \(1, (12|4), 2, 8\)"):
             blockwise_attention(*args, 4)
+
+
+@pytest.mark.parametrize("t", [1, 5, 11])
+def test_self_attention_xla_on_a_few_tokens_matches_reference(t):
+    """`self_attention`'s `xla` picks one block of T rounded up to 8 for short rows: a row of fewer than 8
+    tokens (a short prompt, a one-token forward) and one not a multiple of 8 match the float64 statement."""
+    q, k, v = random_qkv(2, t, 6, 2, 8, seed=8)
+    segments = SEGMENTS[:, -t:]
+    out = np.asarray(self_attention(q, k, v, jnp.asarray(segments), "xla"))
+    real = segments > 0
+    np.testing.assert_allclose(out[real], reference_attention(q, k, v, segments)[real], atol=2e-6, rtol=0)
 
 
 def test_splash_kernel_in_interpret_mode_matches_reference():
