@@ -197,3 +197,14 @@ def test_inputs_of_the_wrong_shape_are_named(tiny_model_config):
             ValueError, match=rf"^segment_ids must be \[B, T\] like input_ids .*got shape \(1, {t}\)"
         ):
             call(IDS, segment_ids=jnp.ones((1, t), jnp.int32))
+
+
+def test_named_remat_policies_are_jax_policies_of_that_name():
+    """A named `remat_policy` is JAX's checkpoint policy of the same name (`full`: none, save nothing); the
+    values test above cannot tell one policy from another, as every policy gives the same numbers."""
+    from nextquill_jax.models.causal_lm import remat_policy
+
+    assert remat_policy("full") is None
+    for name in ("dots_saveable", "dots_with_no_batch_dims_saveable"):
+        assert remat_policy(name) is getattr(jax.checkpoint_policies, name), name
+
