@@ -208,3 +208,17 @@ def test_named_remat_policies_are_jax_policies_of_that_name():
     for name in ("dots_saveable", "dots_with_no_batch_dims_saveable"):
         assert remat_policy(name) is getattr(jax.checkpoint_policies, name), name
 
+
+def test_cache_defaults_to_the_compute_dtype_and_may_be_filled_exactly(tiny_model_config):
+    """init_cache's dtype is the compute dtype (bfloat16 here, parameters float32); a prompt of exactly
+    max_len tokens, and steps that reach max_len exactly, fit (outside jit too) and fill every slot."""
+    model = CausalLM(tiny_model_config(vocab_size=VOCAB, compute_dtype="bfloat16"), rngs=nnx.Rngs(0))
+    assert model.embed[...].dtype == jnp.float32
+    assert model.init_cache(batch=2, max_len=8).k.dtype == jnp.bfloat16
+    for fill in (model.prefill, model.extend):
+        logits, cache = fill(IDS, model.init_cache(batch=2, max_len=8))
+        assert int(cache.index) == 8 and np.isfinite(np.asarray(logits)).all(), fill.__name__
+        assert np.asarray(cache.segment_ids).tolist() == [[1] * 8] * 2
+    _, cache = model.prefill(IDS[:, :6], model.init_cache(batch=2, max_len=8))
+    logits, cache = model.extend(IDS[:, 6:], cache)
+    assert int(cache.index) == 8 and np.isfinite(np.asarray(logits)).all()
