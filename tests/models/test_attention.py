@@ -3,13 +3,15 @@ attention; the blockwise path's gradients against autodiff of the dense statemen
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from nextquill_jax.models import CausalLM
+from nextquill_jax.models import CausalLM, attention
 from nextquill_jax.models.attention import (
     attention_mask,
     check_attention_backend,
@@ -196,6 +198,16 @@ def test_splash_kernel_in_interpret_mode_matches_reference():
     q, k, v = random_qkv(1, 100, 4, 2, 16, seed=1)
     out = np.asarray(splash_attention(q, k, v, jnp.asarray(segments), interpret=True))
     np.testing.assert_allclose(out, reference_attention(q, k, v, segments), atol=1e-5, rtol=0)
+
+
+def test_self_attention_splash_passes_the_segment_ids(monkeypatch):
+    """`self_attention(impl="splash")` hands the kernel the row's segment ids (kernel in interpret mode, the
+    backend check lifted, as on a TPU): packed examples and padding match the float64 statement."""
+    monkeypatch.setattr(attention, "check_attention_backend", lambda impl: None)
+    monkeypatch.setattr(attention, "splash_attention", functools.partial(splash_attention, interpret=True))
+    q, k, v = random_qkv(2, 12, 4, 2, 16, seed=9)
+    out = np.asarray(self_attention(q, k, v, jnp.asarray(SEGMENTS), "splash"))
+    np.testing.assert_allclose(out, reference_attention(q, k, v, SEGMENTS), atol=1e-5, rtol=0)
 
 
 def test_model_logits_agree_between_blockwise_and_dense_attention(tiny_model_config):
