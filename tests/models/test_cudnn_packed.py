@@ -5,6 +5,7 @@ with that API replaced by a CPU emulation of its documented semantics (tests/mod
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -78,6 +79,35 @@ def test_rows_breaking_the_contract_raise_outside_jit_and_are_marked_under_it(ro
         segment_offsets(seg, 2)
     fits = jax.jit(lambda s: segment_offsets(s, 2).fits)(seg)
     np.testing.assert_array_equal(fits, [True, False])
+
+
+def test_rows_that_skip_an_id_keep_the_contract_and_their_order_is_checked_across_the_gap():
+    """Ids need not start at 1 nor be consecutive: a row of ids 2 and 3 only, or of 1 and 3, fits and gets
+    the NumPy statement's lengths and offsets; ids 3 then 1 (2 absent between them) break the order."""
+    seg = np.array([[2, 2, 2, 3, 3, 0], [0, 1, 1, 3, 3, 3]], np.int32)
+    got = segment_offsets(seg, 3)
+    expected = numpy_offsets(seg, 3)
+    np.testing.assert_array_equal(got.seqlens, expected[0])
+    np.testing.assert_array_equal(got.offsets, expected[1])
+    assert np.asarray(got.fits).all()
+    with pytest.raises(ValueError, match=r"row 0 has segment runs \[3, 1\]"):
+        segment_offsets(np.array([[3, 3, 1, 1, 0, 0]], np.int32), 3)
+
+
+def test_the_contract_error_names_the_first_broken_row_and_its_fix():
+    """Rows 1-3 each break the contract their own way: the error names row 1; each alone gets its fix."""
+    rows = np.array([[1, 1, 2, 0], [1, 2, 3, 0], [1, -1, 0, 0], [2, 2, 1, 0]], np.int32)
+    fixes = {  # each message's end, after the reason: the setting and the fix
+        1: "outside 0..2 (cudnn_max_segments=2). Fix: raise cudnn_max_segments to at least 3.",
+        2: "outside 0..2 (cudnn_max_segments=2). Fix: mark padding 0 and number a row's examples 1, 2, ....",
+        3: "(cudnn_max_segments=2). Fix: number a row's examples 1, 2, ... in row order, each in one "
+        "contiguous run.",
+    }
+    with pytest.raises(ValueError, match=r"^segment_ids row 1 has segment ids 0\.\.3"):
+        segment_offsets(rows, 2)
+    for row, fix in fixes.items():
+        with pytest.raises(ValueError, match=re.escape(fix) + "$"):
+            segment_offsets(rows[[0, row]], 2)
 
 
 @pytest.mark.parametrize("max_segments", [0, True, 2.0])
