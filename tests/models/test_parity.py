@@ -140,6 +140,17 @@ def test_packed_row_equals_each_sequence_alone(case):
     assert np.abs(logits[1, :7] - case.reference(a[None])[0]).max() <= 1e-4
 
 
+def test_llama_attention_biases_match_transformers(tmp_path, tiny_hf_config):
+    """Llama's `attention_bias` gives all four projections a bias (the FAMILIES cases have q/k/v only, in
+    qwen2): with every bias moved off 0, the logits are transformers'."""
+    torch_model = random_checkpoint(tiny_hf_config("llama", vocab_size=VOCAB, attention_bias=True), tmp_path)
+    assert float(torch_model.model.layers[0].self_attn.o_proj.bias.abs().max()) > 0
+    ids = random_ids((2, 11), seed=7)
+    with torch.no_grad():
+        expected = torch_model(torch.tensor(ids)).logits.numpy()
+    assert np.abs(np.asarray(load_pretrained(tmp_path)(ids)) - expected).max() <= 1e-4
+
+
 def test_kv_cache_decode_matches_full_forward(case):
     prompt_len, steps = 14, 6
     ids, mask, positions = left_padded([20, 15, 9], prompt_len + steps, seed=4)
