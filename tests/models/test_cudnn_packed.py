@@ -5,6 +5,7 @@ with that API replaced by a CPU emulation of its documented semantics (tests/mod
 from __future__ import annotations
 
 import functools
+import inspect
 import re
 
 import jax
@@ -242,8 +243,14 @@ def test_the_kv_offset_probe_agrees_with_the_installed_jax_at_another_shape():
         None,
         lambda q_seqlen, kv_seqlen, q_offsets, kv_offsets, query, key, layout: None,
         lambda *args: (_ for _ in ()).throw(RuntimeError("changed")),
+        lambda q_seqlen, kv_seqlen, q_offsets, kv_offsets, query, key: (
+            q_seqlen,
+            kv_seqlen,
+            0 * q_offsets,
+            0 * kv_offsets,
+        ),
     ],
-    ids=["missing", "other parameters", "raises"],
+    ids=["missing", "other parameters", "raises", "zero offsets"],
 )
 def test_the_kv_offset_probe_keeps_the_repeat_when_jax_changes(monkeypatch, replacement):
     kv_offsets_follow_key_heads.cache_clear()
@@ -282,6 +289,28 @@ def test_a_jax_without_the_private_api_is_an_import_error_naming_the_version(mon
         r"lacks \['q_seqlen'.*Fix: set model\.cudnn_max_segments: null.*jax 0\.10\.2, which this path was"
     )
     with pytest.raises(ImportError, match=written_for):
+        cudnn_packed_attention(q, k, v, jnp.ones((1, 4), jnp.int32), 2)
+
+
+@pytest.mark.parametrize("lacking", ["scale", "mask_type", "qkv_layout", "MaskType"])
+def test_a_jax_whose_private_api_lacks_any_one_thing_passed_is_an_import_error(monkeypatch, lacking):
+    """Every parameter the call passes, and the MaskType it names, is checked for, each on its own."""
+    if lacking == "MaskType":
+        monkeypatch.delattr(fused, "MaskType")
+    else:
+        parameters = ["query", "key", "value", "q_seqlen", "kv_seqlen", "q_offsets", "kv_offsets", "scale",
+                      "mask_type", "qkv_layout"]  # fmt: skip
+        api = lambda *args, **kwargs: None
+        api.__signature__ = inspect.Signature(
+            [
+                inspect.Parameter(p, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+                for p in parameters
+                if p != lacking
+            ]
+        )
+        monkeypatch.setattr(fused, "dot_product_attention", api)
+    q, k, v = random_qkv(1, 4, 2, 1, 8)
+    with pytest.raises(ImportError, match=rf"lacks \['{lacking}'\]"):
         cudnn_packed_attention(q, k, v, jnp.ones((1, 4), jnp.int32), 2)
 
 
