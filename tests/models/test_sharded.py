@@ -53,8 +53,11 @@ def test_load_pretrained_on_a_mesh(checkpoint_dir, programs):
 
 
 def test_splash_attention_under_shard_map_matches_xla(programs):
-    maxdiff = programs.run("models_sharded.py", "splash", devices=8).result["maxdiff"]
-    assert maxdiff <= 1e-5, maxdiff
+    """Also where the rows (3 over fsdp 2) and the query heads (6 over tensor 4) divide no mesh axis: each is
+    then left whole rather than split, against the float64 statement."""
+    result = programs.run("models_sharded.py", "splash", devices=8).result
+    assert result["maxdiff"] <= 1e-5, result
+    assert result["undivided_maxdiff"] <= 1e-5, result
 
 
 def test_cudnn_packed_attention_runs_per_shard_and_matches_one_device(programs):

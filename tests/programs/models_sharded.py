@@ -8,7 +8,9 @@
         unsharded forward's logits on packed and padded rows; "gguf_reads": how many times the sharded load
         dequantized each GGUF tensor whole (empty for a directory).
     models_sharded.py splash
-        Splash attention (Pallas, interpret mode) under the mesh against the XLA attention: "maxdiff".
+        Splash attention (Pallas, interpret mode) under the mesh against the XLA attention: "maxdiff"; and
+        on 3 rows of 6 query heads (dividing neither mesh axis) against the float64 statement of
+        tests/models/test_attention.py: "undivided_maxdiff".
     models_sharded.py cudnn_packed
         cuDNN's packed attention (its private API replaced by tests/models/cudnn_emulation.py) under the mesh
         against the one-device call: "errors", the largest difference of the output and of the q, k, v
@@ -44,6 +46,7 @@ from jax.sharding import PartitionSpec as P
 from nextquill_jax.models import gguf, load_pretrained
 from nextquill_jax.models.attention import attention_mask, self_attention, splash_attention, xla_attention
 from nextquill_jax.models.blockwise_attention import blockwise_attention
+from tests.models.test_attention import reference_attention
 
 
 def make_mesh():
@@ -105,7 +108,16 @@ def splash() -> dict:
     ref = xla_attention(q, k, v, attention_mask(seg, seg, slots, slots))
     with jax.set_mesh(mesh):
         got = jax.jit(functools.partial(splash_attention, interpret=True))(q, k, v, seg)
-    return {"maxdiff": float(jnp.abs(got - ref).max())}
+    # 3 rows over fsdp 2 and 6 query heads over tensor 4: neither divides, so both are left whole.
+    q3, k3, v3 = (jnp.asarray(rng.standard_normal((3, 64, h, 16)), jnp.float32) for h in (6, 2, 2))
+    seg3 = np.repeat([[1, 2], [1, 1], [0, 1]], 32, axis=1).astype(np.int32)
+    with jax.set_mesh(mesh):
+        got3 = jax.jit(functools.partial(splash_attention, interpret=True))(q3, k3, v3, jnp.asarray(seg3))
+    want3 = reference_attention(q3, k3, v3, seg3)
+    return {
+        "maxdiff": float(jnp.abs(got - ref).max()),
+        "undivided_maxdiff": float(np.abs(np.asarray(got3, np.float64) - want3).max()),
+    }
 
 
 def cudnn_packed() -> dict:
