@@ -294,6 +294,26 @@ def test_cudnn_dense_mask_and_causal_calls_give_the_reference(dtype, monkeypatch
         np.testing.assert_allclose(np.asarray(out, np.float32), expected, atol=2e-2, rtol=0)
 
 
+def test_a_cudnn_model_given_no_segment_ids_asks_for_the_plain_causal_kernel(monkeypatch, tiny_model_config):
+    """Without segment ids a `cudnn` model passes cuDNN no mask (its fastest, causal-only kernel); with them,
+    the [B, 1, T, T] segment mask; `cudnn_max_segments` None. jax's cuDNN call is answered by its XLA
+    implementation on CPU (backend check lifted)."""
+    plain, masks = jax.nn.dot_product_attention, []
+
+    def recording(*args, mask=None, implementation, **kwargs):
+        masks.append(None if mask is None else mask.shape)
+        return plain(*args, mask=mask, implementation="xla", **kwargs)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", recording)
+    monkeypatch.setattr(attention, "check_attention_backend", lambda impl: None)
+    cfg = tiny_model_config(num_layers=1, compute_dtype="bfloat16", attention_impl="cudnn")
+    model = CausalLM(cfg, rngs=nnx.Rngs(0))
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 12)), jnp.int32)
+    model(ids)
+    model(ids, None, jnp.asarray(SEGMENTS))
+    assert masks == [None, (2, 1, 12, 12)]
+
+
 def test_cudnn_needs_half_precision():
     q, k, v = random_qkv(1, 4, 2, 1, 8)
     with pytest.raises(ValueError, match="compute_dtype bfloat16"):
