@@ -31,6 +31,23 @@ def test_logits_are_hidden_states_times_the_lm_head(tied, layout, tiny_model_con
         assert np.array_equal(np.asarray(w), np.asarray(model.embed[...]))
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_bfloat16_logits_are_products_in_bfloat16_accumulated_in_float32(tied, tiny_model_config):
+    """Compute dtype bfloat16 over float32 parameters: the head's weights are rounded to bfloat16 like the
+    hidden states, and the logits are float32 sums of those products (float64 statement; unrounded weights
+    move them by ~1e-3)."""
+    cfg = tiny_model_config(vocab_size=VOCAB, tie_word_embeddings=tied, compute_dtype="bfloat16")
+    model = CausalLM(cfg, rngs=nnx.Rngs(0))
+    hidden, logits = model.hidden_states(IDS), model(IDS)
+    assert hidden.dtype == jnp.bfloat16 and logits.dtype == jnp.float32
+    w, layout = model.lm_head_weight()
+    assert w.dtype == jnp.float32
+    w64 = np.asarray(w.astype(jnp.bfloat16), np.float64)
+    h64 = np.asarray(hidden, np.float64)
+    expected = h64 @ w64.T if layout == "vd" else h64 @ w64
+    np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-5, rtol=0)
+
+
 # `full` and per-part policies: one name, two names, every name the decoder layer sets.
 EVERY_NAME = "save:qkv,attention,attn_out,mlp_gate_up"
 REMAT_CASES = [
