@@ -168,6 +168,20 @@ def test_kv_cache_decode_matches_full_forward(case):
     assert int(cache.index) == prompt_len + steps
 
 
+def test_prefill_then_steps_with_default_positions_and_segments_match_transformers(case):
+    """An unpadded prompt through `prefill`, then one-token `extend` steps given no positions or segment ids
+    (defaults: the slot index, segment 1): every logit is transformers' for the whole sequence."""
+    prompt_len, steps = 8, 4
+    ids = random_ids((2, prompt_len + steps), seed=8)
+    expected = case.reference(ids)
+    prefill = jax.jit(lambda s, ids, cache: nnx.merge(case.graphdef, s).prefill(ids, cache))
+    logits, cache = prefill(case.state, ids[:, :prompt_len], case.model.init_cache(2, prompt_len + steps))
+    assert np.abs(np.asarray(logits) - expected[:, :prompt_len]).max() <= 1e-4
+    for t in range(prompt_len, prompt_len + steps):
+        logits, cache = case.extend(ids[:, t : t + 1], cache)
+        assert np.abs(np.asarray(logits)[:, 0] - expected[:, t]).max() <= 1e-4, t
+
+
 def test_save_pretrained_round_trip(case, tmp_path):
     out = save_pretrained(case.model, tmp_path / "ours", max_shard_bytes=40_000)  # force several shards
     index = json.loads((out / "model.safetensors.index.json").read_text())
