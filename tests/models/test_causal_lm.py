@@ -239,3 +239,17 @@ def test_cache_defaults_to_the_compute_dtype_and_may_be_filled_exactly(tiny_mode
     _, cache = model.prefill(IDS[:, :6], model.init_cache(batch=2, max_len=8))
     logits, cache = model.extend(IDS[:, 6:], cache)
     assert int(cache.index) == 8 and np.isfinite(np.asarray(logits)).all()
+
+
+def test_extend_under_jit_gives_nan_logits_exactly_when_the_tokens_overflow(tiny_model_config):
+    """Under jit the overflow cannot be refused before running: steps that reach max_len exactly give finite
+    logits, one past it NaN logits (the docstring's promise, which the refusal outside jit does not cover)."""
+    model = CausalLM(tiny_model_config(vocab_size=VOCAB), rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    step = jax.jit(lambda s, ids, cache: nnx.merge(graphdef, s).extend(ids, cache))
+    logits, cache = step(state, IDS[:, :6], model.init_cache(batch=2, max_len=8))
+    assert np.isfinite(np.asarray(logits)).all()
+    logits, full = step(state, IDS[:, 6:], cache)
+    assert np.isfinite(np.asarray(logits)).all() and int(full.index) == 8
+    logits, _ = step(state, IDS[:, 6:], full)
+    assert np.isnan(np.asarray(logits)).all()
