@@ -219,6 +219,26 @@ def test_bf16_compute_with_fp32_params_close_to_fp32(case):
     assert 0 < rel < 2e-2, rel
 
 
+def test_bf16_compute_decodes_into_a_float32_cache_close_to_transformers(case):
+    """A cache wider than the compute dtype (`init_cache(dtype=float32)` for a bfloat16 model): prefill and
+    decode steps read it back in bfloat16 and stay within bfloat16 rounding of transformers' float32
+    logits, as the bf16 forward above does."""
+    model = load_pretrained(case.dir, compute_dtype="bfloat16")
+    graphdef, state = nnx.split(model)
+    ids = random_ids((2, 10), seed=9)
+    expected = case.reference(ids)
+    call = lambda method: jax.jit(lambda s, ids, c: getattr(nnx.merge(graphdef, s), method)(ids, c))
+    logits, cache = call("prefill")(state, ids[:, :8], model.init_cache(2, 10, dtype=jnp.float32))
+    got = [np.asarray(logits)]
+    for t in (8, 9):
+        logits, cache = call("extend")(state, ids[:, t : t + 1], cache)
+        got.append(np.asarray(logits))
+    assert cache.k.dtype == jnp.float32
+    got = np.concatenate(got, axis=1)
+    rel = np.linalg.norm(got - expected) / np.linalg.norm(expected)
+    assert 0 < rel < 2e-2, rel
+
+
 LLAMA3_DEFAULT_CONTEXT = {k: v for k, v in LLAMA3_ROPE.items() if k != "original_max_position_embeddings"}
 # A key deleted from config.json by an `EDITED_CONFIGS` edit.
 ABSENT = object()
