@@ -239,6 +239,11 @@ def test_cache_defaults_to_the_compute_dtype_and_may_be_filled_exactly(tiny_mode
     _, cache = model.prefill(IDS[:, :6], model.init_cache(batch=2, max_len=8))
     logits, cache = model.extend(IDS[:, 6:], cache)
     assert int(cache.index) == 8 and np.isfinite(np.asarray(logits)).all()
+    fix = r"init_cache\(batch, max_len\) with max_len >= 8 \+ the tokens to generate$"
+    with pytest.raises(
+        ValueError, match=r"^prompt of 8 tokens does not fit the KV cache's max_len 7\. Fix: " + fix
+    ):
+        model.prefill(IDS, model.init_cache(batch=2, max_len=7))
 
 
 def test_extend_under_jit_gives_nan_logits_exactly_when_the_tokens_overflow(tiny_model_config):
