@@ -70,6 +70,7 @@ def test_segment_offsets_match_the_numpy_statement(max_segments, rows):
     [
         ([1, 2, 3, 0], "segment ids 0..3, outside 0..2"),  # more segments than max_segments
         ([1, 1, 2, 1], r"runs \[1, 2, 1\]"),  # an id in two runs
+        ([1, 0, 1, 0], r"runs \[1, 1\]"),  # an id's run split by padding (no other id out of order)
         ([2, 2, 1, 0], r"runs \[2, 1\]"),  # ids out of row order
         ([1, -1, 0, 0], "outside 0..2"),
     ],
