@@ -151,6 +151,18 @@ def test_llama_attention_biases_match_transformers(tmp_path, tiny_hf_config):
     assert np.abs(np.asarray(load_pretrained(tmp_path)(ids)) - expected).max() <= 1e-4
 
 
+def test_positions_with_gaps_match_transformers_position_ids(case):
+    """Positions that are no constant offset from the slots (RoPE sees only differences, so the usual
+    0..T-1, shifted or restarted per segment, cannot tell given positions from the default): forward and
+    extend rotate by the positions given."""
+    ids = random_ids((2, 10), seed=10)
+    positions = np.array([[0, 1, 2, 6, 7, 8, 20, 21, 22, 23], [0, 3, 4, 5, 9, 10, 11, 12, 30, 31]], np.int32)
+    expected = case.reference(ids, attention_mask=np.ones_like(ids), position_ids=positions)
+    assert np.abs(case.forward(ids, positions) - expected).max() <= 1e-4
+    logits, _ = case.extend(ids, case.model.init_cache(2, 10), positions)
+    assert np.abs(np.asarray(logits) - expected).max() <= 1e-4
+
+
 def test_kv_cache_decode_matches_full_forward(case):
     prompt_len, steps = 14, 6
     ids, mask, positions = left_padded([20, 15, 9], prompt_len + steps, seed=4)
