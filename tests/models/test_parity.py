@@ -163,6 +163,20 @@ def test_positions_with_gaps_match_transformers_position_ids(case):
     assert np.abs(np.asarray(logits) - expected).max() <= 1e-4
 
 
+def test_packed_prompt_through_extend_equals_each_sequence_alone(case):
+    """`extend` on a packed row (two examples, then padding) into an empty cache: each example's logits are
+    transformers' for it alone (its queries see its own segment's keys only)."""
+    a, b = random_ids(7, seed=2), random_ids(9, seed=3)
+    ids = np.zeros((1, 20), np.int32)
+    ids[0, :16] = np.concatenate([a, b])
+    segments = np.array([[1] * 7 + [2] * 9 + [0] * 4], np.int32)
+    positions = np.array([[*range(7), *range(9), 0, 0, 0, 0]], np.int32)
+    logits, _ = case.extend(ids, case.model.init_cache(1, 20), positions, segments)
+    logits = np.asarray(logits)[0]
+    assert np.abs(logits[:7] - case.reference(a[None])[0]).max() <= 1e-4
+    assert np.abs(logits[7:16] - case.reference(b[None])[0]).max() <= 1e-4
+
+
 def test_kv_cache_decode_matches_full_forward(case):
     prompt_len, steps = 14, 6
     ids, mask, positions = left_padded([20, 15, 9], prompt_len + steps, seed=4)
