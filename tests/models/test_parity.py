@@ -144,7 +144,7 @@ def test_llama_attention_biases_match_transformers(tmp_path, tiny_hf_config):
     """Llama's `attention_bias` gives all four projections a bias (the FAMILIES cases have q/k/v only, in
     qwen2): with every bias moved off 0, the logits are transformers'."""
     torch_model = random_checkpoint(tiny_hf_config("llama", vocab_size=VOCAB, attention_bias=True), tmp_path)
-    assert float(torch_model.model.layers[0].self_attn.o_proj.bias.abs().max()) > 0
+    assert float(torch_model.model.layers[0].self_attn.o_proj.bias.detach().abs().max()) > 0
     ids = random_ids((2, 11), seed=7)
     with torch.no_grad():
         expected = torch_model(torch.tensor(ids)).logits.numpy()
