@@ -40,8 +40,9 @@ def value_ranks(rows: Sequence[Mapping[str, str]], x_col: str, key_col: str) -> 
 
 
 def count_label(n: float) -> str:
-    """A parameter count for a tick: "90.4k", "1.02M", "7.62B" (3 significant digits), "512" below 1000."""
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+    """A parameter count for a tick: "90.4k", "1.02M", "7.62B", "1.5T" (3 significant digits), "512" below
+    1000."""
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
         # compared as rounded to the 3 digits shown: 999,999 is "1M", not "1e+03k"
         if float(f"{n:.3g}") >= scale:
             return f"{n / scale:.3g}{unit}"

@@ -193,6 +193,9 @@ def test_value_ranks_break_ties_by_the_numbers_in_the_names():
         (1_024_000, "1.02M"),
         (1e9, "1B"),
         (7_620_000_000, "7.62B"),
+        (999_500_000_000, "1T"),
+        (1.5e12, "1.5T"),
+        (2e15, "2e+03T"),  # past the largest unit
     ],
 )
 def test_count_label_at_and_between_its_unit_thresholds(n, label):
