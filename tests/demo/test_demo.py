@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from nextquill_jax.config_schema import ConfigError
-from nextquill_jax.demo.run import load_demo_config, run_demo, write_pretrain_documents
+from nextquill_jax.demo.run import DemoPlan, load_demo_config, run_demo, write_pretrain_documents
 from nextquill_jax.eval.compare_table import METRICS, interval_text
 from nextquill_jax.eval.preference_recall import preference_recall, signature_recall
 
@@ -334,3 +334,57 @@ def test_a_demo_with_cudnn_attention_reads_its_vocabulary_with_packed_mode_unres
     with pytest.raises(PreparedError):
         _run_demo(cfg, lines.append)
     assert any("tokenizer:" in line and "(model vocabulary 512)" in line for line in lines), lines
+
+
+@pytest.mark.parametrize(
+    "name", ["users", "eval_examples", "eval_batch_size", "max_new_tokens", "effect_examples"]
+)
+@pytest.mark.parametrize("value", [0, -1, True, 2.0])
+def test_a_demo_plan_count_is_an_integer_of_at_least_one(name, value):
+    """Each count of the `demo` section, built directly: 0, a negative number, a bool and a float are refused
+    by name; 1 is the smallest taken."""
+    message = rf"^demo\.{name} must be an integer >= 1, got {re.escape(repr(value))}$"
+    with pytest.raises(ValueError, match=message):
+        DemoPlan(**{name: value})
+    assert getattr(DemoPlan(**{name: 1}), name) == 1
+
+
+@pytest.mark.parametrize(
+    ("variants", "baseline", "message"),
+    [
+        ((), "context_sft", r"^demo\.variants must be distinct names from \[.*\], got \[\]$"),
+        (
+            ("sft", "context_sft", "sft"),
+            "context_sft",
+            r"^demo\.variants .* got \['sft', 'context_sft', 'sft'\]",
+        ),
+        (("sft", "contextsft", "context_sft"), "context_sft", r"^demo\.variants must be distinct names"),
+        (("sft", "nextquill"), "context_sft", r"^demo\.baseline 'context_sft' must be one of demo\.variants"),
+    ],
+)
+def test_demo_plan_variants_are_distinct_known_names_holding_the_baseline(variants, baseline, message):
+    """An empty list, a variant twice, an unknown name (with the baseline among the variants, so only the
+    name check can refuse it) and a baseline that is not a variant are each refused with their own message."""
+    with pytest.raises(ValueError, match=message):
+        DemoPlan(variants=variants, baseline=baseline)
+    every = ("sft", "context_sft", "mce", "dce", "js", "nextquill")  # the loss variants a demo may train
+    assert DemoPlan(variants=every, baseline="js").variants == every
+
+
+@pytest.mark.parametrize("missing", ["demo", "pretrain", "finetune"])
+def test_a_demo_config_without_one_of_its_sections_is_named(missing, tmp_path):
+    good = yaml.safe_load(tiny_demo_config(tmp_path / "good.yaml").read_text())
+    del good[missing]
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(good))
+    with pytest.raises(ConfigError, match=r"exactly the sections \['demo', 'pretrain', 'finetune'\], found"):
+        load_demo_config(tmp_path / "bad.yaml", tmp_path)
+
+
+def test_a_demo_base_that_is_not_a_preset_is_refused(tmp_path):
+    """The base is trained from scratch, so `pretrain.model` names a preset, not a checkpoint path."""
+    raw = yaml.safe_load(tiny_demo_config(tmp_path / "demo.yaml").read_text())
+    raw["pretrain"]["model"] = {"path": str(tmp_path / "some_model"), "compute_dtype": "float32"}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(raw))
+    message = r"`pretrain\.model` must name a preset \(the base is trained from scratch\)$"
+    with pytest.raises(ConfigError, match=message):
+        load_demo_config(tmp_path / "bad.yaml", tmp_path)
