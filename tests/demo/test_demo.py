@@ -388,3 +388,36 @@ def test_a_demo_base_that_is_not_a_preset_is_refused(tmp_path):
     message = r"`pretrain\.model` must name a preset \(the base is trained from scratch\)$"
     with pytest.raises(ConfigError, match=message):
         load_demo_config(tmp_path / "bad.yaml", tmp_path)
+
+
+def test_pretraining_documents_by_hand(tmp_path):
+    """Records written here, two users interleaved, each record's history its user's earlier reviews (oldest
+    first): each user's document is its last training record's reviews, oldest first, the first as the
+    history and the rest (ending with that record's target) joined by newlines as the target. Validation and
+    test records, and a user with no training record, give nothing; a file without training records is
+    refused."""
+
+    def record(user, split, history, target):
+        return {"user_id": user, "split": split, "history": [{"text": t} for t in history], "target": target}
+
+    records = [
+        record("u1", "train", [], "a1"),
+        record("u2", "train", ["b0"], "b1 é"),
+        record("u1", "train", ["a1"], "a2"),
+        record("u1", "train", ["a1", "a2"], "a3"),
+        record("u2", "val", ["b0", "b1 é"], "b2"),
+        record("u1", "val", ["a1", "a2", "a3"], "a4"),
+        record("u1", "test", ["a1", "a2", "a3", "a4"], "a5"),
+        record("u3", "test", ["c0"], "c1"),
+    ]
+    source = tmp_path / "records.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    assert write_pretrain_documents(source, tmp_path / "docs.jsonl") == 2
+    docs = {d["user_id"]: d for d in read_jsonl(tmp_path / "docs.jsonl")}
+    assert docs == {
+        "u1": {"user_id": "u1", "context": {}, "history": ["a1"], "target": "a2\na3", "split": "train"},
+        "u2": {"user_id": "u2", "context": {}, "history": ["b0"], "target": "b1 é", "split": "train"},
+    }
+    source.write_text("".join(json.dumps(r) + "\n" for r in records[4:]), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"has no training records to build the pre-training corpus from$"):
+        write_pretrain_documents(source, tmp_path / "docs.jsonl")
