@@ -33,6 +33,7 @@ runs. The demo is a single-process command (it generates and prepares its data w
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import shutil
@@ -207,7 +208,7 @@ def _demo_config(raw: dict, out: Path, seed: int, source: str) -> DemoConfig:
 
 def _with_values(section: Any, values: dict[tuple[str, ...], Any]) -> dict:
     """A copy of a training-config mapping with the values at the given key paths set."""
-    out = json.loads(json.dumps(section if isinstance(section, dict) else {}))
+    out = copy.deepcopy(section) if isinstance(section, dict) else {}  # any YAML value, dates too
     for keys, value in values.items():
         node = out
         for key in keys[:-1]:

@@ -421,3 +421,20 @@ def test_pretraining_documents_by_hand(tmp_path):
     source.write_text("".join(json.dumps(r) + "\n" for r in records[4:]), encoding="utf-8")
     with pytest.raises(ValueError, match=r"has no training records to build the pre-training corpus from$"):
         write_pretrain_documents(source, tmp_path / "docs.jsonl")
+
+
+def test_a_date_where_a_demo_config_takes_text_is_one_config_error_naming_its_line(tmp_path):
+    """YAML reads an unquoted 2024-01-01 as a date. In a training section of a demo file it is refused as a
+    training config refuses it (naming the key, its line and the quoting fix); copying the section to set the
+    demo's paths raised a TypeError (a date is not JSON) instead."""
+    raw = yaml.safe_load(tiny_demo_config(tmp_path / "demo.yaml").read_text())
+    raw["finetune"]["logging"]["tensorboard_dir"] = "DATE"
+    text = yaml.safe_dump(raw, sort_keys=False).replace("DATE", "2024-01-01")
+    (tmp_path / "bad.yaml").write_text(text)
+    line = next(i for i, t in enumerate(text.splitlines(), 1) if t.strip() == "tensorboard_dir: 2024-01-01")
+    with pytest.raises(ConfigError) as e:
+        load_demo_config(tmp_path / "bad.yaml", tmp_path)
+    assert str(e.value).startswith(
+        f"{tmp_path / 'bad.yaml'}, line {line}: `finetune.logging.tensorboard_dir` expects a str, got "
+    ), e.value
+    assert "put the value in quotes" in str(e.value)
