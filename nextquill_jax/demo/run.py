@@ -315,7 +315,10 @@ def _run_demo(cfg: DemoConfig, echo: Callable[[str], None]) -> dict[str, Any]:
     data_dir = out / "data"
     manifest = generate_synthetic(data_dir, users=plan.users, seed=cfg.seed)
     documents = write_pretrain_documents(data_dir / "synthetic.jsonl", data_dir / "pretrain.jsonl")
-    echo(f"synthetic benchmark: {manifest['records']} records; {documents} pre-training documents")
+    counts = manifest["records"]  # per split
+    splits = ", ".join(f"{split} {n}" for split, n in counts.items())
+    total = sum(counts.values())
+    echo(f"synthetic benchmark: {total} records ({splits}); {documents} pre-training documents")
     clock.stage("data", t)
 
     t = time.perf_counter()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -438,3 +439,192 @@ def test_a_date_where_a_demo_config_takes_text_is_one_config_error_naming_its_li
         f"{tmp_path / 'bad.yaml'}, line {line}: `finetune.logging.tensorboard_dir` expects a str, got "
     ), e.value
     assert "put the value in quotes" in str(e.value)
+
+
+def _stub_stages(monkeypatch, calls: dict, clock: list) -> None:
+    """Replace the demo's training, evaluation and reporting stages by stubs that record their arguments in
+    `calls` and advance the demo's clock (`clock[0]`, its only `time.perf_counter`) by a known number of
+    seconds; the data and the tokenizer stay real (a few users: fast), their arguments recorded too."""
+    from types import SimpleNamespace
+
+    from nextquill_jax.data import prepare as prepare_module
+    from nextquill_jax.data.sources import synth
+    from nextquill_jax.demo import report
+    from nextquill_jax.demo import run as run_module
+    from nextquill_jax.demo import tokenizer as tokenizer_module
+    from nextquill_jax.eval import compare, compare_table
+    from nextquill_jax.train import export as export_module
+    from nextquill_jax.train import loop
+
+    def advance(seconds):
+        clock[0] += seconds
+
+    real_synth = synth.generate_synthetic
+
+    def generate(data_dir, **kwargs):
+        calls["synth"] = (data_dir, kwargs)
+        advance(2.0)
+        return real_synth(data_dir, **kwargs)
+
+    real_texts, real_tokenizer = tokenizer_module.record_texts, tokenizer_module.train_tokenizer
+
+    def record_texts(path, template, **kwargs):
+        calls["texts"] = (path, template, kwargs)
+        return real_texts(path, template, **kwargs)
+
+    def train_tokenizer(texts, out_dir, **kwargs):
+        calls["tokenizer"] = (out_dir, kwargs)
+        return real_tokenizer(texts, out_dir, **kwargs)
+
+    def prepare(data, out_dir, **kwargs):
+        calls.setdefault("prepare", []).append((list(data.sources), data.tokenizer, out_dir))
+        advance(3.0)
+
+    def train_to_the_end(cfg, workdir, **kwargs):
+        calls["base"] = (cfg, workdir)
+        advance(7.0)
+        return SimpleNamespace(step=2)
+
+    def run_variant(comparison, variant, seed, echo):
+        calls.setdefault("variants", []).append((variant, seed, comparison.run_config(variant, seed)))
+        advance(10.0 + len(calls["variants"]))
+        return {"variant": variant}
+
+    def plot(runs, path, *, base=None):
+        calls["plot"] = (runs, path, base)
+        advance(0.5)
+
+    monkeypatch.setattr(synth, "generate_synthetic", generate)
+    monkeypatch.setattr(tokenizer_module, "record_texts", record_texts)
+    monkeypatch.setattr(tokenizer_module, "train_tokenizer", train_tokenizer)
+    monkeypatch.setattr(prepare_module, "prepare", prepare)
+    monkeypatch.setattr(loop, "train_to_the_end", train_to_the_end)
+    monkeypatch.setattr(export_module, "export", lambda *a: (calls.__setitem__("export", a), advance(1.0)))
+    monkeypatch.setattr(compare, "run_variant", run_variant)
+    monkeypatch.setattr(
+        compare_table,
+        "write_results",
+        lambda comparison, rows: {"config": comparison.source, "split": "test", "rows": rows},
+    )
+    monkeypatch.setattr(compare_table, "markdown", lambda result: "TABLE\n")
+    monkeypatch.setattr(report, "plot_training_curves", plot)
+    monkeypatch.setattr(report, "reading", lambda result: "READING")
+    monkeypatch.setattr(report, "study_table", lambda: "STUDY\n")
+    fake_time = SimpleNamespace(perf_counter=lambda: clock[0], strftime=time.strftime)
+    monkeypatch.setattr(run_module, "time", fake_time)
+
+
+@pytest.mark.parametrize(
+    ("variants", "effect_variant"),
+    [(["nextquill", "context_sft", "sft"], "nextquill"), (["sft", "context_sft"], "context_sft")],
+)
+def test_a_demo_sets_its_paths_and_seeds_and_writes_its_results_as_stated(
+    variants, effect_variant, tmp_path, monkeypatch
+):
+    """By hand, from `load_demo_config`'s and `run_demo`'s statements, with the expensive stages stubbed
+    (`_stub_stages`) and --out given relative: every path the demo sets lies under --out, the data is
+    generated with the demo's seed, both trainings get it as `train.seed` and `data.batching.seed`, the data
+    is prepared with absolute paths, and results.json / results.md hold the stated fields. The fine-tuning
+    section has no `train` mapping here: the demo's `train.data_dir` creates it. The effect report is
+    nextquill's, or the last variant's without one."""
+    import datetime
+
+    monkeypatch.chdir(tmp_path)
+    raw = yaml.safe_load(tiny_demo_config(tmp_path / "demo.yaml").read_text())
+    raw["demo"]["variants"] = variants
+    del raw["finetune"]["train"]
+    (tmp_path / "demo.yaml").write_text(yaml.safe_dump(raw))
+    cfg = load_demo_config(tmp_path / "demo.yaml", Path("out"), seed=5)
+    calls, clock, lines = {}, [100.0], []
+    _stub_stages(monkeypatch, calls, clock)
+    day = datetime.date.today().isoformat()
+    results = run_demo(cfg, echo=lines.append)
+    out, absolute = Path("out"), tmp_path / "out"
+
+    assert calls["synth"] == (out / "data", {"users": 6, "seed": 5})
+    # The tokenizer: trained on the fine-tuning data as its template renders it (3 history entries), with
+    # the base's vocabulary (512).
+    assert calls["texts"] == (out / "data" / "synthetic.jsonl", "review_short", {"max_history": 3})
+    assert calls["tokenizer"] == (out / "tokenizer", {"vocab_size": 512})
+    tokenizer = str(absolute / "tokenizer")
+    assert calls["prepare"] == [
+        ([str(absolute / "data" / "pretrain.jsonl")], tokenizer, str(out / "prepared_base")),
+        ([str(absolute / "data" / "synthetic.jsonl")], tokenizer, str(out / "prepared")),
+    ]
+    base, workdir = calls["base"]
+    assert workdir == out / "runs" / "base" and base.train.workdir == str(out / "runs" / "base")
+    assert (base.train.seed, base.data.batching.seed, base.data.tokenizer) == (5, 5, str(out / "tokenizer"))
+    assert calls["export"] == (out / "runs" / "base", out / "base")
+    assert [(v, seed) for v, seed, _ in calls["variants"]] == [(v, 5) for v in variants]
+    for variant, _, run in calls["variants"]:  # the run configs hold some paths absolute (`run_config`)
+        assert run.loss.variant == variant and Path(run.model.path).absolute() == absolute / "base"
+        assert Path(run.train.workdir).absolute() == absolute / "seed5" / variant
+        assert Path(run.train.data_dir).absolute() == absolute / "prepared"
+        assert [Path(s).absolute() for s in run.data.sources] == [absolute / "data" / "synthetic.jsonl"]
+        assert Path(run.data.tokenizer).absolute() == absolute / "tokenizer"
+        assert (run.train.seed, run.data.batching.seed) == (5, 5)
+    runs = {v: out / "seed5" / v for v in variants}
+    assert calls["plot"] == (runs, out / "training_curves.png", out / "runs" / "base")
+    # 6 users, each with 4 training, 1 validation and 1 test record (`DemoPlan.users`); a document per user.
+    data_line = "synthetic benchmark: 36 records (train 24, val 6, test 6); 6 pre-training documents"
+    assert f"[    2 s] {data_line}" in lines
+    assert "[    2 s] data: 2.0 s" in lines
+
+    stages = {"data": 2.0, "tokenizer and prepared data": 6.0, "base pre-training": 8.0}
+    for k, v in enumerate(variants, start=1):
+        stages[f"{v}: training, evaluation and effect report"] = 10.0 + k
+    expected = {
+        "config": str(tmp_path / "demo.yaml"),
+        "split": "test",
+        "rows": [{"variant": v} for v in variants],
+        "date": day,
+        "seed": 5,
+        "plan": dict(
+            users=6,
+            variants=variants,
+            split="test",
+            eval_examples=4,
+            eval_batch_size=4,
+            max_new_tokens=8,
+            effect_examples=3,
+            baseline="context_sft",
+            resamples=2000,
+        ),
+        "reading": "READING",
+        "effect_report": str(absolute / "seed5" / effect_variant / "effects" / "index.html"),
+        "training_curves": str(absolute / "training_curves.png"),
+        "seconds": {**stages, "total": sum(stages.values()) + 0.5},
+    }
+    assert results == expected
+    assert json.loads((out / "results.json").read_text()) == expected
+    assert (out / "results.md").read_text() == (
+        f"# NextQuill demo ({day}, seed 5, {tmp_path / 'demo.yaml'})\n\nTABLE\n\n"
+        "The first 4 test examples; greedy decoding, repetition penalty 1.2. pref. recall: share of the "
+        "user's signature words in the generation. pref. NLL: teacher-forced NLL of the ground-truth "
+        "preference tokens with the history (first 3 examples). DCE AUROC: how well DCE separates the "
+        "preference tokens from context and noise tokens (0.5 = chance).\n\n"
+        "Reading: READING\n\n"
+        f"Effect report: {expected['effect_report']}\n"
+        f"Training curves: {expected['training_curves']}\n\n"
+        "STUDY\n"
+    )
+
+
+def test_a_demo_whose_model_does_not_end_on_the_tokenizers_eos_is_refused_before_preparing(
+    tmp_path, monkeypatch
+):
+    """The demo tokenizer's EOS is id 0 (`demo.tokenizer`); a base whose eos_token_ids leave it out is refused
+    by name, before any data is prepared."""
+    raw = yaml.safe_load(tiny_demo_config(tmp_path / "demo.yaml").read_text())
+    raw["pretrain"]["model"]["overrides"]["eos_token_ids"] = [1]
+    (tmp_path / "demo.yaml").write_text(yaml.safe_dump(raw))
+    cfg = load_demo_config(tmp_path / "demo.yaml", tmp_path / "out", seed=0)
+    calls = {}
+    _stub_stages(monkeypatch, calls, [0.0])
+    with pytest.raises(ConfigError) as e:
+        run_demo(cfg, echo=lambda _: None)
+    assert str(e.value) == (
+        f"{tmp_path / 'demo.yaml'}: pretrain.model.overrides.eos_token_ids [1] must hold the demo "
+        "tokenizer's EOS id 0"
+    )
+    assert "synth" in calls and "prepare" not in calls
