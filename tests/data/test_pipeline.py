@@ -549,6 +549,65 @@ def test_assemble_batch_refuses_an_empty_prompt_and_an_overflow_naming_the_row()
     assert batch["reference_dce"].dtype == np.float32
 
 
+def _ex(prompt_with, prompt_without, target, dce) -> dict:
+    return {
+        "prompt_with": np.array(prompt_with, np.int32),
+        "prompt_without": np.array(prompt_without, np.int32),
+        "target": np.array(target, np.int32),
+        "reference_dce": np.array(dce, np.float32),
+    }
+
+
+# Row 0: two examples (P_w 3, P_o 1, L 2; P_w 2, P_o 2, L 3), row 1: one (P_w 1, P_o 3, L 1).
+_ROWS = [
+    [_ex([11, 12, 13], [21], [31, 32], [0.5, 0.25]), _ex([14, 15], [22, 23], [33, 34, 35], [1.0, 2.0, 3.0])],
+    [_ex([16], [24, 25, 26], [36], [4.0])],
+]
+
+
+def test_assemble_batch_lays_out_rows_as_its_module_states_by_hand():
+    """The layout of `data/assemble.py`'s docstring, written out by hand: example k of a row has segment id
+    k (from 1) and positions 0 .. P + L - 1 in each stream, right after the previous example; target token j
+    is predicted from `start + P - 1 + j`; response slots are consecutive from 0; padding and unused slots
+    are 0, labels IGNORE_INDEX."""
+    X = IGNORE_INDEX
+    batch = assemble_batch(_ROWS, RowShape(12, 10, 6), with_reference_dce=True)
+    want = {
+        "with_ids": [[11, 12, 13, 31, 32, 14, 15, 33, 34, 35, 0, 0], [16, 36] + [0] * 10],
+        "with_positions": [[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 0, 0], [0, 1] + [0] * 10],
+        "with_segment_ids": [[1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 0, 0], [1, 1] + [0] * 10],
+        "without_ids": [[21, 31, 32, 22, 23, 33, 34, 35, 0, 0], [24, 25, 26, 36] + [0] * 6],
+        "without_positions": [[0, 1, 2, 0, 1, 2, 3, 4, 0, 0], [0, 1, 2, 3] + [0] * 6],
+        "without_segment_ids": [[1, 1, 1, 2, 2, 2, 2, 2, 0, 0], [1, 1, 1, 1] + [0] * 6],
+        "response_index_with": [[2, 3, 6, 7, 8, 0], [0, 0, 0, 0, 0, 0]],
+        "response_index_without": [[0, 1, 4, 5, 6, 0], [2, 0, 0, 0, 0, 0]],
+        "labels": [[31, 32, 33, 34, 35, X], [36, X, X, X, X, X]],
+        "reference_dce": [[0.5, 0.25, 1.0, 2.0, 3.0, 0.0], [4.0, 0, 0, 0, 0, 0]],
+    }
+    assert sorted(batch) == sorted(want)
+    for key, value in want.items():
+        np.testing.assert_array_equal(batch[key], value, err_msg=key)
+        assert batch[key].dtype == (np.float32 if key == "reference_dce" else np.int32), key
+    assert "reference_dce" not in assemble_batch(_ROWS, RowShape(12, 10, 6), with_reference_dce=False)
+
+
+def test_assemble_batch_fills_a_row_exactly_and_refuses_one_token_or_slot_more():
+    """Row 0 of `_ROWS` needs 10 with-stream tokens, 8 without-stream tokens and 5 response slots: that shape
+    holds it exactly; one less of any is refused naming what the row's examples need."""
+    row = [_ROWS[0]]
+    batch = assemble_batch(row, RowShape(10, 8, 5), with_reference_dce=True)
+    np.testing.assert_array_equal(batch["with_ids"][0], [11, 12, 13, 31, 32, 14, 15, 33, 34, 35])
+    np.testing.assert_array_equal(batch["without_ids"][0], [21, 31, 32, 22, 23, 33, 34, 35])
+    np.testing.assert_array_equal(batch["labels"][0], [31, 32, 33, 34, 35])
+    for shape, message in [
+        (RowShape(9, 8, 5), "row 0: examples need 10 with-stream tokens, row holds 9"),
+        (RowShape(10, 7, 5), "row 0: examples need 8 without-stream tokens, row holds 7"),
+        (RowShape(10, 8, 4), "row 0: examples need 5 response slots, row holds 4"),
+    ]:
+        with pytest.raises(ValueError, match=rf"^{re.escape(message)}$"):
+            assemble_batch(row, shape, with_reference_dce=True)
+
+
 def test_empty_prompt_or_split_is_refused_before_iteration(tmp_path):
     # IntegrityErrors (data `data prepare` never writes), which the CLI prints as one `error:` line.
     examples = _examples(3, seed=2)
