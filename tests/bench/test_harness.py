@@ -209,3 +209,33 @@ def test_a_harness_given_a_model_trains_that_models_parameters(tiny_model_config
     given = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     state = TrainingHarness(cfg, mesh, model=model, seed=0).state
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), jax.device_get(given))
+
+
+def test_the_loss_part_reads_a_tied_head_as_the_embedding_and_an_untied_one_as_its_kernel(tiny_model_config):
+    """Logits h @ E.T of a tied head are an untied kernel E.T's: the tied harness's loss part on its
+    embedding E [V, D] and the untied one's on E.T [D, V] give the same loss and hidden-state gradients, and
+    head gradients transposed; each harness's `head_weight` is the matrix its model's head uses."""
+    mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.local_devices()[:1])
+    tied, untied = (
+        TrainingHarness(
+            tiny_model_config(vocab_size=128, compute_dtype="float32", tie_word_embeddings=t), mesh
+        )
+        for t in (True, False)
+    )
+    embed = jax.device_get(tied.state.params["embed"])  # [V, D]
+    assert embed.shape == (128, 32) and "lm_head" not in tied.state.params
+    np.testing.assert_array_equal(jax.device_get(tied.head_weight(tied.state.params)), embed)
+    np.testing.assert_array_equal(
+        jax.device_get(untied.head_weight(untied.state.params)),
+        jax.device_get(untied.state.params["lm_head"]),
+    )
+    rng = np.random.default_rng(0)
+    h_w, h_o = (rng.normal(size=(2, 6, 32)).astype(np.float32) for _ in range(2))
+    labels = rng.integers(0, 128, size=(2, 6)).astype(np.int32)
+    labels[1, 4:] = -100
+    with jax.set_mesh(mesh):
+        loss_t, (gw_t, go_t, ghead_t) = tied.loss_value_and_grad()(h_w, h_o, embed, labels)
+        loss_u, (gw_u, go_u, ghead_u) = untied.loss_value_and_grad()(h_w, h_o, embed.T.copy(), labels)
+    np.testing.assert_allclose(float(loss_t), float(loss_u), rtol=1e-6)
+    for a, b in ((gw_t, gw_u), (go_t, go_u), (ghead_t, np.asarray(ghead_u).T)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
