@@ -656,3 +656,29 @@ def test_the_tensorboard_override_reads_back_as_the_workdirs_folder(launch_env, 
     assert raw == {"logging": {"tensorboard_dir": f"logs/tensorboard/{workdir}"}}
     copier = words.index("bin/worker_train.sh")
     assert words[copier + 3 : copier + 5] == [f"logs/tensorboard/{workdir}", f"{workdir}/tensorboard"]
+
+
+def test_create_defaults_follow_the_readme_settings_table(tmp_path):
+    """README: ACCELERATOR_TYPE defaults to v4-32; RUNTIME_VERSION to tpu-ubuntu2204-base for v2-v4,
+    v2-alpha-tpuv5 for v5p, v2-alpha-tpuv5-lite for v5e, v2-alpha-tpuv6e for v6e; a RUNTIME_VERSION that is
+    set wins; SERVICE_ACCOUNT is passed on."""
+    slice_ = {k: v for k, v in SLICE.items() if k != "ACCELERATOR_TYPE"}
+    (_, create) = dry_run("create.sh", slice_, tmp_path)
+    assert create.split()[8:10] == ["--accelerator-type=v4-32", "--version=tpu-ubuntu2204-base"]
+    expected = {
+        "v2-8": "tpu-ubuntu2204-base",
+        "v3-32": "tpu-ubuntu2204-base",
+        "v5litepod-16": "v2-alpha-tpuv5-lite",
+        "v5e-8": "v2-alpha-tpuv5-lite",
+        "v6e-16": "v2-alpha-tpuv6e",
+    }
+    for accelerator, version in expected.items():
+        (_, create) = dry_run("create.sh", {**SLICE, "ACCELERATOR_TYPE": accelerator}, tmp_path)
+        assert f"--version={version}" in create.split(), (accelerator, create)
+    env = {**SLICE, "RUNTIME_VERSION": "my-image", "SERVICE_ACCOUNT": "sa@p.iam.gserviceaccount.com"}
+    (_, create) = dry_run("create.sh", env, tmp_path)
+    assert create.split()[9:] == [
+        "--version=my-image",
+        "--scopes=https://www.googleapis.com/auth/cloud-platform",
+        "--service-account=sa@p.iam.gserviceaccount.com",
+    ]
