@@ -682,3 +682,13 @@ def test_create_defaults_follow_the_readme_settings_table(tmp_path):
         "--scopes=https://www.googleapis.com/auth/cloud-platform",
         "--service-account=sa@p.iam.gserviceaccount.com",
     ]
+
+
+def test_create_leaves_an_active_queued_resource_and_recreates_a_terminated_tpu(tmp_path):
+    """README: "it finds the name PREEMPTED / TERMINATED (or the queued resource SUSPENDED / FAILED), deletes
+    it and creates a new one; a READY / ACTIVE slice is left alone"."""
+    code, calls, err = scripted_create({"QUEUED": "1"}, ["ok ACTIVE"], tmp_path)
+    assert code == 0 and len(calls) == 1 and "exists and is ACTIVE" in err, err
+    code, calls, err = scripted_create({}, ["ok TERMINATED"], tmp_path)
+    assert code == 0, err
+    assert [c.split()[3] for c in calls] == ["describe", "delete", "create"]
