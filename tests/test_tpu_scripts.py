@@ -692,3 +692,31 @@ def test_create_leaves_an_active_queued_resource_and_recreates_a_terminated_tpu(
     code, calls, err = scripted_create({}, ["ok TERMINATED"], tmp_path)
     assert code == 0, err
     assert [c.split()[3] for c in calls] == ["describe", "delete", "create"]
+
+
+# Stand-in for `sleep` on create.sh's PATH: records each argument, and fails (ending the script under
+# `set -e` with status 99) once it has been called `SLEEP_LIMIT` times, so that a wait that would never end
+# stops at once.
+RECORDING_SLEEP = """#!/bin/bash
+echo "$1" >> "$(dirname "$0")/../sleeps"
+[[ $(wc -l < "$(dirname "$0")/../sleeps") -lt ${SLEEP_LIMIT:-20} ]] || exit 99
+"""
+
+
+def test_queued_create_polls_every_60_s_and_gives_up_after_10_failed_polls_in_a_row(tmp_path):
+    """README: the state is polled every POLL_SECONDS (60) and create.sh gives up only after POLL_RETRIES
+    (10) failed polls *in a row*; a request that disappears while queued is an error, not an endless wait."""
+    executable(tmp_path / "bin" / "sleep", RECORDING_SLEEP)  # before run_script writes its gcloud there
+    sleeps = tmp_path / "sleeps"
+    # 9 failures, a success, 9 more failures, then ACTIVE: no 10 in a row, so the wait goes on.
+    answers = ["fail NOT_FOUND", *["fail UNAVAILABLE"] * 9, "ok PROVISIONING", *["fail UNAVAILABLE"] * 9]
+    code, calls, err = scripted_create({"QUEUED": "1"}, [*answers, "ok ACTIVE"], tmp_path)
+    assert code == 0, err
+    assert [c.split()[3] for c in calls] == ["describe", "create", *["describe"] * 20]
+    assert sleeps.read_text().split() == ["60"] * 19
+    sleeps.unlink()
+    code, _, err = scripted_create({"QUEUED": "1"}, ["fail NOT_FOUND", *["fail UNAVAILABLE"] * 10], tmp_path)
+    assert code == 1 and "gave up polling" in err and "(10 of 10 in a row)" in err, err
+    sleeps.unlink(missing_ok=True)
+    gone = scripted_create({"QUEUED": "1"}, ["fail NOT_FOUND", "fail NOT_FOUND"], tmp_path)
+    assert gone[0] == 1 and "queued resource nq-v5p-32 is gone" in gone[2], gone
