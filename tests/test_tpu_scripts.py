@@ -720,3 +720,18 @@ def test_queued_create_polls_every_60_s_and_gives_up_after_10_failed_polls_in_a_
     sleeps.unlink(missing_ok=True)
     gone = scripted_create({"QUEUED": "1"}, ["fail NOT_FOUND", "fail NOT_FOUND"], tmp_path)
     assert gone[0] == 1 and "queued resource nq-v5p-32 is gone" in gone[2], gone
+
+
+def test_delete_follows_queued_and_project(tmp_path):
+    """README: QUEUED is used by delete too (`delete.sh  # QUEUED=1 if you created it with QUEUED=1`)."""
+    (delete,) = dry_run("delete.sh", {**SLICE, "QUEUED": "1"}, tmp_path)
+    assert delete == f"gcloud compute tpus queued-resources delete nq-v5p-32 {LOCATION} --force --quiet"
+    # README: PROJECT defaults to gcloud's configured project, so no --project flag unless it is set.
+    no_project = {k: v for k, v in SLICE.items() if k != "PROJECT"}
+    (delete,) = dry_run("delete.sh", no_project, tmp_path)
+    assert delete == "gcloud compute tpus tpu-vm delete nq-v5p-32 --zone=us-east5-a --quiet"
+    (delete,) = dry_run("delete.sh", {**SLICE, "PROJECT": "other-project"}, tmp_path)
+    assert (
+        delete
+        == "gcloud compute tpus tpu-vm delete nq-v5p-32 --zone=us-east5-a --project=other-project --quiet"
+    )
