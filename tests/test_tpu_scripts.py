@@ -735,3 +735,23 @@ def test_delete_follows_queued_and_project(tmp_path):
         delete
         == "gcloud compute tpus tpu-vm delete nq-v5p-32 --zone=us-east5-a --project=other-project --quiet"
     )
+
+
+def test_setup_prepares_a_python_3_11_venv_and_installs_a_package_spec_as_one_word(tmp_path):
+    """README: PYTHON_VERSION defaults to 3.11 (uv installs it); PACKAGE_SPEC is any pip requirement, which
+    is then installed instead of a wheel of this checkout (a direct reference has spaces in it)."""
+    ssh = f"gcloud compute tpus tpu-vm ssh nq-v5p-32 {LOCATION} --worker=all"
+    prepare = dry_run("setup.sh", SLICE, tmp_path)[0]
+    assert shlex.split(prepare) == [
+        *ssh.split(),
+        "--command=set -euo pipefail; mkdir -p nextquill/dist nextquill/logs nextquill/bin; "
+        "rm -f nextquill/dist/*.whl; python3 -m pip install --user --quiet --upgrade uv; "
+        "~/.local/bin/uv venv --allow-existing --python 3.11 nextquill/venv",
+    ]
+    prepare = dry_run("setup.sh", {**SLICE, "PYTHON_VERSION": "3.12"}, tmp_path)[0]
+    assert remote(prepare).endswith("; ~/.local/bin/uv venv --allow-existing --python 3.12 nextquill/venv")
+    spec = "nextquill-jax[tpu] @ git+https://github.com/example/nextquill-jax"
+    lines = dry_run("setup.sh", {**SLICE, "PACKAGE_SPEC": spec}, tmp_path)
+    assert not any("pip wheel" in line for line in lines)
+    install = shlex.split(remote(lines[1]))
+    assert install[-5:] == ["pip", "install", "--python", "nextquill/venv/bin/python", spec]
