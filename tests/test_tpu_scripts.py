@@ -755,3 +755,47 @@ def test_setup_prepares_a_python_3_11_venv_and_installs_a_package_spec_as_one_wo
     assert not any("pip wheel" in line for line in lines)
     install = shlex.split(remote(lines[1]))
     assert install[-5:] == ["pip", "install", "--python", "nextquill/venv/bin/python", spec]
+
+
+def alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie nobody has reaped yet does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_stop_waits_600_s_by_default_then_kills_the_whole_run(launch_env, tmp_path):
+    """README: stop.sh waits up to STOP_TIMEOUT=600 s; after that (stop.sh's usage) SIGKILL goes to the run's
+    processes, the trainer included, and the pid file is removed."""
+    (stop,) = dry_run("stop.sh", SLICE, tmp_path)
+    assert "for _ in $(seq 600); do" in remote(stop)
+    home = fake_worker(tmp_path)
+    trainer = home / "nextquill" / "venv" / "bin" / "nextquill-jax"
+    # A trainer that ignores SIGTERM (a save that hangs) and records its pid.
+    executable(
+        trainer,
+        '#!/bin/bash\ntrap "" TERM\necho $$ > "$(dirname "$0")/../../trainer.pid"\n'
+        "for _ in $(seq 300); do sleep 0.1; done\n",
+    )
+    worker_env = {"PATH": os.environ["PATH"], "HOME": str(home)}
+    mkdir, _, _, start = dry_run("launch.sh", launch_env, tmp_path)
+    subprocess.run(["bash", "-c", remote(mkdir)], cwd=home, env=worker_env, check=True)
+    shutil.copy(SCRIPTS / "worker_train.sh", home / "nextquill" / "bin" / "worker_train.sh")
+    subprocess.run(["bash", "-c", remote(start)], cwd=home, env=worker_env, check=True, capture_output=True)
+    wait_for(home / "nextquill" / "trainer.pid")
+    pid = int((home / "nextquill" / "trainer.pid").read_text())
+    (stop,) = dry_run("stop.sh", {**SLICE, "STOP_TIMEOUT": "1"}, tmp_path)
+    stopped = subprocess.run(
+        ["bash", "-c", remote(stop)], cwd=home, env=worker_env, capture_output=True, text=True
+    )
+    try:
+        assert stopped.returncode == 0 and "killed" in stopped.stdout, stopped
+        assert not (home / "nextquill" / "logs" / "train.pid").exists()
+        deadline = time.monotonic() + 10
+        while alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not alive(pid), "the trainer outlived stop.sh's SIGKILL"
+    finally:
+        if alive(pid):
+            os.kill(pid, 9)
