@@ -799,3 +799,12 @@ def test_stop_waits_600_s_by_default_then_kills_the_whole_run(launch_env, tmp_pa
     finally:
         if alive(pid):
             os.kill(pid, 9)
+
+
+def test_logs_of_every_worker(tmp_path):
+    """README: logs.sh follows worker 0's log, "or print[s] the tail of every worker's" (WORKER=all)."""
+    (logs,) = dry_run("logs.sh", {**SLICE, "WORKER": "all", "LINES": "7"}, tmp_path)
+    assert shlex.split(logs) == [
+        *f"gcloud compute tpus tpu-vm ssh nq-v5p-32 {LOCATION} --worker=all".split(),
+        '--command=echo "== $(hostname)"; tail -n 7 nextquill/logs/train.log',
+    ]
