@@ -808,3 +808,23 @@ def test_logs_of_every_worker(tmp_path):
         *f"gcloud compute tpus tpu-vm ssh nq-v5p-32 {LOCATION} --worker=all".split(),
         '--command=echo "== $(hostname)"; tail -n 7 nextquill/logs/train.log',
     ]
+
+
+def test_mount_command_runs_on_a_worker_with_a_spaced_remote_dir(tmp_path):
+    """The mount string, run in a fake worker home (gcsfuse present, nothing mounted yet), makes the mount
+    point and mounts the bucket there with the metadata caches off, for a REMOTE_DIR with a space."""
+    home = tmp_path / "worker"
+    home.mkdir()
+    fakes = tmp_path / "fakes"
+    executable(fakes / "gcsfuse", '#!/bin/bash\nprintf "%s\\n" "$@" > "$HOME/gcsfuse-args"\n')
+    executable(fakes / "mountpoint", "#!/bin/sh\nexit 1\n")
+    (_, mount) = dry_run("mount_bucket.sh", {**SLICE, "BUCKET": "b", "REMOTE_DIR": "my dir"}, tmp_path)
+    env = {"PATH": f"{fakes}:{os.environ['PATH']}", "HOME": str(home)}
+    subprocess.run(["bash", "-c", remote(mount)], cwd=home, env=env, check=True, capture_output=True)
+    assert (home / "my dir" / "gcs").is_dir() and not (home / "dir").exists()
+    assert (home / "gcsfuse-args").read_text().splitlines() == [
+        "--metadata-cache-ttl-secs=0",
+        "--metadata-cache-negative-ttl-secs=0",
+        "b",
+        "my dir/gcs",
+    ]
