@@ -828,3 +828,8 @@ def test_mount_command_runs_on_a_worker_with_a_spaced_remote_dir(tmp_path):
         "b",
         "my dir/gcs",
     ]
+
+
+def test_launch_refuses_a_config_that_is_a_directory(launch_env, tmp_path):
+    refused = run_script("launch.sh", {**launch_env, "CONFIG": str(tmp_path)}, "--dry-run", tmp_path=tmp_path)
+    assert refused.returncode == 2 and "is not a file" in refused.stderr
