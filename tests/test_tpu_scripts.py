@@ -833,3 +833,35 @@ def test_mount_command_runs_on_a_worker_with_a_spaced_remote_dir(tmp_path):
 def test_launch_refuses_a_config_that_is_a_directory(launch_env, tmp_path):
     refused = run_script("launch.sh", {**launch_env, "CONFIG": str(tmp_path)}, "--dry-run", tmp_path=tmp_path)
     assert refused.returncode == 2 and "is not a file" in refused.stderr
+
+
+def test_the_slurm_file_keeps_one_task_per_node_and_its_documented_settings(tmp_path):
+    """README: one process per node, a --gpus-per-node line (SLURM_GPUS_ON_NODE needs it), --signal=TERM@300
+    (5 minutes' warning); srun gets the coordinator on the first node at port 12355, PYTHONUNBUFFERED=1,
+    SRUN_CPUS_PER_TASK and --kill-on-bad-exit; VENV defaults to .venv (the file's usage)."""
+    directives = [
+        line.split()[1]
+        for line in (SCRIPTS / "slurm_gpu.sbatch").read_text().splitlines()
+        if line.startswith("#SBATCH ")
+    ]
+    assert "--ntasks-per-node=1" in directives and "--signal=TERM@300" in directives
+    assert any(d.startswith("--gpus-per-node=") for d in directives)
+    assert any(d.startswith("--cpus-per-task=") for d in directives)
+    env, bin_dir = slurm_job(tmp_path, tasks_start_together=False)
+    del env["VENV"]
+    executable(
+        bin_dir / "srun", '#!/bin/bash\n{ echo "args: $*"; env | sort; } > "$(dirname "$0")/../srun-all"\n'
+    )
+    job = subprocess.run(["bash", str(SCRIPTS / "slurm_gpu.sbatch")], env=env, capture_output=True, text=True)
+    assert job.returncode == 0, job.stderr
+    seen = (tmp_path / "srun-all").read_text().splitlines()
+    for line in (
+        "NEXTQUILL_COORDINATOR=127.0.0.1:12355",
+        "NEXTQUILL_NUM_PROCESSES=2",
+        "PYTHONUNBUFFERED=1",
+        "SRUN_CPUS_PER_TASK=32",
+    ):
+        assert line in seen, line
+    args = seen[0].split()
+    assert args[1] == "--kill-on-bad-exit=1"
+    assert args[args.index("nextquill-task") + 1] == ".venv/bin/nextquill-jax"
