@@ -865,3 +865,9 @@ def test_the_slurm_file_keeps_one_task_per_node_and_its_documented_settings(tmp_
     args = seen[0].split()
     assert args[1] == "--kill-on-bad-exit=1"
     assert args[args.index("nextquill-task") + 1] == ".venv/bin/nextquill-jax"
+
+
+def test_a_required_setting_that_is_empty_counts_as_missing(tmp_path):
+    """README: TPU_NAME and ZONE are required; `ZONE=` (empty) would otherwise reach gcloud as `--zone=`."""
+    empty = run_script("delete.sh", {**SLICE, "ZONE": ""}, "--dry-run", tmp_path=tmp_path)
+    assert empty.returncode == 2 and "error: set ZONE (see tpu_scripts/README.md)" in empty.stderr, empty
