@@ -871,3 +871,24 @@ def test_a_required_setting_that_is_empty_counts_as_missing(tmp_path):
     """README: TPU_NAME and ZONE are required; `ZONE=` (empty) would otherwise reach gcloud as `--zone=`."""
     empty = run_script("delete.sh", {**SLICE, "ZONE": ""}, "--dry-run", tmp_path=tmp_path)
     assert empty.returncode == 2 and "error: set ZONE (see tpu_scripts/README.md)" in empty.stderr, empty
+
+
+def test_check_hosts_fails_when_the_hosts_do_not_add_up(tmp_path):
+    """check_hosts.py's exit status is 1 when global devices != processes x local devices, even when the
+    all-reduce reaches every device (here: one process that JAX claims is one of two)."""
+    patched = (
+        "import runpy, jax; jax.process_count = lambda: 2; "
+        f"runpy.run_path({str(SCRIPTS / 'check_hosts.py')!r}, run_name='__main__')"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    for name in ("NEXTQUILL_COORDINATOR", "NEXTQUILL_NUM_PROCESSES", "NEXTQUILL_PROCESS_ID"):
+        env.pop(name, None)
+    checked = subprocess.run(
+        [sys.executable, "-c", patched], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert checked.returncode == 1, checked
+    assert checked.stdout.startswith(
+        "process 0/2: 2 local devices (cpu), 2 global, mesh data=1 fsdp=2 tensor=1"
+    )
+    assert "error: the hosts do not add up" in checked.stderr
