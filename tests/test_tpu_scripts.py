@@ -892,3 +892,11 @@ def test_check_hosts_fails_when_the_hosts_do_not_add_up(tmp_path):
         "process 0/2: 2 local devices (cpu), 2 global, mesh data=1 fsdp=2 tensor=1"
     )
     assert "error: the hosts do not add up" in checked.stderr
+
+
+def test_launch_skips_blank_and_whitespace_only_train_env_lines(launch_env, tmp_path):
+    """TRAIN_ENV is one VAR=value per line: a line of spaces (an indented closing quote) is no setting, and
+    neither refused nor passed on."""
+    env = {**launch_env, "TRAIN_ENV": "A=1\n   \n\t\nB=two words\n  "}
+    words = shlex.split(remote(dry_run("launch.sh", env, tmp_path)[3]))
+    assert words[words.index("env") + 1 : words.index("bash")] == ["PYTHONUNBUFFERED=1", "A=1", "B=two words"]
