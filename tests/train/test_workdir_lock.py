@@ -324,20 +324,31 @@ def test_a_holder_that_has_not_recorded_itself_is_named_as_such(tmp_path, record
 def test_a_child_process_does_not_inherit_the_lock(tmp_path):
     """flock belongs to the open file, which a child would share if it inherited the descriptor: a
     subprocess the run starts (a data tool, a shell) would then keep the workdir locked after the run
-    released it or died. The descriptor is close-on-exec, so the release frees the lock at once."""
+    released it or died. The descriptor is close-on-exec, so the release frees the lock at once.
+
+    Run in an interpreter of its own: in a test worker, another thread's fork while the lock is held (a
+    child holds every descriptor until it execs) could hold it too, which is not what this checks."""
     import subprocess
     import sys
+    import textwrap
 
-    workdir = tmp_path / "run"
-    lock = WorkdirLock(workdir)
-    assert lock.acquire(0, echo=lambda _: None)
-    child = subprocess.Popen(
-        [sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE, close_fds=False
+    script = textwrap.dedent(
+        f"""
+        import subprocess, sys
+        from nextquill_jax.train.workdir_lock import WorkdirLock
+        lock = WorkdirLock({str(tmp_path / "run")!r})
+        assert lock.acquire(0, echo=lambda _: None)
+        child = subprocess.Popen(
+            [sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE, close_fds=False
+        )
+        try:
+            lock.release()
+            again = WorkdirLock({str(tmp_path / "run")!r})
+            assert again.acquire(0, echo=lambda _: None) is True  # WorkdirLockedError if the child held it
+            again.release()
+        finally:
+            child.communicate(timeout=30)
+        """
     )
-    try:
-        lock.release()
-        again = WorkdirLock(workdir)
-        assert again.acquire(0, echo=lambda _: None) is True  # WorkdirLockedError if the child held it
-        again.release()
-    finally:
-        child.communicate(timeout=30)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
