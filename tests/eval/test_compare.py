@@ -905,6 +905,44 @@ class _SignalReachedTheTestError(Exception):
     pass
 
 
+def _compare_file_on_random_data(tmp_path, write_random_data, tiny_config, variants: dict) -> Path:
+    """A compare file in `tmp_path` (c.yaml) of `variants` (baseline `a`, split val) over the tiny config
+    on random prepared data (8 train and 8 val examples)."""
+    base = tiny_config(write_random_data(tmp_path / "data", train=8, val=8), tmp_path / "unused")
+    file = tmp_path / "c.yaml"
+    compare = {"out": str(tmp_path / "out"), "baseline": "a", "split": "val"}
+    file.write_text(yaml.safe_dump({"compare": compare, "variants": variants, "base": base}))
+    return file
+
+
+def _stand_ins_around_evaluation(monkeypatch, calls: list) -> None:
+    """Stand-ins for what a run reads and writes around its evaluation, each appending its call to `calls`:
+    the untrained model (`("initial", run)`), the trained one (`("restore", run)`), the tokenizer (None) and
+    the effect report (`("effects", run, data_dir)`), which writes an empty summary.json in its out_dir (a
+    run's record holds the summary's digest)."""
+    from types import SimpleNamespace
+
+    from nextquill_jax.data import prepare
+    from nextquill_jax.eval import effect_report
+    from nextquill_jax.train import workdir as workdir_module
+
+    def model(stage: str, source: str):
+        return lambda workdir: (
+            calls.append((stage, workdir.name)) or SimpleNamespace(model=None, source=source)
+        )
+
+    def report(model, tokenizer, data_dir, split, out_dir, *args, **kwargs) -> dict:
+        calls.append(("effects", out_dir.parent.name, Path(data_dir)))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "summary.json").write_text("{}")
+        return {"files": {"summary": str(out_dir / "summary.json")}}
+
+    monkeypatch.setattr(workdir_module, "initial_model", model("initial", "step 0"))
+    monkeypatch.setattr(workdir_module, "restore_model", model("restore", "step 2"))
+    monkeypatch.setattr(prepare, "load_fast_tokenizer", lambda name: None)
+    monkeypatch.setattr(effect_report, "build_effect_report", report)
+
+
 def test_a_signal_outside_training_stops_the_comparison_cleanly_and_running_it_again_resumes(
     tmp_path, write_random_data, tiny_config, monkeypatch, capsys
 ):
@@ -914,19 +952,13 @@ def test_a_signal_outside_training_stops_the_comparison_cleanly_and_running_it_a
     stopped stage is not recorded as done, and each run again redoes only what was not finished. Evaluation,
     the effect report, the model and the table are stand-ins (nothing here depends on their numbers)."""
     import os
-    from types import SimpleNamespace
 
-    from nextquill_jax.data import prepare
-    from nextquill_jax.eval import compare_table, effect_report
-    from nextquill_jax.train import workdir as workdir_module
+    from nextquill_jax.eval import compare_table
 
-    base = tiny_config(write_random_data(tmp_path / "data", train=8, val=8), tmp_path / "unused")
-    file = tmp_path / "c.yaml"
-    compare = {"out": str(tmp_path / "out"), "baseline": "a", "split": "val"}
     variants = {"a": {"train": False}, "b": {"train": False}}
-    file.write_text(yaml.safe_dump({"compare": compare, "variants": variants, "base": base}))
-    out = tmp_path / "out"
-    stages, signals = [], {}  # (stage, run) in order; stage -> the signal sent when it starts
+    file = _compare_file_on_random_data(tmp_path, write_random_data, tiny_config, variants)
+    out, data = tmp_path / "out", tmp_path / "data"
+    stages, signals = [], {}  # (stage, run, ...) in order; stage -> the signal sent when it starts
 
     def stage(name, workdir=None):
         stages.append((name, workdir and workdir.name))
@@ -937,24 +969,14 @@ def test_a_signal_outside_training_stops_the_comparison_cleanly_and_running_it_a
         stage("evaluate", workdir) if workdir.name == "b" else stages.append(("evaluate", workdir.name))
         return {"overall": {"bleu": 1.0}}
 
-    def reported(model, tokenizer, data_dir, split, out_dir, *args, **kwargs):
-        stages.append(("effects", out_dir.parent.name))
-        out_dir.mkdir(parents=True, exist_ok=True)  # the run's record holds the report's digest
-        (out_dir / "summary.json").write_text("{}")
-        return {"files": {"summary": str(out_dir / "summary.json")}}
-
     def tabulated(comparison, records):
         stage("table")
         (out / "results.md").write_text("the table\n")
         return {}
 
     monkeypatch.setattr(evaluate, "evaluate", evaluated)
-    monkeypatch.setattr(effect_report, "build_effect_report", reported)
     monkeypatch.setattr(compare_table, "write_results", tabulated)
-    monkeypatch.setattr(prepare, "load_fast_tokenizer", lambda name: None)
-    monkeypatch.setattr(
-        workdir_module, "initial_model", lambda w: SimpleNamespace(model=None, source="step 0")
-    )
+    _stand_ins_around_evaluation(monkeypatch, stages)
 
     def reached(signum, frame):  # where compare lets a signal through (without the fix: everywhere)
         raise _SignalReachedTheTestError(signal.Signals(signum).name)
@@ -969,7 +991,13 @@ def test_a_signal_outside_training_stops_the_comparison_cleanly_and_running_it_a
             "is recorded as done); runs finished: a (seed 0); run the same command again to resume "
             "(finished runs are not run again)"
         )
-        assert stages == [("evaluate", "a"), ("effects", "a"), ("evaluate", "b")]
+        assert stages == [
+            ("initial", "a"),
+            ("evaluate", "a"),
+            ("effects", "a", data),
+            ("initial", "b"),
+            ("evaluate", "b"),
+        ]
         assert (out / "seed0" / "a" / DONE_FILE).is_file() and not (out / "seed0" / "b" / DONE_FILE).exists()
         assert all(signal.getsignal(s) is reached for s in previous)
 
@@ -982,7 +1010,7 @@ def test_a_signal_outside_training_stops_the_comparison_cleanly_and_running_it_a
             "compare stopped: SIGINT during the table (results.json, results.md) (outside training; "
         ) and lines[-1].endswith("runs finished: a (seed 0), b (seed 0); run the same command again to "
             "resume (finished runs are not run again)")  # fmt: skip
-        assert stages == [("evaluate", "b"), ("effects", "b"), ("table", None)]
+        assert stages == [("initial", "b"), ("evaluate", "b"), ("effects", "b", data), ("table", None)]
         assert all(signal.getsignal(s) is reached for s in previous)
 
         stages.clear()
@@ -1000,34 +1028,16 @@ def test_an_error_of_one_run_names_that_run_and_the_runs_finished_before_it(
     """A run's error may name only what the runs share (a vocabulary error names the prepared data): the
     `error:` line and the exception's note name the run it came from. Evaluation, the effect report and the
     model are stand-ins."""
-    from types import SimpleNamespace
-
-    from nextquill_jax.data import prepare
-    from nextquill_jax.eval import effect_report
-    from nextquill_jax.train import workdir as workdir_module
-
-    base = tiny_config(write_random_data(tmp_path / "data", train=8, val=8), tmp_path / "unused")
-    file = tmp_path / "c.yaml"
-    compare = {"out": str(tmp_path / "out"), "baseline": "a", "split": "val"}
     variants = {"a": {"train": False}, "b": {"train": False}}
-    file.write_text(yaml.safe_dump({"compare": compare, "variants": variants, "base": base}))
+    file = _compare_file_on_random_data(tmp_path, write_random_data, tiny_config, variants)
 
     def evaluated(workdir, *args, **kwargs):
         if workdir.name == "b":
             raise ConfigError("prepared split val holds token id 9, but the model's vocab_size is 8")
         return {"overall": {"bleu": 1.0}}
 
-    def reported(model, tokenizer, data_dir, split, out_dir, *args, **kwargs):
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "summary.json").write_text("{}")
-        return {"files": {"summary": str(out_dir / "summary.json")}}
-
     monkeypatch.setattr(evaluate, "evaluate", evaluated)
-    monkeypatch.setattr(effect_report, "build_effect_report", reported)
-    monkeypatch.setattr(prepare, "load_fast_tokenizer", lambda name: None)
-    monkeypatch.setattr(
-        workdir_module, "initial_model", lambda w: SimpleNamespace(model=None, source="step 0")
-    )
+    _stand_ins_around_evaluation(monkeypatch, [])
     assert cli.main(["compare", "--config", str(file)]) == 1
     assert capsys.readouterr().err.splitlines()[-1] == (
         "error: prepared split val holds token id 9, but the model's vocab_size is 8 (run b (seed 0) of the "
@@ -1050,16 +1060,10 @@ def test_a_stop_signal_raised_inside_a_gc_callback_still_stops_the_comparison(
     import os
     import sys
     import time
-    from types import SimpleNamespace
 
-    from nextquill_jax.data import prepare
-    from nextquill_jax.eval import compare_table, effect_report
-    from nextquill_jax.train import workdir as workdir_module
+    from nextquill_jax.eval import compare_table
 
-    base = tiny_config(write_random_data(tmp_path / "data", train=8, val=8), tmp_path / "unused")
-    file = tmp_path / "c.yaml"
-    compare = {"out": str(tmp_path / "out"), "baseline": "a", "split": "val"}
-    file.write_text(yaml.safe_dump({"compare": compare, "variants": {"a": {"train": False}}, "base": base}))
+    file = _compare_file_on_random_data(tmp_path, write_random_data, tiny_config, {"a": {"train": False}})
 
     def signalled_in_a_callback(phase, info):
         gc.callbacks.remove(signalled_in_a_callback)
@@ -1081,16 +1085,8 @@ def test_a_stop_signal_raised_inside_a_gc_callback_still_stops_the_comparison(
         return {}
 
     monkeypatch.setattr(evaluate, "evaluate", evaluated)
-    monkeypatch.setattr(
-        effect_report,
-        "build_effect_report",
-        lambda model, tok, data, split, out_dir, *a, **k: {"files": {"summary": str(out_dir / "s.json")}},
-    )
     monkeypatch.setattr(compare_table, "write_results", tabulate)
-    monkeypatch.setattr(prepare, "load_fast_tokenizer", lambda name: None)
-    monkeypatch.setattr(
-        workdir_module, "initial_model", lambda w: SimpleNamespace(model=None, source="step 0")
-    )
+    _stand_ins_around_evaluation(monkeypatch, [])
     before = sys.unraisablehook, signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     assert cli.main(["compare", "--config", str(file)]) == 0
     name = signal.Signals(signum).name
@@ -1656,32 +1652,18 @@ def test_a_finished_run_is_trained_again_only_where_it_has_no_training_here_to_k
     settings alone changed, is evaluated from its checkpoint without training. Training, model loading,
     evaluation and the effect report are stand-ins that record what was called. A run evaluated again whose
     evaluation fails is left unrecorded."""
-    from types import SimpleNamespace
-
-    from nextquill_jax.data import prepare
-    from nextquill_jax.eval import effect_report
     from nextquill_jax.eval.compare import run_variant
     from nextquill_jax.eval.compare_record import run_settings
     from nextquill_jax.train import metrics_log
     from nextquill_jax.train import workdir as workdir_module
 
-    calls = []
-    monkeypatch.setattr(loop, "train_to_the_end", lambda cfg, workdir, echo: calls.append(("train", workdir)))
+    calls, data = [], tmp_path / "data"
     monkeypatch.setattr(
-        workdir_module,
-        "restore_model",
-        lambda workdir: calls.append(("restore", workdir)) or SimpleNamespace(model=None, source="step 2"),
+        loop, "train_to_the_end", lambda cfg, workdir, echo: calls.append(("train", workdir.name))
     )
-    monkeypatch.setattr(workdir_module, "data_dir_of", lambda cfg, workdir: tmp_path / "data")
+    monkeypatch.setattr(workdir_module, "data_dir_of", lambda cfg, workdir: data)
     monkeypatch.setattr(evaluate, "evaluate", lambda workdir, *a, **k: {})
-
-    def report(model, tok, data, split, out_dir, *args, **kwargs) -> dict:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "s.json").write_text("{}")
-        return {"files": {"summary": str(out_dir / "s.json")}}
-
-    monkeypatch.setattr(effect_report, "build_effect_report", report)
-    monkeypatch.setattr(prepare, "load_fast_tokenizer", lambda name: None)
+    _stand_ins_around_evaluation(monkeypatch, calls)
     skipped = {"skipped": 2}  # its training log's last count of skipped updates
     monkeypatch.setattr(metrics_log, "last_value", lambda workdir, key: skipped[key])
 
@@ -1690,7 +1672,7 @@ def test_a_finished_run_is_trained_again_only_where_it_has_no_training_here_to_k
     comparison = _comparison(tmp_path, tiny_config, {"a": {}})
     workdir = comparison.workdir("a", 0)
     record = run_variant(comparison, "a", 0, echo=lambda _: None)
-    assert calls == [("train", workdir), ("restore", workdir)]
+    assert calls == [("train", "a"), ("restore", "a"), ("effects", "a", data)]
     assert record["skipped_updates"] == 2 and record["settings"]["train"] is True
 
     calls.clear()
@@ -1698,7 +1680,7 @@ def test_a_finished_run_is_trained_again_only_where_it_has_no_training_here_to_k
     settings["evaluation"]["max_examples"] = 3  # recorded as evaluated on 3 examples; the file now says all
     _finished_with(comparison, settings)
     run_variant(comparison, "a", 0, echo=lambda _: None)
-    assert calls == [("restore", workdir)]
+    assert calls == [("restore", "a"), ("effects", "a", data)]
 
     # Evaluated again and stopped by an error: the record of the old settings must not stand for the run.
     _finished_with(comparison, settings)
@@ -1738,27 +1720,12 @@ def test_on_locked_is_called_once_with_the_compare_out_lock_held(
     """The CLI opens its third-party log in compare.out from `on_locked`: once the comparison holds the lock
     (compare.lock is there), and once only. Evaluation, the effect report, the model and the table are
     stand-ins."""
-    from types import SimpleNamespace
+    from nextquill_jax.eval import compare_table
 
-    from nextquill_jax.data import prepare
-    from nextquill_jax.eval import compare_table, effect_report
-    from nextquill_jax.train import workdir as workdir_module
-
-    base = tiny_config(write_random_data(tmp_path / "data", train=8, val=8), tmp_path / "unused")
-    file = tmp_path / "c.yaml"
-    compare = {"out": str(tmp_path / "out"), "baseline": "a", "split": "val"}
-    file.write_text(yaml.safe_dump({"compare": compare, "variants": {"a": {"train": False}}, "base": base}))
+    file = _compare_file_on_random_data(tmp_path, write_random_data, tiny_config, {"a": {"train": False}})
     monkeypatch.setattr(evaluate, "evaluate", lambda workdir, *a, **k: {})
-    monkeypatch.setattr(
-        effect_report,
-        "build_effect_report",
-        lambda model, tok, data, split, out_dir, *a, **k: {"files": {"summary": str(file)}},
-    )
     monkeypatch.setattr(compare_table, "write_results", lambda comparison, records: {})
-    monkeypatch.setattr(prepare, "load_fast_tokenizer", lambda name: None)
-    monkeypatch.setattr(
-        workdir_module, "initial_model", lambda w: SimpleNamespace(model=None, source="step 0")
-    )
+    _stand_ins_around_evaluation(monkeypatch, [])
     locked = []
     run_comparison(
         load_comparison(file),
@@ -1838,28 +1805,14 @@ def test_a_trained_in_run_with_its_own_data_is_evaluated_on_the_data_it_trained_
     `trained_in` run of it has its data in the other comparison's `<run>/prepared`: evaluation and the effect
     report read that, not this comparison's workdir of the run, where nothing was prepared. Model loading,
     evaluation and the effect report are stand-ins that record what they were given."""
-    from types import SimpleNamespace
-
-    from nextquill_jax.data import prepare
-    from nextquill_jax.eval import effect_report
     from nextquill_jax.eval.compare import run_variant
     from nextquill_jax.train import metrics_log
-    from nextquill_jax.train import workdir as workdir_module
 
-    read = []
+    calls = []
     monkeypatch.setattr(
-        workdir_module, "restore_model", lambda workdir: SimpleNamespace(model=None, source="step 2")
+        evaluate, "evaluate", lambda *a, data_dir, **k: calls.append(("evaluate", data_dir)) or {}
     )
-    monkeypatch.setattr(evaluate, "evaluate", lambda *a, data_dir, **k: read.append(data_dir) or {})
-
-    def report(model, tok, data_dir, split, out_dir, *args, **kwargs) -> dict:
-        read.append(data_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "s.json").write_text("{}")
-        return {"files": {"summary": str(out_dir / "s.json")}}
-
-    monkeypatch.setattr(effect_report, "build_effect_report", report)
-    monkeypatch.setattr(prepare, "load_fast_tokenizer", lambda name: None)
+    _stand_ins_around_evaluation(monkeypatch, calls)
     monkeypatch.setattr(metrics_log, "last_value", lambda workdir, key: 0)
     other = tmp_path / "other"
     variant = {"trained_in": str(other), "overrides": ["data.max_target_tokens=100"]}
@@ -1871,5 +1824,6 @@ def test_a_trained_in_run_with_its_own_data_is_evaluated_on_the_data_it_trained_
     comparison = load_comparison(file)
     assert comparison.run_config("a", 0).train.data_dir is None  # its own data, not the shared one
     record = run_variant(comparison, "a", 0, echo=lambda _: None)
-    assert read == [other / "seed0" / "a" / "prepared"] * 2
+    prepared = other / "seed0" / "a" / "prepared"
+    assert calls == [("restore", "a"), ("evaluate", prepared), ("effects", "a", prepared)]
     assert record["rendered_split"] == str(other / "seed0" / "a" / "prepared" / "val.jsonl")
