@@ -431,3 +431,51 @@ def test_fused_js_weights_below_zero_count_as_zero(det):
     ce = np.log(np.exp(z - top[:, None]).sum(-1)) + top - z[np.arange(3), np.asarray(y)[0]]
     loss = float(loss_from_hidden(hw, ho, w, y, LossConfig(variant="js", js_detach=det))[0])
     assert loss == pytest.approx(ce[0], rel=1e-6)
+
+
+def test_logits_far_below_zero_keep_the_logsumexp_and_label_logit():
+    """Every logit near -2e4 (W's first column 1, h's first coordinate -2e4; the rest O(1) noise): the
+    online logsumexp must not depend on where the logits lie. Reference: float64 NumPy on the same float32
+    operands; float32 logits near 2e4 are exact to 2e-3, hence the absolute tolerance. V = 37 in blocks of
+    16 (the last block overlaps the one before). Survived before (mutation audit 12b): the running maximum
+    started at 0 instead of -inf (F16: exp(-2e4) underflows to a sum of 0, lse -inf), and the columns a
+    block's overlap masks set to -1e4 instead of -inf (F65: larger than every real logit here)."""
+    rng = np.random.default_rng(5)
+    s, r, d, v = 2, 5, 8, 37
+    h = rng.normal(size=(s, 1, r, d)).astype(np.float32)
+    h[..., 0] = -2e4
+    w = rng.normal(scale=0.5, size=(v, d)).astype(np.float32)
+    w[:, 0] = 1.0
+    y = rng.integers(0, v, size=(1, r)).astype(np.int32)
+    y[0, 3] = IGNORE
+    stats = head_token_stats(jnp.asarray(h), jnp.asarray(w), jnp.asarray(y), token_chunk=2, vocab_chunk=16)
+    z = h.astype(np.float64) @ w.astype(np.float64).T  # [S, 1, R, V], all near -2e4
+    assert z.max() < -1.9e4
+    top = z.max(-1)
+    lse = top + np.log(np.exp(z - top[..., None]).sum(-1))
+    label = np.where(
+        y == IGNORE, 0.0, np.take_along_axis(z, np.where(y == IGNORE, 0, y)[None, ..., None], -1)[..., 0]
+    )
+    np.testing.assert_allclose(np.asarray(stats.lse), lse, rtol=0, atol=2e-2)
+    np.testing.assert_allclose(np.asarray(stats.label_logit), label, rtol=0, atol=2e-2)
+
+
+def test_a_label_outside_the_vocabulary_gives_a_nan_label_logit_an_ignored_one_zero():
+    """`head_token_stats`'s contract: label_logit is the label's logit, 0 where the label is IGNORE_INDEX,
+    NaN where it is outside [0, V): below 0 (-1, -5; not -100) as well as V or above. Reference: float64
+    NumPy logits. Survived before (mutation audit 12b, F41): dropping `y < 0` from the check, which gave a
+    negative label other than -100 the logit 0 (a label no column matches) and a finite loss under jit."""
+    rng = np.random.default_rng(6)
+    r, d, v = 8, 8, 21
+    h = rng.normal(size=(1, 1, r, d)).astype(np.float32)
+    w = rng.normal(size=(v, d)).astype(np.float32)
+    y = np.array([[3, -1, IGNORE, 20, v, -5, 0, v + 7]], np.int32)
+    got = np.asarray(
+        head_token_stats(jnp.asarray(h), jnp.asarray(w), jnp.asarray(y), vocab_chunk=8).label_logit
+    )
+    z = h[0, 0].astype(np.float64) @ w.astype(np.float64).T  # [R, V]
+    bad = (y[0] != IGNORE) & ((y[0] < 0) | (y[0] >= v))
+    np.testing.assert_array_equal(np.isnan(got[0, 0]), bad)
+    assert got[0, 0, 2] == 0.0
+    ok = ~bad & (y[0] != IGNORE)
+    np.testing.assert_allclose(got[0, 0][ok], z[ok, y[0][ok]], rtol=1e-5, atol=1e-5)
