@@ -479,3 +479,40 @@ def test_a_label_outside_the_vocabulary_gives_a_nan_label_logit_an_ignored_one_z
     assert got[0, 0, 2] == 0.0
     ok = ~bad & (y[0] != IGNORE)
     np.testing.assert_allclose(got[0, 0][ok], z[ok, y[0][ok]], rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_hidden_states_given_directly_are_computed_in_float32_with_bfloat16_gradients():
+    """`head_token_stats` called directly on bfloat16 hidden states and head (the loss functions cast to
+    float32 first, so only a direct caller sees this): values and gradients are the float32 computation on
+    those values, the gradients returned in bfloat16. Reference: float64 NumPy, d(Σ lse + Σ label logit)/dz
+    = softmax + one-hot at the label, dh = dz W, dW = dzᵀ h. Survived before (mutation audit 12b, F42):
+    dropping the float32 cast of the hidden states (the backward pass then summed dh in bfloat16, or
+    failed)."""
+    rng = np.random.default_rng(7)
+    s, r, d, v = 2, 6, 16, 45
+    h = jnp.asarray(rng.normal(size=(s, 1, r, d)), jnp.bfloat16)
+    w = jnp.asarray(rng.normal(scale=0.4, size=(v, d)), jnp.bfloat16)
+    y = rng.integers(0, v, size=(1, r)).astype(np.int32)
+    y[0, 2] = IGNORE
+
+    def total(a, b):
+        stats = head_token_stats(a, b, jnp.asarray(y), token_chunk=2, vocab_chunk=16)
+        return stats.lse.sum() + stats.label_logit.sum()
+
+    value, (dh, dw) = jax.value_and_grad(total, argnums=(0, 1))(h, w)
+    assert value.dtype == jnp.float32 and dh.dtype == jnp.bfloat16 and dw.dtype == jnp.bfloat16
+    h64, w64 = np.asarray(h, np.float64), np.asarray(w, np.float64)
+    z = h64 @ w64.T  # [S, 1, R, V]
+    top = z.max(-1, keepdims=True)
+    p = np.exp(z - top)
+    lse = (top + np.log(p.sum(-1, keepdims=True)))[..., 0]
+    p /= p.sum(-1, keepdims=True)
+    onehot = (np.arange(v) == y[..., None]) & (y[..., None] != IGNORE)  # [1, R, V]
+    label = (z * onehot).sum(-1)
+    dz = p + onehot
+    np.testing.assert_allclose(float(value), lse.sum() + label.sum(), rtol=1e-5)
+    want_dh, want_dw = dz @ w64, np.einsum("smrv,smrd->vd", dz, h64)
+    for got, want in ((dh, want_dh), (dw, want_dw)):  # bfloat16's rounding of the float32 result: 2**-8
+        np.testing.assert_allclose(
+            np.asarray(got, np.float64), want, rtol=2**-8, atol=1e-6 * np.abs(want).max()
+        )
