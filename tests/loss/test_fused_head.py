@@ -516,3 +516,30 @@ def test_bfloat16_hidden_states_given_directly_are_computed_in_float32_with_bflo
         np.testing.assert_allclose(
             np.asarray(got, np.float64), want, rtol=2**-8, atol=1e-6 * np.abs(want).max()
         )
+
+
+def test_without_counterfactual_grad_the_effect_stream_sends_no_gradient_to_stream_1_even_with_js():
+    """`counterfactual_grad=False`: the effect stream z_0 − z_1 treats z_1 as a constant, whatever else is
+    asked (here also the JS statistic, which no loss variant combines with the effect stream). Reference,
+    float64 NumPy: d Σ lse_effect / d h_0 = softmax(z_0 − z_1) W, d / d h_1 = 0. Survived before (mutation
+    audit 12b, F70): the JS statistic switching the counterfactual gradient back on."""
+    rng = np.random.default_rng(8)
+    r, d, v = 5, 8, 29
+    h = jnp.asarray(rng.normal(size=(2, 1, r, d)), jnp.float32)
+    w = jnp.asarray(rng.normal(scale=0.5, size=(v, d)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, v, size=(1, r)), jnp.int32)
+
+    def effect_lse(a):
+        stats = head_token_stats(
+            a, w, y, with_js=True, with_effect=True, counterfactual_grad=False, token_chunk=2, vocab_chunk=16
+        )
+        return stats.lse[2].sum()
+
+    dh = np.asarray(jax.grad(effect_lse)(h))
+    w64 = np.asarray(w, np.float64)
+    z = np.asarray(h, np.float64) @ w64.T
+    e = z[0] - z[1]
+    p = np.exp(e - e.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    np.testing.assert_allclose(dh[0], p @ w64, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(dh[1], 0.0)
