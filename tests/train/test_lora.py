@@ -13,6 +13,7 @@ Runs in subprocesses (tiny random qwen2 model and data, 12 steps, shared compila
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 import shutil
@@ -577,3 +578,81 @@ def test_lora_dropout_draws_a_mask_key_per_step_and_per_micro_batch(tiny, monkey
         base,
     )
     assert seen and set(seen) == {None}
+
+
+def test_the_eval_step_applies_no_lora_dropout(tiny):
+    """Evaluation is deterministic: with `lora_dropout` 0.5 the eval step's aux is that of the same adapters
+    with dropout 0, while the training loss with a dropout key differs from it (so the comparison can see
+    dropout). Survived before (mutation audit 12b, S42): the eval step handing the adapters a dropout
+    key."""
+    from nextquill_jax.train.step import make_eval_step
+
+    graphdef, base, weights, batch = tiny
+    dropout = dataclasses.replace(SETTINGS, lora_dropout=0.5)
+    fast = {"xla_backend_optimization_level": 0}
+    evaluate = lambda s: jax.jit(make_eval_step(graphdef, s), compiler_options=fast)(
+        weights, batch, None, base
+    )
+    with_dropout, without = evaluate(dropout), evaluate(dataclasses.replace(SETTINGS, lora_dropout=0.0))
+    for k in without:
+        np.testing.assert_array_equal(np.asarray(with_dropout[k]), np.asarray(without[k]), err_msg=k)
+    trained = jax.jit(
+        lambda w: batch_loss(w, graphdef, batch, dropout, base=base, key=jax.random.PRNGKey(0))[0],
+        compiler_options=fast,
+    )(weights)
+    assert abs(float(trained) - float(loss_from_aux(without, SETTINGS.loss))) > 1e-4
+
+
+def test_accumulated_lora_dropout_steps_take_their_denominators_from_the_dropped_out_forward(tiny):
+    """Dynamic DCE weights (smoothed) under LoRA dropout and 2 micro-batches: the step's gradient is that
+    of the global-batch loss of the forward passes it runs, micro-batch i with dropout key
+    fold_in(fold_in(rng, step), i), its denominators (Σω, from those passes' DCE) included. Reference:
+    jax.grad of the sum of the two micro-batches' (rows 0, 2 and 1, 3) `batch_loss` with those keys and
+    the global denominators `combine_aux` gives of those same forward passes, no accumulation code
+    involved; with SGD(1) the update is minus the gradient. Survived before (mutation audit 12b, S53): the
+    forward-only pre-pass that counts the denominators run without dropout, so its Σω belonged to other
+    forward passes than the gradient's."""
+    import optax
+
+    from nextquill_jax.loss import DENOMINATOR_KEYS, combine_aux
+
+    graphdef, base, weights, batch = tiny
+    # Smoothed weights (tests/loss/custom_weighting.py): Σω moves with every DCE, not only at the threshold.
+    loss = LossConfig(weighting="tests.loss.custom_weighting:soft_weights")
+    settings = dataclasses.replace(SETTINGS, loss=loss, micro_batches=2, lora_dropout=0.5)
+    mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.local_devices()[:1])
+    tx = optax.sgd(1.0)
+    fast = {"xla_backend_optimization_level": 0}
+    step = jax.jit(
+        make_train_step(graphdef, tx, optax.constant_schedule(1.0), settings, mesh), compiler_options=fast
+    )
+    state = setup.new_state(weights, tx, 0)
+    with jax.set_mesh(mesh):
+        new, _ = step(state, batch, None, base)
+    key = jax.random.fold_in(state.rng, state.step)
+    micro = [jax.tree.map(lambda x, i=i: x[i::2], batch) for i in range(2)]
+    keys = [jax.random.fold_in(key, i) for i in range(2)]
+    aux_of = jax.jit(lambda mb, k: batch_loss(weights, graphdef, mb, settings, base=base, key=k)[1])
+    combined = combine_aux(
+        *(aux_of(mb, k) for mb, k in zip(micro, keys, strict=True))
+    )  # the global denominators of these forward passes (no gradient)
+    denominators = {k: combined[k] for k in (*DENOMINATOR_KEYS, "n_sum") if k in combined}
+
+    def global_loss(w):
+        return sum(
+            batch_loss(w, graphdef, mb, settings, denominators, base, k)[0]
+            for mb, k in zip(micro, keys, strict=True)
+        )
+
+    grads = jax.jit(jax.grad(global_loss), compiler_options=fast)(weights)
+    for path, g in jax.tree_util.tree_leaves_with_path(grads):
+        moved = functools.reduce(lambda d, k: d[k.key], path, new.params)
+        start = functools.reduce(lambda d, k: d[k.key], path, weights)
+        g = np.asarray(g)
+        np.testing.assert_allclose(
+            np.asarray(start) - np.asarray(moved),
+            g,
+            rtol=1e-4,
+            atol=1e-5 * np.abs(g).max(),
+            err_msg=str(path),
+        )
