@@ -14,7 +14,7 @@ import pytest
 
 from nextquill_jax.config import OptimConfig
 from nextquill_jax.train.optimizer import learning_rate_schedule, make_optimizer, param_paths, warmup_steps
-from tests.shared import LOSS_CONFIGS
+from tests.shared import IGNORE, LOSS_CONFIGS
 
 SOFT_WEIGHTS = "tests.loss.custom_weighting:soft_weights"  # `loss.weighting`: a smoothed step
 
@@ -792,3 +792,41 @@ def test_the_step_computes_no_gradient_for_frozen_parameters(tiny_model_config):
     for path, old in jax.tree_util.tree_leaves_with_path(params):
         moved = not np.array_equal(np.asarray(functools.reduce(lambda d, k: d[k.key], path, new.params)), old)
         assert moved == (path[0].key == "final_norm"), path
+
+
+def test_label_denominators_count_weights_tokens_and_examples_as_the_loss_defines_them():
+    """The global denominators the accumulated step counts from the labels (no model pass), by hand on two
+    rows of 6 target slots in 3 examples, fixed DCE (0.2, 0.01, -0.3, 0.06 | 0.04, 0.1): ω = λ 0.9 where
+    DCE > δ 0.05, else ε 0.1, so Σω = 3 × 0.9 + 3 × 0.1 = 3.0. L_n's denominator is Σω for target-weighted
+    variants, L_p's Σω only with weight_alignment, the anchor's the token count (NEXTQUILL.md, losses.py);
+    `normalize: example` makes all three the example count; js weights need the model (None). Survived
+    before (mutation audit 12b, S25): the anchor's denominator as Σω, which no accumulation test (none has
+    an anchor with target weights) could see."""
+    from nextquill_jax.loss import LossConfig
+    from nextquill_jax.train.step import label_denominators
+
+    batch = {
+        "labels": jnp.asarray([[5, 7, IGNORE, 3, 9], [IGNORE, 2, 4, IGNORE, IGNORE]], jnp.int32),
+        "reference_dce": jnp.asarray([[0.2, 0.01, 0.9, -0.3, 0.06], [0.5, 0.04, 0.1, 0.0, 0.0]], jnp.float32),
+        "with_segment_ids": jnp.asarray([[1, 1, 1, 2, 2, 2, 2, 0], [1, 1, 1, 1, 0, 0, 0, 0]], jnp.int32),
+        "response_index_with": jnp.asarray([[1, 2, 2, 4, 5], [0, 1, 2, 0, 0]], jnp.int32),
+    }
+    cases = [
+        (
+            LossConfig(variant="nextquill", dce="fixed", anchor=0.5),
+            {"n_den": 3.0, "p_den": 6.0, "a_den": 6.0},
+        ),
+        (LossConfig(variant="mce", weight_alignment=True, dce="fixed"), {"n_den": 6.0, "p_den": 3.0}),
+        (LossConfig(variant="dce", dce="fixed"), {"n_den": 3.0}),
+        (LossConfig(variant="context_sft", anchor=0.5), {"n_den": 6.0, "a_den": 6.0}),
+        (
+            LossConfig(variant="context_sft", normalize="example", anchor=0.5),
+            dict.fromkeys(["n_den", "a_den"], 3.0),
+        ),
+    ]
+    for cfg, want in cases:
+        got = label_denominators(batch, cfg)
+        for key, value in want.items():
+            assert float(got[key]) == pytest.approx(value, rel=1e-6), (cfg, key)
+    assert label_denominators(batch, LossConfig(variant="js")) is None
+    assert label_denominators(batch, LossConfig(variant="nextquill")) is None  # dynamic DCE: a model pass
