@@ -794,6 +794,37 @@ def test_the_step_computes_no_gradient_for_frozen_parameters(tiny_model_config):
         assert moved == (path[0].key == "final_norm"), path
 
 
+def test_reference_dce_is_the_with_minus_without_label_probability_of_the_frozen_model(tiny_model_config):
+    """`reference_dce` (the fixed DCE a frozen reference model gives a batch) is, per target slot,
+    p(label | with history) − p(label | without), 0 at ignored slots (NEXTQUILL.md's DCE). Reference: float64
+    NumPy softmax of the model's response hidden states times its head. Survived before (mutation audit 12b,
+    S30): the two streams swapped, which negates the DCE; the accumulation test reads both its one-pass and
+    its accumulated DCE from this same function, so it could not see it."""
+    from flax import nnx
+
+    from nextquill_jax.loss import LossConfig
+    from nextquill_jax.train.step import StepSettings, reference_dce, response_hidden
+
+    graphdef, params = _split_model(tiny_model_config(compute_dtype="float32"))
+    batch = jax.tree.map(jnp.asarray, _joint_forward_batch(equal_lengths=False))
+    settings = StepSettings(loss=LossConfig(variant="nextquill", dce="fixed"), token_chunk=16, vocab_chunk=24)
+    got = np.asarray(reference_dce(graphdef, params, batch, settings))
+    model = nnx.merge(graphdef, params)
+    w, layout = model.lm_head_weight()
+    w = np.asarray(w, np.float64) if layout == "vd" else np.asarray(w, np.float64).T  # [V, D]
+    labels = np.asarray(batch["labels"])
+    mask = labels != -100
+    prob = []
+    for stream in ("with", "without"):
+        z = np.asarray(response_hidden(model, batch, stream), np.float64) @ w.T  # [B, R, V]
+        p = np.exp(z - z.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        prob.append(np.take_along_axis(p, np.where(mask, labels, 0)[..., None], -1)[..., 0])
+    want = np.where(mask, prob[0] - prob[1], 0.0)
+    assert mask.sum() > 10 and (want[mask] > 0).any() and (want[mask] < 0).any()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
 def test_label_denominators_count_weights_tokens_and_examples_as_the_loss_defines_them():
     """The global denominators the accumulated step counts from the labels (no model pass), by hand on two
     rows of 6 target slots in 3 examples, fixed DCE (0.2, 0.01, -0.3, 0.06 | 0.04, 0.1): ω = λ 0.9 where
@@ -830,3 +861,21 @@ def test_label_denominators_count_weights_tokens_and_examples_as_the_loss_define
             assert float(got[key]) == pytest.approx(value, rel=1e-6), (cfg, key)
     assert label_denominators(batch, LossConfig(variant="js")) is None
     assert label_denominators(batch, LossConfig(variant="nextquill")) is None  # dynamic DCE: a model pass
+
+
+def test_batch_token_stats_count_the_real_tokens_of_both_streams_over_all_their_slots():
+    """`input_tokens` is the real (segment id > 0) tokens of both streams, int32; `padding_efficiency` those
+    over every slot of both streams. By hand: with-history rows [1 1 2 0 | 1 0 0 0] hold 4 real tokens in 8
+    slots, without-history rows [1 2 0 | 1 1 1] 5 in 6, so 9 and 9 / 14. Survived before (mutation audit
+    12b, S21, S22, S50): padding counted as real (`>= 0`), the without-history slots left out of the
+    denominator, and one slot too few in it (the metric's only check, the benchmark sweep's, reads a fake
+    harness)."""
+    from nextquill_jax.train.step import batch_token_stats
+
+    batch = {
+        "with_segment_ids": jnp.asarray([[1, 1, 2, 0], [1, 0, 0, 0]], jnp.int32),
+        "without_segment_ids": jnp.asarray([[1, 2, 0], [1, 1, 1]], jnp.int32),
+    }
+    stats = batch_token_stats(batch)
+    assert stats["input_tokens"].dtype == jnp.int32 and int(stats["input_tokens"]) == 9
+    assert float(stats["padding_efficiency"]) == pytest.approx(9 / 14, rel=1e-6)
