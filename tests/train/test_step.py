@@ -879,3 +879,13 @@ def test_batch_token_stats_count_the_real_tokens_of_both_streams_over_all_their_
     stats = batch_token_stats(batch)
     assert stats["input_tokens"].dtype == jnp.int32 and int(stats["input_tokens"]) == 9
     assert float(stats["padding_efficiency"]) == pytest.approx(9 / 14, rel=1e-6)
+
+
+def test_trainable_patterns_matching_nothing_are_refused_naming_real_parameter_paths():
+    """`make_optimizer` with `optim.trainable` patterns of which none matches: the ValueError names paths to
+    choose from, the parameters' own "/"-joined paths in tree order (by hand for `_params`: embed,
+    final_norm/scale, layers/attn/q_bias, ...). Survived before (mutation audit 12b, O37): the message with
+    no path at all (the existing check matched only "matches no parameter")."""
+    paths = r"\['embed', 'final_norm/scale', 'layers/attn/q_bias', 'layers/attn/q_proj', 'layers/mlp/up'\]"
+    with pytest.raises(ValueError, match=rf"matches no parameter\. Fix: .* such as {paths}"):
+        make_optimizer(OptimConfig(trainable=["nothing_like_this", "nor_this"]), _params(), total_steps=10)
