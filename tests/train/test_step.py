@@ -889,3 +889,17 @@ def test_trainable_patterns_matching_nothing_are_refused_naming_real_parameter_p
     paths = r"\['embed', 'final_norm/scale', 'layers/attn/q_bias', 'layers/attn/q_proj', 'layers/mlp/up'\]"
     with pytest.raises(ValueError, match=rf"matches no parameter\. Fix: .* such as {paths}"):
         make_optimizer(OptimConfig(trainable=["nothing_like_this", "nor_this"]), _params(), total_steps=10)
+
+
+def test_split_micro_batches_keeps_every_micro_batch_on_every_batch_shard(programs):
+    """On a (data=2, fsdp=2) mesh of 4 devices, 8 rows split into 2 micro-batches under jit: each device
+    holds a part of both micro-batches ([2, 1, 3] of [2, 4, 3]), the rows it held before the split, so the
+    reshape moves no data (the docstring's claim); the values are rows m, m + 2, ... of micro-batch m.
+    Survived before (mutation audit 12b, S47): the split's sharding constraint on the micro-batch axis
+    instead of the rows (same values; each micro-batch then lives on part of the devices), which the
+    one-device tests and the 8-device public step cannot see."""
+    result = programs.run("train_split_micro_batches.py", devices=4, fast_compile=True, timeout=120).result
+    assert result["shape"] == [2, 4, 3] and result["values_equal"], result
+    assert len(result["devices"]) == 4, result
+    for device, shard in result["devices"].items():
+        assert shard == {"moved": False, "shard_shape": [2, 1, 3]}, (device, result)
