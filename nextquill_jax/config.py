@@ -25,6 +25,7 @@ from nextquill_jax.atomic_file import write_text_atomic
 from nextquill_jax.config_schema import (
     ConfigError,
     build_with_overrides,
+    check_choices,
     check_not_command_file,
     convert,
     read_yaml,
@@ -103,6 +104,7 @@ class LoraConfig:
     init_from: str | None = None
 
     def __post_init__(self):
+        check_choices(self)
         if self.rank <= 0:
             raise ValueError(f"rank must be >= 1, got {self.rank}")
         if not self.alpha > 0:  # `not >`: NaN fails it too
@@ -320,6 +322,7 @@ class LossRunConfig(LossConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_choices(self)
         for name in ("token_chunk", "vocab_chunk"):  # else an error while the first step is traced
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -379,6 +382,7 @@ class OptimConfig:
     trainable: list[str] = field(default_factory=list)
 
     def __post_init__(self):
+        check_choices(self)
         # Each range written so that NaN fails it (every comparison with NaN is false).
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
@@ -467,6 +471,7 @@ class TrainConfig:
     joint_forward: bool = False
 
     def __post_init__(self):
+        check_choices(self)
         if self.workdir is not None and not self.workdir.strip():
             # `--workdir "$RUN"` with RUN unset: the current directory would become the run's workdir.
             raise ValueError(
@@ -520,6 +525,7 @@ class MeshConfig:
     peer_timeout_s: float = 180.0
 
     def __post_init__(self):
+        check_choices(self)
         checked_shape(self.sizes())  # the device count is checked when the mesh is made
         # At most 1e9: JAX's own heartbeat timeout, set to twice it, is an int32.
         if not 0 < self.peer_timeout_s <= 1e9:  # `not`: NaN fails it too
@@ -563,6 +569,7 @@ class CheckpointConfig:
     on_save_error: Literal["stop", "continue"] = "stop"
 
     def __post_init__(self):
+        check_choices(self)
         if self.every_steps < 0 or self.keep < 1:
             raise ValueError(f"need every_steps >= 0 and keep >= 1, got {self.every_steps}, {self.keep}")
 
@@ -593,6 +600,7 @@ class EvalConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
 
     def __post_init__(self):
+        check_choices(self)
         if self.every_steps < 0:
             raise ValueError(f"every_steps must be >= 0, got {self.every_steps}")
         if self.max_batches is not None and self.max_batches < 1:

@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import datetime
 import difflib
+import functools
 import json
 import math
 import re
@@ -541,6 +542,38 @@ def convert(value: Any, tp: Any, key: str, source: str) -> Any:
     else:
         raise TypeError(f"config schema: unsupported type {tp!r} for {key}")
     raise _type_error(value, _type_name(tp), key, source)
+
+
+def check_choices(instance: Any) -> None:
+    """Refuse a value outside its choices in each field of the dataclass `instance` typed by a `Literal` (or
+    a `Literal` or None), as loading a config file does: a section built in Python, or changed with
+    `dataclasses.replace`, is checked as its YAML is (a misspelt `schedule: cosin` would otherwise run on).
+    Called from a section's `__post_init__`.
+
+    Raises:
+        ValueError: naming the class, the field, the value and the choices.
+    """
+    for name, choices in _choice_fields(type(instance)):
+        value = getattr(instance, name)
+        if value not in choices:
+            raise ValueError(
+                f"{type(instance).__name__}.{name} must be one of {', '.join(map(repr, choices))}, got "
+                f"{value!r}"
+            )
+
+
+@functools.cache
+def _choice_fields(cls: type) -> tuple[tuple[str, tuple[Any, ...]], ...]:
+    """(name, allowed values) of each field of `cls` typed by a `Literal`, alone or with None."""
+    hints = typing.get_type_hints(cls)
+    fields = []
+    for f in dataclasses.fields(cls):
+        options = _options(hints[f.name])
+        literals = [o for o in options if typing.get_origin(o) is Literal]
+        if literals and all(typing.get_origin(o) is Literal or o is type(None) for o in options):
+            choices = tuple(v for o in literals for v in typing.get_args(o))
+            fields.append((f.name, choices + ((None,) if type(None) in options else ())))
+    return tuple(fields)
 
 
 def _options(tp: Any) -> tuple[Any, ...]:

@@ -2244,3 +2244,56 @@ def test_the_optim_docs_example_path_is_a_parameter_path(cfg_file):
     )
     params = model_setup.abstract_model(load_config(cfg_file).model.model_config())[1]
     assert example in jax.tree.leaves(param_paths(params)), example
+
+
+def _sections_with_choices() -> list[tuple[object, str]]:
+    """(section, field) for every field typed by a `Literal` (alone or with None) of every
+    config dataclass instance reachable from the tiny config, plus a LoRA section, a preset's model config,
+    RoPE scaling and a compare file's `compare` section (absent from a training config)."""
+    from nextquill_jax.eval.compare_file import CompareConfig
+
+    roots = [
+        load_config(REPO / "configs" / "tiny_synthetic.yaml"),
+        LoraConfig(),
+        model_preset("qwen2.5-0.5b"),
+        RopeScaling(
+            type="llama3",
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=8192,
+        ),
+        CompareConfig(out="out", baseline="a"),
+    ]
+    found, seen = [], set()
+    while roots:
+        section = roots.pop()
+        if id(section) in seen:
+            continue
+        seen.add(id(section))
+        hints = typing.get_type_hints(type(section))
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            if dataclasses.is_dataclass(value):
+                roots.append(value)
+            options = typing.get_args(hints[f.name]) or (hints[f.name],)
+            if typing.get_origin(hints[f.name]) is typing.Literal:
+                options = (hints[f.name],)
+            literals = [o for o in options if typing.get_origin(o) is typing.Literal]
+            if literals and all(typing.get_origin(o) is typing.Literal or o is type(None) for o in options):
+                found.append((section, f.name))
+    return found
+
+
+def test_a_section_built_in_python_refuses_a_value_outside_its_choices_as_its_yaml_does():
+    """`dataclasses.replace(cfg.optim, schedule="cosin")` (or a section built in Python) is refused naming the
+    field, not run with the constant schedule the misspelling fell through to; so is every other field typed
+    by a set of choices. A YAML file was always checked at load."""
+    found = _sections_with_choices()
+    names = {f"{type(s).__name__}.{name}" for s, name in found}
+    assert {"OptimConfig.schedule", "CheckpointConfig.best_mode", "TrainConfig.nonfinite"} <= names
+    assert len(names) >= 20, sorted(names)
+    for section, name in found:
+        with pytest.raises(ValueError, match=re.escape(repr("cosin"))) as refused:
+            dataclasses.replace(section, **{name: "cosin"})
+        assert name in str(refused.value), (type(section).__name__, str(refused.value))

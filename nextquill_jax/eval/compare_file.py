@@ -26,7 +26,15 @@ from typing import Any, Literal
 
 from nextquill_jax.config import Config, load_config
 from nextquill_jax.config_paths import absolute_paths, absolute_value
-from nextquill_jax.config_schema import ConfigError, apply_override, build, key_lines, read_yaml, with_line
+from nextquill_jax.config_schema import (
+    ConfigError,
+    apply_override,
+    build,
+    check_choices,
+    key_lines,
+    read_yaml,
+    with_line,
+)
 
 # A variant's name is a directory name under `compare.out` (and not `.` or `..`): no separators, no escape.
 VARIANT_NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -90,6 +98,7 @@ class CompareConfig:
     resamples: int = 2000
 
     def __post_init__(self):
+        check_choices(self)
         if not self.seeds:
             raise ValueError("seeds is empty")
         if negative := [s for s in self.seeds if s < 0]:
