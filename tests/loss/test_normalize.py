@@ -193,3 +193,27 @@ def test_public_alpha_follows_the_variant():
     assert LossConfig(variant="mce", alpha="public").alpha == 0.01
     assert LossConfig(variant="nextquill", alpha="public").alpha == 0.1
     assert LossConfig(variant="context_sft", alpha="public").alpha == 0.1  # unused without L_p
+
+
+def test_the_logged_terms_of_example_normalisation_are_means_over_examples(data):
+    """metrics_from_aux's loss_n, loss_p and loss_anchor under `normalize: example` are each the mean over
+    the 5 examples of that term's per-example mean (the float64 statement's pieces), not a per-token mean."""
+    from nextquill_jax.loss import metrics_from_aux
+
+    zw, zo, y = data
+    cfg = LossConfig(variant="mce", alpha=0.01, anchor=0.5, normalize="example")
+    _, aux = _loss(jnp.asarray(zw, jnp.float32), jnp.asarray(zo, jnp.float32), y, cfg)
+    got = metrics_from_aux(aux, cfg)
+    ce = {
+        "loss_n": -np_label_logprob(zw, y),
+        "loss_p": -np_label_logprob(zw - zo, y),
+        "loss_anchor": -np_label_logprob(zo, y),
+    }
+    for key, per_token in ce.items():
+        means = [
+            per_token[row][(EXAMPLE_IDS[row] == e) & (y[row] != IGNORE)].mean()
+            for row in range(y.shape[0])
+            for e in np.unique(EXAMPLE_IDS[row][y[row] != IGNORE])
+        ]
+        assert len(means) == 5
+        assert got[key] == pytest.approx(np.mean(means), rel=1e-6), key
