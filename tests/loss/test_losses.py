@@ -530,3 +530,25 @@ def test_normalize_example_of_a_batch_without_slots_is_zero(fused):
     else:
         loss = loss_from_logits(jnp.zeros((2, 0, 7)), jnp.zeros((2, 0, 7)), labels, cfg)[0]
     assert float(loss) == 0.0
+
+
+def test_variant_losses_take_each_variants_stream_weights_and_alpha():
+    """variant_losses from hand-set terms: sft is the without-history CE, context_sft the with-history CE,
+    mce that plus α L_p, dce L_n, nextquill L_n + α L_p (NEXTQUILL.md, "Variants"); js is not derivable."""
+    from nextquill_jax.loss.losses import variant_losses
+
+    terms = {"ce_with": 2.0, "ce_without": 3.0, "loss_n": 1.5, "loss_p": 4.0}
+    got = variant_losses(terms, alpha=0.25)
+    assert got == pytest.approx(
+        {"sft": 3.0, "context_sft": 2.0, "mce": 2.0 + 0.25 * 4.0, "dce": 1.5, "nextquill": 1.5 + 0.25 * 4.0},
+        rel=1e-12,
+    )
+
+
+def test_loss_from_aux_of_an_aux_without_the_anchor_terms_names_them(data):
+    """An aux made without the anchor, read under an anchored config, is refused with the keys it lacks (a
+    ValueError naming them, not a bare KeyError)."""
+    zw, zo, y = data
+    _, aux = jax_loss(zw, zo, y, LossConfig())
+    with pytest.raises(ValueError, match=r"aux lacks \['a_sum', 'a_den'\] needed by variant 'nextquill'"):
+        loss_from_aux(aux, LossConfig(anchor=0.5))
