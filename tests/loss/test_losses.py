@@ -552,3 +552,18 @@ def test_loss_from_aux_of_an_aux_without_the_anchor_terms_names_them(data):
     _, aux = jax_loss(zw, zo, y, LossConfig())
     with pytest.raises(ValueError, match=r"aux lacks \['a_sum', 'a_den'\] needed by variant 'nextquill'"):
         loss_from_aux(aux, LossConfig(anchor=0.5))
+
+
+def test_given_denominators_are_constants_of_the_gradient(data):
+    """`denominators` are "treated as constants": a loss divided by a traced global Σω d has value
+    n_sum / d + α p_sum / d (float64 here), yet no gradient with respect to d, which would otherwise add
+    −(n_sum + α p_sum) / d² to it."""
+    zw, zo, y = data
+    cfg = LossConfig()
+    _, aux = jax_loss(zw, zo, y, cfg)
+    value, grad = jax.value_and_grad(
+        lambda d: jax_loss(zw, zo, y, cfg, denominators={"n_den": d, "p_den": d})[0]
+    )(jnp.float32(7.0))
+    sums = float(aux["n_sum"]) + cfg.alpha * float(aux["p_sum"])
+    assert float(value) == pytest.approx(sums / 7.0, rel=1e-6)
+    assert float(grad) == 0.0
