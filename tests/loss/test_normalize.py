@@ -217,3 +217,20 @@ def test_the_logged_terms_of_example_normalisation_are_means_over_examples(data)
         ]
         assert len(means) == 5
         assert got[key] == pytest.approx(np.mean(means), rel=1e-6), key
+
+
+def test_example_sums_column_k_minus_1_holds_example_slot_k():
+    """example_sums' [rows, R + 1] layout: column k - 1 sums the slots whose example_slots id is k (example
+    id k - 1), and slots of id 0 (ignored) are in no column; against sums written out by hand."""
+    from nextquill_jax.loss.losses import example_slots, example_sums
+
+    x = np.array([[1.0, 2.0, 4.0, 8.0], [16.0, 32.0, 64.0, 128.0]])
+    mask = np.array([[True, True, False, True], [True, True, True, True]])
+    ids = np.array([[0, 0, 1, 4], [2, 2, 0, 3]])
+    got = np.asarray(
+        example_sums(jnp.asarray(x, jnp.float32), example_slots(jnp.asarray(mask), jnp.asarray(ids)))
+    )
+    # Row 0: id 0 -> 1 + 2, the ignored slot (4) in no column, id 4 -> 8; row 1: id 0 -> 64,
+    # id 2 -> 16 + 32, id 3 -> 128.
+    want = np.array([[3.0, 0.0, 0.0, 0.0, 8.0], [64.0, 0.0, 48.0, 128.0, 0.0]])
+    np.testing.assert_array_equal(got, want)
