@@ -395,3 +395,26 @@ def test_weighting_note_is_none_where_the_current_run_has_no_digest():
     assert weighting_note(saved, None, "ckpt/2") is None
     assert weighting_note(saved, fingerprint(None), "ckpt/2") is None
     assert weighting_note(saved, fingerprint("b" * 64), "ckpt/2") is not None
+
+
+def test_a_named_weighting_is_given_a_fixed_dce_of_0_at_ignored_slots(tmp_path, monkeypatch, logits):
+    """The contract hands the function DCE "0 where `mask` is False": a stored reference_dce holds values at
+    padding slots too (here 0.7 everywhere), which the function must not see. Recorded by a module that keeps
+    what it is given (the loss runs eagerly here, so the arrays are concrete)."""
+    import importlib
+    import uuid
+
+    name = f"weights_{uuid.uuid4().hex}"
+    code = (
+        "import jax.numpy as jnp\nimport numpy as np\n\nSEEN = []\n\n\ndef weights(dce, mask, cfg):\n"
+        "    SEEN.append((np.asarray(dce), np.asarray(mask)))\n    return jnp.ones_like(dce)\n"
+    )
+    (tmp_path / f"{name}.py").write_text(code)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    z_with, _, labels = logits
+    cfg = LossConfig(variant="dce", dce="fixed", weighting=f"{name}:weights")
+    reference = np.full(labels.shape, 0.7, np.float32)
+    loss_from_logits(z_with, None, labels, cfg, reference_dce=reference)
+    ((dce, mask),) = importlib.import_module(name).SEEN
+    np.testing.assert_array_equal(mask, labels != -100)
+    np.testing.assert_array_equal(dce, np.where(labels != -100, np.float32(0.7), np.float32(0.0)))
