@@ -418,3 +418,31 @@ def test_a_named_weighting_is_given_a_fixed_dce_of_0_at_ignored_slots(tmp_path, 
     ((dce, mask),) = importlib.import_module(name).SEEN
     np.testing.assert_array_equal(mask, labels != -100)
     np.testing.assert_array_equal(dce, np.where(labels != -100, np.float32(0.7), np.float32(0.0)))
+
+
+def test_weighting_note_compares_whole_digests_not_the_shown_prefix():
+    """Two digests that share their first 12 hex digits (the part the note shows) but differ later are two
+    module texts: a note, whose shown prefixes are then equal."""
+    from nextquill_jax.loss.weighting_record import weighting_note
+
+    fingerprint = lambda sha: {"name": "w:f", "module": "w", "file": "/src/w.py", "sha256": sha}
+    saved, current = fingerprint("c" * 12 + "1" * 52), fingerprint("c" * 12 + "2" * 52)
+    note = weighting_note(saved, current, "ckpt/3")
+    assert note is not None and "(sha256 cccccccccccc -> cccccccccccc)" in note
+
+
+def test_a_weightings_digest_is_of_the_files_bytes_with_crlf_line_ends(tmp_path, monkeypatch):
+    """The digest is hashlib's SHA-256 of the file's bytes as stored: a module saved with CRLF line ends
+    (a Windows editor) hashes its CR bytes too, which text-mode reading would drop."""
+    import hashlib
+    import uuid
+
+    from nextquill_jax.loss.weighting_record import weighting_fingerprint
+
+    name = f"weights_{uuid.uuid4().hex}"
+    raw = b"def weights(dce, mask, cfg):\r\n    return dce * 0 + 1\r\n"
+    (tmp_path / f"{name}.py").write_bytes(raw)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    found = weighting_fingerprint(f"{name}:weights")
+    assert found["sha256"] == hashlib.sha256(raw).hexdigest()
+    assert found["sha256"] != hashlib.sha256(raw.replace(b"\r\n", b"\n")).hexdigest()
