@@ -446,3 +446,17 @@ def test_a_weightings_digest_is_of_the_files_bytes_with_crlf_line_ends(tmp_path,
     found = weighting_fingerprint(f"{name}:weights")
     assert found["sha256"] == hashlib.sha256(raw).hexdigest()
     assert found["sha256"] != hashlib.sha256(raw.replace(b"\r\n", b"\n")).hexdigest()
+
+
+def test_weighting_note_names_the_module_file_the_run_imports_now():
+    """Where the checkpoint's module file is not the one imported now (the package reinstalled elsewhere),
+    the note names the current file: the code that now weights tokens."""
+    from nextquill_jax.loss.weighting_record import weighting_note
+
+    saved = {"name": "w:f", "module": "w", "file": "/old/site/w.py", "sha256": "a" * 64}
+    current = {"name": "w:f", "module": "w", "file": "/new/site/w.py", "sha256": "b" * 64}
+    note = weighting_note(saved, current, "ckpt/4")
+    assert note.startswith(
+        "warning: loss.weighting w:f: its module /new/site/w.py has changed since checkpoint "
+    )
+    assert "/old/site/w.py" not in note
