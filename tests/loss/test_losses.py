@@ -567,3 +567,16 @@ def test_given_denominators_are_constants_of_the_gradient(data):
     sums = float(aux["n_sum"]) + cfg.alpha * float(aux["p_sum"])
     assert float(value) == pytest.approx(sums / 7.0, rel=1e-6)
     assert float(grad) == 0.0
+
+
+def test_config_bounds_accept_their_closed_ends_and_refuse_the_open_ones():
+    """The documented ranges at their ends: δ in [-1, 1) takes -1, λ >= ε takes λ = ε, ε >= 0 takes 0,
+    α >= 0 takes 0; λ > 0 refuses 0 (with ε = 0 every weight would be 0), and a bool is no number."""
+    LossConfig(threshold=-1.0)
+    LossConfig(high=0.5, low=0.5)
+    LossConfig(low=0.0)
+    LossConfig(alpha=0.0)
+    with pytest.raises(ValueError, match=r"low >= 0 and high > 0, got high=0.0, low=0.0"):
+        LossConfig(high=0.0, low=0.0)
+    with pytest.raises(ValueError, match=r"LossConfig.alpha must be a finite number .*got True"):
+        LossConfig(alpha=True)
