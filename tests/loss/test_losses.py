@@ -580,3 +580,30 @@ def test_config_bounds_accept_their_closed_ends_and_refuse_the_open_ones():
         LossConfig(high=0.0, low=0.0)
     with pytest.raises(ValueError, match=r"LossConfig.alpha must be a finite number .*got True"):
         LossConfig(alpha=True)
+
+
+def test_both_reference_logits_and_reference_dce_are_refused(data):
+    """Two fixed-DCE sources at once would leave one silently unused: refused, naming both."""
+    zw, zo, y = data
+    zw32, zo32 = f32(zw, zo)
+    with pytest.raises(ValueError, match="pass reference_logits or reference_dce, not both"):
+        loss_from_logits(
+            zw32,
+            zo32,
+            jnp.asarray(y),
+            LossConfig(dce="fixed"),
+            reference_logits=(zw32, zo32),
+            reference_dce=jnp.zeros(y.shape),
+        )
+
+
+def test_combined_quantiles_of_parts_without_target_tokens_are_zero(data):
+    """combine_aux weights the quantiles by effect_count; parts without any target token (count 0) give the
+    quantiles 0, as `effect_stats` does for one such part, not 0 / 0 = NaN."""
+    zw, zo, y = data
+    empty = np.full_like(y, IGNORE)
+    auxes = [jax_loss(zw[i : i + 1], zo[i : i + 1], empty[i : i + 1], LossConfig())[1] for i in range(2)]
+    combined = combine_aux(*auxes)
+    assert float(combined["effect_count"]) == 0.0
+    for key in ("dce_p10", "dce_p50", "dce_p90"):
+        assert float(combined[key]) == 0.0, key
