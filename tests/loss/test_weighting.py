@@ -103,6 +103,8 @@ def test_the_fused_head_path_uses_the_weighting_too(logits):
     "name, said",
     [
         ("soft_weights", "is not of the form 'module:function'"),
+        (":soft_weights", "is not of the form 'module:function'"),  # no module before the colon
+        ("tests.loss.custom_weighting:", "is not of the form 'module:function'"),  # nothing after it
         ("tests.loss.no_such_module:soft", "module 'tests.loss.no_such_module' of "),
         ("tests.loss.custom_weighting:soft", "has no attribute 'soft'"),
         ("tests.loss.custom_weighting:NOT_A_FUNCTION", "is a int, not a function"),
@@ -460,3 +462,20 @@ def test_weighting_note_names_the_module_file_the_run_imports_now():
         "warning: loss.weighting w:f: its module /new/site/w.py has changed since checkpoint "
     )
     assert "/old/site/w.py" not in note
+
+
+def test_a_weighting_may_name_an_attribute_path_in_its_module():
+    """`module:Class.attr` form: the dotted part is followed attribute by attribute (here the module's own
+    `jax` import down to `jax.nn.sigmoid`)."""
+    import jax
+
+    from nextquill_jax.loss.config import weighting_function
+
+    assert weighting_function("tests.loss.custom_weighting:jax.nn.sigmoid") is jax.nn.sigmoid
+
+
+def test_a_weighting_that_is_no_string_and_a_switch_that_is_no_bool_are_refused():
+    with pytest.raises(ValueError, match=r"LossConfig\.weighting must be a string or None, got 3"):
+        LossConfig(weighting=3)
+    with pytest.raises(ValueError, match=r"LossConfig\.counterfactual_grad must be a bool, got 1"):
+        LossConfig(counterfactual_grad=1)
