@@ -361,3 +361,12 @@ def test_dce_from_logits_refuses_labels_of_another_shape_and_dce_from_hidden_pas
     want = np.where(y == IGNORE, 0.0, np.exp(np_label_logprob(zw64, y)) - np.exp(np_label_logprob(zo64, y)))
     np.testing.assert_allclose(np.asarray(value), want, atol=2e-6)
     assert not np.asarray(tangent).any()
+
+
+@pytest.mark.parametrize("shape", [(0, 6), (4, 0)])
+def test_effect_stats_of_an_empty_batch_report_every_documented_key(shape):
+    """An empty batch's statistics hold the same keys as any other's (the docstring's four sums and three
+    quantiles), so its aux combines with others' and `metrics_from_aux` finds its quantiles."""
+    dce, mask = jnp.zeros(shape, jnp.float32), jnp.zeros(shape, bool)
+    documented = {"effect_count", "pref_count", "dce_sum", "dce_sq_sum", "dce_p10", "dce_p50", "dce_p90"}
+    assert set(effect_stats(dce, mask, threshold=0.05)) == documented
