@@ -2249,7 +2249,7 @@ def test_the_optim_docs_example_path_is_a_parameter_path(cfg_file):
 def _sections_with_choices() -> list[tuple[object, str]]:
     """(section, field) for every field typed by a `Literal` (alone or with None) of every
     config dataclass instance reachable from the tiny config, plus a LoRA section, a preset's model config,
-    RoPE scaling and a compare file's `compare` section (absent from a training config)."""
+    RoPE scaling, a compare file's `compare` section and a scaling sweep (absent from a training config)."""
     from nextquill_jax.eval.compare_file import CompareConfig
 
     roots = [
@@ -2264,6 +2264,7 @@ def _sections_with_choices() -> list[tuple[object, str]]:
             original_max_position_embeddings=8192,
         ),
         CompareConfig(out="out", baseline="a"),
+        load_scaling_config(REPO / "configs/scaling/tiny_cpu.yaml"),
     ]
     found, seen = [], set()
     while roots:
@@ -2291,7 +2292,7 @@ def test_a_section_built_in_python_refuses_a_value_outside_its_choices_as_its_ya
     by a set of choices. A YAML file was always checked at load."""
     found = _sections_with_choices()
     names = {f"{type(s).__name__}.{name}" for s, name in found}
-    assert {"OptimConfig.schedule", "CheckpointConfig.best_mode", "TrainConfig.nonfinite"} <= names
+    assert {"OptimConfig.schedule", "TrainConfig.nonfinite", "ScalingConfig.loss_variant"} <= names
     assert len(names) >= 20, sorted(names)
     for section, name in found:
         with pytest.raises(ValueError, match=re.escape(repr("cosin"))) as refused:

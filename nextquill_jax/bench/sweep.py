@@ -48,7 +48,7 @@ from nextquill_jax.config import (
     checked_cudnn_max_segments,
     typed_architecture_overrides,
 )
-from nextquill_jax.config_schema import ConfigError, build, read_yaml, with_line
+from nextquill_jax.config_schema import ConfigError, build, check_choices, read_yaml, with_line
 from nextquill_jax.data.assemble import RowShape
 from nextquill_jax.loss import LossConfig, Variant
 from nextquill_jax.mesh_sizes import MESH_AXES, checked_shape, mesh_entry
@@ -140,6 +140,7 @@ class ScalingConfig:
     seed: int = 0
 
     def __post_init__(self):
+        check_choices(self)
         for name in ("models", "seq_len", "history", "mesh"):
             if not getattr(self, name):
                 raise ValueError(f"`{name}` needs at least one value")
