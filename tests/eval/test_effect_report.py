@@ -153,6 +153,52 @@ def test_precision_recall_per_role_hand_counts():
         score_roles(dce[:1], ["style"], threshold=0.0)
 
 
+def test_a_token_inside_text_already_covered_adds_nothing_and_the_next_starts_where_coverage_ends():
+    """`token_pieces` continues from the furthest end covered so far: a token ending before it (its
+    characters covered by an earlier, longer token) adds '', and the pieces still join to the text."""
+    text, offsets = "abcdef", [(0, 4), (1, 2), (4, 6)]
+    covered, want = 0, []
+    for _, end in offsets:  # restated: the text between the furthest end so far and this end
+        want.append(text[covered:end] if end > covered else "")
+        covered = max(covered, end)
+    assert token_pieces(text, offsets) == want == ["abcd", "", "ef"]
+    assert "".join(token_pieces(text, offsets)) == text
+
+
+def test_auroc_tells_apart_scores_that_differ_by_less_than_a_thousandth():
+    """Only equal scores tie: a positive above a negative by 1e-6 is ranked above it (AUROC 1, not 0.5)."""
+    scores = np.array([0.1, 0.1 + 1e-6, 0.3, 0.3 + 1e-9])
+    positive = np.array([False, True, False, True])
+    pos, neg = scores[positive], scores[~positive]
+    pairs = [(1.0 if p > q else 0.5 if p == q else 0.0) for p, q in itertools.product(pos, neg)]
+    assert auroc(scores, positive) == pytest.approx(sum(pairs) / len(pairs), abs=1e-12)
+    assert auroc(scores[:2], positive[:2]) == 1.0
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_auroc_refuses_an_infinite_or_nan_score(bad):
+    with pytest.raises(ValueError, match="scores must be finite"):
+        auroc(np.array([0.1, bad, 0.3]), np.array([True, False, False]))
+
+
+def test_a_role_with_no_tokens_has_no_flagged_fraction_or_mean_and_lengths_must_agree_both_ways():
+    """A role none of the tokens has: 0 tokens, 0 flagged, and a fraction and mean of none (None, not 0)."""
+    s = score_roles(np.array([0.3, 0.0]), ["preference", "context"], threshold=0.1)
+    for role in ("noise", "glue", "eos"):
+        assert s["per_role"][role] == {"tokens": 0, "flagged": 0, "flagged_fraction": None, "mean_dce": None}
+    with pytest.raises(ValueError, match="3 DCE values but 2 roles"):
+        score_roles(np.zeros(3), ["preference", "context"], threshold=0.0)
+    with pytest.raises(ValueError, match="2 DCE values but 3 roles"):
+        score_roles(np.zeros(2), ["preference", "context", "noise"], threshold=0.0)
+
+
+@pytest.mark.parametrize("role", ["glue", "eos"])
+def test_a_span_may_not_claim_the_glue_or_eos_role(role):
+    """Spans give ground-truth roles only (preference, context, noise); glue and EOS are what no span is."""
+    with pytest.raises(ValueError, match=r"target_spans\[0\].*role must be one of"):
+        token_roles([(0, 1)], [[0, 2, role]])
+
+
 # ---------------------------------------------------------------- a diverged model's non-finite DCE
 
 
