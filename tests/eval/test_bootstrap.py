@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nextquill_jax.eval.bootstrap import paired_bootstrap
+from nextquill_jax.eval.bootstrap import PairedDifference, no_width, paired_bootstrap
 
 
 def direct_statement(a, b, resamples, seed, level):
@@ -60,3 +60,33 @@ def test_bad_inputs_are_errors():
     for level in (0.0, 1.0):  # a 100% interval is the whole line, not the resamples' range
         with pytest.raises(ValueError, match="0 < level < 1"):
             paired_bootstrap([1.0, 2.0], [2.0, 2.0], level=level)
+
+
+def test_the_defaults_are_2000_resamples_seed_0_and_a_95_percent_interval():
+    rng = np.random.default_rng(7)
+    a, b = rng.normal(0.2, 1.0, 23), rng.normal(0.0, 1.0, 23)
+    got = paired_bootstrap(a, b)
+    low, high = direct_statement(a, b, 2000, 0, 0.95)
+    assert (got.low, got.high) == pytest.approx((low, high), abs=1e-12)
+    assert got.level == 0.95
+
+
+def test_per_example_values_must_be_one_dimensional():
+    with pytest.raises(ValueError, match="1-D"):
+        paired_bootstrap([[1.0, 2.0]], [[0.5, 1.0]])
+
+
+def test_describe_signs_every_number():
+    d = PairedDifference(mean=0.0123, low=-0.004, high=0.021, examples=3, level=0.95)
+    assert d.describe() == "+0.0123 [-0.0040, +0.0210]"
+    assert d.describe(2) == "+0.01 [-0.00, +0.02]"
+
+
+def test_no_width_allows_float64_rounding_only():
+    """An interval is of no width within a relative 1e-9 (0.1 + 0.2 against 0.3); one of a relative 1e-6 has
+    width."""
+    assert no_width(0.1 + 0.2, 0.3) and no_width(2.0, 2.0)
+    assert abs((0.1 + 0.2) - 0.3) / 0.3 < 1e-9  # the premise: a few ulps
+    assert not no_width(1.0, 1.0 + 1e-6)
+    assert not no_width(0.01, 0.01 * (1 + 1e-4))
+    assert PairedDifference(0.01, 0.01, 0.01 * (1 + 1e-4), 5, 0.95).has_width
