@@ -800,6 +800,24 @@ def test_the_chosen_examples_and_rows_are_checked_and_row_lengths_are_multiples_
     assert one_example_rows(arrays[:1]) == RowShape(128, 64, 64)  # 75, 15, 5
 
 
+def test_row_lengths_already_a_multiple_of_64_are_kept_and_others_rounded_up_to_the_next():
+    """`one_example_rows` rounds each stream up to the smallest multiple of 64 at least its longest length: a
+    length of exactly 64 or 128 stays, 65 becomes 128."""
+    import math
+
+    from nextquill_jax.data.assemble import RowShape
+    from nextquill_jax.eval.effect_tokens import one_example_rows
+
+    def up(x):  # the smallest multiple of 64 that is >= x (x >= 1)
+        return 64 * math.ceil(x / 64)
+
+    for w, o, t in [(60, 10, 4), (100, 65, 28), (1, 63, 1), (64, 1, 64)]:
+        arrays = [{"prompt_with": np.zeros(w), "prompt_without": np.zeros(o), "target": np.zeros(t)}]
+        assert one_example_rows(arrays) == RowShape(up(w + t), up(o + t), up(t))
+    arrays = [{"prompt_with": np.zeros(60), "prompt_without": np.zeros(10), "target": np.zeros(4)}]
+    assert one_example_rows(arrays) == RowShape(64, 64, 64)
+
+
 def test_the_end_of_sequence_token_is_the_one_the_data_was_prepared_with(data, model, report, tiny_tokenizer):
     """The prepared split records its EOS id; a tokenizer that names another one (a model's config may) does
     not change which token ends each target."""
