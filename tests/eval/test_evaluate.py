@@ -990,3 +990,14 @@ def test_examples_without_a_category_are_scored_as_none_beside_the_others():
     written = [json.loads(line) for line in lines]
     assert [w["category"] for w in written] == [None, "Books"]
     assert [w["stopped_by"] for w in written] == ["eos", "max_new_tokens"]  # 2 < 3 tokens, then 3 == 3
+
+
+def test_a_hint_counts_only_generations_of_exactly_max_new_tokens_as_stopped_there():
+    """By hand: three generations of 5 distinct tokens under max_new_tokens 6 ended at their end token, one
+    short of the limit: none stopped at it, so no hint; three of 6 tokens did."""
+    from nextquill_jax.eval.evaluate import generation_hint
+
+    assert generation_hint([[1, 2, 3, 4, 5]] * 3, max_new_tokens=6) is None
+    hint = generation_hint([[1, 2, 3, 4, 5, 6]] * 3, max_new_tokens=6)
+    assert hint is not None and "3/3 generations stopped at max_new_tokens (6)" in hint
+    assert "0/3 repeat one token" in hint
