@@ -175,6 +175,12 @@ def test_auroc_tells_apart_scores_that_differ_by_less_than_a_thousandth():
     assert auroc(scores[:2], positive[:2]) == 1.0
 
 
+@pytest.mark.parametrize(("n_scores", "n_labels"), [(3, 2), (2, 3)])
+def test_auroc_refuses_scores_and_labels_of_different_lengths(n_scores, n_labels):
+    with pytest.raises(ValueError, match="differ in shape"):
+        auroc(np.linspace(0.0, 1.0, n_scores), np.arange(n_labels) % 2 == 0)
+
+
 @pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
 def test_auroc_refuses_an_infinite_or_nan_score(bad):
     with pytest.raises(ValueError, match="scores must be finite"):
