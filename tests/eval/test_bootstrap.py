@@ -90,3 +90,25 @@ def test_no_width_allows_float64_rounding_only():
     assert not no_width(1.0, 1.0 + 1e-6)
     assert not no_width(0.01, 0.01 * (1 + 1e-4))
     assert PairedDifference(0.01, 0.01, 0.01 * (1 + 1e-4), 5, 0.95).has_width
+
+
+def test_a_non_finite_baseline_value_is_refused():
+    for bad in (np.nan, np.inf):
+        with pytest.raises(ValueError, match="finite"):
+            paired_bootstrap([1.0, 2.0], [1.0, bad])
+
+
+def test_an_interval_below_0_is_significant_and_one_across_0_is_not():
+    """Significance is the interval excluding 0 on either side (a variant reliably worse counts too)."""
+    assert PairedDifference(-0.2, -0.3, -0.1, 9, 0.95).significant
+    assert PairedDifference(0.2, 0.1, 0.3, 9, 0.95).significant
+    assert not PairedDifference(0.0, -0.1, 0.1, 9, 0.95).significant
+    rng = np.random.default_rng(3)
+    worse = paired_bootstrap(rng.normal(0.0, 0.1, 50), rng.normal(1.0, 0.1, 50), resamples=500)
+    assert worse.high < 0 and worse.significant
+
+
+def test_width_is_that_of_the_interval_not_its_distance_from_the_mean():
+    """An interval [0.1, 0.2] has width even when its mean sits at one end; [0.2, 0.2] has none."""
+    assert PairedDifference(0.1, 0.1, 0.2, 4, 0.95).has_width
+    assert not PairedDifference(0.15, 0.2, 0.2, 4, 0.95).has_width
