@@ -1001,3 +1001,44 @@ def test_a_hint_counts_only_generations_of_exactly_max_new_tokens_as_stopped_the
     hint = generation_hint([[1, 2, 3, 4, 5, 6]] * 3, max_new_tokens=6)
     assert hint is not None and "3/3 generations stopped at max_new_tokens (6)" in hint
     assert "0/3 repeat one token" in hint
+
+
+def test_the_replacing_line_names_the_metrics_beside_predictions_and_the_predictions_a_loss_only_run_deletes(
+    tmp_path,
+):
+    """Both files there: the line names metrics.json with what it held, says the predictions go when nothing
+    is generated, and ends with "; " and the advice; predictions alone: the line says they are deleted."""
+    out = tmp_path / "out"
+    out.mkdir()
+    metrics, predictions = out / "metrics.json", out / "predictions.jsonl"
+    metrics.write_text(json.dumps({"step": 6, "model": "run", "examples": 4}))
+    predictions.write_text("{}\n")
+    losses_only = {"step": 7, "model": "run", "examples": 2, "generation": {"max_new_tokens": 0}}
+    assert replacing_line(out, losses_only) == (
+        f"replacing {metrics} (step 6, 4 examples) with step 7, 2 examples and deleting {predictions} "
+        f"(max_new_tokens 0 writes no predictions); pass --out DIR to keep both"
+    )
+    generating = {**losses_only, "generation": {"max_new_tokens": 5}}
+    assert replacing_line(out, generating) == (
+        f"replacing {metrics} (step 6, 4 examples) with step 7, 2 examples; pass --out DIR to keep both"
+    )
+    metrics.unlink()
+    assert replacing_line(out, losses_only, None) == (
+        f"deleting {predictions}: this evaluation (step 7, 2 examples) has max_new_tokens 0 and writes none"
+    )
+
+
+def test_another_tokenizer_is_a_path_gone_or_another_packaged_name_but_not_the_same_one(tmp_path):
+    """The same string or the same directory by another path is not another tokenizer; an absolute path that
+    names nothing here, or a packaged name beside a directory, is; a relative path unknown here (and no
+    packaged name) cannot be told apart."""
+    from nextquill_jax.models.tokenizers import tokenizer_names
+
+    other = evaluate_module._other_tokenizer
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "x").mkdir()
+    assert other(str(tmp_path / "tok"), str(tmp_path / "tok")) is False
+    assert other(str(tmp_path / "x" / ".." / "tok"), str(tmp_path / "tok")) is False
+    assert other(str(tmp_path / "gone"), str(tmp_path / "tok")) is True
+    assert other(tokenizer_names()[0], str(tmp_path / "tok")) is True
+    assert other("prepared_elsewhere/tok", str(tmp_path / "tok")) is False
