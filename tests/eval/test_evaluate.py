@@ -1042,3 +1042,56 @@ def test_another_tokenizer_is_a_path_gone_or_another_packaged_name_but_not_the_s
     assert other(str(tmp_path / "gone"), str(tmp_path / "tok")) is True
     assert other(tokenizer_names()[0], str(tmp_path / "tok")) is True
     assert other("prepared_elsewhere/tok", str(tmp_path / "tok")) is False
+
+
+def _float64_target_probs(model, examples, stream: str) -> list[np.ndarray]:
+    """p(y) of each example's target tokens under `model` with prompt `stream`, each example alone in a
+    right-padded row, in a float64 softmax (as `test_loss_terms_equal_float64_cross_entropy...` states it)."""
+    width = max(len(ex[stream]) + len(ex["target"]) for ex in examples)
+    ids = np.zeros((len(examples), width), np.int32)
+    for row, ex in enumerate(examples):
+        seq = np.concatenate([ex[stream], ex["target"]])
+        ids[row, : len(seq)] = seq
+    logits = np.asarray(model(ids), np.float64)
+    probs = []
+    for row, ex in enumerate(examples):
+        start = len(ex[stream]) - 1  # the position that predicts the first target token
+        z = logits[row, start : start + len(ex["target"])]
+        p = np.exp(z - z.max(-1, keepdims=True))
+        probs.append((p / p.sum(-1, keepdims=True))[np.arange(len(ex["target"])), ex["target"]])
+    return probs
+
+
+def test_metrics_json_effects_hold_the_preference_share_and_mean_dce_of_the_target_tokens(run, evaluated):
+    """`loss.effects` (split_losses: the DCE statistics, the preference-token share among them):
+    pref_fraction = |{DCE > δ}| / tokens and dce_mean = mean DCE, DCE = p_h(y) − p_∅(y), against a float64
+    statement on the exported model (a token within 1e-4 of δ may fall either side)."""
+    workdir, model, _ = run
+    _, _, saved = evaluated
+    split = PreparedSplit(workdir / "prepared", "test")
+    examples = [split[i] for i in range(len(split))]
+    with_p, without_p = (_float64_target_probs(model, examples, s) for s in ("prompt_with", "prompt_without"))
+    dce = np.concatenate([w - o for w, o in zip(with_p, without_p, strict=True)])
+    delta, effects = saved["loss"]["threshold"], saved["loss"]["effects"]
+    assert saved["loss"]["tokens"] == dce.size
+    low, high = np.mean(dce > delta + 1e-4), np.mean(dce > delta - 1e-4)
+    assert low - 1e-12 <= effects["pref_fraction"] <= high + 1e-12
+    assert effects["dce_mean"] == pytest.approx(float(dce.mean()), abs=1e-5)
+
+
+def test_max_examples_one_short_of_the_split_measures_the_losses_of_those_examples_only(run, tmp_path):
+    """`max_examples` = N − 1 of a split of N: the loss terms count the first N − 1 examples' target tokens,
+    not the whole split's."""
+    workdir, _, _ = run
+    split = PreparedSplit(workdir / "prepared", "test")
+    count = len(split) - 1
+    metrics = evaluate(
+        workdir,
+        "test",
+        generation=dataclasses.replace(GEN, max_new_tokens=0),
+        max_examples=count,
+        out_dir=tmp_path,
+        echo=lambda _: None,
+    )
+    assert metrics["examples"] == count
+    assert metrics["loss"]["tokens"] == sum(len(split[i]["target"]) for i in range(count))
