@@ -1095,3 +1095,45 @@ def test_max_examples_one_short_of_the_split_measures_the_losses_of_those_exampl
     )
     assert metrics["examples"] == count
     assert metrics["loss"]["tokens"] == sum(len(split[i]["target"]) for i in range(count))
+
+
+def test_the_replacing_line_of_a_loss_only_run_over_metrics_alone_deletes_nothing(tmp_path):
+    """No predictions.jsonl to delete: the line says only what it replaces."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.json").write_text(json.dumps({"step": 3, "model": "run", "examples": 2}))
+    losses_only = {"step": 4, "model": "run", "examples": 1, "generation": {"max_new_tokens": 0}}
+    assert replacing_line(out, losses_only, None) == (
+        f"replacing {out / 'metrics.json'} (step 3, 2 examples) with step 4, 1 example"
+    )
+
+
+def test_each_prediction_line_carries_its_rows_id_reference_and_the_evaluated_prompt():
+    """Without-history prompts: each line has the row's `id`, its without-history prompt and its target as
+    the reference; an exact prediction scores ROUGE-1 1 and one sharing no word 0 (by hand)."""
+    rows = [
+        {
+            "index": 4,
+            "id": "ex-a",
+            "user_id": "u",
+            "target": "a warm day",
+            "prompt_with_history": "with a",
+            "prompt_without_history": "without a",
+        },
+        {
+            "index": 7,
+            "id": "ex-b",
+            "user_id": "v",
+            "target": "a cold night",
+            "prompt_with_history": "with b",
+            "prompt_without_history": "without b",
+        },
+    ]
+    _, lines = evaluate_module._scored(rows, ["a warm day", "blue green"], [[5, 2], [6, 2]], "without", 3)
+    written = [json.loads(line) for line in lines]
+    assert [w["index"] for w in written] == [4, 7]
+    assert [w["id"] for w in written] == ["ex-a", "ex-b"]
+    assert [w["prompt"] for w in written] == ["without a", "without b"]
+    assert [w["reference"] for w in written] == ["a warm day", "a cold night"]
+    assert [w["prediction"] for w in written] == ["a warm day", "blue green"]
+    assert [w["rouge1"] for w in written] == pytest.approx([1.0, 0.0], abs=1e-9)
