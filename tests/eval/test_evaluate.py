@@ -1137,3 +1137,22 @@ def test_each_prediction_line_carries_its_rows_id_reference_and_the_evaluated_pr
     assert [w["reference"] for w in written] == ["a warm day", "a cold night"]
     assert [w["prediction"] for w in written] == ["a warm day", "blue green"]
     assert [w["rouge1"] for w in written] == pytest.approx([1.0, 0.0], abs=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("rows", "shards", "processes"), [(2, 4, 2), (3, 8, 2), (4, 8, 1), (5, 6, 4), (4, 4, 4)]
+)
+def test_rows_are_raised_to_the_fewest_whose_global_batch_splits_over_the_shards(
+    monkeypatch, rows, shards, processes
+):
+    """Each process contributes `rows_per_batch` rows: the count becomes the smallest m >= rows with
+    m * processes a multiple of the batch shards (stated by search here), and a count that already splits is
+    kept as it is."""
+    cfg = load_config("configs/tiny_synthetic.yaml", [f"data.batching.rows_per_batch={rows}"])
+    monkeypatch.setattr(evaluate_module, "batch_shard_count", lambda mesh: shards)
+    monkeypatch.setattr(evaluate_module.jax, "process_count", lambda: processes)
+    want = next(m for m in range(rows, rows + shards + 1) if (m * processes) % shards == 0)
+    got = evaluate_module.rows_splitting_over(cfg, mesh=None)
+    assert got.data.batching.rows_per_batch == want
+    if want == rows:
+        assert got is cfg
