@@ -806,6 +806,17 @@ def test_the_chosen_examples_and_rows_are_checked_and_row_lengths_are_multiples_
     assert one_example_rows(arrays[:1]) == RowShape(128, 64, 64)  # 75, 15, 5
 
 
+def test_a_negative_example_index_and_an_empty_choice_are_refused(data, model, tiny_tokenizer):
+    """Indices are positions 0..N-1 in the split: -1 (which Python would read as the last example) is
+    outside it, and choosing no example is an error, not an empty report."""
+    n = len(PreparedSplit(data / "prep", SPLIT))
+    outside = rf"^example indices \[-1\] outside split 'val' of .* \(0\.\.{n - 1}\)"
+    with pytest.raises(ValueError, match=outside):
+        compute_example_effects(model, tiny_tokenizer(), data / "prep", SPLIT, [-1], LOSS)
+    with pytest.raises(ValueError, match=r"^no examples chosen$"):
+        compute_example_effects(model, tiny_tokenizer(), data / "prep", SPLIT, [], LOSS)
+
+
 def test_row_lengths_already_a_multiple_of_64_are_kept_and_others_rounded_up_to_the_next():
     """`one_example_rows` rounds each stream up to the smallest multiple of 64 at least its longest length: a
     length of exactly 64 or 128 stays, 65 becomes 128."""
