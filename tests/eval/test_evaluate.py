@@ -1156,3 +1156,27 @@ def test_rows_are_raised_to_the_fewest_whose_global_batch_splits_over_the_shards
     assert got.data.batching.rows_per_batch == want
     if want == rows:
         assert got is cfg
+
+
+def test_metrics_json_records_the_end_token_of_the_data_not_the_tokenizers_padding(run, evaluated, tmp_path):
+    """A decoding tokenizer whose pad token is another token than the end token: `eos_token_id` is still the
+    id the prepared targets end in (the data's), and the generations stop at it."""
+    workdir, _, _ = run
+    _, _, saved = evaluated
+    padded = tmp_path / "padded_tok"
+    tok = load_fast_tokenizer(saved["tokenizer"])
+    other = next(i for i in range(len(tok)) if i != TINY_EOS_ID)
+    tok.pad_token = tok.convert_ids_to_tokens(other)
+    tok.save_pretrained(padded)
+    assert load_fast_tokenizer(padded).pad_token_id == other != TINY_EOS_ID  # the premise
+    metrics = evaluate(
+        workdir,
+        "test",
+        generation=dataclasses.replace(GEN, max_new_tokens=0),
+        max_examples=1,
+        tokenizer=str(padded),
+        out_dir=tmp_path / "out",
+        echo=lambda _: None,
+    )
+    assert metrics["eos_token_id"] == TINY_EOS_ID
+    assert metrics["stop_token_ids"][0] == TINY_EOS_ID
