@@ -1180,3 +1180,13 @@ def test_metrics_json_records_the_end_token_of_the_data_not_the_tokenizers_paddi
     )
     assert metrics["eos_token_id"] == TINY_EOS_ID
     assert metrics["stop_token_ids"][0] == TINY_EOS_ID
+
+
+def test_metrics_json_prompt_names_the_rendered_field_the_predictions_were_prompted_with(run, evaluated):
+    """`prompt` in metrics.json is the `<split>.jsonl` field of the prompt text: each prediction's `prompt`
+    is that field of its rendered row."""
+    workdir, _, _ = run
+    _, predictions, saved = evaluated
+    rendered = [json.loads(line) for line in (workdir / "prepared" / "test.jsonl").read_text().splitlines()]
+    assert saved["prompt"] in rendered[0]
+    assert [p["prompt"] for p in predictions] == [r[saved["prompt"]] for r in rendered]
