@@ -1190,3 +1190,28 @@ def test_metrics_json_prompt_names_the_rendered_field_the_predictions_were_promp
     rendered = [json.loads(line) for line in (workdir / "prepared" / "test.jsonl").read_text().splitlines()]
     assert saved["prompt"] in rendered[0]
     assert [p["prompt"] for p in predictions] == [r[saved["prompt"]] for r in rendered]
+
+
+def test_a_nextquill_run_weighting_its_alignment_term_has_its_own_loss_among_the_variants(run, tmp_path):
+    """A nextquill run with `weight_alignment`: its loss (L_n + α L_p, L_p weighted) is `variants.nextquill`,
+    which split_losses derives from the terms with the run's weights, so the terms' L_p is weighted as the
+    run's is."""
+    from nextquill_jax.train.workdir import restore_model
+
+    workdir, _, _ = run
+    loaded = restore_model(workdir)
+    section = dataclasses.replace(loaded.config.loss, variant="nextquill", alpha=0.5, weight_alignment=True)
+    loaded = dataclasses.replace(loaded, config=dataclasses.replace(loaded.config, loss=section))
+    metrics = evaluate(
+        workdir,
+        "test",
+        generation=dataclasses.replace(GEN, max_new_tokens=0),
+        loaded=loaded,
+        out_dir=tmp_path,
+        echo=lambda _: None,
+    )
+    loss = metrics["loss"]
+    assert loss["variant"] == "nextquill" and loss["alpha"] == 0.5
+    want = loss["terms"]["loss_n"] + 0.5 * loss["terms"]["loss_p"]
+    assert loss["loss"] == pytest.approx(want, rel=1e-5)
+    assert loss["variants"]["nextquill"] == pytest.approx(want, rel=1e-5)
