@@ -1215,3 +1215,11 @@ def test_a_nextquill_run_weighting_its_alignment_term_has_its_own_loss_among_the
     want = loss["terms"]["loss_n"] + 0.5 * loss["terms"]["loss_p"]
     assert loss["loss"] == pytest.approx(want, rel=1e-5)
     assert loss["variants"]["nextquill"] == pytest.approx(want, rel=1e-5)
+
+
+def test_metrics_json_names_the_split_and_the_data_it_was_read_from(run, evaluated):
+    workdir, _, _ = run
+    _, predictions, saved = evaluated
+    assert saved["split"] == "test"
+    assert Path(saved["data"]) == workdir / "prepared"
+    assert saved["examples"] == len(predictions)
