@@ -198,6 +198,15 @@ def test_a_role_with_no_tokens_has_no_flagged_fraction_or_mean_and_lengths_must_
         score_roles(np.zeros(2), ["preference", "context", "noise"], threshold=0.0)
 
 
+@pytest.mark.parametrize(
+    ("span", "said"),
+    [([0, 2, "noise", "extra"], "expected \\[start, end, role\\]"), ([0, 2.5, "noise"], "need integers")],
+)
+def test_a_span_of_four_fields_or_a_fractional_end_is_refused_by_name(span, said):
+    with pytest.raises(ValueError, match=rf"target_spans\[0\].*{said}"):
+        token_roles([(0, 1)], [span])
+
+
 @pytest.mark.parametrize("role", ["glue", "eos"])
 def test_a_span_may_not_claim_the_glue_or_eos_role(role):
     """Spans give ground-truth roles only (preference, context, noise); glue and EOS are what no span is."""
