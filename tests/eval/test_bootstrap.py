@@ -112,3 +112,11 @@ def test_width_is_that_of_the_interval_not_its_distance_from_the_mean():
     """An interval [0.1, 0.2] has width even when its mean sits at one end; [0.2, 0.2] has none."""
     assert PairedDifference(0.1, 0.1, 0.2, 4, 0.95).has_width
     assert not PairedDifference(0.15, 0.2, 0.2, 4, 0.95).has_width
+
+
+def test_no_width_is_relative_to_the_values_not_absolute():
+    """math.isclose with a relative 1e-9 only: two large values a relative 1e-12 apart have no width; 0 and
+    1e-12 (a difference no relative tolerance of 0 allows) have width."""
+    assert no_width(1e6, 1e6 * (1 + 1e-12))
+    assert abs(1e6 * (1 + 1e-12) - 1e6) > 1e-9  # the premise: more than an absolute 1e-9 apart
+    assert not no_width(0.0, 1e-12)
