@@ -867,6 +867,28 @@ def test_the_end_of_sequence_token_is_the_one_the_data_was_prepared_with(data, m
     np.testing.assert_allclose(got.dce, results[0].dce, rtol=0, atol=1e-6)
 
 
+def test_the_end_of_sequence_piece_is_the_datas_end_token_whatever_the_tokenizer_names(
+    data, model, tiny_tokenizer
+):
+    """A tokenizer whose end token (both its id and its text) is another than the data's: the last piece is
+    the text of the id the prepared target ends in."""
+    tokenizer = tiny_tokenizer()
+
+    class OtherEos:
+        eos_token_id = 2  # <|im_end|>, not TINY_EOS_ID
+        eos_token = tokenizer.convert_ids_to_tokens(2)
+
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+        def __call__(self, *args, **kwargs):
+            return tokenizer(*args, **kwargs)
+
+    (got,) = compute_example_effects(model, OtherEos(), data / "prep", SPLIT, [0], LOSS)
+    assert got.token_ids[-1] == TINY_EOS_ID
+    assert got.pieces[-1] == tokenizer.convert_ids_to_tokens(TINY_EOS_ID) != OtherEos.eos_token
+
+
 def test_a_weighting_of_the_loss_config_gives_the_reported_weights(data, model, report, tiny_tokenizer):
     """The report's ω is the one training uses: with `loss.weighting`, that function's weights of each
     token's DCE (float64 here), not λ/ε."""
