@@ -1223,3 +1223,11 @@ def test_metrics_json_names_the_split_and_the_data_it_was_read_from(run, evaluat
     assert saved["split"] == "test"
     assert Path(saved["data"]) == workdir / "prepared"
     assert saved["examples"] == len(predictions)
+
+
+def test_the_replacing_line_names_an_unparsable_metrics_file_without_what_it_held(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.json").write_text("{cut short")
+    new = {"step": 2, "model": "run", "examples": 3, "generation": {"max_new_tokens": 6}}
+    assert replacing_line(out, new, None) == f"replacing {out / 'metrics.json'} with step 2, 3 examples"
