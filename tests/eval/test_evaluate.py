@@ -1079,20 +1079,25 @@ def test_metrics_json_effects_hold_the_preference_share_and_mean_dce_of_the_targ
     assert effects["dce_mean"] == pytest.approx(float(dce.mean()), abs=1e-5)
 
 
+def _losses_only(workdir: Path, out_dir: Path, **options) -> dict:
+    """`evaluate` of the run's test split without decoding (`max_new_tokens` 0), quietly, with `options`."""
+    return evaluate(
+        workdir,
+        "test",
+        generation=dataclasses.replace(GEN, max_new_tokens=0),
+        out_dir=out_dir,
+        echo=lambda _: None,
+        **options,
+    )
+
+
 def test_max_examples_one_short_of_the_split_measures_the_losses_of_those_examples_only(run, tmp_path):
     """`max_examples` = N − 1 of a split of N: the loss terms count the first N − 1 examples' target tokens,
     not the whole split's."""
     workdir, _, _ = run
     split = PreparedSplit(workdir / "prepared", "test")
     count = len(split) - 1
-    metrics = evaluate(
-        workdir,
-        "test",
-        generation=dataclasses.replace(GEN, max_new_tokens=0),
-        max_examples=count,
-        out_dir=tmp_path,
-        echo=lambda _: None,
-    )
+    metrics = _losses_only(workdir, tmp_path, max_examples=count)
     assert metrics["examples"] == count
     assert metrics["loss"]["tokens"] == sum(len(split[i]["target"]) for i in range(count))
 
@@ -1169,15 +1174,7 @@ def test_metrics_json_records_the_end_token_of_the_data_not_the_tokenizers_paddi
     tok.pad_token = tok.convert_ids_to_tokens(other)
     tok.save_pretrained(padded)
     assert load_fast_tokenizer(padded).pad_token_id == other != TINY_EOS_ID  # the premise
-    metrics = evaluate(
-        workdir,
-        "test",
-        generation=dataclasses.replace(GEN, max_new_tokens=0),
-        max_examples=1,
-        tokenizer=str(padded),
-        out_dir=tmp_path / "out",
-        echo=lambda _: None,
-    )
+    metrics = _losses_only(workdir, tmp_path / "out", max_examples=1, tokenizer=str(padded))
     assert metrics["eos_token_id"] == TINY_EOS_ID
     assert metrics["stop_token_ids"][0] == TINY_EOS_ID
 
@@ -1202,14 +1199,7 @@ def test_a_nextquill_run_weighting_its_alignment_term_has_its_own_loss_among_the
     loaded = restore_model(workdir)
     section = dataclasses.replace(loaded.config.loss, variant="nextquill", alpha=0.5, weight_alignment=True)
     loaded = dataclasses.replace(loaded, config=dataclasses.replace(loaded.config, loss=section))
-    metrics = evaluate(
-        workdir,
-        "test",
-        generation=dataclasses.replace(GEN, max_new_tokens=0),
-        loaded=loaded,
-        out_dir=tmp_path,
-        echo=lambda _: None,
-    )
+    metrics = _losses_only(workdir, tmp_path, loaded=loaded)
     loss = metrics["loss"]
     assert loss["variant"] == "nextquill" and loss["alpha"] == 0.5
     want = loss["terms"]["loss_n"] + 0.5 * loss["terms"]["loss_p"]
