@@ -5,6 +5,7 @@ terms and the config loader; and its refusals."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -215,24 +216,33 @@ def test_a_weightings_fingerprint_is_the_sha256_of_its_whole_module_file():
         weighting_fingerprint("tests.loss.custom_weighting:soft")
 
 
+def _fresh_module(tmp_path, monkeypatch, source: bytes) -> Path:
+    """`source` saved byte for byte as a module of a new name in `tmp_path`, put on the path; its file (the
+    module's name is the file's stem)."""
+    import uuid
+
+    module = tmp_path / f"weights_{uuid.uuid4().hex}.py"  # imported fresh: no other test has this module
+    module.write_bytes(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return module
+
+
 def test_a_weightings_fingerprint_changes_with_its_modules_text(tmp_path, monkeypatch):
     """A module on the path whose text changes (a τ in it, the README's way to set a parameter) under the
     same name gets another digest, each that of the file's bytes at the time."""
     import hashlib
-    import uuid
 
     from nextquill_jax.loss.weighting_record import weighting_fingerprint
 
-    name = f"weights_{uuid.uuid4().hex}"  # imported fresh: no other test has this module
-    module = tmp_path / f"{name}.py"
-    module.write_text("TAU = 0.02\n\n\ndef weights(dce, mask, cfg):\n    return dce / TAU\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    before = weighting_fingerprint(f"{name}:weights")
+    module = _fresh_module(
+        tmp_path, monkeypatch, b"TAU = 0.02\n\n\ndef weights(dce, mask, cfg):\n    return dce / TAU\n"
+    )
+    before = weighting_fingerprint(f"{module.stem}:weights")
     assert (
         before["file"] == str(module) and before["sha256"] == hashlib.sha256(module.read_bytes()).hexdigest()
     )
     module.write_text(module.read_text().replace("0.02", "0.05"))
-    after = weighting_fingerprint(f"{name}:weights")
+    after = weighting_fingerprint(f"{module.stem}:weights")
     assert after["sha256"] == hashlib.sha256(module.read_bytes()).hexdigest() != before["sha256"]
 
 
@@ -289,13 +299,8 @@ def test_evaluations_loss_terms_and_variants_table_use_the_weighting(
 def _weighting_module(tmp_path, monkeypatch, body: str) -> str:
     """A fresh module on the path defining `weights(dce, mask, cfg)` as `return <body>`; its
     `loss.weighting` name."""
-    import uuid
-
-    name = f"weights_{uuid.uuid4().hex}"  # imported fresh: no other test has this module
     code = f"import jax.numpy as jnp\n\n\ndef weights(dce, mask, cfg):\n    return {body}\n"
-    (tmp_path / f"{name}.py").write_text(code)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    return f"{name}:weights"
+    return f"{_fresh_module(tmp_path, monkeypatch, code.encode()).stem}:weights"
 
 
 def test_weights_of_the_dces_rank_but_another_shape_are_refused(tmp_path, monkeypatch):
@@ -404,15 +409,12 @@ def test_a_named_weighting_is_given_a_fixed_dce_of_0_at_ignored_slots(tmp_path, 
     padding slots too (here 0.7 everywhere), which the function must not see. Recorded by a module that keeps
     what it is given (the loss runs eagerly here, so the arrays are concrete)."""
     import importlib
-    import uuid
 
-    name = f"weights_{uuid.uuid4().hex}"
     code = (
-        "import jax.numpy as jnp\nimport numpy as np\n\nSEEN = []\n\n\ndef weights(dce, mask, cfg):\n"
-        "    SEEN.append((np.asarray(dce), np.asarray(mask)))\n    return jnp.ones_like(dce)\n"
+        b"import jax.numpy as jnp\nimport numpy as np\n\nSEEN = []\n\n\ndef weights(dce, mask, cfg):\n"
+        b"    SEEN.append((np.asarray(dce), np.asarray(mask)))\n    return jnp.ones_like(dce)\n"
     )
-    (tmp_path / f"{name}.py").write_text(code)
-    monkeypatch.syspath_prepend(str(tmp_path))
+    name = _fresh_module(tmp_path, monkeypatch, code).stem
     z_with, _, labels = logits
     cfg = LossConfig(variant="dce", dce="fixed", weighting=f"{name}:weights")
     reference = np.full(labels.shape, 0.7, np.float32)
@@ -437,15 +439,11 @@ def test_a_weightings_digest_is_of_the_files_bytes_with_crlf_line_ends(tmp_path,
     """The digest is hashlib's SHA-256 of the file's bytes as stored: a module saved with CRLF line ends
     (a Windows editor) hashes its CR bytes too, which text-mode reading would drop."""
     import hashlib
-    import uuid
 
     from nextquill_jax.loss.weighting_record import weighting_fingerprint
 
-    name = f"weights_{uuid.uuid4().hex}"
     raw = b"def weights(dce, mask, cfg):\r\n    return dce * 0 + 1\r\n"
-    (tmp_path / f"{name}.py").write_bytes(raw)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    found = weighting_fingerprint(f"{name}:weights")
+    found = weighting_fingerprint(f"{_fresh_module(tmp_path, monkeypatch, raw).stem}:weights")
     assert found["sha256"] == hashlib.sha256(raw).hexdigest()
     assert found["sha256"] != hashlib.sha256(raw.replace(b"\r\n", b"\n")).hexdigest()
 
