@@ -2277,9 +2277,9 @@ def _sections_with_choices() -> list[tuple[object, str]]:
             value = getattr(section, f.name)
             if dataclasses.is_dataclass(value):
                 roots.append(value)
-            options = typing.get_args(hints[f.name]) or (hints[f.name],)
-            if typing.get_origin(hints[f.name]) is typing.Literal:
-                options = (hints[f.name],)
+            tp = hints[f.name]
+            union = typing.get_origin(tp) in (typing.Union, types.UnionType)
+            options = typing.get_args(tp) if union else (tp,)  # a union's members, else the hint alone
             literals = [o for o in options if typing.get_origin(o) is typing.Literal]
             if literals and all(typing.get_origin(o) is typing.Literal or o is type(None) for o in options):
                 found.append((section, f.name))
