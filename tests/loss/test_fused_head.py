@@ -15,6 +15,7 @@ import pytest
 
 from nextquill_jax.loss import LossConfig, combine_aux, loss_from_aux, loss_from_hidden, loss_from_logits
 from nextquill_jax.loss.fused_head import OPERAND_DTYPES, head_token_stats
+from tests.loss.test_losses import np_log_softmax
 from tests.shared import IGNORE, LOSS_CONFIG_IDS, LOSS_CONFIGS
 
 # The test programs are tiny: LLVM optimisation would only add compile time.
@@ -451,8 +452,7 @@ def test_logits_far_below_zero_keep_the_logsumexp_and_label_logit():
     stats = head_token_stats(jnp.asarray(h), jnp.asarray(w), jnp.asarray(y), token_chunk=2, vocab_chunk=16)
     z = h.astype(np.float64) @ w.astype(np.float64).T  # [S, 1, R, V], all near -2e4
     assert z.max() < -1.9e4
-    top = z.max(-1)
-    lse = top + np.log(np.exp(z - top[..., None]).sum(-1))
+    lse = (z - np_log_softmax(z))[..., 0]  # z - log softmax(z) is lse(z) in every column
     label = np.where(
         y == IGNORE, 0.0, np.take_along_axis(z, np.where(y == IGNORE, 0, y)[None, ..., None], -1)[..., 0]
     )
@@ -503,10 +503,8 @@ def test_bfloat16_hidden_states_given_directly_are_computed_in_float32_with_bflo
     assert value.dtype == jnp.float32 and dh.dtype == jnp.bfloat16 and dw.dtype == jnp.bfloat16
     h64, w64 = np.asarray(h, np.float64), np.asarray(w, np.float64)
     z = h64 @ w64.T  # [S, 1, R, V]
-    top = z.max(-1, keepdims=True)
-    p = np.exp(z - top)
-    lse = (top + np.log(p.sum(-1, keepdims=True)))[..., 0]
-    p /= p.sum(-1, keepdims=True)
+    logp = np_log_softmax(z)
+    lse, p = (z - logp)[..., 0], np.exp(logp)
     onehot = (np.arange(v) == y[..., None]) & (y[..., None] != IGNORE)  # [1, R, V]
     label = (z * onehot).sum(-1)
     dz = p + onehot
@@ -538,8 +536,6 @@ def test_without_counterfactual_grad_the_effect_stream_sends_no_gradient_to_stre
     dh = np.asarray(jax.grad(effect_lse)(h))
     w64 = np.asarray(w, np.float64)
     z = np.asarray(h, np.float64) @ w64.T
-    e = z[0] - z[1]
-    p = np.exp(e - e.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
+    p = np.exp(np_log_softmax(z[0] - z[1]))
     np.testing.assert_allclose(dh[0], p @ w64, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(dh[1], 0.0)

@@ -804,6 +804,7 @@ def test_reference_dce_is_the_with_minus_without_label_probability_of_the_frozen
 
     from nextquill_jax.loss import LossConfig
     from nextquill_jax.train.step import StepSettings, reference_dce, response_hidden
+    from tests.loss.test_losses import np_log_softmax
 
     graphdef, params = _split_model(tiny_model_config(compute_dtype="float32"))
     batch = jax.tree.map(jnp.asarray, _joint_forward_batch(equal_lengths=False))
@@ -817,8 +818,7 @@ def test_reference_dce_is_the_with_minus_without_label_probability_of_the_frozen
     prob = []
     for stream in ("with", "without"):
         z = np.asarray(response_hidden(model, batch, stream), np.float64) @ w.T  # [B, R, V]
-        p = np.exp(z - z.max(-1, keepdims=True))
-        p /= p.sum(-1, keepdims=True)
+        p = np.exp(np_log_softmax(z))
         prob.append(np.take_along_axis(p, np.where(mask, labels, 0)[..., None], -1)[..., 0])
     want = np.where(mask, prob[0] - prob[1], 0.0)
     assert mask.sum() > 10 and (want[mask] > 0).any() and (want[mask] < 0).any()
